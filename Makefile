@@ -1,0 +1,35 @@
+# Two entry points on a fresh machine (python3 + pip only):
+#   make reproduce   # the main job: the mini reproduction (and the published render)
+#   make test        # the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+
+.PHONY: reproduce published test lint dry-run clean
+
+$(BIN)/webssl-repro: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+reproduce: $(BIN)/webssl-repro
+	$(BIN)/snakemake --cores $(CORES) all
+	$(BIN)/snakemake --cores $(CORES) all --configfile config/published.yaml
+
+published: $(BIN)/webssl-repro
+	$(BIN)/snakemake --cores $(CORES) all --configfile config/published.yaml
+
+test: $(BIN)/webssl-repro
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) -q
+
+lint: $(BIN)/webssl-repro
+	$(BIN)/snakemake --lint
+
+dry-run: $(BIN)/webssl-repro
+	$(BIN)/snakemake -n all --configfile config/paper.yaml
+
+clean:
+	rm -rf paper/ results/mini results/paper logs/ .snakemake/

@@ -1,0 +1,71 @@
+# Data: the pretraining corpus as webdataset shards (mini-web generated here, or the
+# user's MC-2B-style shards at paper scale), light/heavy text filters, in1k analogue,
+# and the held-out evaluation sets.
+
+EVAL_TASKS = ("classification", "segmentation", "depth", "captions", "vqa")
+
+
+rule shards:
+    output:
+        PLAN.data_manifest("shards"),
+    params:
+        data=lambda w: PLAN.data_config_json(),
+    log:
+        f"logs/{SCALE}/data/shards.log",
+    threads: 2
+    conda:
+        ENV
+    shell:
+        "webssl-repro data shards --data-json {params.data:q} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule in1k_data:
+    output:
+        PLAN.data_manifest("in1k"),
+    params:
+        data=lambda w: PLAN.data_config_json(),
+    log:
+        f"logs/{SCALE}/data/in1k.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro data in1k --data-json {params.data:q} --out {output} > {log} 2>&1"
+
+
+rule text_filter:
+    wildcard_constraints:
+        variant="light|heavy",
+    input:
+        PLAN.data_manifest("shards"),
+    output:
+        PLAN.filter_stats("{variant}"),
+    params:
+        data=lambda w: PLAN.data_config_json(),
+    log:
+        f"logs/{SCALE}/data/filter_{{variant}}.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro data filter {wildcards.variant} --data-json {params.data:q} --shards {input} "
+        "--out {output} > {log} 2>&1"
+
+
+rule evalset:
+    wildcard_constraints:
+        task="|".join(EVAL_TASKS),
+    output:
+        PLAN.evalset("{task}"),
+    params:
+        data=lambda w: PLAN.data_config_json(),
+    log:
+        f"logs/{SCALE}/data/evalset_{{task}}.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro data evalset {wildcards.task} --data-json {params.data:q} --out {output} > {log} 2>&1"
+
+
+rule data:
+    localrule: True
+    input:
+        PLAN.data_targets(),

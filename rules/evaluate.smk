@@ -1,0 +1,62 @@
+# Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json
+
+
+rule vqa:
+    input:
+        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        vqa=PLAN.evalset("vqa"),
+        captions=PLAN.evalset("captions"),
+    output:
+        PLAN.eval_path("{run}", "vqa"),
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("vqa"),
+    log:
+        f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
+    resources:
+        gpu=PLAN.eval_gpus(),
+        runtime=PLAN.eval_runtime(),
+    conda:
+        ENV
+    shell:
+        "webssl-repro evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
+        "--data {input.vqa} {input.captions} --out {output} > {log} 2>&1"
+
+
+rule classic:
+    input:
+        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        data=[PLAN.evalset(t) for t in ("classification", "segmentation", "depth")],
+    output:
+        PLAN.eval_path("{run}", "classic"),
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("classic"),
+    log:
+        f"logs/{SCALE}/evaluate/{{run}}_classic.log",
+    resources:
+        gpu=PLAN.eval_gpus(),
+        runtime=PLAN.eval_runtime(),
+    conda:
+        ENV
+    shell:
+        "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
+        "--eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
+
+
+rule alignment:
+    input:
+        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        captions=PLAN.evalset("captions"),
+    output:
+        PLAN.eval_path("{run}", "alignment"),
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("alignment"),
+    log:
+        f"logs/{SCALE}/evaluate/{{run}}_alignment.log",
+    resources:
+        gpu=PLAN.eval_gpus(),
+        runtime=PLAN.eval_runtime(),
+    conda:
+        ENV
+    shell:
+        "webssl-repro evaluate alignment --run {wildcards.run} --encoder {input.encoder} "
+        "--eval-json {params.evaluate:q} --data {input.captions} --out {output} > {log} 2>&1"

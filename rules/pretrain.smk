@@ -1,0 +1,71 @@
+# One job per run: checkpoint + training log + provenance under results/{scale}/runs/{run}/.
+# Single-node runs take `gpu=N` and torchrun --standalone; multi-node runs go through
+# srun, one torchrun per node (design.md §7). Resources grow with the model (config).
+
+
+_PRETRAIN_OUTPUT = {
+    "encoder": f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+    "log": f"{RESULTS}/runs/{{run}}/train_log.jsonl",
+    "provenance": f"{RESULTS}/runs/{{run}}/provenance.json",
+}
+_PRETRAIN_SHELL = (
+    "{params.launcher} pretrain --run {wildcards.run} --config-json {params.config:q} "
+    "--out {params.out} --checkpoints {params.checkpoints} > {log} 2>&1"
+)
+
+
+rule pretrain_single:
+    wildcard_constraints:
+        run=PLAN.run_pattern(multinode=False),
+    input:
+        unpack(_pretrain_inputs),
+    output:
+        **_PRETRAIN_OUTPUT,
+    params:
+        launcher=lambda w: PLAN.launcher(w.run),
+        config=lambda w: PLAN.run_config_json(w.run),
+        checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
+        out=lambda w: PLAN.run_dir(w.run),
+    log:
+        f"logs/{SCALE}/pretrain/{{run}}.log",
+    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
+    resources:
+        runtime=_res("runtime"),
+        mem_mb=_res("mem_mb"),
+        gpu=_res("gpu", 0),
+        gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
+    conda:
+        ENV
+    shell:
+        _PRETRAIN_SHELL
+
+
+rule pretrain_multinode:
+    wildcard_constraints:
+        run=PLAN.run_pattern(multinode=True),
+    input:
+        unpack(_pretrain_inputs),
+    output:
+        **_PRETRAIN_OUTPUT,
+    params:
+        launcher=lambda w: PLAN.launcher(w.run),
+        config=lambda w: PLAN.run_config_json(w.run),
+        checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
+        out=lambda w: PLAN.run_dir(w.run),
+    log:
+        f"logs/{SCALE}/pretrain/{{run}}.log",
+    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
+    resources:
+        runtime=_res("runtime"),
+        mem_mb=_res("mem_mb"),
+        nodes=_res("nodes"),
+        tasks=_res("tasks"),
+        tasks_per_gpu=0,
+        gres=_res("gres"),
+        mpi="srun",
+        slurm_extra="--ntasks-per-node=1",
+        gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
+    conda:
+        ENV
+    shell:
+        _PRETRAIN_SHELL

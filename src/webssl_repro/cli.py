@@ -1,0 +1,85 @@
+"""``webssl-repro <stage> …``: the one entry point the Snakemake rules call.
+
+Each stage lives in its own module and is imported only when its subcommand runs,
+so rendering a table never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _render(args: argparse.Namespace) -> int:
+    from webssl_repro.paper import specs
+    from webssl_repro.paper.results import item_results
+
+    item = specs.get_item(args.item)
+    results = item_results(item, args.source, args.inputs)
+    if item.kind == "table":
+        from webssl_repro.paper.tables import render_table
+
+        render_table(item, results, args.outputs, args.scale)
+    else:
+        from webssl_repro.paper.figures import render_figure
+
+        render_figure(item, results, args.outputs, args.scale, args.language_models or ["minilm"])
+    print(f"{item.id}: wrote {', '.join(map(str, args.outputs))}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from webssl_repro.config import load_config
+    from webssl_repro.paper import specs
+    from webssl_repro.workflow import Plan
+
+    plan = Plan(load_config(args.configfile))
+    print(f"scale={plan.scale} source={plan.config['source']} stages={sorted(plan.stages)}")
+    print(f"items ({len(plan.items)}): {' '.join(plan.items)}")
+    if plan.published:
+        return 0
+    rows = []
+    for run in plan.runs:
+        res = plan.pretrain_resources(run)
+        rows.append({"run": run, "nodes": res.nodes, "gpus": res.gpus, "runtime_h": round(res.runtime_min / 60, 1),
+                     "gpu_hours": round(res.gpu_hours), "train_PFLOP": round(res.train_flops / 1e15)})
+    print(yaml.safe_dump({"runs": rows}, sort_keys=False), end="")
+    for item_id in plan.items:
+        runs = specs.get_item(item_id).runs
+        print(f"{item_id}: {len(runs)} runs, {plan.gpu_hours(runs):,.0f} pretraining GPU-hours")
+    print(f"total: {len(plan.runs)} runs, {plan.gpu_hours():,.0f} pretraining GPU-hours")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="webssl-repro", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    render = sub.add_parser("render", help="render one table or figure of the paper")
+    render.add_argument("item", help="table2 … table15, fig1 … fig9")
+    render.add_argument("--scale", required=True)
+    render.add_argument("--source", choices=("published", "runs"), required=True)
+    render.add_argument("--inputs", nargs="*", default=[], type=Path)
+    render.add_argument("--outputs", nargs="+", required=True, type=Path)
+    render.add_argument("--language-models", nargs="*", default=None)
+    render.set_defaults(func=_render)
+
+    plan = sub.add_parser("plan", help="print the run grid, cluster resources and GPU-hours of a config")
+    plan.add_argument("--configfile", default="config/mini.yaml", type=Path)
+    plan.set_defaults(func=_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"webssl-repro {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

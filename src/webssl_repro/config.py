@@ -1,0 +1,42 @@
+"""Config loading outside Snakemake (CLI, tests), against the same schema the
+Snakefile validates with ``snakemake.utils.validate``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from webssl_repro.workflow import repo_root
+
+SCHEMA = repo_root() / "config" / "schema.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+            lines.append(f"{origin}: at key '{where}': {err.message}")
+        raise ConfigError("\n".join(lines))
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config is a mapping, got {type(config).__name__}")
+    validate_config(config, str(path))
+    return config

@@ -1,0 +1,1 @@
+"""Evaluations of a frozen encoder: VQA, classic vision, vision-language alignment."""

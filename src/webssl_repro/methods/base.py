@@ -1,0 +1,37 @@
+"""The contract between the one training loop and a pretraining method.
+
+DINOv2 separates the meta-architecture (what is trained, how the loss is formed) from
+the loop (optimisation, schedules, checkpoints, distribution). A method object owns
+its modules and its loss; the loop owns everything that is the same for all methods.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class PretrainMethod(Protocol):
+    """What ``webssl_repro.train`` needs from Web-DINO, Web-MAE and CLIP."""
+
+    #: the module whose parameters the optimiser updates (student / encoder+decoder / both towers)
+    model: nn.Module
+
+    def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; each may carry ``lr_multiplier`` / ``wd_multiplier``."""
+
+    def training_step(self, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        """Forward + loss for one batch. Must return ``{"loss": scalar, ...terms}``."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Post-step hooks (EMA teacher update, temperature clamp, ...)."""
+
+    def encoder(self) -> nn.Module:
+        """The vision encoder that evaluations use (the EMA teacher's backbone for DINO)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume besides the optimiser (teacher, centers, ...)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...

@@ -1,0 +1,49 @@
+"""The metric vocabulary shared by evaluations, published numbers and renderers.
+
+Keys are lower-case benchmark ids (``mme`` … ``cvbench3d``); category names are the
+paper's own (``OCR & Chart``). Classic-vision keys name dataset and protocol.
+"""
+from __future__ import annotations
+
+VQA_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "General": ("mme", "mmbench", "seed", "gqa"),
+    "Knowledge": ("sqa", "mmmu", "mathvista", "ai2d"),
+    "OCR & Chart": ("chartqa", "ocrbench", "textvqa", "docvqa"),
+    "Vision-Centric": ("mmvp", "realworldqa", "cvbench2d", "cvbench3d"),
+}
+VQA_BENCHMARKS: tuple[str, ...] = tuple(b for group in VQA_CATEGORIES.values() for b in group)
+CATEGORY_COLUMNS: tuple[str, ...] = ("Average", *VQA_CATEGORIES)
+
+# As the appendix tables print them.
+BENCHMARK_LABELS: dict[str, str] = {
+    "mme": "MME^P", "mmbench": "MMB", "seed": "SEED^I", "gqa": "GQA",
+    "sqa": "SQA^I", "mmmu": "MMMU^V", "mathvista": "MathVista^M", "ai2d": "AI2D",
+    "chartqa": "ChartQA", "ocrbench": "OCRBench", "textvqa": "TextVQA", "docvqa": "DocVQA",
+    "mmvp": "MMVP", "realworldqa": "RealWorldQA", "cvbench2d": "CV-Bench^2D", "cvbench3d": "CV-Bench^3D",
+}
+
+CLASSIC_METRICS: tuple[str, ...] = ("in1k_linear", "ade20k_linear", "ade20k_ms", "nyud_lin1", "nyud_lin4")
+CLASSIC_LABELS: dict[str, str] = {
+    "in1k_linear": "IN-1k lin. (top-1)",
+    "ade20k_linear": "ADE20K lin. (mIoU)",
+    "ade20k_ms": "ADE20K +ms (mIoU)",
+    "nyud_lin1": "NYUd lin.1 (RMSE)",
+    "nyud_lin4": "NYUd lin.4 (RMSE)",
+}
+LOWER_IS_BETTER: frozenset[str] = frozenset({"nyud_lin1", "nyud_lin4"})
+
+# Share of the pretraining data a run's data label keeps (Table 2's "% of MC-2B").
+DATA_PCT = "data_pct"
+ALIGNMENT_PREFIX = "alignment/"
+
+
+def label(metric: str) -> str:
+    if metric in BENCHMARK_LABELS:
+        return BENCHMARK_LABELS[metric]
+    if metric in CLASSIC_LABELS:
+        return CLASSIC_LABELS[metric]
+    if metric == DATA_PCT:
+        return "% of data"
+    if metric.startswith(ALIGNMENT_PREFIX):
+        return f"alignment ({metric[len(ALIGNMENT_PREFIX):]})"
+    return metric

@@ -1,0 +1,131 @@
+"""Figures 1, 3–7 and 9 with the paper's panels and axes (matplotlib, PDF + PNG).
+
+Where the source has no number for a point, the point is drawn as a hollow grey marker
+on the panel's floor labelled "n/a" — the gap stays visible and no value is invented.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from webssl_repro.metrics import ALIGNMENT_PREFIX, LOWER_IS_BETTER, label  # noqa: E402
+from webssl_repro.paper import specs  # noqa: E402
+from webssl_repro.paper.results import lookup, value_table  # noqa: E402
+
+GAP_STYLE = dict(marker="o", markerfacecolor="none", markeredgecolor="0.6", linestyle="none", markersize=7)
+
+
+def _panel_title(metric: str) -> str:
+    title = label(metric)
+    return f"{title} ↓" if metric in LOWER_IS_BETTER else title
+
+
+def _series_points(series: specs.Series, wide: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    y = np.array([lookup(wide, s, metric) for s in series.sources], dtype=float)
+    return np.asarray(series.x, dtype=float), y
+
+
+def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> bool:
+    """Returns whether any point of the panel is a gap."""
+    gaps: list[tuple[float, str]] = []
+    for series in item.series:
+        x, y = _series_points(series, wide, metric)
+        ok = ~np.isnan(y)
+        if ok.any():
+            ax.plot(x[ok], y[ok], marker=series.marker, color=series.color, label=series.label, linewidth=1.8)
+            if item.id == "fig1" and ok.sum() >= 2:
+                first, last = np.flatnonzero(ok)[[0, -1]]
+                gain = y[last] - y[first]
+                ax.annotate(f"{gain:+.1f}", (x[last], y[last]), textcoords="offset points", xytext=(6, 0),
+                            color=series.color, fontsize=9, va="center")
+        gaps.extend((gx, series.color) for gx in x[~ok])
+    for ref, style in zip(item.references, ("--", ":")):
+        value = lookup(wide, ref.source, metric)
+        if not math.isnan(value):
+            ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=ref.label)
+    if gaps:
+        # A strip below the data holds one hollow marker per missing point, in its series' colour.
+        lo, hi = ax.get_ylim() if ax.has_data() else (0.0, 1.0)
+        span = (hi - lo) or 1.0
+        floor = lo - 0.08 * span
+        ax.set_ylim(lo - 0.16 * span, hi)
+        ax.axhspan(lo - 0.16 * span, lo - 0.01 * span, color="0.93", zorder=0)
+        for gx, color in gaps:
+            ax.plot([gx], [floor], **{**GAP_STYLE, "markeredgecolor": color})
+        ax.plot([], [], **GAP_STYLE, label="n/a: no number in the source")
+    ax.set_xscale("log")
+    if item.xticks:
+        ax.set_xticks([t for t, _ in item.xticks], [lab for _, lab in item.xticks])
+        ax.minorticks_off()
+    ax.set_title(_panel_title(metric), fontsize=11)
+    ax.set_xlabel(item.xlabel)
+    ax.grid(alpha=0.3)
+    return bool(gaps)
+
+
+def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequence[str]) -> bool:
+    width = 0.8 / max(1, len(language_models))
+    any_gap = False
+    positions = np.arange(len(item.rows))
+    values = np.array([[lookup(wide, r.source, f"{ALIGNMENT_PREFIX}{lm}") for r in item.rows] for lm in language_models])
+    finite = values[~np.isnan(values)]
+    floor = float(finite.min()) * 0.98 if finite.size else 0.0
+    top = float(finite.max()) * 1.01 if finite.size else 1.0
+    for k, lm in enumerate(language_models):
+        xs = positions + (k - (len(language_models) - 1) / 2) * width
+        ok = ~np.isnan(values[k])
+        if ok.any():
+            ax.bar(xs[ok], values[k][ok] - floor, width, bottom=floor, label=lm, color=f"C{k}")
+        if (~ok).any():
+            any_gap = True
+            ax.bar(xs[~ok], top - floor, width, bottom=floor, fill=False, hatch="//" if k % 2 == 0 else "\\\\",
+                   edgecolor=f"C{k}", label=f"{lm}: n/a, no number in the source")
+    ax.set_xticks(positions, [r.label for r in item.rows], rotation=30, ha="right")
+    ax.set_ylabel("alignment score (mutual k-NN)")
+    ax.set_ylim(floor, top)
+    return any_gap
+
+
+def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str | Path], scale: str,
+                  language_models: Sequence[str] = ("minilm",)) -> plt.Figure:
+    by_ext = {Path(p).suffix.lstrip("."): Path(p) for p in outputs}
+    missing = {"pdf", "png"} - set(by_ext)
+    if missing:
+        raise ValueError(f"render_figure({item.id}): outputs lack {sorted(missing)} (got {list(map(str, outputs))})")
+    wide = value_table(results)
+    if item.kind == "bars":
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(item.rows)), 4.2))
+        any_gap = _draw_bars(ax, item, wide, list(language_models))
+        ax.legend(fontsize=8)
+    else:
+        n = len(item.metrics)
+        fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.4), squeeze=False)
+        any_gap = False
+        for ax, metric in zip(axes[0], item.metrics):
+            any_gap |= _draw_lines_panel(ax, item, wide, metric)
+        axes[0][0].set_ylabel("accuracy" if item.metrics[0] not in LOWER_IS_BETTER else "metric")
+        handles, labels = {}, []
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)),
+                   fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+        fig.subplots_adjust(bottom=0.28, wspace=0.35)
+    subtitle = f"{item.id} ({scale}): {item.title}"
+    if any_gap and item.note:
+        subtitle += f"\n{item.note}"
+    fig.suptitle(subtitle, fontsize=10, y=1.0 if item.kind == "bars" else 1.08)
+    for ext, path in by_ext.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight", dpi=150 if ext == "png" else None,
+                    metadata={"CreationDate": None} if ext == "pdf" else None)
+    plt.close(fig)
+    return fig

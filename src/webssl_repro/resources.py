@@ -1,0 +1,116 @@
+"""Cluster resources of a run as functions of its labels and the config.
+
+Training FLOPs come from the architecture and the samples-seen budget; runtime from
+an assumed per-GPU throughput (``gpu_tflops`` × ``mfu``). The numbers are estimates
+for scheduling (``runtime`` must not be too small for SLURM to kill the job), shown
+in the dry run as GPU-hours per run and per target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from webssl_repro.runs import Run
+
+# Crops seen per image by Web-DINO (DINOv2 ViT-g recipe): 2 global + 8 local at 98/224 of the global size.
+DINO_GLOBAL, DINO_LOCAL, DINO_LOCAL_RATIO = 2, 8, 98 / 224
+MAE_KEEP = 0.25  # MAE encodes the visible quarter of the patches
+FWD_BWD = 3.0  # backward ≈ 2 × forward
+
+
+def swiglu_hidden(width: int) -> int:
+    return (int(4 * width * 2 / 3) + 7) // 8 * 8
+
+
+def block_params(method: str, width: int, ffn_hidden: int | None = None) -> int:
+    """Parameters of one transformer block (attention + FFN + 2 norms [+ LayerScale])."""
+    attn = 4 * width * width + 4 * width
+    if method == "mae":
+        hidden = ffn_hidden or 4 * width
+        ffn = 2 * width * hidden + hidden + width
+        extra = 0
+    else:
+        hidden = ffn_hidden or swiglu_hidden(width)
+        ffn = 3 * width * hidden + 2 * hidden + width
+        extra = 2 * width  # two LayerScale gammas
+    return attn + ffn + 4 * width + extra
+
+
+def encoder_params(method: str, arch: Mapping[str, int], img_size: int) -> int:
+    width, depth, patch = arch["width"], arch["depth"], arch["patch"]
+    tokens = (img_size // patch) ** 2 + 1
+    embed = 3 * patch * patch * width + width + tokens * width + width  # patch-embed, pos-embed, cls
+    mask_token = width if method != "mae" else 0
+    return embed + mask_token + depth * block_params(method, width, arch.get("ffn_hidden")) + 2 * width
+
+
+def forward_flops(method: str, arch: Mapping[str, int], img_size: int, token_fraction: float = 1.0) -> float:
+    """Forward FLOPs of one image: 2·params per token plus the attention matmuls."""
+    width, depth, patch = arch["width"], arch["depth"], arch["patch"]
+    tokens = max(1, int(((img_size // patch) ** 2) * token_fraction)) + 1
+    dense = 2 * depth * block_params(method, width, arch.get("ffn_hidden")) * tokens
+    attention = 4 * depth * tokens * tokens * width
+    return float(dense + attention)
+
+
+def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int) -> float:
+    if run.method == "dino":
+        local = max(arch["patch"], int(round(img_size * DINO_LOCAL_RATIO)))
+        g = forward_flops("dino", arch, img_size)
+        return DINO_GLOBAL * g * (1 + FWD_BWD) + DINO_LOCAL * FWD_BWD * forward_flops("dino", arch, local)
+    if run.method == "mae":
+        return FWD_BWD * forward_flops("mae", arch, img_size, MAE_KEEP)
+    return FWD_BWD * forward_flops("clip", arch, img_size)  # the text tower is small beside ViT-1B…7B
+
+
+def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
+    labels = cfg["labels"]
+    if run.parent is not None:  # hi-res fine-tune: steps × batch of its own recipe
+        hires = cfg.get("pretrain", {}).get("hires", {})
+        return int(hires.get("steps", 0)) * int(hires.get("batch_size", 0))
+    if run.data == "in1k":
+        return int(labels["in1k_epochs"]) * int(labels.get("in1k_images", 1281167))
+    return int(labels["samples"][run.samples])
+
+
+@dataclass(frozen=True)
+class RunResources:
+    gpus: int
+    nodes: int
+    runtime_min: int
+    mem_mb: int
+    cpus_per_task: int
+    train_flops: float
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpus * self.runtime_min / 60.0
+
+    def snakemake(self) -> dict[str, Any]:
+        """Resources for the rule. Multi-node jobs go through ``srun`` (design.md §7)."""
+        base = {"runtime": self.runtime_min, "mem_mb": self.mem_mb, "cpus_per_task": self.cpus_per_task}
+        if self.gpus == 0:
+            return base
+        if self.nodes == 1:
+            return {**base, "gpu": self.gpus}
+        return {**base, "nodes": self.nodes, "tasks": self.nodes, "tasks_per_gpu": 0, "mpi": "srun",
+                "gres": f"gpu:{self.gpus // self.nodes}", "slurm_extra": "--ntasks-per-node=1"}
+
+
+def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
+    res_cfg = cfg["resources"]
+    try:
+        arch = cfg["labels"]["sizes"][run.size]
+    except KeyError:
+        raise KeyError(f"config labels.sizes has no entry for size {run.size!r} (run {run})") from None
+    img = int(cfg["labels"]["resolutions"][str(run.res)])
+    flops = flops_per_sample(run, arch, img) * samples_of(run, cfg)
+    nodes = int(res_cfg["nodes"].get(run.size, 1))
+    if run.parent is not None:
+        nodes = max(1, nodes // 2)  # the hi-res fine-tune is short; half the nodes suffice
+    gpus = nodes * int(res_cfg["gpus_per_node"])
+    throughput = max(gpus, 1) * float(res_cfg["gpu_tflops"]) * 1e12 * float(res_cfg["mfu"])
+    runtime = max(int(res_cfg["min_runtime_min"]), math.ceil(1.1 * flops / throughput / 60.0))
+    cpus = max(1, int(res_cfg["cpus_per_gpu"]) * max(1, gpus // nodes))
+    return RunResources(gpus, nodes, runtime, int(res_cfg["mem_mb_per_node"]), cpus, flops)

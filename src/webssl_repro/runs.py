@@ -1,0 +1,106 @@
+"""Run names <-> fields.
+
+A run name mirrors the released checkpoint ids (``facebook/webssl-dino7b-full8b-518``):
+``{method}{size}-{data}{samples}-{res}``. ImageNet-1k runs carry an epoch budget from
+the config instead of a samples label and are named ``{method}{size}-in1k-{res}``.
+The labels are the paper's vocabulary; the config maps them to numbers per scale.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+METHODS = ("dino", "mae", "clip")
+SIZES = ("300m", "1b", "2b", "3b", "5b", "7b")
+DATA = ("full", "light", "heavy", "in1k")
+SAMPLES = ("1b", "2b", "4b", "8b")
+RESOLUTIONS = ("224", "378", "518")
+
+_NAME = re.compile(
+    r"^(?P<method>{m})(?P<size>{s})-(?:(?P<data>{d})(?P<samples>{n})|(?P<in1k>in1k))-(?P<res>{r})$".format(
+        m="|".join(METHODS),
+        s="|".join(SIZES),
+        d="|".join(x for x in DATA if x != "in1k"),
+        n="|".join(SAMPLES),
+        r="|".join(RESOLUTIONS),
+    )
+)
+
+
+def _order(values: tuple[str, ...], value: Optional[str]) -> int:
+    return -1 if value is None else values.index(value)
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    size: str
+    data: str
+    samples: Optional[str]
+    res: int
+
+    def __post_init__(self) -> None:
+        for field, allowed, value in (
+            ("method", METHODS, self.method),
+            ("size", SIZES, self.size),
+            ("data", DATA, self.data),
+        ):
+            if value not in allowed:
+                raise ValueError(f"run field {field}={value!r} is not one of {allowed}")
+        if str(self.res) not in RESOLUTIONS:
+            raise ValueError(f"run field res={self.res!r} is not one of {RESOLUTIONS}")
+        if self.data == "in1k":
+            if self.samples is not None:
+                raise ValueError("in1k runs are budgeted in epochs (config), not samples: samples must be None")
+        elif self.samples not in SAMPLES:
+            raise ValueError(f"run field samples={self.samples!r} is not one of {SAMPLES}")
+
+    @classmethod
+    def parse(cls, name: str) -> "Run":
+        m = _NAME.match(name)
+        if m is None:
+            raise ValueError(
+                f"not a run name: {name!r} (expected {{method}}{{size}}-{{data}}{{samples}}-{{res}}, "
+                "e.g. 'dino7b-full8b-518' or 'dino1b-in1k-224')"
+            )
+        if m["in1k"]:
+            return cls(m["method"], m["size"], "in1k", None, int(m["res"]))
+        return cls(m["method"], m["size"], m["data"], m["samples"], int(m["res"]))
+
+    def __str__(self) -> str:
+        data = "in1k" if self.data == "in1k" else f"{self.data}{self.samples}"
+        return f"{self.method}{self.size}-{data}-{self.res}"
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    @property
+    def parent(self) -> Optional["Run"]:
+        """The run a high-resolution fine-tune starts from (paper App. C), else None."""
+        if self.res == 224:
+            return None
+        return Run(self.method, self.size, self.data, self.samples, 224)
+
+    def sort_key(self) -> tuple:
+        return (
+            METHODS.index(self.method),
+            SIZES.index(self.size),
+            DATA.index(self.data),
+            _order(SAMPLES, self.samples),
+            self.res,
+        )
+
+    def replace(self, **fields) -> "Run":
+        values = dict(method=self.method, size=self.size, data=self.data, samples=self.samples, res=self.res)
+        values.update(fields)
+        return Run(**values)
+
+
+def is_run_name(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
+def sort_runs(names) -> list[str]:
+    return [str(r) for r in sorted((Run.parse(n) for n in set(names)), key=Run.sort_key)]

@@ -1,0 +1,217 @@
+"""What the DAG builds for a config: requested items, the run grid, every path.
+
+The Snakefile and rules/*.smk are thin: they ask a ``Plan`` for targets, inputs and
+resources, so that all of the DAG's logic is ordinary, testable Python.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+from webssl_repro.paper import specs
+from webssl_repro.resources import RunResources, pretrain_resources, samples_of
+from webssl_repro.runs import Run, sort_runs
+
+TABLE_FORMATS = ("tsv", "md", "tex")
+FIGURE_FORMATS = ("pdf", "png")
+PUBLISHED_DIR = "results/published"
+# Which stages an evaluation needs besides pretraining.
+STAGE_OF_EVAL = {"vqa": "vqa", "classic": "classic", "alignment": "alignment", "filter": "data"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Mapping[str, Any]
+
+    # ---- scale -------------------------------------------------------------------------
+    @property
+    def scale(self) -> str:
+        return self.config["scale"]
+
+    @property
+    def published(self) -> bool:
+        return self.config["source"] == "published"
+
+    @property
+    def stages(self) -> frozenset[str]:
+        return frozenset(self.config.get("stages", ()))
+
+    @property
+    def results(self) -> str:
+        return f"results/{self.scale}"
+
+    @property
+    def paper_dir(self) -> str:
+        return f"paper/{self.scale}"
+
+    # ---- items -------------------------------------------------------------------------
+    def item_buildable(self, item_id: str) -> bool:
+        """An item is requested when every stage behind its numbers is built at this scale."""
+        item = specs.get_item(item_id)
+        if self.published:
+            return True
+        if not item.runs:
+            return False  # only off-the-shelf baselines (Table 14): published-only rows
+        needed = {"pretrain", *(STAGE_OF_EVAL[e] for e in item.evals)}
+        return needed <= self.stages
+
+    @cached_property
+    def items(self) -> tuple[str, ...]:
+        for item_id in self.config.get("items", ()):
+            specs.get_item(item_id)  # unknown ids fail here, naming the id
+        return tuple(i for i in self.config.get("items", ()) if self.item_buildable(i))
+
+    @cached_property
+    def runs(self) -> tuple[str, ...]:
+        if self.published:
+            return ()
+        return tuple(sort_runs(r for i in self.items for r in specs.get_item(i).runs))
+
+    def language_models(self) -> list[str]:
+        return list(self.config.get("evaluate", {}).get("alignment", {}).get("language_models", ["minilm"]))
+
+    # ---- paths -------------------------------------------------------------------------
+    def item_outputs(self, item_id: str) -> list[str]:
+        item = specs.get_item(item_id)
+        if item.kind == "table":
+            return [f"{self.paper_dir}/tables/{item_id}.{ext}" for ext in TABLE_FORMATS]
+        return [f"{self.paper_dir}/figures/{item_id}.{ext}" for ext in FIGURE_FORMATS]
+
+    def run_dir(self, run: str) -> str:
+        return f"{self.results}/runs/{run}"
+
+    def eval_path(self, run: str, kind: str) -> str:
+        return f"{self.results}/evals/{run}/{kind}.json"
+
+    def filter_stats(self, data: str) -> str:
+        return f"{self.results}/data/filter/{data}.json"
+
+    def checkpoint_dir(self, run: str) -> str:
+        """Resumable checkpoints live beside, not inside, the run's declared outputs, so a
+        failed or preempted job keeps them for its retry."""
+        return f"{self.results}/checkpoints/{run}"
+
+    def data_manifest(self, name: str) -> str:
+        return f"{self.results}/data/{name}/manifest.json"
+
+    def evalset(self, task: str) -> str:
+        return f"{self.results}/data/evalsets/{task}.json"
+
+    def pretrain_data(self, run: Run) -> list[str]:
+        if run.data == "in1k":
+            return [self.data_manifest("in1k")]
+        inputs = [self.data_manifest("shards")]
+        if run.data in ("light", "heavy"):
+            inputs.append(self.filter_stats(run.data))
+        return inputs
+
+    def run_config(self, run: str) -> dict[str, Any]:
+        """The slice of the config one run depends on: changing anything else does not retrain it."""
+        r = Run.parse(run)
+        labels = self.config["labels"]
+        pretrain = self.config.get("pretrain", {})
+        return {
+            "run": run,
+            "scale": self.scale,
+            "arch": dict(labels["sizes"][r.size]),
+            "img_size": int(labels["resolutions"][str(r.res)]),
+            "samples_seen": samples_of(r, self.config),
+            "recipe": dict(pretrain.get("hires" if r.parent is not None else r.method, {})),
+            "seed": int(self.config["seeds"][0]),
+        }
+
+    def run_config_json(self, run: str) -> str:
+        return json.dumps(self.run_config(run), sort_keys=True, separators=(",", ":"))
+
+    def data_config_json(self) -> str:
+        return json.dumps(self.config.get("data", {}), sort_keys=True, separators=(",", ":"))
+
+    def data_targets(self) -> list[str]:
+        if "data" not in self.stages:
+            return []
+        tasks = ("classification", "segmentation", "depth", "captions", "vqa")
+        return [self.data_manifest("shards"), self.data_manifest("in1k"),
+                self.filter_stats("light"), self.filter_stats("heavy"), *(self.evalset(t) for t in tasks)]
+
+    def eval_config_json(self, kind: str) -> str:
+        section = self.config.get("evaluate", {}).get(kind, {})
+        return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
+
+    def eval_gpus(self) -> int:
+        return int(self.config.get("resources", {}).get("eval_gpus", 0))
+
+    def eval_runtime(self) -> int:
+        return int(self.config.get("resources", {}).get("eval_runtime_min", 60))
+
+    def run_pattern(self, multinode: bool) -> str:
+        """A wildcard constraint matching exactly the runs of one launch layout."""
+        runs = self.runs_by_layout(multinode)
+        return "|".join(re.escape(r) for r in runs) if runs else "(?!)"
+
+    def item_inputs(self, item_id: str) -> list[str]:
+        """The files an item's numbers come from — nothing else, so one figure rebuilds alone."""
+        item = specs.get_item(item_id)
+        if self.published:
+            return [f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(item)]
+        inputs: list[str] = []
+        for run in item.runs:
+            for kind in item.evals:
+                if kind == "filter":
+                    data = Run.parse(run).data
+                    if data in ("light", "heavy"):
+                        inputs.append(self.filter_stats(data))
+                else:
+                    inputs.append(self.eval_path(run, kind))
+        return list(dict.fromkeys(inputs))
+
+    def all_targets(self) -> list[str]:
+        return [p for i in self.items for p in self.item_outputs(i)]
+
+    # ---- resources ---------------------------------------------------------------------
+    def pretrain_resources(self, run: str) -> RunResources:
+        return pretrain_resources(Run.parse(run), self.config)
+
+    def runs_by_layout(self, multinode: bool) -> list[str]:
+        return [r for r in self.runs if (self.pretrain_resources(r).nodes > 1) == multinode]
+
+    def launcher(self, run: str) -> str:
+        """The command prefix that starts ``python -m webssl_repro.cli`` on the run's resources.
+
+        Ranks come from torchrun's environment; under SLURM one ``srun`` task per node
+        starts one torchrun each (design.md §7), never reading SLURM_JOB_NUM_NODES.
+        """
+        res = self.pretrain_resources(run)
+        if res.gpus == 0:
+            return "python -m webssl_repro.cli"
+        per_node = res.gpus // res.nodes
+        if res.nodes == 1:
+            return f"torchrun --standalone --nnodes 1 --nproc-per-node {per_node} -m webssl_repro.cli"
+        return (
+            f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 "
+            f"torchrun --nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
+            f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
+        )
+
+    def gpu_hours(self, runs=None) -> float:
+        return sum(self.pretrain_resources(r).gpu_hours for r in (self.runs if runs is None else runs))
+
+
+def published_files(item: specs.Item) -> list[str]:
+    """The TSVs under results/published that hold an item's source tables."""
+    files = []
+    for table in item.published:
+        if table in ("table2", "table3"):
+            files.append(table)
+        elif table in ("table7", "table9"):
+            files.append("classic")
+        else:
+            files.append("vqa")
+    return list(dict.fromkeys(files))
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
