@@ -1,0 +1,91 @@
+"""Renderers on run-scale results: eval JSONs in, tables/figures out, gaps visible."""
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from webssl_repro.cli import main
+from webssl_repro.metrics import VQA_BENCHMARKS
+from webssl_repro.paper import specs
+from webssl_repro.paper.results import item_results
+from webssl_repro.paper.tables import render_table
+
+
+def _write_vqa(root, run, offset):
+    metrics = {b: 40.0 + offset for b in VQA_BENCHMARKS}
+    metrics["mme"] = 1000.0 + 10 * offset
+    path = root / "evals" / run / "vqa.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"run": run, "metrics": metrics}))
+    return path
+
+
+def test_run_scale_table_has_categories_and_published_baselines(tmp_path):
+    item = specs.get_item("table15")
+    inputs = [_write_vqa(tmp_path, run, k) for k, run in enumerate(item.runs)]
+    frame = item_results(item, "runs", inputs)
+    outputs = [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")]
+    table = render_table(item, frame, outputs, "mini").set_index("source")
+    # General = (MME/20 + 3 x score) / 4 ; the other categories are the plain score
+    assert table.loc["dino7b-full8b-378", "Average"] == pytest.approx(((1010 / 20 + 3 * 41) / 4 + 3 * 41) / 4)
+    assert (table["origin"] == "run").all()
+    tex = outputs[2].read_text()
+    assert r"\begin{tabular}" in tex and "Web-DINO ViT-7B 518" in tex
+
+
+def test_baseline_rows_at_a_run_scale_are_published_and_marked(tmp_path):
+    item = specs.get_item("table3")
+    frame = item_results(item, "runs", [])
+    outputs = [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")]
+    table = render_table(item, frame, outputs, "mini").set_index("source")
+    assert table.loc["siglip2-so400m-384", "Average"] == 62.0
+    assert table.loc["siglip2-so400m-384", "origin"] == "published"
+    assert math.isnan(table.loc["dino7b-full8b-518", "Average"])  # not run yet: a gap, not a number
+    md = outputs[1].read_text()
+    assert "SigLIP2 ViT-SO400M 384 †" in md and "—" in md
+
+
+def test_filter_stats_give_table2_data_share(tmp_path):
+    item = specs.get_item("table2")
+    inputs = [_write_vqa(tmp_path, run, 0) for run in item.runs]
+    for variant, kept in (("light", 0.48), ("heavy", 0.03)):
+        path = tmp_path / "filter" / f"{variant}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"kept_fraction": kept}))
+        inputs.append(path)
+    wide = item_results(item, "runs", inputs).pivot_table(index="source", columns="metric", values="value")
+    assert wide.loc["dino2b-light2b-224", "data_pct"] == pytest.approx(48.0)
+    assert wide.loc["dino2b-heavy2b-224", "data_pct"] == pytest.approx(3.0)
+    assert wide.loc["clip2b-full2b-224", "data_pct"] == 100.0
+
+
+def test_bad_eval_json_names_file_and_metric(tmp_path, capsys):
+    path = tmp_path / "evals" / "dino1b-full2b-224" / "vqa.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"metrics": {"gqa": "high"}}))
+    outputs = [str(tmp_path / f"t.{e}") for e in ("tsv", "md", "tex")]
+    code = main(["render", "table6", "--scale", "mini", "--source", "runs", "--inputs", str(path),
+                 "--outputs", *outputs])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "vqa.json" in err and "'gqa'" in err and "high" in err
+
+
+def test_published_figure_marks_gaps(tmp_path):
+    outputs = [str(tmp_path / "fig4.pdf"), str(tmp_path / "fig4.png")]
+    assert main(["render", "fig4", "--scale", "published", "--source", "published", "--outputs", *outputs]) == 0
+    frame = item_results(specs.get_item("fig4"), "published")
+    clip = frame[frame["source"].str.startswith("clip7b")]
+    # only CLIP-7B at 2B seen is printed (Table 12); 1B/4B/8B are gaps
+    assert set(clip["source"]) == {"clip7b-full2b-224"}
+    assert (tmp_path / "fig4.png").stat().st_size > 10_000
+
+
+def test_published_tsv_row_order_follows_the_paper(tmp_path):
+    outputs = [tmp_path / f"t.{e}" for e in ("tsv", "md", "tex")]
+    item = specs.get_item("table8")
+    render_table(item, item_results(item, "published"), outputs, "published")
+    table = pd.read_csv(outputs[0], sep="\t")
+    assert list(table["source"]) == [f"dino7b-full{n}-224" for n in ("1b", "2b", "4b", "8b")]
+    assert list(table["Average"]) == [51.02, 53.87, 54.37, 55.24]

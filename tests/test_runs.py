@@ -1,0 +1,44 @@
+import pytest
+
+from webssl_repro.runs import Run, is_run_name, sort_runs
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("dino7b-full8b-518", ("dino", "7b", "full", "8b", 518)),
+    ("dino2b-heavy2b-224", ("dino", "2b", "heavy", "2b", 224)),
+    ("mae3b-full2b-224", ("mae", "3b", "full", "2b", 224)),
+    ("clip7b-full4b-224", ("clip", "7b", "full", "4b", 224)),
+    ("dino1b-in1k-224", ("dino", "1b", "in1k", None, 224)),
+    ("dino300m-light2b-224", ("dino", "300m", "light", "2b", 224)),
+])
+def test_parse_fields_and_round_trip(name, fields):
+    run = Run.parse(name)
+    assert (run.method, run.size, run.data, run.samples, run.res) == fields
+    assert str(run) == name
+    assert Run.parse(str(run)) == run
+
+
+@pytest.mark.parametrize("bad", ["dino7b-full8b", "vit7b-full8b-224", "dino6b-full2b-224", "dino7b-full3b-224",
+                                 "dino7b-in1k2b-224", "dino7b-full8b-512", "DINO7B-full8b-224", ""])
+def test_parse_rejects_bad_names_naming_them(bad):
+    with pytest.raises(ValueError, match="not a run name"):
+        Run.parse(bad)
+    assert not is_run_name(bad)
+
+
+def test_hires_parent_is_the_224_run():
+    assert str(Run.parse("dino7b-full8b-518").parent) == "dino7b-full8b-224"
+    assert Run.parse("dino7b-full8b-224").parent is None
+
+
+def test_fields_are_validated():
+    with pytest.raises(ValueError, match="samples"):
+        Run("dino", "1b", "in1k", "2b", 224)
+    with pytest.raises(ValueError, match="res"):
+        Run("dino", "1b", "full", "2b", 256)
+
+
+def test_sort_is_by_method_size_data_samples_res():
+    names = ["clip1b-full2b-224", "dino7b-full8b-518", "dino1b-full2b-224", "dino7b-full8b-224", "dino1b-in1k-224"]
+    assert sort_runs(names) == ["dino1b-full2b-224", "dino1b-in1k-224", "dino7b-full8b-224", "dino7b-full8b-518",
+                                "clip1b-full2b-224"]

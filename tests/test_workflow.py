@@ -1,0 +1,173 @@
+"""The DAG: run grid, targets, resources, validation, lint and the published render."""
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+from webssl_repro.config import ConfigError, load_config
+from webssl_repro.paper import specs
+from webssl_repro.workflow import Plan
+
+PAPER_GRID = sorted(
+    [f"dino{s}-full2b-224" for s in ("1b", "2b", "3b", "5b", "7b")]
+    + [f"dino7b-full{n}-224" for n in ("1b", "4b", "8b")]
+    + ["dino7b-full8b-378", "dino7b-full8b-518"]
+    + [f"clip{s}-full2b-224" for s in ("1b", "2b", "3b", "5b", "7b")]
+    + [f"clip7b-full{n}-224" for n in ("1b", "4b", "8b")]
+    + [f"mae{s}-full2b-224" for s in ("1b", "2b", "3b", "5b")]
+    + [f"dino{s}-in1k-224" for s in ("1b", "2b", "3b", "5b")]
+    + [f"dino{s}-{d}2b-224" for s in ("1b", "2b") for d in ("light", "heavy")]
+)
+ALL_ITEMS = ["table2", "table3", *(f"table{i}" for i in range(6, 16)), "fig1", "fig3", "fig4", "fig5", "fig6",
+             "fig7", "fig9"]
+
+
+@pytest.fixture(scope="module")
+def paper_plan():
+    return Plan(load_config(REPO / "config/paper.yaml"))
+
+
+def test_paper_grid_is_exactly_the_papers_runs(paper_plan):
+    assert sorted(paper_plan.runs) == PAPER_GRID
+    assert len(PAPER_GRID) == 30
+
+
+def test_grid_is_derived_from_the_item_specs(paper_plan):
+    from_specs = {r for i in paper_plan.items for r in specs.get_item(i).runs}
+    assert set(paper_plan.runs) == from_specs
+
+
+def test_resources_grow_with_model_size_and_samples(paper_plan):
+    res = {r: paper_plan.pretrain_resources(r) for r in paper_plan.runs}
+    sizes = [res[f"dino{s}-full2b-224"] for s in ("1b", "2b", "3b", "5b", "7b")]
+    assert [r.train_flops for r in sizes] == sorted(r.train_flops for r in sizes)
+    assert sizes[0].gpus < sizes[-1].gpus
+    samples = [res[f"dino7b-full{n}-224"].train_flops for n in ("1b", "2b", "4b", "8b")]
+    assert samples == pytest.approx([samples[0] * k for k in (1, 2, 4, 8)])
+    # 8 nodes x 8 GPUs for ViT-1B, 32 x 8 for ViT-7B (config/paper.yaml)
+    assert (sizes[0].nodes, sizes[0].gpus, sizes[-1].nodes, sizes[-1].gpus) == (8, 64, 32, 256)
+
+
+def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
+    launcher = paper_plan.launcher("dino7b-full2b-224")
+    assert launcher.startswith("srun --nodes 32 --ntasks 32 --ntasks-per-node 1 torchrun --nnodes 32 --nproc-per-node 8")
+    resources = paper_plan.pretrain_resources("dino7b-full2b-224").snakemake()
+    assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
+
+
+def test_single_node_layout_uses_gpu_and_standalone_torchrun():
+    config = load_config(REPO / "config/paper.yaml")
+    config["resources"]["nodes"]["1b"] = 1
+    plan = Plan(config)
+    assert plan.launcher("dino1b-full2b-224").startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8")
+    assert plan.pretrain_resources("dino1b-full2b-224").snakemake()["gpu"] == 8
+    assert "dino1b-full2b-224" in plan.runs_by_layout(multinode=False)
+    assert re.fullmatch(plan.run_pattern(multinode=True), "dino1b-full2b-224") is None
+
+
+def test_mini_requests_only_built_stages():
+    plan = Plan(load_config(REPO / "config/mini.yaml"))
+    for item in plan.items:
+        needed = {"pretrain"} | {{"filter": "data"}.get(e, e) for e in specs.get_item(item).evals}
+        assert needed <= plan.stages, item
+
+
+def test_published_item_inputs_are_only_the_source_tables():
+    plan = Plan(load_config(REPO / "config/published.yaml"))
+    assert plan.item_inputs("table6") == ["results/published/vqa.tsv"]
+    assert plan.item_inputs("fig7") == ["results/published/classic.tsv", "results/published/table3.tsv"]
+    assert plan.items == tuple(ALL_ITEMS)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("scale_typo", "mini", "scale_typo"),
+    ("seeds", "zero", "seeds"),
+    ("labels.samples.2b", "many", "labels.samples.2b"),
+    ("resources.mfu", 3.0, "resources.mfu"),
+])
+def test_bad_config_names_the_key(tmp_path, key, value, needle):
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
+
+
+def test_snakemake_rejects_a_bad_config_before_any_job(workflow_dir):
+    bad = yaml.safe_load((workflow_dir / "config/mini.yaml").read_text())
+    bad["resources"]["gpus_per_node"] = "eight"
+    (workflow_dir / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "bad.yaml")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "gpus_per_node" in out and "eight" in out
+    assert not (workflow_dir / "paper").exists()
+
+
+def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "config/paper.yaml")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    for run in PAPER_GRID:
+        assert f"results/paper/runs/{run}/encoder.safetensors" in out, run
+    plan = Plan(load_config(REPO / "config/paper.yaml"))
+    for target in plan.all_targets():
+        assert target in out, target
+    assert re.search(r"pretrain_multinode\s+30\b", out)
+    assert "gres=gpu:8" in out and "nodes=32" in out and "gpu_hours=" in out
+
+
+@pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/published.yaml"])
+def test_dry_runs_of_other_scales(workflow_dir, configfile):
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", configfile)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_slurm_profile_dry_run_works_verbatim(workflow_dir):
+    proc = snakemake(workflow_dir, "--profile", "slurm", "-n", "all", "--configfile", "config/paper.yaml")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_lint_is_clean(workflow_dir):
+    for configfile in ("config/mini.yaml", "config/paper.yaml", "config/published.yaml"):
+        proc = snakemake(workflow_dir, "--lint", "--configfile", configfile)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_published_all_renders_every_item_with_the_papers_numbers(workflow_dir):
+    proc = snakemake(workflow_dir, "--cores", "2", "all", "--configfile", "config/published.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = Plan(load_config(REPO / "config/published.yaml"))
+    for target in plan.all_targets():
+        assert (workflow_dir / target).stat().st_size > 0, target
+    vqa = pd.read_csv(REPO / "results/published/vqa.tsv", sep="\t")
+    for table in ("table6", "table8", "table10", "table11", "table12", "table13", "table14", "table15"):
+        rendered = pd.read_csv(workflow_dir / f"paper/published/tables/{table}.tsv", sep="\t").set_index("source")
+        printed = vqa[vqa["table"] == table].set_index("source")
+        assert sorted(rendered.index) == sorted(printed.index)
+        for column in ("mme", "docvqa", "cvbench3d", "Average"):
+            assert (rendered.loc[printed.index, column] == printed[column]).all(), (table, column)
+    table2 = pd.read_csv(workflow_dir / "paper/published/tables/table2.tsv", sep="\t").set_index("source")
+    assert table2.loc["dino2b-heavy2b-224", "data_pct"] == 1.3
+    assert table2.loc["dino2b-heavy2b-224", "OCR & Chart"] == 40.4
+    md = (workflow_dir / "paper/published/tables/table3.md").read_text()
+    assert "| Web-DINO ViT-7B 518" in md and "59.9" in md and "0.362" in md
+    # A second run schedules nothing.
+    again = snakemake(workflow_dir, "-n", "all", "--configfile", "config/published.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_one_figure_rebuilds_alone(workflow_dir):
+    proc = snakemake(workflow_dir, "--cores", "1", "paper/published/figures/fig3.pdf",
+                     "--configfile", "config/published.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workflow_dir / "paper/published/figures/fig3.pdf").exists()
+    assert not (workflow_dir / "paper/published/tables").exists()
