@@ -1,0 +1,93 @@
+"""iBOT block masking (DINOv2 ``data/masking.py::MaskingGenerator`` + the mask part of
+``collate_data_and_cast``).
+
+Masks are unions of random rectangles rather than i.i.d. patches: predicting a whole block
+needs context, whereas isolated masked patches can be interpolated from their neighbours.
+All randomness comes from an explicit ``torch.Generator`` so masks are reproducible.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Integer in [low, high] (inclusive, like ``random.randint``)."""
+    return int(torch.randint(low, high + 1, (), generator=generator).item())
+
+
+class MaskingGenerator:
+    """Random block masks on a ``grid`` (h, w) of patches.
+
+    ``__call__(n)`` keeps adding rectangles (area in [min_num_patches, budget], log-uniform
+    aspect ratio in [min_aspect, 1/min_aspect]) until ``n`` patches are masked; a rectangle
+    is accepted only if it adds new patches without exceeding the budget, so the result
+    never exceeds ``n`` (it may stay below when no rectangle fits in 10 tries).
+    """
+
+    def __init__(self, grid: tuple[int, int], max_num_patches: int | None = None,
+                 min_num_patches: int = 4, min_aspect: float = 0.3,
+                 max_aspect: float | None = None) -> None:
+        self.height, self.width = grid
+        self.num_patches = self.height * self.width
+        self.max_num_patches = max_num_patches if max_num_patches is not None else int(0.5 * self.num_patches)
+        self.min_num_patches = min_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def _add_block(self, mask: torch.Tensor, budget: int, generator: torch.Generator | None) -> int:
+        for _ in range(10):
+            area = _uniform(self.min_num_patches, budget, generator)
+            aspect = math.exp(_uniform(*self.log_aspect, generator))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < self.height and 0 < w < self.width:
+                top = _randint(0, self.height - h, generator)
+                left = _randint(0, self.width - w, generator)
+                block = mask[top:top + h, left:left + w]
+                added = h * w - int(block.sum())
+                if 0 < added <= budget:
+                    block.fill_(True)
+                    return added
+        return 0
+
+    def __call__(self, num_masking_patches: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bool mask (h, w) with at most ``num_masking_patches`` True entries."""
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while count < num_masking_patches:
+            budget = min(num_masking_patches - count, self.max_num_patches)
+            added = self._add_block(mask, budget, generator)
+            if added == 0:
+                break
+            count += added
+        return mask
+
+
+def sample_masks(n_images: int, grid: tuple[int, int],
+                 mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
+                 mask_sample_probability: float = 0.5,
+                 generator: torch.Generator | None = None,
+                 mask_generator: MaskingGenerator | None = None) -> torch.Tensor:
+    """Masks for a batch of ``n_images`` global crops: bool (n_images, h·w).
+
+    ``int(n_images · p)`` images are masked with ratios stratified over [min, max] (image i
+    draws from the i-th of equal sub-intervals, so one batch covers the whole range), the
+    rest get empty masks, and the order is shuffled — DINOv2's collate.
+    """
+    mask_generator = mask_generator or MaskingGenerator(grid)
+    n_patches = grid[0] * grid[1]
+    n_masked = int(n_images * mask_sample_probability)
+    low, high = mask_ratio_min_max
+    bounds = torch.linspace(low, high, n_masked + 1).tolist()
+    masks = [mask_generator(int(n_patches * _uniform(bounds[i], bounds[i + 1], generator)), generator)
+             for i in range(n_masked)]
+    masks += [torch.zeros(grid, dtype=torch.bool) for _ in range(n_images - n_masked)]
+    order = torch.randperm(n_images, generator=generator)
+    return torch.stack([masks[i] for i in order.tolist()]).flatten(1)

@@ -1,0 +1,242 @@
+"""The ViT family of Web-SSL: Web-DINO / CLIP towers (SwiGLU) and Web-MAE encoders (GELU).
+
+Architectures are those of the released code (facebookresearch/webssl), not Table 1 of the
+paper: Table 1 prints an MLP of 4·D, but Web-DINO uses SwiGLU with hidden ≈ 8/3·D, which is
+what the released parameter counts (1.135B … 6.450B) correspond to. Every tower is timm's
+``VisionTransformer`` with the knobs DINOv2 needs (mask token, uniform drop path,
+LayerScale 1e-5, dynamic image size for local crops), so timm's evaluation helpers
+(``forward_intermediates``) work unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from webssl_repro.models.layers import (
+    fixed_hidden_mlp,
+    init_dinov2_,
+    set_uniform_drop_path,
+    swiglu_hidden,
+)
+
+METHODS = ("dino", "mae", "clip")
+#: FFN kind of each pretraining method's tower (CLIP reuses the Web-DINO vision towers).
+METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Shape of one ViT. ``ffn_hidden=None`` derives the hidden size from the width for the
+    FFN kind the method uses; ``ffn`` records which kind an explicit ``ffn_hidden`` is for, so
+    a SwiGLU size is never silently used as a GELU size."""
+
+    width: int
+    depth: int
+    heads: int
+    ffn_hidden: int | None = None
+    patch: int = 14
+    ffn: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "heads", "patch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Arch.{name} must be a positive int, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(f"Arch.width={self.width} is not divisible by heads={self.heads}")
+        if self.ffn_hidden is not None and (not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0):
+            raise ValueError(f"Arch.ffn_hidden must be a positive int or None, got {self.ffn_hidden!r}")
+        if self.ffn not in (None, "swiglu", "gelu"):
+            raise ValueError(f"Arch.ffn must be 'swiglu', 'gelu' or None, got {self.ffn!r}")
+
+    @classmethod
+    def from_config(cls, mapping: Mapping[str, Any]) -> "Arch":
+        """Build from a config mapping (e.g. ``config/mini.yaml``), naming any unknown key."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - fields)
+        if unknown:
+            raise KeyError(f"unknown Arch key(s) {unknown}; allowed: {sorted(fields)}")
+        missing = sorted({"width", "depth", "heads"} - set(mapping))
+        if missing:
+            raise KeyError(f"Arch config is missing key(s) {missing}")
+        return cls(**dict(mapping))
+
+    def hidden(self, ffn: str) -> int:
+        """FFN hidden size for ``ffn`` ('swiglu': DINOv2 rounding rule, 'gelu': 4·D)."""
+        if ffn not in ("swiglu", "gelu"):
+            raise ValueError(f"unknown FFN kind {ffn!r}")
+        if self.ffn_hidden is not None and self.ffn in (None, ffn):
+            return self.ffn_hidden
+        if self.ffn_hidden is not None:
+            raise ValueError(
+                f"this Arch's ffn_hidden={self.ffn_hidden} is a {self.ffn} size, not {ffn}; "
+                f"use {'MAE_ARCHS' if ffn == 'gelu' else 'PAPER_ARCHS'} (or arch_for) instead")
+        return swiglu_hidden(self.width) if ffn == "swiglu" else 4 * self.width
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+def _dino(width: int, depth: int, heads: int) -> Arch:
+    return Arch(width, depth, heads, swiglu_hidden(width), 14, "swiglu")
+
+
+#: Web-DINO (and CLIP vision) towers, as in ``webssl/dinov2/vision_transformer.py``.
+PAPER_ARCHS: dict[str, Arch] = {
+    "300m": _dino(1024, 24, 16),
+    "1b": _dino(1536, 40, 24),
+    "2b": _dino(2688, 24, 21),
+    "3b": _dino(3072, 26, 24),
+    "5b": _dino(3584, 32, 28),
+    "7b": _dino(4096, 32, 32),
+}
+
+#: Web-MAE encoders (``webssl/mae/mae.py``): GELU MLP ratio 4; 300m keeps MAE's patch 16.
+#: 5b/7b are not released but follow Table 1 (MLP = 4·D, patch 14).
+MAE_ARCHS: dict[str, Arch] = {
+    "300m": Arch(1024, 24, 16, 4096, 16, "gelu"),
+    "700m": Arch(1280, 32, 16, 5120, 14, "gelu"),
+    **{s: Arch(a.width, a.depth, a.heads, 4 * a.width, 14, "gelu")
+       for s, a in PAPER_ARCHS.items() if s != "300m"},
+}
+
+
+def arch_for(method: str, size: str) -> Arch:
+    """The released architecture of ``{method}{size}`` (MAE has its own table)."""
+    table = MAE_ARCHS if method == "mae" else PAPER_ARCHS
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if size not in table:
+        raise KeyError(f"no {method} architecture of size {size!r}; known: {sorted(table)}")
+    return table[size]
+
+
+class WebSSLViT(VisionTransformer):
+    """timm ViT plus DINOv2's iBOT mask token and its ``forward_features`` dictionary.
+
+    Other input sizes resample the pos-embed with timm's bicubic-to-size rule; DINOv2 uses a
+    scale factor with a +0.1 offset, a small numerical difference that only matters when
+    loading released weights at a non-native resolution.
+    """
+
+    def __init__(self, arch: Arch, ffn: str, *, img_size: int, layerscale: float | None,
+                 drop_path_rate: float, mask_token: bool, **timm_kwargs: Any) -> None:
+        hidden = arch.hidden(ffn)
+        super().__init__(
+            img_size=img_size,
+            patch_size=arch.patch,
+            embed_dim=arch.width,
+            depth=arch.depth,
+            num_heads=arch.heads,
+            mlp_ratio=hidden / arch.width,  # informational only; the factory fixes the width
+            mlp_layer=fixed_hidden_mlp(ffn, hidden),
+            init_values=layerscale,
+            qkv_bias=True,
+            class_token=True,
+            reg_tokens=0,
+            pos_embed="learn",
+            num_classes=0,
+            global_pool="token",
+            dynamic_img_size=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            drop_path_rate=0.0,
+            weight_init="skip",
+            **timm_kwargs,
+        )
+        self.arch, self.ffn, self.ffn_hidden = arch, ffn, hidden
+        set_uniform_drop_path(self.blocks, drop_path_rate)
+        device = self.pos_embed.device
+        self.mask_token = nn.Parameter(torch.zeros(1, arch.width, device=device)) if mask_token else None
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch-embed, replace masked patches by the mask token, then add cls + pos-embed.
+
+        Masking happens before the position embedding (as in DINOv2), so a masked token still
+        knows where it is. ``masks``: bool (B, n_patches) or (B, h, w).
+        """
+        x = self.patch_embed(x)  # (B, h, w, D) because dynamic_img_size
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("this encoder has no mask token (built for mae/clip)")
+            m = masks.reshape(x.shape[:-1]).unsqueeze(-1)
+            x = torch.where(m, self.mask_token.to(x.dtype), x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_features_dict(self, x: torch.Tensor, masks: torch.Tensor | None = None
+                              ) -> dict[str, torch.Tensor]:
+        """DINOv2's output layout: normed CLS, normed patch tokens, and pre-norm tokens."""
+        x = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        normed = self.norm(x)
+        return {
+            "x_norm_clstoken": normed[:, 0],
+            "x_norm_patchtokens": normed[:, self.num_prefix_tokens:],
+            "x_prenorm": x,
+        }
+
+
+def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
+                  drop_path_rate: float = 0.0, layerscale: float | None = 1e-5,
+                  **timm_kwargs: Any) -> WebSSLViT:
+    """The vision tower of ``method`` with shape ``arch``.
+
+    dino: SwiGLU, LayerScale, mask token (iBOT); clip: the same tower without mask token
+    (an unused parameter would break DDP); mae: GELU MLP, no LayerScale, no mask token
+    (MAE drops masked tokens instead of replacing them). ``img_size`` fixes the stored
+    pos-embed grid; other input sizes are resampled on the fly.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    ffn = METHOD_FFN[method]
+    model = WebSSLViT(
+        arch, ffn, img_size=img_size,
+        layerscale=None if method == "mae" else layerscale,
+        drop_path_rate=drop_path_rate,
+        mask_token=method == "dino",
+        **timm_kwargs,
+    )
+    if method == "mae":
+        if not any(p.is_meta for p in model.parameters()):
+            model.init_weights(needs_reset=False)  # timm default; MAE re-initialises its own way
+    else:
+        init_dinov2_(model, layerscale)
+    return model
+
+
+def _registry() -> dict[str, Callable[..., WebSSLViT]]:
+    names: dict[str, Callable[..., WebSSLViT]] = {}
+    for method in METHODS:
+        table = MAE_ARCHS if method == "mae" else PAPER_ARCHS
+        for size, arch in table.items():
+            names[f"webssl_{method}{size}"] = partial(build_encoder, arch, method)
+    return names
+
+
+#: name → builder, in the style of timm's model registry (``webssl_dino7b``, ``webssl_mae300m``…).
+ENCODERS: dict[str, Callable[..., WebSSLViT]] = _registry()
+
+
+def create_encoder(name: str, **kwargs: Any) -> WebSSLViT:
+    """Build a registered tower by name, e.g. ``create_encoder("webssl_dino1b", img_size=518)``."""
+    if name not in ENCODERS:
+        raise KeyError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    return ENCODERS[name](**kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (works on the ``meta`` device)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,250 @@
+"""One training loop for Web-DINO, Web-MAE and CLIP.
+
+The method owns the modules and the loss (``webssl_repro.methods.base.PretrainMethod``);
+this loop owns what is common to all of them: AdamW with DINOv2-style per-step lr / wd
+schedules scaled by each param group's multipliers, gradient clipping, logging,
+checkpoints with exact resume, preemption, and data parallelism.
+
+Data interface. ``data_iter_factory(start_sample, rank, world_size)`` returns an iterator
+of *this rank's* batches starting at global sample ``start_sample`` (the samples already
+consumed, ``step * global_batch_size``). The batch of global step ``s`` on rank ``r`` must
+hold the global samples ``[s*G + r*L, s*G + (r+1)*L)`` with ``G`` the global and
+``L = G // world_size`` the local batch size, and must depend on nothing else (augmentation
+seeded by sample index). That makes a resumed run see exactly the samples it would have
+seen, and a run on W ranks see the same global batches as a run on one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import (
+    DistEnv,
+    ShardUnits,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    init_distributed,
+    move_method,
+    prepare_model,
+    reshard_shadows,
+    unwrap,
+    unwrapped,
+)
+from .logging import TrainLogger, scalars
+
+DataIterFactory = Callable[[int, int, int], Iterator[Any]]
+
+#: SLURM's ``--signal`` and schedulers' preemption notices; SIGTERM is also what torchrun forwards
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+#: config keys that may change between a run and its resumption (they do not alter the result)
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "strategy", "precision"}
+
+
+class Preempted(Exception):
+    """Raised after a preemption signal once the current step is checkpointed.
+
+    The CLI exits with ``exit_code`` (EX_TEMPFAIL) so that Snakemake's ``retries`` or a SLURM
+    requeue starts the job again, which then resumes from the checkpoint.
+    """
+
+    exit_code = 75
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"preempted by signal {signal.Signals(signum).name} after step {step}; checkpoint written")
+        self.step = step
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int  #: optimizer steps done in total
+    samples_seen: int
+    complete: bool  #: the budget is spent
+    checkpoint: Path
+
+
+class _PreemptionFlag:
+    """Records the first preemption signal; the loop acts on it between steps."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_PreemptionFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            warnings.warn("train() outside the main thread: preemption signals are not handled")
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    current = cfg.to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume: the checkpoint was trained with a different config ({detail})")
+
+
+def build_optimizer(method: Any, cfg: TrainConfig) -> torch.optim.AdamW:
+    with unwrapped(method):  # parameter names without DDP's "module." prefix
+        groups = method.param_groups(cfg.lr, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """DINOv2's per-iteration rule: ``lr * lr_multiplier`` and ``wd * wd_multiplier`` per group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_multiplier", 1.0)
+        group["weight_decay"] = wd * group.get("wd_multiplier", 1.0)
+
+
+def train(
+    method: Any,
+    data_iter_factory: DataIterFactory,
+    cfg: TrainConfig,
+    run_dir: os.PathLike | str,
+    *,
+    max_steps: Optional[int] = None,
+    shard_units: Optional[ShardUnits] = None,
+) -> TrainResult:
+    """Train ``method`` for ``cfg.steps`` steps, resuming from ``run_dir/checkpoints`` if present.
+
+    ``max_steps`` stops after that many steps in total (checkpointing), e.g. to split a run
+    into time-boxed jobs; ``shard_units`` picks the FSDP2 units (default: transformer blocks).
+    Raises :class:`Preempted` after SIGTERM / SIGUSR1, with the step checkpointed.
+    """
+    run_dir = Path(run_dir)
+    env: DistEnv = init_distributed(cfg.strategy)
+    if cfg.global_batch_size % env.world_size:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by world_size={env.world_size}")
+    total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+
+    state = ckpt.load_checkpoint(run_dir)
+    if state is not None:
+        _check_resumable(state["config"], cfg)
+        ckpt.restore_before_wrap(method, state)
+    move_method(method, env.device)
+    prepare_model(method, cfg.strategy, env, shard_units)
+    optimizer = build_optimizer(method, cfg)
+    start, resumed = 0, state is not None
+    if state is not None:
+        ckpt.restore_optimizer(method, optimizer, cfg.strategy, state)
+        start = int(state["step"])
+        if not ckpt.restore_rank_rng(state, env.rank, env.world_size):
+            ckpt.seed_everything(cfg.seed + env.rank + 1_000_003 * start)
+        del state
+    else:
+        ckpt.seed_everything(cfg.seed + env.rank)
+
+    lr_at, wd_at = cfg.lr_schedule(), cfg.wd_schedule()
+    use_bf16 = cfg.precision == "bf16" and env.device.type == "cuda"
+    if cfg.precision == "bf16" and not use_bf16 and env.is_main:
+        warnings.warn("precision=bf16 autocasts on CUDA only; this CPU run trains in fp32")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def save(step: int) -> Path:
+        snapshot = ckpt.collect_state(
+            method, optimizer, cfg.strategy, step=step, samples_seen=step * cfg.global_batch_size,
+            complete=step >= cfg.steps, config=cfg.to_dict(),
+        )
+        if snapshot is not None:
+            ckpt.save_checkpoint(run_dir, snapshot)
+        barrier()  # nobody reads or exits before the file is in place
+        return ckpt.latest_path(run_dir)
+
+    logger = TrainLogger(run_dir, enabled=env.is_main, start_step=start, total_steps=cfg.steps)
+    data = data_iter_factory(start * cfg.global_batch_size, env.rank, env.world_size)
+    step, last_saved = start, start
+    t_log, steps_since_log = time.perf_counter(), 0
+    try:
+        with _PreemptionFlag() as preempt:
+            for step in range(start, total):
+                lr, wd = lr_at(step), wd_at(step)
+                set_hyperparams(optimizer, lr, wd)
+                try:
+                    batch = _to_device(next(data), env.device)
+                except StopIteration:
+                    raise RuntimeError(f"data iterator ended at step {step}: it must cover {cfg.samples_seen} samples") from None
+
+                with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = method.training_step(batch, step)
+                loss = out["loss"]
+                if not math.isfinite(loss.item()):  # DINOv2 aborts on NaN rather than train on garbage
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.strategy == "fsdp2":
+                    reshard_shadows(method)
+                grad_norm = None
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                method.after_optimizer_step(step)
+                done = step + 1
+                steps_since_log += 1
+                logger.advance()
+
+                if done % cfg.log_every == 0 or done == total:
+                    values = scalars(out)
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+                    values = all_reduce_mean(values)
+                    elapsed = time.perf_counter() - t_log
+                    logger.log({
+                        "step": done,
+                        "samples_seen": done * cfg.global_batch_size,
+                        **values,
+                        "lr": lr,
+                        "wd": wd,
+                        "images_per_s": steps_since_log * cfg.global_batch_size / max(elapsed, 1e-9),
+                    })
+                    t_log, steps_since_log = time.perf_counter(), 0
+
+                if done % cfg.checkpoint_every == 0 or done == total:
+                    save(done)
+                    last_saved = done
+                if done < total and any_rank(preempt.signum is not None):
+                    if last_saved != done:
+                        save(done)
+                    raise Preempted(done, preempt.signum or signal.SIGTERM)
+            step = max(total, start)
+    finally:
+        logger.close()
+        getattr(data, "close", lambda: None)()  # stop generator-based pipelines (and their workers)
+        method.model = unwrap(method.model)  # hand back the user's module (DDP only wraps)
+    if not resumed and step == start:  # max_steps=0 on a fresh run: still leave a checkpoint
+        save(step)
+    return TrainResult(step, step * cfg.global_batch_size, step >= cfg.steps, ckpt.latest_path(run_dir))

@@ -1,0 +1,283 @@
+"""Web-DINO (DINOv2) losses, schedules, method, multi-crop data and iBOT masking."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from webssl_repro.data.augmentations import MultiCropAugmentation, collate_multicrop
+from webssl_repro.data.masking import MaskingGenerator, sample_masks
+from webssl_repro.methods.base import PretrainMethod
+from webssl_repro.methods.dino import (
+    DinoConfig,
+    DinoMethod,
+    dino_cross_entropy,
+    ema_update_,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
+from webssl_repro.methods.dino_losses import softmax_center, updated_center
+from webssl_repro.methods.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
+from webssl_repro.models.vit import Arch
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_sinkhorn_hand_case_one_iteration():
+    # exp(logits) = [[1,2],[3,4]]; Q = (K x B) = [[1,3],[2,4]]/10; prototype rows ->
+    # [[.25,.75],[1/3,2/3]]/2; sample columns normalised -> col0 [3/7, 4/7], col1 [9/17, 8/17]
+    logits = torch.log(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    q = sinkhorn_knopp(logits, teacher_temp=1.0, n_iterations=1)
+    assert torch.allclose(q, torch.tensor([[3 / 7, 4 / 7], [9 / 17, 8 / 17]]), atol=1e-6)
+
+
+def test_sinkhorn_rows_sum_to_one_and_columns_balance():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 8)
+    q = sinkhorn_knopp(logits, teacher_temp=0.5)
+    assert torch.allclose(q.sum(dim=1), torch.ones(64), atol=1e-5)
+    # every prototype gets ~B/K = 8 of the mass, far more evenly than a plain softmax
+    sk_dev = (q.sum(dim=0) - 8).abs().max()
+    softmax_dev = (torch.softmax(logits / 0.5, dim=1).sum(dim=0) - 8).abs().max()
+    assert sk_dev < 2.0 and sk_dev < 0.5 * softmax_dev
+
+
+def test_dino_cross_entropy_hand_case():
+    # row 1: s/τ = [0, ln 3] -> p = [1/4, 3/4]; t = [.5,.5] -> -(.5 ln .25 + .5 ln .75) = 0.836988
+    # row 2: p = [1/2, 1/2]; t = [1, 0] -> ln 2 = 0.693147; mean = 0.765068
+    s = torch.tensor([[0.0, math.log(3) / 2], [0.0, 0.0]])
+    t = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    assert dino_cross_entropy(s, t, student_temp=0.5).item() == pytest.approx(0.765068, abs=1e-5)
+
+
+def test_koleo_hand_case():
+    # rows normalise to e1, e2, (e1+e2)/√2; every nearest neighbour is 45° away:
+    # distance 2·sin(π/8) = 0.765367, loss = -ln(0.765367) = 0.267400
+    x = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    assert koleo_loss(x).item() == pytest.approx(0.267400, abs=1e-5)
+
+
+def test_koleo_excludes_self():
+    # two identical rows: nearest non-self neighbour is at distance 0 -> large loss; if self
+    # were not excluded every row would get the same (huge) value, so also check a spread case
+    dup = koleo_loss(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    assert dup.item() > 5.0
+    ortho = koleo_loss(torch.eye(3))  # all distances √2 -> -ln √2
+    assert ortho.item() == pytest.approx(-0.5 * math.log(2), abs=1e-5)
+
+
+def test_ibot_loss_weights_per_image():
+    # uniform student -> CE = ln 2 per token; image 0 has 2 masked tokens (weight 1/2 each),
+    # image 1 none; divided by both images: (ln2/2 + ln2/2)/2 = 0.346574
+    s = torch.zeros(2, 2)
+    t = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    loss = ibot_patch_loss(s, t, torch.tensor([0.5, 0.5]), n_images=2, student_temp=0.1)
+    assert loss.item() == pytest.approx(0.346574, abs=1e-5)
+
+
+def test_softmax_centering_hand_case():
+    logits = torch.tensor([[1.0, 3.0], [3.0, 5.0]])
+    center = updated_center(torch.zeros(1, 2), logits, momentum=0.9)  # 0.1 · mean [2, 4]
+    assert torch.allclose(center, torch.tensor([[0.2, 0.4]]))
+    probs = softmax_center(torch.tensor([[0.2, 0.4 + math.log(3) * 0.5]]), center, 0.5)
+    assert torch.allclose(probs, torch.tensor([[0.25, 0.75]]), atol=1e-6)
+
+
+def test_ema_update_arithmetic():
+    student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+    nn.init.ones_(student.weight), nn.init.ones_(student.bias)
+    nn.init.zeros_(teacher.weight), nn.init.zeros_(teacher.bias)
+    ema_update_(teacher, student, momentum=0.9)
+    assert torch.allclose(teacher.weight, torch.full((2, 2), 0.1))
+    ema_update_(teacher, student, momentum=0.9)  # 0.9·0.1 + 0.1 = 0.19
+    assert torch.allclose(teacher.bias, torch.full((2,), 0.19))
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_cosine_schedule_values():
+    # warm-up 0 -> 1 over 3 steps (linspace incl. both ends), cosine 1 -> 0 over 7 steps
+    values = [cosine_schedule(s, 1.0, 0.0, total_steps=10, warmup_steps=3) for s in (0, 1, 2, 3, 5, 10, 99)]
+    assert values == pytest.approx([0.0, 0.5, 1.0, 1.0, 0.5 * (1 + math.cos(2 * math.pi / 7)), 0.0, 0.0])
+    assert values[4] == pytest.approx(0.811745, abs=1e-6)
+    assert cosine_schedule(1, 1.0, 0.0, 10, freeze_steps=2) == 0.0
+
+
+def test_teacher_temp_momentum_and_lr_scaling():
+    temps = [teacher_temp_schedule(s, 0.04, 0.07, warmup_steps=4) for s in (0, 1, 2, 3, 4, 100)]
+    assert temps == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07, 0.07])
+    cfg = DinoConfig(total_steps=100)
+    assert [cfg.momentum_at(s) for s in (0, 50, 100)] == pytest.approx([0.994, 0.997, 1.0])
+    assert [cfg.wd_at(s) for s in (0, 50, 100)] == pytest.approx([0.04, 0.12, 0.2])
+    assert DinoConfig().lr == pytest.approx(3.4641e-4, rel=1e-4)  # 2e-4·√(3072/1024), Table 4's 3.5e-4
+    assert scaled_lr(1.5e-4, 4096, "linear_wrt_256") == pytest.approx(2.4e-3)
+    assert cfg.last_layer_lr_at(1249) == 0.0 and cfg.last_layer_lr_at(1250) > 0
+
+
+def test_dino_config_defaults_and_mapping():
+    cfg = DinoConfig()
+    assert (cfg.dino_n_prototypes, cfg.dino_bottleneck_dim, cfg.ibot_bottleneck_dim) == (131072, 384, 256)
+    assert (cfg.clip_grad, cfg.koleo_loss_weight, cfg.n_local_crops, cfg.local_crop_size) == (3.0, 0.1, 8, 98)
+    cfg = DinoConfig.from_mapping({"n_local_crops": 2, "mask_ratio_min_max": [0.2, 0.4]})
+    assert cfg.n_local_crops == 2 and cfg.mask_ratio_min_max == (0.2, 0.4)
+    with pytest.raises(KeyError, match="teacher_tmp"):
+        DinoConfig.from_mapping({"teacher_tmp": 0.05})
+
+
+# ----------------------------------------------------------------------------- method
+
+TINY = dict(dino_n_prototypes=64, ibot_n_prototypes=48, dino_hidden_dim=32, ibot_hidden_dim=32,
+            dino_bottleneck_dim=16, ibot_bottleneck_dim=16, global_crop_size=32, local_crop_size=16,
+            n_local_crops=2, freeze_last_layer_steps=2, warmup_teacher_temp_steps=4,
+            total_steps=50, drop_path_rate=0.1, momentum_teacher=0.9)
+
+
+def tiny_batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"global_crops": torch.randn(2 * b, 3, 32, 32, generator=g),
+            "local_crops": torch.randn(2 * b, 3, 16, 16, generator=g),
+            "masks": sample_masks(2 * b, (4, 4), generator=g)}
+
+
+def test_dino_method_trains_tiny_vit():
+    torch.manual_seed(0)
+    method = DinoMethod(Arch(32, 2, 2, patch=8), DinoConfig(**TINY))
+    assert isinstance(method, PretrainMethod)
+    method.train()
+    opt = torch.optim.AdamW(method.param_groups(2e-3, 0.04))
+    batch = tiny_batch()
+    last = [p.detach().clone() for n, p in method.model.named_parameters() if "last_layer" in n]
+    losses = []
+    for step in range(8):
+        out = method.training_step(batch, step)
+        assert {"loss", "dino_loss", "ibot_loss", "koleo_loss"} <= set(out)
+        assert all(torch.isfinite(v) for v in out.values())
+        opt.zero_grad()
+        out["loss"].backward()
+        assert all(p.grad is None for p in method.teacher.parameters())
+        opt.step()
+        method.after_optimizer_step(step)
+        now = [p for n, p in method.model.named_parameters() if "last_layer" in n]
+        frozen = all(torch.equal(a, b) for a, b in zip(last, now))
+        assert frozen == (step < 2)  # prototypes frozen for the first 2 steps only
+        losses.append(out["loss"].item())
+    assert out["ibot_loss"] > 0 and out["koleo_loss"] != 0
+    assert losses[-1] < losses[0]
+    # the teacher moved towards the student but is not the student
+    s_w, t_w = method.model.backbone.patch_embed.proj.weight, method.teacher.backbone.patch_embed.proj.weight
+    assert not torch.equal(s_w, t_w) and method.encoder() is method.teacher.backbone
+    assert not method.teacher.training and method.model.training
+
+
+def test_global_dino_loss_pairs_each_view_with_the_other_teacher_view():
+    torch.manual_seed(0)
+    # LayerScale 1 so that the CLS token depends on the image already at init
+    method = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY, layerscale=1.0)).eval()
+    with torch.no_grad():  # make teacher and student differ so the pairing matters
+        for p in method.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    crops = torch.randn(4, 3, 32, 32)  # B = 2: rows 0-1 view A, rows 2-3 view B
+    out = method.training_step({"global_crops": crops}, step=100)
+    with torch.no_grad():
+        t = method.teacher(crops)["global_logits"]
+        s = method.model(crops)["global_logits"]
+        p = sinkhorn_knopp(torch.cat([t[2:], t[:2]]), teacher_temp=0.07)  # rows: B-targets, A-targets
+        expected = (dino_cross_entropy(s[:2], p[:2], 0.1) + dino_cross_entropy(s[2:], p[2:], 0.1)) / 2
+        same_view = (dino_cross_entropy(s[:2], p[2:], 0.1) + dino_cross_entropy(s[2:], p[:2], 0.1)) / 2
+    assert out["dino_global_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - same_view.item()) > 1e-4
+
+
+def test_dino_method_without_locals_or_masks_and_centering():
+    torch.manual_seed(0)
+    method = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**{**TINY, "centering": "centering",
+                                                                "ibot_separate_head": False}))
+    out = method.training_step({"global_crops": torch.randn(4, 3, 32, 32)}, 0)
+    assert out["ibot_loss"].item() == 0.0 and out["dino_local_loss"].item() == 0.0
+    assert torch.isfinite(out["loss"])
+    out = method.training_step(tiny_batch(2), 1)
+    assert out["ibot_loss"] > 0
+    assert method.dino_center.abs().sum() > 0 and method.ibot_center.shape == (1, 64)
+
+
+def test_dino_param_groups():
+    method = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY))
+    groups = method.param_groups(1.0, 0.04)
+    names = {id(p): n for n, p in method.model.named_parameters()}
+
+    def group_of(name):
+        return next(g for g in groups if any(names[id(p)] == name for p in g["params"]))
+
+    pe = group_of("backbone.patch_embed.proj.weight")
+    assert pe["lr_multiplier"] == pytest.approx(0.2) and pe["lr"] == pytest.approx(0.2)
+    assert group_of("backbone.patch_embed.proj.bias")["wd_multiplier"] == 0.0
+    for no_wd in ("backbone.blocks.0.norm1.weight", "backbone.blocks.0.ls1.gamma", "backbone.blocks.0.attn.qkv.bias"):
+        assert group_of(no_wd)["wd_multiplier"] == 0.0
+    assert group_of("backbone.pos_embed")["wd_multiplier"] == 1.0  # as DINOv2's name rule
+    last = [g for g in groups if g["is_last_layer"]]
+    assert len(last) == 1 and len(last[0]["params"]) == 4  # (g, v) of both heads
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    exempt = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY, no_wd_on_tokens=True))
+    assert all(g["wd_multiplier"] == 0.0 for g in exempt.param_groups(1.0, 0.04)
+               if any(p is exempt.model.backbone.pos_embed for p in g["params"]))
+
+
+def test_dino_state_dict_resume_is_exact():
+    torch.manual_seed(0)
+    a = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY))
+    a.after_optimizer_step(10)  # EMA step: teacher != student afterwards only if student moved
+    with torch.no_grad():
+        a.model.backbone.cls_token.add_(1.0)
+    a.after_optimizer_step(11)
+    torch.manual_seed(1)
+    b = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY))
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    batch = tiny_batch(2)
+    assert torch.equal(a.training_step(batch, 12)["loss"], b.training_step(batch, 12)["loss"])
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(60, 80, 3) * 255).astype("uint8"))
+
+
+def test_multicrop_shapes_determinism_and_collate():
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=3)
+    assert aug.blur_p == (0.0, 0.9, 0.5)  # DINOv2-code convention (documented in the module)
+    assert MultiCropAugmentation(blur_convention="nominal").blur_p == (1.0, 0.1, 0.5)
+    one = aug(_image(), generator=torch.Generator().manual_seed(3))
+    two = aug(_image(), generator=torch.Generator().manual_seed(3))
+    assert [t.shape for t in one["global_crops"]] == [(3, 32, 32)] * 2
+    assert [t.shape for t in one["local_crops"]] == [(3, 16, 16)] * 3
+    assert all(torch.equal(x, y) for x, y in zip(one["local_crops"], two["local_crops"]))
+    g = torch.Generator().manual_seed(0)
+    samples = [(aug(_image(i), generator=g), i) for i in range(5)]
+    batch = collate_multicrop(samples, patch_size=8, generator=g)
+    assert batch["global_crops"].shape == (10, 3, 32, 32)
+    assert batch["local_crops"].shape == (15, 3, 16, 16)
+    assert batch["masks"].shape == (10, 16) and batch["masks"].dtype == torch.bool
+    # crop-major: the second half holds every image's second global crop
+    assert torch.equal(batch["global_crops"][5], samples[0][0]["global_crops"][1])
+    assert (batch["masks"].sum(1) > 0).sum() <= 5
+
+
+def test_masking_ratio_within_bounds():
+    g = torch.Generator().manual_seed(0)
+    masks = sample_masks(32, (16, 16), (0.1, 0.5), 0.5, generator=g)
+    counts = masks.sum(dim=1)
+    assert (counts > 0).sum() == 16  # int(32 · 0.5) images masked, the others empty
+    masked = counts[counts > 0].float() / 256
+    assert masked.max() <= 0.5 and masked.min() >= 0.05
+    assert 0.2 <= masked.mean() <= 0.4  # stratified over [0.1, 0.5]: mean ≈ 0.3
+    gen = MaskingGenerator((16, 16))
+    for n in (4, 30, 100):
+        assert gen(n, torch.Generator().manual_seed(n)).sum() <= n

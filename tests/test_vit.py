@@ -1,0 +1,135 @@
+"""The Web-SSL ViT family: released shapes, parameter counts, and the DINOv2 extras."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from webssl_repro.models.layers import swiglu_hidden
+from webssl_repro.models.vit import (
+    ENCODERS,
+    MAE_ARCHS,
+    PAPER_ARCHS,
+    Arch,
+    arch_for,
+    build_encoder,
+    count_params,
+    create_encoder,
+)
+
+# params@224 from design.md §3 / paper_facts §4.2
+RELEASED_PARAMS = {"1b": 1.135e9, "2b": 2.084e9, "3b": 2.948e9, "5b": 4.938e9, "7b": 6.450e9}
+SWIGLU_HIDDEN = {"1b": 4096, "2b": 7168, "3b": 8192, "5b": 9560, "7b": 10928}
+
+
+@pytest.mark.parametrize("size", sorted(RELEASED_PARAMS))
+def test_paper_param_counts_on_meta(size):
+    with torch.device("meta"):
+        model = build_encoder(PAPER_ARCHS[size])
+    assert all(p.is_meta for p in model.parameters())
+    assert count_params(model) == pytest.approx(RELEASED_PARAMS[size], rel=1e-3)
+
+
+@pytest.mark.parametrize("size", sorted(SWIGLU_HIDDEN))
+def test_swiglu_hidden_sizes(size):
+    arch = PAPER_ARCHS[size]
+    assert arch.ffn_hidden == SWIGLU_HIDDEN[size] == swiglu_hidden(arch.width)
+    assert arch.patch == 14
+    with torch.device("meta"):
+        model = build_encoder(arch)
+    mlp = model.blocks[0].mlp
+    assert mlp.fc1.out_features == 2 * SWIGLU_HIDDEN[size]  # packed w12
+    assert mlp.fc2.in_features == SWIGLU_HIDDEN[size]
+    assert isinstance(mlp.act, nn.SiLU)
+
+
+def test_swiglu_rounding_by_hand():
+    # 4*64*2/3 = 170.67 -> 170; (170+7)//8*8 = 176.  4*1024*2/3 = 2730.67 -> 2730 -> 2736
+    assert swiglu_hidden(64) == 176
+    assert swiglu_hidden(1024) == 2736
+
+
+def test_mae_archs():
+    a = MAE_ARCHS["300m"]
+    assert (a.width, a.depth, a.heads, a.ffn_hidden, a.patch) == (1024, 24, 16, 4096, 16)
+    assert MAE_ARCHS["1b"].patch == 14 and MAE_ARCHS["1b"].ffn_hidden == 6144
+    with torch.device("meta"):
+        model = build_encoder(a, method="mae")
+    blk = model.blocks[0]
+    assert blk.mlp.fc1.out_features == 4096 and isinstance(blk.mlp.act, nn.GELU)
+    assert isinstance(blk.ls1, nn.Identity)  # no LayerScale
+    assert model.mask_token is None
+    assert model.patch_embed.grid_size == (14, 14)
+    assert count_params(model) == pytest.approx(0.303e9, rel=1e-3)
+    assert arch_for("mae", "300m") is a and arch_for("dino", "300m") is PAPER_ARCHS["300m"]
+
+
+def test_arch_from_config_and_validation():
+    arch = Arch.from_config({"width": 64, "depth": 4, "heads": 4, "patch": 8})
+    assert arch.ffn_hidden is None
+    assert arch.hidden("swiglu") == 176 and arch.hidden("gelu") == 256
+    with pytest.raises(KeyError, match="widht"):
+        Arch.from_config({"widht": 64, "depth": 4, "heads": 4})
+    with pytest.raises(ValueError, match="divisible"):
+        Arch(width=60, depth=2, heads=8)
+    with pytest.raises(ValueError, match="MAE_ARCHS"):
+        PAPER_ARCHS["1b"].hidden("gelu")  # a SwiGLU size is never reused as a GELU size
+
+
+def test_dino_tower_details():
+    model = build_encoder(Arch(32, 3, 2, patch=8), img_size=32, drop_path_rate=0.3)
+    blk = model.blocks[0]
+    assert torch.all(blk.ls1.gamma == 1e-5) and torch.all(blk.ls2.gamma == 1e-5)
+    assert blk.norm1.eps == 1e-6 and model.norm.eps == 1e-6
+    assert blk.attn.qkv.bias is not None
+    assert model.num_prefix_tokens == 1 and model.reg_token is None
+    # uniform stochastic depth: the first block drops as often as the last (timm's is linear)
+    assert [b.drop_path1.drop_prob for b in model.blocks] == [0.3, 0.3, 0.3]
+    assert model.pos_embed.shape == (1, 1 + 16, 32)
+    assert torch.all(model.mask_token == 0)
+    assert build_encoder(Arch(32, 1, 2, patch=8), method="clip", img_size=32).mask_token is None
+
+
+def test_tiny_encoder_two_resolutions():
+    torch.manual_seed(0)
+    model = build_encoder(Arch(32, 2, 2, patch=8), img_size=32).eval()
+    for size, n in ((32, 16), (16, 4), (48, 36)):
+        out = model.forward_features_dict(torch.randn(2, 3, size, size))
+        assert out["x_norm_clstoken"].shape == (2, 32)
+        assert out["x_norm_patchtokens"].shape == (2, n, 32)
+        assert out["x_prenorm"].shape == (2, n + 1, 32)
+        assert torch.isfinite(out["x_prenorm"]).all()
+    final, inter = model.forward_intermediates(torch.randn(2, 3, 16, 16), indices=2)
+    assert final.shape == (2, 5, 32) and [t.shape for t in inter] == [(2, 32, 2, 2)] * 2
+
+
+def test_masked_forward_uses_mask_token():
+    torch.manual_seed(0)
+    model = build_encoder(Arch(32, 2, 2, patch=8), img_size=16).eval()
+    with torch.no_grad():
+        model.mask_token.normal_()
+    a, b = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    masks = torch.tensor([[True, False, True, False]])
+    tokens = model.prepare_tokens(a, masks)
+    # masked patches = mask token + pos-embed (masking happens before the position embedding)
+    expected = model.mask_token[0] + model.pos_embed[0, 1:]
+    assert torch.allclose(tokens[0, 1:][masks[0]], expected[masks[0]], atol=1e-6)
+    assert not torch.allclose(tokens[0, 2], expected[1])
+    # fully masked: the image no longer matters
+    full = torch.ones(1, 4, dtype=torch.bool)
+    out_a = model.forward_features_dict(a, full)["x_norm_clstoken"]
+    out_b = model.forward_features_dict(b, full)["x_norm_clstoken"]
+    assert torch.allclose(out_a, out_b, atol=1e-6)
+    assert not torch.allclose(out_a, model.forward_features_dict(a)["x_norm_clstoken"])
+
+
+def test_registry_and_clip_has_no_mask_support():
+    assert {"webssl_dino7b", "webssl_mae300m", "webssl_clip1b"} <= set(ENCODERS)
+    with torch.device("meta"):
+        model = create_encoder("webssl_dino300m", img_size=518)
+    assert model.pos_embed.shape == (1, 1 + 37 * 37, 1024)
+    with pytest.raises(KeyError):
+        create_encoder("webssl_dino9b")
+    clip = build_encoder(Arch(32, 1, 2, patch=8), method="clip", img_size=16)
+    with pytest.raises(ValueError, match="mask token"):
+        clip.prepare_tokens(torch.randn(1, 3, 16, 16), torch.ones(1, 4, dtype=torch.bool))
