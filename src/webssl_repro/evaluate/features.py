@@ -1,0 +1,162 @@
+"""Per-block tokens of a frozen encoder, and cached feature extraction for the probes.
+
+Every classic/alignment protocol reads intermediate blocks, but each reads them differently
+(DINOv2 linear: normed CLS of the last 4 blocks + avg-pooled last-block patches; depth: UN-normed
+CLS + patch maps; PRH alignment: un-normed CLS of every block). One accessor serves them all:
+``block_tokens`` works with any model exposing timm's ``forward_intermediates`` or with a plain
+callable that returns the token sequence after every block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Indices = Union[None, int, Sequence[int]]
+
+__all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
+           "pad_to_multiple", "feature_fn"]
+
+
+@dataclass
+class BlockTokens:
+    """Tokens of the selected blocks: ``cls`` (L, B, D), ``patches`` (L, B, P, D), grid (h, w)."""
+
+    cls: torch.Tensor
+    patches: torch.Tensor
+    grid: tuple[int, int]
+    indices: list[int]
+
+    def maps(self) -> torch.Tensor:
+        """Patch tokens as spatial maps (L, B, D, h, w), the layout dense heads consume."""
+        L, B, P, D = self.patches.shape
+        h, w = self.grid
+        return self.patches.permute(0, 1, 3, 2).reshape(L, B, D, h, w)
+
+
+def resolve_indices(indices: Indices, depth: int) -> list[int]:
+    """timm semantics: None = all blocks, int n = last n blocks, sequence = those (negatives ok)."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices={indices} but the encoder has {depth} blocks")
+        return list(range(depth - indices, depth))
+    out = [i + depth if i < 0 else i for i in indices]
+    if any(not 0 <= i < depth for i in out):
+        raise ValueError(f"indices {list(indices)} out of range for {depth} blocks")
+    return out
+
+
+def _grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
+    """Patch grid from the token count and image aspect (no patch size needed)."""
+    h = round(math.sqrt(num_patches * height / width))
+    w = num_patches // max(h, 1)
+    if h * w != num_patches:
+        raise ValueError(f"cannot lay {num_patches} patches on a {height}x{width} image")
+    return h, w
+
+
+def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indices: Indices = None,
+                 norm: bool = False, num_prefix_tokens: Optional[int] = None) -> BlockTokens:
+    """CLS and patch tokens after the selected blocks.
+
+    ``norm`` applies the encoder's final norm to each block (DINOv2 linear/segmentation use
+    ``norm=True``; depth and PRH alignment use the raw residual stream, ``norm=False``).
+    A model without ``forward_intermediates`` must return a list with the (B, T, D) tokens after
+    every block; its prefix (CLS + registers) length comes from ``num_prefix_tokens`` or the
+    model's attribute (default 1), and ``norm=True`` then uses ``model.norm``.
+    """
+    n_prefix = num_prefix_tokens if num_prefix_tokens is not None else \
+        int(getattr(model, "num_prefix_tokens", 1))
+    if hasattr(model, "forward_intermediates"):
+        depth = len(model.blocks) if hasattr(model, "blocks") else None
+        idx = resolve_indices(indices, depth) if depth is not None else indices
+        out = model.forward_intermediates(images, indices=idx, norm=norm, output_fmt="NLC",
+                                          return_prefix_tokens=True, intermediates_only=True)
+        patches = [o[0] for o in out]
+        cls = [o[1][:, 0] for o in out]
+        idx = list(idx) if idx is not None else list(range(len(out)))
+    else:
+        every = list(model(images))
+        idx = resolve_indices(indices, len(every))
+        chosen = [every[i] for i in idx]
+        if norm:
+            chosen = [model.norm(t) for t in chosen]
+        cls = [t[:, 0] for t in chosen]
+        patches = [t[:, n_prefix:] for t in chosen]
+    grid = _grid(patches[0].shape[1], images.shape[-2], images.shape[-1])
+    return BlockTokens(torch.stack(cls), torch.stack(patches), grid, idx)
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
+    """Centre-pad H and W up to a multiple of the patch size, as DINOv2's dense evals do."""
+    H, W = images.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    if ph == 0 and pw == 0:
+        return images
+    return F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+
+
+def feature_fn(model: nn.Module, indices: Indices, norm: bool, patch_size: int,
+               autocast_dtype: Optional[torch.dtype] = None
+               ) -> Callable[[torch.Tensor], BlockTokens]:
+    """Frozen, no-grad ``images -> BlockTokens`` closure for the online dense heads."""
+    model.eval().requires_grad_(False)
+
+    def fn(images: torch.Tensor) -> BlockTokens:
+        images = pad_to_multiple(images, patch_size)
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=autocast_dtype,
+                                             enabled=autocast_dtype is not None):
+            bt = block_tokens(model, images, indices=indices, norm=norm)
+        return BlockTokens(bt.cls.float(), bt.patches.float(), bt.grid, bt.indices)
+
+    return fn
+
+
+def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indices: Indices = None,
+                     norm: bool = False, cache: Optional[Union[str, Path]] = None,
+                     device: Union[str, torch.device] = "cpu",
+                     autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """Run a frozen encoder over ``batches`` (images or (images, labels)) and keep compact features.
+
+    Returns ``{"cls": (L, N, D), "avgpool": (L, N, D), "labels": (N,) or None, "indices": [...],
+    "norm": bool}`` in float32 on CPU; ``avgpool`` is the mean of each block's patch tokens. If
+    ``cache`` exists with the same ``indices``/``norm`` it is loaded instead (the probes train many
+    epochs on the same frozen features, so the encoder runs once); otherwise it is written there.
+    """
+    requested = indices if indices is None or isinstance(indices, int) else list(indices)
+    if cache is not None and Path(cache).exists():
+        data = torch.load(cache, map_location="cpu", weights_only=False)
+        if data.get("norm") == norm and data.get("requested") == requested:
+            return data
+    if isinstance(model, nn.Module):
+        model.eval()
+    cls, avg, labels, idx = [], [], [], None
+    with torch.no_grad():
+        for batch in batches:
+            images, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+            images = images.to(device)
+            with torch.autocast(images.device.type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                bt = block_tokens(model, images, indices=indices, norm=norm)
+            idx = bt.indices
+            cls.append(bt.cls.float().cpu())
+            avg.append(bt.patches.float().mean(dim=2).cpu())
+            if y is not None:
+                labels.append(torch.as_tensor(y).cpu())
+    if not cls:
+        raise ValueError("batches is empty")
+    data = {"cls": torch.cat(cls, dim=1), "avgpool": torch.cat(avg, dim=1),
+            "labels": torch.cat(labels) if labels else None, "indices": idx, "norm": norm,
+            "requested": requested}
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, cache)
+    return data

