@@ -1,0 +1,196 @@
+"""CLIP text tower and an offline caption tokenizer.
+
+The tower mirrors open_clip / MetaCLIP ``TextTransformer`` (token + learned positional embedding,
+pre-LN causal blocks, final LayerNorm, end-of-text pooling, projection, open_clip's init), so the
+CLIP baseline differs from Web-SSL's only in what the paper varies: the vision tower and data.
+
+Tokenizers are HuggingFace ``tokenizers`` JSON files: at mini scale one is trained here from the
+corpus captions (no download); at paper scale any ``tokenizer.json`` (e.g. the CLIP BPE) loads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TextTransformer", "CaptionTokenizer", "build_tokenizer", "load_tokenizer",
+           "SOT_TOKEN", "EOT_TOKEN", "PAD_TOKEN", "UNK_TOKEN"]
+
+# Same strings as the CLIP BPE so converted open_clip tokenizers load unchanged.
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+
+
+class QuickGELU(nn.Module):
+    """x·σ(1.702x): the activation of OpenAI CLIP and MetaCLIP's ``-quickgelu`` configs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CausalBlock(nn.Module):
+    """Pre-LN transformer block; SDPA with ``is_causal`` is the −inf-above-diagonal mask."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"text width {width} not divisible by {heads} heads")
+        self.heads = heads
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.c_fc = nn.Linear(width, hidden)
+        self.act = QuickGELU() if quick_gelu else nn.GELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out_proj(attn.transpose(1, 2).reshape(b, n, c))
+        return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
+
+
+class TextTransformer(nn.Module):
+    """Causal text encoder → (B, output_dim) un-normalised caption embedding.
+
+    Pooling takes the hidden state at the end-of-text token: the first position equal to
+    ``eot_token_id`` when given, else ``tokens.argmax(-1)`` (open_clip: EOT has the largest id).
+    Padding after EOT cannot influence it because attention is causal.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int = 77, width: int = 512,
+                 layers: int = 12, heads: int = 8, output_dim: int = 512, mlp_ratio: float = 4.0,
+                 eot_token_id: int | None = None, quick_gelu: bool = False) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.width = width
+        self.eot_token_id = eot_token_id
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.blocks = nn.ModuleList(CausalBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        self._init_weights(layers)
+
+    def _init_weights(self, layers: int) -> None:
+        """open_clip ``TextTransformer.init_parameters``; residual projections shrink with depth."""
+        w = self.width
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        attn_std = w ** -0.5
+        proj_std = w ** -0.5 * (2 * layers) ** -0.5
+        fc_std = (2 * w) ** -0.5
+        for blk in self.blocks:
+            nn.init.normal_(blk.qkv.weight, std=attn_std)
+            nn.init.normal_(blk.out_proj.weight, std=proj_std)
+            nn.init.normal_(blk.c_fc.weight, std=fc_std)
+            nn.init.normal_(blk.c_proj.weight, std=proj_std)
+            for lin in (blk.qkv, blk.out_proj, blk.c_fc, blk.c_proj):
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.text_projection, std=w ** -0.5)
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.eot_token_id is None:
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eot_token_id).int().argmax(dim=-1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        if n > self.context_length:
+            raise ValueError(f"{n} tokens exceed context length {self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(tokens)]
+        return pooled @ self.text_projection
+
+
+class CaptionTokenizer:
+    """Fixed-length CLIP-style encoding around a ``tokenizers.Tokenizer``.
+
+    ``[SOT] words… [EOT] pad…``; over-long captions are cut and the last slot is forced back
+    to EOT (open_clip ``tokenize``), so pooling always finds an end-of-text token.
+    """
+
+    def __init__(self, tokenizer, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,
+                 pad_token: str = PAD_TOKEN) -> None:
+        self.tokenizer = tokenizer
+        ids = {t: tokenizer.token_to_id(t) for t in (sot_token, eot_token)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens: {missing}")
+        self.sot_id = ids[sot_token]
+        self.eot_id = ids[eot_token]
+        pad = tokenizer.token_to_id(pad_token)
+        self.pad_id = 0 if pad is None else pad  # open_clip pads with id 0
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int = 77) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        for row, enc in enumerate(encodings):
+            ids = [self.sot_id, *enc.ids, self.eot_id]
+            if len(ids) > context_length:
+                ids = ids[:context_length]
+                ids[-1] = self.eot_id
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save(str(path))
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path,
+                    kind: str = "bpe") -> CaptionTokenizer:
+    """Train a lower-cased BPE (CLIP-like ``</w>`` word ends) or word-level tokenizer on captions.
+
+    Ids: ``<pad>``=0, ``<unk>``, SOT, the learned vocabulary, then EOT last, so EOT has the
+    largest id and open_clip's argmax pooling also holds. The JSON is written to ``path``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials = [PAD_TOKEN, UNK_TOKEN, SOT_TOKEN]
+    if vocab_size <= len(specials) + 1:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for words")
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN, end_of_word_suffix="</w>"))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=specials,
+                                      end_of_word_suffix="</w>", show_progress=False)
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    elif kind == "wordlevel":
+        tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size - 1, special_tokens=specials,
+                                            show_progress=False)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (bpe | wordlevel)")
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([EOT_TOKEN])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return CaptionTokenizer(tok)
+
+
+def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,
+                   pad_token: str = PAD_TOKEN) -> CaptionTokenizer:
+    """Load any ``tokenizer.json`` (one built here, or a converted CLIP BPE at paper scale)."""
+    from tokenizers import Tokenizer
+
+    return CaptionTokenizer(Tokenizer.from_file(str(path)), sot_token, eot_token, pad_token)

@@ -1,0 +1,240 @@
+"""CLIP baseline: InfoNCE on hand cases, distributed equivalence, temperature, text tower,
+tokenizer, and a tiny model that learns colour-word retrieval."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from webssl_repro.methods.base import PretrainMethod
+from webssl_repro.methods.clip import ClipConfig, ClipMethod, clip_loss
+from webssl_repro.models.text import TextTransformer, build_tokenizer, load_tokenizer
+
+COLOURS = {
+    "red": (1, 0, 0), "green": (0, 0.6, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
+    "cyan": (0, 1, 1), "magenta": (1, 0, 1), "white": (1, 1, 1), "black": (0, 0, 0),
+    "orange": (1, 0.5, 0), "purple": (0.5, 0, 0.5), "pink": (1, 0.7, 0.8), "brown": (0.5, 0.25, 0),
+    "gray": (0.5, 0.5, 0.5), "olive": (0.5, 0.5, 0), "navy": (0, 0, 0.4), "teal": (0, 0.5, 0.5),
+}
+CAPTIONS = [f"a photo of a {name} square" for name in COLOURS]
+
+# img = [[1,0],[0,1]], txt = [[1,0],[1,1]] -> unit txt [[1,0],[c,c]], c = 1/√2; sim = [[1,c],[0,c]]
+# rows (image→text):  log(1+e^{s(c-1)}), log(1+e^{-sc});  cols: log(1+e^{-s}), log 2
+# loss = ((row0+row1)/2 + (col0+col1)/2) / 2
+HAND_IMG = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+HAND_TXT = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+HAND_EXPECTED = {1.0: 0.49115703961126583, 10.0: 0.1865289790544986}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box the
+    OpenMP spin-wait of 2 threads makes these tests ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_clip_loss_hand_case(scale):
+    c = 1 / math.sqrt(2)
+    formula = ((math.log1p(math.exp(scale * (c - 1))) + math.log1p(math.exp(-scale * c))) / 2
+               + (math.log1p(math.exp(-scale)) + math.log(2)) / 2) / 2
+    assert formula == pytest.approx(HAND_EXPECTED[scale], rel=1e-12)
+    assert clip_loss(HAND_IMG, HAND_TXT, scale).item() == pytest.approx(HAND_EXPECTED[scale], rel=1e-6)
+    as_tensor = clip_loss(HAND_IMG, HAND_TXT, torch.tensor(scale)).item()
+    assert as_tensor == pytest.approx(HAND_EXPECTED[scale], rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss itself stays fp32
+        in_autocast = clip_loss(HAND_IMG, HAND_TXT, torch.tensor([scale], dtype=torch.bfloat16)).item()
+    assert in_autocast == pytest.approx(HAND_EXPECTED[scale], rel=1e-6)
+
+
+def test_clip_loss_symmetric_and_scale_invariant_inputs():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    assert clip_loss(img, txt, 5.0).item() == pytest.approx(clip_loss(txt, img, 5.0).item(), rel=1e-6)
+    # embeddings are normalised inside: rescaling rows leaves the loss unchanged
+    rescaled = clip_loss(3 * img, 0.1 * txt, 5.0).item()
+    assert rescaled == pytest.approx(clip_loss(img, txt, 5.0).item(), rel=1e-6)
+
+
+def test_perfect_alignment_large_scale_is_near_zero_and_chance_is_log_b():
+    eye = torch.eye(4)
+    assert clip_loss(eye, eye, 100.0).item() < 1e-6
+    same = torch.ones(4, 3)  # all pairs identical: uniform softmax -> log B
+    assert clip_loss(same, same, 100.0).item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Run as a fresh interpreter per rank (imports only torch + the loss: much faster than spawn).
+_RANK_SCRIPT = """
+import json, os, torch, torch.distributed as dist
+from webssl_repro.methods.clip import clip_loss
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", rank=rank, world_size=world)
+g = torch.Generator().manual_seed(0)
+img, txt = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+n = 8 // world
+li = img[rank * n:(rank + 1) * n].clone().requires_grad_()
+lt = txt[rank * n:(rank + 1) * n].clone().requires_grad_()
+loss = clip_loss(li, lt, 3.0)
+loss.backward()
+print(json.dumps([loss.item(), li.grad.tolist(), lt.grad.tolist()]))
+dist.destroy_process_group()
+"""
+
+
+def test_distributed_local_loss_matches_global_batch():
+    """2 gloo ranks × 4 rows: mean of rank losses and DDP-averaged grads equal the 8-row loss."""
+    port = _free_port()
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=src, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(8, 4, generator=g).requires_grad_()
+    txt = torch.randn(8, 4, generator=g).requires_grad_()
+    full = clip_loss(img, txt, 3.0)
+    full.backward()
+    assert results[0][0] != pytest.approx(results[1][0], rel=1e-6)  # ranks see different rows
+    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(full.item(), rel=1e-5)
+    grad_img = torch.tensor(results[0][1] + results[1][1]) / 2  # DDP averages over ranks
+    grad_txt = torch.tensor(results[0][2] + results[1][2]) / 2
+    assert torch.allclose(grad_img, img.grad, atol=1e-6)
+    assert torch.allclose(grad_txt, txt.grad, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- tokenizer / text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordlevel"])
+def test_tokenizer_build_save_load_roundtrip(tmp_path, kind):
+    path = tmp_path / "tok" / "tokenizer.json"
+    tok = build_tokenizer(CAPTIONS * 3, vocab_size=120, path=path, kind=kind)
+    loaded = load_tokenizer(path)
+    assert path.exists() and loaded.vocab_size == tok.vocab_size <= 120
+    assert (tok.pad_id, loaded.eot_id) == (0, loaded.vocab_size - 1)  # EOT is the largest id
+    ids = loaded(["A photo of a Red square", "teal"], context_length=10)
+    assert torch.equal(ids, tok(["A photo of a Red square", "teal"], context_length=10))
+    assert ids.shape == (2, 10) and ids[0, 0].item() == loaded.sot_id
+    teal = loaded.tokenizer.token_to_id("teal</w>" if kind == "bpe" else "teal")
+    assert ids[1].tolist() == [loaded.sot_id, teal, loaded.eot_id] + [0] * 7  # SOT word EOT pad…
+    assert loaded.decode(ids[0].tolist()) == "a photo of a red square"
+    # truncation keeps EOT in the last slot
+    short = loaded(["a photo of a red square"], context_length=4)
+    assert short[0].tolist()[-1] == loaded.eot_id and short[0, 0].item() == loaded.sot_id
+
+
+def test_text_tower_pools_eot_and_ignores_padding_after_it():
+    torch.manual_seed(0)
+    tower = TextTransformer(vocab_size=20, context_length=8, width=16, layers=2, heads=2,
+                            output_dim=6, eot_token_id=19)
+    a = torch.tensor([[1, 5, 7, 19, 0, 0, 0, 0]])
+    b = torch.tensor([[1, 5, 7, 19, 3, 4, 11, 2]])  # different tokens after EOT
+    c = torch.tensor([[1, 5, 8, 19, 0, 0, 0, 0]])  # different token before EOT
+    ya, yb, yc = tower(a), tower(b), tower(c)
+    assert ya.shape == (1, 6)
+    assert torch.allclose(ya, yb, atol=1e-6)
+    assert not torch.allclose(ya, yc, atol=1e-3)
+    argmax_tower = TextTransformer(20, 8, 16, 2, 2, 6)  # open_clip rule: EOT = largest id
+    argmax_tower.load_state_dict(tower.state_dict())
+    assert torch.allclose(argmax_tower(b), yb, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- method
+
+
+def tiny_method(tmp_path) -> ClipMethod:
+    tok = build_tokenizer(CAPTIONS, vocab_size=64, path=tmp_path / "tok.json", kind="wordlevel")
+    torch.manual_seed(0)
+    vision = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+    cfg = ClipConfig(embed_dim=32, context_length=10, text_width=32, text_layers=1, text_heads=4)
+    return ClipMethod(vision, tok, cfg)
+
+
+def test_temperature_init_and_clamp(tmp_path):
+    method = tiny_method(tmp_path)
+    scale = method.model.logit_scale
+    assert scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        scale.fill_(7.0)  # exp(7) ≈ 1097
+    method.after_optimizer_step(0)
+    assert scale.exp().item() == pytest.approx(100.0, rel=1e-5)
+    with torch.no_grad():
+        scale.fill_(-1.0)
+    method.after_optimizer_step(1)
+    assert scale.item() == 0.0
+
+
+def test_param_groups_exclude_gains_biases_temperature(tmp_path):
+    method = tiny_method(tmp_path)
+    assert isinstance(method, PretrainMethod)
+    decay, no_decay = method.param_groups(4e-4, 0.2)
+    names = {id(p): n for n, p in method.model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert {"logit_scale", "vision.cls_token", "vision.norm.weight", "text.ln_final.weight",
+            "text.blocks.0.qkv.bias"} <= nd
+    assert {"text.text_projection", "visual_projection.weight", "text.token_embedding.weight",
+            "vision.blocks.0.attn.qkv.weight", "vision.pos_embed"} <= d
+    assert (decay["weight_decay"], no_decay["weight_decay"], no_decay["wd_multiplier"]) == (0.2, 0.0, 0.0)
+    assert len(d) + len(nd) == len(names)
+
+
+def test_config_defaults_and_from_mapping():
+    c = ClipConfig()
+    assert (c.batch_size, c.lr, c.warmup_iters, c.context_length) == (32768, 4e-4, 2000, 77)
+    assert (c.betas, c.eps, c.weight_decay, c.max_logit_scale) == ((0.9, 0.98), 1e-6, 0.2, 100.0)
+    assert ClipConfig.from_mapping({"text_layers": 2}).text_layers == 2
+    with pytest.raises(ValueError, match="txt_width"):
+        ClipConfig.from_mapping({"txt_width": 8})
+
+
+def colour_batch():
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.tensor(list(COLOURS.values())).view(16, 3, 1, 1)
+    images = rgb.expand(16, 3, 32, 32) + 0.05 * torch.randn(16, 3, 32, 32, generator=g)
+    return {"images": (images - 0.5) / 0.25, "captions": CAPTIONS}
+
+
+def test_tiny_clip_learns_colour_word_retrieval(tmp_path):
+    method = tiny_method(tmp_path)
+    batch = colour_batch()
+    opt = torch.optim.AdamW(method.param_groups(2e-3, 0.2), betas=(0.9, 0.98), eps=1e-6)
+    first = None
+    for step in range(60):
+        out = method.training_step(batch, step)
+        first = out["loss"].item() if first is None else first
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.after_optimizer_step(step)
+    with torch.no_grad():
+        img = method.model.encode_image(batch["images"])
+        txt = method.model.encode_text(method.tokenize(CAPTIONS))
+    top1 = (img @ txt.T).argmax(dim=1).eq(torch.arange(16)).float().mean().item()
+    assert first > 0.9 * math.log(16)  # untrained: no better than chance (log B)
+    assert out["loss"].item() < 0.3 * first
+    assert top1 >= 0.75  # chance is 1/16
