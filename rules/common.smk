@@ -21,7 +21,7 @@ def _pretrain_inputs(wildcards):
     run = Run.parse(wildcards.run)
     inputs = {"data": PLAN.pretrain_data(run)}
     if run.parent is not None:  # hi-res fine-tune starts from the 224 px run (paper App. C)
-        inputs["parent"] = f"{PLAN.run_dir(str(run.parent))}/encoder.safetensors"
+        inputs["parent"] = f"{PLAN.run_dir(str(run.parent))}/state.pt"
     return inputs
 
 

@@ -7,10 +7,11 @@ _PRETRAIN_OUTPUT = {
     "encoder": f"{RESULTS}/runs/{{run}}/encoder.safetensors",
     "log": f"{RESULTS}/runs/{{run}}/train_log.jsonl",
     "provenance": f"{RESULTS}/runs/{{run}}/provenance.json",
+    "state": f"{RESULTS}/runs/{{run}}/state.pt",
 }
 _PRETRAIN_SHELL = (
     "{params.launcher} pretrain --run {wildcards.run} --config-json {params.config:q} "
-    "--out {params.out} --checkpoints {params.checkpoints} > {log} 2>&1"
+    "--out {params.out} --checkpoints {params.checkpoints} --data {input.data} {params.parent} > {log} 2>&1"
 )
 
 
@@ -26,12 +27,14 @@ rule pretrain_single:
         config=lambda w: PLAN.run_config_json(w.run),
         checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
         out=lambda w: PLAN.run_dir(w.run),
+        parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
+        cpus_per_task=_res("cpus_per_task"),
         gpu=_res("gpu", 0),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
     conda:
@@ -52,18 +55,20 @@ rule pretrain_multinode:
         config=lambda w: PLAN.run_config_json(w.run),
         checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
         out=lambda w: PLAN.run_dir(w.run),
+        parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
+        cpus_per_task=_res("cpus_per_task"),
         nodes=_res("nodes"),
         tasks=_res("tasks"),
         tasks_per_gpu=0,
         gres=_res("gres"),
         mpi="srun",
-        slurm_extra="--ntasks-per-node=1",
+        slurm_extra="--ntasks-per-node=1 --exclusive",
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
     conda:
         ENV

@@ -53,6 +53,29 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from webssl_repro.train import Preempted
+    from webssl_repro.train.distributed import shutdown
+    from webssl_repro.train.run import pretrain
+
+    cfg = json.loads(args.config_json)
+    if cfg.get("run") not in (None, args.run):
+        raise ValueError(f"--config-json is for run {cfg.get('run')!r}, not {args.run!r}")
+    try:
+        result = pretrain(args.run, cfg, args.out, args.checkpoints, args.data, parent=args.parent,
+                          max_steps=args.max_steps)
+    except Preempted as err:
+        print(f"pretrain {args.run}: preempted at step {err.step}; checkpoint written, exiting for a retry",
+              file=sys.stderr)
+        return err.exit_code
+    finally:
+        shutdown()
+    print(f"pretrain {args.run}: step {result.step}, {result.samples_seen} samples seen, complete={result.complete}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="webssl-repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -66,9 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--language-models", nargs="*", default=None)
     render.set_defaults(func=_render)
 
+    pre = sub.add_parser("pretrain", help="train one run (resumes from its checkpoint dir)")
+    pre.add_argument("--run", required=True)
+    pre.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config)")
+    pre.add_argument("--out", required=True, type=Path)
+    pre.add_argument("--checkpoints", required=True, type=Path)
+    pre.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
+    pre.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
+    pre.add_argument("--max-steps", type=int, default=None, help="stop early (checkpointed), e.g. for tests")
+    pre.set_defaults(func=_pretrain)
+
     plan = sub.add_parser("plan", help="print the run grid, cluster resources and GPU-hours of a config")
     plan.add_argument("--configfile", default="config/mini.yaml", type=Path)
     plan.set_defaults(func=_plan)
+
+    from webssl_repro.launch import add_launch_parser
+
+    add_launch_parser(sub)
     return parser
 
 

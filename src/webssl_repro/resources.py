@@ -95,7 +95,7 @@ class RunResources:
         if self.nodes == 1:
             return {**base, "gpu": self.gpus}
         return {**base, "nodes": self.nodes, "tasks": self.nodes, "tasks_per_gpu": 0, "mpi": "srun",
-                "gres": f"gpu:{self.gpus // self.nodes}", "slurm_extra": "--ntasks-per-node=1"}
+                "gres": f"gpu:{self.gpus // self.nodes}", "slurm_extra": "--ntasks-per-node=1 --exclusive"}
 
 
 def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from webssl_repro.paper import specs
+from webssl_repro.recipes import hires_recipe
 from webssl_repro.resources import RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs
 
@@ -114,13 +115,17 @@ class Plan:
         r = Run.parse(run)
         labels = self.config["labels"]
         pretrain = self.config.get("pretrain", {})
+        recipe = dict(pretrain.get(r.method, {}))
+        if r.parent is not None:
+            recipe = hires_recipe(recipe, pretrain.get("hires", {}), samples_of(r.parent, self.config))
         return {
             "run": run,
             "scale": self.scale,
             "arch": dict(labels["sizes"][r.size]),
             "img_size": int(labels["resolutions"][str(r.res)]),
             "samples_seen": samples_of(r, self.config),
-            "recipe": dict(pretrain.get("hires" if r.parent is not None else r.method, {})),
+            "recipe": recipe,
+            "train": dict(pretrain.get("train", {})),
             "seed": int(self.config["seeds"][0]),
         }
 

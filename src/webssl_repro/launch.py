@@ -1,0 +1,254 @@
+"""``webssl-repro launch``: submit ONE pretraining run with submitit, outside Snakemake.
+
+For users who want submitit's requeue-on-preemption (DINOv2's launcher style) for a
+long run, or to run a single run by hand. Resources come from the same
+``Plan.pretrain_resources`` as rules/pretrain.smk, and the job runs the same command
+as the rule: one task per node (submitit's ``srun``), each starting one ``torchrun``
+with G processes, which then runs ``webssl_repro.cli pretrain``. Preemption or timeout
+requeues the job with the same command, and training resumes from the run's
+checkpoint dir (``Plan.checkpoint_dir``), which Snakemake later treats like any other
+finished run once its outputs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from webssl_repro.workflow import Plan
+
+RDZV_PORT = 29500  # the rule's port (Plan.launcher); one rendezvous per job, on its first node
+EXECUTORS = ("slurm", "local", "debug")
+# Requeues allowed after a *timeout* (preemptions requeue without limit in submitit).
+MAX_TIMEOUT_REQUEUES = 30
+# USR2 this long before the kill: time for submitit to requeue while training writes
+# its periodic checkpoints.
+SIGNAL_DELAY_S = 120
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a pretraining job needs, fixed at submission time (pickled into the job)."""
+
+    run: str
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    mem_mb: int
+    timeout_min: int
+    config_json: str
+    out: str  # relative to workdir, exactly as the rule passes it
+    checkpoints: str
+    workdir: str  # absolute: where the job runs (the repo root, like Snakemake)
+    rdzv_port: int = RDZV_PORT
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_port: int = RDZV_PORT) -> LaunchSpec:
+    res = plan.pretrain_resources(run)
+    return LaunchSpec(
+        run=run,
+        nodes=res.nodes,
+        gpus_per_node=res.gpus // res.nodes,
+        cpus_per_task=res.cpus_per_task,
+        mem_mb=res.mem_mb,
+        timeout_min=res.runtime_min,
+        config_json=plan.run_config_json(run),
+        out=plan.run_dir(run),
+        checkpoints=plan.checkpoint_dir(run),
+        workdir=str(Path(workdir or Path.cwd()).resolve()),
+        rdzv_port=rdzv_port,
+    )
+
+
+def executor_parameters(spec: LaunchSpec, partition: str | None = None,
+                        account: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``AutoExecutor.update_parameters``: one task per node."""
+    params: dict[str, Any] = {
+        "name": spec.run,
+        "nodes": spec.nodes,
+        "tasks_per_node": 1,  # one torchrun per node; torchrun starts the per-GPU processes
+        "gpus_per_node": spec.gpus_per_node or None,  # None: not set (a CPU-only run)
+        "cpus_per_task": spec.cpus_per_task,
+        # Per node, as with Snakemake's mem_mb; submitit writes a non-integral GB as MB.
+        "mem_gb": spec.mem_mb / 1024,
+        "timeout_min": spec.timeout_min,
+        "slurm_signal_delay_s": SIGNAL_DELAY_S,
+    }
+    if partition:
+        params["slurm_partition"] = partition
+    if account:
+        params["slurm_account"] = account
+    return params
+
+
+def pretrain_args(spec: LaunchSpec) -> list[str]:
+    """The rule's arguments after the launcher (rules/pretrain.smk, _PRETRAIN_SHELL)."""
+    return ["pretrain", "--run", spec.run, "--config-json", spec.config_json,
+            "--out", spec.out, "--checkpoints", spec.checkpoints]
+
+
+def torchrun_command(spec: LaunchSpec, first_node: str | None = None, job_id: str | None = None,
+                     program: Sequence[str] | None = None) -> list[str]:
+    """The command each node runs; mirrors ``Plan.launcher`` with SLURM's values resolved.
+
+    ``program`` is what python/torchrun runs (default: ``-m webssl_repro.cli pretrain …``,
+    the rule's command). ``torchrun`` is invoked as ``python -m torch.distributed.run``
+    (the same program) so that the job's interpreter is used even off the venv's PATH.
+    """
+    program = list(program) if program is not None else ["-m", "webssl_repro.cli", *pretrain_args(spec)]
+    if spec.gpus == 0:
+        return [sys.executable, *program]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if spec.nodes == 1:
+        layout = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(spec.gpus_per_node)]
+    else:
+        if not first_node or not job_id:
+            raise ValueError(f"a {spec.nodes}-node run needs the job's first node and id for its rendezvous")
+        layout = ["--nnodes", str(spec.nodes), "--nproc-per-node", str(spec.gpus_per_node),
+                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{first_node}:{spec.rdzv_port}",
+                  "--rdzv-id", job_id]
+    return [*torchrun, *layout, *program]
+
+
+def first_node() -> str:
+    """The first host of this SLURM job: where every node's torchrun meets (c10d store)."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("not inside a SLURM job: SLURM_JOB_NODELIST is unset")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        import submitit
+
+        out = list(submitit.JobEnvironment().hostnames)  # its own parser of the node list
+    if not out:
+        raise RuntimeError(f"no hosts in SLURM node list {nodelist!r}")
+    return out[0]
+
+
+def _ignore_usr2() -> None:
+    # Slurm signals every process of the step. USR2 (preemption/timeout notice) is for
+    # submitit's handler in the parent, which requeues; torchrun and the trainers would
+    # otherwise die on it at once instead of training until the actual kill.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+class PretrainJob:
+    """The callable submitit runs on every node (one task per node)."""
+
+    def __init__(self, spec: LaunchSpec, program: Sequence[str] | None = None) -> None:
+        self.spec = spec
+        self.program = list(program) if program is not None else None  # tests: a stand-in trainer
+
+    def build_command(self) -> list[str]:
+        if self.spec.nodes == 1 or self.spec.gpus == 0:
+            return torchrun_command(self.spec, program=self.program)
+        return torchrun_command(self.spec, first_node(), os.environ.get("SLURM_JOB_ID"), self.program)
+
+    def __call__(self) -> int:
+        workdir = Path(self.spec.workdir)
+        for path in (self.spec.out, self.spec.checkpoints):
+            (workdir / path).mkdir(parents=True, exist_ok=True)
+        cmd = self.build_command()
+        print("launch:", subprocess.list2cmdline(cmd), flush=True)
+        proc = subprocess.Popen(cmd, cwd=workdir, preexec_fn=_ignore_usr2)
+        try:
+            code = proc.wait()
+        finally:
+            # submitit's requeue handler exits via SystemExit during wait(): stop torchrun
+            # gracefully (it forwards SIGTERM to its workers) rather than orphaning it.
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if code != 0:
+            raise subprocess.CalledProcessError(code, cmd)
+        return code
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Requeue with the same command: the trainer resumes from ``spec.checkpoints``."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(type(self)(self.spec, self.program))
+
+
+def make_executor(kind: str, folder: str | Path):
+    import submitit
+
+    if kind not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {kind!r}")
+    return submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
+
+
+def missing_inputs(plan: Plan, spec: LaunchSpec) -> list[str]:
+    """Inputs rules/pretrain.smk would require before this run (data, hi-res parent)."""
+    from webssl_repro.runs import Run
+
+    run = Run.parse(spec.run)
+    needed = list(plan.pretrain_data(run))
+    if run.parent is not None:
+        needed.append(f"{plan.run_dir(str(run.parent))}/encoder.safetensors")
+    return [p for p in needed if not (Path(spec.workdir) / p).exists()]
+
+
+def submit(plan: Plan, run: str, executor: str = "slurm", folder: str | Path = "logs/submitit",
+           partition: str | None = None, account: str | None = None, workdir: str | Path | None = None,
+           program: Sequence[str] | None = None, check_inputs: bool = True, rdzv_port: int = RDZV_PORT):
+    """Submit one run; returns the submitit Job. ``program`` replaces ``-m webssl_repro.cli
+    pretrain …`` after the launcher (tests); the launcher itself is unchanged."""
+    spec = launch_spec(plan, run, workdir, rdzv_port)
+    if spec.nodes > 1 and executor != "slurm":
+        raise ValueError(f"{run} needs {spec.nodes} nodes: only --executor slurm can run it")
+    if check_inputs:
+        missing = missing_inputs(plan, spec)
+        if missing:
+            raise FileNotFoundError(f"{run} needs inputs that do not exist yet (build them with "
+                                    f"snakemake first): {', '.join(missing)}")
+    ex = make_executor(executor, folder)
+    ex.update_parameters(**executor_parameters(spec, partition, account))
+    return ex.submit(PretrainJob(spec, program))
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from webssl_repro.config import load_config
+
+    plan = Plan(load_config(args.configfile))
+    job = submit(plan, args.run, args.executor, args.folder, args.partition, args.account,
+                 check_inputs=not args.no_input_check)
+    print(f"{args.run}: submitted job {job.job_id} ({args.executor}); logs in {args.folder}")
+    if args.wait or args.executor == "debug":  # a debug job only runs when its result is asked for
+        job.results()  # one per node; raises with the failing task's traceback
+        print(f"{args.run}: finished")
+    return 0
+
+
+def add_launch_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``launch`` on the CLI's subparsers (webssl_repro.cli.build_parser)."""
+    p = subparsers.add_parser("launch", help="submit one pretraining run with submitit (outside Snakemake), "
+                                             "requeued on preemption")
+    p.add_argument("--run", required=True, help="a run name, e.g. dino7b-full8b-224")
+    p.add_argument("--configfile", default="config/paper.yaml", type=Path)
+    p.add_argument("--executor", choices=EXECUTORS, default="slurm",
+                   help="slurm: sbatch; local: a subprocess here; debug: in this process")
+    p.add_argument("--folder", default="logs/submitit", help="submitit's job files and per-task logs")
+    p.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"),
+                   help="default: $SLURM_PARTITION, as in slurm/profile.yaml")
+    p.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"),
+                   help="default: $SLURM_ACCOUNT, as in slurm/profile.yaml")
+    p.add_argument("--wait", action="store_true", help="block until the job ends")
+    p.add_argument("--no-input-check", action="store_true",
+                   help="submit even if the run's data/parent inputs are not built yet")
+    p.set_defaults(func=_launch)
+    return p

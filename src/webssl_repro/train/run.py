@@ -1,0 +1,197 @@
+"""One pretraining run from its config slice: method + data + loop + exported encoder.
+
+``Plan.run_config(run)`` gives the slice (arch, image size, samples seen, the method's
+recipe, the loop's settings, seed); this module turns it into a method object, an
+index-addressed data stream and a ``TrainConfig``, trains (resuming if a checkpoint
+exists), then writes the run directory: ``encoder.safetensors`` (the evaluation encoder:
+the EMA teacher's backbone for Web-DINO), ``state.pt`` (every module of the method, to
+start a high-resolution fine-tune from), ``train_log.jsonl`` and ``provenance.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from webssl_repro.runs import Run
+
+DINO_LOCAL_RATIO = 98 / 224  # DINOv2 ViT-g: 98 px local crops for 224 px global crops
+
+
+def _local_crop(img_size: int, patch: int) -> int:
+    return max(patch, int(round(img_size * DINO_LOCAL_RATIO / patch)) * patch)
+
+
+def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """(method, sample_fn, collate_fn, train_config mapping, encoder metadata)."""
+    from webssl_repro.models.vit import Arch, build_encoder
+
+    arch = Arch.from_config({**cfg["arch"], "ffn": "gelu" if run.method == "mae" else "swiglu"})
+    img = int(cfg["img_size"])
+    recipe = dict(cfg.get("recipe", {}))
+    samples = int(cfg["samples_seen"])
+    loop = dict(cfg.get("train", {}))
+    meta = {"method": run.method, "arch": cfg["arch"], "img_size": img}
+
+    if run.method == "dino":
+        from webssl_repro.data.augmentations import MultiCropAugmentation, collate_multicrop
+        from webssl_repro.methods.dino import DinoConfig, DinoMethod
+
+        recipe.setdefault("global_crop_size", img)
+        recipe.setdefault("local_crop_size", _local_crop(img, arch.patch))
+        probe = DinoConfig.from_mapping(recipe)
+        steps = math.ceil(samples / probe.batch_size)
+        config = DinoConfig.from_mapping({**recipe, "total_steps": steps})
+        method = DinoMethod(arch, config)
+        aug = MultiCropAugmentation(config.global_crop_size, config.local_crop_size, config.n_local_crops,
+                                    config.global_crops_scale, config.local_crops_scale)
+
+        def sample_fn(image, _meta, gen):
+            return aug(image, generator=gen)
+
+        def collate_fn(samples_, gen):
+            return collate_multicrop(samples_, arch.patch, config.mask_ratio_min_max,
+                                     config.mask_sample_probability, generator=gen)
+
+        train_cfg = dict(global_batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr,
+                         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                         weight_decay_end=config.weight_decay_end, betas=tuple(config.betas),
+                         grad_clip=config.clip_grad)
+    elif run.method == "mae":
+        from webssl_repro.methods.mae import MaeConfig, MaeMethod, mae_transform
+
+        config = MaeConfig.from_mapping(recipe)
+        method = MaeMethod(build_encoder(arch, "mae", img_size=img), config)
+        transform = mae_transform(img, scale=tuple(config.crop_scale))
+        sample_fn = _seeded(transform)
+        collate_fn = _stack_images
+        train_cfg = dict(global_batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr,
+                         warmup_steps=config.warmup_iters, weight_decay=config.weight_decay,
+                         weight_decay_end=config.weight_decay, betas=tuple(config.betas))
+    elif run.method == "clip":
+        from webssl_repro.methods.clip import ClipConfig, ClipMethod, clip_transform
+        from webssl_repro.models.text import build_tokenizer, load_tokenizer
+
+        tokenizer_path = recipe.pop("tokenizer", None)
+        vocab = int(recipe.pop("vocab_size", 2048))
+        config = ClipConfig.from_mapping(recipe)
+        if tokenizer_path:
+            tokenizer = load_tokenizer(tokenizer_path)
+        else:  # mini: a tokenizer learned offline from this corpus' captions
+            tokenizer = build_tokenizer((it.caption for it in corpus.items), vocab, cfg["_workdir"] + "/tokenizer.json")
+        method = ClipMethod(build_encoder(arch, "clip", img_size=img), tokenizer, config)
+        transform = clip_transform(img, scale=tuple(config.crop_scale))
+        sample_fn = _seeded(transform, with_caption=True)
+        collate_fn = _stack_images
+        train_cfg = dict(global_batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_iters,
+                         weight_decay=config.weight_decay, weight_decay_end=config.weight_decay,
+                         betas=tuple(config.betas), eps=config.eps)
+    else:
+        raise ValueError(f"unknown method {run.method!r}")
+    train_cfg.update(samples_seen=samples, seed=int(cfg.get("seed", 0)), **loop)
+    return method, sample_fn, collate_fn, train_cfg, meta
+
+
+def _seeded(transform, with_caption: bool = False):
+    """A torchvision transform made a function of the sample's own generator (not global RNG)."""
+
+    def sample_fn(image, meta, gen):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = transform(image)
+        return (x, meta["caption"]) if with_caption else (x, None)
+
+    return sample_fn
+
+
+def _stack_images(samples, _gen):
+    batch = {"images": torch.stack([s[0] for s in samples])}
+    if samples[0][1] is not None:
+        batch["captions"] = [s[1] for s in samples]
+    return batch
+
+
+def _load_parent(method, parent_state: Path) -> None:
+    """Start a hi-res fine-tune from the 224 px run: every module, pos-embed resampled."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = torch.load(parent_state, map_location="cpu", weights_only=True)
+    own = method.state_dict()
+    for key, value in state.items():
+        if key.endswith("pos_embed") and key in own and own[key].shape != value.shape:
+            n_prefix = 1
+            grid = int(math.isqrt(own[key].shape[1] - n_prefix))
+            state[key] = resample_abs_pos_embed(value, (grid, grid), num_prefix_tokens=n_prefix)
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"parent checkpoint {parent_state} has unexpected keys {unexpected[:5]}")
+
+
+def _method_state(method) -> dict[str, torch.Tensor]:
+    if isinstance(method, torch.nn.Module):
+        return method.state_dict()
+    return method.model.state_dict()
+
+
+def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> Optional[str]:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "git_commit": commit or None,
+            "python": platform.python_version(),
+            "packages": {p: version(p) for p in ("torch", "torchvision", "timm", "webdataset", "transformers",
+                                                 "webssl-repro")}}
+
+
+def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpoints: str | Path,
+             data: list[str], parent: Optional[str] = None, max_steps: Optional[int] = None):
+    """Train (or resume) ``run_name`` and write its run directory; returns the loop's result."""
+    from safetensors.torch import save_file
+
+    from webssl_repro.data.corpus import IndexedCorpus, read_kept_ids, read_manifest
+    from webssl_repro.train import TrainConfig, train
+    from webssl_repro.train.distributed import is_main
+
+    run = Run.parse(run_name)
+    out_dir, checkpoints = Path(out_dir), Path(checkpoints)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(data[0])
+    keep = read_kept_ids(data[1]) if len(data) > 1 else None
+    corpus = IndexedCorpus(manifest["shards"], keep_ids=keep, seed=int(cfg.get("seed", 0)))
+    cfg = {**cfg, "_workdir": str(checkpoints)}
+    method, sample_fn, collate_fn, train_map, meta = build(run, cfg, corpus)
+    if parent is not None and not (checkpoints / "checkpoints" / "latest.pt").exists():
+        _load_parent(method, Path(parent))
+    train_cfg = TrainConfig.from_mapping(train_map)
+
+    def data_factory(start_sample: int, rank: int, world_size: int):
+        return corpus.batches(start_sample, rank, world_size, train_cfg.global_batch_size, sample_fn, collate_fn)
+
+    result = train(method, data_factory, train_cfg, checkpoints, max_steps=max_steps)
+    if result.complete and is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        encoder = method.encoder()
+        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+                  str(out_dir / "encoder.safetensors"), metadata={"encoder": json.dumps(meta)})
+        torch.save({k: v.detach().cpu() for k, v in _method_state(method).items()}, out_dir / "state.pt")
+        shutil.copy(checkpoints / "train_log.jsonl", out_dir / "train_log.jsonl")
+        prov = provenance(cfg)
+        prov.update(encoder=meta, corpus_size=len(corpus), steps=result.step, samples_seen=result.samples_seen)
+        (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
+    return result

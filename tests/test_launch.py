@@ -1,0 +1,154 @@
+"""webssl_repro.launch: the submitit job for one run matches the Snakemake rule's job."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from webssl_repro import launch
+from webssl_repro.config import load_config
+from webssl_repro.workflow import Plan
+
+BIG_RUN = "dino7b-full8b-224"  # 32 nodes × 8 GPUs in config/paper.yaml
+SMALL_RUN = "dino1b-full2b-224"
+
+
+@pytest.fixture(scope="module")
+def paper() -> dict:
+    return load_config(REPO / "config" / "paper.yaml")
+
+
+@pytest.fixture
+def one_node_plan(paper) -> Plan:
+    """paper.yaml with ViT-1B on one node of 8 GPUs (the paper grid has no 1-node run)."""
+    config = copy.deepcopy(paper)
+    config["resources"]["nodes"] = {**config["resources"]["nodes"], "1b": 1}
+    return Plan(config)
+
+
+def _rule_torchrun(plan: Plan, run: str, node: str, job_id: str) -> list[str]:
+    """The torchrun part of the rule's launcher with the shell's $(hostname)/$SLURM_JOB_ID filled in."""
+    launcher = plan.launcher(run).replace("$(hostname)", node).replace("$SLURM_JOB_ID", job_id)
+    return shlex.split(launcher[launcher.index("torchrun") + len("torchrun"):])
+
+
+def test_32_node_parameters_and_command(paper):
+    plan = Plan(paper)
+    res = plan.pretrain_resources(BIG_RUN)
+    assert res.nodes == 32 and res.gpus == 256
+    spec = launch.launch_spec(plan, BIG_RUN, workdir="/repo")
+    params = launch.executor_parameters(spec, partition="gpu", account="proj")
+    assert params == {
+        "name": BIG_RUN, "nodes": 32, "tasks_per_node": 1, "gpus_per_node": 8,
+        "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_mb / 1024, "timeout_min": res.runtime_min,
+        "slurm_signal_delay_s": launch.SIGNAL_DELAY_S, "slurm_partition": "gpu", "slurm_account": "proj",
+    }
+    cmd = launch.torchrun_command(spec, first_node="gpu-017", job_id="4242")
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[3:] == [*_rule_torchrun(plan, BIG_RUN, "gpu-017", "4242"), *launch.pretrain_args(spec)]
+    assert cmd[3:13] == ["--nnodes", "32", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", "gpu-017:29500", "--rdzv-id", "4242"]
+    # The rule's arguments, relative to the repo root where the job runs.
+    assert launch.pretrain_args(spec) == [
+        "pretrain", "--run", BIG_RUN, "--config-json", plan.run_config_json(BIG_RUN),
+        "--out", "results/paper/runs/" + BIG_RUN, "--checkpoints", "results/paper/checkpoints/" + BIG_RUN]
+    assert json.loads(spec.config_json)["run"] == BIG_RUN
+    with pytest.raises(ValueError, match="first node"):
+        launch.torchrun_command(spec)  # a multi-node rendezvous needs the job's nodes
+
+
+def test_1_node_parameters_and_command(one_node_plan):
+    spec = launch.launch_spec(one_node_plan, SMALL_RUN, workdir="/repo")
+    params = launch.executor_parameters(spec)
+    assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (1, 1, 8)
+    assert "slurm_partition" not in params and "slurm_account" not in params
+    cmd = launch.torchrun_command(spec)
+    assert cmd[3:] == [*_rule_torchrun(one_node_plan, SMALL_RUN, "-", "-"), *launch.pretrain_args(spec)]
+    assert cmd[3:8] == ["--standalone", "--nnodes", "1", "--nproc-per-node", "8"]
+
+
+def test_sbatch_script(paper, tmp_path, monkeypatch):
+    """What submitit would sbatch for the 32-node run (no Slurm needed: srun detection is faked)."""
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    spec = launch.launch_spec(Plan(paper), BIG_RUN, workdir="/repo")
+    ex = launch.make_executor("slurm", tmp_path)
+    ex.update_parameters(**launch.executor_parameters(spec, partition="gpu"))
+    text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for line in ("--nodes=32", "--ntasks-per-node=1", "--gpus-per-node=8", f"--cpus-per-task={spec.cpus_per_task}",
+                 f"--mem={spec.mem_mb}MB", f"--time={spec.timeout_min}", "--signal=USR2@120",
+                 "--partition=gpu", f"--job-name={BIG_RUN}"):
+        assert f"#SBATCH {line}\n" in text, (line, text)
+    assert ex._executor.max_num_timeout == launch.MAX_TIMEOUT_REQUEUES
+
+
+def test_checkpoint_requeues_the_same_job(one_node_plan):
+    job = launch.PretrainJob(launch.launch_spec(one_node_plan, SMALL_RUN, workdir="/repo"), ["x.py"])
+    delayed = job.checkpoint()
+    assert isinstance(delayed.function, launch.PretrainJob)
+    assert (delayed.function.spec, delayed.function.program) == (job.spec, job.program)
+    assert delayed.args == () and delayed.kwargs == {}
+
+
+PROGRAM = """
+import json, os, signal, sys
+json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(),
+           "usr2_ignored": signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("executor", ["debug", "local"])
+def test_runs_the_command_through_submitit(executor, tmp_path):
+    """A CPU-only mini run through submitit, with a stand-in program for the trainer."""
+    plan = Plan(load_config(REPO / "config" / "mini.yaml"))
+    run = "dino1b-full1b-224"
+    (tmp_path / "fake_train.py").write_text(PROGRAM)
+    job = launch.submit(plan, run, executor=executor, folder=tmp_path / "submitit", workdir=tmp_path,
+                        program=["fake_train.py", "out.json"], check_inputs=False)
+    deadline = time.monotonic() + 120
+    while executor == "local" and not job.done() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job.result() == 0
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["cwd"] == str(tmp_path) and got["argv"] == ["out.json"] and got["usr2_ignored"]
+    assert (tmp_path / plan.run_dir(run)).is_dir() and (tmp_path / plan.checkpoint_dir(run)).is_dir()
+
+
+def test_failing_command_fails_the_job(tmp_path):
+    plan = Plan(load_config(REPO / "config" / "mini.yaml"))
+    (tmp_path / "boom.py").write_text("raise SystemExit(3)\n")
+    # local, not debug: the debug executor opens pdb on a failure.
+    job = launch.submit(plan, "dino1b-full1b-224", executor="local", folder=tmp_path / "s", workdir=tmp_path,
+                        program=["boom.py"], check_inputs=False)
+    with pytest.raises(Exception, match="exit status 3"):
+        job.result()
+
+
+def test_refusals(paper, tmp_path):
+    plan = Plan(paper)
+    with pytest.raises(ValueError, match="32 nodes"):
+        launch.submit(plan, BIG_RUN, executor="local", folder=tmp_path)
+    mini = Plan(load_config(REPO / "config" / "mini.yaml"))
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        launch.submit(mini, "dino1b-full1b-224", executor="debug", folder=tmp_path, workdir=tmp_path)
+
+
+def test_cli_parser(monkeypatch):
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    parser = argparse.ArgumentParser()
+    launch.add_launch_parser(parser.add_subparsers(dest="stage"))
+    args = parser.parse_args(["launch", "--run", BIG_RUN, "--configfile", "config/paper.yaml"])
+    assert (args.run, args.executor, args.folder, args.partition, args.account) == (
+        BIG_RUN, "slurm", "logs/submitit", "gpu", None)
+    assert args.func is launch._launch
+    with pytest.raises(SystemExit):
+        parser.parse_args(["launch", "--run", BIG_RUN, "--executor", "chronos"])
