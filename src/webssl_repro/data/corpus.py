@@ -60,7 +60,7 @@ class IndexedCorpus:
 
         self.seed = seed
         items: list[_Item] = []
-        stream = make_loader(list(shards), shuffle_shards=False)
+        stream = make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1)  # every rank indexes it all
         for sample in stream:
             meta = sample.get("meta") or {}
             key = str(meta.get("id", sample["__key__"]))

@@ -1,0 +1,86 @@
+"""The paper's own filter: ask a small MLLM (SmolVLM2) the light/heavy prompt, keep on "yes".
+
+The paper gives neither checkpoint size nor decoding nor parsing (paper_facts §6); we use
+greedy decoding of ``max_new_tokens`` (3) tokens and keep an image iff the answer, after
+stripping leading whitespace and punctuation, starts with the word "yes" (case-insensitive). Anything
+else - "no", an empty or off-topic answer - drops the image, which is the conservative
+reading of "Answer only yes or no". Batches are left-padded so every row's generation
+starts right after its own prompt.
+"""
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+
+from webssl_repro.data.filters import PROMPTS, TextFilter, _check_variants
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+GenerateFn = Callable[[Sequence[Image.Image], str], list[str]]
+
+
+def parse_yes(answer: str) -> bool:
+    """True iff the answer's first word is "yes" ("Yes.", "**yes**, it does"; not "yesterday")."""
+    return re.match(r"yes\b", str(answer).lstrip(string.whitespace + string.punctuation).lower()) is not None
+
+
+class MLLMFilter(TextFilter):
+    """``model`` is a hub id or a local directory; ``generate_fn`` replaces the model entirely."""
+
+    name = "mllm"
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
+                 max_new_tokens: int = 3, batch_size: int = 8, generate_fn: GenerateFn | None = None,
+                 image_size: int | None = None) -> None:
+        self.model_name, self.device, self.dtype = model, device, dtype
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.generate_fn = generate_fn
+        self.image_size = image_size
+        self._processor: Any = None
+        self._model: Any = None
+
+    def _load(self) -> None:
+        import torch
+        import transformers
+
+        self._processor = transformers.AutoProcessor.from_pretrained(self.model_name)
+        self._processor.tokenizer.padding_side = "left"
+        auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
+        self._model = auto.from_pretrained(self.model_name, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+
+    def prepare(self, sample: Any) -> Image.Image:
+        img = sample["image"]
+        if self.image_size and img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        return img
+
+    def _hf_generate(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
+        import torch
+
+        if self._model is None:
+            self._load()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self._processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self._processor(text=[text] * len(images), images=[[im.convert("RGB")] for im in images],
+                                 return_tensors="pt", padding=True).to(self.device)
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return [s.strip() for s in self._processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def answers(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
+        gen = self.generate_fn or self._hf_generate
+        out: list[str] = []
+        for k in range(0, len(images), self.batch_size):
+            chunk = list(images[k:k + self.batch_size])
+            got = gen(chunk, prompt)
+            if len(got) != len(chunk):
+                raise RuntimeError(f"MLLMFilter: {len(got)} answers for {len(chunk)} images")
+            out.extend(got)
+        return out
+
+    def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
+        _check_variants(variants)
+        return {v: [parse_yes(a) for a in self.answers(images, PROMPTS[v])] for v in variants}

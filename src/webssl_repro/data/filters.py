@@ -1,0 +1,231 @@
+"""Light / heavy text filters (paper §4, App. A, Fig. 8) behind one ``TextFilter`` interface.
+
+The paper asks SmolVLM2 one of two prompts per image and keeps it on "yes"; ``LIGHT_PROMPT``
+and ``HEAVY_PROMPT`` are verbatim. Backends:
+
+- ``ocr`` (mini default, offline): RapidOCR (ONNX, weights ship with the wheel) reads the
+  image; a *text line* is a detected box whose recognised string has confidence >=
+  ``min_score`` (0.8) and at least one letter or digit; its *words* are its
+  whitespace-separated tokens.
+  light = at least one text line with >= ``min_chars`` (2) letters/digits ("contains
+  readable text"; single glyphs are what OCR hallucinates on shapes and textures).
+  heavy = >= ``heavy_min_words`` (5) words or >= ``heavy_min_lines`` (4) lines: charts (title,
+  axis labels, values), tables and documents are text-dense, while a photo with signs has a
+  word or three. Measured on the mini-web at 256 px: text scenes read 1-3 words, charts and
+  documents 6 or more, so both thresholds sit in the gap; the rule's precision/recall is
+  reported per run by ``filter_report``, not assumed.
+  Reading a 64-px image is unreliable for any OCR, so mini-web samples are re-rendered
+  from their metadata at ``ocr_size`` (256 px) - the same image, drawn larger - and other
+  images are upscaled (bicubic) to that size.
+- ``mllm`` (paper scale): see ``webssl_repro.data.filter_mllm``.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
+HEAVY_PROMPT = ("Please think carefully before answering. Does this image contain charts, tables, or documents "
+                "with readable text? Answer only yes or no.")
+PROMPTS: dict[str, str] = {"light": LIGHT_PROMPT, "heavy": HEAVY_PROMPT}
+# Ground truth of the world each variant aims at.
+TRUTH_KEYS: dict[str, str] = {"light": "has_text", "heavy": "is_chart_table_doc"}
+
+
+class TextFilter(abc.ABC):
+    """Decides keep/drop per image for the ``light`` and ``heavy`` variants."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
+        """One keep flag per image and variant."""
+
+    def prepare(self, sample: Mapping[str, Any]) -> Image.Image:
+        """The image this backend should look at for a loaded sample (default: as stored)."""
+        return sample["image"]
+
+
+def _check_variants(variants: Sequence[str]) -> None:
+    unknown = [v for v in variants if v not in PROMPTS]
+    if unknown:
+        raise KeyError(f"unknown filter variant(s) {unknown}; known {list(PROMPTS)}")
+
+
+class OCRFilter(TextFilter):
+    """RapidOCR rule-based filter; one OCR pass serves both variants."""
+
+    name = "ocr"
+
+    def __init__(self, min_score: float = 0.8, min_chars: int = 2, heavy_min_words: int = 5, heavy_min_lines: int = 4,
+                 ocr_size: int = 256, rerender: bool = True, threads: int | None = None,
+                 cache_path: str | None = None) -> None:
+        from rapidocr_onnxruntime import RapidOCR
+
+        kw: dict[str, Any] = {"det_limit_side_len": ocr_size, "det_limit_type": "min", "use_cls": False}
+        if threads:
+            kw["intra_op_num_threads"] = int(threads)
+        self.engine = RapidOCR(**kw)
+        self.min_score, self.min_chars = min_score, min_chars
+        self.heavy_min_words, self.heavy_min_lines = heavy_min_words, heavy_min_lines
+        self.ocr_size, self.rerender = ocr_size, rerender
+        # OCR reads keyed by a hash of the pixels read: the light and heavy rules (separate
+        # workflow jobs) share one OCR pass, the slow part, through this file.
+        self.cache_path = cache_path
+        self.cache: dict[str, list[tuple[str, float]]] = {}
+        if cache_path and os.path.exists(cache_path):
+            with open(cache_path) as fh:
+                self.cache = {k: [tuple(x) for x in v] for k, v in json.load(fh).items()}
+
+    def save_cache(self) -> None:
+        if self.cache_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+            tmp = f"{self.cache_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self.cache, fh)
+            os.replace(tmp, self.cache_path)
+
+    def prepare(self, sample: Mapping[str, Any]) -> Image.Image:
+        meta = sample.get("meta") or {}
+        if self.rerender and "background" in meta and "seed" in meta:
+            from webssl_repro.data.miniweb import MiniWebConfig, render
+
+            return render(meta, self.ocr_size, float(meta.get("noise", MiniWebConfig().noise)))[0]
+        img = sample["image"]
+        if min(img.size) < self.ocr_size:
+            scale = self.ocr_size / min(img.size)
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        return img
+
+    def read(self, image: Image.Image) -> list[tuple[str, float]]:
+        """The text lines this filter believes: (string, confidence)."""
+        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        key = hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+        if key not in self.cache:
+            self.cache[key] = self._ocr(pixels)
+        return list(self.cache[key])
+
+    def _ocr(self, pixels: np.ndarray) -> list[tuple[str, float]]:
+        result, _ = self.engine(pixels, use_cls=False)
+        lines = []
+        for _box, text, conf in result or []:
+            if float(conf) >= self.min_score and re.search(r"[A-Za-z0-9]", text):
+                lines.append((str(text), float(conf)))
+        return lines
+
+    def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
+        _check_variants(variants)
+        out: dict[str, list[bool]] = {v: [] for v in variants}
+        for im in images:
+            lines = [t for t, _ in self.read(im)]
+            words = [w for t in lines for w in t.split() if re.search(r"[A-Za-z0-9]", w)]
+            keep = {"light": any(len(re.findall(r"[A-Za-z0-9]", t)) >= self.min_chars for t in lines),
+                    "heavy": len(words) >= self.heavy_min_words or len(lines) >= self.heavy_min_lines}
+            for v in variants:
+                out[v].append(keep[v])
+        return out
+
+
+def make_filter(backend: str, **kw: Any) -> TextFilter:
+    if backend == "ocr":
+        return OCRFilter(**kw)
+    if backend == "mllm":
+        from webssl_repro.data.filter_mllm import MLLMFilter
+
+        return MLLMFilter(**kw)
+    raise KeyError(f"make_filter: unknown backend {backend!r} (ocr | mllm)")
+
+
+def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: Sequence[str] = ("light", "heavy"),
+               batch_size: int = 16) -> dict[str, Any]:
+    """Decisions for a stream of loaded samples; ``truth`` is None unless every sample's metadata has it."""
+    _check_variants(variants)
+    ids: list[str] = []
+    truth: dict[str, list[bool]] = {v: [] for v in variants}
+    decisions: dict[str, list[bool]] = {v: [] for v in variants}
+    batch: list[Image.Image] = []
+    seconds = 0.0
+    cpu0 = time.process_time()
+    truth_known = True
+
+    def flush() -> None:
+        nonlocal seconds
+        t = time.perf_counter()
+        out = flt.decide(batch, variants)
+        seconds += time.perf_counter() - t
+        for v in variants:
+            decisions[v].extend(out[v])
+        batch.clear()
+
+    for s in samples:
+        meta = s.get("meta") or {}
+        ids.append(str(meta.get("id", s.get("__key__"))))
+        for v in variants:
+            truth_known &= TRUTH_KEYS[v] in meta
+            truth[v].append(bool(meta.get(TRUTH_KEYS[v], False)))
+        t = time.perf_counter()
+        batch.append(flt.prepare(s))
+        seconds += time.perf_counter() - t
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    return {"ids": ids, "decisions": decisions, "truth": truth if truth_known else None, "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu0,
+            "images_per_second": len(ids) / seconds if seconds > 0 else float("inf"), "backend": flt.name}
+
+
+def filter_report(ids: Sequence[str], decisions: Mapping[str, Sequence[bool]],
+                  truth: Mapping[str, Sequence[bool]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per variant: kept ids, kept fraction and, given ground truth, precision / recall / F1."""
+    out: dict[str, dict[str, Any]] = {}
+    for v, keep in decisions.items():
+        keep_a = np.asarray(keep, bool)
+        rep: dict[str, Any] = {"prompt": PROMPTS[v], "n": len(ids), "kept_ids": [i for i, k in zip(ids, keep_a) if k],
+                               "kept_fraction": float(keep_a.mean()) if len(keep_a) else 0.0}
+        if truth is not None and v in truth:
+            t = np.asarray(truth[v], bool)
+            tp, fp, fn = int((keep_a & t).sum()), int((keep_a & ~t).sum()), int((~keep_a & t).sum())
+            precision = tp / (tp + fp) if tp + fp else float("nan")
+            recall = tp / (tp + fn) if tp + fn else float("nan")
+            rep.update(true_fraction=float(t.mean()), tp=tp, fp=fp, fn=fn, precision=precision, recall=recall,
+                       f1=2 * precision * recall / (precision + recall) if tp else 0.0)
+        out[v] = rep
+    return out
+
+
+def sample_grid(raw: Sequence[Image.Image], light: Sequence[Image.Image], heavy: Sequence[Image.Image],
+                out_prefix: str, per_row: int = 8) -> list[str]:
+    """Fig. 8 analogue: rows of random raw images, light-kept and heavy-kept images; PDF + PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("Raw", raw), ("Light filter", light), ("Heavy filter", heavy)]
+    fig, axes = plt.subplots(3, per_row, figsize=(per_row * 1.2, 3 * 1.35), squeeze=False)
+    for r, (title, imgs) in enumerate(rows):
+        for c in range(per_row):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            if c < len(imgs):
+                ax.imshow(imgs[c])
+        axes[r][0].set_ylabel(title, fontsize=9)
+    fig.tight_layout()
+    paths = [f"{out_prefix}.pdf", f"{out_prefix}.png"]
+    for p in paths:
+        fig.savefig(p, dpi=150)
+    plt.close(fig)
+    return paths
+

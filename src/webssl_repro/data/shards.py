@@ -1,0 +1,318 @@
+"""webdataset shards of the mini-web, and one fault-tolerant loader for mini and real data.
+
+Writing is one function per shard (``write_shard``) so a workflow can build shards in
+parallel and rebuild exactly one; bytes depend only on (seed, start, count, cfg), because
+tar headers get a fixed mtime and images are encoded deterministically.
+
+Reading (``make_loader``) splits the shard list across ranks and dataloader workers
+(disjoint and covering within an epoch; when there are fewer shards than readers it splits
+samples instead), repeats reshuffled epochs until a samples-seen budget is met, decodes to
+PIL, and skips - counting and warning - unreadable samples and truncated or missing shards:
+at web scale a corrupt shard is expected, not fatal. Counts live in ``loader.stats`` of the
+process that read them; worker processes report theirs through warnings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from webssl_repro.data.miniweb import MiniWebConfig, generate
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
+    """(start, count) of each shard covering indices [0, n_images)."""
+    return [(s, min(shard_size, n_images - s)) for s in range(0, n_images, shard_size)]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(out_path: str, seed: int, start: int, count: int, cfg: MiniWebConfig | dict | None = None, *,
+                image_format: str = "jpg", with_arrays: bool = False, quality: int = 90,
+                kind: str | None = None) -> dict[str, Any]:
+    """Write images ``start .. start+count-1`` of world ``seed`` as one tar; returns a summary.
+
+    Entries per sample: ``<key>.jpg|png``, ``<key>.json`` (the metadata) and, with
+    ``with_arrays``, ``<key>.seg.npy`` (uint8 class ids) and ``<key>.depth.npy`` (float32 m).
+    The file appears atomically so an interrupted job never leaves a valid-looking shard.
+    """
+    import webdataset as wds
+
+    from webssl_repro.data.evalsets import check_train_seed
+
+    check_train_seed(seed)
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"write_shard: image_format must be 'jpg' or 'png', got {image_format!r}")
+    cfg = cfg if isinstance(cfg, MiniWebConfig) else MiniWebConfig.from_dict(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    kinds: dict[str, int] = {}
+    n_text = n_ctd = 0
+    with open(tmp, "wb") as fh:
+        writer = wds.TarWriter(fh, encoder=False, mtime=0.0)
+        for index in range(start, start + count):
+            s = generate(seed, index, cfg, kind=kind)
+            entry = {"__key__": s.meta["id"], image_format: s.encode_image(image_format, quality),
+                     "json": json.dumps(s.meta, sort_keys=True).encode()}
+            if with_arrays:
+                entry["seg.npy"] = _npy(s.seg)
+                entry["depth.npy"] = _npy(s.depth.astype(np.float32))
+            writer.write(entry)
+            kinds[s.meta["kind"]] = kinds.get(s.meta["kind"], 0) + 1
+            n_text += s.meta["has_text"]
+            n_ctd += s.meta["is_chart_table_doc"]
+        writer.close()
+    os.replace(tmp, out_path)
+    return {"path": out_path, "seed": seed, "start": start, "count": count, "kinds": kinds,
+            "has_text": n_text, "is_chart_table_doc": n_ctd}
+
+
+def write_corpus(out_dir: str, seed: int, n_images: int, shard_size: int, cfg: MiniWebConfig | dict | None = None,
+                 **kw: Any) -> list[str]:
+    """All shards of a corpus, serially (a workflow calls ``write_shard`` per shard instead)."""
+    paths = []
+    for k, (start, count) in enumerate(shard_ranges(n_images, shard_size)):
+        paths.append(write_shard(os.path.join(out_dir, f"shard-{k:05d}.tar"), seed, start, count, cfg, **kw)["path"])
+    return paths
+
+
+def write_selected_shard(src: str | Sequence[str], keep_ids: Iterable[str], out_path: str) -> dict[str, Any]:
+    """Copy the entries of kept sample keys, byte for byte, into one tar (the light/heavy corpora).
+
+    Unreadable or truncated source tars contribute what can be read and are counted.
+    """
+    import tarfile
+
+    keep = set(keep_ids)
+    tmp = out_path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    kept_keys: set[str] = set()
+    broken = 0
+    with tarfile.open(tmp, "w") as out:
+        for url in expand_sources(src):
+            try:
+                with tarfile.open(url, "r|*") as tf:
+                    for ti in tf:
+                        key = ti.name.split("/")[-1].split(".", 1)[0]
+                        if ti.isreg() and key in keep:
+                            data = tf.extractfile(ti).read()
+                            new = tarfile.TarInfo(ti.name)
+                            new.size, new.mtime, new.mode = len(data), 0, 0o444
+                            out.addfile(new, io.BytesIO(data))
+                            kept_keys.add(key)
+            except (tarfile.TarError, OSError, EOFError) as exn:
+                broken += 1
+                warnings.warn(f"write_selected_shard: {url}: {exn}", RuntimeWarning)
+    os.replace(tmp, out_path)
+    return {"path": out_path, "count": len(kept_keys), "broken_shards": broken}
+
+
+@dataclasses.dataclass
+class LoaderStats:
+    """What the reader had to skip; ``errors`` keeps the first messages for the log."""
+
+    samples: int = 0
+    skipped_samples: int = 0
+    broken_shards: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def note(self, what: str, exn: BaseException) -> None:
+        msg = f"{what}: {type(exn).__name__}: {str(exn)[:200]}"
+        if len(self.errors) < 50:
+            self.errors.append(msg)
+        warnings.warn(f"webssl_repro.data.shards: skipping {msg}", RuntimeWarning, stacklevel=3)
+
+
+def expand_sources(source: str | Sequence[str]) -> list[str]:
+    """Brace notation (``shard-{00000..00009}.tar``), '::'-separated lists, a directory of tars, or a list."""
+    from webdataset.shardlists import expand_urls
+
+    items = [source] if isinstance(source, str) else list(source)
+    out: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            out.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+        else:
+            out.extend(expand_urls(item))
+    return out
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _SplitStream(IterableDataset):
+    """Common rank/worker split, epoch repetition and budget for a list of items (shards or files)."""
+
+    def __init__(self, items: list[str], *, rank: int | None, world_size: int | None, samples: int | None,
+                 shuffle_items: bool, shuffle_buffer: int, seed: int, transform: Callable | None) -> None:
+        super().__init__()
+        if not items:
+            raise ValueError("make_loader: no shards or images found")
+        self.items = items
+        self.rank, self.world_size = (rank, world_size) if rank is not None and world_size is not None else _dist()
+        self.samples, self.shuffle_items, self.shuffle_buffer = samples, shuffle_items, shuffle_buffer
+        self.seed, self.transform = seed, transform
+        self.stats = LoaderStats()
+
+    def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError  # subclasses read shards or files
+
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * nw + wid, self.world_size * nw
+
+    def _epoch(self, epoch: int, gw: int, total: int) -> Iterator[dict[str, Any]]:
+        order = list(self.items)
+        if self.shuffle_items:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+        if len(order) >= total:
+            yield from self._read(order[gw::total])
+        else:  # fewer items than readers: everyone reads all, keeps every total-th sample
+            for k, sample in enumerate(self._read(order)):
+                if k % total == gw:
+                    yield sample
+
+    def _shuffled(self, it: Iterator[dict[str, Any]], gw: int) -> Iterator[dict[str, Any]]:
+        if self.shuffle_buffer <= 1:
+            yield from it
+            return
+        rng = np.random.default_rng([self.seed, gw, 7])
+        buf: list[dict[str, Any]] = []
+        for s in it:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(int(rng.integers(len(buf))))
+        rng.shuffle(buf)
+        yield from buf
+
+    def _stream(self, gw: int, total: int) -> Iterator[dict[str, Any]]:
+        quota = None if self.samples is None else self.samples // total + (gw < self.samples % total)
+        n, epoch = 0, 0
+        while quota is None or n < quota:
+            got = 0
+            for sample in self._epoch(epoch, gw, total):
+                yield sample
+                got += 1
+                n += 1
+                if quota is not None and n >= quota:
+                    return
+            if quota is None:
+                return
+            if got == 0:
+                warnings.warn(f"webssl_repro.data.shards: reader {gw}/{total} got no samples in an epoch; "
+                              f"stopping at {n} of {quota}", RuntimeWarning)
+                return
+            epoch += 1
+
+    def __iter__(self) -> Iterator[Any]:
+        gw, total = self._reader()
+        for sample in self._shuffled(self._stream(gw, total), gw):
+            self.stats.samples += 1
+            yield self.transform(sample) if self.transform else sample
+
+
+def _decode(raw: dict[str, Any], arrays: bool) -> dict[str, Any]:
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise ValueError(f"sample {raw.get('__key__')} has no image (keys {sorted(k for k in raw if k[0] != '_')})")
+    img = Image.open(io.BytesIO(raw[ext]))
+    img.load()
+    out = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"), "image": img.convert("RGB"),
+           "meta": json.loads(raw["json"]) if "json" in raw else {"id": raw.get("__key__")}}
+    if arrays:
+        for name in ("seg", "depth"):
+            if f"{name}.npy" in raw:
+                out[name] = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
+    return out
+
+
+class ShardStream(_SplitStream):
+    """Samples of webdataset tars as dicts: ``image`` (PIL RGB), ``meta``, optional ``seg``/``depth``."""
+
+    def __init__(self, urls: list[str], *, arrays: bool = False, **kw: Any) -> None:
+        super().__init__(urls, **kw)
+        self.arrays = arrays
+
+    def _shard_error(self, exn: Exception) -> bool:
+        self.stats.broken_shards += 1
+        self.stats.note("broken shard", exn)
+        return True
+
+    def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import tarfile_samples
+
+        for raw in tarfile_samples(({"url": u} for u in items), handler=self._shard_error):
+            try:
+                yield _decode(raw, self.arrays)
+            except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
+                self.stats.skipped_samples += 1
+                self.stats.note(f"sample {raw.get('__key__')} of {raw.get('__url__')}", exn)
+
+
+class ImageFolderStream(_SplitStream):
+    """Real images under ``root`` (recursively); the parent folder name is the class label."""
+
+    def __init__(self, root: str, **kw: Any) -> None:
+        files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                       if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+        super().__init__(files, **kw)
+        self.root = root
+        self.classes = sorted({os.path.basename(os.path.dirname(p)) for p in files})
+
+    def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
+        for path in items:
+            rel = os.path.relpath(path, self.root)
+            cls = os.path.basename(os.path.dirname(path))
+            try:
+                with Image.open(path) as img:
+                    image = img.convert("RGB")
+            except Exception as exn:  # noqa: BLE001
+                self.stats.skipped_samples += 1
+                self.stats.note(f"image {path}", exn)
+                continue
+            yield {"__key__": rel, "__url__": path, "image": image,
+                   "meta": {"id": rel, "class": cls, "label": self.classes.index(cls)}}
+
+
+def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, num_workers: int = 0,
+                rank: int | None = None, world_size: int | None = None, samples: int | None = None,
+                shuffle_shards: bool = True, shuffle_buffer: int = 0, seed: int = 0,
+                transform: Callable[[dict[str, Any]], Any] | None = None, collate_fn: Callable | None = None,
+                arrays: bool = False) -> Iterable[Any]:
+    """Iterate samples of shards (paths, URLs, brace patterns, a folder of tars) or an image folder.
+
+    ``samples`` is the total budget over all ranks and workers (None: one pass); ranks
+    default to torch.distributed, else RANK/WORLD_SIZE. Without workers and batching the
+    stream itself is returned; otherwise a DataLoader (``.stats`` counts this process only).
+    """
+    kw = dict(rank=rank, world_size=world_size, samples=samples, shuffle_items=shuffle_shards,
+              shuffle_buffer=shuffle_buffer, seed=seed, transform=transform)
+    is_folder = isinstance(source, str) and os.path.isdir(source) and not glob.glob(os.path.join(source, "*.tar"))
+    stream: _SplitStream = ImageFolderStream(source, **kw) if is_folder else ShardStream(
+        expand_sources(source), arrays=arrays, **kw)
+    if num_workers == 0 and batch_size is None:
+        return stream
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_fn if collate_fn is not None else (None if batch_size else lambda x: x))
+    loader.stats = stream.stats  # type: ignore[attr-defined]
+    return loader
+

@@ -1,0 +1,194 @@
+"""The data stage as the workflow calls it: ``webssl-repro data {shards,in1k,filter,evalset,fig8}``.
+
+Each command reads the config's ``data`` section (``--data-json``) and writes one declared
+output: a shard manifest, a filter result with kept ids, or an eval-set manifest. Config
+keys (all optional at mini scale; defaults below):
+
+    data:
+      corpus:   {seed: 0, n_images: 4096, shard_size: 512, size: 64, image_format: jpg, kinds: {...}}
+      in1k:     {seed: 1, n_images: 1600, shard_size: 400, size: 64}
+      shards:   "/datasets/mc2b/{000000..199999}.tar"   # paper scale: use these, generate nothing
+      filter:   {backend: ocr, ocr_size: 256}            # or {backend: mllm, model: ..., device: cuda}
+      evalsets: {size: 64, base: 0, classification: {train: 1600, val: 320, test: 320}, ...,
+                 vqa: {train: 300, val: 50, test: 100}}  # vqa counts are per benchmark
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from multiprocessing import get_context
+from typing import Any, Mapping, Sequence
+
+from webssl_repro.data.shards import expand_sources, shard_ranges, write_shard
+
+CORPUS_DEFAULTS = {"seed": 0, "n_images": 4096, "shard_size": 512, "size": 64, "image_format": "jpg"}
+IN1K_DEFAULTS = {"seed": 1, "n_images": 1600, "shard_size": 400, "size": 64, "image_format": "jpg"}
+EVAL_DEFAULTS: dict[str, dict[str, int]] = {
+    "classification": {"train": 1600, "val": 320, "test": 320},
+    "segmentation": {"train": 800, "val": 200, "test": 200},
+    "depth": {"train": 800, "val": 200, "test": 200},
+    "captions": {"test": 1024},
+    "vqa": {"train": 300, "val": 50, "test": 100},
+}
+
+
+def _write_one(job: tuple[str, int, int, int, dict[str, Any], str]) -> dict[str, Any]:
+    path, seed, start, count, cfg, fmt = job
+    return write_shard(path, seed, start, count, cfg, image_format=fmt)
+
+
+def build_corpus(section: Mapping[str, Any], out_manifest: str, threads: int = 1, source: str = "web") -> dict[str, Any]:
+    """Write the shards of one generated corpus (in parallel) and a manifest listing them."""
+    if "shards" in section:  # real data: the manifest just points at the user's shards
+        manifest: dict[str, Any] = {"shards": expand_sources(section["shards"]), "generated": False}
+    else:
+        c = {**(IN1K_DEFAULTS if source == "in1k" else CORPUS_DEFAULTS), **section}
+        cfg = {"size": int(c["size"]), "source": source, **({"kinds": dict(c["kinds"])} if "kinds" in c else {})}
+        out_dir = os.path.dirname(os.path.abspath(out_manifest))
+        names = [f"shard-{k:05d}.tar" for k, _ in enumerate(shard_ranges(int(c["n_images"]), int(c["shard_size"])))]
+        jobs = [(os.path.join(out_dir, n), int(c["seed"]), start, count, cfg, str(c["image_format"]))
+                for n, (start, count) in zip(names, shard_ranges(int(c["n_images"]), int(c["shard_size"])))]
+        if threads > 1:
+            with get_context("spawn").Pool(min(threads, len(jobs))) as pool:
+                summaries = pool.map(_write_one, jobs)
+        else:
+            summaries = [_write_one(j) for j in jobs]
+        manifest = {"shards": names, "generated": True, "seed": int(c["seed"]), "n_images": int(c["n_images"]),
+                    "config": cfg,
+                    "has_text": sum(s["has_text"] for s in summaries) / max(1, int(c["n_images"])),
+                    "is_chart_table_doc": sum(s["is_chart_table_doc"] for s in summaries) / max(1, int(c["n_images"]))}
+    _dump(manifest, out_manifest)
+    return manifest
+
+
+def _dump(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def manifest_shards(path: str) -> list[str]:
+    with open(path) as fh:
+        shards = json.load(fh)["shards"]
+    base = os.path.dirname(os.path.abspath(path))
+    return [s if "://" in s or os.path.isabs(s) else os.path.join(base, s) for s in shards]
+
+
+def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str], out_json: str) -> dict[str, Any]:
+    """Run one filter variant over a corpus; the result holds kept ids, kept fraction, P/R and speed."""
+    from webssl_repro.data.filters import filter_report, make_filter, run_filter
+    from webssl_repro.data.shards import make_loader
+
+    opts = dict(section)
+    backend = str(opts.pop("backend", "ocr"))
+    if backend == "ocr":
+        opts.setdefault("cache_path", os.path.join(os.path.dirname(os.path.abspath(out_json)),
+                                                   f"ocr_reads_{opts.get('ocr_size', 256)}.json"))
+    flt = make_filter(backend, **opts)
+    loader = make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1)
+    res = run_filter(flt, loader, [variant])
+    if hasattr(flt, "save_cache"):
+        flt.save_cache()
+    rep = filter_report(res["ids"], res["decisions"], res["truth"])[variant]
+    out = {"variant": variant, "backend": flt.name, **rep, "images_per_second": res["images_per_second"],
+           "cpu_seconds": res["cpu_seconds"],
+           "skipped_samples": loader.stats.skipped_samples, "broken_shards": loader.stats.broken_shards}
+    _dump(out, out_json)
+    return out
+
+
+def fig8_grid(shards: Sequence[str], light_json: str, heavy_json: str, out_prefix: str, per_row: int = 8) -> list[str]:
+    """Fig. 8 analogue from the two filter results: raw, light-kept and heavy-kept samples."""
+    from webssl_repro.data.filters import sample_grid
+    from webssl_repro.data.shards import make_loader
+
+    kept = {}
+    for v, p in (("light", light_json), ("heavy", heavy_json)):
+        with open(p) as fh:
+            kept[v] = set(json.load(fh)["kept_ids"])
+    rows: dict[str, list[Any]] = {"raw": [], "light": [], "heavy": []}
+    for s in make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1):
+        key = str((s.get("meta") or {}).get("id", s["__key__"]))
+        for v in rows:
+            if len(rows[v]) < per_row and (v == "raw" or key in kept[v]):
+                rows[v].append(s["image"])
+        if all(len(r) >= per_row for r in rows.values()):
+            break
+    return sample_grid(rows["raw"], rows["light"], rows["heavy"], out_prefix, per_row)
+
+
+def build_evalset(task: str, section: Mapping[str, Any], out_json: str) -> dict[str, Any]:
+    """Eval tars of one task (``vqa``: all 16 benchmarks) beside ``out_json``, which lists them."""
+    from webssl_repro.data.evalsets import write_evalset
+    from webssl_repro.metrics import VQA_BENCHMARKS
+
+    if task not in EVAL_DEFAULTS:
+        raise KeyError(f"build_evalset: unknown task {task!r}; known {list(EVAL_DEFAULTS)}")
+    size, base = int(section.get("size", 64)), int(section.get("base", 0))
+    counts = dict(section.get(task) or EVAL_DEFAULTS[task])  # a configured task lists all its splits
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(out_json)), task)
+    subtasks = list(VQA_BENCHMARKS) if task == "vqa" else ["alignment" if task == "captions" else task]
+    splits: dict[str, dict[str, str]] = {}
+    for split, n in counts.items():
+        for sub in subtasks:
+            name = f"{sub}-{split}.tar"
+            write_evalset(os.path.join(out_dir, name), sub, split, int(n), size, base)
+            splits.setdefault(split, {})[sub] = os.path.join(task, name)
+    manifest = {"task": task, "size": size, "base": base, "counts": counts, "splits": splits}
+    _dump(manifest, out_json)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="webssl-repro data", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("shards", "in1k"):
+        p = sub.add_parser(name)
+        p.add_argument("--data-json", default="{}")
+        p.add_argument("--out", required=True)
+        p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("filter")
+    p.add_argument("variant", choices=("light", "heavy"))
+    p.add_argument("--data-json", default="{}")
+    p.add_argument("--shards", required=True, help="a shard manifest (.json) or shard paths/patterns")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("evalset")
+    p.add_argument("task", choices=tuple(EVAL_DEFAULTS))
+    p.add_argument("--data-json", default="{}")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("fig8")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--light", required=True)
+    p.add_argument("--heavy", required=True)
+    p.add_argument("--out", required=True, help="output prefix (.pdf and .png are written)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data = json.loads(getattr(args, "data_json", "{}") or "{}")
+    shards = getattr(args, "shards", None)
+    if shards is not None:
+        shards = manifest_shards(shards) if shards.endswith(".json") else expand_sources(shards)
+    if args.cmd == "shards":
+        res: Any = build_corpus({k: v for k, v in data.items() if k == "shards"} or data.get("corpus", {}),
+                                args.out, args.threads)
+        res = {k: v for k, v in res.items() if k != "shards"}
+    elif args.cmd == "in1k":
+        res = build_corpus(data.get("in1k", {}), args.out, args.threads, source="in1k")
+        res = {k: v for k, v in res.items() if k != "shards"}
+    elif args.cmd == "filter":
+        res = filter_corpus(args.variant, data.get("filter", {}), shards, args.out)
+        res = {k: v for k, v in res.items() if k != "kept_ids"}
+    elif args.cmd == "evalset":
+        res = build_evalset(args.task, data.get("evalsets", {}), args.out)
+    else:
+        res = fig8_grid(shards, args.light, args.heavy, args.out)
+    print(json.dumps(res, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

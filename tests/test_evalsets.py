@@ -1,0 +1,149 @@
+"""Eval sets from held-out seeds and the 16 benchmark scorers."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from webssl_repro.data.evalsets import (
+    ALIGNMENT_PAIRS, EVAL_SEED_BASE, SPLITS, TASKS, check_train_seed, classic_items, eval_seed, load_evalset,
+    vqa_items, write_evalset,
+)
+from webssl_repro.data.miniweb import OBJECT_CLASSES, sample_spec
+from webssl_repro.evaluate.vqa.categories import category_scores
+from webssl_repro.evaluate.vqa.scorers import anls, extract_choice, normalize_answer, score
+from webssl_repro.metrics import VQA_BENCHMARKS
+
+
+def test_eval_seeds_are_held_out_and_distinct():
+    seeds = [eval_seed(t, s) for t in TASKS for s in SPLITS]
+    assert len(set(seeds)) == len(seeds) and min(seeds) >= EVAL_SEED_BASE
+    assert eval_seed("mme", "test", base=1) not in seeds
+    assert check_train_seed(0) == 0
+    with pytest.raises(ValueError):
+        check_train_seed(EVAL_SEED_BASE)
+
+
+def test_classic_sets():
+    labels = [it["label"] for it in classic_items("classification", "val", 32)]
+    assert np.bincount(labels, minlength=16).tolist() == [2] * len(OBJECT_CLASSES)
+    seg = next(classic_items("segmentation", "test", 1))
+    assert seg["seg"].shape == (64, 64) and seg["seg"].max() > 0
+    depth = next(classic_items("depth", "test", 1, size=32))
+    assert depth["depth"].shape == (32, 32) and depth["depth"].min() >= 1.0
+    # 1024 alignment captions (from specs: captions are metadata, no pixels needed)
+    seed = eval_seed("alignment", "test")
+    caps = [sample_spec(seed, i)["caption"] for i in range(ALIGNMENT_PAIRS)]
+    assert len(set(caps)) > 0.9 * ALIGNMENT_PAIRS
+
+
+@pytest.mark.parametrize("benchmark", VQA_BENCHMARKS)
+def test_vqa_items_are_well_formed_and_deterministic(benchmark):
+    items = vqa_items(benchmark, "test", 12)
+    again = vqa_items(benchmark, "test", 12)
+    assert [i["question"] for i in items] == [i["question"] for i in again]
+    assert np.array_equal(np.asarray(items[0]["image"]), np.asarray(again[0]["image"]))
+    train = vqa_items(benchmark, "train", 12)
+    assert {i["image_id"] for i in train}.isdisjoint({i["image_id"] for i in items})
+    for it in items:
+        assert it["question"] and str(it["answer"]) and it["benchmark"] == benchmark
+        if it["answer_type"] == "mc":
+            assert it["answer"] in "ABCD"[: len(it["choices"])]
+    refs = [{k: v for k, v in it.items() if k != "image"} for it in items]
+    assert score(benchmark, [r["answer"] for r in refs], refs) == (2000.0 if benchmark == "mme" else 100.0)
+
+
+@pytest.mark.parametrize("benchmark", ["mmbench", "seed", "mmmu", "ai2d", "mmvp", "cvbench3d", "realworldqa"])
+def test_answers_are_not_positionally_biased(benchmark):
+    letters = Counter(it["answer"] for it in vqa_items(benchmark, "val", 60))
+    assert max(letters.values()) / 60 < 0.7, letters
+
+
+def test_vqa_and_classic_tars_round_trip(tmp_path):
+    p = write_evalset(str(tmp_path / "chartqa-test.tar"), "chartqa", "test", 6)
+    recs = load_evalset(p["path"])
+    assert len(recs) == 6 and recs[0]["benchmark"] == "chartqa" and recs[0]["image"].size == (64, 64)
+    assert recs[0]["answer"] == vqa_items("chartqa", "test", 1)[0]["answer"]
+    s = write_evalset(str(tmp_path / "seg.tar"), "segmentation", "val", 3)
+    recs = load_evalset(s["path"])
+    assert recs[2]["seg"].shape == (64, 64) and recs[2]["seg"].dtype == np.uint8
+
+
+# --- scorers: one hand-computed case per benchmark -----------------------------------------
+def _mc(answer, choices=("red", "blue", "green", "yellow"), **kw):
+    return dict(answer=answer, choices=list(choices), **kw)
+
+
+def test_normalisation_and_parsing():
+    assert normalize_answer("The Two Apples.") == "2 apples"
+    assert extract_choice("(B) blue", ["red", "blue"]) == "B"
+    assert extract_choice("The answer is C.", ["a", "b", "c"]) == "C"
+    assert extract_choice("blue", ["red", "blue"]) == "B"
+    assert extract_choice("I am not sure", ["red", "blue"]) is None
+    assert anls("ALICE", ["alice"]) == 1.0 and anls("alise", ["alice"]) == pytest.approx(0.8)
+    assert anls("bob", ["alice"]) == 0.0
+
+
+def test_mme_pairs_acc_plus():
+    refs = [dict(answer="yes", pair_id="1", subtask="existence"), dict(answer="no", pair_id="1", subtask="existence"),
+            dict(answer="yes", pair_id="2", subtask="existence"), dict(answer="no", pair_id="2", subtask="existence")]
+    # 3/4 right (acc 75), 1/2 images both right (acc+ 50) -> 125 per subtask -> x10 = 1250
+    assert score("mme", ["Yes.", "no", "yes", "yes"], refs) == pytest.approx(1250.0)
+    per = {b: 50.0 for b in VQA_BENCHMARKS}
+    per["mme"] = 1250.0
+    assert category_scores(per)["General"] == pytest.approx((62.5 + 150) / 4)
+
+
+@pytest.mark.parametrize("benchmark", ["mmbench", "seed", "sqa", "mmmu", "ai2d", "realworldqa"])
+def test_multiple_choice_scorers(benchmark):
+    refs = [_mc("B"), _mc("A"), _mc("D"), _mc("C")]
+    assert score(benchmark, ["B", "(A) red", "yellow", "A"], refs) == pytest.approx(75.0)
+
+
+def test_gqa_and_textvqa_exact_match():
+    assert score("gqa", ["Left", "the red", "blue"], ["left", "red", "green"]) == pytest.approx(200 / 3)
+    assert score("textvqa", ["Bakery.", "cafe"], [{"answer": "bakery"}, {"answer": "taxi", "answers": ["taxi"]}]) == 50.0
+
+
+def test_mathvista_numeric_and_chartqa_relaxed():
+    assert score("mathvista", ["7", "There are 5", "6"], ["7", "5", "5"]) == pytest.approx(200 / 3)
+    # ChartQA: within 5 % counts (19 vs 20), 17 vs 20 does not; labels by exact match
+    assert score("chartqa", ["19", "17", "Mar"], ["20", "20", "Mar"]) == pytest.approx(200 / 3)
+
+
+def test_ocrbench_contains_and_docvqa_anls():
+    assert score("ocrbench", ["the word is OPEN", "STOP"], ["OPEN", "EXIT"]) == 50.0
+    assert score("docvqa", ["ALICE", "alise", "12"], ["ALICE", "ALICE", "45"]) == pytest.approx((100 + 80 + 0) / 3)
+
+
+def test_mmvp_counts_pairs():
+    refs = [_mc("A", ("left", "right"), pair_id="p"), _mc("B", ("left", "right"), pair_id="p"),
+            _mc("A", ("left", "right"), pair_id="q"), _mc("B", ("left", "right"), pair_id="q")]
+    assert score("mmvp", ["A", "B", "A", "A"], refs) == 50.0
+
+
+def test_cvbench_averages_subtasks():
+    refs = [_mc("A", subtask="count"), _mc("B", subtask="count"), _mc("A", subtask="relation"),
+            _mc("A", subtask="relation"), _mc("A", subtask="relation"), _mc("A", subtask="relation")]
+    # count 1/2 = 50, relation 4/4 = 100 -> 75 (plain accuracy would be 83.3)
+    assert score("cvbench2d", ["A", "A", "A", "A", "A", "A"], refs) == pytest.approx(75.0)
+    assert score("cvbench3d", ["B", "B", "A", "B", "B", "B"], refs) == pytest.approx((50 + 25) / 2)
+
+
+def test_score_rejects_bad_input():
+    with pytest.raises(KeyError):
+        score("vqav2", ["a"], ["a"])
+    with pytest.raises(ValueError):
+        score("gqa", ["a", "b"], ["a"])
+
+
+def test_evalset_stage_writes_all_benchmarks(tmp_path):
+    from webssl_repro.data.stages import build_evalset
+
+    m = build_evalset("vqa", {"vqa": {"test": 2}}, str(tmp_path / "evalsets" / "vqa.json"))
+    assert set(m["splits"]) == {"test"} and set(m["splits"]["test"]) == set(VQA_BENCHMARKS)
+    recs = load_evalset(str(tmp_path / "evalsets" / m["splits"]["test"]["mmvp"]))
+    assert len(recs) == 2 and recs[0]["pair_id"] == recs[1]["pair_id"] and recs[0]["answer"] != recs[1]["answer"]
+    c = build_evalset("captions", {}, str(tmp_path / "evalsets" / "captions.json"))
+    assert c["counts"] == {"test": ALIGNMENT_PAIRS}

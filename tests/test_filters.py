@@ -1,0 +1,147 @@
+"""Light/heavy filters: verbatim prompts, MLLM plumbing (tiny local model), OCR accuracy, report, grid."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from webssl_repro.data.filter_mllm import MLLMFilter, parse_yes
+from webssl_repro.data.filters import HEAVY_PROMPT, LIGHT_PROMPT, OCRFilter, filter_report, run_filter, sample_grid
+from webssl_repro.data.miniweb import MiniWebConfig, generate
+
+
+def test_prompts_are_the_papers():
+    assert LIGHT_PROMPT == "Does this image contain any readable text? Answer only yes or no."
+    assert HEAVY_PROMPT == ("Please think carefully before answering. Does this image contain charts, tables, "
+                            "or documents with readable text? Answer only yes or no.")
+
+
+@pytest.mark.parametrize("answer,keep", [("Yes.", True), ("  yes, it does", True), ("**YES**", True), ("No", False),
+                                         ("", False), ("I think yes", False), ("yesterday", False), ("no, yes", False)])
+def test_parse_yes(answer, keep):
+    assert parse_yes(answer) is keep
+
+
+def test_mllm_batches_and_prompts_with_injected_generate():
+    calls = []
+
+    def fake(images, prompt):
+        calls.append((len(images), prompt))
+        return ["Yes" if im.getpixel((0, 0))[0] > 100 else "no." for im in images]
+
+    imgs = [Image.new("RGB", (8, 8), (200 if k % 2 else 10, 0, 0)) for k in range(7)]
+    out = MLLMFilter(generate_fn=fake, batch_size=3).decide(imgs)
+    assert out["light"] == [bool(k % 2) for k in range(7)] == out["heavy"]
+    assert [n for n, _ in calls] == [3, 3, 1, 3, 3, 1]
+    assert {p for _, p in calls} == {LIGHT_PROMPT, HEAVY_PROMPT}
+
+
+def _tiny_mllm(path, first_token):
+    """A random-init Idefics3 (SmolVLM architecture) whose greedy answer is always ``first_token``.
+
+    The final norm is zeroed so every logit is 0 and argmax picks token id 0.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, PreTrainedTokenizerFast)
+
+    words = [first_token, "yes" if first_token == "no" else "no", "[UNK]", "[PAD]", "User", ":", "Assistant",
+             "<global-img>", *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]")
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                          "<end_of_utterance>", "<global-img>"]})
+    template = ("{% for m in messages %}User:{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+                "{% else %} {{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                "{% if add_generation_prompt %}Assistant:{% endif %}")
+    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=template)
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        model.model.text_model.norm.weight.zero_()
+    proc.save_pretrained(path)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("first_token", ["yes", "no"])
+def test_mllm_end_to_end_with_tiny_local_model(tmp_path, first_token):
+    path = _tiny_mllm(tmp_path / first_token, first_token)
+    flt = MLLMFilter(path, batch_size=2, max_new_tokens=2)
+    imgs = [generate(0, i).image for i in range(3)]
+    answers = flt.answers(imgs, LIGHT_PROMPT)
+    assert answers == [f"{first_token} {first_token}"] * 3
+    assert flt.decide(imgs, ["heavy"]) == {"heavy": [first_token == "yes"] * 3}
+
+
+def test_filter_report_numbers():
+    rep = filter_report(["a", "b", "c", "d", "e"], {"light": [True, True, False, True, False]},
+                        {"light": [True, False, True, True, False]})["light"]
+    assert rep["kept_ids"] == ["a", "b", "d"] and rep["kept_fraction"] == pytest.approx(0.6)
+    assert rep["precision"] == pytest.approx(2 / 3) and rep["recall"] == pytest.approx(2 / 3)
+    assert (rep["tp"], rep["fp"], rep["fn"]) == (2, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def ocr_run():
+    cfg = MiniWebConfig(kinds={"objects": 0.25, "text_scene": 0.25, "chart": 0.25, "document": 0.25})
+    samples = [{"image": (s := generate(123, i, cfg)).image, "meta": s.meta} for i in range(24)]
+    return samples, run_filter(OCRFilter(), samples)
+
+
+def test_ocr_filter_matches_ground_truth(ocr_run):
+    samples, res = ocr_run
+    rep = filter_report(res["ids"], res["decisions"], res["truth"])
+    assert 0.3 < rep["light"]["true_fraction"] < 0.95 and 0.15 < rep["heavy"]["true_fraction"] < 0.8
+    assert rep["light"]["precision"] >= 0.9 and rep["light"]["recall"] >= 0.9, rep["light"]
+    assert rep["heavy"]["precision"] >= 0.8 and rep["heavy"]["recall"] >= 0.8, rep["heavy"]
+    assert set(rep["heavy"]["kept_ids"]) <= set(rep["light"]["kept_ids"])
+    assert res["images_per_second"] > 0.5
+
+
+def test_ocr_reads_a_sign_word():
+    s = generate(4, 0, kind="text_scene")
+    flt = OCRFilter()
+    read = " ".join(t for t, _ in flt.read(flt.prepare({"image": s.image, "meta": s.meta})))
+    assert any(w in read for w in s.meta["strings"]), (read, s.meta["strings"])
+
+
+def test_sample_grid_writes_pdf_and_png(ocr_run, tmp_path):
+    samples, res = ocr_run
+    imgs = [s["image"] for s in samples]
+    light = [im for im, k in zip(imgs, res["decisions"]["light"]) if k]
+    heavy = [im for im, k in zip(imgs, res["decisions"]["heavy"]) if k]
+    pdf, png = sample_grid(imgs[:6], light[:6], heavy[:6], str(tmp_path / "fig8"), per_row=6)
+    assert open(pdf, "rb").read(5) == b"%PDF-"
+    with Image.open(png) as im:
+        assert im.width > im.height > 100
+
+
+def test_filter_stage_shares_one_ocr_pass_and_draws_fig8(tmp_path):
+    import json
+
+    from webssl_repro.data.corpus import read_kept_ids
+    from webssl_repro.data.stages import build_corpus, fig8_grid, filter_corpus, manifest_shards
+
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 8, "shard_size": 8, "seed": 3, "kinds": {"objects": 0.3, "chart": 0.7}}, man)
+    shards = manifest_shards(man)
+    light = filter_corpus("light", {"backend": "ocr"}, shards, str(tmp_path / "filter" / "light.json"))
+    cache = json.load(open(tmp_path / "filter" / "ocr_reads_256.json"))
+    assert len(cache) == 8
+    heavy = filter_corpus("heavy", {"backend": "ocr"}, shards, str(tmp_path / "filter" / "heavy.json"))
+    assert heavy["cpu_seconds"] < light["cpu_seconds"] / 2  # the heavy job reused the light job's reads
+    assert light["precision"] == light["recall"] == 1.0 and heavy["precision"] == heavy["recall"] == 1.0
+    assert read_kept_ids(tmp_path / "filter" / "heavy.json") == set(heavy["kept_ids"])
+    assert 0 < heavy["kept_fraction"] == light["kept_fraction"] < 1
+    pdf, png = fig8_grid(shards, str(tmp_path / "filter" / "light.json"), str(tmp_path / "filter" / "heavy.json"),
+                         str(tmp_path / "fig8"), per_row=4)
+    assert open(pdf, "rb").read(5) == b"%PDF-"

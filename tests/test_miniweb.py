@@ -1,0 +1,223 @@
+"""Mini-web generator and webdataset shards: determinism, proportions, ground truth, loading."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webssl_repro.data.miniweb import (
+    OBJECT_CLASSES, SEG_ID, MiniWebConfig, generate, render, sample_spec,
+)
+from webssl_repro.data.shards import make_loader, shard_ranges, write_shard
+
+
+def test_same_seed_same_bytes_and_different_seed_differs():
+    a, b, c = generate(3, 7), generate(3, 7), generate(4, 7)
+    assert a.encode_image("png") == b.encode_image("png")
+    assert a.meta == b.meta and np.array_equal(a.seg, b.seg) and np.array_equal(a.depth, b.depth)
+    assert a.encode_image("png") != c.encode_image("png")
+    assert generate(3, 8).meta["caption"] != a.meta["caption"] or generate(3, 8).encode_image() != a.encode_image()
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_any_size_renders_the_same_world(size):
+    s = generate(11, 5, size=size)
+    assert s.image.size == (size, size) and s.seg.shape == (size, size) and s.depth.shape == (size, size)
+    ref = generate(11, 5, size=64).meta
+    assert {k: v for k, v in s.meta.items() if k != "size"} == {k: v for k, v in ref.items() if k != "size"}
+    json.dumps(s.meta)
+
+
+def test_default_world_proportions_are_webby():
+    specs = [sample_spec(0, i) for i in range(600)]
+    text = np.mean([s["has_text"] for s in specs])
+    ctd = np.mean([s["is_chart_table_doc"] for s in specs])
+    assert 0.42 <= text <= 0.58, text
+    assert 0.0 < ctd <= 0.05, ctd
+    assert all(s["has_text"] == bool(s["strings"]) for s in specs)
+
+
+def test_configured_proportions_are_followed():
+    cfg = MiniWebConfig(kinds={"objects": 0.1, "text_scene": 0.1, "chart": 0.4, "document": 0.4})
+    kinds = [sample_spec(1, i, cfg)["kind"] for i in range(400)]
+    assert abs(kinds.count("chart") / 400 - 0.4) < 0.08
+    assert abs(kinds.count("objects") / 400 - 0.1) < 0.05
+
+
+def test_mask_depth_and_boxes_agree_with_objects():
+    cfg = MiniWebConfig(kinds={"objects": 1.0}, noise=0.0)
+    checked = 0
+    for i in range(40):
+        s = generate(2, i, cfg, size=96)
+        objs = s.meta["objects"]
+        classes = {SEG_ID[o["class"]] for o in objs}
+        ids = set(np.unique(s.seg)) - {0}
+        assert ids <= classes, (ids, classes)
+        for o in objs:
+            if sum(p["class"] == o["class"] for p in objs) != 1:
+                continue
+            m = s.seg == SEG_ID[o["class"]]
+            assert m.sum() > 0, f"object {o['class']} fully hidden in {s.meta['id']}"
+            assert np.allclose(s.depth[m], o["depth"], atol=1e-3)
+            ys, xs = np.nonzero(m)
+            x0, y0, x1, y1 = (v * 96 for v in o["box"])
+            assert xs.min() >= x0 - 1.5 and xs.max() <= x1 + 1.5 and ys.min() >= y0 - 1.5 and ys.max() <= y1 + 1.5
+            checked += 1
+        near = sorted(objs, key=lambda o: o["depth"])
+        assert [o["depth"] for o in objs] == sorted((o["depth"] for o in objs), reverse=True)  # painter's order
+        assert near[0]["box"][3] >= near[-1]["box"][3] - 0.1  # nearer stands lower on the ground plane
+    assert checked > 60
+
+
+def test_text_scenes_carry_signs_and_charts_carry_data():
+    t = generate(5, 1, kind="text_scene")
+    assert t.meta["has_text"] and t.meta["strings"] and (t.seg == SEG_ID["sign"]).any()
+    c = generate(5, 2, kind="chart")
+    assert c.meta["is_chart_table_doc"] and len(c.meta["chart"]["values"]) == len(c.meta["chart"]["labels"])
+    d = generate(5, 3, kind="document")
+    assert d.meta["is_chart_table_doc"] and d.meta["document"]["title"] in d.meta["strings"]
+
+
+def test_in1k_subset_is_class_balanced_and_object_centric():
+    cfg = MiniWebConfig(source="in1k")
+    labels = [sample_spec(0, i, cfg)["label"] for i in range(len(OBJECT_CLASSES) * 3)]
+    assert np.bincount(labels).tolist() == [3] * len(OBJECT_CLASSES)
+    s = generate(0, 5, cfg)
+    assert s.meta["kind"] == "in1k" and len(s.meta["objects"]) == 1 and not s.meta["has_text"]
+    assert (s.seg == SEG_ID[OBJECT_CLASSES[5]]).mean() > 0.05
+
+
+def test_generation_takes_milliseconds():
+    generate(0, 0)
+    t = time.perf_counter()
+    for i in range(60):
+        generate(9, i)
+    per_image = (time.perf_counter() - t) / 60
+    assert per_image < 0.025, per_image
+
+
+def test_render_larger_keeps_geometry():
+    spec = sample_spec(8, 3, kind="objects")
+    _, seg64, _ = render(spec, 64)
+    _, seg256, _ = render(spec, 256)
+    small = np.asarray(Image.fromarray(seg256).resize((64, 64), Image.NEAREST))
+    assert (small == seg64).mean() > 0.9
+
+
+# --- shards -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    for k, (start, count) in enumerate(shard_ranges(40, 10)):
+        write_shard(str(d / f"shard-{k:05d}.tar"), 0, start, count, None, image_format="png", with_arrays=True)
+    return d
+
+
+def test_shard_bytes_are_deterministic_and_round_trip(shard_dir, tmp_path):
+    again = tmp_path / "again.tar"
+    summary = write_shard(str(again), 0, 10, 10, None, image_format="png", with_arrays=True)
+    assert summary["count"] == 10 and sum(summary["kinds"].values()) == 10
+    assert again.read_bytes() == (shard_dir / "shard-00001.tar").read_bytes()
+    samples = list(make_loader(str(again), arrays=True, shuffle_shards=False, rank=0, world_size=1))
+    assert [s["meta"]["index"] for s in samples] == list(range(10, 20))
+    ref = generate(0, 13)
+    got = samples[3]
+    assert np.array_equal(np.asarray(got["image"]), np.asarray(ref.image))
+    assert np.array_equal(got["seg"], ref.seg) and np.allclose(got["depth"], ref.depth)
+    assert got["meta"]["caption"] == ref.meta["caption"]
+
+
+def test_ranks_and_workers_split_disjoint_and_covering(shard_dir):
+    pattern = str(shard_dir / "shard-{00000..00003}.tar")
+    per_rank = []
+    for rank in range(2):
+        loader = make_loader(pattern, rank=rank, world_size=2, num_workers=2)
+        per_rank.append([s["__key__"] for s in loader])
+    all_keys = per_rank[0] + per_rank[1]
+    assert len(all_keys) == 40 and len(set(all_keys)) == 40
+    assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_fewer_shards_than_readers_splits_samples(shard_dir):
+    urls = [str(shard_dir / "shard-00000.tar")]
+    keys = [[s["__key__"] for s in make_loader(urls, rank=r, world_size=3)] for r in range(3)]
+    assert sorted(sum(keys, [])) == sorted(set(sum(keys, []))) and len(sum(keys, [])) == 10
+    assert [len(k) for k in keys] == [4, 3, 3]
+
+
+def test_resampling_reaches_the_budget(shard_dir):
+    seen = []
+    for rank in range(2):
+        loader = make_loader(str(shard_dir), rank=rank, world_size=2, samples=101, seed=3)
+        seen.append([s["__key__"] for s in loader])
+    assert [len(s) for s in seen] == [51, 50]
+    counts = np.unique(seen[0] + seen[1], return_counts=True)[1]
+    assert len(counts) == 40 and counts.min() >= 2 and counts.max() <= 3
+
+
+def _garbage_shard(path):
+    with tarfile.open(path, "w") as tf:
+        for key, payload in (("good", None), ("bad", b"this is not a png")):
+            if payload is None:
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+                payload = buf.getvalue()
+            for name, data in ((f"{key}.png", payload), (f"{key}.json", json.dumps({"id": key}).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def test_corrupt_and_truncated_shards_are_skipped_and_counted(shard_dir, tmp_path):
+    good = (shard_dir / "shard-00002.tar").read_bytes()
+    (tmp_path / "trunc.tar").write_bytes(good[: len(good) // 2])
+    _garbage_shard(tmp_path / "garbage.tar")
+    urls = [str(shard_dir / "shard-00000.tar"), str(tmp_path / "trunc.tar"), str(tmp_path / "garbage.tar"),
+            str(tmp_path / "missing.tar")]
+    loader = make_loader(urls, shuffle_shards=False, rank=0, world_size=1)
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        keys = [s["__key__"] for s in loader]
+    assert keys[:10] == [f"s0-{i:09d}" for i in range(10)]
+    assert "good" in keys and "bad" not in keys
+    assert 10 + 1 + 1 <= len(keys) <= 10 + 10 + 1  # some of the truncated shard survives, never all
+    assert loader.stats.skipped_samples == 1
+    assert loader.stats.broken_shards == 2  # truncated + missing
+    assert loader.stats.samples == len(keys)
+
+
+def test_image_folder_source(tmp_path):
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / cls)
+        for k in range(3):
+            generate(k, 0).image.save(tmp_path / cls / f"{k}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    loader = make_loader(str(tmp_path), rank=0, world_size=1, shuffle_shards=False)
+    with pytest.warns(RuntimeWarning):
+        samples = list(loader)
+    assert [s["meta"]["label"] for s in samples] == [0, 0, 0, 1, 1, 1]
+    assert loader.stats.skipped_samples == 1
+
+
+def test_corpus_stage_manifest_and_filtered_shard(tmp_path):
+    from webssl_repro.data.evalsets import EVAL_SEED_BASE
+    from webssl_repro.data.miniweb import sample_id
+    from webssl_repro.data.shards import write_selected_shard
+    from webssl_repro.data.stages import build_corpus, manifest_shards
+
+    m = build_corpus({"n_images": 30, "shard_size": 12, "seed": 5}, str(tmp_path / "c" / "manifest.json"))
+    assert m["shards"] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    paths = manifest_shards(str(tmp_path / "c" / "manifest.json"))
+    keys = [s["__key__"] for s in make_loader(paths, rank=0, world_size=1, shuffle_shards=False)]
+    assert keys == [sample_id(5, i) for i in range(30)]
+    res = write_selected_shard(paths, keys[::3], str(tmp_path / "heavy" / "shard-00000.tar"))
+    assert res["count"] == 10
+    kept = [s["__key__"] for s in make_loader(res["path"], rank=0, world_size=1)]
+    assert kept == keys[::3]
+    with pytest.raises(ValueError, match="eval sets"):
+        write_shard(str(tmp_path / "x.tar"), EVAL_SEED_BASE, 0, 1)
