@@ -36,7 +36,10 @@ rule text_filter:
     wildcard_constraints:
         variant="light|heavy",
     input:
-        PLAN.data_manifest("shards"),
+        shards=PLAN.data_manifest("shards"),
+        # The OCR backend reads each image once for both variants: heavy reuses the
+        # reads cached beside light's output (the MLLM backend asks per prompt).
+        after=lambda w: PLAN.filter_prerequisites(w.variant),
     output:
         PLAN.filter_stats("{variant}"),
     params:
@@ -46,7 +49,7 @@ rule text_filter:
     conda:
         ENV
     shell:
-        "webssl-repro data filter {wildcards.variant} --data-json {params.data:q} --shards {input} "
+        "webssl-repro data filter {wildcards.variant} --data-json {params.data:q} --shards {input.shards} "
         "--out {output} > {log} 2>&1"
 
 

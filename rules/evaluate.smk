@@ -5,7 +5,7 @@ rule vqa:
     input:
         encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
         vqa=PLAN.evalset("vqa"),
-        captions=PLAN.evalset("captions"),
+        corpus=PLAN.data_manifest("shards"),
     output:
         PLAN.eval_path("{run}", "vqa"),
     params:
@@ -19,7 +19,7 @@ rule vqa:
         ENV
     shell:
         "webssl-repro evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--data {input.vqa} {input.captions} --out {output} > {log} 2>&1"
+        "--data {input.vqa} {input.corpus} --out {output} > {log} 2>&1"
 
 
 rule classic:

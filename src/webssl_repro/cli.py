@@ -76,6 +76,56 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> None:
+    """``{"metrics": {name: number}, "details": {...}}``; keys starting with ``_`` are details."""
+    import hashlib
+    import json
+
+    out = {"run": run, "kind": kind,
+           "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")},
+           "details": {k.lstrip("_"): v for k, v in metrics.items() if k.startswith("_")},
+           "config_hash": hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from webssl_repro.models.io import load_encoder
+
+    torch.manual_seed(0)
+    cfg = json.loads(args.eval_json)
+    encoder, meta = load_encoder(args.encoder)
+    manifests = {json.loads(Path(p).read_text()).get("task") or Path(p).parent.name: p for p in args.data}
+    if args.kind == "classic":
+        from webssl_repro.evaluate.classic import run_classic
+
+        metrics = run_classic(encoder, meta, manifests, {k: v for k, v in cfg.items() if k != "scale"})
+    elif args.kind == "alignment":
+        from webssl_repro.evaluate.alignment_eval import run_alignment
+
+        metrics = run_alignment(encoder, meta, manifests["captions"], cfg,
+                                cache_dir=Path(args.out).parents[2] / "cache")
+    else:
+        from webssl_repro.evaluate.vqa.stage import run_vqa
+
+        metrics = run_vqa(encoder, meta, manifests, cfg, workdir=Path(args.out).parent / "vqa_work")
+    write_eval(Path(args.out), args.run, args.kind, metrics, cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from webssl_repro.data.stages import main as data_main
+
+    return data_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="webssl-repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -98,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
     pre.add_argument("--max-steps", type=int, default=None, help="stop early (checkpointed), e.g. for tests")
     pre.set_defaults(func=_pretrain)
+
+    ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")
+    ev.add_argument("kind", choices=("vqa", "classic", "alignment"))
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--encoder", required=True, type=Path)
+    ev.add_argument("--eval-json", default="{}")
+    ev.add_argument("--data", nargs="+", required=True, help="eval-set manifests")
+    ev.add_argument("--out", required=True, type=Path)
+    ev.set_defaults(func=_evaluate)
+
+    data = sub.add_parser("data", help="data stage: shards, in1k, filter, evalset, fig8", add_help=False)
+    data.add_argument("rest", nargs=argparse.REMAINDER)
+    data.set_defaults(func=_data)
 
     plan = sub.add_parser("plan", help="print the run grid, cluster resources and GPU-hours of a config")
     plan.add_argument("--configfile", default="config/mini.yaml", type=Path)

@@ -135,6 +135,10 @@ class Plan:
     def data_config_json(self) -> str:
         return json.dumps(self.config.get("data", {}), sort_keys=True, separators=(",", ":"))
 
+    def filter_prerequisites(self, variant: str) -> list[str]:
+        backend = self.config.get("data", {}).get("filter", {}).get("backend", "ocr")
+        return [self.filter_stats("light")] if variant == "heavy" and backend == "ocr" else []
+
     def data_targets(self) -> list[str]:
         if "data" not in self.stages:
             return []

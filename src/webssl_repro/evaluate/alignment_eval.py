@@ -1,0 +1,72 @@
+"""Vision-language alignment of a frozen encoder (paper Fig. 9, Huh et al.'s protocol).
+
+Vision: the CLS token after every block, before the final norm (the residual stream);
+language: the token-mean of every hidden state of each LM, embeddings included; score:
+mutual k-NN (k=10) after one 95th-percentile clamp per model, max over layer pairs.
+Mini: the 1024 mini-web image-caption pairs and the offline MiniLM; paper: WIT-1024 and
+Llama-3.1 8B / 70B loaded by path or id through ``transformers``.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from webssl_repro.evaluate.alignment import alignment_score
+from webssl_repro.evaluate.classic import images_tensor, load_split
+from webssl_repro.evaluate.features import block_tokens
+
+DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "batch_size": 64, "lm_batch_size": 32,
+            "lm_paths": {}}
+
+
+def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torch.Tensor:
+    x = images_tensor(records, int(meta["img_size"]))
+    with torch.no_grad():
+        cls = [block_tokens(encoder, x[i:i + batch], indices=None, norm=False).cls for i in range(0, len(x), batch)]
+    return torch.cat(cls, dim=1).float()  # (L, N, D)
+
+
+def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cache_dir: Path | None) -> torch.Tensor:
+    """LM features, cached per (LM, caption set): every run shares them."""
+    from webssl_repro.evaluate.language import lm_layer_features, load_minilm
+
+    cache = None
+    if cache_dir is not None:
+        key = hashlib.sha1("\n".join(captions).encode()).hexdigest()[:12]
+        cache = cache_dir / f"lm-{name.replace('/', '_')}-{len(captions)}-{key}.pt"
+        if cache.exists():
+            return torch.load(cache, weights_only=True)
+    if name == "minilm":
+        model, tokenizer = load_minilm()
+    else:  # paper scale: Llama-3.1 by local path (or hub id where the cluster has a cache)
+        from transformers import AutoModel, AutoTokenizer
+
+        path = cfg["lm_paths"].get(name, name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16)
+    feats = lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(feats, cache)
+    return feats
+
+
+def run_alignment(encoder, meta: Mapping[str, Any], captions_manifest: str | Path, cfg: Mapping[str, Any],
+                  cache_dir: Path | None = None) -> dict[str, Any]:
+    unknown = sorted(set(cfg) - set(DEFAULTS) - {"scale"})
+    if unknown:
+        raise KeyError(f"evaluate.alignment: unknown key(s) {unknown} (known: {sorted(DEFAULTS)})")
+    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "scale"}}
+    records = load_split(captions_manifest, "test")
+    captions = [str(r["caption"]) for r in records]
+    vis = vision_layers(encoder, meta, records, int(cfg["batch_size"]))
+    metrics: dict[str, Any] = {}
+    for lm in cfg["language_models"]:
+        lang = language_layers(lm, captions, cfg, cache_dir)
+        score, (i, j) = alignment_score(vis, lang, k=int(cfg["k"]), q=float(cfg["q"]))
+        metrics[f"alignment/{lm}"] = float(score)
+        metrics[f"_alignment/{lm}/layers"] = {"vision": int(i), "language": int(j)}
+    return metrics

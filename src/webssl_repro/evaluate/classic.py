@@ -1,0 +1,154 @@
+"""Classic vision of a frozen encoder on the eval sets: IN-1k linear, ADE20K lin./+ms, NYUd lin.1/lin.4.
+
+Images are evaluated at the encoder's pretraining resolution (paper App. A), resized from
+the eval set's render size; masks and depth maps follow with nearest / bilinear resizing.
+Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
+(epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from webssl_repro.evaluate.features import extract_features, feature_fn
+from webssl_repro.evaluate.linear import DINOV2_LRS, linear_probe
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 64,
+    "linear": {"epochs": 10, "epoch_length": 1250, "lrs": list(DINOV2_LRS)},
+    "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500},
+    "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800},
+    "seed": 0,
+}
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if key not in base:
+            raise KeyError(f"evaluate.classic: unknown key {key!r} (known: {sorted(base)})")
+        out[key] = _merge(base[key], value) if isinstance(base[key], dict) else value
+    return out
+
+
+def load_split(manifest_path: str | Path, split: str) -> list[dict[str, Any]]:
+    from webssl_repro.data.evalsets import load_evalset
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    try:
+        (rel,) = manifest["splits"][split].values()
+    except (KeyError, ValueError):
+        raise ValueError(f"{manifest_path}: no single '{split}' split in {manifest.get('splits')}") from None
+    return load_evalset(str(Path(manifest_path).parent / rel))
+
+
+def images_tensor(records: list[dict[str, Any]], size: int) -> torch.Tensor:
+    arrays = np.stack([np.asarray(r["image"].convert("RGB"), dtype=np.float32) / 255.0 for r in records])
+    x = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _targets(records: list[dict[str, Any]], key: str, size: int, mode: str) -> torch.Tensor:
+    t = torch.from_numpy(np.stack([np.asarray(r[key]) for r in records])).float().unsqueeze(1)
+    if t.shape[-1] != size:
+        t = F.interpolate(t, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return t.squeeze(1)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = perm[i:i + batch]
+            yield x[idx], y[idx]
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, batch: int):
+    for i in range(0, len(x), batch):
+        yield x[i:i + batch], y[i:i + batch]
+
+
+def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    size, batch = int(meta["img_size"]), int(cfg["batch_size"])
+    feats = {}
+    for split in ("train", "val"):
+        records = load_split(manifest, split)
+        x = images_tensor(records, size)
+        y = torch.tensor([int(r["label"]) for r in records])
+        feats[split] = extract_features(encoder, _chunks(x, y, batch), indices=min(4, meta["depth"]), norm=True)
+    n_classes = int(max(feats["train"]["labels"].max(), feats["val"]["labels"].max())) + 1
+    lin = cfg["linear"]
+    result = linear_probe(feats["train"], feats["val"], n_classes, n_last_blocks=(1, min(4, meta["depth"])),
+                          lrs=lin["lrs"], batch_size=min(128, len(feats["train"]["labels"])),
+                          epochs=int(lin["epochs"]), epoch_length=int(lin["epoch_length"]), seed=int(cfg["seed"]))
+    setting = result.setting
+    return {"in1k_linear": float(result.top1),  # already a percentage
+            "_in1k_linear_setting": {"n_last_blocks": setting.n_last_blocks, "avgpool": setting.avgpool,
+                                     "lr": setting.lr}}
+
+
+def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from webssl_repro.evaluate.segmentation import LinearSegHead, mean_iou, predict, train_segmentation
+    from webssl_repro.data.miniweb.world import SEG_CLASSES
+
+    size, batch, seg = int(meta["img_size"]), int(cfg["batch_size"]), cfg["segmentation"]
+    train, val = load_split(manifest, "train"), load_split(manifest, "val")
+    x_tr, y_tr = images_tensor(train, size), _targets(train, "seg", size, "nearest").long()
+    x_va, y_va = images_tensor(val, size), _targets(val, "seg", size, "nearest").long()
+    n_classes = len(SEG_CLASSES)
+    out = {}
+    for name, n_layers, multiscale in (("ade20k_linear", 1, False), ("ade20k_ms", min(4, meta["depth"]), True)):
+        fn = feature_fn(encoder, n_layers, norm=True, patch_size=int(meta["patch"]))
+        head = LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers)
+        torch.manual_seed(int(cfg["seed"]))
+        train_segmentation(head, fn, _batches(x_tr, y_tr, min(batch, len(x_tr)), int(cfg["seed"])),
+                           iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
+        preds = torch.cat([predict(head, fn, xb, multiscale=multiscale) for xb, _ in _chunks(x_va, y_va, batch)])
+        out[name] = 100.0 * mean_iou(preds, y_va, n_classes)
+    return out
+
+
+def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from webssl_repro.evaluate.depth import DepthLinearHead, lin4_blocks, rmse, train_depth
+
+    size, batch, dep = int(meta["img_size"]), int(cfg["batch_size"]), cfg["depth"]
+    train, val = load_split(manifest, "train"), load_split(manifest, "val")
+    x_tr, d_tr = images_tensor(train, size), _targets(train, "depth", size, "bilinear")
+    x_va, d_va = images_tensor(val, size), _targets(val, "depth", size, "bilinear")
+    max_depth = float(max(d_tr.max(), d_va.max()))
+    out = {}
+    for name, blocks in (("nyud_lin1", [meta["depth"] - 1]), ("nyud_lin4", lin4_blocks(meta["depth"]))):
+        fn = feature_fn(encoder, blocks, norm=False, patch_size=int(meta["patch"]))
+        head = DepthLinearHead(encoder.embed_dim, n_layers=len(blocks), max_depth=max_depth)
+        torch.manual_seed(int(cfg["seed"]))
+        train_depth(head, fn, _batches(x_tr, d_tr.unsqueeze(1), min(batch, len(x_tr)), int(cfg["seed"])),
+                    iters=int(dep["iters"]), lr=float(dep["lr"]), warmup_iters=int(dep["warmup"]))
+        head.eval()
+        with torch.no_grad():
+            pred = torch.cat([head(fn(xb)) for xb, _ in _chunks(x_va, d_va, batch)])
+        pred = F.interpolate(pred, size=d_va.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+        out[name] = float(rmse(pred, d_va, d_va > 0))
+    return out
+
+
+def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path], cfg: Mapping[str, Any]) -> dict:
+    """Metrics in the units of paper Tables 3/7/9: top-1 %, mIoU %, RMSE (m)."""
+    cfg = _merge(DEFAULTS, cfg)
+    metrics: dict[str, Any] = {}
+    metrics.update(classification(encoder, meta, data["classification"], cfg))
+    metrics.update(segmentation(encoder, meta, data["segmentation"], cfg))
+    metrics.update(depth(encoder, meta, data["depth"], cfg))
+    return metrics

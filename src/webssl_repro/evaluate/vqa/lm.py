@@ -1,0 +1,92 @@
+"""The probe's language model and tokenizer, at mini and paper scale behind one interface.
+
+Mini: a word-level tokenizer built offline from the instruction texts plus a randomly
+initialised ``LlamaForCausalLM`` trained from scratch, so the VQA stage runs on a laptop
+with the same ``transformers`` calls the paper-scale Llama-3-8B-Instruct goes through.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
+# The mini chat template: "<bos><image>\nUSER: {q}\nASSISTANT: {a}<eos>";
+# ``webssl_repro.evaluate.vqa.data.MINI_CHAT`` renders the same strings (tested).
+MINI_CHAT_TEMPLATE = (
+    "{{ bos_token }}<image>\n"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}USER: {{ m['content'] }}\nASSISTANT:"
+    "{% else %} {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_tokenizer(texts: Iterable[str], path: Optional[str | Path] = None, min_frequency: int = 1):
+    """A whitespace word-level tokenizer over ``texts``, as a ``PreTrainedTokenizerFast``.
+
+    Whitespace splitting (not punctuation splitting) keeps answers such as ``3.5`` or ``B``
+    single tokens, so greedy decoding returns them verbatim for the scorers; ``?``/``,``
+    are split off so question words share ids with answer words.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"[?,;!]"), behavior="isolated"),
+    ])
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency)
+    # Special-token strings inside the texts would be counted as words too and get a second id.
+    specials = (*SPECIAL_TOKENS, "<image>")
+    tok.train_from_iterator([_strip(t, specials) for t in texts], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, padding_side="right")
+    fast.chat_template = MINI_CHAT_TEMPLATE
+    if path is not None:
+        fast.save_pretrained(str(path))
+    return fast
+
+
+def _strip(text: str, specials: tuple[str, ...]) -> str:
+    for sp in specials:
+        text = text.replace(sp, " ")
+    return text
+
+
+def load_tokenizer(path_or_id: str | Path):
+    """A tokenizer saved by ``build_tokenizer`` or a hub id/path (Llama-3 at paper scale)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path_or_id))
+
+
+def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4,
+                  intermediate: Optional[int] = None, max_positions: int = 256, *,
+                  bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int = 0, seed: int = 0):
+    """A randomly initialised Llama decoder (RoPE, SwiGLU, RMSNorm) — Llama-3's family in miniature."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads,
+                      intermediate_size=intermediate or 2 * hidden, max_position_embeddings=max_positions,
+                      bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def load_lm(path_or_id: str | Path, dtype: str = "bfloat16"):
+    """The paper's LM (``meta-llama/Meta-Llama-3-8B-Instruct``) by hub id or local path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype))
+
+
+def lm_hidden_size(lm) -> int:
+    return int(lm.get_input_embeddings().embedding_dim)

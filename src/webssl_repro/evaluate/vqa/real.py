@@ -1,0 +1,272 @@
+"""Paper-scale inputs behind the mini interface: Cambrian data and the 16 real benchmarks.
+
+Both become ``VqaSample`` lists, so the probe, the two training stages and ``evaluate_vqa``
+run unchanged. Cambrian jsonl rows are LLaVA conversations; LAION-sourced rows are dropped
+as the paper does. Benchmarks load through ``datasets`` from the HF ids in ``BENCHMARKS``
+(field names follow those datasets' cards; each adapter turns a row into the prompt
+Cambrian's eval scripts use). Images are fetched lazily by id; at this scale the encoder runs
+on the fly (``EncoderFeatures``) because 7M × 576 tokens cannot be cached.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from webssl_repro.evaluate.vqa.data import IMAGE, VqaSample, encoder_tokens
+
+CAMBRIAN: dict[str, tuple[str, str]] = {
+    "alignment": ("nyu-visionx/Cambrian-Alignment", "alignment_2.5m.jsonl"),
+    "instruction": ("nyu-visionx/Cambrian-10M", "jsonl/Cambrian7M_withsystemprompt.jsonl"),
+}
+LETTERS = "ABCDEFGHIJ"
+MC_PROMPT = "Answer with the option's letter from the given choices directly."
+SHORT_PROMPT = "Answer the question using a single word or phrase."
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+
+
+# ---------------------------------------------------------------- Cambrian training data
+
+
+def is_laion(record: Mapping[str, Any]) -> bool:
+    """The paper excludes LAION images: any mention in the image path, source or id."""
+    return any("laion" in str(record.get(k) or "").lower() for k in ("image", "source", "id"))
+
+
+def _turns(conversations: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+    out, question = [], None
+    for msg in conversations:
+        role, text = msg.get("from", msg.get("role")), str(msg.get("value", msg.get("content", "")))
+        if role in ("human", "user"):
+            question = text if question is None else question + "\n" + text
+        elif role in ("gpt", "assistant") and question is not None:
+            out.append((question, text))
+            question = None
+    return out
+
+
+def cambrian_samples(records: str | Path | Iterable[Mapping[str, Any]], *, exclude_laion: bool = True,
+                     image_root: Optional[str | Path] = None) -> Iterator[VqaSample]:
+    """LLaVA-format rows (a jsonl path or dicts) → samples; image ids are paths under ``image_root``.
+
+    Text-only rows (no ``image``) are kept as text-only samples, as Cambrian-7M trains on them.
+    """
+    if isinstance(records, (str, Path)):
+        records = _jsonl(records)
+    for rec in records:
+        if exclude_laion and is_laion(rec):
+            continue
+        turns = _turns(rec.get("conversations", []))
+        if not turns:
+            continue
+        image = rec.get("image")
+        image_id = None if not image else str(Path(image_root) / image) if image_root else str(image)
+        (q, a), rest = turns[0], tuple((q2.replace(IMAGE, "").strip(), a2) for q2, a2 in turns[1:])
+        yield VqaSample(image_id, q.replace(IMAGE, "").strip(), a, "cambrian", {"id": rec.get("id")}, rest)
+
+
+def _jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def cambrian_path(kind: str, local_dir: Optional[str | Path] = None) -> str:
+    """The jsonl of ``kind`` (alignment | instruction), downloaded from the hub unless it is local."""
+    repo, filename = CAMBRIAN[kind]
+    if local_dir is not None and (Path(local_dir) / filename).exists():
+        return str(Path(local_dir) / filename)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, filename, repo_type="dataset", local_dir=local_dir)
+
+
+class EncoderFeatures:
+    """``FeatureCache``-compatible source that encodes images on demand (paper-scale training)."""
+
+    def __init__(self, encoder: torch.nn.Module, load: Callable[[str], Any], transform: Callable[[Any], torch.Tensor],
+                 tokens: int, device: str | torch.device = "cpu"):
+        self.encoder, self.load, self.transform = encoder.eval(), load, transform
+        self.tokens, self.device = tokens, device
+
+    def batch(self, image_ids: Sequence[Optional[str]]) -> torch.Tensor:
+        real = [i for i in image_ids if i is not None]
+        if not real:
+            return torch.zeros(len(image_ids), self.tokens, 1)
+        images = torch.stack([self.transform(self.load(i)) for i in real]).to(self.device)
+        feats = encoder_tokens(self.encoder, images, self.tokens)
+        out = feats.new_zeros(len(image_ids), *feats.shape[1:])
+        out[torch.tensor([i is not None for i in image_ids])] = feats
+        return out
+
+
+def open_image(path: str):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+# ---------------------------------------------------------------- the 16 benchmarks
+
+Row = Mapping[str, Any]
+Adapted = Optional[tuple[str, str, dict[str, Any]]]
+
+
+def _options(question: str, choices: Sequence[str], hint: str = "") -> str:
+    lines = [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
+    return "\n".join([*([hint] if hint else []), question, *lines, MC_PROMPT])
+
+
+def _clean(values: Iterable[Any]) -> list[str]:
+    return [str(v) for v in values if v is not None and str(v).strip() and str(v) != "nan"]
+
+
+def _mme(r: Row) -> Adapted:
+    if r["category"] not in MME_PERCEPTION:  # MME-P: the 10 perception subtasks only
+        return None
+    return r["question"], str(r["answer"]), {"subtask": r["category"], "pair_id": r["question_id"]}
+
+
+def _mmbench(r: Row) -> Adapted:
+    choices = _clean(r.get(k) for k in "ABCD")
+    hint = "".join(_clean([r.get("hint")]))
+    return _options(r["question"], choices, hint), str(r["answer"]), {"choices": choices}
+
+
+def _seed(r: Row) -> Adapted:
+    if r.get("data_type", "image") != "image":
+        return None
+    choices = [str(r[f"choice_{k}"]) for k in "abcd"]
+    return _options(r["question"], choices), str(r["answer"]), {"choices": choices}
+
+
+def _short(r: Row, answers_key: str = "") -> Adapted:
+    meta: dict[str, Any] = {}
+    answer = r.get("answer")
+    if answers_key:
+        meta["answers"] = [str(a) for a in r[answers_key]]
+        answer = meta["answers"][0] if answer is None else answer
+    return f"{r['question']}\n{SHORT_PROMPT}", str(answer), meta
+
+
+def _ocrbench(r: Row) -> Adapted:
+    answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
+    return f"{r['question']}\n{SHORT_PROMPT}", str(answers[0]), {"answers": [str(a) for a in answers]}
+
+
+def _sqa(r: Row) -> Adapted:
+    if r.get("image") is None:
+        return None
+    hint = f"Context: {r['hint']}" if r.get("hint") else ""
+    return _options(r["question"], list(r["choices"]), hint), LETTERS[int(r["answer"])], {"choices": list(r["choices"])}
+
+
+def _mmmu(r: Row) -> Adapted:
+    question = re.sub(r"<image \d+>", "", r["question"]).strip()
+    if r.get("question_type") == "multiple-choice":
+        choices = list(ast.literal_eval(r["options"])) if isinstance(r["options"], str) else list(r["options"])
+        return _options(question, choices), str(r["answer"]), {"choices": choices}
+    return f"{question}\n{SHORT_PROMPT}", str(r["answer"]), {}
+
+
+def _mathvista(r: Row) -> Adapted:
+    return str(r.get("query") or r["question"]), str(r["answer"]), \
+        {"choices": r.get("choices"), "answer_type": r.get("answer_type")}
+
+
+def _ai2d(r: Row) -> Adapted:
+    return _options(r["question"], list(r["options"])), LETTERS[int(r["answer"])], {"choices": list(r["options"])}
+
+
+def _mmvp(r: Row) -> Adapted:
+    choices = [c.strip() for c in re.split(r"\([a-d]\)", str(r["Options"])) if c.strip()]
+    answer = re.sub(r"[^a-d]", "", str(r["Correct Answer"]).lower())[:1].upper()
+    return _options(r["Question"], choices), answer, {"choices": choices, "pair_id": (int(r["Index"]) - 1) // 2}
+
+
+def _realworldqa(r: Row) -> Adapted:
+    return str(r["question"]), str(r["answer"]), {}
+
+
+def _cvbench(r: Row) -> Adapted:
+    # Official CV-Bench accuracy: mean over sources (2D: ADE20K, COCO; 3D: Omni3D).
+    return str(r["prompt"]), str(r["answer"]).strip("() "), {"choices": list(r["choices"]), "subtask": r["source"]}
+
+
+@dataclass(frozen=True)
+class HfBenchmark:
+    path: str
+    name: Optional[str]
+    split: str
+    adapter: Callable[[Row], Adapted]
+    image: str = "image"
+
+
+BENCHMARKS: dict[str, HfBenchmark] = {
+    "mme": HfBenchmark("lmms-lab/MME", None, "test", _mme),
+    "mmbench": HfBenchmark("lmms-lab/MMBench", "en", "dev", _mmbench),
+    "seed": HfBenchmark("lmms-lab/SEED-Bench", None, "test", _seed),
+    "gqa": HfBenchmark("lmms-lab/GQA", "testdev_balanced_instructions", "testdev", _short),
+    "sqa": HfBenchmark("lmms-lab/ScienceQA", "ScienceQA-IMG", "test", _sqa),
+    "mmmu": HfBenchmark("lmms-lab/MMMU", None, "validation", _mmmu, image="image_1"),
+    "mathvista": HfBenchmark("AI4Math/MathVista", None, "testmini", _mathvista, image="decoded_image"),
+    "ai2d": HfBenchmark("lmms-lab/ai2d", None, "test", _ai2d),
+    "chartqa": HfBenchmark("lmms-lab/ChartQA", None, "test", _short),
+    "ocrbench": HfBenchmark("echo840/OCRBench", None, "test", _ocrbench),
+    "textvqa": HfBenchmark("lmms-lab/textvqa", None, "validation", lambda r: _short(r, "answers")),
+    "docvqa": HfBenchmark("lmms-lab/DocVQA", "DocVQA", "validation", lambda r: _short(r, "answers")),
+    "mmvp": HfBenchmark("MMVP/MMVP", None, "train", _mmvp),
+    "realworldqa": HfBenchmark("xai-org/RealworldQA", None, "test", _realworldqa),
+    "cvbench2d": HfBenchmark("nyu-visionx/CV-Bench", "2D", "test", _cvbench),
+    "cvbench3d": HfBenchmark("nyu-visionx/CV-Bench", "3D", "test", _cvbench),
+}
+# GQA keeps its images in a sibling config, joined on ``imageId``.
+GQA_IMAGES = ("lmms-lab/GQA", "testdev_balanced_images", "testdev")
+
+
+def load_benchmark(name: str, dataset: Any = None, images: Any = None,
+                   limit: Optional[int] = None) -> tuple[list[VqaSample], Callable[[str], Any]]:
+    """Samples of one real benchmark and an image getter by ``image_id``.
+
+    ``dataset`` (and, for GQA, ``images``) replace the hub download — tests pass small local
+    ``datasets.Dataset`` objects built with the real field names.
+    """
+    spec = BENCHMARKS[name]
+    if dataset is None:
+        from datasets import load_dataset
+
+        dataset = load_dataset(spec.path, spec.name, split=spec.split)
+    samples: list[VqaSample] = []
+    for i, row in enumerate(dataset):
+        adapted = spec.adapter(row)
+        if adapted is None:
+            continue
+        question, answer, meta = adapted
+        samples.append(VqaSample(f"{name}/{i}", question, answer, name, meta))
+        if limit is not None and len(samples) >= limit:
+            break
+    if name == "gqa":
+        if images is None:
+            from datasets import load_dataset
+
+            images = load_dataset(GQA_IMAGES[0], GQA_IMAGES[1], split=GQA_IMAGES[2])
+        by_id = {str(i): k for k, i in enumerate(images["id"])}  # the id column alone: no image decoding
+
+        def gqa_image(image_id: str) -> Any:
+            return images[by_id[str(dataset[int(image_id.rsplit("/", 1)[1])]["imageId"])]]["image"]
+
+        return samples, gqa_image
+
+    def image(image_id: str) -> Any:
+        value = dataset[int(image_id.rsplit("/", 1)[1])][spec.image]
+        return value[0] if isinstance(value, list) else value
+
+    return samples, image
+

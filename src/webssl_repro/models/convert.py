@@ -1,0 +1,282 @@
+"""Key layouts of the released Web-SSL checkpoints, mapped onto our timm-based encoder.
+
+Three layouts exist besides ours: DINOv2's native backbone (``mlp.w12``/``w3``, optionally
+``blocks.{chunk}.{i}`` from ``block_chunks=4``), timm's (Web-MAE native: identical to ours) and
+the two generations of transformers' ``Dinov2Model`` / ``ViTModel`` naming (4.x, in which the
+Hugging Face repos were uploaded: ``attention.attention.query``, fused ``mlp.weights_in``; 5.x:
+``q_proj``, split ``gate_proj``/``up_proj``). Everything is a rename plus a split or
+concatenation along dim 0, so a round trip is exact. Mismatches raise ``KeyError`` naming the
+keys, because a silently half-loaded encoder would only show up as bad eval numbers.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+
+from webssl_repro.models.vit import Arch, WebSSLViT, build_encoder
+
+Tensor = torch.Tensor
+
+# ---- building an encoder from a state dict in our layout ---------------------------------
+
+
+def load_into_encoder(state: Mapping[str, Tensor], method: str, arch: Arch, img_size: int, *,
+                      source: str, dtype: torch.dtype = torch.float32) -> WebSSLViT:
+    """Build ``method``'s tower on the meta device and adopt ``state`` (our key layout).
+
+    Meta-device construction skips the random init, which at 7B is most of the load time; the
+    tensors are assigned, not copied. Keys and shapes are checked first so the error names the
+    offending checkpoint key instead of a bare size mismatch deep inside torch.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(arch, method, img_size=img_size)
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source}: checkpoint does not fit a {method} encoder {arch}: "
+                       f"missing keys {missing}, unexpected keys {unexpected}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            hint = ""
+            if key == "pos_embed":
+                grid = round((state[key].shape[1] - 1) ** 0.5) * arch.patch
+                hint = f" (the checkpoint was trained at img_size={grid}, not {img_size})"
+            raise KeyError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
+                           f"expected {shape}{hint}")
+    encoder.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()},
+                            strict=True, assign=True)
+    return encoder.eval().requires_grad_(False)
+
+
+def _split(t: Tensor, n: int) -> list[Tensor]:
+    # clone: safetensors refuses tensors that share storage
+    return [p.clone() for p in t.chunk(n, dim=0)]
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+# ---- DINOv2 native backbone ----------------------------------------------------------------
+
+_NATIVE_MLP = {"mlp.fc1": "mlp.w12", "mlp.fc2": "mlp.w3"}
+
+
+def to_native(state: Mapping[str, Tensor], method: str, *, block_chunks: int = 0,
+              depth: int | None = None) -> dict[str, Tensor]:
+    """Our state dict in the released native layout: DINOv2 keys for dino/clip, timm's for mae.
+
+    ``block_chunks>0`` reproduces DINOv2's ``BlockChunk`` naming ``blocks.{chunk}.{i}`` (``i``
+    stays the global index, as DINOv2 pads each chunk with Identity modules).
+    """
+    if method == "mae":
+        return dict(state)
+    chunk = 0
+    if block_chunks:
+        if depth is None:
+            raise ValueError("block_chunks needs the depth to compute the chunk size")
+        chunk = depth // block_chunks
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = _BLOCK.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        i, rest = int(m[1]), m[2]
+        module, _, param = rest.rpartition(".")
+        rest = f"{_NATIVE_MLP.get(module, module)}.{param}"
+        out[f"blocks.{i // chunk}.{i}.{rest}" if chunk else f"blocks.{i}.{rest}"] = value
+    return out
+
+
+_CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
+_NATIVE_PREFIXES = ("", "module.", "backbone.", "teacher.backbone.", "model.", "encoder.")
+
+
+def unwrap_native(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
+    """The backbone state dict inside a .pth and the keys left out of it.
+
+    Handles a ``{"model"|"teacher"|"state_dict": ...}`` wrapper and a key prefix such as the
+    ``backbone.`` of DINOv2's ``*_ssl_teacher.pth`` files, whose DINO/iBOT heads are not part of
+    the encoder and are returned as ignored.
+    """
+    for wrapper in ("model", "teacher", "state_dict", "module"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise TypeError("expected a state dict (name -> tensor) or a known checkpoint wrapper")
+    for prefix in _NATIVE_PREFIXES:
+        if f"{prefix}pos_embed" in obj:
+            break
+    else:
+        raise KeyError("no 'pos_embed' key under any known prefix "
+                       f"{list(_NATIVE_PREFIXES)}: not a ViT backbone checkpoint")
+    state = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+    ignored = sorted(k for k in obj if not k.startswith(prefix))
+    return state, ignored
+
+
+def from_native(state: Mapping[str, Tensor], method: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Native (DINOv2 / timm) keys → ours, plus notes on what had to be filled in.
+
+    xFormers' unpacked SwiGLU (``w1``, ``w2``) is concatenated into our packed ``fc1``. A missing
+    ``mask_token`` (the released files are loaded with ``strict=False``) becomes zeros: it only
+    matters for iBOT masking during pretraining, never at inference.
+    """
+    notes: list[str] = []
+    if method == "mae":
+        return dict(state), notes
+    out: dict[str, Tensor] = {}
+    pending: dict[int, dict[str, Tensor]] = {}
+    inverse = {v: k for k, v in _NATIVE_MLP.items()}
+    for key, value in state.items():
+        m = _CHUNKED.match(key)
+        if m is not None:
+            i, rest = int(m[2]), m[3]
+        else:
+            m = _BLOCK.match(key)
+            if m is None:
+                out[key] = value
+                continue
+            i, rest = int(m[1]), m[2]
+        module, _, param = rest.rpartition(".")
+        if module in ("mlp.w1", "mlp.w2"):
+            pending.setdefault(i, {})[f"{module}.{param}"] = value
+            continue
+        out[f"blocks.{i}.{inverse.get(module, module)}.{param}"] = value
+    for i, parts in pending.items():
+        for param in ("weight", "bias"):
+            w1, w2 = parts.get(f"mlp.w1.{param}"), parts.get(f"mlp.w2.{param}")
+            if w1 is None or w2 is None:
+                raise KeyError(f"block {i}: unpacked SwiGLU needs both mlp.w1.{param} and "
+                               f"mlp.w2.{param}")
+            out[f"blocks.{i}.mlp.fc1.{param}"] = torch.cat([w1, w2], dim=0)
+    if method == "dino" and "mask_token" not in out and "pos_embed" in out:
+        out["mask_token"] = torch.zeros(1, out["pos_embed"].shape[-1], dtype=out["pos_embed"].dtype)
+        notes.append("mask_token absent from checkpoint: set to zeros (unused at inference)")
+    if method == "clip":
+        out.pop("mask_token", None)
+    return out, notes
+
+
+# ---- transformers Dinov2Model / ViTModel -----------------------------------------------------
+
+_TOP = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+        "mask_token": "embeddings.mask_token", "patch_embed.proj": "embeddings.patch_embeddings.projection",
+        "norm": "layernorm"}
+_QKV_NEW = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+_QKV_OLD = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+_LS = {"ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
+#: (model kind, legacy 4.x naming?) -> (block prefix, our block module -> HF module or parts)
+HF_LAYOUTS: dict[tuple[str, bool], tuple[str, dict[str, str | tuple[str, ...]]]] = {
+    ("dinov2", False): ("encoder.layer.", {
+        "norm1": "norm1", "attn.qkv": _QKV_NEW, "attn.proj": "attention.o_proj", "norm2": "norm2",
+        "mlp.fc1": ("mlp.gate_proj", "mlp.up_proj"), "mlp.fc2": "mlp.down_proj", **_LS}),
+    ("dinov2", True): ("encoder.layer.", {
+        "norm1": "norm1", "attn.qkv": _QKV_OLD, "attn.proj": "attention.output.dense", "norm2": "norm2",
+        "mlp.fc1": "mlp.weights_in", "mlp.fc2": "mlp.weights_out", **_LS}),
+    ("vit", False): ("layers.", {
+        "norm1": "layernorm_before", "attn.qkv": _QKV_NEW, "attn.proj": "attention.o_proj",
+        "norm2": "layernorm_after", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}),
+    ("vit", True): ("encoder.layer.", {
+        "norm1": "layernorm_before", "attn.qkv": _QKV_OLD, "attn.proj": "attention.output.dense",
+        "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}),
+}
+#: HF-only parameters that are not part of our encoder (ViT's tanh pooler head).
+HF_IGNORED = re.compile(r"^pooler\.")
+
+
+def hf_is_legacy(keys: Any) -> bool:
+    """Whether HF keys use the transformers 4.x names (those of the uploaded repos)."""
+    return any(".attention.attention." in k for k in keys)
+
+
+def _hf_param(table: Mapping[str, Any], our: str) -> tuple[Any, str]:
+    """HF target(s) of one of our block parameters, e.g. 'attn.qkv.weight'."""
+    if our in table:  # whole-parameter renames (LayerScale gamma -> lambda1)
+        target = table[our]
+        return target, ""
+    module, _, param = our.rpartition(".")
+    if module not in table:
+        raise KeyError(f"no HF counterpart for encoder parameter {our!r}")
+    return table[module], "." + param
+
+
+def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> dict[str, Tensor]:
+    """Our state dict renamed for ``Dinov2Model`` (kind 'dinov2') or ``ViTModel`` ('vit')."""
+    prefix, table = HF_LAYOUTS[(kind, legacy)]
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = _BLOCK.match(key)
+        if m is None:
+            module, _, param = key.rpartition(".")
+            if key in _TOP:
+                out[_TOP[key]] = value
+            elif module in _TOP:
+                out[f"{_TOP[module]}.{param}"] = value
+            else:
+                raise KeyError(f"no HF counterpart for encoder parameter {key!r}")
+            continue
+        base = f"{prefix}{m[1]}."
+        target, param = _hf_param(table, m[2])
+        if isinstance(target, tuple):
+            for name, part in zip(target, _split(value, len(target))):
+                out[f"{base}{name}{param}"] = part
+        else:
+            out[f"{base}{target}{param}"] = value
+    return out
+
+
+def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
+    """HF ``Dinov2Model`` / ``ViTModel`` keys (either naming generation) → ours.
+
+    Split parameters (q/k/v, gate/up) are concatenated back in our packed order; a key that
+    maps to nothing, or a part missing from a split parameter, raises ``KeyError`` naming it.
+    """
+    prefix, table = HF_LAYOUTS[(kind, hf_is_legacy(state))]
+    inverse: dict[str, tuple[str, int, int]] = {}
+    for ours, target in table.items():
+        parts = target if isinstance(target, tuple) else (target,)
+        for j, name in enumerate(parts):
+            inverse[name] = (ours, j, len(parts))
+    top = {v: k for k, v in _TOP.items()}
+    block = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
+    out: dict[str, Tensor] = {}
+    gathered: dict[str, tuple[list[Tensor | None], list[str]]] = {}
+    for key, value in state.items():
+        if HF_IGNORED.match(key):
+            continue
+        m = block.match(key)
+        if m is None:
+            module, _, param = key.rpartition(".")
+            if key in top:
+                out[top[key]] = value
+            elif module in top:
+                out[f"{top[module]}.{param}"] = value
+            else:
+                raise KeyError(f"unexpected key {key!r} in a HF {kind} checkpoint")
+            continue
+        rest = m[2]
+        if rest in inverse:
+            hit, param = inverse[rest], ""
+        else:
+            module, _, param = rest.rpartition(".")
+            if module not in inverse:
+                raise KeyError(f"unexpected key {key!r} in a HF {kind} checkpoint")
+            hit, param = inverse[module], "." + param
+        ours, j, n = hit
+        target = table[ours] if isinstance(table[ours], tuple) else (table[ours],)
+        slots, _ = gathered.setdefault(f"blocks.{m[1]}.{ours}{param}", (
+            [None] * n, [f"{prefix}{m[1]}.{t}{param}" for t in target]))
+        slots[j] = value
+    for our_key, (parts, expected) in gathered.items():
+        lost = [name for name, p in zip(expected, parts) if p is None]
+        if lost:
+            raise KeyError(f"missing key(s) {lost} of a split parameter in a HF {kind} checkpoint")
+        out[our_key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if kind == "vit":
+        out.pop("mask_token", None)  # ViTModel's optional mask token is (1, 1, D) and unused by MAE
+    return out
+

@@ -1,0 +1,320 @@
+"""Hugging Face and native checkpoints <-> our encoders, and the table of released Web-SSL models.
+
+The released Web-DINO towers are ``transformers`` ``Dinov2Model`` s with a SwiGLU FFN and
+Web-MAE encoders are ``ViTModel`` s (paper_facts §8.1). Exporting our runs in those formats makes
+them usable by any downstream code written for the released models, and importing the released
+weights turns an eval-only run into a run "imported from a checkpoint" (design §1): the
+imported encoder is written as an ordinary run-dir ``encoder.safetensors``, so every evaluation
+reads it with ``models.io.load_encoder`` like a run trained here.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from webssl_repro.models import convert
+from webssl_repro.models.vit import Arch, WebSSLViT, arch_for
+
+KINDS = {"dinov2": "dino", "vit": "mae"}  # HF model_type -> default method
+
+
+def _hf_swiglu_hidden(width: int, ratio: float) -> int:
+    """transformers' ``Dinov2SwiGLUFFN`` width rule (same in 4.x and 5.x)."""
+    return (int(int(width * ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def swiglu_mlp_ratio(width: int, hidden: int) -> int:
+    """The ``mlp_ratio`` for which HF's SwiGLU is ``hidden`` wide (4 for every paper arch).
+
+    transformers 5 validates ``mlp_ratio`` as an int, and HF rounds the SwiGLU width up to a
+    multiple of 8, so only widths ``(int(D·r·2/3)+7)//8·8`` for an integer ``r`` can be
+    exported; anything else raises rather than export a differently shaped model.
+    """
+    for ratio in (4, *range(1, 4 * hidden // width + 9)):
+        if _hf_swiglu_hidden(width, ratio) == hidden:
+            return ratio
+    raise ValueError(f"SwiGLU hidden size {hidden} (width {width}) cannot be expressed by "
+                     "transformers' Dinov2Config.mlp_ratio (an integer r gives "
+                     "(int(width*r*2/3)+7)//8*8)")
+
+
+def hf_config(arch: Arch, method: str, img_size: int):
+    """``Dinov2Config`` (dino/clip towers) or ``ViTConfig`` (mae) describing our encoder.
+
+    The run metadata rides along as ``config.webssl`` so a round trip restores the method
+    (a CLIP tower and a Web-DINO tower are both ``Dinov2Model`` s).
+    """
+    from transformers import Dinov2Config, ViTConfig
+
+    webssl = {"method": method, "arch": _arch_dict(arch, method), "img_size": int(img_size)}
+    common = dict(hidden_size=arch.width, num_hidden_layers=arch.depth,
+                  num_attention_heads=arch.heads, patch_size=arch.patch, image_size=int(img_size),
+                  layer_norm_eps=1e-6, qkv_bias=True, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, webssl=webssl)
+    if method == "mae":
+        return ViTConfig(hidden_act="gelu", intermediate_size=arch.hidden("gelu"), **common)
+    return Dinov2Config(use_swiglu_ffn=True, layerscale_value=1e-5,
+                        mlp_ratio=swiglu_mlp_ratio(arch.width, arch.hidden("swiglu")),
+                        use_mask_token=method == "dino", drop_path_rate=0.0, **common)
+
+
+def _arch_dict(arch: Arch, method: str) -> dict[str, int]:
+    ffn = "gelu" if method == "mae" else "swiglu"
+    return {"width": arch.width, "depth": arch.depth, "heads": arch.heads,
+            "ffn_hidden": arch.hidden(ffn), "patch": arch.patch}
+
+
+def _meta(method: str, arch: Arch, img_size: int, **extra: Any) -> dict[str, Any]:
+    """The run-dir metadata (as ``train.run`` writes it) plus ``load_encoder``'s extras."""
+    return {"method": method, "arch": _arch_dict(arch, method), "img_size": int(img_size),
+            "patch": arch.patch, "depth": arch.depth, **extra}
+
+
+def _new_hf_model(config) -> nn.Module:
+    from transformers import Dinov2Model, ViTModel
+
+    if config.model_type == "vit":
+        return ViTModel(config, add_pooling_layer=False)
+    return Dinov2Model(config)
+
+
+def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write ``encoder`` as a transformers model directory (config.json + model.safetensors).
+
+    The HF model is built on the meta device and adopts our tensors, so exporting a 7B run
+    does not hold a second randomly initialised copy. ``from_pretrained(out_dir)`` then gives
+    ``last_hidden_state`` = our final-norm tokens (CLS first). transformers 5 writes the file
+    in the 4.x names of the uploaded ``facebook/webssl-*`` repos, so either version loads it.
+    """
+    method = meta["method"]
+    if method not in ("dino", "clip", "mae"):
+        raise ValueError(f"unknown method {method!r}")
+    if (method == "mae") != (encoder.ffn == "gelu"):
+        raise ValueError(f"meta says method {method!r} but the encoder has a {encoder.ffn} FFN")
+    if (method == "dino") != (encoder.mask_token is not None):
+        raise ValueError(f"meta says method {method!r} but the encoder "
+                         f"{'has' if encoder.mask_token is not None else 'lacks'} a mask token")
+    img_size = int(meta["img_size"])
+    config = hf_config(encoder.arch, method, img_size)
+    with torch.device("meta"):
+        model = _new_hf_model(config)
+    kind = config.model_type
+    state = convert.to_hf({k: v.detach() for k, v in encoder.state_dict().items()}, kind,
+                          legacy=convert.hf_is_legacy(model.state_dict()))
+    model.load_state_dict(state, strict=True, assign=True)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | None) -> nn.Module:
+    from transformers import AutoConfig, Dinov2Model, ViTModel
+
+    local = Path(path).is_dir()
+    if not local and not allow_download:
+        raise FileNotFoundError(f"{path}: no such local HF model directory (pass allow_download=True "
+                                "to fetch a hub id, which is meant for paper-scale runs only)")
+    kw = {"revision": revision} if revision and not local else {}
+    config = AutoConfig.from_pretrained(str(path), **kw)
+    if config.model_type == "vit":
+        return ViTModel.from_pretrained(str(path), add_pooling_layer=False, **kw)
+    if config.model_type == "dinov2":
+        return Dinov2Model.from_pretrained(str(path), **kw)
+    raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower "
+                     "(expected 'dinov2' for Web-DINO or 'vit' for Web-MAE)")
+
+
+def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = False,
+              revision: str | None = None, method: str | None = None
+              ) -> tuple[WebSSLViT, dict[str, Any]]:
+    """Our encoder from a HF ``Dinov2Model``/``ViTModel`` (a local directory or a model object).
+
+    The method comes from ``config.webssl`` (our exports), else ``method``, else the model
+    type (Dinov2 → dino, ViT → mae). Both transformers naming generations are accepted. The
+    returned encoder shares storage with the HF model's tensors (no copy at 7B).
+    """
+    if isinstance(path_or_model, nn.Module):
+        model, source = path_or_model, type(path_or_model).__name__
+    else:
+        model = _load_hf_model(path_or_model, allow_download=allow_download, revision=revision)
+        source = str(path_or_model)
+    config = model.config
+    kind = config.model_type
+    if kind not in KINDS:
+        raise ValueError(f"{source}: model_type {kind!r} is not a Web-SSL tower")
+    ours = getattr(config, "webssl", None) or {}
+    method = method or ours.get("method") or KINDS[kind]
+    if (method == "mae") != (kind == "vit"):
+        raise ValueError(f"{source}: method {method!r} does not match a HF {kind} model")
+    width = config.hidden_size
+    if kind == "dinov2":
+        if not config.use_swiglu_ffn:
+            raise ValueError(f"{source}: Dinov2 with a GELU MLP (e.g. the original DINOv2 ViT-L) is "
+                             "not a Web-DINO tower; Web-DINO uses SwiGLU")
+        hidden = _hf_swiglu_hidden(width, config.mlp_ratio)
+    else:
+        if config.hidden_act != "gelu":
+            raise ValueError(f"{source}: ViT hidden_act {config.hidden_act!r}, Web-MAE uses 'gelu'")
+        hidden = config.intermediate_size
+    if not getattr(config, "qkv_bias", True):
+        raise ValueError(f"{source}: qkv_bias=False, but every Web-SSL tower has q/k/v biases")
+    if abs(config.layer_norm_eps - 1e-6) > 1e-12:
+        warnings.warn(f"{source}: layer_norm_eps={config.layer_norm_eps}, our encoder uses 1e-6 "
+                      "(a negligible difference for trained weights)", stacklevel=2)
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    img = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    arch = Arch(width, config.num_hidden_layers, config.num_attention_heads, hidden, patch,
+                "gelu" if method == "mae" else "swiglu")
+    state = convert.from_hf(model.state_dict(), kind)
+    if method == "clip":
+        state.pop("mask_token", None)
+    elif method == "dino" and "mask_token" not in state:
+        state["mask_token"] = torch.zeros(1, width)
+    encoder = convert.load_into_encoder(state, method, arch, img, source=source)
+    return encoder, _meta(method, arch, img, source=source)
+
+
+def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: str,
+                  arch: Arch | str, img_size: int) -> tuple[WebSSLViT, dict[str, Any]]:
+    """Our encoder from a released native ``.pth`` (DINOv2 backbone keys, or timm keys for MAE).
+
+    ``arch`` is an ``Arch`` or a released size ('7b', '700m'…). Flat and ``block_chunks``
+    layouts both load; heads in ``*_ssl_teacher.pth`` files are skipped and listed in
+    ``meta['ignored_keys']``.
+    """
+    if isinstance(arch, str):
+        arch = arch_for(method, arch)
+    if isinstance(path_or_state_dict, Mapping):
+        obj, source = path_or_state_dict, "state dict"
+    else:
+        obj = torch.load(str(path_or_state_dict), map_location="cpu", weights_only=True, mmap=True)
+        source = str(path_or_state_dict)
+    state, ignored = convert.unwrap_native(obj)
+    state, notes = convert.from_native(state, method)
+    encoder = convert.load_into_encoder(state, method, arch, int(img_size), source=source)
+    return encoder, _meta(method, arch, img_size, source=source, ignored_keys=ignored, notes=notes)
+
+
+# ---- released checkpoints (paper_facts §8.1) ------------------------------------------------
+
+#: hf_id -> HF revision pinned by mteb ("" where none is recorded); native .pth at _PTH_URL.
+_RELEASED = {
+    "webssl-dino300m-full2b-224": "8529cdb3fb75014932af3b896455fc21c386168e",
+    "webssl-dino1b-full2b-224": "d3bf033d9c8cc62ea9e73c40956642cad2ec568a",
+    "webssl-dino2b-full2b-224": "cd5893e3fd2e988eb716792049b3dd53b3f1b68b",
+    "webssl-dino3b-full2b-224": "2d015c340b16bc47bc6557fcb4e6c83a9d4aa1d3",
+    "webssl-dino5b-full2b-224": "88006b18b9af369f6c611db7a64d908bde3714e0",
+    "webssl-dino7b-full8b-224": "c6085463ea680043042a80c6d41db2c65e85f466",
+    "webssl-dino7b-full8b-378": "53c8c5b43070bd2ddb3f66161140408ce832301f",
+    "webssl-dino7b-full8b-518": "aee350d2c5e3e5fdb7ee6985291d808ea5eef431",
+    "webssl-dino2b-light2b-224": "633a663f304e63cc3cbec3f7f9ca2fbc94736128",
+    "webssl-dino2b-heavy2b-224": "9f46eb0c0129656a1ef195fde072e3765abdb7c6",
+    "webssl-dino3b-light2b-224": "4d0160f60673805431f4ad14983e712ed88be5b8",
+    "webssl-dino3b-heavy2b-224": "dd39c2910747561b332285d96c4dce0bdb240775",
+    "webssl-dino300m-light2b-224": "",
+    "webssl-mae300m-full2b-224": "4655a0ac1726c206ba14d5ccb26758c62a4d03b0",
+    "webssl-mae700m-full2b-224": "c32be382e757d73a178de1ead62c27391d4b4280",
+    "webssl-mae1b-full2b-224": "5880aefedbad8db0f44d27358f6f08e8576f70fc",
+    "webssl-mae2b-full2b-224": "",
+    "webssl-mae3b-full2b-224": "",
+}
+_NO_PTH = {"webssl-dino300m-light2b-224"}  # HF collection only, no native file in the README
+_PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
+_ID = re.compile(r"^webssl-(?P<method>dino|mae)(?P<size>\d+[mb])-(?P<data>full|light|heavy)"
+                 r"(?P<samples>\d+b)-(?P<res>\d+)$")
+
+
+@dataclass(frozen=True)
+class Released:
+    """One released checkpoint and the run it stands in for."""
+
+    hf_id: str
+    method: str
+    size: str
+    data: str
+    samples: str
+    img_size: int
+    run: str  # our run name, e.g. 'dino7b-full8b-518'
+    revision: str | None  # HF commit to pin, when recorded
+    pytorch_url: str | None
+
+    @property
+    def arch(self) -> Arch:
+        return arch_for(self.method, self.size)
+
+
+def released_checkpoint(hf_id: str) -> Released:
+    """Fields of a released id, with or without the ``facebook/`` owner."""
+    name = hf_id.split("/", 1)[1] if hf_id.startswith("facebook/") else hf_id
+    if name not in _RELEASED:
+        raise KeyError(f"{hf_id!r} is not a released Web-SSL checkpoint; known: "
+                       f"{sorted('facebook/' + k for k in _RELEASED)}")
+    m = _ID.match(name)
+    assert m is not None, name  # every table entry follows the id grammar
+    return Released(
+        hf_id=f"facebook/{name}", method=m["method"], size=m["size"], data=m["data"],
+        samples=m["samples"], img_size=int(m["res"]), run=name[len("webssl-"):],
+        revision=_RELEASED[name] or None,
+        pytorch_url=None if name in _NO_PTH else _PTH_URL.format(name.replace("-", "_")))
+
+
+def released_checkpoints() -> list[Released]:
+    """All released checkpoints, in the order of paper_facts §8.1."""
+    return [released_checkpoint(k) for k in _RELEASED]
+
+
+def load_released(hf_id: str, source: str | Path | None = None, *, allow_download: bool = False
+                  ) -> tuple[WebSSLViT, dict[str, Any]]:
+    """Encoder of a released checkpoint from ``source``: a local HF directory, a native
+    ``.pth``/``.pt`` file, or (``source=None`` with ``allow_download=True``, paper scale only)
+    the hub id itself at its pinned revision. The result is checked against the released
+    architecture and resolution so a wrong file cannot stand in for the run.
+    """
+    rel = released_checkpoint(hf_id)
+    if source is None:
+        if not allow_download:
+            raise FileNotFoundError(f"{rel.hf_id}: no local source given; set one in the config "
+                                    "or allow the download (paper scale)")
+        encoder, meta = import_hf(rel.hf_id, allow_download=True, revision=rel.revision)
+    elif Path(source).is_dir():
+        encoder, meta = import_hf(source)
+    else:
+        encoder, meta = import_native(source, rel.method, rel.arch, rel.img_size)
+    if (meta["method"], meta["arch"], meta["img_size"]) != (
+            rel.method, _arch_dict(rel.arch, rel.method), rel.img_size):
+        raise ValueError(f"{source}: holds a {meta['method']} {meta['arch']} @ {meta['img_size']}px "
+                         f"encoder, but {rel.hf_id} is {_arch_dict(rel.arch, rel.method)} "
+                         f"@ {rel.img_size}px")
+    meta.update(released=asdict(rel))
+    return encoder, meta
+
+
+def write_run_encoder(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write ``encoder.safetensors`` (+ ``provenance.json``) in the run-dir format of
+    ``train.run``, so ``load_encoder`` and every eval rule treat an imported run like a
+    trained one."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {k: meta[k] for k in ("method", "arch", "img_size")}
+    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+              str(out / "encoder.safetensors"), metadata={"encoder": json.dumps(header)})
+    prov = {"run_source": "imported", "checkpoint": str(meta.get("source")), "encoder": header,
+            **{k: meta[k] for k in ("released", "ignored_keys", "notes") if k in meta}}
+    (out / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
+    return out / "encoder.safetensors"
+
+
+def import_released(hf_id: str, source: str | Path | None, out_dir: str | Path, *,
+                    allow_download: bool = False) -> Path:
+    """The ``released`` run source in one call: load, verify, write the run-dir encoder."""
+    encoder, meta = load_released(hf_id, source, allow_download=allow_download)
+    return write_run_encoder(encoder, meta, out_dir)

@@ -1,0 +1,269 @@
+"""Export/import of our encoders to transformers' Dinov2Model / ViTModel and native layouts.
+
+Tiny random-init models only (no hub downloads): parity is checked on outputs, and round
+trips must reproduce every tensor bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from webssl_repro.models import convert
+from webssl_repro.models.hf import (
+    export_hf,
+    import_hf,
+    import_native,
+    import_released,
+    load_released,
+    released_checkpoint,
+    released_checkpoints,
+    swiglu_mlp_ratio,
+)
+from webssl_repro.models.io import load_encoder
+from webssl_repro.models.vit import PAPER_ARCHS, Arch, build_encoder
+
+torch.set_num_threads(1)
+TINY = Arch(64, 2, 4, patch=8)
+IMG = 32
+
+
+def _randomize(encoder, seed=0):
+    """Non-trivial values everywhere (LayerScale 1e-5 and zero biases would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
+    return encoder.eval()
+
+
+def _encoder(method, arch=TINY, seed=0):
+    return _randomize(build_encoder(arch, method, img_size=IMG), seed)
+
+
+def _meta(method, arch=TINY):
+    return {"method": method, "arch": {"width": arch.width, "depth": arch.depth,
+                                       "heads": arch.heads, "patch": arch.patch}, "img_size": IMG}
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def _images(n=2):
+    return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["dino", "clip"])
+def test_dinov2_export_matches_and_round_trips(tmp_path, method):
+    from transformers import Dinov2Model
+
+    enc = _encoder(method)
+    export_hf(enc, _meta(method), tmp_path)
+    hf = Dinov2Model.from_pretrained(tmp_path).eval()
+    assert hf.config.use_swiglu_ffn and hf.config.mlp_ratio == 4
+    assert hf.config.layerscale_value == 1e-5 and hf.config.layer_norm_eps == 1e-6
+    x = _images()
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+        ours = enc.forward_features_dict(x)
+    tokens = torch.cat([ours["x_norm_clstoken"][:, None], ours["x_norm_patchtokens"]], dim=1)
+    assert out.last_hidden_state.shape == (2, 1 + (IMG // 8) ** 2, 64)
+    diff = (out.last_hidden_state - tokens).abs().max().item()
+    assert diff < 1e-4, diff
+    assert (out.pooler_output - ours["x_norm_clstoken"]).abs().max().item() < 1e-4
+    assert tokens.abs().mean() > 0.1  # the comparison is not between two near-zero tensors
+
+    back, meta = import_hf(tmp_path)
+    assert meta["method"] == method and meta["arch"]["ffn_hidden"] == 176
+    _assert_same_state(enc, back)
+    back2, _ = import_hf(hf)  # an already-instantiated model
+    _assert_same_state(enc, back2)
+
+
+def test_vit_export_matches_and_round_trips(tmp_path):
+    from transformers import ViTModel
+
+    enc = _encoder("mae")
+    export_hf(enc, _meta("mae"), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "vit" and cfg["intermediate_size"] == 256
+    assert cfg["hidden_act"] == "gelu" and cfg["layer_norm_eps"] == 1e-6
+    hf = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    x = _images()
+    with torch.no_grad():
+        diff = (hf(pixel_values=x).last_hidden_state - enc.forward_features(x)).abs().max().item()
+    assert diff < 1e-4, diff
+    back, meta = import_hf(tmp_path)
+    assert meta["method"] == "mae" and meta["arch"]["ffn_hidden"] == 256
+    _assert_same_state(enc, back)
+
+
+@pytest.mark.parametrize("method,kind", [("dino", "dinov2"), ("mae", "vit")])
+def test_raw_hf_files_match_our_key_tables(tmp_path, method, kind):
+    """transformers writes its files in the 4.x names of the uploaded facebook/webssl-* repos
+    (5.x reverses its renames on save), so the raw file checks our legacy table against
+    transformers' own mapping, which a self-consistent round trip could not."""
+    from safetensors.torch import load_file
+
+    enc = _encoder(method)
+    export_hf(enc, _meta(method), tmp_path)
+    raw = load_file(str(tmp_path / "model.safetensors"))
+    legacy = convert.hf_is_legacy(raw)
+    ours = convert.to_hf(enc.state_dict(), kind, legacy=legacy)
+    assert sorted(raw) == sorted(ours)
+    for k in raw:
+        assert torch.equal(raw[k], ours[k]), k
+    for k, v in convert.from_hf(raw, kind).items():
+        assert torch.equal(v, enc.state_dict()[k]), k
+    # the other naming generation imports to the same tensors
+    other = convert.to_hf(enc.state_dict(), kind, legacy=not legacy)
+    assert sorted(convert.from_hf(other, kind)) == sorted(enc.state_dict())
+    for k, v in convert.from_hf(other, kind).items():
+        assert torch.equal(v, enc.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("chunks", [0, 4])
+def test_native_dinov2_layout_round_trip(chunks):
+    arch = Arch(64, 5, 4, patch=8)  # depth 5, 4 chunks: chunk size 1, uneven tail chunk
+    enc = _encoder("dino", arch)
+    native = convert.to_native(enc.state_dict(), "dino", block_chunks=chunks, depth=arch.depth)
+    assert "mlp.w12.weight" in "".join(native) and "mlp.fc1" not in "".join(native)
+    if chunks:
+        assert "blocks.4.4.mlp.w3.weight" in native and "blocks.1.1.ls1.gamma" in native
+    else:
+        assert "blocks.4.mlp.w3.weight" in native
+    back, meta = import_native(native, "dino", arch, IMG)
+    _assert_same_state(enc, back)
+    assert meta["notes"] == [] and meta["ignored_keys"] == []
+
+
+def test_native_teacher_file_unpacked_swiglu_and_missing_mask_token(tmp_path):
+    enc = _encoder("dino")
+    native = convert.to_native(enc.state_dict(), "dino")
+    teacher = {f"backbone.{k}": v for k, v in native.items() if k != "mask_token"}
+    for i in range(TINY.depth):  # xFormers' unpacked SwiGLU: w1 | w2 instead of w12
+        for p in ("weight", "bias"):
+            w1, w2 = teacher.pop(f"backbone.blocks.{i}.mlp.w12.{p}").chunk(2, dim=0)
+            teacher[f"backbone.blocks.{i}.mlp.w1.{p}"] = w1
+            teacher[f"backbone.blocks.{i}.mlp.w2.{p}"] = w2
+    teacher["dino_head.last_layer.weight"] = torch.zeros(3, 3)
+    torch.save({"teacher": teacher}, tmp_path / "t.pth")
+    back, meta = import_native(tmp_path / "t.pth", "dino", TINY, IMG)
+    assert meta["ignored_keys"] == ["dino_head.last_layer.weight"]
+    assert "mask_token" in meta["notes"][0]
+    ref = {k: v for k, v in enc.state_dict().items() if k != "mask_token"}
+    for k, v in ref.items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert torch.count_nonzero(back.mask_token) == 0
+
+
+def test_native_mae_is_timm_layout():
+    enc = _encoder("mae")
+    back, _ = import_native(dict(enc.state_dict()), "mae", TINY, IMG)
+    _assert_same_state(enc, back)
+
+
+def test_bad_checkpoints_name_the_key():
+    enc = _encoder("dino")
+    native = convert.to_native(enc.state_dict(), "dino")
+    extra = {**native, "blocks.0.attn.q_norm.weight": torch.ones(16)}
+    with pytest.raises(KeyError, match=r"blocks\.0\.attn\.q_norm\.weight"):
+        import_native(extra, "dino", TINY, IMG)
+    lost = {k: v for k, v in native.items() if k != "blocks.1.ls2.gamma"}
+    with pytest.raises(KeyError, match=r"blocks\.1\.ls2\.gamma"):
+        import_native(lost, "dino", TINY, IMG)
+    with pytest.raises(KeyError, match=r"pos_embed.*img_size=32, not 64"):
+        import_native(native, "dino", TINY, 64)
+    hf = convert.to_hf(enc.state_dict(), "dinov2")
+    del hf["encoder.layer.0.mlp.up_proj.bias"]
+    with pytest.raises(KeyError, match=r"encoder\.layer\.0\.mlp\.up_proj\.bias"):
+        convert.from_hf(hf, "dinov2")
+    hf["encoder.layer.0.attention.rope.inv_freq"] = torch.ones(2)
+    with pytest.raises(KeyError, match=r"encoder\.layer\.0\.attention\.rope\.inv_freq"):
+        convert.from_hf(hf, "dinov2")
+
+
+def test_swiglu_ratio_matches_hf_rule(tmp_path):
+    from transformers import Dinov2Model
+
+    for arch in PAPER_ARCHS.values():
+        assert swiglu_mlp_ratio(arch.width, arch.hidden("swiglu")) == 4
+    odd = Arch(64, 1, 4, ffn_hidden=88, patch=8, ffn="swiglu")
+    assert swiglu_mlp_ratio(64, 88) == 2
+    enc = _encoder("dino", odd)
+    export_hf(enc, _meta("dino", odd), tmp_path)
+    hf = Dinov2Model.from_pretrained(tmp_path).eval()
+    assert hf.encoder.layer[0].mlp.down_proj.in_features == 88
+    with torch.no_grad():
+        diff = (hf(pixel_values=_images()).pooler_output
+                - enc.forward_features_dict(_images())["x_norm_clstoken"]).abs().max().item()
+    assert diff < 1e-4
+    for impossible in (96, 100):  # 96: no integer ratio; 100: not a multiple of 8
+        with pytest.raises(ValueError, match="cannot be expressed"):
+            swiglu_mlp_ratio(64, impossible)
+
+
+def test_released_table_and_import(tmp_path):
+    r = released_checkpoint("facebook/webssl-dino7b-full8b-518")
+    assert (r.method, r.size, r.img_size, r.run) == ("dino", "7b", 518, "dino7b-full8b-518")
+    assert (r.data, r.samples) == ("full", "8b")
+    assert r.revision == "aee350d2c5e3e5fdb7ee6985291d808ea5eef431"
+    assert r.pytorch_url.endswith("/webssl_dino7b_full8b_518.pth")
+    assert (r.arch.width, r.arch.depth, r.arch.ffn_hidden) == (4096, 32, 10928)
+    mae = released_checkpoint("webssl-mae300m-full2b-224")
+    assert (mae.arch.patch, mae.arch.hidden("gelu")) == (16, 4096)
+    assert len(released_checkpoints()) == 18
+    with pytest.raises(KeyError, match="not a released"):
+        released_checkpoint("facebook/webssl-dino7b-full8b-384")
+    with pytest.raises(FileNotFoundError):
+        load_released("facebook/webssl-dino1b-full2b-224")  # never downloads by default
+    # a tiny file cannot pass as a released 7B model
+    native = convert.to_native(_encoder("dino").state_dict(), "dino")
+    torch.save(native, tmp_path / "tiny.pth")
+    with pytest.raises(KeyError, match="missing keys"):
+        load_released("facebook/webssl-dino7b-full8b-518", tmp_path / "tiny.pth")
+
+
+def test_imported_run_dir_loads_with_load_encoder(tmp_path, monkeypatch):
+    """import_released writes a run-dir encoder that load_encoder rebuilds exactly."""
+    import webssl_repro.models.hf as hf_mod
+
+    enc = _encoder("dino")
+    export_hf(enc, _meta("dino"), tmp_path / "hf")
+    # pretend the tiny export is a released id: its expected arch/resolution are the tiny ones
+    rel = hf_mod.released_checkpoint("facebook/webssl-dino1b-full2b-224")
+    fake = dataclasses.replace(rel, size="tiny", img_size=IMG)
+    monkeypatch.setattr(hf_mod, "released_checkpoint", lambda _id: fake)
+    monkeypatch.setattr(type(fake), "arch", property(lambda self: TINY))
+    path = import_released("facebook/webssl-dino1b-full2b-224", tmp_path / "hf", tmp_path / "run")
+    loaded, meta = load_encoder(path)
+    _assert_same_state(enc, loaded)
+    assert meta["method"] == "dino" and meta["img_size"] == IMG
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["run_source"] == "imported" and prov["checkpoint"] == str(tmp_path / "hf")
+    assert prov["released"]["run"] == "dino1b-full2b-224"
+
+
+@pytest.mark.parametrize("method,size", [("dino", "7b"), ("dino", "2b"), ("mae", "300m"), ("mae", "700m")])
+def test_paper_archs_map_onto_hf_shapes(method, size):
+    """Every released shape (on the meta device: no memory) maps 1:1 onto transformers' model,
+    e.g. the 7B SwiGLU width 10928 and MAE-300M's patch 16."""
+    from webssl_repro.models.hf import _new_hf_model, hf_config
+    from webssl_repro.models.vit import arch_for
+
+    arch, img = arch_for(method, size), 224
+    with torch.device("meta"):
+        ours = build_encoder(arch, method, img_size=img)
+        hf = _new_hf_model(hf_config(arch, method, img))
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    mapped = convert.to_hf(ours.state_dict(), hf.config.model_type,
+                           legacy=convert.hf_is_legacy(theirs))
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == theirs
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())

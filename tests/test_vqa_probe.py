@@ -1,0 +1,344 @@
+"""The Cambrian VQA probe: visual tokens, label masking, generation, stages, evaluation, loaders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from webssl_repro.evaluate.vqa.data import (IGNORE, MINI_CHAT, FeatureCache, VqaSample, encode, encoder_tokens,
+                                            extract_features)
+from webssl_repro.evaluate.vqa.lm import build_tiny_lm, build_tokenizer
+from webssl_repro.evaluate.vqa.probe import (MINI_VQA, MultimodalProbe, StageConfig, VqaConfig, backward_global_batch,
+                                             build_probe, build_projector, evaluate_vqa, fit_and_evaluate, train_stage)
+from webssl_repro.metrics import VQA_BENCHMARKS
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle"]
+TOKENS, VIS_DIM = 4, 12
+
+
+def _world(n: int, seed: int) -> tuple[list[VqaSample], FeatureCache]:
+    """Images whose visual tokens encode a colour and a shape; two question types about them."""
+    g = torch.Generator().manual_seed(seed)
+    ids, feats, samples = [], [], []
+    for i in range(n):
+        c, s = int(torch.randint(len(COLOURS), (1,), generator=g)), int(torch.randint(len(SHAPES), (1,), generator=g))
+        f = 0.1 * torch.randn(TOKENS, VIS_DIM, generator=g)
+        f[:, c] += 1.0
+        f[:, len(COLOURS) + s] += 1.0
+        ids.append(f"img{seed}-{i}")
+        feats.append(f)
+        if i % 2:
+            samples.append(VqaSample(ids[-1], "what colour is the object?", COLOURS[c], "gqa"))
+        else:
+            samples.append(VqaSample(ids[-1], "which shape is shown in the picture?", SHAPES[s], "gqa"))
+    return samples, FeatureCache(ids, torch.stack(feats))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["USER: ASSISTANT: what colour is the object? which shape is shown in the picture? is it",
+             " ".join(COLOURS + SHAPES)]
+    return build_tokenizer(texts)
+
+
+def _probe(tokenizer, hidden=64, layers=2, seed=0) -> MultimodalProbe:
+    lm = build_tiny_lm(len(tokenizer), hidden=hidden, layers=layers, heads=4, seed=seed,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return MultimodalProbe(lm, tokenizer, VIS_DIM, tokens=TOKENS, chat=MINI_CHAT)
+
+
+class FakeEncoder(nn.Module):
+    """forward_features returns [prefix tokens ; a fixed 4×4 patch grid] like a timm ViT."""
+
+    def __init__(self, patches: torch.Tensor, num_prefix_tokens: int = 1):
+        super().__init__()
+        self.patches, self.num_prefix_tokens = patches, num_prefix_tokens
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        B = images.shape[0]
+        prefix = torch.full((B, self.num_prefix_tokens, self.patches.shape[-1]), 1000.0)
+        return torch.cat([prefix, self.patches.expand(B, -1, -1)], 1)
+
+
+@pytest.mark.parametrize("n_prefix", [1, 5])
+def test_token_grid_resize_is_bilinear_and_drops_prefix(n_prefix):
+    grid = torch.arange(16.0).reshape(4, 4)
+    patches = torch.stack([grid.flatten(), 10 * grid.flatten()], -1)[None]  # (1, 16, 2)
+    out = encoder_tokens(FakeEncoder(patches, n_prefix), torch.zeros(3, 3, 32, 32), n_tokens=4)
+    # 4×4 → 2×2 with align_corners=False samples at input coordinate 0.5 and 2.5: the mean of each 2×2 block.
+    expected = torch.tensor([(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4, (8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4])
+    assert out.shape == (3, 4, 2)
+    assert torch.allclose(out[0, :, 0], expected) and torch.allclose(out[2, :, 1], 10 * expected)
+    same = encoder_tokens(FakeEncoder(patches, n_prefix), torch.zeros(1, 3, 32, 32), n_tokens=16)
+    assert torch.equal(same[0], patches[0])  # already on the target grid: untouched, prefix gone
+    with pytest.raises(ValueError, match="square"):
+        encoder_tokens(FakeEncoder(patches), torch.zeros(1, 3, 32, 32), n_tokens=5)
+
+
+def test_encoder_tokens_on_a_webssl_vit():
+    from webssl_repro.models.vit import Arch, build_encoder
+
+    enc = build_encoder(Arch(width=48, depth=1, heads=3, patch=8), "dino", img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = enc.forward_features(x)
+    assert full.shape == (2, 17, 48)
+    assert torch.allclose(encoder_tokens(enc, x, 16), full[:, 1:])
+    up = encoder_tokens(enc, x, 36)  # 4×4 → 6×6, the paper's 16×16 → 24×24 ratio
+    assert up.shape == (2, 36, 48) and torch.allclose(up.mean(1), full[:, 1:].mean(1), atol=0.05)
+
+
+def test_feature_cache_written_once(tmp_path):
+    enc = FakeEncoder(torch.randn(1, 16, 3))
+    path = tmp_path / "feats.safetensors"
+    batches = [(["a", "b"], torch.zeros(2, 3, 32, 32)), (["c"], torch.zeros(1, 3, 32, 32))]
+    cache = extract_features(enc, batches, 4, path)
+    assert path.exists() and list(cache) == ["a", "b", "c"] and cache.features.shape == (3, 4, 3)
+
+    def boom():
+        raise AssertionError("the encoder must not run again")
+        yield
+
+    again = extract_features(enc, boom(), 4, path)
+    assert torch.equal(again["c"], cache["c"])
+    assert torch.equal(cache.batch([None, "b"])[0], torch.zeros(4, 3))
+
+
+def test_tokenizer_round_trips_through_disk(tmp_path):
+    from webssl_repro.evaluate.vqa.lm import load_tokenizer
+
+    tok = build_tokenizer(["<bos> what is 3.5 plus 1? B. red <eos>"], tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    ids = again("what is 3.5 plus 1? B.", add_special_tokens=False)["input_ids"]
+    assert ids == tok("what is 3.5 plus 1? B.", add_special_tokens=False)["input_ids"] and len(ids) == 7
+    assert again.decode(ids) == "what is 3.5 plus 1 ? B." and again.chat_template == tok.chat_template
+    # 4 special tokens + 8 words: special strings in the texts did not get a second id.
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id, len(again)) == (0, 1, 2, 12)
+
+
+def test_answer_only_label_masking(tokenizer):
+    s = VqaSample("x", "what colour is the object?", "red blue", turns=(("which shape is shown?", "circle"),))
+    e = encode(tokenizer, MINI_CHAT, s, n_tokens=TOKENS)
+    ids = tokenizer.convert_tokens_to_ids
+    answer_positions = [i for i, lab in enumerate(e.labels) if lab != IGNORE]
+    assert all(e.labels[i] == e.input_ids[i] for i in answer_positions) and len(e.labels) == len(e.input_ids)
+    assert [e.labels[i] for i in answer_positions] == ids(["red", "blue", "<eos>", "circle", "<eos>"])
+    assert sum(e.image_mask) == TOKENS and all(e.labels[i] == IGNORE for i, m in enumerate(e.image_mask) if m)
+    assert e.input_ids[0] == tokenizer.bos_token_id and e.image_mask[1:1 + TOKENS] == [True] * TOKENS
+    # The rendered text is exactly the tokenizer's own chat template.
+    msgs = [{"role": "user", "content": s.question}, {"role": "assistant", "content": s.answer},
+            {"role": "user", "content": "which shape is shown?"}, {"role": "assistant", "content": "circle"}]
+    rendered = "".join(t if k != "image" else "<image>" for k, t in MINI_CHAT.pieces(s))
+    assert rendered == tokenizer.apply_chat_template(msgs, tokenize=False)
+    # The probe's loss is the CE of exactly those positions.
+    probe = _probe(tokenizer, hidden=32, layers=1)
+    visual, t = probe.batch([s], FeatureCache(["x"], torch.randn(1, TOKENS, VIS_DIM)), with_answer=True)
+    out = probe(visual, **t)
+    logp = out["logits"][0].log_softmax(-1)
+    manual = -torch.stack([logp[i - 1, e.labels[i]] for i in answer_positions]).mean()
+    assert int(out["n_answer"]) == 5 and torch.allclose(out["loss"], manual, atol=1e-5)
+
+
+def test_batched_greedy_equals_one_by_one(tokenizer):
+    probe = _probe(tokenizer, hidden=32, layers=2, seed=3).double()
+    samples, feats = _world(5, seed=7)
+    samples[1] = VqaSample(samples[1].image_id, "what colour is the object? is it red or blue or green?", "x")
+    samples[3] = VqaSample(None, "is it", "x")  # text-only: no image slot at all
+    feats = FeatureCache(feats.ids, feats.features.double())
+    steps: list[torch.Tensor] = []
+    hook = probe.lm.register_forward_hook(lambda m, args, out: steps.append(out.logits[:, -1].detach()))
+    batched = probe.answer(samples, feats, batch_size=5, max_new_tokens=6)
+    batched_steps, steps[:] = list(steps), []
+    single = []
+    for i, s in enumerate(samples):
+        single.append(probe.answer([s], feats, batch_size=1, max_new_tokens=6)[0])
+        # Every decoding step's logits match, not just the argmax (padding must be invisible).
+        for k, step in enumerate(steps[:len(single[-1].split())]):
+            assert torch.allclose(batched_steps[k][i], step[0], atol=1e-9), (i, k)
+        steps.clear()
+    hook.remove()
+    assert batched == single and sum(len(p.split()) for p in batched) >= 5
+    # Left padding leaves the last-position logits unchanged too.
+    visual, t = probe.batch(samples, feats, with_answer=False)
+    last = probe(visual, t["input_ids"], t["attention_mask"], t["image_mask"])["logits"][:, -1]
+    for i, s in enumerate(samples):
+        v1, t1 = probe.batch([s], feats, with_answer=False)
+        ref = probe(v1, t1["input_ids"], t1["attention_mask"], t1["image_mask"])["logits"][0, -1]
+        assert torch.allclose(last[i], ref, atol=1e-9)
+
+
+def test_stage1_trains_projector_only(tokenizer):
+    probe = _probe(tokenizer, hidden=32, layers=1)
+    samples, feats = _world(16, seed=1)
+    lm_before = {k: v.clone() for k, v in probe.lm.state_dict().items()}
+    proj_before = {k: v.clone() for k, v in probe.projector.state_dict().items()}
+    quick = dict(lr=1e-2, batch_size=8, warmup_ratio=0.0)
+    log = train_stage(probe, samples, feats, 1, StageConfig(micro_batch_size=4, max_steps=3, **quick))
+    assert log["steps"] == 3 and len(log["losses"]) == 3
+    assert all(torch.equal(v, lm_before[k]) for k, v in probe.lm.state_dict().items())
+    assert all(not torch.equal(v, proj_before[k]) for k, v in probe.projector.state_dict().items())
+    train_stage(probe, samples, feats, 2, StageConfig(micro_batch_size=8, max_steps=1, **quick))
+    assert any(not torch.equal(v, lm_before[k]) for k, v in probe.lm.state_dict().items())
+
+
+def test_gradient_accumulation_is_split_invariant(tokenizer):
+    probe = _probe(tokenizer, hidden=32, layers=1).double()
+    samples, feats = _world(6, seed=2)
+    samples[0] = VqaSample(samples[0].image_id, samples[0].question, "red green blue purple")  # uneven lengths
+    feats = FeatureCache(feats.ids, feats.features.double())
+    grads = []
+    for split in ([samples], [samples[:1], samples[1:4], samples[4:]]):
+        probe.zero_grad()
+        loss = backward_global_batch(probe, split, feats)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in probe.parameters()])))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+
+
+def _exact(benchmark, preds, refs):
+    return 100.0 * sum(p == r["answer"] for p, r in zip(preds, refs)) / len(refs)
+
+
+def test_end_to_end_answers_from_visual_tokens(tokenizer):
+    """After a short stage 2 the probe reads colour/shape from the tokens; random tokens give ~chance."""
+    cfg = VqaConfig.from_mapping({
+        "language_model": "tiny", "tokens": TOKENS, "chat_format": "mini", "lm_hidden": 64, "lm_layers": 2,
+        "lm_heads": 4, "max_length": 64, "max_new_tokens": 4, "eval_batch_size": 32,
+        "stage1": {"lr": 1e-3, "batch_size": 64, "micro_batch_size": 64, "max_steps": 4},
+        "stage2": {"lr": 3e-3, "batch_size": 32, "micro_batch_size": 32, "epochs": 6, "warmup_ratio": 0.05}})
+    probe = build_probe(cfg, VIS_DIM, tokenizer)
+    train, train_feats = _world(384, seed=11)
+    test, test_feats = _world(60, seed=12)
+    feats = FeatureCache(train_feats.ids + test_feats.ids, torch.cat([train_feats.features, test_feats.features]))
+    good = fit_and_evaluate(cfg, probe, feats, train[:64], train, {"gqa": test}, _exact)
+    stage1, stage2 = good["training"]
+    assert (stage1["steps"], stage2["steps"]) == (4, 72) and stage2["final_loss"] < 0.5
+    noise = FeatureCache(test_feats.ids, torch.randn_like(test_feats.features))
+    bad = evaluate_vqa(probe, {"gqa": test}, _exact, features=noise, max_new_tokens=4)
+    assert good["benchmarks"]["gqa"] >= 85.0, good
+    assert bad["benchmarks"]["gqa"] <= 55.0 and good["benchmarks"]["gqa"] - bad["benchmarks"]["gqa"] >= 35.0
+    assert good["categories"] is None  # a single benchmark has no paper average
+
+
+def test_evaluate_vqa_keys_and_category_math(tokenizer):
+    probe = _probe(tokenizer, hidden=32, layers=1)
+    samples, feats = _world(2, seed=5)
+    values = {b: float(10 + i) for i, b in enumerate(VQA_BENCHMARKS)}
+    values["mme"] = 1500.0
+    seen = {}
+
+    def scorer(benchmark, preds, refs):
+        seen[benchmark] = (len(preds), [r["answer"] for r in refs])
+        return values[benchmark]
+
+    out = evaluate_vqa(probe, {b: samples for b in VQA_BENCHMARKS}, scorer, features=feats, max_new_tokens=2)
+    assert set(out) == {"benchmarks", "categories"} and out["benchmarks"] == values
+    assert seen["gqa"] == (2, [s.answer for s in samples])
+    cats = out["categories"]
+    assert cats["General"] == pytest.approx((1500 / 20 + 11 + 12 + 13) / 4)  # 27.75
+    assert cats["Knowledge"] == pytest.approx(15.5) and cats["OCR & Chart"] == pytest.approx(19.5)
+    assert cats["Vision-Centric"] == pytest.approx(23.5)
+    assert cats["Average"] == pytest.approx((27.75 + 15.5 + 19.5 + 23.5) / 4)
+
+
+def test_mini_eval_items_become_samples_with_scorer_references():
+    from webssl_repro.evaluate.vqa.data import samples_from_items
+
+    items = [{"id": "cvbench2d-test-000000", "benchmark": "cvbench2d", "image_id": "s7", "image": object(),
+              "question": "How many circles?\nA. 1\nB. 2", "answer": "B", "choices": ["1", "2"], "subtask": "count"}]
+    (s,) = samples_from_items(items)
+    assert (s.image_id, s.benchmark, s.answer) == ("s7", "cvbench2d", "B")
+    assert s.reference() == {"id": "cvbench2d-test-000000", "answer": "B", "choices": ["1", "2"], "subtask": "count"}
+
+
+def test_config_defaults_and_unknown_keys():
+    cfg = VqaConfig.from_mapping({"language_model": "meta-llama/Meta-Llama-3-8B-Instruct", "tokens": 576})
+    assert (cfg.stage1.lr, cfg.stage2.lr, cfg.stage2.batch_size, cfg.stage2.weight_decay) == (1e-3, 4e-5, 512, 0.0)
+    assert VqaConfig.from_mapping({"stage1": {"lr": 1e-5}}).stage1.warmup_ratio == 0.06
+    mini = VqaConfig.from_mapping(MINI_VQA)
+    assert (mini.tokens, mini.stage2.lr, mini.stage2.batch_size, mini.stage1.lr) == (36, 3e-3, 64, 1e-3)
+    with pytest.raises(KeyError, match="toknes"):
+        VqaConfig.from_mapping({"toknes": 576})
+    with pytest.raises(KeyError, match="stage2.*lr_max"):
+        VqaConfig.from_mapping({"stage2": {"lr_max": 1.0}})
+    proj = build_projector("mlp2x_gelu", 12, 32)
+    assert [type(m).__name__ for m in proj] == ["Linear", "GELU", "Linear"] and proj[2].in_features == 32
+
+
+def test_cambrian_loader_excludes_laion(tmp_path):
+    from webssl_repro.evaluate.vqa.real import cambrian_samples
+
+    rows = [
+        {"id": "1", "image": "coco/train2017/1.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]},
+        {"id": "2", "image": "laion/00001/2.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]},
+        {"id": "3", "image": "sam/3.jpg", "source": "LAION-GPT4V", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "y"}]},
+        {"id": "4", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
+    ]
+    path = tmp_path / "cambrian.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = list(cambrian_samples(path, image_root="/data"))
+    assert [s.meta["id"] for s in out] == ["1", "4"]
+    assert out[0].image_id == "/data/coco/train2017/1.jpg" and out[0].question == "What is this?"
+    assert out[0].turns == (("Colour?", "Grey."),) and out[1].image_id is None
+    assert len(list(cambrian_samples(path, exclude_laion=False))) == 4
+
+
+def test_online_features_match_the_cache_path():
+    from webssl_repro.evaluate.vqa.real import EncoderFeatures
+
+    enc = FakeEncoder(torch.randn(1, 16, 3))
+    online = EncoderFeatures(enc, load=lambda path: path, transform=lambda _: torch.zeros(3, 32, 32), tokens=4)
+    out = online.batch(["x.jpg", None])
+    assert out.shape == (2, 4, 3) and torch.equal(out[1], torch.zeros(4, 3))
+    assert torch.allclose(out[0], encoder_tokens(enc, torch.zeros(1, 3, 32, 32), 4)[0])
+
+
+def test_real_benchmark_adapters_with_local_stand_ins():
+    datasets = pytest.importorskip("datasets")
+    from webssl_repro.evaluate.vqa.real import BENCHMARKS, load_benchmark
+    from webssl_repro.evaluate.vqa.scorers import score
+
+    assert set(BENCHMARKS) == set(VQA_BENCHMARKS)
+    mme = datasets.Dataset.from_list([
+        {"question_id": "a.jpg", "question": "Is there a dog? Please answer yes or no.", "answer": "Yes",
+         "category": "existence", "image": "IMG-A"},
+        {"question_id": "a.jpg", "question": "Is there a cat? Please answer yes or no.", "answer": "No",
+         "category": "existence", "image": "IMG-A"},
+        {"question_id": "b.jpg", "question": "Is 2+2=4?", "answer": "Yes", "category": "numerical_calculation",
+         "image": "IMG-B"}])
+    samples, image = load_benchmark("mme", dataset=mme)
+    assert len(samples) == 2 and image(samples[1].image_id) == "IMG-A"  # cognition subtask dropped
+    refs = [s.reference() for s in samples]
+    assert samples[0].meta["pair_id"] == samples[1].meta["pair_id"] == "a.jpg"
+    assert score("mme", ["Yes", "No"], refs) == 2000.0 and score("mme", ["Yes", "Yes"], refs) == 500.0
+    cv = datasets.Dataset.from_list([
+        {"prompt": "Which is closer?\n(A) box\n(B) cup", "choices": ["box", "cup"], "answer": "(B)",
+         "source": "Omni3D", "task": "Depth", "image": "I"}])
+    (s,), _ = load_benchmark("cvbench3d", dataset=cv)
+    assert s.answer == "B" and score("cvbench3d", ["(B)"], [s.reference()]) == 100.0
+    gqa = datasets.Dataset.from_list([{"question": "What is on the table?", "answer": "cup", "imageId": "n2"}])
+    gqa_images = datasets.Dataset.from_list([{"id": "n1", "image": "P1"}, {"id": "n2", "image": "P2"}])
+    (s,), image = load_benchmark("gqa", dataset=gqa, images=gqa_images)
+    assert image(s.image_id) == "P2" and s.question.endswith("single word or phrase.") and s.answer == "cup"
+    ai2d = datasets.Dataset.from_list([{"question": "Which eats grass?", "options": ["fox", "deer"], "answer": "1",
+                                        "image": "I"}])
+    (s,), _ = load_benchmark("ai2d", dataset=ai2d)
+    assert s.answer == "B" and "A. fox\nB. deer" in s.question
