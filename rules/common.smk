@@ -12,17 +12,13 @@ ENV = "../environment.yml"
 
 
 wildcard_constraints:
-    run="[a-z0-9]+-[a-z0-9]+-[0-9]+",
+    run=r"[a-z0-9]+-[a-z0-9]+-[0-9]+(\.s[0-9]+)?",
     item="(table|fig)[0-9]+",
 
 
 # Input and resource functions of rules/pretrain.smk
 def _pretrain_inputs(wildcards):
-    run = Run.parse(wildcards.run)
-    inputs = {"data": PLAN.pretrain_data(run)}
-    if run.parent is not None:  # hi-res fine-tune starts from the 224 px run (paper App. C)
-        inputs["parent"] = f"{PLAN.run_dir(str(run.parent))}/state.pt"
-    return inputs
+    return PLAN.pretrain_inputs(wildcards.run)
 
 
 def _res(key, default=None):

@@ -74,3 +74,22 @@ rule pretrain_multinode:
         ENV
     shell:
         _PRETRAIN_SHELL
+
+
+# A run declared in `pretrain.run_sources` is imported from a released checkpoint
+# (HF directory, native .pth, or the hub at paper scale) instead of trained.
+rule import_released:
+    wildcard_constraints:
+        run=PLAN.imported_pattern(),
+    output:
+        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        provenance=f"{RESULTS}/runs/{{run}}/provenance.json",
+    params:
+        source=lambda w: PLAN.import_command(w.run),
+        out=lambda w: PLAN.run_dir(w.run),
+    log:
+        f"logs/{SCALE}/pretrain/{{run}}_import.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro import-released --run {wildcards.run} {params.source} --out {params.out} > {log} 2>&1"

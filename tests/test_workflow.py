@@ -171,3 +171,36 @@ def test_one_figure_rebuilds_alone(workflow_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (workflow_dir / "paper/published/figures/fig3.pdf").exists()
     assert not (workflow_dir / "paper/published/tables").exists()
+
+
+def test_seeds_repeat_every_run_and_feed_the_items(workflow_dir):
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    config["seeds"] = [0, 1]
+    plan = Plan(config)
+    assert len(plan.run_ids) == 2 * len(plan.runs)
+    assert "dino1b-full2b-224.s1" in plan.run_ids
+    assert plan.run_config("dino1b-full2b-224.s1")["seed"] == 1
+    assert plan.run_config("dino1b-full2b-224")["seed"] == 0
+    assert "results/mini/evals/dino1b-full2b-224.s1/classic.json" in plan.item_inputs("table7")
+    (workflow_dir / "seeds.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "seeds.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "results/mini/runs/dino7b-full8b-224.s1/encoder.safetensors" in proc.stdout
+    # the seed-1 hi-res fine-tune starts from the seed-1 224 px run
+    assert plan.pretrain_inputs("dino7b-full8b-518.s1")["parent"] == "results/mini/runs/dino7b-full8b-224.s1/state.pt"
+
+
+def test_released_run_source_replaces_training(workflow_dir):
+    config = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    config["pretrain"]["run_sources"] = {
+        "dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224", "path": "/ckpt/dino2b-heavy"}}
+    (workflow_dir / "released.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_dir, "-n", "-p", "all", "--configfile", "released.yaml")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"import_released\s+1\b", out) and re.search(r"pretrain_multinode\s+29\b", out)
+    assert "--checkpoint facebook/webssl-dino2b-heavy2b-224 --path /ckpt/dino2b-heavy" in out
+    config["pretrain"]["run_sources"] = {"dino2b-heavy2b-224": {"path": "/x"}}
+    (workflow_dir / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "bad.yaml")
+    assert proc.returncode != 0 and "checkpoint" in proc.stdout + proc.stderr

@@ -120,6 +120,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_released(args: argparse.Namespace) -> int:
+    from webssl_repro.models.hf import import_released, released_checkpoint
+    from webssl_repro.runs import split_seed
+
+    released = released_checkpoint(args.checkpoint)
+    if released.run != split_seed(args.run)[0]:
+        raise ValueError(f"checkpoint {args.checkpoint} is run {released.run!r}, not {args.run!r}")
+    path = import_released(args.checkpoint, args.path, args.out, allow_download=args.allow_download)
+    print(f"{args.run}: imported {args.checkpoint} -> {path}")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from webssl_repro.data.stages import main as data_main
 
@@ -157,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="+", required=True, help="eval-set manifests")
     ev.add_argument("--out", required=True, type=Path)
     ev.set_defaults(func=_evaluate)
+
+    imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")
+    imp.add_argument("--run", required=True)
+    imp.add_argument("--checkpoint", required=True, help="released id, e.g. facebook/webssl-dino2b-heavy2b-224")
+    imp.add_argument("--path", default=None, help="local HF directory or native .pth")
+    imp.add_argument("--allow-download", action="store_true", help="fetch from the hub (paper scale only)")
+    imp.add_argument("--out", required=True, type=Path)
+    imp.set_defaults(func=_import_released)
 
     data = sub.add_parser("data", help="data stage: shards, in1k, filter, evalset, fig8", add_help=False)
     data.add_argument("rest", nargs=argparse.REMAINDER)

@@ -98,6 +98,19 @@ class Run:
         return Run(**values)
 
 
+_SEED = re.compile(r"^(?P<run>.+)\.s(?P<seed>[0-9]+)$")
+
+
+def with_seed(run: str, seed: int, first_seed: int = 0) -> str:
+    """The directory name of one seed of a run: the plain name for the first seed, ``{run}.s{seed}`` else."""
+    return run if seed == first_seed else f"{run}.s{seed}"
+
+
+def split_seed(run_id: str, first_seed: int = 0) -> tuple[str, int]:
+    m = _SEED.match(run_id)
+    return (m["run"], int(m["seed"])) if m else (run_id, first_seed)
+
+
 def is_run_name(name: str) -> bool:
     return _NAME.match(name) is not None
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from webssl_repro.paper import specs
 from webssl_repro.recipes import hires_recipe
 from webssl_repro.resources import RunResources, pretrain_resources, samples_of
-from webssl_repro.runs import Run, sort_runs
+from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 
 TABLE_FORMATS = ("tsv", "md", "tex")
 FIGURE_FORMATS = ("pdf", "png")
@@ -72,6 +72,23 @@ class Plan:
             return ()
         return tuple(sort_runs(r for i in self.items for r in specs.get_item(i).runs))
 
+    @property
+    def seeds(self) -> list[int]:
+        return [int(x) for x in self.config.get("seeds", [0])]
+
+    @cached_property
+    def run_ids(self) -> tuple[str, ...]:
+        """Every (run, seed) as a directory name: ``dino1b-full2b-224``, ``dino1b-full2b-224.s1``."""
+        return tuple(with_seed(r, s, self.seeds[0]) for s in self.seeds for r in self.runs)
+
+    def seeded(self, run: str) -> list[str]:
+        return [with_seed(run, s, self.seeds[0]) for s in self.seeds]
+
+    @property
+    def run_sources(self) -> dict[str, dict[str, Any]]:
+        """Runs imported from a released checkpoint instead of trained (``pretrain.run_sources``)."""
+        return dict(self.config.get("pretrain", {}).get("run_sources", {}))
+
     def language_models(self) -> list[str]:
         return list(self.config.get("evaluate", {}).get("alignment", {}).get("language_models", ["minilm"]))
 
@@ -110,9 +127,18 @@ class Plan:
             inputs.append(self.filter_stats(run.data))
         return inputs
 
+    def pretrain_inputs(self, run_id: str) -> dict[str, Any]:
+        name, seed = split_seed(run_id, self.seeds[0])
+        run = Run.parse(name)
+        inputs: dict[str, Any] = {"data": self.pretrain_data(run)}
+        if run.parent is not None:  # hi-res fine-tune starts from the same seed's 224 px run (paper App. C)
+            inputs["parent"] = f"{self.run_dir(with_seed(str(run.parent), seed, self.seeds[0]))}/state.pt"
+        return inputs
+
     def run_config(self, run: str) -> dict[str, Any]:
         """The slice of the config one run depends on: changing anything else does not retrain it."""
-        r = Run.parse(run)
+        name, seed = split_seed(run, self.seeds[0])
+        r = Run.parse(name)
         labels = self.config["labels"]
         pretrain = self.config.get("pretrain", {})
         recipe = dict(pretrain.get(r.method, {}))
@@ -126,7 +152,7 @@ class Plan:
             "samples_seen": samples_of(r, self.config),
             "recipe": recipe,
             "train": dict(pretrain.get("train", {})),
-            "seed": int(self.config["seeds"][0]),
+            "seed": seed,
         }
 
     def run_config_json(self, run: str) -> str:
@@ -158,8 +184,18 @@ class Plan:
 
     def run_pattern(self, multinode: bool) -> str:
         """A wildcard constraint matching exactly the runs of one launch layout."""
-        runs = self.runs_by_layout(multinode)
-        return "|".join(re.escape(r) for r in runs) if runs else "(?!)"
+        return _alternatives(self.runs_by_layout(multinode))
+
+    def imported_pattern(self) -> str:
+        return _alternatives([r for r in self.run_ids if split_seed(r, self.seeds[0])[0] in self.run_sources])
+
+    def import_command(self, run_id: str) -> str:
+        run = split_seed(run_id, self.seeds[0])[0]
+        source = self.run_sources[run]
+        if "checkpoint" not in source:
+            raise KeyError(f"pretrain.run_sources.{run} needs 'checkpoint' (a released id, e.g. facebook/webssl-{run})")
+        path = f" --path {source['path']}" if source.get("path") else " --allow-download"
+        return f"--checkpoint {source['checkpoint']}{path}"
 
     def item_inputs(self, item_id: str) -> list[str]:
         """The files an item's numbers come from — nothing else, so one figure rebuilds alone."""
@@ -174,7 +210,9 @@ class Plan:
                     if data in ("light", "heavy"):
                         inputs.append(self.filter_stats(data))
                 else:
-                    inputs.append(self.eval_path(run, kind))
+                    inputs.extend(self.eval_path(r, kind) for r in self.seeded(run))
+        if any(s in specs.BASELINES for s in item.sources):
+            inputs.extend(f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(item))
         return list(dict.fromkeys(inputs))
 
     def all_targets(self) -> list[str]:
@@ -182,10 +220,11 @@ class Plan:
 
     # ---- resources ---------------------------------------------------------------------
     def pretrain_resources(self, run: str) -> RunResources:
-        return pretrain_resources(Run.parse(run), self.config)
+        return pretrain_resources(Run.parse(split_seed(run, self.seeds[0])[0]), self.config)
 
     def runs_by_layout(self, multinode: bool) -> list[str]:
-        return [r for r in self.runs if (self.pretrain_resources(r).nodes > 1) == multinode]
+        return [r for r in self.run_ids if split_seed(r, self.seeds[0])[0] not in self.run_sources
+                and (self.pretrain_resources(r).nodes > 1) == multinode]
 
     def launcher(self, run: str) -> str:
         """The command prefix that starts ``python -m webssl_repro.cli`` on the run's resources.
@@ -206,7 +245,11 @@ class Plan:
         )
 
     def gpu_hours(self, runs=None) -> float:
-        return sum(self.pretrain_resources(r).gpu_hours for r in (self.runs if runs is None else runs))
+        return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs))
+
+
+def _alternatives(names: list[str]) -> str:
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
 def published_files(item: specs.Item) -> list[str]:

@@ -18,9 +18,9 @@ from webssl_repro.evaluate.vqa.categories import category_scores
 from webssl_repro.metrics import DATA_PCT, VQA_BENCHMARKS, VQA_CATEGORIES
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
-from webssl_repro.runs import Run, is_run_name
+from webssl_repro.runs import Run, is_run_name, split_seed
 
-COLUMNS = ["source", "metric", "value", "origin"]
+COLUMNS = ["source", "metric", "value", "origin", "seed"]
 
 
 def with_categories(frame: pd.DataFrame) -> pd.DataFrame:
@@ -29,14 +29,14 @@ def with_categories(frame: pd.DataFrame) -> pd.DataFrame:
     A printed Average is kept as printed: the published render must show the paper's numbers.
     """
     extra = []
-    for (source, origin), group in frame.groupby(["source", "origin"], sort=False):
+    for (source, origin, seed), group in frame.groupby(["source", "origin", "seed"], sort=False, dropna=False):
         values = dict(zip(group["metric"], group["value"]))
         if not all(b in values and not math.isnan(values[b]) for b in VQA_BENCHMARKS):
             continue
         scores = category_scores({b: values[b] for b in VQA_BENCHMARKS})
         for name, value in scores.items():
             if name not in values:
-                extra.append({"source": source, "metric": name, "value": value, "origin": origin})
+                extra.append({"source": source, "metric": name, "value": value, "origin": origin, "seed": seed})
     if not extra:
         return frame
     return pd.concat([frame, pd.DataFrame(extra, columns=COLUMNS)], ignore_index=True)
@@ -48,6 +48,7 @@ def published_results(item: specs.Item, directory: Optional[str | Path] = None) 
     frame = published_frame(list(item.published), directory)
     frame = frame[frame["source"].isin(item.sources)].copy()
     frame["origin"] = "published"
+    frame["seed"] = 0
     return with_categories(frame[COLUMNS].reset_index(drop=True))
 
 
@@ -62,7 +63,7 @@ def _read_json(path: Path) -> dict:
 def eval_rows(path: str | Path) -> list[dict]:
     """Rows of one ``results/{scale}/evals/{run}/{kind}.json`` (``{"metrics": {name: value}}``)."""
     path = Path(path)
-    run = path.parent.name
+    run, seed = split_seed(path.parent.name)
     if not is_run_name(run):
         raise ValueError(f"{path}: eval results must live under evals/<run>/, got directory {run!r}")
     data = _read_json(path)
@@ -72,7 +73,7 @@ def eval_rows(path: str | Path) -> list[dict]:
     rows = []
     for name, value in metrics.items():
         try:
-            rows.append({"source": run, "metric": name, "value": float(value), "origin": "run"})
+            rows.append({"source": run, "metric": name, "value": float(value), "origin": "run", "seed": seed})
         except (TypeError, ValueError):
             raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}") from None
     return rows
@@ -85,7 +86,7 @@ def filter_rows(path: str | Path, runs: Iterable[str]) -> list[dict]:
     if "kept_fraction" not in data:
         raise ValueError(f"{path}: missing 'kept_fraction'")
     variant = path.stem
-    return [{"source": r, "metric": DATA_PCT, "value": 100.0 * float(data["kept_fraction"]), "origin": "run"}
+    return [{"source": r, "metric": DATA_PCT, "value": 100.0 * float(data["kept_fraction"]), "origin": "run", "seed": 0}
             for r in runs if Run.parse(r).data == variant]
 
 
@@ -99,7 +100,7 @@ def run_results(item: specs.Item, inputs: Iterable[str | Path]) -> pd.DataFrame:
             rows.extend(eval_rows(path))
     # Unfiltered runs keep all of their data.
     if DATA_PCT in item.metrics:
-        rows.extend({"source": r, "metric": DATA_PCT, "value": 100.0, "origin": "run"}
+        rows.extend({"source": r, "metric": DATA_PCT, "value": 100.0, "origin": "run", "seed": 0}
                     for r in item.runs if Run.parse(r).data == "full")
     frame = pd.DataFrame(rows, columns=COLUMNS)
     baselines = [s for s in item.sources if s in specs.BASELINES]
@@ -120,10 +121,10 @@ def item_results(item: specs.Item, source: str, inputs: Iterable[str | Path] = (
 
 
 def value_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Wide view: one row per source, one column per metric."""
+    """Wide view: one row per source, one column per metric, the mean over seeds."""
     if frame.empty:
         return pd.DataFrame()
-    return frame.pivot_table(index="source", columns="metric", values="value", aggfunc="first")
+    return frame.pivot_table(index="source", columns="metric", values="value", aggfunc="mean")
 
 
 def lookup(wide: pd.DataFrame, source: str, metric: str) -> float:
