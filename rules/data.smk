@@ -9,7 +9,7 @@ rule shards:
     output:
         PLAN.data_manifest("shards"),
     params:
-        data=lambda w: PLAN.data_config_json(),
+        data=lambda w: PLAN.data_config_json("corpus"),
     log:
         f"logs/{SCALE}/data/shards.log",
     threads: 2
@@ -23,7 +23,7 @@ rule in1k_data:
     output:
         PLAN.data_manifest("in1k"),
     params:
-        data=lambda w: PLAN.data_config_json(),
+        data=lambda w: PLAN.data_config_json("in1k"),
     log:
         f"logs/{SCALE}/data/in1k.log",
     conda:
@@ -43,7 +43,7 @@ rule text_filter:
     output:
         PLAN.filter_stats("{variant}"),
     params:
-        data=lambda w: PLAN.data_config_json(),
+        data=lambda w: PLAN.data_config_json("filter"),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.log",
     conda:
@@ -59,7 +59,7 @@ rule evalset:
     output:
         PLAN.evalset("{task}"),
     params:
-        data=lambda w: PLAN.data_config_json(),
+        data=lambda w: PLAN.data_config_json("evalsets", w.task),
     log:
         f"logs/{SCALE}/data/evalset_{{task}}.log",
     conda:

@@ -158,8 +158,15 @@ class Plan:
     def run_config_json(self, run: str) -> str:
         return json.dumps(self.run_config(run), sort_keys=True, separators=(",", ":"))
 
-    def data_config_json(self) -> str:
-        return json.dumps(self.config.get("data", {}), sort_keys=True, separators=(",", ":"))
+    def data_config_json(self, part: str, task: str | None = None) -> str:
+        """Only the part of ``data`` a rule reads, so changing one part reruns only its jobs."""
+        data = self.config.get("data", {})
+        if part == "evalsets":
+            section = data.get("evalsets", {})
+            picked = {k: v for k, v in section.items() if k in ("size", "base") or k == task}
+            return json.dumps({"evalsets": picked}, sort_keys=True, separators=(",", ":"))
+        keys = ("corpus", "shards") if part == "corpus" else (part,)
+        return json.dumps({k: data[k] for k in keys if k in data}, sort_keys=True, separators=(",", ":"))
 
     def filter_prerequisites(self, variant: str) -> list[str]:
         backend = self.config.get("data", {}).get("filter", {}).get("backend", "ocr")
