@@ -16,6 +16,27 @@ class ConfigError(ValueError):
     pass
 
 
+class UnknownKeyError(KeyError, ValueError):
+    """A config section names a key its consumer does not have (a typo, usually)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def check_keys(mapping: Mapping[str, Any], known, what: str) -> None:
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise UnknownKeyError(f"{what}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+def dataclass_from_mapping(cls, mapping: Mapping[str, Any], what: str):
+    """A frozen recipe dataclass from a config section: unknown keys are named, lists become tuples."""
+    import dataclasses
+
+    check_keys(mapping, [f.name for f in dataclasses.fields(cls)], what)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()})
+
+
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
     import jsonschema
 

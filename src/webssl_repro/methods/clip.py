@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from webssl_repro.models.text import CaptionTokenizer, TextTransformer
+from webssl_repro.config import dataclass_from_mapping
 
 __all__ = ["ClipConfig", "ClipModel", "ClipMethod", "clip_loss", "gather_with_grad",
            "clip_transform", "OPENAI_MEAN", "OPENAI_STD"]
@@ -53,12 +54,8 @@ class ClipConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "ClipConfig":
-        """Build from a config section; unknown keys are an error, named, to catch typos."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - names)
-        if unknown:
-            raise ValueError(f"unknown CLIP config keys: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()})
+        """Build from a config section; an unknown key is an error that names it."""
+        return dataclass_from_mapping(cls, mapping, "CLIP config")
 
 
 def _world() -> tuple[int, int]:

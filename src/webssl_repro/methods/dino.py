@@ -6,7 +6,6 @@ recipe across sizes, so ``DinoConfig`` defaults are DINOv2's ViT-g recipe
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,6 +23,7 @@ from webssl_repro.methods.dino_losses import (
 )
 from webssl_repro.methods.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
 from webssl_repro.models.vit import Arch, build_encoder
+from webssl_repro.config import dataclass_from_mapping
 
 __all__ = ["DinoConfig", "DinoMethod", "dino_cross_entropy", "ema_update_", "ibot_patch_loss",
            "koleo_loss", "sinkhorn_knopp"]
@@ -91,13 +91,8 @@ class DinoConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "DinoConfig":
-        """Build from a config mapping; an unknown key is an error that names it."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - set(fields))
-        if unknown:
-            raise KeyError(f"unknown DinoConfig key(s) {unknown}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        return cls(**values)
+        """Build from a config section; an unknown key is an error that names it."""
+        return dataclass_from_mapping(cls, cfg, "DinoConfig")
 
     @property
     def lr(self) -> float:

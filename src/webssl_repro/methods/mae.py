@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from webssl_repro.config import dataclass_from_mapping
 from torch import nn
 from timm.models.vision_transformer import Block
 
@@ -50,13 +51,8 @@ class MaeConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "MaeConfig":
-        """Build from a config section; unknown keys are an error, named, to catch typos."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - names)
-        if unknown:
-            raise ValueError(f"unknown MAE config keys: {', '.join(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
-        return cls(**kwargs)
+        """Build from a config section; an unknown key is an error that names it."""
+        return dataclass_from_mapping(cls, mapping, "MAE config")
 
     def scaled_lr(self, batch_size: int) -> float:
         """MAE's linear scaling rule (lr ∝ batch), anchored at the paper's (lr, batch)."""

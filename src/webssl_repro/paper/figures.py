@@ -112,7 +112,7 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
         for ax, metric in zip(axes[0], item.metrics):
             any_gap |= _draw_lines_panel(ax, item, wide, metric)
         axes[0][0].set_ylabel("accuracy" if item.metrics[0] not in LOWER_IS_BETTER else "metric")
-        handles, labels = {}, []
+        handles = {}
         for ax in axes[0]:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
