@@ -163,7 +163,7 @@ class Plan:
         data = self.config.get("data", {})
         if part == "evalsets":
             section = data.get("evalsets", {})
-            picked = {k: v for k, v in section.items() if k in ("size", "base") or k == task}
+            picked = {k: v for k, v in section.items() if k in ("size", "base", "source") or k == task}
             return json.dumps({"evalsets": picked}, sort_keys=True, separators=(",", ":"))
         keys = ("corpus", "shards") if part == "corpus" else (part,)
         return json.dumps({k: data[k] for k in keys if k in data}, sort_keys=True, separators=(",", ":"))

@@ -126,6 +126,12 @@ def build_evalset(task: str, section: Mapping[str, Any], out_json: str) -> dict[
 
     if task not in EVAL_DEFAULTS:
         raise KeyError(f"build_evalset: unknown task {task!r}; known {list(EVAL_DEFAULTS)}")
+    if section.get("source") == "hf" and task != "vqa":  # paper scale: the real datasets
+        from webssl_repro.data.real_evalsets import build_hf_manifest
+
+        manifest = build_hf_manifest(task, dict(section.get(task, {})))
+        _dump(manifest, out_json)
+        return manifest
     size, base = int(section.get("size", 64)), int(section.get("base", 0))
     counts = dict(section.get(task) or EVAL_DEFAULTS[task])  # a configured task lists all its splits
     out_dir = os.path.join(os.path.dirname(os.path.abspath(out_json)), task)

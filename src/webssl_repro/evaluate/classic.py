@@ -43,6 +43,10 @@ def load_split(manifest_path: str | Path, split: str) -> list[dict[str, Any]]:
     from webssl_repro.data.evalsets import load_evalset
 
     manifest = json.loads(Path(manifest_path).read_text())
+    if manifest.get("source") == "hf":  # paper scale: ImageNet-1k, ADE20K, NYUd, WIT-1024
+        from webssl_repro.data.real_evalsets import load_hf_split
+
+        return load_hf_split(manifest, split)
     try:
         (rel,) = manifest["splits"][split].values()
     except (KeyError, ValueError):

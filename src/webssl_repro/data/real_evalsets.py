@@ -1,0 +1,103 @@
+"""The real evaluation sets at paper scale, behind the mini-web eval-set interface.
+
+A manifest written by ``build_hf_evalset`` names a ``datasets`` dataset instead of tars;
+``load_hf_split`` turns its rows into the same records ``data.evalsets.load_evalset``
+returns (``image`` + ``label`` / ``seg`` / ``depth`` / ``caption``), so the classic and
+alignment stages run unchanged. Nothing is downloaded by this module itself: ``datasets``
+resolves the id (a hub id with a local cache on the cluster, or a local path).
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+from PIL import Image
+
+# task -> (default dataset id, config name, {our split: dataset split}, row adapter)
+Adapter = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+def _image(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        return Image.open(value).convert("RGB")
+    raise ValueError(f"cannot read an image from a {type(value).__name__}")
+
+
+def _array(value: Any) -> np.ndarray:
+    if isinstance(value, Image.Image):
+        return np.asarray(value)
+    return np.asarray(value)
+
+
+def _classification(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"image": _image(row["image"]), "label": int(row["label"])}
+
+
+def _segmentation(row: Mapping[str, Any]) -> dict[str, Any]:
+    # ADE20K (scene_parse_150): 0 = "other" -> ignore (255); classes 1..150 -> 0..149, as mmseg's reduce_zero_label
+    seg = _array(row["annotation"]).astype(np.int64)
+    seg = np.where(seg == 0, 255, seg - 1).astype(np.uint8)
+    return {"image": _image(row["image"]), "seg": seg}
+
+
+def _depth(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"image": _image(row["image"]), "depth": _array(row["depth_map"]).astype(np.float32)}
+
+
+def _captions(row: Mapping[str, Any]) -> dict[str, Any]:
+    text = row.get("text") or row.get("caption")
+    if isinstance(text, (list, tuple)):
+        text = text[0]  # the Platonic-representation code uses caption index 0
+    return {"image": _image(row["image"]), "caption": str(text)}
+
+
+HF_EVALSETS: dict[str, dict[str, Any]] = {
+    "classification": {"dataset": "ILSVRC/imagenet-1k", "config": None,
+                       "splits": {"train": "train", "val": "validation"}, "adapter": _classification},
+    "segmentation": {"dataset": "zhoubolei/scene_parse_150", "config": "scene_parsing",
+                     "splits": {"train": "train", "val": "validation"}, "adapter": _segmentation},
+    "depth": {"dataset": "sayakpaul/nyu_depth_v2", "config": None,
+              "splits": {"train": "train", "val": "validation"}, "adapter": _depth},
+    "captions": {"dataset": "minhuh/prh", "config": None, "revision": "wit_1024",
+                 "splits": {"test": "train"}, "adapter": _captions},
+}
+
+
+def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest of a real eval set: which dataset, config and splits (overridable by config)."""
+    if task not in HF_EVALSETS:
+        raise KeyError(f"no real-data eval set for task {task!r}; known: {sorted(HF_EVALSETS)}")
+    base = HF_EVALSETS[task]
+    unknown = sorted(set(section) - {"dataset", "config", "revision", "splits", "limit"})
+    if unknown:
+        raise KeyError(f"data.evalsets.{task}: unknown key(s) {unknown}")
+    return {"task": task, "source": "hf", "dataset": section.get("dataset", base["dataset"]),
+            "config": section.get("config", base["config"]), "revision": section.get("revision", base.get("revision")),
+            "splits": dict(section.get("splits", base["splits"])), "limit": section.get("limit")}
+
+
+def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any] = None) -> list[dict[str, Any]]:
+    """Records of one split; ``dataset`` may be passed in (tests use ``datasets.Dataset.from_list``)."""
+    task = manifest["task"]
+    if split not in manifest["splits"]:
+        raise ValueError(f"eval set {manifest['dataset']} has no {split!r} split (has {sorted(manifest['splits'])})")
+    if dataset is None:
+        import datasets
+
+        dataset = datasets.load_dataset(manifest["dataset"], manifest.get("config"), revision=manifest.get("revision"),
+                                        split=manifest["splits"][split])
+    adapter: Adapter = HF_EVALSETS[task]["adapter"]
+    limit = manifest.get("limit")
+    records = []
+    for i, row in enumerate(dataset):
+        if limit is not None and i >= int(limit):
+            break
+        records.append(adapter(row))
+    return records
