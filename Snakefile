@@ -35,3 +35,5 @@ rule all:
     default_target: True
     input:
         PLAN.all_targets(),
+        rules.check.output,
+        rules.report.output,

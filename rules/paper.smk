@@ -1,5 +1,16 @@
 # Tables and figures of the paper, from declared inputs only: the eval results of
-# the item's runs (or the published TSVs at the published scale).
+# the item's runs (or the published TSVs at the published scale); then `check` (the
+# paper's claims + reproduced vs published numbers) and `report` (paper/{scale}/report.md).
+# Every table, figure and check output is declared with report() for `snakemake --report`.
+import hashlib
+import json
+import os
+
+from webssl_repro.paper import report as paper_report
+
+# The whole validated config: the check and report derive their Plan from it, like this DAG.
+CONFIG_JSON = json.dumps(config, sort_keys=True, default=str)
+CONFIG_HASH = hashlib.sha256(CONFIG_JSON.encode()).hexdigest()[:12]
 
 
 rule render_table:
@@ -8,7 +19,12 @@ rule render_table:
     input:
         lambda w: PLAN.item_inputs(w.item),
     output:
-        tsv=f"{PAPER}/tables/{{item}}.tsv",
+        tsv=report(
+            f"{PAPER}/tables/{{item}}.tsv",
+            caption="../report/table.rst",
+            category="Tables",
+            subcategory="{item}",
+        ),
         md=f"{PAPER}/tables/{{item}}.md",
         tex=f"{PAPER}/tables/{{item}}.tex",
     params:
@@ -30,7 +46,12 @@ rule render_figure:
         lambda w: PLAN.item_inputs(w.item),
     output:
         pdf=f"{PAPER}/figures/{{item}}.pdf",
-        png=f"{PAPER}/figures/{{item}}.png",
+        png=report(
+            f"{PAPER}/figures/{{item}}.png",
+            caption="../report/figure.rst",
+            category="Figures",
+            subcategory="{item}",
+        ),
     params:
         source=config["source"],
         scale=lambda w: SCALE,
@@ -42,6 +63,132 @@ rule render_figure:
     shell:
         "webssl-repro render {wildcards.item} --scale {params.scale} --source {params.source} "
         "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
+
+
+# At a run scale the report shows each item beside the paper's: the same renderers on the
+# published numbers, into paper/{scale}/published/, and an overlay of each line figure.
+if not PLAN.published:
+
+    rule render_reference_table:
+        wildcard_constraints:
+            item="table[0-9]+",
+        input:
+            lambda w: paper_report.published_inputs(w.item),
+        output:
+            tsv=report(
+                f"{PAPER}/published/tables/{{item}}.tsv",
+                caption="../report/reference.rst",
+                category="Published (paper)",
+                subcategory="{item}",
+            ),
+            md=f"{PAPER}/published/tables/{{item}}.md",
+            tex=f"{PAPER}/published/tables/{{item}}.tex",
+        log:
+            f"logs/{SCALE}/paper/{{item}}_reference.log",
+        conda:
+            ENV
+        shell:
+            "webssl-repro render {wildcards.item} --scale published --source published "
+            "--outputs {output} --inputs {input} > {log} 2>&1"
+
+    rule render_reference_figure:
+        wildcard_constraints:
+            item="fig[0-9]+",
+        input:
+            lambda w: paper_report.published_inputs(w.item),
+        output:
+            pdf=f"{PAPER}/published/figures/{{item}}.pdf",
+            png=report(
+                f"{PAPER}/published/figures/{{item}}.png",
+                caption="../report/reference.rst",
+                category="Published (paper)",
+                subcategory="{item}",
+            ),
+        params:
+            lms=PLAN.language_models(),
+        log:
+            f"logs/{SCALE}/paper/{{item}}_reference.log",
+        conda:
+            ENV
+        shell:
+            "webssl-repro render {wildcards.item} --scale published --source published "
+            "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
+
+    rule overlay_figure:
+        wildcard_constraints:
+            item="fig[0-9]+",
+        input:
+            runs=lambda w: PLAN.item_inputs(w.item),
+            published=lambda w: paper_report.published_inputs(w.item),
+        output:
+            report(
+                f"{PAPER}/figures/{{item}}_vs_published.png",
+                caption="../report/overlay.rst",
+                category="Figures vs paper",
+                subcategory="{item}",
+            ),
+        params:
+            scale=lambda w: SCALE,
+            published=lambda w, input: os.path.dirname(input.published[0]),
+        log:
+            f"logs/{SCALE}/paper/{{item}}_overlay.log",
+        conda:
+            ENV
+        shell:
+            "webssl-repro overlay {wildcards.item} --scale {params.scale} --published-dir {params.published} "
+            "--inputs {input.runs} --out {output} > {log} 2>&1"
+
+
+rule check:
+    localrule: True
+    input:
+        results=paper_report.check_inputs(PLAN),
+        published=paper_report.published_tsvs(),
+    output:
+        claims=report(
+            f"{PAPER}/check/claims.tsv",
+            caption="../report/claims.rst",
+            category="Check",
+        ),
+        md=f"{PAPER}/check/claims.md",
+        comparison=report(
+            f"{PAPER}/check/comparison.tsv",
+            caption="../report/comparison.rst",
+            category="Check",
+        ),
+    params:
+        config=lambda w: CONFIG_JSON,  # a function: the config holds braces (shard patterns)
+        published=lambda w, input: os.path.dirname(input.published[0]),
+        outdir=lambda w, output: os.path.dirname(output.claims),
+    log:
+        f"logs/{SCALE}/paper/check.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro check --config-json {params.config:q} --published-dir {params.published} "
+        "--outdir {params.outdir} --inputs {input.results} > {log} 2>&1"
+
+
+rule report:
+    localrule: True
+    input:
+        paper_report.report_inputs(PLAN),
+    output:
+        report(
+            paper_report.report_output(PLAN),
+            caption="../report/report.rst",
+            category="Report",
+        ),
+    params:
+        config=lambda w: CONFIG_JSON,  # a function: the config holds braces (shard patterns)
+        config_hash=CONFIG_HASH,
+    log:
+        f"logs/{SCALE}/paper/report.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro report --config-json {params.config:q} --config-hash {params.config_hash} "
+        "--out {output} > {log} 2>&1"
 
 
 # One target per paper item (`snakemake table6`, `snakemake fig3`), for the items

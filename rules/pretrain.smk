@@ -10,7 +10,7 @@ _PRETRAIN_OUTPUT = {
     "state": f"{RESULTS}/runs/{{run}}/state.pt",
 }
 _PRETRAIN_SHELL = (
-    "{params.launcher} pretrain --run {wildcards.run} --config-json {params.config:q} "
+    "{params.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
     "--out {params.out} --checkpoints {params.checkpoints} --data {input.data} {params.parent} > {log} 2>&1"
 )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "rules", "config", "environment.yml", "slurm", "results/published")
+WORKFLOW_FILES = ("Snakefile", "rules", "config", "environment.yml", "slurm", "report", "results/published")
 
 
 @pytest.fixture

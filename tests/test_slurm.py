@@ -1,8 +1,17 @@
-"""Snakemake → SLURM plumbing on a real (throwaway) cluster: `.ci/slurm/up.sh`.
+"""Snakemake → SLURM on a real, throwaway cluster (CI: `.ci/slurm/up.sh` before, `down.sh` after).
 
-Runs a toy workflow through `snakemake --profile slurm/ci` whose two rules take their
-resources and launch command from the real ``Plan`` (the same functions behind
-rules/pretrain.smk), with ``-m webssl_repro.cli`` swapped for a tiny all-reduce probe:
+The real workflow (``test_mini_pretraining_through_slurm``): a small mini config
+(``ci_config``: 1 fake GPU per node, ViT-"1B" spread over two nodes, a 128-image corpus,
+4 Web-DINO steps) through ``snakemake --profile slurm/ci``. The data rule, a 2-node ×
+1-process gloo run (rule ``pretrain_multinode``: ``srun … torchrun --rdzv-backend c10d``)
+and a 1-node ``gpu=1`` run (rule ``pretrain_single``: ``torchrun --standalone``) all
+become SLURM jobs. The 2-node job must span n1 and n2 with world size 2, and its weights
+must equal those of the same command run locally by ``torchrun --standalone`` with the
+same world size and no SLURM.
+
+A toy workflow keeps the plumbing checks that the trainer cannot report: its two rules
+take their resources and launch command from the real ``Plan`` with ``-m webssl_repro.cli``
+swapped for a tiny all-reduce probe:
 
 * a single-node job (``gpu=1``, ``torchrun --standalone``) must see one fake GPU;
 * a 2-node × 1-process job (``mpi=srun``, ``nodes=2``, ``tasks=2``, ``tasks_per_gpu=0``,
@@ -12,24 +21,27 @@ rules/pretrain.smk), with ``-m webssl_repro.cli`` swapped for a tiny all-reduce 
 The same probe runs through ``webssl-repro launch``'s submitit job (2 nodes, rendezvous on
 the first node of the job's node list).
 
-When the mini pretraining stage is wired, ``run_profile(workflow_dir, <mini target>)``
-on the real workflow replaces the toy one.
+Without a responding two-node cluster every test here is skipped, naming the reason.
 """
 from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, snakemake
-from webssl_repro.config import load_config
+from webssl_repro.config import load_config, validate_config
 from webssl_repro.workflow import Plan
 
 pytestmark = pytest.mark.slurm
@@ -42,17 +54,20 @@ SMALL = {"runtime": 5, "mem_mb": 500, "cpus_per_task": 1}
 
 
 def _cluster_ready() -> str | None:
-    """None when sinfo shows two responding nodes, otherwise why the test is skipped."""
+    """None when sinfo shows two responding nodes, otherwise why the test is skipped.
+
+    Busy nodes count (another test's job may hold them while this module is imported)."""
     if shutil.which("sinfo") is None:
         return "no sinfo on PATH: start the CI cluster with .ci/slurm/up.sh (as root)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix", "-o", "%N"], capture_output=True,
+        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix,alloc,comp", "-o", "%N"], capture_output=True,
                              text=True, timeout=20)
     except subprocess.TimeoutExpired:
         return "sinfo timed out: slurmctld is not answering"
     nodes = set(out.stdout.split())
     if out.returncode != 0 or len(nodes) < 2:
-        return f"sinfo reports {len(nodes)} idle node(s), need 2: run .ci/slurm/up.sh ({out.stderr.strip()})"
+        return (f"sinfo reports {len(nodes)} responding node(s), need 2: run .ci/slurm/up.sh "
+                f"({out.stderr.strip()})")
     return None
 
 
@@ -61,9 +76,10 @@ if _SKIP:
     pytestmark = [pytest.mark.slurm, pytest.mark.skip(reason=_SKIP)]
 
 
-def run_profile(workdir: Path, *targets: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`snakemake --profile slurm/ci TARGETS` in ``workdir`` (which holds a copy of slurm/)."""
-    return snakemake(workdir, "--profile", PROFILE, *targets, timeout=timeout)
+def run_profile(workdir: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`snakemake --profile slurm/ci ARGS` in ``workdir`` (which holds a copy of slurm/):
+    targets, and options such as ``--configfile``."""
+    return snakemake(workdir, "--profile", PROFILE, *args, timeout=timeout)
 
 
 @pytest.fixture
@@ -84,6 +100,170 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# ------------------------------------------------------------------ the real workflow
+CI_SCALE = "slurmci"
+CI_ITEM = "table7"  # needs only data, pretrain and classic; its runs include both below
+CI_MULTI, CI_SINGLE = "dino1b-full2b-224", "dino2b-full2b-224"
+CI_SAMPLES, CI_STEPS = 128, 4  # 4 steps of mini Web-DINO's global batch of 32
+RDZV_PORT = 29500  # Plan.launcher's c10d port; both fake nodes are this one host
+# SLURM and the local check run the same program with the same world size, gloo and
+# inputs, so they agree bit for bit in practice (measured: max |Δ| = 0.0); 1e-5 leaves
+# room only for intra-op thread counts (the SLURM task has no OMP_NUM_THREADS, a
+# 2-process torchrun sets 1). The tolerance is small beside what training changes:
+# with ci_config's lr and teacher momentum, 4 steps move the encoder by ~1e-2 and the
+# student by more, so unseeded weights (init differing per run) fail this check.
+WEIGHTS_ATOL = 1e-5
+
+
+def ci_config() -> dict:
+    """config/mini.yaml cut down to a seconds-long CI run, with real (fake-GPU) resources:
+    ViT-"1B" on 2 nodes × 1 GPU (rule pretrain_multinode), ViT-"2B" on 1 node × 1 GPU."""
+    config = copy.deepcopy(load_config(REPO / "config" / "mini.yaml"))
+    config.update(scale=CI_SCALE, stages=["data", "pretrain", "classic"], items=[CI_ITEM])
+    config["labels"]["samples"]["2b"] = CI_SAMPLES
+    config["data"]["corpus"].update(n_images=128, shard_size=64)
+    config["pretrain"]["train"] = {**config["pretrain"].get("train", {}), "checkpoint_every": 2,
+                                   "log_every": 1, "strategy": "ddp"}
+    # Short schedules for 4 steps; a larger lr and a fast-following EMA teacher so that
+    # the exported encoder (the teacher's backbone) moves well beyond WEIGHTS_ATOL.
+    config["pretrain"]["dino"].update(warmup_steps=1, warmup_teacher_temp_steps=2, freeze_last_layer_steps=1,
+                                      base_lr=0.05, momentum_teacher=0.5, final_momentum_teacher=0.5)
+    config["resources"].update(gpus_per_node=1, mem_mb_per_node=1000,
+                               nodes={**config["resources"]["nodes"], "1b": 2, "2b": 1})
+    validate_config(config, "ci_config()")
+    return config
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a past run is fine
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def _submitted_jobs(stderr: str) -> dict[str, list[tuple[str, Path]]]:
+    """rule -> [(SLURM job id, job log)] from the plugin's 'has been submitted' lines."""
+    jobs: dict[str, list[tuple[str, Path]]] = {}
+    for job_id, log in re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", stderr):
+        rule = re.search(r"/rule_([A-Za-z0-9_]+)/", log)
+        assert rule, f"no rule in the job log path {log}"
+        jobs.setdefault(rule.group(1), []).append((job_id, Path(log)))
+    return jobs
+
+
+def _slurm_job(job_id: str) -> dict[str, str]:
+    """``scontrol show job -d`` fields (finished jobs stay visible: MinJobAge=300 in up.sh)."""
+    out = subprocess.run(["scontrol", "show", "job", "-d", "-o", job_id], capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0, f"scontrol show job {job_id}: {out.stderr}"
+    return dict(tok.split("=", 1) for tok in out.stdout.split() if "=" in tok)
+
+
+def _hostnames(nodelist: str) -> list[str]:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    return sorted(out.stdout.split())
+
+
+def _cli_args(job_log: Path) -> list[str]:
+    """What the job ran after ``-m webssl_repro.cli`` (its printed shell command, up to ``>``)."""
+    line = next((ln for ln in job_log.read_text().splitlines() if ln.startswith("Shell command: ")), None)
+    assert line is not None, f"no 'Shell command:' line in {job_log}"
+    argv = shlex.split(line[len("Shell command: "):])
+    i = argv.index("webssl_repro.cli")
+    assert argv[i - 1] == "-m", argv
+    return argv[i + 1:argv.index(">")]
+
+
+def _replace_option(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def _load_weights(run_dir: Path) -> tuple[dict, dict]:
+    import torch
+    from safetensors.torch import load_file
+
+    return (load_file(str(run_dir / "encoder.safetensors")),
+            torch.load(run_dir / "state.pt", map_location="cpu", weights_only=True))
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    return max(((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()),
+               default=0.0)
+
+
+def test_mini_pretraining_through_slurm(workflow_dir: Path, cancel_leftovers):
+    from webssl_repro.train.checkpoint import read_pointer
+
+    config = ci_config()
+    plan = Plan(config)
+    multi, single = plan.pretrain_resources(CI_MULTI), plan.pretrain_resources(CI_SINGLE)
+    assert CI_MULTI in plan.runs_by_layout(multinode=True), plan.runs
+    assert CI_SINGLE in plan.runs_by_layout(multinode=False), plan.runs
+    assert (multi.nodes, multi.gpus, single.nodes, single.gpus) == (2, 2, 1, 1)
+    assert config["pretrain"]["dino"]["batch_size"] % multi.gpus == 0  # the trainer's requirement
+    if _port_in_use(RDZV_PORT):
+        pytest.fail(f"port {RDZV_PORT} (the 2-node job's c10d rendezvous, Plan.launcher) is in use on this "
+                    "host, where both fake nodes live: the job would join a foreign store")
+    (workflow_dir / "ci.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = [f"{plan.run_dir(run)}/encoder.safetensors" for run in (CI_MULTI, CI_SINGLE)]
+
+    result = run_profile(workflow_dir, *targets, "--configfile", "ci.yaml", timeout=420)
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in sorted((workflow_dir / "logs").rglob("*.log")))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-6000:]}\n{logs}"
+
+    # Every job went through sbatch, the 2-node run as one job spanning n1 and n2.
+    jobs = _submitted_jobs(result.stderr)
+    assert {"shards", "pretrain_multinode", "pretrain_single"} <= jobs.keys(), result.stderr
+    (multi_id, multi_log), = jobs["pretrain_multinode"]
+    (single_id, _), = jobs["pretrain_single"]
+    job = _slurm_job(multi_id)
+    assert job["JobState"] == "COMPLETED", job
+    assert (job["NumNodes"], job["NumTasks"]) == ("2", "2"), job
+    assert _hostnames(job["NodeList"]) == ["n1", "n2"], job
+    assert re.fullmatch(r"gres[:/]gpu:1", job.get("TresPerNode", "")), job  # one fake GPU per node
+    job = _slurm_job(single_id)
+    assert (job["JobState"], job["NumNodes"]) == ("COMPLETED", "1"), job
+    assert job.get("JOB_GRES") == "gpu:1", job  # gpu=1: one fake GPU in all
+
+    # The trainer formed one group of two ranks (one per srun task), and one of one.
+    assert read_pointer(workflow_dir / plan.checkpoint_dir(CI_MULTI))["world_size"] == 2
+    assert read_pointer(workflow_dir / plan.checkpoint_dir(CI_SINGLE))["world_size"] == 1
+    done = f"pretrain {CI_MULTI}: step {CI_STEPS}, {CI_SAMPLES} samples seen, complete=True"
+    train_log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
+    assert train_log.count(done) == 2, train_log[-4000:]  # each rank's CLI finished
+    for run in (CI_MULTI, CI_SINGLE):
+        prov = json.loads((workflow_dir / plan.run_dir(run) / "provenance.json").read_text())
+        assert (prov["steps"], prov["samples_seen"]) == (CI_STEPS, CI_SAMPLES), prov
+
+    # The same command, locally: 2 processes of torchrun --standalone, no srun, no SLURM.
+    args = _cli_args(workflow_dir / multi_log)
+    config_json = args[args.index("--config-json") + 1]
+    assert config_json == plan.run_config_json(CI_MULTI)
+    local = workflow_dir / "local"
+    args = _replace_option(args, "--out", str(local / "run"))
+    args = _replace_option(args, "--checkpoints", str(local / "checkpoints"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                           "--nproc-per-node", str(multi.gpus), "-m", "webssl_repro.cli", *args],
+                          cwd=workflow_dir, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert read_pointer(local / "checkpoints")["world_size"] == 2
+
+    slurm_encoder, slurm_state = _load_weights(workflow_dir / plan.run_dir(CI_MULTI))
+    local_encoder, local_state = _load_weights(local / "run")
+    encoder_diff = _max_abs_diff(slurm_encoder, local_encoder)
+    state_diff = _max_abs_diff(slurm_state, local_state)  # student, teacher and heads
+    assert encoder_diff <= WEIGHTS_ATOL, f"encoder: SLURM vs local max |Δ| = {encoder_diff:.3g}"
+    assert state_diff <= WEIGHTS_ATOL, f"state.pt: SLURM vs local max |Δ| = {state_diff:.3g}"
+
+
+# ------------------------------------------------------------------ the toy workflow
 def _test_plan() -> Plan:
     """The mini config with 1 GPU per node, and the 1b size spread over two nodes."""
     config = copy.deepcopy(load_config(REPO / "config" / "mini.yaml"))

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=_render)
 
     pre = sub.add_parser("pretrain", help="train one run (resumes from its checkpoint dir)")
-    pre.add_argument("--run", required=True)
+    pre.add_argument("--run-name", "--run", dest="run", required=True,
+                     help="the run (spelt --run-name after torchrun, whose own --run-path would swallow --run)")
     pre.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config)")
     pre.add_argument("--out", required=True, type=Path)
     pre.add_argument("--checkpoints", required=True, type=Path)
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     from webssl_repro.launch import add_launch_parser
 
     add_launch_parser(sub)
+    from webssl_repro.paper.report import add_parsers as add_paper_parsers
+    add_paper_parsers(sub)
     return parser
 
 

@@ -92,7 +92,7 @@ def executor_parameters(spec: LaunchSpec, partition: str | None = None,
 
 def pretrain_args(spec: LaunchSpec) -> list[str]:
     """The rule's arguments after the launcher (rules/pretrain.smk, _PRETRAIN_SHELL)."""
-    return ["pretrain", "--run", spec.run, "--config-json", spec.config_json,
+    return ["pretrain", "--run-name", spec.run, "--config-json", spec.config_json,
             "--out", spec.out, "--checkpoints", spec.checkpoints]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from webssl_repro.evaluate.features import extract_features, feature_fn
+from webssl_repro.evaluate.features import BlockTokens, extract_features, feature_fn
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_probe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,13 +71,48 @@ def _targets(records: list[dict[str, Any]], key: str, size: int, mode: str) -> t
     return t.squeeze(1)
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+class TokenCache:
+    """Frozen block tokens of a whole training set, indexed by sample ids.
+
+    The dense probes train without augmentation on a frozen encoder, so the encoder's
+    output for an image never changes: computing it once instead of every iteration is
+    the same training at a fraction of the cost. Used when the tokens fit in memory
+    (mini scale); paper-scale sets stream images through the encoder instead.
+    """
+
+    def __init__(self, fn, images: torch.Tensor, batch: int) -> None:
+        parts = [fn(images[i:i + batch]) for i in range(0, len(images), batch)]
+        self.cls = torch.cat([p.cls for p in parts], dim=1)
+        self.patches = torch.cat([p.patches for p in parts], dim=1)
+        self.grid, self.indices = parts[0].grid, parts[0].indices
+
+    def __call__(self, idx: torch.Tensor) -> BlockTokens:
+        return BlockTokens(self.cls[:, idx], self.patches[:, idx], self.grid, self.indices)
+
+    @staticmethod
+    def fits(encoder, n_images: int, img_size: int, patch: int, n_layers: int) -> bool:
+        tokens = (img_size // patch) ** 2 + 1
+        return n_images * n_layers * tokens * encoder.embed_dim * 4 < CACHE_LIMIT_BYTES
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int,
+             by_index: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x) - batch + 1, batch):
             idx = perm[i:i + batch]
-            yield x[idx], y[idx]
+            yield (idx if by_index else x[idx]), y[idx]
+
+
+def _training_features(encoder, meta, fn, x: torch.Tensor, n_layers: int, batch: int):
+    """(feature function for training batches, whether batches carry indices instead of images)."""
+    if TokenCache.fits(encoder, len(x), int(meta["img_size"]), int(meta["patch"]), n_layers):
+        return TokenCache(fn, x, batch), True
+    return fn, False
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, batch: int):
@@ -116,9 +151,10 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     out = {}
     for name, n_layers, multiscale in (("ade20k_linear", 1, False), ("ade20k_ms", min(4, meta["depth"]), True)):
         fn = feature_fn(encoder, n_layers, norm=True, patch_size=int(meta["patch"]))
+        train_fn, by_index = _training_features(encoder, meta, fn, x_tr, n_layers, batch)
         head = LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers)
         torch.manual_seed(int(cfg["seed"]))
-        train_segmentation(head, fn, _batches(x_tr, y_tr, min(batch, len(x_tr)), int(cfg["seed"])),
+        train_segmentation(head, train_fn, _batches(x_tr, y_tr, min(batch, len(x_tr)), int(cfg["seed"]), by_index),
                            iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
         preds = torch.cat([predict(head, fn, xb, multiscale=multiscale) for xb, _ in _chunks(x_va, y_va, batch)])
         out[name] = 100.0 * mean_iou(preds, y_va, n_classes)
@@ -136,9 +172,11 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     out = {}
     for name, blocks in (("nyud_lin1", [meta["depth"] - 1]), ("nyud_lin4", lin4_blocks(meta["depth"]))):
         fn = feature_fn(encoder, blocks, norm=False, patch_size=int(meta["patch"]))
+        train_fn, by_index = _training_features(encoder, meta, fn, x_tr, len(blocks), batch)
         head = DepthLinearHead(encoder.embed_dim, n_layers=len(blocks), max_depth=max_depth)
         torch.manual_seed(int(cfg["seed"]))
-        train_depth(head, fn, _batches(x_tr, d_tr.unsqueeze(1), min(batch, len(x_tr)), int(cfg["seed"])),
+        train_depth(head, train_fn,
+                    _batches(x_tr, d_tr.unsqueeze(1), min(batch, len(x_tr)), int(cfg["seed"]), by_index),
                     iters=int(dep["iters"]), lr=float(dep["lr"]), warmup_iters=int(dep["warmup"]))
         head.eval()
         with torch.no_grad():

@@ -175,6 +175,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     keep = read_kept_ids(data[1]) if len(data) > 1 else None
     corpus = IndexedCorpus(manifest["shards"], keep_ids=keep, seed=int(cfg.get("seed", 0)))
     cfg = {**cfg, "_workdir": str(checkpoints)}
+    torch.manual_seed(int(cfg.get("seed", 0)))  # initial weights: the same on every rank and in every run
     method, sample_fn, collate_fn, train_map, meta = build(run, cfg, corpus)
     if parent is not None and not (checkpoints / "checkpoints" / "latest.pt").exists():
         _load_parent(method, Path(parent))

@@ -1,0 +1,195 @@
+"""``check``: the paper's claims evaluated at every scale, and reproduced vs published numbers per metric.
+
+The claims read the same inputs as the items: the published TSVs at the published scale, the eval
+JSONs of the runs the ``Plan`` requests at a run scale (one file per seed, ``evals/{run}.s{seed}/``).
+The per-metric comparison is meaningful only where the config says the scale is comparable to the
+paper (``check.comparable``: same data and model sizes); elsewhere it is reported as "not
+comparable", and at the published scale as the paper itself — never as a pass.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from webssl_repro.paper import claims as claims_mod
+from webssl_repro.paper import specs
+from webssl_repro.paper.published import load_published, published_frame
+from webssl_repro.paper.results import with_categories
+from webssl_repro.metrics import DATA_PCT
+from webssl_repro.runs import Run, is_run_name, split_seed
+
+WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
+NOT_COMPARABLE, PAPER_ITSELF = "not comparable", "paper itself"
+_EVAL = re.compile(r"(^|/)evals/(?P<run>[^/]+)/(?P<kind>vqa|classic|alignment)\.json$")
+COMPARISON_COLUMNS = ["source", "metric", "items", "reproduced", "reproduced_sd", "n_seeds", "published",
+                      "difference", "tolerance", "status"]
+
+
+def requested_pairs(plan) -> set[tuple[str, str]]:
+    """(run, eval kind) for every eval file some requested item reads at this scale."""
+    pairs = set()
+    for item in plan.items:
+        for path in plan.item_inputs(item):
+            m = _EVAL.search(path)
+            if m:
+                pairs.add((split_seed(m["run"], plan.seeds[0])[0], m["kind"]))
+    return pairs
+
+
+def published_runs_frame(directory: Optional[str | Path] = None) -> pd.DataFrame:
+    """Every printed number of a run (not an off-the-shelf baseline), with the four VQA categories."""
+    long = load_published(directory)
+    tables = sorted(set(long.loc[long["source"].map(is_run_name), "table"]))
+    frame = published_frame(tables, directory)
+    frame = frame[frame["source"].map(is_run_name)].copy()
+    frame["origin"] = "published"
+    frame["seed"] = 0
+    return with_categories(frame.reset_index(drop=True))
+
+
+def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame:
+    """Eval JSONs (``{"metrics": {...}}`` under ``evals/{run}[.s{seed}]/``) as a long frame with ``seed``,
+    plus Table 2's share of data kept (``data/filter/{light,heavy}.json``; 100 for unfiltered runs)."""
+    rows, kept = [], {}
+    for path in map(Path, paths):
+        m = _EVAL.search(path.as_posix())
+        if path.parent.name == "filter" and path.stem in ("light", "heavy") and path.suffix == ".json":
+            kept[path.stem] = 100.0 * float(json.loads(path.read_text())["kept_fraction"])
+        if not m:
+            continue
+        run, seed = split_seed(m["run"], first_seed)
+        if not is_run_name(run):
+            raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/, got {m['run']!r}")
+        try:
+            metrics = json.loads(path.read_text())["metrics"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read its 'metrics' mapping: {err}") from err
+        for name, value in metrics.items():
+            try:
+                rows.append({"source": run, "metric": name, "value": float(value), "origin": "run", "seed": seed})
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}") from None
+    for run in dict.fromkeys(r["source"] for r in rows):
+        share = 100.0 if Run.parse(run).data == "full" else kept.get(Run.parse(run).data)
+        if share is not None:
+            rows.append({"source": run, "metric": DATA_PCT, "value": share, "origin": "run", "seed": first_seed})
+    return with_categories(pd.DataFrame(rows, columns=["source", "metric", "value", "origin", "seed"]))
+
+
+def compared_pairs(item_ids: Iterable[str]) -> dict[tuple[str, str], list[str]]:
+    """(run, metric) -> the items that print it, for the runs of the given items."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for item_id in item_ids:
+        item = specs.get_item(item_id)
+        for run in item.runs:
+            for metric in item.metrics:
+                out.setdefault((run, metric), []).append(item_id)
+    return out
+
+
+def comparison(reproduced: pd.DataFrame, published: pd.DataFrame, item_ids: Iterable[str],
+               tolerances: Mapping[str, float], mode: str) -> pd.DataFrame:
+    """One row per (run, metric) the paper prints for the requested items.
+
+    ``mode``: "published" (the source is the paper: identity, labelled as such), "comparable"
+    (within / outside the metric's tolerance) or anything else ("not comparable", differences shown).
+    """
+    pub = published.groupby(["source", "metric"])["value"].first()
+    if reproduced.empty:
+        rep = pd.DataFrame(columns=["mean", "std", "count"])
+    else:
+        rep = reproduced.groupby(["source", "metric"])["value"].agg(["mean", "std", "count"])
+    rows = []
+    for (run, metric), items in compared_pairs(item_ids).items():
+        if (run, metric) not in pub.index:
+            continue
+        published_value = float(pub[(run, metric)])
+        if mode == "published":
+            value, sd, n = published_value, np.nan, 0
+        elif (run, metric) in rep.index:
+            value, sd, n = (float(rep.loc[(run, metric), "mean"]), float(rep.loc[(run, metric), "std"]),
+                            int(rep.loc[(run, metric), "count"]))
+        else:
+            value, sd, n = np.nan, np.nan, 0
+        tol = float(tolerances[metric]) if metric in tolerances else np.nan
+        diff = value - published_value
+        if mode == "published":
+            status = PAPER_ITSELF
+        elif np.isnan(value):
+            status = MISSING
+        elif mode != "comparable":
+            status = NOT_COMPARABLE
+        elif np.isnan(tol):
+            status = NO_TOLERANCE
+        else:
+            status = WITHIN if abs(diff) <= tol else OUTSIDE
+        rows.append({"source": run, "metric": metric, "items": " ".join(items), "reproduced": value,
+                     "reproduced_sd": sd if n > 1 else np.nan, "n_seeds": n, "published": published_value,
+                     "difference": diff, "tolerance": tol, "status": status})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def thresholds() -> list[tuple[str, float, str]]:
+    c = claims_mod
+    return [
+        ("Z", c.Z, "standard errors over seeds a quantity must clear its threshold by (no margin with one seed)"),
+        ("MIN_SLOPE", c.MIN_SLOPE, "VQA points per doubling of model size / samples seen for 'improves, scales'"),
+        ("MAX_FLAT_SLOPE", c.MAX_FLAT_SLOPE, "VQA points per doubling at most, for 'does not scale'"),
+        ("MIN_SLOPE_GAP", c.MIN_SLOPE_GAP, "points per doubling one slope must beat another by"),
+        ("MIN_R2", c.MIN_R2, "R² of the fit against log2(x) for 'log-linear'"),
+        ("MIN_GAP", c.MIN_GAP, "VQA points for 'leads', 'beats', 'helps' and each resolution step"),
+        ("MIN_OCR_GAIN", c.MIN_OCR_GAIN, "OCR & Chart points a text filter must add"),
+        ("MAX_MEAN_LOSS", c.MAX_MEAN_LOSS, "mean points the other three categories may lose to a filter"),
+        ("MIN_REL_SLOPE", c.MIN_REL_SLOPE, "alignment gain per doubling, as a fraction of the mean score"),
+    ]
+
+
+def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str) -> str:
+    lines = [f"## Claims of the paper at the `{scale}` scale", "",
+             "| claim | verdict | evidence |", "|---|---|---|"]
+    for r in results:
+        evidence = r.evidence.replace("|", "/").replace(". Points: ", "<br>Points: ").replace(" / ", "<br>")
+        lines.append(f"| **{r.claim.id}**: {r.claim.statement} | **{r.verdict}** | {evidence} |")
+    counts = pd.Series([r.verdict for r in results]).value_counts()
+    lines += ["", "Verdicts: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in claims_mod.VERDICTS) + ".", "",
+              f"Per-metric comparison with the paper: {summary}", "",
+              "Thresholds (webssl_repro.paper.claims; slopes are fitted against log2 of params or samples seen):", ""]
+    lines += [f"- `{name}` = {value:g}: {what}" for name, value, what in thresholds()]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_summary(table: pd.DataFrame, mode: str) -> str:
+    counts = table["status"].value_counts()
+    text = ", ".join(f"{n} {status}" for status, n in counts.items()) or "no metric in common"
+    if mode == "published":
+        return f"{text} — at the published scale the numbers are the paper's own, so this is not a pass."
+    if mode != "comparable":
+        return f"{text} — this scale differs from the paper in data and model sizes (check.comparable: false)."
+    return f"{text} (tolerances from check.tolerances)."
+
+
+def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: str | Path,
+              published_dir: Optional[str | Path] = None) -> tuple[list[claims_mod.Result], pd.DataFrame]:
+    from webssl_repro.workflow import Plan
+
+    plan = Plan(config)
+    published = published_runs_frame(published_dir)
+    check_cfg = config.get("check", {})
+    if plan.published:
+        mode, frame, requested = "published", published, None
+    else:
+        mode = "comparable" if check_cfg.get("comparable", False) else "not comparable"
+        frame, requested = runs_frame(inputs, plan.seeds[0]), requested_pairs(plan)
+    results = claims_mod.evaluate_all(frame, requested)
+    table = comparison(frame, published, plan.items, check_cfg.get("tolerances", {}), mode)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    claims_mod.results_frame(results).to_csv(outdir / "claims.tsv", sep="\t", index=False)
+    table.to_csv(outdir / "comparison.tsv", sep="\t", index=False, na_rep="NA", float_format="%.6g")
+    (outdir / "claims.md").write_text(claims_markdown(results, plan.scale, comparison_summary(table, mode)))
+    return results, table

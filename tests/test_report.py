@@ -1,0 +1,108 @@
+"""report.md and `snakemake --report`: the published scale (in-process, and through snakemake in a
+scratch copy), a run scale (synthetic eval JSONs) with each item beside the paper's and the overlay figures."""
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+from test_claims import EXPECTED_PUBLISHED, synthetic_config, write_tree
+from webssl_repro.cli import main
+from webssl_repro.config import load_config
+from webssl_repro.paper import specs
+from webssl_repro.paper.check import run_check
+from webssl_repro.paper.figures import render_figure
+from webssl_repro.paper.report import overlay_output, reference_outputs, report_inputs, write_report
+from webssl_repro.paper.results import item_results
+from webssl_repro.paper.tables import render_table
+from webssl_repro.workflow import Plan
+
+PUBLISHED = load_config(REPO / "config/published.yaml")
+
+
+def test_published_report_has_every_item_and_the_claims(tmp_path, monkeypatch):
+    """The whole published scale, rendered in-process (the snakemake run below covers the rules)."""
+    monkeypatch.chdir(tmp_path)
+    plan = Plan(PUBLISHED)
+    for item_id in plan.items:
+        item = specs.get_item(item_id)
+        results = item_results(item, "published", [REPO / p for p in plan.item_inputs(item_id)])
+        if item.kind == "table":
+            render_table(item, results, plan.item_outputs(item_id), "published")
+        else:
+            render_figure(item, results, plan.item_outputs(item_id), "published", plan.language_models())
+    run_check(PUBLISHED, [], "paper/published/check", REPO / "results/published")
+    text = write_report(PUBLISHED, "paper/published/report.md", "cafe01")
+    for item in plan.items:
+        assert f"### {item}: {specs.get_item(item).title}" in text, item
+        if specs.get_item(item).kind != "table":
+            assert f"](figures/{item}.png)" in text
+    assert re.search(r"\| Web-DINO ViT-7B +\| 1823\.76 .*\| 53\.87 +\|", text)  # Table 6, embedded
+    for claim_id in EXPECTED_PUBLISHED:
+        assert f"**{claim_id}**" in text
+    claims = pd.read_csv("paper/published/check/claims.tsv", sep="\t").set_index("claim")
+    assert claims["verdict"].to_dict() == EXPECTED_PUBLISHED
+    comparison = pd.read_csv("paper/published/check/comparison.tsv", sep="\t")
+    assert set(comparison["status"]) == {"paper itself"} and len(comparison) > 500
+    assert "config hash `cafe01`" in text and "git commit `" in text
+
+
+def test_snakemake_builds_check_report_and_html_report(workflow_dir):
+    """`all check report` then `--report` in a scratch copy, at the published scale (three items, for time)."""
+    config = dict(PUBLISHED, items=["table6", "table12", "fig3"])
+    (workflow_dir / "few.yaml").write_text(yaml.safe_dump(config))
+    targets = ("all", "check", "report", "--configfile", "few.yaml")
+    proc = snakemake(workflow_dir, "--cores", "2", *targets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (workflow_dir / "paper/published/report.md").read_text()
+    assert "### fig3:" in text and "### table12:" in text and "### table2:" not in text
+    assert re.search(r"\*\*dino_scales_better_than_clip\*\*:[^|]*\| \*\*holds\*\* \|", text)
+    html = snakemake(workflow_dir, "--report", "report.html", *targets)
+    assert html.returncode == 0, html.stderr[-3000:]
+    html = (workflow_dir / "report.html").read_text(errors="replace")
+    for category, path in (("Tables", "tables/table6.tsv"), ("Figures", "figures/fig3.png"),
+                           ("Check", "check/claims.tsv"), ("Report", "report.md")):
+        assert re.search(rf'"{category}": {{[^}}]*paper/published/{path}', html), category
+
+
+def test_run_scale_report_puts_each_item_beside_the_papers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/published").symlink_to(REPO / "results/published")
+    config = synthetic_config(seeds=(0,))
+    config["items"] = ["table15", "fig3", "fig9"]
+    plan = Plan(config)
+    write_tree(tmp_path, plan)
+    for item in plan.items:
+        inputs = plan.item_inputs(item)
+        lms = ["--language-models", "minilm"] if item.startswith("fig") else []
+        assert main(["render", item, "--scale", "synth", "--source", "runs", "--inputs", *inputs, *lms,
+                     "--outputs", *plan.item_outputs(item)]) == 0
+        assert main(["render", item, "--scale", "published", "--source", "published", "--inputs",
+                     "results/published/vqa.tsv", *lms, "--outputs", *reference_outputs(plan.paper_dir, item)]) == 0
+    out = overlay_output(plan.paper_dir, "fig3")
+    assert main(["overlay", "fig3", "--scale", "synth", "--published-dir", "results/published",
+                 "--inputs", *plan.item_inputs("fig3"), "--out", out]) == 0
+    assert (tmp_path / out).stat().st_size > 20_000
+    assert main(["check", "--config-json", json.dumps(config), "--published-dir", "results/published",
+                 "--outdir", "paper/synth/check", "--inputs", *plan.item_inputs("table15"),
+                 *plan.item_inputs("fig3"), *plan.item_inputs("fig9")]) == 0
+    assert sorted(report_inputs(plan)) == sorted(p for p in report_inputs(plan) if (tmp_path / p).exists())
+    assert main(["report", "--config-json", json.dumps(config), "--config-hash", "abc123",
+                 "--out", "paper/synth/report.md"]) == 0
+    text = (tmp_path / "paper/synth/report.md").read_text()
+    assert "**paper**" in text and re.search(r"\| Web-DINO ViT-7B 518 +\| 1807\.08 .*\| 59\.91 +\|", text)
+    assert "](published/figures/fig3.png)" in text and "](figures/fig3_vs_published.png)" in text
+    assert "No overlay" in text  # fig9: the paper prints no alignment values
+    assert "**higher_resolution_helps**" in text and "does not hold" in text
+    assert "config hash `abc123`" in text
+
+
+@pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/paper.yaml"])
+def test_check_and_report_are_in_every_dry_run(workflow_dir, configfile):
+    proc = snakemake(workflow_dir, "-n", "check", "report", "--configfile", configfile)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rule in ("check", "report", "overlay_figure", "render_reference_table", "render_reference_figure"):
+        assert re.search(rf"^(local)?rule {rule}:", proc.stdout, re.M), rule
