@@ -80,12 +80,13 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
 
         tokenizer_path = recipe.pop("tokenizer", None)
         vocab = int(recipe.pop("vocab_size", 2048))
+        layerscale = float(recipe.pop("layerscale", 1e-5))  # the vision tower's, as Web-DINO's
         config = ClipConfig.from_mapping(recipe)
         if tokenizer_path:
             tokenizer = load_tokenizer(tokenizer_path)
         else:  # mini: a tokenizer learned offline from this corpus' captions
             tokenizer = build_tokenizer((it.caption for it in corpus.items), vocab, cfg["_workdir"] + "/tokenizer.json")
-        method = ClipMethod(build_encoder(arch, "clip", img_size=img), tokenizer, config)
+        method = ClipMethod(build_encoder(arch, "clip", img_size=img, layerscale=layerscale), tokenizer, config)
         transform = clip_transform(img, scale=tuple(config.crop_scale))
         sample_fn = _seeded(transform, with_caption=True)
         collate_fn = _stack_images

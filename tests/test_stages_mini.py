@@ -1,0 +1,298 @@
+"""The built stages end to end at a tiny budget: pretraining lowers its loss, and its encoder
+should beat the random-init encoder it started from on every evaluation family.
+
+Runs are the mini grid's own (``Plan.run_config`` from config/mini.yaml, recipe unchanged)
+on a corpus of the mini size; eval sets are smaller than the mini ones (see
+``helpers_mini.TINY_EVALSETS``). "Random init" is the very model the run started from
+(same seed, same arch, same recipe), so a difference is what training did.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import snakemake
+from helpers_mini import (  # noqa: F401  (fixtures)
+    CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_run, initial_method, mae_run, shared_result, tiny_data,
+)
+
+N_CLASSES = 16  # OBJECT_CLASSES of the mini-web world; the IN-1k analogue is class-balanced
+
+#: Why the trained-vs-init comparisons fail today (measured, see benchmarks/README.md). They are
+#: strict xfails, not deleted: once the mini recipes learn they XPASS, which fails the suite
+#: until the mark is removed.
+NOT_LEARNING = (
+    "the mini Web-DINO recipe does not learn useful features in its mini budget (64 steps of batch "
+    "32): the DINO term stays near ln(512), the teacher (momentum 0.9, LayerScale 1.0 in the 4-block "
+    "mini tower) gives image-weak targets, and the exported teacher is no better than its init")
+CLIP_NOT_LEARNING = ("the mini CLIP run does not learn in its budget: its loss stays near ln(64) = 4.159 "
+                     "and text embeddings of different captions stay nearly parallel")
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def _early_late(losses: list[float], n: int) -> tuple[float, float]:
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's weighted cosine k-NN (k=20, T=0.07), top-1 in %."""
+    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
+    sim, idx = (test_x @ train_x.T).topk(k, dim=1)
+    votes = torch.zeros(len(test_x), N_CLASSES).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return 100.0 * float((votes.argmax(1) == test_y).float().mean())
+
+
+def _classification(tiny_data, size: int):
+    from webssl_repro.evaluate.classic import images_tensor, load_split
+
+    out = {}
+    for split in ("train", "val"):
+        records = load_split(tiny_data["classification"], split)
+        out[split] = (images_tensor(records, size), torch.tensor([int(r["label"]) for r in records]))
+    return out
+
+
+def _cls(encoder, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder.forward_features(x)[:, 0]
+
+
+# ---------------------------------------------------------------- Web-DINO
+
+
+def test_dino_loss_falls(dino_run):
+    """64 steps of the mini recipe: the mean of the last 8 logged losses is at least 5 % below
+    the first 8 (measured 9.94 -> 9.18, about 8x the step-to-step s.d. of late losses).
+    Most of the fall is KoLeo and iBOT: the DINO term stays near ln(512), see NOT_LEARNING."""
+    losses = [row["loss"] for row in _log(dino_run["dir"])]
+    assert len(losses) == 64
+    assert all(math.isfinite(x) for x in losses)
+    early, late = _early_late(losses, 8)
+    assert late < 0.95 * early, (early, late)
+
+
+@pytest.fixture(scope="session")
+def knn_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, float]:
+    def compute():
+        trained, random_init, meta = dino_encoders
+        data = _classification(tiny_data, int(meta["img_size"]))
+        (xtr, ytr), (xva, yva) = data["train"], data["val"]
+        scores = {name: knn_top1(_cls(enc, xtr), ytr, _cls(enc, xva), yva)
+                  for name, enc in (("trained", trained), ("random", random_init))}
+        scores["pixels"] = knn_top1(xtr.flatten(1), ytr, xva.flatten(1), yva)
+        return scores
+
+    scores = shared_result(tmp_path_factory, "knn_scores", compute)
+    print("k-NN top-1 %:", scores)
+    return scores
+
+
+def test_knn_probe_separates_classes(knn_scores):
+    """The probe itself works on this eval set: k-NN on raw pixels is well above chance
+    (6.25 %), so a trained encoder has something to find."""
+    assert knn_scores["pixels"] >= 2 * 100.0 / N_CLASSES, knn_scores
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN trained 4.4 %, init 5.6 %")
+def test_dino_knn_beats_random_init(knn_scores):
+    """CLS k-NN (k=20) on the IN-1k analogue: trained beats its own init by >= 8 points.
+    160 val images: one accuracy has a standard error of <= 4 points near 50 %, ~2 points
+    near chance, so 8 points is about 3 standard errors of the difference."""
+    assert knn_scores["trained"] >= knn_scores["random"] + 8.0, knn_scores
+
+
+# ---------------------------------------------------------------- Web-MAE and CLIP
+
+
+def test_mae_loss_falls(mae_run):
+    """32 steps of the mini MAE recipe: last 5 logged losses at least 10 % below the first 5
+    (measured 1.35 -> 0.84; the late losses vary by s.d. 0.015)."""
+    losses = [row["loss"] for row in _log(mae_run["dir"])]
+    assert len(losses) == 32 and all(math.isfinite(x) for x in losses)
+    early, late = _early_late(losses, 5)
+    assert late < 0.9 * early, (early, late)
+
+
+def _clip_top1(method, records, size: int) -> tuple[float, float]:
+    """(image->text top-1 %, chance %) over N pairs; a retrieved caption counts when its text
+    equals the query's own (mini-web captions repeat), and chance counts those duplicates too."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2
+
+    from webssl_repro.methods.clip import OPENAI_MEAN, OPENAI_STD
+
+    tf = v2.Compose([v2.ToImage(), v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    captions = [str(r["caption"]) for r in records]
+    model = method.bare_model().eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([tf(r["image"].convert("RGB")) for r in records]))
+        txt = model.encode_text(method.tokenize(captions))
+    hit = [captions[j] == captions[i] for i, j in enumerate((img @ txt.T).argmax(1).tolist())]
+    chance = sum(captions.count(c) for c in captions) / len(captions) ** 2
+    return 100.0 * sum(hit) / len(hit), 100.0 * chance
+
+
+@pytest.mark.xfail(strict=True, reason=CLIP_NOT_LEARNING + "; measured top-1 0.39 % = chance (1/256)")
+def test_clip_retrieval_above_chance(clip_run, tiny_data):
+    """Held-out captions eval set (test split, N=256, never in the corpus): image->text top-1
+    of the 32-step CLIP run (2048 samples / 64) is >= 3x chance and above the same model at init."""
+    from webssl_repro.evaluate.classic import load_split
+
+    records = load_split(tiny_data["captions"], "test")
+    assert len(records) == TINY_EVALSETS["captions"]["test"] == 256
+    size = int(clip_run["cfg"]["img_size"])
+    method = initial_method(CLIP_RUN, clip_run["cfg"], tiny_data["shards"])
+    init_top1, chance = _clip_top1(method, records, size)
+    method.bare_model().load_state_dict(torch.load(clip_run["dir"] / "state.pt", weights_only=True))
+    top1, _ = _clip_top1(method, records, size)
+    print(f"CLIP image->text top-1: trained {top1:.2f} %, init {init_top1:.2f} %, chance {chance:.2f} % (N=256)")
+    assert top1 >= 3 * chance, (top1, chance)
+    assert top1 > init_top1, (top1, init_top1)
+
+
+# ---------------------------------------------------------------- classic, alignment, VQA
+
+#: Probe budgets: a fifth of the mini ones, enough for the heads to converge on frozen features.
+CLASSIC_TINY = {"batch_size": 64, "linear": {"epochs": 4, "epoch_length": 10, "lrs": [0.01, 0.1, 1.0]},
+                "segmentation": {"iters": 60, "lr": 0.01, "warmup": 6},
+                "depth": {"iters": 60, "lr": 0.001, "warmup": 6}}
+
+
+@pytest.fixture(scope="session")
+def classic_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, dict[str, float]]:
+    from webssl_repro.evaluate.alignment_eval import run_alignment
+    from webssl_repro.evaluate.classic import run_classic
+
+    def compute():
+        trained, random_init, meta = dino_encoders
+        cache = tmp_path_factory.mktemp("lm_cache")
+        out = {}
+        for name, enc in (("trained", trained), ("random", random_init)):
+            torch.manual_seed(0)
+            m = run_classic(enc, meta, tiny_data, CLASSIC_TINY)
+            m.update(run_alignment(enc, meta, tiny_data["captions"], {"language_models": ["minilm"]},
+                                   cache_dir=cache))
+            out[name] = {k: v for k, v in m.items() if not k.startswith("_")}
+        return out
+
+    out = shared_result(tmp_path_factory, "classic_scores", compute)
+    print("classic/alignment:", json.dumps(out, indent=1))
+    return out
+
+
+def test_classic_and_alignment_metrics_are_sane(classic_scores):
+    """Every number is in its unit's range, for both encoders (what holds today)."""
+    for scores in classic_scores.values():
+        assert 0.0 <= scores["in1k_linear"] <= 100.0 and 0.0 <= scores["ade20k_linear"] <= 100.0
+        assert 0.0 < scores["nyud_lin1"] < 20.0  # metres; mini-web depths lie in [1.5, 20]
+        assert 0.0 <= scores["alignment/minilm"] <= 1.0
+
+
+def _xfail(measured: str):
+    return pytest.mark.xfail(strict=True, reason=f"{NOT_LEARNING}; measured {measured}")
+
+
+#: (metric, sign, margin): trained must beat init by more than numerical noise between machines.
+#: in1k: 3 points of top-1 on 160 images (~1.3 standard errors at 10 %); ADE: 0.5 mIoU
+#: points; NYUd: RMSE 2 % lower; alignment: +0.01 mutual-k-NN (chance is k/N = 10/256 = 0.039).
+@pytest.mark.parametrize("metric,sign,margin", [
+    pytest.param("in1k_linear", 1, 3.0, marks=_xfail("top-1 9.375 % vs 11.875 %")),
+    pytest.param("ade20k_linear", 1, 0.5, marks=_xfail("mIoU 4.677 vs 4.718")),
+    pytest.param("nyud_lin1", -1, 0.02, marks=_xfail("RMSE 8.381 vs 8.428 (0.6 % lower)")),
+    pytest.param("alignment/minilm", 1, 0.01, marks=_xfail("0.0500 vs 0.0473")),
+])
+def test_trained_dino_beats_random_init(classic_scores, metric, sign, margin):
+    trained, rand = classic_scores["trained"][metric], classic_scores["random"][metric]
+    if metric == "nyud_lin1":
+        assert trained <= (1 - margin) * rand, (metric, trained, rand)
+    else:
+        assert sign * (trained - rand) >= margin, (metric, trained, rand)
+
+
+#: Mini VQA settings (config/mini.yaml evaluate.vqa) on 256 stage-1 captions and the tiny eval
+#: set: 16 benchmarks x 40 instruction samples, 16 x 20 test questions.
+VQA_TINY = {"alignment_samples": 256}
+
+
+@pytest.fixture(scope="session")
+def vqa_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, dict[str, float]]:
+    from webssl_repro.evaluate.vqa.stage import run_vqa
+
+    def compute():
+        trained, random_init, meta = dino_encoders
+        cfg = {**mini_vqa_config(), **VQA_TINY}
+        out = {}
+        for name, enc in (("trained", trained), ("random", random_init)):
+            m = run_vqa(enc, meta, {"vqa": tiny_data["vqa"], "shards": tiny_data["shards"]}, cfg,
+                        workdir=tmp_path_factory.mktemp(f"vqa_{name}"))
+            out[name] = {k: v for k, v in m.items() if not k.startswith("_")}
+        return out
+
+    out = shared_result(tmp_path_factory, "vqa_scores", compute)
+    print("vqa:", json.dumps(out, indent=1))
+    return out
+
+
+def mini_vqa_config() -> dict:
+    from helpers_mini import mini_config
+
+    return dict(mini_config()["evaluate"]["vqa"])
+
+
+def test_vqa_scores_are_sane(vqa_scores):
+    from webssl_repro.metrics import VQA_BENCHMARKS
+
+    for scores in vqa_scores.values():
+        assert set(VQA_BENCHMARKS) <= set(scores) and 0.0 <= scores["Average"] <= 100.0
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured Average 22.48 vs 22.48 (every benchmark equal: the "
+                   "mini probe answers from the question alone)")
+def test_vqa_trained_dino_beats_random_init(vqa_scores):
+    """Average over the 16 benchmarks (20 test questions each): trained >= init + 1 point."""
+    assert vqa_scores["trained"]["Average"] >= vqa_scores["random"]["Average"] + 1.0, vqa_scores
+
+
+# ---------------------------------------------------------------- the workflow
+
+
+def _tiny_workflow_config() -> dict:
+    """config/mini.yaml shrunk to seconds: 256 corpus images, 4 DINO steps (warm-up 2), 64 captions.
+    A full file because ``--configfile`` replaces the default config rather than merging."""
+    from helpers_mini import mini_config
+
+    cfg = mini_config()
+    cfg["data"]["corpus"].update(n_images=256, shard_size=128)
+    cfg["data"]["evalsets"]["captions"] = {"test": 64}
+    cfg["labels"]["samples"]["2b"] = 128
+    cfg["pretrain"]["dino"]["warmup_steps"] = 2  # the loop rejects a warm-up longer than the run
+    return cfg
+
+
+def test_snakemake_builds_one_eval(workflow_dir):
+    """One alignment JSON through the real DAG (data -> pretrain -> evaluate), then nothing to redo."""
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(_tiny_workflow_config()))
+    target = "results/mini/evals/dino1b-full2b-224/alignment.json"
+    args = ("--cores", "2", target, "--configfile", "tiny.yaml")
+    first = snakemake(workflow_dir, *args, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    result = json.loads((workflow_dir / target).read_text())
+    assert result["run"] == "dino1b-full2b-224" and result["kind"] == "alignment"
+    score = result["metrics"]["alignment/minilm"]
+    assert isinstance(score, float) and 0.0 <= score <= 1.0
+    provenance = json.loads((workflow_dir / "results/mini/runs/dino1b-full2b-224/provenance.json").read_text())
+    assert provenance["steps"] == 4 and provenance["corpus_size"] == 256
+    again = snakemake(workflow_dir, *args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
