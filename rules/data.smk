@@ -72,3 +72,29 @@ rule data:
     localrule: True
     input:
         PLAN.data_targets(),
+
+
+# Figure 8: raw / light / heavy samples of the filtered corpus (from the data stage).
+rule fig8_samples:
+    input:
+        shards=PLAN.data_manifest("shards"),
+        light=PLAN.filter_stats("light"),
+        heavy=PLAN.filter_stats("heavy"),
+    output:
+        pdf=f"{PAPER}/figures/fig8.pdf",
+        png=f"{PAPER}/figures/fig8.png",
+    params:
+        prefix=lambda w, output: output.pdf[: -len(".pdf")],
+    log:
+        f"logs/{SCALE}/data/fig8.log",
+    conda:
+        ENV
+    shell:
+        "webssl-repro data fig8 --shards {input.shards} --light {input.light} --heavy {input.heavy} "
+        "--out {params.prefix} > {log} 2>&1"
+
+
+rule fig8:
+    localrule: True
+    input:
+        PLAN.data_figures(),

@@ -62,9 +62,10 @@ class Plan:
 
     @cached_property
     def items(self) -> tuple[str, ...]:
-        for item_id in self.config.get("items", ()):
+        requested = [i for i in self.config.get("items", ()) if i != "fig8"]  # fig8: see data_figures
+        for item_id in requested:
             specs.get_item(item_id)  # unknown ids fail here, naming the id
-        return tuple(i for i in self.config.get("items", ()) if self.item_buildable(i))
+        return tuple(i for i in requested if self.item_buildable(i))
 
     @cached_property
     def runs(self) -> tuple[str, ...]:
@@ -179,6 +180,12 @@ class Plan:
         return [self.data_manifest("shards"), self.data_manifest("in1k"),
                 self.filter_stats("light"), self.filter_stats("heavy"), *(self.evalset(t) for t in tasks)]
 
+    def data_figures(self) -> list[str]:
+        """Figure 8 (filtered samples) comes from the data stage, not from eval results."""
+        if "data" not in self.stages or "fig8" not in self.config.get("items", ()):
+            return []
+        return [f"{self.paper_dir}/figures/fig8.pdf", f"{self.paper_dir}/figures/fig8.png"]
+
     def eval_config_json(self, kind: str) -> str:
         section = self.config.get("evaluate", {}).get(kind, {})
         return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
@@ -223,7 +230,7 @@ class Plan:
         return list(dict.fromkeys(inputs))
 
     def all_targets(self) -> list[str]:
-        return [p for i in self.items for p in self.item_outputs(i)]
+        return [p for i in self.items for p in self.item_outputs(i)] + self.data_figures()
 
     # ---- resources ---------------------------------------------------------------------
     def pretrain_resources(self, run: str) -> RunResources:

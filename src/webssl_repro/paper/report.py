@@ -65,7 +65,7 @@ def report_output(plan) -> str:
 
 
 def report_inputs(plan) -> list[str]:
-    paths = [p for item in plan.items for p in plan.item_outputs(item)]
+    paths = [p for item in plan.items for p in plan.item_outputs(item)] + plan.data_figures()
     paths += check_outputs(plan.paper_dir)
     if not plan.published:
         for item in plan.items:
@@ -188,6 +188,10 @@ def build_report(plan, config_hash: str, commit: str) -> str:
                       f"![{item_id}: {scale} vs paper](figures/{item_id}_vs_published.png)", ""]
         else:
             lines += [f"No overlay: {item.note or 'the paper prints no values for this figure.'}", ""]
+    if plan.data_figures():
+        lines += ["### fig8: samples of the corpus, raw / light filter / heavy filter", "",
+                  "![fig8](figures/fig8.png) ([pdf](figures/fig8.pdf)); kept fractions and precision/recall "
+                  "against the generator's ground truth are in `results/{}/data/filter/`.".format(scale), ""]
     lines += ["## How this was made", "",
               f"- scale `{scale}`, numbers from `{plan.config['source']}`, config hash `{config_hash}` "
               f"(sha256 of the validated config), seeds {list(plan.config.get('seeds', [0]))}",
