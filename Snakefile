@@ -33,6 +33,8 @@ include: "rules/paper.smk"
 
 rule all:
     default_target: True
+    message:
+        PLAN.target_message()
     input:
         PLAN.all_targets(),
         rules.check.output,

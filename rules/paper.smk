@@ -201,3 +201,5 @@ for _item in PLAN.items:
         localrule: True
         input:
             PLAN.item_outputs(_item),
+        message:
+            PLAN.target_message(_item)

@@ -122,6 +122,10 @@ def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
         assert target in out, target
     assert re.search(r"pretrain_multinode\s+30\b", out)
     assert "gres=gpu:8" in out and "nodes=32" in out and "gpu_hours=" in out
+    total = re.search(r"all: 30 runs, ([\d,]+) estimated pretraining GPU-hours", out)
+    assert total and int(total[1].replace(",", "")) == round(plan.gpu_hours())
+    per_target = snakemake(workflow_dir, "-n", "table6", "--configfile", "config/paper.yaml")
+    assert "table6: 5 runs," in per_target.stdout + per_target.stderr
 
 
 @pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/published.yaml"])

@@ -258,6 +258,16 @@ class Plan:
             f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
         )
 
+    def target_message(self, item: str | None = None) -> str:
+        """What a target costs, shown by the dry run: its runs and their pretraining GPU-hours
+        (each pretrain job also carries its own ``gpu_hours`` resource)."""
+        runs = self.run_ids if item is None else [r for run in specs.get_item(item).runs for r in self.seeded(run)]
+        name = item or "all"
+        if self.published:
+            return f"{name}: rendered from the paper's own numbers"
+        return (f"{name}: {len(runs)} runs, {self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours "
+                f"({self.config['resources']['gpus_per_node']} GPUs/node)")
+
     def gpu_hours(self, runs=None) -> float:
         return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs))
 
