@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from webssl_repro.evaluate.alignment import (alignment_matrix, alignment_score, clamp_threshold,
                                              mutual_knn)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _unit(angles_deg):
     a = torch.tensor(angles_deg, dtype=torch.float64) * math.pi / 180
@@ -122,11 +124,3 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="a must be a 2-D"):
         mutual_knn(torch.randn(3, 50, 8), torch.randn(50, 8), k=3)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one intra-op thread avoids sync overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

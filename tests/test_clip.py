@@ -34,14 +34,7 @@ HAND_TXT = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
 HAND_EXPECTED = {1.0: 0.49115703961126583, 10.0: 0.1865289790544986}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box the
-    OpenMP spin-wait of 2 threads makes these tests ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("scale", [1.0, 10.0])

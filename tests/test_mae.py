@@ -19,14 +19,7 @@ TARGET = torch.tensor([[[1.0, 2.0, 3.0], [2.0, 2.0, 5.0]]])
 PRED = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box the
-    OpenMP spin-wait of 2 threads makes these tests ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(**kw) -> VisionTransformer:

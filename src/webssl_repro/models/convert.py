@@ -204,6 +204,16 @@ def _hf_param(table: Mapping[str, Any], our: str) -> tuple[Any, str]:
     return table[module], "." + param
 
 
+def _rename_top(key: str, table: Mapping[str, str], error: str) -> str:
+    """A non-block key through ``table``, matched whole or by its module (``norm.weight``)."""
+    if key in table:
+        return table[key]
+    module, _, param = key.rpartition(".")
+    if module in table:
+        return f"{table[module]}.{param}"
+    raise KeyError(error)
+
+
 def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> dict[str, Tensor]:
     """Our state dict renamed for ``Dinov2Model`` (kind 'dinov2') or ``ViTModel`` ('vit')."""
     prefix, table = HF_LAYOUTS[(kind, legacy)]
@@ -211,13 +221,7 @@ def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> di
     for key, value in state.items():
         m = _BLOCK.match(key)
         if m is None:
-            module, _, param = key.rpartition(".")
-            if key in _TOP:
-                out[_TOP[key]] = value
-            elif module in _TOP:
-                out[f"{_TOP[module]}.{param}"] = value
-            else:
-                raise KeyError(f"no HF counterpart for encoder parameter {key!r}")
+            out[_rename_top(key, _TOP, f"no HF counterpart for encoder parameter {key!r}")] = value
             continue
         base = f"{prefix}{m[1]}."
         target, param = _hf_param(table, m[2])
@@ -250,13 +254,7 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
             continue
         m = block.match(key)
         if m is None:
-            module, _, param = key.rpartition(".")
-            if key in top:
-                out[top[key]] = value
-            elif module in top:
-                out[f"{top[module]}.{param}"] = value
-            else:
-                raise KeyError(f"unexpected key {key!r} in a HF {kind} checkpoint")
+            out[_rename_top(key, top, f"unexpected key {key!r} in a HF {kind} checkpoint")] = value
             continue
         rest = m[2]
         if rest in inverse:
