@@ -6,6 +6,7 @@ its modules and its loss; the loop owns everything that is the same for all meth
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
@@ -35,3 +36,26 @@ class PretrainMethod(Protocol):
         """Everything needed for an exact resume besides the optimiser (teacher, centers, ...)."""
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class ModelOnlyState:
+    """For methods whose only state is ``model``, which the loop checkpoints itself (MAE, CLIP).
+
+    ``bare_model`` sees through the loop's DDP wrapper (FSDP2 shards in place and needs none).
+    """
+
+    model: nn.Module
+    config: Any
+
+    def bare_model(self) -> nn.Module:
+        from webssl_repro.train.distributed import unwrap
+
+        return unwrap(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The config, for provenance; the weights are the loop's ``model`` entry."""
+        return {"config": dataclasses.asdict(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "model" in state:  # also accept a self-contained {"model": ...} dict
+            self.bare_model().load_state_dict(state["model"])

@@ -7,7 +7,6 @@ rank scores its own rows against all gathered columns, labels offset by ``rank·
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ from torch import nn
 
 from webssl_repro.models.text import CaptionTokenizer, TextTransformer
 from webssl_repro.config import dataclass_from_mapping
+from webssl_repro.methods.base import ModelOnlyState
 
 __all__ = ["ClipConfig", "ClipModel", "ClipMethod", "clip_loss", "gather_with_grad",
            "clip_transform", "OPENAI_MEAN", "OPENAI_STD"]
@@ -189,7 +189,7 @@ class ClipModel(nn.Module):
         self.logit_scale.clamp_(0.0, self.max_log_scale)
 
 
-class ClipMethod:
+class ClipMethod(ModelOnlyState):
     """:class:`~webssl_repro.methods.base.PretrainMethod` for the CLIP baseline.
 
     Batches are ``{"images": (B,3,H,W), "captions": [str]}`` (tokenised here to the fixed
@@ -236,20 +236,9 @@ class ClipMethod:
         loss = clip_loss(img, txt, scale)
         return {"loss": loss, "logit_scale": scale.detach().reshape(())}
 
-    def bare_model(self) -> ClipModel:
-        """``self.model`` without a DDP wrapper (FSDP2 shards in place and needs none)."""
-        return getattr(self.model, "module", self.model)
-
     def after_optimizer_step(self, step: int) -> None:
         self.bare_model().clamp_logit_scale()
 
     def encoder(self) -> nn.Module:
         return self.bare_model().vision
 
-    def state_dict(self) -> dict[str, Any]:
-        """No state outside ``model`` (which the loop checkpoints itself); config for provenance."""
-        return {"config": dataclasses.asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "model" in state:  # also accept a self-contained {"model": ...} dict
-            self.bare_model().load_state_dict(state["model"])

@@ -167,7 +167,9 @@ class DinoMethod(nn.Module):
     # -- helpers ---------------------------------------------------------------------------
     def _student(self) -> DinoModel:
         """The student's parameters even if the loop wrapped ``model`` in DDP (``.module``)."""
-        return getattr(self.model, "module", self.model)
+        from webssl_repro.train.distributed import unwrap
+
+        return unwrap(self.model)
 
     def shadow_modules(self) -> list[nn.Module]:
         """The loop's hook for non-optimised copies: it broadcasts / shards the teacher too."""

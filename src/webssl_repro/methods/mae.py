@@ -7,7 +7,6 @@ during pretraining and is never exported.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from webssl_repro.config import dataclass_from_mapping
+from webssl_repro.methods.base import ModelOnlyState
 from torch import nn
 from timm.models.vision_transformer import Block
 
@@ -288,7 +288,7 @@ class MaskedAutoencoder(nn.Module):
         return loss, pred, mask
 
 
-class MaeMethod:
+class MaeMethod(ModelOnlyState):
     """:class:`~webssl_repro.methods.base.PretrainMethod` for Web-MAE."""
 
     def __init__(self, encoder: nn.Module, config: MaeConfig | None = None) -> None:
@@ -325,17 +325,6 @@ class MaeMethod:
     def after_optimizer_step(self, step: int) -> None:
         """MAE has no teacher, no temperature and no schedule besides the loop's lr."""
 
-    def bare_model(self) -> MaskedAutoencoder:
-        """``self.model`` without a DDP wrapper (FSDP2 shards in place and needs none)."""
-        return getattr(self.model, "module", self.model)
-
     def encoder(self) -> nn.Module:
         return self.bare_model().encoder
 
-    def state_dict(self) -> dict[str, Any]:
-        """No state outside ``model`` (which the loop checkpoints itself); config for provenance."""
-        return {"config": dataclasses.asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "model" in state:  # also accept a self-contained {"model": ...} dict
-            self.bare_model().load_state_dict(state["model"])
