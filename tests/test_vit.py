@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from webssl_repro.models.layers import swiglu_hidden
+from webssl_repro.resources import swiglu_hidden
 from webssl_repro.models.vit import (
     ENCODERS,
     MAE_ARCHS,

@@ -19,7 +19,13 @@ MAE_KEEP = 0.25  # MAE encodes the visible quarter of the patches
 FWD_BWD = 3.0  # backward ≈ 2 × forward
 
 
+def dino_local_crop(img_size: int, patch: int) -> int:
+    """Local-crop size for a global size: DINOv2 ViT-g's 98/224, on the patch grid."""
+    return max(patch, int(round(img_size * DINO_LOCAL_RATIO / patch)) * patch)
+
+
 def swiglu_hidden(width: int) -> int:
+    """DINOv2 ``SwiGLUFFNFused`` hidden size: 2/3 of 4·D, rounded up to a multiple of 8."""
     return (int(4 * width * 2 / 3) + 7) // 8 * 8
 
 
@@ -56,7 +62,7 @@ def forward_flops(method: str, arch: Mapping[str, int], img_size: int, token_fra
 
 def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int) -> float:
     if run.method == "dino":
-        local = max(arch["patch"], int(round(img_size * DINO_LOCAL_RATIO)))
+        local = dino_local_crop(img_size, arch["patch"])
         g = forward_flops("dino", arch, img_size)
         return DINO_GLOBAL * g * (1 + FWD_BWD) + DINO_LOCAL * FWD_BWD * forward_flops("dino", arch, local)
     if run.method == "mae":

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Any, Iterator
 
-import numpy as np
 
+from webssl_repro.data.shards import npy_bytes
 from webssl_repro.data.miniweb import MiniWebConfig, generate, render, rng_for, sample_spec
 from webssl_repro.data.vqa_questions import BENCHMARK_KINDS, GENERATORS
 from webssl_repro.metrics import VQA_BENCHMARKS, VQA_CATEGORIES
@@ -97,12 +97,6 @@ def _png(img: Any) -> bytes:
     return buf.getvalue()
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_evalset(out_path: str, task: str, split: str, n: int, size: int = 64, base: int = 0) -> dict[str, Any]:
     """One webdataset tar per (task, split); VQA tars hold png + json (question, answer, choices ...)."""
     import webdataset as wds
@@ -118,7 +112,7 @@ def write_evalset(out_path: str, task: str, split: str, n: int, size: int = 64, 
             entry = {"__key__": item["id"], "png": _png(item["image"]), "json": json.dumps(meta, sort_keys=True).encode()}
             for name in ("seg", "depth"):
                 if name in item:
-                    entry[f"{name}.npy"] = _npy(item[name])
+                    entry[f"{name}.npy"] = npy_bytes(item[name])
             writer.write(entry)
             count += 1
         writer.close()

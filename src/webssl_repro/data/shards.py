@@ -36,7 +36,7 @@ def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(shard_size, n_images - s)) for s in range(0, n_images, shard_size)]
 
 
-def _npy(a: np.ndarray) -> bytes:
+def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
@@ -70,8 +70,8 @@ def write_shard(out_path: str, seed: int, start: int, count: int, cfg: MiniWebCo
             entry = {"__key__": s.meta["id"], image_format: s.encode_image(image_format, quality),
                      "json": json.dumps(s.meta, sort_keys=True).encode()}
             if with_arrays:
-                entry["seg.npy"] = _npy(s.seg)
-                entry["depth.npy"] = _npy(s.depth.astype(np.float32))
+                entry["seg.npy"] = npy_bytes(s.seg)
+                entry["depth.npy"] = npy_bytes(s.depth.astype(np.float32))
             writer.write(entry)
             kinds[s.meta["kind"]] = kinds.get(s.meta["kind"], 0) + 1
             n_text += s.meta["has_text"]

@@ -70,10 +70,9 @@ def _dump(obj: Any, path: str) -> None:
 
 
 def manifest_shards(path: str) -> list[str]:
-    with open(path) as fh:
-        shards = json.load(fh)["shards"]
-    base = os.path.dirname(os.path.abspath(path))
-    return [s if "://" in s or os.path.isabs(s) else os.path.join(base, s) for s in shards]
+    from webssl_repro.data.corpus import read_manifest
+
+    return read_manifest(path)["shards"]
 
 
 def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str], out_json: str) -> dict[str, Any]:

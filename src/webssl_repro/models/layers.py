@@ -14,11 +14,6 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp
 from torch import nn
 
 
-def swiglu_hidden(width: int) -> int:
-    """DINOv2 ``SwiGLUFFNFused`` hidden size: 2/3 of 4·D, rounded up to a multiple of 8."""
-    return (int(4 * width * 2 / 3) + 7) // 8 * 8
-
-
 def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
     """An ``mlp_layer`` factory for timm's ``Block`` that ignores its float-derived width.
 

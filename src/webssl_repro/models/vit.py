@@ -23,8 +23,8 @@ from webssl_repro.models.layers import (
     fixed_hidden_mlp,
     init_dinov2_,
     set_uniform_drop_path,
-    swiglu_hidden,
 )
+from webssl_repro.resources import swiglu_hidden
 
 METHODS = ("dino", "mae", "clip")
 #: FFN kind of each pretraining method's tower (CLIP reuses the Web-DINO vision towers).

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
-from webssl_repro.metrics import DATA_PCT, VQA_BENCHMARKS, VQA_CATEGORIES
+from webssl_repro.metrics import DATA_PCT, VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.runs import Run, is_run_name, split_seed
@@ -133,4 +133,4 @@ def lookup(wide: pd.DataFrame, source: str, metric: str) -> float:
     return math.nan
 
 
-__all__ = ["item_results", "value_table", "lookup", "with_categories", "VQA_CATEGORIES"]
+__all__ = ["item_results", "value_table", "lookup", "with_categories"]

@@ -19,14 +19,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from webssl_repro.resources import dino_local_crop
 from webssl_repro.runs import Run
-
-DINO_LOCAL_RATIO = 98 / 224  # DINOv2 ViT-g: 98 px local crops for 224 px global crops
-
-
-def _local_crop(img_size: int, patch: int) -> int:
-    return max(patch, int(round(img_size * DINO_LOCAL_RATIO / patch)) * patch)
-
 
 def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict[str, Any], Any]:
     """(method, sample_fn, collate_fn, train_config mapping, encoder metadata)."""
@@ -44,7 +38,7 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         from webssl_repro.methods.dino import DinoConfig, DinoMethod
 
         recipe.setdefault("global_crop_size", img)
-        recipe.setdefault("local_crop_size", _local_crop(img, arch.patch))
+        recipe.setdefault("local_crop_size", dino_local_crop(img, arch.patch))
         probe = DinoConfig.from_mapping(recipe)
         steps = math.ceil(samples / probe.batch_size)
         config = DinoConfig.from_mapping({**recipe, "total_steps": steps})
