@@ -4,8 +4,7 @@
 rule vqa:
     input:
         encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
-        vqa=PLAN.evalset("vqa"),
-        corpus=PLAN.data_manifest("shards"),
+        data=PLAN.vqa_data(),
     output:
         PLAN.eval_path("{run}", "vqa"),
     params:
@@ -19,7 +18,7 @@ rule vqa:
         ENV
     shell:
         "webssl-repro evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--data {input.vqa} {input.corpus} --out {output} > {log} 2>&1"
+        "--data {input.data} --out {output} > {log} 2>&1"
 
 
 rule classic:

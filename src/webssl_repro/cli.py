@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     ev.add_argument("--encoder", required=True, type=Path)
     ev.add_argument("--eval-json", default="{}")
-    ev.add_argument("--data", nargs="+", required=True, help="eval-set manifests")
+    ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
     ev.add_argument("--out", required=True, type=Path)
     ev.set_defaults(func=_evaluate)
 

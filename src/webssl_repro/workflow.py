@@ -176,7 +176,7 @@ class Plan:
     def data_targets(self) -> list[str]:
         if "data" not in self.stages:
             return []
-        tasks = ("classification", "segmentation", "depth", "captions", "vqa")
+        tasks = ("classification", "segmentation", "depth", "captions") + (("vqa",) if self.vqa_data() else ())
         return [self.data_manifest("shards"), self.data_manifest("in1k"),
                 self.filter_stats("light"), self.filter_stats("heavy"), *(self.evalset(t) for t in tasks)]
 
@@ -185,6 +185,13 @@ class Plan:
         if "data" not in self.stages or "fig8" not in self.config.get("items", ()):
             return []
         return [f"{self.paper_dir}/figures/fig8.pdf", f"{self.paper_dir}/figures/fig8.png"]
+
+    def vqa_data(self) -> list[str]:
+        """The mini probe reads the mini-web VQA sets and corpus captions; a real LM reads
+        Cambrian and the 16 benchmarks located by ``evaluate.vqa.data`` instead."""
+        if self.config.get("evaluate", {}).get("vqa", {}).get("language_model", "tiny") != "tiny":
+            return []
+        return [self.evalset("vqa"), self.data_manifest("shards")]
 
     def eval_config_json(self, kind: str) -> str:
         section = self.config.get("evaluate", {}).get(kind, {})

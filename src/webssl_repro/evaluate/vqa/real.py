@@ -20,9 +20,14 @@ import torch
 
 from webssl_repro.evaluate.vqa.data import IMAGE, VqaSample, encoder_tokens
 
+# Hub locations checked against the dataset repos' file trees on huggingface.co: both jsonl
+# files live under ``jsons/`` (Cambrian-Alignment: ``jsons/alignment_2.5m.jsonl``; Cambrian-10M:
+# ``jsons/Cambrian7M_withsystemprompt.jsonl``, beside ``Cambrian7M.jsonl`` and ``Cambrian10M.jsonl``).
+# Images ship as split tars (``coco.tar``, ``sam.tar_partNN``, …) that must be downloaded and
+# extracted by hand; ``image_root`` is the directory they were extracted into.
 CAMBRIAN: dict[str, tuple[str, str]] = {
-    "alignment": ("nyu-visionx/Cambrian-Alignment", "alignment_2.5m.jsonl"),
-    "instruction": ("nyu-visionx/Cambrian-10M", "jsonl/Cambrian7M_withsystemprompt.jsonl"),
+    "alignment": ("nyu-visionx/Cambrian-Alignment", "jsons/alignment_2.5m.jsonl"),
+    "instruction": ("nyu-visionx/Cambrian-10M", "jsons/Cambrian7M_withsystemprompt.jsonl"),
 }
 LETTERS = "ABCDEFGHIJ"
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -78,10 +83,18 @@ def _jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def cambrian_path(kind: str, local_dir: Optional[str | Path] = None) -> str:
-    """The jsonl of ``kind`` (alignment | instruction), downloaded from the hub unless it is local."""
-    repo, filename = CAMBRIAN[kind]
-    if local_dir is not None and (Path(local_dir) / filename).exists():
+def cambrian_path(kind: str, local_dir: Optional[str | Path] = None, *, repo: Optional[str] = None,
+                  filename: Optional[str | Path] = None) -> str:
+    """The jsonl of ``kind`` (alignment | instruction), downloaded from the hub unless it is local.
+
+    ``filename`` (default: ``CAMBRIAN[kind]``) may be an existing local path, used as is;
+    otherwise it is looked up under ``local_dir`` and only then fetched from ``repo``.
+    """
+    default_repo, default_file = CAMBRIAN[kind]
+    repo, filename = repo or default_repo, str(filename or default_file)
+    if Path(filename).is_file():
+        return filename
+    if local_dir is not None and (Path(local_dir) / filename).is_file():
         return str(Path(local_dir) / filename)
     from huggingface_hub import hf_hub_download
 
@@ -209,6 +222,21 @@ class HfBenchmark:
     image: str = "image"
 
 
+# Ids, configs, splits and field names checked against each dataset card on huggingface.co
+# (``dataset_info``/``configs`` of its README): MME (test; question_id/question/answer/category),
+# MMBench (config ``en``, split ``dev``; A–D/hint), SEED-Bench (test), GQA (configs
+# ``testdev_balanced_instructions`` / ``testdev_balanced_images``, split ``testdev``), ScienceQA
+# (config ``ScienceQA-IMG``, test; choices/answer int), MMMU (validation; image_1/options/
+# question_type), MathVista (testmini; decoded_image/query/answer_type), AI2D (test; options,
+# answer index as a string), ChartQA (test), OCRBench (test; answer is a list), TextVQA
+# (validation; answers), DocVQA (config ``DocVQA``, validation; answers), RealWorldQA (test),
+# CV-Bench (configs ``2D``/``3D``, test; prompt/choices/answer/source).
+# MMVP: ``MMVP/MMVP`` is an imagefolder whose loader exposes only the image column (its
+# Questions.csv is not joined), so the card-documented ``lmms-lab-eval/MMVP`` (split ``train``;
+# Index/Question/Options/Correct Answer/image) is used. That copy swaps the ground truth of two
+# question pairs that its card documents as mislabelled; Cambrian's own numbers used the original.
+# Not verified: SEED-Bench's column names (the lmms-lab card lists no features; taken from the
+# SEED-Bench-2 card of the same uploader: choice_a…d, data_type, image as a list).
 BENCHMARKS: dict[str, HfBenchmark] = {
     "mme": HfBenchmark("lmms-lab/MME", None, "test", _mme),
     "mmbench": HfBenchmark("lmms-lab/MMBench", "en", "dev", _mmbench),
@@ -222,13 +250,31 @@ BENCHMARKS: dict[str, HfBenchmark] = {
     "ocrbench": HfBenchmark("echo840/OCRBench", None, "test", _ocrbench),
     "textvqa": HfBenchmark("lmms-lab/textvqa", None, "validation", lambda r: _short(r, "answers")),
     "docvqa": HfBenchmark("lmms-lab/DocVQA", "DocVQA", "validation", lambda r: _short(r, "answers")),
-    "mmvp": HfBenchmark("MMVP/MMVP", None, "train", _mmvp),
+    "mmvp": HfBenchmark("lmms-lab-eval/MMVP", None, "train", _mmvp),
     "realworldqa": HfBenchmark("xai-org/RealworldQA", None, "test", _realworldqa),
     "cvbench2d": HfBenchmark("nyu-visionx/CV-Bench", "2D", "test", _cvbench),
     "cvbench3d": HfBenchmark("nyu-visionx/CV-Bench", "3D", "test", _cvbench),
 }
 # GQA keeps its images in a sibling config, joined on ``imageId``.
 GQA_IMAGES = ("lmms-lab/GQA", "testdev_balanced_images", "testdev")
+
+
+def open_dataset(path: str | Path, name: Optional[str] = None, split: Optional[str] = None):
+    """One split of a dataset: a hub id, or a local directory (``save_to_disk`` output, or a
+    local copy of the hub repo's files, which ``load_dataset`` reads with the same config names)."""
+    local = Path(path)
+    if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+        from datasets import DatasetDict, load_from_disk
+
+        data = load_from_disk(str(local))
+        if isinstance(data, DatasetDict):
+            if split not in data:
+                raise KeyError(f"{path}: no split {split!r}; has {sorted(data)}")
+            data = data[split]
+        return data
+    from datasets import load_dataset
+
+    return load_dataset(str(path), name, split=split)
 
 
 def load_benchmark(name: str, dataset: Any = None, images: Any = None,
@@ -240,9 +286,7 @@ def load_benchmark(name: str, dataset: Any = None, images: Any = None,
     """
     spec = BENCHMARKS[name]
     if dataset is None:
-        from datasets import load_dataset
-
-        dataset = load_dataset(spec.path, spec.name, split=spec.split)
+        dataset = open_dataset(spec.path, spec.name, spec.split)
     samples: list[VqaSample] = []
     for i, row in enumerate(dataset):
         adapted = spec.adapter(row)
@@ -254,9 +298,7 @@ def load_benchmark(name: str, dataset: Any = None, images: Any = None,
             break
     if name == "gqa":
         if images is None:
-            from datasets import load_dataset
-
-            images = load_dataset(GQA_IMAGES[0], GQA_IMAGES[1], split=GQA_IMAGES[2])
+            images = open_dataset(*GQA_IMAGES)
         by_id = {str(i): k for k, i in enumerate(images["id"])}  # the id column alone: no image decoding
 
         def gqa_image(image_id: str) -> Any:

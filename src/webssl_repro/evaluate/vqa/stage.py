@@ -1,10 +1,16 @@
-"""The ``vqa`` stage for one run: frozen encoder → cached visual tokens → two-stage probe → 16 scores.
+"""The ``vqa`` stage for one run: frozen encoder → visual tokens → two-stage probe → 16 scores.
 
-Stage-1 (alignment) data are the pretraining corpus' image-caption pairs, as Cambrian-
-Alignment is separate from the benchmarks; stage-2 (instruction) data are the train
-splits of the 16 benchmark analogues; scores come from their test splits. The encoder
-runs once over every image (``FeatureCache`` in the run's work dir); the LM stages only
-read the cache. Paper scale takes the same path with ``language_model`` a Llama-3 path.
+The data follow ``evaluate.vqa.language_model``:
+
+* ``tiny`` (mini): stage-1 (alignment) data are the pretraining corpus' image-caption
+  pairs, as Cambrian-Alignment is separate from the benchmarks; stage-2 (instruction) data
+  are the train splits of the 16 mini-web benchmark analogues; scores come from their test
+  splits. The encoder runs once over every image (``FeatureCache`` in the run's work dir);
+  the LM stages only read the cache.
+* anything else (paper: Llama-3-8B-Instruct): stage 1 on Cambrian-Alignment, stage 2 on
+  Cambrian-7M, LAION rows excluded, scores on the 16 real benchmarks, all located by
+  ``evaluate.vqa.data`` (``webssl_repro.evaluate.vqa.paper``). 7M × 576 tokens cannot be
+  cached, so the frozen encoder runs on the fly (``real.EncoderFeatures``).
 """
 from __future__ import annotations
 
@@ -58,19 +64,54 @@ def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
         yield chunk, images_tensor([{"image": images[i]} for i in chunk], size)
 
 
+#: Keys of ``evaluate.vqa`` that are the stage's, not ``VqaConfig``'s.
+STAGE_KEYS = ("scale", "alignment_samples", "data")
+
+
+def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config) -> dict[str, Any]:
+    """Cambrian-Alignment → Cambrian-7M → the 16 real benchmarks, encoder run on the fly.
+
+    The mini-web manifests the rule passes are not read. One process and one device: the
+    encoder and the probe go to the GPU when there is one (sharding the 8B LM over a node's
+    GPUs is ``fit_and_evaluate``'s concern, not the data's).
+    """
+    from webssl_repro.evaluate.vqa.paper import load_paper_data
+    from webssl_repro.evaluate.vqa.probe import build_probe, fit_and_evaluate
+    from webssl_repro.evaluate.vqa.real import EncoderFeatures
+
+    data = load_paper_data(cfg.get("data"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    size = int(meta["img_size"])
+    features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size)[0],
+                               config.tokens, device)
+    probe = build_probe(config, encoder.embed_dim).to(device)
+    result = fit_and_evaluate(config, probe, features, data.alignment, data.instruction, data.tests)
+    metrics: dict[str, Any] = dict(result["benchmarks"])
+    metrics.update(result["categories"])
+    metrics["_training"] = result["training"]
+    metrics["_data"] = data.counts
+    return metrics
+
+
 def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path], cfg: Mapping[str, Any],
             workdir: str | Path) -> dict[str, Any]:
     from webssl_repro.evaluate.vqa.lm import build_tokenizer
     from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
 
-    for needed in ("vqa", "shards"):
-        if needed not in manifests:
-            raise ValueError(f"vqa evaluation needs the {needed!r} manifest; got {sorted(manifests)}")
-    options = {k: v for k, v in cfg.items() if k not in ("scale", "alignment_samples")}
+    options = {k: v for k, v in cfg.items() if k not in STAGE_KEYS}
     config = VqaConfig.from_mapping(options)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    if config.language_model != "tiny":
+        return _run_paper(encoder, meta, cfg, config)
+    if cfg.get("data"):
+        raise ValueError("evaluate.vqa.data locates the paper-scale (Cambrian + real benchmark) data; "
+                         "language_model: tiny reads the mini-web eval sets and takes none")
+    for needed in ("vqa", "shards"):
+        if needed not in manifests:
+            raise ValueError(f"vqa evaluation needs the {needed!r} manifest; got {sorted(manifests)}")
 
     alignment, images = _corpus(manifests["shards"], int(cfg.get("alignment_samples", 1024)))
     train_items, test_items = _vqa_split(manifests["vqa"], "train"), _vqa_split(manifests["vqa"], "test")

@@ -1,0 +1,111 @@
+"""Paper-scale data of the ``vqa`` stage, chosen by ``evaluate.vqa.data`` in the config.
+
+Stage 1 reads Cambrian-Alignment, stage 2 Cambrian-7M (LAION-sourced rows dropped, as the
+paper does), and the scores come from the 16 real benchmarks through
+``real.load_benchmark``. Every dataset id, config name, split, local path and sample cap
+comes from the config; what the config leaves out falls back to ``real.CAMBRIAN`` and
+``real.BENCHMARKS``. A benchmark ``path`` may be a hub id or a local directory (a
+``save_to_disk`` output or a local copy of the hub files), so a cluster without internet
+access, or a test, points the stage at local copies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Callable, Mapping, Optional
+
+from webssl_repro.evaluate.vqa.data import VqaSample
+from webssl_repro.metrics import VQA_BENCHMARKS
+
+SOURCE_KEYS = {"repo", "file", "local_dir", "image_root", "limit"}
+BENCHMARK_KEYS = {"path", "name", "split", "limit", "images"}
+DATA_KEYS = {"alignment", "instruction", "exclude_laion", "benchmark_limit", "benchmarks"}
+BENCH_PREFIX = "bench:"  # benchmark image ids, kept apart from Cambrian's relative image paths
+
+
+@dataclass
+class PaperData:
+    alignment: list[VqaSample]
+    instruction: list[VqaSample]
+    tests: dict[str, list[VqaSample]]
+    load_image: Callable[[str], Any]
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(section: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise KeyError(f"evaluate.vqa.{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+
+
+def _limit(value: Any) -> Optional[int]:
+    return None if value is None else int(value)
+
+
+def cambrian(kind: str, section: Mapping[str, Any], exclude_laion: bool) -> list[VqaSample]:
+    """Cambrian ``kind`` (alignment | instruction) as samples; ``limit`` caps them after the LAION filter."""
+    from webssl_repro.evaluate.vqa.real import cambrian_path, cambrian_samples
+
+    _check(section, SOURCE_KEYS, f"data.{kind}")
+    path = cambrian_path(kind, section.get("local_dir"), repo=section.get("repo"), filename=section.get("file"))
+    samples = cambrian_samples(path, exclude_laion=exclude_laion, image_root=section.get("image_root"))
+    return list(islice(samples, _limit(section.get("limit"))))
+
+
+def benchmark(name: str, section: Mapping[str, Any], default_limit: Optional[int]
+              ) -> tuple[list[VqaSample], Callable[[str], Any]]:
+    """One real benchmark from its configured source (hub id or local directory)."""
+    from webssl_repro.evaluate.vqa.real import BENCHMARKS, GQA_IMAGES, load_benchmark, open_dataset
+
+    _check(section, BENCHMARK_KEYS, f"data.benchmarks.{name}")
+    spec = BENCHMARKS[name]
+    dataset = open_dataset(section.get("path", spec.path), section.get("name", spec.name),
+                           section.get("split", spec.split))
+    images = None
+    if name == "gqa":
+        src = {**dict(zip(("path", "name", "split"), GQA_IMAGES)), **dict(section.get("images") or {})}
+        _check(src, {"path", "name", "split"}, "data.benchmarks.gqa.images")
+        images = open_dataset(src["path"], src["name"], src["split"])
+    elif section.get("images") is not None:
+        raise KeyError(f"evaluate.vqa.data.benchmarks.{name}: 'images' is for gqa only")
+    limit = _limit(section["limit"]) if "limit" in section else default_limit
+    return load_benchmark(name, dataset=dataset, images=images, limit=limit)
+
+
+def load_paper_data(data: Optional[Mapping[str, Any]]) -> PaperData:
+    """Cambrian stage-1/stage-2 samples, the 16 benchmarks' test samples and one image loader.
+
+    Benchmark image ids become ``bench:<name>/<row>``; Cambrian image ids are file paths
+    (under ``image_root``) opened with PIL; text-only Cambrian rows keep ``image_id=None``.
+    """
+    from webssl_repro.evaluate.vqa.real import open_image
+
+    data = dict(data or {})
+    _check(data, DATA_KEYS, "data")
+    exclude_laion = bool(data.get("exclude_laion", True))
+    alignment = cambrian("alignment", data.get("alignment") or {}, exclude_laion)
+    instruction = cambrian("instruction", data.get("instruction") or {}, exclude_laion)
+    if not alignment or not instruction:
+        raise ValueError(f"vqa: empty Cambrian data (alignment {len(alignment)}, instruction {len(instruction)})")
+    configured = dict(data.get("benchmarks") or {})
+    _check(configured, set(VQA_BENCHMARKS), "data.benchmarks")
+    default_limit = _limit(data.get("benchmark_limit"))
+    tests: dict[str, list[VqaSample]] = {}
+    getters: dict[str, Callable[[str], Any]] = {}
+    for name in VQA_BENCHMARKS:
+        samples, getters[name] = benchmark(name, configured.get(name) or {}, default_limit)
+        if not samples:
+            raise ValueError(f"vqa: benchmark {name} has no samples")
+        for s in samples:
+            s.image_id = BENCH_PREFIX + str(s.image_id)
+        tests[name] = samples
+
+    def load_image(image_id: str) -> Any:
+        if image_id.startswith(BENCH_PREFIX):
+            inner = image_id[len(BENCH_PREFIX):]
+            return getters[inner.split("/", 1)[0]](inner)
+        return open_image(image_id)
+
+    counts = {"alignment": len(alignment), "instruction": len(instruction),
+              "benchmarks": {b: len(v) for b, v in tests.items()}, "exclude_laion": exclude_laion}
+    return PaperData(alignment, instruction, tests, load_image, counts)
