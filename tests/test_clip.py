@@ -140,6 +140,27 @@ def test_tokenizer_build_save_load_roundtrip(tmp_path, kind):
     assert short[0].tolist()[-1] == loaded.eot_id and short[0, 0].item() == loaded.sot_id
 
 
+@pytest.mark.parametrize("kind", ["bpe", "wordlevel"])
+def test_tokenizer_ids_identical_across_processes(tmp_path, kind):
+    """A rebuilt tokenizer (resume, text-tower evaluation) must give the trained ids: the
+    ``tokenizers`` trainers number tokens in per-process hash order, so the build is done here."""
+    captions = [f"a photo of a {c} {s}, the {s} in front of the {t}" for c in COLOURS
+                for s in ("square", "ring", "star") for t in ("tree", "car")]
+    script = ("import sys, json; from webssl_repro.models.text import build_tokenizer\n"
+              "caps = json.loads(sys.argv[1])\n"
+              f"tok = build_tokenizer(caps, 200, sys.argv[2], kind={kind!r})\n"
+              "print(json.dumps(tok(caps, 16).tolist()))")
+    outs = [subprocess.run([sys.executable, "-c", script, json.dumps(captions), str(tmp_path / f"t{i}.json")],
+                           check=True, capture_output=True, text=True).stdout for i in range(3)]
+    assert outs[0] == outs[1] == outs[2]
+    files = [(tmp_path / f"t{i}.json").read_text() for i in range(3)]
+    assert files[0] == files[1] == files[2]
+    tok = load_tokenizer(tmp_path / "t0.json")
+    assert torch.equal(torch.tensor(json.loads(outs[0])), tok(captions, 16))
+    assert tok.pad_id == 0 and tok.eot_id == tok.vocab_size - 1
+    assert int((tok(captions, 16) == tok.tokenizer.token_to_id("<unk>")).sum()) == 0
+
+
 def test_text_tower_pools_eot_and_ignores_padding_after_it():
     torch.manual_seed(0)
     tower = TextTransformer(vocab_size=20, context_length=8, width=16, layers=2, heads=2,

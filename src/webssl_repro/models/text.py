@@ -10,7 +10,7 @@ corpus captions (no download); at paper scale any ``tokenizer.json`` (e.g. the C
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -161,31 +161,79 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path,
 
     Ids: ``<pad>``=0, ``<unk>``, SOT, the learned vocabulary, then EOT last, so EOT has the
     largest id and open_clip's argmax pooling also holds. The JSON is written to ``path``.
+
+    The vocabulary is learned here, not by ``tokenizers``' trainers: those number the alphabet
+    in hash-map order, randomised per process, and break ties between equally frequent merges by
+    those ids, so two builds from the same captions disagree on ids. A run that rebuilds its
+    tokenizer (resume, evaluation of the text tower) would then feed the trained embedding table
+    the wrong rows. Here ties break on the strings: same texts → same tokenizer, in any process.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     specials = [PAD_TOKEN, UNK_TOKEN, SOT_TOKEN]
     if vocab_size <= len(specials) + 1:
         raise ValueError(f"vocab_size {vocab_size} leaves no room for words")
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN, end_of_word_suffix="</w>"))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=specials,
-                                      end_of_word_suffix="</w>", show_progress=False)
-        tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    elif kind == "wordlevel":
-        tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size - 1, special_tokens=specials,
-                                            show_progress=False)
-    else:
+    if kind not in ("bpe", "wordlevel"):
         raise ValueError(f"unknown tokenizer kind {kind!r} (bpe | wordlevel)")
-    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(),
-                                           normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainer=trainer)
+    normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    budget = vocab_size - 1  # EOT is added last
+    if kind == "bpe":
+        vocab, merges = _train_bpe(words, budget, specials, "</w>")
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
+                                   unk_token=UNK_TOKEN, end_of_word_suffix="</w>"))
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    else:
+        kept = sorted(words, key=lambda w: (-words[w], w))[: budget - len(specials)]
+        vocab = specials + kept
+        tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token=UNK_TOKEN))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.add_special_tokens(specials)  # already in the vocabulary: marks them special, same ids
     tok.add_special_tokens([EOT_TOKEN])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return CaptionTokenizer(tok)
+
+
+def _train_bpe(words: Mapping[str, int], vocab_size: int, specials: Sequence[str],
+               suffix: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-pair merges over word counts (Sennrich et al.; ``tokenizers``' BPE with word-end
+    ``suffix``): the most frequent adjacent pair is merged until the vocabulary has
+    ``vocab_size`` entries or no pair is left; ties go to the smallest pair of strings.
+
+    Returns (vocabulary in id order: specials, sorted alphabet, merge results; merges in order).
+    """
+    from collections import Counter
+
+    seqs = {w: [*w[:-1], w[-1] + suffix] for w in words if w}
+    vocab = list(specials) + sorted({s for seq in seqs.values() for s in seq} - set(specials))
+    known = set(vocab)
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, seq in seqs.items():
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append((a, b))
+        if a + b not in known:
+            vocab.append(a + b)
+            known.add(a + b)
+        for seq in seqs.values():
+            i = 0
+            while i < len(seq) - 1:
+                if seq[i] == a and seq[i + 1] == b:
+                    seq[i:i + 2] = [a + b]
+                i += 1
+    return vocab, merges
 
 
 def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,

@@ -125,7 +125,8 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
                                 workdir / "features.safetensors")
     tokenizer = None
     if config.language_model == "tiny":  # mini: a word-level vocabulary of the training texts only
-        texts = [f"{s.question} {s.answer}" for s in alignment + instruction]  # never the test split
+        # never the test split; the chat template's own words too, or USER/ASSISTANT are <unk>
+        texts = [f"{s.question} {s.answer}" for s in alignment + instruction] + ["USER: ASSISTANT:"]
         tokenizer = build_tokenizer(texts, workdir / "tokenizer.json")
     probe = build_probe(config, encoder.embed_dim, tokenizer)
     result = fit_and_evaluate(config, probe, features, alignment, instruction, tests)
