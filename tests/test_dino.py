@@ -250,6 +250,22 @@ def _image(seed: int = 0) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(60, 80, 3) * 255).astype("uint8"))
 
 
+def test_blur_radius_scales_with_the_global_crop():
+    """DINOv2's (0.1, 2.0) px sigma and 9-px kernel at 224 px; the same fraction of the crop
+    at the mini scale's 32 px (a 2-px sigma there would blur like 14 px at 224)."""
+    from webssl_repro.data.augmentations import blur_kernel_size, blur_probabilities, blur_sigma_range
+
+    assert blur_sigma_range(224) == (0.1, 2.0) and blur_kernel_size(224) == 9
+    assert MultiCropAugmentation().blur_sigma == (0.1, 2.0) and MultiCropAugmentation().blur_kernel == 9
+    lo, hi = blur_sigma_range(32)
+    assert math.isclose(lo, 0.1 / 7) and math.isclose(hi, 2.0 / 7)
+    assert blur_kernel_size(32) == 3 and blur_kernel_size(448) % 2 == 1
+    assert MultiCropAugmentation(32, 16, 2, blur_sigma=(0.1, 2.0)).blur_sigma == (0.1, 2.0)
+    assert blur_probabilities("nominal") == (1.0, 0.1, 0.5)
+    with pytest.raises(ValueError):
+        blur_probabilities("other")
+
+
 def test_multicrop_shapes_determinism_and_collate():
     aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=3)
     assert aug.blur_p == (0.0, 0.9, 0.5)  # DINOv2-code convention (documented in the module)

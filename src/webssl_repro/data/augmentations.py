@@ -8,6 +8,13 @@ global crop 1 never blurred, global crop 2 blurred with p = 0.9, local crops p =
 released Web-DINO checkpoints were trained with that code and the paper says it uses the
 off-the-shelf recipe, so the effective probabilities are the default here;
 ``blur_convention="nominal"`` applies (1.0, 0.1, 0.5) literally instead.
+
+Blur radius — decision: **scaled with the global crop size**. DINOv2's sigma range (0.1, 2.0)
+px and 9-px kernel are pixels of a 224-px global crop. At the mini scale's 32-px crops the same
+pixel values blur ~7x more of the image (sigma 2 px at 32 px is sigma 14 px at 224 px): the
+blurred global view keeps only colour blobs, so the two views of an image share little beyond
+colour statistics. ``blur_sigma_range(global_size)`` keeps the augmentation's strength
+relative to the crop, (0.1, 2.0)·G/224, and is exactly DINOv2's at G = 224.
 """
 from __future__ import annotations
 
@@ -23,10 +30,36 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: nominal blur probabilities of DINOv2's recipe: (global crop 1, global crop 2, local crops)
 NOMINAL_BLUR_P = (1.0, 0.1, 0.5)
+#: DINOv2's blur sigma range (px) and kernel size, for its 224-px global crops
+DINOV2_BLUR_SIGMA = (0.1, 2.0)
+DINOV2_BLUR_KERNEL = 9
+DINOV2_GLOBAL_SIZE = 224
 
 
-def _blur(p: float) -> v2.Transform:
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+def blur_probabilities(convention: str = "dinov2_code") -> tuple[float, float, float]:
+    """Blur probabilities (global crop 1, global crop 2, local crops) of a convention."""
+    if convention == "dinov2_code":
+        return tuple(1.0 - p for p in NOMINAL_BLUR_P)  # what DINOv2 actually applies
+    if convention == "nominal":
+        return NOMINAL_BLUR_P
+    raise ValueError(f"blur_convention must be 'dinov2_code' or 'nominal', got {convention!r}")
+
+
+def blur_sigma_range(global_size: int = DINOV2_GLOBAL_SIZE) -> tuple[float, float]:
+    """DINOv2's sigma range in pixels of a ``global_size`` crop (same fraction of the crop)."""
+    s = global_size / DINOV2_GLOBAL_SIZE
+    return (DINOV2_BLUR_SIGMA[0] * s, DINOV2_BLUR_SIGMA[1] * s)
+
+
+def blur_kernel_size(global_size: int = DINOV2_GLOBAL_SIZE) -> int:
+    """DINOv2's 9-px kernel scaled like the sigma: odd, at least 3 (9 at 224 px)."""
+    k = int(round(DINOV2_BLUR_KERNEL * global_size / DINOV2_GLOBAL_SIZE))
+    return max(3, k + 1 - k % 2)
+
+
+def _blur(p: float, sigma: tuple[float, float] = DINOV2_BLUR_SIGMA,
+          kernel_size: int = DINOV2_BLUR_KERNEL) -> v2.Transform:
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel_size, sigma=sigma)], p=p)
 
 
 class MultiCropAugmentation:
@@ -34,19 +67,20 @@ class MultiCropAugmentation:
 
     Per crop: RandomResizedCrop (bicubic) + flip, colour jitter (p 0.8) + grayscale (p 0.2),
     Gaussian blur, solarize (2nd global crop only, p 0.2), ImageNet normalisation.
+    ``blur_sigma`` / ``blur_kernel``: None scales DINOv2's (0.1, 2.0) / 9 px to the global
+    crop size (see the module docstring); local crops use the same pixels, as in DINOv2.
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 98, n_local: int = 8,
                  global_scale: tuple[float, float] = (0.32, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.32),
-                 blur_convention: str = "dinov2_code") -> None:
-        if blur_convention == "dinov2_code":
-            blur_p = tuple(1.0 - p for p in NOMINAL_BLUR_P)  # what DINOv2 actually applies
-        elif blur_convention == "nominal":
-            blur_p = NOMINAL_BLUR_P
-        else:
-            raise ValueError(f"blur_convention must be 'dinov2_code' or 'nominal', got {blur_convention!r}")
+                 blur_convention: str = "dinov2_code",
+                 blur_sigma: tuple[float, float] | None = None,
+                 blur_kernel: int | None = None) -> None:
+        blur_p = blur_probabilities(blur_convention)
         self.blur_p = blur_p
+        self.blur_sigma = tuple(blur_sigma) if blur_sigma is not None else blur_sigma_range(global_size)
+        self.blur_kernel = blur_kernel if blur_kernel is not None else blur_kernel_size(global_size)
         self.n_local = n_local
         bicubic = InterpolationMode.BICUBIC
 
@@ -63,11 +97,14 @@ class MultiCropAugmentation:
                                 v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         self.global_geometric = geometric(global_size, global_scale)
         self.local_geometric = geometric(local_size, local_scale)
-        self.global1 = v2.Compose([color, _blur(blur_p[0]), normalize])
+        def blur(p: float) -> v2.Transform:
+            return _blur(p, self.blur_sigma, self.blur_kernel)
+
+        self.global1 = v2.Compose([color, blur(blur_p[0]), normalize])
         # solarize acts on the uint8 range (threshold 128), i.e. before normalisation
-        self.global2 = v2.Compose([color, _blur(blur_p[1]), v2.RandomSolarize(threshold=128, p=0.2),
+        self.global2 = v2.Compose([color, blur(blur_p[1]), v2.RandomSolarize(threshold=128, p=0.2),
                                    normalize])
-        self.local = v2.Compose([color, _blur(blur_p[2]), normalize])
+        self.local = v2.Compose([color, blur(blur_p[2]), normalize])
 
     def _crops(self, image: Any) -> dict[str, list[torch.Tensor]]:
         return {
@@ -108,7 +145,17 @@ def collate_multicrop(samples: Sequence[Any], patch_size: int,
         local_crops = torch.stack([c["local_crops"][i] for i in range(n_local) for c in crops])
     else:
         local_crops = global_crops.new_zeros((0, *global_crops.shape[1:]))
+    return with_ibot_masks({"global_crops": global_crops, "local_crops": local_crops}, patch_size,
+                           mask_ratio_min_max, mask_sample_probability, generator)
+
+
+def with_ibot_masks(batch: dict[str, torch.Tensor], patch_size: int,
+                    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
+                    mask_sample_probability: float = 0.5,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """``batch`` plus iBOT block masks (bool, 2B × patches) over its global crops."""
+    global_crops = batch["global_crops"]
     grid = (global_crops.shape[-2] // patch_size, global_crops.shape[-1] // patch_size)
     masks = sample_masks(global_crops.shape[0], grid, mask_ratio_min_max, mask_sample_probability,
                          generator, MaskingGenerator(grid))
-    return {"global_crops": global_crops, "local_crops": local_crops, "masks": masks}
+    return {**batch, "masks": masks}

@@ -34,7 +34,8 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
     meta = {"method": run.method, "arch": cfg["arch"], "img_size": img}
 
     if run.method == "dino":
-        from webssl_repro.data.augmentations import MultiCropAugmentation, collate_multicrop
+        from webssl_repro.data.augmentations import with_ibot_masks
+        from webssl_repro.data.multicrop import BatchedMultiCrop
         from webssl_repro.methods.dino import DinoConfig, DinoMethod
 
         recipe.setdefault("global_crop_size", img)
@@ -43,15 +44,15 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         steps = math.ceil(samples / probe.batch_size)
         config = DinoConfig.from_mapping({**recipe, "total_steps": steps})
         method = DinoMethod(arch, config)
-        aug = MultiCropAugmentation(config.global_crop_size, config.local_crop_size, config.n_local_crops,
-                                    config.global_crops_scale, config.local_crops_scale)
+        aug = BatchedMultiCrop(config.global_crop_size, config.local_crop_size, config.n_local_crops,
+                               config.global_crops_scale, config.local_crops_scale)
 
         def sample_fn(image, _meta, gen):
-            return aug(image, generator=gen)
+            return aug.crops(image, gen)
 
         def collate_fn(samples_, gen):
-            return collate_multicrop(samples_, arch.patch, config.mask_ratio_min_max,
-                                     config.mask_sample_probability, generator=gen)
+            return with_ibot_masks(aug.collate(samples_, gen), arch.patch, config.mask_ratio_min_max,
+                                   config.mask_sample_probability, generator=gen)
 
         train_cfg = dict(global_batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr,
                          warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
