@@ -42,6 +42,7 @@ class DinoConfig:
     dino_hidden_dim: int = 2048
     dino_bottleneck_dim: int = 384
     dino_nlayers: int = 3
+    head_init_std: float = 0.02
     ibot_separate_head: bool = True
     ibot_n_prototypes: int = 131072
     ibot_hidden_dim: int = 2048
@@ -149,9 +150,9 @@ class DinoMethod(nn.Module):
         backbone = build_encoder(arch, "dino", img_size=cfg.global_crop_size,
                                  drop_path_rate=cfg.drop_path_rate, layerscale=cfg.layerscale)
         dino_head = DINOHead(arch.width, cfg.dino_n_prototypes, cfg.dino_hidden_dim,
-                             cfg.dino_bottleneck_dim, cfg.dino_nlayers)
+                             cfg.dino_bottleneck_dim, cfg.dino_nlayers, cfg.head_init_std)
         ibot_head = (DINOHead(arch.width, cfg.ibot_n_prototypes, cfg.ibot_hidden_dim,
-                              cfg.ibot_bottleneck_dim, cfg.ibot_nlayers)
+                              cfg.ibot_bottleneck_dim, cfg.ibot_nlayers, cfg.head_init_std)
                      if cfg.ibot_separate_head else None)
         self.model = DinoModel(backbone, dino_head, ibot_head)
         # The teacher starts as an exact copy; it only ever changes by EMA.

@@ -16,7 +16,7 @@ class DINOHead(nn.Module):
     """``nlayers``-layer GELU MLP → L2-normalise → weight-normed prototypes (no bias)."""
 
     def __init__(self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3) -> None:
+                 bottleneck_dim: int = 256, nlayers: int = 3, init_std: float = 0.02) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"nlayers must be >= 1, got {nlayers}")
@@ -31,7 +31,7 @@ class DINOHead(nn.Module):
         if not any(p.is_meta for p in self.mlp.parameters()):
             for module in self.mlp:
                 if isinstance(module, nn.Linear):
-                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.trunc_normal_(module.weight, std=init_std)
                     nn.init.zeros_(module.bias)
         # The prototype layer keeps PyTorch's default init (DINOv2 applies its trunc-normal
         # init before wrapping it); the gain starts at 1 and stays trainable as in DINOv2.
