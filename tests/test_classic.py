@@ -295,3 +295,95 @@ def test_causal_lm_features_left_padding(monkeypatch):
     feats = lm_layer_features(model, tok, texts, batch_size=2)
     assert tok.padding_side == "left" and feats.shape == (4, 2, 32)
     assert torch.allclose(feats, lm_layer_features(model, tok, texts, batch_size=1), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fast paths
+def test_upsampled_ce_matches_interpolate_then_ce():
+    from webssl_repro.evaluate.segmentation import upsampled_ce
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 4, 3, 2, generator=g, requires_grad=True)
+    y = torch.randint(0, 4, (5, 12, 8), generator=g)
+    y[0, :3] = 255
+    weights = torch.rand(5, generator=g)
+    ref = F.cross_entropy(F.interpolate(z, size=(12, 8), mode="bilinear", align_corners=False), y,
+                          ignore_index=255, reduction="none").sum((1, 2))
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), z)
+    out = upsampled_ce(z, y)
+    (grad,) = torch.autograd.grad((out * weights).sum(), z)
+    assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(grad, ref_grad, atol=1e-5)
+
+
+def test_depth_head_token_grid_conv_equals_dinov2_order():
+    """conv(upsample([patch, cls])) of DINOv2's head == upsample(conv(...)) computed on tokens."""
+    torch.manual_seed(0)
+    head = DepthLinearHead(in_dim=6, n_layers=2, n_bins=16, max_depth=5.0)
+    torch.nn.init.normal_(head.conv.weight, 0.0, 0.3)
+    torch.nn.init.normal_(head.conv.bias, 0.0, 0.3)
+    tokens = BlockTokens(torch.randn(2, 3, 6), torch.randn(2, 3, 6, 6), (2, 3), [0, 1])
+    maps = tokens.maps()
+    feats = [F.interpolate(torch.cat([m, c[:, :, None, None].expand_as(m)], 1), scale_factor=4,
+                           mode="bilinear", align_corners=False) for m, c in zip(maps, tokens.cls)]
+    ref = bins_to_depth(head.conv(torch.cat(feats, 1)), head.bins)
+    out = head(tokens)
+    assert out.shape == ref.shape == (3, 1, 8, 12) and torch.allclose(out, ref, atol=1e-5)
+    w = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), head.conv.weight)
+    (g_out,) = torch.autograd.grad((head(tokens) * w).sum(), head.conv.weight)
+    assert torch.allclose(g_out, g_ref, atol=1e-5)
+
+
+def _index_batches(n, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i:i + batch]
+
+
+def test_joint_seg_heads_equal_separate_training():
+    from webssl_repro.evaluate.segmentation import train_seg_heads
+
+    g = torch.Generator().manual_seed(0)
+    images, masks = _seg_task(g, n=12)
+    bt = _colour_features(images)
+    maps = bt.maps().permute(1, 0, 2, 3, 4).reshape(12, -1, 4, 4)
+    heads = []
+    for n_layers in (1, 4):
+        torch.manual_seed(0)
+        heads.append(LinearSegHead(3, num_classes=3, n_layers=n_layers))
+    separate = [LinearSegHead(3, 3, n_layers=1), LinearSegHead(3, 3, n_layers=4)]
+    for s, h in zip(separate, heads):
+        s.load_state_dict(h.state_dict())
+    idx = _index_batches(12, 4, 0)
+    joint = train_seg_heads(heads, maps, masks, ((i, masks[i]) for i in idx), iters=15, lr=5e-2, warmup=3)
+    for k, s in enumerate(separate):
+        ref = train_segmentation(s, _colour_features,
+                                 ((images[i], masks[i]) for i in _index_batches(12, 4, 0)),
+                                 iters=15, lr=5e-2, warmup=3)
+        assert joint[k] == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        assert torch.allclose(s.conv.weight, heads[k].conv.weight, atol=1e-5)
+
+
+def test_joint_depth_heads_equal_separate_training():
+    from webssl_repro.evaluate.depth import train_depth_heads
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 4, 4, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    depth = (1.0 + 4.0 * images[:, 0]).unsqueeze(1)
+    bt = _colour_features(images)
+    heads = []
+    for n in (1, 4):
+        torch.manual_seed(0)
+        heads.append(DepthLinearHead(in_dim=3, n_layers=n, n_bins=32, max_depth=10.0))
+    inputs = [heads[0].flat_inputs(bt), heads[1].flat_inputs(bt)]
+    separate = [DepthLinearHead(3, n_layers=n, n_bins=32, max_depth=10.0) for n in (1, 4)]
+    for s, h in zip(separate, heads):
+        s.load_state_dict(h.state_dict())
+    joint = train_depth_heads(heads, inputs, bt.grid, ((i, depth[i]) for i in _index_batches(8, 4, 0)),
+                              iters=12, lr=1e-2, warmup_iters=3, sig_warmup=4, grad_clip=0.05)
+    for k, s in enumerate(separate):
+        ref = train_depth(s, _colour_features, ((images[i], depth[i]) for i in _index_batches(8, 4, 0)),
+                          iters=12, lr=1e-2, warmup_iters=3, sig_warmup=4, grad_clip=0.05)
+        assert joint[k] == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        assert torch.allclose(s.conv.weight, heads[k].conv.weight, atol=1e-5)

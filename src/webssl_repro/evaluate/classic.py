@@ -4,6 +4,13 @@ Images are evaluated at the encoder's pretraining resolution (paper App. A), res
 the eval set's render size; masks and depth maps follow with nearest / bilinear resizing.
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
+
+Cost: the encoder is frozen and the probes train without augmentation, so every image's
+tokens are computed once per split (and per "+ms" scale at test time) and all heads of a
+task train together on the cached tokens (the linear grid, lin./+ms, lin.1/lin.4), each
+exactly as it would alone. The dense heads never keep their largest tensor (logits
+upsampled to the mask / x4 depth grid): it is built in cache-sized chunks and rebuilt in
+the backward pass (``segmentation.upsampled_ce``, ``depth.upsampled_bins_to_depth``).
 """
 from __future__ import annotations
 
@@ -24,10 +31,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "linear": {"epochs": 10, "epoch_length": 1250, "lrs": list(DINOV2_LRS)},
-    "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500},
-    "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800},
+    # Dense heads: DINOv2's global batch, 2 images/GPU x 8 GPUs (ADE20K mmseg config, NYUd
+    # depther); the top-level batch_size only chunks the frozen encoder's forward passes.
+    # img_size: None = the pretraining resolution (see ``dense_size``).
+    "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500, "batch_size": 16, "img_size": None},
+    # sig_warmup: iterations of SigLoss's mean-only warm-up (DINOv2 warm_iter=100).
+    "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None},
     "seed": 0,
 }
+
+
+def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
+    """Input size of a dense task. DINOv2 evaluates ADE20K / NYUd at their own resolution
+    (512 px crops, not the 224 px of pretraining), so a task's ``img_size`` may set it; the
+    encoder interpolates its position embeddings. Default: the pretraining resolution."""
+    size = task_cfg.get("img_size")
+    if size is None:
+        return int(meta["img_size"])
+    patch = int(meta["patch"])
+    if int(size) % patch:
+        raise ValueError(f"evaluate.classic img_size {size} is not a multiple of the encoder's patch {patch}")
+    return int(size)
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,48 +163,96 @@ def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) 
                                      "lr": setting.lr}}
 
 
-def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from webssl_repro.evaluate.segmentation import LinearSegHead, mean_iou, predict, train_segmentation
-    from webssl_repro.data.miniweb.world import SEG_CLASSES
+def _cached_tokens(encoder, meta, x: torch.Tensor, indices, norm: bool, batch: int) -> TokenCache:
+    """Frozen tokens of every image in ``x`` for the blocks ``indices``, computed once."""
+    return TokenCache(feature_fn(encoder, indices, norm=norm, patch_size=int(meta["patch"])), x, batch)
 
-    size, batch, seg = int(meta["img_size"]), int(cfg["batch_size"]), cfg["segmentation"]
+
+def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """ADE20K-protocol "lin." (last block) and "+ms" (last 4 blocks, multi-scale + flip TTA).
+
+    Both heads train on the same cached frozen maps (the encoder runs once over the training
+    set, not once per iteration) and in one loop (``train_seg_heads``): each head's training is
+    the one it would have alone, with the same seeded batches and initialisation.
+    """
+    from webssl_repro.data.miniweb.world import SEG_CLASSES
+    from webssl_repro.evaluate.segmentation import (LinearSegHead, mean_iou, predict,
+                                                    train_seg_heads)
+
+    batch, seg, seed = int(cfg["batch_size"]), cfg["segmentation"], int(cfg["seed"])
+    size = dense_size(seg, meta)
     train, val = load_split(manifest, "train"), load_split(manifest, "val")
     x_tr, y_tr = images_tensor(train, size), _targets(train, "seg", size, "nearest").long()
     x_va, y_va = images_tensor(val, size), _targets(val, "seg", size, "nearest").long()
-    n_classes = len(SEG_CLASSES)
+    n_classes, n_ms = len(SEG_CLASSES), min(4, int(meta["depth"]))
+    specs = (("ade20k_linear", 1, False), ("ade20k_ms", n_ms, True))
+    fn = feature_fn(encoder, n_ms, norm=True, patch_size=int(meta["patch"]))
+    tr = TokenCache(fn, x_tr, batch)
+    L, N, P, D = tr.patches.shape
+    maps_tr = tr.patches.permute(1, 0, 3, 2).reshape(N, L * D, *tr.grid)  # block-major channels
+    del tr
+    heads = []
+    for _, n_layers, _ in specs:
+        torch.manual_seed(seed)
+        heads.append(LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers))
+    train_seg_heads(heads, maps_tr, y_tr,
+                    _batches(x_tr, y_tr, min(int(seg["batch_size"]), len(x_tr)), seed, by_index=True),
+                    iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
     out = {}
-    for name, n_layers, multiscale in (("ade20k_linear", 1, False), ("ade20k_ms", min(4, meta["depth"]), True)):
-        fn = feature_fn(encoder, n_layers, norm=True, patch_size=int(meta["patch"]))
-        train_fn, by_index = _training_features(encoder, meta, fn, x_tr, n_layers, batch)
-        head = LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers)
-        torch.manual_seed(int(cfg["seed"]))
-        train_segmentation(head, train_fn, _batches(x_tr, y_tr, min(batch, len(x_tr)), int(cfg["seed"]), by_index),
-                           iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
-        preds = torch.cat([predict(head, fn, xb, multiscale=multiscale) for xb, _ in _chunks(x_va, y_va, batch)])
+    va = TokenCache(fn, x_va, batch)
+    maps_va = va.patches.permute(1, 0, 3, 2).reshape(len(x_va), L * D, *va.grid)
+    for (name, _, multiscale), head in zip(specs, heads):
+        head.eval()
+        with torch.no_grad():
+            if multiscale:
+                preds = torch.cat([predict(head, fn, xb, multiscale=True) for xb, _ in _chunks(x_va, y_va, batch)])
+            else:
+                logits = head.forward_concat(maps_va)
+                preds = F.interpolate(logits, size=y_va.shape[-2:], mode="bilinear",
+                                      align_corners=False).argmax(dim=1)
         out[name] = 100.0 * mean_iou(preds, y_va, n_classes)
     return out
 
 
 def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from webssl_repro.evaluate.depth import DepthLinearHead, lin4_blocks, rmse, train_depth
+    """NYUd-protocol lin.1 (last block) and lin.4 (4 evenly spaced blocks), RMSE on val.
 
-    size, batch, dep = int(meta["img_size"]), int(cfg["batch_size"]), cfg["depth"]
+    The encoder runs once over the union of both heads' blocks; both heads then train jointly
+    on the cached tokens (``train_depth_heads``), each exactly as it would alone.
+    """
+    from webssl_repro.evaluate.depth import DepthLinearHead, lin4_blocks, rmse, train_depth_heads
+
+    batch, dep, seed = int(cfg["batch_size"]), cfg["depth"], int(cfg["seed"])
+    size = dense_size(dep, meta)
     train, val = load_split(manifest, "train"), load_split(manifest, "val")
     x_tr, d_tr = images_tensor(train, size), _targets(train, "depth", size, "bilinear")
     x_va, d_va = images_tensor(val, size), _targets(val, "depth", size, "bilinear")
     max_depth = float(max(d_tr.max(), d_va.max()))
+    specs = (("nyud_lin1", [int(meta["depth"]) - 1]), ("nyud_lin4", lin4_blocks(int(meta["depth"]))))
+    blocks = sorted({b for _, bl in specs for b in bl})
+    tr = _cached_tokens(encoder, meta, x_tr, blocks, False, batch)
+    va = _cached_tokens(encoder, meta, x_va, blocks, False, batch)
+
+    def flat(cache: TokenCache, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = [blocks.index(b) for b in chosen]
+        return (torch.cat([cache.patches[i] for i in pos], dim=-1).contiguous(),
+                torch.cat([cache.cls[i] for i in pos], dim=-1).contiguous())
+
+    heads, inputs = [], []
+    for _, chosen in specs:
+        torch.manual_seed(seed)
+        heads.append(DepthLinearHead(encoder.embed_dim, n_layers=len(chosen), max_depth=max_depth))
+        inputs.append(flat(tr, chosen))
+    train_depth_heads(heads, inputs, tr.grid,
+                      _batches(x_tr, d_tr.unsqueeze(1), min(int(dep["batch_size"]), len(x_tr)), seed, by_index=True),
+                      iters=int(dep["iters"]), lr=float(dep["lr"]), warmup_iters=int(dep["warmup"]),
+                      sig_warmup=int(dep["sig_warmup"]))
     out = {}
-    for name, blocks in (("nyud_lin1", [meta["depth"] - 1]), ("nyud_lin4", lin4_blocks(meta["depth"]))):
-        fn = feature_fn(encoder, blocks, norm=False, patch_size=int(meta["patch"]))
-        train_fn, by_index = _training_features(encoder, meta, fn, x_tr, len(blocks), batch)
-        head = DepthLinearHead(encoder.embed_dim, n_layers=len(blocks), max_depth=max_depth)
-        torch.manual_seed(int(cfg["seed"]))
-        train_depth(head, train_fn,
-                    _batches(x_tr, d_tr.unsqueeze(1), min(batch, len(x_tr)), int(cfg["seed"]), by_index),
-                    iters=int(dep["iters"]), lr=float(dep["lr"]), warmup_iters=int(dep["warmup"]))
+    for (name, chosen), head in zip(specs, heads):
         head.eval()
+        patches, cls = flat(va, chosen)
         with torch.no_grad():
-            pred = torch.cat([head(fn(xb)) for xb, _ in _chunks(x_va, d_va, batch)])
+            pred = head.from_logits(head.token_logits(patches, cls, va.grid))
         pred = F.interpolate(pred, size=d_va.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
         out[name] = float(rmse(pred, d_va, d_va > 0))
     return out

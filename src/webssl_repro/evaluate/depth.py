@@ -11,16 +11,16 @@ bins; depth = expected bin centre. Losses: SigLoss (scale-invariant log, with wa
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import BlockTokens
+from .features import BlockTokens, chunk_size, interp_matrix
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
-           "depth_loss", "train_depth", "rmse"]
+           "depth_loss", "train_depth", "train_depth_heads", "rmse"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
 
@@ -39,9 +39,11 @@ def lin4_blocks(depth: int) -> list[int]:
 
 def bins_to_depth(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """(B, K, H, W) logits -> (B, 1, H, W) expected depth with DINOv2's "linear" normalisation."""
-    w = torch.relu(logits) + 0.1
-    w = w / w.sum(dim=1, keepdim=True)
-    return (w * bins.view(1, -1, 1, 1)).sum(dim=1, keepdim=True)
+    # sum_k (r_k + 0.1) b_k / sum_k (r_k + 0.1) with r = relu(logits), without materialising w.
+    r = torch.relu(logits)
+    num = torch.einsum("bkhw,k->bhw", r, bins.to(r.dtype)) + 0.1 * bins.sum()
+    den = r.sum(dim=1) + 0.1 * bins.numel()
+    return (num / den).unsqueeze(1)
 
 
 class DepthLinearHead(nn.Module):
@@ -61,18 +63,97 @@ class DepthLinearHead(nn.Module):
         nn.init.zeros_(self.conv.bias)
         self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
 
+    def flat_inputs(self, tokens: BlockTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patches (B, P, n*D), cls (B, n*D)) of the last ``n_layers`` blocks, block-major."""
+        patches, cls = tokens.patches[-self.n_layers:], tokens.cls[-self.n_layers:]
+        if patches.shape[0] != self.n_layers:
+            raise ValueError(f"head expects {self.n_layers} blocks; tokens has {patches.shape[0]}")
+        return torch.cat(list(patches), dim=-1), torch.cat(list(cls), dim=-1)
+
+    def token_logits(self, patches: torch.Tensor, cls: torch.Tensor,
+                     grid: tuple[int, int]) -> torch.Tensor:
+        """Bin logits on the token grid, channel-last (B, h, w, K), before the x``upsample``.
+
+        The conv's input channels are, per block, [patch map (D), CLS broadcast (D)]. A 1x1
+        conv is affine per pixel and bilinear interpolation is a per-pixel convex combination
+        (weights sum to 1), so conv(upsample(x)) = upsample(conv(x)) exactly: the conv runs on
+        the h*w tokens instead of the 16*h*w upsampled pixels, and the CLS half of the conv
+        (constant over space) is one (B, K) term.
+        """
+        n, K = self.n_layers, self.conv.out_channels
+        D = patches.shape[-1] // n
+        w = self.conv.weight.view(K, n, 2, D)
+        w_patch, w_cls = w[:, :, 0].reshape(K, n * D), w[:, :, 1].reshape(K, n * D)
+        per_image = F.linear(cls, w_cls, self.conv.bias)                  # (B, K)
+        logits = F.linear(patches, w_patch) + per_image[:, None, :]       # (B, P, K)
+        return logits.view(logits.shape[0], grid[0], grid[1], K)
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Token-grid logits (B, h, w, K) -> depth (B, 1, upsample*h, upsample*w)."""
+        return upsampled_bins_to_depth(logits, self.bins, self.upsample).unsqueeze(1)
+
     def forward(self, tokens: BlockTokens) -> torch.Tensor:
         """Depth (B, 1, upsample*h, upsample*w) from the last ``n_layers`` blocks in ``tokens``."""
-        maps, cls = tokens.maps()[-self.n_layers:], tokens.cls[-self.n_layers:]
-        if maps.shape[0] != self.n_layers:
-            raise ValueError(f"head expects {self.n_layers} blocks; tokens has {maps.shape[0]}")
-        feats = []
-        for m, c in zip(maps, cls):
-            x = torch.cat([m, c[:, :, None, None].expand_as(m)], dim=1)
-            feats.append(F.interpolate(x, scale_factor=self.upsample, mode="bilinear",
-                                       align_corners=False))
-        logits = self.conv(torch.cat(feats, dim=1))
-        return bins_to_depth(logits, self.bins)
+        patches, cls = self.flat_inputs(tokens)
+        return self.from_logits(self.token_logits(patches, cls, tokens.grid))
+
+
+def _up_cl(z: torch.Tensor, uh: torch.Tensor, uw: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of channel-last maps (B, h, w, K) -> (B, H, W, K) by two matmuls."""
+    B, h, _, K = z.shape
+    t = torch.matmul(uw, z)                                               # (B, h, W, K)
+    return torch.matmul(uh, t.reshape(B, h, -1)).view(B, uh.shape[0], uw.shape[0], K)
+
+
+def _up_cl_adjoint(g: torch.Tensor, uh: torch.Tensor, uw: torch.Tensor) -> torch.Tensor:
+    B, H, W, K = g.shape
+    t = torch.matmul(uh.T, g.reshape(B, H, W * K)).view(B, uh.shape[1], W, K)
+    return torch.matmul(uw.T, t)
+
+
+class _UpsampledBins(torch.autograd.Function):
+    """``bins_to_depth(upsample(logits))`` without keeping the upsampled logits.
+
+    The (B, K, 4h, 4w) upsampled logits are the largest tensor of the depth probe by far; it
+    is built chunk by chunk (a chunk stays in cache), reduced to depth at once, and rebuilt
+    in the backward pass. Same maths as autograd through ``F.interpolate`` + ``bins_to_depth``:
+    d = (sum_k b_k r_k + 0.1 sum b) / (sum_k r_k + 0.1 K), r = relu(u), so
+    dd/du_k = 1[u_k > 0] (b_k - d) / den.
+    """
+
+    @staticmethod
+    def forward(ctx, z, uh, uw, bins, chunk):
+        c = torch.stack([bins, torch.ones_like(bins)])                    # (2, K)
+        ds, dens = [], []
+        for zc in z.split(chunk):
+            nd = torch.relu_(_up_cl(zc, uh, uw)) @ c.T                    # (b, H, W, 2)
+            den = nd[..., 1] + 0.1 * bins.numel()
+            ds.append((nd[..., 0] + 0.1 * bins.sum()) / den)
+            dens.append(den)
+        d, den = torch.cat(ds), torch.cat(dens)
+        ctx.save_for_backward(z, uh, uw, c, den, d)
+        ctx.chunk = chunk
+        return d
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, uh, uw, c, den, d = ctx.saved_tensors
+        s = grad / den
+        a = torch.stack([s, -s * d], dim=-1)                              # (B, H, W, 2)
+        out = []
+        for zc, ac in zip(z.split(ctx.chunk), a.split(ctx.chunk)):
+            g = torch.ops.aten.threshold_backward(ac @ c, _up_cl(zc, uh, uw), 0.0)
+            out.append(_up_cl_adjoint(g, uh, uw))
+        return torch.cat(out), None, None, None, None
+
+
+def upsampled_bins_to_depth(logits: torch.Tensor, bins: torch.Tensor, upsample: int) -> torch.Tensor:
+    """(B, h, w, K) token-grid logits -> (B, upsample*h, upsample*w) depth: bilinear x``upsample``
+    (``F.interpolate``, ``align_corners=False``) then ``bins_to_depth``, computed in chunks."""
+    B, h, w, K = logits.shape
+    uh, uw = interp_matrix(h, upsample * h), interp_matrix(w, upsample * w)
+    chunk = chunk_size(K * upsample * h * upsample * w)
+    return _UpsampledBins.apply(logits, uh.to(logits), uw.to(logits), bins.to(logits), chunk)
 
 
 def sig_loss(pred: torch.Tensor, target: torch.Tensor, warm_up: bool = False) -> torch.Tensor:
@@ -154,6 +235,46 @@ def train_depth(head: DepthLinearHead, feature_fn, batches: Iterable, iters: int
             losses.append(loss.item())
         if len(losses) == n_before:
             raise ValueError("batches is empty")
+    return losses
+
+
+def train_depth_heads(heads: Sequence[DepthLinearHead],
+                      inputs: Sequence[tuple[torch.Tensor, torch.Tensor]], grid: tuple[int, int],
+                      index_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iters: int,
+                      lr: float = 1e-4, weight_decay: float = 0.01, warmup_iters: int = 12800,
+                      sig_warmup: int = 100, grad_clip: float = 35.0) -> list[list[float]]:
+    """``train_depth`` for several heads at once on cached frozen tokens.
+
+    ``inputs[i]`` = (patches (N, P, n_i*D), cls (N, n_i*D)) of the whole training set for head i
+    (``DepthLinearHead.flat_inputs``); ``index_batches`` yields (sample indices, depth
+    (B, 1, H, W)). All heads see the same batches; their logits are upsampled in one pass.
+    One AdamW over all heads is per-parameter, i.e. one AdamW per head, and gradients are
+    clipped per head, as separate trainings would. Returns each head's loss curve.
+    """
+    params = [p for h in heads for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses: list[list[float]] = [[] for _ in heads]
+    for h in heads:
+        h.train()
+    shared = all(h.upsample == heads[0].upsample and torch.equal(h.bins, heads[0].bins) for h in heads)
+    for it in range(iters):
+        idx, target = next(index_batches)
+        target = target.view(target.shape[0], 1, *target.shape[-2:])
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(it, iters, warmup_iters)
+        logits = torch.cat([h.token_logits(p[idx], c[idx], grid) for h, (p, c) in zip(heads, inputs)])
+        if shared:  # one chunked pass over all heads' logits
+            preds = heads[0].from_logits(logits).chunk(len(heads))
+        else:
+            preds = [h.from_logits(lg) for h, lg in zip(heads, logits.chunk(len(heads)))]
+        per_head = [depth_loss(pred, target, warm_up=it < sig_warmup) for pred in preds]
+        opt.zero_grad(set_to_none=True)
+        torch.stack(per_head).sum().backward()
+        for h in heads:
+            nn.utils.clip_grad_norm_(h.parameters(), grad_clip)
+        opt.step()
+        for curve, value in zip(losses, torch.stack(per_head).tolist()):
+            curve.append(value)
     return losses
 
 

@@ -9,6 +9,7 @@ callable that returns the token sequence after every block.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
-           "pad_to_multiple", "feature_fn"]
+           "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size"]
 
 
 @dataclass
@@ -38,6 +39,26 @@ class BlockTokens:
         L, B, P, D = self.patches.shape
         h, w = self.grid
         return self.patches.permute(0, 1, 3, 2).reshape(L, B, D, h, w)
+
+
+@functools.lru_cache(maxsize=64)
+def interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of 1-D linear resizing, ``align_corners=False``, as ``F.interpolate``.
+
+    Bilinear resizing of an (h, w) map to (H, W) is ``U_H @ x @ U_W.T``: two small matmuls
+    whose backward is two more, where torch's CPU ``upsample_bilinear2d`` backward is a slow
+    scalar kernel. Each row has at most 2 non-zeros and sums to 1. Do not modify the result
+    (it is cached).
+    """
+    eye = torch.eye(n_in).unsqueeze(1)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False).squeeze(1).T.contiguous()
+
+
+def chunk_size(per_item: int, target: int = 1 << 19) -> int:
+    """Batch items per chunk so that one chunk's large intermediate has about ``target``
+    elements (2 MB in float32): small enough to stay in cache, where the elementwise passes
+    of the dense heads run several times faster than on a whole batch."""
+    return max(1, target // max(per_item, 1))
 
 
 def resolve_indices(indices: Indices, depth: int) -> list[int]:

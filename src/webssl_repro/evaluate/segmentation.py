@@ -9,13 +9,13 @@ warm-up then poly-1.0 decay, CE with ignore 255).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import BlockTokens
+from .features import BlockTokens, chunk_size, interp_matrix
 
 IGNORE_INDEX = 255
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # mmseg's usual ratios for DINOv2's "+ms" TTA
@@ -23,7 +23,7 @@ MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # mmseg's usual ratios for DINOv2's "+m
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
 
 __all__ = ["LinearSegHead", "seg_logits", "multiscale_probs", "train_segmentation",
-           "predict", "mean_iou", "MS_SCALES", "IGNORE_INDEX"]
+           "train_seg_heads", "predict", "mean_iou", "MS_SCALES", "IGNORE_INDEX"]
 
 
 class LinearSegHead(nn.Module):
@@ -51,6 +51,11 @@ class LinearSegHead(nn.Module):
         chosen = [m if m.shape[-2:] == size else
                   F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in chosen]
         return self.conv(self.bn(torch.cat(chosen, dim=1)))
+
+    def forward_concat(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as ``forward`` on maps already concatenated along channels, (B, L*D, h, w) in
+        block order (last block last), all on one grid; the last ``n_layers`` blocks are used."""
+        return self.conv(self.bn(x[:, x.shape[1] - self.bn.num_features:]))
 
 
 def seg_logits(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
@@ -130,6 +135,83 @@ def train_segmentation(head: LinearSegHead, feature_fn: FeatureFn,
             losses.append(loss.item())
         if len(losses) == n_before:
             raise ValueError("batches is empty")
+    return losses
+
+
+class _UpsampledCE(torch.autograd.Function):
+    """Per-image summed CE of bilinearly upsampled logits, built chunk by chunk.
+
+    Same maths as ``F.cross_entropy(F.interpolate(z, size), y, reduction="none").sum((1, 2))``:
+    the (B, C, H, W) upsampled logits are made by two matmuls per chunk of images (a chunk
+    stays in cache) and rebuilt in the backward pass, whose gradient is
+    U^T (softmax(u) - onehot(y)) on labelled pixels.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, uh, uw, ignore_index, chunk):
+        out = []
+        for zc, yc in zip(z.split(chunk), y.split(chunk)):
+            u = torch.matmul(uh, torch.matmul(zc, uw.T))                  # (b, C, H, W)
+            ce = F.cross_entropy(u, yc, ignore_index=ignore_index, reduction="none")
+            out.append(ce.sum(dim=(1, 2)))
+        ctx.save_for_backward(z, y, uh, uw)
+        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, y, uh, uw = ctx.saved_tensors
+        out = []
+        for zc, yc, gc in zip(z.split(ctx.chunk), y.split(ctx.chunk), grad.split(ctx.chunk)):
+            p = torch.matmul(uh, torch.matmul(zc, uw.T)).softmax(dim=1)
+            valid = yc != ctx.ignore_index
+            p.scatter_add_(1, torch.where(valid, yc, 0).unsqueeze(1), p.new_full((1,), -1.0).expand_as(yc).unsqueeze(1))
+            p.mul_((valid.to(p.dtype) * gc.view(-1, 1, 1)).unsqueeze(1))
+            out.append(torch.matmul(torch.matmul(uh.T, p), uw))           # (b, C, h, w)
+        return torch.cat(out), None, None, None, None, None
+
+
+def upsampled_ce(logits: torch.Tensor, target: torch.Tensor,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-image summed CE of ``logits`` (B, C, h, w) bilinearly upsampled to ``target``'s
+    (B, H, W) size, without keeping the upsampled logits (see ``_UpsampledCE``)."""
+    (B, C, h, w), (H, W) = logits.shape, target.shape[-2:]
+    uh, uw = interp_matrix(h, H).to(logits), interp_matrix(w, W).to(logits)
+    return _UpsampledCE.apply(logits, target.long(), uh, uw, ignore_index, chunk_size(C * H * W))
+
+
+def train_seg_heads(heads: Sequence[LinearSegHead], maps: torch.Tensor, masks: torch.Tensor,
+                    index_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iters: int,
+                    lr: float = 1e-3, weight_decay: float = 1e-4, warmup: int = 1500,
+                    warmup_ratio: float = 1e-6) -> list[list[float]]:
+    """``train_segmentation`` for several heads at once on cached frozen maps.
+
+    ``maps`` (N, L*D, h, w) are the frozen patch maps of the whole training set, concatenated
+    along channels in block order; ``index_batches`` yields (sample indices, masks). Every head
+    sees the same batches; one AdamW over all heads is per-parameter, so it is exactly one AdamW
+    per head. The heads' logits are upsampled in one call, and the loss is the sum of the heads'
+    mean CEs (``upsampled_ce``), whose gradient for each head is that head's own. Returns each
+    head's loss curve.
+    """
+    params = [p for h in heads for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+    losses: list[list[float]] = [[] for _ in heads]
+    for h in heads:
+        h.train()
+    for it in range(iters):
+        idx, y = next(index_batches)
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(it, iters, warmup, warmup_ratio)
+        xb = maps[idx]
+        logits = torch.cat([h.forward_concat(xb) for h in heads])
+        per_image = upsampled_ce(logits, y.repeat(len(heads), 1, 1)).view(len(heads), -1)
+        n_valid = (y != IGNORE_INDEX).sum().clamp(min=1)
+        per_head = per_image.sum(1) / n_valid
+        opt.zero_grad(set_to_none=True)
+        per_head.sum().backward()
+        opt.step()
+        for curve, value in zip(losses, per_head.tolist()):
+            curve.append(value)
     return losses
 
 
