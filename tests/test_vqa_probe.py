@@ -195,6 +195,16 @@ def test_stage1_trains_projector_only(tokenizer):
     assert any(not torch.equal(v, lm_before[k]) for k, v in probe.lm.state_dict().items())
 
 
+def test_stage1_can_train_a_from_scratch_lm(tokenizer):
+    """``train_lm: true`` (mini option): stage 1 also trains the LM, which has no language to protect."""
+    probe = _probe(tokenizer, hidden=32, layers=1)
+    samples, feats = _world(16, seed=1)
+    lm_before = {k: v.clone() for k, v in probe.lm.state_dict().items()}
+    train_stage(probe, samples, feats, 1, StageConfig(lr=1e-2, batch_size=8, micro_batch_size=8, max_steps=1,
+                                                      warmup_ratio=0.0, train_lm=True))
+    assert any(not torch.equal(v, lm_before[k]) for k, v in probe.lm.state_dict().items())
+
+
 def test_gradient_accumulation_is_split_invariant(tokenizer):
     probe = _probe(tokenizer, hidden=32, layers=1).double()
     samples, feats = _world(6, seed=2)

@@ -167,6 +167,9 @@ class StageConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     max_steps: Optional[int] = None
+    #: Train the LM too (None: stage 2 only, the paper's recipe; a from-scratch mini LM has no language
+    #: to keep frozen, so mini stage 1 may train it on the captions).
+    train_lm: Optional[bool] = None
 
 
 @dataclass
@@ -261,7 +264,7 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     if not samples:
         raise ValueError("train_stage: no samples")
-    probe.lm.requires_grad_(stage == 2)
+    probe.lm.requires_grad_(stage == 2 if cfg.train_lm is None else bool(cfg.train_lm))
     probe.projector.requires_grad_(True)
     params = [p for p in probe.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
