@@ -19,7 +19,8 @@ import yaml
 
 from conftest import snakemake
 from helpers_mini import (  # noqa: F401  (fixtures)
-    CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_run, initial_method, mae_run, shared_result, tiny_data,
+    CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_run, initial_method, mae_run, shared_dir, shared_result,
+    tiny_data, train_run,
 )
 
 N_CLASSES = 16  # OBJECT_CLASSES of the mini-web world; the IN-1k analogue is class-balanced
@@ -28,11 +29,13 @@ N_CLASSES = 16  # OBJECT_CLASSES of the mini-web world; the IN-1k analogue is cl
 #: strict xfails, not deleted: once the mini recipes learn they XPASS, which fails the suite
 #: until the mark is removed.
 NOT_LEARNING = (
-    "the mini Web-DINO recipe does not learn useful features in its mini budget (64 steps of batch "
-    "32): the DINO term stays near ln(512), the teacher (momentum 0.9, LayerScale 1.0 in the 4-block "
-    "mini tower) gives image-weak targets, and the exported teacher is no better than its init")
-CLIP_NOT_LEARNING = ("the mini CLIP run does not learn in its budget: its loss stays near ln(64) = 4.159 "
-                     "and text embeddings of different captions stay nearly parallel")
+    "the mini Web-DINO recipe learns too little in its mini budget (64 steps of batch 32): with the "
+    "mini head init and constant teacher temperature the DINO term leaves ln(512) (6.24 -> ~6.14) but "
+    "the exported teacher is not yet measurably better than its init; only ~4x longer schedules moved "
+    "k-NN (+2 to +6 points at 8192 samples)")
+CLIP_NOT_LEARNING = ("the mini CLIP run learns to rank held-out captions but not reliably to retrieve them "
+                     "first: top-1 at 32 steps is 2-5 hits of 256 and seed-dependent (measured with the "
+                     "mini recipe: 1.95 / 0.78 / 0.78 % for seeds 0 / 1 / 2, chance 0.39 %, bar 1.17 %)")
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -73,12 +76,22 @@ def _cls(encoder, x: torch.Tensor) -> torch.Tensor:
 def test_dino_loss_falls(dino_run):
     """64 steps of the mini recipe: the mean of the last 8 logged losses is at least 5 % below
     the first 8 (measured 9.94 -> 9.18, about 8x the step-to-step s.d. of late losses).
-    Most of the fall is KoLeo and iBOT: the DINO term stays near ln(512), see NOT_LEARNING."""
+    Most of the fall is KoLeo and iBOT; the DINO term is tested below."""
     losses = [row["loss"] for row in _log(dino_run["dir"])]
     assert len(losses) == 64
     assert all(math.isfinite(x) for x in losses)
     early, late = _early_late(losses, 8)
     assert late < 0.95 * early, (early, late)
+
+
+def test_dino_head_does_not_collapse(dino_run):
+    """A collapsed head (every image's output the same) makes the Sinkhorn-Knopp targets uniform
+    and pins the DINO term at ln K. With the mini head init it ends clearly below: the last 8
+    steps average at most ln(512) - 0.05 (measured ~6.14 vs 6.238 over two seeds; with
+    DINOv2's 0.02 init at hidden 128 it was 6.21, collapsed)."""
+    terms = [row["dino_loss"] for row in _log(dino_run["dir"])]
+    late = sum(terms[-8:]) / 8
+    assert late <= math.log(512) - 0.05, late
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +116,7 @@ def test_knn_probe_separates_classes(knn_scores):
     assert knn_scores["pixels"] >= 2 * 100.0 / N_CLASSES, knn_scores
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN trained 4.4 %, init 5.6 %")
+@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN trained 6.25 %, init 5.62 %")
 def test_dino_knn_beats_random_init(knn_scores):
     """CLS k-NN (k=20) on the IN-1k analogue: trained beats its own init by >= 8 points.
     160 val images: one accuracy has a standard error of <= 4 points near 50 %, ~2 points
@@ -123,9 +136,9 @@ def test_mae_loss_falls(mae_run):
     assert late < 0.9 * early, (early, late)
 
 
-def _clip_top1(method, records, size: int) -> tuple[float, float]:
-    """(image->text top-1 %, chance %) over N pairs; a retrieved caption counts when its text
-    equals the query's own (mini-web captions repeat), and chance counts those duplicates too."""
+def _clip_retrieval(method, records, size: int) -> dict[str, float]:
+    """Image->text retrieval over N pairs: top-1 %, chance % and the median rank (1 = best) of
+    the first caption equal to the query's own (mini-web captions repeat; chance counts that)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2
 
@@ -138,35 +151,68 @@ def _clip_top1(method, records, size: int) -> tuple[float, float]:
     with torch.no_grad():
         img = model.encode_image(torch.stack([tf(r["image"].convert("RGB")) for r in records]))
         txt = model.encode_text(method.tokenize(captions))
-    hit = [captions[j] == captions[i] for i, j in enumerate((img @ txt.T).argmax(1).tolist())]
-    chance = sum(captions.count(c) for c in captions) / len(captions) ** 2
-    return 100.0 * sum(hit) / len(hit), 100.0 * chance
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+    order = (img @ txt.T).argsort(dim=1, descending=True)
+    first = same.gather(1, order).float().argmax(dim=1) + 1  # rank of the first matching caption
+    return {"top1": 100.0 * float((first == 1).float().mean()), "median_rank": float(first.float().median()),
+            "chance": 100.0 * float(same.float().mean())}
 
 
-@pytest.mark.xfail(strict=True, reason=CLIP_NOT_LEARNING + "; measured top-1 0.39 % = chance (1/256)")
-def test_clip_retrieval_above_chance(clip_run, tiny_data):
-    """Held-out captions eval set (test split, N=256, never in the corpus): image->text top-1
-    of the 32-step CLIP run (2048 samples / 64) is >= 3x chance and above the same model at init."""
+#: Seeds of the CLIP retrieval check: one 32-step run decides top-1 on 2-5 hits of 256.
+CLIP_SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="session")
+def clip_retrieval(clip_run, tiny_data, tmp_path_factory) -> dict[str, dict[str, float]]:
+    """Trained and init retrieval of the mini CLIP run under each of CLIP_SEEDS."""
     from webssl_repro.evaluate.classic import load_split
 
-    records = load_split(tiny_data["captions"], "test")
-    assert len(records) == TINY_EVALSETS["captions"]["test"] == 256
-    size = int(clip_run["cfg"]["img_size"])
-    method = initial_method(CLIP_RUN, clip_run["cfg"], tiny_data["shards"])
-    init_top1, chance = _clip_top1(method, records, size)
-    method.bare_model().load_state_dict(torch.load(clip_run["dir"] / "state.pt", weights_only=True))
-    top1, _ = _clip_top1(method, records, size)
-    print(f"CLIP image->text top-1: trained {top1:.2f} %, init {init_top1:.2f} %, chance {chance:.2f} % (N=256)")
-    assert top1 >= 3 * chance, (top1, chance)
-    assert top1 > init_top1, (top1, init_top1)
+    def compute():
+        records = load_split(tiny_data["captions"], "test")
+        assert len(records) == TINY_EVALSETS["captions"]["test"] == 256
+        out = {}
+        for seed in CLIP_SEEDS:
+            cfg = {**clip_run["cfg"], "seed": seed}
+            run_dir = clip_run["dir"] if seed == 0 else shared_dir(
+                tmp_path_factory, f"{CLIP_RUN}.s{seed}",
+                lambda d, c=cfg: train_run(d, CLIP_RUN, c, tiny_data["shards"])) / "run"
+            method = initial_method(CLIP_RUN, cfg, tiny_data["shards"])
+            size = int(cfg["img_size"])
+            init = _clip_retrieval(method, records, size)
+            method.bare_model().load_state_dict(torch.load(run_dir / "state.pt", weights_only=True))
+            out[str(seed)] = {**_clip_retrieval(method, records, size),
+                              **{f"init_{k}": v for k, v in init.items() if k != "chance"}}
+        return out
+
+    out = shared_result(tmp_path_factory, "clip_retrieval", compute)
+    print("CLIP image->text retrieval (N=256):", json.dumps(out))
+    return out
+
+
+def test_clip_learns_to_rank_held_out_captions(clip_retrieval):
+    """The 32-step mini CLIP run moves held-out true captions up: the median rank, averaged
+    over 3 seeds, is at most 0.85x the init's (a random ranking puts it near 128 of 256;
+    measured 85-116 trained across seeds with the mini recipe)."""
+    trained = sum(v["median_rank"] for v in clip_retrieval.values()) / len(clip_retrieval)
+    init = sum(v["init_median_rank"] for v in clip_retrieval.values()) / len(clip_retrieval)
+    assert trained <= 0.85 * init, (trained, init)
+
+
+@pytest.mark.xfail(strict=True, reason=CLIP_NOT_LEARNING)
+def test_clip_retrieval_above_chance(clip_retrieval):
+    """Held-out captions eval set (test split, N=256, never in the corpus): image->text top-1
+    of the 32-step CLIP run (2048 samples / 64) is >= 3x chance and above the same model at
+    init, under every seed."""
+    for seed, r in clip_retrieval.items():
+        assert r["top1"] >= 3 * r["chance"] and r["top1"] > r["init_top1"], (seed, r)
 
 
 # ---------------------------------------------------------------- classic, alignment, VQA
 
 #: Probe budgets: a fifth of the mini ones, enough for the heads to converge on frozen features.
 CLASSIC_TINY = {"batch_size": 64, "linear": {"epochs": 4, "epoch_length": 10, "lrs": [0.01, 0.1, 1.0]},
-                "segmentation": {"iters": 60, "lr": 0.01, "warmup": 6},
-                "depth": {"iters": 60, "lr": 0.001, "warmup": 6}}
+                "segmentation": {"iters": 60, "lr": 0.01, "warmup": 6, "img_size": 64},
+                "depth": {"iters": 60, "lr": 0.03, "warmup": 6, "sig_warmup": 0, "img_size": 64}}
 
 
 @pytest.fixture(scope="session")
@@ -207,10 +253,10 @@ def _xfail(measured: str):
 #: in1k: 3 points of top-1 on 160 images (~1.3 standard errors at 10 %); ADE: 0.5 mIoU
 #: points; NYUd: RMSE 2 % lower; alignment: +0.01 mutual-k-NN (chance is k/N = 10/256 = 0.039).
 @pytest.mark.parametrize("metric,sign,margin", [
-    pytest.param("in1k_linear", 1, 3.0, marks=_xfail("top-1 9.375 % vs 11.875 %")),
-    pytest.param("ade20k_linear", 1, 0.5, marks=_xfail("mIoU 4.677 vs 4.718")),
-    pytest.param("nyud_lin1", -1, 0.02, marks=_xfail("RMSE 8.381 vs 8.428 (0.6 % lower)")),
-    pytest.param("alignment/minilm", 1, 0.01, marks=_xfail("0.0500 vs 0.0473")),
+    pytest.param("in1k_linear", 1, 3.0, marks=_xfail("top-1 12.5 % vs 11.875 %")),
+    pytest.param("ade20k_linear", 1, 0.5, marks=_xfail("mIoU 4.675 vs 4.734")),
+    pytest.param("nyud_lin1", -1, 0.02, marks=_xfail("RMSE 8.119 vs 8.215 (1.2 % lower)")),
+    pytest.param("alignment/minilm", 1, 0.01, marks=_xfail("0.0508 vs 0.0473")),
 ])
 def test_trained_dino_beats_random_init(classic_scores, metric, sign, margin):
     trained, rand = classic_scores["trained"][metric], classic_scores["random"][metric]
