@@ -76,7 +76,10 @@ def floor_step(arch: Arch, cfg, batch):
 
 def dino_step(method: DinoMethod, batch, train_map):
     params = [p for p in method.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(method.param_groups(train_map["lr"], train_map["weight_decay"]), lr=train_map["lr"])
+    from webssl_repro.train import TrainConfig
+    from webssl_repro.train.loop import build_optimizer
+
+    opt = build_optimizer(method, TrainConfig.from_mapping(train_map))  # the loop's optimizer (fused AdamW)
     counter = iter(range(10**9))
     method.train()
 

@@ -1,6 +1,6 @@
 """Benchmark: one mini VQA evaluation of one encoder, end to end, and where its time goes.
 
-Sized like the proposed mini config (``webssl_repro.evaluate.vqa.probe.MINI_VQA``): the
+Sized like the mini config (``config/mini.yaml`` evaluate.vqa, read at run time): the
 mini "7b" tower (width 128, depth 4, patch 8) at the "224" resolution (32 px → 4×4 patches,
 bilinearly resized to 36 tokens = the paper's 256 → 576 ratio), 1,000 alignment captions for
 stage 1, 16 benchmarks × 200 instruction samples (``config/mini.yaml`` evalsets.vqa.train; 2 epochs)
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from webssl_repro.evaluate.vqa.data import VqaSample, extract_features  # noqa: E402
 from webssl_repro.evaluate.vqa.lm import build_tokenizer  # noqa: E402
-from webssl_repro.evaluate.vqa.probe import MINI_VQA, VqaConfig, build_probe, fit_and_evaluate  # noqa: E402
+from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate  # noqa: E402
+from webssl_repro.evaluate.vqa.stage import STAGE_KEYS  # noqa: E402
 from webssl_repro.metrics import VQA_BENCHMARKS  # noqa: E402
 from webssl_repro.models.vit import Arch, build_encoder  # noqa: E402
 
@@ -56,7 +57,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = VqaConfig.from_mapping(MINI_VQA)
+    import yaml
+
+    section = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "mini.yaml").read_text())
+    cfg = VqaConfig.from_mapping({k: v for k, v in section["evaluate"]["vqa"].items() if k not in STAGE_KEYS})
     n = lambda k: max(2, int(k * args.scale))  # noqa: E731
     times: dict[str, float] = {}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 from webssl_repro.evaluate.vqa.data import (IGNORE, MINI_CHAT, FeatureCache, VqaSample, encode, encoder_tokens,
                                             extract_features)
 from webssl_repro.evaluate.vqa.lm import build_tiny_lm, build_tokenizer
-from webssl_repro.evaluate.vqa.probe import (MINI_VQA, MultimodalProbe, StageConfig, VqaConfig, backward_global_batch,
+from webssl_repro.evaluate.vqa.probe import (MultimodalProbe, StageConfig, VqaConfig, backward_global_batch,
                                              build_probe, build_projector, evaluate_vqa, fit_and_evaluate, train_stage)
 from webssl_repro.metrics import VQA_BENCHMARKS
 
@@ -275,12 +276,22 @@ def test_mini_eval_items_become_samples_with_scorer_references():
     assert s.reference() == {"id": "cvbench2d-test-000000", "answer": "B", "choices": ["1", "2"], "subtask": "count"}
 
 
+def mini_vqa_options() -> dict:
+    """config/mini.yaml's evaluate.vqa without the stage's own keys (what run_vqa passes on)."""
+    import yaml
+
+    from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+
+    section = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "mini.yaml").read_text())
+    return {k: v for k, v in section["evaluate"]["vqa"].items() if k not in STAGE_KEYS}
+
+
 def test_config_defaults_and_unknown_keys():
     cfg = VqaConfig.from_mapping({"language_model": "meta-llama/Meta-Llama-3-8B-Instruct", "tokens": 576})
     assert (cfg.stage1.lr, cfg.stage2.lr, cfg.stage2.batch_size, cfg.stage2.weight_decay) == (1e-3, 4e-5, 512, 0.0)
     assert VqaConfig.from_mapping({"stage1": {"lr": 1e-5}}).stage1.warmup_ratio == 0.06
-    mini = VqaConfig.from_mapping(MINI_VQA)
-    assert (mini.tokens, mini.stage2.lr, mini.stage2.batch_size, mini.stage1.lr) == (36, 3e-3, 64, 1e-3)
+    mini = VqaConfig.from_mapping(mini_vqa_options())
+    assert (mini.tokens, mini.lm_hidden, mini.stage2.batch_size, mini.stage1.train_lm) == (36, 64, 16, True)
     with pytest.raises(KeyError, match="toknes"):
         VqaConfig.from_mapping({"toknes": 576})
     with pytest.raises(KeyError, match="stage2.*lr_max"):

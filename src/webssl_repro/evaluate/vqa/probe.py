@@ -216,18 +216,6 @@ class VqaConfig:
         return cfg
 
 
-# Proposed mini scale (benchmarks/bench_vqa.py: 1k captions, 16 x 200 instruction samples, 16 x 50
-# test questions, ~1 min on 2 cores). The LM is trained from scratch, so stage 2 uses a from-scratch
-# lr and 2 epochs instead of the paper's fine-tuning lr 4e-5 for one epoch. 36 tokens = a 4x4 patch
-# grid ("224" = 32 px, patch 8) upsampled by the paper's own ratio 256 -> 576.
-MINI_VQA: dict[str, Any] = {
-    "language_model": "tiny", "tokens": 36, "chat_format": "mini", "max_length": 160, "max_new_tokens": 8,
-    "eval_batch_size": 64, "lm_hidden": 128, "lm_layers": 2, "lm_heads": 4,
-    "stage1": {"lr": 1e-3, "batch_size": 64, "micro_batch_size": 64, "epochs": 1, "warmup_ratio": 0.06},
-    "stage2": {"lr": 3e-3, "batch_size": 64, "micro_batch_size": 64, "epochs": 2, "warmup_ratio": 0.03},
-}
-
-
 # ---------------------------------------------------------------- training and evaluation
 
 
