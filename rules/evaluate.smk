@@ -1,4 +1,5 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json
+# vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
 
 
 rule vqa:
@@ -9,6 +10,7 @@ rule vqa:
         PLAN.eval_path("{run}", "vqa"),
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
+        launcher=PLAN.eval_launcher(),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
     resources:
@@ -17,7 +19,7 @@ rule vqa:
     conda:
         ENV
     shell:
-        "webssl-repro evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
+        "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
         "--data {input.data} --out {output} > {log} 2>&1"
 
 

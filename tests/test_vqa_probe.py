@@ -20,8 +20,9 @@ SHAPES = ["circle", "square", "triangle"]
 TOKENS, VIS_DIM = 4, 12
 
 
-def _world(n: int, seed: int) -> tuple[list[VqaSample], FeatureCache]:
-    """Images whose visual tokens encode a colour and a shape; two question types about them."""
+def _world(n: int, seed: int, text_only: int = 0) -> tuple[list[VqaSample], FeatureCache]:
+    """Images whose visual tokens encode a colour and a shape; two question types about them.
+    The first ``text_only`` samples carry no image (as text-only instruction rows do)."""
     g = torch.Generator().manual_seed(seed)
     ids, feats, samples = [], [], []
     for i in range(n):
@@ -31,10 +32,11 @@ def _world(n: int, seed: int) -> tuple[list[VqaSample], FeatureCache]:
         f[:, len(COLOURS) + s] += 1.0
         ids.append(f"img{seed}-{i}")
         feats.append(f)
+        image = None if i < text_only else ids[-1]
         if i % 2:
-            samples.append(VqaSample(ids[-1], "what colour is the object?", COLOURS[c], "gqa"))
+            samples.append(VqaSample(image, "what colour is the object?", COLOURS[c], "gqa"))
         else:
-            samples.append(VqaSample(ids[-1], "which shape is shown in the picture?", SHAPES[s], "gqa"))
+            samples.append(VqaSample(image, "which shape is shown in the picture?", SHAPES[s], "gqa"))
     return samples, FeatureCache(ids, torch.stack(feats))
 
 

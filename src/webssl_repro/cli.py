@@ -115,8 +115,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         from webssl_repro.evaluate.vqa.stage import run_vqa
 
         metrics = run_vqa(encoder, meta, manifests, cfg, workdir=Path(args.out).parent / "vqa_work")
-    write_eval(Path(args.out), args.run, args.kind, metrics, cfg)
-    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
+    from webssl_repro.train.distributed import is_main, shutdown
+
+    if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
+        write_eval(Path(args.out), args.run, args.kind, metrics, cfg)
+        print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
+    shutdown()
     return 0
 
 

@@ -200,6 +200,15 @@ class Plan:
     def eval_gpus(self) -> int:
         return int(self.config.get("resources", {}).get("eval_gpus", 0))
 
+    def eval_launcher(self) -> str:
+        """How the ``vqa`` rule starts the CLI: torchrun over the eval GPUs when the probe is
+        data-parallel (``evaluate.vqa.strategy`` ddp/fsdp2) and there is more than one."""
+        strategy = self.config.get("evaluate", {}).get("vqa", {}).get("strategy", "none")
+        gpus = self.eval_gpus()
+        if strategy == "none" or gpus <= 1:
+            return "webssl-repro"
+        return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
+
     def eval_runtime(self) -> int:
         return int(self.config.get("resources", {}).get("eval_runtime_min", 60))
 

@@ -11,8 +11,9 @@ import inspect
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,9 @@ from webssl_repro.evaluate.vqa.data import (CHAT_FORMATS, IGNORE, MINI_CHAT, Cha
                                             collate, encode, pad_id)
 from webssl_repro.evaluate.vqa.lm import lm_hidden_size
 from webssl_repro.metrics import VQA_BENCHMARKS
+
+if TYPE_CHECKING:
+    from webssl_repro.evaluate.vqa.distributed import Parallel
 
 #: ``score(benchmark, predictions, references) -> float`` (``webssl_repro.evaluate.vqa.scorers.score``).
 Scorer = Callable[[str, Sequence[str], Sequence[Any]], float]
@@ -53,11 +57,18 @@ class MultimodalProbe(nn.Module):
         self.chat = chat
         self.tokens = tokens
         self.stop_id = int(tokenizer.convert_tokens_to_ids(chat.stop))
+        #: Run the projector (and keep it in the autograd graph) for image-free batches too, so that
+        #: data-parallel ranks agree on its gradients and collectives (set by ``vqa.distributed``).
+        self.project_without_images = False
 
     def embed(self, visual: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(input_ids)
         has_image = image_mask.any(1)
         if not has_image.any():
+            if self.project_without_images:  # a real forward: FSDP2 ranks all-gather the projector together
+                first = self.projector[0]
+                zero = self.projector(emb.new_zeros(1, first.in_features, dtype=first.weight.dtype))
+                return emb + zero.sum().to(emb.dtype) * 0
             return emb
         vis = visual[has_image.to(visual.device)].to(device=emb.device)
         proj = self.projector(vis.to(self.projector[0].weight.dtype)).to(emb.dtype)
@@ -83,11 +94,14 @@ class MultimodalProbe(nn.Module):
 
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 image_mask: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:
+                 image_mask: torch.Tensor, max_new_tokens: int = 32,
+                 all_finished: Optional[Callable[[bool], bool]] = None) -> list[list[int]]:
         """Greedy decoding with a KV cache for a LEFT-padded batch; stops at the chat's stop token.
 
         Position ids count real tokens only, so a padded prompt sees exactly the positions it
-        would see alone and batched output equals one-by-one output.
+        would see alone and batched output equals one-by-one output. ``all_finished`` (FSDP2
+        ranks) turns "this batch is done" into "every rank's batch is done", so that all ranks
+        run the same number of forwards; extra steps change no finished answer.
         """
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left padding (every prompt must end at the last column)")
@@ -108,7 +122,8 @@ class MultimodalProbe(nn.Module):
                     if not finished and tok != self.stop_id:
                         result[i].append(tok)
                 done |= nxt == self.stop_id
-                if bool(done.all()):
+                finished = bool(done.all())
+                if all_finished(finished) if all_finished is not None else finished:
                     break
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
                 pos = pos[:, -1:] + 1
@@ -126,16 +141,22 @@ class MultimodalProbe(nn.Module):
         return features.batch([s.image_id for s in samples]), t
 
     def answer(self, samples: Sequence[VqaSample], features: FeatureCache, batch_size: int = 16,
-               max_new_tokens: int = 32) -> list[str]:
-        """Greedy answers as text (special tokens dropped)."""
+               max_new_tokens: int = 32, parallel: Optional["Parallel"] = None) -> list[str]:
+        """Greedy answers as text (special tokens dropped); with ``parallel``, the batches are
+        shared among the ranks and every rank gets all answers, in order."""
         device = next(self.parameters()).device
-        preds: list[str] = []
-        for k in range(0, len(samples), batch_size):
+        sync = parallel.all_finished if parallel is not None and parallel.lockstep else None
+
+        def one(k: int) -> list[str]:
             visual, t = self.batch(samples[k:k + batch_size], features, with_answer=False)
             ids = self.generate(visual.to(device), t["input_ids"].to(device), t["attention_mask"].to(device),
-                                t["image_mask"].to(device), max_new_tokens)
-            preds += [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-        return preds
+                                t["image_mask"].to(device), max_new_tokens, all_finished=sync)
+            return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+        starts = range(0, len(samples), batch_size)
+        if parallel is not None:
+            return parallel.answer_batches(list(starts), one)
+        return [p for k in starts for p in one(k)]
 
 
 def _forward_params(lm: nn.Module) -> set[str]:
@@ -193,6 +214,8 @@ class VqaConfig:
     lm_layers: int = 2
     lm_heads: int = 4
     seed: int = 0
+    #: ``none`` (one process), ``ddp`` or ``fsdp2`` over the ranks of a torchrun launch (``vqa.distributed``).
+    strategy: str = "none"
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3, warmup_ratio=0.06))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5, warmup_ratio=0.03))
 
@@ -220,31 +243,43 @@ class VqaConfig:
 
 
 def backward_global_batch(probe: MultimodalProbe, micro_batches: Sequence[Sequence[VqaSample]],
-                          features: FeatureCache, max_length: Optional[int] = None) -> float:
+                          features: FeatureCache, max_length: Optional[int] = None, *,
+                          parallel: Optional["Parallel"] = None, module: Optional[nn.Module] = None) -> float:
     """Accumulate gradients of the mean answer-token CE over all micro-batches; returns that loss.
 
     Each micro-batch's summed CE is divided by the GLOBAL answer-token count, so the gradient
     does not depend on how the global batch is split (nor on how many tokens each split holds).
+    With ``parallel``, ``micro_batches`` are this rank's share: the count is summed over ranks,
+    the loss scaled by the world size (the gradient collectives average), and ``module`` (the
+    DDP wrapper or the sharded probe) runs the forward.
     """
     device = next(probe.parameters()).device
+    module = probe if module is None else module
     batches = [probe.batch(m, features, with_answer=True, max_length=max_length) for m in micro_batches]
-    total = max(1, sum(int((t["labels"][:, 1:] != IGNORE).sum()) for _, t in batches))
+    local = sum(int((t["labels"][:, 1:] != IGNORE).sum()) for _, t in batches)
+    total = max(1, local if parallel is None else round(parallel.sum(local)))
+    scale = 1 if parallel is None else parallel.world_size
     step_loss = 0.0
-    for visual, t in batches:
-        out = probe(visual.to(device), **{k: v.to(device) for k, v in t.items()})
-        loss = out["loss_sum"] / total
-        loss.backward()
+    for i, (visual, t) in enumerate(batches):
+        ctx = parallel.accumulate(module, last=i == len(batches) - 1) if parallel is not None else nullcontext()
+        with ctx:
+            out = module(visual.to(device), **{k: v.to(device) for k, v in t.items()})
+            loss = out["loss_sum"] / total
+            if loss.requires_grad:  # not so for an image-free micro-batch while the LM is frozen
+                (loss * scale if scale != 1 else loss).backward()
         step_loss += float(loss.detach())
-    return step_loss
+    return step_loss if parallel is None else parallel.sum(step_loss)
 
 
 def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: FeatureCache, stage: int,
                 cfg: StageConfig, *, max_length: Optional[int] = None, seed: int = 0,
-                on_step: Optional[Callable[[int, float], None]] = None) -> dict[str, Any]:
+                on_step: Optional[Callable[[int, float], None]] = None,
+                parallel: Optional["Parallel"] = None) -> dict[str, Any]:
     """Stage 1 trains the projector only (LM frozen); stage 2 the projector and the LM.
 
     AdamW + linear warmup + cosine decay (HF Trainer's schedule, as Cambrian uses); the loss of
-    a global batch is the mean CE over all its answer tokens, however it is split into micro-batches.
+    a global batch is the mean CE over all its answer tokens, however it is split into micro-batches
+    (and, with ``parallel``, over ranks: each takes its slice of every global batch).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -255,6 +290,7 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
     probe.lm.requires_grad_(stage == 2 if cfg.train_lm is None else bool(cfg.train_lm))
     probe.projector.requires_grad_(True)
     params = [p for p in probe.parameters() if p.requires_grad]
+    module = parallel.training_module(probe) if parallel is not None else probe
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(samples) / cfg.batch_size))
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
@@ -267,10 +303,12 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
         while len(order) < cfg.batch_size:
             order += torch.randperm(len(samples), generator=gen).tolist()
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        if parallel is not None:
+            idx = parallel.local_indices(idx, cfg.micro_batch_size)
         micro = [[samples[i] for i in idx[k:k + cfg.micro_batch_size]]
                  for k in range(0, len(idx), cfg.micro_batch_size)]
         opt.zero_grad(set_to_none=True)
-        step_loss = backward_global_batch(probe, micro, features, max_length)
+        step_loss = backward_global_batch(probe, micro, features, max_length, parallel=parallel, module=module)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -304,11 +342,18 @@ def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCa
                      alignment: Sequence[VqaSample], instruction: Sequence[VqaSample],
                      benchmark_sets: Mapping[str, Sequence[VqaSample]],
                      scorer: Optional[Scorer] = None) -> dict[str, Any]:
-    """Stage 1 on alignment data, stage 2 on instruction data, then ``evaluate_vqa``; logs included."""
-    logs = [train_stage(probe, samples, features, stage, scfg, max_length=cfg.max_length, seed=cfg.seed + stage)
+    """Stage 1 on alignment data, stage 2 on instruction data, then ``evaluate_vqa``; logs included.
+
+    ``cfg.strategy`` other than ``none`` shards the probe (in place) over the torchrun ranks.
+    """
+    from webssl_repro.evaluate.vqa.distributed import parallelize
+
+    parallel = parallelize(probe, cfg.strategy)
+    logs = [train_stage(probe, samples, features, stage, scfg, max_length=cfg.max_length, seed=cfg.seed + stage,
+                        parallel=parallel)
             for stage, samples, scfg in ((1, alignment, cfg.stage1), (2, instruction, cfg.stage2))]
     result = evaluate_vqa(probe, benchmark_sets, scorer, features=features, batch_size=cfg.eval_batch_size,
-                          max_new_tokens=cfg.max_new_tokens)
+                          max_new_tokens=cfg.max_new_tokens, parallel=parallel)
     result["training"] = [{k: log[k] for k in ("stage", "steps", "seconds")} | {"final_loss": log["losses"][-1]}
                           for log in logs]
     return result
@@ -316,16 +361,21 @@ def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCa
 
 def evaluate_vqa(probe: MultimodalProbe, benchmark_sets: Mapping[str, Sequence[VqaSample]],
                  scorer: Optional[Scorer] = None, *,
-                 features: FeatureCache, batch_size: int = 16, max_new_tokens: int = 32) -> dict[str, Any]:
+                 features: FeatureCache, batch_size: int = 16, max_new_tokens: int = 32,
+                 parallel: Optional["Parallel"] = None) -> dict[str, Any]:
     """Greedy answers on each benchmark's test samples, scored per benchmark; categories by the paper's rule.
 
     ``categories`` is None unless all 16 benchmarks are present (the paper's averages need all).
+    With ``parallel`` the ranks share the answering, rank 0 scores and every rank returns its result.
     """
     if scorer is None:
         from webssl_repro.evaluate.vqa.scorers import score as scorer
-    per_benchmark: dict[str, float] = {}
-    for name, samples in benchmark_sets.items():
-        preds = probe.answer(list(samples), features, batch_size, max_new_tokens)
-        per_benchmark[name] = float(scorer(name, preds, [s.reference() for s in samples]))
-    complete = set(VQA_BENCHMARKS) <= set(per_benchmark)
-    return {"benchmarks": per_benchmark, "categories": category_scores(per_benchmark) if complete else None}
+    answers = {name: probe.answer(list(samples), features, batch_size, max_new_tokens, parallel=parallel)
+               for name, samples in benchmark_sets.items()}
+    result = None
+    if parallel is None or parallel.rank == 0:
+        per_benchmark = {name: float(scorer(name, answers[name], [s.reference() for s in samples]))
+                         for name, samples in benchmark_sets.items()}
+        complete = set(VQA_BENCHMARKS) <= set(per_benchmark)
+        result = {"benchmarks": per_benchmark, "categories": category_scores(per_benchmark) if complete else None}
+    return result if parallel is None else parallel.from_main(result)

@@ -11,6 +11,10 @@ The data follow ``evaluate.vqa.language_model``:
   Cambrian-7M, LAION rows excluded, scores on the 16 real benchmarks, all located by
   ``evaluate.vqa.data`` (``webssl_repro.evaluate.vqa.paper``). 7M × 576 tokens cannot be
   cached, so the frozen encoder runs on the fly (``real.EncoderFeatures``).
+
+``evaluate.vqa.strategy`` (``ddp``/``fsdp2``) runs the probe data-parallel over the ranks of
+a torchrun launch (``webssl_repro.evaluate.vqa.distributed``); every rank returns the metrics,
+the CLI writes them on rank 0 only.
 """
 from __future__ import annotations
 
@@ -68,19 +72,19 @@ def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
 STAGE_KEYS = ("scale", "alignment_samples", "data")
 
 
-def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config) -> dict[str, Any]:
+def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config, env=None) -> dict[str, Any]:
     """Cambrian-Alignment → Cambrian-7M → the 16 real benchmarks, encoder run on the fly.
 
-    The mini-web manifests the rule passes are not read. One process and one device: the
-    encoder and the probe go to the GPU when there is one (sharding the 8B LM over a node's
-    GPUs is ``fit_and_evaluate``'s concern, not the data's).
+    The mini-web manifests the rule passes are not read. The encoder and the probe go to the
+    rank's device (the GPU when there is one); sharding the 8B LM over a node's GPUs is
+    ``fit_and_evaluate``'s concern (``strategy: fsdp2``), not the data's.
     """
     from webssl_repro.evaluate.vqa.paper import load_paper_data
     from webssl_repro.evaluate.vqa.probe import build_probe, fit_and_evaluate
     from webssl_repro.evaluate.vqa.real import EncoderFeatures
 
     data = load_paper_data(cfg.get("data"))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = env.device if env is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device).eval().requires_grad_(False)
     size = int(meta["img_size"])
     features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size)[0],
@@ -96,6 +100,7 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config)
 
 def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path], cfg: Mapping[str, Any],
             workdir: str | Path) -> dict[str, Any]:
+    from webssl_repro.evaluate.vqa.distributed import init, main_first
     from webssl_repro.evaluate.vqa.lm import build_tokenizer
     from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
 
@@ -104,8 +109,9 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    env = init(config.strategy)  # None (nothing initialised) for the default 'none'
     if config.language_model != "tiny":
-        return _run_paper(encoder, meta, cfg, config)
+        return _run_paper(encoder, meta, cfg, config, env)
     if cfg.get("data"):
         raise ValueError("evaluate.vqa.data locates the paper-scale (Cambrian + real benchmark) data; "
                          "language_model: tiny reads the mini-web eval sets and takes none")
@@ -121,14 +127,17 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
         for it in items:
             images.setdefault(f"vqa/{it['image_id']}", it["image"])
 
-    features = extract_features(encoder, _batches(images, int(meta["img_size"])), config.tokens,
-                                workdir / "features.safetensors")
+    with main_first(env):  # rank 0 writes the feature cache, the other ranks read it
+        features = extract_features(encoder, _batches(images, int(meta["img_size"])), config.tokens,
+                                    workdir / "features.safetensors")
     tokenizer = None
     if config.language_model == "tiny":  # mini: a word-level vocabulary of the training texts only
         # never the test split; the chat template's own words too, or USER/ASSISTANT are <unk>
         texts = [f"{s.question} {s.answer}" for s in alignment + instruction] + ["USER: ASSISTANT:"]
-        tokenizer = build_tokenizer(texts, workdir / "tokenizer.json")
+        tokenizer = build_tokenizer(texts, workdir / "tokenizer.json" if env is None or env.is_main else None)
     probe = build_probe(config, encoder.embed_dim, tokenizer)
+    if env is not None:
+        probe = probe.to(env.device)
     result = fit_and_evaluate(config, probe, features, alignment, instruction, tests)
     metrics: dict[str, Any] = dict(result["benchmarks"])
     metrics.update(result["categories"])
