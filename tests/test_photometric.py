@@ -95,3 +95,21 @@ def test_batched_multicrop_matches_torchvision_pipeline_in_distribution():
         assert a.shape == b.shape
         torch.testing.assert_close(a.mean(dim=(0, 2, 3)), b.mean(dim=(0, 2, 3)), atol=0.15, rtol=0)
         torch.testing.assert_close(a.std(dim=(0, 2, 3)), b.std(dim=(0, 2, 3)), atol=0.15, rtol=0)
+
+
+def test_high_resolution_runs_blur_like_the_base_resolution():
+    """DINOv2's 378/518 phase keeps the 224-px blur: a hi-res run's blur is its base crop's."""
+    import yaml
+    from pathlib import Path
+
+    from webssl_repro.data.augmentations import blur_kernel_size, blur_sigma_range
+    from webssl_repro.workflow import Plan
+
+    mini = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "mini.yaml").read_text())
+    plan = Plan(mini)
+    base = int(mini["labels"]["resolutions"]["224"])
+    for run in ("dino7b-full8b-224", "dino7b-full8b-518"):
+        assert plan.run_config(run)["recipe"]["blur_reference_size"] == base
+    paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
+    assert Plan(paper).run_config("dino7b-full8b-518")["recipe"]["blur_reference_size"] == 224
+    assert blur_sigma_range(224) == (0.1, 2.0) and blur_kernel_size(224) == 9

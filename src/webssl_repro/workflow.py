@@ -145,6 +145,8 @@ class Plan:
         recipe = dict(pretrain.get(r.method, {}))
         if r.parent is not None:
             recipe = hires_recipe(recipe, pretrain.get("hires", {}), samples_of(r.parent, self.config))
+        if r.method == "dino":  # DINOv2's blur pixels belong to the base ("224") crop at every resolution
+            recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
         return {
             "run": run,
             "scale": self.scale,

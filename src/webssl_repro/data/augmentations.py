@@ -14,7 +14,9 @@ px and 9-px kernel are pixels of a 224-px global crop. At the mini scale's 32-px
 pixel values blur ~7x more of the image (sigma 2 px at 32 px is sigma 14 px at 224 px): the
 blurred global view keeps only colour blobs, so the two views of an image share little beyond
 colour statistics. ``blur_sigma_range(global_size)`` keeps the augmentation's strength
-relative to the crop, (0.1, 2.0)·G/224, and is exactly DINOv2's at G = 224.
+relative to the crop, (0.1, 2.0)·G/224, and is exactly DINOv2's at G = 224. The G of a run is
+the scale's *base* resolution (``DinoConfig.blur_reference_size``): DINOv2's 378/518 phase keeps
+the 224-px blur, so a high-resolution fine-tune does too.
 """
 from __future__ import annotations
 

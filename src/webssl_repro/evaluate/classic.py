@@ -104,7 +104,7 @@ class TokenCache:
     The dense probes train without augmentation on a frozen encoder, so the encoder's
     output for an image never changes: computing it once instead of every iteration is
     the same training at a fraction of the cost. Used when the tokens fit in memory
-    (mini scale); paper-scale sets stream images through the encoder instead.
+    (``fits``: mini scale); larger sets stream images through the encoder per batch instead.
     """
 
     def __init__(self, fn, images: torch.Tensor, batch: int) -> None:
@@ -130,13 +130,6 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int,
         for i in range(0, len(x) - batch + 1, batch):
             idx = perm[i:i + batch]
             yield (idx if by_index else x[idx]), y[idx]
-
-
-def _training_features(encoder, meta, fn, x: torch.Tensor, n_layers: int, batch: int):
-    """(feature function for training batches, whether batches carry indices instead of images)."""
-    if TokenCache.fits(encoder, len(x), int(meta["img_size"]), int(meta["patch"]), n_layers):
-        return TokenCache(fn, x, batch), True
-    return fn, False
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, batch: int):
@@ -187,6 +180,9 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     n_classes, n_ms = len(SEG_CLASSES), min(4, int(meta["depth"]))
     specs = (("ade20k_linear", 1, False), ("ade20k_ms", n_ms, True))
     fn = feature_fn(encoder, n_ms, norm=True, patch_size=int(meta["patch"]))
+    bs = min(int(seg["batch_size"]), len(x_tr))
+    if not TokenCache.fits(encoder, len(x_tr), size, int(meta["patch"]), 2 * n_ms):  # cache + block-major copy
+        return _segmentation_streaming(encoder, fn, specs, n_classes, seg, seed, bs, batch, x_tr, y_tr, x_va, y_va)
     tr = TokenCache(fn, x_tr, batch)
     L, N, P, D = tr.patches.shape
     maps_tr = tr.patches.permute(1, 0, 3, 2).reshape(N, L * D, *tr.grid)  # block-major channels
@@ -196,7 +192,7 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
         torch.manual_seed(seed)
         heads.append(LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers))
     train_seg_heads(heads, maps_tr, y_tr,
-                    _batches(x_tr, y_tr, min(int(seg["batch_size"]), len(x_tr)), seed, by_index=True),
+                    _batches(x_tr, y_tr, bs, seed, by_index=True),
                     iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
     out = {}
     va = TokenCache(fn, x_va, batch)
@@ -210,6 +206,23 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
                 logits = head.forward_concat(maps_va)
                 preds = F.interpolate(logits, size=y_va.shape[-2:], mode="bilinear",
                                       align_corners=False).argmax(dim=1)
+        out[name] = 100.0 * mean_iou(preds, y_va, n_classes)
+    return out
+
+
+def _segmentation_streaming(encoder, fn, specs, n_classes, seg, seed, bs, batch, x_tr, y_tr, x_va, y_va):
+    """Each head trained alone with the encoder in the loop (sets whose tokens do not fit)."""
+    from webssl_repro.evaluate.segmentation import LinearSegHead, mean_iou, predict, train_segmentation
+
+    out = {}
+    for name, n_layers, multiscale in specs:
+        torch.manual_seed(seed)
+        head = LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers)
+        train_segmentation(head, fn, _batches(x_tr, y_tr, bs, seed), iters=int(seg["iters"]), lr=float(seg["lr"]),
+                           warmup=int(seg["warmup"]))
+        head.eval()
+        with torch.no_grad():
+            preds = torch.cat([predict(head, fn, xb, multiscale=multiscale) for xb, _ in _chunks(x_va, y_va, batch)])
         out[name] = 100.0 * mean_iou(preds, y_va, n_classes)
     return out
 
@@ -230,6 +243,10 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     max_depth = float(max(d_tr.max(), d_va.max()))
     specs = (("nyud_lin1", [int(meta["depth"]) - 1]), ("nyud_lin4", lin4_blocks(int(meta["depth"]))))
     blocks = sorted({b for _, bl in specs for b in bl})
+    bs = min(int(dep["batch_size"]), len(x_tr))
+    # the cache holds the union of blocks, and each head's concatenation once more
+    if not TokenCache.fits(encoder, len(x_tr), size, int(meta["patch"]), len(blocks) + len(specs[-1][1]) + 1):
+        return _depth_streaming(encoder, meta, specs, dep, seed, bs, batch, max_depth, x_tr, d_tr, x_va, d_va)
     tr = _cached_tokens(encoder, meta, x_tr, blocks, False, batch)
     va = _cached_tokens(encoder, meta, x_va, blocks, False, batch)
 
@@ -244,7 +261,7 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         heads.append(DepthLinearHead(encoder.embed_dim, n_layers=len(chosen), max_depth=max_depth))
         inputs.append(flat(tr, chosen))
     train_depth_heads(heads, inputs, tr.grid,
-                      _batches(x_tr, d_tr.unsqueeze(1), min(int(dep["batch_size"]), len(x_tr)), seed, by_index=True),
+                      _batches(x_tr, d_tr.unsqueeze(1), bs, seed, by_index=True),
                       iters=int(dep["iters"]), lr=float(dep["lr"]), warmup_iters=int(dep["warmup"]),
                       sig_warmup=int(dep["sig_warmup"]))
     out = {}
@@ -253,6 +270,25 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         patches, cls = flat(va, chosen)
         with torch.no_grad():
             pred = head.from_logits(head.token_logits(patches, cls, va.grid))
+        pred = F.interpolate(pred, size=d_va.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+        out[name] = float(rmse(pred, d_va, d_va > 0))
+    return out
+
+
+def _depth_streaming(encoder, meta, specs, dep, seed, bs, batch, max_depth, x_tr, d_tr, x_va, d_va):
+    """Each head trained alone with the encoder in the loop (sets whose tokens do not fit)."""
+    from webssl_repro.evaluate.depth import DepthLinearHead, rmse, train_depth
+
+    out = {}
+    for name, chosen in specs:
+        fn = feature_fn(encoder, chosen, norm=False, patch_size=int(meta["patch"]))
+        torch.manual_seed(seed)
+        head = DepthLinearHead(encoder.embed_dim, n_layers=len(chosen), max_depth=max_depth)
+        train_depth(head, fn, _batches(x_tr, d_tr.unsqueeze(1), bs, seed), iters=int(dep["iters"]),
+                    lr=float(dep["lr"]), warmup_iters=int(dep["warmup"]), sig_warmup=int(dep["sig_warmup"]))
+        head.eval()
+        with torch.no_grad():
+            pred = torch.cat([head(fn(xb)) for xb, _ in _chunks(x_va, d_va, batch)])
         pred = F.interpolate(pred, size=d_va.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
         out[name] = float(rmse(pred, d_va, d_va > 0))
     return out

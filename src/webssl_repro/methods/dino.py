@@ -81,6 +81,9 @@ class DinoConfig:
     global_crop_size: int = 224
     local_crop_size: int = 98
     n_local_crops: int = 8
+    #: crop size whose pixels DINOv2's blur (sigma 0.1-2.0, kernel 9 at 224) is expressed in: the
+    #: scale's base resolution, so a 378/518 fine-tune blurs like DINOv2's high-res phase (unscaled)
+    blur_reference_size: int = 224
     global_crops_scale: tuple[float, float] = (0.32, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     mask_sample_probability: float = 0.5

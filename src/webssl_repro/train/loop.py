@@ -166,6 +166,8 @@ def train(
     start, resumed = 0, state is not None
     if state is not None:
         ckpt.restore_optimizer(method, optimizer, cfg.strategy, state)
+        for group in optimizer.param_groups:  # load_state_dict restores the saved run's kernel choice
+            group["fused"] = cfg.strategy != "fsdp2"
         start = int(state["step"])
         if not ckpt.restore_rank_rng(state, env.rank, env.world_size):
             ckpt.seed_everything(cfg.seed + env.rank + 1_000_003 * start)

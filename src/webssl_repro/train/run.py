@@ -34,7 +34,7 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
     meta = {"method": run.method, "arch": cfg["arch"], "img_size": img}
 
     if run.method == "dino":
-        from webssl_repro.data.augmentations import with_ibot_masks
+        from webssl_repro.data.augmentations import blur_kernel_size, blur_sigma_range, with_ibot_masks
         from webssl_repro.data.multicrop import BatchedMultiCrop
         from webssl_repro.methods.dino import DinoConfig, DinoMethod
 
@@ -45,7 +45,9 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         config = DinoConfig.from_mapping({**recipe, "total_steps": steps})
         method = DinoMethod(arch, config)
         aug = BatchedMultiCrop(config.global_crop_size, config.local_crop_size, config.n_local_crops,
-                               config.global_crops_scale, config.local_crops_scale)
+                               config.global_crops_scale, config.local_crops_scale,
+                               blur_sigma=blur_sigma_range(config.blur_reference_size),
+                               blur_kernel=blur_kernel_size(config.blur_reference_size))
 
         def sample_fn(image, _meta, gen):
             return aug.crops(image, gen)

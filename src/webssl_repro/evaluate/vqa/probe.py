@@ -275,7 +275,8 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
                 cfg: StageConfig, *, max_length: Optional[int] = None, seed: int = 0,
                 on_step: Optional[Callable[[int, float], None]] = None,
                 parallel: Optional["Parallel"] = None) -> dict[str, Any]:
-    """Stage 1 trains the projector only (LM frozen); stage 2 the projector and the LM.
+    """Stage 1 trains the projector only (LM frozen), stage 2 the projector and the LM, unless
+    ``cfg.train_lm`` says otherwise (a from-scratch mini LM is trained in stage 1 too).
 
     AdamW + linear warmup + cosine decay (HF Trainer's schedule, as Cambrian uses); the loss of
     a global batch is the mean CE over all its answer tokens, however it is split into micro-batches

@@ -83,6 +83,9 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
     from webssl_repro.evaluate.vqa.probe import build_probe, fit_and_evaluate
     from webssl_repro.evaluate.vqa.real import EncoderFeatures
 
+    if "alignment_samples" in cfg:
+        raise ValueError("evaluate.vqa.alignment_samples caps the mini-web captions of stage 1; at this scale "
+                         "stage 1 reads Cambrian-Alignment, capped by evaluate.vqa.data.alignment.limit")
     data = load_paper_data(cfg.get("data"))
     device = env.device if env is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device).eval().requires_grad_(False)
