@@ -59,6 +59,13 @@ def blur_kernel_size(global_size: int = DINOV2_GLOBAL_SIZE) -> int:
     return max(3, k + 1 - k % 2)
 
 
+def blur_pixels(global_size: int, sigma: tuple[float, float] | None = None,
+                kernel: int | None = None) -> tuple[tuple[float, float], int]:
+    """(sigma range, kernel size) of a pipeline: explicit values, else DINOv2's scaled to ``global_size``."""
+    return (tuple(sigma) if sigma is not None else blur_sigma_range(global_size),
+            kernel if kernel is not None else blur_kernel_size(global_size))
+
+
 def _blur(p: float, sigma: tuple[float, float] = DINOV2_BLUR_SIGMA,
           kernel_size: int = DINOV2_BLUR_KERNEL) -> v2.Transform:
     return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel_size, sigma=sigma)], p=p)
@@ -81,8 +88,7 @@ class MultiCropAugmentation:
                  blur_kernel: int | None = None) -> None:
         blur_p = blur_probabilities(blur_convention)
         self.blur_p = blur_p
-        self.blur_sigma = tuple(blur_sigma) if blur_sigma is not None else blur_sigma_range(global_size)
-        self.blur_kernel = blur_kernel if blur_kernel is not None else blur_kernel_size(global_size)
+        self.blur_sigma, self.blur_kernel = blur_pixels(global_size, blur_sigma, blur_kernel)
         self.n_local = n_local
         bicubic = InterpolationMode.BICUBIC
 

@@ -11,14 +11,13 @@ mini model's training step.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from webssl_repro.data.augmentations import (IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, blur_probabilities,
-                                             blur_sigma_range)
+from webssl_repro.data.augmentations import IMAGENET_MEAN, IMAGENET_STD, blur_pixels, blur_probabilities
 from webssl_repro.data.photometric import Photometric
 
 
@@ -68,8 +67,8 @@ class BatchedMultiCrop:
         self.blur_p = blur_probabilities(blur_convention)
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        blur = {"blur_sigma": tuple(blur_sigma) if blur_sigma is not None else blur_sigma_range(global_size),
-                "blur_kernel": blur_kernel if blur_kernel is not None else blur_kernel_size(global_size)}
+        sigma, kernel = blur_pixels(global_size, blur_sigma, blur_kernel)
+        blur = {"blur_sigma": sigma, "blur_kernel": kernel}
         self.views = (Photometric(blur_p=self.blur_p[0], **blur),
                       Photometric(blur_p=self.blur_p[1], solarize_p=0.2, **blur),  # solarize: 2nd global only
                       Photometric(blur_p=self.blur_p[2], **blur))
