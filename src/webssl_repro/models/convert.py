@@ -61,6 +61,22 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # ---- DINOv2 native backbone ----------------------------------------------------------------
 
 _NATIVE_MLP = {"mlp.fc1": "mlp.w12", "mlp.fc2": "mlp.w3"}
+_CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
+
+
+def _block_parts(key: str, chunked: bool = False) -> tuple[int, str, str] | None:
+    """(block index, module, parameter) of a block key, None for keys outside the blocks.
+    ``chunked`` also reads DINOv2's ``blocks.{chunk}.{i}.…`` (BlockChunk) naming."""
+    m = _CHUNKED.match(key) if chunked else None
+    if m is not None:
+        i, rest = int(m[2]), m[3]
+    else:
+        m = _BLOCK.match(key)
+        if m is None:
+            return None
+        i, rest = int(m[1]), m[2]
+    module, _, param = rest.rpartition(".")
+    return i, module, param
 
 
 def to_native(state: Mapping[str, Tensor], method: str, *, block_chunks: int = 0,
@@ -79,18 +95,16 @@ def to_native(state: Mapping[str, Tensor], method: str, *, block_chunks: int = 0
         chunk = depth // block_chunks
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        m = _BLOCK.match(key)
-        if m is None:
+        parts = _block_parts(key)
+        if parts is None:
             out[key] = value
             continue
-        i, rest = int(m[1]), m[2]
-        module, _, param = rest.rpartition(".")
+        i, module, param = parts
         rest = f"{_NATIVE_MLP.get(module, module)}.{param}"
         out[f"blocks.{i // chunk}.{i}.{rest}" if chunk else f"blocks.{i}.{rest}"] = value
     return out
 
 
-_CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _NATIVE_PREFIXES = ("", "module.", "backbone.", "teacher.backbone.", "model.", "encoder.")
 
 
@@ -132,16 +146,11 @@ def from_native(state: Mapping[str, Tensor], method: str) -> tuple[dict[str, Ten
     pending: dict[int, dict[str, Tensor]] = {}
     inverse = {v: k for k, v in _NATIVE_MLP.items()}
     for key, value in state.items():
-        m = _CHUNKED.match(key)
-        if m is not None:
-            i, rest = int(m[2]), m[3]
-        else:
-            m = _BLOCK.match(key)
-            if m is None:
-                out[key] = value
-                continue
-            i, rest = int(m[1]), m[2]
-        module, _, param = rest.rpartition(".")
+        parts = _block_parts(key, chunked=True)
+        if parts is None:
+            out[key] = value
+            continue
+        i, module, param = parts
         if module in ("mlp.w1", "mlp.w2"):
             pending.setdefault(i, {})[f"{module}.{param}"] = value
             continue
