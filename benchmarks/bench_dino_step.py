@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
 from webssl_repro.data.stages import build_corpus  # noqa: E402
 from webssl_repro.methods.dino import DinoMethod, ema_update_  # noqa: E402
-from webssl_repro.methods.dino_losses import dino_cross_entropy, ibot_patch_loss, koleo_loss, sinkhorn_knopp  # noqa: E402
+from webssl_repro.methods.dino_losses import dino_multicrop_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp  # noqa: E402
 from webssl_repro.models.vit import Arch, build_encoder  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402
 from webssl_repro.train.run import build  # noqa: E402
@@ -123,15 +123,13 @@ def breakdown(method: DinoMethod, batch, opt, params, grad_clip: float):
                             lambda: sinkhorn_knopp(t_patch, cfg.teacher_temp, cfg.sinkhorn_iterations))
         s_bb = timed("student backbone fwd", lambda: student.backbone.forward_features_dict(g, masks=masks))
         s_loc = timed("student backbone fwd", lambda: student.backbone.forward_features_dict(loc)["x_norm_clstoken"])
-        s_g = timed("student heads fwd", lambda: student.dino_head(s_bb["x_norm_clstoken"]))
-        s_l = timed("student heads fwd", lambda: student.dino_head(s_loc))
+        s_cls = s_bb["x_norm_clstoken"]
+        s_g, s_l = timed("student heads fwd", lambda: student.dino_head(torch.cat([s_cls, s_loc])).split(
+            [s_cls.shape[0], s_loc.shape[0]]))
         s_p = timed("student heads fwd", lambda: student.ibot_head(s_bb["x_norm_patchtokens"][masks]))
 
         def losses():
-            loss = 2 * dino_cross_entropy(s_g, p_cls, cfg.student_temp)
-            for chunk in s_l.chunk(loc.shape[0] // (n // 2)):
-                for p in p_cls.chunk(2):
-                    loss = loss + dino_cross_entropy(chunk, p, cfg.student_temp)
+            loss = sum(dino_multicrop_loss(s_g, s_l, p_cls, cfg.student_temp))
             w = (1.0 / masks.sum(1).clamp_min(1).float()).unsqueeze(1).expand_as(masks)[masks]
             loss = loss + ibot_patch_loss(s_p, p_patch, w, n, cfg.student_temp)
             return loss + cfg.koleo_loss_weight * sum(koleo_loss(c) for c in s_bb["x_norm_clstoken"].chunk(2))

@@ -16,6 +16,7 @@ from webssl_repro.methods.dino import (
     DinoConfig,
     DinoMethod,
     dino_cross_entropy,
+    dino_multicrop_loss,
     ema_update_,
     ibot_patch_loss,
     koleo_loss,
@@ -53,6 +54,19 @@ def test_dino_cross_entropy_hand_case():
     s = torch.tensor([[0.0, math.log(3) / 2], [0.0, 0.0]])
     t = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     assert dino_cross_entropy(s, t, student_temp=0.5).item() == pytest.approx(0.765068, abs=1e-5)
+
+
+def test_multicrop_loss_is_the_sum_over_crop_pairs():
+    """One contraction equals DINOv2's double loop: each global row with its (swapped)
+    teacher row, each of the n local chunks with both teacher views; B=3, n=4, K=5."""
+    torch.manual_seed(0)
+    s_global, s_local = torch.randn(6, 5), torch.randn(12, 5)
+    p = torch.softmax(torch.randn(6, 5), dim=1)
+    global_sum, local_sum = dino_multicrop_loss(s_global, s_local, p, student_temp=0.1)
+    loop = sum(dino_cross_entropy(chunk, view, 0.1) for chunk in s_local.chunk(4) for view in p.chunk(2))
+    assert global_sum.item() == pytest.approx(2 * dino_cross_entropy(s_global, p, 0.1).item(), rel=1e-6)
+    assert local_sum.item() == pytest.approx(loop.item(), rel=1e-6)
+    assert dino_multicrop_loss(s_global, None, p, 0.1)[1].item() == 0.0
 
 
 def test_koleo_hand_case():

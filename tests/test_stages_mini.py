@@ -3,8 +3,10 @@ should beat the random-init encoder it started from on every evaluation family.
 
 Runs are the mini grid's own (``Plan.run_config`` from config/mini.yaml, recipe unchanged)
 on a corpus of the mini size; eval sets are smaller than the mini ones (see
-``helpers_mini.TINY_EVALSETS``). "Random init" is the very model the run started from
-(same seed, same arch, same recipe), so a difference is what training did.
+``helpers_mini.TINY_EVALSETS``). The probes compare the Web-DINO run trained for
+``helpers_mini.PROBE_SAMPLES`` (2048 steps) with its init; the loss checks use the grid's
+64-step run. "Random init" is the very model the run started from (same seed, same arch,
+same recipe), so a difference is what training did.
 """
 from __future__ import annotations
 
@@ -18,24 +20,27 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import snakemake
+from webssl_repro.data.miniweb.world import COLOUR_NAMES, TEXTURES
 from helpers_mini import (  # noqa: F401  (fixtures)
-    CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_run, initial_method, mae_run, shared_dir, shared_result,
+    CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_probe_run, dino_run, initial_method, mae_run, shared_dir, shared_result,
     tiny_data, train_run,
 )
 
 N_CLASSES = 16  # OBJECT_CLASSES of the mini-web world; the IN-1k analogue is class-balanced
 
-#: Why the trained-vs-init comparisons fail today (measured, see benchmarks/README.md). They are
-#: strict xfails, not deleted: once the mini recipes learn they XPASS, which fails the suite
-#: until the mark is removed.
+#: Why the shape-driven comparisons fail today (measured, see benchmarks/README.md). They are
+#: strict xfails, not deleted: once the mini recipes learn shape they XPASS, which fails the
+#: suite until the mark is removed.
 NOT_LEARNING = (
-    "the mini Web-DINO recipe learns too little in its mini budget (64 steps of batch 32): with the "
-    "mini head init and constant teacher temperature the DINO term leaves ln(512) (6.24 -> ~6.14) but "
-    "the exported teacher is not yet measurably better than its init; only ~4x longer schedules moved "
-    "k-NN (+2 to +6 points at 8192 samples)")
+    "after 2048 steps the mini Web-DINO encoder has learned colour and texture but not shape: on the "
+    "IN-1k analogue (16 shape classes, colour, texture and background drawn independently of the "
+    "class) k-NN of the object's colour rises from 18 to 40 % and of its texture from 26 to 33 %, "
+    "but of its class only from 8.6 to 9.4 % (960 val images); a supervised ViT of the same size "
+    "needs ~8k labelled images and 600 steps to pass 40 %")
 CLIP_NOT_LEARNING = ("the mini CLIP run learns to rank held-out captions but not reliably to retrieve them "
                      "first: top-1 at 32 steps is 2-5 hits of 256 and seed-dependent (measured with the "
-                     "mini recipe: 1.95 / 0.78 / 0.78 % for seeds 0 / 1 / 2, chance 0.39 %, bar 1.17 %)")
+                     "mini recipe: 1.95 / 0.78 / 0.78 % for seeds 0 / 1 / 2, chance 0.39 %, bar 1.17 %; trained 8x "
+                     "longer, 256 steps: 2.34 / 1.17 / 1.17 %, two seeds exactly at the bar, median rank 51-68)")
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -47,21 +52,31 @@ def _early_late(losses: list[float], n: int) -> tuple[float, float]:
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             k: int = 20, temperature: float = 0.07) -> float:
+             k: int = 20, temperature: float = 0.07, n_classes: int = N_CLASSES) -> float:
     """DINO's weighted cosine k-NN (k=20, T=0.07), top-1 in %."""
     train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
     sim, idx = (test_x @ train_x.T).topk(k, dim=1)
-    votes = torch.zeros(len(test_x), N_CLASSES).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    votes = torch.zeros(len(test_x), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
     return 100.0 * float((votes.argmax(1) == test_y).float().mean())
 
 
-def _classification(tiny_data, size: int):
+#: What k-NN predicts on the IN-1k analogue: the class (a shape), or one attribute of the
+#: object that the world draws independently of the class. Values: (number of values, label).
+KNN_TARGETS = {
+    "class": (N_CLASSES, lambda r: int(r["label"])),
+    "colour": (12, lambda r: COLOUR_NAMES.index(r["meta"]["objects"][0]["colour"])),
+    "texture": (4, lambda r: TEXTURES.index(r["meta"]["objects"][0]["texture"])),
+}
+
+
+def _classification(tiny_data, size: int, target: str = "class"):
     from webssl_repro.evaluate.classic import images_tensor, load_split
 
+    label = KNN_TARGETS[target][1]
     out = {}
     for split in ("train", "val"):
         records = load_split(tiny_data["classification"], split)
-        out[split] = (images_tensor(records, size), torch.tensor([int(r["label"]) for r in records]))
+        out[split] = (images_tensor(records, size), torch.tensor([label(r) for r in records]))
     return out
 
 
@@ -98,11 +113,13 @@ def test_dino_head_does_not_collapse(dino_run):
 def knn_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, float]:
     def compute():
         trained, random_init, meta = dino_encoders
-        data = _classification(tiny_data, int(meta["img_size"]))
-        (xtr, ytr), (xva, yva) = data["train"], data["val"]
-        scores = {name: knn_top1(_cls(enc, xtr), ytr, _cls(enc, xva), yva)
-                  for name, enc in (("trained", trained), ("random", random_init))}
-        scores["pixels"] = knn_top1(xtr.flatten(1), ytr, xva.flatten(1), yva)
+        scores: dict[str, dict[str, float]] = {}
+        for target, (n, _) in KNN_TARGETS.items():
+            data = _classification(tiny_data, int(meta["img_size"]), target)
+            (xtr, ytr), (xva, yva) = data["train"], data["val"]
+            scores[target] = {name: knn_top1(_cls(enc, xtr), ytr, _cls(enc, xva), yva, n_classes=n)
+                              for name, enc in (("trained", trained), ("random", random_init))}
+            scores[target]["pixels"] = knn_top1(xtr.flatten(1), ytr, xva.flatten(1), yva, n_classes=n)
         return scores
 
     scores = shared_result(tmp_path_factory, "knn_scores", compute)
@@ -113,15 +130,23 @@ def knn_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, float]:
 def test_knn_probe_separates_classes(knn_scores):
     """The probe itself works on this eval set: k-NN on raw pixels is well above chance
     (6.25 %), so a trained encoder has something to find."""
-    assert knn_scores["pixels"] >= 2 * 100.0 / N_CLASSES, knn_scores
+    assert knn_scores["class"]["pixels"] >= 2 * 100.0 / N_CLASSES, knn_scores
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN trained 6.25 %, init 5.62 %")
+def test_dino_features_learn_colour(knn_scores):
+    """What the probe run does learn, on the same images: k-NN of the object's colour (12
+    values, drawn independently of the class) beats init by >= 8 points (measured on these
+    160 images: 36.9 vs 23.8 %; texture, 4 values: 33.8 vs 30.6 %, too close to test)."""
+    colour = knn_scores["colour"]
+    assert colour["trained"] >= colour["random"] + 8.0, knn_scores
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN of the class on these 160 images: 6.9 vs 5.6 % (seed 1 of the same run: 12.3 vs 7.1 % on 960 images)")
 def test_dino_knn_beats_random_init(knn_scores):
     """CLS k-NN (k=20) on the IN-1k analogue: trained beats its own init by >= 8 points.
     160 val images: one accuracy has a standard error of <= 4 points near 50 %, ~2 points
     near chance, so 8 points is about 3 standard errors of the difference."""
-    assert knn_scores["trained"] >= knn_scores["random"] + 8.0, knn_scores
+    assert knn_scores["class"]["trained"] >= knn_scores["class"]["random"] + 8.0, knn_scores
 
 
 # ---------------------------------------------------------------- Web-MAE and CLIP
@@ -252,11 +277,13 @@ def _xfail(measured: str):
 #: (metric, sign, margin): trained must beat init by more than numerical noise between machines.
 #: in1k: 3 points of top-1 on 160 images (~1.3 standard errors at 10 %); ADE: 0.5 mIoU
 #: points; NYUd: RMSE 2 % lower; alignment: +0.01 mutual-k-NN (chance is k/N = 10/256 = 0.039).
+#: Measured (probe run vs init), seed 0: ADE 5.50 vs 4.73 mIoU, NYUd 6.57 vs 8.22 m (20 % lower),
+#: alignment 0.072 vs 0.047; seed 1: 5.58 vs 4.61, 6.28 vs 8.19, 0.077 vs 0.047.
 @pytest.mark.parametrize("metric,sign,margin", [
-    pytest.param("in1k_linear", 1, 3.0, marks=_xfail("top-1 12.5 % vs 11.875 %")),
-    pytest.param("ade20k_linear", 1, 0.5, marks=_xfail("mIoU 4.675 vs 4.734")),
-    pytest.param("nyud_lin1", -1, 0.02, marks=_xfail("RMSE 8.119 vs 8.215 (1.2 % lower)")),
-    pytest.param("alignment/minilm", 1, 0.01, marks=_xfail("0.0508 vs 0.0473")),
+    pytest.param("in1k_linear", 1, 3.0, marks=_xfail("top-1 13.75 vs 11.875 % (seed 1 of the same run: 15.6 vs 9.4 %)")),
+    ("ade20k_linear", 1, 0.5),
+    ("nyud_lin1", -1, 0.02),
+    ("alignment/minilm", 1, 0.01),
 ])
 def test_trained_dino_beats_random_init(classic_scores, metric, sign, margin):
     trained, rand = classic_scores["trained"][metric], classic_scores["random"][metric]
@@ -303,8 +330,15 @@ def test_vqa_scores_are_sane(vqa_scores):
         assert set(VQA_BENCHMARKS) <= set(scores) and 0.0 <= scores["Average"] <= 100.0
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured Average 22.48 vs 22.48 (every benchmark equal: the "
-                   "mini probe answers from the question alone)")
+VQA_NOT_SEPARATING = (
+    "the mini VQA probe does not separate the probe-run encoder from its init: its 2-layer LM, trained "
+    "from scratch, answers a letter to nearly every question (gqa, mmvp, textvqa score 0) and every "
+    "benchmark scores the same for both encoders (Average 22.48 vs 22.48, seeds 0 and 1). With 2.5-5x "
+    "more stage-2 steps the answers start to follow the question, but the trained-init gap stays within "
+    "the noise of 20 questions per benchmark, in either direction (27.1 vs 22.4; 27.3 vs 28.6)")
+
+
+@pytest.mark.xfail(strict=True, reason=VQA_NOT_SEPARATING)
 def test_vqa_trained_dino_beats_random_init(vqa_scores):
     """Average over the 16 benchmarks (20 test questions each): trained >= init + 1 point."""
     assert vqa_scores["trained"]["Average"] >= vqa_scores["random"]["Average"] + 1.0, vqa_scores

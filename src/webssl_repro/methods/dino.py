@@ -15,6 +15,7 @@ from torch import nn
 from webssl_repro.methods.dino_heads import DINOHead, DinoModel
 from webssl_repro.methods.dino_losses import (
     dino_cross_entropy,
+    dino_multicrop_loss,
     ibot_patch_loss,
     koleo_loss,
     sinkhorn_knopp,
@@ -25,7 +26,7 @@ from webssl_repro.methods.schedules import cosine_schedule, scaled_lr, teacher_t
 from webssl_repro.models.vit import Arch, build_encoder
 from webssl_repro.config import dataclass_from_mapping
 
-__all__ = ["DinoConfig", "DinoMethod", "dino_cross_entropy", "ema_update_", "ibot_patch_loss",
+__all__ = ["DinoConfig", "DinoMethod", "dino_cross_entropy", "dino_multicrop_loss", "ema_update_", "ibot_patch_loss",
            "koleo_loss", "sinkhorn_knopp"]
 
 
@@ -127,8 +128,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
 def _layer_id(name: str, n_blocks: int) -> int:
@@ -265,14 +265,9 @@ class DinoMethod(nn.Module):
         # Student: masked global crops, local crops in a second pass (the same math as
         # DINOv2's packed xFormers pass over both).
         s_out = self.model(global_crops, local_crops, masks=masks)
-        global_loss = 2 * dino_cross_entropy(s_out["global_logits"], p_cls, cfg.student_temp)
-        local_loss = global_loss.new_zeros(())
-        n_local = 0
-        if local_crops is not None:
-            n_local = local_crops.shape[0] // (n_images // 2)
-            for s_chunk in s_out["local_logits"].chunk(n_local):
-                for p_view in p_cls.chunk(2):  # every local view learns from both teacher views
-                    local_loss = local_loss + dino_cross_entropy(s_chunk, p_view, cfg.student_temp)
+        global_loss, local_loss = dino_multicrop_loss(s_out["global_logits"], s_out.get("local_logits"),
+                                                      p_cls, cfg.student_temp)
+        n_local = 0 if local_crops is None else local_crops.shape[0] // (n_images // 2)
         n_terms = 2 * 1 + 2 * n_local  # (student view, teacher view) pairs, same view excluded
         dino_global, dino_local = global_loss / n_terms, local_loss / n_terms
         dino = cfg.dino_loss_weight * (dino_global + dino_local)

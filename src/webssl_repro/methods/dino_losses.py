@@ -48,6 +48,26 @@ def dino_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor
     return -(teacher_probs * log_p).sum(dim=-1).mean()
 
 
+def dino_multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor | None,
+                        teacher_probs: torch.Tensor, student_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed DINO cross-entropies of a multi-crop step: (global, local) sums over pairs.
+
+    ``global_logits`` (2B, K) are paired row-wise with ``teacher_probs`` (2B, K, already
+    view-swapped so no crop learns from itself); each of the n local chunks (B, K) of
+    ``local_logits`` learns from both teacher views. Each pair contributes its mean over the B
+    images, exactly the sum of ``dino_cross_entropy`` over pairs, in one contraction.
+    """
+    n_images = teacher_probs.shape[0] // 2
+    log_p = F.log_softmax(global_logits.float() / student_temp, dim=-1)
+    global_sum = -(teacher_probs * log_p).sum() / n_images
+    if local_logits is None or local_logits.numel() == 0:
+        return global_sum, global_sum.new_zeros(())
+    log_q = F.log_softmax(local_logits.float() / student_temp, dim=-1)
+    views = teacher_probs.view(2, n_images, -1).sum(dim=0)  # both teacher views, per image
+    local_sum = -torch.einsum("lbk,bk->", log_q.view(-1, n_images, log_q.shape[-1]), views) / n_images
+    return global_sum, local_sum
+
+
 def koleo_loss(x: torch.Tensor) -> torch.Tensor:
     """Kozachenko-Leonenko entropy estimator: −mean log(distance to nearest neighbour) of the
     L2-normalised rows; it spreads features uniformly on the sphere. Self-pairs are excluded
