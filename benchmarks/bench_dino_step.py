@@ -30,15 +30,13 @@ from webssl_repro.methods.dino_losses import dino_multicrop_loss, ibot_patch_los
 from webssl_repro.models.vit import Arch, build_encoder  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402
 from webssl_repro.train.run import build  # noqa: E402
-from webssl_repro.workflow import Plan  # noqa: E402
+from webssl_repro.workflow import shipped_plan  # noqa: E402
 
 TARGET = 1.15
 
 
 def mini_config_slice(run: str) -> dict:
-    import yaml
-
-    return Plan(yaml.safe_load((Path(__file__).resolve().parents[1] / "config/mini.yaml").read_text())).run_config(run)
+    return shipped_plan("mini").run_config(run)
 
 
 def mini_batch(run: str, corpus: IndexedCorpus):

@@ -27,16 +27,13 @@ from webssl_repro.data.shards import make_loader  # noqa: E402
 from webssl_repro.data.stages import build_corpus  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402
 from webssl_repro.train.run import build  # noqa: E402
-from webssl_repro.workflow import Plan  # noqa: E402
+from webssl_repro.workflow import shipped_plan  # noqa: E402
 
 RUNS = {"dino": "dino1b-full2b-224", "mae": "mae1b-full2b-224", "clip": "clip1b-full2b-224"}
 
 
 def pipeline(method: str, corpus: IndexedCorpus, workdir: str):
-    import yaml
-
-    cfg = Plan(yaml.safe_load((Path(__file__).resolve().parents[1] / "config/mini.yaml").read_text())).run_config(
-        RUNS[method])
+    cfg = shipped_plan("mini").run_config(RUNS[method])
     _, sample_fn, collate_fn, train_map, _ = build(Run.parse(RUNS[method]), {**cfg, "_workdir": workdir}, corpus)
     return sample_fn, collate_fn, int(train_map["global_batch_size"])
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from conftest import snakemake
-from webssl_repro.data.miniweb.world import COLOUR_NAMES, TEXTURES
+from webssl_repro.evaluate.knn import attribute_label, knn_top1, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
     CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_probe_run, dino_run, initial_method, mae_run, shared_dir, shared_result,
     tiny_data, train_run,
@@ -51,32 +50,13 @@ def _early_late(losses: list[float], n: int) -> tuple[float, float]:
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
 
 
-def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             k: int = 20, temperature: float = 0.07, n_classes: int = N_CLASSES) -> float:
-    """DINO's weighted cosine k-NN (k=20, T=0.07), top-1 in %."""
-    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
-    sim, idx = (test_x @ train_x.T).topk(k, dim=1)
-    votes = torch.zeros(len(test_x), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-    return 100.0 * float((votes.argmax(1) == test_y).float().mean())
-
-
-#: What k-NN predicts on the IN-1k analogue: the class (a shape), or one attribute of the
-#: object that the world draws independently of the class. Values: (number of values, label).
-KNN_TARGETS = {
-    "class": (N_CLASSES, lambda r: int(r["label"])),
-    "colour": (12, lambda r: COLOUR_NAMES.index(r["meta"]["objects"][0]["colour"])),
-    "texture": (4, lambda r: TEXTURES.index(r["meta"]["objects"][0]["texture"])),
-}
-
-
 def _classification(tiny_data, size: int, target: str = "class"):
     from webssl_repro.evaluate.classic import images_tensor, load_split
 
-    label = KNN_TARGETS[target][1]
     out = {}
     for split in ("train", "val"):
         records = load_split(tiny_data["classification"], split)
-        out[split] = (images_tensor(records, size), torch.tensor([label(r) for r in records]))
+        out[split] = (images_tensor(records, size), torch.tensor([attribute_label(r, target) for r in records]))
     return out
 
 
@@ -114,12 +94,13 @@ def knn_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, float]:
     def compute():
         trained, random_init, meta = dino_encoders
         scores: dict[str, dict[str, float]] = {}
-        for target, (n, _) in KNN_TARGETS.items():
+        for target, values in object_attributes().items():
+            n = len(values)
             data = _classification(tiny_data, int(meta["img_size"]), target)
             (xtr, ytr), (xva, yva) = data["train"], data["val"]
-            scores[target] = {name: knn_top1(_cls(enc, xtr), ytr, _cls(enc, xva), yva, n_classes=n)
+            scores[target] = {name: knn_top1(_cls(enc, xtr), ytr, _cls(enc, xva), yva, n)
                               for name, enc in (("trained", trained), ("random", random_init))}
-            scores[target]["pixels"] = knn_top1(xtr.flatten(1), ytr, xva.flatten(1), yva, n_classes=n)
+            scores[target]["pixels"] = knn_top1(xtr.flatten(1), ytr, xva.flatten(1), yva, n)
         return scores
 
     scores = shared_result(tmp_path_factory, "knn_scores", compute)

@@ -309,3 +309,11 @@ def published_files(item: specs.Item) -> list[str]:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+def shipped_plan(scale: str = "mini") -> Plan:
+    """The plan of a config this repository ships (``config/{scale}.yaml``), validated: what
+    benchmarks and diagnostics size themselves by."""
+    from webssl_repro.config import load_config
+
+    return Plan(load_config(repo_root() / "config" / f"{scale}.yaml"))
