@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
 from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
-from webssl_repro.evaluate.classic import images_tensor, load_split  # noqa: E402
-from webssl_repro.evaluate.knn import attribute_label, knn_top1, object_attributes  # noqa: E402
+from webssl_repro.evaluate.classic import load_split  # noqa: E402
+from webssl_repro.evaluate.knn import attribute_knn, object_attributes  # noqa: E402
 from webssl_repro.models.io import load_encoder  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402
 from webssl_repro.train.run import build, pretrain  # noqa: E402
@@ -45,21 +45,6 @@ def initial_encoder(run: str, cfg: dict, manifest: str):
     torch.manual_seed(int(cfg["seed"]))
     method = build(Run.parse(run), {**cfg, "_workdir": str(Path(manifest).parent)}, corpus)[0]
     return copy.deepcopy(method.encoder()).eval()
-
-
-def knn_table(encoders: dict, evalset: str, size: int) -> dict[str, dict[str, float]]:
-    records = {split: load_split(evalset, split) for split in ("train", "val")}
-    images = {split: images_tensor(r, size) for split, r in records.items()}
-    with torch.no_grad():
-        feats = {name: {split: enc.forward_features(x)[:, 0] for split, x in images.items()}
-                 for name, enc in encoders.items()}
-    feats["pixels"] = {split: x.flatten(1) for split, x in images.items()}
-    table: dict[str, dict[str, float]] = {}
-    for attribute, values in object_attributes().items():
-        y = {split: torch.tensor([attribute_label(r, attribute) for r in recs]) for split, recs in records.items()}
-        table[attribute] = {name: knn_top1(f["train"], y["train"], f["val"], y["val"], len(values))
-                            for name, f in feats.items()}
-    return table
 
 
 def main() -> None:
@@ -86,7 +71,8 @@ def main() -> None:
         pretrain(args.run, cfg, f"{tmp}/run", f"{tmp}/checkpoints", [manifest])
         seconds = time.perf_counter() - t0
         trained, meta = load_encoder(f"{tmp}/run/encoder.safetensors")
-        table = knn_table({"trained": trained, "init": init}, evalset, int(meta["img_size"]))
+        records = {split: load_split(evalset, split) for split in ("train", "val")}
+        table = attribute_knn({"trained": trained, "init": init}, records, int(meta["img_size"]))
     print(f"{args.run}, {args.samples} samples seen, seed {args.seed}, {args.corpus}-image corpus: "
           f"trained in {seconds:.0f} s; k-NN top-1 % on {args.val} val images ({args.train} train)")
     print(f"{'target':10s}{'trained':>10s}{'init':>10s}{'pixels':>10s}{'chance':>10s}")

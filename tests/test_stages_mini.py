@@ -19,13 +19,13 @@ import torch
 import yaml
 
 from conftest import snakemake
-from webssl_repro.evaluate.knn import attribute_label, knn_top1, object_attributes
+from webssl_repro.evaluate.knn import attribute_knn, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
     CLIP_RUN, TINY_EVALSETS, clip_run, dino_encoders, dino_probe_run, dino_run, initial_method, mae_run, shared_dir, shared_result,
     tiny_data, train_run,
 )
 
-N_CLASSES = 16  # OBJECT_CLASSES of the mini-web world; the IN-1k analogue is class-balanced
+N_CLASSES = len(object_attributes()["class"])  # the IN-1k analogue is class-balanced
 
 #: Why the shape-driven comparisons fail today (measured, see benchmarks/README.md). They are
 #: strict xfails, not deleted: once the mini recipes learn shape they XPASS, which fails the
@@ -48,21 +48,6 @@ def _log(run_dir: Path) -> list[dict]:
 
 def _early_late(losses: list[float], n: int) -> tuple[float, float]:
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
-
-
-def _classification(tiny_data, size: int, target: str = "class"):
-    from webssl_repro.evaluate.classic import images_tensor, load_split
-
-    out = {}
-    for split in ("train", "val"):
-        records = load_split(tiny_data["classification"], split)
-        out[split] = (images_tensor(records, size), torch.tensor([attribute_label(r, target) for r in records]))
-    return out
-
-
-def _cls(encoder, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return encoder.forward_features(x)[:, 0]
 
 
 # ---------------------------------------------------------------- Web-DINO
@@ -92,16 +77,11 @@ def test_dino_head_does_not_collapse(dino_run):
 @pytest.fixture(scope="session")
 def knn_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, float]:
     def compute():
+        from webssl_repro.evaluate.classic import load_split
+
         trained, random_init, meta = dino_encoders
-        scores: dict[str, dict[str, float]] = {}
-        for target, values in object_attributes().items():
-            n = len(values)
-            data = _classification(tiny_data, int(meta["img_size"]), target)
-            (xtr, ytr), (xva, yva) = data["train"], data["val"]
-            scores[target] = {name: knn_top1(_cls(enc, xtr), ytr, _cls(enc, xva), yva, n)
-                              for name, enc in (("trained", trained), ("random", random_init))}
-            scores[target]["pixels"] = knn_top1(xtr.flatten(1), ytr, xva.flatten(1), yva, n)
-        return scores
+        records = {split: load_split(tiny_data["classification"], split) for split in ("train", "val")}
+        return attribute_knn({"trained": trained, "random": random_init}, records, int(meta["img_size"]))
 
     scores = shared_result(tmp_path_factory, "knn_scores", compute)
     print("k-NN top-1 %:", scores)

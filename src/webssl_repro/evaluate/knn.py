@@ -5,6 +5,8 @@ separate: the mini learning checks and diagnostics use it on the IN-1k analogue.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +38,23 @@ def attribute_label(record: dict, attribute: str) -> int:
         return int(record["label"])
     values = object_attributes()[attribute]
     return values.index(record["meta"]["objects"][0][attribute])
+
+
+def attribute_knn(encoders: Mapping[str, Any], records: Mapping[str, Sequence[dict]], size: int
+                  ) -> dict[str, dict[str, float]]:
+    """k-NN top-1 % of every ``object_attributes`` target for each encoder's CLS token and for
+    raw pixels (``"pixels"``): ``{attribute: {name: accuracy}}``. ``records`` holds the
+    ``train`` and ``val`` IN-1k-analogue records; each encoder runs once over each split."""
+    from webssl_repro.evaluate.classic import images_tensor
+
+    images = {split: images_tensor(records[split], size) for split in ("train", "val")}
+    with torch.no_grad():
+        feats = {name: {split: enc.forward_features(x)[:, 0] for split, x in images.items()}
+                 for name, enc in encoders.items()}
+    feats["pixels"] = {split: x.flatten(1) for split, x in images.items()}
+    table: dict[str, dict[str, float]] = {}
+    for attribute, values in object_attributes().items():
+        y = {split: torch.tensor([attribute_label(r, attribute) for r in records[split]]) for split in images}
+        table[attribute] = {name: knn_top1(f["train"], y["train"], f["val"], y["val"], len(values))
+                            for name, f in feats.items()}
+    return table
