@@ -8,7 +8,7 @@ its texture, which the world draws independently of the class; raw pixels as a r
 Not a timing benchmark: it records what the mini budget buys (see benchmarks/README.md).
 
 Run: ``python benchmarks/probe_learning.py [--run dino1b-full2b-224] [--samples 65536]
-[--seed 0] [--corpus 1024] [--train 640] [--val 960] [--threads 1]``
+[--seed 0] [--corpus 1024] [--source web|in1k] [--train 640] [--val 960] [--threads 1]``
 """
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=int, default=1024, help="corpus images (the mini config has 1024)")
+    ap.add_argument("--source", choices=("web", "in1k"), default="web",
+                    help="pretraining images: the mini-web corpus or the IN-1k analogue's own (in1k runs)")
     ap.add_argument("--train", type=int, default=640, help="labelled k-NN train images")
     ap.add_argument("--val", type=int, default=960, help="labelled k-NN val images")
     ap.add_argument("--threads", type=int, default=1)
@@ -60,7 +62,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = f"{tmp}/shards/manifest.json"
-        build_corpus({"seed": 0, "n_images": args.corpus, "shard_size": 256, "size": 64}, manifest)
+        build_corpus({"seed": 0 if args.source == "web" else 1, "n_images": args.corpus, "shard_size": 256, "size": 64},
+                     manifest, source=args.source)
         evalset = f"{tmp}/evalsets/classification.json"
         build_evalset("classification", {"size": 64, "classification": {"train": args.train, "val": args.val}},
                       evalset)
