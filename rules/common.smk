@@ -1,8 +1,10 @@
 # Run grid, paths and resources all come from webssl_repro.workflow.Plan, so the
 # logic behind the DAG is plain Python under test (tests/test_workflow.py).
-from webssl_repro.workflow import Plan
+from webssl_repro.workflow import Plan, put_cli_on_path
 from webssl_repro.paper import specs
 from webssl_repro.runs import Run
+
+put_cli_on_path()  # rules call `webssl-repro`: this Snakemake's own, activated venv or not
 
 PLAN = Plan(config)
 SCALE = PLAN.scale

@@ -208,3 +208,17 @@ def test_released_run_source_replaces_training(workflow_dir):
     (workflow_dir / "bad.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(workflow_dir, "-n", "all", "--configfile", "bad.yaml")
     assert proc.returncode != 0 and "checkpoint" in proc.stdout + proc.stderr
+
+
+def test_put_cli_on_path_prepends_the_interpreters_bin_once(tmp_path):
+    """Rules call `webssl-repro`: `.venv/bin/snakemake` without an activated venv must find it."""
+    import os
+
+    from webssl_repro.workflow import put_cli_on_path
+
+    env = {"PATH": os.pathsep.join(["/usr/bin", "/bin"])}
+    exe = str(tmp_path / "venv" / "bin" / "python")
+    assert put_cli_on_path(env, exe).split(os.pathsep) == [str(tmp_path / "venv" / "bin"), "/usr/bin", "/bin"]
+    assert put_cli_on_path(env, exe) == env["PATH"]  # idempotent: the Snakefile is parsed once per job
+    assert env["PATH"].count(str(tmp_path / "venv" / "bin")) == 1
+    assert put_cli_on_path({}, exe) == str(tmp_path / "venv" / "bin")

@@ -6,7 +6,9 @@ resources, so that all of the DAG's logic is ordinary, testable Python.
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -305,6 +307,21 @@ def published_files(item: specs.Item) -> list[str]:
         else:
             files.append("vqa")
     return list(dict.fromkeys(files))
+
+
+def put_cli_on_path(environ: Any = None, executable: str | None = None) -> str:
+    """Prepend the bin directory of the interpreter running Snakemake to ``PATH`` (once).
+
+    Rules call the package's ``webssl-repro`` command. Run as ``.venv/bin/snakemake`` (what
+    ``make reproduce`` does) without an activated venv, that command is not on ``PATH``; jobs,
+    local or submitted to SLURM, inherit the environment this sets. Returns the new ``PATH``.
+    """
+    environ = os.environ if environ is None else environ
+    bin_dir = str(Path(executable or sys.executable).parent)
+    parts = [p for p in environ.get("PATH", "").split(os.pathsep) if p]
+    if bin_dir not in parts:
+        environ["PATH"] = os.pathsep.join([bin_dir, *parts])
+    return environ["PATH"]
 
 
 def repo_root() -> Path:
