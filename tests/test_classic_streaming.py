@@ -22,7 +22,7 @@ def test_streaming_equals_cached(tiny_data, monkeypatch, task):  # noqa: F811
     encoder = build_encoder(Arch(width=32, depth=4, heads=2, patch=8), "dino", img_size=32, layerscale=1.0)
     encoder.eval().requires_grad_(False)
     meta = {"img_size": 32, "patch": 8, "depth": 4}
-    cfg = classic._merge(classic.DEFAULTS, DENSE)
+    cfg = classic.classic_config(DENSE)
     cached = getattr(classic, task)(encoder, meta, tiny_data[task], cfg)
     monkeypatch.setattr(classic, "CACHE_LIMIT_BYTES", 0)
     streamed = getattr(classic, task)(encoder, meta, tiny_data[task], cfg)

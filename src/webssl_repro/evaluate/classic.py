@@ -63,6 +63,11 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def classic_config(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``cfg`` (an ``evaluate.classic`` section) over DEFAULTS: what each task function reads."""
+    return _merge(DEFAULTS, cfg or {})
+
+
 def load_split(manifest_path: str | Path, split: str) -> list[dict[str, Any]]:
     from webssl_repro.data.evalsets import load_evalset
 
@@ -296,7 +301,7 @@ def _depth_streaming(encoder, meta, specs, dep, seed, bs, batch, max_depth, x_tr
 
 def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path], cfg: Mapping[str, Any]) -> dict:
     """Metrics in the units of paper Tables 3/7/9: top-1 %, mIoU %, RMSE (m)."""
-    cfg = _merge(DEFAULTS, cfg)
+    cfg = classic_config(cfg)
     metrics: dict[str, Any] = {}
     metrics.update(classification(encoder, meta, data["classification"], cfg))
     metrics.update(segmentation(encoder, meta, data["segmentation"], cfg))
