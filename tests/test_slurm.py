@@ -323,7 +323,9 @@ def toy_workflow(tmp_path: Path) -> Path:
     assert {k: multi[k] for k in ("mpi", "nodes", "tasks", "tasks_per_gpu", "gres", "slurm_extra")} == {
         "mpi": "srun", "nodes": 2, "tasks": 2, "tasks_per_gpu": 0, "gres": "gpu:1",
         "slurm_extra": "--ntasks-per-node=1 --exclusive"}
-    snakefile = ("rule all:\n    input: 'single.json', 'multi.json'\n\n"
+    # As rules/common.smk: torchrun comes from this venv, activated or not.
+    snakefile = ("from webssl_repro.workflow import put_cli_on_path\nput_cli_on_path()\n\n"
+                 "rule all:\n    input: 'single.json', 'multi.json'\n\n"
                  + _rule("single", single, _probe_launcher(plan, SINGLE_RUN, 0))
                  + _rule("multi", multi, _probe_launcher(plan, MULTI_RUN, _free_port())))
     (tmp_path / "Snakefile").write_text(snakefile)
