@@ -195,11 +195,6 @@ def mae_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def clip_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
-    return _run_fixture(tmp_path_factory, tiny_data, CLIP_RUN, None, log_every=1)
-
-
-@pytest.fixture(scope="session")
 def dino_encoders(dino_probe_run, tiny_data):
     """(trained, random-init, meta): the probe run's exported encoder and the encoder it started as."""
     from webssl_repro.models.io import load_encoder

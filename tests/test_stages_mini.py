@@ -21,8 +21,8 @@ import yaml
 from conftest import snakemake
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
-    CLIP_PROBE_SAMPLES, CLIP_RUN, TINY_EVALSETS, clip_probe_shards, clip_run, dino_encoders, dino_probe_run, dino_run,
-    in1k_probe_set, initial_method, mae_run, seeded_clip_run, shared_dir, shared_result, tiny_data, train_run,
+    CLIP_PROBE_SAMPLES, CLIP_RUN, TINY_EVALSETS, clip_probe_shards, dino_encoders, dino_probe_run, dino_run,
+    in1k_probe_set, initial_method, mae_run, seeded_clip_run, shared_result, tiny_data,
 )
 
 N_CLASSES = len(object_attributes()["class"])  # the IN-1k analogue is class-balanced
