@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,17 +297,29 @@ def _worker(out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    train(ToyMethod(noise=0.0), data_factory, make_cfg(), out / "single")
+def _two_ranks(out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
+    for strategy in ("ddp", "fsdp2"):  # a rerun starts from scratch, not from a crashed run's checkpoints
+        shutil.rmtree(out / strategy, ignore_errors=True)
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          __file__, str(out)],
         env=env, capture_output=True, text=True, timeout=240,
     )
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    train(ToyMethod(noise=0.0), data_factory, make_cfg(), out / "single")
+    proc = _two_ranks(out)
+    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stdout + proc.stderr:
+        # Seen once in CI under load (not in 8 reruns on an idle machine): a rank aborted with
+        # "terminate called without an active exception", a C++ thread torn down while joinable.
+        # One fresh rerun; a second crash, or any other failure, fails the tests.
+        warnings.warn("two-rank gloo run: a rank aborted (SIGABRT); rerunning once:\n" + proc.stderr[-1500:])
+        proc = _two_ranks(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
