@@ -62,8 +62,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = f"{tmp}/shards/manifest.json"
-        build_corpus({"seed": 0 if args.source == "web" else 1, "n_images": args.corpus, "shard_size": 256, "size": 64},
-                     manifest, source=args.source)
+        # The seed is the source's default (mini-web 0, IN-1k analogue 1), as in config/mini.yaml.
+        build_corpus({"n_images": args.corpus, "shard_size": 256, "size": 64}, manifest, source=args.source)
         evalset = f"{tmp}/evalsets/classification.json"
         build_evalset("classification", {"size": 64, "classification": {"train": args.train, "val": args.val}},
                       evalset)

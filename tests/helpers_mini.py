@@ -118,12 +118,17 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
     return data_paths(shared_dir(tmp_path_factory, "tiny_data", build_tiny_data))
 
 
-def _run_fixture(tmp_path_factory, tiny_data, run: str, samples: int | None, **train: Any) -> dict[str, Any]:
+def trained_run(tmp_path_factory: pytest.TempPathFactory, run: str, shards: str, samples: int | None = None,
+                seed: int | None = None, **train: Any) -> dict[str, Any]:
+    """``run`` trained on ``shards`` once per session (the grid's budget, or ``samples``; the
+    config's seed, or ``seed``): its config, run and checkpoint directories."""
     torch.set_num_threads(1)
     cfg = run_slice(run, samples, **train)
     name = run if samples is None else f"{run}.{samples}"
-    root = shared_dir(tmp_path_factory, name, lambda d: train_run(d, run, cfg, tiny_data["shards"]))
-    return {"run": run, "cfg": cfg, "dir": root / "run", "checkpoints": root / "checkpoints"}
+    if seed is not None:
+        cfg["seed"], name = int(seed), f"{name}.s{seed}"
+    root = shared_dir(tmp_path_factory, name, lambda d: train_run(d, run, cfg, shards))
+    return {"run": run, "cfg": cfg, "dir": root / "run", "checkpoints": root / "checkpoints", "shards": shards}
 
 
 #: Web-DINO at the mini "1b" size and "2b" samples seen (2048 = 64 steps of 32): the smallest
@@ -135,7 +140,7 @@ CLIP_RUN = "clip1b-full2b-224"
 
 @pytest.fixture(scope="session")
 def dino_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
-    return _run_fixture(tmp_path_factory, tiny_data, DINO_RUN, None, log_every=1)
+    return trained_run(tmp_path_factory, DINO_RUN, tiny_data["shards"], log_every=1)
 
 
 #: Samples seen of the run the evaluation probes compare with its init: 2048 steps of 32 (64
@@ -147,7 +152,7 @@ PROBE_SAMPLES = 65536
 
 @pytest.fixture(scope="session")
 def dino_probe_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
-    return _run_fixture(tmp_path_factory, tiny_data, DINO_RUN, PROBE_SAMPLES, log_every=32)
+    return trained_run(tmp_path_factory, DINO_RUN, tiny_data["shards"], PROBE_SAMPLES, log_every=32)
 
 
 #: CLIP's probe: 512 steps of 64 on an 8192-image corpus (the mini corpus's generator and seed,
@@ -166,16 +171,6 @@ def clip_probe_shards(tmp_path_factory) -> str:
     return str(root / "shards" / "manifest.json")
 
 
-def seeded_clip_run(tmp_path_factory: pytest.TempPathFactory, shards: str, seed: int,
-                    samples: int | None = None) -> dict[str, Any]:
-    """``CLIP_RUN`` under ``seed`` on ``shards`` (the grid's budget, or ``samples``), trained once
-    per session: its config and run directory."""
-    cfg = {**run_slice(CLIP_RUN, samples, log_every=64), "seed": int(seed)}
-    name = CLIP_RUN if samples is None else f"{CLIP_RUN}.{samples}"
-    root = shared_dir(tmp_path_factory, f"{name}.s{seed}", lambda d: train_run(d, CLIP_RUN, cfg, shards))
-    return {"cfg": cfg, "dir": root / "run", "shards": shards}
-
-
 #: A larger IN-1k analogue for the linear probe: 960 val images put one standard error of a
 #: top-1 near 10 % at ~1 point (160 in TINY_EVALSETS: ~2.4). Its first 320 / 160 images are
 #: TINY_EVALSETS' own.
@@ -191,7 +186,7 @@ def in1k_probe_set(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mae_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
-    return _run_fixture(tmp_path_factory, tiny_data, MAE_RUN, None, log_every=1)
+    return trained_run(tmp_path_factory, MAE_RUN, tiny_data["shards"], log_every=1)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from conftest import snakemake
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
     CLIP_PROBE_SAMPLES, CLIP_RUN, TINY_EVALSETS, clip_probe_shards, dino_encoders, dino_probe_run, dino_run,
-    in1k_probe_set, initial_method, mae_run, seeded_clip_run, shared_result, tiny_data,
+    in1k_probe_set, initial_method, mae_run, shared_result, tiny_data, trained_run,
 )
 
 N_CLASSES = len(object_attributes()["class"])  # the IN-1k analogue is class-balanced
@@ -145,7 +145,7 @@ CLIP_SEEDS = (0, 1, 2)
 
 
 def _clip_seed(tmp_path_factory, run: dict, captions: str) -> dict[str, float]:
-    """Image->text retrieval of a ``seeded_clip_run`` and of its init on the held-out
+    """Image->text retrieval of a ``trained_run`` of ``CLIP_RUN`` and of its init on the held-out
     ``captions`` test split; computed once per session."""
     from webssl_repro.evaluate.classic import load_split
 
@@ -167,7 +167,7 @@ def _clip_seed(tmp_path_factory, run: dict, captions: str) -> dict[str, float]:
 @pytest.fixture(scope="session")
 def clip_retrieval(tiny_data, tmp_path_factory) -> dict[str, dict[str, float]]:
     """The mini grid's 32-step CLIP run under each of CLIP_SEEDS, trained and at init."""
-    return {str(seed): _clip_seed(tmp_path_factory, seeded_clip_run(tmp_path_factory, tiny_data["shards"], seed),
+    return {str(seed): _clip_seed(tmp_path_factory, trained_run(tmp_path_factory, CLIP_RUN, tiny_data["shards"], seed=seed),
                                   tiny_data["captions"]) for seed in CLIP_SEEDS}
 
 
@@ -187,7 +187,7 @@ def test_clip_retrieval_above_chance(seed, clip_probe_shards, tiny_data, tmp_pat
     same model at init, and its median rank at most a third of the init's. The 32-step grid
     run is too short for top-1 (1-3 hits of 256, like its init); the probe measured 5-7 hits
     (chance: 1) and median rank 26-30 against 129-134 at init, seeds 0-2."""
-    run = seeded_clip_run(tmp_path_factory, clip_probe_shards, seed, CLIP_PROBE_SAMPLES)
+    run = trained_run(tmp_path_factory, CLIP_RUN, clip_probe_shards, CLIP_PROBE_SAMPLES, seed=seed)
     r = _clip_seed(tmp_path_factory, run, tiny_data["captions"])
     assert r["top1"] >= 3 * r["chance"] and r["top1"] > r["init_top1"], r
     assert r["median_rank"] <= r["init_median_rank"] / 3, r
@@ -266,7 +266,7 @@ def test_trained_clip_beats_random_init_on_in1k_linear(seed, clip_probe_shards, 
     from webssl_repro.evaluate.classic import classic_config, classification
     from webssl_repro.models.io import load_encoder
 
-    run = seeded_clip_run(tmp_path_factory, clip_probe_shards, seed, CLIP_PROBE_SAMPLES)
+    run = trained_run(tmp_path_factory, CLIP_RUN, clip_probe_shards, CLIP_PROBE_SAMPLES, seed=seed)
     trained, meta = load_encoder(run["dir"] / "encoder.safetensors")
     random_init = initial_method(CLIP_RUN, run["cfg"], run["shards"]).encoder().eval()
     cfg = classic_config(CLASSIC_TINY)
