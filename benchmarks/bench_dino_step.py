@@ -29,6 +29,8 @@ from webssl_repro.methods.dino import DinoMethod, ema_update_  # noqa: E402
 from webssl_repro.methods.dino_losses import dino_multicrop_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp  # noqa: E402
 from webssl_repro.models.vit import Arch, build_encoder  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402
+from webssl_repro.train import TrainConfig  # noqa: E402
+from webssl_repro.train.loop import build_optimizer, clip_gradients, clip_groups  # noqa: E402
 from webssl_repro.train.run import build  # noqa: E402
 from webssl_repro.workflow import shipped_plan  # noqa: E402
 
@@ -74,10 +76,8 @@ def floor_step(arch: Arch, cfg, batch):
 
 def dino_step(method: DinoMethod, batch, train_map):
     params = [p for p in method.model.parameters() if p.requires_grad]
-    from webssl_repro.train import TrainConfig
-    from webssl_repro.train.loop import build_optimizer
-
     opt = build_optimizer(method, TrainConfig.from_mapping(train_map))  # the loop's optimizer (fused AdamW)
+    groups = clip_groups(method, params)  # the loop's per-part clipping (backbone, each head)
     counter = iter(range(10**9))
     method.train()
 
@@ -86,14 +86,14 @@ def dino_step(method: DinoMethod, batch, train_map):
         opt.zero_grad(set_to_none=True)
         out = method.training_step(batch, s)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, train_map["grad_clip"])
+        clip_gradients(groups, train_map["grad_clip"])
         opt.step()
         method.after_optimizer_step(s)
 
-    return step, opt, params
+    return step, opt, groups
 
 
-def breakdown(method: DinoMethod, batch, opt, params, grad_clip: float):
+def breakdown(method: DinoMethod, batch, opt, groups, grad_clip: float):
     """A step re-implemented with timers around each part of ``DinoMethod.training_step``
     (same calls, same order); returns a function that runs one and gives ms per phase."""
     cfg = method.config
@@ -134,7 +134,7 @@ def breakdown(method: DinoMethod, batch, opt, params, grad_clip: float):
 
         loss = timed("losses (dino+ibot+koleo)", losses)
         timed("backward", loss.backward)
-        timed("clip + AdamW", lambda: (torch.nn.utils.clip_grad_norm_(params, grad_clip), opt.step()))
+        timed("clip + AdamW", lambda: (clip_gradients(groups, grad_clip), opt.step()))
         timed("EMA update", lambda: ema_update_(teacher, student, 0.999))
         return dict(cur)
 
@@ -158,8 +158,8 @@ def main() -> None:
     cfg = method.config
     arch = Arch.from_config({**mini_config_slice(run)["arch"], "ffn": "swiglu"})
     floor_fn = floor_step(arch, cfg, batch)
-    step_fn, opt, params = dino_step(method, batch, train_map)
-    phase_fn = breakdown(method, batch, opt, params, train_map["grad_clip"])
+    step_fn, opt, groups = dino_step(method, batch, train_map)
+    phase_fn = breakdown(method, batch, opt, groups, train_map["grad_clip"])
     # Interleaved rounds, so that load from other processes hits both sides alike.
     floors, fulls, rows = [], [], defaultdict(list)
     for i in range(args.warmup + args.steps):

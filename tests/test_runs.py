@@ -42,3 +42,23 @@ def test_sort_is_by_method_size_data_samples_res():
     names = ["clip1b-full2b-224", "dino7b-full8b-518", "dino1b-full2b-224", "dino7b-full8b-224", "dino1b-in1k-224"]
     assert sort_runs(names) == ["dino1b-full2b-224", "dino1b-in1k-224", "dino7b-full8b-224", "dino7b-full8b-518",
                                 "clip1b-full2b-224"]
+
+
+def test_hires_fine_tune_keeps_every_step_count_as_a_share_of_its_steps():
+    """App. C: "all other parameters remain exactly the same ..., including the learning rate
+    warmup ratio". The 20k-step fine-tune of the 8B-seen run (2,604,167 steps of 3072) scales
+    the lr warm-up (100k), the teacher-temperature warm-up (37.5k, a DinoConfig default, not in
+    the config) and the prototype freeze (1250) alike, so the teacher reaches 0.07."""
+    from pathlib import Path
+
+    from webssl_repro.config import load_config
+    from webssl_repro.methods.dino import DinoConfig
+    from webssl_repro.workflow import Plan
+
+    cfg = Plan(load_config(Path(__file__).parents[1] / "config" / "paper.yaml")).run_config("dino7b-full8b-518")
+    recipe = cfg["recipe"]
+    assert (recipe["warmup_steps"], recipe["warmup_teacher_temp_steps"], recipe["freeze_last_layer_steps"]) == (768, 288, 10)
+    assert (recipe["batch_size"], recipe["base_lr"]) == (2048, 1e-5)
+    dino = DinoConfig.from_mapping({**recipe, "total_steps": 20_000})
+    assert dino.teacher_temp_at(0) == 0.04 and dino.teacher_temp_at(286) < 0.07
+    assert dino.teacher_temp_at(287) == pytest.approx(0.07) and dino.teacher_temp_at(19_999) == 0.07

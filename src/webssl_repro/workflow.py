@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from webssl_repro.paper import specs
-from webssl_repro.recipes import hires_recipe
+from webssl_repro.recipes import STEP_DEFAULTS, hires_recipe
 from webssl_repro.resources import RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 
@@ -146,7 +146,8 @@ class Plan:
         pretrain = self.config.get("pretrain", {})
         recipe = dict(pretrain.get(r.method, {}))
         if r.parent is not None:
-            recipe = hires_recipe(recipe, pretrain.get("hires", {}), samples_of(r.parent, self.config))
+            recipe = hires_recipe(recipe, pretrain.get("hires", {}), samples_of(r.parent, self.config),
+                                  STEP_DEFAULTS.get(r.method))
         if r.method == "dino":  # DINOv2's blur pixels belong to the base ("224") crop at every resolution
             recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
         return {

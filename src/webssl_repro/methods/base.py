@@ -37,6 +37,11 @@ class PretrainMethod(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
+    # Optional hooks, looked up with getattr: ``shadow_modules()`` lists non-optimised copies
+    # of ``model`` that the loop broadcasts / shards alongside it (an EMA teacher);
+    # ``clip_groups()`` splits the optimised parameters into groups whose gradient norms are
+    # clipped each on its own (DINOv2: backbone, DINO head, iBOT head); without it, one group.
+
 
 class ModelOnlyState:
     """For methods whose only state is ``model``, which the loop checkpoints itself (MAE, CLIP).

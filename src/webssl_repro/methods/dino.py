@@ -22,7 +22,9 @@ from webssl_repro.methods.dino_losses import (
     softmax_center,
     updated_center,
 )
-from webssl_repro.methods.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
+from webssl_repro.methods.schedules import scaled_lr, teacher_temp_schedule
+from webssl_repro.recipes import DINO_STEP_DEFAULTS
+from webssl_repro.train.schedules import CosineSchedule
 from webssl_repro.models.vit import Arch, build_encoder
 from webssl_repro.config import dataclass_from_mapping
 
@@ -56,7 +58,7 @@ class DinoConfig:
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 37_500  # 30 DINOv2 epochs x 1250
+    warmup_teacher_temp_steps: int = DINO_STEP_DEFAULTS["warmup_teacher_temp_steps"]  # 30 DINOv2 epochs
     centering: str = "sinkhorn_knopp"  # or "centering" (softmax + EMA center)
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
@@ -68,13 +70,13 @@ class DinoConfig:
     base_lr: float = 2e-4
     lr_scaling: str = "sqrt_wrt_1024"
     min_lr: float = 1e-6
-    warmup_steps: int = 100_000  # 80 DINOv2 epochs x 1250
+    warmup_steps: int = DINO_STEP_DEFAULTS["warmup_steps"]  # 80 DINOv2 epochs x 1250
     total_steps: int = 651_042
     weight_decay: float = 0.04
     weight_decay_end: float = 0.2
     clip_grad: float = 3.0
     betas: tuple[float, float] = (0.9, 0.999)
-    freeze_last_layer_steps: int = 1250
+    freeze_last_layer_steps: int = DINO_STEP_DEFAULTS["freeze_last_layer_steps"]
     patch_embed_lr_mult: float = 0.2
     layerwise_decay: float = 1.0
     no_wd_on_tokens: bool = False  # DINOv2 decays pos-embed / cls / mask tokens; True exempts them
@@ -104,17 +106,10 @@ class DinoConfig:
         """Peak learning rate after batch-size scaling."""
         return scaled_lr(self.base_lr, self.batch_size, self.lr_scaling)
 
-    def lr_at(self, step: int) -> float:
-        return cosine_schedule(step, self.lr, self.min_lr, self.total_steps, self.warmup_steps)
-
-    def last_layer_lr_at(self, step: int) -> float:
-        return 0.0 if step < self.freeze_last_layer_steps else self.lr_at(step)
-
-    def wd_at(self, step: int) -> float:
-        return cosine_schedule(step, self.weight_decay, self.weight_decay_end, self.total_steps)
-
     def momentum_at(self, step: int) -> float:
-        return cosine_schedule(step, self.momentum_teacher, self.final_momentum_teacher, self.total_steps)
+        """Teacher EMA momentum: cosine ``momentum_teacher → 1`` over the run (the learning rate and
+        weight decay are the loop's, from ``train.TrainConfig``)."""
+        return CosineSchedule(self.momentum_teacher, self.final_momentum_teacher, self.total_steps)(step)
 
     def teacher_temp_at(self, step: int) -> float:
         return teacher_temp_schedule(step, self.warmup_teacher_temp, self.teacher_temp,
@@ -178,6 +173,15 @@ class DinoMethod(nn.Module):
     def shadow_modules(self) -> list[nn.Module]:
         """The loop's hook for non-optimised copies: it broadcasts / shards the teacher too."""
         return [self.teacher]
+
+    def clip_groups(self) -> dict[str, list[torch.Tensor]]:
+        """The loop's hook: DINOv2 clips the backbone's and each head's gradient norm on its own
+        (``for v in student.values(): v.clip_grad_norm_(clip_grad)``). At init the backbone's
+        norm is ~1000x the heads', so one global norm would scale the heads' gradients by ~1e-3."""
+        student = self._student()
+        parts = {"backbone": student.backbone, "dino_head": student.dino_head, "ibot_head": student.ibot_head}
+        return {name: [p for p in part.parameters() if p.requires_grad]
+                for name, part in parts.items() if part is not None}
 
     def _last_layer_params(self) -> list[torch.Tensor]:
         return [p for n, p in self._student().named_parameters() if "last_layer" in n]
@@ -293,7 +297,8 @@ class DinoMethod(nn.Module):
         does not touch the frozen layers either.
         """
         if step < self.config.freeze_last_layer_steps and self._frozen_last_layer is not None:
-            torch._foreach_copy_(self._last_layer_params(), self._frozen_last_layer)
+            for param, frozen in zip(self._last_layer_params(), self._frozen_last_layer):
+                param.copy_(frozen)  # one by one: FSDP2's sharded DTensors have no _foreach_copy_
         else:
             self._frozen_last_layer = None
         ema_update_(self.teacher, self._student(), self.config.momentum_at(step))

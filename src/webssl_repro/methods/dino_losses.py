@@ -71,14 +71,16 @@ def dino_multicrop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor 
 def koleo_loss(x: torch.Tensor) -> torch.Tensor:
     """Kozachenko-Leonenko entropy estimator: −mean log(distance to nearest neighbour) of the
     L2-normalised rows; it spreads features uniformly on the sphere. Self-pairs are excluded
-    by setting the diagonal of the similarity matrix to −1 (below any cosine)."""
-    x = F.normalize(x.float(), p=2, dim=-1, eps=1e-8)
-    with torch.no_grad():
-        sims = x @ x.t()
-        sims.fill_diagonal_(-1.0)
-        nearest = sims.argmax(dim=1)
-    distances = nn.functional.pairwise_distance(x, x[nearest], p=2, eps=1e-8)
-    return -torch.log(distances + 1e-8).mean()
+    by setting the diagonal of the similarity matrix to −1 (below any cosine). In fp32 even
+    under the loop's bf16 autocast (as DINOv2): bf16 cosines would tie near neighbours."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), p=2, dim=-1, eps=1e-8)
+        with torch.no_grad():
+            sims = x @ x.t()
+            sims.fill_diagonal_(-1.0)
+            nearest = sims.argmax(dim=1)
+        distances = nn.functional.pairwise_distance(x, x[nearest], p=2, eps=1e-8)
+        return -torch.log(distances + 1e-8).mean()
 
 
 def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,

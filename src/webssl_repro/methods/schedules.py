@@ -1,32 +1,14 @@
-"""Schedules as pure functions of the step, so a resumed run gets exactly the same values.
+"""DINO's own schedules, as pure functions of the step so a resumed run gets the same values.
 
-Same values as DINOv2's ``CosineScheduler`` (which precomputes an array): ``freeze_steps``
-zeros, then a linear warm-up ``start → base`` whose last value is ``base`` (``np.linspace``
-includes both ends), then a half cosine ``base → final``; ``final`` from ``total_steps`` on.
+The warm-up + cosine shape is ``train.schedules.CosineSchedule`` (DINOv2's ``CosineScheduler``),
+shared with the loop's lr and weight decay; this module adds the teacher temperature and the
+batch-size rules for the peak learning rate.
 """
 from __future__ import annotations
 
 import math
 
-
-def cosine_schedule(step: int, base: float, final: float, total_steps: int,
-                    warmup_steps: int = 0, start_warmup: float = 0.0,
-                    freeze_steps: int = 0) -> float:
-    """Value at ``step`` (0-based) of the DINOv2 warm-up + cosine schedule."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step >= total_steps:
-        return final
-    if step < freeze_steps:
-        return 0.0
-    step -= freeze_steps
-    if step < warmup_steps:
-        if warmup_steps == 1:
-            return base
-        return start_warmup + (base - start_warmup) * step / (warmup_steps - 1)
-    step -= warmup_steps
-    cosine_steps = total_steps - warmup_steps - freeze_steps
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * step / cosine_steps))
+from webssl_repro.train.schedules import CosineSchedule
 
 
 def teacher_temp_schedule(step: int, warmup_temp: float, temp: float, warmup_steps: int) -> float:
@@ -34,7 +16,7 @@ def teacher_temp_schedule(step: int, warmup_temp: float, temp: float, warmup_ste
     (low temperature early sharpens targets while the prototypes are still uninformative)."""
     if step >= warmup_steps:
         return temp
-    return cosine_schedule(step, temp, temp, warmup_steps, warmup_steps, warmup_temp)
+    return CosineSchedule(temp, temp, warmup_steps, warmup_steps, warmup_temp)(step)
 
 
 def scaled_lr(base_lr: float, batch_size: int, rule: str = "sqrt_wrt_1024") -> float:

@@ -79,8 +79,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _full(obj: Any) -> Any:
-    """Replace DTensors (FSDP2-sharded teacher weights) by full CPU tensors.
+def full_cpu(obj: Any) -> Any:
+    """Replace DTensors (FSDP2-sharded weights) by full CPU tensors, other tensors by detached CPU copies.
 
     ``full_tensor`` is a collective: every rank walks the same structure in the same order.
     """
@@ -89,12 +89,12 @@ def _full(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, Mapping):
-        out = type(obj)((k, _full(v)) for k, v in obj.items()) if isinstance(obj, dict) else {k: _full(v) for k, v in obj.items()}
+        out = type(obj)((k, full_cpu(v)) for k, v in obj.items()) if isinstance(obj, dict) else {k: full_cpu(v) for k, v in obj.items()}
         if hasattr(obj, "_metadata"):  # nn.Module state dicts carry per-module versions
             out._metadata = obj._metadata
         return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_full(v) for v in obj)
+        return type(obj)(full_cpu(v) for v in obj)
     return obj
 
 
@@ -117,7 +117,7 @@ def collect_state(
     model_sd = get_model_state_dict(model, options=_FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     with unwrapped(method):
-        method_sd = _full(method.state_dict())
+        method_sd = full_cpu(method.state_dict())
     rng = all_gather_object(capture_rng())
     if get_rank() != 0:
         return None

@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -128,6 +128,35 @@ def build_optimizer(method: Any, cfg: TrainConfig) -> torch.optim.AdamW:
                              fused=fused)
 
 
+def clip_groups(method: Any, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """The parameter sets whose gradients are clipped each on its own: the optional method hook
+    ``clip_groups()`` (DINOv2 clips the backbone and each head separately), else all of them."""
+    hook = getattr(method, "clip_groups", None)
+    if not callable(hook):
+        return {"all": params}
+    with unwrapped(method):
+        groups = {name: list(ps) for name, ps in hook().items()}
+    grouped = [id(p) for ps in groups.values() for p in ps]
+    if sorted(grouped) != sorted(id(p) for p in params):
+        raise ValueError(f"{type(method).__name__}.clip_groups() must split the optimised parameters "
+                         f"into disjoint groups covering all of them ({len(grouped)} vs {len(params)})")
+    return groups
+
+
+def clip_gradients(groups: Mapping[str, list[torch.Tensor]], max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each group's gradient norm to ``max_norm``; returns each group's norm before clipping."""
+    return {name: torch.nn.utils.clip_grad_norm_(ps, max_norm) for name, ps in groups.items()}
+
+
+def grad_norm_scalars(norms: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """``grad_norm`` (all groups together) and, with several groups, ``grad_norm_{group}``."""
+    values = {name: float(n.full_tensor() if hasattr(n, "full_tensor") else n) for name, n in norms.items()}
+    out = {"grad_norm": math.sqrt(sum(v * v for v in values.values()))}
+    if len(values) > 1:
+        out.update({f"grad_norm_{name}": v for name, v in values.items()})
+    return out
+
+
 def set_hyperparams(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     """DINOv2's per-iteration rule: ``lr * lr_multiplier`` and ``wd * wd_multiplier`` per group."""
     for group in optimizer.param_groups:
@@ -180,6 +209,7 @@ def train(
     if cfg.precision == "bf16" and not use_bf16 and env.is_main:
         warnings.warn("precision=bf16 autocasts on CUDA only; this CPU run trains in fp32")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    clipped = clip_groups(method, params)
 
     def save(step: int) -> Path:
         snapshot = ckpt.collect_state(
@@ -214,9 +244,7 @@ def train(
                 loss.backward()
                 if cfg.strategy == "fsdp2":
                     reshard_shadows(method)
-                grad_norm = None
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norms = clip_gradients(clipped, cfg.grad_clip) if cfg.grad_clip > 0 else {}
                 optimizer.step()
                 method.after_optimizer_step(step)
                 done = step + 1
@@ -225,8 +253,8 @@ def train(
 
                 if done % cfg.log_every == 0 or done == total:
                     values = scalars(out)
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+                    if norms:
+                        values.update(grad_norm_scalars(norms))
                     values = all_reduce_mean(values)
                     elapsed = time.perf_counter() - t_log
                     logger.log({

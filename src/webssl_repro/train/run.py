@@ -164,6 +164,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
 
     from webssl_repro.data.corpus import IndexedCorpus, read_kept_ids, read_manifest
     from webssl_repro.train import TrainConfig, train
+    from webssl_repro.train.checkpoint import full_cpu
     from webssl_repro.train.distributed import is_main
 
     run = Run.parse(run_name)
@@ -183,12 +184,16 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         return corpus.batches(start_sample, rank, world_size, train_cfg.global_batch_size, sample_fn, collate_fn)
 
     result = train(method, data_factory, train_cfg, checkpoints, max_steps=max_steps)
-    if result.complete and is_main():
+    if not result.complete:
+        return result
+    # Under FSDP2 the weights stay sharded after training: every rank takes part in gathering
+    # them (a collective), then rank 0 alone writes.
+    encoder_sd, state = full_cpu(method.encoder().state_dict()), full_cpu(_method_state(method))
+    if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        encoder = method.encoder()
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+        save_file({k: v.contiguous() for k, v in encoder_sd.items()},
                   str(out_dir / "encoder.safetensors"), metadata={"encoder": json.dumps(meta)})
-        torch.save({k: v.detach().cpu() for k, v in _method_state(method).items()}, out_dir / "state.pt")
+        torch.save(state, out_dir / "state.pt")
         shutil.copy(checkpoints / "train_log.jsonl", out_dir / "train_log.jsonl")
         prov = provenance(cfg)
         prov.update(encoder=meta, corpus_size=len(corpus), steps=result.step, samples_seen=result.samples_seen)
