@@ -13,9 +13,9 @@ rule vqa:
         launcher=PLAN.eval_launcher(),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
+    threads: PLAN.eval_threads()
     resources:
-        gpu=PLAN.eval_gpus(),
-        runtime=PLAN.eval_runtime(),
+        **PLAN.eval_resources(),
     conda:
         ENV
     shell:
@@ -33,9 +33,9 @@ rule classic:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_classic.log",
+    threads: PLAN.eval_threads()
     resources:
-        gpu=PLAN.eval_gpus(),
-        runtime=PLAN.eval_runtime(),
+        **PLAN.eval_resources(),
     conda:
         ENV
     shell:
@@ -53,9 +53,9 @@ rule alignment:
         evaluate=lambda w: PLAN.eval_config_json("alignment"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_alignment.log",
+    threads: PLAN.eval_threads()
     resources:
-        gpu=PLAN.eval_gpus(),
-        runtime=PLAN.eval_runtime(),
+        **PLAN.eval_resources(),
     conda:
         ENV
     shell:

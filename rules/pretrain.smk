@@ -31,6 +31,7 @@ rule pretrain_single:
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
+    retries: PLAN.pretrain_retries()
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
@@ -59,6 +60,7 @@ rule pretrain_multinode:
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
+    retries: PLAN.pretrain_retries()
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),

@@ -57,7 +57,8 @@ def test_32_node_parameters_and_command(paper):
     # The rule's arguments, relative to the repo root where the job runs.
     assert launch.pretrain_args(spec) == [
         "pretrain", "--run-name", BIG_RUN, "--config-json", plan.run_config_json(BIG_RUN),
-        "--out", "results/paper/runs/" + BIG_RUN, "--checkpoints", "results/paper/checkpoints/" + BIG_RUN]
+        "--out", "results/paper/runs/" + BIG_RUN, "--checkpoints", "results/paper/checkpoints/" + BIG_RUN,
+        "--data", "results/paper/data/shards/manifest.json"]
     assert json.loads(spec.config_json)["run"] == BIG_RUN
     with pytest.raises(ValueError, match="first node"):
         launch.torchrun_command(spec)  # a multi-node rendezvous needs the job's nodes
@@ -129,6 +130,21 @@ def test_failing_command_fails_the_job(tmp_path):
                         program=["boom.py"], check_inputs=False)
     with pytest.raises(Exception, match="exit status 3"):
         job.result()
+
+
+@pytest.mark.parametrize("run,parent", [("dino2b-heavy2b-224", None), ("dino7b-full8b-518", "dino7b-full8b-224")])
+def test_pretrain_args_are_what_the_cli_accepts(paper, run, parent):
+    """The job's arguments parse as the real ``webssl-repro pretrain`` command line, with the
+    rule's inputs: data manifest + filter kept ids, and a hi-res run's parent state.pt."""
+    from webssl_repro.cli import build_parser
+
+    plan = Plan(paper)
+    spec = launch.launch_spec(plan, run, workdir="/repo")
+    args = build_parser().parse_args(launch.pretrain_args(spec))
+    assert args.run == run and args.data == plan.pretrain_inputs(run)["data"]
+    assert len(args.data) == (2 if "heavy" in run else 1)
+    assert args.parent == (None if parent is None else f"{plan.run_dir(parent)}/state.pt")
+    assert launch.missing_inputs(plan, spec) == [*args.data, *([args.parent] if parent else [])]
 
 
 def test_refusals(paper, tmp_path):

@@ -39,3 +39,28 @@ def test_paper_scale_evalset_rule_writes_a_dataset_manifest(tmp_path):
         build_hf_manifest("classification", {"datset": "x"})
     with pytest.raises(ValueError, match="test"):
         load_hf_split(manifest, "test", [])
+
+
+def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):
+    """ImageNet / ADE20K images come in many sizes: each is resized to the probe's square
+    before stacking (labels by nearest neighbour, so no class is invented). The segmentation
+    heads size their output by the manifest: 150 ADE20K classes, not the mini world's 20."""
+    from webssl_repro.data.miniweb.world import SEG_CLASSES
+    from webssl_repro.evaluate.classic import _targets, images_tensor, segmentation_classes
+
+    rows = []
+    for h, w in ((375, 500), (500, 333)):
+        ann = np.zeros((h, w), dtype=np.uint8)
+        ann[: h // 2] = 150  # top half: ADE20K class 150 -> 149; bottom half: "other" -> ignored
+        rows.append({"image": Image.fromarray(np.full((h, w, 3), 200, dtype=np.uint8)),
+                     "annotation": Image.fromarray(ann), "scene_category": 0})
+    manifest = build_hf_manifest("segmentation", {})
+    records = load_hf_split(manifest, "val", datasets.Dataset.from_list(rows))
+    x, y = images_tensor(records, 32), _targets(records, "seg", 32, "nearest")
+    assert x.shape == (2, 3, 32, 32) and y.shape == (2, 32, 32)
+    assert set(y.unique().tolist()) == {149.0, 255.0} and (y[:, :8] == 149).all() and (y[:, -8:] == 255).all()
+    path = tmp_path / "segmentation.json"
+    path.write_text(json.dumps(manifest))
+    assert segmentation_classes(path) == 150
+    build_evalset("segmentation", {"size": 16, "segmentation": {"train": 2, "val": 1}}, str(tmp_path / "mini.json"))
+    assert segmentation_classes(tmp_path / "mini.json") == len(SEG_CLASSES) == 20

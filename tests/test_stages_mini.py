@@ -33,9 +33,9 @@ N_CLASSES = len(object_attributes()["class"])  # the IN-1k analogue is class-bal
 NOT_LEARNING = (
     "after 2048 steps the mini Web-DINO encoder has learned colour and texture but not shape: on the "
     "IN-1k analogue (16 shape classes, colour, texture and background drawn independently of the "
-    "class) k-NN of the object's colour rises from 18 to 40 % and of its texture from 26 to 33 %, "
-    "but of its class only from 8.6 to 9.4 % (960 val images); a supervised ViT of the same size "
-    "needs ~8k labelled images and 600 steps to pass 40 %")
+    "class) k-NN of the object's colour rises from 18 to 41 % and of its texture from 26 to 36 %, "
+    "but of its class only from 8.6 to 9.1 % (960 val images; 10.8 % after 8192 steps); a supervised "
+    "ViT of the same size needs ~8k labelled images and 600 steps to pass 40 %")
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -51,7 +51,7 @@ def _early_late(losses: list[float], n: int) -> tuple[float, float]:
 
 def test_dino_loss_falls(dino_run):
     """64 steps of the mini recipe: the mean of the last 8 logged losses is at least 5 % below
-    the first 8 (measured 9.94 -> 9.18, about 8x the step-to-step s.d. of late losses).
+    the first 8 (measured 10.02 -> 8.96, about 8x the step-to-step s.d. of late losses).
     Most of the fall is KoLeo and iBOT; the DINO term is tested below."""
     losses = [row["loss"] for row in _log(dino_run["dir"])]
     assert len(losses) == 64
@@ -63,7 +63,7 @@ def test_dino_loss_falls(dino_run):
 def test_dino_head_does_not_collapse(dino_run):
     """A collapsed head (every image's output the same) makes the Sinkhorn-Knopp targets uniform
     and pins the DINO term at ln K. With the mini head init it ends clearly below: the last 8
-    steps average at most ln(512) - 0.05 (measured ~6.14 vs 6.238 over two seeds; with
+    steps average at most ln(512) - 0.05 (measured ~6.13 vs 6.238 over two seeds; with
     DINOv2's 0.02 init at hidden 128 it was 6.21, collapsed)."""
     terms = [row["dino_loss"] for row in _log(dino_run["dir"])]
     late = sum(terms[-8:]) / 8
@@ -93,12 +93,12 @@ def test_knn_probe_separates_classes(knn_scores):
 def test_dino_features_learn_colour(knn_scores):
     """What the probe run does learn, on the same images: k-NN of the object's colour (12
     values, drawn independently of the class) beats init by >= 8 points (measured on these
-    160 images: 36.9 vs 23.8 %; texture, 4 values: 33.8 vs 30.6 %, too close to test)."""
+    160 images: 35.6 vs 23.8 %; texture, 4 values: 33.8 vs 30.6 %, too close to test)."""
     colour = knn_scores["colour"]
     assert colour["trained"] >= colour["random"] + 8.0, knn_scores
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN of the class on these 160 images: 6.9 vs 5.6 % (seed 1 of the same run: 12.3 vs 7.1 % on 960 images)")
+@pytest.mark.xfail(strict=True, reason=NOT_LEARNING + "; measured k-NN of the class on these 160 images: 8.8 vs 5.6 % (seed 1 of the same run, before per-part gradient clipping: 12.3 vs 7.1 % on 960 images)")
 def test_dino_knn_beats_random_init(knn_scores):
     """CLS k-NN (k=20) on the IN-1k analogue: trained beats its own init by >= 8 points.
     160 val images: one accuracy has a standard error of <= 4 points near 50 %, ~2 points
@@ -238,11 +238,12 @@ def _xfail(measured: str):
 #: (metric, sign, margin): trained must beat init by more than numerical noise between machines.
 #: in1k: 3 points of top-1 on 160 images (~1.3 standard errors at 10 %); ADE: 0.5 mIoU
 #: points; NYUd: RMSE 2 % lower; alignment: +0.01 mutual-k-NN (chance is k/N = 10/256 = 0.039).
-#: Measured (probe run vs init), seed 0: ADE 5.50 vs 4.73 mIoU, NYUd 6.57 vs 8.22 m (20 % lower),
-#: alignment 0.072 vs 0.047; seed 1: 5.58 vs 4.61, 6.28 vs 8.19, 0.077 vs 0.047.
+#: Measured (probe run vs init), seed 0: ADE 5.81 vs 4.73 mIoU, NYUd 6.58 vs 8.22 m (20 % lower),
+#: alignment 0.071 vs 0.047; seed 1 (before per-part gradient clipping): 5.58 vs 4.61, 6.28 vs 8.19,
+#: 0.077 vs 0.047.
 @pytest.mark.parametrize("metric,sign,margin", [
     pytest.param("in1k_linear", 1, 3.0, marks=_xfail(
-        "top-1 13.75 vs 11.875 % (seed 1 of the same run: 15.6 vs 9.4 %); the CLIP probe, taught the class "
+        "top-1 13.1 vs 11.9 % (seed 1 of the same run, before per-part clipping: 15.6 vs 9.4 %); the CLIP probe, taught the class "
         "names by its captions, passes the same check (test_trained_clip_beats_random_init_on_in1k_linear)")),
     ("ade20k_linear", 1, 0.5),
     ("nyud_lin1", -1, 0.02),

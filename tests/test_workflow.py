@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from webssl_repro.config import ConfigError, load_config
+from webssl_repro.config import ConfigError, load_config, validate_config
 from webssl_repro.paper import specs
 from webssl_repro.workflow import Plan
 
@@ -86,6 +86,11 @@ def test_published_item_inputs_are_only_the_source_tables():
     ("seeds", "zero", "seeds"),
     ("labels.samples.2b", "many", "labels.samples.2b"),
     ("resources.mfu", 3.0, "resources.mfu"),
+    ("pretrain.train.checkpoint_evry", 3, "'checkpoint_evry' is not one of"),
+    ("pretrain.dino.batch_sise", 3, "'batch_sise' is not one of"),
+    ("pretrain.clip.context_lenght", 3, "'context_lenght' is not one of"),
+    ("data.corpus.n_imgs", 3, "'n_imgs' was unexpected"),
+    ("data.filter.backend", "mlm", "'mlm' is not one of"),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, needle):
     config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
@@ -98,6 +103,37 @@ def test_bad_config_names_the_key(tmp_path, key, value, needle):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(path)
+
+
+def test_paper_scale_needs_real_shards():
+    """Without ``data.shards`` (or ``data.in1k.shards``) the mini-web generator would stand in
+    for MC-2B (ImageNet-1k) under the paper's 7B runs: a misspelt key must stop the dry run."""
+    for drop in ("shards", "in1k"):
+        config = load_config(REPO / "config/paper.yaml")
+        config["data"]["shard" if drop == "shards" else "in1k"] = config["data"].pop(drop)
+        if drop == "in1k":
+            config["data"]["in1k"] = {"n_images": 1000}
+        with pytest.raises(ConfigError, match="'shards' is a required property"):
+            validate_config(config, "paper.yaml")
+
+
+def test_schema_key_lists_are_the_config_dataclasses():
+    """The schema lists each recipe's keys so the dry run can reject a misspelt one; the lists
+    must stay the fields of the dataclasses that read them (plus CLIP's tower/tokenizer keys)."""
+    import dataclasses
+
+    from webssl_repro.methods.clip import ClipConfig
+    from webssl_repro.methods.dino import DinoConfig
+    from webssl_repro.methods.mae import MaeConfig
+    from webssl_repro.train import TrainConfig
+
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]["pretrain"]["properties"]
+    allowed = {name: set(schema[name]["propertyNames"]["enum"]) for name in ("train", "dino", "mae", "clip", "hires")}
+    fields = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (TrainConfig, DinoConfig, MaeConfig, ClipConfig)}
+    assert allowed["train"] == fields[TrainConfig] - {"samples_seen", "global_batch_size"}  # set from the run
+    assert allowed["dino"] == fields[DinoConfig] and allowed["hires"] == fields[DinoConfig] | {"steps"}
+    assert allowed["mae"] == fields[MaeConfig]
+    assert allowed["clip"] == fields[ClipConfig] | {"layerscale", "tokenizer", "vocab_size"}
 
 
 def test_snakemake_rejects_a_bad_config_before_any_job(workflow_dir):
@@ -124,8 +160,42 @@ def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
     assert "gres=gpu:8" in out and "nodes=32" in out and "gpu_hours=" in out
     total = re.search(r"all: 30 runs, ([\d,]+) estimated pretraining GPU-hours", out)
     assert total and int(total[1].replace(",", "")) == round(plan.gpu_hours())
+    assert f"(`{total[0]}`)" in (REPO / "README.md").read_text()  # the README quotes this dry run
+    # Every job fits the partition's limit; the longest run is a chain of such jobs.
+    limit = plan.config["resources"]["max_runtime_min"]
+    runtimes = [int(x) for x in re.findall(r"runtime=(\d+)", out)]
+    assert runtimes and max(runtimes) == limit
     per_target = snakemake(workflow_dir, "-n", "table6", "--configfile", "config/paper.yaml")
     assert "table6: 5 runs," in per_target.stdout + per_target.stderr
+
+
+def test_runs_longer_than_the_time_limit_become_chains_of_jobs():
+    """dino7b-full8b-224: 69,994 estimated minutes on 32 nodes; at a 2,880-minute limit that
+    is 25 jobs, so the pretrain rules retry 24 times plus 2 for preemptions. The GPU-hours
+    count the whole run, not one job; without a limit there is one job and no rule retries."""
+    config = load_config(REPO / "config/paper.yaml")
+    plan = Plan(config)
+    res = plan.pretrain_resources("dino7b-full8b-224")
+    assert (res.total_min, res.runtime_min, res.jobs) == (69_994, 2_880, 25)
+    assert res.gpu_hours == pytest.approx(256 * 69_994 / 60)
+    assert plan.pretrain_retries() == 26
+    del config["resources"]["max_runtime_min"]
+    uncapped = Plan(config)
+    assert uncapped.pretrain_resources("dino7b-full8b-224").runtime_min == 69_994
+    assert uncapped.pretrain_resources("dino7b-full8b-224").jobs == 1 and uncapped.pretrain_retries() is None
+    assert uncapped.gpu_hours() == pytest.approx(plan.gpu_hours())
+
+
+def test_unbuildable_items_are_named_not_dropped():
+    """An item the scale cannot build is listed, with why, in the message of ``all``."""
+    config = load_config(REPO / "config/paper.yaml")
+    config.update(items=[*config["items"], "table14"], stages=["data", "pretrain", "vqa"])
+    plan = Plan(config)
+    assert "table14" not in plan.items and "table7" not in plan.items
+    assert plan.skipped_items["table14"] == "off-the-shelf models only: see the published scale"
+    assert plan.skipped_items["table7"] == "needs stages classic"
+    assert "not built at this scale: " in plan.target_message() and "table14 (off-the-shelf" in plan.target_message()
+    assert Plan(load_config(REPO / "config/paper.yaml")).skipped_items == {}
 
 
 @pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/published.yaml"])

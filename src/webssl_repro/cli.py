@@ -43,8 +43,9 @@ def _plan(args: argparse.Namespace) -> int:
     rows = []
     for run in plan.runs:
         res = plan.pretrain_resources(run)
-        rows.append({"run": run, "nodes": res.nodes, "gpus": res.gpus, "runtime_h": round(res.runtime_min / 60, 1),
-                     "gpu_hours": round(res.gpu_hours), "train_PFLOP": round(res.train_flops / 1e15)})
+        rows.append({"run": run, "nodes": res.nodes, "gpus": res.gpus, "runtime_h": round(res.total_min / 60, 1),
+                     "jobs": res.jobs, "gpu_hours": round(res.gpu_hours),
+                     "train_PFLOP": round(res.train_flops / 1e15)})
     print(yaml.safe_dump({"runs": rows}, sort_keys=False), end="")
     for item_id in plan.items:
         runs = specs.get_item(item_id).runs

@@ -45,6 +45,8 @@ class LaunchSpec:
     out: str  # relative to workdir, exactly as the rule passes it
     checkpoints: str
     workdir: str  # absolute: where the job runs (the repo root, like Snakemake)
+    data: tuple[str, ...] = ()  # the rule's inputs: data manifest [+ filter kept ids]
+    parent: str | None = None  # a hi-res fine-tune's 224 px state.pt
     rdzv_port: int = RDZV_PORT
 
     @property
@@ -54,6 +56,7 @@ class LaunchSpec:
 
 def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_port: int = RDZV_PORT) -> LaunchSpec:
     res = plan.pretrain_resources(run)
+    inputs = plan.pretrain_inputs(run)  # what the rule passes as {input.data} and {input.parent}
     return LaunchSpec(
         run=run,
         nodes=res.nodes,
@@ -65,6 +68,8 @@ def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_po
         out=plan.run_dir(run),
         checkpoints=plan.checkpoint_dir(run),
         workdir=str(Path(workdir or Path.cwd()).resolve()),
+        data=tuple(inputs["data"]),
+        parent=inputs.get("parent"),
         rdzv_port=rdzv_port,
     )
 
@@ -92,8 +97,9 @@ def executor_parameters(spec: LaunchSpec, partition: str | None = None,
 
 def pretrain_args(spec: LaunchSpec) -> list[str]:
     """The rule's arguments after the launcher (rules/pretrain.smk, _PRETRAIN_SHELL)."""
-    return ["pretrain", "--run-name", spec.run, "--config-json", spec.config_json,
-            "--out", spec.out, "--checkpoints", spec.checkpoints]
+    args = ["pretrain", "--run-name", spec.run, "--config-json", spec.config_json,
+            "--out", spec.out, "--checkpoints", spec.checkpoints, "--data", *spec.data]
+    return args + (["--parent", spec.parent] if spec.parent else [])
 
 
 def torchrun_command(spec: LaunchSpec, first_node: str | None = None, job_id: str | None = None,
@@ -194,12 +200,7 @@ def make_executor(kind: str, folder: str | Path):
 
 def missing_inputs(plan: Plan, spec: LaunchSpec) -> list[str]:
     """Inputs rules/pretrain.smk would require before this run (data, hi-res parent)."""
-    from webssl_repro.runs import Run
-
-    run = Run.parse(spec.run)
-    needed = list(plan.pretrain_data(run))
-    if run.parent is not None:
-        needed.append(f"{plan.run_dir(str(run.parent))}/encoder.safetensors")
+    needed = [*spec.data, *([spec.parent] if spec.parent else [])]
     return [p for p in needed if not (Path(spec.workdir) / p).exists()]
 
 

@@ -80,18 +80,34 @@ def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
     return int(labels["samples"][run.samples])
 
 
+#: Retries a pretraining job keeps for preemptions and node failures, beyond the jobs its
+#: capped runtime needs (the profile's ``retries``, which a rule's own directive replaces).
+PREEMPTION_RETRIES = 2
+
+
 @dataclass(frozen=True)
 class RunResources:
     gpus: int
     nodes: int
-    runtime_min: int
+    runtime_min: int  # one job's time limit: the estimate, capped at resources.max_runtime_min
     mem_mb: int
     cpus_per_task: int
     train_flops: float
+    estimate_min: int = 0  # the whole run's estimated runtime (0: runtime_min)
+
+    @property
+    def total_min(self) -> int:
+        return max(self.estimate_min, self.runtime_min)
+
+    @property
+    def jobs(self) -> int:
+        """Time-limited jobs the run needs: each ends at its limit (SIGTERM: the trainer
+        checkpoints and exits) and the next resumes from the checkpoint."""
+        return math.ceil(self.total_min / self.runtime_min)
 
     @property
     def gpu_hours(self) -> float:
-        return self.gpus * self.runtime_min / 60.0
+        return self.gpus * self.total_min / 60.0
 
     def snakemake(self) -> dict[str, Any]:
         """Resources for the rule. Multi-node jobs go through ``srun`` (design.md §7)."""
@@ -117,6 +133,7 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
         nodes = max(1, nodes // 2)  # the hi-res fine-tune is short; half the nodes suffice
     gpus = nodes * int(res_cfg["gpus_per_node"])
     throughput = max(gpus, 1) * float(res_cfg["gpu_tflops"]) * 1e12 * float(res_cfg["mfu"])
-    runtime = max(int(res_cfg["min_runtime_min"]), math.ceil(1.1 * flops / throughput / 60.0))
+    estimate = max(int(res_cfg["min_runtime_min"]), math.ceil(1.1 * flops / throughput / 60.0))
+    runtime = min(estimate, int(res_cfg.get("max_runtime_min") or estimate))
     cpus = max(1, int(res_cfg["cpus_per_gpu"]) * max(1, gpus // nodes))
-    return RunResources(gpus, nodes, runtime, int(res_cfg["mem_mb_per_node"]), cpus, flops)
+    return RunResources(gpus, nodes, runtime, int(res_cfg["mem_mb_per_node"]), cpus, flops, estimate)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, hires_recipe
-from webssl_repro.resources import RunResources, pretrain_resources, samples_of
+from webssl_repro.resources import PREEMPTION_RETRIES, RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 
 TABLE_FORMATS = ("tsv", "md", "tex")
@@ -68,6 +68,21 @@ class Plan:
         for item_id in requested:
             specs.get_item(item_id)  # unknown ids fail here, naming the id
         return tuple(i for i in requested if self.item_buildable(i))
+
+    @cached_property
+    def skipped_items(self) -> dict[str, str]:
+        """Requested items this scale does not build, each with the reason (shown by ``all``)."""
+        skipped = {}
+        for item_id in self.config.get("items", ()):
+            if item_id == "fig8":
+                if "data" not in self.stages:
+                    skipped[item_id] = "needs the data stage"
+            elif not self.item_buildable(item_id):
+                item = specs.get_item(item_id)
+                missing = sorted({"pretrain", *(STAGE_OF_EVAL[e] for e in item.evals)} - self.stages)
+                skipped[item_id] = (f"needs stages {', '.join(missing)}" if item.runs and missing
+                                    else "off-the-shelf models only: see the published scale")
+        return skipped
 
     @cached_property
     def runs(self) -> tuple[str, ...]:
@@ -217,6 +232,22 @@ class Plan:
     def eval_runtime(self) -> int:
         return int(self.config.get("resources", {}).get("eval_runtime_min", 60))
 
+    def eval_resources(self) -> dict[str, int]:
+        """Resources of an evaluation job. On GPUs it takes a node's share for its GPUs: the
+        VQA probe's torchrun ranks each load the LM (Llama-3-8B: ~16 GB in bf16) before FSDP
+        shards it, and the alignment job holds Llama-3.1-70B. Without GPUs (mini), the defaults."""
+        res = self.config.get("resources", {})
+        gpus = self.eval_gpus()
+        out = {"gpu": gpus, "runtime": self.eval_runtime()}
+        if gpus > 0:
+            share = min(1.0, gpus / max(1, int(res.get("gpus_per_node", gpus))))
+            out["mem_mb"] = int(int(res["mem_mb_per_node"]) * share)
+            out["cpus_per_task"] = int(res["cpus_per_gpu"]) * gpus
+        return out
+
+    def eval_threads(self) -> int:
+        return self.eval_resources().get("cpus_per_task", 1)
+
     def run_pattern(self, multinode: bool) -> str:
         """A wildcard constraint matching exactly the runs of one launch layout."""
         return _alternatives(self.runs_by_layout(multinode))
@@ -257,6 +288,14 @@ class Plan:
     def pretrain_resources(self, run: str) -> RunResources:
         return pretrain_resources(Run.parse(split_seed(run, self.seeds[0])[0]), self.config)
 
+    def pretrain_retries(self) -> int | None:
+        """The pretrain rules' ``retries``: with ``resources.max_runtime_min`` set, enough for the
+        longest run's chain of time-limited jobs plus ``PREEMPTION_RETRIES``; otherwise None
+        (the command line's or profile's value)."""
+        if not self.config.get("resources", {}).get("max_runtime_min") or not self.run_ids:
+            return None
+        return max(self.pretrain_resources(r).jobs for r in self.run_ids) - 1 + PREEMPTION_RETRIES
+
     def runs_by_layout(self, multinode: bool) -> list[str]:
         return [r for r in self.run_ids if split_seed(r, self.seeds[0])[0] not in self.run_sources
                 and (self.pretrain_resources(r).nodes > 1) == multinode]
@@ -286,8 +325,11 @@ class Plan:
         name = item or "all"
         if self.published:
             return f"{name}: rendered from the paper's own numbers"
-        return (f"{name}: {len(runs)} runs, {self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours "
-                f"({self.config['resources']['gpus_per_node']} GPUs/node)")
+        message = (f"{name}: {len(runs)} runs, {self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours "
+                   f"({self.config['resources']['gpus_per_node']} GPUs/node)")
+        if item is None and self.skipped_items:
+            message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
+        return message
 
     def gpu_hours(self, runs=None) -> float:
         return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs))

@@ -62,7 +62,8 @@ HF_EVALSETS: dict[str, dict[str, Any]] = {
     "classification": {"dataset": "ILSVRC/imagenet-1k", "config": None,
                        "splits": {"train": "train", "val": "validation"}, "adapter": _classification},
     "segmentation": {"dataset": "zhoubolei/scene_parse_150", "config": "scene_parsing",
-                     "splits": {"train": "train", "val": "validation"}, "adapter": _segmentation},
+                     "splits": {"train": "train", "val": "validation"}, "adapter": _segmentation,
+                     "n_classes": 150},
     "depth": {"dataset": "sayakpaul/nyu_depth_v2", "config": None,
               "splits": {"train": "train", "val": "validation"}, "adapter": _depth},
     "captions": {"dataset": "minhuh/prh", "config": None, "revision": "wit_1024",
@@ -80,7 +81,8 @@ def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
         raise KeyError(f"data.evalsets.{task}: unknown key(s) {unknown}")
     return {"task": task, "source": "hf", "dataset": section.get("dataset", base["dataset"]),
             "config": section.get("config", base["config"]), "revision": section.get("revision", base.get("revision")),
-            "splits": dict(section.get("splits", base["splits"])), "limit": section.get("limit")}
+            "splits": dict(section.get("splits", base["splits"])), "limit": section.get("limit"),
+            **({"n_classes": base["n_classes"]} if "n_classes" in base else {})}
 
 
 def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any] = None) -> list[dict[str, Any]]:

@@ -46,7 +46,10 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
 
         path = cfg["lm_paths"].get(name, name)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16)
+        # On GPUs, accelerate's device_map spreads a model too large for one (Llama-3.1-70B in
+        # bf16: ~140 GB) over all of the job's; on CPU it loads whole.
+        placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+        model = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, **placement)
     feats = lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -83,21 +83,33 @@ def load_split(manifest_path: str | Path, split: str) -> list[dict[str, Any]]:
     return load_evalset(str(Path(manifest_path).parent / rel))
 
 
+def _square(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size); real eval sets (ImageNet, ADE20K, NYUd) mix image sizes."""
+    if t.shape[-2:] == (size, size):
+        return t
+    extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(t.unsqueeze(0), size=(size, size), mode=mode, **extra).squeeze(0)
+
+
 def images_tensor(records: list[dict[str, Any]], size: int) -> torch.Tensor:
-    arrays = np.stack([np.asarray(r["image"].convert("RGB"), dtype=np.float32) / 255.0 for r in records])
-    x = torch.from_numpy(arrays).permute(0, 3, 1, 2)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = torch.stack([_square(torch.from_numpy(np.asarray(r["image"].convert("RGB"), dtype=np.float32) / 255.0)
+                             .permute(2, 0, 1), size, "bicubic").clamp(0, 1) for r in records])
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 def _targets(records: list[dict[str, Any]], key: str, size: int, mode: str) -> torch.Tensor:
-    t = torch.from_numpy(np.stack([np.asarray(r[key]) for r in records])).float().unsqueeze(1)
-    if t.shape[-1] != size:
-        t = F.interpolate(t, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
-    return t.squeeze(1)
+    return torch.stack([_square(torch.from_numpy(np.asarray(r[key], dtype=np.float32)).unsqueeze(0), size, mode)
+                        .squeeze(0) for r in records])
+
+
+def segmentation_classes(manifest: str | Path) -> int:
+    """Classes of a segmentation eval set: its manifest's ``n_classes`` (ADE20K: 150), else
+    the mini-web world's (background, 16 objects and 3 text carriers)."""
+    from webssl_repro.data.miniweb.world import SEG_CLASSES
+
+    return int(json.loads(Path(manifest).read_text()).get("n_classes", len(SEG_CLASSES)))
 
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -173,7 +185,6 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     set, not once per iteration) and in one loop (``train_seg_heads``): each head's training is
     the one it would have alone, with the same seeded batches and initialisation.
     """
-    from webssl_repro.data.miniweb.world import SEG_CLASSES
     from webssl_repro.evaluate.segmentation import (LinearSegHead, mean_iou, predict,
                                                     train_seg_heads)
 
@@ -182,7 +193,7 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     train, val = load_split(manifest, "train"), load_split(manifest, "val")
     x_tr, y_tr = images_tensor(train, size), _targets(train, "seg", size, "nearest").long()
     x_va, y_va = images_tensor(val, size), _targets(val, "seg", size, "nearest").long()
-    n_classes, n_ms = len(SEG_CLASSES), min(4, int(meta["depth"]))
+    n_classes, n_ms = segmentation_classes(manifest), min(4, int(meta["depth"]))
     specs = (("ade20k_linear", 1, False), ("ade20k_ms", n_ms, True))
     fn = feature_fn(encoder, n_ms, norm=True, patch_size=int(meta["patch"]))
     bs = min(int(seg["batch_size"]), len(x_tr))
