@@ -32,25 +32,47 @@ rule in1k_data:
         "webssl-repro data in1k --data-json {params.data:q} --out {output} > {log} 2>&1"
 
 
+# One job over the corpus, or with data.filter.parts > 1 (MC-2B's 2B images), one job per
+# part (every parts-th shard) and a merge.
 rule text_filter:
     wildcard_constraints:
         variant="light|heavy",
     input:
-        shards=PLAN.data_manifest("shards"),
-        # The OCR backend reads each image once for both variants: heavy reuses the
-        # reads cached beside light's output (the MLLM backend asks per prompt).
-        after=lambda w: PLAN.filter_prerequisites(w.variant),
+        unpack(lambda w: PLAN.filter_inputs(w.variant)),
     output:
         PLAN.filter_stats("{variant}"),
     params:
-        data=lambda w: PLAN.data_config_json("filter"),
+        command=lambda w: PLAN.filter_command(w.variant),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.log",
+    resources:
+        **PLAN.filter_resources(whole=True),
+    conda:
+        ENV
+    shell:
+        "{params.command} --out {output} > {log} 2>&1"
+
+
+rule text_filter_part:
+    wildcard_constraints:
+        variant="light|heavy",
+        part=r"\d+",
+    input:
+        shards=PLAN.data_manifest("shards"),
+        after=lambda w: PLAN.filter_prerequisites(w.variant, int(w.part)),
+    output:
+        PLAN.filter_part("{variant}", "{part}"),
+    params:
+        data=lambda w: PLAN.data_config_json("filter"),
+    log:
+        f"logs/{SCALE}/data/filter_{{variant}}.{{part}}.log",
+    resources:
+        **PLAN.filter_resources(),
     conda:
         ENV
     shell:
         "webssl-repro data filter {wildcards.variant} --data-json {params.data:q} --shards {input.shards} "
-        "--out {output} > {log} 2>&1"
+        "--part {wildcards.part} --out {output} > {log} 2>&1"
 
 
 rule evalset:

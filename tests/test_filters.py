@@ -145,3 +145,39 @@ def test_filter_stage_shares_one_ocr_pass_and_draws_fig8(tmp_path):
     pdf, png = fig8_grid(shards, str(tmp_path / "filter" / "light.json"), str(tmp_path / "filter" / "heavy.json"),
                          str(tmp_path / "fig8"), per_row=4)
     assert open(pdf, "rb").read(5) == b"%PDF-"
+
+
+def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
+    """data.filter.parts: each part filters every parts-th shard; the merged result keeps the
+    same images with the same counts as one job over all shards (precision / recall from
+    the summed confusion counts)."""
+    from webssl_repro.data.stages import build_corpus, filter_corpus, filter_merge, manifest_shards
+    from webssl_repro.workflow import Plan
+    from webssl_repro.config import load_config
+    from conftest import REPO
+
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 12, "shard_size": 4, "seed": 3,
+                  "kinds": {"objects": 0.4, "text_scene": 0.3, "chart": 0.3}}, man)
+    shards = manifest_shards(man)
+    whole = filter_corpus("light", {"backend": "ocr"}, shards, str(tmp_path / "whole" / "light.json"))
+    section = {"backend": "ocr", "parts": 2}
+    paths = [str(tmp_path / "parts" / f"light.{k}.json") for k in range(2)]
+    part_results = [filter_corpus("light", section, shards, p, part=k) for k, p in enumerate(paths)]
+    assert [r["n"] for r in part_results] == [8, 4]  # shards 0 and 2, then shard 1
+    merged = filter_merge(paths, str(tmp_path / "light.json"))
+    assert sorted(merged["kept_ids"]) == sorted(whole["kept_ids"]) and 0 < len(whole["kept_ids"]) < 12
+    for key in ("n", "kept_fraction", "tp", "fp", "fn", "precision", "recall", "f1", "true_fraction"):
+        assert merged[key] == pytest.approx(whole[key]), key
+    with pytest.raises(ValueError, match="part 2"):
+        filter_corpus("light", section, shards, paths[0], part=2)
+
+    config = load_config(REPO / "config" / "paper.yaml")
+    config["data"]["filter"]["parts"] = 3
+    plan = Plan(config)
+    assert plan.filter_inputs("heavy")["parts"] == [plan.filter_part("heavy", k) for k in range(3)]
+    assert plan.filter_command("heavy").startswith("webssl-repro data filter-merge --parts ")
+    assert plan.filter_resources() == {"gpu": 1, "runtime": 720} and plan.filter_resources(whole=True) == {}
+    mini = Plan(load_config(REPO / "config" / "mini.yaml"))
+    assert mini.filter_inputs("heavy") == {"shards": mini.data_manifest("shards"), "after": [mini.filter_stats("light")]}
+    assert mini.filter_prerequisites("heavy", 1) == [mini.filter_part("light", 1)]

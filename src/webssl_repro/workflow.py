@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -189,9 +190,39 @@ class Plan:
         keys = ("corpus", "shards") if part == "corpus" else (part,)
         return json.dumps({k: data[k] for k in keys if k in data}, sort_keys=True, separators=(",", ":"))
 
-    def filter_prerequisites(self, variant: str) -> list[str]:
+    def filter_prerequisites(self, variant: str, part: int | None = None) -> list[str]:
+        """The OCR backend reads each image once for both variants: heavy (or its part) waits
+        for light's, whose reads it finds cached beside it."""
         backend = self.config.get("data", {}).get("filter", {}).get("backend", "ocr")
-        return [self.filter_stats("light")] if variant == "heavy" and backend == "ocr" else []
+        if variant != "heavy" or backend != "ocr":
+            return []
+        return [self.filter_stats("light") if part is None else self.filter_part("light", part)]
+
+    def filter_parts(self) -> int:
+        return int(self.config.get("data", {}).get("filter", {}).get("parts", 1))
+
+    def filter_part(self, variant: str, part: int | str) -> str:
+        return f"{self.results}/data/filter/parts/{variant}.{part}.json"
+
+    def filter_inputs(self, variant: str) -> dict[str, Any]:
+        """One job over the corpus, or (``data.filter.parts`` > 1) the parts to merge."""
+        if self.filter_parts() == 1:
+            return {"shards": self.data_manifest("shards"), "after": self.filter_prerequisites(variant)}
+        return {"parts": [self.filter_part(variant, k) for k in range(self.filter_parts())]}
+
+    def filter_command(self, variant: str) -> str:
+        """The ``text_filter`` rule's command before ``--out``."""
+        if self.filter_parts() == 1:
+            return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
+                    f"--shards {self.data_manifest('shards')}")
+        return "webssl-repro data filter-merge --parts " + " ".join(self.filter_inputs(variant)["parts"])
+
+    def filter_resources(self, whole: bool = False) -> dict[str, int]:
+        """A filter job's GPUs and runtime (``resources.filter_*``); merging parts needs neither."""
+        if whole and self.filter_parts() > 1:
+            return {}
+        res = self.config.get("resources", {})
+        return {"gpu": int(res.get("filter_gpus", 0)), "runtime": int(res.get("filter_runtime_min", 60))}
 
     def data_targets(self) -> list[str]:
         if "data" not in self.stages:

@@ -194,11 +194,34 @@ def filter_report(ids: Sequence[str], decisions: Mapping[str, Sequence[bool]],
         if truth is not None and v in truth:
             t = np.asarray(truth[v], bool)
             tp, fp, fn = int((keep_a & t).sum()), int((keep_a & ~t).sum()), int((~keep_a & t).sum())
-            precision = tp / (tp + fp) if tp + fp else float("nan")
-            recall = tp / (tp + fn) if tp + fn else float("nan")
-            rep.update(true_fraction=float(t.mean()), tp=tp, fp=fp, fn=fn, precision=precision, recall=recall,
-                       f1=2 * precision * recall / (precision + recall) if tp else 0.0)
+            rep.update(true_fraction=float(t.mean()), **confusion_scores(tp, fp, fn))
         out[v] = rep
+    return out
+
+
+def confusion_scores(tp: int, fp: int, fn: int) -> dict[str, Any]:
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if tp else 0.0}
+
+
+def merge_reports(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One filter report from the reports of disjoint parts of a corpus (``filter_report``'s
+    fields plus speed and loader counts): what one job over all of it would have written,
+    with the throughput of one worker (images over the summed part times)."""
+    if not parts:
+        raise ValueError("merge_reports: no parts")
+    n = sum(int(p["n"]) for p in parts)
+    kept = [i for p in parts for i in p["kept_ids"]]
+    seconds = sum(int(p["n"]) / p["images_per_second"] for p in parts if p["images_per_second"])
+    out = {**{k: parts[0][k] for k in ("variant", "backend", "prompt")},
+           "n": n, "kept_ids": kept, "kept_fraction": len(kept) / n if n else 0.0,
+           "images_per_second": n / seconds if seconds else 0.0,
+           **{k: sum(p[k] for p in parts) for k in ("cpu_seconds", "skipped_samples", "broken_shards")}}
+    if all("tp" in p for p in parts):
+        out["true_fraction"] = sum(p["true_fraction"] * int(p["n"]) for p in parts) / n if n else 0.0
+        out.update(confusion_scores(*(sum(int(p[k]) for p in parts) for k in ("tp", "fp", "fn"))))
     return out
 
 

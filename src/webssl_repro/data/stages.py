@@ -75,18 +75,26 @@ def manifest_shards(path: str) -> list[str]:
     return read_manifest(path)["shards"]
 
 
-def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str], out_json: str) -> dict[str, Any]:
-    """Run one filter variant over a corpus; the result holds kept ids, kept fraction, P/R and speed."""
+def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str], out_json: str,
+                  part: int = 0) -> dict[str, Any]:
+    """Run one filter variant over a corpus, or over its ``part``-th of ``section["parts"]``
+    (every parts-th shard), so a corpus of billions of images is filtered by many jobs at once
+    (``filter_merge`` joins them); the result holds kept ids, kept fraction, P/R and speed."""
     from webssl_repro.data.filters import filter_report, make_filter, run_filter
     from webssl_repro.data.shards import make_loader
 
     opts = dict(section)
     backend = str(opts.pop("backend", "ocr"))
+    parts = int(opts.pop("parts", 1))
+    if not 0 <= part < parts:
+        raise ValueError(f"filter part {part} of data.filter.parts={parts}")
+    shards = list(shards)[part::parts]
     if backend == "ocr":
+        suffix = f".part{part}" if parts > 1 else ""
         opts.setdefault("cache_path", os.path.join(os.path.dirname(os.path.abspath(out_json)),
-                                                   f"ocr_reads_{opts.get('ocr_size', 256)}.json"))
+                                                   f"ocr_reads_{opts.get('ocr_size', 256)}{suffix}.json"))
     flt = make_filter(backend, **opts)
-    loader = make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1)
+    loader = make_loader(shards, shuffle_shards=False, rank=0, world_size=1)
     res = run_filter(flt, loader, [variant])
     if hasattr(flt, "save_cache"):
         flt.save_cache()
@@ -94,6 +102,19 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     out = {"variant": variant, "backend": flt.name, **rep, "images_per_second": res["images_per_second"],
            "cpu_seconds": res["cpu_seconds"],
            "skipped_samples": loader.stats.skipped_samples, "broken_shards": loader.stats.broken_shards}
+    _dump(out, out_json)
+    return out
+
+
+def filter_merge(part_jsons: Sequence[str], out_json: str) -> dict[str, Any]:
+    """The filter result of a whole corpus from those of its parts (``filter_corpus``)."""
+    from webssl_repro.data.filters import merge_reports
+
+    parts = []
+    for path in part_jsons:
+        with open(path) as fh:
+            parts.append(json.load(fh))
+    out = merge_reports(parts)
     _dump(out, out_json)
     return out
 
@@ -158,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("variant", choices=("light", "heavy"))
     p.add_argument("--data-json", default="{}")
     p.add_argument("--shards", required=True, help="a shard manifest (.json) or shard paths/patterns")
+    p.add_argument("--part", type=int, default=0, help="which of data.filter.parts to filter")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("filter-merge")
+    p.add_argument("--parts", nargs="+", required=True, help="the parts' result files")
     p.add_argument("--out", required=True)
     p = sub.add_parser("evalset")
     p.add_argument("task", choices=tuple(EVAL_DEFAULTS))
@@ -184,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "in1k":
         res = build_corpus(data.get("in1k", {}), args.out, args.threads, source="in1k")
         res = {k: v for k, v in res.items() if k != "shards"}
-    elif args.cmd == "filter":
-        res = filter_corpus(args.variant, data.get("filter", {}), shards, args.out)
+    elif args.cmd in ("filter", "filter-merge"):
+        res = (filter_corpus(args.variant, data.get("filter", {}), shards, args.out, args.part)
+               if args.cmd == "filter" else filter_merge(args.parts, args.out))
         res = {k: v for k, v in res.items() if k != "kept_ids"}
     elif args.cmd == "evalset":
         res = build_evalset(args.task, data.get("evalsets", {}), args.out)
