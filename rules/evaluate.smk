@@ -33,9 +33,9 @@ rule classic:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_classic.log",
-    threads: PLAN.eval_threads()
+    threads: PLAN.eval_threads("classic")
     resources:
-        **PLAN.eval_resources(),
+        **PLAN.eval_resources("classic"),
     conda:
         ENV
     shell:
@@ -53,9 +53,9 @@ rule alignment:
         evaluate=lambda w: PLAN.eval_config_json("alignment"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_alignment.log",
-    threads: PLAN.eval_threads()
+    threads: PLAN.eval_threads("alignment")
     resources:
-        **PLAN.eval_resources(),
+        **PLAN.eval_resources("alignment"),
     conda:
         ENV
     shell:

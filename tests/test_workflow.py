@@ -292,3 +292,17 @@ def test_put_cli_on_path_prepends_the_interpreters_bin_once(tmp_path):
     assert put_cli_on_path(env, exe) == env["PATH"]  # idempotent: the Snakefile is parsed once per job
     assert env["PATH"].count(str(tmp_path / "venv" / "bin")) == 1
     assert put_cli_on_path({}, exe) == str(tmp_path / "venv" / "bin")
+
+
+def test_eval_jobs_take_a_node_share_for_their_gpus():
+    """Paper scale: the VQA probe's 8 torchrun ranks each load the 8B LM before FSDP shards it
+    and the alignment job spreads the 70B LM over 8 GPUs, so both take a whole node; the
+    classic probes run the encoder on one GPU and take an eighth. Mini: no GPU, defaults."""
+    paper = Plan(load_config(REPO / "config/paper.yaml"))
+    node = paper.config["resources"]["mem_mb_per_node"]
+    for kind in ("vqa", "alignment"):
+        assert paper.eval_resources(kind) == {"gpu": 8, "runtime": 1440, "mem_mb": node, "cpus_per_task": 64}
+    assert paper.eval_resources("classic") == {"gpu": 1, "runtime": 1440, "mem_mb": node // 8, "cpus_per_task": 8}
+    assert paper.eval_threads("classic") == 8
+    mini = Plan(load_config(REPO / "config/mini.yaml"))
+    assert mini.eval_resources("vqa") == {"gpu": 0, "runtime": 60} and mini.eval_threads() == 1

@@ -263,12 +263,13 @@ class Plan:
     def eval_runtime(self) -> int:
         return int(self.config.get("resources", {}).get("eval_runtime_min", 60))
 
-    def eval_resources(self) -> dict[str, int]:
+    def eval_resources(self, kind: str = "vqa") -> dict[str, int]:
         """Resources of an evaluation job. On GPUs it takes a node's share for its GPUs: the
         VQA probe's torchrun ranks each load the LM (Llama-3-8B: ~16 GB in bf16) before FSDP
-        shards it, and the alignment job holds Llama-3.1-70B. Without GPUs (mini), the defaults."""
+        shards it, and the alignment job spreads Llama-3.1-70B over them; the classic probes
+        run the encoder on one. Without GPUs (mini), the defaults."""
         res = self.config.get("resources", {})
-        gpus = self.eval_gpus()
+        gpus = min(self.eval_gpus(), 1) if kind == "classic" else self.eval_gpus()
         out = {"gpu": gpus, "runtime": self.eval_runtime()}
         if gpus > 0:
             share = min(1.0, gpus / max(1, int(res.get("gpus_per_node", gpus))))
@@ -276,8 +277,8 @@ class Plan:
             out["cpus_per_task"] = int(res["cpus_per_gpu"]) * gpus
         return out
 
-    def eval_threads(self) -> int:
-        return self.eval_resources().get("cpus_per_task", 1)
+    def eval_threads(self, kind: str = "vqa") -> int:
+        return self.eval_resources(kind).get("cpus_per_task", 1)
 
     def run_pattern(self, multinode: bool) -> str:
         """A wildcard constraint matching exactly the runs of one launch layout."""

@@ -16,7 +16,7 @@ import torch
 
 from webssl_repro.evaluate.alignment import alignment_score
 from webssl_repro.evaluate.classic import images_tensor, load_split
-from webssl_repro.evaluate.features import block_tokens
+from webssl_repro.evaluate.features import block_tokens, model_device
 
 DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "batch_size": 64, "lm_batch_size": 32,
             "lm_paths": {}}
@@ -24,9 +24,11 @@ DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "batch_size": 64,
 
 def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torch.Tensor:
     x = images_tensor(records, int(meta["img_size"]))
+    device = model_device(encoder)
     with torch.no_grad():
-        cls = [block_tokens(encoder, x[i:i + batch], indices=None, norm=False).cls for i in range(0, len(x), batch)]
-    return torch.cat(cls, dim=1).float()  # (L, N, D)
+        cls = [block_tokens(encoder, x[i:i + batch].to(device), indices=None, norm=False).cls.float().cpu()
+               for i in range(0, len(x), batch)]
+    return torch.cat(cls, dim=1)  # (L, N, D)
 
 
 def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cache_dir: Path | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
-           "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size"]
+           "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size", "model_device"]
 
 
 @dataclass
@@ -125,25 +125,33 @@ def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> 
     return F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
 
 
+def model_device(model: Union[nn.Module, Callable]) -> torch.device:
+    """Where a module's weights are (CPU for a plain callable or a weightless module)."""
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next(params, torch.empty(0)).device
+
+
 def feature_fn(model: nn.Module, indices: Indices, norm: bool, patch_size: int,
                autocast_dtype: Optional[torch.dtype] = None
                ) -> Callable[[torch.Tensor], BlockTokens]:
-    """Frozen, no-grad ``images -> BlockTokens`` closure for the online dense heads."""
+    """Frozen, no-grad ``images -> BlockTokens`` closure for the online dense heads: the encoder
+    runs where its weights are (a GPU at paper scale), the heads get float32 tokens on the CPU."""
     model.eval().requires_grad_(False)
+    device = model_device(model)
 
     def fn(images: torch.Tensor) -> BlockTokens:
-        images = pad_to_multiple(images, patch_size)
+        images = pad_to_multiple(images.to(device), patch_size)
         with torch.no_grad(), torch.autocast(images.device.type, dtype=autocast_dtype,
                                              enabled=autocast_dtype is not None):
             bt = block_tokens(model, images, indices=indices, norm=norm)
-        return BlockTokens(bt.cls.float(), bt.patches.float(), bt.grid, bt.indices)
+        return BlockTokens(bt.cls.float().cpu(), bt.patches.float().cpu(), bt.grid, bt.indices)
 
     return fn
 
 
 def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indices: Indices = None,
                      norm: bool = False, cache: Optional[Union[str, Path]] = None,
-                     device: Union[str, torch.device] = "cpu",
+                     device: Union[str, torch.device, None] = None,
                      autocast_dtype: Optional[torch.dtype] = None) -> dict:
     """Run a frozen encoder over ``batches`` (images or (images, labels)) and keep compact features.
 
@@ -159,6 +167,7 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
             return data
     if isinstance(model, nn.Module):
         model.eval()
+    device = model_device(model) if device is None else device
     cls, avg, labels, idx = [], [], [], None
     with torch.no_grad():
         for batch in batches:
