@@ -63,7 +63,7 @@ rule text_filter_part:
     output:
         PLAN.filter_part("{variant}", "{part}"),
     params:
-        data=lambda w: PLAN.data_config_json("filter"),
+        command=lambda w: PLAN.filter_command(w.variant, int(w.part)),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.{{part}}.log",
     resources:
@@ -71,8 +71,7 @@ rule text_filter_part:
     conda:
         ENV
     shell:
-        "webssl-repro data filter {wildcards.variant} --data-json {params.data:q} --shards {input.shards} "
-        "--part {wildcards.part} --out {output} > {log} 2>&1"
+        "{params.command} --out {output} > {log} 2>&1"
 
 
 rule evalset:

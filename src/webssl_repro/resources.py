@@ -93,11 +93,7 @@ class RunResources:
     mem_mb: int
     cpus_per_task: int
     train_flops: float
-    estimate_min: int = 0  # the whole run's estimated runtime (0: runtime_min)
-
-    @property
-    def total_min(self) -> int:
-        return max(self.estimate_min, self.runtime_min)
+    total_min: int  # the whole run's estimated runtime
 
     @property
     def jobs(self) -> int:

@@ -210,12 +210,13 @@ class Plan:
             return {"shards": self.data_manifest("shards"), "after": self.filter_prerequisites(variant)}
         return {"parts": [self.filter_part(variant, k) for k in range(self.filter_parts())]}
 
-    def filter_command(self, variant: str) -> str:
-        """The ``text_filter`` rule's command before ``--out``."""
-        if self.filter_parts() == 1:
-            return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
-                    f"--shards {self.data_manifest('shards')}")
-        return "webssl-repro data filter-merge --parts " + " ".join(self.filter_inputs(variant)["parts"])
+    def filter_command(self, variant: str, part: int | None = None) -> str:
+        """The command before ``--out`` of ``text_filter`` (``part`` None: the whole corpus, or
+        the merge of its parts) and of ``text_filter_part``."""
+        if part is None and self.filter_parts() > 1:
+            return "webssl-repro data filter-merge --parts " + " ".join(self.filter_inputs(variant)["parts"])
+        return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
+                f"--shards {self.data_manifest('shards')}" + ("" if part is None else f" --part {part}"))
 
     def filter_resources(self, whole: bool = False) -> dict[str, int]:
         """A filter job's GPUs and runtime (``resources.filter_*``); merging parts needs neither."""
