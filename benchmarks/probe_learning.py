@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
 from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
-from webssl_repro.evaluate.classic import load_split  # noqa: E402
+from webssl_repro.evaluate.imagesets import load_split  # noqa: E402
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes  # noqa: E402
 from webssl_repro.models.io import load_encoder  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402

@@ -356,7 +356,7 @@ def test_joint_seg_heads_equal_separate_training():
     for s, h in zip(separate, heads):
         s.load_state_dict(h.state_dict())
     idx = _index_batches(12, 4, 0)
-    joint = train_seg_heads(heads, maps, masks, ((i, masks[i]) for i in idx), iters=15, lr=5e-2, warmup=3)
+    joint = train_seg_heads(heads, ((maps[i], masks[i]) for i in idx), iters=15, lr=5e-2, warmup=3)
     for k, s in enumerate(separate):
         ref = train_segmentation(s, _colour_features,
                                  ((images[i], masks[i]) for i in _index_batches(12, 4, 0)),
@@ -380,8 +380,8 @@ def test_joint_depth_heads_equal_separate_training():
     separate = [DepthLinearHead(3, n_layers=n, n_bins=32, max_depth=10.0) for n in (1, 4)]
     for s, h in zip(separate, heads):
         s.load_state_dict(h.state_dict())
-    joint = train_depth_heads(heads, inputs, bt.grid, ((i, depth[i]) for i in _index_batches(8, 4, 0)),
-                              iters=12, lr=1e-2, warmup_iters=3, sig_warmup=4, grad_clip=0.05)
+    batches = (([(p[i], c[i]) for p, c in inputs], bt.grid, depth[i]) for i in _index_batches(8, 4, 0))
+    joint = train_depth_heads(heads, batches, iters=12, lr=1e-2, warmup_iters=3, sig_warmup=4, grad_clip=0.05)
     for k, s in enumerate(separate):
         ref = train_depth(s, _colour_features, ((images[i], depth[i]) for i in _index_batches(8, 4, 0)),
                           iters=12, lr=1e-2, warmup_iters=3, sig_warmup=4, grad_clip=0.05)

@@ -1,31 +1,139 @@
-"""Dense probes on sets whose tokens do not fit the cache stream the encoder per batch, and
-give the cached path's numbers (the same seeded batches and heads; float rounding only)."""
+"""Classic probes on sets too large for memory (ImageNet, ADE20K, NYUd at paper scale): images
+are read lazily, the dense probes stream the encoder per batch and the linear probe's
+features go to disk, with the in-memory path's numbers (same seeded batches and heads; float
+rounding only). Forced here on the tiny sets by setting the in-memory limit to 0."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
 
 DENSE = {"batch_size": 64, "seed": 0,
          "segmentation": {"iters": 12, "lr": 0.01, "warmup": 2, "batch_size": 16, "img_size": 32},
-         "depth": {"iters": 12, "lr": 0.03, "warmup": 2, "sig_warmup": 0, "batch_size": 16, "img_size": 32}}
+         "depth": {"iters": 12, "lr": 0.03, "warmup": 2, "sig_warmup": 0, "batch_size": 16, "img_size": 32,
+                   "max_depth": 10.0},
+         "linear": {"epochs": 2, "epoch_length": 20, "lrs": [0.01, 0.1]}}
 
 
-@pytest.mark.parametrize("task", ["segmentation", "depth"])
-def test_streaming_equals_cached(tiny_data, monkeypatch, task):  # noqa: F811
-    from webssl_repro.evaluate import classic
+def _encoder():
     from webssl_repro.models.vit import Arch, build_encoder
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     encoder = build_encoder(Arch(width=32, depth=4, heads=2, patch=8), "dino", img_size=32, layerscale=1.0)
-    encoder.eval().requires_grad_(False)
-    meta = {"img_size": 32, "patch": 8, "depth": 4}
-    cfg = classic.classic_config(DENSE)
-    cached = getattr(classic, task)(encoder, meta, tiny_data[task], cfg)
-    monkeypatch.setattr(classic, "CACHE_LIMIT_BYTES", 0)
-    streamed = getattr(classic, task)(encoder, meta, tiny_data[task], cfg)
+    return encoder.eval().requires_grad_(False), {"img_size": 32, "patch": 8, "depth": 4}
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "depth"])
+def test_streaming_equals_in_memory(tiny_data, monkeypatch, tmp_path, task):  # noqa: F811
+    """In memory (workers 0) against out of memory with a decoding worker. Classification
+    differs only by the float16 features on disk: at most one val image changes class."""
+    from webssl_repro.evaluate import classic, features
+    from webssl_repro.evaluate.imagesets import load_split
+
+    encoder, meta = _encoder()
+    cached = getattr(classic, task)(encoder, meta, tiny_data[task], classic.classic_config(DENSE))
+    monkeypatch.setattr(features, "IN_MEMORY_BYTES", 0)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    streamed = getattr(classic, task)(encoder, meta, tiny_data[task],
+                                      classic.classic_config({**DENSE, "workers": 1, "scratch": str(scratch)}))
+    assert list(scratch.iterdir()) == []  # the features on disk are removed with their directory
     assert cached.keys() == streamed.keys() and len(cached) == 2
+    if task == "classification":
+        one_image = 100.0 / len(load_split(tiny_data[task], "val"))
+        assert abs(streamed["in1k_linear"] - cached["in1k_linear"]) <= one_image + 1e-9, (cached, streamed)
+        return
     for name in cached:
         assert streamed[name] == pytest.approx(cached[name], rel=1e-3, abs=1e-3), (name, cached, streamed)
+
+
+def test_linear_features_go_to_disk_past_the_memory_limit(tiny_data, monkeypatch, tmp_path):  # noqa: F811
+    from webssl_repro.evaluate import features
+    from webssl_repro.evaluate.imagesets import EvalImages, image_loader, in_order, load_split
+
+    encoder, _ = _encoder()
+    images = EvalImages(load_split(tiny_data["classification"], "val"), 32, "label")
+    n = len(images)
+    in_memory = features.linear_features(encoder, image_loader(images, in_order(n, 16)), n, 4)
+    monkeypatch.setattr(features, "IN_MEMORY_BYTES", 0)
+    with pytest.raises(ValueError, match="scratch"):
+        features.linear_features(encoder, image_loader(images, in_order(n, 16)), n, 4)
+    # batches in any order land at their sample index
+    shuffled = [torch.arange(n)[i:i + 16] for i in range(0, n, 16)][::-1]
+    on_disk = features.linear_features(encoder, image_loader(images, shuffled), n, 4, scratch=tmp_path)
+    assert (tmp_path / "linear_features.f16").stat().st_size == 2 * 5 * n * 32
+    assert on_disk["cls"].dtype == torch.float16 and on_disk["cls"].shape == (4, n, 32)
+    assert torch.equal(on_disk["labels"], in_memory["labels"])
+    for key in ("cls", "avgpool"):
+        assert torch.allclose(on_disk[key].float(), in_memory[key], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=f"covered 16 of {n}"):
+        features.linear_features(encoder, image_loader(images, shuffled[:1]), n, 4, scratch=tmp_path)
+
+
+def test_depth_without_max_depth_needs_it_set_when_streaming(tiny_data, monkeypatch):  # noqa: F811
+    from webssl_repro.evaluate import classic, features
+
+    encoder, meta = _encoder()
+    monkeypatch.setattr(features, "IN_MEMORY_BYTES", 0)
+    cfg = classic.classic_config({**DENSE, "depth": {**DENSE["depth"], "max_depth": None}})
+    with pytest.raises(ValueError, match="evaluate.classic.depth.max_depth"):
+        classic.depth(encoder, meta, tiny_data["depth"], cfg)
+
+
+class _CountingRows:
+    """A `datasets.Dataset` stand-in that records which rows were read."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.read = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        self.read.append(i)
+        return {"image": Image.fromarray(np.full((8, 8, 3), i % 256, dtype=np.uint8)), "label": i}
+
+
+def test_hf_split_decodes_only_the_rows_read():
+    from webssl_repro.data.real_evalsets import build_hf_manifest, load_hf_split
+
+    rows = _CountingRows(1000)
+    split = load_hf_split(build_hf_manifest("classification", {"limit": 300}), "train", rows)
+    assert len(split) == 300 and rows.read == []
+    assert split[7]["label"] == 7 and split[-1]["label"] == 299 and rows.read == [7, 299]
+    with pytest.raises(IndexError):
+        split[300]
+    assert [r["label"] for r in split[2:5]] == [2, 3, 4]
+
+
+def test_image_loader_with_workers_gives_the_same_batches(tiny_data):  # noqa: F811
+    from webssl_repro.evaluate.imagesets import EvalImages, image_loader, load_split, seeded_batches
+
+    images = EvalImages(load_split(tiny_data["segmentation"], "val"), 24, "seg")
+
+    def first(workers: int, k: int = 5):
+        stream = image_loader(images, seeded_batches(len(images), 8, seed=3), workers)
+        return [next(stream) for _ in range(k)]
+
+    for (i0, x0, y0), (i1, x1, y1) in zip(first(0), first(2)):
+        assert torch.equal(i0, i1) and torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert x0.shape == (8, 3, 24, 24) and y0.dtype == torch.long and y0.shape == (8, 24, 24)
+
+
+def test_paper_config_runs_the_full_size_sets():
+    """paper.yaml's classic section is valid, decodes in the job's spare CPUs and sets the depth
+    bins' top (a streamed NYUd cannot be scanned for it)."""
+    from pathlib import Path
+
+    from webssl_repro.config import load_config
+    from webssl_repro.evaluate.classic import classic_config
+    from webssl_repro.workflow import Plan
+
+    paper = load_config(Path(__file__).resolve().parents[1] / "config" / "paper.yaml")
+    cfg = classic_config(paper["evaluate"]["classic"])
+    assert cfg["depth"]["max_depth"] == 10.0
+    assert 0 < cfg["workers"] < Plan(paper).eval_threads("classic") == 8

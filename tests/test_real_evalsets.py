@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 datasets = pytest.importorskip("datasets")
@@ -46,7 +47,8 @@ def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):
     before stacking (labels by nearest neighbour, so no class is invented). The segmentation
     heads size their output by the manifest: 150 ADE20K classes, not the mini world's 20."""
     from webssl_repro.data.miniweb.world import SEG_CLASSES
-    from webssl_repro.evaluate.classic import _targets, images_tensor, segmentation_classes
+    from webssl_repro.evaluate.classic import segmentation_classes
+    from webssl_repro.evaluate.imagesets import EvalImages
 
     rows = []
     for h, w in ((375, 500), (500, 333)):
@@ -56,9 +58,9 @@ def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):
                      "annotation": Image.fromarray(ann), "scene_category": 0})
     manifest = build_hf_manifest("segmentation", {})
     records = load_hf_split(manifest, "val", datasets.Dataset.from_list(rows))
-    x, y = images_tensor(records, 32), _targets(records, "seg", 32, "nearest")
+    x, y = (torch.stack(t) for t in zip(*EvalImages(records, 32, "seg")))
     assert x.shape == (2, 3, 32, 32) and y.shape == (2, 32, 32)
-    assert set(y.unique().tolist()) == {149.0, 255.0} and (y[:, :8] == 149).all() and (y[:, -8:] == 255).all()
+    assert y.dtype == torch.long and set(y.unique().tolist()) == {149, 255} and (y[:, :8] == 149).all() and (y[:, -8:] == 255).all()
     path = tmp_path / "segmentation.json"
     path.write_text(json.dumps(manifest))
     assert segmentation_classes(path) == 150

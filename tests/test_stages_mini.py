@@ -73,7 +73,7 @@ def test_dino_head_does_not_collapse(dino_run):
 @pytest.fixture(scope="session")
 def knn_scores(dino_encoders, tiny_data, tmp_path_factory) -> dict[str, float]:
     def compute():
-        from webssl_repro.evaluate.classic import load_split
+        from webssl_repro.evaluate.imagesets import load_split
 
         trained, random_init, meta = dino_encoders
         records = {split: load_split(tiny_data["classification"], split) for split in ("train", "val")}
@@ -147,7 +147,7 @@ CLIP_SEEDS = (0, 1, 2)
 def _clip_seed(tmp_path_factory, run: dict, captions: str) -> dict[str, float]:
     """Image->text retrieval of a ``trained_run`` of ``CLIP_RUN`` and of its init on the held-out
     ``captions`` test split; computed once per session."""
-    from webssl_repro.evaluate.classic import load_split
+    from webssl_repro.evaluate.imagesets import load_split
 
     def compute() -> dict[str, float]:
         records = load_split(captions, "test")

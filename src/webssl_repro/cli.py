@@ -103,7 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = json.loads(args.eval_json)
     encoder, meta = load_encoder(args.encoder)
     if args.kind != "vqa" and torch.cuda.is_available():  # the vqa probe places its own ranks
-        encoder = encoder.cuda()  # the frozen encoder on a GPU; the probe heads train on the CPU
+        encoder = encoder.cuda()  # the frozen encoder on a GPU; the probe heads train beside it
     manifests = {json.loads(Path(p).read_text()).get("task") or Path(p).parent.name: p for p in args.data}
     if args.kind == "classic":
         from webssl_repro.evaluate.classic import run_classic

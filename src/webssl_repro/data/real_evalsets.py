@@ -9,6 +9,7 @@ resolves the id (a hub id with a local cache on the cluster, or a local path).
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -85,7 +86,26 @@ def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
             **({"n_classes": base["n_classes"]} if "n_classes" in base else {})}
 
 
-def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any] = None) -> list[dict[str, Any]]:
+class HFSplit(Sequence):
+    """One split's rows as records, each decoded when indexed: ImageNet's 1.28M training images
+    are read batch by batch, never held at once. ``limit`` keeps the first rows only."""
+
+    def __init__(self, dataset: Any, adapter: Adapter, limit: Optional[int] = None) -> None:
+        self.dataset, self.adapter = dataset, adapter
+        self.n = len(dataset) if limit is None else min(len(dataset), int(limit))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(f"row {i} of a {self.n}-row split")
+        return self.adapter(self.dataset[int(i) % self.n])
+
+
+def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any] = None) -> HFSplit:
     """Records of one split; ``dataset`` may be passed in (tests use ``datasets.Dataset.from_list``)."""
     task = manifest["task"]
     if split not in manifest["splits"]:
@@ -95,11 +115,5 @@ def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any
 
         dataset = datasets.load_dataset(manifest["dataset"], manifest.get("config"), revision=manifest.get("revision"),
                                         split=manifest["splits"][split])
-    adapter: Adapter = HF_EVALSETS[task]["adapter"]
     limit = manifest.get("limit")
-    records = []
-    for i, row in enumerate(dataset):
-        if limit is not None and i >= int(limit):
-            break
-        records.append(adapter(row))
-    return records
+    return HFSplit(dataset, HF_EVALSETS[task]["adapter"], None if limit is None else int(limit))

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from webssl_repro.evaluate.alignment import alignment_score
-from webssl_repro.evaluate.classic import images_tensor, load_split
+from webssl_repro.evaluate.imagesets import images_tensor, load_split
 from webssl_repro.evaluate.features import block_tokens, model_device
 
 DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "batch_size": 64, "lm_batch_size": 32,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .features import BlockTokens, chunk_size, interp_matrix
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
-           "depth_loss", "train_depth", "train_depth_heads", "rmse"]
+           "depth_loss", "train_depth", "train_depth_heads", "rmse", "RMSE"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
 
@@ -239,15 +239,14 @@ def train_depth(head: DepthLinearHead, feature_fn, batches: Iterable, iters: int
 
 
 def train_depth_heads(heads: Sequence[DepthLinearHead],
-                      inputs: Sequence[tuple[torch.Tensor, torch.Tensor]], grid: tuple[int, int],
-                      index_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iters: int,
-                      lr: float = 1e-4, weight_decay: float = 0.01, warmup_iters: int = 12800,
+                      batches: Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], tuple[int, int], torch.Tensor]],
+                      iters: int, lr: float = 1e-4, weight_decay: float = 0.01, warmup_iters: int = 12800,
                       sig_warmup: int = 100, grad_clip: float = 35.0) -> list[list[float]]:
-    """``train_depth`` for several heads at once on cached frozen tokens.
+    """``train_depth`` for several heads at once on frozen tokens.
 
-    ``inputs[i]`` = (patches (N, P, n_i*D), cls (N, n_i*D)) of the whole training set for head i
-    (``DepthLinearHead.flat_inputs``); ``index_batches`` yields (sample indices, depth
-    (B, 1, H, W)). All heads see the same batches; their logits are upsampled in one pass.
+    ``batches`` yields (inputs, grid, depth (B, 1, H, W)) with ``inputs[i]`` = (patches
+    (B, P, n_i*D), cls (B, n_i*D)) for head i (``DepthLinearHead.flat_inputs``), from a token
+    cache or the encoder. All heads see the same batches; their logits are upsampled in one pass.
     One AdamW over all heads is per-parameter, i.e. one AdamW per head, and gradients are
     clipped per head, as separate trainings would. Returns each head's loss curve.
     """
@@ -258,11 +257,11 @@ def train_depth_heads(heads: Sequence[DepthLinearHead],
         h.train()
     shared = all(h.upsample == heads[0].upsample and torch.equal(h.bins, heads[0].bins) for h in heads)
     for it in range(iters):
-        idx, target = next(index_batches)
+        inputs, grid, target = next(batches)
         target = target.view(target.shape[0], 1, *target.shape[-2:])
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(it, iters, warmup_iters)
-        logits = torch.cat([h.token_logits(p[idx], c[idx], grid) for h, (p, c) in zip(heads, inputs)])
+        logits = torch.cat([h.token_logits(p, c, grid) for h, (p, c) in zip(heads, inputs)])
         if shared:  # one chunked pass over all heads' logits
             preds = heads[0].from_logits(logits).chunk(len(heads))
         else:
@@ -278,18 +277,34 @@ def train_depth_heads(heads: Sequence[DepthLinearHead],
     return losses
 
 
+class RMSE:
+    """``rmse`` accumulated batch by batch: per-image RMSEs, averaged at the end."""
+
+    def __init__(self) -> None:
+        self.per_image: list[torch.Tensor] = []
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor) -> None:
+        if pred.shape != target.shape or valid_mask.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and valid_mask "
+                             f"{tuple(valid_mask.shape)} must match")
+        b = pred.shape[0]
+        err = ((pred.double() - target.double()) ** 2 * valid_mask).reshape(b, -1).sum(1)
+        n = valid_mask.reshape(b, -1).sum(1).double()
+        keep = n > 0
+        self.per_image.append(torch.sqrt(err[keep] / n[keep]).cpu())
+
+    def value(self) -> float:
+        values = torch.cat(self.per_image) if self.per_image else torch.empty(0)
+        if not len(values):
+            raise ValueError("valid_mask selects no pixel")
+        return float(values.mean())
+
+
 def rmse(pred: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor) -> float:
     """RMSE over valid pixels, computed per image then averaged (the depth toolbox's convention).
 
     Inputs are (B, H, W) or (B, 1, H, W); images with no valid pixel are skipped.
     """
-    if pred.shape != target.shape or valid_mask.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and valid_mask "
-                         f"{tuple(valid_mask.shape)} must match")
-    b = pred.shape[0]
-    err = ((pred.double() - target.double()) ** 2 * valid_mask).reshape(b, -1).sum(1)
-    n = valid_mask.reshape(b, -1).sum(1).double()
-    keep = n > 0
-    if not keep.any():
-        raise ValueError("valid_mask selects no pixel")
-    return float(torch.sqrt(err[keep] / n[keep]).mean())
+    acc = RMSE()
+    acc.add(pred, target, valid_mask)
+    return acc.value()

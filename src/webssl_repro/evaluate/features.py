@@ -22,7 +22,12 @@ import torch.nn.functional as F
 Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
-           "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size", "model_device"]
+           "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size", "model_device", "linear_features",
+           "IN_MEMORY_BYTES"]
+
+#: Frozen features or tokens up to this size stay in memory; larger ones go to disk (features)
+#: or are recomputed per batch (dense tokens).
+IN_MEMORY_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -132,10 +137,11 @@ def model_device(model: Union[nn.Module, Callable]) -> torch.device:
 
 
 def feature_fn(model: nn.Module, indices: Indices, norm: bool, patch_size: int,
-               autocast_dtype: Optional[torch.dtype] = None
+               autocast_dtype: Optional[torch.dtype] = None, out_device: Union[str, torch.device] = "cpu"
                ) -> Callable[[torch.Tensor], BlockTokens]:
-    """Frozen, no-grad ``images -> BlockTokens`` closure for the online dense heads: the encoder
-    runs where its weights are (a GPU at paper scale), the heads get float32 tokens on the CPU."""
+    """Frozen, no-grad ``images -> BlockTokens`` closure for the dense heads: the encoder runs
+    where its weights are (a GPU at paper scale) and returns float32 tokens on ``out_device``
+    (the CPU for a token cache, the heads' device when they train on streamed tokens)."""
     model.eval().requires_grad_(False)
     device = model_device(model)
 
@@ -144,7 +150,7 @@ def feature_fn(model: nn.Module, indices: Indices, norm: bool, patch_size: int,
         with torch.no_grad(), torch.autocast(images.device.type, dtype=autocast_dtype,
                                              enabled=autocast_dtype is not None):
             bt = block_tokens(model, images, indices=indices, norm=norm)
-        return BlockTokens(bt.cls.float().cpu(), bt.patches.float().cpu(), bt.grid, bt.indices)
+        return BlockTokens(bt.cls.float().to(out_device), bt.patches.float().to(out_device), bt.grid, bt.indices)
 
     return fn
 
@@ -190,3 +196,45 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, cache)
     return data
+
+
+def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks: int,
+                    scratch: Optional[Union[str, Path]] = None,
+                    autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """The linear probe's inputs for a whole split: normed CLS of the last ``n_blocks`` blocks
+    and the last block's mean patch token, written by sample index from ``batches`` of
+    (indices, images, labels).
+
+    Returns ``{"cls": (n_blocks, N, D), "avgpool": (N, D), "labels": (N,)}`` like
+    ``extract_features``, but only what the DINOv2 grid reads, preallocated: float32 in memory
+    up to ``IN_MEMORY_BYTES``, else float16 in a memory-mapped file under ``scratch`` (ImageNet
+    at ViT-7B width: 1.28M x 5 x 4096 values, 52 GB), which the probe reads batch by batch.
+    """
+    import numpy as np
+
+    model.eval()
+    device = model_device(model)
+    store = labels = None
+    with torch.no_grad():
+        for idx, images, y in batches:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                bt = block_tokens(model, images.to(device), indices=n_blocks, norm=True)
+            rows = torch.cat([bt.cls, bt.patches.mean(dim=2, keepdim=False)[-1:]]).float().cpu()  # (n+1, B, D)
+            if store is None:
+                shape = (n_blocks + 1, n_items, rows.shape[-1])
+                if 4 * math.prod(shape) <= IN_MEMORY_BYTES:
+                    store = torch.empty(shape)
+                else:
+                    if scratch is None:
+                        raise ValueError(f"features of {n_items} images need {2 * math.prod(shape) / 1e9:.1f} GB "
+                                         "on disk: pass a scratch directory")
+                    path = Path(scratch) / "linear_features.f16"
+                    store = torch.from_numpy(np.memmap(path, dtype=np.float16, mode="w+", shape=shape))
+                labels = torch.full((n_items,), -1, dtype=torch.long)
+            store[:, idx] = rows.to(store.dtype)
+            labels[idx] = torch.as_tensor(y).long()
+    if store is None:
+        raise ValueError("batches is empty")
+    if (labels < 0).any():
+        raise ValueError(f"batches covered {int((labels >= 0).sum())} of {n_items} images")
+    return {"cls": store[:n_blocks], "avgpool": store[n_blocks], "labels": labels}

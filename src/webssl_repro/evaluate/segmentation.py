@@ -23,7 +23,7 @@ MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # mmseg's usual ratios for DINOv2's "+m
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
 
 __all__ = ["LinearSegHead", "seg_logits", "multiscale_probs", "train_segmentation",
-           "train_seg_heads", "predict", "mean_iou", "MS_SCALES", "IGNORE_INDEX"]
+           "train_seg_heads", "predict", "mean_iou", "IoU", "MS_SCALES", "IGNORE_INDEX"]
 
 
 class LinearSegHead(nn.Module):
@@ -180,14 +180,13 @@ def upsampled_ce(logits: torch.Tensor, target: torch.Tensor,
     return _UpsampledCE.apply(logits, target.long(), uh, uw, ignore_index, chunk_size(C * H * W))
 
 
-def train_seg_heads(heads: Sequence[LinearSegHead], maps: torch.Tensor, masks: torch.Tensor,
-                    index_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], iters: int,
-                    lr: float = 1e-3, weight_decay: float = 1e-4, warmup: int = 1500,
+def train_seg_heads(heads: Sequence[LinearSegHead], batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                    iters: int, lr: float = 1e-3, weight_decay: float = 1e-4, warmup: int = 1500,
                     warmup_ratio: float = 1e-6) -> list[list[float]]:
-    """``train_segmentation`` for several heads at once on cached frozen maps.
+    """``train_segmentation`` for several heads at once on frozen maps.
 
-    ``maps`` (N, L*D, h, w) are the frozen patch maps of the whole training set, concatenated
-    along channels in block order; ``index_batches`` yields (sample indices, masks). Every head
+    ``batches`` yields (maps, masks): maps (B, L*D, h, w) are a batch's frozen patch maps
+    concatenated along channels in block order (from a token cache or the encoder). Every head
     sees the same batches; one AdamW over all heads is per-parameter, so it is exactly one AdamW
     per head. The heads' logits are upsampled in one call, and the loss is the sum of the heads'
     mean CEs (``upsampled_ce``), whose gradient for each head is that head's own. Returns each
@@ -199,10 +198,9 @@ def train_seg_heads(heads: Sequence[LinearSegHead], maps: torch.Tensor, masks: t
     for h in heads:
         h.train()
     for it in range(iters):
-        idx, y = next(index_batches)
+        xb, y = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(it, iters, warmup, warmup_ratio)
-        xb = maps[idx]
         logits = torch.cat([h.forward_concat(xb) for h in heads])
         per_image = upsampled_ce(logits, y.repeat(len(heads), 1, 1)).view(len(heads), -1)
         n_valid = (y != IGNORE_INDEX).sum().clamp(min=1)
@@ -215,6 +213,36 @@ def train_seg_heads(heads: Sequence[LinearSegHead], maps: torch.Tensor, masks: t
     return losses
 
 
+class IoU:
+    """mmseg's mIoU accumulated batch by batch: per-class intersection and areas over every
+    pixel of the set, so a val set's predictions are never held at once."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.inter = self.area_p = self.area_t = torch.zeros(num_classes, dtype=torch.float64)
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        n = self.num_classes
+        keep = target != self.ignore_index
+        p, t = pred[keep].long(), target[keep].long()
+        if ((t < 0) | (t >= n)).any():
+            raise ValueError("target has labels outside [0, num_classes) other than ignore_index")
+        if ((p < 0) | (p >= n)).any():
+            raise ValueError("pred has labels outside [0, num_classes)")
+        self.inter = self.inter + torch.bincount(t[p == t], minlength=n)[:n].double().cpu()
+        self.area_p = self.area_p + torch.bincount(p, minlength=n)[:n].double().cpu()
+        self.area_t = self.area_t + torch.bincount(t, minlength=n).double().cpu()
+
+    def mean(self) -> float:
+        """Mean over classes with a union; classes absent from both are skipped, as in mmseg."""
+        union = self.area_p + self.area_t - self.inter
+        iou = self.inter / union
+        iou[union == 0] = float("nan")
+        return float(torch.nanmean(iou))
+
+
 def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
              ignore_index: int = IGNORE_INDEX) -> float:
     """mmseg mIoU: IoU per class accumulated over all pixels, mean over classes with a union.
@@ -222,18 +250,6 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     Pixels with ``target == ignore_index`` are dropped; classes absent from both prediction and
     target (union 0) are NaN and skipped (``nanmean``), as in mmseg.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    keep = target != ignore_index
-    p, t = pred[keep].long(), target[keep].long()
-    if ((t < 0) | (t >= num_classes)).any():
-        raise ValueError("target has labels outside [0, num_classes) other than ignore_index")
-    if ((p < 0) | (p >= num_classes)).any():
-        raise ValueError("pred has labels outside [0, num_classes)")
-    inter = torch.bincount(t[p == t], minlength=num_classes)[:num_classes].double()
-    area_p = torch.bincount(p, minlength=num_classes)[:num_classes].double()
-    area_t = torch.bincount(t, minlength=num_classes).double()
-    union = area_p + area_t - inter
-    iou = inter / union
-    iou[union == 0] = float("nan")
-    return float(torch.nanmean(iou))
+    iou = IoU(num_classes, ignore_index)
+    iou.add(pred, target)
+    return iou.mean()

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from webssl_repro.evaluate.classic import images_tensor
+from webssl_repro.evaluate.imagesets import images_tensor
 from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
 from webssl_repro.metrics import VQA_BENCHMARKS
 

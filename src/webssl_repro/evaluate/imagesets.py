@@ -1,0 +1,131 @@
+"""Eval-set images as probe inputs, read lazily: ImageNet's 1.28M training images never sit
+in memory at once, and the mini sets take the same path.
+
+A split is a sequence of records (``image`` + ``label`` / ``seg`` / ``depth`` / ``caption``):
+the mini-web sets are small lists, the real sets (``data.real_evalsets.HFSplit``) decode a row
+when it is indexed. ``EvalImages`` turns records into the probe's square, normalised tensors,
+and ``image_loader`` batches them in a given index order (workers decode ahead at paper scale),
+so every probe sees the same seeded batches whether it caches tokens or streams them.
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: target key -> (resize mode, dtype): class ids must not be blended, depth is bilinear
+TARGETS = {"label": (None, torch.long), "seg": ("nearest", torch.long), "depth": ("bilinear", torch.float32)}
+
+
+def load_split(manifest_path: str | Path, split: str) -> Sequence[dict[str, Any]]:
+    """Records of one split of an eval set, from the manifest its data rule wrote."""
+    from webssl_repro.data.evalsets import load_evalset
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    if manifest.get("source") == "hf":  # paper scale: ImageNet-1k, ADE20K, NYUd, WIT-1024
+        from webssl_repro.data.real_evalsets import load_hf_split
+
+        return load_hf_split(manifest, split)
+    try:
+        (rel,) = manifest["splits"][split].values()
+    except (KeyError, ValueError):
+        raise ValueError(f"{manifest_path}: no single '{split}' split in {manifest.get('splits')}") from None
+    return load_evalset(str(Path(manifest_path).parent / rel))
+
+
+def _square(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size); real eval sets (ImageNet, ADE20K, NYUd) mix image sizes."""
+    if t.shape[-2:] == (size, size):
+        return t
+    extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(t.unsqueeze(0), size=(size, size), mode=mode, **extra).squeeze(0)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def image_tensor(image: Any, size: int) -> torch.Tensor:
+    """One PIL image -> (3, size, size), bicubic, ImageNet-normalised."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (_square(x, size, "bicubic").clamp(0, 1) - _MEAN) / _STD
+
+
+def images_tensor(records: Sequence[dict[str, Any]], size: int) -> torch.Tensor:
+    """A small set's images stacked (N, 3, size, size): VQA, k-NN and alignment sets."""
+    return torch.stack([image_tensor(r["image"], size) for r in records])
+
+
+def target_tensor(record: dict[str, Any], key: str, size: int) -> torch.Tensor:
+    """A record's target for the probe: a class id, or a (size, size) mask / depth map."""
+    mode, dtype = TARGETS[key]
+    if mode is None:
+        return torch.tensor(int(record[key]), dtype=dtype)
+    t = torch.from_numpy(np.asarray(record[key], dtype=np.float32)).unsqueeze(0)
+    return _square(t, size, mode).squeeze(0).to(dtype)
+
+
+class EvalImages(Dataset):
+    """``records`` as (image, target) pairs at the probe's square ``size``; decoded per item."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], size: int, target: str) -> None:
+        if target not in TARGETS:
+            raise KeyError(f"unknown target {target!r} (known: {sorted(TARGETS)})")
+        self.records, self.size, self.target = records, int(size), target
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        record = self.records[i]
+        return image_tensor(record["image"], self.size), target_tensor(record, self.target, self.size)
+
+
+def seeded_batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless index batches of a reshuffled pass per epoch (DINOv2's infinite sampler); a
+    pass's last partial batch is dropped."""
+    if batch > n:
+        raise ValueError(f"batch size {batch} is larger than the {n} training images")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1, batch):
+            yield perm[i:i + batch]
+
+
+def in_order(n: int, batch: int) -> Iterator[torch.Tensor]:
+    """One pass in order, the last batch possibly short (feature extraction, evaluation)."""
+    for i in range(0, n, batch):
+        yield torch.arange(i, min(i + batch, n))
+
+
+def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: int = 0
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(indices, images, targets) per index batch, in the order given. With ``workers`` the
+    decoding runs ahead in worker processes; the batches themselves do not change."""
+    batches = iter(batches)
+    if workers <= 0:
+        for idx in batches:
+            items = [images[int(i)] for i in idx]
+            yield idx, torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+        return
+    order: deque[torch.Tensor] = deque()
+
+    def sampler() -> Iterator[list[int]]:  # the loader reads ahead: remember what it asked for
+        for idx in batches:
+            order.append(idx)
+            yield idx.tolist()
+
+    loader = DataLoader(images, batch_sampler=sampler(), num_workers=int(workers), prefetch_factor=4)
+    for x, y in loader:
+        yield order.popleft(), x, y
+
