@@ -1,4 +1,5 @@
-# Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json
+# Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
+# and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/vqa_{pixels,blind}.json
 # vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
 
 
@@ -21,6 +22,28 @@ rule vqa:
     shell:
         "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
         "--data {input.data} --out {output} > {log} 2>&1"
+
+
+rule vqa_control:
+    wildcard_constraints:
+        control="pixels|blind",
+    input:
+        data=PLAN.vqa_data(),
+    output:
+        PLAN.control_path("{control}"),
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("vqa"),
+        encoder=PLAN.control_args(),
+    log:
+        f"logs/{SCALE}/evaluate/control_{{control}}_vqa.log",
+    threads: PLAN.eval_threads()
+    resources:
+        **PLAN.eval_resources(),
+    conda:
+        ENV
+    shell:
+        "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
+        "--eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule classic:

@@ -170,10 +170,15 @@ def _category_values(run: str) -> dict[str, float]:
             "Vision-Centric": 50 + 2 * s + n - steps}
 
 
-def write_tree(root, plan: Plan) -> list[str]:
-    """Eval JSONs for every requested (run, seed, kind), with a small per-seed jitter."""
+def write_tree(root, plan: Plan, blind_average: float = 20.0) -> list[str]:
+    """Eval JSONs for every requested (run, seed, kind), with a small per-seed jitter, and the VQA
+    probe's controls: raw-pixel tokens at 40 Average, zeros at ``blind_average``."""
     paths = check_inputs(plan)
     for path in paths:
+        if "/controls/" in path:
+            average = 40.0 if path.endswith("vqa_pixels.json") else blind_average
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(json.dumps({"metrics": {"Average": average}}))
         if "/data/filter/" in path:
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_text(json.dumps({"kept_fraction": 0.5 if "light" in path else 0.02}))
@@ -225,6 +230,34 @@ def test_check_on_a_synthetic_mini_tree(tmp_path, monkeypatch):
     assert pct[("dino2b-heavy2b-224", "data_pct")] == pytest.approx(2.0)
     assert pct[("clip2b-full2b-224", "data_pct")] == 100
     assert "does not hold" in (tmp_path / "paper/synth/check/claims.md").read_text()
+
+
+def test_vqa_claims_not_measurable_where_the_probe_does_not_read_images(tmp_path, monkeypatch):
+    """The mini VQA probe scores raw-pixel tokens like zeros (benchmarks/README.md): its claims are
+    then not measurable, whatever the runs' numbers say, and the evidence keeps that verdict;
+    claims on alignment numbers are unaffected. A gain of MIN_PROBE_GAIN is enough."""
+    from webssl_repro.paper.check import MIN_PROBE_GAIN, gate_on_probe, probe_controls
+
+    monkeypatch.chdir(tmp_path)
+    config = synthetic_config(seeds=(0,))
+    plan = Plan(config)
+    assert plan.vqa_controls() == ["pixels", "blind"]
+    paths = write_tree(tmp_path, plan, blind_average=39.0)
+    assert sum("/controls/" in p for p in paths) == 2
+    results = {r.claim.id: r for r in run_check(config, paths, tmp_path / "out", None)[0]}
+    vqa = [c for c in C.CLAIMS if any(s.eval == "vqa" for s in c.series)]
+    assert len(vqa) == 11
+    for claim in vqa:
+        assert results[claim.id].verdict == C.NOT_MEASURABLE, results[claim.id]
+        assert "does not read images" in results[claim.id].evidence
+    assert "Without the control: holds" in results["dino_scales_with_size"].evidence
+    assert results["alignment_rises_with_size"].verdict == C.HOLDS
+    claims_md = (tmp_path / "out" / "claims.md").read_text()
+    assert "raw-pixel tokens 40.00, zero tokens 39.00 Average (gain +1.00; needs >= +5)" in claims_md
+    ungated = C.evaluate_all(C.pd.DataFrame(columns=["source", "metric", "value"]))
+    assert gate_on_probe(ungated, {"pixels": 25.0 + MIN_PROBE_GAIN, "blind": 25.0})[0] == ungated
+    with pytest.raises(ValueError, match="pair"):
+        probe_controls([p for p in paths if not p.endswith("vqa_blind.json")])
 
 
 def test_unrequested_stage_makes_claims_not_measurable(tmp_path, monkeypatch):

@@ -135,5 +135,20 @@ def test_paper_config_runs_the_full_size_sets():
 
     paper = load_config(Path(__file__).resolve().parents[1] / "config" / "paper.yaml")
     cfg = classic_config(paper["evaluate"]["classic"])
-    assert cfg["depth"]["max_depth"] == 10.0
+    assert cfg["depth"]["max_depth"] == 10.0 and cfg["precision"] == "bf16"
     assert 0 < cfg["workers"] < Plan(paper).eval_threads("classic") == 8
+
+
+def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811
+    """bf16 changes the frozen features (so it is applied), not the metric's scale; an unknown
+    precision is named."""
+    from webssl_repro.evaluate import classic
+
+    encoder, meta = _encoder()
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 4}}
+    fp32 = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
+    bf16 = classic.segmentation(encoder, meta, tiny_data["segmentation"],
+                                classic.classic_config({**cfg, "precision": "bf16"}))
+    assert fp32 != bf16 and all(abs(bf16[k] - fp32[k]) < 2.0 for k in fp32), (fp32, bf16)
+    with pytest.raises(ValueError, match="evaluate.classic.precision: 'fp8'"):
+        classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config({**cfg, "precision": "fp8"}))

@@ -365,3 +365,23 @@ def test_real_benchmark_adapters_with_local_stand_ins():
                                         "image": "I"}])
     (s,), _ = load_benchmark("ai2d", dataset=ai2d)
     assert s.answer == "B" and "A. fox\nB. deer" in s.question
+
+
+def test_control_encoders_hand_the_probe_pixels_or_nothing():
+    """The VQA probe's controls (evaluate.vqa.controls): each patch's raw pixels as its token, or
+    zeros; both through the probe's own token path (CLS dropped, grid resized)."""
+    from webssl_repro.evaluate.vqa.controls import control_encoder
+    from webssl_repro.evaluate.vqa.data import encoder_tokens
+
+    images = torch.rand(2, 3, 16, 16)
+    pixels, meta = control_encoder("pixels", 16, 8)
+    assert meta == {"img_size": 16, "patch": 8, "depth": 0} and pixels.embed_dim == 192
+    tokens = encoder_tokens(pixels, images, 4)
+    assert tokens.shape == (2, 4, 192)
+    assert torch.equal(tokens[0, 1], images[0, :, :8, 8:].reshape(-1))  # token 1 = the top-right patch
+    blind, _ = control_encoder("blind", 16, 8)
+    assert torch.count_nonzero(encoder_tokens(blind, images, 4)) == 0
+    with pytest.raises(ValueError, match="unknown VQA control 'noise'"):
+        control_encoder("noise", 16, 8)
+    with pytest.raises(ValueError, match="not a multiple"):
+        control_encoder("pixels", 20, 8)

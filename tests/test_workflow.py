@@ -167,6 +167,7 @@ def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
     assert runtimes and max(runtimes) == limit
     per_target = snakemake(workflow_dir, "-n", "table6", "--configfile", "config/paper.yaml")
     assert "table6: 5 runs," in per_target.stdout + per_target.stderr
+    assert "vqa_control" not in out  # at paper scale the paper's numbers show the probe reads images
 
 
 def test_runs_longer_than_the_time_limit_become_chains_of_jobs():
@@ -202,6 +203,15 @@ def test_unbuildable_items_are_named_not_dropped():
 def test_dry_runs_of_other_scales(workflow_dir, configfile):
     proc = snakemake(workflow_dir, "-n", "all", "--configfile", configfile)
     assert proc.returncode == 0, proc.stderr
+    controls = re.search(r"vqa_control\s+(\d+)", proc.stdout)
+    assert (int(controls[1]) if controls else 0) == (2 if "mini" in configfile else 0), proc.stdout[-3000:]
+    if "mini" in configfile:  # a control's command line parses, with the scale's size and patch
+        from webssl_repro.cli import build_parser
+
+        args = build_parser().parse_args(["evaluate", "vqa", "--run", "control-blind", "--control", "blind",
+                                          *Plan(load_config(REPO / configfile)).control_args().split(),
+                                          "--out", "x.json"])
+        assert (args.control, args.img_size, args.patch, args.encoder) == ("blind", 32, 8, None)
 
 
 def test_slurm_profile_dry_run_works_verbatim(workflow_dir):

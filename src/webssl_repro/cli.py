@@ -101,7 +101,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     cfg = json.loads(args.eval_json)
-    encoder, meta = load_encoder(args.encoder)
+    if args.control:
+        from webssl_repro.evaluate.vqa.controls import control_encoder
+
+        if args.kind != "vqa" or args.img_size is None or args.patch is None:
+            raise ValueError("--control is a VQA probe control and needs --img-size and --patch")
+        encoder, meta = control_encoder(args.control, args.img_size, args.patch)
+    else:
+        encoder, meta = load_encoder(args.encoder)
     if args.kind != "vqa" and torch.cuda.is_available():  # the vqa probe places its own ranks
         encoder = encoder.cuda()  # the frozen encoder on a GPU; the probe heads train beside it
     manifests = {json.loads(Path(p).read_text()).get("task") or Path(p).parent.name: p for p in args.data}
@@ -172,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")
     ev.add_argument("kind", choices=("vqa", "classic", "alignment"))
     ev.add_argument("--run", required=True)
-    ev.add_argument("--encoder", required=True, type=Path)
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--encoder", type=Path)
+    which.add_argument("--control", choices=("pixels", "blind"),
+                       help="a VQA control encoder instead of a run's (evaluate.vqa.controls)")
+    ev.add_argument("--img-size", type=int, help="the control's input size")
+    ev.add_argument("--patch", type=int, help="the control's patch size")
     ev.add_argument("--eval-json", default="{}")
     ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
     ev.add_argument("--out", required=True, type=Path)

@@ -245,8 +245,26 @@ class Plan:
             return []
         return [self.evalset("vqa"), self.data_manifest("shards")]
 
+    def vqa_controls(self) -> list[str]:
+        """The VQA probe's control encoders this scale runs (``evaluate.vqa.controls``)."""
+        from webssl_repro.evaluate.vqa.controls import CONTROLS
+
+        return list(CONTROLS) if self.config.get("evaluate", {}).get("vqa", {}).get("controls", False) else []
+
+    def control_path(self, control: str) -> str:
+        return f"{self.results}/controls/vqa_{control}.json"
+
+    def control_args(self) -> str:
+        """A control's input size and patch: those of the scale's 224 px encoders (finest patch)."""
+        if not self.vqa_controls():
+            return ""
+        labels = self.config["labels"]
+        patch = min(int(arch["patch"]) for arch in labels["sizes"].values())
+        return f"--img-size {int(labels['resolutions']['224'])} --patch {patch}"
+
     def eval_config_json(self, kind: str) -> str:
-        section = self.config.get("evaluate", {}).get(kind, {})
+        section = {k: v for k, v in self.config.get("evaluate", {}).get(kind, {}).items()
+                   if not (kind == "vqa" and k == "controls")}  # which encoders run, not how: no rerun
         return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
 
     def eval_gpus(self) -> int:

@@ -47,7 +47,12 @@ DEFAULTS: dict[str, Any] = {
     "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None,
               "max_depth": None},
     "seed": 0,
+    # The frozen encoder's forward: fp32, or autocast to bf16 / fp16 as DINOv2's evaluations
+    # run it on GPUs (the probe heads always train in fp32).
+    "precision": "fp32",
 }
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
@@ -83,6 +88,18 @@ def segmentation_classes(manifest: str | Path) -> int:
     from webssl_repro.data.miniweb.world import SEG_CLASSES
 
     return int(json.loads(Path(manifest).read_text()).get("n_classes", len(SEG_CLASSES)))
+
+
+def _autocast(cfg: Mapping[str, Any]) -> torch.dtype | None:
+    if cfg["precision"] not in PRECISIONS:
+        raise ValueError(f"evaluate.classic.precision: {cfg['precision']!r} is not one of {sorted(PRECISIONS)}")
+    return PRECISIONS[cfg["precision"]]
+
+
+def _tokens_fn(encoder, meta, blocks, norm: bool, cfg: Mapping[str, Any], out_device="cpu"):
+    """The frozen encoder's tokens of ``blocks`` per image batch (``features.feature_fn``)."""
+    return feature_fn(encoder, blocks, norm=norm, patch_size=int(meta["patch"]), autocast_dtype=_autocast(cfg),
+                      out_device=out_device)
 
 
 def _split(manifest: str | Path, split: str, size: int, target: str) -> EvalImages:
@@ -127,7 +144,7 @@ def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) 
             images = _split(manifest, split, size, "label")
             (Path(scratch) / split).mkdir()
             feats[split] = linear_features(encoder, _in_order(images, cfg), len(images), n_blocks,
-                                           scratch=Path(scratch) / split)
+                                           scratch=Path(scratch) / split, autocast_dtype=_autocast(cfg))
         n_classes = int(max(feats["train"]["labels"].max(), feats["val"]["labels"].max())) + 1
         lin = cfg["linear"]
         result = linear_probe(feats["train"], feats["val"], n_classes, n_last_blocks=(1, n_blocks),
@@ -150,12 +167,12 @@ def _training_batches(encoder, meta, train: EvalImages, blocks: int | list[int],
     order = seeded_batches(len(train), bs, int(cfg["seed"]))
     n_layers = blocks if isinstance(blocks, int) else len(blocks)
     if TokenCache.fits(encoder, len(train), train.size, patch, n_layers):
-        cache = TokenCache(feature_fn(encoder, blocks, norm=norm, patch_size=patch), _in_order(train, cfg))
+        cache = TokenCache(_tokens_fn(encoder, meta, blocks, norm, cfg), _in_order(train, cfg))
         for idx in order:
             yield (BlockTokens(cache.cls[:, idx].to(device), cache.patches[:, idx].to(device), cache.grid,
                                cache.indices), cache.targets[idx].to(device))
     else:
-        fn = feature_fn(encoder, blocks, norm=norm, patch_size=patch, out_device=device)
+        fn = _tokens_fn(encoder, meta, blocks, norm, cfg, out_device=device)
         for _, x, y in image_loader(train, order, int(cfg["workers"])):
             yield fn(x), y.to(device)
 
@@ -186,7 +203,7 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
         heads.append(LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers).to(device))
     batches = ((_block_major(bt), y) for bt, y in _training_batches(encoder, meta, train, n_ms, True, seg, cfg))
     train_seg_heads(heads, batches, iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
-    fn = feature_fn(encoder, n_ms, norm=True, patch_size=int(meta["patch"]), out_device=device)
+    fn = _tokens_fn(encoder, meta, n_ms, True, cfg, out_device=device)
     scores = {name: IoU(n_classes) for name, _, _ in specs}
     for head in heads:
         head.eval()
@@ -236,7 +253,7 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     batches = ((flat(bt), bt.grid, y) for bt, y in _training_batches(encoder, meta, train, blocks, False, dep, cfg))
     train_depth_heads(heads, batches, iters=int(dep["iters"]), lr=float(dep["lr"]),
                       warmup_iters=int(dep["warmup"]), sig_warmup=int(dep["sig_warmup"]))
-    fn = feature_fn(encoder, blocks, norm=False, patch_size=int(meta["patch"]), out_device=device)
+    fn = _tokens_fn(encoder, meta, blocks, False, cfg, out_device=device)
     scores = {name: RMSE() for name, _ in specs}
     for head in heads:
         head.eval()

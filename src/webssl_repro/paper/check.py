@@ -26,6 +26,11 @@ from webssl_repro.runs import Run, is_run_name, split_seed
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
 NOT_COMPARABLE, PAPER_ITSELF = "not comparable", "paper itself"
 _EVAL = re.compile(r"(^|/)evals/(?P<run>[^/]+)/(?P<kind>vqa|classic|alignment)\.json$")
+_CONTROL = re.compile(r"(^|/)controls/vqa_(?P<control>pixels|blind)\.json$")
+#: VQA Average points the raw-pixel control must score above the blind one for the probe to count
+#: as reading images: about 2 standard errors of the difference of two Averages over 16 x 50
+#: questions (each benchmark's accuracy has se <= 7 points, an Average of 16 <= 1.8).
+MIN_PROBE_GAIN = 5.0
 COMPARISON_COLUMNS = ["source", "metric", "items", "reproduced", "reproduced_sd", "n_seeds", "published",
                       "difference", "tolerance", "status"]
 
@@ -79,6 +84,41 @@ def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame
         if share is not None:
             rows.append({"source": run, "metric": DATA_PCT, "value": share, "origin": "run", "seed": first_seed})
     return with_categories(pd.DataFrame(rows, columns=["source", "metric", "value", "origin", "seed"]))
+
+
+def probe_controls(paths: Iterable[str | Path]) -> dict[str, float]:
+    """The VQA Average of each probe control among ``paths`` (``controls/vqa_{pixels,blind}.json``)."""
+    out = {}
+    for path in map(Path, paths):
+        m = _CONTROL.search(path.as_posix())
+        if m:
+            try:
+                out[m["control"]] = float(json.loads(path.read_text())["metrics"]["Average"])
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: cannot read its metrics.Average: {err}") from err
+    if out and set(out) != {"pixels", "blind"}:
+        raise ValueError(f"the VQA probe controls come in a pair (pixels, blind); got only {sorted(out)}")
+    return out
+
+
+def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, float]
+                  ) -> tuple[list[claims_mod.Result], str]:
+    """Claims resting on VQA numbers are not measurable where the probe does not read images:
+    raw-pixel tokens scoring no better than zeros means every encoder's VQA numbers are the
+    language model's answer priors. The verdict the numbers alone would give stays in the evidence."""
+    if not controls:
+        return results, ""
+    gain = controls["pixels"] - controls["blind"]
+    note = (f"VQA probe controls: raw-pixel tokens {controls['pixels']:.2f}, zero tokens {controls['blind']:.2f} "
+            f"Average (gain {gain:+.2f}; needs >= +{MIN_PROBE_GAIN:g})")
+    if gain >= MIN_PROBE_GAIN:
+        return results, note + ": the probe reads images."
+    note += ": the probe does not read images at this scale, so its numbers are the language model's answer priors."
+    gated = [claims_mod.Result(r.claim, claims_mod.NOT_MEASURABLE,
+                               f"{note} Without the control: {r.verdict}; {r.evidence}", r.missing, r.quantities)
+             if r.verdict != claims_mod.NOT_MEASURABLE and any(s.eval == "vqa" for s in r.claim.series) else r
+             for r in results]
+    return gated, note
 
 
 def compared_pairs(item_ids: Iterable[str]) -> dict[tuple[str, str], list[str]]:
@@ -146,12 +186,15 @@ def thresholds() -> list[tuple[str, float, str]]:
         ("MIN_OCR_GAIN", c.MIN_OCR_GAIN, "OCR & Chart points a text filter must add"),
         ("MAX_MEAN_LOSS", c.MAX_MEAN_LOSS, "mean points the other three categories may lose to a filter"),
         ("MIN_REL_SLOPE", c.MIN_REL_SLOPE, "alignment gain per doubling, as a fraction of the mean score"),
+        ("MIN_PROBE_GAIN", MIN_PROBE_GAIN, "VQA Average points raw-pixel tokens must score above zeros for the "
+                                           "VQA claims to be measurable (where evaluate.vqa.controls runs them)"),
     ]
 
 
-def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str) -> str:
-    lines = [f"## Claims of the paper at the `{scale}` scale", "",
-             "| claim | verdict | evidence |", "|---|---|---|"]
+def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, probe_note: str = "") -> str:
+    lines = [f"## Claims of the paper at the `{scale}` scale", ""]
+    lines += [probe_note, ""] if probe_note else []
+    lines += ["| claim | verdict | evidence |", "|---|---|---|"]
     for r in results:
         evidence = r.evidence.replace("|", "/").replace(". Points: ", "<br>Points: ").replace(" / ", "<br>")
         lines.append(f"| **{r.claim.id}**: {r.claim.statement} | **{r.verdict}** | {evidence} |")
@@ -180,16 +223,18 @@ def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: s
     plan = Plan(config)
     published = published_runs_frame(published_dir)
     check_cfg = config.get("check", {})
+    inputs = list(inputs)
     if plan.published:
         mode, frame, requested = "published", published, None
     else:
         mode = "comparable" if check_cfg.get("comparable", False) else "not comparable"
         frame, requested = runs_frame(inputs, plan.seeds[0]), requested_pairs(plan)
-    results = claims_mod.evaluate_all(frame, requested)
+    results, probe_note = gate_on_probe(claims_mod.evaluate_all(frame, requested), probe_controls(inputs))
     table = comparison(frame, published, plan.items, check_cfg.get("tolerances", {}), mode)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     claims_mod.results_frame(results).to_csv(outdir / "claims.tsv", sep="\t", index=False)
     table.to_csv(outdir / "comparison.tsv", sep="\t", index=False, na_rep="NA", float_format="%.6g")
-    (outdir / "claims.md").write_text(claims_markdown(results, plan.scale, comparison_summary(table, mode)))
+    (outdir / "claims.md").write_text(claims_markdown(results, plan.scale, comparison_summary(table, mode),
+                                                      probe_note))
     return results, table

@@ -26,8 +26,10 @@ def check_outputs(paper_dir: str) -> list[str]:
 
 
 def check_inputs(plan) -> list[str]:
-    """What the claims read: every requested item's inputs (eval JSONs, or the published TSVs)."""
-    return list(dict.fromkeys(p for item in plan.items for p in plan.item_inputs(item)))
+    """What the claims read: every requested item's inputs (eval JSONs, or the published TSVs),
+    and the VQA probe's controls where the scale runs them."""
+    items = dict.fromkeys(p for item in plan.items for p in plan.item_inputs(item))
+    return list(items) + [plan.control_path(c) for c in ([] if plan.published else plan.vqa_controls())]
 
 
 def published_tsvs() -> list[str]:

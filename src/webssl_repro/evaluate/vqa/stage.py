@@ -69,7 +69,7 @@ def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
 
 
 #: Keys of ``evaluate.vqa`` that are the stage's, not ``VqaConfig``'s.
-STAGE_KEYS = ("scale", "alignment_samples", "data")
+STAGE_KEYS = ("scale", "alignment_samples", "data", "controls")
 
 
 def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config, env=None) -> dict[str, Any]:
