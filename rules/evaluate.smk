@@ -1,5 +1,5 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
-# and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/vqa_{pixels,blind}.json
+# and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json
 # vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
 
 

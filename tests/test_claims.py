@@ -176,7 +176,7 @@ def write_tree(root, plan: Plan, blind_average: float = 20.0) -> list[str]:
     paths = check_inputs(plan)
     for path in paths:
         if "/controls/" in path:
-            average = 40.0 if path.endswith("vqa_pixels.json") else blind_average
+            average = 40.0 if path.endswith("pixels/vqa.json") else blind_average
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_text(json.dumps({"metrics": {"Average": average}}))
         if "/data/filter/" in path:
@@ -257,7 +257,7 @@ def test_vqa_claims_not_measurable_where_the_probe_does_not_read_images(tmp_path
     ungated = C.evaluate_all(C.pd.DataFrame(columns=["source", "metric", "value"]))
     assert gate_on_probe(ungated, {"pixels": 25.0 + MIN_PROBE_GAIN, "blind": 25.0})[0] == ungated
     with pytest.raises(ValueError, match="pair"):
-        probe_controls([p for p in paths if not p.endswith("vqa_blind.json")])
+        probe_controls([p for p in paths if not p.endswith("blind/vqa.json")])
 
 
 def test_unrequested_stage_makes_claims_not_measurable(tmp_path, monkeypatch):

@@ -69,7 +69,8 @@ class FakeEncoder(nn.Module):
 
     def __init__(self, patches: torch.Tensor, num_prefix_tokens: int = 1):
         super().__init__()
-        self.patches, self.num_prefix_tokens = patches, num_prefix_tokens
+        self.num_prefix_tokens = num_prefix_tokens
+        self.register_buffer("patches", patches)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         B = images.shape[0]
@@ -119,6 +120,10 @@ def test_feature_cache_written_once(tmp_path):
     again = extract_features(enc, boom(), 4, path)
     assert torch.equal(again["c"], cache["c"])
     assert torch.equal(cache.batch([None, "b"])[0], torch.zeros(4, 3))
+    # another encoder in the same work dir recomputes: the cache is not its features
+    other = extract_features(FakeEncoder(torch.ones(1, 16, 3)), batches, 4, path)
+    assert torch.equal(other["c"], torch.ones(4, 3)) and not torch.equal(other["c"], cache["c"])
+    assert FeatureCache.load(path).fingerprint == other.fingerprint != cache.fingerprint
 
 
 def test_tokenizer_round_trips_through_disk(tmp_path):

@@ -252,7 +252,8 @@ class Plan:
         return list(CONTROLS) if self.config.get("evaluate", {}).get("vqa", {}).get("controls", False) else []
 
     def control_path(self, control: str) -> str:
-        return f"{self.results}/controls/vqa_{control}.json"
+        """One folder per control: the VQA stage keeps its feature cache beside its output."""
+        return f"{self.results}/controls/{control}/vqa.json"
 
     def control_args(self) -> str:
         """A control's input size and patch: those of the scale's 224 px encoders (finest patch)."""

@@ -26,7 +26,7 @@ from webssl_repro.runs import Run, is_run_name, split_seed
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
 NOT_COMPARABLE, PAPER_ITSELF = "not comparable", "paper itself"
 _EVAL = re.compile(r"(^|/)evals/(?P<run>[^/]+)/(?P<kind>vqa|classic|alignment)\.json$")
-_CONTROL = re.compile(r"(^|/)controls/vqa_(?P<control>pixels|blind)\.json$")
+_CONTROL = re.compile(r"(^|/)controls/(?P<control>pixels|blind)/vqa\.json$")
 #: VQA Average points the raw-pixel control must score above the blind one for the probe to count
 #: as reading images: about 2 standard errors of the difference of two Averages over 16 x 50
 #: questions (each benchmark's accuracy has se <= 7 points, an Average of 16 <= 1.8).
@@ -87,7 +87,7 @@ def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame
 
 
 def probe_controls(paths: Iterable[str | Path]) -> dict[str, float]:
-    """The VQA Average of each probe control among ``paths`` (``controls/vqa_{pixels,blind}.json``)."""
+    """The VQA Average of each probe control among ``paths`` (``controls/{pixels,blind}/vqa.json``)."""
     out = {}
     for path in map(Path, paths):
         m = _CONTROL.search(path.as_posix())

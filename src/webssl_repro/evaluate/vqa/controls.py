@@ -27,6 +27,9 @@ class PixelTokens(nn.Module):
         self.patch, self.blind = int(patch), bool(blind)
         self.embed_dim, self.num_prefix_tokens = 3 * self.patch * self.patch, 1
 
+    def extra_repr(self) -> str:  # tells the two controls apart (feature-cache fingerprints)
+        return f"patch={self.patch}, blind={self.blind}"
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         tokens = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # (B, P, 3 * patch^2)
         if self.blind:

@@ -198,11 +198,12 @@ def encoder_tokens(encoder, images: torch.Tensor, n_tokens: int,
 class FeatureCache(Mapping[str, torch.Tensor]):
     """Visual tokens by image id; ``batch`` stacks them (zeros for text-only samples)."""
 
-    def __init__(self, ids: Sequence[str], features: torch.Tensor):
+    def __init__(self, ids: Sequence[str], features: torch.Tensor, fingerprint: Optional[str] = None):
         if len(ids) != features.shape[0]:
             raise ValueError(f"FeatureCache: {len(ids)} ids for {features.shape[0]} feature rows")
         self.ids = list(ids)
         self.features = features
+        self.fingerprint = fingerprint  # of the encoder that made them (``encoder_fingerprint``)
         self.index = {k: i for i, k in enumerate(self.ids)}
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -227,9 +228,10 @@ class FeatureCache(Mapping[str, torch.Tensor]):
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
-            save_file({"features": self.features.contiguous()}, tmp, metadata={"ids": json.dumps(self.ids)})
+            save_file({"features": self.features.contiguous()}, tmp,
+                      metadata={"ids": json.dumps(self.ids), "fingerprint": self.fingerprint or ""})
         else:
-            torch.save({"ids": self.ids, "features": self.features}, tmp)
+            torch.save({"ids": self.ids, "features": self.features, "fingerprint": self.fingerprint}, tmp)
         os.replace(tmp, path)
 
     @classmethod
@@ -239,20 +241,36 @@ class FeatureCache(Mapping[str, torch.Tensor]):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                return cls(json.loads(f.metadata()["ids"]), f.get_tensor("features"))
+                meta = f.metadata()
+                return cls(json.loads(meta["ids"]), f.get_tensor("features"), meta.get("fingerprint") or None)
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(blob["ids"], blob["features"])
+        return cls(blob["ids"], blob["features"], blob.get("fingerprint"))
+
+
+def encoder_fingerprint(encoder) -> str:
+    """A digest of an encoder's structure and weights: a feature cache is only reused for the
+    encoder that wrote it (two evaluations sharing a work dir must not share features)."""
+    import hashlib
+
+    digest = hashlib.sha1(repr(encoder).encode())
+    for name, tensor in (encoder.state_dict().items() if hasattr(encoder, "state_dict") else ()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def extract_features(encoder, image_iter: Iterable[tuple[Sequence[str], torch.Tensor]], n_tokens: int,
                      path: Optional[str | Path] = None, dtype: torch.dtype = torch.float32,
                      num_prefix_tokens: Optional[int] = None) -> FeatureCache:
-    """Run the frozen encoder once over (ids, images) batches; reuse ``path`` if it already holds them."""
+    """Run the frozen encoder once over (ids, images) batches; reuse ``path`` if it already holds
+    them, from this very encoder (else they are recomputed and the file replaced)."""
+    fingerprint = encoder_fingerprint(encoder)
     if path is not None and os.path.exists(path):
         cache = FeatureCache.load(path)
         if cache.features.shape[1] != n_tokens:
             raise ValueError(f"{path} holds {cache.features.shape[1]} tokens per image, not {n_tokens}")
-        return cache
+        if cache.fingerprint == fingerprint:
+            return cache
     was_training = encoder.training
     encoder.eval()
     ids: list[str] = []
@@ -263,7 +281,7 @@ def extract_features(encoder, image_iter: Iterable[tuple[Sequence[str], torch.Te
             chunks.append(encoder_tokens(encoder, images, n_tokens, num_prefix_tokens).to(dtype).cpu())
     finally:
         encoder.train(was_training)
-    cache = FeatureCache(ids, torch.cat(chunks) if chunks else torch.zeros(0, n_tokens, 0, dtype=dtype))
+    cache = FeatureCache(ids, torch.cat(chunks) if chunks else torch.zeros(0, n_tokens, 0, dtype=dtype), fingerprint)
     if path is not None:
         cache.save(path)
     return cache
