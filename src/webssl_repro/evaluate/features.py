@@ -219,7 +219,7 @@ def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks:
         for idx, images, y in batches:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 bt = block_tokens(model, images.to(device), indices=n_blocks, norm=True)
-            rows = torch.cat([bt.cls, bt.patches.mean(dim=2, keepdim=False)[-1:]]).float().cpu()  # (n+1, B, D)
+            rows = torch.cat([bt.cls.float(), bt.patches[-1:].float().mean(dim=2)]).cpu()  # (n+1, B, D)
             if store is None:
                 shape = (n_blocks + 1, n_items, rows.shape[-1])
                 if 4 * math.prod(shape) <= IN_MEMORY_BYTES:
