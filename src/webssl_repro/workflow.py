@@ -19,6 +19,7 @@ from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, hires_recipe
 from webssl_repro.resources import PREEMPTION_RETRIES, RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
+from webssl_repro.workflow_evals import EvalJobs
 
 TABLE_FORMATS = ("tsv", "md", "tex")
 FIGURE_FORMATS = ("pdf", "png")
@@ -28,7 +29,7 @@ STAGE_OF_EVAL = {"vqa": "vqa", "classic": "classic", "alignment": "alignment", "
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(EvalJobs):
     config: Mapping[str, Any]
 
     # ---- scale -------------------------------------------------------------------------
@@ -237,68 +238,6 @@ class Plan:
         if "data" not in self.stages or "fig8" not in self.config.get("items", ()):
             return []
         return [f"{self.paper_dir}/figures/fig8.pdf", f"{self.paper_dir}/figures/fig8.png"]
-
-    def vqa_data(self) -> list[str]:
-        """The mini probe reads the mini-web VQA sets and corpus captions; a real LM reads
-        Cambrian and the 16 benchmarks located by ``evaluate.vqa.data`` instead."""
-        if self.config.get("evaluate", {}).get("vqa", {}).get("language_model", "tiny") != "tiny":
-            return []
-        return [self.evalset("vqa"), self.data_manifest("shards")]
-
-    def vqa_controls(self) -> list[str]:
-        """The VQA probe's control encoders this scale runs (``evaluate.vqa.controls``)."""
-        from webssl_repro.evaluate.vqa.controls import CONTROLS
-
-        return list(CONTROLS) if self.config.get("evaluate", {}).get("vqa", {}).get("controls", False) else []
-
-    def control_path(self, control: str) -> str:
-        """One folder per control: the VQA stage keeps its feature cache beside its output."""
-        return f"{self.results}/controls/{control}/vqa.json"
-
-    def control_args(self) -> str:
-        """A control's input size and patch: those of the scale's 224 px encoders (finest patch)."""
-        if not self.vqa_controls():
-            return ""
-        labels = self.config["labels"]
-        patch = min(int(arch["patch"]) for arch in labels["sizes"].values())
-        return f"--img-size {int(labels['resolutions']['224'])} --patch {patch}"
-
-    def eval_config_json(self, kind: str) -> str:
-        section = {k: v for k, v in self.config.get("evaluate", {}).get(kind, {}).items()
-                   if not (kind == "vqa" and k == "controls")}  # which encoders run, not how: no rerun
-        return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
-
-    def eval_gpus(self) -> int:
-        return int(self.config.get("resources", {}).get("eval_gpus", 0))
-
-    def eval_launcher(self) -> str:
-        """How the ``vqa`` rule starts the CLI: torchrun over the eval GPUs when the probe is
-        data-parallel (``evaluate.vqa.strategy`` ddp/fsdp2) and there is more than one."""
-        strategy = self.config.get("evaluate", {}).get("vqa", {}).get("strategy", "none")
-        gpus = self.eval_gpus()
-        if strategy == "none" or gpus <= 1:
-            return "webssl-repro"
-        return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
-
-    def eval_runtime(self) -> int:
-        return int(self.config.get("resources", {}).get("eval_runtime_min", 60))
-
-    def eval_resources(self, kind: str = "vqa") -> dict[str, int]:
-        """Resources of an evaluation job. On GPUs it takes a node's share for its GPUs: the
-        VQA probe's torchrun ranks each load the LM (Llama-3-8B: ~16 GB in bf16) before FSDP
-        shards it, and the alignment job spreads Llama-3.1-70B over them; the classic probes
-        run the encoder on one. Without GPUs (mini), the defaults."""
-        res = self.config.get("resources", {})
-        gpus = min(self.eval_gpus(), 1) if kind == "classic" else self.eval_gpus()
-        out = {"gpu": gpus, "runtime": self.eval_runtime()}
-        if gpus > 0:
-            share = min(1.0, gpus / max(1, int(res.get("gpus_per_node", gpus))))
-            out["mem_mb"] = int(int(res["mem_mb_per_node"]) * share)
-            out["cpus_per_task"] = int(res["cpus_per_gpu"]) * gpus
-        return out
-
-    def eval_threads(self, kind: str = "vqa") -> int:
-        return self.eval_resources(kind).get("cpus_per_task", 1)
 
     def run_pattern(self, multinode: bool) -> str:
         """A wildcard constraint matching exactly the runs of one launch layout."""
