@@ -26,7 +26,7 @@ rule vqa:
 
 rule vqa_control:
     wildcard_constraints:
-        control="pixels|blind",
+        control=PLAN.control_pattern(),
     input:
         data=PLAN.vqa_data(),
     output:

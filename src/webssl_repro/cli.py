@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from webssl_repro.metrics import VQA_CONTROLS
+
 
 def _render(args: argparse.Namespace) -> int:
     from webssl_repro.paper import specs
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True)
     which = ev.add_mutually_exclusive_group(required=True)
     which.add_argument("--encoder", type=Path)
-    which.add_argument("--control", choices=("pixels", "blind"),
+    which.add_argument("--control", choices=VQA_CONTROLS,
                        help="a VQA control encoder instead of a run's (evaluate.vqa.controls)")
     ev.add_argument("--img-size", type=int, help="the control's input size")
     ev.add_argument("--patch", type=int, help="the control's patch size")

@@ -13,6 +13,8 @@ VQA_CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 VQA_BENCHMARKS: tuple[str, ...] = tuple(b for group in VQA_CATEGORIES.values() for b in group)
 CATEGORY_COLUMNS: tuple[str, ...] = ("Average", *VQA_CATEGORIES)
+# The VQA probe's control encoders (evaluate.vqa.controls): raw-pixel tokens, and the same zeroed.
+VQA_CONTROLS: tuple[str, ...] = ("pixels", "blind")
 
 # As the appendix tables print them.
 BENCHMARK_LABELS: dict[str, str] = {

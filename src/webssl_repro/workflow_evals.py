@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from webssl_repro.metrics import VQA_CONTROLS
+
 
 class EvalJobs:
     """Evaluation-job methods of ``workflow.Plan``."""
@@ -22,9 +24,11 @@ class EvalJobs:
 
     def vqa_controls(self) -> list[str]:
         """The VQA probe's control encoders this scale runs (``evaluate.vqa.controls``)."""
-        from webssl_repro.evaluate.vqa.controls import CONTROLS
+        return list(VQA_CONTROLS) if self.config.get("evaluate", {}).get("vqa", {}).get("controls", False) else []
 
-        return list(CONTROLS) if self.config.get("evaluate", {}).get("vqa", {}).get("controls", False) else []
+    def control_pattern(self) -> str:
+        """The ``vqa_control`` rule's wildcard constraint."""
+        return "|".join(VQA_CONTROLS)
 
     def control_path(self, control: str) -> str:
         """One folder per control: the VQA stage keeps its feature cache beside its output."""

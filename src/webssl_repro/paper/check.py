@@ -20,13 +20,13 @@ from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
 from webssl_repro.paper.results import with_categories
-from webssl_repro.metrics import DATA_PCT
+from webssl_repro.metrics import DATA_PCT, VQA_CONTROLS
 from webssl_repro.runs import Run, is_run_name, split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
 NOT_COMPARABLE, PAPER_ITSELF = "not comparable", "paper itself"
 _EVAL = re.compile(r"(^|/)evals/(?P<run>[^/]+)/(?P<kind>vqa|classic|alignment)\.json$")
-_CONTROL = re.compile(r"(^|/)controls/(?P<control>pixels|blind)/vqa\.json$")
+_CONTROL = re.compile(rf"(^|/)controls/(?P<control>{'|'.join(VQA_CONTROLS)})/vqa\.json$")
 #: VQA Average points the raw-pixel control must score above the blind one for the probe to count
 #: as reading images. On the blind mini probe the 30 runs' Averages spread with sd 1.15 (22.1 to
 #: 26.7, clean clone of 1fabd46), so the difference of two has sd ~1.6 and 5 points is ~3 sd.
@@ -96,8 +96,8 @@ def probe_controls(paths: Iterable[str | Path]) -> dict[str, float]:
                 out[m["control"]] = float(json.loads(path.read_text())["metrics"]["Average"])
             except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path}: cannot read its metrics.Average: {err}") from err
-    if out and set(out) != {"pixels", "blind"}:
-        raise ValueError(f"the VQA probe controls come in a pair (pixels, blind); got only {sorted(out)}")
+    if out and set(out) != set(VQA_CONTROLS):
+        raise ValueError(f"the VQA probe controls come in a pair ({', '.join(VQA_CONTROLS)}); got only {sorted(out)}")
     return out
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONTROLS = ("pixels", "blind")
+from webssl_repro.metrics import VQA_CONTROLS as CONTROLS
+
 
 
 class PixelTokens(nn.Module):
