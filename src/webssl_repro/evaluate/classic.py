@@ -239,16 +239,18 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         if not TokenCache.fits(encoder, len(train), size, int(meta["patch"]), len(blocks)):
             raise ValueError(f"evaluate.classic.depth.max_depth is null, but the {len(train)} training images are "
                              "too many to scan for their deepest pixel: set it (DINOv2's NYUd: 10.0)")
-        max_depth = max(float(y.max()) for split in (train, val) for _, _, y in _in_order(split, cfg))
+        max_depth = max(float(split.target_of(i).max()) for split in (train, val) for i in range(len(split)))
     heads = []
     for _, chosen in specs:
         torch.manual_seed(int(cfg["seed"]))
         heads.append(DepthLinearHead(encoder.embed_dim, n_layers=len(chosen), max_depth=float(max_depth)).to(device))
 
+    positions = [[blocks.index(b) for b in chosen] for _, chosen in specs]
+
     def flat(bt: BlockTokens) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        pos = [[blocks.index(b) for b in chosen] for _, chosen in specs]
+        """Each head's (patches, CLS) of its own blocks, concatenated block-major."""
         return [(torch.cat([bt.patches[i] for i in p], dim=-1), torch.cat([bt.cls[i] for i in p], dim=-1))
-                for p in pos]
+                for p in positions]
 
     batches = ((flat(bt), bt.grid, y) for bt, y in _training_batches(encoder, meta, train, blocks, False, dep, cfg))
     train_depth_heads(heads, batches, iters=int(dep["iters"]), lr=float(dep["lr"]),

@@ -89,6 +89,10 @@ class EvalImages(Dataset):
         record = self.records[i]
         return image_tensor(record["image"], self.size), target_tensor(record, self.target, self.size)
 
+    def target_of(self, i: int) -> torch.Tensor:
+        """Item ``i``'s target alone, without resizing its image."""
+        return target_tensor(self.records[i], self.target, self.size)
+
 
 def seeded_batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless index batches of a reshuffled pass per epoch (DINOv2's infinite sampler); a
@@ -111,13 +115,7 @@ def in_order(n: int, batch: int) -> Iterator[torch.Tensor]:
 def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(indices, images, targets) per index batch, in the order given. With ``workers`` the
-    decoding runs ahead in worker processes; the batches themselves do not change."""
-    batches = iter(batches)
-    if workers <= 0:
-        for idx in batches:
-            items = [images[int(i)] for i in idx]
-            yield idx, torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-        return
+    decoding runs ahead in worker processes (0: in this one); the batches do not change."""
     order: deque[torch.Tensor] = deque()
 
     def sampler() -> Iterator[list[int]]:  # the loader reads ahead: remember what it asked for
@@ -125,7 +123,8 @@ def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: i
             order.append(idx)
             yield idx.tolist()
 
-    loader = DataLoader(images, batch_sampler=sampler(), num_workers=int(workers), prefetch_factor=4)
+    workers = max(0, int(workers))
+    loader = DataLoader(images, batch_sampler=sampler(), num_workers=workers, prefetch_factor=4 if workers else None)
     for x, y in loader:
         yield order.popleft(), x, y
 
