@@ -16,19 +16,16 @@ import torch
 
 from webssl_repro.evaluate.alignment import alignment_score
 from webssl_repro.evaluate.imagesets import images_tensor, load_split
-from webssl_repro.evaluate.features import block_tokens, model_device
+from webssl_repro.evaluate.features import extract_features
 
 DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "batch_size": 64, "lm_batch_size": 32,
             "lm_paths": {}}
 
 
 def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torch.Tensor:
+    """Un-normed CLS after every block, (L, N, D)."""
     x = images_tensor(records, int(meta["img_size"]))
-    device = model_device(encoder)
-    with torch.no_grad():
-        cls = [block_tokens(encoder, x[i:i + batch].to(device), indices=None, norm=False).cls.float().cpu()
-               for i in range(0, len(x), batch)]
-    return torch.cat(cls, dim=1)  # (L, N, D)
+    return extract_features(encoder, (x[i:i + batch] for i in range(0, len(x), batch)), indices=None, norm=False)["cls"]
 
 
 def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cache_dir: Path | None) -> torch.Tensor:
