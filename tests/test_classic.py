@@ -141,6 +141,9 @@ def test_block_tokens_and_cache(tmp_path):
     calls = enc.calls
     d2 = extract_features(enc, batches, indices=None, cache=tmp_path / "f.pt")
     assert enc.calls == calls and torch.equal(d["avgpool"], d2["avgpool"])
+    other = _TinyEncoder()  # another encoder's features are not reused from the same file
+    d3 = extract_features(other, batches, indices=None, cache=tmp_path / "f.pt")
+    assert other.calls > 0 and not torch.equal(d3["avgpool"], d["avgpool"])
     # feature_fn centre-pads 7x10 to the patch multiple 8x12 and freezes the encoder.
     bt = feature_fn(enc, indices=2, norm=False, patch_size=4)(torch.randn(1, 3, 7, 10))
     assert bt.grid == (2, 3) and not bt.cls.requires_grad

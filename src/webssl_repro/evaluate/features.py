@@ -23,7 +23,7 @@ Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
            "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size", "model_device", "linear_features",
-           "IN_MEMORY_BYTES"]
+           "encoder_fingerprint", "IN_MEMORY_BYTES"]
 
 #: Frozen features or tokens up to this size stay in memory; larger ones go to disk (features)
 #: or are recomputed per batch (dense tokens).
@@ -155,6 +155,18 @@ def feature_fn(model: nn.Module, indices: Indices, norm: bool, patch_size: int,
     return fn
 
 
+def encoder_fingerprint(encoder) -> str:
+    """A digest of an encoder's structure and weights: a feature cache is only reused for the
+    encoder that wrote it (two evaluations sharing a work dir must not share features)."""
+    import hashlib
+
+    digest = hashlib.sha1(repr(encoder).encode())
+    for name, tensor in (encoder.state_dict().items() if hasattr(encoder, "state_dict") else ()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indices: Indices = None,
                      norm: bool = False, cache: Optional[Union[str, Path]] = None,
                      device: Union[str, torch.device, None] = None,
@@ -163,13 +175,14 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
 
     Returns ``{"cls": (L, N, D), "avgpool": (L, N, D), "labels": (N,) or None, "indices": [...],
     "norm": bool}`` in float32 on CPU; ``avgpool`` is the mean of each block's patch tokens. If
-    ``cache`` exists with the same ``indices``/``norm`` it is loaded instead (the probes train many
+    ``cache`` exists with the same ``indices``/``norm`` from the same encoder it is loaded instead (the probes train many
     epochs on the same frozen features, so the encoder runs once); otherwise it is written there.
     """
     requested = indices if indices is None or isinstance(indices, int) else list(indices)
+    fingerprint = encoder_fingerprint(model) if cache is not None else None
     if cache is not None and Path(cache).exists():
         data = torch.load(cache, map_location="cpu", weights_only=False)
-        if data.get("norm") == norm and data.get("requested") == requested:
+        if data.get("norm") == norm and data.get("requested") == requested and data.get("encoder") == fingerprint:
             return data
     if isinstance(model, nn.Module):
         model.eval()
@@ -191,7 +204,7 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
         raise ValueError("batches is empty")
     data = {"cls": torch.cat(cls, dim=1), "avgpool": torch.cat(avg, dim=1),
             "labels": torch.cat(labels) if labels else None, "indices": idx, "norm": norm,
-            "requested": requested}
+            "requested": requested, "encoder": fingerprint}
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, cache)

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from webssl_repro.evaluate.features import encoder_fingerprint
+
 IGNORE = -100
 IMAGE = "<image>"
 
@@ -245,18 +247,6 @@ class FeatureCache(Mapping[str, torch.Tensor]):
                 return cls(json.loads(meta["ids"]), f.get_tensor("features"), meta.get("fingerprint") or None)
         blob = torch.load(path, map_location="cpu", weights_only=True)
         return cls(blob["ids"], blob["features"], blob.get("fingerprint"))
-
-
-def encoder_fingerprint(encoder) -> str:
-    """A digest of an encoder's structure and weights: a feature cache is only reused for the
-    encoder that wrote it (two evaluations sharing a work dir must not share features)."""
-    import hashlib
-
-    digest = hashlib.sha1(repr(encoder).encode())
-    for name, tensor in (encoder.state_dict().items() if hasattr(encoder, "state_dict") else ()):
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def extract_features(encoder, image_iter: Iterable[tuple[Sequence[str], torch.Tensor]], n_tokens: int,
