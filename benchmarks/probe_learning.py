@@ -8,7 +8,8 @@ its texture, which the world draws independently of the class; raw pixels as a r
 Not a timing benchmark: it records what the mini budget buys (see benchmarks/README.md).
 
 Run: ``python benchmarks/probe_learning.py [--run dino1b-full2b-224] [--samples 65536]
-[--seed 0] [--corpus 1024] [--source web|in1k] [--train 640] [--val 960] [--threads 1]``
+[--seed 0] [--corpus 1024] [--source web|in1k] [--train 640] [--val 960] [--threads 1]
+[--set '{"arch": {"patch": 4}}']`` (``--set``: JSON overrides of the run's config, e.g. a variant recipe)
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from probe_vqa_controls import merged  # noqa: E402
 
 from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
 from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
@@ -34,8 +38,8 @@ from webssl_repro.train.run import build, pretrain  # noqa: E402
 from webssl_repro.workflow import shipped_plan  # noqa: E402
 
 
-def run_config(run: str, samples: int, seed: int) -> dict:
-    cfg = shipped_plan("mini").run_config(run)
+def run_config(run: str, samples: int, seed: int, overrides: dict | None = None) -> dict:
+    cfg = merged(shipped_plan("mini").run_config(run), overrides or {})
     return {**cfg, "samples_seen": int(samples), "seed": int(seed), "train": {**cfg["train"], "log_every": 64}}
 
 
@@ -58,6 +62,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=640, help="labelled k-NN train images")
     ap.add_argument("--val", type=int, default=960, help="labelled k-NN val images")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", default="{}", help="JSON overrides of the run's config (arch, img_size, recipe)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +72,7 @@ def main() -> None:
         evalset = f"{tmp}/evalsets/classification.json"
         build_evalset("classification", {"size": 64, "classification": {"train": args.train, "val": args.val}},
                       evalset)
-        cfg = run_config(args.run, args.samples, args.seed)
+        cfg = run_config(args.run, args.samples, args.seed, json.loads(args.set))
         init = initial_encoder(args.run, cfg, manifest)
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -82,7 +87,8 @@ def main() -> None:
     for attribute, row in table.items():
         chance = 100.0 / len(object_attributes()[attribute])
         print(f"{attribute:10s}{row['trained']:10.1f}{row['init']:10.1f}{row['pixels']:10.1f}{chance:10.1f}")
-    print(json.dumps({"run": args.run, "samples": args.samples, "seed": args.seed, "knn": table}))
+    print(json.dumps({"run": args.run, "samples": args.samples, "seed": args.seed, "set": json.loads(args.set),
+                      "knn": table}))
 
 
 if __name__ == "__main__":

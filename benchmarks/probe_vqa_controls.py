@@ -36,32 +36,47 @@ def merged(base: dict, over: dict) -> dict:
                        for k, v in over.items()}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(description: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--train", type=int, default=128, help="instruction samples per benchmark (mini: 128)")
     ap.add_argument("--test", type=int, default=50, help="test questions per benchmark (mini: 50)")
     ap.add_argument("--set", default="{}", help="JSON overrides of evaluate.vqa")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def mini_vqa_data(args: argparse.Namespace, root: Path) -> tuple[dict, int, int, dict[str, str]]:
+    """(evaluate.vqa config, image size, patch, manifests): the mini corpus and VQA sets under ``root``."""
     mini = yaml.safe_load(CONFIG.read_text())
     cfg = merged(mini["evaluate"]["vqa"], json.loads(args.set))
     size = int(mini["labels"]["resolutions"]["224"])
     patch = int(mini["labels"]["sizes"]["1b"]["patch"])
+    (root / "shards").mkdir()
+    build_corpus(dict(mini["data"]["corpus"]), str(root / "shards" / "manifest.json"))
+    evalsets = mini["data"]["evalsets"]
+    build_evalset("vqa", {"size": evalsets["size"], "vqa": {"train": args.train, "val": 16, "test": args.test}},
+                  str(root / "vqa.json"))
+    return cfg, size, patch, {"vqa": str(root / "vqa.json"), "shards": str(root / "shards" / "manifest.json")}
+
+
+def probe(name: str, encoder, meta: dict, manifests: dict[str, str], cfg: dict, root: Path) -> None:
+    """One VQA stage with ``encoder``; prints its scores and each LM stage's final loss as JSON."""
+    t0 = time.perf_counter()
+    metrics = run_vqa(encoder, meta, manifests, cfg, root / name)
+    scores = {k: round(float(v), 2) for k, v in metrics.items() if not k.startswith("_")}
+    losses = [round(float(stage["final_loss"]), 3) for stage in metrics["_training"]]
+    print(json.dumps({"encoder": name, "seconds": round(time.perf_counter() - t0, 1), "final_losses": losses,
+                      **scores}), flush=True)
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n")[0])
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "shards").mkdir()
-        build_corpus(dict(mini["data"]["corpus"]), str(root / "shards" / "manifest.json"))
-        evalsets = mini["data"]["evalsets"]
-        build_evalset("vqa", {"size": evalsets["size"], "vqa": {"train": args.train, "val": 16, "test": args.test}},
-                      str(root / "vqa.json"))
-        manifests = {"vqa": str(root / "vqa.json"), "shards": str(root / "shards" / "manifest.json")}
+        cfg, size, patch, manifests = mini_vqa_data(args, Path(tmp))
         for name in CONTROLS:
-            t0 = time.perf_counter()
-            encoder, meta = control_encoder(name, size, patch)
-            metrics = run_vqa(encoder, meta, manifests, cfg, root / name)
-            scores = {k: round(float(v), 2) for k, v in metrics.items() if not k.startswith("_")}
-            print(json.dumps({"encoder": name, "seconds": round(time.perf_counter() - t0, 1), **scores}), flush=True)
+            probe(name, *control_encoder(name, size, patch), manifests, cfg, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Diagnostic: can the mini VQA probe read a *perfect* encoder, one whose tokens are the scene's truth?
+
+``probe_vqa_controls.py`` asks whether the probe reads raw pixels; this asks the stronger
+question. The ``oracle`` encoder hands the probe, per patch of the mini 4x4 grid, the area
+fractions of what the world drew there: each object class, colour, texture and facing, the
+word on a sign, and the depth (all from the image's spec, painted far to near like the
+renderer). ``blind`` hands it the same tokens zeroed. If the oracle does not beat blind, no
+encoder can beat its random init on this probe, whatever it has learned. Not a timing
+benchmark; see benchmarks/README.md.
+
+Run: ``python benchmarks/probe_vqa_oracle.py [--train 128] [--test 50] [--set '{"stage2": {"epochs": 4}}']
+[--threads 1]`` (the same data and ``config/mini.yaml`` settings as ``probe_vqa_controls.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from probe_vqa_controls import mini_vqa_data, parse_args, probe  # noqa: E402
+from webssl_repro.data.corpus import read_manifest  # noqa: E402
+from webssl_repro.data.evalsets import eval_seed  # noqa: E402
+from webssl_repro.data.miniweb import (  # noqa: E402
+    COLOUR_NAMES, OBJECT_CLASSES, TEXTURES, WORDS, MiniWebConfig, sample_spec,
+)
+from webssl_repro.data.miniweb.render_objects import SKY_DEPTH, shape_mask  # noqa: E402
+from webssl_repro.data.shards import make_loader  # noqa: E402
+from webssl_repro.data.vqa_questions import BENCHMARK_KINDS  # noqa: E402
+from webssl_repro.evaluate.imagesets import images_tensor  # noqa: E402
+from webssl_repro.evaluate.vqa.stage import _vqa_split  # noqa: E402
+
+FACINGS = ("left", "right", "up", "down")
+GROUPS = (OBJECT_CLASSES, COLOUR_NAMES, TEXTURES, FACINGS)
+CHANNELS = sum(map(len, GROUPS)) + len(WORDS) + 1
+RENDER = 64  # px at which the truth is painted before pooling to the token grid
+
+
+def truth_map(spec: dict, grid: int) -> torch.Tensor:
+    """(CHANNELS, grid, grid): per-patch area fractions of each attribute value, and mean depth / far."""
+    m = np.zeros((CHANNELS, RENDER, RENDER), np.float32)
+    depth = np.full((RENDER, RENDER), SKY_DEPTH, np.float32)
+    for o in spec["objects"]:  # far to near: a nearer object overwrites what it hides
+        mask = shape_mask(o["class"], o["box"], o["facing"], RENDER)
+        m[:, mask] = 0.0
+        offset = 0
+        for values, value in zip(GROUPS, (o["class"], o["colour"], o["texture"], o["facing"])):
+            if value in values:
+                m[offset + values.index(value), mask] = 1.0
+            offset += len(values)
+        depth[mask] = o["depth"]
+    offset = sum(map(len, GROUPS))
+    for t in sorted((t for t in spec["texts"] if t.get("role") == "sign"), key=lambda t: -t["depth"]):
+        x0, y0, x1, y1 = (round(v * RENDER) for v in t["box"])
+        m[:, y0:y1, x0:x1] = 0.0
+        m[offset + WORDS.index(t["string"]), y0:y1, x0:x1] = 1.0
+        depth[y0:y1, x0:x1] = t["depth"]
+    m[-1] = depth / SKY_DEPTH
+    return F.adaptive_avg_pool2d(torch.from_numpy(m)[None], grid)[0]
+
+
+def vqa_spec(item: dict, split: str) -> dict:
+    """Redraw the spec of one VQA eval image (MMVP's twin is its spec with the object turned)."""
+    benchmark, image_id = item["benchmark"], str(item["image_id"])
+    index = int(image_id.removesuffix("-flip").split("-")[1])
+    spec = sample_spec(eval_seed(benchmark, split), index, MiniWebConfig(), kind=BENCHMARK_KINDS[benchmark])
+    if image_id.endswith("-flip"):
+        o = spec["objects"][0]
+        o["facing"] = {"left": "right", "right": "left", "up": "down", "down": "up"}[o["facing"]]
+    if spec["id"] != image_id.removesuffix("-flip"):
+        raise RuntimeError(f"redrawn spec {spec['id']} is not image {image_id}")
+    return spec
+
+
+def _key(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
+
+
+class TruthTokens(nn.Module):
+    """A ViT-shaped encoder that looks each input image up (by its exact pixels) in a table of truth maps."""
+
+    def __init__(self, table: dict[str, torch.Tensor], blind: bool) -> None:
+        super().__init__()
+        self.table, self.blind = table, bool(blind)
+        self.embed_dim, self.num_prefix_tokens = CHANNELS, 1
+
+    def extra_repr(self) -> str:
+        return f"blind={self.blind}, images={len(self.table)}"
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        maps = torch.stack([self.table[_key(x)] for x in images])  # KeyError: an image the table lacks
+        tokens = maps.flatten(2).transpose(1, 2)
+        if self.blind:
+            tokens = torch.zeros_like(tokens)
+        return torch.cat([tokens.new_zeros(tokens.shape[0], 1, tokens.shape[-1]), tokens], dim=1)
+
+
+def truth_table(manifests: dict[str, str], size: int, grid: int, alignment_samples: int) -> dict[str, torch.Tensor]:
+    """Truth maps keyed by the exact input tensor the VQA stage will hand the encoder."""
+    pairs = []
+    loader = make_loader(read_manifest(manifests["shards"])["shards"], shuffle_shards=False, rank=0, world_size=1)
+    for n, s in enumerate(loader):
+        if n >= alignment_samples:
+            break
+        pairs.append((s["image"], s["meta"]))  # corpus metadata is the full spec
+    for split in ("train", "test"):
+        for items in _vqa_split(manifests["vqa"], split).values():
+            pairs += [(it["image"], vqa_spec(it, split)) for it in items]
+    return {_key(images_tensor([{"image": image}], size)[0]): truth_map(spec, grid) for image, spec in pairs}
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n")[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, size, patch, manifests = mini_vqa_data(args, Path(tmp))
+        table = truth_table(manifests, size, size // patch, int(cfg.get("alignment_samples", 1024)))
+        for name in ("oracle", "blind"):
+            encoder = TruthTokens(table, blind=name == "blind")
+            probe(name, encoder, {"img_size": size, "patch": patch, "depth": 0}, manifests, cfg, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
