@@ -8,7 +8,7 @@ encoder can only beat its init on a probe that does. Not a timing benchmark: it 
 the mini probe can measure (see benchmarks/README.md).
 
 Run: ``python benchmarks/probe_vqa_controls.py [--train 128] [--test 50] [--set '{"stage2": {"epochs": 3}}']
-[--threads 1]`` (eval sets generated in a temp dir; the corpus is the mini size, 1024 images).
+[--threads 1] [--encoders pixels blind]`` (eval sets generated in a temp dir; the corpus is the mini size, 1024 images).
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def merged(base: dict, over: dict) -> dict:
                        for k, v in over.items()}}
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, encoders: tuple[str, ...]) -> argparse.Namespace:
+    """The shared options; ``--encoders`` picks some of ``encoders`` (two processes can split a pair)."""
     ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--encoders", nargs="+", choices=encoders, default=list(encoders))
     ap.add_argument("--train", type=int, default=128, help="instruction samples per benchmark (mini: 128)")
     ap.add_argument("--test", type=int, default=50, help="test questions per benchmark (mini: 50)")
     ap.add_argument("--set", default="{}", help="JSON overrides of evaluate.vqa")
@@ -72,10 +74,10 @@ def probe(name: str, encoder, meta: dict, manifests: dict[str, str], cfg: dict, 
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0])
+    args = parse_args(__doc__.split("\n")[0], CONTROLS)
     with tempfile.TemporaryDirectory() as tmp:
         cfg, size, patch, manifests = mini_vqa_data(args, Path(tmp))
-        for name in CONTROLS:
+        for name in args.encoders:
             probe(name, *control_encoder(name, size, patch), manifests, cfg, Path(tmp))
 
 

@@ -9,7 +9,7 @@ encoder can beat its random init on this probe, whatever it has learned. Not a t
 benchmark; see benchmarks/README.md.
 
 Run: ``python benchmarks/probe_vqa_oracle.py [--train 128] [--test 50] [--set '{"stage2": {"epochs": 4}}']
-[--threads 1]`` (the same data and ``config/mini.yaml`` settings as ``probe_vqa_controls.py``).
+[--threads 1] [--encoders oracle blind]`` (the same data and ``config/mini.yaml`` settings as ``probe_vqa_controls.py``).
 """
 from __future__ import annotations
 
@@ -118,11 +118,11 @@ def truth_table(manifests: dict[str, str], size: int, grid: int, alignment_sampl
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0])
+    args = parse_args(__doc__.split("\n")[0], ("oracle", "blind"))
     with tempfile.TemporaryDirectory() as tmp:
         cfg, size, patch, manifests = mini_vqa_data(args, Path(tmp))
         table = truth_table(manifests, size, size // patch, int(cfg.get("alignment_samples", 1024)))
-        for name in ("oracle", "blind"):
+        for name in args.encoders:
             encoder = TruthTokens(table, blind=name == "blind")
             probe(name, encoder, {"img_size": size, "patch": patch, "depth": 0}, manifests, cfg, Path(tmp))
 
