@@ -14,6 +14,7 @@ Run: ``python benchmarks/probe_vqa_oracle.py [--train 128] [--test 50] [--set '{
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -21,24 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe_vqa_controls import mini_vqa_data, parse_args, probe  # noqa: E402
 from webssl_repro.data.corpus import read_manifest  # noqa: E402
-from webssl_repro.data.evalsets import eval_seed  # noqa: E402
-from webssl_repro.data.miniweb import (  # noqa: E402
-    COLOUR_NAMES, OBJECT_CLASSES, TEXTURES, WORDS, MiniWebConfig, sample_spec,
-)
+from webssl_repro.data.evalsets import eval_seed, vqa_draw  # noqa: E402
+from webssl_repro.data.miniweb import COLOUR_NAMES, OBJECT_CLASSES, TEXTURES, WORDS, MiniWebConfig  # noqa: E402
 from webssl_repro.data.miniweb.render_objects import SKY_DEPTH, shape_mask  # noqa: E402
+from webssl_repro.data.miniweb.world import FACINGS  # noqa: E402
 from webssl_repro.data.shards import make_loader  # noqa: E402
-from webssl_repro.data.vqa_questions import BENCHMARK_KINDS  # noqa: E402
 from webssl_repro.evaluate.imagesets import images_tensor  # noqa: E402
+from webssl_repro.evaluate.vqa.controls import ControlTokens  # noqa: E402
 from webssl_repro.evaluate.vqa.stage import _vqa_split  # noqa: E402
 
-FACINGS = ("left", "right", "up", "down")
 GROUPS = (OBJECT_CLASSES, COLOUR_NAMES, TEXTURES, FACINGS)
 CHANNELS = sum(map(len, GROUPS)) + len(WORDS) + 1
 RENDER = 64  # px at which the truth is painted before pooling to the token grid
@@ -68,49 +66,40 @@ def truth_map(spec: dict, grid: int) -> torch.Tensor:
 
 
 def vqa_spec(item: dict, split: str) -> dict:
-    """Redraw the spec of one VQA eval image (MMVP's twin is its spec with the object turned)."""
+    """Redraw the spec of one VQA eval image as the eval set drew it (``evalsets.vqa_draw``)."""
     benchmark, image_id = item["benchmark"], str(item["image_id"])
-    index = int(image_id.removesuffix("-flip").split("-")[1])
-    spec = sample_spec(eval_seed(benchmark, split), index, MiniWebConfig(), kind=BENCHMARK_KINDS[benchmark])
-    if image_id.endswith("-flip"):
-        o = spec["objects"][0]
-        o["facing"] = {"left": "right", "right": "left", "up": "down", "down": "up"}[o["facing"]]
-    if spec["id"] != image_id.removesuffix("-flip"):
-        raise RuntimeError(f"redrawn spec {spec['id']} is not image {image_id}")
-    return spec
+    index = int(image_id.split("-")[1])
+    specs = [s for _, s in vqa_draw(benchmark, eval_seed(benchmark, split), index, MiniWebConfig())]
+    match = [s for s in specs if s["id"] == image_id]
+    if not match:
+        raise RuntimeError(f"{benchmark} draw {index} of the {split} split ({[s['id'] for s in specs]}) "
+                           f"is not image {image_id}")
+    return match[0]
 
 
 def _key(image: torch.Tensor) -> str:
     return hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
 
 
-class TruthTokens(nn.Module):
-    """A ViT-shaped encoder that looks each input image up (by its exact pixels) in a table of truth maps."""
+class TruthTokens(ControlTokens):
+    """A control encoder that looks each input image up (by its exact pixels) in a table of truth maps."""
 
     def __init__(self, table: dict[str, torch.Tensor], blind: bool) -> None:
-        super().__init__()
-        self.table, self.blind = table, bool(blind)
-        self.embed_dim, self.num_prefix_tokens = CHANNELS, 1
+        super().__init__(CHANNELS, blind)
+        self.table = table
 
     def extra_repr(self) -> str:
         return f"blind={self.blind}, images={len(self.table)}"
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         maps = torch.stack([self.table[_key(x)] for x in images])  # KeyError: an image the table lacks
-        tokens = maps.flatten(2).transpose(1, 2)
-        if self.blind:
-            tokens = torch.zeros_like(tokens)
-        return torch.cat([tokens.new_zeros(tokens.shape[0], 1, tokens.shape[-1]), tokens], dim=1)
+        return maps.flatten(2).transpose(1, 2)
 
 
 def truth_table(manifests: dict[str, str], size: int, grid: int, alignment_samples: int) -> dict[str, torch.Tensor]:
     """Truth maps keyed by the exact input tensor the VQA stage will hand the encoder."""
-    pairs = []
     loader = make_loader(read_manifest(manifests["shards"])["shards"], shuffle_shards=False, rank=0, world_size=1)
-    for n, s in enumerate(loader):
-        if n >= alignment_samples:
-            break
-        pairs.append((s["image"], s["meta"]))  # corpus metadata is the full spec
+    pairs = [(s["image"], s["meta"]) for s in itertools.islice(loader, alignment_samples)]  # meta: the full spec
     for split in ("train", "test"):
         for items in _vqa_split(manifests["vqa"], split).values():
             pairs += [(it["image"], vqa_spec(it, split)) for it in items]

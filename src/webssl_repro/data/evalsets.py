@@ -67,6 +67,14 @@ def classic_items(task: str, split: str, n: int, size: int = 64, base: int = 0) 
         yield item
 
 
+def vqa_draw(benchmark: str, seed: int, index: int, cfg: MiniWebConfig) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(question, spec of its image) for world image ``index``: the generator may pose a question
+    about a variant of the drawn image (MMVP's turned twin), which then comes with its own spec."""
+    spec = sample_spec(seed, index, cfg, kind=BENCHMARK_KINDS[benchmark])
+    questions = GENERATORS[benchmark](spec, rng_for(seed, index, "q:" + benchmark))
+    return [(q, q.pop("spec", spec)) for q in questions]
+
+
 def vqa_items(benchmark: str, split: str, n: int, size: int = 64, base: int = 0) -> list[dict[str, Any]]:
     """``n`` questions (MME and MMVP come in pairs, so a pair is never cut) with their images."""
     if benchmark not in GENERATORS:
@@ -77,9 +85,7 @@ def vqa_items(benchmark: str, split: str, n: int, size: int = 64, base: int = 0)
     while len(items) < n:
         if index > 50 * n + 1000:
             raise RuntimeError(f"vqa_items: {benchmark} found only {len(items)} of {n} questions")
-        spec = sample_spec(seed, index, cfg, kind=BENCHMARK_KINDS[benchmark])
-        for q in GENERATORS[benchmark](spec, rng_for(seed, index, "q:" + benchmark)):
-            s = q.pop("spec", spec)
+        for q, s in vqa_draw(benchmark, seed, index, cfg):
             image, _, _ = render(s, size, cfg.noise)
             items.append(dict(q, id=f"{benchmark}-{split}-{len(items):06d}", benchmark=benchmark, split=split,
                               image_id=s["id"], category=_category(benchmark), image=image))

@@ -19,23 +19,38 @@ from torch import nn
 from webssl_repro.metrics import VQA_CONTROLS as CONTROLS
 
 
+class ControlTokens(nn.Module):
+    """A ViT-shaped encoder without weights: a zero CLS token, then ``patch_tokens(images)``,
+    zeroed when ``blind`` (the same tokens, their content withheld)."""
 
-class PixelTokens(nn.Module):
-    """A ViT-shaped encoder without weights: a zero CLS token, then each patch's pixels (or zeros)."""
+    num_prefix_tokens = 1
+
+    def __init__(self, embed_dim: int, blind: bool = False) -> None:
+        super().__init__()
+        self.embed_dim, self.blind = int(embed_dim), bool(blind)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:  # (B, P, embed_dim)
+        raise NotImplementedError
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_tokens(images)
+        if self.blind:
+            tokens = torch.zeros_like(tokens)
+        return torch.cat([tokens.new_zeros(tokens.shape[0], 1, tokens.shape[-1]), tokens], dim=1)
+
+
+class PixelTokens(ControlTokens):
+    """Each patch's raw pixels as its token (or zeros)."""
 
     def __init__(self, patch: int, blind: bool = False) -> None:
-        super().__init__()
-        self.patch, self.blind = int(patch), bool(blind)
-        self.embed_dim, self.num_prefix_tokens = 3 * self.patch * self.patch, 1
+        super().__init__(3 * int(patch) ** 2, blind)
+        self.patch = int(patch)
 
     def extra_repr(self) -> str:  # tells the two controls apart (feature-cache fingerprints)
         return f"patch={self.patch}, blind={self.blind}"
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # (B, P, 3 * patch^2)
-        if self.blind:
-            tokens = torch.zeros_like(tokens)
-        return torch.cat([tokens.new_zeros(tokens.shape[0], 1, tokens.shape[-1]), tokens], dim=1)
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # (B, P, 3 * patch^2)
 
 
 def control_encoder(name: str, img_size: int, patch: int) -> tuple[PixelTokens, dict[str, Any]]:
