@@ -32,6 +32,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "config" / "mini.yaml"
 
 
 def merged(base: dict, over: dict) -> dict:
+    """``--set`` overrides laid onto a config section, nested sections merged. A key the section
+    lacks is kept, not refused: a section lists only what it changes from its consumer's
+    defaults, and the consumer names a misspelt key (``VqaConfig.from_mapping``, the recipe
+    dataclasses, the ViT arch)."""
     return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
                        for k, v in over.items()}}
 

@@ -35,7 +35,7 @@ from webssl_repro.data.miniweb.world import FACINGS  # noqa: E402
 from webssl_repro.data.shards import make_loader  # noqa: E402
 from webssl_repro.evaluate.imagesets import images_tensor  # noqa: E402
 from webssl_repro.evaluate.vqa.controls import ControlTokens  # noqa: E402
-from webssl_repro.evaluate.vqa.stage import _vqa_split  # noqa: E402
+from webssl_repro.evaluate.vqa.stage import vqa_split  # noqa: E402
 
 GROUPS = (OBJECT_CLASSES, COLOUR_NAMES, TEXTURES, FACINGS)
 CHANNELS = sum(map(len, GROUPS)) + len(WORDS) + 1
@@ -101,7 +101,7 @@ def truth_table(manifests: dict[str, str], size: int, grid: int, alignment_sampl
     loader = make_loader(read_manifest(manifests["shards"])["shards"], shuffle_shards=False, rank=0, world_size=1)
     pairs = [(s["image"], s["meta"]) for s in itertools.islice(loader, alignment_samples)]  # meta: the full spec
     for split in ("train", "test"):
-        for items in _vqa_split(manifests["vqa"], split).values():
+        for items in vqa_split(manifests["vqa"], split).values():
             pairs += [(it["image"], vqa_spec(it, split)) for it in items]
     return {_key(images_tensor([{"image": image}], size)[0]): truth_map(spec, grid) for image, spec in pairs}
 

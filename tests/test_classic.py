@@ -390,3 +390,16 @@ def test_joint_depth_heads_equal_separate_training():
                           iters=12, lr=1e-2, warmup_iters=3, sig_warmup=4, grad_clip=0.05)
         assert joint[k] == pytest.approx(ref, rel=1e-4, abs=1e-5)
         assert torch.allclose(s.conv.weight, heads[k].conv.weight, atol=1e-5)
+
+
+def test_classic_config_merges_nested_overrides_and_names_a_misspelt_key():
+    from webssl_repro.evaluate.classic import DEFAULTS, classic_config
+
+    cfg = classic_config({"linear": {"epochs": 3}, "batch_size": 8})
+    assert cfg["linear"]["epochs"] == 3 and cfg["batch_size"] == 8
+    assert cfg["linear"]["lrs"] == DEFAULTS["linear"]["lrs"]  # siblings of an override keep their defaults
+    assert cfg["depth"] == DEFAULTS["depth"]
+    with pytest.raises(KeyError, match=r"evaluate\.classic\.linear: unknown key\(s\) \['epoch'\]"):
+        classic_config({"linear": {"epoch": 3}})
+    with pytest.raises(KeyError, match=r"evaluate\.classic: unknown key\(s\) \['lineer'\]"):
+        classic_config({"lineer": {}})

@@ -29,6 +29,15 @@ def check_keys(mapping: Mapping[str, Any], known, what: str) -> None:
         raise UnknownKeyError(f"{what}: unknown key(s) {unknown}; known keys are {sorted(known)}")
 
 
+def merge_known(base: Mapping[str, Any], over: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``over`` laid onto ``base``, nested sections merged; a key ``base`` lacks is an error
+    naming its dotted path under ``what`` (a misspelt override would otherwise do nothing)."""
+    check_keys(over, base, what)
+    return {**base, **{k: merge_known(base[k], v, f"{what}.{k}")
+                       if isinstance(base[k], Mapping) and isinstance(v, Mapping) else v
+                       for k, v in over.items()}}
+
+
 def dataclass_from_mapping(cls, mapping: Mapping[str, Any], what: str):
     """A frozen recipe dataclass from a config section: unknown keys are named, lists become tuples."""
     import dataclasses

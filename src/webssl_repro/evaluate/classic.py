@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from webssl_repro.config import merge_known
 from webssl_repro.evaluate import features
 from webssl_repro.evaluate.features import BlockTokens, feature_fn, linear_features, model_device
 from webssl_repro.evaluate.imagesets import EvalImages, image_loader, in_order, load_split, seeded_batches
@@ -68,18 +69,9 @@ def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
     return int(size)
 
 
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if key not in base:
-            raise KeyError(f"evaluate.classic: unknown key {key!r} (known: {sorted(base)})")
-        out[key] = _merge(base[key], value) if isinstance(base[key], dict) else value
-    return out
-
-
 def classic_config(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``cfg`` (an ``evaluate.classic`` section) over DEFAULTS: what each task function reads."""
-    return _merge(DEFAULTS, cfg or {})
+    return merge_known(DEFAULTS, cfg or {}, "evaluate.classic")
 
 
 def segmentation_classes(manifest: str | Path) -> int:

@@ -29,7 +29,8 @@ from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
 from webssl_repro.metrics import VQA_BENCHMARKS
 
 
-def _vqa_split(manifest_path: str | Path, split: str) -> dict[str, list[dict[str, Any]]]:
+def vqa_split(manifest_path: str | Path, split: str) -> dict[str, list[dict[str, Any]]]:
+    """The 16 benchmark analogues' items of one split of a mini-web VQA eval set, by benchmark."""
     from webssl_repro.data.evalsets import load_evalset
 
     manifest = json.loads(Path(manifest_path).read_text())
@@ -123,7 +124,7 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
             raise ValueError(f"vqa evaluation needs the {needed!r} manifest; got {sorted(manifests)}")
 
     alignment, images = _corpus(manifests["shards"], int(cfg.get("alignment_samples", 1024)))
-    train_items, test_items = _vqa_split(manifests["vqa"], "train"), _vqa_split(manifests["vqa"], "test")
+    train_items, test_items = vqa_split(manifests["vqa"], "train"), vqa_split(manifests["vqa"], "test")
     instruction = [s for b in VQA_BENCHMARKS for s in _samples(train_items[b], "vqa")]
     tests = {b: _samples(test_items[b], "vqa") for b in VQA_BENCHMARKS}
     for items in (*train_items.values(), *test_items.values()):
