@@ -403,3 +403,5 @@ def test_classic_config_merges_nested_overrides_and_names_a_misspelt_key():
         classic_config({"linear": {"epoch": 3}})
     with pytest.raises(KeyError, match=r"evaluate\.classic: unknown key\(s\) \['lineer'\]"):
         classic_config({"lineer": {}})
+    with pytest.raises(ValueError, match=r"evaluate\.classic\.linear: a section, got 3"):
+        classic_config({"linear": 3})

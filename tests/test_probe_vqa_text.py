@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from webssl_repro.data.vqa_questions import LETTERS
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import probe_vqa_text as text  # noqa: E402
@@ -29,7 +30,7 @@ def _scene(sample) -> list[str]:
 
 
 def _correct(sample) -> str:
-    return sample.meta["choices"]["ABCD".index(sample.answer)] if sample.meta.get("choices") else sample.answer
+    return sample.meta["choices"][LETTERS.index(sample.answer)] if sample.meta.get("choices") else sample.answer
 
 
 def _entry(entries: list[str], name: str) -> int:

@@ -33,9 +33,14 @@ def merge_known(base: Mapping[str, Any], over: Mapping[str, Any], what: str) -> 
     """``over`` laid onto ``base``, nested sections merged; a key ``base`` lacks is an error
     naming its dotted path under ``what`` (a misspelt override would otherwise do nothing)."""
     check_keys(over, base, what)
-    return {**base, **{k: merge_known(base[k], v, f"{what}.{k}")
-                       if isinstance(base[k], Mapping) and isinstance(v, Mapping) else v
-                       for k, v in over.items()}}
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(base[k], Mapping):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{what}.{k}: a section, got {v!r}")
+            v = merge_known(base[k], v, f"{what}.{k}")
+        out[k] = v
+    return out
 
 
 def dataclass_from_mapping(cls, mapping: Mapping[str, Any], what: str):
