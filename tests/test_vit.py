@@ -15,6 +15,7 @@ from webssl_repro.models.vit import (
     build_encoder,
     count_params,
     create_encoder,
+    resample_pos_embed,
 )
 
 # params@224 from design.md §3 / paper_facts §4.2
@@ -101,6 +102,41 @@ def test_tiny_encoder_two_resolutions():
         assert torch.isfinite(out["x_prenorm"]).all()
     final, inter = model.forward_intermediates(torch.randn(2, 3, 16, 16), indices=2)
     assert final.shape == (2, 5, 32) and [t.shape for t in inter] == [(2, 32, 2, 2)] * 2
+
+
+def test_pos_embed_resampled_as_dinov2():
+    """Other grids (local crops, other resolutions) use DINOv2's rule: bicubic with a +0.1
+    scale offset and no anti-aliasing. timm's own resampler anti-aliases when shrinking,
+    which on a 16x16 -> 7x7 local-crop grid gives a visibly different (smoother) embedding."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + 16 * 16, 8) * 0.02
+    assert resample_pos_embed(pos, (16, 16)) is pos
+    out = resample_pos_embed(pos, (7, 7))
+    assert out.shape == (1, 1 + 49, 8) and torch.equal(out[:, :1], pos[:, :1])
+    # DINOv2 vision_transformer.interpolate_pos_encoding, spelled out: (7 + 0.1) / 16 per axis
+    grid = pos[:, 1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, scale_factor=(7.1 / 16, 7.1 / 16), mode="bicubic",
+                                          antialias=False).permute(0, 2, 3, 1).reshape(1, 49, 8)
+    assert torch.allclose(out[:, 1:], ref, atol=1e-7)
+    timm_out = resample_abs_pos_embed(pos, (7, 7), num_prefix_tokens=1)
+    assert (out - timm_out).norm() > 0.3 * out.norm()
+    # a constant field stays constant; upsampling (hi-res fine-tune) works too
+    flat = torch.cat([torch.zeros(1, 1, 3), torch.full((1, 16, 3), 0.5)], dim=1)
+    assert torch.allclose(resample_pos_embed(flat, (9, 9))[:, 1:], torch.full((1, 81, 3), 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        resample_pos_embed(torch.zeros(1, 1 + 12, 3), (2, 2))
+
+
+def test_local_crop_tokens_use_resampled_pos_embed():
+    torch.manual_seed(0)
+    model = build_encoder(Arch(16, 1, 2, patch=8), img_size=32).eval()
+    x = torch.randn(1, 3, 16, 16)
+    tokens = model.prepare_tokens(x)
+    expected = model.patch_embed(x).reshape(1, 4, 16) + resample_pos_embed(model.pos_embed, (2, 2))[:, 1:]
+    assert torch.allclose(tokens[:, 1:], expected, atol=1e-6)
+    assert torch.allclose(tokens[:, 0], (model.cls_token + model.pos_embed[:, :1])[:, 0], atol=1e-7)
 
 
 def test_masked_forward_uses_mask_token():

@@ -272,7 +272,9 @@ class DinoMethod(nn.Module):
         global_loss, local_loss = dino_multicrop_loss(s_out["global_logits"], s_out.get("local_logits"),
                                                       p_cls, cfg.student_temp)
         n_local = 0 if local_crops is None else local_crops.shape[0] // (n_images // 2)
-        n_terms = 2 * 1 + 2 * n_local  # (student view, teacher view) pairs, same view excluded
+        # (student view, teacher view) pairs, same view excluded; DINOv2 counts at least one
+        # local term (max(n_local * 2, 1)), so without local crops the global term is / 3.
+        n_terms = 2 * 1 + max(2 * n_local, 1)
         dino_global, dino_local = global_loss / n_terms, local_loss / n_terms
         dino = cfg.dino_loss_weight * (dino_global + dino_local)
 

@@ -36,7 +36,13 @@ def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
 
 
 def set_uniform_drop_path(blocks: nn.Sequential, rate: float) -> None:
-    """Give every residual branch the same stochastic-depth rate (DINOv2 ``drop_path_uniform``)."""
+    """Give every residual branch the same stochastic-depth rate (DINOv2 ``drop_path_uniform``).
+
+    timm's ``DropPath`` keeps each sample with probability 1 - rate and rescales it. DINOv2,
+    above rate 0.1, computes the branch on a random subset of int(B·(1 - rate)) samples and
+    rescales by B / subset: the same expectation and a slightly lower variance, and it is
+    a speed-up on GPU. The per-sample form is kept because it is the one timm's blocks take.
+    """
     for block in blocks:
         block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
         block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()

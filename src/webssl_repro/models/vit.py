@@ -10,11 +10,13 @@ LayerScale 1e-5, dynamic image size for local crops), so timm's evaluation helpe
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -119,13 +121,35 @@ def arch_for(method: str, size: str) -> Arch:
     return table[size]
 
 
-class WebSSLViT(VisionTransformer):
-    """timm ViT plus DINOv2's iBOT mask token and its ``forward_features`` dictionary.
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], n_prefix: int = 1) -> torch.Tensor:
+    """DINOv2's ``interpolate_pos_encoding``: the patch part of a (1, n_prefix + M·M, D)
+    pos-embed resampled to ``grid`` = (h, w), bicubic with ``scale_factor=(h+0.1)/M`` and no
+    anti-aliasing, in float32.
 
-    Other input sizes resample the pos-embed with timm's bicubic-to-size rule; DINOv2 uses a
-    scale factor with a +0.1 offset, a small numerical difference that only matters when
-    loading released weights at a non-native resolution.
+    timm's ``resample_abs_pos_embed`` differs where it matters: it anti-aliases when shrinking,
+    which smooths the 16×16 grid to a 7×7 one for every 98-px local crop (relative L2
+    difference ~0.8 at init) and so changes what the student sees on most views.
     """
+    patch = pos_embed[:, n_prefix:]
+    m = math.isqrt(patch.shape[1])
+    if m * m != patch.shape[1]:
+        raise ValueError(f"pos-embed has {patch.shape[1]} patch positions, not a square grid")
+    h, w = grid
+    if (h, w) == (m, m):
+        return pos_embed
+    dtype = pos_embed.dtype
+    patch = patch.float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic",
+                          antialias=False)
+    if patch.shape[-2:] != (h, w):
+        raise ValueError(f"resampled pos-embed grid {tuple(patch.shape[-2:])} != {(h, w)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(dtype)
+    return torch.cat([pos_embed[:, :n_prefix], patch], dim=1)
+
+
+class WebSSLViT(VisionTransformer):
+    """timm ViT plus DINOv2's iBOT mask token, its pos-embed resampling for other input sizes
+    (local crops, other resolutions) and its ``forward_features`` dictionary."""
 
     def __init__(self, arch: Arch, ffn: str, *, img_size: int, layerscale: float | None,
                  drop_path_rate: float, mask_token: bool, **timm_kwargs: Any) -> None:
@@ -171,6 +195,13 @@ class WebSSLViT(VisionTransformer):
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         return self.norm_pre(x)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """cls token + pos-embed for (B, h, w, D) patch tokens, resampled by DINOv2's rule."""
+        B, h, w, D = x.shape
+        pos = resample_pos_embed(self.pos_embed, (h, w), self.num_prefix_tokens)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.view(B, h * w, D)], dim=1) + pos
+        return self.pos_drop(x)
 
     def forward_features_dict(self, x: torch.Tensor, masks: torch.Tensor | None = None
                               ) -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ def _stack_images(samples, _gen):
 
 def _load_parent(method, parent_state: Path) -> None:
     """Start a hi-res fine-tune from the 224 px run: every module, pos-embed resampled."""
-    from timm.layers import resample_abs_pos_embed
+    from webssl_repro.models.vit import resample_pos_embed
 
     state = torch.load(parent_state, map_location="cpu", weights_only=True)
     own = method.state_dict()
@@ -126,7 +126,7 @@ def _load_parent(method, parent_state: Path) -> None:
         if key.endswith("pos_embed") and key in own and own[key].shape != value.shape:
             n_prefix = 1
             grid = int(math.isqrt(own[key].shape[1] - n_prefix))
-            state[key] = resample_abs_pos_embed(value, (grid, grid), num_prefix_tokens=n_prefix)
+            state[key] = resample_pos_embed(value, (grid, grid), n_prefix)
     missing, unexpected = method.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"parent checkpoint {parent_state} has unexpected keys {unexpected[:5]}")
