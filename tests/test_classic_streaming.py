@@ -130,13 +130,31 @@ def test_paper_config_runs_the_full_size_sets():
     from pathlib import Path
 
     from webssl_repro.config import load_config
-    from webssl_repro.evaluate.classic import classic_config
+    from webssl_repro.evaluate.classic import classic_config, dense_size
     from webssl_repro.workflow import Plan
 
     paper = load_config(Path(__file__).resolve().parents[1] / "config" / "paper.yaml")
     cfg = classic_config(paper["evaluate"]["classic"])
     assert cfg["depth"]["max_depth"] == 10.0 and cfg["precision"] == "bf16"
     assert 0 < cfg["workers"] < Plan(paper).eval_threads("classic") == 8
+    # DINOv2's dense resolutions, on the 14-px patch grid of every paper encoder
+    meta = {"img_size": 224, "patch": 14}
+    assert dense_size(cfg["segmentation"], meta) == (518, 518) and dense_size(cfg["depth"], meta) == (476, 644)
+
+
+def test_dense_probes_at_a_non_square_size(tiny_data):  # noqa: F811
+    """NYUd's frames are 4:3: a dense task's img_size may be [h, w], masks and depth maps
+    follow their image, and a size off the patch grid is refused by name."""
+    from webssl_repro.evaluate import classic
+
+    encoder, meta = _encoder()
+    cfg = classic.classic_config({**DENSE, "segmentation": {**DENSE["segmentation"], "img_size": [24, 40]},
+                                  "depth": {**DENSE["depth"], "img_size": [24, 40]}})
+    seg = classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg)
+    dep = classic.depth(encoder, meta, tiny_data["depth"], cfg)
+    assert 0.0 < seg["ade20k_linear"] <= 100.0 and 0.0 < dep["nyud_lin1"] < 10.0, (seg, dep)
+    with pytest.raises(ValueError, match=r"img_size \[24, 36\] is not a multiple of the encoder's patch 8"):
+        classic.dense_size({"img_size": [24, 36]}, meta)
 
 
 def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811

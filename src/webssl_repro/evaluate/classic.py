@@ -1,7 +1,12 @@
 """Classic vision of a frozen encoder on the eval sets: IN-1k linear, ADE20K lin./+ms, NYUd lin.1/lin.4.
 
-Images are evaluated at the encoder's pretraining resolution (paper App. A), resized from
-the eval set's render size; masks and depth maps follow with nearest / bilinear resizing.
+ImageNet is evaluated at the encoder's pretraining resolution (paper App. A) with DINOv2's
+eval transform (resize to 256/224 of the size, centre crop). ADE20K and NYUd use "the settings
+from Oquab et al.": their own resolution, a task's ``img_size`` (paper config: ADE20K's 512 px
+and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644); images are resized to it with their masks and
+depth maps (nearest / bilinear). Deviations from DINOv2's dense protocols, for cost: no
+training-time augmentation, and a whole image at ``img_size`` instead of sliding 512-px
+windows (ADE20K) or flip test-time augmentation (NYUd).
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from webssl_repro.config import merge_known
 from webssl_repro.evaluate import features
 from webssl_repro.evaluate.features import BlockTokens, feature_fn, linear_features, model_device
-from webssl_repro.evaluate.imagesets import EvalImages, image_loader, in_order, load_split, seeded_batches
+from webssl_repro.evaluate.imagesets import EvalImages, as_hw, image_loader, in_order, load_split, seeded_batches
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_probe
 
 DEFAULTS: dict[str, Any] = {
@@ -56,17 +61,18 @@ DEFAULTS: dict[str, Any] = {
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> int:
-    """Input size of a dense task. DINOv2 evaluates ADE20K / NYUd at their own resolution
-    (512 px crops, not the 224 px of pretraining), so a task's ``img_size`` may set it; the
-    encoder interpolates its position embeddings. Default: the pretraining resolution."""
+def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[int, int]:
+    """Input (h, w) of a dense task. DINOv2 evaluates ADE20K / NYUd at their own resolution
+    (512 px crops; NYUd's 480 x 640 frames), not the 224 px of pretraining, so a task's
+    ``img_size`` (``s`` or ``[h, w]``) may set it; the encoder resamples its position
+    embeddings. Default: the pretraining resolution."""
     size = task_cfg.get("img_size")
     if size is None:
-        return int(meta["img_size"])
-    patch = int(meta["patch"])
-    if int(size) % patch:
+        return as_hw(int(meta["img_size"]))
+    hw, patch = as_hw(size), int(meta["patch"])
+    if any(v % patch for v in hw):
         raise ValueError(f"evaluate.classic img_size {size} is not a multiple of the encoder's patch {patch}")
-    return int(size)
+    return hw
 
 
 def classic_config(cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def _tokens_fn(encoder, meta, blocks, norm: bool, cfg: Mapping[str, Any], out_de
                       out_device=out_device)
 
 
-def _split(manifest: str | Path, split: str, size: int, target: str) -> EvalImages:
+def _split(manifest: str | Path, split: str, size: int | tuple[int, int], target: str) -> EvalImages:
     return EvalImages(load_split(manifest, split), size, target)
 
 
@@ -123,8 +129,9 @@ class TokenCache:
         self.grid, self.indices = parts[0].grid, parts[0].indices
 
     @staticmethod
-    def fits(encoder, n_images: int, img_size: int, patch: int, n_layers: int) -> bool:
-        tokens = (img_size // patch) ** 2 + 1
+    def fits(encoder, n_images: int, img_size: int | tuple[int, int], patch: int, n_layers: int) -> bool:
+        h, w = as_hw(img_size)
+        tokens = (h // patch) * (w // patch) + 1
         return n_images * n_layers * tokens * encoder.embed_dim * 4 < features.IN_MEMORY_BYTES
 
 

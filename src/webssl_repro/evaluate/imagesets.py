@@ -3,7 +3,7 @@ in memory at once, and the mini sets take the same path.
 
 A split is a sequence of records (``image`` + ``label`` / ``seg`` / ``depth`` / ``caption``):
 the mini-web sets are small lists, the real sets (``data.real_evalsets.HFSplit``) decode a row
-when it is indexed. ``EvalImages`` turns records into the probe's square, normalised tensors,
+when it is indexed. ``EvalImages`` turns records into the probe's normalised tensors,
 and ``image_loader`` batches them in a given index order (workers decode ahead at paper scale),
 so every probe sees the same seeded batches whether it caches tokens or streams them.
 """
@@ -42,52 +42,89 @@ def load_split(manifest_path: str | Path, split: str) -> Sequence[dict[str, Any]
     return load_evalset(str(Path(manifest_path).parent / rel))
 
 
-def _square(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """(C, H, W) -> (C, size, size); real eval sets (ImageNet, ADE20K, NYUd) mix image sizes."""
-    if t.shape[-2:] == (size, size):
+#: DINOv2's eval transform for ImageNet (``eval/linear.py``, ``eval/knn.py``): the shorter
+#: side resized to 256 for a 224 crop, i.e. the crop keeps 224/256 of it.
+CLASSIFY_CROP = 224 / 256
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """An eval size, ``s`` or ``(h, w)``, as ``(h, w)``."""
+    if isinstance(size, int) or np.ndim(size) == 0:
+        return int(size), int(size)
+    h, w = (int(v) for v in size)
+    return h, w
+
+
+def _resize(t: torch.Tensor, hw: tuple[int, int], mode: str, antialias: bool = False) -> torch.Tensor:
+    """(C, H, W) -> (C, h, w): real eval sets (ImageNet, ADE20K, NYUd) mix image sizes."""
+    if tuple(t.shape[-2:]) == hw:
         return t
-    extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(t.unsqueeze(0), size=(size, size), mode=mode, **extra).squeeze(0)
+    extra = {"align_corners": False, "antialias": antialias} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(t.unsqueeze(0), size=hw, mode=mode, **extra).squeeze(0)
 
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def image_tensor(image: Any, size: int) -> torch.Tensor:
-    """One PIL image -> (3, size, size), bicubic, ImageNet-normalised."""
+def image_tensor(image: Any, size: int | Sequence[int], crop_pct: float | None = 1.0) -> torch.Tensor:
+    """One PIL image -> (3, h, w), ImageNet-normalised, resized bicubic with anti-aliasing
+    (as PIL / torchvision resize).
+
+    ``crop_pct``: the shorter side is resized to ``size / crop_pct`` (aspect kept) and the
+    centre ``size`` x ``size`` cropped, torchvision's ``Resize`` + ``CenterCrop``: 1.0 is the
+    encoders' own processors (DINOv2 / Cambrian, timm's DINOv2 config), ``CLASSIFY_CROP``
+    DINOv2's ImageNet evaluation. ``None`` resizes straight to ``size``, aspect not kept, as
+    the dense probes do with their masks and depth maps.
+    """
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (_square(x, size, "bicubic").clamp(0, 1) - _MEAN) / _STD
+    h, w = as_hw(size)
+    if crop_pct is None:
+        x = _resize(x, (h, w), "bicubic", antialias=True)
+    else:
+        if h != w:
+            raise ValueError(f"a centre crop needs a square size, got {(h, w)}")
+        H, W = x.shape[-2:]
+        short = int(h / crop_pct)  # floor, as timm's eval transform
+        new = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+        x = _resize(x, new, "bicubic", antialias=True)
+        top, left = int(round((new[0] - h) / 2.0)), int(round((new[1] - w) / 2.0))
+        x = x[:, top:top + h, left:left + w]
+    return (x.clamp(0, 1) - _MEAN) / _STD
 
 
-def images_tensor(records: Sequence[dict[str, Any]], size: int) -> torch.Tensor:
+def images_tensor(records: Sequence[dict[str, Any]], size: int, crop_pct: float | None = 1.0) -> torch.Tensor:
     """A small set's images stacked (N, 3, size, size): VQA, k-NN and alignment sets."""
-    return torch.stack([image_tensor(r["image"], size) for r in records])
+    return torch.stack([image_tensor(r["image"], size, crop_pct) for r in records])
 
 
-def target_tensor(record: dict[str, Any], key: str, size: int) -> torch.Tensor:
-    """A record's target for the probe: a class id, or a (size, size) mask / depth map."""
+def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int]) -> torch.Tensor:
+    """A record's target for the probe: a class id, or an (h, w) mask / depth map."""
     mode, dtype = TARGETS[key]
     if mode is None:
         return torch.tensor(int(record[key]), dtype=dtype)
     t = torch.from_numpy(np.asarray(record[key], dtype=np.float32)).unsqueeze(0)
-    return _square(t, size, mode).squeeze(0).to(dtype)
+    return _resize(t, as_hw(size), mode).squeeze(0).to(dtype)
 
 
 class EvalImages(Dataset):
-    """``records`` as (image, target) pairs at the probe's square ``size``; decoded per item."""
+    """``records`` as (image, target) pairs at the probe's ``size`` (``s`` or ``(h, w)``);
+    decoded per item. Class labels get DINOv2's ImageNet eval transform (resize + centre
+    crop); masks and depth maps are resized with their image to ``size``, so the two align."""
 
-    def __init__(self, records: Sequence[dict[str, Any]], size: int, target: str) -> None:
+    def __init__(self, records: Sequence[dict[str, Any]], size: int | Sequence[int], target: str) -> None:
         if target not in TARGETS:
             raise KeyError(f"unknown target {target!r} (known: {sorted(TARGETS)})")
-        self.records, self.size, self.target = records, int(size), target
+        self.records, self.size, self.target = records, as_hw(size), target
+        self.crop_pct = CLASSIFY_CROP if TARGETS[target][0] is None else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[i]
-        return image_tensor(record["image"], self.size), target_tensor(record, self.target, self.size)
+        return (image_tensor(record["image"], self.size, self.crop_pct),
+                target_tensor(record, self.target, self.size))
 
     def target_of(self, i: int) -> torch.Tensor:
         """Item ``i``'s target alone, without resizing its image."""

@@ -45,9 +45,9 @@ def attribute_knn(encoders: Mapping[str, Any], records: Mapping[str, Sequence[di
     """k-NN top-1 % of every ``object_attributes`` target for each encoder's CLS token and for
     raw pixels (``"pixels"``): ``{attribute: {name: accuracy}}``. ``records`` holds the
     ``train`` and ``val`` IN-1k-analogue records; each encoder runs once over each split."""
-    from webssl_repro.evaluate.imagesets import images_tensor
+    from webssl_repro.evaluate.imagesets import CLASSIFY_CROP, images_tensor
 
-    images = {split: images_tensor(records[split], size) for split in ("train", "val")}
+    images = {split: images_tensor(records[split], size, CLASSIFY_CROP) for split in ("train", "val")}
     with torch.no_grad():
         feats = {name: {split: enc.forward_features(x)[:, 0] for split, x in images.items()}
                  for name, enc in encoders.items()}

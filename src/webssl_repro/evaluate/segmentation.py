@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .features import BlockTokens, chunk_size, interp_matrix
 
 IGNORE_INDEX = 255
-MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # mmseg's usual ratios for DINOv2's "+ms" TTA
+#: DINOv2's ADE20K "+ms" test: img_ratios of its mmseg config (short side 640 x ratio), with flips
+MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
 
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
 
@@ -175,7 +176,7 @@ def upsampled_ce(logits: torch.Tensor, target: torch.Tensor,
                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-image summed CE of ``logits`` (B, C, h, w) bilinearly upsampled to ``target``'s
     (B, H, W) size, without keeping the upsampled logits (see ``_UpsampledCE``)."""
-    (B, C, h, w), (H, W) = logits.shape, target.shape[-2:]
+    (_, C, h, w), (H, W) = logits.shape, target.shape[-2:]
     uh, uw = interp_matrix(h, H).to(logits), interp_matrix(w, W).to(logits)
     return _UpsampledCE.apply(logits, target.long(), uh, uw, ignore_index, chunk_size(C * H * W))
 
