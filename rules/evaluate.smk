@@ -17,11 +17,12 @@ rule vqa:
     threads: PLAN.eval_threads()
     resources:
         **PLAN.eval_resources(),
+        settings=SETTINGS["vqa"],
     conda:
         ENV
     shell:
         "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--data {input.data} --out {output} > {log} 2>&1"
+        "--settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule vqa_control:
@@ -39,11 +40,12 @@ rule vqa_control:
     threads: PLAN.eval_threads()
     resources:
         **PLAN.eval_resources(),
+        settings=SETTINGS["vqa"],
     conda:
         ENV
     shell:
         "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule classic:
@@ -59,11 +61,12 @@ rule classic:
     threads: PLAN.eval_threads("classic")
     resources:
         **PLAN.eval_resources("classic"),
+        settings=SETTINGS["classic"],
     conda:
         ENV
     shell:
         "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule alignment:
@@ -79,8 +82,10 @@ rule alignment:
     threads: PLAN.eval_threads("alignment")
     resources:
         **PLAN.eval_resources("alignment"),
+        settings=SETTINGS["alignment"],
     conda:
         ENV
     shell:
         "webssl-repro evaluate alignment --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --data {input.captions} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.captions} "
+        "--out {output} > {log} 2>&1"

@@ -2,6 +2,7 @@
 # the item's runs (or the published TSVs at the published scale); then `check` (the
 # paper's claims + reproduced vs published numbers) and `report` (paper/{scale}/report.md).
 # Every table, figure and check output is declared with report() for `snakemake --report`.
+# Renders take seconds on a CPU: local rules, never a cluster job.
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ CONFIG_HASH = hashlib.sha256(CONFIG_JSON.encode()).hexdigest()[:12]
 
 
 rule render_table:
+    localrule: True
     wildcard_constraints:
         item=RENDERED_TABLES,
     input:
@@ -46,6 +48,7 @@ rule render_table:
 
 
 rule render_figure:
+    localrule: True
     wildcard_constraints:
         item=RENDERED_FIGURES,
     input:
@@ -76,6 +79,7 @@ rule render_figure:
 if not PLAN.published:
 
     rule render_reference_table:
+        localrule: True
         wildcard_constraints:
             item=RENDERED_TABLES,
         input:
@@ -98,6 +102,7 @@ if not PLAN.published:
             "--outputs {output} --inputs {input} > {log} 2>&1"
 
     rule render_reference_figure:
+        localrule: True
         wildcard_constraints:
             item=RENDERED_FIGURES,
         input:
@@ -121,6 +126,7 @@ if not PLAN.published:
             "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
 
     rule overlay_figure:
+        localrule: True
         wildcard_constraints:
             item=RENDERED_FIGURES,
         input:

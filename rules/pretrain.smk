@@ -9,9 +9,13 @@ _PRETRAIN_OUTPUT = {
     "provenance": f"{RESULTS}/runs/{{run}}/provenance.json",
     "state": f"{RESULTS}/runs/{{run}}/state.pt",
 }
+# The checkpoints outlive the job (a retry resumes them): set aside first any that another
+# config or other inputs made, so that a rerun retrains (train/fingerprint.py).
 _PRETRAIN_SHELL = (
+    "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
+    "--data {input.data} {params.parent} > {log} 2>&1 && "
     "{params.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
-    "--out {params.out} --checkpoints {params.checkpoints} --data {input.data} {params.parent} > {log} 2>&1"
+    "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} --data {input.data} {params.parent} >> {log} 2>&1"
 )
 
 
@@ -38,6 +42,7 @@ rule pretrain_single:
         cpus_per_task=_res("cpus_per_task"),
         gpu=_res("gpu", 0),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
+        settings=SETTINGS["pretrain"],
     conda:
         ENV
     shell:
@@ -72,6 +77,7 @@ rule pretrain_multinode:
         mpi="srun",
         slurm_extra="--ntasks-per-node=1 --exclusive",
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
+        settings=SETTINGS["pretrain"],
     conda:
         ENV
     shell:
@@ -79,8 +85,10 @@ rule pretrain_multinode:
 
 
 # A run declared in `pretrain.run_sources` is imported from a released checkpoint
-# (HF directory, native .pth, or the hub at paper scale) instead of trained.
+# (HF directory, native .pth, or the hub at paper scale) instead of trained. Local: it is
+# a download and a conversion, and compute nodes often have no internet.
 rule import_released:
+    localrule: True
     wildcard_constraints:
         run=PLAN.imported_pattern(),
     output:

@@ -374,3 +374,26 @@ def test_snakemake_builds_one_eval(workflow_dir):
     again = snakemake(workflow_dir, *args)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # Settings (how jobs run) are not params: changing them reruns nothing.
+    cfg = _tiny_workflow_config()
+    cfg["pretrain"]["train"] = {**cfg["pretrain"].get("train", {}), "log_every": 1, "checkpoint_every": 2}
+    cfg["evaluate"]["alignment"]["batch_size"] = 16
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    settled = snakemake(workflow_dir, "-n", *args)
+    assert settled.returncode == 0 and "Nothing to be done" in settled.stdout + settled.stderr, settled.stdout[-3000:]
+
+    # A recipe change reruns the run: it trains afresh instead of resuming the finished
+    # checkpoint of the old recipe, which is kept aside.
+    run_dir = workflow_dir / "results/mini/runs/dino1b-full2b-224"
+    old_log = (run_dir / "train_log.jsonl").read_text()
+    cfg = _tiny_workflow_config()
+    cfg["pretrain"]["dino"]["teacher_temp"] = 0.07
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    rerun = snakemake(workflow_dir, *args, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    stale = list((workflow_dir / "results/mini/checkpoints").glob("dino1b-full2b-224.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "train_log.jsonl").read_text() == old_log
+    new_log = (run_dir / "train_log.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in new_log.splitlines()] == [4] and new_log != old_log
+    assert "set aside" in (workflow_dir / "logs/mini/pretrain/dino1b-full2b-224.log").read_text()

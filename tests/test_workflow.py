@@ -1,4 +1,5 @@
 """The DAG: run grid, targets, resources, validation, lint and the published render."""
+import json
 import re
 
 import pandas as pd
@@ -134,6 +135,42 @@ def test_schema_key_lists_are_the_config_dataclasses():
     assert allowed["dino"] == fields[DinoConfig] and allowed["hires"] == fields[DinoConfig] | {"steps"}
     assert allowed["mae"] == fields[MaeConfig]
     assert allowed["clip"] == fields[ClipConfig] | {"layerscale", "tokenizer", "vocab_size"}
+
+
+def test_schema_closes_the_data_and_evaluate_sections_on_their_consumers_keys():
+    """A misspelt key under data.filter or evaluate.* stops the dry run (it once reached the
+    job, or silently changed the plan: `parts` misspelt gave one filter job over MC-2B)."""
+    import dataclasses
+    import inspect
+
+    from webssl_repro.data.filter_mllm import MLLMFilter
+    from webssl_repro.data.filters import OCRFilter
+    from webssl_repro.evaluate import alignment_eval, classic
+    from webssl_repro.evaluate.vqa.probe import VqaConfig
+    from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]
+
+    def names(section):
+        return set(section["propertyNames"]["enum"])
+    ctor = {p for cls in (OCRFilter, MLLMFilter) for p in inspect.signature(cls.__init__).parameters} - {"self", "generate_fn"}
+    assert names(schema["data"]["properties"]["filter"]) == ctor | {"backend", "parts"}
+    evaluate = schema["evaluate"]["properties"]
+    assert names(evaluate["vqa"]) == {f.name for f in dataclasses.fields(VqaConfig)} | set(STAGE_KEYS)
+    assert names(evaluate["classic"]) == set(classic.DEFAULTS)
+    assert names(evaluate["alignment"]) == set(alignment_eval.DEFAULTS)
+
+
+@pytest.mark.parametrize("section, key", [("data.filter", "partz"), ("evaluate.vqa", "stratgy"),
+                                          ("evaluate.alignment", "language_model")])
+def test_a_misspelt_section_key_is_refused_by_name(section, key):
+    from webssl_repro.config import load_config
+
+    cfg = load_config(REPO / "config/paper.yaml")
+    part, name = section.split(".")
+    cfg[part][name][key] = 1
+    with pytest.raises(ConfigError, match=f"at key '{section}': '{key}' is not one of"):
+        validate_config(cfg)
 
 
 def test_snakemake_rejects_a_bad_config_before_any_job(workflow_dir):
@@ -311,8 +348,51 @@ def test_eval_jobs_take_a_node_share_for_their_gpus():
     paper = Plan(load_config(REPO / "config/paper.yaml"))
     node = paper.config["resources"]["mem_mb_per_node"]
     for kind in ("vqa", "alignment"):
-        assert paper.eval_resources(kind) == {"gpu": 8, "runtime": 1440, "mem_mb": node, "cpus_per_task": 64}
-    assert paper.eval_resources("classic") == {"gpu": 1, "runtime": 1440, "mem_mb": node // 8, "cpus_per_task": 8}
+        assert paper.eval_resources(kind) == {"gpu": 8, "nodes": 1, "runtime": 1440, "mem_mb": node, "cpus_per_task": 64}
+    assert paper.eval_resources("classic") == {"gpu": 1, "nodes": 1, "runtime": 1440, "mem_mb": node // 8, "cpus_per_task": 8}
     assert paper.eval_threads("classic") == 8
     mini = Plan(load_config(REPO / "config/mini.yaml"))
     assert mini.eval_resources("vqa") == {"gpu": 0, "runtime": 60} and mini.eval_threads() == 1
+
+
+def test_a_size_missing_from_resources_nodes_is_an_error_not_one_node():
+    cfg = load_config(REPO / "config/paper.yaml")
+    del cfg["resources"]["nodes"]["7b"]
+    with pytest.raises(KeyError, match=r"resources.nodes has no entry for size '7b'"):
+        Plan(cfg).pretrain_resources("dino7b-full8b-224")
+
+
+def test_settings_are_not_params_and_reach_the_job_unchanged():
+    """Log cadence, decoding workers, batch chunks and where data sits change how a job runs,
+    not its result: they leave the rules' params (Snakemake reruns a job whose params change)
+    and travel as --settings-json, which the CLI lays back onto the params."""
+    from webssl_repro.settings import merge_settings
+
+    cfg = load_config(REPO / "config/paper.yaml")
+    cfg["pretrain"] = {**cfg.get("pretrain", {}), "train": {"log_every": 7, "checkpoint_every": 900, "lr": 1e-4}}
+    cfg["evaluate"]["vqa"]["data"]["alignment"]["local_dir"] = "/scratch/cambrian"
+    plan = Plan(cfg)
+    run = "dino1b-full2b-224"
+    what = json.loads(plan.run_config_json(run))
+    assert what["train"] == {"lr": 1e-4} and json.loads(plan.settings_json("pretrain")) == {
+        "train": {"log_every": 7, "checkpoint_every": 900}}
+    assert merge_settings(what, json.loads(plan.settings_json("pretrain"))) == plan.run_config(run)
+    vqa = json.loads(plan.eval_config_json("vqa"))
+    assert "local_dir" not in vqa["data"]["alignment"] and vqa["data"]["alignment"]["repo"]
+    assert json.loads(plan.settings_json("vqa"))["data"]["alignment"]["local_dir"] == "/scratch/cambrian"
+    classic = json.loads(plan.eval_config_json("classic"))
+    assert "workers" not in classic and classic["precision"] == "bf16"
+    assert json.loads(plan.settings_json("classic"))["workers"] == 7
+    for kind in ("vqa", "classic", "alignment"):
+        full = {"scale": "paper", **{k: v for k, v in cfg["evaluate"][kind].items() if k != "controls"}}
+        assert merge_settings(json.loads(plan.eval_config_json(kind)), json.loads(plan.settings_json(kind))) == full
+
+
+def test_a_hires_run_of_an_imported_parent_is_refused_by_name():
+    """The 378/518 px fine-tune continues the 224 px run's DINO training (teacher, heads): an
+    imported encoder alone cannot seed it, and the DAG says so instead of a missing state.pt."""
+    cfg = load_config(REPO / "config/paper.yaml")
+    cfg["pretrain"] = {**cfg.get("pretrain", {}),
+                       "run_sources": {"dino7b-full8b-224": {"checkpoint": "facebook/webssl-dino7b-full8b-224"}}}
+    with pytest.raises(ConfigError, match=r"run_sources.dino7b-full8b-224: dino7b-full8b-378 fine-tunes it"):
+        Plan(cfg).pretrain_inputs("dino7b-full8b-378")

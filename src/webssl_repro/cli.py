@@ -63,7 +63,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     from webssl_repro.train.distributed import shutdown
     from webssl_repro.train.run import pretrain
 
-    cfg = json.loads(args.config_json)
+    from webssl_repro.settings import merge_settings
+
+    cfg = merge_settings(json.loads(args.config_json), json.loads(args.settings_json))
     if cfg.get("run") not in (None, args.run):
         raise ValueError(f"--config-json is for run {cfg.get('run')!r}, not {args.run!r}")
     try:
@@ -76,6 +78,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     print(f"pretrain {args.run}: step {result.step}, {result.samples_seen} samples seen, complete={result.complete}")
+    return 0
+
+
+def _guard_checkpoints(args: argparse.Namespace) -> int:
+    import json
+
+    from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
+
+    guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent))
     return 0
 
 
@@ -101,8 +112,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from webssl_repro.models.io import load_encoder
 
+    from webssl_repro.settings import merge_settings
+
     torch.manual_seed(0)
-    cfg = json.loads(args.eval_json)
+    computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
+    cfg = merge_settings(computed, json.loads(args.settings_json))
     if args.control:
         from webssl_repro.evaluate.vqa.controls import control_encoder
 
@@ -130,7 +144,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from webssl_repro.train.distributed import is_main, shutdown
 
     if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
-        write_eval(Path(args.out), args.run, args.kind, metrics, cfg)
+        write_eval(Path(args.out), args.run, args.kind, metrics, computed)
         print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
     shutdown()
     return 0
@@ -170,13 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="train one run (resumes from its checkpoint dir)")
     pre.add_argument("--run-name", "--run", dest="run", required=True,
                      help="the run (spelt --run-name after torchrun, whose own --run-path would swallow --run)")
-    pre.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config)")
+    pre.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config_json)")
+    pre.add_argument("--settings-json", default="{}", help="how it runs: log/checkpoint cadence (Plan.settings_json)")
     pre.add_argument("--out", required=True, type=Path)
     pre.add_argument("--checkpoints", required=True, type=Path)
     pre.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
     pre.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
     pre.add_argument("--max-steps", type=int, default=None, help="stop early (checkpointed), e.g. for tests")
     pre.set_defaults(func=_pretrain)
+
+    guard = sub.add_parser("guard-checkpoints", help="set a run's checkpoints aside if another config or "
+                           "other inputs made them (the pretrain rules call it before launching)")
+    guard.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config)")
+    guard.add_argument("--checkpoints", required=True, type=Path)
+    guard.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
+    guard.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
+    guard.set_defaults(func=_guard_checkpoints)
 
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")
     ev.add_argument("kind", choices=("vqa", "classic", "alignment"))
@@ -187,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a VQA control encoder instead of a run's (evaluate.vqa.controls)")
     ev.add_argument("--img-size", type=int, help="the control's input size")
     ev.add_argument("--patch", type=int, help="the control's patch size")
-    ev.add_argument("--eval-json", default="{}")
+    ev.add_argument("--eval-json", default="{}", help="what is computed (Plan.eval_config_json)")
+    ev.add_argument("--settings-json", default="{}", help="how it runs: workers, batch chunks, local paths "
+                    "(Plan.settings_json)")
     ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
     ev.add_argument("--out", required=True, type=Path)
     ev.set_defaults(func=_evaluate)

@@ -12,6 +12,7 @@ finished run once its outputs exist.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ class LaunchSpec:
     mem_mb: int
     timeout_min: int
     config_json: str
+    settings_json: str  # how it runs (log/checkpoint cadence): Plan.settings_json("pretrain")
     out: str  # relative to workdir, exactly as the rule passes it
     checkpoints: str
     workdir: str  # absolute: where the job runs (the repo root, like Snakemake)
@@ -65,6 +67,7 @@ def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_po
         mem_mb=res.mem_mb,
         timeout_min=res.runtime_min,
         config_json=plan.run_config_json(run),
+        settings_json=plan.settings_json("pretrain"),
         out=plan.run_dir(run),
         checkpoints=plan.checkpoint_dir(run),
         workdir=str(Path(workdir or Path.cwd()).resolve()),
@@ -98,7 +101,7 @@ def executor_parameters(spec: LaunchSpec, partition: str | None = None,
 def pretrain_args(spec: LaunchSpec) -> list[str]:
     """The rule's arguments after the launcher (rules/pretrain.smk, _PRETRAIN_SHELL)."""
     args = ["pretrain", "--run-name", spec.run, "--config-json", spec.config_json,
-            "--out", spec.out, "--checkpoints", spec.checkpoints, "--data", *spec.data]
+            "--settings-json", spec.settings_json, "--out", spec.out, "--checkpoints", spec.checkpoints, "--data", *spec.data]
     return args + (["--parent", spec.parent] if spec.parent else [])
 
 
@@ -217,6 +220,13 @@ def submit(plan: Plan, run: str, executor: str = "slurm", folder: str | Path = "
         if missing:
             raise FileNotFoundError(f"{run} needs inputs that do not exist yet (build them with "
                                     f"snakemake first): {', '.join(missing)}")
+        # as the rule does before launching: checkpoints of another config or inputs go aside
+        from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
+
+        root = Path(spec.workdir)
+        parent = str(root / spec.parent) if spec.parent else None
+        guard_checkpoints(root / spec.checkpoints,
+                          run_fingerprint(json.loads(spec.config_json), [root / d for d in spec.data], parent))
     ex = make_executor(executor, folder)
     ex.update_parameters(**executor_parameters(spec, partition, account))
     return ex.submit(PretrainJob(spec, program))

@@ -124,7 +124,10 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
         raise KeyError(f"config labels.sizes has no entry for size {run.size!r} (run {run})") from None
     img = int(cfg["labels"]["resolutions"][str(run.res)])
     flops = flops_per_sample(run, arch, img) * samples_of(run, cfg)
-    nodes = int(res_cfg["nodes"].get(run.size, 1))
+    if run.size not in res_cfg["nodes"]:
+        raise KeyError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
+                       f"sizes there are {sorted(res_cfg['nodes'])}")
+    nodes = int(res_cfg["nodes"][run.size])
     if run.parent is not None:
         nodes = max(1, nodes // 2)  # the hi-res fine-tune is short; half the nodes suffice
     gpus = nodes * int(res_cfg["gpus_per_node"])

@@ -19,6 +19,7 @@ from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, hires_recipe
 from webssl_repro.resources import PREEMPTION_RETRIES, RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
+from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_evals import EvalJobs
 
 TABLE_FORMATS = ("tsv", "md", "tex")
@@ -152,6 +153,12 @@ class Plan(EvalJobs):
         run = Run.parse(name)
         inputs: dict[str, Any] = {"data": self.pretrain_data(run)}
         if run.parent is not None:  # hi-res fine-tune starts from the same seed's 224 px run (paper App. C)
+            if str(run.parent) in self.run_sources:
+                from webssl_repro.config import ConfigError  # config imports this module
+
+                raise ConfigError(f"pretrain.run_sources.{run.parent}: {name} fine-tunes it from its training "
+                                  "state (teacher, heads, optimizer), which an imported encoder does not have; "
+                                  f"train {run.parent} or import {name} itself")
             inputs["parent"] = f"{self.run_dir(with_seed(str(run.parent), seed, self.seeds[0]))}/state.pt"
         return inputs
 
@@ -179,7 +186,10 @@ class Plan(EvalJobs):
         }
 
     def run_config_json(self, run: str) -> str:
-        return json.dumps(self.run_config(run), sort_keys=True, separators=(",", ":"))
+        """What the run's weights depend on (its rules' params): ``run_config`` less the
+        settings of ``settings_json("pretrain")``."""
+        what = split_settings(self.run_config(run), SETTINGS["pretrain"])[0]
+        return json.dumps(what, sort_keys=True, separators=(",", ":"))
 
     def data_config_json(self, part: str, task: str | None = None) -> str:
         """Only the part of ``data`` a rule reads, so changing one part reruns only its jobs."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.metrics import VQA_CONTROLS
-
 
 class EvalJobs:
     """Evaluation-job methods of ``workflow.Plan``."""
@@ -42,10 +42,22 @@ class EvalJobs:
         patch = min(int(arch["patch"]) for arch in labels["sizes"].values())
         return f"--img-size {int(labels['resolutions']['224'])} --patch {patch}"
 
-    def eval_config_json(self, kind: str) -> str:
+    def _eval_section(self, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
         section = {k: v for k, v in self.config.get("evaluate", {}).get(kind, {}).items()
                    if not (kind == "vqa" and k == "controls")}  # which encoders run, not how: no rerun
-        return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
+        return split_settings(section, SETTINGS[kind])
+
+    def eval_config_json(self, kind: str) -> str:
+        """What an eval job computes (its rule's params): the section less its settings."""
+        return json.dumps({"scale": self.scale, **self._eval_section(kind)[0]}, sort_keys=True, separators=(",", ":"))
+
+    def settings_json(self, kind: str) -> str:
+        """How a ``kind`` job runs (``SETTINGS``): passed by the shell, not a param."""
+        if kind == "pretrain":
+            how = split_settings({"train": self.config.get("pretrain", {}).get("train", {})}, SETTINGS[kind])[1]
+        else:
+            how = self._eval_section(kind)[1]
+        return json.dumps(how, sort_keys=True, separators=(",", ":"))
 
     def eval_gpus(self) -> int:
         return int(self.config.get("resources", {}).get("eval_gpus", 0))
@@ -71,6 +83,7 @@ class EvalJobs:
         gpus = min(self.eval_gpus(), 1) if kind == "classic" else self.eval_gpus()
         out = {"gpu": gpus, "runtime": self.eval_runtime()}
         if gpus > 0:
+            out["nodes"] = 1  # one node's GPUs (torchrun --standalone; the 70B LM's device_map)
             share = min(1.0, gpus / max(1, int(res.get("gpus_per_node", gpus))))
             out["mem_mb"] = int(int(res["mem_mb_per_node"]) * share)
             out["cpus_per_task"] = int(res["cpus_per_gpu"]) * gpus

@@ -1,0 +1,54 @@
+"""What a job computes vs how it runs.
+
+A rule's params are what Snakemake compares to decide whether a finished job is out of date,
+so they must hold only what changes the result. The keys in ``SETTINGS`` change how a job
+runs (log cadence, decoding workers, where a dataset sits on disk): they travel in the shell
+command as ``--settings-json`` instead, and the CLI lays them back onto the params.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+_DATA_PLACE = {"local_dir": None, "image_root": None}
+#: Keys that change how a job runs, not what it computes (``split_settings``):
+#: kept out of the rules' params, so that changing them reruns nothing, and passed to the
+#: CLI as ``--settings-json``. Pretraining: the log and checkpoint cadence. Classic: the
+#: encoder's forward chunking, decoding workers and scratch disk. Alignment: batch sizes and
+#: where each LM's weights are. VQA: where Cambrian's files sit on disk.
+SETTINGS = {
+    "pretrain": {"train": {"log_every": None, "checkpoint_every": None}},
+    "classic": {"batch_size": None, "workers": None, "scratch": None},
+    "alignment": {"batch_size": None, "lm_batch_size": None, "lm_paths": None},
+    "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}},
+}
+
+
+def split_settings(section: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``section`` as (what a job computes, how it runs), by ``spec``: a key mapped to None is
+    a setting (log cadence, worker count, where a dataset sits on disk); a key mapped to a
+    mapping splits that sub-section the same way. The rules put only the first in their
+    params, so that changing a setting reruns nothing (``Plan.settings_json``)."""
+    what: dict[str, Any] = {}
+    how: dict[str, Any] = {}
+    for key, value in section.items():
+        sub = spec.get(key, ...)
+        if sub is None:
+            how[key] = value
+        elif isinstance(sub, Mapping) and isinstance(value, Mapping):
+            w, h = split_settings(value, sub)
+            what[key] = w
+            if h:
+                how[key] = h
+        else:
+            what[key] = value
+    return what, how
+
+
+def merge_settings(base: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``split_settings``: ``settings`` laid back onto ``base``, nested."""
+    out = dict(base)
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            value = merge_settings(out[key], value)
+        out[key] = value
+    return out
