@@ -396,3 +396,10 @@ def test_a_hires_run_of_an_imported_parent_is_refused_by_name():
                        "run_sources": {"dino7b-full8b-224": {"checkpoint": "facebook/webssl-dino7b-full8b-224"}}}
     with pytest.raises(ConfigError, match=r"run_sources.dino7b-full8b-224: dino7b-full8b-378 fine-tunes it"):
         Plan(cfg).pretrain_inputs("dino7b-full8b-378")
+
+
+def test_an_item_this_scale_does_not_build_says_why(workflow_dir):
+    proc = snakemake(workflow_dir, "-n", "table14", "--configfile", "config/paper.yaml")
+    assert proc.returncode != 0
+    assert ("table14 is not built at scale paper: not in this config's items. Its published render: "
+            "snakemake table14 --configfile config/published.yaml") in proc.stdout + proc.stderr

@@ -319,6 +319,15 @@ class Plan(EvalJobs):
             f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
         )
 
+    def not_built(self, item: str) -> None:
+        """Raise why ``snakemake {item}`` has nothing to build at this scale (the target rule
+        of an item this config does not build)."""
+        from webssl_repro.config import ConfigError  # config imports this module
+
+        why = self.skipped_items.get(item, "not in this config's items")
+        raise ConfigError(f"{item} is not built at scale {self.scale}: {why}. Its published render: "
+                          f"snakemake {item} --configfile config/published.yaml")
+
     def target_message(self, item: str | None = None) -> str:
         """What a target costs, shown by the dry run: its runs and their pretraining GPU-hours
         (each pretrain job also carries its own ``gpu_hours`` resource)."""
