@@ -169,13 +169,15 @@ def _hostnames(nodelist: str) -> list[str]:
 
 
 def _cli_args(job_log: Path) -> list[str]:
-    """What the job ran after ``-m webssl_repro.cli`` (its printed shell command, up to ``>``)."""
+    """What the job ran after ``-m webssl_repro.cli`` (its printed shell command, up to the
+    redirection; the checkpoint guard runs before it)."""
     line = next((ln for ln in job_log.read_text().splitlines() if ln.startswith("Shell command: ")), None)
     assert line is not None, f"no 'Shell command:' line in {job_log}"
     argv = shlex.split(line[len("Shell command: "):])
     i = argv.index("webssl_repro.cli")
     assert argv[i - 1] == "-m", argv
-    return argv[i + 1:argv.index(">")]
+    rest = argv[i + 1:]
+    return rest[:next(k for k, tok in enumerate(rest) if tok in (">", ">>"))]
 
 
 def _replace_option(args: list[str], flag: str, value: str) -> list[str]:
