@@ -368,6 +368,25 @@ def test_joint_seg_heads_equal_separate_training():
         assert torch.allclose(s.conv.weight, heads[k].conv.weight, atol=1e-5)
 
 
+def test_seg_loss_averages_over_every_pixel_as_mmseg():
+    """DINOv2's mmseg 0.x CE (avg_non_ignore=False): ignored pixels count in the mean as 0,
+    so a batch half unlabelled has half the loss of its labelled pixels' mean."""
+    from webssl_repro.evaluate.segmentation import train_seg_heads
+
+    g = torch.Generator().manual_seed(0)
+    images, masks = _seg_task(g, n=4)
+    masks[:, :8] = 255
+    maps = _colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(4, -1, 4, 4)
+    torch.manual_seed(0)
+    head = LinearSegHead(3, num_classes=3, n_layers=1)
+    with torch.no_grad():
+        logits = F.interpolate(head.forward_concat(maps), size=(16, 16), mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(logits, masks, ignore_index=255, reduction="none")
+    loss = train_seg_heads([head], iter([(maps, masks)]), iters=1, lr=1e-3, warmup=1)[0][0]
+    assert loss == pytest.approx(per_pixel.mean().item(), rel=1e-5)
+    assert loss == pytest.approx(0.5 * per_pixel[masks != 255].mean().item(), rel=1e-5)
+
+
 def test_joint_depth_heads_equal_separate_training():
     from webssl_repro.evaluate.depth import train_depth_heads
 

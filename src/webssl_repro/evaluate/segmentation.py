@@ -129,7 +129,8 @@ def train_segmentation(head: LinearSegHead, feature_fn: FeatureFn,
             for group in opt.param_groups:
                 group["lr"] = lr * _lr_factor(len(losses), iters, warmup, warmup_ratio)
             logits = seg_logits(head, feature_fn, images, out_size=masks.shape[-2:])
-            loss = F.cross_entropy(logits, masks.long(), ignore_index=IGNORE_INDEX)
+            # mmseg 0.x's CE (avg_non_ignore=False, DINOv2's): mean over every pixel, ignored ones as 0
+            loss = F.cross_entropy(logits, masks.long(), ignore_index=IGNORE_INDEX, reduction="none").mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -204,8 +205,7 @@ def train_seg_heads(heads: Sequence[LinearSegHead], batches: Iterator[tuple[torc
             group["lr"] = lr * _lr_factor(it, iters, warmup, warmup_ratio)
         logits = torch.cat([h.forward_concat(xb) for h in heads])
         per_image = upsampled_ce(logits, y.repeat(len(heads), 1, 1)).view(len(heads), -1)
-        n_valid = (y != IGNORE_INDEX).sum().clamp(min=1)
-        per_head = per_image.sum(1) / n_valid
+        per_head = per_image.sum(1) / y.numel()  # mmseg 0.x: mean over all pixels, ignored ones as 0
         opt.zero_grad(set_to_none=True)
         per_head.sum().backward()
         opt.step()
