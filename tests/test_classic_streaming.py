@@ -170,3 +170,27 @@ def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811
     assert fp32 != bf16 and all(abs(bf16[k] - fp32[k]) < 2.0 for k in fp32), (fp32, bf16)
     with pytest.raises(ValueError, match="evaluate.classic.precision: 'fp8'"):
         classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config({**cfg, "precision": "fp8"}))
+
+
+def test_depth_test_averages_each_image_with_its_mirror(tiny_data, monkeypatch):  # noqa: F811
+    """DINOv2's NYUd flip test-time augmentation: mirroring the val set (images and depth
+    maps) leaves the RMSEs unchanged, since each prediction is the mean of an image's and
+    its mirror's. A ViT alone is not mirror-symmetric, so without it they would move."""
+    from webssl_repro.evaluate import classic
+
+    encoder, meta = _encoder()
+    cfg = classic.classic_config(DENSE)
+    plain = classic.depth(encoder, meta, tiny_data["depth"], cfg)
+    split = classic._split
+
+    def mirrored_val(manifest, name, size, target):
+        images = split(manifest, name, size, target)
+        if name == "val":
+            images.records = [{**r, "image": r["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                               "depth": np.ascontiguousarray(np.asarray(r["depth"])[:, ::-1])} for r in images.records]
+        return images
+
+    monkeypatch.setattr(classic, "_split", mirrored_val)
+    mirrored = classic.depth(encoder, meta, tiny_data["depth"], cfg)
+    for name in plain:
+        assert mirrored[name] == pytest.approx(plain[name], rel=1e-4), (plain, mirrored)

@@ -5,8 +5,8 @@ eval transform (resize to 256/224 of the size, centre crop). ADE20K and NYUd use
 from Oquab et al.": their own resolution, a task's ``img_size`` (paper config: ADE20K's 512 px
 and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644); images are resized to it with their masks and
 depth maps (nearest / bilinear). Deviations from DINOv2's dense protocols, for cost: no
-training-time augmentation, and a whole image at ``img_size`` instead of sliding 512-px
-windows (ADE20K) or flip test-time augmentation (NYUd).
+training-time augmentation, a whole image at ``img_size`` instead of sliding 512-px windows
+(ADE20K), and no Eigen crop on NYUd (its flip test-time augmentation is done).
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -260,11 +260,17 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         head.eval()
     with torch.no_grad():
         for _, x, d in _in_order(val, cfg):
-            d, bt = d.to(device), fn(x)
-            for (name, _), head, (patches, cls) in zip(specs, heads, flat(bt)):
-                pred = head.from_logits(head.token_logits(patches, cls, bt.grid))
+            d = d.to(device)
+            # DINOv2's NYUd test: the mean of the image's and its mirror's predictions (flip
+            # TTA), scored where the ground truth lies inside the bins' range
+            views = [(bt.grid, flat(bt)) for bt in (fn(x), fn(x.flip(-1)))]
+            for k, ((name, _), head) in enumerate(zip(specs, heads)):
+                pred = 0.0
+                for flipped, (grid, inputs) in enumerate(views):
+                    p = head.from_logits(head.token_logits(*inputs[k], grid))
+                    pred = pred + 0.5 * (p.flip(-1) if flipped else p)
                 pred = F.interpolate(pred, size=d.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-                scores[name].add(pred, d, d > 0)
+                scores[name].add(pred, d, (d > head.min_depth) & (d <= head.max_depth))
     return {name: score.value() for name, score in scores.items()}
 
 
