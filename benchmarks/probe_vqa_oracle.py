@@ -35,7 +35,7 @@ from webssl_repro.data.miniweb.world import FACINGS  # noqa: E402
 from webssl_repro.data.shards import make_loader  # noqa: E402
 from webssl_repro.evaluate.imagesets import images_tensor  # noqa: E402
 from webssl_repro.evaluate.vqa.controls import ControlTokens  # noqa: E402
-from webssl_repro.evaluate.vqa.stage import vqa_split  # noqa: E402
+from webssl_repro.evaluate.vqa.stage import VQA_FIT, vqa_split  # noqa: E402
 
 GROUPS = (OBJECT_CLASSES, COLOUR_NAMES, TEXTURES, FACINGS)
 CHANNELS = sum(map(len, GROUPS)) + len(WORDS) + 1
@@ -103,7 +103,7 @@ def truth_table(manifests: dict[str, str], size: int, grid: int, alignment_sampl
     for split in ("train", "test"):
         for items in vqa_split(manifests["vqa"], split).values():
             pairs += [(it["image"], vqa_spec(it, split)) for it in items]
-    return {_key(images_tensor([{"image": image}], size)[0]): truth_map(spec, grid) for image, spec in pairs}
+    return {_key(images_tensor([{"image": image}], size, VQA_FIT)[0]): truth_map(spec, grid) for image, spec in pairs}
 
 
 def main() -> None:

@@ -85,10 +85,10 @@ rule pretrain_multinode:
 
 
 # A run declared in `pretrain.run_sources` is imported from a released checkpoint
-# (HF directory, native .pth, or the hub at paper scale) instead of trained. Local: it is
-# a download and a conversion, and compute nodes often have no internet.
+# (HF directory, native .pth, or the hub at paper scale) instead of trained. A cluster job:
+# converting a 7B checkpoint needs a node's memory; set `path` to a copy downloaded
+# beforehand where compute nodes have no internet.
 rule import_released:
-    localrule: True
     wildcard_constraints:
         run=PLAN.imported_pattern(),
     output:

@@ -207,6 +207,19 @@ def test_segmentation_head_shapes_and_training():
     probs = multiscale_probs(head, _colour_features, images, scales=(0.5, 1.0))
     assert probs.shape == (8, 3, 16, 16)
     assert torch.allclose(probs.sum(1), torch.ones(8, 16, 16), atol=1e-5)
+    # DINOv2's ratios up to 3x: upscaled passes take fewer images, never more pixels than
+    # the batch at 1x, and give each image what it gets alone
+    passes = []
+
+    def counted(x):
+        passes.append((x.shape[0], x.shape[0] * x.shape[-2] * x.shape[-1]))
+        return _colour_features(x)
+
+    probs = multiscale_probs(head, counted, images)
+    assert all(n == 1 or pixels <= 8 * 16 * 16 for n, pixels in passes) and len(passes) > 2 * 5
+    assert (1, 48 * 48) in passes  # at 3x (48 px) one image at a time
+    alone = torch.cat([multiscale_probs(head, _colour_features, images[i:i + 1]) for i in range(8)])
+    assert torch.allclose(probs, alone, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- depth

@@ -61,3 +61,30 @@ def test_a_parent_retrained_or_no_stamp_means_stale(tmp_path):
     (ckpt / STAMP).unlink()
     _train(ckpt)  # checkpoints from before stamps existed: nothing says whose they are
     assert guard_checkpoints(ckpt, run_fingerprint(CFG, [data], parent)) is not None
+
+
+def test_precision_regenerated_shards_and_adoption(tmp_path):
+    """What changes the weights is not resumed: the loop's precision (resumable mid-run, but a
+    rerun for it must retrain), and a regenerated corpus whose manifest is byte-identical.
+    --adopt keeps checkpoints from before stamps existed."""
+    import os
+
+    ckpt = tmp_path / "checkpoints" / "run"
+    shard = tmp_path / "shard-00000.tar"
+    shard.write_bytes(b"images v1")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"generated": True, "shards": [shard.name]}))
+    guard_checkpoints(ckpt, run_fingerprint(CFG, [manifest]))
+    _train(ckpt)
+    bf16 = {**CFG, "train": {**CFG["train"], "precision": "bf16"}}
+    assert guard_checkpoints(ckpt, run_fingerprint(bf16, [manifest])) is not None
+
+    _train(ckpt)
+    shard.write_bytes(b"images v2, regenerated")
+    os.utime(shard, ns=(1, 1))
+    assert guard_checkpoints(ckpt, run_fingerprint(bf16, [manifest])) is not None
+
+    _train(ckpt, "from before stamps")
+    (ckpt / STAMP).unlink()
+    assert guard_checkpoints(ckpt, run_fingerprint(bf16, [manifest]), adopt=True) is None
+    assert (ckpt / "checkpoints" / "latest.pt").read_text() == "from before stamps"

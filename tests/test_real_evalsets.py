@@ -70,8 +70,9 @@ def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):
 
 def test_eval_transforms_match_torchvision():
     """Classification gets DINOv2's eval transform, Resize(256 for 224) + CenterCrop, aspect
-    kept; VQA / alignment the processors' resize of the shorter side + centre crop; dense
-    probes a straight resize to their (h, w). All anti-aliased bicubic, as torchvision's."""
+    kept; alignment the shorter side resized + centre crop; VQA Cambrian's pad to a square
+    with the mean colour; dense probes a straight resize to their (h, w). All anti-aliased
+    bicubic, as torchvision's."""
     from torchvision.transforms import v2
 
     from webssl_repro.evaluate.imagesets import CLASSIFY_CROP, EvalImages, image_tensor
@@ -81,18 +82,26 @@ def test_eval_transforms_match_torchvision():
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
-    def torchvision(*steps):
-        return (v2.Compose(list(steps))(pixels).clamp(0, 1) - mean) / std
+    def torchvision(*steps, x=pixels):
+        return (v2.Compose(list(steps))(x).clamp(0, 1) - mean) / std
 
     bicubic = v2.InterpolationMode.BICUBIC
     for crop, resize in ((CLASSIFY_CROP, 54), (1.0, 48)):  # int(48 / (224/256)) = 54
-        ours = image_tensor(image, 48, crop)
+        ours = image_tensor(image, 48, "crop", crop)
         ref = torchvision(v2.Resize(resize, bicubic, antialias=True), v2.CenterCrop(48))
         assert ours.shape == (3, 48, 48) and torch.allclose(ours, ref, atol=1e-4), crop
-    straight = image_tensor(image, (28, 42), crop_pct=None)
+    straight = image_tensor(image, (28, 42), "squash")
     assert torch.allclose(straight, torchvision(v2.Resize((28, 42), bicubic, antialias=True)), atol=1e-4)
     aliased = (torch.nn.functional.interpolate(pixels[None], size=(28, 42), mode="bicubic")[0].clamp(0, 1) - mean) / std
     assert (straight - aliased).abs().mean() > 0.05  # not the un-filtered resize it replaced
-    assert torch.equal(EvalImages([{"image": image, "label": 3}], 48, "label")[0][0], image_tensor(image, 48, CLASSIFY_CROP))
+    # pad: the image centred on a 150 x 150 square of the mean colour (30 rows above and below)
+    square = torch.tensor([int(255 * m) / 255.0 for m in (0.485, 0.456, 0.406)]).view(3, 1, 1).repeat(1, 150, 150)
+    square[:, 30:120] = pixels
+    padded = image_tensor(image, 48, "pad")
+    assert torch.allclose(padded, torchvision(v2.Resize((48, 48), bicubic, antialias=True), x=square), atol=1e-4)
+    assert torch.equal(EvalImages([{"image": image, "label": 3}], 48, "label")[0][0],
+                       image_tensor(image, 48, "crop", CLASSIFY_CROP))
     with pytest.raises(ValueError, match="square"):
         image_tensor(image, (28, 42))
+    with pytest.raises(ValueError, match="fit"):
+        image_tensor(image, 48, "stretch")

@@ -86,7 +86,8 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
     from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
 
-    guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent))
+    guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
+                      adopt=args.adopt)
     return 0
 
 
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--checkpoints", required=True, type=Path)
     guard.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
     guard.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
+    guard.add_argument("--adopt", action="store_true", help="stamp an unstamped directory as this run's "
+                       "(checkpoints from before stamps existed) instead of setting it aside")
     guard.set_defaults(func=_guard_checkpoints)
 
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -67,19 +68,28 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def image_tensor(image: Any, size: int | Sequence[int], crop_pct: float | None = 1.0) -> torch.Tensor:
-    """One PIL image -> (3, h, w), ImageNet-normalised, resized bicubic with anti-aliasing
-    (as PIL / torchvision resize).
+#: How an image meets the encoder's square input: ``crop`` resizes the shorter side to
+#: size / crop_pct and crops the centre (torchvision's Resize + CenterCrop: DINOv2's ImageNet
+#: evaluation with ``CLASSIFY_CROP``, timm's DINOv2 config for alignment with 1.0); ``pad``
+#: first pads to a square with the mean colour (Cambrian's ``expand2square``, the VQA probe);
+#: ``squash`` resizes straight to ``size``, aspect not kept (dense probes, with their targets).
+FITS = ("crop", "pad", "squash")
 
-    ``crop_pct``: the shorter side is resized to ``size / crop_pct`` (aspect kept) and the
-    centre ``size`` x ``size`` cropped, torchvision's ``Resize`` + ``CenterCrop``: 1.0 is the
-    encoders' own processors (DINOv2 / Cambrian, timm's DINOv2 config), ``CLASSIFY_CROP``
-    DINOv2's ImageNet evaluation. ``None`` resizes straight to ``size``, aspect not kept, as
-    the dense probes do with their masks and depth maps.
-    """
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0) -> torch.Tensor:
+    """One PIL image -> (3, h, w), ImageNet-normalised, resized bicubic with anti-aliasing
+    (as PIL / torchvision resize), fitted by ``fit`` (``FITS``)."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    image = image.convert("RGB")
     h, w = as_hw(size)
-    if crop_pct is None:
+    if fit == "pad" and image.width != image.height:
+        side = max(image.width, image.height)
+        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in IMAGENET_MEAN))
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    if fit != "crop":
         x = _resize(x, (h, w), "bicubic", antialias=True)
     else:
         if h != w:
@@ -93,9 +103,10 @@ def image_tensor(image: Any, size: int | Sequence[int], crop_pct: float | None =
     return (x.clamp(0, 1) - _MEAN) / _STD
 
 
-def images_tensor(records: Sequence[dict[str, Any]], size: int, crop_pct: float | None = 1.0) -> torch.Tensor:
+def images_tensor(records: Sequence[dict[str, Any]], size: int, fit: str = "crop",
+                  crop_pct: float = 1.0) -> torch.Tensor:
     """A small set's images stacked (N, 3, size, size): VQA, k-NN and alignment sets."""
-    return torch.stack([image_tensor(r["image"], size, crop_pct) for r in records])
+    return torch.stack([image_tensor(r["image"], size, fit, crop_pct) for r in records])
 
 
 def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int]) -> torch.Tensor:
@@ -116,14 +127,14 @@ class EvalImages(Dataset):
         if target not in TARGETS:
             raise KeyError(f"unknown target {target!r} (known: {sorted(TARGETS)})")
         self.records, self.size, self.target = records, as_hw(size), target
-        self.crop_pct = CLASSIFY_CROP if TARGETS[target][0] is None else None
+        self.fit = "crop" if TARGETS[target][0] is None else "squash"
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[i]
-        return (image_tensor(record["image"], self.size, self.crop_pct),
+        return (image_tensor(record["image"], self.size, self.fit, CLASSIFY_CROP),
                 target_tensor(record, self.target, self.size))
 
     def target_of(self, i: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ def attribute_knn(encoders: Mapping[str, Any], records: Mapping[str, Sequence[di
     ``train`` and ``val`` IN-1k-analogue records; each encoder runs once over each split."""
     from webssl_repro.evaluate.imagesets import CLASSIFY_CROP, images_tensor
 
-    images = {split: images_tensor(records[split], size, CLASSIFY_CROP) for split in ("train", "val")}
+    images = {split: images_tensor(records[split], size, "crop", CLASSIFY_CROP) for split in ("train", "val")}
     with torch.no_grad():
         feats = {name: {split: enc.forward_features(x)[:, 0] for split, x in images.items()}
                  for name, enc in encoders.items()}

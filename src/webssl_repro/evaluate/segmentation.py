@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .features import BlockTokens, chunk_size, interp_matrix
 
 IGNORE_INDEX = 255
-#: DINOv2's ADE20K "+ms" test: img_ratios of its mmseg config (short side 640 x ratio), with flips
+#: DINOv2's ADE20K "+ms" test ratios (its mmseg config scales a 640-px short side by each and
+#: slides 640-px windows, with flips); here each scales the whole image at the task's img_size
 MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
 
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
@@ -73,18 +74,22 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: torch.T
     """"+ms" test-time augmentation: mean class probabilities over scales (and h-flips).
 
     mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do the same; each
-    scale's output is resized back to the input size before averaging.
+    scale's output is resized back to the input size before averaging. An upscaled pass runs
+    on fewer images at once, so that no pass holds more pixels than the batch at scale 1
+    (at 3x a 518-px image is 12,321 tokens).
     """
-    H, W = images.shape[-2:]
+    B, (H, W) = images.shape[0], images.shape[-2:]
     total, count = None, 0
     for s in scales:
         size = (max(1, round(H * s)), max(1, round(W * s)))
-        x = images if size == (H, W) else F.interpolate(images, size=size, mode="bilinear",
-                                                        align_corners=False)
+        chunk = max(1, (B * H * W) // (size[0] * size[1]))
         for flipped in ((False, True) if flip else (False,)):
-            xi = x.flip(-1) if flipped else x
-            p = seg_logits(head, feature_fn, xi, out_size=(H, W)).softmax(dim=1)
-            p = p.flip(-1) if flipped else p
+            parts = []
+            for xb in images.split(chunk):
+                x = xb if size == (H, W) else F.interpolate(xb, size=size, mode="bilinear", align_corners=False)
+                p = seg_logits(head, feature_fn, x.flip(-1) if flipped else x, out_size=(H, W)).softmax(dim=1)
+                parts.append(p.flip(-1) if flipped else p)
+            p = torch.cat(parts)
             total = p if total is None else total + p
             count += 1
     return total / count

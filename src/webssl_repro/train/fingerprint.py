@@ -6,9 +6,11 @@ reruns a run because its config or inputs changed, the new job would find the ol
 checkpoint, and either refuse it (a loop setting changed) or, worse, find the budget spent
 and write the old weights out under the new provenance. The rule calls ``guard_checkpoints``
 once before launching: it stamps the directory with what the run is trained from (its config
-slice without the loop's cosmetic keys, a digest of each data file, the parent checkpoint's
-identity), and sets a directory stamped otherwise aside under a ``.stale-<time>`` name, so
-the job starts fresh and nothing computed is deleted.
+slice without the settings of ``webssl_repro.settings``, a digest of each data file, the size
+and mtime of each generated shard and of the parent checkpoint), and sets a directory stamped
+otherwise aside under a ``.stale-<time>`` name, so the job starts fresh and nothing computed
+is deleted. ``adopt`` stamps an unstamped directory instead (checkpoints written before
+stamps existed, known to be the current run's).
 """
 from __future__ import annotations
 
@@ -34,16 +36,29 @@ def run_fingerprint(cfg: Mapping[str, Any], data: Sequence[str | Path], parent: 
                     ) -> dict[str, Any]:
     """What the run's weights depend on, as plain JSON. The parent (a hi-res fine-tune's
     224 px state, GBs at paper scale) is identified by size and mtime, not read."""
-    from webssl_repro.train.loop import RESUMABLE_CHANGES
+    from webssl_repro.settings import SETTINGS, split_settings
 
-    train = {k: v for k, v in dict(cfg.get("train", {})).items() if k not in RESUMABLE_CHANGES}
-    config = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    config["train"] = train
+    config = split_settings({k: v for k, v in cfg.items() if not k.startswith("_")}, SETTINGS["pretrain"])[0]
     inputs: dict[str, Any] = {"data": [_sha256(p) for p in data]}
+    shards = _generated_shards(data[0]) if data else []
+    if shards:  # this project wrote them: a regenerated corpus may keep its manifest byte for byte
+        inputs["shards"] = [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in shards]
     if parent is not None:
         st = os.stat(parent)
         inputs["parent"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return json.loads(json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str))
+
+
+def _generated_shards(manifest: str | Path) -> list[Path]:
+    """The shard files of a corpus this project generated (mini-web); none for the user's own
+    shards (MC-2B), which the manifest names and which a rerun does not rewrite."""
+    try:
+        meta = json.loads(Path(manifest).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(meta, dict) or not meta.get("generated"):
+        return []
+    return [Path(manifest).parent / name for name in meta.get("shards", [])]
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -56,15 +71,16 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".") or "(all)"]
 
 
-def guard_checkpoints(checkpoints: str | Path, fingerprint: Mapping[str, Any]) -> Optional[Path]:
+def guard_checkpoints(checkpoints: str | Path, fingerprint: Mapping[str, Any], adopt: bool = False
+                      ) -> Optional[Path]:
     """Stamp ``checkpoints`` with ``fingerprint``; a non-empty directory stamped otherwise (or
-    not at all) is renamed aside first. Returns where it went, or None if it was kept."""
+    not at all, unless ``adopt``) is renamed aside first. Returns where it went, or None."""
     checkpoints = Path(checkpoints)
     stamp = checkpoints / STAMP
     moved = None
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         saved = json.loads(stamp.read_text()) if stamp.exists() else None
-        if saved != fingerprint:
+        if saved != fingerprint and not (adopt and saved is None):
             moved = checkpoints.with_name(f"{checkpoints.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
             suffix = 1
             while moved.exists():

@@ -28,6 +28,9 @@ from webssl_repro.evaluate.imagesets import images_tensor
 from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
 from webssl_repro.metrics import VQA_BENCHMARKS
 
+#: Cambrian pads each image to a square (image_aspect_ratio=pad) before its processor
+VQA_FIT = "pad"
+
 
 def vqa_split(manifest_path: str | Path, split: str) -> dict[str, list[dict[str, Any]]]:
     """The 16 benchmark analogues' items of one split of a mini-web VQA eval set, by benchmark."""
@@ -66,7 +69,7 @@ def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
     ids = sorted(images)
     for k in range(0, len(ids), batch):
         chunk = ids[k:k + batch]
-        yield chunk, images_tensor([{"image": images[i]} for i in chunk], size)
+        yield chunk, images_tensor([{"image": images[i]} for i in chunk], size, VQA_FIT)
 
 
 #: Keys of ``evaluate.vqa`` that are the stage's, not ``VqaConfig``'s.
@@ -91,7 +94,7 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
     device = env.device if env is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device).eval().requires_grad_(False)
     size = int(meta["img_size"])
-    features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size)[0],
+    features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size, VQA_FIT)[0],
                                config.tokens, device)
     probe = build_probe(config, encoder.embed_dim).to(device)
     result = fit_and_evaluate(config, probe, features, data.alignment, data.instruction, data.tests)
