@@ -27,17 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
 from webssl_repro.evaluate.vqa.controls import CONTROLS, control_encoder  # noqa: E402
 from webssl_repro.evaluate.vqa.stage import run_vqa  # noqa: E402
+# ``--set`` overrides laid onto a config section, nested sections merged. A key the section
+# lacks is kept, not refused: a section lists only what it changes from its consumer's
+# defaults, and the consumer names a misspelt key (``VqaConfig.from_mapping``, the recipe
+# dataclasses, the ViT arch).
+from webssl_repro.settings import merge_nested as merged  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "mini.yaml"
-
-
-def merged(base: dict, over: dict) -> dict:
-    """``--set`` overrides laid onto a config section, nested sections merged. A key the section
-    lacks is kept, not refused: a section lists only what it changes from its consumer's
-    defaults, and the consumer names a misspelt key (``VqaConfig.from_mapping``, the recipe
-    dataclasses, the ViT arch)."""
-    return {**base, **{k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in over.items()}}
 
 
 def parse_args(description: str, encoders: tuple[str, ...]) -> argparse.Namespace:

@@ -366,7 +366,7 @@ def test_settings_are_not_params_and_reach_the_job_unchanged():
     """Log cadence, decoding workers, batch chunks and where data sits change how a job runs,
     not its result: they leave the rules' params (Snakemake reruns a job whose params change)
     and travel as --settings-json, which the CLI lays back onto the params."""
-    from webssl_repro.settings import merge_settings
+    from webssl_repro.settings import merge_nested
 
     cfg = load_config(REPO / "config/paper.yaml")
     cfg["pretrain"] = {**cfg.get("pretrain", {}), "train": {"log_every": 7, "checkpoint_every": 900, "lr": 1e-4}}
@@ -376,7 +376,7 @@ def test_settings_are_not_params_and_reach_the_job_unchanged():
     what = json.loads(plan.run_config_json(run))
     assert what["train"] == {"lr": 1e-4} and json.loads(plan.settings_json("pretrain")) == {
         "train": {"log_every": 7, "checkpoint_every": 900}}
-    assert merge_settings(what, json.loads(plan.settings_json("pretrain"))) == plan.run_config(run)
+    assert merge_nested(what, json.loads(plan.settings_json("pretrain"))) == plan.run_config(run)
     vqa = json.loads(plan.eval_config_json("vqa"))
     assert "local_dir" not in vqa["data"]["alignment"] and vqa["data"]["alignment"]["repo"]
     assert json.loads(plan.settings_json("vqa"))["data"]["alignment"]["local_dir"] == "/scratch/cambrian"
@@ -385,7 +385,7 @@ def test_settings_are_not_params_and_reach_the_job_unchanged():
     assert json.loads(plan.settings_json("classic"))["workers"] == 7
     for kind in ("vqa", "classic", "alignment"):
         full = {"scale": "paper", **{k: v for k, v in cfg["evaluate"][kind].items() if k != "controls"}}
-        assert merge_settings(json.loads(plan.eval_config_json(kind)), json.loads(plan.settings_json(kind))) == full
+        assert merge_nested(json.loads(plan.eval_config_json(kind)), json.loads(plan.settings_json(kind))) == full
 
 
 def test_a_hires_run_of_an_imported_parent_is_refused_by_name():

@@ -59,13 +59,12 @@ def _plan(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import json
 
+    from webssl_repro.settings import merge_nested
     from webssl_repro.train import Preempted
     from webssl_repro.train.distributed import shutdown
     from webssl_repro.train.run import pretrain
 
-    from webssl_repro.settings import merge_settings
-
-    cfg = merge_settings(json.loads(args.config_json), json.loads(args.settings_json))
+    cfg = merge_nested(json.loads(args.config_json), json.loads(args.settings_json))
     if cfg.get("run") not in (None, args.run):
         raise ValueError(f"--config-json is for run {cfg.get('run')!r}, not {args.run!r}")
     try:
@@ -112,12 +111,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from webssl_repro.models.io import load_encoder
-
-    from webssl_repro.settings import merge_settings
+    from webssl_repro.settings import merge_nested
 
     torch.manual_seed(0)
     computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
-    cfg = merge_settings(computed, json.loads(args.settings_json))
+    cfg = merge_nested(computed, json.loads(args.settings_json))
     if args.control:
         from webssl_repro.evaluate.vqa.controls import control_encoder
 
@@ -196,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     guard = sub.add_parser("guard-checkpoints", help="set a run's checkpoints aside if another config or "
                            "other inputs made them (the pretrain rules call it before launching)")
-    guard.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config)")
+    guard.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config_json)")
     guard.add_argument("--checkpoints", required=True, type=Path)
     guard.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
     guard.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")

@@ -45,11 +45,13 @@ def split_settings(section: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple
     return what, how
 
 
-def merge_settings(base: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of ``split_settings``: ``settings`` laid back onto ``base``, nested."""
+def merge_nested(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid onto ``base``, nested sections merged, keys ``base`` lacks kept: the
+    inverse of ``split_settings`` (the CLI lays ``--settings-json`` back onto the params),
+    and the benchmarks' ``--set`` overrides. ``config.merge_known`` is its strict twin."""
     out = dict(base)
-    for key, value in settings.items():
+    for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            value = merge_settings(out[key], value)
+            value = merge_nested(out[key], value)
         out[key] = value
     return out

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.metrics import VQA_CONTROLS
+from webssl_repro.settings import SETTINGS, split_settings
+
 
 class EvalJobs:
     """Evaluation-job methods of ``workflow.Plan``."""

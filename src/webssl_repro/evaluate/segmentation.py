@@ -83,13 +83,15 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: torch.T
     for s in scales:
         size = (max(1, round(H * s)), max(1, round(W * s)))
         chunk = max(1, (B * H * W) // (size[0] * size[1]))
-        for flipped in ((False, True) if flip else (False,)):
-            parts = []
-            for xb in images.split(chunk):
-                x = xb if size == (H, W) else F.interpolate(xb, size=size, mode="bilinear", align_corners=False)
+        flips = (False, True) if flip else (False,)
+        parts: dict[bool, list[torch.Tensor]] = {f: [] for f in flips}
+        for xb in images.split(chunk):
+            x = xb if size == (H, W) else F.interpolate(xb, size=size, mode="bilinear", align_corners=False)
+            for flipped in flips:
                 p = seg_logits(head, feature_fn, x.flip(-1) if flipped else x, out_size=(H, W)).softmax(dim=1)
-                parts.append(p.flip(-1) if flipped else p)
-            p = torch.cat(parts)
+                parts[flipped].append(p.flip(-1) if flipped else p)
+        for flipped in flips:
+            p = torch.cat(parts[flipped])
             total = p if total is None else total + p
             count += 1
     return total / count

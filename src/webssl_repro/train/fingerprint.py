@@ -42,7 +42,7 @@ def run_fingerprint(cfg: Mapping[str, Any], data: Sequence[str | Path], parent: 
     inputs: dict[str, Any] = {"data": [_sha256(p) for p in data]}
     shards = _generated_shards(data[0]) if data else []
     if shards:  # this project wrote them: a regenerated corpus may keep its manifest byte for byte
-        inputs["shards"] = [[os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in shards]
+        inputs["shards"] = [[st.st_size, st.st_mtime_ns] for st in map(os.stat, shards)]
     if parent is not None:
         st = os.stat(parent)
         inputs["parent"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
