@@ -6,8 +6,8 @@ on a corpus of the mini size; eval sets are smaller than the mini ones (see
 ``helpers_mini.TINY_EVALSETS``). The probes compare the Web-DINO run trained for
 ``helpers_mini.PROBE_SAMPLES`` (8192 steps) with its init; the loss checks use the grid's
 64-step run. The probe run's tests share an xdist group, so one worker trains it while the
-other runs the rest of the suite. "Random init" is the very model the run started from (same seed, same arch,
-same recipe), so a difference is what training did.
+other runs the rest of the suite. "Random init" is the very model the run started from (same
+seed, same arch, same recipe), so a difference is what training did.
 """
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ def test_dino_knn_beats_random_init(knn_scores):
     """CLS k-NN (k=20) of the class, i.e. the object's shape, on the IN-1k analogue (640 train
     / 960 val images): trained beats its own init by >= 5 points. Near 10 % one standard error
     of the difference is ~1.5 points, so 5 is over 3 of them. Measured 15.7 vs 8.1 %; seeds 1
-    and 2: 16.9 vs 8.9, 14.4 vs 7.2. It failed before DINOv2's position-embedding resampling
-    of local crops (+2.2 at this budget) and fails at a quarter of it (+2.5)."""
+    and 2: 16.9 vs 8.9, 14.4 vs 7.2. It would fail at a quarter of the budget (+2.5), and at
+    this budget before local crops got DINOv2's position-embedding resampling (+2.2)."""
     assert knn_scores["class"]["trained"] >= knn_scores["class"]["random"] + 5.0, knn_scores
 
 
