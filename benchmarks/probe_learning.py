@@ -24,9 +24,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from probe_vqa_controls import merged  # noqa: E402
 
 from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
 from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
@@ -34,12 +31,13 @@ from webssl_repro.evaluate.imagesets import load_split  # noqa: E402
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes  # noqa: E402
 from webssl_repro.models.io import load_encoder  # noqa: E402
 from webssl_repro.runs import Run  # noqa: E402
+from webssl_repro.settings import merge_nested  # noqa: E402
 from webssl_repro.train.run import build, pretrain  # noqa: E402
 from webssl_repro.workflow import shipped_plan  # noqa: E402
 
 
 def run_config(run: str, samples: int, seed: int, overrides: dict | None = None) -> dict:
-    cfg = merged(shipped_plan("mini").run_config(run), overrides or {})
+    cfg = merge_nested(shipped_plan("mini").run_config(run), overrides or {})
     return {**cfg, "samples_seen": int(samples), "seed": int(seed), "train": {**cfg["train"], "log_every": 64}}
 
 
