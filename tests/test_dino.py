@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from webssl_repro.data.augmentations import MultiCropAugmentation, collate_multicrop
-from webssl_repro.data.masking import MaskingGenerator, sample_masks
+from webssl_repro.data.masking import MaskingGenerator, masked_token_selection, sample_masks
 from webssl_repro.methods.base import PretrainMethod
 from webssl_repro.methods.dino import (
     DinoConfig,
@@ -101,6 +101,11 @@ def test_softmax_centering_hand_case():
     assert torch.allclose(center, torch.tensor([[0.2, 0.4]]))
     probs = softmax_center(torch.tensor([[0.2, 0.4 + math.log(3) * 0.5]]), center, 0.5)
     assert torch.allclose(probs, torch.tensor([[0.25, 0.75]]), atol=1e-6)
+
+
+def test_softmax_center_kept_when_nothing_is_masked():
+    center = torch.tensor([[0.2, 0.4]])
+    assert torch.equal(updated_center(center, torch.zeros(0, 2), momentum=0.9), center)
 
 
 def test_ema_update_arithmetic():
@@ -246,6 +251,27 @@ def test_dino_method_without_locals_or_masks_and_centering():
     assert method.dino_center.abs().sum() > 0 and method.ibot_center.shape == (1, 64)
 
 
+def test_training_step_takes_the_collated_mask_selection():
+    """The collate's ``mask_indices`` / ``mask_weights`` give exactly the loss and gradients of
+    selecting from ``masks`` in the step, and the step does use them when present."""
+    torch.manual_seed(0)
+    method = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY)).eval()
+    batch = tiny_batch(4)
+    indices, weights = masked_token_selection(batch["masks"])
+    assert indices.numel() > 0
+    runs = []
+    for b in (batch, {**batch, "mask_indices": indices, "mask_weights": weights}):
+        method.model.zero_grad(set_to_none=True)
+        out = method.training_step(b, 12)
+        out["loss"].backward()
+        runs.append((out, [p.grad.clone() for p in method.model.parameters() if p.grad is not None]))
+    (found, g_found), (given, g_given) = runs
+    assert torch.equal(found["loss"], given["loss"]) and torch.equal(found["ibot_loss"], given["ibot_loss"])
+    assert len(g_found) == len(g_given) and all(torch.equal(a, b) for a, b in zip(g_found, g_given))
+    doubled = method.training_step({**batch, "mask_indices": indices, "mask_weights": 2 * weights}, 12)
+    assert doubled["ibot_loss"].item() == pytest.approx(2 * given["ibot_loss"].item(), rel=1e-6)
+
+
 def test_dino_param_groups():
     method = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY))
     groups = method.param_groups(1.0, 0.04)
@@ -324,6 +350,20 @@ def test_multicrop_shapes_determinism_and_collate():
     # crop-major: the second half holds every image's second global crop
     assert torch.equal(batch["global_crops"][5], samples[0][0]["global_crops"][1])
     assert (batch["masks"].sum(1) > 0).sum() <= 5
+    # the selection travels with the batch, equal to finding it from the masks
+    indices, weights = masked_token_selection(batch["masks"])
+    assert torch.equal(batch["mask_indices"], indices) and torch.equal(batch["mask_weights"], weights)
+
+
+def test_masked_token_selection_hand_case():
+    masks = torch.tensor([[False, True, True, False], [False, False, False, False], [True, False, False, False]])
+    indices, weights = masked_token_selection(masks)
+    assert indices.tolist() == [1, 2, 8]  # flat positions in the 3 x 4 token grid, row-major
+    assert weights.tolist() == [0.5, 0.5, 1.0]  # 1 / masked tokens of the token's image
+    tokens = torch.arange(12.0).view(3, 4, 1)
+    assert torch.equal(tokens.flatten(0, 1).index_select(0, indices), tokens[masks])
+    empty_i, empty_w = masked_token_selection(torch.zeros(2, 4, dtype=torch.bool))
+    assert empty_i.shape == (0,) and empty_w.shape == (0,)
 
 
 def test_masking_ratio_within_bounds():

@@ -26,7 +26,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from webssl_repro.data.masking import MaskingGenerator, sample_masks
+from webssl_repro.data.masking import MaskingGenerator, masked_token_selection, sample_masks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,8 +142,8 @@ def collate_multicrop(samples: Sequence[Any], patch_size: int,
     Crop-major stacking (all images' crop 1, then all images' crop 2) lets the method split
     views with ``chunk``. ``samples`` are ``MultiCropAugmentation`` outputs, or
     ``(output, target)`` pairs as image-folder datasets give them (targets are dropped).
-    Returns ``global_crops`` (2B,3,H,W), ``local_crops`` (nB,3,h,w) and ``masks`` bool
-    (2B, (H/patch)·(W/patch)); use ``functools.partial`` to fix the keywords for a DataLoader.
+    Returns ``global_crops`` (2B,3,H,W), ``local_crops`` (nB,3,h,w), ``masks`` bool
+    (2B, (H/patch)·(W/patch)) and their ``mask_indices`` / ``mask_weights``; use ``functools.partial`` to fix the keywords for a DataLoader.
     """
     crops = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
     n_global = len(crops[0]["global_crops"])
@@ -161,9 +161,12 @@ def with_ibot_masks(batch: dict[str, torch.Tensor], patch_size: int,
                     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
                     mask_sample_probability: float = 0.5,
                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """``batch`` plus iBOT block masks (bool, 2B × patches) over its global crops."""
+    """``batch`` plus iBOT block masks over its global crops: ``masks`` (bool, 2B × patches)
+    and their ``mask_indices`` / ``mask_weights`` (``masking.masked_token_selection``), made
+    here so that the training step never has to find them on the device."""
     global_crops = batch["global_crops"]
     grid = (global_crops.shape[-2] // patch_size, global_crops.shape[-1] // patch_size)
     masks = sample_masks(global_crops.shape[0], grid, mask_ratio_min_max, mask_sample_probability,
                          generator, MaskingGenerator(grid))
-    return {**batch, "masks": masks}
+    indices, weights = masked_token_selection(masks)
+    return {**batch, "masks": masks, "mask_indices": indices, "mask_weights": weights}

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from webssl_repro.data.masking import masked_token_selection
 from webssl_repro.methods.dino_heads import DINOHead, DinoModel
 from webssl_repro.methods.dino_losses import (
     dino_cross_entropy,
@@ -120,7 +121,7 @@ class DinoConfig:
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher ← m·teacher + (1−m)·student, parameter by parameter (same structure)."""
     t_params = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
+    s_params = list(student.parameters())  # no detach needed: no_grad records nothing
     if len(t_params) != len(s_params):
         raise ValueError("teacher and student have different parameter lists")
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
@@ -139,7 +140,8 @@ class DinoMethod(nn.Module):
     """Student (``model``: backbone + DINO head + iBOT head) and its EMA teacher.
 
     Batch: ``{"global_crops": (2B,3,H,W) crop-major, "local_crops": (nB,3,h,w),
-    "masks": bool (2B, n_patches)}`` as produced by ``data.augmentations.collate_multicrop``.
+    "masks": bool (2B, n_patches), "mask_indices", "mask_weights"}`` as produced by
+    ``data.augmentations.collate_multicrop`` (the last two are optional).
     """
 
     def __init__(self, arch: Arch, config: DinoConfig | None = None) -> None:
@@ -255,20 +257,25 @@ class DinoMethod(nn.Module):
         masks = batch.get("masks")
         if masks is None:  # no iBOT this step; an all-false mask keeps the head in the graph
             masks = torch.zeros(n_images, self.model_patches(global_crops), dtype=torch.bool)
-        masks = masks.to(device, non_blocking=True).flatten(1).bool()
+        masks = masks.flatten(1).bool()
+        if "mask_indices" in batch and "mask_weights" in batch:
+            indices, weights = batch["mask_indices"], batch["mask_weights"]
+        else:  # a batch from another collate: select where the masks are (on the host, as a rule)
+            indices, weights = masked_token_selection(masks)
+        masks, indices, weights = (t.to(device, non_blocking=True) for t in (masks, indices, weights))
         temp = cfg.teacher_temp_at(step)
 
         # Teacher: whole global crops; CLS targets swapped so that view A learns from view B
         # (the heads act row-wise, so swapping logits equals swapping tokens).
         with torch.no_grad():
-            t_out = self.teacher(global_crops, masks=masks, mask_input=False)
+            t_out = self.teacher(global_crops, masks=masks, mask_input=False, mask_indices=indices)
             t_logits = torch.cat(t_out["global_logits"].chunk(2)[::-1])
             p_cls = self._targets(t_logits, temp, "dino_center")
             p_patch = self._targets(t_out["patch_logits"], temp, "ibot_center")
 
         # Student: masked global crops, local crops in a second pass (the same math as
         # DINOv2's packed xFormers pass over both).
-        s_out = self.model(global_crops, local_crops, masks=masks)
+        s_out = self.model(global_crops, local_crops, masks=masks, mask_indices=indices)
         global_loss, local_loss = dino_multicrop_loss(s_out["global_logits"], s_out.get("local_logits"),
                                                       p_cls, cfg.student_temp)
         n_local = 0 if local_crops is None else local_crops.shape[0] // (n_images // 2)
@@ -280,8 +287,6 @@ class DinoMethod(nn.Module):
 
         koleo = cfg.koleo_loss_weight * sum(koleo_loss(c) for c in s_out["cls"].chunk(2))
 
-        per_image = 1.0 / masks.sum(dim=1).clamp_min(1).float()
-        weights = per_image.unsqueeze(1).expand_as(masks)[masks]
         ibot = cfg.ibot_loss_weight * ibot_patch_loss(s_out["patch_logits"], p_patch, weights,
                                                       n_images, cfg.student_temp)
 

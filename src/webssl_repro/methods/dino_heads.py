@@ -64,10 +64,12 @@ class DinoModel(nn.Module):
         self.ibot_head = ibot_head  # None: iBOT shares the DINO head
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
-                masks: torch.Tensor | None = None, mask_input: bool = True) -> dict[str, torch.Tensor]:
+                masks: torch.Tensor | None = None, mask_input: bool = True,
+                mask_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``masks`` (bool, B×n_patches) selects the tokens for the iBOT head; with
         ``mask_input`` they are also replaced by the mask token (student), without it the
-        image is seen whole (teacher)."""
+        image is seen whole (teacher). ``mask_indices``: the same selection as flat token
+        positions (``data.masking.masked_token_selection``); found from ``masks`` if absent."""
         out = self.backbone.forward_features_dict(global_crops, masks=masks if mask_input else None)
         cls = out["x_norm_clstoken"]
         result = {"cls": cls}
@@ -81,6 +83,8 @@ class DinoModel(nn.Module):
             result["global_logits"] = self.dino_head(cls)
         if masks is not None:
             head = self.ibot_head if self.ibot_head is not None else self.dino_head
+            if mask_indices is None:
+                mask_indices = masks.flatten().nonzero().flatten()
             # an empty selection still runs the head, so every parameter is in the graph (DDP)
-            result["patch_logits"] = head(out["x_norm_patchtokens"][masks])
+            result["patch_logits"] = head(out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices))
         return result

@@ -29,7 +29,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float,
     center. Computed in fp32; sums are all-reduced so the balance is over all ranks. The
     number of samples B is all-reduced too, so ranks may hold different row counts (iBOT)."""
     q = torch.exp(teacher_logits.float() / teacher_temp).t()  # (K, B_local)
-    n_samples = _all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    n_samples = _all_reduce_sum(q.new_full((), float(q.shape[1])))  # a fill, not a host copy
     n_prototypes = q.shape[0]
     q /= _all_reduce_sum(q.sum())
     for _ in range(n_iterations):
@@ -108,7 +108,7 @@ def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor,
                    momentum: float = 0.9) -> torch.Tensor:
     """EMA of the teacher logits' batch mean over all ranks (the softmax-centering state)."""
     total = _all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-    count = _all_reduce_sum(torch.tensor(float(teacher_logits.shape[0]), device=total.device))
-    if count.item() == 0:  # nothing was masked anywhere: keep the center as it is
-        return center
-    return center * momentum + (total / count) * (1 - momentum)
+    count = _all_reduce_sum(total.new_full((), float(teacher_logits.shape[0])))
+    updated = center * momentum + (total / count.clamp_min(1)) * (1 - momentum)
+    # nothing was masked anywhere: keep the center as it is (a select, not a host sync)
+    return torch.where(count > 0, updated, center)
