@@ -7,6 +7,11 @@ EMA. The step is ``DinoMethod.training_step`` + backward + gradient clipping + A
 ``after_optimizer_step`` (frozen prototypes, EMA), as ``train.loop`` runs it. Target:
 step / floor <= 1.15. Above target, a per-phase breakdown shows where the extra time goes.
 
+Both are also counted in matmul FLOPs (``torch.utils.flop_counter``), a count that does not
+depend on the machine: the step's extra FLOPs are the heads' and the losses' arithmetic, which
+the floor leaves out by definition. The rest of the time ratio is per-step work that is not a
+matrix product (AdamW, clipping, EMA, softmaxes) and the cost of launching each op.
+
 Run: ``python benchmarks/bench_dino_step.py [--size 1b] [--res 224] [--steps 20] [--threads 1]``
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -99,6 +105,7 @@ def breakdown(method: DinoMethod, batch, opt, groups, grad_clip: float):
     cfg = method.config
     student, teacher = method.model, method.teacher
     g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+    idx, w = batch["mask_indices"], batch["mask_weights"]
     n = g.shape[0]
     cur: dict[str, float] = defaultdict(float)
 
@@ -114,7 +121,8 @@ def breakdown(method: DinoMethod, batch, opt, groups, grad_clip: float):
         with torch.no_grad():
             t_bb = timed("teacher backbone fwd", lambda: teacher.backbone.forward_features_dict(g))
             t_cls = timed("teacher heads fwd", lambda: teacher.dino_head(t_bb["x_norm_clstoken"]))
-            t_patch = timed("teacher heads fwd", lambda: teacher.ibot_head(t_bb["x_norm_patchtokens"][masks]))
+            t_patch = timed("teacher heads fwd", lambda: teacher.ibot_head(
+                t_bb["x_norm_patchtokens"].flatten(0, 1).index_select(0, idx)))
             p_cls = timed("sinkhorn-knopp (cls+patch)",
                           lambda: sinkhorn_knopp(torch.cat(t_cls.chunk(2)[::-1]), cfg.teacher_temp, cfg.sinkhorn_iterations))
             p_patch = timed("sinkhorn-knopp (cls+patch)",
@@ -124,11 +132,11 @@ def breakdown(method: DinoMethod, batch, opt, groups, grad_clip: float):
         s_cls = s_bb["x_norm_clstoken"]
         s_g, s_l = timed("student heads fwd", lambda: student.dino_head(torch.cat([s_cls, s_loc])).split(
             [s_cls.shape[0], s_loc.shape[0]]))
-        s_p = timed("student heads fwd", lambda: student.ibot_head(s_bb["x_norm_patchtokens"][masks]))
+        s_p = timed("student heads fwd", lambda: student.ibot_head(
+            s_bb["x_norm_patchtokens"].flatten(0, 1).index_select(0, idx)))
 
         def losses():
             loss = sum(dino_multicrop_loss(s_g, s_l, p_cls, cfg.student_temp))
-            w = (1.0 / masks.sum(1).clamp_min(1).float()).unsqueeze(1).expand_as(masks)[masks]
             loss = loss + ibot_patch_loss(s_p, p_patch, w, n, cfg.student_temp)
             return loss + cfg.koleo_loss_weight * sum(koleo_loss(c) for c in s_bb["x_norm_clstoken"].chunk(2))
 
@@ -139,6 +147,13 @@ def breakdown(method: DinoMethod, batch, opt, groups, grad_clip: float):
         return dict(cur)
 
     return one
+
+
+def matmul_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` in matrix products (linear, attention, convolution)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -160,6 +175,7 @@ def main() -> None:
     floor_fn = floor_step(arch, cfg, batch)
     step_fn, opt, groups = dino_step(method, batch, train_map)
     phase_fn = breakdown(method, batch, opt, groups, train_map["grad_clip"])
+    flops_floor, flops_step = matmul_flops(floor_fn), matmul_flops(step_fn)
     # Interleaved rounds, so that load from other processes hits both sides alike.
     floors, fulls, rows = [], [], defaultdict(list)
     for i in range(args.warmup + args.steps):
@@ -179,6 +195,9 @@ def main() -> None:
     print(f"{'DINO step (as train.loop)':34s}{full:10.1f}")
     ratio = full / floor
     print(f"{'ratio (target <= %.2f)' % TARGET:34s}{ratio:10.2f}  {'OK' if ratio <= TARGET else 'ABOVE TARGET'}")
+    print(f"{'matmul GFLOP/step: floor':34s}{flops_floor / 1e9:10.3f}")
+    print(f"{'matmul GFLOP/step: DINO step':34s}{flops_step / 1e9:10.3f}")
+    print(f"{'FLOP ratio (heads + losses)':34s}{flops_step / flops_floor:10.3f}")
     print("\nphases of a step (medians, ms):")
     total = sum(phases.values())
     for name, ms in sorted(phases.items(), key=lambda kv: -kv[1]):
