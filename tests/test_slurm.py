@@ -361,6 +361,36 @@ def _check_multi(result: dict) -> None:
     assert all(r["cuda_visible_devices"] in ("0", "1") for r in result["ranks"]), result["ranks"]
 
 
+def test_trainer_reads_its_job_end_time(tmp_path: Path, cancel_leftovers):
+    """``train.deadline.slurm_end_time`` inside a real job with ``--time=7``: the job's end is
+    7 minutes after its start, read from ``SLURM_JOB_END_TIME`` where SLURM exports it and from
+    ``squeue`` without it, and the two agree."""
+    out = tmp_path / "end.json"
+    probe = textwrap.dedent(f"""
+        import json, os, time
+        from webssl_repro.train.deadline import slurm_end_time
+        json.dump({{"now": time.time(), "end": slurm_end_time(),
+                   "end_squeue": slurm_end_time({{"SLURM_JOB_ID": os.environ["SLURM_JOB_ID"]}}),
+                   "exported": os.environ.get("SLURM_JOB_END_TIME")}}, open({str(out)!r}, "w"))
+    """)
+    (tmp_path / "probe.py").write_text(probe)
+    sub = subprocess.run(["sbatch", "--parsable", "--time=7", "--partition=debug", "--ntasks=1",
+                          "--mem=200", f"--chdir={tmp_path}", f"--output={tmp_path}/job.log",
+                          f"--wrap={shlex.quote(sys.executable)} probe.py"],
+                         capture_output=True, text=True, timeout=30)
+    assert sub.returncode == 0, sub.stderr
+    limit = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < limit:
+        time.sleep(1)
+    log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
+    assert out.exists(), f"job {sub.stdout.strip()} wrote nothing in 120 s:\n{log}"
+    time.sleep(0.5)  # json.dump then close: let the write finish
+    got = json.loads(out.read_text())
+    left = got["end"] - got["now"]
+    assert 7 * 60 - 90 < left <= 7 * 60 + 1, got  # started at most 90 s before the probe ran
+    assert abs(got["end_squeue"] - got["end"]) <= 1.0, got  # squeue's local time read back right
+
+
 def test_submitit_launch_two_nodes(tmp_path: Path):
     from webssl_repro import launch
 

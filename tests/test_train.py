@@ -32,6 +32,7 @@ from webssl_repro.train import (
     train,
     transformer_blocks,
 )
+from webssl_repro.train.deadline import Deadline, job_deadline, slurm_end_time
 
 DIM, HIDDEN, GLOBAL_BATCH = 16, 12, 8
 
@@ -249,6 +250,88 @@ def test_preemption_signal_finishes_step_checkpoints_and_resumes(tmp_path, signu
     assert read_pointer(run)["step"] == 5 and load_checkpoint(run)["method"]["ema_updates"] == 5
     train(ToyMethod(init_seed=5), data_factory, cfg, run)
     assert_bitwise(tmp_path / "straight", run)
+
+
+class StepClock:
+    """A clock that a data iterator advances by ``seconds_per_step`` per batch drawn."""
+
+    def __init__(self, seconds_per_step: float) -> None:
+        self.now, self.per_step = 0.0, seconds_per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def data(self, start_sample, rank, world_size):
+        for batch in data_factory(start_sample, rank, world_size):
+            self.now += self.per_step
+            yield batch
+
+
+def test_deadline_stops_with_a_checkpoint_and_the_retry_resumes(tmp_path):
+    """A job ending at t=75 s (10 s per step, margin 20 s): after step 5 (t=50) 25 s are left,
+    after step 6 (t=60) 15 s, under the margin, so the loop checkpoints step 6 and stops there;
+    the next job, without a limit, ends with the uninterrupted run's weights."""
+    cfg = make_cfg(checkpoint_every=100)
+    train(ToyMethod(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "time_limited"
+    clock = StepClock(10.0)
+    deadline = Deadline(end_time=75.0, margin_s=20.0, clock=clock)
+    with pytest.raises(Preempted) as info:
+        train(ToyMethod(), clock.data, cfg, run, deadline=deadline)
+    assert info.value.exit_code == 75 and info.value.step == 6 and info.value.signum is None
+    assert "time limit (15 s left)" in str(info.value)
+    assert read_pointer(run)["step"] == 6
+    # a job that starts inside the margin still makes one step of progress, and says so
+    with pytest.warns(UserWarning, match="ends in 15 s, within stop_margin_s=20 s"):
+        with pytest.raises(Preempted) as info:
+            train(ToyMethod(), clock.data, cfg, run, deadline=deadline)
+    assert info.value.step == 7 and read_pointer(run)["step"] == 7
+    assert deadline.longest_step_s > 0 and deadline.longest_save_s > 0  # measured, not assumed
+    train(ToyMethod(init_seed=5), data_factory, cfg, run)
+    assert_bitwise(tmp_path / "straight", run)
+
+
+def test_deadline_counts_the_longest_step_and_save():
+    now = [0.0]
+    deadline = Deadline(end_time=1000.0, margin_s=120.0, clock=lambda: now[0])
+    deadline.record_step(30.0), deadline.record_step(10.0)
+    deadline.record_save(50.0)
+    now[0] = 799.0
+    assert not deadline.reached()  # 201 s left > 120 + 30 + 50
+    now[0] = 800.0
+    assert deadline.reached()
+    with pytest.raises(ValueError, match="stop_margin_s"):
+        Deadline(1.0, margin_s=-1.0)
+    with pytest.raises(ValueError, match="stop_margin_s must be >= 0"):
+        make_cfg(stop_margin_s=-5)
+
+
+def test_slurm_end_time_from_the_environment_or_squeue():
+    from datetime import datetime
+
+    assert slurm_end_time({}) is None  # not a SLURM job
+    assert slurm_end_time({"SLURM_JOB_END_TIME": "1795000000", "SLURM_JOB_ID": "7"}) == 1795000000.0
+    asked = []
+
+    def squeue(job_id):
+        asked.append(job_id)
+        return "2026-11-29T14:05:00\n"
+
+    end = slurm_end_time({"SLURM_JOB_ID": "42"}, squeue)
+    assert asked == ["42"] and end == datetime(2026, 11, 29, 14, 5).timestamp()
+    assert slurm_end_time({"SLURM_JOB_ID": "42"}, lambda _: "UNLIMITED") is None  # no time limit
+    with pytest.warns(UserWarning, match="'soon' as the end time of SLURM job 42"):
+        assert slurm_end_time({"SLURM_JOB_ID": "42"}, lambda _: "soon") is None
+
+    def unreachable(_):
+        raise subprocess.TimeoutExpired("squeue", 60)
+
+    with pytest.warns(UserWarning, match="cannot read the end time of SLURM job 42"):
+        assert slurm_end_time({"SLURM_JOB_ID": "42"}, unreachable) is None
+    # one process per node asks; the loop's any_rank shares the decision
+    assert job_deadline(60.0, {"SLURM_JOB_ID": "42", "LOCAL_RANK": "1"}, squeue) is None
+    deadline = job_deadline(60.0, {"SLURM_JOB_ID": "42", "LOCAL_RANK": "0"}, squeue)
+    assert deadline.end_time == end and deadline.margin_s == 60.0
 
 
 def test_resume_refuses_changed_schedule_and_bf16_falls_back_on_cpu(tmp_path):

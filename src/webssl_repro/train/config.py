@@ -32,6 +32,9 @@ class TrainConfig:
     grad_clip: float = 0.0  #: max global grad norm; 0 disables clipping
     checkpoint_every: int = 1000  #: steps between checkpoints (one is always written at the end)
     log_every: int = 1  #: steps between lines of train_log.jsonl
+    #: in a SLURM job, stop (checkpointed) this long before the time limit, over the longest
+    #: step and checkpoint save seen (``train.deadline``)
+    stop_margin_s: float = 120.0
     seed: int = 0
     precision: str = "fp32"  #: "bf16" autocasts on CUDA only; CPU runs stay fp32
     strategy: str = "none"  #: "none" | "ddp" | "fsdp2"
@@ -48,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"train config: warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
         if self.grad_clip < 0:
             raise ValueError(f"train config: grad_clip must be >= 0, got {self.grad_clip}")
+        if self.stop_margin_s < 0:
+            raise ValueError(f"train config: stop_margin_s must be >= 0, got {self.stop_margin_s}")
 
     @property
     def steps(self) -> int:

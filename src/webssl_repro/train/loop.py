@@ -42,6 +42,7 @@ from .distributed import (
     unwrap,
     unwrapped,
 )
+from .deadline import Deadline
 from .logging import TrainLogger, scalars
 
 DataIterFactory = Callable[[int, int, int], Iterator[Any]]
@@ -50,20 +51,23 @@ DataIterFactory = Callable[[int, int, int], Iterator[Any]]
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 #: config keys that may change between a run and its resumption (they do not alter the result)
-RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "strategy", "precision"}
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "stop_margin_s", "strategy", "precision"}
 
 
 class Preempted(Exception):
-    """Raised after a preemption signal once the current step is checkpointed.
+    """Raised after a preemption signal, or near the job's time limit (``train.deadline``),
+    once the current step is checkpointed.
 
     The CLI exits with ``exit_code`` (EX_TEMPFAIL) so that Snakemake's ``retries`` or a SLURM
-    requeue starts the job again, which then resumes from the checkpoint.
+    requeue starts the job again, which then resumes from the checkpoint. ``signum`` is None
+    when the time limit, not a signal, stopped the run.
     """
 
     exit_code = 75
 
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"preempted by signal {signal.Signals(signum).name} after step {step}; checkpoint written")
+    def __init__(self, step: int, signum: Optional[int], reason: str = ""):
+        reason = reason or (f"signal {signal.Signals(signum).name}" if signum else "a stop on another rank")
+        super().__init__(f"preempted by {reason} after step {step}; checkpoint written")
         self.step = step
         self.signum = signum
 
@@ -172,12 +176,15 @@ def train(
     *,
     max_steps: Optional[int] = None,
     shard_units: Optional[ShardUnits] = None,
+    deadline: Optional[Deadline] = None,
 ) -> TrainResult:
     """Train ``method`` for ``cfg.steps`` steps, resuming from ``run_dir/checkpoints`` if present.
 
     ``max_steps`` stops after that many steps in total (checkpointing), e.g. to split a run
     into time-boxed jobs; ``shard_units`` picks the FSDP2 units (default: transformer blocks).
-    Raises :class:`Preempted` after SIGTERM / SIGUSR1, with the step checkpointed.
+    Raises :class:`Preempted` after SIGTERM / SIGUSR1, or once ``deadline`` (the job's time
+    limit, ``train.deadline.job_deadline``) leaves only the time to save, with the step
+    checkpointed.
     """
     run_dir = Path(run_dir)
     env: DistEnv = init_distributed(cfg.strategy)
@@ -212,6 +219,7 @@ def train(
     clipped = clip_groups(method, params)
 
     def save(step: int) -> Path:
+        t0 = time.perf_counter()
         snapshot = ckpt.collect_state(
             method, optimizer, cfg.strategy, step=step, samples_seen=step * cfg.global_batch_size,
             complete=step >= cfg.steps, config=cfg.to_dict(),
@@ -219,8 +227,13 @@ def train(
         if snapshot is not None:
             ckpt.save_checkpoint(run_dir, snapshot)
         barrier()  # nobody reads or exits before the file is in place
+        if deadline is not None:
+            deadline.record_save(time.perf_counter() - t0)
         return ckpt.latest_path(run_dir)
 
+    if deadline is not None and deadline.reached() and start < total:
+        warnings.warn(f"this job ends in {deadline.seconds_left():.0f} s, within stop_margin_s="
+                      f"{deadline.margin_s:.0f} s: it trains one step, checkpoints and stops")
     logger = TrainLogger(run_dir, enabled=env.is_main, start_step=start, total_steps=cfg.steps)
     data = data_iter_factory(start * cfg.global_batch_size, env.rank, env.world_size)
     step, last_saved = start, start
@@ -228,6 +241,7 @@ def train(
     try:
         with _PreemptionFlag() as preempt:
             for step in range(start, total):
+                t_step = time.perf_counter()
                 lr, wd = lr_at(step), wd_at(step)
                 set_hyperparams(optimizer, lr, wd)
                 try:
@@ -267,13 +281,18 @@ def train(
                     })
                     t_log, steps_since_log = time.perf_counter(), 0
 
+                if deadline is not None:
+                    deadline.record_step(time.perf_counter() - t_step)
                 if done % cfg.checkpoint_every == 0 or done == total:
                     save(done)
                     last_saved = done
-                if done < total and any_rank(preempt.signum is not None):
+                out_of_time = deadline is not None and deadline.reached()
+                if done < total and any_rank(preempt.signum is not None or out_of_time):
                     if last_saved != done:
                         save(done)
-                    raise Preempted(done, preempt.signum or signal.SIGTERM)
+                    reason = (f"the job's time limit ({deadline.seconds_left():.0f} s left)"
+                              if out_of_time and preempt.signum is None else "")
+                    raise Preempted(done, preempt.signum, reason)
             step = max(total, start)
     finally:
         logger.close()

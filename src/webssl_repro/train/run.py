@@ -165,6 +165,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     from webssl_repro.data.corpus import IndexedCorpus, read_kept_ids, read_manifest
     from webssl_repro.train import TrainConfig, train
     from webssl_repro.train.checkpoint import full_cpu
+    from webssl_repro.train.deadline import job_deadline
     from webssl_repro.train.distributed import is_main
 
     run = Run.parse(run_name)
@@ -183,7 +184,8 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     def data_factory(start_sample: int, rank: int, world_size: int):
         return corpus.batches(start_sample, rank, world_size, train_cfg.global_batch_size, sample_fn, collate_fn)
 
-    result = train(method, data_factory, train_cfg, checkpoints, max_steps=max_steps)
+    result = train(method, data_factory, train_cfg, checkpoints, max_steps=max_steps,
+                   deadline=job_deadline(train_cfg.stop_margin_s))
     if not result.complete:
         return result
     # Under FSDP2 the weights stay sharded after training: every rank takes part in gathering
