@@ -29,6 +29,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .deadline import Deadline
 from .distributed import (
     DistEnv,
     ShardUnits,
@@ -42,7 +43,6 @@ from .distributed import (
     unwrap,
     unwrapped,
 )
-from .deadline import Deadline
 from .logging import TrainLogger, scalars
 
 DataIterFactory = Callable[[int, int, int], Iterator[Any]]
@@ -240,8 +240,8 @@ def train(
     t_log, steps_since_log = time.perf_counter(), 0
     try:
         with _PreemptionFlag() as preempt:
+            t_step = time.perf_counter()
             for step in range(start, total):
-                t_step = time.perf_counter()
                 lr, wd = lr_at(step), wd_at(step)
                 set_hyperparams(optimizer, lr, wd)
                 try:
@@ -282,6 +282,8 @@ def train(
                     t_log, steps_since_log = time.perf_counter(), 0
 
                 if deadline is not None:
+                    # from the end of the last iteration: a GPU step's asynchronous tail is
+                    # waited for in the next step's loss.item(), so it is counted there
                     deadline.record_step(time.perf_counter() - t_step)
                 if done % cfg.checkpoint_every == 0 or done == total:
                     save(done)
@@ -293,6 +295,7 @@ def train(
                     reason = (f"the job's time limit ({deadline.seconds_left():.0f} s left)"
                               if out_of_time and preempt.signum is None else "")
                     raise Preempted(done, preempt.signum, reason)
+                t_step = time.perf_counter()
             step = max(total, start)
     finally:
         logger.close()
