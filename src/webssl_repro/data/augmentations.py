@@ -143,7 +143,8 @@ def collate_multicrop(samples: Sequence[Any], patch_size: int,
     views with ``chunk``. ``samples`` are ``MultiCropAugmentation`` outputs, or
     ``(output, target)`` pairs as image-folder datasets give them (targets are dropped).
     Returns ``global_crops`` (2B,3,H,W), ``local_crops`` (nB,3,h,w), ``masks`` bool
-    (2B, (H/patch)·(W/patch)) and their ``mask_indices`` / ``mask_weights``; use ``functools.partial`` to fix the keywords for a DataLoader.
+    (2B, (H/patch)·(W/patch)) and their ``mask_indices`` / ``mask_weights``; use
+    ``functools.partial`` to fix the keywords for a DataLoader.
     """
     crops = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
     n_global = len(crops[0]["global_crops"])

@@ -93,17 +93,22 @@ def sample_masks(n_images: int, grid: tuple[int, int],
     return torch.stack([masks[i] for i in order.tolist()]).flatten(1)
 
 
+def masked_token_indices(masks: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the masked tokens of ``masks`` (bool, n_images × n_patches) in the
+    (n_images·n_patches) token grid, row-major: the order of ``tokens[masks]``."""
+    return masks.flatten().nonzero().flatten()
+
+
 def masked_token_selection(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights) of the masked tokens of ``masks`` (bool, n_images × n_patches).
 
-    ``indices`` are flat positions in the (n_images·n_patches) token grid, in row-major order
-    (the order of ``tokens[masks]``); ``weights`` are 1 / (masked tokens of the token's image),
-    so every masked image weighs the same in the iBOT loss. DINOv2's collate computes both on
-    the data-loader side: selecting with ``index_select`` on known indices avoids the
+    ``indices`` as :func:`masked_token_indices`; ``weights`` are 1 / (masked tokens of the
+    token's image), so every masked image weighs the same in the iBOT loss. DINOv2's collate
+    computes both on the data-loader side: selecting with ``index_select`` on known indices avoids the
     device-to-host sync that boolean indexing (``nonzero``) costs on a GPU, twice a step.
     """
     masks = masks.flatten(1).bool()
     per_image = 1.0 / masks.sum(dim=1).clamp_min(1).float()
-    indices = masks.flatten().nonzero().flatten()
+    indices = masked_token_indices(masks)
     weights = per_image.unsqueeze(1).expand_as(masks).flatten().index_select(0, indices)
     return indices, weights

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from webssl_repro.data.masking import masked_token_indices
+
 
 class DINOHead(nn.Module):
     """``nlayers``-layer GELU MLP → L2-normalise → weight-normed prototypes (no bias)."""
@@ -69,7 +71,7 @@ class DinoModel(nn.Module):
         """``masks`` (bool, B×n_patches) selects the tokens for the iBOT head; with
         ``mask_input`` they are also replaced by the mask token (student), without it the
         image is seen whole (teacher). ``mask_indices``: the same selection as flat token
-        positions (``data.masking.masked_token_selection``); found from ``masks`` if absent."""
+        positions (``data.masking.masked_token_indices``); found from ``masks`` if absent."""
         out = self.backbone.forward_features_dict(global_crops, masks=masks if mask_input else None)
         cls = out["x_norm_clstoken"]
         result = {"cls": cls}
@@ -84,7 +86,7 @@ class DinoModel(nn.Module):
         if masks is not None:
             head = self.ibot_head if self.ibot_head is not None else self.dino_head
             if mask_indices is None:
-                mask_indices = masks.flatten().nonzero().flatten()
+                mask_indices = masked_token_indices(masks)
             # an empty selection still runs the head, so every parameter is in the graph (DDP)
             result["patch_logits"] = head(out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices))
         return result

@@ -32,7 +32,8 @@ def slurm_end_time(env: Mapping[str, str] | None = None,
     stamp = env.get("SLURM_JOB_END_TIME", "").strip()
     if stamp:
         try:
-            return float(stamp) if float(stamp) > 0 else None
+            end = float(stamp)
+            return end if end > 0 else None
         except ValueError:
             warnings.warn(f"SLURM_JOB_END_TIME={stamp!r} is not a Unix time; reading the end time from squeue")
     job_id = env.get("SLURM_JOB_ID", "").strip()
