@@ -10,10 +10,12 @@ _PRETRAIN_OUTPUT = {
     "state": f"{RESULTS}/runs/{{run}}/state.pt",
 }
 # The checkpoints outlive the job (a retry resumes them): set aside first any that another
-# config or other inputs made, so that a rerun retrains (train/fingerprint.py).
+# config or other inputs made, so that a rerun retrains (train/fingerprint.py), and refuse a
+# retry after attempts that failed without progress (train/attempts.py). Snakemake empties
+# the log for each attempt; the attempts' history stays in the checkpoints' attempts.jsonl.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
-    "--data {input.data} {params.parent} > {log} 2>&1 && "
+    "--data {input.data} {params.parent} --attempt {resources.attempt} > {log} 2>&1 && "
     "{params.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
     "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} --data {input.data} {params.parent} >> {log} 2>&1"
 )
@@ -43,6 +45,7 @@ rule pretrain_single:
         gpu=_res("gpu", 0),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
+        attempt=lambda w, attempt: attempt,
     conda:
         ENV
     shell:
@@ -78,6 +81,7 @@ rule pretrain_multinode:
         slurm_extra="--ntasks-per-node=1 --exclusive",
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
+        attempt=lambda w, attempt: attempt,
     conda:
         ENV
     shell:

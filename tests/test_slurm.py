@@ -201,6 +201,7 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 
 
 def test_mini_pretraining_through_slurm(workflow_dir: Path, cancel_leftovers):
+    from webssl_repro.train import attempts
     from webssl_repro.train.checkpoint import read_pointer
 
     config = ci_config()
@@ -240,6 +241,10 @@ def test_mini_pretraining_through_slurm(workflow_dir: Path, cancel_leftovers):
     done = f"pretrain {CI_MULTI}: step {CI_STEPS}, {CI_SAMPLES} samples seen, complete=True"
     train_log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
     assert train_log.count(done) == 2, train_log[-4000:]  # each rank's CLI finished
+    # Snakemake's attempt reached the job's guard; one end record, from rank 0.
+    ledger = attempts.read(workflow_dir / plan.checkpoint_dir(CI_MULTI))
+    assert [(r["event"], r.get("attempt"), r.get("job"), r.get("outcome")) for r in ledger] == [
+        ("start", 1, multi_id, None), ("end", None, None, "complete")], ledger
     for run in (CI_MULTI, CI_SINGLE):
         prov = json.loads((workflow_dir / plan.run_dir(run) / "provenance.json").read_text())
         assert (prov["steps"], prov["samples_seen"]) == (CI_STEPS, CI_SAMPLES), prov

@@ -59,23 +59,32 @@ def _plan(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import json
 
+    import os
+
     from webssl_repro.settings import merge_nested
-    from webssl_repro.train import Preempted
+    from webssl_repro.train import Preempted, attempts
     from webssl_repro.train.distributed import shutdown
     from webssl_repro.train.run import pretrain
 
+    # One end record per attempt, from the process that writes the checkpoints.
+    record = attempts.finish if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     cfg = merge_nested(json.loads(args.config_json), json.loads(args.settings_json))
-    if cfg.get("run") not in (None, args.run):
-        raise ValueError(f"--config-json is for run {cfg.get('run')!r}, not {args.run!r}")
     try:
+        if cfg.get("run") not in (None, args.run):
+            raise ValueError(f"--config-json is for run {cfg.get('run')!r}, not {args.run!r}")
         result = pretrain(args.run, cfg, args.out, args.checkpoints, args.data, parent=args.parent,
                           max_steps=args.max_steps)
     except Preempted as err:
+        record(args.checkpoints, "preempted")
         print(f"pretrain {args.run}: preempted at step {err.step}; checkpoint written, exiting for a retry",
               file=sys.stderr)
         return err.exit_code
+    except BaseException as err:
+        record(args.checkpoints, "failed", err)
+        raise
     finally:
         shutdown()
+    record(args.checkpoints, "complete" if result.complete else "stopped")
     print(f"pretrain {args.run}: step {result.step}, {result.samples_seen} samples seen, complete={result.complete}")
     return 0
 
@@ -85,8 +94,15 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
     from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
 
+    from webssl_repro.train.attempts import FutileRetry, begin
+
     guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
                       adopt=args.adopt)
+    try:
+        begin(args.checkpoints, args.attempt, args.max_futile_attempts)
+    except FutileRetry as err:
+        print(f"webssl-repro guard-checkpoints: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -200,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
     guard.add_argument("--adopt", action="store_true", help="stamp an unstamped directory as this run's "
                        "(checkpoints from before stamps existed) instead of setting it aside")
+    guard.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number (1 = a new invocation)")
+    guard.add_argument("--max-futile-attempts", type=int, default=2,
+                       help="refuse to start once this many attempts in a row made no checkpoint and were "
+                       "not preempted (train/attempts.py)")
     guard.set_defaults(func=_guard_checkpoints)
 
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")

@@ -1,0 +1,124 @@
+"""A run's attempts, so that Snakemake's retries resume preempted jobs but not broken ones.
+
+The pretrain rules need many ``retries``: a run longer than the partition's time limit is a
+chain of jobs, each ending with a checkpoint and exit 75. Snakemake retries on any exit
+code, though, so a run that fails the same way every time (a bad config value, an OOM, NaNs
+at a given step) would be resumed and fail again once per retry, each time on the run's full
+allocation. ``attempts.jsonl`` in the checkpoint directory records each attempt: the step it
+started from (``latest.json``) and, where the process lived to say so, how it ended. Before
+an attempt starts, ``begin`` refuses it when the last ``max_futile`` attempts of this
+Snakemake invocation each ended without a new checkpoint and not by preemption, the time
+limit or completion.
+
+Attempt 1 is a new invocation (Snakemake counts from 1 each time it is started), so a user
+who fixed the cause just reruns ``snakemake``; the history is kept. A job killed outright
+(node failure, ``SIGKILL``) leaves no end record and counts by its progress alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .checkpoint import read_pointer
+
+LEDGER = "attempts.jsonl"
+MAX_FUTILE = 2
+# How an attempt ended that makes another worthwhile even without a new checkpoint.
+RESUMABLE = ("preempted", "complete")
+
+
+class FutileRetry(RuntimeError):
+    """The last attempts made no progress and did not end by preemption: retrying would not help."""
+
+
+def read(checkpoints: str | Path) -> list[dict[str, Any]]:
+    path = Path(checkpoints) / LEDGER
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:
+    path = Path(checkpoints) / LEDGER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def current_step(checkpoints: str | Path) -> int:
+    pointer = read_pointer(checkpoints)
+    return int(pointer["step"]) if pointer else 0
+
+
+def history(records: list[dict[str, Any]], step_now: int) -> list[dict[str, Any]]:
+    """This invocation's attempts, oldest first: ``attempt``, ``step`` (at its start),
+    ``progress`` (steps checkpointed during it), ``outcome`` (None: no end record) and ``error``.
+    An invocation starts at the last attempt numbered 1."""
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    first = max((i for i in starts if records[i]["attempt"] == 1), default=None)
+    if first is None:
+        return []
+    starts = [i for i in starts if i >= first]
+    out = []
+    for k, i in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(records)
+        ends = [r for r in records[i + 1:end] if r.get("event") == "end"]
+        step_after = records[end]["step"] if end < len(records) else step_now
+        out.append({"attempt": records[i]["attempt"], "step": records[i]["step"],
+                    "progress": step_after - records[i]["step"],
+                    "outcome": ends[-1]["outcome"] if ends else None,
+                    "error": ends[-1].get("error") if ends else None})
+    return out
+
+
+def futile_streak(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trailing attempts that checkpointed nothing and ended neither preempted nor complete."""
+    streak: list[dict[str, Any]] = []
+    for a in reversed(attempts):
+        if a["progress"] > 0 or a["outcome"] in RESUMABLE:
+            break
+        streak.insert(0, a)
+    return streak
+
+
+def _describe(streak: list[dict[str, Any]]) -> str:
+    how = {None: "killed without a word (no end record)", "refused": "refused"}
+    last = next((a for a in reversed(streak) if a["error"]), None)
+    ended = [f"attempt {a['attempt']}: {how.get(a['outcome'], a['outcome'])}" for a in streak]
+    said = f"; the last error: {last['error']}" if last else ""
+    return f"{'; '.join(ended)}{said}"
+
+
+def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE) -> None:
+    """Record attempt ``attempt`` (Snakemake's, from 1); raise ``FutileRetry`` instead of
+    starting it when the last ``max_futile`` attempts were futile."""
+    if attempt < 1 or max_futile < 1:
+        raise ValueError(f"attempt {attempt} and max_futile {max_futile} must be >= 1")
+    step = current_step(checkpoints)
+    record = {"event": "start", "attempt": attempt, "step": step, "job": os.environ.get("SLURM_JOB_ID"),
+              "host": socket.gethostname()}
+    streak = futile_streak(history(read(checkpoints), step)) if attempt > 1 else []
+    _append(checkpoints, record)
+    print(f"=== {Path(checkpoints).name}: attempt {attempt} from step {step}, job {record['job']} "
+          f"on {record['host']}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===", flush=True)
+    if len(streak) >= max_futile:
+        finish(checkpoints, "refused")
+        raise FutileRetry(
+            f"{checkpoints}: not starting attempt {attempt}. The last {len(streak)} attempts of this "
+            f"snakemake invocation ended without a new checkpoint (still at step {step}) and not by "
+            f"preemption or the time limit ({_describe(streak)}). Another retry would fail the same way; "
+            f"fix the cause and rerun snakemake, which resumes from step {step}. History: "
+            f"{Path(checkpoints) / LEDGER}")
+
+
+def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException | str] = None) -> None:
+    """Record how the current attempt ended (rank 0 only: one record per attempt)."""
+    record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": current_step(checkpoints)}
+    if error is not None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        record["error"] = text.strip().splitlines()[0][:300] if text.strip() else text
+    _append(checkpoints, record)

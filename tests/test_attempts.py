@@ -1,0 +1,134 @@
+"""Snakemake's retries resume a preempted or time-limited run, not one that fails the same way."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from webssl_repro.cli import main
+from webssl_repro.train import attempts
+from webssl_repro.train.attempts import FutileRetry, begin, finish, futile_streak, history, read
+
+
+def _checkpoint(ckpt, step):
+    (ckpt / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (ckpt / "checkpoints" / "latest.json").write_text(json.dumps({"step": step, "complete": False}))
+
+
+def test_history_pairs_starts_with_ends_and_measures_progress(tmp_path):
+    begin(tmp_path, 1)  # no checkpoint yet: step 0
+    _checkpoint(tmp_path, 40)
+    finish(tmp_path, "preempted")
+    begin(tmp_path, 2)
+    finish(tmp_path, "failed", ValueError("warm-up 100 steps is longer than the run (4 steps)\nmore"))
+    begin(tmp_path, 3)  # killed outright: no end record
+    got = history(read(tmp_path), step_now=40)
+    assert [(a["attempt"], a["step"], a["progress"], a["outcome"]) for a in got] == [
+        (1, 0, 40, "preempted"), (2, 40, 0, "failed"), (3, 40, 0, None)]
+    assert got[1]["error"] == "ValueError: warm-up 100 steps is longer than the run (4 steps)"
+    assert [a["attempt"] for a in futile_streak(got)] == [2, 3]
+
+
+def test_a_new_invocation_starts_counting_afresh(tmp_path):
+    for attempt in (1, 2):
+        begin(tmp_path, attempt)
+        finish(tmp_path, "failed", "RuntimeError: boom")
+    with pytest.raises(FutileRetry):
+        begin(tmp_path, 3)
+    begin(tmp_path, 1)  # the user fixed the cause and reran snakemake
+    assert [a["attempt"] for a in history(read(tmp_path), 0)] == [1]
+    assert [r["outcome"] for r in read(tmp_path) if r["event"] == "end"] == ["failed", "failed", "refused"]
+
+
+def test_two_futile_attempts_refuse_the_third_with_the_error(tmp_path):
+    _checkpoint(tmp_path, 4000)
+    begin(tmp_path, 1)
+    finish(tmp_path, "failed", FloatingPointError("loss is nan at step 4210"))
+    begin(tmp_path, 2)  # one futile attempt may be a bad node: retried
+    finish(tmp_path, "failed", FloatingPointError("loss is nan at step 4210"))
+    with pytest.raises(FutileRetry) as err:
+        begin(tmp_path, 3)
+    text = str(err.value)
+    assert "not starting attempt 3" in text and "step 4000" in text
+    assert "FloatingPointError: loss is nan at step 4210" in text
+    with pytest.raises(FutileRetry, match="attempt 3: refused"):  # and every later one
+        begin(tmp_path, 4)
+
+
+@pytest.mark.parametrize("outcome", ["preempted", "complete"])
+def test_preemption_or_completion_without_progress_keeps_retrying(tmp_path, outcome):
+    _checkpoint(tmp_path, 64)
+    begin(tmp_path, 1)
+    finish(tmp_path, "failed", "OSError: stale file handle")
+    begin(tmp_path, 2)
+    finish(tmp_path, outcome)
+    assert futile_streak(history(read(tmp_path), 64)) == []
+    begin(tmp_path, 3, max_futile=1)  # not refused, even by the strictest limit
+
+
+def test_progress_breaks_the_streak(tmp_path):
+    _checkpoint(tmp_path, 10)
+    for attempt in (1, 2, 3, 4):
+        begin(tmp_path, attempt)
+        if attempt == 2:
+            _checkpoint(tmp_path, 20)  # crashed again, but after checkpointing further
+        finish(tmp_path, "failed", "RuntimeError: NCCL watchdog timeout")
+    got = history(read(tmp_path), 20)
+    assert [(a["step"], a["progress"]) for a in got] == [(10, 0), (10, 10), (20, 0), (20, 0)]
+    with pytest.raises(FutileRetry, match="attempt 3: failed; attempt 4: failed"):
+        begin(tmp_path, 5)
+
+
+def test_max_futile_is_configurable(tmp_path):
+    begin(tmp_path, 1)
+    finish(tmp_path, "failed", "ValueError: bad")
+    with pytest.raises(FutileRetry):
+        begin(tmp_path, 2, max_futile=1)
+    with pytest.raises(ValueError, match="attempt 0"):
+        begin(tmp_path, 0)
+
+
+def test_guard_checkpoints_cli_refuses_with_exit_1(tmp_path, capsys):
+    data = tmp_path / "manifest.json"
+    data.write_text('{"shards": ["a.tar"]}')
+    ckpt = tmp_path / "ckpt"
+    args = ["guard-checkpoints", "--config-json", json.dumps({"run": "dino1b-full2b-224"}),
+            "--checkpoints", str(ckpt), "--data", str(data)]
+    assert main(args) == 0  # attempt 1 by default
+    finish(ckpt, "failed", "KeyError: 'arch'")
+    assert main(args + ["--attempt", "2"]) == 0
+    finish(ckpt, "failed", "KeyError: 'arch'")
+    assert main(args + ["--attempt", "3"]) == 1
+    captured = capsys.readouterr()
+    assert "=== ckpt: attempt 3 from step 0" in captured.out
+    assert "not starting attempt 3" in captured.err and "KeyError: 'arch'" in captured.err
+    assert main(args + ["--attempt", "3", "--max-futile-attempts", "4"]) == 0  # the refused one counts too
+    assert len([r for r in read(ckpt) if r["event"] == "start"]) == 4
+    assert attempts.LEDGER == "attempts.jsonl" and (ckpt / attempts.LEDGER).exists()
+
+
+@pytest.mark.xdist_group("snakemake")
+def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir):
+    """The real pretrain rule with ``--retries 3`` and a recipe the trainer rejects at start:
+    two attempts run the trainer, the next two are refused by the guard in seconds."""
+    import yaml
+    from conftest import snakemake
+    from helpers_mini import mini_config
+
+    cfg = mini_config()
+    cfg["data"]["corpus"].update(n_images=128, shard_size=128)
+    cfg["labels"]["samples"]["2b"] = 128  # 4 steps of 32
+    cfg["pretrain"]["dino"]["warmup_steps"] = 100  # longer than the run: TrainConfig rejects it
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/mini/runs/dino1b-full2b-224/encoder.safetensors"
+    done = snakemake(workflow_dir, "--cores", "2", target, "--configfile", "tiny.yaml", "--retries", "3", timeout=600)
+    assert done.returncode != 0
+    ledger = read(workflow_dir / "results/mini/checkpoints/dino1b-full2b-224")
+    assert [r["attempt"] for r in ledger if r["event"] == "start"] == [1, 2, 3, 4]
+    ends = [r for r in ledger if r["event"] == "end"]
+    assert [r["outcome"] for r in ends] == ["failed", "failed", "refused", "refused"]
+    assert ends[0]["error"] == "ValueError: train config: warmup_steps=100 must be in [0, steps=4]"
+    log = (workflow_dir / "logs/mini/pretrain/dino1b-full2b-224.log").read_text()
+    # Snakemake empties the log per attempt: the refusal quotes the error the ledger kept.
+    assert log.startswith("=== dino1b-full2b-224: attempt 4 from step 0")
+    assert "not starting attempt 4" in log and "the last error: ValueError: train config: warmup_steps=100" in log
