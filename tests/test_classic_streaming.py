@@ -183,8 +183,8 @@ def test_depth_test_averages_each_image_with_its_mirror(tiny_data, monkeypatch):
     plain = classic.depth(encoder, meta, tiny_data["depth"], cfg)
     split = classic._split
 
-    def mirrored_val(manifest, name, size, target):
-        images = split(manifest, name, size, target)
+    def mirrored_val(manifest, name, size, target, **kw):
+        images = split(manifest, name, size, target, **kw)
         if name == "val":
             images.records = [{**r, "image": r["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
                                "depth": np.ascontiguousarray(np.asarray(r["depth"])[:, ::-1])} for r in images.records]

@@ -3,10 +3,14 @@
 ImageNet is evaluated at the encoder's pretraining resolution (paper App. A) with DINOv2's
 eval transform (resize to 256/224 of the size, centre crop). ADE20K and NYUd use "the settings
 from Oquab et al.": their own resolution, a task's ``img_size`` (paper config: ADE20K's 512 px
-and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644); images are resized to it with their masks and
-depth maps (nearest / bilinear). Deviations from DINOv2's dense protocols, for cost: no
-training-time augmentation, a whole image at ``img_size`` instead of sliding 512-px windows
-(ADE20K), and no Eigen crop on NYUd (its flip test-time augmentation is done).
+and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644). Training images are
+resized to it with their masks and depth maps (nearest / bilinear). Validation scores at each
+set's own resolution, as mmseg and the depth toolbox do: ADE20K's shorter side goes to
+``img_size`` and crop-sized windows slide over it at a 2/3 stride (``test_mode: slide``; ``whole``
+passes the image squashed to ``img_size``), the logits resized to the label map; NYUd's
+predictions are resized to the depth map, flip-averaged, and scored inside the Eigen crop
+(``eigen_crop``). Deviation from DINOv2's dense protocols, for cost: no training-time
+augmentation.
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -33,7 +37,9 @@ import torch.nn.functional as F
 from webssl_repro.config import merge_known
 from webssl_repro.evaluate import features
 from webssl_repro.evaluate.features import BlockTokens, feature_fn, linear_features, model_device
-from webssl_repro.evaluate.imagesets import EvalImages, as_hw, image_loader, in_order, load_split, seeded_batches
+from webssl_repro.evaluate.imagesets import (EvalImages, as_hw, collate_lists, image_loader, in_order, load_split,
+                                             seeded_batches)
+from webssl_repro.evaluate.segmentation import SLIDE_STRIDE
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_probe
 
 DEFAULTS: dict[str, Any] = {
@@ -46,12 +52,17 @@ DEFAULTS: dict[str, Any] = {
     # Dense heads: DINOv2's global batch, 2 images/GPU x 8 GPUs (ADE20K mmseg config, NYUd
     # depther); the top-level batch_size only chunks the frozen encoder's forward passes.
     # img_size: None = the pretraining resolution (see ``dense_size``).
-    "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500, "batch_size": 16, "img_size": None},
+    # test_mode: "slide" (mmseg's ADE20K test: img_size windows every slide_stride px, None =
+    # 2/3 of img_size, over the image with its shorter side at img_size) or "whole".
+    "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500, "batch_size": 16, "img_size": None,
+                     "test_mode": "slide", "slide_stride": None},
     # sig_warmup: iterations of SigLoss's mean-only warm-up (DINOv2 warm_iter=100).
     # max_depth: top of the depth bins (DINOv2's NYUd: 10 m); None = the deepest pixel of the
     # train and val maps, which needs their targets in memory (the cached path).
+    # eigen_crop: score inside the Eigen crop (DINOv2's NYUd; true in config/paper.yaml),
+    # defined on NYUd's 480 x 640 frames only.
     "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None,
-              "max_depth": None},
+              "max_depth": None, "eigen_crop": False},
     "seed": 0,
     # The frozen encoder's forward: fp32, or autocast to bf16 / fp16 as DINOv2's evaluations
     # run it on GPUs (the probe heads always train in fp32).
@@ -100,13 +111,26 @@ def _tokens_fn(encoder, meta, blocks, norm: bool, cfg: Mapping[str, Any], out_de
                       out_device=out_device)
 
 
-def _split(manifest: str | Path, split: str, size: int | tuple[int, int], target: str) -> EvalImages:
-    return EvalImages(load_split(manifest, split), size, target)
+def _split(manifest: str | Path, split: str, size: int | tuple[int, int], target: str, **kw) -> EvalImages:
+    return EvalImages(load_split(manifest, split), size, target, **kw)
 
 
-def _in_order(images: EvalImages, cfg: Mapping[str, Any]):
+def _in_order(images: EvalImages, cfg: Mapping[str, Any], collate=None):
     """(indices, images, targets) of one pass over a split, in order."""
-    return image_loader(images, in_order(len(images), int(cfg["batch_size"])), int(cfg["workers"]))
+    return image_loader(images, in_order(len(images), int(cfg["batch_size"])), int(cfg["workers"]), collate)
+
+
+def slide_setting(seg: Mapping[str, Any], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """``(crop, stride)`` of the segmentation test, or None for whole images."""
+    mode, stride = seg["test_mode"], seg["slide_stride"]
+    if mode not in ("slide", "whole"):
+        raise ValueError(f"evaluate.classic.segmentation.test_mode: {mode!r} is not 'slide' or 'whole'")
+    if mode == "whole":
+        return None
+    stride_hw = tuple(max(1, round(v * SLIDE_STRIDE)) for v in size) if stride is None else as_hw(stride)
+    if min(stride_hw) < 1 or any(st > c for st, c in zip(stride_hw, size)):
+        raise ValueError(f"evaluate.classic.segmentation.slide_stride: {stride!r} must be in [1, img_size {size}]")
+    return size, stride_hw
 
 
 class TokenCache:
@@ -193,7 +217,9 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
 
     seg, device = cfg["segmentation"], model_device(encoder)
     size = dense_size(seg, meta)
-    train, val = _split(manifest, "train", size, "seg"), _split(manifest, "val", size, "seg")
+    slide = slide_setting(seg, size)
+    train = _split(manifest, "train", size, "seg")
+    val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True)
     n_classes, n_ms = segmentation_classes(manifest), min(4, int(meta["depth"]))
     specs = (("ade20k_linear", 1, False), ("ade20k_ms", n_ms, True))
     heads = []
@@ -207,16 +233,11 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     for head in heads:
         head.eval()
     with torch.no_grad():
-        for _, x, y in _in_order(val, cfg):
-            x, y = x.to(device), y.to(device)
-            maps = _block_major(fn(x))
-            for (name, _, multiscale), head in zip(specs, heads):
-                if multiscale:
-                    preds = predict(head, fn, x, multiscale=True)
-                else:
-                    preds = F.interpolate(head.forward_concat(maps), size=y.shape[-2:], mode="bilinear",
-                                          align_corners=False).argmax(dim=1)
-                scores[name].add(preds, y)
+        for _, xs, ys in _in_order(val, cfg, collate_lists):
+            for x, y in zip(xs, ys):  # one image at a time: each has its own size
+                x, y = x.unsqueeze(0).to(device), y.unsqueeze(0).to(device)
+                for (name, _, multiscale), head in zip(specs, heads):
+                    scores[name].add(predict(head, fn, x, multiscale, out_size=y.shape[-2:], slide=slide), y)
     return {name: 100.0 * iou.mean() for name, iou in scores.items()}
 
 
@@ -226,11 +247,11 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     The encoder runs over the union of both heads' blocks; both heads then train jointly on
     the same batches (``train_depth_heads``), each exactly as it would alone.
     """
-    from webssl_repro.evaluate.depth import DepthLinearHead, RMSE, lin4_blocks, train_depth_heads
+    from webssl_repro.evaluate.depth import DepthLinearHead, RMSE, eigen_crop, lin4_blocks, train_depth_heads
 
     dep, device = cfg["depth"], model_device(encoder)
     size = dense_size(dep, meta)
-    train, val = _split(manifest, "train", size, "depth"), _split(manifest, "val", size, "depth")
+    train, val = _split(manifest, "train", size, "depth"), _split(manifest, "val", size, "depth", native=True)
     specs = (("nyud_lin1", [int(meta["depth"]) - 1]), ("nyud_lin4", lin4_blocks(int(meta["depth"]))))
     blocks = sorted({b for _, bl in specs for b in bl})
     max_depth = dep["max_depth"]
@@ -259,18 +280,24 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     for head in heads:
         head.eval()
     with torch.no_grad():
-        for _, x, d in _in_order(val, cfg):
-            d = d.to(device)
+        for _, xs, ds in _in_order(val, cfg, collate_lists):
             # DINOv2's NYUd test: the mean of the image's and its mirror's predictions (flip
-            # TTA), scored where the ground truth lies inside the bins' range
+            # TTA), resized to the depth map and scored where the ground truth lies inside the
+            # bins' range (and the Eigen crop)
+            x = torch.stack(xs)  # squashed to one size
             views = [(bt.grid, flat(bt)) for bt in (fn(x), fn(x.flip(-1)))]
             for k, ((name, _), head) in enumerate(zip(specs, heads)):
                 pred = 0.0
                 for flipped, (grid, inputs) in enumerate(views):
                     p = head.from_logits(head.token_logits(*inputs[k], grid))
                     pred = pred + 0.5 * (p.flip(-1) if flipped else p)
-                pred = F.interpolate(pred, size=d.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-                scores[name].add(pred, d, (d > head.min_depth) & (d <= head.max_depth))
+                for p, d in zip(pred, ds):
+                    d = d.to(device).unsqueeze(0)
+                    p = F.interpolate(p.unsqueeze(0), size=d.shape[-2:], mode="bilinear", align_corners=False)
+                    valid = (d > head.min_depth) & (d <= head.max_depth)
+                    if dep["eigen_crop"]:
+                        valid &= eigen_crop(d.shape).to(device)
+                    scores[name].add(p.squeeze(1), d, valid)
     return {name: score.value() for name, score in scores.items()}
 
 

@@ -20,9 +20,24 @@ import torch.nn.functional as F
 from .features import BlockTokens, chunk_size, interp_matrix
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
-           "depth_loss", "train_depth", "train_depth_heads", "rmse", "RMSE"]
+           "depth_loss", "train_depth", "train_depth_heads", "rmse", "RMSE", "eigen_crop", "EIGEN_CROP"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
+#: Eigen et al.'s NYUd evaluation crop (rows 45:471, columns 41:601 of the 480 x 640 frames,
+#: where the Kinect's depth is valid), as the depth toolbox behind DINOv2 applies it
+EIGEN_CROP = {"frame": (480, 640), "rows": (45, 471), "cols": (41, 601)}
+
+
+def eigen_crop(shape: Sequence[int]) -> torch.Tensor:
+    """(H, W) boolean mask of the Eigen crop; NYUd's frames only (another size has no such crop)."""
+    H, W = (int(v) for v in shape[-2:])
+    if (H, W) != EIGEN_CROP["frame"]:
+        raise ValueError(f"the Eigen crop is defined on NYUd's {EIGEN_CROP['frame']} frames, not {(H, W)}: "
+                         "set evaluate.classic.depth.eigen_crop to false for this set")
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    (r0, r1), (c0, c1) = EIGEN_CROP["rows"], EIGEN_CROP["cols"]
+    mask[r0:r1, c0:c1] = True
+    return mask
 
 
 def lin4_blocks(depth: int) -> list[int]:

@@ -72,8 +72,18 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 #: size / crop_pct and crops the centre (torchvision's Resize + CenterCrop: DINOv2's ImageNet
 #: evaluation with ``CLASSIFY_CROP``, timm's DINOv2 config for alignment with 1.0); ``pad``
 #: first pads to a square with the mean colour (Cambrian's ``expand2square``, the VQA probe);
-#: ``squash`` resizes straight to ``size``, aspect not kept (dense probes, with their targets).
-FITS = ("crop", "pad", "squash")
+#: ``squash`` resizes straight to ``size``, aspect not kept (dense probes, with their targets);
+#: ``short`` resizes the shorter side to ``size`` keeping the aspect, the longer side capped
+#: at 4x (mmseg's ``Resize(img_scale=(2048, 512), keep_ratio=True)``: ADE20K's test images).
+FITS = ("crop", "pad", "squash", "short")
+LONG_SIDE_CAP = 4
+
+
+def short_side_hw(H: int, W: int, short: int) -> tuple[int, int]:
+    """(h, w) of an H x W image whose shorter side becomes ``short`` (mmseg's rescale_size:
+    one factor for both sides, ``int(x * factor + 0.5)``)."""
+    factor = min(short / min(H, W), LONG_SIDE_CAP * short / max(H, W))
+    return int(H * factor + 0.5), int(W * factor + 0.5)
 
 
 def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0) -> torch.Tensor:
@@ -89,7 +99,9 @@ def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_
         square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = square
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    if fit != "crop":
+    if fit == "short":
+        x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w)), "bicubic", antialias=True)
+    elif fit != "crop":
         x = _resize(x, (h, w), "bicubic", antialias=True)
     else:
         if h != w:
@@ -109,25 +121,34 @@ def images_tensor(records: Sequence[dict[str, Any]], size: int, fit: str = "crop
     return torch.stack([image_tensor(r["image"], size, fit, crop_pct) for r in records])
 
 
-def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int]) -> torch.Tensor:
-    """A record's target for the probe: a class id, or an (h, w) mask / depth map."""
+def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int] | None) -> torch.Tensor:
+    """A record's target for the probe: a class id, or an (h, w) mask / depth map at ``size``
+    (None: as stored, the set's own resolution)."""
     mode, dtype = TARGETS[key]
     if mode is None:
         return torch.tensor(int(record[key]), dtype=dtype)
     t = torch.from_numpy(np.asarray(record[key], dtype=np.float32)).unsqueeze(0)
-    return _resize(t, as_hw(size), mode).squeeze(0).to(dtype)
+    return (t if size is None else _resize(t, as_hw(size), mode)).squeeze(0).to(dtype)
 
 
 class EvalImages(Dataset):
     """``records`` as (image, target) pairs at the probe's ``size`` (``s`` or ``(h, w)``);
     decoded per item. Class labels get DINOv2's ImageNet eval transform (resize + centre
-    crop); masks and depth maps are resized with their image to ``size``, so the two align."""
+    crop); masks and depth maps are resized with their image to ``size`` (``fit="squash"``),
+    so the two align, or with ``native`` kept at the set's own resolution, where the dense
+    protocols score (the image then fits by ``fit``: ``short`` for ADE20K's sliding windows)."""
 
-    def __init__(self, records: Sequence[dict[str, Any]], size: int | Sequence[int], target: str) -> None:
+    def __init__(self, records: Sequence[dict[str, Any]], size: int | Sequence[int], target: str,
+                 fit: str | None = None, native: bool = False) -> None:
         if target not in TARGETS:
             raise KeyError(f"unknown target {target!r} (known: {sorted(TARGETS)})")
-        self.records, self.size, self.target = records, as_hw(size), target
-        self.fit = "crop" if TARGETS[target][0] is None else "squash"
+        self.records, self.size, self.target, self.native = records, as_hw(size), target, native
+        self.fit = fit or ("crop" if TARGETS[target][0] is None else "squash")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        if self.fit != "squash" and TARGETS[target][0] is not None and not native:
+            raise ValueError(f"fit {fit!r} changes the aspect of the image but not of its {target} map: "
+                             "use native=True")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -135,11 +156,16 @@ class EvalImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[i]
         return (image_tensor(record["image"], self.size, self.fit, CLASSIFY_CROP),
-                target_tensor(record, self.target, self.size))
+                target_tensor(record, self.target, None if self.native else self.size))
 
     def target_of(self, i: int) -> torch.Tensor:
-        """Item ``i``'s target alone, without resizing its image."""
-        return target_tensor(self.records[i], self.target, self.size)
+        """Item ``i``'s target alone, without decoding its image."""
+        return target_tensor(self.records[i], self.target, None if self.native else self.size)
+
+
+def collate_lists(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A batch kept as lists (images and targets of different sizes: native-resolution val)."""
+    return [x for x, _ in batch], [y for _, y in batch]
 
 
 def seeded_batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
@@ -160,10 +186,11 @@ def in_order(n: int, batch: int) -> Iterator[torch.Tensor]:
         yield torch.arange(i, min(i + batch, n))
 
 
-def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: int = 0
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(indices, images, targets) per index batch, in the order given. With ``workers`` the
-    decoding runs ahead in worker processes (0: in this one); the batches do not change."""
+def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: int = 0, collate=None
+                 ) -> Iterator[tuple[torch.Tensor, Any, Any]]:
+    """(indices, images, targets) per index batch, in the order given, stacked (or as
+    ``collate`` makes them, e.g. ``collate_lists``). With ``workers`` the decoding runs ahead
+    in worker processes (0: in this one); the batches do not change."""
     order: deque[torch.Tensor] = deque()
 
     def sampler() -> Iterator[list[int]]:  # the loader reads ahead: remember what it asked for
@@ -172,7 +199,8 @@ def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: i
             yield idx.tolist()
 
     workers = max(0, int(workers))
-    loader = DataLoader(images, batch_sampler=sampler(), num_workers=workers, prefetch_factor=4 if workers else None)
+    loader = DataLoader(images, batch_sampler=sampler(), num_workers=workers, prefetch_factor=4 if workers else None,
+                        collate_fn=collate)
     for x, y in loader:
         yield order.popleft(), x, y
 

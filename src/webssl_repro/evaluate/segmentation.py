@@ -4,7 +4,9 @@ Head = DINOv2's ``BNHead``: (bilinearly resized, concatenated) patch-token maps 
 1x1 conv -> logits at token resolution, bilinearly upsampled to the mask size. "lin." reads the
 last block only; "+ms" concatenates the last 4 blocks and adds multi-scale + flip test-time
 augmentation. Optimisation follows the official mmseg config (AdamW 1e-3, wd 1e-4, linear
-warm-up then poly-1.0 decay, CE with ignore 255).
+warm-up then poly-1.0 decay, CE with ignore 255). At test, mmseg's ``slide`` mode: the image
+(shorter side at the crop size) is covered by crop-sized windows at a 2/3 stride, each window's
+logits are averaged where windows overlap, and the result is resized to the label map.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import torch.nn.functional as F
 from .features import BlockTokens, chunk_size, interp_matrix
 
 IGNORE_INDEX = 255
-#: DINOv2's ADE20K "+ms" test ratios (its mmseg config scales a 640-px short side by each and
-#: slides 640-px windows, with flips); here each scales the whole image at the task's img_size
+#: DINOv2's ADE20K "+ms" test ratios: each scales the test image (and its shorter side), over
+#: which the windows slide (or which is passed whole), with flips
 MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
+#: mmseg's ADE20K slide stride over its crop: 341 of 512
+SLIDE_STRIDE = 2 / 3
 
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
 
-__all__ = ["LinearSegHead", "seg_logits", "multiscale_probs", "train_segmentation",
-           "train_seg_heads", "predict", "mean_iou", "IoU", "MS_SCALES", "IGNORE_INDEX"]
+__all__ = ["LinearSegHead", "seg_logits", "slide_logits", "window_starts", "eval_logits", "multiscale_probs",
+           "train_segmentation", "train_seg_heads", "predict", "mean_iou", "IoU", "MS_SCALES", "SLIDE_STRIDE",
+           "IGNORE_INDEX"]
 
 
 class LinearSegHead(nn.Module):
@@ -68,27 +73,72 @@ def seg_logits(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Where mmseg's ``slide_inference`` puts its windows along one side: every ``stride``,
+    the last one moved back to end at the edge (one window if the side is not longer)."""
+    if crop < 1 or stride < 1:
+        raise ValueError(f"crop {crop} and stride {stride} must be >= 1")
+    n = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride, length - crop), 0) for i in range(n)]
+
+
+def slide_logits(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
+                 crop: Sequence[int], stride: Sequence[int], windows_per_pass: int = 8) -> torch.Tensor:
+    """Logits (B, C, H, W) at the image size: each crop-sized window's logits (upsampled to the
+    window), averaged over the windows covering a pixel. A pass holds at most
+    ``windows_per_pass`` windows of each image."""
+    H, W = images.shape[-2:]
+    ch, cw = min(int(crop[0]), H), min(int(crop[1]), W)
+    corners = [(y, x) for y in window_starts(H, ch, int(stride[0])) for x in window_starts(W, cw, int(stride[1]))]
+    total = count = None
+    for k in range(0, len(corners), windows_per_pass):
+        part = corners[k:k + windows_per_pass]
+        crops = torch.cat([images[..., y:y + ch, x:x + cw] for y, x in part])
+        for (y, x), logits in zip(part, seg_logits(head, feature_fn, crops).split(images.shape[0])):
+            if total is None:
+                total = logits.new_zeros((*logits.shape[:2], H, W))
+                count = logits.new_zeros((1, 1, H, W))
+            total[..., y:y + ch, x:x + cw] += logits
+            count[..., y:y + ch, x:x + cw] += 1
+    return total / count
+
+
+def eval_logits(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
+                out_size: Sequence[int], slide: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> torch.Tensor:
+    """Logits at ``out_size`` from the whole image, or from sliding ``slide = (crop, stride)``."""
+    if slide is None:
+        return seg_logits(head, feature_fn, images, out_size=out_size)
+    logits = slide_logits(head, feature_fn, images, *slide)
+    size = tuple(out_size)
+    return logits if logits.shape[-2:] == size else F.interpolate(logits, size=size, mode="bilinear",
+                                                                  align_corners=False)
+
+
 @torch.no_grad()
 def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
-                     scales: Sequence[float] = MS_SCALES, flip: bool = True) -> torch.Tensor:
+                     scales: Sequence[float] = MS_SCALES, flip: bool = True,
+                     out_size: Optional[Sequence[int]] = None,
+                     slide: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> torch.Tensor:
     """"+ms" test-time augmentation: mean class probabilities over scales (and h-flips).
 
     mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do the same; each
-    scale's output is resized back to the input size before averaging. An upscaled pass runs
-    on fewer images at once, so that no pass holds more pixels than the batch at scale 1
-    (at 3x a 518-px image is 12,321 tokens).
+    scale's output is resized to ``out_size`` (default: the input size) before averaging.
+    Whole images: an upscaled pass runs on fewer images at once, so that no pass holds more
+    pixels than the batch at scale 1 (at 3x a 518-px image is 12,321 tokens); sliding windows
+    are crop-sized at every scale.
     """
     B, (H, W) = images.shape[0], images.shape[-2:]
+    out = tuple(out_size) if out_size is not None else (H, W)
     total, count = None, 0
     for s in scales:
         size = (max(1, round(H * s)), max(1, round(W * s)))
-        chunk = max(1, (B * H * W) // (size[0] * size[1]))
+        chunk = B if slide is not None else max(1, (B * H * W) // (size[0] * size[1]))
         flips = (False, True) if flip else (False,)
         parts: dict[bool, list[torch.Tensor]] = {f: [] for f in flips}
         for xb in images.split(chunk):
             x = xb if size == (H, W) else F.interpolate(xb, size=size, mode="bilinear", align_corners=False)
             for flipped in flips:
-                p = seg_logits(head, feature_fn, x.flip(-1) if flipped else x, out_size=(H, W)).softmax(dim=1)
+                p = eval_logits(head, feature_fn, x.flip(-1) if flipped else x, out, slide).softmax(dim=1)
                 parts[flipped].append(p.flip(-1) if flipped else p)
         for flipped in flips:
             p = torch.cat(parts[flipped])
@@ -98,13 +148,17 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: torch.T
 
 
 def predict(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
-            multiscale: bool = False, scales: Sequence[float] = MS_SCALES) -> torch.Tensor:
-    """Per-pixel class ids (B, H, W); ``multiscale`` switches on the "+ms" TTA."""
+            multiscale: bool = False, scales: Sequence[float] = MS_SCALES,
+            out_size: Optional[Sequence[int]] = None,
+            slide: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> torch.Tensor:
+    """Per-pixel class ids (B, *out_size) (default: the image size); ``multiscale`` switches
+    on the "+ms" TTA, ``slide = (crop, stride)`` mmseg's sliding-window test."""
     head.eval()
+    out = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
     with torch.no_grad():
         if multiscale:
-            return multiscale_probs(head, feature_fn, images, scales).argmax(dim=1)
-        return seg_logits(head, feature_fn, images).argmax(dim=1)
+            return multiscale_probs(head, feature_fn, images, scales, out_size=out, slide=slide).argmax(dim=1)
+        return eval_logits(head, feature_fn, images, out, slide).argmax(dim=1)
 
 
 def _lr_factor(it: int, total: int, warmup: int, warmup_ratio: float) -> float:
