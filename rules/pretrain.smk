@@ -11,8 +11,8 @@ _PRETRAIN_OUTPUT = {
 }
 # The checkpoints outlive the job (a retry resumes them): set aside first any that another
 # config or other inputs made, so that a rerun retrains (train/fingerprint.py), and refuse a
-# retry after attempts that failed without progress (train/attempts.py). Snakemake empties
-# the log for each attempt; the attempts' history stays in the checkpoints' attempts.jsonl.
+# retry after attempts that failed without progress (train/attempts.py). Snakemake deletes a
+# job's log before each attempt; the attempts' history stays in the checkpoints' attempts.jsonl.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
     "--data {input.data} {params.parent} --attempt {resources.attempt} > {log} 2>&1 && "
@@ -37,7 +37,7 @@ rule pretrain_single:
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
-    retries: PLAN.pretrain_retries()
+    retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
@@ -68,7 +68,7 @@ rule pretrain_multinode:
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
-    retries: PLAN.pretrain_retries()
+    retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),

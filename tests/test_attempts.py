@@ -22,7 +22,7 @@ def test_history_pairs_starts_with_ends_and_measures_progress(tmp_path):
     begin(tmp_path, 2)
     finish(tmp_path, "failed", ValueError("warm-up 100 steps is longer than the run (4 steps)\nmore"))
     begin(tmp_path, 3)  # killed outright: no end record
-    got = history(read(tmp_path), step_now=40)
+    got = history(read(tmp_path), step_now=40, attempt=4)
     assert [(a["attempt"], a["step"], a["progress"], a["outcome"]) for a in got] == [
         (1, 0, 40, "preempted"), (2, 40, 0, "failed"), (3, 40, 0, None)]
     assert got[1]["error"] == "ValueError: warm-up 100 steps is longer than the run (4 steps)"
@@ -36,7 +36,7 @@ def test_a_new_invocation_starts_counting_afresh(tmp_path):
     with pytest.raises(FutileRetry):
         begin(tmp_path, 3)
     begin(tmp_path, 1)  # the user fixed the cause and reran snakemake
-    assert [a["attempt"] for a in history(read(tmp_path), 0)] == [1]
+    assert [a["attempt"] for a in history(read(tmp_path), 0, 2)] == [1]
     assert [r["outcome"] for r in read(tmp_path) if r["event"] == "end"] == ["failed", "failed", "refused"]
 
 
@@ -62,7 +62,7 @@ def test_preemption_or_completion_without_progress_keeps_retrying(tmp_path, outc
     finish(tmp_path, "failed", "OSError: stale file handle")
     begin(tmp_path, 2)
     finish(tmp_path, outcome)
-    assert futile_streak(history(read(tmp_path), 64)) == []
+    assert futile_streak(history(read(tmp_path), 64, 3)) == []
     begin(tmp_path, 3, max_futile=1)  # not refused, even by the strictest limit
 
 
@@ -73,7 +73,7 @@ def test_progress_breaks_the_streak(tmp_path):
         if attempt == 2:
             _checkpoint(tmp_path, 20)  # crashed again, but after checkpointing further
         finish(tmp_path, "failed", "RuntimeError: NCCL watchdog timeout")
-    got = history(read(tmp_path), 20)
+    got = history(read(tmp_path), 20, 5)
     assert [(a["step"], a["progress"]) for a in got] == [(10, 0), (10, 10), (20, 0), (20, 0)]
     with pytest.raises(FutileRetry, match="attempt 3: failed; attempt 4: failed"):
         begin(tmp_path, 5)
@@ -86,6 +86,40 @@ def test_max_futile_is_configurable(tmp_path):
         begin(tmp_path, 2, max_futile=1)
     with pytest.raises(ValueError, match="attempt 0"):
         begin(tmp_path, 0)
+
+
+def test_an_invocation_is_an_unbroken_chain_of_attempt_numbers(tmp_path, monkeypatch):
+    for attempt in (1, 2):  # an old invocation, both failed
+        monkeypatch.setenv("SLURM_JOB_ID", f"7{attempt}")
+        begin(tmp_path, attempt)
+        finish(tmp_path, "failed", "ValueError: old bug")
+    # A new invocation whose attempt 1 died before its guard ran: nothing known, not the old ones.
+    assert history(read(tmp_path), 0, 2) == []
+    monkeypatch.setenv("SLURM_JOB_ID", "80")
+    begin(tmp_path, 2, max_futile=1)
+    begin(tmp_path, 2)  # SLURM requeued job 80: attempt 2 again, which counts once
+    finish(tmp_path, "failed", "ValueError: new bug")
+    got = history(read(tmp_path), 0, 3)
+    assert [(a["attempt"], a["job"], a["outcome"]) for a in got] == [(2, "80", "failed")]
+
+
+def test_attempts_killed_without_a_word_never_refuse_alone(tmp_path):
+    for attempt in (1, 2, 3):  # e.g. preempted by SIGKILL while loading the model, each time
+        begin(tmp_path, attempt)
+    assert len(futile_streak(history(read(tmp_path), 0, 4))) == 3
+    begin(tmp_path, 4)  # not refused
+    finish(tmp_path, "failed", "RuntimeError: CUDA error: an illegal memory access")
+    with pytest.raises(FutileRetry, match="attempt 1: killed without a word"):
+        begin(tmp_path, 5)
+
+
+def test_a_torn_ledger_line_is_skipped(tmp_path, capsys):
+    begin(tmp_path, 1)
+    with open(tmp_path / attempts.LEDGER, "a") as f:
+        f.write('{"event": "end", "outcome": "fai')  # killed mid-write
+    assert [r["event"] for r in read(tmp_path)] == ["start"]
+    assert "attempts.jsonl:2: not a JSON record, skipped" in capsys.readouterr().err
+    begin(tmp_path, 2)
 
 
 def test_guard_checkpoints_cli_refuses_with_exit_1(tmp_path, capsys):
@@ -102,8 +136,9 @@ def test_guard_checkpoints_cli_refuses_with_exit_1(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "=== ckpt: attempt 3 from step 0" in captured.out
     assert "not starting attempt 3" in captured.err and "KeyError: 'arch'" in captured.err
-    assert main(args + ["--attempt", "3", "--max-futile-attempts", "4"]) == 0  # the refused one counts too
-    assert len([r for r in read(ckpt) if r["event"] == "start"]) == 4
+    assert main(args + ["--attempt", "4", "--max-futile-attempts", "3"]) == 1  # the refused 3 counts too
+    assert main(args + ["--attempt", "5", "--max-futile-attempts", "5"]) == 0
+    assert len([r for r in read(ckpt) if r["event"] == "start"]) == 5
     assert attempts.LEDGER == "attempts.jsonl" and (ckpt / attempts.LEDGER).exists()
 
 

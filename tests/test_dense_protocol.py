@@ -84,7 +84,7 @@ def test_slide_setting_defaults_to_two_thirds_and_names_bad_values():
 def test_short_side_fit_and_native_targets():
     assert short_side_hw(480, 640, 518) == (518, 691)
     assert short_side_hw(512, 683, 512) == (512, 683)
-    assert short_side_hw(100, 1000, 50) == (20, 200)  # long side capped at 4x the short one
+    assert short_side_hw(100, 1000, 50) == (50, 500)  # no cap, as DINOv2's (99999999, 512)
     seg = np.zeros((30, 40), dtype=np.uint8)
     seg[:, 20:] = 7
     records = [{"image": Image.new("RGB", (40, 30)), "seg": seg},
@@ -97,6 +97,12 @@ def test_short_side_fit_and_native_targets():
     assert [tuple(x.shape) for x in xs] == [(3, 24, 32), (3, 36, 24)] and [tuple(y.shape) for y in ys] == [(30, 40), (30, 20)]
     with pytest.raises(ValueError, match="use native=True"):
         EvalImages(records, 24, "seg", fit="short")
+    # Training: resized to cover 24 x 24 (30 x 40 -> 24 x 32), the centre 24 columns, mask alike
+    x, y = EvalImages(records, 24, "seg", fit="cover")[0]
+    assert x.shape == (3, 24, 24) and y.shape == (24, 24)
+    assert torch.equal(y[:, :12], torch.zeros(24, 12, dtype=torch.long)) and (y[:, 12:] == 7).all()
+    x, y = EvalImages(records, (16, 24), "seg", fit="cover")[1]  # 30 x 20 -> 36 x 24, centre 16 rows
+    assert x.shape == (3, 16, 24) and y.shape == (16, 24) and (y == 1).all()
 
 
 def test_eigen_crop_on_nyud_frames_only():
@@ -176,4 +182,4 @@ def test_ade20k_slides_over_each_image_and_scores_its_own_label_map(tiny_data, m
     whole = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(
         {**cfg, "segmentation": {**cfg["segmentation"], "test_mode": "whole"}}))
     assert all(0.0 < v <= 100.0 for v in (*slide.values(), *whole.values())), (slide, whole)
-    assert slide != whole  # 32 x 57 px, two windows, against the image squashed to 32 x 32
+    assert slide != whole  # 32 x 58 px, two windows, against the image squashed to 32 x 32

@@ -241,7 +241,7 @@ def test_mini_pretraining_through_slurm(workflow_dir: Path, cancel_leftovers):
     done = f"pretrain {CI_MULTI}: step {CI_STEPS}, {CI_SAMPLES} samples seen, complete=True"
     train_log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
     assert train_log.count(done) == 2, train_log[-4000:]  # each rank's CLI finished
-    # Snakemake's attempt reached the job's guard; one end record, from rank 0.
+    # The job's guard recorded attempt 1 with its SLURM job id, and rank 0 alone its end.
     ledger = attempts.read(workflow_dir / plan.checkpoint_dir(CI_MULTI))
     assert [(r["event"], r.get("attempt"), r.get("job"), r.get("outcome")) for r in ledger] == [
         ("start", 1, multi_id, None), ("end", None, None, "complete")], ledger
@@ -320,6 +320,18 @@ def _rule(name: str, resources: dict, launcher: str) -> str:
             f"    shell: {launcher + ' {output} > {log} 2>&1'!r}\n\n")
 
 
+# As the pretrain rules hand Snakemake's attempt to their guard, and keep a rule's retries
+# out of the job itself (Plan.pretrain_retries): a job that fails on its first attempt and
+# succeeds on its retry, each a job of its own.
+RETRIED_RULE = """rule retried:
+    output: 'retried.txt'
+    retries: 0 if workflow.remote_exec else 1
+    resources:
+        attempt=lambda w, attempt: attempt,
+    shell: 'echo {resources.attempt} $SLURM_JOB_ID >> attempts.txt; test {resources.attempt} -ge 2 && touch {output}'
+"""
+
+
 @pytest.fixture
 def toy_workflow(tmp_path: Path) -> Path:
     plan = _test_plan()
@@ -332,9 +344,10 @@ def toy_workflow(tmp_path: Path) -> Path:
         "slurm_extra": "--ntasks-per-node=1 --exclusive"}
     # As rules/common.smk: torchrun comes from this venv, activated or not.
     snakefile = ("from webssl_repro.workflow import put_cli_on_path\nput_cli_on_path()\n\n"
-                 "rule all:\n    input: 'single.json', 'multi.json'\n\n"
+                 "rule all:\n    input: 'single.json', 'multi.json', 'retried.txt'\n\n"
                  + _rule("single", single, _probe_launcher(plan, SINGLE_RUN, 0))
-                 + _rule("multi", multi, _probe_launcher(plan, MULTI_RUN, _free_port())))
+                 + _rule("multi", multi, _probe_launcher(plan, MULTI_RUN, _free_port()))
+                 + RETRIED_RULE)
     (tmp_path / "Snakefile").write_text(snakefile)
     (tmp_path / "allreduce_probe.py").write_text(textwrap.dedent(PROBE))
     shutil.copytree(REPO / "slurm", tmp_path / "slurm")
@@ -354,6 +367,9 @@ def test_single_and_multinode_jobs(toy_workflow: Path, cancel_leftovers):
     assert cvd in ("0", "1"), f"gpu=1 should expose one fake GPU, got CUDA_VISIBLE_DEVICES={cvd!r}"
 
     _check_multi(json.loads((toy_workflow / "multi.json").read_text()))
+
+    (first, job1), (second, job2) = (line.split() for line in (toy_workflow / "attempts.txt").read_text().splitlines())
+    assert (first, second) == ("1", "2") and job1 != job2, (job1, job2)
 
 
 def _check_multi(result: dict) -> None:

@@ -217,6 +217,7 @@ def test_runs_longer_than_the_time_limit_become_chains_of_jobs():
     assert (res.total_min, res.runtime_min, res.jobs) == (69_994, 2_880, 25)
     assert res.gpu_hours == pytest.approx(256 * 69_994 / 60)
     assert plan.pretrain_retries() == 26
+    assert plan.pretrain_retries(remote=True) == 0  # inside a cluster job: the submitter retries
     del config["resources"]["max_runtime_min"]
     uncapped = Plan(config)
     assert uncapped.pretrain_resources("dino7b-full8b-224").runtime_min == 69_994

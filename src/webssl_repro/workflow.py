@@ -289,10 +289,17 @@ class Plan(EvalJobs):
     def pretrain_resources(self, run: str) -> RunResources:
         return pretrain_resources(Run.parse(split_seed(run, self.seeds[0])[0]), self.config)
 
-    def pretrain_retries(self) -> int | None:
+    def pretrain_retries(self, remote: bool = False) -> int | None:
         """The pretrain rules' ``retries``: with ``resources.max_runtime_min`` set, enough for the
         longest run's chain of time-limited jobs plus ``PREEMPTION_RETRIES``; otherwise None
-        (the command line's or profile's value)."""
+        (the command line's or profile's value).
+
+        0 in Snakemake's remote mode (``workflow.remote_exec``: the snakemake inside a cluster
+        job), which applies a rule's ``retries`` too: a job that stopped for its time limit or a
+        preemption would be restarted in the same, ending allocation. There its failure must
+        reach the submitting snakemake, which submits the next attempt as a new job."""
+        if remote:
+            return 0
         if not self.config.get("resources", {}).get("max_runtime_min") or not self.run_ids:
             return None
         return max(self.pretrain_resources(r).jobs for r in self.run_ids) - 1 + PREEMPTION_RETRIES

@@ -3,14 +3,18 @@
 ImageNet is evaluated at the encoder's pretraining resolution (paper App. A) with DINOv2's
 eval transform (resize to 256/224 of the size, centre crop). ADE20K and NYUd use "the settings
 from Oquab et al.": their own resolution, a task's ``img_size`` (paper config: ADE20K's 512 px
-and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644). Training images are
-resized to it with their masks and depth maps (nearest / bilinear). Validation scores at each
-set's own resolution, as mmseg and the depth toolbox do: ADE20K's shorter side goes to
-``img_size`` and crop-sized windows slide over it at a 2/3 stride (``test_mode: slide``; ``whole``
-passes the image squashed to ``img_size``), the logits resized to the label map; NYUd's
-predictions are resized to the depth map, flip-averaged, and scored inside the Eigen crop
-(``eigen_crop``). Deviation from DINOv2's dense protocols, for cost: no training-time
-augmentation.
+and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644). Validation scores at
+each set's own resolution, as mmseg and the depth toolbox do: ADE20K's shorter side goes to
+``img_size`` and ``img_size`` windows slide over it at a 2/3 stride (``test_mode: slide``;
+``whole`` passes the image squashed to ``img_size``), their logits resized to the label map;
+NYUd's predictions are flip-averaged, resized to the depth map and scored inside the Eigen
+crop (``eigen_crop``). Training images: ADE20K's resized (aspect kept) to cover ``img_size``,
+its centre taken (squashed to it under ``whole``), NYUd's squashed to it (4:3 either way),
+their masks and depth maps alike (nearest / bilinear). Deviations from DINOv2's dense
+protocols, for cost: no training-time augmentation (random rescale, crop, flip, photometric
+distortion, rotation), and "+ms" trains and tests at ``img_size`` like "lin.", where DINOv2's
+"+ms" uses 640 px crops (its head then trains on its own encoder pass), each of its scales
+resized from the image at ``img_size`` rather than from the original.
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -218,7 +222,9 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     seg, device = cfg["segmentation"], model_device(encoder)
     size = dense_size(seg, meta)
     slide = slide_setting(seg, size)
-    train = _split(manifest, "train", size, "seg")
+    # Sliding windows see the image at its own aspect, so the head trains on it too (the
+    # centre of the image resized to cover img_size; mmseg: random crops of a random rescale).
+    train = _split(manifest, "train", size, "seg", fit="cover" if slide else "squash")
     val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True)
     n_classes, n_ms = segmentation_classes(manifest), min(4, int(meta["depth"]))
     specs = (("ade20k_linear", 1, False), ("ade20k_ms", n_ms, True))

@@ -72,18 +72,35 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 #: size / crop_pct and crops the centre (torchvision's Resize + CenterCrop: DINOv2's ImageNet
 #: evaluation with ``CLASSIFY_CROP``, timm's DINOv2 config for alignment with 1.0); ``pad``
 #: first pads to a square with the mean colour (Cambrian's ``expand2square``, the VQA probe);
-#: ``squash`` resizes straight to ``size``, aspect not kept (dense probes, with their targets);
-#: ``short`` resizes the shorter side to ``size`` keeping the aspect, the longer side capped
-#: at 4x (mmseg's ``Resize(img_scale=(2048, 512), keep_ratio=True)``: ADE20K's test images).
-FITS = ("crop", "pad", "squash", "short")
-LONG_SIDE_CAP = 4
+#: ``squash`` resizes straight to ``size``, aspect not kept; ``short`` resizes the shorter side
+#: to ``size`` keeping the aspect (mmseg's ``Resize(img_scale=(99999999, 512), keep_ratio=True)``
+#: of DINOv2's ADE20K test; bicubic with anti-aliasing here, bilinear there); ``cover`` resizes
+#: (aspect kept) just to cover ``size`` and takes the centre, targets alike (the dense training
+#: images whose test keeps the aspect). Dense targets follow ``cover`` or ``squash``, or stay native.
+FITS = ("crop", "pad", "squash", "short", "cover")
 
 
 def short_side_hw(H: int, W: int, short: int) -> tuple[int, int]:
     """(h, w) of an H x W image whose shorter side becomes ``short`` (mmseg's rescale_size:
     one factor for both sides, ``int(x * factor + 0.5)``)."""
-    factor = min(short / min(H, W), LONG_SIDE_CAP * short / max(H, W))
+    factor = short / min(H, W)
     return int(H * factor + 0.5), int(W * factor + 0.5)
+
+
+def crop_box(H: int, W: int, size: int, crop_pct: float) -> tuple[tuple[int, int], int, int]:
+    """The ``crop`` fit of an H x W image to a ``size`` square: the resized (h, w) and the
+    centre crop's top and left (torchvision's Resize(size / crop_pct) + CenterCrop(size))."""
+    short = int(size / crop_pct)  # floor, as timm's eval transform
+    new = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+    return new, int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+
+
+def cover_box(H: int, W: int, hw: tuple[int, int]) -> tuple[tuple[int, int], int, int]:
+    """The dense ``crop`` fit: resized (aspect kept) just to cover ``hw``, then its centre:
+    the resized (h, w), top and left. For a square ``hw``, ``crop_box`` with no margin."""
+    factor = max(hw[0] / H, hw[1] / W)
+    new = (max(hw[0], int(H * factor + 0.5)), max(hw[1], int(W * factor + 0.5)))
+    return new, int(round((new[0] - hw[0]) / 2.0)), int(round((new[1] - hw[1]) / 2.0))
 
 
 def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0) -> torch.Tensor:
@@ -101,17 +118,16 @@ def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     if fit == "short":
         x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w)), "bicubic", antialias=True)
+    elif fit == "cover":
+        new, top, left = cover_box(*x.shape[-2:], (h, w))
+        x = _resize(x, new, "bicubic", antialias=True)[:, top:top + h, left:left + w]
     elif fit != "crop":
         x = _resize(x, (h, w), "bicubic", antialias=True)
     else:
         if h != w:
             raise ValueError(f"a centre crop needs a square size, got {(h, w)}")
-        H, W = x.shape[-2:]
-        short = int(h / crop_pct)  # floor, as timm's eval transform
-        new = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
-        x = _resize(x, new, "bicubic", antialias=True)
-        top, left = int(round((new[0] - h) / 2.0)), int(round((new[1] - w) / 2.0))
-        x = x[:, top:top + h, left:left + w]
+        new, top, left = crop_box(*x.shape[-2:], h, crop_pct)
+        x = _resize(x, new, "bicubic", antialias=True)[:, top:top + h, left:left + w]
     return (x.clamp(0, 1) - _MEAN) / _STD
 
 
@@ -121,22 +137,30 @@ def images_tensor(records: Sequence[dict[str, Any]], size: int, fit: str = "crop
     return torch.stack([image_tensor(r["image"], size, fit, crop_pct) for r in records])
 
 
-def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int] | None) -> torch.Tensor:
-    """A record's target for the probe: a class id, or an (h, w) mask / depth map at ``size``
-    (None: as stored, the set's own resolution)."""
+def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int] | None,
+                  fit: str = "squash") -> torch.Tensor:
+    """A record's target for the probe: a class id, or an (h, w) mask / depth map fitted to
+    ``size`` as its image (``squash`` or ``cover``), or as stored (``size`` None)."""
     mode, dtype = TARGETS[key]
     if mode is None:
         return torch.tensor(int(record[key]), dtype=dtype)
     t = torch.from_numpy(np.asarray(record[key], dtype=np.float32)).unsqueeze(0)
-    return (t if size is None else _resize(t, as_hw(size), mode)).squeeze(0).to(dtype)
+    if size is not None and fit == "cover":
+        h, w = as_hw(size)
+        new, top, left = cover_box(*t.shape[-2:], (h, w))
+        t = _resize(t, new, mode)[:, top:top + h, left:left + w]
+    elif size is not None:
+        t = _resize(t, as_hw(size), mode)
+    return t.squeeze(0).to(dtype)
 
 
 class EvalImages(Dataset):
     """``records`` as (image, target) pairs at the probe's ``size`` (``s`` or ``(h, w)``);
     decoded per item. Class labels get DINOv2's ImageNet eval transform (resize + centre
-    crop); masks and depth maps are resized with their image to ``size`` (``fit="squash"``),
-    so the two align, or with ``native`` kept at the set's own resolution, where the dense
-    protocols score (the image then fits by ``fit``: ``short`` for ADE20K's sliding windows)."""
+    crop); masks and depth maps are fitted with their image (``squash``, or ``cover``: aspect
+    kept, the centre of ``size``), so the two align, or with ``native`` kept at the set's
+    own resolution, where the dense protocols score (the image then fits by ``fit``: ``short``
+    for ADE20K's sliding windows)."""
 
     def __init__(self, records: Sequence[dict[str, Any]], size: int | Sequence[int], target: str,
                  fit: str | None = None, native: bool = False) -> None:
@@ -146,21 +170,23 @@ class EvalImages(Dataset):
         self.fit = fit or ("crop" if TARGETS[target][0] is None else "squash")
         if self.fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-        if self.fit != "squash" and TARGETS[target][0] is not None and not native:
+        dense = TARGETS[target][0] is not None
+        if dense and self.fit not in ("squash", "cover") and not native:
             raise ValueError(f"fit {fit!r} changes the aspect of the image but not of its {target} map: "
                              "use native=True")
+        self.crop_pct = 1.0 if dense else CLASSIFY_CROP
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[i]
-        return (image_tensor(record["image"], self.size, self.fit, CLASSIFY_CROP),
-                target_tensor(record, self.target, None if self.native else self.size))
+        return (image_tensor(record["image"], self.size, self.fit, self.crop_pct),
+                target_tensor(record, self.target, None if self.native else self.size, self.fit))
 
     def target_of(self, i: int) -> torch.Tensor:
         """Item ``i``'s target alone, without decoding its image."""
-        return target_tensor(self.records[i], self.target, None if self.native else self.size)
+        return target_tensor(self.records[i], self.target, None if self.native else self.size, self.fit)
 
 
 def collate_lists(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

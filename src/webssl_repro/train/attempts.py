@@ -8,17 +8,19 @@ allocation. ``attempts.jsonl`` in the checkpoint directory records each attempt:
 started from (``latest.json``) and, where the process lived to say so, how it ended. Before
 an attempt starts, ``begin`` refuses it when the last ``max_futile`` attempts of this
 Snakemake invocation each ended without a new checkpoint and not by preemption, the time
-limit or completion.
+limit or completion, and at least one of them with an error.
 
 Attempt 1 is a new invocation (Snakemake counts from 1 each time it is started), so a user
 who fixed the cause just reruns ``snakemake``; the history is kept. A job killed outright
-(node failure, ``SIGKILL``) leaves no end record and counts by its progress alone.
+(node failure, ``SIGKILL``) leaves no end record: it counts as futile without progress, but
+such attempts alone never refuse one.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -36,10 +38,18 @@ class FutileRetry(RuntimeError):
 
 
 def read(checkpoints: str | Path) -> list[dict[str, Any]]:
+    """The ledger's records; a line cut short (a kill or a full disk mid-write) is skipped."""
     path = Path(checkpoints) / LEDGER
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if line.strip():
+                print(f"{path}:{n}: not a JSON record, skipped: {line[:80]!r}", file=sys.stderr)
+    return records
 
 
 def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:
@@ -54,25 +64,32 @@ def current_step(checkpoints: str | Path) -> int:
     return int(pointer["step"]) if pointer else 0
 
 
-def history(records: list[dict[str, Any]], step_now: int) -> list[dict[str, Any]]:
-    """This invocation's attempts, oldest first: ``attempt``, ``step`` (at its start),
-    ``progress`` (steps checkpointed during it), ``outcome`` (None: no end record) and ``error``.
-    An invocation starts at the last attempt numbered 1."""
+def history(records: list[dict[str, Any]], step_now: int, attempt: int) -> list[dict[str, Any]]:
+    """The attempts before ``attempt`` in this invocation, oldest first: ``attempt``, ``step``
+    (at its start), ``progress`` (steps checkpointed during it), ``outcome`` (None: no end
+    record) and ``error``. This invocation's are the unbroken chain attempt - 1, attempt - 2,
+    ... back from the latest start record; a number started twice by one SLURM job (requeued)
+    counts once, by its latest start. A break (the attempt before this one died before its
+    guard ran) leaves nothing known: an empty list, never another invocation's attempts."""
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
-    first = max((i for i in starts if records[i]["attempt"] == 1), default=None)
-    if first is None:
-        return []
-    starts = [i for i in starts if i >= first]
-    out = []
+    runs = []
     for k, i in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(records)
         ends = [r for r in records[i + 1:end] if r.get("event") == "end"]
         step_after = records[end]["step"] if end < len(records) else step_now
-        out.append({"attempt": records[i]["attempt"], "step": records[i]["step"],
-                    "progress": step_after - records[i]["step"],
-                    "outcome": ends[-1]["outcome"] if ends else None,
-                    "error": ends[-1].get("error") if ends else None})
-    return out
+        runs.append({"attempt": records[i]["attempt"], "job": records[i].get("job"), "step": records[i]["step"],
+                     "progress": step_after - records[i]["step"],
+                     "outcome": ends[-1]["outcome"] if ends else None,
+                     "error": ends[-1].get("error") if ends else None})
+    chain: list[dict[str, Any]] = []
+    for run in reversed(runs):
+        want = (chain[0]["attempt"] if chain else attempt) - 1
+        if want >= 1 and run["attempt"] == want:
+            chain.insert(0, run)
+        elif not (chain and run["job"] is not None and (run["attempt"], run["job"]) == (
+                chain[0]["attempt"], chain[0]["job"])):  # not a requeue: same attempt, same SLURM job
+            break
+    return chain
 
 
 def futile_streak(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,6 +102,13 @@ def futile_streak(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return streak
 
 
+def refuses(streak: list[dict[str, Any]], max_futile: int) -> bool:
+    """``max_futile`` futile attempts in a row, one of them failing with an error of its own:
+    attempts killed without a word (preempted by SIGKILL, node failures, a signal before
+    the trainer's handler was installed) alone never stop the retries."""
+    return len(streak) >= max_futile and any(a["outcome"] in ("failed", "refused") for a in streak)
+
+
 def _describe(streak: list[dict[str, Any]]) -> str:
     how = {None: "killed without a word (no end record)", "refused": "refused"}
     last = next((a for a in reversed(streak) if a["error"]), None)
@@ -95,17 +119,17 @@ def _describe(streak: list[dict[str, Any]]) -> str:
 
 def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE) -> None:
     """Record attempt ``attempt`` (Snakemake's, from 1); raise ``FutileRetry`` instead of
-    starting it when the last ``max_futile`` attempts were futile."""
+    starting it when the attempts before it ``refuses``."""
     if attempt < 1 or max_futile < 1:
         raise ValueError(f"attempt {attempt} and max_futile {max_futile} must be >= 1")
     step = current_step(checkpoints)
     record = {"event": "start", "attempt": attempt, "step": step, "job": os.environ.get("SLURM_JOB_ID"),
               "host": socket.gethostname()}
-    streak = futile_streak(history(read(checkpoints), step)) if attempt > 1 else []
+    streak = futile_streak(history(read(checkpoints), step, attempt))
     _append(checkpoints, record)
     print(f"=== {Path(checkpoints).name}: attempt {attempt} from step {step}, job {record['job']} "
           f"on {record['host']}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===", flush=True)
-    if len(streak) >= max_futile:
+    if refuses(streak, max_futile):
         finish(checkpoints, "refused")
         raise FutileRetry(
             f"{checkpoints}: not starting attempt {attempt}. The last {len(streak)} attempts of this "
