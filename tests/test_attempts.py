@@ -103,6 +103,35 @@ def test_an_invocation_is_an_unbroken_chain_of_attempt_numbers(tmp_path, monkeyp
     assert [(a["attempt"], a["job"], a["outcome"]) for a in got] == [(2, "80", "failed")]
 
 
+def test_another_invocations_attempts_never_count(tmp_path, monkeypatch):
+    from webssl_repro.workflow import INVOCATION_VAR, mark_invocation
+
+    environ = {}
+    old = mark_invocation(remote=False, environ=environ)
+    monkeypatch.setenv(INVOCATION_VAR, old)
+    begin(tmp_path, 1)
+    finish(tmp_path, "failed", "ValueError: old bug")  # its attempt 2 died before its guard
+    new = mark_invocation(remote=False, environ=environ)
+    assert new != old and mark_invocation(remote=True, environ=environ) == new  # a job keeps it
+    monkeypatch.setenv(INVOCATION_VAR, new)  # its attempt 1 died before its guard too
+    assert history(read(tmp_path), 0, 2, invocation=new) == []
+    begin(tmp_path, 2)
+    finish(tmp_path, "failed", "ValueError: new bug")
+    assert [(a["attempt"], a["invocation"]) for a in history(read(tmp_path), 0, 3, invocation=new)] == [(2, new)]
+    begin(tmp_path, 3)  # one futile attempt of this invocation: retried
+
+
+def test_a_requeued_attempt_is_not_its_own_past(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    begin(tmp_path, 1)
+    finish(tmp_path, "failed", "RuntimeError: NCCL timeout")
+    monkeypatch.setenv("SLURM_JOB_ID", "6")
+    begin(tmp_path, 2)  # preempted by SIGKILL; SLURM requeues job 6
+    got = history(read(tmp_path), 0, 2, job="6")
+    assert [(a["attempt"], a["job"]) for a in got] == [(1, "5")]
+    begin(tmp_path, 2, max_futile=2)  # the requeue: one futile attempt before it, not two
+
+
 def test_attempts_killed_without_a_word_never_refuse_alone(tmp_path):
     for attempt in (1, 2, 3):  # e.g. preempted by SIGKILL while loading the model, each time
         begin(tmp_path, attempt)
@@ -119,7 +148,8 @@ def test_a_torn_ledger_line_is_skipped(tmp_path, capsys):
         f.write('{"event": "end", "outcome": "fai')  # killed mid-write
     assert [r["event"] for r in read(tmp_path)] == ["start"]
     assert "attempts.jsonl:2: not a JSON record, skipped" in capsys.readouterr().err
-    begin(tmp_path, 2)
+    begin(tmp_path, 2)  # on a line of its own
+    assert [(r["event"], r.get("attempt")) for r in read(tmp_path)] == [("start", 1), ("start", 2)]
 
 
 def test_guard_checkpoints_cli_refuses_with_exit_1(tmp_path, capsys):

@@ -369,6 +369,22 @@ def published_files(item: specs.Item) -> list[str]:
     return list(dict.fromkeys(files))
 
 
+#: The environment variable naming a snakemake invocation, inherited by its jobs
+INVOCATION_VAR = "WEBSSL_REPRO_INVOCATION"
+
+
+def mark_invocation(remote: bool, environ: Any = None) -> str | None:
+    """Give this snakemake invocation a fresh id that its jobs inherit, local or submitted
+    (``train.attempts`` tells this invocation's attempts from an earlier one's by it). The
+    snakemake inside a cluster job (``remote``) keeps the submitter's. Returns the id."""
+    import uuid
+
+    environ = os.environ if environ is None else environ
+    if not remote:
+        environ[INVOCATION_VAR] = uuid.uuid4().hex
+    return environ.get(INVOCATION_VAR)
+
+
 def put_cli_on_path(environ: Any = None, executable: str | None = None) -> str:
     """Prepend the bin directory of the interpreter running Snakemake to ``PATH`` (once).
 

@@ -10,8 +10,9 @@ an attempt starts, ``begin`` refuses it when the last ``max_futile`` attempts of
 Snakemake invocation each ended without a new checkpoint and not by preemption, the time
 limit or completion, and at least one of them with an error.
 
-Attempt 1 is a new invocation (Snakemake counts from 1 each time it is started), so a user
-who fixed the cause just reruns ``snakemake``; the history is kept. A job killed outright
+Each invocation counts its attempts from 1 and has an id its jobs inherit
+(``workflow.mark_invocation``), so a user who fixed the cause just reruns ``snakemake``; the
+history is kept, and never counts against the new invocation. A job killed outright
 (node failure, ``SIGKILL``) leaves no end record: it counts as futile without progress, but
 such attempts alone never refuse one.
 """
@@ -55,8 +56,10 @@ def read(checkpoints: str | Path) -> list[dict[str, Any]]:
 def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:
     path = Path(checkpoints) / LEDGER
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    with open(path, "a+b") as f:
+        torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+        line = json.dumps({**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+        f.write((("\n" if torn else "") + line).encode())  # a torn last line stays alone
 
 
 def current_step(checkpoints: str | Path) -> int:
@@ -64,31 +67,43 @@ def current_step(checkpoints: str | Path) -> int:
     return int(pointer["step"]) if pointer else 0
 
 
-def history(records: list[dict[str, Any]], step_now: int, attempt: int) -> list[dict[str, Any]]:
-    """The attempts before ``attempt`` in this invocation, oldest first: ``attempt``, ``step``
-    (at its start), ``progress`` (steps checkpointed during it), ``outcome`` (None: no end
-    record) and ``error``. This invocation's are the unbroken chain attempt - 1, attempt - 2,
-    ... back from the latest start record; a number started twice by one SLURM job (requeued)
-    counts once, by its latest start. A break (the attempt before this one died before its
-    guard ran) leaves nothing known: an empty list, never another invocation's attempts."""
+def history(records: list[dict[str, Any]], step_now: int, attempt: int, job: Optional[str] = None,
+            invocation: Optional[str] = None) -> list[dict[str, Any]]:
+    """The attempts before ``attempt`` in this invocation, oldest first: ``attempt``, ``job``,
+    ``step`` (at its start), ``progress`` (steps checkpointed during it), ``outcome`` (None: no
+    end record) and ``error``.
+
+    This invocation's are the unbroken chain attempt - 1, attempt - 2, ... back from the
+    latest start record, all of ``invocation`` where it is known (``workflow.INVOCATION_VAR``).
+    A number started twice by one SLURM job (requeued) counts once, by its latest start, and
+    the current ``attempt`` of ``job`` not at all. A break (an attempt that died before its
+    guard ran) ends the chain: what lies beyond may be another invocation's."""
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
     runs = []
     for k, i in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(records)
         ends = [r for r in records[i + 1:end] if r.get("event") == "end"]
         step_after = records[end]["step"] if end < len(records) else step_now
-        runs.append({"attempt": records[i]["attempt"], "job": records[i].get("job"), "step": records[i]["step"],
+        runs.append({"attempt": records[i]["attempt"], "job": records[i].get("job"),
+                     "invocation": records[i].get("invocation"), "step": records[i]["step"],
                      "progress": step_after - records[i]["step"],
                      "outcome": ends[-1]["outcome"] if ends else None,
                      "error": ends[-1].get("error") if ends else None})
+
+    def requeue_of(run: dict[str, Any], n: int, of_job: Optional[str]) -> bool:
+        return of_job is not None and (run["attempt"], run["job"]) == (n, of_job)
+
+    while runs and requeue_of(runs[-1], attempt, job):  # this attempt, requeued: not a past one
+        runs.pop()
     chain: list[dict[str, Any]] = []
     for run in reversed(runs):
-        want = (chain[0]["attempt"] if chain else attempt) - 1
-        if want >= 1 and run["attempt"] == want:
-            chain.insert(0, run)
-        elif not (chain and run["job"] is not None and (run["attempt"], run["job"]) == (
-                chain[0]["attempt"], chain[0]["job"])):  # not a requeue: same attempt, same SLURM job
+        if invocation is not None and run["invocation"] != invocation:
             break
+        if chain and requeue_of(run, chain[0]["attempt"], chain[0]["job"]):
+            continue
+        if run["attempt"] != (chain[0]["attempt"] if chain else attempt) - 1:
+            break
+        chain.insert(0, run)
     return chain
 
 
@@ -122,10 +137,12 @@ def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE) -
     starting it when the attempts before it ``refuses``."""
     if attempt < 1 or max_futile < 1:
         raise ValueError(f"attempt {attempt} and max_futile {max_futile} must be >= 1")
+    from webssl_repro.workflow import INVOCATION_VAR
+
     step = current_step(checkpoints)
     record = {"event": "start", "attempt": attempt, "step": step, "job": os.environ.get("SLURM_JOB_ID"),
-              "host": socket.gethostname()}
-    streak = futile_streak(history(read(checkpoints), step, attempt))
+              "invocation": os.environ.get(INVOCATION_VAR), "host": socket.gethostname()}
+    streak = futile_streak(history(read(checkpoints), step, attempt, record["job"], record["invocation"]))
     _append(checkpoints, record)
     print(f"=== {Path(checkpoints).name}: attempt {attempt} from step {step}, job {record['job']} "
           f"on {record['host']}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===", flush=True)
