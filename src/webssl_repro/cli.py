@@ -58,7 +58,6 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import json
-
     import os
 
     from webssl_repro.settings import merge_nested
@@ -92,9 +91,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _guard_checkpoints(args: argparse.Namespace) -> int:
     import json
 
-    from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
-
     from webssl_repro.train.attempts import FutileRetry, begin
+    from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
 
     guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
                       adopt=args.adopt)

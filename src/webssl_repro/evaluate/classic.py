@@ -292,17 +292,18 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
             # bins' range (and the Eigen crop)
             x = torch.stack(xs)  # squashed to one size
             views = [(bt.grid, flat(bt)) for bt in (fn(x), fn(x.flip(-1)))]
+            targets = []  # each map once on the device, with its valid pixels (the heads share the bins)
+            for d in ds:
+                d = d.to(device).unsqueeze(0)
+                valid = (d > heads[0].min_depth) & (d <= heads[0].max_depth)
+                targets.append((d, valid & eigen_crop(d.shape).to(device) if dep["eigen_crop"] else valid))
             for k, ((name, _), head) in enumerate(zip(specs, heads)):
                 pred = 0.0
                 for flipped, (grid, inputs) in enumerate(views):
                     p = head.from_logits(head.token_logits(*inputs[k], grid))
                     pred = pred + 0.5 * (p.flip(-1) if flipped else p)
-                for p, d in zip(pred, ds):
-                    d = d.to(device).unsqueeze(0)
+                for p, (d, valid) in zip(pred, targets):
                     p = F.interpolate(p.unsqueeze(0), size=d.shape[-2:], mode="bilinear", align_corners=False)
-                    valid = (d > head.min_depth) & (d <= head.max_depth)
-                    if dep["eigen_crop"]:
-                        valid &= eigen_crop(d.shape).to(device)
                     scores[name].add(p.squeeze(1), d, valid)
     return {name: score.value() for name, score in scores.items()}
 

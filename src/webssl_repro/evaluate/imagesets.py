@@ -103,6 +103,13 @@ def cover_box(H: int, W: int, hw: tuple[int, int]) -> tuple[tuple[int, int], int
     return new, int(round((new[0] - hw[0]) / 2.0)), int(round((new[1] - hw[1]) / 2.0))
 
 
+def _resize_crop(t: torch.Tensor, box: tuple[tuple[int, int], int, int], hw: tuple[int, int], mode: str,
+                 antialias: bool = False) -> torch.Tensor:
+    """``t`` resized to ``box``'s size, then its ``hw`` window at ``box``'s top and left."""
+    new, top, left = box
+    return _resize(t, new, mode, antialias)[:, top:top + hw[0], left:left + hw[1]]
+
+
 def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0) -> torch.Tensor:
     """One PIL image -> (3, h, w), ImageNet-normalised, resized bicubic with anti-aliasing
     (as PIL / torchvision resize), fitted by ``fit`` (``FITS``)."""
@@ -119,15 +126,13 @@ def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_
     if fit == "short":
         x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w)), "bicubic", antialias=True)
     elif fit == "cover":
-        new, top, left = cover_box(*x.shape[-2:], (h, w))
-        x = _resize(x, new, "bicubic", antialias=True)[:, top:top + h, left:left + w]
+        x = _resize_crop(x, cover_box(*x.shape[-2:], (h, w)), (h, w), "bicubic", antialias=True)
     elif fit != "crop":
         x = _resize(x, (h, w), "bicubic", antialias=True)
     else:
         if h != w:
             raise ValueError(f"a centre crop needs a square size, got {(h, w)}")
-        new, top, left = crop_box(*x.shape[-2:], h, crop_pct)
-        x = _resize(x, new, "bicubic", antialias=True)[:, top:top + h, left:left + w]
+        x = _resize_crop(x, crop_box(*x.shape[-2:], h, crop_pct), (h, w), "bicubic", antialias=True)
     return (x.clamp(0, 1) - _MEAN) / _STD
 
 
@@ -145,12 +150,9 @@ def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int] | 
     if mode is None:
         return torch.tensor(int(record[key]), dtype=dtype)
     t = torch.from_numpy(np.asarray(record[key], dtype=np.float32)).unsqueeze(0)
-    if size is not None and fit == "cover":
-        h, w = as_hw(size)
-        new, top, left = cover_box(*t.shape[-2:], (h, w))
-        t = _resize(t, new, mode)[:, top:top + h, left:left + w]
-    elif size is not None:
-        t = _resize(t, as_hw(size), mode)
+    if size is not None:
+        hw = as_hw(size)
+        t = _resize_crop(t, cover_box(*t.shape[-2:], hw), hw, mode) if fit == "cover" else _resize(t, hw, mode)
     return t.squeeze(0).to(dtype)
 
 
@@ -166,11 +168,11 @@ class EvalImages(Dataset):
                  fit: str | None = None, native: bool = False) -> None:
         if target not in TARGETS:
             raise KeyError(f"unknown target {target!r} (known: {sorted(TARGETS)})")
+        dense = TARGETS[target][0] is not None
         self.records, self.size, self.target, self.native = records, as_hw(size), target, native
-        self.fit = fit or ("crop" if TARGETS[target][0] is None else "squash")
+        self.fit = fit or ("squash" if dense else "crop")
         if self.fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-        dense = TARGETS[target][0] is not None
         if dense and self.fit not in ("squash", "cover") and not native:
             raise ValueError(f"fit {fit!r} changes the aspect of the image but not of its {target} map: "
                              "use native=True")

@@ -125,7 +125,7 @@ def refuses(streak: list[dict[str, Any]], max_futile: int) -> bool:
 
 
 def _describe(streak: list[dict[str, Any]]) -> str:
-    how = {None: "killed without a word (no end record)", "refused": "refused"}
+    how = {None: "killed without a word (no end record)"}
     last = next((a for a in reversed(streak) if a["error"]), None)
     ended = [f"attempt {a['attempt']}: {how.get(a['outcome'], a['outcome'])}" for a in streak]
     said = f"; the last error: {last['error']}" if last else ""
