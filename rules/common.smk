@@ -28,5 +28,6 @@ def _pretrain_inputs(wildcards):
     return PLAN.pretrain_inputs(wildcards.run)
 
 
+# Per attempt: a retry that its guard will refuse is submitted small (Plan.pretrain_job_resources).
 def _res(key, default=None):
-    return lambda wildcards: PLAN.pretrain_resources(wildcards.run).snakemake().get(key, default)
+    return lambda wildcards, attempt: PLAN.pretrain_job_resources(wildcards.run, attempt).get(key, default)

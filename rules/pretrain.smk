@@ -11,13 +11,16 @@ _PRETRAIN_OUTPUT = {
 }
 # The checkpoints outlive the job (a retry resumes them): set aside first any that another
 # config or other inputs made, so that a rerun retrains (train/fingerprint.py), and refuse a
-# retry after attempts that failed without progress (train/attempts.py). Snakemake deletes a
+# retry after attempts that failed without progress (train/attempts.py); such a retry is
+# submitted with a few minutes of one core (`_res`), not the run's nodes. Snakemake deletes a
 # job's log before each attempt; the attempts' history stays in the checkpoints' attempts.jsonl.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
-    "--data {input.data} {params.parent} --attempt {resources.attempt} > {log} 2>&1 && "
+    "--data {input.data} {params.parent} --attempt {resources.attempt} "
+    "--sized-for-refusal {resources.sized_for_refusal} > {log} 2>&1 && "
     "{params.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
-    "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} --data {input.data} {params.parent} >> {log} 2>&1"
+    "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} "
+    "--data {input.data} {params.parent} >> {log} 2>&1"
 )
 
 
@@ -46,6 +49,7 @@ rule pretrain_single:
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
         attempt=lambda w, attempt: attempt,
+        sized_for_refusal=_res("sized_for_refusal"),
     conda:
         ENV
     shell:
@@ -75,13 +79,14 @@ rule pretrain_multinode:
         cpus_per_task=_res("cpus_per_task"),
         nodes=_res("nodes"),
         tasks=_res("tasks"),
-        tasks_per_gpu=0,
+        tasks_per_gpu=_res("tasks_per_gpu"),
         gres=_res("gres"),
-        mpi="srun",
-        slurm_extra="--ntasks-per-node=1 --exclusive",
+        mpi=_res("mpi"),
+        slurm_extra=_res("slurm_extra"),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
         attempt=lambda w, attempt: attempt,
+        sized_for_refusal=_res("sized_for_refusal"),
     conda:
         ENV
     shell:

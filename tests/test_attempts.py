@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from webssl_repro.cli import main
 from webssl_repro.train import attempts
-from webssl_repro.train.attempts import FutileRetry, begin, finish, futile_streak, history, read
+from webssl_repro.resources import REFUSED_ATTEMPT
+from webssl_repro.train.attempts import (FutileRetry, SizedForRefusal, begin, finish, futile_streak, history,
+                                          predicts_refusal, read)
 
 
 def _checkpoint(ckpt, step):
@@ -172,6 +176,77 @@ def test_guard_checkpoints_cli_refuses_with_exit_1(tmp_path, capsys):
     assert attempts.LEDGER == "attempts.jsonl" and (ckpt / attempts.LEDGER).exists()
 
 
+def _history(ckpt, outcomes):
+    """One attempt per outcome, from 1: 'progress' checkpoints 10 more steps and fails; None
+    is an attempt killed without an end record."""
+    step = 0
+    for attempt, outcome in enumerate(outcomes, 1):
+        begin(ckpt, attempt, max_futile=99)
+        if outcome == "progress":
+            step += 10
+            _checkpoint(ckpt, step)
+            finish(ckpt, "failed", "RuntimeError: later")
+        elif outcome is not None:
+            finish(ckpt, outcome, "ValueError: bad" if outcome == "failed" else None)
+    return len(outcomes) + 1
+
+
+@pytest.mark.parametrize("outcomes", [
+    [], ["failed"], ["failed", "failed"], ["progress", "failed", "failed"], ["failed", "progress", "failed"],
+    [None, None, None], [None, "failed"], ["failed", "preempted"], ["failed", "failed", "preempted", "failed"]])
+def test_the_submitter_predicts_exactly_what_the_guard_decides(tmp_path, outcomes):
+    attempt = _history(tmp_path, outcomes)
+    before = read(tmp_path)
+    predicted = predicts_refusal(tmp_path, attempt)
+    assert read(tmp_path) == before  # it only reads
+    refused = False
+    try:
+        begin(tmp_path, attempt)
+    except FutileRetry:
+        refused = True
+    assert predicted == refused
+    assert predicted == (outcomes[-2:] in (["failed", "failed"], [None, "failed"]))
+
+
+def test_a_job_sized_for_refusal_never_trains_on_its_small_resources(tmp_path):
+    _history(tmp_path, ["failed"])  # one futile attempt: the next is not refused
+    before = read(tmp_path)
+    with pytest.raises(SizedForRefusal, match="attempt 2 was submitted with the small resources"):
+        begin(tmp_path, 2, sized_for_refusal=True)
+    assert read(tmp_path) == before  # nothing recorded: no chain for attempt 3 to count
+    assert not predicts_refusal(tmp_path, 3)
+    begin(tmp_path, 3)  # and an attempt refused as predicted records as usual:
+    finish(tmp_path, "failed", "ValueError: bad")
+    begin(tmp_path, 4)
+    finish(tmp_path, "failed", "ValueError: bad")
+    with pytest.raises(FutileRetry):
+        begin(tmp_path, 5, sized_for_refusal=True)
+    assert read(tmp_path)[-1]["outcome"] == "refused"
+
+
+def test_plan_submits_a_retry_to_be_refused_small(tmp_path, monkeypatch):
+    import copy
+
+    from helpers_mini import mini_config
+    from webssl_repro.workflow import INVOCATION_VAR, Plan
+
+    config = copy.deepcopy(mini_config())
+    config["resources"].update(gpus_per_node=2, nodes={**config["resources"]["nodes"], "1b": 4})
+    plan, run = Plan(config), "dino1b-full2b-224"
+    own = plan.pretrain_resources(run).snakemake()
+    assert (own["nodes"], own["gres"], own["slurm_extra"]) == (4, "gpu:2", "--ntasks-per-node=1 --exclusive")
+    monkeypatch.chdir(tmp_path)  # the checkpoint directory is relative to the workflow's
+    monkeypatch.setenv(INVOCATION_VAR, "first")
+    _history(Path(plan.checkpoint_dir(run)), ["failed", "failed"])
+    assert plan.pretrain_job_resources(run, 1) == {**own, "sized_for_refusal": 0}
+    assert plan.pretrain_job_resources(run, 2) == {**own, "sized_for_refusal": 0}
+    small = plan.pretrain_job_resources(run, 3)
+    assert small == {**REFUSED_ATTEMPT, "sized_for_refusal": 1}
+    assert (small["nodes"], small["gres"], small["slurm_extra"], small["runtime"]) == (1, "", "", 10)
+    monkeypatch.setenv(INVOCATION_VAR, "second")  # a rerun: its attempt 3 follows its own 1 and 2
+    assert plan.pretrain_job_resources(run, 3) == {**own, "sized_for_refusal": 0}
+
+
 @pytest.mark.xdist_group("snakemake")
 def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir):
     """The real pretrain rule with ``--retries 3`` and a recipe the trainer rejects at start:
@@ -197,3 +272,8 @@ def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir
     # Snakemake empties the log per attempt: the refusal quotes the error the ledger kept.
     assert log.startswith("=== dino1b-full2b-224: attempt 4 from step 0")
     assert "not starting attempt 4" in log and "the last error: ValueError: train config: warmup_steps=100" in log
+    # The submitting snakemake sized the two refused attempts as such, from the ledger.
+    sized = [(int(a), int(r), int(m)) for a, r, m in re.findall(
+        r"attempt=(\d+), sized_for_refusal=(\d), mem_mb=(\d+)", done.stdout + done.stderr)]
+    own = cfg["resources"]["mem_mb_per_node"]
+    assert sized == [(1, 0, own), (2, 0, own), (3, 1, REFUSED_ATTEMPT["mem_mb"]), (4, 1, REFUSED_ATTEMPT["mem_mb"])]

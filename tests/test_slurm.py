@@ -7,7 +7,8 @@ The real workflow (``test_mini_pretraining_through_slurm``): a small mini config
 and a 1-node ``gpu=1`` run (rule ``pretrain_single``: ``torchrun --standalone``) all
 become SLURM jobs. The 2-node job must span n1 and n2 with world size 2, and its weights
 must equal those of the same command run locally by ``torchrun --standalone`` with the
-same world size and no SLURM.
+same world size and no SLURM. With a recipe its trainer rejects, the 2-node run fails twice
+on two nodes, and its third attempt goes out as a one-node job that the guard refuses.
 
 A toy workflow keeps the plumbing checks that the trainer cannot report: its two rules
 take their resources and launch command from the real ``Plan`` with ``-m webssl_repro.cli``
@@ -269,6 +270,39 @@ def test_mini_pretraining_through_slurm(workflow_dir: Path, cancel_leftovers):
     state_diff = _max_abs_diff(slurm_state, local_state)  # student, teacher and heads
     assert encoder_diff <= WEIGHTS_ATOL, f"encoder: SLURM vs local max |Δ| = {encoder_diff:.3g}"
     assert state_diff <= WEIGHTS_ATOL, f"state.pt: SLURM vs local max |Δ| = {state_diff:.3g}"
+
+
+def test_a_retry_to_be_refused_is_submitted_small(workflow_dir: Path, cancel_leftovers):
+    """The 2-node run with a recipe its trainer rejects and ``--retries 2``: attempts 1 and 2
+    fail on the run's two nodes; the submitter, reading their ledger, sends attempt 3 as
+    ``REFUSED_ATTEMPT`` (one node, no GPU, ten minutes, not exclusive), and its guard refuses."""
+    from webssl_repro.resources import REFUSED_ATTEMPT
+    from webssl_repro.train import attempts
+
+    config = ci_config()
+    config["pretrain"]["dino"]["warmup_steps"] = 100  # longer than the 4-step run: TrainConfig rejects it
+    plan = Plan(config)
+    (workflow_dir / "ci.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    target = f"{plan.run_dir(CI_MULTI)}/encoder.safetensors"
+
+    result = run_profile(workflow_dir, target, "--configfile", "ci.yaml", "--retries", "2", timeout=420)
+    assert result.returncode != 0, result.stderr[-4000:]
+    runs = _submitted_jobs(result.stderr)["pretrain_multinode"]
+    assert len(runs) == 3, result.stderr[-6000:]
+    jobs = [_slurm_job(job_id) for job_id, _ in runs]
+    assert [(j["JobState"], j["NumNodes"]) for j in jobs] == [("FAILED", "2"), ("FAILED", "2"), ("FAILED", "1")], jobs
+    assert all(re.fullmatch(r"gres[:/]gpu:1", j.get("TresPerNode", "")) for j in jobs[:2]), jobs
+    refused = jobs[2]
+    assert "gpu" not in refused.get("TresPerNode", "") + refused.get("JOB_GRES", ""), refused
+    assert refused["TimeLimit"] == f"00:{REFUSED_ATTEMPT['runtime']:02d}:00", refused
+    assert refused["OverSubscribe"] != "NO", refused  # not --exclusive
+    ledger = attempts.read(workflow_dir / plan.checkpoint_dir(CI_MULTI))
+    assert [(r["event"], r.get("attempt"), r.get("job"), r.get("outcome")) for r in ledger] == [
+        ("start", 1, runs[0][0], None), ("end", None, None, "failed"),
+        ("start", 2, runs[1][0], None), ("end", None, None, "failed"),
+        ("start", 3, runs[2][0], None), ("end", None, None, "refused")], ledger
+    log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
+    assert "not starting attempt 3" in log and "warmup_steps=100" in log, log[-3000:]
 
 
 # ------------------------------------------------------------------ the toy workflow

@@ -91,14 +91,15 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _guard_checkpoints(args: argparse.Namespace) -> int:
     import json
 
-    from webssl_repro.train.attempts import FutileRetry, begin
+    from webssl_repro.train.attempts import MAX_FUTILE, FutileRetry, SizedForRefusal, begin
     from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
 
     guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
                       adopt=args.adopt)
     try:
-        begin(args.checkpoints, args.attempt, args.max_futile_attempts)
-    except FutileRetry as err:
+        max_futile = MAX_FUTILE if args.max_futile_attempts is None else args.max_futile_attempts
+        begin(args.checkpoints, args.attempt, max_futile, sized_for_refusal=bool(args.sized_for_refusal))
+    except (FutileRetry, SizedForRefusal) as err:
         print(f"webssl-repro guard-checkpoints: {err}", file=sys.stderr)
         return 1
     return 0
@@ -215,9 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--adopt", action="store_true", help="stamp an unstamped directory as this run's "
                        "(checkpoints from before stamps existed) instead of setting it aside")
     guard.add_argument("--attempt", type=int, default=1, help="Snakemake's attempt number (1 = a new invocation)")
-    guard.add_argument("--max-futile-attempts", type=int, default=2,
+    guard.add_argument("--max-futile-attempts", type=int, default=None,
                        help="refuse to start once this many attempts in a row made no checkpoint and were "
-                       "not preempted (train/attempts.py)")
+                       "not preempted (default: train/attempts.py's MAX_FUTILE, as Plan.pretrain_job_resources)")
+    guard.add_argument("--sized-for-refusal", type=int, choices=(0, 1), default=0,
+                       help="1: the job got the small resources of an attempt to be refused "
+                       "(Plan.pretrain_job_resources); fail rather than train on them if it is not refused")
     guard.set_defaults(func=_guard_checkpoints)
 
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")

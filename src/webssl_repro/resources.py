@@ -116,6 +116,14 @@ class RunResources:
                 "gres": f"gpu:{self.gpus // self.nodes}", "slurm_extra": "--ntasks-per-node=1 --exclusive"}
 
 
+#: The job of an attempt that its guard will refuse (``train.attempts.predicts_refusal``).
+#: Snakemake submits every retry, and a refused one exits in seconds: ten minutes of one core
+#: and no GPU keep it from queueing for, and holding, the run's nodes. Not an MPI job either:
+#: the SLURM plugin rejects ``mpi`` with a single task.
+REFUSED_ATTEMPT: dict[str, Any] = {"runtime": 10, "mem_mb": 2000, "cpus_per_task": 1, "gpu": 0, "nodes": 1,
+                                   "tasks": 1, "tasks_per_gpu": 0, "mpi": "", "gres": "", "slurm_extra": ""}
+
+
 def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
     res_cfg = cfg["resources"]
     try:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, hires_recipe
-from webssl_repro.resources import PREEMPTION_RETRIES, RunResources, pretrain_resources, samples_of
+from webssl_repro.resources import PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_evals import EvalJobs
@@ -288,6 +288,18 @@ class Plan(EvalJobs):
     # ---- resources ---------------------------------------------------------------------
     def pretrain_resources(self, run: str) -> RunResources:
         return pretrain_resources(Run.parse(split_seed(run, self.seeds[0])[0]), self.config)
+
+    def pretrain_job_resources(self, run: str, attempt: int) -> dict[str, Any]:
+        """The rule resources of ``run``'s attempt ``attempt``: the run's own, or
+        ``REFUSED_ATTEMPT`` where its guard will refuse the attempt (the ledger of this
+        invocation's attempts, ``train.attempts``). ``sized_for_refusal`` (0/1) tells the guard
+        which: a job sized for a refusal must not train."""
+        if attempt > 1:  # attempt 1 is never refused; only retries pay for reading the ledger
+            from webssl_repro.train.attempts import predicts_refusal
+
+            if predicts_refusal(self.checkpoint_dir(run), attempt, os.environ.get(INVOCATION_VAR)):
+                return {**REFUSED_ATTEMPT, "sized_for_refusal": 1}
+        return {**self.pretrain_resources(run).snakemake(), "sized_for_refusal": 0}
 
     def pretrain_retries(self, remote: bool = False) -> int | None:
         """The pretrain rules' ``retries``: with ``resources.max_runtime_min`` set, enough for the

@@ -15,6 +15,10 @@ Each invocation counts its attempts from 1 and has an id its jobs inherit
 history is kept, and never counts against the new invocation. A job killed outright
 (node failure, ``SIGKILL``) leaves no end record: it counts as futile without progress, but
 such attempts alone never refuse one.
+
+The submitting snakemake asks ``predicts_refusal`` before it sizes a retry's job
+(``Plan.pretrain_job_resources``): Snakemake submits every retry, but one that will be
+refused is submitted as a few minutes on one core, not on the run's nodes.
 """
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ RESUMABLE = ("preempted", "complete")
 
 class FutileRetry(RuntimeError):
     """The last attempts made no progress and did not end by preemption: retrying would not help."""
+
+
+class SizedForRefusal(RuntimeError):
+    """The attempt was submitted small, as one to be refused, but the ledger no longer refuses it."""
 
 
 def read(checkpoints: str | Path) -> list[dict[str, Any]]:
@@ -132,17 +140,45 @@ def _describe(streak: list[dict[str, Any]]) -> str:
     return f"{'; '.join(ended)}{said}"
 
 
-def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE) -> None:
-    """Record attempt ``attempt`` (Snakemake's, from 1); raise ``FutileRetry`` instead of
-    starting it when the attempts before it ``refuses``."""
+def _streak(checkpoints: str | Path, step: int, attempt: int, job: Optional[str],
+            invocation: Optional[str]) -> list[dict[str, Any]]:
+    return futile_streak(history(read(checkpoints), step, attempt, job, invocation))
+
+
+def _check(attempt: int, max_futile: int) -> None:
     if attempt < 1 or max_futile < 1:
         raise ValueError(f"attempt {attempt} and max_futile {max_futile} must be >= 1")
+
+
+def predicts_refusal(checkpoints: str | Path, attempt: int, invocation: Optional[str] = None,
+                     max_futile: int = MAX_FUTILE) -> bool:
+    """Whether ``begin`` will refuse ``attempt`` of ``invocation``, as the ledger stands (read only)."""
+    _check(attempt, max_futile)
+    if attempt <= max_futile:  # fewer attempts before it than a refusal needs: no need to read
+        return False
+    return refuses(_streak(checkpoints, current_step(checkpoints), attempt, None, invocation), max_futile)
+
+
+def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, sized_for_refusal: bool = False) -> None:
+    """Record attempt ``attempt`` (Snakemake's, from 1); raise ``FutileRetry`` instead of
+    starting it when the attempts before it ``refuses``.
+
+    ``sized_for_refusal``: the job was submitted with the resources of a refused attempt
+    (``predicts_refusal`` said so at submission). Should the ledger no longer refuse it,
+    ``SizedForRefusal`` is raised and nothing recorded, so that the next retry, which
+    finds no futile chain before it, is submitted with the run's resources."""
+    _check(attempt, max_futile)
     from webssl_repro.workflow import INVOCATION_VAR
 
     step = current_step(checkpoints)
     record = {"event": "start", "attempt": attempt, "step": step, "job": os.environ.get("SLURM_JOB_ID"),
               "invocation": os.environ.get(INVOCATION_VAR), "host": socket.gethostname()}
-    streak = futile_streak(history(read(checkpoints), step, attempt, record["job"], record["invocation"]))
+    streak = _streak(checkpoints, step, attempt, record["job"], record["invocation"])
+    if sized_for_refusal and not refuses(streak, max_futile):
+        raise SizedForRefusal(
+            f"{checkpoints}: attempt {attempt} was submitted with the small resources of a retry to be "
+            f"refused, but the attempts before it (step {step}) no longer refuse it; not starting it on "
+            f"them. Snakemake's next retry, if any, gets the run's resources; else rerun snakemake.")
     _append(checkpoints, record)
     print(f"=== {Path(checkpoints).name}: attempt {attempt} from step {step}, job {record['job']} "
           f"on {record['host']}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===", flush=True)
