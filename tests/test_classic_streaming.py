@@ -1,7 +1,8 @@
 """Classic probes on sets too large for memory (ImageNet, ADE20K, NYUd at paper scale): images
 are read lazily, the dense probes stream the encoder per batch and the linear probe's
 features go to disk, with the in-memory path's numbers (same seeded batches and heads; float
-rounding only). Forced here on the tiny sets by setting the in-memory limit to 0."""
+rounding only). Forced here on the tiny sets by setting the in-memory limit to 0; without
+augmentation, which leaves no tokens to cache (tests/test_dense_augment.py checks that path)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +13,10 @@ from PIL import Image
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
 
 DENSE = {"batch_size": 64, "seed": 0,
-         "segmentation": {"iters": 12, "lr": 0.01, "warmup": 2, "batch_size": 16, "img_size": 32},
+         "segmentation": {"iters": 12, "lr": 0.01, "warmup": 2, "batch_size": 16, "img_size": 32,
+                          "augment": False},
          "depth": {"iters": 12, "lr": 0.03, "warmup": 2, "sig_warmup": 0, "batch_size": 16, "img_size": 32,
-                   "max_depth": 10.0},
+                   "max_depth": 10.0, "augment": False},
          "linear": {"epochs": 2, "epoch_length": 20, "lrs": [0.01, 0.1]}}
 
 
@@ -140,6 +142,10 @@ def test_paper_config_runs_the_full_size_sets():
     # DINOv2's dense resolutions, on the 14-px patch grid of every paper encoder
     meta = {"img_size": 224, "patch": 14}
     assert dense_size(cfg["segmentation"], meta) == (518, 518) and dense_size(cfg["depth"], meta) == (476, 644)
+    # and their training augmentations: random 518-px crops, and 416 x 544 crops of NYUd's cut frames
+    assert cfg["segmentation"]["augment"] and cfg["depth"]["augment"] and cfg["depth"]["nyu_crop"]
+    assert cfg["depth"]["train_crop"] == [416, 544]
+    assert dense_size(cfg["segmentation"], meta, "ms_img_size") == (644, 644)  # "+ms": DINOv2's 640 px
 
 
 def test_dense_probes_at_a_non_square_size(tiny_data):  # noqa: F811

@@ -8,20 +8,23 @@ each set's own resolution, as mmseg and the depth toolbox do: ADE20K's shorter s
 ``img_size`` and ``img_size`` windows slide over it at a 2/3 stride (``test_mode: slide``;
 ``whole`` passes the image squashed to ``img_size``), their logits resized to the label map;
 NYUd's predictions are flip-averaged, resized to the depth map and scored inside the Eigen
-crop (``eigen_crop``). Training images: ADE20K's resized (aspect kept) to cover ``img_size``,
-its centre taken (squashed to it under ``whole``), NYUd's squashed to it (4:3 either way),
-their masks and depth maps alike (nearest / bilinear). Deviations from DINOv2's dense
-protocols, for cost: no training-time augmentation (random rescale, crop, flip, photometric
-distortion, rotation), and "+ms" trains and tests at ``img_size`` like "lin.", where DINOv2's
-"+ms" uses 640 px crops (its head then trains on its own encoder pass), each of its scales
-resized from the image at ``img_size`` rather than from the original.
+crop (``eigen_crop``). ADE20K's training images get mmseg's augmentation (``augment``:
+random rescale, crop, flip, photometric distortion; ``dense_augment``), or without it are
+resized (aspect kept) to cover ``img_size``, their centre taken (squashed under ``whole``).
+NYUd's get the depth toolbox's (``augment``: frame crop, rotation, flip, random crops of
+``train_crop``, colour), or without it are squashed to ``img_size`` (4:3 either way), depth
+maps alike. "+ms" trains and tests at ``ms_img_size`` (DINOv2's 640 px crops; 644 in
+config/paper.yaml), on encoder passes of its own, or shares "lin."'s at ``img_size``. What
+still differs from DINOv2's dense protocols: each "+ms" test scale is resized from the image
+at ``ms_img_size`` rather than from the original.
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
-Cost: the encoder is frozen and the probes train without augmentation, so an image's tokens
-never change. The linear probe's features are computed once per split (in memory, or on disk
-for ImageNet at paper scale); the dense probes cache their tokens when they fit in memory and
-otherwise run the encoder on each training batch, on the seeded batches either way. All heads
+Cost: the encoder is frozen, so an image's tokens change only with its augmentation. The
+linear probe's features are computed once per split (in memory, or on disk for ImageNet at
+paper scale); a dense probe without augmentation caches its tokens when they fit in memory,
+and otherwise, or with augmentation, runs the encoder on each training batch, on the seeded
+batches either way. All heads
 of a task train together on one encoder pass (the linear grid, lin./+ms, lin.1/lin.4), each
 exactly as it would alone. Images are read lazily (``imagesets``), so no split is ever held in
 memory as pixels; ``workers`` decode ahead. The dense heads never keep their largest tensor
@@ -57,16 +60,24 @@ DEFAULTS: dict[str, Any] = {
     # depther); the top-level batch_size only chunks the frozen encoder's forward passes.
     # img_size: None = the pretraining resolution (see ``dense_size``).
     # test_mode: "slide" (mmseg's ADE20K test: img_size windows every slide_stride px, None =
-    # 2/3 of img_size, over the image with its shorter side at img_size) or "whole".
+    # 2/3 of img_size, over the image with its shorter side at img_size; "+ms" alike at
+    # ms_img_size) or "whole".
+    # augment: mmseg's training augmentation (dense_augment; the encoder then runs on every
+    # batch), or none (each image's tokens computed once, cached when they fit in memory).
+    # ms_img_size: "+ms"'s own size, at which its head trains and tests (DINOv2: 640 px;
+    # None: img_size, the "lin." head's, sharing its encoder passes).
     "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500, "batch_size": 16, "img_size": None,
-                     "test_mode": "slide", "slide_stride": None},
+                     "ms_img_size": None, "test_mode": "slide", "slide_stride": None, "augment": True},
     # sig_warmup: iterations of SigLoss's mean-only warm-up (DINOv2 warm_iter=100).
     # max_depth: top of the depth bins (DINOv2's NYUd: 10 m); None = the deepest pixel of the
     # train and val maps, which needs their targets in memory (the cached path).
     # eigen_crop: score inside the Eigen crop (DINOv2's NYUd; true in config/paper.yaml),
     # defined on NYUd's 480 x 640 frames only.
+    # augment: the depth toolbox's training augmentation (dense_augment) of random crops of
+    # train_crop (None: img_size; DINOv2's NYUd: [416, 544]), after nyu_crop cuts each 480 x 640
+    # frame to its content (NYUCrop; true in config/paper.yaml); else images squashed to img_size.
     "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None,
-              "max_depth": None, "eigen_crop": False},
+              "max_depth": None, "eigen_crop": False, "augment": True, "train_crop": None, "nyu_crop": False},
     "seed": 0,
     # The frozen encoder's forward: fp32, or autocast to bf16 / fp16 as DINOv2's evaluations
     # run it on GPUs (the probe heads always train in fp32).
@@ -76,17 +87,17 @@ DEFAULTS: dict[str, Any] = {
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[int, int]:
+def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any], key: str = "img_size") -> tuple[int, int]:
     """Input (h, w) of a dense task. DINOv2 evaluates ADE20K / NYUd at their own resolution
     (512 px crops; NYUd's 480 x 640 frames), not the 224 px of pretraining, so a task's
     ``img_size`` (``s`` or ``[h, w]``) may set it; the encoder resamples its position
     embeddings. Default: the pretraining resolution."""
-    size = task_cfg.get("img_size")
+    size = task_cfg.get(key)
     if size is None:
         return as_hw(int(meta["img_size"]))
     hw, patch = as_hw(size), int(meta["patch"])
     if any(v % patch for v in hw):
-        raise ValueError(f"evaluate.classic img_size {size} is not a multiple of the encoder's patch {patch}")
+        raise ValueError(f"evaluate.classic {key} {size} is not a multiple of the encoder's patch {patch}")
     return hw
 
 
@@ -140,10 +151,10 @@ def slide_setting(seg: Mapping[str, Any], size: tuple[int, int]) -> tuple[tuple[
 class TokenCache:
     """Frozen block tokens and targets of a whole training set, indexed by sample ids.
 
-    The dense probes train without augmentation on a frozen encoder, so the encoder's
-    output for an image never changes: computing it once instead of every iteration is
-    the same training at a fraction of the cost. Used when the tokens fit in memory
-    (``fits``: mini scale); larger sets stream images through the encoder per batch instead.
+    Without augmentation a frozen encoder's output for an image never changes: computing
+    it once instead of every iteration is the same training at a fraction of the cost. Used
+    when the tokens fit in memory (``fits``); larger sets stream images through the encoder
+    per batch instead.
     """
 
     def __init__(self, fn, batches) -> None:
@@ -210,39 +221,83 @@ def _block_major(bt: BlockTokens) -> torch.Tensor:
     return bt.patches.permute(1, 0, 3, 2).reshape(B, L * D, *bt.grid)
 
 
+def _seg_training_batches(encoder, meta, manifest: str | Path, size: tuple[int, int], n_layers: int,
+                         cfg: Mapping[str, Any]) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
+    """(tokens of the last ``n_layers`` blocks, masks) of the seeded training batches:
+    mmseg's augmentation of each image drawn, the encoder run on each batch (``augment``);
+    or each image fitted once, its aspect kept (resized to cover ``size``, its centre) when
+    the test slides windows over the image, squashed to ``size`` when it passes it whole."""
+    seg = cfg["segmentation"]
+    if not seg["augment"]:
+        train = _split(manifest, "train", size, "seg", fit="cover" if slide_setting(seg, size) else "squash")
+        yield from _training_batches(encoder, meta, train, n_layers, True, seg, cfg)
+        return
+    yield from _augmented_batches(encoder, meta, manifest, "seg", size, n_layers, True, seg, cfg)
+
+
+def _augmented_batches(encoder, meta, manifest: str | Path, target: str, crop: tuple[int, int],
+                       blocks: int | list[int], norm: bool, task: Mapping[str, Any], cfg: Mapping[str, Any],
+                       nyu_crop: bool = False) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
+    """(tokens, targets) of the seeded training batches, each image augmented afresh
+    (``dense_augment``) and the encoder run on every batch."""
+    from webssl_repro.evaluate.dense_augment import AugmentedImages, augmented_batches
+
+    device, seed = model_device(encoder), int(cfg["seed"])
+    train = AugmentedImages(load_split(manifest, "train"), target, crop, seed, nyu_crop=nyu_crop)
+    fn = _tokens_fn(encoder, meta, blocks, norm, cfg, out_device=device)
+    order = augmented_batches(len(train), min(int(task["batch_size"]), len(train)), seed)
+    for _, x, y in image_loader(train, order, int(cfg["workers"])):
+        yield fn(x), y.to(device)
+
+
 def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """ADE20K-protocol "lin." (last block) and "+ms" (last 4 blocks, multi-scale + flip TTA).
 
-    Both heads train in one loop (``train_seg_heads``) on the same seeded batches of frozen
-    maps, the encoder running once per batch or once per image (cached): each head's training
-    is the one it would have alone, with the same batches and initialisation.
+    Each head trains and tests at its task's size: ``img_size``, and ``ms_img_size`` for
+    "+ms" (DINOv2's 640 px; None: ``img_size``). Heads of one size train in one loop
+    (``train_seg_heads``) on the same seeded batches of frozen maps, the encoder running once
+    per batch or once per image (cached): each head's training is the one it would have
+    alone, with the same batches and initialisation.
     """
-    from webssl_repro.evaluate.segmentation import IoU, LinearSegHead, predict, train_seg_heads
+    from webssl_repro.evaluate.segmentation import LinearSegHead, train_seg_heads
 
-    seg, device = cfg["segmentation"], model_device(encoder)
+    seg, device, seed = cfg["segmentation"], model_device(encoder), int(cfg["seed"])
     size = dense_size(seg, meta)
-    slide = slide_setting(seg, size)
-    # Sliding windows see the image at its own aspect, so the head trains on it too (the
-    # centre of the image resized to cover img_size; mmseg: random crops of a random rescale).
-    train = _split(manifest, "train", size, "seg", fit="cover" if slide else "squash")
-    val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True)
+    ms_size = size if seg["ms_img_size"] is None else dense_size(seg, meta, "ms_img_size")
     n_classes, n_ms = segmentation_classes(manifest), min(4, int(meta["depth"]))
-    specs = (("ade20k_linear", 1, False), ("ade20k_ms", n_ms, True))
-    heads = []
-    for _, n_layers, _ in specs:
-        torch.manual_seed(int(cfg["seed"]))
-        heads.append(LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers).to(device))
-    batches = ((_block_major(bt), y) for bt, y in _training_batches(encoder, meta, train, n_ms, True, seg, cfg))
-    train_seg_heads(heads, batches, iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
-    fn = _tokens_fn(encoder, meta, n_ms, True, cfg, out_device=device)
-    scores = {name: IoU(n_classes) for name, _, _ in specs}
-    for head in heads:
+    heads = {}
+    for name, n_layers, multiscale, hw in (("ade20k_linear", 1, False, size), ("ade20k_ms", n_ms, True, ms_size)):
+        torch.manual_seed(seed)
+        heads[name] = (LinearSegHead(encoder.embed_dim, n_classes, n_layers=n_layers).to(device), multiscale, hw)
+    scores: dict[str, float] = {}
+    for hw in dict.fromkeys(h[2] for h in heads.values()):
+        group = {name: h for name, h in heads.items() if h[2] == hw}
+        n_layers = max(head.n_layers for head, _, _ in group.values())
+        stream = _seg_training_batches(encoder, meta, manifest, hw, n_layers, cfg)
+        train_seg_heads([head for head, _, _ in group.values()], ((_block_major(bt), y) for bt, y in stream),
+                        iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
+        scores.update(_seg_scores(encoder, meta, manifest, hw, n_layers, group, n_classes, cfg))
+    return {name: scores[name] for name in heads}
+
+
+def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_layers: int,
+                heads: Mapping[str, tuple[Any, bool, Any]], n_classes: int, cfg: Mapping[str, Any]) -> dict[str, float]:
+    """mIoU of ``heads`` (name -> (head, multiscale, size)) on the val set: each image with
+    its shorter side at ``size`` under the sliding-window test, else squashed to it; scored
+    on its own label map."""
+    from webssl_repro.evaluate.segmentation import IoU, predict
+
+    device, slide = model_device(encoder), slide_setting(cfg["segmentation"], size)
+    val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True)
+    fn = _tokens_fn(encoder, meta, n_layers, True, cfg, out_device=device)
+    scores = {name: IoU(n_classes) for name in heads}
+    for head, _, _ in heads.values():
         head.eval()
     with torch.no_grad():
         for _, xs, ys in _in_order(val, cfg, collate_lists):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size
                 x, y = x.unsqueeze(0).to(device), y.unsqueeze(0).to(device)
-                for (name, _, multiscale), head in zip(specs, heads):
+                for name, (head, multiscale, _) in heads.items():
                     scores[name].add(predict(head, fn, x, multiscale, out_size=y.shape[-2:], slide=slide), y)
     return {name: 100.0 * iou.mean() for name, iou in scores.items()}
 
@@ -278,7 +333,13 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         return [(torch.cat([bt.patches[i] for i in p], dim=-1), torch.cat([bt.cls[i] for i in p], dim=-1))
                 for p in positions]
 
-    batches = ((flat(bt), bt.grid, y) for bt, y in _training_batches(encoder, meta, train, blocks, False, dep, cfg))
+    if dep["augment"]:
+        crop = as_hw(dep["train_crop"]) if dep["train_crop"] is not None else size  # the encoder pads it
+        stream = _augmented_batches(encoder, meta, manifest, "depth", crop, blocks, False, dep, cfg,
+                                    nyu_crop=bool(dep["nyu_crop"]))
+    else:
+        stream = _training_batches(encoder, meta, train, blocks, False, dep, cfg)
+    batches = ((flat(bt), bt.grid, y) for bt, y in stream)
     train_depth_heads(heads, batches, iters=int(dep["iters"]), lr=float(dep["lr"]),
                       warmup_iters=int(dep["warmup"]), sig_warmup=int(dep["sig_warmup"]))
     fn = _tokens_fn(encoder, meta, blocks, False, cfg, out_device=device)

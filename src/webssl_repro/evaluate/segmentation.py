@@ -22,7 +22,7 @@ from .features import BlockTokens, chunk_size, interp_matrix
 IGNORE_INDEX = 255
 #: DINOv2's ADE20K "+ms" test ratios: each scales the test image (and its shorter side), over
 #: which the windows slide (or which is passed whole), with flips. DINOv2's "+ms" config works
-#: at 640 px (short side and windows); here it shares the task's img_size with "lin."
+#: at 640 px (short side and windows): ``evaluate.classic.segmentation.ms_img_size``.
 MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
 #: mmseg's ADE20K slide stride over its crop: 341 of 512
 SLIDE_STRIDE = 2 / 3
