@@ -12,12 +12,12 @@ _PRETRAIN_OUTPUT = {
 # The checkpoints outlive the job (a retry resumes them): set aside first any that another
 # config or other inputs made, so that a rerun retrains (train/fingerprint.py), and refuse a
 # retry after attempts that failed without progress (train/attempts.py); such a retry is
-# submitted with a few minutes of one core (`_res`), not the run's nodes. Snakemake deletes a
-# job's log before each attempt; the attempts' history stays in the checkpoints' attempts.jsonl.
+# submitted with a few minutes of one core (`_res`), not the run's nodes. Snakemake deletes
+# a job's log before each attempt; the attempts' history stays in the checkpoints'
+# attempts.jsonl.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
-    "--data {input.data} {params.parent} --attempt {resources.attempt} "
-    "--sized-for-refusal {resources.sized_for_refusal} > {log} 2>&1 && "
+    "--data {input.data} {params.parent} --attempt {resources.attempt} > {log} 2>&1 && "
     "{params.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
     "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} "
     "--data {input.data} {params.parent} >> {log} 2>&1"

@@ -10,8 +10,7 @@ import pytest
 from webssl_repro.cli import main
 from webssl_repro.train import attempts
 from webssl_repro.resources import REFUSED_ATTEMPT
-from webssl_repro.train.attempts import (FutileRetry, SizedForRefusal, begin, finish, futile_streak, history,
-                                          predicts_refusal, read)
+from webssl_repro.train.attempts import FutileRetry, begin, finish, futile_streak, history, predicts_refusal, read
 
 
 def _checkpoint(ckpt, step):
@@ -208,20 +207,19 @@ def test_the_submitter_predicts_exactly_what_the_guard_decides(tmp_path, outcome
     assert predicted == (outcomes[-2:] in (["failed", "failed"], [None, "failed"]))
 
 
-def test_a_job_sized_for_refusal_never_trains_on_its_small_resources(tmp_path):
-    _history(tmp_path, ["failed"])  # one futile attempt: the next is not refused
-    before = read(tmp_path)
-    with pytest.raises(SizedForRefusal, match="attempt 2 was submitted with the small resources"):
-        begin(tmp_path, 2, sized_for_refusal=True)
-    assert read(tmp_path) == before  # nothing recorded: no chain for attempt 3 to count
-    assert not predicts_refusal(tmp_path, 3)
-    begin(tmp_path, 3)  # and an attempt refused as predicted records as usual:
-    finish(tmp_path, "failed", "ValueError: bad")
-    begin(tmp_path, 4)
-    finish(tmp_path, "failed", "ValueError: bad")
+def test_a_requeued_refusal_is_predicted_inside_its_job(tmp_path, monkeypatch):
+    for attempt, job in ((1, "71"), (2, "72")):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        begin(tmp_path, attempt)
+        finish(tmp_path, "failed", "ValueError: bad")
+    monkeypatch.setenv("SLURM_JOB_ID", "73")
     with pytest.raises(FutileRetry):
-        begin(tmp_path, 5, sized_for_refusal=True)
-    assert read(tmp_path)[-1]["outcome"] == "refused"
+        begin(tmp_path, 3)
+    # Job 73 requeued: attempt 3 starts again, inside the same job, and is refused again;
+    # Snakemake sizes it inside the job (Plan.pretrain_job_resources) knowing the job's id.
+    assert predicts_refusal(tmp_path, 3, job="73") and not predicts_refusal(tmp_path, 3)
+    with pytest.raises(FutileRetry):
+        begin(tmp_path, 3)
 
 
 def test_plan_submits_a_retry_to_be_refused_small(tmp_path, monkeypatch):
@@ -245,6 +243,14 @@ def test_plan_submits_a_retry_to_be_refused_small(tmp_path, monkeypatch):
     assert (small["nodes"], small["gres"], small["slurm_extra"], small["runtime"]) == (1, "", "", 10)
     monkeypatch.setenv(INVOCATION_VAR, "second")  # a rerun: its attempt 3 follows its own 1 and 2
     assert plan.pretrain_job_resources(run, 3) == {**own, "sized_for_refusal": 0}
+    # Inside the job of a refused attempt 3 that was requeued, the job's id keeps it small.
+    monkeypatch.setenv(INVOCATION_VAR, "first")
+    monkeypatch.setenv("SLURM_JOB_ID", "93")
+    with pytest.raises(FutileRetry):
+        begin(Path(plan.checkpoint_dir(run)), 3)
+    assert plan.pretrain_job_resources(run, 3)["sized_for_refusal"] == 1
+    monkeypatch.setenv("SLURM_JOB_ID", "94")  # the same ledger from another job: a new attempt 3
+    assert plan.pretrain_job_resources(run, 3)["sized_for_refusal"] == 0
 
 
 @pytest.mark.xdist_group("snakemake")

@@ -99,6 +99,13 @@ def test_sample_keeps_image_and_mask_aligned_through_rescale_crop_and_flip():
     assert torch.equal(y, torch.from_numpy(mask[5:37, 21:53]).flip(-1))
     rgb = x.permute(1, 2, 0).numpy() * STD + MEAN
     assert np.allclose(rgb, palette[y.numpy()], atol=1e-3)  # no photometric coin came up
+    # ratio 2.0: shorter side 64, i.e. 64 x 128 (image bilinear, mask nearest); window at (9, 40).
+    x, y = seg_train_sample(image, mask, 32, Scripted(integers=[9, 40], uniform=[2.0], random=[0.9]))
+    assert torch.equal(y, torch.from_numpy(mask[(np.arange(9, 41) * 3) // 4][:, (np.arange(40, 72) * 3) // 4]))
+    rgb = x.permute(1, 2, 0).numpy() * STD + MEAN
+    ym = y.numpy()
+    inside = (ym[:, 2:-2] == ym[:, :-4]) & (ym[:, 2:-2] == ym[:, 4:])  # 2 px from a stripe's edge
+    assert inside.sum() > 400 and np.abs(rgb[:, 2:-2][inside] - palette[ym[:, 2:-2][inside]]).max() < 1.0
     # ratio 0.5: the image (16 x 32) is smaller than the crop: padded, the mask with ignore.
     x, y = seg_train_sample(image, mask, 32, Scripted(uniform=[0.5], random=[0.9]))
     assert x.shape == (3, 32, 32) and (y[16:] == IGNORE_INDEX).all() and (y[:16] != IGNORE_INDEX).all()

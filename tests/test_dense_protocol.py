@@ -185,28 +185,34 @@ def test_ade20k_slides_over_each_image_and_scores_its_own_label_map(tiny_data, m
     assert slide != whole  # 32 x 58 px, two windows, against the image squashed to 32 x 32
 
 
-def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("augment", [False, True])
+def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch, augment):  # noqa: F811
     """``ms_img_size``: "+ms" gets its own encoder passes at its size (DINOv2's 640 px for
     512-px "lin."), in training and at test; "lin." is then the head it was beside "+ms"."""
     from test_classic_streaming import DENSE, _encoder
     from webssl_repro.evaluate import classic
 
     encoder, meta = _encoder()
-    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 6}}
-    trained, tested = [], []
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 6, "augment": augment}}
+    trained, tested, seen = [], [], []
     stream, scores = classic._seg_training_batches, classic._seg_scores
-    monkeypatch.setattr(classic, "_seg_training_batches",
-                        lambda e, m, man, hw, n, c: trained.append((hw, n)) or stream(e, m, man, hw, n, c))
+    def batches(e, m, man, hw, n, c):
+        trained.append((hw, n))
+        for bt, y in stream(e, m, man, hw, n, c):
+            seen.append((hw, tuple(y.shape[-2:])))  # the training masks are at the stream's size
+            yield bt, y
+
+    monkeypatch.setattr(classic, "_seg_training_batches", batches)
     monkeypatch.setattr(classic, "_seg_scores",
                         lambda e, m, man, hw, n, heads, k, c: tested.append((hw, n, sorted(heads)))
                         or scores(e, m, man, hw, n, heads, k, c))
 
     shared = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
     assert trained == [((32, 32), 4)] and tested == [((32, 32), 4, ["ade20k_linear", "ade20k_ms"])]
-    trained.clear(), tested.clear()
+    trained.clear(), tested.clear(), seen.clear()
     own = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(
         {**cfg, "segmentation": {**cfg["segmentation"], "ms_img_size": 48}}))
-    assert trained == [((32, 32), 1), ((48, 48), 4)]
+    assert trained == [((32, 32), 1), ((48, 48), 4)] and set(seen) == {(hw, hw) for hw, _ in trained}
     assert tested == [((32, 32), 1, ["ade20k_linear"]), ((48, 48), 4, ["ade20k_ms"])]
     assert own["ade20k_linear"] == pytest.approx(shared["ade20k_linear"], rel=1e-4)
     assert own["ade20k_ms"] != shared["ade20k_ms"]

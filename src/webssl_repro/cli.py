@@ -91,15 +91,15 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _guard_checkpoints(args: argparse.Namespace) -> int:
     import json
 
-    from webssl_repro.train.attempts import MAX_FUTILE, FutileRetry, SizedForRefusal, begin
+    from webssl_repro.train.attempts import MAX_FUTILE, FutileRetry, begin
     from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
 
     guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
                       adopt=args.adopt)
     try:
         max_futile = MAX_FUTILE if args.max_futile_attempts is None else args.max_futile_attempts
-        begin(args.checkpoints, args.attempt, max_futile, sized_for_refusal=bool(args.sized_for_refusal))
-    except (FutileRetry, SizedForRefusal) as err:
+        begin(args.checkpoints, args.attempt, max_futile)
+    except FutileRetry as err:
         print(f"webssl-repro guard-checkpoints: {err}", file=sys.stderr)
         return 1
     return 0
@@ -219,9 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--max-futile-attempts", type=int, default=None,
                        help="refuse to start once this many attempts in a row made no checkpoint and were "
                        "not preempted (default: train/attempts.py's MAX_FUTILE, as Plan.pretrain_job_resources)")
-    guard.add_argument("--sized-for-refusal", type=int, choices=(0, 1), default=0,
-                       help="1: the job got the small resources of an attempt to be refused "
-                       "(Plan.pretrain_job_resources); fail rather than train on them if it is not refused")
     guard.set_defaults(func=_guard_checkpoints)
 
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")

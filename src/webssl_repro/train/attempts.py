@@ -42,10 +42,6 @@ class FutileRetry(RuntimeError):
     """The last attempts made no progress and did not end by preemption: retrying would not help."""
 
 
-class SizedForRefusal(RuntimeError):
-    """The attempt was submitted small, as one to be refused, but the ledger no longer refuses it."""
-
-
 def read(checkpoints: str | Path) -> list[dict[str, Any]]:
     """The ledger's records; a line cut short (a kill or a full disk mid-write) is skipped."""
     path = Path(checkpoints) / LEDGER
@@ -151,22 +147,18 @@ def _check(attempt: int, max_futile: int) -> None:
 
 
 def predicts_refusal(checkpoints: str | Path, attempt: int, invocation: Optional[str] = None,
-                     max_futile: int = MAX_FUTILE) -> bool:
-    """Whether ``begin`` will refuse ``attempt`` of ``invocation``, as the ledger stands (read only)."""
+                     max_futile: int = MAX_FUTILE, job: Optional[str] = None) -> bool:
+    """Whether ``begin`` will refuse ``attempt`` of ``invocation`` in SLURM job ``job`` (None:
+    not yet submitted), as the ledger stands (read only)."""
     _check(attempt, max_futile)
     if attempt <= max_futile:  # fewer attempts before it than a refusal needs: no need to read
         return False
-    return refuses(_streak(checkpoints, current_step(checkpoints), attempt, None, invocation), max_futile)
+    return refuses(_streak(checkpoints, current_step(checkpoints), attempt, job, invocation), max_futile)
 
 
-def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, sized_for_refusal: bool = False) -> None:
+def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE) -> None:
     """Record attempt ``attempt`` (Snakemake's, from 1); raise ``FutileRetry`` instead of
-    starting it when the attempts before it ``refuses``.
-
-    ``sized_for_refusal``: the job was submitted with the resources of a refused attempt
-    (``predicts_refusal`` said so at submission). Should the ledger no longer refuse it,
-    ``SizedForRefusal`` is raised and nothing recorded, so that the next retry, which
-    finds no futile chain before it, is submitted with the run's resources."""
+    starting it when the attempts before it ``refuses``."""
     _check(attempt, max_futile)
     from webssl_repro.workflow import INVOCATION_VAR
 
@@ -174,11 +166,6 @@ def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, s
     record = {"event": "start", "attempt": attempt, "step": step, "job": os.environ.get("SLURM_JOB_ID"),
               "invocation": os.environ.get(INVOCATION_VAR), "host": socket.gethostname()}
     streak = _streak(checkpoints, step, attempt, record["job"], record["invocation"])
-    if sized_for_refusal and not refuses(streak, max_futile):
-        raise SizedForRefusal(
-            f"{checkpoints}: attempt {attempt} was submitted with the small resources of a retry to be "
-            f"refused, but the attempts before it (step {step}) no longer refuse it; not starting it on "
-            f"them. Snakemake's next retry, if any, gets the run's resources; else rerun snakemake.")
     _append(checkpoints, record)
     print(f"=== {Path(checkpoints).name}: attempt {attempt} from step {step}, job {record['job']} "
           f"on {record['host']}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===", flush=True)
