@@ -40,6 +40,16 @@ _MEAN = 255.0 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = 255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
+def _pixels(image: Any) -> torch.Tensor:
+    """A PIL image as (3, H, W) RGB float values in 0..255, what the pipelines transform."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """0..255 RGB -> the encoder's ImageNet-normalised input."""
+    return (x - _MEAN) / _STD
+
+
 def crop_origin(mask: torch.Tensor, crop: tuple[int, int], rng: np.random.Generator,
                 cat_max_ratio: float = CAT_MAX_RATIO, tries: int = CROP_TRIES) -> tuple[int, int]:
     """Top and left of mmseg's ``RandomCrop`` window over ``mask`` (H, W): redrawn while one
@@ -122,7 +132,7 @@ def seg_train_sample(image: Any, mask: Any, crop: int | Sequence[int], rng: np.r
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented (image, mask): (3, h, w) normalised, (h, w) long, (h, w) = ``crop``."""
     ch, cw = as_hw(crop)
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
+    x = _pixels(image)
     y = torch.from_numpy(np.asarray(mask).astype(np.int64))
     if y.shape != x.shape[-2:]:
         raise ValueError(f"mask {tuple(y.shape)} and image {tuple(x.shape[-2:])} differ in size")
@@ -133,7 +143,7 @@ def seg_train_sample(image: Any, mask: Any, crop: int | Sequence[int], rng: np.r
     x, y = x[:, top:top + ch, left:left + cw], y[top:top + ch, left:left + cw]
     if rng.random() < 0.5:
         x, y = x.flip(-1), y.flip(-1)
-    x = (photometric_distortion(x, rng) - _MEAN) / _STD
+    x = _normalise(photometric_distortion(x, rng))
     pad = (0, cw - x.shape[-1], 0, ch - x.shape[-2])
     return F.pad(x, pad, value=0.0), F.pad(y, pad, value=IGNORE_INDEX)
 
@@ -170,7 +180,7 @@ def depth_train_sample(image: Any, depth: Any, crop: int | Sequence[int], rng: n
     """One augmented (image, depth): (3, h, w) normalised, (h, w) metres, (h, w) = ``crop``
     (0 where the rotation left no ground truth)."""
     ch, cw = as_hw(crop)
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
+    x = _pixels(image)
     d = torch.from_numpy(np.asarray(depth, dtype=np.float32).copy())[None]
     if d.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"depth map {tuple(d.shape[-2:])} and image {tuple(x.shape[-2:])} differ in size")
@@ -190,7 +200,7 @@ def depth_train_sample(image: Any, depth: Any, crop: int | Sequence[int], rng: n
         x, d = x.flip(-1), d.flip(-1)
     top, left = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
     x, d = x[:, top:top + ch, left:left + cw], d[0, top:top + ch, left:left + cw]
-    return (color_aug(x, rng) - _MEAN) / _STD, d
+    return _normalise(color_aug(x, rng)), d
 
 
 class AugmentedImages(Dataset):
