@@ -23,7 +23,7 @@ published: $(BIN)/webssl-repro
 	$(BIN)/snakemake --cores $(CORES) all --configfile config/published.yaml
 
 test: $(BIN)/webssl-repro
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) --dist loadgroup -q
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) --dist loadgroup -q --durations=30
 
 lint: $(BIN)/webssl-repro
 	$(BIN)/snakemake --lint
