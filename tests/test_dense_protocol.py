@@ -219,3 +219,79 @@ def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch, augmen
     with pytest.raises(ValueError, match="ms_img_size 44 is not a multiple of the encoder's patch 8"):
         classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(
             {**cfg, "segmentation": {**cfg["segmentation"], "ms_img_size": 44}}))
+
+
+def test_ms_test_scales_are_resized_from_the_original():
+    """mmseg's ``MultiScaleFlipAug``: each "+ms" scale is one resize of the original image. A
+    1-px checkerboard at 96 px keeps every pixel at 3x a 32-px fit, which a 32-px copy scaled
+    up cannot; the 1.0 level is the single-scale test's image."""
+    from webssl_repro.evaluate.imagesets import image_tensor
+
+    board = ((np.indices((96, 96)).sum(0) % 2) * 255).astype(np.uint8)
+    records = [{"image": Image.fromarray(board).convert("RGB"), "seg": np.zeros((96, 96), dtype=np.uint8)}]
+    pyramid, y = EvalImages(records, 32, "seg", fit="short", native=True, scales=(1.0, 3.0))[0]
+    assert len(pyramid) == 2 and pyramid.original.shape == (3, 96, 96) and y.shape == (96, 96)
+    assert [tuple(x.shape) for x in pyramid] == [(1, 3, 32, 32), (1, 3, 96, 96)]  # one-image batches
+    assert torch.equal(pyramid[0][0], EvalImages(records, 32, "seg", fit="short", native=True)[0][0])
+    assert torch.equal(pyramid[1][0], image_tensor(records[0]["image"], 96, "short"))
+    sign = torch.from_numpy(board[None].astype(np.float32) * 2 / 255 - 1)  # +1 white, -1 black
+    assert (pyramid[1][0] * sign > 0).all()  # every pixel on its side of the mean
+    upscaled = torch.nn.functional.interpolate(pyramid[0], size=(96, 96), mode="bilinear")[0]
+    assert (upscaled * sign > 0).float().mean() < 0.75
+    squash, _ = EvalImages(records, (16, 24), "seg", fit="squash", native=True, scales=(1.0, 1.5))[0]
+    assert [tuple(x.shape[-2:]) for x in squash] == [(16, 24), (24, 36)]
+    moved = squash.to("meta")  # the levels are made where the original is (the encoder's device)
+    assert moved.original.device.type == "meta" and moved[1].device.type == "meta" and moved[1].shape == squash[1].shape
+    with pytest.raises(ValueError, match="scales need native targets"):
+        EvalImages(records, 32, "seg", fit="squash", scales=(1.0, 2.0))
+    with pytest.raises(ValueError, match="scale 2.0 needs fit 'short' or 'squash'"):
+        image_tensor(records[0]["image"], 32, "crop", scale=2.0)
+
+
+def test_a_pyramid_gives_the_ms_test_its_levels_as_they_are():
+    from test_classic import _colour_features, _seg_task
+    from webssl_repro.evaluate.segmentation import LinearSegHead
+
+    torch.manual_seed(0)
+    images, _ = _seg_task(torch.Generator().manual_seed(0), n=2)
+    head = LinearSegHead(3, num_classes=3, n_layers=4).eval()
+    scales = (1.0, 1.5, 2.0)
+    rescaled = [images] + [torch.nn.functional.interpolate(images, scale_factor=s, mode="bilinear")
+                           for s in scales[1:]]
+    assert torch.allclose(multiscale_probs(head, _colour_features, rescaled, scales),
+                          multiscale_probs(head, _colour_features, images, scales), atol=1e-6)
+    sharper = [images, torch.rand(2, 3, 24, 24), torch.rand(2, 3, 32, 32)]  # other content: other output
+    assert not torch.allclose(multiscale_probs(head, _colour_features, sharper, scales),
+                              multiscale_probs(head, _colour_features, images, scales), atol=1e-3)
+    with pytest.raises(ValueError, match="a pyramid of 2 levels for 3 scales"):
+        multiscale_probs(head, _colour_features, rescaled[:2], scales)
+    with pytest.raises(TypeError, match="not a pyramid"):
+        predict(head, _colour_features, rescaled)
+
+
+def test_ade20k_ms_head_reads_each_scale_from_the_original(tiny_data, monkeypatch):  # noqa: F811
+    """In ``classic.segmentation`` "+ms" gets the 40 x 72 val images resized once per scale;
+    "lin." gets the 1.0 level, its single-scale test."""
+    from test_classic_streaming import DENSE, _encoder
+    from webssl_repro.evaluate import classic, segmentation
+    from webssl_repro.evaluate.imagesets import image_tensor, load_split
+
+    encoder, meta = _encoder()
+    _native_val(monkeypatch, classic, (40, 72))
+    seen = []
+    predict_ = segmentation.predict
+
+    def recording(head, fn, images, multiscale=False, *args, **kw):
+        seen.append((multiscale, images))
+        return predict_(head, fn, images, multiscale, *args, **kw)
+
+    monkeypatch.setattr(segmentation, "predict", recording)
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2, "augment": False}}
+    classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
+    first = load_split(tiny_data["segmentation"], "val")[0]["image"].resize((72, 40), Image.BICUBIC)
+    (lin_ms, lin), (ms_ms, levels) = seen[:2]
+    assert not lin_ms and ms_ms and len(levels) == len(segmentation.MS_SCALES)
+    for s, level in zip(segmentation.MS_SCALES, levels):
+        assert torch.equal(level[0], image_tensor(first, 32, "short", scale=s)), s
+    assert torch.equal(lin, levels[0]) and levels[-1].shape[-2:] == (96, 173)
+    assert len(seen) == 2 * len(load_split(tiny_data["segmentation"], "val"))

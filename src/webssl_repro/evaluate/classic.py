@@ -14,9 +14,8 @@ resized (aspect kept) to cover ``img_size``, their centre taken (squashed under 
 NYUd's get the depth toolbox's (``augment``: frame crop, rotation, flip, random crops of
 ``train_crop``, colour), or without it are squashed to ``img_size`` (4:3 either way), depth
 maps alike. "+ms" trains and tests at ``ms_img_size`` (DINOv2's 640 px crops; 644 in
-config/paper.yaml), on encoder passes of its own, or shares "lin."'s at ``img_size``. What
-still differs from DINOv2's dense protocols: each "+ms" test scale is resized from the image
-at ``ms_img_size`` rather than from the original.
+config/paper.yaml), on encoder passes of its own, or shares "lin."'s at ``img_size``; each of
+its test scales is resized from the original image, as mmseg's ``MultiScaleFlipAug`` does.
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -284,11 +283,15 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
                 heads: Mapping[str, tuple[Any, bool, Any]], n_classes: int, cfg: Mapping[str, Any]) -> dict[str, float]:
     """mIoU of ``heads`` (name -> (head, multiscale, size)) on the val set: each image with
     its shorter side at ``size`` under the sliding-window test, else squashed to it; scored
-    on its own label map."""
-    from webssl_repro.evaluate.segmentation import IoU, predict
+    on its own label map. A "+ms" head sees the image at each of ``MS_SCALES`` times that,
+    each resized from the original; the others see it at 1.0."""
+    from webssl_repro.evaluate.segmentation import MS_SCALES, IoU, predict
 
     device, slide = model_device(encoder), slide_setting(cfg["segmentation"], size)
-    val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True)
+    multiscale = any(ms for _, ms, _ in heads.values())
+    one = MS_SCALES.index(1.0)  # the single-scale test's level
+    val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True,
+                 scales=MS_SCALES if multiscale else None)
     fn = _tokens_fn(encoder, meta, n_layers, True, cfg, out_device=device)
     scores = {name: IoU(n_classes) for name in heads}
     for head, _, _ in heads.values():
@@ -296,9 +299,13 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
     with torch.no_grad():
         for _, xs, ys in _in_order(val, cfg, collate_lists):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size
-                x, y = x.unsqueeze(0).to(device), y.unsqueeze(0).to(device)
-                for name, (head, multiscale, _) in heads.items():
-                    scores[name].add(predict(head, fn, x, multiscale, out_size=y.shape[-2:], slide=slide), y)
+                levels = x.to(device) if multiscale else None  # a ScalePyramid: levels made on device
+                single = levels[one] if multiscale else x.unsqueeze(0).to(device)
+                y = y.unsqueeze(0).to(device)
+                for name, (head, ms, _) in heads.items():
+                    pred = predict(head, fn, levels if ms else single, ms, MS_SCALES, out_size=y.shape[-2:],
+                                   slide=slide)
+                    scores[name].add(pred, y)
     return {name: 100.0 * iou.mean() for name, iou in scores.items()}
 
 

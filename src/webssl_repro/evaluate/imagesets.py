@@ -110,30 +110,64 @@ def _resize_crop(t: torch.Tensor, box: tuple[tuple[int, int], int, int], hw: tup
     return _resize(t, new, mode, antialias)[:, top:top + hw[0], left:left + hw[1]]
 
 
-def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0) -> torch.Tensor:
-    """One PIL image -> (3, h, w), ImageNet-normalised, resized bicubic with anti-aliasing
-    (as PIL / torchvision resize), fitted by ``fit`` (``FITS``)."""
+def pixels(image: Any) -> torch.Tensor:
+    """A PIL image as (3, H, W) RGB values in 0..1, what the fits resize."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0,
+               scale: float = 1.0) -> torch.Tensor:
+    """(3, H, W) pixels in 0..1 -> the probe's ImageNet-normalised input, resized bicubic with
+    anti-aliasing (as PIL / torchvision resize) by ``fit`` (``FITS``; ``pad`` squashes an image
+    already padded square), on ``x``'s device. ``scale`` multiplies the fitted size of
+    ``short`` and ``squash`` in one resize from ``x`` (mmseg's ``MultiScaleFlipAug`` ratios)."""
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    image = image.convert("RGB")
+    if scale != 1.0 and fit not in ("short", "squash"):
+        raise ValueError(f"scale {scale} needs fit 'short' or 'squash', got {fit!r}")
     h, w = as_hw(size)
-    if fit == "pad" and image.width != image.height:
-        side = max(image.width, image.height)
-        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in IMAGENET_MEAN))
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = square
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     if fit == "short":
-        x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w)), "bicubic", antialias=True)
+        x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w) * scale), "bicubic", antialias=True)
     elif fit == "cover":
         x = _resize_crop(x, cover_box(*x.shape[-2:], (h, w)), (h, w), "bicubic", antialias=True)
     elif fit != "crop":
-        x = _resize(x, (h, w), "bicubic", antialias=True)
+        x = _resize(x, (max(1, round(h * scale)), max(1, round(w * scale))), "bicubic", antialias=True)
     else:
         if h != w:
             raise ValueError(f"a centre crop needs a square size, got {(h, w)}")
         x = _resize_crop(x, crop_box(*x.shape[-2:], h, crop_pct), (h, w), "bicubic", antialias=True)
-    return (x.clamp(0, 1) - _MEAN) / _STD
+    return (x.clamp(0, 1) - _MEAN.to(x.device)) / _STD.to(x.device)
+
+
+def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0,
+                 scale: float = 1.0) -> torch.Tensor:
+    """One PIL image -> (3, h, w) by ``fit_pixels``; ``pad`` first pads it to a square with
+    the mean colour."""
+    if fit == "pad" and image.width != image.height:
+        side = max(image.width, image.height)
+        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in IMAGENET_MEAN))
+        square.paste(image.convert("RGB"), ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    return fit_pixels(pixels(image), size, fit, crop_pct, scale)
+
+
+class ScalePyramid(Sequence):
+    """One image at each of ``scales`` times its ``fit`` ("short" or "squash") to ``size``, as
+    one-image batches (1, 3, h, w), each level resized from the original when it is read
+    (mmseg's ``MultiScaleFlipAug``, the "+ms" test). Only the original is held, and ``to``
+    moves it, so the levels are made where the encoder runs."""
+
+    def __init__(self, original: torch.Tensor, size: tuple[int, int], fit: str, scales: Sequence[float]) -> None:
+        self.original, self.size, self.fit, self.scales = original, size, fit, tuple(scales)
+
+    def __len__(self) -> int:
+        return len(self.scales)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return fit_pixels(self.original, self.size, self.fit, scale=self.scales[i]).unsqueeze(0)
+
+    def to(self, device: torch.device | str) -> "ScalePyramid":
+        return ScalePyramid(self.original.to(device), self.size, self.fit, self.scales)
 
 
 def images_tensor(records: Sequence[dict[str, Any]], size: int, fit: str = "crop",
@@ -162,10 +196,11 @@ class EvalImages(Dataset):
     crop); masks and depth maps are fitted with their image (``squash``, or ``cover``: aspect
     kept, the centre of ``size``), so the two align, or with ``native`` kept at the set's
     own resolution, where the dense protocols score (the image then fits by ``fit``: ``short``
-    for ADE20K's sliding windows)."""
+    for ADE20K's sliding windows). With ``scales`` an item's image is a ``ScalePyramid``: at
+    each scale of its fitted size, resized from the original (the "+ms" test)."""
 
     def __init__(self, records: Sequence[dict[str, Any]], size: int | Sequence[int], target: str,
-                 fit: str | None = None, native: bool = False) -> None:
+                 fit: str | None = None, native: bool = False, scales: Sequence[float] | None = None) -> None:
         if target not in TARGETS:
             raise KeyError(f"unknown target {target!r} (known: {sorted(TARGETS)})")
         dense = TARGETS[target][0] is not None
@@ -176,15 +211,21 @@ class EvalImages(Dataset):
         if dense and self.fit not in ("squash", "cover") and not native:
             raise ValueError(f"fit {fit!r} changes the aspect of the image but not of its {target} map: "
                              "use native=True")
+        if scales is not None and not (native and self.fit in ("short", "squash")):
+            raise ValueError(f"scales need native targets and fit 'short' or 'squash', got fit {self.fit!r}, "
+                             f"native={native}")
+        self.scales = None if scales is None else tuple(float(s) for s in scales)
         self.crop_pct = 1.0 if dense else CLASSIFY_CROP
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | ScalePyramid, torch.Tensor]:
         record = self.records[i]
-        return (image_tensor(record["image"], self.size, self.fit, self.crop_pct),
-                target_tensor(record, self.target, None if self.native else self.size, self.fit))
+        target = target_tensor(record, self.target, None if self.native else self.size, self.fit)
+        if self.scales is not None:
+            return ScalePyramid(pixels(record["image"]), self.size, self.fit, self.scales), target
+        return image_tensor(record["image"], self.size, self.fit, self.crop_pct), target
 
     def target_of(self, i: int) -> torch.Tensor:
         """Item ``i``'s target alone, without decoding its image."""

@@ -11,7 +11,7 @@ logits are averaged where windows overlap, and the result is resized to the labe
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -115,29 +115,39 @@ def eval_logits(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor
                                                                   align_corners=False)
 
 
+Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
 @torch.no_grad()
-def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
+def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: Images,
                      scales: Sequence[float] = MS_SCALES, flip: bool = True,
                      out_size: Optional[Sequence[int]] = None,
                      slide: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> torch.Tensor:
     """"+ms" test-time augmentation: mean class probabilities over scales (and h-flips).
 
-    mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do the same; each
-    scale's output is resized to ``out_size`` (default: the input size) before averaging.
-    Whole images: an upscaled pass runs on fewer images at once, so that no pass holds more
-    pixels than the batch at scale 1 (at 3x a 518-px image is 12,321 tokens); sliding windows
-    are crop-sized at every scale.
+    ``images``: a batch, resized here to each scale; or a pyramid, the batch at each of
+    ``scales`` resized from the original (mmseg's ``MultiScaleFlipAug``; ``ScalePyramid``). mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do
+    the same; each scale's output is resized to ``out_size`` (default: the batch's size, or the
+    pyramid's first level's) before averaging. Whole images: an upscaled pass runs on fewer
+    images at once, so that no pass holds more pixels than that size (at 3x a 518-px image is
+    12,321 tokens); sliding windows are crop-sized at every scale.
     """
-    B, (H, W) = images.shape[0], images.shape[-2:]
+    pyramid = None if isinstance(images, torch.Tensor) else images
+    if pyramid is not None and len(pyramid) != len(scales):
+        raise ValueError(f"a pyramid of {len(pyramid)} levels for {len(scales)} scales")
+    base = images if pyramid is None else pyramid[0]  # a level may be made when read: once each
+    B, (H, W) = base.shape[0], base.shape[-2:]
     out = tuple(out_size) if out_size is not None else (H, W)
     total, count = None, 0
-    for s in scales:
-        size = (max(1, round(H * s)), max(1, round(W * s)))
+    for level, s in enumerate(scales):
+        source = base if pyramid is None or level == 0 else pyramid[level]
+        size = (max(1, round(H * s)), max(1, round(W * s))) if pyramid is None else tuple(source.shape[-2:])
         chunk = B if slide is not None else max(1, (B * H * W) // (size[0] * size[1]))
         flips = (False, True) if flip else (False,)
         parts: dict[bool, list[torch.Tensor]] = {f: [] for f in flips}
-        for xb in images.split(chunk):
-            x = xb if size == (H, W) else F.interpolate(xb, size=size, mode="bilinear", align_corners=False)
+        for xb in source.split(chunk):
+            x = xb if tuple(xb.shape[-2:]) == size else F.interpolate(xb, size=size, mode="bilinear",
+                                                                     align_corners=False)
             for flipped in flips:
                 p = eval_logits(head, feature_fn, x.flip(-1) if flipped else x, out, slide).softmax(dim=1)
                 parts[flipped].append(p.flip(-1) if flipped else p)
@@ -148,17 +158,21 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: torch.T
     return total / count
 
 
-def predict(head: LinearSegHead, feature_fn: FeatureFn, images: torch.Tensor,
+def predict(head: LinearSegHead, feature_fn: FeatureFn, images: Images,
             multiscale: bool = False, scales: Sequence[float] = MS_SCALES,
             out_size: Optional[Sequence[int]] = None,
             slide: Optional[tuple[Sequence[int], Sequence[int]]] = None) -> torch.Tensor:
     """Per-pixel class ids (B, *out_size) (default: the image size); ``multiscale`` switches
-    on the "+ms" TTA, ``slide = (crop, stride)`` mmseg's sliding-window test."""
+    on the "+ms" TTA (``images`` a batch or its pyramid over ``scales``), ``slide = (crop,
+    stride)`` mmseg's sliding-window test."""
     head.eval()
+    if multiscale:
+        with torch.no_grad():
+            return multiscale_probs(head, feature_fn, images, scales, out_size=out_size, slide=slide).argmax(dim=1)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError("a single-scale prediction takes one batch, not a pyramid")
     out = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])
     with torch.no_grad():
-        if multiscale:
-            return multiscale_probs(head, feature_fn, images, scales, out_size=out, slide=slide).argmax(dim=1)
         return eval_logits(head, feature_fn, images, out, slide).argmax(dim=1)
 
 
