@@ -225,7 +225,8 @@ def test_ms_test_scales_are_resized_from_the_original():
     """mmseg's ``MultiScaleFlipAug``: each "+ms" scale is one resize of the original image. A
     1-px checkerboard at 96 px keeps every pixel at 3x a 32-px fit, which a 32-px copy scaled
     up cannot; the 1.0 level is the single-scale test's image."""
-    from webssl_repro.evaluate.imagesets import image_tensor
+    from webssl_repro.evaluate.imagesets import ScalePyramid, image_tensor
+    from webssl_repro.evaluate.segmentation import MS_SCALES
 
     board = ((np.indices((96, 96)).sum(0) % 2) * 255).astype(np.uint8)
     records = [{"image": Image.fromarray(board).convert("RGB"), "seg": np.zeros((96, 96), dtype=np.uint8)}]
@@ -240,6 +241,10 @@ def test_ms_test_scales_are_resized_from_the_original():
     assert (upscaled * sign > 0).float().mean() < 0.75
     squash, _ = EvalImages(records, (16, 24), "seg", fit="squash", native=True, scales=(1.0, 1.5))[0]
     assert [tuple(x.shape[-2:]) for x in squash] == [(16, 24), (24, 36)]
+    # DINOv2's "+ms" at 644 px on a 512 x 683 ADE20K image: shorter sides int(644 x ratio),
+    # mmseg's rescale (int(683 x factor + 0.5)), worked by hand
+    ade = ScalePyramid(torch.empty(3, 512, 683, device="meta"), (644, 644), "short", MS_SCALES)
+    assert [tuple(x.shape[-2:]) for x in ade] == [(644, 859), (850, 1134), (1114, 1486), (1468, 1958), (1932, 2577)]
     moved = squash.to("meta")  # the levels are made where the original is (the encoder's device)
     assert moved.original.device.type == "meta" and moved[1].device.type == "meta" and moved[1].shape == squash[1].shape
     with pytest.raises(ValueError, match="scales need native targets"):
@@ -250,6 +255,7 @@ def test_ms_test_scales_are_resized_from_the_original():
 
 def test_a_pyramid_gives_the_ms_test_its_levels_as_they_are():
     from test_classic import _colour_features, _seg_task
+    from webssl_repro.evaluate.imagesets import ScalePyramid
     from webssl_repro.evaluate.segmentation import LinearSegHead
 
     torch.manual_seed(0)
@@ -265,13 +271,18 @@ def test_a_pyramid_gives_the_ms_test_its_levels_as_they_are():
                               multiscale_probs(head, _colour_features, images, scales), atol=1e-3)
     with pytest.raises(ValueError, match="a pyramid of 2 levels for 3 scales"):
         multiscale_probs(head, _colour_features, rescaled[:2], scales)
+    made = ScalePyramid(images[0], (16, 16), "squash", (1.0, 1.25, 2.0))
+    assert [tuple(x.shape[-2:]) for x in made] == [(16, 16), (20, 20), (32, 32)]
+    with pytest.raises(ValueError, match=r"made at scales \(1.0, 1.25, 2.0\) for scales \(1.0, 1.5, 2.0\)"):
+        multiscale_probs(head, _colour_features, made, scales)
     with pytest.raises(TypeError, match="not a pyramid"):
         predict(head, _colour_features, rescaled)
 
 
-def test_ade20k_ms_head_reads_each_scale_from_the_original(tiny_data, monkeypatch):  # noqa: F811
-    """In ``classic.segmentation`` "+ms" gets the 40 x 72 val images resized once per scale;
-    "lin." gets the 1.0 level, its single-scale test."""
+@pytest.mark.parametrize("ms_img_size", [None, 48])
+def test_ade20k_ms_head_reads_each_scale_from_the_original(tiny_data, monkeypatch, ms_img_size):  # noqa: F811
+    """In ``classic.segmentation`` "+ms" gets the 40 x 72 val images resized once per scale,
+    at "lin."'s 32 px or its own 48; "lin." gets its single-scale test (the 1.0 level)."""
     from test_classic_streaming import DENSE, _encoder
     from webssl_repro.evaluate import classic, segmentation
     from webssl_repro.evaluate.imagesets import image_tensor, load_split
@@ -286,12 +297,17 @@ def test_ade20k_ms_head_reads_each_scale_from_the_original(tiny_data, monkeypatc
         return predict_(head, fn, images, multiscale, *args, **kw)
 
     monkeypatch.setattr(segmentation, "predict", recording)
-    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2, "augment": False}}
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2, "augment": False,
+                                      "ms_img_size": ms_img_size}}
     classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
+    n_val = len(load_split(tiny_data["segmentation"], "val"))
     first = load_split(tiny_data["segmentation"], "val")[0]["image"].resize((72, 40), Image.BICUBIC)
-    (lin_ms, lin), (ms_ms, levels) = seen[:2]
-    assert not lin_ms and ms_ms and len(levels) == len(segmentation.MS_SCALES)
+    (lin_ms, lin), (ms_ms, levels) = seen[0], seen[1 if ms_img_size is None else n_val]
+    assert not lin_ms and ms_ms and len(levels) == len(segmentation.MS_SCALES) and len(seen) == 2 * n_val
+    size = ms_img_size or 32
     for s, level in zip(segmentation.MS_SCALES, levels):
-        assert torch.equal(level[0], image_tensor(first, 32, "short", scale=s)), s
-    assert torch.equal(lin, levels[0]) and levels[-1].shape[-2:] == (96, 173)
-    assert len(seen) == 2 * len(load_split(tiny_data["segmentation"], "val"))
+        assert torch.equal(level[0], image_tensor(first, size, "short", scale=s)), s
+    assert torch.equal(lin[0], image_tensor(first, 32, "short"))
+    # 1.32: a shorter side of int(size x 1.32), the longer int(72 x that / 40 + 0.5), by hand
+    assert [tuple(levels[i].shape[-2:]) for i in (1, 4)] == ([(42, 76), (96, 173)] if ms_img_size is None
+                                                           else [(63, 113), (144, 259)])

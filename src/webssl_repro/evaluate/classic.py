@@ -15,7 +15,10 @@ NYUd's get the depth toolbox's (``augment``: frame crop, rotation, flip, random 
 ``train_crop``, colour), or without it are squashed to ``img_size`` (4:3 either way), depth
 maps alike. "+ms" trains and tests at ``ms_img_size`` (DINOv2's 640 px crops; 644 in
 config/paper.yaml), on encoder passes of its own, or shares "lin."'s at ``img_size``; each of
-its test scales is resized from the original image, as mmseg's ``MultiScaleFlipAug`` does.
+its test scales is resized from the original image to a shorter side of int(size x ratio), as
+mmseg's ``MultiScaleFlipAug`` does. What still differs from DINOv2's dense protocols: images
+are resized bicubic with anti-aliasing (mmseg: cv2 bilinear), and "+ms" has no long-side cap
+(DINOv2's (2560, 640) scale caps it at 4x the shorter side, binding only beyond 4:1).
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -300,9 +303,11 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
         for _, xs, ys in _in_order(val, cfg, collate_lists):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size
                 levels = x.to(device) if multiscale else None  # a ScalePyramid: levels made on device
-                single = levels[one] if multiscale else x.unsqueeze(0).to(device)
+                single = None if multiscale else x.unsqueeze(0).to(device)
                 y = y.unsqueeze(0).to(device)
                 for name, (head, ms, _) in heads.items():
+                    if not ms and single is None:
+                        single = levels[one]
                     pred = predict(head, fn, levels if ms else single, ms, MS_SCALES, out_size=y.shape[-2:],
                                    slide=slide)
                     scores[name].add(pred, y)

@@ -120,18 +120,21 @@ def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", cr
     """(3, H, W) pixels in 0..1 -> the probe's ImageNet-normalised input, resized bicubic with
     anti-aliasing (as PIL / torchvision resize) by ``fit`` (``FITS``; ``pad`` squashes an image
     already padded square), on ``x``'s device. ``scale`` multiplies the fitted size of
-    ``short`` and ``squash`` in one resize from ``x`` (mmseg's ``MultiScaleFlipAug`` ratios)."""
+    ``short`` and ``squash`` (truncated, as mmseg's ``MultiScaleFlipAug`` ratios) in one resize
+    from ``x``."""
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     if scale != 1.0 and fit not in ("short", "squash"):
         raise ValueError(f"scale {scale} needs fit 'short' or 'squash', got {fit!r}")
     h, w = as_hw(size)
+    if scale != 1.0:  # mmseg's MultiScaleFlipAug: int(scale x ratio)
+        h, w = max(1, int(h * scale)), max(1, int(w * scale))
     if fit == "short":
-        x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w) * scale), "bicubic", antialias=True)
+        x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w)), "bicubic", antialias=True)
     elif fit == "cover":
         x = _resize_crop(x, cover_box(*x.shape[-2:], (h, w)), (h, w), "bicubic", antialias=True)
     elif fit != "crop":
-        x = _resize(x, (max(1, round(h * scale)), max(1, round(w * scale))), "bicubic", antialias=True)
+        x = _resize(x, (h, w), "bicubic", antialias=True)
     else:
         if h != w:
             raise ValueError(f"a centre crop needs a square size, got {(h, w)}")

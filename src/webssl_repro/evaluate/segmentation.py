@@ -126,15 +126,19 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: Images,
     """"+ms" test-time augmentation: mean class probabilities over scales (and h-flips).
 
     ``images``: a batch, resized here to each scale; or a pyramid, the batch at each of
-    ``scales`` resized from the original (mmseg's ``MultiScaleFlipAug``; ``ScalePyramid``). mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do
-    the same; each scale's output is resized to ``out_size`` (default: the batch's size, or the
-    pyramid's first level's) before averaging. Whole images: an upscaled pass runs on fewer
+    ``scales`` resized from the original (mmseg's ``MultiScaleFlipAug``; ``ScalePyramid``).
+    mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do the same; each
+    scale's output is resized to ``out_size`` (default: the batch's size, or the pyramid's
+    first level's) before averaging. Whole images: an upscaled pass runs on fewer
     images at once, so that no pass holds more pixels than that size (at 3x a 518-px image is
     12,321 tokens); sliding windows are crop-sized at every scale.
     """
     pyramid = None if isinstance(images, torch.Tensor) else images
     if pyramid is not None and len(pyramid) != len(scales):
         raise ValueError(f"a pyramid of {len(pyramid)} levels for {len(scales)} scales")
+    made_at = tuple(getattr(pyramid, "scales", scales))  # a ScalePyramid knows its scales
+    if pyramid is not None and made_at != tuple(scales):
+        raise ValueError(f"a pyramid made at scales {made_at} for scales {tuple(scales)}")
     base = images if pyramid is None else pyramid[0]  # a level may be made when read: once each
     B, (H, W) = base.shape[0], base.shape[-2:]
     out = tuple(out_size) if out_size is not None else (H, W)
