@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 import yaml
 
 from conftest import snakemake
+from webssl_repro.config import config_hash
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
     CLIP_PROBE_SAMPLES, CLIP_RUN, TINY_EVALSETS, clip_probe_shards, dino_encoders, dino_probe_run, dino_run,
@@ -366,6 +368,9 @@ def test_snakemake_builds_one_eval(workflow_dir):
     assert isinstance(score, float) and 0.0 <= score <= 1.0
     provenance = json.loads((workflow_dir / "results/mini/runs/dino1b-full2b-224/provenance.json").read_text())
     assert provenance["steps"] == 4 and provenance["corpus_size"] == 256
+    assert provenance["config"]["run"] == "dino1b-full2b-224"
+    assert re.fullmatch("[0-9a-f]{12}", provenance["config_hash"])
+    assert provenance["config_hash"] == config_hash(provenance["config"])  # names the config as written
     again = snakemake(workflow_dir, *args)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -107,13 +107,14 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
 def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> None:
     """``{"metrics": {name: number}, "details": {...}}``; keys starting with ``_`` are details."""
-    import hashlib
     import json
+
+    from webssl_repro.config import config_hash
 
     out = {"run": run, "kind": kind,
            "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")},
            "details": {k.lstrip("_"): v for k, v in metrics.items() if k.startswith("_")},
-           "config_hash": hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]}
+           "config_hash": config_hash(cfg)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2, sort_keys=True))

@@ -51,6 +51,15 @@ def dataclass_from_mapping(cls, mapping: Mapping[str, Any], what: str):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()})
 
 
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """12 hex digits of the config as canonical JSON: eval results and run provenance name
+    the exact config that made them."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
     import jsonschema
 
@@ -61,7 +70,9 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
         lines = []
         for err in errors:
             where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-            lines.append(f"{origin}: at key '{where}': {err.message}")
+            known = sorted(err.schema.get("properties", {})) if err.validator == "additionalProperties" else []
+            hint = f"; known keys are {known}" if known else ""
+            lines.append(f"{origin}: at key '{where}': {err.message}{hint}")
         raise ConfigError("\n".join(lines))
 
 

@@ -151,7 +151,10 @@ def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "git_commit": commit or None,
+    from webssl_repro.config import config_hash
+
+    config = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return {"config": config, "config_hash": config_hash(config), "git_commit": commit or None,
             "python": platform.python_version(),
             "packages": {p: version(p) for p in ("torch", "torchvision", "timm", "webdataset", "transformers",
                                                  "webssl-repro")}}
