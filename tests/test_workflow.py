@@ -173,6 +173,15 @@ def test_schema_types_the_config_dataclasses():
     _typed_like(TrainConfig, schema["train"]["properties"], skip=("samples_seen", "global_batch_size"))
     for name, cls in (("dino", DinoConfig), ("hires", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
         _typed_like(cls, schema[name]["properties"])
+    from webssl_repro.methods.dino import CENTERINGS
+    from webssl_repro.methods.schedules import LR_SCALINGS
+    from webssl_repro.train.config import PRECISIONS, STRATEGIES
+
+    closed = {("train", "precision"): PRECISIONS, ("train", "strategy"): STRATEGIES,
+              ("dino", "centering"): CENTERINGS, ("hires", "centering"): CENTERINGS,
+              ("dino", "lr_scaling"): LR_SCALINGS, ("hires", "lr_scaling"): LR_SCALINGS}
+    for (section, key), values in closed.items():  # a choice the code refuses is refused by the dry run
+        assert schema[section]["properties"][key]["enum"] == list(values), (section, key)
     vqa = root["evaluate"]["properties"]["vqa"]["properties"]
     _typed_like(VqaConfig, vqa, skip=("stage1", "stage2"))
     for stage in ("stage1", "stage2"):
@@ -232,8 +241,10 @@ def test_a_misspelt_section_key_is_refused_by_name(section, key):
                                                  ("evaluate.vqa.stage1", "lr", "fast"),
                                                  ("evaluate.classic.segmentation", "img_size", [64, 64, 64]),
                                                  ("evaluate.classic", "precision", "fp8"),
+                                                 ("pretrain.train", "precision", "bf61"),
+                                                 ("pretrain.dino", "centering", "center"),
                                                  ("evaluate.alignment", "k", 2.5)])
-def test_a_wrong_type_is_refused_naming_its_key_and_value(section, key, value):
+def test_a_wrong_type_or_choice_is_refused_naming_its_key_and_value(section, key, value):
     cfg = load_config(REPO / "config/mini.yaml")
     node = cfg
     for part in section.split("."):

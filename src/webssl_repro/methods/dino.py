@@ -33,6 +33,10 @@ __all__ = ["DinoConfig", "DinoMethod", "dino_cross_entropy", "dino_multicrop_los
            "koleo_loss", "sinkhorn_knopp"]
 
 
+#: teacher targets: Sinkhorn-Knopp (DINOv2), or softmax with an EMA centre (DINO)
+CENTERINGS = ("sinkhorn_knopp", "centering")
+
+
 @dataclass(frozen=True)
 class DinoConfig:
     """All Web-DINO hyper-parameters; defaults = DINOv2 ViT-g (paper Table 4: batch 3072,
@@ -94,7 +98,7 @@ class DinoConfig:
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
 
     def __post_init__(self) -> None:
-        if self.centering not in ("sinkhorn_knopp", "centering"):
+        if self.centering not in CENTERINGS:
             raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {self.centering!r}")
 
     @classmethod

@@ -19,6 +19,10 @@ def teacher_temp_schedule(step: int, warmup_temp: float, temp: float, warmup_ste
     return CosineSchedule(temp, temp, warmup_steps, warmup_steps, warmup_temp)(step)
 
 
+#: learning-rate scaling rules by global batch (``scaled_lr``)
+LR_SCALINGS = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+
+
 def scaled_lr(base_lr: float, batch_size: int, rule: str = "sqrt_wrt_1024") -> float:
     """Learning rate for a global batch: DINOv2 scales with √(B/1024), MAE linearly with B/256."""
     if rule == "sqrt_wrt_1024":
@@ -27,4 +31,4 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str = "sqrt_wrt_1024") -> f
         return base_lr * batch_size / 256
     if rule == "none":
         return base_lr
-    raise ValueError(f"unknown lr scaling rule {rule!r}")
+    raise ValueError(f"unknown lr scaling rule {rule!r}; known: {LR_SCALINGS}")
