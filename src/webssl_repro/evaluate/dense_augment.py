@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .imagesets import IMAGENET_MEAN, IMAGENET_STD, as_hw, seeded_batches, short_side_hw
+from .imagesets import IMAGENET_MEAN, IMAGENET_STD, as_hw, rgb_array, seeded_batches, short_side_hw
 from .segmentation import IGNORE_INDEX
 
 RATIO_RANGE = (0.5, 2.0)
@@ -42,7 +42,7 @@ _STD = 255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 def _pixels(image: Any) -> torch.Tensor:
     """A PIL image as (3, H, W) RGB float values in 0..255, what the pipelines transform."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
+    return torch.from_numpy(rgb_array(image)).permute(2, 0, 1)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:

@@ -110,9 +110,14 @@ def _resize_crop(t: torch.Tensor, box: tuple[tuple[int, int], int, int], hw: tup
     return _resize(t, new, mode, antialias)[:, top:top + hw[0], left:left + hw[1]]
 
 
+def rgb_array(image: Any) -> np.ndarray:
+    """A PIL image as (H, W, 3) float32 RGB values in 0..255, the one decoding every probe input starts from."""
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
 def pixels(image: Any) -> torch.Tensor:
     """A PIL image as (3, H, W) RGB values in 0..1, what the fits resize."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.from_numpy(rgb_array(image) / 255.0).permute(2, 0, 1)
 
 
 def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0,

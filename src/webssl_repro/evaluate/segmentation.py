@@ -134,11 +134,12 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: Images,
     12,321 tokens); sliding windows are crop-sized at every scale.
     """
     pyramid = None if isinstance(images, torch.Tensor) else images
-    if pyramid is not None and len(pyramid) != len(scales):
-        raise ValueError(f"a pyramid of {len(pyramid)} levels for {len(scales)} scales")
-    made_at = tuple(getattr(pyramid, "scales", scales))  # a ScalePyramid knows its scales
-    if pyramid is not None and made_at != tuple(scales):
-        raise ValueError(f"a pyramid made at scales {made_at} for scales {tuple(scales)}")
+    if pyramid is not None:
+        if len(pyramid) != len(scales):
+            raise ValueError(f"a pyramid of {len(pyramid)} levels for {len(scales)} scales")
+        made_at = tuple(getattr(pyramid, "scales", scales))  # a ScalePyramid knows its scales
+        if made_at != tuple(scales):
+            raise ValueError(f"a pyramid made at scales {made_at} for scales {tuple(scales)}")
     base = images if pyramid is None else pyramid[0]  # a level may be made when read: once each
     B, (H, W) = base.shape[0], base.shape[-2:]
     out = tuple(out_size) if out_size is not None else (H, W)
@@ -170,9 +171,8 @@ def predict(head: LinearSegHead, feature_fn: FeatureFn, images: Images,
     on the "+ms" TTA (``images`` a batch or its pyramid over ``scales``), ``slide = (crop,
     stride)`` mmseg's sliding-window test."""
     head.eval()
-    if multiscale:
-        with torch.no_grad():
-            return multiscale_probs(head, feature_fn, images, scales, out_size=out_size, slide=slide).argmax(dim=1)
+    if multiscale:  # multiscale_probs runs under no_grad
+        return multiscale_probs(head, feature_fn, images, scales, out_size=out_size, slide=slide).argmax(dim=1)
     if not isinstance(images, torch.Tensor):
         raise TypeError("a single-scale prediction takes one batch, not a pyramid")
     out = tuple(out_size) if out_size is not None else tuple(images.shape[-2:])

@@ -99,7 +99,7 @@ class DinoConfig:
 
     def __post_init__(self) -> None:
         if self.centering not in CENTERINGS:
-            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {self.centering!r}")
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "DinoConfig":
