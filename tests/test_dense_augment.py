@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
-from webssl_repro.evaluate.dense_augment import (NYU_CROP, AugmentedImages, augmented_batches, color_aug, crop_origin,
-                                                 depth_train_sample, hsv_to_rgb, photometric_distortion, rgb_to_hsv,
-                                                 rotate, seg_train_sample)
+from webssl_repro.evaluate.dense_augment import (MS_RATIO_RANGE, NYU_CROP, RATIO_RANGE, AugmentedImages,
+                                                 augmented_batches, color_aug, crop_origin, depth_train_sample,
+                                                 hsv_to_rgb, photometric_distortion, rgb_to_hsv, rotate,
+                                                 seg_train_sample)
 from webssl_repro.evaluate.segmentation import IGNORE_INDEX
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
@@ -24,12 +25,14 @@ class Scripted:
 
     def __init__(self, integers=(), uniform=(), random=()):
         self.queues = {"integers": list(integers), "uniform": list(uniform), "random": list(random)}
+        self.uniform_bounds = []
 
     def integers(self, low, high=None):
         q = self.queues["integers"]
         return q.pop(0) if q else (0 if high is None else low)
 
     def uniform(self, low, high, size=None):
+        self.uniform_bounds.append((low, high))
         return self.queues["uniform"].pop(0)
 
     def random(self):
@@ -110,6 +113,25 @@ def test_sample_keeps_image_and_mask_aligned_through_rescale_crop_and_flip():
     x, y = seg_train_sample(image, mask, 32, Scripted(uniform=[0.5], random=[0.9]))
     assert x.shape == (3, 32, 32) and (y[16:] == IGNORE_INDEX).all() and (y[:16] != IGNORE_INDEX).all()
     assert (x[:, 16:] == 0).all() and torch.equal(y[:16, :32], torch.from_numpy(mask[::3, ::3][:16, :32]))
+
+
+def test_rescale_ratios_are_lins_or_the_ms_configs():
+    """The rescale ratio is drawn from (0.5, 2.0) ("lin.") or the given range (DINOv2's "+ms"
+    config: 1.0-3.0): at 3x a 40 x 64 image covers the 32-px crop, at 0.5x it leaves padding."""
+    palette = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
+    image, mask = _striped(40, 64, palette)
+    rng = Scripted(uniform=[1.0], random=[0.9])
+    seg_train_sample(image, mask, 32, rng)
+    assert rng.uniform_bounds == [RATIO_RANGE] == [(0.5, 2.0)]
+    rng = Scripted(uniform=[1.0], random=[0.9])
+    seg_train_sample(image, mask, 32, rng, MS_RATIO_RANGE)
+    assert rng.uniform_bounds == [MS_RATIO_RANGE] == [(1.0, 3.0)]
+    records = [{"image": image, "seg": mask}]
+    large = AugmentedImages(records, "seg", 32, seed=0, ratio_range=(3.0, 3.0))[(0, 0)][1]
+    small = AugmentedImages(records, "seg", 32, seed=0, ratio_range=(0.5, 0.5))[(0, 0)][1]
+    assert (large != IGNORE_INDEX).all() and (small == IGNORE_INDEX).sum() == 32 * 32 - 16 * 26
+    with pytest.raises(ValueError, match=r"ratio_range must be 0 < low <= high, got \(2.0, 1.0\)"):
+        AugmentedImages(records, "seg", 32, seed=0, ratio_range=(2.0, 1.0))
 
 
 def test_augmented_draws_are_reproducible_and_numbered_by_stream_position():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
 from webssl_repro.evaluate.classic import slide_setting
+from webssl_repro.evaluate.dense_augment import MS_RATIO_RANGE, RATIO_RANGE
 from webssl_repro.evaluate.depth import eigen_crop
 from webssl_repro.evaluate.features import BlockTokens
 from webssl_repro.evaluate.imagesets import EvalImages, collate_lists, image_loader, in_order, short_side_hw
@@ -196,9 +197,9 @@ def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch, augmen
     cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 6, "augment": augment}}
     trained, tested, seen = [], [], []
     stream, scores = classic._seg_training_batches, classic._seg_scores
-    def batches(e, m, man, hw, n, c):
-        trained.append((hw, n))
-        for bt, y in stream(e, m, man, hw, n, c):
+    def batches(e, m, man, hw, n, c, ratios):
+        trained.append((hw, n, ratios))
+        for bt, y in stream(e, m, man, hw, n, c, ratios):
             seen.append((hw, tuple(y.shape[-2:])))  # the training masks are at the stream's size
             yield bt, y
 
@@ -208,11 +209,13 @@ def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch, augmen
                         or scores(e, m, man, hw, n, heads, k, c))
 
     shared = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
-    assert trained == [((32, 32), 4)] and tested == [((32, 32), 4, ["ade20k_linear", "ade20k_ms"])]
+    # sharing "lin."'s batches, "+ms" sees its rescale ratios; at its own size, DINOv2's "+ms" ones
+    assert trained == [((32, 32), 4, RATIO_RANGE)] and tested == [((32, 32), 4, ["ade20k_linear", "ade20k_ms"])]
     trained.clear(), tested.clear(), seen.clear()
     own = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(
         {**cfg, "segmentation": {**cfg["segmentation"], "ms_img_size": 48}}))
-    assert trained == [((32, 32), 1), ((48, 48), 4)] and set(seen) == {(hw, hw) for hw, _ in trained}
+    assert trained == [((32, 32), 1, RATIO_RANGE), ((48, 48), 4, MS_RATIO_RANGE)]
+    assert set(seen) == {(hw, hw) for hw, _, _ in trained}
     assert tested == [((32, 32), 1, ["ade20k_linear"]), ((48, 48), 4, ["ade20k_ms"])]
     assert own["ade20k_linear"] == pytest.approx(shared["ade20k_linear"], rel=1e-4)
     assert own["ade20k_ms"] != shared["ade20k_ms"]

@@ -9,16 +9,17 @@ each set's own resolution, as mmseg and the depth toolbox do: ADE20K's shorter s
 ``whole`` passes the image squashed to ``img_size``), their logits resized to the label map;
 NYUd's predictions are flip-averaged, resized to the depth map and scored inside the Eigen
 crop (``eigen_crop``). ADE20K's training images get mmseg's augmentation (``augment``:
-random rescale, crop, flip, photometric distortion; ``dense_augment``), or without it are
-resized (aspect kept) to cover ``img_size``, their centre taken (squashed under ``whole``).
+random rescale, crop, flip, photometric distortion; ``dense_augment``; "+ms" at its own size
+rescales by its config's 1.0-3.0), or without it are resized (aspect kept) to cover
+``img_size``, their centre taken (squashed under ``whole``).
 NYUd's get the depth toolbox's (``augment``: frame crop, rotation, flip, random crops of
 ``train_crop``, colour), or without it are squashed to ``img_size`` (4:3 either way), depth
 maps alike. "+ms" trains and tests at ``ms_img_size`` (DINOv2's 640 px crops; 644 in
 config/paper.yaml), on encoder passes of its own, or shares "lin."'s at ``img_size``; each of
 its test scales is resized from the original image to a shorter side of int(size x ratio), as
-mmseg's ``MultiScaleFlipAug`` does. What still differs from DINOv2's dense protocols: images
-are resized bicubic with anti-aliasing (mmseg: cv2 bilinear), and "+ms" has no long-side cap
-(DINOv2's (2560, 640) scale caps it at 4x the shorter side, binding only beyond 4:1).
+mmseg's ``MultiScaleFlipAug`` does, with no cap on the longer side (``img_scale=(99999999,
+640)``). Dense images are resized as mmcv does (``imagesets.DENSE_FITS``: bilinear on 8-bit
+levels, as the training augmentation).
 Every probe follows the DINOv2 protocol of its module; the sizes of the probe training
 (epochs, iterations, learning-rate grid) come from the config, smaller at mini scale.
 
@@ -224,28 +225,32 @@ def _block_major(bt: BlockTokens) -> torch.Tensor:
 
 
 def _seg_training_batches(encoder, meta, manifest: str | Path, size: tuple[int, int], n_layers: int,
-                         cfg: Mapping[str, Any]) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
+                         cfg: Mapping[str, Any], ratio_range: tuple[float, float]
+                         ) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
     """(tokens of the last ``n_layers`` blocks, masks) of the seeded training batches:
-    mmseg's augmentation of each image drawn, the encoder run on each batch (``augment``);
-    or each image fitted once, its aspect kept (resized to cover ``size``, its centre) when
-    the test slides windows over the image, squashed to ``size`` when it passes it whole."""
+    mmseg's augmentation of each image drawn (rescale ratios from ``ratio_range``), the
+    encoder run on each batch (``augment``); or each image fitted once, its aspect kept
+    (resized to cover ``size``, its centre) when the test slides windows over the image,
+    squashed to ``size`` when it passes it whole."""
     seg = cfg["segmentation"]
     if not seg["augment"]:
         train = _split(manifest, "train", size, "seg", fit="cover" if slide_setting(seg, size) else "squash")
         yield from _training_batches(encoder, meta, train, n_layers, True, seg, cfg)
         return
-    yield from _augmented_batches(encoder, meta, manifest, "seg", size, n_layers, True, seg, cfg)
+    yield from _augmented_batches(encoder, meta, manifest, "seg", size, n_layers, True, seg, cfg,
+                                  ratio_range=ratio_range)
 
 
 def _augmented_batches(encoder, meta, manifest: str | Path, target: str, crop: tuple[int, int],
                        blocks: int | list[int], norm: bool, task: Mapping[str, Any], cfg: Mapping[str, Any],
-                       nyu_crop: bool = False) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
+                       **augment: Any) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
     """(tokens, targets) of the seeded training batches, each image augmented afresh
-    (``dense_augment``) and the encoder run on every batch."""
+    (``dense_augment.AugmentedImages``, with ``augment``'s options) and the encoder run on
+    every batch."""
     from webssl_repro.evaluate.dense_augment import AugmentedImages, augmented_batches
 
     device, seed = model_device(encoder), int(cfg["seed"])
-    train = AugmentedImages(load_split(manifest, "train"), target, crop, seed, nyu_crop=nyu_crop)
+    train = AugmentedImages(load_split(manifest, "train"), target, crop, seed, **augment)
     fn = _tokens_fn(encoder, meta, blocks, norm, cfg, out_device=device)
     order = augmented_batches(len(train), min(int(task["batch_size"]), len(train)), seed)
     for _, x, y in image_loader(train, order, int(cfg["workers"])):
@@ -259,8 +264,11 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     "+ms" (DINOv2's 640 px; None: ``img_size``). Heads of one size train in one loop
     (``train_seg_heads``) on the same seeded batches of frozen maps, the encoder running once
     per batch or once per image (cached): each head's training is the one it would have
-    alone, with the same batches and initialisation.
+    alone, with the same batches and initialisation. Augmented, "+ms" at its own size
+    rescales its training images by DINOv2's "+ms" ratios (1.0-3.0); sharing "lin."'s
+    batches, by "lin."'s (0.5-2.0).
     """
+    from webssl_repro.evaluate.dense_augment import MS_RATIO_RANGE, RATIO_RANGE
     from webssl_repro.evaluate.segmentation import LinearSegHead, train_seg_heads
 
     seg, device, seed = cfg["segmentation"], model_device(encoder), int(cfg["seed"])
@@ -275,7 +283,8 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     for hw in dict.fromkeys(h[2] for h in heads.values()):
         group = {name: h for name, h in heads.items() if h[2] == hw}
         n_layers = max(head.n_layers for head, _, _ in group.values())
-        stream = _seg_training_batches(encoder, meta, manifest, hw, n_layers, cfg)
+        ratios = RATIO_RANGE if "ade20k_linear" in group else MS_RATIO_RANGE
+        stream = _seg_training_batches(encoder, meta, manifest, hw, n_layers, cfg, ratios)
         train_seg_heads([head for head, _, _ in group.values()], ((_block_major(bt), y) for bt, y in stream),
                         iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
         scores.update(_seg_scores(encoder, meta, manifest, hw, n_layers, group, n_classes, cfg))

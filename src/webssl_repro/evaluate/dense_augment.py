@@ -2,7 +2,8 @@
 
 ADE20K (mmseg's pipeline of the official linear config, ssl_reference.md §5.2):
 ``Resize(img_scale=(99999999, crop), ratio_range=(0.5, 2.0))``, the shorter side to the crop
-size times a uniform ratio (image bilinear, mask nearest); ``RandomCrop(crop,
+size times a uniform ratio (image bilinear, mask nearest; DINOv2's "+ms" config draws the
+ratio from (1.0, 3.0), ``MS_RATIO_RANGE``); ``RandomCrop(crop,
 cat_max_ratio=0.75)``, redrawn up to 10 times until no class covers 75 % of the window's
 labelled pixels; ``RandomFlip(0.5)``; ``PhotoMetricDistortion``; ImageNet normalisation;
 padding to the crop (image 0, mask ``IGNORE_INDEX``). The photometric steps work on 0..255
@@ -32,6 +33,9 @@ from .imagesets import IMAGENET_MEAN, IMAGENET_STD, as_hw, rgb_array, seeded_bat
 from .segmentation import IGNORE_INDEX
 
 RATIO_RANGE = (0.5, 2.0)
+#: the "+ms" config's ``Resize(img_scale=(99999999, 640), ratio_range=(1.0, 3.0))``: it trains
+#: on the larger scales it is tested at (``segmentation.MS_SCALES`` run to 3.0)
+MS_RATIO_RANGE = (1.0, 3.0)
 CAT_MAX_RATIO = 0.75
 CROP_TRIES = 10
 BRIGHTNESS_DELTA, CONTRAST_RANGE, SATURATION_RANGE, HUE_DELTA = 32, (0.5, 1.5), (0.5, 1.5), 18
@@ -128,15 +132,16 @@ def photometric_distortion(x: torch.Tensor, rng: np.random.Generator) -> torch.T
     return x
 
 
-def seg_train_sample(image: Any, mask: Any, crop: int | Sequence[int], rng: np.random.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One augmented (image, mask): (3, h, w) normalised, (h, w) long, (h, w) = ``crop``."""
+def seg_train_sample(image: Any, mask: Any, crop: int | Sequence[int], rng: np.random.Generator,
+                     ratio_range: tuple[float, float] = RATIO_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented (image, mask): (3, h, w) normalised, (h, w) long, (h, w) = ``crop``; the
+    shorter side first goes to the crop's times a ratio drawn from ``ratio_range``."""
     ch, cw = as_hw(crop)
     x = _pixels(image)
     y = torch.from_numpy(np.asarray(mask).astype(np.int64))
     if y.shape != x.shape[-2:]:
         raise ValueError(f"mask {tuple(y.shape)} and image {tuple(x.shape[-2:])} differ in size")
-    hw = short_side_hw(*x.shape[-2:], int(min(ch, cw) * rng.uniform(*RATIO_RANGE)))
+    hw = short_side_hw(*x.shape[-2:], int(min(ch, cw) * rng.uniform(*ratio_range)))
     x = F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
     y = F.interpolate(y[None, None].float(), size=hw, mode="nearest")[0, 0].long()
     top, left = crop_origin(y, (ch, cw), rng)
@@ -206,14 +211,18 @@ def depth_train_sample(image: Any, depth: Any, crop: int | Sequence[int], rng: n
 class AugmentedImages(Dataset):
     """A dense training split, augmented: item ``(i, draw)`` is record ``i`` under the
     randomness of ``(seed, draw)`` (``augmented_batches`` numbers the draws). ``target``:
-    ``seg`` (ADE20K's pipeline) or ``depth`` (NYUd's; ``nyu_crop`` first cuts the frame)."""
+    ``seg`` (ADE20K's pipeline, its rescale ratios from ``ratio_range``) or ``depth`` (NYUd's;
+    ``nyu_crop`` first cuts the frame)."""
 
     def __init__(self, records: Sequence[dict[str, Any]], target: str, crop: int | Sequence[int], seed: int,
-                 nyu_crop: bool = False) -> None:
+                 nyu_crop: bool = False, ratio_range: tuple[float, float] = RATIO_RANGE) -> None:
         if target not in ("seg", "depth"):
             raise ValueError(f"no training augmentation for target {target!r} (seg, depth)")
+        lo, hi = ratio_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio_range must be 0 < low <= high, got {ratio_range}")
         self.records, self.target, self.crop = records, target, as_hw(crop)
-        self.seed, self.nyu_crop = int(seed), nyu_crop
+        self.seed, self.nyu_crop, self.ratio_range = int(seed), nyu_crop, (float(lo), float(hi))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -222,7 +231,7 @@ class AugmentedImages(Dataset):
         i, draw = (int(k) for k in key)
         record, rng = self.records[i], np.random.default_rng([self.seed, draw])
         if self.target == "seg":
-            return seg_train_sample(record["image"], record["seg"], self.crop, rng)
+            return seg_train_sample(record["image"], record["seg"], self.crop, rng, self.ratio_range)
         return depth_train_sample(record["image"], record["depth"], self.crop, rng, self.nyu_crop)
 
 

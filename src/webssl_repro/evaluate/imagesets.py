@@ -74,15 +74,19 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 #: first pads to a square with the mean colour (Cambrian's ``expand2square``, the VQA probe);
 #: ``squash`` resizes straight to ``size``, aspect not kept; ``short`` resizes the shorter side
 #: to ``size`` keeping the aspect (mmseg's ``Resize(img_scale=(99999999, 512), keep_ratio=True)``
-#: of DINOv2's ADE20K test; bicubic with anti-aliasing here, bilinear there); ``cover`` resizes
-#: (aspect kept) just to cover ``size`` and takes the centre, targets alike (the dense training
-#: images whose test keeps the aspect). Dense targets follow ``cover`` or ``squash``, or stay native.
+#: of DINOv2's ADE20K test); ``cover`` resizes (aspect kept) just to cover ``size`` and takes
+#: the centre, targets alike (the dense training images whose test keeps the aspect). Dense
+#: targets follow ``cover`` or ``squash``, or stay native.
 FITS = ("crop", "pad", "squash", "short", "cover")
+#: The fits of the dense protocols, whose pipelines (mmseg, the depth toolbox) resize with
+#: mmcv: cv2's bilinear on 8-bit images. The others resize as PIL / torchvision: bicubic with
+#: anti-aliasing.
+DENSE_FITS = ("squash", "short", "cover")
 
 
 def short_side_hw(H: int, W: int, short: int) -> tuple[int, int]:
-    """(h, w) of an H x W image whose shorter side becomes ``short`` (mmseg's rescale_size:
-    one factor for both sides, ``int(x * factor + 0.5)``)."""
+    """(h, w) of an H x W image whose shorter side becomes ``short`` (mmseg's rescale_size for
+    ``img_scale=(99999999, short)``: one factor for both sides, ``int(x * factor + 0.5)``)."""
     factor = short / min(H, W)
     return int(H * factor + 0.5), int(W * factor + 0.5)
 
@@ -120,11 +124,19 @@ def pixels(image: Any) -> torch.Tensor:
     return torch.from_numpy(rgb_array(image) / 255.0).permute(2, 0, 1)
 
 
+def _mmcv_resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) in 0..1 resized as mmcv's ``imresize`` does an 8-bit image: bilinear (half-pixel
+    centres), no anti-aliasing, rounded to the 8-bit levels (cv2's fixed point may differ by one)."""
+    if tuple(x.shape[-2:]) == hw:
+        return x
+    return _resize(x * 255.0, hw, "bilinear").round().clamp(0, 255) / 255.0
+
+
 def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0,
                scale: float = 1.0) -> torch.Tensor:
-    """(3, H, W) pixels in 0..1 -> the probe's ImageNet-normalised input, resized bicubic with
-    anti-aliasing (as PIL / torchvision resize) by ``fit`` (``FITS``; ``pad`` squashes an image
-    already padded square), on ``x``'s device. ``scale`` multiplies the fitted size of
+    """(3, H, W) pixels in 0..1 -> the probe's ImageNet-normalised input, resized by ``fit``
+    (``FITS``; ``pad`` squashes an image already padded square) on ``x``'s device: as mmcv
+    for ``DENSE_FITS``, else as PIL / torchvision. ``scale`` multiplies the fitted size of
     ``short`` and ``squash`` (truncated, as mmseg's ``MultiScaleFlipAug`` ratios) in one resize
     from ``x``."""
     if fit not in FITS:
@@ -135,10 +147,13 @@ def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", cr
     if scale != 1.0:  # mmseg's MultiScaleFlipAug: int(scale x ratio)
         h, w = max(1, int(h * scale)), max(1, int(w * scale))
     if fit == "short":
-        x = _resize(x, short_side_hw(*x.shape[-2:], min(h, w)), "bicubic", antialias=True)
+        x = _mmcv_resize(x, short_side_hw(*x.shape[-2:], min(h, w)))
     elif fit == "cover":
-        x = _resize_crop(x, cover_box(*x.shape[-2:], (h, w)), (h, w), "bicubic", antialias=True)
-    elif fit != "crop":
+        new, top, left = cover_box(*x.shape[-2:], (h, w))
+        x = _mmcv_resize(x, new)[:, top:top + h, left:left + w]
+    elif fit == "squash":
+        x = _mmcv_resize(x, (h, w))
+    elif fit == "pad":
         x = _resize(x, (h, w), "bicubic", antialias=True)
     else:
         if h != w:
