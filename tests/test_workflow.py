@@ -243,7 +243,8 @@ def test_a_misspelt_section_key_is_refused_by_name(section, key):
                                                  ("evaluate.classic", "precision", "fp8"),
                                                  ("pretrain.train", "precision", "bf61"),
                                                  ("pretrain.dino", "centering", "center"),
-                                                 ("evaluate.alignment", "k", 2.5)])
+                                                 ("evaluate.alignment", "k", 2.5),
+                                                 ("evaluate.classic.linear", "batch_size", 0)])
 def test_a_wrong_type_or_choice_is_refused_naming_its_key_and_value(section, key, value):
     cfg = load_config(REPO / "config/mini.yaml")
     node = cfg

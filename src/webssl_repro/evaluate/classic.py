@@ -58,7 +58,9 @@ DEFAULTS: dict[str, Any] = {
     "workers": 0,
     # Where the linear probe's features go when they do not fit in memory (null: $TMPDIR).
     "scratch": None,
-    "linear": {"epochs": 10, "epoch_length": 1250, "lrs": list(DINOV2_LRS)},
+    # Linear probe: DINOv2's run_eval_linear on its standard 8 GPUs, 128 images each: a global
+    # batch of 1024 (the lrs scale by it / 256), which one process trains alike.
+    "linear": {"epochs": 10, "epoch_length": 1250, "lrs": list(DINOV2_LRS), "batch_size": 1024},
     # Dense heads: DINOv2's global batch, 2 images/GPU x 8 GPUs (ADE20K mmseg config, NYUd
     # depther); the top-level batch_size only chunks the frozen encoder's forward passes.
     # img_size: None = the pretraining resolution (see ``dense_size``).
@@ -82,8 +84,8 @@ DEFAULTS: dict[str, Any] = {
     "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None,
               "max_depth": None, "eigen_crop": False, "augment": True, "train_crop": None, "nyu_crop": False},
     "seed": 0,
-    # The frozen encoder's forward: fp32, or autocast to bf16 / fp16 as DINOv2's evaluations
-    # run it on GPUs (the probe heads always train in fp32).
+    # The frozen encoder's forward: fp32, or autocast to bf16 / fp16 (DINOv2's linear eval
+    # autocasts to fp16) on GPUs; the probe heads always train in fp32.
     "precision": "fp32",
 }
 
@@ -189,7 +191,7 @@ def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) 
         n_classes = int(max(feats["train"]["labels"].max(), feats["val"]["labels"].max())) + 1
         lin = cfg["linear"]
         result = linear_probe(feats["train"], feats["val"], n_classes, n_last_blocks=(1, n_blocks),
-                              lrs=lin["lrs"], batch_size=min(128, len(feats["train"]["labels"])),
+                              lrs=lin["lrs"], batch_size=min(int(lin["batch_size"]), len(feats["train"]["labels"])),
                               epochs=int(lin["epochs"]), epoch_length=int(lin["epoch_length"]),
                               seed=int(cfg["seed"]), device=model_device(encoder))
     setting = result.setting

@@ -5,11 +5,15 @@ batches (loss = sum of the heads' cross-entropies, as DINOv2 does), so the grid 
 over the features rather than 52. The best head is selected on the val set and its top-1 is the
 reported number, which is DINOv2's (optimistic, but the paper's) protocol.
 
+The batch is DINOv2's global one (``evaluate.classic.linear.batch_size``, 1024: 128 per GPU on
+its standard 8 GPUs); one process computes the same mean loss as the 8 ranks' averaged
+gradients, so ``world_size`` stays 1 and the lrs scale by 1024 / 256.
+
 Deviation, on purpose: features are computed once and cached (``features.linear_features``:
-in memory, or on disk for ImageNet at paper scale), so there is no per-epoch
-RandomResizedCrop/flip augmentation; re-running the encoder for 12.5k iterations would cost
-ten passes over ImageNet. Heads read their inputs per batch, so a split's concatenated
-inputs never exist at once. Everything else follows DINOv2.
+in memory, or on disk for ImageNet at paper scale) from the eval transform (resize + centre
+crop), so there is no per-iteration RandomResizedCrop/flip augmentation; re-running the encoder
+for 12.5k iterations of 1024 would cost ten passes over ImageNet. Heads read their inputs per
+batch, so a split's concatenated inputs never exist at once. Everything else follows DINOv2.
 """
 
 from __future__ import annotations
