@@ -226,7 +226,60 @@ def test_segmentation_head_shapes_and_training():
 def test_lin4_blocks():
     assert lin4_blocks(40) == [9, 19, 29, 39]   # DINOv2 ViT-g {10, 20, 30, 40}
     assert lin4_blocks(12) == [2, 5, 8, 11]     # DINOv2 ViT-S/B
-    assert lin4_blocks(24) == [5, 11, 17, 23]
+    assert lin4_blocks(24) == [4, 11, 17, 23]   # DINOv2 ViT-L (the rule would give 5 first)
+    assert lin4_blocks(32) == [7, 15, 23, 31] and lin4_blocks(26) == [5, 12, 18, 25]  # 5B/7B, 3B: the rule
+
+
+def test_onecycle_beta1_as_mmcv():
+    """mmcv's OneCycleMomentumUpdaterHook defaults over 38,400 iterations: 0.95 down to 0.85 at
+    iteration 0.3 x 38,400 - 1 = 11,519 (cosine), back up to 0.95 at the last, 38,399."""
+    from webssl_repro.evaluate.depth import onecycle_beta1
+
+    total = 38400
+    assert onecycle_beta1(0, total) == pytest.approx(0.95)
+    assert onecycle_beta1(11519, total) == pytest.approx(0.85)
+    assert onecycle_beta1(11519 // 2, total) == pytest.approx(0.90, abs=1e-4)  # half-way down the cosine
+    assert onecycle_beta1((11519 + 38399) // 2, total) == pytest.approx(0.90, abs=1e-4)
+    assert onecycle_beta1(total - 1, total) == pytest.approx(0.95)
+    assert onecycle_beta1(20000, total) < onecycle_beta1(30000, total)
+
+
+def test_depth_loss_is_sig_loss_per_gpu_pair_averaged():
+    """DINOv2's NYUd runs take SigLoss over each GPU's 2 images; DDP averages the gradients,
+    i.e. the loss is the mean of the pairs' losses, not one SigLoss over the batch."""
+    from webssl_repro.evaluate.depth import depth_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(4, 1, 6, 6, generator=g) * 5 + 0.5
+    pred = target * torch.tensor([1.0, 1.5, 0.7, 3.0]).view(4, 1, 1, 1) + torch.rand(4, 1, 6, 6, generator=g)
+    pairs = (sig_loss(pred[:2], target[:2]) + sig_loss(pred[2:], target[2:])) / 2
+    assert depth_loss(pred, target).item() == pytest.approx(pairs.item(), rel=1e-6)
+    assert depth_loss(pred, target, samples_per_gpu=None).item() == pytest.approx(sig_loss(pred, target).item())
+    assert abs(depth_loss(pred, target).item() - sig_loss(pred, target).item()) > 1e-2
+    with_grad = depth_loss(pred, target, grad_weight=0.5)
+    grads = (gradient_loss(pred[:2], target[:2]) + gradient_loss(pred[2:], target[2:])) / 2
+    assert with_grad.item() == pytest.approx(pairs.item() + 0.5 * grads.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="a batch of 4 images does not split into groups of samples_per_gpu=3"):
+        depth_loss(pred, target, samples_per_gpu=3)
+
+
+def test_depth_training_sets_lr_and_beta1_each_iteration(monkeypatch):
+    from webssl_repro.evaluate.depth import _lr_factor, onecycle_beta1
+
+    seen = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: seen.append(
+        (self.param_groups[0]["lr"], self.param_groups[0]["betas"])) or step(self, *a, **kw))
+    images = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(0)
+    head = DepthLinearHead(in_dim=3, n_layers=4, n_bins=16, max_depth=10.0)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2 * 3 * 4, 16, kernel_size=1)  # DINOv2 keeps the conv's default init
+    assert torch.equal(head.conv.weight, conv.weight) and torch.equal(head.conv.bias, conv.bias)
+    train_depth(head, _colour_features, [(images, 1.0 + 4.0 * images[:, 0])], iters=10, lr=1e-2, warmup_iters=3)
+    assert [lr for lr, _ in seen] == pytest.approx([1e-2 * _lr_factor(i, 10, 3) for i in range(10)])
+    assert [b for b, _ in (betas for _, betas in seen)] == pytest.approx([onecycle_beta1(i, 10) for i in range(10)])
+    assert all(b2 == 0.999 for _, (_, b2) in seen)
 
 
 def test_bins_to_depth_hand_case():

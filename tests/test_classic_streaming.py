@@ -139,28 +139,41 @@ def test_paper_config_runs_the_full_size_sets():
     cfg = classic_config(paper["evaluate"]["classic"])
     assert cfg["depth"]["max_depth"] == 10.0 and cfg["precision"] == "bf16"
     assert 0 < cfg["workers"] < Plan(paper).eval_threads("classic") == 8
-    # DINOv2's dense resolutions, on the 14-px patch grid of every paper encoder
+    # DINOv2's dense resolutions (the encoder centre-pads them to its 14-px grid, as DINOv2 does)
     meta = {"img_size": 224, "patch": 14}
-    assert dense_size(cfg["segmentation"], meta) == (518, 518) and dense_size(cfg["depth"], meta) == (476, 644)
-    # and their training augmentations: random 518-px crops, and 416 x 544 crops of NYUd's cut frames
+    assert dense_size(cfg["segmentation"], meta) == (512, 512) and dense_size(cfg["depth"], meta) == (480, 640)
+    # and their training augmentations: random 512-px crops, and 416 x 544 crops of NYUd's cut frames
     assert cfg["segmentation"]["augment"] and cfg["depth"]["augment"] and cfg["depth"]["nyu_crop"]
     assert cfg["depth"]["train_crop"] == [416, 544]
-    assert dense_size(cfg["segmentation"], meta, "ms_img_size") == (644, 644)  # "+ms": DINOv2's 640 px
+    assert dense_size(cfg["segmentation"], meta, "ms_img_size") == (640, 640)  # "+ms": DINOv2's 640 px
+    # NYUd's loss as DINOv2's code computes it: SigLoss per GPU's 2 images, no gradient term
+    assert cfg["depth"]["samples_per_gpu"] == 2 and cfg["depth"]["grad_weight"] == 0.0
+    assert cfg["linear"]["batch_size"] == 1024
 
 
-def test_dense_probes_at_a_non_square_size(tiny_data):  # noqa: F811
+def test_dense_probes_at_a_non_square_size_off_the_patch_grid(tiny_data, monkeypatch):  # noqa: F811
     """NYUd's frames are 4:3: a dense task's img_size may be [h, w], masks and depth maps
-    follow their image, and a size off the patch grid is refused by name."""
-    from webssl_repro.evaluate import classic
+    follow their image. A size off the patch grid (DINOv2's 512-px crops, 480 x 640 frames at
+    patch 14) reaches the encoder centre-padded to it: here 24 x 36 as 24 x 40."""
+    from webssl_repro.evaluate import classic, features
 
     encoder, meta = _encoder()
-    cfg = classic.classic_config({**DENSE, "segmentation": {**DENSE["segmentation"], "img_size": [24, 40]},
-                                  "depth": {**DENSE["depth"], "img_size": [24, 40]}})
+    shapes = []
+    forward = encoder.forward_intermediates
+    monkeypatch.setattr(encoder, "forward_intermediates",
+                        lambda x, *a, **kw: shapes.append(tuple(x.shape[-2:])) or forward(x, *a, **kw))
+    cfg = classic.classic_config({**DENSE, "segmentation": {**DENSE["segmentation"], "img_size": [24, 36]},
+                                  "depth": {**DENSE["depth"], "img_size": [24, 36]}})
     seg = classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg)
     dep = classic.depth(encoder, meta, tiny_data["depth"], cfg)
     assert 0.0 < seg["ade20k_linear"] <= 100.0 and 0.0 < dep["nyud_lin1"] < 10.0, (seg, dep)
-    with pytest.raises(ValueError, match=r"img_size \[24, 36\] is not a multiple of the encoder's patch 8"):
-        classic.dense_size({"img_size": [24, 36]}, meta)
+    assert classic.dense_size({"img_size": [24, 36]}, meta) == (24, 36) and (24, 40) in shapes
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in shapes), set(shapes)
+    x = torch.rand(1, 3, 24, 36)
+    padded = features.pad_to_multiple(x, 8)  # 2 zero columns on each side, as DINOv2's CenterPadding
+    assert padded.shape[-2:] == (24, 40) and torch.equal(padded[..., 2:38], x) and not padded[..., :2].any()
+    with pytest.raises(ValueError, match=r"img_size \[0, 36\]: sizes must be positive"):
+        classic.dense_size({"img_size": [0, 36]}, meta)
 
 
 def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811

@@ -3,7 +3,7 @@
 ImageNet is evaluated at the encoder's pretraining resolution (paper App. A) with DINOv2's
 eval transform (resize to 256/224 of the size, centre crop). ADE20K and NYUd use "the settings
 from Oquab et al.": their own resolution, a task's ``img_size`` (paper config: ADE20K's 512 px
-and NYUd's 480 x 640 at the nearest patch multiples, 518 and 476 x 644). Validation scores at
+and NYUd's 480 x 640, centre-padded by the encoder to its patch grid). Validation scores at
 each set's own resolution, as mmseg and the depth toolbox do: ADE20K's shorter side goes to
 ``img_size`` and ``img_size`` windows slide over it at a 2/3 stride (``test_mode: slide``;
 ``whole`` passes the image squashed to ``img_size``), their logits resized to the label map;
@@ -14,8 +14,7 @@ rescales by its config's 1.0-3.0), or without it are resized (aspect kept) to co
 ``img_size``, their centre taken (squashed under ``whole``).
 NYUd's get the depth toolbox's (``augment``: frame crop, rotation, flip, random crops of
 ``train_crop``, colour), or without it are squashed to ``img_size`` (4:3 either way), depth
-maps alike. "+ms" trains and tests at ``ms_img_size`` (DINOv2's 640 px crops; 644 in
-config/paper.yaml), on encoder passes of its own, or shares "lin."'s at ``img_size``; each of
+maps alike. "+ms" trains and tests at ``ms_img_size`` (DINOv2's 640 px crops), on encoder passes of its own, or shares "lin."'s at ``img_size``; each of
 its test scales is resized from the original image to a shorter side of int(size x ratio), as
 mmseg's ``MultiScaleFlipAug`` does, with no cap on the longer side (``img_scale=(99999999,
 640)``). Dense images are resized as mmcv does (``imagesets.DENSE_FITS``: bilinear on 8-bit
@@ -81,8 +80,11 @@ DEFAULTS: dict[str, Any] = {
     # augment: the depth toolbox's training augmentation (dense_augment) of random crops of
     # train_crop (None: img_size; DINOv2's NYUd: [416, 544]), after nyu_crop cuts each 480 x 640
     # frame to its content (NYUCrop; true in config/paper.yaml); else images squashed to img_size.
+    # samples_per_gpu: the images of each SigLoss (DINOv2: 2 per GPU, the batch's 16 on 8 GPUs);
+    # grad_weight: GradientLoss's, 0 as it acts in DINOv2's code (depth.gradient_loss).
     "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None,
-              "max_depth": None, "eigen_crop": False, "augment": True, "train_crop": None, "nyu_crop": False},
+              "max_depth": None, "eigen_crop": False, "augment": True, "train_crop": None, "nyu_crop": False,
+              "samples_per_gpu": 2, "grad_weight": 0.0},
     "seed": 0,
     # The frozen encoder's forward: fp32, or autocast to bf16 / fp16 (DINOv2's linear eval
     # autocasts to fp16) on GPUs; the probe heads always train in fp32.
@@ -96,13 +98,14 @@ def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any], key: str = 
     """Input (h, w) of a dense task. DINOv2 evaluates ADE20K / NYUd at their own resolution
     (512 px crops; NYUd's 480 x 640 frames), not the 224 px of pretraining, so a task's
     ``img_size`` (``s`` or ``[h, w]``) may set it; the encoder resamples its position
-    embeddings. Default: the pretraining resolution."""
+    embeddings, and centre-pads a size off its patch grid with zeros (DINOv2's
+    ``CenterPadding``: 512 -> 518 at patch 14). Default: the pretraining resolution."""
     size = task_cfg.get(key)
     if size is None:
         return as_hw(int(meta["img_size"]))
-    hw, patch = as_hw(size), int(meta["patch"])
-    if any(v % patch for v in hw):
-        raise ValueError(f"evaluate.classic {key} {size} is not a multiple of the encoder's patch {patch}")
+    hw = as_hw(size)
+    if min(hw) < 1:
+        raise ValueError(f"evaluate.classic {key} {size}: sizes must be positive")
     return hw
 
 
@@ -175,7 +178,7 @@ class TokenCache:
     @staticmethod
     def fits(encoder, n_images: int, img_size: int | tuple[int, int], patch: int, n_layers: int) -> bool:
         h, w = as_hw(img_size)
-        tokens = (h // patch) * (w // patch) + 1
+        tokens = -(-h // patch) * -(-w // patch) + 1  # the encoder pads to its patch grid
         return n_images * n_layers * tokens * encoder.embed_dim * 4 < features.IN_MEMORY_BYTES
 
 
@@ -335,6 +338,9 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
 
     dep, device = cfg["depth"], model_device(encoder)
     size = dense_size(dep, meta)
+    if int(dep["batch_size"]) % int(dep["samples_per_gpu"]):
+        raise ValueError(f"evaluate.classic.depth.batch_size {dep['batch_size']} is not a multiple of "
+                         f"samples_per_gpu {dep['samples_per_gpu']}")
     train, val = _split(manifest, "train", size, "depth"), _split(manifest, "val", size, "depth", native=True)
     specs = (("nyud_lin1", [int(meta["depth"]) - 1]), ("nyud_lin4", lin4_blocks(int(meta["depth"]))))
     blocks = sorted({b for _, bl in specs for b in bl})
@@ -364,7 +370,8 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         stream = _training_batches(encoder, meta, train, blocks, False, dep, cfg)
     batches = ((flat(bt), bt.grid, y) for bt, y in stream)
     train_depth_heads(heads, batches, iters=int(dep["iters"]), lr=float(dep["lr"]),
-                      warmup_iters=int(dep["warmup"]), sig_warmup=int(dep["sig_warmup"]))
+                      warmup_iters=int(dep["warmup"]), sig_warmup=int(dep["sig_warmup"]),
+                      grad_weight=float(dep["grad_weight"]), samples_per_gpu=int(dep["samples_per_gpu"]))
     fn = _tokens_fn(encoder, meta, blocks, False, cfg, out_device=device)
     scores = {name: RMSE() for name, _ in specs}
     for head in heads:
@@ -373,13 +380,13 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         for _, xs, ds in _in_order(val, cfg, collate_lists):
             # DINOv2's NYUd test: the mean of the image's and its mirror's predictions (flip
             # TTA), resized to the depth map and scored where the ground truth lies inside the
-            # bins' range (and the Eigen crop)
+            # bins' range, (min, max) open as the toolbox's eval mask (and the Eigen crop)
             x = torch.stack(xs)  # squashed to one size
             views = [(bt.grid, flat(bt)) for bt in (fn(x), fn(x.flip(-1)))]
             targets = []  # each map once on the device, with its valid pixels (the heads share the bins)
             for d in ds:
                 d = d.to(device).unsqueeze(0)
-                valid = (d > heads[0].min_depth) & (d <= heads[0].max_depth)
+                valid = (d > heads[0].min_depth) & (d < heads[0].max_depth)
                 targets.append((d, valid & eigen_crop(d.shape).to(device) if dep["eigen_crop"] else valid))
             for k, ((name, _), head) in enumerate(zip(specs, heads)):
                 pred = 0.0

@@ -4,8 +4,16 @@ Head (DINOv2 ``dinov2/hub/depth/decode_heads.py``, depth ``BNHead``): for each c
 concat the patch map with the CLS token broadcast over space (2D channels), upsample x4
 bilinearly, concat the blocks, 1x1 conv to 256 bins; bins are uniform on [min, max] depth
 ("UD"), and "linear" normalisation turns logits into weights ``relu(l) + 0.1`` normalised over
-bins; depth = expected bin centre. Losses: SigLoss (scale-invariant log, with warm-up) +
-0.5 x GradientLoss. Features are the raw residual stream (``norm=False``), as DINOv2's depther.
+bins; depth = expected bin centre. Features are the raw residual stream (``norm=False``), as
+DINOv2's depther.
+
+Loss, as DINOv2's NYUd runs compute it: SigLoss (scale-invariant log, with warm-up) on each
+GPU's 2 images (``samples_per_gpu``), averaged as DDP averages their gradients. Its config
+adds 0.5 x GradientLoss, whose code slices the batch and channel dimensions of the (2, 1, H, W)
+maps instead of the spatial ones and so contributes exactly zero: ``grad_weight`` is 0 by
+default, and 0.5 applies the MegaDepth loss it meant. AdamW's beta1 follows mmcv's one-cycle
+momentum schedule (``momentum_config=dict(policy='OneCycle')``: 0.95 -> 0.85 over the first 30 %
+of the iterations, back to 0.95 by the end, cosine).
 """
 
 from __future__ import annotations
@@ -20,9 +28,14 @@ import torch.nn.functional as F
 from .features import BlockTokens, chunk_size, interp_matrix
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
-           "depth_loss", "train_depth", "train_depth_heads", "rmse", "RMSE", "eigen_crop", "EIGEN_CROP"]
+           "depth_loss", "onecycle_beta1", "train_depth", "train_depth_heads", "rmse", "RMSE", "eigen_crop",
+           "EIGEN_CROP", "SAMPLES_PER_GPU"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
+#: images per GPU of DINOv2's NYUd configs (samples_per_gpu), over which each SigLoss is taken
+SAMPLES_PER_GPU = 2
+#: DINOv2's lin.4 blocks of the depths it evaluates (``hub/depthers.py``): ViT-S/B, ViT-L, ViT-g
+DINOV2_LIN4 = {12: [2, 5, 8, 11], 24: [4, 11, 17, 23], 40: [9, 19, 29, 39]}
 #: Eigen et al.'s NYUd evaluation crop (rows 45:471, columns 41:601 of the 480 x 640 frames,
 #: where the Kinect's depth is valid), as the depth toolbox behind DINOv2 applies it
 EIGEN_CROP = {"frame": (480, 640), "rows": (45, 471), "cols": (41, 601)}
@@ -41,15 +54,15 @@ def eigen_crop(shape: Sequence[int]) -> torch.Tensor:
 
 
 def lin4_blocks(depth: int) -> list[int]:
-    """0-based blocks for lin.4: ``depth * m / 4 - 1`` for m = 1..4.
+    """0-based blocks for lin.4: DINOv2's own choice at the depths it evaluates (12, 24, 40:
+    ``DINOV2_LIN4``), else ``depth * m / 4 - 1`` for m = 1..4, the rule behind its 12 and 40.
 
-    The paper does not say which 4 blocks it uses for the 2B-7B models; DINOv2 ViT-g (40 blocks)
-    uses {10, 20, 30, 40} (1-based), i.e. [9, 19, 29, 39], which this rule reproduces, as well as
-    ViT-S/B's [2, 5, 8, 11]. (DINOv2 ViT-L uses [4, 11, 17, 23]; the rule gives [5, 11, 17, 23].)
+    The paper does not say which 4 blocks it uses for the 2B-7B models: the 24-block 2B takes
+    ViT-L's [4, 11, 17, 23], the 26- and 32-block 3B-7B the rule's evenly spaced blocks.
     """
     if depth < 4:
         raise ValueError(f"lin.4 needs at least 4 blocks; got depth={depth}")
-    return [depth * m // 4 - 1 for m in range(1, 5)]
+    return list(DINOV2_LIN4.get(depth, [depth * m // 4 - 1 for m in range(1, 5)]))
 
 
 def bins_to_depth(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -66,6 +79,7 @@ class DepthLinearHead(nn.Module):
 
     ``n_layers=1`` is lin.1 (last block), ``n_layers=4`` is lin.4 (blocks from ``lin4_blocks``,
     chosen by the feature function). No BatchNorm: DINOv2's depth BNHead never applies one.
+    The conv keeps PyTorch's default initialisation, as DINOv2's (no init_cfg on it).
     """
 
     def __init__(self, in_dim: int, n_layers: int = 1, n_bins: int = 256, min_depth: float = 1e-3,
@@ -74,8 +88,6 @@ class DepthLinearHead(nn.Module):
         self.n_layers, self.upsample = n_layers, upsample
         self.min_depth, self.max_depth = min_depth, max_depth
         self.conv = nn.Conv2d(2 * in_dim * n_layers, n_bins, kernel_size=1)
-        nn.init.normal_(self.conv.weight, 0.0, 0.01)
-        nn.init.zeros_(self.conv.bias)
         self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
 
     def flat_inputs(self, tokens: BlockTokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +201,10 @@ def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MegaDepth multi-scale gradient matching of log-depth over valid pixels.
 
     DINOv2's copy slices ``[::2i, ::2i]`` and ``[0:-2, :]`` on the leading dims of a 4-D
-    (B, 1, H, W) tensor, i.e. over batch/channel rather than space (as we read it, identically
-    zero at 2 images per GPU). We apply the intended spatial version (MegaDepth) to each (H, W)
-    map at strides 1, 2, 4, 6, normalised by the valid-pixel count of each scale.
+    (B, 1, H, W) tensor, i.e. over batch/channel rather than space: at its 2 images per GPU
+    every slice it differences is empty and the loss is zero (hence ``grad_weight`` 0 by
+    default). This is the intended spatial version, on each (H, W) map at strides 1, 2, 4, 6,
+    normalised by the valid-pixel count of each scale.
     """
     total = pred.new_zeros(())
     for s in (1, 2, 4, 6):
@@ -207,12 +220,34 @@ def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def depth_loss(pred: torch.Tensor, target: torch.Tensor, warm_up: bool = False,
-               grad_weight: float = 0.5) -> torch.Tensor:
-    """SigLoss + 0.5 GradientLoss after bilinearly resizing ``pred`` to the target size."""
+def depth_loss(pred: torch.Tensor, target: torch.Tensor, warm_up: bool = False, grad_weight: float = 0.0,
+               samples_per_gpu: int | None = SAMPLES_PER_GPU) -> torch.Tensor:
+    """SigLoss (+ ``grad_weight`` x GradientLoss) after bilinearly resizing ``pred`` to the
+    target size, on each group of ``samples_per_gpu`` images and averaged (None: one group)."""
     if pred.shape[-2:] != target.shape[-2:]:
         pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    return sig_loss(pred, target, warm_up) + grad_weight * gradient_loss(pred, target)
+    n = samples_per_gpu or pred.shape[0]
+    if pred.shape[0] % n:
+        raise ValueError(f"a batch of {pred.shape[0]} images does not split into groups of samples_per_gpu={n}")
+    losses = [sig_loss(p, t, warm_up) + (grad_weight * gradient_loss(p, t) if grad_weight else 0.0)
+              for p, t in zip(pred.split(n), target.split(n))]
+    return torch.stack(losses).mean()
+
+
+def onecycle_beta1(it: int, total: int, low: float = 0.85, high: float = 0.95, pct_start: float = 0.3) -> float:
+    """mmcv's ``OneCycleMomentumUpdaterHook`` (two phases, cosine) at 0-based iteration ``it``:
+    ``high`` -> ``low`` until iteration ``pct_start * total - 1``, then back to ``high`` at ``total - 1``."""
+    turn = pct_start * total - 1
+    start, end, frac = (high, low, it / turn) if it <= turn else (low, high, (it - turn) / (total - 1 - turn))
+    return end + 0.5 * (start - end) * (math.cos(math.pi * frac) + 1)
+
+
+def _schedule(opt: torch.optim.Optimizer, lr: float, it: int, iters: int, warmup_iters: int) -> None:
+    """This iteration's lr (warm-up + cosine) and beta1 (one-cycle), as DINOv2's NYUd runs set them."""
+    factor, beta1 = _lr_factor(it, iters, warmup_iters), onecycle_beta1(it, iters)
+    for group in opt.param_groups:
+        group["lr"] = lr * factor
+        group["betas"] = (beta1, group["betas"][1])
 
 
 def _lr_factor(it: int, total: int, warmup: int, warmup_ratio: float = 1e-3,
@@ -226,8 +261,10 @@ def _lr_factor(it: int, total: int, warmup: int, warmup_ratio: float = 1e-3,
 
 def train_depth(head: DepthLinearHead, feature_fn, batches: Iterable, iters: int, lr: float = 1e-4,
                 weight_decay: float = 0.01, warmup_iters: int = 12800, sig_warmup: int = 100,
-                grad_clip: float = 35.0) -> list[float]:
-    """Train on (images, depth) batches: DINOv2's AdamW, warm-up + cosine, clip 35; loss curve."""
+                grad_clip: float = 35.0, grad_weight: float = 0.0,
+                samples_per_gpu: int | None = SAMPLES_PER_GPU) -> list[float]:
+    """Train on (images, depth) batches: DINOv2's AdamW (one-cycle beta1), warm-up + cosine,
+    clip 35, the loss per ``samples_per_gpu`` images; returns the loss curve."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     head.train()
@@ -237,12 +274,10 @@ def train_depth(head: DepthLinearHead, feature_fn, batches: Iterable, iters: int
             it = len(losses)
             if it >= iters:
                 break
-            factor = _lr_factor(it, iters, warmup_iters)
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
+            _schedule(opt, lr, it, iters, warmup_iters)
             pred = head(feature_fn(images))
             loss = depth_loss(pred, target.view(target.shape[0], 1, *target.shape[-2:]),
-                              warm_up=it < sig_warmup)
+                              warm_up=it < sig_warmup, grad_weight=grad_weight, samples_per_gpu=samples_per_gpu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(head.parameters(), grad_clip)
@@ -256,7 +291,8 @@ def train_depth(head: DepthLinearHead, feature_fn, batches: Iterable, iters: int
 def train_depth_heads(heads: Sequence[DepthLinearHead],
                       batches: Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], tuple[int, int], torch.Tensor]],
                       iters: int, lr: float = 1e-4, weight_decay: float = 0.01, warmup_iters: int = 12800,
-                      sig_warmup: int = 100, grad_clip: float = 35.0) -> list[list[float]]:
+                      sig_warmup: int = 100, grad_clip: float = 35.0, grad_weight: float = 0.0,
+                      samples_per_gpu: int | None = SAMPLES_PER_GPU) -> list[list[float]]:
     """``train_depth`` for several heads at once on frozen tokens.
 
     ``batches`` yields (inputs, grid, depth (B, 1, H, W)) with ``inputs[i]`` = (patches
@@ -274,14 +310,14 @@ def train_depth_heads(heads: Sequence[DepthLinearHead],
     for it in range(iters):
         inputs, grid, target = next(batches)
         target = target.view(target.shape[0], 1, *target.shape[-2:])
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(it, iters, warmup_iters)
+        _schedule(opt, lr, it, iters, warmup_iters)
         logits = torch.cat([h.token_logits(p, c, grid) for h, (p, c) in zip(heads, inputs)])
         if shared:  # one chunked pass over all heads' logits
             preds = heads[0].from_logits(logits).chunk(len(heads))
         else:
             preds = [h.from_logits(lg) for h, lg in zip(heads, logits.chunk(len(heads)))]
-        per_head = [depth_loss(pred, target, warm_up=it < sig_warmup) for pred in preds]
+        per_head = [depth_loss(pred, target, warm_up=it < sig_warmup, grad_weight=grad_weight,
+                               samples_per_gpu=samples_per_gpu) for pred in preds]
         opt.zero_grad(set_to_none=True)
         torch.stack(per_head).sum().backward()
         for h in heads:
