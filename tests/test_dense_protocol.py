@@ -74,6 +74,7 @@ def test_slide_setting_defaults_to_two_thirds_and_names_bad_values():
     seg = {"test_mode": "slide", "slide_stride": None}
     assert slide_setting(seg, (518, 518)) == ((518, 518), (345, 345))
     assert slide_setting(seg, (512, 512)) == ((512, 512), (341, 341))  # mmseg's ADE20K numbers
+    assert slide_setting(seg, (640, 640)) == ((640, 640), (426, 426))  # and its 640-px configs'
     assert slide_setting({**seg, "slide_stride": 100}, (518, 518)) == ((518, 518), (100, 100))
     assert slide_setting({**seg, "test_mode": "whole"}, (518, 518)) is None
     with pytest.raises(ValueError, match="test_mode: 'tile'"):

@@ -150,7 +150,7 @@ def slide_setting(seg: Mapping[str, Any], size: tuple[int, int]) -> tuple[tuple[
         raise ValueError(f"evaluate.classic.segmentation.test_mode: {mode!r} is not 'slide' or 'whole'")
     if mode == "whole":
         return None
-    stride_hw = tuple(max(1, round(v * SLIDE_STRIDE)) for v in size) if stride is None else as_hw(stride)
+    stride_hw = tuple(max(1, int(v * SLIDE_STRIDE)) for v in size) if stride is None else as_hw(stride)
     if min(stride_hw) < 1 or any(st > c for st, c in zip(stride_hw, size)):
         raise ValueError(f"evaluate.classic.segmentation.slide_stride: {stride!r} must be in [1, img_size {size}]")
     return size, stride_hw

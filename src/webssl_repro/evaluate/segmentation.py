@@ -24,7 +24,7 @@ IGNORE_INDEX = 255
 #: which the windows slide (or which is passed whole), with flips. DINOv2's "+ms" config works
 #: at 640 px (short side and windows): ``evaluate.classic.segmentation.ms_img_size``.
 MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)
-#: mmseg's ADE20K slide stride over its crop: 341 of 512
+#: mmseg's ADE20K slide stride over its crop, truncated: 341 of 512, 426 of 640
 SLIDE_STRIDE = 2 / 3
 
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
