@@ -161,6 +161,36 @@ def test_tokenizer_ids_identical_across_processes(tmp_path, kind):
     assert int((tok(captions, 16) == tok.tokenizer.token_to_id("<unk>")).sum()) == 0
 
 
+def test_paper_tokenizer_is_clip_bpe_from_the_hub(tmp_path, monkeypatch):
+    """Paper scale names the OpenAI CLIP BPE by hub repo (MetaCLIP's tokenizer); a stand-in
+    with CLIP's special tokens and layout (end-of-text the last id, no pad token) shows how
+    it is read: [SOT] words [EOT], padded with 0 as open_clip. A name that is neither a file
+    nor a reachable repo is refused by its config key."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from webssl_repro.config import load_config
+
+    paper = load_config(Path(__file__).resolve().parents[1] / "config" / "paper.yaml")
+    repo = paper["pretrain"]["clip"]["tokenizer"]
+    assert repo == "openai/clip-vit-large-patch14"
+    vocab = {"a": 0, "red": 1, "cube": 2, "<|startoftext|>": 3, "<|endoftext|>": 4}
+    stand_in = Tokenizer(models.WordLevel(vocab=vocab, unk_token="a"))
+    stand_in.pre_tokenizer = pre_tokenizers.Whitespace()
+    stand_in.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    asked = []
+    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(lambda name: asked.append(name) or stand_in))
+    tok = load_tokenizer(repo)
+    assert asked == [repo] and tok.vocab_size == 5 and (tok.sot_id, tok.eot_id, tok.pad_id) == (3, 4, 0)
+    assert tok("a red cube", 7).tolist() == [[3, 0, 1, 2, 4, 0, 0]]
+
+    def offline(name):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(offline))
+    with pytest.raises(FileNotFoundError, match=r"pretrain.clip.tokenizer 'no/such-repo' is neither"):
+        load_tokenizer("no/such-repo")
+
+
 def test_text_tower_pools_eot_and_ignores_padding_after_it():
     torch.manual_seed(0)
     tower = TextTransformer(vocab_size=20, context_length=8, width=16, layers=2, heads=2,

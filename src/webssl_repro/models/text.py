@@ -239,7 +239,16 @@ def _train_bpe(words: Mapping[str, int], vocab_size: int, specials: Sequence[str
 
 def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,
                    pad_token: str = PAD_TOKEN) -> CaptionTokenizer:
-    """Load any ``tokenizer.json`` (one built here, or a converted CLIP BPE at paper scale)."""
+    """A ``tokenizer.json`` file (one built here), or a hub repo that holds one: at paper scale
+    the OpenAI CLIP BPE that MetaCLIP and open_clip use (49,408 tokens, ``<|endoftext|>`` last),
+    as ``openai/clip-vit-large-patch14`` ships it."""
     from tokenizers import Tokenizer
 
-    return CaptionTokenizer(Tokenizer.from_file(str(path)), sot_token, eot_token, pad_token)
+    if Path(path).is_file():
+        return CaptionTokenizer(Tokenizer.from_file(str(path)), sot_token, eot_token, pad_token)
+    try:
+        tokenizer = Tokenizer.from_pretrained(str(path))
+    except Exception as err:  # tokenizers raises its own exception types for a missing repo / no network
+        raise FileNotFoundError(f"pretrain.clip.tokenizer {str(path)!r} is neither a tokenizer.json file nor a "
+                                f"hub repo with one that could be fetched ({err})") from err
+    return CaptionTokenizer(tokenizer, sot_token, eot_token, pad_token)
