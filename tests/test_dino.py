@@ -77,6 +77,24 @@ def test_koleo_hand_case():
     assert koleo_loss(x).item() == pytest.approx(0.267400, abs=1e-5)
 
 
+def test_koleo_per_gpu_groups_as_dinov2_ranks():
+    """DINOv2 takes KoLeo over each GPU's images (12 in the ViT-g recipe) and averages the
+    GPUs: 48 images of one rank are 4 such GPUs; 2 ranks of 24 give the same loss."""
+    from webssl_repro.methods.dino_losses import koleo_per_gpu
+
+    x = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    quarters = torch.stack([koleo_loss(q) for q in x.split(12)]).mean()
+    assert koleo_per_gpu(x, 12).item() == pytest.approx(quarters.item(), rel=1e-6)
+    two_ranks = (koleo_per_gpu(x[:24], 12) + koleo_per_gpu(x[24:], 12)) / 2
+    assert two_ranks.item() == pytest.approx(quarters.item(), rel=1e-6)
+    assert koleo_per_gpu(x, None).item() == pytest.approx(koleo_loss(x).item())
+    assert koleo_per_gpu(x, 12).item() < koleo_loss(x).item() - 0.05  # nearer neighbours among 48
+    assert koleo_per_gpu(x[:8], 12).item() == pytest.approx(koleo_loss(x[:8]).item())  # fewer: one group
+    assert DinoConfig().koleo_batch == 12
+    with pytest.raises(ValueError, match="koleo_batch must be >= 2"):
+        DinoConfig(koleo_batch=1)
+
+
 def test_koleo_excludes_self():
     # two identical rows: nearest non-self neighbour is at distance 0 -> large loss; if self
     # were not excluded every row would get the same (huge) value, so also check a spread case

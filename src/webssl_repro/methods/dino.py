@@ -19,6 +19,7 @@ from webssl_repro.methods.dino_losses import (
     dino_multicrop_loss,
     ibot_patch_loss,
     koleo_loss,
+    koleo_per_gpu,
     sinkhorn_knopp,
     softmax_center,
     updated_center,
@@ -60,6 +61,9 @@ class DinoConfig:
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
+    # KoLeo's nearest neighbours among this many images (DINOv2: one GPU's, 12 in the ViT-g
+    # recipe), whatever the run's GPU count; None: the rank's whole batch
+    koleo_batch: int | None = 12
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -100,6 +104,8 @@ class DinoConfig:
     def __post_init__(self) -> None:
         if self.centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {self.centering!r}")
+        if self.koleo_batch is not None and self.koleo_batch < 2:
+            raise ValueError(f"koleo_batch must be >= 2 (a nearest neighbour needs two images), got {self.koleo_batch}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "DinoConfig":
@@ -289,7 +295,7 @@ class DinoMethod(nn.Module):
         dino_global, dino_local = global_loss / n_terms, local_loss / n_terms
         dino = cfg.dino_loss_weight * (dino_global + dino_local)
 
-        koleo = cfg.koleo_loss_weight * sum(koleo_loss(c) for c in s_out["cls"].chunk(2))
+        koleo = cfg.koleo_loss_weight * sum(koleo_per_gpu(c, cfg.koleo_batch) for c in s_out["cls"].chunk(2))
 
         ibot = cfg.ibot_loss_weight * ibot_patch_loss(s_out["patch_logits"], p_patch, weights,
                                                       n_images, cfg.student_temp)

@@ -36,7 +36,8 @@ class DINOHead(nn.Module):
                     nn.init.trunc_normal_(module.weight, std=init_std)
                     nn.init.zeros_(module.bias)
         # The prototype layer keeps PyTorch's default init (DINOv2 applies its trunc-normal
-        # init before wrapping it); the gain starts at 1 and stays trainable as in DINOv2.
+        # init to the MLP before the prototype layer exists); the gain starts at 1 and stays
+        # trainable as in DINOv2.
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, n_prototypes, bias=False))
         with torch.no_grad():
             g = self.last_layer.parametrizations.weight.original0

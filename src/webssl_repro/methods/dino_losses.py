@@ -83,6 +83,16 @@ def koleo_loss(x: torch.Tensor) -> torch.Tensor:
         return -torch.log(distances + 1e-8).mean()
 
 
+def koleo_per_gpu(x: torch.Tensor, images_per_gpu: int | None) -> torch.Tensor:
+    """``koleo_loss`` as DINOv2 takes it: each GPU searches nearest neighbours among its own
+    images only, and DDP averages the GPUs' gradients. The rows split into about
+    ``images_per_gpu``-sized groups (``round(n / images_per_gpu)`` of them, at least one), and the
+    loss is the groups' mean; None: one group. The loss then does not depend on how many ranks
+    share a batch."""
+    groups = 1 if images_per_gpu is None else max(1, round(x.shape[0] / images_per_gpu))
+    return torch.stack([koleo_loss(g) for g in x.tensor_split(groups)]).mean()
+
+
 def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                     token_weights: torch.Tensor, n_images: int, student_temp: float) -> torch.Tensor:
     """iBOT loss over masked tokens only (rows = masked tokens of all images).
