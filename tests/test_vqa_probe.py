@@ -213,6 +213,35 @@ def test_stage1_can_train_a_from_scratch_lm(tokenizer):
     assert any(not torch.equal(v, lm_before[k]) for k, v in probe.lm.state_dict().items())
 
 
+def test_bf16_precision_autocasts_the_forward_and_keeps_fp32_weights(tokenizer, monkeypatch):
+    """Stage 2 of the paper moves an 8B LM by lr 4e-5: in bf16 weights most such steps round
+    away (bf16(0.02) + 4e-5 == 0.02), so the weights and AdamW state stay fp32 and only the
+    forward autocasts to bf16 (on CUDA; forced here on the CPU)."""
+    from webssl_repro.evaluate.vqa import probe as probe_mod
+
+    assert torch.tensor(0.02, dtype=torch.bfloat16) + 4e-5 == torch.tensor(0.02, dtype=torch.bfloat16)
+    assert probe_mod.autocast_dtype("bf16", torch.device("cuda")) is torch.bfloat16
+    assert probe_mod.autocast_dtype("bf16", torch.device("cpu")) is None
+    assert probe_mod.autocast_dtype("fp32", torch.device("cuda")) is None
+    assert VqaConfig().precision == "bf16"
+    with pytest.raises(ValueError, match="evaluate.vqa.precision: 'fp16' is not one of"):
+        VqaConfig.from_mapping({"precision": "fp16"})
+    probe = _probe(tokenizer, hidden=32, layers=1)
+    probe.precision = "bf16"
+    monkeypatch.setattr(probe_mod, "autocast_dtype", lambda precision, device: torch.bfloat16)
+    samples, feats = _world(8, seed=1)
+    visual, t = probe.batch(samples[:2], feats, with_answer=True)
+    assert probe(visual, **t)["logits"].dtype == torch.bfloat16  # the forward ran in bf16
+    before = {k: v.clone() for k, v in probe.lm.state_dict().items()}
+    train_stage(probe, samples, feats, 2, StageConfig(lr=4e-5, batch_size=8, micro_batch_size=8, max_steps=1,
+                                                      warmup_ratio=0.0))
+    weights = [(k, v) for k, v in probe.lm.state_dict().items() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 for _, v in weights)
+    moved = [(v != before[k]).float().mean().item() for k, v in weights if k.endswith("proj.weight")]
+    assert moved and min(moved) > 0.95  # an Adam step of ~lr reaches nearly every fp32 weight
+    assert probe.answer(samples[:2], feats, batch_size=2, max_new_tokens=2)  # generation autocasts too
+
+
 def test_gradient_accumulation_is_split_invariant(tokenizer):
     probe = _probe(tokenizer, hidden=32, layers=1).double()
     samples, feats = _world(6, seed=2)

@@ -184,6 +184,9 @@ def test_schema_types_the_config_dataclasses():
         assert schema[section]["properties"][key]["enum"] == list(values), (section, key)
     vqa = root["evaluate"]["properties"]["vqa"]["properties"]
     _typed_like(VqaConfig, vqa, skip=("stage1", "stage2"))
+    from webssl_repro.evaluate.vqa.probe import PRECISIONS as VQA_PRECISIONS
+
+    assert vqa["precision"]["enum"] == list(VQA_PRECISIONS)
     for stage in ("stage1", "stage2"):
         assert set(vqa[stage]["properties"]) == {f.name for f in dataclasses.fields(StageConfig)}
         _typed_like(StageConfig, vqa[stage]["properties"])

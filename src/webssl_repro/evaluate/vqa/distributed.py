@@ -125,8 +125,7 @@ class Parallel:
 
 
 def _fsdp_units(probe: nn.Module) -> list[nn.Module]:
-    """One unit per decoder layer, and the projector: it stays fp32 beside a bf16 LM, and FSDP2
-    reduce-scatters one gradient dtype per unit. The root (probe) keeps embeddings, norm, head."""
+    """One unit per decoder layer, and the projector. The root (probe) keeps embeddings, norm, head."""
     return [*transformer_blocks(probe.lm), probe.projector]
 
 

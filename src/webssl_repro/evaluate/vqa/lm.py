@@ -80,8 +80,10 @@ def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: in
         return LlamaForCausalLM(cfg)
 
 
-def load_lm(path_or_id: str | Path, dtype: str = "bfloat16"):
-    """The paper's LM (``meta-llama/Meta-Llama-3-8B-Instruct``) by hub id or local path."""
+def load_lm(path_or_id: str | Path, dtype: str = "float32"):
+    """The paper's LM (``meta-llama/Meta-Llama-3-8B-Instruct``) by hub id or local path, in fp32:
+    the weights AdamW updates (a bf16 weight of 0.02 does not move by a 4e-5 step); the forward
+    autocasts to bf16 (``VqaConfig.precision``)."""
     import torch
     from transformers import AutoModelForCausalLM
 

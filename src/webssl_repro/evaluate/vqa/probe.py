@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 
 #: ``score(benchmark, predictions, references) -> float`` (``webssl_repro.evaluate.vqa.scorers.score``).
 Scorer = Callable[[str, Sequence[str], Sequence[Any]], float]
+#: ``VqaConfig.precision``: the LM and projector always keep fp32 weights and AdamW state (Cambrian
+#: trains fp32 weights); ``bf16`` runs their forward under bf16 autocast on CUDA.
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the probe's forward: bf16 on CUDA for ``bf16``, else none (fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"evaluate.vqa.precision: {precision!r} is not one of {PRECISIONS}")
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
 
 
 def build_projector(kind: str, vis_dim: int, lm_dim: int) -> nn.Sequential:
@@ -60,6 +70,12 @@ class MultimodalProbe(nn.Module):
         #: Run the projector (and keep it in the autograd graph) for image-free batches too, so that
         #: data-parallel ranks agree on its gradients and collectives (set by ``vqa.distributed``).
         self.project_without_images = False
+        #: ``VqaConfig.precision``; the forward autocasts as ``autocast_dtype`` says for its device.
+        self.precision = "fp32"
+
+    def _autocast(self, device: torch.device):
+        dtype = autocast_dtype(self.precision, device)
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     def embed(self, visual: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(input_ids)
@@ -79,10 +95,11 @@ class MultimodalProbe(nn.Module):
     def forward(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Logits, plus the answer-token loss (``loss_sum``/``n_answer`` and their mean) given labels."""
-        emb = self.embed(visual, input_ids, image_mask)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).logits
+        with self._autocast(input_ids.device):
+            emb = self.embed(visual, input_ids, image_mask)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
         out = {"logits": logits}
         if labels is not None:
             target = labels[:, 1:].to(logits.device)
@@ -108,30 +125,36 @@ class MultimodalProbe(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            emb = self.embed(visual, input_ids, image_mask)
-            mask = attention_mask.long()
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            kw = _decode_kwargs(self.lm)
-            out = self.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-            B = input_ids.shape[0]
-            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-            result: list[list[int]] = [[] for _ in range(B)]
-            for _ in range(max_new_tokens):
-                nxt = out.logits[:, -1].argmax(-1)
-                for i, (tok, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
-                    if not finished and tok != self.stop_id:
-                        result[i].append(tok)
-                done |= nxt == self.stop_id
-                finished = bool(done.all())
-                if all_finished(finished) if all_finished is not None else finished:
-                    break
-                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                pos = pos[:, -1:] + 1
-                past = out.cache if hasattr(out, "cache") else out.past_key_values
-                out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                              **{_cache_name(self.lm): past}, **kw)
+            with self._autocast(input_ids.device):
+                return self._greedy(visual, input_ids, attention_mask, image_mask, max_new_tokens, all_finished)
         finally:
             self.train(was_training)
+
+    def _greedy(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_mask: torch.Tensor, max_new_tokens: int,
+                all_finished: Optional[Callable[[bool], bool]]) -> list[list[int]]:
+        emb = self.embed(visual, input_ids, image_mask)
+        mask = attention_mask.long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kw = _decode_kwargs(self.lm)
+        out = self.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        B = input_ids.shape[0]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        result: list[list[int]] = [[] for _ in range(B)]
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            for i, (tok, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
+                if not finished and tok != self.stop_id:
+                    result[i].append(tok)
+            done |= nxt == self.stop_id
+            finished = bool(done.all())
+            if all_finished(finished) if all_finished is not None else finished:
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            pos = pos[:, -1:] + 1
+            past = out.cache if hasattr(out, "cache") else out.past_key_values
+            out = self.lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                          **{_cache_name(self.lm): past}, **kw)
         return result
 
     def batch(self, samples: Sequence[VqaSample], features: FeatureCache, *, with_answer: bool,
@@ -216,6 +239,8 @@ class VqaConfig:
     seed: int = 0
     #: ``none`` (one process), ``ddp`` or ``fsdp2`` over the ranks of a torchrun launch (``vqa.distributed``).
     strategy: str = "none"
+    #: fp32 weights either way; ``bf16`` autocasts the forward on CUDA (``PRECISIONS``).
+    precision: str = "bf16"
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3, warmup_ratio=0.06))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5, warmup_ratio=0.03))
 
@@ -236,6 +261,8 @@ class VqaConfig:
                     raise KeyError(f"VqaConfig.{key}: unknown key(s) {bad}; known: {sorted(stage_names)}")
                 value = StageConfig(**{**base.__dict__, **value})
             setattr(cfg, key, value)
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
         return cfg
 
 
@@ -335,8 +362,10 @@ def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> Multimod
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.language_model)
         lm = load_lm(cfg.language_model)
     torch.manual_seed(cfg.seed)
-    return MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
-                           projector=cfg.projector)
+    probe = MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
+                            projector=cfg.projector)
+    probe.precision = cfg.precision
+    return probe
 
 
 def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
