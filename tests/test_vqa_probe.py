@@ -370,6 +370,7 @@ def test_online_features_match_the_cache_path():
 
 def test_real_benchmark_adapters_with_local_stand_ins():
     datasets = pytest.importorskip("datasets")
+    from webssl_repro.evaluate.vqa import real
     from webssl_repro.evaluate.vqa.real import BENCHMARKS, load_benchmark
     from webssl_repro.evaluate.vqa.scorers import score
 
@@ -398,7 +399,28 @@ def test_real_benchmark_adapters_with_local_stand_ins():
     ai2d = datasets.Dataset.from_list([{"question": "Which eats grass?", "options": ["fox", "deer"], "answer": "1",
                                         "image": "I"}])
     (s,), _ = load_benchmark("ai2d", dataset=ai2d)
-    assert s.answer == "B" and "A. fox\nB. deer" in s.question
+    assert s.answer == "B" and s.question == "Which eats grass?\nA. fox\nB. deer\n" + real.MC_PROMPT
+    # Cambrian's prompts and ground truths: MathVista's choice as its letter, TextVQA's OCR tokens,
+    # MMBench's " Options:" and its circular groups (question + image + source)
+    mv = datasets.Dataset.from_list([
+        {"query": "Hint: ...\nWhich is larger?\nChoices:\n(A) 3\n(B) 5", "question": "Which is larger?",
+         "question_type": "multi_choice", "choices": ["3", "5"], "answer": "5", "answer_type": "text",
+         "decoded_image": "I"},
+        {"query": "What is 2+3?", "question": "What is 2+3?", "question_type": "free_form", "choices": None,
+         "answer": "5", "answer_type": "integer", "decoded_image": "I"}])
+    (mc, free), _ = load_benchmark("mathvista", dataset=mv)
+    assert (mc.answer, free.answer) == ("B", "5") and mc.question.endswith(real.MATHVISTA_MC_PROMPT)
+    assert score("mathvista", ["B", "5.1"], [mc.reference(), free.reference()]) == 100.0
+    tv = datasets.Dataset.from_list([{"question": "What shop?", "answers": ["bakery"] * 10, "ocr_tokens": ["BAKERY", "OPEN"],
+                                      "image": "I"}])
+    (s,), _ = load_benchmark("textvqa", dataset=tv)
+    assert s.question == "What shop?\nReference OCR tokens: BAKERY, OPEN\n" + real.SHORT_PROMPT
+    rows = [{"question": "Colour?", "hint": "nan", "A": a, "B": b, "C": None, "D": None, "answer": ans,
+             "source": "src", "image": "I"} for a, b, ans in (("red", "blue", "A"), ("blue", "red", "B"))]
+    shifted, _ = load_benchmark("mmbench", dataset=datasets.Dataset.from_list(rows))
+    assert shifted[0].question == "Colour? Options:\nA. red\nB. blue\n" + real.MC_PROMPT
+    assert shifted[0].meta["circular_id"] == shifted[1].meta["circular_id"]
+    assert score("mmbench", ["A", "A"], [x.reference() for x in shifted]) == 0.0  # one shift wrong: 0 of 1
 
 
 def test_control_encoders_hand_the_probe_pixels_or_nothing():

@@ -10,6 +10,7 @@ on the fly (``EncoderFeatures``) because 7M × 576 tokens cannot be cached.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -30,8 +31,13 @@ CAMBRIAN: dict[str, tuple[str, str]] = {
     "instruction": ("nyu-visionx/Cambrian-10M", "jsons/Cambrian7M_withsystemprompt.jsonl"),
 }
 LETTERS = "ABCDEFGHIJ"
+# The question extensions of Cambrian's eval scripts (each ``*_eval.py``'s default)
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 SHORT_PROMPT = "Answer the question using a single word or phrase."
+NUMBER_PROMPT = "Answer the question using a single number or phrase."  # ChartQA
+DIRECT_PROMPT = "Give the short answer directly."  # OCRBench, DocVQA
+SQA_PROMPT = "Please answer directly with only the letter of the correct option and nothing else."
+MATHVISTA_MC_PROMPT = "First show your reasoning process and then give the final answer."
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
 
@@ -132,9 +138,16 @@ Row = Mapping[str, Any]
 Adapted = Optional[tuple[str, str, dict[str, Any]]]
 
 
-def _options(question: str, choices: Sequence[str], hint: str = "") -> str:
+def _options(question: str, choices: Sequence[str], *, label: bool = True, extension: str = MC_PROMPT) -> str:
+    """Cambrian's multiple-choice prompt: the question (+ " Options:"), "A. …" lines, the extension."""
     lines = [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
-    return "\n".join([*([hint] if hint else []), question, *lines, MC_PROMPT])
+    return "\n".join([question + (" Options:" if label else ""), *lines, extension])
+
+
+def _image_key(image: Any) -> str:
+    """A short digest of an image's pixels (a PIL image; anything else by its text)."""
+    data = image.tobytes() if hasattr(image, "tobytes") else str(image).encode()
+    return hashlib.md5(data).hexdigest()[:12]
 
 
 def _clean(values: Iterable[Any]) -> list[str]:
@@ -144,13 +157,18 @@ def _clean(values: Iterable[Any]) -> list[str]:
 def _mme(r: Row) -> Adapted:
     if r["category"] not in MME_PERCEPTION:  # MME-P: the 10 perception subtasks only
         return None
-    return r["question"], str(r["answer"]), {"subtask": r["category"], "pair_id": r["question_id"]}
+    return f"{r['question']}\n{SHORT_PROMPT}", str(r["answer"]), {"subtask": r["category"],
+                                                                 "pair_id": r["question_id"]}
 
 
 def _mmbench(r: Row) -> Adapted:
+    """The dev split holds each question under its circularly shifted options: rows of one
+    question, image and source form a ``circular_id`` group (Cambrian's ``source_id``)."""
     choices = _clean(r.get(k) for k in "ABCD")
     hint = "".join(_clean([r.get("hint")]))
-    return _options(r["question"], choices, hint), str(r["answer"]), {"choices": choices}
+    question = f"{hint}\n{r['question']}" if hint else r["question"]
+    circular = f"{r['question']} {_image_key(r.get('image'))} {r.get('source', '')}"
+    return _options(question, choices), str(r["answer"]), {"choices": choices, "circular_id": circular}
 
 
 def _seed(r: Row) -> Adapted:
@@ -160,25 +178,34 @@ def _seed(r: Row) -> Adapted:
     return _options(r["question"], choices), str(r["answer"]), {"choices": choices}
 
 
-def _short(r: Row, answers_key: str = "") -> Adapted:
+def _short(r: Row, answers_key: str = "", extension: str = SHORT_PROMPT) -> Adapted:
     meta: dict[str, Any] = {}
     answer = r.get("answer")
     if answers_key:
         meta["answers"] = [str(a) for a in r[answers_key]]
         answer = meta["answers"][0] if answer is None else answer
-    return f"{r['question']}\n{SHORT_PROMPT}", str(answer), meta
+    return f"{r['question']}\n{extension}", str(answer), meta
+
+
+def _textvqa(r: Row) -> Adapted:
+    """Cambrian's TextVQA prompt lists the dataset's OCR tokens before the extension."""
+    _, answer, meta = _short(r, "answers")
+    ocr = "".join(f" {t}" if i == 0 else f", {t}" for i, t in enumerate(r.get("ocr_tokens") or []))
+    return f"{r['question']}\nReference OCR tokens:{ocr}\n{SHORT_PROMPT}", answer, meta
 
 
 def _ocrbench(r: Row) -> Adapted:
     answers = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
-    return f"{r['question']}\n{SHORT_PROMPT}", str(answers[0]), {"answers": [str(a) for a in answers]}
+    return (f"{r['question']}\n{DIRECT_PROMPT}", str(answers[0]),
+            {"answers": [str(a) for a in answers], "subtask": r.get("question_type")})
 
 
 def _sqa(r: Row) -> Adapted:
     if r.get("image") is None:
         return None
-    hint = f"Context: {r['hint']}" if r.get("hint") else ""
-    return _options(r["question"], list(r["choices"]), hint), LETTERS[int(r["answer"])], {"choices": list(r["choices"])}
+    question = f"{r['hint']} {r['question']}" if r.get("hint") else r["question"]
+    return (_options(question, list(r["choices"]), label=False, extension=SQA_PROMPT), LETTERS[int(r["answer"])],
+            {"choices": list(r["choices"])})
 
 
 def _mmmu(r: Row) -> Adapted:
@@ -190,12 +217,19 @@ def _mmmu(r: Row) -> Adapted:
 
 
 def _mathvista(r: Row) -> Adapted:
-    return str(r.get("query") or r["question"]), str(r["answer"]), \
-        {"choices": r.get("choices"), "answer_type": r.get("answer_type")}
+    """The ``query`` (hint, question, choices) and Cambrian's extensions; a multiple-choice
+    answer becomes its option's letter, as Cambrian's eval writes the ground truth."""
+    query = str(r.get("query") or r["question"])
+    if r.get("question_type") == "multi_choice":
+        choices = [str(c) for c in r["choices"]]
+        return (f"{query}\n{MATHVISTA_MC_PROMPT}", LETTERS[choices.index(str(r["answer"]))],
+                {"choices": choices, "answer_type": r.get("answer_type")})
+    return f"{query}\n{SHORT_PROMPT}", str(r["answer"]), {"answer_type": r.get("answer_type")}
 
 
 def _ai2d(r: Row) -> Adapted:
-    return _options(r["question"], list(r["options"])), LETTERS[int(r["answer"])], {"choices": list(r["options"])}
+    return (_options(r["question"], list(r["options"]), label=False), LETTERS[int(r["answer"])],
+            {"choices": list(r["options"])})
 
 
 def _mmvp(r: Row) -> Adapted:
@@ -205,12 +239,13 @@ def _mmvp(r: Row) -> Adapted:
 
 
 def _realworldqa(r: Row) -> Adapted:
-    return str(r["question"]), str(r["answer"]), {}
+    return str(r["question"]), str(r["answer"]), {}  # the question carries its own instruction
 
 
 def _cvbench(r: Row) -> Adapted:
     # Official CV-Bench accuracy: mean over sources (2D: ADE20K, COCO; 3D: Omni3D).
-    return str(r["prompt"]), str(r["answer"]).strip("() "), {"choices": list(r["choices"]), "subtask": r["source"]}
+    return (f"{r['prompt']}\n{MC_PROMPT}", str(r["answer"]).strip("() "),
+            {"choices": list(r["choices"]), "subtask": r["source"]})
 
 
 @dataclass(frozen=True)
@@ -246,10 +281,10 @@ BENCHMARKS: dict[str, HfBenchmark] = {
     "mmmu": HfBenchmark("lmms-lab/MMMU", None, "validation", _mmmu, image="image_1"),
     "mathvista": HfBenchmark("AI4Math/MathVista", None, "testmini", _mathvista, image="decoded_image"),
     "ai2d": HfBenchmark("lmms-lab/ai2d", None, "test", _ai2d),
-    "chartqa": HfBenchmark("lmms-lab/ChartQA", None, "test", _short),
+    "chartqa": HfBenchmark("lmms-lab/ChartQA", None, "test", lambda r: _short(r, extension=NUMBER_PROMPT)),
     "ocrbench": HfBenchmark("echo840/OCRBench", None, "test", _ocrbench),
-    "textvqa": HfBenchmark("lmms-lab/textvqa", None, "validation", lambda r: _short(r, "answers")),
-    "docvqa": HfBenchmark("lmms-lab/DocVQA", "DocVQA", "validation", lambda r: _short(r, "answers")),
+    "textvqa": HfBenchmark("lmms-lab/textvqa", None, "validation", _textvqa),
+    "docvqa": HfBenchmark("lmms-lab/DocVQA", "DocVQA", "validation", lambda r: _short(r, "answers", DIRECT_PROMPT)),
     "mmvp": HfBenchmark("lmms-lab-eval/MMVP", None, "train", _mmvp),
     "realworldqa": HfBenchmark("xai-org/RealworldQA", None, "test", _realworldqa),
     "cvbench2d": HfBenchmark("nyu-visionx/CV-Bench", "2D", "test", _cvbench),

@@ -1,4 +1,5 @@
-"""One scorer per VQA benchmark analogue, following each real benchmark's own metric.
+"""One scorer per VQA benchmark, as Cambrian-1's eval scripts score it (``eval/eval/<b>/<b>_test.py``,
+the protocol the paper follows), for the real benchmarks and their mini analogues alike.
 
 ``score(benchmark, predictions, references)`` returns a percentage in [0, 100], except
 ``mme``, which returns MME's perception-style score in [0, 2000]: per subtask MME scores
@@ -7,13 +8,23 @@ both right; max 200), and MME-P sums 10 subtasks (max 2000). Our MME analogue ha
 subtasks, so it reports 10 x the mean subtask score; ``category_scores`` then divides by
 20 as the paper does, i.e. General gets the mean of (acc + acc+)/2.
 
-A reference is the item dict written by ``webssl_repro.data.evalsets`` (at least
-``answer``; ``choices``, ``pair_id``, ``subtask`` where the metric needs them) or a bare
-answer string.
+Answers are read as Cambrian reads them (``single_answer``, ``option_letter``): lower case, the
+text after "answer is" / "answer:", trailing punctuation off; a multiple-choice answer is its
+first character. Per benchmark: exact match (MME, GQA), the option letter (MMBench, circular
+over a question's option shifts; SEED, AI2D, CV-Bench by source; MMMU's and ScienceQA's
+choices, the latter also by the option's text), MMVP pairs (letter or option text), MathVista
+(exact, or within 5 % when both are numbers), ChartQA (within 5 % when both parse as numbers),
+OCRBench (the answer contains a ground truth; handwritten maths with spaces removed, case kept),
+TextVQA (VQA accuracy over its 10 annotators), DocVQA (ANLS), RealWorldQA (the first word).
+
+A reference is the item dict written by ``webssl_repro.data.evalsets`` or ``vqa.real`` (at
+least ``answer``; ``choices``, ``answers``, ``pair_id``, ``subtask``, ``circular_id`` where
+the metric needs them) or a bare answer string.
 """
 from __future__ import annotations
 
 import re
+import string
 from collections import defaultdict
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,10 +34,15 @@ _ARTICLES = {"a", "an", "the"}
 _NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
                  "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 LETTERS = "ABCDEFGH"
+#: Cambrian's answer markers, split on in this order (the text after the last one is kept)
+ANSWER_KEYWORDS = ("answer is", "answer is:", "answer:")
+#: OCRBench's category whose answers compare without spaces and with case (LaTeX formulas)
+HANDWRITTEN_MATH = "Handwritten Mathematical Expression Recognition"
 
 
 def normalize_answer(s: str) -> str:
-    """VQA-style normalisation: lower case, no punctuation or articles, number words as digits."""
+    """VQA-style normalisation (EvalAI's answer processor): lower case, no punctuation or
+    articles, number words as digits."""
     s = str(s).lower().strip()
     s = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", s)
     s = re.sub(r"[^\w\s.]", " ", s)
@@ -34,37 +50,44 @@ def normalize_answer(s: str) -> str:
     return " ".join(words)
 
 
+def single_answer(text: str) -> str:
+    """Cambrian's ``extract_single_answer``: lower case, after the answer markers, trailing '.' off."""
+    text = str(text).lower().strip()
+    for keyword in ANSWER_KEYWORDS:
+        if keyword in text:
+            text = text.split(keyword)[-1]
+    return text.strip().rstrip(".")
+
+
+def option_text(text: str) -> str:
+    """``single_answer`` without trailing '.:,' and surrounding parentheses (Cambrian's MCQ reading)."""
+    return single_answer(text).rstrip(".:,").lstrip("(").rstrip(")")
+
+
+def option_letter(text: str) -> str:
+    """Cambrian's ``extract_mcq_answer``: the first character of ``option_text`` ('' if none)."""
+    return option_text(text)[:1]
+
+
+def _gt_letter(r: Mapping[str, Any]) -> str:
+    return str(r["answer"]).strip("() ").lower()
+
+
 def _ref(r: Any) -> Mapping[str, Any]:
     return r if isinstance(r, Mapping) else {"answer": r}
 
 
-def parse_yes_no(pred: str) -> str | None:
-    w = normalize_answer(pred).split()
-    return w[0] if w and w[0] in ("yes", "no") else None
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
-def extract_choice(pred: str, choices: Sequence[str] | None = None) -> str | None:
-    """The option letter a model chose: '(B)', 'B.', 'Answer: B', or the option's text."""
-    n = len(choices) if choices else 4
-    valid = LETTERS[:n]
-    text = str(pred).strip()
-    m = re.match(rf"^\(?([{valid}])\)?(?:[.):,\s]|$)", text)
-    if m:
-        return m.group(1)
-    m = re.search(rf"(?:answer|option)\s*(?:is)?\s*:?\s*\(?([{valid}])\)?\b", text, re.IGNORECASE)
-    if m:
-        return m.group(1).upper()
-    if choices:
-        norm = normalize_answer(text)
-        hits = [LETTERS[i] for i, c in enumerate(choices) if normalize_answer(c) == norm]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
-def _to_float(s: str) -> float | None:
-    m = re.search(r"-?\d+(?:\.\d+)?", str(s).replace(",", ""))
-    return float(m.group(0)) if m else None
+def _within(pred: str, gt: str, rel_tol: float = 0.05) -> bool:
+    """Cambrian's ``relaxed_accuracy``, for two strings that both parse as numbers."""
+    return _is_number(pred) and _is_number(gt) and abs(float(pred) - float(gt)) <= abs(float(gt)) * rel_tol
 
 
 def anls(pred: str, answers: Sequence[str], tau: float = 0.5) -> float:
@@ -86,6 +109,15 @@ def anls(pred: str, answers: Sequence[str], tau: float = 0.5) -> float:
     return best
 
 
+def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
+    """VQA accuracy (M4C's TextVQA evaluator): min(1, matching annotators / 3), averaged over
+    the subsets that leave one annotator out. One reference answer: exact match."""
+    p, gts = normalize_answer(pred), [normalize_answer(a) for a in answers]
+    if len(gts) == 1:
+        return float(p == gts[0])
+    return sum(min(1.0, sum(g == p for g in gts[:i] + gts[i + 1:]) / 3) for i in range(len(gts))) / len(gts)
+
+
 def _answers(r: Mapping[str, Any]) -> list[str]:
     a = r.get("answers") or [r["answer"]]
     return [str(x) for x in a]
@@ -103,57 +135,124 @@ def _check(predictions: Sequence[str], references: Sequence[Any]) -> list[Mappin
     return [_ref(r) for r in references]
 
 
+def _exact(pred: str, r: Mapping[str, Any]) -> bool:
+    """MME and GQA: the lower-cased answer without a trailing '.' equals the ground truth."""
+    return str(pred).strip().lower().rstrip(".") == str(r["answer"]).lower()
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[Any]) -> float:
     refs = _check(predictions, references)
-    return _mean([float(any(normalize_answer(p) == normalize_answer(a) for a in _answers(r)))
-                  for p, r in zip(predictions, refs)])
+    return _mean([float(_exact(p, r)) for p, r in zip(predictions, refs)])
 
 
 def multiple_choice(predictions: Sequence[str], references: Sequence[Any]) -> float:
     refs = _check(predictions, references)
-    return _mean([float(extract_choice(p, r.get("choices")) == str(r["answer"]).strip("()").upper())
-                  for p, r in zip(predictions, refs)])
+    return _mean([float(option_letter(p) == _gt_letter(r)) for p, r in zip(predictions, refs)])
+
+
+def mc_circular(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    """MMBench's circular accuracy (Cambrian's reported MMBench number): the rows of one question
+    under its shifted options (same ``circular_id``: question, image and source) count once,
+    and only if every one is right."""
+    refs = _check(predictions, references)
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for k, (p, r) in enumerate(zip(predictions, refs)):
+        groups[str(r.get("circular_id", k))].append(option_letter(p) == _gt_letter(r))
+    return _mean([float(all(v)) for v in groups.values()])
 
 
 def mc_by_subtask(predictions: Sequence[str], references: Sequence[Any]) -> float:
-    """CV-Bench: accuracy per subtask (e.g. count / relation), then the mean of subtasks."""
+    """CV-Bench: accuracy per source (2D: ADE20K, COCO; 3D: Omni3D), then their mean."""
     refs = _check(predictions, references)
     groups: dict[str, list[float]] = defaultdict(list)
     for p, r in zip(predictions, refs):
-        groups[str(r.get("subtask", ""))].append(float(extract_choice(p, r.get("choices")) == str(r["answer"]).upper()))
+        groups[str(r.get("subtask", ""))].append(float(option_letter(p) == _gt_letter(r)))
     return sum(_mean(v) for v in groups.values()) / len(groups)
 
 
+def _choice_text(r: Mapping[str, Any]) -> str:
+    choices = r.get("choices") or []
+    i = LETTERS.index(str(r["answer"]).strip("() ").upper())
+    return str(choices[i]).lower().strip() if i < len(choices) else ""
+
+
+def science_qa(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    """ScienceQA: the letter before a '.' or the right option's text (punctuation-blind)."""
+    refs = _check(predictions, references)
+    squash = str.maketrans("", "", string.punctuation)
+    hits = []
+    for p, r in zip(predictions, refs):
+        answer = single_answer(p)
+        text = _choice_text(r)
+        hits.append(float(answer.split(".")[0] == _gt_letter(r)
+                          or answer.translate(squash).strip() == text.translate(squash).strip()))
+    return _mean(hits)
+
+
 def mc_pairs(predictions: Sequence[str], references: Sequence[Any]) -> float:
-    """MMVP: a pair of near-identical images counts only if both questions are right."""
+    """MMVP: the letter or the option's text; a pair of images counts only if both are right."""
     refs = _check(predictions, references)
     pairs: dict[str, list[bool]] = defaultdict(list)
     for k, (p, r) in enumerate(zip(predictions, refs)):
-        pairs[str(r.get("pair_id", k))].append(extract_choice(p, r.get("choices")) == str(r["answer"]).upper())
+        answer = option_text(p)
+        pairs[str(r.get("pair_id", k))].append(answer in (_gt_letter(r), _choice_text(r)))
     return _mean([float(all(v)) for v in pairs.values()])
 
 
-def numeric(predictions: Sequence[str], references: Sequence[Any], rel_tol: float = 0.0) -> float:
-    """Number match (MathVista-style); ``rel_tol`` > 0 gives ChartQA's relaxed accuracy."""
+def mmmu(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    """MMMU: the option letter for multiple choice; an open answer exactly, or within 5 %."""
     refs = _check(predictions, references)
     hits = []
     for p, r in zip(predictions, refs):
-        g, v = _to_float(str(r["answer"])), _to_float(p)
-        if g is None:  # non-numeric answer: exact match
-            hits.append(float(normalize_answer(p) == normalize_answer(str(r["answer"]))))
+        gt = str(r["answer"]).lower()
+        if r.get("choices"):
+            hits.append(float(option_letter(p) == gt.strip("() ")))
         else:
-            hits.append(float(v is not None and abs(v - g) <= rel_tol * abs(g) + 1e-9))
+            answer = single_answer(p)
+            hits.append(float(answer == gt or _within(answer, gt)))
+    return _mean(hits)
+
+
+def mathvista(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    """MathVista: the whole answer equals the ground truth (the option letter for multiple
+    choice, as Cambrian's test reads it), or both are numbers within 5 %."""
+    refs = _check(predictions, references)
+    hits = []
+    for p, r in zip(predictions, refs):
+        answer, gt = str(p).lower().strip(), str(r["answer"]).lower()
+        hits.append(float(answer == gt or _within(answer, gt)))
     return _mean(hits)
 
 
 def relaxed_accuracy(predictions: Sequence[str], references: Sequence[Any]) -> float:
-    return numeric(predictions, references, rel_tol=0.05)
+    """ChartQA: within 5 % when answer and ground truth both parse as numbers, else exact."""
+    refs = _check(predictions, references)
+    hits = []
+    for p, r in zip(predictions, refs):
+        answer, gt = str(p).lower(), str(r["answer"]).lower()
+        hits.append(float(_within(answer, gt) if _is_number(answer) and _is_number(gt) else answer == gt))
+    return _mean(hits)
 
 
 def contains_match(predictions: Sequence[str], references: Sequence[Any]) -> float:
-    """OCRBench: right when the ground-truth string occurs in the answer (case-insensitive)."""
+    """OCRBench: right when a ground-truth string occurs in the answer (lower case, newlines
+    as spaces; handwritten maths: spaces removed and case kept)."""
     refs = _check(predictions, references)
-    return _mean([float(any(a.lower().strip() in str(p).lower() for a in _answers(r))) for p, r in zip(predictions, refs)])
+    hits = []
+    for p, r in zip(predictions, refs):
+        if r.get("subtask") == HANDWRITTEN_MATH:
+            def prep(s: str) -> str:
+                return str(s).strip().replace("\n", " ").replace(" ", "")
+        else:
+            def prep(s: str) -> str:
+                return str(s).lower().strip().replace("\n", " ")
+        hits.append(float(any(prep(a) in prep(p) for a in _answers(r))))
+    return _mean(hits)
+
+
+def textvqa(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    refs = _check(predictions, references)
+    return _mean([vqa_accuracy(p, _answers(r)) for p, r in zip(predictions, refs)])
 
 
 def mean_anls(predictions: Sequence[str], references: Sequence[Any]) -> float:
@@ -161,12 +260,18 @@ def mean_anls(predictions: Sequence[str], references: Sequence[Any]) -> float:
     return _mean([anls(p, _answers(r)) for p, r in zip(predictions, refs)])
 
 
+def first_word(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    """RealWorldQA: the first word of the answer equals the ground truth."""
+    refs = _check(predictions, references)
+    return _mean([float((single_answer(p).split() or [""])[0] == str(r["answer"]).lower())
+                  for p, r in zip(predictions, refs)])
+
+
 def mme_score(predictions: Sequence[str], references: Sequence[Any]) -> float:
     refs = _check(predictions, references)
     by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for k, (p, r) in enumerate(zip(predictions, refs)):
-        ok = parse_yes_no(p) == normalize_answer(str(r["answer"]))
-        by_task[str(r.get("subtask", ""))][str(r.get("pair_id", k))].append(ok)
+        by_task[str(r.get("subtask", ""))][str(r.get("pair_id", k))].append(_exact(p, r))
     subtask_scores = []
     for images in by_task.values():
         answers = [ok for v in images.values() for ok in v]
@@ -177,10 +282,10 @@ def mme_score(predictions: Sequence[str], references: Sequence[Any]) -> float:
 
 
 SCORERS: dict[str, Callable[[Sequence[str], Sequence[Any]], float]] = {
-    "mme": mme_score, "mmbench": multiple_choice, "seed": multiple_choice, "gqa": exact_match,
-    "sqa": multiple_choice, "mmmu": multiple_choice, "mathvista": numeric, "ai2d": multiple_choice,
-    "chartqa": relaxed_accuracy, "ocrbench": contains_match, "textvqa": exact_match, "docvqa": mean_anls,
-    "mmvp": mc_pairs, "realworldqa": multiple_choice, "cvbench2d": mc_by_subtask, "cvbench3d": mc_by_subtask,
+    "mme": mme_score, "mmbench": mc_circular, "seed": multiple_choice, "gqa": exact_match,
+    "sqa": science_qa, "mmmu": mmmu, "mathvista": mathvista, "ai2d": multiple_choice,
+    "chartqa": relaxed_accuracy, "ocrbench": contains_match, "textvqa": textvqa, "docvqa": mean_anls,
+    "mmvp": mc_pairs, "realworldqa": first_word, "cvbench2d": mc_by_subtask, "cvbench3d": mc_by_subtask,
 }
 assert set(SCORERS) == set(VQA_BENCHMARKS)
 
