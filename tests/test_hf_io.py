@@ -267,3 +267,27 @@ def test_paper_archs_map_onto_hf_shapes(method, size):
                            legacy=convert.hf_is_legacy(theirs))
     assert {k: tuple(v.shape) for k, v in mapped.items()} == theirs
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+@pytest.mark.parametrize("method", ["dino", "clip"])
+def test_loaded_encoder_takes_imagenet_normalised_pixels(tmp_path, method):
+    """Every evaluation feeds ImageNet-normalised pixels; a CLIP encoder trained on OpenAI's
+    statistics sees the same pixels in its own (the trained encoder applied to OpenAI-
+    normalised pixels), a Web-DINO encoder sees them unchanged."""
+    from webssl_repro.evaluate.imagesets import IMAGENET_MEAN, IMAGENET_STD
+    from webssl_repro.methods.clip import OPENAI_MEAN, OPENAI_STD
+    from webssl_repro.models.hf import write_run_encoder
+
+    enc = _encoder(method)
+    loaded, meta = load_encoder(write_run_encoder(enc, _meta(method), tmp_path))
+    pixels = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+
+    def norm(mean, std):
+        return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    own = norm(OPENAI_MEAN, OPENAI_STD) if method == "clip" else norm(IMAGENET_MEAN, IMAGENET_STD)
+    with torch.no_grad():
+        fed = loaded.forward_features(norm(IMAGENET_MEAN, IMAGENET_STD))
+        assert torch.allclose(fed, enc.forward_features(own), atol=1e-5)
+        if method == "clip":  # not what the raw weights give on ImageNet-normalised pixels
+            assert not torch.allclose(fed, enc.forward_features(norm(IMAGENET_MEAN, IMAGENET_STD)), atol=1e-3)

@@ -23,8 +23,39 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(meta["encoder"])
 
 
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def pixel_stats(method: str) -> Stats:
+    """(mean, std) of the pixels a method trains on: ImageNet's (DINOv2, MAE), OpenAI's (CLIP,
+    as MetaCLIP and open_clip normalise). Every evaluation feeds ImageNet-normalised pixels."""
+    from webssl_repro.evaluate.imagesets import IMAGENET_MEAN, IMAGENET_STD
+    from webssl_repro.methods.clip import OPENAI_MEAN, OPENAI_STD
+
+    return (OPENAI_MEAN, OPENAI_STD) if method == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def take_imagenet_normalised(encoder: nn.Module, stats: Stats) -> None:
+    """Let an encoder trained on pixels normalised by ``stats`` (mean, std) take ImageNet-normalised
+    ones: a pre-hook on its patch embedding (the first layer of every forward path) maps
+    x -> (x * std_in + mean_in - mean) / std, the same pixels in the encoder's own statistics."""
+    imagenet = pixel_stats("dino")
+    if tuple(map(tuple, stats)) == imagenet:
+        return
+    (m_in, s_in), (m, s) = imagenet, stats
+    scale = torch.tensor([a / b for a, b in zip(s_in, s)]).view(1, 3, 1, 1)
+    shift = torch.tensor([(a - c) / b for a, c, b in zip(m_in, m, s)]).view(1, 3, 1, 1)
+
+    def renormalise(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x * scale.to(x) + shift.to(x), *args[1:])
+
+    encoder.patch_embed.register_forward_pre_hook(renormalise)
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the encoder written by ``webssl-repro pretrain`` and load its weights (strict)."""
+    """Rebuild the encoder written by ``webssl-repro pretrain`` and load its weights (strict). It
+    takes ImageNet-normalised pixels whatever statistics its method trained with (``pixel_stats``)."""
     from safetensors.torch import load_file
 
     from webssl_repro.models.vit import Arch, build_encoder
@@ -35,6 +66,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     state = load_file(str(path), device="cpu")
     encoder.load_state_dict(state, strict=True)
     encoder.to(device).eval().requires_grad_(False)
+    take_imagenet_normalised(encoder, pixel_stats(meta["method"]))
     meta["patch"] = arch.patch
     meta["depth"] = arch.depth
     return encoder, meta
