@@ -104,9 +104,23 @@ def test_clamp_threshold_hand_case_and_single_threshold_per_model():
     assert not torch.equal(alignment_matrix(la, lb, k=5, q=1.0), manual)
 
 
-def test_large_input_beyond_torch_quantile_limit():
-    x = torch.rand(17_000_000)  # torch.quantile refuses > 16M elements
+def test_large_input_takes_the_exact_element():
+    x = torch.rand(17_000_000)  # an 8B LM on 1024 captions: 138M values in one sort
     assert clamp_threshold([x.view(-1, 1000)], 0.95) == pytest.approx(0.95, abs=1e-3)
+
+
+def test_per_sample_clamp_of_measure_alignment():
+    """``exact=False`` (measure_alignment.py's default): each sample's interpolated quantile of
+    |x| over its layers and dims, averaged. Hand case: two samples over two 2-d layers."""
+    layers = [torch.tensor([[1.0, -2.0], [10.0, 20.0]]), torch.tensor([[3.0, 4.0], [30.0, -40.0]])]
+    # sample 0: |x| = 1, 2, 3, 4 -> median 2.5; sample 1: 10, 20, 30, 40 -> 25; mean 13.75
+    assert clamp_threshold(layers, 0.5, exact=False) == pytest.approx(13.75)
+    assert clamp_threshold(layers, 0.5) == 10.0  # exact: element int(0.5 x 8) = 4 of 1, 2, 3, 4, 10, ...
+    g = torch.Generator().manual_seed(4)
+    la, lb = torch.randn(3, 100, 16, generator=g) ** 3, torch.randn(2, 100, 16, generator=g) ** 3
+    ta, tb = clamp_threshold(la, 0.9, exact=False), clamp_threshold(lb, 0.9, exact=False)
+    manual = alignment_matrix(la.clamp(-ta, ta), lb.clamp(-tb, tb), k=5, q=1.0)
+    assert torch.equal(alignment_matrix(la, lb, k=5, q=0.9, exact=False), manual)
 
 
 def test_bad_shapes_name_the_argument():

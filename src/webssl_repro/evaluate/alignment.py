@@ -67,17 +67,22 @@ def _check_k(k: int, n: int) -> None:
         raise ValueError(f"k must be an int in [1, N-1] = [1, {n - 1}]; got {k!r}")
 
 
-def clamp_threshold(layers: Layers, q: float = 0.95) -> float:
-    """The reference's exact outlier threshold: ``sort(|x|.flatten())[int(q * numel)]``.
+def clamp_threshold(layers: Layers, q: float = 0.95, exact: bool = True) -> float:
+    """The reference's outlier threshold (``metrics.remove_outliers``), one value per model.
 
-    One value over all layers, samples and dims of a model. Uses ``kthvalue`` rather than
-    ``torch.quantile`` because the latter refuses inputs above ~16M elements (an 8B LM on
-    1024 captions already has 1024 x 33 x 4096 = 138M values) and interpolates, which the
-    reference does not.
+    ``exact`` (``platonic.Alignment.score``; ``measure_alignment.py --precise``): the element
+    ``sort(|x|.flatten())[int(q * numel)]`` over all layers, samples and dims, found with
+    ``kthvalue`` (no interpolation, as the reference). Otherwise (``measure_alignment.py``'s
+    default): each sample's interpolated q-quantile of |x| over its layers and dims, averaged
+    over the samples.
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"q must be in (0, 1]; got {q}")
-    flat = torch.cat([t.reshape(-1) for t in _as_layer_list(layers, "layers")]).abs().float()
+    parts = _as_layer_list(layers, "layers")
+    if not exact:
+        per_sample = torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1).abs().float()
+        return float(torch.quantile(per_sample, q, dim=1).mean())
+    flat = torch.cat([t.reshape(-1) for t in parts]).abs().float()
     idx = min(int(q * flat.numel()), flat.numel() - 1)
     return float(flat.kthvalue(idx + 1).values)
 
@@ -117,13 +122,14 @@ def _layer_knn(layers: list[torch.Tensor], k: int) -> torch.Tensor:
 
 
 def alignment_matrix(layers_a: Layers, layers_b: Layers, k: int = 10,
-                     q: float = 0.95, chunk: int = 8) -> torch.Tensor:
+                     q: float = 0.95, chunk: int = 8, exact: bool = True) -> torch.Tensor:
     """(La, Lb) float64 tensor of mutual-kNN@k for every layer pair after clamp + L2-norm.
 
     Intersections: B's neighbour sets become bool masks ``(Lb, N, N)``; for every layer i of A
     the masks are gathered at A's k neighbour indices, giving ``(Lb, N, k)`` hits whose sum is
     the intersection size. ``chunk`` A-layers are gathered at once to bound memory
-    (``chunk * Lb * N * k`` bools). ``q=1`` disables clamping, as in the reference.
+    (``chunk * Lb * N * k`` bools). ``q=1`` disables clamping, as in the reference; ``exact``
+    chooses the threshold (``clamp_threshold``).
     """
     la = _as_layer_list(layers_a, "layers_a")
     lb = _as_layer_list(layers_b, "layers_b")
@@ -133,7 +139,7 @@ def alignment_matrix(layers_a: Layers, layers_b: Layers, k: int = 10,
                          f"got {n} and {lb[0].shape[0]}")
     _check_k(k, n)
     if q < 1.0:
-        ta, tb = clamp_threshold(la, q), clamp_threshold(lb, q)
+        ta, tb = clamp_threshold(la, q, exact), clamp_threshold(lb, q, exact)
         la = [t.float().clamp(-ta, ta) for t in la]
         lb = [t.float().clamp(-tb, tb) for t in lb]
     knn_a = _layer_knn(la, k)                                  # (La, N, k)
@@ -153,13 +159,13 @@ def alignment_matrix(layers_a: Layers, layers_b: Layers, k: int = 10,
 
 
 def alignment_score(layers_a: Layers, layers_b: Layers, k: int = 10,
-                    q: float = 0.95) -> tuple[float, tuple[int, int]]:
+                    q: float = 0.95, exact: bool = True) -> tuple[float, tuple[int, int]]:
     """Max mutual-kNN@k over all layer pairs and its (i, j): the paper's Fig. 9 number.
 
     Ties resolve to the first pair in row-major (i, j) order, as the reference's strict ``>``
     scan does.
     """
-    mat = alignment_matrix(layers_a, layers_b, k=k, q=q)
+    mat = alignment_matrix(layers_a, layers_b, k=k, q=q, exact=exact)
     flat = int(torch.argmax(mat))
     i, j = divmod(flat, mat.shape[1])
     return float(mat[i, j]), (i, j)

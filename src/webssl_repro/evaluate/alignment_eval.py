@@ -18,7 +18,9 @@ from webssl_repro.evaluate.alignment import alignment_score
 from webssl_repro.evaluate.imagesets import images_tensor, load_split
 from webssl_repro.evaluate.features import extract_features
 
-DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "batch_size": 64, "lm_batch_size": 32,
+# exact: the outlier clamp of platonic.Alignment.score (one sorted threshold per model); false:
+# measure_alignment.py's default (the mean of the samples' quantiles). The paper does not say which.
+DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "exact": True, "batch_size": 64, "lm_batch_size": 32,
             "lm_paths": {}}
 
 
@@ -68,7 +70,7 @@ def run_alignment(encoder, meta: Mapping[str, Any], captions_manifest: str | Pat
     metrics: dict[str, Any] = {}
     for lm in cfg["language_models"]:
         lang = language_layers(lm, captions, cfg, cache_dir)
-        score, (i, j) = alignment_score(vis, lang, k=int(cfg["k"]), q=float(cfg["q"]))
+        score, (i, j) = alignment_score(vis, lang, k=int(cfg["k"]), q=float(cfg["q"]), exact=bool(cfg["exact"]))
         metrics[f"alignment/{lm}"] = float(score)
         metrics[f"_alignment/{lm}/layers"] = {"vision": int(i), "language": int(j)}
     return metrics
