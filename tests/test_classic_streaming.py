@@ -230,3 +230,21 @@ def test_linear_probe_trains_at_the_configured_global_batch(tiny_data, monkeypat
         cfg = classic.classic_config({**DENSE, "linear": linear})
         classic.classification(encoder, meta, tiny_data["classification"], cfg)
     assert classic.DEFAULTS["linear"]["batch_size"] == 1024 and seen == [8, min(1024, n_train)]
+
+
+def test_depth_batch_must_split_into_gpu_pairs(tiny_data):  # noqa: F811
+    """SigLoss is taken per samples_per_gpu images: a batch that does not split is refused by
+    name before any training, counting the cap at the training set's size."""
+    from webssl_repro.evaluate import classic
+    from webssl_repro.evaluate.imagesets import load_split
+
+    encoder, meta = _encoder()
+    n_train = len(load_split(tiny_data["depth"], "train"))
+    with pytest.raises(ValueError, match=r"evaluate.classic.depth: a batch of 3 \(batch_size 3"):
+        classic.depth(encoder, meta, tiny_data["depth"], classic.classic_config(
+            {**DENSE, "depth": {**DENSE["depth"], "batch_size": 3}}))
+    odd = n_train + 1 if n_train % 2 else n_train  # capped at the set: n_train images per batch
+    cfg = {**DENSE, "depth": {**DENSE["depth"], "batch_size": 10 * n_train, "samples_per_gpu": odd}}
+    if n_train % odd:
+        with pytest.raises(ValueError, match=f"a batch of {n_train} "):
+            classic.depth(encoder, meta, tiny_data["depth"], classic.classic_config(cfg))

@@ -90,6 +90,8 @@ def test_koleo_per_gpu_groups_as_dinov2_ranks():
     assert koleo_per_gpu(x, None).item() == pytest.approx(koleo_loss(x).item())
     assert koleo_per_gpu(x, 12).item() < koleo_loss(x).item() - 0.05  # nearer neighbours among 48
     assert koleo_per_gpu(x[:8], 12).item() == pytest.approx(koleo_loss(x[:8]).item())  # fewer: one group
+    halves = (koleo_loss(x[:15]) + koleo_loss(x[15:30])) / 2  # 30 rows: two groups of 15, never one of 6
+    assert koleo_per_gpu(x[:30], 12).item() == pytest.approx(halves.item(), rel=1e-6)
     assert DinoConfig().koleo_batch == 12
     with pytest.raises(ValueError, match="koleo_batch must be >= 2"):
         DinoConfig(koleo_batch=1)

@@ -76,7 +76,7 @@ def _mc(answer, choices=("red", "blue", "green", "yellow"), **kw):
 
 
 def test_normalisation_and_cambrians_answer_reading():
-    assert normalize_answer("The Two Apples.") == "2 apples"
+    assert normalize_answer("The Two Apples.") == "2 apples" and normalize_answer("1,000 m") == "1000 m"
     assert single_answer("Answer: Left.") == "left" and single_answer("The answer is 12.") == "12"
     assert option_letter("(B) blue") == "b" and option_letter("The answer is C.") == "c"
     assert option_letter("I am not sure") == "i"  # Cambrian reads the first character, whatever it is
@@ -122,6 +122,9 @@ def test_gqa_exact_and_textvqa_vqa_accuracy():
 def test_mathvista_and_chartqa_numbers_within_5_percent():
     refs = ["7", "5", "5", "5", dict(answer="B", choices=["1", "2"])]
     assert score("mathvista", ["7", "There are 5", "6", "5.1", "b"], refs) == pytest.approx(60.0)
+    # Cambrian's MathVista and MMMU scripts take the 5 % of the answer, not of the ground truth
+    assert score("mathvista", ["105.2", "100"], ["100", "105.2"]) == 50.0
+    assert score("mmmu", ["105.2", "100"], ["100", "105.2"]) == 50.0
     # ChartQA: 19 vs 20 within 5 %, 17 not; labels exactly; '45%' is not a number, so not 45
     assert score("chartqa", ["19", "17", "Mar", "45%"], ["20", "20", "Mar", "45"]) == pytest.approx(50.0)
 
@@ -138,6 +141,11 @@ def test_mmvp_counts_pairs():
             _mc("A", ("left", "right"), pair_id="q"), _mc("B", ("left", "right"), pair_id="q")]
     assert score("mmvp", ["A", "B", "A", "A"], refs) == 50.0
     assert score("mmvp", ["left", "(b)", "A", "Right."], refs) == 100.0  # the option's text counts too
+    # without choices there is no option text: an empty answer is wrong, not a match of ''
+    assert score("mmvp", ["", ""], [dict(answer="A", pair_id="p"), dict(answer="B", pair_id="p")]) == 0.0
+    assert score("sqa", [""], [dict(answer="A")]) == 0.0
+    with pytest.raises(ValueError, match="answer 'E' is not the letter of one of 2 choices"):
+        score("sqa", ["A"], [_mc("E", ("left", "right"))])
 
 
 def test_cvbench_averages_subtasks():

@@ -291,3 +291,7 @@ def test_loaded_encoder_takes_imagenet_normalised_pixels(tmp_path, method):
         assert torch.allclose(fed, enc.forward_features(own), atol=1e-5)
         if method == "clip":  # not what the raw weights give on ImageNet-normalised pixels
             assert not torch.allclose(fed, enc.forward_features(norm(IMAGENET_MEAN, IMAGENET_STD)), atol=1e-3)
+    from webssl_repro.evaluate.features import encoder_fingerprint
+
+    # a VQA feature cache written by the raw weights is not reused for the re-normalising encoder
+    assert (encoder_fingerprint(loaded) != encoder_fingerprint(enc)) == (method == "clip")

@@ -180,3 +180,19 @@ def test_vqa_rule_launches_torchrun_only_for_a_parallel_probe():
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_ddp_refuses_a_replica_larger_than_the_gpu(monkeypatch):
+    """ddp holds fp32 weights, gradients and both AdamW moments of the whole probe on each GPU:
+    16 bytes a parameter, 128 GB for Llama-3-8B. Refused by name before the first step."""
+    from types import SimpleNamespace
+
+    from webssl_repro.evaluate.vqa import distributed
+
+    probe = torch.nn.Linear(1000, 1000)  # 1,001,000 parameters: 16.0 MB as a replica
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=10_000_000))
+    with pytest.raises(ValueError, match="evaluate.vqa.strategy: ddp replicates .*: use fsdp2"):
+        distributed.check_replica_fits(probe, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=17_000_000))
+    distributed.check_replica_fits(probe, torch.device("cuda"))  # fits
+    distributed.check_replica_fits(probe, torch.device("cpu"))  # CPU: no limit checked

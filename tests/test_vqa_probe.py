@@ -1,6 +1,7 @@
 """The Cambrian VQA probe: visual tokens, label masking, generation, stages, evaluation, loaders."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -239,7 +240,18 @@ def test_bf16_precision_autocasts_the_forward_and_keeps_fp32_weights(tokenizer, 
     assert all(v.dtype == torch.float32 for _, v in weights)
     moved = [(v != before[k]).float().mean().item() for k, v in weights if k.endswith("proj.weight")]
     assert moved and min(moved) > 0.95  # an Adam step of ~lr reaches nearly every fp32 weight
-    assert probe.answer(samples[:2], feats, batch_size=2, max_new_tokens=2)  # generation autocasts too
+    dtypes = []
+    lm_forward = probe.lm.forward
+
+    @functools.wraps(lm_forward)  # keeps the signature the decoder inspects
+    def recording(*args, **kwargs):
+        out = lm_forward(*args, **kwargs)
+        dtypes.append(out.logits.dtype)
+        return out
+
+    monkeypatch.setattr(probe.lm, "forward", recording)
+    assert probe.answer(samples[:2], feats, batch_size=2, max_new_tokens=2)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # every decoding step ran under the autocast
 
 
 def test_gradient_accumulation_is_split_invariant(tokenizer):

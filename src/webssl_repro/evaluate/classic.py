@@ -338,10 +338,11 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
 
     dep, device = cfg["depth"], model_device(encoder)
     size = dense_size(dep, meta)
-    if int(dep["batch_size"]) % int(dep["samples_per_gpu"]):
-        raise ValueError(f"evaluate.classic.depth.batch_size {dep['batch_size']} is not a multiple of "
-                         f"samples_per_gpu {dep['samples_per_gpu']}")
     train, val = _split(manifest, "train", size, "depth"), _split(manifest, "val", size, "depth", native=True)
+    batch = min(int(dep["batch_size"]), len(train))  # as the training streams take it
+    if batch % int(dep["samples_per_gpu"]):
+        raise ValueError(f"evaluate.classic.depth: a batch of {batch} (batch_size {dep['batch_size']}, capped at the "
+                         f"training set) is not a multiple of samples_per_gpu {dep['samples_per_gpu']}")
     specs = (("nyud_lin1", [int(meta["depth"]) - 1]), ("nyud_lin4", lin4_blocks(int(meta["depth"]))))
     blocks = sorted({b for _, bl in specs for b in bl})
     max_depth = dep["max_depth"]

@@ -161,6 +161,8 @@ def encoder_fingerprint(encoder) -> str:
     import hashlib
 
     digest = hashlib.sha1(repr(encoder).encode())
+    # the statistics a loaded encoder converts its inputs to (models.io.take_imagenet_normalised)
+    digest.update(repr(getattr(encoder, "input_stats", None)).encode())
     for name, tensor in (encoder.state_dict().items() if hasattr(encoder, "state_dict") else ()):
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -130,8 +130,8 @@ def multiscale_probs(head: LinearSegHead, feature_fn: FeatureFn, images: Images,
     mmseg's ``aug_test`` averages softmax outputs, not raw logits, so we do the same; each
     scale's output is resized to ``out_size`` (default: the batch's size, or the pyramid's
     first level's) before averaging. Whole images: an upscaled pass runs on fewer
-    images at once, so that no pass holds more pixels than that size (at 3x a 518-px image is
-    12,321 tokens); sliding windows are crop-sized at every scale.
+    images at once, so that no pass holds more pixels than that size (at 3x a 512-px image is
+    12,100 tokens); sliding windows are crop-sized at every scale.
     """
     pyramid = None if isinstance(images, torch.Tensor) else images
     if pyramid is not None:

@@ -85,11 +85,11 @@ def koleo_loss(x: torch.Tensor) -> torch.Tensor:
 
 def koleo_per_gpu(x: torch.Tensor, images_per_gpu: int | None) -> torch.Tensor:
     """``koleo_loss`` as DINOv2 takes it: each GPU searches nearest neighbours among its own
-    images only, and DDP averages the GPUs' gradients. The rows split into about
-    ``images_per_gpu``-sized groups (``round(n / images_per_gpu)`` of them, at least one), and the
-    loss is the groups' mean; None: one group. The loss then does not depend on how many ranks
-    share a batch."""
-    groups = 1 if images_per_gpu is None else max(1, round(x.shape[0] / images_per_gpu))
+    images only, and DDP averages the GPUs' gradients. The rows split into ``n // images_per_gpu``
+    groups (at least one, none smaller than ``images_per_gpu``), and the loss is the groups'
+    mean; None: one group. With a batch that is a multiple of ``images_per_gpu`` the loss does
+    not depend on how many ranks share it."""
+    groups = 1 if images_per_gpu is None else max(1, x.shape[0] // images_per_gpu)
     return torch.stack([koleo_loss(g) for g in x.tensor_split(groups)]).mean()
 
 

@@ -42,6 +42,7 @@ def take_imagenet_normalised(encoder: nn.Module, stats: Stats) -> None:
     imagenet = pixel_stats("dino")
     if tuple(map(tuple, stats)) == imagenet:
         return
+    encoder.input_stats = tuple(map(tuple, stats))  # feature caches key on it (features.encoder_fingerprint)
     (m_in, s_in), (m, s) = imagenet, stats
     scale = torch.tensor([a / b for a, b in zip(s_in, s)]).view(1, 3, 1, 1)
     shift = torch.tensor([(a - c) / b for a, c, b in zip(m_in, m, s)]).view(1, 3, 1, 1)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from webssl_repro.train.distributed import (DistEnv, all_gather_object, all_reduce_mean, any_rank, barrier,
@@ -129,6 +130,22 @@ def _fsdp_units(probe: nn.Module) -> list[nn.Module]:
     return [*transformer_blocks(probe.lm), probe.projector]
 
 
+#: Bytes per trained parameter of a full replica: fp32 weight, gradient and AdamW's two moments
+REPLICA_BYTES_PER_PARAM = 16
+
+
+def check_replica_fits(probe: nn.Module, device: torch.device) -> None:
+    """``ddp`` keeps the whole probe, its gradients and AdamW state on every GPU; refuse it, by
+    name, where that alone exceeds the GPU (Llama-3-8B: 128 GB), before any step is taken."""
+    if device.type != "cuda":
+        return
+    need = REPLICA_BYTES_PER_PARAM * sum(p.numel() for p in probe.parameters())
+    have = torch.cuda.get_device_properties(device).total_memory
+    if need > have:
+        raise ValueError(f"evaluate.vqa.strategy: ddp replicates the probe's fp32 weights, gradients and AdamW "
+                         f"state on every GPU ({need / 2**30:.0f} GiB against {have / 2**30:.0f} GiB): use fsdp2")
+
+
 def parallelize(probe: nn.Module, strategy: str) -> Optional[Parallel]:
     """Join the group and shard the probe in place (fsdp2); None for ``none``.
 
@@ -137,6 +154,8 @@ def parallelize(probe: nn.Module, strategy: str) -> Optional[Parallel]:
     env = init(strategy)
     if env is None:
         return None
+    if strategy == "ddp":
+        check_replica_fits(probe, env.device)
     if strategy == "fsdp2":
         from torch.distributed.fsdp import register_fsdp_forward_method
 

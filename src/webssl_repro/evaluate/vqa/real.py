@@ -212,6 +212,8 @@ def _mmmu(r: Row) -> Adapted:
     question = re.sub(r"<image \d+>", "", r["question"]).strip()
     if r.get("question_type") == "multiple-choice":
         choices = list(ast.literal_eval(r["options"])) if isinstance(r["options"], str) else list(r["options"])
+        # Cambrian removes the image markers from the whole prompt, options included
+        choices = [re.sub(r"<image \d+>", "", str(c)) for c in choices]
         return _options(question, choices), str(r["answer"]), {"choices": choices}
     return f"{question}\n{SHORT_PROMPT}", str(r["answer"]), {}
 
@@ -222,6 +224,8 @@ def _mathvista(r: Row) -> Adapted:
     query = str(r.get("query") or r["question"])
     if r.get("question_type") == "multi_choice":
         choices = [str(c) for c in r["choices"]]
+        if str(r["answer"]) not in choices:
+            raise ValueError(f"mathvista row {r.get('pid', '?')}: answer {r['answer']!r} is none of its choices {choices}")
         return (f"{query}\n{MATHVISTA_MC_PROMPT}", LETTERS[choices.index(str(r["answer"]))],
                 {"choices": choices, "answer_type": r.get("answer_type")})
     return f"{query}\n{SHORT_PROMPT}", str(r["answer"]), {"answer_type": r.get("answer_type")}

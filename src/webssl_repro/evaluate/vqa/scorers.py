@@ -13,7 +13,7 @@ text after "answer is" / "answer:", trailing punctuation off; a multiple-choice 
 first character. Per benchmark: exact match (MME, GQA), the option letter (MMBench, circular
 over a question's option shifts; SEED, AI2D, CV-Bench by source; MMMU's and ScienceQA's
 choices, the latter also by the option's text), MMVP pairs (letter or option text), MathVista
-(exact, or within 5 % when both are numbers), ChartQA (within 5 % when both parse as numbers),
+(exact, or within 5 % of the answer when both are numbers), ChartQA (within 5 % when both parse as numbers),
 OCRBench (the answer contains a ground truth; handwritten maths with spaces removed, case kept),
 TextVQA (VQA accuracy over its 10 annotators), DocVQA (ANLS), RealWorldQA (the first word).
 
@@ -41,9 +41,11 @@ HANDWRITTEN_MATH = "Handwritten Mathematical Expression Recognition"
 
 
 def normalize_answer(s: str) -> str:
-    """VQA-style normalisation (EvalAI's answer processor): lower case, no punctuation or
-    articles, number words as digits."""
+    """VQA-style normalisation, close to EvalAI's answer processor (not a port: no contraction
+    table): lower case, commas inside numbers dropped, other punctuation and articles removed,
+    number words as digits."""
     s = str(s).lower().strip()
+    s = re.sub(r"(\d),(\d)", r"\1\2", s)
     s = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", s)
     s = re.sub(r"[^\w\s.]", " ", s)
     words = [_NUMBER_WORDS.get(w, w) for w in s.split() if w not in _ARTICLES]
@@ -85,9 +87,14 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def _within(pred: str, gt: str, rel_tol: float = 0.05) -> bool:
-    """Cambrian's ``relaxed_accuracy``, for two strings that both parse as numbers."""
-    return _is_number(pred) and _is_number(gt) and abs(float(pred) - float(gt)) <= abs(float(gt)) * rel_tol
+def _within(pred: str, gt: str, rel_tol: float = 0.05, of_pred: bool = False) -> bool:
+    """Cambrian's ``relaxed_accuracy``, for two strings that both parse as numbers: within
+    ``rel_tol`` of the ground truth, or of the prediction where Cambrian's MathVista and MMMU
+    scripts pass the two the other way round (``of_pred``)."""
+    if not (_is_number(pred) and _is_number(gt)):
+        return False
+    p, g = float(pred), float(gt)
+    return abs(p - g) <= abs(p if of_pred else g) * rel_tol
 
 
 def anls(pred: str, answers: Sequence[str], tau: float = 0.5) -> float:
@@ -170,10 +177,14 @@ def mc_by_subtask(predictions: Sequence[str], references: Sequence[Any]) -> floa
     return sum(_mean(v) for v in groups.values()) / len(groups)
 
 
-def _choice_text(r: Mapping[str, Any]) -> str:
-    choices = r.get("choices") or []
-    i = LETTERS.index(str(r["answer"]).strip("() ").upper())
-    return str(choices[i]).lower().strip() if i < len(choices) else ""
+def _choice_text(r: Mapping[str, Any]) -> str | None:
+    """The right option's text, lower case; None without choices (nothing to compare with)."""
+    choices, letter = r.get("choices") or [], str(r["answer"]).strip("() ").upper()
+    if not choices:
+        return None
+    if len(letter) != 1 or letter not in LETTERS[:len(choices)]:
+        raise ValueError(f"score: answer {r['answer']!r} is not the letter of one of {len(choices)} choices")
+    return str(choices[LETTERS.index(letter)]).lower().strip()
 
 
 def science_qa(predictions: Sequence[str], references: Sequence[Any]) -> float:
@@ -182,10 +193,9 @@ def science_qa(predictions: Sequence[str], references: Sequence[Any]) -> float:
     squash = str.maketrans("", "", string.punctuation)
     hits = []
     for p, r in zip(predictions, refs):
-        answer = single_answer(p)
-        text = _choice_text(r)
-        hits.append(float(answer.split(".")[0] == _gt_letter(r)
-                          or answer.translate(squash).strip() == text.translate(squash).strip()))
+        answer, text = single_answer(p), _choice_text(r)
+        by_text = text is not None and answer.translate(squash).strip() == text.translate(squash).strip()
+        hits.append(float(answer.split(".")[0] == _gt_letter(r) or by_text))
     return _mean(hits)
 
 
@@ -194,8 +204,8 @@ def mc_pairs(predictions: Sequence[str], references: Sequence[Any]) -> float:
     refs = _check(predictions, references)
     pairs: dict[str, list[bool]] = defaultdict(list)
     for k, (p, r) in enumerate(zip(predictions, refs)):
-        answer = option_text(p)
-        pairs[str(r.get("pair_id", k))].append(answer in (_gt_letter(r), _choice_text(r)))
+        answer, text = option_text(p), _choice_text(r)
+        pairs[str(r.get("pair_id", k))].append(answer == _gt_letter(r) or (text is not None and answer == text))
     return _mean([float(all(v)) for v in pairs.values()])
 
 
@@ -209,7 +219,7 @@ def mmmu(predictions: Sequence[str], references: Sequence[Any]) -> float:
             hits.append(float(option_letter(p) == gt.strip("() ")))
         else:
             answer = single_answer(p)
-            hits.append(float(answer == gt or _within(answer, gt)))
+            hits.append(float(answer == gt or _within(answer, gt, of_pred=True)))
     return _mean(hits)
 
 
@@ -220,7 +230,7 @@ def mathvista(predictions: Sequence[str], references: Sequence[Any]) -> float:
     hits = []
     for p, r in zip(predictions, refs):
         answer, gt = str(p).lower().strip(), str(r["answer"]).lower()
-        hits.append(float(answer == gt or _within(answer, gt)))
+        hits.append(float(answer == gt or _within(answer, gt, of_pred=True)))
     return _mean(hits)
 
 
