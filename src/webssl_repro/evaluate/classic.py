@@ -203,13 +203,18 @@ def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) 
                                      "lr": setting.lr}}
 
 
+def train_batch_size(task: Mapping[str, Any], n_train: int) -> int:
+    """The batch a dense head trains on: the task's ``batch_size``, capped at the training set."""
+    return min(int(task["batch_size"]), n_train)
+
+
 def _training_batches(encoder, meta, train: EvalImages, blocks: int | list[int], norm: bool, task: Mapping,
                       cfg: Mapping[str, Any]) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
     """(tokens of ``blocks``, targets) of the seeded training batches: from a token cache when
     the set's tokens fit in memory, else from the encoder run on each batch's images. Either
     way on the heads' device (the encoder's)."""
     patch, device = int(meta["patch"]), model_device(encoder)
-    bs = min(int(task["batch_size"]), len(train))
+    bs = train_batch_size(task, len(train))
     order = seeded_batches(len(train), bs, int(cfg["seed"]))
     n_layers = blocks if isinstance(blocks, int) else len(blocks)
     if TokenCache.fits(encoder, len(train), train.size, patch, n_layers):
@@ -257,7 +262,7 @@ def _augmented_batches(encoder, meta, manifest: str | Path, target: str, crop: t
     device, seed = model_device(encoder), int(cfg["seed"])
     train = AugmentedImages(load_split(manifest, "train"), target, crop, seed, **augment)
     fn = _tokens_fn(encoder, meta, blocks, norm, cfg, out_device=device)
-    order = augmented_batches(len(train), min(int(task["batch_size"]), len(train)), seed)
+    order = augmented_batches(len(train), train_batch_size(task, len(train)), seed)
     for _, x, y in image_loader(train, order, int(cfg["workers"])):
         yield fn(x), y.to(device)
 
@@ -339,7 +344,7 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     dep, device = cfg["depth"], model_device(encoder)
     size = dense_size(dep, meta)
     train, val = _split(manifest, "train", size, "depth"), _split(manifest, "val", size, "depth", native=True)
-    batch = min(int(dep["batch_size"]), len(train))  # as the training streams take it
+    batch = train_batch_size(dep, len(train))
     if batch % int(dep["samples_per_gpu"]):
         raise ValueError(f"evaluate.classic.depth: a batch of {batch} (batch_size {dep['batch_size']}, capped at the "
                          f"training set) is not a multiple of samples_per_gpu {dep['samples_per_gpu']}")

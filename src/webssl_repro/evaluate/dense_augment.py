@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .imagesets import IMAGENET_MEAN, IMAGENET_STD, as_hw, rgb_array, seeded_batches, short_side_hw
+from .imagesets import IMAGENET_MEAN, IMAGENET_STD, as_hw, mmcv_resize, rgb_array, seeded_batches, short_side_hw
 from .segmentation import IGNORE_INDEX
 
 RATIO_RANGE = (0.5, 2.0)
@@ -142,7 +142,7 @@ def seg_train_sample(image: Any, mask: Any, crop: int | Sequence[int], rng: np.r
     if y.shape != x.shape[-2:]:
         raise ValueError(f"mask {tuple(y.shape)} and image {tuple(x.shape[-2:])} differ in size")
     hw = short_side_hw(*x.shape[-2:], int(min(ch, cw) * rng.uniform(*ratio_range)))
-    x = F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+    x = mmcv_resize(x, hw)
     y = F.interpolate(y[None, None].float(), size=hw, mode="nearest")[0, 0].long()
     top, left = crop_origin(y, (ch, cw), rng)
     x, y = x[:, top:top + ch, left:left + cw], y[top:top + ch, left:left + cw]

@@ -124,12 +124,18 @@ def pixels(image: Any) -> torch.Tensor:
     return torch.from_numpy(rgb_array(image) / 255.0).permute(2, 0, 1)
 
 
+def mmcv_resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) 8-bit values (0..255) resized as mmcv's ``imresize`` does: bilinear (half-pixel
+    centres), no anti-aliasing, rounded to the 8-bit levels (cv2's fixed point may differ by
+    one). The dense protocols' resize, at test (``fit_pixels``) and in training (``dense_augment``)."""
+    return _resize(x, tuple(hw), "bilinear").round().clamp(0, 255)
+
+
 def _mmcv_resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) in 0..1 resized as mmcv's ``imresize`` does an 8-bit image: bilinear (half-pixel
-    centres), no anti-aliasing, rounded to the 8-bit levels (cv2's fixed point may differ by one)."""
+    """``mmcv_resize`` of pixels in 0..1."""
     if tuple(x.shape[-2:]) == hw:
         return x
-    return _resize(x * 255.0, hw, "bilinear").round().clamp(0, 255) / 255.0
+    return mmcv_resize(x * 255.0, hw) / 255.0
 
 
 def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0,

@@ -24,15 +24,15 @@ from webssl_repro.evaluate.vqa.data import (CHAT_FORMATS, IGNORE, MINI_CHAT, Cha
                                             collate, encode, pad_id)
 from webssl_repro.evaluate.vqa.lm import lm_hidden_size
 from webssl_repro.metrics import VQA_BENCHMARKS
+# ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
+# (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
+from webssl_repro.train.config import PRECISIONS
 
 if TYPE_CHECKING:
     from webssl_repro.evaluate.vqa.distributed import Parallel
 
 #: ``score(benchmark, predictions, references) -> float`` (``webssl_repro.evaluate.vqa.scorers.score``).
 Scorer = Callable[[str, Sequence[str], Sequence[Any]], float]
-#: ``VqaConfig.precision``: the LM and projector always keep fp32 weights and AdamW state (Cambrian
-#: trains fp32 weights); ``bf16`` runs their forward under bf16 autocast on CUDA.
-PRECISIONS = ("fp32", "bf16")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

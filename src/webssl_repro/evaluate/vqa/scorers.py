@@ -157,15 +157,21 @@ def multiple_choice(predictions: Sequence[str], references: Sequence[Any]) -> fl
     return _mean([float(option_letter(p) == _gt_letter(r)) for p, r in zip(predictions, refs)])
 
 
+def _all_right(keys: Sequence[Any], right: Sequence[bool]) -> float:
+    """% of groups (rows sharing a key) whose rows are all right."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for key, ok in zip(keys, right):
+        groups[str(key)].append(ok)
+    return _mean([float(all(v)) for v in groups.values()])
+
+
 def mc_circular(predictions: Sequence[str], references: Sequence[Any]) -> float:
     """MMBench's circular accuracy (Cambrian's reported MMBench number): the rows of one question
     under its shifted options (same ``circular_id``: question, image and source) count once,
     and only if every one is right."""
     refs = _check(predictions, references)
-    groups: dict[str, list[bool]] = defaultdict(list)
-    for k, (p, r) in enumerate(zip(predictions, refs)):
-        groups[str(r.get("circular_id", k))].append(option_letter(p) == _gt_letter(r))
-    return _mean([float(all(v)) for v in groups.values()])
+    return _all_right([r.get("circular_id", k) for k, r in enumerate(refs)],
+                      [option_letter(p) == _gt_letter(r) for p, r in zip(predictions, refs)])
 
 
 def mc_by_subtask(predictions: Sequence[str], references: Sequence[Any]) -> float:
@@ -179,7 +185,7 @@ def mc_by_subtask(predictions: Sequence[str], references: Sequence[Any]) -> floa
 
 def _choice_text(r: Mapping[str, Any]) -> str | None:
     """The right option's text, lower case; None without choices (nothing to compare with)."""
-    choices, letter = r.get("choices") or [], str(r["answer"]).strip("() ").upper()
+    choices, letter = r.get("choices") or [], _gt_letter(r).upper()
     if not choices:
         return None
     if len(letter) != 1 or letter not in LETTERS[:len(choices)]:
@@ -202,11 +208,11 @@ def science_qa(predictions: Sequence[str], references: Sequence[Any]) -> float:
 def mc_pairs(predictions: Sequence[str], references: Sequence[Any]) -> float:
     """MMVP: the letter or the option's text; a pair of images counts only if both are right."""
     refs = _check(predictions, references)
-    pairs: dict[str, list[bool]] = defaultdict(list)
-    for k, (p, r) in enumerate(zip(predictions, refs)):
+    right = []
+    for p, r in zip(predictions, refs):
         answer, text = option_text(p), _choice_text(r)
-        pairs[str(r.get("pair_id", k))].append(answer == _gt_letter(r) or (text is not None and answer == text))
-    return _mean([float(all(v)) for v in pairs.values()])
+        right.append(answer == _gt_letter(r) or (text is not None and answer == text))
+    return _all_right([r.get("pair_id", k) for k, r in enumerate(refs)], right)
 
 
 def mmmu(predictions: Sequence[str], references: Sequence[Any]) -> float:
@@ -216,7 +222,7 @@ def mmmu(predictions: Sequence[str], references: Sequence[Any]) -> float:
     for p, r in zip(predictions, refs):
         gt = str(r["answer"]).lower()
         if r.get("choices"):
-            hits.append(float(option_letter(p) == gt.strip("() ")))
+            hits.append(float(option_letter(p) == _gt_letter(r)))
         else:
             answer = single_answer(p)
             hits.append(float(answer == gt or _within(answer, gt, of_pred=True)))
