@@ -17,6 +17,7 @@ from webssl_repro.models.vit import (
     create_encoder,
     resample_pos_embed,
 )
+from webssl_repro.models.layers import subset_residual
 
 # params@224 from design.md §3 / paper_facts §4.2
 RELEASED_PARAMS = {"1b": 1.135e9, "2b": 2.084e9, "3b": 2.948e9, "5b": 4.938e9, "7b": 6.450e9}
@@ -84,8 +85,14 @@ def test_dino_tower_details():
     assert blk.norm1.eps == 1e-6 and model.norm.eps == 1e-6
     assert blk.attn.qkv.bias is not None
     assert model.num_prefix_tokens == 1 and model.reg_token is None
-    # uniform stochastic depth: the first block drops as often as the last (timm's is linear)
-    assert [b.drop_path1.drop_prob for b in model.blocks] == [0.3, 0.3, 0.3]
+    # uniform stochastic depth: the first block drops as often as the last (timm's is linear);
+    # above 0.1 it is DINOv2's subset form, not timm's per-sample DropPath
+    assert [b.sample_drop_ratio for b in model.blocks] == [0.3, 0.3, 0.3]
+    assert all(isinstance(b.drop_path1, nn.Identity) for b in model.blocks)
+    low = build_encoder(Arch(32, 2, 2, patch=8), img_size=32, drop_path_rate=0.1)
+    assert [b.drop_path2.drop_prob for b in low.blocks] == [0.1, 0.1]
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        build_encoder(Arch(32, 1, 2, patch=8), img_size=32, drop_path_rate=1.0)
     assert model.pos_embed.shape == (1, 1 + 16, 32)
     assert torch.all(model.mask_token == 0)
     assert build_encoder(Arch(32, 1, 2, patch=8), method="clip", img_size=32).mask_token is None
@@ -169,3 +176,53 @@ def test_registry_and_clip_has_no_mask_support():
     clip = build_encoder(Arch(32, 1, 2, patch=8), method="clip", img_size=16)
     with pytest.raises(ValueError, match="mask token"):
         clip.prepare_tokens(torch.randn(1, 3, 16, 16), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_subset_residual_keeps_a_fixed_share_unbiased():
+    torch.manual_seed(0)
+    x = torch.randn(10, 5, 8)
+    branch = lambda t: 2 * t + 1  # noqa: E731
+    out = subset_residual(x, branch, 0.4)
+    changed = (out != x).flatten(1).any(1)
+    assert int(changed.sum()) == 6  # int(10 * 0.6) samples, every draw
+    torch.testing.assert_close(out[changed], x[changed] + branch(x[changed]) * 10 / 6)
+    # each sample gets the residual 6/10 of the time, weighted 10/6: on average, all of it
+    added = torch.stack([subset_residual(x, torch.ones_like, 0.4) - x for _ in range(3000)]).mean(0)
+    torch.testing.assert_close(added, torch.ones_like(x), atol=0.06, rtol=0)
+    assert int((subset_residual(x[:1], branch, 0.9) != x[:1]).flatten(1).any(1).sum()) == 1
+
+
+def test_subset_stochastic_depth_saves_compute_and_keeps_eval():
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    plain = build_encoder(Arch(32, 2, 2, patch=8), img_size=32)
+    dropped = build_encoder(Arch(32, 2, 2, patch=8), img_size=32, drop_path_rate=0.4)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(10, 3, 32, 32)
+
+    def block_flops(model):
+        tokens = model.prepare_tokens(x)
+        with FlopCounterMode(display=False) as counter:
+            for block in model.blocks:
+                block(tokens)
+        return counter.get_total_flops()
+
+    # the branches run on 6 of 10 samples: 60 % of the blocks' matmul work
+    assert block_flops(dropped.train()) == pytest.approx(0.6 * block_flops(plain.train()))
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval().forward_features(x), plain.eval().forward_features(x))
+
+
+def test_subset_stochastic_depth_under_activation_checkpointing():
+    """Recomputation must draw the same subset as the forward, or the gradients are wrong."""
+    x = torch.randn(6, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_encoder(Arch(32, 2, 2, patch=8), img_size=32, drop_path_rate=0.5).train()
+        model.set_grad_checkpointing(ckpt)
+        torch.manual_seed(1)
+        model.forward_features_dict(x)["x_norm_clstoken"].square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from webssl_repro.models.layers import (
+    WebSSLBlock,
     fixed_hidden_mlp,
     init_dinov2_,
     set_uniform_drop_path,
@@ -172,6 +173,7 @@ class WebSSLViT(VisionTransformer):
             dynamic_img_size=True,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             drop_path_rate=0.0,
+            block_fn=WebSSLBlock,
             weight_init="skip",
             **timm_kwargs,
         )
