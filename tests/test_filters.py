@@ -128,7 +128,8 @@ def test_sample_grid_writes_pdf_and_png(ocr_run, tmp_path):
 def test_filter_stage_shares_one_ocr_pass_and_draws_fig8(tmp_path):
     import json
 
-    from webssl_repro.data.corpus import read_kept_ids
+    from webssl_repro.data.corpus import IndexedCorpus, read_manifest
+    from webssl_repro.data.shards import make_loader
     from webssl_repro.data.stages import build_corpus, fig8_grid, filter_corpus, manifest_shards
 
     man = str(tmp_path / "shards" / "manifest.json")
@@ -140,8 +141,16 @@ def test_filter_stage_shares_one_ocr_pass_and_draws_fig8(tmp_path):
     heavy = filter_corpus("heavy", {"backend": "ocr"}, shards, str(tmp_path / "filter" / "heavy.json"))
     assert heavy["cpu_seconds"] < light["cpu_seconds"] / 2  # the heavy job reused the light job's reads
     assert light["precision"] == light["recall"] == 1.0 and heavy["precision"] == heavy["recall"] == 1.0
-    assert read_kept_ids(tmp_path / "filter" / "heavy.json") == set(heavy["kept_ids"])
     assert 0 < heavy["kept_fraction"] == light["kept_fraction"] < 1
+    # the result is the manifest of the kept samples' shards, copied byte for byte, in order
+    kept = read_manifest(tmp_path / "filter" / "heavy.json")["shards"]
+    assert kept == [str(tmp_path / "filter" / "heavy" / "00000.tar")] and heavy["n_kept"] == heavy["n"] * heavy["kept_fraction"]
+    metas = [s["meta"] for s in make_loader(kept, shuffle_shards=False, rank=0, world_size=1)]
+    assert len(metas) == heavy["n_kept"] and all(m["is_chart_table_doc"] for m in metas)
+    everything = [s for s in make_loader(shards, shuffle_shards=False, rank=0, world_size=1)]
+    ids = [m["id"] for m in metas]
+    assert ids == [s["meta"]["id"] for s in everything if s["meta"]["id"] in set(ids)]
+    assert len(IndexedCorpus(kept)) == heavy["n_kept"]
     pdf, png = fig8_grid(shards, str(tmp_path / "filter" / "light.json"), str(tmp_path / "filter" / "heavy.json"),
                          str(tmp_path / "fig8"), per_row=4)
     assert open(pdf, "rb").read(5) == b"%PDF-"
@@ -151,6 +160,8 @@ def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
     """data.filter.parts: each part filters every parts-th shard; the merged result keeps the
     same images with the same counts as one job over all shards (precision / recall from
     the summed confusion counts)."""
+    from webssl_repro.data.corpus import read_manifest
+    from webssl_repro.data.shards import make_loader
     from webssl_repro.data.stages import build_corpus, filter_corpus, filter_merge, manifest_shards
     from webssl_repro.workflow import Plan
     from webssl_repro.config import load_config
@@ -166,7 +177,14 @@ def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
     part_results = [filter_corpus("light", section, shards, p, part=k) for k, p in enumerate(paths)]
     assert [r["n"] for r in part_results] == [8, 4]  # shards 0 and 2, then shard 1
     merged = filter_merge(paths, str(tmp_path / "light.json"))
-    assert sorted(merged["kept_ids"]) == sorted(whole["kept_ids"]) and 0 < len(whole["kept_ids"]) < 12
+    assert 0 < merged["n_kept"] == whole["n_kept"] < 12
+
+    def kept_ids(result_json):
+        return sorted(s["meta"]["id"] for s in make_loader(read_manifest(result_json)["shards"], shuffle_shards=False,
+                                                           rank=0, world_size=1))
+
+    assert kept_ids(tmp_path / "light.json") == kept_ids(tmp_path / "whole" / "light.json")
+    assert len(kept_ids(tmp_path / "light.json")) == merged["n_kept"]
     for key in ("n", "kept_fraction", "tp", "fp", "fn", "precision", "recall", "f1", "true_fraction"):
         assert merged[key] == pytest.approx(whole[key]), key
     with pytest.raises(ValueError, match="part 2"):

@@ -221,3 +221,10 @@ def test_corpus_stage_manifest_and_filtered_shard(tmp_path):
     assert kept == keys[::3]
     with pytest.raises(ValueError, match="eval sets"):
         write_shard(str(tmp_path / "x.tar"), EVAL_SEED_BASE, 0, 1)
+    # the user's shards: listed as given, and a wrong path is refused by its config key
+    real = build_corpus({"shards": f"{tmp_path}/c/shard-{{00000..00002}}.tar"}, str(tmp_path / "r" / "manifest.json"))
+    assert real["shards"] == paths and real["generated"] is False
+    with pytest.raises(ValueError, match=r"data.shards: 1 of 4 shard\(s\) are not files.*shard-00003"):
+        build_corpus({"shards": f"{tmp_path}/c/shard-{{00000..00003}}.tar"}, str(tmp_path / "r" / "manifest.json"))
+    with pytest.raises(ValueError, match="data.in1k.shards"):
+        build_corpus({"shards": f"{tmp_path}/nowhere/*.tar"}, str(tmp_path / "r" / "m.json"), source="in1k")

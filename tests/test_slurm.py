@@ -280,7 +280,9 @@ def test_a_retry_to_be_refused_is_submitted_small(workflow_dir: Path, cancel_lef
     from webssl_repro.train import attempts
 
     config = ci_config()
-    config["pretrain"]["dino"]["warmup_steps"] = 100  # longer than the 4-step run: TrainConfig rejects it
+    # TrainConfig rejects a negative clip at the trainer's start (a warm-up longer than the run,
+    # the other such recipe, stops the dry run itself: Plan.run_config)
+    config["pretrain"]["dino"]["clip_grad"] = -1.0
     plan = Plan(config)
     (workflow_dir / "ci.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     target = f"{plan.run_dir(CI_MULTI)}/encoder.safetensors"
@@ -302,7 +304,7 @@ def test_a_retry_to_be_refused_is_submitted_small(workflow_dir: Path, cancel_lef
         ("start", 2, runs[1][0], None), ("end", None, None, "failed"),
         ("start", 3, runs[2][0], None), ("end", None, None, "refused")], ledger
     log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
-    assert "not starting attempt 3" in log and "warmup_steps=100" in log, log[-3000:]
+    assert "not starting attempt 3" in log and "grad_clip must be >= 0" in log, log[-3000:]
 
 
 # ------------------------------------------------------------------ the toy workflow

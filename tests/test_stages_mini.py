@@ -351,7 +351,9 @@ def _tiny_workflow_config() -> dict:
     cfg["data"]["corpus"].update(n_images=256, shard_size=128)
     cfg["data"]["evalsets"]["captions"] = {"test": 64}
     cfg["labels"]["samples"]["2b"] = 128
-    cfg["pretrain"]["dino"]["warmup_steps"] = 2  # the loop rejects a warm-up longer than the run
+    # the DAG rejects a warm-up not shorter than the run (Plan.run_config), the temperature's
+    # too once the recipe-change check below lifts teacher_temp off its flat 0.04
+    cfg["pretrain"]["dino"].update(warmup_steps=2, warmup_teacher_temp_steps=2)
     return cfg
 
 

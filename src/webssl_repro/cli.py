@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--settings-json", default="{}", help="how it runs: log/checkpoint cadence (Plan.settings_json)")
     pre.add_argument("--out", required=True, type=Path)
     pre.add_argument("--checkpoints", required=True, type=Path)
-    pre.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
+    pre.add_argument("--data", nargs="+", required=True, help="data manifest: the corpus or a filter result's kept shards")
     pre.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
     pre.add_argument("--max-steps", type=int, default=None, help="stop early (checkpointed), e.g. for tests")
     pre.set_defaults(func=_pretrain)
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "other inputs made them (the pretrain rules call it before launching)")
     guard.add_argument("--config-json", required=True, help="the run's config slice (Plan.run_config_json)")
     guard.add_argument("--checkpoints", required=True, type=Path)
-    guard.add_argument("--data", nargs="+", required=True, help="data manifest [+ filter kept-ids json]")
+    guard.add_argument("--data", nargs="+", required=True, help="data manifest: the corpus or a filter result's kept shards")
     guard.add_argument("--parent", default=None, help="state.pt of the 224 px run for a hi-res fine-tune")
     guard.add_argument("--adopt", action="store_true", help="stamp an unstamped directory as this run's "
                        "(checkpoints from before stamps existed) instead of setting it aside")

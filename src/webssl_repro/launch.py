@@ -47,7 +47,7 @@ class LaunchSpec:
     out: str  # relative to workdir, exactly as the rule passes it
     checkpoints: str
     workdir: str  # absolute: where the job runs (the repo root, like Snakemake)
-    data: tuple[str, ...]  # the rule's inputs: data manifest [+ filter kept ids]
+    data: tuple[str, ...]  # the rule's input: the data manifest (corpus, or a filter result's kept shards)
     parent: str | None  # a hi-res fine-tune's 224 px state.pt
     rdzv_port: int = RDZV_PORT
 

@@ -12,6 +12,23 @@ DINO_STEP_DEFAULTS = {"warmup_steps": 100_000, "warmup_teacher_temp_steps": 37_5
 STEP_DEFAULTS = {"dino": DINO_STEP_DEFAULTS}
 #: Step counts that a fine-tune keeps as a share of its length.
 STEP_KEYS = ("warmup_steps", "warmup_iters", "warmup_teacher_temp_steps", "freeze_last_layer_steps")
+#: Per method, the batch size and the warm-ups (lr; DINO's teacher temperature, from
+#: ``warmup_teacher_temp`` to ``teacher_temp``) that must end before the run does
+#: (``workflow.check_schedule``), at the defaults of ``methods.{dino,mae,clip}``'s configs
+#: (tests/test_workflow.py keeps them equal), for recipes that leave them unset.
+SCHEDULE_DEFAULTS = {
+    "dino": {"batch_size": 3072, "warmup_steps": DINO_STEP_DEFAULTS["warmup_steps"],
+             "warmup_teacher_temp_steps": DINO_STEP_DEFAULTS["warmup_teacher_temp_steps"],
+             "warmup_teacher_temp": 0.04, "teacher_temp": 0.07},
+    "mae": {"batch_size": 4096, "warmup_iters": 80_000},
+    "clip": {"batch_size": 32768, "warmup_iters": 2000},
+}
+
+
+def run_steps(samples_seen: int, batch_size: int) -> int:
+    """A run's optimizer steps: its samples over its global batch, the last one partial
+    (``train.run.build``'s count)."""
+    return math.ceil(int(samples_seen) / int(batch_size))
 
 
 def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_samples: int,
@@ -36,3 +53,37 @@ def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_sampl
         if key != "steps":
             out[key] = value
     return out
+
+
+def check_schedule(run_config: Mapping[str, Any], method: str, origin: Mapping[str, str] | None = None) -> None:
+    """Refuse a run whose lr warm-up (``warmup_steps`` / ``warmup_iters``, or
+    ``pretrain.train.warmup_steps``, which replaces it) or DINO teacher-temperature warm-up
+    is not shorter than the run (``ceil(samples_seen / batch_size)`` steps): its lr would
+    never reach its peak, its cosine decay never start, its teacher never sharpen. A flat
+    temperature "warm-up" (``warmup_teacher_temp == teacher_temp``, mini) has no length to
+    check. ``origin`` names the config key each recipe value came from (``Plan.run_config``);
+    a value it lacks is the method's default."""
+    from webssl_repro.config import ConfigError  # config imports this module
+
+    defaults = SCHEDULE_DEFAULTS.get(method, {})
+    recipe = run_config["recipe"]
+    origin = origin or {}
+    samples = int(run_config["samples_seen"])
+    batch = int(recipe.get("batch_size", defaults.get("batch_size", 1)))
+    steps = run_steps(samples, batch)
+    keys = [k for k in ("warmup_steps", "warmup_iters", "warmup_teacher_temp_steps") if k in defaults]
+    if "warmup_teacher_temp_steps" in keys and (float(recipe.get("warmup_teacher_temp", defaults["warmup_teacher_temp"]))
+                                                == float(recipe.get("teacher_temp", defaults["teacher_temp"]))):
+        keys.remove("warmup_teacher_temp_steps")
+    checked = [(k, recipe.get(k, defaults[k]), origin.get(k, f"pretrain.{method}.{k} (unset: the default)"))
+               for k in keys]
+    if "warmup_steps" in run_config.get("train", {}):
+        checked = [c for c in checked if c[0] == "warmup_teacher_temp_steps"]
+        checked.append(("warmup_steps", run_config["train"]["warmup_steps"], "pretrain.train.warmup_steps"))
+    for key, value, where in checked:
+        if int(value) >= steps:
+            hint = (f"; pretrain.in1k.{method} sets the ImageNet-1k runs' own"
+                    if "-in1k-" in str(run_config["run"]) and "pretrain.in1k" not in where else "")
+            raise ConfigError(f"{where}: {int(value)} is not shorter than run {run_config['run']}, {steps:,} "
+                              f"steps (ceil({samples:,} samples / batch {batch:,})): its {key} would outlast "
+                              f"the run{hint}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from webssl_repro.paper import specs
-from webssl_repro.recipes import STEP_DEFAULTS, hires_recipe
+from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, hires_recipe
 from webssl_repro.resources import PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, pretrain_resources, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
@@ -141,12 +141,13 @@ class Plan(EvalJobs):
         return f"{self.results}/data/evalsets/{task}.json"
 
     def pretrain_data(self, run: Run) -> list[str]:
+        """The manifest a run trains on: ImageNet-1k's, the corpus', or a filter result, which
+        lists the shards of its kept samples."""
         if run.data == "in1k":
             return [self.data_manifest("in1k")]
-        inputs = [self.data_manifest("shards")]
         if run.data in ("light", "heavy"):
-            inputs.append(self.filter_stats(run.data))
-        return inputs
+            return [self.filter_stats(run.data)]
+        return [self.data_manifest("shards")]
 
     def pretrain_inputs(self, run_id: str) -> dict[str, Any]:
         name, seed = split_seed(run_id, self.seeds[0])
@@ -163,18 +164,29 @@ class Plan(EvalJobs):
         return inputs
 
     def run_config(self, run: str) -> dict[str, Any]:
-        """The slice of the config one run depends on: changing anything else does not retrain it."""
+        """The slice of the config one run depends on: changing anything else does not retrain it.
+        ImageNet-1k runs lay ``pretrain.in1k.{method}`` over the method's recipe (their
+        schedule sized to their own, shorter run). A warm-up that does not end before the run
+        does is a ``ConfigError`` (``check_schedule``)."""
         name, seed = split_seed(run, self.seeds[0])
         r = Run.parse(name)
         labels = self.config["labels"]
         pretrain = self.config.get("pretrain", {})
         recipe = dict(pretrain.get(r.method, {}))
+        origin = {k: f"pretrain.{r.method}.{k}" for k in recipe}  # where each value came from, for errors
+        if r.data == "in1k":
+            over = pretrain.get("in1k", {}).get(r.method, {})
+            recipe.update(over)
+            origin.update({k: f"pretrain.in1k.{r.method}.{k}" for k in over})
         if r.parent is not None:
-            recipe = hires_recipe(recipe, pretrain.get("hires", {}), samples_of(r.parent, self.config),
-                                  STEP_DEFAULTS.get(r.method))
+            hires = pretrain.get("hires", {})
+            recipe = hires_recipe(recipe, hires, samples_of(r.parent, self.config), STEP_DEFAULTS.get(r.method))
+            origin.update({k: f"{origin.get(k, f'pretrain.{r.method}.{k} (unset: the default)')}, scaled to "
+                              "pretrain.hires.steps" for k in STEP_KEYS if k in recipe})
+            origin.update({k: f"pretrain.hires.{k}" for k in hires if k != "steps"})
         if r.method == "dino":  # DINOv2's blur pixels belong to the base ("224") crop at every resolution
             recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
-        return {
+        config = {
             "run": run,
             "scale": self.scale,
             "arch": dict(labels["sizes"][r.size]),
@@ -184,6 +196,10 @@ class Plan(EvalJobs):
             "train": dict(pretrain.get("train", {})),
             "seed": seed,
         }
+        if pretrain.get("loader"):  # only when set: an unset loader leaves every run's params as they were
+            config["loader"] = dict(pretrain["loader"])
+        check_schedule(config, r.method, origin)
+        return config
 
     def run_config_json(self, run: str) -> str:
         """What the run's weights depend on (its rules' params): ``run_config`` less the

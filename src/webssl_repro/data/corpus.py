@@ -5,8 +5,10 @@ The training loop asks for "the batch of global samples [s·G + r·L, s·G + (r+
 sample ``i`` is image ``perm_e[i mod N]`` of epoch ``e = i div N`` with a permutation
 seeded by (seed, e), and its augmentation is seeded by (seed, i) — so a batch depends on
 nothing but its indices, whichever rank, worker or resumed process builds it. Filtered
-runs (light / heavy) index only their kept ids and reach their samples-seen budget with
-more epochs over the subset, as in the paper.
+runs (light / heavy) read the filter's shards of kept samples and reach their samples-seen
+budget with more epochs over the subset, as in the paper. It holds every image (encoded) in
+memory, so it serves corpora of up to some millions of images; ``data.stream_corpus.ShardCorpus``
+streams the billions of MC-2B with the same batch interface.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,25 +39,58 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def read_kept_ids(path: str | Path) -> set[str]:
-    with open(path) as f:
-        stats = json.load(f)
-    if "kept_ids" not in stats:
-        raise ValueError(f"filter output {path} has no 'kept_ids'")
-    return set(stats["kept_ids"])
+def captions_of(sample: dict[str, Any]) -> tuple[str, ...]:
+    """The alt-texts of a decoded sample: the json's ``caption``, MetaCLIP's ``texts``
+    (``[[source, text, ...], ...]`` or plain strings) or a ``.txt`` member, in that order."""
+    meta = sample.get("meta") or {}
+    if meta.get("caption"):
+        return (str(meta["caption"]),)
+    texts = [t[1] if isinstance(t, (list, tuple)) else t for t in meta.get("texts") or ()]
+    texts = [str(t) for t in texts if t]
+    if texts:
+        return tuple(texts)
+    return (sample["txt"],) if sample.get("txt") else ()
+
+
+def pick_caption(captions: Sequence[str], seed: int, index: int) -> str:
+    """One alt-text per visit of sample ``index`` (MetaCLIP draws one of a sample's texts each
+    time it is seen); '' when there is none."""
+    if len(captions) <= 1:
+        return captions[0] if captions else ""
+    return captions[int(np.random.SeedSequence([seed, index, 2]).generate_state(1)[0]) % len(captions)]
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The augmentation generator of global sample ``index``: the same on every rank and resume."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def assemble_batch(seed: int, first: int, samples: Iterable[tuple[Image.Image, dict]],
+                   sample_fn: SampleFn, collate_fn: CollateFn) -> Any:
+    """The batch whose first global sample is ``first``: each (image, meta) augmented by its
+    own generator, the batch-level draws (masks) by one seeded with (seed, first)."""
+    out = [sample_fn(image, meta, sample_generator(seed, first + k)) for k, (image, meta) in enumerate(samples)]
+    batch_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, first, 1]).generate_state(1)[0]))
+    return collate_fn(out, batch_gen)
+
+
+def local_batch_size(global_batch: int, world_size: int) -> int:
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+    return global_batch // world_size
 
 
 @dataclass
 class _Item:
     key: str
     image: bytes
-    caption: str
+    captions: tuple[str, ...]
 
 
 class IndexedCorpus:
-    """All samples of a set of local shards (images kept encoded), optionally filtered by id."""
+    """All samples of a set of local shards (images kept encoded)."""
 
-    def __init__(self, shards: Sequence[str], keep_ids: Optional[set[str]] = None, seed: int = 0) -> None:
+    def __init__(self, shards: Sequence[str], seed: int = 0) -> None:
         from webssl_repro.data.shards import make_loader
 
         self.seed = seed
@@ -64,14 +99,11 @@ class IndexedCorpus:
         for sample in stream:
             meta = sample.get("meta") or {}
             key = str(meta.get("id", sample["__key__"]))
-            if keep_ids is not None and key not in keep_ids:
-                continue
             buf = io.BytesIO()
             sample["image"].save(buf, format="PNG")
-            items.append(_Item(key, buf.getvalue(), str(meta.get("caption", ""))))
+            items.append(_Item(key, buf.getvalue(), captions_of(sample)))
         if not items:
-            raise ValueError(f"no samples left in {len(shards)} shard(s)"
-                             + (f" after keeping {len(keep_ids)} filtered ids" if keep_ids is not None else ""))
+            raise ValueError(f"no samples in {len(shards)} shard(s)")
         self.items = items
         self.stats = getattr(stream, "stats", None)
         self._perms: dict[int, np.ndarray] = {}
@@ -87,25 +119,22 @@ class IndexedCorpus:
             self._perms = {epoch: perm}  # one epoch at a time: indices are requested in order
         return int(perm[pos])
 
+    def caption_texts(self) -> Iterator[str]:
+        """Every alt-text of the corpus (a mini tokenizer is learned from them)."""
+        return (text for item in self.items for text in item.captions)
+
     def sample(self, sample: int) -> tuple[Image.Image, dict]:
         item = self.items[self.item_index(sample)]
         image = Image.open(io.BytesIO(item.image)).convert("RGB")
-        return image, {"id": item.key, "caption": item.caption, "index": sample}
+        return image, {"id": item.key, "caption": pick_caption(item.captions, self.seed, sample), "index": sample}
 
     def batches(self, start_sample: int, rank: int, world_size: int, global_batch: int,
                 sample_fn: SampleFn, collate_fn: CollateFn) -> Iterator[Any]:
         """This rank's batches from ``start_sample`` on (the training loop's data interface)."""
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
-        local = global_batch // world_size
+        local = local_batch_size(global_batch, world_size)
         step_start = start_sample
         while True:
             first = step_start + rank * local
-            samples = []
-            for i in range(first, first + local):
-                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0]))
-                image, meta = self.sample(i)
-                samples.append(sample_fn(image, meta, gen))
-            batch_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, first, 1]).generate_state(1)[0]))
-            yield collate_fn(samples, batch_gen)
+            yield assemble_batch(self.seed, first, (self.sample(i) for i in range(first, first + local)),
+                                 sample_fn, collate_fn)
             step_start += global_batch

@@ -149,6 +149,7 @@ def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: 
     """Decisions for a stream of loaded samples; ``truth`` is None unless every sample's metadata has it."""
     _check_variants(variants)
     ids: list[str] = []
+    sources: list[tuple[str, str]] = []  # (shard, webdataset key): where a kept sample is copied from
     truth: dict[str, list[bool]] = {v: [] for v in variants}
     decisions: dict[str, list[bool]] = {v: [] for v in variants}
     batch: list[Image.Image] = []
@@ -168,6 +169,7 @@ def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: 
     for s in samples:
         meta = s.get("meta") or {}
         ids.append(str(meta.get("id", s.get("__key__"))))
+        sources.append((str(s.get("__url__")), str(s.get("__key__"))))
         for v in variants:
             truth_known &= TRUTH_KEYS[v] in meta
             truth[v].append(bool(meta.get(TRUTH_KEYS[v], False)))
@@ -178,8 +180,8 @@ def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: 
             flush()
     if batch:
         flush()
-    return {"ids": ids, "decisions": decisions, "truth": truth if truth_known else None, "seconds": seconds,
-            "cpu_seconds": time.process_time() - cpu0,
+    return {"ids": ids, "sources": sources, "decisions": decisions, "truth": truth if truth_known else None,
+            "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
             "images_per_second": len(ids) / seconds if seconds > 0 else float("inf"), "backend": flt.name}
 
 
@@ -208,15 +210,15 @@ def confusion_scores(tp: int, fp: int, fn: int) -> dict[str, Any]:
 
 def merge_reports(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One filter report from the reports of disjoint parts of a corpus (``filter_report``'s
-    fields plus speed and loader counts): what one job over all of it would have written,
-    with the throughput of one worker (images over the summed part times)."""
+    counts plus speed and loader counts, without id lists): what one job over all of it would
+    have written, with the throughput of one worker (images over the summed part times)."""
     if not parts:
         raise ValueError("merge_reports: no parts")
     n = sum(int(p["n"]) for p in parts)
-    kept = [i for p in parts for i in p["kept_ids"]]
+    kept = sum(int(p["n_kept"]) for p in parts)
     seconds = sum(int(p["n"]) / p["images_per_second"] for p in parts if p["images_per_second"])
     out = {**{k: parts[0][k] for k in ("variant", "backend", "prompt")},
-           "n": n, "kept_ids": kept, "kept_fraction": len(kept) / n if n else 0.0,
+           "n": n, "n_kept": kept, "kept_fraction": kept / n if n else 0.0,
            "images_per_second": n / seconds if seconds else 0.0,
            **{k: sum(p[k] for p in parts) for k in ("cpu_seconds", "skipped_samples", "broken_shards")}}
     if all("tp" in p for p in parts):

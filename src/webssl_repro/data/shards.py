@@ -91,14 +91,16 @@ def write_corpus(out_dir: str, seed: int, n_images: int, shard_size: int, cfg: M
     return paths
 
 
-def write_selected_shard(src: str | Sequence[str], keep_ids: Iterable[str], out_path: str) -> dict[str, Any]:
-    """Copy the entries of kept sample keys, byte for byte, into one tar (the light/heavy corpora).
-
-    Unreadable or truncated source tars contribute what can be read and are counted.
-    """
+def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out_path: str) -> dict[str, Any]:
+    """Copy the members of the kept samples (webdataset ``__key__``s), byte for byte and in
+    order, into one tar: the light / heavy corpora as shards of their own, as DataComp
+    reshards a filtered pool. Unreadable or truncated source tars contribute what can be read
+    and are counted."""
     import tarfile
 
-    keep = set(keep_ids)
+    from webdataset.tariterators import base_plus_ext
+
+    keep = set(keep_keys)
     tmp = out_path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     kept_keys: set[str] = set()
@@ -108,7 +110,7 @@ def write_selected_shard(src: str | Sequence[str], keep_ids: Iterable[str], out_
             try:
                 with tarfile.open(url, "r|*") as tf:
                     for ti in tf:
-                        key = ti.name.split("/")[-1].split(".", 1)[0]
+                        key = base_plus_ext(ti.name)[0]
                         if ti.isreg() and key in keep:
                             data = tf.extractfile(ti).read()
                             new = tarfile.TarInfo(ti.name)
@@ -230,7 +232,9 @@ class _SplitStream(IterableDataset):
             yield self.transform(sample) if self.transform else sample
 
 
-def _decode(raw: dict[str, Any], arrays: bool) -> dict[str, Any]:
+def decode_sample(raw: dict[str, Any], arrays: bool = False) -> dict[str, Any]:
+    """A sample's tar members (bytes by extension) as ``image`` (PIL RGB), ``meta`` (the json),
+    ``txt`` and, with ``arrays``, ``seg`` / ``depth``."""
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise ValueError(f"sample {raw.get('__key__')} has no image (keys {sorted(k for k in raw if k[0] != '_')})")
@@ -238,6 +242,8 @@ def _decode(raw: dict[str, Any], arrays: bool) -> dict[str, Any]:
     img.load()
     out = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"), "image": img.convert("RGB"),
            "meta": json.loads(raw["json"]) if "json" in raw else {"id": raw.get("__key__")}}
+    if raw.get("txt"):  # an alt-text stored beside the image (img2dataset's caption column)
+        out["txt"] = raw["txt"].decode("utf-8", errors="replace").strip()
     if arrays:
         for name in ("seg", "depth"):
             if f"{name}.npy" in raw:
@@ -262,7 +268,7 @@ class ShardStream(_SplitStream):
 
         for raw in tarfile_samples(({"url": u} for u in items), handler=self._shard_error):
             try:
-                yield _decode(raw, self.arrays)
+                yield decode_sample(raw, self.arrays)
             except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
                 self.stats.skipped_samples += 1
                 self.stats.note(f"sample {raw.get('__key__')} of {raw.get('__url__')}", exn)

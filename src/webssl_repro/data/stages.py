@@ -1,8 +1,9 @@
 """The data stage as the workflow calls it: ``webssl-repro data {shards,in1k,filter,evalset,fig8}``.
 
 Each command reads the config's ``data`` section (``--data-json``) and writes one declared
-output: a shard manifest, a filter result with kept ids, or an eval-set manifest. Config
-keys (all optional at mini scale; defaults below):
+output: a shard manifest, a filter result (counts, and the kept samples' shards as a
+manifest lists them), or an eval-set manifest. Config keys (all optional at mini scale;
+defaults below):
 
     data:
       corpus:   {seed: 0, n_images: 4096, shard_size: 512, size: 64, image_format: jpg, kinds: {...}}
@@ -41,7 +42,7 @@ def _write_one(job: tuple[str, int, int, int, dict[str, Any], str]) -> dict[str,
 def build_corpus(section: Mapping[str, Any], out_manifest: str, threads: int = 1, source: str = "web") -> dict[str, Any]:
     """Write the shards of one generated corpus (in parallel) and a manifest listing them."""
     if "shards" in section:  # real data: the manifest just points at the user's shards
-        manifest: dict[str, Any] = {"shards": expand_sources(section["shards"]), "generated": False}
+        manifest: dict[str, Any] = {"shards": user_shards(section["shards"], source), "generated": False}
     else:
         c = {**(IN1K_DEFAULTS if source == "in1k" else CORPUS_DEFAULTS), **section}
         cfg = {"size": int(c["size"]), "source": source, **({"kinds": dict(c["kinds"])} if "kinds" in c else {})}
@@ -62,6 +63,20 @@ def build_corpus(section: Mapping[str, Any], out_manifest: str, threads: int = 1
     return manifest
 
 
+def user_shards(spec: str | Sequence[str], source: str = "web") -> list[str]:
+    """The shard list ``data.shards`` (or ``data.in1k.shards``) names: local files must exist, so
+    a wrong path fails here rather than in thousands of filter or training jobs."""
+    key = "data.in1k.shards" if source == "in1k" else "data.shards"
+    urls = expand_sources(spec)
+    if not urls:
+        raise ValueError(f"{key}: {spec!r} names no shards")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise ValueError(f"{key}: {len(missing)} of {len(urls)} shard(s) are not files, e.g. {missing[:3]}")
+    return urls
+
+
 def _dump(obj: Any, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as fh:
@@ -79,7 +94,9 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
                   part: int = 0) -> dict[str, Any]:
     """Run one filter variant over a corpus, or over its ``part``-th of ``section["parts"]``
     (every parts-th shard), so a corpus of billions of images is filtered by many jobs at once
-    (``filter_merge`` joins them); the result holds kept ids, kept fraction, P/R and speed."""
+    (``filter_merge`` joins them). The kept samples are copied into shards of their own beside
+    ``out_json`` (``kept_shards``), which the result lists as a manifest does, with the kept
+    fraction, P/R and speed; the light and heavy runs train on those shards."""
     from webssl_repro.data.filters import filter_report, make_filter, run_filter
     from webssl_repro.data.shards import make_loader
 
@@ -99,43 +116,65 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     if hasattr(flt, "save_cache"):
         flt.save_cache()
     rep = filter_report(res["ids"], res["decisions"], res["truth"])[variant]
-    out = {"variant": variant, "backend": flt.name, **rep, "images_per_second": res["images_per_second"],
-           "cpu_seconds": res["cpu_seconds"],
+    kept = kept_shards(shards, [src for src, k in zip(res["sources"], res["decisions"][variant]) if k],
+                       os.path.splitext(out_json)[0])
+    here = os.path.dirname(os.path.abspath(out_json))
+    out = {"variant": variant, "backend": flt.name, **{k: v for k, v in rep.items() if k != "kept_ids"},
+           "n_kept": len(rep["kept_ids"]), "shards": [os.path.relpath(p, here) for p in kept], "generated": True,
+           "images_per_second": res["images_per_second"], "cpu_seconds": res["cpu_seconds"],
            "skipped_samples": loader.stats.skipped_samples, "broken_shards": loader.stats.broken_shards}
     _dump(out, out_json)
     return out
 
 
+def kept_shards(shards: Sequence[str], kept: Sequence[tuple[str, str]], out_dir: str) -> list[str]:
+    """The kept (shard, key) samples copied, in corpus order, into one tar per source shard
+    that keeps any (``out_dir``/00000.tar, ...); returns their paths."""
+    from webssl_repro.data.shards import write_selected_shard
+
+    by_shard: dict[str, list[str]] = {}
+    for url, key in kept:
+        by_shard.setdefault(url, []).append(key)
+    if os.path.isdir(out_dir):  # a rerun replaces the kept shards of the last one
+        for old in os.listdir(out_dir):
+            if old.endswith(".tar"):
+                os.remove(os.path.join(out_dir, old))
+    return [write_selected_shard(url, by_shard[url], os.path.join(out_dir, f"{k:05d}.tar"))["path"]
+            for k, url in enumerate(shards) if url in by_shard]
+
+
 def filter_merge(part_jsons: Sequence[str], out_json: str) -> dict[str, Any]:
-    """The filter result of a whole corpus from those of its parts (``filter_corpus``)."""
+    """The filter result of a whole corpus from those of its parts (``filter_corpus``): their
+    counts merged and their kept shards listed relative to ``out_json``."""
     from webssl_repro.data.filters import merge_reports
 
-    parts = []
+    parts, shards = [], []
+    here = os.path.dirname(os.path.abspath(out_json))
     for path in part_jsons:
         with open(path) as fh:
             parts.append(json.load(fh))
-    out = merge_reports(parts)
+        base = os.path.dirname(os.path.abspath(path))
+        shards += [os.path.relpath(os.path.join(base, s), here) for s in parts[-1]["shards"]]
+    out = {**merge_reports(parts), "shards": shards, "generated": True}
     _dump(out, out_json)
     return out
 
 
 def fig8_grid(shards: Sequence[str], light_json: str, heavy_json: str, out_prefix: str, per_row: int = 8) -> list[str]:
-    """Fig. 8 analogue from the two filter results: raw, light-kept and heavy-kept samples."""
+    """Fig. 8 analogue: the first raw samples of the corpus and the first light- and heavy-kept
+    ones, read from the filters' own shards."""
+    from webssl_repro.data.corpus import read_manifest
     from webssl_repro.data.filters import sample_grid
     from webssl_repro.data.shards import make_loader
 
-    kept = {}
-    for v, p in (("light", light_json), ("heavy", heavy_json)):
-        with open(p) as fh:
-            kept[v] = set(json.load(fh)["kept_ids"])
-    rows: dict[str, list[Any]] = {"raw": [], "light": [], "heavy": []}
-    for s in make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1):
-        key = str((s.get("meta") or {}).get("id", s["__key__"]))
-        for v in rows:
-            if len(rows[v]) < per_row and (v == "raw" or key in kept[v]):
-                rows[v].append(s["image"])
-        if all(len(r) >= per_row for r in rows.values()):
-            break
+    rows: dict[str, list[Any]] = {}
+    for name, source in (("raw", list(shards)), ("light", light_json), ("heavy", heavy_json)):
+        urls = source if isinstance(source, list) else read_manifest(source)["shards"]
+        rows[name] = []
+        for s in make_loader(urls, shuffle_shards=False, rank=0, world_size=1) if urls else ():
+            rows[name].append(s["image"])
+            if len(rows[name]) >= per_row:
+                break
     return sample_grid(rows["raw"], rows["light"], rows["heavy"], out_prefix, per_row)
 
 
@@ -212,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd in ("filter", "filter-merge"):
         res = (filter_corpus(args.variant, data.get("filter", {}), shards, args.out, args.part)
                if args.cmd == "filter" else filter_merge(args.parts, args.out))
-        res = {k: v for k, v in res.items() if k != "kept_ids"}
+        res = {k: v for k, v in res.items() if k != "shards"}
     elif args.cmd == "evalset":
         res = build_evalset(args.task, data.get("evalsets", {}), args.out)
     else:

@@ -81,8 +81,11 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         config = ClipConfig.from_mapping(recipe)
         if tokenizer_path:
             tokenizer = load_tokenizer(tokenizer_path)
-        else:  # mini: a tokenizer learned offline from this corpus' captions
-            tokenizer = build_tokenizer((it.caption for it in corpus.items), vocab, cfg["_workdir"] + "/tokenizer.json")
+        elif hasattr(corpus, "caption_texts"):  # mini: a tokenizer learned offline from this corpus' captions
+            tokenizer = build_tokenizer(corpus.caption_texts(), vocab, cfg["_workdir"] + "/tokenizer.json")
+        else:
+            raise ValueError("pretrain.clip.tokenizer: a streamed corpus (pretrain.loader.stream) cannot learn a "
+                             "tokenizer from its captions; name a tokenizer file or hub repo")
         method = ClipMethod(build_encoder(arch, "clip", img_size=img, layerscale=layerscale), tokenizer, config)
         transform = clip_transform(img, scale=tuple(config.crop_scale))
         sample_fn = _seeded(transform, with_caption=True)
@@ -104,6 +107,9 @@ def _seeded(transform, with_caption: bool = False):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             x = transform(image)
+        if with_caption and not meta["caption"]:
+            raise ValueError(f"sample {meta['id']} has no caption for CLIP: captions are read from the json's "
+                             "'caption', MetaCLIP's 'texts' or a .txt member")
         return (x, meta["caption"]) if with_caption else (x, None)
 
     return sample_fn
@@ -160,12 +166,26 @@ def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                                  "webssl-repro")}}
 
 
+def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any]):
+    """``pretrain.loader``: the corpus held in memory (``IndexedCorpus``, the default) or, with
+    ``stream: true``, streamed from its shards by ``workers`` dataloader processes per rank
+    (``ShardCorpus``: MC-2B does not fit in memory)."""
+    from webssl_repro.config import check_keys
+    from webssl_repro.data.corpus import IndexedCorpus
+    from webssl_repro.data.stream_corpus import ShardCorpus
+
+    check_keys(loader, ("stream", "workers"), "pretrain.loader")
+    if not loader.get("stream", False):
+        return IndexedCorpus(shards, seed=seed)
+    return ShardCorpus(shards, seed=seed, workers=int(loader.get("workers", 0)))
+
+
 def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpoints: str | Path,
              data: list[str], parent: Optional[str] = None, max_steps: Optional[int] = None):
     """Train (or resume) ``run_name`` and write its run directory; returns the loop's result."""
     from safetensors.torch import save_file
 
-    from webssl_repro.data.corpus import IndexedCorpus, read_kept_ids, read_manifest
+    from webssl_repro.data.corpus import read_manifest
     from webssl_repro.train import TrainConfig, train
     from webssl_repro.train.checkpoint import full_cpu
     from webssl_repro.train.deadline import job_deadline
@@ -175,8 +195,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     out_dir, checkpoints = Path(out_dir), Path(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data[0])
-    keep = read_kept_ids(data[1]) if len(data) > 1 else None
-    corpus = IndexedCorpus(manifest["shards"], keep_ids=keep, seed=int(cfg.get("seed", 0)))
+    corpus = open_corpus(manifest["shards"], int(cfg.get("seed", 0)), cfg.get("loader") or {})
     cfg = {**cfg, "_workdir": str(checkpoints)}
     torch.manual_seed(int(cfg.get("seed", 0)))  # initial weights: the same on every rank and in every run
     method, sample_fn, collate_fn, train_map, meta = build(run, cfg, corpus)
@@ -201,6 +220,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         torch.save(state, out_dir / "state.pt")
         shutil.copy(checkpoints / "train_log.jsonl", out_dir / "train_log.jsonl")
         prov = provenance(cfg)
-        prov.update(encoder=meta, corpus_size=len(corpus), steps=result.step, samples_seen=result.samples_seen)
+        prov.update(encoder=meta, corpus_shards=len(manifest["shards"]), steps=result.step,
+                    samples_seen=result.samples_seen, **({"corpus_size": len(corpus)} if hasattr(corpus, "__len__") else {}))
         (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
     return result

@@ -1,0 +1,196 @@
+"""Pretraining batches streamed from webdataset shards, in bounded memory (MC-2B scale).
+
+``IndexedCorpus`` holds every image; 2B images do not fit. ``ShardCorpus`` reads shards as
+webdataset pipelines do: each reader (a rank's dataloader worker) takes its share of a
+per-epoch shard permutation and emits each shard's samples in a seeded random order, so a
+reader holds one encoded shard at a time. Batch ``k`` of a rank is made by its reader
+``k mod workers`` from that reader's stream, whose position is therefore known from the
+step alone: a resumed run skips the samples already consumed by counting tar headers
+(no decoding, and whole shards by their headers only) and continues with exactly the
+batches an uninterrupted run would have seen, augmentation seeded by global sample index
+as in ``IndexedCorpus``. Unlike ``IndexedCorpus``, the order depends on the number of ranks
+and workers (as DINOv2's sharded sampler and webdataset's shard split do).
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import warnings
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from webssl_repro.data.corpus import (
+    CollateFn,
+    SampleFn,
+    assemble_batch,
+    captions_of,
+    local_batch_size,
+    pick_caption,
+)
+
+
+def shard_samples(url: str, with_data: bool = True) -> Iterator[dict[str, Any]]:
+    """The samples of one tar, grouped by key as webdataset groups them; members' bytes only
+    ``with_data`` (else each value is None: counting a local shard reads its headers alone).
+    A truncated or unreadable shard ends, with a warning, at its last whole sample."""
+    from webdataset.tariterators import base_plus_ext
+
+    local = "://" not in url and not url.startswith("pipe:")
+    sample: dict[str, Any] = {}
+    try:
+        if local:
+            tf = tarfile.open(url, "r:")
+            size = os.path.getsize(url)
+        else:
+            from webdataset.gopen import gopen
+
+            tf, size = tarfile.open(fileobj=gopen(url, "rb"), mode="r|*"), None
+        with tf:
+            for member in tf:
+                if not member.isreg():
+                    continue
+                if size is not None and member.offset_data + member.size > size:
+                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
+                key, suffix = base_plus_ext(member.name)
+                if key is None or os.path.basename(member.name).startswith("__"):
+                    continue
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[suffix.lower()] = tf.extractfile(member).read() if with_data else None
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        warnings.warn(f"webssl_repro.data.stream_corpus: {url}: {type(exn).__name__}: {exn}; "
+                      "reading it up to its last whole sample", RuntimeWarning)
+        return
+    if sample:
+        yield sample
+
+
+def count_samples(url: str) -> int:
+    return sum(1 for _ in shard_samples(url, with_data=False))
+
+
+class ShardCorpus:
+    """The ``batches`` interface of ``IndexedCorpus`` over shards streamed per reader."""
+
+    def __init__(self, shards: Sequence[str], seed: int = 0, workers: int = 0) -> None:
+        if not shards:
+            raise ValueError("ShardCorpus: no shards")
+        if workers < 0:
+            raise ValueError(f"ShardCorpus: workers must be >= 0, got {workers}")
+        self.shards, self.seed, self.workers = list(shards), int(seed), int(workers)
+        self._counts: dict[str, int] = {}
+
+    def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
+        """Reader ``reader``'s shards (indices) in ``epoch``: every ``readers``-th of a seeded permutation."""
+        if len(self.shards) < readers:
+            raise ValueError(f"ShardCorpus: {len(self.shards)} shard(s) for {readers} readers (ranks x workers); "
+                             "every reader needs at least one shard: use fewer workers or more shards")
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [int(i) for i in order[reader::readers]]
+
+    def count(self, url: str) -> int:
+        if url not in self._counts:
+            self._counts[url] = count_samples(url)
+        return self._counts[url]
+
+    def reader_stream(self, reader: int, readers: int, skip: int = 0) -> Iterator[tuple[Any, dict]]:
+        """(image, meta) of one reader's endless stream from its ``skip``-th sample on."""
+        epoch = 0
+        while True:
+            total = 0
+            for index in self.reader_shards(epoch, reader, readers):
+                url = self.shards[index]
+                total += self.count(url)
+                if skip >= self.count(url):  # consumed before a resume: its headers are enough
+                    skip -= self.count(url)
+                    continue
+                raw = list(shard_samples(url))
+                self._counts[url] = len(raw)
+                order = np.random.default_rng([self.seed, epoch, index]).permutation(len(raw))
+                for k in range(skip, len(raw)):
+                    yield self._decoded(raw, order, k)
+                skip = 0
+            if total == 0:
+                raise ValueError(f"ShardCorpus: reader {reader} of {readers} found no samples in its shards")
+            epoch += 1
+
+    @staticmethod
+    def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int) -> tuple[Any, dict]:
+        """The ``k``-th sample of the shard's ``order``, or where it does not decode the next one
+        that does: the stream keeps its length, so positions still follow the tar headers."""
+        from webssl_repro.data.shards import decode_sample
+
+        for j in range(len(order)):
+            candidate = raw[int(order[(k + j) % len(order)])]
+            try:
+                sample = decode_sample(candidate)
+            except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
+                warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
+                              f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
+                continue
+            meta = sample["meta"] or {}
+            return sample["image"], {"id": str(meta.get("id", sample["__key__"])), "captions": captions_of(sample)}
+        raise ValueError(f"no sample of {raw[0].get('__url__')} decodes")
+
+    def batches(self, start_sample: int, rank: int, world_size: int, global_batch: int,
+                sample_fn: SampleFn, collate_fn: CollateFn) -> Iterator[Any]:
+        """This rank's batches from ``start_sample`` on (a multiple of ``global_batch``), made by
+        ``workers_for(world_size)`` dataloader processes (0: this process)."""
+        local = local_batch_size(global_batch, world_size)
+        if start_sample % global_batch:
+            raise ValueError(f"start sample {start_sample} is not a multiple of the global batch {global_batch}")
+        dataset = _RankBatches(self, start_sample // global_batch, rank, world_size, global_batch, local,
+                               sample_fn, collate_fn)
+        workers = self.workers_for(world_size)
+        if workers == 0:
+            return iter(dataset)
+        # Workers are polled in turn, so worker i yields batches first + i, first + i + workers, ...
+        # Their base seed comes from a private generator: drawing it from the global one would
+        # shift the trainer's random stream (drop path) at every resume.
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                               generator=torch.Generator().manual_seed(self.seed)))
+
+    def workers_for(self, world_size: int) -> int:
+        """``workers``, fewer where the shards do not give every reader one (ImageNet-1k's 1,024
+        shards on 256 ranks: 4 workers each)."""
+        if len(self.shards) < world_size:
+            raise ValueError(f"ShardCorpus: {len(self.shards)} shard(s) for {world_size} ranks; every rank "
+                             "reads shards of its own, so the corpus needs at least one per rank")
+        return min(self.workers, len(self.shards) // world_size)
+
+
+class _RankBatches(IterableDataset):
+    """One rank's batches from global step ``first`` on; in dataloader worker ``i`` of ``n``,
+    the batches ``first + i + m·n`` (those of reader ``(first + i) mod n``)."""
+
+    def __init__(self, corpus: ShardCorpus, first: int, rank: int, world_size: int, global_batch: int,
+                 local: int, sample_fn: SampleFn, collate_fn: CollateFn) -> None:
+        super().__init__()
+        self.corpus, self.first, self.rank, self.world_size = corpus, first, rank, world_size
+        self.global_batch, self.local, self.sample_fn, self.collate_fn = global_batch, local, sample_fn, collate_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        i, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        step = self.first + i
+        reader = step % n  # batch k of this rank comes from its reader k mod n
+        made = (step - reader) // n  # batches that reader made before this process started
+        readers = self.world_size * n
+        stream = self.corpus.reader_stream(self.rank * n + reader, readers, skip=made * self.local)
+        seed = self.corpus.seed
+        while True:
+            first = step * self.global_batch + self.rank * self.local
+            pairs = []
+            for k in range(self.local):
+                image, meta = next(stream)
+                pairs.append((image, {"id": meta["id"], "caption": pick_caption(meta["captions"], seed, first + k),
+                                      "index": first + k}))
+            yield assemble_batch(seed, first, pairs, self.sample_fn, self.collate_fn)
+            step += n
+

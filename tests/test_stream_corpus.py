@@ -1,0 +1,178 @@
+"""Streaming pretraining corpus (``data.stream_corpus.ShardCorpus``): coverage, exact resume
+with and without dataloader workers, broken data, and the alt-text formats CLIP reads."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from webssl_repro.data.corpus import IndexedCorpus, captions_of, pick_caption
+from webssl_repro.data.stages import build_corpus, manifest_shards
+from webssl_repro.data.stream_corpus import ShardCorpus, count_samples, shard_samples
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    build_corpus({"n_images": 30, "shard_size": 5, "seed": 4, "size": 16}, str(root / "manifest.json"))
+    return manifest_shards(str(root / "manifest.json"))
+
+
+def sample_fn(image, meta, gen):
+    noise = torch.rand(1, generator=gen)  # the augmentation's draw
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).mean() + noise, meta["id"], meta["index"]
+
+
+def collate_fn(samples, gen):
+    return {"x": torch.stack([s[0] for s in samples]), "ids": [s[1] for s in samples],
+            "index": [s[2] for s in samples], "mask_draw": torch.rand(1, generator=gen)}
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def same(a, b):
+    return a["ids"] == b["ids"] and a["index"] == b["index"] and torch.equal(a["x"], b["x"]) \
+        and torch.equal(a["mask_draw"], b["mask_draw"])
+
+
+def test_counts_follow_the_tar_headers(shards):
+    assert [count_samples(u) for u in shards] == [5] * 6
+    first = next(shard_samples(shards[0]))
+    assert {"jpg", "json"} <= set(first) and isinstance(first["jpg"], bytes)
+    assert next(shard_samples(shards[0], with_data=False))["jpg"] is None
+
+
+def test_each_epoch_covers_every_sample_once_across_readers(shards):
+    corpus = ShardCorpus(shards, seed=1)
+    ids = []
+    for reader in range(3):
+        stream = corpus.reader_stream(reader, 3)
+        ids += [meta["id"] for _, meta in take(stream, 10)]  # each reader has 2 shards of 5
+    counts = Counter(ids)
+    assert len(counts) == 30 and set(counts.values()) == {1}
+    with pytest.raises(ValueError, match="6 shard"):
+        corpus.reader_shards(0, 0, 7)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_sees_exactly_the_uninterrupted_batches(shards, workers):
+    corpus = ShardCorpus(shards, seed=3, workers=workers)
+    G = 8  # two ranks of 4: rank 1's batches
+    whole = take(corpus.batches(0, 1, 2, G, sample_fn, collate_fn), 9)  # past one epoch of each reader
+    resumed = take(corpus.batches(5 * G, 1, 2, G, sample_fn, collate_fn), 4)
+    assert all(same(a, b) for a, b in zip(whole[5:], resumed))
+    assert [b["index"][0] for b in whole[:3]] == [4, 12, 20]  # global sample indices of rank 1's rows
+    # the two ranks read disjoint shards within an epoch
+    rank0 = take(corpus.batches(0, 0, 2, G, sample_fn, collate_fn), 2)
+    assert not set(sum((b["ids"] for b in rank0), [])) & set(sum((b["ids"] for b in whole[:2]), []))
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        corpus.batches(3, 0, 2, G, sample_fn, collate_fn)
+
+
+def test_broken_shard_and_undecodable_sample_keep_positions(tmp_path, shards):
+    truncated = tmp_path / "truncated.tar"
+    data = open(shards[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match="truncated.tar"):
+        n = count_samples(str(truncated))
+    with pytest.warns(RuntimeWarning):
+        assert 0 < n < 5 and n == len(list(shard_samples(str(truncated))))
+    # a sample whose image does not decode is replaced by the next one of the shard's order
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(shards[1]) as src, tarfile.open(bad, "w") as out:
+        for member in src:
+            payload = src.extractfile(member).read()
+            if member.name.endswith(".jpg") and member.name.startswith(src.getnames()[0].split(".")[0]):
+                payload = b"not a jpeg"
+            member.size = len(payload)
+            out.addfile(member, io.BytesIO(payload))
+    corpus = ShardCorpus([str(bad)], seed=0)
+    with pytest.warns(RuntimeWarning, match="not identify|cannot identify|UnidentifiedImageError"):
+        got = [meta["id"] for _, meta in take(corpus.reader_stream(0, 1), 5)]
+    assert len(got) == 5 and len(set(got)) == 4  # five positions, one image shown twice
+
+
+def test_alt_text_formats(tmp_path):
+    assert captions_of({"meta": {"caption": "a dog"}}) == ("a dog",)
+    metaclip = {"meta": {"texts": [["alt", "a red car", 0], ["title", "my car", 1]]}}
+    assert captions_of(metaclip) == ("a red car", "my car")
+    assert captions_of({"meta": {}, "txt": "from txt"}) == ("from txt",)
+    assert captions_of({"meta": {}}) == ()
+    picks = {pick_caption(("a", "b", "c"), 0, i) for i in range(40)}
+    assert picks == {"a", "b", "c"} and pick_caption(("a", "b"), 5, 7) == pick_caption(("a", "b"), 5, 7)
+    # a .txt member reaches the stream's captions
+    path = tmp_path / "txt.tar"
+    with tarfile.open(path, "w") as tf:
+        image = io.BytesIO()
+        from PIL import Image
+
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(image, format="PNG")
+        for name, payload in (("s0.png", image.getvalue()), ("s0.txt", b"a plain caption\n"),
+                              ("s0.json", json.dumps({"url": "x"}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    _, meta = next(ShardCorpus([str(path)]).reader_stream(0, 1))
+    assert meta["captions"] == ("a plain caption",) and meta["id"] == "s0"
+
+
+def test_open_corpus_and_clip_captions(shards):
+    from webssl_repro.train.run import _seeded, open_corpus
+
+    assert isinstance(open_corpus(shards[:1], 0, {}), IndexedCorpus)
+    assert isinstance(open_corpus(shards, 0, {"stream": True, "workers": 2}), ShardCorpus)
+    with pytest.raises(KeyError, match="worker"):
+        open_corpus(shards, 0, {"stream": True, "worker": 2})
+    fn = _seeded(lambda image: torch.zeros(1), with_caption=True)
+    with pytest.raises(ValueError, match="sample s7 has no caption"):
+        fn(None, {"id": "s7", "caption": ""}, torch.Generator().manual_seed(0))
+    assert os.path.exists(shards[0])
+
+
+def test_workers_leave_the_global_random_stream_alone(shards):
+    """A resumed trainer restores its RNG, then opens the data: the loader must not draw from it."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    it = ShardCorpus(shards, seed=3, workers=2).batches(0, 0, 1, 4, sample_fn, collate_fn)
+    next(it)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_streamed_pretraining_resumes_bitwise(tmp_path, shards):
+    """``pretrain`` with ``pretrain.loader.stream``: a run stopped at step 2 and resumed (its
+    dataloader workers restarted mid-epoch) ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from helpers_mini import run_slice
+    from webssl_repro.train.run import pretrain
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"shards": shards}))
+    cfg = run_slice("mae1b-full2b-224", samples=5 * 8, checkpoint_every=1)
+    cfg["recipe"]["batch_size"] = 8
+    cfg["loader"] = {"stream": True, "workers": 2}
+    straight = pretrain("mae1b-full2b-224", cfg, tmp_path / "a", tmp_path / "ca", [str(manifest)])
+    assert straight.complete and straight.step == 5
+    assert not pretrain("mae1b-full2b-224", cfg, tmp_path / "b", tmp_path / "cb", [str(manifest)], max_steps=2).complete
+    assert pretrain("mae1b-full2b-224", cfg, tmp_path / "b", tmp_path / "cb", [str(manifest)]).complete
+    a, b = load_file(tmp_path / "a" / "encoder.safetensors"), load_file(tmp_path / "b" / "encoder.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    provenance = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert provenance["corpus_shards"] == 6 and "corpus_size" not in provenance
+
+
+def test_workers_shrink_to_the_shards_there_are(shards):
+    corpus = ShardCorpus(shards, workers=8)
+    assert [corpus.workers_for(w) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert ShardCorpus(shards, workers=0).workers_for(4) == 0
+    with pytest.raises(ValueError, match="6 shard\\(s\\) for 7 ranks"):
+        corpus.workers_for(7)
