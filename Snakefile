@@ -12,6 +12,8 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+from webssl_repro.config import validate_config
+
 
 # config/mini.yaml is the default; a --configfile replaces it rather than being merged
 # into it, so no mini-scale key can leak into another scale.
@@ -21,6 +23,9 @@ if not workflow.overwrite_configfiles:
 
 
 
+# One line per bad key, naming it and the known ones (snakemake's own message dumps the whole
+# config); then snakemake's validate, which also fills the schema's defaults.
+validate_config(config, ", ".join(map(str, workflow.overwrite_configfiles or ["config/mini.yaml"])))
 validate(config, "config/schema.yaml")
 
 

@@ -98,9 +98,7 @@ rule data:
 # Figure 8: raw / light / heavy samples of the filtered corpus (from the data stage).
 rule fig8_samples:
     input:
-        shards=PLAN.data_manifest("shards"),
-        light=PLAN.filter_stats("light"),
-        heavy=PLAN.filter_stats("heavy"),
+        unpack(lambda w: PLAN.fig8_inputs()),
     output:
         pdf=f"{PAPER}/figures/fig8.pdf",
         png=f"{PAPER}/figures/fig8.png",
@@ -118,4 +116,4 @@ rule fig8_samples:
 rule fig8:
     localrule: True
     input:
-        PLAN.data_figures(),
+        lambda w: PLAN.data_figures() or PLAN.not_built("fig8"),

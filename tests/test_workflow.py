@@ -1,4 +1,5 @@
 """The DAG: run grid, targets, resources, validation, lint and the published render."""
+import copy
 import json
 import re
 
@@ -90,6 +91,8 @@ def test_published_item_inputs_are_only_the_source_tables():
     ("pretrain.train.checkpoint_evry", 3, "'checkpoint_evry' was unexpected"),
     ("pretrain.dino.batch_sise", 3, "'batch_sise' was unexpected"),
     ("pretrain.clip.context_lenght", 3, "'context_lenght' was unexpected"),
+    ("pretrain.in1k", {"dino": {"warmup_step": 3}}, "'warmup_step' was unexpected"),
+    ("pretrain.in1k", {"vit": {}}, "'vit' was unexpected"),
     ("data.corpus.n_imgs", 3, "'n_imgs' was unexpected"),
     ("data.filter.backend", "mlm", "'mlm' is not one of"),
 ])
@@ -173,6 +176,10 @@ def test_schema_types_the_config_dataclasses():
     _typed_like(TrainConfig, schema["train"]["properties"], skip=("samples_seen", "global_batch_size"))
     for name, cls in (("dino", DinoConfig), ("hires", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
         _typed_like(cls, schema[name]["properties"])
+    in1k = schema["in1k"]  # the ImageNet-1k runs' overrides: each method's own keys, nothing else
+    assert in1k["additionalProperties"] is False and set(in1k["properties"]) == {"dino", "mae", "clip"}
+    for name, section in in1k["properties"].items():
+        assert section["additionalProperties"] is False and section["properties"] == schema[name]["properties"]
     from webssl_repro.methods.dino import CENTERINGS
     from webssl_repro.methods.schedules import LR_SCALINGS
     from webssl_repro.train.config import PRECISIONS, STRATEGIES
@@ -494,3 +501,138 @@ def test_an_item_this_scale_does_not_build_says_why(workflow_dir):
     assert proc.returncode != 0
     assert ("table14 is not built at scale paper: not in this config's items. Its published render: "
             "snakemake table14 --configfile config/published.yaml") in proc.stdout + proc.stderr
+    # asked for by its path, too (the render rule's input refuses it)
+    proc = snakemake(workflow_dir, "-n", "paper/mini/tables/table14.tsv")
+    assert proc.returncode != 0 and "table14 is not built at scale mini" in proc.stdout + proc.stderr
+    # fig8 samples a scale's own corpus: the published scale has none, by name or by path
+    for target in ("fig8", "paper/published/figures/fig8.pdf"):
+        proc = snakemake(workflow_dir, "-n", target, "--configfile", "config/published.yaml")
+        assert proc.returncode != 0 and "fig8 is not built at scale published" in proc.stdout + proc.stderr, target
+        assert "text_filter" not in proc.stdout
+
+
+def test_in1k_overrides_reach_only_the_imagenet_runs():
+    """``pretrain.in1k.{method}`` is laid over the method's recipe for the ImageNet-1k runs: their
+    params (so their fingerprint) change, every other run's stay as they were."""
+    before = Plan(load_config(REPO / "config/mini.yaml"))
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["pretrain"]["in1k"] = {"dino": {"warmup_steps": 7, "warmup_teacher_temp_steps": 9}}
+    after = Plan(cfg)
+    recipe = after.run_config("dino1b-in1k-224")["recipe"]
+    assert (recipe["warmup_steps"], recipe["warmup_teacher_temp_steps"]) == (7, 9)
+    assert recipe["base_lr"] == cfg["pretrain"]["dino"]["base_lr"]  # the rest is the method's recipe
+    assert after.run_config_json("dino1b-in1k-224") != before.run_config_json("dino1b-in1k-224")
+    for run in after.run_ids:
+        if "-in1k-" not in run:
+            assert after.run_config_json(run) == before.run_config_json(run), run
+    assert after.run_config("dino1b-full2b-224")["recipe"]["warmup_steps"] == 10
+
+
+def test_paper_in1k_runs_take_dinov2s_warmup_shares(paper_plan):
+    """DINOv2 ViT-g's 80 / 30 / 1 of 500 epochs as shares of the 300-epoch ImageNet-1k run
+    (125,114 steps at 3072), not MC-2B's 100k-step warm-up (80 % of it)."""
+    cfg = paper_plan.run_config("dino1b-in1k-224")
+    recipe = cfg["recipe"]
+    assert cfg["samples_seen"] == 300 * 1281167 and -(-cfg["samples_seen"] // recipe["batch_size"]) == 125114
+    assert (recipe["warmup_steps"], recipe["warmup_teacher_temp_steps"], recipe["freeze_last_layer_steps"]) == (
+        20000, 7500, 250)
+    assert paper_plan.run_config("dino1b-full2b-224")["recipe"]["warmup_steps"] == 100000
+    assert "warmup_teacher_temp_steps" not in paper_plan.run_config("dino1b-full2b-224")["recipe"]
+
+
+@pytest.mark.parametrize("section,key,value,run,where", [
+    ("dino", "warmup_steps", 64, "dino1b-full2b-224", "pretrain.dino.warmup_steps: 64"),
+    ("in1k", "warmup_teacher_temp_steps", 100, "dino1b-in1k-224", "pretrain.in1k.dino.warmup_teacher_temp_steps: 100"),
+    ("mae", "warmup_iters", 40, "mae1b-full2b-224", "pretrain.mae.warmup_iters: 40"),
+    ("train", "warmup_steps", 64, "clip1b-full2b-224", "pretrain.train.warmup_steps: 64"),
+])
+def test_a_warmup_as_long_as_the_run_is_refused_by_name(section, key, value, run, where):
+    """Mini runs of 2048 samples: 64 steps at DINO's batch 32, 32 at MAE's and CLIP's 64."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    if section == "in1k":  # with a real temperature warm-up (mini's stays flat at 0.04)
+        cfg["pretrain"]["in1k"] = {"dino": {key: value, "teacher_temp": 0.07}}
+    else:
+        cfg["pretrain"].setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=re.escape(where) + r" is not shorter than run " + re.escape(run)):
+        Plan(cfg).run_config(run)
+
+
+def test_a_warmup_left_at_its_default_is_checked_too():
+    """A recipe that leaves DINO's teacher-temperature warm-up unset gets DinoConfig's 37,500
+    steps: an ImageNet-1k run of 100 epochs (41,705 steps) passes, one of 90 (37,535) too, 80 not."""
+    from webssl_repro.recipes import SCHEDULE_DEFAULTS
+
+    cfg = load_config(REPO / "config/paper.yaml")
+    cfg["pretrain"].pop("in1k")
+    cfg["pretrain"]["dino"]["warmup_steps"] = 20000
+    cfg["labels"]["in1k_epochs"] = 90
+    Plan(cfg).run_config("dino1b-in1k-224")
+    cfg["labels"]["in1k_epochs"] = 80
+    with pytest.raises(ConfigError, match=r"pretrain\.dino\.warmup_teacher_temp_steps \(unset: the default\): 37500 "
+                                          r"is not shorter than run dino1b-in1k-224, 33,364 steps.*pretrain\.in1k\.dino"):
+        Plan(cfg).run_config("dino1b-in1k-224")
+    assert SCHEDULE_DEFAULTS["dino"]["warmup_teacher_temp_steps"] == 37500
+
+
+def test_a_flat_teacher_temperature_has_no_warmup_to_check():
+    """Mini keeps the teacher at 0.04 throughout (warmup_teacher_temp == teacher_temp): its
+    20-step "warm-up" may outlast a 4-step test run; lifting the end temperature makes it real."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["labels"]["samples"]["2b"] = 128  # 4 steps of 32
+    cfg["pretrain"]["dino"]["warmup_steps"] = 2
+    assert Plan(cfg).run_config("dino1b-full2b-224")["recipe"]["warmup_teacher_temp_steps"] == 20
+    cfg["pretrain"]["dino"]["teacher_temp"] = 0.07
+    with pytest.raises(ConfigError, match=r"pretrain\.dino\.warmup_teacher_temp_steps: 20 is not shorter"):
+        Plan(cfg).run_config("dino1b-full2b-224")
+
+
+def test_schedule_defaults_are_the_method_configs():
+    """The DAG checks warm-ups against the run's length without torch: its copy of each method
+    config's batch size and warm-ups must be theirs."""
+    from webssl_repro.methods.clip import ClipConfig
+    from webssl_repro.methods.dino import DinoConfig
+    from webssl_repro.methods.mae import MaeConfig
+    from webssl_repro.recipes import SCHEDULE_DEFAULTS
+
+    for method, cls in (("dino", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
+        defaults = cls()
+        assert {k: getattr(defaults, k) for k in SCHEDULE_DEFAULTS[method]} == SCHEDULE_DEFAULTS[method], method
+
+
+def test_the_dry_run_stops_at_a_warmup_longer_than_its_run(workflow_dir):
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    config["pretrain"]["in1k"] = {"dino": {"warmup_steps": 500}}
+    (workflow_dir / "long.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "long.yaml")
+    assert proc.returncode != 0
+    assert "pretrain.in1k.dino.warmup_steps: 500 is not shorter than run dino" in proc.stdout + proc.stderr
+
+
+def test_run_sources_and_tolerances_are_checked_when_the_plan_is_made():
+    """A run_sources key outside the grid, a checkpoint of another run, a download below the
+    paper scale or a misspelt tolerance metric stop the dry run, each by its key."""
+    paper = load_config(REPO / "config/paper.yaml")
+
+    def plan_with(section: str, key: str, value) -> Plan:
+        cfg = copy.deepcopy(paper)
+        cfg.setdefault(section, {})[key] = value
+        return Plan(cfg)
+
+    ok = {"dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224"}}
+    assert "dino2b-heavy2b-224" in plan_with("pretrain", "run_sources", ok).run_sources
+    with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavyy2b-224: not a run of this config"):
+        plan_with("pretrain", "run_sources", {"dino2b-heavyy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavyy2b-224"}})
+    with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavy2b-224.checkpoint: 'facebook/webssl-dino7b"):
+        plan_with("pretrain", "run_sources", {"dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino7b-full8b-518"}})
+    mini = load_config(REPO / "config/mini.yaml")
+    mini["pretrain"]["run_sources"] = ok
+    with pytest.raises(ConfigError, match=r"downloaded, which only the paper scale does \(this is 'mini'\)"):
+        Plan(mini)
+    mini["pretrain"]["run_sources"] = {"dino2b-heavy2b-224": {**ok["dino2b-heavy2b-224"], "path": "/ckpt/x"}}
+    assert Plan(mini).import_command("dino2b-heavy2b-224").endswith("--path /ckpt/x")
+    mini["seeds"] = [0, 1]
+    with pytest.raises(ConfigError, match=r"seeds \[0, 1\]: each seed would import the same released encoder"):
+        Plan(mini)
+    with pytest.raises(ConfigError, match=r"check.tolerances: unknown metric\(s\) \['avg'\]"):
+        plan_with("check", "tolerances", {"avg": 1.0, "Average": 1.0})
+    assert plan_with("check", "tolerances", {"Average": 1.0, "alignment/llama3-8b": 0.01}).published is False

@@ -33,6 +33,13 @@ STAGE_OF_EVAL = {"vqa": "vqa", "classic": "classic", "alignment": "alignment", "
 class Plan(EvalJobs):
     config: Mapping[str, Any]
 
+    def __post_init__(self) -> None:
+        from webssl_repro.plan_checks import check_run_sources, check_tolerances
+
+        check_tolerances(self.config.get("check", {}).get("tolerances", {}))
+        if not self.published:
+            check_run_sources(self.run_sources, self.runs, self.scale, self.seeds)
+
     # ---- scale -------------------------------------------------------------------------
     @property
     def scale(self) -> str:
@@ -265,6 +272,14 @@ class Plan(EvalJobs):
             return []
         return [f"{self.paper_dir}/figures/fig8.pdf", f"{self.paper_dir}/figures/fig8.png"]
 
+    def fig8_inputs(self) -> dict[str, str]:
+        """The corpus and the two filter results Figure 8 samples; only where the data stage
+        is built (the published scale has no corpus to generate)."""
+        if not self.data_figures():
+            self.not_built("fig8")
+        return {"shards": self.data_manifest("shards"), "light": self.filter_stats("light"),
+                "heavy": self.filter_stats("heavy")}
+
     def run_pattern(self, multinode: bool) -> str:
         """A wildcard constraint matching exactly the runs of one launch layout."""
         return _alternatives(self.runs_by_layout(multinode))
@@ -281,8 +296,11 @@ class Plan(EvalJobs):
         return f"--checkpoint {source['checkpoint']}{path}"
 
     def item_inputs(self, item_id: str) -> list[str]:
-        """The files an item's numbers come from — nothing else, so one figure rebuilds alone."""
+        """The files an item's numbers come from — nothing else, so one figure rebuilds alone.
+        An item this config does not build is refused (``not_built``), also when asked for by path."""
         item = specs.get_item(item_id)
+        if item_id not in self.items:
+            self.not_built(item_id)
         if self.published:
             return [f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(item)]
         inputs: list[str] = []
@@ -371,6 +389,9 @@ class Plan(EvalJobs):
         from webssl_repro.config import ConfigError  # config imports this module
 
         why = self.skipped_items.get(item, "not in this config's items")
+        if item == "fig8":  # samples of this scale's own filtered corpus: the paper's are not transcribed
+            raise ConfigError(f"fig8 is not built at scale {self.scale}: {why}. It shows samples of a scale's own "
+                              "light / heavy corpus: snakemake fig8 (mini) draws one")
         raise ConfigError(f"{item} is not built at scale {self.scale}: {why}. Its published render: "
                           f"snakemake {item} --configfile config/published.yaml")
 

@@ -1,0 +1,45 @@
+"""Config checks that need the run grid: they stop the dry run, naming the key, instead of a
+job hours later (or never, for a key that would silently do nothing)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+from webssl_repro.metrics import ALIGNMENT_PREFIX
+from webssl_repro.paper import specs
+
+
+def check_tolerances(tolerances: Mapping[str, Any]) -> None:
+    """``check.tolerances`` keys are metrics some item prints (a misspelt one would leave its
+    metric without a tolerance)."""
+    from webssl_repro.config import ConfigError  # config imports the workflow, which imports this
+
+    known = {m for item in specs.ITEMS.values() for m in item.metrics}
+    unknown = sorted(k for k in tolerances if k not in known and not k.startswith(ALIGNMENT_PREFIX))
+    if unknown:
+        raise ConfigError(f"check.tolerances: unknown metric(s) {unknown}; known metrics are {sorted(known)} "
+                          f"and {ALIGNMENT_PREFIX}<language model>")
+
+
+def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], runs: Iterable[str], scale: str,
+                      seeds: Sequence[int]) -> None:
+    """``pretrain.run_sources``: each key a run of this config's grid, imported from the released
+    checkpoint of that very run, downloaded only at the paper scale (the mini scale never
+    downloads), and with one seed: a release is one encoder, not a spread over seeds."""
+    from webssl_repro.config import ConfigError
+
+    if run_sources and len(seeds) > 1:
+        raise ConfigError(f"pretrain.run_sources with seeds {list(seeds)}: each seed would import the same "
+                          "released encoder, so the mean and spread would be over one model; use one seed")
+    runs = set(runs)
+    for run, source in run_sources.items():
+        where = f"pretrain.run_sources.{run}"
+        if run not in runs:
+            raise ConfigError(f"{where}: not a run of this config's items, so nothing would import it; "
+                              f"the runs are {sorted(runs)}")
+        checkpoint = str(source.get("checkpoint", ""))
+        if checkpoint.rsplit("/", 1)[-1] != f"webssl-{run}":
+            raise ConfigError(f"{where}.checkpoint: {checkpoint!r} is not the release of {run} "
+                              f"(facebook/webssl-{run})")
+        if not source.get("path") and scale != "paper":
+            raise ConfigError(f"{where}: no 'path', so the checkpoint would be downloaded, which only the "
+                              f"paper scale does (this is {scale!r}); give a local HF directory or .pth")
