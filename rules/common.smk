@@ -1,10 +1,12 @@
 # Run grid, paths and resources all come from webssl_repro.workflow.Plan, so the
 # logic behind the DAG is plain Python under test (tests/test_workflow.py).
 from webssl_repro.workflow import Plan, mark_invocation, put_cli_on_path
+from webssl_repro.plan_checks import check_profile_environment
 from webssl_repro.paper import specs
 from webssl_repro.runs import Run
 
 put_cli_on_path()  # rules call `webssl-repro`: this Snakemake's own, activated venv or not
+check_profile_environment(getattr(workflow.resource_settings.default_resources, "args", None))  # slurm/: $SLURM_ACCOUNT
 mark_invocation(workflow.remote_exec)  # so that a retry knows this invocation's attempts
 
 PLAN = Plan(config)

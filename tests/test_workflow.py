@@ -636,3 +636,13 @@ def test_run_sources_and_tolerances_are_checked_when_the_plan_is_made():
     with pytest.raises(ConfigError, match=r"check.tolerances: unknown metric\(s\) \['avg'\]"):
         plan_with("check", "tolerances", {"avg": 1.0, "Average": 1.0})
     assert plan_with("check", "tolerances", {"Average": 1.0, "alignment/llama3-8b": 0.01}).published is False
+
+
+def test_profile_resources_that_read_unset_variables_stop_the_dry_run():
+    from webssl_repro.plan_checks import check_profile_environment
+
+    args = ["tmpdir=system_tmpdir", "slurm_account=$SLURM_ACCOUNT", "slurm_partition='${SLURM_PARTITION}'", "runtime=60"]
+    check_profile_environment(args, {"SLURM_ACCOUNT": "acme", "SLURM_PARTITION": "gpu"})
+    check_profile_environment(None, {})
+    with pytest.raises(ConfigError, match=r"slurm_partition reads \$SLURM_PARTITION. Export"):
+        check_profile_environment(args, {"SLURM_ACCOUNT": "acme"})

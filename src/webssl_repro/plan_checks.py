@@ -43,3 +43,24 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], runs: Iterab
         if not source.get("path") and scale != "paper":
             raise ConfigError(f"{where}: no 'path', so the checkpoint would be downloaded, which only the "
                               f"paper scale does (this is {scale!r}); give a local HF directory or .pth")
+
+
+def check_profile_environment(default_resources: Iterable[str], environ: Mapping[str, str] | None = None) -> None:
+    """A profile's ``default-resources`` that read the environment (``slurm_account:
+    "$SLURM_ACCOUNT"``) need it set: unset, the literal ``$SLURM_ACCOUNT`` reaches sbatch, and
+    only the first submission fails, after the dry run looked fine."""
+    import os
+    import re
+
+    from webssl_repro.config import ConfigError
+
+    environ = os.environ if environ is None else environ
+    unset = []
+    for arg in default_resources or ():
+        name, _, value = str(arg).partition("=")
+        m = re.fullmatch(r"""['"]?\$\{?(\w+)\}?['"]?""", value.strip())
+        if m and not environ.get(m.group(1)):
+            unset.append(f"{name} reads ${m.group(1)}")
+    if unset:
+        raise ConfigError(f"the profile's default-resources read unset environment variables: {'; '.join(unset)}. "
+                          "Export them (README: On a SLURM cluster)")
