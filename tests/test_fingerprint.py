@@ -43,7 +43,7 @@ def test_another_config_or_input_sets_the_checkpoints_aside(tmp_path, capsys):
     assert "config.recipe.teacher_temp" in capsys.readouterr().out
 
     _train(ckpt, "new recipe")
-    data.write_text('{"shards": ["b.tar"]}')  # e.g. the filter's kept ids changed
+    data.write_text('{"shards": ["b.tar"]}')  # e.g. the filter kept other samples
     again = guard_checkpoints(ckpt, run_fingerprint(hotter, [data]))
     assert again is not None and again != moved and (again / "checkpoints" / "latest.pt").read_text() == "new recipe"
 

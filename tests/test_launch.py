@@ -135,14 +135,15 @@ def test_failing_command_fails_the_job(tmp_path):
 @pytest.mark.parametrize("run,parent", [("dino2b-heavy2b-224", None), ("dino7b-full8b-518", "dino7b-full8b-224")])
 def test_pretrain_args_are_what_the_cli_accepts(paper, run, parent):
     """The job's arguments parse as the real ``webssl-repro pretrain`` command line, with the
-    rule's inputs: data manifest + filter kept ids, and a hi-res run's parent state.pt."""
+    rule's inputs: the data manifest (a filter result for a heavy run), and a hi-res run's
+    parent state.pt."""
     from webssl_repro.cli import build_parser
 
     plan = Plan(paper)
     spec = launch.launch_spec(plan, run, workdir="/repo")
     args = build_parser().parse_args(launch.pretrain_args(spec))
     assert args.run == run and args.data == plan.pretrain_inputs(run)["data"]
-    assert len(args.data) == (2 if "heavy" in run else 1)
+    assert args.data == [plan.filter_stats("heavy") if "heavy" in run else plan.data_manifest("shards")]
     assert args.parent == (None if parent is None else f"{plan.run_dir(parent)}/state.pt")
     assert launch.missing_inputs(plan, spec) == [*args.data, *([args.parent] if parent else [])]
 

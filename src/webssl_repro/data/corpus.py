@@ -34,8 +34,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot read data manifest {path}: {err}") from err
     if "shards" not in manifest:
         raise ValueError(f"data manifest {path} has no 'shards' list")
-    base = Path(path).parent
-    manifest["shards"] = [s if "://" in s or Path(s).is_absolute() else str(base / s) for s in manifest["shards"]]
+    from webssl_repro.data.shards import is_local
+
+    base = Path(path).parent  # relative shard paths are relative to the manifest
+    manifest["shards"] = [str(base / s) if is_local(s) and not Path(s).is_absolute() else s
+                          for s in manifest["shards"]]
     return manifest
 
 

@@ -31,6 +31,22 @@ from webssl_repro.data.miniweb import MiniWebConfig, generate
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+def is_local(url: str) -> bool:
+    """A file path, not a URL (``s3://``, ``https://``) or a webdataset ``pipe:`` command."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def open_shard(url: str):
+    """A tar of ``url`` for one forward pass: a local file, or webdataset's ``gopen`` stream."""
+    import tarfile
+
+    if is_local(url):
+        return tarfile.open(url, "r|*")
+    from webdataset.gopen import gopen
+
+    return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+
+
 def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
     """(start, count) of each shard covering indices [0, n_images)."""
     return [(s, min(shard_size, n_images - s)) for s in range(0, n_images, shard_size)]
@@ -108,7 +124,7 @@ def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out
     with tarfile.open(tmp, "w") as out:
         for url in expand_sources(src):
             try:
-                with tarfile.open(url, "r|*") as tf:
+                with open_shard(url) as tf:
                     for ti in tf:
                         key = base_plus_ext(ti.name)[0]
                         if ti.isreg() and key in keep:

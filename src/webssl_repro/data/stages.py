@@ -21,7 +21,7 @@ import os
 from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
-from webssl_repro.data.shards import expand_sources, shard_ranges, write_shard
+from webssl_repro.data.shards import expand_sources, is_local, shard_ranges, write_shard
 
 CORPUS_DEFAULTS = {"seed": 0, "n_images": 4096, "shard_size": 512, "size": 64, "image_format": "jpg"}
 IN1K_DEFAULTS = {"seed": 1, "n_images": 1600, "shard_size": 400, "size": 64, "image_format": "jpg"}
@@ -70,7 +70,7 @@ def user_shards(spec: str | Sequence[str], source: str = "web") -> list[str]:
     urls = expand_sources(spec)
     if not urls:
         raise ValueError(f"{key}: {spec!r} names no shards")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
         raise ValueError(f"{key}: {len(missing)} of {len(urls)} shard(s) are not files, e.g. {missing[:3]}")
@@ -139,8 +139,15 @@ def kept_shards(shards: Sequence[str], kept: Sequence[tuple[str, str]], out_dir:
         for old in os.listdir(out_dir):
             if old.endswith(".tar"):
                 os.remove(os.path.join(out_dir, old))
-    return [write_selected_shard(url, by_shard[url], os.path.join(out_dir, f"{k:05d}.tar"))["path"]
-            for k, url in enumerate(shards) if url in by_shard]
+    paths = []
+    for k, url in enumerate(shards):
+        if url in by_shard:
+            written = write_selected_shard(url, by_shard[url], os.path.join(out_dir, f"{k:05d}.tar"))
+            if written["count"] != len(set(by_shard[url])):
+                raise RuntimeError(f"{url}: copied {written['count']} of its {len(set(by_shard[url]))} kept samples "
+                                   f"into {written['path']} (the shard could not be read again)")
+            paths.append(written["path"])
+    return paths
 
 
 def filter_merge(part_jsons: Sequence[str], out_json: str) -> dict[str, Any]:

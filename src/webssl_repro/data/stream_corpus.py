@@ -38,16 +38,14 @@ def shard_samples(url: str, with_data: bool = True) -> Iterator[dict[str, Any]]:
     A truncated or unreadable shard ends, with a warning, at its last whole sample."""
     from webdataset.tariterators import base_plus_ext
 
-    local = "://" not in url and not url.startswith("pipe:")
+    from webssl_repro.data.shards import is_local, open_shard
+
     sample: dict[str, Any] = {}
     try:
-        if local:
-            tf = tarfile.open(url, "r:")
-            size = os.path.getsize(url)
+        if is_local(url):  # seekable: counting reads the headers alone
+            tf, size = tarfile.open(url, "r:"), os.path.getsize(url)
         else:
-            from webdataset.gopen import gopen
-
-            tf, size = tarfile.open(fileobj=gopen(url, "rb"), mode="r|*"), None
+            tf, size = open_shard(url), None
         with tf:
             for member in tf:
                 if not member.isreg():
@@ -89,8 +87,8 @@ class ShardCorpus:
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
         """Reader ``reader``'s shards (indices) in ``epoch``: every ``readers``-th of a seeded permutation."""
         if len(self.shards) < readers:
-            raise ValueError(f"ShardCorpus: {len(self.shards)} shard(s) for {readers} readers (ranks x workers); "
-                             "every reader needs at least one shard: use fewer workers or more shards")
+            raise ValueError(f"ShardCorpus: {len(self.shards)} shard(s) for {readers} readers (ranks x "
+                             "pretrain.loader.workers); every reader needs at least one shard")
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return [int(i) for i in order[reader::readers]]
 
@@ -106,16 +104,18 @@ class ShardCorpus:
             total = 0
             for index in self.reader_shards(epoch, reader, readers):
                 url = self.shards[index]
-                total += self.count(url)
-                if skip >= self.count(url):  # consumed before a resume: its headers are enough
+                if skip and skip >= self.count(url):  # consumed before a resume: its headers are enough
                     skip -= self.count(url)
+                    total += self.count(url)
                     continue
                 raw = list(shard_samples(url))
                 self._counts[url] = len(raw)
+                total += len(raw)
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(raw))
                 for k in range(skip, len(raw)):
                     yield self._decoded(raw, order, k)
                 skip = 0
+                del raw, order  # one encoded shard at a time, also while the next one is read
             if total == 0:
                 raise ValueError(f"ShardCorpus: reader {reader} of {readers} found no samples in its shards")
             epoch += 1
@@ -160,8 +160,8 @@ class ShardCorpus:
         """``workers``, fewer where the shards do not give every reader one (ImageNet-1k's 1,024
         shards on 256 ranks: 4 workers each)."""
         if len(self.shards) < world_size:
-            raise ValueError(f"ShardCorpus: {len(self.shards)} shard(s) for {world_size} ranks; every rank "
-                             "reads shards of its own, so the corpus needs at least one per rank")
+            raise ValueError(f"ShardCorpus: the data manifest lists {len(self.shards)} shard(s) for {world_size} "
+                             "ranks; every rank reads shards of its own, so it needs at least one per rank")
         return min(self.workers, len(self.shards) // world_size)
 
 

@@ -63,15 +63,16 @@ class WebSSLBlock(Block):
 
     sample_drop_ratio: float = 0.0
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        # kwargs (attn_mask, is_causal) pass through only when given: older timm blocks lack them
         if not (self.training and self.sample_drop_ratio > SUBSET_DROP_ABOVE):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None:
+            return super().forward(x, **kwargs)
+        if kwargs.get("attn_mask") is not None:
             raise ValueError("subset stochastic depth takes no attn_mask: the mask would "
                              "have to follow the sampled batch rows")
+        kwargs.pop("attn_mask", None)
         rate = self.sample_drop_ratio
-        x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t), is_causal=is_causal)), rate)
+        x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t), **kwargs)), rate)
         return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)
 
 
@@ -83,7 +84,7 @@ def set_uniform_drop_path(blocks: nn.Sequential, rate: float) -> None:
     ``subset_residual`` instead, as DINOv2 does.
     """
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        raise ValueError(f"drop_path_rate (pretrain.<method>.drop_path_rate) must be in [0, 1), got {rate}")
     per_sample = 0.0 < rate <= SUBSET_DROP_ABOVE
     for block in blocks:
         block.drop_path1 = DropPath(rate) if per_sample else nn.Identity()

@@ -7,11 +7,13 @@ checkpoints with exact resume, preemption, and data parallelism.
 
 Data interface. ``data_iter_factory(start_sample, rank, world_size)`` returns an iterator
 of *this rank's* batches starting at global sample ``start_sample`` (the samples already
-consumed, ``step * global_batch_size``). The batch of global step ``s`` on rank ``r`` must
-hold the global samples ``[s*G + r*L, s*G + (r+1)*L)`` with ``G`` the global and
-``L = G // world_size`` the local batch size, and must depend on nothing else (augmentation
-seeded by sample index). That makes a resumed run see exactly the samples it would have
-seen, and a run on W ranks see the same global batches as a run on one.
+consumed, ``step * global_batch_size``). The batch of global step ``s`` on rank ``r``
+holds the global samples ``[s*G + r*L, s*G + (r+1)*L)`` with ``G`` the global and
+``L = G // world_size`` the local batch size, augmented by sample index, so that a resumed
+run sees exactly the samples it would have seen. The in-memory corpus
+(``data.corpus.IndexedCorpus``) depends on nothing else, so a run on W ranks also sees the
+same global batches as a run on one; the streamed one (``data.stream_corpus.ShardCorpus``)
+also depends on the numbers of ranks and dataloader workers.
 """
 from __future__ import annotations
 
