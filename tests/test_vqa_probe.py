@@ -157,9 +157,13 @@ def test_answer_only_label_masking(tokenizer):
     probe = _probe(tokenizer, hidden=32, layers=1)
     visual, t = probe.batch([s], FeatureCache(["x"], torch.randn(1, TOKENS, VIS_DIM)), with_answer=True)
     out = probe(visual, **t)
-    logp = out["logits"][0].log_softmax(-1)
+    full = probe(visual, **{k: v for k, v in t.items() if k != "labels"})["logits"][0]  # every position
+    logp = full.log_softmax(-1)
     manual = -torch.stack([logp[i - 1, e.labels[i]] for i in answer_positions]).mean()
     assert int(out["n_answer"]) == 5 and torch.allclose(out["loss"], manual, atol=1e-5)
+    # the training forward runs the LM head on the answer positions alone, in their order
+    assert out["answer_logits"].shape == (5, full.shape[-1]) and "logits" not in out
+    torch.testing.assert_close(out["answer_logits"], full[[i - 1 for i in answer_positions]], atol=1e-5, rtol=1e-5)
 
 
 def test_batched_greedy_equals_one_by_one(tokenizer):
@@ -232,7 +236,7 @@ def test_bf16_precision_autocasts_the_forward_and_keeps_fp32_weights(tokenizer, 
     monkeypatch.setattr(probe_mod, "autocast_dtype", lambda precision, device: torch.bfloat16)
     samples, feats = _world(8, seed=1)
     visual, t = probe.batch(samples[:2], feats, with_answer=True)
-    assert probe(visual, **t)["logits"].dtype == torch.bfloat16  # the forward ran in bf16
+    assert probe(visual, **t)["answer_logits"].dtype == torch.bfloat16  # the forward ran in bf16
     before = {k: v.clone() for k, v in probe.lm.state_dict().items()}
     train_stage(probe, samples, feats, 2, StageConfig(lr=4e-5, batch_size=8, micro_batch_size=8, max_steps=1,
                                                       warmup_ratio=0.0))
@@ -453,3 +457,23 @@ def test_control_encoders_hand_the_probe_pixels_or_nothing():
         control_encoder("noise", 16, 8)
     with pytest.raises(ValueError, match="not a multiple"):
         control_encoder("pixels", 20, 8)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    """``evaluate.vqa.gradient_checkpointing`` recomputes each decoder layer in the backward: the
+    gradients are those of the plain backward (float64, so they agree to rounding)."""
+    from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe
+
+    samples, feats = _world(4, seed=2)
+    feats = FeatureCache(feats.ids, feats.features.double())
+    grads = []
+    for on in (False, True):
+        cfg = VqaConfig.from_mapping({"language_model": "tiny", "lm_hidden": 32, "lm_layers": 2, "tokens": TOKENS,
+                                      "chat_format": "mini", "gradient_checkpointing": on})
+        probe = build_probe(cfg, VIS_DIM, tokenizer).double().train()
+        assert probe.lm.is_activation_checkpointing == on
+        visual, t = probe.batch(samples, feats, with_answer=True)
+        probe(visual, **t)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in probe.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])

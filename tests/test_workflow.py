@@ -349,8 +349,16 @@ def test_dry_runs_of_other_scales(workflow_dir, configfile):
         assert (args.control, args.img_size, args.patch, args.encoder) == ("blind", 32, 8, None)
 
 
-def test_slurm_profile_dry_run_works_verbatim(workflow_dir):
-    proc = snakemake(workflow_dir, "--profile", "slurm", "-n", "all", "--configfile", "config/paper.yaml")
+def test_slurm_profile_dry_run_works_verbatim(workflow_dir, monkeypatch):
+    """As the README says: export the account and partition the profile reads, then dry-run."""
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    monkeypatch.delenv("SLURM_PARTITION", raising=False)
+    args = ("--profile", "slurm", "-n", "all", "--configfile", "config/paper.yaml")
+    proc = snakemake(workflow_dir, *args)
+    assert proc.returncode != 0 and "slurm_account reads $SLURM_ACCOUNT" in proc.stdout + proc.stderr
+    monkeypatch.setenv("SLURM_ACCOUNT", "myaccount")
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    proc = snakemake(workflow_dir, *args)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -77,8 +77,8 @@ class EvalJobs:
 
     def eval_resources(self, kind: str = "vqa") -> dict[str, int]:
         """Resources of an evaluation job. On GPUs it takes a node's share for its GPUs: the
-        VQA probe's torchrun ranks each load the LM (Llama-3-8B: ~16 GB in bf16) before FSDP
-        shards it, and the alignment job spreads Llama-3.1-70B over them; the classic probes
+        VQA probe's torchrun ranks each load the LM (Llama-3-8B: ~32 GB, fp32 weights) and
+        the encoder before FSDP shards the LM, and the alignment job spreads Llama-3.1-70B over them; the classic probes
         run the encoder on one. Without GPUs (mini), the defaults."""
         res = self.config.get("resources", {})
         gpus = min(self.eval_gpus(), 1) if kind == "classic" else self.eval_gpus()

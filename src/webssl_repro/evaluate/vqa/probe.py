@@ -75,7 +75,9 @@ class MultimodalProbe(nn.Module):
 
     def _autocast(self, device: torch.device):
         dtype = autocast_dtype(self.precision, device)
-        return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        # no cast cache: cached bf16 copies of every layer's weights would outlive their layer
+        # (16 GB for an 8B LM) and defeat activation checkpointing
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
 
     def embed(self, visual: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(input_ids)
@@ -94,20 +96,24 @@ class MultimodalProbe(nn.Module):
 
     def forward(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_mask: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Logits, plus the answer-token loss (``loss_sum``/``n_answer`` and their mean) given labels."""
+        """Logits; given labels instead, the answer-token loss (``loss_sum``/``n_answer`` and their
+        mean) and the logits of the answer positions only (``answer_logits``, in their order):
+        a 16 x 2048-token batch's full logits over Llama-3's 128k vocabulary would take ~40 GB."""
         with self._autocast(input_ids.device):
             emb = self.embed(visual, input_ids, image_mask)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
-        out = {"logits": logits}
-        if labels is not None:
-            target = labels[:, 1:].to(logits.device)
-            loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
-                                       ignore_index=IGNORE, reduction="sum")
-            n = (target != IGNORE).sum()
-            out.update(loss_sum=loss_sum, n_answer=n, loss=loss_sum / n.clamp(min=1))
-        return out
+            if labels is None:
+                return {"logits": self.lm(inputs_embeds=emb, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).logits}
+            hidden = self.lm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=False).last_hidden_state
+            target = labels[:, 1:].to(hidden.device)
+            answer = target != IGNORE
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][answer])
+        loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[answer],
+                                   reduction="sum")  # fp32 at least: bf16 logits are upcast
+        n = answer.sum()
+        return {"answer_logits": logits, "loss_sum": loss_sum, "n_answer": n, "loss": loss_sum / n.clamp(min=1)}
 
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -241,6 +247,9 @@ class VqaConfig:
     strategy: str = "none"
     #: fp32 weights either way; ``bf16`` autocasts the forward on CUDA (``PRECISIONS``).
     precision: str = "bf16"
+    #: recompute each decoder layer in the backward (HF's gradient checkpointing), so that an
+    #: 8B LM's activations fit beside its shards (paper scale)
+    gradient_checkpointing: bool = False
     stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3, warmup_ratio=0.06))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5, warmup_ratio=0.03))
 
@@ -365,6 +374,11 @@ def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> Multimod
     probe = MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
                             projector=cfg.projector)
     probe.precision = cfg.precision
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; 4.x has the gradient_ name only
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return probe
 
 

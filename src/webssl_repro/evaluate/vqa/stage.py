@@ -95,7 +95,7 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
     encoder = encoder.to(device).eval().requires_grad_(False)
     size = int(meta["img_size"])
     features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size, VQA_FIT)[0],
-                               config.tokens, device)
+                               config.tokens, device, config.precision)
     probe = build_probe(config, encoder.embed_dim).to(device)
     result = fit_and_evaluate(config, probe, features, data.alignment, data.instruction, data.tests)
     metrics: dict[str, Any] = dict(result["benchmarks"])
