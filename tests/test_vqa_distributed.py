@@ -71,11 +71,14 @@ def run(strategy: str) -> dict:
 
 
 def run_bf16_lm() -> dict:
-    """Paper layout: a bf16 LM beside an fp32 projector (FSDP2 needs one grad dtype per unit)."""
+    """Paper layout: a bf16 LM beside an fp32 projector (FSDP2 needs one grad dtype per unit),
+    its decoder layers recomputed in the backward (``evaluate.vqa.gradient_checkpointing``)."""
     from webssl_repro.evaluate.vqa.distributed import parallelize
+    from webssl_repro.evaluate.vqa.probe import checkpoint_layers
 
     probe = _probe()
     probe.lm.to(torch.bfloat16)
+    checkpoint_layers(probe.lm)
     parallel = parallelize(probe, "fsdp2")
     train, feats = _world(16, seed=1, text_only=4)
     losses = [loss for stage, cfg in STAGES

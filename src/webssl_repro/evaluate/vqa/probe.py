@@ -374,12 +374,18 @@ def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> Multimod
     probe = MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
                             projector=cfg.projector)
     probe.precision = cfg.precision
-    if cfg.gradient_checkpointing:  # transformers 5 renamed it; 4.x has the gradient_ name only
-        if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(lm)
     return probe
+
+
+def checkpoint_layers(lm: nn.Module) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant, so FSDP2's per-layer
+    all-gathers rerun with it); transformers 5 renamed the call, 4.x has the old name only."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
