@@ -138,3 +138,25 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="a must be a 2-D"):
         mutual_knn(torch.randn(3, 50, 8), torch.randn(50, 8), k=3)
 
+
+
+def test_feature_caches_are_written_whole(tmp_path, monkeypatch):
+    """A cache shared by concurrent jobs (the alignment LM features) appears only complete:
+    a save that dies midway leaves no file at the cache path."""
+    import torch
+
+    from webssl_repro.evaluate.features import save_atomic
+
+    path = tmp_path / "c" / "lm.pt"
+    save_atomic({"x": torch.arange(3)}, path)
+    assert torch.equal(torch.load(path)["x"], torch.arange(3))
+
+    def dies(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError):
+        save_atomic({"x": torch.arange(5)}, tmp_path / "d" / "lm.pt")
+    assert not (tmp_path / "d" / "lm.pt").exists() and list((tmp_path / "d").iterdir()) == []
+    assert torch.load(path)["x"].tolist() == [0, 1, 2]

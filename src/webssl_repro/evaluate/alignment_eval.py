@@ -32,6 +32,7 @@ def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torc
 
 def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cache_dir: Path | None) -> torch.Tensor:
     """LM features, cached per (LM, caption set): every run shares them."""
+    from webssl_repro.evaluate.features import save_atomic
     from webssl_repro.evaluate.language import lm_layer_features, load_minilm
 
     cache = None
@@ -52,9 +53,8 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
         placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
         model = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, **placement)
     feats = lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(feats, cache)
+    if cache is not None:  # concurrent alignment jobs share it
+        save_atomic(feats, cache)
     return feats
 
 

@@ -13,7 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
            "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size", "model_device", "linear_features",
-           "encoder_fingerprint", "IN_MEMORY_BYTES"]
+           "encoder_fingerprint", "save_atomic", "IN_MEMORY_BYTES"]
 
 #: Frozen features or tokens up to this size stay in memory; larger ones go to disk (features)
 #: or are recomputed per batch (dense tokens).
@@ -208,9 +208,23 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
             "labels": torch.cat(labels) if labels else None, "indices": idx, "norm": norm,
             "requested": requested, "encoder": fingerprint}
     if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, cache)
+        save_atomic(data, cache)
     return data
+
+
+def save_atomic(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a file of this process, then renamed into place: a cache that other
+    jobs share (the alignment LM features) is never read half-written."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks: int,
