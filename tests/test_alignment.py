@@ -152,7 +152,7 @@ def test_feature_caches_are_written_whole(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path)["x"], torch.arange(3))
 
     def dies(obj, f):
-        open(f, "wb").write(b"half")
+        f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies)

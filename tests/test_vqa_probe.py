@@ -471,9 +471,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
         cfg = VqaConfig.from_mapping({"language_model": "tiny", "lm_hidden": 32, "lm_layers": 2, "tokens": TOKENS,
                                       "chat_format": "mini", "gradient_checkpointing": on})
         probe = build_probe(cfg, VIS_DIM, tokenizer).double().train()
-        assert probe.lm.is_activation_checkpointing == on
+        assert all(layer.gradient_checkpointing == on for layer in probe.lm.model.layers)
         visual, t = probe.batch(samples, feats, with_answer=True)
         probe(visual, **t)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in probe.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
+    # a text-only batch through the frozen LM (stage 1) still has nothing to backpropagate
+    probe.lm.requires_grad_(False)
+    text_only = [VqaSample(None, "is it", "yes")]
+    visual, t = probe.batch(text_only, feats, with_answer=True)
+    assert not probe(visual, **t)["loss"].requires_grad
+
+
+def test_the_answer_only_head_is_used_only_where_it_is_the_lms_own(tokenizer):
+    """Cohere's logit_scale, Granite's logits_scaling and Gemma's softcap live in the LM's
+    forward: for those the loss takes the full logits; both paths agree for a plain head."""
+    from webssl_repro.evaluate.vqa.probe import plain_lm_head
+
+    probe = _probe(tokenizer, hidden=32, layers=1).double()
+    assert probe.answer_head_only and plain_lm_head(probe.lm)
+    samples, feats = _world(3, seed=4)
+    visual, t = probe.batch(samples, FeatureCache(feats.ids, feats.features.double()), with_answer=True)
+    head_only = probe(visual, **t)
+    probe.answer_head_only = False
+    full = probe(visual, **t)
+    torch.testing.assert_close(full["loss"], head_only["loss"])
+    torch.testing.assert_close(full["answer_logits"], head_only["answer_logits"])
+    for key, value in (("logit_scale", 0.0625), ("logits_scaling", 8.0), ("final_logit_softcapping", 30.0)):
+        setattr(probe.lm.config, key, value)
+        assert not plain_lm_head(probe.lm), key
+        delattr(probe.lm.config, key)

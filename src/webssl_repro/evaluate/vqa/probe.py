@@ -70,6 +70,8 @@ class MultimodalProbe(nn.Module):
         #: Run the projector (and keep it in the autograd graph) for image-free batches too, so that
         #: data-parallel ranks agree on its gradients and collectives (set by ``vqa.distributed``).
         self.project_without_images = False
+        #: the training loss may apply the LM head to the answer positions alone (``forward``)
+        self.answer_head_only = plain_lm_head(lm)
         #: ``VqaConfig.precision``; the forward autocasts as ``autocast_dtype`` says for its device.
         self.precision = "fp32"
 
@@ -102,14 +104,20 @@ class MultimodalProbe(nn.Module):
         with self._autocast(input_ids.device):
             emb = self.embed(visual, input_ids, image_mask)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            if labels is None:
-                return {"logits": self.lm(inputs_embeds=emb, attention_mask=attention_mask,
-                                          position_ids=position_ids, use_cache=False).logits}
-            hidden = self.lm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
-                                           position_ids=position_ids, use_cache=False).last_hidden_state
-            target = labels[:, 1:].to(hidden.device)
-            answer = target != IGNORE
-            logits = self.lm.get_output_embeddings()(hidden[:, :-1][answer])
+            if labels is None or not self.answer_head_only:
+                logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).logits
+                if labels is None:
+                    return {"logits": logits}
+                target = labels[:, 1:].to(logits.device)
+                answer = target != IGNORE
+                logits = logits[:, :-1][answer]
+            else:
+                hidden = self.lm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
+                                               position_ids=position_ids, use_cache=False).last_hidden_state
+                target = labels[:, 1:].to(hidden.device)
+                answer = target != IGNORE
+                logits = self.lm.get_output_embeddings()(hidden[:, :-1][answer])
         loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[answer],
                                    reduction="sum")  # fp32 at least: bf16 logits are upcast
         n = answer.sum()
@@ -380,12 +388,27 @@ def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> Multimod
 
 
 def checkpoint_layers(lm: nn.Module) -> None:
-    """Recompute each decoder layer in the backward (non-reentrant, so FSDP2's per-layer
-    all-gathers rerun with it); transformers 5 renamed the call, 4.x has the old name only."""
+    """Recompute each decoder layer in the backward (non-reentrant; FSDP2 all-gathers a layer
+    again before its backward). transformers 5 renamed the call, 4.x has the old name only.
+    Non-reentrant checkpointing needs no grad on the embeddings, and the hook transformers 5
+    adds for it would send image-free stage-1 batches through a backward of the frozen LM."""
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(lm, "disable_input_require_grads"):
+        lm.disable_input_require_grads()
+
+
+def plain_lm_head(lm: nn.Module) -> bool:
+    """Whether the LM's logits are just its output embedding applied to its decoder's output:
+    not Cohere's ``logit_scale``, Granite's ``logits_scaling`` or Gemma 2/3's final softcap,
+    which only the LM's own forward applies."""
+    cfg = getattr(lm, "config", None)
+    if cfg is None or not hasattr(lm, "get_decoder") or lm.get_output_embeddings() is None:
+        return False
+    return (getattr(cfg, "logit_scale", None) in (None, 1.0) and getattr(cfg, "logits_scaling", None) in (None, 1.0)
+            and getattr(cfg, "final_logit_softcapping", None) is None)
 
 
 def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
