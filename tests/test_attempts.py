@@ -264,7 +264,9 @@ def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir
     cfg = mini_config()
     cfg["data"]["corpus"].update(n_images=128, shard_size=128)
     cfg["labels"]["samples"]["2b"] = 128  # 4 steps of 32
-    cfg["pretrain"]["dino"]["clip_grad"] = -1.0  # TrainConfig rejects it at the trainer's start
+    # TrainConfig rejects the clip at the trainer's start (a warm-up longer than these 4 steps
+    # would stop the dry run instead: recipes.check_schedule)
+    cfg["pretrain"]["dino"].update(warmup_steps=2, clip_grad=-1.0)
     (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     target = "results/mini/runs/dino1b-full2b-224/encoder.safetensors"
     done = snakemake(workflow_dir, "--cores", "2", target, "--configfile", "tiny.yaml", "--retries", "3", timeout=600)
