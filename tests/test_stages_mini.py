@@ -315,7 +315,7 @@ def test_vqa_scores_are_sane(vqa_scores):
 VQA_NOT_SEPARATING = (
     "the mini VQA probe does not separate the probe-run encoder from its init: its 2-layer LM, trained "
     "from scratch, answers a letter to nearly every question (gqa, mmvp, textvqa score 0) and every "
-    "benchmark scores the same for both encoders (Average 22.48 vs 22.48, seeds 0 and 1). With 2.5-5x "
+    "benchmark scores the same for both encoders (Average 22.48 vs 22.48 at a1ed570, seeds 0 and 1). With 2.5-5x "
     "more stage-2 steps the answers start to follow the question, but the trained-init gap stays within "
     "the noise of 20 questions per benchmark, in either direction (27.1 vs 22.4; 27.3 vs 28.6). The LM "
     "does not read the image yet: 160 stage-1 caption steps end at the same loss with the trained "
