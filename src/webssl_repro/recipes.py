@@ -44,7 +44,7 @@ def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_sampl
     out = dict(recipe)
     steps = int(hires["steps"])
     base_batch = int(recipe.get("batch_size", hires.get("batch_size", 1)))
-    base_steps = max(1, math.ceil(base_samples / base_batch))
+    base_steps = max(1, run_steps(base_samples, base_batch))
     counted = {**(step_defaults or {}), **recipe}
     for key in STEP_KEYS:
         if key in counted:
@@ -65,22 +65,23 @@ def check_schedule(run_config: Mapping[str, Any], method: str, origin: Mapping[s
     a value it lacks is the method's default."""
     from webssl_repro.config import ConfigError  # config imports this module
 
-    defaults = SCHEDULE_DEFAULTS.get(method, {})
+    defaults = SCHEDULE_DEFAULTS[method]
     recipe = run_config["recipe"]
     origin = origin or {}
     samples = int(run_config["samples_seen"])
     batch = int(recipe.get("batch_size", defaults.get("batch_size", 1)))
     steps = run_steps(samples, batch)
-    keys = [k for k in ("warmup_steps", "warmup_iters", "warmup_teacher_temp_steps") if k in defaults]
-    if "warmup_teacher_temp_steps" in keys and (float(recipe.get("warmup_teacher_temp", defaults["warmup_teacher_temp"]))
-                                                == float(recipe.get("teacher_temp", defaults["teacher_temp"]))):
-        keys.remove("warmup_teacher_temp_steps")
-    checked = [(k, recipe.get(k, defaults[k]), origin.get(k, f"pretrain.{method}.{k} (unset: the default)"))
-               for k in keys]
-    if "warmup_steps" in run_config.get("train", {}):
-        checked = [c for c in checked if c[0] == "warmup_teacher_temp_steps"]
-        checked.append(("warmup_steps", run_config["train"]["warmup_steps"], "pretrain.train.warmup_steps"))
-    for key, value, where in checked:
+    lr_key = "warmup_steps" if "warmup_steps" in defaults else "warmup_iters"
+    keys = [lr_key]
+    if "warmup_teacher_temp_steps" in defaults and (float(recipe.get("warmup_teacher_temp", defaults["warmup_teacher_temp"]))
+                                                    != float(recipe.get("teacher_temp", defaults["teacher_temp"]))):
+        keys.append("warmup_teacher_temp_steps")
+    checked = {k: (k, recipe.get(k, defaults[k]), origin.get(k, f"pretrain.{method}.{k} (unset: the default)"))
+               for k in keys}
+    if "warmup_steps" in run_config.get("train", {}):  # the loop's warm-up replaces the recipe's (checked last)
+        checked.pop(lr_key)
+        checked[lr_key] = ("warmup_steps", run_config["train"]["warmup_steps"], "pretrain.train.warmup_steps")
+    for key, value, where in checked.values():
         if int(value) >= steps:
             hint = (f"; pretrain.in1k.{method} sets the ImageNet-1k runs' own"
                     if "-in1k-" in str(run_config["run"]) and "pretrain.in1k" not in where else "")

@@ -55,17 +55,22 @@ def captions_of(sample: dict[str, Any]) -> tuple[str, ...]:
     return (sample["txt"],) if sample.get("txt") else ()
 
 
+def derived_seed(*parts: int) -> int:
+    """A seed that depends on ``parts`` alone (the run's seed, a sample index, a stream id)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def pick_caption(captions: Sequence[str], seed: int, index: int) -> str:
     """One alt-text per visit of sample ``index`` (MetaCLIP draws one of a sample's texts each
     time it is seen); '' when there is none."""
     if len(captions) <= 1:
         return captions[0] if captions else ""
-    return captions[int(np.random.SeedSequence([seed, index, 2]).generate_state(1)[0]) % len(captions)]
+    return captions[derived_seed(seed, index, 2) % len(captions)]
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The augmentation generator of global sample ``index``: the same on every rank and resume."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(derived_seed(seed, index))
 
 
 def assemble_batch(seed: int, first: int, samples: Iterable[tuple[Image.Image, dict]],
@@ -73,7 +78,7 @@ def assemble_batch(seed: int, first: int, samples: Iterable[tuple[Image.Image, d
     """The batch whose first global sample is ``first``: each (image, meta) augmented by its
     own generator, the batch-level draws (masks) by one seeded with (seed, first)."""
     out = [sample_fn(image, meta, sample_generator(seed, first + k)) for k, (image, meta) in enumerate(samples)]
-    batch_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, first, 1]).generate_state(1)[0]))
+    batch_gen = torch.Generator().manual_seed(derived_seed(seed, first, 1))
     return collate_fn(out, batch_gen)
 
 
@@ -94,17 +99,15 @@ class IndexedCorpus:
     """All samples of a set of local shards (images kept encoded)."""
 
     def __init__(self, shards: Sequence[str], seed: int = 0) -> None:
-        from webssl_repro.data.shards import make_loader
+        from webssl_repro.data.shards import make_loader, sample_id
 
         self.seed = seed
         items: list[_Item] = []
         stream = make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1)  # every rank indexes it all
         for sample in stream:
-            meta = sample.get("meta") or {}
-            key = str(meta.get("id", sample["__key__"]))
             buf = io.BytesIO()
             sample["image"].save(buf, format="PNG")
-            items.append(_Item(key, buf.getvalue(), captions_of(sample)))
+            items.append(_Item(sample_id(sample), buf.getvalue(), captions_of(sample)))
         if not items:
             raise ValueError(f"no samples in {len(shards)} shard(s)")
         self.items = items

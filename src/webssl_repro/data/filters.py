@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from webssl_repro.data.shards import sample_id
+
 LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
 HEAVY_PROMPT = ("Please think carefully before answering. Does this image contain charts, tables, or documents "
                 "with readable text? Answer only yes or no.")
@@ -168,7 +170,7 @@ def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: 
 
     for s in samples:
         meta = s.get("meta") or {}
-        ids.append(str(meta.get("id", s.get("__key__"))))
+        ids.append(sample_id(s))
         sources.append((str(s.get("__url__")), str(s.get("__key__"))))
         for v in variants:
             truth_known &= TRUTH_KEYS[v] in meta

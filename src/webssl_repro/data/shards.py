@@ -248,6 +248,11 @@ class _SplitStream(IterableDataset):
             yield self.transform(sample) if self.transform else sample
 
 
+def sample_id(sample: dict[str, Any]) -> str:
+    """A decoded sample's id: its json's ``id`` (mini-web), else its webdataset key."""
+    return str((sample.get("meta") or {}).get("id", sample.get("__key__")))
+
+
 def decode_sample(raw: dict[str, Any], arrays: bool = False) -> dict[str, Any]:
     """A sample's tar members (bytes by extension) as ``image`` (PIL RGB), ``meta`` (the json),
     ``txt`` and, with ``arrays``, ``seg`` / ``depth``."""

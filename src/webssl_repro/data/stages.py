@@ -143,8 +143,9 @@ def kept_shards(shards: Sequence[str], kept: Sequence[tuple[str, str]], out_dir:
     for k, url in enumerate(shards):
         if url in by_shard:
             written = write_selected_shard(url, by_shard[url], os.path.join(out_dir, f"{k:05d}.tar"))
-            if written["count"] != len(set(by_shard[url])):
-                raise RuntimeError(f"{url}: copied {written['count']} of its {len(set(by_shard[url]))} kept samples "
+            wanted = len(set(by_shard[url]))
+            if written["count"] != wanted:
+                raise RuntimeError(f"{url}: copied {written['count']} of its {wanted} kept samples "
                                    f"into {written['path']} (the shard could not be read again)")
             paths.append(written["path"])
     return paths

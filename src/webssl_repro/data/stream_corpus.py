@@ -124,7 +124,7 @@ class ShardCorpus:
     def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int) -> tuple[Any, dict]:
         """The ``k``-th sample of the shard's ``order``, or where it does not decode the next one
         that does: the stream keeps its length, so positions still follow the tar headers."""
-        from webssl_repro.data.shards import decode_sample
+        from webssl_repro.data.shards import decode_sample, sample_id
 
         for j in range(len(order)):
             candidate = raw[int(order[(k + j) % len(order)])]
@@ -134,8 +134,7 @@ class ShardCorpus:
                 warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
                               f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
                 continue
-            meta = sample["meta"] or {}
-            return sample["image"], {"id": str(meta.get("id", sample["__key__"])), "captions": captions_of(sample)}
+            return sample["image"], {"id": sample_id(sample), "captions": captions_of(sample)}
         raise ValueError(f"no sample of {raw[0].get('__url__')} decodes")
 
     def batches(self, start_sample: int, rank: int, world_size: int, global_batch: int,

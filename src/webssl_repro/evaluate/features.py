@@ -213,24 +213,13 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` to a file of this process, then renamed into place: a cache that other
-    jobs share (the alignment LM features) is never read half-written."""
-    import os
-
-    import tempfile
+    """``torch.save`` through ``train.checkpoint.atomic_write``: a cache that other jobs share
+    (the alignment LM features) is never read half-written."""
+    from webssl_repro.train.checkpoint import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # unique across nodes
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks: int,

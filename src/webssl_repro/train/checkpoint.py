@@ -136,13 +136,22 @@ def collect_state(
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: Path, write) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (unique across processes and nodes),
+    fsync-ed and renamed into place: a reader, or a kill, never sees it half-written; a failed
+    write leaves no temporary file."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: os.PathLike | str, state: Mapping[str, Any]) -> Path:
@@ -150,10 +159,10 @@ def save_checkpoint(run_dir: os.PathLike | str, state: Mapping[str, Any]) -> Pat
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LATEST
-    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
     pointer = {k: state[k] for k in ("step", "samples_seen", "complete", "world_size")}
     pointer["file"] = LATEST
-    _atomic_write(directory / POINTER, lambda f: f.write((json.dumps(pointer) + "\n").encode()))
+    atomic_write(directory / POINTER, lambda f: f.write((json.dumps(pointer) + "\n").encode()))
     return path
 
 

@@ -42,6 +42,14 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else None
 
 
+def autocast_context(precision: str, device: torch.device):
+    """The forward's autocast (``autocast_dtype``), or none. No cast cache: cached bf16 copies
+    of every layer's weights would outlive their layer (16 GB for an 8B LM) and defeat
+    activation checkpointing."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
+
+
 def build_projector(kind: str, vis_dim: int, lm_dim: int) -> nn.Sequential:
     """Cambrian/LLaVA ``mlp{N}x_gelu``: Linear(vis→lm), then (N−1)×[GELU, Linear(lm→lm)]."""
     m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
@@ -76,10 +84,7 @@ class MultimodalProbe(nn.Module):
         self.precision = "fp32"
 
     def _autocast(self, device: torch.device):
-        dtype = autocast_dtype(self.precision, device)
-        # no cast cache: cached bf16 copies of every layer's weights would outlive their layer
-        # (16 GB for an 8B LM) and defeat activation checkpointing
-        return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
+        return autocast_context(self.precision, device)
 
     def embed(self, visual: torch.Tensor, input_ids: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(input_ids)
@@ -104,20 +109,18 @@ class MultimodalProbe(nn.Module):
         with self._autocast(input_ids.device):
             emb = self.embed(visual, input_ids, image_mask)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            if labels is None or not self.answer_head_only:
-                logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).logits
-                if labels is None:
-                    return {"logits": logits}
-                target = labels[:, 1:].to(logits.device)
-                answer = target != IGNORE
-                logits = logits[:, :-1][answer]
-            else:
+            if labels is None:
+                return {"logits": self.lm(inputs_embeds=emb, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).logits}
+            target = labels[:, 1:].to(emb.device)
+            answer = target != IGNORE
+            if self.answer_head_only:
                 hidden = self.lm.get_decoder()(inputs_embeds=emb, attention_mask=attention_mask,
                                                position_ids=position_ids, use_cache=False).last_hidden_state
-                target = labels[:, 1:].to(hidden.device)
-                answer = target != IGNORE
                 logits = self.lm.get_output_embeddings()(hidden[:, :-1][answer])
+            else:
+                logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).logits[:, :-1][answer]
         loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[answer],
                                    reduction="sum")  # fp32 at least: bf16 logits are upcast
         n = answer.sum()

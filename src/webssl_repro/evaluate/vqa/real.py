@@ -13,7 +13,6 @@ import ast
 import hashlib
 import json
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -117,15 +116,14 @@ class EncoderFeatures:
         self.tokens, self.device, self.precision = tokens, device, precision
 
     def batch(self, image_ids: Sequence[Optional[str]]) -> torch.Tensor:
-        from webssl_repro.evaluate.vqa.probe import autocast_dtype
+        from webssl_repro.evaluate.vqa.probe import autocast_context
 
         real = [i for i in image_ids if i is not None]
         if not real:
             return torch.zeros(len(image_ids), self.tokens, 1)
         images = torch.stack([self.transform(self.load(i)) for i in real]).to(self.device)
         # the frozen encoder runs every Cambrian image once per epoch: in bf16 on CUDA as the probe
-        dtype = autocast_dtype(self.precision, images.device)
-        with torch.autocast(images.device.type, dtype=dtype) if dtype is not None else nullcontext():
+        with autocast_context(self.precision, images.device):
             feats = encoder_tokens(self.encoder, images, self.tokens).float()
         out = feats.new_zeros(len(image_ids), *feats.shape[1:])
         out[torch.tensor([i is not None for i in image_ids])] = feats
