@@ -1,6 +1,8 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
 # and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json
 # vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
+# vqa and classic keep their progress in results/{scale}/eval_state/ (not an output, so a failed or
+# stopped attempt keeps it): a job stopped before its time limit exits 75 and its retry resumes.
 
 
 rule vqa:
@@ -12,9 +14,11 @@ rule vqa:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         launcher=PLAN.eval_launcher(),
+        state=lambda w: PLAN.eval_state_dir(w.run, "vqa"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
     threads: PLAN.eval_threads()
+    retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
         **PLAN.eval_resources(),
         settings=SETTINGS["vqa"],
@@ -22,7 +26,7 @@ rule vqa:
         ENV
     shell:
         "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--settings-json {resources.settings:q} --data {input.data} --out {output} --state {params.state} > {log} 2>&1"
 
 
 rule vqa_control:
@@ -35,9 +39,11 @@ rule vqa_control:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         encoder=PLAN.control_args(),
+        state=lambda w: PLAN.eval_state_dir(f"control-{w.control}", "vqa"),
     log:
         f"logs/{SCALE}/evaluate/control_{{control}}_vqa.log",
     threads: PLAN.eval_threads()
+    retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
         **PLAN.eval_resources(),
         settings=SETTINGS["vqa"],
@@ -45,7 +51,8 @@ rule vqa_control:
         ENV
     shell:
         "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
+        "--state {params.state} > {log} 2>&1"
 
 
 rule classic:
@@ -56,9 +63,11 @@ rule classic:
         PLAN.eval_path("{run}", "classic"),
     params:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
+        state=lambda w: PLAN.eval_state_dir(w.run, "classic"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_classic.log",
     threads: PLAN.eval_threads("classic")
+    retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
         **PLAN.eval_resources("classic"),
         settings=SETTINGS["classic"],
@@ -66,7 +75,8 @@ rule classic:
         ENV
     shell:
         "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
+        "--state {params.state} > {log} 2>&1"
 
 
 rule alignment:

@@ -198,9 +198,9 @@ def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch, augmen
     cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 6, "augment": augment}}
     trained, tested, seen = [], [], []
     stream, scores = classic._seg_training_batches, classic._seg_scores
-    def batches(e, m, man, hw, n, c, ratios):
+    def batches(e, m, man, hw, n, c, ratios, start=0):
         trained.append((hw, n, ratios))
-        for bt, y in stream(e, m, man, hw, n, c, ratios):
+        for bt, y in stream(e, m, man, hw, n, c, ratios, start):
             seen.append((hw, tuple(y.shape[-2:])))  # the training masks are at the stream's size
             yield bt, y
 

@@ -89,15 +89,40 @@ def run_bf16_lm() -> dict:
     return {"losses": losses, "result": result}
 
 
+def run_resumed(state_dir: Path) -> dict:
+    """fsdp2 stopped after stage-2 step 1 (``evaluate.progress``), then resumed by a new probe:
+    each rank's shards of the LM and its AdamW state go through torch.distributed.checkpoint."""
+    from test_eval_progress import StopAfter
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.evaluate.vqa.distributed import parallelize
+    from webssl_repro.train import Preempted
+
+    def attempt(progress: EvalProgress) -> tuple[MultimodalProbe, list[float]]:
+        probe = _probe()
+        parallel = parallelize(probe, "fsdp2")
+        train, feats = _world(16, seed=1, text_only=4)
+        return probe, [loss for stage, cfg in STAGES for loss in train_stage(
+            probe, train, feats, stage, cfg, seed=stage, parallel=parallel, progress=progress)["losses"]]
+
+    try:
+        attempt(EvalProgress(state_dir, checkpoint_every_min=0, deadline=StopAfter(4)))
+        raise AssertionError("the first attempt did not stop")
+    except Preempted:
+        pass
+    probe, losses = attempt(EvalProgress(state_dir, checkpoint_every_min=0))
+    return {"losses": losses, "state": _full_state(probe)}
+
+
 def _worker(out: Path) -> None:
     results = {s: run(s) for s in ("ddp", "fsdp2")}
+    resumed = run_resumed(out / "progress")
     bf16 = run_bf16_lm()
     rank = torch.distributed.get_rank()
     # every rank returns rank 0's scores; only rank 0 scored
     assert all(r["result"]["benchmarks"] for r in results.values())
     assert all(bool(r["answers"]) == (rank == 0) for r in results.values())
     if rank == 0:
-        torch.save({**results, "bf16": bf16}, out / "multi.pt")
+        torch.save({**results, "resumed": resumed, "bf16": bf16}, out / "multi.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -147,6 +172,13 @@ def test_two_ranks_evaluate_like_one_process(runs, strategy):
     assert got["answers"] == single["answers"]
     assert [len(a) for a in single["answers"].values()] == [7, 1, 0]
     assert got["result"] == single["result"]
+
+
+def test_fsdp2_probe_stopped_and_resumed_trains_as_uninterrupted(runs):
+    whole, resumed = runs[1]["fsdp2"], runs[1]["resumed"]
+    assert resumed["losses"] == whole["losses"]
+    for k, ref in whole["state"].items():
+        assert torch.equal(resumed["state"][k], ref), k
 
 
 def test_fsdp2_trains_a_bf16_lm_beside_an_fp32_projector(runs):

@@ -148,12 +148,12 @@ def build_tiny_llama(out: Path, texts: list[str]) -> Path:
     return out
 
 
-def save_tiny_encoder(path: Path) -> Path:
+def save_tiny_encoder(path: Path, depth: int = 1) -> Path:
     from safetensors.torch import save_file
 
     from webssl_repro.models.vit import Arch, build_encoder
 
-    meta = {"method": "dino", "arch": {"width": 48, "depth": 1, "heads": 3, "patch": 8}, "img_size": 32}
+    meta = {"method": "dino", "arch": {"width": 48, "depth": depth, "heads": 3, "patch": 8}, "img_size": 32}
     torch.manual_seed(0)
     enc = build_encoder(Arch(**meta["arch"]), "dino", img_size=32)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path),

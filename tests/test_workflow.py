@@ -209,6 +209,7 @@ def test_schema_closes_the_data_and_evaluate_sections_on_their_consumers_keys():
     from webssl_repro.data.filters import OCRFilter
     from webssl_repro.evaluate import alignment_eval, classic
     from webssl_repro.evaluate.vqa.probe import VqaConfig
+    from webssl_repro.evaluate.progress import DEFAULTS as PROGRESS
     from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
 
     schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]
@@ -221,8 +222,8 @@ def test_schema_closes_the_data_and_evaluate_sections_on_their_consumers_keys():
     ctor = {p for cls in (OCRFilter, MLLMFilter) for p in inspect.signature(cls.__init__).parameters} - {"self", "generate_fn"}
     assert names(schema["data"]["properties"]["filter"]) == ctor | {"backend", "parts"}
     evaluate = schema["evaluate"]["properties"]
-    assert names(evaluate["vqa"]) == {f.name for f in dataclasses.fields(VqaConfig)} | set(STAGE_KEYS)
-    assert names(evaluate["classic"]) == set(classic.DEFAULTS)
+    assert names(evaluate["vqa"]) == {f.name for f in dataclasses.fields(VqaConfig)} | set(STAGE_KEYS) | set(PROGRESS)
+    assert names(evaluate["classic"]) == set(classic.DEFAULTS) | set(PROGRESS)
     for task in ("linear", "segmentation", "depth"):
         assert names(evaluate["classic"]["properties"][task]) == set(classic.DEFAULTS[task]), task
     assert names(evaluate["alignment"]) == set(alignment_eval.DEFAULTS)

@@ -124,14 +124,46 @@ def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> Non
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from webssl_repro.config import config_hash
+    from webssl_repro.evaluate import progress as eval_progress
+    from webssl_repro.settings import merge_nested
+    from webssl_repro.train import Preempted
+    from webssl_repro.train.distributed import shutdown
+
+    computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
+    cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), args.kind)
+    progress = eval_progress.EvalProgress()
+    if args.state is not None:
+        identity = (eval_progress.encoder_identity(args.encoder) if args.encoder else
+                    {"control": args.control, "img_size": args.img_size, "patch": args.patch})
+        progress = eval_progress.EvalProgress.open(args.state, {"kind": args.kind, "config": config_hash(computed),
+                                                                "encoder": identity}, settings)
+    try:
+        with progress:
+            metrics = _evaluate_metrics(args, cfg, progress)
+    except Preempted as err:
+        print(f"evaluate {args.kind} {args.run}: {err}; exiting for a retry", file=sys.stderr)
+        shutdown()
+        return err.exit_code
+    from webssl_repro.train.distributed import is_main
+
+    if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
+        write_eval(Path(args.out), args.run, args.kind, metrics, computed)
+        print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
+        progress.discard()
+    shutdown()
+    return 0
+
+
+def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress) -> dict:
+    """The metrics of one evaluation (``_evaluate``), its finished parts kept in ``progress``."""
+    import json
+
     import torch
 
     from webssl_repro.models.io import load_encoder
-    from webssl_repro.settings import merge_nested
 
     torch.manual_seed(0)
-    computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
-    cfg = merge_nested(computed, json.loads(args.settings_json))
     if args.control:
         from webssl_repro.evaluate.vqa.controls import control_encoder
 
@@ -146,23 +178,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.kind == "classic":
         from webssl_repro.evaluate.classic import run_classic
 
-        metrics = run_classic(encoder, meta, manifests, {k: v for k, v in cfg.items() if k != "scale"})
+        return run_classic(encoder, meta, manifests, {k: v for k, v in cfg.items() if k != "scale"}, progress)
     elif args.kind == "alignment":
         from webssl_repro.evaluate.alignment_eval import run_alignment
 
-        metrics = run_alignment(encoder, meta, manifests["captions"], cfg,
-                                cache_dir=Path(args.out).parents[2] / "cache")
-    else:
-        from webssl_repro.evaluate.vqa.stage import run_vqa
+        return run_alignment(encoder, meta, manifests["captions"], cfg, cache_dir=Path(args.out).parents[2] / "cache")
+    from webssl_repro.evaluate.vqa.stage import run_vqa
 
-        metrics = run_vqa(encoder, meta, manifests, cfg, workdir=Path(args.out).parent / "vqa_work")
-    from webssl_repro.train.distributed import is_main, shutdown
-
-    if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
-        write_eval(Path(args.out), args.run, args.kind, metrics, computed)
-        print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
-    shutdown()
-    return 0
+    return run_vqa(encoder, meta, manifests, cfg, workdir=Path(args.out).parent / "vqa_work", progress=progress)
 
 
 def _import_released(args: argparse.Namespace) -> int:
@@ -236,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Plan.settings_json)")
     ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
     ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--state", type=Path, default=None,
+                    help="where a job too long for its time limit keeps its progress for a retry, outside its "
+                    "output (evaluate/progress.py; Plan.eval_state_dir); removed once the output is written")
     ev.set_defaults(func=_evaluate)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")

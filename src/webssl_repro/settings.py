@@ -10,17 +10,20 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 _DATA_PLACE = {"local_dir": None, "image_root": None}
+#: when a long evaluation saves its progress and stops before its time limit (evaluate/progress.py)
+_PROGRESS = {"checkpoint_every_min": None, "stop_margin_s": None}
 #: Keys that change how a job runs, not what it computes (``split_settings``):
 #: kept out of the rules' params, so that changing them reruns nothing, and passed to the
 #: CLI as ``--settings-json``. Pretraining: the log and checkpoint cadence, the stop margin. Classic: the
-#: encoder's forward chunking, decoding workers and scratch disk. Alignment: batch sizes (not
+#: encoder's forward chunking, decoding workers and scratch disk. Classic and VQA: when a job
+#: saves its progress and how long before its time limit it stops. Alignment: batch sizes (not
 #: ``lm_paths``: a path or hub id there says which weights a name loads). VQA: where
 #: Cambrian's files sit on disk.
 SETTINGS = {
     "pretrain": {"train": {"log_every": None, "checkpoint_every": None, "stop_margin_s": None}},
-    "classic": {"batch_size": None, "workers": None, "scratch": None},
+    "classic": {"batch_size": None, "workers": None, "scratch": None, **_PROGRESS},
     "alignment": {"batch_size": None, "lm_batch_size": None},
-    "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}},
+    "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}, **_PROGRESS},
 }
 
 

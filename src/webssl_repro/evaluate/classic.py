@@ -38,18 +38,19 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 from webssl_repro.config import merge_known
-from webssl_repro.evaluate import features
-from webssl_repro.evaluate.features import BlockTokens, feature_fn, linear_features, model_device
-from webssl_repro.evaluate.imagesets import (EvalImages, as_hw, collate_lists, image_loader, in_order, load_split,
-                                             seeded_batches)
-from webssl_repro.evaluate.segmentation import SLIDE_STRIDE
+from webssl_repro.evaluate.features import BlockTokens, linear_features, model_device
+from webssl_repro.evaluate.imagesets import EvalImages, as_hw, collate_lists, load_split
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_probe
+from webssl_repro.evaluate.probe_batches import (TokenCache, augmented_training_batches, autocast_dtype,
+                                                 in_order_batches, tokens_fn, train_batch_size, training_batches)
+from webssl_repro.evaluate.progress import EvalProgress
+from webssl_repro.evaluate.segmentation import SLIDE_STRIDE
 
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
@@ -91,9 +92,6 @@ DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
 }
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def dense_size(task_cfg: Mapping[str, Any], meta: Mapping[str, Any], key: str = "img_size") -> tuple[int, int]:
     """Input (h, w) of a dense task. DINOv2 evaluates ADE20K / NYUd at their own resolution
     (512 px crops; NYUd's 480 x 640 frames), not the 224 px of pretraining, so a task's
@@ -122,25 +120,8 @@ def segmentation_classes(manifest: str | Path) -> int:
     return int(json.loads(Path(manifest).read_text()).get("n_classes", len(SEG_CLASSES)))
 
 
-def _autocast(cfg: Mapping[str, Any]) -> torch.dtype | None:
-    if cfg["precision"] not in PRECISIONS:
-        raise ValueError(f"evaluate.classic.precision: {cfg['precision']!r} is not one of {sorted(PRECISIONS)}")
-    return PRECISIONS[cfg["precision"]]
-
-
-def _tokens_fn(encoder, meta, blocks, norm: bool, cfg: Mapping[str, Any], out_device="cpu"):
-    """The frozen encoder's tokens of ``blocks`` per image batch (``features.feature_fn``)."""
-    return feature_fn(encoder, blocks, norm=norm, patch_size=int(meta["patch"]), autocast_dtype=_autocast(cfg),
-                      out_device=out_device)
-
-
 def _split(manifest: str | Path, split: str, size: int | tuple[int, int], target: str, **kw) -> EvalImages:
     return EvalImages(load_split(manifest, split), size, target, **kw)
-
-
-def _in_order(images: EvalImages, cfg: Mapping[str, Any], collate=None):
-    """(indices, images, targets) of one pass over a split, in order."""
-    return image_loader(images, in_order(len(images), int(cfg["batch_size"])), int(cfg["workers"]), collate)
 
 
 def slide_setting(seg: Mapping[str, Any], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -156,32 +137,6 @@ def slide_setting(seg: Mapping[str, Any], size: tuple[int, int]) -> tuple[tuple[
     return size, stride_hw
 
 
-class TokenCache:
-    """Frozen block tokens and targets of a whole training set, indexed by sample ids.
-
-    Without augmentation a frozen encoder's output for an image never changes: computing
-    it once instead of every iteration is the same training at a fraction of the cost. Used
-    when the tokens fit in memory (``fits``); larger sets stream images through the encoder
-    per batch instead.
-    """
-
-    def __init__(self, fn, batches) -> None:
-        parts, targets = [], []
-        for _, x, y in batches:
-            parts.append(fn(x))
-            targets.append(y)
-        self.cls = torch.cat([p.cls for p in parts], dim=1)
-        self.patches = torch.cat([p.patches for p in parts], dim=1)
-        self.targets = torch.cat(targets)
-        self.grid, self.indices = parts[0].grid, parts[0].indices
-
-    @staticmethod
-    def fits(encoder, n_images: int, img_size: int | tuple[int, int], patch: int, n_layers: int) -> bool:
-        h, w = as_hw(img_size)
-        tokens = -(-h // patch) * -(-w // patch) + 1  # the encoder pads to its patch grid
-        return n_images * n_layers * tokens * encoder.embed_dim * 4 < features.IN_MEMORY_BYTES
-
-
 def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
     size, n_blocks = int(meta["img_size"]), min(4, int(meta["depth"]))
     with tempfile.TemporaryDirectory(dir=cfg["scratch"], prefix="linear_features_") as scratch:
@@ -189,8 +144,8 @@ def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) 
         for split in ("train", "val"):
             images = _split(manifest, split, size, "label")
             (Path(scratch) / split).mkdir()
-            feats[split] = linear_features(encoder, _in_order(images, cfg), len(images), n_blocks,
-                                           scratch=Path(scratch) / split, autocast_dtype=_autocast(cfg))
+            feats[split] = linear_features(encoder, in_order_batches(images, cfg), len(images), n_blocks,
+                                           scratch=Path(scratch) / split, autocast_dtype=autocast_dtype(cfg))
         n_classes = int(max(feats["train"]["labels"].max(), feats["val"]["labels"].max())) + 1
         lin = cfg["linear"]
         result = linear_probe(feats["train"], feats["val"], n_classes, n_last_blocks=(1, n_blocks),
@@ -203,31 +158,6 @@ def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) 
                                      "lr": setting.lr}}
 
 
-def train_batch_size(task: Mapping[str, Any], n_train: int) -> int:
-    """The batch a dense head trains on: the task's ``batch_size``, capped at the training set."""
-    return min(int(task["batch_size"]), n_train)
-
-
-def _training_batches(encoder, meta, train: EvalImages, blocks: int | list[int], norm: bool, task: Mapping,
-                      cfg: Mapping[str, Any]) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
-    """(tokens of ``blocks``, targets) of the seeded training batches: from a token cache when
-    the set's tokens fit in memory, else from the encoder run on each batch's images. Either
-    way on the heads' device (the encoder's)."""
-    patch, device = int(meta["patch"]), model_device(encoder)
-    bs = train_batch_size(task, len(train))
-    order = seeded_batches(len(train), bs, int(cfg["seed"]))
-    n_layers = blocks if isinstance(blocks, int) else len(blocks)
-    if TokenCache.fits(encoder, len(train), train.size, patch, n_layers):
-        cache = TokenCache(_tokens_fn(encoder, meta, blocks, norm, cfg), _in_order(train, cfg))
-        for idx in order:
-            yield (BlockTokens(cache.cls[:, idx].to(device), cache.patches[:, idx].to(device), cache.grid,
-                               cache.indices), cache.targets[idx].to(device))
-    else:
-        fn = _tokens_fn(encoder, meta, blocks, norm, cfg, out_device=device)
-        for _, x, y in image_loader(train, order, int(cfg["workers"])):
-            yield fn(x), y.to(device)
-
-
 def _block_major(bt: BlockTokens) -> torch.Tensor:
     """Patch maps concatenated along channels in block order, (B, L*D, h, w)."""
     L, B, P, D = bt.patches.shape
@@ -235,9 +165,10 @@ def _block_major(bt: BlockTokens) -> torch.Tensor:
 
 
 def _seg_training_batches(encoder, meta, manifest: str | Path, size: tuple[int, int], n_layers: int,
-                         cfg: Mapping[str, Any], ratio_range: tuple[float, float]
+                         cfg: Mapping[str, Any], ratio_range: tuple[float, float], start: int = 0
                          ) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
-    """(tokens of the last ``n_layers`` blocks, masks) of the seeded training batches:
+    """(tokens of the last ``n_layers`` blocks, masks) of the seeded training batches from the
+    ``start``-th on:
     mmseg's augmentation of each image drawn (rescale ratios from ``ratio_range``), the
     encoder run on each batch (``augment``); or each image fitted once, its aspect kept
     (resized to cover ``size``, its centre) when the test slides windows over the image,
@@ -245,29 +176,14 @@ def _seg_training_batches(encoder, meta, manifest: str | Path, size: tuple[int, 
     seg = cfg["segmentation"]
     if not seg["augment"]:
         train = _split(manifest, "train", size, "seg", fit="cover" if slide_setting(seg, size) else "squash")
-        yield from _training_batches(encoder, meta, train, n_layers, True, seg, cfg)
+        yield from training_batches(encoder, meta, train, n_layers, True, seg, cfg, start)
         return
-    yield from _augmented_batches(encoder, meta, manifest, "seg", size, n_layers, True, seg, cfg,
+    yield from augmented_training_batches(encoder, meta, manifest, "seg", size, n_layers, True, seg, cfg, start,
                                   ratio_range=ratio_range)
 
 
-def _augmented_batches(encoder, meta, manifest: str | Path, target: str, crop: tuple[int, int],
-                       blocks: int | list[int], norm: bool, task: Mapping[str, Any], cfg: Mapping[str, Any],
-                       **augment: Any) -> Iterator[tuple[BlockTokens, torch.Tensor]]:
-    """(tokens, targets) of the seeded training batches, each image augmented afresh
-    (``dense_augment.AugmentedImages``, with ``augment``'s options) and the encoder run on
-    every batch."""
-    from webssl_repro.evaluate.dense_augment import AugmentedImages, augmented_batches
-
-    device, seed = model_device(encoder), int(cfg["seed"])
-    train = AugmentedImages(load_split(manifest, "train"), target, crop, seed, **augment)
-    fn = _tokens_fn(encoder, meta, blocks, norm, cfg, out_device=device)
-    order = augmented_batches(len(train), train_batch_size(task, len(train)), seed)
-    for _, x, y in image_loader(train, order, int(cfg["workers"])):
-        yield fn(x), y.to(device)
-
-
-def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
+                 progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """ADE20K-protocol "lin." (last block) and "+ms" (last 4 blocks, multi-scale + flip TTA).
 
     Each head trains and tests at its task's size: ``img_size``, and ``ms_img_size`` for
@@ -276,12 +192,14 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     per batch or once per image (cached): each head's training is the one it would have
     alone, with the same batches and initialisation. Augmented, "+ms" at its own size
     rescales its training images by DINOv2's "+ms" ratios (1.0-3.0); sharing "lin."'s
-    batches, by "lin."'s (0.5-2.0).
+    batches, by "lin."'s (0.5-2.0). Each size is a part of ``progress``: its training resumes,
+    its scores are kept.
     """
     from webssl_repro.evaluate.dense_augment import MS_RATIO_RANGE, RATIO_RANGE
     from webssl_repro.evaluate.segmentation import LinearSegHead, train_seg_heads
 
     seg, device, seed = cfg["segmentation"], model_device(encoder), int(cfg["seed"])
+    progress = EvalProgress() if progress is None else progress
     size = dense_size(seg, meta)
     ms_size = size if seg["ms_img_size"] is None else dense_size(seg, meta, "ms_img_size")
     n_classes, n_ms = segmentation_classes(manifest), min(4, int(meta["depth"]))
@@ -292,12 +210,20 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) ->
     scores: dict[str, float] = {}
     for hw in dict.fromkeys(h[2] for h in heads.values()):
         group = {name: h for name, h in heads.items() if h[2] == hw}
+        part = f"segmentation-{hw[0]}x{hw[1]}"
+        kept = progress.result(part)
+        if kept is not None:
+            scores.update(kept)
+            continue
         n_layers = max(head.n_layers for head, _, _ in group.values())
         ratios = RATIO_RANGE if "ade20k_linear" in group else MS_RATIO_RANGE
-        stream = _seg_training_batches(encoder, meta, manifest, hw, n_layers, cfg, ratios)
+        state = progress.torch_state(part)
+        stream = _seg_training_batches(encoder, meta, manifest, hw, n_layers, cfg, ratios,
+                                       start=0 if state is None else int(state["iteration"]))
         train_seg_heads([head for head, _, _ in group.values()], ((_block_major(bt), y) for bt, y in stream),
-                        iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]))
-        scores.update(_seg_scores(encoder, meta, manifest, hw, n_layers, group, n_classes, cfg))
+                        iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]), state=state,
+                        checkpoint=progress.torch_saver(part, int(seg["iters"])))
+        scores.update(progress.finish(part, _seg_scores(encoder, meta, manifest, hw, n_layers, group, n_classes, cfg)))
     return {name: scores[name] for name in heads}
 
 
@@ -314,12 +240,12 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
     one = MS_SCALES.index(1.0)  # the single-scale test's level
     val = _split(manifest, "val", size, "seg", fit="short" if slide else "squash", native=True,
                  scales=MS_SCALES if multiscale else None)
-    fn = _tokens_fn(encoder, meta, n_layers, True, cfg, out_device=device)
+    fn = tokens_fn(encoder, meta, n_layers, True, cfg, out_device=device)
     scores = {name: IoU(n_classes) for name in heads}
     for head, _, _ in heads.values():
         head.eval()
     with torch.no_grad():
-        for _, xs, ys in _in_order(val, cfg, collate_lists):
+        for _, xs, ys in in_order_batches(val, cfg, collate_lists):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size
                 levels = x.to(device) if multiscale else None  # a ScalePyramid: levels made on device
                 single = None if multiscale else x.unsqueeze(0).to(device)
@@ -333,15 +259,18 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
     return {name: 100.0 * iou.mean() for name, iou in scores.items()}
 
 
-def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
+          progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """NYUd-protocol lin.1 (last block) and lin.4 (4 evenly spaced blocks), RMSE on val.
 
     The encoder runs over the union of both heads' blocks; both heads then train jointly on
-    the same batches (``train_depth_heads``), each exactly as it would alone.
+    the same batches (``train_depth_heads``), each exactly as it would alone; the training
+    resumes from ``progress``'s ``depth`` part.
     """
     from webssl_repro.evaluate.depth import DepthLinearHead, RMSE, eigen_crop, lin4_blocks, train_depth_heads
 
     dep, device = cfg["depth"], model_device(encoder)
+    progress = EvalProgress() if progress is None else progress
     size = dense_size(dep, meta)
     train, val = _split(manifest, "train", size, "depth"), _split(manifest, "val", size, "depth", native=True)
     batch = train_batch_size(dep, len(train))
@@ -368,22 +297,25 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
         return [(torch.cat([bt.patches[i] for i in p], dim=-1), torch.cat([bt.cls[i] for i in p], dim=-1))
                 for p in positions]
 
+    state = progress.torch_state("depth")
+    start = 0 if state is None else int(state["iteration"])
     if dep["augment"]:
         crop = as_hw(dep["train_crop"]) if dep["train_crop"] is not None else size  # the encoder pads it
-        stream = _augmented_batches(encoder, meta, manifest, "depth", crop, blocks, False, dep, cfg,
+        stream = augmented_training_batches(encoder, meta, manifest, "depth", crop, blocks, False, dep, cfg, start,
                                     nyu_crop=bool(dep["nyu_crop"]))
     else:
-        stream = _training_batches(encoder, meta, train, blocks, False, dep, cfg)
+        stream = training_batches(encoder, meta, train, blocks, False, dep, cfg, start)
     batches = ((flat(bt), bt.grid, y) for bt, y in stream)
     train_depth_heads(heads, batches, iters=int(dep["iters"]), lr=float(dep["lr"]),
                       warmup_iters=int(dep["warmup"]), sig_warmup=int(dep["sig_warmup"]),
-                      grad_weight=float(dep["grad_weight"]), samples_per_gpu=int(dep["samples_per_gpu"]))
-    fn = _tokens_fn(encoder, meta, blocks, False, cfg, out_device=device)
+                      grad_weight=float(dep["grad_weight"]), samples_per_gpu=int(dep["samples_per_gpu"]),
+                      state=state, checkpoint=progress.torch_saver("depth", int(dep["iters"])))
+    fn = tokens_fn(encoder, meta, blocks, False, cfg, out_device=device)
     scores = {name: RMSE() for name, _ in specs}
     for head in heads:
         head.eval()
     with torch.no_grad():
-        for _, xs, ds in _in_order(val, cfg, collate_lists):
+        for _, xs, ds in in_order_batches(val, cfg, collate_lists):
             # DINOv2's NYUd test: the mean of the image's and its mirror's predictions (flip
             # TTA), resized to the depth map and scored where the ground truth lies inside the
             # bins' range, (min, max) open as the toolbox's eval mask (and the Eigen crop)
@@ -405,11 +337,21 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[s
     return {name: score.value() for name, score in scores.items()}
 
 
-def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path], cfg: Mapping[str, Any]) -> dict:
-    """Metrics in the units of paper Tables 3/7/9: top-1 %, mIoU %, RMSE (m)."""
+def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path], cfg: Mapping[str, Any],
+                progress: Optional[EvalProgress] = None) -> dict:
+    """Metrics in the units of paper Tables 3/7/9: top-1 %, mIoU %, RMSE (m). With ``progress``
+    (the job's, ``evaluate.progress``) a finished task is kept and the dense heads' training
+    resumes, so a job stopped at its time limit continues in its retry."""
     cfg = classic_config(cfg)
+    progress = EvalProgress() if progress is None else progress
     metrics: dict[str, Any] = {}
-    metrics.update(classification(encoder, meta, data["classification"], cfg))
-    metrics.update(segmentation(encoder, meta, data["segmentation"], cfg))
-    metrics.update(depth(encoder, meta, data["depth"], cfg))
+    progress.stop_point("classification")
+    kept = progress.result("classification")
+    metrics.update(kept if kept is not None else
+                   progress.finish("classification", classification(encoder, meta, data["classification"], cfg)))
+    progress.stop_point("segmentation")
+    metrics.update(segmentation(encoder, meta, data["segmentation"], cfg, progress))
+    progress.stop_point("depth")
+    kept = progress.result("depth")
+    metrics.update(kept if kept is not None else progress.finish("depth", depth(encoder, meta, data["depth"], cfg, progress)))
     return metrics

@@ -19,13 +19,14 @@ of the iterations, back to 0.95 by the end, cosine).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import BlockTokens, chunk_size, interp_matrix
+from .progress import Checkpoint, head_state, resume_heads
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
            "depth_loss", "onecycle_beta1", "train_depth", "train_depth_heads", "rmse", "RMSE", "eigen_crop",
@@ -292,22 +293,24 @@ def train_depth_heads(heads: Sequence[DepthLinearHead],
                       batches: Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], tuple[int, int], torch.Tensor]],
                       iters: int, lr: float = 1e-4, weight_decay: float = 0.01, warmup_iters: int = 12800,
                       sig_warmup: int = 100, grad_clip: float = 35.0, grad_weight: float = 0.0,
-                      samples_per_gpu: int | None = SAMPLES_PER_GPU) -> list[list[float]]:
+                      samples_per_gpu: int | None = SAMPLES_PER_GPU, state: Optional[Mapping[str, Any]] = None,
+                      checkpoint: Optional[Checkpoint] = None) -> list[list[float]]:
     """``train_depth`` for several heads at once on frozen tokens.
 
     ``batches`` yields (inputs, grid, depth (B, 1, H, W)) with ``inputs[i]`` = (patches
     (B, P, n_i*D), cls (B, n_i*D)) for head i (``DepthLinearHead.flat_inputs``), from a token
     cache or the encoder. All heads see the same batches; their logits are upsampled in one pass.
     One AdamW over all heads is per-parameter, i.e. one AdamW per head, and gradients are
-    clipped per head, as separate trainings would. Returns each head's loss curve.
+    clipped per head, as separate trainings would. Returns each head's loss curve. ``state``
+    and ``checkpoint`` resume and save as in ``segmentation.train_seg_heads``.
     """
     params = [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses: list[list[float]] = [[] for _ in heads]
+    start, losses = resume_heads(heads, opt, state)
     for h in heads:
         h.train()
     shared = all(h.upsample == heads[0].upsample and torch.equal(h.bins, heads[0].bins) for h in heads)
-    for it in range(iters):
+    for it in range(start, iters):
         inputs, grid, target = next(batches)
         target = target.view(target.shape[0], 1, *target.shape[-2:])
         _schedule(opt, lr, it, iters, warmup_iters)
@@ -325,6 +328,8 @@ def train_depth_heads(heads: Sequence[DepthLinearHead],
         opt.step()
         for curve, value in zip(losses, torch.stack(per_head).tolist()):
             curve.append(value)
+        if checkpoint is not None:
+            checkpoint(it + 1, lambda: head_state(it + 1, heads, opt, losses))
     return losses
 
 

@@ -11,13 +11,14 @@ logits are averaged where windows overlap, and the result is resized to the labe
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import BlockTokens, chunk_size, interp_matrix
+from .progress import Checkpoint, head_state, resume_heads
 
 IGNORE_INDEX = 255
 #: DINOv2's ADE20K "+ms" test ratios: each scales the test image (and its shorter side), over
@@ -264,7 +265,8 @@ def upsampled_ce(logits: torch.Tensor, target: torch.Tensor,
 
 def train_seg_heads(heads: Sequence[LinearSegHead], batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                     iters: int, lr: float = 1e-3, weight_decay: float = 1e-4, warmup: int = 1500,
-                    warmup_ratio: float = 1e-6) -> list[list[float]]:
+                    warmup_ratio: float = 1e-6, state: Optional[Mapping[str, Any]] = None,
+                    checkpoint: Optional[Checkpoint] = None) -> list[list[float]]:
     """``train_segmentation`` for several heads at once on frozen maps.
 
     ``batches`` yields (maps, masks): maps (B, L*D, h, w) are a batch's frozen patch maps
@@ -272,14 +274,15 @@ def train_seg_heads(heads: Sequence[LinearSegHead], batches: Iterator[tuple[torc
     sees the same batches; one AdamW over all heads is per-parameter, so it is exactly one AdamW
     per head. The heads' logits are upsampled in one call, and the loss is the sum of the heads'
     mean CEs (``upsampled_ce``), whose gradient for each head is that head's own. Returns each
-    head's loss curve.
+    head's loss curve. ``state`` (``head_state``) resumes a stopped training, ``batches``
+    then starting at its iteration; ``checkpoint(done, make_state)`` follows each iteration.
     """
     params = [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
-    losses: list[list[float]] = [[] for _ in heads]
+    start, losses = resume_heads(heads, opt, state)
     for h in heads:
         h.train()
-    for it in range(iters):
+    for it in range(start, iters):
         xb, y = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr * _lr_factor(it, iters, warmup, warmup_ratio)
@@ -291,6 +294,8 @@ def train_seg_heads(heads: Sequence[LinearSegHead], batches: Iterator[tuple[torc
         opt.step()
         for curve, value in zip(losses, per_head.tolist()):
             curve.append(value)
+        if checkpoint is not None:
+            checkpoint(it + 1, lambda: head_state(it + 1, heads, opt, losses))
     return losses
 
 

@@ -62,14 +62,14 @@ class Preempted(Exception):
 
     The CLI exits with ``exit_code`` (EX_TEMPFAIL) so that Snakemake's ``retries`` or a SLURM
     requeue starts the job again, which then resumes from the checkpoint. ``signum`` is None
-    when the time limit, not a signal, stopped the run.
+    when the time limit, not a signal, stopped the run; ``at`` says where, if not after ``step``.
     """
 
     exit_code = 75
 
-    def __init__(self, step: int, signum: Optional[int], reason: str = ""):
+    def __init__(self, step: int, signum: Optional[int], reason: str = "", at: str = ""):
         reason = reason or (f"signal {signal.Signals(signum).name}" if signum else "a stop on another rank")
-        super().__init__(f"preempted by {reason} after step {step}; checkpoint written")
+        super().__init__(f"preempted by {reason} {at or f'after step {step}'}; {'progress' if at else 'checkpoint'} saved")
         self.step = step
         self.signum = signum
 
@@ -82,19 +82,19 @@ class TrainResult:
     checkpoint: Path
 
 
-class _PreemptionFlag:
+class PreemptionFlag:
     """Records the first preemption signal; the loop acts on it between steps."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_PreemptionFlag":
+    def __enter__(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():
             for sig in PREEMPT_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         else:
-            warnings.warn("train() outside the main thread: preemption signals are not handled")
+            warnings.warn("running outside the main thread: preemption signals are not handled")
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -241,7 +241,7 @@ def train(
     step, last_saved = start, start
     t_log, steps_since_log = time.perf_counter(), 0
     try:
-        with _PreemptionFlag() as preempt:
+        with PreemptionFlag() as preempt:
             t_step = time.perf_counter()
             for step in range(start, total):
                 lr, wd = lr_at(step), wd_at(step)

@@ -12,17 +12,19 @@ import math
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.vqa.categories import category_scores
+from webssl_repro.evaluate.vqa.config import StageConfig, VqaConfig
 from webssl_repro.evaluate.vqa.data import (CHAT_FORMATS, IGNORE, MINI_CHAT, ChatFormat, FeatureCache, VqaSample,
                                             collate, encode, pad_id)
 from webssl_repro.evaluate.vqa.lm import lm_hidden_size
+from webssl_repro.evaluate.vqa.stage_state import load_stage, save_stage
 from webssl_repro.metrics import VQA_BENCHMARKS
 # ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
 # (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
@@ -213,79 +215,6 @@ def _decode_kwargs(lm: nn.Module) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(lm) else {}
 
 
-# ---------------------------------------------------------------- configuration
-
-
-@dataclass
-class StageConfig:
-    """One training stage; ``batch_size`` is global (reached by accumulating micro-batches)."""
-
-    lr: float
-    weight_decay: float = 0.0
-    batch_size: int = 512
-    micro_batch_size: int = 16
-    epochs: float = 1.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    max_steps: Optional[int] = None
-    #: Train the LM too (None: stage 2 only, the paper's recipe; a from-scratch mini LM has no language
-    #: to keep frozen, so mini stage 1 may train it on the captions).
-    train_lm: Optional[bool] = None
-
-
-@dataclass
-class VqaConfig:
-    """Paper defaults (Table 5, Cambrian-1 scripts); ``from_mapping`` overrides by name.
-
-    Stage-1 lr: Table 5 prints 1e-5, but the paper says it follows Cambrian-1, whose
-    released adapter-pretraining script uses 1e-3; a freshly initialised projector trained
-    for one epoch with the LM frozen barely moves at 1e-5, so 1e-5 is most likely a typo.
-    We default to 1e-3 and keep 1e-5 one config line away (``stage1: {lr: 1.0e-5}``).
-    """
-
-    language_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"  # or "tiny" (mini)
-    tokens: int = 576
-    projector: str = "mlp2x_gelu"
-    chat_format: str = "llama_3"
-    max_length: int = 2048
-    max_new_tokens: int = 32
-    eval_batch_size: int = 16
-    lm_hidden: int = 128
-    lm_layers: int = 2
-    lm_heads: int = 4
-    seed: int = 0
-    #: ``none`` (one process), ``ddp`` or ``fsdp2`` over the ranks of a torchrun launch (``vqa.distributed``).
-    strategy: str = "none"
-    #: fp32 weights either way; ``bf16`` autocasts the forward on CUDA (``PRECISIONS``).
-    precision: str = "bf16"
-    #: recompute each decoder layer in the backward (HF's gradient checkpointing), so that an
-    #: 8B LM's activations fit beside its shards (paper scale)
-    gradient_checkpointing: bool = False
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3, warmup_ratio=0.06))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5, warmup_ratio=0.03))
-
-    @classmethod
-    def from_mapping(cls, mapping: Optional[Mapping[str, Any]] = None) -> "VqaConfig":
-        mapping = dict(mapping or {})
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - names)
-        if unknown:
-            raise KeyError(f"VqaConfig: unknown key(s) {unknown}; known: {sorted(names)}")
-        cfg = cls()
-        for key, value in mapping.items():
-            if key in ("stage1", "stage2"):
-                base = getattr(cfg, key)
-                stage_names = {f.name for f in fields(StageConfig)}
-                bad = sorted(set(value) - stage_names)
-                if bad:
-                    raise KeyError(f"VqaConfig.{key}: unknown key(s) {bad}; known: {sorted(stage_names)}")
-                value = StageConfig(**{**base.__dict__, **value})
-            setattr(cfg, key, value)
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
-        return cfg
-
-
 # ---------------------------------------------------------------- training and evaluation
 
 
@@ -321,13 +250,15 @@ def backward_global_batch(probe: MultimodalProbe, micro_batches: Sequence[Sequen
 def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: FeatureCache, stage: int,
                 cfg: StageConfig, *, max_length: Optional[int] = None, seed: int = 0,
                 on_step: Optional[Callable[[int, float], None]] = None,
-                parallel: Optional["Parallel"] = None) -> dict[str, Any]:
+                parallel: Optional["Parallel"] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Stage 1 trains the projector only (LM frozen), stage 2 the projector and the LM, unless
     ``cfg.train_lm`` says otherwise (a from-scratch mini LM is trained in stage 1 too).
 
     AdamW + linear warmup + cosine decay (HF Trainer's schedule, as Cambrian uses); the loss of
     a global batch is the mean CE over all its answer tokens, however it is split into micro-batches
     (and, with ``parallel``, over ranks: each takes its slice of every global batch).
+    With ``progress`` the stage is its part ``stage<n>``: saved when due and at its end
+    (``stage_state``), resumed from there, a finished stage loaded instead of trained.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -345,9 +276,24 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
+    progress = EvalProgress() if progress is None else progress
+    part, start, spent = f"stage{stage}", 0, 0.0
+    found = progress.latest(part)
+    if found is not None:
+        extra = load_stage(found[1], module, opt)
+        start, losses, spent = int(extra["step"]), list(extra["losses"]), float(extra["seconds"])
+        order = extra["order"].tolist()
+        gen.set_state(extra["generator"])
+        sched.load_state_dict(extra["scheduler"])
     t0 = time.perf_counter()
+
+    def extra_state(done: int) -> dict[str, Any]:
+        return {"step": done, "losses": list(losses), "seconds": spent + time.perf_counter() - t0,
+                "order": torch.tensor(order, dtype=torch.long), "generator": gen.get_state(),
+                "scheduler": sched.state_dict()}
+
     probe.train()
-    for step in range(steps):
+    for step in range(start, steps):
         while len(order) < cfg.batch_size:
             order += torch.randperm(len(samples), generator=gen).tolist()
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
@@ -364,7 +310,11 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
         losses.append(step_loss)
         if on_step is not None:
             on_step(step, step_loss)
-    return {"stage": stage, "steps": steps, "losses": losses, "seconds": time.perf_counter() - t0}
+        progress.iteration_done(part, step + 1, steps,
+                                lambda d: save_stage(d, module, opt, extra_state(step + 1)))
+    if start < steps:  # the finished stage's weights, for a job stopped before the next part is saved
+        progress.save(part, steps, lambda d: save_stage(d, module, None, extra_state(steps)))
+    return {"stage": stage, "steps": steps, "losses": losses, "seconds": spent + time.perf_counter() - t0}
 
 
 def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> MultimodalProbe:
@@ -417,19 +367,20 @@ def plain_lm_head(lm: nn.Module) -> bool:
 def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
                      alignment: Sequence[VqaSample], instruction: Sequence[VqaSample],
                      benchmark_sets: Mapping[str, Sequence[VqaSample]],
-                     scorer: Optional[Scorer] = None) -> dict[str, Any]:
+                     scorer: Optional[Scorer] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Stage 1 on alignment data, stage 2 on instruction data, then ``evaluate_vqa``; logs included.
 
     ``cfg.strategy`` other than ``none`` shards the probe (in place) over the torchrun ranks.
+    ``progress`` (the job's) keeps each stage and each benchmark's answers as parts.
     """
     from webssl_repro.evaluate.vqa.distributed import parallelize
 
     parallel = parallelize(probe, cfg.strategy)
     logs = [train_stage(probe, samples, features, stage, scfg, max_length=cfg.max_length, seed=cfg.seed + stage,
-                        parallel=parallel)
+                        parallel=parallel, progress=progress)
             for stage, samples, scfg in ((1, alignment, cfg.stage1), (2, instruction, cfg.stage2))]
     result = evaluate_vqa(probe, benchmark_sets, scorer, features=features, batch_size=cfg.eval_batch_size,
-                          max_new_tokens=cfg.max_new_tokens, parallel=parallel)
+                          max_new_tokens=cfg.max_new_tokens, parallel=parallel, progress=progress)
     result["training"] = [{k: log[k] for k in ("stage", "steps", "seconds")} | {"final_loss": log["losses"][-1]}
                           for log in logs]
     return result
@@ -438,16 +389,22 @@ def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCa
 def evaluate_vqa(probe: MultimodalProbe, benchmark_sets: Mapping[str, Sequence[VqaSample]],
                  scorer: Optional[Scorer] = None, *,
                  features: FeatureCache, batch_size: int = 16, max_new_tokens: int = 32,
-                 parallel: Optional["Parallel"] = None) -> dict[str, Any]:
+                 parallel: Optional["Parallel"] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Greedy answers on each benchmark's test samples, scored per benchmark; categories by the paper's rule.
 
     ``categories`` is None unless all 16 benchmarks are present (the paper's averages need all).
     With ``parallel`` the ranks share the answering, rank 0 scores and every rank returns its result.
+    With ``progress`` each benchmark's answers are a part: kept, and read back by a resumed job.
     """
     if scorer is None:
         from webssl_repro.evaluate.vqa.scorers import score as scorer
-    answers = {name: probe.answer(list(samples), features, batch_size, max_new_tokens, parallel=parallel)
-               for name, samples in benchmark_sets.items()}
+    progress = EvalProgress() if progress is None else progress
+    answers = {}
+    for name, samples in benchmark_sets.items():
+        progress.stop_point(f"answering {name}")
+        kept = progress.result(f"answers-{name}")
+        answers[name] = kept if kept is not None else progress.finish(
+            f"answers-{name}", probe.answer(list(samples), features, batch_size, max_new_tokens, parallel=parallel))
     result = None
     if parallel is None or parallel.rank == 0:
         per_benchmark = {name: float(scorer(name, answers[name], [s.reference() for s in samples]))

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
 from webssl_repro.evaluate.imagesets import images_tensor
+from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
 from webssl_repro.metrics import VQA_BENCHMARKS
 
@@ -76,7 +77,8 @@ def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
 STAGE_KEYS = ("scale", "alignment_samples", "data", "controls")
 
 
-def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config, env=None) -> dict[str, Any]:
+def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config, env=None,
+               progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Cambrian-Alignment → Cambrian-7M → the 16 real benchmarks, encoder run on the fly.
 
     The mini-web manifests the rule passes are not read. The encoder and the probe go to the
@@ -97,7 +99,8 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
     features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size, VQA_FIT)[0],
                                config.tokens, device, config.precision)
     probe = build_probe(config, encoder.embed_dim).to(device)
-    result = fit_and_evaluate(config, probe, features, data.alignment, data.instruction, data.tests)
+    result = fit_and_evaluate(config, probe, features, data.alignment, data.instruction, data.tests,
+                              progress=progress)
     metrics: dict[str, Any] = dict(result["benchmarks"])
     metrics.update(result["categories"])
     metrics["_training"] = result["training"]
@@ -106,7 +109,9 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
 
 
 def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path], cfg: Mapping[str, Any],
-            workdir: str | Path) -> dict[str, Any]:
+            workdir: str | Path, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
+    """The VQA metrics of one encoder; ``progress`` (the job's, ``evaluate.progress``) keeps each
+    stage and each benchmark's answers, so that a job stopped at its time limit resumes."""
     from webssl_repro.evaluate.vqa.distributed import init, main_first
     from webssl_repro.evaluate.vqa.lm import build_tokenizer
     from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
@@ -118,7 +123,7 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
     torch.manual_seed(config.seed)
     env = init(config.strategy)  # None (nothing initialised) for the default 'none'
     if config.language_model != "tiny":
-        return _run_paper(encoder, meta, cfg, config, env)
+        return _run_paper(encoder, meta, cfg, config, env, progress)
     if cfg.get("data"):
         raise ValueError("evaluate.vqa.data locates the paper-scale (Cambrian + real benchmark) data; "
                          "language_model: tiny reads the mini-web eval sets and takes none")
@@ -145,7 +150,7 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
     probe = build_probe(config, encoder.embed_dim, tokenizer)
     if env is not None:
         probe = probe.to(env.device)
-    result = fit_and_evaluate(config, probe, features, alignment, instruction, tests)
+    result = fit_and_evaluate(config, probe, features, alignment, instruction, tests, progress=progress)
     metrics: dict[str, Any] = dict(result["benchmarks"])
     metrics.update(result["categories"])
     metrics["_training"] = result["training"]

@@ -1,0 +1,258 @@
+"""Evaluation jobs longer than a time limit: finished parts kept, the part in training saved.
+
+At paper scale the VQA probe (two training stages of an 8B LM, then 16 benchmarks) and the
+classic probes of a 5B-7B encoder (ADE20K's 40k iterations on the encoder's own passes, NYUd's
+38.4k) run longer than a partition's time limit. ``EvalProgress`` keeps what a job has done in
+a directory its rule does not declare as an output (``results/{scale}/eval_state/{run}/{kind}``),
+so that the retry of a stopped attempt continues it instead of starting over:
+
+* ``done/<part>.json``: the result of a finished part (a task's scores, a benchmark's answers),
+  read back instead of recomputed;
+* ``<part>.<iteration>/`` with the pointer ``<part>.json``: the training state of the part under
+  way (heads or probe, optimizer, data position, RNG, loss curves), written every
+  ``checkpoint_every_min`` and when the job must stop: on SIGTERM / SIGUSR1, or once its SLURM
+  time limit would not cover another iteration and a save plus ``stop_margin_s``
+  (``train.deadline``). The job then exits 75 (``train.Preempted``) and the rule's retry resumes
+  it, to the numbers an uninterrupted job computes.
+
+The directory is stamped with the evaluation config and the encoder file; state of another config
+or encoder is set aside (``train.fingerprint.guard_checkpoints``). The CLI removes it once the
+job's output is written. Every rank of a torchrun job calls the same methods in the same order:
+decisions to save or stop are taken together, rank 0 writes the pointers and results.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from webssl_repro.train.checkpoint import atomic_write, capture_rng, restore_rng
+from webssl_repro.train.deadline import Deadline, job_deadline
+from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, is_main
+from webssl_repro.train.loop import Preempted, PreemptionFlag
+
+#: The keys of ``evaluate.classic`` / ``evaluate.vqa`` that say when a job saves, not what it
+#: computes (``settings.SETTINGS``), and their defaults. ``checkpoint_every_min: 0`` saves after
+#: every iteration.
+DEFAULTS = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
+DONE = "done"
+STATE_FILE = "state.pt"
+
+#: ``checkpoint(done, make_state)``, called by a training loop after each iteration
+#: (``EvalProgress.torch_saver``); ``make_state`` runs only when a save is due.
+Checkpoint = Callable[[int, Callable[[], dict[str, Any]]], None]
+
+
+def split_settings(cfg: Mapping[str, Any], section: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """``cfg`` without the progress keys, and those keys over ``DEFAULTS`` (checked)."""
+    rest = {k: v for k, v in cfg.items() if k not in DEFAULTS}
+    settings = {k: float(cfg.get(k, v)) for k, v in DEFAULTS.items()}
+    for key, value in settings.items():
+        if value < 0:
+            raise ValueError(f"evaluate.{section}.{key}: {value} must be >= 0")
+    return rest, settings
+
+
+def encoder_identity(path: str | Path) -> dict[str, Any]:
+    """What ties saved state to one encoder file without reading it (a 7B encoder is 28 GB):
+    its name, size and modification time, which a retrained run changes."""
+    stat = Path(path).stat()
+    return {"name": Path(path).name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class EvalProgress:
+    """A job's finished parts and the state of its part under way; ``directory=None`` keeps
+    nothing (library use, benchmarks). Use as a context manager to catch preemption signals."""
+
+    def __init__(self, directory: Optional[str | Path] = None, *, checkpoint_every_min: float = DEFAULTS[
+                 "checkpoint_every_min"], stop_margin_s: float = DEFAULTS["stop_margin_s"],
+                 deadline: Optional[Deadline] = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.every_s = 60.0 * float(checkpoint_every_min)
+        self.stop_margin_s = float(stop_margin_s)
+        self.deadline, self.clock = deadline, clock
+        self._flag = PreemptionFlag()
+        self._last_save = clock()
+        self._last_iteration: Optional[float] = None
+
+    @classmethod
+    def open(cls, directory: str | Path, fingerprint: Mapping[str, Any], settings: Mapping[str, float],
+             env: Optional[Mapping[str, str]] = None) -> "EvalProgress":
+        """The progress kept in ``directory``, set aside first when stamped with another
+        ``fingerprint`` (rank 0; the other ranks read it only after a collective), and the
+        SLURM job's deadline."""
+        import os
+
+        from webssl_repro.train.fingerprint import guard_checkpoints
+
+        if int((os.environ if env is None else env).get("RANK", "0")) == 0:
+            guard_checkpoints(directory, fingerprint)
+        deadline = job_deadline(float(settings["stop_margin_s"]), env)
+        return cls(directory, checkpoint_every_min=settings["checkpoint_every_min"],
+                   stop_margin_s=settings["stop_margin_s"], deadline=deadline)
+
+    def __enter__(self) -> "EvalProgress":
+        self._flag.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._flag.__exit__(*exc)
+
+    # ------------------------------------------------------------ finished parts
+
+    def _done(self, part: str) -> Path:
+        return self.directory / DONE / f"{part}.json"
+
+    def result(self, part: str) -> Optional[Any]:
+        """A finished part's result, or None."""
+        if self.directory is None:
+            return None
+        barrier()
+        path = self._done(part)
+        return json.loads(path.read_text())["value"] if path.exists() else None
+
+    def finish(self, part: str, value: Any) -> Any:
+        """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state."""
+        if self.directory is not None:
+            if is_main():
+                self._done(part).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self._done(part), lambda f: f.write(json.dumps({"part": part, "value": value}).encode()))
+                self.drop(part)
+            barrier()
+        return value
+
+    def stop_point(self, label: str) -> None:
+        """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``)."""
+        if self.directory is not None and self._must_stop():
+            raise Preempted(0, self._flag.signum, self._reason(), at=f"before {label}")
+
+    # ------------------------------------------------------------ the part under way
+
+    def _pointer(self, part: str) -> Path:
+        return self.directory / f"{part}.json"
+
+    def latest(self, part: str) -> Optional[tuple[int, Path]]:
+        """(iterations done, directory) of ``part``'s last saved state, or None."""
+        if self.directory is None:
+            return None
+        barrier()
+        pointer = self._pointer(part)
+        if not pointer.exists():
+            return None
+        meta = json.loads(pointer.read_text())
+        return int(meta["iteration"]), self.directory / meta["dir"]
+
+    def iteration_done(self, part: str, done: int, total: int, write: Callable[[Path], None]) -> None:
+        """After ``done`` of ``total`` iterations: save when it is due or the job must stop, then
+        stop (``Preempted``) if it must. ``write(directory)`` writes the state into an empty
+        directory (on every rank: a sharded save is collective). Nothing is saved after the last
+        iteration: the caller finishes the part."""
+        now = self.clock()
+        if self.deadline is not None and self._last_iteration is not None:
+            self.deadline.record_step(now - self._last_iteration)
+        if self.directory is not None and done < total:
+            stop = self._must_stop()
+            if stop or any_rank(now - self._last_save >= self.every_s):
+                self.save(part, done, write)
+            if stop:
+                raise Preempted(done, self._flag.signum, self._reason(), at=f"after iteration {done} of {part}")
+        self._last_iteration = self.clock()
+
+    def save(self, part: str, done: int, write: Callable[[Path], None]) -> None:
+        """Write ``part``'s state at ``done`` iterations beside the last one, then point to it
+        (nothing without a directory)."""
+        if self.directory is None:
+            return
+        started = time.perf_counter()
+        name = f"{part}.{done}"
+        tmp = self.directory / f".{name}.tmp"
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        if is_main():
+            shutil.rmtree(self.directory / name, ignore_errors=True)
+            tmp.rename(self.directory / name)
+            atomic_write(self._pointer(part), lambda f: f.write(json.dumps({"iteration": done, "dir": name}).encode()))
+            self._remove_states(part, keep=name)
+        barrier()
+        self._last_save = self.clock()
+        if self.deadline is not None:
+            self.deadline.record_save(time.perf_counter() - started)
+
+    def drop(self, part: str) -> None:
+        """Remove ``part``'s training state (rank 0)."""
+        self._pointer(part).unlink(missing_ok=True)
+        self._remove_states(part)
+
+    def _remove_states(self, part: str, keep: Optional[str] = None) -> None:
+        pattern = re.compile(rf"{re.escape(part)}\.\d+")
+        for path in self.directory.iterdir():
+            if path.is_dir() and pattern.fullmatch(path.name) and path.name != keep:
+                shutil.rmtree(path)
+
+    # ------------------------------------------------------------ one-process state (torch.save)
+
+    def torch_state(self, part: str) -> Optional[dict[str, Any]]:
+        """``part``'s last state saved by ``torch_saver``, its RNG restored; None for a fresh start."""
+        found = self.latest(part)
+        if found is None:
+            return None
+        state = torch.load(found[1] / STATE_FILE, map_location="cpu", weights_only=False)
+        restore_rng(state["rng"][get_rank()])
+        return state
+
+    def torch_saver(self, part: str, total: int) -> Callable[[int, Callable[[], dict[str, Any]]], None]:
+        """``checkpoint(done, make_state)`` for a training loop of ``total`` iterations: when a
+        save is due, ``make_state()`` (with ``"iteration"``) goes to ``state.pt`` with the RNG."""
+        def checkpoint(done: int, make_state: Callable[[], dict[str, Any]]) -> None:
+            def write(directory: Path) -> None:
+                state = {**make_state(), "rng": all_gather_object(capture_rng())}
+                if is_main():
+                    torch.save(state, directory / STATE_FILE)
+
+            self.iteration_done(part, done, total, write)
+
+        return checkpoint
+
+    # ------------------------------------------------------------ the end
+
+    def discard(self) -> None:
+        """Remove the directory once the job's output holds everything (rank 0)."""
+        if self.directory is not None and is_main():
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _must_stop(self) -> bool:
+        local = self._flag.signum is not None or (self.deadline is not None and self.deadline.reached())
+        return any_rank(local)
+
+    def _reason(self) -> str:
+        if self._flag.signum is None and self.deadline is not None and self.deadline.reached():
+            return f"the job's time limit ({self.deadline.seconds_left():.0f} s left)"
+        return ""
+
+
+def head_state(done: int, heads: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
+               losses: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """What a probe-head training needs to resume after ``done`` iterations."""
+    return {"iteration": done, "heads": [h.state_dict() for h in heads], "optimizer": optimizer.state_dict(),
+            "losses": [list(curve) for curve in losses]}
+
+
+def resume_heads(heads: Sequence[nn.Module], optimizer: torch.optim.Optimizer,
+                 state: Optional[Mapping[str, Any]]) -> tuple[int, list[list[float]]]:
+    """Load a ``head_state``: (iterations done, loss curves so far); (0, empty) without one."""
+    if state is None:
+        return 0, [[] for _ in heads]
+    for head, saved in zip(heads, state["heads"], strict=True):
+        head.load_state_dict(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["iteration"]), [list(curve) for curve in state["losses"]]

@@ -1,0 +1,79 @@
+"""A VQA training stage's state, saved and loaded so that a job stopped at its time limit resumes
+the stage (``evaluate.progress``) to the weights an uninterrupted job reaches.
+
+The trained parameters and their AdamW state go through ``torch.distributed.checkpoint``: under
+FSDP2 each rank writes its own shards of the 8B LM, which are never gathered (a full copy with
+AdamW state is ~100 GB of one host's memory). Frozen parameters are not saved: they are the
+pretrained LM's, loaded again by every attempt. The rest is the same on every rank and small:
+the step, the data order still to be drawn and its generator, the schedule, the loss curve, the
+seconds spent, and each rank's RNG (written by rank 0).
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from webssl_repro.train.checkpoint import capture_rng, restore_rng
+from webssl_repro.train.distributed import all_gather_object, get_rank, is_main
+
+_TRAINED = StateDictOptions(ignore_frozen_params=True)
+#: the saved keys are the trained parameters only; the frozen ones stay as loaded
+_INTO_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+EXTRA = "extra.pt"
+
+
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _quiet():
+    """DCP warns on every call without a process group, even when told (``no_dist``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _template(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    out = {"model": get_model_state_dict(module, options=_TRAINED)}
+    if optimizer is not None:
+        out["optim"] = get_optimizer_state_dict(module, optimizer, options=_TRAINED)
+    return out
+
+
+def save_stage(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+               extra: Mapping[str, Any]) -> None:
+    """Write the trained parameters (and, unless ``optimizer`` is None, as for a finished stage,
+    their AdamW state) and ``extra``; collective over the ranks."""
+    with _quiet():
+        dcp.save(_template(module, optimizer), checkpoint_id=directory, no_dist=_single_process())
+    rng = all_gather_object(capture_rng())
+    if is_main():
+        torch.save({**extra, "rng": rng, "with_optimizer": optimizer is not None}, Path(directory) / EXTRA)
+
+
+def load_stage(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load what ``save_stage`` wrote into ``module`` (its trained parameters as they were
+    saved) and ``optimizer``; restore this rank's RNG when the world size is the same. Returns
+    ``extra``."""
+    extra = torch.load(Path(directory) / EXTRA, map_location="cpu", weights_only=False)
+    state = _template(module, optimizer if extra["with_optimizer"] else None)
+    with _quiet():
+        dcp.load(state, checkpoint_id=directory, no_dist=_single_process())
+    set_model_state_dict(module, state["model"], options=_INTO_TRAINED)
+    if "optim" in state:
+        set_optimizer_state_dict(module, optimizer, state["optim"], options=_TRAINED)
+    world = 1 if _single_process() else dist.get_world_size()
+    if len(extra["rng"]) == world:
+        restore_rng(extra["rng"][get_rank()])
+    return extra

@@ -1,0 +1,176 @@
+"""Evaluation jobs that stop at their time limit and resume (evaluate/progress.py): a dense probe
+stopped mid-training and resumed ends with the scores of an uninterrupted one, finished parts are
+read back instead of recomputed, and state of another config is set aside."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from helpers_mini import tiny_data  # noqa: F401  (fixture)
+from test_classic_streaming import DENSE, _encoder
+from test_vqa_probe import TOKENS, VIS_DIM, _exact, _world, tokenizer  # noqa: F401  (fixture)
+
+
+class StopAfter:
+    """A job deadline reached once ``n`` iterations are done (``EvalProgress`` records an
+    iteration's time from the second iteration on, so n >= 2)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.steps, self.saves = n, 0, 0
+
+    def record_step(self, seconds: float) -> None:
+        self.steps += 1
+
+    def record_save(self, seconds: float) -> None:
+        self.saves += 1
+
+    def reached(self) -> bool:
+        return self.steps + 1 >= self.n
+
+    def seconds_left(self) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize("task,augment", [("segmentation", True), ("depth", False)])
+def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_path, task, augment):  # noqa: F811
+    from webssl_repro.evaluate import classic
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    encoder, meta = _encoder()
+    cfg = classic.classic_config({**DENSE, task: {**DENSE[task], "iters": 8, "augment": augment}})
+    whole = getattr(classic, task)(encoder, meta, tiny_data[task], cfg)
+
+    state = tmp_path / "state"
+    deadline = StopAfter(5)
+    with pytest.raises(Preempted, match="time limit .* after iteration 5 of"):
+        with EvalProgress(state, checkpoint_every_min=0, deadline=deadline) as progress:
+            getattr(classic, task)(encoder, meta, tiny_data[task], cfg, progress)
+    pointer = next(state.glob(f"{task}*.json"))
+    assert json.loads(pointer.read_text())["iteration"] == 5
+    assert deadline.saves == 5  # after every iteration up to the stop (checkpoint_every_min 0)
+    assert len([p for p in state.iterdir() if p.is_dir()]) == 1  # the older states are removed
+
+    torch.manual_seed(123)  # a retry starts in a new process: its RNG is restored, not inherited
+    resumed = getattr(classic, task)(encoder, meta, tiny_data[task], cfg, EvalProgress(state, checkpoint_every_min=0))
+    assert resumed == whole
+    if task == "segmentation":  # the part's scores are kept, its training state dropped
+        assert not list(state.glob("segmentation*.json")) and list((state / "done").glob("segmentation*.json"))
+
+
+def test_finished_parts_are_read_back_not_recomputed(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    from webssl_repro.evaluate import classic
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    encoder, meta = _encoder()
+    progress = EvalProgress(tmp_path)
+    progress.finish("classification", {"in1k_linear": 12.5})
+    progress.finish("depth", {"nyud_lin1": 0.5, "nyud_lin4": 0.25})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished part was recomputed")
+
+    monkeypatch.setattr(classic, "classification", refuse)
+    monkeypatch.setattr(classic, "depth", refuse)
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2}}
+    metrics = classic.run_classic(encoder, meta, tiny_data, cfg, progress)
+    assert metrics["in1k_linear"] == 12.5 and metrics["nyud_lin4"] == 0.25
+    assert set(metrics) == {"in1k_linear", "ade20k_linear", "ade20k_ms", "nyud_lin1", "nyud_lin4"}
+
+
+def test_a_signal_stops_between_parts(tmp_path):
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    with EvalProgress(tmp_path) as progress:
+        progress.stop_point("depth")  # nothing asked: goes on
+        signal.raise_signal(signal.SIGUSR1)
+        with pytest.raises(Preempted, match="SIGUSR1 before depth") as err:
+            progress.stop_point("depth")
+    assert err.value.exit_code == 75
+
+
+def test_state_of_another_config_is_set_aside(tmp_path):
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    settings = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
+    directory = tmp_path / "classic"
+    EvalProgress.open(directory, {"config": "a"}, settings, env={}).finish("depth", {"nyud_lin1": 1.0})
+    assert EvalProgress.open(directory, {"config": "a"}, settings, env={}).result("depth") == {"nyud_lin1": 1.0}
+    again = EvalProgress.open(directory, {"config": "b"}, settings, env={})
+    assert again.result("depth") is None
+    assert len(list(tmp_path.glob("classic.stale-*"))) == 1
+
+
+def test_progress_settings_are_checked():
+    from webssl_repro.evaluate.progress import split_settings
+
+    rest, settings = split_settings({"seed": 1, "checkpoint_every_min": 5}, "classic")
+    assert rest == {"seed": 1} and settings == {"checkpoint_every_min": 5.0, "stop_margin_s": 300.0}
+    with pytest.raises(ValueError, match="evaluate.vqa.stop_margin_s: -1.0"):
+        split_settings({"stop_margin_s": -1}, "vqa")
+
+
+@pytest.mark.parametrize("stop_after", [2, 5, 8], ids=["in-stage-1", "in-stage-2", "before-answering"])
+def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path, stop_after):  # noqa: F811
+    """Stage 1 has 3 steps and stage 2 has 5: the stop comes after stage-1 step 2, after stage-2
+    step 2, or once both stages are done, before the first benchmark is answered."""
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.evaluate.vqa.data import FeatureCache
+    from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
+    from webssl_repro.train import Preempted
+
+    torch.set_num_threads(1)
+    cfg = VqaConfig.from_mapping({
+        "language_model": "tiny", "tokens": TOKENS, "chat_format": "mini", "lm_hidden": 32, "lm_layers": 1,
+        "lm_heads": 4, "max_length": 64, "max_new_tokens": 3, "eval_batch_size": 8,
+        "stage1": {"lr": 1e-2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 3, "warmup_ratio": 0.3},
+        "stage2": {"lr": 3e-3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 5, "warmup_ratio": 0.3}})
+    train, train_feats = _world(20, seed=3)  # 20 samples: the data order spans epochs mid-stage
+    test, test_feats = _world(6, seed=4)
+    feats = FeatureCache(train_feats.ids + test_feats.ids, torch.cat([train_feats.features, test_feats.features]))
+    benchmarks = {"gqa": test, "mmvp": test[:3]}
+
+    def run(progress=None):
+        probe = build_probe(cfg, VIS_DIM, tokenizer)
+        return probe, fit_and_evaluate(cfg, probe, feats, train[:12], train, benchmarks, _exact, progress=progress)
+
+    whole_probe, whole = run()
+    with pytest.raises(Preempted):
+        with EvalProgress(tmp_path, checkpoint_every_min=0, deadline=StopAfter(stop_after)) as progress:
+            run(progress)
+    torch.manual_seed(99)
+    probe, resumed = run(EvalProgress(tmp_path, checkpoint_every_min=0))
+    assert resumed["benchmarks"] == whole["benchmarks"]
+    assert [s["final_loss"] for s in resumed["training"]] == [s["final_loss"] for s in whole["training"]]
+    for (name, value), expected in zip(probe.state_dict().items(), whole_probe.state_dict().values()):
+        assert torch.equal(value, expected), name
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["answers-gqa.json", "answers-mmvp.json"]
+
+
+def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """`webssl-repro evaluate classic --state`: inside a SLURM job that ends within stop_margin_s
+    the job stops at once with exit 75, its state directory stamped; the retry, with time,
+    writes the output and removes the directory."""
+    import time
+
+    from test_vqa_paper import save_tiny_encoder
+    from webssl_repro.cli import main
+
+    encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=4)  # lin.4 needs 4 blocks
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2}, "depth": {**DENSE["depth"], "iters": 2}}
+    out, state = tmp_path / "evals" / "r" / "classic.json", tmp_path / "eval_state" / "r" / "classic"
+    args = ["evaluate", "classic", "--run", "r", "--encoder", str(encoder), "--eval-json", json.dumps(cfg),
+            "--settings-json", json.dumps({"stop_margin_s": 60}), "--data", *map(str, tiny_data.values()),
+            "--out", str(out), "--state", str(state)]
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 30))
+    assert main(args) == 75
+    assert not out.exists() and json.loads((state / "fingerprint.json").read_text())["kind"] == "classic"
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+    assert main(args) == 0
+    assert set(json.loads(out.read_text())["metrics"]) == {"in1k_linear", "ade20k_linear", "ade20k_ms",
+                                                            "nyud_lin1", "nyud_lin4"}
+    assert not state.exists()
