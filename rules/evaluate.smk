@@ -1,8 +1,9 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
 # and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json
 # vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
-# vqa and classic keep their progress in results/{scale}/eval_state/ (not an output, so a failed or
-# stopped attempt keeps it): a job stopped before its time limit exits 75 and its retry resumes.
+# vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
+# output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
+# its retry resumes.
 
 
 rule vqa:
@@ -14,7 +15,6 @@ rule vqa:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         launcher=PLAN.eval_launcher(),
-        state=lambda w: PLAN.eval_state_dir(w.run, "vqa"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
     threads: PLAN.eval_threads()
@@ -26,7 +26,7 @@ rule vqa:
         ENV
     shell:
         "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--settings-json {resources.settings:q} --data {input.data} --out {output} --state {params.state} > {log} 2>&1"
+        "--settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule vqa_control:
@@ -39,7 +39,6 @@ rule vqa_control:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         encoder=PLAN.control_args(),
-        state=lambda w: PLAN.eval_state_dir(f"control-{w.control}", "vqa"),
     log:
         f"logs/{SCALE}/evaluate/control_{{control}}_vqa.log",
     threads: PLAN.eval_threads()
@@ -51,8 +50,7 @@ rule vqa_control:
         ENV
     shell:
         "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
-        "--state {params.state} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule classic:
@@ -63,7 +61,6 @@ rule classic:
         PLAN.eval_path("{run}", "classic"),
     params:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
-        state=lambda w: PLAN.eval_state_dir(w.run, "classic"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_classic.log",
     threads: PLAN.eval_threads("classic")
@@ -75,8 +72,7 @@ rule classic:
         ENV
     shell:
         "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
-        "--state {params.state} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule alignment:

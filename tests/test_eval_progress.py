@@ -15,27 +15,32 @@ from test_vqa_probe import TOKENS, VIS_DIM, _exact, _world, tokenizer  # noqa: F
 
 
 class StopAfter:
-    """A job deadline reached once ``n`` iterations are done (``EvalProgress`` records an
-    iteration's time from the second iteration on, so n >= 2)."""
+    """A job deadline reached at its ``n``-th check: ``EvalProgress`` checks after every training
+    iteration but a part's last, and at each ``stop_point``."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.steps, self.saves = n, 0, 0
+        self.n, self.checks, self.saves = n, 0, 0
 
     def record_step(self, seconds: float) -> None:
-        self.steps += 1
+        pass
 
     def record_save(self, seconds: float) -> None:
         self.saves += 1
 
-    def reached(self) -> bool:
-        return self.steps + 1 >= self.n
+    def reached(self, next_s: float = 0.0) -> bool:
+        self.checks += 1
+        return self.checks >= self.n
 
     def seconds_left(self) -> float:
         return 0.0
 
 
-@pytest.mark.parametrize("task,augment", [("segmentation", True), ("depth", False)])
-def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_path, task, augment):  # noqa: F811
+@pytest.mark.parametrize("task,augment,stop_after", [("segmentation", True, 5), ("depth", False, 5), ("depth", False, 8)],
+                         ids=["segmentation-augmented", "depth-cached", "depth-before-scoring"])
+def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_path, task, augment,  # noqa: F811
+                                                                 stop_after):
+    """8 iterations, stopped after the 5th, or after the 8th, when the trained heads are saved
+    before the (unsaved) scoring."""
     from webssl_repro.evaluate import classic
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.train import Preempted
@@ -45,13 +50,13 @@ def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_
     whole = getattr(classic, task)(encoder, meta, tiny_data[task], cfg)
 
     state = tmp_path / "state"
-    deadline = StopAfter(5)
-    with pytest.raises(Preempted, match="time limit .* after iteration 5 of"):
+    deadline = StopAfter(stop_after)
+    with pytest.raises(Preempted, match="time limit .* after " + ("iteration 5 of" if stop_after == 5 else "training")):
         with EvalProgress(state, checkpoint_every_min=0, deadline=deadline) as progress:
             getattr(classic, task)(encoder, meta, tiny_data[task], cfg, progress)
     pointer = next(state.glob(f"{task}*.json"))
-    assert json.loads(pointer.read_text())["iteration"] == 5
-    assert deadline.saves == 5  # after every iteration up to the stop (checkpoint_every_min 0)
+    assert json.loads(pointer.read_text())["iteration"] == stop_after
+    assert deadline.saves == stop_after  # after every iteration up to the stop (checkpoint_every_min 0)
     assert len([p for p in state.iterdir() if p.is_dir()]) == 1  # the older states are removed
 
     torch.manual_seed(123)  # a retry starts in a new process: its RNG is restored, not inherited
@@ -114,10 +119,10 @@ def test_progress_settings_are_checked():
         split_settings({"stop_margin_s": -1}, "vqa")
 
 
-@pytest.mark.parametrize("stop_after", [2, 5, 8], ids=["in-stage-1", "in-stage-2", "before-answering"])
+@pytest.mark.parametrize("stop_after", [2, 4, 8], ids=["in-stage-1", "in-stage-2", "between-benchmarks"])
 def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path, stop_after):  # noqa: F811
     """Stage 1 has 3 steps and stage 2 has 5: the stop comes after stage-1 step 2, after stage-2
-    step 2, or once both stages are done, before the first benchmark is answered."""
+    step 2, or once both stages are done and the first benchmark is answered, before the second."""
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.evaluate.vqa.data import FeatureCache
     from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
@@ -142,6 +147,8 @@ def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path
     with pytest.raises(Preempted):
         with EvalProgress(tmp_path, checkpoint_every_min=0, deadline=StopAfter(stop_after)) as progress:
             run(progress)
+    answered = sorted(p.name for p in (tmp_path / "done").iterdir()) if (tmp_path / "done").exists() else []
+    assert answered == (["answers-gqa.json"] if stop_after == 8 else [])
     torch.manual_seed(99)
     probe, resumed = run(EvalProgress(tmp_path, checkpoint_every_min=0))
     assert resumed["benchmarks"] == whole["benchmarks"]
@@ -162,10 +169,10 @@ def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tin
 
     encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=4)  # lin.4 needs 4 blocks
     cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2}, "depth": {**DENSE["depth"], "iters": 2}}
-    out, state = tmp_path / "evals" / "r" / "classic.json", tmp_path / "eval_state" / "r" / "classic"
+    out, state = tmp_path / "evals" / "r" / "classic.json", tmp_path / "eval_state" / "evals" / "r" / "classic"
     args = ["evaluate", "classic", "--run", "r", "--encoder", str(encoder), "--eval-json", json.dumps(cfg),
             "--settings-json", json.dumps({"stop_margin_s": 60}), "--data", *map(str, tiny_data.values()),
-            "--out", str(out), "--state", str(state)]
+            "--out", str(out)]  # the state goes beside the evals folder by default
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 30))
     assert main(args) == 75
     assert not out.exists() and json.loads((state / "fingerprint.json").read_text())["kind"] == "classic"
@@ -174,3 +181,42 @@ def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tin
     assert set(json.loads(out.read_text())["metrics"]) == {"in1k_linear", "ade20k_linear", "ade20k_ms",
                                                             "nyud_lin1", "nyud_lin4"}
     assert not state.exists()
+
+
+def test_only_consecutive_iterations_of_a_part_time_a_step(tmp_path):
+    """The gap between two parts (the last one's scoring, the next one's token cache) is not a
+    step: counted as one, it would stop every later part hours early."""
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train.deadline import Deadline
+
+    now = [0.0]
+    deadline = Deadline(end_time=10_000.0, margin_s=10.0, clock=lambda: now[0])
+    progress = EvalProgress(tmp_path, checkpoint_every_min=60, deadline=deadline, clock=lambda: now[0])
+    for t, part, done in [(0, "a", 1), (2, "a", 2), (3, "a", 3), (3000, "b", 1), (3004, "b", 2)]:
+        now[0] = float(t)
+        progress.iteration_done(part, done, 10, lambda d: None)
+    assert deadline.longest_step_s == 4.0
+    now[0] = 10_000.0 - 10.0 - 4.0 - 1.0
+    assert not deadline.reached() and deadline.reached(next_s=30.0)  # a longer unit of work must fit too
+
+
+def test_signals_are_caught_only_where_progress_can_be_saved(tmp_path):
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    before = signal.getsignal(signal.SIGTERM)
+    with EvalProgress():  # library use, alignment: SIGTERM keeps its default action
+        assert signal.getsignal(signal.SIGTERM) is before
+    with EvalProgress(tmp_path):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_eval_retries_come_from_the_config_and_are_zero_inside_a_cluster_job():
+    from helpers_mini import REPO
+
+    from webssl_repro.config import load_config
+    from webssl_repro.workflow import Plan
+
+    paper, mini = Plan(load_config(REPO / "config/paper.yaml")), Plan(load_config(REPO / "config/mini.yaml"))
+    assert paper.eval_retries() == 4 and paper.eval_retries(remote=True) == 0
+    assert mini.eval_retries() is None  # the profile's

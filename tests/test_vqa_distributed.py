@@ -90,7 +90,7 @@ def run_bf16_lm() -> dict:
 
 
 def run_resumed(state_dir: Path) -> dict:
-    """fsdp2 stopped after stage-2 step 1 (``evaluate.progress``), then resumed by a new probe:
+    """fsdp2 stopped after stage-2 step 2 (``evaluate.progress``), then resumed by a new probe:
     each rank's shards of the LM and its AdamW state go through torch.distributed.checkpoint."""
     from test_eval_progress import StopAfter
     from webssl_repro.evaluate.progress import EvalProgress

@@ -107,18 +107,14 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
 def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> None:
     """``{"metrics": {name: number}, "details": {...}}``; keys starting with ``_`` are details."""
-    import json
-
     from webssl_repro.config import config_hash
+    from webssl_repro.files import write_json
 
     out = {"run": run, "kind": kind,
            "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")},
            "details": {k.lstrip("_"): v for k, v in metrics.items() if k.startswith("_")},
            "config_hash": config_hash(cfg)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_json(path, out, indent=2, sort_keys=True)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -133,11 +129,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
     cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), args.kind)
     progress = eval_progress.EvalProgress()
-    if args.state is not None:
-        identity = (eval_progress.encoder_identity(args.encoder) if args.encoder else
-                    {"control": args.control, "img_size": args.img_size, "patch": args.patch})
-        progress = eval_progress.EvalProgress.open(args.state, {"kind": args.kind, "config": config_hash(computed),
-                                                                "encoder": identity}, settings)
+    if args.kind in eval_progress.RESUMABLE:
+        encoder = (eval_progress.file_identity(args.encoder) if args.encoder else
+                   {"control": args.control, "img_size": args.img_size, "patch": args.patch})
+        fingerprint = {"kind": args.kind, "config": config_hash(computed), "encoder": encoder,
+                       "data": [eval_progress.file_identity(p) for p in args.data]}
+        state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
+        progress = eval_progress.EvalProgress.open(state, fingerprint, settings)
     try:
         with progress:
             metrics = _evaluate_metrics(args, cfg, progress)
@@ -260,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
     ev.add_argument("--out", required=True, type=Path)
     ev.add_argument("--state", type=Path, default=None,
-                    help="where a job too long for its time limit keeps its progress for a retry, outside its "
-                    "output (evaluate/progress.py; Plan.eval_state_dir); removed once the output is written")
+                    help="vqa / classic: where a job too long for its time limit keeps its progress for a retry "
+                    "(evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} for --out "
+                    "results/{scale}/evals/{run}/{kind}.json); removed once the output is written")
     ev.set_defaults(func=_evaluate)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")

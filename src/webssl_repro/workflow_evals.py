@@ -35,17 +35,15 @@ class EvalJobs:
         """One folder per control: the VQA stage keeps its feature cache beside its output."""
         return f"{self.results}/controls/{control}/vqa.json"
 
-    def eval_state_dir(self, run: str, kind: str) -> str:
-        """Where a long evaluation keeps its progress for its retry (``evaluate.progress``):
-        beside its output, which Snakemake deletes when a job fails, not inside it."""
-        return f"{self.results}/eval_state/{run}/{kind}"
-
-    @staticmethod
-    def eval_retries(remote: bool = False) -> int | None:
-        """The ``vqa`` / ``classic`` rules' ``retries``: the profile's (a job stopped at its time
-        limit exits 75 and its retry resumes), but 0 in the snakemake inside a cluster job, which
-        would otherwise restart it in the same, ending allocation (``pretrain_retries``)."""
-        return 0 if remote else None
+    def eval_retries(self, remote: bool = False) -> int | None:
+        """The ``vqa`` / ``classic`` rules' ``retries``: ``resources.eval_retries``, else the
+        profile's (a job stopped at its time limit resumes in its retry, ``evaluate.progress``),
+        but 0 in the snakemake inside a cluster job, which would otherwise restart it in the
+        same, ending allocation (``pretrain_retries``)."""
+        if remote:
+            return 0
+        retries = self.config.get("resources", {}).get("eval_retries")
+        return None if retries is None else int(retries)
 
     def control_args(self) -> str:
         """A control's input size and patch: those of the scale's 224 px encoders (finest patch)."""

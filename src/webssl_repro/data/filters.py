@@ -89,11 +89,9 @@ class OCRFilter(TextFilter):
 
     def save_cache(self) -> None:
         if self.cache_path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
-            tmp = f"{self.cache_path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as fh:
-                json.dump(self.cache, fh)
-            os.replace(tmp, self.cache_path)
+            from webssl_repro.files import write_json
+
+            write_json(self.cache_path, self.cache)
 
     def prepare(self, sample: Mapping[str, Any]) -> Image.Image:
         meta = sample.get("meta") or {}

@@ -22,6 +22,7 @@ from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
 from webssl_repro.data.shards import expand_sources, is_local, shard_ranges, write_shard
+from webssl_repro.files import write_json
 
 CORPUS_DEFAULTS = {"seed": 0, "n_images": 4096, "shard_size": 512, "size": 64, "image_format": "jpg"}
 IN1K_DEFAULTS = {"seed": 1, "n_images": 1600, "shard_size": 400, "size": 64, "image_format": "jpg"}
@@ -78,10 +79,7 @@ def user_shards(spec: str | Sequence[str], source: str = "web") -> list[str]:
 
 
 def _dump(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json(path, obj, indent=1, sort_keys=True)
 
 
 def manifest_shards(path: str) -> list[str]:

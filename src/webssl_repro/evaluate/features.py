@@ -213,9 +213,9 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` through ``train.checkpoint.atomic_write``: a cache that other jobs share
+    """``torch.save`` through ``files.atomic_write``: a cache that other jobs share
     (the alignment LM features) is never read half-written."""
-    from webssl_repro.train.checkpoint import atomic_write
+    from webssl_repro.files import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,22 +3,23 @@
 At paper scale the VQA probe (two training stages of an 8B LM, then 16 benchmarks) and the
 classic probes of a 5B-7B encoder (ADE20K's 40k iterations on the encoder's own passes, NYUd's
 38.4k) run longer than a partition's time limit. ``EvalProgress`` keeps what a job has done in
-a directory its rule does not declare as an output (``results/{scale}/eval_state/{run}/{kind}``),
-so that the retry of a stopped attempt continues it instead of starting over:
+a directory its rule does not declare as an output (``state_dir``:
+``results/{scale}/eval_state/evals/{run}/{kind}``), so that the retry of a stopped attempt
+continues it instead of starting over:
 
 * ``done/<part>.json``: the result of a finished part (a task's scores, a benchmark's answers),
   read back instead of recomputed;
 * ``<part>.<iteration>/`` with the pointer ``<part>.json``: the training state of the part under
   way (heads or probe, optimizer, data position, RNG, loss curves), written every
-  ``checkpoint_every_min`` and when the job must stop: on SIGTERM / SIGUSR1, or once its SLURM
-  time limit would not cover another iteration and a save plus ``stop_margin_s``
-  (``train.deadline``). The job then exits 75 (``train.Preempted``) and the rule's retry resumes
-  it, to the numbers an uninterrupted job computes.
+  ``checkpoint_every_min``, at the end of a dense head's training, and when the job must stop:
+  on SIGTERM / SIGUSR1, or once its SLURM end time would not cover the next piece of work, a
+  save and ``stop_margin_s`` (``train.deadline``). The job then exits 75 (``train.Preempted``)
+  and the rule's retry resumes it, to the numbers an uninterrupted job computes.
 
-The directory is stamped with the evaluation config and the encoder file; state of another config
-or encoder is set aside (``train.fingerprint.guard_checkpoints``). The CLI removes it once the
-job's output is written. Every rank of a torchrun job calls the same methods in the same order:
-decisions to save or stop are taken together, rank 0 writes the pointers and results.
+The directory is stamped with the evaluation config, the encoder file and the eval-set manifests;
+state of other inputs is set aside (``train.fingerprint.guard_checkpoints``). The CLI removes it
+once the job's output is written. Every rank of a torchrun job calls the same methods in the
+same order: decisions to save or stop are taken together, rank 0 writes the pointers and results.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from webssl_repro.train.checkpoint import atomic_write, capture_rng, restore_rng
+from webssl_repro.files import write_json
+from webssl_repro.train.checkpoint import capture_rng, restore_rng
 from webssl_repro.train.deadline import Deadline, job_deadline
 from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, is_main
 from webssl_repro.train.loop import Preempted, PreemptionFlag
@@ -59,27 +61,43 @@ def split_settings(cfg: Mapping[str, Any], section: str) -> tuple[dict[str, Any]
     return rest, settings
 
 
-def encoder_identity(path: str | Path) -> dict[str, Any]:
-    """What ties saved state to one encoder file without reading it (a 7B encoder is 28 GB):
-    its name, size and modification time, which a retrained run changes."""
+#: The evaluations that keep progress; alignment is one pass over features and caches those.
+RESUMABLE = ("vqa", "classic")
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What ties saved state to one input file without reading it (a 7B encoder is 28 GB): its
+    name, size and modification time, which a retrained run or a regenerated eval set changes."""
     stat = Path(path).stat()
     return {"name": Path(path).name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def state_dir(out: str | Path, kind: str) -> Path:
+    """Where the job writing ``out`` (``results/{scale}/{evals,controls}/{name}/{kind}.json``)
+    keeps its progress: ``results/{scale}/eval_state/{evals,controls}/{name}/{kind}``, beside the
+    outputs that Snakemake deletes when a job fails, not among them."""
+    out = Path(out).absolute()
+    return out.parents[2] / "eval_state" / out.parents[1].name / out.parent.name / kind
 
 
 class EvalProgress:
     """A job's finished parts and the state of its part under way; ``directory=None`` keeps
     nothing (library use, benchmarks). Use as a context manager to catch preemption signals."""
 
-    def __init__(self, directory: Optional[str | Path] = None, *, checkpoint_every_min: float = DEFAULTS[
-                 "checkpoint_every_min"], stop_margin_s: float = DEFAULTS["stop_margin_s"],
-                 deadline: Optional[Deadline] = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, directory: Optional[str | Path] = None, *,
+                 checkpoint_every_min: float = DEFAULTS["checkpoint_every_min"], deadline: Optional[Deadline] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = None if directory is None else Path(directory)
         self.every_s = 60.0 * float(checkpoint_every_min)
-        self.stop_margin_s = float(stop_margin_s)
         self.deadline, self.clock = deadline, clock
         self._flag = PreemptionFlag()
         self._last_save = clock()
-        self._last_iteration: Optional[float] = None
+        #: (part, iterations done, when) of the last iteration: a step is timed between two of one part
+        self._last: Optional[tuple[str, int, float]] = None
+        #: (kind, started) of the unit begun at the last ``stop_point``, and each kind's longest
+        self._unit: Optional[tuple[str, float]] = None
+        self._longest_unit: dict[str, float] = {}
+        self._out_of_time = False
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: Mapping[str, Any], settings: Mapping[str, float],
@@ -94,15 +112,16 @@ class EvalProgress:
         if int((os.environ if env is None else env).get("RANK", "0")) == 0:
             guard_checkpoints(directory, fingerprint)
         deadline = job_deadline(float(settings["stop_margin_s"]), env)
-        return cls(directory, checkpoint_every_min=settings["checkpoint_every_min"],
-                   stop_margin_s=settings["stop_margin_s"], deadline=deadline)
+        return cls(directory, checkpoint_every_min=settings["checkpoint_every_min"], deadline=deadline)
 
     def __enter__(self) -> "EvalProgress":
-        self._flag.__enter__()
+        if self.directory is not None:  # else nothing can be saved: a signal keeps its default action
+            self._flag.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._flag.__exit__(*exc)
+        if self.directory is not None:
+            self._flag.__exit__(*exc)
 
     # ------------------------------------------------------------ finished parts
 
@@ -119,18 +138,24 @@ class EvalProgress:
 
     def finish(self, part: str, value: Any) -> Any:
         """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state."""
+        if self._unit is not None:
+            kind, started = self._unit
+            self._longest_unit[kind] = max(self._longest_unit.get(kind, 0.0), self.clock() - started)
+            self._unit = None
         if self.directory is not None:
             if is_main():
-                self._done(part).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(self._done(part), lambda f: f.write(json.dumps({"part": part, "value": value}).encode()))
+                write_json(self._done(part), {"part": part, "value": value})
                 self.drop(part)
             barrier()
         return value
 
-    def stop_point(self, label: str) -> None:
-        """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``)."""
-        if self.directory is not None and self._must_stop():
+    def stop_point(self, label: str, unit: Optional[str] = None) -> None:
+        """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``).
+        ``unit`` names a kind of part that saves nothing until it is finished (answering one
+        benchmark): the time left must also cover the longest one seen in this job."""
+        if self.directory is not None and self._must_stop(self._longest_unit.get(unit, 0.0) if unit else 0.0):
             raise Preempted(0, self._flag.signum, self._reason(), at=f"before {label}")
+        self._unit = None if unit is None else (unit, self.clock())
 
     # ------------------------------------------------------------ the part under way
 
@@ -148,21 +173,26 @@ class EvalProgress:
         meta = json.loads(pointer.read_text())
         return int(meta["iteration"]), self.directory / meta["dir"]
 
-    def iteration_done(self, part: str, done: int, total: int, write: Callable[[Path], None]) -> None:
+    def iteration_done(self, part: str, done: int, total: int, write: Callable[[Path], None],
+                       final_save: bool = False) -> None:
         """After ``done`` of ``total`` iterations: save when it is due or the job must stop, then
         stop (``Preempted``) if it must. ``write(directory)`` writes the state into an empty
-        directory (on every rank: a sharded save is collective). Nothing is saved after the last
-        iteration: the caller finishes the part."""
+        directory (on every rank: a sharded save is collective). After the last iteration only
+        ``final_save`` saves (what follows, e.g. scoring, then starts from the trained heads)."""
         now = self.clock()
-        if self.deadline is not None and self._last_iteration is not None:
-            self.deadline.record_step(now - self._last_iteration)
-        if self.directory is not None and done < total:
+        if self.deadline is not None and self._last is not None and self._last[:2] == (part, done - 1):
+            self.deadline.record_step(now - self._last[2])
+        if self.directory is not None and done >= total and final_save:
+            self.save(part, done, write)
+            if self._must_stop():  # before what follows the training (scoring), which saves nothing
+                raise Preempted(done, self._flag.signum, self._reason(), at=f"after training {part}")
+        elif self.directory is not None and done < total:
             stop = self._must_stop()
             if stop or any_rank(now - self._last_save >= self.every_s):
                 self.save(part, done, write)
             if stop:
                 raise Preempted(done, self._flag.signum, self._reason(), at=f"after iteration {done} of {part}")
-        self._last_iteration = self.clock()
+        self._last = (part, done, self.clock())
 
     def save(self, part: str, done: int, write: Callable[[Path], None]) -> None:
         """Write ``part``'s state at ``done`` iterations beside the last one, then point to it
@@ -173,15 +203,16 @@ class EvalProgress:
         name = f"{part}.{done}"
         tmp = self.directory / f".{name}.tmp"
         if is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_states(part, temporary=True)  # a save killed half-way left its own
+            tmp.mkdir()
         barrier()
         write(tmp)
         barrier()
         if is_main():
             shutil.rmtree(self.directory / name, ignore_errors=True)
             tmp.rename(self.directory / name)
-            atomic_write(self._pointer(part), lambda f: f.write(json.dumps({"iteration": done, "dir": name}).encode()))
+            write_json(self._pointer(part), {"iteration": done, "dir": name})
             self._remove_states(part, keep=name)
         barrier()
         self._last_save = self.clock()
@@ -193,8 +224,8 @@ class EvalProgress:
         self._pointer(part).unlink(missing_ok=True)
         self._remove_states(part)
 
-    def _remove_states(self, part: str, keep: Optional[str] = None) -> None:
-        pattern = re.compile(rf"{re.escape(part)}\.\d+")
+    def _remove_states(self, part: str, keep: Optional[str] = None, temporary: bool = False) -> None:
+        pattern = re.compile(rf"\.{re.escape(part)}\.\d+\.tmp" if temporary else rf"{re.escape(part)}\.\d+")
         for path in self.directory.iterdir():
             if path.is_dir() and pattern.fullmatch(path.name) and path.name != keep:
                 shutil.rmtree(path)
@@ -219,7 +250,7 @@ class EvalProgress:
                 if is_main():
                     torch.save(state, directory / STATE_FILE)
 
-            self.iteration_done(part, done, total, write)
+            self.iteration_done(part, done, total, write, final_save=True)
 
         return checkpoint
 
@@ -230,12 +261,12 @@ class EvalProgress:
         if self.directory is not None and is_main():
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _must_stop(self) -> bool:
-        local = self._flag.signum is not None or (self.deadline is not None and self.deadline.reached())
-        return any_rank(local)
+    def _must_stop(self, next_s: float = 0.0) -> bool:
+        self._out_of_time = self.deadline is not None and self.deadline.reached(next_s)
+        return any_rank(self._flag.signum is not None or self._out_of_time)
 
     def _reason(self) -> str:
-        if self._flag.signum is None and self.deadline is not None and self.deadline.reached():
+        if self._flag.signum is None and self._out_of_time:
             return f"the job's time limit ({self.deadline.seconds_left():.0f} s left)"
         return ""
 

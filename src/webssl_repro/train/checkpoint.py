@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from webssl_repro.files import atomic_write
+
 from .distributed import all_gather_object, get_rank, unwrap, unwrapped
 
 FORMAT = 1
@@ -134,24 +136,6 @@ def collect_state(
         "world_size": len(rng),
         "config": dict(config),
     }
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a temporary file beside ``path`` (unique across processes and nodes),
-    fsync-ed and renamed into place: a reader, or a kill, never sees it half-written; a failed
-    write leaves no temporary file."""
-    import tempfile
-
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: os.PathLike | str, state: Mapping[str, Any]) -> Path:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from webssl_repro.files import write_json
+
 STAMP = "fingerprint.json"
 
 
@@ -89,8 +91,5 @@ def guard_checkpoints(checkpoints: str | Path, fingerprint: Mapping[str, Any], a
             changed = "no fingerprint" if saved is None else ", ".join(differences(saved, dict(fingerprint)))
             print(f"{checkpoints}: checkpoints of another config or inputs ({changed}); "
                   f"set aside as {moved.name}, training starts afresh")
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(fingerprint), indent=1, sort_keys=True))
-    os.replace(tmp, stamp)
+    write_json(stamp, dict(fingerprint), indent=1, sort_keys=True)
     return moved

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
+from webssl_repro.files import write_text
+
 LOG_NAME = "train_log.jsonl"
 
 
@@ -48,9 +50,7 @@ class TrainLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_log(run_dir) if r.get("step", 0) <= start_step]
-        tmp = self.path.with_name(f".{LOG_NAME}.tmp.{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)
         try:
             from tqdm.auto import tqdm

@@ -224,17 +224,17 @@ class FeatureCache(Mapping[str, torch.Tensor]):
         return out.masked_fill(missing[:, None, None], 0.0) if missing.any() else out
 
     def save(self, path: str | Path) -> None:
-        path = str(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
+        from webssl_repro.files import atomic_write
 
-            save_file({"features": self.features.contiguous()}, tmp,
-                      metadata={"ids": json.dumps(self.ids), "fingerprint": self.fingerprint or ""})
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import save
+
+            data = save({"features": self.features.contiguous()},
+                        metadata={"ids": json.dumps(self.ids), "fingerprint": self.fingerprint or ""})
+            atomic_write(path, lambda f: f.write(data))
         else:
-            torch.save({"ids": self.ids, "features": self.features, "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, path)
+            atomic_write(path, lambda f: torch.save({"ids": self.ids, "features": self.features,
+                                                     "fingerprint": self.fingerprint}, f))
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureCache":

@@ -1,0 +1,38 @@
+"""Files written whole or not at all: a reader, a concurrent job or a kill never sees one half-written.
+
+Every result, cache, stamp and checkpoint goes through ``atomic_write``: the bytes go to a
+temporary file beside the target (unique across processes and nodes), are fsync-ed and renamed
+into place; a failed write leaves no temporary file and the previous version intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write(f)`` into a temporary binary file beside ``path``, then renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
+    """``json.dumps(obj, **dumps)`` to ``path``, atomically."""
+    write_text(path, json.dumps(obj, **dumps))
