@@ -220,3 +220,44 @@ def test_eval_retries_come_from_the_config_and_are_zero_inside_a_cluster_job():
     paper, mini = Plan(load_config(REPO / "config/paper.yaml")), Plan(load_config(REPO / "config/mini.yaml"))
     assert paper.eval_retries() == 4 and paper.eval_retries(remote=True) == 0
     assert mini.eval_retries() is None  # the profile's
+
+
+def test_state_dir_only_for_the_workflows_output_layout(tmp_path):
+    from webssl_repro.evaluate.progress import state_dir
+
+    results = tmp_path / "results" / "paper"
+    assert state_dir(results / "evals" / "r" / "vqa.json", "vqa") == results / "eval_state" / "evals" / "r" / "vqa"
+    assert state_dir(results / "controls" / "blind" / "vqa.json", "vqa") == \
+        results / "eval_state" / "controls" / "blind" / "vqa"
+    assert state_dir(tmp_path / "classic.json", "classic") is None  # a one-off CLI run keeps no progress
+
+
+def test_atomic_files_follow_the_umask(tmp_path):
+    import os
+
+    from webssl_repro.files import write_json
+
+    old = os.umask(0o002)
+    try:
+        write_json(tmp_path / "d" / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d" / "x.json").stat().st_mode & 0o777 == 0o664
+    assert json.loads((tmp_path / "d" / "x.json").read_text()) == {"a": 1}
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["x.json"]  # no temporary left
+
+
+def test_answering_a_benchmark_is_budgeted_per_question(tmp_path):
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+    from webssl_repro.train.deadline import Deadline
+
+    now = [0.0]
+    progress = EvalProgress(tmp_path, deadline=Deadline(1000.0, 0.0, clock=lambda: now[0]), clock=lambda: now[0])
+    progress.stop_point("answering a", unit="answers", items=10)
+    now[0] = 20.0
+    progress.finish("answers-a", ["x"] * 10)  # 2 s a question
+    now[0] = 850.0  # 150 s left
+    progress.stop_point("answering b", unit="answers", items=50)  # 100 s: goes on
+    with pytest.raises(Preempted, match="time limit .* before answering c"):
+        progress.stop_point("answering c", unit="answers", items=100)  # 200 s: stops

@@ -126,15 +126,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     from webssl_repro.train import Preempted
     from webssl_repro.train.distributed import shutdown
 
+    if args.control and (args.kind != "vqa" or args.img_size is None or args.patch is None):
+        raise ValueError("--control is a VQA probe control and needs --img-size and --patch")
     computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
     cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), args.kind)
     progress = eval_progress.EvalProgress()
-    if args.kind in eval_progress.RESUMABLE:
+    state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
+    if args.kind in eval_progress.RESUMABLE and state is not None:
         encoder = (eval_progress.file_identity(args.encoder) if args.encoder else
                    {"control": args.control, "img_size": args.img_size, "patch": args.patch})
         fingerprint = {"kind": args.kind, "config": config_hash(computed), "encoder": encoder,
                        "data": [eval_progress.file_identity(p) for p in args.data]}
-        state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
         progress = eval_progress.EvalProgress.open(state, fingerprint, settings)
     try:
         with progress:
@@ -165,8 +167,6 @@ def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress) -> dict:
     if args.control:
         from webssl_repro.evaluate.vqa.controls import control_encoder
 
-        if args.kind != "vqa" or args.img_size is None or args.patch is None:
-            raise ValueError("--control is a VQA probe control and needs --img-size and --patch")
         encoder, meta = control_encoder(args.control, args.img_size, args.patch)
     else:
         encoder, meta = load_encoder(args.encoder)
@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--state", type=Path, default=None,
                     help="vqa / classic: where a job too long for its time limit keeps its progress for a retry "
                     "(evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} for --out "
-                    "results/{scale}/evals/{run}/{kind}.json); removed once the output is written")
+                    "results/{scale}/evals/{run}/{kind}.json, none for an --out elsewhere); removed once the "
+                    "output is written")
     ev.set_defaults(func=_evaluate)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")

@@ -72,11 +72,18 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     return {"name": Path(path).name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def state_dir(out: str | Path, kind: str) -> Path:
+#: the folders of the workflow's evaluation outputs: results/{scale}/<folder>/{name}/{kind}.json
+OUTPUT_FOLDERS = ("evals", "controls")
+
+
+def state_dir(out: str | Path, kind: str) -> Optional[Path]:
     """Where the job writing ``out`` (``results/{scale}/{evals,controls}/{name}/{kind}.json``)
     keeps its progress: ``results/{scale}/eval_state/{evals,controls}/{name}/{kind}``, beside the
-    outputs that Snakemake deletes when a job fails, not among them."""
+    outputs that Snakemake deletes when a job fails, not among them. None for an ``out`` laid out
+    otherwise (a one-off run of the CLI keeps no progress unless given ``--state``)."""
     out = Path(out).absolute()
+    if len(out.parents) < 3 or out.parents[1].name not in OUTPUT_FOLDERS:
+        return None
     return out.parents[2] / "eval_state" / out.parents[1].name / out.parent.name / kind
 
 
@@ -94,9 +101,10 @@ class EvalProgress:
         self._last_save = clock()
         #: (part, iterations done, when) of the last iteration: a step is timed between two of one part
         self._last: Optional[tuple[str, int, float]] = None
-        #: (kind, started) of the unit begun at the last ``stop_point``, and each kind's longest
-        self._unit: Optional[tuple[str, float]] = None
-        self._longest_unit: dict[str, float] = {}
+        #: (kind, items, started) of the unit begun at the last ``stop_point``, and each kind's
+        #: slowest seconds per item
+        self._unit: Optional[tuple[str, int, float]] = None
+        self._per_item: dict[str, float] = {}
         self._out_of_time = False
 
     @classmethod
@@ -139,8 +147,8 @@ class EvalProgress:
     def finish(self, part: str, value: Any) -> Any:
         """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state."""
         if self._unit is not None:
-            kind, started = self._unit
-            self._longest_unit[kind] = max(self._longest_unit.get(kind, 0.0), self.clock() - started)
+            kind, items, started = self._unit
+            self._per_item[kind] = max(self._per_item.get(kind, 0.0), (self.clock() - started) / max(1, items))
             self._unit = None
         if self.directory is not None:
             if is_main():
@@ -149,13 +157,15 @@ class EvalProgress:
             barrier()
         return value
 
-    def stop_point(self, label: str, unit: Optional[str] = None) -> None:
+    def stop_point(self, label: str, unit: Optional[str] = None, items: int = 1) -> None:
         """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``).
         ``unit`` names a kind of part that saves nothing until it is finished (answering one
-        benchmark): the time left must also cover the longest one seen in this job."""
-        if self.directory is not None and self._must_stop(self._longest_unit.get(unit, 0.0) if unit else 0.0):
+        benchmark, of ``items`` questions): the time left must also cover it, at the slowest
+        seconds per item of its kind seen in this job."""
+        next_s = self._per_item.get(unit, 0.0) * items if unit else 0.0
+        if self.directory is not None and self._must_stop(next_s):
             raise Preempted(0, self._flag.signum, self._reason(), at=f"before {label}")
-        self._unit = None if unit is None else (unit, self.clock())
+        self._unit = None if unit is None else (unit, items, self.clock())
 
     # ------------------------------------------------------------ the part under way
 

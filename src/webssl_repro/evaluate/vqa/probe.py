@@ -401,7 +401,7 @@ def evaluate_vqa(probe: MultimodalProbe, benchmark_sets: Mapping[str, Sequence[V
     progress = EvalProgress() if progress is None else progress
     answers = {}
     for name, samples in benchmark_sets.items():
-        progress.stop_point(f"answering {name}", unit="answers")
+        progress.stop_point(f"answering {name}", unit="answers", items=len(samples))
         kept = progress.result(f"answers-{name}")
         answers[name] = kept if kept is not None else progress.finish(
             f"answers-{name}", probe.answer(list(samples), features, batch_size, max_new_tokens, parallel=parallel))
