@@ -217,8 +217,6 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
     (the alignment LM features) is never read half-written."""
     from webssl_repro.files import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

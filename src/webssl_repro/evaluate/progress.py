@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 
 from webssl_repro.files import write_json
-from webssl_repro.train.checkpoint import capture_rng, restore_rng
+from webssl_repro.train.checkpoint import capture_rng, restore_rank_rng
 from webssl_repro.train.deadline import Deadline, job_deadline
-from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, is_main
+from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, get_world_size, is_main
 from webssl_repro.train.loop import Preempted, PreemptionFlag
 
 #: The keys of ``evaluate.classic`` / ``evaluate.vqa`` that say when a job saves, not what it
@@ -248,7 +248,7 @@ class EvalProgress:
         if found is None:
             return None
         state = torch.load(found[1] / STATE_FILE, map_location="cpu", weights_only=False)
-        restore_rng(state["rng"][get_rank()])
+        restore_rank_rng(state, get_rank(), get_world_size())
         return state
 
     def torch_saver(self, part: str, total: int) -> Callable[[int, Callable[[], dict[str, Any]]], None]:

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from webssl_repro.files import atomic_write
+from webssl_repro.files import atomic_write, write_text
 
 from .distributed import all_gather_object, get_rank, unwrap, unwrapped
 
@@ -141,12 +141,11 @@ def collect_state(
 def save_checkpoint(run_dir: os.PathLike | str, state: Mapping[str, Any]) -> Path:
     """Write ``latest.pt`` then the ``latest.json`` pointer, each atomically (rank 0 only)."""
     directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LATEST
     atomic_write(path, lambda f: torch.save(dict(state), f))
     pointer = {k: state[k] for k in ("step", "samples_seen", "complete", "world_size")}
     pointer["file"] = LATEST
-    atomic_write(directory / POINTER, lambda f: f.write((json.dumps(pointer) + "\n").encode()))
+    write_text(directory / POINTER, json.dumps(pointer) + "\n")
     return path
 
 

@@ -48,7 +48,6 @@ class TrainLogger:
         self._bar = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_log(run_dir) if r.get("step", 0) <= start_step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from webssl_repro.train.checkpoint import capture_rng, restore_rng
-from webssl_repro.train.distributed import all_gather_object, get_rank, is_main
+from webssl_repro.train.checkpoint import capture_rng, restore_rank_rng
+from webssl_repro.train.distributed import all_gather_object, get_rank, get_world_size, is_main
 
 _TRAINED = StateDictOptions(ignore_frozen_params=True)
 #: the saved keys are the trained parameters only; the frozen ones stay as loaded
@@ -73,7 +73,5 @@ def load_stage(directory: Path, module: nn.Module, optimizer: torch.optim.Optimi
     set_model_state_dict(module, state["model"], options=_INTO_TRAINED)
     if "optim" in state:
         set_optimizer_state_dict(module, optimizer, state["optim"], options=_TRAINED)
-    world = 1 if _single_process() else dist.get_world_size()
-    if len(extra["rng"]) == world:
-        restore_rng(extra["rng"][get_rank()])
+    restore_rank_rng(extra, get_rank(), get_world_size())
     return extra
