@@ -8,8 +8,6 @@ EMA teacher) and the export of the run directory meet sharded FSDP2 weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,25 +16,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers_dist import torchrun, worker_env
 from helpers_mini import DINO_RUN, MAE_RUN, run_slice, tiny_data  # noqa: F401  (fixture)
-from webssl_repro.train import latest_path, read_pointer
+from webssl_repro.train import read_checkpoint, read_pointer
 
 
 SAMPLES = 512  # Web-DINO: 16 steps of 32, the first 5 with the prototype layers frozen (mini recipe)
-SRC = Path(__file__).parents[1] / "src"
 
 
 def _pretrain(out: Path, run: str, shards: str, strategy: str, nproc: int, max_steps: int | None = None) -> Path:
     cfg = run_slice(run, SAMPLES, strategy=strategy, log_every=1, checkpoint_every=4)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-                if nproc > 1 else [sys.executable])
+    launcher = torchrun(nproc) if nproc > 1 else [sys.executable]
     run_dir = out / f"{run}-{strategy}-{nproc}"
     extra = [] if max_steps is None else ["--max-steps", str(max_steps)]
     proc = subprocess.run([*launcher, "-m", "webssl_repro.cli", "pretrain", "--run-name", run,
                            "--config-json", json.dumps(cfg), "--out", str(run_dir / "run"),
                            "--checkpoints", str(run_dir / "checkpoints"), "--data", shards, *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert read_pointer(run_dir / "checkpoints")["world_size"] == nproc
     return run_dir
@@ -48,7 +44,8 @@ def runs(tmp_path_factory, tiny_data):
     the prototype freeze (step 4 of 16, checkpoint kept as ``step4.pt``) and is resumed."""
     out, shards = tmp_path_factory.mktemp("pretrain_dist"), tiny_data["shards"]
     paused = _pretrain(out, DINO_RUN, shards, "fsdp2", 2, max_steps=4)
-    shutil.copy(latest_path(paused / "checkpoints"), paused / "step4.pt")
+    at_4 = {k: v for k, v in read_checkpoint(paused / "checkpoints").items() if k != "path"}
+    torch.save(at_4, paused / "step4.pt")  # whole, as full tensors: the resumed run replaces the save
     return {(run, strategy, n): _pretrain(out, run, shards, strategy, n)
             for run, strategy, n in [(DINO_RUN, "ddp", 2), (DINO_RUN, "fsdp2", 2), (MAE_RUN, "ddp", 2),
                                      (MAE_RUN, "fsdp2", 2)]}

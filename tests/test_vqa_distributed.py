@@ -4,7 +4,6 @@ Run as a script under torchrun, this file is also the 2-rank worker (as in test_
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from webssl_repro.evaluate.vqa.data import MINI_CHAT
 from webssl_repro.evaluate.vqa.lm import build_tiny_lm, build_tokenizer
 from webssl_repro.evaluate.vqa.probe import MultimodalProbe, StageConfig, evaluate_vqa, train_stage
 
+from helpers_dist import rerun_if_aborted, torchrun, worker_env
 from test_vqa_probe import COLOURS, SHAPES, TOKENS, VIS_DIM, _world  # the same toy world as the probe tests
 
 #: Global batch 8 = 2 ranks x 2 micro-batches x 2 samples; stage 2 trains the LM as well.
@@ -129,20 +129,22 @@ def _worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("vqa_dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(torchrun(2, __file__, str(out)), env=worker_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+        stdout, stderr = proc.communicate(timeout=240)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    proc = start()
     before = torch.get_num_threads()
     try:
         single = run("none")  # meanwhile, in this process
     finally:
         torch.set_num_threads(before)
-    stdout, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    done = rerun_if_aborted(finish(proc), lambda: finish(start()), "two-rank VQA probe")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return single, torch.load(out / "multi.pt", weights_only=False)
 
 

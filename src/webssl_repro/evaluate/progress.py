@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from webssl_repro.files import write_json
-from webssl_repro.train.checkpoint import capture_rng, restore_rank_rng
+from webssl_repro.train.checkpoint import capture_rng, remove_versions, restore_rank_rng, save_version
 from webssl_repro.train.deadline import Deadline, job_deadline
 from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, get_world_size, is_main
 from webssl_repro.train.loop import Preempted, PreemptionFlag
@@ -210,21 +210,8 @@ class EvalProgress:
         if self.directory is None:
             return
         started = time.perf_counter()
-        name = f"{part}.{done}"
-        tmp = self.directory / f".{name}.tmp"
-        if is_main():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._remove_states(part, temporary=True)  # a save killed half-way left its own
-            tmp.mkdir()
-        barrier()
-        write(tmp)
-        barrier()
-        if is_main():
-            shutil.rmtree(self.directory / name, ignore_errors=True)
-            tmp.rename(self.directory / name)
-            write_json(self._pointer(part), {"iteration": done, "dir": name})
-            self._remove_states(part, keep=name)
-        barrier()
+        save_version(self.directory, f"{part}.{done}", write, self._pointer(part), {"iteration": done},
+                     family=self._family(part))
         self._last_save = self.clock()
         if self.deadline is not None:
             self.deadline.record_save(time.perf_counter() - started)
@@ -232,13 +219,11 @@ class EvalProgress:
     def drop(self, part: str) -> None:
         """Remove ``part``'s training state (rank 0)."""
         self._pointer(part).unlink(missing_ok=True)
-        self._remove_states(part)
+        remove_versions(self.directory, self._family(part))
 
-    def _remove_states(self, part: str, keep: Optional[str] = None, temporary: bool = False) -> None:
-        pattern = re.compile(rf"\.{re.escape(part)}\.\d+\.tmp" if temporary else rf"{re.escape(part)}\.\d+")
-        for path in self.directory.iterdir():
-            if path.is_dir() and pattern.fullmatch(path.name) and path.name != keep:
-                shutil.rmtree(path)
+    @staticmethod
+    def _family(part: str) -> str:
+        return rf"{re.escape(part)}\.\d+"
 
     # ------------------------------------------------------------ one-process state (torch.save)
 

@@ -1,9 +1,9 @@
 """The training loop shared by all pretraining methods: schedules, checkpoints, DDP/FSDP2.
 
 Entry point: :func:`train`; a run killed at any step and started again resumes from
-``run_dir/checkpoints/latest.pt`` to the same weights, bit for bit on CPU.
+its last save under ``run_dir/checkpoints/`` to the same weights, bit for bit on CPU.
 """
-from .checkpoint import latest_path, load_checkpoint, read_pointer
+from .checkpoint import latest_path, read_checkpoint, read_pointer
 from .config import TrainConfig
 from .distributed import DistEnv, init_distributed, is_main, transformer_blocks
 from .logging import read_log
@@ -20,7 +20,7 @@ __all__ = [
     "init_distributed",
     "is_main",
     "latest_path",
-    "load_checkpoint",
+    "read_checkpoint",
     "read_log",
     "read_pointer",
     "train",

@@ -1,59 +1,68 @@
-"""Checkpoints that make a killed run resume bit-for-bit.
+"""Checkpoints that make a killed run resume bit-for-bit, written shard by shard.
 
 Layout, under ``run_dir/checkpoints/`` (a path the Snakemake rule does not declare as an
 output, so a failed attempt does not delete it):
 
-* ``latest.pt``: ``torch.save`` of a dict with ``format``, ``step`` (optimizer steps done),
-  ``samples_seen``, ``complete``, ``model`` (full state dict, no wrapper prefixes),
-  ``method`` (``method.state_dict()``: teacher, centers, ...), ``optimizer`` (full state
-  keyed by parameter names, as ``get_optimizer_state_dict`` returns it), ``data``
-  (``{"start_sample": n}``), ``rng`` (one entry per rank: python, numpy, torch CPU, CUDA),
-  ``world_size`` and ``config``.
-* ``latest.json``: a small pointer written after ``latest.pt`` (step, samples, complete) for
-  humans and workflow rules that must not unpickle gigabytes.
+* ``step-<n>/``: one save after ``n`` optimizer steps. ``torch.distributed.checkpoint`` (DCP)
+  writes ``model`` (the student's state dict, no wrapper prefixes), ``optimizer`` (keyed by
+  parameter names, as ``get_optimizer_state_dict`` returns it) and ``method`` (the method's
+  other state: teacher, centers, ...); under FSDP2 every rank writes its own shards and nothing
+  is gathered (a 7B Web-DINO save is ~140 GB: student, teacher, two AdamW moments). ``meta.pt``
+  (rank 0) holds ``format``, ``step``, ``samples_seen``, ``complete``, ``data``
+  (``{"start_sample": n}``), ``rng`` (one entry per rank), ``world_size`` and ``config``.
+* ``latest.json``: the pointer (step, samples_seen, complete, world_size, dir), moved once the
+  new directory is complete; then the older saves are removed. A kill at any point leaves the
+  previous save whole and pointed to.
 
-Both are written to a temporary file in the same directory and ``os.replace``-d, so a kill
-during the write leaves the previous checkpoint intact. State is gathered as *full* tensors
-(FSDP2 shards are all-gathered, offloaded to CPU and saved by rank 0), which also lets a run
-resume under a different strategy or world size.
+DCP reshards on load, so a run also resumes under another world size or strategy. Format 1
+(``latest.pt``: one ``torch.save`` of full tensors gathered on rank 0) is still read, and the
+next save replaces it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
+import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
-from webssl_repro.files import atomic_write, write_text
+from webssl_repro.files import write_json
 
-from .distributed import all_gather_object, get_rank, unwrap, unwrapped
+from .distributed import all_gather_object, barrier, is_main, unwrap, unwrapped
 
-FORMAT = 1
+FORMAT = 2
 CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest.pt"
 POINTER = "latest.json"
+META = "meta.pt"
+STEP_PREFIX = "step-"
+LEGACY = "latest.pt"  # format 1
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+#: full tensors, materialised on rank 0 only (the others get empty dicts)
+FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def checkpoint_dir(run_dir: os.PathLike | str) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
-def latest_path(run_dir: os.PathLike | str) -> Path:
-    return checkpoint_dir(run_dir) / LATEST
+# ------------------------------------------------------------------------------- RNG
 
 
 def capture_rng() -> dict[str, Any]:
@@ -81,112 +90,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def full_cpu(obj: Any) -> Any:
-    """Replace DTensors (FSDP2-sharded weights) by full CPU tensors, other tensors by detached CPU copies.
-
-    ``full_tensor`` is a collective: every rank walks the same structure in the same order.
-    """
-    if isinstance(obj, DTensor):
-        return obj.full_tensor().cpu()
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, Mapping):
-        out = type(obj)((k, full_cpu(v)) for k, v in obj.items()) if isinstance(obj, dict) else {k: full_cpu(v) for k, v in obj.items()}
-        if hasattr(obj, "_metadata"):  # nn.Module state dicts carry per-module versions
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(full_cpu(v) for v in obj)
-    return obj
-
-
-def _state_model(method: Any, strategy: str) -> nn.Module:
-    return method.model if strategy == "fsdp2" else unwrap(method.model)
-
-
-def collect_state(
-    method: Any,
-    optimizer: torch.optim.Optimizer,
-    strategy: str,
-    *,
-    step: int,
-    samples_seen: int,
-    complete: bool,
-    config: Mapping[str, Any],
-) -> Optional[dict[str, Any]]:
-    """Gather the checkpoint dict; collective on every rank, returns it on rank 0 only."""
-    model = _state_model(method, strategy)
-    model_sd = get_model_state_dict(model, options=_FULL)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    with unwrapped(method):
-        method_sd = full_cpu(method.state_dict())
-    rng = all_gather_object(capture_rng())
-    if get_rank() != 0:
-        return None
-    return {
-        "format": FORMAT,
-        "step": step,
-        "samples_seen": samples_seen,
-        "complete": complete,
-        "model": model_sd,
-        "method": method_sd,
-        "optimizer": optim_sd,
-        "data": {"start_sample": samples_seen},
-        "rng": rng,
-        "world_size": len(rng),
-        "config": dict(config),
-    }
-
-
-def save_checkpoint(run_dir: os.PathLike | str, state: Mapping[str, Any]) -> Path:
-    """Write ``latest.pt`` then the ``latest.json`` pointer, each atomically (rank 0 only)."""
-    directory = checkpoint_dir(run_dir)
-    path = directory / LATEST
-    atomic_write(path, lambda f: torch.save(dict(state), f))
-    pointer = {k: state[k] for k in ("step", "samples_seen", "complete", "world_size")}
-    pointer["file"] = LATEST
-    write_text(directory / POINTER, json.dumps(pointer) + "\n")
-    return path
-
-
-def load_checkpoint(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
-    """The latest checkpoint as a CPU dict, or None for a fresh run.
-
-    ``mmap=True`` (private, copy-on-write) lets every rank of a node read a multi-GB file
-    without each holding a copy in RAM.
-    """
-    path = latest_path(run_dir)
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
-    return state
-
-
-def read_pointer(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
-    path = checkpoint_dir(run_dir) / POINTER
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def restore_before_wrap(method: Any, state: Mapping[str, Any]) -> None:
-    """Load method and model weights into the *unwrapped* modules, before DDP/FSDP2.
-
-    Loading full tensors first means FSDP2 later shards them the same way a fresh run
-    shards its initial weights, with no strategy-specific loading code.
-    """
-    method.load_state_dict(state["method"])
-    unwrap(method.model).load_state_dict(state["model"])
-
-
-def restore_optimizer(method: Any, optimizer: torch.optim.Optimizer, strategy: str, state: Mapping[str, Any]) -> None:
-    """Load the full optimizer state into the (possibly sharded) optimizer."""
-    set_optimizer_state_dict(
-        _state_model(method, strategy), optimizer, optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
-    )
-
-
 def restore_rank_rng(state: Mapping[str, Any], rank: int, world_size: int) -> bool:
     """Restore this rank's RNG streams; False when the world size changed (caller reseeds)."""
     rngs = state.get("rng") or []
@@ -194,3 +97,197 @@ def restore_rank_rng(state: Mapping[str, Any], rank: int, world_size: int) -> bo
         return False
     restore_rng(rngs[rank])
     return True
+
+
+# ------------------------------------------------------------------------------- DCP
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group, even when told (``no_dist``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def dcp_save(state: Mapping[str, Any], directory: Path) -> None:
+    """Each rank writes its shards of ``state`` (replicated tensors once); collective."""
+    with _quiet():
+        dcp.save(dict(state), checkpoint_id=directory, no_dist=_no_dist())
+
+
+def dcp_load(state: dict[str, Any], directory: Path) -> None:
+    """Fill ``state`` (a template of the saved keys: tensors are loaded in place, resharded to
+    their current layout; other values are replaced); collective."""
+    with _quiet():
+        dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())
+
+
+def save_version(root: Path, name: str, write: Callable[[Path], None], pointer: Path,
+                 record: Mapping[str, Any], family: str) -> None:
+    """Write a new version ``root/name`` of a state and point to it; collective.
+
+    ``write(directory)`` runs on every rank into an empty temporary directory, which rank 0
+    renames to ``name`` once all ranks are done; then ``pointer`` gets ``record`` plus
+    ``{"dir": name}``, and the other directories matching the regex ``family`` (with their
+    temporaries, ``.<name>.tmp``) are removed. A kill at any point leaves the pointer on a
+    complete directory.
+    """
+    tmp = root / f".{name}.tmp"
+    if is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        remove_versions(root, family, temporary=True)  # a save killed half-way left its own
+        tmp.mkdir()
+    barrier()
+    write(tmp)
+    barrier()
+    if is_main():
+        shutil.rmtree(root / name, ignore_errors=True)
+        tmp.rename(root / name)
+        write_json(pointer, {**record, "dir": name})
+        remove_versions(root, family, keep=name)
+    barrier()
+
+
+def remove_versions(root: Path, family: str, keep: Optional[str] = None, temporary: bool = False) -> None:
+    """Remove the directories of ``root`` whose names match ``family`` (but ``keep``), or with
+    ``temporary`` the unfinished ones (``.<name>.tmp``)."""
+    pattern = re.compile(rf"\.(?:{family})\.tmp" if temporary else family)
+    for path in root.iterdir():
+        if path.is_dir() and pattern.fullmatch(path.name) and path.name != keep:
+            shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------- save
+
+
+def _state_model(method: Any, strategy: str) -> nn.Module:
+    return method.model if strategy == "fsdp2" else unwrap(method.model)
+
+
+def _method_state(method: Any) -> dict[str, Any]:
+    """``method.state_dict()`` without the student, which the checkpoint holds once as ``model``
+    (an ``nn.Module`` method's own state dict repeats it under ``model.``)."""
+    with unwrapped(method):
+        state = method.state_dict()
+    if isinstance(method, nn.Module):
+        state = {k: v for k, v in state.items() if not k.startswith("model.")}
+    return state
+
+
+def _sharded_state(method: Any, optimizer: torch.optim.Optimizer, strategy: str) -> dict[str, Any]:
+    """The DCP part of a checkpoint, as this rank holds it (FSDP2: DTensor shards)."""
+    model = _state_model(method, strategy)
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+            "method": _method_state(method)}
+
+
+def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.optim.Optimizer, strategy: str, *,
+                    step: int, samples_seen: int, complete: bool, config: Mapping[str, Any]) -> Path:
+    """Write ``step-<step>/`` and move the pointer to it; collective over the ranks."""
+    root = checkpoint_dir(run_dir)
+    name = f"{STEP_PREFIX}{step}"
+    rng = all_gather_object(capture_rng())
+    meta = {"format": FORMAT, "step": step, "samples_seen": samples_seen, "complete": complete,
+            "data": {"start_sample": samples_seen}, "rng": rng, "world_size": len(rng), "config": dict(config)}
+
+    def write(directory: Path) -> None:
+        dcp_save(_sharded_state(method, optimizer, strategy), directory)
+        if is_main():
+            torch.save(meta, directory / META)
+
+    record = {k: meta[k] for k in ("step", "samples_seen", "complete", "world_size")}
+    save_version(root, name, write, root / POINTER, record, family=rf"{STEP_PREFIX}\d+")
+    if is_main():
+        (root / LEGACY).unlink(missing_ok=True)  # a format-1 save this one replaces
+    return root / name
+
+
+# ------------------------------------------------------------------------------- load
+
+
+def read_pointer(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
+    path = checkpoint_dir(run_dir) / POINTER
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def latest_path(run_dir: os.PathLike | str) -> Optional[Path]:
+    """The latest save (a ``step-<n>`` directory, or a format-1 ``latest.pt``), or None."""
+    root = checkpoint_dir(run_dir)
+    pointer = read_pointer(run_dir)
+    if pointer is not None and "dir" in pointer:
+        return root / pointer["dir"]
+    return root / LEGACY if (root / LEGACY).exists() else None
+
+
+def load_meta(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
+    """The latest checkpoint's metadata (``meta.pt``, plus ``path``), or None for a fresh run.
+
+    A format-1 ``latest.pt`` is returned whole: it also holds the weights, as full tensors
+    (``mmap``: the ranks of a node share one copy in the page cache).
+    """
+    path = latest_path(run_dir)
+    if path is None:
+        return None
+    meta = torch.load(path / META if path.is_dir() else path, map_location="cpu", mmap=not path.is_dir(),
+                      weights_only=False)
+    if meta.get("format") not in (1, FORMAT):
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected 1 or {FORMAT}")
+    return {**meta, "path": path}
+
+
+def restore_before_wrap(method: Any, meta: Mapping[str, Any]) -> None:
+    """Format 1 only: load the full method and model weights into the *unwrapped* modules,
+    before DDP / FSDP2 shard them as they would a fresh run's initial weights."""
+    if meta["format"] == 1:
+        method.load_state_dict(meta["method"])
+        unwrap(method.model).load_state_dict(meta["model"])
+
+
+def restore_after_wrap(method: Any, optimizer: torch.optim.Optimizer, strategy: str, meta: Mapping[str, Any]) -> None:
+    """Load the weights, the method's state and the optimizer into their current (possibly
+    sharded) layout; collective."""
+    model = _state_model(method, strategy)
+    if meta["format"] == 1:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=meta["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    state = _sharded_state(method, optimizer, strategy)
+    dcp_load(state, meta["path"])
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+    with unwrapped(method):
+        if isinstance(method, nn.Module):
+            missing, unexpected = method.load_state_dict(state["method"], strict=False)
+            stray = [k for k in missing if not k.startswith("model.")] + list(unexpected)
+            if stray:
+                raise ValueError(f"{meta['path']}: the method state does not match: {stray[:5]}")
+        else:
+            method.load_state_dict(state["method"])
+
+
+def read_checkpoint(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
+    """The latest checkpoint whole, as full CPU tensors in this process (for inspection and
+    tests, not for a 7B run): the metadata plus ``model``, ``optimizer`` and ``method``."""
+    # What the public dcp_to_torch_save runs, without writing the result to a file: the saved
+    # structure is rebuilt from the checkpoint's own metadata.
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    meta = load_meta(run_dir)
+    if meta is None or meta["format"] == 1:
+        return meta
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(meta["path"]),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return {**meta, **state}
+
+
+def full_state_on_rank0(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as full CPU tensors on rank 0 (FSDP2 shards gathered one by one),
+    empty on the other ranks; collective."""
+    return get_model_state_dict(module, options=FULL_ON_RANK0)

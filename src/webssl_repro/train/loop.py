@@ -37,7 +37,6 @@ from .distributed import (
     ShardUnits,
     all_reduce_mean,
     any_rank,
-    barrier,
     init_distributed,
     move_method,
     prepare_model,
@@ -194,7 +193,7 @@ def train(
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by world_size={env.world_size}")
     total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
 
-    state = ckpt.load_checkpoint(run_dir)
+    state = ckpt.load_meta(run_dir)
     if state is not None:
         _check_resumable(state["config"], cfg)
         ckpt.restore_before_wrap(method, state)
@@ -203,7 +202,7 @@ def train(
     optimizer = build_optimizer(method, cfg)
     start, resumed = 0, state is not None
     if state is not None:
-        ckpt.restore_optimizer(method, optimizer, cfg.strategy, state)
+        ckpt.restore_after_wrap(method, optimizer, cfg.strategy, state)
         for group in optimizer.param_groups:  # load_state_dict restores the saved run's kernel choice
             group["fused"] = cfg.strategy != "fsdp2"
         start = int(state["step"])
@@ -222,16 +221,12 @@ def train(
 
     def save(step: int) -> Path:
         t0 = time.perf_counter()
-        snapshot = ckpt.collect_state(
-            method, optimizer, cfg.strategy, step=step, samples_seen=step * cfg.global_batch_size,
-            complete=step >= cfg.steps, config=cfg.to_dict(),
-        )
-        if snapshot is not None:
-            ckpt.save_checkpoint(run_dir, snapshot)
-        barrier()  # nobody reads or exits before the file is in place
+        path = ckpt.save_checkpoint(run_dir, method, optimizer, cfg.strategy, step=step,
+                                    samples_seen=step * cfg.global_batch_size, complete=step >= cfg.steps,
+                                    config=cfg.to_dict())
         if deadline is not None:
             deadline.record_save(time.perf_counter() - t0)
-        return ckpt.latest_path(run_dir)
+        return path
 
     if deadline is not None and deadline.reached() and start < total:
         warnings.warn(f"this job ends in {deadline.seconds_left():.0f} s, within stop_margin_s="

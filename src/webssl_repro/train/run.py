@@ -138,10 +138,10 @@ def _load_parent(method, parent_state: Path) -> None:
         raise ValueError(f"parent checkpoint {parent_state} has unexpected keys {unexpected[:5]}")
 
 
-def _method_state(method) -> dict[str, torch.Tensor]:
-    if isinstance(method, torch.nn.Module):
-        return method.state_dict()
-    return method.model.state_dict()
+def _exported(method) -> torch.nn.Module:
+    """What ``state.pt`` holds: the whole method if it is a module (student, teacher, heads,
+    centers), else its trained ``model``."""
+    return method if isinstance(method, torch.nn.Module) else method.model
 
 
 def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
 
     from webssl_repro.data.corpus import read_manifest
     from webssl_repro.train import TrainConfig, train
-    from webssl_repro.train.checkpoint import full_cpu
+    from webssl_repro.train.checkpoint import full_state_on_rank0, latest_path
     from webssl_repro.train.deadline import job_deadline
     from webssl_repro.train.distributed import is_main
 
@@ -199,7 +199,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     cfg = {**cfg, "_workdir": str(checkpoints)}
     torch.manual_seed(int(cfg.get("seed", 0)))  # initial weights: the same on every rank and in every run
     method, sample_fn, collate_fn, train_map, meta = build(run, cfg, corpus)
-    if parent is not None and not (checkpoints / "checkpoints" / "latest.pt").exists():
+    if parent is not None and latest_path(checkpoints) is None:
         _load_parent(method, Path(parent))
     train_cfg = TrainConfig.from_mapping(train_map)
 
@@ -211,8 +211,8 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     if not result.complete:
         return result
     # Under FSDP2 the weights stay sharded after training: every rank takes part in gathering
-    # them (a collective), then rank 0 alone writes.
-    encoder_sd, state = full_cpu(method.encoder().state_dict()), full_cpu(_method_state(method))
+    # them (a collective), and only rank 0 holds the full tensors and writes them.
+    encoder_sd, state = full_state_on_rank0(method.encoder()), full_state_on_rank0(_exported(method))
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in encoder_sd.items()},

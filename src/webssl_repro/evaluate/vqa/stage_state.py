@@ -10,38 +10,22 @@ seconds spent, and each rank's RNG (written by rank 0).
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from webssl_repro.train.checkpoint import capture_rng, restore_rank_rng
+from webssl_repro.train.checkpoint import capture_rng, dcp_load, dcp_save, restore_rank_rng
 from webssl_repro.train.distributed import all_gather_object, get_rank, get_world_size, is_main
 
 _TRAINED = StateDictOptions(ignore_frozen_params=True)
 #: the saved keys are the trained parameters only; the frozen ones stay as loaded
 _INTO_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 EXTRA = "extra.pt"
-
-
-def _single_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized())
-
-
-@contextmanager
-def _quiet():
-    """DCP warns on every call without a process group, even when told (``no_dist``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 
 def _template(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -55,8 +39,7 @@ def save_stage(directory: Path, module: nn.Module, optimizer: torch.optim.Optimi
                extra: Mapping[str, Any]) -> None:
     """Write the trained parameters (and, unless ``optimizer`` is None, as for a finished stage,
     their AdamW state) and ``extra``; collective over the ranks."""
-    with _quiet():
-        dcp.save(_template(module, optimizer), checkpoint_id=directory, no_dist=_single_process())
+    dcp_save(_template(module, optimizer), Path(directory))
     rng = all_gather_object(capture_rng())
     if is_main():
         torch.save({**extra, "rng": rng, "with_optimizer": optimizer is not None}, Path(directory) / EXTRA)
@@ -68,8 +51,7 @@ def load_stage(directory: Path, module: nn.Module, optimizer: torch.optim.Optimi
     ``extra``."""
     extra = torch.load(Path(directory) / EXTRA, map_location="cpu", weights_only=False)
     state = _template(module, optimizer if extra["with_optimizer"] else None)
-    with _quiet():
-        dcp.load(state, checkpoint_id=directory, no_dist=_single_process())
+    dcp_load(state, Path(directory))
     set_model_state_dict(module, state["model"], options=_INTO_TRAINED)
     if "optim" in state:
         set_optimizer_state_dict(module, optimizer, state["optim"], options=_TRAINED)

@@ -1,0 +1,54 @@
+"""The checkpoint files themselves: one version kept, a save killed half-way ignored, and the
+format-1 ``latest.pt`` of earlier versions still resumed. The loop's resume arithmetic is
+tested in ``test_train.py`` against the same toy method."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from test_train import GLOBAL_BATCH, Killed, ToyMethod, assert_bitwise, data_factory, make_cfg
+from webssl_repro.train import latest_path, read_checkpoint, read_pointer, train
+from webssl_repro.train.checkpoint import checkpoint_dir
+
+
+def _names(run):
+    return sorted(p.name for p in checkpoint_dir(run).iterdir())
+
+
+def test_one_version_kept_and_a_killed_save_ignored_then_removed(tmp_path):
+    cfg = make_cfg()  # 10 steps, a save every 3
+    train(ToyMethod(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "run"
+    train(ToyMethod(), data_factory, cfg, run, max_steps=7)
+    assert _names(run) == ["latest.json", "step-7"]  # step-6 removed once step-7 was pointed to
+    # a save of step 9 killed while the ranks were writing: a temporary directory, no pointer
+    junk = checkpoint_dir(run) / ".step-9.tmp"
+    junk.mkdir()
+    (junk / "__0_0.distcp").write_bytes(b"cut short")
+    assert latest_path(run) == checkpoint_dir(run) / "step-7"
+    assert train(ToyMethod(init_seed=11), data_factory, cfg, run).complete
+    assert _names(run) == ["latest.json", "step-10"]
+    assert_bitwise(tmp_path / "straight", run)
+
+
+def test_format_1_checkpoint_resumes_and_is_replaced(tmp_path):
+    """A run stopped under the previous format (one ``latest.pt`` of full tensors) resumes to
+    the uninterrupted run's weights; its next save is format 2 and the old file goes."""
+    cfg = make_cfg()
+    train(ToyMethod(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "old"
+    train(ToyMethod(), data_factory, cfg, run, max_steps=4)
+    legacy = {k: v for k, v in read_checkpoint(run).items() if k != "path"} | {"format": 1}
+    shutil.rmtree(checkpoint_dir(run))
+    checkpoint_dir(run).mkdir()
+    torch.save(legacy, checkpoint_dir(run) / "latest.pt")
+    assert read_pointer(run) is None and latest_path(run) == checkpoint_dir(run) / "latest.pt"
+    with pytest.raises(Killed):
+        train(ToyMethod(init_seed=8, kill_at=5), data_factory, cfg, run)
+    assert _names(run) == ["latest.pt"]  # nothing saved since step 4: still the checkpoint
+    assert train(ToyMethod(init_seed=9), data_factory, cfg, run).complete
+    assert _names(run) == ["latest.json", "step-10"]
+    assert_bitwise(tmp_path / "straight", run)
+    assert read_checkpoint(run)["samples_seen"] == 10 * GLOBAL_BATCH
