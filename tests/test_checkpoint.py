@@ -52,3 +52,39 @@ def test_format_1_checkpoint_resumes_and_is_replaced(tmp_path):
     assert _names(run) == ["latest.json", "step-10"]
     assert_bitwise(tmp_path / "straight", run)
     assert read_checkpoint(run)["samples_seen"] == 10 * GLOBAL_BATCH
+
+
+def test_a_save_before_the_first_step_resumes_to_the_straight_run(tmp_path):
+    """``max_steps=0`` saves a fresh run: asking a stateless AdamW for its state would run an
+    lr=0 step that counts, and the resumed run would bias-correct as if one step later."""
+    cfg = make_cfg()
+    train(ToyMethod(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "run"
+    assert train(ToyMethod(), data_factory, cfg, run, max_steps=0).step == 0
+    assert read_checkpoint(run)["with_optimizer"] is False and "optimizer" not in read_checkpoint(run)
+    train(ToyMethod(init_seed=4), data_factory, cfg, run)
+    assert_bitwise(tmp_path / "straight", run)
+
+
+class Configured(ToyMethod):
+    """A method whose state also carries its config, as MAE's and CLIP's do (``ModelOnlyState``)."""
+
+    fields = {"noise": 0.1}
+
+    def state_dict(self):
+        return {**super().state_dict(), "config": dict(self.fields)}
+
+
+class ConfiguredLater(Configured):
+    fields = {"noise": 0.1, "added_by_a_later_version": 3}
+
+
+def test_non_tensor_state_may_gain_keys(tmp_path):
+    cfg = make_cfg()
+    train(ToyMethod(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "run"
+    train(Configured(), data_factory, cfg, run, max_steps=4)
+    assert read_checkpoint(run)["method"]["config"] == {"noise": 0.1}
+    assert train(ConfiguredLater(init_seed=2), data_factory, cfg, run).complete
+    assert read_checkpoint(run)["method"]["config"] == ConfiguredLater.fields
+    assert_bitwise(tmp_path / "straight", run)

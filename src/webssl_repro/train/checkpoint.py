@@ -6,10 +6,12 @@ output, so a failed attempt does not delete it):
 * ``step-<n>/``: one save after ``n`` optimizer steps. ``torch.distributed.checkpoint`` (DCP)
   writes ``model`` (the student's state dict, no wrapper prefixes), ``optimizer`` (keyed by
   parameter names, as ``get_optimizer_state_dict`` returns it) and ``method`` (the method's
-  other state: teacher, centers, ...); under FSDP2 every rank writes its own shards and nothing
-  is gathered (a 7B Web-DINO save is ~140 GB: student, teacher, two AdamW moments). ``meta.pt``
-  (rank 0) holds ``format``, ``step``, ``samples_seen``, ``complete``, ``data``
-  (``{"start_sample": n}``), ``rng`` (one entry per rank), ``world_size`` and ``config``.
+  other tensors: teacher, centers, ...); under FSDP2 every rank writes its own shards and
+  nothing is gathered (a 7B Web-DINO save is ~140 GB: student, teacher, two AdamW moments).
+  ``meta.pt`` (rank 0) holds ``format``, ``step``, ``samples_seen``, ``complete``, ``data``
+  (``{"start_sample": n}``), ``rng`` (one entry per rank), ``world_size``, ``config``,
+  ``with_optimizer`` (False before the first step) and ``method_rest`` (the method state's
+  non-tensor values).
 * ``latest.json``: the pointer (step, samples_seen, complete, world_size, dir), moved once the
   new directory is complete; then the older saves are removed. A kill at any point leaves the
   previous save whole and pointed to.
@@ -179,11 +181,43 @@ def _method_state(method: Any) -> dict[str, Any]:
     return state
 
 
-def _sharded_state(method: Any, optimizer: torch.optim.Optimizer, strategy: str) -> dict[str, Any]:
-    """The DCP part of a checkpoint, as this rank holds it (FSDP2: DTensor shards)."""
+def _split(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, the rest) of a nested dict. DCP stores and loads tensors key by key, strictly;
+    other values (counters, a method's config) go to ``meta.pt`` whole, so that a config field
+    added by a later version does not make the saved state unloadable."""
+    tensors: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, Mapping):
+            t, r = _split(value)
+            if t:
+                tensors[key] = t
+            if r:
+                rest[key] = r
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def _merge(tensors: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(tensors)
+    for key, value in rest.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and key in out else value
+    return out
+
+
+def _sharded_state(method: Any, optimizer: Optional[torch.optim.Optimizer], strategy: str
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the DCP part of a checkpoint as this rank holds it, FSDP2 ones as DTensor shards; the
+    method's non-tensor state). ``optimizer`` None: without the optimizer."""
     model = _state_model(method, strategy)
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
-            "method": _method_state(method)}
+    tensors, rest = _split(_method_state(method))
+    state = {"model": get_model_state_dict(model), "method": tensors}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state, rest
 
 
 def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.optim.Optimizer, strategy: str, *,
@@ -192,11 +226,16 @@ def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.op
     root = checkpoint_dir(run_dir)
     name = f"{STEP_PREFIX}{step}"
     rng = all_gather_object(capture_rng())
+    # Before the first step the optimizer has no state, and asking for its state dict would make
+    # one (an lr=0 step that counts): saving none keeps a resumed step 1 Adam's first step.
+    with_optimizer = bool(optimizer.state)
+    state, method_rest = _sharded_state(method, optimizer if with_optimizer else None, strategy)
     meta = {"format": FORMAT, "step": step, "samples_seen": samples_seen, "complete": complete,
-            "data": {"start_sample": samples_seen}, "rng": rng, "world_size": len(rng), "config": dict(config)}
+            "data": {"start_sample": samples_seen}, "rng": rng, "world_size": len(rng), "config": dict(config),
+            "with_optimizer": with_optimizer, "method_rest": method_rest}
 
     def write(directory: Path) -> None:
-        dcp_save(_sharded_state(method, optimizer, strategy), directory)
+        dcp_save(state, directory)
         if is_main():
             torch.save(meta, directory / META)
 
@@ -256,18 +295,17 @@ def restore_after_wrap(method: Any, optimizer: torch.optim.Optimizer, strategy: 
         set_optimizer_state_dict(model, optimizer, optim_state_dict=meta["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         return
-    state = _sharded_state(method, optimizer, strategy)
-    dcp_load(state, meta["path"])
+    state, _ = _sharded_state(method, optimizer if meta["with_optimizer"] else None, strategy)
+    dcp_load(state, meta["path"])  # strict: a tensor missing from the save fails here
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+    if meta["with_optimizer"]:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+    method_state = _merge(state["method"], meta["method_rest"])
     with unwrapped(method):
-        if isinstance(method, nn.Module):
-            missing, unexpected = method.load_state_dict(state["method"], strict=False)
-            stray = [k for k in missing if not k.startswith("model.")] + list(unexpected)
-            if stray:
-                raise ValueError(f"{meta['path']}: the method state does not match: {stray[:5]}")
+        if isinstance(method, nn.Module):  # its ``model.`` keys came in as ``model`` above
+            method.load_state_dict(method_state, strict=False)
         else:
-            method.load_state_dict(state["method"])
+            method.load_state_dict(method_state)
 
 
 def read_checkpoint(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
@@ -284,6 +322,7 @@ def read_checkpoint(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=dcp.FileSystemReader(meta["path"]),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    state["method"] = _merge(state.get("method", {}), meta.pop("method_rest"))
     return {**meta, **state}
 
 
