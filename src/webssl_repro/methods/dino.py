@@ -62,7 +62,9 @@ class DinoConfig:
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
     # KoLeo's nearest neighbours among this many images (DINOv2: one GPU's, 12 in the ViT-g
-    # recipe), whatever the run's GPU count; None: the rank's whole batch
+    # recipe), in groups of at least this size (koleo_per_gpu): a rank's 24 or 48 images at
+    # 224 px make groups of exactly 12, a high-res fine-tune's 16 one group of 16; None: the
+    # rank's whole batch
     koleo_batch: int | None = 12
     student_temp: float = 0.1
     teacher_temp: float = 0.07

@@ -7,6 +7,10 @@ half cosine from ``base`` to ``final`` over the remaining steps, and ``final`` f
 weight decay (no warmup, cosine *up* from 0.04 to 0.2) and, in the methods, the teacher
 momentum. Evaluating it in closed form per step avoids materialising a schedule array of
 billions of entries at paper scale while matching DINOv2's array value for value.
+
+Web-MAE and CLIP use this shape too. Their reference warm-ups differ by at most one step of
+``W`` (the lr at step ``s < W``: ``base·s/(W-1)`` here, ``base·s/W`` in MAE's ``lr_sched``,
+``base·(s+1)/W`` in open_clip), which is negligible at their 80k and 2k warm-up steps.
 """
 from __future__ import annotations
 
