@@ -8,11 +8,11 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-min_version("9.0")
+min_version("9.19")  # profile.yaml profiles (slurm/)
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from webssl_repro.config import validate_config
+from webssl_repro.config import config_origin, validate_config
 
 
 # config/mini.yaml is the default; a --configfile replaces it rather than being merged
@@ -25,7 +25,7 @@ if not workflow.overwrite_configfiles:
 
 # One line per bad key, naming it and the known ones (snakemake's own message dumps the whole
 # config); then snakemake's validate, which also fills the schema's defaults.
-validate_config(config, ", ".join(map(str, workflow.overwrite_configfiles or ["config/mini.yaml"])))
+validate_config(config, config_origin(workflow.overwrite_configfiles, workflow.config_settings.config))
 validate(config, "config/schema.yaml")
 
 

@@ -12,6 +12,8 @@ rule shards:
         data=lambda w: PLAN.data_config_json("corpus"),
     log:
         f"logs/{SCALE}/data/shards.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/data/shards.tsv",
     threads: 2
     conda:
         ENV
@@ -26,6 +28,8 @@ rule in1k_data:
         data=lambda w: PLAN.data_config_json("in1k"),
     log:
         f"logs/{SCALE}/data/in1k.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/data/in1k.tsv",
     conda:
         ENV
     shell:
@@ -45,6 +49,8 @@ rule text_filter:
         command=lambda w: PLAN.filter_command(w.variant),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/data/filter_{{variant}}.tsv",
     resources:
         **PLAN.filter_resources(whole=True),
     conda:
@@ -66,6 +72,8 @@ rule text_filter_part:
         command=lambda w: PLAN.filter_command(w.variant, int(w.part)),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.{{part}}.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/data/filter_{{variant}}.{{part}}.tsv",
     resources:
         **PLAN.filter_resources(),
     conda:
@@ -83,6 +91,8 @@ rule evalset:
         data=lambda w: PLAN.data_config_json("evalsets", w.task),
     log:
         f"logs/{SCALE}/data/evalset_{{task}}.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/data/evalset_{{task}}.tsv",
     conda:
         ENV
     shell:
@@ -106,6 +116,8 @@ rule fig8_samples:
         prefix=lambda w, output: output.pdf[: -len(".pdf")],
     log:
         f"logs/{SCALE}/data/fig8.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/data/fig8.tsv",
     conda:
         ENV
     shell:

@@ -17,6 +17,8 @@ rule vqa:
         launcher=PLAN.eval_launcher(),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_vqa.tsv",
     threads: PLAN.eval_threads()
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
@@ -41,6 +43,8 @@ rule vqa_control:
         encoder=PLAN.control_args(),
     log:
         f"logs/{SCALE}/evaluate/control_{{control}}_vqa.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/control_{{control}}_vqa.tsv",
     threads: PLAN.eval_threads()
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
@@ -63,6 +67,8 @@ rule classic:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_classic.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_classic.tsv",
     threads: PLAN.eval_threads("classic")
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
@@ -85,6 +91,8 @@ rule alignment:
         evaluate=lambda w: PLAN.eval_config_json("alignment"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_alignment.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_alignment.tsv",
     threads: PLAN.eval_threads("alignment")
     resources:
         **PLAN.eval_resources("alignment"),

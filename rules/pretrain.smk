@@ -39,6 +39,8 @@ rule pretrain_single:
         parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
     resources:
@@ -71,6 +73,8 @@ rule pretrain_multinode:
         parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv",
     threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
     resources:
@@ -108,6 +112,10 @@ rule import_released:
         out=lambda w: PLAN.run_dir(w.run),
     log:
         f"logs/{SCALE}/pretrain/{{run}}_import.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/pretrain/{{run}}_import.tsv",
+    resources:
+        **PLAN.import_resources(),
     conda:
         ENV
     shell:

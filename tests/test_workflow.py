@@ -465,7 +465,7 @@ def test_eval_jobs_take_a_node_share_for_their_gpus():
 def test_a_size_missing_from_resources_nodes_is_an_error_not_one_node():
     cfg = load_config(REPO / "config/paper.yaml")
     del cfg["resources"]["nodes"]["7b"]
-    with pytest.raises(KeyError, match=r"resources.nodes has no entry for size '7b'"):
+    with pytest.raises(ConfigError, match=r"resources.nodes has no entry for size .7b."):
         Plan(cfg).pretrain_resources("dino7b-full8b-224")
 
 

@@ -34,7 +34,6 @@ def _plan(args: argparse.Namespace) -> int:
     import yaml
 
     from webssl_repro.config import load_config
-    from webssl_repro.paper import specs
     from webssl_repro.workflow import Plan
 
     plan = Plan(load_config(args.configfile))
@@ -43,16 +42,18 @@ def _plan(args: argparse.Namespace) -> int:
     if plan.published:
         return 0
     rows = []
-    for run in plan.runs:
+    for run in plan.runs:  # one row per run; seeds repeat it (the totals below count each)
+        if not plan.trained(run):
+            rows.append({"run": run, "imported": plan.run_sources[run]["checkpoint"]})
+            continue
         res = plan.pretrain_resources(run)
         rows.append({"run": run, "nodes": res.nodes, "gpus": res.gpus, "runtime_h": round(res.total_min / 60, 1),
                      "jobs": res.jobs, "gpu_hours": round(res.gpu_hours),
                      "train_PFLOP": round(res.train_flops / 1e15)})
-    print(yaml.safe_dump({"runs": rows}, sort_keys=False), end="")
+    print(yaml.safe_dump({"seeds": plan.seeds, "runs": rows}, sort_keys=False), end="")
     for item_id in plan.items:
-        runs = specs.get_item(item_id).runs
-        print(f"{item_id}: {len(runs)} runs, {plan.gpu_hours(runs):,.0f} pretraining GPU-hours")
-    print(f"total: {len(plan.runs)} runs, {plan.gpu_hours():,.0f} pretraining GPU-hours")
+        print(plan.cost_line(item_id))
+    print(plan.cost_line())
     return 0
 
 
@@ -289,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["data"]:  # the data stage parses its own arguments, --help included
+        args = argparse.Namespace(stage="data", rest=argv[1:], func=_data)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError) as err:

@@ -3,7 +3,7 @@ Snakefile validates with ``snakemake.utils.validate``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -58,6 +58,15 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
     import json
 
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_origin(configfiles: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> str:
+    """Where a workflow's config came from, for its error messages: the config files (the
+    default mini config without ``--configfile``) and the keys ``--config`` set."""
+    origin = ", ".join(map(str, configfiles or ["config/mini.yaml"]))
+    if overrides:
+        origin += f" with --config {', '.join(sorted(overrides))}"
+    return origin
 
 
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:

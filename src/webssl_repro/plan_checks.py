@@ -20,6 +20,17 @@ def check_tolerances(tolerances: Mapping[str, Any]) -> None:
                           f"and {ALIGNMENT_PREFIX}<language model>")
 
 
+def check_eval_gpus(resources: Mapping[str, Any]) -> None:
+    """An evaluation job runs on one node (``torchrun --standalone``, the 70B LM's device map):
+    ``resources.eval_gpus`` beyond ``gpus_per_node`` would be a job SLURM can never start."""
+    from webssl_repro.config import ConfigError
+
+    per_node, wanted = int(resources.get("gpus_per_node", 0)), int(resources.get("eval_gpus", 0))
+    if wanted > per_node:
+        raise ConfigError(f"resources.eval_gpus: {wanted} GPUs, but an evaluation job runs on one node and "
+                          f"resources.gpus_per_node is {per_node}")
+
+
 def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], runs: Iterable[str], scale: str,
                       seeds: Sequence[int]) -> None:
     """``pretrain.run_sources``: each key a run of this config's grid, imported from the released

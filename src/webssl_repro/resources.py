@@ -125,15 +125,17 @@ REFUSED_ATTEMPT: dict[str, Any] = {"runtime": 10, "mem_mb": 2000, "cpus_per_task
 
 
 def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
+    from webssl_repro.config import ConfigError  # config imports the workflow, which imports this module
+
     res_cfg = cfg["resources"]
     try:
         arch = cfg["labels"]["sizes"][run.size]
     except KeyError:
-        raise KeyError(f"config labels.sizes has no entry for size {run.size!r} (run {run})") from None
+        raise ConfigError(f"config labels.sizes has no entry for size {run.size!r} (run {run})") from None
     img = int(cfg["labels"]["resolutions"][str(run.res)])
     flops = flops_per_sample(run, arch, img) * samples_of(run, cfg)
     if run.size not in res_cfg["nodes"]:
-        raise KeyError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
+        raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
                        f"sizes there are {sorted(res_cfg['nodes'])}")
     nodes = int(res_cfg["nodes"][run.size])
     if run.parent is not None:

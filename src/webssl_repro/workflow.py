@@ -6,6 +6,7 @@ resources, so that all of the DAG's logic is ordinary, testable Python.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -17,7 +18,8 @@ from typing import Any, Mapping
 
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, hires_recipe
-from webssl_repro.resources import PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, pretrain_resources, samples_of
+from webssl_repro.resources import (PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
+                                    pretrain_resources, samples_of)
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_evals import EvalJobs
@@ -34,11 +36,12 @@ class Plan(EvalJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        from webssl_repro.plan_checks import check_run_sources, check_tolerances
+        from webssl_repro.plan_checks import check_eval_gpus, check_run_sources, check_tolerances
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
             check_run_sources(self.run_sources, self.runs, self.scale, self.seeds)
+            check_eval_gpus(self.config.get("resources", {}))
 
     # ---- scale -------------------------------------------------------------------------
     @property
@@ -75,8 +78,12 @@ class Plan(EvalJobs):
     @cached_property
     def items(self) -> tuple[str, ...]:
         requested = [i for i in self.config.get("items", ()) if i != "fig8"]  # fig8: see data_figures
-        for item_id in requested:
-            specs.get_item(item_id)  # unknown ids fail here, naming the id
+        unknown = [i for i in requested if i not in specs.ITEMS]
+        if unknown:
+            from webssl_repro.config import ConfigError  # config imports this module
+
+            raise ConfigError(f"items: unknown paper item(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted([*specs.ITEMS, 'fig8'], key=_item_order))}")
         return tuple(i for i in requested if self.item_buildable(i))
 
     @cached_property
@@ -285,7 +292,22 @@ class Plan(EvalJobs):
         return _alternatives(self.runs_by_layout(multinode))
 
     def imported_pattern(self) -> str:
-        return _alternatives([r for r in self.run_ids if split_seed(r, self.seeds[0])[0] in self.run_sources])
+        return _alternatives([r for r in self.run_ids if not self.trained(r)])
+
+    def import_resources(self) -> dict[str, int]:
+        """A released checkpoint is converted on one node, no GPU: memory for the largest imported
+        encoder three times in fp32 (as read, as converted, and written), at least 8 GB; the
+        defaults where there are no GPU nodes (mini)."""
+        res = self.config.get("resources", {})
+        imported = [Run.parse(split_seed(r, self.seeds[0])[0]) for r in self.run_ids if not self.trained(r)]
+        if not imported or not int(res.get("gpus_per_node", 0)):
+            return {}
+        labels = self.config["labels"]
+        params = max(encoder_params(r.method, labels["sizes"][r.size], int(labels["resolutions"][str(r.res)]))
+                     for r in imported)
+        mem_mb = max(8000, math.ceil(3 * 4 * params / 2**20))
+        return {"mem_mb": min(mem_mb, int(res["mem_mb_per_node"])), "cpus_per_task": int(res["cpus_per_gpu"]),
+                "runtime": 120}
 
     def import_command(self, run_id: str) -> str:
         run = split_seed(run_id, self.seeds[0])[0]
@@ -362,8 +384,7 @@ class Plan(EvalJobs):
         return max(self.pretrain_resources(r).jobs for r in self.run_ids) - 1 + PREEMPTION_RETRIES
 
     def runs_by_layout(self, multinode: bool) -> list[str]:
-        return [r for r in self.run_ids if split_seed(r, self.seeds[0])[0] not in self.run_sources
-                and (self.pretrain_resources(r).nodes > 1) == multinode]
+        return [r for r in self.run_ids if self.trained(r) and (self.pretrain_resources(r).nodes > 1) == multinode]
 
     def launcher(self, run: str) -> str:
         """The command prefix that starts ``python -m webssl_repro.cli`` on the run's resources.
@@ -398,18 +419,35 @@ class Plan(EvalJobs):
     def target_message(self, item: str | None = None) -> str:
         """What a target costs, shown by the dry run: its runs and their pretraining GPU-hours
         (each pretrain job also carries its own ``gpu_hours`` resource)."""
-        runs = self.run_ids if item is None else [r for run in specs.get_item(item).runs for r in self.seeded(run)]
         name = item or "all"
         if self.published:
             return f"{name}: rendered from the paper's own numbers"
-        message = (f"{name}: {len(runs)} runs, {self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours "
-                   f"({self.config['resources']['gpus_per_node']} GPUs/node)")
+        message = f"{self.cost_line(item)} ({self.config['resources']['gpus_per_node']} GPUs/node)"
         if item is None and self.skipped_items:
             message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
         return message
 
+    def cost_line(self, item: str | None = None) -> str:
+        """``{item}: N runs[ (k imported)], H estimated pretraining GPU-hours``: every seed counts
+        as a run; an imported run (``pretrain.run_sources``) costs no pretraining."""
+        runs = self.run_ids if item is None else [r for run in specs.get_item(item).runs for r in self.seeded(run)]
+        imported = sum(not self.trained(r) for r in runs)
+        return (f"{item or 'all'}: {len(runs)} runs{f' ({imported} imported)' if imported else ''}, "
+                f"{self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours")
+
+    def trained(self, run_id: str) -> bool:
+        """False for a run imported from a released checkpoint."""
+        return split_seed(run_id, self.seeds[0])[0] not in self.run_sources
+
     def gpu_hours(self, runs=None) -> float:
-        return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs))
+        """Pretraining GPU-hours of ``runs`` (run ids; default all), imported ones excluded."""
+        return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs)
+                   if self.trained(r))
+
+
+def _item_order(item_id: str) -> tuple[bool, int]:
+    """Tables before figures, each by number."""
+    return item_id.startswith("fig"), int(item_id.lstrip("tablefig"))
 
 
 def _alternatives(names: list[str]) -> str:

@@ -1,0 +1,79 @@
+"""What a user sees when a config or a command line is off: the messages name the key and the
+alternatives, and the dry run's cost summary counts what will really be trained."""
+import copy
+
+import pytest
+
+from conftest import REPO
+from webssl_repro import cli
+from webssl_repro.config import ConfigError, config_origin, load_config
+from webssl_repro.paper import specs
+from webssl_repro.resources import encoder_params
+from webssl_repro.workflow import Plan
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_config(REPO / "config/paper.yaml")
+
+
+def _with(cfg, **changes):
+    out = copy.deepcopy(cfg)
+    out.update(changes)
+    return out
+
+
+def test_unknown_item_is_a_config_error_listing_every_item():
+    cfg = _with(load_config(REPO / "config/mini.yaml"), items=["fig8", "fig2", "table99"])
+    with pytest.raises(ConfigError, match=r"items: unknown paper item\(s\) fig2, table99; known: table2, .*"
+                                          r"table15, fig1, .*fig7, fig8, fig9$"):
+        Plan(cfg).items
+
+
+def test_config_origin_names_the_files_and_the_command_line_keys():
+    assert config_origin([]) == "config/mini.yaml"
+    assert config_origin(["config/paper.yaml", "my.yaml"], {"seeds": "[0,1]", "items": "[fig3]"}) == \
+        "config/paper.yaml, my.yaml with --config items, seeds"
+
+
+def test_cost_line_counts_every_seed_and_no_pretraining_for_imported_runs(paper):
+    base = Plan(paper)
+    hours = base.gpu_hours()
+    assert base.cost_line() == f"all: 30 runs, {hours:,.0f} estimated pretraining GPU-hours"
+    seeded = Plan(_with(paper, seeds=[0, 1, 2]))
+    assert seeded.cost_line().startswith("all: 90 runs, ") and seeded.gpu_hours() == pytest.approx(3 * hours)
+    fig3 = [r for r in specs.get_item("fig3").runs]
+    assert seeded.cost_line("fig3").startswith(f"fig3: {3 * len(fig3)} runs, ")
+    run = "dino2b-heavy2b-224"
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": f"facebook/webssl-{run}", "path": "/ckpt/x"}}
+    imported = Plan(cfg)
+    assert imported.cost_line().startswith("all: 30 runs (1 imported), ")
+    assert imported.gpu_hours() == pytest.approx(hours - base.pretrain_resources(run).gpu_hours)
+    assert run not in imported.runs_by_layout(True) + imported.runs_by_layout(False)
+
+
+def test_import_resources_fit_the_largest_imported_encoder(paper):
+    assert Plan(paper).import_resources() == {}  # nothing imported
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {r: {"checkpoint": f"facebook/webssl-{r}"}
+                                      for r in ("dino2b-heavy2b-224", "dino7b-full8b-518")}
+    params = encoder_params("dino", cfg["labels"]["sizes"]["7b"], 518)
+    assert 6e9 < params < 7e9
+    res = Plan(cfg).import_resources()
+    assert res == {"mem_mb": -(-12 * params // 2**20), "cpus_per_task": 8, "runtime": 120}
+    mini = load_config(REPO / "config/mini.yaml")
+    assert Plan(mini).import_resources() == {}  # no GPU nodes: the machine's defaults
+
+
+def test_eval_gpus_beyond_one_node_is_refused(paper):
+    cfg = copy.deepcopy(paper)
+    cfg["resources"]["eval_gpus"] = 16
+    with pytest.raises(ConfigError, match=r"resources.eval_gpus: 16 GPUs, .* resources.gpus_per_node is 8"):
+        Plan(cfg)
+
+
+def test_data_stage_help_is_its_own(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["data", "--help"])
+    assert exit_.value.code == 0 and "usage: webssl-repro data" in capsys.readouterr().out
