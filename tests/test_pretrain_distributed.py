@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_dist import torchrun, worker_env
-from helpers_mini import DINO_RUN, MAE_RUN, run_slice, tiny_data  # noqa: F401  (fixture)
+from helpers_mini import CLIP_RUN, DINO_RUN, MAE_RUN, run_slice, tiny_data  # noqa: F401  (fixture)
 from webssl_repro.train import read_checkpoint, read_pointer
 
 
@@ -97,3 +97,28 @@ def test_dino_prototypes_stay_frozen_then_train(runs, tiny_data):
     for k in last:
         torch.testing.assert_close(at_4["model"][k.removeprefix("model.")], init[k], rtol=0, atol=0, msg=k)
         assert (final[k] - init[k]).abs().max() > 1e-4, k
+
+
+def test_fsdp2_ranks_but_0_build_without_storage(monkeypatch, tiny_data):
+    """What ``pretrain`` builds on an FSDP2 rank other than 0: every weight on the meta device
+    (it receives its shards from rank 0), the data pipeline real."""
+    from webssl_repro.data.corpus import IndexedCorpus, read_manifest
+    from webssl_repro.runs import Run
+    from webssl_repro.train.distributed import shard_receiver
+    from webssl_repro.train.run import build
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert shard_receiver("fsdp2") == "meta" and shard_receiver("ddp") is None
+    monkeypatch.setenv("RANK", "0")
+    assert shard_receiver("fsdp2") is None
+    corpus = IndexedCorpus(read_manifest(tiny_data["shards"])["shards"])
+    for run in (DINO_RUN, MAE_RUN, CLIP_RUN):
+        cfg = {**run_slice(run, SAMPLES), "_workdir": str(Path(tiny_data["shards"]).parent)}
+        method, sample_fn, collate_fn, _, _ = build(Run.parse(run), cfg, corpus, init_device="meta")
+        module = method if isinstance(method, torch.nn.Module) else method.model
+        assert all(p.is_meta for p in module.parameters()), run
+        gen = torch.Generator().manual_seed(0)
+        batch = collate_fn([sample_fn(*corpus.sample(i), gen) for i in range(2)], gen)
+        tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch) if torch.is_tensor(v)]
+        assert tensors and not any(t.is_meta for t in tensors), run

@@ -6,6 +6,7 @@ Run as a script under torchrun, this file is also the 2-rank DDP / FSDP2 worker.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -360,6 +361,24 @@ def test_checkpoint_resumes_under_another_strategy(tmp_path):
         torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=0, atol=1e-6, msg=k)
 
 
+def test_fsdp2_refuses_parameters_outside_the_model_and_its_shadows():
+    """Sharding gives the ranks rank 0's values of ``model`` and its shadows only; a parameter
+    elsewhere in a module method would be left without values."""
+    from webssl_repro.train.distributed import init_distributed, prepare_model
+
+    class Stray(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.scale = Net(), nn.Parameter(torch.ones(1))
+
+    env = init_distributed("fsdp2")
+    try:
+        with pytest.raises(ValueError, match=r"outside the model and its shadow modules: \['scale'\]"):
+            prepare_model(Stray(), "fsdp2", env)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------ two gloo ranks (torchrun)
 
 
@@ -367,13 +386,19 @@ def _worker(out: Path) -> None:
     """Per rank: a DDP run, and an FSDP2 run stopped after 3 steps and resumed fresh.
 
     Each rank initialises differently: the loop must start every rank from rank 0's weights.
+    Under FSDP2 rank 1 builds its method on the meta device, without values, as ``pretrain``
+    does (``shard_receiver``): its shards can only come from rank 0.
     """
     rank = int(os.environ["RANK"])
     cfg = make_cfg(strategy="ddp")
     train(ToyMethod(noise=0.0, init_seed=rank), data_factory, cfg, out / "ddp")
     cfg = make_cfg(strategy="fsdp2")
-    assert train(ToyMethod(noise=0.0, init_seed=rank), data_factory, cfg, out / "fsdp2", max_steps=3).step == 3
-    method = ToyMethod(noise=0.0, init_seed=99)
+    with torch.device("meta") if rank else contextlib.nullcontext():
+        method = ToyMethod(noise=0.0, init_seed=rank)
+    assert method.model.inp.weight.is_meta == (rank == 1)
+    assert train(method, data_factory, cfg, out / "fsdp2", max_steps=3).step == 3
+    with torch.device("meta") if rank else contextlib.nullcontext():
+        method = ToyMethod(noise=0.0, init_seed=99)
     train(method, data_factory, cfg, out / "fsdp2")
     from torch.distributed.tensor import DTensor
 

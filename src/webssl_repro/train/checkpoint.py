@@ -281,8 +281,9 @@ def load_meta(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
 
 def restore_before_wrap(method: Any, meta: Mapping[str, Any]) -> None:
     """Format 1 only: load the full method and model weights into the *unwrapped* modules,
-    before DDP / FSDP2 shard them as they would a fresh run's initial weights."""
-    if meta["format"] == 1:
+    before DDP / FSDP2 shard them as they would a fresh run's initial weights (not on an FSDP2
+    rank built without storage: it receives rank 0's)."""
+    if meta["format"] == 1 and not any(p.is_meta for p in unwrap(method.model).parameters()):
         method.load_state_dict(meta["method"])
         unwrap(method.model).load_state_dict(meta["model"])
 

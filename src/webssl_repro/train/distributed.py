@@ -7,11 +7,14 @@ reads SLURM variables. gloo serves CPU runs (laptops, CI), nccl GPU runs.
 
 DDP wraps ``method.model`` in a new object, so methods must run their forward through
 ``self.model(...)`` (calling a submodule directly would skip the gradient all-reduce).
-FSDP2's ``fully_shard`` works in place: attributes and submodules stay reachable.
+FSDP2's ``fully_shard`` works in place: attributes and submodules stay reachable. Under FSDP2
+the ranks other than 0 may build the method on the meta device (``shard_receiver``): sharding
+gives them rank 0's values.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 ShardUnits = Callable[[nn.Module], list[nn.Module]]
+
+#: How long a rank waits in a collective. NCCL's default (10 min) is shorter than what rank 0
+#: alone may take before the first one under FSDP2: building a ViT-7B student and teacher on
+#: the host and, for a hi-res fine-tune, reading its parent's state (``shard_receiver``).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ def init_distributed(strategy: str = "none") -> DistEnv:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if world_size > 1 or "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                                    timeout=COLLECTIVE_TIMEOUT)
         elif strategy != "none":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if dist.is_initialized():
@@ -165,6 +174,23 @@ def shadow_modules(method: Any) -> list[nn.Module]:
     return list(hook()) if callable(hook) else []
 
 
+def shard_receiver(strategy: str) -> Optional[str]:
+    """"meta" on the ranks of a multi-rank FSDP2 run other than 0: they build the method without
+    storage and receive their shards of rank 0's values (``prepare_model``); else None. Read
+    from torchrun's environment, before the process group exists."""
+    receives = strategy == "fsdp2" and int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) != 0
+    return "meta" if receives else None
+
+
+def _method_modules(method: Any) -> list[nn.Module]:
+    """The modules holding the method's tensors: itself if it is one, else model and shadows."""
+    return [method] if isinstance(method, nn.Module) else [method.model, *shadow_modules(method)]
+
+
+def _named_buffers(method: Any) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{i}.{name}", b) for i, m in enumerate(_method_modules(method)) for name, b in m.named_buffers()]
+
+
 def move_method(method: Any, device: torch.device) -> None:
     """Methods that are ``nn.Module`` move as a whole; otherwise ``model`` and shadows move."""
     if isinstance(method, nn.Module):
@@ -195,18 +221,45 @@ def prepare_model(
         method.model = nn.parallel.DistributedDataParallel(method.model, device_ids=device_ids)
         return
     if strategy == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-        units = shard_units or transformer_blocks
-        for root in [method.model, *shadow_modules(method)]:
-            _broadcast_module(root)  # fully_shard keeps each rank's own slice: start from rank 0's
-            for unit in units(root):
-                fully_shard(unit, mesh=mesh)
-            fully_shard(root, mesh=mesh)
+        _shard(method, env, shard_units or transformer_blocks)
         return
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _shard(method: Any, env: DistEnv, units: ShardUnits) -> None:
+    """FSDP2: shard ``model`` and its shadows, then give every rank its shards of rank 0's values.
+
+    Rank 0 alone holds the whole method, on the host (``shard_receiver``: the other ranks may
+    hold meta tensors). The modules are sharded as they are, given storage on the device
+    (``to_empty``, on every rank alike), and filled by broadcast from rank 0 tensor by tensor:
+    no rank holds the whole model on its GPU, and no node more than one copy in memory.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    roots = [method.model, *shadow_modules(method)]
+    in_roots = {id(p) for root in roots for p in root.parameters()}
+    stray = [n for m in _method_modules(method) for n, p in m.named_parameters() if id(p) not in in_roots]
+    if stray:  # to_empty below would leave them without values on every rank
+        raise ValueError(f"FSDP2: parameters outside the model and its shadow modules: {stray[:5]}")
+    # rank 0's values, referenced before sharding replaces the parameters
+    values = [root.state_dict() if env.is_main else {} for root in roots]
+    buffers = {name: b.detach().clone() for name, b in _named_buffers(method)} if env.is_main else {}
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for root in roots:
+        for unit in units(root):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+    for module in _method_modules(method):
+        module.to_empty(device=env.device)
+    for root, full in zip(roots, values):
+        set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # buffers (persistent or not) are not sharded: each rank a copy of rank 0's
+        for name, b in _named_buffers(method):
+            if env.is_main:
+                b.copy_(buffers[name])
+            dist.broadcast(b, src=0)
 
 
 def reshard_shadows(method: Any) -> None:

@@ -197,7 +197,8 @@ def train(
     if state is not None:
         _check_resumable(state["config"], cfg)
         ckpt.restore_before_wrap(method, state)
-    move_method(method, env.device)
+    if cfg.strategy != "fsdp2":  # FSDP2 places each rank's shards itself
+        move_method(method, env.device)
     prepare_model(method, cfg.strategy, env, shard_units)
     optimizer = build_optimizer(method, cfg)
     start, resumed = 0, state is not None

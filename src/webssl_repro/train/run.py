@@ -9,6 +9,7 @@ start a high-resolution fine-tune from), ``train_log.jsonl`` and ``provenance.js
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -22,9 +23,13 @@ import torch
 from webssl_repro.resources import dino_local_crop
 from webssl_repro.runs import Run
 
-def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict[str, Any], Any]:
-    """(method, sample_fn, collate_fn, train_config mapping, encoder metadata)."""
+def build(run: Run, cfg: Mapping[str, Any], corpus, init_device: Optional[str] = None
+          ) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """(method, sample_fn, collate_fn, train_config mapping, encoder metadata). ``init_device``
+    "meta": the method's modules without storage (an FSDP2 rank that takes rank 0's values)."""
     from webssl_repro.models.vit import Arch, build_encoder
+
+    on_device = (lambda: torch.device(init_device)) if init_device else contextlib.nullcontext
 
     arch = Arch.from_config({**cfg["arch"], "ffn": "gelu" if run.method == "mae" else "swiglu"})
     img = int(cfg["img_size"])
@@ -43,7 +48,8 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         probe = DinoConfig.from_mapping(recipe)
         steps = math.ceil(samples / probe.batch_size)
         config = DinoConfig.from_mapping({**recipe, "total_steps": steps})
-        method = DinoMethod(arch, config)
+        with on_device():
+            method = DinoMethod(arch, config)
         aug = BatchedMultiCrop(config.global_crop_size, config.local_crop_size, config.n_local_crops,
                                config.global_crops_scale, config.local_crops_scale,
                                blur_sigma=blur_sigma_range(config.blur_reference_size),
@@ -64,7 +70,8 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         from webssl_repro.methods.mae import MaeConfig, MaeMethod, mae_transform
 
         config = MaeConfig.from_mapping(recipe)
-        method = MaeMethod(build_encoder(arch, "mae", img_size=img), config)
+        with on_device():
+            method = MaeMethod(build_encoder(arch, "mae", img_size=img), config)
         transform = mae_transform(img, scale=tuple(config.crop_scale))
         sample_fn = _seeded(transform)
         collate_fn = _stack_images
@@ -86,7 +93,8 @@ def build(run: Run, cfg: Mapping[str, Any], corpus) -> tuple[Any, Any, Any, dict
         else:
             raise ValueError("pretrain.clip.tokenizer: a streamed corpus (pretrain.loader.stream) cannot learn a "
                              "tokenizer from its captions; name a tokenizer file or hub repo")
-        method = ClipMethod(build_encoder(arch, "clip", img_size=img, layerscale=layerscale), tokenizer, config)
+        with on_device():
+            method = ClipMethod(build_encoder(arch, "clip", img_size=img, layerscale=layerscale), tokenizer, config)
         transform = clip_transform(img, scale=tuple(config.crop_scale))
         sample_fn = _seeded(transform, with_caption=True)
         collate_fn = _stack_images
@@ -189,7 +197,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     from webssl_repro.train import TrainConfig, train
     from webssl_repro.train.checkpoint import full_state_on_rank0, latest_path
     from webssl_repro.train.deadline import job_deadline
-    from webssl_repro.train.distributed import is_main
+    from webssl_repro.train.distributed import is_main, shard_receiver
 
     run = Run.parse(run_name)
     out_dir, checkpoints = Path(out_dir), Path(checkpoints)
@@ -198,8 +206,11 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     corpus = open_corpus(manifest["shards"], int(cfg.get("seed", 0)), cfg.get("loader") or {})
     cfg = {**cfg, "_workdir": str(checkpoints)}
     torch.manual_seed(int(cfg.get("seed", 0)))  # initial weights: the same on every rank and in every run
-    method, sample_fn, collate_fn, train_map, meta = build(run, cfg, corpus)
-    if parent is not None and latest_path(checkpoints) is None:
+    # Under FSDP2 only rank 0 builds the weights; the others take their shards of them
+    # (distributed.prepare_model), so a node never holds eight full ViT-7B students and teachers.
+    receiver = shard_receiver(str(cfg.get("train", {}).get("strategy", "none")))
+    method, sample_fn, collate_fn, train_map, meta = build(run, cfg, corpus, init_device=receiver)
+    if parent is not None and latest_path(checkpoints) is None and receiver is None:
         _load_parent(method, Path(parent))
     train_cfg = TrainConfig.from_mapping(train_map)
 
