@@ -3,7 +3,8 @@
 # vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
 # vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
-# its retry resumes.
+# its retry resumes. Its attempts.jsonl there refuses a retry after two attempts that failed
+# without saving anything (train/attempts.py, as for pretraining).
 
 
 rule vqa:
@@ -24,11 +25,12 @@ rule vqa:
     resources:
         **PLAN.eval_resources(),
         settings=SETTINGS["vqa"],
+        attempt=lambda w, attempt: attempt,
     conda:
         ENV
     shell:
         "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 
 rule vqa_control:
@@ -50,11 +52,12 @@ rule vqa_control:
     resources:
         **PLAN.eval_resources(),
         settings=SETTINGS["vqa"],
+        attempt=lambda w, attempt: attempt,
     conda:
         ENV
     shell:
         "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 
 rule classic:
@@ -74,11 +77,12 @@ rule classic:
     resources:
         **PLAN.eval_resources("classic"),
         settings=SETTINGS["classic"],
+        attempt=lambda w, attempt: attempt,
     conda:
         ENV
     shell:
         "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} > {log} 2>&1"
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 
 rule alignment:

@@ -261,3 +261,54 @@ def test_answering_a_benchmark_is_budgeted_per_question(tmp_path):
     progress.stop_point("answering b", unit="answers", items=50)  # 100 s: goes on
     with pytest.raises(Preempted, match="time limit .* before answering c"):
         progress.stop_point("answering c", unit="answers", items=100)  # 200 s: stops
+
+
+def test_saved_progress_grows_with_every_save(tmp_path):
+    from webssl_repro.evaluate.progress import PART_SAVES, EvalProgress, saved_progress
+
+    directory = tmp_path / "classic"
+    progress = EvalProgress.open(directory, {"config": "a"}, {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0},
+                                 env={}, attempt=1)
+    assert saved_progress(directory) == 0  # stamped, one start record: nothing saved yet
+    progress.save("depth", 5, lambda d: (d / "state.pt").write_bytes(b"s"))
+    assert saved_progress(directory) == 5
+    progress.finish("depth", {"nyud_lin1": 1.0})  # its 5 iterations dropped, one finished part
+    assert saved_progress(directory) == PART_SAVES
+    progress.save("segmentation", 7, lambda d: (d / "state.pt").write_bytes(b"s"))
+    assert saved_progress(directory) == PART_SAVES + 7
+
+
+@pytest.mark.parametrize("saves_in_first", [False, True])
+def test_cli_refuses_a_retry_after_attempts_that_failed_without_saving(tmp_path, monkeypatch, capsys, saves_in_first):
+    """Two attempts that fail without saving anything refuse the third (exit 1, quoting the
+    error); an attempt that saved progress before failing breaks the streak."""
+    from webssl_repro import cli
+    from webssl_repro.train import attempts
+
+    encoder, data = tmp_path / "encoder.safetensors", tmp_path / "set.json"
+    encoder.write_bytes(b"weights")
+    data.write_text("{}")
+    out, state = tmp_path / "evals" / "r" / "classic.json", tmp_path / "eval_state" / "evals" / "r" / "classic"
+    args = ["evaluate", "classic", "--run", "r", "--encoder", str(encoder), "--data", str(data), "--out", str(out)]
+    calls = []
+
+    def fails(*_):
+        calls.append(1)
+        if saves_in_first and len(calls) == 1:  # three iterations of a part saved, then the failure
+            (state / "depth.json").write_text(json.dumps({"iteration": 3, "dir": "depth.3"}))
+        raise FloatingPointError("loss is nan at iteration 4")
+
+    monkeypatch.setattr(cli, "_evaluate_metrics", fails)
+    for attempt in (1, 2):
+        with pytest.raises(FloatingPointError):
+            cli.main([*args, "--attempt", str(attempt)])
+    if saves_in_first:
+        with pytest.raises(FloatingPointError):  # one futile attempt since the save: retried
+            cli.main([*args, "--attempt", "3"])
+        assert len(calls) == 3
+        return
+    assert cli.main([*args, "--attempt", "3"]) == 1 and len(calls) == 2
+    err = capsys.readouterr().err
+    assert "not starting attempt 3" in err and "FloatingPointError: loss is nan at iteration 4" in err
+    assert "0 finished part(s) and 0 saved iterations" in err
+    assert [r["outcome"] for r in attempts.read(state) if r["event"] == "end"] == ["failed", "failed", "refused"]

@@ -121,10 +121,12 @@ def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> Non
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
+    import os
+
     from webssl_repro.config import config_hash
     from webssl_repro.evaluate import progress as eval_progress
     from webssl_repro.settings import merge_nested
-    from webssl_repro.train import Preempted
+    from webssl_repro.train import Preempted, attempts
     from webssl_repro.train.distributed import shutdown
 
     if args.control and (args.kind != "vqa" or args.img_size is None or args.patch is None):
@@ -133,19 +135,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), args.kind)
     progress = eval_progress.EvalProgress()
     state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
+    ledger = args.kind in eval_progress.RESUMABLE and state is not None and int(os.environ.get("RANK", "0")) == 0
+
+    def record(outcome: str, error: BaseException | None = None) -> None:  # rank 0: one record per attempt
+        if ledger and Path(state).is_dir():
+            attempts.finish(state, outcome, error, measure=eval_progress.SAVED)
+
     if args.kind in eval_progress.RESUMABLE and state is not None:
         encoder = (eval_progress.file_identity(args.encoder) if args.encoder else
                    {"control": args.control, "img_size": args.img_size, "patch": args.patch})
         fingerprint = {"kind": args.kind, "config": config_hash(computed), "encoder": encoder,
                        "data": [eval_progress.file_identity(p) for p in args.data]}
-        progress = eval_progress.EvalProgress.open(state, fingerprint, settings)
+        try:
+            progress = eval_progress.EvalProgress.open(state, fingerprint, settings, attempt=args.attempt)
+        except attempts.FutileRetry as err:
+            print(f"evaluate {args.kind} {args.run}: {err}", file=sys.stderr)
+            return 1
     try:
         with progress:
             metrics = _evaluate_metrics(args, cfg, progress)
     except Preempted as err:
+        record("preempted")
         print(f"evaluate {args.kind} {args.run}: {err}; exiting for a retry", file=sys.stderr)
         shutdown()
         return err.exit_code
+    except BaseException as err:
+        record("failed", err)
+        raise
     from webssl_repro.train.distributed import is_main
 
     if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
@@ -263,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} for --out "
                     "results/{scale}/evals/{run}/{kind}.json, none for an --out elsewhere); removed once the "
                     "output is written")
+    ev.add_argument("--attempt", type=int, default=None,
+                    help="Snakemake's attempt number: recorded in the state's attempts.jsonl, and the job is "
+                    "refused (exit 1) after attempts that failed without saving progress (train/attempts.py)")
     ev.set_defaults(func=_evaluate)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")

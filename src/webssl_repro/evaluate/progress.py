@@ -34,7 +34,10 @@ import torch
 import torch.nn as nn
 
 from webssl_repro.files import write_json
+from webssl_repro.train import attempts
+from webssl_repro.train.attempts import Measure
 from webssl_repro.train.checkpoint import capture_rng, remove_versions, restore_rank_rng, save_version
+from webssl_repro.train.fingerprint import STAMP
 from webssl_repro.train.deadline import Deadline, job_deadline
 from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, get_world_size, is_main
 from webssl_repro.train.loop import Preempted, PreemptionFlag
@@ -45,6 +48,23 @@ from webssl_repro.train.loop import Preempted, PreemptionFlag
 DEFAULTS = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
 DONE = "done"
 STATE_FILE = "state.pt"
+
+PART_SAVES = 10**9  # iterations of one part's state are fewer: a finished part always counts more
+
+
+def saved_progress(directory: Path) -> int:
+    """How far a job's saved state has come, a number that grows with every save: each
+    finished part counts ``PART_SAVES``, each part under way its saved iterations (the
+    attempts ledger, ``train.attempts``, tells progress from a futile attempt by it)."""
+    if not directory.is_dir():
+        return 0
+    done = sum(1 for _ in (directory / DONE).glob("*.json"))
+    pointers = [p for p in directory.glob("*.json") if p.name != STAMP]
+    return done * PART_SAVES + sum(int(json.loads(p.read_text())["iteration"]) for p in pointers)
+
+
+#: An evaluation job's progress for its attempts ledger.
+SAVED = Measure(saved_progress, lambda n: f"{n // PART_SAVES} finished part(s) and {n % PART_SAVES} saved iterations")
 
 #: ``checkpoint(done, make_state)``, called by a training loop after each iteration
 #: (``EvalProgress.torch_saver``); ``make_state`` runs only when a save is due.
@@ -109,16 +129,20 @@ class EvalProgress:
 
     @classmethod
     def open(cls, directory: str | Path, fingerprint: Mapping[str, Any], settings: Mapping[str, float],
-             env: Optional[Mapping[str, str]] = None) -> "EvalProgress":
+             env: Optional[Mapping[str, str]] = None, attempt: Optional[int] = None) -> "EvalProgress":
         """The progress kept in ``directory``, set aside first when stamped with another
         ``fingerprint`` (rank 0; the other ranks read it only after a collective), and the
-        SLURM job's deadline."""
+        SLURM job's deadline. With Snakemake's ``attempt``, rank 0 records it in the directory's
+        attempts ledger, or raises ``FutileRetry`` after attempts that failed without saving
+        anything (``train.attempts``)."""
         import os
 
         from webssl_repro.train.fingerprint import guard_checkpoints
 
         if int((os.environ if env is None else env).get("RANK", "0")) == 0:
             guard_checkpoints(directory, fingerprint)
+            if attempt is not None:
+                attempts.begin(directory, attempt, measure=SAVED)
         deadline = job_deadline(float(settings["stop_margin_s"]), env)
         return cls(directory, checkpoint_every_min=settings["checkpoint_every_min"], deadline=deadline)
 

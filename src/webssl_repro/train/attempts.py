@@ -27,8 +27,9 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .checkpoint import read_pointer
 
@@ -69,6 +70,19 @@ def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:
 def current_step(checkpoints: str | Path) -> int:
     pointer = read_pointer(checkpoints)
     return int(pointer["step"]) if pointer else 0
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How far a job's saved state has come: ``read(directory)``, an integer that only grows as
+    state is saved (recorded as each record's ``step``), and ``say(n)`` for messages."""
+
+    read: Callable[[Path], int]
+    say: Callable[[int], str]
+
+
+#: A pretraining run: the optimizer steps of its latest checkpoint.
+STEPS = Measure(lambda d: current_step(d), lambda n: f"step {n}")
 
 
 def history(records: list[dict[str, Any]], step_now: int, attempt: int, job: Optional[str] = None,
@@ -147,41 +161,43 @@ def _check(attempt: int, max_futile: int) -> None:
 
 
 def predicts_refusal(checkpoints: str | Path, attempt: int, invocation: Optional[str] = None,
-                     max_futile: int = MAX_FUTILE, job: Optional[str] = None) -> bool:
+                     max_futile: int = MAX_FUTILE, job: Optional[str] = None, measure: Measure = STEPS) -> bool:
     """Whether ``begin`` will refuse ``attempt`` of ``invocation`` in SLURM job ``job`` (None:
     not yet submitted), as the ledger stands (read only)."""
     _check(attempt, max_futile)
     if attempt <= max_futile:  # fewer attempts before it than a refusal needs: no need to read
         return False
-    return refuses(_streak(checkpoints, current_step(checkpoints), attempt, job, invocation), max_futile)
+    return refuses(_streak(checkpoints, measure.read(Path(checkpoints)), attempt, job, invocation), max_futile)
 
 
-def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE) -> None:
+def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, measure: Measure = STEPS) -> None:
     """Record attempt ``attempt`` (Snakemake's, from 1); raise ``FutileRetry`` instead of
-    starting it when the attempts before it ``refuses``."""
+    starting it when the attempts before it ``refuses``. ``measure``: what progress is
+    (pretraining: checkpointed steps; an evaluation: ``evaluate.progress.SAVED``)."""
     _check(attempt, max_futile)
     from webssl_repro.workflow import INVOCATION_VAR
 
-    step = current_step(checkpoints)
+    step = measure.read(Path(checkpoints))
     record = {"event": "start", "attempt": attempt, "step": step, "job": os.environ.get("SLURM_JOB_ID"),
               "invocation": os.environ.get(INVOCATION_VAR), "host": socket.gethostname()}
     streak = _streak(checkpoints, step, attempt, record["job"], record["invocation"])
     _append(checkpoints, record)
-    print(f"=== {Path(checkpoints).name}: attempt {attempt} from step {step}, job {record['job']} "
+    print(f"=== {Path(checkpoints).name}: attempt {attempt} from {measure.say(step)}, job {record['job']} "
           f"on {record['host']}, {time.strftime('%Y-%m-%d %H:%M:%S')} ===", flush=True)
     if refuses(streak, max_futile):
         finish(checkpoints, "refused")
         raise FutileRetry(
             f"{checkpoints}: not starting attempt {attempt}. The last {len(streak)} attempts of this "
-            f"snakemake invocation ended without a new checkpoint (still at step {step}) and not by "
+            f"snakemake invocation ended without a new checkpoint (still at {measure.say(step)}) and not by "
             f"preemption or the time limit ({_describe(streak)}). Another retry would fail the same way; "
-            f"fix the cause and rerun snakemake, which resumes from step {step}. History: "
+            f"fix the cause and rerun snakemake, which resumes from {measure.say(step)}. History: "
             f"{Path(checkpoints) / LEDGER}")
 
 
-def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException | str] = None) -> None:
+def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException | str] = None,
+           measure: Measure = STEPS) -> None:
     """Record how the current attempt ended (rank 0 only: one record per attempt)."""
-    record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": current_step(checkpoints)}
+    record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": measure.read(Path(checkpoints))}
     if error is not None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         record["error"] = text.strip().splitlines()[0][:300] if text.strip() else text
