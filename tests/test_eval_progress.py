@@ -312,3 +312,36 @@ def test_cli_refuses_a_retry_after_attempts_that_failed_without_saving(tmp_path,
     assert "not starting attempt 3" in err and "FloatingPointError: loss is nan at iteration 4" in err
     assert "0 finished part(s) and 0 saved iterations" in err
     assert [r["outcome"] for r in attempts.read(state) if r["event"] == "end"] == ["failed", "failed", "refused"]
+
+
+def test_a_failure_on_another_rank_counts(tmp_path, monkeypatch, capsys):
+    """Under torchrun a rank other than 0 may fail alone; torchrun then kills rank 0 before it
+    can say how the attempt ended, so the failing rank records it."""
+    from webssl_repro import cli
+    from webssl_repro.train import attempts
+
+    encoder, data = tmp_path / "encoder.safetensors", tmp_path / "set.json"
+    encoder.write_bytes(b"weights")
+    data.write_text("{}")
+    out, state = tmp_path / "evals" / "r" / "vqa.json", tmp_path / "eval_state" / "evals" / "r" / "vqa"
+    args = ["evaluate", "vqa", "--run", "r", "--encoder", str(encoder), "--data", str(data), "--out", str(out)]
+
+    def oom(*_):
+        raise MemoryError("rank 1: CUDA out of memory")
+
+    monkeypatch.setattr(cli, "_evaluate_metrics", oom)
+    finish = attempts.finish
+    for attempt in (1, 2):
+        monkeypatch.setenv("RANK", "0")  # stamps the state, records the start, then is killed
+        monkeypatch.setattr(attempts, "finish", lambda *a, **k: None)
+        with pytest.raises(MemoryError):
+            cli.main([*args, "--attempt", str(attempt)])
+        monkeypatch.setattr(attempts, "finish", finish)
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(MemoryError):
+            cli.main([*args, "--attempt", str(attempt)])
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main([*args, "--attempt", "3"]) == 1
+    assert "MemoryError: rank 1: CUDA out of memory" in capsys.readouterr().err
+    ends = [r["outcome"] for r in attempts.read(state) if r["event"] == "end"]
+    assert ends == ["failed", "failed", "refused"]  # rank 1's, then rank 0's refusal

@@ -66,8 +66,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     from webssl_repro.train.distributed import shutdown
     from webssl_repro.train.run import pretrain
 
-    # One end record per attempt, from the process that writes the checkpoints.
-    record = attempts.finish if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    def record(checkpoints: Path, outcome: str, error: BaseException | None = None) -> None:
+        """How the attempt ended: rank 0 says it stopped; any rank that fails says so (torchrun
+        then kills rank 0, which could not)."""
+        if error is not None or int(os.environ.get("RANK", "0")) == 0:
+            attempts.finish(checkpoints, outcome, error)
+
     cfg = merge_nested(json.loads(args.config_json), json.loads(args.settings_json))
     try:
         if cfg.get("run") not in (None, args.run):
@@ -135,10 +139,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), args.kind)
     progress = eval_progress.EvalProgress()
     state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
-    ledger = args.kind in eval_progress.RESUMABLE and state is not None and int(os.environ.get("RANK", "0")) == 0
+    ledger = args.kind in eval_progress.RESUMABLE and state is not None and args.attempt is not None
 
-    def record(outcome: str, error: BaseException | None = None) -> None:  # rank 0: one record per attempt
-        if ledger and Path(state).is_dir():
+    def record(outcome: str, error: BaseException | None = None) -> None:
+        """How the attempt ended: rank 0 says it stopped; any rank that fails says so (torchrun
+        then kills rank 0, which could not)."""
+        if ledger and Path(state).is_dir() and (error is not None or int(os.environ.get("RANK", "0")) == 0):
             attempts.finish(state, outcome, error, measure=eval_progress.SAVED)
 
     if args.kind in eval_progress.RESUMABLE and state is not None:
@@ -151,9 +157,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         except attempts.FutileRetry as err:
             print(f"evaluate {args.kind} {args.run}: {err}", file=sys.stderr)
             return 1
+    from webssl_repro.train.distributed import is_main
+
     try:
         with progress:
             metrics = _evaluate_metrics(args, cfg, progress)
+        if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
+            write_eval(Path(args.out), args.run, args.kind, metrics, computed)
+            print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
+            progress.discard()
     except Preempted as err:
         record("preempted")
         print(f"evaluate {args.kind} {args.run}: {err}; exiting for a retry", file=sys.stderr)
@@ -162,12 +174,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     except BaseException as err:
         record("failed", err)
         raise
-    from webssl_repro.train.distributed import is_main
-
-    if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
-        write_eval(Path(args.out), args.run, args.kind, metrics, computed)
-        print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
-        progress.discard()
     shutdown()
     return 0
 

@@ -188,7 +188,7 @@ def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, m
         finish(checkpoints, "refused")
         raise FutileRetry(
             f"{checkpoints}: not starting attempt {attempt}. The last {len(streak)} attempts of this "
-            f"snakemake invocation ended without a new checkpoint (still at {measure.say(step)}) and not by "
+            f"snakemake invocation ended without saving progress (still at {measure.say(step)}) and not by "
             f"preemption or the time limit ({_describe(streak)}). Another retry would fail the same way; "
             f"fix the cause and rerun snakemake, which resumes from {measure.say(step)}. History: "
             f"{Path(checkpoints) / LEDGER}")
