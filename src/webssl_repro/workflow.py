@@ -6,9 +6,7 @@ resources, so that all of the DAG's logic is ordinary, testable Python.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -18,11 +16,11 @@ from typing import Any, Mapping
 
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, hires_recipe
-from webssl_repro.resources import (PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
-                                    pretrain_resources, samples_of)
+from webssl_repro.resources import samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_evals import EvalJobs
+from webssl_repro.workflow_pretrain import INVOCATION_VAR, PretrainJobs
 
 TABLE_FORMATS = ("tsv", "md", "tex")
 FIGURE_FORMATS = ("pdf", "png")
@@ -32,7 +30,7 @@ STAGE_OF_EVAL = {"vqa": "vqa", "classic": "classic", "alignment": "alignment", "
 
 
 @dataclass(frozen=True)
-class Plan(EvalJobs):
+class Plan(EvalJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
@@ -287,36 +285,6 @@ class Plan(EvalJobs):
         return {"shards": self.data_manifest("shards"), "light": self.filter_stats("light"),
                 "heavy": self.filter_stats("heavy")}
 
-    def run_pattern(self, multinode: bool) -> str:
-        """A wildcard constraint matching exactly the runs of one launch layout."""
-        return _alternatives(self.runs_by_layout(multinode))
-
-    def imported_pattern(self) -> str:
-        return _alternatives([r for r in self.run_ids if not self.trained(r)])
-
-    def import_resources(self) -> dict[str, int]:
-        """A released checkpoint is converted on one node, no GPU: memory for the largest imported
-        encoder three times in fp32 (as read, as converted, and written), at least 8 GB; the
-        defaults where there are no GPU nodes (mini)."""
-        res = self.config.get("resources", {})
-        imported = [Run.parse(split_seed(r, self.seeds[0])[0]) for r in self.run_ids if not self.trained(r)]
-        if not imported or not int(res.get("gpus_per_node", 0)):
-            return {}
-        labels = self.config["labels"]
-        params = max(encoder_params(r.method, labels["sizes"][r.size], int(labels["resolutions"][str(r.res)]))
-                     for r in imported)
-        mem_mb = max(8000, math.ceil(3 * 4 * params / 2**20))
-        return {"mem_mb": min(mem_mb, int(res["mem_mb_per_node"])), "cpus_per_task": int(res["cpus_per_gpu"]),
-                "runtime": 120}
-
-    def import_command(self, run_id: str) -> str:
-        run = split_seed(run_id, self.seeds[0])[0]
-        source = self.run_sources[run]
-        if "checkpoint" not in source:
-            raise KeyError(f"pretrain.run_sources.{run} needs 'checkpoint' (a released id, e.g. facebook/webssl-{run})")
-        path = f" --path {source['path']}" if source.get("path") else " --allow-download"
-        return f"--checkpoint {source['checkpoint']}{path}"
-
     def item_inputs(self, item_id: str) -> list[str]:
         """The files an item's numbers come from — nothing else, so one figure rebuilds alone.
         An item this config does not build is refused (``not_built``), also when asked for by path."""
@@ -341,69 +309,6 @@ class Plan(EvalJobs):
     def all_targets(self) -> list[str]:
         return [p for i in self.items for p in self.item_outputs(i)] + self.data_figures()
 
-    # ---- resources ---------------------------------------------------------------------
-    def pretrain_resources(self, run: str) -> RunResources:
-        return pretrain_resources(Run.parse(split_seed(run, self.seeds[0])[0]), self.config)
-
-    @cached_property
-    def _job_resources(self) -> dict[tuple, dict[str, Any]]:
-        return {}
-
-    def pretrain_job_resources(self, run: str, attempt: int) -> dict[str, Any]:
-        """The rule resources of ``run``'s attempt ``attempt``: the run's own, or
-        ``REFUSED_ATTEMPT`` where its guard will refuse the attempt (the ledger of this
-        invocation's attempts, ``train.attempts``); ``sized_for_refusal`` (0/1) shows which in
-        the job's listing. Decided once per (run, attempt, invocation, job): Snakemake asks for
-        each resource in turn. Snakemake evaluates them again inside the job, where the job's
-        id tells a requeue from a new attempt."""
-        job = os.environ.get("SLURM_JOB_ID")
-        key = (run, attempt, os.environ.get(INVOCATION_VAR), job)
-        if key not in self._job_resources:
-            refused = False
-            if attempt > 1:  # attempt 1 is never refused; only retries pay for reading the ledger
-                from webssl_repro.train.attempts import predicts_refusal
-
-                refused = predicts_refusal(self.checkpoint_dir(run), attempt, key[2], job=job)
-            own = REFUSED_ATTEMPT if refused else self.pretrain_resources(run).snakemake()
-            self._job_resources[key] = {**own, "sized_for_refusal": int(refused)}
-        return self._job_resources[key]
-
-    def pretrain_retries(self, remote: bool = False) -> int | None:
-        """The pretrain rules' ``retries``: with ``resources.max_runtime_min`` set, enough for the
-        longest run's chain of time-limited jobs plus ``PREEMPTION_RETRIES``; otherwise None
-        (the command line's or profile's value).
-
-        0 in Snakemake's remote mode (``workflow.remote_exec``: the snakemake inside a cluster
-        job), which applies a rule's ``retries`` too: a job that stopped for its time limit or a
-        preemption would be restarted in the same, ending allocation. There its failure must
-        reach the submitting snakemake, which submits the next attempt as a new job."""
-        if remote:
-            return 0
-        if not self.config.get("resources", {}).get("max_runtime_min") or not self.run_ids:
-            return None
-        return max(self.pretrain_resources(r).jobs for r in self.run_ids) - 1 + PREEMPTION_RETRIES
-
-    def runs_by_layout(self, multinode: bool) -> list[str]:
-        return [r for r in self.run_ids if self.trained(r) and (self.pretrain_resources(r).nodes > 1) == multinode]
-
-    def launcher(self, run: str) -> str:
-        """The command prefix that starts ``python -m webssl_repro.cli`` on the run's resources.
-
-        Ranks come from torchrun's environment; under SLURM one ``srun`` task per node
-        starts one torchrun each (design.md §7), never reading SLURM_JOB_NUM_NODES.
-        """
-        res = self.pretrain_resources(run)
-        if res.gpus == 0:
-            return "python -m webssl_repro.cli"
-        per_node = res.gpus // res.nodes
-        if res.nodes == 1:
-            return f"torchrun --standalone --nnodes 1 --nproc-per-node {per_node} -m webssl_repro.cli"
-        return (
-            f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 "
-            f"torchrun --nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
-            f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
-        )
-
     def not_built(self, item: str) -> None:
         """Raise why ``snakemake {item}`` has nothing to build at this scale (the target rule
         of an item this config does not build)."""
@@ -416,42 +321,11 @@ class Plan(EvalJobs):
         raise ConfigError(f"{item} is not built at scale {self.scale}: {why}. Its published render: "
                           f"snakemake {item} --configfile config/published.yaml")
 
-    def target_message(self, item: str | None = None) -> str:
-        """What a target costs, shown by the dry run: its runs and their pretraining GPU-hours
-        (each pretrain job also carries its own ``gpu_hours`` resource)."""
-        name = item or "all"
-        if self.published:
-            return f"{name}: rendered from the paper's own numbers"
-        message = f"{self.cost_line(item)} ({self.config['resources']['gpus_per_node']} GPUs/node)"
-        if item is None and self.skipped_items:
-            message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
-        return message
-
-    def cost_line(self, item: str | None = None) -> str:
-        """``{item}: N runs[ (k imported)], H estimated pretraining GPU-hours``: every seed counts
-        as a run; an imported run (``pretrain.run_sources``) costs no pretraining."""
-        runs = self.run_ids if item is None else [r for run in specs.get_item(item).runs for r in self.seeded(run)]
-        imported = sum(not self.trained(r) for r in runs)
-        return (f"{item or 'all'}: {len(runs)} runs{f' ({imported} imported)' if imported else ''}, "
-                f"{self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours")
-
-    def trained(self, run_id: str) -> bool:
-        """False for a run imported from a released checkpoint."""
-        return split_seed(run_id, self.seeds[0])[0] not in self.run_sources
-
-    def gpu_hours(self, runs=None) -> float:
-        """Pretraining GPU-hours of ``runs`` (run ids; default all), imported ones excluded."""
-        return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs)
-                   if self.trained(r))
 
 
 def _item_order(item_id: str) -> tuple[bool, int]:
     """Tables before figures, each by number."""
     return item_id.startswith("fig"), int(item_id.lstrip("tablefig"))
-
-
-def _alternatives(names: list[str]) -> str:
-    return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
 def published_files(item: specs.Item) -> list[str]:
@@ -468,7 +342,6 @@ def published_files(item: specs.Item) -> list[str]:
 
 
 #: The environment variable naming a snakemake invocation, inherited by its jobs
-INVOCATION_VAR = "WEBSSL_REPRO_INVOCATION"
 
 
 def mark_invocation(remote: bool, environ: Any = None) -> str | None:
