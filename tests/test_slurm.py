@@ -299,10 +299,13 @@ def test_a_retry_to_be_refused_is_submitted_small(workflow_dir: Path, cancel_lef
     assert refused["TimeLimit"] == f"00:{REFUSED_ATTEMPT['runtime']:02d}:00", refused
     assert refused["OverSubscribe"] != "NO", refused  # not --exclusive
     ledger = attempts.read(workflow_dir / plan.checkpoint_dir(CI_MULTI))
-    assert [(r["event"], r.get("attempt"), r.get("job"), r.get("outcome")) for r in ledger] == [
-        ("start", 1, runs[0][0], None), ("end", None, None, "failed"),
-        ("start", 2, runs[1][0], None), ("end", None, None, "failed"),
-        ("start", 3, runs[2][0], None), ("end", None, None, "refused")], ledger
+    starts = [i for i, r in enumerate(ledger) if r["event"] == "start"]
+    ended = [(ledger[i]["attempt"], ledger[i]["job"], [r["outcome"] for r in ledger[i + 1:j] if r["event"] == "end"])
+             for i, j in zip(starts, [*starts[1:], len(ledger)])]
+    # every rank that fails records it (torchrun may kill rank 0 first): one or two per 2-node attempt
+    assert [(a, job, set(ends)) for a, job, ends in ended] == [
+        (1, runs[0][0], {"failed"}), (2, runs[1][0], {"failed"}), (3, runs[2][0], {"refused"})], ledger
+    assert [len(ends) for _, _, ends in ended][2] == 1 and all(1 <= len(e) <= 2 for _, _, e in ended[:2]), ledger
     log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
     assert "not starting attempt 3" in log and "grad_clip must be >= 0" in log, log[-3000:]
 

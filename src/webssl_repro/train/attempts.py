@@ -196,7 +196,8 @@ def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, m
 
 def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException | str] = None,
            measure: Measure = STEPS) -> None:
-    """Record how the current attempt ended (rank 0 only: one record per attempt)."""
+    """Record how the current attempt ended: rank 0 records how it stopped, and every rank that
+    fails records its failure (``history`` reads the last end record of an attempt)."""
     record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": measure.read(Path(checkpoints))}
     if error is not None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
