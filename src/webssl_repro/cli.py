@@ -59,18 +59,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from webssl_repro.settings import merge_nested
     from webssl_repro.train import Preempted, attempts
     from webssl_repro.train.distributed import shutdown
     from webssl_repro.train.run import pretrain
-
-    def record(checkpoints: Path, outcome: str, error: BaseException | None = None) -> None:
-        """How the attempt ended: rank 0 says it stopped; any rank that fails says so (torchrun
-        then kills rank 0, which could not)."""
-        if error is not None or int(os.environ.get("RANK", "0")) == 0:
-            attempts.finish(checkpoints, outcome, error)
 
     cfg = merge_nested(json.loads(args.config_json), json.loads(args.settings_json))
     try:
@@ -79,16 +72,16 @@ def _pretrain(args: argparse.Namespace) -> int:
         result = pretrain(args.run, cfg, args.out, args.checkpoints, args.data, parent=args.parent,
                           max_steps=args.max_steps)
     except Preempted as err:
-        record(args.checkpoints, "preempted")
+        attempts.record_end(args.checkpoints, "preempted")
         print(f"pretrain {args.run}: preempted at step {err.step}; checkpoint written, exiting for a retry",
               file=sys.stderr)
         return err.exit_code
     except BaseException as err:
-        record(args.checkpoints, "failed", err)
+        attempts.record_end(args.checkpoints, "failed", err)
         raise
     finally:
         shutdown()
-    record(args.checkpoints, "complete" if result.complete else "stopped")
+    attempts.record_end(args.checkpoints, "complete" if result.complete else "stopped")
     print(f"pretrain {args.run}: step {result.step}, {result.samples_seen} samples seen, complete={result.complete}")
     return 0
 
@@ -125,8 +118,6 @@ def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> Non
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    import os
-
     from webssl_repro.config import config_hash
     from webssl_repro.evaluate import progress as eval_progress
     from webssl_repro.settings import merge_nested
@@ -142,10 +133,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     ledger = args.kind in eval_progress.RESUMABLE and state is not None and args.attempt is not None
 
     def record(outcome: str, error: BaseException | None = None) -> None:
-        """How the attempt ended: rank 0 says it stopped; any rank that fails says so (torchrun
-        then kills rank 0, which could not)."""
-        if ledger and Path(state).is_dir() and (error is not None or int(os.environ.get("RANK", "0")) == 0):
-            attempts.finish(state, outcome, error, measure=eval_progress.SAVED)
+        if ledger and Path(state).is_dir():
+            attempts.record_end(state, outcome, error, measure=eval_progress.SAVED)
 
     if args.kind in eval_progress.RESUMABLE and state is not None:
         encoder = (eval_progress.file_identity(args.encoder) if args.encoder else

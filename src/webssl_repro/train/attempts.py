@@ -82,7 +82,7 @@ class Measure:
 
 
 #: A pretraining run: the optimizer steps of its latest checkpoint.
-STEPS = Measure(lambda d: current_step(d), lambda n: f"step {n}")
+STEPS = Measure(current_step, lambda n: f"step {n}")
 
 
 def history(records: list[dict[str, Any]], step_now: int, attempt: int, job: Optional[str] = None,
@@ -192,6 +192,14 @@ def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, m
             f"preemption or the time limit ({_describe(streak)}). Another retry would fail the same way; "
             f"fix the cause and rerun snakemake, which resumes from {measure.say(step)}. History: "
             f"{Path(checkpoints) / LEDGER}")
+
+
+def record_end(checkpoints: str | Path, outcome: str, error: Optional[BaseException] = None,
+               measure: Measure = STEPS) -> None:
+    """``finish`` from the process that should say it: rank 0 records how the attempt stopped;
+    any rank that fails records its failure (torchrun then kills rank 0, which could not)."""
+    if error is not None or int(os.environ.get("RANK", "0")) == 0:
+        finish(checkpoints, outcome, error, measure)
 
 
 def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException | str] = None,

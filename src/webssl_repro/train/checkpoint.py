@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from webssl_repro.files import write_json
+from webssl_repro.settings import merge_nested
 
 from .distributed import all_gather_object, barrier, is_main, unwrap, unwrapped
 
@@ -201,13 +202,6 @@ def _split(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, rest
 
 
-def _merge(tensors: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(tensors)
-    for key, value in rest.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and key in out else value
-    return out
-
-
 def _sharded_state(method: Any, optimizer: Optional[torch.optim.Optimizer], strategy: str
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the DCP part of a checkpoint as this rank holds it, FSDP2 ones as DTensor shards; the
@@ -301,7 +295,7 @@ def restore_after_wrap(method: Any, optimizer: torch.optim.Optimizer, strategy: 
     set_model_state_dict(model, state["model"])
     if meta["with_optimizer"]:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
-    method_state = _merge(state["method"], meta["method_rest"])
+    method_state = merge_nested(state["method"], meta["method_rest"])
     with unwrapped(method):
         if isinstance(method, nn.Module):  # its ``model.`` keys came in as ``model`` above
             method.load_state_dict(method_state, strict=False)
@@ -323,7 +317,7 @@ def read_checkpoint(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=dcp.FileSystemReader(meta["path"]),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    state["method"] = _merge(state.get("method", {}), meta.pop("method_rest"))
+    state["method"] = merge_nested(state.get("method", {}), meta.pop("method_rest"))
     return {**meta, **state}
 
 
