@@ -218,12 +218,13 @@ def test_depth_test_averages_each_image_with_its_mirror(tiny_data, monkeypatch):
 def test_linear_probe_trains_at_the_configured_global_batch(tiny_data, monkeypatch):  # noqa: F811
     """DINOv2's linear eval runs 128 images on each of 8 GPUs: a global batch of 1024 by
     default (capped at the training set), smaller where the config says so (mini: 128)."""
-    from webssl_repro.evaluate import classic
+    from webssl_repro.evaluate import classic, classification
     from webssl_repro.evaluate.imagesets import load_split
 
     encoder, meta = _encoder()
-    probe, seen = classic.linear_probe, []
-    monkeypatch.setattr(classic, "linear_probe", lambda *a, **kw: seen.append(kw["batch_size"]) or probe(*a, **kw))
+    probe, seen = classification.linear_probe, []
+    monkeypatch.setattr(classification, "linear_probe",
+                        lambda *a, **kw: seen.append(kw["batch_size"]) or probe(*a, **kw))
     n_train = len(load_split(tiny_data["classification"], "train"))
     for batch in (8, None):
         linear = {**DENSE["linear"], **({} if batch is None else {"batch_size": batch})}

@@ -66,6 +66,90 @@ def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_
         assert not list(state.glob("segmentation*.json")) and list((state / "done").glob("segmentation*.json"))
 
 
+@pytest.mark.parametrize("stop_after,part,iteration", [(2, "features.train", 2), (5, "features.val", 1),
+                                                       (10, "classification", 4)],
+                         ids=["train-features", "val-features", "linear-grid"])
+def test_linear_eval_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_path, stop_after, part,  # noqa: F811
+                                                                 iteration):
+    """320 train and 160 val images in batches of 64, then 40 iterations of the grid: stopped
+    after the 2nd train batch, the 1st val batch or the grid's 4th iteration, the retry
+    continues from there, writes no row twice and ends with the uninterrupted numbers."""
+    from webssl_repro.evaluate import classic, classification, features
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    encoder, meta = _encoder()
+    cfg = classic.classic_config(DENSE)
+    whole = classification.classification(encoder, meta, tiny_data["classification"], cfg)
+
+    state = tmp_path / "state"
+    with pytest.raises(Preempted, match=f"after iteration {iteration} of {part}"):
+        with EvalProgress(state, checkpoint_every_min=60, deadline=StopAfter(stop_after)) as progress:
+            classification.classification(encoder, meta, tiny_data["classification"], cfg, progress)
+    saved = torch.load(state / json.loads((state / f"{part}.json").read_text())["dir"] / "state.pt",
+                       weights_only=False)
+    if part.startswith("features"):
+        assert saved["rows"] == 64 * iteration
+    assert sorted(p.name for p in (state / "done").glob("features.*")) == \
+        [f"features.{s}.json" for s in ("train", "val")[:stop_after // 5 + (part == "classification")]]
+
+    seen = []
+    passes = features.block_tokens
+    with pytest.MonkeyPatch.context() as mp:  # count the images the retry runs the encoder on
+        mp.setattr(features, "block_tokens", lambda m, x, **kw: seen.append(len(x)) or passes(m, x, **kw))
+        resumed = classification.classification(encoder, meta, tiny_data["classification"], cfg,
+                                                EvalProgress(state, checkpoint_every_min=60))
+    assert resumed == whole
+    assert sum(seen) == {"features.train": 320 - 128 + 160, "features.val": 160 - 64, "classification": 0}[part]
+
+
+def test_a_feature_pass_continues_at_its_saved_row_whatever_the_batch(tiny_data, tmp_path):  # noqa: F811
+    """The rows a save records, not its batches, say where a retry starts: with another
+    batch size it writes the rest, and an uninterrupted pass's features are what it ends with;
+    ``scratch`` keeps the features out of the state directory."""
+    from webssl_repro.evaluate import classic, classification
+    from webssl_repro.evaluate.imagesets import EvalImages, load_split
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    encoder, meta = _encoder()
+    images = EvalImages(load_split(tiny_data["classification"], "train"), int(meta["img_size"]), "label")
+    cfg = classic.classic_config(DENSE)
+    whole = classification.split_features(encoder, images, 4, cfg, EvalProgress(tmp_path / "a"), "train",
+                                          tmp_path / "a" / "files")
+    with pytest.raises(Preempted):
+        with EvalProgress(tmp_path / "b", deadline=StopAfter(3)) as progress:
+            classification.split_features(encoder, images, 4, cfg, progress, "train", tmp_path / "b" / "files")
+    resumed = classification.split_features(encoder, images, 4, {**cfg, "batch_size": 48},
+                                            EvalProgress(tmp_path / "b"), "train", tmp_path / "b" / "files")
+    assert torch.equal(resumed["labels"], whole["labels"])
+    for key in ("cls", "avgpool"):
+        assert resumed[key].dtype == torch.float32
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-5)
+
+    state = tmp_path / "c"
+    classification.classification(encoder, meta, tiny_data["classification"], {**cfg, "scratch": str(tmp_path)},
+                                  EvalProgress(state))
+    assert not (state / classification.FEATURES).exists() and not list(state.glob("done/features.*"))
+
+
+def test_the_features_are_removed_once_the_linear_eval_is_kept(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """The split features (52 GB at ViT-7B) do not stay in the state directory through the
+    dense probes, which run for hours after the linear grid."""
+    from webssl_repro.evaluate import classic
+    from webssl_repro.evaluate.classification import FEATURES
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    encoder, meta = _encoder()
+    seen = []
+    monkeypatch.setattr(classic, "segmentation", lambda *a: seen.append((tmp_path / FEATURES).exists()) or {})
+    monkeypatch.setattr(classic, "depth", lambda *a: {})
+    metrics = classic.run_classic(encoder, meta, tiny_data, DENSE, EvalProgress(tmp_path))
+    assert seen == [False] and metrics["in1k_linear"] > 0
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == \
+        ["classification.json", "depth.json", "features.train.json", "features.val.json"]
+
+
 def test_finished_parts_are_read_back_not_recomputed(tiny_data, tmp_path, monkeypatch):  # noqa: F811
     from webssl_repro.evaluate import classic
     from webssl_repro.evaluate.progress import EvalProgress

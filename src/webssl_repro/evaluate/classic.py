@@ -24,7 +24,7 @@ Every probe follows the DINOv2 protocol of its module; the sizes of the probe tr
 
 Cost: the encoder is frozen, so an image's tokens change only with its augmentation. The
 linear probe's features are computed once per split (in memory, or on disk for ImageNet at
-paper scale); a dense probe without augmentation caches its tokens when they fit in memory,
+paper scale, where a retry continues a stopped pass: ``evaluate.classification``); a dense probe without augmentation caches its tokens when they fit in memory,
 and otherwise, or with augmentation, runs the encoder on each training batch, on the seeded
 batches either way. All heads
 of a task train together on one encoder pass (the linear grid, lin./+ms, lin.1/lin.4), each
@@ -36,7 +36,6 @@ backward pass (``segmentation.upsampled_ce``, ``depth.upsampled_bins_to_depth``)
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -44,10 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from webssl_repro.config import merge_known
-from webssl_repro.evaluate.features import BlockTokens, linear_features, model_device
+from webssl_repro.evaluate.classification import FEATURES, classification
+from webssl_repro.evaluate.features import BlockTokens, model_device
 from webssl_repro.evaluate.imagesets import EvalImages, as_hw, collate_lists, load_split
-from webssl_repro.evaluate.linear import DINOV2_LRS, linear_probe
-from webssl_repro.evaluate.probe_batches import (TokenCache, augmented_training_batches, autocast_dtype,
+from webssl_repro.evaluate.linear import DINOV2_LRS
+from webssl_repro.evaluate.probe_batches import (TokenCache, augmented_training_batches,
                                                  in_order_batches, tokens_fn, train_batch_size, training_batches)
 from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.segmentation import SLIDE_STRIDE
@@ -56,7 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     # Processes decoding images ahead of the encoder (0: in the job's own process).
     "workers": 0,
-    # Where the linear probe's features go when they do not fit in memory (null: $TMPDIR).
+    # Where the linear probe's features go (evaluate.classification). null: the job's state
+    # directory, where a stopped feature pass continues (or in memory without one); a folder:
+    # a temporary one there, computed again by a retry.
     "scratch": None,
     # Linear probe: DINOv2's run_eval_linear on its standard 8 GPUs, 128 images each: a global
     # batch of 1024 (the lrs scale by it / 256), which one process trains alike.
@@ -135,27 +137,6 @@ def slide_setting(seg: Mapping[str, Any], size: tuple[int, int]) -> tuple[tuple[
     if min(stride_hw) < 1 or any(st > c for st, c in zip(stride_hw, size)):
         raise ValueError(f"evaluate.classic.segmentation.slide_stride: {stride!r} must be in [1, img_size {size}]")
     return size, stride_hw
-
-
-def classification(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    size, n_blocks = int(meta["img_size"]), min(4, int(meta["depth"]))
-    with tempfile.TemporaryDirectory(dir=cfg["scratch"], prefix="linear_features_") as scratch:
-        feats = {}
-        for split in ("train", "val"):
-            images = _split(manifest, split, size, "label")
-            (Path(scratch) / split).mkdir()
-            feats[split] = linear_features(encoder, in_order_batches(images, cfg), len(images), n_blocks,
-                                           scratch=Path(scratch) / split, autocast_dtype=autocast_dtype(cfg))
-        n_classes = int(max(feats["train"]["labels"].max(), feats["val"]["labels"].max())) + 1
-        lin = cfg["linear"]
-        result = linear_probe(feats["train"], feats["val"], n_classes, n_last_blocks=(1, n_blocks),
-                              lrs=lin["lrs"], batch_size=min(int(lin["batch_size"]), len(feats["train"]["labels"])),
-                              epochs=int(lin["epochs"]), epoch_length=int(lin["epoch_length"]),
-                              seed=int(cfg["seed"]), device=model_device(encoder))
-    setting = result.setting
-    return {"in1k_linear": float(result.top1),  # already a percentage
-            "_in1k_linear_setting": {"n_last_blocks": setting.n_last_blocks, "avgpool": setting.avgpool,
-                                     "lr": setting.lr}}
 
 
 def _block_major(bt: BlockTokens) -> torch.Tensor:
@@ -348,7 +329,9 @@ def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path]
     progress.stop_point("classification")
     kept = progress.result("classification")
     metrics.update(kept if kept is not None else
-                   progress.finish("classification", classification(encoder, meta, data["classification"], cfg)))
+                   progress.finish("classification", classification(encoder, meta, data["classification"], cfg,
+                                                                    progress)))
+    progress.drop_files(FEATURES)
     progress.stop_point("segmentation")
     metrics.update(segmentation(encoder, meta, data["segmentation"], cfg, progress))
     progress.stop_point("depth")

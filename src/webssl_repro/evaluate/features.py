@@ -10,6 +10,7 @@ callable that returns the token sequence after every block.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
            "pad_to_multiple", "feature_fn", "interp_matrix", "chunk_size", "model_device", "linear_features",
-           "encoder_fingerprint", "save_atomic", "IN_MEMORY_BYTES"]
+           "linear_files", "linear_files_intact", "encoder_fingerprint", "save_atomic", "IN_MEMORY_BYTES"]
 
 #: Frozen features or tokens up to this size stay in memory; larger ones go to disk (features)
 #: or are recomputed per batch (dense tokens).
@@ -222,7 +223,8 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
 
 def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks: int,
                     scratch: Optional[Union[str, Path]] = None,
-                    autocast_dtype: Optional[torch.dtype] = None) -> dict:
+                    autocast_dtype: Optional[torch.dtype] = None, *, files: Optional[Union[str, Path]] = None,
+                    after_batch: Optional[Callable[[int, Callable[[], None]], None]] = None) -> dict:
     """The linear probe's inputs for a whole split: normed CLS of the last ``n_blocks`` blocks
     and the last block's mean patch token, written by sample index from ``batches`` of
     (indices, images, labels).
@@ -231,12 +233,16 @@ def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks:
     ``extract_features``, but only what the DINOv2 grid reads, preallocated: float32 in memory
     up to ``IN_MEMORY_BYTES``, else float16 in a memory-mapped file under ``scratch`` (ImageNet
     at ViT-7B width: 1.28M x 5 x 4096 values, 52 GB), which the probe reads batch by batch.
+    With ``files`` they are always memory-mapped files there (``linear_files``), and files
+    already there are written on: a pass stopped after its first rows continues with in-order
+    ``batches`` of the rest. ``after_batch(batches done, flush)`` follows each batch; ``flush()``
+    makes the rows written so far durable.
     """
-    import numpy as np
-
     model.eval()
     device = model_device(model)
     store = labels = None
+    flush: Callable[[], None] = lambda: None
+    done = 0
     with torch.no_grad():
         for idx, images, y in batches:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -244,19 +250,73 @@ def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks:
             rows = torch.cat([bt.cls.float(), bt.patches[-1:].float().mean(dim=2)]).cpu()  # (n+1, B, D)
             if store is None:
                 shape = (n_blocks + 1, n_items, rows.shape[-1])
-                if 4 * math.prod(shape) <= IN_MEMORY_BYTES:
-                    store = torch.empty(shape)
+                if files is not None:
+                    store, labels, flush = linear_files(files, shape, resume=True)
+                elif 4 * math.prod(shape) <= IN_MEMORY_BYTES:
+                    store, labels = torch.empty(shape), torch.full((n_items,), -1, dtype=torch.long)
+                elif scratch is None:
+                    raise ValueError(f"features of {n_items} images need {2 * math.prod(shape) / 1e9:.1f} GB "
+                                     "on disk: pass a scratch directory")
                 else:
-                    if scratch is None:
-                        raise ValueError(f"features of {n_items} images need {2 * math.prod(shape) / 1e9:.1f} GB "
-                                         "on disk: pass a scratch directory")
-                    path = Path(scratch) / "linear_features.f16"
-                    store = torch.from_numpy(np.memmap(path, dtype=np.float16, mode="w+", shape=shape))
-                labels = torch.full((n_items,), -1, dtype=torch.long)
+                    store, labels, flush = linear_files(scratch, shape)
             store[:, idx] = rows.to(store.dtype)
             labels[idx] = torch.as_tensor(y).long()
+            done += 1
+            if after_batch is not None:
+                after_batch(done, flush)
     if store is None:
-        raise ValueError("batches is empty")
+        if files is None or not Path(files, "shape.json").exists():
+            raise ValueError("batches is empty")
+        store, labels, _ = linear_files(files)
     if (labels < 0).any():
         raise ValueError(f"batches covered {int((labels >= 0).sum())} of {n_items} images")
     return {"cls": store[:n_blocks], "avgpool": store[n_blocks], "labels": labels}
+
+
+def linear_files_intact(directory: Union[str, Path], n_items: int) -> bool:
+    """Whether ``directory`` holds the files ``linear_files`` made for ``n_items`` samples, whole
+    (what a stopped pass continues on, or a finished one is read back from)."""
+    directory = Path(directory)
+    try:
+        header = json.loads((directory / "shape.json").read_text())
+    except (OSError, ValueError):
+        return False
+    shape, path = tuple(header["shape"]), directory / header["file"]
+    itemsize = 4 if header["file"].endswith("f32") else 2
+    return (shape[1] == n_items and path.exists() and path.stat().st_size == itemsize * math.prod(shape)
+            and (directory / "labels.i64").exists() and (directory / "labels.i64").stat().st_size == 8 * n_items)
+
+
+def linear_files(directory: Union[str, Path], shape: Optional[tuple[int, int, int]] = None,
+                 resume: bool = False) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+    """Memory-mapped (n_blocks + 1, N, D) features and (N,) labels in ``directory``: float32
+    up to ``IN_MEMORY_BYTES``, else float16, and a ``flush()`` that writes their dirty pages
+    (``msync``). New files of ``shape`` are created (labels -1: not written yet), unless
+    ``resume`` finds whole ones of that shape there to write on; without ``shape`` the files
+    there are opened as they are."""
+    import numpy as np
+
+    directory = Path(directory)
+    labels_path = directory / "labels.i64"
+    if shape is None:
+        header = json.loads((directory / "shape.json").read_text())
+        shape, name, fresh = tuple(header["shape"]), header["file"], False
+    else:
+        name = "linear_features.f32" if 4 * math.prod(shape) <= IN_MEMORY_BYTES else "linear_features.f16"
+        fresh = not (resume and linear_files_intact(directory, shape[1])
+                     and json.loads((directory / "shape.json").read_text()) == {"shape": list(shape), "file": name})
+    dtype = np.float32 if name.endswith("f32") else np.float16
+    path = directory / name
+    if fresh:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "shape.json").write_text(json.dumps({"shape": list(shape), "file": name}))
+    store = np.memmap(path, dtype=dtype, mode="w+" if fresh else "r+", shape=shape)
+    labels = np.memmap(labels_path, dtype=np.int64, mode="w+" if fresh else "r+", shape=(shape[1],))
+    if fresh:
+        labels[:] = -1
+
+    def flush() -> None:
+        store.flush()
+        labels.flush()
+
+    return torch.from_numpy(store), torch.from_numpy(labels), flush

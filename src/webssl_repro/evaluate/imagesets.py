@@ -278,9 +278,10 @@ def seeded_batches(n: int, batch: int, seed: int) -> Iterator[torch.Tensor]:
             yield perm[i:i + batch]
 
 
-def in_order(n: int, batch: int) -> Iterator[torch.Tensor]:
-    """One pass in order, the last batch possibly short (feature extraction, evaluation)."""
-    for i in range(0, n, batch):
+def in_order(n: int, batch: int, start: int = 0) -> Iterator[torch.Tensor]:
+    """One pass in order from sample ``start``, the last batch possibly short (feature
+    extraction, evaluation)."""
+    for i in range(start, n, batch):
         yield torch.arange(i, min(i + batch, n))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -122,6 +122,17 @@ class _HeadBank(nn.Module):
         self.weight.sub_(lr * self._bufs[0])
         self.bias.sub_(lr[:, :, 0] * self._bufs[1])
 
+    def saved(self) -> dict[str, Any]:
+        """Weights and momentum buffers, what a resumed training needs of this bank."""
+        return {"weight": self.weight.detach().cpu().clone(), "bias": self.bias.detach().cpu().clone(),
+                "bufs": None if self._bufs is None else [b.cpu().clone() for b in self._bufs]}
+
+    @torch.no_grad()
+    def load(self, saved: Mapping[str, Any]) -> None:
+        self.weight.copy_(saved["weight"])
+        self.bias.copy_(saved["bias"])
+        self._bufs = None if saved["bufs"] is None else [b.to(self.weight.device) for b in saved["bufs"]]
+
     @torch.no_grad()
     def correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Correct predictions per head on one batch."""
@@ -132,13 +143,17 @@ def linear_probe(train: Mapping, val: Mapping, num_classes: int, *,
                  n_last_blocks: Sequence[int] = (1, 4), avgpool: Sequence[bool] = (False, True),
                  lrs: Sequence[float] = DINOV2_LRS, batch_size: int = 128, world_size: int = 1,
                  epochs: int = 10, epoch_length: int = 1250, seed: int = 0,
-                 device: str | torch.device = "cpu") -> LinearProbeResult:
+                 device: str | torch.device = "cpu", state: Optional[Mapping[str, Any]] = None,
+                 checkpoint: Optional[Callable[[int, Callable[[], dict[str, Any]]], None]] = None
+                 ) -> LinearProbeResult:
     """Train the whole grid jointly; return the best head on ``val``.
 
     ``train``/``val`` are dicts with ``cls`` (L, N, D), ``avgpool`` and ``labels`` as written by
     ``extract_features``. Per DINOv2: weight ~ N(0, 0.01), bias 0; SGD momentum 0.9, wd 0;
     cosine annealing to 0 over ``epochs * epoch_length`` iterations; batches come from a
     stream reshuffled at every pass (DINOv2's infinite sampler); lr scaled by batch*world/256.
+    ``checkpoint(done, make_state)`` follows each iteration (``progress.EvalProgress.torch_saver``);
+    a ``state`` it saved resumes the training where it stopped, to the same heads.
     """
     configs = [(n, a) for n in n_last_blocks for a in avgpool]
     _check(train)
@@ -152,7 +167,18 @@ def linear_probe(train: Mapping, val: Mapping, num_classes: int, *,
     total = epochs * epoch_length
     n_train = len(y_tr)
     perm, pos = torch.randperm(n_train, generator=g), 0
-    for it in range(total):
+    start = 0
+    if state is not None:
+        start, perm, pos = int(state["iteration"]), state["perm"], int(state["pos"])
+        g.set_state(state["generator"])
+        for bank, saved in zip(heads.values(), state["heads"], strict=True):
+            bank.load(saved)
+
+    def make_state() -> dict[str, Any]:
+        return {"iteration": it + 1, "perm": perm, "pos": pos, "generator": g.get_state(),
+                "heads": [bank.saved() for bank in heads.values()]}
+
+    for it in range(start, total):
         if pos + batch_size > n_train:
             perm, pos = torch.randperm(n_train, generator=g), 0
         idx = perm[pos:pos + min(batch_size, n_train)]
@@ -166,6 +192,8 @@ def linear_probe(train: Mapping, val: Mapping, num_classes: int, *,
         cos = 0.5 * (1.0 + math.cos(math.pi * it / total))  # CosineAnnealingLR, eta_min 0
         for bank in heads.values():
             bank.sgd_step(base_lr * cos, momentum=0.9)
+        if checkpoint is not None:
+            checkpoint(it + 1, make_state)
     correct = {c: torch.zeros(len(lrs), dtype=torch.long, device=device) for c in configs}
     for start in range(0, len(y_va), 4096):
         idx = torch.arange(start, min(start + 4096, len(y_va)))

@@ -33,9 +33,9 @@ def tokens_fn(encoder, meta, blocks, norm: bool, cfg: Mapping[str, Any], out_dev
                       out_device=out_device)
 
 
-def in_order_batches(images: EvalImages, cfg: Mapping[str, Any], collate=None):
-    """(indices, images, targets) of one pass over a split, in order."""
-    return image_loader(images, in_order(len(images), int(cfg["batch_size"])), int(cfg["workers"]), collate)
+def in_order_batches(images: EvalImages, cfg: Mapping[str, Any], collate=None, start: int = 0):
+    """(indices, images, targets) of one pass over a split, in order from sample ``start``."""
+    return image_loader(images, in_order(len(images), int(cfg["batch_size"]), start), int(cfg["workers"]), collate)
 
 
 class TokenCache:

@@ -260,18 +260,33 @@ class EvalProgress:
         restore_rank_rng(state, get_rank(), get_world_size())
         return state
 
-    def torch_saver(self, part: str, total: int) -> Callable[[int, Callable[[], dict[str, Any]]], None]:
+    def torch_saver(self, part: str, total: int, final_save: bool = True
+                    ) -> Callable[[int, Callable[[], dict[str, Any]]], None]:
         """``checkpoint(done, make_state)`` for a training loop of ``total`` iterations: when a
-        save is due, ``make_state()`` (with ``"iteration"``) goes to ``state.pt`` with the RNG."""
+        save is due, ``make_state()`` (with ``"iteration"``) goes to ``state.pt`` with the RNG
+        (``final_save``: after the last iteration too)."""
         def checkpoint(done: int, make_state: Callable[[], dict[str, Any]]) -> None:
             def write(directory: Path) -> None:
                 state = {**make_state(), "rng": all_gather_object(capture_rng())}
                 if is_main():
                     torch.save(state, directory / STATE_FILE)
 
-            self.iteration_done(part, done, total, write, final_save=True)
+            self.iteration_done(part, done, total, write, final_save=final_save)
 
         return checkpoint
+
+    # ------------------------------------------------------------ files written in place
+
+    def files(self, name: str) -> Optional[Path]:
+        """A folder of the state directory for files too large to copy at every save (a split's
+        features), which a part writes in place and its saved state says how far; None
+        without a directory. Set aside with the rest for another fingerprint."""
+        return None if self.directory is None else self.directory / name
+
+    def drop_files(self, name: str) -> None:
+        """Remove ``files(name)`` once no part reads it any more (rank 0)."""
+        if self.directory is not None and is_main():
+            shutil.rmtree(self.directory / name, ignore_errors=True)
 
     # ------------------------------------------------------------ the end
 
