@@ -33,3 +33,12 @@ def _pretrain_inputs(wildcards):
 # Per attempt: a retry that its guard will refuse is submitted small (Plan.pretrain_job_resources).
 def _res(key, default=None):
     return lambda wildcards, attempt: PLAN.pretrain_job_resources(wildcards.run, attempt).get(key, default)
+
+
+# The same for the vqa / classic rules, whose ledger is in their output's state directory
+# (Plan.eval_job_resources); `out(wildcards)` is the rule's output.
+def _eval_res(kind, out):
+    def one(key):
+        return lambda wildcards, attempt: PLAN.eval_job_resources(kind, out(wildcards), attempt)[key]
+
+    return {key: one(key) for key in [*PLAN.eval_resources(kind), "sized_for_refusal"]}

@@ -4,7 +4,8 @@
 # vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
 # its retry resumes. Its attempts.jsonl there refuses a retry after two attempts that failed
-# without saving anything (train/attempts.py, as for pretraining).
+# without saving anything (train/attempts.py, as for pretraining); such a retry is submitted with
+# a few minutes of one core (`_eval_res`), not the job's GPUs.
 
 
 rule vqa:
@@ -23,7 +24,7 @@ rule vqa:
     threads: PLAN.eval_threads()
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
-        **PLAN.eval_resources(),
+        **_eval_res("vqa", lambda w: PLAN.eval_path(w.run, "vqa")),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
     conda:
@@ -50,7 +51,7 @@ rule vqa_control:
     threads: PLAN.eval_threads()
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
-        **PLAN.eval_resources(),
+        **_eval_res("vqa", lambda w: PLAN.control_path(w.control)),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
     conda:
@@ -75,7 +76,7 @@ rule classic:
     threads: PLAN.eval_threads("classic")
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
     resources:
-        **PLAN.eval_resources("classic"),
+        **_eval_res("classic", lambda w: PLAN.eval_path(w.run, "classic")),
         settings=SETTINGS["classic"],
         attempt=lambda w, attempt: attempt,
     conda:

@@ -253,6 +253,38 @@ def test_plan_submits_a_retry_to_be_refused_small(tmp_path, monkeypatch):
     assert plan.pretrain_job_resources(run, 3)["sized_for_refusal"] == 0
 
 
+@pytest.mark.parametrize("kind", ["vqa", "classic"])
+def test_plan_submits_an_eval_retry_to_be_refused_small(tmp_path, monkeypatch, kind):
+    """The vqa job on a node's 8 GPUs (classic: on one), after two attempts that failed
+    without saving anything: its attempt 3 asks for REFUSED_ATTEMPT's values of the same
+    resources; a finished part in between makes it worth its GPUs again."""
+    import copy
+
+    from helpers_mini import mini_config
+    from webssl_repro.evaluate.progress import SAVED, EvalProgress, state_dir
+    from webssl_repro.workflow import INVOCATION_VAR, Plan
+
+    config = copy.deepcopy(mini_config())
+    config["resources"].update(gpus_per_node=8, eval_gpus=8, cpus_per_gpu=8, mem_mb_per_node=480000)
+    plan, run = Plan(config), "dino1b-full2b-224"
+    out = plan.eval_path(run, kind)
+    own = plan.eval_resources(kind)
+    assert own["gpu"] == {"vqa": 8, "classic": 1}[kind] and own["nodes"] == 1
+    monkeypatch.chdir(tmp_path)  # the state directory is relative to the workflow's
+    monkeypatch.setenv(INVOCATION_VAR, "first")
+    ledger = state_dir(out, kind)
+    for attempt in (1, 2):
+        begin(ledger, attempt, max_futile=99, measure=SAVED)
+        finish(ledger, "failed", "ValueError: bad", measure=SAVED)
+    assert plan.eval_job_resources(kind, out, 2) == {**own, "sized_for_refusal": 0}
+    small = plan.eval_job_resources(kind, out, 3)
+    assert small == {"gpu": 0, "runtime": REFUSED_ATTEMPT["runtime"], "nodes": 1, "mem_mb": REFUSED_ATTEMPT["mem_mb"],
+                     "cpus_per_task": 1, "sized_for_refusal": 1}
+    assert plan.eval_job_resources("vqa", plan.eval_path("other-run", "vqa"), 3)["sized_for_refusal"] == 0
+    EvalProgress(ledger).finish("classification", {"in1k_linear": 1.0})  # progress after attempt 2
+    assert plan.eval_job_resources(kind, out, 4) == {**own, "sized_for_refusal": 0}
+
+
 @pytest.mark.xdist_group("snakemake")
 def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir):
     """The real pretrain rule with ``--retries 3`` and a recipe the trainer rejects at start:

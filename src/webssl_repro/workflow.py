@@ -41,6 +41,11 @@ class Plan(EvalJobs, PretrainJobs):
             check_run_sources(self.run_sources, self.runs, self.scale, self.seeds)
             check_eval_gpus(self.config.get("resources", {}))
 
+    @cached_property
+    def _job_resources(self) -> dict[tuple, dict[str, Any]]:
+        """Each job attempt's resources, decided once (``train.attempts.sized_for_attempt``)."""
+        return {}
+
     # ---- scale -------------------------------------------------------------------------
     @property
     def scale(self) -> str:

@@ -8,6 +8,7 @@ import json
 from typing import Any, Mapping
 
 from webssl_repro.metrics import VQA_CONTROLS
+from webssl_repro.resources import REFUSED_ATTEMPT
 from webssl_repro.settings import SETTINGS, split_settings
 
 
@@ -99,6 +100,18 @@ class EvalJobs:
             out["mem_mb"] = int(int(res["mem_mb_per_node"]) * share)
             out["cpus_per_task"] = int(res["cpus_per_gpu"]) * gpus
         return out
+
+    def eval_job_resources(self, kind: str, out: str, attempt: int) -> dict[str, Any]:
+        """The resources of attempt ``attempt`` of the ``kind`` job writing ``out``: its own
+        (``eval_resources``), or, where the attempts ledger in its state directory says the
+        attempt will be refused (``evaluate.progress``), those same keys at ``REFUSED_ATTEMPT``'s
+        values: a refused retry of the VQA probe is not submitted on a node's 8 GPUs."""
+        from webssl_repro.evaluate.progress import SAVED, state_dir
+        from webssl_repro.train.attempts import sized_for_attempt
+
+        own = self.eval_resources(kind)
+        return sized_for_attempt(self._job_resources, out, state_dir(out, kind), attempt, lambda: own,
+                                 {key: REFUSED_ATTEMPT[key] for key in own}, measure=SAVED)
 
     def eval_threads(self, kind: str = "vqa") -> int:
         return self.eval_resources(kind).get("cpus_per_task", 1)

@@ -5,9 +5,7 @@ from released checkpoints instead, and what a target costs in GPU-hours. A part 
 from __future__ import annotations
 
 import math
-import os
 import re
-from functools import cached_property
 from typing import Any, Mapping
 
 from webssl_repro.paper import specs
@@ -58,28 +56,14 @@ class PretrainJobs:
     def pretrain_resources(self, run: str) -> RunResources:
         return pretrain_resources(Run.parse(split_seed(run, self.seeds[0])[0]), self.config)
 
-    @cached_property
-    def _job_resources(self) -> dict[tuple, dict[str, Any]]:
-        return {}
-
     def pretrain_job_resources(self, run: str, attempt: int) -> dict[str, Any]:
         """The rule resources of ``run``'s attempt ``attempt``: the run's own, or
         ``REFUSED_ATTEMPT`` where its guard will refuse the attempt (the ledger of this
-        invocation's attempts, ``train.attempts``); ``sized_for_refusal`` (0/1) shows which in
-        the job's listing. Decided once per (run, attempt, invocation, job): Snakemake asks for
-        each resource in turn. Snakemake evaluates them again inside the job, where the job's
-        id tells a requeue from a new attempt."""
-        job = os.environ.get("SLURM_JOB_ID")
-        key = (run, attempt, os.environ.get(INVOCATION_VAR), job)
-        if key not in self._job_resources:
-            refused = False
-            if attempt > 1:  # attempt 1 is never refused; only retries pay for reading the ledger
-                from webssl_repro.train.attempts import predicts_refusal
+        invocation's attempts, ``train.attempts.sized_for_attempt``)."""
+        from webssl_repro.train.attempts import sized_for_attempt
 
-                refused = predicts_refusal(self.checkpoint_dir(run), attempt, key[2], job=job)
-            own = REFUSED_ATTEMPT if refused else self.pretrain_resources(run).snakemake()
-            self._job_resources[key] = {**own, "sized_for_refusal": int(refused)}
-        return self._job_resources[key]
+        return sized_for_attempt(self._job_resources, run, self.checkpoint_dir(run), attempt,
+                                 lambda: self.pretrain_resources(run).snakemake(), REFUSED_ATTEMPT)
 
     def pretrain_retries(self, remote: bool = False) -> int | None:
         """The pretrain rules' ``retries``: with ``resources.max_runtime_min`` set, enough for the

@@ -167,9 +167,9 @@ def linear_probe(train: Mapping, val: Mapping, num_classes: int, *,
     total = epochs * epoch_length
     n_train = len(y_tr)
     perm, pos = torch.randperm(n_train, generator=g), 0
-    start = 0
+    first = 0
     if state is not None:
-        start, perm, pos = int(state["iteration"]), state["perm"], int(state["pos"])
+        first, perm, pos = int(state["iteration"]), state["perm"], int(state["pos"])
         g.set_state(state["generator"])
         for bank, saved in zip(heads.values(), state["heads"], strict=True):
             bank.load(saved)
@@ -178,7 +178,7 @@ def linear_probe(train: Mapping, val: Mapping, num_classes: int, *,
         return {"iteration": it + 1, "perm": perm, "pos": pos, "generator": g.get_state(),
                 "heads": [bank.saved() for bank in heads.values()]}
 
-    for it in range(start, total):
+    for it in range(first, total):
         if pos + batch_size > n_train:
             perm, pos = torch.randperm(n_train, generator=g), 0
         idx = perm[pos:pos + min(batch_size, n_train)]

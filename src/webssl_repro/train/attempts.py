@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .checkpoint import read_pointer
 
@@ -168,6 +168,25 @@ def predicts_refusal(checkpoints: str | Path, attempt: int, invocation: Optional
     if attempt <= max_futile:  # fewer attempts before it than a refusal needs: no need to read
         return False
     return refuses(_streak(checkpoints, measure.read(Path(checkpoints)), attempt, job, invocation), max_futile)
+
+
+def sized_for_attempt(cache: dict[tuple, dict[str, Any]], name: str, directory: Optional[str | Path], attempt: int,
+                      own: Callable[[], dict[str, Any]], refused: Mapping[str, Any],
+                      measure: Measure = STEPS) -> dict[str, Any]:
+    """The rule resources of attempt ``attempt`` of the job ``name``, whose ledger is in
+    ``directory``: ``own()``, or ``refused`` (a few minutes of one core) where ``begin`` will
+    refuse the attempt, plus ``sized_for_refusal`` (0/1) for the job's listing. Decided once
+    per (job, attempt, invocation, SLURM job) in ``cache``: Snakemake asks for each resource in
+    turn, and again inside the job, where the job's id tells a requeue from a new attempt."""
+    from webssl_repro.workflow import INVOCATION_VAR
+
+    job, invocation = os.environ.get("SLURM_JOB_ID"), os.environ.get(INVOCATION_VAR)
+    key = (name, attempt, invocation, job)
+    if key not in cache:
+        will_refuse = attempt > 1 and directory is not None and \
+            predicts_refusal(directory, attempt, invocation, job=job, measure=measure)  # attempt 1 never is
+        cache[key] = {**(dict(refused) if will_refuse else own()), "sized_for_refusal": int(will_refuse)}
+    return cache[key]
 
 
 def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, measure: Measure = STEPS) -> None:
