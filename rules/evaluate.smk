@@ -16,7 +16,7 @@ rule vqa:
         PLAN.eval_path("{run}", "vqa"),
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
-        launcher=PLAN.eval_launcher(),
+        launcher=lambda w, resources: PLAN.eval_launcher(sized_for_refusal=resources.sized_for_refusal),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
     benchmark:

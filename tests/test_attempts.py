@@ -257,7 +257,7 @@ def test_plan_submits_a_retry_to_be_refused_small(tmp_path, monkeypatch):
 def test_plan_submits_an_eval_retry_to_be_refused_small(tmp_path, monkeypatch, kind):
     """The vqa job on a node's 8 GPUs (classic: on one), after two attempts that failed
     without saving anything: its attempt 3 asks for REFUSED_ATTEMPT's values of the same
-    resources; a finished part in between makes it worth its GPUs again."""
+    resources, as is attempt 4 after it; progress since makes attempt 5 worth its GPUs again."""
     import copy
 
     from helpers_mini import mini_config
@@ -281,8 +281,11 @@ def test_plan_submits_an_eval_retry_to_be_refused_small(tmp_path, monkeypatch, k
     assert small == {"gpu": 0, "runtime": REFUSED_ATTEMPT["runtime"], "nodes": 1, "mem_mb": REFUSED_ATTEMPT["mem_mb"],
                      "cpus_per_task": 1, "sized_for_refusal": 1}
     assert plan.eval_job_resources("vqa", plan.eval_path("other-run", "vqa"), 3)["sized_for_refusal"] == 0
-    EvalProgress(ledger).finish("classification", {"in1k_linear": 1.0})  # progress after attempt 2
-    assert plan.eval_job_resources(kind, out, 4) == {**own, "sized_for_refusal": 0}
+    with pytest.raises(FutileRetry):
+        begin(ledger, 3, measure=SAVED)  # the small attempt 3, refused
+    assert plan.eval_job_resources(kind, out, 4)["sized_for_refusal"] == 1
+    EvalProgress(ledger).finish("classification", {"in1k_linear": 1.0})  # a part finished by hand since
+    assert plan.eval_job_resources(kind, out, 5) == {**own, "sized_for_refusal": 0}
 
 
 @pytest.mark.xdist_group("snakemake")

@@ -93,14 +93,20 @@ def test_linear_eval_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_
     assert sorted(p.name for p in (state / "done").glob("features.*")) == \
         [f"features.{s}.json" for s in ("train", "val")[:stop_after // 5 + (part == "classification")]]
 
-    seen = []
-    passes = features.block_tokens
-    with pytest.MonkeyPatch.context() as mp:  # count the images the retry runs the encoder on
+    seen, steps = [], []
+    passes, probe = features.block_tokens, classification.linear_probe
+
+    def counted_probe(*args, checkpoint, **kw):
+        return probe(*args, checkpoint=lambda done, make: steps.append(done) or checkpoint(done, make), **kw)
+
+    with pytest.MonkeyPatch.context() as mp:  # count the images the retry encodes, the grid iterations it trains
         mp.setattr(features, "block_tokens", lambda m, x, **kw: seen.append(len(x)) or passes(m, x, **kw))
+        mp.setattr(classification, "linear_probe", counted_probe)
         resumed = classification.classification(encoder, meta, tiny_data["classification"], cfg,
                                                 EvalProgress(state, checkpoint_every_min=60))
     assert resumed == whole
     assert sum(seen) == {"features.train": 320 - 128 + 160, "features.val": 160 - 64, "classification": 0}[part]
+    assert steps == list(range(5 if part == "classification" else 1, 41))
 
 
 def test_a_feature_pass_continues_at_its_saved_row_whatever_the_batch(tiny_data, tmp_path):  # noqa: F811
@@ -131,6 +137,47 @@ def test_a_feature_pass_continues_at_its_saved_row_whatever_the_batch(tiny_data,
     classification.classification(encoder, meta, tiny_data["classification"], {**cfg, "scratch": str(tmp_path)},
                                   EvalProgress(state))
     assert not (state / classification.FEATURES).exists() and not list(state.glob("done/features.*"))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "other-dtype"])
+def test_a_saved_row_count_without_its_files_starts_the_pass_over(tiny_data, tmp_path, monkeypatch, damage):  # noqa: F811
+    """A save says 128 rows are written, but the folder was deleted, or the files are of
+    another store (float16 past a smaller memory limit): the retry writes every row anew and
+    drops the count, so that a later retry cannot trust it either."""
+    from webssl_repro.evaluate import classic, classification, features
+    from webssl_repro.evaluate.imagesets import EvalImages, load_split
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    encoder, meta = _encoder()
+    images = EvalImages(load_split(tiny_data["classification"], "train"), int(meta["img_size"]), "label")
+    cfg = classic.classic_config(DENSE)
+    state, folder = tmp_path / "state", tmp_path / "state" / "files"
+    with pytest.raises(Preempted):
+        with EvalProgress(state, deadline=StopAfter(2)) as progress:
+            classification.split_features(encoder, images, 4, cfg, progress, "train", folder)
+    assert json.loads((state / "features.train.json").read_text())["iteration"] == 2
+    if damage == "deleted":
+        import shutil
+        shutil.rmtree(folder)
+    else:
+        monkeypatch.setattr(features, "IN_MEMORY_BYTES", 0)
+    seen, passes = [], features.block_tokens
+
+    def crash_at_the_second_batch(m, x, **kw):
+        seen.append(len(x))
+        if len(seen) == 2:
+            raise RuntimeError("node failure")
+        return passes(m, x, **kw)
+
+    monkeypatch.setattr(features, "block_tokens", crash_at_the_second_batch)
+    with pytest.raises(RuntimeError, match="node failure"):  # the next retry dies before its first save
+        classification.split_features(encoder, images, 4, cfg, EvalProgress(state, checkpoint_every_min=60),
+                                      "train", folder)
+    assert not (state / "features.train.json").exists()
+    feats = classification.split_features(encoder, images, 4, cfg, EvalProgress(state), "train", folder)
+    assert sum(seen) == 2 * 64 + 320 and int((feats["labels"] >= 0).sum()) == 320
+    assert (folder / ("linear_features.f16" if damage == "other-dtype" else "linear_features.f32")).exists()
 
 
 def test_the_features_are_removed_once_the_linear_eval_is_kept(tiny_data, tmp_path, monkeypatch):  # noqa: F811

@@ -210,6 +210,8 @@ def test_vqa_rule_launches_torchrun_only_for_a_parallel_probe():
     gpus = paper["resources"]["eval_gpus"]
     torchrun = f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
     assert Plan(paper).eval_launcher() == torchrun
+    # an attempt sized to be refused checks its ledger in one process, on its one core
+    assert Plan(paper).eval_launcher(sized_for_refusal=1) == "webssl-repro"
     assert Plan(load_config(repo / "config/mini.yaml")).eval_launcher() == "webssl-repro"
     paper["resources"]["eval_gpus"] = 1
     assert Plan(paper).eval_launcher() == "webssl-repro"

@@ -74,12 +74,14 @@ class EvalJobs:
     def eval_gpus(self) -> int:
         return int(self.config.get("resources", {}).get("eval_gpus", 0))
 
-    def eval_launcher(self) -> str:
+    def eval_launcher(self, sized_for_refusal: int = 0) -> str:
         """How the ``vqa`` rule starts the CLI: torchrun over the eval GPUs when the probe is
-        data-parallel (``evaluate.vqa.strategy`` ddp/fsdp2) and there is more than one."""
+        data-parallel (``evaluate.vqa.strategy`` ddp/fsdp2) and there is more than one; one
+        process for an attempt sized to be refused (``eval_job_resources``), whose ledger check
+        comes before any GPU work and which has one core and 2 GB for it, not 8 ranks' imports."""
         strategy = self.config.get("evaluate", {}).get("vqa", {}).get("strategy", "none")
         gpus = self.eval_gpus()
-        if strategy == "none" or gpus <= 1:
+        if strategy == "none" or gpus <= 1 or sized_for_refusal:
             return "webssl-repro"
         return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
 

@@ -70,13 +70,18 @@ def classification(encoder, meta: Mapping[str, Any], manifest: str | Path, cfg: 
 def split_features(encoder, images: EvalImages, n_blocks: int, cfg: Mapping[str, Any], progress: EvalProgress,
                    split: str, folder: Path) -> dict:
     """One split's features in ``folder``, continued from the rows a stopped pass saved, or
-    read back once the split's part is finished."""
+    read back once the split's part is finished. Files that are not whole, or of another
+    shape, are written anew from the first row, and a saved row count about them is dropped."""
     part, n = f"features.{split}", len(images)
-    if progress.result(part) is not None and linear_files_intact(folder, n):
-        return linear_features(encoder, iter(()), n, n_blocks, files=folder)
+    shape = (n, n_blocks + 1, int(encoder.embed_dim))
+    intact = linear_files_intact(folder, shape)
+    if progress.result(part) is not None and intact:
+        return linear_features(encoder, iter(()), n, n_blocks, files=(folder, shape[-1]))
     state = progress.torch_state(part)
-    rows, first = (0, 0) if state is None or not linear_files_intact(folder, n) else \
-        (int(state["rows"]), int(state["iteration"]))
+    if state is not None and not intact:
+        progress.drop(part)
+        state = None
+    rows, first = (0, 0) if state is None else (int(state["rows"]), int(state["iteration"]))
     batch = int(cfg["batch_size"])
     saver = progress.torch_saver(part, first + math.ceil((n - rows) / batch), final_save=False)
 
@@ -88,6 +93,6 @@ def split_features(encoder, images: EvalImages, n_blocks: int, cfg: Mapping[str,
         saver(first + done, make_state)
 
     feats = linear_features(encoder, in_order_batches(images, cfg, start=rows), n, n_blocks,
-                            autocast_dtype=autocast_dtype(cfg), files=folder, after_batch=after_batch)
-    progress.finish(part, {"rows": n})
+                            autocast_dtype=autocast_dtype(cfg), files=(folder, shape[-1]), after_batch=after_batch)
+    progress.finish(part, {"rows": n})  # linear_features flushed the rows: the files are whole
     return feats

@@ -223,7 +223,8 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
 
 def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks: int,
                     scratch: Optional[Union[str, Path]] = None,
-                    autocast_dtype: Optional[torch.dtype] = None, *, files: Optional[Union[str, Path]] = None,
+                    autocast_dtype: Optional[torch.dtype] = None, *,
+                    files: Optional[tuple[Union[str, Path], int]] = None,
                     after_batch: Optional[Callable[[int, Callable[[], None]], None]] = None) -> dict:
     """The linear probe's inputs for a whole split: normed CLS of the last ``n_blocks`` blocks
     and the last block's mean patch token, written by sample index from ``batches`` of
@@ -236,15 +237,18 @@ def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks:
     The store is sample-major, (N, n_blocks + 1, D), with ``cls`` and ``avgpool`` views of it:
     a batch is written as one run of bytes, and each sample the probe draws at random is one
     read of 40 KB at 7B rather than five scattered ones.
-    With ``files`` they are always memory-mapped files there (``linear_files``), and files
-    already there are written on: a pass stopped after its first rows continues with in-order
-    ``batches`` of the rest. ``after_batch(batches done, flush)`` follows each batch; ``flush()``
-    makes the rows written so far durable.
+    With ``files=(directory, D)`` they are always memory-mapped files there (``linear_files``),
+    and whole files of that shape already there are written on: a pass stopped after its first
+    rows continues with in-order ``batches`` of the rest. ``after_batch(batches done, flush)``
+    follows each batch; ``flush()`` makes the rows written so far durable, as the end of the
+    pass does.
     """
     model.eval()
     device = model_device(model)
     store = labels = None
-    flush: Callable[[], None] = lambda: None
+    flush: Callable[[], None] = _nothing
+    if files is not None:
+        store, labels, flush = linear_files(files[0], (n_items, n_blocks + 1, int(files[1])), resume=True)
     done = 0
     with torch.no_grad():
         for idx, images, y in batches:
@@ -252,69 +256,68 @@ def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks:
                 bt = block_tokens(model, images.to(device), indices=n_blocks, norm=True)
             rows = torch.cat([bt.cls.float(), bt.patches[-1:].float().mean(dim=2)]).cpu()  # (n+1, B, D)
             if store is None:
-                shape = (n_items, n_blocks + 1, rows.shape[-1])  # sample-major: see the docstring
-                if files is not None:
-                    store, labels, flush = linear_files(files, shape, resume=True)
-                elif 4 * math.prod(shape) <= IN_MEMORY_BYTES:
+                shape = (n_items, n_blocks + 1, rows.shape[-1])
+                if 4 * math.prod(shape) <= IN_MEMORY_BYTES:
                     store, labels = torch.empty(shape), torch.full((n_items,), -1, dtype=torch.long)
                 elif scratch is None:
                     raise ValueError(f"features of {n_items} images need {2 * math.prod(shape) / 1e9:.1f} GB "
                                      "on disk: pass a scratch directory")
                 else:
                     store, labels, flush = linear_files(scratch, shape)
+            elif rows.shape[-1] != store.shape[-1]:
+                raise ValueError(f"the encoder's features are {rows.shape[-1]} wide, the store {store.shape[-1]}")
             store[idx] = rows.transpose(0, 1).to(store.dtype)
             labels[idx] = torch.as_tensor(y).long()
             done += 1
             if after_batch is not None:
                 after_batch(done, flush)
     if store is None:
-        if files is None or not Path(files, "shape.json").exists():
-            raise ValueError("batches is empty")
-        store, labels, _ = linear_files(files)
+        raise ValueError("batches is empty")
+    flush()
     if (labels < 0).any():
         raise ValueError(f"batches covered {int((labels >= 0).sum())} of {n_items} images")
     return {"cls": store[:, :n_blocks].transpose(0, 1), "avgpool": store[:, n_blocks], "labels": labels}
 
 
-def linear_files_intact(directory: Union[str, Path], n_items: int) -> bool:
-    """Whether ``directory`` holds the files ``linear_files`` made for ``n_items`` samples, whole
-    (what a stopped pass continues on, or a finished one is read back from)."""
+def _nothing() -> None:
+    pass
+
+
+def linear_files_intact(directory: Union[str, Path], shape: tuple[int, int, int]) -> bool:
+    """Whether ``directory`` holds whole files of ``shape`` as ``linear_files`` makes them (what
+    a stopped pass continues on, or a finished one is read back from)."""
     directory = Path(directory)
     try:
         header = json.loads((directory / "shape.json").read_text())
     except (OSError, ValueError):
         return False
-    shape, path = tuple(header["shape"]), directory / header["file"]
-    itemsize = 4 if header["file"].endswith("f32") else 2
-    return (shape[0] == n_items and path.exists() and path.stat().st_size == itemsize * math.prod(shape)
-            and (directory / "labels.i64").exists() and (directory / "labels.i64").stat().st_size == 8 * n_items)
+    name = _file_name(shape)
+    path, labels = directory / name, directory / "labels.i64"
+    return (header == {"shape": list(shape), "file": name} and path.exists() and labels.exists()
+            and path.stat().st_size == (4 if name.endswith("f32") else 2) * math.prod(shape)
+            and labels.stat().st_size == 8 * shape[0])
 
 
-def linear_files(directory: Union[str, Path], shape: Optional[tuple[int, int, int]] = None,
-                 resume: bool = False) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
+def _file_name(shape: tuple[int, int, int]) -> str:
+    return "linear_features.f32" if 4 * math.prod(shape) <= IN_MEMORY_BYTES else "linear_features.f16"
+
+
+def linear_files(directory: Union[str, Path], shape: tuple[int, int, int], resume: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[], None]]:
     """Memory-mapped (N, n_blocks + 1, D) features and (N,) labels in ``directory``: float32
     up to ``IN_MEMORY_BYTES``, else float16, and a ``flush()`` that writes their dirty pages
-    (``msync``). New files of ``shape`` are created (labels -1: not written yet), unless
-    ``resume`` finds whole ones of that shape there to write on; without ``shape`` the files
-    there are opened as they are."""
+    (``msync``). New files are created (labels -1: not written yet), unless ``resume`` finds
+    whole ones of ``shape`` there (``linear_files_intact``) to write on."""
     import numpy as np
 
-    directory = Path(directory)
-    labels_path = directory / "labels.i64"
-    if shape is None:
-        header = json.loads((directory / "shape.json").read_text())
-        shape, name, fresh = tuple(header["shape"]), header["file"], False
-    else:
-        name = "linear_features.f32" if 4 * math.prod(shape) <= IN_MEMORY_BYTES else "linear_features.f16"
-        fresh = not (resume and linear_files_intact(directory, shape[0])
-                     and json.loads((directory / "shape.json").read_text()) == {"shape": list(shape), "file": name})
-    dtype = np.float32 if name.endswith("f32") else np.float16
-    path = directory / name
+    directory, name = Path(directory), _file_name(shape)
+    fresh = not (resume and linear_files_intact(directory, shape))
     if fresh:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "shape.json").write_text(json.dumps({"shape": list(shape), "file": name}))
-    store = np.memmap(path, dtype=dtype, mode="w+" if fresh else "r+", shape=shape)
-    labels = np.memmap(labels_path, dtype=np.int64, mode="w+" if fresh else "r+", shape=(shape[0],))
+    store = np.memmap(directory / name, dtype=np.float32 if name.endswith("f32") else np.float16,
+                      mode="w+" if fresh else "r+", shape=shape)
+    labels = np.memmap(directory / "labels.i64", dtype=np.int64, mode="w+" if fresh else "r+", shape=(shape[0],))
     if fresh:
         labels[:] = -1
 
