@@ -53,6 +53,17 @@ def test_cost_line_counts_every_seed_and_no_pretraining_for_imported_runs(paper)
     assert run not in imported.runs_by_layout(True) + imported.runs_by_layout(False)
 
 
+def test_the_dry_run_says_when_jobs_run_without_gpus(paper):
+    """The paper config with ``gpus_per_node: 0`` would train ViT-7B on CPU nodes: the dry
+    run's cost summary says so instead of "0 GPUs/node" and 0 GPU-hours alone."""
+    assert Plan(paper).target_message().endswith(f"({paper['resources']['gpus_per_node']} GPUs/node)")
+    cfg = copy.deepcopy(paper)
+    cfg["resources"].update(gpus_per_node=0, eval_gpus=0)
+    message = Plan(cfg).target_message()
+    assert message.startswith("all: 30 runs, 0 estimated pretraining GPU-hours (resources.gpus_per_node is 0: "
+                              "every pretraining and evaluation job runs on CPUs)"), message
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)

@@ -107,7 +107,10 @@ class PretrainJobs:
         name = item or "all"
         if self.published:
             return f"{name}: rendered from the paper's own numbers"
-        message = f"{self.cost_line(item)} ({self.config['resources']['gpus_per_node']} GPUs/node)"
+        per_node = int(self.config["resources"]["gpus_per_node"])
+        where = f"{per_node} GPUs/node" if per_node else \
+            "resources.gpus_per_node is 0: every pretraining and evaluation job runs on CPUs"
+        message = f"{self.cost_line(item)} ({where})"
         if item is None and self.skipped_items:
             message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
         return message
