@@ -42,6 +42,25 @@ def test_paper_scale_evalset_rule_writes_a_dataset_manifest(tmp_path):
         load_hf_split(manifest, "test", [])
 
 
+def test_a_saved_copy_loads_and_a_script_dataset_is_refused_by_key(tmp_path):
+    """ADE20K's and NYUd's default hub ids ship loading scripts, which datasets >= 4 refuses:
+    the error names the key to point at a copy, and a save_to_disk copy is read in place."""
+    rows = {split: datasets.Dataset.from_list([{"image": _img(v), "label": v}]) for split, v in
+            (("train", 1), ("validation", 2))}
+    datasets.DatasetDict(rows).save_to_disk(str(tmp_path / "imagenet"))
+    manifest = build_hf_manifest("classification", {"dataset": str(tmp_path / "imagenet")})
+    assert load_hf_split(manifest, "val")[0]["label"] == 2 and len(load_hf_split(manifest, "train")) == 1
+    with pytest.raises(ValueError, match=r"data.evalsets.classification.dataset: .* no split 'test'"):
+        load_hf_split({**manifest, "splits": {"val": "test"}}, "val")
+
+    scripted = tmp_path / "scene_parse_150"
+    scripted.mkdir()
+    (scripted / "scene_parse_150.py").write_text("import datasets\n")
+    with pytest.raises(ValueError, match=r"data.evalsets.segmentation.dataset: .*scene_parse_150 is a hub dataset "
+                                         r"with a loading script.*save_to_disk"):
+        load_hf_split(build_hf_manifest("segmentation", {"dataset": str(scripted)}), "val")
+
+
 def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):
     """ImageNet / ADE20K images come in many sizes: each is resized to the probe's square
     before stacking (labels by nearest neighbour, so no class is invented). The segmentation

@@ -111,9 +111,33 @@ def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any
     if split not in manifest["splits"]:
         raise ValueError(f"eval set {manifest['dataset']} has no {split!r} split (has {sorted(manifest['splits'])})")
     if dataset is None:
-        import datasets
-
-        dataset = datasets.load_dataset(manifest["dataset"], manifest.get("config"), revision=manifest.get("revision"),
-                                        split=manifest["splits"][split])
+        dataset = _load(manifest, manifest["splits"][split])
     limit = manifest.get("limit")
     return HFSplit(dataset, HF_EVALSETS[task]["adapter"], None if limit is None else int(limit))
+
+
+def _load(manifest: Mapping[str, Any], split: str) -> Any:
+    """One split of the manifest's dataset: a ``save_to_disk`` folder is memory-mapped as it
+    is (``load_from_disk``; ``load_dataset`` would copy it into the cache first), anything
+    else goes through ``load_dataset`` (a hub id, a local folder of parquet / image files)."""
+    from pathlib import Path
+
+    import datasets
+
+    name, task = manifest["dataset"], manifest["task"]
+    if (Path(name) / "dataset_dict.json").is_file():
+        saved = datasets.load_from_disk(name)
+        if split not in saved:
+            raise ValueError(f"data.evalsets.{task}.dataset: {name} has no split {split!r} "
+                             f"(has {sorted(saved)}); set data.evalsets.{task}.splits")
+        return saved[split]
+    try:
+        return datasets.load_dataset(name, manifest.get("config"), revision=manifest.get("revision"), split=split)
+    except RuntimeError as err:
+        if "scripts are no longer supported" not in str(err):
+            raise
+        raise ValueError(
+            f"data.evalsets.{task}.dataset: {name} is a hub dataset with a loading script, which datasets "
+            f"{datasets.__version__} no longer runs. Set data.evalsets.{task}.dataset to a copy without one: "
+            "a folder written by Dataset(Dict).save_to_disk, or a folder or hub repo of parquet files "
+            f"(with data.evalsets.{task}.config / splits to match)") from err
