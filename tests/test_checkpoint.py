@@ -88,3 +88,29 @@ def test_non_tensor_state_may_gain_keys(tmp_path):
     assert train(ConfiguredLater(init_seed=2), data_factory, cfg, run).complete
     assert read_checkpoint(run)["method"]["config"] == ConfiguredLater.fields
     assert_bitwise(tmp_path / "straight", run)
+
+
+class WithUnused(ToyMethod):
+    """A parameter in the optimizer that never gets a gradient (a head a config leaves unused):
+    AdamW never makes state for it, so the save has none."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        torch.manual_seed(99)
+        self.model.unused = torch.nn.Parameter(torch.randn(3))
+        self.teacher.unused = torch.nn.Parameter(self.model.unused.detach().clone(), requires_grad=False)
+
+
+def test_a_parameter_without_gradients_resumes_to_the_straight_run(tmp_path):
+    """A fresh optimizer asked for its state dict makes state for every parameter, so the
+    strict load asked the save for the unused one's and failed; the resumed run now loads
+    without it and, as the straight run, keeps none."""
+    cfg = make_cfg()
+    train(WithUnused(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "run"
+    train(WithUnused(), data_factory, cfg, run, max_steps=4)
+    assert "unused" not in read_checkpoint(run)["optimizer"]["state"]
+    assert train(WithUnused(init_seed=3), data_factory, cfg, run).complete
+    assert_bitwise(tmp_path / "straight", run)
+    straight, resumed = (read_checkpoint(r)["optimizer"]["state"] for r in (tmp_path / "straight", run))
+    assert set(resumed) == set(straight) and "unused" not in resumed and len(resumed) == 8

@@ -291,16 +291,32 @@ def restore_after_wrap(method: Any, optimizer: torch.optim.Optimizer, strategy: 
                                  options=StateDictOptions(full_state_dict=True))
         return
     state, _ = _sharded_state(method, optimizer if meta["with_optimizer"] else None, strategy)
+    partial = meta["with_optimizer"] and _drop_unsaved_optimizer_state(state, meta["path"])
     dcp_load(state, meta["path"])  # strict: a tensor missing from the save fails here
     set_model_state_dict(model, state["model"])
     if meta["with_optimizer"]:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(strict=not partial))
     method_state = merge_nested(state["method"], meta["method_rest"])
     with unwrapped(method):
         if isinstance(method, nn.Module):  # its ``model.`` keys came in as ``model`` above
             method.load_state_dict(method_state, strict=False)
         else:
             method.load_state_dict(method_state)
+
+
+def _drop_unsaved_optimizer_state(state: dict[str, Any], path: Path) -> bool:
+    """Drop from ``state`` the optimizer state of the parameters that had none when ``path`` was
+    saved (one that never had a gradient: AdamW makes state at a parameter's first), so that
+    the strict load does not ask for it; whether there were any. Asking a fresh optimizer for
+    its state dict gave every parameter some (``_init_optim_state``'s lr=0 step), which
+    loading the saved state replaces: the resumed run has none for them, as the straight one."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    has_state = {key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved if key.startswith("optimizer.state.")}
+    unsaved = [fqn for fqn in state["optimizer"]["state"] if fqn not in has_state]
+    for fqn in unsaved:
+        del state["optimizer"]["state"][fqn]
+    return bool(unsaved)
 
 
 def read_checkpoint(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
