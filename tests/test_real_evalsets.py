@@ -57,7 +57,7 @@ def test_a_saved_copy_loads_and_a_script_dataset_is_refused_by_key(tmp_path):
     scripted.mkdir()
     (scripted / "scene_parse_150.py").write_text("import datasets\n")
     with pytest.raises(ValueError, match=r"data.evalsets.segmentation.dataset: .*scene_parse_150 is a hub dataset "
-                                         r"with a loading script.*save_to_disk"):
+                                         r"with a loading script.*DatasetDict.save_to_disk"):
         load_hf_split(build_hf_manifest("segmentation", {"dataset": str(scripted)}), "val")
 
 

@@ -117,9 +117,10 @@ def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any
 
 
 def _load(manifest: Mapping[str, Any], split: str) -> Any:
-    """One split of the manifest's dataset: a ``save_to_disk`` folder is memory-mapped as it
-    is (``load_from_disk``; ``load_dataset`` would copy it into the cache first), anything
-    else goes through ``load_dataset`` (a hub id, a local folder of parquet / image files)."""
+    """One split of the manifest's dataset: a ``DatasetDict.save_to_disk`` folder is
+    memory-mapped as it is (``load_from_disk``; ``load_dataset`` would copy it into the cache
+    first), anything else goes through ``load_dataset`` (a hub id, a local folder of parquet /
+    image files)."""
     from pathlib import Path
 
     import datasets
@@ -139,5 +140,6 @@ def _load(manifest: Mapping[str, Any], split: str) -> Any:
         raise ValueError(
             f"data.evalsets.{task}.dataset: {name} is a hub dataset with a loading script, which datasets "
             f"{datasets.__version__} no longer runs. Set data.evalsets.{task}.dataset to a copy without one: "
-            "a folder written by Dataset(Dict).save_to_disk, or a folder or hub repo of parquet files "
+            "a folder written by DatasetDict.save_to_disk (the set with its splits), or a folder or hub repo "
+            "of parquet files "
             f"(with data.evalsets.{task}.config / splits to match)") from err
