@@ -257,7 +257,7 @@ def linear_features(model: nn.Module, batches: Iterable, n_items: int, n_blocks:
             rows = torch.cat([bt.cls.float(), bt.patches[-1:].float().mean(dim=2)]).cpu()  # (n+1, B, D)
             if store is None:
                 shape = (n_items, n_blocks + 1, rows.shape[-1])
-                if 4 * math.prod(shape) <= IN_MEMORY_BYTES:
+                if _fits_in_memory(shape):
                     store, labels = torch.empty(shape), torch.full((n_items,), -1, dtype=torch.long)
                 elif scratch is None:
                     raise ValueError(f"features of {n_items} images need {2 * math.prod(shape) / 1e9:.1f} GB "
@@ -291,15 +291,23 @@ def linear_files_intact(directory: Union[str, Path], shape: tuple[int, int, int]
         header = json.loads((directory / "shape.json").read_text())
     except (OSError, ValueError):
         return False
-    name = _file_name(shape)
+    name, dtype = _store_file(shape)
     path, labels = directory / name, directory / "labels.i64"
     return (header == {"shape": list(shape), "file": name} and path.exists() and labels.exists()
-            and path.stat().st_size == (4 if name.endswith("f32") else 2) * math.prod(shape)
+            and path.stat().st_size == dtype().itemsize * math.prod(shape)
             and labels.stat().st_size == 8 * shape[0])
 
 
-def _file_name(shape: tuple[int, int, int]) -> str:
-    return "linear_features.f32" if 4 * math.prod(shape) <= IN_MEMORY_BYTES else "linear_features.f16"
+def _fits_in_memory(shape: tuple[int, int, int]) -> bool:
+    return 4 * math.prod(shape) <= IN_MEMORY_BYTES
+
+
+def _store_file(shape: tuple[int, int, int]) -> tuple[str, type]:
+    """The features file's name and numpy dtype: float32 where the in-memory store would hold
+    them (the numbers do not depend on where they are), float16 beyond."""
+    import numpy as np
+
+    return ("linear_features.f32", np.float32) if _fits_in_memory(shape) else ("linear_features.f16", np.float16)
 
 
 def linear_files(directory: Union[str, Path], shape: tuple[int, int, int], resume: bool = False
@@ -310,13 +318,12 @@ def linear_files(directory: Union[str, Path], shape: tuple[int, int, int], resum
     whole ones of ``shape`` there (``linear_files_intact``) to write on."""
     import numpy as np
 
-    directory, name = Path(directory), _file_name(shape)
+    directory, (name, dtype) = Path(directory), _store_file(shape)
     fresh = not (resume and linear_files_intact(directory, shape))
     if fresh:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "shape.json").write_text(json.dumps({"shape": list(shape), "file": name}))
-    store = np.memmap(directory / name, dtype=np.float32 if name.endswith("f32") else np.float16,
-                      mode="w+" if fresh else "r+", shape=shape)
+    store = np.memmap(directory / name, dtype=dtype, mode="w+" if fresh else "r+", shape=shape)
     labels = np.memmap(directory / "labels.i64", dtype=np.int64, mode="w+" if fresh else "r+", shape=(shape[0],))
     if fresh:
         labels[:] = -1
