@@ -4,6 +4,7 @@ Run as a script under torchrun, this file is also the 2-rank worker (as in test_
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,7 @@ def _worker(out: Path) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("vqa_dist")
     def start() -> subprocess.Popen:
+        shutil.rmtree(out / "progress", ignore_errors=True)  # a rerun starts afresh, not from the state left
         return subprocess.Popen(torchrun(2, __file__, str(out)), env=worker_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
