@@ -136,7 +136,7 @@ def test_a_feature_pass_continues_at_its_saved_row_whatever_the_batch(tiny_data,
     state = tmp_path / "c"
     classification.classification(encoder, meta, tiny_data["classification"], {**cfg, "scratch": str(tmp_path)},
                                   EvalProgress(state))
-    assert not (state / classification.FEATURES).exists() and not list(state.glob("done/features.*"))
+    assert not (state / "files").exists() and not list(state.glob("done/features.*"))
 
 
 @pytest.mark.parametrize("damage", ["deleted", "other-dtype"])
@@ -189,10 +189,11 @@ def test_the_features_are_removed_once_the_linear_eval_is_kept(tiny_data, tmp_pa
 
     encoder, meta = _encoder()
     seen = []
-    monkeypatch.setattr(classic, "segmentation", lambda *a: seen.append((tmp_path / FEATURES).exists()) or {})
+    folder = EvalProgress(tmp_path).files(FEATURES)
+    monkeypatch.setattr(classic, "segmentation", lambda *a: seen.append(folder.exists()) or {})
     monkeypatch.setattr(classic, "depth", lambda *a: {})
     metrics = classic.run_classic(encoder, meta, tiny_data, DENSE, EvalProgress(tmp_path))
-    assert seen == [False] and metrics["in1k_linear"] > 0
+    assert seen == [False] and metrics["in1k_linear"] > 0 and folder.parent.is_dir()
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == \
         ["classification.json", "depth.json", "features.train.json", "features.val.json"]
 
@@ -230,15 +231,22 @@ def test_a_signal_stops_between_parts(tmp_path):
 
 
 def test_state_of_another_config_is_set_aside(tmp_path):
+    """Set aside with its results, but without its feature files (a function of the old encoder)."""
     from webssl_repro.evaluate.progress import EvalProgress
 
     settings = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
     directory = tmp_path / "classic"
-    EvalProgress.open(directory, {"config": "a"}, settings, env={}).finish("depth", {"nyud_lin1": 1.0})
-    assert EvalProgress.open(directory, {"config": "a"}, settings, env={}).result("depth") == {"nyud_lin1": 1.0}
+    first = EvalProgress.open(directory, {"config": "a"}, settings, env={})
+    first.files("linear_features").mkdir(parents=True)
+    (first.files("linear_features") / "train.f32").write_bytes(bytes(4096))
+    first.finish("depth", {"nyud_lin1": 1.0})
+    again = EvalProgress.open(directory, {"config": "a"}, settings, env={})
+    assert again.result("depth") == {"nyud_lin1": 1.0} and again.files("linear_features").is_dir()
     again = EvalProgress.open(directory, {"config": "b"}, settings, env={})
     assert again.result("depth") is None
-    assert len(list(tmp_path.glob("classic.stale-*"))) == 1
+    (aside,) = tmp_path.glob("classic.stale-*")
+    assert json.loads((aside / "done" / "depth.json").read_text())["value"] == {"nyud_lin1": 1.0}
+    assert not (aside / "files").exists()
 
 
 def test_progress_settings_are_checked():

@@ -48,8 +48,21 @@ from webssl_repro.train.loop import Preempted, PreemptionFlag
 DEFAULTS = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
 DONE = "done"
 STATE_FILE = "state.pt"
+#: the subfolder of bulky files a part writes in place (``files``): derived from the encoder,
+#: so a directory set aside for another fingerprint is set aside without them
+FILES = "files"
 
 PART_SAVES = 10**9  # iterations of one part's state are fewer: a finished part always counts more
+
+
+def _drop_set_aside_files(moved: Path) -> None:
+    """A set-aside directory keeps its results and saved states, but not its ``files`` (52 GB of
+    ImageNet features at ViT-7B): they are a function of the old encoder and recomputable from it."""
+    folder = moved / FILES
+    if folder.is_dir():
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"{moved.name}: removed its {FILES}/ ({size / 2**30:.1f} GiB of features of the old encoder)")
 
 
 def saved_progress(directory: Path) -> int:
@@ -140,7 +153,9 @@ class EvalProgress:
         from webssl_repro.train.fingerprint import guard_checkpoints
 
         if int((os.environ if env is None else env).get("RANK", "0")) == 0:
-            guard_checkpoints(directory, fingerprint)
+            moved = guard_checkpoints(directory, fingerprint)
+            if moved is not None:
+                _drop_set_aside_files(moved)
             if attempt is not None:
                 attempts.begin(directory, attempt, measure=SAVED)
         deadline = job_deadline(float(settings["stop_margin_s"]), env)
@@ -280,13 +295,13 @@ class EvalProgress:
     def files(self, name: str) -> Optional[Path]:
         """A folder of the state directory for files too large to copy at every save (a split's
         features), which a part writes in place and its saved state says how far; None
-        without a directory. Set aside with the rest for another fingerprint."""
-        return None if self.directory is None else self.directory / name
+        without a directory. Removed when the directory is set aside for another fingerprint."""
+        return None if self.directory is None else self.directory / FILES / name
 
     def drop_files(self, name: str) -> None:
         """Remove ``files(name)`` once no part reads it any more (rank 0)."""
         if self.directory is not None and is_main():
-            shutil.rmtree(self.directory / name, ignore_errors=True)
+            shutil.rmtree(self.directory / FILES / name, ignore_errors=True)
 
     # ------------------------------------------------------------ the end
 
