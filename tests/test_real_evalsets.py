@@ -52,6 +52,11 @@ def test_a_saved_copy_loads_and_a_script_dataset_is_refused_by_key(tmp_path):
     assert load_hf_split(manifest, "val")[0]["label"] == 2 and len(load_hf_split(manifest, "train")) == 1
     with pytest.raises(ValueError, match=r"data.evalsets.classification.dataset: .* no split 'test'"):
         load_hf_split({**manifest, "splits": {"val": "test"}}, "val")
+    # load_dataset's split syntax, which load_from_disk alone does not read
+    sliced = {**manifest, "splits": {"val": "train[:1]+validation", "train": "validation[:0]"}}
+    assert [r["label"] for r in load_hf_split(sliced, "val")] == [1, 2] and len(load_hf_split(sliced, "train")) == 0
+    with pytest.raises(ValueError, match=r"data.evalsets.classification.splits: 'validation\[:1' is not a split"):
+        load_hf_split({**manifest, "splits": {"val": "validation[:1"}}, "val")
 
     scripted = tmp_path / "scene_parse_150"
     scripted.mkdir()
@@ -59,6 +64,19 @@ def test_a_saved_copy_loads_and_a_script_dataset_is_refused_by_key(tmp_path):
     with pytest.raises(ValueError, match=r"data.evalsets.segmentation.dataset: .*scene_parse_150 is a hub dataset "
                                          r"with a loading script.*DatasetDict.save_to_disk"):
         load_hf_split(build_hf_manifest("segmentation", {"dataset": str(scripted)}), "val")
+
+
+def test_a_script_dataset_is_refused_by_key_on_datasets_3(monkeypatch):
+    """datasets 2.x / 3.x refuse a loading script with their own message (no trust_remote_code)."""
+    def refuse(name, *a, **kw):
+        raise ValueError(f"The repository for {name} contains custom code which must be executed to correctly "
+                         "load the dataset. Please pass the argument `trust_remote_code=True` to allow custom "
+                         "code to be run.")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    with pytest.raises(ValueError, match=r"data.evalsets.depth.dataset: sayakpaul/nyu_depth_v2 is a hub dataset "
+                                         r"with a loading script"):
+        load_hf_split(build_hf_manifest("depth", {"dataset": "sayakpaul/nyu_depth_v2"}), "val")
 
 
 def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):

@@ -127,19 +127,38 @@ def _load(manifest: Mapping[str, Any], split: str) -> Any:
 
     name, task = manifest["dataset"], manifest["task"]
     if (Path(name) / "dataset_dict.json").is_file():
-        saved = datasets.load_from_disk(name)
-        if split not in saved:
-            raise ValueError(f"data.evalsets.{task}.dataset: {name} has no split {split!r} "
-                             f"(has {sorted(saved)}); set data.evalsets.{task}.splits")
-        return saved[split]
+        return _saved_split(datasets.load_from_disk(name), split, f"data.evalsets.{task}", name)
     try:
         return datasets.load_dataset(name, manifest.get("config"), revision=manifest.get("revision"), split=split)
-    except RuntimeError as err:
-        if "scripts are no longer supported" not in str(err):
+    except (RuntimeError, ValueError) as err:
+        # datasets >= 4: "Dataset scripts are no longer supported"; 2.x / 3.x without
+        # trust_remote_code: "... contains custom code ... pass trust_remote_code=True"
+        if "scripts are no longer supported" not in str(err) and "trust_remote_code" not in str(err):
             raise
         raise ValueError(
             f"data.evalsets.{task}.dataset: {name} is a hub dataset with a loading script, which datasets "
-            f"{datasets.__version__} no longer runs. Set data.evalsets.{task}.dataset to a copy without one: "
+            f"{datasets.__version__} does not run. Set data.evalsets.{task}.dataset to a copy without one: "
             "a folder written by DatasetDict.save_to_disk (the set with its splits), or a folder or hub repo "
             "of parquet files "
             f"(with data.evalsets.{task}.config / splits to match)") from err
+
+
+def _saved_split(saved: Any, split: str, key: str, name: str) -> Any:
+    """``split`` of a saved DatasetDict, in ``load_dataset``'s split syntax (``validation``,
+    ``validation[:1000]``, ``train[:10%]+validation``), which ``load_from_disk`` does not read."""
+    import datasets
+
+    if split in saved:
+        return saved[split]
+    try:
+        spec = datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as err:
+        raise ValueError(f"{key}.splits: {split!r} is not a split of {name} ({err})") from err
+    wanted = [part.split("[")[0].strip() for part in split.split("+")]
+    missing = [s for s in wanted if s not in saved]
+    if missing:
+        raise ValueError(f"{key}.dataset: {name} has no split {missing[0]!r} (has {sorted(saved)}); "
+                         f"set {key}.splits")
+    pieces = [saved[cut.splitname].select(range(cut.from_, cut.to))
+              for cut in spec.to_absolute({s: len(saved[s]) for s in saved})]
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
