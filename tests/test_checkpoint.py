@@ -114,3 +114,19 @@ def test_a_parameter_without_gradients_resumes_to_the_straight_run(tmp_path):
     assert_bitwise(tmp_path / "straight", run)
     straight, resumed = (read_checkpoint(r)["optimizer"]["state"] for r in (tmp_path / "straight", run))
     assert set(resumed) == set(straight) and "unused" not in resumed and len(resumed) == 8
+
+
+def test_a_format_1_save_with_a_parameter_without_gradients_resumes(tmp_path):
+    """The same for a format-1 ``latest.pt``, whose full optimizer state has no entry either."""
+    cfg = make_cfg()
+    train(WithUnused(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "old"
+    train(WithUnused(), data_factory, cfg, run, max_steps=4)
+    legacy = {k: v for k, v in read_checkpoint(run).items() if k != "path"} | {"format": 1}
+    assert "unused" not in legacy["optimizer"]["state"]
+    shutil.rmtree(checkpoint_dir(run))
+    checkpoint_dir(run).mkdir()
+    torch.save(legacy, checkpoint_dir(run) / "latest.pt")
+    assert train(WithUnused(init_seed=3), data_factory, cfg, run).complete
+    assert_bitwise(tmp_path / "straight", run)
+    assert "unused" not in read_checkpoint(run)["optimizer"]["state"]

@@ -287,8 +287,14 @@ def restore_after_wrap(method: Any, optimizer: torch.optim.Optimizer, strategy: 
     sharded) layout; collective."""
     model = _state_model(method, strategy)
     if meta["format"] == 1:
+        # A parameter that never had a gradient has no saved state: load not strictly only then,
+        # and drop the state the load's fresh init gave it, as ``_drop_unsaved_optimizer_state``.
+        unsaved = [p for n, p in unwrap(model).named_parameters()
+                   if p.requires_grad and n not in meta["optimizer"]["state"]]
         set_optimizer_state_dict(model, optimizer, optim_state_dict=meta["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=not unsaved))
+        for p in unsaved:
+            optimizer.state.pop(p, None)
         return
     state, _ = _sharded_state(method, optimizer if meta["with_optimizer"] else None, strategy)
     partial = meta["with_optimizer"] and _drop_unsaved_optimizer_state(state, meta["path"])
