@@ -114,22 +114,46 @@ def run_resumed(state_dir: Path) -> dict:
     return {"losses": losses, "state": _full_state(probe)}
 
 
+def loaded_probe(lm: Path, strategy: str):
+    """The paper-scale build: an LM loaded from ``lm`` (a saved random-init Llama stand-in)."""
+    from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe
+
+    return build_probe(VqaConfig.from_mapping({"language_model": str(lm), "tokens": TOKENS, "strategy": strategy}),
+                       VIS_DIM)
+
+
+def run_loaded(lm: Path) -> dict:
+    """fsdp2 over a loaded LM: rank 1 builds it on the meta device and receives rank 0's values."""
+    from webssl_repro.evaluate.vqa.distributed import parallelize
+
+    probe = loaded_probe(lm, "fsdp2")
+    on_meta = [p.is_meta for p in probe.parameters()]
+    parallelize(probe, "fsdp2")
+    return {"meta": (all(on_meta), any(on_meta)), "state": _full_state(probe)}
+
+
 def _worker(out: Path) -> None:
     results = {s: run(s) for s in ("ddp", "fsdp2")}
     resumed = run_resumed(out / "progress")
     bf16 = run_bf16_lm()
+    loaded = run_loaded(out / "lm")
     rank = torch.distributed.get_rank()
+    assert loaded["meta"] == ((True, True) if rank else (False, False)), loaded["meta"]
     # every rank returns rank 0's scores; only rank 0 scored
     assert all(r["result"]["benchmarks"] for r in results.values())
     assert all(bool(r["answers"]) == (rank == 0) for r in results.values())
     if rank == 0:
-        torch.save({**results, "resumed": resumed, "bf16": bf16}, out / "multi.pt")
+        torch.save({**results, "resumed": resumed, "bf16": bf16, "loaded": loaded["state"]}, out / "multi.pt")
     torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from test_vqa_paper import build_tiny_llama
+
     out = tmp_path_factory.mktemp("vqa_dist")
+    build_tiny_llama(out / "lm", ["what colour is the object?", " ".join(COLOURS + SHAPES)])
+
     def start() -> subprocess.Popen:
         shutil.rmtree(out / "progress", ignore_errors=True)  # a rerun starts afresh, not from the state left
         return subprocess.Popen(torchrun(2, __file__, str(out)), env=worker_env(), stdout=subprocess.PIPE,
@@ -147,7 +171,7 @@ def runs(tmp_path_factory):
         torch.set_num_threads(before)
     done = rerun_if_aborted(finish(proc), lambda: finish(start()), "two-rank VQA probe")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return single, torch.load(out / "multi.pt", weights_only=False)
+    return single, {**torch.load(out / "multi.pt", weights_only=False), "lm_path": out / "lm"}
 
 
 def test_single_process_initialises_no_process_group(runs):
@@ -183,6 +207,16 @@ def test_fsdp2_probe_stopped_and_resumed_trains_as_uninterrupted(runs):
     assert resumed["losses"] == whole["losses"]
     for k, ref in whole["state"].items():
         assert torch.equal(resumed["state"][k], ref), k
+
+
+def test_fsdp2_ranks_other_than_0_receive_a_loaded_lm_without_reading_it(runs, tmp_path):
+    """Rank 1 built the LM from its config on the meta device (asserted in the worker); after
+    sharding, every weight equals the one-process build, LM as loaded and projector as seeded."""
+    expected = _full_state(loaded_probe(runs[1]["lm_path"], "none"))
+    got = runs[1]["loaded"]
+    assert got.keys() == expected.keys() and len(got) > 10
+    for k, ref in expected.items():
+        assert torch.equal(got[k], ref), k
 
 
 def test_fsdp2_trains_a_bf16_lm_beside_an_fp32_projector(runs):

@@ -80,13 +80,19 @@ def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: in
         return LlamaForCausalLM(cfg)
 
 
-def load_lm(path_or_id: str | Path, dtype: str = "float32"):
+def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = True):
     """The paper's LM (``meta-llama/Meta-Llama-3-8B-Instruct``) by hub id or local path, in fp32:
     the weights AdamW updates (a bf16 weight of 0.02 does not move by a 4e-5 step); the forward
-    autocasts to bf16 (``VqaConfig.precision``)."""
+    autocasts to bf16 (``VqaConfig.precision``). Without ``weights``, the same modules from its
+    config on the meta device: an FSDP2 rank that receives its shards from rank 0 reads nothing
+    (eight fp32 copies of an 8B LM would take 256 GB of a node's memory)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not weights:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
+                                                    dtype=getattr(torch, dtype))
     return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype))
 
 

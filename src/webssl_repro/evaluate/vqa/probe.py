@@ -319,8 +319,13 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
 
 def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> MultimodalProbe:
     """The probe a config names: ``language_model: tiny`` builds a fresh Llama for ``tokenizer``
-    (mini); anything else is a hub id/path loaded with its own tokenizer (paper: Llama-3-8B-Instruct)."""
+    (mini); anything else is a hub id/path loaded with its own tokenizer (paper: Llama-3-8B-Instruct).
+    Under ``strategy: fsdp2`` the loaded probe is on the host of rank 0 only, the other ranks' on
+    the meta device: sharding (``vqa.distributed.parallelize``) gives each its part of rank 0's."""
     from webssl_repro.evaluate.vqa.lm import build_tiny_lm, load_lm, load_tokenizer
+    from webssl_repro.train.distributed import shard_receiver
+
+    receiver = None if cfg.language_model == "tiny" else shard_receiver(cfg.strategy)
 
     if cfg.language_model == "tiny":
         if tokenizer is None:
@@ -330,10 +335,11 @@ def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> Multimod
                            pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
     else:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.language_model)
-        lm = load_lm(cfg.language_model)
+        lm = load_lm(cfg.language_model, weights=receiver is None)
     torch.manual_seed(cfg.seed)
-    probe = MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
-                            projector=cfg.projector)
+    with torch.device("meta") if receiver is not None else nullcontext():
+        probe = MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
+                                projector=cfg.projector)
     probe.precision = cfg.precision
     if cfg.gradient_checkpointing:
         checkpoint_layers(lm)

@@ -82,8 +82,8 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
     """Cambrian-Alignment → Cambrian-7M → the 16 real benchmarks, encoder run on the fly.
 
     The mini-web manifests the rule passes are not read. The encoder and the probe go to the
-    rank's device (the GPU when there is one); sharding the 8B LM over a node's GPUs is
-    ``fit_and_evaluate``'s concern (``strategy: fsdp2``), not the data's.
+    rank's device (the GPU when there is one); under ``strategy: fsdp2`` the probe stays on rank
+    0's host until ``fit_and_evaluate`` shards it over the node's GPUs.
     """
     from webssl_repro.evaluate.vqa.paper import load_paper_data
     from webssl_repro.evaluate.vqa.probe import build_probe, fit_and_evaluate
@@ -98,7 +98,9 @@ def _run_paper(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], config,
     size = int(meta["img_size"])
     features = EncoderFeatures(encoder, data.load_image, lambda image: images_tensor([{"image": image}], size, VQA_FIT)[0],
                                config.tokens, device, config.precision)
-    probe = build_probe(config, encoder.embed_dim).to(device)
+    probe = build_probe(config, encoder.embed_dim)
+    if config.strategy != "fsdp2":  # fsdp2: sharding moves each rank's part of rank 0's host copy
+        probe = probe.to(device)
     result = fit_and_evaluate(config, probe, features, data.alignment, data.instruction, data.tests,
                               progress=progress)
     metrics: dict[str, Any] = dict(result["benchmarks"])
