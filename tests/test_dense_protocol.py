@@ -206,8 +206,8 @@ def test_ms_head_trains_and_tests_at_its_own_size(tiny_data, monkeypatch, augmen
 
     monkeypatch.setattr(classic, "_seg_training_batches", batches)
     monkeypatch.setattr(classic, "_seg_scores",
-                        lambda e, m, man, hw, n, heads, k, c: tested.append((hw, n, sorted(heads)))
-                        or scores(e, m, man, hw, n, heads, k, c))
+                        lambda e, m, man, hw, n, heads, k, c, *rest: tested.append((hw, n, sorted(heads)))
+                        or scores(e, m, man, hw, n, heads, k, c, *rest))
 
     shared = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
     # sharing "lin."'s batches, "+ms" sees its rescale ratios; at its own size, DINOv2's "+ms" ones

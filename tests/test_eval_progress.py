@@ -66,6 +66,34 @@ def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_
         assert not list(state.glob("segmentation*.json")) and list((state / "done").glob("segmentation*.json"))
 
 
+def test_segmentation_stopped_while_scoring_resumes_at_the_next_image(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """8 iterations, then 64 val images in batches of 16: stopped after the 2nd scoring batch,
+    the retry loads the trained heads and the counts of the first 32 images, and scores only
+    the other 32 to the uninterrupted mIoU. Checks: 7 after training iterations, 1 after the
+    last, then 1 after each scoring batch but the last."""
+    from webssl_repro.evaluate import classic, segmentation
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    encoder, meta = _encoder()
+    cfg = classic.classic_config({**DENSE, "batch_size": 16, "segmentation": {**DENSE["segmentation"], "iters": 8}})
+    whole = classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg)
+    state = tmp_path / "state"
+    with pytest.raises(Preempted, match="after iteration 2 of segmentation-32x32-scores"):
+        with EvalProgress(state, checkpoint_every_min=0, deadline=StopAfter(10)) as progress:
+            classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg, progress)
+    assert json.loads((state / "segmentation-32x32.json").read_text())["iteration"] == 8
+    assert json.loads((state / "segmentation-32x32-scores.json").read_text())["iteration"] == 2
+
+    scored, predict = [], segmentation.predict
+    monkeypatch.setattr(segmentation, "predict", lambda head, fn, x, *a, **kw: scored.append(1) or
+                        predict(head, fn, x, *a, **kw))
+    resumed = classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg, EvalProgress(state))
+    assert resumed == whole and len(scored) == 2 * 32  # two heads, the 32 images not yet scored
+    assert not list(state.glob("segmentation*.json")) and not [p for p in state.iterdir() if p.is_dir()
+                                                                 and p.name != "done"]
+
+
 @pytest.mark.parametrize("stop_after,part,iteration", [(2, "features.train", 2), (5, "features.val", 1),
                                                        (10, "classification", 4)],
                          ids=["train-features", "val-features", "linear-grid"])

@@ -204,18 +204,22 @@ def segmentation(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
         train_seg_heads([head for head, _, _ in group.values()], ((_block_major(bt), y) for bt, y in stream),
                         iters=int(seg["iters"]), lr=float(seg["lr"]), warmup=int(seg["warmup"]), state=state,
                         checkpoint=progress.torch_saver(part, int(seg["iters"])))
-        scores.update(progress.finish(part, _seg_scores(encoder, meta, manifest, hw, n_layers, group, n_classes, cfg)))
+        scored = _seg_scores(encoder, meta, manifest, hw, n_layers, group, n_classes, cfg, progress, f"{part}-scores")
+        scores.update(progress.finish(part, scored, also=[f"{part}-scores"]))
     return {name: scores[name] for name in heads}
 
 
 def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_layers: int,
-                heads: Mapping[str, tuple[Any, bool, Any]], n_classes: int, cfg: Mapping[str, Any]) -> dict[str, float]:
+                heads: Mapping[str, tuple[Any, bool, Any]], n_classes: int, cfg: Mapping[str, Any],
+                progress: Optional[EvalProgress] = None, part: str = "segmentation-scores") -> dict[str, float]:
     """mIoU of ``heads`` (name -> (head, multiscale, size)) on the val set: each image with
     its shorter side at ``size`` under the sliding-window test, else squashed to it; scored
     on its own label map. A "+ms" head sees the image at each of ``MS_SCALES`` times that,
-    each resized from the original; the others see it at 1.0."""
+    each resized from the original; the others see it at 1.0. The counts so far are the
+    state of ``part``, saved between batches (ADE20K's "+ms" test of a 7B encoder takes hours)."""
     from webssl_repro.evaluate.segmentation import MS_SCALES, IoU, predict
 
+    progress = EvalProgress() if progress is None else progress
     device, slide = model_device(encoder), slide_setting(cfg["segmentation"], size)
     multiscale = any(ms for _, ms, _ in heads.values())
     one = MS_SCALES.index(1.0)  # the single-scale test's level
@@ -223,10 +227,17 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
                  scales=MS_SCALES if multiscale else None)
     fn = tokens_fn(encoder, meta, n_layers, True, cfg, out_device=device)
     scores = {name: IoU(n_classes) for name in heads}
+    state, first, done = progress.torch_state(part), 0, 0  # batches and images scored
+    if state is not None:
+        first, done = int(state["iteration"]), int(state["images"])
+        for name, iou in scores.items():
+            iou.load_state_dict(state["scores"][name])
+    batch = int(cfg["batch_size"])
+    checkpoint = progress.torch_saver(part, first + -(-(len(val) - done) // batch), final_save=False)
     for head, _, _ in heads.values():
         head.eval()
     with torch.no_grad():
-        for _, xs, ys in in_order_batches(val, cfg, collate_lists):
+        for k, (_, xs, ys) in enumerate(in_order_batches(val, cfg, collate_lists, start=done), start=first + 1):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size
                 levels = x.to(device) if multiscale else None  # a ScalePyramid: levels made on device
                 single = None if multiscale else x.unsqueeze(0).to(device)
@@ -237,6 +248,9 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
                     pred = predict(head, fn, levels if ms else single, ms, MS_SCALES, out_size=y.shape[-2:],
                                    slide=slide)
                     scores[name].add(pred, y)
+            done += len(xs)
+            checkpoint(k, lambda: {"iteration": k, "images": done,
+                                   "scores": {n: s.state_dict() for n, s in scores.items()}})
     return {name: 100.0 * iou.mean() for name, iou in scores.items()}
 
 

@@ -183,8 +183,9 @@ class EvalProgress:
         path = self._done(part)
         return json.loads(path.read_text())["value"] if path.exists() else None
 
-    def finish(self, part: str, value: Any) -> Any:
-        """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state."""
+    def finish(self, part: str, value: Any, also: Sequence[str] = ()) -> Any:
+        """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state, and that
+        of the parts ``also`` that computed it (its scoring)."""
         if self._unit is not None:
             kind, items, started = self._unit
             self._per_item[kind] = max(self._per_item.get(kind, 0.0), (self.clock() - started) / max(1, items))
@@ -192,7 +193,8 @@ class EvalProgress:
         if self.directory is not None:
             if is_main():
                 write_json(self._done(part), {"part": part, "value": value})
-                self.drop(part)
+                for name in (part, *also):
+                    self.drop(name)
             barrier()
         return value
 

@@ -321,6 +321,12 @@ class IoU:
         self.area_p = self.area_p + torch.bincount(p, minlength=n)[:n].double().cpu()
         self.area_t = self.area_t + torch.bincount(t, minlength=n).double().cpu()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"inter": self.inter, "area_p": self.area_p, "area_t": self.area_t}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inter, self.area_p, self.area_t = (state[k].double() for k in ("inter", "area_p", "area_t"))
+
     def mean(self) -> float:
         """Mean over classes with a union; classes absent from both are skipped, as in mmseg."""
         union = self.area_p + self.area_t - self.inter
