@@ -1,6 +1,7 @@
 """What a user sees when a config or a command line is off: the messages name the key and the
 alternatives, and the dry run's cost summary counts what will really be trained."""
 import copy
+import re
 
 import pytest
 
@@ -88,3 +89,39 @@ def test_data_stage_help_is_its_own(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["data", "--help"])
     assert exit_.value.code == 0 and "usage: webssl-repro data" in capsys.readouterr().out
+
+
+def test_a_size_that_builds_no_vit_stops_the_dry_run(paper):
+    """2688 is not divisible by 20 heads: refused by the plan, not by a job on 16 nodes."""
+    cfg = copy.deepcopy(paper)
+    cfg["labels"]["sizes"]["2b"]["heads"] = 20
+    with pytest.raises(ConfigError, match=r"labels.sizes.2b: Arch.width=2688 is not divisible by heads=20"):
+        Plan(cfg)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    (("pretrain", "dino", "batch_size"), 0, "0 is less than the minimum of 1"),
+    (("pretrain", "mae", "batch_size"), -5, "-5 is less than the minimum of 1"),
+    (("pretrain", "dino", "teacher_temp"), 0.0, "0.0 is less than or equal to the minimum of 0"),
+    (("pretrain", "dino", "momentum_teacher"), 1.5, "1.5 is greater than the maximum of 1"),
+    (("evaluate", "vqa", "stage2", "micro_batch_size"), 0, "0 is less than the minimum of 1"),
+    (("seeds",), [0, 0], "[0, 0] has non-unique elements"),
+])
+def test_out_of_range_recipe_values_are_named_by_key(paper, key, value, message):
+    """A batch size of 0 was a ZeroDivisionError in the run-length arithmetic, a negative one
+    blamed the warm-up; duplicate seeds doubled the cost line over one directory."""
+    from webssl_repro.config import validate_config
+
+    cfg = copy.deepcopy(paper)
+    section = cfg
+    for k in key[:-1]:
+        section = section.setdefault(k, {})
+    section[key[-1]] = value
+    with pytest.raises(ConfigError, match=rf"my.yaml: at key '{re.escape('.'.join(key))}': {re.escape(message)}"):
+        validate_config(cfg, "my.yaml")
+
+
+def test_cli_errors_name_the_problem_unquoted(capsys, tmp_path):
+    rc = cli.main(["render", "fig10", "--scale", "published", "--source", "published", "--outputs", str(tmp_path)])
+    assert rc == 2
+    assert "webssl-repro render: error: unknown paper item 'fig10'; known: table2," in capsys.readouterr().err

@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, type=Path)
     imp.set_defaults(func=_import_released)
 
-    data = sub.add_parser("data", help="data stage: shards, in1k, filter, evalset, fig8", add_help=False)
+    data = sub.add_parser("data", help="data stage: shards, in1k, filter, filter-merge, evalset, fig8", add_help=False)
     data.add_argument("rest", nargs=argparse.REMAINDER)
     data.set_defaults(func=_data)
 
@@ -312,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError) as err:
-        print(f"webssl-repro {args.stage}: error: {err}", file=sys.stderr)
+        # a KeyError's str() is its message quoted
+        message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err
+        print(f"webssl-repro {args.stage}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,19 @@ def check_tolerances(tolerances: Mapping[str, Any]) -> None:
                           f"and {ALIGNMENT_PREFIX}<language model>")
 
 
+def check_sizes(sizes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Each ``labels.sizes`` entry builds a ViT (``models.arch.Arch``: width divisible by heads),
+    checked at the dry run rather than by a pretraining job after it queued for its nodes."""
+    from webssl_repro.config import ConfigError
+    from webssl_repro.models.arch import Arch
+
+    for label, spec in sizes.items():
+        try:
+            Arch.from_config(spec)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"labels.sizes.{label}: {err.args[0] if err.args else err}") from None
+
+
 def check_eval_gpus(resources: Mapping[str, Any]) -> None:
     """An evaluation job runs on one node (``torchrun --standalone``, the 70B LM's device map):
     ``resources.eval_gpus`` beyond ``gpus_per_node`` would be a job SLURM can never start."""

@@ -34,11 +34,12 @@ class Plan(EvalJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        from webssl_repro.plan_checks import check_eval_gpus, check_run_sources, check_tolerances
+        from webssl_repro.plan_checks import check_eval_gpus, check_run_sources, check_sizes, check_tolerances
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
             check_run_sources(self.run_sources, self.runs, self.scale, self.seeds)
+            check_sizes(self.config.get("labels", {}).get("sizes", {}))
             check_eval_gpus(self.config.get("resources", {}))
 
     @cached_property

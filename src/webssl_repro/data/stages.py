@@ -1,4 +1,4 @@
-"""The data stage as the workflow calls it: ``webssl-repro data {shards,in1k,filter,evalset,fig8}``.
+"""The data stage as the workflow calls it: ``webssl-repro data {shards,in1k,filter,filter-merge,evalset,fig8}``.
 
 Each command reads the config's ``data`` section (``--data-json``) and writes one declared
 output: a shard manifest, a filter result (counts, and the kept samples' shards as a

@@ -9,11 +9,9 @@ LayerScale 1e-5, dynamic image size for local crops), so timm's evaluation helpe
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,99 +25,10 @@ from webssl_repro.models.layers import (
     init_dinov2_,
     set_uniform_drop_path,
 )
-from webssl_repro.resources import swiglu_hidden
+from webssl_repro.models.arch import MAE_ARCHS, METHOD_FFN, METHODS, PAPER_ARCHS, Arch, arch_for
 
-METHODS = ("dino", "mae", "clip")
-#: FFN kind of each pretraining method's tower (CLIP reuses the Web-DINO vision towers).
-METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu"}
-
-
-@dataclass(frozen=True)
-class Arch:
-    """Shape of one ViT. ``ffn_hidden=None`` derives the hidden size from the width for the
-    FFN kind the method uses; ``ffn`` records which kind an explicit ``ffn_hidden`` is for, so
-    a SwiGLU size is never silently used as a GELU size."""
-
-    width: int
-    depth: int
-    heads: int
-    ffn_hidden: int | None = None
-    patch: int = 14
-    ffn: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("width", "depth", "heads", "patch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"Arch.{name} must be a positive int, got {value!r}")
-        if self.width % self.heads:
-            raise ValueError(f"Arch.width={self.width} is not divisible by heads={self.heads}")
-        if self.ffn_hidden is not None and (not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0):
-            raise ValueError(f"Arch.ffn_hidden must be a positive int or None, got {self.ffn_hidden!r}")
-        if self.ffn not in (None, "swiglu", "gelu"):
-            raise ValueError(f"Arch.ffn must be 'swiglu', 'gelu' or None, got {self.ffn!r}")
-
-    @classmethod
-    def from_config(cls, mapping: Mapping[str, Any]) -> "Arch":
-        """Build from a config mapping (e.g. ``config/mini.yaml``), naming any unknown key."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - fields)
-        if unknown:
-            raise KeyError(f"unknown Arch key(s) {unknown}; allowed: {sorted(fields)}")
-        missing = sorted({"width", "depth", "heads"} - set(mapping))
-        if missing:
-            raise KeyError(f"Arch config is missing key(s) {missing}")
-        return cls(**dict(mapping))
-
-    def hidden(self, ffn: str) -> int:
-        """FFN hidden size for ``ffn`` ('swiglu': DINOv2 rounding rule, 'gelu': 4·D)."""
-        if ffn not in ("swiglu", "gelu"):
-            raise ValueError(f"unknown FFN kind {ffn!r}")
-        if self.ffn_hidden is not None and self.ffn in (None, ffn):
-            return self.ffn_hidden
-        if self.ffn_hidden is not None:
-            raise ValueError(
-                f"this Arch's ffn_hidden={self.ffn_hidden} is a {self.ffn} size, not {ffn}; "
-                f"use {'MAE_ARCHS' if ffn == 'gelu' else 'PAPER_ARCHS'} (or arch_for) instead")
-        return swiglu_hidden(self.width) if ffn == "swiglu" else 4 * self.width
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-
-def _dino(width: int, depth: int, heads: int) -> Arch:
-    return Arch(width, depth, heads, swiglu_hidden(width), 14, "swiglu")
-
-
-#: Web-DINO (and CLIP vision) towers, as in ``webssl/dinov2/vision_transformer.py``.
-PAPER_ARCHS: dict[str, Arch] = {
-    "300m": _dino(1024, 24, 16),
-    "1b": _dino(1536, 40, 24),
-    "2b": _dino(2688, 24, 21),
-    "3b": _dino(3072, 26, 24),
-    "5b": _dino(3584, 32, 28),
-    "7b": _dino(4096, 32, 32),
-}
-
-#: Web-MAE encoders (``webssl/mae/mae.py``): GELU MLP ratio 4; 300m keeps MAE's patch 16.
-#: 5b/7b are not released but follow Table 1 (MLP = 4·D, patch 14).
-MAE_ARCHS: dict[str, Arch] = {
-    "300m": Arch(1024, 24, 16, 4096, 16, "gelu"),
-    "700m": Arch(1280, 32, 16, 5120, 14, "gelu"),
-    **{s: Arch(a.width, a.depth, a.heads, 4 * a.width, 14, "gelu")
-       for s, a in PAPER_ARCHS.items() if s != "300m"},
-}
-
-
-def arch_for(method: str, size: str) -> Arch:
-    """The released architecture of ``{method}{size}`` (MAE has its own table)."""
-    table = MAE_ARCHS if method == "mae" else PAPER_ARCHS
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if size not in table:
-        raise KeyError(f"no {method} architecture of size {size!r}; known: {sorted(table)}")
-    return table[size]
+__all__ = ["Arch", "PAPER_ARCHS", "MAE_ARCHS", "METHODS", "METHOD_FFN", "arch_for", "resample_pos_embed", "WebSSLViT",
+           "build_encoder", "ENCODERS", "create_encoder", "count_params"]
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], n_prefix: int = 1) -> torch.Tensor:
