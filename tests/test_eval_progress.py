@@ -94,6 +94,54 @@ def test_segmentation_stopped_while_scoring_resumes_at_the_next_image(tiny_data,
                                                                  and p.name != "done"]
 
 
+def test_every_scoring_batch_counts_in_the_stop_decision(tiny_data, monkeypatch):  # noqa: F811
+    """The deadline learns each scoring batch's time, the first one's too (it follows the
+    heads' training, whose iterations are far shorter at paper scale). Fake clock: each
+    prediction takes 10 s, so each batch of 16 images and two heads takes 320 s."""
+    from webssl_repro.evaluate import classic, segmentation
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    class Recorder(StopAfter):
+        def __init__(self):
+            super().__init__(10**9)
+            self.steps = []
+
+        def record_step(self, seconds):
+            self.steps.append(seconds)
+
+    now, predict = [0.0], segmentation.predict
+
+    def slow_predict(*a, **kw):
+        now[0] += 10.0
+        return predict(*a, **kw)
+
+    monkeypatch.setattr(segmentation, "predict", slow_predict)
+    encoder, meta = _encoder()
+    cfg = classic.classic_config({**DENSE, "batch_size": 16, "segmentation": {**DENSE["segmentation"], "iters": 3}})
+    deadline = Recorder()
+    classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg,
+                         EvalProgress(None, deadline=deadline, clock=lambda: now[0]))
+    assert deadline.steps == [0.0, 0.0] + [320.0] * 4  # training iterations 2-3, then all 4 scoring batches
+
+
+def test_features_of_the_earlier_layout_move_under_files(tmp_path):
+    """A directory from before files/ existed keeps its saved feature rows; set aside, it
+    loses them as a directory of the new layout does."""
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    settings = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
+    for name in ("kept", "aside"):  # stamped, then features written in the old place
+        EvalProgress.open(tmp_path / name, {"config": "a"}, settings, env={})
+        (tmp_path / name / "linear_features" / "train").mkdir(parents=True)
+        (tmp_path / name / "linear_features" / "train" / "rows.f32").write_bytes(bytes(64))
+    EvalProgress.open(tmp_path / "kept", {"config": "a"}, settings, env={})
+    assert (tmp_path / "kept" / "files" / "linear_features" / "train" / "rows.f32").stat().st_size == 64
+    assert not (tmp_path / "kept" / "linear_features").exists() and not list(tmp_path.glob("kept.stale-*"))
+    EvalProgress.open(tmp_path / "aside", {"config": "b"}, settings, env={})
+    (aside,) = tmp_path.glob("aside.stale-*")
+    assert not any(aside.rglob("rows.f32"))
+
+
 @pytest.mark.parametrize("stop_after,part,iteration", [(2, "features.train", 2), (5, "features.val", 1),
                                                        (10, "classification", 4)],
                          ids=["train-features", "val-features", "linear-grid"])
@@ -331,7 +379,7 @@ def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tin
     writes the output and removes the directory."""
     import time
 
-    from test_vqa_paper import save_tiny_encoder
+    from helpers_stand_ins import save_tiny_encoder
     from webssl_repro.cli import main
 
     encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=4)  # lin.4 needs 4 blocks

@@ -149,7 +149,7 @@ def _worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from test_vqa_paper import build_tiny_llama
+    from helpers_stand_ins import build_tiny_llama
 
     out = tmp_path_factory.mktemp("vqa_dist")
     build_tiny_llama(out / "lm", ["what colour is the object?", " ".join(COLOURS + SHAPES)])

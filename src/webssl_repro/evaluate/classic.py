@@ -236,6 +236,7 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
     checkpoint = progress.torch_saver(part, first + -(-(len(val) - done) // batch), final_save=False)
     for head, _, _ in heads.values():
         head.eval()
+    progress.timing_from_now(part, first)
     with torch.no_grad():
         for k, (_, xs, ys) in enumerate(in_order_batches(val, cfg, collate_lists, start=done), start=first + 1):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size

@@ -51,6 +51,9 @@ STATE_FILE = "state.pt"
 #: the subfolder of bulky files a part writes in place (``files``): derived from the encoder,
 #: so a directory set aside for another fingerprint is set aside without them
 FILES = "files"
+#: ``files`` folders that earlier versions wrote in the directory itself (the ImageNet features,
+#: f6cf52a..0f757ce): moved under ``FILES`` when the directory is opened, saved rows and all
+LEGACY_FILES = ("linear_features",)
 
 PART_SAVES = 10**9  # iterations of one part's state are fewer: a finished part always counts more
 
@@ -63,6 +66,14 @@ def _drop_set_aside_files(moved: Path) -> None:
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         shutil.rmtree(folder, ignore_errors=True)
         print(f"{moved.name}: removed its {FILES}/ ({size / 2**30:.1f} GiB of features of the old encoder)")
+
+
+def _move_legacy_files(directory: Path) -> None:
+    for name in LEGACY_FILES:
+        old, new = directory / name, directory / FILES / name
+        if old.is_dir() and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            old.rename(new)
 
 
 def saved_progress(directory: Path) -> int:
@@ -153,6 +164,7 @@ class EvalProgress:
         from webssl_repro.train.fingerprint import guard_checkpoints
 
         if int((os.environ if env is None else env).get("RANK", "0")) == 0:
+            _move_legacy_files(Path(directory))
             moved = guard_checkpoints(directory, fingerprint)
             if moved is not None:
                 _drop_set_aside_files(moved)
@@ -243,6 +255,12 @@ class EvalProgress:
                 self.save(part, done, write)
             if stop:
                 raise Preempted(done, self._flag.signum, self._reason(), at=f"after iteration {done} of {part}")
+        self._last = (part, done, self.clock())
+
+    def timing_from_now(self, part: str, done: int) -> None:
+        """Time ``part``'s next iteration (``done`` + 1) from now, for the stop decision: the
+        first iteration of a loop is otherwise untimed, and its first batch may be the longest
+        piece of work of the job so far (a scoring batch after a head's training)."""
         self._last = (part, done, self.clock())
 
     def save(self, part: str, done: int, write: Callable[[Path], None]) -> None:
