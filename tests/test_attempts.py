@@ -299,9 +299,9 @@ def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir
     cfg = mini_config()
     cfg["data"]["corpus"].update(n_images=128, shard_size=128)
     cfg["labels"]["samples"]["2b"] = 128  # 4 steps of 32
-    # TrainConfig rejects the clip at the trainer's start (a warm-up longer than these 4 steps
-    # would stop the dry run instead: recipes.check_schedule)
-    cfg["pretrain"]["dino"].update(warmup_steps=2, clip_grad=-1.0)
+    # TrainConfig rejects beta2 >= 1 at the trainer's start (the schema leaves betas to it; a
+    # negative clip or a warm-up longer than these 4 steps would stop the dry run instead)
+    cfg["pretrain"]["dino"].update(warmup_steps=2, betas=[0.9, 1.5])
     (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     target = "results/mini/runs/dino1b-full2b-224/encoder.safetensors"
     done = snakemake(workflow_dir, "--cores", "2", target, "--configfile", "tiny.yaml", "--retries", "3", timeout=600)
@@ -310,11 +310,11 @@ def test_snakemake_stops_retrying_a_run_that_fails_without_progress(workflow_dir
     assert [r["attempt"] for r in ledger if r["event"] == "start"] == [1, 2, 3, 4]
     ends = [r for r in ledger if r["event"] == "end"]
     assert [r["outcome"] for r in ends] == ["failed", "failed", "refused", "refused"]
-    assert ends[0]["error"] == "ValueError: train config: grad_clip must be >= 0, got -1.0"
+    assert ends[0]["error"] == "ValueError: train config: betas must be in [0, 1), got [0.9, 1.5]"
     log = (workflow_dir / "logs/mini/pretrain/dino1b-full2b-224.log").read_text()
     # Snakemake empties the log per attempt: the refusal quotes the error the ledger kept.
     assert log.startswith("=== dino1b-full2b-224: attempt 4 from step 0")
-    assert "not starting attempt 4" in log and "the last error: ValueError: train config: grad_clip must be >= 0" in log
+    assert "not starting attempt 4" in log and "the last error: ValueError: train config: betas must be in [0, 1)" in log
     # The submitting snakemake sized the two refused attempts as such, from the ledger.
     sized = [(int(a), int(r), int(m)) for a, r, m in re.findall(
         r"attempt=(\d+), sized_for_refusal=(\d), mem_mb=(\d+)", done.stdout + done.stderr)]

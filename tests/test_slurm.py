@@ -280,9 +280,9 @@ def test_a_retry_to_be_refused_is_submitted_small(workflow_dir: Path, cancel_lef
     from webssl_repro.train import attempts
 
     config = ci_config()
-    # TrainConfig rejects a negative clip at the trainer's start (a warm-up longer than the run,
-    # the other such recipe, stops the dry run itself: Plan.run_config)
-    config["pretrain"]["dino"]["clip_grad"] = -1.0
+    # TrainConfig rejects beta2 >= 1 at the trainer's start (the schema leaves betas to it; a
+    # negative clip or a warm-up longer than the run stops the dry run itself)
+    config["pretrain"]["dino"]["betas"] = [0.9, 1.5]
     plan = Plan(config)
     (workflow_dir / "ci.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     target = f"{plan.run_dir(CI_MULTI)}/encoder.safetensors"
@@ -307,7 +307,7 @@ def test_a_retry_to_be_refused_is_submitted_small(workflow_dir: Path, cancel_lef
         (1, runs[0][0], {"failed"}), (2, runs[1][0], {"failed"}), (3, runs[2][0], {"refused"})], ledger
     assert [len(ends) for _, _, ends in ended][2] == 1 and all(1 <= len(e) <= 2 for _, _, e in ended[:2]), ledger
     log = (workflow_dir / "logs" / CI_SCALE / "pretrain" / f"{CI_MULTI}.log").read_text()
-    assert "not starting attempt 3" in log and "grad_clip must be >= 0" in log, log[-3000:]
+    assert "not starting attempt 3" in log and "betas must be in [0, 1)" in log, log[-3000:]
 
 
 # ------------------------------------------------------------------ the toy workflow

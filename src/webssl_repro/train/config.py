@@ -53,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"train config: grad_clip must be >= 0, got {self.grad_clip}")
         if self.stop_margin_s < 0:
             raise ValueError(f"train config: stop_margin_s must be >= 0, got {self.stop_margin_s}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # AdamW's own error names no key
+            raise ValueError(f"train config: betas must be in [0, 1), got {list(self.betas)}")
 
     @property
     def steps(self) -> int:
