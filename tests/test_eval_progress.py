@@ -94,6 +94,28 @@ def test_segmentation_stopped_while_scoring_resumes_at_the_next_image(tiny_data,
                                                                  and p.name != "done"]
 
 
+def test_depth_stopped_while_scoring_resumes_at_the_next_image(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """NYUd the same way: 8 iterations, 64 val images in batches of 16, stopped after the 2nd
+    scoring batch; the retry adds only the other 32 images' RMSEs, to the uninterrupted RMSE."""
+    from webssl_repro.evaluate import classic, depth
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    encoder, meta = _encoder()
+    cfg = classic.classic_config({**DENSE, "batch_size": 16, "depth": {**DENSE["depth"], "iters": 8}})
+    whole = classic.depth(encoder, meta, tiny_data["depth"], cfg)
+    state = tmp_path / "state"
+    with pytest.raises(Preempted, match="after iteration 2 of depth-scores"):
+        with EvalProgress(state, checkpoint_every_min=0, deadline=StopAfter(10)) as progress:
+            classic.depth(encoder, meta, tiny_data["depth"], cfg, progress)
+    assert json.loads((state / "depth-scores.json").read_text())["iteration"] == 2
+
+    scored, add = [], depth.RMSE.add
+    monkeypatch.setattr(depth.RMSE, "add", lambda self, p, *a: scored.append(len(p)) or add(self, p, *a))
+    resumed = classic.depth(encoder, meta, tiny_data["depth"], cfg, EvalProgress(state))
+    assert resumed == whole and sum(scored) == 2 * 32  # two heads, the 32 images not yet scored
+
+
 def test_every_scoring_batch_counts_in_the_stop_decision(tiny_data, monkeypatch):  # noqa: F811
     """The deadline learns each scoring batch's time, the first one's too (it follows the
     heads' training, whose iterations are far shorter at paper scale). Fake clock: each

@@ -227,18 +227,10 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
                  scales=MS_SCALES if multiscale else None)
     fn = tokens_fn(encoder, meta, n_layers, True, cfg, out_device=device)
     scores = {name: IoU(n_classes) for name in heads}
-    state, first, done = progress.torch_state(part), 0, 0  # batches and images scored
-    if state is not None:
-        first, done = int(state["iteration"]), int(state["images"])
-        for name, iou in scores.items():
-            iou.load_state_dict(state["scores"][name])
-    batch = int(cfg["batch_size"])
-    checkpoint = progress.torch_saver(part, first + -(-(len(val) - done) // batch), final_save=False)
     for head, _, _ in heads.values():
         head.eval()
-    progress.timing_from_now(part, first)
     with torch.no_grad():
-        for k, (_, xs, ys) in enumerate(in_order_batches(val, cfg, collate_lists, start=done), start=first + 1):
+        for xs, ys in resumable_scoring(progress, part, val, cfg, scores):
             for x, y in zip(xs, ys):  # one image at a time: each has its own size
                 levels = x.to(device) if multiscale else None  # a ScalePyramid: levels made on device
                 single = None if multiscale else x.unsqueeze(0).to(device)
@@ -249,10 +241,27 @@ def _seg_scores(encoder, meta, manifest: str | Path, size: tuple[int, int], n_la
                     pred = predict(head, fn, levels if ms else single, ms, MS_SCALES, out_size=y.shape[-2:],
                                    slide=slide)
                     scores[name].add(pred, y)
-            done += len(xs)
-            checkpoint(k, lambda: {"iteration": k, "images": done,
-                                   "scores": {n: s.state_dict() for n, s in scores.items()}})
     return {name: 100.0 * iou.mean() for name, iou in scores.items()}
+
+
+def resumable_scoring(progress: EvalProgress, part: str, images, cfg: Mapping[str, Any],
+                      scores: Mapping[str, Any]) -> Iterator[tuple[list, list]]:
+    """In-order (images, targets) batches of a val set from the first not yet scored. Once the
+    caller has added a batch to ``scores`` (accumulators with ``state_dict``), they and the images
+    done are ``part``'s state: saved when due or before a stop, and timed for the stop decision."""
+    state, first, done = progress.torch_state(part), 0, 0  # batches and images scored
+    if state is not None:
+        first, done = int(state["iteration"]), int(state["images"])
+        for name, score in scores.items():
+            score.load_state_dict(state["scores"][name])
+    batch = int(cfg["batch_size"])
+    checkpoint = progress.torch_saver(part, first + -(-(len(images) - done) // batch), final_save=False)
+    progress.timing_from_now(part, first)
+    for k, (_, xs, ys) in enumerate(in_order_batches(images, cfg, collate_lists, start=done), start=first + 1):
+        yield xs, ys  # the caller scores the batch before asking for the next
+        done += len(xs)
+        checkpoint(k, lambda: {"iteration": k, "images": done,
+                               "scores": {n: s.state_dict() for n, s in scores.items()}})
 
 
 def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
@@ -311,7 +320,7 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
     for head in heads:
         head.eval()
     with torch.no_grad():
-        for _, xs, ds in in_order_batches(val, cfg, collate_lists):
+        for xs, ds in resumable_scoring(progress, "depth-scores", val, cfg, scores):
             # DINOv2's NYUd test: the mean of the image's and its mirror's predictions (flip
             # TTA), resized to the depth map and scored where the ground truth lies inside the
             # bins' range, (min, max) open as the toolbox's eval mask (and the Eigen crop)
@@ -351,5 +360,6 @@ def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path]
     metrics.update(segmentation(encoder, meta, data["segmentation"], cfg, progress))
     progress.stop_point("depth")
     kept = progress.result("depth")
-    metrics.update(kept if kept is not None else progress.finish("depth", depth(encoder, meta, data["depth"], cfg, progress)))
+    metrics.update(kept if kept is not None else
+                   progress.finish("depth", depth(encoder, meta, data["depth"], cfg, progress), also=["depth-scores"]))
     return metrics

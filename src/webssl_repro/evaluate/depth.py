@@ -349,6 +349,12 @@ class RMSE:
         keep = n > 0
         self.per_image.append(torch.sqrt(err[keep] / n[keep]).cpu())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"per_image": torch.cat(self.per_image) if self.per_image else torch.empty(0, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.per_image = [state["per_image"].double()]
+
     def value(self) -> float:
         values = torch.cat(self.per_image) if self.per_image else torch.empty(0)
         if not len(values):
