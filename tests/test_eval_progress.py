@@ -66,53 +66,54 @@ def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_
         assert not list(state.glob("segmentation*.json")) and list((state / "done").glob("segmentation*.json"))
 
 
-def test_segmentation_stopped_while_scoring_resumes_at_the_next_image(tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    """8 iterations, then 64 val images in batches of 16: stopped after the 2nd scoring batch,
-    the retry loads the trained heads and the counts of the first 32 images, and scores only
-    the other 32 to the uninterrupted mIoU. Checks: 7 after training iterations, 1 after the
-    last, then 1 after each scoring batch but the last."""
-    from webssl_repro.evaluate import classic, segmentation
+def _stopped_while_scoring(task: str, part: str, data: str, state):
+    """``task`` trained for 8 iterations and scored on 64 val images in batches of 16, whole, and
+    stopped after the 2nd scoring batch (checks: 7 after training iterations, 1 after the last,
+    then 1 after each scoring batch but the last). Returns what a retry needs and the whole result."""
+    from webssl_repro.evaluate import classic
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.train import Preempted
 
     encoder, meta = _encoder()
-    cfg = classic.classic_config({**DENSE, "batch_size": 16, "segmentation": {**DENSE["segmentation"], "iters": 8}})
-    whole = classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg)
-    state = tmp_path / "state"
-    with pytest.raises(Preempted, match="after iteration 2 of segmentation-32x32-scores"):
+    cfg = classic.classic_config({**DENSE, "batch_size": 16, task: {**DENSE[task], "iters": 8}})
+    whole = getattr(classic, task)(encoder, meta, data, cfg)
+    with pytest.raises(Preempted, match=f"after iteration 2 of {part}"):
         with EvalProgress(state, checkpoint_every_min=0, deadline=StopAfter(10)) as progress:
-            classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg, progress)
+            getattr(classic, task)(encoder, meta, data, cfg, progress)
+    assert json.loads((state / f"{part}.json").read_text())["iteration"] == 2
+    return (encoder, meta, data, cfg), whole
+
+
+def test_segmentation_stopped_while_scoring_resumes_at_the_next_image(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """The retry loads the trained heads and the counts of the first 32 images, and scores only
+    the other 32 to the uninterrupted mIoU."""
+    from webssl_repro.evaluate import classic, segmentation
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    state = tmp_path / "state"
+    args, whole = _stopped_while_scoring("segmentation", "segmentation-32x32-scores", tiny_data["segmentation"], state)
     assert json.loads((state / "segmentation-32x32.json").read_text())["iteration"] == 8
-    assert json.loads((state / "segmentation-32x32-scores.json").read_text())["iteration"] == 2
 
     scored, predict = [], segmentation.predict
     monkeypatch.setattr(segmentation, "predict", lambda head, fn, x, *a, **kw: scored.append(1) or
                         predict(head, fn, x, *a, **kw))
-    resumed = classic.segmentation(encoder, meta, tiny_data["segmentation"], cfg, EvalProgress(state))
+    resumed = classic.segmentation(*args, EvalProgress(state))
     assert resumed == whole and len(scored) == 2 * 32  # two heads, the 32 images not yet scored
     assert not list(state.glob("segmentation*.json")) and not [p for p in state.iterdir() if p.is_dir()
                                                                  and p.name != "done"]
 
 
 def test_depth_stopped_while_scoring_resumes_at_the_next_image(tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    """NYUd the same way: 8 iterations, 64 val images in batches of 16, stopped after the 2nd
-    scoring batch; the retry adds only the other 32 images' RMSEs, to the uninterrupted RMSE."""
+    """NYUd the same way: the retry adds only the other 32 images' RMSEs, to the uninterrupted RMSE."""
     from webssl_repro.evaluate import classic, depth
     from webssl_repro.evaluate.progress import EvalProgress
-    from webssl_repro.train import Preempted
 
-    encoder, meta = _encoder()
-    cfg = classic.classic_config({**DENSE, "batch_size": 16, "depth": {**DENSE["depth"], "iters": 8}})
-    whole = classic.depth(encoder, meta, tiny_data["depth"], cfg)
     state = tmp_path / "state"
-    with pytest.raises(Preempted, match="after iteration 2 of depth-scores"):
-        with EvalProgress(state, checkpoint_every_min=0, deadline=StopAfter(10)) as progress:
-            classic.depth(encoder, meta, tiny_data["depth"], cfg, progress)
-    assert json.loads((state / "depth-scores.json").read_text())["iteration"] == 2
+    args, whole = _stopped_while_scoring("depth", "depth-scores", tiny_data["depth"], state)
 
     scored, add = [], depth.RMSE.add
     monkeypatch.setattr(depth.RMSE, "add", lambda self, p, *a: scored.append(len(p)) or add(self, p, *a))
-    resumed = classic.depth(encoder, meta, tiny_data["depth"], cfg, EvalProgress(state))
+    resumed = classic.depth(*args, EvalProgress(state))
     assert resumed == whole and sum(scored) == 2 * 32  # two heads, the 32 images not yet scored
 
 
