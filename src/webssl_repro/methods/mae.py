@@ -30,8 +30,9 @@ class MaeConfig:
     """Web-MAE recipe (paper Table 4 + MAE defaults the paper does not override).
 
     ``lr`` is the absolute learning rate, used as given (Table 4: 1.6e-3 at batch 4096, MAE's
-    base 1e-4 x 4096/256); a config that changes ``batch_size`` sets ``lr`` with it. The decoder is MAE's default (512-d, 8 blocks, 16 heads): Web-SSL does not
-    state its decoder, and the released code only contains encoders.
+    base 1e-4 x 4096/256); a config that changes ``batch_size`` sets ``lr`` with it. The
+    decoder is MAE's default (512-d, 8 blocks, 16 heads): Web-SSL does not state its decoder,
+    and the released code only contains encoders.
     """
 
     mask_ratio: float = 0.75
