@@ -114,6 +114,38 @@ def run_resumed(state_dir: Path) -> dict:
     return {"losses": losses, "state": _full_state(probe)}
 
 
+def answer_gqa(parallel=None, progress=None) -> list[str]:
+    """The untrained probe's answers to 7 questions in batches of 2: 2 rounds on 2 ranks."""
+    probe = _probe()
+    if parallel is not None:
+        from webssl_repro.evaluate.vqa.distributed import parallelize
+
+        parallel = parallelize(probe, parallel)
+    tests, test_feats = _world(8, seed=2, text_only=2)
+    answers: list[str] = []
+    evaluate_vqa(probe, {"gqa": tests[:7]}, lambda name, preds, refs: answers.extend(preds) or 0.0,
+                 features=test_feats, batch_size=2, max_new_tokens=6, parallel=parallel, progress=progress)
+    return answers
+
+
+def run_answering_resumed(state_dir: Path) -> list[str]:
+    """fsdp2 stopped after the first round of answering, then resumed; the state saved at the
+    stop is kept in ``<state_dir>-at-stop`` for a one-process retry."""
+    from test_eval_progress import StopAfter
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    try:  # the 1st check is before answering gqa, the 2nd after its 1st round
+        answer_gqa("fsdp2", EvalProgress(state_dir, checkpoint_every_min=0, deadline=StopAfter(2)))
+        raise AssertionError("the first attempt did not stop")
+    except Preempted:
+        pass
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(state_dir, f"{state_dir}-at-stop")
+    torch.distributed.barrier()
+    return answer_gqa("fsdp2", EvalProgress(state_dir, checkpoint_every_min=0))
+
+
 def loaded_probe(lm: Path, strategy: str):
     """The paper-scale build: an LM loaded from ``lm`` (a saved random-init Llama stand-in)."""
     from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe
@@ -135,6 +167,7 @@ def run_loaded(lm: Path) -> dict:
 def _worker(out: Path) -> None:
     results = {s: run(s) for s in ("ddp", "fsdp2")}
     resumed = run_resumed(out / "progress")
+    answered = run_answering_resumed(out / "answering")
     bf16 = run_bf16_lm()
     loaded = run_loaded(out / "lm")
     rank = torch.distributed.get_rank()
@@ -143,7 +176,7 @@ def _worker(out: Path) -> None:
     assert all(r["result"]["benchmarks"] for r in results.values())
     assert all(bool(r["answers"]) == (rank == 0) for r in results.values())
     if rank == 0:
-        torch.save({**results, "resumed": resumed, "bf16": bf16, "loaded": loaded["state"]}, out / "multi.pt")
+        torch.save({**results, "resumed": resumed, "answered": answered, "bf16": bf16, "loaded": loaded["state"]}, out / "multi.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -155,7 +188,8 @@ def runs(tmp_path_factory):
     build_tiny_llama(out / "lm", ["what colour is the object?", " ".join(COLOURS + SHAPES)])
 
     def start() -> subprocess.Popen:
-        shutil.rmtree(out / "progress", ignore_errors=True)  # a rerun starts afresh, not from the state left
+        for left in ("progress", "answering", "answering-at-stop"):  # a rerun starts afresh, not from the state left
+            shutil.rmtree(out / left, ignore_errors=True)
         return subprocess.Popen(torchrun(2, __file__, str(out)), env=worker_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
@@ -171,7 +205,8 @@ def runs(tmp_path_factory):
         torch.set_num_threads(before)
     done = rerun_if_aborted(finish(proc), lambda: finish(start()), "two-rank VQA probe")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return single, {**torch.load(out / "multi.pt", weights_only=False), "lm_path": out / "lm"}
+    return single, {**torch.load(out / "multi.pt", weights_only=False), "lm_path": out / "lm",
+                    "answering_at_stop": out / "answering-at-stop"}
 
 
 def test_single_process_initialises_no_process_group(runs):
@@ -207,6 +242,25 @@ def test_fsdp2_probe_stopped_and_resumed_trains_as_uninterrupted(runs):
     assert resumed["losses"] == whole["losses"]
     for k, ref in whole["state"].items():
         assert torch.equal(resumed["state"][k], ref), k
+
+
+def test_answering_stopped_after_a_round_resumes_on_two_ranks_or_one(runs, monkeypatch):
+    """The 2-rank job stopped with 4 of 7 answers saved; its retry on 2 ranks, and a retry of
+    the same state in this one process, answer the other 3 as an uninterrupted process does."""
+    from webssl_repro.evaluate.progress import EvalProgress
+
+    saved = runs[1]["answering_at_stop"]
+    state = torch.load(saved / "answering-gqa.1" / "state.pt", weights_only=False)
+    assert (state["iteration"], len(state["answers"])) == (1, 4)
+    whole = answer_gqa()
+    assert len(whole) == 7 and state["answers"] == whole[:4]
+    assert runs[1]["answered"] == whole
+    calls, original = [], MultimodalProbe.answer_batch
+    monkeypatch.setattr(MultimodalProbe, "answer_batch",
+                        lambda self, samples, *a, **k: calls.append(len(samples)) or original(self, samples, *a, **k))
+    assert answer_gqa(progress=EvalProgress(saved, checkpoint_every_min=0)) == whole
+    assert calls == [2, 1]  # questions 5-6, then 7
+    assert sorted(p.name for p in saved.iterdir()) == ["done"]  # the answering state dropped with the result
 
 
 def test_fsdp2_ranks_other_than_0_receive_a_loaded_lm_without_reading_it(runs, tmp_path):

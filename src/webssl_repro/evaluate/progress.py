@@ -9,8 +9,9 @@ continues it instead of starting over:
 
 * ``done/<part>.json``: the result of a finished part (a task's scores, a benchmark's answers),
   read back instead of recomputed;
-* ``<part>.<iteration>/`` with the pointer ``<part>.json``: the training state of the part under
-  way (heads or probe, optimizer, data position, RNG, loss curves), written every
+* ``<part>.<iteration>/`` with the pointer ``<part>.json``: the state of the part under way
+  (heads or probe, optimizer, data position, RNG, loss curves; a scoring's accumulators; the
+  answers so far), written every
   ``checkpoint_every_min``, at the end of a dense head's training, and when the job must stop:
   on SIGTERM / SIGUSR1, or once its SLURM end time would not cover the next piece of work, a
   save and ``stop_margin_s`` (``train.deadline``). The job then exits 75 (``train.Preempted``)
@@ -145,10 +146,6 @@ class EvalProgress:
         self._last_save = clock()
         #: (part, iterations done, when) of the last iteration: a step is timed between two of one part
         self._last: Optional[tuple[str, int, float]] = None
-        #: (kind, items, started) of the unit begun at the last ``stop_point``, and each kind's
-        #: slowest seconds per item
-        self._unit: Optional[tuple[str, int, float]] = None
-        self._per_item: dict[str, float] = {}
         self._out_of_time = False
 
     @classmethod
@@ -198,10 +195,6 @@ class EvalProgress:
     def finish(self, part: str, value: Any, also: Sequence[str] = ()) -> Any:
         """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state, and that
         of the parts ``also`` that computed it (its scoring)."""
-        if self._unit is not None:
-            kind, items, started = self._unit
-            self._per_item[kind] = max(self._per_item.get(kind, 0.0), (self.clock() - started) / max(1, items))
-            self._unit = None
         if self.directory is not None:
             if is_main():
                 write_json(self._done(part), {"part": part, "value": value})
@@ -210,15 +203,10 @@ class EvalProgress:
             barrier()
         return value
 
-    def stop_point(self, label: str, unit: Optional[str] = None, items: int = 1) -> None:
-        """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``).
-        ``unit`` names a kind of part that saves nothing until it is finished (answering one
-        benchmark, of ``items`` questions): the time left must also cover it, at the slowest
-        seconds per item of its kind seen in this job."""
-        next_s = self._per_item.get(unit, 0.0) * items if unit else 0.0
-        if self.directory is not None and self._must_stop(next_s):
+    def stop_point(self, label: str) -> None:
+        """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``)."""
+        if self.directory is not None and self._must_stop():
             raise Preempted(0, self._flag.signum, self._reason(), at=f"before {label}")
-        self._unit = None if unit is None else (unit, items, self.clock())
 
     # ------------------------------------------------------------ the part under way
 
@@ -330,8 +318,8 @@ class EvalProgress:
         if self.directory is not None and is_main():
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _must_stop(self, next_s: float = 0.0) -> bool:
-        self._out_of_time = self.deadline is not None and self.deadline.reached(next_s)
+    def _must_stop(self) -> bool:
+        self._out_of_time = self.deadline is not None and self.deadline.reached()
         return any_rank(self._flag.signum is not None or self._out_of_time)
 
     def _reason(self) -> str:

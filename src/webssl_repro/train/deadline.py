@@ -85,12 +85,10 @@ class Deadline:
     def seconds_left(self) -> float:
         return self.end_time - self.clock()
 
-    def reached(self, next_s: float = 0.0) -> bool:
+    def reached(self) -> bool:
         """Whether to stop now: the time left would not cover the margin, a save and the next
-        piece of work, the longest step so far or ``next_s`` if longer (e.g. answering one
-        benchmark, which saves nothing until it is done)."""
-        work = max(self.longest_step_s, float(next_s))
-        return self.seconds_left() <= self.margin_s + work + self.longest_save_s
+        step, as long as the longest so far."""
+        return self.seconds_left() <= self.margin_s + self.longest_step_s + self.longest_save_s
 
 
 def job_deadline(margin_s: float, env: Mapping[str, str] | None = None,

@@ -12,7 +12,8 @@ Training: each rank takes its contiguous slice of every global batch, so the uni
 ranks' micro-batches is exactly the single-process set; the answer-token count is summed over
 ranks and each rank's loss is scaled by the world size (DDP and FSDP2 average gradients), so
 the gradient equals the single-process one. Evaluation: the single-process batches are dealt
-round-robin to the ranks (identical padding, identical numbers) and gathered in order.
+round-robin to the ranks (identical padding, identical numbers), a round at a time, and each
+round's answers gathered in order (``answering``).
 """
 from __future__ import annotations
 
@@ -102,24 +103,16 @@ class Parallel:
     def all_finished(self, finished: bool) -> bool:
         return not any_rank(not finished) if self.lockstep else finished
 
-    def answer_batches(self, starts: Sequence[int], answer: Callable[[int], list[str]]) -> list[str]:
-        """``answer(start)`` on this rank's share of the batches, gathered to every rank in order.
-
-        Ranks run the same number of batches (a short one repeats the first batch and drops
-        the result), so that FSDP2's collectives line up.
-        """
-        mine = list(starts[self.rank::self.world_size])
-        rounds = -(-len(starts) // self.world_size)
-        done: dict[int, list[str]] = {}
-        for r in range(rounds):
-            if r < len(mine):
-                done[mine[r]] = answer(mine[r])
-            elif self.lockstep:
-                answer(starts[0])
-        merged: dict[int, list[str]] = {}
-        for part in all_gather_object(done):
-            merged.update(part)
-        return [p for k in starts for p in merged[k]]
+    def answer_round(self, starts: Sequence[int], answer: Callable[[int], list[str]]) -> list[str]:
+        """``answer(start)`` of the batch at ``starts[rank]``, the round's answers gathered to every
+        rank in order. A rank past the round's last batch repeats the first and drops its answers
+        where ranks decode in lockstep, so that FSDP2's collectives line up."""
+        mine: list[str] = []
+        if self.rank < len(starts):
+            mine = answer(starts[self.rank])
+        elif self.lockstep:
+            answer(starts[0])
+        return [a for part in all_gather_object(mine) for a in part]
 
     def from_main(self, obj: Any) -> Any:
         return all_gather_object(obj)[0]

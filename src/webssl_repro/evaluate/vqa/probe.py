@@ -19,23 +19,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from webssl_repro.evaluate.progress import EvalProgress
-from webssl_repro.evaluate.vqa.categories import category_scores
+from webssl_repro.evaluate.vqa.answering import Scorer, answer_rounds, evaluate_vqa
 from webssl_repro.evaluate.vqa.config import StageConfig, VqaConfig
 from webssl_repro.evaluate.vqa.data import (CHAT_FORMATS, IGNORE, MINI_CHAT, ChatFormat, FeatureCache, VqaSample,
                                             collate, encode, pad_id)
 from webssl_repro.evaluate.vqa.lm import lm_hidden_size
 from webssl_repro.evaluate.vqa.stage_state import load_stage, save_stage
-from webssl_repro.metrics import VQA_BENCHMARKS
 # ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
 # (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
 from webssl_repro.train.config import PRECISIONS
 
 if TYPE_CHECKING:
     from webssl_repro.evaluate.vqa.distributed import Parallel
-
-#: ``score(benchmark, predictions, references) -> float`` (``webssl_repro.evaluate.vqa.scorers.score``).
-Scorer = Callable[[str, Sequence[str], Sequence[Any]], float]
-
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of the probe's forward: bf16 on CUDA for ``bf16``, else none (fp32)."""
@@ -182,23 +177,21 @@ class MultimodalProbe(nn.Module):
         t = collate(enc, pad_id(self.tokenizer), side="right" if with_answer else "left")
         return features.batch([s.image_id for s in samples]), t
 
+    def answer_batch(self, samples: Sequence[VqaSample], features: FeatureCache, max_new_tokens: int = 32,
+                     all_finished: Optional[Callable[[bool], bool]] = None) -> list[str]:
+        """Greedy answers to one batch as text (special tokens dropped)."""
+        device = next(self.parameters()).device
+        visual, t = self.batch(samples, features, with_answer=False)
+        ids = self.generate(visual.to(device), t["input_ids"].to(device), t["attention_mask"].to(device),
+                            t["image_mask"].to(device), max_new_tokens, all_finished=all_finished)
+        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
     def answer(self, samples: Sequence[VqaSample], features: FeatureCache, batch_size: int = 16,
                max_new_tokens: int = 32, parallel: Optional["Parallel"] = None) -> list[str]:
-        """Greedy answers as text (special tokens dropped); with ``parallel``, the batches are
-        shared among the ranks and every rank gets all answers, in order."""
-        device = next(self.parameters()).device
-        sync = parallel.all_finished if parallel is not None and parallel.lockstep else None
-
-        def one(k: int) -> list[str]:
-            visual, t = self.batch(samples[k:k + batch_size], features, with_answer=False)
-            ids = self.generate(visual.to(device), t["input_ids"].to(device), t["attention_mask"].to(device),
-                                t["image_mask"].to(device), max_new_tokens, all_finished=sync)
-            return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-
-        starts = range(0, len(samples), batch_size)
-        if parallel is not None:
-            return parallel.answer_batches(list(starts), one)
-        return [p for k in starts for p in one(k)]
+        """Greedy answers to ``samples`` in batches of ``batch_size``; with ``parallel``, the
+        batches are shared among the ranks and every rank gets all answers, in order."""
+        return [a for found in answer_rounds(self, samples, features, batch_size=batch_size,
+                                             max_new_tokens=max_new_tokens, parallel=parallel) for a in found]
 
 
 def _forward_params(lm: nn.Module) -> set[str]:
@@ -390,31 +383,3 @@ def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCa
     result["training"] = [{k: log[k] for k in ("stage", "steps", "seconds")} | {"final_loss": log["losses"][-1]}
                           for log in logs]
     return result
-
-
-def evaluate_vqa(probe: MultimodalProbe, benchmark_sets: Mapping[str, Sequence[VqaSample]],
-                 scorer: Optional[Scorer] = None, *,
-                 features: FeatureCache, batch_size: int = 16, max_new_tokens: int = 32,
-                 parallel: Optional["Parallel"] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
-    """Greedy answers on each benchmark's test samples, scored per benchmark; categories by the paper's rule.
-
-    ``categories`` is None unless all 16 benchmarks are present (the paper's averages need all).
-    With ``parallel`` the ranks share the answering, rank 0 scores and every rank returns its result.
-    With ``progress`` each benchmark's answers are a part: kept, and read back by a resumed job.
-    """
-    if scorer is None:
-        from webssl_repro.evaluate.vqa.scorers import score as scorer
-    progress = EvalProgress() if progress is None else progress
-    answers = {}
-    for name, samples in benchmark_sets.items():
-        progress.stop_point(f"answering {name}", unit="answers", items=len(samples))
-        kept = progress.result(f"answers-{name}")
-        answers[name] = kept if kept is not None else progress.finish(
-            f"answers-{name}", probe.answer(list(samples), features, batch_size, max_new_tokens, parallel=parallel))
-    result = None
-    if parallel is None or parallel.rank == 0:
-        per_benchmark = {name: float(scorer(name, answers[name], [s.reference() for s in samples]))
-                         for name, samples in benchmark_sets.items()}
-        complete = set(VQA_BENCHMARKS) <= set(per_benchmark)
-        result = {"benchmarks": per_benchmark, "categories": category_scores(per_benchmark) if complete else None}
-    return result if parallel is None else parallel.from_main(result)
