@@ -54,8 +54,12 @@ def lm_layer_features(model, tokenizer, texts: Sequence[str], batch_size: int = 
                         return_tensors="pt").to(device)
         hidden = model(**enc, output_hidden_states=True).hidden_states  # L+1 x (B, T, D)
         mask = enc["attention_mask"].unsqueeze(-1).float()               # (B, T, 1)
-        stacked = torch.stack(hidden).float()                            # (L+1, B, T, D)
-        out.append(((stacked * mask).sum(dim=2) / mask.sum(dim=1).clamp_min(1.0)).cpu())
+        count = mask.sum(dim=1).clamp_min(1.0)
+        # one layer at a time: stacking all L+1 first (81 of Llama-3.1-70B) holds the stack, its
+        # fp32 copy and their masked product at once, 5x the hidden states' bf16 bytes more, on
+        # the one GPU that accelerate's device_map gathers the outputs to
+        out.append(torch.stack([((h.float() * mask.to(h.device)).sum(dim=1) / count.to(h.device)).cpu()
+                                for h in hidden]))
     return torch.cat(out, dim=1)
 
 
