@@ -128,12 +128,14 @@ def answer_gqa(parallel=None, progress=None) -> list[str]:
     return answers
 
 
-def run_answering_resumed(state_dir: Path) -> list[str]:
-    """fsdp2 stopped after the first round of answering, then resumed; the state saved at the
-    stop is kept in ``<state_dir>-at-stop`` for a one-process retry."""
+def run_answering_resumed(state_dir: Path) -> dict:
+    """fsdp2 stopped after the first round of answering, then resumed: its answers, each rank's
+    batch sizes and saves in the retry. The state saved at the stop is kept in
+    ``<state_dir>-at-stop`` for a one-process retry."""
     from test_eval_progress import StopAfter
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.train import Preempted
+    from webssl_repro.train.distributed import all_gather_object
 
     try:  # the 1st check is before answering gqa, the 2nd after its 1st round
         answer_gqa("fsdp2", EvalProgress(state_dir, checkpoint_every_min=0, deadline=StopAfter(2)))
@@ -143,7 +145,14 @@ def run_answering_resumed(state_dir: Path) -> list[str]:
     if torch.distributed.get_rank() == 0:
         shutil.copytree(state_dir, f"{state_dir}-at-stop")
     torch.distributed.barrier()
-    return answer_gqa("fsdp2", EvalProgress(state_dir, checkpoint_every_min=0))
+    calls, original, never = [], MultimodalProbe.answer_batch, StopAfter(10**9)
+    MultimodalProbe.answer_batch = lambda self, samples, *a, **k: calls.append(len(samples)) or original(
+        self, samples, *a, **k)
+    try:  # saving after every round that is not the last: none in a retry of one round
+        answers = answer_gqa("fsdp2", EvalProgress(state_dir, checkpoint_every_min=0, deadline=never))
+    finally:
+        MultimodalProbe.answer_batch = original
+    return {"answers": answers, "calls": all_gather_object(calls), "saves": never.saves}
 
 
 def loaded_probe(lm: Path, strategy: str):
@@ -254,7 +263,9 @@ def test_answering_stopped_after_a_round_resumes_on_two_ranks_or_one(runs, monke
     assert (state["iteration"], len(state["answers"])) == (1, 4)
     whole = answer_gqa()
     assert len(whole) == 7 and state["answers"] == whole[:4]
-    assert runs[1]["answered"] == whole
+    retry = runs[1]["answered"]
+    assert retry["answers"] == whole
+    assert retry["calls"] == [[2], [1]] and retry["saves"] == 0  # one round: questions 5-6 and 7
     calls, original = [], MultimodalProbe.answer_batch
     monkeypatch.setattr(MultimodalProbe, "answer_batch",
                         lambda self, samples, *a, **k: calls.append(len(samples)) or original(self, samples, *a, **k))
