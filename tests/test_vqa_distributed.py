@@ -93,7 +93,7 @@ def run_bf16_lm() -> dict:
 def run_resumed(state_dir: Path) -> dict:
     """fsdp2 stopped after stage-2 step 2 (``evaluate.progress``), then resumed by a new probe:
     each rank's shards of the LM and its AdamW state go through torch.distributed.checkpoint."""
-    from test_eval_progress import StopAfter
+    from helpers_progress import StopAfter
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.evaluate.vqa.distributed import parallelize
     from webssl_repro.train import Preempted
@@ -132,7 +132,7 @@ def run_answering_resumed(state_dir: Path) -> dict:
     """fsdp2 stopped after the first round of answering, then resumed: its answers, each rank's
     batch sizes and saves in the retry. The state saved at the stop is kept in
     ``<state_dir>-at-stop`` for a one-process retry."""
-    from test_eval_progress import StopAfter
+    from helpers_progress import StopAfter
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.train import Preempted
     from webssl_repro.train.distributed import all_gather_object
