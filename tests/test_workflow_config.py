@@ -1,13 +1,15 @@
 """What a user sees when a config or a command line is off: the messages name the key and the
-alternatives, and the dry run's cost summary counts what will really be trained."""
+alternatives, the plan's checks (sizes, warm-ups, run sources, profile resources) stop the dry
+run, and its cost summary counts what will really be trained."""
 import copy
 import re
 
 import pytest
+import yaml
 
-from conftest import REPO
+from conftest import REPO, snakemake
 from webssl_repro import cli
-from webssl_repro.config import ConfigError, config_origin, load_config
+from webssl_repro.config import ConfigError, config_origin, load_config, validate_config
 from webssl_repro.paper import specs
 from webssl_repro.resources import encoder_params
 from webssl_repro.workflow import Plan
@@ -125,3 +127,117 @@ def test_cli_errors_name_the_problem_unquoted(capsys, tmp_path):
     rc = cli.main(["render", "fig10", "--scale", "published", "--source", "published", "--outputs", str(tmp_path)])
     assert rc == 2
     assert "webssl-repro render: error: unknown paper item 'fig10'; known: table2," in capsys.readouterr().err
+
+
+def test_paper_scale_needs_real_shards():
+    """Without ``data.shards`` (or ``data.in1k.shards``) the mini-web generator would stand in
+    for MC-2B (ImageNet-1k) under the paper's 7B runs: a misspelt key must stop the dry run."""
+    for drop in ("shards", "in1k"):
+        config = load_config(REPO / "config/paper.yaml")
+        config["data"]["shard" if drop == "shards" else "in1k"] = config["data"].pop(drop)
+        if drop == "in1k":
+            config["data"]["in1k"] = {"n_images": 1000}
+        with pytest.raises(ConfigError, match="'shards' is a required property"):
+            validate_config(config, "paper.yaml")
+
+
+def test_a_size_missing_from_resources_nodes_is_an_error_not_one_node():
+    cfg = load_config(REPO / "config/paper.yaml")
+    del cfg["resources"]["nodes"]["7b"]
+    with pytest.raises(ConfigError, match=r"resources.nodes has no entry for size .7b."):
+        Plan(cfg).pretrain_resources("dino7b-full8b-224")
+
+
+@pytest.mark.parametrize("section,key,value,run,where", [
+    ("dino", "warmup_steps", 64, "dino1b-full2b-224", "pretrain.dino.warmup_steps: 64"),
+    ("in1k", "warmup_teacher_temp_steps", 100, "dino1b-in1k-224", "pretrain.in1k.dino.warmup_teacher_temp_steps: 100"),
+    ("mae", "warmup_iters", 40, "mae1b-full2b-224", "pretrain.mae.warmup_iters: 40"),
+    ("train", "warmup_steps", 64, "clip1b-full2b-224", "pretrain.train.warmup_steps: 64"),
+])
+def test_a_warmup_as_long_as_the_run_is_refused_by_name(section, key, value, run, where):
+    """Mini runs of 2048 samples: 64 steps at DINO's batch 32, 32 at MAE's and CLIP's 64."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    if section == "in1k":  # with a real temperature warm-up (mini's stays flat at 0.04)
+        cfg["pretrain"]["in1k"] = {"dino": {key: value, "teacher_temp": 0.07}}
+    else:
+        cfg["pretrain"].setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=re.escape(where) + r" is not shorter than run " + re.escape(run)):
+        Plan(cfg).run_config(run)
+
+
+def test_a_warmup_left_at_its_default_is_checked_too():
+    """A recipe that leaves DINO's teacher-temperature warm-up unset gets DinoConfig's 37,500
+    steps: an ImageNet-1k run of 100 epochs (41,705 steps) passes, one of 90 (37,535) too, 80 not."""
+    from webssl_repro.recipes import SCHEDULE_DEFAULTS
+
+    cfg = load_config(REPO / "config/paper.yaml")
+    cfg["pretrain"].pop("in1k")
+    cfg["pretrain"]["dino"]["warmup_steps"] = 20000
+    cfg["labels"]["in1k_epochs"] = 90
+    Plan(cfg).run_config("dino1b-in1k-224")
+    cfg["labels"]["in1k_epochs"] = 80
+    with pytest.raises(ConfigError, match=r"pretrain\.dino\.warmup_teacher_temp_steps \(unset: the default\): 37500 "
+                                          r"is not shorter than run dino1b-in1k-224, 33,364 steps.*pretrain\.in1k\.dino"):
+        Plan(cfg).run_config("dino1b-in1k-224")
+    assert SCHEDULE_DEFAULTS["dino"]["warmup_teacher_temp_steps"] == 37500
+
+
+def test_a_flat_teacher_temperature_has_no_warmup_to_check():
+    """Mini keeps the teacher at 0.04 throughout (warmup_teacher_temp == teacher_temp): its
+    20-step "warm-up" may outlast a 4-step test run; lifting the end temperature makes it real."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["labels"]["samples"]["2b"] = 128  # 4 steps of 32
+    cfg["pretrain"]["dino"]["warmup_steps"] = 2
+    assert Plan(cfg).run_config("dino1b-full2b-224")["recipe"]["warmup_teacher_temp_steps"] == 20
+    cfg["pretrain"]["dino"]["teacher_temp"] = 0.07
+    with pytest.raises(ConfigError, match=r"pretrain\.dino\.warmup_teacher_temp_steps: 20 is not shorter"):
+        Plan(cfg).run_config("dino1b-full2b-224")
+
+
+def test_the_dry_run_stops_at_a_warmup_longer_than_its_run(workflow_dir):
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    config["pretrain"]["in1k"] = {"dino": {"warmup_steps": 500}}
+    (workflow_dir / "long.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "long.yaml")
+    assert proc.returncode != 0
+    assert "pretrain.in1k.dino.warmup_steps: 500 is not shorter than run dino" in proc.stdout + proc.stderr
+
+
+def test_run_sources_and_tolerances_are_checked_when_the_plan_is_made():
+    """A run_sources key outside the grid, a checkpoint of another run, a download below the
+    paper scale or a misspelt tolerance metric stop the dry run, each by its key."""
+    paper = load_config(REPO / "config/paper.yaml")
+
+    def plan_with(section: str, key: str, value) -> Plan:
+        cfg = copy.deepcopy(paper)
+        cfg.setdefault(section, {})[key] = value
+        return Plan(cfg)
+
+    ok = {"dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224"}}
+    assert "dino2b-heavy2b-224" in plan_with("pretrain", "run_sources", ok).run_sources
+    with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavyy2b-224: not a run of this config"):
+        plan_with("pretrain", "run_sources", {"dino2b-heavyy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavyy2b-224"}})
+    with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavy2b-224.checkpoint: 'facebook/webssl-dino7b"):
+        plan_with("pretrain", "run_sources", {"dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino7b-full8b-518"}})
+    mini = load_config(REPO / "config/mini.yaml")
+    mini["pretrain"]["run_sources"] = ok
+    with pytest.raises(ConfigError, match=r"downloaded, which only the paper scale does \(this is 'mini'\)"):
+        Plan(mini)
+    mini["pretrain"]["run_sources"] = {"dino2b-heavy2b-224": {**ok["dino2b-heavy2b-224"], "path": "/ckpt/x"}}
+    assert Plan(mini).import_command("dino2b-heavy2b-224").endswith("--path /ckpt/x")
+    mini["seeds"] = [0, 1]
+    with pytest.raises(ConfigError, match=r"seeds \[0, 1\]: each seed would import the same released encoder"):
+        Plan(mini)
+    with pytest.raises(ConfigError, match=r"check.tolerances: unknown metric\(s\) \['avg'\]"):
+        plan_with("check", "tolerances", {"avg": 1.0, "Average": 1.0})
+    assert plan_with("check", "tolerances", {"Average": 1.0, "alignment/llama3-8b": 0.01}).published is False
+
+
+def test_profile_resources_that_read_unset_variables_stop_the_dry_run():
+    from webssl_repro.plan_checks import check_profile_environment
+
+    args = ["tmpdir=system_tmpdir", "slurm_account=$SLURM_ACCOUNT", "slurm_partition='${SLURM_PARTITION}'", "runtime=60"]
+    check_profile_environment(args, {"SLURM_ACCOUNT": "acme", "SLURM_PARTITION": "gpu"})
+    check_profile_environment(None, {})
+    with pytest.raises(ConfigError, match=r"slurm_partition reads \$SLURM_PARTITION. Export"):
+        check_profile_environment(args, {"SLURM_ACCOUNT": "acme"})

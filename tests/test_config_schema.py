@@ -1,0 +1,197 @@
+"""The config schema (config/schema.yaml): every consumer's keys typed and closed, so that a
+misspelt key, a wrong type or an unknown choice is refused by name, by `snakemake` too, before
+any job runs."""
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+from webssl_repro.config import ConfigError, load_config, validate_config
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("scale_typo", "mini", "scale_typo"),
+    ("seeds", "zero", "seeds"),
+    ("labels.samples.2b", "many", "labels.samples.2b"),
+    ("resources.mfu", 3.0, "resources.mfu"),
+    ("pretrain.train.checkpoint_evry", 3, "'checkpoint_evry' was unexpected"),
+    ("pretrain.dino.batch_sise", 3, "'batch_sise' was unexpected"),
+    ("pretrain.clip.context_lenght", 3, "'context_lenght' was unexpected"),
+    ("pretrain.in1k", {"dino": {"warmup_step": 3}}, "'warmup_step' was unexpected"),
+    ("pretrain.in1k", {"vit": {}}, "'vit' was unexpected"),
+    ("data.corpus.n_imgs", 3, "'n_imgs' was unexpected"),
+    ("data.filter.backend", "mlm", "'mlm' is not one of"),
+])
+def test_bad_config_names_the_key(tmp_path, key, value, needle):
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
+
+
+def _json_type(annotation) -> dict:
+    """The schema a dataclass field's annotation asks for: int, float, bool, str, a pair of
+    floats, or one of them or null."""
+    import typing
+
+    base = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    if annotation in base:
+        return {"type": base[annotation]}
+    if typing.get_origin(annotation) is tuple:
+        (item, _) = typing.get_args(annotation)
+        return {"type": "array", "items": {"type": base[item]}, "minItems": 2, "maxItems": 2}
+    (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return {"type": [base[inner], "null"]}
+
+
+def _typed_like(cls, properties: dict, skip=()) -> None:
+    """``properties`` (a schema section) has exactly ``cls``'s fields, each with its type."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    assert set(properties) >= set(names), sorted(set(names) - set(properties))
+    for name in names:
+        if "enum" in properties[name]:  # a closed set of strings
+            assert hints[name] is str and all(isinstance(v, str) for v in properties[name]["enum"]), name
+            continue
+        declared = {k: v for k, v in properties[name].items() if k in ("type", "items", "minItems", "maxItems")}
+        assert declared == _json_type(hints[name]), (cls.__name__, name, declared)
+
+
+def test_schema_types_the_config_dataclasses():
+    """The schema lists each recipe's keys with their types, so the dry run rejects a misspelt
+    key or a wrong value; they must stay the fields of the dataclasses that read them (plus
+    CLIP's tower/tokenizer keys, and hires' steps)."""
+    import dataclasses
+
+    from webssl_repro.evaluate.vqa.probe import StageConfig, VqaConfig
+    from webssl_repro.methods.clip import ClipConfig
+    from webssl_repro.methods.dino import DinoConfig
+    from webssl_repro.methods.mae import MaeConfig
+    from webssl_repro.train import TrainConfig
+
+    root = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]
+    schema = root["pretrain"]["properties"]
+    assert all(schema[name]["additionalProperties"] is False for name in ("train", "dino", "mae", "clip", "hires"))
+    allowed = {name: set(schema[name]["properties"]) for name in ("train", "dino", "mae", "clip", "hires")}
+    fields = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (TrainConfig, DinoConfig, MaeConfig, ClipConfig)}
+    assert allowed["train"] == fields[TrainConfig] - {"samples_seen", "global_batch_size"}  # set from the run
+    assert allowed["dino"] == fields[DinoConfig] and allowed["hires"] == fields[DinoConfig] | {"steps"}
+    assert allowed["mae"] == fields[MaeConfig]
+    assert allowed["clip"] == fields[ClipConfig] | {"layerscale", "tokenizer", "vocab_size"}
+    _typed_like(TrainConfig, schema["train"]["properties"], skip=("samples_seen", "global_batch_size"))
+    for name, cls in (("dino", DinoConfig), ("hires", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
+        _typed_like(cls, schema[name]["properties"])
+    in1k = schema["in1k"]  # the ImageNet-1k runs' overrides: each method's own keys, nothing else
+    assert in1k["additionalProperties"] is False and set(in1k["properties"]) == {"dino", "mae", "clip"}
+    for name, section in in1k["properties"].items():
+        assert section["additionalProperties"] is False and section["properties"] == schema[name]["properties"]
+    from webssl_repro.methods.dino import CENTERINGS
+    from webssl_repro.methods.schedules import LR_SCALINGS
+    from webssl_repro.train.config import PRECISIONS, STRATEGIES
+
+    closed = {("train", "precision"): PRECISIONS, ("train", "strategy"): STRATEGIES,
+              ("dino", "centering"): CENTERINGS, ("hires", "centering"): CENTERINGS,
+              ("dino", "lr_scaling"): LR_SCALINGS, ("hires", "lr_scaling"): LR_SCALINGS}
+    for (section, key), values in closed.items():  # a choice the code refuses is refused by the dry run
+        assert schema[section]["properties"][key]["enum"] == list(values), (section, key)
+    vqa = root["evaluate"]["properties"]["vqa"]["properties"]
+    _typed_like(VqaConfig, vqa, skip=("stage1", "stage2"))
+    from webssl_repro.evaluate.vqa.probe import PRECISIONS as VQA_PRECISIONS
+
+    assert vqa["precision"]["enum"] == list(VQA_PRECISIONS)
+    for stage in ("stage1", "stage2"):
+        assert set(vqa[stage]["properties"]) == {f.name for f in dataclasses.fields(StageConfig)}
+        _typed_like(StageConfig, vqa[stage]["properties"])
+
+
+def test_schema_closes_the_data_and_evaluate_sections_on_their_consumers_keys():
+    """A misspelt key under data.filter or evaluate.* stops the dry run (it once reached the
+    job, or silently changed the plan: `parts` misspelt gave one filter job over MC-2B)."""
+    import dataclasses
+    import inspect
+
+    from webssl_repro.data.filter_mllm import MLLMFilter
+    from webssl_repro.data.filters import OCRFilter
+    from webssl_repro.evaluate import alignment_eval, classic
+    from webssl_repro.evaluate.vqa.probe import VqaConfig
+    from webssl_repro.evaluate.progress import DEFAULTS as PROGRESS
+    from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]
+
+    def names(section):
+        if "propertyNames" in section:
+            return set(section["propertyNames"]["enum"])
+        assert section["additionalProperties"] is False
+        return set(section["properties"])
+    ctor = {p for cls in (OCRFilter, MLLMFilter) for p in inspect.signature(cls.__init__).parameters} - {"self", "generate_fn"}
+    assert names(schema["data"]["properties"]["filter"]) == ctor | {"backend", "parts"}
+    evaluate = schema["evaluate"]["properties"]
+    assert names(evaluate["vqa"]) == {f.name for f in dataclasses.fields(VqaConfig)} | set(STAGE_KEYS) | set(PROGRESS)
+    assert names(evaluate["classic"]) == set(classic.DEFAULTS) | set(PROGRESS)
+    for task in ("linear", "segmentation", "depth"):
+        assert names(evaluate["classic"]["properties"][task]) == set(classic.DEFAULTS[task]), task
+    assert names(evaluate["alignment"]) == set(alignment_eval.DEFAULTS)
+
+
+@pytest.mark.parametrize("section, key", [("data.filter", "partz"), ("evaluate.vqa", "stratgy"),
+                                          ("evaluate.alignment", "language_model"), ("evaluate.classic.depth", "iter"),
+                                          ("evaluate.vqa.stage2", "epoch"), ("data.evalsets", "clasification"),
+                                          ("data.evalsets.depth", "trian")])
+def test_a_misspelt_section_key_is_refused_by_name(section, key):
+    """At any depth: a nested key of a consumer's section is as closed as its top level."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    *parts, last = section.split(".")
+    node = cfg
+    for part in parts:
+        node = node.setdefault(part, {})
+    node = node.setdefault(last, {"train": 8, "val": 4} if section == "data.evalsets.depth" else {})
+    node[key] = 1
+    with pytest.raises(ConfigError, match=rf"at key '{re.escape(section)}': ('{key}' is not one of|.*'{key}' was "
+                                          rf"unexpected|'{key}' does not match|.* is not valid under any)"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("section, key, value", [("pretrain.dino", "batch_size", "thirty-two"),
+                                                 ("pretrain.train", "betas", [0.9]),
+                                                 ("evaluate.vqa.stage1", "lr", "fast"),
+                                                 ("evaluate.classic.segmentation", "img_size", [64, 64, 64]),
+                                                 ("evaluate.classic", "precision", "fp8"),
+                                                 ("pretrain.train", "precision", "bf61"),
+                                                 ("pretrain.dino", "centering", "center"),
+                                                 ("evaluate.alignment", "k", 2.5),
+                                                 ("evaluate.classic.linear", "batch_size", 0)])
+def test_a_wrong_type_or_choice_is_refused_naming_its_key_and_value(section, key, value):
+    cfg = load_config(REPO / "config/mini.yaml")
+    node = cfg
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = value
+    with pytest.raises(ConfigError, match=rf"at key '{re.escape(section)}.{key}': {re.escape(repr(value))} is "):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("section, key, value", [("resources", "gpus_per_node", "eight"),
+                                                 ("pretrain.dino", "batch_size", "thirty-two")])
+def test_snakemake_rejects_a_bad_config_before_any_job(workflow_dir, section, key, value):
+    bad = yaml.safe_load((workflow_dir / "config/mini.yaml").read_text())
+    node = bad
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    (workflow_dir / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "bad.yaml")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert key in out and value in out
+    assert not (workflow_dir / "paper").exists()
