@@ -77,6 +77,11 @@ def _mc(answer, choices=("red", "blue", "green", "yellow"), **kw):
 
 def test_normalisation_and_cambrians_answer_reading():
     assert normalize_answer("The Two Apples.") == "2 apples" and normalize_answer("1,000 m") == "1000 m"
+    # EvalAI's processor, as Cambrian's TextVQA evaluator applies it: % & # kept, periods dropped
+    # unless before a digit, a glued mark spaced, a spaced one dropped, "none" a number, contractions
+    assert [normalize_answer(a) for a in ("50%", "a&w", "#1", "U.S.A.", "3.5", "red-blue", "red - blue", "None",
+                                          "dont", "couldnt've", "John's")] == \
+        ["50%", "a&w", "#1", "usa", "3.5", "red blue", "red blue", "0", "don't", "couldn't've", "john 's"]
     assert single_answer("Answer: Left.") == "left" and single_answer("The answer is 12.") == "12"
     assert option_letter("(B) blue") == "b" and option_letter("The answer is C.") == "c"
     assert option_letter("I am not sure") == "i"  # Cambrian reads the first character, whatever it is

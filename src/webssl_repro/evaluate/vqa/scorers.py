@@ -31,8 +31,26 @@ from typing import Any, Callable, Mapping, Sequence
 from webssl_repro.metrics import VQA_BENCHMARKS
 
 _ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+#: EvalAI's punctuation: a mark becomes a space (``red-blue``: ``red blue``), or is dropped where
+#: one of its kind stands beside a space (``hello !``); others (``% # & : *``, the apostrophe)
+#: stay. A period is dropped unless a digit follows (``u.s.a.``: ``usa``; ``3.5`` stays).
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`!'
+_PERIOD = re.compile(r"\.(?!\d)")
+#: The contractions EvalAI's processor restores (lower case: its capitalised ``I'm`` entries
+#: never match a lower-cased answer); each is also written with one of its apostrophes left out.
+_CONTRACTIONS = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+    haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll let's ma'am mightn't mightn't've
+    might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's should've shouldn't
+    shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd
+    something'd've something'll that's there'd there'd've there're there's they'd they'd've they'll they're
+    they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's where've
+    who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll
+    y'all'd've you'd you'd've you'll you're you've""".split()
+#: written without one apostrophe -> the contraction (``let's`` and ``she's`` only as themselves)
+_RESTORE = {word[:i] + word[i + 1:]: word for word in _CONTRACTIONS if word not in ("let's", "she's")
+            for i, c in enumerate(word) if c == "'"}
 LETTERS = "ABCDEFGH"
 #: Cambrian's answer markers, split on in this order (the text after the last one is kept)
 ANSWER_KEYWORDS = ("answer is", "answer is:", "answer:")
@@ -41,15 +59,19 @@ HANDWRITTEN_MATH = "Handwritten Mathematical Expression Recognition"
 
 
 def normalize_answer(s: str) -> str:
-    """VQA-style normalisation, close to EvalAI's answer processor (not a port: no contraction
-    table): lower case, commas inside numbers dropped, other punctuation and articles removed,
-    number words as digits."""
-    s = str(s).lower().strip()
-    s = re.sub(r"(\d),(\d)", r"\1\2", s)
-    s = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", s)
-    s = re.sub(r"[^\w\s.]", " ", s)
-    words = [_NUMBER_WORDS.get(w, w) for w in s.split() if w not in _ARTICLES]
-    return " ".join(words)
+    """TextVQA's answer normalisation (EvalAI's answer processor, which Cambrian's M4C evaluator
+    applies to predictions and annotations alike): lower case; commas and question marks
+    dropped, "'s" split off; punctuation (``_PUNCTUATION``) removed or spaced; periods dropped
+    unless before a digit; number words as digits ("none" is 0); articles dropped; contractions
+    written without an apostrophe restored."""
+    s = str(s).lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    s = s.replace("\n", " ").replace("\t", " ").strip()
+    text = s
+    for mark in _PUNCTUATION:
+        s = s.replace(mark, "" if f"{mark} " in text or f" {mark}" in text else " ")
+    s = _PERIOD.sub("", s)
+    words = [_NUMBER_WORDS.get(w, w) for w in s.split()]
+    return " ".join(_RESTORE.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def single_answer(text: str) -> str:
