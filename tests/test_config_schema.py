@@ -8,6 +8,7 @@ import yaml
 
 from conftest import REPO, snakemake
 from webssl_repro.config import ConfigError, load_config, validate_config
+from webssl_repro.metrics import VQA_BENCHMARKS
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -38,12 +39,15 @@ def test_bad_config_names_the_key(tmp_path, key, value, needle):
 
 def _json_type(annotation) -> dict:
     """The schema a dataclass field's annotation asks for: int, float, bool, str, a pair of
-    floats, or one of them or null."""
+    floats, a str-keyed mapping of one of them, or one of them or null."""
     import typing
 
     base = {int: "integer", float: "number", bool: "boolean", str: "string"}
     if annotation in base:
         return {"type": base[annotation]}
+    if typing.get_origin(annotation) is dict:
+        (_, value) = typing.get_args(annotation)
+        return {"type": "object", "additionalProperties": {"type": base[value]}}
     if typing.get_origin(annotation) is tuple:
         (item, _) = typing.get_args(annotation)
         return {"type": "array", "items": {"type": base[item]}, "minItems": 2, "maxItems": 2}
@@ -64,6 +68,8 @@ def _typed_like(cls, properties: dict, skip=()) -> None:
             assert hints[name] is str and all(isinstance(v, str) for v in properties[name]["enum"]), name
             continue
         declared = {k: v for k, v in properties[name].items() if k in ("type", "items", "minItems", "maxItems")}
+        if "additionalProperties" in properties[name]:
+            declared["additionalProperties"] = {"type": properties[name]["additionalProperties"]["type"]}
         assert declared == _json_type(hints[name]), (cls.__name__, name, declared)
 
 
@@ -106,6 +112,7 @@ def test_schema_types_the_config_dataclasses():
         assert schema[section]["properties"][key]["enum"] == list(values), (section, key)
     vqa = root["evaluate"]["properties"]["vqa"]["properties"]
     _typed_like(VqaConfig, vqa, skip=("stage1", "stage2"))
+    assert vqa["max_new_tokens_by_benchmark"]["propertyNames"]["enum"] == list(VQA_BENCHMARKS)
     from webssl_repro.evaluate.vqa.probe import PRECISIONS as VQA_PRECISIONS
 
     assert vqa["precision"]["enum"] == list(VQA_PRECISIONS)

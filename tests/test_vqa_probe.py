@@ -266,6 +266,30 @@ def test_config_defaults_and_unknown_keys():
     assert [type(m).__name__ for m in proj] == ["Linear", "GELU", "Linear"] and proj[2].in_features == 32
 
 
+def test_answer_lengths_are_cambrians_per_benchmark(tokenizer):
+    """Cambrian's eval scripts: 512 new tokens, 128 for GQA / ChartQA / DocVQA, 32 for MME;
+    a config's own limits go over those, and ``max_new_tokens`` caps them all (mini: 8)."""
+    cfg = VqaConfig()
+    assert [cfg.new_tokens(b) for b in ("mathvista", "gqa", "docvqa", "mme")] == [512, 128, 128, 32]
+    longer = VqaConfig.from_mapping({"max_new_tokens": 1024, "max_new_tokens_by_benchmark": {"mathvista": 1024}})
+    assert [longer.new_tokens(b) for b in ("mathvista", "mmmu", "gqa")] == [1024, 1024, 128]
+    assert VqaConfig.from_mapping(mini_vqa_options()).new_tokens("gqa") == 8
+    with pytest.raises(KeyError, match="max_new_tokens_by_benchmark.*'gqa2'"):
+        VqaConfig.from_mapping({"max_new_tokens_by_benchmark": {"gqa2": 4}})
+
+    tiny = VqaConfig.from_mapping({
+        "language_model": "tiny", "tokens": TOKENS, "chat_format": "mini", "lm_hidden": 32, "lm_layers": 1,
+        "lm_heads": 4, "max_length": 64, "max_new_tokens": 3, "max_new_tokens_by_benchmark": {"mme": 1},
+        "eval_batch_size": 2, "stage1": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4},
+        "stage2": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4}})
+    probe, asked = build_probe(tiny, VIS_DIM, tokenizer), []
+    samples, feats = _world(4, seed=5)
+    original = probe.answer_batch
+    probe.answer_batch = lambda batch, features, n, **kw: asked.append(n) or original(batch, features, n, **kw)
+    fit_and_evaluate(tiny, probe, feats, samples, samples, {"gqa": samples[:3], "mme": samples[:1]}, _exact)
+    assert asked == [3, 3, 1]  # gqa's two batches, then mme's one
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     """``evaluate.vqa.gradient_checkpointing`` recomputes each decoder layer in the backward: the
     gradients are those of the plain backward (float64, so they agree to rounding)."""

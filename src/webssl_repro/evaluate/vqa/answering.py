@@ -65,14 +65,15 @@ def answer_benchmark(probe: "MultimodalProbe", name: str, samples: Sequence[VqaS
 
 def evaluate_vqa(probe: "MultimodalProbe", benchmark_sets: Mapping[str, Sequence[VqaSample]],
                  scorer: Optional[Scorer] = None, *,
-                 features: FeatureCache, batch_size: int = 16, max_new_tokens: int = 32,
+                 features: FeatureCache, batch_size: int = 16, max_new_tokens: int | Mapping[str, int] = 32,
                  parallel: Optional["Parallel"] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Greedy answers on each benchmark's test samples, scored per benchmark; categories by the paper's rule.
 
     ``categories`` is None unless all 16 benchmarks are present (the paper's averages need all).
     With ``parallel`` the ranks share the answering, rank 0 scores and every rank returns its result.
     With ``progress`` each benchmark's answers are a part, kept and read back by a resumed job,
-    and its answering resumes at the next round (``answer_benchmark``).
+    and its answering resumes at the next round (``answer_benchmark``). ``max_new_tokens`` is
+    one limit for all, or each benchmark's (``VqaConfig.new_tokens``).
     """
     if scorer is None:
         from webssl_repro.evaluate.vqa.scorers import score as scorer
@@ -82,8 +83,9 @@ def evaluate_vqa(probe: "MultimodalProbe", benchmark_sets: Mapping[str, Sequence
         progress.stop_point(f"answering {name}")
         kept = progress.result(f"answers-{name}")
         answers[name] = kept if kept is not None else progress.finish(
-            f"answers-{name}", answer_benchmark(probe, name, list(samples), features, batch_size=batch_size,
-                                                max_new_tokens=max_new_tokens, parallel=parallel, progress=progress),
+            f"answers-{name}", answer_benchmark(
+                probe, name, list(samples), features, batch_size=batch_size, parallel=parallel, progress=progress,
+                max_new_tokens=max_new_tokens if isinstance(max_new_tokens, int) else max_new_tokens[name]),
             also=(f"answering-{name}",))
     result = None
     if parallel is None or parallel.rank == 0:

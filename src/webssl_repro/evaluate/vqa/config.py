@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 
 # ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
 # (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
+from webssl_repro.metrics import VQA_BENCHMARKS
 from webssl_repro.train.config import PRECISIONS
 
 
@@ -42,7 +43,11 @@ class VqaConfig:
     projector: str = "mlp2x_gelu"
     chat_format: str = "llama_3"
     max_length: int = 2048
-    max_new_tokens: int = 32
+    #: the longest answer generated; ``max_new_tokens_by_benchmark`` sets shorter ones (Cambrian's
+    #: eval scripts: 512, but 128 for GQA, ChartQA and DocVQA, 32 for MME)
+    max_new_tokens: int = 512
+    max_new_tokens_by_benchmark: dict[str, int] = field(
+        default_factory=lambda: {"gqa": 128, "chartqa": 128, "docvqa": 128, "mme": 32})
     eval_batch_size: int = 16
     lm_hidden: int = 128
     lm_layers: int = 2
@@ -74,7 +79,17 @@ class VqaConfig:
                 if bad:
                     raise KeyError(f"VqaConfig.{key}: unknown key(s) {bad}; known: {sorted(stage_names)}")
                 value = StageConfig(**{**base.__dict__, **value})
+            elif key == "max_new_tokens_by_benchmark":  # over Cambrian's limits, not instead of them
+                value = {**cfg.max_new_tokens_by_benchmark, **value}
             setattr(cfg, key, value)
+        unknown = sorted(set(cfg.max_new_tokens_by_benchmark) - set(VQA_BENCHMARKS))
+        if unknown:
+            raise KeyError(f"evaluate.vqa.max_new_tokens_by_benchmark: unknown benchmark(s) {unknown}; "
+                           f"known: {list(VQA_BENCHMARKS)}")
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
         return cfg
+
+    def new_tokens(self, benchmark: str) -> int:
+        """How many tokens ``benchmark``'s answers may take: its own limit, capped by ``max_new_tokens``."""
+        return min(int(self.max_new_tokens_by_benchmark.get(benchmark, self.max_new_tokens)), int(self.max_new_tokens))

@@ -379,7 +379,8 @@ def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCa
                         parallel=parallel, progress=progress)
             for stage, samples, scfg in ((1, alignment, cfg.stage1), (2, instruction, cfg.stage2))]
     result = evaluate_vqa(probe, benchmark_sets, scorer, features=features, batch_size=cfg.eval_batch_size,
-                          max_new_tokens=cfg.max_new_tokens, parallel=parallel, progress=progress)
+                          max_new_tokens={name: cfg.new_tokens(name) for name in benchmark_sets},
+                          parallel=parallel, progress=progress)
     result["training"] = [{k: log[k] for k in ("stage", "steps", "seconds")} | {"final_loss": log["losses"][-1]}
                           for log in logs]
     return result
