@@ -1,6 +1,7 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
 # and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json
-# vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher).
+# vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
+# a resource, so that changing resources.eval_gpus reruns nothing).
 # vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
 # its retry resumes. Its attempts.jsonl there refuses a retry after two attempts that failed
@@ -16,7 +17,6 @@ rule vqa:
         PLAN.eval_path("{run}", "vqa"),
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
-        launcher=lambda w, resources: PLAN.eval_launcher(sized_for_refusal=resources.sized_for_refusal),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
     benchmark:
@@ -27,10 +27,11 @@ rule vqa:
         **_eval_res("vqa", lambda w: PLAN.eval_path(w.run, "vqa")),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
+        launcher=lambda w, attempt: PLAN.eval_job_launcher(PLAN.eval_path(w.run, "vqa"), attempt),
     conda:
         ENV
     shell:
-        "{params.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
+        "{resources.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
         "--settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 

@@ -12,13 +12,15 @@ _PRETRAIN_OUTPUT = {
 # The checkpoints outlive the job (a retry resumes them): set aside first any that another
 # config or other inputs made, so that a rerun retrains (train/fingerprint.py), and refuse a
 # retry after attempts that failed without progress (train/attempts.py); such a retry is
-# submitted with a few minutes of one core (`_res`), not the run's nodes. Snakemake deletes
+# submitted with a few minutes of one core (`_res`), not the run's nodes. The launcher (srun /
+# torchrun with the run's node and GPU counts) is a resource, not a param: a run resized in the
+# config is not out of date (it resumes on any number of GPUs). Snakemake deletes
 # a job's log before each attempt; the attempts' history stays in the checkpoints'
 # attempts.jsonl.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
     "--data {input.data} {params.parent} --attempt {resources.attempt} > {log} 2>&1 && "
-    "{params.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
+    "{resources.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
     "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} "
     "--data {input.data} {params.parent} >> {log} 2>&1"
 )
@@ -32,7 +34,6 @@ rule pretrain_single:
     output:
         **_PRETRAIN_OUTPUT,
     params:
-        launcher=lambda w: PLAN.launcher(w.run),
         config=lambda w: PLAN.run_config_json(w.run),
         checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
         out=lambda w: PLAN.run_dir(w.run),
@@ -50,6 +51,7 @@ rule pretrain_single:
         gpu=_res("gpu", 0),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
+        launcher=lambda w: PLAN.launcher(w.run),
         attempt=lambda w, attempt: attempt,
         sized_for_refusal=_res("sized_for_refusal"),
     conda:
@@ -66,7 +68,6 @@ rule pretrain_multinode:
     output:
         **_PRETRAIN_OUTPUT,
     params:
-        launcher=lambda w: PLAN.launcher(w.run),
         config=lambda w: PLAN.run_config_json(w.run),
         checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
         out=lambda w: PLAN.run_dir(w.run),
@@ -89,6 +90,7 @@ rule pretrain_multinode:
         slurm_extra=_res("slurm_extra"),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
+        launcher=lambda w: PLAN.launcher(w.run),
         attempt=lambda w, attempt: attempt,
         sized_for_refusal=_res("sized_for_refusal"),
     conda:

@@ -58,6 +58,23 @@ def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
     assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
 
 
+def test_the_launcher_follows_the_config_without_making_runs_out_of_date(workflow_dir):
+    """srun / torchrun carry a run's node and GPU counts: as a param they would make every
+    finished run out of date when its size is changed (Snakemake reruns a job whose params
+    changed, and all evaluations after it), though a run resumes on any number of GPUs. They
+    are a resource, which the job's command still reads."""
+    for rules in ("pretrain.smk", "evaluate.smk"):
+        text = (workflow_dir / "rules" / rules).read_text()
+        assert "params.launcher" not in text and "{resources.launcher}" in text, rules
+    config = yaml.safe_load((workflow_dir / "config/paper.yaml").read_text())
+    config["resources"]["nodes"]["7b"] = 16
+    (workflow_dir / "resized.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_dir, "-n", "-p", "results/paper/runs/dino7b-full8b-224/encoder.safetensors",
+                     "--configfile", "resized.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 torchrun --nnodes 16 --nproc-per-node 8" in proc.stdout
+
+
 def test_single_node_layout_uses_gpu_and_standalone_torchrun():
     config = load_config(REPO / "config/paper.yaml")
     config["resources"]["nodes"]["1b"] = 1
@@ -279,6 +296,9 @@ def test_settings_are_not_params_and_reach_the_job_unchanged():
     assert merge_nested(what, json.loads(plan.settings_json("pretrain"))) == plan.run_config(run)
     vqa = json.loads(plan.eval_config_json("vqa"))
     assert "local_dir" not in vqa["data"]["alignment"] and vqa["data"]["alignment"]["repo"]
+    # the memory knobs: a global batch's gradient does not depend on its micro-batches
+    assert "gradient_checkpointing" not in vqa and "micro_batch_size" not in vqa.get("stage1", {})
+    assert json.loads(plan.settings_json("vqa"))["stage2"] == {"micro_batch_size": 4}
     assert json.loads(plan.settings_json("vqa"))["data"]["alignment"]["local_dir"] == "/scratch/cambrian"
     classic = json.loads(plan.eval_config_json("classic"))
     assert "workers" not in classic and classic["precision"] == "bf16"

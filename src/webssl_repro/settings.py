@@ -18,12 +18,15 @@ _PROGRESS = {"checkpoint_every_min": None, "stop_margin_s": None}
 #: encoder's forward chunking, decoding workers and scratch disk. Classic and VQA: when a job
 #: saves its progress and how long before its time limit it stops. Alignment: batch sizes (not
 #: ``lm_paths``: a path or hub id there says which weights a name loads). VQA: where
-#: Cambrian's files sit on disk.
+#: Cambrian's files sit on disk, and the memory knobs: micro-batches (a global batch's loss and
+#: gradient do not depend on its split, ``probe.backward_global_batch``) and recomputing the
+#: decoder layers in the backward.
 SETTINGS = {
     "pretrain": {"train": {"log_every": None, "checkpoint_every": None, "stop_margin_s": None}},
     "classic": {"batch_size": None, "workers": None, "scratch": None, **_PROGRESS},
     "alignment": {"batch_size": None, "lm_batch_size": None},
-    "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}, **_PROGRESS},
+    "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}, "gradient_checkpointing": None,
+            "stage1": {"micro_batch_size": None}, "stage2": {"micro_batch_size": None}, **_PROGRESS},
 }
 
 

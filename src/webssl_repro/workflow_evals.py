@@ -85,6 +85,11 @@ class EvalJobs:
             return "webssl-repro"
         return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
 
+    def eval_job_launcher(self, out: str, attempt: int) -> str:
+        """``eval_launcher`` for attempt ``attempt`` of the vqa job writing ``out`` (one process
+        where the attempt is sized to be refused)."""
+        return self.eval_launcher(sized_for_refusal=self.eval_job_resources("vqa", out, attempt)["sized_for_refusal"])
+
     def eval_runtime(self) -> int:
         return int(self.config.get("resources", {}).get("eval_runtime_min", 60))
 
