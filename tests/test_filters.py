@@ -1,6 +1,8 @@
 """Light/heavy filters: verbatim prompts, MLLM plumbing (tiny local model), OCR accuracy, report, grid."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -194,7 +196,15 @@ def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
     config["data"]["filter"]["parts"] = 3
     plan = Plan(config)
     assert plan.filter_inputs("heavy")["parts"] == [plan.filter_part("heavy", k) for k in range(3)]
-    assert plan.filter_command("heavy").startswith("webssl-repro data filter-merge --parts ")
+    merge = plan.filter_command("heavy")
+    assert merge == f"webssl-repro data filter-merge --part-pattern {plan.filter_part('heavy', '{part}')} --count 3"
+    from webssl_repro.data.stages import main
+
+    pattern = str(tmp_path / "parts" / "light.{part}.json")  # the command the rule runs, on the parts above
+    assert main(["filter-merge", "--part-pattern", pattern, "--count", "2", "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["n_kept"] == merged["n_kept"]
+    with pytest.raises(ValueError, match="needs '{part}'"):
+        main(["filter-merge", "--part-pattern", str(tmp_path / "light.json"), "--count", "2", "--out", "x.json"])
     assert plan.filter_resources() == {"gpu": 1, "runtime": 720} and plan.filter_resources(whole=True) == {}
     mini = Plan(load_config(REPO / "config" / "mini.yaml"))
     assert mini.filter_inputs("heavy") == {"shards": mini.data_manifest("shards"), "after": [mini.filter_stats("light")]}

@@ -258,8 +258,9 @@ class Plan(EvalJobs, PretrainJobs):
     def filter_command(self, variant: str, part: int | None = None) -> str:
         """The command before ``--out`` of ``text_filter`` (``part`` None: the whole corpus, or
         the merge of its parts) and of ``text_filter_part``."""
-        if part is None and self.filter_parts() > 1:
-            return "webssl-repro data filter-merge --parts " + " ".join(self.filter_inputs(variant)["parts"])
+        if part is None and self.filter_parts() > 1:  # a pattern: thousands of paths could pass ARG_MAX
+            return (f"webssl-repro data filter-merge --part-pattern {self.filter_part(variant, '{part}')} "
+                    f"--count {self.filter_parts()}")
         return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
                 f"--shards {self.data_manifest('shards')}" + ("" if part is None else f" --part {part}"))
 

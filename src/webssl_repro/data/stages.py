@@ -166,6 +166,15 @@ def filter_merge(part_jsons: Sequence[str], out_json: str) -> dict[str, Any]:
     return out
 
 
+def merge_parts(parts: Sequence[str] | None, pattern: str | None, count: int | None) -> list[str]:
+    """The part files ``filter-merge`` reads: listed, or ``pattern`` with ``{part}`` for 0 .. ``count`` - 1."""
+    if parts:
+        return list(parts)
+    if "{part}" not in str(pattern) or count is None or count < 1:
+        raise ValueError(f"filter-merge --part-pattern {pattern!r} needs '{{part}}' and --count >= 1 (got {count})")
+    return [pattern.replace("{part}", str(k)) for k in range(count)]
+
+
 def fig8_grid(shards: Sequence[str], light_json: str, heavy_json: str, out_prefix: str, per_row: int = 8) -> list[str]:
     """Fig. 8 analogue: the first raw samples of the corpus and the first light- and heavy-kept
     ones, read from the filters' own shards."""
@@ -227,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, default=0, help="which of data.filter.parts to filter")
     p.add_argument("--out", required=True)
     p = sub.add_parser("filter-merge")
-    p.add_argument("--parts", nargs="+", required=True, help="the parts' result files")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--parts", nargs="+", help="the parts' result files")
+    given.add_argument("--part-pattern", help="the parts' result files as a pattern with {part}, 0 .. --count - 1 "
+                                              "(2,000 paths would near the kernel's limit on one command's length)")
+    p.add_argument("--count", type=int, help="how many parts --part-pattern names")
     p.add_argument("--out", required=True)
     p = sub.add_parser("evalset")
     p.add_argument("task", choices=tuple(EVAL_DEFAULTS))
@@ -256,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = {k: v for k, v in res.items() if k != "shards"}
     elif args.cmd in ("filter", "filter-merge"):
         res = (filter_corpus(args.variant, data.get("filter", {}), shards, args.out, args.part)
-               if args.cmd == "filter" else filter_merge(args.parts, args.out))
+               if args.cmd == "filter" else filter_merge(merge_parts(args.parts, args.part_pattern, args.count), args.out))
         res = {k: v for k, v in res.items() if k != "shards"}
     elif args.cmd == "evalset":
         res = build_evalset(args.task, data.get("evalsets", {}), args.out)
