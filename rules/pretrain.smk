@@ -49,6 +49,7 @@ rule pretrain_single:
         mem_mb=_res("mem_mb"),
         cpus_per_task=_res("cpus_per_task"),
         gpu=_res("gpu", 0),
+        nodes=_res("nodes", 1),
         gpu_hours=lambda w: round(PLAN.pretrain_resources(w.run).gpu_hours),
         settings=SETTINGS["pretrain"],
         launcher=lambda w: PLAN.launcher(w.run),

@@ -80,7 +80,8 @@ def test_single_node_layout_uses_gpu_and_standalone_torchrun():
     config["resources"]["nodes"]["1b"] = 1
     plan = Plan(config)
     assert plan.launcher("dino1b-full2b-224").startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8")
-    assert plan.pretrain_resources("dino1b-full2b-224").snakemake()["gpu"] == 8
+    resources = plan.pretrain_resources("dino1b-full2b-224").snakemake()
+    assert (resources["gpu"], resources["nodes"]) == (8, 1)  # --gpus=8 alone may span smaller nodes
     assert "dino1b-full2b-224" in plan.runs_by_layout(multinode=False)
     assert re.fullmatch(plan.run_pattern(multinode=True), "dino1b-full2b-224") is None
 

@@ -110,8 +110,8 @@ class RunResources:
         base = {"runtime": self.runtime_min, "mem_mb": self.mem_mb, "cpus_per_task": self.cpus_per_task}
         if self.gpus == 0:
             return base
-        if self.nodes == 1:
-            return {**base, "gpu": self.gpus}
+        if self.nodes == 1:  # torchrun --standalone: the GPUs on one node, wherever nodes have fewer
+            return {**base, "gpu": self.gpus, "nodes": 1}
         return {**base, "nodes": self.nodes, "tasks": self.nodes, "tasks_per_gpu": 0, "mpi": "srun",
                 "gres": f"gpu:{self.gpus // self.nodes}", "slurm_extra": "--ntasks-per-node=1 --exclusive"}
 
