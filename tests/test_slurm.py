@@ -351,13 +351,14 @@ def _probe_launcher(plan: Plan, run: str, port: int) -> str:
 
 
 def _rule(name: str, resources: dict, launcher: str) -> str:
-    res = "".join(f"        {k}={v!r},\n" for k, v in resources.items())
+    """As the pretrain rules: the launcher is a string resource (not a param) the shell reads."""
+    res = "".join(f"        {k}={v!r},\n" for k, v in {**resources, "launcher": launcher}.items())
     return (f"rule {name}:\n"
             f"    output: '{name}.json'\n"
             f"    log: 'logs/{name}.log'\n"
             f"    threads: 1\n"
             f"    resources:\n{res}"
-            f"    shell: {launcher + ' {output} > {log} 2>&1'!r}\n\n")
+            f"    shell: '{{resources.launcher}} {{output}} > {{log}} 2>&1'\n\n")
 
 
 # As the pretrain rules hand Snakemake's attempt to their guard, and keep a rule's retries
@@ -378,7 +379,7 @@ def toy_workflow(tmp_path: Path) -> Path:
     single = {**plan.pretrain_resources(SINGLE_RUN).snakemake(), **SMALL}
     multi = {**plan.pretrain_resources(MULTI_RUN).snakemake(), **SMALL}
     # The same layout rules/pretrain.smk hands to the plugin for a multi-node run.
-    assert single["gpu"] == 1 and "nodes" not in single
+    assert single["gpu"] == 1 and single["nodes"] == 1
     assert {k: multi[k] for k in ("mpi", "nodes", "tasks", "tasks_per_gpu", "gres", "slurm_extra")} == {
         "mpi": "srun", "nodes": 2, "tasks": 2, "tasks_per_gpu": 0, "gres": "gpu:1",
         "slurm_extra": "--ntasks-per-node=1 --exclusive"}

@@ -58,7 +58,7 @@ def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
     assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
 
 
-def test_the_launcher_follows_the_config_without_making_runs_out_of_date(workflow_dir):
+def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
     """srun / torchrun carry a run's node and GPU counts: as a param they would make every
     finished run out of date when its size is changed (Snakemake reruns a job whose params
     changed, and all evaluations after it), though a run resumes on any number of GPUs. They
