@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
+from webssl_repro.metrics import VQA_BENCHMARKS
 # ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
 # (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
-from webssl_repro.metrics import VQA_BENCHMARKS
 from webssl_repro.train.config import PRECISIONS
 
 
