@@ -249,19 +249,17 @@ def resumable_scoring(progress: EvalProgress, part: str, images, cfg: Mapping[st
     """In-order (images, targets) batches of a val set from the first not yet scored. Once the
     caller has added a batch to ``scores`` (accumulators with ``state_dict``), they and the images
     done are ``part``'s state: saved when due or before a stop, and timed for the stop decision."""
-    state, first, done = progress.torch_state(part), 0, 0  # batches and images scored
+    state, done = progress.torch_state(part), 0  # images scored
     if state is not None:
-        first, done = int(state["iteration"]), int(state["images"])
+        done = int(state["images"])
         for name, score in scores.items():
             score.load_state_dict(state["scores"][name])
-    batch = int(cfg["batch_size"])
-    checkpoint = progress.torch_saver(part, first + -(-(len(images) - done) // batch), final_save=False)
-    progress.timing_from_now(part, first)
-    for k, (_, xs, ys) in enumerate(in_order_batches(images, cfg, collate_lists, start=done), start=first + 1):
+    batches = in_order_batches(images, cfg, collate_lists, start=done)
+    for _, xs, ys in progress.resumable_pass(part, state, batches, len(images) - done, int(cfg["batch_size"]),
+                                             lambda: {"images": done,
+                                                      "scores": {n: s.state_dict() for n, s in scores.items()}}):
         yield xs, ys  # the caller scores the batch before asking for the next
         done += len(xs)
-        checkpoint(k, lambda: {"iteration": k, "images": done,
-                               "scores": {n: s.state_dict() for n, s in scores.items()}})
 
 
 def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],

@@ -29,7 +29,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -55,6 +55,8 @@ FILES = "files"
 #: ``files`` folders that earlier versions wrote in the directory itself (the ImageNet features,
 #: f6cf52a..0f757ce): moved under ``FILES`` when the directory is opened, saved rows and all
 LEGACY_FILES = ("linear_features",)
+
+T = TypeVar("T")
 
 PART_SAVES = 10**9  # iterations of one part's state are fewer: a finished part always counts more
 
@@ -245,12 +247,6 @@ class EvalProgress:
                 raise Preempted(done, self._flag.signum, self._reason(), at=f"after iteration {done} of {part}")
         self._last = (part, done, self.clock())
 
-    def timing_from_now(self, part: str, done: int) -> None:
-        """Time ``part``'s next iteration (``done`` + 1) from now, for the stop decision: the
-        first iteration of a loop is otherwise untimed, and its first batch may be the longest
-        piece of work of the job so far (a scoring batch after a head's training)."""
-        self._last = (part, done, self.clock())
-
     def save(self, part: str, done: int, write: Callable[[Path], None]) -> None:
         """Write ``part``'s state at ``done`` iterations beside the last one, then point to it
         (nothing without a directory)."""
@@ -297,6 +293,21 @@ class EvalProgress:
             self.iteration_done(part, done, total, write, final_save=final_save)
 
         return checkpoint
+
+    def resumable_pass(self, part: str, state: Optional[Mapping[str, Any]], batches: Iterable[T], remaining: int,
+                       per_batch: int, make_state: Callable[[], dict[str, Any]]) -> Iterator[T]:
+        """``batches``: what is left, ``remaining`` items ``per_batch`` at a time, of an in-order
+        pass (a val set's scoring, a benchmark's answers) whose last save is ``state``
+        (``torch_state``, None for a fresh start). Once the caller has done a batch,
+        ``make_state()`` is ``part``'s state, saved when due or before a stop; every batch is
+        timed for the stop decision, the first too: it may be the longest piece of work of the
+        job so far (a scoring batch after a head's training)."""
+        first = 0 if state is None else int(state["iteration"])
+        checkpoint = self.torch_saver(part, first + -(-remaining // per_batch), final_save=False)
+        self._last = (part, first, self.clock())
+        for k, batch in enumerate(batches, start=first + 1):
+            yield batch
+            checkpoint(k, lambda: {**make_state(), "iteration": k})
 
     # ------------------------------------------------------------ files written in place
 

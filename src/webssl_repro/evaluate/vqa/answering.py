@@ -51,15 +51,13 @@ def answer_benchmark(probe: "MultimodalProbe", name: str, samples: Sequence[VqaS
     progress = EvalProgress() if progress is None else progress
     part = f"answering-{name}"
     state = progress.torch_state(part)
-    first, answers = (0, []) if state is None else (int(state["iteration"]), list(state["answers"]))
+    answers = [] if state is None else list(state["answers"])
     per_round = batch_size * (1 if parallel is None else parallel.world_size)
-    checkpoint = progress.torch_saver(part, first + -(-(len(samples) - len(answers)) // per_round), final_save=False)
-    progress.timing_from_now(part, first)
-    for k, found in enumerate(answer_rounds(probe, samples, features, batch_size=batch_size,
-                                            max_new_tokens=max_new_tokens, parallel=parallel, start=len(answers)),
-                              start=first + 1):
+    rounds = answer_rounds(probe, samples, features, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           parallel=parallel, start=len(answers))
+    for found in progress.resumable_pass(part, state, rounds, len(samples) - len(answers), per_round,
+                                         lambda: {"answers": answers}):
         answers += found
-        checkpoint(k, lambda: {"iteration": k, "answers": answers})
     return answers
 
 
