@@ -12,7 +12,7 @@ import torch
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
 from helpers_progress import StopAfter
 from test_classic_streaming import DENSE
-from test_vqa_probe import TOKENS, VIS_DIM, _exact, _world, tokenizer  # noqa: F401  (fixture)
+from test_vqa_probe import TOKENS, VIS_DIM, _exact, _world, answered_batches, tokenizer  # noqa: F401  (fixture)
 
 
 def test_a_signal_stops_between_parts(tmp_path):
@@ -57,13 +57,13 @@ def test_progress_settings_are_checked():
 
 @pytest.mark.parametrize("stop_after", [2, 4, 8, 10], ids=["in-stage-1", "in-stage-2", "in-answering",
                                                        "between-benchmarks"])
-def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path, stop_after, monkeypatch):  # noqa: F811
+def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path, stop_after):  # noqa: F811
     """Stage 1 has 3 steps and stage 2 has 5; the first benchmark is 3 batches of 2 questions.
     The stop comes after stage-1 step 2, after stage-2 step 2, after the first benchmark's first
     batch, or once it is answered, before the second benchmark."""
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.evaluate.vqa.data import FeatureCache
-    from webssl_repro.evaluate.vqa.probe import MultimodalProbe, VqaConfig, build_probe, fit_and_evaluate
+    from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
     from webssl_repro.train import Preempted
 
     torch.set_num_threads(1)
@@ -88,12 +88,10 @@ def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path
     answered = sorted(p.name for p in (tmp_path / "done").iterdir()) if (tmp_path / "done").exists() else []
     assert answered == (["answers-gqa.json"] if stop_after == 10 else [])
     assert (tmp_path / "answering-gqa.json").exists() == (stop_after == 8)  # 2 of 6 answers saved
-    calls, original = [], MultimodalProbe.answer_batch
-    monkeypatch.setattr(MultimodalProbe, "answer_batch",
-                        lambda self, samples, *a, **k: calls.append(len(samples)) or original(self, samples, *a, **k))
     torch.manual_seed(99)
-    probe, resumed = run(EvalProgress(tmp_path, checkpoint_every_min=0))
-    assert calls == {2: [2, 2, 2, 2, 1], 4: [2, 2, 2, 2, 1], 8: [2, 2, 2, 1], 10: [2, 1]}[stop_after]
+    with answered_batches() as calls:
+        probe, resumed = run(EvalProgress(tmp_path, checkpoint_every_min=0))
+    assert [n for n, _ in calls] == {2: [2, 2, 2, 2, 1], 4: [2, 2, 2, 2, 1], 8: [2, 2, 2, 1], 10: [2, 1]}[stop_after]
     assert resumed["benchmarks"] == whole["benchmarks"]
     assert [s["final_loss"] for s in resumed["training"]] == [s["final_loss"] for s in whole["training"]]
     for (name, value), expected in zip(probe.state_dict().items(), whole_probe.state_dict().values()):

@@ -17,7 +17,7 @@ from webssl_repro.evaluate.vqa.lm import build_tiny_lm, build_tokenizer
 from webssl_repro.evaluate.vqa.probe import MultimodalProbe, StageConfig, evaluate_vqa, train_stage
 
 from helpers_dist import rerun_if_aborted, torchrun, worker_env
-from test_vqa_probe import COLOURS, SHAPES, TOKENS, VIS_DIM, _world  # the same toy world as the probe tests
+from test_vqa_probe import COLOURS, SHAPES, TOKENS, VIS_DIM, _world, answered_batches  # the probe tests' toy world
 
 #: Global batch 8 = 2 ranks x 2 micro-batches x 2 samples; stage 2 trains the LM as well.
 STAGES = [(1, StageConfig(lr=1e-2, batch_size=8, micro_batch_size=2, max_steps=3, warmup_ratio=0.0)),
@@ -145,14 +145,10 @@ def run_answering_resumed(state_dir: Path) -> dict:
     if torch.distributed.get_rank() == 0:
         shutil.copytree(state_dir, f"{state_dir}-at-stop")
     torch.distributed.barrier()
-    calls, original, never = [], MultimodalProbe.answer_batch, StopAfter(10**9)
-    MultimodalProbe.answer_batch = lambda self, samples, *a, **k: calls.append(len(samples)) or original(
-        self, samples, *a, **k)
-    try:  # saving after every round that is not the last: none in a retry of one round
+    never = StopAfter(10**9)
+    with answered_batches() as calls:  # saving after every round that is not the last: none in a retry of one round
         answers = answer_gqa("fsdp2", EvalProgress(state_dir, checkpoint_every_min=0, deadline=never))
-    finally:
-        MultimodalProbe.answer_batch = original
-    return {"answers": answers, "calls": all_gather_object(calls), "saves": never.saves}
+    return {"answers": answers, "calls": all_gather_object([n for n, _ in calls]), "saves": never.saves}
 
 
 def loaded_probe(lm: Path, strategy: str):
@@ -253,7 +249,7 @@ def test_fsdp2_probe_stopped_and_resumed_trains_as_uninterrupted(runs):
         assert torch.equal(resumed["state"][k], ref), k
 
 
-def test_answering_stopped_after_a_round_resumes_on_two_ranks_or_one(runs, monkeypatch):
+def test_answering_stopped_after_a_round_resumes_on_two_ranks_or_one(runs):
     """The 2-rank job stopped with 4 of 7 answers saved; its retry on 2 ranks, and a retry of
     the same state in this one process, answer the other 3 as an uninterrupted process does."""
     from webssl_repro.evaluate.progress import EvalProgress
@@ -266,11 +262,9 @@ def test_answering_stopped_after_a_round_resumes_on_two_ranks_or_one(runs, monke
     retry = runs[1]["answered"]
     assert retry["answers"] == whole
     assert retry["calls"] == [[2], [1]] and retry["saves"] == 0  # one round: questions 5-6 and 7
-    calls, original = [], MultimodalProbe.answer_batch
-    monkeypatch.setattr(MultimodalProbe, "answer_batch",
-                        lambda self, samples, *a, **k: calls.append(len(samples)) or original(self, samples, *a, **k))
-    assert answer_gqa(progress=EvalProgress(saved, checkpoint_every_min=0)) == whole
-    assert calls == [2, 1]  # questions 5-6, then 7
+    with answered_batches() as calls:
+        assert answer_gqa(progress=EvalProgress(saved, checkpoint_every_min=0)) == whole
+    assert [n for n, _ in calls] == [2, 1]  # questions 5-6, then 7
     assert sorted(p.name for p in saved.iterdir()) == ["done"]  # the answering state dropped with the result
 
 

@@ -2,8 +2,10 @@
 (its inputs: test_vqa_data.py)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -53,6 +55,22 @@ def tokenizer():
     texts = ["USER: ASSISTANT: what colour is the object? which shape is shown in the picture? is it",
              " ".join(COLOURS + SHAPES)]
     return build_tokenizer(texts)
+
+
+@contextlib.contextmanager
+def answered_batches() -> Iterator[list[tuple[int, int]]]:
+    """Each ``MultimodalProbe.answer_batch`` call meanwhile, as (questions, max_new_tokens)."""
+    calls, original = [], MultimodalProbe.answer_batch
+
+    def recording(self, samples, features, max_new_tokens=32, **kwargs):
+        calls.append((len(samples), max_new_tokens))
+        return original(self, samples, features, max_new_tokens, **kwargs)
+
+    MultimodalProbe.answer_batch = recording
+    try:
+        yield calls
+    finally:
+        MultimodalProbe.answer_batch = original
 
 
 def _probe(tokenizer, hidden=64, layers=2, seed=0) -> MultimodalProbe:
@@ -282,12 +300,11 @@ def test_answer_lengths_are_cambrians_per_benchmark(tokenizer):
         "lm_heads": 4, "max_length": 64, "max_new_tokens": 3, "max_new_tokens_by_benchmark": {"mme": 1},
         "eval_batch_size": 2, "stage1": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4},
         "stage2": {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4}})
-    probe, asked = build_probe(tiny, VIS_DIM, tokenizer), []
+    probe = build_probe(tiny, VIS_DIM, tokenizer)
     samples, feats = _world(4, seed=5)
-    original = probe.answer_batch
-    probe.answer_batch = lambda batch, features, n, **kw: asked.append(n) or original(batch, features, n, **kw)
-    fit_and_evaluate(tiny, probe, feats, samples, samples, {"gqa": samples[:3], "mme": samples[:1]}, _exact)
-    assert asked == [3, 3, 1]  # gqa's two batches, then mme's one
+    with answered_batches() as calls:
+        fit_and_evaluate(tiny, probe, feats, samples, samples, {"gqa": samples[:3], "mme": samples[:1]}, _exact)
+    assert [n for _, n in calls] == [3, 3, 1]  # gqa's two batches, then mme's one
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
