@@ -106,7 +106,8 @@ def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tin
     import time
 
     from helpers_stand_ins import save_tiny_encoder
-    from webssl_repro.cli import main
+    from webssl_repro.cli import main, state_config
+    from webssl_repro.config import config_hash
 
     encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=4)  # lin.4 needs 4 blocks
     cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2}, "depth": {**DENSE["depth"], "iters": 2}}
@@ -116,7 +117,9 @@ def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tin
             "--out", str(out)]  # the state goes beside the evals folder by default
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 30))
     assert main(args) == 75
-    assert not out.exists() and json.loads((state / "fingerprint.json").read_text())["kind"] == "classic"
+    stamp = json.loads((state / "fingerprint.json").read_text())
+    assert not out.exists() and stamp["kind"] == "classic"
+    assert stamp["config"] == config_hash(state_config("classic", cfg)) != config_hash(cfg)
     monkeypatch.delenv("SLURM_JOB_END_TIME")
     assert main(args) == 0
     assert set(json.loads(out.read_text())["metrics"]) == {"in1k_linear", "ade20k_linear", "ade20k_ms",
@@ -293,3 +296,28 @@ def test_a_failure_on_another_rank_counts(tmp_path, monkeypatch, capsys):
     assert "MemoryError: rank 1: CUDA out of memory" in capsys.readouterr().err
     ends = [r["outcome"] for r in attempts.read(state) if r["event"] == "end"]
     assert ends == ["failed", "failed", "refused"]  # rank 1's, then rank 0's refusal
+
+
+def test_saved_state_depends_on_the_code_defaults_not_on_the_settings(monkeypatch):
+    """The state's fingerprint holds the config as the job resolves it: a default written out
+    changes nothing, a setting changes nothing, and a changed code default (e.g. answers 32 ->
+    512 tokens long) sets the old state aside like a changed config file would."""
+    from webssl_repro.cli import state_config
+    from webssl_repro.config import config_hash
+    from webssl_repro.evaluate import classic as classic_eval
+
+    vqa = {"scale": "mini", "language_model": "tiny", "stage1": {"lr": 1e-3}}
+    base = config_hash(state_config("vqa", vqa))
+    assert config_hash(state_config("vqa", {**vqa, "max_new_tokens": 512})) == base
+    assert config_hash(state_config("vqa", {**vqa, "gradient_checkpointing": True,
+                                            "stage1": {"lr": 1e-3, "micro_batch_size": 2}})) == base
+    assert config_hash(state_config("vqa", {**vqa, "max_new_tokens": 32})) != base
+
+    classic = {"scale": "mini", "linear": {"epochs": 3}}
+    before = state_config("classic", classic)
+    assert before["linear"] == {**classic_eval.DEFAULTS["linear"], "epochs": 3}
+    assert state_config("classic", {**classic, "batch_size": 8, "workers": 2}) == before
+    assert state_config("classic", {**classic, "depth": {"iters": 5}}) != before
+    monkeypatch.setitem(classic_eval.DEFAULTS, "linear", {**classic_eval.DEFAULTS["linear"], "epoch_length": 100})
+    assert state_config("classic", classic) != before
+    assert state_config("classic", classic) == {**before, "linear": {**before["linear"], "epoch_length": 100}}

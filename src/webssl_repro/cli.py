@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
 from webssl_repro.metrics import VQA_CONTROLS
 
@@ -115,6 +116,29 @@ def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> Non
     write_json(path, out, indent=2, sort_keys=True)
 
 
+def state_config(kind: str, computed: Mapping[str, Any]) -> dict[str, Any]:
+    """``computed`` (the rule's params) with the code's defaults filled in and the settings left
+    out: what an evaluation's saved state depends on, so that a changed default, not only a
+    changed config file, sets that state aside (e.g. a longer ``max_new_tokens``)."""
+    from dataclasses import asdict
+
+    from webssl_repro.settings import SETTINGS, split_settings
+
+    if kind == "classic":
+        from webssl_repro.evaluate.classic import classic_config
+
+        resolved = classic_config({k: v for k, v in computed.items() if k != "scale"})
+    elif kind == "vqa":
+        from webssl_repro.evaluate.vqa.config import VqaConfig
+        from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+
+        stage = {k: v for k, v in computed.items() if k in STAGE_KEYS}
+        resolved = {**stage, **asdict(VqaConfig.from_mapping({k: v for k, v in computed.items() if k not in stage}))}
+    else:
+        resolved = dict(computed)
+    return split_settings(resolved, SETTINGS[kind])[0]
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -139,8 +163,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.kind in eval_progress.RESUMABLE and state is not None:
         encoder = (eval_progress.file_identity(args.encoder) if args.encoder else
                    {"control": args.control, "img_size": args.img_size, "patch": args.patch})
-        fingerprint = {"kind": args.kind, "config": config_hash(computed), "encoder": encoder,
-                       "data": [eval_progress.file_identity(p) for p in args.data]}
+        fingerprint = {"kind": args.kind, "config": config_hash(state_config(args.kind, computed)),
+                       "encoder": encoder, "data": [eval_progress.file_identity(p) for p in args.data]}
         try:
             progress = eval_progress.EvalProgress.open(state, fingerprint, settings, attempt=args.attempt)
         except attempts.FutileRetry as err:
