@@ -166,6 +166,9 @@ def test_streamed_pretraining_resumes_bitwise(tmp_path, shards):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     provenance = json.loads((tmp_path / "b" / "provenance.json").read_text())
     assert provenance["corpus_shards"] == 6 and "corpus_size" not in provenance
+    recipe = provenance["recipe"]  # as resolved: the config's values and the code's defaults
+    assert (recipe["method"]["batch_size"], recipe["method"]["mask_ratio"]) == (8, 0.75)
+    assert (recipe["train"]["samples_seen"], recipe["train"]["global_batch_size"]) == (40, 8)
 
 
 def test_workers_shrink_to_the_shards_there_are(shards):

@@ -10,6 +10,7 @@ start a high-resolution fine-tune from), ``train_log.jsonl`` and ``provenance.js
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -231,6 +232,9 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         torch.save(state, out_dir / "state.pt")
         shutil.copy(checkpoints / "train_log.jsonl", out_dir / "train_log.jsonl")
         prov = provenance(cfg)
+        # The recipe as the code resolved it (defaults filled in): the config alone does not say
+        # what a run used when a default changes between commits.
+        prov["recipe"] = {"method": dataclasses.asdict(method.config), "train": dataclasses.asdict(train_cfg)}
         prov.update(encoder=meta, corpus_shards=len(manifest["shards"]), steps=result.step,
                     samples_seen=result.samples_seen, **({"corpus_size": len(corpus)} if hasattr(corpus, "__len__") else {}))
         (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
