@@ -12,7 +12,9 @@ depend on the machine: the step's extra FLOPs are the heads' and the losses' ari
 the floor leaves out by definition. The rest of the time ratio is per-step work that is not a
 matrix product (AdamW, clipping, EMA, softmaxes) and the cost of launching each op.
 
-Run: ``python benchmarks/bench_dino_step.py [--size 1b] [--res 224] [--steps 20] [--threads 1]``
+``--compile`` also times both sides under ``torch.compile``.
+
+Run: ``python benchmarks/bench_dino_step.py [--size 1b] [--res 224] [--steps 20] [--threads 1] [--compile]``
 """
 from __future__ import annotations
 
@@ -63,34 +65,40 @@ def _ms(fn) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
-def floor_step(arch: Arch, cfg, batch):
+def floor_step(arch: Arch, cfg, batch, compile: bool = False):
     """Plain backbone work of one step: student fwd+bwd on all crops, teacher fwd on the globals."""
     student = build_encoder(arch, "dino", img_size=cfg.global_crop_size, drop_path_rate=cfg.drop_path_rate,
                             layerscale=cfg.layerscale).train()
     teacher = build_encoder(arch, "dino", img_size=cfg.global_crop_size).eval().requires_grad_(False)
     g, loc = batch["global_crops"], batch["local_crops"]
 
-    def step():
+    def forward():
         with torch.no_grad():
             teacher.forward_features(g)
-        loss = student.forward_features(g).float().mean() + student.forward_features(loc).float().mean()
-        loss.backward()
+        return student.forward_features(g).float().mean() + student.forward_features(loc).float().mean()
+
+    forward = torch.compile(forward) if compile else forward
+
+    def step():
+        forward().backward()
         student.zero_grad(set_to_none=True)
 
     return step
 
 
-def dino_step(method: DinoMethod, batch, train_map):
+def dino_step(method: DinoMethod, batch, train_map, compile: bool = False):
     params = [p for p in method.model.parameters() if p.requires_grad]
     opt = build_optimizer(method, TrainConfig.from_mapping(train_map))  # the loop's optimizer (fused AdamW)
     groups = clip_groups(method, params)  # the loop's per-part clipping (backbone, each head)
     counter = iter(range(10**9))
     method.train()
+    # compiled: the forward and losses (and so their backward); clipping, AdamW and EMA stay eager
+    training_step = torch.compile(method.training_step) if compile else method.training_step
 
     def step():
         s = next(counter) + method.config.freeze_last_layer_steps  # past the freeze: the steady state
         opt.zero_grad(set_to_none=True)
-        out = method.training_step(batch, s)
+        out = training_step(batch, s)
         out["loss"].backward()
         clip_gradients(groups, train_map["grad_clip"])
         opt.step()
@@ -163,6 +171,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="also time both sides under torch.compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     run = f"dino{args.size}-full2b-{args.res}"
@@ -203,6 +212,30 @@ def main() -> None:
     for name, ms in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"  {name:32s}{ms:8.1f}  {100 * ms / total:5.1f} %")
     print(f"  {'sum':32s}{total:8.1f}")
+    if args.compile:
+        compiled(arch, cfg, method, batch, train_map, args, floor)
+
+
+def compiled(arch: Arch, cfg, method: DinoMethod, batch, train_map, args, eager_floor: float) -> None:
+    """The same two sides under ``torch.compile`` (inductor): the step's forward and losses,
+    the floor's forward; the first call of each (the compilation) is timed on its own."""
+    floor_fn = floor_step(arch, cfg, batch, compile=True)
+    step_fn = dino_step(method, batch, train_map, compile=True)[0]
+    compile_s = {"floor": _ms(floor_fn) / 1e3, "step": _ms(step_fn) / 1e3}
+    step_fn()  # the step number becomes a dynamic int on its first change: one recompilation
+    floors, fulls = [], []
+    for i in range(args.warmup + args.steps):
+        f, s = _ms(floor_fn), _ms(step_fn)
+        if i >= args.warmup:
+            floors.append(f)
+            fulls.append(s)
+    floor, full = statistics.median(floors), statistics.median(fulls)
+    print(f"\ntorch.compile (first calls {compile_s['floor']:.0f} s / {compile_s['step']:.0f} s; "
+          "inductor's on-disk cache may already hold the kernels):")
+    print(f"{'floor, compiled':34s}{floor:10.1f}")
+    print(f"{'DINO step, compiled':34s}{full:10.1f}")
+    print(f"{'ratio, both compiled':34s}{full / floor:10.2f}")
+    print(f"{'ratio, to the eager floor':34s}{full / eager_floor:10.2f}")
 
 
 if __name__ == "__main__":
