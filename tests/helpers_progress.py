@@ -21,3 +21,17 @@ class StopAfter:
 
     def seconds_left(self) -> float:
         return 0.0
+
+
+def iterations_run(progress) -> list[tuple[str, int]]:
+    """The ``(part, done)`` of each iteration ``progress`` is told of from now on: what a job
+    computed, so that a test tells a retry that resumed from one that started over."""
+    seen: list[tuple[str, int]] = []
+    original = progress.iteration_done
+
+    def recorded(part, done, *args, **kwargs):
+        seen.append((part, done))
+        return original(part, done, *args, **kwargs)
+
+    progress.iteration_done = recorded
+    return seen

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
-from helpers_progress import StopAfter
+from helpers_progress import StopAfter, iterations_run
 from test_classic_streaming import DENSE, _encoder
 
 
@@ -38,8 +38,12 @@ def test_dense_probe_stopped_and_resumed_scores_as_uninterrupted(tiny_data, tmp_
     assert len([p for p in state.iterdir() if p.is_dir()]) == 1  # the older states are removed
 
     torch.manual_seed(123)  # a retry starts in a new process: its RNG is restored, not inherited
-    resumed = getattr(classic, task)(encoder, meta, tiny_data[task], cfg, EvalProgress(state, checkpoint_every_min=0))
+    retry = EvalProgress(state, checkpoint_every_min=0)
+    seen = iterations_run(retry)
+    resumed = getattr(classic, task)(encoder, meta, tiny_data[task], cfg, retry)
     assert resumed == whole
+    # the retry trained only the iterations after the stop (a restart would count from 1)
+    assert [done for part, done in seen if not part.endswith("-scores")] == list(range(stop_after + 1, 9))
     if task == "segmentation":  # the part's scores are kept, its training state dropped
         assert not list(state.glob("segmentation*.json")) and list((state / "done").glob("segmentation*.json"))
 

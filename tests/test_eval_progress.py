@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers_mini import tiny_data  # noqa: F401  (fixture)
-from helpers_progress import StopAfter
+from helpers_progress import StopAfter, iterations_run
 from test_classic_streaming import DENSE
 from test_vqa_probe import TOKENS, VIS_DIM, _exact, _world, answered_batches, tokenizer  # noqa: F401  (fixture)
 
@@ -89,8 +89,13 @@ def test_vqa_probe_stopped_and_resumed_ends_as_uninterrupted(tokenizer, tmp_path
     assert answered == (["answers-gqa.json"] if stop_after == 10 else [])
     assert (tmp_path / "answering-gqa.json").exists() == (stop_after == 8)  # 2 of 6 answers saved
     torch.manual_seed(99)
+    retry = EvalProgress(tmp_path, checkpoint_every_min=0)
+    seen = iterations_run(retry)
     with answered_batches() as calls:
-        probe, resumed = run(EvalProgress(tmp_path, checkpoint_every_min=0))
+        probe, resumed = run(retry)
+    stage2 = [("stage2", k) for k in range(1, 6)]  # the steps the retry trained: none before the stop
+    assert [it for it in seen if it[0].startswith("stage")] == {2: [("stage1", 3), *stage2], 4: stage2[2:],
+                                                                8: [], 10: []}[stop_after]
     assert [n for n, _ in calls] == {2: [2, 2, 2, 2, 1], 4: [2, 2, 2, 2, 1], 8: [2, 2, 2, 1], 10: [2, 1]}[stop_after]
     assert resumed["benchmarks"] == whole["benchmarks"]
     assert [s["final_loss"] for s in resumed["training"]] == [s["final_loss"] for s in whole["training"]]

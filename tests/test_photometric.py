@@ -69,8 +69,87 @@ def test_batched_multicrop_shapes_and_determinism():
     assert out["global_crops"].shape == (8, 3, 32, 32) and out["local_crops"].shape == (12, 3, 16, 16)
     assert torch.equal(out["global_crops"], batch(0)["global_crops"])
     assert not torch.equal(out["global_crops"], batch(1)["global_crops"])
-    # crop-major: rows 0..3 are view 1 of images 0..3, rows 4..7 view 2 of the same images
-    assert not torch.equal(out["global_crops"][0], out["global_crops"][1])
+    # crop-major, as the DINO loss pairs them: with the photometrics off, row v·B + i of each
+    # output is view v of image i, normalised
+    from webssl_repro.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+
+    aug.views = tuple(P.Photometric(jitter_p=0.0, grayscale_p=0.0) for _ in range(3))
+    cut = [aug.crops(im, torch.Generator().manual_seed(i)) for i, im in enumerate(images)]
+    out = aug.collate(cut, torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def normalised(crop):
+        return (torch.from_numpy(crop).permute(2, 0, 1).float() / 255.0 - mean) / std
+
+    for i in range(4):
+        for v in range(2):
+            torch.testing.assert_close(out["global_crops"][v * 4 + i], normalised(cut[i]["global"][v]))
+        for v in range(3):
+            torch.testing.assert_close(out["local_crops"][v * 4 + i], normalised(cut[i]["local"][v]))
+
+
+def test_each_view_has_dinov2s_blur_and_solarize():
+    """DINOv2's code: blur never on the first global view, 0.9 on the second (with solarize 0.2),
+    0.5 on local crops (``blur_convention`` in augmentations.py)."""
+    from webssl_repro.data.multicrop import BatchedMultiCrop
+
+    aug = BatchedMultiCrop(global_size=32, local_size=16, n_local=3)
+    assert [(v.blur_p, v.solarize_p) for v in aug.views] == [(0.0, 0.0), (0.9, 0.2), (0.5, 0.0)]
+    nominal = BatchedMultiCrop(global_size=32, local_size=16, n_local=3, blur_convention="nominal")
+    assert [v.blur_p for v in nominal.views] == [1.0, 0.1, 0.5]
+
+
+def test_each_crop_draws_like_torchvision():
+    """RandomApply(ColorJitter, p=0.8) with ColorJitter's order drawn per crop, then grayscale
+    0.2, blur and solarize at the view's rates, sigma in [0.1, 2]."""
+    draws = P.Photometric(blur_p=0.5, solarize_p=0.2).draw(4000, torch.Generator().manual_seed(0))
+    rates = {k: draws[k].float().mean().item() for k in ("jitter", "grayscale", "blur", "solarize")}
+    want = {"jitter": 0.8, "grayscale": 0.2, "blur": 0.5, "solarize": 0.2}
+    assert all(abs(rates[k] - want[k]) < 0.025 for k in want), rates  # 4000 draws: s.e. <= 0.8 points
+    assert (draws["order"].sort(dim=1).values == torch.arange(4)).all()  # each op once per crop
+    assert len({tuple(o) for o in draws["order"].tolist()}) == 24  # in every order
+    for name, (lo, hi) in {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2),
+                           "hue": (-0.1, 0.1), "sigma": (0.1, 2.0)}.items():
+        assert lo <= draws[name].min() and draws[name].max() <= hi and draws[name].std() > (hi - lo) / 4
+
+
+def test_batched_pipeline_equals_torchvision_crop_by_crop():
+    """Given each crop's draws, the batched ops equal torchvision's kernels run on that crop
+    alone, in its drawn order."""
+    pipeline = P.Photometric(blur_p=0.5, solarize_p=0.2)
+    x = torch.rand(300, 3, 12, 10, generator=torch.Generator().manual_seed(1))
+    draws = pipeline.draw(300, torch.Generator().manual_seed(0))
+    out = pipeline.apply(x.clone(), draws)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    names = ("brightness", "contrast", "saturation", "hue")
+    for i, crop in enumerate(x):
+        if draws["jitter"][i]:
+            for k in draws["order"][i].tolist():
+                crop = ops[k](crop, draws[names[k]][i].item())
+        if draws["grayscale"][i]:
+            crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
+        if draws["blur"][i]:
+            crop = TF.gaussian_blur(crop, [9, 9], [draws["sigma"][i].item()] * 2)
+        if draws["solarize"][i]:
+            crop = TF.solarize(crop, 128 / 255)
+        torch.testing.assert_close(out[i], crop, atol=1e-5, rtol=0, msg=f"crop {i}")
+
+
+def test_crops_flip_half_of_the_time(monkeypatch):
+    """Each crop is mirrored with probability 0.5 (RandomHorizontalFlip), after its resize."""
+    import numpy as np
+    from PIL import Image
+
+    from webssl_repro.data import multicrop
+
+    image = _images(1)[0]
+    monkeypatch.setattr(multicrop, "resized_crop_box", lambda w, h, *_: (0, 0, w, h))  # the whole image
+    plain = np.asarray(image.resize((32, 32), Image.BICUBIC, box=(0, 0, image.width, image.height)))
+    g = torch.Generator().manual_seed(0)
+    crops = [multicrop._crop(image, 32, (0.32, 1.0), g) for _ in range(400)]
+    flipped = [np.array_equal(c, plain[:, ::-1]) for c in crops]
+    assert all(f or np.array_equal(c, plain) for c, f in zip(crops, flipped))
+    assert 0.43 < np.mean(flipped) < 0.57  # 400 draws: s.e. 2.5 points
 
 
 def test_batched_multicrop_matches_torchvision_pipeline_in_distribution():

@@ -145,7 +145,7 @@ def test_workers_leave_the_global_random_stream_alone(shards):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_streamed_pretraining_resumes_bitwise(tmp_path, shards):
+def test_streamed_pretraining_resumes_bitwise(tmp_path, shards, monkeypatch):
     """``pretrain`` with ``pretrain.loader.stream``: a run stopped at step 2 and resumed (its
     dataloader workers restarted mid-epoch) ends with the weights of an uninterrupted run."""
     from safetensors.torch import load_file
@@ -161,7 +161,10 @@ def test_streamed_pretraining_resumes_bitwise(tmp_path, shards):
     straight = pretrain("mae1b-full2b-224", cfg, tmp_path / "a", tmp_path / "ca", [str(manifest)])
     assert straight.complete and straight.step == 5
     assert not pretrain("mae1b-full2b-224", cfg, tmp_path / "b", tmp_path / "cb", [str(manifest)], max_steps=2).complete
+    starts, batches = [], ShardCorpus.batches
+    monkeypatch.setattr(ShardCorpus, "batches", lambda self, start, *a: starts.append(start) or batches(self, start, *a))
     assert pretrain("mae1b-full2b-224", cfg, tmp_path / "b", tmp_path / "cb", [str(manifest)]).complete
+    assert starts == [2 * 8]  # resumed at the third batch, not started over
     a, b = load_file(tmp_path / "a" / "encoder.safetensors"), load_file(tmp_path / "b" / "encoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     provenance = json.loads((tmp_path / "b" / "provenance.json").read_text())

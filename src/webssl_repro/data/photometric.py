@@ -108,29 +108,38 @@ class Photometric:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(B,3,H,W) float in [0,1] → the augmented batch (still in [0,1], not normalised)."""
-        n = x.shape[0]
-        jitter = _bernoulli(n, self.jitter_p, gen)
-        factors = {"brightness": _uniform(n, 1 - self.brightness, 1 + self.brightness, gen),
-                   "contrast": _uniform(n, 1 - self.contrast, 1 + self.contrast, gen),
-                   "saturation": _uniform(n, 1 - self.saturation, 1 + self.saturation, gen),
-                   "hue": _uniform(n, -self.hue, self.hue, gen)}
-        order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)  # ColorJitter's random order
-        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-        names = tuple(factors)
+        return self.apply(x, self.draw(x.shape[0], gen))
+
+    def draw(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Each of ``n`` crops' own random choices, as torchvision draws them per crop: whether
+        it is jittered, its four factors and their order, grayscale, blur and its sigma, solarize."""
+        return {"jitter": _bernoulli(n, self.jitter_p, gen),
+                "brightness": _uniform(n, 1 - self.brightness, 1 + self.brightness, gen),
+                "contrast": _uniform(n, 1 - self.contrast, 1 + self.contrast, gen),
+                "saturation": _uniform(n, 1 - self.saturation, 1 + self.saturation, gen),
+                "hue": _uniform(n, -self.hue, self.hue, gen),
+                "order": torch.argsort(torch.rand(n, 4, generator=gen), dim=1),  # ColorJitter's random order
+                "grayscale": _bernoulli(n, self.grayscale_p, gen),
+                "blur": _bernoulli(n, self.blur_p, gen),
+                "sigma": _uniform(n, *self.blur_sigma, gen),
+                "solarize": _bernoulli(n, self.solarize_p, gen)}
+
+    def apply(self, x: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``x`` augmented in place by ``draws``: each op once over the crops that drew it."""
+        ops = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+               "hue": adjust_hue}
         for position in range(4):
-            for k, op in enumerate(ops):
-                rows = (jitter & (order[:, position] == k)).nonzero().flatten()
+            for k, (name, op) in enumerate(ops.items()):
+                rows = (draws["jitter"] & (draws["order"][:, position] == k)).nonzero().flatten()
                 if rows.numel():
-                    x[rows] = op(x[rows], factors[names[k]][rows])
-        gray = _bernoulli(n, self.grayscale_p, gen).nonzero().flatten()
+                    x[rows] = op(x[rows], draws[name][rows])
+        gray = draws["grayscale"].nonzero().flatten()
         if gray.numel():
             x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
-        blur = _bernoulli(n, self.blur_p, gen)
-        sigma = _uniform(n, *self.blur_sigma, gen)
-        rows = blur.nonzero().flatten()
+        rows = draws["blur"].nonzero().flatten()
         if rows.numel():
-            x[rows] = gaussian_blur(x[rows], sigma[rows], self.blur_kernel)
-        rows = _bernoulli(n, self.solarize_p, gen).nonzero().flatten()
+            x[rows] = gaussian_blur(x[rows], draws["sigma"][rows], self.blur_kernel)
+        rows = draws["solarize"].nonzero().flatten()
         if rows.numel():
             sub = x[rows]
             x[rows] = torch.where(sub >= self.solarize_threshold, 1.0 - sub, sub)
