@@ -244,8 +244,8 @@ def test_depth_batch_must_split_into_gpu_pairs(tiny_data):  # noqa: F811
     with pytest.raises(ValueError, match=r"evaluate.classic.depth: a batch of 3 \(batch_size 3"):
         classic.depth(encoder, meta, tiny_data["depth"], classic.classic_config(
             {**DENSE, "depth": {**DENSE["depth"], "batch_size": 3}}))
-    odd = n_train + 1 if n_train % 2 else n_train  # capped at the set: n_train images per batch
-    cfg = {**DENSE, "depth": {**DENSE["depth"], "batch_size": 10 * n_train, "samples_per_gpu": odd}}
-    if n_train % odd:
-        with pytest.raises(ValueError, match=f"a batch of {n_train} "):
-            classic.depth(encoder, meta, tiny_data["depth"], classic.classic_config(cfg))
+    # samples_per_gpu that splits the batch asked for but not its cap, the training set's size
+    per_gpu = next(k for k in range(3, n_train) if (10 * n_train) % k == 0 and n_train % k)
+    cfg = {**DENSE, "depth": {**DENSE["depth"], "batch_size": 10 * n_train, "samples_per_gpu": per_gpu}}
+    with pytest.raises(ValueError, match=f"evaluate.classic.depth: a batch of {n_train} "):
+        classic.depth(encoder, meta, tiny_data["depth"], classic.classic_config(cfg))

@@ -282,3 +282,23 @@ def test_tiny_clip_learns_colour_word_retrieval(tmp_path):
     assert first > 0.9 * math.log(16)  # untrained: no better than chance (log B)
     assert out["loss"].item() < 0.3 * first
     assert top1 >= 0.75  # chance is 1/16
+
+
+def test_transform_is_metaclips_mild_crop_without_flip():
+    """MetaCLIP's training transform: RandomResizedCrop over 90-100 % of the image, no flip,
+    OpenAI's normalisation."""
+    from PIL import Image
+
+    from webssl_repro.methods.clip import clip_transform
+
+    torch.manual_seed(0)
+    red = clip_transform(32)(Image.new("RGB", (64, 48), (255, 0, 0)))
+    assert red.shape == (3, 32, 32)
+    assert red[0].mean().item() == pytest.approx((1 - 0.48145466) / 0.26862954, abs=1e-3)
+    assert red[2].mean().item() == pytest.approx(-0.40821073 / 0.27577711, abs=1e-3)
+    ramp = torch.linspace(0, 255, 64).round().to(torch.uint8).expand(48, 64)  # red rises left to right
+    image = Image.fromarray(torch.stack([ramp, torch.zeros_like(ramp), torch.zeros_like(ramp)], -1).numpy())
+    rows = [clip_transform(32)(image)[0].mean(0) * 0.26862954 + 0.48145466 for _ in range(200)]
+    spans = [(r.max() - r.min()).item() for r in rows]
+    assert all(r[0] < r[-1] for r in rows)  # never mirrored
+    assert min(spans) > 0.8 and sum(spans) / 200 > 0.85  # at least 90 % of the area (aspect 3/4-4/3)

@@ -271,6 +271,28 @@ def test_dino_method_without_locals_or_masks_and_centering():
     assert method.dino_center.abs().sum() > 0 and method.ibot_center.shape == (1, 64)
 
 
+def test_softmax_centering_targets_and_center_update():
+    """DINO's centering: targets softmax((t - c) / temp) with the center before this batch,
+    then c <- 0.9 c + 0.1 mean(t); a step leaves the center at 0.1 x the mean teacher logits."""
+    torch.manual_seed(0)
+    method = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**{**TINY, "centering": "centering"}))
+    logits = torch.randn(6, 64)
+    first = method._targets(logits, 0.1, "dino_center")
+    torch.testing.assert_close(first, torch.softmax(logits / 0.1, dim=-1))  # the center starts at 0
+    torch.testing.assert_close(method.dino_center, 0.1 * logits.mean(0, keepdim=True))
+    again = method._targets(logits, 0.1, "dino_center")
+    torch.testing.assert_close(again, torch.softmax((logits - 0.1 * logits.mean(0)) / 0.1, dim=-1))
+    torch.testing.assert_close(method.dino_center, 0.19 * logits.mean(0, keepdim=True))
+
+    fresh = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**{**TINY, "centering": "centering"}))
+    batch = tiny_batch(2)
+    with torch.no_grad():
+        cls = fresh.teacher.backbone.forward_features_dict(batch["global_crops"])["x_norm_clstoken"]
+        t_logits = fresh.teacher.dino_head(cls)
+    fresh.training_step(batch, 0)
+    torch.testing.assert_close(fresh.dino_center, 0.1 * t_logits.mean(0, keepdim=True))
+
+
 def test_training_step_takes_the_collated_mask_selection():
     """The collate's ``mask_indices`` / ``mask_weights`` give exactly the loss and gradients of
     selecting from ``masks`` in the step, and the step does use them when present."""

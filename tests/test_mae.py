@@ -179,3 +179,14 @@ def test_transform_crops_flips_and_normalises():
     assert out.shape == (3, 32, 32)
     assert out[0].mean().item() == pytest.approx((1 - 0.485) / 0.229, abs=1e-3)
     assert out[1].mean().item() == pytest.approx(-0.456 / 0.224, abs=1e-3)
+    # MAE's recipe on an image whose red rises left to right: crops of 20-100 % of the area
+    # (the crop's red span), mirrored half of the time (its slope's sign)
+    ramp = torch.linspace(0, 255, 64).round().to(torch.uint8).expand(48, 64)
+    image = Image.fromarray(torch.stack([ramp, torch.zeros_like(ramp), torch.zeros_like(ramp)], -1).numpy())
+    spans, mirrored = [], []
+    for _ in range(300):
+        red = mae_transform(32)(image)[0].mean(0) * 0.229 + 0.485  # back to [0, 1], mean over rows
+        spans.append((red.max() - red.min()).item())
+        mirrored.append(bool(red[0] > red[-1]))
+    assert 0.41 < sum(mirrored) / 300 < 0.59  # p = 0.5; 300 draws: s.e. 2.9 points
+    assert min(spans) < 0.45 and max(spans) > 0.9 and 0.45 < sum(spans) / 300 < 0.85

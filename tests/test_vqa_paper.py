@@ -156,6 +156,11 @@ def test_paper_vqa_end_to_end_on_local_stand_ins(tmp_path):
     assert set(VQA_BENCHMARKS) | set(VQA_CATEGORIES) | {"Average"} <= set(metrics)
     assert all(isinstance(metrics[k], float) for k in metrics)
     assert 0.0 <= metrics["mme"] <= 2000.0 and 0.0 <= metrics["Average"] <= 100.0
+    from webssl_repro.evaluate.vqa.categories import category_scores
+
+    # the categories and the Average are those of the job's own benchmark scores
+    assert {k: metrics[k] for k in (*VQA_CATEGORIES, "Average")} == category_scores(
+        {b: metrics[b] for b in VQA_BENCHMARKS})
     assert result["config_hash"] == hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     counts = result["details"]["data"]
     assert (counts["alignment"], counts["instruction"]) == (2, 3)  # the LAION rows are gone
