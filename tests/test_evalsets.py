@@ -32,6 +32,17 @@ def test_classic_sets():
     assert seg["seg"].shape == (64, 64) and seg["seg"].max() > 0
     depth = next(classic_items("depth", "test", 1, size=32))
     assert depth["depth"].shape == (32, 32) and depth["depth"].min() >= 1.0
+    # each item's target is its own image's: the world's render of the same scene
+    from webssl_repro.data.evalsets import SCENE_KINDS
+    from webssl_repro.data.miniweb import MiniWebConfig, generate
+
+    for task, target in (("segmentation", "seg"), ("depth", "depth")):
+        items = list(classic_items(task, "val", 3, size=32))
+        for index, item in enumerate(items):
+            scene = generate(eval_seed(task, "val"), index, MiniWebConfig(size=32, kinds=SCENE_KINDS))
+            assert np.array_equal(np.asarray(item["image"]), np.asarray(scene.image))
+            assert np.array_equal(item[target], getattr(scene, target))
+        assert not np.array_equal(items[0][target], items[1][target]) and np.unique(items[0][target]).size > 2
     # 1024 alignment captions (from specs: captions are metadata, no pixels needed)
     seed = eval_seed("alignment", "test")
     caps = [sample_spec(seed, i)["caption"] for i in range(ALIGNMENT_PAIRS)]

@@ -102,11 +102,18 @@ def test_tiny_encoder_two_resolutions():
     torch.manual_seed(0)
     model = build_encoder(Arch(32, 2, 2, patch=8), img_size=32).eval()
     for size, n in ((32, 16), (16, 4), (48, 36)):
-        out = model.forward_features_dict(torch.randn(2, 3, size, size))
+        x = torch.randn(2, 3, size, size)
+        out = model.forward_features_dict(x)
         assert out["x_norm_clstoken"].shape == (2, 32)
         assert out["x_norm_patchtokens"].shape == (2, n, 32)
         assert out["x_prenorm"].shape == (2, n + 1, 32)
-        assert torch.isfinite(out["x_prenorm"]).all()
+        with torch.no_grad():  # every block, then the final norm, on this grid's tokens
+            tokens = model.blocks(model.prepare_tokens(x))
+        torch.testing.assert_close(out["x_prenorm"], tokens)
+        torch.testing.assert_close(torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1),
+                                   model.norm(tokens))
+        if size == 32:  # the stored grid: timm's own forward, pos-embed unresampled
+            torch.testing.assert_close(model.norm(tokens), model.forward_features(x))
     final, inter = model.forward_intermediates(torch.randn(2, 3, 16, 16), indices=2)
     assert final.shape == (2, 5, 32) and [t.shape for t in inter] == [(2, 32, 2, 2)] * 2
 
