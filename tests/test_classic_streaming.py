@@ -112,16 +112,39 @@ def test_hf_split_decodes_only_the_rows_read():
     assert [r["label"] for r in split[2:5]] == [2, 3, 4]
 
 
-def test_image_loader_with_workers_gives_the_same_batches(tiny_data):  # noqa: F811
+class _Decoders:
+    """Eval images that leave a file named after each process that decodes one."""
+
+    def __init__(self, images, marks):
+        self.images, self.marks = images, marks
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        import os
+
+        (self.marks / str(os.getpid())).touch()
+        return self.images[index]
+
+
+def test_image_loader_with_workers_gives_the_same_batches(tiny_data, tmp_path):  # noqa: F811
+    import os
+
     from webssl_repro.evaluate.imagesets import EvalImages, image_loader, load_split, seeded_batches
 
     images = EvalImages(load_split(tiny_data["segmentation"], "val"), 24, "seg")
 
     def first(workers: int, k: int = 5):
-        stream = image_loader(images, seeded_batches(len(images), 8, seed=3), workers)
-        return [next(stream) for _ in range(k)]
+        marks = tmp_path / f"workers{workers}"
+        marks.mkdir()
+        stream = image_loader(_Decoders(images, marks), seeded_batches(len(images), 8, seed=3), workers)
+        batches = [next(stream) for _ in range(k)]
+        return batches, {int(p.name) for p in marks.iterdir()}
 
-    for (i0, x0, y0), (i1, x1, y1) in zip(first(0), first(2)):
+    (here, here_pids), (ahead, worker_pids) = first(0), first(2)
+    assert here_pids == {os.getpid()} and len(worker_pids) == 2 and os.getpid() not in worker_pids
+    for (i0, x0, y0), (i1, x1, y1) in zip(here, ahead):
         assert torch.equal(i0, i1) and torch.equal(x0, x1) and torch.equal(y0, y1)
         assert x0.shape == (8, 3, 24, 24) and y0.dtype == torch.long and y0.shape == (8, 24, 24)
 

@@ -35,6 +35,7 @@ def _pretrain(out: Path, run: str, shards: str, strategy: str, nproc: int, max_s
                           env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert read_pointer(run_dir / "checkpoints")["world_size"] == nproc
+    (run_dir / "stderr.txt").write_text(proc.stderr)  # the latest attempt's
     return run_dir
 
 
@@ -63,6 +64,10 @@ def test_fsdp2_exports_what_ddp_exports(runs, tiny_data, run):
     agree with DDP's as full unsharded tensors (the FSDP2 Web-DINO run was also resumed)."""
     ref_encoder, ref_state = _weights(runs[(run, "ddp", 2)])
     encoder, state = _weights(runs[(run, "fsdp2", 2)])
+    resumed = "resuming " in (runs[(run, "fsdp2", 2)] / "stderr.txt").read_text()
+    assert resumed == (run == DINO_RUN) and "resuming " not in (runs[(run, "ddp", 2)] / "stderr.txt").read_text()
+    if resumed:  # from the checkpoint the paused job left, not from the start
+        assert "at step 4 of 16 (128 samples seen)" in (runs[(run, "fsdp2", 2)] / "stderr.txt").read_text()
     assert encoder.keys() == ref_encoder.keys() and state.keys() == ref_state.keys()
     moved = max((ref_state[k] - v).abs().max().item() for k, v in initial_state(run, tiny_data["shards"]).items())
     # Measured: training moves the weights by up to 0.015 (Web-DINO) / 0.0068 (Web-MAE); FSDP2 and

@@ -93,7 +93,7 @@ def run_bf16_lm() -> dict:
 def run_resumed(state_dir: Path) -> dict:
     """fsdp2 stopped after stage-2 step 2 (``evaluate.progress``), then resumed by a new probe:
     each rank's shards of the LM and its AdamW state go through torch.distributed.checkpoint."""
-    from helpers_progress import StopAfter
+    from helpers_progress import StopAfter, iterations_run
     from webssl_repro.evaluate.progress import EvalProgress
     from webssl_repro.evaluate.vqa.distributed import parallelize
     from webssl_repro.train import Preempted
@@ -110,8 +110,10 @@ def run_resumed(state_dir: Path) -> dict:
         raise AssertionError("the first attempt did not stop")
     except Preempted:
         pass
-    probe, losses = attempt(EvalProgress(state_dir, checkpoint_every_min=0))
-    return {"losses": losses, "state": _full_state(probe)}
+    retry = EvalProgress(state_dir, checkpoint_every_min=0)
+    seen = iterations_run(retry)
+    probe, losses = attempt(retry)
+    return {"losses": losses, "state": _full_state(probe), "iterations": seen}
 
 
 def answer_gqa(parallel=None, progress=None) -> list[str]:
@@ -245,6 +247,7 @@ def test_two_ranks_evaluate_like_one_process(runs, strategy):
 def test_fsdp2_probe_stopped_and_resumed_trains_as_uninterrupted(runs):
     whole, resumed = runs[1]["fsdp2"], runs[1]["resumed"]
     assert resumed["losses"] == whole["losses"]
+    assert resumed["iterations"] == [("stage2", 3)]  # the retry trained only the step after the stop
     for k, ref in whole["state"].items():
         assert torch.equal(resumed["state"][k], ref), k
 

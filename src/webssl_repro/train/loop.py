@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -207,6 +208,9 @@ def train(
         for group in optimizer.param_groups:  # load_state_dict restores the saved run's kernel choice
             group["fused"] = cfg.strategy != "fsdp2"
         start = int(state["step"])
+        if env.is_main:  # the job's log says that it continued, and from where
+            print(f"resuming {run_dir} at step {start} of {cfg.steps} ({start * cfg.global_batch_size} samples seen)",
+                  file=sys.stderr, flush=True)
         if not ckpt.restore_rank_rng(state, env.rank, env.world_size):
             ckpt.seed_everything(cfg.seed + env.rank + 1_000_003 * start)
         del state
