@@ -37,6 +37,23 @@ def test_bad_config_names_the_key(tmp_path, key, value, needle):
         load_config(path)
 
 
+def test_a_computing_config_cannot_write_into_the_published_folders():
+    """`--config scale=published` on the mini config would train into results/published and
+    render mini numbers over the checked-in paper/published: refused, saying why."""
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"at key 'source': 'published' was expected \(scale published holds"):
+        validate_config({**config, "scale": "published"})
+    validate_config(yaml.safe_load((REPO / "config/published.yaml").read_text()))
+
+
+def test_a_bad_value_is_explained_by_its_keys_description():
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    config["evaluate"]["vqa"]["max_new_tokens"] = 0
+    with pytest.raises(ConfigError, match=re.escape("max_new_tokens': 0 is less than the minimum of 1 "
+                                                    "(the longest answer generated, in tokens)")):
+        validate_config(config)
+
+
 def _json_type(annotation) -> dict:
     """The schema a dataclass field's annotation asks for: int, float, bool, str, a pair of
     floats, a str-keyed mapping of one of them, or one of them or null."""

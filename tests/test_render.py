@@ -9,6 +9,7 @@ from webssl_repro.cli import main
 from webssl_repro.metrics import VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.results import item_results
+from webssl_repro.paper.figures import render_figure
 from webssl_repro.paper.tables import render_table
 
 
@@ -89,3 +90,23 @@ def test_published_tsv_row_order_follows_the_paper(tmp_path):
     table = pd.read_csv(outputs[0], sep="\t")
     assert list(table["source"]) == [f"dino7b-full{n}-224" for n in ("1b", "2b", "4b", "8b")]
     assert list(table["Average"]) == [51.02, 53.87, 54.37, 55.24]
+
+
+def test_alignment_bars_mark_a_missing_score_without_a_bar(tmp_path):
+    """Fig. 9: a missing score is a hollow marker under the bars' floor, not a bar (a hatched
+    full-height bar read as a score at the top of the axis); the paper prints no values, so its
+    published figure has no bars and no value axis."""
+    item = specs.get_item("fig9")
+    outputs = [tmp_path / "fig9.pdf", tmp_path / "fig9.png"]
+    published = render_figure(item, item_results(item, "published"), outputs, "published", ["llama3.1-8b"])
+    (ax,) = published.axes
+    assert ax.containers == [] and list(ax.get_yticks()) == [] and len(ax.lines) == 1
+    assert len(ax.lines[0].get_xdata()) == len(item.rows)
+    scores = [{"source": r.source, "metric": "alignment/minilm", "value": 0.02 + 0.001 * i, "origin": "", "seed": 0}
+              for i, r in enumerate(item.rows) if i % 3]
+    (ax,) = render_figure(item, pd.DataFrame(scores), outputs, "mini", ["minilm"]).axes
+    (bars,) = ax.containers
+    assert [round(b.get_y() + b.get_height(), 6) for b in bars] == [s["value"] for s in scores]
+    (gap,) = ax.lines
+    assert list(gap.get_xdata()) == [i for i in range(len(item.rows)) if not i % 3]
+    assert max(gap.get_ydata()) < min(b.get_y() for b in bars)  # under the floor of every bar

@@ -46,6 +46,7 @@ def test_published_report_has_every_item_and_the_claims(tmp_path, monkeypatch):
     assert claims["verdict"].to_dict() == EXPECTED_PUBLISHED
     comparison = pd.read_csv("paper/published/check/comparison.tsv", sep="\t")
     assert set(comparison["status"]) == {"paper itself"} and len(comparison) > 500
+    assert f"Per-metric comparison with the paper: paper itself: {len(comparison)} metrics — at the published" in text
     assert "config hash `cafe01`" in text and "git commit `" in text
 
 

@@ -153,6 +153,16 @@ def test_unbuildable_items_are_named_not_dropped():
     assert Plan(load_config(REPO / "config/paper.yaml")).skipped_items == {}
 
 
+def test_vqa_controls_run_only_with_the_vqa_stage():
+    from webssl_repro.paper.report import check_inputs
+
+    config = load_config(REPO / "config/mini.yaml")
+    assert Plan(config).vqa_controls() == ["pixels", "blind"]
+    without = Plan({**config, "stages": ["data", "pretrain", "classic", "alignment"]})
+    assert without.vqa_controls() == [] and without.control_args() == ""
+    assert not [t for t in check_inputs(without) if "/controls/" in t]
+
+
 @pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/published.yaml"])
 def test_dry_runs_of_other_scales(workflow_dir, configfile):
     proc = snakemake(workflow_dir, "-n", "all", "--configfile", configfile)

@@ -80,7 +80,8 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
         for err in errors:
             where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
             known = sorted(err.schema.get("properties", {})) if err.validator == "additionalProperties" else []
-            hint = f"; known keys are {known}" if known else ""
+            about = err.schema.get("description") if isinstance(err.schema, Mapping) else None
+            hint = f"; known keys are {known}" if known else (f" ({about})" if about and err.absolute_path else "")
             lines.append(f"{origin}: at key '{where}': {err.message}{hint}")
         raise ConfigError("\n".join(lines))
 

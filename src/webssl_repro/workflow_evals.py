@@ -25,8 +25,10 @@ class EvalJobs:
         return [self.evalset("vqa"), self.data_manifest("shards")]
 
     def vqa_controls(self) -> list[str]:
-        """The VQA probe's control encoders this scale runs (``evaluate.vqa.controls``)."""
-        return list(VQA_CONTROLS) if self.config.get("evaluate", {}).get("vqa", {}).get("controls", False) else []
+        """The VQA probe's control encoders this scale runs (``evaluate.vqa.controls``, and only
+        where the vqa stage runs)."""
+        wanted = self.config.get("evaluate", {}).get("vqa", {}).get("controls", False)
+        return list(VQA_CONTROLS) if wanted and "vqa" in self.stages else []
 
     def control_pattern(self) -> str:
         """The ``vqa_control`` rule's wildcard constraint."""

@@ -208,7 +208,7 @@ def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, 
 
 def comparison_summary(table: pd.DataFrame, mode: str) -> str:
     counts = table["status"].value_counts()
-    text = ", ".join(f"{n} {status}" for status, n in counts.items()) or "no metric in common"
+    text = ", ".join(f"{status}: {n} metric{'s' * (n != 1)}" for status, n in counts.items()) or "no metric in common"
     if mode == "published":
         return f"{text} — at the published scale the numbers are the paper's own, so this is not a pass."
     if mode != "comparable":

@@ -72,26 +72,34 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> 
 
 
 def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequence[str]) -> bool:
+    """Bars from a floor just under the lowest score (the differences are small); a missing
+    score is a hollow marker in a grey strip under that floor, as in the line figures, never a
+    bar. With no score at all the axis has no values to show and says so."""
     width = 0.8 / max(1, len(language_models))
-    any_gap = False
     positions = np.arange(len(item.rows))
     values = np.array([[lookup(wide, r.source, f"{ALIGNMENT_PREFIX}{lm}") for r in item.rows] for lm in language_models])
     finite = values[~np.isnan(values)]
     floor = float(finite.min()) * 0.98 if finite.size else 0.0
     top = float(finite.max()) * 1.01 if finite.size else 1.0
+    span = top - floor
+    gaps = np.isnan(values)
     for k, lm in enumerate(language_models):
         xs = positions + (k - (len(language_models) - 1) / 2) * width
-        ok = ~np.isnan(values[k])
+        ok = ~gaps[k]
         if ok.any():
             ax.bar(xs[ok], values[k][ok] - floor, width, bottom=floor, label=lm, color=f"C{k}")
-        if (~ok).any():
-            any_gap = True
-            ax.bar(xs[~ok], top - floor, width, bottom=floor, fill=False, hatch="//" if k % 2 == 0 else "\\\\",
-                   edgecolor=f"C{k}", label=f"{lm}: n/a, no number in the source")
+        if gaps[k].any():
+            ax.plot(xs[gaps[k]], np.full(int(gaps[k].sum()), floor - 0.08 * span),
+                    **{**GAP_STYLE, "markeredgecolor": f"C{k}"}, label=f"{lm}: n/a, no number in the source")
+    bottom = floor - 0.16 * span if gaps.any() else floor
+    if gaps.any():
+        ax.axhspan(bottom, floor - 0.01 * span, color="0.93", zorder=0)
     ax.set_xticks(positions, [r.label for r in item.rows], rotation=30, ha="right")
-    ax.set_ylabel("alignment score (mutual k-NN)")
-    ax.set_ylim(floor, top)
-    return any_gap
+    ax.set_ylabel("alignment score (mutual k-NN)" if finite.size else "alignment score: no number in the source")
+    ax.set_ylim(bottom, top)
+    if not finite.size:
+        ax.set_yticks([])
+    return bool(gaps.any())
 
 
 def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str | Path], scale: str,
