@@ -67,6 +67,25 @@ def test_the_dry_run_says_when_jobs_run_without_gpus(paper):
                               "every pretraining and evaluation job runs on CPUs)"), message
 
 
+def test_a_release_outside_the_grid_is_imported_for_the_evaluations_asked_of_it(paper, workflow_dir):
+    """Evaluating a released checkpoint alone (README): one the grid has no run of (ViT-300M on
+    lightly filtered data, MAE ViT-700M) is imported when one of its evaluations is asked for;
+    `all` neither builds nor counts it."""
+    cfg = copy.deepcopy(paper)
+    extra = ("dino300m-light2b-224", "mae700m-full2b-224")
+    cfg["pretrain"]["run_sources"] = {r: {"checkpoint": f"facebook/webssl-{r}", "path": f"/ckpt/{r}"} for r in extra}
+    plan, base = Plan(cfg), Plan(paper)
+    assert set(plan.runs) - set(base.runs) == set(extra) and plan.item_runs == base.item_runs
+    assert plan.cost_line() == base.cost_line()
+    assert plan.import_resources()["mem_mb"] == 8000  # ViT-700M: 3 fp32 copies are under 8 GB
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    targets = [f"results/paper/evals/{r}/{kind}.json" for r in extra for kind in ("classic", "alignment")]
+    proc = snakemake(workflow_dir, "-n", *targets, "--configfile", "config/paper.yaml", "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
+    assert (jobs["import_released"], jobs["classic"], jobs["alignment"]) == ("2", "2", "2"), proc.stdout[-2000:]
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)
@@ -204,7 +223,7 @@ def test_the_dry_run_stops_at_a_warmup_longer_than_its_run(workflow_dir):
 
 
 def test_run_sources_and_tolerances_are_checked_when_the_plan_is_made():
-    """A run_sources key outside the grid, a checkpoint of another run, a download below the
+    """A run_sources key that is no release, a checkpoint of another run, a download below the
     paper scale or a misspelt tolerance metric stop the dry run, each by its key."""
     paper = load_config(REPO / "config/paper.yaml")
 
@@ -215,8 +234,10 @@ def test_run_sources_and_tolerances_are_checked_when_the_plan_is_made():
 
     ok = {"dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224"}}
     assert "dino2b-heavy2b-224" in plan_with("pretrain", "run_sources", ok).run_sources
-    with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavyy2b-224: not a run of this config"):
+    with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavyy2b-224: no released checkpoint is this run"):
         plan_with("pretrain", "run_sources", {"dino2b-heavyy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavyy2b-224"}})
+    with pytest.raises(ConfigError, match=r"run_sources.dino5b-heavy2b-224: no released .*'dino300m-full2b-224'"):
+        plan_with("pretrain", "run_sources", {"dino5b-heavy2b-224": {"checkpoint": "facebook/webssl-dino5b-heavy2b-224"}})
     with pytest.raises(ConfigError, match=r"run_sources.dino2b-heavy2b-224.checkpoint: 'facebook/webssl-dino7b"):
         plan_with("pretrain", "run_sources", {"dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino7b-full8b-518"}})
     mini = load_config(REPO / "config/mini.yaml")

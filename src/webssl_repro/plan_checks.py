@@ -44,22 +44,22 @@ def check_eval_gpus(resources: Mapping[str, Any]) -> None:
                           f"resources.gpus_per_node is {per_node}")
 
 
-def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], runs: Iterable[str], scale: str,
-                      seeds: Sequence[int]) -> None:
-    """``pretrain.run_sources``: each key a run of this config's grid, imported from the released
-    checkpoint of that very run, downloaded only at the paper scale (the mini scale never
-    downloads), and with one seed: a release is one encoder, not a spread over seeds."""
+def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, seeds: Sequence[int]) -> None:
+    """``pretrain.run_sources``: each key a released run (in the grid or not: a run outside it
+    is imported for the evaluations asked of it), imported from the checkpoint of that very
+    run, downloaded only at the paper scale (the mini scale never downloads), and with one
+    seed: a release is one encoder, not a spread over seeds."""
     from webssl_repro.config import ConfigError
+    from webssl_repro.releases import RELEASED
 
     if run_sources and len(seeds) > 1:
         raise ConfigError(f"pretrain.run_sources with seeds {list(seeds)}: each seed would import the same "
                           "released encoder, so the mean and spread would be over one model; use one seed")
-    runs = set(runs)
     for run, source in run_sources.items():
         where = f"pretrain.run_sources.{run}"
-        if run not in runs:
-            raise ConfigError(f"{where}: not a run of this config's items, so nothing would import it; "
-                              f"the runs are {sorted(runs)}")
+        if f"webssl-{run}" not in RELEASED:
+            raise ConfigError(f"{where}: no released checkpoint is this run; the released runs are "
+                              f"{[name[len('webssl-'):] for name in RELEASED]}")
         checkpoint = str(source.get("checkpoint", ""))
         if checkpoint.rsplit("/", 1)[-1] != f"webssl-{run}":
             raise ConfigError(f"{where}.checkpoint: {checkpoint!r} is not the release of {run} "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 METHODS = ("dino", "mae", "clip")
-SIZES = ("300m", "1b", "2b", "3b", "5b", "7b")
+SIZES = ("300m", "700m", "1b", "2b", "3b", "5b", "7b")
 DATA = ("full", "light", "heavy", "in1k")
 SAMPLES = ("1b", "2b", "4b", "8b")
 RESOLUTIONS = ("224", "378", "518")

@@ -38,7 +38,7 @@ class Plan(EvalJobs, PretrainJobs):
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
-            check_run_sources(self.run_sources, self.runs, self.scale, self.seeds)
+            check_run_sources(self.run_sources, self.scale, self.seeds)
             check_sizes(self.config.get("labels", {}).get("sizes", {}))
             check_eval_gpus(self.config.get("resources", {}))
 
@@ -106,10 +106,19 @@ class Plan(EvalJobs, PretrainJobs):
         return skipped
 
     @cached_property
-    def runs(self) -> tuple[str, ...]:
+    def item_runs(self) -> tuple[str, ...]:
+        """The runs behind the requested items: what ``all`` trains (or imports) and evaluates."""
         if self.published:
             return ()
         return tuple(sort_runs(r for i in self.items for r in specs.get_item(i).runs))
+
+    @cached_property
+    def runs(self) -> tuple[str, ...]:
+        """Every run this config knows: the items' and any other released run it imports
+        (``pretrain.run_sources``), built when one of its outputs is asked for."""
+        if self.published:
+            return ()
+        return tuple(sort_runs({*self.item_runs, *self.run_sources}))
 
     @property
     def seeds(self) -> list[int]:

@@ -4,10 +4,12 @@ from released checkpoints instead, and what a target costs in GPU-hours. A part 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Mapping
 
+from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.resources import (PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
                                     pretrain_resources)
@@ -38,9 +40,8 @@ class PretrainJobs:
         imported = [Run.parse(split_seed(r, self.seeds[0])[0]) for r in self.run_ids if not self.trained(r)]
         if not imported or not int(res.get("gpus_per_node", 0)):
             return {}
-        labels = self.config["labels"]
-        params = max(encoder_params(r.method, labels["sizes"][r.size], int(labels["resolutions"][str(r.res)]))
-                     for r in imported)
+        # a release's own architecture and resolution (it may be a size this config's grid lacks)
+        params = max(encoder_params(r.method, dataclasses.asdict(arch_for(r.method, r.size)), r.res) for r in imported)
         mem_mb = max(8000, math.ceil(3 * 4 * params / 2**20))
         return {"mem_mb": min(mem_mb, int(res["mem_mb_per_node"])), "cpus_per_task": int(res["cpus_per_gpu"]),
                 "runtime": 120}
@@ -76,9 +77,10 @@ class PretrainJobs:
         reach the submitting snakemake, which submits the next attempt as a new job."""
         if remote:
             return 0
-        if not self.config.get("resources", {}).get("max_runtime_min") or not self.run_ids:
+        trained = [r for r in self.run_ids if self.trained(r)]
+        if not self.config.get("resources", {}).get("max_runtime_min") or not trained:
             return None
-        return max(self.pretrain_resources(r).jobs for r in self.run_ids) - 1 + PREEMPTION_RETRIES
+        return max(self.pretrain_resources(r).jobs for r in trained) - 1 + PREEMPTION_RETRIES
 
     def runs_by_layout(self, multinode: bool) -> list[str]:
         return [r for r in self.run_ids if self.trained(r) and (self.pretrain_resources(r).nodes > 1) == multinode]
@@ -118,7 +120,8 @@ class PretrainJobs:
     def cost_line(self, item: str | None = None) -> str:
         """``{item}: N runs[ (k imported)], H estimated pretraining GPU-hours``: every seed counts
         as a run; an imported run (``pretrain.run_sources``) costs no pretraining."""
-        runs = self.run_ids if item is None else [r for run in specs.get_item(item).runs for r in self.seeded(run)]
+        wanted = self.item_runs if item is None else specs.get_item(item).runs
+        runs = [r for run in wanted for r in self.seeded(run)]
         imported = sum(not self.trained(r) for r in runs)
         return (f"{item or 'all'}: {len(runs)} runs{f' ({imported} imported)' if imported else ''}, "
                 f"{self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours")

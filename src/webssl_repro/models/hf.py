@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from webssl_repro.models import convert
+from webssl_repro.releases import NO_PTH, PTH_URL, RELEASED
 from webssl_repro.models.vit import Arch, WebSSLViT, arch_for
 
 KINDS = {"dinov2": "dino", "vit": "mae"}  # HF model_type -> default method
@@ -204,29 +205,6 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
 
 # ---- released checkpoints (paper_facts §8.1) ------------------------------------------------
 
-#: hf_id -> HF revision pinned by mteb ("" where none is recorded); native .pth at _PTH_URL.
-_RELEASED = {
-    "webssl-dino300m-full2b-224": "8529cdb3fb75014932af3b896455fc21c386168e",
-    "webssl-dino1b-full2b-224": "d3bf033d9c8cc62ea9e73c40956642cad2ec568a",
-    "webssl-dino2b-full2b-224": "cd5893e3fd2e988eb716792049b3dd53b3f1b68b",
-    "webssl-dino3b-full2b-224": "2d015c340b16bc47bc6557fcb4e6c83a9d4aa1d3",
-    "webssl-dino5b-full2b-224": "88006b18b9af369f6c611db7a64d908bde3714e0",
-    "webssl-dino7b-full8b-224": "c6085463ea680043042a80c6d41db2c65e85f466",
-    "webssl-dino7b-full8b-378": "53c8c5b43070bd2ddb3f66161140408ce832301f",
-    "webssl-dino7b-full8b-518": "aee350d2c5e3e5fdb7ee6985291d808ea5eef431",
-    "webssl-dino2b-light2b-224": "633a663f304e63cc3cbec3f7f9ca2fbc94736128",
-    "webssl-dino2b-heavy2b-224": "9f46eb0c0129656a1ef195fde072e3765abdb7c6",
-    "webssl-dino3b-light2b-224": "4d0160f60673805431f4ad14983e712ed88be5b8",
-    "webssl-dino3b-heavy2b-224": "dd39c2910747561b332285d96c4dce0bdb240775",
-    "webssl-dino300m-light2b-224": "",
-    "webssl-mae300m-full2b-224": "4655a0ac1726c206ba14d5ccb26758c62a4d03b0",
-    "webssl-mae700m-full2b-224": "c32be382e757d73a178de1ead62c27391d4b4280",
-    "webssl-mae1b-full2b-224": "5880aefedbad8db0f44d27358f6f08e8576f70fc",
-    "webssl-mae2b-full2b-224": "",
-    "webssl-mae3b-full2b-224": "",
-}
-_NO_PTH = {"webssl-dino300m-light2b-224"}  # HF collection only, no native file in the README
-_PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 _ID = re.compile(r"^webssl-(?P<method>dino|mae)(?P<size>\d+[mb])-(?P<data>full|light|heavy)"
                  r"(?P<samples>\d+b)-(?P<res>\d+)$")
 
@@ -253,21 +231,21 @@ class Released:
 def released_checkpoint(hf_id: str) -> Released:
     """Fields of a released id, with or without the ``facebook/`` owner."""
     name = hf_id.split("/", 1)[1] if hf_id.startswith("facebook/") else hf_id
-    if name not in _RELEASED:
+    if name not in RELEASED:
         raise KeyError(f"{hf_id!r} is not a released Web-SSL checkpoint; known: "
-                       f"{sorted('facebook/' + k for k in _RELEASED)}")
+                       f"{sorted('facebook/' + k for k in RELEASED)}")
     m = _ID.match(name)
     assert m is not None, name  # every table entry follows the id grammar
     return Released(
         hf_id=f"facebook/{name}", method=m["method"], size=m["size"], data=m["data"],
         samples=m["samples"], img_size=int(m["res"]), run=name[len("webssl-"):],
-        revision=_RELEASED[name] or None,
-        pytorch_url=None if name in _NO_PTH else _PTH_URL.format(name.replace("-", "_")))
+        revision=RELEASED[name] or None,
+        pytorch_url=None if name in NO_PTH else PTH_URL.format(name.replace("-", "_")))
 
 
 def released_checkpoints() -> list[Released]:
     """All released checkpoints, in the order of paper_facts §8.1."""
-    return [released_checkpoint(k) for k in _RELEASED]
+    return [released_checkpoint(k) for k in RELEASED]
 
 
 def load_released(hf_id: str, source: str | Path | None = None, *, allow_download: bool = False

@@ -1,0 +1,27 @@
+"""The released Web-SSL checkpoints (paper_facts §8.1), as plain data: the workflow checks a
+config's ``pretrain.run_sources`` against them without importing torch (``models.hf`` loads them)."""
+from __future__ import annotations
+
+#: hf_id -> HF revision pinned by mteb ("" where none is recorded); native .pth at PTH_URL.
+RELEASED = {
+    "webssl-dino300m-full2b-224": "8529cdb3fb75014932af3b896455fc21c386168e",
+    "webssl-dino1b-full2b-224": "d3bf033d9c8cc62ea9e73c40956642cad2ec568a",
+    "webssl-dino2b-full2b-224": "cd5893e3fd2e988eb716792049b3dd53b3f1b68b",
+    "webssl-dino3b-full2b-224": "2d015c340b16bc47bc6557fcb4e6c83a9d4aa1d3",
+    "webssl-dino5b-full2b-224": "88006b18b9af369f6c611db7a64d908bde3714e0",
+    "webssl-dino7b-full8b-224": "c6085463ea680043042a80c6d41db2c65e85f466",
+    "webssl-dino7b-full8b-378": "53c8c5b43070bd2ddb3f66161140408ce832301f",
+    "webssl-dino7b-full8b-518": "aee350d2c5e3e5fdb7ee6985291d808ea5eef431",
+    "webssl-dino2b-light2b-224": "633a663f304e63cc3cbec3f7f9ca2fbc94736128",
+    "webssl-dino2b-heavy2b-224": "9f46eb0c0129656a1ef195fde072e3765abdb7c6",
+    "webssl-dino3b-light2b-224": "4d0160f60673805431f4ad14983e712ed88be5b8",
+    "webssl-dino3b-heavy2b-224": "dd39c2910747561b332285d96c4dce0bdb240775",
+    "webssl-dino300m-light2b-224": "",
+    "webssl-mae300m-full2b-224": "4655a0ac1726c206ba14d5ccb26758c62a4d03b0",
+    "webssl-mae700m-full2b-224": "c32be382e757d73a178de1ead62c27391d4b4280",
+    "webssl-mae1b-full2b-224": "5880aefedbad8db0f44d27358f6f08e8576f70fc",
+    "webssl-mae2b-full2b-224": "",
+    "webssl-mae3b-full2b-224": "",
+}
+NO_PTH = {"webssl-dino300m-light2b-224"}  # HF collection only, no native file in the README
+PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
