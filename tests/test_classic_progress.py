@@ -4,6 +4,7 @@ resumed, end with the scores of an uninterrupted job; finished parts are read ba
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,30 @@ def test_finished_parts_are_read_back_not_recomputed(tiny_data, tmp_path, monkey
     metrics = classic.run_classic(encoder, meta, tiny_data, cfg, progress)
     assert metrics["in1k_linear"] == 12.5 and metrics["nyud_lin4"] == 0.25
     assert set(metrics) == {"in1k_linear", "ade20k_linear", "ade20k_ms", "nyud_lin1", "nyud_lin4"}
+
+
+def test_an_unreadable_dense_set_stops_the_job_before_imagenet(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """ADE20K given as a hub dataset with a loading script: the classic job stops at its start,
+    naming the key, instead of after the linear probe (a day at ViT-7B) that runs first."""
+    pytest.importorskip("datasets")
+    from webssl_repro.data.real_evalsets import build_hf_manifest
+    from webssl_repro.evaluate import classic
+
+    scripted = tmp_path / "scene_parse_150"
+    scripted.mkdir()
+    (scripted / "scene_parse_150.py").write_text("import datasets\n")
+    manifest = tmp_path / "segmentation.json"
+    manifest.write_text(json.dumps(build_hf_manifest("segmentation", {"dataset": str(scripted)})))
+    ran = []
+    monkeypatch.setattr(classic, "classification", lambda *a, **k: ran.append("classification") or {})
+    encoder, meta = _encoder()
+    data = {**tiny_data, "segmentation": str(manifest)}
+    with pytest.raises(ValueError, match=r"data.evalsets.segmentation.dataset: .*with a loading script"):
+        classic.run_classic(encoder, meta, data, DENSE)
+    assert ran == []
+    empty = tmp_path / "depth.json"
+    depth = json.loads(Path(tiny_data["depth"]).read_text())
+    empty.write_text(json.dumps({**depth, "splits": {"train": {}, "val": {}}}))
+    with pytest.raises(ValueError, match=r"no single 'train' split"):
+        classic.run_classic(encoder, meta, {**tiny_data, "depth": str(empty)}, DENSE)
+    assert ran == []

@@ -340,6 +340,26 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
     return {name: score.value() for name, score in scores.items()}
 
 
+#: the tasks of the classic evaluation, in the order they run, and the splits each reads
+PROBE_TASKS = ("classification", "segmentation", "depth")
+SPLITS = ("train", "val")
+
+
+def open_every_split(data: Mapping[str, str | Path]) -> None:
+    """Open every task's splits and read one record of each before the first task trains: an
+    ADE20K or NYUd that cannot be read (e.g. a hub dataset with a loading script) then stops the
+    job at its start, not after ImageNet's linear probe (a day at ViT-7B)."""
+    missing = [task for task in PROBE_TASKS if task not in data]
+    if missing:
+        raise ValueError(f"the classic evaluation needs the {missing} eval set(s); got {sorted(data)}")
+    for task in PROBE_TASKS:
+        for split in SPLITS:
+            records = load_split(data[task], split)
+            if len(records) == 0:
+                raise ValueError(f"{data[task]}: the {split!r} split of the {task} eval set is empty")
+            records[0]  # its image and target, decoded
+
+
 def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path], cfg: Mapping[str, Any],
                 progress: Optional[EvalProgress] = None) -> dict:
     """Metrics in the units of paper Tables 3/7/9: top-1 %, mIoU %, RMSE (m). With ``progress``
@@ -347,6 +367,7 @@ def run_classic(encoder, meta: Mapping[str, Any], data: Mapping[str, str | Path]
     resumes, so a job stopped at its time limit continues in its retry."""
     cfg = classic_config(cfg)
     progress = EvalProgress() if progress is None else progress
+    open_every_split(data)
     metrics: dict[str, Any] = {}
     progress.stop_point("classification")
     kept = progress.result("classification")
