@@ -11,7 +11,7 @@
 
 rule vqa:
     input:
-        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        encoder=lambda w: PLAN.evaluated_encoder(w.run),
         data=PLAN.vqa_data(),
     output:
         PLAN.eval_path("{run}", "vqa"),
@@ -64,7 +64,7 @@ rule vqa_control:
 
 rule classic:
     input:
-        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        encoder=lambda w: PLAN.evaluated_encoder(w.run),
         data=[PLAN.evalset(t) for t in ("classification", "segmentation", "depth")],
     output:
         PLAN.eval_path("{run}", "classic"),
@@ -89,7 +89,7 @@ rule classic:
 
 rule alignment:
     input:
-        encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
+        encoder=lambda w: PLAN.evaluated_encoder(w.run),
         captions=PLAN.evalset("captions"),
     output:
         PLAN.eval_path("{run}", "alignment"),

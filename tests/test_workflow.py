@@ -153,6 +153,17 @@ def test_unbuildable_items_are_named_not_dropped():
     assert Plan(load_config(REPO / "config/paper.yaml")).skipped_items == {}
 
 
+def test_an_evaluation_of_an_unknown_run_or_seed_names_it():
+    """Snakemake alone reports only a missing encoder for these."""
+    plan = Plan(load_config(REPO / "config/mini.yaml"))
+    assert plan.evaluated_encoder("dino2b-full2b-224") == "results/mini/runs/dino2b-full2b-224/encoder.safetensors"
+    with pytest.raises(ConfigError, match=r"evals/dino2b-full2b-224.s1: seed 1 is not in seeds \[0\]$"):
+        plan.evaluated_encoder("dino2b-full2b-224.s1")
+    with pytest.raises(ConfigError, match=r"evals/dino2b-full2b-378: dino2b-full2b-378 is not a run of this "
+                                          r"config's items nor of pretrain.run_sources; the runs are dino1b-full2b-224, "):
+        plan.evaluated_encoder("dino2b-full2b-378")
+
+
 def test_vqa_controls_run_only_with_the_vqa_stage():
     from webssl_repro.paper.report import check_inputs
 

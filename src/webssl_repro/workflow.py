@@ -150,6 +150,20 @@ class Plan(EvalJobs, PretrainJobs):
     def run_dir(self, run: str) -> str:
         return f"{self.results}/runs/{run}"
 
+    def evaluated_encoder(self, run_id: str) -> str:
+        """The encoder an evaluation of ``run_id`` reads: a run of this config (a seed it lists,
+        a run of its items or of ``pretrain.run_sources``), else an error that says so, where
+        Snakemake would only report the encoder as a missing input."""
+        if run_id not in self.run_ids:
+            from webssl_repro.config import ConfigError  # config imports this module
+
+            name, seed = split_seed(run_id, self.seeds[0])
+            why = (f"seed {seed} is not in seeds {self.seeds}" if name in self.runs else
+                   f"{name} is not a run of this config's items nor of pretrain.run_sources; the runs are "
+                   f"{', '.join(self.runs)}")
+            raise ConfigError(f"{self.results}/evals/{run_id}: {why}")
+        return f"{self.run_dir(run_id)}/encoder.safetensors"
+
     def eval_path(self, run: str, kind: str) -> str:
         return f"{self.results}/evals/{run}/{kind}.json"
 
