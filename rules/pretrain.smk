@@ -123,3 +123,10 @@ rule import_released:
         ENV
     shell:
         "webssl-repro import-released --run {wildcards.run} {params.source} --out {params.out} > {log} 2>&1"
+
+
+# `snakemake runs`: every run of the requested items pretrained (or imported), nothing
+# evaluated; also where the config's stages stop at pretrain.
+rule runs:
+    input:
+        PLAN.run_targets(),

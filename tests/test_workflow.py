@@ -164,6 +164,21 @@ def test_an_evaluation_of_an_unknown_run_or_seed_names_it():
         plan.evaluated_encoder("dino2b-full2b-378")
 
 
+def test_runs_target_pretrains_the_grid_also_without_evaluation_stages():
+    config = load_config(REPO / "config/mini.yaml")
+    plan = Plan(config)
+    assert plan.run_targets() == [f"results/mini/runs/{r}/encoder.safetensors" for r in plan.item_runs]
+    assert len(plan.run_targets()) == 30
+    pretrain_only = Plan({**config, "stages": ["data", "pretrain"]})
+    assert pretrain_only.item_runs == () and pretrain_only.run_targets() == plan.run_targets()
+    assert pretrain_only.target_message().endswith("; `snakemake runs` pretrains all 30 runs of the items")
+    assert pretrain_only.vqa_controls() == []
+    seeded = Plan({**config, "seeds": [0, 1]})
+    assert len(seeded.run_targets()) == 60 and "results/mini/runs/dino1b-full2b-224.s1/encoder.safetensors" in \
+        seeded.run_targets()
+    assert Plan({**config, "stages": ["data"]}).run_targets() == []
+
+
 def test_vqa_controls_run_only_with_the_vqa_stage():
     from webssl_repro.paper.report import check_inputs
 

@@ -262,3 +262,24 @@ def test_profile_resources_that_read_unset_variables_stop_the_dry_run():
     check_profile_environment(None, {})
     with pytest.raises(ConfigError, match=r"slurm_partition reads \$SLURM_PARTITION. Export"):
         check_profile_environment(args, {"SLURM_ACCOUNT": "acme"})
+
+
+def test_plan_prints_the_grid_of_several_config_files(tmp_path, capsys):
+    """`webssl-repro plan --configfile config/paper.yaml mine.yaml`: the files merged as
+    snakemake merges them, every requested item listed (Figure 8 too), imported runs marked."""
+    mine = tmp_path / "mine.yaml"
+    run = "dino300m-light2b-224"
+    mine.write_text(yaml.safe_dump({"pretrain": {"run_sources": {run: {"checkpoint": f"facebook/webssl-{run}"}}}}))
+    assert cli.main(["plan", "--configfile", str(REPO / "config/paper.yaml"), str(mine)]) == 0
+    out = capsys.readouterr().out
+    paper = load_config(REPO / "config/paper.yaml")
+    assert f"items ({len(paper['items'])}): " in out and out.split("\n")[1].endswith(" fig9 fig8")
+    listed = yaml.safe_load(out[out.index("seeds:"):out.index("\ntable2: ")])
+    assert {"run": run, "imported": f"facebook/webssl-{run}"} in listed["runs"] and len(listed["runs"]) == 31
+    dino7b = next(r for r in listed["runs"] if r["run"] == "dino7b-full8b-224")
+    assert dino7b["gpus"] > 8 and dino7b["gpu_hours"] > 10_000
+    assert out.rstrip().endswith(Plan(paper).cost_line())  # the grid's total: the release adds no run to `all`
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("scale: paper\nitems: [table2\n")
+    assert cli.main(["plan", "--configfile", str(broken)]) == 2
+    assert f'cannot read config {broken}: while parsing a flow sequence\n  in "{broken}", line 2' in capsys.readouterr().err

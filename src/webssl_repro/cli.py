@@ -34,12 +34,13 @@ def _render(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import yaml
 
-    from webssl_repro.config import load_config
+    from webssl_repro.config import load_configs
     from webssl_repro.workflow import Plan
 
-    plan = Plan(load_config(args.configfile))
+    plan = Plan(load_configs(args.configfile))
     print(f"scale={plan.scale} source={plan.config['source']} stages={sorted(plan.stages)}")
-    print(f"items ({len(plan.items)}): {' '.join(plan.items)}")
+    items = [*plan.items, *(["fig8"] if plan.data_figures() else [])]
+    print(f"items ({len(items)}): {' '.join(items)}")
     if plan.published:
         return 0
     rows = []
@@ -316,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=_data)
 
     plan = sub.add_parser("plan", help="print the run grid, cluster resources and GPU-hours of a config")
-    plan.add_argument("--configfile", default="config/mini.yaml", type=Path)
+    plan.add_argument("--configfile", nargs="+", default=[Path("config/mini.yaml")], type=Path,
+                      help="config file(s), later ones merged over earlier ones as snakemake does "
+                      "(default: config/mini.yaml)")
     plan.set_defaults(func=_plan)
 
     from webssl_repro.launch import add_launch_parser

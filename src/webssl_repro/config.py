@@ -86,13 +86,24 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
         raise ConfigError("\n".join(lines))
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config is a mapping, got {type(config).__name__}")
-    validate_config(config, str(path))
+def load_configs(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Several config files, each merged over the ones before it (nested sections too), as
+    snakemake's ``--configfile a.yaml b.yaml`` merges them, then validated as one config."""
+    from webssl_repro.settings import merge_nested
+
+    config: dict[str, Any] = {}
+    for path in paths:
+        try:
+            with open(path) as fh:  # a YAML error then names the file, not "<unicode string>"
+                part = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(part, dict):
+            raise ConfigError(f"{path}: a config is a mapping, got {type(part).__name__}")
+        config = merge_nested(config, part)
+    validate_config(config, ", ".join(map(str, paths)))
     return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    return load_configs([path])

@@ -113,12 +113,26 @@ class Plan(EvalJobs, PretrainJobs):
         return tuple(sort_runs(r for i in self.items for r in specs.get_item(i).runs))
 
     @cached_property
+    def grid_runs(self) -> tuple[str, ...]:
+        """The runs of every requested item where the pretrain stage runs, whether or not its
+        evaluation stages do: what ``snakemake runs`` trains (or imports)."""
+        if self.published or "pretrain" not in self.stages:
+            return ()
+        self.items  # noqa: B018  (refuses an unknown item by name)
+        requested = [i for i in self.config.get("items", ()) if i != "fig8"]
+        return tuple(sort_runs(r for i in requested for r in specs.get_item(i).runs))
+
+    @cached_property
     def runs(self) -> tuple[str, ...]:
-        """Every run this config knows: the items' and any other released run it imports
+        """Every run this config knows: the grid's and any other released run it imports
         (``pretrain.run_sources``), built when one of its outputs is asked for."""
         if self.published:
             return ()
-        return tuple(sort_runs({*self.item_runs, *self.run_sources}))
+        return tuple(sort_runs({*self.grid_runs, *self.item_runs, *self.run_sources}))
+
+    def run_targets(self) -> list[str]:
+        """``snakemake runs``: the encoder of each grid run and seed, and nothing evaluated."""
+        return [f"{self.run_dir(r)}/encoder.safetensors" for run in self.grid_runs for r in self.seeded(run)]
 
     @property
     def seeds(self) -> list[int]:

@@ -115,6 +115,8 @@ class PretrainJobs:
         message = f"{self.cost_line(item)} ({where})"
         if item is None and self.skipped_items:
             message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
+        if item is None and set(self.grid_runs) - set(self.item_runs):
+            message += f"; `snakemake runs` pretrains all {len(self.grid_runs)} runs of the items"
         return message
 
     def cost_line(self, item: str | None = None) -> str:
