@@ -107,3 +107,21 @@ def test_check_and_report_are_in_every_dry_run(workflow_dir, configfile):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rule in ("check", "report", "overlay_figure", "render_reference_table", "render_reference_figure"):
         assert re.search(rf"^(local)?rule {rule}:", proc.stdout, re.M), rule
+
+
+def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path, capsys):
+    """`webssl-repro compare results/paper/evals/<run>/*.json`: a released checkpoint's (or any
+    run's) evaluations against the paper, judged by paper.yaml's tolerances."""
+    from webssl_repro.paper.check import published_runs_frame
+
+    published = published_runs_frame().groupby(["source", "metric"])["value"].first()
+    linear, ade = published[("dino7b-full8b-224", "in1k_linear")], published[("dino7b-full8b-224", "ade20k_linear")]
+    path = tmp_path / "evals" / "dino7b-full8b-224" / "classic.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"metrics": {"in1k_linear": linear + 0.3, "ade20k_linear": ade - 2.0, "other": 1.0}}))
+    assert main(["compare", str(path), "--out", str(tmp_path / "cmp.tsv")]) == 0
+    table = pd.read_csv(tmp_path / "cmp.tsv", sep="\t").set_index("metric")
+    assert list(table.index) == ["in1k_linear", "ade20k_linear"] and set(table["source"]) == {"dino7b-full8b-224"}
+    assert table.loc["in1k_linear", "difference"] == pytest.approx(0.3)
+    assert table["status"].to_dict() == {"in1k_linear": "within", "ade20k_linear": "outside"}  # tolerances 0.5, 1.0
+    assert capsys.readouterr().out.rstrip().endswith("within: 1, outside: 1")

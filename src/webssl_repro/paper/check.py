@@ -216,6 +216,17 @@ def comparison_summary(table: pd.DataFrame, mode: str) -> str:
     return f"{text} (tolerances from check.tolerances)."
 
 
+def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], comparable: bool = True,
+                  published_dir: Optional[str | Path] = None) -> pd.DataFrame:
+    """Eval JSONs of any runs (``evals/<run>[.s<seed>]/<kind>.json``) against every number the
+    paper prints for those runs, in any table: one row per (run, metric) the two share."""
+    frame = runs_frame(paths)
+    runs = set(frame["source"])
+    table = comparison(frame, published_runs_frame(published_dir), specs.ITEMS, tolerances,
+                       "comparable" if comparable else "not comparable")
+    return table[table["source"].isin(runs) & table["n_seeds"].gt(0)].reset_index(drop=True)
+
+
 def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: str | Path,
               published_dir: Optional[str | Path] = None) -> tuple[list[claims_mod.Result], pd.DataFrame]:
     from webssl_repro.workflow import Plan

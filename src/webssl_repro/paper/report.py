@@ -232,6 +232,23 @@ def _report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_cmd(args: argparse.Namespace) -> int:
+    from webssl_repro.config import load_configs
+    from webssl_repro.paper.check import compare_evals
+
+    check = load_configs(args.configfile).get("check", {})
+    table = compare_evals(args.evals, check.get("tolerances", {}), check.get("comparable", False), args.published_dir)
+    if table.empty:
+        print("compare: the paper prints none of these runs' metrics")
+        return 0
+    shown = table.drop(columns=["reproduced_sd"] if table["n_seeds"].max() < 2 else [])
+    print(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    print(", ".join(f"{status}: {n}" for status, n in table["status"].value_counts().items()))
+    if args.out is not None:
+        table.to_csv(args.out, sep="\t", index=False, na_rep="NA", float_format="%.6g")
+    return 0
+
+
 def _overlay_cmd(args: argparse.Namespace) -> int:
     render_overlay(args.item, args.scale, args.inputs, args.out, args.published_dir)
     print(f"{args.item}: wrote {args.out}")
@@ -239,7 +256,7 @@ def _overlay_cmd(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    """``webssl-repro check | report | overlay`` (registered by cli.build_parser)."""
+    """``webssl-repro check | report | compare | overlay`` (registered by cli.build_parser)."""
     check = sub.add_parser("check", help="evaluate the paper's claims and compare numbers with the paper")
     check.add_argument("--config-json", required=True, help="the config (scale, source, items, stages, seeds, check)")
     check.add_argument("--inputs", nargs="*", default=[], type=Path)
@@ -252,6 +269,14 @@ def add_parsers(sub) -> None:
     report.add_argument("--config-hash", required=True)
     report.add_argument("--out", required=True, type=Path)
     report.set_defaults(func=_report_cmd)
+
+    compare = sub.add_parser("compare", help="eval JSONs of any runs against the numbers the paper prints for them")
+    compare.add_argument("evals", nargs="+", type=Path, help="results/{scale}/evals/<run>/<kind>.json files")
+    compare.add_argument("--configfile", nargs="+", default=[Path("config/paper.yaml")], type=Path,
+                         help="the config whose check.tolerances judge the differences (default: config/paper.yaml)")
+    compare.add_argument("--published-dir", default=None, type=Path)
+    compare.add_argument("--out", default=None, type=Path, help="also write the table as TSV")
+    compare.set_defaults(func=_compare_cmd)
 
     overlay = sub.add_parser("overlay", help="a figure's reproduced values over the paper's, twin y-axes")
     overlay.add_argument("item")
