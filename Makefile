@@ -9,6 +9,7 @@ CORES ?= 2
 .PHONY: reproduce published test lint dry-run clean
 
 $(BIN)/webssl-repro: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("webssl-repro needs Python 3.11+ (PYTHON=$(PYTHON) is " + sys.version.split()[0] + "); set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
-min_version("9.19")  # profile.yaml profiles (slurm/)
+min_version("9.27")  # as pyproject.toml: profile.yaml profiles (slurm/), tested on 9.27+
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 

@@ -219,3 +219,11 @@ def test_snakemake_rejects_a_bad_config_before_any_job(workflow_dir, section, ke
     out = proc.stdout + proc.stderr
     assert key in out and value in out
     assert not (workflow_dir / "paper").exists()
+
+
+def test_an_override_file_alone_is_told_to_follow_its_scales_config(tmp_path):
+    override = tmp_path / "mine.yaml"
+    override.write_text("seeds: [0, 1]\n")
+    with pytest.raises(ConfigError, match=r"'scale' is a required property(.|\n)*give the scale's config first, "
+                                          r"e.g. --configfile config/mini.yaml mine.yaml"):
+        load_config(override)

@@ -83,6 +83,10 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
             about = err.schema.get("description") if isinstance(err.schema, Mapping) else None
             hint = f"; known keys are {known}" if known else (f" ({about})" if about and err.absolute_path else "")
             lines.append(f"{origin}: at key '{where}': {err.message}{hint}")
+        if any(err.validator == "required" and not err.absolute_path for err in errors):
+            lines.append("(a --configfile replaces the default config/mini.yaml rather than being merged into it: "
+                         "to change a few keys, give the scale's config first, e.g. --configfile config/mini.yaml "
+                         "mine.yaml)")
         raise ConfigError("\n".join(lines))
 
 
