@@ -295,3 +295,23 @@ def test_loaded_encoder_takes_imagenet_normalised_pixels(tmp_path, method):
 
     # a VQA feature cache written by the raw weights is not reused for the re-normalising encoder
     assert (encoder_fingerprint(loaded) != encoder_fingerprint(enc)) == (method == "clip")
+
+
+def test_export_hf_command_writes_a_run_encoder_that_transformers_loads(tmp_path, capsys):
+    """`webssl-repro export-hf --encoder results/…/encoder.safetensors --out DIR`."""
+    from transformers import AutoModel
+
+    from helpers_stand_ins import save_tiny_encoder
+    from webssl_repro.cli import main
+    from webssl_repro.models.io import load_encoder
+
+    path = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=2)
+    assert main(["export-hf", "--encoder", str(path), "--out", str(tmp_path / "hf")]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    hf = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load_encoder(path)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tokens = ours.forward_features_dict(x)
+        want = torch.cat([tokens["x_norm_clstoken"][:, None], tokens["x_norm_patchtokens"]], dim=1)
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, want, atol=1e-4, rtol=0)

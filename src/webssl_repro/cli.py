@@ -235,6 +235,16 @@ def _import_released(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from webssl_repro.models.hf import export_hf
+    from webssl_repro.models.io import load_encoder
+
+    encoder, meta = load_encoder(args.encoder)
+    path = export_hf(encoder, meta, args.out)
+    print(f"{args.encoder} -> {path} (transformers.AutoModel.from_pretrained reads it)")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from webssl_repro.data.stages import main as data_main
 
@@ -311,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--allow-download", action="store_true", help="fetch from the hub (paper scale only)")
     imp.add_argument("--out", required=True, type=Path)
     imp.set_defaults(func=_import_released)
+
+    exp = sub.add_parser("export-hf", help="a run's encoder as a transformers model directory (Dinov2Model "
+                         "with SwiGLU for Web-DINO / CLIP towers, ViTModel for Web-MAE)")
+    exp.add_argument("--encoder", required=True, type=Path, help="results/{scale}/runs/<run>/encoder.safetensors")
+    exp.add_argument("--out", required=True, type=Path, help="the directory to write")
+    exp.set_defaults(func=_export_hf)
 
     data = sub.add_parser("data", help="data stage: shards, in1k, filter, filter-merge, evalset, fig8", add_help=False)
     data.add_argument("rest", nargs=argparse.REMAINDER)
