@@ -201,6 +201,13 @@ def test_segmentation_head_shapes_and_training():
         losses = train_segmentation(head, _colour_features, [(images, masks)], iters=40,
                                     lr=5e-2, warmup=5)
         assert losses[-1] < 0.6 * losses[0]
+    # the head reads the last n_layers maps of the stack, in block order
+    maps = torch.randn(4, 2, 3, 4, 4, generator=g)
+    for n_layers in (1, 2):
+        picky = LinearSegHead(3, num_classes=3, n_layers=n_layers).eval()
+        torch.nn.init.normal_(picky.conv.weight, generator=g)
+        assert torch.equal(picky(maps), picky(maps[-n_layers:]))
+        assert not torch.allclose(picky(maps), picky(maps[:n_layers]))
     pred = predict(head, _colour_features, images)
     assert pred.shape == (8, 16, 16)
     assert mean_iou(pred, masks, 3) > 0.5
