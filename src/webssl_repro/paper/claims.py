@@ -342,8 +342,8 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
     series = tuple(_resolve(s, frame) for s in claim.series)
     have = frame.dropna(subset=["value"])
     present = set(zip(have["source"], have["metric"]))
-    absent = [f"{m} of {r}" for s in series for m in (s.metrics or (ALIGNMENT_PREFIX + "<any language model>",)) for r in s.runs
-              if (r, m) not in present]
+    any_lm = (ALIGNMENT_PREFIX + "<any language model>",)
+    absent = [f"{m} of {r}" for s in series for m in (s.metrics or any_lm) for r in s.runs if (r, m) not in present]
     if absent:
         absent = list(dict.fromkeys(absent))
         return Result(claim, NOT_MEASURABLE, "no number for: " + ", ".join(absent), absent)
