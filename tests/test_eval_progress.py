@@ -326,3 +326,34 @@ def test_saved_state_depends_on_the_code_defaults_not_on_the_settings(monkeypatc
     monkeypatch.setitem(classic_eval.DEFAULTS, "linear", {**classic_eval.DEFAULTS["linear"], "epoch_length": 100})
     assert state_config("classic", classic) != before
     assert state_config("classic", classic) == {**before, "linear": {**before["linear"], "epoch_length": 100}}
+
+
+def test_a_rerun_with_an_unreadable_encoder_leaves_the_saved_state_alone(tiny_data, tmp_path, monkeypatch,
+                                                                          capsys):  # noqa: F811
+    """The encoder is read before the state is looked at: a cut-short encoder file stops the job
+    with its name, and the state it would not match stays, to be resumed with the right file."""
+    import time
+
+    from helpers_stand_ins import save_tiny_encoder
+    from webssl_repro.cli import main
+
+    encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=4)
+    cut = tmp_path / "cut" / "encoder.safetensors"
+    cut.parent.mkdir()
+    cut.write_bytes(encoder.read_bytes()[:-100])
+    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 2}, "depth": {**DENSE["depth"], "iters": 2}}
+    out, state = tmp_path / "evals" / "r" / "classic.json", tmp_path / "eval_state" / "evals" / "r" / "classic"
+
+    def args(path):
+        return ["evaluate", "classic", "--run", "r", "--encoder", str(path), "--eval-json", json.dumps(cfg),
+                "--settings-json", json.dumps({"stop_margin_s": 60}), "--data", *map(str, tiny_data.values()),
+                "--out", str(out)]
+
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 30))
+    assert main(args(encoder)) == 75
+    stamp = (state / "fingerprint.json").read_text()
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+    assert main(args(cut)) == 2
+    assert f"{cut}: not a readable safetensors file" in capsys.readouterr().err
+    assert (state / "fingerprint.json").read_text() == stamp and not list(state.parent.glob("classic.stale-*"))
+    assert main(args(encoder)) == 0 and out.exists()

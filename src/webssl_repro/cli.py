@@ -161,6 +161,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if ledger and Path(state).is_dir():
             attempts.record_end(state, outcome, error, measure=eval_progress.SAVED)
 
+    # The inputs are read before the saved state is looked at: a bad encoder or manifest would
+    # otherwise set the state of the good ones aside (features and all) before failing.
+    inputs = _evaluation_inputs(args)
     if args.kind in eval_progress.RESUMABLE and state is not None:
         encoder = (eval_progress.file_identity(args.encoder) if args.encoder else
                    {"control": args.control, "img_size": args.img_size, "patch": args.patch})
@@ -175,7 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     try:
         with progress:
-            metrics = _evaluate_metrics(args, cfg, progress)
+            metrics = _evaluate_metrics(args, cfg, progress, *inputs)
         if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
             write_eval(Path(args.out), args.run, args.kind, metrics, computed)
             print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
@@ -192,12 +195,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress) -> dict:
-    """The metrics of one evaluation (``_evaluate``), its finished parts kept in ``progress``."""
-    import json
-
+def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, str]]:
+    """The encoder (or control), its meta, and the eval-set manifests by task."""
     import torch
 
+    from webssl_repro.files import read_json
     from webssl_repro.models.io import load_encoder
 
     torch.manual_seed(0)
@@ -207,9 +209,17 @@ def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress) -> dict:
         encoder, meta = control_encoder(args.control, args.img_size, args.patch)
     else:
         encoder, meta = load_encoder(args.encoder)
+    manifests = {read_json(p).get("task") or Path(p).parent.name: p for p in args.data}
+    return encoder, meta, manifests
+
+
+def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress, encoder, meta: dict,
+                      manifests: dict[str, str]) -> dict:
+    """The metrics of one evaluation (``_evaluate``), its finished parts kept in ``progress``."""
+    import torch
+
     if args.kind != "vqa" and torch.cuda.is_available():  # the vqa probe places its own ranks
         encoder = encoder.cuda()  # the frozen encoder on a GPU; the probe heads train beside it
-    manifests = {json.loads(Path(p).read_text()).get("task") or Path(p).parent.name: p for p in args.data}
     if args.kind == "classic":
         from webssl_repro.evaluate.classic import run_classic
 

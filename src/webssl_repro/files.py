@@ -43,3 +43,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
     """``json.dumps(obj, **dumps)`` to ``path``, atomically."""
     write_text(path, json.dumps(obj, **dumps))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """``path``'s JSON; a file that is not JSON (cut short, edited by hand) is a ``ValueError``
+    naming it and the line, where ``json`` alone names neither the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err

@@ -13,11 +13,21 @@ import torch
 from torch import nn
 
 
-def encoder_metadata(path: str | Path) -> dict[str, Any]:
-    from safetensors import safe_open
+def _unreadable(path: str | Path, err: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable safetensors file (cut short, or not an encoder written by "
+                      f"webssl-repro pretrain / import-released?): {err}")
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+
+def encoder_metadata(path: str | Path) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"encoder {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, err) from err
     if "encoder" not in meta:
         raise ValueError(f"{path}: no 'encoder' metadata (method, arch, img_size) in the safetensors header")
     return json.loads(meta["encoder"])
@@ -57,6 +67,7 @@ def take_imagenet_normalised(encoder: nn.Module, stats: Stats) -> None:
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the encoder written by ``webssl-repro pretrain`` and load its weights (strict). It
     takes ImageNet-normalised pixels whatever statistics its method trained with (``pixel_stats``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from webssl_repro.models.vit import Arch, build_encoder
@@ -64,7 +75,10 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     meta = encoder_metadata(path)
     arch = Arch.from_config({**meta["arch"], "ffn": "gelu" if meta["method"] == "mae" else "swiglu"})
     encoder = build_encoder(arch, meta["method"], img_size=int(meta["img_size"]))
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, err) from err
     encoder.load_state_dict(state, strict=True)
     encoder.to(device).eval().requires_grad_(False)
     take_imagenet_normalised(encoder, pixel_stats(meta["method"]))
