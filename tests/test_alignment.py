@@ -160,3 +160,17 @@ def test_feature_caches_are_written_whole(tmp_path, monkeypatch):
         save_atomic({"x": torch.arange(5)}, tmp_path / "d" / "lm.pt")
     assert not (tmp_path / "d" / "lm.pt").exists() and list((tmp_path / "d").iterdir()) == []
     assert torch.load(path)["x"].tolist() == [0, 1, 2]
+
+
+def test_the_lm_feature_cache_sits_in_the_scale_or_beside_an_out_elsewhere(tmp_path):
+    """`evaluate alignment --out` outside results/{scale}/evals/{run}/ used to cache at
+    ``parents[2]`` of the output: the filesystem root for /tmp/x.json, an IndexError for x.json."""
+    from pathlib import Path
+
+    from webssl_repro.cli import alignment_cache
+
+    layout = tmp_path / "results" / "mini" / "evals" / "dino1b-full2b-224" / "alignment.json"
+    assert alignment_cache(layout) == tmp_path / "results" / "mini" / "cache"
+    assert alignment_cache(tmp_path / "al.json") == tmp_path / "cache"
+    assert alignment_cache(Path("al.json")) == Path.cwd() / "cache"
+    assert alignment_cache(layout, tmp_path / "mine") == tmp_path / "mine"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -191,6 +192,23 @@ def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
         assert merged[key] == pytest.approx(whole[key]), key
     with pytest.raises(ValueError, match="part 2"):
         filter_corpus("light", section, shards, paths[0], part=2)
+    # parts that would miscount: one listed twice, a heavy part among light ones, a cut-short file
+    with pytest.raises(ValueError, match=r"listed more than once would count twice: \['.*light.0.json'\]"):
+        filter_merge([paths[0], *paths], str(tmp_path / "twice.json"))
+    heavy = str(tmp_path / "parts" / "heavy.1.json")
+    filter_corpus("heavy", section, shards, heavy, part=1)
+    with pytest.raises(ValueError, match=r"heavy.1.json is not a part of the light filter result \(variant 'heavy'"):
+        filter_merge([paths[0], heavy], str(tmp_path / "mixed.json"))
+    cut = tmp_path / "parts" / "cut.json"
+    cut.write_text(Path(paths[1]).read_text()[:40])
+    with pytest.raises(ValueError, match=r"cut.json: not valid JSON at line \d+, column \d+"):
+        filter_merge([paths[0], str(cut)], str(tmp_path / "cut-merged.json"))
+    # a part whose shards hold no readable sample stops, instead of a NaN precision and no shards
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match=r"data filter light: no sample read from the 1 shard\(s\) of part 0 of 1 "
+                                         r"\(0 undecodable sample\(s\), 1 unreadable shard\(s\)\): .*junk.tar"):
+        filter_corpus("light", {"backend": "ocr"}, [str(junk)], str(tmp_path / "junk" / "light.json"))
 
     config = load_config(REPO / "config" / "paper.yaml")
     config["data"]["filter"]["parts"] = 3

@@ -195,6 +195,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def alignment_cache(out: Path, given: Path | None = None) -> Path:
+    """Where the alignment job caches the language models' features, shared by every run of a
+    scale: ``results/{scale}/cache`` for ``--out results/{scale}/evals/{run}/alignment.json``,
+    else a ``cache`` folder beside ``--out`` (or ``--cache-dir``)."""
+    from webssl_repro.evaluate.progress import OUTPUT_FOLDERS
+
+    out = Path(out).absolute()
+    if given is not None:
+        return Path(given)
+    if len(out.parents) >= 3 and out.parents[1].name in OUTPUT_FOLDERS:
+        return out.parents[2] / "cache"
+    return out.parent / "cache"
+
+
 def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, str]]:
     """The encoder (or control), its meta, and the eval-set manifests by task."""
     import torch
@@ -227,7 +241,7 @@ def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress, encoder, me
     elif args.kind == "alignment":
         from webssl_repro.evaluate.alignment_eval import run_alignment
 
-        return run_alignment(encoder, meta, manifests["captions"], cfg, cache_dir=Path(args.out).parents[2] / "cache")
+        return run_alignment(encoder, meta, manifests["captions"], cfg, cache_dir=alignment_cache(args.out, args.cache_dir))
     from webssl_repro.evaluate.vqa.stage import run_vqa
 
     return run_vqa(encoder, meta, manifests, cfg, workdir=Path(args.out).parent / "vqa_work", progress=progress)
@@ -314,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Plan.settings_json)")
     ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
     ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--cache-dir", type=Path, default=None,
+                    help="alignment: where the language models' features are cached (default: results/{scale}/cache "
+                    "for --out results/{scale}/evals/{run}/alignment.json, else cache/ beside --out)")
     ev.add_argument("--state", type=Path, default=None,
                     help="vqa / classic: where a job too long for its time limit keeps its progress for a retry "
                     "(evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} for --out "

@@ -22,7 +22,7 @@ from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
 from webssl_repro.data.shards import expand_sources, is_local, shard_ranges, write_shard
-from webssl_repro.files import write_json
+from webssl_repro.files import read_json, write_json
 
 CORPUS_DEFAULTS = {"seed": 0, "n_images": 4096, "shard_size": 512, "size": 64, "image_format": "jpg"}
 IN1K_DEFAULTS = {"seed": 1, "n_images": 1600, "shard_size": 400, "size": 64, "image_format": "jpg"}
@@ -113,6 +113,10 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     res = run_filter(flt, loader, [variant])
     if hasattr(flt, "save_cache"):
         flt.save_cache()
+    if not res["ids"]:  # a kept fraction, P/R and speed of no sample would be 0 / NaN / inf
+        raise ValueError(f"data filter {variant}: no sample read from the {len(shards)} shard(s) of part {part} "
+                         f"of {parts} ({loader.stats.skipped_samples} undecodable sample(s), "
+                         f"{loader.stats.broken_shards} unreadable shard(s)): {', '.join(shards[:3]) or 'no shards'}")
     rep = filter_report(res["ids"], res["decisions"], res["truth"])[variant]
     kept = kept_shards(shards, [src for src, k in zip(res["sources"], res["decisions"][variant]) if k],
                        os.path.splitext(out_json)[0])
@@ -156,9 +160,15 @@ def filter_merge(part_jsons: Sequence[str], out_json: str) -> dict[str, Any]:
 
     parts, shards = [], []
     here = os.path.dirname(os.path.abspath(out_json))
+    repeated = sorted({p for p in part_jsons if list(part_jsons).count(p) > 1})
+    if repeated:
+        raise ValueError(f"filter-merge: part(s) listed more than once would count twice: {repeated}")
     for path in part_jsons:
-        with open(path) as fh:
-            parts.append(json.load(fh))
+        parts.append(read_json(path))
+        if "shards" not in parts[-1] or parts[-1].get("variant") != parts[0].get("variant"):
+            raise ValueError(f"filter-merge: {path} is not a part of the {parts[0].get('variant')} filter result "
+                             f"(variant {parts[-1].get('variant')!r}, {'with' if 'shards' in parts[-1] else 'no'} "
+                             "'shards')")
         base = os.path.dirname(os.path.abspath(path))
         shards += [os.path.relpath(os.path.join(base, s), here) for s in parts[-1]["shards"]]
     out = {**merge_reports(parts), "shards": shards, "generated": True}
