@@ -306,6 +306,8 @@ def test_export_hf_command_writes_a_run_encoder_that_transformers_loads(tmp_path
     from webssl_repro.models.io import load_encoder
 
     path = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=2)
+    assert main(["export-hf", "--encoder", str(path), "--out", str(path)]) == 2  # a file, not a directory
+    assert f"--out {path} is a file" in capsys.readouterr().err
     assert main(["export-hf", "--encoder", str(path), "--out", str(tmp_path / "hf")]) == 0
     assert "from_pretrained" in capsys.readouterr().out
     hf = AutoModel.from_pretrained(tmp_path / "hf").eval()

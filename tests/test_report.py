@@ -125,3 +125,8 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert table.loc["in1k_linear", "difference"] == pytest.approx(0.3)
     assert table["status"].to_dict() == {"in1k_linear": "within", "ade20k_linear": "outside"}  # tolerances 0.5, 1.0
     assert capsys.readouterr().out.rstrip().endswith("within: 1, outside: 1")
+    # a path that is no eval result, or none at all, is named, not skipped
+    assert main(["compare", str(path), str(tmp_path / "classic_v2.json")]) == 2
+    assert "classic_v2.json: not an eval result" in capsys.readouterr().err
+    assert main(["compare", str(path.with_name("vqa.json"))]) == 2
+    assert "vqa.json does not exist" in capsys.readouterr().err

@@ -283,3 +283,24 @@ def test_plan_prints_the_grid_of_several_config_files(tmp_path, capsys):
     broken.write_text("scale: paper\nitems: [table2\n")
     assert cli.main(["plan", "--configfile", str(broken)]) == 2
     assert f'cannot read config {broken}: while parsing a flow sequence\n  in "{broken}", line 2' in capsys.readouterr().err
+
+
+def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_stops_the_dry_run(paper):
+    """What the job would refuse only once granted its nodes; and a label the grid uses but the
+    config lacks is named, with the ones it has."""
+    cfg = copy.deepcopy(paper)
+    cfg["resources"]["nodes"]["1b"] = 7  # 56 GPUs
+    with pytest.raises(ConfigError, match=r"pretrain.dino.batch_size: 3,072 images per step do not split over the 56 "
+                                          r"GPUs of run dino1b-full2b-224"):
+        Plan(cfg).run_config("dino1b-full2b-224")
+    mini = load_config(REPO / "config/mini.yaml")
+    assert Plan(mini).run_config("dino1b-full2b-224")["img_size"] == 32
+    off_grid = copy.deepcopy(mini)
+    off_grid["labels"]["resolutions"]["224"] = 30
+    with pytest.raises(ConfigError, match=r"labels.resolutions: 30 px \(run dino1b-full2b-224\) is not a whole number "
+                                          r"of its 8 px patches"):
+        Plan(off_grid).run_config("dino1b-full2b-224")
+    del mini["labels"]["resolutions"]["518"]
+    with pytest.raises(ConfigError, match=r"labels.resolutions has no entry '518' \(run dino7b-full8b-518\); it has "
+                                          r"\['224', '378'\]"):
+        Plan(mini).pretrain_resources("dino7b-full8b-518")

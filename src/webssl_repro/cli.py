@@ -263,6 +263,8 @@ def _export_hf(args: argparse.Namespace) -> int:
     from webssl_repro.models.hf import export_hf
     from webssl_repro.models.io import load_encoder
 
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"export-hf --out {args.out} is a file; give the directory to write the model into")
     encoder, meta = load_encoder(args.encoder)
     path = export_hf(encoder, meta, args.out)
     print(f"{args.encoder} -> {path} (transformers.AutoModel.from_pretrained reads it)")

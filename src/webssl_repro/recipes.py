@@ -88,3 +88,22 @@ def check_schedule(run_config: Mapping[str, Any], method: str, origin: Mapping[s
             raise ConfigError(f"{where}: {int(value)} is not shorter than run {run_config['run']}, {steps:,} "
                               f"steps (ceil({samples:,} samples / batch {batch:,})): its {key} would outlast "
                               f"the run{hint}")
+
+
+def check_shapes(run_config: Mapping[str, Any], method: str, world_size: int,
+                 origin: Mapping[str, str] | None = None) -> None:
+    """Refuse, at the dry run, a run that its job would refuse once granted its nodes: a global
+    batch that does not split over its GPUs (``train.loop``), or an image size that is not a
+    whole number of patches (timm's patch embedding)."""
+    from webssl_repro.config import ConfigError  # config imports this module
+
+    run, recipe, origin = run_config["run"], run_config["recipe"], origin or {}
+    batch = int(recipe.get("batch_size", SCHEDULE_DEFAULTS[method].get("batch_size", 1)))
+    if world_size > 1 and batch % world_size:
+        where = origin.get("batch_size", f"pretrain.{method}.batch_size (unset: the default)")
+        raise ConfigError(f"{where}: {batch:,} images per step do not split over the {world_size} GPUs of run {run} "
+                          "(resources.nodes of its size × resources.gpus_per_node)")
+    img, patch = int(run_config["img_size"]), int(run_config["arch"]["patch"])
+    if img % patch:
+        raise ConfigError(f"labels.resolutions: {img} px (run {run}) is not a whole number of its "
+                          f"{patch} px patches (labels.sizes.*.patch)")

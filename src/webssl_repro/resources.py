@@ -70,6 +70,17 @@ def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int) -> float:
     return FWD_BWD * forward_flops("clip", arch, img_size)  # the text tower is small beside ViT-1B…7B
 
 
+def label(cfg: Mapping[str, Any], kind: str, key: str, run: Any) -> Any:
+    """``labels.{kind}[key]``, the number behind one of ``run``'s labels, or a ``ConfigError``
+    naming the missing label and the ones the config has."""
+    from webssl_repro.config import ConfigError  # config imports the workflow, which imports this module
+
+    table = cfg.get("labels", {}).get(kind, {})
+    if key not in table:
+        raise ConfigError(f"config labels.{kind} has no entry {key!r} (run {run}); it has {sorted(table)}")
+    return table[key]
+
+
 def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
     labels = cfg["labels"]
     if run.parent is not None:  # hi-res fine-tune: steps × batch of its own recipe
@@ -77,7 +88,7 @@ def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
         return int(hires.get("steps", 0)) * int(hires.get("batch_size", 0))
     if run.data == "in1k":
         return int(labels["in1k_epochs"]) * int(labels.get("in1k_images", 1281167))
-    return int(labels["samples"][run.samples])
+    return int(label(cfg, "samples", run.samples, run))
 
 
 #: Retries a pretraining job keeps for preemptions and node failures, beyond the jobs its
@@ -128,11 +139,8 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
     from webssl_repro.config import ConfigError  # config imports the workflow, which imports this module
 
     res_cfg = cfg["resources"]
-    try:
-        arch = cfg["labels"]["sizes"][run.size]
-    except KeyError:
-        raise ConfigError(f"config labels.sizes has no entry for size {run.size!r} (run {run})") from None
-    img = int(cfg["labels"]["resolutions"][str(run.res)])
+    arch = label(cfg, "sizes", run.size, run)
+    img = int(label(cfg, "resolutions", str(run.res), run))
     flops = flops_per_sample(run, arch, img) * samples_of(run, cfg)
     if run.size not in res_cfg["nodes"]:
         raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "

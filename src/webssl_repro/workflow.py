@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from webssl_repro.paper import specs
-from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, hires_recipe
-from webssl_repro.resources import samples_of
+from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes, hires_recipe
+from webssl_repro.resources import label, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_evals import EvalJobs
@@ -244,8 +244,8 @@ class Plan(EvalJobs, PretrainJobs):
         config = {
             "run": run,
             "scale": self.scale,
-            "arch": dict(labels["sizes"][r.size]),
-            "img_size": int(labels["resolutions"][str(r.res)]),
+            "arch": dict(label(self.config, "sizes", r.size, run)),
+            "img_size": int(label(self.config, "resolutions", str(r.res), run)),
             "samples_seen": samples_of(r, self.config),
             "recipe": recipe,
             "train": dict(pretrain.get("train", {})),
@@ -254,6 +254,7 @@ class Plan(EvalJobs, PretrainJobs):
         if pretrain.get("loader"):  # only when set: an unset loader leaves every run's params as they were
             config["loader"] = dict(pretrain["loader"])
         check_schedule(config, r.method, origin)
+        check_shapes(config, r.method, self.pretrain_resources(run).gpus if self.trained(run) else 1, origin)
         return config
 
     def run_config_json(self, run: str) -> str:

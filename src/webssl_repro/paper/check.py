@@ -220,6 +220,13 @@ def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], 
                   published_dir: Optional[str | Path] = None) -> pd.DataFrame:
     """Eval JSONs of any runs (``evals/<run>[.s<seed>]/<kind>.json``) against every number the
     paper prints for those runs, in any table: one row per (run, metric) the two share."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not _EVAL.search(path.as_posix()):
+            raise ValueError(f"{path}: not an eval result (results/{{scale}}/evals/<run>[.s<seed>]/"
+                             "{vqa,classic,alignment}.json)")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
     frame = runs_frame(paths)
     runs = set(frame["source"])
     table = comparison(frame, published_runs_frame(published_dir), specs.ITEMS, tolerances,
