@@ -79,6 +79,22 @@ def test_vqa_and_classic_tars_round_trip(tmp_path):
     s = write_evalset(str(tmp_path / "seg.tar"), "segmentation", "val", 3)
     recs = load_evalset(s["path"])
     assert recs[2]["seg"].shape == (64, 64) and recs[2]["seg"].dtype == np.uint8
+    # one image that does not decode: the set is refused, not scored without it
+    import io
+    import tarfile
+
+    bad = tmp_path / "seg-bad.tar"
+    with tarfile.open(s["path"]) as src, tarfile.open(bad, "w") as dst:
+        members = src.getmembers()
+        first_image = next(m.name for m in members if m.name.endswith((".jpg", ".png")))
+        for m in members:
+            data = src.extractfile(m).read()
+            data = b"not an image" if m.name == first_image else data
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match=r"seg-bad.tar: 1 sample\(s\) do not decode "
+                                                                       r"and 0 shard\(s\) cannot be read"):
+        load_evalset(str(bad))
 
 
 # --- scorers: one hand-computed case per benchmark -----------------------------------------

@@ -202,3 +202,21 @@ def test_remote_shards_stream_filter_and_list(tmp_path, shards):
     assert read_manifest(manifest)["shards"] == [remote[0], str(tmp_path / "rel.tar"), "s3://b/x.tar"]
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="copied 0 of its 1 kept samples"):
         kept_shards(["pipe:cat /nowhere.tar"], [("pipe:cat /nowhere.tar", "k")], str(tmp_path / "gone"))
+
+
+def test_a_run_records_what_its_corpus_skipped(tmp_path, shards):
+    """A user's shards may hold a broken tar: the run trains on the rest (as webdataset readers
+    do) and its provenance says how much was skipped and why."""
+    from helpers_mini import run_slice
+    from webssl_repro.train.run import pretrain
+
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"shards": [*shards, str(junk)]}))
+    cfg = run_slice("mae1b-full2b-224", samples=6 * 8)
+    cfg["recipe"]["batch_size"] = 8
+    with pytest.warns(RuntimeWarning, match="junk.tar"):
+        assert pretrain("mae1b-full2b-224", cfg, tmp_path / "run", tmp_path / "ckpt", [str(manifest)]).complete
+    skipped = json.loads((tmp_path / "run" / "provenance.json").read_text())["corpus_skipped"]
+    assert (skipped["samples"], skipped["shards"]) == (0, 1) and "junk.tar" in skipped["errors"][0]

@@ -131,11 +131,17 @@ def load_evalset(path: str) -> list[dict[str, Any]]:
     from webssl_repro.data.shards import make_loader
 
     out = []
-    for s in make_loader(path, shuffle_shards=False, arrays=True, rank=0, world_size=1):
+    loader = make_loader(path, shuffle_shards=False, arrays=True, rank=0, world_size=1)
+    for s in loader:
         rec = dict(s["meta"], image=s["image"])
         for name in ("seg", "depth"):
             if name in s:
                 rec[name] = s[name]
         out.append(rec)
+    bad = loader.stats.skipped_samples + loader.stats.broken_shards
+    if bad:  # a training loader skips such samples; a score over part of an eval set is another score
+        raise ValueError(f"{path}: {loader.stats.skipped_samples} sample(s) do not decode and "
+                         f"{loader.stats.broken_shards} shard(s) cannot be read (first: {loader.stats.errors[0]}); "
+                         "an eval set is scored whole: rebuild it")
     return out
 

@@ -235,6 +235,10 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         # The recipe as the code resolved it (defaults filled in): the config alone does not say
         # what a run used when a default changes between commits.
         prov["recipe"] = {"method": dataclasses.asdict(method.config), "train": dataclasses.asdict(train_cfg)}
+        stats = getattr(corpus, "stats", None)  # what the in-memory corpus skipped while indexing
+        if stats is not None:
+            prov["corpus_skipped"] = {"samples": stats.skipped_samples, "shards": stats.broken_shards,
+                                      "errors": stats.errors[:10]}
         prov.update(encoder=meta, corpus_shards=len(manifest["shards"]), steps=result.step,
                     samples_seen=result.samples_seen, **({"corpus_size": len(corpus)} if hasattr(corpus, "__len__") else {}))
         (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
