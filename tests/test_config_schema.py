@@ -227,3 +227,19 @@ def test_an_override_file_alone_is_told_to_follow_its_scales_config(tmp_path):
     with pytest.raises(ConfigError, match=r"'scale' is a required property(.|\n)*give the scale's config first, "
                                           r"e.g. --configfile config/mini.yaml mine.yaml"):
         load_config(override)
+
+
+def test_a_model_path_that_does_not_exist_is_named_by_its_key(tmp_path):
+    """transformers takes a missing local path for a hub id and fails on that ("Repo id must be
+    in the form..."); the LM and filter-model keys name the path instead."""
+    from webssl_repro.evaluate.vqa.lm import load_lm, load_tokenizer
+    from webssl_repro.files import model_location
+
+    assert model_location("meta-llama/Meta-Llama-3-8B-Instruct", "k") == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert model_location(tmp_path, "k") == str(tmp_path)
+    with pytest.raises(ValueError, match=r"evaluate.vqa.language_model: /datasets/nolm does not exist"):
+        load_lm("/datasets/nolm")
+    with pytest.raises(ValueError, match=r"evaluate.vqa.language_model: ./nolm does not exist"):
+        load_tokenizer("./nolm")
+    with pytest.raises(ValueError, match=r"k: models/meta/llama does not exist"):
+        model_location("models/meta/llama", "k")

@@ -56,3 +56,17 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+
+
+def model_location(value: str | os.PathLike, key: str) -> str:
+    """``value`` of config key ``key`` as ``from_pretrained`` takes it: an existing local
+    directory, or a hub id (``org/name``). A path that does not exist is a ``ValueError`` naming
+    the key, where transformers would first take it for a hub id and fail on that."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path)
+    looks_local = text.startswith(("/", "~", ".")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    if looks_local:
+        raise ValueError(f"{key}: {text} does not exist (a local model directory; a hub id is 'org/name')")
+    return text

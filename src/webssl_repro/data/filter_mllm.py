@@ -45,10 +45,13 @@ class MLLMFilter(TextFilter):
         import torch
         import transformers
 
-        self._processor = transformers.AutoProcessor.from_pretrained(self.model_name)
+        from webssl_repro.files import model_location
+
+        location = model_location(self.model_name, "data.filter.model")
+        self._processor = transformers.AutoProcessor.from_pretrained(location)
         self._processor.tokenizer.padding_side = "left"
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        self._model = auto.from_pretrained(self.model_name, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+        self._model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype)).to(self.device).eval()
 
     def prepare(self, sample: Any) -> Image.Image:
         img = sample["image"]

@@ -46,7 +46,9 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
     else:  # paper scale: Llama-3.1 by local path (or hub id where the cluster has a cache)
         from transformers import AutoModel, AutoTokenizer
 
-        path = cfg["lm_paths"].get(name, name)
+        from webssl_repro.files import model_location
+
+        path = model_location(cfg["lm_paths"].get(name, name), f"evaluate.alignment.lm_paths.{name}")
         tokenizer = AutoTokenizer.from_pretrained(path)
         # On GPUs, accelerate's device_map spreads a model too large for one (Llama-3.1-70B in
         # bf16: ~140 GB) over all of the job's; on CPU it loads whole.

@@ -60,7 +60,9 @@ def load_tokenizer(path_or_id: str | Path):
     """A tokenizer saved by ``build_tokenizer`` or a hub id/path (Llama-3 at paper scale)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path_or_id))
+    from webssl_repro.files import model_location
+
+    return AutoTokenizer.from_pretrained(model_location(path_or_id, "evaluate.vqa.language_model"))
 
 
 def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4,
@@ -89,6 +91,9 @@ def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = T
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from webssl_repro.files import model_location
+
+    path_or_id = model_location(path_or_id, "evaluate.vqa.language_model")
     if not weights:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
