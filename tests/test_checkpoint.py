@@ -130,3 +130,15 @@ def test_a_format_1_save_with_a_parameter_without_gradients_resumes(tmp_path):
     assert train(WithUnused(init_seed=3), data_factory, cfg, run).complete
     assert_bitwise(tmp_path / "straight", run)
     assert "unused" not in read_checkpoint(run)["optimizer"]["state"]
+
+
+def test_a_pointer_cut_short_names_its_file(tmp_path):
+    """A checkpoint pointer or a stamp edited or cut short names its file and line; json alone
+    says only 'Expecting value: line 1 column 1'."""
+    from webssl_repro.train import read_pointer
+    from webssl_repro.train.checkpoint import POINTER, checkpoint_dir
+
+    checkpoint_dir(tmp_path).mkdir()
+    (checkpoint_dir(tmp_path) / POINTER).write_text('{"step": 4, "path":')
+    with pytest.raises(ValueError, match=r"latest.json: not valid JSON at line 1, column 20"):
+        read_pointer(tmp_path)

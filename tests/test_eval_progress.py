@@ -255,6 +255,8 @@ def test_cli_refuses_a_retry_after_attempts_that_failed_without_saving(tmp_path,
         raise FloatingPointError("loss is nan at iteration 4")
 
     monkeypatch.setattr(cli, "_evaluate_metrics", fails)
+
+    monkeypatch.setattr(cli, "_evaluation_inputs", lambda args: (None, {}, {}))  # no real encoder
     for attempt in (1, 2):
         with pytest.raises(FloatingPointError):
             cli.main([*args, "--attempt", str(attempt)])
@@ -286,6 +288,8 @@ def test_a_failure_on_another_rank_counts(tmp_path, monkeypatch, capsys):
         raise MemoryError("rank 1: CUDA out of memory")
 
     monkeypatch.setattr(cli, "_evaluate_metrics", oom)
+
+    monkeypatch.setattr(cli, "_evaluation_inputs", lambda args: (None, {}, {}))  # no real encoder
     finish = attempts.finish
     for attempt in (1, 2):
         monkeypatch.setenv("RANK", "0")  # stamps the state, records the start, then is killed

@@ -35,7 +35,6 @@ backward pass (``segmentation.upsampled_ce``, ``depth.upsampled_bins_to_depth``)
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from webssl_repro.config import merge_known
+from webssl_repro.files import read_json
 from webssl_repro.evaluate.classification import FEATURES, classification
 from webssl_repro.evaluate.features import BlockTokens, model_device
 from webssl_repro.evaluate.imagesets import EvalImages, as_hw, collate_lists, load_split
@@ -119,7 +119,7 @@ def segmentation_classes(manifest: str | Path) -> int:
     the mini-web world's (background, 16 objects and 3 text carriers)."""
     from webssl_repro.data.miniweb.world import SEG_CLASSES
 
-    return int(json.loads(Path(manifest).read_text()).get("n_classes", len(SEG_CLASSES)))
+    return int(read_json(manifest).get("n_classes", len(SEG_CLASSES)))
 
 
 def _split(manifest: str | Path, split: str, size: int | tuple[int, int], target: str, **kw) -> EvalImages:

@@ -9,7 +9,6 @@ so every probe sees the same seeded batches whether it caches tokens or streams 
 """
 from __future__ import annotations
 
-import json
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -19,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from webssl_repro.files import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +32,7 @@ def load_split(manifest_path: str | Path, split: str) -> Sequence[dict[str, Any]
     """Records of one split of an eval set, from the manifest its data rule wrote."""
     from webssl_repro.data.evalsets import load_evalset
 
-    manifest = json.loads(Path(manifest_path).read_text())
+    manifest = read_json(manifest_path)
     if manifest.get("source") == "hf":  # paper scale: ImageNet-1k, ADE20K, NYUd, WIT-1024
         from webssl_repro.data.real_evalsets import load_hf_split
 

@@ -25,7 +25,6 @@ same order: decisions to save or stop are taken together, rank 0 writes the poin
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -35,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 import torch.nn as nn
 
-from webssl_repro.files import write_json
+from webssl_repro.files import read_json, write_json
 from webssl_repro.train import attempts
 from webssl_repro.train.attempts import Measure
 from webssl_repro.train.checkpoint import capture_rng, remove_versions, restore_rank_rng, save_version
@@ -88,7 +87,7 @@ def saved_progress(directory: Path) -> int:
         return 0
     done = sum(1 for _ in (directory / DONE).glob("*.json"))
     pointers = [p for p in directory.glob("*.json") if p.name != STAMP]
-    return done * PART_SAVES + sum(int(json.loads(p.read_text())["iteration"]) for p in pointers)
+    return done * PART_SAVES + sum(int(read_json(p)["iteration"]) for p in pointers)
 
 
 #: An evaluation job's progress for its attempts ledger.
@@ -193,7 +192,7 @@ class EvalProgress:
             return None
         barrier()
         path = self._done(part)
-        return json.loads(path.read_text())["value"] if path.exists() else None
+        return read_json(path)["value"] if path.exists() else None
 
     def finish(self, part: str, value: Any, also: Sequence[str] = ()) -> Any:
         """Keep ``value`` (JSON-able) as ``part``'s result and drop its training state, and that
@@ -224,7 +223,7 @@ class EvalProgress:
         pointer = self._pointer(part)
         if not pointer.exists():
             return None
-        meta = json.loads(pointer.read_text())
+        meta = read_json(pointer)
         return int(meta["iteration"]), self.directory / meta["dir"]
 
     def iteration_done(self, part: str, done: int, total: int, write: Callable[[Path], None],

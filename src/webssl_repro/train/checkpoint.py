@@ -23,7 +23,6 @@ next save replaces it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -45,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from webssl_repro.files import write_json
+from webssl_repro.files import read_json, write_json
 from webssl_repro.settings import merge_nested
 
 from .distributed import all_gather_object, barrier, is_main, unwrap, unwrapped
@@ -245,7 +244,7 @@ def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.op
 
 def read_pointer(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
     path = checkpoint_dir(run_dir) / POINTER
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def latest_path(run_dir: os.PathLike | str) -> Optional[Path]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from webssl_repro.files import write_json
+from webssl_repro.files import read_json, write_json
 
 STAMP = "fingerprint.json"
 
@@ -81,7 +81,7 @@ def guard_checkpoints(checkpoints: str | Path, fingerprint: Mapping[str, Any], a
     stamp = checkpoints / STAMP
     moved = None
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        saved = json.loads(stamp.read_text()) if stamp.exists() else None
+        saved = read_json(stamp) if stamp.exists() else None
         if saved != fingerprint and not (adopt and saved is None):
             moved = checkpoints.with_name(f"{checkpoints.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
             suffix = 1

@@ -18,13 +18,13 @@ the CLI writes them on rank 0 only.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
 from webssl_repro.evaluate.imagesets import images_tensor
+from webssl_repro.files import read_json
 from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
 from webssl_repro.metrics import VQA_BENCHMARKS
@@ -37,7 +37,7 @@ def vqa_split(manifest_path: str | Path, split: str) -> dict[str, list[dict[str,
     """The 16 benchmark analogues' items of one split of a mini-web VQA eval set, by benchmark."""
     from webssl_repro.data.evalsets import load_evalset
 
-    manifest = json.loads(Path(manifest_path).read_text())
+    manifest = read_json(manifest_path)
     files = manifest["splits"].get(split, {})
     missing = [b for b in VQA_BENCHMARKS if b not in files]
     if missing:
