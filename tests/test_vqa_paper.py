@@ -189,6 +189,14 @@ def test_paper_data_reads_config_sources_and_drops_laion(tmp_path):
         load_paper_data({**data, "benchmarks": {**data["benchmarks"], "vqav2": {"path": "x"}}})
     data_with_all = dict(data, exclude_laion=False)
     assert len(load_paper_data(data_with_all).alignment) == 3
+    # a path of the user's that does not exist is not looked up on the hub; a bad line is named
+    missing = {**data["alignment"], "file": str(tmp_path / "nowhere.jsonl"), "local_dir": None}
+    with pytest.raises(FileNotFoundError, match=r"evaluate.vqa.data.alignment.file: .*nowhere.jsonl does not exist"):
+        load_paper_data({**data, "alignment": missing})
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(Path(data["alignment"]["file"]).read_text().splitlines()[0] + "\n{\"id\": \"a2\",\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl line 2: not a JSON record"):
+        load_paper_data({**data, "alignment": {**data["alignment"], "file": str(broken)}})
 
 
 def test_paper_config_names_the_verified_hub_sources(monkeypatch):

@@ -84,9 +84,12 @@ def cambrian_samples(records: str | Path | Iterable[Mapping[str, Any]], *, exclu
 
 def _jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     with open(path) as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path} line {number}: not a JSON record ({err.msg}, column {err.colno})") from None
 
 
 def cambrian_path(kind: str, local_dir: Optional[str | Path] = None, *, repo: Optional[str] = None,
@@ -102,6 +105,8 @@ def cambrian_path(kind: str, local_dir: Optional[str | Path] = None, *, repo: Op
         return filename
     if local_dir is not None and (Path(local_dir) / filename).is_file():
         return str(Path(local_dir) / filename)
+    if Path(filename).is_absolute():  # a path of the user's, not a file of the hub repo
+        raise FileNotFoundError(f"evaluate.vqa.data.{kind}.file: {filename} does not exist")
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(repo, filename, repo_type="dataset", local_dir=local_dir)
