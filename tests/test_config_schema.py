@@ -23,6 +23,8 @@ from webssl_repro.metrics import VQA_BENCHMARKS
     ("pretrain.in1k", {"vit": {}}, "'vit' was unexpected"),
     ("data.corpus.n_imgs", 3, "'n_imgs' was unexpected"),
     ("data.filter.backend", "mlm", "'mlm' is not one of"),
+    ("data.filter.min_score", "high", "at key 'data.filter.min_score': 'high' is not of type 'number'"),
+    ("data.filter.ocr_size", 0, "at key 'data.filter.ocr_size': 0 is less than the minimum of 8"),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, needle):
     config = yaml.safe_load((REPO / "config/mini.yaml").read_text())

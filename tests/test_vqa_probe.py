@@ -173,6 +173,8 @@ def test_bf16_precision_autocasts_the_forward_and_keeps_fp32_weights(tokenizer, 
     assert VqaConfig().precision == "bf16"
     with pytest.raises(ValueError, match="evaluate.vqa.precision: 'fp16' is not one of"):
         VqaConfig.from_mapping({"precision": "fp16"})
+    with pytest.raises(ValueError, match="evaluate.vqa.tokens: 35 is not a square number"):  # before any data loads
+        VqaConfig.from_mapping({"tokens": 35})
     probe = _probe(tokenizer, hidden=32, layers=1)
     probe.precision = "bf16"
     monkeypatch.setattr(probe_mod, "autocast_dtype", lambda precision, device: torch.bfloat16)

@@ -2,6 +2,7 @@
 overridden by name from ``evaluate.vqa``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
@@ -86,6 +87,9 @@ class VqaConfig:
         if unknown:
             raise KeyError(f"evaluate.vqa.max_new_tokens_by_benchmark: unknown benchmark(s) {unknown}; "
                            f"known: {list(VQA_BENCHMARKS)}")
+        if math.isqrt(int(cfg.tokens)) ** 2 != int(cfg.tokens):  # the encoder's grid is pooled to a square
+            raise ValueError(f"evaluate.vqa.tokens: {cfg.tokens} is not a square number of visual tokens "
+                             f"(the paper's 576 = 24 x 24)")
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
         return cfg
