@@ -437,3 +437,29 @@ def test_koleo_runs_in_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = koleo_loss(x)
     assert got.dtype == torch.float32 and got.item() == ref.item()
+
+
+def test_a_high_resolution_run_starts_from_its_parent(tmp_path):
+    """The 378/518 fine-tune loads every module of its 224 px parent (student, teacher, heads),
+    the position embeddings resampled to its grid (DINOv2's rule); a parent of another size is
+    refused in one line naming a tensor, not torch's list of every mismatch."""
+    from webssl_repro.models.vit import resample_pos_embed
+    from webssl_repro.train.run import _load_parent
+
+    torch.manual_seed(0)
+    parent = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**TINY))
+    torch.save(parent.state_dict(), tmp_path / "state.pt")
+    torch.manual_seed(1)
+    hires = DinoMethod(Arch(32, 1, 2, patch=8), DinoConfig(**{**TINY, "global_crop_size": 48}))
+    _load_parent(hires, tmp_path / "state.pt")
+    got, want = hires.state_dict(), parent.state_dict()
+    for key, value in want.items():
+        if key.endswith("pos_embed"):
+            assert got[key].shape == (1, 1 + 6 * 6, 32)
+            torch.testing.assert_close(got[key], resample_pos_embed(value, (6, 6), 1))
+        else:
+            assert torch.equal(got[key], value), key
+    other = DinoMethod(Arch(48, 1, 2, patch=8), DinoConfig(**TINY))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt is another model: .* is \(.*48.*\) there, \(.*32.*\) here"):
+        _load_parent(hires, tmp_path / "other.pt")

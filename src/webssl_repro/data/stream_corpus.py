@@ -135,7 +135,9 @@ class ShardCorpus:
                               f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
                 continue
             return sample["image"], {"id": sample_id(sample), "captions": captions_of(sample)}
-        raise ValueError(f"no sample of {raw[0].get('__url__')} decodes")
+        raise ValueError(f"{raw[0].get('__url__')}: none of its {len(raw)} samples decodes, so the stream, which "
+                         "counted them, has nothing to put in their places: take the shard out of data.shards "
+                         "(a new corpus manifest) and start the run again")
 
     def batches(self, start_sample: int, rank: int, world_size: int, global_batch: int,
                 sample_fn: SampleFn, collate_fn: CollateFn) -> Iterator[Any]:

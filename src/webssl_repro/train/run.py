@@ -142,6 +142,11 @@ def _load_parent(method, parent_state: Path) -> None:
             n_prefix = 1
             grid = int(math.isqrt(own[key].shape[1] - n_prefix))
             state[key] = resample_pos_embed(value, (grid, grid), n_prefix)
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:  # a parent of another size: one line, not torch's list of every tensor
+        key = mismatched[0]
+        raise ValueError(f"parent checkpoint {parent_state} is another model: {key} is {tuple(state[key].shape)} "
+                         f"there, {tuple(own[key].shape)} here ({len(mismatched)} tensors differ)")
     missing, unexpected = method.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"parent checkpoint {parent_state} has unexpected keys {unexpected[:5]}")
