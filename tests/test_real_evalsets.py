@@ -31,15 +31,20 @@ def test_adapters_give_the_mini_record_layout():
 
 
 def test_paper_scale_evalset_rule_writes_a_dataset_manifest(tmp_path):
-    out = tmp_path / "classification.json"
-    build_evalset("classification", {"source": "hf", "classification": {"dataset": "/data/imagenet"}}, str(out))
+    out, local = tmp_path / "classification.json", tmp_path / "imagenet"
+    local.mkdir()
+    build_evalset("classification", {"source": "hf", "classification": {"dataset": str(local)}}, str(out))
     manifest = json.loads(out.read_text())
-    assert manifest["source"] == "hf" and manifest["dataset"] == "/data/imagenet"
+    assert manifest["source"] == "hf" and manifest["dataset"] == str(local)
     assert manifest["splits"] == {"train": "train", "val": "validation"}
     with pytest.raises(KeyError, match="datset"):
         build_hf_manifest("classification", {"datset": "x"})
     with pytest.raises(ValueError, match="test"):
         load_hf_split(manifest, "test", [])
+    # a local copy that is not there stops the manifest's job, not every evaluation that reads it
+    with pytest.raises(ValueError, match=r"data.evalsets.classification.dataset: /datasets/nonexistent-imagenet does "
+                                         r"not exist"):
+        build_hf_manifest("classification", {"dataset": "/datasets/nonexistent-imagenet"})
 
 
 def test_a_saved_copy_loads_and_a_script_dataset_is_refused_by_key(tmp_path):

@@ -59,14 +59,15 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def model_location(value: str | os.PathLike, key: str) -> str:
-    """``value`` of config key ``key`` as ``from_pretrained`` takes it: an existing local
-    directory, or a hub id (``org/name``). A path that does not exist is a ``ValueError`` naming
-    the key, where transformers would first take it for a hub id and fail on that."""
+    """``value`` of config key ``key`` as ``from_pretrained`` / ``load_dataset`` take it: an
+    existing local path, or a hub id (``org/name``). A path that does not exist is a
+    ``ValueError`` naming the key, where the hub client would take it for a repo id and fail on
+    that, late (a model's job after its data loaded, an eval set's in every job that reads it)."""
     text = str(value)
     path = Path(text).expanduser()
     if path.exists():
         return str(path)
     looks_local = text.startswith(("/", "~", ".")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
     if looks_local:
-        raise ValueError(f"{key}: {text} does not exist (a local model directory; a hub id is 'org/name')")
+        raise ValueError(f"{key}: {text} does not exist (a local path; a hub id is 'org/name')")
     return text

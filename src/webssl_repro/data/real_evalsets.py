@@ -80,6 +80,9 @@ def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(section) - {"dataset", "config", "revision", "splits", "limit"})
     if unknown:
         raise KeyError(f"data.evalsets.{task}: unknown key(s) {unknown}")
+    from webssl_repro.files import model_location
+
+    model_location(section.get("dataset", base["dataset"]), f"data.evalsets.{task}.dataset")  # a local copy exists
     return {"task": task, "source": "hf", "dataset": section.get("dataset", base["dataset"]),
             "config": section.get("config", base["config"]), "revision": section.get("revision", base.get("revision")),
             "splits": dict(section.get("splits", base["splits"])), "limit": section.get("limit"),
