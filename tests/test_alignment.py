@@ -174,3 +174,21 @@ def test_the_lm_feature_cache_sits_in_the_scale_or_beside_an_out_elsewhere(tmp_p
     assert alignment_cache(tmp_path / "al.json") == tmp_path / "cache"
     assert alignment_cache(Path("al.json")) == Path.cwd() / "cache"
     assert alignment_cache(layout, tmp_path / "mine") == tmp_path / "mine"
+
+
+def test_an_unreadable_lm_feature_cache_is_computed_again(tmp_path):
+    """Every alignment job of a scale shares the LM features; a cut-short cache file is
+    recomputed (with a warning) and rewritten, not a failure of every job until deleted."""
+    import torch
+
+    from webssl_repro.evaluate.alignment_eval import language_layers
+
+    captions = ["a red cube on the left", "a blue sphere", "two green cones"]
+    cfg = {"lm_batch_size": 2, "lm_paths": {}}
+    first = language_layers("minilm", captions, cfg, tmp_path)
+    (cached,) = tmp_path.glob("lm-minilm-3-*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match="is unreadable"):
+        again = language_layers("minilm", captions, cfg, tmp_path)
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(torch.load(cached, weights_only=True), first)

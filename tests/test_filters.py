@@ -227,3 +227,19 @@ def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
     mini = Plan(load_config(REPO / "config" / "mini.yaml"))
     assert mini.filter_inputs("heavy") == {"shards": mini.data_manifest("shards"), "after": [mini.filter_stats("light")]}
     assert mini.filter_prerequisites("heavy", 1) == [mini.filter_part("light", 1)]
+
+
+def test_an_unreadable_ocr_cache_is_read_again(tmp_path):
+    """The OCR cache is derived data: cut short, it is read afresh (with a warning) and saved
+    whole, instead of stopping both filter jobs that share it."""
+    cache = tmp_path / "ocr_reads_256.json"
+    s = generate(4, 0, kind="text_scene")
+    first = OCRFilter(cache_path=str(cache))
+    reads = first.read(first.prepare({"image": s.image, "meta": s.meta}))
+    first.save_cache()
+    cache.write_text(cache.read_text()[:15])
+    with pytest.warns(RuntimeWarning, match="ocr_reads_256.json is unreadable"):
+        again = OCRFilter(cache_path=str(cache))
+    assert again.cache == {} and again.read(again.prepare({"image": s.image, "meta": s.meta})) == reads
+    again.save_cache()
+    assert OCRFilter(cache_path=str(cache)).cache == again.cache

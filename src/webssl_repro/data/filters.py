@@ -27,6 +27,7 @@ import json
 import os
 import re
 import time
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -84,8 +85,12 @@ class OCRFilter(TextFilter):
         self.cache_path = cache_path
         self.cache: dict[str, list[tuple[str, float]]] = {}
         if cache_path and os.path.exists(cache_path):
-            with open(cache_path) as fh:
-                self.cache = {k: [tuple(x) for x in v] for k, v in json.load(fh).items()}
+            try:
+                with open(cache_path) as fh:
+                    self.cache = {k: [tuple(x) for x in v] for k, v in json.load(fh).items()}
+            except (ValueError, AttributeError, TypeError) as err:  # derived data: read again, saved whole
+                warnings.warn(f"OCR cache {cache_path} is unreadable ({err}); reading the images again",
+                              RuntimeWarning)
 
     def save_cache(self) -> None:
         if self.cache_path:

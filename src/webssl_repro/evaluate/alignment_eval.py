@@ -9,6 +9,7 @@ Llama-3.1 8B / 70B loaded by path or id through ``transformers``.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,7 +41,11 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
         key = hashlib.sha1("\n".join(captions).encode()).hexdigest()[:12]
         cache = cache_dir / f"lm-{name.replace('/', '_')}-{len(captions)}-{key}.pt"
         if cache.exists():
-            return torch.load(cache, weights_only=True)
+            try:
+                return torch.load(cache, weights_only=True)
+            except Exception as err:  # noqa: BLE001 - derived data: computed again, and rewritten whole
+                warnings.warn(f"LM feature cache {cache} is unreadable ({type(err).__name__}: {err}); "
+                              "computing the features again", RuntimeWarning)
     if name == "minilm":
         model, tokenizer = load_minilm()
     else:  # paper scale: Llama-3.1 by local path (or hub id where the cluster has a cache)
