@@ -138,6 +138,13 @@ def test_tokenizer_build_save_load_roundtrip(tmp_path, kind):
     # truncation keeps EOT in the last slot
     short = loaded(["a photo of a red square"], context_length=4)
     assert short[0].tolist()[-1] == loaded.eot_id and short[0, 0].item() == loaded.sot_id
+    # a file cut short, or without CLIP's start/end tokens, is named by its key and path
+    cut = tmp_path / "cut.json"
+    cut.write_text(path.read_text()[:50])
+    with pytest.raises(ValueError, match=rf"pretrain.clip.tokenizer {cut}: not a tokenizers JSON file"):
+        load_tokenizer(cut)
+    with pytest.raises(ValueError, match=rf"pretrain.clip.tokenizer {path}: tokenizer lacks special tokens: \['<s>'"):
+        load_tokenizer(path, sot_token="<s>")
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordlevel"])

@@ -54,6 +54,10 @@ def test_a_saved_copy_loads_and_a_script_dataset_is_refused_by_key(tmp_path):
             (("train", 1), ("validation", 2))}
     datasets.DatasetDict(rows).save_to_disk(str(tmp_path / "imagenet"))
     manifest = build_hf_manifest("classification", {"dataset": str(tmp_path / "imagenet")})
+    renamed = datasets.Dataset.from_list([{"img": _img(1), "cls": 1}])
+    with pytest.raises(ValueError, match=r"data.evalsets.classification.dataset .*imagenet: rows lack column 'image' "
+                                         r"\(they have \['cls', 'img'\]\)"):
+        load_hf_split(manifest, "val", renamed)[0]
     assert load_hf_split(manifest, "val")[0]["label"] == 2 and len(load_hf_split(manifest, "train")) == 1
     with pytest.raises(ValueError, match=r"data.evalsets.classification.dataset: .* no split 'test'"):
         load_hf_split({**manifest, "splits": {"val": "test"}}, "val")

@@ -93,8 +93,8 @@ class HFSplit(Sequence):
     """One split's rows as records, each decoded when indexed: ImageNet's 1.28M training images
     are read batch by batch, never held at once. ``limit`` keeps the first rows only."""
 
-    def __init__(self, dataset: Any, adapter: Adapter, limit: Optional[int] = None) -> None:
-        self.dataset, self.adapter = dataset, adapter
+    def __init__(self, dataset: Any, adapter: Adapter, limit: Optional[int] = None, name: str = "dataset") -> None:
+        self.dataset, self.adapter, self.name = dataset, adapter, name
         self.n = len(dataset) if limit is None else min(len(dataset), int(limit))
 
     def __len__(self) -> int:
@@ -105,7 +105,12 @@ class HFSplit(Sequence):
             return [self[j] for j in range(*i.indices(self.n))]
         if not -self.n <= i < self.n:
             raise IndexError(f"row {i} of a {self.n}-row split")
-        return self.adapter(self.dataset[int(i) % self.n])
+        row = self.dataset[int(i) % self.n]
+        try:
+            return self.adapter(row)
+        except KeyError as err:  # another dataset's columns: say which it has
+            raise ValueError(f"{self.name}: rows lack column {err.args[0]!r} (they have {sorted(row)}); point the "
+                             "key at a copy with the task's columns") from None
 
 
 def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any] = None) -> HFSplit:
@@ -116,7 +121,8 @@ def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any
     if dataset is None:
         dataset = _load(manifest, manifest["splits"][split])
     limit = manifest.get("limit")
-    return HFSplit(dataset, HF_EVALSETS[task]["adapter"], None if limit is None else int(limit))
+    return HFSplit(dataset, HF_EVALSETS[task]["adapter"], None if limit is None else int(limit),
+                   name=f"data.evalsets.{task}.dataset {manifest['dataset']}")
 
 
 def _load(manifest: Mapping[str, Any], split: str) -> Any:

@@ -245,10 +245,17 @@ def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str 
     from tokenizers import Tokenizer
 
     if Path(path).is_file():
-        return CaptionTokenizer(Tokenizer.from_file(str(path)), sot_token, eot_token, pad_token)
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own exception type for a malformed file
+            raise ValueError(f"pretrain.clip.tokenizer {path}: not a tokenizers JSON file ({err})") from err
+    else:
+        try:
+            tokenizer = Tokenizer.from_pretrained(str(path))
+        except Exception as err:  # tokenizers raises its own exception types for a missing repo / no network
+            raise FileNotFoundError(f"pretrain.clip.tokenizer {str(path)!r} is neither a tokenizer.json file nor a "
+                                    f"hub repo with one that could be fetched ({err})") from err
     try:
-        tokenizer = Tokenizer.from_pretrained(str(path))
-    except Exception as err:  # tokenizers raises its own exception types for a missing repo / no network
-        raise FileNotFoundError(f"pretrain.clip.tokenizer {str(path)!r} is neither a tokenizer.json file nor a "
-                                f"hub repo with one that could be fetched ({err})") from err
-    return CaptionTokenizer(tokenizer, sot_token, eot_token, pad_token)
+        return CaptionTokenizer(tokenizer, sot_token, eot_token, pad_token)
+    except ValueError as err:
+        raise ValueError(f"pretrain.clip.tokenizer {path}: {err}") from None
