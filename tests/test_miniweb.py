@@ -228,3 +228,6 @@ def test_corpus_stage_manifest_and_filtered_shard(tmp_path):
         build_corpus({"shards": f"{tmp_path}/c/shard-{{00000..00003}}.tar"}, str(tmp_path / "r" / "manifest.json"))
     with pytest.raises(ValueError, match="data.in1k.shards"):
         build_corpus({"shards": f"{tmp_path}/nowhere/*.tar"}, str(tmp_path / "r" / "m.json"), source="in1k")
+    # a misspelt "shards" is refused, not taken for a generated corpus standing in for the real one
+    with pytest.raises(KeyError, match=r"data.in1k: unknown key\(s\) \['shard'\]; .* real data takes 'shards'"):
+        build_corpus({"shard": f"{tmp_path}/c/shard-00000.tar"}, str(tmp_path / "r" / "m.json"), source="in1k")

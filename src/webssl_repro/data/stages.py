@@ -45,7 +45,12 @@ def build_corpus(section: Mapping[str, Any], out_manifest: str, threads: int = 1
     if "shards" in section:  # real data: the manifest just points at the user's shards
         manifest: dict[str, Any] = {"shards": user_shards(section["shards"], source), "generated": False}
     else:
-        c = {**(IN1K_DEFAULTS if source == "in1k" else CORPUS_DEFAULTS), **section}
+        defaults = IN1K_DEFAULTS if source == "in1k" else CORPUS_DEFAULTS
+        unknown = sorted(set(section) - set(defaults) - {"kinds"})
+        if unknown:  # e.g. a misspelt "shards": the generator would silently stand in for the real data
+            raise KeyError(f"data.{'in1k' if source == 'in1k' else 'corpus'}: unknown key(s) {unknown}; a generated "
+                           f"corpus takes {sorted({*defaults, 'kinds'})}, real data takes 'shards'")
+        c = {**defaults, **section}
         cfg = {"size": int(c["size"]), "source": source, **({"kinds": dict(c["kinds"])} if "kinds" in c else {})}
         out_dir = os.path.dirname(os.path.abspath(out_manifest))
         names = [f"shard-{k:05d}.tar" for k, _ in enumerate(shard_ranges(int(c["n_images"]), int(c["shard_size"])))]
