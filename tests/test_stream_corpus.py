@@ -226,7 +226,7 @@ def test_a_shard_none_of_whose_samples_decodes_says_what_to_do():
     """A corrupt sample is replaced by the shard's next one that decodes (the stream keeps its
     length); a shard with none left names itself and the way out."""
     raw = [{"__url__": "web-00007.tar", "__key__": f"s{k}", "jpg": b"not a jpeg"} for k in range(3)]
-    with pytest.warns(RuntimeWarning, match="sample s1 of web-00007.tar"), \
+    with pytest.warns(RuntimeWarning, match=r"sample s\d of web-00007.tar"), \
             pytest.raises(ValueError, match=r"web-00007.tar: none of its 3 samples decodes.*take the shard out of "
                                             r"data.shards"):
         ShardCorpus._decoded(raw, np.arange(3), 1)
