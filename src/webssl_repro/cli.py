@@ -199,14 +199,12 @@ def alignment_cache(out: Path, given: Path | None = None) -> Path:
     """Where the alignment job caches the language models' features, shared by every run of a
     scale: ``results/{scale}/cache`` for ``--out results/{scale}/evals/{run}/alignment.json``,
     else a ``cache`` folder beside ``--out`` (or ``--cache-dir``)."""
-    from webssl_repro.evaluate.progress import OUTPUT_FOLDERS
+    from webssl_repro.evaluate.progress import scale_results
 
-    out = Path(out).absolute()
     if given is not None:
         return Path(given)
-    if len(out.parents) >= 3 and out.parents[1].name in OUTPUT_FOLDERS:
-        return out.parents[2] / "cache"
-    return out.parent / "cache"
+    root = scale_results(out)
+    return root / "cache" if root is not None else Path(out).absolute().parent / "cache"
 
 
 def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, str]]:

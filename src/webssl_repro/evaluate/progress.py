@@ -123,15 +123,25 @@ def file_identity(path: str | Path) -> dict[str, Any]:
 OUTPUT_FOLDERS = ("evals", "controls")
 
 
+def scale_results(out: str | Path) -> Optional[Path]:
+    """``results/{scale}`` of an evaluation output laid out as the workflow writes it
+    (``results/{scale}/{evals,controls}/{name}/{kind}.json``), else None."""
+    out = Path(out).absolute()
+    if len(out.parents) < 3 or out.parents[1].name not in OUTPUT_FOLDERS:
+        return None
+    return out.parents[2]
+
+
 def state_dir(out: str | Path, kind: str) -> Optional[Path]:
     """Where the job writing ``out`` (``results/{scale}/{evals,controls}/{name}/{kind}.json``)
     keeps its progress: ``results/{scale}/eval_state/{evals,controls}/{name}/{kind}``, beside the
     outputs that Snakemake deletes when a job fails, not among them. None for an ``out`` laid out
     otherwise (a one-off run of the CLI keeps no progress unless given ``--state``)."""
-    out = Path(out).absolute()
-    if len(out.parents) < 3 or out.parents[1].name not in OUTPUT_FOLDERS:
+    root = scale_results(out)
+    if root is None:
         return None
-    return out.parents[2] / "eval_state" / out.parents[1].name / out.parent.name / kind
+    out = Path(out).absolute()
+    return root / "eval_state" / out.parents[1].name / out.parent.name / kind
 
 
 class EvalProgress:
