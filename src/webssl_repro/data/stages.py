@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections import Counter
 from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
@@ -165,7 +166,7 @@ def filter_merge(part_jsons: Sequence[str], out_json: str) -> dict[str, Any]:
 
     parts, shards = [], []
     here = os.path.dirname(os.path.abspath(out_json))
-    repeated = sorted({p for p in part_jsons if list(part_jsons).count(p) > 1})
+    repeated = sorted(p for p, n in Counter(part_jsons).items() if n > 1)
     if repeated:
         raise ValueError(f"filter-merge: part(s) listed more than once would count twice: {repeated}")
     for path in part_jsons:
