@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +18,7 @@ from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check
 from webssl_repro.resources import label, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
+from webssl_repro.workflow_data import DataJobs
 from webssl_repro.workflow_evals import EvalJobs
 from webssl_repro.workflow_pretrain import INVOCATION_VAR, PretrainJobs
 
@@ -30,7 +30,7 @@ STAGE_OF_EVAL = {"vqa": "vqa", "classic": "classic", "alignment": "alignment", "
 
 
 @dataclass(frozen=True)
-class Plan(EvalJobs, PretrainJobs):
+class Plan(DataJobs, EvalJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
@@ -80,15 +80,22 @@ class Plan(EvalJobs, PretrainJobs):
         return needed <= self.stages
 
     @cached_property
-    def items(self) -> tuple[str, ...]:
-        requested = [i for i in self.config.get("items", ()) if i != "fig8"]  # fig8: see data_figures
+    def requested_items(self) -> tuple[str, ...]:
+        """The config's items as written (less fig8, a data-stage figure: see ``data_figures``),
+        an unknown one refused by name."""
+        requested = tuple(i for i in self.config.get("items", ()) if i != "fig8")
         unknown = [i for i in requested if i not in specs.ITEMS]
         if unknown:
             from webssl_repro.config import ConfigError  # config imports this module
 
             raise ConfigError(f"items: unknown paper item(s) {', '.join(unknown)}; known: "
                               f"{', '.join(sorted([*specs.ITEMS, 'fig8'], key=_item_order))}")
-        return tuple(i for i in requested if self.item_buildable(i))
+        return requested
+
+    @cached_property
+    def items(self) -> tuple[str, ...]:
+        """The requested items this scale builds."""
+        return tuple(i for i in self.requested_items if self.item_buildable(i))
 
     @cached_property
     def skipped_items(self) -> dict[str, str]:
@@ -118,9 +125,7 @@ class Plan(EvalJobs, PretrainJobs):
         evaluation stages do: what ``snakemake runs`` trains (or imports)."""
         if self.published or "pretrain" not in self.stages:
             return ()
-        self.items  # noqa: B018  (refuses an unknown item by name)
-        requested = [i for i in self.config.get("items", ()) if i != "fig8"]
-        return tuple(sort_runs(r for i in requested for r in specs.get_item(i).runs))
+        return tuple(sort_runs(r for i in self.requested_items for r in specs.get_item(i).runs))
 
     @cached_property
     def runs(self) -> tuple[str, ...]:
@@ -181,19 +186,10 @@ class Plan(EvalJobs, PretrainJobs):
     def eval_path(self, run: str, kind: str) -> str:
         return f"{self.results}/evals/{run}/{kind}.json"
 
-    def filter_stats(self, data: str) -> str:
-        return f"{self.results}/data/filter/{data}.json"
-
     def checkpoint_dir(self, run: str) -> str:
         """Resumable checkpoints live beside, not inside, the run's declared outputs, so a
         failed or preempted job keeps them for its retry."""
         return f"{self.results}/checkpoints/{run}"
-
-    def data_manifest(self, name: str) -> str:
-        return f"{self.results}/data/{name}/manifest.json"
-
-    def evalset(self, task: str) -> str:
-        return f"{self.results}/data/evalsets/{task}.json"
 
     def pretrain_data(self, run: Run) -> list[str]:
         """The manifest a run trains on: ImageNet-1k's, the corpus', or a filter result, which
@@ -263,73 +259,6 @@ class Plan(EvalJobs, PretrainJobs):
         what = split_settings(self.run_config(run), SETTINGS["pretrain"])[0]
         return json.dumps(what, sort_keys=True, separators=(",", ":"))
 
-    def data_config_json(self, part: str, task: str | None = None) -> str:
-        """Only the part of ``data`` a rule reads, so changing one part reruns only its jobs."""
-        data = self.config.get("data", {})
-        if part == "evalsets":
-            section = data.get("evalsets", {})
-            picked = {k: v for k, v in section.items() if k in ("size", "base", "source") or k == task}
-            return json.dumps({"evalsets": picked}, sort_keys=True, separators=(",", ":"))
-        keys = ("corpus", "shards") if part == "corpus" else (part,)
-        return json.dumps({k: data[k] for k in keys if k in data}, sort_keys=True, separators=(",", ":"))
-
-    def filter_prerequisites(self, variant: str, part: int | None = None) -> list[str]:
-        """The OCR backend reads each image once for both variants: heavy (or its part) waits
-        for light's, whose reads it finds cached beside it."""
-        backend = self.config.get("data", {}).get("filter", {}).get("backend", "ocr")
-        if variant != "heavy" or backend != "ocr":
-            return []
-        return [self.filter_stats("light") if part is None else self.filter_part("light", part)]
-
-    def filter_parts(self) -> int:
-        return int(self.config.get("data", {}).get("filter", {}).get("parts", 1))
-
-    def filter_part(self, variant: str, part: int | str) -> str:
-        return f"{self.results}/data/filter/parts/{variant}.{part}.json"
-
-    def filter_inputs(self, variant: str) -> dict[str, Any]:
-        """One job over the corpus, or (``data.filter.parts`` > 1) the parts to merge."""
-        if self.filter_parts() == 1:
-            return {"shards": self.data_manifest("shards"), "after": self.filter_prerequisites(variant)}
-        return {"parts": [self.filter_part(variant, k) for k in range(self.filter_parts())]}
-
-    def filter_command(self, variant: str, part: int | None = None) -> str:
-        """The command before ``--out`` of ``text_filter`` (``part`` None: the whole corpus, or
-        the merge of its parts) and of ``text_filter_part``."""
-        if part is None and self.filter_parts() > 1:  # a pattern: thousands of paths could pass ARG_MAX
-            return (f"webssl-repro data filter-merge --part-pattern {self.filter_part(variant, '{part}')} "
-                    f"--count {self.filter_parts()}")
-        return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
-                f"--shards {self.data_manifest('shards')}" + ("" if part is None else f" --part {part}"))
-
-    def filter_resources(self, whole: bool = False) -> dict[str, int]:
-        """A filter job's GPUs and runtime (``resources.filter_*``); merging parts needs neither."""
-        if whole and self.filter_parts() > 1:
-            return {}
-        res = self.config.get("resources", {})
-        return {"gpu": int(res.get("filter_gpus", 0)), "runtime": int(res.get("filter_runtime_min", 60))}
-
-    def data_targets(self) -> list[str]:
-        if "data" not in self.stages:
-            return []
-        tasks = ("classification", "segmentation", "depth", "captions") + (("vqa",) if self.vqa_data() else ())
-        return [self.data_manifest("shards"), self.data_manifest("in1k"),
-                self.filter_stats("light"), self.filter_stats("heavy"), *(self.evalset(t) for t in tasks)]
-
-    def data_figures(self) -> list[str]:
-        """Figure 8 (filtered samples) comes from the data stage, not from eval results."""
-        if "data" not in self.stages or "fig8" not in self.config.get("items", ()):
-            return []
-        return [f"{self.paper_dir}/figures/fig8.pdf", f"{self.paper_dir}/figures/fig8.png"]
-
-    def fig8_inputs(self) -> dict[str, str]:
-        """The corpus and the two filter results Figure 8 samples; only where the data stage
-        is built (the published scale has no corpus to generate)."""
-        if not self.data_figures():
-            self.not_built("fig8")
-        return {"shards": self.data_manifest("shards"), "light": self.filter_stats("light"),
-                "heavy": self.filter_stats("heavy")}
-
     def item_inputs(self, item_id: str) -> list[str]:
         """The files an item's numbers come from — nothing else, so one figure rebuilds alone.
         An item this config does not build is refused (``not_built``), also when asked for by path."""
@@ -384,9 +313,6 @@ def published_files(item: specs.Item) -> list[str]:
         else:
             files.append("vqa")
     return list(dict.fromkeys(files))
-
-
-#: The environment variable naming a snakemake invocation, inherited by its jobs
 
 
 def mark_invocation(remote: bool, environ: Any = None) -> str | None:

@@ -1,0 +1,92 @@
+"""The data-stage jobs of the DAG: the corpus, the text filter (whole or in parts) and the
+eval sets a scale builds, and Figure 8 that samples them. A part of ``workflow.Plan`` (its
+base class), kept apart by concept; it reads the Plan's config, paths and stages.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any, Mapping
+
+
+class DataJobs:
+    """Data-stage methods of ``workflow.Plan``."""
+
+    config: Mapping[str, Any]
+    results: str
+
+    def filter_stats(self, data: str) -> str:
+        return f"{self.results}/data/filter/{data}.json"
+
+    def data_manifest(self, name: str) -> str:
+        return f"{self.results}/data/{name}/manifest.json"
+
+    def evalset(self, task: str) -> str:
+        return f"{self.results}/data/evalsets/{task}.json"
+
+    def data_config_json(self, part: str, task: str | None = None) -> str:
+        """Only the part of ``data`` a rule reads, so changing one part reruns only its jobs."""
+        data = self.config.get("data", {})
+        if part == "evalsets":
+            section = data.get("evalsets", {})
+            picked = {k: v for k, v in section.items() if k in ("size", "base", "source") or k == task}
+            return json.dumps({"evalsets": picked}, sort_keys=True, separators=(",", ":"))
+        keys = ("corpus", "shards") if part == "corpus" else (part,)
+        return json.dumps({k: data[k] for k in keys if k in data}, sort_keys=True, separators=(",", ":"))
+
+    def filter_prerequisites(self, variant: str, part: int | None = None) -> list[str]:
+        """The OCR backend reads each image once for both variants: heavy (or its part) waits
+        for light's, whose reads it finds cached beside it."""
+        backend = self.config.get("data", {}).get("filter", {}).get("backend", "ocr")
+        if variant != "heavy" or backend != "ocr":
+            return []
+        return [self.filter_stats("light") if part is None else self.filter_part("light", part)]
+
+    def filter_parts(self) -> int:
+        return int(self.config.get("data", {}).get("filter", {}).get("parts", 1))
+
+    def filter_part(self, variant: str, part: int | str) -> str:
+        return f"{self.results}/data/filter/parts/{variant}.{part}.json"
+
+    def filter_inputs(self, variant: str) -> dict[str, Any]:
+        """One job over the corpus, or (``data.filter.parts`` > 1) the parts to merge."""
+        if self.filter_parts() == 1:
+            return {"shards": self.data_manifest("shards"), "after": self.filter_prerequisites(variant)}
+        return {"parts": [self.filter_part(variant, k) for k in range(self.filter_parts())]}
+
+    def filter_command(self, variant: str, part: int | None = None) -> str:
+        """The command before ``--out`` of ``text_filter`` (``part`` None: the whole corpus, or
+        the merge of its parts) and of ``text_filter_part``."""
+        if part is None and self.filter_parts() > 1:  # a pattern: thousands of paths could pass ARG_MAX
+            return (f"webssl-repro data filter-merge --part-pattern {self.filter_part(variant, '{part}')} "
+                    f"--count {self.filter_parts()}")
+        return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
+                f"--shards {self.data_manifest('shards')}" + ("" if part is None else f" --part {part}"))
+
+    def filter_resources(self, whole: bool = False) -> dict[str, int]:
+        """A filter job's GPUs and runtime (``resources.filter_*``); merging parts needs neither."""
+        if whole and self.filter_parts() > 1:
+            return {}
+        res = self.config.get("resources", {})
+        return {"gpu": int(res.get("filter_gpus", 0)), "runtime": int(res.get("filter_runtime_min", 60))}
+
+    def data_targets(self) -> list[str]:
+        if "data" not in self.stages:
+            return []
+        tasks = ("classification", "segmentation", "depth", "captions") + (("vqa",) if self.vqa_data() else ())
+        return [self.data_manifest("shards"), self.data_manifest("in1k"),
+                self.filter_stats("light"), self.filter_stats("heavy"), *(self.evalset(t) for t in tasks)]
+
+    def data_figures(self) -> list[str]:
+        """Figure 8 (filtered samples) comes from the data stage, not from eval results."""
+        if "data" not in self.stages or "fig8" not in self.config.get("items", ()):
+            return []
+        return [f"{self.paper_dir}/figures/fig8.pdf", f"{self.paper_dir}/figures/fig8.png"]
+
+    def fig8_inputs(self) -> dict[str, str]:
+        """The corpus and the two filter results Figure 8 samples; only where the data stage
+        is built (the published scale has no corpus to generate)."""
+        if not self.data_figures():
+            self.not_built("fig8")
+        return {"shards": self.data_manifest("shards"), "light": self.filter_stats("light"),
+                "heavy": self.filter_stats("heavy")}
