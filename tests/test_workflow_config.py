@@ -106,6 +106,20 @@ def test_eval_gpus_beyond_one_node_is_refused(paper):
         Plan(cfg)
 
 
+def test_unknown_language_model_name_is_refused_at_the_dry_run(paper):
+    cfg = copy.deepcopy(paper)
+    alignment = cfg["evaluate"]["alignment"]
+    alignment["language_models"] = ["llama3.1-8b", "llama3.1-70B"]  # the second misspelt: no lm_paths key
+    with pytest.raises(ConfigError, match=r"language_models: 'llama3.1-70B' is not 'minilm', nor a key of "
+                                          r"evaluate.alignment.lm_paths \(llama3.1-8b, llama3.1-70b\)"):
+        Plan(cfg)
+    alignment["language_models"] = ["llama3.1-8b", "meta-llama/Llama-3.1-70B"]  # a hub id names itself
+    assert Plan(cfg).language_models() == ["llama3.1-8b", "meta-llama/Llama-3.1-70B"]
+    cfg["stages"] = ["data", "pretrain", "vqa"]  # no alignment jobs: nothing to refuse
+    alignment["language_models"] = ["llama3.1-70B"]
+    Plan(cfg)
+
+
 def test_data_stage_help_is_its_own(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["data", "--help"])

@@ -44,6 +44,20 @@ def check_eval_gpus(resources: Mapping[str, Any]) -> None:
                           f"resources.gpus_per_node is {per_node}")
 
 
+def check_language_models(alignment: Mapping[str, Any]) -> None:
+    """Each ``evaluate.alignment.language_models`` name is MiniLM, a key of ``lm_paths``, or a
+    hub id / path itself: a misspelt name would otherwise be sent to the hub as a repo id by
+    every alignment job, after its encoder's features were computed."""
+    from webssl_repro.config import ConfigError
+
+    paths = alignment.get("lm_paths", {})
+    for name in alignment.get("language_models", ["minilm"]):
+        if name != "minilm" and name not in paths and "/" not in name:
+            raise ConfigError(f"evaluate.alignment.language_models: {name!r} is not 'minilm', nor a key of "
+                              f"evaluate.alignment.lm_paths ({', '.join(paths) or 'none'}), nor a hub id "
+                              "('org/name') or path")
+
+
 def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, seeds: Sequence[int]) -> None:
     """``pretrain.run_sources``: each key a released run (in the grid or not: a run outside it
     is imported for the evaluations asked of it), imported from the checkpoint of that very

@@ -34,13 +34,16 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        from webssl_repro.plan_checks import check_eval_gpus, check_run_sources, check_sizes, check_tolerances
+        from webssl_repro.plan_checks import (check_eval_gpus, check_language_models, check_run_sources, check_sizes,
+                                              check_tolerances)
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
             check_run_sources(self.run_sources, self.scale, self.seeds)
             check_sizes(self.config.get("labels", {}).get("sizes", {}))
             check_eval_gpus(self.config.get("resources", {}))
+            if "alignment" in self.stages:
+                check_language_models(self.config.get("evaluate", {}).get("alignment", {}))
 
     @cached_property
     def _job_resources(self) -> dict[tuple, dict[str, Any]]:
