@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from test_train import GLOBAL_BATCH, Killed, ToyMethod, assert_bitwise, data_factory, make_cfg
+from helpers_toy import GLOBAL_BATCH, Killed, ToyMethod, assert_bitwise, data_factory, make_cfg
 from webssl_repro.train import latest_path, read_checkpoint, read_pointer, train
 from webssl_repro.train.checkpoint import checkpoint_dir
 

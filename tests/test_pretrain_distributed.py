@@ -1,6 +1,6 @@
 """The pretrain command under torchrun with 2 gloo ranks, FSDP2 against DDP, on real methods.
 
-``test_train.py`` checks the loop's DDP / FSDP2 arithmetic on a toy method. This runs the
+``test_train_distributed.py`` checks the loop's DDP / FSDP2 arithmetic on a toy method. This runs the
 command the workflow runs (``webssl-repro pretrain``) for Web-DINO and Web-MAE, so the
 method-specific hooks (the frozen prototype layers restored after each optimizer step, the
 EMA teacher) and the export of the run directory meet sharded FSDP2 weights.

@@ -1,28 +1,18 @@
-"""Tests of the shared training loop against a toy method (a tiny denoising autoencoder
-with an EMA copy), so that they exercise method state, RNG use and multipliers without
-depending on Web-DINO / MAE / CLIP.
-
-Run as a script under torchrun, this file is also the 2-rank DDP / FSDP2 worker.
-"""
+"""The shared training loop on one process, against the toy method of helpers_toy.py:
+schedules, logs, kill / preemption / deadline and resume (two ranks: test_train_distributed.py)."""
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from helpers_toy import GLOBAL_BATCH, Killed, Net, ToyMethod, assert_bitwise, data_factory, final_tensors, make_cfg
 from webssl_repro.train import (
     CosineSchedule,
     Preempted,
@@ -34,120 +24,6 @@ from webssl_repro.train import (
     transformer_blocks,
 )
 from webssl_repro.train.deadline import Deadline, job_deadline, slurm_end_time
-from helpers_dist import rerun_if_aborted, torchrun, worker_env
-
-DIM, HIDDEN, GLOBAL_BATCH = 16, 12, 8
-
-
-class Killed(Exception):
-    """Stands in for a job killed mid-step (no chance to checkpoint)."""
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(DIM, HIDDEN)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.GELU()) for _ in range(2)])
-        self.out = nn.Linear(HIDDEN, DIM)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.out(x)
-
-
-class ToyMethod:
-    """Denoising autoencoder + EMA teacher; not an ``nn.Module``, to test the generic path."""
-
-    def __init__(self, *, init_seed=0, noise=0.1, momentum=0.9, kill_at=None, signal_at=None, signum=signal.SIGTERM):
-        torch.manual_seed(init_seed)
-        self.model = Net()
-        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        self.noise, self.momentum = noise, momentum
-        self.kill_at, self.signal_at, self.signum = kill_at, signal_at, signum
-        self.ema_updates = 0
-
-    def param_groups(self, base_lr, weight_decay):
-        named = list(self.model.named_parameters())
-        return [
-            {"params": [p for n, p in named if p.ndim > 1]},
-            {"params": [p for n, p in named if p.ndim == 1], "wd_multiplier": 0.0, "lr_multiplier": 0.5},
-        ]
-
-    def training_step(self, batch, step):
-        if step == self.kill_at:
-            raise Killed(step)
-        if step == self.signal_at:
-            os.kill(os.getpid(), self.signum)
-        noisy = batch + self.noise * torch.randn_like(batch) if self.noise else batch
-        rec = self.model(noisy)
-        with torch.no_grad():
-            target = self.teacher(batch)
-        rec_loss = F.mse_loss(rec, batch)
-        dist_loss = F.mse_loss(rec, target)
-        return {"loss": rec_loss + 0.1 * dist_loss, "rec": rec_loss.detach(), "dist": dist_loss.detach(),
-                "momentum": self.momentum}
-
-    def after_optimizer_step(self, step):
-        with torch.no_grad():
-            t, s = list(self.teacher.parameters()), list(self.model.parameters())
-            torch._foreach_mul_(t, self.momentum)
-            torch._foreach_add_(t, s, alpha=1 - self.momentum)
-        self.ema_updates += 1
-
-    def shadow_modules(self):
-        return [self.teacher]
-
-    def encoder(self):
-        return self.teacher
-
-    def state_dict(self):
-        return {"teacher": self.teacher.state_dict(), "ema_updates": self.ema_updates}
-
-    def load_state_dict(self, state):
-        self.teacher.load_state_dict(state["teacher"])
-        self.ema_updates = state["ema_updates"]
-
-
-_DATA = torch.randn(512, 4, generator=torch.Generator().manual_seed(7)) @ torch.randn(
-    4, DIM, generator=torch.Generator().manual_seed(8))
-
-
-def data_factory(start_sample, rank, world_size):
-    """Global sample i is row i % 512; rank r takes its slice of every global batch."""
-    local = GLOBAL_BATCH // world_size
-    sample = start_sample
-    while True:
-        first = sample + rank * local
-        yield _DATA[torch.arange(first, first + local) % len(_DATA)]
-        sample += GLOBAL_BATCH
-
-
-def make_cfg(**overrides):
-    base = dict(samples_seen=10 * GLOBAL_BATCH, global_batch_size=GLOBAL_BATCH, lr=3e-2, min_lr=1e-3,
-                warmup_steps=3, weight_decay=0.04, weight_decay_end=0.2, grad_clip=0.5,
-                checkpoint_every=3, log_every=1, seed=0)
-    base.update(overrides)
-    return TrainConfig.from_mapping(base)
-
-
-def final_tensors(run_dir):
-    state = read_checkpoint(run_dir)
-    out = {f"model.{k}": v for k, v in state["model"].items()}
-    out.update({f"teacher.{k}": v for k, v in state["method"]["teacher"].items()})
-    for pid, s in state["optimizer"]["state"].items():
-        out.update({f"optim.{pid}.{k}": torch.as_tensor(v) for k, v in s.items()})
-    return state, out
-
-
-def assert_bitwise(a_dir, b_dir):
-    sa, ta = final_tensors(a_dir)
-    sb, tb = final_tensors(b_dir)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    assert (sa["step"], sa["method"]["ema_updates"]) == (sb["step"], sb["method"]["ema_updates"])
 
 
 # ------------------------------------------------------------------ schedules and config
@@ -379,70 +255,3 @@ def test_fsdp2_refuses_parameters_outside_the_model_and_its_shadows():
         torch.distributed.destroy_process_group()
 
 
-# ------------------------------------------------------------------ two gloo ranks (torchrun)
-
-
-def _worker(out: Path) -> None:
-    """Per rank: a DDP run, and an FSDP2 run stopped after 3 steps and resumed fresh.
-
-    Each rank initialises differently: the loop must start every rank from rank 0's weights.
-    Under FSDP2 rank 1 builds its method on the meta device, without values, as ``pretrain``
-    does (``shard_receiver``): its shards can only come from rank 0.
-    """
-    rank = int(os.environ["RANK"])
-    cfg = make_cfg(strategy="ddp")
-    train(ToyMethod(noise=0.0, init_seed=rank), data_factory, cfg, out / "ddp")
-    cfg = make_cfg(strategy="fsdp2")
-    with torch.device("meta") if rank else contextlib.nullcontext():
-        method = ToyMethod(noise=0.0, init_seed=rank)
-    assert method.model.inp.weight.is_meta == (rank == 1)
-    assert train(method, data_factory, cfg, out / "fsdp2", max_steps=3).step == 3
-    with torch.device("meta") if rank else contextlib.nullcontext():
-        method = ToyMethod(noise=0.0, init_seed=99)
-    train(method, data_factory, cfg, out / "fsdp2")
-    from torch.distributed.tensor import DTensor
-
-    assert isinstance(method.model.inp.weight, DTensor) and isinstance(method.teacher.out.weight, DTensor)
-    torch.distributed.destroy_process_group()
-
-
-def _two_ranks(out: Path) -> subprocess.CompletedProcess:
-    for strategy in ("ddp", "fsdp2"):  # a rerun starts from scratch, not from a crashed run's checkpoints
-        shutil.rmtree(out / strategy, ignore_errors=True)
-    return subprocess.run(torchrun(2, __file__, str(out)), env=worker_env(), capture_output=True, text=True,
-                          timeout=240)
-
-
-@pytest.fixture(scope="module")
-def two_rank_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    train(ToyMethod(noise=0.0), data_factory, make_cfg(), out / "single")
-    proc = rerun_if_aborted(_two_ranks(out), lambda: _two_ranks(out), "two-rank gloo run")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_rank_gloo_matches_single_process(two_rank_runs, strategy):
-    single, ref = final_tensors(two_rank_runs / "single")
-    multi, got = final_tensors(two_rank_runs / strategy)
-    assert multi["world_size"] == 2 and multi["step"] == 10 and multi["method"]["ema_updates"] == 10
-    init = ToyMethod(noise=0.0).model.state_dict()
-    assert max((ref[f"model.{k}"] - v).abs().max().item() for k, v in init.items()) > 1e-2  # weights moved
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert ref[k].shape == got[k].shape, k  # read back whole, unsharded
-        torch.testing.assert_close(got[k].float(), ref[k].float(), rtol=0, atol=1e-5, msg=k)
-    if strategy == "fsdp2":  # each rank wrote its own half of every sharded tensor, none gathered
-        stored = torch.distributed.checkpoint.FileSystemReader(multi["path"]).read_metadata().storage_data
-        halves = {"model.inp.weight": HIDDEN // 2, "optimizer.state.inp.weight.exp_avg": HIDDEN // 2,
-                  "method.teacher.out.weight": DIM // 2}  # row offset of rank 1's shard
-        for key, half in halves.items():
-            chunks = sorted((index.offset[0], info.relative_path) for index, info in stored.items() if index.fqn == key)
-            assert chunks == [(0, "__0_0.distcp"), (half, "__1_0.distcp")], (key, chunks)
-    single_log, multi_log = read_log(two_rank_runs / "single"), read_log(two_rank_runs / strategy)
-    assert [r["loss"] for r in multi_log] == pytest.approx([r["loss"] for r in single_log], abs=1e-5)
-
-
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))

@@ -1,6 +1,6 @@
 """The VQA probe data-parallel over 2 gloo ranks (DDP and FSDP2) equals the single-process probe.
 
-Run as a script under torchrun, this file is also the 2-rank worker (as in test_train.py).
+Run as a script under torchrun, this file is also the 2-rank worker (as in test_train_distributed.py).
 """
 from __future__ import annotations
 
