@@ -192,3 +192,29 @@ def test_high_resolution_runs_blur_like_the_base_resolution():
     paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
     assert Plan(paper).run_config("dino7b-full8b-518")["recipe"]["blur_reference_size"] == 224
     assert blur_sigma_range(224) == (0.1, 2.0) and blur_kernel_size(224) == 9
+
+
+def test_high_resolution_runs_keep_the_parent_local_crops():
+    """App. C: "all other parameters remain exactly the same": 98-px local crops at 378 / 518,
+    and the resource estimate counts those; a 224 px run sizes them by its own crop."""
+    from webssl_repro.resources import (DINO_GLOBAL, DINO_LOCAL, FWD_BWD, forward_flops, pretrain_resources,
+                                        samples_of)
+    from webssl_repro.runs import Run
+    from webssl_repro.workflow import Plan, shipped_plan
+
+    paper = shipped_plan("paper")
+    for res in (378, 518):
+        assert paper.run_config(f"dino7b-full8b-{res}")["recipe"]["local_crop_size"] == 98
+    assert "local_crop_size" not in paper.run_config("dino7b-full8b-224")["recipe"]  # train.run: 98 of 224
+    mini = shipped_plan("mini")
+    assert mini.run_config("dino7b-full8b-518")["recipe"]["local_crop_size"] == 16  # 98/224 of mini's 32 px
+    cfg = dict(paper.config, pretrain={**paper.config["pretrain"], "dino": {**paper.config["pretrain"]["dino"],
+                                                                           "local_crop_size": 112}})
+    assert Plan(cfg).run_config("dino7b-full8b-518")["recipe"]["local_crop_size"] == 112
+    # 8 local crops of 7x7 patches (+ CLS) at 518 as at 224, not of 16x16 (the crop scaled to 224 px)
+    run = Run.parse("dino7b-full8b-518")
+    flops = pretrain_resources(run, paper.config).train_flops
+    arch = paper.config["labels"]["sizes"]["7b"]
+    per_sample = (DINO_GLOBAL * forward_flops("dino", arch, 518) * (1 + FWD_BWD)
+                  + DINO_LOCAL * FWD_BWD * forward_flops("dino", arch, 98))
+    assert flops == per_sample * samples_of(run, paper.config)

@@ -193,6 +193,18 @@ def test_paper_data_reads_config_sources_and_drops_laion(tmp_path):
     missing = {**data["alignment"], "file": str(tmp_path / "nowhere.jsonl"), "local_dir": None}
     with pytest.raises(FileNotFoundError, match=r"evaluate.vqa.data.alignment.file: .*nowhere.jsonl does not exist"):
         load_paper_data({**data, "alignment": missing})
+    # a wrong image_root, a missing or undecodable image: refused before any training, by file
+    with pytest.raises(FileNotFoundError, match=r"evaluate.vqa.data.instruction.image_root: .*nowhere is not a dir"):
+        load_paper_data({**data, "instruction": {**data["instruction"], "image_root": str(tmp_path / "nowhere")}})
+    images = Path(data["alignment"]["image_root"])
+    (images / "sam/2.jpg").rename(images / "sam/2.moved")
+    (images / "coco/1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"evaluate.vqa.data.alignment: 2 of 2 images checked \(of 2\) do not open "
+                                         r"with image_root .*cambrian: .*coco/1.jpg \(UnidentifiedImageError\), "
+                                         r".*sam/2.jpg \(FileNotFoundError\)$"):
+        load_paper_data(data)
+    (images / "sam/2.moved").rename(images / "sam/2.jpg")
+    _img(len("coco/1.jpg")).save(images / "coco/1.jpg")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(Path(data["alignment"]["file"]).read_text().splitlines()[0] + "\n{\"id\": \"a2\",\n")
     with pytest.raises(ValueError, match=r"broken.jsonl line 2: not a JSON record"):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes, hires_recipe
-from webssl_repro.resources import label, samples_of
+from webssl_repro.resources import dino_local_crop, label, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_data import DataJobs
@@ -240,6 +240,10 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             origin.update({k: f"pretrain.hires.{k}" for k in hires if k != "steps"})
         if r.method == "dino":  # DINOv2's blur pixels belong to the base ("224") crop at every resolution
             recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
+            if r.parent is not None:  # App. C: "all other parameters remain exactly the same": the parent's
+                parent_img = int(label(self.config, "resolutions", str(r.parent.res), run))  # local crops
+                recipe.setdefault("local_crop_size", dino_local_crop(parent_img, int(label(self.config, "sizes",
+                                                                                         r.size, run)["patch"])))
         config = {
             "run": run,
             "scale": self.scale,

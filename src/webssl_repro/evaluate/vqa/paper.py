@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from webssl_repro.evaluate.vqa.data import VqaSample
@@ -21,6 +22,9 @@ SOURCE_KEYS = {"repo", "file", "local_dir", "image_root", "limit"}
 BENCHMARK_KEYS = {"path", "name", "split", "limit", "images"}
 DATA_KEYS = {"alignment", "instruction", "exclude_laion", "benchmark_limit", "benchmarks"}
 BENCH_PREFIX = "bench:"  # benchmark image ids, kept apart from Cambrian's relative image paths
+#: Cambrian images opened before training, spread over each set: a wrong ``image_root`` or an
+#: incomplete extraction stops the job here, not inside stage 1 after the LM loaded.
+SPOT_CHECK = 64
 
 
 @dataclass
@@ -47,9 +51,33 @@ def cambrian(kind: str, section: Mapping[str, Any], exclude_laion: bool) -> list
     from webssl_repro.evaluate.vqa.real import cambrian_path, cambrian_samples
 
     _check(section, SOURCE_KEYS, f"data.{kind}")
+    root = section.get("image_root")
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(f"evaluate.vqa.data.{kind}.image_root: {root} is not a directory")
     path = cambrian_path(kind, section.get("local_dir"), repo=section.get("repo"), filename=section.get("file"))
-    samples = cambrian_samples(path, exclude_laion=exclude_laion, image_root=section.get("image_root"))
-    return list(islice(samples, _limit(section.get("limit"))))
+    samples = list(islice(cambrian_samples(path, exclude_laion=exclude_laion, image_root=root),
+                          _limit(section.get("limit"))))
+    spot_check_images(samples, kind, root)
+    return samples
+
+
+def spot_check_images(samples: list[VqaSample], kind: str, root: Optional[str], n: int = SPOT_CHECK) -> None:
+    """Open ``n`` of the set's images, evenly spaced, and name those that do not decode."""
+    from webssl_repro.evaluate.vqa.real import open_image
+
+    with_image = [s.image_id for s in samples if s.image_id is not None]
+    picked = [with_image[k * len(with_image) // n] for k in range(n)] if len(with_image) > n else with_image
+    failed = []
+    for image_id in dict.fromkeys(picked):
+        try:
+            open_image(image_id)
+        except Exception as err:  # noqa: BLE001 - any failure to decode is reported, by file
+            failed.append(f"{image_id} ({type(err).__name__})")
+    if failed:
+        where = f"image_root {root}" if root is not None else "no image_root (paths relative to the job's directory)"
+        raise ValueError(f"evaluate.vqa.data.{kind}: {len(failed)} of {len(set(picked))} images checked (of "
+                         f"{len(with_image)}) do not open with {where}: {', '.join(failed[:5])}"
+                         + (", ..." if len(failed) > 5 else ""))
 
 
 def benchmark(name: str, section: Mapping[str, Any], default_limit: Optional[int]
