@@ -6,7 +6,10 @@ from webssl_repro.paper import specs
 from webssl_repro.runs import Run
 
 put_cli_on_path()  # rules call `webssl-repro`: this Snakemake's own, activated venv or not
-check_profile_environment(getattr(workflow.resource_settings.default_resources, "args", None))  # slurm/: $SLURM_ACCOUNT
+# The submitting invocation checks slurm/'s $SLURM_ACCOUNT; a job's own parse (remote) does not:
+# the jobstep plugin strips SLURM_* from its environment, and its resources are already granted.
+if not workflow.remote_exec:
+    check_profile_environment(getattr(workflow.resource_settings.default_resources, "args", None))
 mark_invocation(workflow.remote_exec)  # so that a retry knows this invocation's attempts
 
 PLAN = Plan(config)

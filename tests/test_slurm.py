@@ -79,8 +79,10 @@ if _SKIP:
 
 def run_profile(workdir: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """`snakemake --profile slurm/ci ARGS` in ``workdir`` (which holds a copy of slurm/):
-    targets, and options such as ``--configfile``."""
-    return snakemake(workdir, "--profile", PROFILE, *args, timeout=timeout)
+    targets, and options such as ``--configfile``. The partition comes from the environment,
+    as slurm/profile.yaml's does, which every job's own parse then runs without (the jobstep
+    plugin strips SLURM_*)."""
+    return snakemake(workdir, "--profile", PROFILE, *args, timeout=timeout, environ={"SLURM_PARTITION": "debug"})
 
 
 @pytest.fixture

@@ -211,6 +211,13 @@ def test_slurm_profile_dry_run_works_verbatim(workflow_dir, monkeypatch):
     args = ("--profile", "slurm", "-n", "all", "--configfile", "config/paper.yaml")
     proc = snakemake(workflow_dir, *args)
     assert proc.returncode != 0 and "slurm_account reads $SLURM_ACCOUNT" in proc.stdout + proc.stderr
+    # A job's own parse, as the jobstep plugin runs it: remote, SLURM_* stripped, the profile's
+    # default-resources passed on unexpanded. The submitter checked them; the job must not.
+    job = ("--mode", "remote", "--default-resources", "slurm_account=$SLURM_ACCOUNT",
+           "slurm_partition=$SLURM_PARTITION", "runtime=60", "--cores", "1", "-n",
+           "results/paper/data/shards/manifest.json", "--configfile", "config/paper.yaml")
+    proc = snakemake(workflow_dir, *job)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     monkeypatch.setenv("SLURM_ACCOUNT", "myaccount")
     monkeypatch.setenv("SLURM_PARTITION", "gpu")
     proc = snakemake(workflow_dir, *args)
