@@ -6,6 +6,7 @@ EVAL_TASKS = ("classification", "segmentation", "depth", "captions", "vqa")
 
 
 rule shards:
+    localrule: PLAN.lists_only("shards")
     output:
         PLAN.data_manifest("shards"),
     params:
@@ -22,6 +23,7 @@ rule shards:
 
 
 rule in1k_data:
+    localrule: PLAN.lists_only("in1k")
     output:
         PLAN.data_manifest("in1k"),
     params:
@@ -39,6 +41,7 @@ rule in1k_data:
 # One job over the corpus, or with data.filter.parts > 1 (MC-2B's 2B images), one job per
 # part (every parts-th shard) and a merge.
 rule text_filter:
+    localrule: PLAN.lists_only("text_filter")
     wildcard_constraints:
         variant="light|heavy",
     input:
@@ -83,6 +86,7 @@ rule text_filter_part:
 
 
 rule evalset:
+    localrule: PLAN.lists_only("evalset")
     wildcard_constraints:
         task="|".join(EVAL_TASKS),
     output:
@@ -107,6 +111,7 @@ rule data:
 
 # Figure 8: raw / light / heavy samples of the filtered corpus (from the data stage).
 rule fig8_samples:
+    localrule: True  # a few dozen images drawn and plotted
     input:
         unpack(lambda w: PLAN.fig8_inputs()),
     output:

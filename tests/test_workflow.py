@@ -51,41 +51,6 @@ def test_resources_grow_with_model_size_and_samples(paper_plan):
     assert (sizes[0].nodes, sizes[0].gpus, sizes[-1].nodes, sizes[-1].gpus) == (8, 64, 32, 256)
 
 
-def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
-    launcher = paper_plan.launcher("dino7b-full2b-224")
-    assert launcher.startswith("srun --nodes 32 --ntasks 32 --ntasks-per-node 1 torchrun --nnodes 32 --nproc-per-node 8")
-    resources = paper_plan.pretrain_resources("dino7b-full2b-224").snakemake()
-    assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
-
-
-def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
-    """srun / torchrun carry a run's node and GPU counts: as a param they would make every
-    finished run out of date when its size is changed (Snakemake reruns a job whose params
-    changed, and all evaluations after it), though a run resumes on any number of GPUs. They
-    are a resource, which the job's command still reads."""
-    for rules in ("pretrain.smk", "evaluate.smk"):
-        text = (workflow_dir / "rules" / rules).read_text()
-        assert "params.launcher" not in text and "{resources.launcher}" in text, rules
-    config = yaml.safe_load((workflow_dir / "config/paper.yaml").read_text())
-    config["resources"]["nodes"]["7b"] = 16
-    (workflow_dir / "resized.yaml").write_text(yaml.safe_dump(config))
-    proc = snakemake(workflow_dir, "-n", "-p", "results/paper/runs/dino7b-full8b-224/encoder.safetensors",
-                     "--configfile", "resized.yaml")
-    assert proc.returncode == 0, proc.stderr
-    assert "&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 torchrun --nnodes 16 --nproc-per-node 8" in proc.stdout
-
-
-def test_single_node_layout_uses_gpu_and_standalone_torchrun():
-    config = load_config(REPO / "config/paper.yaml")
-    config["resources"]["nodes"]["1b"] = 1
-    plan = Plan(config)
-    assert plan.launcher("dino1b-full2b-224").startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8")
-    resources = plan.pretrain_resources("dino1b-full2b-224").snakemake()
-    assert (resources["gpu"], resources["nodes"]) == (8, 1)  # --gpus=8 alone may span smaller nodes
-    assert "dino1b-full2b-224" in plan.runs_by_layout(multinode=False)
-    assert re.fullmatch(plan.run_pattern(multinode=True), "dino1b-full2b-224") is None
-
-
 def test_mini_requests_only_built_stages():
     plan = Plan(load_config(REPO / "config/mini.yaml"))
     for item in plan.items:
@@ -121,24 +86,6 @@ def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
     per_target = snakemake(workflow_dir, "-n", "table6", "--configfile", "config/paper.yaml")
     assert "table6: 5 runs," in per_target.stdout + per_target.stderr
     assert "vqa_control" not in out  # at paper scale the paper's numbers show the probe reads images
-
-
-def test_runs_longer_than_the_time_limit_become_chains_of_jobs():
-    """dino7b-full8b-224: 69,994 estimated minutes on 32 nodes; at a 2,880-minute limit that
-    is 25 jobs, so the pretrain rules retry 24 times plus 2 for preemptions. The GPU-hours
-    count the whole run, not one job; without a limit there is one job and no rule retries."""
-    config = load_config(REPO / "config/paper.yaml")
-    plan = Plan(config)
-    res = plan.pretrain_resources("dino7b-full8b-224")
-    assert (res.total_min, res.runtime_min, res.jobs) == (69_994, 2_880, 25)
-    assert res.gpu_hours == pytest.approx(256 * 69_994 / 60)
-    assert plan.pretrain_retries() == 26
-    assert plan.pretrain_retries(remote=True) == 0  # inside a cluster job: the submitter retries
-    del config["resources"]["max_runtime_min"]
-    uncapped = Plan(config)
-    assert uncapped.pretrain_resources("dino7b-full8b-224").runtime_min == 69_994
-    assert uncapped.pretrain_resources("dino7b-full8b-224").jobs == 1 and uncapped.pretrain_retries() is None
-    assert uncapped.gpu_hours() == pytest.approx(plan.gpu_hours())
 
 
 def test_unbuildable_items_are_named_not_dropped():
@@ -202,26 +149,6 @@ def test_dry_runs_of_other_scales(workflow_dir, configfile):
                                           *Plan(load_config(REPO / configfile)).control_args().split(),
                                           "--out", "x.json"])
         assert (args.control, args.img_size, args.patch, args.encoder) == ("blind", 32, 8, None)
-
-
-def test_slurm_profile_dry_run_works_verbatim(workflow_dir, monkeypatch):
-    """As the README says: export the account and partition the profile reads, then dry-run."""
-    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
-    monkeypatch.delenv("SLURM_PARTITION", raising=False)
-    args = ("--profile", "slurm", "-n", "all", "--configfile", "config/paper.yaml")
-    proc = snakemake(workflow_dir, *args)
-    assert proc.returncode != 0 and "slurm_account reads $SLURM_ACCOUNT" in proc.stdout + proc.stderr
-    # A job's own parse, as the jobstep plugin runs it: remote, SLURM_* stripped, the profile's
-    # default-resources passed on unexpanded. The submitter checked them; the job must not.
-    job = ("--mode", "remote", "--default-resources", "slurm_account=$SLURM_ACCOUNT",
-           "slurm_partition=$SLURM_PARTITION", "runtime=60", "--cores", "1", "-n",
-           "results/paper/data/shards/manifest.json", "--configfile", "config/paper.yaml")
-    proc = snakemake(workflow_dir, *job)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    monkeypatch.setenv("SLURM_ACCOUNT", "myaccount")
-    monkeypatch.setenv("SLURM_PARTITION", "gpu")
-    proc = snakemake(workflow_dir, *args)
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_lint_is_clean(workflow_dir):

@@ -24,6 +24,22 @@ class DataJobs:
     def evalset(self, task: str) -> str:
         return f"{self.results}/data/evalsets/{task}.json"
 
+    def lists_only(self, job: str) -> bool:
+        """Whether a data job (``shards``, ``in1k``, ``evalset``, ``text_filter``) only lists or
+        merges what exists: the user's shards, the hub's eval sets, a filter's parts. Snakemake
+        then runs it itself (``localrule``), where a cluster would queue seconds of work for a
+        node of the partition the pretraining runs in."""
+        data = self.config.get("data", {})
+        if job == "shards":
+            return "shards" in data
+        if job == "in1k":
+            return "shards" in data.get("in1k", {})
+        if job == "evalset":
+            return data.get("evalsets", {}).get("source") == "hf"
+        if job == "text_filter":
+            return self.filter_parts() > 1
+        raise KeyError(f"lists_only: no data job {job!r}")
+
     def data_config_json(self, part: str, task: str | None = None) -> str:
         """Only the part of ``data`` a rule reads, so changing one part reruns only its jobs."""
         data = self.config.get("data", {})
