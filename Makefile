@@ -28,6 +28,7 @@ test: $(BIN)/webssl-repro
 
 lint: $(BIN)/webssl-repro
 	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile rules
 
 dry-run: $(BIN)/webssl-repro
 	$(BIN)/snakemake -n all --configfile config/paper.yaml

@@ -14,13 +14,11 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from webssl_repro.config import config_origin, validate_config
 
-
 # config/mini.yaml is the default; a --configfile replaces it rather than being merged
 # into it, so no mini-scale key can leak into another scale.
 if not workflow.overwrite_configfiles:
 
     configfile: "config/mini.yaml"
-
 
 
 # One line per bad key, naming it and the known ones (snakemake's own message dumps the whole
@@ -38,9 +36,9 @@ include: "rules/paper.smk"
 
 rule all:
     default_target: True
-    message:
-        PLAN.target_message()
     input:
         PLAN.all_targets(),
         rules.check.output,
         rules.report.output,
+    message:
+        PLAN.target_message()

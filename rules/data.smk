@@ -6,34 +6,34 @@ EVAL_TASKS = ("classification", "segmentation", "depth", "captions", "vqa")
 
 
 rule shards:
-    localrule: PLAN.lists_only("shards")
     output:
         PLAN.data_manifest("shards"),
-    params:
-        data=lambda w: PLAN.data_config_json("corpus"),
     log:
         f"logs/{SCALE}/data/shards.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/data/shards.tsv",
-    threads: 2
+        f"logs/{SCALE}/benchmark/data/shards.tsv"
+    localrule: PLAN.lists_only("shards")
     conda:
         ENV
+    threads: 2
+    params:
+        data=lambda w: PLAN.data_config_json("corpus"),
     shell:
         "webssl-repro data shards --data-json {params.data:q} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule in1k_data:
-    localrule: PLAN.lists_only("in1k")
     output:
         PLAN.data_manifest("in1k"),
-    params:
-        data=lambda w: PLAN.data_config_json("in1k"),
     log:
         f"logs/{SCALE}/data/in1k.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/data/in1k.tsv",
+        f"logs/{SCALE}/benchmark/data/in1k.tsv"
+    localrule: PLAN.lists_only("in1k")
     conda:
         ENV
+    params:
+        data=lambda w: PLAN.data_config_json("in1k"),
     shell:
         "webssl-repro data in1k --data-json {params.data:q} --out {output} > {log} 2>&1"
 
@@ -41,96 +41,96 @@ rule in1k_data:
 # One job over the corpus, or with data.filter.parts > 1 (MC-2B's 2B images), one job per
 # part (every parts-th shard) and a merge.
 rule text_filter:
-    localrule: PLAN.lists_only("text_filter")
-    wildcard_constraints:
-        variant="light|heavy",
     input:
         unpack(lambda w: PLAN.filter_inputs(w.variant)),
     output:
         PLAN.filter_stats("{variant}"),
-    params:
-        command=lambda w: PLAN.filter_command(w.variant),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/data/filter_{{variant}}.tsv",
-    resources:
-        **PLAN.filter_resources(whole=True),
+        f"logs/{SCALE}/benchmark/data/filter_{{variant}}.tsv"
+    wildcard_constraints:
+        variant="light|heavy",
+    localrule: PLAN.lists_only("text_filter")
     conda:
         ENV
+    resources:
+        **PLAN.filter_resources(whole=True),
+    params:
+        command=lambda w: PLAN.filter_command(w.variant),
     shell:
         "{params.command} --out {output} > {log} 2>&1"
 
 
 rule text_filter_part:
-    wildcard_constraints:
-        variant="light|heavy",
-        part=r"\d+",
     input:
         shards=PLAN.data_manifest("shards"),
         after=lambda w: PLAN.filter_prerequisites(w.variant, int(w.part)),
     output:
         PLAN.filter_part("{variant}", "{part}"),
-    params:
-        command=lambda w: PLAN.filter_command(w.variant, int(w.part)),
     log:
         f"logs/{SCALE}/data/filter_{{variant}}.{{part}}.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/data/filter_{{variant}}.{{part}}.tsv",
-    resources:
-        **PLAN.filter_resources(),
+        f"logs/{SCALE}/benchmark/data/filter_{{variant}}.{{part}}.tsv"
+    wildcard_constraints:
+        variant="light|heavy",
+        part=r"\d+",
     conda:
         ENV
+    resources:
+        **PLAN.filter_resources(),
+    params:
+        command=lambda w: PLAN.filter_command(w.variant, int(w.part)),
     shell:
         "{params.command} --out {output} > {log} 2>&1"
 
 
 rule evalset:
-    localrule: PLAN.lists_only("evalset")
-    wildcard_constraints:
-        task="|".join(EVAL_TASKS),
     output:
         PLAN.evalset("{task}"),
-    params:
-        data=lambda w: PLAN.data_config_json("evalsets", w.task),
     log:
         f"logs/{SCALE}/data/evalset_{{task}}.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/data/evalset_{{task}}.tsv",
+        f"logs/{SCALE}/benchmark/data/evalset_{{task}}.tsv"
+    wildcard_constraints:
+        task="|".join(EVAL_TASKS),
+    localrule: PLAN.lists_only("evalset")
     conda:
         ENV
+    params:
+        data=lambda w: PLAN.data_config_json("evalsets", w.task),
     shell:
         "webssl-repro data evalset {wildcards.task} --data-json {params.data:q} --out {output} > {log} 2>&1"
 
 
 rule data:
-    localrule: True
     input:
         PLAN.data_targets(),
+    localrule: True
 
 
 # Figure 8: raw / light / heavy samples of the filtered corpus (from the data stage).
 rule fig8_samples:
-    localrule: True  # a few dozen images drawn and plotted
     input:
         unpack(lambda w: PLAN.fig8_inputs()),
     output:
         pdf=f"{PAPER}/figures/fig8.pdf",
         png=f"{PAPER}/figures/fig8.png",
-    params:
-        prefix=lambda w, output: output.pdf[: -len(".pdf")],
     log:
         f"logs/{SCALE}/data/fig8.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/data/fig8.tsv",
+        f"logs/{SCALE}/benchmark/data/fig8.tsv"
+    localrule: True  # a few dozen images drawn and plotted
     conda:
         ENV
+    params:
+        prefix=lambda w, output: output.pdf[: -len(".pdf")],
     shell:
         "webssl-repro data fig8 --shards {input.shards} --light {input.light} --heavy {input.heavy} "
         "--out {params.prefix} > {log} 2>&1"
 
 
 rule fig8:
-    localrule: True
     input:
         lambda w: PLAN.data_figures() or PLAN.not_built("fig8"),
+    localrule: True

@@ -15,48 +15,48 @@ rule vqa:
         data=PLAN.vqa_data(),
     output:
         PLAN.eval_path("{run}", "vqa"),
-    params:
-        evaluate=lambda w: PLAN.eval_config_json("vqa"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_vqa.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/evaluate/{{run}}_vqa.tsv",
-    threads: PLAN.eval_threads()
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_vqa.tsv"
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: PLAN.eval_threads()
     resources:
         **_eval_res("vqa", lambda w: PLAN.eval_path(w.run, "vqa")),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
         launcher=lambda w, attempt: PLAN.eval_job_launcher(PLAN.eval_path(w.run, "vqa"), attempt),
-    conda:
-        ENV
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("vqa"),
     shell:
         "{resources.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
         "--settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 
 rule vqa_control:
-    wildcard_constraints:
-        control=PLAN.control_pattern(),
     input:
         data=PLAN.vqa_data(),
     output:
         PLAN.control_path("{control}"),
-    params:
-        evaluate=lambda w: PLAN.eval_config_json("vqa"),
-        encoder=PLAN.control_args(),
     log:
         f"logs/{SCALE}/evaluate/control_{{control}}_vqa.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/evaluate/control_{{control}}_vqa.tsv",
-    threads: PLAN.eval_threads()
+        f"logs/{SCALE}/benchmark/evaluate/control_{{control}}_vqa.tsv"
+    wildcard_constraints:
+        control=PLAN.control_pattern(),
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: PLAN.eval_threads()
     resources:
         **_eval_res("vqa", lambda w: PLAN.control_path(w.control)),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
-    conda:
-        ENV
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("vqa"),
+        encoder=PLAN.control_args(),
     shell:
         "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
@@ -68,20 +68,20 @@ rule classic:
         data=[PLAN.evalset(t) for t in ("classification", "segmentation", "depth")],
     output:
         PLAN.eval_path("{run}", "classic"),
-    params:
-        evaluate=lambda w: PLAN.eval_config_json("classic"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_classic.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/evaluate/{{run}}_classic.tsv",
-    threads: PLAN.eval_threads("classic")
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_classic.tsv"
     retries: PLAN.eval_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: PLAN.eval_threads("classic")
     resources:
         **_eval_res("classic", lambda w: PLAN.eval_path(w.run, "classic")),
         settings=SETTINGS["classic"],
         attempt=lambda w, attempt: attempt,
-    conda:
-        ENV
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("classic"),
     shell:
         "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
@@ -93,18 +93,18 @@ rule alignment:
         captions=PLAN.evalset("captions"),
     output:
         PLAN.eval_path("{run}", "alignment"),
-    params:
-        evaluate=lambda w: PLAN.eval_config_json("alignment"),
     log:
         f"logs/{SCALE}/evaluate/{{run}}_alignment.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/evaluate/{{run}}_alignment.tsv",
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_alignment.tsv"
+    conda:
+        ENV
     threads: PLAN.eval_threads("alignment")
     resources:
         **PLAN.eval_resources("alignment"),
         settings=SETTINGS["alignment"],
-    conda:
-        ENV
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("alignment"),
     shell:
         "webssl-repro evaluate alignment --run {wildcards.run} --encoder {input.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.captions} "

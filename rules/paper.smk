@@ -21,9 +21,6 @@ CONFIG_HASH = hashlib.sha256(CONFIG_JSON.encode()).hexdigest()[:12]
 
 
 rule render_table:
-    localrule: True
-    wildcard_constraints:
-        item=RENDERED_TABLES,
     input:
         lambda w: PLAN.item_inputs(w.item),
     output:
@@ -35,22 +32,22 @@ rule render_table:
         ),
         md=f"{PAPER}/tables/{{item}}.md",
         tex=f"{PAPER}/tables/{{item}}.tex",
+    log:
+        f"logs/{SCALE}/paper/{{item}}.log",
+    wildcard_constraints:
+        item=RENDERED_TABLES,
+    localrule: True
+    conda:
+        ENV
     params:
         source=config["source"],
         scale=lambda w: SCALE,
-    log:
-        f"logs/{SCALE}/paper/{{item}}.log",
-    conda:
-        ENV
     shell:
         "webssl-repro render {wildcards.item} --scale {params.scale} --source {params.source} "
         "--outputs {output} --inputs {input} > {log} 2>&1"
 
 
 rule render_figure:
-    localrule: True
-    wildcard_constraints:
-        item=RENDERED_FIGURES,
     input:
         lambda w: PLAN.item_inputs(w.item),
     output:
@@ -61,14 +58,17 @@ rule render_figure:
             category="Figures",
             subcategory="{item}",
         ),
+    log:
+        f"logs/{SCALE}/paper/{{item}}.log",
+    wildcard_constraints:
+        item=RENDERED_FIGURES,
+    localrule: True
+    conda:
+        ENV
     params:
         source=config["source"],
         scale=lambda w: SCALE,
         lms=PLAN.language_models(),
-    log:
-        f"logs/{SCALE}/paper/{{item}}.log",
-    conda:
-        ENV
     shell:
         "webssl-repro render {wildcards.item} --scale {params.scale} --source {params.source} "
         "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
@@ -79,9 +79,6 @@ rule render_figure:
 if not PLAN.published:
 
     rule render_reference_table:
-        localrule: True
-        wildcard_constraints:
-            item=RENDERED_TABLES,
         input:
             lambda w: paper_report.published_inputs(w.item),
         output:
@@ -95,6 +92,9 @@ if not PLAN.published:
             tex=f"{PAPER}/published/tables/{{item}}.tex",
         log:
             f"logs/{SCALE}/paper/{{item}}_reference.log",
+        wildcard_constraints:
+            item=RENDERED_TABLES,
+        localrule: True
         conda:
             ENV
         shell:
@@ -102,9 +102,6 @@ if not PLAN.published:
             "--outputs {output} --inputs {input} > {log} 2>&1"
 
     rule render_reference_figure:
-        localrule: True
-        wildcard_constraints:
-            item=RENDERED_FIGURES,
         input:
             lambda w: paper_report.published_inputs(w.item),
         output:
@@ -115,20 +112,20 @@ if not PLAN.published:
                 category="Published (paper)",
                 subcategory="{item}",
             ),
-        params:
-            lms=PLAN.language_models(),
         log:
             f"logs/{SCALE}/paper/{{item}}_reference.log",
+        wildcard_constraints:
+            item=RENDERED_FIGURES,
+        localrule: True
         conda:
             ENV
+        params:
+            lms=PLAN.language_models(),
         shell:
             "webssl-repro render {wildcards.item} --scale published --source published "
             "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
 
     rule overlay_figure:
-        localrule: True
-        wildcard_constraints:
-            item=RENDERED_FIGURES,
         input:
             runs=lambda w: PLAN.item_inputs(w.item),
             published=lambda w: paper_report.published_inputs(w.item),
@@ -139,20 +136,22 @@ if not PLAN.published:
                 category="Figures vs paper",
                 subcategory="{item}",
             ),
+        log:
+            f"logs/{SCALE}/paper/{{item}}_overlay.log",
+        wildcard_constraints:
+            item=RENDERED_FIGURES,
+        localrule: True
+        conda:
+            ENV
         params:
             scale=lambda w: SCALE,
             published=lambda w, input: os.path.dirname(input.published[0]),
-        log:
-            f"logs/{SCALE}/paper/{{item}}_overlay.log",
-        conda:
-            ENV
         shell:
             "webssl-repro overlay {wildcards.item} --scale {params.scale} --published-dir {params.published} "
             "--inputs {input.runs} --out {output} > {log} 2>&1"
 
 
 rule check:
-    localrule: True
     input:
         results=paper_report.check_inputs(PLAN),
         published=paper_report.published_tsvs(),
@@ -168,21 +167,21 @@ rule check:
             caption="../report/comparison.rst",
             category="Check",
         ),
+    log:
+        f"logs/{SCALE}/paper/check.log",
+    localrule: True
+    conda:
+        ENV
     params:
         config=lambda w: CONFIG_JSON,  # a function: the config holds braces (shard patterns)
         published=lambda w, input: os.path.dirname(input.published[0]),
         outdir=lambda w, output: os.path.dirname(output.claims),
-    log:
-        f"logs/{SCALE}/paper/check.log",
-    conda:
-        ENV
     shell:
         "webssl-repro check --config-json {params.config:q} --published-dir {params.published} "
         "--outdir {params.outdir} --inputs {input.results} > {log} 2>&1"
 
 
 rule report:
-    localrule: True
     input:
         paper_report.report_inputs(PLAN),
     output:
@@ -191,13 +190,14 @@ rule report:
             caption="../report/report.rst",
             category="Report",
         ),
+    log:
+        f"logs/{SCALE}/paper/report.log",
+    localrule: True
+    conda:
+        ENV
     params:
         config=lambda w: CONFIG_JSON,  # a function: the config holds braces (shard patterns)
         config_hash=CONFIG_HASH,
-    log:
-        f"logs/{SCALE}/paper/report.log",
-    conda:
-        ENV
     shell:
         "webssl-repro report --config-json {params.config:q} --config-hash {params.config_hash} "
         "--out {output} > {log} 2>&1"
@@ -210,9 +210,9 @@ for _item in PLAN.items:
     rule:
         name:
             _item
-        localrule: True
         input:
             PLAN.item_outputs(_item),
+        localrule: True
         message:
             PLAN.target_message(_item)
 
@@ -224,6 +224,6 @@ for _item in sorted(set(ITEMS) - set(PLAN.items) - {"fig8"}):
     rule:
         name:
             _item
-        localrule: True
         input:
             lambda w, item=_item: PLAN.not_built(item),
+        localrule: True

@@ -27,23 +27,20 @@ _PRETRAIN_SHELL = (
 
 
 rule pretrain_single:
-    wildcard_constraints:
-        run=PLAN.run_pattern(multinode=False),
     input:
         unpack(_pretrain_inputs),
     output:
         **_PRETRAIN_OUTPUT,
-    params:
-        config=lambda w: PLAN.run_config_json(w.run),
-        checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
-        out=lambda w: PLAN.run_dir(w.run),
-        parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv",
-    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
+        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv"
+    wildcard_constraints:
+        run=PLAN.run_pattern(multinode=False),
     retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
@@ -55,30 +52,30 @@ rule pretrain_single:
         launcher=lambda w: PLAN.launcher(w.run),
         attempt=lambda w, attempt: attempt,
         sized_for_refusal=_res("sized_for_refusal"),
-    conda:
-        ENV
-    shell:
-        _PRETRAIN_SHELL
-
-
-rule pretrain_multinode:
-    wildcard_constraints:
-        run=PLAN.run_pattern(multinode=True),
-    input:
-        unpack(_pretrain_inputs),
-    output:
-        **_PRETRAIN_OUTPUT,
     params:
         config=lambda w: PLAN.run_config_json(w.run),
         checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
         out=lambda w: PLAN.run_dir(w.run),
         parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
+    shell:
+        _PRETRAIN_SHELL
+
+
+rule pretrain_multinode:
+    input:
+        unpack(_pretrain_inputs),
+    output:
+        **_PRETRAIN_OUTPUT,
     log:
         f"logs/{SCALE}/pretrain/{{run}}.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv",
-    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
+        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv"
+    wildcard_constraints:
+        run=PLAN.run_pattern(multinode=True),
     retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
@@ -94,8 +91,11 @@ rule pretrain_multinode:
         launcher=lambda w: PLAN.launcher(w.run),
         attempt=lambda w, attempt: attempt,
         sized_for_refusal=_res("sized_for_refusal"),
-    conda:
-        ENV
+    params:
+        config=lambda w: PLAN.run_config_json(w.run),
+        checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
+        out=lambda w: PLAN.run_dir(w.run),
+        parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
     shell:
         _PRETRAIN_SHELL
 
@@ -105,22 +105,22 @@ rule pretrain_multinode:
 # converting a 7B checkpoint needs a node's memory; set `path` to a copy downloaded
 # beforehand where compute nodes have no internet.
 rule import_released:
-    wildcard_constraints:
-        run=PLAN.imported_pattern(),
     output:
         encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
         provenance=f"{RESULTS}/runs/{{run}}/provenance.json",
-    params:
-        source=lambda w: PLAN.import_command(w.run),
-        out=lambda w: PLAN.run_dir(w.run),
     log:
         f"logs/{SCALE}/pretrain/{{run}}_import.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/pretrain/{{run}}_import.tsv",
-    resources:
-        **PLAN.import_resources(),
+        f"logs/{SCALE}/benchmark/pretrain/{{run}}_import.tsv"
+    wildcard_constraints:
+        run=PLAN.imported_pattern(),
     conda:
         ENV
+    resources:
+        **PLAN.import_resources(),
+    params:
+        source=lambda w: PLAN.import_command(w.run),
+        out=lambda w: PLAN.run_dir(w.run),
     shell:
         "webssl-repro import-released --run {wildcards.run} {params.source} --out {params.out} > {log} 2>&1"
 

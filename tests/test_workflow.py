@@ -1,6 +1,9 @@
 """The DAG: run grid, targets, resources, dry runs, lint and the published render."""
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -156,6 +159,10 @@ def test_lint_is_clean(workflow_dir):
         proc = snakemake(workflow_dir, "--lint", "--configfile", configfile)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "Congratulations" in proc.stdout + proc.stderr
+    # snakefmt (the catalog's formatting check), at pyproject.toml's line length
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_published_all_renders_every_item_with_the_papers_numbers(workflow_dir):
