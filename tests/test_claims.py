@@ -232,6 +232,25 @@ def test_check_on_a_synthetic_mini_tree(tmp_path, monkeypatch):
     assert "does not hold" in (tmp_path / "paper/synth/check/claims.md").read_text()
 
 
+def test_malformed_results_are_named_by_file(tmp_path):
+    """render / check / report read hand-edited or cut-short result files: each is named."""
+    evals = tmp_path / "results/synth/evals/dino1b-full2b-224"
+    evals.mkdir(parents=True)
+    bad = {"vqa.json": ("{\"metrics\": [1, 2]}", r"vqa.json: 'metrics' is a list, not a mapping"),
+           "classic.json": ('{"metrics": {"in1k_linear": "n/a"}}', r"classic.json: metric 'in1k_linear' has "
+                                                                    r"non-numeric value 'n/a'"),
+           "alignment.json": ('{"metrics": {', r"alignment.json: cannot read its 'metrics' mapping")}
+    for name, (text, message) in bad.items():
+        (evals / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            runs_frame([evals / name])
+    filtered = tmp_path / "results/synth/data/filter"
+    filtered.mkdir(parents=True)
+    (filtered / "heavy.json").write_text('{"variant": "heavy"}')
+    with pytest.raises(ValueError, match=r"heavy.json: cannot read its kept_fraction: KeyError"):
+        runs_frame([filtered / "heavy.json"])
+
+
 def test_vqa_claims_not_measurable_where_the_probe_does_not_read_images(tmp_path, monkeypatch):
     """The mini VQA probe scores raw-pixel tokens like zeros (benchmarks/README.md): its claims are
     then not measurable, whatever the runs' numbers say, and the evidence keeps that verdict;

@@ -64,7 +64,10 @@ def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame
     for path in map(Path, paths):
         m = _EVAL.search(path.as_posix())
         if path.parent.name == "filter" and path.stem in ("light", "heavy") and path.suffix == ".json":
-            kept[path.stem] = 100.0 * float(json.loads(path.read_text())["kept_fraction"])
+            try:
+                kept[path.stem] = 100.0 * float(json.loads(path.read_text())["kept_fraction"])
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: cannot read its kept_fraction: {type(err).__name__}: {err}") from err
         if not m:
             continue
         run, seed = split_seed(m["run"], first_seed)
@@ -74,6 +77,8 @@ def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame
             metrics = json.loads(path.read_text())["metrics"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: cannot read its 'metrics' mapping: {err}") from err
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{path}: 'metrics' is a {type(metrics).__name__}, not a mapping of metric to value")
         for name, value in metrics.items():
             try:
                 rows.append({"source": run, "metric": name, "value": float(value), "origin": "run", "seed": seed})
