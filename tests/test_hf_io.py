@@ -105,6 +105,22 @@ def test_vit_export_matches_and_round_trips(tmp_path):
     _assert_same_state(enc, back)
 
 
+@pytest.mark.parametrize("method", ["dino", "mae"])
+def test_hf_directory_missing_a_weight_is_refused(tmp_path, method):
+    """transformers fills a weight the files lack with random values and only logs it."""
+    from safetensors.torch import load_file, save_file
+
+    export_hf(_encoder(method), _meta(method), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = min(k for k in weights if ".1." in k and k.endswith("bias"))  # a bias of the second block
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    # named as the loaded model names it (transformers 5 renames some layers on load)
+    with pytest.raises(KeyError, match=rf"{tmp_path}: the checkpoint lacks 1 of the (dinov2|vit) model's weights, "
+                                       r"e.g. \S*\.1\.\S*bias\W*$"):
+        import_hf(tmp_path)
+
+
 @pytest.mark.parametrize("method,kind", [("dino", "dinov2"), ("mae", "vit")])
 def test_raw_hf_files_match_our_key_tables(tmp_path, method, kind):
     """transformers writes its files in the 4.x names of the uploaded facebook/webssl-* repos
@@ -181,6 +197,25 @@ def test_bad_checkpoints_name_the_key():
         import_native(lost, "dino", TINY, IMG)
     with pytest.raises(KeyError, match=r"pos_embed.*img_size=32, not 64"):
         import_native(native, "dino", TINY, 64)
+
+
+def test_bad_checkpoint_files_are_named(tmp_path):
+    enc = _encoder("dino")
+    pth = tmp_path / "dino.pth"
+    torch.save(convert.to_native(enc.state_dict(), "dino"), pth)
+    deeper = Arch(64, 6, 4, patch=8)  # 4 blocks more: 4 x 14 keys missing, listed in brief
+    with pytest.raises(KeyError, match=rf"{pth}: checkpoint does not fit a dino encoder .*: 56 missing key\(s\) "
+                                       r"\[blocks\.2\.[^]]*, \.\.\. 48 more\], 0 unexpected \[\]"):
+        import_native(pth, "dino", deeper, IMG)
+    torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "head.pth")
+    with pytest.raises(KeyError, match=rf"{tmp_path / 'head.pth'}: no 'pos_embed' key"):
+        import_native(tmp_path / "head.pth", "dino", TINY, IMG)
+    export_hf(enc, _meta("dino"), tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"model.safetensors: a native checkpoint is a .pth / .pt file; for a "
+                                         r"transformers model give its directory"):
+        import_native(tmp_path / "hf" / "model.safetensors", "dino", TINY, IMG)
+    with pytest.raises(FileNotFoundError, match=r"nowhere.pth: no such checkpoint file"):
+        import_native(tmp_path / "nowhere.pth", "dino", TINY, IMG)
     hf = convert.to_hf(enc.state_dict(), "dinov2")
     del hf["encoder.layer.0.mlp.up_proj.bias"]
     with pytest.raises(KeyError, match=r"encoder\.layer\.0\.mlp\.up_proj\.bias"):
@@ -227,7 +262,7 @@ def test_released_table_and_import(tmp_path):
     # a tiny file cannot pass as a released 7B model
     native = convert.to_native(_encoder("dino").state_dict(), "dino")
     torch.save(native, tmp_path / "tiny.pth")
-    with pytest.raises(KeyError, match="missing keys"):
+    with pytest.raises(KeyError, match=r"tiny.pth: checkpoint does not fit a dino encoder .* missing key\(s\)"):
         load_released("facebook/webssl-dino7b-full8b-518", tmp_path / "tiny.pth")
 
 

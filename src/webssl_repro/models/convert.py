@@ -37,7 +37,7 @@ def load_into_encoder(state: Mapping[str, Tensor], method: str, arch: Arch, img_
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise KeyError(f"{source}: checkpoint does not fit a {method} encoder {arch}: "
-                       f"missing keys {missing}, unexpected keys {unexpected}")
+                       f"{len(missing)} missing key(s) {_few(missing)}, {len(unexpected)} unexpected {_few(unexpected)}")
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             hint = ""
@@ -49,6 +49,12 @@ def load_into_encoder(state: Mapping[str, Tensor], method: str, arch: Arch, img_
     encoder.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()},
                             strict=True, assign=True)
     return encoder.eval().requires_grad_(False)
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    """A key list short enough to read: a 7B checkpoint of the wrong size misses thousands."""
+    more = f", ... {len(keys) - n} more" if len(keys) > n else ""
+    return f"[{', '.join(keys[:n])}{more}]"
 
 
 def _split(t: Tensor, n: int) -> list[Tensor]:

@@ -91,7 +91,10 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
 
     The HF model is built on the meta device and adopts our tensors, so exporting a 7B run
     does not hold a second randomly initialised copy. ``from_pretrained(out_dir)`` then gives
-    ``last_hidden_state`` = our final-norm tokens (CLS first). transformers 5 writes the file
+    ``last_hidden_state`` = our final-norm tokens (CLS first) at the stored resolution. At
+    another size the two differ by ~0.5 % (relative): we resample the position embeddings by
+    DINOv2's rule (``vit.resample_pos_embed``, bit-equal to the released webssl code),
+    transformers' ``interpolate_pos_encoding`` to the exact grid. transformers 5 writes the file
     in the 4.x names of the uploaded ``facebook/webssl-*`` repos, so either version loads it.
     """
     method = meta["method"]
@@ -125,11 +128,23 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
     kw = {"revision": revision} if revision and not local else {}
     config = AutoConfig.from_pretrained(str(path), **kw)
     if config.model_type == "vit":
-        return ViTModel.from_pretrained(str(path), add_pooling_layer=False, **kw)
-    if config.model_type == "dinov2":
-        return Dinov2Model.from_pretrained(str(path), **kw)
-    raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower "
-                     "(expected 'dinov2' for Web-DINO or 'vit' for Web-MAE)")
+        model, info = ViTModel.from_pretrained(str(path), add_pooling_layer=False, output_loading_info=True, **kw)
+    elif config.model_type == "dinov2":
+        model, info = Dinov2Model.from_pretrained(str(path), output_loading_info=True, **kw)
+    else:
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower "
+                         "(expected 'dinov2' for Web-DINO or 'vit' for Web-MAE)")
+    # from_pretrained fills a weight the files lack with random values and only logs it: the
+    # encoder converted from the model would then be half random, with no error.
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:
+        raise KeyError(f"{path}: the checkpoint lacks {len(missing)} of the {config.model_type} model's weights, "
+                       f"e.g. {', '.join(missing[:5])}")
+    mismatched = info.get("mismatched_keys", ())
+    if mismatched:
+        raise ValueError(f"{path}: weights of another shape than its config.json says: "
+                         f"{', '.join(str(m) for m in list(mismatched)[:5])}")
+    return model
 
 
 def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = False,
@@ -195,10 +210,18 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
     if isinstance(path_or_state_dict, Mapping):
         obj, source = path_or_state_dict, "state dict"
     else:
-        obj = torch.load(str(path_or_state_dict), map_location="cpu", weights_only=True, mmap=True)
         source = str(path_or_state_dict)
-    state, ignored = convert.unwrap_native(obj)
-    state, notes = convert.from_native(state, method)
+        if Path(source).suffix == ".safetensors":  # most likely the weights file of a HF model directory
+            raise ValueError(f"{source}: a native checkpoint is a .pth / .pt file; for a transformers model "
+                             f"give its directory ({Path(source).parent}), which holds config.json")
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such checkpoint file")
+        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state, ignored = convert.unwrap_native(obj)
+        state, notes = convert.from_native(state, method)
+    except (TypeError, KeyError) as err:
+        raise type(err)(f"{source}: {err.args[0] if err.args else err}") from None
     encoder = convert.load_into_encoder(state, method, arch, int(img_size), source=source)
     return encoder, _meta(method, arch, img_size, source=source, ignored_keys=ignored, notes=notes)
 
