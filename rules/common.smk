@@ -16,7 +16,7 @@ PLAN = Plan(config)
 SCALE = PLAN.scale
 RESULTS = PLAN.results
 PAPER = PLAN.paper_dir
-ENV = "webssl-repro"  # the named environment environment.yml creates (conda env create -f)
+ENV = "../environment.yml"
 # How each kind of job runs (log cadence, workers, local data paths): a string resource the
 # shell passes as --settings-json, not a param, so that changing it reruns nothing
 # (webssl_repro.settings). Executors ignore resources they do not know.
