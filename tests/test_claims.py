@@ -239,7 +239,7 @@ def test_malformed_results_are_named_by_file(tmp_path):
     bad = {"vqa.json": ("{\"metrics\": [1, 2]}", r"vqa.json: 'metrics' is a list, not a mapping"),
            "classic.json": ('{"metrics": {"in1k_linear": "n/a"}}', r"classic.json: metric 'in1k_linear' has "
                                                                     r"non-numeric value 'n/a'"),
-           "alignment.json": ('{"metrics": {', r"alignment.json: cannot read its 'metrics' mapping")}
+           "alignment.json": ('{"metrics": {', r"alignment.json: not valid JSON at line 1")}
     for name, (text, message) in bad.items():
         (evals / name).write_text(text)
         with pytest.raises(ValueError, match=message):

@@ -19,9 +19,9 @@ import pandas as pd
 from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
-from webssl_repro.paper.results import with_categories
-from webssl_repro.metrics import DATA_PCT, VQA_CONTROLS
-from webssl_repro.runs import Run, is_run_name, split_seed
+from webssl_repro.paper.results import data_pct_rows, eval_rows, is_filter_result, kept_percent, with_categories
+from webssl_repro.metrics import VQA_CONTROLS
+from webssl_repro.runs import is_run_name, split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
 NOT_COMPARABLE, PAPER_ITSELF = "not comparable", "paper itself"
@@ -58,36 +58,16 @@ def published_runs_frame(directory: Optional[str | Path] = None) -> pd.DataFrame
 
 
 def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame:
-    """Eval JSONs (``{"metrics": {...}}`` under ``evals/{run}[.s{seed}]/``) as a long frame with ``seed``,
-    plus Table 2's share of data kept (``data/filter/{light,heavy}.json``; 100 for unfiltered runs)."""
+    """Eval JSONs (``evals/{run}[.s{seed}]/``) as a long frame with ``seed``, plus Table 2's share
+    of data kept (``data/filter/{light,heavy}.json``; 100 for unfiltered runs): what the items
+    read (``results.run_results``) for every run among ``paths``."""
     rows, kept = [], {}
     for path in map(Path, paths):
-        m = _EVAL.search(path.as_posix())
-        if path.parent.name == "filter" and path.stem in ("light", "heavy") and path.suffix == ".json":
-            try:
-                kept[path.stem] = 100.0 * float(json.loads(path.read_text())["kept_fraction"])
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}: cannot read its kept_fraction: {type(err).__name__}: {err}") from err
-        if not m:
-            continue
-        run, seed = split_seed(m["run"], first_seed)
-        if not is_run_name(run):
-            raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/, got {m['run']!r}")
-        try:
-            metrics = json.loads(path.read_text())["metrics"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: cannot read its 'metrics' mapping: {err}") from err
-        if not isinstance(metrics, dict):
-            raise ValueError(f"{path}: 'metrics' is a {type(metrics).__name__}, not a mapping of metric to value")
-        for name, value in metrics.items():
-            try:
-                rows.append({"source": run, "metric": name, "value": float(value), "origin": "run", "seed": seed})
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}") from None
-    for run in dict.fromkeys(r["source"] for r in rows):
-        share = 100.0 if Run.parse(run).data == "full" else kept.get(Run.parse(run).data)
-        if share is not None:
-            rows.append({"source": run, "metric": DATA_PCT, "value": share, "origin": "run", "seed": first_seed})
+        if is_filter_result(path):
+            kept[path.stem] = kept_percent(path)
+        elif _EVAL.search(path.as_posix()):
+            rows.extend(eval_rows(path, first_seed))
+    rows.extend(data_pct_rows(dict.fromkeys(r["source"] for r in rows), kept, first_seed))
     return with_categories(pd.DataFrame(rows, columns=["source", "metric", "value", "origin", "seed"]))
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from webssl_repro.metrics import ALIGNMENT_PREFIX
 from webssl_repro.paper import specs
+from webssl_repro.paper.results import value_table
 from webssl_repro.runs import Run
 
 HOLDS, FAILS, NOT_MEASURABLE = "holds", "does not hold", "not measurable"
@@ -307,12 +308,6 @@ def _seed_frames(frame: pd.DataFrame) -> list[pd.DataFrame]:
     return [pd.concat([frame[frame["seed"] == s], shared]) for s in sorted(frame["seed"].dropna().unique())]
 
 
-def _wide(frame: pd.DataFrame) -> pd.DataFrame:
-    if frame.empty:
-        return pd.DataFrame()
-    return frame.pivot_table(index="source", columns="metric", values="value", aggfunc="mean")
-
-
 def _fmt(mean: float, sd: float, n: int) -> str:
     text = f"{mean:+.3g}" if abs(mean) < 0.1 else f"{mean:+.2f}"
     return f"{text} ± {sd:.2g} (sd, {n} seeds)" if n > 1 else text
@@ -350,7 +345,7 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
 
     per_seed: dict[str, list[float]] = {}
     for sub in _seed_frames(frame):
-        for name, value in claim.compute(Values(_wide(sub), series)).items():
+        for name, value in claim.compute(Values(value_table(sub), series)).items():
             if not math.isnan(value):
                 per_seed.setdefault(name, []).append(value)
     quantities = {}

@@ -7,14 +7,14 @@ table is the same code at every scale.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
+from webssl_repro.files import read_json
 from webssl_repro.metrics import DATA_PCT, VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
@@ -52,24 +52,17 @@ def published_results(item: specs.Item, directory: Optional[str | Path] = None) 
     return with_categories(frame[COLUMNS].reset_index(drop=True))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read eval result {path}: {err}") from err
-
-
-def eval_rows(path: str | Path) -> list[dict]:
-    """Rows of one ``results/{scale}/evals/{run}/{kind}.json`` (``{"metrics": {name: value}}``)."""
+def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
+    """Rows of one ``results/{scale}/evals/{run}[.s{seed}]/{kind}.json`` (``{"metrics": {name: value}}``);
+    the run's directory without a suffix is ``first_seed``'s."""
     path = Path(path)
-    run, seed = split_seed(path.parent.name)
+    run, seed = split_seed(path.parent.name, first_seed)
     if not is_run_name(run):
-        raise ValueError(f"{path}: eval results must live under evals/<run>/, got directory {run!r}")
-    data = _read_json(path)
-    metrics = data.get("metrics")
+        raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/, got {path.parent.name!r}")
+    data = read_json(path)
+    metrics = data.get("metrics") if isinstance(data, dict) else None
     if not isinstance(metrics, dict):
-        raise ValueError(f"{path}: missing the 'metrics' mapping")
+        raise ValueError(f"{path}: 'metrics' is a {type(metrics).__name__}, not a mapping of metric to value")
     rows = []
     for name, value in metrics.items():
         try:
@@ -79,29 +72,41 @@ def eval_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def filter_rows(path: str | Path, runs: Iterable[str]) -> list[dict]:
-    """Table 2's "% of data": the kept fraction of the filter a run's data label names."""
-    path = Path(path)
-    data = _read_json(path)
-    if "kept_fraction" not in data:
-        raise ValueError(f"{path}: missing 'kept_fraction'")
-    variant = path.stem
-    return [{"source": r, "metric": DATA_PCT, "value": 100.0 * float(data["kept_fraction"]), "origin": "run", "seed": 0}
-            for r in runs if Run.parse(r).data == variant]
+def kept_percent(path: str | Path) -> float:
+    """Table 2's "% of data" of one filter result (``data/filter/{light,heavy}.json``)."""
+    data = read_json(path)
+    try:
+        return 100.0 * float(data["kept_fraction"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read its kept_fraction: {type(err).__name__}: {err}") from None
+
+
+def data_pct_rows(runs: Iterable[str], kept: Mapping[str, float], seed: int = 0) -> list[dict]:
+    """The "% of data" each run trained on: all of it unfiltered, else its filter's kept share
+    (``kept``: variant -> percent; a run whose filter result is not among them gets no row)."""
+    rows = []
+    for run in runs:
+        data = Run.parse(run).data
+        share = 100.0 if data == "full" else kept.get(data)
+        if share is not None:
+            rows.append({"source": run, "metric": DATA_PCT, "value": share, "origin": "run", "seed": seed})
+    return rows
+
+
+def is_filter_result(path: Path) -> bool:
+    return path.parent.name == "filter" and path.stem in ("light", "heavy") and path.suffix == ".json"
 
 
 def run_results(item: specs.Item, inputs: Iterable[str | Path]) -> pd.DataFrame:
     rows: list[dict] = []
-    for path in inputs:
-        path = Path(path)
-        if path.parent.name == "filter":
-            rows.extend(filter_rows(path, item.runs))
+    kept: dict[str, float] = {}
+    for path in map(Path, inputs):
+        if is_filter_result(path):
+            kept[path.stem] = kept_percent(path)
         elif path.suffix == ".json":
             rows.extend(eval_rows(path))
-    # Unfiltered runs keep all of their data.
     if DATA_PCT in item.metrics:
-        rows.extend({"source": r, "metric": DATA_PCT, "value": 100.0, "origin": "run", "seed": 0}
-                    for r in item.runs if Run.parse(r).data == "full")
+        rows.extend(data_pct_rows(item.runs, kept))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     baselines = [s for s in item.sources if s in specs.BASELINES]
     if baselines and item.published:
