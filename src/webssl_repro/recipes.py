@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-BATCH_KEYS = ("batch_size",)
 #: Web-DINO's settings counted in steps, at their DINOv2 ViT-g defaults (DINOv2 epochs of 1250
 #: steps: lr warm-up 80, teacher-temperature warm-up 30, prototypes frozen 1); the defaults of
 #: ``methods.dino.DinoConfig``, kept here so that the DAG can rescale them without torch.

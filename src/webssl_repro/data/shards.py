@@ -98,15 +98,6 @@ def write_shard(out_path: str, seed: int, start: int, count: int, cfg: MiniWebCo
             "has_text": n_text, "is_chart_table_doc": n_ctd}
 
 
-def write_corpus(out_dir: str, seed: int, n_images: int, shard_size: int, cfg: MiniWebConfig | dict | None = None,
-                 **kw: Any) -> list[str]:
-    """All shards of a corpus, serially (a workflow calls ``write_shard`` per shard instead)."""
-    paths = []
-    for k, (start, count) in enumerate(shard_ranges(n_images, shard_size)):
-        paths.append(write_shard(os.path.join(out_dir, f"shard-{k:05d}.tar"), seed, start, count, cfg, **kw)["path"])
-    return paths
-
-
 def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out_path: str) -> dict[str, Any]:
     """Copy the members of the kept samples (webdataset ``__key__``s), byte for byte and in
     order, into one tar: the light / heavy corpora as shards of their own, as DataComp

@@ -22,6 +22,7 @@ from collections import Counter
 from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
+from webssl_repro.data.evalsets import ALIGNMENT_PAIRS
 from webssl_repro.data.shards import expand_sources, is_local, shard_ranges, write_shard
 from webssl_repro.files import read_json, write_json
 
@@ -31,7 +32,7 @@ EVAL_DEFAULTS: dict[str, dict[str, int]] = {
     "classification": {"train": 1600, "val": 320, "test": 320},
     "segmentation": {"train": 800, "val": 200, "test": 200},
     "depth": {"train": 800, "val": 200, "test": 200},
-    "captions": {"test": 1024},
+    "captions": {"test": ALIGNMENT_PAIRS},  # WIT-1024's size
     "vqa": {"train": 300, "val": 50, "test": 100},
 }
 

@@ -9,7 +9,6 @@ configured for them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from webssl_repro.metrics import (
     CATEGORY_COLUMNS,
@@ -228,7 +227,3 @@ def runs_for(item_ids=None) -> list[str]:
 
     ids = ITEMS if item_ids is None else item_ids
     return sort_runs(r for i in ids for r in get_item(i).runs)
-
-
-def label_for(source: str, default: Optional[str] = None) -> str:
-    return BASELINES.get(source, default or source)

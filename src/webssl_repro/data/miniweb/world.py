@@ -78,7 +78,6 @@ KNOWLEDGE: dict[str, dict[str, Any]] = {
 CATEGORIES: tuple[str, ...] = tuple(sorted({f["category"] for f in KNOWLEDGE.values()}))
 
 KINDS: tuple[str, ...] = ("objects", "text_scene", "chart", "document", "in1k")
-TEXT_KINDS: frozenset[str] = frozenset({"text_scene", "chart", "document"})
 CHART_TABLE_DOC_KINDS: frozenset[str] = frozenset({"chart", "document"})
 DEFAULT_KIND_WEIGHTS: dict[str, float] = {"objects": 0.50, "text_scene": 0.48, "chart": 0.01, "document": 0.01}
 

@@ -150,10 +150,12 @@ def collate(batch: Sequence[Encoded], pad: int, side: str = "right") -> dict[str
     return t
 
 
-def samples_from_items(items: Iterable[Mapping[str, Any]]) -> list[VqaSample]:
-    """Mini-web eval-set items (``webssl_repro.data.evalsets.vqa_items``) as samples."""
+def samples_from_items(items: Iterable[Mapping[str, Any]], prefix: str = "") -> list[VqaSample]:
+    """Mini-web eval-set items (``webssl_repro.data.evalsets.vqa_items``) as samples, their image
+    ids under ``prefix/`` (a split's, where several splits share one image cache)."""
     drop = {"image", "question", "answer", "image_id", "benchmark"}
-    return [VqaSample(str(it["image_id"]), str(it["question"]), str(it["answer"]), str(it.get("benchmark", "")),
+    head = f"{prefix}/" if prefix else ""
+    return [VqaSample(f"{head}{it['image_id']}", str(it["question"]), str(it["answer"]), str(it.get("benchmark", "")),
                       {k: v for k, v in it.items() if k not in drop}) for it in items]
 
 

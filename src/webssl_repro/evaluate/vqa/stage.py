@@ -19,14 +19,14 @@ the CLI writes them on rank 0 only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from webssl_repro.evaluate.imagesets import images_tensor
 from webssl_repro.files import read_json
 from webssl_repro.evaluate.progress import EvalProgress
-from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
+from webssl_repro.evaluate.vqa.data import VqaSample, extract_features, samples_from_items
 from webssl_repro.metrics import VQA_BENCHMARKS
 
 #: Cambrian pads each image to a square (image_aspect_ratio=pad) before its processor
@@ -43,12 +43,6 @@ def vqa_split(manifest_path: str | Path, split: str) -> dict[str, list[dict[str,
     if missing:
         raise ValueError(f"{manifest_path}: split {split!r} lacks benchmarks {missing}")
     return {b: load_evalset(str(Path(manifest_path).parent / files[b])) for b in VQA_BENCHMARKS}
-
-
-def _samples(items: Iterable[Mapping[str, Any]], prefix: str) -> list[VqaSample]:
-    drop = {"image", "question", "answer", "image_id", "benchmark"}
-    return [VqaSample(f"{prefix}/{it['image_id']}", str(it["question"]), str(it["answer"]), str(it["benchmark"]),
-                      {k: v for k, v in it.items() if k not in drop}) for it in items]
 
 
 def _corpus(manifest_path: str | Path, limit: int) -> tuple[list[VqaSample], dict[str, Any]]:
@@ -135,8 +129,8 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
 
     alignment, images = _corpus(manifests["shards"], int(cfg.get("alignment_samples", 1024)))
     train_items, test_items = vqa_split(manifests["vqa"], "train"), vqa_split(manifests["vqa"], "test")
-    instruction = [s for b in VQA_BENCHMARKS for s in _samples(train_items[b], "vqa")]
-    tests = {b: _samples(test_items[b], "vqa") for b in VQA_BENCHMARKS}
+    instruction = [s for b in VQA_BENCHMARKS for s in samples_from_items(train_items[b], "vqa")]
+    tests = {b: samples_from_items(test_items[b], "vqa") for b in VQA_BENCHMARKS}
     for items in (*train_items.values(), *test_items.values()):
         for it in items:
             images.setdefault(f"vqa/{it['image_id']}", it["image"])
