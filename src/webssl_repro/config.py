@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from webssl_repro.workflow import repo_root
+from webssl_repro.files import repo_root
 
 SCHEMA = repo_root() / "config" / "schema.yaml"
 

@@ -71,3 +71,8 @@ def model_location(value: str | os.PathLike, key: str) -> str:
     if looks_local:
         raise ValueError(f"{key}: {text} does not exist (a local path; a hub id is 'org/name')")
     return text
+
+
+def repo_root() -> Path:
+    """The checkout this package is installed from (editable): where config/ and results/published live."""
+    return Path(__file__).resolve().parents[2]

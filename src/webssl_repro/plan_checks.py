@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+from webssl_repro.config import ConfigError
 from webssl_repro.metrics import ALIGNMENT_PREFIX
 from webssl_repro.paper import specs
 
@@ -11,8 +12,6 @@ from webssl_repro.paper import specs
 def check_tolerances(tolerances: Mapping[str, Any]) -> None:
     """``check.tolerances`` keys are metrics some item prints (a misspelt one would leave its
     metric without a tolerance)."""
-    from webssl_repro.config import ConfigError  # config imports the workflow, which imports this
-
     known = {m for item in specs.ITEMS.values() for m in item.metrics}
     unknown = sorted(k for k in tolerances if k not in known and not k.startswith(ALIGNMENT_PREFIX))
     if unknown:
@@ -23,7 +22,6 @@ def check_tolerances(tolerances: Mapping[str, Any]) -> None:
 def check_sizes(sizes: Mapping[str, Mapping[str, Any]]) -> None:
     """Each ``labels.sizes`` entry builds a ViT (``models.arch.Arch``: width divisible by heads),
     checked at the dry run rather than by a pretraining job after it queued for its nodes."""
-    from webssl_repro.config import ConfigError
     from webssl_repro.models.arch import Arch
 
     for label, spec in sizes.items():
@@ -36,8 +34,6 @@ def check_sizes(sizes: Mapping[str, Mapping[str, Any]]) -> None:
 def check_eval_gpus(resources: Mapping[str, Any]) -> None:
     """An evaluation job runs on one node (``torchrun --standalone``, the 70B LM's device map):
     ``resources.eval_gpus`` beyond ``gpus_per_node`` would be a job SLURM can never start."""
-    from webssl_repro.config import ConfigError
-
     per_node, wanted = int(resources.get("gpus_per_node", 0)), int(resources.get("eval_gpus", 0))
     if wanted > per_node:
         raise ConfigError(f"resources.eval_gpus: {wanted} GPUs, but an evaluation job runs on one node and "
@@ -48,8 +44,6 @@ def check_language_models(alignment: Mapping[str, Any]) -> None:
     """Each ``evaluate.alignment.language_models`` name is MiniLM, a key of ``lm_paths``, or a
     hub id / path itself: a misspelt name would otherwise be sent to the hub as a repo id by
     every alignment job, after its encoder's features were computed."""
-    from webssl_repro.config import ConfigError
-
     paths = alignment.get("lm_paths", {})
     for name in alignment.get("language_models", ["minilm"]):
         if name != "minilm" and name not in paths and "/" not in name:
@@ -63,7 +57,6 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
     is imported for the evaluations asked of it), imported from the checkpoint of that very
     run, downloaded only at the paper scale (the mini scale never downloads), and with one
     seed: a release is one encoder, not a spread over seeds."""
-    from webssl_repro.config import ConfigError
     from webssl_repro.releases import RELEASED
 
     if run_sources and len(seeds) > 1:
@@ -89,8 +82,6 @@ def check_profile_environment(default_resources: Iterable[str], environ: Mapping
     only the first submission fails, after the dry run looked fine."""
     import os
     import re
-
-    from webssl_repro.config import ConfigError
 
     environ = os.environ if environ is None else environ
     unset = []

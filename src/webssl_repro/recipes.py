@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from webssl_repro.config import ConfigError
+
 #: Web-DINO's settings counted in steps, at their DINOv2 ViT-g defaults (DINOv2 epochs of 1250
 #: steps: lr warm-up 80, teacher-temperature warm-up 30, prototypes frozen 1); the defaults of
 #: ``methods.dino.DinoConfig``, kept here so that the DAG can rescale them without torch.
@@ -62,8 +64,6 @@ def check_schedule(run_config: Mapping[str, Any], method: str, origin: Mapping[s
     temperature "warm-up" (``warmup_teacher_temp == teacher_temp``, mini) has no length to
     check. ``origin`` names the config key each recipe value came from (``Plan.run_config``);
     a value it lacks is the method's default."""
-    from webssl_repro.config import ConfigError  # config imports this module
-
     defaults = SCHEDULE_DEFAULTS[method]
     recipe = run_config["recipe"]
     origin = origin or {}
@@ -94,8 +94,6 @@ def check_shapes(run_config: Mapping[str, Any], method: str, world_size: int,
     """Refuse, at the dry run, a run that its job would refuse once granted its nodes: a global
     batch that does not split over its GPUs (``train.loop``), or an image size that is not a
     whole number of patches (timm's patch embedding)."""
-    from webssl_repro.config import ConfigError  # config imports this module
-
     run, recipe, origin = run_config["run"], run_config["recipe"], origin or {}
     batch = int(recipe.get("batch_size", SCHEDULE_DEFAULTS[method].get("batch_size", 1)))
     if world_size > 1 and batch % world_size:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from webssl_repro.config import ConfigError
 from webssl_repro.runs import Run
 
 # Crops seen per image by Web-DINO (DINOv2 ViT-g recipe): 2 global + 8 local at 98/224 of the global size.
@@ -74,8 +75,6 @@ def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, base_size
 def label(cfg: Mapping[str, Any], kind: str, key: str, run: Any) -> Any:
     """``labels.{kind}[key]``, the number behind one of ``run``'s labels, or a ``ConfigError``
     naming the missing label and the ones the config has."""
-    from webssl_repro.config import ConfigError  # config imports the workflow, which imports this module
-
     table = cfg.get("labels", {}).get(kind, {})
     if key not in table:
         raise ConfigError(f"config labels.{kind} has no entry {key!r} (run {run}); it has {sorted(table)}")
@@ -137,8 +136,6 @@ REFUSED_ATTEMPT: dict[str, Any] = {"runtime": 10, "mem_mb": 2000, "cpus_per_task
 
 
 def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
-    from webssl_repro.config import ConfigError  # config imports the workflow, which imports this module
-
     res_cfg = cfg["resources"]
     arch = label(cfg, "sizes", run.size, run)
     img = int(label(cfg, "resolutions", str(run.res), run))

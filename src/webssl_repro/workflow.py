@@ -13,6 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
+from webssl_repro.config import ConfigError, load_config
+from webssl_repro.files import repo_root
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes, hires_recipe
 from webssl_repro.resources import dino_local_crop, label, samples_of
@@ -89,8 +91,6 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         requested = tuple(i for i in self.config.get("items", ()) if i != "fig8")
         unknown = [i for i in requested if i not in specs.ITEMS]
         if unknown:
-            from webssl_repro.config import ConfigError  # config imports this module
-
             raise ConfigError(f"items: unknown paper item(s) {', '.join(unknown)}; known: "
                               f"{', '.join(sorted([*specs.ITEMS, 'fig8'], key=_item_order))}")
         return requested
@@ -177,8 +177,6 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         a run of its items or of ``pretrain.run_sources``), else an error that says so, where
         Snakemake would only report the encoder as a missing input."""
         if run_id not in self.run_ids:
-            from webssl_repro.config import ConfigError  # config imports this module
-
             name, seed = split_seed(run_id, self.seeds[0])
             why = (f"seed {seed} is not in seeds {self.seeds}" if name in self.runs else
                    f"{name} is not a run of this config's items nor of pretrain.run_sources; the runs are "
@@ -209,8 +207,6 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         inputs: dict[str, Any] = {"data": self.pretrain_data(run)}
         if run.parent is not None:  # hi-res fine-tune starts from the same seed's 224 px run (paper App. C)
             if str(run.parent) in self.run_sources:
-                from webssl_repro.config import ConfigError  # config imports this module
-
                 raise ConfigError(f"pretrain.run_sources.{run.parent}: {name} fine-tunes it from its training "
                                   "state (teacher, heads, optimizer), which an imported encoder does not have; "
                                   f"train {run.parent} or import {name} itself")
@@ -293,8 +289,6 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
     def not_built(self, item: str) -> None:
         """Raise why ``snakemake {item}`` has nothing to build at this scale (the target rule
         of an item this config does not build)."""
-        from webssl_repro.config import ConfigError  # config imports this module
-
         why = self.skipped_items.get(item, "not in this config's items")
         if item == "fig8":  # samples of this scale's own filtered corpus: the paper's are not transcribed
             raise ConfigError(f"fig8 is not built at scale {self.scale}: {why}. It shows samples of a scale's own "
@@ -349,13 +343,7 @@ def put_cli_on_path(environ: Any = None, executable: str | None = None) -> str:
     return environ["PATH"]
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def shipped_plan(scale: str = "mini") -> Plan:
     """The plan of a config this repository ships (``config/{scale}.yaml``), validated: what
     benchmarks and diagnostics size themselves by."""
-    from webssl_repro.config import load_config
-
     return Plan(load_config(repo_root() / "config" / f"{scale}.yaml"))

@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from PIL import Image
 
+from webssl_repro.config import check_keys
+
 # task -> (default dataset id, config name, {our split: dataset split}, row adapter)
 Adapter = Callable[[Mapping[str, Any]], dict[str, Any]]
 
@@ -77,9 +79,7 @@ def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
     if task not in HF_EVALSETS:
         raise KeyError(f"no real-data eval set for task {task!r}; known: {sorted(HF_EVALSETS)}")
     base = HF_EVALSETS[task]
-    unknown = sorted(set(section) - {"dataset", "config", "revision", "splits", "limit"})
-    if unknown:
-        raise KeyError(f"data.evalsets.{task}: unknown key(s) {unknown}")
+    check_keys(section, {"dataset", "config", "revision", "splits", "limit"}, f"data.evalsets.{task}")
     from webssl_repro.files import model_location
 
     model_location(section.get("dataset", base["dataset"]), f"data.evalsets.{task}.dataset")  # a local copy exists

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from webssl_repro.config import check_keys
 from webssl_repro.evaluate.alignment import alignment_score
 from webssl_repro.evaluate.imagesets import images_tensor, load_split
 from webssl_repro.evaluate.features import extract_features
@@ -67,9 +68,7 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
 
 def run_alignment(encoder, meta: Mapping[str, Any], captions_manifest: str | Path, cfg: Mapping[str, Any],
                   cache_dir: Path | None = None) -> dict[str, Any]:
-    unknown = sorted(set(cfg) - set(DEFAULTS) - {"scale"})
-    if unknown:
-        raise KeyError(f"evaluate.alignment: unknown key(s) {unknown} (known: {sorted(DEFAULTS)})")
+    check_keys(cfg, {*DEFAULTS, "scale"}, "evaluate.alignment")
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "scale"}}
     records = load_split(captions_manifest, "test")
     captions = [str(r["caption"]) for r in records]

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from webssl_repro.config import check_keys
 from webssl_repro.resources import swiglu_hidden
 
 METHODS = ("dino", "mae", "clip")
@@ -42,9 +43,7 @@ class Arch:
     def from_config(cls, mapping: Mapping[str, Any]) -> "Arch":
         """Build from a config mapping (e.g. ``config/mini.yaml``), naming any unknown key."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - fields)
-        if unknown:
-            raise KeyError(f"unknown Arch key(s) {unknown}; allowed: {sorted(fields)}")
+        check_keys(mapping, fields, "arch")
         missing = sorted({"width", "depth", "heads"} - set(mapping))
         if missing:
             raise KeyError(f"Arch config is missing key(s) {missing}")

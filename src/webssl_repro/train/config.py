@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from webssl_repro.config import check_keys
+
 from .schedules import CosineSchedule
 
 PRECISIONS = ("fp32", "bf16")
@@ -81,9 +83,7 @@ class TrainConfig:
         ``8e9`` as a float.
         """
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - set(fields))
-        if unknown:
-            raise ValueError(f"train config: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+        check_keys(mapping, fields, "pretrain.train")
         missing = sorted(
             n for n, f in fields.items()
             if f.default is dataclasses.MISSING and n not in mapping

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
+from webssl_repro.config import check_keys
 from webssl_repro.metrics import VQA_BENCHMARKS
 # ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
 # (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
@@ -68,17 +69,12 @@ class VqaConfig:
     def from_mapping(cls, mapping: Optional[Mapping[str, Any]] = None) -> "VqaConfig":
         mapping = dict(mapping or {})
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - names)
-        if unknown:
-            raise KeyError(f"VqaConfig: unknown key(s) {unknown}; known: {sorted(names)}")
+        check_keys(mapping, names, "evaluate.vqa")
         cfg = cls()
         for key, value in mapping.items():
             if key in ("stage1", "stage2"):
                 base = getattr(cfg, key)
-                stage_names = {f.name for f in fields(StageConfig)}
-                bad = sorted(set(value) - stage_names)
-                if bad:
-                    raise KeyError(f"VqaConfig.{key}: unknown key(s) {bad}; known: {sorted(stage_names)}")
+                check_keys(value, {f.name for f in fields(StageConfig)}, f"evaluate.vqa.{key}")
                 value = StageConfig(**{**base.__dict__, **value})
             elif key == "max_new_tokens_by_benchmark":  # over Cambrian's limits, not instead of them
                 value = {**cfg.max_new_tokens_by_benchmark, **value}

@@ -15,6 +15,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from webssl_repro.config import check_keys
 from webssl_repro.evaluate.vqa.data import VqaSample
 from webssl_repro.metrics import VQA_BENCHMARKS
 
@@ -37,9 +38,7 @@ class PaperData:
 
 
 def _check(section: Mapping[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise KeyError(f"evaluate.vqa.{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    check_keys(section, known, f"evaluate.vqa.{where}")
 
 
 def _limit(value: Any) -> Optional[int]:
