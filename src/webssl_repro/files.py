@@ -1,6 +1,7 @@
 """Files written whole or not at all: a reader, a concurrent job or a kill never sees one half-written.
 
-Every result, cache, stamp and checkpoint goes through ``atomic_write``: the bytes go to a
+Every result, cache, stamp, shard and checkpoint goes through ``atomic_write`` (or
+``atomic_save``, for writers that take a path): the bytes go to a
 temporary file beside the target (unique across processes and nodes), are fsync-ed and renamed
 into place; a failed write leaves no temporary file and the previous version intact.
 """
@@ -13,21 +14,31 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """``write(f)`` into a temporary binary file beside ``path``, then renamed to ``path``."""
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> None:
+    """``save(tmp)`` writes a temporary file beside ``path`` by name (safetensors, tarfile and
+    the like take a path), which is fsync-ed and renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared results folder from the group
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        os.close(fd)
+        save(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """``write(f)`` into a temporary binary file beside ``path``, then renamed to ``path``."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_save(path, save)
 
 
 def _umask() -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any, Iterator
 
 
+from webssl_repro.files import atomic_write
 from webssl_repro.data.shards import npy_bytes
 from webssl_repro.data.miniweb import MiniWebConfig, generate, render, rng_for, sample_spec
 from webssl_repro.data.vqa_questions import BENCHMARK_KINDS, GENERATORS
@@ -107,10 +107,9 @@ def write_evalset(out_path: str, task: str, split: str, n: int, size: int = 64, 
     """One webdataset tar per (task, split); VQA tars hold png + json (question, answer, choices ...)."""
     import webdataset as wds
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    count = 0
-    with open(tmp, "wb") as fh:
+    written: list[str] = []
+
+    def write(fh) -> None:
         writer = wds.TarWriter(fh, encoder=False, mtime=0.0)
         items = classic_items(task, split, n, size, base) if task in CLASSIC_TASKS else vqa_items(task, split, n, size, base)
         for item in items:
@@ -120,10 +119,11 @@ def write_evalset(out_path: str, task: str, split: str, n: int, size: int = 64, 
                 if name in item:
                     entry[f"{name}.npy"] = npy_bytes(item[name])
             writer.write(entry)
-            count += 1
+            written.append(item["id"])
         writer.close()
-    os.replace(tmp, out_path)
-    return {"path": out_path, "task": task, "split": split, "count": count, "seed": eval_seed(task, split, base)}
+
+    atomic_write(out_path, write)
+    return {"path": out_path, "task": task, "split": split, "count": len(written), "seed": eval_seed(task, split, base)}
 
 
 def load_evalset(path: str) -> list[dict[str, Any]]:

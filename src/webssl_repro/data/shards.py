@@ -26,6 +26,7 @@ from PIL import Image
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from webssl_repro.files import atomic_save, atomic_write
 from webssl_repro.data.miniweb import MiniWebConfig, generate
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -75,11 +76,10 @@ def write_shard(out_path: str, seed: int, start: int, count: int, cfg: MiniWebCo
     if image_format not in ("jpg", "png"):
         raise ValueError(f"write_shard: image_format must be 'jpg' or 'png', got {image_format!r}")
     cfg = cfg if isinstance(cfg, MiniWebConfig) else MiniWebConfig.from_dict(cfg)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
     kinds: dict[str, int] = {}
-    n_text = n_ctd = 0
-    with open(tmp, "wb") as fh:
+    flags = {"has_text": 0, "is_chart_table_doc": 0}
+
+    def write(fh) -> None:
         writer = wds.TarWriter(fh, encoder=False, mtime=0.0)
         for index in range(start, start + count):
             s = generate(seed, index, cfg, kind=kind)
@@ -90,12 +90,12 @@ def write_shard(out_path: str, seed: int, start: int, count: int, cfg: MiniWebCo
                 entry["depth.npy"] = npy_bytes(s.depth.astype(np.float32))
             writer.write(entry)
             kinds[s.meta["kind"]] = kinds.get(s.meta["kind"], 0) + 1
-            n_text += s.meta["has_text"]
-            n_ctd += s.meta["is_chart_table_doc"]
+            for flag in flags:
+                flags[flag] += s.meta[flag]
         writer.close()
-    os.replace(tmp, out_path)
-    return {"path": out_path, "seed": seed, "start": start, "count": count, "kinds": kinds,
-            "has_text": n_text, "is_chart_table_doc": n_ctd}
+
+    atomic_write(out_path, write)
+    return {"path": out_path, "seed": seed, "start": start, "count": count, "kinds": kinds, **flags}
 
 
 def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out_path: str) -> dict[str, Any]:
@@ -108,27 +108,28 @@ def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out
     from webdataset.tariterators import base_plus_ext
 
     keep = set(keep_keys)
-    tmp = out_path + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     kept_keys: set[str] = set()
-    broken = 0
-    with tarfile.open(tmp, "w") as out:
-        for url in expand_sources(src):
-            try:
-                with open_shard(url) as tf:
-                    for ti in tf:
-                        key = base_plus_ext(ti.name)[0]
-                        if ti.isreg() and key in keep:
-                            data = tf.extractfile(ti).read()
-                            new = tarfile.TarInfo(ti.name)
-                            new.size, new.mtime, new.mode = len(data), 0, 0o444
-                            out.addfile(new, io.BytesIO(data))
-                            kept_keys.add(key)
-            except (tarfile.TarError, OSError, EOFError) as exn:
-                broken += 1
-                warnings.warn(f"write_selected_shard: {url}: {exn}", RuntimeWarning)
-    os.replace(tmp, out_path)
-    return {"path": out_path, "count": len(kept_keys), "broken_shards": broken}
+    broken: list[str] = []
+
+    def save(tmp) -> None:
+        with tarfile.open(tmp, "w") as out:
+            for url in expand_sources(src):
+                try:
+                    with open_shard(url) as tf:
+                        for ti in tf:
+                            key = base_plus_ext(ti.name)[0]
+                            if ti.isreg() and key in keep:
+                                data = tf.extractfile(ti).read()
+                                new = tarfile.TarInfo(ti.name)
+                                new.size, new.mtime, new.mode = len(data), 0, 0o444
+                                out.addfile(new, io.BytesIO(data))
+                                kept_keys.add(key)
+                except (tarfile.TarError, OSError, EOFError) as exn:
+                    broken.append(url)
+                    warnings.warn(f"write_selected_shard: {url}: {exn}", RuntimeWarning)
+
+    atomic_save(out_path, save)
+    return {"path": out_path, "count": len(kept_keys), "broken_shards": len(broken)}
 
 
 @dataclasses.dataclass

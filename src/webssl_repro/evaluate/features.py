@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from webssl_repro.files import write_json
+
 Indices = Union[None, int, Sequence[int]]
 
 __all__ = ["BlockTokens", "block_tokens", "resolve_indices", "extract_features",
@@ -322,7 +324,7 @@ def linear_files(directory: Union[str, Path], shape: tuple[int, int, int], resum
     fresh = not (resume and linear_files_intact(directory, shape))
     if fresh:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "shape.json").write_text(json.dumps({"shape": list(shape), "file": name}))
+        write_json(directory / "shape.json", {"shape": list(shape), "file": name})
     store = np.memmap(directory / name, dtype=dtype, mode="w+" if fresh else "r+", shape=shape)
     labels = np.memmap(directory / "labels.i64", dtype=np.int64, mode="w+" if fresh else "r+", shape=(shape[0],))
     if fresh:

@@ -9,7 +9,6 @@ reads it with ``models.io.load_encoder`` like a run trained here.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -301,17 +300,12 @@ def write_run_encoder(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str 
     """Write ``encoder.safetensors`` (+ ``provenance.json``) in the run-dir format of
     ``train.run``, so ``load_encoder`` and every eval rule treat an imported run like a
     trained one."""
-    from safetensors.torch import save_file
+    from webssl_repro.models.io import save_encoder
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     header = {k: meta[k] for k in ("method", "arch", "img_size")}
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-              str(out / "encoder.safetensors"), metadata={"encoder": json.dumps(header)})
     prov = {"run_source": "imported", "checkpoint": str(meta.get("source")), "encoder": header,
             **{k: meta[k] for k in ("released", "ignored_keys", "notes") if k in meta}}
-    (out / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
-    return out / "encoder.safetensors"
+    return save_encoder(encoder.state_dict(), header, prov, out_dir)
 
 
 def import_released(hf_id: str, source: str | Path | None, out_dir: str | Path, *,

@@ -7,10 +7,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+
+def save_encoder(state: Mapping[str, torch.Tensor], header: Mapping[str, Any], provenance: Mapping[str, Any],
+                 out_dir: str | Path) -> Path:
+    """A run directory's encoder, as ``load_encoder`` reads it, trained or imported alike:
+    ``encoder.safetensors`` with ``header`` (method, arch, image size) in its metadata, and
+    ``provenance.json``; each written whole or not at all."""
+    from safetensors.torch import save_file
+
+    from webssl_repro.files import atomic_save, write_json
+
+    out = Path(out_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_save(out / "encoder.safetensors",
+                lambda tmp: save_file(tensors, str(tmp), metadata={"encoder": json.dumps(dict(header))}))
+    write_json(out / "provenance.json", dict(provenance), indent=2, sort_keys=True, default=str)
+    return out / "encoder.safetensors"
 
 
 def _unreadable(path: str | Path, err: Exception) -> ValueError:

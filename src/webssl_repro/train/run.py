@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import platform
 import shutil
@@ -21,6 +20,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from webssl_repro.files import atomic_write
+from webssl_repro.models.io import save_encoder
 from webssl_repro.resources import dino_local_crop
 from webssl_repro.runs import Run
 
@@ -197,8 +198,6 @@ def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any]):
 def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpoints: str | Path,
              data: list[str], parent: Optional[str] = None, max_steps: Optional[int] = None):
     """Train (or resume) ``run_name`` and write its run directory; returns the loop's result."""
-    from safetensors.torch import save_file
-
     from webssl_repro.data.corpus import read_manifest
     from webssl_repro.train import TrainConfig, train
     from webssl_repro.train.checkpoint import full_state_on_rank0, latest_path
@@ -232,9 +231,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     encoder_sd, state = full_state_on_rank0(method.encoder()), full_state_on_rank0(_exported(method))
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in encoder_sd.items()},
-                  str(out_dir / "encoder.safetensors"), metadata={"encoder": json.dumps(meta)})
-        torch.save(state, out_dir / "state.pt")
+        atomic_write(out_dir / "state.pt", lambda f: torch.save(state, f))
         shutil.copy(checkpoints / "train_log.jsonl", out_dir / "train_log.jsonl")
         prov = provenance(cfg)
         # The recipe as the code resolved it (defaults filled in): the config alone does not say
@@ -246,5 +243,5 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
                                       "errors": stats.errors[:10]}
         prov.update(encoder=meta, corpus_shards=len(manifest["shards"]), steps=result.step,
                     samples_seen=result.samples_seen, **({"corpus_size": len(corpus)} if hasattr(corpus, "__len__") else {}))
-        (out_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
+        save_encoder(encoder_sd, meta, prov, out_dir)
     return result
