@@ -57,6 +57,22 @@ class ModelOnlyState:
 
         return unwrap(self.model)
 
+    def no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """timm's ``param_groups_weight_decay`` rule, as MAE uses it: 1-D parameters and biases."""
+        return p.ndim <= 1 or name.endswith(".bias")
+
+    def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Two groups, with and without weight decay (``no_decay``). Frozen tensors (MAE's
+        sin-cos ``pos_embed``) are left out of the optimiser altogether."""
+        decay, exempt = [], []
+        for name, p in self.bare_model().named_parameters():
+            if p.requires_grad:
+                (exempt if self.no_decay(name, p) else decay).append(p)
+        return [
+            {"params": decay, "lr": base_lr, "weight_decay": weight_decay, "lr_multiplier": 1.0, "wd_multiplier": 1.0},
+            {"params": exempt, "lr": base_lr, "weight_decay": 0.0, "lr_multiplier": 1.0, "wd_multiplier": 0.0},
+        ]
+
     def state_dict(self) -> dict[str, Any]:
         """The config, for provenance; the weights are the loop's ``model`` entry."""
         return {"config": dataclasses.asdict(self.config)}

@@ -207,24 +207,11 @@ class ClipMethod(ModelOnlyState):
         )
         self.model = ClipModel(vision, text, c.embed_dim, c.init_temperature, c.max_logit_scale)
 
-    @staticmethod
-    def _no_decay(name: str, p: torch.Tensor) -> bool:
-        # open_clip's exclusion (ndim<2, norms, biases, logit_scale) plus the timm CLS token,
-        # which is open_clip's 1-D class_embedding stored as (1, 1, D).
+    def no_decay(self, name: str, p: torch.Tensor) -> bool:
+        """open_clip's exclusion (ndim<2, norms, biases, logit_scale) plus the timm CLS token,
+        which is open_clip's 1-D class_embedding stored as (1, 1, D)."""
         return (p.ndim < 2 or "norm" in name or "ln_" in name or "bias" in name
                 or "logit_scale" in name or name.endswith("cls_token"))
-
-    def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, p in self.bare_model().named_parameters():
-            if p.requires_grad:
-                (no_decay if self._no_decay(name, p) else decay).append(p)
-        return [
-            {"params": decay, "lr": base_lr, "weight_decay": weight_decay,
-             "lr_multiplier": 1.0, "wd_multiplier": 1.0},
-            {"params": no_decay, "lr": base_lr, "weight_decay": 0.0,
-             "lr_multiplier": 1.0, "wd_multiplier": 0.0},
-        ]
 
     def tokenize(self, captions) -> torch.Tensor:
         return self.tokenizer(list(captions), self.config.context_length)

@@ -298,23 +298,6 @@ class MaeMethod(ModelOnlyState):
             c.decoder_mlp_ratio, norm_pix=c.norm_pix, mae_init=c.mae_init,
         )
 
-    def param_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """timm ``param_groups_weight_decay`` as MAE uses it: no decay on 1-D params and biases.
-
-        Frozen tensors (the sin-cos ``pos_embed``) are left out of the optimiser altogether.
-        """
-        decay, no_decay = [], []
-        for name, p in self.bare_model().named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return [
-            {"params": decay, "lr": base_lr, "weight_decay": weight_decay,
-             "lr_multiplier": 1.0, "wd_multiplier": 1.0},
-            {"params": no_decay, "lr": base_lr, "weight_decay": 0.0,
-             "lr_multiplier": 1.0, "wd_multiplier": 0.0},
-        ]
-
     def training_step(self, batch: Mapping[str, Any], step: int,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         images = batch["images"]
