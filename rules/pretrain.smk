@@ -61,21 +61,10 @@ rule pretrain_single:
         _PRETRAIN_SHELL
 
 
-rule pretrain_multinode:
-    input:
-        unpack(_pretrain_inputs),
-    output:
-        **_PRETRAIN_OUTPUT,
-    log:
-        f"logs/{SCALE}/pretrain/{{run}}.log",
-    benchmark:
-        f"logs/{SCALE}/benchmark/pretrain/{{run}}.tsv"
+# The same job spanning nodes: srun's layout (nodes, one task per node, gres) instead of `gpu`.
+use rule pretrain_single as pretrain_multinode with:
     wildcard_constraints:
         run=PLAN.run_pattern(multinode=True),
-    retries: PLAN.pretrain_retries(remote=workflow.remote_exec)
-    conda:
-        ENV
-    threads: lambda w: PLAN.pretrain_resources(w.run).cpus_per_task
     resources:
         runtime=_res("runtime"),
         mem_mb=_res("mem_mb"),
@@ -91,13 +80,6 @@ rule pretrain_multinode:
         launcher=lambda w: PLAN.launcher(w.run),
         attempt=lambda w, attempt: attempt,
         sized_for_refusal=_res("sized_for_refusal"),
-    params:
-        config=lambda w: PLAN.run_config_json(w.run),
-        checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
-        out=lambda w: PLAN.run_dir(w.run),
-        parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
-    shell:
-        _PRETRAIN_SHELL
 
 
 # A run declared in `pretrain.run_sources` is imported from a released checkpoint
