@@ -2,8 +2,6 @@
 # user's MC-2B-style shards at paper scale), light/heavy text filters, in1k analogue,
 # and the held-out evaluation sets.
 
-EVAL_TASKS = ("classification", "segmentation", "depth", "captions", "vqa")
-
 
 rule shards:
     output:
@@ -93,7 +91,7 @@ rule evalset:
     benchmark:
         f"logs/{SCALE}/benchmark/data/evalset_{{task}}.tsv"
     wildcard_constraints:
-        task="|".join(EVAL_TASKS),
+        task="|".join(EVAL_SETS),
     localrule: PLAN.lists_only("evalset")
     conda:
         ENV

@@ -65,7 +65,7 @@ rule vqa_control:
 rule classic:
     input:
         encoder=lambda w: PLAN.evaluated_encoder(w.run),
-        data=[PLAN.evalset(t) for t in ("classification", "segmentation", "depth")],
+        data=[PLAN.evalset(t) for t in CLASSIC_SETS],
     output:
         PLAN.eval_path("{run}", "classic"),
     log:

@@ -204,3 +204,13 @@ def test_evalset_stage_writes_all_benchmarks(tmp_path):
     assert len(recs) == 2 and recs[0]["pair_id"] == recs[1]["pair_id"] and recs[0]["answer"] != recs[1]["answer"]
     c = build_evalset("captions", {}, str(tmp_path / "evalsets" / "captions.json"))
     assert c["counts"] == {"test": ALIGNMENT_PAIRS}
+
+
+def test_the_workflow_builds_every_eval_set_the_data_stage_knows():
+    """rules/data.smk and the classic rule take their eval sets from workflow_data, which the
+    Snakefile can import without torch; they must be the data stage's own."""
+    from webssl_repro.data.stages import EVAL_DEFAULTS
+    from webssl_repro.workflow_data import CLASSIC_SETS, EVAL_SETS
+
+    assert EVAL_SETS == tuple(EVAL_DEFAULTS)
+    assert CLASSIC_SETS == ("classification", "segmentation", "depth")

@@ -8,6 +8,11 @@ import json
 import shlex
 from typing import Any, Mapping
 
+#: The eval sets the data stage builds (``webssl-repro data evalset``; the defaults of each in
+#: ``data.stages.EVAL_DEFAULTS``), and those the classic evaluation reads.
+EVAL_SETS = ("classification", "segmentation", "depth", "captions", "vqa")
+CLASSIC_SETS = EVAL_SETS[:3]
+
 
 class DataJobs:
     """Data-stage methods of ``workflow.Plan``."""
@@ -89,7 +94,7 @@ class DataJobs:
     def data_targets(self) -> list[str]:
         if "data" not in self.stages:
             return []
-        tasks = ("classification", "segmentation", "depth", "captions") + (("vqa",) if self.vqa_data() else ())
+        tasks = [t for t in EVAL_SETS if t != "vqa" or self.vqa_data()]
         return [self.data_manifest("shards"), self.data_manifest("in1k"),
                 self.filter_stats("light"), self.filter_stats("heavy"), *(self.evalset(t) for t in tasks)]
 
