@@ -5,6 +5,16 @@ import torch.nn.functional as F
 from webssl_repro.evaluate.features import BlockTokens
 
 
+def seg_task(g, n=8, size=16):
+    """Masks = dominant colour channel; features = 4x4-patch colour means (linearly solvable)."""
+    images = torch.rand(n, 3, size, size, generator=g)
+    images[:, :, : size // 2] += torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
+    images[:, :, size // 2:, : size // 2] += torch.tensor([0, 1.0, 0]).view(1, 3, 1, 1)
+    masks = images.argmax(dim=1)
+    masks[:, 0, 0] = 255
+    return images, masks
+
+
 def colour_features(images):
     """Four 'blocks' of 4x4-patch colour means (block i scaled by i + 1): what a dense head reads."""
     m = F.avg_pool2d(images, 4)  # (B, 3, h, w)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_probes import colour_features, index_batches
+from helpers_probes import colour_features, index_batches, seg_task
 from webssl_repro.evaluate.features import (block_tokens, extract_features,
                                             feature_fn)
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_input, linear_probe
@@ -164,20 +164,10 @@ def test_block_tokens_timm_forward_intermediates_matches_manual_blocks():
 
 
 # ----------------------------------------------------------------------------- segmentation
-def _seg_task(g, n=8, size=16):
-    """Masks = dominant colour channel; features = 4x4-patch colour means (linearly solvable)."""
-    images = torch.rand(n, 3, size, size, generator=g)
-    images[:, :, : size // 2] += torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)
-    images[:, :, size // 2:, : size // 2] += torch.tensor([0, 1.0, 0]).view(1, 3, 1, 1)
-    masks = images.argmax(dim=1)
-    masks[:, 0, 0] = 255
-    return images, masks
-
-
 def test_segmentation_head_shapes_and_training():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    images, masks = _seg_task(g)
+    images, masks = seg_task(g)
     for n_layers in (1, 4):
         head = LinearSegHead(3, num_classes=3, n_layers=n_layers)
         assert head(colour_features(images).maps()).shape == (8, 3, 4, 4)
@@ -275,7 +265,7 @@ def test_joint_seg_heads_equal_separate_training():
     from webssl_repro.evaluate.segmentation import train_seg_heads
 
     g = torch.Generator().manual_seed(0)
-    images, masks = _seg_task(g, n=12)
+    images, masks = seg_task(g, n=12)
     bt = colour_features(images)
     maps = bt.maps().permute(1, 0, 2, 3, 4).reshape(12, -1, 4, 4)
     heads = []
@@ -301,7 +291,7 @@ def test_seg_loss_averages_over_every_pixel_as_mmseg():
     from webssl_repro.evaluate.segmentation import train_seg_heads
 
     g = torch.Generator().manual_seed(0)
-    images, masks = _seg_task(g, n=4)
+    images, masks = seg_task(g, n=4)
     masks[:, :8] = 255
     maps = colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(4, -1, 4, 4)
     torch.manual_seed(0)

@@ -56,16 +56,16 @@ def test_slide_averages_overlapping_windows_by_hand():
 
 
 def test_slide_over_one_window_is_the_whole_image_and_out_size_is_the_label_map():
-    from test_classic import _colour_features, _seg_task
+    from helpers_probes import colour_features, seg_task
     from webssl_repro.evaluate.segmentation import LinearSegHead
 
     torch.manual_seed(0)
-    images, _ = _seg_task(torch.Generator().manual_seed(0))
+    images, _ = seg_task(torch.Generator().manual_seed(0))
     head = LinearSegHead(3, num_classes=3).eval()
-    whole = predict(head, _colour_features, images)
-    assert torch.equal(predict(head, _colour_features, images, slide=((16, 16), (11, 11))), whole)
-    assert predict(head, _colour_features, images, out_size=(20, 30), slide=((16, 16), (11, 11))).shape == (8, 20, 30)
-    probs = multiscale_probs(head, _colour_features, images[:2], scales=(1.0, 1.5), out_size=(20, 30),
+    whole = predict(head, colour_features, images)
+    assert torch.equal(predict(head, colour_features, images, slide=((16, 16), (11, 11))), whole)
+    assert predict(head, colour_features, images, out_size=(20, 30), slide=((16, 16), (11, 11))).shape == (8, 20, 30)
+    probs = multiscale_probs(head, colour_features, images[:2], scales=(1.0, 1.5), out_size=(20, 30),
                              slide=((16, 16), (11, 11)))
     assert probs.shape == (2, 3, 20, 30) and torch.allclose(probs.sum(1), torch.ones(2, 20, 30), atol=1e-5)
 
@@ -255,29 +255,29 @@ def test_ms_test_scales_are_resized_from_the_original():
 
 
 def test_a_pyramid_gives_the_ms_test_its_levels_as_they_are():
-    from test_classic import _colour_features, _seg_task
+    from helpers_probes import colour_features, seg_task
     from webssl_repro.evaluate.imagesets import ScalePyramid
     from webssl_repro.evaluate.segmentation import LinearSegHead
 
     torch.manual_seed(0)
-    images, _ = _seg_task(torch.Generator().manual_seed(0), n=2)
+    images, _ = seg_task(torch.Generator().manual_seed(0), n=2)
     head = LinearSegHead(3, num_classes=3, n_layers=4).eval()
     scales = (1.0, 1.5, 2.0)
     rescaled = [images] + [torch.nn.functional.interpolate(images, scale_factor=s, mode="bilinear")
                            for s in scales[1:]]
-    assert torch.allclose(multiscale_probs(head, _colour_features, rescaled, scales),
-                          multiscale_probs(head, _colour_features, images, scales), atol=1e-6)
+    assert torch.allclose(multiscale_probs(head, colour_features, rescaled, scales),
+                          multiscale_probs(head, colour_features, images, scales), atol=1e-6)
     sharper = [images, torch.rand(2, 3, 24, 24), torch.rand(2, 3, 32, 32)]  # other content: other output
-    assert not torch.allclose(multiscale_probs(head, _colour_features, sharper, scales),
-                              multiscale_probs(head, _colour_features, images, scales), atol=1e-3)
+    assert not torch.allclose(multiscale_probs(head, colour_features, sharper, scales),
+                              multiscale_probs(head, colour_features, images, scales), atol=1e-3)
     with pytest.raises(ValueError, match="a pyramid of 2 levels for 3 scales"):
-        multiscale_probs(head, _colour_features, rescaled[:2], scales)
+        multiscale_probs(head, colour_features, rescaled[:2], scales)
     made = ScalePyramid(images[0], (16, 16), "squash", (1.0, 1.25, 2.0))
     assert [tuple(x.shape[-2:]) for x in made] == [(16, 16), (20, 20), (32, 32)]
     with pytest.raises(ValueError, match=r"made at scales \(1.0, 1.25, 2.0\) for scales \(1.0, 1.5, 2.0\)"):
-        multiscale_probs(head, _colour_features, made, scales)
+        multiscale_probs(head, colour_features, made, scales)
     with pytest.raises(TypeError, match="not a pyramid"):
-        predict(head, _colour_features, rescaled)
+        predict(head, colour_features, rescaled)
 
 
 @pytest.mark.parametrize("ms_img_size", [None, 48])
