@@ -61,10 +61,18 @@ def forward_flops(method: str, arch: Mapping[str, int], img_size: int, token_fra
     return float(dense + attention)
 
 
-def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, base_size: int | None = None) -> float:
-    """``base_size``: the resolution the local crops are sized by (a hi-res run's parent's)."""
+def dino_local_size(run: Run, cfg: Mapping[str, Any]) -> int:
+    """A Web-DINO run's local-crop side: 98/224 of its base crop, which for a hi-res fine-tune is
+    its 224 px parent's (App. C: "all other parameters remain exactly the same")."""
+    base = run.parent if run.parent is not None else run
+    img = int(label(cfg, "resolutions", str(base.res), run))
+    return dino_local_crop(img, int(label(cfg, "sizes", run.size, run)["patch"]))
+
+
+def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, local: int | None = None) -> float:
+    """``local``: the DINO local-crop side (default: 98/224 of ``img_size``)."""
     if run.method == "dino":
-        local = dino_local_crop(img_size if base_size is None else base_size, arch["patch"])
+        local = dino_local_crop(img_size, arch["patch"]) if local is None else local
         g = forward_flops("dino", arch, img_size)
         return DINO_GLOBAL * g * (1 + FWD_BWD) + DINO_LOCAL * FWD_BWD * forward_flops("dino", arch, local)
     if run.method == "mae":
@@ -139,8 +147,8 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
     res_cfg = cfg["resources"]
     arch = label(cfg, "sizes", run.size, run)
     img = int(label(cfg, "resolutions", str(run.res), run))
-    base = img if run.parent is None else int(label(cfg, "resolutions", str(run.parent.res), run))
-    flops = flops_per_sample(run, arch, img, base) * samples_of(run, cfg)
+    local = dino_local_size(run, cfg) if run.method == "dino" else None
+    flops = flops_per_sample(run, arch, img, local) * samples_of(run, cfg)
     if run.size not in res_cfg["nodes"]:
         raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
                        f"sizes there are {sorted(res_cfg['nodes'])}")

@@ -17,7 +17,7 @@ from webssl_repro.config import ConfigError, load_config
 from webssl_repro.files import repo_root
 from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes, hires_recipe
-from webssl_repro.resources import dino_local_crop, label, samples_of
+from webssl_repro.resources import dino_local_size, label, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_data import DataJobs
@@ -236,10 +236,8 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             origin.update({k: f"pretrain.hires.{k}" for k in hires if k != "steps"})
         if r.method == "dino":  # DINOv2's blur pixels belong to the base ("224") crop at every resolution
             recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
-            if r.parent is not None:  # App. C: "all other parameters remain exactly the same": the parent's
-                parent_img = int(label(self.config, "resolutions", str(r.parent.res), run))  # local crops
-                recipe.setdefault("local_crop_size", dino_local_crop(parent_img, int(label(self.config, "sizes",
-                                                                                         r.size, run)["patch"])))
+            if r.parent is not None:  # a 224 px run sizes them by its own crop (train.run)
+                recipe.setdefault("local_crop_size", dino_local_size(r, self.config))
         config = {
             "run": run,
             "scale": self.scale,
