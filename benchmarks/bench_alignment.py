@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from webssl_repro.evaluate.alignment import alignment_score  # noqa: E402
+from webssl_repro.evaluate.alignment import alignment_score
 
 
 def _ref_remove_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:

@@ -20,27 +20,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
-from webssl_repro.data.stages import build_corpus  # noqa: E402
-from webssl_repro.methods.dino import DinoMethod, ema_update_  # noqa: E402
-from webssl_repro.methods.dino_losses import dino_multicrop_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp  # noqa: E402
-from webssl_repro.models.vit import Arch, build_encoder  # noqa: E402
-from webssl_repro.runs import Run  # noqa: E402
-from webssl_repro.train import TrainConfig  # noqa: E402
-from webssl_repro.train.loop import build_optimizer, clip_gradients, clip_groups  # noqa: E402
-from webssl_repro.train.run import build  # noqa: E402
-from webssl_repro.workflow import shipped_plan  # noqa: E402
+from webssl_repro.data.corpus import IndexedCorpus, read_manifest
+from webssl_repro.data.stages import build_corpus
+from webssl_repro.methods.dino import DinoMethod, ema_update_
+from webssl_repro.methods.dino_losses import dino_multicrop_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from webssl_repro.models.vit import Arch, build_encoder
+from webssl_repro.runs import Run
+from webssl_repro.train import TrainConfig
+from webssl_repro.train.loop import build_optimizer, clip_gradients, clip_groups
+from webssl_repro.train.run import build
+from webssl_repro.workflow import shipped_plan
 
 TARGET = 1.15
 

@@ -13,21 +13,17 @@ Run: ``python benchmarks/bench_loader.py [--images 512] [--batches 8] [--threads
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
-from webssl_repro.data.shards import make_loader  # noqa: E402
-from webssl_repro.data.stages import build_corpus  # noqa: E402
-from webssl_repro.runs import Run  # noqa: E402
-from webssl_repro.train.run import build  # noqa: E402
-from webssl_repro.workflow import shipped_plan  # noqa: E402
+from webssl_repro.data.corpus import IndexedCorpus, read_manifest
+from webssl_repro.data.shards import make_loader
+from webssl_repro.data.stages import build_corpus
+from webssl_repro.runs import Run
+from webssl_repro.train.run import build
+from webssl_repro.workflow import shipped_plan
 
 RUNS = {"dino": "dino1b-full2b-224", "mae": "mae1b-full2b-224", "clip": "clip1b-full2b-224"}
 

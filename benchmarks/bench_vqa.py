@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from webssl_repro.evaluate.vqa.data import VqaSample, extract_features  # noqa: E402
-from webssl_repro.evaluate.vqa.lm import build_tokenizer  # noqa: E402
-from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate  # noqa: E402
-from webssl_repro.evaluate.vqa.stage import STAGE_KEYS  # noqa: E402
-from webssl_repro.metrics import VQA_BENCHMARKS  # noqa: E402
-from webssl_repro.models.vit import Arch, build_encoder  # noqa: E402
+from webssl_repro.evaluate.vqa.data import VqaSample, extract_features
+from webssl_repro.evaluate.vqa.lm import build_tokenizer
+from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, fit_and_evaluate
+from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+from webssl_repro.metrics import VQA_BENCHMARKS
+from webssl_repro.models.vit import Arch, build_encoder
 
 
 def synthetic(n_align: int, n_train: int, n_test: int, seed: int = 0):

@@ -16,24 +16,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from webssl_repro.data.corpus import IndexedCorpus, read_manifest  # noqa: E402
-from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
-from webssl_repro.evaluate.imagesets import load_split  # noqa: E402
-from webssl_repro.evaluate.knn import attribute_knn, object_attributes  # noqa: E402
-from webssl_repro.models.io import load_encoder  # noqa: E402
-from webssl_repro.runs import Run  # noqa: E402
-from webssl_repro.settings import merge_nested  # noqa: E402
-from webssl_repro.train.run import build, pretrain  # noqa: E402
-from webssl_repro.workflow import shipped_plan  # noqa: E402
+from webssl_repro.data.corpus import IndexedCorpus, read_manifest
+from webssl_repro.data.stages import build_corpus, build_evalset
+from webssl_repro.evaluate.imagesets import load_split
+from webssl_repro.evaluate.knn import attribute_knn, object_attributes
+from webssl_repro.models.io import load_encoder
+from webssl_repro.runs import Run
+from webssl_repro.settings import merge_nested
+from webssl_repro.train.run import build, pretrain
+from webssl_repro.workflow import shipped_plan
 
 
 def run_config(run: str, samples: int, seed: int, overrides: dict | None = None) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,16 +21,14 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from webssl_repro.data.stages import build_corpus, build_evalset  # noqa: E402
-from webssl_repro.evaluate.vqa.controls import CONTROLS, control_encoder  # noqa: E402
-from webssl_repro.evaluate.vqa.stage import run_vqa  # noqa: E402
+from webssl_repro.data.stages import build_corpus, build_evalset
+from webssl_repro.evaluate.vqa.controls import CONTROLS, control_encoder
+from webssl_repro.evaluate.vqa.stage import run_vqa
 # ``--set`` overrides laid onto a config section, nested sections merged. A key the section
 # lacks is kept, not refused: a section lists only what it changes from its consumer's
 # defaults, and the consumer names a misspelt key (``VqaConfig.from_mapping``, the recipe
 # dataclasses, the ViT arch).
-from webssl_repro.settings import merge_nested as merged  # noqa: E402
+from webssl_repro.settings import merge_nested as merged
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "mini.yaml"
 

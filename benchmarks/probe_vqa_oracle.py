@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,19 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from probe_vqa_controls import mini_vqa_data, parse_args, probe  # noqa: E402
-from webssl_repro.data.corpus import read_manifest  # noqa: E402
-from webssl_repro.data.evalsets import eval_seed, vqa_draw  # noqa: E402
-from webssl_repro.data.miniweb import COLOUR_NAMES, OBJECT_CLASSES, TEXTURES, WORDS, MiniWebConfig  # noqa: E402
-from webssl_repro.data.miniweb.render_objects import SKY_DEPTH, shape_mask  # noqa: E402
-from webssl_repro.data.miniweb.world import FACINGS  # noqa: E402
-from webssl_repro.data.shards import make_loader  # noqa: E402
-from webssl_repro.evaluate.imagesets import images_tensor  # noqa: E402
-from webssl_repro.evaluate.vqa.controls import ControlTokens  # noqa: E402
-from webssl_repro.evaluate.vqa.stage import VQA_FIT, vqa_split  # noqa: E402
+from probe_vqa_controls import mini_vqa_data, parse_args, probe
+from webssl_repro.data.corpus import read_manifest
+from webssl_repro.data.evalsets import eval_seed, vqa_draw
+from webssl_repro.data.miniweb import COLOUR_NAMES, OBJECT_CLASSES, TEXTURES, WORDS, MiniWebConfig
+from webssl_repro.data.miniweb.render_objects import SKY_DEPTH, shape_mask
+from webssl_repro.data.miniweb.world import FACINGS
+from webssl_repro.data.shards import make_loader
+from webssl_repro.evaluate.imagesets import images_tensor
+from webssl_repro.evaluate.vqa.controls import ControlTokens
+from webssl_repro.evaluate.vqa.stage import VQA_FIT, vqa_split
 
 GROUPS = (OBJECT_CLASSES, COLOUR_NAMES, TEXTURES, FACINGS)
 CHANNELS = sum(map(len, GROUPS)) + len(WORDS) + 1

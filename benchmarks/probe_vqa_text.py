@@ -16,26 +16,21 @@ Run: ``python benchmarks/probe_vqa_text.py [--train 128] [--test 50] [--set '{"l
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_vqa_controls import CONFIG, merged, parse_args
 
-from probe_vqa_controls import CONFIG, merged, parse_args  # noqa: E402
-
-from webssl_repro.data.evalsets import vqa_draw  # noqa: E402
-from webssl_repro.data.miniweb.world import MiniWebConfig  # noqa: E402
-from webssl_repro.evaluate.vqa.data import FeatureCache, VqaSample  # noqa: E402
-from webssl_repro.evaluate.vqa.lm import build_tokenizer  # noqa: E402
-from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, evaluate_vqa, train_stage  # noqa: E402
-from webssl_repro.evaluate.vqa.stage import STAGE_KEYS  # noqa: E402
-from webssl_repro.metrics import VQA_BENCHMARKS  # noqa: E402
+from webssl_repro.data.evalsets import vqa_draw
+from webssl_repro.data.miniweb.world import MiniWebConfig
+from webssl_repro.evaluate.vqa.data import FeatureCache, VqaSample
+from webssl_repro.evaluate.vqa.lm import build_tokenizer
+from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe, evaluate_vqa, train_stage
+from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+from webssl_repro.metrics import VQA_BENCHMARKS
 
 #: World seeds of the text scenes: pretraining-range seeds, apart from the corpus (0) and IN-1k (1) ones.
 TRAIN_SEED, TEST_SEED = 4242, 4343

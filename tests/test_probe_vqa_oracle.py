@@ -7,20 +7,16 @@ tensors the VQA stage feeds the encoder.
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+import probe_vqa_oracle as oracle  # benchmarks/ is on pytest's pythonpath
 from webssl_repro.data.evalsets import vqa_items
 from webssl_repro.data.miniweb import OBJECT_CLASSES, SEG_ID, WORDS, MiniWebConfig, render, sample_spec
 from webssl_repro.evaluate.imagesets import images_tensor
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import probe_vqa_oracle as oracle  # noqa: E402
 
 
 def test_class_channels_are_the_renderers_segmentation():

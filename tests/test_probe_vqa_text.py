@@ -7,15 +7,11 @@ answer can be read off the text (a sign's word, a count, a depth order, a facing
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
-from conftest import REPO
+import probe_vqa_text as text  # benchmarks/ is on pytest's pythonpath
 from webssl_repro.data.vqa_questions import LETTERS
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import probe_vqa_text as text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
