@@ -143,11 +143,13 @@ REFUSED_ATTEMPT: dict[str, Any] = {"runtime": 10, "mem_mb": 2000, "cpus_per_task
                                    "tasks": 1, "tasks_per_gpu": 0, "mpi": "", "gres": "", "slurm_extra": ""}
 
 
-def pretrain_resources(run: Run, cfg: Mapping[str, Any]) -> RunResources:
+def pretrain_resources(run: Run, cfg: Mapping[str, Any], local: int | None = None) -> RunResources:
+    """``local``: the recipe's DINO local-crop side where it sets one (default: ``dino_local_size``)."""
     res_cfg = cfg["resources"]
     arch = label(cfg, "sizes", run.size, run)
     img = int(label(cfg, "resolutions", str(run.res), run))
-    local = dino_local_size(run, cfg) if run.method == "dino" else None
+    if run.method == "dino" and local is None:
+        local = dino_local_size(run, cfg)
     flops = flops_per_sample(run, arch, img, local) * samples_of(run, cfg)
     if run.size not in res_cfg["nodes"]:
         raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "

@@ -213,13 +213,9 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             inputs["parent"] = f"{self.run_dir(with_seed(str(run.parent), seed, self.seeds[0]))}/state.pt"
         return inputs
 
-    def run_config(self, run: str) -> dict[str, Any]:
-        """The slice of the config one run depends on: changing anything else does not retrain it.
-        ImageNet-1k runs lay ``pretrain.in1k.{method}`` over the method's recipe (their
-        schedule sized to their own, shorter run). A warm-up that does not end before the run
-        does is a ``ConfigError`` (``check_schedule``)."""
-        name, seed = split_seed(run, self.seeds[0])
-        r = Run.parse(name)
+    def recipe(self, r: Run) -> tuple[dict[str, Any], dict[str, str]]:
+        """``r``'s method recipe with the config's layers applied (ImageNet-1k, hi-res fine-tune),
+        and the config key each value came from."""
         labels = self.config["labels"]
         pretrain = self.config.get("pretrain", {})
         recipe = dict(pretrain.get(r.method, {}))
@@ -238,6 +234,17 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
             if r.parent is not None:  # a 224 px run sizes them by its own crop (train.run)
                 recipe.setdefault("local_crop_size", dino_local_size(r, self.config))
+        return recipe, origin
+
+    def run_config(self, run: str) -> dict[str, Any]:
+        """The slice of the config one run depends on: changing anything else does not retrain it.
+        ImageNet-1k runs lay ``pretrain.in1k.{method}`` over the method's recipe (their
+        schedule sized to their own, shorter run). A warm-up that does not end before the run
+        does is a ``ConfigError`` (``check_schedule``)."""
+        name, seed = split_seed(run, self.seeds[0])
+        r = Run.parse(name)
+        pretrain = self.config.get("pretrain", {})
+        recipe, origin = self.recipe(r)
         config = {
             "run": run,
             "scale": self.scale,
