@@ -22,6 +22,12 @@ def _write_vqa(root, run, offset):
     return path
 
 
+def _md_rows(path):
+    """The body rows of a rendered Markdown table, as stripped cells."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")][2:]
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+
+
 def test_run_scale_table_has_categories_and_published_baselines(tmp_path):
     item = specs.get_item("table15")
     inputs = [_write_vqa(tmp_path, run, k) for k, run in enumerate(item.runs)]
@@ -44,7 +50,38 @@ def test_baseline_rows_at_a_run_scale_are_published_and_marked(tmp_path):
     assert table.loc["siglip2-so400m-384", "origin"] == "published"
     assert math.isnan(table.loc["dino7b-full8b-518", "Average"])  # not run yet: a gap, not a number
     md = outputs[1].read_text()
-    assert "SigLIP2 ViT-SO400M 384 †" in md and "—" in md
+    rows = _md_rows(outputs[1])
+    assert rows[3][:6] == ["SigLIP2 ViT-SO400M †", "lang-sup", "WebLI", "45.0B", "384", "62.0"]
+    # the paper's descriptive columns, for our runs too (their grid labels), with a note saying so
+    assert rows[10][:6] == ["Web-DINO ViT-7B", "SSL", "MC-2B", "8.0B", "518", "—"]
+    assert "its actual size at this scale is in config/mini.yaml" in md
+    tex = outputs[2].read_text()
+    assert r"\multicolumn{5}{c}{VQA} & \multicolumn{5}{c}{Classic vision}" in tex
+    assert tex.count(r"\midrule") == 2  # under the header, and between language-supervised and SSL rows
+
+
+def test_table2_prints_shares_and_deltas_as_the_paper(tmp_path):
+    item = specs.get_item("table2")
+    outputs = [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")]
+    render_table(item, item_results(item, "published"), outputs, "published")
+    rows = {row[0]: row[1:] for row in _md_rows(outputs[1])}
+    # Table 2: "100%" / "50.3%", and Light / Heavy against the unfiltered Web-DINO ViT-2B
+    assert rows["Web-DINO ViT-2B"][:2] == ["100%", "50.8"]
+    assert rows["Web-DINO ViT-2B (Light)"][:5] == ["50.3%", "53.4 (+2.6)", "73.0 (+0.2)", "51.7 (+4.6)", "55.6 (-0.8)"]
+    assert rows["Web-DINO ViT-2B (Heavy)"][-4:] == ["47.5 (+24.2)", "29.4 (+13.8)", "52.8 (+3.6)", "32.0 (+13.0)"]
+    tex = outputs[2].read_text()
+    assert r"Web-DINO ViT-2B (Heavy) & 1.3\% & 53.7 (+2.9)" in tex
+
+
+def test_latex_superscripts_and_category_headers(tmp_path):
+    item = specs.get_item("table6")
+    outputs = [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")]
+    render_table(item, item_results(item, "published"), outputs, "published")
+    tex = outputs[2].read_text()
+    assert r"MME\textsuperscript{P} & MMB & SEED\textsuperscript{I}" in tex and "^" not in tex.replace("$^\\dagger$", "")
+    assert (r" & \multicolumn{4}{c}{General} & \multicolumn{4}{c}{Knowledge} & \multicolumn{4}{c}{OCR \& Chart} & "
+            r"\multicolumn{4}{c}{Vision-Centric} &  \\ \cmidrule(lr){2-5}") in tex
+    assert r"ViT-1B\ldots{}7B" in tex and "…" not in tex
 
 
 def test_filter_stats_give_table2_data_share(tmp_path):

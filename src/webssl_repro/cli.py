@@ -22,7 +22,8 @@ def _render(args: argparse.Namespace) -> int:
     if item.kind == "table":
         from webssl_repro.paper.tables import render_table
 
-        render_table(item, results, args.outputs, args.scale)
+        published = [Path(p).parent for p in args.inputs if Path(p).name == "table3.tsv"]  # its row descriptors
+        render_table(item, results, args.outputs, args.scale, published[0] if published else None)
     else:
         from webssl_repro.paper.figures import render_figure
 

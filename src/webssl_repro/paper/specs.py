@@ -75,6 +75,11 @@ class Item:
     xticks: tuple[tuple[float, str], ...] = ()
     references: tuple[Row, ...] = field(default=())  # horizontal reference lines (figures)
     note: str = ""
+    # Tables: descriptive columns read from the published table's metadata (Table 3's group,
+    # data, samples seen, resolution), and the row whose values later rows print deltas
+    # against (Table 2's Light / Heavy vs the unfiltered Web-DINO).
+    descriptors: tuple[str, ...] = ()
+    delta_from: str = ""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -129,23 +134,18 @@ _add(Item(
         Row("Web-DINO ViT-2B (Light)", "dino2b-light2b-224"),
         Row("Web-DINO ViT-2B (Heavy)", "dino2b-heavy2b-224"),
     ),
+    delta_from="dino2b-full2b-224",
 ))
 _add(Item(
     "table3", "Comparison with other vision models (VQA categories and classic vision)", "table", ("table3",),
     (*CATEGORY_COLUMNS, *CLASSIC_METRICS),
     rows=(
-        Row("SigLIP ViT-SO400M 224", "siglip-so400m-224"),
-        Row("SigLIP ViT-SO400M 384", "siglip-so400m-384"),
-        Row("SigLIP2 ViT-SO400M 224", "siglip2-so400m-224"),
-        Row("SigLIP2 ViT-SO400M 384", "siglip2-so400m-384"),
-        Row("MetaCLIP ViT-G 224", "metaclip-g-224"),
-        Row("MAE ViT-H 224", "mae-h-224"),
-        Row("I-JEPA ViT-H 224", "ijepa-h-224"),
-        Row("DINOv2 ViT-g 518", "dinov2-g-518"),
-        Row("Web-DINO ViT-7B 224", "dino7b-full8b-224"),
-        Row("Web-DINO ViT-7B 378", "dino7b-full8b-378"),
-        Row("Web-DINO ViT-7B 518", "dino7b-full8b-518"),
+        *(Row(BASELINES[s], s) for s in ("siglip-so400m-224", "siglip-so400m-384", "siglip2-so400m-224",
+                                         "siglip2-so400m-384", "metaclip-g-224", "mae-h-224", "ijepa-h-224",
+                                         "dinov2-g-518")),
+        *(Row("Web-DINO ViT-7B", f"dino7b-full8b-{r}") for r in (224, 378, 518)),
     ),
+    descriptors=("group", "pretrain_data", "samples_seen", "res"),
 ))
 _add(Item("table6", "VQA: Web-DINO ViT-1B…7B, MC-2B, 2B seen", "table", ("table6",), _VQA_TABLE,
           rows=_size_rows("Web-DINO", "dino", "full2b")))
