@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,9 +163,31 @@ def test_cli_parser(monkeypatch):
     monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
     parser = argparse.ArgumentParser()
     launch.add_launch_parser(parser.add_subparsers(dest="stage"))
-    args = parser.parse_args(["launch", "--run", BIG_RUN, "--configfile", "config/paper.yaml"])
+    args = parser.parse_args(["launch", "--run", BIG_RUN, "--configfile", "config/paper.yaml", "my.yaml"])
     assert (args.run, args.executor, args.folder, args.partition, args.account) == (
         BIG_RUN, "slurm", "logs/submitit", "gpu", None)
+    assert args.configfile == [Path("config/paper.yaml"), Path("my.yaml")]  # an overlay, as snakemake takes it
     assert args.func is launch._launch
     with pytest.raises(SystemExit):
         parser.parse_args(["launch", "--run", BIG_RUN, "--executor", "chronos"])
+
+
+def test_launch_merges_config_overlays(monkeypatch, tmp_path):
+    """`launch --configfile config/paper.yaml my.yaml` plans with the overlay merged in."""
+    overlay = tmp_path / "my.yaml"
+    overlay.write_text("resources: {max_runtime_min: 1440}\n")
+    seen = {}
+
+    def fake_submit(plan, run, *args, **kwargs):
+        seen["plan"] = plan
+        raise SystemExit(0)
+
+    monkeypatch.setattr(launch, "submit", fake_submit)
+    parser = argparse.ArgumentParser()
+    launch.add_launch_parser(parser.add_subparsers(dest="stage"))
+    args = parser.parse_args(["launch", "--run", BIG_RUN, "--configfile", str(REPO / "config/paper.yaml"),
+                              str(overlay)])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    assert seen["plan"].config["resources"]["max_runtime_min"] == 1440
+    assert seen["plan"].config["resources"]["gpus_per_node"] == 8  # the rest from config/paper.yaml

@@ -233,9 +233,9 @@ def submit(plan: Plan, run: str, executor: str = "slurm", folder: str | Path = "
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from webssl_repro.config import load_config
+    from webssl_repro.config import load_configs
 
-    plan = Plan(load_config(args.configfile))
+    plan = Plan(load_configs(args.configfile))
     job = submit(plan, args.run, args.executor, args.folder, args.partition, args.account,
                  check_inputs=not args.no_input_check)
     print(f"{args.run}: submitted job {job.job_id} ({args.executor}); logs in {args.folder}")
@@ -250,7 +250,8 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("launch", help="submit one pretraining run with submitit (outside Snakemake), "
                                              "requeued on preemption")
     p.add_argument("--run", required=True, help="a run name, e.g. dino7b-full8b-224")
-    p.add_argument("--configfile", default="config/paper.yaml", type=Path)
+    p.add_argument("--configfile", nargs="+", default=[Path("config/paper.yaml")], type=Path,
+                   help="one or more config files, each merged over the ones before it (as snakemake's)")
     p.add_argument("--executor", choices=EXECUTORS, default="slurm",
                    help="slurm: sbatch; local: a subprocess here; debug: in this process")
     p.add_argument("--folder", default="logs/submitit", help="submitit's job files and per-task logs")
