@@ -19,7 +19,7 @@ def _img(v):
 def test_adapters_give_the_mini_record_layout():
     seg = datasets.Dataset.from_list([{"image": _img(10), "annotation": Image.fromarray(
         np.array([[0, 1], [150, 2]], dtype=np.uint8)), "scene_category": 0}])
-    records = load_hf_split(build_hf_manifest("segmentation", {}), "val", seg)
+    records = load_hf_split(build_hf_manifest("segmentation", {"dataset": "org/ade20k"}), "val", seg)
     assert records[0]["seg"].tolist() == [[255, 0], [149, 1]]  # 0 = "other" is ignored, classes shift down
     cls = datasets.Dataset.from_list([{"image": _img(v), "label": v} for v in (3, 7)])
     records = load_hf_split(build_hf_manifest("classification", {"limit": 1}), "train", cls)
@@ -27,7 +27,7 @@ def test_adapters_give_the_mini_record_layout():
     cap = datasets.Dataset.from_list([{"image": _img(1), "text": ["a red ball", "second caption"]}])
     assert load_hf_split(build_hf_manifest("captions", {}), "test", cap)[0]["caption"] == "a red ball"
     depth = datasets.Dataset.from_list([{"image": _img(1), "depth_map": np.ones((2, 2), dtype=np.float32).tolist()}])
-    assert load_hf_split(build_hf_manifest("depth", {}), "val", depth)[0]["depth"].dtype == np.float32
+    assert load_hf_split(build_hf_manifest("depth", {"dataset": "org/nyu"}), "val", depth)[0]["depth"].dtype == np.float32
 
 
 def test_paper_scale_evalset_rule_writes_a_dataset_manifest(tmp_path):
@@ -102,7 +102,7 @@ def test_real_images_of_mixed_sizes_and_ade20k_classes(tmp_path):
         ann[: h // 2] = 150  # top half: ADE20K class 150 -> 149; bottom half: "other" -> ignored
         rows.append({"image": Image.fromarray(np.full((h, w, 3), 200, dtype=np.uint8)),
                      "annotation": Image.fromarray(ann), "scene_category": 0})
-    manifest = build_hf_manifest("segmentation", {})
+    manifest = build_hf_manifest("segmentation", {"dataset": "org/ade20k"})
     records = load_hf_split(manifest, "val", datasets.Dataset.from_list(rows))
     x, y = (torch.stack(t) for t in zip(*EvalImages(records, 32, "seg")))
     assert x.shape == (2, 3, 32, 32) and y.shape == (2, 32, 32)
@@ -159,3 +159,22 @@ def test_eval_transforms_match_torchvision_and_mmcv():
         image_tensor(image, (28, 42))
     with pytest.raises(ValueError, match="fit"):
         image_tensor(image, 48, "stretch")
+
+
+def test_ade20k_and_nyud_must_be_named_at_the_dry_run():
+    """The hub's ADE20K / NYUd ship loading scripts that datasets does not run: with no copy named,
+    the plan (dry run) stops naming the key, not the first classic job after pretraining."""
+    from webssl_repro.config import ConfigError
+    from webssl_repro.settings import merge_nested
+    from webssl_repro.workflow import Plan, shipped_plan
+
+    paper = shipped_plan("paper").config
+    assert paper["data"]["evalsets"]["depth"] == {"dataset": "/datasets/nyu_depth_v2"}
+    unset = merge_nested(paper, {"data": {"evalsets": {"depth": None}}})
+    unset["data"]["evalsets"].pop("depth")
+    with pytest.raises(ConfigError, match=r"data.evalsets.depth.dataset is not set.*sayakpaul/nyu_depth_v2 ships a "
+                                          r"loading script"):
+        Plan(unset)
+    Plan({**unset, "stages": ["data", "pretrain", "vqa", "alignment"]})  # no classic stage: no ADE20K / NYUd
+    with pytest.raises(ConfigError, match=r"data.evalsets.segmentation.dataset is not set"):
+        build_hf_manifest("segmentation", {"splits": {"val": "validation"}})

@@ -46,6 +46,11 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             check_eval_gpus(self.config.get("resources", {}))
             if "alignment" in self.stages:
                 check_language_models(self.config.get("evaluate", {}).get("alignment", {}))
+            evalsets = self.config.get("data", {}).get("evalsets", {})
+            if "classic" in self.stages and evalsets.get("source") == "hf":
+                from webssl_repro.data.real_evalsets import check_hf_evalsets
+
+                check_hf_evalsets(evalsets, ("segmentation", "depth"))
 
     @cached_property
     def _job_resources(self) -> dict[tuple, dict[str, Any]]:

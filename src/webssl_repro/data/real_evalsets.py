@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from PIL import Image
 
-from webssl_repro.config import check_keys
+from webssl_repro.config import ConfigError, check_keys
 
 # task -> (default dataset id, config name, {our split: dataset split}, row adapter)
 Adapter = Callable[[Mapping[str, Any]], dict[str, Any]]
@@ -61,17 +61,33 @@ def _captions(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"image": _image(row["image"]), "caption": str(text)}
 
 
+#: The hub's ADE20K and NYUd v2 ship loading scripts, which ``datasets`` no longer runs (nor
+#: 2.x / 3.x without ``trust_remote_code``): these tasks have no default dataset, and the dry
+#: run asks for a copy (``check_hf_evalsets``) instead of the first classic job, after pretraining.
+SCRIPT_ONLY: dict[str, str] = {"segmentation": "zhoubolei/scene_parse_150", "depth": "sayakpaul/nyu_depth_v2"}
+
 HF_EVALSETS: dict[str, dict[str, Any]] = {
     "classification": {"dataset": "ILSVRC/imagenet-1k", "config": None,
                        "splits": {"train": "train", "val": "validation"}, "adapter": _classification},
-    "segmentation": {"dataset": "zhoubolei/scene_parse_150", "config": "scene_parsing",
-                     "splits": {"train": "train", "val": "validation"}, "adapter": _segmentation,
-                     "n_classes": 150},
-    "depth": {"dataset": "sayakpaul/nyu_depth_v2", "config": None,
-              "splits": {"train": "train", "val": "validation"}, "adapter": _depth},
+    "segmentation": {"dataset": None, "config": None, "splits": {"train": "train", "val": "validation"},
+                     "adapter": _segmentation, "n_classes": 150},
+    "depth": {"dataset": None, "config": None, "splits": {"train": "train", "val": "validation"}, "adapter": _depth},
     "captions": {"dataset": "minhuh/prh", "config": None, "revision": "wit_1024",
                  "splits": {"test": "train"}, "adapter": _captions},
 }
+
+
+def _no_default(task: str) -> str:
+    return (f"data.evalsets.{task}.dataset is not set, and has no default: the hub's {SCRIPT_ONLY[task]} ships "
+            "a loading script, which datasets does not run. Point it at a copy without one: a folder written by "
+            "DatasetDict.save_to_disk, or a folder or hub repo of parquet files")
+
+
+def check_hf_evalsets(evalsets: Mapping[str, Any], tasks: Sequence[str]) -> None:
+    """Each of ``tasks`` names a dataset where it has no default (``SCRIPT_ONLY``)."""
+    for task in tasks:
+        if HF_EVALSETS[task]["dataset"] is None and not (evalsets.get(task) or {}).get("dataset"):
+            raise ConfigError(_no_default(task))
 
 
 def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,6 +96,7 @@ def build_hf_manifest(task: str, section: Mapping[str, Any]) -> dict[str, Any]:
         raise KeyError(f"no real-data eval set for task {task!r}; known: {sorted(HF_EVALSETS)}")
     base = HF_EVALSETS[task]
     check_keys(section, {"dataset", "config", "revision", "splits", "limit"}, f"data.evalsets.{task}")
+    check_hf_evalsets({task: section}, [task])
     from webssl_repro.files import model_location
 
     model_location(section.get("dataset", base["dataset"]), f"data.evalsets.{task}.dataset")  # a local copy exists

@@ -7,7 +7,7 @@ output, so a failed attempt does not delete it):
   writes ``model`` (the student's state dict, no wrapper prefixes), ``optimizer`` (keyed by
   parameter names, as ``get_optimizer_state_dict`` returns it) and ``method`` (the method's
   other tensors: teacher, centers, ...); under FSDP2 every rank writes its own shards and
-  nothing is gathered (a 7B Web-DINO save is ~140 GB: student, teacher, two AdamW moments).
+  nothing is gathered (a 7B Web-DINO save is ~105 GB in fp32: student, teacher, two AdamW moments).
   ``meta.pt`` (rank 0) holds ``format``, ``step``, ``samples_seen``, ``complete``, ``data``
   (``{"start_sample": n}``), ``rng`` (one entry per rank), ``world_size``, ``config``,
   ``with_optimizer`` (False before the first step) and ``method_rest`` (the method state's
