@@ -169,7 +169,12 @@ def _dist() -> tuple[int, int]:
 
 
 class _SplitStream(IterableDataset):
-    """Common rank/worker split, epoch repetition and budget for a list of items (shards or files)."""
+    """Common rank/worker split, epoch repetition and budget for a list of items (shards or files).
+
+    Not webdataset's ``split_by_node`` / ``split_by_worker``: those split shards only, so with
+    fewer shards than readers (the mini eval sets, a test's two shards on 2 ranks x 2 workers)
+    some readers get nothing, and they leave each reader's share of a samples-seen budget and
+    the per-epoch reshuffle to the caller."""
 
     def __init__(self, items: list[str], *, rank: int | None, world_size: int | None, samples: int | None,
                  shuffle_items: bool, shuffle_buffer: int, seed: int, transform: Callable | None) -> None:
