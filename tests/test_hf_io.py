@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -180,8 +181,22 @@ def test_native_teacher_file_unpacked_swiglu_and_missing_mask_token(tmp_path):
     assert torch.count_nonzero(back.mask_token) == 0
 
 
-def test_native_mae_is_timm_layout():
-    enc = _encoder("mae")
+def test_native_mae_is_timm_layout(tmp_path):
+    """A released Web-MAE ``.pth`` is a plain timm ViT's state dict (``mae.mae`` builds one and loads
+    it strictly): one from timm itself, not from our encoder, imports and gives timm's tokens."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(3)
+    ref = VisionTransformer(img_size=IMG, patch_size=TINY.patch, embed_dim=TINY.width, depth=TINY.depth,
+                            num_heads=TINY.heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
+                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    torch.save(ref.state_dict(), tmp_path / "webssl_mae_tiny.pth")
+    enc, _ = import_native(tmp_path / "webssl_mae_tiny.pth", "mae", TINY, IMG)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        want, got = ref.forward_features(x), enc.eval().forward_features_dict(x)
+    assert torch.allclose(got["x_norm_clstoken"], want[:, 0], atol=1e-5)
+    assert torch.allclose(got["x_norm_patchtokens"], want[:, 1:], atol=1e-5)
     back, _ = import_native(dict(enc.state_dict()), "mae", TINY, IMG)
     _assert_same_state(enc, back)
 
