@@ -367,7 +367,14 @@ def test_snakemake_builds_one_eval(workflow_dir):
     result = json.loads((workflow_dir / target).read_text())
     assert result["run"] == "dino1b-full2b-224" and result["kind"] == "alignment"
     score = result["metrics"]["alignment/minilm"]
-    assert isinstance(score, float) and 0.0 <= score <= 1.0
+    # the DAG scored the run's own encoder on its captions with its config: computed here again
+    from webssl_repro.evaluate.alignment_eval import run_alignment
+    from webssl_repro.models.io import load_encoder
+
+    encoder, meta = load_encoder(workflow_dir / "results/mini/runs/dino1b-full2b-224/encoder.safetensors")
+    here = run_alignment(encoder, meta, workflow_dir / "results/mini/data/evalsets/captions.json",
+                         _tiny_workflow_config()["evaluate"]["alignment"], cache_dir=workflow_dir / "here-cache")
+    assert here["alignment/minilm"] == pytest.approx(score, abs=1e-6) and 0.0 < score < 1.0
     provenance = json.loads((workflow_dir / "results/mini/runs/dino1b-full2b-224/provenance.json").read_text())
     assert provenance["steps"] == 4 and provenance["corpus_size"] == 256
     assert provenance["config"]["run"] == "dino1b-full2b-224"
