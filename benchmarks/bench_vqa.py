@@ -2,9 +2,9 @@
 
 Sized like the mini config (``config/mini.yaml`` evaluate.vqa, read at run time): the
 mini "7b" tower (width 128, depth 4, patch 8) at the "224" resolution (32 px → 4×4 patches,
-bilinearly resized to 36 tokens = the paper's 256 → 576 ratio), 1,000 alignment captions for
-stage 1, 16 benchmarks × 200 instruction samples (``config/mini.yaml`` evalsets.vqa.train; 2 epochs)
-for stage 2, 16 × 50 test questions for the greedy evaluation. Text and images are synthetic
+bilinearly resized to 36 tokens = the paper's 256 → 576 ratio), the stage-1 alignment captions
+(evaluate.vqa.alignment_samples, 1,024 unless set), 16 benchmarks × data.evalsets.vqa.train
+instruction samples for stage 2 and 16 × data.evalsets.vqa.test questions for the greedy evaluation. Text and images are synthetic
 (random words/pixels): this measures cost, not accuracy. Target: ≤ 60 s on 2 cores.
 Run: ``python benchmarks/bench_vqa.py [--threads N] [--scale F]``.
 """
@@ -62,7 +62,9 @@ def main() -> None:
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    align, train, test, texts = synthetic(n(1000), n(200), n(50))
+    counts = section["data"]["evalsets"]["vqa"]
+    align, train, test, texts = synthetic(n(int(section["evaluate"]["vqa"].get("alignment_samples", 1024))),
+                                          n(counts["train"]), n(counts["test"]))
     tok = build_tokenizer(texts)
     probe = build_probe(cfg, 128, tok)
     encoder = build_encoder(Arch(width=128, depth=4, heads=8, patch=8), "dino", img_size=32)

@@ -285,6 +285,30 @@ def test_joint_seg_heads_equal_separate_training():
         assert torch.allclose(s.conv.weight, heads[k].conv.weight, atol=1e-5)
 
 
+def test_seg_training_lr_is_mmseg_poly_with_linear_warmup(monkeypatch):
+    """DINOv2's ADE20k schedule (mmseg poly, power 1, min lr 0; linear warm-up from
+    warmup_ratio) pinned to hand values, for the one-head and the joint trainer: for it < 4,
+    (1 - it / 10) * (1 - (1 - it / 4) * (1 - 1e-6)), e.g. it=1: 0.9 * 0.25000075; then 1 - it / 10."""
+    from webssl_repro.evaluate.segmentation import train_seg_heads
+
+    expected = [1e-06, 0.2250007, 0.4000004, 0.5250002, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    seen = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: seen.append(
+        [g["lr"] for g in self.param_groups]) or step(self, *a, **kw))
+    g = torch.Generator().manual_seed(0)
+    images, masks = seg_task(g, n=4)
+    train_segmentation(LinearSegHead(3, num_classes=3), colour_features, [(images, masks)], iters=10,
+                       lr=1.0, warmup=4, warmup_ratio=1e-6)
+    maps = colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(4, -1, 4, 4)
+    train_seg_heads([LinearSegHead(3, num_classes=3, n_layers=1)], iter([(maps, masks)] * 10), iters=10,
+                    lr=1.0, warmup=4, warmup_ratio=1e-6)
+    assert len(seen) == 20 and all(len(set(lrs)) == 1 for lrs in seen)
+    lrs = [lrs[0] for lrs in seen]
+    assert lrs[:10] == pytest.approx(expected, rel=0, abs=1e-7)
+    assert lrs[10:] == pytest.approx(expected, rel=0, abs=1e-7)
+
+
 def test_seg_loss_averages_over_every_pixel_as_mmseg():
     """DINOv2's mmseg 0.x CE (avg_non_ignore=False): ignored pixels count in the mean as 0,
     so a batch half unlabelled has half the loss of its labelled pixels' mean."""

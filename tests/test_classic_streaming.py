@@ -200,8 +200,8 @@ def test_dense_probes_at_a_non_square_size_off_the_patch_grid(tiny_data, monkeyp
 
 
 def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811
-    """bf16 changes the frozen features (so it is applied), not the metric's scale; an unknown
-    precision is named."""
+    """bf16 changes the frozen features (so it is applied), but the heads train in fp32, so the
+    mIoUs move by far less than 0.05 points (measured 0.0007 / 0.0016); an unknown precision is named."""
     from webssl_repro.evaluate import classic
 
     encoder, meta = _encoder()
@@ -209,7 +209,7 @@ def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811
     fp32 = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
     bf16 = classic.segmentation(encoder, meta, tiny_data["segmentation"],
                                 classic.classic_config({**cfg, "precision": "bf16"}))
-    assert fp32 != bf16 and all(abs(bf16[k] - fp32[k]) < 2.0 for k in fp32), (fp32, bf16)
+    assert fp32 != bf16 and all(abs(bf16[k] - fp32[k]) < 0.05 for k in fp32), (fp32, bf16)
     with pytest.raises(ValueError, match="evaluate.classic.precision: 'fp8'"):
         classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config({**cfg, "precision": "fp8"}))
 

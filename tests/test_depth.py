@@ -64,7 +64,10 @@ def test_depth_loss_is_sig_loss_per_gpu_pair_averaged():
 
 
 def test_depth_training_sets_lr_and_beta1_each_iteration(monkeypatch):
-    from webssl_repro.evaluate.depth import _lr_factor, onecycle_beta1
+    """The lr of each iteration is pinned to hand values of DINOv2's NYUd schedule (mmcv
+    CosineAnnealing, min_lr_ratio 1e-8, linear warm-up from ratio 1e-3), not recomputed
+    with the schedule function under test."""
+    from webssl_repro.evaluate.depth import onecycle_beta1
 
     seen = []
     step = torch.optim.AdamW.step
@@ -77,7 +80,13 @@ def test_depth_training_sets_lr_and_beta1_each_iteration(monkeypatch):
     conv = torch.nn.Conv2d(2 * 3 * 4, 16, kernel_size=1)  # DINOv2 keeps the conv's default init
     assert torch.equal(head.conv.weight, conv.weight) and torch.equal(head.conv.bias, conv.bias)
     train_depth(head, colour_features, [(images, 1.0 + 4.0 * images[:, 0])], iters=10, lr=1e-2, warmup_iters=3)
-    assert [lr for lr, _ in seen] == pytest.approx([1e-2 * _lr_factor(i, 10, 3) for i in range(10)])
+    # mmcv: regular = min + (1 - min) * (1 + cos(pi * it / 10)) / 2, then for it < 3
+    # regular * (1 - (1 - it / 3) * (1 - 1e-3)); e.g. it=1: 0.975528 * 0.334 = 0.325826.
+    factors = [0.001, 0.325826, 0.603307, 0.793893, 0.654509, 0.5, 0.345492, 0.206107, 0.095492, 0.024472]
+    by_formula = [(1e-8 + (1 - 1e-8) * (1 + math.cos(math.pi * i / 10)) / 2)
+                  * (1 - (1 - i / 3) * (1 - 1e-3) if i < 3 else 1.0) for i in range(10)]
+    assert by_formula == pytest.approx(factors, abs=5e-7)
+    assert [lr for lr, _ in seen] == pytest.approx([1e-2 * f for f in factors], rel=0, abs=1e-8)
     assert [b for b, _ in (betas for _, betas in seen)] == pytest.approx([onecycle_beta1(i, 10) for i in range(10)])
     assert all(b2 == 0.999 for _, (_, b2) in seen)
 

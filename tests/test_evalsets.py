@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from string import ascii_uppercase
 
 import numpy as np
 import pytest
@@ -67,8 +68,18 @@ def test_vqa_items_are_well_formed_and_deterministic(benchmark):
 
 @pytest.mark.parametrize("benchmark", ["mmbench", "seed", "mmmu", "ai2d", "mmvp", "cvbench3d", "realworldqa"])
 def test_answers_are_not_positionally_biased(benchmark):
-    letters = Counter(it["answer"] for it in vqa_items(benchmark, "val", 60))
-    assert max(letters.values()) / 60 < 0.7, letters
+    """Each letter is the answer about as often as a uniform position among each question's
+    own choices makes it (1/2 for a 2-choice question, 1/4 for a 4-choice one): within 0.15
+    of that share, two-sided, on 60 questions (largest gap measured: 0.12, realworldqa's B)."""
+    items = vqa_items(benchmark, "val", 60)
+    letters = Counter(it["answer"] for it in items)
+    expected = Counter()
+    for it in items:
+        for letter in ascii_uppercase[:len(it["choices"])]:
+            expected[letter] += 1 / len(it["choices"])
+    assert set(letters) <= set(expected) and len(expected) >= 2, (letters, expected)
+    gaps = {letter: (letters[letter] - expected[letter]) / 60 for letter in expected}
+    assert max(abs(g) for g in gaps.values()) < 0.15, (gaps, letters)
 
 
 def test_vqa_and_classic_tars_round_trip(tmp_path):
