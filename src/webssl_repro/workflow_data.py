@@ -85,11 +85,14 @@ class DataJobs:
                 f"--shards {self.data_manifest('shards')}" + ("" if part is None else f" --part {part}"))
 
     def filter_resources(self, whole: bool = False) -> dict[str, int]:
-        """A filter job's GPUs and runtime (``resources.filter_*``); merging parts needs neither."""
+        """A filter job's GPUs and runtime (``resources.filter_*``), and a CPU per loader worker
+        (``data.filter.workers``) beside its own; merging parts needs none of them."""
         if whole and self.filter_parts() > 1:
             return {}
         res = self.config.get("resources", {})
-        return {"gpu": int(res.get("filter_gpus", 0)), "runtime": int(res.get("filter_runtime_min", 60))}
+        workers = int(self.config.get("data", {}).get("filter", {}).get("workers", 0))
+        return {"gpu": int(res.get("filter_gpus", 0)), "runtime": int(res.get("filter_runtime_min", 60)),
+                **({"cpus_per_task": workers + 1} if workers else {})}
 
     def data_targets(self) -> list[str]:
         if "data" not in self.stages:

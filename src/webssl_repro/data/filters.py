@@ -22,18 +22,20 @@ and ``HEAVY_PROMPT`` are verbatim. Backends:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
 import time
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from webssl_repro.data.shards import sample_id
+from webssl_repro.data.shards import STATS_KEY, sample_id
 
 LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
 HEAVY_PROMPT = ("Please think carefully before answering. Does this image contain charts, tables, or documents "
@@ -47,6 +49,7 @@ class TextFilter(abc.ABC):
     """Decides keep/drop per image for the ``light`` and ``heavy`` variants."""
 
     name: str = "base"
+    batch_size: int = 16  # images per decision call, and per loader batch (filter_corpus)
 
     @abc.abstractmethod
     def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
@@ -55,6 +58,43 @@ class TextFilter(abc.ABC):
     def prepare(self, sample: Mapping[str, Any]) -> Image.Image:
         """The image this backend should look at for a loaded sample (default: as stored)."""
         return sample["image"]
+
+    def encode(self, images: Sequence[Image.Image], variants: Sequence[str]) -> Any:
+        """The CPU work on a batch of prepared images that can run in a loader worker
+        (``filter_batch``), for ``decide_encoded`` to finish. Default: none."""
+        return list(images)
+
+    def decide_encoded(self, encoded: Any, variants: Sequence[str]) -> dict[str, list[bool]]:
+        """``decide`` on what ``encode`` made."""
+        return self.decide(encoded, variants)
+
+
+@dataclasses.dataclass
+class FilterBatch:
+    """A loader batch as ``run_filter`` takes it: each sample's id, where it is stored (shard,
+    key), its ground truth where the metadata has it, the backend's ``encode``d images, and
+    the final counts of any reader that ended in this batch (``shards.STATS_KEY`` items)."""
+
+    ids: list[str]
+    sources: list[tuple[str, str]]
+    truth: dict[str, list[bool]] | None
+    encoded: Any
+    reader_stats: list[dict[str, Any]]
+
+
+def filter_batch(flt: TextFilter, variants: Sequence[str], samples: Sequence[Mapping[str, Any]]) -> FilterBatch:
+    """Collate loaded samples for ``run_filter``: in a DataLoader worker when the loader has
+    workers, so that the backend's CPU side (the MLLM's image processor) runs beside its GPU."""
+    stats = [s[STATS_KEY] for s in samples if STATS_KEY in s]
+    samples = [s for s in samples if STATS_KEY not in s]
+    metas = [s.get("meta") or {} for s in samples]
+    known = all(TRUTH_KEYS[v] in m for v in variants for m in metas)
+    return FilterBatch(
+        ids=[sample_id(s) for s in samples],
+        sources=[(str(s.get("__url__")), str(s.get("__key__"))) for s in samples],
+        truth={v: [bool(m[TRUTH_KEYS[v]]) for m in metas] for v in variants} if known else None,
+        encoded=flt.encode([flt.prepare(s) for s in samples], variants) if samples else None,
+        reader_stats=stats)
 
 
 def _check_variants(variants: Sequence[str]) -> None:
@@ -150,44 +190,53 @@ def make_filter(backend: str, **kw: Any) -> TextFilter:
 
 
 def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: Sequence[str] = ("light", "heavy"),
-               batch_size: int = 16) -> dict[str, Any]:
-    """Decisions for a stream of loaded samples; ``truth`` is None unless every sample's metadata has it."""
+               batch_size: int | None = None) -> dict[str, Any]:
+    """Decisions for a stream of loaded samples, batched here (``batch_size``: the backend's);
+    ``truth`` is None unless every sample's metadata has it."""
+    size = int(batch_size or flt.batch_size)
+
+    def batches() -> Iterator[FilterBatch]:
+        it = iter(samples)
+        while chunk := list(itertools.islice(it, size)):
+            yield filter_batch(flt, variants, chunk)
+
+    return run_filter_batches(flt, batches(), variants)
+
+
+def run_filter_batches(flt: TextFilter, batches: Iterable[FilterBatch],
+                       variants: Sequence[str] = ("light", "heavy")) -> dict[str, Any]:
+    """Decisions for ``filter_batch``es (made here, or by a loader's workers). ``seconds`` is the
+    wall time of the whole pass, reading included; ``cpu_seconds`` this process's CPU time;
+    ``loader_stats`` the summed counts of the readers that reported theirs (``STATS_KEY``)."""
     _check_variants(variants)
     ids: list[str] = []
     sources: list[tuple[str, str]] = []  # (shard, webdataset key): where a kept sample is copied from
-    truth: dict[str, list[bool]] = {v: [] for v in variants}
+    truth: dict[str, list[bool]] | None = {v: [] for v in variants}
     decisions: dict[str, list[bool]] = {v: [] for v in variants}
-    batch: list[Image.Image] = []
-    seconds = 0.0
-    cpu0 = time.process_time()
-    truth_known = True
-
-    def flush() -> None:
-        nonlocal seconds
-        t = time.perf_counter()
-        out = flt.decide(batch, variants)
-        seconds += time.perf_counter() - t
+    readers: list[dict[str, Any]] = []
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for batch in batches:
+        readers.extend(batch.reader_stats)
+        if not batch.ids:
+            continue
+        out = flt.decide_encoded(batch.encoded, variants)
+        ids.extend(batch.ids)
+        sources.extend(batch.sources)
         for v in variants:
+            if len(out[v]) != len(batch.ids):
+                raise RuntimeError(f"{flt.name} filter: {len(out[v])} {v} decisions for {len(batch.ids)} images")
             decisions[v].extend(out[v])
-        batch.clear()
-
-    for s in samples:
-        meta = s.get("meta") or {}
-        ids.append(sample_id(s))
-        sources.append((str(s.get("__url__")), str(s.get("__key__"))))
-        for v in variants:
-            truth_known &= TRUTH_KEYS[v] in meta
-            truth[v].append(bool(meta.get(TRUTH_KEYS[v], False)))
-        t = time.perf_counter()
-        batch.append(flt.prepare(s))
-        seconds += time.perf_counter() - t
-        if len(batch) >= batch_size:
-            flush()
-    if batch:
-        flush()
-    return {"ids": ids, "sources": sources, "decisions": decisions, "truth": truth if truth_known else None,
+            if truth is not None and batch.truth is not None:
+                truth[v].extend(batch.truth[v])
+        if batch.truth is None:
+            truth = None
+    seconds = time.perf_counter() - t0
+    loader_stats = ({k: sum(int(r[k]) for r in readers) for k in ("samples", "skipped_samples", "broken_shards")}
+                    if readers else None)
+    return {"ids": ids, "sources": sources, "decisions": decisions, "truth": truth,
             "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
-            "images_per_second": len(ids) / seconds if seconds > 0 else float("inf"), "backend": flt.name}
+            "images_per_second": len(ids) / seconds if seconds > 0 else float("inf"), "backend": flt.name,
+            "loader_stats": loader_stats}
 
 
 def filter_report(ids: Sequence[str], decisions: Mapping[str, Sequence[bool]],

@@ -132,6 +132,11 @@ def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out
     return {"path": out_path, "count": len(kept_keys), "broken_shards": len(broken)}
 
 
+#: The key of the item a stream made with ``report_stats`` yields last, after its samples: the
+#: reader's ``LoaderStats`` as a dict (``reader``: its index over ranks x workers).
+STATS_KEY = "__loader_stats__"
+
+
 @dataclasses.dataclass
 class LoaderStats:
     """What the reader had to skip; ``errors`` keeps the first messages for the log."""
@@ -177,14 +182,15 @@ class _SplitStream(IterableDataset):
     the per-epoch reshuffle to the caller."""
 
     def __init__(self, items: list[str], *, rank: int | None, world_size: int | None, samples: int | None,
-                 shuffle_items: bool, shuffle_buffer: int, seed: int, transform: Callable | None) -> None:
+                 shuffle_items: bool, shuffle_buffer: int, seed: int, transform: Callable | None,
+                 report_stats: bool = False) -> None:
         super().__init__()
         if not items:
             raise ValueError("make_loader: no shards or images found")
         self.items = items
         self.rank, self.world_size = (rank, world_size) if rank is not None and world_size is not None else _dist()
         self.samples, self.shuffle_items, self.shuffle_buffer = samples, shuffle_items, shuffle_buffer
-        self.seed, self.transform = seed, transform
+        self.seed, self.transform, self.report_stats = seed, transform, report_stats
         self.stats = LoaderStats()
 
     def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
@@ -243,6 +249,8 @@ class _SplitStream(IterableDataset):
         for sample in self._shuffled(self._stream(gw, total), gw):
             self.stats.samples += 1
             yield self.transform(sample) if self.transform else sample
+        if self.report_stats:  # this reader's final counts, which a worker process would otherwise keep
+            yield {STATS_KEY: {"reader": gw, **dataclasses.asdict(self.stats)}}
 
 
 def sample_id(sample: dict[str, Any]) -> str:
@@ -321,15 +329,16 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
                 rank: int | None = None, world_size: int | None = None, samples: int | None = None,
                 shuffle_shards: bool = True, shuffle_buffer: int = 0, seed: int = 0,
                 transform: Callable[[dict[str, Any]], Any] | None = None, collate_fn: Callable | None = None,
-                arrays: bool = False) -> Iterable[Any]:
+                arrays: bool = False, report_stats: bool = False) -> Iterable[Any]:
     """Iterate samples of shards (paths, URLs, brace patterns, a folder of tars) or an image folder.
 
     ``samples`` is the total budget over all ranks and workers (None: one pass); ranks
     default to torch.distributed, else RANK/WORLD_SIZE. Without workers and batching the
-    stream itself is returned; otherwise a DataLoader (``.stats`` counts this process only).
+    stream itself is returned; otherwise a DataLoader (``.stats`` counts this process only;
+    ``report_stats``: each reader ends its samples with a ``STATS_KEY`` item of its counts).
     """
     kw = dict(rank=rank, world_size=world_size, samples=samples, shuffle_items=shuffle_shards,
-              shuffle_buffer=shuffle_buffer, seed=seed, transform=transform)
+              shuffle_buffer=shuffle_buffer, seed=seed, transform=transform, report_stats=report_stats)
     is_folder = isinstance(source, str) and os.path.isdir(source) and not glob.glob(os.path.join(source, "*.tar"))
     stream: _SplitStream = ImageFolderStream(source, **kw) if is_folder else ShardStream(
         expand_sources(source), arrays=arrays, **kw)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 from collections import Counter
+from functools import partial
 from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
@@ -102,12 +103,13 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     (``filter_merge`` joins them). The kept samples are copied into shards of their own beside
     ``out_json`` (``kept_shards``), which the result lists as a manifest does, with the kept
     fraction, P/R and speed; the light and heavy runs train on those shards."""
-    from webssl_repro.data.filters import filter_report, make_filter, run_filter
+    from webssl_repro.data.filters import filter_batch, filter_report, make_filter, run_filter, run_filter_batches
     from webssl_repro.data.shards import make_loader
 
     opts = dict(section)
     backend = str(opts.pop("backend", "ocr"))
     parts = int(opts.pop("parts", 1))
+    workers = int(opts.pop("workers", 0))  # loader processes that decode and encode beside the backend
     if not 0 <= part < parts:
         raise ValueError(f"filter part {part} of data.filter.parts={parts}")
     shards = list(shards)[part::parts]
@@ -116,14 +118,19 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
         opts.setdefault("cache_path", os.path.join(os.path.dirname(os.path.abspath(out_json)),
                                                    f"ocr_reads_{opts.get('ocr_size', 256)}{suffix}.json"))
     flt = make_filter(backend, **opts)
-    loader = make_loader(shards, shuffle_shards=False, rank=0, world_size=1)
-    res = run_filter(flt, loader, [variant])
+    read = dict(shuffle_shards=False, rank=0, world_size=1, report_stats=True)
+    if workers:
+        res = run_filter_batches(flt, make_loader(shards, num_workers=workers, batch_size=flt.batch_size,
+                                                  collate_fn=partial(filter_batch, flt, [variant]), **read), [variant])
+    else:
+        res = run_filter(flt, make_loader(shards, **read), [variant])
     if hasattr(flt, "save_cache"):
         flt.save_cache()
+    stats = res["loader_stats"]
     if not res["ids"]:  # a kept fraction, P/R and speed of no sample would be 0 / NaN / inf
         raise ValueError(f"data filter {variant}: no sample read from the {len(shards)} shard(s) of part {part} "
-                         f"of {parts} ({loader.stats.skipped_samples} undecodable sample(s), "
-                         f"{loader.stats.broken_shards} unreadable shard(s)): {', '.join(shards[:3]) or 'no shards'}")
+                         f"of {parts} ({stats['skipped_samples']} undecodable sample(s), "
+                         f"{stats['broken_shards']} unreadable shard(s)): {', '.join(shards[:3]) or 'no shards'}")
     rep = filter_report(res["ids"], res["decisions"], res["truth"])[variant]
     kept = kept_shards(shards, [src for src, k in zip(res["sources"], res["decisions"][variant]) if k],
                        os.path.splitext(out_json)[0])
@@ -131,7 +138,7 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     out = {"variant": variant, "backend": flt.name, **{k: v for k, v in rep.items() if k != "kept_ids"},
            "n_kept": len(rep["kept_ids"]), "shards": [os.path.relpath(p, here) for p in kept], "generated": True,
            "images_per_second": res["images_per_second"], "cpu_seconds": res["cpu_seconds"],
-           "skipped_samples": loader.stats.skipped_samples, "broken_shards": loader.stats.broken_shards}
+           "skipped_samples": stats["skipped_samples"], "broken_shards": stats["broken_shards"]}
     _dump(out, out_json)
     return out
 

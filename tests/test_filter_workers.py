@@ -1,0 +1,63 @@
+"""Filter jobs with loader workers (``data.filter.workers``): the backend's CPU side runs in the
+workers, and the job decides and counts exactly as one process does."""
+from __future__ import annotations
+
+import pytest
+
+from webssl_repro.data.corpus import read_manifest
+from webssl_repro.data.shards import make_loader
+from webssl_repro.data.stages import build_corpus, filter_corpus, manifest_shards
+
+
+def _ids(result_json):
+    return [s["meta"]["id"] for s in make_loader(read_manifest(result_json)["shards"], shuffle_shards=False,
+                                                 rank=0, world_size=1)]
+
+
+def test_workers_keep_what_one_process_keeps_and_count_every_readers_skips(tmp_path):
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 12, "shard_size": 4, "seed": 3,
+                  "kinds": {"objects": 0.4, "text_scene": 0.3, "chart": 0.3}}, man)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    shards = [*manifest_shards(man), str(junk)]  # 2 workers: shards 0, 2 and shard 1, junk
+    with pytest.warns(RuntimeWarning, match="skipping broken shard"):
+        one = filter_corpus("heavy", {"backend": "ocr"}, shards, str(tmp_path / "one" / "heavy.json"))
+    # the junk shard is read in a worker process: its count reaches the result all the same
+    two = filter_corpus("heavy", {"backend": "ocr", "workers": 2}, shards, str(tmp_path / "two" / "heavy.json"))
+    assert (two["n"], two["broken_shards"], two["skipped_samples"]) == (one["n"], one["broken_shards"], 0) == (12, 1, 0)
+    for key in ("n_kept", "tp", "fp", "fn"):
+        assert two[key] == one[key], key
+    assert 0 < two["n_kept"] < 12
+    assert _ids(tmp_path / "two" / "heavy.json") == _ids(tmp_path / "one" / "heavy.json")
+
+
+def test_paper_filter_jobs_ask_for_a_cpu_per_worker():
+    from webssl_repro.workflow import shipped_plan
+
+    paper = shipped_plan("paper")
+    assert paper.config["data"]["filter"]["workers"] == 7
+    assert paper.filter_resources() == {"gpu": 1, "runtime": 720, "cpus_per_task": 8}
+    assert paper.filter_resources(whole=True) == {}  # the merge of the parts: a local listing
+    assert "cpus_per_task" not in shipped_plan("mini").filter_resources()  # in-process: one CPU
+
+
+@pytest.mark.parametrize("first_token", ["yes", "no"])
+def test_mllm_processor_runs_in_the_workers(tmp_path, monkeypatch, first_token):
+    """The tiny SmolVLM-architecture model answers every image with ``first_token``; the workers
+    make its processor tensors (``encode``), and the job process only generates."""
+    from helpers_mllm import tiny_mllm
+    from webssl_repro.data.filter_mllm import MLLMFilter
+
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 6, "shard_size": 2, "seed": 5}, man)
+    section = {"backend": "mllm", "model": tiny_mllm(tmp_path / "model", first_token), "batch_size": 2,
+               "max_new_tokens": 1, "workers": 2}
+    made_here = []  # what a worker process appends stays in its own copy
+    inputs = MLLMFilter._inputs
+    monkeypatch.setattr(MLLMFilter, "_inputs", lambda self, *a: made_here.append(len(a[0])) or inputs(self, *a))
+    res = filter_corpus("light", section, manifest_shards(man), str(tmp_path / "f" / "light.json"))
+    assert (res["n"], res["n_kept"], res["broken_shards"]) == (6, 6 if first_token == "yes" else 0, 0)
+    assert made_here == []  # 6 decisions, none of whose inputs this process made
+    in_process = filter_corpus("light", {**section, "workers": 0}, manifest_shards(man), str(tmp_path / "g" / "l.json"))
+    assert made_here == [2, 2, 2] and in_process["n_kept"] == res["n_kept"]
