@@ -195,3 +195,18 @@ def test_an_unreadable_lm_feature_cache_is_computed_again(tmp_path):
         again = language_layers("minilm", captions, cfg, tmp_path)
     torch.testing.assert_close(again, first)
     torch.testing.assert_close(torch.load(cached, weights_only=True), first)
+
+
+def test_pair_hits_give_the_score_and_its_standard_error():
+    """The chosen pair's per-caption hits average to its score, clamped as the score is; their
+    standard error is the sd over captions / sqrt(N), by hand on 4 captions."""
+    from webssl_repro.evaluate.alignment import alignment_se, pair_hits
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 64, 16, generator=g), torch.randn(3, 64, 8, generator=g)
+    b[1] = a[2][:, :8] + 0.3 * torch.randn(64, 8, generator=g)
+    score, pair = alignment_score(a, b, k=5)
+    hits = pair_hits(a, b, pair, k=5)
+    assert pair == (2, 1) and hits.shape == (64,) and hits.sum().item() / (64 * 5) == score == 0.3625
+    assert pair_hits(a, b, pair, k=5, q=1.0).sum().item() / (64 * 5) == alignment_matrix(a, b, k=5, q=1.0)[2, 1]
+    assert alignment_se(torch.tensor([1, 3, 2, 2]), k=2) == pytest.approx(math.sqrt(2 / 3) / 2 / 2)

@@ -65,10 +65,14 @@ CASES = {  # claim -> (values that make it hold, values that make it fail)
                                                               for m in ("General", "Knowledge", "Vision-Centric")}},
         {("Web-DINO ViT-2B", "OCR & Chart"): [20, 25, 30], ("Web-DINO ViT-2B", "General"): [50, 45, 44],
          ("Web-DINO ViT-2B", "Knowledge"): [50] * 3, ("Web-DINO ViT-2B", "Vision-Centric"): [50] * 3}),
-    "alignment_rises_with_size": ({("Web-DINO", "alignment/minilm"): [0.10, 0.11, 0.12, 0.13, 0.14]},
-                                  {("Web-DINO", "alignment/minilm"): [0.14, 0.13, 0.12, 0.11, 0.10]}),
-    "alignment_rises_with_samples": ({("Web-DINO ViT-7B", "alignment/minilm"): [0.10, 0.12, 0.14]},
-                                     {("Web-DINO ViT-7B", "alignment/minilm"): [0.10, 0.10, 0.10]}),
+    "alignment_rises_with_size": ({("Web-DINO", "alignment/minilm"): [0.10, 0.11, 0.12, 0.13, 0.14],
+                                   ("Web-DINO", "se/alignment/minilm"): [0.002] * 5},
+                                  {("Web-DINO", "alignment/minilm"): [0.14, 0.13, 0.12, 0.11, 0.10],
+                                   ("Web-DINO", "se/alignment/minilm"): [0.002] * 5}),
+    "alignment_rises_with_samples": ({("Web-DINO ViT-7B", "alignment/minilm"): [0.10, 0.12, 0.14],
+                                      ("Web-DINO ViT-7B", "se/alignment/minilm"): [0.002] * 3},
+                                     {("Web-DINO ViT-7B", "alignment/minilm"): [0.10, 0.10, 0.10],
+                                      ("Web-DINO ViT-7B", "se/alignment/minilm"): [0.002] * 3}),
     "higher_resolution_helps": ({("Web-DINO ViT-7B 8B seen", "Average"): [40, 42, 44]},
                                 {("Web-DINO ViT-7B 8B seen", "Average"): [40, 42, 41]}),
 }
@@ -100,6 +104,27 @@ def test_claim_not_measurable_when_a_run_is_missing(claim_id):
     unrequested = C.evaluate(claim, frame, requested=set())
     assert unrequested.verdict == C.NOT_MEASURABLE
     assert f"{claim.series[0].eval} of {claim.series[0].runs[0]}" in unrequested.missing
+
+
+def test_an_alignment_trend_must_clear_the_scores_own_error():
+    """One seed of scores measured to +-0.0015 (the mini scale's 1,024 captions): a 3 % rise over
+    the sizes is no trend, the same rise measured to +-0.0001 is; without the error, no verdict."""
+    claim = C.get_claim("alignment_rises_with_size")
+    mini = [0.02588, 0.02598, 0.02607, 0.02617, 0.02676]  # make reproduce at bcd5e72
+
+    def frame(se):
+        values = {("Web-DINO", "alignment/minilm"): mini}
+        return frame_of(claim, values if se is None else {**values, ("Web-DINO", "se/alignment/minilm"): [se] * 5})
+
+    noisy, precise = C.evaluate(claim, frame(0.0015)), C.evaluate(claim, frame(0.0001))
+    x = np.log2([1, 2, 3, 5, 7])
+    slope = np.polyfit(x, mini, 1)[0]
+    assert noisy.quantities["rel_slope[minilm]"][0] == pytest.approx(slope / np.mean(mini))  # +0.0101 > 0.002
+    z = slope / (0.0015 * np.sqrt(1 / ((x - x.mean()) ** 2).sum()))
+    assert noisy.quantities["slope_z[minilm]"][0] == pytest.approx(z) and 0.3 < z < 0.5
+    assert noisy.verdict == C.FAILS and precise.verdict == C.HOLDS
+    unknown = C.evaluate(claim, frame(None))
+    assert unknown.verdict == C.NOT_MEASURABLE and "slope_z" in unknown.evidence
 
 
 def test_quantities_are_real_fits():
@@ -198,8 +223,9 @@ def write_tree(root, plan: Plan, blind_average: float = 20.0) -> list[str]:
         else:
             metrics = {"in1k_linear": 50.0 + jitter, "ade20k_linear": 20.0, "ade20k_ms": 22.0,
                        "nyud_lin1": 0.8, "nyud_lin4": 0.7}
+        details = {"alignment/minilm/se": 0.001} if kind == "alignment" else {}
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(json.dumps({"metrics": metrics}))
+        (root / path).write_text(json.dumps({"metrics": metrics, "details": details}))
     return paths
 
 

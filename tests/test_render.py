@@ -3,6 +3,7 @@ import json
 import math
 
 import pandas as pd
+from matplotlib.container import ErrorbarContainer
 import pytest
 
 from webssl_repro.cli import main
@@ -147,3 +148,10 @@ def test_alignment_bars_mark_a_missing_score_without_a_bar(tmp_path):
     (gap,) = ax.lines
     assert list(gap.get_xdata()) == [i for i in range(len(item.rows)) if not i % 3]
     assert max(gap.get_ydata()) < min(b.get_y() for b in bars)  # under the floor of every bar
+    # each score's standard error over captions, where the evaluation measured one, as an error bar
+    errors = [{**s, "metric": "se/alignment/minilm", "value": 0.0004} for s in scores]
+    (ax,) = render_figure(item, pd.DataFrame(scores + errors), outputs, "mini", ["minilm"]).axes
+    (errorbars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = errorbars.lines[2][0].get_segments()
+    assert [round(float(s[1][1] - s[0][1]), 6) for s in segments] == [0.0008] * len(scores)
+    assert "error bars: 1 se over captions" in ax.get_ylabel() and "axis from 0.0" in ax.get_ylabel()

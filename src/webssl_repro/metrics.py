@@ -37,6 +37,8 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({"nyud_lin1", "nyud_lin4"})
 # Share of the pretraining data a run's data label keeps (Table 2's "% of MC-2B").
 DATA_PCT = "data_pct"
 ALIGNMENT_PREFIX = "alignment/"
+# A score's standard error over its samples, where the evaluation measures one ("se/alignment/minilm").
+SE_PREFIX = "se/"
 
 
 def label(metric: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from webssl_repro.config import check_keys
-from webssl_repro.evaluate.alignment import alignment_score
+from webssl_repro.evaluate.alignment import alignment_score, alignment_se, pair_hits
 from webssl_repro.evaluate.imagesets import images_tensor, load_split
 from webssl_repro.evaluate.features import extract_features
 
@@ -79,4 +79,6 @@ def run_alignment(encoder, meta: Mapping[str, Any], captions_manifest: str | Pat
         score, (i, j) = alignment_score(vis, lang, k=int(cfg["k"]), q=float(cfg["q"]), exact=bool(cfg["exact"]))
         metrics[f"alignment/{lm}"] = float(score)
         metrics[f"_alignment/{lm}/layers"] = {"vision": int(i), "language": int(j)}
+        hits = pair_hits(vis, lang, (i, j), k=int(cfg["k"]), q=float(cfg["q"]), exact=bool(cfg["exact"]))
+        metrics[f"_alignment/{lm}/se"] = alignment_se(hits, int(cfg["k"]))
     return metrics

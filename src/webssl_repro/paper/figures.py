@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from webssl_repro.metrics import ALIGNMENT_PREFIX, LOWER_IS_BETTER, label  # noqa: E402
+from webssl_repro.metrics import ALIGNMENT_PREFIX, LOWER_IS_BETTER, SE_PREFIX, label  # noqa: E402
 from webssl_repro.paper import specs  # noqa: E402
 from webssl_repro.paper.results import lookup, value_table  # noqa: E402
 
@@ -72,22 +72,26 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> 
 
 
 def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequence[str]) -> bool:
-    """Bars from a floor just under the lowest score (the differences are small); a missing
-    score is a hollow marker in a grey strip under that floor, as in the line figures, never a
-    bar. With no score at all the axis has no values to show and says so."""
+    """Bars from a floor just under the lowest score (the differences are small; the axis label
+    says where it starts), with each score's standard error over captions where the evaluation
+    measured one; a missing score is a hollow marker in a grey strip under that floor, as in the
+    line figures, never a bar. With no score at all the axis has no values to show and says so."""
     width = 0.8 / max(1, len(language_models))
     positions = np.arange(len(item.rows))
-    values = np.array([[lookup(wide, r.source, f"{ALIGNMENT_PREFIX}{lm}") for r in item.rows] for lm in language_models])
-    finite = values[~np.isnan(values)]
-    floor = float(finite.min()) * 0.98 if finite.size else 0.0
-    top = float(finite.max()) * 1.01 if finite.size else 1.0
+    values, errors = (np.array([[lookup(wide, r.source, f"{prefix}{ALIGNMENT_PREFIX}{lm}") for r in item.rows]
+                                for lm in language_models]) for prefix in ("", SE_PREFIX))
+    errors = np.nan_to_num(errors)
+    finite = ~np.isnan(values)
+    floor = float((values - errors)[finite].min()) * 0.98 if finite.any() else 0.0
+    top = float((values + errors)[finite].max()) * 1.01 if finite.any() else 1.0
     span = top - floor
     gaps = np.isnan(values)
     for k, lm in enumerate(language_models):
         xs = positions + (k - (len(language_models) - 1) / 2) * width
         ok = ~gaps[k]
         if ok.any():
-            ax.bar(xs[ok], values[k][ok] - floor, width, bottom=floor, label=lm, color=f"C{k}")
+            ax.bar(xs[ok], values[k][ok] - floor, width, bottom=floor, label=lm, color=f"C{k}",
+                   yerr=errors[k][ok] if errors[k][ok].any() else None, capsize=3)
         if gaps[k].any():
             ax.plot(xs[gaps[k]], np.full(int(gaps[k].sum()), floor - 0.08 * span),
                     **{**GAP_STYLE, "markeredgecolor": f"C{k}"}, label=f"{lm}: n/a, no number in the source")
@@ -95,9 +99,11 @@ def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequen
     if gaps.any():
         ax.axhspan(bottom, floor - 0.01 * span, color="0.93", zorder=0)
     ax.set_xticks(positions, [r.label for r in item.rows], rotation=30, ha="right")
-    ax.set_ylabel("alignment score (mutual k-NN)" if finite.size else "alignment score: no number in the source")
+    ax.set_ylabel(f"alignment score (mutual k-NN; axis from {floor:.3g})" + ("\nerror bars: 1 se over captions"
+                                                                            if errors.any() else "")
+                  if finite.any() else "alignment score: no number in the source")
     ax.set_ylim(bottom, top)
-    if not finite.size:
+    if not finite.any():
         ax.set_yticks([])
     return bool(gaps.any())
 

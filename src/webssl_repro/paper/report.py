@@ -158,7 +158,10 @@ def build_report(plan, config_hash: str, commit: str) -> str:
                   "`results/published/`); the claims below are evaluated on those numbers.", ""]
     else:
         lines += [f"Every table and figure of the `{scale}` scale, each beside the paper's. The numbers differ in "
-                  "magnitude by design (other data and model sizes); compare trends, and see the claims.", ""]
+                  "magnitude by design (other data and model sizes). Compare trends only where the claims below "
+                  "find them measurable: a VQA probe that scores raw-pixel tokens no higher than zero tokens "
+                  "measures its language model's answer priors, not the encoders, and an alignment trend must "
+                  "clear the scores' own standard error over captions.", ""]
     lines += ["## Claims of the paper", ""] + _body(paper / "check" / "claims.md") + [""]
     lines += ["Per-metric numbers: [check/comparison.tsv](check/comparison.tsv), verdicts: "
               "[check/claims.tsv](check/claims.tsv).", ""]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
 from webssl_repro.files import read_json
-from webssl_repro.metrics import DATA_PCT, VQA_BENCHMARKS
+from webssl_repro.metrics import DATA_PCT, SE_PREFIX, VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.runs import Run, is_run_name, split_seed
@@ -69,6 +69,11 @@ def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
             rows.append({"source": run, "metric": name, "value": float(value), "origin": "run", "seed": seed})
         except (TypeError, ValueError):
             raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}") from None
+    details = data.get("details") or {}
+    for name, value in details.items():  # a score's standard error, as metric "se/<score>"
+        if name.endswith("/se") and isinstance(value, (int, float)):
+            rows.append({"source": run, "metric": SE_PREFIX + name[:-len("/se")], "value": float(value),
+                         "origin": "run", "seed": seed})
     return rows
 
 

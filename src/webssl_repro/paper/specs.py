@@ -80,6 +80,7 @@ class Item:
     # against (Table 2's Light / Heavy vs the unfiltered Web-DINO).
     descriptors: tuple[str, ...] = ()
     delta_from: str = ""
+    run_note: str = ""  # a footnote at the run scales only
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -135,6 +136,8 @@ _add(Item(
         Row("Web-DINO ViT-2B (Heavy)", "dino2b-heavy2b-224"),
     ),
     delta_from="dino2b-full2b-224",
+    run_note="% of data: the share of this scale's corpus each filter kept. The mini-web's mix of image kinds is "
+             "set after the paper's shares (data/miniweb/world.py), so there it reflects that design, not web data.",
 ))
 _add(Item(
     "table3", "Comparison with other vision models (VQA categories and classic vision)", "table", ("table3",),

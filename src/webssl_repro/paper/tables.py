@@ -107,6 +107,8 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str) -> list[str]:
         notes.append("NYUd: RMSE, lower is better.")
     if item.note:
         notes.append(item.note)
+    if item.run_note and scale != "published":
+        notes.append(item.run_note)
     return notes
 
 
