@@ -115,6 +115,23 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, interrupt):
     assert fresh.ema_updates == 10
 
 
+def test_checkpoints_record_the_commits_that_trained_them(tmp_path, monkeypatch):
+    """A run resumed at another commit lists both, each from the step it took over; resuming a
+    finished run (a forced rerun of the rule re-exports it) trains nothing and adds none, so the
+    run's provenance names the code that trained its weights, not the export's."""
+    from webssl_repro.train import loop
+
+    cfg, run = make_cfg(), tmp_path / "run"
+    monkeypatch.setattr(loop, "code_version", lambda: "aaa")
+    assert train(ToyMethod(), data_factory, cfg, run, max_steps=4).trained_by == [{"commit": "aaa", "from_step": 0}]
+    monkeypatch.setattr(loop, "code_version", lambda: "bbb (with uncommitted changes)")
+    both = [{"commit": "aaa", "from_step": 0}, {"commit": "bbb (with uncommitted changes)", "from_step": 4}]
+    assert train(ToyMethod(), data_factory, cfg, run).trained_by == both
+    monkeypatch.setattr(loop, "code_version", lambda: "ccc")
+    again = train(ToyMethod(), data_factory, cfg, run)
+    assert again.complete and again.step == 10 and again.trained_by == both
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_finishes_step_checkpoints_and_resumes(tmp_path, signum):
     cfg = make_cfg(checkpoint_every=100)

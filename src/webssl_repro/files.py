@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -87,3 +88,18 @@ def model_location(value: str | os.PathLike, key: str) -> str:
 def repo_root() -> Path:
     """The checkout this package is installed from (editable): where config/ and results/published live."""
     return Path(__file__).resolve().parents[2]
+
+
+def code_version(root: str | Path | None = None) -> str | None:
+    """The commit of the checkout this package runs from (``repo_root``), marked when tracked
+    files differ from it; None where git or the checkout is missing."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root or repo_root(), capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else None

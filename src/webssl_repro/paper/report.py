@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from webssl_repro.files import code_version
 from webssl_repro.paper import specs
 
 REPORT_NAME = "report.md"
@@ -137,16 +137,8 @@ def _body(path: Path) -> list[str]:
     return lines[1:] if lines and lines[0].startswith("#") else lines
 
 
-def git_commit(cwd: str | Path = ".") -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
-    return f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else "unknown (not a git checkout)"
+def git_commit() -> str:
+    return code_version() or "unknown (git or the checkout not available)"
 
 
 def build_report(plan, config_hash: str, commit: str) -> str:

@@ -29,7 +29,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -214,8 +214,10 @@ def _sharded_state(method: Any, optimizer: Optional[torch.optim.Optimizer], stra
 
 
 def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.optim.Optimizer, strategy: str, *,
-                    step: int, samples_seen: int, complete: bool, config: Mapping[str, Any]) -> Path:
-    """Write ``step-<step>/`` and move the pointer to it; collective over the ranks."""
+                    step: int, samples_seen: int, complete: bool, config: Mapping[str, Any],
+                    trained_by: Sequence[Mapping[str, Any]] = ()) -> Path:
+    """Write ``step-<step>/`` and move the pointer to it; collective over the ranks.
+    ``trained_by``: the commits that trained the weights so far (``loop.TrainResult``)."""
     root = checkpoint_dir(run_dir)
     name = f"{STEP_PREFIX}{step}"
     rng = all_gather_object(capture_rng())
@@ -225,7 +227,7 @@ def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.op
     state, method_rest = _sharded_state(method, optimizer if with_optimizer else None, strategy)
     meta = {"format": FORMAT, "step": step, "samples_seen": samples_seen, "complete": complete,
             "data": {"start_sample": samples_seen}, "rng": rng, "world_size": len(rng), "config": dict(config),
-            "with_optimizer": with_optimizer, "method_rest": method_rest}
+            "with_optimizer": with_optimizer, "method_rest": method_rest, "trained_by": [dict(c) for c in trained_by]}
 
     def write(directory: Path) -> None:
         dcp_save(state, directory)

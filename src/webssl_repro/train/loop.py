@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -46,6 +46,7 @@ from .distributed import (
     unwrapped,
 )
 from .logging import TrainLogger, scalars
+from ..files import code_version
 
 DataIterFactory = Callable[[int, int, int], Iterator[Any]]
 
@@ -80,6 +81,9 @@ class TrainResult:
     samples_seen: int
     complete: bool  #: the budget is spent
     checkpoint: Path
+    #: which code trained the weights: ``{"commit", "from_step"}`` for each change of commit
+    #: between the jobs of the run (a re-export of a finished checkpoint adds none)
+    trained_by: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PreemptionFlag:
@@ -195,6 +199,7 @@ def train(
     total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
 
     state = ckpt.load_meta(run_dir)
+    trained_by = list(state.get("trained_by", [])) if state is not None else []
     if state is not None:
         _check_resumable(state["config"], cfg)
         ckpt.restore_before_wrap(method, state)
@@ -224,11 +229,15 @@ def train(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clipped = clip_groups(method, params)
 
+    commit = code_version() if start < total else None
+    if commit is not None and (not trained_by or trained_by[-1]["commit"] != commit):
+        trained_by.append({"commit": commit, "from_step": start})
+
     def save(step: int) -> Path:
         t0 = time.perf_counter()
         path = ckpt.save_checkpoint(run_dir, method, optimizer, cfg.strategy, step=step,
                                     samples_seen=step * cfg.global_batch_size, complete=step >= cfg.steps,
-                                    config=cfg.to_dict())
+                                    config=cfg.to_dict(), trained_by=trained_by)
         if deadline is not None:
             deadline.record_save(time.perf_counter() - t0)
         return path
@@ -305,4 +314,4 @@ def train(
         method.model = unwrap(method.model)  # hand back the user's module (DDP only wraps)
     if not resumed and step == start:  # max_steps=0 on a fresh run: still leave a checkpoint
         save(step)
-    return TrainResult(step, step * cfg.global_batch_size, step >= cfg.steps, ckpt.latest_path(run_dir))
+    return TrainResult(step, step * cfg.global_batch_size, step >= cfg.steps, ckpt.latest_path(run_dir), trained_by)

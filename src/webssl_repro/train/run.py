@@ -14,13 +14,12 @@ import dataclasses
 import math
 import platform
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 
-from webssl_repro.files import atomic_write
+from webssl_repro.files import atomic_write, code_version
 from webssl_repro.models.io import save_encoder
 from webssl_repro.resources import dino_local_crop
 from webssl_repro.runs import Run
@@ -168,14 +167,10 @@ def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     from webssl_repro.config import config_hash
 
     config = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return {"config": config, "config_hash": config_hash(config), "git_commit": commit or None,
+    return {"config": config, "config_hash": config_hash(config), "git_commit": code_version(),
             "python": platform.python_version(),
             "packages": {p: version(p) for p in ("torch", "torchvision", "timm", "webdataset", "transformers",
                                                  "webssl-repro")}}
@@ -241,6 +236,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         if stats is not None:
             prov["corpus_skipped"] = {"samples": stats.skipped_samples, "shards": stats.broken_shards,
                                       "errors": stats.errors[:10]}
+        prov["trained_by"] = result.trained_by  # the export's commit (git_commit) need not be the training's
         prov.update(encoder=meta, corpus_shards=len(manifest["shards"]), steps=result.step,
                     samples_seen=result.samples_seen, **({"corpus_size": len(corpus)} if hasattr(corpus, "__len__") else {}))
         save_encoder(encoder_sd, meta, prov, out_dir)
