@@ -4,6 +4,7 @@
 
 
 rule shards:
+    """The pretraining corpus as webdataset shards: the mini-web generated, or the user's shards listed."""
     output:
         PLAN.data_manifest("shards"),
     log:
@@ -21,6 +22,7 @@ rule shards:
 
 
 rule in1k_data:
+    """The ImageNet-1k corpus of the in1k runs (mini: a curated class-balanced analogue)."""
     output:
         PLAN.data_manifest("in1k"),
     log:
@@ -39,6 +41,7 @@ rule in1k_data:
 # One job over the corpus, or with data.filter.parts > 1 (MC-2B's 2B images), one job per
 # part (every parts-th shard) and a merge.
 rule text_filter:
+    """A light / heavy text filter over the corpus, or the merge of its parts; kept samples as shards."""
     input:
         unpack(lambda w: PLAN.filter_inputs(w.variant)),
     output:
@@ -61,6 +64,7 @@ rule text_filter:
 
 
 rule text_filter_part:
+    """One part (every N-th shard) of a text filter, a GPU job at paper scale."""
     input:
         shards=PLAN.data_manifest("shards"),
         after=lambda w: PLAN.filter_prerequisites(w.variant, int(w.part)),
@@ -84,6 +88,7 @@ rule text_filter_part:
 
 
 rule evalset:
+    """A held-out evaluation set: generated (mini) or the real one's manifest (ImageNet, ADE20K, NYUd, WIT)."""
     output:
         PLAN.evalset("{task}"),
     log:
@@ -102,6 +107,7 @@ rule evalset:
 
 
 rule data:
+    """Target: the whole data stage."""
     input:
         PLAN.data_targets(),
     localrule: True
@@ -109,6 +115,7 @@ rule data:
 
 # Figure 8: raw / light / heavy samples of the filtered corpus (from the data stage).
 rule fig8_samples:
+    """Figure 8: raw, light and heavy samples of this scale's filtered corpus."""
     input:
         unpack(lambda w: PLAN.fig8_inputs()),
     output:
@@ -126,9 +133,3 @@ rule fig8_samples:
     shell:
         "webssl-repro data fig8 --shards {input.shards} --light {input.light} --heavy {input.heavy} "
         "--out {params.prefix} > {log} 2>&1"
-
-
-rule fig8:
-    input:
-        lambda w: PLAN.data_figures() or PLAN.not_built("fig8"),
-    localrule: True

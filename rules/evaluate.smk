@@ -10,6 +10,7 @@
 
 
 rule vqa:
+    """The VQA probe of one run's encoder: two-stage LM training, then 16 benchmarks."""
     input:
         encoder=lambda w: PLAN.evaluated_encoder(w.run),
         data=PLAN.vqa_data(),
@@ -36,6 +37,7 @@ rule vqa:
 
 
 rule vqa_control:
+    """The VQA probe on a control encoder (raw-pixel or zero tokens): does the probe read images?"""
     input:
         data=PLAN.vqa_data(),
     output:
@@ -63,6 +65,7 @@ rule vqa_control:
 
 
 rule classic:
+    """Classic vision of one run's encoder: IN-1k linear, ADE20K linear / +ms, NYUd lin.1 / lin.4."""
     input:
         encoder=lambda w: PLAN.evaluated_encoder(w.run),
         data=[PLAN.evalset(t) for t in CLASSIC_SETS],
@@ -88,6 +91,7 @@ rule classic:
 
 
 rule alignment:
+    """Mutual-kNN alignment of one run's encoder with each language model (Fig. 9)."""
     input:
         encoder=lambda w: PLAN.evaluated_encoder(w.run),
         captions=PLAN.evalset("captions"),

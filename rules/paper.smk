@@ -21,6 +21,7 @@ CONFIG_HASH = hashlib.sha256(CONFIG_JSON.encode()).hexdigest()[:12]
 
 
 rule render_table:
+    """A paper table (tsv, md, tex) from its runs' eval results or the published numbers."""
     input:
         lambda w: PLAN.item_inputs(w.item),
     output:
@@ -48,6 +49,7 @@ rule render_table:
 
 
 rule render_figure:
+    """A paper figure (pdf, png) from its runs' eval results or the published numbers."""
     input:
         lambda w: PLAN.item_inputs(w.item),
     output:
@@ -68,7 +70,7 @@ rule render_figure:
     params:
         source=config["source"],
         scale=lambda w: SCALE,
-        lms=PLAN.language_models(),
+        lms=lambda w: PLAN.render_language_models(w.item),
     shell:
         "webssl-repro render {wildcards.item} --scale {params.scale} --source {params.source} "
         "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
@@ -79,6 +81,7 @@ rule render_figure:
 if not PLAN.published:
 
     rule render_reference_table:
+        """The paper's own version of a table, beside this scale's in the report."""
         input:
             lambda w: paper_report.published_inputs(w.item),
         output:
@@ -102,6 +105,7 @@ if not PLAN.published:
             "--outputs {output} --inputs {input} > {log} 2>&1"
 
     rule render_reference_figure:
+        """The paper's own version of a figure, beside this scale's in the report."""
         input:
             lambda w: paper_report.published_inputs(w.item),
         output:
@@ -120,12 +124,13 @@ if not PLAN.published:
         conda:
             ENV
         params:
-            lms=PLAN.language_models(),
+            lms=lambda w: PLAN.render_language_models(w.item),
         shell:
             "webssl-repro render {wildcards.item} --scale published --source published "
             "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
 
     rule overlay_figure:
+        """This scale's line figure over the paper's, on twin axes (the report)."""
         input:
             runs=lambda w: PLAN.item_inputs(w.item),
             published=lambda w: paper_report.published_inputs(w.item),
@@ -152,6 +157,7 @@ if not PLAN.published:
 
 
 rule check:
+    """The paper's claims judged on this scale's numbers, and reproduced vs published per metric."""
     input:
         results=paper_report.check_inputs(PLAN),
         published=paper_report.published_tsvs(),
@@ -182,6 +188,7 @@ rule check:
 
 
 rule report:
+    """paper/{scale}/report.md: every table and figure beside the paper's, and the claims' verdicts."""
     input:
         paper_report.report_inputs(PLAN),
     output:
@@ -216,6 +223,34 @@ for _item in PLAN.items:
         message:
             PLAN.target_message(_item)
 
+    workflow.get_rule(_item).docstring = f"Target: {ITEMS[_item].title}"
+
+
+# Figure 8 shows samples of a scale's own filtered corpus, drawn by the data stage (fig8_samples).
+# The published scale has no data stage: asked for by its path, fig8 says why it is not built.
+if PLAN.published:
+
+    rule fig8_not_built:
+        """Refuses fig8 by its path at the published scale, with the reason."""
+        input:
+            lambda w: PLAN.not_built("fig8"),
+        output:
+            f"{PAPER}/figures/fig8.pdf",
+        log:
+            f"logs/{SCALE}/paper/fig8.log",
+        localrule: True
+        conda:
+            ENV
+        shell:
+            "exit 1"
+
+
+rule fig8:
+    """Target: Figure 8 (samples of this scale's filtered corpus)."""
+    input:
+        lambda w: PLAN.data_figures() or PLAN.not_built("fig8"),
+    localrule: True
+
 
 # The other items (e.g. Table 14's off-the-shelf models at a run scale) are targets too,
 # which stop the dry run with the reason instead of "No rule to produce".
@@ -227,3 +262,5 @@ for _item in sorted(set(ITEMS) - set(PLAN.items) - {"fig8"}):
         input:
             lambda w, item=_item: PLAN.not_built(item),
         localrule: True
+
+    workflow.get_rule(_item).docstring = f"Not built at this scale: {ITEMS[_item].title}"

@@ -27,6 +27,7 @@ _PRETRAIN_SHELL = (
 
 
 rule pretrain_single:
+    """Pretrain one run (Web-DINO, Web-MAE or CLIP) on one node, resuming its checkpoint."""
     input:
         unpack(_pretrain_inputs),
     output:
@@ -87,6 +88,7 @@ use rule pretrain_single as pretrain_multinode with:
 # converting a 7B checkpoint needs a node's memory; set `path` to a copy downloaded
 # beforehand where compute nodes have no internet.
 rule import_released:
+    """A released checkpoint imported as a run's encoder, in place of training it."""
     output:
         encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
         provenance=f"{RESULTS}/runs/{{run}}/provenance.json",
@@ -110,5 +112,6 @@ rule import_released:
 # `snakemake runs`: every run of the requested items pretrained (or imported), nothing
 # evaluated; also where the config's stages stop at pretrain.
 rule runs:
+    """Target: every run of the grid, trained or imported."""
     input:
         PLAN.run_targets(),

@@ -63,6 +63,7 @@ def test_snakemake_builds_check_report_and_html_report(workflow_dir):
     html = snakemake(workflow_dir, "--report", "report.html", *targets)
     assert html.returncode == 0, html.stderr[-3000:]
     html = (workflow_dir / "report.html").read_text(errors="replace")
+    assert "pretrains Web-DINO, Web-MAE and CLIP per model size" in html  # report/workflow.rst
     for category, path in (("Tables", "tables/table6.tsv"), ("Figures", "figures/fig3.png"),
                            ("Check", "check/claims.tsv"), ("Report", "report.md")):
         assert re.search(rf'"{category}": {{[^}}]*paper/published/{path}', html), category

@@ -68,6 +68,19 @@ def test_published_item_inputs_are_only_the_source_tables():
     assert plan.items == tuple(ALL_ITEMS)
 
 
+def test_the_published_scale_has_no_data_run_or_eval_rules(workflow_dir):
+    """Nothing at the published scale can write a corpus or a run into the checked-in
+    results/published/; asking for fig8 there says why it is not built."""
+    listed = snakemake(workflow_dir, "--list-rules", "--configfile", "config/published.yaml").stdout.splitlines()
+    rules = {line.split()[0] for line in listed if line.strip()}
+    assert {"render_table", "render_figure", "check", "report", "fig8"} <= rules
+    assert all("(" in line for line in listed if line.strip()), listed  # each rule says what it is for
+    assert "fig3 (Target: Scaling model size: Web-DINO vs CLIP on MC-2B (2B seen, 224 px))" in listed
+    assert not {"shards", "in1k_data", "evalset", "text_filter", "pretrain_single", "vqa", "classic"} & rules
+    fig8 = snakemake(workflow_dir, "-n", "fig8", "--configfile", "config/published.yaml")
+    assert fig8.returncode != 0 and "fig8 is not built at scale published" in fig8.stdout + fig8.stderr
+
+
 def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
     proc = snakemake(workflow_dir, "-n", "all", "--configfile", "config/paper.yaml")
     assert proc.returncode == 0, proc.stderr
@@ -187,6 +200,12 @@ def test_published_all_renders_every_item_with_the_papers_numbers(workflow_dir):
     # A second run schedules nothing.
     again = snakemake(workflow_dir, "-n", "all", "--configfile", "config/published.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # Other alignment language models change Fig. 9's bars only (and the check and report)
+    other = snakemake(workflow_dir, "-n", "all", "--configfile", "config/published.yaml",
+                      "--config", 'evaluate={"alignment": {"language_models": ["llama3.1-8b"]}}')
+    rerun = re.findall(r"output: (\S+)", other.stdout)
+    assert sorted(p for p in rerun if "/figures/" in p or "/tables/" in p) == [
+        "paper/published/figures/fig9.pdf,"], other.stdout[-3000:]
 
 
 def test_one_figure_rebuilds_alone(workflow_dir):

@@ -167,6 +167,11 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
     def language_models(self) -> list[str]:
         return list(self.config.get("evaluate", {}).get("alignment", {}).get("language_models", ["minilm"]))
 
+    def render_language_models(self, item_id: str) -> list[str]:
+        """The language models a figure draws (Fig. 9's alignment bars), as its render rule's
+        param: changing them rebuilds that figure alone."""
+        return self.language_models() if specs.get_item(item_id).kind == "bars" else []
+
     # ---- paths -------------------------------------------------------------------------
     def item_outputs(self, item_id: str) -> list[str]:
         item = specs.get_item(item_id)
