@@ -163,7 +163,8 @@ def comparison(reproduced: pd.DataFrame, published: pd.DataFrame, item_ids: Iter
 def thresholds() -> list[tuple[str, float, str]]:
     c = claims_mod
     return [
-        ("Z", c.Z, "standard errors over seeds a quantity must clear its threshold by (no margin with one seed)"),
+        ("Z", c.Z, "standard errors over seeds a quantity must clear its threshold by (no margin with one seed); "
+                   "an alignment slope must also be Z of its standard errors from the scores' own (slope_z)"),
         ("MIN_SLOPE", c.MIN_SLOPE, "VQA points per doubling of model size / samples seen for 'improves, scales'"),
         ("MAX_FLAT_SLOPE", c.MAX_FLAT_SLOPE, "VQA points per doubling at most, for 'does not scale'"),
         ("MIN_SLOPE_GAP", c.MIN_SLOPE_GAP, "points per doubling one slope must beat another by"),

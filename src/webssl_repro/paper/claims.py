@@ -211,7 +211,7 @@ def _filters(v: Values) -> dict[str, float]:
 def _alignment(label: str) -> Callable[[Values], dict[str, float]]:
     """The slope per doubling relative to the mean score, and that slope over its standard error
     from each score's own (``se/alignment/<lm>``, over captions): one seed of scores 3 % apart
-    is no trend when each score is known to 6 %. The points are taken as independent, which
+    is no trend when each score is known to 11 %. The points are taken as independent, which
     overstates the error of a slope over encoders scored on the same captions (conservative)."""
     def compute(v: Values) -> dict[str, float]:
         out = {}
