@@ -15,15 +15,14 @@ from webssl_repro.metrics import VQA_CONTROLS
 
 def _render(args: argparse.Namespace) -> int:
     from webssl_repro.paper import specs
-    from webssl_repro.paper.results import item_results
+    from webssl_repro.paper.results import item_results, published_directory
 
     item = specs.get_item(args.item)
     results = item_results(item, args.source, args.inputs)
     if item.kind == "table":
         from webssl_repro.paper.tables import render_table
 
-        published = [Path(p).parent for p in args.inputs if Path(p).name == "table3.tsv"]  # its row descriptors
-        render_table(item, results, args.outputs, args.scale, published[0] if published else None)
+        render_table(item, results, args.outputs, args.scale, published_directory(args.source, args.inputs))
     else:
         from webssl_repro.paper.figures import render_figure
 

@@ -123,12 +123,15 @@ def _layer_knn(layers: list[torch.Tensor], k: int) -> torch.Tensor:
     return torch.stack([knn_indices(F.normalize(t.float(), dim=-1), k) for t in layers])
 
 
-def _clamped(layers: list[torch.Tensor], q: float, exact: bool) -> list[torch.Tensor]:
-    """Every layer clamped at the model's one threshold (``q=1``: as given)."""
+def _clamped(layers: list[torch.Tensor], q: float, exact: bool,
+             pick: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """The layers ``pick`` (default: all) clamped at the model's one threshold, taken over all its
+    layers (``q=1``: as given)."""
+    chosen = layers if pick is None else [layers[i] for i in pick]
     if q >= 1.0:
-        return layers
+        return chosen
     threshold = clamp_threshold(layers, q, exact)
-    return [t.float().clamp(-threshold, threshold) for t in layers]
+    return [t.float().clamp(-threshold, threshold) for t in chosen]
 
 
 def alignment_matrix(layers_a: Layers, layers_b: Layers, k: int = 10,
@@ -184,7 +187,7 @@ def pair_hits(layers_a: Layers, layers_b: Layers, pair: tuple[int, int], k: int 
     features clamped as ``alignment_matrix`` clamps them: their mean / k is that pair's score,
     their spread over samples its standard error (``alignment_se``)."""
     la, lb = _as_layer_list(layers_a, "layers_a"), _as_layer_list(layers_b, "layers_b")
-    a, b = _clamped(la, q, exact)[pair[0]], _clamped(lb, q, exact)[pair[1]]
+    (a,), (b,) = _clamped(la, q, exact, [pair[0]]), _clamped(lb, q, exact, [pair[1]])
     _check_k(k, a.shape[0])
     knn_a, knn_b = (knn_indices(F.normalize(t.float(), dim=-1), k) for t in (a, b))
     mask_b = torch.zeros(b.shape[0], b.shape[0], dtype=torch.bool, device=knn_b.device)

@@ -220,9 +220,10 @@ def _alignment(label: str) -> Callable[[Values], dict[str, float]]:
         for metric in v.metrics(label):
             y, se = v.y(label, metric), v.y(label, SE_PREFIX + metric)
             lm = metric[len(ALIGNMENT_PREFIX):]
-            out[f"rel_slope[{lm}]"] = fit(x, y)[0] / float(np.mean(y))
+            slope = fit(x, y)[0]
+            out[f"rel_slope[{lm}]"] = slope / float(np.mean(y))
             if not np.isnan(se).any():
-                out[f"slope_z[{lm}]"] = fit(x, y)[0] / float(np.sqrt((weights ** 2 * se ** 2).sum()))
+                out[f"slope_z[{lm}]"] = slope / float(np.sqrt((weights ** 2 * se ** 2).sum()))
         return out
     return compute
 

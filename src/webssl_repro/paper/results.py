@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import pandas as pd
 
@@ -120,11 +120,16 @@ def run_results(item: specs.Item, inputs: Iterable[str | Path]) -> pd.DataFrame:
     return with_categories(frame)
 
 
+def published_directory(source: str, inputs: Sequence[str | Path]) -> Optional[Path]:
+    """Where an item's published numbers are read from: its inputs' folder at the published scale,
+    else the default (``published.default_directory``)."""
+    return Path(inputs[0]).parent if source == "published" and inputs else None
+
+
 def item_results(item: specs.Item, source: str, inputs: Iterable[str | Path] = ()) -> pd.DataFrame:
     inputs = list(inputs)
     if source == "published":
-        directory = Path(inputs[0]).parent if inputs else None
-        return published_results(item, directory)
+        return published_results(item, published_directory(source, inputs))
     if source == "runs":
         return run_results(item, inputs)
     raise ValueError(f"unknown results source {source!r} (expected 'published' or 'runs')")
