@@ -197,14 +197,17 @@ def _category_values(run: str) -> dict[str, float]:
 
 
 def write_tree(root, plan: Plan, blind_average: float = 20.0) -> list[str]:
-    """Eval JSONs for every requested (run, seed, kind), with a small per-seed jitter, and the VQA
-    probe's controls: raw-pixel tokens at 40 Average, zeros at ``blind_average``."""
+    """Eval JSONs for every requested (run, seed, kind), with a small per-seed jitter, the VQA
+    probe's controls (raw-pixel tokens at 40 Average, zeros at ``blind_average``) and the classic
+    tasks' best constants (under every run's numbers but ADE20K lin.'s 20 mIoU)."""
     paths = check_inputs(plan)
     for path in paths:
         if "/controls/" in path:
             average = 40.0 if path.endswith("pixels/vqa.json") else blind_average
+            metrics = ({"in1k_linear": 6.25, "ade20k_linear": 21.0, "ade20k_ms": 21.0, "nyud_lin1": 3.0,
+                        "nyud_lin4": 3.0} if path.endswith("classic.json") else {"Average": average})
             (root / path).parent.mkdir(parents=True, exist_ok=True)
-            (root / path).write_text(json.dumps({"metrics": {"Average": average}}))
+            (root / path).write_text(json.dumps({"metrics": metrics}))
         if "/data/filter/" in path:
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_text(json.dumps({"kept_fraction": 0.5 if "light" in path else 0.02}))
@@ -256,7 +259,11 @@ def test_check_on_a_synthetic_mini_tree(tmp_path, monkeypatch):
     pct = table.set_index(["source", "metric"])["reproduced"]
     assert pct[("dino2b-heavy2b-224", "data_pct")] == pytest.approx(2.0)
     assert pct[("clip2b-full2b-224", "data_pct")] == 100
-    assert "does not hold" in (tmp_path / "paper/synth/check/claims.md").read_text()
+    claims_md = (tmp_path / "paper/synth/check/claims.md").read_text()
+    assert "does not hold" in claims_md
+    n = sum(r.endswith("/classic.json") and "/evals/" in r for r in paths)  # every classic run, both seeds
+    assert n > 10 and f"IN-1k lin. (top-1) {n} of {n} (constant 6.25)" in claims_md
+    assert f"ADE20K lin. (mIoU) 0 of {n} (constant 21)" in claims_md and f"NYUd lin.4 (RMSE) {n} of {n}" in claims_md
 
 
 def test_malformed_results_are_named_by_file(tmp_path):
@@ -289,7 +296,7 @@ def test_vqa_claims_not_measurable_where_the_probe_does_not_read_images(tmp_path
     plan = Plan(config)
     assert plan.vqa_controls() == ["pixels", "blind"]
     paths = write_tree(tmp_path, plan, blind_average=39.0)
-    assert sum("/controls/" in p for p in paths) == 2
+    assert sum("/controls/" in p and p.endswith("/vqa.json") for p in paths) == 2
     results = {r.claim.id: r for r in run_check(config, paths, tmp_path / "out", None)[0]}
     vqa = [c for c in C.CLAIMS if any(s.eval == "vqa" for s in c.series)]
     assert len(vqa) == 11

@@ -223,57 +223,25 @@ def classic_scores(dino_encoders, tiny_data, in1k_probe_set, tmp_path_factory) -
     return out
 
 
-def _majority_class_miou(manifest: str) -> float:
-    """mIoU (%) on the val split of labelling every pixel with the train split's most common class."""
-    import numpy as np
-
-    from webssl_repro.evaluate.classic import segmentation_classes
-    from webssl_repro.evaluate.imagesets import load_split
-    from webssl_repro.evaluate.segmentation import IGNORE_INDEX, mean_iou
-
-    train, val = ([torch.as_tensor(np.asarray(r["seg"])).long() for r in load_split(manifest, split)]
-                  for split in ("train", "val"))
-    pixels = torch.cat([m.flatten() for m in train])
-    majority = int(torch.bincount(pixels[pixels != IGNORE_INDEX]).argmax())
-    return 100.0 * mean_iou(torch.stack([torch.full_like(m, majority) for m in val]), torch.stack(val),
-                            segmentation_classes(manifest))
-
-
-def _mean_depth_rmse(manifest: str) -> float:
-    """NYUd RMSE (m) on the val split of predicting the train split's mean depth everywhere, on
-    the pixels ``classic.depth`` scores at CLASSIC_TINY (inside (1e-3, deepest pixel))."""
-    import numpy as np
-
-    from webssl_repro.evaluate.depth import rmse
-    from webssl_repro.evaluate.imagesets import load_split
-
-    train, val = ([torch.as_tensor(np.asarray(r["depth"]), dtype=torch.float32) for r in load_split(manifest, split)]
-                  for split in ("train", "val"))
-    deepest = max(float(d.max()) for d in train + val)
-    valid = [(d > 1e-3) & (d < deepest) for d in train + val]
-    mean = float(torch.cat([d[v] for d, v in zip(train, valid)]).double().mean())
-    target = torch.stack(val)
-    return rmse(torch.full_like(target, mean), target, torch.stack(valid[len(train):]))
-
-
 @PROBE_GROUP
 def test_classic_and_alignment_metrics_are_sane(classic_scores, tiny_data):
     """Every number is in its unit's range, for both encoders; the trained encoder's dense
-    probes beat trivial baselines computed from the eval sets: ADE lin. and +ms above labelling
-    every pixel with the train split's majority class (4.30 mIoU: background, 75 % of the
-    pixels), NYUd lin.1 and lin.4 below predicting the train split's mean depth (3.08 m).
-    Measured: 6.34 / 7.23 mIoU, 2.73 / 2.39 m (the init: 4.04 / 3.86, 4.97 / 4.91)."""
+    probes beat the best image-blind constants of the eval sets (``constant_reference``): ADE
+    lin. and +ms above labelling every pixel with val's most common class (4.30 mIoU:
+    background, 75 % of the pixels), NYUd lin.1 and lin.4 below the best single depth (3.06 m
+    at 3.54 m). Measured: 6.34 / 7.23 mIoU, 2.73 / 2.39 m (the init: 4.04 / 3.86, 4.97 / 4.91)."""
+    from webssl_repro.evaluate.constant_reference import classic_reference
+
     for scores in classic_scores.values():
         assert 0.0 <= scores["in1k_linear"] <= 100.0 and 0.0 <= scores["ade20k_linear"] <= 100.0
         assert 0.0 < scores["nyud_lin1"] < 20.0  # metres; mini-web depths lie in [1.5, 20]
         assert 0.0 <= scores["alignment/minilm"] <= 1.0
     trained = classic_scores["trained"]
-    majority = _majority_class_miou(tiny_data["segmentation"])
-    assert majority == pytest.approx(4.30, abs=0.01)
-    assert min(trained["ade20k_linear"], trained["ade20k_ms"]) > majority, (trained, majority)
-    mean_depth = _mean_depth_rmse(tiny_data["depth"])
-    assert mean_depth == pytest.approx(3.08, abs=0.01)
-    assert max(trained["nyud_lin1"], trained["nyud_lin4"]) < mean_depth, (trained, mean_depth)
+    constant = classic_reference(tiny_data, CLASSIC_TINY)
+    assert constant["ade20k_linear"] == pytest.approx(4.30, abs=0.01)
+    assert min(trained["ade20k_linear"], trained["ade20k_ms"]) > constant["ade20k_linear"], (trained, constant)
+    assert constant["nyud_lin1"] == pytest.approx(3.06, abs=0.01)
+    assert max(trained["nyud_lin1"], trained["nyud_lin4"]) < constant["nyud_lin1"], (trained, constant)
 
 
 #: (metric, sign, margin): trained must beat init by more than noise. in1k: 5 points of top-1

@@ -195,6 +195,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classic_constant(args: argparse.Namespace) -> int:
+    import json
+
+    from webssl_repro.evaluate.constant_reference import classic_reference
+    from webssl_repro.files import read_json
+    from webssl_repro.metrics import CLASSIC_CONSTANT
+
+    computed = json.loads(args.eval_json)
+    manifests = {read_json(p).get("task") or Path(p).parent.name: p for p in args.data}
+    metrics = classic_reference(manifests, {k: v for k, v in computed.items() if k != "scale"})
+    write_eval(args.out, CLASSIC_CONSTANT, "classic", metrics, computed)
+    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
+    return 0
+
+
 def alignment_cache(out: Path, given: Path | None = None) -> Path:
     """Where the alignment job caches the language models' features, shared by every run of a
     scale: ``results/{scale}/cache`` for ``--out results/{scale}/evals/{run}/alignment.json``,
@@ -340,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Snakemake's attempt number: recorded in the state's attempts.jsonl, and the job is "
                     "refused (exit 1) after attempts that failed without saving progress (train/attempts.py)")
     ev.set_defaults(func=_evaluate)
+
+    const = sub.add_parser("classic-constant", help="the best image-blind constant of each classic task "
+                           "(one class / one depth for all): the bar a classic number must clear")
+    const.add_argument("--eval-json", default="{}", help="the classic section (Plan.eval_config_json): the depth "
+                       "range and crop the probes score in")
+    const.add_argument("--data", nargs=3, required=True, help="the classification, segmentation and depth manifests")
+    const.add_argument("--out", required=True, type=Path)
+    const.set_defaults(func=_classic_constant)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")
     imp.add_argument("--run", required=True)

@@ -33,6 +33,14 @@ CLASSIC_LABELS: dict[str, str] = {
     "nyud_lin4": "NYUd lin.4 (RMSE)",
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"nyud_lin1", "nyud_lin4"})
+# The best image-blind constant of each classic task (evaluate.constant_reference): its source
+# name in results frames and its folder under results/{scale}/controls/.
+CLASSIC_CONSTANT = "constant"
+
+
+def better(metric: str, value: float, reference: float) -> bool:
+    """Whether ``value`` is strictly better than ``reference`` in ``metric``'s direction."""
+    return value < reference if metric in LOWER_IS_BETTER else value > reference
 
 # Share of the pretraining data a run's data label keeps (Table 2's "% of MC-2B").
 DATA_PCT = "data_pct"

@@ -36,7 +36,7 @@ backward pass (``segmentation.upsampled_ce``, ``depth.upsampled_bins_to_depth``)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +63,10 @@ DEFAULTS: dict[str, Any] = {
     # Linear probe: DINOv2's run_eval_linear on its standard 8 GPUs, 128 images each: a global
     # batch of 1024 (the lrs scale by it / 256), which one process trains alike.
     "linear": {"epochs": 10, "epoch_length": 1250, "lrs": list(DINOV2_LRS), "batch_size": 1024},
-    # Dense heads: DINOv2's global batch, 2 images/GPU x 8 GPUs (ADE20K mmseg config, NYUd
-    # depther); the top-level batch_size only chunks the frozen encoder's forward passes.
+    # Dense heads: DINOv2's global batch, 2 images/GPU x 8 GPUs. ADE20K's mmseg config dump
+    # records the 8 GPUs; NYUd's depther dumps say 2 per GPU but not how many GPUs (their gpu_ids
+    # field is never updated by distributed training), so its 8 is assumed by analogy. The
+    # top-level batch_size only chunks the frozen encoder's forward passes.
     # img_size: None = the pretraining resolution (see ``dense_size``).
     # test_mode: "slide" (mmseg's ADE20K test: img_size windows every slide_stride px, None =
     # 2/3 of img_size, over the image with its shorter side at img_size; "+ms" alike at
@@ -83,7 +85,7 @@ DEFAULTS: dict[str, Any] = {
     # augment: the depth toolbox's training augmentation (dense_augment) of random crops of
     # train_crop (None: img_size; DINOv2's NYUd: [416, 544]), after nyu_crop cuts each 480 x 640
     # frame to its content (NYUCrop; true in config/paper.yaml); else images squashed to img_size.
-    # samples_per_gpu: the images of each SigLoss (DINOv2: 2 per GPU, the batch's 16 on 8 GPUs);
+    # samples_per_gpu: the images of each SigLoss (DINOv2: 2 per GPU; the batch's 16 on 8 GPUs, assumed);
     # grad_weight: GradientLoss's, 0 as it acts in DINOv2's code (depth.gradient_loss).
     "depth": {"iters": 38400, "lr": 1e-4, "warmup": 12800, "sig_warmup": 100, "batch_size": 16, "img_size": None,
               "max_depth": None, "eigen_crop": False, "augment": True, "train_crop": None, "nyu_crop": False,
@@ -262,6 +264,17 @@ def resumable_scoring(progress: EvalProgress, part: str, images, cfg: Mapping[st
         done += len(xs)
 
 
+def depth_range(dep: Mapping[str, Any], splits: Iterable[Iterable[torch.Tensor]]) -> tuple[float, float]:
+    """The depth bins' (min, max): ``max_depth``, or where null the deepest pixel of ``splits``
+    (the depth probe's train and val maps, read only then). Scores count the pixels strictly inside."""
+    from webssl_repro.evaluate.depth import MIN_DEPTH
+
+    top = dep["max_depth"]
+    if top is None:
+        top = max(float(t.max()) for split in splits for t in split)
+    return MIN_DEPTH, float(top)
+
+
 def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
           progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """NYUd-protocol lin.1 (last block) and lin.4 (4 evenly spaced blocks), RMSE on val.
@@ -282,12 +295,10 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
                          f"training set) is not a multiple of samples_per_gpu {dep['samples_per_gpu']}")
     specs = (("nyud_lin1", [int(meta["depth"]) - 1]), ("nyud_lin4", lin4_blocks(int(meta["depth"]))))
     blocks = sorted({b for _, bl in specs for b in bl})
-    max_depth = dep["max_depth"]
-    if max_depth is None:
-        if not TokenCache.fits(encoder, len(train), size, int(meta["patch"]), len(blocks)):
-            raise ValueError(f"evaluate.classic.depth.max_depth is null, but the {len(train)} training images are "
-                             "too many to scan for their deepest pixel: set it (DINOv2's NYUd: 10.0)")
-        max_depth = max(float(split.target_of(i).max()) for split in (train, val) for i in range(len(split)))
+    if dep["max_depth"] is None and not TokenCache.fits(encoder, len(train), size, int(meta["patch"]), len(blocks)):
+        raise ValueError(f"evaluate.classic.depth.max_depth is null, but the {len(train)} training images are "
+                         "too many to scan for their deepest pixel: set it (DINOv2's NYUd: 10.0)")
+    max_depth = depth_range(dep, [train.targets(), val.targets()])[1]
     heads = []
     for _, chosen in specs:
         torch.manual_seed(int(cfg["seed"]))

@@ -33,6 +33,7 @@ __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradi
            "EIGEN_CROP", "SAMPLES_PER_GPU"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
+MIN_DEPTH = 1e-3  # the first bin (DINOv2's depther); pixels at or below it are not scored
 #: images per GPU of DINOv2's NYUd configs (samples_per_gpu), over which each SigLoss is taken
 SAMPLES_PER_GPU = 2
 #: DINOv2's lin.4 blocks of the depths it evaluates (``hub/depthers.py``): ViT-S/B, ViT-L, ViT-g
@@ -83,7 +84,7 @@ class DepthLinearHead(nn.Module):
     The conv keeps PyTorch's default initialisation, as DINOv2's (no init_cfg on it).
     """
 
-    def __init__(self, in_dim: int, n_layers: int = 1, n_bins: int = 256, min_depth: float = 1e-3,
+    def __init__(self, in_dim: int, n_layers: int = 1, n_bins: int = 256, min_depth: float = MIN_DEPTH,
                  max_depth: float = 10.0, upsample: int = 4):
         super().__init__()
         self.n_layers, self.upsample = n_layers, upsample

@@ -261,6 +261,10 @@ class EvalImages(Dataset):
         """Item ``i``'s target alone, without decoding its image."""
         return target_tensor(self.records[i], self.target, None if self.native else self.size, self.fit)
 
+    def targets(self) -> Iterator[torch.Tensor]:
+        """Every item's target in order, read as it is asked for."""
+        return (self.target_of(i) for i in range(len(self)))
+
 
 def collate_lists(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A batch kept as lists (images and targets of different sizes: native-resolution val)."""

@@ -19,8 +19,9 @@ import pandas as pd
 from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
-from webssl_repro.paper.results import data_pct_rows, eval_rows, is_filter_result, kept_percent, with_categories
-from webssl_repro.metrics import VQA_CONTROLS
+from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_constant_result, is_filter_result, kept_percent,
+                                        with_categories)
+from webssl_repro.metrics import CLASSIC_METRICS, VQA_CONTROLS, better, label
 from webssl_repro.runs import is_run_name, split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
@@ -107,6 +108,25 @@ def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, float
     return gated, note
 
 
+def classic_constant_note(frame: pd.DataFrame, paths: Iterable[str | Path]) -> str:
+    """How many runs' classic numbers clear their task's best image-blind constant
+    (``controls/constant/classic.json`` among ``paths``); empty without it."""
+    constant = next((eval_rows(p) for p in map(Path, paths) if is_constant_result(p)), None)
+    if constant is None:
+        return ""
+    bars = {r["metric"]: r["value"] for r in constant if r["metric"] in CLASSIC_METRICS}
+    counts = []
+    for metric, bar in bars.items():
+        values = frame.loc[frame["metric"] == metric, "value"].dropna()
+        if len(values):
+            cleared = sum(better(metric, v, bar) for v in values)
+            counts.append(f"{label(metric)} {cleared} of {len(values)} (constant {bar:.3g})")
+    if not counts:
+        return ""
+    return ("Classic probes against the best image-blind constant on val (one class, or one depth, for every image): "
+            "numbers of runs that clear it: " + "; ".join(counts) + ". One that does not shows nothing of its encoder.")
+
+
 def compared_pairs(item_ids: Iterable[str]) -> dict[tuple[str, str], list[str]]:
     """(run, metric) -> the items that print it, for the runs of the given items."""
     out: dict[tuple[str, str], list[str]] = {}
@@ -178,9 +198,11 @@ def thresholds() -> list[tuple[str, float, str]]:
     ]
 
 
-def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, probe_note: str = "") -> str:
+def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, probe_note: str = "",
+                    constant_note: str = "") -> str:
     lines = [f"## Claims of the paper at the `{scale}` scale", ""]
     lines += [probe_note, ""] if probe_note else []
+    lines += [constant_note, ""] if constant_note else []
     lines += ["| claim | verdict | evidence |", "|---|---|---|"]
     for r in results:
         evidence = r.evidence.replace("|", "/").replace(". Points: ", "<br>Points: ").replace(" / ", "<br>")
@@ -240,6 +262,7 @@ def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: s
     outdir.mkdir(parents=True, exist_ok=True)
     claims_mod.results_frame(results).to_csv(outdir / "claims.tsv", sep="\t", index=False)
     table.to_csv(outdir / "comparison.tsv", sep="\t", index=False, na_rep="NA", float_format="%.6g")
+    constant_note = "" if plan.published else classic_constant_note(frame, inputs)
     (outdir / "claims.md").write_text(claims_markdown(results, plan.scale, comparison_summary(table, mode),
-                                                      probe_note))
+                                                      probe_note, constant_note))
     return results, table

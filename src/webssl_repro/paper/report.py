@@ -27,9 +27,12 @@ def check_outputs(paper_dir: str) -> list[str]:
 
 def check_inputs(plan) -> list[str]:
     """What the claims read: every requested item's inputs (eval JSONs, or the published TSVs),
-    and the VQA probe's controls where the scale runs them."""
+    the VQA probe's controls where the scale runs them, and the classic tasks' best constants."""
     items = dict.fromkeys(p for item in plan.items for p in plan.item_inputs(item))
-    return list(items) + [plan.control_path(c) for c in ([] if plan.published else plan.vqa_controls())]
+    if plan.published:
+        return list(items)
+    controls = [plan.control_path(c) for c in plan.vqa_controls()] + plan.classic_constant()
+    return list(dict.fromkeys([*items, *controls]))
 
 
 def published_tsvs() -> list[str]:
@@ -152,8 +155,9 @@ def build_report(plan, config_hash: str, commit: str) -> str:
         lines += [f"Every table and figure of the `{scale}` scale, each beside the paper's. The numbers differ in "
                   "magnitude by design (other data and model sizes). Compare trends only where the claims below "
                   "find them measurable: a VQA probe that scores raw-pixel tokens no higher than zero tokens "
-                  "measures its language model's answer priors, not the encoders, and an alignment trend must "
-                  "clear the scores' own standard error over captions.", ""]
+                  "measures its language model's answer priors, not the encoders, an alignment trend must "
+                  "clear the scores' own standard error over captions, and a classic number shows nothing of its "
+                  "encoder unless it beats its task's best image-blind constant (‡ in the tables).", ""]
     lines += ["## Claims of the paper", ""] + _body(paper / "check" / "claims.md") + [""]
     lines += ["Per-metric numbers: [check/comparison.tsv](check/comparison.tsv), verdicts: "
               "[check/claims.tsv](check/claims.tsv).", ""]

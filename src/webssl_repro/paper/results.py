@@ -15,7 +15,7 @@ import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
 from webssl_repro.files import read_json
-from webssl_repro.metrics import DATA_PCT, SE_PREFIX, VQA_BENCHMARKS
+from webssl_repro.metrics import CLASSIC_CONSTANT, DATA_PCT, SE_PREFIX, VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.runs import Run, is_run_name, split_seed
@@ -52,13 +52,22 @@ def published_results(item: specs.Item, directory: Optional[str | Path] = None) 
     return with_categories(frame[COLUMNS].reset_index(drop=True))
 
 
+def is_constant_result(path: Path) -> bool:
+    """``results/{scale}/controls/constant/classic.json``: the classic tasks' best image-blind constants."""
+    return path.name == "classic.json" and path.parent.name == CLASSIC_CONSTANT and path.parent.parent.name == "controls"
+
+
 def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     """Rows of one ``results/{scale}/evals/{run}[.s{seed}]/{kind}.json`` (``{"metrics": {name: value}}``);
-    the run's directory without a suffix is ``first_seed``'s."""
+    the run's directory without a suffix is ``first_seed``'s. The classic constants
+    (``is_constant_result``) are source ``constant``, origin ``constant``."""
     path = Path(path)
-    run, seed = split_seed(path.parent.name, first_seed)
-    if not is_run_name(run):
-        raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/, got {path.parent.name!r}")
+    if is_constant_result(path):
+        run, seed, origin = CLASSIC_CONSTANT, first_seed, CLASSIC_CONSTANT
+    else:
+        (run, seed), origin = split_seed(path.parent.name, first_seed), "run"
+        if not is_run_name(run):
+            raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/, got {path.parent.name!r}")
     data = read_json(path)
     metrics = data.get("metrics") if isinstance(data, dict) else None
     if not isinstance(metrics, dict):
@@ -66,14 +75,14 @@ def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     rows = []
     for name, value in metrics.items():
         try:
-            rows.append({"source": run, "metric": name, "value": float(value), "origin": "run", "seed": seed})
+            rows.append({"source": run, "metric": name, "value": float(value), "origin": origin, "seed": seed})
         except (TypeError, ValueError):
             raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}") from None
     details = data.get("details") or {}
     for name, value in details.items():  # a score's standard error, as metric "se/<score>"
         if name.endswith("/se") and isinstance(value, (int, float)):
             rows.append({"source": run, "metric": SE_PREFIX + name[:-len("/se")], "value": float(value),
-                         "origin": "run", "seed": seed})
+                         "origin": origin, "seed": seed})
     return rows
 
 

@@ -1,0 +1,169 @@
+"""The classic tasks' best image-blind constants: hand cases, optimality against brute force,
+the pixels they are scored on, and where they appear (DAG inputs, tables, figures, check)."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from webssl_repro.evaluate.constant_reference import best_class_miou, best_class_top1, best_depth_rmse
+from webssl_repro.evaluate.depth import RMSE
+from webssl_repro.evaluate.segmentation import IGNORE_INDEX, IoU
+from webssl_repro.metrics import CLASSIC_CONSTANT
+
+
+def test_top1_is_the_most_common_class_share():
+    assert best_class_top1([torch.tensor(c) for c in (0, 1, 1, 2)]) == (50.0, 1)
+
+
+def test_miou_by_hand_and_best_of_every_class():
+    """Pixels: class 0 x2, class 1 x4, class 2 x1, one ignored. All 1s: IoU_1 = 4/7, the two other
+    classes held score 0, so the mean over the 3 classes is 4/21."""
+    maps = [torch.tensor([[0, 0], [1, IGNORE_INDEX]]), torch.tensor([[1, 1], [1, 2]])]
+    miou, best = best_class_miou(maps, n_classes=4)
+    assert best == 1 and miou == pytest.approx(100 * 4 / 21)
+
+    def one_class(c: int) -> float:
+        iou = IoU(4)
+        for m in maps:
+            iou.add(torch.full_like(m, c), m)
+        return 100 * iou.mean()
+
+    assert miou == pytest.approx(max(one_class(c) for c in range(4)))
+
+
+def _per_image_rmse(maps, valid, c: float) -> float:
+    acc = RMSE()
+    for d, v in zip(maps, valid):
+        acc.add(torch.full_like(d, c)[None], d[None], v[None])
+    return acc.value()
+
+
+def test_depth_constant_beats_every_other_constant():
+    """Per-image RMSEs averaged weigh images, not pixels: with one large near image and two small
+    far ones the optimum sits near the far ones (~9 m), far from the pixel mean (~1.7 m); the
+    search must find the grid's minimum (to its spacing)."""
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.rand(h, h, generator=gen) * s + o for h, s, o in ((32, 0.2, 1.4), (2, 0.5, 9.0), (2, 0.5, 10.0))]
+    rmse, c = best_depth_rmse(maps, 1e-3, 20.0)
+    valid = [torch.ones_like(d, dtype=torch.bool) for d in maps]
+    assert rmse == pytest.approx(_per_image_rmse(maps, valid, c), rel=1e-12)
+    grid = torch.linspace(0.5, 12.0, 2301)
+    brute = min(_per_image_rmse(maps, valid, float(g)) for g in grid)
+    assert rmse <= brute + 1e-9 and rmse == pytest.approx(brute, abs=1e-4)
+    pixel_mean = float(torch.cat([d.flatten() for d in maps]).mean())
+    assert 8.5 < c < 10.5 and rmse < _per_image_rmse(maps, valid, pixel_mean) - 2.0
+
+
+def test_depth_scores_only_the_probe_pixels():
+    """A pixel at the range's top (the mini world's sky at 20 m) or outside the Eigen crop is not
+    scored, as in ``classic.depth``: adding them changes nothing."""
+    inside = torch.full((480, 640), 3.0)
+    inside[:240] = 5.0
+    plain = best_depth_rmse([inside], 1e-3, 20.0, crop=True)
+    sky = inside.clone()
+    sky[:10] = 20.0  # rows 0-9: above the crop's first row (45) and at the range's top
+    sky[:, :41] = 10.0  # left of the crop's first column: in range, out of the crop
+    assert best_depth_rmse([sky], 1e-3, 20.0, crop=True) == pytest.approx(plain)
+    assert best_depth_rmse([sky], 1e-3, 20.0, crop=False)[0] > plain[0] + 0.1
+    with pytest.raises(ValueError, match="no depth pixel"):
+        best_depth_rmse([torch.full((4, 4), 20.0)], 1e-3, 20.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(tmp_path_factory):
+    from webssl_repro.data.stages import build_evalset
+
+    root = tmp_path_factory.mktemp("constant_sets")
+    sizes = {"size": 64, "classification": {"train": 32, "val": 24}, "segmentation": {"train": 8, "val": 8},
+             "depth": {"train": 8, "val": 8}}
+    paths = {t: str(root / f"{t}.json") for t in ("classification", "segmentation", "depth")}
+    for task, path in paths.items():
+        build_evalset(task, sizes, path)
+    return paths
+
+
+def test_cli_writes_the_constants_as_a_classic_result(tiny_sets, tmp_path):
+    """``webssl-repro classic-constant``: the five classic metrics, read back as source
+    ``constant``; NYUd's deepest pixel (sky) bounds the range when max_depth is null."""
+    from webssl_repro.cli import main
+    from webssl_repro.evaluate.constant_reference import classic_reference
+    from webssl_repro.paper.results import eval_rows
+
+    out = tmp_path / "results/mini/controls/constant/classic.json"
+    args = ["classic-constant", "--eval-json", json.dumps({"scale": "mini"}), "--out", str(out), "--data",
+            *(tiny_sets[t] for t in ("classification", "segmentation", "depth"))]
+    assert main(args) == 0
+    written = json.loads(out.read_text())
+    expected = {k: v for k, v in classic_reference(tiny_sets).items() if not k.startswith("_")}
+    assert written["metrics"] == pytest.approx(expected) and written["run"] == CLASSIC_CONSTANT
+    assert 0 < written["metrics"]["nyud_lin1"] < 20 and written["metrics"]["ade20k_ms"] == expected["ade20k_linear"]
+    rows = eval_rows(out)
+    assert {r["source"] for r in rows} == {CLASSIC_CONSTANT} and {r["origin"] for r in rows} == {CLASSIC_CONSTANT}
+    capped = classic_reference(tiny_sets, {"depth": {"max_depth": 5.0}})
+    assert capped["_constant"]["depth_m"] < 5.0 and capped["nyud_lin1"] < written["metrics"]["nyud_lin1"]
+
+
+def test_dag_reads_the_constants_where_classic_runs(tmp_path):
+    from webssl_repro.paper.report import check_inputs
+    from webssl_repro.workflow import Plan, shipped_plan
+
+    plan = shipped_plan("mini")
+    path = f"{plan.results}/controls/{CLASSIC_CONSTANT}/classic.json"
+    assert plan.classic_constant() == [path]
+    for item in ("table3", "table7", "table9", "fig7"):
+        assert path in plan.item_inputs(item), item
+    assert path not in plan.item_inputs("table6") and path in check_inputs(plan)
+    no_classic = Plan({**plan.config, "stages": ["data", "pretrain", "vqa"], "items": ["table6"]})
+    assert no_classic.classic_constant() == [] and path not in check_inputs(no_classic)
+    published = shipped_plan("published")
+    assert not any(CLASSIC_CONSTANT in p for p in published.item_inputs("table7") + check_inputs(published))
+
+
+def _results(values: dict[str, float], constant: dict[str, float]) -> pd.DataFrame:
+    rows = [{"source": s, "metric": m, "value": v, "origin": "run", "seed": 0}
+            for s, by_metric in values.items() for m, v in by_metric.items()]
+    rows += [{"source": CLASSIC_CONSTANT, "metric": m, "value": v, "origin": CLASSIC_CONSTANT, "seed": 0}
+             for m, v in constant.items()]
+    return pd.DataFrame(rows)
+
+
+def test_table_marks_numbers_no_better_than_the_constant(tmp_path):
+    """Higher-is-better cells at or under the constant and RMSE cells at or over it get ‡ (a tie
+    is not better); the note counts them and gives the constants."""
+    from webssl_repro.paper import specs
+    from webssl_repro.paper.tables import render_table
+
+    item = specs.get_item("table7")
+    runs = [r.source for r in item.rows]
+    constant = {"in1k_linear": 6.25, "ade20k_linear": 4.14, "ade20k_ms": 4.14, "nyud_lin1": 3.1, "nyud_lin4": 3.1}
+    values = {runs[0]: {"in1k_linear": 12.0, "ade20k_linear": 4.14, "ade20k_ms": 4.0, "nyud_lin1": 2.5,
+                        "nyud_lin4": 3.3}}
+    outs = [tmp_path / f"t.{e}" for e in ("tsv", "md", "tex")]
+    render_table(item, _results(values, constant), outs, "mini")
+    md = outs[1].read_text()
+    first = next(line for line in md.splitlines() if line.startswith(f"| {item.rows[0].label} "))
+    cells = [c.strip() for c in first.strip("|").split("|")][1:]
+    assert cells == ["12.00", "4.14‡", "4.00‡", "2.500", "3.300‡"]
+    assert "3 of this table's 5 classic numbers of runs are marked" in md and "NYUd lin.1 (RMSE) 3.1" in md
+    assert r"4.14$^\ddagger$" in outs[2].read_text()
+    plain = [tmp_path / f"p.{e}" for e in ("tsv", "md", "tex")]
+    render_table(item, _results(values, {}), plain, "mini")
+    assert "‡" not in plain[1].read_text()
+
+
+def test_check_counts_the_runs_that_clear_the_constant(tmp_path):
+    from webssl_repro.paper.check import classic_constant_note, runs_frame
+
+    paths = []
+    for run, top1, rmse in (("dino1b-full2b-224", 12.0, 3.5), ("dino2b-full2b-224", 5.0, 2.0)):
+        path = tmp_path / "evals" / run / "classic.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"metrics": {"in1k_linear": top1, "nyud_lin1": rmse}}))
+        paths.append(path)
+    constant = tmp_path / "controls" / CLASSIC_CONSTANT / "classic.json"
+    constant.parent.mkdir(parents=True)
+    constant.write_text(json.dumps({"metrics": {"in1k_linear": 6.25, "nyud_lin1": 3.1}}))
+    note = classic_constant_note(runs_frame(paths), [*paths, constant])
+    assert "IN-1k lin. (top-1) 1 of 2 (constant 6.25)" in note and "NYUd lin.1 (RMSE) 1 of 2 (constant 3.1)" in note
+    assert classic_constant_note(runs_frame(paths), paths) == ""
