@@ -57,10 +57,11 @@ rule text_filter:
         ENV
     resources:
         **PLAN.filter_resources(whole=True),
+        settings=PLAN.filter_settings(whole=True),
     params:
         command=lambda w: PLAN.filter_command(w.variant),
     shell:
-        "{params.command} --out {output} > {log} 2>&1"
+        "{params.command} {resources.settings} --out {output} > {log} 2>&1"
 
 
 rule text_filter_part:
@@ -81,10 +82,11 @@ rule text_filter_part:
         ENV
     resources:
         **PLAN.filter_resources(),
+        settings=PLAN.filter_settings(),
     params:
         command=lambda w: PLAN.filter_command(w.variant, int(w.part)),
     shell:
-        "{params.command} --out {output} > {log} 2>&1"
+        "{params.command} {resources.settings} --out {output} > {log} 2>&1"
 
 
 rule evalset:

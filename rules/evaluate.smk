@@ -33,7 +33,7 @@ rule vqa:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
     shell:
-        "{resources.launcher} evaluate vqa --run {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
+        "{resources.launcher} evaluate vqa --run-name {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
         "--settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 

@@ -306,6 +306,32 @@ def test_settings_are_not_params_and_reach_the_job_unchanged():
         assert merge_nested(json.loads(plan.eval_config_json(kind)), json.loads(plan.settings_json(kind))) == full
 
 
+def test_filter_workers_are_a_setting_the_filter_job_still_reads(monkeypatch, tmp_path):
+    """``data.filter.workers`` (and ``threads``, ``cache_path``) change how a filter runs, not the
+    shards it keeps: changing them must leave the filter rules' params as they were (else every
+    filter reruns and every light / heavy run retrains), and the job must still get them."""
+    import shlex
+
+    from webssl_repro.data import stages
+
+    cfg = load_config(REPO / "config/paper.yaml")
+    before = Plan(cfg)
+    cfg["data"]["filter"] = {**cfg["data"]["filter"], "workers": 3, "threads": 2}
+    after = Plan(cfg)
+    for plan in (before, after):
+        assert "workers" not in plan.filter_command("light", 5) and "workers" not in plan.data_config_json("filter")
+    assert before.filter_command("light", 5) == after.filter_command("light", 5)
+    assert before.filter_command("heavy") == after.filter_command("heavy")
+    assert after.filter_settings(whole=True) == ""  # merging parts runs no filter
+    seen = {}
+    monkeypatch.setattr(stages, "manifest_shards", lambda path: [])
+    monkeypatch.setattr(stages, "filter_corpus", lambda variant, section, shards, out, part: seen.update(section)
+                        or {"kept": 0})
+    argv = shlex.split(f"{after.filter_command('light', 5)} {after.filter_settings()} --out {tmp_path / 'p.json'}")
+    assert argv[:2] == ["webssl-repro", "data"] and stages.main(argv[2:]) == 0
+    assert seen == {**cfg["data"]["filter"]}
+
+
 def test_a_hires_run_of_an_imported_parent_is_refused_by_name():
     """The 378/518 px fine-tune continues the 224 px run's DINO training (teacher, heads): an
     imported encoder alone cannot seed it, and the DAG says so instead of a missing state.pt."""

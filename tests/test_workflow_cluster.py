@@ -39,6 +39,27 @@ def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
     assert "&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 torchrun --nnodes 16 --nproc-per-node 8" in proc.stdout
 
 
+def test_torchrun_hands_the_vqa_job_its_arguments(workflow_dir):
+    """The paper VQA job runs ``torchrun ... -m webssl_repro.cli evaluate vqa ...``: torchrun's own
+    parser must leave every argument after the module to the CLI (it takes ``--run`` for an
+    abbreviation of its ``--run-path`` and stops), and the CLI must read them."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from webssl_repro.cli import build_parser
+
+    target = "results/paper/evals/dino1b-full2b-224/vqa.json"
+    proc = snakemake(workflow_dir, "-n", "-p", target, "--configfile", "config/paper.yaml")
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [ln for ln in proc.stdout.splitlines() if "torchrun" in ln and "evaluate vqa" in ln]
+    words = shlex.split(line[line.index("torchrun"):].split(" > ")[0])
+    args = get_args_parser().parse_args(words[1:])
+    assert args.module and args.training_script == "webssl_repro.cli"
+    cli = build_parser().parse_args(args.training_script_args)
+    assert (cli.kind, cli.run, cli.out.as_posix()) == ("vqa", "dino1b-full2b-224", target)
+
+
 def test_single_node_layout_uses_gpu_and_standalone_torchrun():
     config = load_config(REPO / "config/paper.yaml")
     config["resources"]["nodes"]["1b"] = 1

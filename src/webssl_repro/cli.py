@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")
     ev.add_argument("kind", choices=("vqa", "classic", "alignment"))
-    ev.add_argument("--run", required=True)
+    ev.add_argument("--run-name", "--run", dest="run", required=True,
+                    help="the run (spelt --run-name after torchrun, which takes --run for its own --run-path)")
     which = ev.add_mutually_exclusive_group(required=True)
     which.add_argument("--encoder", type=Path)
     which.add_argument("--control", choices=VQA_CONTROLS,

@@ -8,6 +8,8 @@ import json
 import shlex
 from typing import Any, Mapping
 
+from webssl_repro.settings import SETTINGS, split_settings
+
 #: The eval sets the data stage builds (``webssl-repro data evalset``; the defaults of each in
 #: ``data.stages.EVAL_DEFAULTS``), and those the classic evaluation reads.
 EVAL_SETS = ("classification", "segmentation", "depth", "captions", "vqa")
@@ -53,7 +55,10 @@ class DataJobs:
             picked = {k: v for k, v in section.items() if k in ("size", "base", "source") or k == task}
             return json.dumps({"evalsets": picked}, sort_keys=True, separators=(",", ":"))
         keys = ("corpus", "shards") if part == "corpus" else (part,)
-        return json.dumps({k: data[k] for k in keys if k in data}, sort_keys=True, separators=(",", ":"))
+        picked = {k: data[k] for k in keys if k in data}
+        if part == "filter":  # how the filter runs is not what it keeps (settings.SETTINGS)
+            picked = split_settings(picked, SETTINGS["filter"])[0]
+        return json.dumps(picked, sort_keys=True, separators=(",", ":"))
 
     def filter_prerequisites(self, variant: str, part: int | None = None) -> list[str]:
         """The OCR backend reads each image once for both variants: heavy (or its part) waits
@@ -83,6 +88,15 @@ class DataJobs:
                     f"--count {self.filter_parts()}")
         return (f"webssl-repro data filter {variant} --data-json {shlex.quote(self.data_config_json('filter'))} "
                 f"--shards {self.data_manifest('shards')}" + ("" if part is None else f" --part {part}"))
+
+    def filter_settings(self, whole: bool = False) -> str:
+        """How a filter job runs (``data.filter.workers`` / ``threads`` / ``cache_path``) as its
+        command's ``--settings-json``: a resource of the filter rules, not a param, so that
+        changing it reruns no filter and retrains no filtered run. Merging parts takes none."""
+        how = split_settings({"filter": self.config.get("data", {}).get("filter", {})}, SETTINGS["filter"])[1]
+        if not how or (whole and self.filter_parts() > 1):
+            return ""
+        return f"--settings-json {shlex.quote(json.dumps(how, sort_keys=True, separators=(',', ':')))}"
 
     def filter_resources(self, whole: bool = False) -> dict[str, int]:
         """A filter job's GPUs and runtime (``resources.filter_*``), and a CPU per loader worker

@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("filter")
     p.add_argument("variant", choices=("light", "heavy"))
     p.add_argument("--data-json", default="{}")
+    p.add_argument("--settings-json", default="{}", help="how it runs: data.filter's workers, threads, cache_path "
+                   "(settings.SETTINGS; not the rule's params)")
     p.add_argument("--shards", required=True, help="a shard manifest (.json) or shard paths/patterns")
     p.add_argument("--part", type=int, default=0, help="which of data.filter.parts to filter")
     p.add_argument("--out", required=True)
@@ -280,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    data = json.loads(getattr(args, "data_json", "{}") or "{}")
+    from webssl_repro.settings import merge_nested
+
+    data = merge_nested(json.loads(getattr(args, "data_json", "{}") or "{}"),
+                        json.loads(getattr(args, "settings_json", "{}") or "{}"))
     shards = getattr(args, "shards", None)
     if shards is not None:
         shards = manifest_shards(shards) if shards.endswith(".json") else expand_sources(shards)
