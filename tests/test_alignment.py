@@ -197,6 +197,40 @@ def test_an_unreadable_lm_feature_cache_is_computed_again(tmp_path):
     torch.testing.assert_close(torch.load(cached, weights_only=True), first)
 
 
+def test_lm_features_are_cached_per_checkpoint(tmp_path, monkeypatch):
+    """The cache is shared by every run of a scale: pointing ``lm_paths`` at another checkpoint
+    (base vs instruct under one label), or replacing the copy's weights, computes the features
+    again; the same weights and captions read them back."""
+    import os
+
+    import torch
+    import transformers
+
+    from webssl_repro.evaluate import language
+    from webssl_repro.evaluate.alignment_eval import language_layers
+
+    loaded = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kw: path)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda path, **kw: loaded.append(path) or path)
+    monkeypatch.setattr(language, "lm_layer_features",
+                        lambda model, tok, caps, batch_size: torch.full((2, len(caps), 3), float(len(loaded))))
+    base, instruct = tmp_path / "base", tmp_path / "instruct"
+    for folder in (base, instruct):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
+    captions, cache = ["a red cube", "a blue sphere"], tmp_path / "cache"
+
+    def features(folder):
+        return language_layers("llama3.1-8b", captions, {"lm_batch_size": 2, "lm_paths": {"llama3.1-8b": str(folder)}},
+                               cache)
+
+    assert features(base)[0, 0, 0] == 1 and features(base)[0, 0, 0] == 1 and loaded == [str(base)]
+    assert features(instruct)[0, 0, 0] == 2 and loaded == [str(base), str(instruct)]
+    os.utime(base / "model.safetensors", ns=(1, 1))  # the copy replaced in place
+    assert features(base)[0, 0, 0] == 3 and len(list(cache.glob("lm-llama3.1-8b-2-*.pt"))) == 3
+
+
 def test_pair_hits_give_the_score_and_its_standard_error():
     """The chosen pair's per-caption hits average to its score, clamped as the score is; their
     standard error is the sd over captions / sqrt(N), by hand on 4 captions."""

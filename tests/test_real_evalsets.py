@@ -30,6 +30,24 @@ def test_adapters_give_the_mini_record_layout():
     assert load_hf_split(build_hf_manifest("depth", {"dataset": "org/nyu"}), "val", depth)[0]["depth"].dtype == np.float32
 
 
+@pytest.mark.parametrize("depth_map,shown", [(np.full((2, 2), 2500, dtype=np.uint16), "uint16 with values up to 2500"),
+                                             (np.full((2, 2), 2500.0, dtype=np.float32), "float32 with values up to 2500")])
+def test_a_depth_copy_in_millimetres_is_refused_by_dataset_and_row(depth_map, shown):
+    """NYUd from the BTS / DINOv2 files holds millimetres: read as metres, nearly every pixel would
+    fall outside the 10 m bins and the probe would score on almost nothing, silently."""
+    rows = [{"image": _img(1), "depth_map": np.ones((2, 2), dtype=depth_map.dtype)},
+            {"image": _img(1), "depth_map": Image.fromarray(depth_map) if depth_map.dtype == np.uint16 else depth_map}]
+    records = load_hf_split(build_hf_manifest("depth", {"dataset": "org/nyu"}), "val", rows)
+    with pytest.raises(ValueError, match=rf"data.evalsets.depth.dataset org/nyu, row 1: depth_map is {shown}: "
+                                         r"expected float metres .* divided by 1000"):
+        records[1]
+    if depth_map.dtype == np.uint16:
+        with pytest.raises(ValueError, match="row 0: depth_map is uint16 with values up to 1"):
+            records[0]  # integer maps are refused whatever their values
+    else:
+        assert records[0]["depth"].max() == 1.0
+
+
 def test_paper_scale_evalset_rule_writes_a_dataset_manifest(tmp_path):
     out, local = tmp_path / "classification.json", tmp_path / "imagenet"
     local.mkdir()

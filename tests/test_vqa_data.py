@@ -116,7 +116,10 @@ def test_cambrian_loader_excludes_laion(tmp_path):
     assert [s.meta["id"] for s in out] == ["1", "4"]
     assert out[0].image_id == "/data/coco/train2017/1.jpg" and out[0].question == "What is this?"
     assert out[0].turns == (("Colour?", "Grey."),) and out[1].image_id is None
-    assert len(list(cambrian_samples(path, exclude_laion=False))) == 4
+    assert len(list(cambrian_samples(path, laion_markers=()))) == 4
+    excluded = [0]  # a copy whose LAION subset sits in an unmarked folder names it
+    kept = list(cambrian_samples(path, laion_markers=("laion", "COCO/"), excluded=excluded))
+    assert [s.meta["id"] for s in kept] == ["4"] and excluded == [3]
 
 
 def test_online_features_match_the_cache_path():

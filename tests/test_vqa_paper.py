@@ -189,6 +189,11 @@ def test_paper_data_reads_config_sources_and_drops_laion(tmp_path):
         load_paper_data({**data, "benchmarks": {**data["benchmarks"], "vqav2": {"path": "x"}}})
     data_with_all = dict(data, exclude_laion=False)
     assert len(load_paper_data(data_with_all).alignment) == 3
+    assert loaded.counts["laion_excluded"]["alignment"] == 1 and loaded.counts["laion_markers"] == ["laion"]
+    by_folder = load_paper_data(dict(data, exclude_laion=["laion", "sam/"]))
+    assert len(by_folder.alignment) == 1 and by_folder.counts["laion_excluded"]["alignment"] == 2
+    with pytest.raises(ValueError, match=r"evaluate.vqa.data.exclude_laion: 'laion' is not true, false or a list"):
+        load_paper_data(dict(data, exclude_laion="laion"))
     # a path of the user's that does not exist is not looked up on the hub; a bad line is named
     missing = {**data["alignment"], "file": str(tmp_path / "nowhere.jsonl"), "local_dir": None}
     with pytest.raises(FileNotFoundError, match=r"evaluate.vqa.data.alignment.file: .*nowhere.jsonl does not exist"):

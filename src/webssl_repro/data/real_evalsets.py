@@ -50,8 +50,20 @@ def _segmentation(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"image": _image(row["image"]), "seg": seg}
 
 
+#: deeper than any NYUd frame (the Kinect reads to ~10 m): a map past it is not in metres
+MAX_METRES = 100.0
+
+
 def _depth(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"image": _image(row["image"]), "depth": _array(row["depth_map"]).astype(np.float32)}
+    """NYUd's ``depth_map`` in metres (float, as sayakpaul/nyu_depth_v2 stores it). A copy made from
+    the BTS / DINOv2 files holds millimetres in 16-bit PNGs: read as metres, nearly every pixel
+    would fall outside the depth bins and the probe would be scored on almost nothing."""
+    depth = _array(row["depth_map"])
+    if not np.issubdtype(depth.dtype, np.floating) or float(depth.max(initial=0.0)) > MAX_METRES:
+        raise ValueError(f"depth_map is {depth.dtype} with values up to {float(depth.max(initial=0.0)):g}: expected "
+                         f"float metres (at most {MAX_METRES:g}); a copy storing millimetres (BTS / DINOv2 16-bit "
+                         "PNGs) needs them divided by 1000 when it is made")
+    return {"image": _image(row["image"]), "depth": depth.astype(np.float32)}
 
 
 def _captions(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,6 +140,8 @@ class HFSplit(Sequence):
         except KeyError as err:  # another dataset's columns: say which it has
             raise ValueError(f"{self.name}: rows lack column {err.args[0]!r} (they have {sorted(row)}); point the "
                              "key at a copy with the task's columns") from None
+        except ValueError as err:  # a column in another unit or format: say which dataset and row
+            raise ValueError(f"{self.name}, row {int(i) % self.n}: {err}") from None
 
 
 def load_hf_split(manifest: Mapping[str, Any], split: str, dataset: Optional[Any] = None) -> HFSplit:

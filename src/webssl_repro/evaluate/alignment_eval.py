@@ -9,6 +9,7 @@ Llama-3.1 8B / 70B loaded by path or id through ``transformers``.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,14 +33,40 @@ def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torc
     return extract_features(encoder, (x[i:i + batch] for i in range(0, len(x), batch)), indices=None, norm=False)["cls"]
 
 
+def lm_source(name: str, cfg: Mapping[str, Any]) -> str:
+    """Where language model ``name``'s weights are read from: MiniLM's bundled files, else
+    ``lm_paths.<name>`` (a local copy or a hub id the cluster caches), else ``name`` itself."""
+    if name == "minilm":
+        from webssl_repro.evaluate.language import minilm_path
+
+        return str(minilm_path())
+    from webssl_repro.files import model_location
+
+    return model_location(cfg["lm_paths"].get(name, name), f"evaluate.alignment.lm_paths.{name}")
+
+
+def lm_identity(source: str) -> list:
+    """What ties cached LM features to their weights: the source, and for a local copy its
+    config and weight files' names, sizes and times (``lm_paths`` pointed at another checkpoint,
+    or the copy replaced, computes them again)."""
+    from webssl_repro.evaluate.progress import file_identity
+
+    folder = Path(source)
+    files = sorted(p for p in folder.glob("*") if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
+                   or p.name.endswith(".index.json")) if folder.is_dir() else []
+    return [source, *(file_identity(p) for p in files)]
+
+
 def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cache_dir: Path | None) -> torch.Tensor:
-    """LM features, cached per (LM, caption set): every run shares them."""
+    """LM features, cached per (LM weights, caption set): every run shares them."""
     from webssl_repro.evaluate.features import save_atomic
     from webssl_repro.evaluate.language import lm_layer_features, load_minilm
 
+    source = lm_source(name, cfg)
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha1("\n".join(captions).encode()).hexdigest()[:12]
+        identity = json.dumps(lm_identity(source), sort_keys=True)
+        key = hashlib.sha1("\n".join([identity, *captions]).encode()).hexdigest()[:12]
         cache = cache_dir / f"lm-{name.replace('/', '_')}-{len(captions)}-{key}.pt"
         if cache.exists():
             try:
@@ -52,9 +79,7 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
     else:  # paper scale: Llama-3.1 by local path (or hub id where the cluster has a cache)
         from transformers import AutoModel, AutoTokenizer
 
-        from webssl_repro.files import model_location
-
-        path = model_location(cfg["lm_paths"].get(name, name), f"evaluate.alignment.lm_paths.{name}")
+        path = source
         tokenizer = AutoTokenizer.from_pretrained(path)
         # On GPUs, accelerate's device_map spreads a model too large for one (Llama-3.1-70B in
         # bf16: ~140 GB) over all of the job's; on CPU it loads whole.

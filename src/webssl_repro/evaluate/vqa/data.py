@@ -88,7 +88,10 @@ def _split_image(text: str) -> list[tuple[str, str]]:
 
 MINI_CHAT = ChatFormat(prefix="<bos><image>\n", user="USER: {question}\nASSISTANT:", answer=" {answer}<eos>\n",
                        stop="<eos>")
-# Cambrian's ``llama_3`` conversation template (Llama-3-8B-Instruct special tokens).
+# Llama-3's own chat format (its special tokens and header layout), with no system message.
+# Cambrian's conversation.py also defines a ``llama_3`` template with a system prompt; neither the
+# paper nor the released training code says which the probe used. Training and testing share this
+# one, so the probe is consistent; answer length on the exact-match benchmarks may differ.
 LLAMA3_CHAT = ChatFormat(
     prefix="<|begin_of_text|>",
     user="<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"

@@ -45,8 +45,22 @@ def _limit(value: Any) -> Optional[int]:
     return None if value is None else int(value)
 
 
-def cambrian(kind: str, section: Mapping[str, Any], exclude_laion: bool) -> list[VqaSample]:
-    """Cambrian ``kind`` (alignment | instruction) as samples; ``limit`` caps them after the LAION filter."""
+def laion_markers(value: Any) -> tuple[str, ...]:
+    """``evaluate.vqa.data.exclude_laion``: true (rows marked "laion"), false, or the markers."""
+    from webssl_repro.evaluate.vqa.real import LAION_MARKERS
+
+    if isinstance(value, bool):
+        return LAION_MARKERS if value else ()
+    if isinstance(value, (list, tuple)) and all(isinstance(m, str) and m for m in value):
+        return tuple(value)
+    raise ValueError(f"evaluate.vqa.data.exclude_laion: {value!r} is not true, false or a list of non-empty strings "
+                     "(what marks a LAION image's path, source or id)")
+
+
+def cambrian(kind: str, section: Mapping[str, Any], markers: tuple[str, ...],
+             excluded: Optional[list[int]] = None) -> list[VqaSample]:
+    """Cambrian ``kind`` (alignment | instruction) as samples; ``limit`` caps them after the LAION
+    filter, whose dropped rows (of those read) are counted in ``excluded[0]``."""
     from webssl_repro.evaluate.vqa.real import cambrian_path, cambrian_samples
 
     _check(section, SOURCE_KEYS, f"data.{kind}")
@@ -54,7 +68,7 @@ def cambrian(kind: str, section: Mapping[str, Any], exclude_laion: bool) -> list
     if root is not None and not Path(root).is_dir():
         raise FileNotFoundError(f"evaluate.vqa.data.{kind}.image_root: {root} is not a directory")
     path = cambrian_path(kind, section.get("local_dir"), repo=section.get("repo"), filename=section.get("file"))
-    samples = list(islice(cambrian_samples(path, exclude_laion=exclude_laion, image_root=root),
+    samples = list(islice(cambrian_samples(path, laion_markers=markers, image_root=root, excluded=excluded),
                           _limit(section.get("limit"))))
     spot_check_images(samples, kind, root)
     return samples
@@ -109,9 +123,10 @@ def load_paper_data(data: Optional[Mapping[str, Any]]) -> PaperData:
 
     data = dict(data or {})
     _check(data, DATA_KEYS, "data")
-    exclude_laion = bool(data.get("exclude_laion", True))
-    alignment = cambrian("alignment", data.get("alignment") or {}, exclude_laion)
-    instruction = cambrian("instruction", data.get("instruction") or {}, exclude_laion)
+    markers = laion_markers(data.get("exclude_laion", True))
+    excluded = {"alignment": [0], "instruction": [0]}
+    alignment = cambrian("alignment", data.get("alignment") or {}, markers, excluded["alignment"])
+    instruction = cambrian("instruction", data.get("instruction") or {}, markers, excluded["instruction"])
     if not alignment or not instruction:
         raise ValueError(f"vqa: empty Cambrian data (alignment {len(alignment)}, instruction {len(instruction)})")
     configured = dict(data.get("benchmarks") or {})
@@ -134,5 +149,6 @@ def load_paper_data(data: Optional[Mapping[str, Any]]) -> PaperData:
         return open_image(image_id)
 
     counts = {"alignment": len(alignment), "instruction": len(instruction),
-              "benchmarks": {b: len(v) for b, v in tests.items()}, "exclude_laion": exclude_laion}
+              "benchmarks": {b: len(v) for b, v in tests.items()}, "exclude_laion": bool(markers),
+              "laion_markers": list(markers), "laion_excluded": {k: n[0] for k, n in excluded.items()}}
     return PaperData(alignment, instruction, tests, load_image, counts)

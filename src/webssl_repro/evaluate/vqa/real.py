@@ -45,9 +45,17 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
 # ---------------------------------------------------------------- Cambrian training data
 
 
-def is_laion(record: Mapping[str, Any]) -> bool:
-    """The paper excludes LAION images: any mention in the image path, source or id."""
-    return any("laion" in str(record.get(k) or "").lower() for k in ("image", "source", "id"))
+#: what marks a Cambrian row's image as LAION's (``evaluate.vqa.data.exclude_laion: true``)
+LAION_MARKERS = ("laion",)
+
+
+def is_laion(record: Mapping[str, Any], markers: Sequence[str] = LAION_MARKERS) -> bool:
+    """The paper excludes LAION images: a row whose image path, source or id contains one of
+    ``markers`` (case-insensitive). Rows name no source where their folder does not (LLaVA's
+    558K captions of LAION / CC / SBU images sit under numbered folders), so a site whose copy
+    holds such a subset names its folder among the markers."""
+    fields = [str(record.get(k) or "").lower() for k in ("image", "source", "id")]
+    return any(m.lower() in f for m in markers for f in fields)
 
 
 def _turns(conversations: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
@@ -62,16 +70,21 @@ def _turns(conversations: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def cambrian_samples(records: str | Path | Iterable[Mapping[str, Any]], *, exclude_laion: bool = True,
-                     image_root: Optional[str | Path] = None) -> Iterator[VqaSample]:
+def cambrian_samples(records: str | Path | Iterable[Mapping[str, Any]], *,
+                     laion_markers: Sequence[str] = LAION_MARKERS, image_root: Optional[str | Path] = None,
+                     excluded: Optional[list[int]] = None) -> Iterator[VqaSample]:
     """LLaVA-format rows (a jsonl path or dicts) → samples; image ids are paths under ``image_root``.
+    Rows ``is_laion`` finds by ``laion_markers`` (none: keep all) are left out and counted in
+    ``excluded[0]`` where given.
 
     Text-only rows (no ``image``) are kept as text-only samples, as Cambrian-7M trains on them.
     """
     if isinstance(records, (str, Path)):
         records = _jsonl(records)
     for rec in records:
-        if exclude_laion and is_laion(rec):
+        if laion_markers and is_laion(rec, laion_markers):
+            if excluded is not None:
+                excluded[0] += 1
             continue
         turns = _turns(rec.get("conversations", []))
         if not turns:
@@ -220,6 +233,8 @@ def _sqa(r: Row) -> Adapted:
 def _mmmu(r: Row) -> Adapted:
     question = re.sub(r"<image \d+>", "", r["question"]).strip()
     if r.get("question_type") == "multiple-choice":
+        # the options list parsed as the Python literal it is; Cambrian's regex ('(.*?)') splits an
+        # option holding an apostrophe ("Newton's law"), so a few MMMU prompts differ from its own
         choices = list(ast.literal_eval(r["options"])) if isinstance(r["options"], str) else list(r["options"])
         # Cambrian removes the image markers from the whole prompt, options included
         choices = [re.sub(r"<image \d+>", "", str(c)) for c in choices]
