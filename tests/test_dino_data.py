@@ -82,3 +82,11 @@ def test_masking_ratio_within_bounds():
     gen = MaskingGenerator((16, 16))
     for n in (4, 30, 100):
         assert gen(n, torch.Generator().manual_seed(n)).sum() <= n
+
+
+def test_block_cap_is_dinov2s():
+    """DINOv2's train.py caps a block at 0.5 * img // patch * img // patch, read left to right:
+    at 224 / 378 / 518 px with patch 14, 128 / 351 / 666 patches (not half of 729 or 1369)."""
+    for img, cap in ((224, 128), (378, 351), (518, 666)):
+        grid = img // 14
+        assert MaskingGenerator((grid, grid)).max_num_patches == cap == 0.5 * img // 14 * img // 14

@@ -39,7 +39,12 @@ def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_sampl
     including the learning rate warmup ratio", so every step-counted setting (lr and
     teacher-temperature warm-ups, the prototype freeze; ``step_defaults`` where the recipe
     leaves one at the method's default) keeps its share of the steps. Kept as absolute
-    counts, DINOv2's 37.5k-step temperature warm-up would outlast the 20k-step fine-tune."""
+    counts, DINOv2's 37.5k-step temperature warm-up would outlast the 20k-step fine-tune.
+    The fine-tune is a run of its own, so every schedule starts again from its first value over
+    the 20k steps: where the 8B-seen parent ended at teacher momentum 1.0, weight decay 0.2 and
+    teacher temperature 0.07, it starts at 0.994, 0.04 and a 0.04 -> 0.07 warm-up, with its
+    prototypes frozen for their share of steps. App. C names no schedule that continues, and no
+    released code shows DINOv2's own high-resolution phase."""
     if "steps" not in hires:
         raise KeyError("pretrain.hires needs 'steps' for a high-resolution fine-tune")
     out = dict(recipe)

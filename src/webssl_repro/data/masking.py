@@ -35,7 +35,10 @@ class MaskingGenerator:
                  max_aspect: float | None = None) -> None:
         self.height, self.width = grid
         self.num_patches = self.height * self.width
-        self.max_num_patches = max_num_patches if max_num_patches is not None else int(0.5 * self.num_patches)
+        # DINOv2 (train.py): 0.5 * img_size // patch_size * img_size // patch_size, evaluated left to
+        # right: half the rows, rounded down, times the row length; half the grid only when it is even
+        # (27 x 27 at 378 px: 351, not 364).
+        self.max_num_patches = max_num_patches if max_num_patches is not None else (self.height // 2) * self.width
         self.min_num_patches = min_num_patches
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
