@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: reproduce published test lint dry-run clean
+.PHONY: clean-paper reproduce published test lint dry-run clean
 
 $(BIN)/webssl-repro: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("webssl-repro needs Python 3.11+ (PYTHON=$(PYTHON) is " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -33,5 +33,10 @@ lint: $(BIN)/webssl-repro
 dry-run: $(BIN)/webssl-repro
 	$(BIN)/snakemake -n all --configfile config/paper.yaml
 
+# The mini scale's outputs and every render; the paper scale's runs and evaluations (weeks of
+# GPU time on a cluster checkout) only with `make clean-paper`.
 clean:
-	rm -rf paper/ results/mini results/paper logs/ .snakemake/
+	rm -rf paper/mini paper/published results/mini logs/mini logs/published .snakemake/
+
+clean-paper:
+	rm -rf paper/paper results/paper logs/paper

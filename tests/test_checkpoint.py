@@ -142,3 +142,16 @@ def test_a_pointer_cut_short_names_its_file(tmp_path):
     (checkpoint_dir(tmp_path) / POINTER).write_text('{"step": 4, "path":')
     with pytest.raises(ValueError, match=r"latest.json: not valid JSON at line 1, column 20"):
         read_pointer(tmp_path)
+
+
+@pytest.mark.parametrize("part", ["meta.pt", "__0_0.distcp"])
+def test_a_save_cut_short_names_itself_and_says_what_to_do(tmp_path, part):
+    """A checkpoint file cut short (a full disk, a copy interrupted) stops the resume with the
+    save's path, not torch's zip-reader or DCP traceback; it is the only save kept."""
+    cfg = make_cfg()
+    train(ToyMethod(), data_factory, cfg, tmp_path, max_steps=4)
+    (cut,) = checkpoint_dir(tmp_path).glob(f"step-*/{part}")
+    cut.write_bytes(cut.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"step-4: a saved checkpoint that cannot be read \(.*\); it is the only "
+                                         r"one kept: move it aside to start this job afresh"):
+        train(ToyMethod(), data_factory, cfg, tmp_path)

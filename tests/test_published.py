@@ -221,3 +221,14 @@ def test_missing_column_names_file_and_column(tmp_path):
     table.drop(columns=["ocrbench"]).to_csv(path, sep="\t", index=False)
     with pytest.raises(ValueError, match=r"table2\.tsv.*'ocrbench'"):
         load_published(target)
+
+
+def test_a_row_with_a_field_too_many_names_the_file(tmp_path):
+    """pandas alone says 'Expected 9 fields in line 4, saw 10', not which of the files."""
+    target = _copy(tmp_path)
+    path = target / "classic.tsv"
+    lines = path.read_text().splitlines()
+    lines[3] += "\tstray"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"classic\.tsv: not a table of tab-separated columns: .*line 4, saw"):
+        load_published(target)

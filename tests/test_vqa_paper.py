@@ -265,3 +265,22 @@ def test_tiny_language_model_keeps_the_mini_web_path(tmp_path):
         run_vqa(Enc(), {"img_size": 32}, {}, {"language_model": "tiny", "data": {"benchmark_limit": 1}}, tmp_path)
     mini = yaml.safe_load((REPO / "config" / "mini.yaml").read_text())["evaluate"]["vqa"]
     assert mini["language_model"] == "tiny" and "data" not in mini
+
+
+def test_an_unreachable_hub_model_is_named_by_its_key(monkeypatch):
+    """Offline or gated, transformers raises an OSError whose traceback names no config key."""
+    import transformers
+
+    from webssl_repro.evaluate.vqa.lm import load_lm, load_tokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them\n"
+                      "in the cached files.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    for load in (load_tokenizer, load_lm):
+        with pytest.raises(ValueError, match=r"^evaluate.vqa.language_model: cannot load 'meta-llama/Meta-Llama-3-8B-"
+                                             r"Instruct' \(OSError: We couldn't connect .* find them\); a hub id needs "
+                                             r"the hub.*HF_TOKEN.*HF_HUB_OFFLINE=1"):
+            load("meta-llama/Meta-Llama-3-8B-Instruct")

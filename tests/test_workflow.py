@@ -316,7 +316,7 @@ def test_filter_workers_are_a_setting_the_filter_job_still_reads(monkeypatch, tm
 
     cfg = load_config(REPO / "config/paper.yaml")
     before = Plan(cfg)
-    cfg["data"]["filter"] = {**cfg["data"]["filter"], "workers": 3, "threads": 2}
+    cfg["data"]["filter"] = {**cfg["data"]["filter"], "workers": 3}
     after = Plan(cfg)
     for plan in (before, after):
         assert "workers" not in plan.filter_command("light", 5) and "workers" not in plan.data_config_json("filter")

@@ -156,10 +156,20 @@ def test_out_of_range_recipe_values_are_named_by_key(paper, key, value, message)
         validate_config(cfg, "my.yaml")
 
 
-def test_cli_errors_name_the_problem_unquoted(capsys, tmp_path):
+def test_cli_errors_name_the_problem_unquoted(capsys, tmp_path, monkeypatch):
     rc = cli.main(["render", "fig10", "--scale", "published", "--source", "published", "--outputs", str(tmp_path)])
     assert rc == 2
     assert "webssl-repro render: error: unknown paper item 'fig10'; known: table2," in capsys.readouterr().err
+    # a lookup that failed deep inside is not passed off as a message: it was 'error: captions'
+    rc = cli.main(["evaluate", "alignment", "--run", "x", "--encoder", str(tmp_path), "--out", str(tmp_path / "a.json")])
+    assert rc == 2 and "error: evaluate alignment reads the captions eval set" in capsys.readouterr().err
+
+    def lookup(args):
+        return {}["llama2"]
+
+    monkeypatch.setattr(cli, "_render", lookup)
+    assert cli.main(["render", "fig3", "--scale", "published", "--source", "published", "--outputs", "x"]) == 2
+    assert "webssl-repro render: error: KeyError: 'llama2' (a missing key or name)" in capsys.readouterr().err
 
 
 def test_paper_scale_needs_real_shards():
@@ -318,3 +328,66 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
     with pytest.raises(ConfigError, match=r"labels.resolutions has no entry '518' \(run dino7b-full8b-518\); it has "
                                           r"\['224', '378'\]"):
         Plan(mini).pretrain_resources("dino7b-full8b-518")
+
+
+@pytest.mark.parametrize("where,value,message", [
+    (("evaluate", "vqa", "chat_format"), "llama2", r"evaluate.vqa.chat_format: 'llama2' is not one of \['llama_3', "
+                                                   r"'mini'\]"),
+    (("evaluate", "vqa", "projector"), "mlp2x_relu", r"evaluate.vqa.projector: 'mlp2x_relu' is not 'linear' or "
+                                                     r"'mlp<N>x_gelu'"),
+    (("evaluate", "vqa", "tokens"), 35, r"evaluate.vqa.tokens: 35 is not a square number"),
+    (("evaluate", "vqa", "language_model"), "HuggingFaceTB/SmolLM2-135M",
+     r"evaluate.vqa.language_model is 'HuggingFaceTB/SmolLM2-135M', a real LM, .* this config has none"),
+    (("evaluate", "classic", "depth", "batch_size"), 5, r"evaluate.classic.depth.batch_size 5 is not a multiple of "
+                                                        r"samples_per_gpu 2"),
+    (("evaluate", "classic", "depht"), {}, r"evaluate.classic: unknown key\(s\) \['depht'\]"),
+    (("labels", "sizes", "1b", "depth"), 3, r"labels.sizes: 1b.depth 3: NYUd's lin.4 head reads 4 blocks"),
+    (("data", "filter", "device"), "cuda", r"data.filter: device is not an option of backend 'ocr' \(it takes "
+                                           r"cache_path, .*\); an overlay that switches backends sets them to null"),
+])
+def test_what_a_job_would_refuse_after_hours_stops_the_dry_run(where, value, message):
+    """Each of these passed the dry run and stopped its jobs late: the VQA job after its feature
+    pass (a misspelt chat format showed as the bare word 'llama2'), a real LM at mini fetching the
+    paper's data from the hub, the classic job after its IN-1k and ADE20K parts, every filter job."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    section = cfg
+    for key in where[:-1]:
+        section = section.setdefault(key, {})
+    section[where[-1]] = value
+    with pytest.raises(ConfigError, match=message):
+        Plan(cfg)
+
+
+def test_an_overlay_switching_the_filter_backend_unsets_the_others_options_with_null(paper):
+    from webssl_repro.data.filters import backend_options
+
+    cfg = copy.deepcopy(paper)
+    cfg["data"]["filter"]["backend"] = "ocr"
+    with pytest.raises(ConfigError, match=r"data.filter: device, dtype, model are not options of backend 'ocr'"):
+        Plan(cfg)
+    cfg["data"]["filter"].update(device=None, dtype=None, model=None)
+    validate_config(cfg)
+    Plan(cfg)
+    assert backend_options("ocr", cfg["data"]["filter"]) == {}
+
+
+def test_a_reversed_crop_scale_stops_the_dry_run():
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["pretrain"]["dino"]["local_crops_scale"] = [0.32, 0.05]
+    with pytest.raises(ConfigError, match=r"pretrain.dino.local_crops_scale: \[0.32, 0.05\] \(run dino1b-full2b-224\) "
+                                          r"is not an area range"):
+        Plan(cfg).run_config("dino1b-full2b-224")
+
+
+def test_a_number_yaml_reads_as_text_says_so(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; the schema's 'is not of type number' alone
+    leaves the user looking at a number."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["pretrain"]["dino"]["base_lr"] = yaml.safe_load("x: 1e-3")["x"]
+    with pytest.raises(ConfigError, match=r"'pretrain.dino.base_lr': '1e-3' is not of type 'number'. YAML reads "
+                                          r"'1e-3' as text: write it as 0.001"):
+        validate_config(cfg, "my.yaml")
+    cfg["pretrain"]["dino"]["base_lr"] = "fast"
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, "my.yaml")
+    assert "YAML reads" not in str(err.value)

@@ -229,6 +229,10 @@ def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, s
     from webssl_repro.files import read_json
     from webssl_repro.models.io import load_encoder
 
+    manifests = {read_json(p).get("task") or Path(p).parent.name: p for p in args.data}
+    if args.kind == "alignment" and "captions" not in manifests:  # before a 7B encoder is read
+        raise ValueError(f"evaluate alignment reads the captions eval set (--data results/<scale>/data/evalsets/"
+                         f"captions.json); got {sorted(manifests) or 'no --data'}")
     torch.manual_seed(0)
     if args.control:
         from webssl_repro.evaluate.vqa.controls import control_encoder
@@ -236,7 +240,6 @@ def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, s
         encoder, meta = control_encoder(args.control, args.img_size, args.patch)
     else:
         encoder, meta = load_encoder(args.encoder)
-    manifests = {read_json(p).get("task") or Path(p).parent.name: p for p in args.data}
     return encoder, meta, manifests
 
 
@@ -406,8 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError) as err:
-        # a KeyError's str() is its message quoted
+        # a KeyError's str() is its message quoted; a bare key (a lookup that failed, not one of
+        # this package's messages) is shown as what it is
         message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err
+        if isinstance(err, KeyError) and not any(ch.isspace() for ch in str(message)):
+            message = f"KeyError: {message!r} (a missing key or name)"
         print(f"webssl-repro {args.stage}: error: {message}", file=sys.stderr)
         return 2
 

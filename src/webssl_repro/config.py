@@ -69,6 +69,21 @@ def config_origin(configfiles: Sequence[str | Path], overrides: Mapping[str, Any
     return origin
 
 
+def _number_as_text(err) -> str:
+    """Why a number arrived as text, where a schema wanted a number: YAML 1.1 reads ``1e-3``
+    (no dot, no signed exponent) as a string, and ``--config`` passes every value as one."""
+    wanted = err.schema.get("type") if err.validator == "type" and isinstance(err.schema, Mapping) else None
+    wanted = wanted if isinstance(wanted, list) else [wanted]
+    if not isinstance(err.instance, str) or not {"number", "integer"} & set(wanted):
+        return ""
+    try:
+        float(err.instance)
+    except ValueError:
+        return ""
+    return (f". YAML reads {err.instance!r} as text: write it as {float(err.instance)!r} (a dot and a signed "
+            "exponent, e.g. 1.0e-3); --config passes values as text too, so set numbers in a config file")
+
+
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
     import jsonschema
 
@@ -82,7 +97,7 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
             known = sorted(err.schema.get("properties", {})) if err.validator == "additionalProperties" else []
             about = err.schema.get("description") if isinstance(err.schema, Mapping) else None
             hint = f"; known keys are {known}" if known else (f" ({about})" if about and err.absolute_path else "")
-            lines.append(f"{origin}: at key '{where}': {err.message}{hint}")
+            lines.append(f"{origin}: at key '{where}': {err.message}{hint}{_number_as_text(err)}")
         if any(err.validator == "required" and not err.absolute_path for err in errors):
             lines.append("(a --configfile replaces the default config/mini.yaml rather than being merged into it: "
                          "to change a few keys, give the scale's config first, e.g. --configfile config/mini.yaml "

@@ -7,12 +7,13 @@ into place; a failed write leaves no temporary file and the previous version int
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
 def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> None:
@@ -83,6 +84,23 @@ def model_location(value: str | os.PathLike, key: str) -> str:
     if looks_local:
         raise ValueError(f"{key}: {text} does not exist (a local path; a hub id is 'org/name')")
     return text
+
+
+#: what a job without the hub (a compute node offline, a gated model) can do instead
+HUB_REMEDY = ("a hub id needs the hub, or its files in the local cache: set HF_TOKEN for a gated model, or fill "
+              "HF_HOME's cache beforehand and run with HF_HUB_OFFLINE=1, or give the key a local copy's path")
+
+
+@contextlib.contextmanager
+def hub_access(key: str, value: str | os.PathLike) -> Iterator[None]:
+    """Loads from ``value`` (config key ``key``) inside: a model or dataset the hub client cannot
+    reach or read (offline, gated, no such repo) is a ``ValueError`` naming the key and what to
+    do, not the client's traceback."""
+    try:
+        yield
+    except OSError as err:  # transformers' and datasets' unreachable / gated / missing repo errors
+        cause = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{key}: cannot load {str(value)!r} ({type(err).__name__}: {cause}); {HUB_REMEDY}") from err
 
 
 def repo_root() -> Path:

@@ -2,7 +2,8 @@
 job hours later (or never, for a key that would silently do nothing)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from webssl_repro.config import ConfigError
 from webssl_repro.metrics import ALIGNMENT_PREFIX
@@ -50,6 +51,56 @@ def check_language_models(alignment: Mapping[str, Any]) -> None:
             raise ConfigError(f"evaluate.alignment.language_models: {name!r} is not 'minilm', nor a key of "
                               f"evaluate.alignment.lm_paths ({', '.join(paths) or 'none'}), nor a hub id "
                               "('org/name') or path")
+
+
+@contextlib.contextmanager
+def _as_config_error() -> Iterator[None]:
+    """A section's own reader (the job's), run at the dry run: what it refuses stops the plan."""
+    try:
+        yield
+    except (KeyError, ValueError) as err:
+        raise ConfigError(err.args[0] if err.args else str(err)) from None
+
+
+def check_vqa(section: Mapping[str, Any]) -> None:
+    """``evaluate.vqa`` as the VQA job reads it (``VqaConfig.from_mapping``: chat format,
+    projector, token count, precision), and where a real LM's data comes from: a hub LM with no
+    ``data`` section would read the paper's Cambrian and benchmark defaults from the hub."""
+    from webssl_repro.evaluate.vqa.config import VqaConfig
+    from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
+
+    with _as_config_error():
+        VqaConfig.from_mapping({k: v for k, v in section.items() if k not in STAGE_KEYS})
+    if section.get("language_model", "tiny") != "tiny" and not section.get("data"):
+        raise ConfigError(f"evaluate.vqa.language_model is {section['language_model']!r}, a real LM, which reads "
+                          "Cambrian and the 16 benchmarks from evaluate.vqa.data; this config has none (see "
+                          "config/paper.yaml), so every VQA job would fetch the paper's defaults from the hub")
+
+
+def check_filter(section: Mapping[str, Any]) -> None:
+    """``data.filter``'s options are its backend's (``filters.backend_options``): an option of the
+    other backend, left by an overlay that switched backends, would fail every filter job."""
+    from webssl_repro.data.filters import backend_options
+
+    with _as_config_error():
+        backend_options(str(section.get("backend", "ocr")), section)
+
+
+def check_classic(section: Mapping[str, Any], sizes: Mapping[str, Mapping[str, Any]]) -> None:
+    """``evaluate.classic`` as the classic job reads it, checked before the job has trained
+    its first probes: known keys, a depth batch of whole SigLoss groups (``samples_per_gpu``),
+    and encoders of at least the 4 blocks NYUd's lin.4 head reads."""
+    from webssl_repro.evaluate.classic import classic_config
+
+    with _as_config_error():
+        dep = classic_config({k: v for k, v in section.items() if k != "scale"})["depth"]
+    if int(dep["batch_size"]) % int(dep["samples_per_gpu"]):
+        raise ConfigError(f"evaluate.classic.depth.batch_size {dep['batch_size']} is not a multiple of "
+                          f"samples_per_gpu {dep['samples_per_gpu']} (each SigLoss takes samples_per_gpu images)")
+    shallow = {label: spec.get("depth") for label, spec in sizes.items() if int(spec.get("depth", 4)) < 4}
+    if shallow:
+        raise ConfigError(f"labels.sizes: {', '.join(f'{k}.depth {v}' for k, v in shallow.items())}: NYUd's lin.4 "
+                          "head reads 4 blocks, so with the classic stage every size needs depth >= 4")
 
 
 def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, seeds: Sequence[int]) -> None:

@@ -105,6 +105,13 @@ def check_shapes(run_config: Mapping[str, Any], method: str, world_size: int,
         where = origin.get("batch_size", f"pretrain.{method}.batch_size (unset: the default)")
         raise ConfigError(f"{where}: {batch:,} images per step do not split over the {world_size} GPUs of run {run} "
                           "(resources.nodes of its size × resources.gpus_per_node)")
+    for key in ("global_crops_scale", "local_crops_scale", "crop_scale"):  # RandomResizedCrop's area range
+        if key in recipe:
+            lo, hi = (float(v) for v in recipe[key])
+            if not 0 < lo <= hi <= 1:
+                where = origin.get(key, f"pretrain.{method}.{key}")
+                raise ConfigError(f"{where}: {list(recipe[key])} (run {run}) is not an area range [min, max] with "
+                                  "0 < min <= max <= 1")
     img, patch = int(run_config["img_size"]), int(run_config["arch"]["patch"])
     if img % patch:
         raise ConfigError(f"labels.resolutions: {img} px (run {run}) is not a whole number of its "

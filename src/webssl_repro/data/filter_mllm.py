@@ -45,10 +45,11 @@ class MLLMFilter(TextFilter):
         if self._processor is None:
             import transformers
 
-            from webssl_repro.files import model_location
+            from webssl_repro.files import hub_access, model_location
 
-            self._processor = transformers.AutoProcessor.from_pretrained(
-                model_location(self.model_name, "data.filter.model"))
+            location = model_location(self.model_name, "data.filter.model")
+            with hub_access("data.filter.model", location):
+                self._processor = transformers.AutoProcessor.from_pretrained(location)
             self._processor.tokenizer.padding_side = "left"
         return self._processor
 
@@ -56,12 +57,14 @@ class MLLMFilter(TextFilter):
         import torch
         import transformers
 
-        from webssl_repro.files import model_location
+        from webssl_repro.files import hub_access, model_location
 
         location = model_location(self.model_name, "data.filter.model")
         self._load_processor()
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        self._model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+        with hub_access("data.filter.model", location):
+            model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype))
+        self._model = model.to(self.device).eval()
 
     def prepare(self, sample: Any) -> Image.Image:
         img = sample["image"]

@@ -179,14 +179,39 @@ class OCRFilter(TextFilter):
         return out
 
 
-def make_filter(backend: str, **kw: Any) -> TextFilter:
+def backend_class(backend: str) -> type[TextFilter]:
     if backend == "ocr":
-        return OCRFilter(**kw)
+        return OCRFilter
     if backend == "mllm":
         from webssl_repro.data.filter_mllm import MLLMFilter
 
-        return MLLMFilter(**kw)
-    raise KeyError(f"make_filter: unknown backend {backend!r} (ocr | mllm)")
+        return MLLMFilter
+    raise KeyError(f"data.filter.backend: unknown backend {backend!r} (ocr | mllm)")
+
+
+#: data.filter keys of the filter job itself, not of a backend's constructor
+JOB_KEYS = ("backend", "parts", "workers")
+
+
+def backend_options(backend: str, section: Mapping[str, Any]) -> dict[str, Any]:
+    """``data.filter``'s options for ``backend``'s constructor. A null value is dropped: config
+    overlays merge, so switching backends over config/paper.yaml keeps the MLLM's ``model``,
+    ``device``, ``dtype``, and null is how an overlay unsets them. A set option the backend does
+    not take is an error naming it, before any job runs (``Plan``) and in the job itself."""
+    import inspect
+
+    taken = set(inspect.signature(backend_class(backend).__init__).parameters) - {"self", "generate_fn"}
+    options = {k: v for k, v in section.items() if k not in JOB_KEYS and v is not None}
+    foreign = sorted(k for k in options if k not in taken)
+    if foreign:
+        verb = "is not an option" if len(foreign) == 1 else "are not options"
+        raise ValueError(f"data.filter: {', '.join(foreign)} {verb} of backend {backend!r} (it takes "
+                         f"{', '.join(sorted(taken))}); an overlay that switches backends sets them to null")
+    return options
+
+
+def make_filter(backend: str, **kw: Any) -> TextFilter:
+    return backend_class(backend)(**backend_options(backend, kw))
 
 
 def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: Sequence[str] = ("light", "heavy"),

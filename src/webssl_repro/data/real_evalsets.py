@@ -168,8 +168,11 @@ def _load(manifest: Mapping[str, Any], split: str) -> Any:
     name, task = manifest["dataset"], manifest["task"]
     if (Path(name) / "dataset_dict.json").is_file():
         return _saved_split(datasets.load_from_disk(name), split, f"data.evalsets.{task}", name)
+    from webssl_repro.files import hub_access
+
     try:
-        return datasets.load_dataset(name, manifest.get("config"), revision=manifest.get("revision"), split=split)
+        with hub_access(f"data.evalsets.{task}.dataset", name):
+            return datasets.load_dataset(name, manifest.get("config"), revision=manifest.get("revision"), split=split)
     except (RuntimeError, ValueError) as err:
         # datasets >= 4: "Dataset scripts are no longer supported"; 2.x / 3.x without
         # trust_remote_code: "... contains custom code ... pass trust_remote_code=True"

@@ -79,12 +79,14 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
     else:  # paper scale: Llama-3.1 by local path (or hub id where the cluster has a cache)
         from transformers import AutoModel, AutoTokenizer
 
-        path = source
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        from webssl_repro.files import hub_access
+
         # On GPUs, accelerate's device_map spreads a model too large for one (Llama-3.1-70B in
         # bf16: ~140 GB) over all of the job's; on CPU it loads whole.
         placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
-        model = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, **placement)
+        with hub_access(f"evaluate.alignment.lm_paths.{name}", source):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModel.from_pretrained(source, torch_dtype=torch.bfloat16, **placement)
     feats = lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
     if cache is not None:  # concurrent alignment jobs share it
         save_atomic(feats, cache)

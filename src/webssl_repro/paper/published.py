@@ -72,7 +72,10 @@ def _read_file(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     text_cols, num_cols = SCHEMA[path.name]
     if not path.is_file():
         raise ValueError(f"{path}: published TSV is missing")
-    raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    try:
+        raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.ParserError as err:  # e.g. a row with a tab too many
+        raise ValueError(f"{path}: not a table of tab-separated columns: {err}") from None
     expected = (*KEY_COLUMNS, *text_cols, *num_cols, PROVENANCE)
     missing = [c for c in expected if c not in raw.columns]
     if missing:

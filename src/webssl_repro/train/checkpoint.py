@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -122,11 +123,24 @@ def dcp_save(state: Mapping[str, Any], directory: Path) -> None:
         dcp.save(dict(state), checkpoint_id=directory, no_dist=_no_dist())
 
 
+def unreadable(path: Path, err: BaseException) -> ValueError:
+    """A save that cannot be read, named, with what to do: it is the only one kept (each new
+    save replaces the last), so the job cannot fall back to an older one."""
+    cause = (str(err).strip().splitlines() or [""])[-1]  # DCP's message carries each rank's traceback
+    return ValueError(f"{path}: a saved checkpoint that cannot be read ({type(err).__name__}: {cause}); it is the "
+                      "only one kept: move it aside to start this job afresh")
+
+
 def dcp_load(state: dict[str, Any], directory: Path) -> None:
     """Fill ``state`` (a template of the saved keys: tensors are loaded in place, resharded to
     their current layout; other values are replaced); collective."""
-    with _quiet():
-        dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=directory, no_dist=_no_dist())
+    except (CheckpointException, EOFError, OSError) as err:  # a shard cut short or gone
+        raise unreadable(directory, err) from err
 
 
 def save_version(root: Path, name: str, write: Callable[[Path], None], pointer: Path,
@@ -267,8 +281,11 @@ def load_meta(run_dir: os.PathLike | str) -> Optional[dict[str, Any]]:
     path = latest_path(run_dir)
     if path is None:
         return None
-    meta = torch.load(path / META if path.is_dir() else path, map_location="cpu", mmap=not path.is_dir(),
-                      weights_only=False)
+    try:
+        meta = torch.load(path / META if path.is_dir() else path, map_location="cpu", mmap=not path.is_dir(),
+                          weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # cut short, or gone
+        raise unreadable(path, err) from err
     if meta.get("format") not in (1, FORMAT):
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected 1 or {FORMAT}")
     return {**meta, "path": path}

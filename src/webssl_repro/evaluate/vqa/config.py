@@ -3,6 +3,7 @@ overridden by name from ``evaluate.vqa``."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
@@ -11,6 +12,10 @@ from webssl_repro.metrics import VQA_BENCHMARKS
 # ``VqaConfig.precision`` means what the pretraining loop's does: fp32 weights and AdamW state
 # (Cambrian trains fp32 weights), ``bf16`` autocasting the forward on CUDA.
 from webssl_repro.train.config import PRECISIONS
+
+
+#: Cambrian / LLaVA projectors: one Linear, or ``mlp{N}x_gelu`` (``probe.build_projector``)
+PROJECTOR = re.compile(r"linear|mlp([1-9][0-9]*)x_gelu")
 
 
 @dataclass
@@ -88,6 +93,12 @@ class VqaConfig:
                              f"(the paper's 576 = 24 x 24)")
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
+        if not PROJECTOR.fullmatch(str(cfg.projector)):
+            raise ValueError(f"evaluate.vqa.projector: {cfg.projector!r} is not 'linear' or 'mlp<N>x_gelu' (N >= 1)")
+        from webssl_repro.evaluate.vqa.data import CHAT_FORMATS
+
+        if cfg.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"evaluate.vqa.chat_format: {cfg.chat_format!r} is not one of {sorted(CHAT_FORMATS)}")
         return cfg
 
     def new_tokens(self, benchmark: str) -> int:

@@ -60,9 +60,11 @@ def load_tokenizer(path_or_id: str | Path):
     """A tokenizer saved by ``build_tokenizer`` or a hub id/path (Llama-3 at paper scale)."""
     from transformers import AutoTokenizer
 
-    from webssl_repro.files import model_location
+    from webssl_repro.files import hub_access, model_location
 
-    return AutoTokenizer.from_pretrained(model_location(path_or_id, "evaluate.vqa.language_model"))
+    location = model_location(path_or_id, "evaluate.vqa.language_model")
+    with hub_access("evaluate.vqa.language_model", location):
+        return AutoTokenizer.from_pretrained(location)
 
 
 def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4,
@@ -91,14 +93,15 @@ def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = T
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from webssl_repro.files import model_location
+    from webssl_repro.files import hub_access, model_location
 
     path_or_id = model_location(path_or_id, "evaluate.vqa.language_model")
-    if not weights:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
-                                                    dtype=getattr(torch, dtype))
-    return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype))
+    with hub_access("evaluate.vqa.language_model", path_or_id):
+        if not weights:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
+                                                        dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype))
 
 
 def lm_hidden_size(lm) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 import time
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.vqa.answering import Scorer, answer_rounds, evaluate_vqa
-from webssl_repro.evaluate.vqa.config import StageConfig, VqaConfig
+from webssl_repro.evaluate.vqa.config import PROJECTOR, StageConfig, VqaConfig
 from webssl_repro.evaluate.vqa.data import (CHAT_FORMATS, IGNORE, MINI_CHAT, ChatFormat, FeatureCache, VqaSample,
                                             collate, encode, pad_id)
 from webssl_repro.evaluate.vqa.lm import lm_hidden_size
@@ -49,11 +48,11 @@ def autocast_context(precision: str, device: torch.device):
 
 def build_projector(kind: str, vis_dim: int, lm_dim: int) -> nn.Sequential:
     """Cambrian/LLaVA ``mlp{N}x_gelu``: Linear(vis→lm), then (N−1)×[GELU, Linear(lm→lm)]."""
-    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    m = PROJECTOR.fullmatch(kind)
+    if not m:
+        raise ValueError(f"unknown projector {kind!r}; expected 'linear' or 'mlp<N>x_gelu'")
     if kind == "linear":
         return nn.Sequential(nn.Linear(vis_dim, lm_dim))
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"unknown projector {kind!r}; expected 'linear' or 'mlp<N>x_gelu'")
     layers: list[nn.Module] = [nn.Linear(vis_dim, lm_dim)]
     for _ in range(int(m.group(1)) - 1):
         layers += [nn.GELU(), nn.Linear(lm_dim, lm_dim)]
