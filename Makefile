@@ -33,8 +33,8 @@ lint: $(BIN)/webssl-repro
 dry-run: $(BIN)/webssl-repro
 	$(BIN)/snakemake -n all --configfile config/paper.yaml
 
-# The mini scale's outputs and every render; the paper scale's runs and evaluations (weeks of
-# GPU time on a cluster checkout) only with `make clean-paper`.
+# The mini scale's outputs and the mini and published renders; the paper scale's runs,
+# evaluations and renders (weeks of GPU time on a cluster checkout) only with `make clean-paper`.
 clean:
 	rm -rf paper/mini paper/published results/mini logs/mini logs/published .snakemake/
 

@@ -1,12 +1,13 @@
 """Diagnostic: does the mini NYUd probe train long enough to read its encoder?
 
 Trains ``classic.depth`` (lin.1 and lin.4, the mini config's recipe) for several iteration
-counts on two inputs: a trained mini encoder, and zero tokens of the same shape (a probe that
-can learn only its bias, i.e. one depth per pixel position). Beside them, the best image-blind
-constant (``evaluate.constant_reference``), the bar the classic tables mark numbers against.
-A probe trained long enough should put the zero tokens near that constant and the encoder
-below it. Not a timing benchmark: it records what the mini depth numbers can measure
-(benchmarks/README.md).
+counts on two inputs: a trained mini encoder, and zero tokens of the same shape (on which the
+1x1 head can learn only its bias: one depth everywhere). Beside them, the two answers that
+ignore the image (``evaluate.no_image``): the best single depth, and each pixel's mean
+training depth at its place (the position prior), the better of which is the bar the classic
+tables mark numbers against. A probe trained long enough should bring the zero tokens to the
+single depth's score. Not a timing benchmark: it records what the mini depth numbers can
+measure (benchmarks/README.md).
 
 Run after ``make reproduce`` (it reads the mini encoder and eval set):
 ``python benchmarks/probe_depth_budget.py [--encoder results/mini/runs/dino7b-full8b-224/encoder.safetensors]
@@ -23,15 +24,15 @@ import yaml
 from torch import nn
 
 from webssl_repro.evaluate.classic import classic_config, depth, depth_range
-from webssl_repro.evaluate.constant_reference import split_targets, best_depth_rmse
+from webssl_repro.evaluate.no_image import best_depth_rmse, depth_prior_rmse, split_targets
 from webssl_repro.models.io import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class ZeroTokens(nn.Module):
-    """``depth`` blocks of zero tokens (CLS + one per patch) at ``embed_dim``: the probe sees
-    where each patch is, nothing of what it shows."""
+    """``depth`` blocks of zero tokens (CLS + one per patch) at ``embed_dim``: nothing of the
+    image, not even where a patch is."""
 
     num_prefix_tokens = 1
 
@@ -59,11 +60,13 @@ def main() -> None:
     encoder, meta = load_encoder(args.encoder)
     zeros = ZeroTokens(encoder.embed_dim, int(meta["patch"]), int(meta["depth"]))
     dep = classic_config(mini)["depth"]
-    val = split_targets(args.evalset, "val", "depth")
-    low, high = depth_range(dep, [split_targets(args.evalset, "train", "depth"), val])
-    constant, at = best_depth_rmse(val, low, high, bool(dep["eigen_crop"]))
+    train, val = split_targets(args.evalset, "train", "depth"), split_targets(args.evalset, "val", "depth")
+    low, high = depth_range(dep, [train(), val()])
+    single, at = best_depth_rmse(val, low, high, bool(dep["eigen_crop"]))
+    prior = depth_prior_rmse(train, val, low, high, bool(dep["eigen_crop"]))
     print(f"{args.encoder.parent.name}; mini depth recipe {dict(mini['depth'])}; warm-up 10 % of iters")
-    print(f"best image-blind constant: RMSE {constant:.3f} m (every pixel at {at:.2f} m)")
+    print(f"without the image: one depth RMSE {single:.3f} m (every pixel at {at:.2f} m); "
+          f"position prior {prior:.3f} m")
     print(f"{'iters':>6s} {'input':>8s} {'lin.1':>7s} {'lin.4':>7s} {'s':>6s}")
     for iters in args.iters:
         cfg = classic_config({**mini, "depth": {**mini["depth"], "iters": iters, "warmup": max(1, iters // 10)}})

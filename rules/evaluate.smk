@@ -1,6 +1,6 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
 # and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json;
-# where the classic probes run, their tasks' best image-blind constants -> results/{scale}/controls/constant/classic.json
+# where the classic probes run, their tasks' best answers without the image -> results/{scale}/controls/no_image/classic.json
 # vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
 # a resource, so that changing resources.eval_gpus reruns nothing).
 # vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
@@ -91,22 +91,25 @@ rule classic:
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 
-rule classic_constant:
-    """The best image-blind constant of each classic task: the bar a classic number must clear."""
+rule classic_no_image:
+    """The best answer to each classic task that ignores the image: the bar a classic number must clear."""
     input:
         data=[PLAN.evalset(t) for t in CLASSIC_SETS],
     output:
-        PLAN.classic_constant(),
+        PLAN.no_image_answers(),
     log:
-        f"logs/{SCALE}/evaluate/control_constant_classic.log",
+        f"logs/{SCALE}/evaluate/control_no_image_classic.log",
     benchmark:
-        f"logs/{SCALE}/benchmark/evaluate/control_constant_classic.tsv"
+        f"logs/{SCALE}/benchmark/evaluate/control_no_image_classic.tsv"
     conda:
         ENV
+    resources:
+        # CPU only; at paper scale it reads ADE20K's and NYUd's training maps and ImageNet's val
+        runtime=PLAN.eval_runtime(),
     params:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     shell:
-        "webssl-repro classic-constant --eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
+        "webssl-repro classic-no-image --eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
 rule alignment:

@@ -153,5 +153,7 @@ def test_a_save_cut_short_names_itself_and_says_what_to_do(tmp_path, part):
     (cut,) = checkpoint_dir(tmp_path).glob(f"step-*/{part}")
     cut.write_bytes(cut.read_bytes()[:40])
     with pytest.raises(ValueError, match=r"step-4: a saved checkpoint that cannot be read \(.*\); it is the only "
-                                         r"one kept: move it aside to start this job afresh"):
+                                         r"one kept: move .*checkpoints aside \(its pointer names this save\)"):
         train(ToyMethod(), data_factory, cfg, tmp_path)
+    checkpoint_dir(tmp_path).rename(tmp_path / "aside")  # as the message says: the run starts afresh
+    assert train(ToyMethod(), data_factory, cfg, tmp_path).complete

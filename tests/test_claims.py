@@ -199,7 +199,7 @@ def _category_values(run: str) -> dict[str, float]:
 def write_tree(root, plan: Plan, blind_average: float = 20.0) -> list[str]:
     """Eval JSONs for every requested (run, seed, kind), with a small per-seed jitter, the VQA
     probe's controls (raw-pixel tokens at 40 Average, zeros at ``blind_average``) and the classic
-    tasks' best constants (under every run's numbers but ADE20K lin.'s 20 mIoU)."""
+    tasks' answers without the image (under every run's numbers but ADE20K lin.'s 20 mIoU)."""
     paths = check_inputs(plan)
     for path in paths:
         if "/controls/" in path:
@@ -262,8 +262,8 @@ def test_check_on_a_synthetic_mini_tree(tmp_path, monkeypatch):
     claims_md = (tmp_path / "paper/synth/check/claims.md").read_text()
     assert "does not hold" in claims_md
     n = sum(r.endswith("/classic.json") and "/evals/" in r for r in paths)  # every classic run, both seeds
-    assert n > 10 and f"IN-1k lin. (top-1) {n} of {n} (constant 6.25)" in claims_md
-    assert f"ADE20K lin. (mIoU) 0 of {n} (constant 21)" in claims_md and f"NYUd lin.4 (RMSE) {n} of {n}" in claims_md
+    assert n > 10 and f"IN-1k lin. (top-1) {n} of {n} (without the image 6.25)" in claims_md
+    assert f"ADE20K lin. (mIoU) 0 of {n} (without the image 21)" in claims_md and f"NYUd lin.4 (RMSE) {n} of {n}" in claims_md
 
 
 def test_malformed_results_are_named_by_file(tmp_path):

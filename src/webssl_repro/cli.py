@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from webssl_repro.metrics import VQA_CONTROLS
 
@@ -195,17 +195,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classic_constant(args: argparse.Namespace) -> int:
+def _classic_no_image(args: argparse.Namespace) -> int:
     import json
 
-    from webssl_repro.evaluate.constant_reference import classic_reference
-    from webssl_repro.files import read_json
-    from webssl_repro.metrics import CLASSIC_CONSTANT
+    from webssl_repro.evaluate.no_image import classic_reference
+    from webssl_repro.metrics import NO_IMAGE
 
     computed = json.loads(args.eval_json)
-    manifests = {read_json(p).get("task") or Path(p).parent.name: p for p in args.data}
-    metrics = classic_reference(manifests, {k: v for k, v in computed.items() if k != "scale"})
-    write_eval(args.out, CLASSIC_CONSTANT, "classic", metrics, computed)
+    metrics = classic_reference(eval_manifests(args.data), {k: v for k, v in computed.items() if k != "scale"})
+    write_eval(args.out, NO_IMAGE, "classic", metrics, computed)
     print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
     return 0
 
@@ -222,14 +220,20 @@ def alignment_cache(out: Path, given: Path | None = None) -> Path:
     return root / "cache" if root is not None else Path(out).absolute().parent / "cache"
 
 
+def eval_manifests(paths: Sequence[str]) -> dict[str, str]:
+    """Eval-set manifests by task: the one each names, else its folder's name."""
+    from webssl_repro.files import read_json
+
+    return {read_json(p).get("task") or Path(p).parent.name: p for p in paths}
+
+
 def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, str]]:
     """The encoder (or control), its meta, and the eval-set manifests by task."""
     import torch
 
-    from webssl_repro.files import read_json
     from webssl_repro.models.io import load_encoder
 
-    manifests = {read_json(p).get("task") or Path(p).parent.name: p for p in args.data}
+    manifests = eval_manifests(args.data)
     if args.kind == "alignment" and "captions" not in manifests:  # before a 7B encoder is read
         raise ValueError(f"evaluate alignment reads the captions eval set (--data results/<scale>/data/evalsets/"
                          f"captions.json); got {sorted(manifests) or 'no --data'}")
@@ -360,13 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "refused (exit 1) after attempts that failed without saving progress (train/attempts.py)")
     ev.set_defaults(func=_evaluate)
 
-    const = sub.add_parser("classic-constant", help="the best image-blind constant of each classic task "
-                           "(one class / one depth for all): the bar a classic number must clear")
+    const = sub.add_parser("classic-no-image", help="the best answer to each classic task that ignores the "
+                           "image (one class / depth for all, or per position): the bar a classic number must clear")
     const.add_argument("--eval-json", default="{}", help="the classic section (Plan.eval_config_json): the depth "
                        "range and crop the probes score in")
     const.add_argument("--data", nargs=3, required=True, help="the classification, segmentation and depth manifests")
     const.add_argument("--out", required=True, type=Path)
-    const.set_defaults(func=_classic_constant)
+    const.set_defaults(func=_classic_no_image)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")
     imp.add_argument("--run", required=True)

@@ -2,6 +2,7 @@
 Snakefile validates with ``snakemake.utils.validate``."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -77,10 +78,13 @@ def _number_as_text(err) -> str:
     if not isinstance(err.instance, str) or not {"number", "integer"} & set(wanted):
         return ""
     try:
-        float(err.instance)
+        value = float(err.instance)
     except ValueError:
         return ""
-    return (f". YAML reads {err.instance!r} as text: write it as {float(err.instance)!r} (a dot and a signed "
+    if not math.isfinite(value):
+        return ""
+    as_written = int(value) if "integer" in wanted and value.is_integer() else value
+    return (f". YAML reads {err.instance!r} as text: write it as {as_written!r} (a float needs a dot and a signed "
             "exponent, e.g. 1.0e-3); --config passes values as text too, so set numbers in a config file")
 
 

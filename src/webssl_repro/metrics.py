@@ -33,9 +33,9 @@ CLASSIC_LABELS: dict[str, str] = {
     "nyud_lin4": "NYUd lin.4 (RMSE)",
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"nyud_lin1", "nyud_lin4"})
-# The best image-blind constant of each classic task (evaluate.constant_reference): its source
+# The best answer to each classic task that ignores the image (evaluate.no_image): its source
 # name in results frames and its folder under results/{scale}/controls/.
-CLASSIC_CONSTANT = "constant"
+NO_IMAGE = "no_image"
 
 
 def better(metric: str, value: float, reference: float) -> bool:

@@ -303,7 +303,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
                     inputs.extend(self.eval_path(r, kind) for r in self.seeded(run))
         if any(s in specs.BASELINES for s in item.sources):
             inputs.extend(f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(item))
-        inputs.extend(self.constant_inputs(item.metrics))
+        inputs.extend(self.no_image_inputs(item.metrics))
         return list(dict.fromkeys(inputs))
 
     def all_targets(self) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from webssl_repro.metrics import CLASSIC_CONSTANT, CLASSIC_METRICS, VQA_CONTROLS
+from webssl_repro.metrics import NO_IMAGE, CLASSIC_METRICS, VQA_CONTROLS
 from webssl_repro.resources import REFUSED_ATTEMPT
 from webssl_repro.settings import SETTINGS, split_settings
 
@@ -38,14 +38,14 @@ class EvalJobs:
         """One folder per control: the VQA stage keeps its feature cache beside its output."""
         return f"{self.results}/controls/{control}/vqa.json"
 
-    def classic_constant(self) -> list[str]:
-        """The best image-blind constants of the classic tasks (``evaluate.constant_reference``),
+    def no_image_answers(self) -> list[str]:
+        """The best answers to the classic tasks that ignore the image (``evaluate.no_image``),
         wherever this scale runs the classic probes: what their numbers must clear."""
-        return [f"{self.results}/controls/{CLASSIC_CONSTANT}/classic.json"] if "classic" in self.stages else []
+        return [f"{self.results}/controls/{NO_IMAGE}/classic.json"] if "classic" in self.stages else []
 
-    def constant_inputs(self, metrics) -> list[str]:
-        """The constants an item with classic ``metrics`` is rendered beside."""
-        return self.classic_constant() if any(m in CLASSIC_METRICS for m in metrics) else []
+    def no_image_inputs(self, metrics) -> list[str]:
+        """The answers without the image an item with classic ``metrics`` is rendered beside."""
+        return self.no_image_answers() if any(m in CLASSIC_METRICS for m in metrics) else []
 
     def eval_retries(self, remote: bool = False) -> int | None:
         """The ``vqa`` / ``classic`` rules' ``retries``: ``resources.eval_retries``, else the

@@ -19,7 +19,7 @@ import pandas as pd
 from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
-from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_constant_result, is_filter_result, kept_percent,
+from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_no_image_result, is_filter_result, kept_percent,
                                         with_categories)
 from webssl_repro.metrics import CLASSIC_METRICS, VQA_CONTROLS, better, label
 from webssl_repro.runs import is_run_name, split_seed
@@ -108,23 +108,24 @@ def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, float
     return gated, note
 
 
-def classic_constant_note(frame: pd.DataFrame, paths: Iterable[str | Path]) -> str:
-    """How many runs' classic numbers clear their task's best image-blind constant
-    (``controls/constant/classic.json`` among ``paths``); empty without it."""
-    constant = next((eval_rows(p) for p in map(Path, paths) if is_constant_result(p)), None)
-    if constant is None:
+def no_image_note(frame: pd.DataFrame, paths: Iterable[str | Path]) -> str:
+    """How many runs' classic numbers beat the best answer to their task that ignores the image
+    (``controls/no_image/classic.json`` among ``paths``); empty without it."""
+    answers = next((eval_rows(p) for p in map(Path, paths) if is_no_image_result(p)), None)
+    if answers is None:
         return ""
-    bars = {r["metric"]: r["value"] for r in constant if r["metric"] in CLASSIC_METRICS}
+    bars = {r["metric"]: r["value"] for r in answers if r["metric"] in CLASSIC_METRICS}
     counts = []
     for metric, bar in bars.items():
         values = frame.loc[frame["metric"] == metric, "value"].dropna()
         if len(values):
             cleared = sum(better(metric, v, bar) for v in values)
-            counts.append(f"{label(metric)} {cleared} of {len(values)} (constant {bar:.3g})")
+            counts.append(f"{label(metric)} {cleared} of {len(values)} (without the image {bar:.3g})")
     if not counts:
         return ""
-    return ("Classic probes against the best image-blind constant on val (one class, or one depth, for every image): "
-            "numbers of runs that clear it: " + "; ".join(counts) + ". One that does not shows nothing of its encoder.")
+    return ("Classic probes against the best answer that ignores the image (one class or depth for all, or each "
+            "position's own over the training maps): numbers of runs that beat it: " + "; ".join(counts)
+            + ". One that does not, does not show that the probe read the encoder.")
 
 
 def compared_pairs(item_ids: Iterable[str]) -> dict[tuple[str, str], list[str]]:
@@ -199,10 +200,10 @@ def thresholds() -> list[tuple[str, float, str]]:
 
 
 def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, probe_note: str = "",
-                    constant_note: str = "") -> str:
+                    no_image: str = "") -> str:
     lines = [f"## Claims of the paper at the `{scale}` scale", ""]
     lines += [probe_note, ""] if probe_note else []
-    lines += [constant_note, ""] if constant_note else []
+    lines += [no_image, ""] if no_image else []
     lines += ["| claim | verdict | evidence |", "|---|---|---|"]
     for r in results:
         evidence = r.evidence.replace("|", "/").replace(". Points: ", "<br>Points: ").replace(" / ", "<br>")
@@ -262,7 +263,7 @@ def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: s
     outdir.mkdir(parents=True, exist_ok=True)
     claims_mod.results_frame(results).to_csv(outdir / "claims.tsv", sep="\t", index=False)
     table.to_csv(outdir / "comparison.tsv", sep="\t", index=False, na_rep="NA", float_format="%.6g")
-    constant_note = "" if plan.published else classic_constant_note(frame, inputs)
+    no_image = "" if plan.published else no_image_note(frame, inputs)
     (outdir / "claims.md").write_text(claims_markdown(results, plan.scale, comparison_summary(table, mode),
-                                                      probe_note, constant_note))
+                                                      probe_note, no_image))
     return results, table

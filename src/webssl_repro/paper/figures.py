@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from webssl_repro.metrics import ALIGNMENT_PREFIX, CLASSIC_CONSTANT, LOWER_IS_BETTER, SE_PREFIX, label  # noqa: E402
+from webssl_repro.metrics import ALIGNMENT_PREFIX, NO_IMAGE, LOWER_IS_BETTER, SE_PREFIX, label  # noqa: E402
 from webssl_repro.paper import specs  # noqa: E402
 from webssl_repro.paper.results import lookup, value_table  # noqa: E402
 
@@ -51,9 +51,9 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> 
         value = lookup(wide, ref.source, metric)
         if not math.isnan(value):
             ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=ref.label)
-    constant = lookup(wide, CLASSIC_CONSTANT, metric)  # at run scales: the bar a classic number must clear
-    if not math.isnan(constant):
-        ax.axhline(constant, linestyle="-.", color="black", linewidth=1.0, label="best image-blind constant (val)")
+    bar = lookup(wide, NO_IMAGE, metric)  # at run scales: the bar a classic number must clear
+    if not math.isnan(bar):
+        ax.axhline(bar, linestyle="-.", color="black", linewidth=1.0, label="best answer without the image")
     if gaps:
         # A strip below the data holds one hollow marker per missing point, in its series' colour.
         lo, hi = ax.get_ylim() if ax.has_data() else (0.0, 1.0)

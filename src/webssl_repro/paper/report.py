@@ -27,11 +27,11 @@ def check_outputs(paper_dir: str) -> list[str]:
 
 def check_inputs(plan) -> list[str]:
     """What the claims read: every requested item's inputs (eval JSONs, or the published TSVs),
-    the VQA probe's controls where the scale runs them, and the classic tasks' best constants."""
+    the VQA probe's controls where the scale runs them, and the classic tasks' answers without the image."""
     items = dict.fromkeys(p for item in plan.items for p in plan.item_inputs(item))
     if plan.published:
         return list(items)
-    controls = [plan.control_path(c) for c in plan.vqa_controls()] + plan.classic_constant()
+    controls = [plan.control_path(c) for c in plan.vqa_controls()] + plan.no_image_answers()
     return list(dict.fromkeys([*items, *controls]))
 
 
@@ -156,8 +156,8 @@ def build_report(plan, config_hash: str, commit: str) -> str:
                   "magnitude by design (other data and model sizes). Compare trends only where the claims below "
                   "find them measurable: a VQA probe that scores raw-pixel tokens no higher than zero tokens "
                   "measures its language model's answer priors, not the encoders, an alignment trend must "
-                  "clear the scores' own standard error over captions, and a classic number shows nothing of its "
-                  "encoder unless it beats its task's best image-blind constant (‡ in the tables).", ""]
+                  "clear the scores' own standard error over captions, and a classic number does not show that the "
+                  "probe read its encoder unless it beats the best answer to its task that ignores the image (‡ in the tables).", ""]
     lines += ["## Claims of the paper", ""] + _body(paper / "check" / "claims.md") + [""]
     lines += ["Per-metric numbers: [check/comparison.tsv](check/comparison.tsv), verdicts: "
               "[check/claims.tsv](check/claims.tsv).", ""]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
 from webssl_repro.files import read_json
-from webssl_repro.metrics import CLASSIC_CONSTANT, DATA_PCT, SE_PREFIX, VQA_BENCHMARKS
+from webssl_repro.metrics import NO_IMAGE, DATA_PCT, SE_PREFIX, VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.runs import Run, is_run_name, split_seed
@@ -52,18 +52,18 @@ def published_results(item: specs.Item, directory: Optional[str | Path] = None) 
     return with_categories(frame[COLUMNS].reset_index(drop=True))
 
 
-def is_constant_result(path: Path) -> bool:
-    """``results/{scale}/controls/constant/classic.json``: the classic tasks' best image-blind constants."""
-    return path.name == "classic.json" and path.parent.name == CLASSIC_CONSTANT and path.parent.parent.name == "controls"
+def is_no_image_result(path: Path) -> bool:
+    """``results/{scale}/controls/no_image/classic.json``: the classic tasks' best answers without the image."""
+    return path.name == "classic.json" and path.parent.name == NO_IMAGE and path.parent.parent.name == "controls"
 
 
 def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     """Rows of one ``results/{scale}/evals/{run}[.s{seed}]/{kind}.json`` (``{"metrics": {name: value}}``);
-    the run's directory without a suffix is ``first_seed``'s. The classic constants
-    (``is_constant_result``) are source ``constant``, origin ``constant``."""
+    the run's directory without a suffix is ``first_seed``'s. The classic answers without the
+    image (``is_no_image_result``) are source and origin ``no_image``."""
     path = Path(path)
-    if is_constant_result(path):
-        run, seed, origin = CLASSIC_CONSTANT, first_seed, CLASSIC_CONSTANT
+    if is_no_image_result(path):
+        run, seed, origin = NO_IMAGE, first_seed, NO_IMAGE
     else:
         (run, seed), origin = split_seed(path.parent.name, first_seed), "run"
         if not is_run_name(run):

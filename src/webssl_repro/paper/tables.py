@@ -13,14 +13,14 @@ from typing import Sequence
 
 import pandas as pd
 
-from webssl_repro.metrics import (BENCHMARK_LABELS, CATEGORY_COLUMNS, CLASSIC_CONSTANT, CLASSIC_METRICS, DATA_PCT,
+from webssl_repro.metrics import (BENCHMARK_LABELS, CATEGORY_COLUMNS, NO_IMAGE, CLASSIC_METRICS, DATA_PCT,
                                   LOWER_IS_BETTER, VQA_CATEGORIES, better, label)
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_table3_metadata
 from webssl_repro.paper.results import lookup, value_table
 
 GAP = "—"
-NOT_BEYOND_CONSTANT = "‡"  # a run's classic number no better than its task's best image-blind constant
+NOT_BEYOND_NO_IMAGE = "‡"  # a run's classic number no better than an answer that ignores the image
 # The paper prints Tables 2 and 3 with one decimal and the appendix tables with two.
 ONE_DECIMAL_ITEMS = frozenset({"table2", "table3"})
 DESCRIPTOR_LABELS = {"group": "Supervision", "pretrain_data": "Data", "samples_seen": "Seen", "res": "Res."}
@@ -62,22 +62,23 @@ def descriptor_frame(item: specs.Item, directory: str | Path | None = None) -> p
     return meta[meta["table"].isin(item.published)].set_index("source")[list(item.descriptors)]
 
 
-def constants(item: specs.Item, results: pd.DataFrame) -> dict[str, float]:
-    """The best image-blind constant of each of ``item``'s classic metrics, where ``results`` has it."""
+def no_image_bars(item: specs.Item, results: pd.DataFrame) -> dict[str, float]:
+    """The best answer without the image (``evaluate.no_image``) of each of ``item``'s classic
+    metrics, where ``results`` has it."""
     wide = value_table(results)
-    values = {m: lookup(wide, CLASSIC_CONSTANT, m) for m in item.metrics if m in CLASSIC_METRICS}
+    values = {m: lookup(wide, NO_IMAGE, m) for m in item.metrics if m in CLASSIC_METRICS}
     return {m: v for m, v in values.items() if not math.isnan(v)}
 
 
-def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, constant: float = math.nan) -> list[str]:
+def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, bar: float = math.nan) -> list[str]:
     if metric == DATA_PCT:
         return [_percent(v) for v in frame[metric]]
     places = decimals(item.id, metric)
     cells = [_fmt(v, places) for v in frame[metric]]
-    if not math.isnan(constant):  # a run's number that a constant answer matches shows nothing of its encoder
+    if not math.isnan(bar):  # a run's number that an answer without the image matches shows no use of it
         for i, (value, origin) in enumerate(zip(frame[metric], frame["origin"])):
-            if origin == "run" and not math.isnan(value) and not better(metric, value, constant):
-                cells[i] += NOT_BEYOND_CONSTANT
+            if origin == "run" and not math.isnan(value) and not better(metric, value, bar):
+                cells[i] += NOT_BEYOND_NO_IMAGE
     if item.delta_from:  # the rows after the reference row print their difference to it
         ref = frame.index[frame["source"] == item.delta_from][0]
         base = frame.at[ref, metric]
@@ -89,7 +90,7 @@ def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, constant: float =
 
 
 def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.DataFrame,
-             constant: dict[str, float]) -> pd.DataFrame:
+             bars: dict[str, float]) -> pd.DataFrame:
     out = pd.DataFrame({"Model": frame["row"]})
     published_rows = (frame["origin"] == "published") & (scale != "published")
     out.loc[published_rows, "Model"] = out.loc[published_rows, "Model"] + " †"
@@ -97,22 +98,23 @@ def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.
         out[DESCRIPTOR_LABELS[column]] = [str(descriptors.at[s, column]) if s in descriptors.index else GAP
                                           for s in frame["source"]]
     for metric in item.metrics:
-        out[BENCHMARK_LABELS.get(metric, label(metric))] = _cells(item, frame, metric, constant.get(metric, math.nan))
+        out[BENCHMARK_LABELS.get(metric, label(metric))] = _cells(item, frame, metric, bars.get(metric, math.nan))
     return out
 
 
-def constant_note(constant: dict[str, float], frame: pd.DataFrame) -> str:
-    """What ``NOT_BEYOND_CONSTANT`` marks, with the constants' own scores."""
+def no_image_note(bars: dict[str, float], frame: pd.DataFrame) -> str:
+    """What ``NOT_BEYOND_NO_IMAGE`` marks, with the answers' own scores."""
     runs = frame[frame["origin"] == "run"]
-    numbers = [(m, v, c) for m, c in constant.items() for v in runs[m].dropna()]
+    numbers = [(m, v, c) for m, c in bars.items() for v in runs[m].dropna()]
     marked = sum(not better(m, v, c) for m, v, c in numbers)
-    scores = ", ".join(f"{label(m)} {c:.3g}" for m, c in constant.items())
-    return (f"{NOT_BEYOND_CONSTANT} no better than the best image-blind constant on val (one class, or one depth, "
-            f"for every image; results/*/controls/{CLASSIC_CONSTANT}/classic.json): {scores}. Such a number shows "
-            f"nothing of the encoder; {marked} of this table's {len(numbers)} classic numbers of runs are marked.")
+    scores = ", ".join(f"{label(m)} {c:.3g}" for m, c in bars.items())
+    return (f"{NOT_BEYOND_NO_IMAGE} no better than an answer that ignores the image (the better of one class or "
+            f"depth for all, and each position's own over the training maps; results/*/controls/{NO_IMAGE}/"
+            f"classic.json): {scores}. Such a number does not show that the probe read the encoder; {marked} of "
+            f"this table's {len(numbers)} classic numbers of runs are marked.")
 
 
-def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, constant: dict[str, float]) -> list[str]:
+def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str, float]) -> list[str]:
     notes = []
     if scale == "published":
         notes.append(f"Source: arXiv 2504.01017v1, {', '.join(t.replace('table', 'Table ') for t in item.published)} "
@@ -133,8 +135,8 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, constant: dict
         notes.append(item.note)
     if item.run_note and scale != "published":
         notes.append(item.run_note)
-    if constant:
-        notes.append(constant_note(constant, frame))
+    if bars:
+        notes.append(no_image_note(bars, frame))
     return notes
 
 
@@ -142,7 +144,7 @@ def _latex_escape(text: str) -> str:
     text = text.replace("\\", r"\textbackslash{}")
     text = re.sub(r"\^(\w+)", r"\\textsuperscript{\1}", text)  # MME^P, CV-Bench^2D
     for a, b in (("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"), ("^", r"\^{}"),
-                 ("†", r"$^\dagger$"), (NOT_BEYOND_CONSTANT, r"$^\ddagger$"), ("…", r"\ldots{}"), ("±", r"$\pm$"), (GAP, "--")):
+                 ("†", r"$^\dagger$"), (NOT_BEYOND_NO_IMAGE, r"$^\ddagger$"), ("…", r"\ldots{}"), ("±", r"$\pm$"), (GAP, "--")):
         text = text.replace(a, b)
     return text
 
@@ -209,9 +211,9 @@ def render_table(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str 
     if missing:
         raise ValueError(f"render_table({item.id}): outputs lack {sorted(missing)} (got {list(map(str, outputs))})")
     frame = table_frame(item, results)
-    constant = constants(item, results)
-    display = _display(item, frame, scale, descriptor_frame(item, published_dir), constant)
-    notes = _footnotes(item, frame, scale, constant)
+    bars = no_image_bars(item, results)
+    display = _display(item, frame, scale, descriptor_frame(item, published_dir), bars)
+    notes = _footnotes(item, frame, scale, bars)
     for path in by_ext.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(by_ext["tsv"], sep="\t", index=False, na_rep="NA", float_format="%.6g")

@@ -125,10 +125,12 @@ def dcp_save(state: Mapping[str, Any], directory: Path) -> None:
 
 def unreadable(path: Path, err: BaseException) -> ValueError:
     """A save that cannot be read, named, with what to do: it is the only one kept (each new
-    save replaces the last), so the job cannot fall back to an older one."""
+    save replaces the last), so the job cannot fall back to an older one; its folder's pointer
+    names it, so the folder goes aside whole."""
     cause = (str(err).strip().splitlines() or [""])[-1]  # DCP's message carries each rank's traceback
     return ValueError(f"{path}: a saved checkpoint that cannot be read ({type(err).__name__}: {cause}); it is the "
-                      "only one kept: move it aside to start this job afresh")
+                      f"only one kept: move {path.parent} aside (its pointer names this save) to start this job "
+                      "afresh")
 
 
 def dcp_load(state: dict[str, Any], directory: Path) -> None:

@@ -1,26 +1,33 @@
-"""The classic tasks' best image-blind constants: hand cases, optimality against brute force,
-the pixels they are scored on, and where they appear (DAG inputs, tables, figures, check)."""
+"""Answers that ignore the image, per classic task (uniform, position prior): hand cases,
+optimality against brute force, the pixels they are scored on, and where they appear (DAG
+inputs, tables, check)."""
 import json
 
 import pandas as pd
 import pytest
 import torch
 
-from webssl_repro.evaluate.constant_reference import best_class_miou, best_class_top1, best_depth_rmse
+from webssl_repro.evaluate.no_image import (PRIOR_GRID, best_class_top1, best_depth_rmse, class_answers,
+                                                      depth_prior_rmse)
 from webssl_repro.evaluate.depth import RMSE
 from webssl_repro.evaluate.segmentation import IGNORE_INDEX, IoU
-from webssl_repro.metrics import CLASSIC_CONSTANT
+from webssl_repro.metrics import NO_IMAGE
 
 
 def test_top1_is_the_most_common_class_share():
     assert best_class_top1([torch.tensor(c) for c in (0, 1, 1, 2)]) == (50.0, 1)
 
 
+def _maps(*maps):
+    return lambda: iter(maps)
+
+
 def test_miou_by_hand_and_best_of_every_class():
-    """Pixels: class 0 x2, class 1 x4, class 2 x1, one ignored. All 1s: IoU_1 = 4/7, the two other
-    classes held score 0, so the mean over the 3 classes is 4/21."""
+    """Val pixels: class 0 x2, class 1 x4, class 2 x1, one ignored. All 1s: IoU_1 = 4/7, the two
+    other classes held score 0, so the mean over the 3 classes is 4/21."""
     maps = [torch.tensor([[0, 0], [1, IGNORE_INDEX]]), torch.tensor([[1, 1], [1, 2]])]
-    miou, best = best_class_miou(maps, n_classes=4)
+    answers = class_answers(_maps(*maps), _maps(*maps), n_classes=4)
+    miou, best = answers["uniform"]
     assert best == 1 and miou == pytest.approx(100 * 4 / 21)
 
     def one_class(c: int) -> float:
@@ -30,6 +37,34 @@ def test_miou_by_hand_and_best_of_every_class():
         return 100 * iou.mean()
 
     assert miou == pytest.approx(max(one_class(c) for c in range(4)))
+
+
+def test_position_prior_learns_where_each_class_is():
+    """Train maps with class 1 on the left half and 2 on the right (a different size from val's):
+    the prior labels val's halves exactly (100 mIoU) where one class scores 25."""
+    train = [torch.cat([torch.ones(6, 3), 2 * torch.ones(6, 3)], dim=1).long()] * 2
+    val = torch.cat([torch.ones(4, 8), 2 * torch.ones(4, 8)], dim=1).long()
+    answers = class_answers(_maps(*train), _maps(val), n_classes=3)
+    assert answers["position"][0] == pytest.approx(100.0) and answers["position"][1] == [1, 2]
+    assert answers["uniform"][0] == pytest.approx(25.0)
+
+
+def test_depth_position_prior_is_the_mean_at_each_place():
+    """Depth growing down the rows, as on a ground plane: the prior is the train maps' mean at each
+    place; a place with no scored pixel gets the overall mean; val's RMSE by hand."""
+    rows = torch.arange(PRIOR_GRID, dtype=torch.float64)[:, None].expand(PRIOR_GRID, PRIOR_GRID) / 8 + 1
+    train = [rows - 0.5, rows + 0.5]
+    assert depth_prior_rmse(_maps(*train), _maps(rows), 1e-3, 20.0) == pytest.approx(0.0, abs=1e-9)
+    assert depth_prior_rmse(_maps(*train), _maps(rows + 1.0), 1e-3, 20.0) == pytest.approx(1.0)
+    sky = [t.clone() for t in train]
+    for t in sky:
+        t[:8] = 20.0  # never scored: the prior falls back to the overall mean of what is
+    fallback = float(torch.cat([t[8:].flatten() for t in train]).mean())
+    val = torch.full((PRIOR_GRID, PRIOR_GRID), fallback)
+    val[8:] = rows[8:]
+    assert depth_prior_rmse(_maps(*sky), _maps(val), 1e-3, 20.0) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="no training depth pixel"):
+        depth_prior_rmse(_maps(torch.full((4, 4), 20.0)), _maps(rows), 1e-3, 20.0)
 
 
 def _per_image_rmse(maps, valid, c: float) -> float:
@@ -45,7 +80,7 @@ def test_depth_constant_beats_every_other_constant():
     search must find the grid's minimum (to its spacing)."""
     gen = torch.Generator().manual_seed(0)
     maps = [torch.rand(h, h, generator=gen) * s + o for h, s, o in ((32, 0.2, 1.4), (2, 0.5, 9.0), (2, 0.5, 10.0))]
-    rmse, c = best_depth_rmse(maps, 1e-3, 20.0)
+    rmse, c = best_depth_rmse(_maps(*maps), 1e-3, 20.0)
     valid = [torch.ones_like(d, dtype=torch.bool) for d in maps]
     assert rmse == pytest.approx(_per_image_rmse(maps, valid, c), rel=1e-12)
     grid = torch.linspace(0.5, 12.0, 2301)
@@ -60,14 +95,14 @@ def test_depth_scores_only_the_probe_pixels():
     scored, as in ``classic.depth``: adding them changes nothing."""
     inside = torch.full((480, 640), 3.0)
     inside[:240] = 5.0
-    plain = best_depth_rmse([inside], 1e-3, 20.0, crop=True)
+    plain = best_depth_rmse(_maps(inside), 1e-3, 20.0, crop=True)
     sky = inside.clone()
     sky[:10] = 20.0  # rows 0-9: above the crop's first row (45) and at the range's top
     sky[:, :41] = 10.0  # left of the crop's first column: in range, out of the crop
-    assert best_depth_rmse([sky], 1e-3, 20.0, crop=True) == pytest.approx(plain)
-    assert best_depth_rmse([sky], 1e-3, 20.0, crop=False)[0] > plain[0] + 0.1
+    assert best_depth_rmse(_maps(sky), 1e-3, 20.0, crop=True) == pytest.approx(plain)
+    assert best_depth_rmse(_maps(sky), 1e-3, 20.0, crop=False)[0] > plain[0] + 0.1
     with pytest.raises(ValueError, match="no depth pixel"):
-        best_depth_rmse([torch.full((4, 4), 20.0)], 1e-3, 20.0)
+        best_depth_rmse(_maps(torch.full((4, 4), 20.0)), 1e-3, 20.0)
 
 
 @pytest.fixture(scope="module")
@@ -83,54 +118,58 @@ def tiny_sets(tmp_path_factory):
     return paths
 
 
-def test_cli_writes_the_constants_as_a_classic_result(tiny_sets, tmp_path):
-    """``webssl-repro classic-constant``: the five classic metrics, read back as source
-    ``constant``; NYUd's deepest pixel (sky) bounds the range when max_depth is null."""
+def test_cli_writes_the_answers_as_a_classic_result(tiny_sets, tmp_path):
+    """``webssl-repro classic-no-image``: the five classic metrics, read back as source
+    ``no_image``, each metric the better of the two answers; NYUd's deepest pixel (sky) bounds
+    the range when max_depth is null."""
     from webssl_repro.cli import main
-    from webssl_repro.evaluate.constant_reference import classic_reference
+    from webssl_repro.evaluate.no_image import classic_reference
     from webssl_repro.paper.results import eval_rows
 
-    out = tmp_path / "results/mini/controls/constant/classic.json"
-    args = ["classic-constant", "--eval-json", json.dumps({"scale": "mini"}), "--out", str(out), "--data",
+    out = tmp_path / "results/mini/controls/no_image/classic.json"
+    args = ["classic-no-image", "--eval-json", json.dumps({"scale": "mini"}), "--out", str(out), "--data",
             *(tiny_sets[t] for t in ("classification", "segmentation", "depth"))]
     assert main(args) == 0
     written = json.loads(out.read_text())
     expected = {k: v for k, v in classic_reference(tiny_sets).items() if not k.startswith("_")}
-    assert written["metrics"] == pytest.approx(expected) and written["run"] == CLASSIC_CONSTANT
+    assert written["metrics"] == pytest.approx(expected) and written["run"] == NO_IMAGE
     assert 0 < written["metrics"]["nyud_lin1"] < 20 and written["metrics"]["ade20k_ms"] == expected["ade20k_linear"]
     rows = eval_rows(out)
-    assert {r["source"] for r in rows} == {CLASSIC_CONSTANT} and {r["origin"] for r in rows} == {CLASSIC_CONSTANT}
+    assert {r["source"] for r in rows} == {NO_IMAGE} and {r["origin"] for r in rows} == {NO_IMAGE}
+    details = written["details"]
+    assert written["metrics"]["nyud_lin1"] == min(details["uniform"]["nyud"], details["position_prior"]["nyud"])
+    assert written["metrics"]["ade20k_linear"] == max(details["uniform"]["ade20k"], details["position_prior"]["ade20k"])
     capped = classic_reference(tiny_sets, {"depth": {"max_depth": 5.0}})
-    assert capped["_constant"]["depth_m"] < 5.0 and capped["nyud_lin1"] < written["metrics"]["nyud_lin1"]
+    assert capped["_uniform"]["depth_m"] < 5.0 and capped["_uniform"]["nyud"] < details["uniform"]["nyud"]
 
 
-def test_dag_reads_the_constants_where_classic_runs(tmp_path):
+def test_dag_reads_the_answers_where_classic_runs(tmp_path):
     from webssl_repro.paper.report import check_inputs
     from webssl_repro.workflow import Plan, shipped_plan
 
     plan = shipped_plan("mini")
-    path = f"{plan.results}/controls/{CLASSIC_CONSTANT}/classic.json"
-    assert plan.classic_constant() == [path]
+    path = f"{plan.results}/controls/{NO_IMAGE}/classic.json"
+    assert plan.no_image_answers() == [path]
     for item in ("table3", "table7", "table9", "fig7"):
         assert path in plan.item_inputs(item), item
     assert path not in plan.item_inputs("table6") and path in check_inputs(plan)
     no_classic = Plan({**plan.config, "stages": ["data", "pretrain", "vqa"], "items": ["table6"]})
-    assert no_classic.classic_constant() == [] and path not in check_inputs(no_classic)
+    assert no_classic.no_image_answers() == [] and path not in check_inputs(no_classic)
     published = shipped_plan("published")
-    assert not any(CLASSIC_CONSTANT in p for p in published.item_inputs("table7") + check_inputs(published))
+    assert not any(NO_IMAGE in p for p in published.item_inputs("table7") + check_inputs(published))
 
 
 def _results(values: dict[str, float], constant: dict[str, float]) -> pd.DataFrame:
     rows = [{"source": s, "metric": m, "value": v, "origin": "run", "seed": 0}
             for s, by_metric in values.items() for m, v in by_metric.items()]
-    rows += [{"source": CLASSIC_CONSTANT, "metric": m, "value": v, "origin": CLASSIC_CONSTANT, "seed": 0}
+    rows += [{"source": NO_IMAGE, "metric": m, "value": v, "origin": NO_IMAGE, "seed": 0}
              for m, v in constant.items()]
     return pd.DataFrame(rows)
 
 
-def test_table_marks_numbers_no_better_than_the_constant(tmp_path):
-    """Higher-is-better cells at or under the constant and RMSE cells at or over it get ‡ (a tie
-    is not better); the note counts them and gives the constants."""
+def test_table_marks_numbers_no_better_than_an_answer_without_the_image(tmp_path):
+    """Higher-is-better cells at or under the bar and RMSE cells at or over it get ‡ (a tie is
+    not better); the note counts them and gives the bars."""
     from webssl_repro.paper import specs
     from webssl_repro.paper.tables import render_table
 
@@ -152,8 +191,8 @@ def test_table_marks_numbers_no_better_than_the_constant(tmp_path):
     assert "‡" not in plain[1].read_text()
 
 
-def test_check_counts_the_runs_that_clear_the_constant(tmp_path):
-    from webssl_repro.paper.check import classic_constant_note, runs_frame
+def test_check_counts_the_runs_that_beat_the_answer_without_the_image(tmp_path):
+    from webssl_repro.paper.check import no_image_note, runs_frame
 
     paths = []
     for run, top1, rmse in (("dino1b-full2b-224", 12.0, 3.5), ("dino2b-full2b-224", 5.0, 2.0)):
@@ -161,9 +200,10 @@ def test_check_counts_the_runs_that_clear_the_constant(tmp_path):
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"metrics": {"in1k_linear": top1, "nyud_lin1": rmse}}))
         paths.append(path)
-    constant = tmp_path / "controls" / CLASSIC_CONSTANT / "classic.json"
+    constant = tmp_path / "controls" / NO_IMAGE / "classic.json"
     constant.parent.mkdir(parents=True)
     constant.write_text(json.dumps({"metrics": {"in1k_linear": 6.25, "nyud_lin1": 3.1}}))
-    note = classic_constant_note(runs_frame(paths), [*paths, constant])
-    assert "IN-1k lin. (top-1) 1 of 2 (constant 6.25)" in note and "NYUd lin.1 (RMSE) 1 of 2 (constant 3.1)" in note
-    assert classic_constant_note(runs_frame(paths), paths) == ""
+    note = no_image_note(runs_frame(paths), [*paths, constant])
+    assert "IN-1k lin. (top-1) 1 of 2 (without the image 6.25)" in note
+    assert "NYUd lin.1 (RMSE) 1 of 2 (without the image 3.1)" in note
+    assert no_image_note(runs_frame(paths), paths) == ""
