@@ -344,11 +344,14 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
     (("labels", "sizes", "1b", "depth"), 3, r"labels.sizes: 1b.depth 3: NYUd's lin.4 head reads 4 blocks"),
     (("data", "filter", "device"), "cuda", r"data.filter: device is not an option of backend 'ocr' \(it takes "
                                            r"cache_path, .*\); an overlay that switches backends sets them to null"),
+    (("data", "evalsets", "captions", "test"), 10, r"evaluate.alignment.k: 10 nearest neighbours among the 10 "
+                                                   r"captions of data.evalsets.captions; it must be in \[1, 9\]"),
 ])
 def test_what_a_job_would_refuse_after_hours_stops_the_dry_run(where, value, message):
     """Each of these passed the dry run and stopped its jobs late: the VQA job after its feature
     pass (a misspelt chat format showed as the bare word 'llama2'), a real LM at mini fetching the
-    paper's data from the hub, the classic job after its IN-1k and ADE20K parts, every filter job."""
+    paper's data from the hub, the classic job after its IN-1k and ADE20K parts, every filter job,
+    each alignment job after its features."""
     cfg = load_config(REPO / "config/mini.yaml")
     section = cfg
     for key in where[:-1]:

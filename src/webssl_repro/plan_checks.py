@@ -62,6 +62,23 @@ def _as_config_error() -> Iterator[None]:
         raise ConfigError(err.args[0] if err.args else str(err)) from None
 
 
+def check_alignment(alignment: Mapping[str, Any], evalsets: Mapping[str, Any]) -> None:
+    """Mutual k-NN over N captions needs 1 <= k < N: checked here, not by each alignment job
+    after its encoder's and the language models' features are computed. N is the generated
+    set's ``captions.test``, or WIT-1024's size (a real set's ``limit`` where set)."""
+    from webssl_repro.data.stages import EVAL_DEFAULTS
+
+    captions = evalsets.get("captions") or {}
+    if evalsets.get("source") == "hf":
+        n = int(captions.get("limit") or EVAL_DEFAULTS["captions"]["test"])
+    else:
+        n = int(captions.get("test", EVAL_DEFAULTS["captions"]["test"]))
+    k = alignment.get("k", 10)
+    if not isinstance(k, int) or not 1 <= k < n:
+        raise ConfigError(f"evaluate.alignment.k: {k!r} nearest neighbours among the {n} captions of "
+                          f"data.evalsets.captions; it must be in [1, {n - 1}]")
+
+
 def check_vqa(section: Mapping[str, Any]) -> None:
     """``evaluate.vqa`` as the VQA job reads it (``VqaConfig.from_mapping``: chat format,
     projector, token count, precision), and where a real LM's data comes from: a hub LM with no

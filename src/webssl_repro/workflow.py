@@ -36,8 +36,9 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        from webssl_repro.plan_checks import (check_classic, check_eval_gpus, check_filter, check_language_models,
-                                              check_run_sources, check_sizes, check_tolerances, check_vqa)
+        from webssl_repro.plan_checks import (check_alignment, check_classic, check_eval_gpus, check_filter,
+                                              check_language_models, check_run_sources, check_sizes, check_tolerances,
+                                              check_vqa)
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
@@ -46,6 +47,8 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             check_eval_gpus(self.config.get("resources", {}))
             if "alignment" in self.stages:
                 check_language_models(self.config.get("evaluate", {}).get("alignment", {}))
+                check_alignment(self.config.get("evaluate", {}).get("alignment", {}),
+                                self.config.get("data", {}).get("evalsets", {}))
             if "data" in self.stages:
                 check_filter(self.config.get("data", {}).get("filter", {}))
             if "vqa" in self.stages:
