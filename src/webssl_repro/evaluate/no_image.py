@@ -18,8 +18,10 @@ sufficient. ImageNet's val is balanced (0.1 % for one class); the real ADE20K an
 have not been computed here. At a run scale, with tiny encoders and short probe training, the
 runs' numbers need not beat them, and the tables say so (``paper.tables``).
 
-Cost: one pass over the training maps and two over the val maps, each map read as it is asked
-for (ADE20K's 2,000 val maps at int64 would take ~6 GB at once); no encoder, no training.
+Cost: each map is read as it is asked for (ADE20K's 2,000 val maps at int64 would take ~6 GB at
+once): ADE20K's training maps once and its val maps twice; NYUd's training maps once and its val
+maps three times (the best single depth's moments and score, then the prior's score), plus one
+more pass over both where ``max_depth`` is null; no encoder, no training.
 """
 from __future__ import annotations
 
