@@ -11,6 +11,19 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "rules", "config", "environment.yml", "slurm", "report", "results/published")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def child_tmpdir(tmp_path_factory):
+    """Child processes' temporary files go under pytest's base temp, which pytest prunes:
+    torchrun leaves an empty ``torchelastic_*`` log tree in the temp dir at every launch."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("children"))
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
+
+
 @pytest.fixture
 def workflow_dir(tmp_path: Path) -> Path:
     """A copy of the workflow in a scratch directory, so tests never write into the repo."""
