@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from webssl_repro.evaluate.classic import classic_config, depth, depth_range
-from webssl_repro.evaluate.no_image import best_depth_rmse, depth_prior_rmse, split_targets
+from webssl_repro.evaluate.no_image import depth_answers, split_targets
 from webssl_repro.models.io import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,8 @@ def main() -> None:
     dep = classic_config(mini)["depth"]
     train, val = split_targets(args.evalset, "train", "depth"), split_targets(args.evalset, "val", "depth")
     low, high = depth_range(dep, [train(), val()])
-    single, at = best_depth_rmse(val, low, high, bool(dep["eigen_crop"]))
-    prior = depth_prior_rmse(train, val, low, high, bool(dep["eigen_crop"]))
+    answers = depth_answers(train, val, low, high, bool(dep["eigen_crop"]))
+    (single, at), prior = answers["uniform"], answers["position"][0]
     print(f"{args.encoder.parent.name}; mini depth recipe {dict(mini['depth'])}; warm-up 10 % of iters")
     print(f"without the image: one depth RMSE {single:.3f} m (every pixel at {at:.2f} m); "
           f"position prior {prior:.3f} m")

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from webssl_repro.evaluate.no_image import (PRIOR_GRID, best_class_top1, best_depth_rmse, class_answers,
-                                                      depth_prior_rmse)
 from webssl_repro.evaluate.depth import RMSE
+from webssl_repro.evaluate.no_image import (PRIOR_GRID, best_class_top1, best_depth, class_answers, depth_answers,
+                                            depth_prior)
 from webssl_repro.evaluate.segmentation import IGNORE_INDEX, IoU
 from webssl_repro.metrics import NO_IMAGE
 
@@ -49,22 +49,26 @@ def test_position_prior_learns_where_each_class_is():
     assert answers["uniform"][0] == pytest.approx(25.0)
 
 
+def _prior_rmse(train, val: torch.Tensor) -> float:
+    return depth_answers(_maps(*train), _maps(val), 1e-3, 20.0)["position"][0]
+
+
 def test_depth_position_prior_is_the_mean_at_each_place():
     """Depth growing down the rows, as on a ground plane: the prior is the train maps' mean at each
     place; a place with no scored pixel gets the overall mean; val's RMSE by hand."""
     rows = torch.arange(PRIOR_GRID, dtype=torch.float64)[:, None].expand(PRIOR_GRID, PRIOR_GRID) / 8 + 1
     train = [rows - 0.5, rows + 0.5]
-    assert depth_prior_rmse(_maps(*train), _maps(rows), 1e-3, 20.0) == pytest.approx(0.0, abs=1e-9)
-    assert depth_prior_rmse(_maps(*train), _maps(rows + 1.0), 1e-3, 20.0) == pytest.approx(1.0)
+    assert _prior_rmse(train, rows) == pytest.approx(0.0, abs=1e-9)
+    assert _prior_rmse(train, rows + 1.0) == pytest.approx(1.0)
     sky = [t.clone() for t in train]
     for t in sky:
         t[:8] = 20.0  # never scored: the prior falls back to the overall mean of what is
     fallback = float(torch.cat([t[8:].flatten() for t in train]).mean())
     val = torch.full((PRIOR_GRID, PRIOR_GRID), fallback)
     val[8:] = rows[8:]
-    assert depth_prior_rmse(_maps(*sky), _maps(val), 1e-3, 20.0) == pytest.approx(0.0, abs=1e-9)
+    assert _prior_rmse(sky, val) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="no training depth pixel"):
-        depth_prior_rmse(_maps(torch.full((4, 4), 20.0)), _maps(rows), 1e-3, 20.0)
+        depth_prior(_maps(torch.full((4, 4), 20.0)), 1e-3, 20.0)
 
 
 def _per_image_rmse(maps, valid, c: float) -> float:
@@ -80,7 +84,7 @@ def test_depth_constant_beats_every_other_constant():
     search must find the grid's minimum (to its spacing)."""
     gen = torch.Generator().manual_seed(0)
     maps = [torch.rand(h, h, generator=gen) * s + o for h, s, o in ((32, 0.2, 1.4), (2, 0.5, 9.0), (2, 0.5, 10.0))]
-    rmse, c = best_depth_rmse(_maps(*maps), 1e-3, 20.0)
+    rmse, c = depth_answers(_maps(*maps), _maps(*maps), 1e-3, 20.0)["uniform"]
     valid = [torch.ones_like(d, dtype=torch.bool) for d in maps]
     assert rmse == pytest.approx(_per_image_rmse(maps, valid, c), rel=1e-12)
     grid = torch.linspace(0.5, 12.0, 2301)
@@ -95,14 +99,17 @@ def test_depth_scores_only_the_probe_pixels():
     scored, as in ``classic.depth``: adding them changes nothing."""
     inside = torch.full((480, 640), 3.0)
     inside[:240] = 5.0
-    plain = best_depth_rmse(_maps(inside), 1e-3, 20.0, crop=True)
+    def uniform(d: torch.Tensor, crop: bool) -> tuple[float, float]:
+        return depth_answers(_maps(inside), _maps(d), 1e-3, 20.0, crop)["uniform"]
+
+    plain = uniform(inside, crop=True)
     sky = inside.clone()
     sky[:10] = 20.0  # rows 0-9: above the crop's first row (45) and at the range's top
     sky[:, :41] = 10.0  # left of the crop's first column: in range, out of the crop
-    assert best_depth_rmse(_maps(sky), 1e-3, 20.0, crop=True) == pytest.approx(plain)
-    assert best_depth_rmse(_maps(sky), 1e-3, 20.0, crop=False)[0] > plain[0] + 0.1
+    assert uniform(sky, crop=True) == pytest.approx(plain)
+    assert uniform(sky, crop=False)[0] > plain[0] + 0.1
     with pytest.raises(ValueError, match="no depth pixel"):
-        best_depth_rmse(_maps(torch.full((4, 4), 20.0)), 1e-3, 20.0)
+        best_depth(_maps(torch.full((4, 4), 20.0)), 1e-3, 20.0)
 
 
 @pytest.fixture(scope="module")

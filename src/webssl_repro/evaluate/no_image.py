@@ -19,9 +19,9 @@ have not been computed here. At a run scale, with tiny encoders and short probe 
 runs' numbers need not beat them, and the tables say so (``paper.tables``).
 
 Cost: each map is read as it is asked for (ADE20K's 2,000 val maps at int64 would take ~6 GB at
-once): ADE20K's training maps once and its val maps twice; NYUd's training maps once and its val
-maps three times (the best single depth's moments and score, then the prior's score), plus one
-more pass over both where ``max_depth`` is null; no encoder, no training.
+once): each task's training maps once and its val maps twice (statistics, then one scoring pass
+for both answers), plus one more pass over NYUd's where ``max_depth`` is null; no encoder, no
+training.
 """
 from __future__ import annotations
 
@@ -94,16 +94,12 @@ def _scored(d: torch.Tensor, low: float, high: float, crop: bool) -> torch.Tenso
     return valid & eigen_crop(d.shape) if crop else valid
 
 
-def best_depth_rmse(maps: Maps, low: float, high: float, crop: bool = False,
-                    iterations: int = 100) -> tuple[float, float]:
-    """RMSE (m), per image then averaged as the depth probe is scored, of the one depth that
-    minimises it over ``maps``, and that depth; on the pixels the probe scores (``_scored``).
-    The score is convex in the depth, so a ternary search over the range finds it from each
-    map's first two moments; a second pass scores it with the probes' own ``RMSE``."""
-    from webssl_repro.evaluate.depth import RMSE
-
+def best_depth(val: Maps, low: float, high: float, crop: bool = False, iterations: int = 100) -> float:
+    """The one depth whose RMSE (m), per image then averaged as the depth probe is scored, is
+    least over ``val``, on the pixels the probe scores (``_scored``). The score is convex in the
+    depth, so a ternary search over the range finds it from each map's first two moments."""
     moments = []
-    for d in maps():
+    for d in val():
         d = d.double()
         valid = _scored(d, low, high, crop)
         if valid.any():
@@ -119,19 +115,12 @@ def best_depth_rmse(maps: Maps, low: float, high: float, crop: bool = False,
     for _ in range(iterations):
         a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
         lo, hi = (lo, b) if score(a) <= score(b) else (a, hi)
-    best = 0.5 * (lo + hi)
-    rmse = RMSE()
-    for d in maps():  # one image each: RMSE.add takes a batch
-        d = d.double()
-        rmse.add(torch.full_like(d, best)[None], d[None], _scored(d, low, high, crop)[None])
-    return rmse.value(), best
+    return 0.5 * (lo + hi)
 
 
-def depth_prior_rmse(train: Maps, val: Maps, low: float, high: float, crop: bool = False) -> float:
-    """RMSE (m) on ``val`` of each pixel's mean depth at its place in the frame over ``train``'s
-    scored pixels (the overall mean where a place has none)."""
-    from webssl_repro.evaluate.depth import RMSE
-
+def depth_prior(train: Maps, low: float, high: float, crop: bool = False) -> torch.Tensor:
+    """Each place's mean depth over ``train``'s scored pixels, on the ``PRIOR_GRID`` square (the
+    overall mean where a place has none)."""
     total = torch.zeros(PRIOR_GRID, PRIOR_GRID, dtype=torch.float64)
     count = torch.zeros_like(total)
     for d in train():
@@ -140,12 +129,23 @@ def depth_prior_rmse(train: Maps, val: Maps, low: float, high: float, crop: bool
         count += _to_grid(valid.double(), "area")
     if not count.any():
         raise ValueError(f"no training depth pixel lies inside the scored range ({low:g}, {high:g})")
-    prior = torch.where(count > 0, total / count.clamp_min(1e-12), total.sum() / count.sum())
-    rmse = RMSE()
-    for d in val():
+    return torch.where(count > 0, total / count.clamp_min(1e-12), total.sum() / count.sum())
+
+
+def depth_answers(train: Maps, val: Maps, low: float, high: float,
+                  crop: bool = False) -> dict[str, tuple[float, Any]]:
+    """RMSE (m) on ``val``, scored by the probes' own ``RMSE`` in one pass, of the best single
+    depth and of the position prior (``depth_prior`` over ``train``), each with what it answers."""
+    from webssl_repro.evaluate.depth import RMSE
+
+    best, prior = best_depth(val, low, high, crop), depth_prior(train, low, high, crop)
+    scores = {"uniform": RMSE(), "position": RMSE()}
+    for d in val():  # one image each: RMSE.add takes a batch
         d = d.double()
-        rmse.add(_from_grid(prior, d.shape, "bilinear")[None], d[None], _scored(d, low, high, crop)[None])
-    return rmse.value()
+        scored = _scored(d, low, high, crop)[None]
+        scores["uniform"].add(torch.full_like(d, best)[None], d[None], scored)
+        scores["position"].add(_from_grid(prior, d.shape, "bilinear")[None], d[None], scored)
+    return {"uniform": (scores["uniform"].value(), best), "position": (scores["position"].value(), prior)}
 
 
 def classic_reference(data: Mapping[str, str | Path], cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -163,8 +163,8 @@ def classic_reference(data: Mapping[str, str | Path], cfg: Mapping[str, Any] | N
     train, val = split_targets(data["depth"], "train", "depth"), split_targets(data["depth"], "val", "depth")
     low, high = depth_range(dep, [train(), val()])  # the maps are read only where max_depth is null
     crop = bool(dep["eigen_crop"])
-    uniform, depth = best_depth_rmse(val, low, high, crop)
-    position = depth_prior_rmse(train, val, low, high, crop)
+    dense = depth_answers(train, val, low, high, crop)
+    (uniform, depth), position = dense["uniform"], dense["position"][0]
     miou = max(seg["uniform"][0], seg["position"][0])
     rmse = min(uniform, position)
     return {"in1k_linear": top1, "ade20k_linear": miou, "ade20k_ms": miou, "nyud_lin1": rmse, "nyud_lin4": rmse,
