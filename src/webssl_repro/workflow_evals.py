@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from webssl_repro.metrics import NO_IMAGE, CLASSIC_METRICS, VQA_CONTROLS
+from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
 from webssl_repro.resources import REFUSED_ATTEMPT
 from webssl_repro.settings import SETTINGS, split_settings
 

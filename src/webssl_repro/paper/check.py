@@ -19,7 +19,7 @@ import pandas as pd
 from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
-from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_no_image_result, is_filter_result, kept_percent,
+from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_filter_result, is_no_image_result, kept_percent,
                                         with_categories)
 from webssl_repro.metrics import CLASSIC_METRICS, VQA_CONTROLS, better, label
 from webssl_repro.runs import is_run_name, split_seed

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from webssl_repro.metrics import ALIGNMENT_PREFIX, NO_IMAGE, LOWER_IS_BETTER, SE_PREFIX, label  # noqa: E402
+from webssl_repro.metrics import ALIGNMENT_PREFIX, LOWER_IS_BETTER, NO_IMAGE, SE_PREFIX, label  # noqa: E402
 from webssl_repro.paper import specs  # noqa: E402
 from webssl_repro.paper.results import lookup, value_table  # noqa: E402
 

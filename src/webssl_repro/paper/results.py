@@ -15,7 +15,7 @@ import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
 from webssl_repro.files import read_json
-from webssl_repro.metrics import NO_IMAGE, DATA_PCT, SE_PREFIX, VQA_BENCHMARKS
+from webssl_repro.metrics import DATA_PCT, NO_IMAGE, SE_PREFIX, VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.runs import Run, is_run_name, split_seed

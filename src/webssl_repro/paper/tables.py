@@ -13,8 +13,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from webssl_repro.metrics import (BENCHMARK_LABELS, CATEGORY_COLUMNS, NO_IMAGE, CLASSIC_METRICS, DATA_PCT,
-                                  LOWER_IS_BETTER, VQA_CATEGORIES, better, label)
+from webssl_repro.metrics import (BENCHMARK_LABELS, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT, LOWER_IS_BETTER,
+                                  NO_IMAGE, VQA_CATEGORIES, better, label)
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_table3_metadata
 from webssl_repro.paper.results import lookup, value_table
@@ -102,7 +102,7 @@ def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.
     return out
 
 
-def no_image_note(bars: dict[str, float], frame: pd.DataFrame) -> str:
+def no_image_footnote(bars: dict[str, float], frame: pd.DataFrame) -> str:
     """What ``NOT_BEYOND_NO_IMAGE`` marks, with the answers' own scores."""
     runs = frame[frame["origin"] == "run"]
     numbers = [(m, v, c) for m, c in bars.items() for v in runs[m].dropna()]
@@ -136,7 +136,7 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str
     if item.run_note and scale != "published":
         notes.append(item.run_note)
     if bars:
-        notes.append(no_image_note(bars, frame))
+        notes.append(no_image_footnote(bars, frame))
     return notes
 
 
