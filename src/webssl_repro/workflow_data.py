@@ -93,10 +93,10 @@ class DataJobs:
         """How a filter job runs (``data.filter.workers`` / ``threads`` / ``cache_path``) as its
         command's ``--settings-json``: a resource of the filter rules, not a param, so that
         changing it reruns no filter and retrains no filtered run. Merging parts takes none."""
-        how = split_settings({"filter": self.config.get("data", {}).get("filter", {})}, SETTINGS["filter"])[1]
-        if not how or (whole and self.filter_parts() > 1):
+        how = self.settings_json("filter")
+        if how == "{}" or (whole and self.filter_parts() > 1):
             return ""
-        return f"--settings-json {shlex.quote(json.dumps(how, sort_keys=True, separators=(',', ':')))}"
+        return f"--settings-json {shlex.quote(how)}"
 
     def filter_resources(self, whole: bool = False) -> dict[str, int]:
         """A filter job's GPUs and runtime (``resources.filter_*``), and a CPU per loader worker

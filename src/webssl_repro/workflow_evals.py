@@ -78,6 +78,8 @@ class EvalJobs:
         """How a ``kind`` job runs (``SETTINGS``): passed by the shell, not a param."""
         if kind == "pretrain":
             how = split_settings({"train": self.config.get("pretrain", {}).get("train", {})}, SETTINGS[kind])[1]
+        elif kind == "filter":
+            how = split_settings({"filter": self.config.get("data", {}).get("filter", {})}, SETTINGS[kind])[1]
         else:
             how = self._eval_section(kind)[1]
         return json.dumps(how, sort_keys=True, separators=(",", ":"))
