@@ -14,7 +14,8 @@ _PRETRAIN_OUTPUT = {
 # retry after attempts that failed without progress (train/attempts.py); such a retry is
 # submitted with a few minutes of one core (`_res`), not the run's nodes. The launcher (srun /
 # torchrun with the run's node and GPU counts) is a resource, not a param: a run resized in the
-# config is not out of date (it resumes on any number of GPUs). Snakemake deletes
+# config is not out of date (it resumes on any number of GPUs; a streamed corpus, on its
+# own number, train/run.py). Snakemake deletes
 # a job's log before each attempt; the attempts' history stays in the checkpoints'
 # attempts.jsonl.
 _PRETRAIN_SHELL = (

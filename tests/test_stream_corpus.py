@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 from webssl_repro.data.corpus import IndexedCorpus, captions_of, pick_caption
+from webssl_repro.data.shards import shard_samples
 from webssl_repro.data.stages import build_corpus, manifest_shards
-from webssl_repro.data.stream_corpus import ShardCorpus, count_samples, shard_samples
+from webssl_repro.data.stream_corpus import ShardCorpus, count_samples
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +224,105 @@ def test_a_run_records_what_its_corpus_skipped(tmp_path, shards):
     assert (skipped["samples"], skipped["shards"]) == (0, 1) and "junk.tar" in skipped["errors"][0]
 
 
-def test_a_shard_none_of_whose_samples_decodes_says_what_to_do():
-    """A corrupt sample is replaced by the shard's next one that decodes (the stream keeps its
-    length); a shard with none left names itself and the way out."""
-    raw = [{"__url__": "web-00007.tar", "__key__": f"s{k}", "jpg": b"not a jpeg"} for k in range(3)]
-    with pytest.warns(RuntimeWarning, match=r"sample s\d of web-00007.tar"), \
-            pytest.raises(ValueError, match=r"web-00007.tar: none of its 3 samples decodes.*take the shard out of "
-                                            r"data.shards"):
-        ShardCorpus._decoded(raw, np.arange(3), 1)
+def _spoilt(src: str, out, keys: set[str] | None = None) -> str:
+    """A copy of shard ``src`` whose images of ``keys`` (all: None) do not decode."""
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        for member in tin:
+            payload = tin.extractfile(member).read()
+            if member.name.endswith(".jpg") and (keys is None or member.name.split(".")[0] in keys):
+                payload = b"not a jpeg"
+            member.size = len(payload)
+            tout.addfile(member, io.BytesIO(payload))
+    return str(out)
+
+
+def test_a_shard_none_of_whose_samples_decodes_is_filled_from_the_next(tmp_path, shards):
+    """Its five places are kept, filled with the first image that decodes of the reader's next
+    shard in the epoch, the same when a resumed reader starts inside it; a reader none of whose
+    shards decodes says so."""
+    corpus = ShardCorpus([_spoilt(shards[0], tmp_path / "junk.tar"), *shards[1:3]], seed=3)
+    mine = corpus.reader_shards(0, 0, 1)
+    at = mine.index(0)
+    nxt = corpus.shards[mine[(at + 1) % 3]]
+    order = np.random.default_rng([3, 0, mine[(at + 1) % 3]]).permutation(5)  # the next shard's, as streamed
+    fill = [s["__key__"] for s in shard_samples(nxt, with_data=False)][int(order[0])]
+    with pytest.warns(RuntimeWarning, match=r"junk.tar: none of its 5 samples decodes; their places are filled"):
+        ids = [m["id"] for _, m in take(corpus.reader_stream(0, 1), 15)]
+    before = sum(corpus.count(corpus.shards[i]) for i in mine[:at])
+    assert ids[before:before + 5] == [fill] * 5 and len(set(ids) - {fill}) == 9
+    with pytest.warns(RuntimeWarning, match="junk.tar"):
+        resumed = [m["id"] for _, m in take(corpus.reader_stream(0, 1, skip=before + 2), 13 - before)]
+    assert resumed == ids[before + 2:15]
+    dead = ShardCorpus([_spoilt(shards[0], tmp_path / "dead.tar")], seed=3)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="none of the samples of reader 0 of 1"):
+        next(dead.reader_stream(0, 1))
+
+
+def test_a_shard_cut_at_a_member_boundary_loses_its_half_sample(tmp_path, shards):
+    """A tar cut after an image's member reads as a whole shorter tar: the image without its
+    json is dropped and the shard counted once as broken, in memory (as the filter reads) and
+    streamed alike."""
+    from webssl_repro.data.shards import make_loader
+
+    with tarfile.open(shards[0]) as tin:
+        members = tin.getmembers()
+    cut = members[-2]  # the last sample's first member (sorted: .jpg before .json)
+    assert cut.name.endswith(".jpg")
+    data = open(shards[0], "rb").read()
+    half = tmp_path / "half.tar"
+    half.write_bytes(data[: cut.offset_data + -(-cut.size // 512) * 512])
+    with pytest.warns(RuntimeWarning, match=r"lacks \['json'\]: cut off at a member boundary"):
+        assert count_samples(str(half)) == 4
+    stream = make_loader([str(half), shards[1]], shuffle_shards=False)
+    with pytest.warns(RuntimeWarning):
+        got = list(stream)
+    assert len(got) == 9 and all(s["meta"]["id"] != cut.name.split(".")[0] for s in got)
+    assert (stream.stats.broken_shards, stream.stats.skipped_samples) == (1, 0)
+    mid = tmp_path / "mid.tar"
+    mid.write_bytes(data[: members[3].offset_data + 100])  # inside a member
+    stream = make_loader([str(mid)], shuffle_shards=False)
+    with pytest.warns(RuntimeWarning):
+        assert len(list(stream)) == 1
+    assert stream.stats.broken_shards == 1  # once, not once per layer that noticed
+
+
+def test_fewer_shards_than_readers_count_each_failure_once(tmp_path, shards):
+    """Every reader reads the one shard and keeps every n-th sample: a bad image and a broken
+    shard are each counted by one reader, so the summed counts do not grow with the readers."""
+    from webssl_repro.data.shards import make_loader
+
+    keys = [s["__key__"] for s in shard_samples(shards[0], with_data=False)]
+    bad = _spoilt(shards[0], tmp_path / "bad.tar", {keys[2]})
+    for readers in (1, 2, 3):
+        counts = [0, 0, 0]
+        for gw in range(readers):
+            stream = make_loader([bad, str(tmp_path / "gone.tar")], rank=gw, world_size=readers,
+                                 shuffle_shards=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a reader with nothing to count says nothing
+                counts[0] += len(list(stream))
+            counts[1] += stream.stats.skipped_samples
+            counts[2] += stream.stats.broken_shards
+        assert counts == [4, 1, 1], readers
+
+
+def test_a_streamed_run_resumes_only_on_its_own_number_of_ranks(tmp_path, shards):
+    """The checkpoint says it was trained on 2 ranks: resuming on 1 would repeat and skip
+    samples, so the run stops and says how to go on; an in-memory corpus resumes."""
+    from helpers_mini import run_slice
+    from webssl_repro.train.run import pretrain
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"shards": shards}))
+    cfg = run_slice("mae1b-full2b-224", samples=5 * 8, checkpoint_every=1)
+    cfg["recipe"]["batch_size"] = 8
+    cfg["loader"] = {"stream": True, "workers": 0}
+    assert not pretrain("mae1b-full2b-224", cfg, tmp_path / "a", tmp_path / "ca", [str(manifest)], max_steps=2).complete
+    from webssl_repro.train.checkpoint import POINTER, checkpoint_dir
+
+    pointer = checkpoint_dir(tmp_path / "ca") / POINTER
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "world_size": 2}))
+    with pytest.raises(ValueError, match=r"trained on 2 rank\(s\) up to sample 16; resuming it on 1 .* Resume it "
+                                         r"on 2 GPUs"):
+        pretrain("mae1b-full2b-224", cfg, tmp_path / "a", tmp_path / "ca", [str(manifest)])
+    IndexedCorpus(shards).check_resume(16, 2, 1)  # any number

@@ -25,7 +25,8 @@ def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
 def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
     """srun / torchrun carry a run's node and GPU counts: as a param they would make every
     finished run out of date when its size is changed (Snakemake reruns a job whose params
-    changed, and all evaluations after it), though a run resumes on any number of GPUs. They
+    changed, and all evaluations after it), though a run held in memory resumes on any number
+    of GPUs. They
     are a resource, which the job's command still reads."""
     for rules in ("pretrain.smk", "evaluate.smk"):
         text = (workflow_dir / "rules" / rules).read_text()

@@ -134,6 +134,9 @@ class IndexedCorpus:
         image = Image.open(io.BytesIO(item.image)).convert("RGB")
         return image, {"id": item.key, "caption": pick_caption(item.captions, self.seed, sample), "index": sample}
 
+    def check_resume(self, start_sample: int, trained_world_size: int, world_size: int) -> None:
+        """Any number of ranks resumes: sample ``i`` is the ``i``-th of one global order."""
+
     def batches(self, start_sample: int, rank: int, world_size: int, global_batch: int,
                 sample_fn: SampleFn, collate_fn: CollateFn) -> Iterator[Any]:
         """This rank's batches from ``start_sample`` on (the training loop's data interface)."""

@@ -48,6 +48,58 @@ def open_shard(url: str):
     return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
 
 
+def _warn_broken(url: str, exn: BaseException) -> None:
+    warnings.warn(f"webssl_repro.data.shards: {url}: {type(exn).__name__}: {exn}; reading it up to its last "
+                  "whole sample", RuntimeWarning, stacklevel=3)
+
+
+def shard_samples(url: str, with_data: bool = True,
+                  on_broken: Callable[[str, BaseException], None] = _warn_broken) -> Iterator[dict[str, Any]]:
+    """The samples of one tar, members grouped by key as webdataset groups them; members'
+    bytes only ``with_data`` (else each value is None: counting a local shard reads its headers
+    alone, and counts what reading it yields).
+
+    A truncated or unreadable shard ends at its last whole sample and is reported once to
+    ``on_broken``. A tar cut at a member boundary reads as a whole shorter tar; its last sample
+    is then missing members that the one before it has (an image without its json), and is
+    dropped and reported likewise: half a sample is not a sample."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    sample: dict[str, Any] = {}
+    members: set[str] = set()  # the members of the sample before ``sample``
+    try:
+        if is_local(url):  # seekable: counting reads the headers alone
+            tf, size = tarfile.open(url, "r:"), os.path.getsize(url)
+        else:
+            tf, size = open_shard(url), None
+        with tf:
+            for member in tf:
+                if not member.isreg():
+                    continue
+                if size is not None and member.offset_data + member.size > size:
+                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
+                key, suffix = base_plus_ext(member.name)
+                if key is None or os.path.basename(member.name).startswith("__"):
+                    continue
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    members, sample = set(sample), {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[suffix.lower()] = tf.extractfile(member).read() if with_data else None
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        on_broken(url, exn)
+        return
+    if sample and members and not members <= set(sample):
+        on_broken(url, tarfile.ReadError(f"its last sample {sample['__key__']} lacks "
+                                         f"{sorted(members - set(sample))}: cut off at a member boundary"))
+        return
+    if sample:
+        yield sample
+
+
 def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
     """(start, count) of each shard covering indices [0, n_images)."""
     return [(s, min(shard_size, n_images - s)) for s in range(0, n_images, shard_size)]
@@ -193,8 +245,15 @@ class _SplitStream(IterableDataset):
         self.seed, self.transform, self.report_stats = seed, transform, report_stats
         self.stats = LoaderStats()
 
-    def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
+    def _read(self, items: list[str], share: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+        """The samples of ``items`` in order; with ``share`` = (reader, readers), only the samples
+        (and the broken shards) whose index is the reader's modulo readers are decoded and
+        counted: every reader reads the same items, each decodes and counts its own part."""
         raise NotImplementedError  # subclasses read shards or files
+
+    @staticmethod
+    def _mine(index: int, share: tuple[int, int] | None) -> bool:
+        return share is None or index % share[1] == share[0]
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -208,9 +267,7 @@ class _SplitStream(IterableDataset):
         if len(order) >= total:
             yield from self._read(order[gw::total])
         else:  # fewer items than readers: everyone reads all, keeps every total-th sample
-            for k, sample in enumerate(self._read(order)):
-                if k % total == gw:
-                    yield sample
+            yield from self._read(order, share=(gw, total))
 
     def _shuffled(self, it: Iterator[dict[str, Any]], gw: int) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer <= 1:
@@ -277,6 +334,10 @@ def decode_sample(raw: dict[str, Any], arrays: bool = False) -> dict[str, Any]:
     return out
 
 
+def _ignored(url: str, exn: BaseException) -> None:
+    """Another reader's broken shard: it counts and reports it."""
+
+
 class ShardStream(_SplitStream):
     """Samples of webdataset tars as dicts: ``image`` (PIL RGB), ``meta``, optional ``seg``/``depth``."""
 
@@ -284,20 +345,22 @@ class ShardStream(_SplitStream):
         super().__init__(urls, **kw)
         self.arrays = arrays
 
-    def _shard_error(self, exn: Exception) -> bool:
+    def _broken(self, url: str, exn: BaseException) -> None:
         self.stats.broken_shards += 1
-        self.stats.note("broken shard", exn)
-        return True
+        self.stats.note(f"broken shard {url}", exn)
 
-    def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
-        from webdataset.tariterators import tarfile_samples
-
-        for raw in tarfile_samples(({"url": u} for u in items), handler=self._shard_error):
-            try:
-                yield decode_sample(raw, self.arrays)
-            except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
-                self.stats.skipped_samples += 1
-                self.stats.note(f"sample {raw.get('__key__')} of {raw.get('__url__')}", exn)
+    def _read(self, items: list[str], share: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+        k = 0
+        for i, url in enumerate(items):
+            for raw in shard_samples(url, on_broken=self._broken if self._mine(i, share) else _ignored):
+                k += 1
+                if not self._mine(k - 1, share):
+                    continue
+                try:
+                    yield decode_sample(raw, self.arrays)
+                except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
+                    self.stats.skipped_samples += 1
+                    self.stats.note(f"sample {raw.get('__key__')} of {raw.get('__url__')}", exn)
 
 
 class ImageFolderStream(_SplitStream):
@@ -310,8 +373,10 @@ class ImageFolderStream(_SplitStream):
         self.root = root
         self.classes = sorted({os.path.basename(os.path.dirname(p)) for p in files})
 
-    def _read(self, items: list[str]) -> Iterator[dict[str, Any]]:
-        for path in items:
+    def _read(self, items: list[str], share: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+        for i, path in enumerate(items):
+            if not self._mine(i, share):
+                continue
             rel = os.path.relpath(path, self.root)
             cls = os.path.basename(os.path.dirname(path))
             try:

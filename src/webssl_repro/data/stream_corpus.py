@@ -13,8 +13,6 @@ and workers (as DINOv2's sharded sampler and webdataset's shard split do).
 """
 from __future__ import annotations
 
-import os
-import tarfile
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -30,43 +28,7 @@ from webssl_repro.data.corpus import (
     local_batch_size,
     pick_caption,
 )
-
-
-def shard_samples(url: str, with_data: bool = True) -> Iterator[dict[str, Any]]:
-    """The samples of one tar, grouped by key as webdataset groups them; members' bytes only
-    ``with_data`` (else each value is None: counting a local shard reads its headers alone).
-    A truncated or unreadable shard ends, with a warning, at its last whole sample."""
-    from webdataset.tariterators import base_plus_ext
-
-    from webssl_repro.data.shards import is_local, open_shard
-
-    sample: dict[str, Any] = {}
-    try:
-        if is_local(url):  # seekable: counting reads the headers alone
-            tf, size = tarfile.open(url, "r:"), os.path.getsize(url)
-        else:
-            tf, size = open_shard(url), None
-        with tf:
-            for member in tf:
-                if not member.isreg():
-                    continue
-                if size is not None and member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
-                key, suffix = base_plus_ext(member.name)
-                if key is None or os.path.basename(member.name).startswith("__"):
-                    continue
-                if sample and key != sample["__key__"]:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[suffix.lower()] = tf.extractfile(member).read() if with_data else None
-    except (tarfile.TarError, OSError, EOFError) as exn:
-        warnings.warn(f"webssl_repro.data.stream_corpus: {url}: {type(exn).__name__}: {exn}; "
-                      "reading it up to its last whole sample", RuntimeWarning)
-        return
-    if sample:
-        yield sample
+from webssl_repro.data.shards import shard_samples
 
 
 def count_samples(url: str) -> int:
@@ -112,8 +74,13 @@ class ShardCorpus:
                 self._counts[url] = len(raw)
                 total += len(raw)
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(raw))
+                fill = None  # where none of the shard's samples decodes
                 for k in range(skip, len(raw)):
-                    yield self._decoded(raw, order, k)
+                    sample = None if fill is not None else self._decoded(raw, order, k)
+                    if sample is None:
+                        fill = fill or self._fill(epoch, reader, readers, index, len(raw))
+                        sample = fill
+                    yield sample
                 skip = 0
                 del raw, order  # one encoded shard at a time, also while the next one is read
             if total == 0:
@@ -121,9 +88,10 @@ class ShardCorpus:
             epoch += 1
 
     @staticmethod
-    def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int) -> tuple[Any, dict]:
+    def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int) -> tuple[Any, dict] | None:
         """The ``k``-th sample of the shard's ``order``, or where it does not decode the next one
-        that does: the stream keeps its length, so positions still follow the tar headers."""
+        that does (None where none does): the stream keeps its length, so positions still follow
+        the tar headers."""
         from webssl_repro.data.shards import decode_sample, sample_id
 
         for j in range(len(order)):
@@ -135,9 +103,25 @@ class ShardCorpus:
                               f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
                 continue
             return sample["image"], {"id": sample_id(sample), "captions": captions_of(sample)}
-        raise ValueError(f"{raw[0].get('__url__')}: none of its {len(raw)} samples decodes, so the stream, which "
-                         "counted them, has nothing to put in their places: take the shard out of data.shards "
-                         "(a new corpus manifest) and start the run again")
+        return None
+
+    def _fill(self, epoch: int, reader: int, readers: int, index: int, places: int) -> tuple[Any, dict]:
+        """What fills the places of shard ``index``, none of whose samples decodes: the first
+        sample that does of the reader's next shards in this epoch (the same wherever a run
+        resumed), so that a corrupt shard does not stop a run that cannot skip it."""
+        mine = self.reader_shards(epoch, reader, readers)
+        at = mine.index(index)
+        for other in mine[at + 1:] + mine[:at]:
+            raw = list(shard_samples(self.shards[other]))
+            order = np.random.default_rng([self.seed, epoch, other]).permutation(len(raw))
+            sample = self._decoded(raw, order, 0) if raw else None
+            if sample is not None:
+                warnings.warn(f"webssl_repro.data.stream_corpus: {self.shards[index]}: none of its {places} "
+                              f"samples decodes; their places are filled with {sample[1]['id']} of "
+                              f"{self.shards[other]}", RuntimeWarning)
+                return sample
+        raise ValueError(f"ShardCorpus: none of the samples of reader {reader} of {readers}'s shards decodes in "
+                         f"epoch {epoch}, starting with {self.shards[index]}")
 
     def batches(self, start_sample: int, rank: int, world_size: int, global_batch: int,
                 sample_fn: SampleFn, collate_fn: CollateFn) -> Iterator[Any]:
@@ -156,6 +140,17 @@ class ShardCorpus:
         # shift the trainer's random stream (drop path) at every resume.
         return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                generator=torch.Generator().manual_seed(self.seed)))
+
+    def check_resume(self, start_sample: int, trained_world_size: int, world_size: int) -> None:
+        """Refuse to resume on another number of ranks: which samples a reader consumed follows
+        from the step only for the readers (ranks x workers) that consumed them, and other
+        readers would repeat some samples and never reach others. ``IndexedCorpus`` resumes on
+        any number."""
+        if start_sample and trained_world_size != world_size:
+            raise ValueError(f"this run streams its shards (pretrain.loader.stream: true) and was trained on "
+                             f"{trained_world_size} rank(s) up to sample {start_sample}; resuming it on {world_size} "
+                             f"would repeat some samples and skip others. Resume it on {trained_world_size} GPUs "
+                             "(the run's resources in the config), or move its checkpoints aside to start over")
 
     def workers_for(self, world_size: int) -> int:
         """``workers``, fewer where the shards do not give every reader one (ImageNet-1k's 1,024

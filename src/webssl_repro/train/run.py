@@ -195,7 +195,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     """Train (or resume) ``run_name`` and write its run directory; returns the loop's result."""
     from webssl_repro.data.corpus import read_manifest
     from webssl_repro.train import TrainConfig, train
-    from webssl_repro.train.checkpoint import full_state_on_rank0, latest_path
+    from webssl_repro.train.checkpoint import full_state_on_rank0, latest_path, read_pointer
     from webssl_repro.train.deadline import job_deadline
     from webssl_repro.train.distributed import is_main, shard_receiver
 
@@ -214,7 +214,11 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         _load_parent(method, Path(parent))
     train_cfg = TrainConfig.from_mapping(train_map)
 
+    trained = read_pointer(checkpoints)
+
     def data_factory(start_sample: int, rank: int, world_size: int):
+        if trained is not None:
+            corpus.check_resume(start_sample, int(trained["world_size"]), world_size)
         return corpus.batches(start_sample, rank, world_size, train_cfg.global_batch_size, sample_fn, collate_fn)
 
     result = train(method, data_factory, train_cfg, checkpoints, max_steps=max_steps,
