@@ -114,7 +114,7 @@ def test_filter_stage_shares_one_ocr_pass_and_draws_fig8(tmp_path, monkeypatch):
     shards = manifest_shards(man)
     light = filter_corpus("light", {"backend": "ocr"}, shards, str(tmp_path / "filter" / "light.json"))
     cache = json.load(open(tmp_path / "filter" / "ocr_reads_256.json"))
-    assert len(cache) == 8 and len(ocr_calls) == 8 and min(min(s[:2]) for s in ocr_calls) == 256
+    assert len(cache["reads"]) == 8 and len(ocr_calls) == 8 and min(min(s[:2]) for s in ocr_calls) == 256
     heavy = filter_corpus("heavy", {"backend": "ocr"}, shards, str(tmp_path / "filter" / "heavy.json"))
     assert len(ocr_calls) == 8  # the heavy job reused the light job's reads
     assert light["precision"] == light["recall"] == 1.0 and heavy["precision"] == heavy["recall"] == 1.0
@@ -213,8 +213,41 @@ def test_an_unreadable_ocr_cache_is_read_again(tmp_path):
     reads = first.read(first.prepare({"image": s.image, "meta": s.meta}))
     first.save_cache()
     cache.write_text(cache.read_text()[:15])
-    with pytest.warns(RuntimeWarning, match="ocr_reads_256.json is unreadable"):
+    with pytest.warns(RuntimeWarning, match="ocr_reads_256.json is unusable"):
         again = OCRFilter(cache_path=str(cache))
     assert again.cache == {} and again.read(again.prepare({"image": s.image, "meta": s.meta})) == reads
     again.save_cache()
     assert OCRFilter(cache_path=str(cache)).cache == again.cache
+
+
+def test_the_ocr_cache_keeps_every_line_and_thresholds_on_reading(tmp_path):
+    """A cache written at min_score 0.8 answers a filter at 0.9 with that filter's threshold,
+    without OCR; a cache of an earlier format (lines already cut) or of another engine setup
+    is read again, with a warning."""
+    import json
+
+    cache = tmp_path / "ocr_reads_256.json"
+    image = generate(4, 0, kind="text_scene").image
+    engine_calls = []
+
+    def engine(pixels, use_cls):
+        engine_calls.append(pixels.shape)
+        return [(None, "HELLO", 0.85), (None, "--", 0.99), (None, "WORLD", 0.5)], None
+
+    def ocr(min_score, **kw):
+        f = OCRFilter(min_score=min_score, cache_path=str(cache), **kw)
+        f.engine = engine
+        return f
+
+    first = ocr(0.8)
+    assert first.read(image) == [("HELLO", 0.85)] and len(engine_calls) == 1
+    first.save_cache()
+    assert ocr(0.9).read(image) == [] and ocr(0.4).read(image) == [("HELLO", 0.85), ("WORLD", 0.5)]
+    assert len(engine_calls) == 1  # both answered from the saved lines
+    cache.write_text(json.dumps({k: [["HELLO", 0.85]] for k in json.loads(cache.read_text())["reads"]}))
+    with pytest.warns(RuntimeWarning, match="not format ocr-lines-2"):
+        assert ocr(0.4).read(image) == [("HELLO", 0.85), ("WORLD", 0.5)]
+    assert len(engine_calls) == 2
+    first.save_cache()
+    with pytest.warns(RuntimeWarning, match="'det_limit_side_len': 256.*not.*'det_limit_side_len': 128"):
+        assert ocr(0.8, ocr_size=128).cache == {}

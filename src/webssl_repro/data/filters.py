@@ -103,6 +103,19 @@ def _check_variants(variants: Sequence[str]) -> None:
         raise KeyError(f"unknown filter variant(s) {unknown}; known {list(PROMPTS)}")
 
 
+#: what ``OCRFilter``'s cache file holds: every line the engine read, under the engine's setup
+OCR_CACHE_FORMAT = "ocr-lines-2"
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return None
+
+
 class OCRFilter(TextFilter):
     """RapidOCR rule-based filter; one OCR pass serves both variants."""
 
@@ -120,23 +133,39 @@ class OCRFilter(TextFilter):
         self.min_score, self.min_chars = min_score, min_chars
         self.heavy_min_words, self.heavy_min_lines = heavy_min_words, heavy_min_lines
         self.ocr_size, self.rerender = ocr_size, rerender
-        # OCR reads keyed by a hash of the pixels read: the light and heavy rules (separate
-        # workflow jobs) share one OCR pass, the slow part, through this file.
+        # The engine's every line, keyed by a hash of the pixels read: the light and heavy rules
+        # (separate workflow jobs) share one OCR pass, the slow part, through this file, and
+        # the thresholds apply on reading it, so a changed min_score is not answered from reads
+        # cut at the old one. Reads of another engine setup are not reused.
+        self.engine_setup = {**{k: v for k, v in kw.items() if k != "intra_op_num_threads"},
+                             "rapidocr_onnxruntime": _version("rapidocr_onnxruntime")}
         self.cache_path = cache_path
         self.cache: dict[str, list[tuple[str, float]]] = {}
         if cache_path and os.path.exists(cache_path):
-            try:
-                with open(cache_path) as fh:
-                    self.cache = {k: [tuple(x) for x in v] for k, v in json.load(fh).items()}
-            except (ValueError, AttributeError, TypeError) as err:  # derived data: read again, saved whole
-                warnings.warn(f"OCR cache {cache_path} is unreadable ({err}); reading the images again",
-                              RuntimeWarning)
+            self.cache = self._load_cache(cache_path)
+
+    def _load_cache(self, path: str) -> dict[str, list[tuple[str, float]]]:
+        """The reads saved in ``path``; none, with a warning, where they are unreadable or of
+        another format or engine setup (derived data: read again, saved whole)."""
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+            if not isinstance(saved, dict) or saved.get("format") != OCR_CACHE_FORMAT:
+                raise ValueError(f"not format {OCR_CACHE_FORMAT} (an earlier version kept only the lines above "
+                                 "its min_score)")
+            if saved.get("engine") != self.engine_setup:
+                raise ValueError(f"read with {saved.get('engine')}, not {self.engine_setup}")
+            return {k: [(str(t), float(c)) for t, c in v] for k, v in saved["reads"].items()}
+        except (ValueError, AttributeError, TypeError, KeyError) as err:
+            warnings.warn(f"OCR cache {path} is unusable ({err}); reading the images again", RuntimeWarning)
+            return {}
 
     def save_cache(self) -> None:
         if self.cache_path:
             from webssl_repro.files import write_json
 
-            write_json(self.cache_path, self.cache)
+            write_json(self.cache_path, {"format": OCR_CACHE_FORMAT, "engine": self.engine_setup,
+                                         "reads": self.cache})
 
     def prepare(self, sample: Mapping[str, Any]) -> Image.Image:
         meta = sample.get("meta") or {}
@@ -151,20 +180,18 @@ class OCRFilter(TextFilter):
         return img
 
     def read(self, image: Image.Image) -> list[tuple[str, float]]:
-        """The text lines this filter believes: (string, confidence)."""
+        """The text lines this filter believes: (string, confidence) of at least ``min_score``,
+        with a letter or digit."""
         pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
         key = hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
         if key not in self.cache:
             self.cache[key] = self._ocr(pixels)
-        return list(self.cache[key])
+        return [(t, c) for t, c in self.cache[key] if c >= self.min_score and re.search(r"[A-Za-z0-9]", t)]
 
     def _ocr(self, pixels: np.ndarray) -> list[tuple[str, float]]:
+        """Every line the engine reads: (string, confidence)."""
         result, _ = self.engine(pixels, use_cls=False)
-        lines = []
-        for _box, text, conf in result or []:
-            if float(conf) >= self.min_score and re.search(r"[A-Za-z0-9]", text):
-                lines.append((str(text), float(conf)))
-        return lines
+        return [(str(text), float(conf)) for _box, text, conf in result or []]
 
     def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
         _check_variants(variants)
