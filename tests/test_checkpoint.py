@@ -157,3 +157,22 @@ def test_a_save_cut_short_names_itself_and_says_what_to_do(tmp_path, part):
         train(ToyMethod(), data_factory, cfg, tmp_path)
     checkpoint_dir(tmp_path).rename(tmp_path / "aside")  # as the message says: the run starts afresh
     assert train(ToyMethod(), data_factory, cfg, tmp_path).complete
+
+
+def test_a_save_is_durable_before_the_pointer_names_it(tmp_path, monkeypatch):
+    """In a node crash a pointer must not outlive what it names: the step directory's files
+    (meta.pt written and fsync-ed as the shards are) and its rename are synced before the
+    pointer is written, and the previous save removed only after."""
+    from webssl_repro.train import checkpoint
+
+    events = []
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda path: events.append(("fsync", path.name)))
+    write_json = checkpoint.write_json
+    monkeypatch.setattr(checkpoint, "write_json", lambda path, obj: events.append(("pointer", obj["dir"]))
+                        or write_json(path, obj))
+    atomic_write = checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: events.append(("atomic", path.name))
+                        or atomic_write(path, write))
+    train(ToyMethod(), data_factory, make_cfg(checkpoint_every=100, samples_seen=2 * GLOBAL_BATCH, warmup_steps=1), tmp_path)
+    assert events == [("atomic", "meta.pt"), ("fsync", ".step-2.tmp"), ("fsync", "checkpoints"),
+                      ("pointer", "step-2")]

@@ -190,3 +190,54 @@ def test_transform_crops_flips_and_normalises():
         mirrored.append(bool(red[0] > red[-1]))
     assert 0.41 < sum(mirrored) / 300 < 0.59  # p = 0.5; 300 draws: s.e. 2.9 points
     assert min(spans) < 0.45 and max(spans) > 0.9 and 0.45 < sum(spans) / 300 < 0.85
+
+
+@pytest.mark.parametrize("method_name", ["mae", "clip"])
+def test_a_high_resolution_mae_or_clip_run_starts_from_its_parent(tmp_path, method_name):
+    """MAE's and CLIP's ``state.pt`` is their model, not the method: the fine-tune at 48 px
+    loads it from the 32 px parent, learned pos-embeds resampled; MAE's fixed sin-cos tables
+    are its own grid's (a resampled table is not the sin-cos of the new grid)."""
+    from helpers_mini import run_slice
+    from webssl_repro.models.vit import resample_pos_embed
+    from webssl_repro.runs import Run
+    from webssl_repro.train.run import _exported, _load_parent, build
+
+    class Captions:  # what CLIP's mini tokenizer is learned from
+        def caption_texts(self):
+            return ["a red circle", "a blue square on grass"] * 8
+
+    run = Run.parse(f"{method_name}1b-full2b-224")
+    cfg = {**run_slice(run.name, 64), "_workdir": str(tmp_path)}
+    torch.manual_seed(0)
+    parent = _exported(build(run, {**cfg, "img_size": 32}, Captions())[0])
+    torch.save(parent.state_dict(), tmp_path / "state.pt")
+    torch.manual_seed(1)
+    method = build(run, {**cfg, "img_size": 48}, Captions())[0]
+    child = _exported(method)
+    fresh = {k: v.clone() for k, v in child.state_dict().items()}
+    _load_parent(method, tmp_path / "state.pt")
+    got, want = child.state_dict(), parent.state_dict()
+    resampled = 0
+    for key, value in want.items():
+        if got[key].shape == value.shape:
+            assert torch.equal(got[key], value), key
+        elif method_name == "mae":  # the sin-cos table at 48 px
+            assert key == "encoder.pos_embed" and torch.equal(got[key], fresh[key]), key
+            resampled += 1
+        else:
+            torch.testing.assert_close(got[key], resample_pos_embed(value, (6, 6), 1))
+            resampled += 1
+    assert resampled == 1 and len(want) > 20
+    with pytest.raises(ValueError, match="is not of this method: unexpected keys"):
+        _load_parent(method, _dino_state(tmp_path))
+
+
+def _dino_state(tmp_path):
+    from helpers_mini import run_slice
+    from webssl_repro.runs import Run
+    from webssl_repro.train.run import build
+
+    run = Run.parse("dino1b-full2b-224")
+    torch.save(build(run, {**run_slice(run.name, 64), "img_size": 32}, corpus=None)[0].state_dict(),
+               tmp_path / "dino.pt")
+    return tmp_path / "dino.pt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tarfile
 import warnings
 from collections import Counter
@@ -326,3 +327,64 @@ def test_a_streamed_run_resumes_only_on_its_own_number_of_ranks(tmp_path, shards
                                          r"on 2 GPUs"):
         pretrain("mae1b-full2b-224", cfg, tmp_path / "a", tmp_path / "ca", [str(manifest)])
     IndexedCorpus(shards).check_resume(16, 2, 1)  # any number
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_every_process_of_the_job_preempts_a_streamed_run(tmp_path, shards, signum):
+    """SLURM signals every process of the job, the streamed loader's workers too (here from a
+    ``kill`` process, as from slurmstepd: not their parent): they leave the signal to the
+    trainer, which saves and stops (``Preempted``), instead of failing on a worker the signal
+    killed."""
+    import multiprocessing
+    import os
+    import subprocess
+    import time
+
+    from helpers_toy import GLOBAL_BATCH, ToyMethod, make_cfg
+    from webssl_repro.train import Preempted, read_pointer, train
+
+    corpus = ShardCorpus(shards, seed=0, workers=2)
+
+    def gray16(image, meta, gen):  # the toy's 16 inputs: a 4x4 grey thumbnail
+        return torch.from_numpy(np.asarray(image.convert("L").resize((4, 4)), dtype=np.float32).flatten() / 255)
+
+    class SignalledJob(ToyMethod):
+        def training_step(self, batch, step):
+            if step == 2:
+                workers = multiprocessing.active_children()  # this loader's two, and any an earlier test left
+                assert len(workers) >= 2
+                subprocess.run(["kill", "-s", signal.Signals(signum).name[3:], *(str(c.pid) for c in workers)],
+                               check=True)
+                time.sleep(1.0)  # a killed worker would be dead by now
+                os.kill(os.getpid(), signum)
+            return super().training_step(batch, step)
+
+    def data(start, rank, world):
+        return corpus.batches(start, rank, world, GLOBAL_BATCH, gray16, lambda samples, gen: torch.stack(samples))
+
+    with pytest.raises(Preempted) as info:
+        train(SignalledJob(), data, make_cfg(checkpoint_every=100), tmp_path / "run")
+    assert info.value.step == 3 and info.value.signum == signum and read_pointer(tmp_path / "run")["step"] == 3
+
+
+def test_a_loader_left_open_does_not_hold_up_the_exit(tmp_path):
+    """A preempted trainer exits with its loader's iterator still referenced: the workers, which
+    take SIGTERM from others as nothing, still end on their parent's (multiprocessing's exit
+    handler terminates and joins them), so the process exits at once rather than hanging."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, IterableDataset\n"
+        "from webssl_repro.train.deadline import ignore_preemption\n"
+        "class Endless(IterableDataset):\n"
+        "    def __iter__(self):\n"
+        "        while True:\n"
+        "            yield torch.zeros(2)\n"
+        "held = iter(DataLoader(Endless(), batch_size=None, num_workers=2, worker_init_fn=ignore_preemption))\n"
+        "next(held)\n"
+        "raise SystemExit(75)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr[-2000:]

@@ -272,3 +272,18 @@ def test_fsdp2_refuses_parameters_outside_the_model_and_its_shadows():
         torch.distributed.destroy_process_group()
 
 
+
+
+def test_a_log_line_cut_short_does_not_stop_the_resume(tmp_path, capsys):
+    """A node lost mid-append leaves half a record at the end of train_log.jsonl: the resumed run
+    skips it (naming the file and line), rewrites the log and ends as an uninterrupted run."""
+    cfg = make_cfg(checkpoint_every=2)
+    train(ToyMethod(), data_factory, cfg, tmp_path / "straight")
+    run = tmp_path / "cut"
+    assert not train(ToyMethod(), data_factory, cfg, run, max_steps=4).complete
+    with open(run / "train_log.jsonl", "a") as log:
+        log.write('{"step": 5, "lo')
+    assert train(ToyMethod(), data_factory, cfg, run).complete
+    assert "train_log.jsonl:5: not a JSON record, skipped" in capsys.readouterr().err
+    assert [r["step"] for r in read_log(run)] == list(range(1, 11))
+    assert_bitwise(tmp_path / "straight", run)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -32,6 +33,22 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory ``path`` (files written into it, a rename) durable: a
+    pointer written after them must not outlive them in a node crash. A filesystem that cannot
+    sync a directory is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -69,6 +86,23 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a log ``path`` appends to, one JSON per line; a line cut short (a kill, a
+    full disk or a node lost mid-append) is skipped and named on stderr, not an error that
+    stops every retry that reads the log."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if line.strip():
+                print(f"{path}:{n}: not a JSON record, skipped: {line[:80]!r}", file=sys.stderr)
+    return records
 
 
 def model_location(value: str | os.PathLike, key: str) -> str:

@@ -26,8 +26,9 @@ from PIL import Image
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from webssl_repro.files import atomic_save, atomic_write
 from webssl_repro.data.miniweb import MiniWebConfig, generate
+from webssl_repro.files import atomic_save, atomic_write
+from webssl_repro.train.deadline import ignore_preemption
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -409,7 +410,7 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
         expand_sources(source), arrays=arrays, **kw)
     if num_workers == 0 and batch_size is None:
         return stream
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, worker_init_fn=ignore_preemption,
                         collate_fn=collate_fn if collate_fn is not None else (None if batch_size else lambda x: x))
     loader.stats = stream.stats  # type: ignore[attr-defined]
     return loader

@@ -29,6 +29,7 @@ from webssl_repro.data.corpus import (
     pick_caption,
 )
 from webssl_repro.data.shards import shard_samples
+from webssl_repro.train.deadline import ignore_preemption
 
 
 def count_samples(url: str) -> int:
@@ -138,7 +139,7 @@ class ShardCorpus:
         # Workers are polled in turn, so worker i yields batches first + i, first + i + workers, ...
         # Their base seed comes from a private generator: drawing it from the global one would
         # shift the trainer's random stream (drop path) at every resume.
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=ignore_preemption,
                                generator=torch.Generator().manual_seed(self.seed)))
 
     def check_resume(self, start_sample: int, trained_world_size: int, world_size: int) -> None:

@@ -182,6 +182,10 @@ class MaskedAutoencoder(nn.Module):
     ``no_embed_class`` are honoured so the same code drives any timm variant.
     """
 
+    #: state entries that are functions of the grid, not learned: a model at another resolution
+    #: keeps its own (``train.run._load_parent``)
+    fixed_tables = ("encoder.pos_embed",)
+
     def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, decoder_mlp_ratio: float = 4.0,
                  norm_pix: bool = True, mae_init: bool = True) -> None:

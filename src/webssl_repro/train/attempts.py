@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from ..files import read_jsonl
 from .checkpoint import read_pointer
 
 LEDGER = "attempts.jsonl"
@@ -45,17 +45,7 @@ class FutileRetry(RuntimeError):
 
 def read(checkpoints: str | Path) -> list[dict[str, Any]]:
     """The ledger's records; a line cut short (a kill or a full disk mid-write) is skipped."""
-    path = Path(checkpoints) / LEDGER
-    if not path.exists():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if line.strip():
-                print(f"{path}:{n}: not a JSON record, skipped: {line[:80]!r}", file=sys.stderr)
-    return records
+    return read_jsonl(Path(checkpoints) / LEDGER)
 
 
 def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from webssl_repro.files import read_json, write_json
+from webssl_repro.files import atomic_write, fsync_dir, read_json, write_json
 from webssl_repro.settings import merge_nested
 
 from .distributed import all_gather_object, barrier, is_main, unwrap, unwrapped
@@ -165,7 +165,9 @@ def save_version(root: Path, name: str, write: Callable[[Path], None], pointer: 
     barrier()
     if is_main():
         shutil.rmtree(root / name, ignore_errors=True)
+        fsync_dir(tmp)  # the files' entries, then the rename, before the pointer names them
         tmp.rename(root / name)
+        fsync_dir(root)
         write_json(pointer, {**record, "dir": name})
         remove_versions(root, family, keep=name)
     barrier()
@@ -248,7 +250,7 @@ def save_checkpoint(run_dir: os.PathLike | str, method: Any, optimizer: torch.op
     def write(directory: Path) -> None:
         dcp_save(state, directory)
         if is_main():
-            torch.save(meta, directory / META)
+            atomic_write(directory / META, lambda f: torch.save(meta, f))
 
     record = {k: meta[k] for k in ("step", "samples_seen", "complete", "world_size")}
     save_version(root, name, write, root / POINTER, record, family=rf"{STEP_PREFIX}\d+")

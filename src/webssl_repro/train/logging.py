@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from webssl_repro.files import write_text
+from webssl_repro.files import read_jsonl, write_text
 
 LOG_NAME = "train_log.jsonl"
 
@@ -32,10 +32,9 @@ def scalars(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 def read_log(run_dir: os.PathLike | str) -> list[dict[str, Any]]:
-    path = Path(run_dir) / LOG_NAME
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's step records; a line cut short is skipped (``files.read_jsonl``), and dropped
+    when the logger rewrites the log on resuming."""
+    return read_jsonl(Path(run_dir) / LOG_NAME)
 
 
 class TrainLogger:

@@ -45,13 +45,11 @@ from .distributed import (
     unwrap,
     unwrapped,
 )
+from .deadline import PREEMPT_SIGNALS
 from .logging import TrainLogger, scalars
 from ..files import code_version
 
 DataIterFactory = Callable[[int, int, int], Iterator[Any]]
-
-#: SLURM's ``--signal`` and schedulers' preemption notices; SIGTERM is also what torchrun forwards
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 #: config keys that may change between a run and its resumption (they do not alter the result)
 RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "stop_margin_s", "strategy", "precision"}

@@ -132,13 +132,19 @@ def _stack_images(samples, _gen):
 
 
 def _load_parent(method, parent_state: Path) -> None:
-    """Start a hi-res fine-tune from the 224 px run: every module, pos-embed resampled."""
+    """Start a hi-res fine-tune from the 224 px run: every module of its ``state.pt`` (the whole
+    Web-DINO method; MAE's or CLIP's model), learned pos-embeds resampled. MAE's is a fixed
+    sin-cos table (``fixed_tables``): the child keeps its own, made for its grid."""
     from webssl_repro.models.vit import resample_pos_embed
 
     state = torch.load(parent_state, map_location="cpu", weights_only=True)
-    own = method.state_dict()
-    for key, value in state.items():
+    target = _exported(method)
+    own, fixed = target.state_dict(), set(getattr(target, "fixed_tables", ()))
+    for key, value in list(state.items()):
         if key.endswith("pos_embed") and key in own and own[key].shape != value.shape:
+            if key in fixed:
+                state[key] = own[key]
+                continue
             n_prefix = 1
             grid = int(math.isqrt(own[key].shape[1] - n_prefix))
             state[key] = resample_pos_embed(value, (grid, grid), n_prefix)
@@ -147,9 +153,10 @@ def _load_parent(method, parent_state: Path) -> None:
         key = mismatched[0]
         raise ValueError(f"parent checkpoint {parent_state} is another model: {key} is {tuple(state[key].shape)} "
                          f"there, {tuple(own[key].shape)} here ({len(mismatched)} tensors differ)")
-    missing, unexpected = method.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"parent checkpoint {parent_state} has unexpected keys {unexpected[:5]}")
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"parent checkpoint {parent_state} is not of this method: "
+                         + (f"unexpected keys {unexpected[:5]}" if unexpected else f"no {missing[:5]}"))
 
 
 def _exported(method) -> torch.nn.Module:
