@@ -35,8 +35,10 @@ dry-run: $(BIN)/webssl-repro
 
 # The mini scale's outputs and the mini and published renders; the paper scale's runs,
 # evaluations and renders (weeks of GPU time on a cluster checkout) only with `make clean-paper`.
+# .snakemake/ stays: its records of how every scale's outputs were made are what reruns a
+# job whose code or params changed (a record of a removed output is unused).
 clean:
-	rm -rf paper/mini paper/published results/mini logs/mini logs/published .snakemake/
+	rm -rf paper/mini paper/published results/mini logs/mini logs/published
 
 clean-paper:
 	rm -rf paper/paper results/paper logs/paper

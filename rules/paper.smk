@@ -245,6 +245,34 @@ if PLAN.published:
             "exit 1"
 
 
+# A path of another scale's tree (`paper/published/…` without its config): which config
+# builds it, not "No rule to produce". results/published holds the transcribed numbers
+# every scale reads, never a target.
+for _tree, _also in (("paper", ()), ("results", ("published",))):
+
+    rule:
+        name:
+            f"other_scale_{_tree}"
+        input:
+            lambda w, tree=_tree: PLAN.other_scale(f"{tree}/{w.scale}/{w.path}"),
+        output:
+            f"{_tree}/{{scale}}/{{path}}",
+        log:
+            f"logs/{SCALE}/other_scale/{_tree}/{{scale}}/{{path}}.log",
+        wildcard_constraints:
+            scale=PLAN.other_scale_pattern(*_also),
+            path=".+",
+        localrule: True
+        conda:
+            ENV
+        shell:
+            "exit 1"
+
+    workflow.get_rule(f"other_scale_{_tree}").docstring = (
+        f"Refuses a target under another scale's {_tree}/ tree, naming its config."
+    )
+
+
 rule fig8:
     """Target: Figure 8 (samples of this scale's filtered corpus)."""
     input:

@@ -84,6 +84,12 @@ use rule pretrain_single as pretrain_multinode with:
         sized_for_refusal=_res("sized_for_refusal"),
 
 
+workflow.get_rule("pretrain_multinode").docstring = (
+    "Pretrain one run (Web-DINO, Web-MAE or CLIP) across nodes (srun, one torchrun per "
+    "node), resuming its checkpoint."
+)
+
+
 # A run declared in `pretrain.run_sources` is imported from a released checkpoint
 # (HF directory, native .pth, or the hub at paper scale) instead of trained. A cluster job:
 # converting a 7B checkpoint needs a node's memory; set `path` to a copy downloaded
@@ -108,6 +114,25 @@ rule import_released:
         out=lambda w: PLAN.run_dir(w.run),
     shell:
         "webssl-repro import-released --run {wildcards.run} {params.source} --out {params.out} > {log} 2>&1"
+
+
+# A misspelt run asked for by its path: the runs there are, not "No rule to produce".
+rule unknown_run:
+    """Refuses a target under runs/ of a run this config has not, listing its runs."""
+    input:
+        lambda w: PLAN.unknown_run(f"{RESULTS}/runs/{w.run}/{w.file}"),
+    output:
+        f"{RESULTS}/runs/{{run}}/{{file}}",
+    log:
+        f"logs/{SCALE}/pretrain/unknown/{{run}}/{{file}}.log",
+    wildcard_constraints:
+        run=PLAN.unknown_run_pattern(),
+        file=".+",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "exit 1"
 
 
 # `snakemake runs`: every run of the requested items pretrained (or imported), nothing

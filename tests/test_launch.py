@@ -110,7 +110,7 @@ json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(),
 def test_runs_the_command_through_submitit(executor, tmp_path):
     """A CPU-only mini run through submitit, with a stand-in program for the trainer."""
     plan = Plan(load_config(REPO / "config" / "mini.yaml"))
-    run = "dino1b-full1b-224"
+    run = "dino1b-full2b-224"
     (tmp_path / "fake_train.py").write_text(PROGRAM)
     job = launch.submit(plan, run, executor=executor, folder=tmp_path / "submitit", workdir=tmp_path,
                         program=["fake_train.py", "out.json"], check_inputs=False)
@@ -127,7 +127,7 @@ def test_failing_command_fails_the_job(tmp_path):
     plan = Plan(load_config(REPO / "config" / "mini.yaml"))
     (tmp_path / "boom.py").write_text("raise SystemExit(3)\n")
     # local, not debug: the debug executor opens pdb on a failure.
-    job = launch.submit(plan, "dino1b-full1b-224", executor="local", folder=tmp_path / "s", workdir=tmp_path,
+    job = launch.submit(plan, "dino1b-full2b-224", executor="local", folder=tmp_path / "s", workdir=tmp_path,
                         program=["boom.py"], check_inputs=False)
     with pytest.raises(Exception, match="exit status 3"):
         job.result()
@@ -153,9 +153,16 @@ def test_refusals(paper, tmp_path):
     plan = Plan(paper)
     with pytest.raises(ValueError, match="32 nodes"):
         launch.submit(plan, BIG_RUN, executor="local", folder=tmp_path)
+    # a run Snakemake has no rule for is not submitted (a misspelt 7B would take 32 nodes)
+    with pytest.raises(ValueError, match="clip3b-heavy8b-518 is not a run of this config's items.*dino1b-full2b-224"):
+        launch.submit(plan, "clip3b-heavy8b-518", executor="debug", folder=tmp_path, check_inputs=False)
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {SMALL_RUN: {"checkpoint": f"facebook/webssl-{SMALL_RUN}", "path": "/ckpt/x"}}
+    with pytest.raises(ValueError, match=f"{SMALL_RUN} is imported from a released checkpoint"):
+        launch.launch_spec(Plan(cfg), SMALL_RUN)
     mini = Plan(load_config(REPO / "config" / "mini.yaml"))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        launch.submit(mini, "dino1b-full1b-224", executor="debug", folder=tmp_path, workdir=tmp_path)
+        launch.submit(mini, "dino1b-full2b-224", executor="debug", folder=tmp_path, workdir=tmp_path)
 
 
 def test_cli_parser(monkeypatch):

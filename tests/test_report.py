@@ -2,6 +2,7 @@
 scratch copy), a run scale (synthetic eval JSONs) with each item beside the paper's and the overlay figures."""
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -131,3 +132,23 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert "classic_v2.json: not an eval result" in capsys.readouterr().err
     assert main(["compare", str(path.with_name("vqa.json"))]) == 2
     assert "vqa.json does not exist" in capsys.readouterr().err
+
+
+def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_path, monkeypatch):
+    """Without --configfile the tolerances are those of the scale the path names (mini's judge
+    nothing comparable); eval files written after a --configfile are evals, not configs."""
+    from webssl_repro.paper.report import compare_inputs
+
+    monkeypatch.chdir(REPO)
+    mini = Path("/x/results/mini/evals/dino7b-full8b-224/classic.json")
+    paper = Path("results/paper/evals/dino7b-full8b-224/vqa.json")
+    assert compare_inputs([mini], None) == ([mini], [Path("config/mini.yaml")])
+    assert compare_inputs([paper], None) == ([paper], [Path("config/paper.yaml")])
+    assert compare_inputs([], [Path("config/mini.yaml"), mini]) == ([mini], [Path("config/mini.yaml")])
+    assert compare_inputs([tmp_path / "evals" / "r" / "classic.json"], None)[1] == [Path("config/paper.yaml")]
+    with pytest.raises(ValueError, match=r"scales \['mini', 'paper'\]"):
+        compare_inputs([mini, paper], None)
+    with pytest.raises(ValueError, match="no config/paperr.yaml"):
+        compare_inputs([Path("results/paperr/evals/r/classic.json")], None)
+    with pytest.raises(ValueError, match="name at least one eval file"):
+        compare_inputs([], [Path("config/paper.yaml")])

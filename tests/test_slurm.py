@@ -48,7 +48,7 @@ from webssl_repro.workflow import Plan
 pytestmark = pytest.mark.slurm
 
 PROFILE = "slurm/ci"
-SINGLE_RUN, MULTI_RUN = "dino2b-full1b-224", "dino1b-full1b-224"
+SINGLE_RUN, MULTI_RUN = "dino2b-full2b-224", "dino1b-full2b-224"
 # What slurm/ci can schedule on 2 CPUs / 4 GB per fake node; the layout keys (gpu,
 # nodes, tasks, gres, mpi, …) stay exactly as Plan computes them.
 SMALL = {"runtime": 5, "mem_mb": 500, "cpus_per_task": 1}

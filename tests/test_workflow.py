@@ -357,6 +357,22 @@ def test_an_item_this_scale_does_not_build_says_why(workflow_dir):
         assert "text_filter" not in proc.stdout
 
 
+def test_a_path_of_another_scale_or_run_names_what_builds_it(workflow_dir):
+    """A target under another scale's tree (the config left out) names the config to add; one
+    under runs/ of a run the config has not lists the runs: not "No rule to produce"."""
+    out = lambda proc: proc.stdout + proc.stderr  # noqa: E731
+    proc = snakemake(workflow_dir, "-n", "paper/published/figures/fig3.pdf")
+    assert proc.returncode != 0 and ("paper/published/figures/fig3.pdf belongs to scale published, and this "
+                                     "config is scale mini: add `--configfile config/published.yaml`") in out(proc)
+    proc = snakemake(workflow_dir, "-n", "results/paper/evals/dino2b-heavy2b-224/vqa.json")
+    assert proc.returncode != 0 and "belongs to scale paper" in out(proc)
+    proc = snakemake(workflow_dir, "-n", "results/mini/runs/dino9b-full2b-224/encoder.safetensors")
+    assert proc.returncode != 0 and ("dino9b-full2b-224 is not a run of this config's items nor of "
+                                     "pretrain.run_sources; the runs are dino1b-full2b-224") in out(proc)
+    proc = snakemake(workflow_dir, "-n", "paper/published/figures/fig3.pdf", "--configfile", "config/published.yaml")
+    assert proc.returncode == 0 and "rule other_scale" not in proc.stdout, out(proc)[-2000:]
+
+
 def test_in1k_overrides_reach_only_the_imagenet_runs():
     """``pretrain.in1k.{method}`` is laid over the method's recipe for the ImageNet-1k runs: their
     params (so their fingerprint) change, every other run's stay as they were."""

@@ -57,6 +57,13 @@ class LaunchSpec:
 
 
 def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_port: int = RDZV_PORT) -> LaunchSpec:
+    """What the pretrain rule would run for ``run``: only a run this config trains (Snakemake
+    has no rule for another, and a misspelt name must not become a multi-node job)."""
+    if run not in plan.run_ids:
+        raise ValueError(f"{run} is not a run of this config's items nor of pretrain.run_sources; the runs are "
+                         f"{', '.join(plan.run_ids)}")
+    if not plan.trained(run):
+        raise ValueError(f"{run} is imported from a released checkpoint (pretrain.run_sources), not trained")
     res = plan.pretrain_resources(run)
     inputs = plan.pretrain_inputs(run)  # what the rule passes as {input.data} and {input.parent}
     return LaunchSpec(
@@ -253,8 +260,9 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--configfile", nargs="+", default=[Path("config/paper.yaml")], type=Path,
                    help="one or more config files, each merged over the ones before it (as snakemake's)")
     p.add_argument("--executor", choices=EXECUTORS, default="slurm",
-                   help="slurm: sbatch; local: a subprocess here; debug: in this process")
-    p.add_argument("--folder", default="logs/submitit", help="submitit's job files and per-task logs")
+                   help="slurm (default): sbatch; local: a subprocess here; debug: in this process")
+    p.add_argument("--folder", default="logs/submitit",
+                   help="submitit's job files and per-task logs (default: logs/submitit)")
     p.add_argument("--partition", default=os.environ.get("SLURM_PARTITION"),
                    help="default: $SLURM_PARTITION, as in slurm/profile.yaml")
     p.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -203,6 +204,29 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
                    f"{', '.join(self.runs)}")
             raise ConfigError(f"{self.results}/evals/{run_id}: {why}")
         return f"{self.run_dir(run_id)}/encoder.safetensors"
+
+    def unknown_run(self, path: str) -> None:
+        """Raise for a target under ``runs/`` (or ``checkpoints/``) of a run this config has
+        not, listing the runs, where Snakemake would only say that no rule produces it."""
+        raise ConfigError(f"{path}: {path.split('/')[3]} is not a run of this config's items nor of "
+                          f"pretrain.run_sources; the runs are {', '.join(self.run_ids)}")
+
+    def unknown_run_pattern(self) -> str:
+        """A wildcard constraint matching any run name but this config's (before its ``/``)."""
+        return rf"(?!(?:{'|'.join(re.escape(r) for r in self.run_ids)})/)[^/]+"
+
+    def other_scale_pattern(self, *also: str) -> str:
+        """A wildcard constraint matching any scale name but this config's and ``also`` (before its ``/``)."""
+        return rf"(?!(?:{'|'.join(re.escape(s) for s in (self.scale, *also))})/)[^/]+"
+
+    def other_scale(self, path: str) -> None:
+        """Raise for a target under another scale's tree (``results/<scale>/…``,
+        ``paper/<scale>/…``), naming the config that builds it."""
+        scale = path.split("/")[1]
+        config = Path("config") / f"{scale}.yaml"
+        how = (f"add `--configfile {config}` (and any overlay) after the targets" if config.exists() else
+               f"there is no {config}: a config whose `scale` is {scale} builds it")
+        raise ConfigError(f"{path} belongs to scale {scale}, and this config is scale {self.scale}: {how}")
 
     def eval_path(self, run: str, kind: str) -> str:
         return f"{self.results}/evals/{run}/{kind}.json"

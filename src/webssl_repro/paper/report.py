@@ -231,12 +231,35 @@ def _report_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_inputs(evals: list[Path], configfile: list[Path] | None) -> tuple[list[Path], list[Path]]:
+    """The eval files and the configs of ``compare``. ``--configfile`` takes several values, as
+    Snakemake's does, so eval files after it land there: those under an ``evals/`` folder are
+    evals. Without a config, the one of the scale that the files' ``results/{scale}/`` names."""
+    configs = [p for p in configfile or [] if not (p.suffix == ".json" and p.parent.parent.name == "evals")]
+    evals = [*evals, *(p for p in configfile or [] if p not in configs)]
+    if not evals:
+        raise ValueError("compare: name at least one eval file (results/{scale}/evals/<run>/<kind>.json)")
+    if configs:
+        return evals, configs
+    scales = {p.parts[i + 1] for p in evals for i in range(len(p.parts) - 3)
+              if p.parts[i] == "results" and p.parts[i + 2] == "evals"}
+    if len(scales) > 1:
+        raise ValueError(f"compare: the eval files are of scales {sorted(scales)}, judged by different tolerances: "
+                         "compare them apart, or name one config with --configfile")
+    config = Path("config") / f"{scales.pop() if scales else 'paper'}.yaml"
+    if not config.exists():
+        raise ValueError(f"compare: no {config} (run from the checkout's root), or name the config whose "
+                         "check.tolerances judge the differences with --configfile")
+    return evals, [config]
+
+
 def _compare_cmd(args: argparse.Namespace) -> int:
     from webssl_repro.config import load_configs
     from webssl_repro.paper.check import compare_evals
 
-    check = load_configs(args.configfile).get("check", {})
-    table = compare_evals(args.evals, check.get("tolerances", {}), check.get("comparable", False), args.published_dir)
+    evals, configs = compare_inputs(args.evals, args.configfile)
+    check = load_configs(configs).get("check", {})
+    table = compare_evals(evals, check.get("tolerances", {}), check.get("comparable", False), args.published_dir)
     if table.empty:
         print("compare: the paper prints none of these runs' metrics")
         return 0
@@ -270,9 +293,10 @@ def add_parsers(sub) -> None:
     report.set_defaults(func=_report_cmd)
 
     compare = sub.add_parser("compare", help="eval JSONs of any runs against the numbers the paper prints for them")
-    compare.add_argument("evals", nargs="+", type=Path, help="results/{scale}/evals/<run>/<kind>.json files")
-    compare.add_argument("--configfile", nargs="+", default=[Path("config/paper.yaml")], type=Path,
-                         help="the config whose check.tolerances judge the differences (default: config/paper.yaml)")
+    compare.add_argument("evals", nargs="*", type=Path, help="results/{scale}/evals/<run>/<kind>.json files")
+    compare.add_argument("--configfile", nargs="+", default=None, type=Path,
+                         help="the config whose check.tolerances judge the differences (default: config/{scale}.yaml "
+                              "of the files' results/{scale}/, else config/paper.yaml)")
     compare.add_argument("--published-dir", default=None, type=Path)
     compare.add_argument("--out", default=None, type=Path, help="also write the table as TSV")
     compare.set_defaults(func=_compare_cmd)
