@@ -105,6 +105,16 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     return records
 
 
+def package_version(package: str) -> str | None:
+    """An installed distribution's version, or None."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return None
+
+
 def model_location(value: str | os.PathLike, key: str) -> str:
     """``value`` of config key ``key`` as ``from_pretrained`` / ``load_dataset`` take it: an
     existing local path, or a hub id (``org/name``). A path that does not exist is a

@@ -198,18 +198,20 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         a run of its items or of ``pretrain.run_sources``), else an error that says so, where
         Snakemake would only report the encoder as a missing input."""
         if run_id not in self.run_ids:
-            name, seed = split_seed(run_id, self.seeds[0])
-            why = (f"seed {seed} is not in seeds {self.seeds}" if name in self.runs else
-                   f"{name} is not a run of this config's items nor of pretrain.run_sources; the runs are "
-                   f"{', '.join(self.runs)}")
-            raise ConfigError(f"{self.results}/evals/{run_id}: {why}")
+            raise ConfigError(f"{self.results}/evals/{run_id}: {self._not_a_run(run_id)}")
         return f"{self.run_dir(run_id)}/encoder.safetensors"
 
+    def _not_a_run(self, run_id: str) -> str:
+        name, seed = split_seed(run_id, self.seeds[0])
+        if name in self.runs:
+            return f"seed {seed} is not in seeds {self.seeds}"
+        return (f"{name} is not a run of this config's items nor of pretrain.run_sources; the runs are "
+                f"{', '.join(self.runs)}")
+
     def unknown_run(self, path: str) -> None:
-        """Raise for a target under ``runs/`` (or ``checkpoints/``) of a run this config has
-        not, listing the runs, where Snakemake would only say that no rule produces it."""
-        raise ConfigError(f"{path}: {path.split('/')[3]} is not a run of this config's items nor of "
-                          f"pretrain.run_sources; the runs are {', '.join(self.run_ids)}")
+        """Raise for a target under ``runs/`` of a run this config has not, listing the runs,
+        where Snakemake would only say that no rule produces it."""
+        raise ConfigError(f"{path}: {self._not_a_run(path.split('/')[3])}")
 
     def unknown_run_pattern(self) -> str:
         """A wildcard constraint matching any run name but this config's (before its ``/``)."""

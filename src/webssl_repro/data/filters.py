@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from webssl_repro.data.shards import STATS_KEY, sample_id
+from webssl_repro.files import package_version
 
 LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
 HEAVY_PROMPT = ("Please think carefully before answering. Does this image contain charts, tables, or documents "
@@ -107,15 +108,6 @@ def _check_variants(variants: Sequence[str]) -> None:
 OCR_CACHE_FORMAT = "ocr-lines-2"
 
 
-def _version(package: str) -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version(package)
-    except md.PackageNotFoundError:
-        return None
-
-
 class OCRFilter(TextFilter):
     """RapidOCR rule-based filter; one OCR pass serves both variants."""
 
@@ -138,7 +130,7 @@ class OCRFilter(TextFilter):
         # the thresholds apply on reading it, so a changed min_score is not answered from reads
         # cut at the old one. Reads of another engine setup are not reused.
         self.engine_setup = {**{k: v for k, v in kw.items() if k != "intra_op_num_threads"},
-                             "rapidocr_onnxruntime": _version("rapidocr_onnxruntime")}
+                             "rapidocr_onnxruntime": package_version("rapidocr_onnxruntime")}
         self.cache_path = cache_path
         self.cache: dict[str, list[tuple[str, float]]] = {}
         if cache_path and os.path.exists(cache_path):

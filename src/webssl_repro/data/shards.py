@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from webssl_repro.data.miniweb import MiniWebConfig, generate
+from webssl_repro.data.workers import JobDataLoader
 from webssl_repro.files import atomic_save, atomic_write
-from webssl_repro.train.deadline import ignore_preemption
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -61,15 +61,15 @@ def shard_samples(url: str, with_data: bool = True,
     alone, and counts what reading it yields).
 
     A truncated or unreadable shard ends at its last whole sample and is reported once to
-    ``on_broken``. A tar cut at a member boundary reads as a whole shorter tar; its last sample
-    is then missing members that the one before it has (an image without its json), and is
-    dropped and reported likewise: half a sample is not a sample."""
+    ``on_broken``. A local tar cut at a member boundary reads as a whole shorter tar but lacks
+    the zero block that ends an archive: its last sample, which may have lost members, is
+    dropped and reported likewise (half a sample is not a sample). A stream cannot be checked
+    so: a remote shard cut at a member boundary reads as whole, as webdataset reads it."""
     import tarfile
 
     from webdataset.tariterators import base_plus_ext
 
     sample: dict[str, Any] = {}
-    members: set[str] = set()  # the members of the sample before ``sample``
     try:
         if is_local(url):  # seekable: counting reads the headers alone
             tf, size = tarfile.open(url, "r:"), os.path.getsize(url)
@@ -79,26 +79,33 @@ def shard_samples(url: str, with_data: bool = True,
             for member in tf:
                 if not member.isreg():
                     continue
-                if size is not None and member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
                 key, suffix = base_plus_ext(member.name)
                 if key is None or os.path.basename(member.name).startswith("__"):
                     continue
                 if sample and key != sample["__key__"]:
                     yield sample
-                    members, sample = set(sample), {}
+                    sample = {}
+                if size is not None and member.offset_data + member.size > size:
+                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
                 if not sample:
                     sample = {"__key__": key, "__url__": url}
                 sample[suffix.lower()] = tf.extractfile(member).read() if with_data else None
+            if size is not None and not _ends_archive(tf):
+                raise tarfile.ReadError(f"no end-of-archive block after {sample.get('__key__', 'its last member')}: "
+                                        "cut off at a member boundary")
     except (tarfile.TarError, OSError, EOFError) as exn:
         on_broken(url, exn)
         return
-    if sample and members and not members <= set(sample):
-        on_broken(url, tarfile.ReadError(f"its last sample {sample['__key__']} lacks "
-                                         f"{sorted(members - set(sample))}: cut off at a member boundary"))
-        return
     if sample:
         yield sample
+
+
+def _ends_archive(tf) -> bool:
+    """Whether a local tar read to its end has the zero block that ends an archive where its
+    reading stopped (``tf.offset``), as tar writers put (two, then padding)."""
+    tf.fileobj.seek(tf.offset)
+    block = tf.fileobj.read(512)
+    return len(block) == 512 and not block.strip(b"\0")
 
 
 def shard_ranges(n_images: int, shard_size: int) -> list[tuple[int, int]]:
@@ -410,8 +417,8 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
         expand_sources(source), arrays=arrays, **kw)
     if num_workers == 0 and batch_size is None:
         return stream
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=num_workers, worker_init_fn=ignore_preemption,
-                        collate_fn=collate_fn if collate_fn is not None else (None if batch_size else lambda x: x))
+    loader = JobDataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+                           collate_fn=collate_fn if collate_fn is not None else (None if batch_size else lambda x: x))
     loader.stats = stream.stats  # type: ignore[attr-defined]
     return loader
 

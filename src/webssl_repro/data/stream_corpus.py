@@ -3,13 +3,17 @@
 ``IndexedCorpus`` holds every image; 2B images do not fit. ``ShardCorpus`` reads shards as
 webdataset pipelines do: each reader (a rank's dataloader worker) takes its share of a
 per-epoch shard permutation and emits each shard's samples in a seeded random order, so a
-reader holds one encoded shard at a time. Batch ``k`` of a rank is made by its reader
+reader holds one encoded shard at a time (two while filling the places of a shard none of
+whose images decodes). Batch ``k`` of a rank is made by its reader
 ``k mod workers`` from that reader's stream, whose position is therefore known from the
 step alone: a resumed run skips the samples already consumed by counting tar headers
 (no decoding, and whole shards by their headers only) and continues with exactly the
 batches an uninterrupted run would have seen, augmentation seeded by global sample index
 as in ``IndexedCorpus``. Unlike ``IndexedCorpus``, the order depends on the number of ranks
-and workers (as DINOv2's sharded sampler and webdataset's shard split do).
+and workers (as DINOv2's sharded sampler and webdataset's shard split do). A rank's local
+batch is consecutive samples of one reader's shard, shuffled within the shard but with no
+buffer across shards (webdataset's ``shuffle(n)``); and as readers' shares of an epoch differ
+in length, an epoch's last batches repeat some samples and miss as many, as a sharded stream does.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from webssl_repro.data.corpus import (
     CollateFn,
@@ -29,7 +33,7 @@ from webssl_repro.data.corpus import (
     pick_caption,
 )
 from webssl_repro.data.shards import shard_samples
-from webssl_repro.train.deadline import ignore_preemption
+from webssl_repro.data.workers import JobDataLoader
 
 
 def count_samples(url: str) -> int:
@@ -139,14 +143,15 @@ class ShardCorpus:
         # Workers are polled in turn, so worker i yields batches first + i, first + i + workers, ...
         # Their base seed comes from a private generator: drawing it from the global one would
         # shift the trainer's random stream (drop path) at every resume.
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=ignore_preemption,
-                               generator=torch.Generator().manual_seed(self.seed)))
+        return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers,
+                                  generator=torch.Generator().manual_seed(self.seed)))
 
     def check_resume(self, start_sample: int, trained_world_size: int, world_size: int) -> None:
         """Refuse to resume on another number of ranks: which samples a reader consumed follows
         from the step only for the readers (ranks x workers) that consumed them, and other
-        readers would repeat some samples and never reach others. ``IndexedCorpus`` resumes on
-        any number."""
+        readers would repeat some samples and never reach others. The workers per rank follow
+        from the ranks and ``pretrain.loader``, which is part of the run's fingerprint (a change
+        retrains). ``IndexedCorpus`` resumes on any number."""
         if start_sample and trained_world_size != world_size:
             raise ValueError(f"this run streams its shards (pretrain.loader.stream: true) and was trained on "
                              f"{trained_world_size} rank(s) up to sample {start_sample}; resuming it on {world_size} "

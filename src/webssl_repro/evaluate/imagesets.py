@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from webssl_repro.data.workers import JobDataLoader
 from webssl_repro.files import read_json
-from webssl_repro.train.deadline import ignore_preemption
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -304,8 +304,8 @@ def image_loader(images: EvalImages, batches: Iterable[torch.Tensor], workers: i
             yield idx.tolist()
 
     workers = max(0, int(workers))
-    loader = DataLoader(images, batch_sampler=sampler(), num_workers=workers, prefetch_factor=4 if workers else None,
-                        collate_fn=collate, worker_init_fn=ignore_preemption)
+    loader = JobDataLoader(images, batch_sampler=sampler(), num_workers=workers,
+                           prefetch_factor=4 if workers else None, collate_fn=collate)
     for x, y in loader:
         yield order.popleft(), x, y
 

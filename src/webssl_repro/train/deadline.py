@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 import warnings
 from datetime import datetime
@@ -22,26 +21,6 @@ from typing import Callable, Mapping, Optional
 #: SLURM's ``--signal`` and schedulers' preemption notices, sent to every process of the job;
 #: SIGTERM is also what torchrun forwards
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_preemption(_worker_id: int | None = None) -> None:
-    """A dataloader worker's ``worker_init_fn``: leave the job's preemption signals to the process
-    that saves and stops. SLURM signals every process of the job, and a worker killed by one
-    makes its loader raise in that process instead. A SIGTERM from the worker's own parent is
-    still its loader ending it (``terminate``, also at the parent's exit), and ends it quietly,
-    as torch's own handler does; the signals are taken by a thread that knows the sender."""
-    if not hasattr(signal, "sigwaitinfo"):  # not Linux: the worker keeps the default actions
-        return
-    parent, signals = os.getppid(), set(PREEMPT_SIGNALS)
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # in every thread started from here on
-
-    def take() -> None:
-        while True:
-            info = signal.sigwaitinfo(signals)
-            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=take, name="preemption-signals", daemon=True).start()
 
 
 #: squeue's %e for a job without an end time (no time limit, or not yet known)

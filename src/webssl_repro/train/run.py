@@ -166,15 +166,8 @@ def _exported(method) -> torch.nn.Module:
 
 
 def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    def version(pkg: str) -> Optional[str]:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
     from webssl_repro.config import config_hash
+    from webssl_repro.files import package_version as version
 
     config = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return {"config": config, "config_hash": config_hash(config), "git_commit": code_version(),
