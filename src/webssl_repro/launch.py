@@ -60,8 +60,7 @@ def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_po
     """What the pretrain rule would run for ``run``: only a run this config trains (Snakemake
     has no rule for another, and a misspelt name must not become a multi-node job)."""
     if run not in plan.run_ids:
-        raise ValueError(f"{run} is not a run of this config's items nor of pretrain.run_sources; the runs are "
-                         f"{', '.join(plan.run_ids)}")
+        raise ValueError(plan.not_a_run(run))
     if not plan.trained(run):
         raise ValueError(f"{run} is imported from a released checkpoint (pretrain.run_sources), not trained")
     res = plan.pretrain_resources(run)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,7 +22,7 @@ from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import SETTINGS, split_settings
 from webssl_repro.workflow_data import DataJobs
 from webssl_repro.workflow_evals import EvalJobs
-from webssl_repro.workflow_pretrain import INVOCATION_VAR, PretrainJobs
+from webssl_repro.workflow_pretrain import INVOCATION_VAR, PretrainJobs, _alternatives
 
 TABLE_FORMATS = ("tsv", "md", "tex")
 FIGURE_FORMATS = ("pdf", "png")
@@ -198,10 +197,11 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         a run of its items or of ``pretrain.run_sources``), else an error that says so, where
         Snakemake would only report the encoder as a missing input."""
         if run_id not in self.run_ids:
-            raise ConfigError(f"{self.results}/evals/{run_id}: {self._not_a_run(run_id)}")
+            raise ConfigError(f"{self.results}/evals/{run_id}: {self.not_a_run(run_id)}")
         return f"{self.run_dir(run_id)}/encoder.safetensors"
 
-    def _not_a_run(self, run_id: str) -> str:
+    def not_a_run(self, run_id: str) -> str:
+        """Why ``run_id`` is not a run of this config: a seed it does not list, or a run name it has not."""
         name, seed = split_seed(run_id, self.seeds[0])
         if name in self.runs:
             return f"seed {seed} is not in seeds {self.seeds}"
@@ -211,15 +211,15 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
     def unknown_run(self, path: str) -> None:
         """Raise for a target under ``runs/`` of a run this config has not, listing the runs,
         where Snakemake would only say that no rule produces it."""
-        raise ConfigError(f"{path}: {self._not_a_run(path.split('/')[3])}")
+        raise ConfigError(f"{path}: {self.not_a_run(path.split('/')[3])}")
 
     def unknown_run_pattern(self) -> str:
         """A wildcard constraint matching any run name but this config's (before its ``/``)."""
-        return rf"(?!(?:{'|'.join(re.escape(r) for r in self.run_ids)})/)[^/]+"
+        return _any_dir_but(self.run_ids)
 
     def other_scale_pattern(self, *also: str) -> str:
         """A wildcard constraint matching any scale name but this config's and ``also`` (before its ``/``)."""
-        return rf"(?!(?:{'|'.join(re.escape(s) for s in (self.scale, *also))})/)[^/]+"
+        return _any_dir_but((self.scale, *also))
 
     def other_scale(self, path: str) -> None:
         """Raise for a target under another scale's tree (``results/<scale>/…``,
@@ -348,6 +348,11 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         raise ConfigError(f"{item} is not built at scale {self.scale}: {why}. Its published render: "
                           f"snakemake {item} --configfile config/published.yaml")
 
+
+
+def _any_dir_but(names) -> str:
+    """A path segment other than ``names`` (a lookahead anchored on the ``/`` after it)."""
+    return rf"(?!(?:{_alternatives(list(names))})/)[^/]+"
 
 
 def _item_order(item_id: str) -> tuple[bool, int]:
