@@ -6,14 +6,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: clean-paper reproduce published test lint dry-run clean
+.PHONY: clean-paper reproduce published test lint dry-run clean lock
 
-$(BIN)/webssl-repro: pyproject.toml
+# constraints.txt pins every package of .venv to the versions the README's numbers were measured
+# with; `make lock` rewrites it from the current .venv after a deliberate upgrade.
+$(BIN)/webssl-repro: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("webssl-repro needs Python 3.11+ (PYTHON=$(PYTHON) is " + sys.version.split()[0] + "); set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 reproduce: $(BIN)/webssl-repro
@@ -29,6 +31,11 @@ test: $(BIN)/webssl-repro
 lint: $(BIN)/webssl-repro
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile rules
+
+lock: $(BIN)/webssl-repro
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | LC_ALL=C sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(BIN)/webssl-repro  # .venv is what the new list describes
 
 dry-run: $(BIN)/webssl-repro
 	$(BIN)/snakemake -n all --configfile config/paper.yaml
