@@ -61,8 +61,7 @@ def main() -> None:
     zeros = ZeroTokens(encoder.embed_dim, int(meta["patch"]), int(meta["depth"]))
     dep = classic_config(mini)["depth"]
     train, val = split_targets(args.evalset, "train", "depth"), split_targets(args.evalset, "val", "depth")
-    low, high = depth_range(dep, [train(), val()])
-    answers = depth_answers(train, val, low, high, bool(dep["eigen_crop"]))
+    answers = depth_answers(train, val, depth_range(dep, train()), bool(dep["eigen_crop"]))
     (single, at), prior = answers["uniform"], answers["position"][0]
     print(f"{args.encoder.parent.name}; mini depth recipe {dict(mini['depth'])}; warm-up 10 % of iters")
     print(f"without the image: one depth RMSE {single:.3f} m (every pixel at {at:.2f} m); "

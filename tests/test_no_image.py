@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from webssl_repro.evaluate.depth import RMSE
+from webssl_repro.evaluate.classic import depth_range
+from webssl_repro.evaluate.depth import RMSE, DepthRange
 from webssl_repro.evaluate.no_image import (PRIOR_GRID, best_class_top1, best_depth, class_answers, depth_answers,
                                             depth_prior)
 from webssl_repro.evaluate.segmentation import IGNORE_INDEX, IoU
@@ -16,6 +17,9 @@ from webssl_repro.metrics import NO_IMAGE
 
 def test_top1_is_the_most_common_class_share():
     assert best_class_top1([torch.tensor(c) for c in (0, 1, 1, 2)]) == (50.0, 1)
+
+
+OPEN = DepthRange(1e-3, 20.0)  # a max_depth set in advance: its top is not scored
 
 
 def _maps(*maps):
@@ -50,7 +54,7 @@ def test_position_prior_learns_where_each_class_is():
 
 
 def _prior_rmse(train, val: torch.Tensor) -> float:
-    return depth_answers(_maps(*train), _maps(val), 1e-3, 20.0)["position"][0]
+    return depth_answers(_maps(*train), _maps(val), OPEN)["position"][0]
 
 
 def test_depth_position_prior_is_the_mean_at_each_place():
@@ -68,7 +72,7 @@ def test_depth_position_prior_is_the_mean_at_each_place():
     val[8:] = rows[8:]
     assert _prior_rmse(sky, val) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="no training depth pixel"):
-        depth_prior(_maps(torch.full((4, 4), 20.0)), 1e-3, 20.0)
+        depth_prior(_maps(torch.full((4, 4), 20.0)), OPEN)
 
 
 def _per_image_rmse(maps, valid, c: float) -> float:
@@ -84,7 +88,7 @@ def test_depth_constant_beats_every_other_constant():
     search must find the grid's minimum (to its spacing)."""
     gen = torch.Generator().manual_seed(0)
     maps = [torch.rand(h, h, generator=gen) * s + o for h, s, o in ((32, 0.2, 1.4), (2, 0.5, 9.0), (2, 0.5, 10.0))]
-    rmse, c = depth_answers(_maps(*maps), _maps(*maps), 1e-3, 20.0)["uniform"]
+    rmse, c = depth_answers(_maps(*maps), _maps(*maps), OPEN)["uniform"]
     valid = [torch.ones_like(d, dtype=torch.bool) for d in maps]
     assert rmse == pytest.approx(_per_image_rmse(maps, valid, c), rel=1e-12)
     grid = torch.linspace(0.5, 12.0, 2301)
@@ -100,7 +104,7 @@ def test_depth_scores_only_the_probe_pixels():
     inside = torch.full((480, 640), 3.0)
     inside[:240] = 5.0
     def uniform(d: torch.Tensor, crop: bool) -> tuple[float, float]:
-        return depth_answers(_maps(inside), _maps(d), 1e-3, 20.0, crop)["uniform"]
+        return depth_answers(_maps(inside), _maps(d), OPEN, crop)["uniform"]
 
     plain = uniform(inside, crop=True)
     sky = inside.clone()
@@ -109,7 +113,24 @@ def test_depth_scores_only_the_probe_pixels():
     assert uniform(sky, crop=True) == pytest.approx(plain)
     assert uniform(sky, crop=False)[0] > plain[0] + 0.1
     with pytest.raises(ValueError, match="no depth pixel"):
-        best_depth(_maps(torch.full((4, 4), 20.0)), 1e-3, 20.0)
+        best_depth(_maps(torch.full((4, 4), 20.0)), OPEN)
+
+
+def test_a_range_found_in_the_data_is_the_training_maps_and_scores_its_top():
+    """max_depth null: the top is the training maps' deepest pixel (mini-web's sky at 20 m), never
+    val's, and a pixel at it is scored, as the probe trains on it; a max_depth set in advance
+    scores strictly below it (DINOv2's NYUd mask)."""
+    train = [torch.tensor([[2.0, 20.0]]), torch.tensor([[3.0, 4.0]])]
+    found = depth_range({"max_depth": None}, iter(train))
+    assert (found.low, found.high, found.top_scored) == (1e-3, 20.0, True) and str(found) == "(0.001, 20]"
+    val = torch.tensor([[0.0, 3.0, 20.0, 25.0]])
+    assert found.scored(val).tolist() == [[False, True, True, False]]
+    fixed = depth_range({"max_depth": 20.0}, iter([]))  # the maps are not read
+    assert fixed.scored(val).tolist() == [[False, True, False, False]] and str(fixed) == "(0.001, 20)"
+    # the sky counts: one depth for a half-sky map is the per-image optimum, nearer 20 than 3
+    half = torch.tensor([[20.0, 20.0], [3.0, 3.0]])
+    assert depth_answers(_maps(half), _maps(half), found)["uniform"][1] == pytest.approx(11.5, abs=1e-6)
+    assert depth_answers(_maps(half), _maps(half), fixed)["uniform"][1] == pytest.approx(3.0, abs=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from webssl_repro.config import merge_known
 from webssl_repro.files import read_json
 from webssl_repro.evaluate.classification import FEATURES, classification
+from webssl_repro.evaluate.depth import MIN_DEPTH, DepthRange
 from webssl_repro.evaluate.features import BlockTokens, model_device
 from webssl_repro.evaluate.imagesets import EvalImages, as_hw, collate_lists, load_split
 from webssl_repro.evaluate.linear import DINOV2_LRS
@@ -78,8 +79,9 @@ DEFAULTS: dict[str, Any] = {
     "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500, "batch_size": 16, "img_size": None,
                      "ms_img_size": None, "test_mode": "slide", "slide_stride": None, "augment": True},
     # sig_warmup: iterations of SigLoss's mean-only warm-up (DINOv2 warm_iter=100).
-    # max_depth: top of the depth bins (DINOv2's NYUd: 10 m); None = the deepest pixel of the
-    # train and val maps, which needs their targets in memory (the cached path).
+    # max_depth: top of the depth bins (DINOv2's NYUd: 10 m; scored strictly below); None = the
+    # deepest pixel of the training maps (scored up to and including it: depth.DepthRange),
+    # which needs their targets in memory (the cached path).
     # eigen_crop: score inside the Eigen crop (DINOv2's NYUd; true in config/paper.yaml),
     # defined on NYUd's 480 x 640 frames only.
     # augment: the depth toolbox's training augmentation (dense_augment) of random crops of
@@ -264,15 +266,13 @@ def resumable_scoring(progress: EvalProgress, part: str, images, cfg: Mapping[st
         done += len(xs)
 
 
-def depth_range(dep: Mapping[str, Any], splits: Iterable[Iterable[torch.Tensor]]) -> tuple[float, float]:
-    """The depth bins' (min, max): ``max_depth``, or where null the deepest pixel of ``splits``
-    (the depth probe's train and val maps, read only then). Scores count the pixels strictly inside."""
-    from webssl_repro.evaluate.depth import MIN_DEPTH
-
-    top = dep["max_depth"]
-    if top is None:
-        top = max(float(t.max()) for split in splits for t in split)
-    return MIN_DEPTH, float(top)
+def depth_range(dep: Mapping[str, Any], train: Iterable[torch.Tensor]) -> DepthRange:
+    """The depth bins' range and scored pixels: up to ``max_depth``, or where null up to the
+    deepest pixel of ``train`` (the probe's training maps, read only then; never val's, which
+    the range would then leak into the head)."""
+    if dep["max_depth"] is not None:
+        return DepthRange(MIN_DEPTH, float(dep["max_depth"]))
+    return DepthRange(MIN_DEPTH, max(float(t.max()) for t in train), top_scored=True)
 
 
 def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
@@ -298,11 +298,12 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
     if dep["max_depth"] is None and not TokenCache.fits(encoder, len(train), size, int(meta["patch"]), len(blocks)):
         raise ValueError(f"evaluate.classic.depth.max_depth is null, but the {len(train)} training images are "
                          "too many to scan for their deepest pixel: set it (DINOv2's NYUd: 10.0)")
-    max_depth = depth_range(dep, [train.targets(), val.targets()])[1]
+    scored = depth_range(dep, train.targets())
     heads = []
     for _, chosen in specs:
         torch.manual_seed(int(cfg["seed"]))
-        heads.append(DepthLinearHead(encoder.embed_dim, n_layers=len(chosen), max_depth=float(max_depth)).to(device))
+        heads.append(DepthLinearHead(encoder.embed_dim, n_layers=len(chosen), min_depth=scored.low,
+                                     max_depth=scored.high).to(device))
 
     positions = [[blocks.index(b) for b in chosen] for _, chosen in specs]
 
@@ -332,13 +333,13 @@ def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
         for xs, ds in resumable_scoring(progress, "depth-scores", val, cfg, scores):
             # DINOv2's NYUd test: the mean of the image's and its mirror's predictions (flip
             # TTA), resized to the depth map and scored where the ground truth lies inside the
-            # bins' range, (min, max) open as the toolbox's eval mask (and the Eigen crop)
+            # bins' range (``DepthRange.scored``; and the Eigen crop)
             x = torch.stack(xs)  # squashed to one size
             views = [(bt.grid, flat(bt)) for bt in (fn(x), fn(x.flip(-1)))]
             targets = []  # each map once on the device, with its valid pixels (the heads share the bins)
             for d in ds:
                 d = d.to(device).unsqueeze(0)
-                valid = (d > heads[0].min_depth) & (d < heads[0].max_depth)
+                valid = scored.scored(d)
                 targets.append((d, valid & eigen_crop(d.shape).to(device) if dep["eigen_crop"] else valid))
             for k, ((name, _), head) in enumerate(zip(specs, heads)):
                 pred = 0.0

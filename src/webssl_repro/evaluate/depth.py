@@ -19,6 +19,7 @@ of the iterations, back to 0.95 by the end, cosine).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -30,10 +31,31 @@ from .progress import Checkpoint, head_state, resume_heads
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
            "depth_loss", "onecycle_beta1", "train_depth", "train_depth_heads", "rmse", "RMSE", "eigen_crop",
-           "EIGEN_CROP", "SAMPLES_PER_GPU"]
+           "EIGEN_CROP", "SAMPLES_PER_GPU", "DepthRange"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
 MIN_DEPTH = 1e-3  # the first bin (DINOv2's depther); pixels at or below it are not scored
+
+
+@dataclass(frozen=True)
+class DepthRange:
+    """The depth bins' (``low``, ``high``) and the pixels a depth score counts. A ``max_depth`` set
+    in advance bounds them strictly, as DINOv2's NYUd eval mask (``low < d < high``); a top found as
+    the deepest pixel of the training maps is a depth the data holds (mini-web's far wall and sky
+    at 20 m, a third of its pixels, on which the probe trains too), so it is scored
+    (``low < d <= high``)."""
+
+    low: float
+    high: float
+    top_scored: bool = False
+
+    def scored(self, d: torch.Tensor) -> torch.Tensor:
+        return (d > self.low) & ((d <= self.high) if self.top_scored else (d < self.high))
+
+    def __str__(self) -> str:
+        return f"({self.low:g}, {self.high:g}{']' if self.top_scored else ')'}"
+
+
 #: images per GPU of DINOv2's NYUd configs (samples_per_gpu), over which each SigLoss is taken
 SAMPLES_PER_GPU = 2
 #: DINOv2's lin.4 blocks of the depths it evaluates (``hub/depthers.py``): ViT-S/B, ViT-L, ViT-g

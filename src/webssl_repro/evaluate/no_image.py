@@ -20,7 +20,7 @@ runs' numbers need not beat them, and the tables say so (``paper.tables``).
 
 Cost: each map is read as it is asked for (ADE20K's 2,000 val maps at int64 would take ~6 GB at
 once): each task's training maps once and its val maps twice (statistics, then one scoring pass
-for both answers), plus one more pass over NYUd's where ``max_depth`` is null; no encoder, no
+for both answers), plus one more pass over NYUd's training maps where ``max_depth`` is null; no encoder, no
 training.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from webssl_repro.evaluate.depth import DepthRange
 from webssl_repro.evaluate.imagesets import EvalImages, load_split
 
 #: side of the square on which position priors are kept (maps resized to it, nearest / area)
@@ -86,72 +87,71 @@ def class_answers(train: Maps, val: Maps, n_classes: int) -> dict[str, tuple[flo
             "position": (100.0 * scores["position"].mean(), sorted(set(prior.flatten().tolist())))}
 
 
-def _scored(d: torch.Tensor, low: float, high: float, crop: bool) -> torch.Tensor:
-    """The pixels ``classic.depth`` scores: inside the bins' open range, and the Eigen crop."""
+def _scored(d: torch.Tensor, scored: DepthRange, crop: bool) -> torch.Tensor:
+    """The pixels ``classic.depth`` scores: inside the bins' range, and the Eigen crop."""
     from webssl_repro.evaluate.depth import eigen_crop
 
-    valid = (d > low) & (d < high)
+    valid = scored.scored(d)
     return valid & eigen_crop(d.shape) if crop else valid
 
 
-def best_depth(val: Maps, low: float, high: float, crop: bool = False, iterations: int = 100) -> float:
+def best_depth(val: Maps, scored: DepthRange, crop: bool = False, iterations: int = 100) -> float:
     """The one depth whose RMSE (m), per image then averaged as the depth probe is scored, is
     least over ``val``, on the pixels the probe scores (``_scored``). The score is convex in the
     depth, so a ternary search over the range finds it from each map's first two moments."""
     moments = []
     for d in val():
         d = d.double()
-        valid = _scored(d, low, high, crop)
+        valid = _scored(d, scored, crop)
         if valid.any():
             moments.append((d[valid].mean(), (d[valid] ** 2).mean()))
     if not moments:
-        raise ValueError(f"no depth pixel lies inside the scored range ({low:g}, {high:g})")
+        raise ValueError(f"no depth pixel lies inside the scored range {scored}")
     m1, m2 = (torch.stack(m) for m in zip(*moments))
 
     def score(c: float) -> float:
         return float(torch.sqrt((c * c - 2 * c * m1 + m2).clamp_min(0)).mean())
 
-    lo, hi = low, high
+    lo, hi = scored.low, scored.high
     for _ in range(iterations):
         a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
         lo, hi = (lo, b) if score(a) <= score(b) else (a, hi)
     return 0.5 * (lo + hi)
 
 
-def depth_prior(train: Maps, low: float, high: float, crop: bool = False) -> torch.Tensor:
+def depth_prior(train: Maps, scored: DepthRange, crop: bool = False) -> torch.Tensor:
     """Each place's mean depth over ``train``'s scored pixels, on the ``PRIOR_GRID`` square (the
     overall mean where a place has none)."""
     total = torch.zeros(PRIOR_GRID, PRIOR_GRID, dtype=torch.float64)
     count = torch.zeros_like(total)
     for d in train():
-        valid = _scored(d.double(), low, high, crop)
+        valid = _scored(d.double(), scored, crop)
         total += _to_grid(torch.where(valid, d.double(), 0.0), "area")
         count += _to_grid(valid.double(), "area")
     if not count.any():
-        raise ValueError(f"no training depth pixel lies inside the scored range ({low:g}, {high:g})")
+        raise ValueError(f"no training depth pixel lies inside the scored range {scored}")
     return torch.where(count > 0, total / count.clamp_min(1e-12), total.sum() / count.sum())
 
 
-def depth_answers(train: Maps, val: Maps, low: float, high: float,
-                  crop: bool = False) -> dict[str, tuple[float, Any]]:
+def depth_answers(train: Maps, val: Maps, scored: DepthRange, crop: bool = False) -> dict[str, tuple[float, Any]]:
     """RMSE (m) on ``val``, scored by the probes' own ``RMSE`` in one pass, of the best single
     depth and of the position prior (``depth_prior`` over ``train``), each with what it answers."""
     from webssl_repro.evaluate.depth import RMSE
 
-    best, prior = best_depth(val, low, high, crop), depth_prior(train, low, high, crop)
+    best, prior = best_depth(val, scored, crop), depth_prior(train, scored, crop)
     scores = {"uniform": RMSE(), "position": RMSE()}
     for d in val():  # one image each: RMSE.add takes a batch
         d = d.double()
-        scored = _scored(d, low, high, crop)[None]
-        scores["uniform"].add(torch.full_like(d, best)[None], d[None], scored)
-        scores["position"].add(_from_grid(prior, d.shape, "bilinear")[None], d[None], scored)
+        valid = _scored(d, scored, crop)[None]
+        scores["uniform"].add(torch.full_like(d, best)[None], d[None], valid)
+        scores["position"].add(_from_grid(prior, d.shape, "bilinear")[None], d[None], valid)
     return {"uniform": (scores["uniform"].value(), best), "position": (scores["position"].value(), prior)}
 
 
 def classic_reference(data: Mapping[str, str | Path], cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``run_classic``'s keys and units: each metric's better answer without the image; both
     answers and what they answer as details (``_``-prefixed). Where ``max_depth`` is null the
-    depth range's top is the deepest pixel of the native maps; the probe reads its training maps
+    depth range's top is the deepest pixel of the native training maps; the probe reads them
     resized to its ``img_size``, whose deepest pixel may be shallower (the same at mini, 64 px
     both; the paper sets ``max_depth``)."""
     from webssl_repro.evaluate.classic import classic_config, depth_range, segmentation_classes
@@ -161,9 +161,8 @@ def classic_reference(data: Mapping[str, str | Path], cfg: Mapping[str, Any] | N
     seg = class_answers(split_targets(data["segmentation"], "train", "seg"),
                         split_targets(data["segmentation"], "val", "seg"), segmentation_classes(data["segmentation"]))
     train, val = split_targets(data["depth"], "train", "depth"), split_targets(data["depth"], "val", "depth")
-    low, high = depth_range(dep, [train(), val()])  # the maps are read only where max_depth is null
-    crop = bool(dep["eigen_crop"])
-    dense = depth_answers(train, val, low, high, crop)
+    scored = depth_range(dep, train())  # the maps are read only where max_depth is null
+    dense = depth_answers(train, val, scored, bool(dep["eigen_crop"]))
     (uniform, depth), position = dense["uniform"], dense["position"][0]
     miou = max(seg["uniform"][0], seg["position"][0])
     rmse = min(uniform, position)
