@@ -73,6 +73,25 @@ def test_feature_cache_written_once(tmp_path):
     other = extract_features(FakeEncoder(torch.ones(1, 16, 3)), batches, 4, path)
     assert torch.equal(other["c"], torch.ones(4, 3)) and not torch.equal(other["c"], cache["c"])
     assert FeatureCache.load(path).fingerprint == other.fingerprint != cache.fingerprint
+    # the same encoder over other images (the same ids), or at another token count, recomputes
+    regenerated = extract_features(enc, batches, 4, path, inputs="eval set at 48 px")
+    assert regenerated.fingerprint != cache.fingerprint and torch.equal(regenerated["c"], cache["c"])
+    assert extract_features(enc, boom(), 4, path, inputs="eval set at 48 px").fingerprint == regenerated.fingerprint
+    assert extract_features(enc, batches, 1, path).features.shape == (3, 1, 3)
+
+
+def test_images_digest_follows_pixels_ids_and_size():
+    import numpy as np
+    from PIL import Image
+
+    from webssl_repro.evaluate.vqa.stage import images_digest
+
+    images = {"vqa/1": Image.new("RGB", (8, 8), (10, 20, 30)), "corpus/2": np.zeros((8, 8, 3), np.uint8)}
+    base = images_digest(images, 32)
+    assert images_digest(dict(reversed(images.items())), 32) == base  # order does not matter
+    assert images_digest(images, 48) != base
+    assert images_digest({**images, "vqa/1": Image.new("RGB", (8, 8), (10, 20, 31))}, 32) != base
+    assert images_digest({**images, "vqa/3": images["vqa/1"]}, 32) != base
 
 
 def test_tokenizer_round_trips_through_disk(tmp_path):

@@ -256,14 +256,16 @@ class FeatureCache(Mapping[str, torch.Tensor]):
 
 def extract_features(encoder, image_iter: Iterable[tuple[Sequence[str], torch.Tensor]], n_tokens: int,
                      path: Optional[str | Path] = None, dtype: torch.dtype = torch.float32,
-                     num_prefix_tokens: Optional[int] = None) -> FeatureCache:
+                     num_prefix_tokens: Optional[int] = None, inputs: str = "") -> FeatureCache:
     """Run the frozen encoder once over (ids, images) batches; reuse ``path`` if it already holds
-    them, from this very encoder (else they are recomputed and the file replaced)."""
-    fingerprint = encoder_fingerprint(encoder)
+    them: from this very encoder, at ``n_tokens``, of the same ``inputs`` (a digest of the images
+    the batches hold, ``stage.images_digest``: ids alone would not tell an eval set regenerated at
+    another size). Else they are recomputed and the file replaced."""
+    import hashlib
+
+    fingerprint = hashlib.sha1(f"{encoder_fingerprint(encoder)} {n_tokens} {dtype} {inputs}".encode()).hexdigest()
     if path is not None and os.path.exists(path):
         cache = FeatureCache.load(path)
-        if cache.features.shape[1] != n_tokens:
-            raise ValueError(f"{path} holds {cache.features.shape[1]} tokens per image, not {n_tokens}")
         if cache.fingerprint == fingerprint:
             return cache
     was_training = encoder.training

@@ -67,6 +67,20 @@ def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
         yield chunk, images_tensor([{"image": images[i]} for i in chunk], size, VQA_FIT)
 
 
+def images_digest(images: Mapping[str, Any], size: int) -> str:
+    """What ``_batches`` encodes: every image's id and pixels, at ``size`` and ``VQA_FIT``."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha1(f"{size} {VQA_FIT}".encode())
+    for image_id in sorted(images):
+        pixels = np.ascontiguousarray(np.asarray(images[image_id]))
+        digest.update(f"{image_id} {pixels.shape} {pixels.dtype}".encode())
+        digest.update(pixels.tobytes())
+    return digest.hexdigest()
+
+
 #: Keys of ``evaluate.vqa`` that are the stage's, not ``VqaConfig``'s.
 STAGE_KEYS = ("scale", "alignment_samples", "data", "controls")
 
@@ -136,8 +150,9 @@ def run_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path
             images.setdefault(f"vqa/{it['image_id']}", it["image"])
 
     with main_first(env):  # rank 0 writes the feature cache, the other ranks read it
-        features = extract_features(encoder, _batches(images, int(meta["img_size"])), config.tokens,
-                                    workdir / "features.safetensors")
+        size = int(meta["img_size"])
+        features = extract_features(encoder, _batches(images, size), config.tokens, workdir / "features.safetensors",
+                                    inputs=images_digest(images, size))
     tokenizer = None
     if config.language_model == "tiny":  # mini: a word-level vocabulary of the training texts only
         # never the test split; the chat template's own words too, or USER/ASSISTANT are <unk>
