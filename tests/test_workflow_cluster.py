@@ -17,7 +17,8 @@ def paper_plan():
 
 def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
     launcher = paper_plan.launcher("dino7b-full2b-224")
-    assert launcher.startswith("srun --nodes 32 --ntasks 32 --ntasks-per-node 1 torchrun --nnodes 32 --nproc-per-node 8")
+    assert launcher.startswith("srun --nodes 32 --ntasks 32 --ntasks-per-node 1 --cpus-per-task 64 "
+                               "torchrun --nnodes 32 --nproc-per-node 8")
     resources = paper_plan.pretrain_resources("dino7b-full2b-224").snakemake()
     assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
 
@@ -37,7 +38,8 @@ def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
     proc = snakemake(workflow_dir, "-n", "-p", "results/paper/runs/dino7b-full8b-224/encoder.safetensors",
                      "--configfile", "resized.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert "&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 torchrun --nnodes 16 --nproc-per-node 8" in proc.stdout
+    assert ("&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 --cpus-per-task 64 torchrun --nnodes 16 "
+            "--nproc-per-node 8") in proc.stdout
 
 
 def test_torchrun_hands_the_vqa_job_its_arguments(workflow_dir):

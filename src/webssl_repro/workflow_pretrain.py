@@ -92,7 +92,9 @@ class PretrainJobs:
         """The command prefix that starts ``python -m webssl_repro.cli`` on the run's resources.
 
         Ranks come from torchrun's environment; under SLURM one ``srun`` task per node
-        starts one torchrun each (design.md §7), never reading SLURM_JOB_NUM_NODES.
+        starts one torchrun each (design.md §7), never reading SLURM_JOB_NUM_NODES. The step asks
+        for the node's CPUs itself: srun of Slurm 22.05-23.02 does not take ``--cpus-per-task``
+        from the batch job, and the ranks and their loader workers would share one CPU.
         """
         res = self.pretrain_resources(run)
         if res.gpus == 0:
@@ -101,7 +103,7 @@ class PretrainJobs:
         if res.nodes == 1:
             return f"torchrun --standalone --nnodes 1 --nproc-per-node {per_node} -m webssl_repro.cli"
         return (
-            f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 "
+            f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 --cpus-per-task {res.cpus_per_task} "
             f"torchrun --nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
             f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
         )
