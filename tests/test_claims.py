@@ -300,6 +300,24 @@ def test_malformed_results_are_named_by_file(tmp_path):
         (evals / name).write_text(text)
         with pytest.raises(ValueError, match=message):
             runs_frame([evals / name])
+    # values a renderer would show as "no number", silently: each is refused by file and key
+    for name, text, message in (
+            ("vqa.json", '{"metrics": {"gqa": NaN}}', r"vqa.json: metric 'gqa' is nan, not a finite number in \[0, 100\]"),
+            ("vqa.json", '{"metrics": {"gqa": true}}', r"metric 'gqa' has non-numeric value True"),
+            ("vqa.json", '{"metrics": {"gqa": "55.1"}}', r"metric 'gqa' has non-numeric value '55.1'"),
+            ("vqa.json", '{"metrics": {"mme": 5000}}', r"vqa.json: metric 'mme' is 5000, not a finite number in \[0, 2000\]"),
+            ("vqa.json", '{"metrics": {"GQA": 55.1}}', r"vqa.json: unknown vqa metric 'GQA'; expected one of mme, "),
+            ("classic.json", '{"metrics": {"nyud_lin1": Infinity}}', r"metric 'nyud_lin1' is inf, not a finite number in \[0, inf\]"),
+            ("classic.json", '{"metrics": {"in1k_linear": 0.5, "in1k": 50}}', r"unknown classic metric 'in1k'"),
+            ("alignment.json", '{"metrics": {"minilm": 0.02}}', r"expected alignment/<language model>"),
+            ("alignment.json", '{"metrics": {"alignment/minilm": 0.02}, "details": [1, 2]}',
+             r"alignment.json: 'details' is a list, not a mapping")):
+        (evals / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            runs_frame([evals / name])
+    (evals / "vqa.json").write_text('{"metrics": {"gqa": 55, "mme": 1500.5, "Average": 50.0}}')
+    frame = runs_frame([evals / "vqa.json"])
+    assert dict(zip(frame["metric"], frame["value"])) == {"gqa": 55.0, "mme": 1500.5, "Average": 50.0, "data_pct": 100.0}
     filtered = tmp_path / "results/synth/data/filter"
     filtered.mkdir(parents=True)
     (filtered / "heavy.json").write_text('{"variant": "heavy"}')

@@ -232,3 +232,22 @@ def test_a_row_with_a_field_too_many_names_the_file(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"classic\.tsv: not a table of tab-separated columns: .*line 4, saw"):
         load_published(target)
+
+
+@pytest.mark.parametrize("file, column, old, new, message", [
+    # a misspelt run would reach no item: its table row would render as "no number" throughout
+    ("vqa.tsv", "source", "dino3b-full2b-224", "dino3b-ful2b-224",
+     r"vqa\.tsv: line \d+ \(row 'Web-DINO ViT-3B'\), column 'source': 'dino3b-ful2b-224' is not one of a run name"),
+    ("table3.tsv", "source", "siglip-so400m-224", "siglip-400m-224", r"column 'source': 'siglip-400m-224' is not one of"),
+    ("table4.tsv", "source", "web-mae", "mae", r"table4\.tsv: .*column 'source': 'mae' is not one of web-dino, web-mae, clip"),
+    ("classic.tsv", "table", "table9", "table8", r"column 'table': 'table8' is not one of classic\.tsv's tables \(table7, table9\)"),
+])
+def test_a_row_of_another_source_or_table_names_file_line_and_value(tmp_path, file, column, old, new, message):
+    target = _copy(tmp_path)
+    path = target / file
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    assert (table[column] == old).any()
+    table.loc[table[column] == old, column] = new
+    table.to_csv(path, sep="\t", index=False)
+    with pytest.raises(ValueError, match=message):
+        load_published(target)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Iterable, Union
@@ -17,6 +16,7 @@ from typing import Iterable, Union
 import pandas as pd
 
 from webssl_repro.metrics import CLASSIC_METRICS, DATA_PCT, VQA_BENCHMARKS
+from webssl_repro.runs import is_run_name
 
 ENV_VAR = "WEBSSL_PUBLISHED_DIR"
 KEY_COLUMNS: tuple[str, ...] = ("table", "row", "source")
@@ -46,7 +46,24 @@ SCHEMA: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "table5.tsv": ((), ("learning_rate", "weight_decay", "batch_size")),
 }
 
-_TABLE_ID = re.compile(r"^table([1-9]|1[0-5])$")
+# file -> the paper tables its rows come from
+FILE_TABLES: dict[str, tuple[str, ...]] = {
+    "vqa.tsv": tuple(f"table{n}" for n in (6, 8, 10, 11, 12, 13, 14, 15)),
+    "table2.tsv": ("table2",), "table3.tsv": ("table3",), "classic.tsv": ("table7", "table9"),
+    "table1.tsv": ("table1",), "table4.tsv": ("table4",), "table5.tsv": ("table5",),
+}
+# The recipe tables' rows name what they describe; a result row's source is one of our runs or a
+# baseline, else its numbers would reach no item and render as a row of "no number".
+RECIPE_SOURCES: dict[str, tuple[str, ...]] = {
+    "table1.tsv": tuple(f"vit-{s}" for s in ("1b", "2b", "3b", "5b", "7b")),
+    "table4.tsv": ("web-dino", "web-mae", "clip"), "table5.tsv": ("stage1", "stage2"),
+}
+
+
+def _known_source(file: str, source: str) -> bool:
+    if file in RECIPE_SOURCES:
+        return source in RECIPE_SOURCES[file]
+    return is_run_name(source) or source in BASELINE_SOURCES
 
 
 def default_directory() -> Path:
@@ -90,8 +107,13 @@ def _read_file(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         for col in (*KEY_COLUMNS, PROVENANCE, *text_cols):
             if not rec[col].strip():
                 raise ValueError(f"{where}, column {col!r}: empty")
-        if not _TABLE_ID.match(rec["table"]):
-            raise ValueError(f"{where}, column 'table': {rec['table']!r} is not a table id table1..table15")
+        if rec["table"] not in FILE_TABLES[path.name]:
+            raise ValueError(f"{where}, column 'table': {rec['table']!r} is not one of {path.name}'s tables "
+                             f"({', '.join(FILE_TABLES[path.name])})")
+        if not _known_source(path.name, rec["source"]):
+            expected = ", ".join(RECIPE_SOURCES.get(path.name, ("a run name (dino7b-full2b-224)",
+                                                                 *BASELINE_SOURCES)))
+            raise ValueError(f"{where}, column 'source': {rec['source']!r} is not one of {expected}")
         for col in num_cols:
             cell = rec[col].strip()
             try:
@@ -151,9 +173,10 @@ def published_frame(tables: Union[str, Iterable[str]], directory: Union[str, Pat
     A real disagreement (e.g. I-JEPA's Average, 44.78 in Table 14 vs 44.7 in Table 3) raises.
     """
     wanted = [tables] if isinstance(tables, str) else list(tables)
-    bad = [t for t in wanted if not _TABLE_ID.match(t)]
+    tables_of_files = sorted({t for ts in FILE_TABLES.values() for t in ts}, key=lambda t: int(t[5:]))
+    bad = [t for t in wanted if t not in tables_of_files]
     if bad:
-        raise ValueError(f"published_frame: not table ids: {bad} (expected table1..table15)")
+        raise ValueError(f"published_frame: not table ids: {bad} (expected one of {', '.join(tables_of_files)})")
     frame = _load_with_decimals(directory)
     frame = frame[frame["table"].isin(wanted)]
     absent = sorted(set(wanted) - set(frame["table"]))

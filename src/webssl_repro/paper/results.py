@@ -15,7 +15,9 @@ import pandas as pd
 
 from webssl_repro.evaluate.vqa.categories import category_scores
 from webssl_repro.files import read_json
-from webssl_repro.metrics import DATA_PCT, NO_IMAGE, SE_PREFIX, VQA_BENCHMARKS
+from webssl_repro.evaluate.vqa.categories import MME_MAX
+from webssl_repro.metrics import (ALIGNMENT_PREFIX, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT, LOWER_IS_BETTER,
+                                  NO_IMAGE, SE_PREFIX, VQA_BENCHMARKS)
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.runs import Run, is_run_name, split_seed
@@ -57,6 +59,32 @@ def is_no_image_result(path: Path) -> bool:
     return path.name == "classic.json" and path.parent.name == NO_IMAGE and path.parent.parent.name == "controls"
 
 
+def _valid_metric(path: Path, name: str, value: object) -> float:
+    """One metric of an eval JSON of kind ``path.stem`` as a number, or an error naming the file,
+    the key and what it should be: a renderer would show a misspelt key, a string or a NaN as
+    "no number" and the check would call its claims not measurable, saying nothing."""
+    kind = path.stem
+    if kind == "vqa":
+        known = name in VQA_BENCHMARKS or name in CATEGORY_COLUMNS
+        expected = f"one of {', '.join((*VQA_BENCHMARKS, *CATEGORY_COLUMNS))}"
+        top = MME_MAX if name == "mme" else 100.0
+    elif kind == "classic":
+        known, expected = name in CLASSIC_METRICS, f"one of {', '.join(CLASSIC_METRICS)}"
+        top = math.inf if name in LOWER_IS_BETTER else 100.0
+    elif kind == "alignment":
+        known, expected, top = name.startswith(ALIGNMENT_PREFIX), f"{ALIGNMENT_PREFIX}<language model>", 1.0
+    else:
+        raise ValueError(f"{path}: an eval result is vqa.json, classic.json or alignment.json, not {path.name!r}")
+    if not known:
+        raise ValueError(f"{path}: unknown {kind} metric {name!r}; expected {expected}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}")
+    low = -1.0 if kind == "alignment" else 0.0
+    if not (math.isfinite(value) and low <= value <= top):
+        raise ValueError(f"{path}: metric {name!r} is {value!r}, not a finite number in [{low:g}, {top:g}]")
+    return float(value)
+
+
 def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     """Rows of one ``results/{scale}/evals/{run}[.s{seed}]/{kind}.json`` (``{"metrics": {name: value}}``);
     the run's directory without a suffix is ``first_seed``'s. The classic answers without the
@@ -72,13 +100,11 @@ def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     metrics = data.get("metrics") if isinstance(data, dict) else None
     if not isinstance(metrics, dict):
         raise ValueError(f"{path}: 'metrics' is a {type(metrics).__name__}, not a mapping of metric to value")
-    rows = []
-    for name, value in metrics.items():
-        try:
-            rows.append({"source": run, "metric": name, "value": float(value), "origin": origin, "seed": seed})
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: metric {name!r} has non-numeric value {value!r}") from None
+    rows = [{"source": run, "metric": name, "value": _valid_metric(path, name, value), "origin": origin,
+             "seed": seed} for name, value in metrics.items()]
     details = data.get("details") or {}
+    if not isinstance(details, dict):
+        raise ValueError(f"{path}: 'details' is a {type(details).__name__}, not a mapping")
     for name, value in details.items():  # a score's standard error, as metric "se/<score>"
         if name.endswith("/se") and isinstance(value, (int, float)):
             rows.append({"source": run, "metric": SE_PREFIX + name[:-len("/se")], "value": float(value),
