@@ -48,6 +48,26 @@ def test_a_computing_config_cannot_write_into_the_published_folders():
     validate_config(yaml.safe_load((REPO / "config/published.yaml").read_text()))
 
 
+def test_published_numbers_render_only_at_the_published_scale():
+    """`--config source=published` on mini would look for mini runs' results the items do not ask
+    for (and stop on an unrelated message): refused at the scale key."""
+    config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"at key 'scale': 'published' was expected \(source published renders"):
+        validate_config({**config, "source": "published"})
+
+
+def test_gpu_nodes_need_the_partitions_time_limit():
+    """Without resources.max_runtime_min a ViT-7B job would ask SLURM for its whole estimate
+    (48 days at paper scale) and never start; CPU-only configs (mini) need none."""
+    config = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    del config["resources"]["max_runtime_min"]
+    with pytest.raises(ConfigError, match=r"at key 'resources': 'max_runtime_min' is a required property"):
+        validate_config(config)
+    mini = yaml.safe_load((REPO / "config/mini.yaml").read_text())
+    assert "max_runtime_min" not in mini["resources"]
+    validate_config(mini)
+
+
 def test_a_bad_value_is_explained_by_its_keys_description():
     config = yaml.safe_load((REPO / "config/mini.yaml").read_text())
     config["evaluate"]["vqa"]["max_new_tokens"] = 0

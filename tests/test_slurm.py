@@ -131,7 +131,7 @@ def ci_config() -> dict:
     # the exported encoder (the teacher's backbone) moves well beyond WEIGHTS_ATOL.
     config["pretrain"]["dino"].update(warmup_steps=1, warmup_teacher_temp_steps=2, freeze_last_layer_steps=1,
                                       base_lr=0.05, momentum_teacher=0.5, final_momentum_teacher=0.5)
-    config["resources"].update(gpus_per_node=1, mem_mb_per_node=1000,
+    config["resources"].update(gpus_per_node=1, mem_mb_per_node=1000, max_runtime_min=60,
                                nodes={**config["resources"]["nodes"], "1b": 2, "2b": 1})
     validate_config(config, "ci_config()")
     return config

@@ -99,6 +99,57 @@ def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(mini).import_resources() == {}  # no GPU nodes: the machine's defaults
 
 
+def test_in1k_epochs_are_the_generated_stand_ins_size():
+    """labels.in1k_images defaults to the generated ImageNet-1k stand-in's size (not ImageNet's
+    1,281,167: 80k mini steps), and a different number beside a generated corpus is refused."""
+    mini = load_config(REPO / "config/mini.yaml")
+    stated = Plan(mini).run_config("dino1b-in1k-224")["samples_seen"]
+    cfg = copy.deepcopy(mini)
+    del cfg["labels"]["in1k_images"]
+    assert Plan(cfg).run_config("dino1b-in1k-224")["samples_seen"] == stated == 2 * 1024
+    cfg["labels"]["in1k_images"] = 1281167
+    with pytest.raises(ConfigError, match=r"labels.in1k_images is 1281167, but data.in1k generates 1024 images"):
+        Plan(cfg)
+
+
+def test_hires_samples_follow_the_batch_the_fine_tune_trains_with(paper):
+    """pretrain.hires without batch_size takes the method's (hires_recipe's): samples seen are
+    steps x that batch, not 0 (which failed on a warm-up "not shorter than 0 steps")."""
+    cfg = copy.deepcopy(paper)
+    del cfg["pretrain"]["hires"]["batch_size"]
+    config = Plan(cfg).run_config("dino7b-full8b-518")
+    assert config["samples_seen"] == 20000 * config["recipe"]["batch_size"] == 20000 * cfg["pretrain"]["dino"]["batch_size"]
+    del cfg["pretrain"]["dino"]["batch_size"]
+    with pytest.raises(ConfigError, match=r"pretrain.hires.batch_size: dino7b-full8b-518 counts its samples"):
+        Plan(cfg).run_config("dino7b-full8b-518")
+
+
+@pytest.mark.parametrize("key, change, message", [
+    ("eval_gpus", {}, r"resources.eval_gpus is 0 \(unset: 0\), but evaluate.vqa.language_model 'meta-llama/"),
+    ("eval_gpus", {"stages": ["data", "pretrain", "classic", "alignment"]},
+     r"resources.eval_gpus .* but evaluate.alignment.language_models \['llama3.1-8b', 'llama3.1-70b'\] runs"),
+    ("filter_gpus", {}, r"resources.filter_gpus is 0 \(unset: 0\), but data.filter \(backend mllm on cuda\) runs on GPUs"),
+])
+def test_gpu_jobs_without_gpus_are_refused_at_the_dry_run(paper, key, change, message):
+    """On GPU nodes, a real LM or the MLLM filter on CUDA planned with 0 GPUs would be submitted as
+    a CPU job (gpu=0) and fail, or crawl, once it starts."""
+    cfg = {**copy.deepcopy(paper), **change}
+    del cfg["resources"][key]
+    with pytest.raises(ConfigError, match=message):
+        Plan(cfg)
+    cfg["resources"].update(gpus_per_node=0, eval_gpus=0)  # a CPU-only copy: every job runs on CPUs, and says so
+    Plan(cfg)
+
+
+def test_the_dry_run_says_when_gpu_runs_train_on_the_generated_corpus(paper):
+    cfg = copy.deepcopy(paper)
+    del cfg["data"]["shards"]
+    cfg["scale"] = "mycluster"
+    assert Plan(cfg).target_message().endswith("(8 GPUs/node; data.shards unset: the runs train on the generated "
+                                               "mini-web corpus)")
+    assert "data.shards unset" not in Plan(paper).target_message()
+
+
 def test_eval_gpus_beyond_one_node_is_refused(paper):
     cfg = copy.deepcopy(paper)
     cfg["resources"]["eval_gpus"] = 16

@@ -41,6 +41,45 @@ def check_eval_gpus(resources: Mapping[str, Any]) -> None:
                           f"resources.gpus_per_node is {per_node}")
 
 
+def check_in1k_images(config: Mapping[str, Any]) -> None:
+    """``labels.in1k_images`` (an ImageNet-1k epoch, the in1k runs' samples seen) is the generated
+    stand-in's size where ``data.in1k`` is generated: another number would size every in1k run by
+    a corpus it does not train on (ImageNet's 1,281,167 on a 1,024-image mini corpus)."""
+    from webssl_repro.resources import in1k_images
+
+    in1k = config.get("data", {}).get("in1k", {})
+    stated = config.get("labels", {}).get("in1k_images")
+    if stated is None or "shards" in in1k:
+        return
+    generated = in1k_images({"data": config.get("data", {})})
+    if int(stated) != generated:
+        raise ConfigError(f"labels.in1k_images is {stated}, but data.in1k generates {generated} images "
+                          "(data.in1k.n_images): an ImageNet-1k epoch is the corpus the in1k runs train on")
+
+
+def check_gpu_jobs(config: Mapping[str, Any], stages: Sequence[str]) -> None:
+    """On GPU nodes, jobs that load a real language model or the MLLM filter on CUDA need GPUs of
+    their own (``resources.eval_gpus``, ``filter_gpus``, 0 by default): planned without, they
+    would be submitted as CPU jobs and fail, or crawl, only once they start."""
+    res = config.get("resources", {})
+    if not int(res.get("gpus_per_node", 0)):
+        return
+    evaluate = config.get("evaluate", {})
+    needs = []
+    if "vqa" in stages and evaluate.get("vqa", {}).get("language_model", "tiny") != "tiny":
+        needs.append(("eval_gpus", f"evaluate.vqa.language_model {evaluate['vqa']['language_model']!r}"))
+    lms = [m for m in evaluate.get("alignment", {}).get("language_models", ["minilm"]) if m != "minilm"]
+    if "alignment" in stages and lms:
+        needs.append(("eval_gpus", f"evaluate.alignment.language_models {lms}"))
+    filt = config.get("data", {}).get("filter", {})
+    if "data" in stages and filt.get("backend") == "mllm" and str(filt.get("device", "cpu")).startswith("cuda"):
+        needs.append(("filter_gpus", f"data.filter (backend mllm on {filt['device']})"))
+    for key, why in needs:
+        if not int(res.get(key, 0)):
+            raise ConfigError(f"resources.{key} is {res.get(key, 0)} (unset: 0), but {why} runs on GPUs: set "
+                              f"resources.{key} (config/paper.yaml: {8 if key == 'eval_gpus' else 1})")
+
+
 def check_language_models(alignment: Mapping[str, Any]) -> None:
     """Each ``evaluate.alignment.language_models`` name is MiniLM, a key of ``lm_paths``, or a
     hub id / path itself: a misspelt name would otherwise be sent to the hub as a repo id by

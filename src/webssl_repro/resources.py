@@ -89,13 +89,34 @@ def label(cfg: Mapping[str, Any], kind: str, key: str, run: Any) -> Any:
     return table[key]
 
 
+IMAGENET_TRAIN_IMAGES = 1281167
+
+
+def in1k_images(cfg: Mapping[str, Any]) -> int:
+    """Images of one ImageNet-1k epoch: ``labels.in1k_images``, else the generated stand-in's
+    ``data.in1k.n_images`` where ``data.in1k`` names no shards, else ImageNet's train set."""
+    labels, in1k = cfg.get("labels", {}), cfg.get("data", {}).get("in1k", {})
+    if "in1k_images" in labels:
+        return int(labels["in1k_images"])
+    if "shards" not in in1k:
+        from webssl_repro.data.stages import IN1K_DEFAULTS
+
+        return int(in1k.get("n_images", IN1K_DEFAULTS["n_images"]))
+    return IMAGENET_TRAIN_IMAGES
+
+
 def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
     labels = cfg["labels"]
-    if run.parent is not None:  # hi-res fine-tune: steps × batch of its own recipe
-        hires = cfg.get("pretrain", {}).get("hires", {})
-        return int(hires.get("steps", 0)) * int(hires.get("batch_size", 0))
+    if run.parent is not None:  # hi-res fine-tune: steps × batch of its own recipe (hires_recipe's)
+        pretrain = cfg.get("pretrain", {})
+        hires = pretrain.get("hires", {})
+        batch = hires.get("batch_size", pretrain.get(run.method, {}).get("batch_size"))
+        if batch is None:
+            raise ConfigError(f"pretrain.hires.batch_size: {run} counts its samples as steps x batch; set it, or "
+                              f"pretrain.{run.method}.batch_size, which it otherwise takes")
+        return int(hires.get("steps", 0)) * int(batch)
     if run.data == "in1k":
-        return int(labels["in1k_epochs"]) * int(labels.get("in1k_images", 1281167))
+        return int(labels["in1k_epochs"]) * in1k_images(cfg)
     return int(label(cfg, "samples", run.samples, run))
 
 

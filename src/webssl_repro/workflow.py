@@ -37,14 +37,16 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
 
     def __post_init__(self) -> None:
         from webssl_repro.plan_checks import (check_alignment, check_classic, check_eval_gpus, check_filter,
-                                              check_language_models, check_run_sources, check_sizes, check_tolerances,
-                                              check_vqa)
+                                              check_gpu_jobs, check_in1k_images, check_language_models,
+                                              check_run_sources, check_sizes, check_tolerances, check_vqa)
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
             check_run_sources(self.run_sources, self.scale, self.seeds)
             check_sizes(self.config.get("labels", {}).get("sizes", {}))
             check_eval_gpus(self.config.get("resources", {}))
+            check_gpu_jobs(self.config, self.stages)
+            check_in1k_images(self.config)
             if "alignment" in self.stages:
                 check_language_models(self.config.get("evaluate", {}).get("alignment", {}))
                 check_alignment(self.config.get("evaluate", {}).get("alignment", {}),

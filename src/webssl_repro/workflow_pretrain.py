@@ -117,6 +117,8 @@ class PretrainJobs:
         per_node = int(self.config["resources"]["gpus_per_node"])
         where = f"{per_node} GPUs/node" if per_node else \
             "resources.gpus_per_node is 0: every pretraining and evaluation job runs on CPUs"
+        if per_node and "shards" not in self.config.get("data", {}):
+            where += "; data.shards unset: the runs train on the generated mini-web corpus"
         message = f"{self.cost_line(item)} ({where})"
         if item is None and self.skipped_items:
             message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
