@@ -30,6 +30,19 @@ def test_adapters_give_the_mini_record_layout():
     assert load_hf_split(build_hf_manifest("depth", {"dataset": "org/nyu"}), "val", depth)[0]["depth"].dtype == np.float32
 
 
+def test_an_ade20k_copy_already_reduced_is_refused_by_dataset_and_row():
+    """mmseg's prepared ADE20K (0..149, 255 = ignore) reduced again would shift every class down
+    and turn 255 into 254, which the probe's loss refuses hours later without naming a file."""
+    rows = [{"image": _img(1), "annotation": Image.fromarray(np.array([[0, 150]], dtype=np.uint8))},
+            {"image": _img(1), "annotation": Image.fromarray(np.array([[255, 0], [149, 3]], dtype=np.uint8))}]
+    records = load_hf_split(build_hf_manifest("segmentation", {"dataset": "org/ade20k"}), "val", rows)
+    assert records[0]["seg"].tolist() == [[255, 149]]
+    with pytest.raises(ValueError, match=r"data.evalsets.segmentation.dataset org/ade20k, row 1: annotation holds "
+                                         r"values 0..255: expected ADE20K's 0 \(other\) and classes 1..150; a copy "
+                                         r"already reduced"):
+        records[1]
+
+
 @pytest.mark.parametrize("depth_map,shown", [(np.full((2, 2), 2500, dtype=np.uint16), "uint16 with values up to 2500"),
                                              (np.full((2, 2), 2500.0, dtype=np.float32), "float32 with values up to 2500")])
 def test_a_depth_copy_in_millimetres_is_refused_by_dataset_and_row(depth_map, shown):

@@ -43,9 +43,19 @@ def _classification(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"image": _image(row["image"]), "label": int(row["label"])}
 
 
+#: ADE20K's classes (scene_parse_150): annotations hold 0 ("other") and 1..150
+ADE20K_CLASSES = 150
+
+
 def _segmentation(row: Mapping[str, Any]) -> dict[str, Any]:
     # ADE20K (scene_parse_150): 0 = "other" -> ignore (255); classes 1..150 -> 0..149, as mmseg's reduce_zero_label
     seg = _array(row["annotation"]).astype(np.int64)
+    low, high = int(seg.min(initial=0)), int(seg.max(initial=0))
+    if low < 0 or high > ADE20K_CLASSES:
+        # else the probe's loss fails on "Target 254 is out of bounds" hours in, naming nothing
+        raise ValueError(f"annotation holds values {low}..{high}: expected ADE20K's 0 (other) and classes "
+                         f"1..{ADE20K_CLASSES}; a copy already reduced (mmseg's 0..{ADE20K_CLASSES - 1}, 255 = ignore) "
+                         "must be given with its original labels, which are reduced here")
     seg = np.where(seg == 0, 255, seg - 1).astype(np.uint8)
     return {"image": _image(row["image"]), "seg": seg}
 
@@ -82,7 +92,7 @@ HF_EVALSETS: dict[str, dict[str, Any]] = {
     "classification": {"dataset": "ILSVRC/imagenet-1k", "config": None,
                        "splits": {"train": "train", "val": "validation"}, "adapter": _classification},
     "segmentation": {"dataset": None, "config": None, "splits": {"train": "train", "val": "validation"},
-                     "adapter": _segmentation, "n_classes": 150},
+                     "adapter": _segmentation, "n_classes": ADE20K_CLASSES},
     "depth": {"dataset": None, "config": None, "splits": {"train": "train", "val": "validation"}, "adapter": _depth},
     "captions": {"dataset": "minhuh/prh", "config": None, "revision": "wit_1024",
                  "splits": {"test": "train"}, "adapter": _captions},
