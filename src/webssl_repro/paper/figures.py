@@ -6,6 +6,7 @@ on the panel's floor labelled "n/a" — the gap stays visible and no value is in
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,10 @@ def _panel_title(metric: str) -> str:
     return f"{title} ↓" if metric in LOWER_IS_BETTER else title
 
 
+def _size_label(x: float) -> str:
+    return f"{x:g}B"
+
+
 def _series_points(series: specs.Series, wide: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
     y = np.array([lookup(wide, s, metric) for s in series.sources], dtype=float)
     return np.asarray(series.x, dtype=float), y
@@ -41,11 +46,11 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> 
         ok = ~np.isnan(y)
         if ok.any():
             ax.plot(x[ok], y[ok], marker=series.marker, color=series.color, label=series.label, linewidth=1.8)
-            if item.id == "fig1" and ok.sum() >= 2:
+            if item.gains and ok.sum() >= 2:
                 first, last = np.flatnonzero(ok)[[0, -1]]
-                gain = y[last] - y[first]
-                ax.annotate(f"{gain:+.1f}", (x[last], y[last]), textcoords="offset points", xytext=(6, 0),
-                            color=series.color, fontsize=9, va="center")
+                gain, span = y[last] - y[first], f"{_size_label(x[first])}→{_size_label(x[last])}"
+                ax.annotate(f"{gain:+.1f} ({span})", (x[last], y[last]), textcoords="offset points",
+                            xytext=(6, 0), color=series.color, fontsize=8, va="center")
         gaps.extend((gx, series.color) for gx in x[~ok])
     for ref, style in zip(item.references, ("--", ":")):
         value = lookup(wide, ref.source, metric)
@@ -61,6 +66,9 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> 
         floor = lo - 0.08 * span
         ax.set_ylim(lo - 0.16 * span, hi)
         ax.axhspan(lo - 0.16 * span, lo - 0.01 * span, color="0.93", zorder=0)
+        # no value ticks inside the strip: a hollow marker there must not read as that value
+        ax.set_yticks([t for t in ax.get_yticks() if lo <= t <= hi])
+        ax.set_ylim(lo - 0.16 * span, hi)
         for gx, color in gaps:
             ax.plot([gx], [floor], **{**GAP_STYLE, "markeredgecolor": color})
         ax.plot([], [], **GAP_STYLE, label="n/a: no number in the source")
@@ -137,9 +145,9 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
                    fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
         fig.subplots_adjust(bottom=0.28, wspace=0.35)
     subtitle = f"{item.id} ({scale}): {item.title}"
-    if any_gap and item.note:
-        subtitle += f"\n{item.note}"
-    fig.suptitle(subtitle, fontsize=10, y=1.0 if item.kind == "bars" else 1.08)
+    if item.note and (any_gap or item.gains):
+        subtitle += "\n" + textwrap.fill(item.note, 110)
+    fig.suptitle(subtitle, fontsize=10, y=1.0 if item.kind == "bars" else 1.05 + 0.04 * subtitle.count("\n"))
     for ext, path in by_ext.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, bbox_inches="tight", dpi=150 if ext == "png" else None,
