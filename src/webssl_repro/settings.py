@@ -16,7 +16,7 @@ _PROGRESS = {"checkpoint_every_min": None, "stop_margin_s": None}
 #: kept out of the rules' params, so that changing them reruns nothing, and passed to the
 #: CLI as ``--settings-json``. Text filter: its loader workers, OCR threads and where the OCR
 #: reads are cached (the kept shards are the same; a rerun filter would retrain every filtered
-#: run). Pretraining: the log and checkpoint cadence, the stop margin. Classic: the
+#: run). Pretraining: the log and checkpoint cadence, the stop margin, recomputing blocks in the backward. Classic: the
 #: encoder's forward chunking, decoding workers and scratch disk. Classic and VQA: when a job
 #: saves its progress and how long before its time limit it stops. Alignment: batch sizes (not
 #: ``lm_paths``: a path or hub id there says which weights a name loads). VQA: where
@@ -25,7 +25,8 @@ _PROGRESS = {"checkpoint_every_min": None, "stop_margin_s": None}
 #: decoder layers in the backward.
 SETTINGS = {
     "filter": {"filter": {"workers": None, "threads": None, "cache_path": None}},
-    "pretrain": {"train": {"log_every": None, "checkpoint_every": None, "stop_margin_s": None}},
+    "pretrain": {"train": {"log_every": None, "checkpoint_every": None, "stop_margin_s": None,
+                           "activation_checkpointing": None}},
     "classic": {"batch_size": None, "workers": None, "scratch": None, **_PROGRESS},
     "alignment": {"batch_size": None, "lm_batch_size": None},
     "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}, "gradient_checkpointing": None,

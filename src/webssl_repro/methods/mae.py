@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from webssl_repro.config import dataclass_from_mapping
 from webssl_repro.methods.base import ModelOnlyState
+from webssl_repro.models.layers import run_blocks
 from torch import nn
 from timm.models.vision_transformer import Block
 
@@ -190,6 +191,7 @@ class MaskedAutoencoder(nn.Module):
                  decoder_num_heads: int = 16, decoder_mlp_ratio: float = 4.0,
                  norm_pix: bool = True, mae_init: bool = True) -> None:
         super().__init__()
+        self.grad_checkpointing = False  # the decoder's; the encoder's is its own (timm's flag)
         self.encoder = encoder
         self.norm_pix = norm_pix
         pe = encoder.patch_embed
@@ -263,8 +265,7 @@ class MaskedAutoencoder(nn.Module):
                 tokens = tokens + pos[:, : self.pos_prefix]
             x = torch.cat([tokens, x], dim=1)
         x = getattr(enc, "norm_pre", nn.Identity())(x)
-        for blk in enc.blocks:
-            x = blk(x)
+        x = run_blocks(enc.blocks, x, getattr(enc, "grad_checkpointing", False))
         return enc.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -278,8 +279,7 @@ class MaskedAutoencoder(nn.Module):
         body = torch.cat([x[:, npf:], self.mask_token.expand(b, n_mask, -1)], dim=1)
         body = torch.gather(body, 1, ids_restore.unsqueeze(-1).expand(-1, -1, body.shape[2]))
         x = torch.cat([x[:, :npf], body], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))[:, npf:]
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75,

@@ -8,12 +8,13 @@ timm's layers themselves.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from timm.layers import DropPath, GluMlp, LayerScale, Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
@@ -119,3 +120,23 @@ def init_dinov2_(model: nn.Module, layerscale: float | None) -> None:
         nn.init.normal_(model.cls_token, std=1e-6)
     if getattr(model, "mask_token", None) is not None:
         nn.init.zeros_(model.mask_token)
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """``x`` through ``blocks`` in turn; ``checkpointed`` (a tower's ``grad_checkpointing``,
+    timm's flag) keeps only each block's input and recomputes the block in the backward, while
+    gradients are being recorded: the same gradients for about a third more compute."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if checkpointed and torch.is_grad_enabled() else block(x)
+    return x
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Set ``grad_checkpointing`` on every tower of ``model`` that has the flag (timm's ViTs, the
+    CLIP text tower, the MAE decoder); returns how many, and refuses a model with none."""
+    towers = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    if not towers:
+        raise ValueError(f"{type(model).__name__} has no tower with a grad_checkpointing flag")
+    for tower in towers:
+        tower.grad_checkpointing = True
+    return len(towers)

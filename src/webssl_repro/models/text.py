@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from webssl_repro.models.layers import run_blocks
+
 __all__ = ["TextTransformer", "CaptionTokenizer", "build_tokenizer", "load_tokenizer",
            "SOT_TOKEN", "EOT_TOKEN", "PAD_TOKEN", "UNK_TOKEN"]
 
@@ -70,6 +72,7 @@ class TextTransformer(nn.Module):
                  layers: int = 12, heads: int = 8, output_dim: int = 512, mlp_ratio: float = 4.0,
                  eot_token_id: int | None = None, quick_gelu: bool = False) -> None:
         super().__init__()
+        self.grad_checkpointing = False  # timm's flag (models.layers.enable_activation_checkpointing)
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.width = width
@@ -108,8 +111,7 @@ class TextTransformer(nn.Module):
         if n > self.context_length:
             raise ValueError(f"{n} tokens exceed context length {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:n]
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x = self.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(tokens)]
         return pooled @ self.text_projection

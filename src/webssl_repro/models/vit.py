@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from webssl_repro.models.layers import (
     WebSSLBlock,
     fixed_hidden_mlp,
     init_dinov2_,
+    run_blocks,
     set_uniform_drop_path,
 )
 from webssl_repro.models.arch import MAE_ARCHS, METHOD_FFN, METHODS, PAPER_ARCHS, Arch, arch_for
@@ -117,12 +116,7 @@ class WebSSLViT(VisionTransformer):
     def forward_features_dict(self, x: torch.Tensor, masks: torch.Tensor | None = None
                               ) -> dict[str, torch.Tensor]:
         """DINOv2's output layout: normed CLS, normed patch tokens, and pre-norm tokens."""
-        x = self.prepare_tokens(x, masks)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, self.prepare_tokens(x, masks), self.grad_checkpointing)
         normed = self.norm(x)
         return {
             "x_norm_clstoken": normed[:, 0],

@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  #: "bf16" autocasts on CUDA only; CPU runs stay fp32
     strategy: str = "none"  #: "none" | "ddp" | "fsdp2"
+    #: recompute each transformer block in the backward (models.layers.run_blocks): the same
+    #: gradients for about a third more compute, where a rank's batch does not fit in memory
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("samples_seen", "global_batch_size", "checkpoint_every", "log_every"):
@@ -98,11 +101,16 @@ class TrainConfig:
 
 _INT_FIELDS = {"samples_seen", "global_batch_size", "warmup_steps", "checkpoint_every", "log_every", "seed"}
 _STR_FIELDS = {"precision", "strategy"}
+_BOOL_FIELDS = {"activation_checkpointing"}
 
 
 def _coerce(name: str, default: Any, value: Any) -> Any:
     if name in _STR_FIELDS:
         return str(value)
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise ValueError(f"train config: {name} must be true or false, got {value!r}")
+        return value
     if name == "betas":
         betas = tuple(float(b) for b in value)
         if len(betas) != 2:

@@ -52,7 +52,8 @@ from ..files import code_version
 DataIterFactory = Callable[[int, int, int], Iterator[Any]]
 
 #: config keys that may change between a run and its resumption (they do not alter the result)
-RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "stop_margin_s", "strategy", "precision"}
+RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "stop_margin_s", "strategy", "precision",
+                     "activation_checkpointing"}
 
 
 class Preempted(Exception):

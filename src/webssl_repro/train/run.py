@@ -213,6 +213,10 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     if parent is not None and latest_path(checkpoints) is None and receiver is None:
         _load_parent(method, Path(parent))
     train_cfg = TrainConfig.from_mapping(train_map)
+    if train_cfg.activation_checkpointing:
+        from webssl_repro.models.layers import enable_activation_checkpointing
+
+        enable_activation_checkpointing(method.model)
 
     trained = read_pointer(checkpoints)
 
