@@ -79,9 +79,9 @@ DEFAULTS: dict[str, Any] = {
     "segmentation": {"iters": 40000, "lr": 1e-3, "warmup": 1500, "batch_size": 16, "img_size": None,
                      "ms_img_size": None, "test_mode": "slide", "slide_stride": None, "augment": True},
     # sig_warmup: iterations of SigLoss's mean-only warm-up (DINOv2 warm_iter=100).
-    # max_depth: top of the depth bins (DINOv2's NYUd: 10 m; scored strictly below); None = the
-    # deepest pixel of the training maps (scored up to and including it: depth.DepthRange),
-    # which needs their targets in memory (the cached path).
+    # max_depth: top of the depth bins (DINOv2's NYUd: 10 m); None = the deepest pixel of the
+    # training maps, which needs their targets in memory (the cached path). Scores count the
+    # pixels strictly inside the bins' range (depth.DepthRange).
     # eigen_crop: score inside the Eigen crop (DINOv2's NYUd; true in config/paper.yaml),
     # defined on NYUd's 480 x 640 frames only.
     # augment: the depth toolbox's training augmentation (dense_augment) of random crops of
@@ -272,7 +272,7 @@ def depth_range(dep: Mapping[str, Any], train: Iterable[torch.Tensor]) -> DepthR
     the range would then leak into the head)."""
     if dep["max_depth"] is not None:
         return DepthRange(MIN_DEPTH, float(dep["max_depth"]))
-    return DepthRange(MIN_DEPTH, max(float(t.max()) for t in train), top_scored=True)
+    return DepthRange(MIN_DEPTH, max(float(t.max()) for t in train))
 
 
 def depth(encoder, meta, manifest: str | Path, cfg: Mapping[str, Any],
