@@ -9,9 +9,10 @@ CORES ?= 2
 .PHONY: clean-paper reproduce published test lint dry-run clean lock
 
 # constraints.txt pins every package of .venv to the versions the README's numbers were measured
-# with; `make lock` rewrites it from the current .venv after a deliberate upgrade.
+# with; `make lock` rewrites it from the current .venv after a deliberate upgrade (`pip install -U`
+# in .venv; a raised bound in pyproject.toml needs its package's pin deleted first).
 $(BIN)/webssl-repro: pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; sys.version_info >= (3, 11) or sys.exit("webssl-repro needs Python 3.11+ (PYTHON=$(PYTHON) is " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	@$(PYTHON) -c 'import sys; (3, 11) <= sys.version_info[:2] <= (3, 12) or sys.exit("webssl-repro needs Python 3.11 or 3.12 (snakemake 9 needs 3.11+; rapidocr-onnxruntime 1.4.4, the mini OCR filter, needs < 3.13); PYTHON=$(PYTHON) is " + sys.version.split()[0] + ": set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
@@ -32,8 +33,11 @@ lint: $(BIN)/webssl-repro
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile rules
 
-lock: $(BIN)/webssl-repro
-	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | LC_ALL=C sort -f; } > constraints.txt.new
+lock: | $(BIN)/webssl-repro
+	$(BIN)/pip freeze --exclude-editable > constraints.txt.freeze
+	test -s constraints.txt.freeze  # an empty freeze would unpin everything
+	{ sed -n '/^#/p' constraints.txt; LC_ALL=C sort -f constraints.txt.freeze; } > constraints.txt.new
+	rm constraints.txt.freeze
 	mv constraints.txt.new constraints.txt
 	touch $(BIN)/webssl-repro  # .venv is what the new list describes
 

@@ -272,6 +272,16 @@ def test_check_on_a_synthetic_mini_tree(tmp_path, monkeypatch):
     results, table = run_check(config, paths, tmp_path / "paper/synth/check", REPO / "results/published")
     verdicts = {r.claim.id: r.verdict for r in results}
     assert verdicts.pop("higher_resolution_helps") == C.FAILS
+    # ADE20K lin. 20 / 19 / 18 mIoU against 21 without the image: the dense trend is not measurable
+    assert verdicts.pop("dense_degrades_with_samples") == C.NOT_MEASURABLE
+    dense = {r.claim.id: r for r in results}["dense_degrades_with_samples"]
+    assert dense.evidence.startswith("not beating the best answer without the image: dino7b-full2b-224's ADE20K "
+                                     "lin. (mIoU) 20 (without the image 21), dino7b-full4b-224's")
+    assert "Without the control: holds; rel_loss[ade20k_linear] = +0.10" in dense.evidence
+    from webssl_repro.paper.check import gate_on_no_image
+    beaten = {"ade20k_linear": 5.0, "nyud_lin1": 3.0}  # every run's number beats these: the verdict stands
+    held = C.evaluate(C.get_claim("dense_degrades_with_samples"), frame)
+    assert gate_on_no_image([held], frame, beaten)[0].verdict == C.HOLDS == held.verdict
     assert set(verdicts.values()) == {C.HOLDS}, verdicts
     slope = {r.claim.id: r for r in results}["dino_scales_with_size"].quantities["slope"]
     assert slope[2] == 2 and slope[0] == pytest.approx((2 + 2 + 3 + 2) / 4, abs=0.05)  # mean of category slopes

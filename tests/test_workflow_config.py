@@ -128,12 +128,17 @@ def test_hires_samples_follow_the_batch_the_fine_tune_trains_with(paper):
     ("eval_gpus", {}, r"resources.eval_gpus is 0 \(unset: 0\), but evaluate.vqa.language_model 'meta-llama/"),
     ("eval_gpus", {"stages": ["data", "pretrain", "classic", "alignment"]},
      r"resources.eval_gpus .* but evaluate.alignment.language_models \['llama3.1-8b', 'llama3.1-70b'\] runs"),
+    ("eval_gpus", {"_unset": "language_model"},
+     r"resources.eval_gpus is 0 \(unset: 0\), but evaluate.vqa.language_model 'meta-llama/Meta-Llama-3-8B-Instruct'"),
     ("filter_gpus", {}, r"resources.filter_gpus is 0 \(unset: 0\), but data.filter \(backend mllm on cuda\) runs on GPUs"),
 ])
 def test_gpu_jobs_without_gpus_are_refused_at_the_dry_run(paper, key, change, message):
     """On GPU nodes, a real LM or the MLLM filter on CUDA planned with 0 GPUs would be submitted as
     a CPU job (gpu=0) and fail, or crawl, once it starts."""
-    cfg = {**copy.deepcopy(paper), **change}
+    cfg = copy.deepcopy(paper)
+    if change.pop("_unset", None):  # the job's default LM is Llama-3, not the mini "tiny"
+        del cfg["evaluate"]["vqa"]["language_model"]
+    cfg.update(change)
     del cfg["resources"][key]
     with pytest.raises(ConfigError, match=message):
         Plan(cfg)

@@ -64,10 +64,13 @@ def check_gpu_jobs(config: Mapping[str, Any], stages: Sequence[str]) -> None:
     res = config.get("resources", {})
     if not int(res.get("gpus_per_node", 0)):
         return
+    from webssl_repro.evaluate.vqa.config import VqaConfig
+
     evaluate = config.get("evaluate", {})
     needs = []
-    if "vqa" in stages and evaluate.get("vqa", {}).get("language_model", "tiny") != "tiny":
-        needs.append(("eval_gpus", f"evaluate.vqa.language_model {evaluate['vqa']['language_model']!r}"))
+    lm = evaluate.get("vqa", {}).get("language_model", VqaConfig.language_model)  # unset: the job's default
+    if "vqa" in stages and lm != "tiny":
+        needs.append(("eval_gpus", f"evaluate.vqa.language_model {lm!r}"))
     lms = [m for m in evaluate.get("alignment", {}).get("language_models", ["minilm"]) if m != "minilm"]
     if "alignment" in stages and lms:
         needs.append(("eval_gpus", f"evaluate.alignment.language_models {lms}"))

@@ -108,13 +108,38 @@ def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, float
     return gated, note
 
 
+def no_image_answers(paths: Iterable[str | Path]) -> dict[str, float]:
+    """Each classic metric's best answer without the image (``controls/no_image/classic.json``
+    among ``paths``); empty without it."""
+    answers = next((eval_rows(p) for p in map(Path, paths) if is_no_image_result(p)), [])
+    return {r["metric"]: r["value"] for r in answers if r["metric"] in CLASSIC_METRICS}
+
+
+def gate_on_no_image(results: list[claims_mod.Result], frame: pd.DataFrame, bars: Mapping[str, float]
+                     ) -> list[claims_mod.Result]:
+    """Claims resting on classic numbers are not measurable where a run's number (its mean over
+    seeds) does not beat the best answer to its task that ignores the image: a trend among such
+    numbers is a trend in how the probes fit positions, not in what the encoders saw. The
+    verdict the numbers alone would give stays in the evidence."""
+    gated = []
+    for r in results:
+        short = [f"{run}'s {label(m)} {v:.3g} (without the image {bars[m]:.3g})"
+                 for s in r.claim.series if s.eval == "classic" for m in s.metrics if m in bars
+                 for run in s.runs
+                 for v in [frame.loc[(frame["source"] == run) & (frame["metric"] == m), "value"].mean()]
+                 if not better(m, v, bars[m])]
+        if short and r.verdict != claims_mod.NOT_MEASURABLE:
+            r = claims_mod.Result(r.claim, claims_mod.NOT_MEASURABLE,
+                                  "not beating the best answer without the image: " + ", ".join(short)
+                                  + f". Without the control: {r.verdict}; {r.evidence}", r.missing, r.quantities)
+        gated.append(r)
+    return gated
+
+
 def no_image_note(frame: pd.DataFrame, paths: Iterable[str | Path]) -> str:
     """How many runs' classic numbers beat the best answer to their task that ignores the image
     (``controls/no_image/classic.json`` among ``paths``); empty without it."""
-    answers = next((eval_rows(p) for p in map(Path, paths) if is_no_image_result(p)), None)
-    if answers is None:
-        return ""
-    bars = {r["metric"]: r["value"] for r in answers if r["metric"] in CLASSIC_METRICS}
+    bars = no_image_answers(paths)
     counts = []
     for metric, bar in bars.items():
         values = frame.loc[frame["metric"] == metric, "value"].dropna()
@@ -258,6 +283,7 @@ def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: s
         mode = "comparable" if check_cfg.get("comparable", False) else "not comparable"
         frame, requested = runs_frame(inputs, plan.seeds[0]), requested_pairs(plan)
     results, probe_note = gate_on_probe(claims_mod.evaluate_all(frame, requested), probe_controls(inputs))
+    results = gate_on_no_image(results, frame, no_image_answers(inputs))
     table = comparison(frame, published, plan.items, check_cfg.get("tolerances", {}), mode)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -152,9 +152,9 @@ _add(Item(
         *(Row("Web-DINO ViT-7B", f"dino7b-full8b-{r}") for r in (224, 378, 518)),
     ),
     descriptors=("group", "pretrain_data", "samples_seen", "res"),
-    note="As printed. I-JEPA ViT-H: Table 3's OCR & Chart 21.2 and Average 44.7 disagree with its Table 14 "
-         "sub-scores (OCR & Chart 19.43, Average 44.30; Table 14 prints 44.78). MetaCLIP here is ViT-G (12.8B "
-         "seen), not Table 14's ViT-H.",
+    note="The paper's I-JEPA ViT-H row (OCR & Chart 21.2, Average 44.7) disagrees with its Table 14 sub-scores "
+         "(OCR & Chart 19.43, Average 44.30; Table 14 prints 44.78). MetaCLIP here is ViT-G (12.8B seen), not "
+         "Table 14's ViT-H.",
 ))
 _add(Item("table6", "VQA: Web-DINO ViT-1B…7B, MC-2B, 2B seen", "table", ("table6",), _VQA_TABLE,
           rows=_size_rows("Web-DINO", "dino", "full2b")))
@@ -177,7 +177,7 @@ _add(Item("table14", "VQA: off-the-shelf vision encoders", "table", ("table14",)
           rows=tuple(Row(f"{BASELINES[b]} {b.rsplit('-', 1)[1]}", b) for b in (
               "metaclip-h-224", "siglip-so400m-224", "siglip-so400m-384", "siglip2-so400m-224", "siglip2-so400m-384",
               "dinov2-g-224", "dinov2-g-378", "dinov2-g-518", "ijepa-h-224", "mae-h-224")),
-          note="As printed. I-JEPA ViT-H's sub-scores average to 44.30, not the printed 44.78 (one OCR score is "
+          note="The paper's I-JEPA ViT-H sub-scores average to 44.30, not its printed 44.78 (one OCR score is "
                "probably mistyped). MetaCLIP here is ViT-H, not Table 3's ViT-G."))
 _add(Item("table15", "VQA: Web-DINO ViT-7B (8B seen) at 224 / 378 / 518 px", "table", ("table15",), _VQA_TABLE,
           rows=tuple(Row(f"Web-DINO ViT-7B {r}", f"dino7b-full8b-{r}") for r in (224, 378, 518))))
