@@ -216,7 +216,7 @@ def test_table_marks_numbers_no_better_than_an_answer_without_the_image(tmp_path
 
 
 def test_check_counts_the_runs_that_beat_the_answer_without_the_image(tmp_path):
-    from webssl_repro.paper.check import no_image_note, runs_frame
+    from webssl_repro.paper.check import no_image_answers, no_image_note, runs_frame
 
     paths = []
     for run, top1, rmse in (("dino1b-full2b-224", 12.0, 3.5), ("dino2b-full2b-224", 5.0, 2.0)):
@@ -227,7 +227,7 @@ def test_check_counts_the_runs_that_beat_the_answer_without_the_image(tmp_path):
     constant = tmp_path / "controls" / NO_IMAGE / "classic.json"
     constant.parent.mkdir(parents=True)
     constant.write_text(json.dumps({"metrics": {"in1k_linear": 6.25, "nyud_lin1": 3.1}}))
-    note = no_image_note(runs_frame(paths), [*paths, constant])
+    note = no_image_note(runs_frame(paths), no_image_answers([*paths, constant]))
     assert "IN-1k lin. (top-1) 1 of 2 (without the image 6.25)" in note
     assert "NYUd lin.1 (RMSE) 1 of 2 (without the image 3.1)" in note
-    assert no_image_note(runs_frame(paths), paths) == ""
+    assert no_image_note(runs_frame(paths), no_image_answers(paths)) == ""

@@ -136,10 +136,9 @@ def gate_on_no_image(results: list[claims_mod.Result], frame: pd.DataFrame, bars
     return gated
 
 
-def no_image_note(frame: pd.DataFrame, paths: Iterable[str | Path]) -> str:
+def no_image_note(frame: pd.DataFrame, bars: Mapping[str, float]) -> str:
     """How many runs' classic numbers beat the best answer to their task that ignores the image
-    (``controls/no_image/classic.json`` among ``paths``); empty without it."""
-    bars = no_image_answers(paths)
+    (``bars``: ``no_image_answers``); empty without it."""
     counts = []
     for metric, bar in bars.items():
         values = frame.loc[frame["metric"] == metric, "value"].dropna()
@@ -283,13 +282,14 @@ def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: s
         mode = "comparable" if check_cfg.get("comparable", False) else "not comparable"
         frame, requested = runs_frame(inputs, plan.seeds[0]), requested_pairs(plan)
     results, probe_note = gate_on_probe(claims_mod.evaluate_all(frame, requested), probe_controls(inputs))
-    results = gate_on_no_image(results, frame, no_image_answers(inputs))
+    bars = no_image_answers(inputs)  # read once: the gate and the note
+    results = gate_on_no_image(results, frame, bars)
     table = comparison(frame, published, plan.items, check_cfg.get("tolerances", {}), mode)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     claims_mod.results_frame(results).to_csv(outdir / "claims.tsv", sep="\t", index=False)
     table.to_csv(outdir / "comparison.tsv", sep="\t", index=False, na_rep="NA", float_format="%.6g")
-    no_image = "" if plan.published else no_image_note(frame, inputs)
+    no_image = "" if plan.published else no_image_note(frame, bars)
     (outdir / "claims.md").write_text(claims_markdown(results, plan.scale, comparison_summary(table, mode),
                                                       probe_note, no_image))
     return results, table

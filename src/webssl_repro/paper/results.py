@@ -13,9 +13,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import pandas as pd
 
-from webssl_repro.evaluate.vqa.categories import category_scores
+from webssl_repro.evaluate.vqa.categories import MME_MAX, category_scores
 from webssl_repro.files import read_json
-from webssl_repro.evaluate.vqa.categories import MME_MAX
 from webssl_repro.metrics import (ALIGNMENT_PREFIX, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT, LOWER_IS_BETTER,
                                   NO_IMAGE, SE_PREFIX, VQA_BENCHMARKS)
 from webssl_repro.paper import specs
