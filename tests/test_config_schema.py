@@ -265,3 +265,16 @@ def test_a_model_path_that_does_not_exist_is_named_by_its_key(tmp_path):
         load_tokenizer("./nolm")
     with pytest.raises(ValueError, match=r"k: models/meta/llama does not exist"):
         model_location("models/meta/llama", "k")
+
+
+def test_corpus_kinds_are_the_generators_kinds():
+    """A misspelt kind (`charts`) once passed the dry run and failed only in the shards job."""
+    from webssl_repro.data.miniweb import KINDS
+
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    kinds = schema["$defs"]["generated_corpus"]["properties"]["kinds"]
+    assert kinds["propertyNames"]["enum"] == list(KINDS)
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["data"]["corpus"]["kinds"] = {"objects": 1.0, "charts": 0.5}
+    with pytest.raises(ConfigError, match=r"at key 'data.corpus.kinds': 'charts' is not one of"):
+        validate_config(cfg)

@@ -49,6 +49,12 @@ def test_configured_proportions_are_followed():
     assert abs(kinds.count("objects") / 400 - 0.1) < 0.05
 
 
+@pytest.mark.parametrize("kinds", [{}, {"objects": 0.0, "chart": 0.0}])
+def test_a_mix_with_no_weight_is_refused(kinds):
+    with pytest.raises(ValueError, match="gives no kind a weight above 0"):
+        MiniWebConfig(kinds=kinds)
+
+
 def test_mask_depth_and_boxes_agree_with_objects():
     cfg = MiniWebConfig(kinds={"objects": 1.0}, noise=0.0)
     checked = 0

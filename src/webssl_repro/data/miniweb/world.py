@@ -100,6 +100,8 @@ class MiniWebConfig:
         unknown = set(self.kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"MiniWebConfig: unknown kind(s) {sorted(unknown)}; known {KINDS}")
+        if not any(w > 0 for w in self.kinds.values()):
+            raise ValueError(f"MiniWebConfig: kinds {dict(self.kinds)} gives no kind a weight above 0")
         if self.source not in ("web", "in1k"):
             raise ValueError(f"MiniWebConfig: source must be 'web' or 'in1k', got {self.source!r}")
         if self.size < 16:
