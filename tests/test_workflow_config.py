@@ -342,6 +342,8 @@ def test_profile_resources_that_read_unset_variables_stop_the_dry_run():
     check_profile_environment(None, {})
     with pytest.raises(ConfigError, match=r"slurm_partition reads \$SLURM_PARTITION. Export"):
         check_profile_environment(args, {"SLURM_ACCOUNT": "acme"})
+    # A site without accounts: exported empty, the plugin guesses one or submits without.
+    check_profile_environment(args, {"SLURM_ACCOUNT": "", "SLURM_PARTITION": "gpu"})
 
 
 def test_plan_prints_the_grid_of_several_config_files(tmp_path, capsys):

@@ -80,7 +80,7 @@ def check_gpu_jobs(config: Mapping[str, Any], stages: Sequence[str]) -> None:
     for key, why in needs:
         if not int(res.get(key, 0)):
             raise ConfigError(f"resources.{key} is {res.get(key, 0)} (unset: 0), but {why} runs on GPUs: set "
-                              f"resources.{key} (config/paper.yaml: {8 if key == 'eval_gpus' else 1})")
+                              f"resources.{key} to the GPUs one such job uses, as config/paper.yaml does")
 
 
 def check_language_models(alignment: Mapping[str, Any]) -> None:
@@ -189,7 +189,9 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
 def check_profile_environment(default_resources: Iterable[str], environ: Mapping[str, str] | None = None) -> None:
     """A profile's ``default-resources`` that read the environment (``slurm_account:
     "$SLURM_ACCOUNT"``) need it set: unset, the literal ``$SLURM_ACCOUNT`` reaches sbatch, and
-    only the first submission fails, after the dry run looked fine."""
+    only the first submission fails, after the dry run looked fine. Set but empty is a choice:
+    the resource is empty, so the SLURM plugin guesses the account (or submits without one) and
+    sbatch takes the cluster's default partition."""
     import os
     import re
 
@@ -198,8 +200,9 @@ def check_profile_environment(default_resources: Iterable[str], environ: Mapping
     for arg in default_resources or ():
         name, _, value = str(arg).partition("=")
         m = re.fullmatch(r"""['"]?\$\{?(\w+)\}?['"]?""", value.strip())
-        if m and not environ.get(m.group(1)):
+        if m and environ.get(m.group(1)) is None:
             unset.append(f"{name} reads ${m.group(1)}")
     if unset:
         raise ConfigError(f"the profile's default-resources read unset environment variables: {'; '.join(unset)}. "
-                          "Export them (README: On a SLURM cluster)")
+                          "Export them; export one empty (e.g. SLURM_ACCOUNT=) where your site has none "
+                          "(README: On a SLURM cluster)")
