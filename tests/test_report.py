@@ -152,3 +152,20 @@ def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_pat
         compare_inputs([Path("results/paperr/evals/r/classic.json")], None)
     with pytest.raises(ValueError, match="name at least one eval file"):
         compare_inputs([], [Path("config/paper.yaml")])
+
+
+def test_compare_says_where_the_benchmarks_data_differ_from_the_papers(tmp_path, capsys):
+    """DocVQA is scored on validation here, on the test server in the paper: a comparison that
+    includes it (the benchmark, OCR & Chart, the Average) says so, one that does not stays quiet."""
+    from webssl_repro.paper.check import protocol_notes
+
+    assert protocol_notes(["in1k_linear", "mme"]) == []
+    assert [n.split()[0] for n in protocol_notes(["OCR & Chart"])] == ["DocVQA"]
+    assert [n.split()[0] for n in protocol_notes(["Average"])] == ["DocVQA", "MMVP"]
+    path = tmp_path / "evals" / "dino7b-full8b-224" / "vqa.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"metrics": {"docvqa": 50.0, "gqa": 60.0}}))
+    assert main(["compare", str(path), "--configfile", str(REPO / "config/paper.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "docvqa" in out and "note: DocVQA is scored here by a local ANLS on its validation split" in out
+    assert "MMVP" not in out

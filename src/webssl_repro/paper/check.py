@@ -21,7 +21,8 @@ from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
 from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_filter_result, is_no_image_result, kept_percent,
                                         with_categories)
-from webssl_repro.metrics import CLASSIC_METRICS, VQA_CONTROLS, better, label
+from webssl_repro.metrics import (CLASSIC_METRICS, PROTOCOL_DIFFERENCES, VQA_CATEGORIES, VQA_CONTROLS, better,
+                                  label)
 from webssl_repro.runs import is_run_name, split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
@@ -240,6 +241,18 @@ def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, 
     return "\n".join(lines) + "\n"
 
 
+def protocol_notes(metrics: Iterable[str]) -> list[str]:
+    """What differs from the paper's protocol in the benchmarks behind ``metrics`` (a benchmark,
+    its category or the Average), so that a difference there is not read as the encoder's."""
+    metrics = set(metrics)
+    notes = []
+    for bench, note in PROTOCOL_DIFFERENCES.items():
+        category = next(c for c, benches in VQA_CATEGORIES.items() if bench in benches)
+        if metrics & {bench, category, "Average"}:
+            notes.append(note)
+    return notes
+
+
 def comparison_summary(table: pd.DataFrame, mode: str) -> str:
     counts = table["status"].value_counts()
     text = ", ".join(f"{status}: {n} metric{'s' * (n != 1)}" for status, n in counts.items()) or "no metric in common"
@@ -247,7 +260,8 @@ def comparison_summary(table: pd.DataFrame, mode: str) -> str:
         return f"{text} — at the published scale the numbers are the paper's own, so this is not a pass."
     if mode != "comparable":
         return f"{text} — this scale differs from the paper in data and model sizes (check.comparable: false)."
-    return f"{text} (tolerances from check.tolerances)."
+    notes = "".join(f" {note}." for note in protocol_notes(table["metric"]))
+    return f"{text} (tolerances from check.tolerances).{notes}"
 
 
 def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], comparable: bool = True,
