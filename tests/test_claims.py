@@ -165,6 +165,12 @@ def test_seed_spread_decides_a_marginal_slope():
     assert tight.verdict == C.HOLDS
     # one seed with the same mean and no spread holds: the margin comes only from seeds
     assert C.evaluate(claim, seeds_with([2 / 3])).verdict == C.HOLDS
+    # a seed short of one run is named, not judged on the other seeds alone
+    frame = seeds_with([1.0, 0.1, 0.9])
+    frame = frame[~((frame["seed"] == 1) & (frame["source"] == claim.series[0].runs[2]))]
+    short = C.evaluate(claim, frame)
+    assert short.verdict == C.NOT_MEASURABLE
+    assert short.missing == [f"Average of {claim.series[0].runs[2]} (seed 1)"]
 
 
 EXPECTED_PUBLISHED = {

@@ -171,12 +171,19 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
     present = set(zip(have["source"], have["metric"]))
     any_lm = (ALIGNMENT_PREFIX + "<any language model>",)
     absent = [f"{m} of {r}" for s in series for m in (s.metrics or any_lm) for r in s.runs if (r, m) not in present]
+    seeds = _seed_frames(frame)
+    if not absent and len(seeds) > 1:  # one seed short would be judged on the others, without a word
+        for sub in seeds:
+            got = set(zip(sub.dropna(subset=["value"])["source"], sub.dropna(subset=["value"])["metric"]))
+            seed = sub["seed"].dropna().iloc[0]
+            absent += [f"{m} of {r} (seed {seed:g})" for s in series for m in s.metrics for r in s.runs
+                       if (r, m) not in got]
     if absent:
         absent = list(dict.fromkeys(absent))
         return Result(claim, NOT_MEASURABLE, "no number for: " + ", ".join(absent), absent)
 
     per_seed: dict[str, list[float]] = {}
-    for sub in _seed_frames(frame):
+    for sub in seeds:
         for name, value in claim.compute(Values(value_table(sub), series)).items():
             if not math.isnan(value):
                 per_seed.setdefault(name, []).append(value)
