@@ -32,12 +32,16 @@ def test_workers_keep_what_one_process_keeps_and_count_every_readers_skips(tmp_p
     assert _ids(tmp_path / "two" / "heavy.json") == _ids(tmp_path / "one" / "heavy.json")
 
 
-def test_paper_filter_jobs_ask_for_a_cpu_per_worker():
-    from webssl_repro.workflow import shipped_plan
+def test_paper_filter_jobs_ask_for_a_cpu_per_worker_and_their_gpus_share_of_a_node():
+    """The share of a 480 GB node of 8 GPUs: 60 GB for SmolVLM2's weights and 7 loader workers,
+    not the profile's default 16 GB."""
+    from webssl_repro.workflow import Plan, shipped_plan
 
     paper = shipped_plan("paper")
     assert paper.config["data"]["filter"]["workers"] == 7
-    assert paper.filter_resources() == {"gpu": 1, "runtime": 720, "cpus_per_task": 8}
+    assert paper.filter_resources() == {"gpu": 1, "runtime": 720, "nodes": 1, "mem_mb": 60000, "cpus_per_task": 8}
+    more = {**paper.config, "data": {**paper.config["data"], "filter": {**paper.config["data"]["filter"], "workers": 15}}}
+    assert Plan(more).filter_resources()["cpus_per_task"] == 16  # more workers than the GPU's CPUs
     assert paper.filter_resources(whole=True) == {}  # the merge of the parts: a local listing
     assert "cpus_per_task" not in shipped_plan("mini").filter_resources()  # in-process: one CPU
 

@@ -156,6 +156,15 @@ class RunResources:
                 "gres": f"gpu:{self.gpus // self.nodes}", "slurm_extra": "--ntasks-per-node=1 --exclusive"}
 
 
+def node_share(res_cfg: Mapping[str, Any], gpus: int) -> dict[str, int]:
+    """A one-node job's share of a node for its ``gpus``: that fraction of the node's memory and
+    ``cpus_per_gpu`` CPUs per GPU (without it, the profile's default memory, 16 GB, is less than
+    an 8B LM's weights or the loader workers of a GPU filter need)."""
+    share = min(1.0, gpus / max(1, int(res_cfg.get("gpus_per_node", gpus))))
+    return {"nodes": 1, "mem_mb": int(int(res_cfg["mem_mb_per_node"]) * share),
+            "cpus_per_task": int(res_cfg["cpus_per_gpu"]) * gpus}
+
+
 #: The job of an attempt that its guard will refuse (``train.attempts.predicts_refusal``).
 #: Snakemake submits every retry, and a refused one exits in seconds: ten minutes of one core
 #: and no GPU keep it from queueing for, and holding, the run's nodes. Not an MPI job either:

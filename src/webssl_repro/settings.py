@@ -14,17 +14,17 @@ _DATA_PLACE = {"local_dir": None, "image_root": None}
 _PROGRESS = {"checkpoint_every_min": None, "stop_margin_s": None}
 #: Keys that change how a job runs, not what it computes (``split_settings``):
 #: kept out of the rules' params, so that changing them reruns nothing, and passed to the
-#: CLI as ``--settings-json``. Text filter: its loader workers, OCR threads and where the OCR
-#: reads are cached (the kept shards are the same; a rerun filter would retrain every filtered
-#: run). Pretraining: the log and checkpoint cadence, the stop margin, recomputing blocks in the backward. Classic: the
-#: encoder's forward chunking, decoding workers and scratch disk. Classic and VQA: when a job
-#: saves its progress and how long before its time limit it stops. Alignment: batch sizes (not
+#: CLI as ``--settings-json``. Text filter: its loader workers, OCR threads, where the OCR
+#: reads are cached and after how many shards it saves its decisions (the kept shards are the
+#: same; a rerun filter would retrain every filtered run). Pretraining: the log and checkpoint
+#: cadence, the stop margin, recomputing blocks in the backward. Classic: the encoder's
+#: forward chunking, decoding workers and scratch disk. Classic and VQA: when a job saves its progress and how long before its time limit it stops. Alignment: batch sizes (not
 #: ``lm_paths``: a path or hub id there says which weights a name loads). VQA: where
 #: Cambrian's files sit on disk, and the memory knobs: micro-batches (a global batch's loss and
 #: gradient do not depend on its split, ``probe.backward_global_batch``) and recomputing the
 #: decoder layers in the backward.
 SETTINGS = {
-    "filter": {"filter": {"workers": None, "threads": None, "cache_path": None}},
+    "filter": {"filter": {"workers": None, "threads": None, "cache_path": None, "checkpoint_shards": None}},
     "pretrain": {"train": {"log_every": None, "checkpoint_every": None, "stop_margin_s": None,
                            "activation_checkpointing": None}},
     "classic": {"batch_size": None, "workers": None, "scratch": None, **_PROGRESS},

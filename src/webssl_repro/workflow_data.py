@@ -8,6 +8,7 @@ import json
 import shlex
 from typing import Any, Mapping
 
+from webssl_repro.resources import node_share
 from webssl_repro.settings import SETTINGS, split_settings
 
 #: The eval sets the data stage builds (``webssl-repro data evalset``; the defaults of each in
@@ -99,14 +100,20 @@ class DataJobs:
         return f"--settings-json {shlex.quote(how)}"
 
     def filter_resources(self, whole: bool = False) -> dict[str, int]:
-        """A filter job's GPUs and runtime (``resources.filter_*``), and a CPU per loader worker
+        """A filter job's GPUs and runtime (``resources.filter_*``), on GPUs its node's share
+        (the MLLM's weights pass through host memory), and a CPU per loader worker
         (``data.filter.workers``) beside its own; merging parts needs none of them."""
         if whole and self.filter_parts() > 1:
             return {}
         res = self.config.get("resources", {})
         workers = int(self.config.get("data", {}).get("filter", {}).get("workers", 0))
-        return {"gpu": int(res.get("filter_gpus", 0)), "runtime": int(res.get("filter_runtime_min", 60)),
-                **({"cpus_per_task": workers + 1} if workers else {})}
+        gpus = int(res.get("filter_gpus", 0))
+        out = {"gpu": gpus, "runtime": int(res.get("filter_runtime_min", 60))}
+        if gpus > 0:
+            out.update(node_share(res, gpus))
+        if workers:
+            out["cpus_per_task"] = max(out.get("cpus_per_task", 1), workers + 1)
+        return out
 
     def data_targets(self) -> list[str]:
         if "data" not in self.stages:

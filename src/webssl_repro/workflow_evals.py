@@ -8,7 +8,7 @@ import json
 from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
-from webssl_repro.resources import REFUSED_ATTEMPT
+from webssl_repro.resources import REFUSED_ATTEMPT, node_share
 from webssl_repro.settings import SETTINGS, split_settings
 
 
@@ -114,11 +114,8 @@ class EvalJobs:
         res = self.config.get("resources", {})
         gpus = min(self.eval_gpus(), 1) if kind == "classic" else self.eval_gpus()
         out = {"gpu": gpus, "runtime": self.eval_runtime()}
-        if gpus > 0:
-            out["nodes"] = 1  # one node's GPUs (torchrun --standalone; the 70B LM's device_map)
-            share = min(1.0, gpus / max(1, int(res.get("gpus_per_node", gpus))))
-            out["mem_mb"] = int(int(res["mem_mb_per_node"]) * share)
-            out["cpus_per_task"] = int(res["cpus_per_gpu"]) * gpus
+        if gpus > 0:  # one node's GPUs (torchrun --standalone; the 70B LM's device_map)
+            out.update(node_share(res, gpus))
         return out
 
     def eval_job_resources(self, kind: str, out: str, attempt: int) -> dict[str, Any]:

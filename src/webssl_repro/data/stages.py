@@ -24,6 +24,7 @@ from multiprocessing import get_context
 from typing import Any, Mapping, Sequence
 
 from webssl_repro.data.evalsets import ALIGNMENT_PAIRS
+from webssl_repro.data.filter_progress import CHECKPOINT_SHARDS, discard_progress, run_in_chunks
 from webssl_repro.data.shards import expand_sources, is_local, shard_ranges, write_shard
 from webssl_repro.files import read_json, write_json
 
@@ -102,7 +103,8 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     (every parts-th shard), so a corpus of billions of images is filtered by many jobs at once
     (``filter_merge`` joins them). The kept samples are copied into shards of their own beside
     ``out_json`` (``kept_shards``), which the result lists as a manifest does, with the kept
-    fraction, P/R and speed; the light and heavy runs train on those shards."""
+    fraction, P/R and speed; the light and heavy runs train on those shards. Decisions are saved
+    every ``checkpoint_shards`` shards (``data.filter_progress``): a rerun resumes after them."""
     from webssl_repro.data.filters import filter_batch, filter_report, make_filter, run_filter, run_filter_batches
     from webssl_repro.data.shards import make_loader
 
@@ -110,22 +112,32 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     backend = str(opts.pop("backend", "ocr"))
     parts = int(opts.pop("parts", 1))
     workers = int(opts.pop("workers", 0))  # loader processes that decode and encode beside the backend
+    chunk_shards = int(opts.pop("checkpoint_shards", CHECKPOINT_SHARDS))
     if not 0 <= part < parts:
         raise ValueError(f"filter part {part} of data.filter.parts={parts}")
-    shards = list(shards)[part::parts]
+    corpus_shards, shards = len(shards), list(shards)[part::parts]
+    if not shards:
+        raise ValueError(f"data filter {variant}: part {part} of data.filter.parts={parts} has no shard "
+                         f"(the corpus has {corpus_shards}): set parts to at most {corpus_shards}")
+    # what decides a decision: a saved chunk of another setup is filtered again (how it runs is not)
+    setup = {"variant": variant, "backend": backend,
+             **{k: v for k, v in opts.items() if k not in ("threads", "cache_path")}}
     if backend == "ocr":
         suffix = f".part{part}" if parts > 1 else ""
         opts.setdefault("cache_path", os.path.join(os.path.dirname(os.path.abspath(out_json)),
                                                    f"ocr_reads_{opts.get('ocr_size', 256)}{suffix}.json"))
     flt = make_filter(backend, **opts)
     read = dict(shuffle_shards=False, rank=0, world_size=1, report_stats=True)
-    if workers:
-        res = run_filter_batches(flt, make_loader(shards, num_workers=workers, batch_size=flt.batch_size,
-                                                  collate_fn=partial(filter_batch, flt, [variant]), **read), [variant])
-    else:
-        res = run_filter(flt, make_loader(shards, **read), [variant])
-    if hasattr(flt, "save_cache"):
-        flt.save_cache()
+
+    def run_chunk(chunk: list[str]) -> dict[str, Any]:
+        if workers:
+            return run_filter_batches(flt, make_loader(chunk, num_workers=min(workers, len(chunk)),
+                                                       batch_size=flt.batch_size,
+                                                       collate_fn=partial(filter_batch, flt, [variant]), **read),
+                                      [variant])
+        return run_filter(flt, make_loader(chunk, **read), [variant])
+
+    res = run_in_chunks(shards, setup, out_json, run_chunk, chunk_shards, getattr(flt, "save_cache", None))
     stats = res["loader_stats"]
     if not res["ids"]:  # a kept fraction, P/R and speed of no sample would be 0 / NaN / inf
         raise ValueError(f"data filter {variant}: no sample read from the {len(shards)} shard(s) of part {part} "
@@ -140,6 +152,7 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
            "images_per_second": res["images_per_second"], "cpu_seconds": res["cpu_seconds"],
            "skipped_samples": stats["skipped_samples"], "broken_shards": stats["broken_shards"]}
     _dump(out, out_json)
+    discard_progress(out_json)
     return out
 
 
