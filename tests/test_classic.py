@@ -141,6 +141,27 @@ def test_block_tokens_and_cache(tmp_path):
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+@pytest.mark.parametrize("method", ["dino", "mae", "clip"])
+def test_block_cls_keeps_what_block_tokens_gives_for_the_cls(method):
+    """Alignment reads one token per block: the hooks give the same CLS as forward_intermediates,
+    at the stored resolution and at another, without holding every block's tokens."""
+    from webssl_repro.evaluate.features import block_cls
+    from webssl_repro.models.vit import Arch, build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder(Arch(width=16, depth=3, heads=2, patch=4), method, img_size=16).eval()
+    for side in (16, 24):
+        x = torch.randn(2, 3, side, side)
+        with torch.no_grad():
+            cls = block_cls(enc, x)
+            assert cls.shape == (3, 2, 16)
+            assert torch.equal(cls, block_tokens(enc, x).cls)
+    assert not any(block._forward_hooks for block in enc.blocks)  # the hooks are removed
+    tiny = _TinyEncoder()  # no ``blocks``: through block_tokens
+    x = torch.randn(2, 3, 8, 12)
+    assert torch.equal(block_cls(tiny, x), block_tokens(tiny, x).cls)
+
+
 def test_block_tokens_timm_forward_intermediates_matches_manual_blocks():
     pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer

@@ -19,7 +19,7 @@ import torch
 from webssl_repro.config import check_keys
 from webssl_repro.evaluate.alignment import alignment_score, alignment_se, pair_hits
 from webssl_repro.evaluate.imagesets import images_tensor, load_split
-from webssl_repro.evaluate.features import extract_features
+from webssl_repro.evaluate.features import block_cls, model_device
 
 # exact: the outlier clamp of platonic.Alignment.score (one sorted threshold per model); false:
 # measure_alignment.py's default (the mean of the samples' quantiles). The paper does not say which.
@@ -28,9 +28,14 @@ DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "exact": True, "b
 
 
 def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torch.Tensor:
-    """Un-normed CLS after every block, (L, N, D)."""
+    """Un-normed CLS after every block, (L, N, D), on the encoder's device, fp32."""
     x = images_tensor(records, int(meta["img_size"]))
-    return extract_features(encoder, (x[i:i + batch] for i in range(0, len(x), batch)), indices=None, norm=False)["cls"]
+    if isinstance(encoder, torch.nn.Module):
+        encoder.eval()
+    device = model_device(encoder)
+    with torch.no_grad():
+        return torch.cat([block_cls(encoder, x[i:i + batch].to(device)).float().cpu()
+                          for i in range(0, len(x), batch)], dim=1)
 
 
 def lm_source(name: str, cfg: Mapping[str, Any]) -> str:

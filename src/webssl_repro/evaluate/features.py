@@ -124,6 +124,30 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
     return BlockTokens(torch.stack(cls), torch.stack(patches), grid, idx)
 
 
+def block_cls(model: Union[nn.Module, Callable], images: torch.Tensor) -> torch.Tensor:
+    """The un-normed CLS token after every block, (L, B, D), as ``block_tokens(model, images).cls``.
+
+    A hook on each block keeps only its CLS, where ``forward_intermediates`` keeps every
+    block's tokens for the whole batch: at ViT-7B and 518 px, 40 blocks x 1,370 tokens per image
+    of which alignment reads one. Models without ``blocks`` and a features forward go through
+    ``block_tokens``."""
+    forward = getattr(model, "forward_features_dict", None) or getattr(model, "forward_features", None)
+    if not isinstance(model, nn.Module) or not hasattr(model, "blocks") or forward is None:
+        return block_tokens(model, images).cls
+    kept: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, out):
+        kept.append(out[:, 0].clone())  # a copy: the view would hold the block's whole output
+
+    hooks = [block.register_forward_hook(keep) for block in model.blocks]
+    try:
+        forward(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(kept)
+
+
 def pad_to_multiple(images: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
     """Centre-pad H and W up to a multiple of the patch size, as DINOv2's dense evals do."""
     H, W = images.shape[-2:]
