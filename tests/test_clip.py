@@ -145,6 +145,12 @@ def test_tokenizer_build_save_load_roundtrip(tmp_path, kind):
         load_tokenizer(cut)
     with pytest.raises(ValueError, match=rf"pretrain.clip.tokenizer {path}: tokenizer lacks special tokens: \['<s>'"):
         load_tokenizer(path, sot_token="<s>")
+    # a file that pads and truncates on its own frames the same ids
+    loaded.tokenizer.enable_padding(length=12, pad_id=3)
+    loaded.tokenizer.enable_truncation(max_length=2)
+    padded = tmp_path / "padded.json"
+    loaded.save(padded)
+    assert torch.equal(load_tokenizer(padded)(["A photo of a Red square", "teal"], context_length=10), ids)
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordlevel"])

@@ -126,6 +126,10 @@ class CaptionTokenizer:
 
     def __init__(self, tokenizer, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,
                  pad_token: str = PAD_TOKEN) -> None:
+        # A tokenizer.json may switch on padding or truncation of its own (a hub file saved from a
+        # batch pipeline): its pads or cut would land inside the SOT ... EOT frame built here.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer = tokenizer
         ids = {t: tokenizer.token_to_id(t) for t in (sot_token, eot_token)}
         missing = [t for t, i in ids.items() if i is None]
