@@ -108,6 +108,23 @@ def test_answer_only_label_masking(tokenizer):
     torch.testing.assert_close(out["answer_logits"], full[[i - 1 for i in answer_positions]], atol=1e-5, rtol=1e-5)
 
 
+def test_cambrian_chat_format_renders_its_eval_scripts_prompt():
+    """``chat_format: cambrian_llama_3`` is conv_llama_3 of Cambrian's conversation.py as its
+    eval scripts render it (system turn, headers without a newline, the image first); training
+    appends the answer and <|eot_id|>, the only pieces labelled."""
+    from webssl_repro.evaluate.vqa.data import CAMBRIAN_SYSTEM, CHAT_FORMATS
+
+    fmt = CHAT_FORMATS["cambrian_llama_3"]
+    s = VqaSample("x", "What is shown?", "A cat")
+    render = lambda with_answer: "".join(t if k != "image" else "<image>" for k, t in fmt.pieces(s, with_answer))
+    head = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>{CAMBRIAN_SYSTEM}<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|><image>\nWhat is shown?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>")
+    assert render(False) == head and render(True) == head + "A cat<|eot_id|>"
+    assert [t for k, t in fmt.pieces(s) if k == "answer"] == ["A cat<|eot_id|>"]
+    assert CAMBRIAN_SYSTEM.startswith("You are Cambrian, a highly intelligent") and "\n    As a" in CAMBRIAN_SYSTEM
+
+
 def test_batched_greedy_equals_one_by_one(tokenizer):
     probe = _probe(tokenizer, hidden=32, layers=2, seed=3).double()
     samples, feats = _world(5, seed=7)

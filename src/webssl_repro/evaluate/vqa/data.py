@@ -88,16 +88,28 @@ def _split_image(text: str) -> list[tuple[str, str]]:
 
 MINI_CHAT = ChatFormat(prefix="<bos><image>\n", user="USER: {question}\nASSISTANT:", answer=" {answer}<eos>\n",
                        stop="<eos>")
-# Llama-3's own chat format (its special tokens and header layout), with no system message.
-# Cambrian's conversation.py also defines a ``llama_3`` template with a system prompt; neither the
-# paper nor the released training code says which the probe used. Training and testing share this
-# one, so the probe is consistent; answer length on the exact-match benchmarks may differ.
+# Llama-3's own chat format (its special tokens and header layout), with no system message:
+# the default, as neither the paper nor Cambrian settles the probe's format. Cambrian's scripts
+# pass ``--version llama_v3``, which in its train_fsdp.py only sets the pad token and leaves the
+# Vicuna-v1 template in place for training, while its eval scripts (``--conv_mode llama_3``)
+# prompt with ``conv_llama_3``: a "You are Cambrian" system turn and headers without a newline
+# (``CAMBRIAN_LLAMA3_CHAT``). Training and testing share whichever is chosen here.
 LLAMA3_CHAT = ChatFormat(
     prefix="<|begin_of_text|>",
     user="<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
          "<|start_header_id|>assistant<|end_header_id|>\n\n",
     answer="{answer}<|eot_id|>", stop="<|eot_id|>")
-CHAT_FORMATS = {"mini": MINI_CHAT, "llama_3": LLAMA3_CHAT}
+#: ``conv_llama_3`` of Cambrian's conversation.py, its system prompt verbatim (whitespace included)
+CAMBRIAN_SYSTEM = ("You are Cambrian, a highly intelligent multimodal AI trained by NYU Vision X. \n    As a "
+                   "multimodal AI, you have the ability to process and analyze images. Whenever an image is "
+                   "present in the conversation, very carefully examine it and consider its content when "
+                   "formulating your response.\n    You should give concise responses to very simple "
+                   "questions, but provide thorough responses to more complex and open-ended questions. ")
+CAMBRIAN_LLAMA3_CHAT = ChatFormat(
+    prefix=f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>{CAMBRIAN_SYSTEM}<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>",
+    answer="{answer}<|eot_id|>", stop="<|eot_id|>")
+CHAT_FORMATS = {"mini": MINI_CHAT, "llama_3": LLAMA3_CHAT, "cambrian_llama_3": CAMBRIAN_LLAMA3_CHAT}
 
 
 def pad_id(tokenizer) -> int:

@@ -217,6 +217,7 @@ def backward_global_batch(probe: MultimodalProbe, micro_batches: Sequence[Sequen
 
     Each micro-batch's summed CE is divided by the GLOBAL answer-token count, so the gradient
     does not depend on how the global batch is split (nor on how many tokens each split holds).
+    Cambrian's trainer (transformers 4.37) averaged per-micro-batch means instead (README).
     With ``parallel``, ``micro_batches`` are this rank's share: the count is summed over ranks,
     the loss scaled by the world size (the gradient collectives average), and ``module`` (the
     DDP wrapper or the sharded probe) runs the forward.

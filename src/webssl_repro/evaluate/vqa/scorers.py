@@ -120,7 +120,8 @@ def _within(pred: str, gt: str, rel_tol: float = 0.05, of_pred: bool = False) ->
 
 
 def anls(pred: str, answers: Sequence[str], tau: float = 0.5) -> float:
-    """DocVQA's Average Normalised Levenshtein Similarity for one question (0 below tau)."""
+    """DocVQA's Average Normalised Levenshtein Similarity for one question: 1 - NL where NL < tau,
+    else 0, as Biten et al. define it (lmms-eval keeps NL = tau exactly, at 0.5)."""
     p = " ".join(str(pred).lower().split())
     best = 0.0
     for a in answers:
