@@ -19,9 +19,11 @@ from webssl_repro.evaluate.vqa.probe import MultimodalProbe, StageConfig, evalua
 from helpers_dist import rerun_if_aborted, torchrun, worker_env
 from test_vqa_probe import COLOURS, SHAPES, TOKENS, VIS_DIM, _world, answered_batches  # the probe tests' toy world
 
-#: Global batch 8 = 2 ranks x 2 micro-batches x 2 samples; stage 2 trains the LM as well.
+#: Global batch 8 = 2 ranks x 2 micro-batches x 2 samples; stage 2 trains the LM as well, in
+#: Cambrian's device batches of 2 (per_device_batch: each rank weighs its samples by the whole batch).
 STAGES = [(1, StageConfig(lr=1e-2, batch_size=8, micro_batch_size=2, max_steps=3, warmup_ratio=0.0)),
-          (2, StageConfig(lr=5e-3, batch_size=8, micro_batch_size=2, max_steps=3, warmup_ratio=0.3))]
+          (2, StageConfig(lr=5e-3, batch_size=8, micro_batch_size=2, max_steps=3, warmup_ratio=0.3,
+                          per_device_batch=2))]
 
 
 def _probe() -> MultimodalProbe:

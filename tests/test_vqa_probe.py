@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,6 +232,80 @@ def test_gradient_accumulation_is_split_invariant(tokenizer):
         grads.append((loss, torch.cat([p.grad.flatten() for p in probe.parameters()])))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_cambrian_device_batches_weigh_each_device_mean_alike(tokenizer):
+    """per_device_batch: the loss is the mean over device batches of each one's mean answer-token
+    CE (Cambrian's trainer), whatever the micro-batches; the global-token mean differs from it."""
+    from webssl_repro.evaluate.vqa.batching import CambrianBatches
+
+    probe = _probe(tokenizer, hidden=32, layers=1).double()
+    samples, feats = _world(4, seed=2)
+    samples[2] = VqaSample(samples[2].image_id, samples[2].question, "red green blue purple red green")
+    feats = FeatureCache(feats.ids, feats.features.double())
+    batches = CambrianBatches(probe, samples, StageConfig(lr=1.0, batch_size=4, per_device_batch=2), None)
+    weights = batches.weights(range(4))
+    assert batches.tokens == {0: 2, 1: 2, 2: 7, 3: 2}  # answer words + <eos>
+    assert weights == pytest.approx([1 / 8, 1 / 8, 1 / 18, 1 / 18])  # 1 / (2 devices x their tokens)
+    device_means = []
+    with torch.no_grad():
+        for k in (0, 2):
+            visual, t = probe.batch(samples[k:k + 2], feats, with_answer=True)
+            device_means.append(float(probe(visual, **t)["loss"]))
+    grads = []
+    for split in ([samples], [samples[:1], samples[1:3], samples[3:]]):
+        probe.zero_grad()
+        cuts = [0, *np.cumsum([len(m) for m in split])]
+        loss = backward_global_batch(probe, split, feats, weights=[weights[a:b] for a, b in zip(cuts, cuts[1:])])
+        grads.append(torch.cat([p.grad.flatten() for p in probe.parameters()]))
+        assert loss == pytest.approx(sum(device_means) / 2, rel=1e-12)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    probe.zero_grad()
+    assert backward_global_batch(probe, [samples], feats) != pytest.approx(sum(device_means) / 2, rel=1e-3)
+
+
+def test_cambrian_order_groups_by_modality_and_balances_devices():
+    """Each epoch: every sample once; each full global batch one modality (the leftover mixed, last);
+    its device batches dealt longest-first to the lightest, so their word totals stay close."""
+    from webssl_repro.evaluate.vqa.batching import modality_length, modality_length_order
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(v) for v in torch.randint(3, 60, (53,), generator=g)]
+    lengths = [v if i % 3 else -v for i, v in enumerate(lengths)]  # every third sample text-only
+    order = modality_length_order(lengths, per_device=2, world=4, generator=torch.Generator().manual_seed(1))
+    assert sorted(order) == list(range(53))
+    full = (sum(v > 0 for v in lengths) // 8 + sum(v < 0 for v in lengths) // 8) * 8
+    for start in range(0, full, 8):
+        mb = order[start:start + 8]
+        assert len({lengths[i] > 0 for i in mb}) == 1, mb
+        totals = [sum(abs(lengths[i]) for i in mb[k:k + 2]) for k in range(0, 8, 2)]
+        assert max(totals) - min(totals) <= max(abs(lengths[i]) for i in mb), totals
+    assert order == modality_length_order(lengths, 2, 4, torch.Generator().manual_seed(1))
+    assert order != modality_length_order(lengths, 2, 4, torch.Generator().manual_seed(2))
+    assert modality_length(VqaSample(None, "two words", "three more words")) == -5
+    assert modality_length(VqaSample("x", "two words", "one", turns=(("a b", "c"),))) == 6
+
+
+def test_a_stage_with_cambrian_batches_trains_and_resumes_alike(tokenizer, tmp_path):
+    """train_stage with per_device_batch: the loss falls, and a stage stopped after its 5th step
+    and resumed ends with the same weights as one run through (the grouped order is saved)."""
+    from helpers_progress import StopAfter
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import Preempted
+
+    samples, feats = _world(48, seed=5, text_only=6)
+    cfg = StageConfig(lr=3e-3, batch_size=8, micro_batch_size=4, epochs=2, per_device_batch=2, train_lm=True)
+    whole = _probe(tokenizer, hidden=32, layers=1)
+    out = train_stage(whole, samples, feats, 2, cfg, seed=3)
+    assert out["steps"] == 12 and out["losses"][-1] < out["losses"][0]
+    with pytest.raises(Preempted):
+        with EvalProgress(tmp_path, checkpoint_every_min=0, deadline=StopAfter(5)) as progress:
+            train_stage(_probe(tokenizer, hidden=32, layers=1), samples, feats, 2, cfg, seed=3, progress=progress)
+    resumed = _probe(tokenizer, hidden=32, layers=1)
+    again = train_stage(resumed, samples, feats, 2, cfg, seed=3, progress=EvalProgress(tmp_path, checkpoint_every_min=0))
+    assert again["losses"] == out["losses"]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def _exact(benchmark, preds, refs):

@@ -391,6 +391,8 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
 @pytest.mark.parametrize("where,value,message", [
     (("evaluate", "vqa", "chat_format"), "llama2", r"evaluate.vqa.chat_format: 'llama2' is not one of \['cambrian_llama_3', "
                                                    r"'llama_3', 'mini'\]"),
+    (("evaluate", "vqa", "stage2"), {"batch_size": 12, "per_device_batch": 8},
+     r"evaluate.vqa.stage2: batch_size 12 does not divide into device batches of per_device_batch 8"),
     (("evaluate", "vqa", "projector"), "mlp2x_relu", r"evaluate.vqa.projector: 'mlp2x_relu' is not 'linear' or "
                                                      r"'mlp<N>x_gelu'"),
     (("evaluate", "vqa", "tokens"), 35, r"evaluate.vqa.tokens: 35 is not a square number"),

@@ -33,6 +33,9 @@ class StageConfig:
     #: Train the LM too (None: stage 2 only, the paper's recipe; a from-scratch mini LM has no language
     #: to keep frozen, so mini stage 1 may train it on the captions).
     train_lm: Optional[bool] = None
+    #: Cambrian's device batch (its scripts: 8): batches grouped by modality and length, the loss
+    #: the mean of each device batch's mean (``batching``). None: the mean over the global batch.
+    per_device_batch: Optional[int] = None
 
 
 @dataclass
@@ -91,6 +94,11 @@ class VqaConfig:
         if math.isqrt(int(cfg.tokens)) ** 2 != int(cfg.tokens):  # the encoder's grid is pooled to a square
             raise ValueError(f"evaluate.vqa.tokens: {cfg.tokens} is not a square number of visual tokens "
                              f"(the paper's 576 = 24 x 24)")
+        for key in ("stage1", "stage2"):
+            stage = getattr(cfg, key)
+            if stage.per_device_batch and stage.batch_size % stage.per_device_batch:
+                raise ValueError(f"evaluate.vqa.{key}: batch_size {stage.batch_size} does not divide into device "
+                                 f"batches of per_device_batch {stage.per_device_batch}")
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
         if not PROJECTOR.fullmatch(str(cfg.projector)):

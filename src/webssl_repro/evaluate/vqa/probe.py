@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.vqa.answering import Scorer, answer_rounds, evaluate_vqa
+from webssl_repro.evaluate.vqa.batching import CambrianBatches
 from webssl_repro.evaluate.vqa.config import PROJECTOR, StageConfig, VqaConfig
 from webssl_repro.evaluate.vqa.data import (CHAT_FORMATS, IGNORE, MINI_CHAT, ChatFormat, FeatureCache, VqaSample,
                                             collate, encode, pad_id)
@@ -98,10 +99,12 @@ class MultimodalProbe(nn.Module):
         return emb.masked_scatter(image_mask[..., None], proj)
 
     def forward(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_mask: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                image_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                answer_weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Logits; given labels instead, the answer-token loss (``loss_sum``/``n_answer`` and their
         mean) and the logits of the answer positions only (``answer_logits``, in their order):
-        a 16 x 2048-token batch's full logits over Llama-3's 128k vocabulary would take ~40 GB."""
+        a 16 x 2048-token batch's full logits over Llama-3's 128k vocabulary would take ~40 GB.
+        ``answer_weights`` (one per sample) weighs each sample's tokens in ``loss_sum``."""
         with self._autocast(input_ids.device):
             emb = self.embed(visual, input_ids, image_mask)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -117,8 +120,13 @@ class MultimodalProbe(nn.Module):
             else:
                 logits = self.lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False).logits[:, :-1][answer]
-        loss_sum = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target[answer],
-                                   reduction="sum")  # fp32 at least: bf16 logits are upcast
+        logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least: bf16 is upcast
+        if answer_weights is None:
+            loss_sum = F.cross_entropy(logits32, target[answer], reduction="sum")
+        else:
+            rows = answer.nonzero()[:, 0]  # each answer token's sample, in the logits' order
+            loss_sum = (F.cross_entropy(logits32, target[answer], reduction="none")
+                        * answer_weights.to(logits32)[rows]).sum()
         n = answer.sum()
         return {"answer_logits": logits, "loss_sum": loss_sum, "n_answer": n, "loss": loss_sum / n.clamp(min=1)}
 
@@ -212,28 +220,32 @@ def _decode_kwargs(lm: nn.Module) -> dict[str, int]:
 
 def backward_global_batch(probe: MultimodalProbe, micro_batches: Sequence[Sequence[VqaSample]],
                           features: FeatureCache, max_length: Optional[int] = None, *,
-                          parallel: Optional["Parallel"] = None, module: Optional[nn.Module] = None) -> float:
+                          parallel: Optional["Parallel"] = None, module: Optional[nn.Module] = None,
+                          weights: Optional[Sequence[Sequence[float]]] = None) -> float:
     """Accumulate gradients of the mean answer-token CE over all micro-batches; returns that loss.
 
     Each micro-batch's summed CE is divided by the GLOBAL answer-token count, so the gradient
     does not depend on how the global batch is split (nor on how many tokens each split holds).
-    Cambrian's trainer (transformers 4.37) averaged per-micro-batch means instead (README).
-    With ``parallel``, ``micro_batches`` are this rank's share: the count is summed over ranks,
-    the loss scaled by the world size (the gradient collectives average), and ``module`` (the
-    DDP wrapper or the sharded probe) runs the forward.
+    ``weights`` (per sample of each micro-batch, ``batching.device_batch_weights``) replace that
+    count: Cambrian's mean of its device batches' means. With ``parallel``, ``micro_batches`` are
+    this rank's share: the count is summed over ranks, the loss scaled by the world size (the
+    gradient collectives average), and ``module`` (the DDP wrapper or the sharded probe) runs the forward.
     """
     device = next(probe.parameters()).device
     module = probe if module is None else module
     batches = [probe.batch(m, features, with_answer=True, max_length=max_length) for m in micro_batches]
-    local = sum(int((t["labels"][:, 1:] != IGNORE).sum()) for _, t in batches)
-    total = max(1, local if parallel is None else round(parallel.sum(local)))
+    if weights is None:
+        local = sum(int((t["labels"][:, 1:] != IGNORE).sum()) for _, t in batches)
+        total = max(1, local if parallel is None else round(parallel.sum(local)))
     scale = 1 if parallel is None else parallel.world_size
     step_loss = 0.0
     for i, (visual, t) in enumerate(batches):
         ctx = parallel.accumulate(module, last=i == len(batches) - 1) if parallel is not None else nullcontext()
         with ctx:
-            out = module(visual.to(device), **{k: v.to(device) for k, v in t.items()})
-            loss = out["loss_sum"] / total
+            extra = {} if weights is None else {
+                "answer_weights": torch.tensor(weights[i], dtype=torch.float64, device=device)}
+            out = module(visual.to(device), **{k: v.to(device) for k, v in t.items()}, **extra)
+            loss = out["loss_sum"] if weights is not None else out["loss_sum"] / total
             if loss.requires_grad:  # not so for an image-free micro-batch while the LM is frozen
                 (loss * scale if scale != 1 else loss).backward()
         step_loss += float(loss.detach())
@@ -285,17 +297,21 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
                 "order": torch.tensor(order, dtype=torch.long), "generator": gen.get_state(),
                 "scheduler": sched.state_dict()}
 
+    cambrian = CambrianBatches(probe, samples, cfg, max_length) if cfg.per_device_batch else None
     probe.train()
     for step in range(start, steps):
         while len(order) < cfg.batch_size:
-            order += torch.randperm(len(samples), generator=gen).tolist()
+            order += cambrian.epoch(gen) if cambrian else torch.randperm(len(samples), generator=gen).tolist()
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        weights = cambrian.weights(idx) if cambrian else None
         if parallel is not None:
             idx = parallel.local_indices(idx, cfg.micro_batch_size)
-        micro = [[samples[i] for i in idx[k:k + cfg.micro_batch_size]]
-                 for k in range(0, len(idx), cfg.micro_batch_size)]
+            weights = parallel.local_indices(weights, cfg.micro_batch_size) if weights else None
+        cut = range(0, len(idx), cfg.micro_batch_size)
+        micro = [[samples[i] for i in idx[k:k + cfg.micro_batch_size]] for k in cut]
         opt.zero_grad(set_to_none=True)
-        step_loss = backward_global_batch(probe, micro, features, max_length, parallel=parallel, module=module)
+        step_loss = backward_global_batch(probe, micro, features, max_length, parallel=parallel, module=module,
+                                          weights=[weights[k:k + cfg.micro_batch_size] for k in cut] if weights else None)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
