@@ -278,3 +278,9 @@ def test_corpus_kinds_are_the_generators_kinds():
     cfg["data"]["corpus"]["kinds"] = {"objects": 1.0, "charts": 0.5}
     with pytest.raises(ConfigError, match=r"at key 'data.corpus.kinds': 'charts' is not one of"):
         validate_config(cfg)
+    for no_weight in ({}, {"objects": 0.0, "chart": 0}):  # no image could be drawn
+        cfg["data"]["corpus"]["kinds"] = no_weight
+        with pytest.raises(ConfigError, match=r"at key 'data.corpus.kinds'"):
+            validate_config(cfg)
+    cfg["data"]["corpus"]["kinds"] = {"objects": 0.0, "chart": 0.5}
+    validate_config(cfg)

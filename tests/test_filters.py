@@ -307,3 +307,9 @@ def test_a_stopped_filter_job_resumes_at_its_first_unfinished_chunk(tmp_path, mo
     with open(record, "w") as f:
         f.write(text[:50])  # cut short by the kill
     assert filter_corpus("light", section, shards, out)["n_kept"] == whole["n_kept"] and len(calls) == 3
+    # the corpus rebuilt under the same shard names (other kinds): its records are not reused
+    stop_after_first(section)
+    build_corpus({"n_images": 12, "shard_size": 4, "seed": 3, "kinds": {"objects": 1.0}}, man)
+    assert manifest_shards(man) == shards
+    rebuilt = filter_corpus("light", section, shards, out)
+    assert len(calls) == 3 and rebuilt["tp"] == 0  # objects only: no text to find

@@ -162,6 +162,11 @@ def test_compare_says_where_the_benchmarks_data_differ_from_the_papers(tmp_path,
     assert protocol_notes(["in1k_linear", "mme"]) == []
     assert [n.split()[0] for n in protocol_notes(["OCR & Chart"])] == ["DocVQA"]
     assert [n.split()[0] for n in protocol_notes(["Average"])] == ["DocVQA", "MMVP"]
+    from webssl_repro.paper.check import comparison_summary
+
+    missing = pd.DataFrame([{"metric": "in1k_linear", "status": "within"}, {"metric": "docvqa", "status": "missing"}])
+    assert "DocVQA" not in comparison_summary(missing, "comparable")  # no DocVQA number was compared
+    assert "DocVQA is scored here" in comparison_summary(missing.assign(status="outside"), "comparable")
     path = tmp_path / "evals" / "dino7b-full8b-224" / "vqa.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"metrics": {"docvqa": 50.0, "gqa": 60.0}}))

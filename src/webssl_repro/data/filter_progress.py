@@ -4,8 +4,9 @@ preempted resumes at the first chunk of shards it had not finished.
 At paper scale one filter part is ~100 shards (~1M images) and 12 hours of one GPU; without
 this a retry started from its first image. Each chunk's record (``<out>.progress/NNNNN.json``)
 holds what ``run_filter_batches`` returns for those shards, under a key of everything that
-decides it (variant, backend and its options, the chunk's shards): a record of another filter
-setup, or of other shards, is filtered again, not reused.
+decides it (variant, backend and its options, the chunk's shards with each local file's size
+and modification time): a record of another filter setup, or of other or rewritten shards, is
+filtered again, not reused.
 """
 from __future__ import annotations
 
@@ -26,8 +27,19 @@ def progress_dir(out_json: str) -> str:
     return os.path.splitext(out_json)[0] + ".progress"
 
 
+def _shard_stamp(url: str) -> Any:
+    """What tells a rewritten local shard from the one a record was made of (a corpus rebuilt
+    under the same names); a remote shard is known by its URL alone."""
+    try:
+        st = os.stat(url)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def chunk_key(setup: Mapping[str, Any], shards: Sequence[str]) -> str:
-    text = json.dumps({"setup": dict(setup), "shards": list(shards)}, sort_keys=True, default=str)
+    text = json.dumps({"setup": dict(setup), "shards": [[url, _shard_stamp(url)] for url in shards]},
+                      sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()
 
 

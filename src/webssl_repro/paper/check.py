@@ -260,7 +260,7 @@ def comparison_summary(table: pd.DataFrame, mode: str) -> str:
         return f"{text} — at the published scale the numbers are the paper's own, so this is not a pass."
     if mode != "comparable":
         return f"{text} — this scale differs from the paper in data and model sizes (check.comparable: false)."
-    notes = "".join(f" {note}." for note in protocol_notes(table["metric"]))
+    notes = "".join(f" {note}." for note in protocol_notes(table.loc[table["status"] != MISSING, "metric"]))
     return f"{text} (tolerances from check.tolerances).{notes}"
 
 

@@ -8,7 +8,10 @@ mean cross-entropy over its own answer tokens, and the devices' losses are avera
 answer's tokens weigh more where they share a device batch with short answers. Without
 ``per_device_batch`` the probe averages over all answer tokens of the global batch instead.
 The order follows LLaVA's ``get_modality_length_grouped_indices`` (paraphrased): lengths are
-whitespace word counts of the conversation, positive with an image, negative without.
+whitespace word counts of the conversation, positive with an image, negative without. The
+probe's steps are whole global batches, so an epoch's remainder is completed from the next
+epoch's order (Cambrian's last batch of an epoch is short instead): one modality per global
+batch holds within the first epoch, the paper's only one.
 """
 from __future__ import annotations
 

@@ -260,7 +260,8 @@ def train_stage(probe: MultimodalProbe, samples: Sequence[VqaSample], features: 
     ``cfg.train_lm`` says otherwise (a from-scratch mini LM is trained in stage 1 too).
 
     AdamW + linear warmup + cosine decay (HF Trainer's schedule, as Cambrian uses); the loss of
-    a global batch is the mean CE over all its answer tokens, however it is split into micro-batches
+    a global batch is the mean CE over all its answer tokens, or with ``cfg.per_device_batch``
+    the mean of its device batches' means (``batching``), however it is split into micro-batches
     (and, with ``parallel``, over ranks: each takes its slice of every global batch).
     With ``progress`` the stage is its part ``stage<n>``: saved when due and at its end
     (``stage_state``), resumed from there, a finished stage loaded instead of trained.
