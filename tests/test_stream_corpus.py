@@ -398,3 +398,67 @@ def test_job_loader_workers_leave_signals_to_the_trainer_and_end_with_it(tmp_pat
         "    raise SystemExit(75)\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 75, proc.stderr[-2000:]
+
+
+def test_compressed_local_shards_and_repeated_keys_keep_every_sample(tmp_path, shards):
+    """A local .tar.gz / .tar.bz2 / .tar.xz is read as the stream it is (it read as a broken
+    shard of no sample); a tar that repeats a key yields each occurrence as a sample of its own,
+    where the second once overwrote the first."""
+    import gzip
+    import bz2
+    import lzma
+
+    plain = [(s["__key__"], s["jpg"]) for s in shard_samples(shards[0])]
+    data = open(shards[0], "rb").read()
+    for name, compress in (("s.tar.gz", gzip.compress), ("s.tar.bz2", bz2.compress), ("s.tar.xz", lzma.compress)):
+        path = tmp_path / name
+        path.write_bytes(compress(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not reported as broken
+            assert [(s["__key__"], s["jpg"]) for s in shard_samples(str(path))] == plain, name
+    twice = tmp_path / "twice.tar"
+    with tarfile.open(twice, "w") as tar:
+        for text in (b"first", b"second"):
+            for suffix, payload in (("jpg", text), ("txt", text)):
+                info = tarfile.TarInfo(f"a.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    assert [(s["jpg"], s["txt"]) for s in shard_samples(str(twice))] == [(b"first", b"first"),
+                                                                         (b"second", b"second")]
+
+
+def _uncaptioned(src: str, out, keys: set[str]) -> str:
+    """A copy of shard ``src`` whose samples of ``keys`` have no alt-text (json without a caption)."""
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        for member in tin:
+            payload = tin.extractfile(member).read()
+            if member.name.endswith(".json") and member.name.split(".")[0] in keys:
+                meta = json.loads(payload)
+                meta.pop("caption", None)
+                meta.pop("texts", None)
+                payload = json.dumps(meta).encode()
+            member.size = len(payload)
+            tout.addfile(member, io.BytesIO(payload))
+    return str(out)
+
+
+def test_clip_corpora_pass_over_samples_without_an_alt_text(tmp_path, shards):
+    """A CLIP run's corpus leaves out a sample with no alt-text, held in memory or streamed (its
+    place taken by the shard's next sample), where the sample stopped the run at the same step
+    on every retry; other methods keep it."""
+    from webssl_repro.train.run import _seeded, open_corpus
+
+    keys = [s["__key__"] for s in shard_samples(shards[0], with_data=False)]
+    shard = _uncaptioned(shards[0], tmp_path / "nocap.tar", {keys[1]})
+    with pytest.warns(RuntimeWarning, match="1 sample\\(s\\) without an alt-text left out"):
+        held = open_corpus([shard, shards[1]], 0, {}, needs_caption=True)
+    assert len(held) == 9 and held.uncaptioned == 1 and len(open_corpus([shard, shards[1]], 0, {})) == 10
+    fn = _seeded(lambda image: torch.zeros(1), with_caption=True)
+    take_clip = lambda corpus: take(corpus.batches(0, 0, 1, 5, fn, lambda s, g: [c for _, c in s]), 4)
+    assert all(all(batch) for batch in take_clip(held))
+    streamed = open_corpus([shard, shards[1]], 0, {"stream": True}, needs_caption=True)
+    with pytest.warns(RuntimeWarning, match=f"sample {keys[1]} of .*nocap.tar has no alt-text for CLIP"):
+        batches = take_clip(streamed)
+    assert all(all(batch) for batch in batches)
+    with pytest.raises(ValueError, match="has no caption for CLIP"):  # what the run met before
+        take_clip(open_corpus([shard, shards[1]], 0, {"stream": True}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -96,20 +97,30 @@ class _Item:
 
 
 class IndexedCorpus:
-    """All samples of a set of local shards (images kept encoded)."""
+    """All samples of a set of local shards (images kept encoded). ``needs_caption`` (CLIP)
+    leaves out samples without an alt-text, as OpenCLIP's loader does, counted in
+    ``uncaptioned``."""
 
-    def __init__(self, shards: Sequence[str], seed: int = 0) -> None:
+    def __init__(self, shards: Sequence[str], seed: int = 0, needs_caption: bool = False) -> None:
         from webssl_repro.data.shards import make_loader, sample_id
 
         self.seed = seed
         items: list[_Item] = []
+        self.uncaptioned = 0
         stream = make_loader(list(shards), shuffle_shards=False, rank=0, world_size=1)  # every rank indexes it all
         for sample in stream:
+            captions = captions_of(sample)
+            if needs_caption and not captions:
+                self.uncaptioned += 1
+                continue
             buf = io.BytesIO()
             sample["image"].save(buf, format="PNG")
-            items.append(_Item(sample_id(sample), buf.getvalue(), captions_of(sample)))
+            items.append(_Item(sample_id(sample), buf.getvalue(), captions))
+        if self.uncaptioned:
+            warnings.warn(f"IndexedCorpus: {self.uncaptioned} sample(s) without an alt-text left out", RuntimeWarning)
         if not items:
-            raise ValueError(f"no samples in {len(shards)} shard(s)")
+            raise ValueError(f"no samples in {len(shards)} shard(s)"
+                             + (f" ({self.uncaptioned} without an alt-text)" if self.uncaptioned else ""))
         self.items = items
         self.stats = getattr(stream, "stats", None)
         self._perms: dict[int, np.ndarray] = {}

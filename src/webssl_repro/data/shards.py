@@ -38,6 +38,17 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+#: leading bytes of the compressions tarfile reads (gzip, bzip2, xz)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def is_compressed(path: str) -> bool:
+    """Whether a local shard is a compressed tar (``.tar.gz`` and the like), by its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head.startswith(_COMPRESSED_MAGIC)
+
+
 def open_shard(url: str):
     """A tar of ``url`` for one forward pass: a local file, or webdataset's ``gopen`` stream."""
     import tarfile
@@ -71,9 +82,9 @@ def shard_samples(url: str, with_data: bool = True,
 
     sample: dict[str, Any] = {}
     try:
-        if is_local(url):  # seekable: counting reads the headers alone
+        if is_local(url) and not is_compressed(url):  # seekable: counting reads the headers alone
             tf, size = tarfile.open(url, "r:"), os.path.getsize(url)
-        else:
+        else:  # a stream, as webdataset reads it: a compressed local shard too
             tf, size = open_shard(url), None
         with tf:
             for member in tf:
@@ -82,7 +93,9 @@ def shard_samples(url: str, with_data: bool = True,
                 key, suffix = base_plus_ext(member.name)
                 if key is None or os.path.basename(member.name).startswith("__"):
                     continue
-                if sample and key != sample["__key__"]:
+                # a new key starts a sample; so does a suffix the sample already has (a tar
+                # that repeats a key), which would otherwise overwrite the earlier sample's member
+                if sample and (key != sample["__key__"] or suffix.lower() in sample):
                     yield sample
                     sample = {}
                 if size is not None and member.offset_data + member.size > size:

@@ -43,12 +43,14 @@ def count_samples(url: str) -> int:
 class ShardCorpus:
     """The ``batches`` interface of ``IndexedCorpus`` over shards streamed per reader."""
 
-    def __init__(self, shards: Sequence[str], seed: int = 0, workers: int = 0) -> None:
+    def __init__(self, shards: Sequence[str], seed: int = 0, workers: int = 0, needs_caption: bool = False) -> None:
         if not shards:
             raise ValueError("ShardCorpus: no shards")
         if workers < 0:
             raise ValueError(f"ShardCorpus: workers must be >= 0, got {workers}")
         self.shards, self.seed, self.workers = list(shards), int(seed), int(workers)
+        #: CLIP: a sample without an alt-text takes an undecodable one's way (the next that has one)
+        self.needs_caption = bool(needs_caption)
         self._counts: dict[str, int] = {}
 
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
@@ -81,7 +83,7 @@ class ShardCorpus:
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(raw))
                 fill = None  # where none of the shard's samples decodes
                 for k in range(skip, len(raw)):
-                    sample = None if fill is not None else self._decoded(raw, order, k)
+                    sample = None if fill is not None else self._decoded(raw, order, k, self.needs_caption)
                     if sample is None:
                         fill = fill or self._fill(epoch, reader, readers, index, len(raw))
                         sample = fill
@@ -93,10 +95,11 @@ class ShardCorpus:
             epoch += 1
 
     @staticmethod
-    def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int) -> tuple[Any, dict] | None:
-        """The ``k``-th sample of the shard's ``order``, or where it does not decode the next one
-        that does (None where none does): the stream keeps its length, so positions still follow
-        the tar headers."""
+    def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int,
+                 needs_caption: bool = False) -> tuple[Any, dict] | None:
+        """The ``k``-th sample of the shard's ``order``, or where it does not decode (or, with
+        ``needs_caption``, has no alt-text) the next one that does (None where none does): the
+        stream keeps its length, so positions still follow the tar headers."""
         from webssl_repro.data.shards import decode_sample, sample_id
 
         for j in range(len(order)):
@@ -107,7 +110,12 @@ class ShardCorpus:
                 warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
                               f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
                 continue
-            return sample["image"], {"id": sample_id(sample), "captions": captions_of(sample)}
+            captions = captions_of(sample)
+            if needs_caption and not captions:
+                warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
+                              f"{candidate.get('__url__')} has no alt-text for CLIP", RuntimeWarning)
+                continue
+            return sample["image"], {"id": sample_id(sample), "captions": captions}
         return None
 
     def _fill(self, epoch: int, reader: int, readers: int, index: int, places: int) -> tuple[Any, dict]:
@@ -119,7 +127,7 @@ class ShardCorpus:
         for other in mine[at + 1:] + mine[:at]:
             raw = list(shard_samples(self.shards[other]))
             order = np.random.default_rng([self.seed, epoch, other]).permutation(len(raw))
-            sample = self._decoded(raw, order, 0) if raw else None
+            sample = self._decoded(raw, order, 0, self.needs_caption) if raw else None
             if sample is not None:
                 warnings.warn(f"webssl_repro.data.stream_corpus: {self.shards[index]}: none of its {places} "
                               f"samples decodes; their places are filled with {sample[1]['id']} of "

@@ -12,8 +12,10 @@ holds the global samples ``[s*G + r*L, s*G + (r+1)*L)`` with ``G`` the global an
 ``L = G // world_size`` the local batch size, augmented by sample index, so that a resumed
 run sees exactly the samples it would have seen. The in-memory corpus
 (``data.corpus.IndexedCorpus``) depends on nothing else, so a run on W ranks also sees the
-same global batches as a run on one; the streamed one (``data.stream_corpus.ShardCorpus``)
-also depends on the numbers of ranks and dataloader workers.
+same global samples, each with the same crops, as a run on one; the draws a collate makes
+for a rank's whole batch (DINO's photometrics and iBOT masks, as DINOv2 draws them per rank)
+are seeded by the rank's first sample, so they follow the split. The streamed corpus
+(``data.stream_corpus.ShardCorpus``) also depends on the numbers of ranks and dataloader workers.
 """
 from __future__ import annotations
 

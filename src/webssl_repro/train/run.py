@@ -176,18 +176,19 @@ def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                                  "webssl-repro")}}
 
 
-def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any]):
+def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any], needs_caption: bool = False):
     """``pretrain.loader``: the corpus held in memory (``IndexedCorpus``, the default) or, with
     ``stream: true``, streamed from its shards by ``workers`` dataloader processes per rank
-    (``ShardCorpus``: MC-2B does not fit in memory)."""
+    (``ShardCorpus``: MC-2B does not fit in memory). ``needs_caption`` (CLIP) passes over
+    samples without an alt-text, which would otherwise stop the run at the same step on every retry."""
     from webssl_repro.config import check_keys
     from webssl_repro.data.corpus import IndexedCorpus
     from webssl_repro.data.stream_corpus import ShardCorpus
 
     check_keys(loader, ("stream", "workers"), "pretrain.loader")
     if not loader.get("stream", False):
-        return IndexedCorpus(shards, seed=seed)
-    return ShardCorpus(shards, seed=seed, workers=int(loader.get("workers", 0)))
+        return IndexedCorpus(shards, seed=seed, needs_caption=needs_caption)
+    return ShardCorpus(shards, seed=seed, workers=int(loader.get("workers", 0)), needs_caption=needs_caption)
 
 
 def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpoints: str | Path,
@@ -203,7 +204,8 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     out_dir, checkpoints = Path(out_dir), Path(checkpoints)
     checkpoints.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data[0])
-    corpus = open_corpus(manifest["shards"], int(cfg.get("seed", 0)), cfg.get("loader") or {})
+    corpus = open_corpus(manifest["shards"], int(cfg.get("seed", 0)), cfg.get("loader") or {},
+                         needs_caption=run.method == "clip")
     cfg = {**cfg, "_workdir": str(checkpoints)}
     torch.manual_seed(int(cfg.get("seed", 0)))  # initial weights: the same on every rank and in every run
     # Under FSDP2 only rank 0 builds the weights; the others take their shards of them
