@@ -225,16 +225,21 @@ def test_a_run_records_what_its_corpus_skipped(tmp_path, shards):
     assert (skipped["samples"], skipped["shards"]) == (0, 1) and "junk.tar" in skipped["errors"][0]
 
 
-def _spoilt(src: str, out, keys: set[str] | None = None) -> str:
-    """A copy of shard ``src`` whose images of ``keys`` (all: None) do not decode."""
+def _rewritten(src: str, out, suffix: str, keys: set[str] | None, rewrite) -> str:
+    """A copy of shard ``src`` whose ``suffix`` members of ``keys`` (all: None) hold ``rewrite(payload)``."""
     with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
         for member in tin:
             payload = tin.extractfile(member).read()
-            if member.name.endswith(".jpg") and (keys is None or member.name.split(".")[0] in keys):
-                payload = b"not a jpeg"
+            if member.name.endswith(suffix) and (keys is None or member.name.split(".")[0] in keys):
+                payload = rewrite(payload)
             member.size = len(payload)
             tout.addfile(member, io.BytesIO(payload))
     return str(out)
+
+
+def _spoilt(src: str, out, keys: set[str] | None = None) -> str:
+    """A copy of shard ``src`` whose images of ``keys`` (all: None) do not decode."""
+    return _rewritten(src, out, ".jpg", keys, lambda _: b"not a jpeg")
 
 
 def test_a_shard_none_of_whose_samples_decodes_is_filled_from_the_next(tmp_path, shards):
@@ -429,17 +434,13 @@ def test_compressed_local_shards_and_repeated_keys_keep_every_sample(tmp_path, s
 
 def _uncaptioned(src: str, out, keys: set[str]) -> str:
     """A copy of shard ``src`` whose samples of ``keys`` have no alt-text (json without a caption)."""
-    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
-        for member in tin:
-            payload = tin.extractfile(member).read()
-            if member.name.endswith(".json") and member.name.split(".")[0] in keys:
-                meta = json.loads(payload)
-                meta.pop("caption", None)
-                meta.pop("texts", None)
-                payload = json.dumps(meta).encode()
-            member.size = len(payload)
-            tout.addfile(member, io.BytesIO(payload))
-    return str(out)
+    def drop_captions(payload: bytes) -> bytes:
+        meta = json.loads(payload)
+        meta.pop("caption", None)
+        meta.pop("texts", None)
+        return json.dumps(meta).encode()
+
+    return _rewritten(src, out, ".json", keys, drop_captions)
 
 
 def test_clip_corpora_pass_over_samples_without_an_alt_text(tmp_path, shards):

@@ -133,6 +133,12 @@ def _resolve(series: Series, frame: pd.DataFrame) -> Series:
     return Series(series.label, series.runs, tuple(sorted(lms)), series.axis, series.eval)
 
 
+def _numbered(frame: pd.DataFrame) -> set[tuple[str, str]]:
+    """The (source, metric) pairs of ``frame`` that have a number."""
+    have = frame.dropna(subset=["value"])
+    return set(zip(have["source"], have["metric"]))
+
+
 def _seed_frames(frame: pd.DataFrame) -> list[pd.DataFrame]:
     if "seed" not in frame.columns or frame["seed"].dropna().nunique() <= 1:
         return [frame]
@@ -167,14 +173,13 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
             absent = list(dict.fromkeys(absent))
             return Result(claim, NOT_MEASURABLE, "not requested at this scale: " + ", ".join(absent), absent)
     series = tuple(_resolve(s, frame) for s in claim.series)
-    have = frame.dropna(subset=["value"])
-    present = set(zip(have["source"], have["metric"]))
+    present = _numbered(frame)
     any_lm = (ALIGNMENT_PREFIX + "<any language model>",)
     absent = [f"{m} of {r}" for s in series for m in (s.metrics or any_lm) for r in s.runs if (r, m) not in present]
     seeds = _seed_frames(frame)
     if not absent and len(seeds) > 1:  # one seed short would be judged on the others, without a word
         for sub in seeds:
-            got = set(zip(sub.dropna(subset=["value"])["source"], sub.dropna(subset=["value"])["metric"]))
+            got = _numbered(sub)
             seed = sub["seed"].dropna().iloc[0]
             absent += [f"{m} of {r} (seed {seed:g})" for s in series for m in s.metrics for r in s.runs
                        if (r, m) not in got]
