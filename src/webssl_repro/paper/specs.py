@@ -215,6 +215,8 @@ _add(Item("fig6", "ImageNet-1k vs MC-2B pretraining", "lines", ("table6", "table
           note="The paper prints no IN-1k linear numbers for the ImageNet-1k-trained models."))
 _add(Item("fig7", "Classic vision vs model size (Web-DINO, 2B seen)", "lines", ("table7", "table3"), CLASSIC_METRICS,
           series=(_size_series("Web-DINO", "dino", "full2b", SIZES_2B, "C3"),),
+          # The paper names the reference lines only "the largest official HF release"; these are
+          # inferred to be Table 3's MetaCLIP ViT-G and DINOv2 ViT-g (518) rows (paper_facts.md §1).
           references=(Row("MetaCLIP ViT-G (HF)", "metaclip-g-224"), Row("DINOv2 ViT-g (HF)", "dinov2-g-518")),
           xlabel="Model size (params)", xticks=_SIZE_TICKS))
 _add(Item(
