@@ -119,11 +119,14 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
 
 
 def trained_run(tmp_path_factory: pytest.TempPathFactory, run: str, shards: str, samples: int | None = None,
-                seed: int | None = None, **train: Any) -> dict[str, Any]:
+                seed: int | None = None, loader: dict[str, Any] | None = None, **train: Any) -> dict[str, Any]:
     """``run`` trained on ``shards`` once per session (the grid's budget, or ``samples``; the
-    config's seed, or ``seed``): its config, run and checkpoint directories."""
+    config's seed, or ``seed``; ``pretrain.loader`` settings, which leave the batches as they
+    are): its config, run and checkpoint directories."""
     torch.set_num_threads(1)
     cfg = run_slice(run, samples, **train)
+    if loader is not None:
+        cfg["loader"] = dict(loader)
     name = run if samples is None else f"{run}.{samples}"
     if seed is not None:
         cfg["seed"], name = int(seed), f"{name}.s{seed}"
@@ -153,7 +156,11 @@ PROBE_SAMPLES = 262144
 
 @pytest.fixture(scope="session")
 def dino_probe_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
-    return trained_run(tmp_path_factory, DINO_RUN, tiny_data["shards"], PROBE_SAMPLES, log_every=32)
+    """The suite's longest job: one dataloader worker assembles its batches (the same batches,
+    tests/test_indexed_corpus.py) beside the trainer, on CPU time the other xdist worker leaves
+    idle while it waits (SLURM polls, subprocesses)."""
+    return trained_run(tmp_path_factory, DINO_RUN, tiny_data["shards"], PROBE_SAMPLES, loader={"workers": 1},
+                       log_every=32)
 
 
 #: CLIP's probe: 512 steps of 64 on an 8192-image corpus (the mini corpus's generator and seed,

@@ -21,7 +21,6 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from webssl_repro.data.corpus import (
@@ -33,7 +32,7 @@ from webssl_repro.data.corpus import (
     pick_caption,
 )
 from webssl_repro.data.shards import shard_samples
-from webssl_repro.data.workers import JobDataLoader
+from webssl_repro.data.workers import worker_batches
 
 
 def count_samples(url: str) -> int:
@@ -145,14 +144,7 @@ class ShardCorpus:
             raise ValueError(f"start sample {start_sample} is not a multiple of the global batch {global_batch}")
         dataset = _RankBatches(self, start_sample // global_batch, rank, world_size, global_batch, local,
                                sample_fn, collate_fn)
-        workers = self.workers_for(world_size)
-        if workers == 0:
-            return iter(dataset)
-        # Workers are polled in turn, so worker i yields batches first + i, first + i + workers, ...
-        # Their base seed comes from a private generator: drawing it from the global one would
-        # shift the trainer's random stream (drop path) at every resume.
-        return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers,
-                                  generator=torch.Generator().manual_seed(self.seed)))
+        return worker_batches(dataset, self.workers_for(world_size), self.seed)
 
     def check_resume(self, start_sample: int, trained_world_size: int, world_size: int) -> None:
         """Refuse to resume on another number of ranks: which samples a reader consumed follows

@@ -18,6 +18,7 @@ import signal
 import weakref
 from typing import Any, Callable, Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from webssl_repro.train.deadline import PREEMPT_SIGNALS
@@ -95,3 +96,15 @@ class JobDataLoader(DataLoader):
             workers = {"worker_init_fn": functools.partial(ignore_preemption, worker_init_fn),
                        "multiprocessing_context": _CONTEXTS[method]()}
         super().__init__(*args, **workers, **kwargs)
+
+
+def worker_batches(dataset: Any, workers: int, seed: int) -> Any:
+    """An iterator over ``dataset``'s batches, made by ``workers`` processes (0: this one). A
+    worker-aware ``dataset`` lets worker ``i`` of ``n`` make every ``n``-th batch from the
+    ``i``-th, and the loader polls workers in turn, so the order is that of one process. The
+    workers' base seed comes from a generator of ``seed``: drawing it from the global one
+    would shift the trainer's random stream (drop path) at every resume."""
+    if workers == 0:
+        return iter(dataset)
+    return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers,
+                              generator=torch.Generator().manual_seed(seed)))

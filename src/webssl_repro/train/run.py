@@ -178,17 +178,16 @@ def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any], needs_caption: bool = False):
     """``pretrain.loader``: the corpus held in memory (``IndexedCorpus``, the default) or, with
-    ``stream: true``, streamed from its shards by ``workers`` dataloader processes per rank
-    (``ShardCorpus``: MC-2B does not fit in memory). ``needs_caption`` (CLIP) passes over
+    ``stream: true``, streamed from its shards (``ShardCorpus``: MC-2B does not fit in memory);
+    either's batches made by ``workers`` dataloader processes per rank. ``needs_caption`` (CLIP) passes over
     samples without an alt-text, which would otherwise stop the run at the same step on every retry."""
     from webssl_repro.config import check_keys
     from webssl_repro.data.corpus import IndexedCorpus
     from webssl_repro.data.stream_corpus import ShardCorpus
 
     check_keys(loader, ("stream", "workers"), "pretrain.loader")
-    if not loader.get("stream", False):
-        return IndexedCorpus(shards, seed=seed, needs_caption=needs_caption)
-    return ShardCorpus(shards, seed=seed, workers=int(loader.get("workers", 0)), needs_caption=needs_caption)
+    kind = ShardCorpus if loader.get("stream", False) else IndexedCorpus
+    return kind(shards, seed=seed, workers=int(loader.get("workers", 0)), needs_caption=needs_caption)
 
 
 def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpoints: str | Path,
