@@ -1,8 +1,8 @@
 """Benchmark: pretraining data throughput, images/s per worker, on generated mini-web shards.
 
-Two readers: ``IndexedCorpus.batches`` (what ``pretrain`` uses: images held encoded in
-memory, augmentation seeded per sample) and ``data.shards.make_loader`` (the streaming
-reader for real shards, num_workers 0 and 1). Each with the mini augmentation of a method:
+Two readers, each with num_workers 0 and 1: ``IndexedCorpus.batches`` (what ``pretrain``
+uses by default: images held decoded in memory, augmentation seeded per sample) and
+``data.shards.make_loader`` (the streaming reader for real shards). Each with the mini augmentation of a method:
 DINO multi-crop (2 global + 4 local crops at the mini "224" = 32 px), MAE and CLIP crops,
 built exactly as ``train.run.build`` builds them from config/mini.yaml. Target: a worker
 feeds more images/s than one training process consumes (``bench_dino_step.py``: a mini
@@ -56,7 +56,7 @@ class _Collate:
 
 def rate_indexed(corpus: IndexedCorpus, sample_fn, collate_fn, batch: int, n_batches: int) -> float:
     it = corpus.batches(0, 0, 1, batch, sample_fn, collate_fn)
-    next(it)  # warm-up
+    next(it)  # warm-up (and worker start-up)
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(it)
@@ -83,16 +83,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_corpus({"seed": 0, "n_images": args.images, "shard_size": 128, "size": 64}, f"{tmp}/manifest.json")
         shards = read_manifest(f"{tmp}/manifest.json")["shards"]
-        corpus = IndexedCorpus(shards)
+        corpora = [IndexedCorpus(shards, workers=w) for w in (0, 1)]
         print(f"mini-web shards: {args.images} images of 64 px in {len(shards)} shards; "
               f"{args.batches} timed batches after 1 warm-up; {args.threads} torch thread(s)")
-        print(f"{'method':8s}{'batch':>6s}{'IndexedCorpus':>15s}{'make_loader w=0':>17s}{'make_loader w=1':>17s}"
-              "   (images/s per worker)")
+        print(f"{'method':8s}{'batch':>6s}" + "".join(f"{name + ' w=' + str(w):>20s}" for name in
+                                                     ("IndexedCorpus", "make_loader") for w in (0, 1))
+              + "   (images/s per worker)")
         for method in RUNS:
-            sample_fn, collate_fn, batch = pipeline(method, corpus, tmp)
-            rates = [rate_indexed(corpus, sample_fn, collate_fn, batch, args.batches)]
+            sample_fn, collate_fn, batch = pipeline(method, corpora[0], tmp)
+            rates = [rate_indexed(c, sample_fn, collate_fn, batch, args.batches) for c in corpora]
             rates += [rate_loader(shards, sample_fn, collate_fn, batch, args.batches, w) for w in (0, 1)]
-            print(f"{method:8s}{batch:6d}{rates[0]:15.0f}{rates[1]:17.0f}{rates[2]:17.0f}")
+            print(f"{method:8s}{batch:6d}" + "".join(f"{r:20.0f}" for r in rates))
 
 
 if __name__ == "__main__":

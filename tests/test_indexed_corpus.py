@@ -12,9 +12,9 @@ from webssl_repro.data.corpus import IndexedCorpus
 
 
 def test_decoded_and_encoded_images_are_the_same_images(shards):
-    decoded, encoded = IndexedCorpus(shards, seed=2), IndexedCorpus(shards, seed=2, decoded_bytes=0)
+    decoded, encoded = IndexedCorpus(shards, seed=2), IndexedCorpus(shards, seed=2, max_decoded_bytes=0)
     assert decoded.decoded_bytes == 30 * 16 * 16 * 3 and encoded.decoded_bytes == 0
-    mixed = IndexedCorpus(shards, seed=2, decoded_bytes=10 * 16 * 16 * 3 + 5)  # the first 10 fit
+    mixed = IndexedCorpus(shards, seed=2, max_decoded_bytes=10 * 16 * 16 * 3 + 5)  # the first 10 fit
     kinds = [isinstance(item.image, np.ndarray) for item in mixed.items]
     assert kinds == [True] * 10 + [False] * 20 and mixed.decoded_bytes == 10 * 16 * 16 * 3
     for i in (0, 9, 10, 29, 47):  # 47: the second epoch

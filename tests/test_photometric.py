@@ -1,4 +1,5 @@
 """The batched photometric ops equal torchvision's tensor kernels crop by crop."""
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -86,6 +87,28 @@ def test_batched_multicrop_shapes_and_determinism():
             torch.testing.assert_close(out["global_crops"][v * 4 + i], normalised(cut[i]["global"][v]))
         for v in range(3):
             torch.testing.assert_close(out["local_crops"][v * 4 + i], normalised(cut[i]["local"][v]))
+
+
+def test_global_views_applied_together_equal_each_view_alone():
+    """``collate`` applies both global views as one batch: bit for bit what each view's own
+    pipeline gives its crops, with the generator drawn in the same order (view 1, 2, local)."""
+    from webssl_repro.data.multicrop import BatchedMultiCrop
+
+    aug = BatchedMultiCrop(global_size=32, local_size=16, n_local=3)
+    cut = [aug.crops(im, torch.Generator().manual_seed(i)) for i, im in enumerate(_images(12))]
+    out = aug.collate(cut, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    mean, std = aug._mean, aug._std
+
+    def alone(view, arrays):
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+        return (aug.views[view](x, g) - mean) / std
+
+    want = [alone(0, [c["global"][0] for c in cut]), alone(1, [c["global"][1] for c in cut]),
+            alone(2, [c["local"][i] for i in range(3) for c in cut])]
+    assert torch.equal(out["global_crops"], torch.cat(want[:2])) and torch.equal(out["local_crops"], want[2])
+    assert not torch.equal(want[0], (torch.from_numpy(np.stack([c["global"][0] for c in cut])).permute(0, 3, 1, 2)
+                                     .float() / 255.0 - mean) / std)  # the photometrics changed something
 
 
 def test_each_view_has_dinov2s_blur_and_solarize():

@@ -7,7 +7,7 @@ seeded by (seed, e), and its augmentation is seeded by (seed, i) — so a batch 
 nothing but its indices, whichever rank, worker or resumed process builds it. Filtered
 runs (light / heavy) read the filter's shards of kept samples and reach their samples-seen
 budget with more epochs over the subset, as in the paper. It holds every image in memory,
-decoded up to ``DECODED_BYTES`` and PNG-encoded beyond, so it serves corpora of up to some
+decoded up to ``MAX_DECODED_BYTES`` and PNG-encoded beyond, so it serves corpora of up to some
 millions of images; ``data.stream_corpus.ShardCorpus`` streams the billions of MC-2B with the
 same batch interface. Dataloader workers build batches ahead of the trainer: worker ``i`` of
 ``n`` makes a rank's batches ``i, i + n, ...``, which depend on their indices alone.
@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 #: Decoded pixels kept per process before images are kept PNG-encoded instead: a 64 px PNG
 #: costs ~0.3 ms to decode at each visit, as much as a mini DINO sample's six crops.
-DECODED_BYTES = 1 << 30
+MAX_DECODED_BYTES = 1 << 30
 
 SampleFn = Callable[[Image.Image, dict, torch.Generator], Any]
 CollateFn = Callable[[list, torch.Generator], Any]
@@ -106,10 +106,11 @@ class _Item:
 class IndexedCorpus:
     """All samples of a set of local shards. ``needs_caption`` (CLIP) leaves out samples without
     an alt-text, as OpenCLIP's loader does, counted in ``uncaptioned``. The first images, up to
-    ``decoded_bytes`` of pixels, are kept decoded and the rest as PNG: either is the same image."""
+    ``max_decoded_bytes`` of pixels (counted in ``decoded_bytes``), are kept decoded and the rest
+    as PNG: either is the same image."""
 
     def __init__(self, shards: Sequence[str], seed: int = 0, needs_caption: bool = False, workers: int = 0,
-                 decoded_bytes: int = DECODED_BYTES) -> None:
+                 max_decoded_bytes: int = MAX_DECODED_BYTES) -> None:
         from webssl_repro.data.shards import make_loader, sample_id
 
         if workers < 0:
@@ -125,7 +126,7 @@ class IndexedCorpus:
                 continue
             image = sample["image"].convert("RGB")
             size = image.width * image.height * 3
-            if self.decoded_bytes + size <= decoded_bytes:
+            if self.decoded_bytes + size <= max_decoded_bytes:
                 pixels = np.asarray(image)
                 pixels.setflags(write=False)
                 self.decoded_bytes += size

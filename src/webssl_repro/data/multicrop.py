@@ -4,7 +4,8 @@ Same distribution as ``augmentations.MultiCropAugmentation`` (RandomResizedCrop 
 flip per crop; jitter, grayscale, blur, solarize with DINOv2's per-view probabilities), in
 two halves that fit the training loop's data interface: ``crops`` (the loader's per-sample
 function) cuts uint8 crops with one PIL call each, and ``collate`` runs the photometric
-pipelines once over all images' crops of a view (``data.photometric``). At 32 px this is
+pipelines once over the batch's global crops and once over its local ones (``data.photometric``;
+each crop with its own view's choices). At 32 px this is
 several times cheaper than torchvision's per-crop transforms, which cost more than the
 mini model's training step.
 """
@@ -83,16 +84,21 @@ class BatchedMultiCrop:
         local_arr = np.stack(local) if local else np.zeros((0, self.local_size, self.local_size, 3), np.uint8)
         return {"global": glob, "local": local_arr}
 
-    def _view(self, arrays: Sequence[np.ndarray], view: int, gen: torch.Generator) -> torch.Tensor:
+    def _apply(self, view: Photometric, arrays: Sequence[np.ndarray], draws: dict[str, torch.Tensor]) -> torch.Tensor:
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return (self.views[view](x, gen) - self._mean) / self._std
+        return (view.apply(x, draws) - self._mean) / self._std
 
     def collate(self, samples: Sequence[dict[str, np.ndarray]], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Crop-major, normalised: ``global_crops`` (2B,3,G,G), ``local_crops`` (nB,3,L,L)."""
-        g1 = self._view([s["global"][0] for s in samples], 0, gen)
-        g2 = self._view([s["global"][1] for s in samples], 1, gen)
+        """Crop-major, normalised: ``global_crops`` (2B,3,G,G), ``local_crops`` (nB,3,L,L). Each
+        view draws its crops' choices in turn; the two global views are then applied as one
+        batch: their pipelines differ only in the probabilities behind those choices."""
+        n = len(samples)
+        first, second = self.views[0].draw(n, gen), self.views[1].draw(n, gen)
+        draws = {k: torch.cat([first[k], second[k]]) for k in first}
+        glob = self._apply(self.views[1], [s["global"][v] for v in range(2) for s in samples], draws)
         if self.n_local:
-            local = self._view([s["local"][i] for i in range(self.n_local) for s in samples], 2, gen)
+            local = self._apply(self.views[2], [s["local"][i] for i in range(self.n_local) for s in samples],
+                                self.views[2].draw(n * self.n_local, gen))
         else:
-            local = g1.new_zeros((0, 3, self.local_size, self.local_size))
-        return {"global_crops": torch.cat([g1, g2]), "local_crops": local}
+            local = glob.new_zeros((0, 3, self.local_size, self.local_size))
+        return {"global_crops": glob, "local_crops": local}
