@@ -109,6 +109,9 @@ def test_global_views_applied_together_equal_each_view_alone():
     assert torch.equal(out["global_crops"], torch.cat(want[:2])) and torch.equal(out["local_crops"], want[2])
     assert not torch.equal(want[0], (torch.from_numpy(np.stack([c["global"][0] for c in cut])).permute(0, 3, 1, 2)
                                      .float() / 255.0 - mean) / std)  # the photometrics changed something
+    aug.views = (aug.views[0], P.Photometric(blur_kernel=5), aug.views[2])
+    with pytest.raises(ValueError, match=r"differ in \(blur_kernel, solarize_threshold\): \(3, .*\) vs \(5, "):
+        aug.collate(cut, torch.Generator().manual_seed(5))
 
 
 def test_each_view_has_dinov2s_blur_and_solarize():

@@ -306,6 +306,36 @@ def test_settings_are_not_params_and_reach_the_job_unchanged():
         assert merge_nested(json.loads(plan.eval_config_json(kind)), json.loads(plan.settings_json(kind))) == full
 
 
+def test_in_memory_loader_workers_are_a_setting_streamed_ones_a_param(tmp_path):
+    """An in-memory corpus builds the same batches with any number of loader workers, so
+    ``pretrain.loader`` leaves the runs' params and checkpoint stamps as they were; a streamed
+    corpus's order follows its readers, so there a new worker count retrains."""
+    from webssl_repro.settings import merge_nested
+    from webssl_repro.train.fingerprint import run_fingerprint
+
+    run, data = "dino1b-full2b-224", tmp_path / "manifest.json"
+    data.write_text("{}")
+    plain = Plan(load_config(REPO / "config/mini.yaml"))
+    plans = {}
+    for name, loader in {"workers": {"workers": 2}, "stream": {"stream": True, "workers": 2},
+                         "stream1": {"stream": True, "workers": 1}}.items():
+        cfg = load_config(REPO / "config/mini.yaml")
+        cfg["pretrain"]["loader"] = loader
+        plans[name] = Plan(cfg)
+    assert plans["workers"].run_config_json(run) == plain.run_config_json(run)
+    assert json.loads(plans["workers"].settings_json("pretrain"))["loader"] == {"workers": 2}
+    assert "loader" not in json.loads(plain.settings_json("pretrain"))
+    full = plans["workers"].run_config(run)
+    assert merge_nested(json.loads(plans["workers"].run_config_json(run)),
+                        json.loads(plans["workers"].settings_json("pretrain"))) == full
+    assert run_fingerprint(full, [data]) == run_fingerprint(plain.run_config(run), [data])
+    streamed = {k: plans[k] for k in ("stream", "stream1")}
+    assert json.loads(streamed["stream"].run_config_json(run))["loader"] == {"stream": True, "workers": 2}
+    assert "loader" not in json.loads(streamed["stream"].settings_json("pretrain"))
+    assert run_fingerprint(streamed["stream"].run_config(run), [data]) != run_fingerprint(
+        streamed["stream1"].run_config(run), [data])
+
+
 def test_filter_workers_are_a_setting_the_filter_job_still_reads(monkeypatch, tmp_path):
     """``data.filter.workers`` (and ``threads``, ``cache_path``) change how a filter runs, not the
     shards it keeps: changing them must leave the filter rules' params as they were (else every

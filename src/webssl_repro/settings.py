@@ -55,6 +55,17 @@ def split_settings(section: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple
     return what, how
 
 
+def split_pretrain(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's config as (what its weights depend on, how it runs): ``SETTINGS["pretrain"]``,
+    and the whole ``loader`` where the corpus is held in memory, whose batches are the same for
+    any number of workers (``data.corpus``). A streamed corpus's order depends on its readers,
+    so there ``loader`` stays with what the run computes."""
+    spec = SETTINGS["pretrain"]
+    if not (cfg.get("loader") or {}).get("stream", False):
+        spec = {**spec, "loader": None}
+    return split_settings(cfg, spec)
+
+
 def merge_nested(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """``over`` laid onto ``base``, nested sections merged, keys ``base`` lacks kept: the
     inverse of ``split_settings`` (the CLI lays ``--settings-json`` back onto the params),

@@ -19,7 +19,7 @@ from webssl_repro.paper import specs
 from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes, hires_recipe
 from webssl_repro.resources import dino_local_size, label, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
-from webssl_repro.settings import SETTINGS, split_settings
+from webssl_repro.settings import split_pretrain
 from webssl_repro.workflow_data import DataJobs
 from webssl_repro.workflow_evals import EvalJobs
 from webssl_repro.workflow_pretrain import INVOCATION_VAR, PretrainJobs, _alternatives
@@ -312,7 +312,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
     def run_config_json(self, run: str) -> str:
         """What the run's weights depend on (its rules' params): ``run_config`` less the
         settings of ``settings_json("pretrain")``."""
-        what = split_settings(self.run_config(run), SETTINGS["pretrain"])[0]
+        what = split_pretrain(self.run_config(run))[0]
         return json.dumps(what, sort_keys=True, separators=(",", ":"))
 
     def item_inputs(self, item_id: str) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
 from webssl_repro.resources import REFUSED_ATTEMPT, node_share
-from webssl_repro.settings import SETTINGS, split_settings
+from webssl_repro.settings import SETTINGS, split_pretrain, split_settings
 
 
 class EvalJobs:
@@ -77,7 +77,9 @@ class EvalJobs:
     def settings_json(self, kind: str) -> str:
         """How a ``kind`` job runs (``SETTINGS``): passed by the shell, not a param."""
         if kind == "pretrain":
-            how = split_settings({"train": self.config.get("pretrain", {}).get("train", {})}, SETTINGS[kind])[1]
+            pretrain = self.config.get("pretrain", {})
+            how = split_pretrain({"train": pretrain.get("train", {}),
+                                  **({"loader": pretrain["loader"]} if pretrain.get("loader") else {})})[1]
         elif kind == "filter":
             how = split_settings({"filter": self.config.get("data", {}).get("filter", {})}, SETTINGS[kind])[1]
         else:

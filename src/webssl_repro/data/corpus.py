@@ -105,9 +105,9 @@ class _Item:
 
 class IndexedCorpus:
     """All samples of a set of local shards. ``needs_caption`` (CLIP) leaves out samples without
-    an alt-text, as OpenCLIP's loader does, counted in ``uncaptioned``. The first images, up to
-    ``max_decoded_bytes`` of pixels (counted in ``decoded_bytes``), are kept decoded and the rest
-    as PNG: either is the same image."""
+    an alt-text, as OpenCLIP's loader does, counted in ``uncaptioned``. An image is kept decoded
+    where its pixels fit in what is left of ``max_decoded_bytes`` (``decoded_bytes`` counts the
+    pixels kept), otherwise as PNG: either is the same image."""
 
     def __init__(self, shards: Sequence[str], seed: int = 0, needs_caption: bool = False, workers: int = 0,
                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> None:

@@ -93,6 +93,10 @@ class BatchedMultiCrop:
         view draws its crops' choices in turn; the two global views are then applied as one
         batch: their pipelines differ only in the probabilities behind those choices."""
         n = len(samples)
+        shared = [(v.blur_kernel, v.solarize_threshold) for v in self.views[:2]]
+        if shared[0] != shared[1]:  # what `apply` takes from the view rather than from the draws
+            raise ValueError(f"BatchedMultiCrop: the global views differ in (blur_kernel, solarize_threshold): "
+                             f"{shared[0]} vs {shared[1]}; they are applied as one batch")
         first, second = self.views[0].draw(n, gen), self.views[1].draw(n, gen)
         draws = {k: torch.cat([first[k], second[k]]) for k in first}
         glob = self._apply(self.views[1], [s["global"][v] for v in range(2) for s in samples], draws)

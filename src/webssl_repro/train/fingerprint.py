@@ -38,9 +38,9 @@ def run_fingerprint(cfg: Mapping[str, Any], data: Sequence[str | Path], parent: 
                     ) -> dict[str, Any]:
     """What the run's weights depend on, as plain JSON. The parent (a hi-res fine-tune's
     224 px state, GBs at paper scale) is identified by size and mtime, not read."""
-    from webssl_repro.settings import SETTINGS, split_settings
+    from webssl_repro.settings import split_pretrain
 
-    config = split_settings({k: v for k, v in cfg.items() if not k.startswith("_")}, SETTINGS["pretrain"])[0]
+    config = split_pretrain({k: v for k, v in cfg.items() if not k.startswith("_")})[0]
     inputs: dict[str, Any] = {"data": [_sha256(p) for p in data]}
     shards = _generated_shards(data[0]) if data else []
     if shards:  # this project wrote them: a regenerated corpus may keep its manifest byte for byte
