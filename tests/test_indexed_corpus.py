@@ -49,6 +49,23 @@ def test_each_epoch_is_a_new_order_of_every_image(shards):
     assert sorted(ids[:30]) == sorted(ids[30:]) and len(set(ids[:30])) == 30 and ids[:30] != ids[30:]
 
 
+def test_workers_fork_whatever_pythons_default_start_method(shards, monkeypatch):
+    """The pipelines are closures of ``train.run.build``: under spawn or forkserver (the Linux
+    default from Python 3.14) a worker could not unpickle them."""
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    shift = torch.tensor(0.5)
+
+    def shifted(image, meta, gen):  # a closure, as build's pipelines are
+        x, key, index = sample_fn(image, meta, gen)
+        return x + shift, key, index
+
+    alone = take(IndexedCorpus(shards, seed=1).batches(0, 0, 1, 4, shifted, collate_fn), 3)
+    forked = take(IndexedCorpus(shards, seed=1, workers=1).batches(0, 0, 1, 4, shifted, collate_fn), 3)
+    assert all(same(a, b) for a, b in zip(alone, forked))
+
+
 def test_workers_leave_the_global_random_stream_alone(shards):
     torch.manual_seed(0)
     expected = torch.rand(3)

@@ -103,8 +103,14 @@ def worker_batches(dataset: Any, workers: int, seed: int) -> Any:
     worker-aware ``dataset`` lets worker ``i`` of ``n`` make every ``n``-th batch from the
     ``i``-th, and the loader polls workers in turn, so the order is that of one process. The
     workers' base seed comes from a generator of ``seed``: drawing it from the global one
-    would shift the trainer's random stream (drop path) at every resume."""
+    would shift the trainer's random stream (drop path) at every resume.
+
+    The workers are forked wherever the platform can fork, whatever Python's default: the
+    batch pipelines are closures (``train.run.build``) that spawn and forkserver (the Linux
+    default from Python 3.14) cannot pickle, and a fork shares an in-memory corpus instead of
+    pickling it into every worker."""
     if workers == 0:
         return iter(dataset)
-    return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers,
+    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=start,
                               generator=torch.Generator().manual_seed(seed)))
