@@ -437,3 +437,10 @@ def test_clip_corpora_pass_over_samples_without_an_alt_text(tmp_path, shards):
     assert all(all(batch) for batch in batches)
     with pytest.raises(ValueError, match="has no caption for CLIP"):  # what the run met before
         take_clip(open_corpus([shard, shards[1]], 0, {"stream": True}))
+    # its alt-text is read first: a sample without one is passed over with its image undecoded
+    spoilt = _spoilt(shard, tmp_path / "nocap-junk.tar", {keys[1]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        take_clip(open_corpus([spoilt, shards[1]], 0, {"stream": True}, needs_caption=True))
+    said = [str(w.message) for w in caught if keys[1] in str(w.message)]
+    assert said and all(m.endswith("has no alt-text for CLIP") for m in said), said

@@ -124,7 +124,7 @@ class IndexedCorpus:
             if needs_caption and not captions:
                 self.uncaptioned += 1
                 continue
-            image = sample["image"].convert("RGB")
+            image = sample["image"]  # decode_sample gives RGB
             size = image.width * image.height * 3
             if self.decoded_bytes + size <= max_decoded_bytes:
                 pixels = np.asarray(image)
@@ -164,7 +164,8 @@ class IndexedCorpus:
         if isinstance(item.image, np.ndarray):
             image = Image.fromarray(item.image)
         else:
-            image = Image.open(io.BytesIO(item.image)).convert("RGB")
+            image = Image.open(io.BytesIO(item.image))  # saved from RGB above
+            image.load()
         return image, {"id": item.key, "caption": pick_caption(item.captions, self.seed, sample), "index": sample}
 
     def check_resume(self, start_sample: int, trained_world_size: int, world_size: int) -> None:

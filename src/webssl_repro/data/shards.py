@@ -336,18 +336,30 @@ def sample_id(sample: dict[str, Any]) -> str:
     return str((sample.get("meta") or {}).get("id", sample.get("__key__")))
 
 
-def decode_sample(raw: dict[str, Any], arrays: bool = False) -> dict[str, Any]:
-    """A sample's tar members (bytes by extension) as ``image`` (PIL RGB), ``meta`` (the json),
-    ``txt`` and, with ``arrays``, ``seg`` / ``depth``."""
+def decode_text(raw: dict[str, Any]) -> dict[str, Any]:
+    """A sample's ``meta`` (the json) and ``txt``, without its image: enough to read its
+    id and alt-texts (``corpus.captions_of``) before paying for a decode."""
+    out = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"),
+           "meta": json.loads(raw["json"]) if "json" in raw else {"id": raw.get("__key__")}}
+    if raw.get("txt"):  # an alt-text stored beside the image (img2dataset's caption column)
+        out["txt"] = raw["txt"].decode("utf-8", errors="replace").strip()
+    return out
+
+
+def decode_image(raw: dict[str, Any]) -> Image.Image:
+    """A sample's image member (the first of ``IMAGE_EXTS``) as PIL RGB."""
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise ValueError(f"sample {raw.get('__key__')} has no image (keys {sorted(k for k in raw if k[0] != '_')})")
     img = Image.open(io.BytesIO(raw[ext]))
     img.load()
-    out = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"), "image": img.convert("RGB"),
-           "meta": json.loads(raw["json"]) if "json" in raw else {"id": raw.get("__key__")}}
-    if raw.get("txt"):  # an alt-text stored beside the image (img2dataset's caption column)
-        out["txt"] = raw["txt"].decode("utf-8", errors="replace").strip()
+    return img.convert("RGB")
+
+
+def decode_sample(raw: dict[str, Any], arrays: bool = False) -> dict[str, Any]:
+    """A sample's tar members (bytes by extension) as ``image`` (PIL RGB), ``meta`` (the json),
+    ``txt`` and, with ``arrays``, ``seg`` / ``depth``."""
+    out = {**decode_text(raw), "image": decode_image(raw)}
     if arrays:
         for name in ("seg", "depth"):
             if f"{name}.npy" in raw:

@@ -99,22 +99,24 @@ class ShardCorpus:
         """The ``k``-th sample of the shard's ``order``, or where it does not decode (or, with
         ``needs_caption``, has no alt-text) the next one that does (None where none does): the
         stream keeps its length, so positions still follow the tar headers."""
-        from webssl_repro.data.shards import decode_sample, sample_id
+        from webssl_repro.data.shards import decode_image, decode_text, sample_id
 
         for j in range(len(order)):
             candidate = raw[int(order[(k + j) % len(order)])]
             try:
-                sample = decode_sample(candidate)
+                text = decode_text(candidate)
+                captions = captions_of(text)
+                # the alt-text first: CLIP passes over a sample without one undecoded
+                image = decode_image(candidate) if captions or not needs_caption else None
             except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
                 warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
                               f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
                 continue
-            captions = captions_of(sample)
-            if needs_caption and not captions:
+            if image is None:
                 warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
                               f"{candidate.get('__url__')} has no alt-text for CLIP", RuntimeWarning)
                 continue
-            return sample["image"], {"id": sample_id(sample), "captions": captions}
+            return image, {"id": sample_id(text), "captions": captions}
         return None
 
     def _fill(self, epoch: int, reader: int, readers: int, index: int, places: int) -> tuple[Any, dict]:
