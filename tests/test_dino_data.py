@@ -56,6 +56,31 @@ def test_multicrop_shapes_determinism_and_collate():
     assert torch.equal(batch["mask_indices"], indices) and torch.equal(batch["mask_weights"], weights)
 
 
+def test_seeded_transforms_touch_only_the_cpu_generator(monkeypatch):
+    """A sample's torchvision draws run under its own seed on the CPU generator alone: the
+    same crops as under ``torch.manual_seed``, the global generator restored after, and no
+    accelerator generator seeded (on a GPU trainer, that reset its CUDA RNG every sample)."""
+    from webssl_repro.data.augmentations import global_rng_seeded
+    from webssl_repro.train.run import _seeded
+
+    aug = MultiCropAugmentation(global_size=32, local_size=16, n_local=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        expected = aug._crops(_image())
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    seeded = []
+    for module in (torch.cuda, torch.xpu, torch.mtia):
+        monkeypatch.setattr(module, "manual_seed_all", lambda seed, m=module.__name__: seeded.append(m))
+    with global_rng_seeded(11):
+        got = aug._crops(_image())
+    assert all(torch.equal(a, b) for k in got for a, b in zip(got[k], expected[k]))
+    fn = _seeded(lambda image: torch.rand(3))
+    x, _ = fn(_image(), {}, torch.Generator().manual_seed(0))
+    y, _ = fn(_image(), {}, torch.Generator().manual_seed(0))
+    assert torch.equal(x, y) and torch.equal(torch.get_rng_state(), before) and seeded == []
+
+
 def test_masked_token_selection_hand_case():
     masks = torch.tensor([[False, True, True, False], [False, False, False, False], [True, False, False, False]])
     indices, weights = masked_token_selection(masks)

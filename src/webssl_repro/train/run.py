@@ -110,11 +110,10 @@ def build(run: Run, cfg: Mapping[str, Any], corpus, init_device: Optional[str] =
 
 def _seeded(transform, with_caption: bool = False):
     """A torchvision transform made a function of the sample's own generator (not global RNG)."""
+    from webssl_repro.data.augmentations import global_rng_seeded
 
     def sample_fn(image, meta, gen):
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with global_rng_seeded(int(torch.randint(0, 2**31 - 1, (1,), generator=gen))):
             x = transform(image)
         if with_caption and not meta["caption"]:
             raise ValueError(f"sample {meta['id']} has no caption for CLIP: captions are read from the json's "
