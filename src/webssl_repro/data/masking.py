@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
-def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+class _Draws:
+    """``torch.rand(())`` and ``torch.randint(low, high + 1, ())`` of one generator, drawn into
+    two reused 0-d tensors: the same values in the same order, without a new tensor per draw
+    (a batch's masks take hundreds of draws)."""
 
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+        self._float = torch.empty(())
+        self._int = torch.empty((), dtype=torch.int64)
 
-def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
-    """Integer in [low, high] (inclusive, like ``random.randint``)."""
-    return int(torch.randint(low, high + 1, (), generator=generator).item())
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self._float.uniform_(generator=self.generator).item()
+
+    def randint(self, low: int, high: int) -> int:
+        """Integer in [low, high] (inclusive, like ``random.randint``)."""
+        return int(self._int.random_(low, high + 1, generator=self.generator).item())
 
 
 class MaskingGenerator:
@@ -43,30 +53,33 @@ class MaskingGenerator:
         max_aspect = max_aspect or 1 / min_aspect
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
-    def _add_block(self, mask: torch.Tensor, budget: int, generator: torch.Generator | None) -> int:
+    def _add_block(self, mask: np.ndarray, budget: int, draws: _Draws) -> int:
         for _ in range(10):
-            area = _uniform(self.min_num_patches, budget, generator)
-            aspect = math.exp(_uniform(*self.log_aspect, generator))
+            area = draws.uniform(self.min_num_patches, budget)
+            aspect = math.exp(draws.uniform(*self.log_aspect))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
             if 0 < h < self.height and 0 < w < self.width:
-                top = _randint(0, self.height - h, generator)
-                left = _randint(0, self.width - w, generator)
+                top = draws.randint(0, self.height - h)
+                left = draws.randint(0, self.width - w)
                 block = mask[top:top + h, left:left + w]
-                added = h * w - int(block.sum())
+                added = h * w - int(np.count_nonzero(block))
                 if 0 < added <= budget:
-                    block.fill_(True)
+                    block[...] = True
                     return added
         return 0
 
     def __call__(self, num_masking_patches: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Bool mask (h, w) with at most ``num_masking_patches`` True entries."""
-        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        return torch.from_numpy(self._mask(num_masking_patches, _Draws(generator)))
+
+    def _mask(self, num_masking_patches: int, draws: _Draws) -> np.ndarray:
+        mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < num_masking_patches:
             budget = min(num_masking_patches - count, self.max_num_patches)
-            added = self._add_block(mask, budget, generator)
+            added = self._add_block(mask, budget, draws)
             if added == 0:
                 break
             count += added
@@ -85,15 +98,16 @@ def sample_masks(n_images: int, grid: tuple[int, int],
     rest get empty masks, and the order is shuffled — DINOv2's collate.
     """
     mask_generator = mask_generator or MaskingGenerator(grid)
+    draws = _Draws(generator)
     n_patches = grid[0] * grid[1]
     n_masked = int(n_images * mask_sample_probability)
     low, high = mask_ratio_min_max
     bounds = torch.linspace(low, high, n_masked + 1).tolist()
-    masks = [mask_generator(int(n_patches * _uniform(bounds[i], bounds[i + 1], generator)), generator)
+    masks = [mask_generator._mask(int(n_patches * draws.uniform(bounds[i], bounds[i + 1])), draws)
              for i in range(n_masked)]
-    masks += [torch.zeros(grid, dtype=torch.bool) for _ in range(n_images - n_masked)]
+    masks += [np.zeros(grid, dtype=bool)] * (n_images - n_masked)
     order = torch.randperm(n_images, generator=generator)
-    return torch.stack([masks[i] for i in order.tolist()]).flatten(1)
+    return torch.from_numpy(np.stack([masks[i] for i in order.tolist()]).reshape(n_images, -1))
 
 
 def masked_token_indices(masks: torch.Tensor) -> torch.Tensor:
