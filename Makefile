@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# pytest workers: one more than the cores, because the SLURM tests spend most of their minutes
+# waiting on the cluster's status polls, which leaves a core idle beside two workers
+TEST_WORKERS ?= $(shell echo $$(( $(CORES) + 1 )))
 
 .PHONY: clean-paper reproduce published test lint dry-run clean lock
 
@@ -27,7 +30,7 @@ published: $(BIN)/webssl-repro
 	$(BIN)/snakemake --cores $(CORES) all --configfile config/published.yaml
 
 test: $(BIN)/webssl-repro
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) --dist loadgroup -q --durations=30
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -q --durations=30
 
 lint: $(BIN)/webssl-repro
 	$(BIN)/snakemake --lint
