@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 CORES ?= 2
 # pytest workers: one more than the cores, because the SLURM tests spend most of their minutes
 # waiting on the cluster's status polls, which leaves a core idle beside two workers
-TEST_WORKERS ?= $(shell echo $$(( $(CORES) + 1 )))
+# (CORES=all, as snakemake takes it: pytest-xdist's auto)
+TEST_WORKERS ?= $(shell case '$(CORES)' in (*[!0-9]*|'') echo auto;; (*) echo $$(( $(CORES) + 1 ));; esac)
 
 .PHONY: clean-paper reproduce published test lint dry-run clean lock
 

@@ -67,18 +67,20 @@ def test_seeded_transforms_touch_only_the_cpu_generator(monkeypatch):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
         expected = aug._crops(_image())
-    torch.manual_seed(5)
-    before = torch.get_rng_state()
     seeded = []
-    for module in (torch.cuda, torch.xpu, torch.mtia):
-        monkeypatch.setattr(module, "manual_seed_all", lambda seed, m=module.__name__: seeded.append(m))
-    with global_rng_seeded(11):
-        got = aug._crops(_image())
+    with torch.random.fork_rng(devices=[]):  # the worker's later tests keep their global state
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        for module in (torch.cuda, torch.xpu, torch.mtia):
+            monkeypatch.setattr(module, "manual_seed_all", lambda seed, m=module.__name__: seeded.append(m))
+        with global_rng_seeded(11):
+            got = aug._crops(_image())
+        fn = _seeded(lambda image: torch.rand(3))
+        x, _ = fn(_image(), {}, torch.Generator().manual_seed(0))
+        y, _ = fn(_image(), {}, torch.Generator().manual_seed(0))
+        after = torch.get_rng_state()
     assert all(torch.equal(a, b) for k in got for a, b in zip(got[k], expected[k]))
-    fn = _seeded(lambda image: torch.rand(3))
-    x, _ = fn(_image(), {}, torch.Generator().manual_seed(0))
-    y, _ = fn(_image(), {}, torch.Generator().manual_seed(0))
-    assert torch.equal(x, y) and torch.equal(torch.get_rng_state(), before) and seeded == []
+    assert torch.equal(x, y) and torch.equal(after, before) and seeded == []
 
 
 def test_masked_token_selection_hand_case():

@@ -82,7 +82,7 @@ def run_profile(workdir: Path, *args: str, timeout: int = 600) -> subprocess.Com
     targets, and options such as ``--configfile``. The partition comes from the environment,
     as slurm/profile.yaml's does, which every job's own parse then runs without (the jobstep
     plugin strips SLURM_*). ``timeout`` guards against a hang, not a slow machine: beside
-    ``make test``'s other workers the retry test took 276-303 s, as the plugin's status polls
+    ``make test``'s other workers the retry test took 268-347 s, as the plugin's status polls
     back off by 10 s a round while its jobs fail."""
     return snakemake(workdir, "--profile", PROFILE, *args, timeout=timeout, environ={"SLURM_PARTITION": "debug"})
 

@@ -1,6 +1,6 @@
 """The suite's own scheduling: `make test` runs pytest-xdist with `--dist loadgroup`, and the
 tests that share one long session fixture (the 8192-step DINO probe run, the CI SLURM cluster)
-carry one `xdist_group`, so that one worker runs them while the other runs the rest. pytest
+carry one `xdist_group`, so that one worker runs them while the others run the rest. pytest
 9.2 broke that for pytest-xdist 3.8 (the group no longer reaches the scheduler): both workers
 then waited on the probe run's file lock for ~20 minutes of every CI run."""
 import subprocess

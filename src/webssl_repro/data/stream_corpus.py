@@ -39,6 +39,12 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in shard_samples(url, with_data=False))
 
 
+def _skipped(candidate: dict[str, Any], why: str) -> None:
+    """Warn that a raw sample is passed over: its key and shard, then ``why``."""
+    warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
+                  f"{candidate.get('__url__')}{why}", RuntimeWarning)
+
+
 class ShardCorpus:
     """The ``batches`` interface of ``IndexedCorpus`` over shards streamed per reader."""
 
@@ -105,16 +111,17 @@ class ShardCorpus:
             candidate = raw[int(order[(k + j) % len(order)])]
             try:
                 text = decode_text(candidate)
-                captions = captions_of(text)
-                # the alt-text first: CLIP passes over a sample without one undecoded
-                image = decode_image(candidate) if captions or not needs_caption else None
-            except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
-                warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
-                              f"{candidate.get('__url__')}: {type(exn).__name__}: {exn}", RuntimeWarning)
+            except Exception as exn:  # noqa: BLE001 - a corrupt web sample is replaced, not fatal
+                _skipped(candidate, f": {type(exn).__name__}: {exn}")
                 continue
-            if image is None:
-                warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
-                              f"{candidate.get('__url__')} has no alt-text for CLIP", RuntimeWarning)
+            captions = captions_of(text)
+            if needs_caption and not captions:  # CLIP passes over it with its image undecoded
+                _skipped(candidate, " has no alt-text for CLIP")
+                continue
+            try:
+                image = decode_image(candidate)
+            except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
+                _skipped(candidate, f": {type(exn).__name__}: {exn}")
                 continue
             return image, {"id": sample_id(text), "captions": captions}
         return None
