@@ -104,6 +104,25 @@ def test_clamp_threshold_hand_case_and_single_threshold_per_model():
     assert not torch.equal(alignment_matrix(la, lb, k=5, q=1.0), manual)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_layers_clamped_once_score_as_clamped_inside(exact):
+    """``run_alignment`` clamps each model once (``clamp_layers``) and scores at q=1: the same
+    matrix and per-caption hits as clamping inside, at the model's one threshold, not a layer's."""
+    from webssl_repro.evaluate.alignment import clamp_layers, pair_hits
+
+    g = torch.Generator().manual_seed(4)
+    la = torch.randn(3, 100, 16, generator=g) ** 3 * torch.tensor([1.0, 4.0, 0.25]).view(3, 1, 1)
+    lb = torch.randn(2, 100, 16, generator=g) ** 3
+    ca, cb = clamp_layers(la, 0.9, exact), clamp_layers(lb, 0.9, exact)
+    inside = alignment_matrix(la, lb, k=5, q=0.9, exact=exact)
+    assert torch.equal(alignment_matrix(ca, cb, k=5, q=1.0), inside)
+    per_layer = [t.clamp(-clamp_threshold([t], 0.9, exact), clamp_threshold([t], 0.9, exact)) for t in la]
+    assert not torch.equal(alignment_matrix(per_layer, cb, k=5, q=1.0), inside)
+    for pair in [(0, 1), (2, 0)]:
+        assert torch.equal(pair_hits(ca, cb, pair, k=5, q=1.0), pair_hits(la, lb, pair, k=5, q=0.9, exact=exact))
+    assert [tuple(t.shape) for t in clamp_layers(la, 0.9, exact, [2])] == [(100, 16)]
+
+
 def test_large_input_takes_the_exact_element():
     """Past torch.quantile's 16M-element limit (an 8B LM on 1024 captions: 138M values in one
     sort) the threshold is still sort(|x|)[int(0.95 * 17M)]: in a shuffled 0, 1, ..., 17M - 1

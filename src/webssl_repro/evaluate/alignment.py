@@ -32,6 +32,7 @@ __all__ = [
     "alignment_score",
     "alignment_matrix",
     "alignment_se",
+    "clamp_layers",
     "clamp_threshold",
     "knn_indices",
     "pair_hits",
@@ -123,14 +124,17 @@ def _layer_knn(layers: list[torch.Tensor], k: int) -> torch.Tensor:
     return torch.stack([knn_indices(F.normalize(t.float(), dim=-1), k) for t in layers])
 
 
-def _clamped(layers: list[torch.Tensor], q: float, exact: bool,
-             pick: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """The layers ``pick`` (default: all) clamped at the model's one threshold, taken over all its
-    layers (``q=1``: as given)."""
-    chosen = layers if pick is None else [layers[i] for i in pick]
+def clamp_layers(layers: Layers, q: float = 0.95, exact: bool = True,
+                 pick: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """A model's layers ``pick`` (default: all) as fp32, clamped at its one threshold over all its
+    layers (``clamp_threshold``; ``q=1``: as given). Clamped once, they are passed on with ``q=1``:
+    the threshold of a 70B LM is a k-th value over ~0.7 G elements, and both the score and its
+    standard error need it."""
+    parts = _as_layer_list(layers, "layers")
+    chosen = parts if pick is None else [parts[i] for i in pick]
     if q >= 1.0:
         return chosen
-    threshold = clamp_threshold(layers, q, exact)
+    threshold = clamp_threshold(parts, q, exact)
     return [t.float().clamp(-threshold, threshold) for t in chosen]
 
 
@@ -151,7 +155,7 @@ def alignment_matrix(layers_a: Layers, layers_b: Layers, k: int = 10,
         raise ValueError(f"layers_a and layers_b must have the same N; "
                          f"got {n} and {lb[0].shape[0]}")
     _check_k(k, n)
-    la, lb = _clamped(la, q, exact), _clamped(lb, q, exact)
+    la, lb = clamp_layers(la, q, exact), clamp_layers(lb, q, exact)
     knn_a = _layer_knn(la, k)                                  # (La, N, k)
     knn_b = _layer_knn(lb, k)                                  # (Lb, N, k)
     mask_b = torch.zeros(len(lb), n, n, dtype=torch.bool, device=knn_b.device)
@@ -187,7 +191,7 @@ def pair_hits(layers_a: Layers, layers_b: Layers, pair: tuple[int, int], k: int 
     features clamped as ``alignment_matrix`` clamps them: their mean / k is that pair's score,
     their spread over samples its standard error (``alignment_se``)."""
     la, lb = _as_layer_list(layers_a, "layers_a"), _as_layer_list(layers_b, "layers_b")
-    (a,), (b,) = _clamped(la, q, exact, [pair[0]]), _clamped(lb, q, exact, [pair[1]])
+    (a,), (b,) = clamp_layers(la, q, exact, [pair[0]]), clamp_layers(lb, q, exact, [pair[1]])
     _check_k(k, a.shape[0])
     knn_a, knn_b = (knn_indices(F.normalize(t.float(), dim=-1), k) for t in (a, b))
     mask_b = torch.zeros(b.shape[0], b.shape[0], dtype=torch.bool, device=knn_b.device)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from webssl_repro.config import check_keys
-from webssl_repro.evaluate.alignment import alignment_score, alignment_se, pair_hits
+from webssl_repro.evaluate.alignment import alignment_score, alignment_se, clamp_layers, pair_hits
 from webssl_repro.evaluate.imagesets import images_tensor, load_split
 from webssl_repro.evaluate.features import block_cls, model_device
 
@@ -104,13 +104,14 @@ def run_alignment(encoder, meta: Mapping[str, Any], captions_manifest: str | Pat
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "scale"}}
     records = load_split(captions_manifest, "test")
     captions = [str(r["caption"]) for r in records]
-    vis = vision_layers(encoder, meta, records, int(cfg["batch_size"]))
+    k, q, exact = int(cfg["k"]), float(cfg["q"]), bool(cfg["exact"])
+    # each model's clamp threshold once: the score and its standard error are then taken at q=1
+    vis = clamp_layers(vision_layers(encoder, meta, records, int(cfg["batch_size"])), q, exact)
     metrics: dict[str, Any] = {}
     for lm in cfg["language_models"]:
-        lang = language_layers(lm, captions, cfg, cache_dir)
-        score, (i, j) = alignment_score(vis, lang, k=int(cfg["k"]), q=float(cfg["q"]), exact=bool(cfg["exact"]))
+        lang = clamp_layers(language_layers(lm, captions, cfg, cache_dir), q, exact)
+        score, (i, j) = alignment_score(vis, lang, k=k, q=1.0)
         metrics[f"alignment/{lm}"] = float(score)
         metrics[f"_alignment/{lm}/layers"] = {"vision": int(i), "language": int(j)}
-        hits = pair_hits(vis, lang, (i, j), k=int(cfg["k"]), q=float(cfg["q"]), exact=bool(cfg["exact"]))
-        metrics[f"_alignment/{lm}/se"] = alignment_se(hits, int(cfg["k"]))
+        metrics[f"_alignment/{lm}/se"] = alignment_se(pair_hits(vis, lang, (i, j), k=k, q=1.0), k)
     return metrics
