@@ -42,7 +42,7 @@ def mini_config() -> dict[str, Any]:
 
 def run_slice(run: str, samples: int | None = None, **train: Any) -> dict[str, Any]:
     """The run's config slice exactly as the workflow passes it (``Plan.run_config``), with
-    an optional smaller samples-seen budget and loop settings (logging only)."""
+    an optional smaller samples-seen budget and loop settings (log and checkpoint cadence)."""
     cfg = Plan(mini_config()).run_config(run)
     if samples is not None:
         cfg["samples_seen"] = int(samples)
@@ -146,6 +146,11 @@ def dino_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
     return trained_run(tmp_path_factory, DINO_RUN, tiny_data["shards"], log_every=1)
 
 
+#: Loop settings of the probe runs, which no test resumes: one checkpoint, at the end. The mini
+#: config's every 50 steps took ~5 % of a probe run's trainer (py-spy, 300 steps).
+PROBE_LOOP = {"checkpoint_every": 1 << 20}
+
+
 #: Samples seen of the run the evaluation probes compare with its init: 8192 steps of 32 (256
 #: passes over the mini corpus). Only the budget differs from ``DINO_RUN``. The grid's 64-step
 #: runs move no probe beyond seed noise. At 2048 steps the dense probes and alignment separate,
@@ -160,7 +165,7 @@ def dino_probe_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
     tests/test_indexed_corpus.py) beside the trainer, on CPU time the other xdist worker leaves
     idle while it waits (SLURM polls, subprocesses)."""
     return trained_run(tmp_path_factory, DINO_RUN, tiny_data["shards"], PROBE_SAMPLES, loader={"workers": 1},
-                       log_every=32)
+                       log_every=32, **PROBE_LOOP)
 
 
 #: CLIP's probe: 512 steps of 64 on an 8192-image corpus (the mini corpus's generator and seed,
@@ -169,6 +174,11 @@ def dino_probe_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
 #: 8192 images 512 steps reach 5-7 hits, median rank 26-30 (measured, seeds 0-2).
 CLIP_PROBE_SAMPLES = 32768
 CLIP_PROBE_CORPUS = {**TINY_CORPUS, "n_images": 8192, "shard_size": 1024}
+
+
+def clip_probe_run(tmp_path_factory: pytest.TempPathFactory, shards: str, seed: int) -> dict[str, Any]:
+    """The CLIP probe run of ``seed`` on ``shards`` (``clip_probe_shards``), trained once per session."""
+    return trained_run(tmp_path_factory, CLIP_RUN, shards, CLIP_PROBE_SAMPLES, seed=seed, **PROBE_LOOP)
 
 
 @pytest.fixture(scope="session")

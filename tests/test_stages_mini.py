@@ -24,7 +24,7 @@ from conftest import snakemake
 from webssl_repro.config import config_hash
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
-    CLIP_PROBE_SAMPLES, CLIP_RUN, TINY_EVALSETS, clip_probe_shards, dino_encoders, dino_probe_run, dino_run,
+    CLIP_RUN, TINY_EVALSETS, clip_probe_run, clip_probe_shards, dino_encoders, dino_probe_run, dino_run,
     in1k_probe_set, initial_method, mae_run, shared_result, tiny_data, trained_run,
 )
 
@@ -187,7 +187,7 @@ def test_clip_retrieval_above_chance(seed, clip_probe_shards, tiny_data, tmp_pat
     same model at init, and its median rank at most a third of the init's. The 32-step grid
     run is too short for top-1 (1-3 hits of 256, like its init); the probe measured 5-7 hits
     (chance: 1) and median rank 26-30 against 129-134 at init, seeds 0-2."""
-    run = trained_run(tmp_path_factory, CLIP_RUN, clip_probe_shards, CLIP_PROBE_SAMPLES, seed=seed)
+    run = clip_probe_run(tmp_path_factory, clip_probe_shards, seed)
     r = _clip_seed(tmp_path_factory, run, tiny_data["captions"])
     assert r["top1"] >= 3 * r["chance"] and r["top1"] > r["init_top1"], r
     assert r["median_rank"] <= r["init_median_rank"] / 3, r
@@ -282,7 +282,7 @@ def test_trained_clip_beats_random_init_on_in1k_linear(seed, clip_probe_shards, 
     from webssl_repro.evaluate.classic import classic_config, classification
     from webssl_repro.models.io import load_encoder
 
-    run = trained_run(tmp_path_factory, CLIP_RUN, clip_probe_shards, CLIP_PROBE_SAMPLES, seed=seed)
+    run = clip_probe_run(tmp_path_factory, clip_probe_shards, seed)
     trained, meta = load_encoder(run["dir"] / "encoder.safetensors")
     random_init = initial_method(CLIP_RUN, run["cfg"], run["shards"]).encoder().eval()
     cfg = classic_config(CLASSIC_TINY)
