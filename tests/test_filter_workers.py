@@ -65,3 +65,36 @@ def test_mllm_processor_runs_in_the_workers(tmp_path, monkeypatch, first_token):
     assert made_here == []  # 6 decisions, none of whose inputs this process made
     in_process = filter_corpus("light", {**section, "workers": 0}, manifest_shards(man), str(tmp_path / "g" / "l.json"))
     assert made_here == [2, 2, 2] and in_process["n_kept"] == res["n_kept"]
+
+
+def test_mllm_batches_never_span_a_shard_so_workers_and_chunks_decide_alike(tmp_path, monkeypatch):
+    """A batched MLLM's numbers depend on its batch (left padding to the longest prompt), so
+    ``workers`` and ``checkpoint_shards``, which say how a job runs, must not change what is
+    batched with what. The stand-in answers "yes" for the images brighter than their batch's
+    mean: 3 shards of 5 images in batches of 2 are decided alike in one process, by 2 workers
+    and chunk by chunk, and every batch holds images of one shard (2, 2, 1 per shard)."""
+    import numpy as np
+
+    from webssl_repro.data.filter_mllm import MLLMFilter
+
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 15, "shard_size": 5, "seed": 2}, man)
+    made = []  # batch sizes made in this process (a worker's appends stay in its copy)
+
+    def inputs(self, images, prompt):
+        made.append(len(images))
+        return [float(np.asarray(im, dtype=np.float64).mean()) for im in images]
+
+    def generate(self, brightness):
+        return ["yes" if b > sum(brightness) / len(brightness) else "no" for b in brightness]
+
+    monkeypatch.setattr(MLLMFilter, "_inputs", inputs)
+    monkeypatch.setattr(MLLMFilter, "_generate", generate)
+    section = {"backend": "mllm", "model": str(tmp_path), "batch_size": 2}
+    shards = manifest_shards(man)
+    runs = {name: filter_corpus("light", {**section, **extra}, shards, str(tmp_path / name / "light.json"))
+            for name, extra in [("one", {}), ("workers", {"workers": 2}), ("chunks", {"checkpoint_shards": 2})]}
+    assert made == [2, 2, 1] * 3 * 2  # in this process: "one" and "chunks"
+    kept = {name: _ids(tmp_path / name / "light.json") for name in runs}
+    assert kept["workers"] == kept["chunks"] == kept["one"] and 3 <= len(kept["one"]) <= 9, kept
+    assert {r["n"] for r in runs.values()} == {15}

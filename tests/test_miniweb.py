@@ -13,7 +13,7 @@ from PIL import Image
 from webssl_repro.data.miniweb import (
     OBJECT_CLASSES, SEG_ID, MiniWebConfig, generate, render, sample_spec,
 )
-from webssl_repro.data.shards import make_loader, shard_ranges, write_shard
+from webssl_repro.data.shards import STATS_KEY, make_loader, shard_batches, shard_ranges, write_shard
 
 
 def test_same_seed_same_bytes_and_different_seed_differs():
@@ -138,6 +138,29 @@ def test_ranks_and_workers_split_disjoint_and_covering(shard_dir):
     all_keys = per_rank[0] + per_rank[1]
     assert len(all_keys) == 40 and len(set(all_keys)) == 40
     assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_shard_batches_cut_at_each_shard_and_readers_counts_ride_along():
+    a, b, c = ([{"__url__": url, "i": i} for i in range(n)] for url, n in (("a", 3), ("b", 1), ("c", 2)))
+    stats = {STATS_KEY: {"reader": 0}}
+    got = list(shard_batches([*a, *b, stats, *c, stats], 2))
+    assert got == [a[:2], a[2:], [*b, stats], [*c, stats]]
+    assert [len(x) for x in shard_batches([{"i": i} for i in range(5)], 2)] == [2, 2, 1]  # no shards: by size
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        list(shard_batches(a, 0))
+
+
+def test_loader_batches_within_shards_for_any_number_of_workers(shard_dir, tmp_path):
+    pattern = str(shard_dir / "shard-{00000..00003}.tar")
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader(pattern, batch_size=4, num_workers=workers, shuffle_shards=False, rank=0, world_size=1,
+                             within_shards=True, collate_fn=lambda xs: [x["meta"]["index"] for x in xs])
+        batches[workers] = sorted(loader)
+    assert batches[0] == batches[2]
+    assert [len(x) for x in batches[0]] == [4, 4, 2] * 4 and all(len({i // 10 for i in x}) == 1 for x in batches[0])
+    with pytest.raises(ValueError, match="within_shards=True.*needs a batch_size"):
+        make_loader(pattern, within_shards=True)
 
 
 def test_fewer_shards_than_readers_splits_samples(shard_dir):

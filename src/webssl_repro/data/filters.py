@@ -24,18 +24,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import re
 import time
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from webssl_repro.data.shards import STATS_KEY, sample_id
+from webssl_repro.data.shards import STATS_KEY, sample_id, shard_batches
 from webssl_repro.files import package_version
 
 LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
@@ -235,16 +234,12 @@ def make_filter(backend: str, **kw: Any) -> TextFilter:
 
 def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: Sequence[str] = ("light", "heavy"),
                batch_size: int | None = None) -> dict[str, Any]:
-    """Decisions for a stream of loaded samples, batched here (``batch_size``: the backend's);
+    """Decisions for a stream of loaded samples, batched here (``batch_size``: the backend's)
+    within each shard, as a loader's workers batch them (``shards.shard_batches``);
     ``truth`` is None unless every sample's metadata has it."""
     size = int(batch_size or flt.batch_size)
-
-    def batches() -> Iterator[FilterBatch]:
-        it = iter(samples)
-        while chunk := list(itertools.islice(it, size)):
-            yield filter_batch(flt, variants, chunk)
-
-    return run_filter_batches(flt, batches(), variants)
+    batches = (filter_batch(flt, variants, chunk) for chunk in shard_batches(samples, size))
+    return run_filter_batches(flt, batches, variants)
 
 
 def run_filter_batches(flt: TextFilter, batches: Iterable[FilterBatch],

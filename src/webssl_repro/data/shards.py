@@ -423,25 +423,69 @@ class ImageFolderStream(_SplitStream):
                    "meta": {"id": rel, "class": cls, "label": self.classes.index(cls)}}
 
 
+def shard_batches(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of at most ``size`` consecutive samples of one shard (``__url__``): a shard's
+    batches are then the same whichever reader reads it and whatever else that reader reads,
+    and so are a batched model's numbers (an MLLM's left padding depends on its batch). Items
+    without a ``__url__`` (a reader's ``STATS_KEY`` counts, in-memory samples) join the batch
+    under way and do not count towards its size."""
+    if size < 1:
+        raise ValueError(f"shard_batches: size must be >= 1, got {size}")
+    batch: list[Any] = []
+    url, n = None, 0
+    for sample in samples:
+        here = sample.get("__url__") if isinstance(sample, dict) else None
+        counted = here is not None or not (isinstance(sample, dict) and STATS_KEY in sample)
+        if counted and batch and (n == size or here != url):
+            yield batch
+            batch, n = [], 0
+        if counted:
+            url, n = here, n + 1
+        batch.append(sample)
+    if batch:
+        yield batch
+
+
+class _ShardBatches(IterableDataset):
+    """``shard_batches`` of a stream, made where the stream is read (a loader worker)."""
+
+    def __init__(self, stream: "_SplitStream", size: int, collate: Callable[[list[Any]], Any]) -> None:
+        self.stream, self.size, self.collate = stream, size, collate
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in shard_batches(self.stream, self.size):
+            yield self.collate(batch)
+
+
 def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, num_workers: int = 0,
                 rank: int | None = None, world_size: int | None = None, samples: int | None = None,
                 shuffle_shards: bool = True, shuffle_buffer: int = 0, seed: int = 0,
                 transform: Callable[[dict[str, Any]], Any] | None = None, collate_fn: Callable | None = None,
-                arrays: bool = False, report_stats: bool = False) -> Iterable[Any]:
+                arrays: bool = False, report_stats: bool = False, within_shards: bool = False) -> Iterable[Any]:
     """Iterate samples of shards (paths, URLs, brace patterns, a folder of tars) or an image folder.
 
     ``samples`` is the total budget over all ranks and workers (None: one pass); ranks
     default to torch.distributed, else RANK/WORLD_SIZE. Without workers and batching the
     stream itself is returned; otherwise a DataLoader (``.stats`` counts this process only;
     ``report_stats``: each reader ends its samples with a ``STATS_KEY`` item of its counts).
+    ``within_shards``: no batch spans two shards (``shard_batches``); with no more readers than
+    shards and no ``samples`` budget each reader reads whole shards, so a shard's batches are the
+    same for any number of workers.
     """
     kw = dict(rank=rank, world_size=world_size, samples=samples, shuffle_items=shuffle_shards,
               shuffle_buffer=shuffle_buffer, seed=seed, transform=transform, report_stats=report_stats)
     is_folder = isinstance(source, str) and os.path.isdir(source) and not glob.glob(os.path.join(source, "*.tar"))
     stream: _SplitStream = ImageFolderStream(source, **kw) if is_folder else ShardStream(
         expand_sources(source), arrays=arrays, **kw)
-    if num_workers == 0 and batch_size is None:
-        return stream
+    if within_shards:
+        if batch_size is None or is_folder or shuffle_buffer:
+            raise ValueError("make_loader(within_shards=True) batches the samples of tar shards read in order: "
+                             f"it needs a batch_size, shards and no shuffle_buffer (got {batch_size}, "
+                             f"{'a folder' if is_folder else 'shards'}, {shuffle_buffer})")
+        loader = JobDataLoader(_ShardBatches(stream, batch_size, collate_fn or (lambda x: x)), batch_size=None,
+                               num_workers=num_workers, collate_fn=lambda x: x)
+        loader.stats = stream.stats  # type: ignore[attr-defined]
+        return loader
     loader = JobDataLoader(stream, batch_size=batch_size, num_workers=num_workers,
                            collate_fn=collate_fn if collate_fn is not None else (None if batch_size else lambda x: x))
     loader.stats = stream.stats  # type: ignore[attr-defined]

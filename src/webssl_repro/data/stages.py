@@ -132,7 +132,7 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     def run_chunk(chunk: list[str]) -> dict[str, Any]:
         if workers:
             return run_filter_batches(flt, make_loader(chunk, num_workers=min(workers, len(chunk)),
-                                                       batch_size=flt.batch_size,
+                                                       batch_size=flt.batch_size, within_shards=True,
                                                        collate_fn=partial(filter_batch, flt, [variant]), **read),
                                       [variant])
         return run_filter(flt, make_loader(chunk, **read), [variant])
