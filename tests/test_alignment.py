@@ -263,3 +263,30 @@ def test_pair_hits_give_the_score_and_its_standard_error():
     assert pair == (2, 1) and hits.shape == (64,) and hits.sum().item() / (64 * 5) == score == 0.3625
     assert pair_hits(a, b, pair, k=5, q=1.0).sum().item() / (64 * 5) == alignment_matrix(a, b, k=5, q=1.0)[2, 1]
     assert alignment_se(torch.tensor([1, 3, 2, 2]), k=2) == pytest.approx(math.sqrt(2 / 3) / 2 / 2)
+
+
+def test_run_alignment_clamps_each_model_once_and_scores_as_before(monkeypatch):
+    """The job's numbers equal the score and standard error of the unclamped layers with the
+    clamp inside, for each LM; the thresholds: one for the encoder and one per LM."""
+    from webssl_repro.evaluate import alignment, alignment_eval
+    from webssl_repro.evaluate.alignment import alignment_se, pair_hits
+
+    g = torch.Generator().manual_seed(7)
+    vis = torch.randn(4, 80, 12, generator=g) ** 3
+    langs = {"lm-a": torch.randn(3, 80, 10, generator=g) ** 3, "lm-b": vis[1:, :, :10] + torch.randn(3, 80, 10, generator=g)}
+    monkeypatch.setattr(alignment_eval, "load_split", lambda manifest, split: [{"caption": str(i)} for i in range(80)])
+    monkeypatch.setattr(alignment_eval, "vision_layers", lambda *a: vis)
+    monkeypatch.setattr(alignment_eval, "language_layers", lambda name, *a: langs[name])
+    calls, threshold = [], alignment.clamp_threshold
+    monkeypatch.setattr(alignment, "clamp_threshold", lambda *a, **k: calls.append(1) or threshold(*a, **k))
+    for exact in (True, False):
+        calls.clear()
+        got = alignment_eval.run_alignment(None, {}, "captions.json", {"language_models": list(langs), "k": 5,
+                                                                      "q": 0.9, "exact": exact})
+        assert len(calls) == 3
+        for name, lang in langs.items():
+            score, pair = alignment_score(vis, lang, k=5, q=0.9, exact=exact)
+            se = alignment_se(pair_hits(vis, lang, pair, k=5, q=0.9, exact=exact), 5)
+            assert got[f"alignment/{name}"] == score and got[f"_alignment/{name}/se"] == se
+            assert got[f"_alignment/{name}/layers"] == {"vision": pair[0], "language": pair[1]}
+    assert got["alignment/lm-b"] > got["alignment/lm-a"]

@@ -150,15 +150,21 @@ def test_shard_batches_cut_at_each_shard_and_readers_counts_ride_along():
         list(shard_batches(a, 0))
 
 
-def test_loader_batches_within_shards_for_any_number_of_workers(shard_dir, tmp_path):
+def test_loader_batches_within_shards_for_any_number_of_workers(shard_dir, monkeypatch):
+    """Also with workers started by spawn (forkserver, Linux's default from Python 3.14, pickles
+    the same way): the loader's pieces must pickle."""
+    import multiprocessing
+
     pattern = str(shard_dir / "shard-{00000..00003}.tar")
     batches = {}
-    for workers in (0, 2):
+    for workers, start in ((0, None), (2, "fork"), (2, "spawn")):
+        if start is not None:
+            monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, start=start, **k: start)
         loader = make_loader(pattern, batch_size=4, num_workers=workers, shuffle_shards=False, rank=0, world_size=1,
-                             within_shards=True, collate_fn=lambda xs: [x["meta"]["index"] for x in xs])
-        batches[workers] = sorted(loader)
-    assert batches[0] == batches[2]
-    assert [len(x) for x in batches[0]] == [4, 4, 2] * 4 and all(len({i // 10 for i in x}) == 1 for x in batches[0])
+                             within_shards=True)
+        batches[start] = sorted([x["meta"]["index"] for x in batch] for batch in loader)
+    assert batches[None] == batches["fork"] == batches["spawn"]
+    assert [len(x) for x in batches[None]] == [4, 4, 2] * 4 and all(len({i // 10 for i in x}) == 1 for x in batches[None])
     with pytest.raises(ValueError, match="within_shards=True.*needs a batch_size"):
         make_loader(pattern, within_shards=True)
 

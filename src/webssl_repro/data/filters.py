@@ -235,8 +235,9 @@ def make_filter(backend: str, **kw: Any) -> TextFilter:
 def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: Sequence[str] = ("light", "heavy"),
                batch_size: int | None = None) -> dict[str, Any]:
     """Decisions for a stream of loaded samples, batched here (``batch_size``: the backend's)
-    within each shard, as a loader's workers batch them (``shards.shard_batches``);
-    ``truth`` is None unless every sample's metadata has it."""
+    within each shard, as a loader's workers batch them (``shards.shard_batches``; samples of an
+    image folder, each its own ``__url__``, would be decided one by one); ``truth`` is None
+    unless every sample's metadata has it."""
     size = int(batch_size or flt.batch_size)
     batches = (filter_batch(flt, variants, chunk) for chunk in shard_batches(samples, size))
     return run_filter_batches(flt, batches, variants)

@@ -446,6 +446,12 @@ def shard_batches(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def _as_is(x: Any) -> Any:
+    """A loader's collate that leaves items as made; module-level, so that workers started by
+    spawn or forkserver (Linux's default from Python 3.14) can unpickle it."""
+    return x
+
+
 class _ShardBatches(IterableDataset):
     """``shard_batches`` of a stream, made where the stream is read (a loader worker)."""
 
@@ -482,12 +488,12 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
             raise ValueError("make_loader(within_shards=True) batches the samples of tar shards read in order: "
                              f"it needs a batch_size, shards and no shuffle_buffer (got {batch_size}, "
                              f"{'a folder' if is_folder else 'shards'}, {shuffle_buffer})")
-        loader = JobDataLoader(_ShardBatches(stream, batch_size, collate_fn or (lambda x: x)), batch_size=None,
-                               num_workers=num_workers, collate_fn=lambda x: x)
+        loader = JobDataLoader(_ShardBatches(stream, batch_size, collate_fn or _as_is), batch_size=None,
+                               num_workers=num_workers, collate_fn=_as_is)
         loader.stats = stream.stats  # type: ignore[attr-defined]
         return loader
     loader = JobDataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                           collate_fn=collate_fn if collate_fn is not None else (None if batch_size else lambda x: x))
+                           collate_fn=collate_fn if collate_fn is not None else (None if batch_size else _as_is))
     loader.stats = stream.stats  # type: ignore[attr-defined]
     return loader
 

@@ -120,7 +120,8 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
         raise ValueError(f"data filter {variant}: part {part} of data.filter.parts={parts} has no shard "
                          f"(the corpus has {corpus_shards}): set parts to at most {corpus_shards}")
     # what decides a decision: a saved chunk of another setup is filtered again (how it runs is not)
-    setup = {"variant": variant, "backend": backend,
+    # (batches within shards: chunks saved before 5922236 batched across them, which a batched MLLM can tell)
+    setup = {"variant": variant, "backend": backend, "batches": "within-shards",
              **{k: v for k, v in opts.items() if k not in ("threads", "cache_path")}}
     if backend == "ocr":
         suffix = f".part{part}" if parts > 1 else ""
