@@ -483,6 +483,8 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
     is_folder = isinstance(source, str) and os.path.isdir(source) and not glob.glob(os.path.join(source, "*.tar"))
     stream: _SplitStream = ImageFolderStream(source, **kw) if is_folder else ShardStream(
         expand_sources(source), arrays=arrays, **kw)
+    if num_workers == 0 and batch_size is None and not within_shards:
+        return stream
     if within_shards:
         if batch_size is None or is_folder or shuffle_buffer:
             raise ValueError("make_loader(within_shards=True) batches the samples of tar shards read in order: "
