@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["suite_priority"]
-
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "rules", "config", "environment.yml", "slurm", "report", "results/published")
 

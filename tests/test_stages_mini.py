@@ -21,7 +21,6 @@ import torch
 import yaml
 
 from conftest import snakemake
-from suite_priority import CRITICAL_GROUP
 from webssl_repro.config import config_hash
 from webssl_repro.evaluate.knn import attribute_knn, object_attributes
 from helpers_mini import (  # noqa: F401  (fixtures)
@@ -64,7 +63,7 @@ def test_dino_head_does_not_collapse(dino_run):
 
 
 #: Tests of the Web-DINO probe run: one xdist group (``make test`` runs ``--dist loadgroup``).
-PROBE_GROUP = pytest.mark.xdist_group(CRITICAL_GROUP)  # its worker keeps its priority (suite_priority)
+PROBE_GROUP = pytest.mark.xdist_group("dino_probe")
 
 
 @pytest.fixture(scope="session")
