@@ -434,13 +434,14 @@ def shard_batches(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     url, n = None, 0
     for sample in samples:
+        if isinstance(sample, dict) and STATS_KEY in sample:
+            batch.append(sample)
+            continue
         here = sample.get("__url__") if isinstance(sample, dict) else None
-        counted = here is not None or not (isinstance(sample, dict) and STATS_KEY in sample)
-        if counted and batch and (n == size or here != url):
+        if batch and (n == size or here != url):
             yield batch
             batch, n = [], 0
-        if counted:
-            url, n = here, n + 1
+        url, n = here, n + 1
         batch.append(sample)
     if batch:
         yield batch
@@ -485,16 +486,14 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
         expand_sources(source), arrays=arrays, **kw)
     if num_workers == 0 and batch_size is None and not within_shards:
         return stream
-    if within_shards:
+    dataset: IterableDataset = stream
+    if within_shards:  # the stream's batches made by the dataset itself, each reader's from its shards
         if batch_size is None or is_folder or shuffle_buffer:
             raise ValueError("make_loader(within_shards=True) batches the samples of tar shards read in order: "
                              f"it needs a batch_size, shards and no shuffle_buffer (got {batch_size}, "
                              f"{'a folder' if is_folder else 'shards'}, {shuffle_buffer})")
-        loader = JobDataLoader(_ShardBatches(stream, batch_size, collate_fn or _as_is), batch_size=None,
-                               num_workers=num_workers, collate_fn=_as_is)
-        loader.stats = stream.stats  # type: ignore[attr-defined]
-        return loader
-    loader = JobDataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+        dataset, batch_size, collate_fn = _ShardBatches(stream, batch_size, collate_fn or _as_is), None, _as_is
+    loader = JobDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                            collate_fn=collate_fn if collate_fn is not None else (None if batch_size else _as_is))
     loader.stats = stream.stats  # type: ignore[attr-defined]
     return loader

@@ -127,9 +127,9 @@ def _layer_knn(layers: list[torch.Tensor], k: int) -> torch.Tensor:
 def clamp_layers(layers: Layers, q: float = 0.95, exact: bool = True,
                  pick: Sequence[int] | None = None) -> list[torch.Tensor]:
     """A model's layers ``pick`` (default: all) in fp32, clamped at its one threshold over all its
-    layers (``clamp_threshold``; ``q=1``: as given, in their own dtype). Clamped once, they are passed on with ``q=1``:
-    the threshold of a 70B LM is a k-th value over ~0.7 G elements, and both the score and its
-    standard error need it."""
+    layers (``clamp_threshold``; ``q=1``: as given, in their own dtype). Clamped once, they are
+    passed on with ``q=1``: the threshold of a 70B LM is a k-th value over ~0.7 G elements, and
+    both the score and its standard error need it."""
     parts = _as_layer_list(layers, "layers")
     chosen = parts if pick is None else [parts[i] for i in pick]
     if q >= 1.0:
