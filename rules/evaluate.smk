@@ -1,7 +1,9 @@
 # Frozen-encoder evaluations per run -> results/{scale}/evals/{run}/{vqa,classic,alignment}.json,
 # and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json;
+# the VQA probe is trained by its own job (-> .../vqa_probe/, evaluate/vqa/trained.py), so that changing
+# only how it answers (evaluate.vqa max_new_tokens, eval_batch_size, data.benchmarks) trains nothing again;
 # where the classic probes run, their tasks' best answers without the image -> results/{scale}/controls/no_image/classic.json
-# vqa runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
+# vqa(_probe) runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
 # a resource, so that changing resources.eval_gpus reruns nothing).
 # vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
@@ -10,10 +12,39 @@
 # a few minutes of one core (`_eval_res`), not the job's GPUs.
 
 
-rule vqa:
-    """The VQA probe of one run's encoder: two-stage LM training, then 16 benchmarks."""
+rule vqa_probe:
+    """The VQA probe of one run's encoder trained: stage 1 (projector), stage 2 (projector + LM)."""
     input:
         encoder=lambda w: PLAN.evaluated_encoder(w.run),
+        data=PLAN.vqa_data(),
+    output:
+        directory(PLAN.vqa_probe_path("{run}")),
+    log:
+        f"logs/{SCALE}/evaluate/{{run}}_vqa_probe.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/{{run}}_vqa_probe.tsv"
+    retries: PLAN.eval_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: PLAN.eval_threads()
+    resources:
+        **_eval_res("vqa_probe", lambda w: PLAN.vqa_probe_path(w.run)),
+        settings=SETTINGS["vqa"],
+        attempt=lambda w, attempt: attempt,
+        launcher=lambda w, attempt: PLAN.eval_job_launcher(PLAN.vqa_probe_path(w.run), attempt, "vqa_probe"),
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
+    shell:
+        "{resources.launcher} evaluate vqa_probe --run-name {wildcards.run} --encoder {input.encoder} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
+        "--attempt {resources.attempt} > {log} 2>&1"
+
+
+rule vqa:
+    """The 16 VQA benchmarks answered by one run's trained probe, scored, averaged by category."""
+    input:
+        encoder=lambda w: PLAN.evaluated_encoder(w.run),
+        probe=PLAN.vqa_probe_path("{run}"),
         data=PLAN.vqa_data(),
     output:
         PLAN.eval_path("{run}", "vqa"),
@@ -33,13 +64,44 @@ rule vqa:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
     shell:
-        "{resources.launcher} evaluate vqa --run-name {wildcards.run} --encoder {input.encoder} --eval-json {params.evaluate:q} "
-        "--settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
+        "{resources.launcher} evaluate vqa --run-name {wildcards.run} --encoder {input.encoder} --probe {input.probe} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
+        "--attempt {resources.attempt} > {log} 2>&1"
+
+
+rule vqa_control_probe:
+    """The VQA probe trained on a control encoder (raw-pixel or zero tokens)."""
+    input:
+        data=PLAN.vqa_data(),
+    output:
+        directory(PLAN.control_probe_path("{control}")),
+    log:
+        f"logs/{SCALE}/evaluate/control_{{control}}_vqa_probe.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/control_{{control}}_vqa_probe.tsv"
+    wildcard_constraints:
+        control=PLAN.control_pattern(),
+    retries: PLAN.eval_retries(remote=workflow.remote_exec)
+    conda:
+        ENV
+    threads: PLAN.eval_threads()
+    resources:
+        **_eval_res("vqa_probe", lambda w: PLAN.control_probe_path(w.control)),
+        settings=SETTINGS["vqa"],
+        attempt=lambda w, attempt: attempt,
+    params:
+        evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
+        encoder=PLAN.control_args(),
+    shell:
+        "webssl-repro evaluate vqa_probe --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
+        "--attempt {resources.attempt} > {log} 2>&1"
 
 
 rule vqa_control:
-    """The VQA probe on a control encoder (raw-pixel or zero tokens): does the probe read images?"""
+    """The VQA probe on a control encoder answers the benchmarks: does the probe read images?"""
     input:
+        probe=PLAN.control_probe_path("{control}"),
         data=PLAN.vqa_data(),
     output:
         PLAN.control_path("{control}"),
@@ -62,7 +124,8 @@ rule vqa_control:
         encoder=PLAN.control_args(),
     shell:
         "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
+        "--probe {input.probe} --eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} "
+        "--out {output} --attempt {resources.attempt} > {log} 2>&1"
 
 
 rule classic:

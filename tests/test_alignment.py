@@ -189,7 +189,7 @@ def test_the_lm_feature_cache_sits_in_the_scale_or_beside_an_out_elsewhere(tmp_p
     ``parents[2]`` of the output: the filesystem root for /tmp/x.json, an IndexError for x.json."""
     from pathlib import Path
 
-    from webssl_repro.cli import alignment_cache
+    from webssl_repro.evaluate.jobs import alignment_cache
 
     layout = tmp_path / "results" / "mini" / "evals" / "dino1b-full2b-224" / "alignment.json"
     assert alignment_cache(layout) == tmp_path / "results" / "mini" / "cache"

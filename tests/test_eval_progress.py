@@ -111,7 +111,8 @@ def test_cli_stops_before_the_time_limit_with_exit_75_and_its_retry_finishes(tin
     import time
 
     from helpers_stand_ins import save_tiny_encoder
-    from webssl_repro.cli import main, state_config
+    from webssl_repro.cli import main
+    from webssl_repro.evaluate.jobs import state_config
     from webssl_repro.config import config_hash
 
     encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=4)  # lin.4 needs 4 blocks
@@ -239,6 +240,7 @@ def test_cli_refuses_a_retry_after_attempts_that_failed_without_saving(tmp_path,
     """Two attempts that fail without saving anything refuse the third (exit 1, quoting the
     error); an attempt that saved progress before failing breaks the streak."""
     from webssl_repro import cli
+    from webssl_repro.evaluate import jobs
     from webssl_repro.train import attempts
 
     encoder, data = tmp_path / "encoder.safetensors", tmp_path / "set.json"
@@ -254,9 +256,9 @@ def test_cli_refuses_a_retry_after_attempts_that_failed_without_saving(tmp_path,
             (state / "depth.json").write_text(json.dumps({"iteration": 3, "dir": "depth.3"}))
         raise FloatingPointError("loss is nan at iteration 4")
 
-    monkeypatch.setattr(cli, "_evaluate_metrics", fails)
+    monkeypatch.setattr(jobs, "_evaluate_metrics", fails)
 
-    monkeypatch.setattr(cli, "_evaluation_inputs", lambda args: (None, {}, {}))  # no real encoder
+    monkeypatch.setattr(jobs, "_evaluation_inputs", lambda args: (None, {}, {}))  # no real encoder
     for attempt in (1, 2):
         with pytest.raises(FloatingPointError):
             cli.main([*args, "--attempt", str(attempt)])
@@ -276,6 +278,7 @@ def test_a_failure_on_another_rank_counts(tmp_path, monkeypatch, capsys):
     """Under torchrun a rank other than 0 may fail alone; torchrun then kills rank 0 before it
     can say how the attempt ended, so the failing rank records it."""
     from webssl_repro import cli
+    from webssl_repro.evaluate import jobs
     from webssl_repro.train import attempts
 
     encoder, data = tmp_path / "encoder.safetensors", tmp_path / "set.json"
@@ -287,9 +290,9 @@ def test_a_failure_on_another_rank_counts(tmp_path, monkeypatch, capsys):
     def oom(*_):
         raise MemoryError("rank 1: CUDA out of memory")
 
-    monkeypatch.setattr(cli, "_evaluate_metrics", oom)
+    monkeypatch.setattr(jobs, "_evaluate_metrics", oom)
 
-    monkeypatch.setattr(cli, "_evaluation_inputs", lambda args: (None, {}, {}))  # no real encoder
+    monkeypatch.setattr(jobs, "_evaluation_inputs", lambda args: (None, {}, {}))  # no real encoder
     finish = attempts.finish
     for attempt in (1, 2):
         monkeypatch.setenv("RANK", "0")  # stamps the state, records the start, then is killed
@@ -311,7 +314,7 @@ def test_saved_state_depends_on_the_code_defaults_not_on_the_settings(monkeypatc
     """The state's fingerprint holds the config as the job resolves it: a default written out
     changes nothing, a setting changes nothing, and a changed code default (e.g. answers 32 ->
     512 tokens long) sets the old state aside like a changed config file would."""
-    from webssl_repro.cli import state_config
+    from webssl_repro.evaluate.jobs import state_config
     from webssl_repro.config import config_hash
     from webssl_repro.evaluate import classic as classic_eval
 

@@ -431,3 +431,38 @@ def test_snakemake_builds_one_eval(workflow_dir):
     new_log = (run_dir / "train_log.jsonl").read_text()
     assert [json.loads(line)["step"] for line in new_log.splitlines()] == [4] and new_log != old_log
     assert "set aside" in (workflow_dir / "logs/mini/pretrain/dino1b-full2b-224.log").read_text()
+
+
+def test_a_changed_answer_limit_reruns_the_vqa_answers_not_the_probe(workflow_dir):
+    """The VQA stage's two jobs through the real DAG, on the blind control (no pretraining needed):
+    changing how the probe answers (``max_new_tokens``) reruns the answering job only; changing
+    its recipe reruns both."""
+    cfg = _tiny_workflow_config()
+    vqa = cfg["evaluate"]["vqa"]
+    vqa.update(alignment_samples=64, stage1={**vqa["stage1"], "max_steps": 2}, stage2={**vqa["stage2"], "max_steps": 4})
+    cfg["data"]["evalsets"]["vqa"] = {"train": 8, "test": 4}
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/mini/controls/blind/vqa.json"
+    args = (target, "--configfile", "tiny.yaml")
+    first = snakemake(workflow_dir, "--cores", "2", *args, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    record = workflow_dir / "results/mini/controls/blind/vqa_probe/probe.json"
+    trained, answered = record.stat().st_mtime_ns, json.loads((workflow_dir / target).read_text())
+    assert [s["steps"] for s in answered["details"]["training"]] == [2, 4]
+    state = workflow_dir / "results/mini/eval_state/controls/blind"
+    assert not (state / "vqa_probe").exists() and not (state / "vqa").exists()  # removed once written
+
+    vqa["max_new_tokens"] = 4
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    planned = snakemake(workflow_dir, "-n", *args)
+    assert planned.returncode == 0 and re.search(r"vqa_control\s+1\n", planned.stdout), planned.stdout[-3000:]
+    assert "vqa_control_probe" not in planned.stdout
+    again = snakemake(workflow_dir, "--cores", "2", *args, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert record.stat().st_mtime_ns == trained
+    assert json.loads((workflow_dir / target).read_text())["config_hash"] != answered["config_hash"]
+
+    vqa["stage2"]["lr"] = 1e-3
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    retrain = snakemake(workflow_dir, "-n", *args)
+    assert re.search(r"vqa_control_probe\s+1\n", retrain.stdout) and re.search(r"vqa_control\s+1\n", retrain.stdout)

@@ -42,8 +42,9 @@ def _full_state(probe: MultimodalProbe) -> dict[str, torch.Tensor]:
             for k, v in probe.state_dict().items()}
 
 
-def run(strategy: str) -> dict:
-    """Train both stages and evaluate; the answers are recorded by the (rank-0) scorer."""
+def run(strategy: str, save_to: Path | None = None) -> dict:
+    """Train both stages and evaluate; the answers are recorded by the (rank-0) scorer. With
+    ``save_to``, the trained probe is saved there as the vqa_probe job saves it (``vqa.trained``)."""
     from webssl_repro.evaluate.vqa.distributed import parallelize
 
     torch.set_num_threads(1)
@@ -65,6 +66,10 @@ def run(strategy: str) -> dict:
 
     result = evaluate_vqa(probe, sets, scorer, features=test_feats, batch_size=2, max_new_tokens=6,
                           parallel=parallel)
+    if save_to is not None:
+        from webssl_repro.evaluate.vqa.trained import save_probe
+
+        save_probe(save_to, probe, {"strategy": strategy})
     out = {"losses": losses, "state": _full_state(probe), "answers": answers, "result": result}
     if strategy == "fsdp2":
         from torch.distributed.tensor import DTensor
@@ -173,8 +178,20 @@ def run_loaded(lm: Path) -> dict:
     return {"meta": (all(on_meta), any(on_meta)), "state": _full_state(probe)}
 
 
+def reloaded(saved: Path, strategy: str) -> dict[str, torch.Tensor]:
+    """A new probe (the untrained init) sharded as ``strategy`` says, ``saved`` loaded into it."""
+    from webssl_repro.evaluate.vqa.distributed import parallelize
+    from webssl_repro.evaluate.vqa.trained import load_probe
+
+    probe = _probe()
+    parallelize(probe, strategy)
+    load_probe(saved, probe)
+    return _full_state(probe)
+
+
 def _worker(out: Path) -> None:
-    results = {s: run(s) for s in ("ddp", "fsdp2")}
+    results = {s: run(s, out / f"probe-{s}") for s in ("ddp", "fsdp2")}
+    results["fsdp2"]["reloaded"] = reloaded(out / "probe-fsdp2", "fsdp2")
     resumed = run_resumed(out / "progress")
     answered = run_answering_resumed(out / "answering")
     bf16 = run_bf16_lm()
@@ -215,7 +232,7 @@ def runs(tmp_path_factory):
     done = rerun_if_aborted(finish(proc), lambda: finish(start()), "two-rank VQA probe")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return single, {**torch.load(out / "multi.pt", weights_only=False), "lm_path": out / "lm",
-                    "answering_at_stop": out / "answering-at-stop"}
+                    "answering_at_stop": out / "answering-at-stop", "saved": out}
 
 
 def test_single_process_initialises_no_process_group(runs):
@@ -244,6 +261,23 @@ def test_two_ranks_evaluate_like_one_process(runs, strategy):
     assert got["answers"] == single["answers"]
     assert [len(a) for a in single["answers"].values()] == [7, 1, 0]
     assert got["result"] == single["result"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_probe_saved_on_two_ranks_loads_exactly_on_two_ranks_or_one(runs, strategy):
+    """The vqa_probe job's save (``vqa.trained``) from 2 ranks, each writing its shards under
+    FSDP2, read back bit for bit by one process, and by 2 FSDP2 ranks resharding it."""
+    from webssl_repro.evaluate.vqa.trained import load_probe
+
+    got = runs[1][strategy]
+    probe = _probe()
+    load_probe(runs[1]["saved"] / f"probe-{strategy}", probe)
+    init = _probe().state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in got["state"].items())  # trained off the init
+    for k, ref in got["state"].items():
+        assert torch.equal(probe.state_dict()[k], ref), k
+        if strategy == "fsdp2":
+            assert torch.equal(got["reloaded"][k], ref), k
 
 
 def test_fsdp2_probe_stopped_and_resumed_trains_as_uninterrupted(runs):

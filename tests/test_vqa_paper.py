@@ -168,6 +168,58 @@ def test_paper_vqa_end_to_end_on_local_stand_ins(tmp_path):
     assert [t["stage"] for t in result["details"]["training"]] == [1, 2]
 
 
+def _training(result: dict) -> list[dict]:
+    return [{k: v for k, v in stage.items() if k != "seconds"} for stage in result["details"]["training"]]
+
+
+def test_paper_vqa_as_the_workflow_runs_it_probe_job_then_answer_job(tmp_path, capsys):
+    """The vqa_probe job trains and saves the probe, the vqa job answers with it: the same
+    numbers as one process training and answering (weights saved and loaded exactly). The
+    answer job reads no Cambrian file, takes a changed answer limit, and refuses a probe
+    trained with another recipe, by name."""
+    import shutil
+
+    from webssl_repro.cli import main
+
+    data = build_stand_ins(tmp_path)
+    texts = [str(v) for rows in benchmark_rows().values() for r in rows for v in r.values() if isinstance(v, str)]
+    lm = build_tiny_llama(tmp_path / "lm", texts)
+    encoder = save_tiny_encoder(tmp_path / "encoder.safetensors")
+    cfg = paper_vqa_config(data, lm)
+    unused = tmp_path / "vqa.json"
+    unused.write_text(json.dumps({"task": "vqa"}))
+
+    def evaluate(kind: str, out: Path, config: dict, *extra: str) -> int:
+        return main(["evaluate", kind, "--run", "dino_1b", "--encoder", str(encoder), "--eval-json", json.dumps(config),
+                     "--data", str(unused), "--out", str(out), *extra])
+
+    one = tmp_path / "one" / "evals" / "dino_1b" / "vqa.json"
+    assert evaluate("vqa", one, cfg) == 0
+    probe = tmp_path / "two" / "evals" / "dino_1b" / "vqa_probe"
+    assert evaluate("vqa_probe", probe, cfg) == 0
+    assert (probe / "probe.json").is_file() and (probe / "weights").is_dir() and not (probe / "tokenizer").exists()
+    assert not (tmp_path / "two" / "eval_state" / "evals" / "dino_1b" / "vqa_probe").exists()  # removed once written
+    for cambrian in (tmp_path / "alignment.jsonl", tmp_path / "instruction.jsonl"):
+        cambrian.unlink()
+    shutil.rmtree(tmp_path / "cambrian")
+    two = tmp_path / "two" / "evals" / "dino_1b" / "vqa.json"
+    assert evaluate("vqa", two, cfg, "--probe", str(probe)) == 0
+    whole, split = json.loads(one.read_text()), json.loads(two.read_text())
+    assert split["metrics"] == whole["metrics"] and split["config_hash"] == whole["config_hash"]
+    assert _training(split) == _training(whole) and split["details"]["data"] == whole["details"]["data"]
+
+    shorter = tmp_path / "two" / "evals" / "dino_1b" / "vqa_short.json"
+    assert evaluate("vqa", shorter, {**cfg, "max_new_tokens": 1, "eval_batch_size": 4}, "--probe", str(probe)) == 0
+    assert _training(json.loads(shorter.read_text())) == _training(whole)
+    capsys.readouterr()
+    other = {**cfg, "stage2": {**cfg["stage2"], "lr": 2e-3}}
+    assert evaluate("vqa", tmp_path / "refused.json", other, "--probe", str(probe)) == 2
+    assert not (tmp_path / "refused.json").exists()
+    err = capsys.readouterr().err
+    assert f"{probe / 'probe.json'}: the probe was trained with evaluate.vqa of hash" in err
+    assert "a key other than max_new_tokens, max_new_tokens_by_benchmark, eval_batch_size, data.benchmarks" in err
+
+
 def test_paper_data_reads_config_sources_and_drops_laion(tmp_path):
     from webssl_repro.evaluate.vqa.paper import load_paper_data
 

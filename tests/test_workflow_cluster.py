@@ -42,10 +42,11 @@ def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
             "--nproc-per-node 8") in proc.stdout
 
 
-def test_torchrun_hands_the_vqa_job_its_arguments(workflow_dir):
-    """The paper VQA job runs ``torchrun ... -m webssl_repro.cli evaluate vqa ...``: torchrun's own
-    parser must leave every argument after the module to the CLI (it takes ``--run`` for an
-    abbreviation of its ``--run-path`` and stops), and the CLI must read them."""
+def test_torchrun_hands_the_vqa_jobs_their_arguments(workflow_dir):
+    """The paper VQA jobs run ``torchrun ... -m webssl_repro.cli evaluate vqa_probe|vqa ...``:
+    torchrun's own parser must leave every argument after the module to the CLI (it takes
+    ``--run`` for an abbreviation of its ``--run-path`` and stops), and the CLI must read them;
+    the answering job is handed the folder the training job writes."""
     import shlex
 
     from torch.distributed.run import get_args_parser
@@ -55,12 +56,17 @@ def test_torchrun_hands_the_vqa_job_its_arguments(workflow_dir):
     target = "results/paper/evals/dino1b-full2b-224/vqa.json"
     proc = snakemake(workflow_dir, "-n", "-p", target, "--configfile", "config/paper.yaml")
     assert proc.returncode == 0, proc.stderr
-    (line,) = [ln for ln in proc.stdout.splitlines() if "torchrun" in ln and "evaluate vqa" in ln]
-    words = shlex.split(line[line.index("torchrun"):].split(" > ")[0])
-    args = get_args_parser().parse_args(words[1:])
-    assert args.module and args.training_script == "webssl_repro.cli"
-    cli = build_parser().parse_args(args.training_script_args)
-    assert (cli.kind, cli.run, cli.out.as_posix()) == ("vqa", "dino1b-full2b-224", target)
+    jobs = {}
+    for line in [ln for ln in proc.stdout.splitlines() if "torchrun" in ln and "evaluate vqa" in ln]:
+        words = shlex.split(line[line.index("torchrun"):].split(" > ")[0])
+        args = get_args_parser().parse_args(words[1:])
+        assert args.module and args.training_script == "webssl_repro.cli"
+        cli = build_parser().parse_args(args.training_script_args)
+        jobs[cli.kind] = cli
+    probe = "results/paper/evals/dino1b-full2b-224/vqa_probe"
+    assert {k: (c.run, c.out.as_posix()) for k, c in jobs.items()} == {
+        "vqa_probe": ("dino1b-full2b-224", probe), "vqa": ("dino1b-full2b-224", target)}
+    assert jobs["vqa"].probe.as_posix() == probe and jobs["vqa_probe"].probe is None
 
 
 def test_single_node_layout_uses_gpu_and_standalone_torchrun():

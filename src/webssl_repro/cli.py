@@ -8,9 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-from webssl_repro.metrics import VQA_CONTROLS
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -105,168 +102,6 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_eval(path: Path, run: str, kind: str, metrics: dict, cfg: dict) -> None:
-    """``{"metrics": {name: number}, "details": {...}}``; keys starting with ``_`` are details."""
-    from webssl_repro.config import config_hash
-    from webssl_repro.files import write_json
-
-    out = {"run": run, "kind": kind,
-           "metrics": {k: v for k, v in metrics.items() if not k.startswith("_")},
-           "details": {k.lstrip("_"): v for k, v in metrics.items() if k.startswith("_")},
-           "config_hash": config_hash(cfg)}
-    write_json(path, out, indent=2, sort_keys=True)
-
-
-def state_config(kind: str, computed: Mapping[str, Any]) -> dict[str, Any]:
-    """``computed`` (the rule's params) with the code's defaults filled in and the settings left
-    out: what an evaluation's saved state depends on, so that a changed default, not only a
-    changed config file, sets that state aside (e.g. a longer ``max_new_tokens``)."""
-    from dataclasses import asdict
-
-    from webssl_repro.settings import SETTINGS, split_settings
-
-    if kind == "classic":
-        from webssl_repro.evaluate.classic import classic_config
-
-        resolved = classic_config({k: v for k, v in computed.items() if k != "scale"})
-    elif kind == "vqa":
-        from webssl_repro.evaluate.vqa.config import VqaConfig
-        from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
-
-        stage = {k: v for k, v in computed.items() if k in STAGE_KEYS}
-        resolved = {**stage, **asdict(VqaConfig.from_mapping({k: v for k, v in computed.items() if k not in stage}))}
-    else:
-        resolved = dict(computed)
-    return split_settings(resolved, SETTINGS[kind])[0]
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from webssl_repro.config import config_hash
-    from webssl_repro.evaluate import progress as eval_progress
-    from webssl_repro.settings import merge_nested
-    from webssl_repro.train import Preempted, attempts
-    from webssl_repro.train.distributed import shutdown
-
-    if args.control and (args.kind != "vqa" or args.img_size is None or args.patch is None):
-        raise ValueError("--control is a VQA probe control and needs --img-size and --patch")
-    computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
-    cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), args.kind)
-    progress = eval_progress.EvalProgress()
-    state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
-    ledger = args.kind in eval_progress.RESUMABLE and state is not None and args.attempt is not None
-
-    def record(outcome: str, error: BaseException | None = None) -> None:
-        if ledger and Path(state).is_dir():
-            attempts.record_end(state, outcome, error, measure=eval_progress.SAVED)
-
-    # The inputs are read before the saved state is looked at: a bad encoder or manifest would
-    # otherwise set the state of the good ones aside (features and all) before failing.
-    inputs = _evaluation_inputs(args)
-    if args.kind in eval_progress.RESUMABLE and state is not None:
-        encoder = (eval_progress.file_identity(args.encoder) if args.encoder else
-                   {"control": args.control, "img_size": args.img_size, "patch": args.patch})
-        fingerprint = {"kind": args.kind, "config": config_hash(state_config(args.kind, computed)),
-                       "encoder": encoder, "data": [eval_progress.file_identity(p) for p in args.data]}
-        try:
-            progress = eval_progress.EvalProgress.open(state, fingerprint, settings, attempt=args.attempt)
-        except attempts.FutileRetry as err:
-            print(f"evaluate {args.kind} {args.run}: {err}", file=sys.stderr)
-            return 1
-    from webssl_repro.train.distributed import is_main
-
-    try:
-        with progress:
-            metrics = _evaluate_metrics(args, cfg, progress, *inputs)
-        if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
-            write_eval(Path(args.out), args.run, args.kind, metrics, computed)
-            print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
-            progress.discard()
-    except Preempted as err:
-        record("preempted")
-        print(f"evaluate {args.kind} {args.run}: {err}; exiting for a retry", file=sys.stderr)
-        shutdown()
-        return err.exit_code
-    except BaseException as err:
-        record("failed", err)
-        raise
-    shutdown()
-    return 0
-
-
-def _classic_no_image(args: argparse.Namespace) -> int:
-    import json
-
-    from webssl_repro.evaluate.no_image import classic_reference
-    from webssl_repro.metrics import NO_IMAGE
-
-    computed = json.loads(args.eval_json)
-    metrics = classic_reference(eval_manifests(args.data), {k: v for k, v in computed.items() if k != "scale"})
-    write_eval(args.out, NO_IMAGE, "classic", metrics, computed)
-    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
-    return 0
-
-
-def alignment_cache(out: Path, given: Path | None = None) -> Path:
-    """Where the alignment job caches the language models' features, shared by every run of a
-    scale: ``results/{scale}/cache`` for ``--out results/{scale}/evals/{run}/alignment.json``,
-    else a ``cache`` folder beside ``--out`` (or ``--cache-dir``)."""
-    from webssl_repro.evaluate.progress import scale_results
-
-    if given is not None:
-        return Path(given)
-    root = scale_results(out)
-    return root / "cache" if root is not None else Path(out).absolute().parent / "cache"
-
-
-def eval_manifests(paths: Sequence[str]) -> dict[str, str]:
-    """Eval-set manifests by task: the one each names, else its folder's name."""
-    from webssl_repro.files import read_json
-
-    return {read_json(p).get("task") or Path(p).parent.name: p for p in paths}
-
-
-def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, str]]:
-    """The encoder (or control), its meta, and the eval-set manifests by task."""
-    import torch
-
-    from webssl_repro.models.io import load_encoder
-
-    manifests = eval_manifests(args.data)
-    if args.kind == "alignment" and "captions" not in manifests:  # before a 7B encoder is read
-        raise ValueError(f"evaluate alignment reads the captions eval set (--data results/<scale>/data/evalsets/"
-                         f"captions.json); got {sorted(manifests) or 'no --data'}")
-    torch.manual_seed(0)
-    if args.control:
-        from webssl_repro.evaluate.vqa.controls import control_encoder
-
-        encoder, meta = control_encoder(args.control, args.img_size, args.patch)
-    else:
-        encoder, meta = load_encoder(args.encoder)
-    return encoder, meta, manifests
-
-
-def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress, encoder, meta: dict,
-                      manifests: dict[str, str]) -> dict:
-    """The metrics of one evaluation (``_evaluate``), its finished parts kept in ``progress``."""
-    import torch
-
-    if args.kind != "vqa" and torch.cuda.is_available():  # the vqa probe places its own ranks
-        encoder = encoder.cuda()  # the frozen encoder on a GPU; the probe heads train beside it
-    if args.kind == "classic":
-        from webssl_repro.evaluate.classic import run_classic
-
-        return run_classic(encoder, meta, manifests, {k: v for k, v in cfg.items() if k != "scale"}, progress)
-    elif args.kind == "alignment":
-        from webssl_repro.evaluate.alignment_eval import run_alignment
-
-        return run_alignment(encoder, meta, manifests["captions"], cfg, cache_dir=alignment_cache(args.out, args.cache_dir))
-    from webssl_repro.evaluate.vqa.stage import run_vqa
-
-    return run_vqa(encoder, meta, manifests, cfg, workdir=Path(args.out).parent / "vqa_work", progress=progress)
-
-
 def _import_released(args: argparse.Namespace) -> int:
     from webssl_repro.models.hf import import_released, released_checkpoint
     from webssl_repro.runs import split_seed
@@ -336,41 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "not preempted (default: train/attempts.py's MAX_FUTILE, as Plan.pretrain_job_resources)")
     guard.set_defaults(func=_guard_checkpoints)
 
-    ev = sub.add_parser("evaluate", help="evaluate one run's frozen encoder")
-    ev.add_argument("kind", choices=("vqa", "classic", "alignment"))
-    ev.add_argument("--run-name", "--run", dest="run", required=True,
-                    help="the run (spelt --run-name after torchrun, which takes --run for its own --run-path)")
-    which = ev.add_mutually_exclusive_group(required=True)
-    which.add_argument("--encoder", type=Path)
-    which.add_argument("--control", choices=VQA_CONTROLS,
-                       help="a VQA control encoder instead of a run's (evaluate.vqa.controls)")
-    ev.add_argument("--img-size", type=int, help="the control's input size")
-    ev.add_argument("--patch", type=int, help="the control's patch size")
-    ev.add_argument("--eval-json", default="{}", help="what is computed (Plan.eval_config_json)")
-    ev.add_argument("--settings-json", default="{}", help="how it runs: workers, batch chunks, local paths "
-                    "(Plan.settings_json)")
-    ev.add_argument("--data", nargs="*", default=[], help="eval-set manifests (none for paper-scale vqa)")
-    ev.add_argument("--out", required=True, type=Path)
-    ev.add_argument("--cache-dir", type=Path, default=None,
-                    help="alignment: where the language models' features are cached (default: results/{scale}/cache "
-                    "for --out results/{scale}/evals/{run}/alignment.json, else cache/ beside --out)")
-    ev.add_argument("--state", type=Path, default=None,
-                    help="vqa / classic: where a job too long for its time limit keeps its progress for a retry "
-                    "(evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} for --out "
-                    "results/{scale}/evals/{run}/{kind}.json, none for an --out elsewhere); removed once the "
-                    "output is written")
-    ev.add_argument("--attempt", type=int, default=None,
-                    help="Snakemake's attempt number: recorded in the state's attempts.jsonl, and the job is "
-                    "refused (exit 1) after attempts that failed without saving progress (train/attempts.py)")
-    ev.set_defaults(func=_evaluate)
+    from webssl_repro.evaluate.jobs import add_parsers as add_evaluate_parsers
 
-    const = sub.add_parser("classic-no-image", help="the best answer to each classic task that ignores the "
-                           "image (one class / depth for all, or per position): the bar a classic number must clear")
-    const.add_argument("--eval-json", default="{}", help="the classic section (Plan.eval_config_json): the depth "
-                       "range and crop the probes score in")
-    const.add_argument("--data", nargs=3, required=True, help="the classification, segmentation and depth manifests")
-    const.add_argument("--out", required=True, type=Path)
-    const.set_defaults(func=_classic_no_image)
+    add_evaluate_parsers(sub)
 
     imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")
     imp.add_argument("--run", required=True)

@@ -32,6 +32,8 @@ SETTINGS = {
     "vqa": {"data": {"alignment": _DATA_PLACE, "instruction": _DATA_PLACE}, "gradient_checkpointing": None,
             "stage1": {"micro_batch_size": None}, "stage2": {"micro_batch_size": None}, **_PROGRESS},
 }
+#: the job that trains the VQA probe (``vqa.trained``) has the same settings as the one answering with it
+SETTINGS["vqa_probe"] = SETTINGS["vqa"]
 
 
 def split_settings(section: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

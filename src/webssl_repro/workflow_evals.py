@@ -38,6 +38,15 @@ class EvalJobs:
         """One folder per control: the VQA stage keeps its feature cache beside its output."""
         return f"{self.results}/controls/{control}/vqa.json"
 
+    def control_probe_path(self, control: str) -> str:
+        """The VQA probe trained on a control encoder (``vqa.trained``), beside its answers."""
+        return f"{self.results}/controls/{control}/vqa_probe"
+
+    def vqa_probe_path(self, run: str) -> str:
+        """A run's trained VQA probe (``vqa.trained``): the ``vqa`` job answers with it, so that
+        a change to the answering alone (``vqa.config.ANSWER_KEYS``) does not train it again."""
+        return f"{self.results}/evals/{run}/vqa_probe"
+
     def no_image_answers(self) -> list[str]:
         """The best answers to the classic tasks that ignore the image (``evaluate.no_image``),
         wherever this scale runs the classic probes: what their numbers must clear."""
@@ -66,9 +75,14 @@ class EvalJobs:
         return f"--img-size {int(labels['resolutions']['224'])} --patch {patch}"
 
     def _eval_section(self, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        section = {k: v for k, v in self.config.get("evaluate", {}).get(kind, {}).items()
-                   if not (kind == "vqa" and k == "controls")}  # which encoders run, not how: no rerun
-        return split_settings(section, SETTINGS[kind])
+        """``evaluate.<kind>`` as (what the job computes, its settings); the ``vqa_probe`` job's
+        is ``evaluate.vqa`` less what only the answering reads."""
+        from webssl_repro.evaluate.vqa.config import probe_section
+
+        vqa = kind in ("vqa", "vqa_probe")
+        section = {k: v for k, v in self.config.get("evaluate", {}).get("vqa" if vqa else kind, {}).items()
+                   if not (vqa and k == "controls")}  # which encoders run, not how: no rerun
+        return split_settings(probe_section(section) if kind == "vqa_probe" else section, SETTINGS[kind])
 
     def eval_config_json(self, kind: str) -> str:
         """What an eval job computes (its rule's params): the section less its settings."""
@@ -100,10 +114,10 @@ class EvalJobs:
             return "webssl-repro"
         return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
 
-    def eval_job_launcher(self, out: str, attempt: int) -> str:
-        """``eval_launcher`` for attempt ``attempt`` of the vqa job writing ``out`` (one process
-        where the attempt is sized to be refused)."""
-        return self.eval_launcher(sized_for_refusal=self.eval_job_resources("vqa", out, attempt)["sized_for_refusal"])
+    def eval_job_launcher(self, out: str, attempt: int, kind: str = "vqa") -> str:
+        """``eval_launcher`` for attempt ``attempt`` of the ``kind`` (vqa or vqa_probe) job
+        writing ``out`` (one process where the attempt is sized to be refused)."""
+        return self.eval_launcher(sized_for_refusal=self.eval_job_resources(kind, out, attempt)["sized_for_refusal"])
 
     def eval_runtime(self) -> int:
         return int(self.config.get("resources", {}).get("eval_runtime_min", 60))

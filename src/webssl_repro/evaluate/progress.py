@@ -109,7 +109,7 @@ def split_settings(cfg: Mapping[str, Any], section: str) -> tuple[dict[str, Any]
 
 
 #: The evaluations that keep progress; alignment is one pass over features and caches those.
-RESUMABLE = ("vqa", "classic")
+RESUMABLE = ("vqa", "vqa_probe", "classic")
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,22 @@ from webssl_repro.train.config import PRECISIONS
 PROJECTOR = re.compile(r"linear|mlp([1-9][0-9]*)x_gelu")
 
 
+#: Keys of ``evaluate.vqa`` that only the answering reads: changing them reruns the ``vqa`` job,
+#: which answers the benchmarks with the trained probe, not the ``vqa_probe`` job that trains it.
+ANSWER_KEYS = ("max_new_tokens", "max_new_tokens_by_benchmark", "eval_batch_size")
+#: The same within ``evaluate.vqa.data`` (paper scale): which benchmarks, and how many questions.
+ANSWER_DATA_KEYS = ("benchmarks", "benchmark_limit")
+
+
+def probe_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``evaluate.vqa`` less what only the answering reads (``ANSWER_KEYS``): what the trained
+    probe depends on."""
+    out = {k: v for k, v in section.items() if k not in ANSWER_KEYS}
+    if isinstance(out.get("data"), Mapping):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in ANSWER_DATA_KEYS}
+    return out
+
+
 @dataclass
 class StageConfig:
     """One training stage; ``batch_size`` is global (reached by accumulating micro-batches)."""

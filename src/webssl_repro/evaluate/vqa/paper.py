@@ -113,34 +113,50 @@ def benchmark(name: str, section: Mapping[str, Any], default_limit: Optional[int
     return load_benchmark(name, dataset=dataset, images=images, limit=limit)
 
 
-def load_paper_data(data: Optional[Mapping[str, Any]]) -> PaperData:
-    """Cambrian stage-1/stage-2 samples, the 16 benchmarks' test samples and one image loader.
+#: What a job reads of the paper-scale data: the probe's training (``vqa_probe``), the
+#: benchmarks it answers (``vqa``), or both (``stage.run_vqa``, one process).
+PARTS = ("train", "test", "all")
+
+
+def load_paper_data(data: Optional[Mapping[str, Any]], part: str = "all") -> PaperData:
+    """Cambrian stage-1/stage-2 samples, the 16 benchmarks' test samples and one image loader;
+    ``part`` ``train`` reads Cambrian only, ``test`` the benchmarks only.
 
     Benchmark image ids become ``bench:<name>/<row>``; Cambrian image ids are file paths
     (under ``image_root``) opened with PIL; text-only Cambrian rows keep ``image_id=None``.
     """
     from webssl_repro.evaluate.vqa.real import open_image
 
+    if part not in PARTS:
+        raise ValueError(f"load_paper_data: part {part!r} is not one of {PARTS}")
     data = dict(data or {})
     _check(data, DATA_KEYS, "data")
-    markers = laion_markers(data.get("exclude_laion", True))
-    excluded = {"alignment": [0], "instruction": [0]}
-    alignment = cambrian("alignment", data.get("alignment") or {}, markers, excluded["alignment"])
-    instruction = cambrian("instruction", data.get("instruction") or {}, markers, excluded["instruction"])
-    if not alignment or not instruction:
-        raise ValueError(f"vqa: empty Cambrian data (alignment {len(alignment)}, instruction {len(instruction)})")
+    counts: dict[str, Any] = {}
+    alignment: list[VqaSample] = []
+    instruction: list[VqaSample] = []
+    if part != "test":
+        markers = laion_markers(data.get("exclude_laion", True))
+        excluded = {"alignment": [0], "instruction": [0]}
+        alignment = cambrian("alignment", data.get("alignment") or {}, markers, excluded["alignment"])
+        instruction = cambrian("instruction", data.get("instruction") or {}, markers, excluded["instruction"])
+        if not alignment or not instruction:
+            raise ValueError(f"vqa: empty Cambrian data (alignment {len(alignment)}, instruction {len(instruction)})")
+        counts.update({"alignment": len(alignment), "instruction": len(instruction), "exclude_laion": bool(markers),
+                       "laion_markers": list(markers), "laion_excluded": {k: n[0] for k, n in excluded.items()}})
     configured = dict(data.get("benchmarks") or {})
     _check(configured, set(VQA_BENCHMARKS), "data.benchmarks")
     default_limit = _limit(data.get("benchmark_limit"))
     tests: dict[str, list[VqaSample]] = {}
     getters: dict[str, Callable[[str], Any]] = {}
-    for name in VQA_BENCHMARKS:
+    for name in VQA_BENCHMARKS if part != "train" else ():
         samples, getters[name] = benchmark(name, configured.get(name) or {}, default_limit)
         if not samples:
             raise ValueError(f"vqa: benchmark {name} has no samples")
         for s in samples:
             s.image_id = BENCH_PREFIX + str(s.image_id)
         tests[name] = samples
+    if tests:
+        counts["benchmarks"] = {b: len(v) for b, v in tests.items()}
 
     def load_image(image_id: str) -> Any:
         if image_id.startswith(BENCH_PREFIX):
@@ -148,7 +164,4 @@ def load_paper_data(data: Optional[Mapping[str, Any]]) -> PaperData:
             return getters[inner.split("/", 1)[0]](inner)
         return open_image(image_id)
 
-    counts = {"alignment": len(alignment), "instruction": len(instruction),
-              "benchmarks": {b: len(v) for b, v in tests.items()}, "exclude_laion": bool(markers),
-              "laion_markers": list(markers), "laion_excluded": {k: n[0] for k, n in excluded.items()}}
     return PaperData(alignment, instruction, tests, load_image, counts)

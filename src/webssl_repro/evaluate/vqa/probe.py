@@ -380,14 +380,14 @@ def plain_lm_head(lm: nn.Module) -> bool:
             and getattr(cfg, "final_logit_softcapping", None) is None)
 
 
-def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
-                     alignment: Sequence[VqaSample], instruction: Sequence[VqaSample],
-                     benchmark_sets: Mapping[str, Sequence[VqaSample]],
-                     scorer: Optional[Scorer] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
-    """Stage 1 on alignment data, stage 2 on instruction data, then ``evaluate_vqa``; logs included.
+def fit_probe(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
+              alignment: Sequence[VqaSample], instruction: Sequence[VqaSample],
+              progress: Optional[EvalProgress] = None) -> tuple[Optional["Parallel"], list[dict[str, Any]]]:
+    """Stage 1 on alignment data, stage 2 on instruction data: the probe's training.
 
-    ``cfg.strategy`` other than ``none`` shards the probe (in place) over the torchrun ranks.
-    ``progress`` (the job's) keeps each stage and each benchmark's answers as parts.
+    ``cfg.strategy`` other than ``none`` shards the probe (in place) over the torchrun ranks;
+    returns that (``vqa.distributed.Parallel``, None for one process) and each stage's log
+    (steps, seconds, final loss). ``progress`` (the job's) keeps each stage as a part.
     """
     from webssl_repro.evaluate.vqa.distributed import parallelize
 
@@ -395,9 +395,26 @@ def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCa
     logs = [train_stage(probe, samples, features, stage, scfg, max_length=cfg.max_length, seed=cfg.seed + stage,
                         parallel=parallel, progress=progress)
             for stage, samples, scfg in ((1, alignment, cfg.stage1), (2, instruction, cfg.stage2))]
-    result = evaluate_vqa(probe, benchmark_sets, scorer, features=features, batch_size=cfg.eval_batch_size,
-                          max_new_tokens={name: cfg.new_tokens(name) for name in benchmark_sets},
-                          parallel=parallel, progress=progress)
-    result["training"] = [{k: log[k] for k in ("stage", "steps", "seconds")} | {"final_loss": log["losses"][-1]}
-                          for log in logs]
+    return parallel, [{k: log[k] for k in ("stage", "steps", "seconds")} | {"final_loss": log["losses"][-1]}
+                      for log in logs]
+
+
+def answer_benchmarks(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
+                      benchmark_sets: Mapping[str, Sequence[VqaSample]], scorer: Optional[Scorer] = None,
+                      parallel: Optional["Parallel"] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
+    """``evaluate_vqa`` with the config's batch size and answer limits."""
+    return evaluate_vqa(probe, benchmark_sets, scorer, features=features, batch_size=cfg.eval_batch_size,
+                        max_new_tokens={name: cfg.new_tokens(name) for name in benchmark_sets},
+                        parallel=parallel, progress=progress)
+
+
+def fit_and_evaluate(cfg: VqaConfig, probe: MultimodalProbe, features: FeatureCache,
+                     alignment: Sequence[VqaSample], instruction: Sequence[VqaSample],
+                     benchmark_sets: Mapping[str, Sequence[VqaSample]],
+                     scorer: Optional[Scorer] = None, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
+    """``fit_probe``, then ``answer_benchmarks``, in one process; the stages' logs included.
+    ``progress`` (the job's) keeps each stage and each benchmark's answers as parts."""
+    parallel, logs = fit_probe(cfg, probe, features, alignment, instruction, progress)
+    result = answer_benchmarks(cfg, probe, features, benchmark_sets, scorer, parallel, progress)
+    result["training"] = logs
     return result

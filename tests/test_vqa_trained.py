@@ -1,0 +1,136 @@
+"""The VQA probe trained by its own job and saved (evaluate/vqa/trained.py), the benchmarks
+answered by another: what each job depends on, and the mini path through the CLI (the paper
+path: test_vqa_paper.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers_mini import REPO, mini_config, tiny_data  # noqa: F401  (fixture)
+from helpers_stand_ins import save_tiny_encoder
+from test_vqa_probe import TOKENS, VIS_DIM, tokenizer  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_answer_keys_leave_the_probe_job_alone():
+    """What the workflow compares to rerun a job: a changed answer limit, eval batch or
+    benchmark list changes the vqa job's params only; a changed recipe changes both, and so
+    does the saved probe's hash, which the answer job checks."""
+    from webssl_repro.config import load_config
+    from webssl_repro.evaluate.vqa.trained import probe_hash
+    from webssl_repro.workflow import Plan
+
+    cfg = load_config(REPO / "config/paper.yaml")
+    base = Plan(cfg)
+    probe, answers = base.eval_config_json("vqa_probe"), base.eval_config_json("vqa")
+    section = cfg["evaluate"]["vqa"]
+    for change in ({"max_new_tokens": 64}, {"eval_batch_size": 4}, {"max_new_tokens_by_benchmark": {"mme": 8}},
+                   {"data": {**section["data"], "benchmark_limit": 100}}):
+        changed = Plan({**cfg, "evaluate": {**cfg["evaluate"], "vqa": {**section, **change}}})
+        assert changed.eval_config_json("vqa_probe") == probe, change
+        assert changed.eval_config_json("vqa") != answers, change
+        assert probe_hash(json.loads(changed.eval_config_json("vqa"))) == probe_hash(json.loads(answers)), change
+    for change in ({"stage2": {"lr": 1e-5}}, {"tokens": 256}, {"data": {**section["data"], "exclude_laion": False}}):
+        changed = Plan({**cfg, "evaluate": {**cfg["evaluate"], "vqa": {**section, **change}}})
+        assert changed.eval_config_json("vqa_probe") != probe, change
+        assert probe_hash(json.loads(changed.eval_config_json("vqa"))) != probe_hash(json.loads(answers)), change
+    # the probe job's params name no answering key; the settings stay out of both
+    assert not {"max_new_tokens", "eval_batch_size"} & set(json.loads(probe))
+    assert "benchmarks" not in json.loads(probe)["data"] and "benchmarks" in json.loads(answers)["data"]
+    assert base.settings_json("vqa_probe") == base.settings_json("vqa")
+    # each job keeps its progress in its own state directory, and its attempts are sized by it
+    assert base.eval_job_resources("vqa_probe", base.vqa_probe_path("r"), 1) == \
+        base.eval_job_resources("vqa", base.eval_path("r", "vqa"), 1)
+
+
+def test_saved_state_of_the_probe_job_ignores_answer_keys():
+    from webssl_repro.evaluate.jobs import state_config
+    from webssl_repro.config import config_hash
+
+    vqa = {"scale": "mini", "language_model": "tiny", "stage1": {"lr": 1e-3}}
+    base = config_hash(state_config("vqa_probe", vqa))
+    assert config_hash(state_config("vqa_probe", {**vqa, "max_new_tokens": 32, "eval_batch_size": 2})) == base
+    assert config_hash(state_config("vqa_probe", {**vqa, "stage1": {"lr": 1e-2}})) != base
+    assert config_hash(state_config("vqa", {**vqa, "max_new_tokens": 32})) != config_hash(state_config("vqa", vqa))
+
+
+#: config/mini.yaml's probe on 64 captions, 2 + 3 steps
+def _mini_probe_config() -> dict:
+    section = {k: v for k, v in mini_config()["evaluate"]["vqa"].items() if k != "controls"}
+    return {"scale": "mini", **section, "alignment_samples": 64,
+            "stage1": {**section["stage1"], "max_steps": 2}, "stage2": {**section["stage2"], "max_steps": 3}}
+
+
+def test_mini_vqa_as_two_jobs_equals_one(tiny_data, tmp_path):  # noqa: F811
+    """The mini path of the two jobs: the probe job saves the tiny LM's tokenizer with the
+    weights, the answer job reads it and the feature cache the probe job wrote (not recomputed),
+    and scores what one process training and answering scores."""
+    from webssl_repro.cli import main
+
+    encoder = save_tiny_encoder(tmp_path / "encoder.safetensors")
+    cfg = _mini_probe_config()
+    data = ["--data", tiny_data["vqa"], tiny_data["shards"]]
+
+    def evaluate(kind: str, out: Path, *extra: str) -> int:
+        return main(["evaluate", kind, "--run", "r", "--encoder", str(encoder), "--eval-json", json.dumps(cfg),
+                     *data, "--out", str(out), *extra])
+
+    one = tmp_path / "one" / "evals" / "r" / "vqa.json"
+    assert evaluate("vqa", one) == 0
+    probe = tmp_path / "two" / "evals" / "r" / "vqa_probe"
+    assert evaluate("vqa_probe", probe) == 0
+    assert (probe / "tokenizer").is_dir()
+    features = tmp_path / "two" / "evals" / "r" / "vqa_work" / "features.safetensors"
+    written = features.stat().st_mtime_ns
+    two = tmp_path / "two" / "evals" / "r" / "vqa.json"
+    assert evaluate("vqa", two, "--probe", str(probe)) == 0
+    assert features.stat().st_mtime_ns == written
+    whole, split = json.loads(one.read_text()), json.loads(two.read_text())
+    assert split["metrics"] == whole["metrics"]
+    steps = [[s[k] for k in ("stage", "steps", "final_loss")] for s in whole["details"]["training"]]
+    assert [[s[k] for k in ("stage", "steps", "final_loss")] for s in split["details"]["training"]] == steps
+    assert [s[:2] for s in steps] == [[1, 2], [2, 3]]
+
+
+def test_a_saved_probe_loads_into_another_init_exactly(tokenizer, tmp_path):  # noqa: F811
+    """Every parameter, the LM's frozen ones included, comes back bit for bit into a probe built
+    from another seed; the tokenizer is saved beside them."""
+    from webssl_repro.evaluate.vqa.probe import VqaConfig, build_probe
+    from webssl_repro.evaluate.vqa.trained import load_probe, load_tokenizer_of, save_probe
+
+    def probe(seed: int):
+        return build_probe(VqaConfig.from_mapping({"language_model": "tiny", "tokens": TOKENS, "chat_format": "mini",
+                                                   "lm_hidden": 16, "lm_layers": 1, "lm_heads": 2, "seed": seed}),
+                           VIS_DIM, tokenizer)
+
+    trained, fresh = probe(0), probe(1)
+    with torch.no_grad():  # as if trained: off its init
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    save_probe(tmp_path / "p", trained, {"config_hash": "x"}, tokenizer=tokenizer)
+    pairs = list(zip(trained.state_dict().items(), fresh.state_dict().values()))
+    assert not any(torch.equal(value, other) for (_, value), other in pairs)
+    load_probe(tmp_path / "p", fresh)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert load_tokenizer_of(tmp_path / "p").get_vocab() == tokenizer.get_vocab()
+    assert json.loads((tmp_path / "p" / "probe.json").read_text()) == {"config_hash": "x", "tokenizer": True}
+
+
+def test_a_folder_that_is_no_trained_probe_is_named(tmp_path):
+    from webssl_repro.evaluate.vqa.trained import load_tokenizer_of, read_record
+
+    with pytest.raises(FileNotFoundError, match=r"empty: not a trained VQA probe \(no probe.json"):
+        read_record(tmp_path / "empty", {})
+    with pytest.raises(FileNotFoundError, match="a tiny-LM probe without its tokenizer/ folder"):
+        load_tokenizer_of(tmp_path)
