@@ -106,6 +106,8 @@ def test_masking_ratio_within_bounds():
     bounds = torch.linspace(0.1, 0.5, 17)
     assert ((masked.sort().values >= bounds[:-1] - 0.02) & (masked.sort().values <= bounds[1:])).all()
     assert (counts > 0).nonzero().flatten().tolist() != list(range(16))  # shuffled among the empty ones
+    empty = sample_masks(0, (16, 16), generator=g)
+    assert empty.shape == (0, 256) and empty.dtype == torch.bool
     gen = MaskingGenerator((16, 16))
     for n in (4, 30, 100):
         assert gen(n, torch.Generator().manual_seed(n)).sum() <= n

@@ -107,6 +107,8 @@ def sample_masks(n_images: int, grid: tuple[int, int],
              for i in range(n_masked)]
     masks += [np.zeros(grid, dtype=bool)] * (n_images - n_masked)
     order = torch.randperm(n_images, generator=generator)
+    if not masks:  # no images: np.stack needs at least one array
+        return torch.zeros(0, n_patches, dtype=torch.bool)
     return torch.from_numpy(np.stack([masks[i] for i in order.tolist()]).reshape(n_images, -1))
 
 
