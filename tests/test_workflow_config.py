@@ -2,6 +2,7 @@
 alternatives, the plan's checks (sizes, warm-ups, run sources, profile resources) stop the dry
 run, and its cost summary counts what will really be trained."""
 import copy
+import json
 import re
 
 import pytest
@@ -418,6 +419,21 @@ def test_what_a_job_would_refuse_after_hours_stops_the_dry_run(where, value, mes
         section = section.setdefault(key, {})
     section[where[-1]] = value
     with pytest.raises(ConfigError, match=message):
+        Plan(cfg)
+
+
+@pytest.mark.parametrize("kind", ["vqa", "classic"])
+def test_the_progress_settings_of_long_evaluations_pass_the_plan(kind):
+    """``checkpoint_every_min`` / ``stop_margin_s`` (schema, README) are the jobs' progress
+    settings, which the job reads apart from its section: the plan's check of the section
+    refused them as unknown keys. A negative one is named."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["evaluate"][kind].update(checkpoint_every_min=10, stop_margin_s=120)
+    plan = Plan(cfg)
+    assert json.loads(plan.settings_json(kind))["checkpoint_every_min"] == 10
+    assert "checkpoint_every_min" not in json.loads(plan.eval_config_json(kind))
+    cfg["evaluate"][kind]["stop_margin_s"] = -1
+    with pytest.raises(ConfigError, match=rf"evaluate.{kind}.stop_margin_s: -1.0 must be >= 0"):
         Plan(cfg)
 
 

@@ -125,11 +125,12 @@ def check_vqa(section: Mapping[str, Any]) -> None:
     """``evaluate.vqa`` as the VQA job reads it (``VqaConfig.from_mapping``: chat format,
     projector, token count, precision), and where a real LM's data comes from: a hub LM with no
     ``data`` section would read the paper's Cambrian and benchmark defaults from the hub."""
+    from webssl_repro.evaluate.progress import split_settings as progress_settings
     from webssl_repro.evaluate.vqa.config import VqaConfig
     from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
 
-    with _as_config_error():
-        VqaConfig.from_mapping({k: v for k, v in section.items() if k not in STAGE_KEYS})
+    with _as_config_error():  # the job reads its progress settings apart (evaluate.progress)
+        VqaConfig.from_mapping({k: v for k, v in progress_settings(section, "vqa")[0].items() if k not in STAGE_KEYS})
     if section.get("language_model", "tiny") != "tiny" and not section.get("data"):
         raise ConfigError(f"evaluate.vqa.language_model is {section['language_model']!r}, a real LM, which reads "
                           "Cambrian and the 16 benchmarks from evaluate.vqa.data; this config has none (see "
@@ -150,9 +151,10 @@ def check_classic(section: Mapping[str, Any], sizes: Mapping[str, Mapping[str, A
     its first probes: known keys, a depth batch of whole SigLoss groups (``samples_per_gpu``),
     and encoders of at least the 4 blocks NYUd's lin.4 head reads."""
     from webssl_repro.evaluate.classic import classic_config
+    from webssl_repro.evaluate.progress import split_settings as progress_settings
 
-    with _as_config_error():
-        dep = classic_config({k: v for k, v in section.items() if k != "scale"})["depth"]
+    with _as_config_error():  # the job reads its progress settings apart (evaluate.progress)
+        dep = classic_config({k: v for k, v in progress_settings(section, "classic")[0].items() if k != "scale"})["depth"]
     if int(dep["batch_size"]) % int(dep["samples_per_gpu"]):
         raise ConfigError(f"evaluate.classic.depth.batch_size {dep['batch_size']} is not a multiple of "
                           f"samples_per_gpu {dep['samples_per_gpu']} (each SigLoss takes samples_per_gpu images)")
