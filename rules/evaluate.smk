@@ -5,7 +5,7 @@
 # where the classic probes run, their tasks' best answers without the image -> results/{scale}/controls/no_image/classic.json
 # vqa(_probe) runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
 # a resource, so that changing resources.eval_gpus reruns nothing).
-# vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
+# vqa_probe, vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
 # its retry resumes. Its attempts.jsonl there refuses a retry after two attempts that failed
 # without saving anything (train/attempts.py, as for pretraining); such a retry is submitted with

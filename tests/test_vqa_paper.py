@@ -217,7 +217,11 @@ def test_paper_vqa_as_the_workflow_runs_it_probe_job_then_answer_job(tmp_path, c
     assert not (tmp_path / "refused.json").exists()
     err = capsys.readouterr().err
     assert f"{probe / 'probe.json'}: the probe was trained with evaluate.vqa of hash" in err
-    assert "a key other than max_new_tokens, max_new_tokens_by_benchmark, eval_batch_size, data.benchmarks" in err
+    assert "a key of evaluate.vqa other than the settings and max_new_tokens, max_new_tokens_by_benchmark, " in err
+    assert evaluate("vqa", tmp_path / "refused.json", cfg, "--probe", str(probe)) == 0  # the run: --run dino_1b
+    rc = main(["evaluate", "vqa", "--run", "dino_2b", "--encoder", str(encoder), "--eval-json", json.dumps(cfg),
+               "--data", str(unused), "--out", str(tmp_path / "other.json"), "--probe", str(probe)])
+    assert rc == 2 and "the probe of run 'dino_1b', not of 'dino_2b'" in capsys.readouterr().err
 
 
 def test_paper_data_reads_config_sources_and_drops_laion(tmp_path):

@@ -48,9 +48,12 @@ def test_answer_keys_leave_the_probe_job_alone():
     assert not {"max_new_tokens", "eval_batch_size"} & set(json.loads(probe))
     assert "benchmarks" not in json.loads(probe)["data"] and "benchmarks" in json.loads(answers)["data"]
     assert base.settings_json("vqa_probe") == base.settings_json("vqa")
-    # each job keeps its progress in its own state directory, and its attempts are sized by it
-    assert base.eval_job_resources("vqa_probe", base.vqa_probe_path("r"), 1) == \
-        base.eval_job_resources("vqa", base.eval_path("r", "vqa"), 1)
+    # each job keeps its progress (and its attempts ledger) in its own state directory
+    from webssl_repro.evaluate.progress import state_dir
+
+    states = "results/paper/eval_state/evals/r"
+    assert state_dir(base.vqa_probe_path("r"), "vqa_probe").as_posix().endswith(f"{states}/vqa_probe")
+    assert state_dir(base.eval_path("r", "vqa"), "vqa").as_posix().endswith(f"{states}/vqa")
 
 
 def test_saved_state_of_the_probe_job_ignores_answer_keys():
@@ -62,6 +65,46 @@ def test_saved_state_of_the_probe_job_ignores_answer_keys():
     assert config_hash(state_config("vqa_probe", {**vqa, "max_new_tokens": 32, "eval_batch_size": 2})) == base
     assert config_hash(state_config("vqa_probe", {**vqa, "stage1": {"lr": 1e-2}})) != base
     assert config_hash(state_config("vqa", {**vqa, "max_new_tokens": 32})) != config_hash(state_config("vqa", vqa))
+    # nor on their code defaults, which the resolved config would otherwise carry
+    resolved = state_config("vqa_probe", vqa)
+    assert not {"max_new_tokens", "max_new_tokens_by_benchmark", "eval_batch_size"} & set(resolved)
+    assert state_config("vqa", vqa)["max_new_tokens"] == 512
+
+
+def test_answers_kept_for_one_trained_probe_are_set_aside_for_another(tmp_path, monkeypatch):
+    """The answer job's saved answers are stamped with the probe's record: resumed while it is
+    the same, set aside once the probe is trained again."""
+    from webssl_repro.cli import main
+    from webssl_repro.evaluate import jobs
+    from webssl_repro.evaluate.vqa.trained import probe_hash
+    from webssl_repro.train import Preempted
+
+    cfg = {"scale": "mini", "language_model": "tiny", "stage1": {"lr": 1e-3}}
+    probe = tmp_path / "evals" / "r" / "vqa_probe"
+    probe.mkdir(parents=True)
+
+    def train(loss: float) -> None:
+        (probe / "probe.json").write_text(json.dumps({"run": "r", "config_hash": probe_hash(cfg), "loss": loss}))
+
+    kept = []
+
+    def answer(args, cfg, progress, *inputs):
+        kept.append(progress.result("answers-gqa"))
+        progress.finish("answers-gqa", ["B"])
+        raise Preempted(0, None, "the time limit")
+
+    monkeypatch.setattr(jobs, "_evaluation_inputs", lambda args: (None, {}, {}))  # no encoder to read
+    monkeypatch.setattr(jobs, "_evaluate_metrics", answer)
+    encoder = tmp_path / "encoder.safetensors"
+    encoder.write_bytes(b"weights")
+    args = ["evaluate", "vqa", "--run", "r", "--encoder", str(encoder), "--eval-json", json.dumps(cfg),
+            "--probe", str(probe), "--out", str(tmp_path / "evals" / "r" / "vqa.json")]
+    train(1.0)
+    assert main(args) == 75 and main(args) == 75
+    train(0.25)  # a retrained probe: another probe.json (its stage logs, its time)
+    assert main(args) == 75
+    assert kept == [None, ["B"], None]
+    assert len(list((tmp_path / "eval_state" / "evals" / "r").glob("vqa.stale-*"))) == 1
 
 
 #: config/mini.yaml's probe on 64 captions, 2 + 3 steps

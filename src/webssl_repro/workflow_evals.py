@@ -57,7 +57,7 @@ class EvalJobs:
         return self.no_image_answers() if any(m in CLASSIC_METRICS for m in metrics) else []
 
     def eval_retries(self, remote: bool = False) -> int | None:
-        """The ``vqa`` / ``classic`` rules' ``retries``: ``resources.eval_retries``, else the
+        """The ``vqa_probe`` / ``vqa`` / ``classic`` rules' ``retries``: ``resources.eval_retries``, else the
         profile's (a job stopped at its time limit resumes in its retry, ``evaluate.progress``),
         but 0 in the snakemake inside a cluster job, which would otherwise restart it in the
         same, ending allocation (``pretrain_retries``)."""
@@ -104,7 +104,7 @@ class EvalJobs:
         return int(self.config.get("resources", {}).get("eval_gpus", 0))
 
     def eval_launcher(self, sized_for_refusal: int = 0) -> str:
-        """How the ``vqa`` rule starts the CLI: torchrun over the eval GPUs when the probe is
+        """How the ``vqa_probe`` / ``vqa`` rules start the CLI: torchrun over the eval GPUs when the probe is
         data-parallel (``evaluate.vqa.strategy`` ddp/fsdp2) and there is more than one; one
         process for an attempt sized to be refused (``eval_job_resources``), whose ledger check
         comes before any GPU work and which has one core and 2 GB for it, not 8 ranks' imports."""

@@ -46,9 +46,10 @@ def state_config(kind: str, computed: Mapping[str, Any]) -> dict[str, Any]:
         from webssl_repro.evaluate.vqa.config import VqaConfig, probe_section
         from webssl_repro.evaluate.vqa.stage import STAGE_KEYS
 
-        computed = probe_section(computed) if kind == "vqa_probe" else computed
         stage = {k: v for k, v in computed.items() if k in STAGE_KEYS}
         resolved = {**stage, **asdict(VqaConfig.from_mapping({k: v for k, v in computed.items() if k not in stage}))}
+        if kind == "vqa_probe":  # nor the answering's defaults: a new default answer length trains nothing again
+            resolved = probe_section(resolved)
     else:
         resolved = dict(computed)
     return split_settings(resolved, SETTINGS[kind])[0]
@@ -70,6 +71,10 @@ def evaluate(args: argparse.Namespace) -> int:
     computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
     section = "vqa" if args.kind in VQA_KINDS else args.kind
     cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), section)
+    if args.probe is not None:  # a probe of another recipe or run: refused before any state is set aside
+        from webssl_repro.evaluate.vqa.trained import read_record
+
+        read_record(args.probe, cfg, run=args.run)
     progress = eval_progress.EvalProgress()
     state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
     ledger = args.kind in eval_progress.RESUMABLE and state is not None and args.attempt is not None
@@ -173,7 +178,8 @@ def _evaluation_inputs(args: argparse.Namespace) -> tuple[Any, dict, dict[str, s
 
 def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress, encoder, meta: dict,
                       manifests: dict[str, str]) -> dict:
-    """The metrics of one evaluation (``_evaluate``), its finished parts kept in ``progress``."""
+    """The metrics of one evaluation (``evaluate``; for ``vqa_probe``, the trained probe's
+    record), its finished parts kept in ``progress``."""
     import torch
 
     if args.kind not in VQA_KINDS and torch.cuda.is_available():  # the vqa probe places its own ranks
@@ -192,7 +198,7 @@ def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress, encoder, me
     if args.kind == "vqa_probe":
         return stage.train_vqa_probe(encoder, meta, manifests, cfg, args.out, workdir, run=args.run, progress=progress)
     if args.probe is not None:
-        return stage.answer_vqa(encoder, meta, manifests, cfg, args.probe, workdir, progress=progress)
+        return stage.answer_vqa(encoder, meta, manifests, cfg, args.probe, workdir, run=args.run, progress=progress)
     return stage.run_vqa(encoder, meta, manifests, cfg, workdir=workdir, progress=progress)
 
 

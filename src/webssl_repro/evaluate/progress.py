@@ -17,8 +17,9 @@ continues it instead of starting over:
   save and ``stop_margin_s`` (``train.deadline``). The job then exits 75 (``train.Preempted``)
   and the rule's retry resumes it, to the numbers an uninterrupted job computes.
 
-The directory is stamped with the evaluation config as the job resolves it (``cli.state_config``:
-code defaults filled in, settings left out), the encoder file and the eval-set manifests;
+The directory is stamped with the evaluation config as the job resolves it (``evaluate.jobs.state_config``:
+code defaults filled in, settings left out), the encoder file, the eval-set manifests and, for
+the VQA answers, the trained probe's record (``vqa.trained``);
 state of other inputs is set aside (``train.fingerprint.guard_checkpoints``). The CLI removes it
 once the job's output is written. Every rank of a torchrun job calls the same methods in the
 same order: decisions to save or stop are taken together, rank 0 writes the pointers and results.

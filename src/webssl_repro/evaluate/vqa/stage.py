@@ -97,10 +97,9 @@ STAGE_KEYS = ("scale", "alignment_samples", "data", "controls")
 
 @dataclass
 class VqaInputs:
-    """What a vqa job reads: its config, its ranks, the samples of its part and their visual tokens."""
+    """What a vqa job reads: its config, the samples of its part and their visual tokens."""
 
     config: VqaConfig
-    env: Optional[DistEnv]
     features: Any  # a FeatureCache (mini) or the encoder run on the fly (paper, ``real.EncoderFeatures``)
     alignment: list[VqaSample]
     instruction: list[VqaSample]
@@ -131,7 +130,7 @@ def _paper_inputs(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], conf
     features = EncoderFeatures(encoder, data.load_image,
                                lambda image: images_tensor([{"image": image}], size, VQA_FIT)[0],
                                config.tokens, device, config.precision)
-    return VqaInputs(config, env, features, data.alignment, data.instruction, data.tests, encoder.embed_dim,
+    return VqaInputs(config, features, data.alignment, data.instruction, data.tests, encoder.embed_dim,
                      None if config.strategy == "fsdp2" else device, counts=data.counts)
 
 
@@ -179,8 +178,8 @@ def vqa_inputs(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | P
     if part != "test":  # mini: a word-level vocabulary of the training texts only
         # never the test split; the chat template's own words too, or USER/ASSISTANT are <unk>
         texts = [f"{s.question} {s.answer}" for s in alignment + instruction] + ["USER: ASSISTANT:"]
-        tokenizer = build_tokenizer(texts, workdir / "tokenizer.json" if env is None or env.is_main else None)
-    return VqaInputs(config, env, features, alignment if part != "test" else [], instruction if part != "test" else [],
+        tokenizer = build_tokenizer(texts)  # saved with the trained probe (``vqa.trained``)
+    return VqaInputs(config, features, alignment if part != "test" else [], instruction if part != "test" else [],
                      tests if part != "train" else {}, encoder.embed_dim, env.device if env is not None else None,
                      tokenizer)
 
@@ -233,15 +232,16 @@ def train_vqa_probe(encoder, meta: Mapping[str, Any], manifests: Mapping[str, st
 
 
 def answer_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | Path], cfg: Mapping[str, Any],
-               probe_dir: str | Path, workdir: str | Path, progress: Optional[EvalProgress] = None) -> dict[str, Any]:
+               probe_dir: str | Path, workdir: str | Path, *, run: Optional[str] = None,
+               progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """The VQA metrics of one encoder, answered by its probe trained in ``probe_dir``
-    (``train_vqa_probe``, with the same configuration but for ``config.ANSWER_KEYS``).
-    ``progress`` keeps each benchmark's answers as a part."""
+    (``train_vqa_probe``, with the same configuration but for ``config.ANSWER_KEYS``; of ``run``,
+    where given). ``progress`` keeps each benchmark's answers as a part."""
     from webssl_repro.evaluate.vqa.distributed import parallelize
     from webssl_repro.evaluate.vqa.probe import answer_benchmarks
     from webssl_repro.evaluate.vqa.trained import load_probe, load_tokenizer_of, read_record
 
-    record = read_record(probe_dir, cfg)  # before the data and the LM load
+    record = read_record(probe_dir, cfg, run=run)  # before the data and the LM load
     inputs = vqa_inputs(encoder, meta, manifests, cfg, workdir, part="test")
     tiny = inputs.config.language_model == "tiny"
     probe = _probe(inputs, load_tokenizer_of(probe_dir) if tiny else None)

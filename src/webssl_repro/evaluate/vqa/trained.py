@@ -18,7 +18,7 @@ not the training. The folder holds:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
@@ -57,19 +57,23 @@ def save_probe(directory: str | Path, probe: nn.Module, record: Mapping[str, Any
     barrier()
 
 
-def read_record(directory: str | Path, section: Mapping[str, Any]) -> dict[str, Any]:
+def read_record(directory: str | Path, section: Mapping[str, Any], run: Optional[str] = None) -> dict[str, Any]:
     """``probe.json`` of a trained probe, checked against the answering job's ``evaluate.vqa``
-    (``section``): a probe trained with another configuration is refused, by name."""
+    (``section``, as written: the hash does not fill in code defaults) and, where given, its
+    ``run``: a probe trained with another configuration or for another run is refused, by name."""
     path = Path(directory) / RECORD
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not a trained VQA probe (no {RECORD}; "
                                 "`webssl-repro evaluate vqa_probe` writes one)")
     record = read_json(path)
+    if run is not None and record.get("run") != run:
+        raise ValueError(f"{path}: the probe of run {record.get('run')!r}, not of {run!r}")
     expected = probe_hash(section)
     if record.get("config_hash") != expected:
         raise ValueError(f"{path}: the probe was trained with evaluate.vqa of hash {record.get('config_hash')}, "
-                         f"this job's is {expected} (a key other than {', '.join(_answer_keys())} differs): "
-                         "train it again (the vqa_probe rule) or answer with the configuration it was trained with")
+                         f"this job's is {expected} (its recipe differs: a key of evaluate.vqa other than the "
+                         f"settings and {', '.join(_answer_keys())}): train it again (the vqa_probe rule) or "
+                         "answer with the configuration it was trained with")
     return record
 
 
@@ -93,5 +97,10 @@ def load_probe(directory: str | Path, probe: nn.Module) -> None:
     """Load ``save_probe``'s parameters into ``probe``, built from the same configuration (and
     already sharded, under FSDP2); collective."""
     state = {"model": get_model_state_dict(probe)}
-    dcp_load(state, Path(directory) / WEIGHTS)
+    try:
+        dcp_load(state, Path(directory) / WEIGHTS)
+    except ValueError as err:  # a shard cut short or gone: the training job's advice does not apply
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ValueError(f"{directory}: the trained probe's weights cannot be read ({type(cause).__name__}); "
+                         "remove the folder, and its vqa_probe job trains the probe again") from err
     set_model_state_dict(probe, state["model"])
