@@ -181,22 +181,36 @@ def test_remote_shards_stream_filter_and_list(tmp_path, shards):
         kept_shards(["pipe:cat /nowhere.tar"], [("pipe:cat /nowhere.tar", "k")], str(tmp_path / "gone"))
 
 
-def test_a_run_records_what_its_corpus_skipped(tmp_path, shards):
-    """A user's shards may hold a broken tar: the run trains on the rest (as webdataset readers
-    do) and its provenance says how much was skipped and why."""
+@pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
+def test_a_run_records_what_its_corpus_skipped(tmp_path, shards, stream):
+    """A user's shards may hold a broken tar and an image that does not decode: the run trains on
+    the rest (as webdataset readers do) and its provenance says how much was skipped and why.
+    Streamed, the readers are dataloader workers recording in the checkpoints' folder, and the
+    run, stopped and resumed, reads the bad sample more than once: it still counts once."""
     from helpers_mini import run_slice
     from webssl_repro.train.run import pretrain
 
     junk = tmp_path / "junk.tar"
     junk.write_bytes(b"not a tar" * 100)
+    bad = next(shard_samples(shards[0], with_data=False))["__key__"]
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"shards": [*shards, str(junk)]}))
-    cfg = run_slice("mae1b-full2b-224", samples=6 * 8)
+    manifest.write_text(json.dumps({"shards": [_spoilt(shards[0], tmp_path / "spoilt.tar", {bad}), *shards[1:],
+                                               str(junk)]}))
+    cfg = run_slice("mae1b-full2b-224", samples=6 * 8)  # 48 samples: more than an epoch of the 30
     cfg["recipe"]["batch_size"] = 8
-    with pytest.warns(RuntimeWarning, match="junk.tar"):
-        assert pretrain("mae1b-full2b-224", cfg, tmp_path / "run", tmp_path / "ckpt", [str(manifest)]).complete
+    if stream:
+        cfg["loader"] = {"stream": True, "workers": 1}
+    args = ("mae1b-full2b-224", cfg, tmp_path / "run", tmp_path / "ckpt", [str(manifest)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # said per sample, by the workers too
+        if stream:
+            assert not pretrain(*args, max_steps=5).complete  # the epoch read, the bad sample passed over
+        assert pretrain(*args).complete
     skipped = json.loads((tmp_path / "run" / "provenance.json").read_text())["corpus_skipped"]
-    assert (skipped["samples"], skipped["shards"]) == (0, 1) and "junk.tar" in skipped["errors"][0]
+    assert (skipped["samples"], skipped["shards"]) == (1, 1), skipped
+    assert any("junk.tar" in e for e in skipped["errors"]) and any(bad in e for e in skipped["errors"])
+    records = "".join(p.read_text() for p in (tmp_path / "ckpt" / "passed_over").glob("*.tsv"))
+    assert (records.count(f"\t{bad}\t") > 1) if stream else not records
 
 
 def _rewritten(src: str, out, suffix: str, keys: set[str] | None, rewrite) -> str:
@@ -432,7 +446,7 @@ def test_clip_corpora_pass_over_samples_without_an_alt_text(tmp_path, shards):
     take_clip = lambda corpus: take(corpus.batches(0, 0, 1, 5, fn, lambda s, g: [c for _, c in s]), 4)
     assert all(all(batch) for batch in take_clip(held))
     streamed = open_corpus([shard, shards[1]], 0, {"stream": True}, needs_caption=True)
-    with pytest.warns(RuntimeWarning, match=f"sample {keys[1]} of .*nocap.tar has no alt-text for CLIP"):
+    with pytest.warns(RuntimeWarning, match=f"sample {keys[1]} of .*nocap.tar: has no alt-text for CLIP"):
         batches = take_clip(streamed)
     assert all(all(batch) for batch in batches)
     with pytest.raises(ValueError, match="has no caption for CLIP"):  # what the run met before

@@ -14,11 +14,21 @@ and workers (as DINOv2's sharded sampler and webdataset's shard split do). A ran
 batch is consecutive samples of one reader's shard, shuffled within the shard but with no
 buffer across shards (webdataset's ``shuffle(n)``); and as readers' shares of an epoch differ
 in length, an epoch's last batches repeat some samples and miss as many, as a sharded stream does.
+
+What the readers pass over (undecodable samples, CLIP's samples without an alt-text, shards none
+of whose samples decodes) is warned about and, given a ``record_dir``, written there by each
+reader process: a run's readers live in dataloader workers on every node and across resumes,
+and ``ShardCorpus.stats`` counts the distinct samples and shards over all of them for the run's
+provenance (a sample read again after a resume counts once; one passed over in batches prefetched
+past the run's last step counts too).
 """
 from __future__ import annotations
 
+import os
+import socket
 import warnings
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -31,7 +41,7 @@ from webssl_repro.data.corpus import (
     local_batch_size,
     pick_caption,
 )
-from webssl_repro.data.shards import shard_samples
+from webssl_repro.data.shards import LoaderStats, shard_samples
 from webssl_repro.data.workers import worker_batches
 
 
@@ -39,16 +49,29 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in shard_samples(url, with_data=False))
 
 
-def _skipped(candidate: dict[str, Any], why: str) -> None:
-    """Warn that a raw sample is passed over: its key and shard, then ``why``."""
-    warnings.warn(f"webssl_repro.data.stream_corpus: sample {candidate.get('__key__')} of "
-                  f"{candidate.get('__url__')}{why}", RuntimeWarning)
+#: the key of a record that stands for a whole shard (a truncated or unreadable tar, or one none
+#: of whose samples decodes): counted as the in-memory corpus counts its broken shards
+WHOLE_SHARD = "*"
+
+
+def passed_over(record_dir: str | Path) -> LoaderStats:
+    """What the readers recorded in ``record_dir``: distinct samples passed over, shards none of
+    whose samples decodes, and the first reasons (``LoaderStats``, as the in-memory corpus counts)."""
+    seen: dict[tuple[str, str], str] = {}
+    for path in sorted(Path(record_dir).glob("*.tsv")):
+        for line in path.read_text().splitlines():
+            url, key, why = (line.split("\t", 2) + ["", ""])[:3]
+            seen.setdefault((url, key), why)
+    shards = sum(1 for _, key in seen if key == WHOLE_SHARD)
+    errors = [f"{url}" + ("" if key == WHOLE_SHARD else f" {key}") + f": {why}" for (url, key), why in sorted(seen.items())]
+    return LoaderStats(skipped_samples=len(seen) - shards, broken_shards=shards, errors=errors[:50])
 
 
 class ShardCorpus:
     """The ``batches`` interface of ``IndexedCorpus`` over shards streamed per reader."""
 
-    def __init__(self, shards: Sequence[str], seed: int = 0, workers: int = 0, needs_caption: bool = False) -> None:
+    def __init__(self, shards: Sequence[str], seed: int = 0, workers: int = 0, needs_caption: bool = False,
+                 record_dir: Optional[str | Path] = None) -> None:
         if not shards:
             raise ValueError("ShardCorpus: no shards")
         if workers < 0:
@@ -56,7 +79,23 @@ class ShardCorpus:
         self.shards, self.seed, self.workers = list(shards), int(seed), int(workers)
         #: CLIP: a sample without an alt-text takes an undecodable one's way (the next that has one)
         self.needs_caption = bool(needs_caption)
+        #: where each reader process records what it passes over (``passed_over``); None: warnings only
+        self.record_dir = None if record_dir is None else Path(record_dir)
         self._counts: dict[str, int] = {}
+
+    @property
+    def stats(self) -> Optional[LoaderStats]:
+        """What this run's readers passed over, on every rank and in every attempt (``record_dir``)."""
+        return None if self.record_dir is None else passed_over(self.record_dir)
+
+    def _passed_over(self, url: Any, key: Any, why: str) -> None:
+        """Warn, and record where ``record_dir`` says, that ``key`` of shard ``url`` is passed over."""
+        what = f"{url}: {why}" if key == WHOLE_SHARD else f"sample {key} of {url}: {why}"
+        warnings.warn(f"webssl_repro.data.stream_corpus: {what}", RuntimeWarning, stacklevel=3)
+        if self.record_dir is not None:  # one file per reader process, on any node
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.record_dir / f"{socket.gethostname()}-{os.getpid()}.tsv", "a") as fh:
+                fh.write(f"{url}\t{key}\t{' '.join(why.split())}\n")
 
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
         """Reader ``reader``'s shards (indices) in ``epoch``: every ``readers``-th of a seeded permutation."""
@@ -82,7 +121,7 @@ class ShardCorpus:
                     skip -= self.count(url)
                     total += self.count(url)
                     continue
-                raw = list(shard_samples(url))
+                raw = list(shard_samples(url, on_broken=self._broken))
                 self._counts[url] = len(raw)
                 total += len(raw)
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(raw))
@@ -99,8 +138,11 @@ class ShardCorpus:
                 raise ValueError(f"ShardCorpus: reader {reader} of {readers} found no samples in its shards")
             epoch += 1
 
-    @staticmethod
-    def _decoded(raw: list[dict[str, Any]], order: np.ndarray, k: int,
+    def _broken(self, url: str, exn: BaseException) -> None:
+        """A tar read up to its last whole sample (truncated, unreadable): a shard-level record."""
+        self._passed_over(url, WHOLE_SHARD, f"read up to its last whole sample: {type(exn).__name__}: {exn}")
+
+    def _decoded(self, raw: list[dict[str, Any]], order: np.ndarray, k: int,
                  needs_caption: bool = False) -> tuple[Any, dict] | None:
         """The ``k``-th sample of the shard's ``order``, or where it does not decode (or, with
         ``needs_caption``, has no alt-text) the next one that does (None where none does): the
@@ -112,16 +154,16 @@ class ShardCorpus:
             try:
                 text = decode_text(candidate)
             except Exception as exn:  # noqa: BLE001 - a corrupt web sample is replaced, not fatal
-                _skipped(candidate, f": {type(exn).__name__}: {exn}")
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}")
                 continue
             captions = captions_of(text)
             if needs_caption and not captions:  # CLIP passes over it with its image undecoded
-                _skipped(candidate, " has no alt-text for CLIP")
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), "has no alt-text for CLIP")
                 continue
             try:
                 image = decode_image(candidate)
             except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
-                _skipped(candidate, f": {type(exn).__name__}: {exn}")
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}")
                 continue
             return image, {"id": sample_id(text), "captions": captions}
         return None
@@ -137,9 +179,8 @@ class ShardCorpus:
             order = np.random.default_rng([self.seed, epoch, other]).permutation(len(raw))
             sample = self._decoded(raw, order, 0, self.needs_caption) if raw else None
             if sample is not None:
-                warnings.warn(f"webssl_repro.data.stream_corpus: {self.shards[index]}: none of its {places} "
-                              f"samples decodes; their places are filled with {sample[1]['id']} of "
-                              f"{self.shards[other]}", RuntimeWarning)
+                self._passed_over(self.shards[index], WHOLE_SHARD, f"none of its {places} samples decodes; their "
+                                  f"places are filled with {sample[1]['id']} of {self.shards[other]}")
                 return sample
         raise ValueError(f"ShardCorpus: none of the samples of reader {reader} of {readers}'s shards decodes in "
                          f"epoch {epoch}, starting with {self.shards[index]}")

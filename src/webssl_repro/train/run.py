@@ -24,6 +24,10 @@ from webssl_repro.models.io import save_encoder
 from webssl_repro.resources import dino_local_crop
 from webssl_repro.runs import Run
 
+#: the folder of a run's checkpoints where a streamed corpus's readers record what they pass over
+PASSED_OVER = "passed_over"
+
+
 def build(run: Run, cfg: Mapping[str, Any], corpus, init_device: Optional[str] = None
           ) -> tuple[Any, Any, Any, dict[str, Any], Any]:
     """(method, sample_fn, collate_fn, train_config mapping, encoder metadata). ``init_device``
@@ -175,18 +179,22 @@ def provenance(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                                  "webssl-repro")}}
 
 
-def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any], needs_caption: bool = False):
+def open_corpus(shards: list[str], seed: int, loader: Mapping[str, Any], needs_caption: bool = False,
+                record_dir: Optional[str | Path] = None):
     """``pretrain.loader``: the corpus held in memory (``IndexedCorpus``, the default) or, with
     ``stream: true``, streamed from its shards (``ShardCorpus``: MC-2B does not fit in memory);
     either's batches made by ``workers`` dataloader processes per rank. ``needs_caption`` (CLIP) passes over
-    samples without an alt-text, which would otherwise stop the run at the same step on every retry."""
+    samples without an alt-text, which would otherwise stop the run at the same step on every retry.
+    A streamed corpus's readers record what they pass over in ``record_dir`` (``stream_corpus.passed_over``)."""
     from webssl_repro.config import check_keys
     from webssl_repro.data.corpus import IndexedCorpus
     from webssl_repro.data.stream_corpus import ShardCorpus
 
     check_keys(loader, ("stream", "workers"), "pretrain.loader")
-    kind = ShardCorpus if loader.get("stream", False) else IndexedCorpus
-    return kind(shards, seed=seed, workers=int(loader.get("workers", 0)), needs_caption=needs_caption)
+    workers = int(loader.get("workers", 0))
+    if loader.get("stream", False):
+        return ShardCorpus(shards, seed=seed, workers=workers, needs_caption=needs_caption, record_dir=record_dir)
+    return IndexedCorpus(shards, seed=seed, workers=workers, needs_caption=needs_caption)
 
 
 def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpoints: str | Path,
@@ -203,7 +211,7 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
     checkpoints.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data[0])
     corpus = open_corpus(manifest["shards"], int(cfg.get("seed", 0)), cfg.get("loader") or {},
-                         needs_caption=run.method == "clip")
+                         needs_caption=run.method == "clip", record_dir=checkpoints / PASSED_OVER)
     cfg = {**cfg, "_workdir": str(checkpoints)}
     torch.manual_seed(int(cfg.get("seed", 0)))  # initial weights: the same on every rank and in every run
     # Under FSDP2 only rank 0 builds the weights; the others take their shards of them
@@ -240,7 +248,8 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         # The recipe as the code resolved it (defaults filled in): the config alone does not say
         # what a run used when a default changes between commits.
         prov["recipe"] = {"method": dataclasses.asdict(method.config), "train": dataclasses.asdict(train_cfg)}
-        stats = getattr(corpus, "stats", None)  # what the in-memory corpus skipped while indexing
+        # what the in-memory corpus skipped while indexing, or the streamed one's readers passed over
+        stats = getattr(corpus, "stats", None)
         if stats is not None:
             prov["corpus_skipped"] = {"samples": stats.skipped_samples, "shards": stats.broken_shards,
                                       "errors": stats.errors[:10]}
