@@ -177,3 +177,30 @@ def test_a_folder_that_is_no_trained_probe_is_named(tmp_path):
         read_record(tmp_path / "empty", {})
     with pytest.raises(FileNotFoundError, match="a tiny-LM probe without its tokenizer/ folder"):
         load_tokenizer_of(tmp_path)
+
+
+def test_a_probe_job_stopped_before_its_save_resumes_without_training(tiny_data, tmp_path):  # noqa: F811
+    """The probe is not written in a job's last minutes: the job stops once both stages are
+    saved, and its retry saves the probe they trained without training a step, with the
+    losses of an uninterrupted job."""
+    from helpers_progress import StopAfter, iterations_run
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.evaluate.vqa.stage import train_vqa_probe
+    from webssl_repro.models.io import load_encoder
+    from webssl_repro.train import Preempted
+
+    encoder, meta = load_encoder(save_tiny_encoder(tmp_path / "encoder.safetensors"))
+    manifests, cfg = {"vqa": tiny_data["vqa"], "shards": tiny_data["shards"]}, _mini_probe_config()
+    whole = train_vqa_probe(encoder, meta, manifests, cfg, tmp_path / "whole", tmp_path / "work", run="r")
+    state = tmp_path / "state"
+    with pytest.raises(Preempted, match="before saving the trained probe"):  # 1 + 2 checks in training, then it
+        with EvalProgress(state, checkpoint_every_min=0, deadline=StopAfter(4)) as progress:
+            train_vqa_probe(encoder, meta, manifests, cfg, tmp_path / "probe", tmp_path / "work", run="r",
+                            progress=progress)
+    assert not (tmp_path / "probe").exists()
+    retry = EvalProgress(state, checkpoint_every_min=0)
+    seen = iterations_run(retry)
+    record = train_vqa_probe(encoder, meta, manifests, cfg, tmp_path / "probe", tmp_path / "work", run="r",
+                             progress=retry)
+    assert seen == [] and (tmp_path / "probe" / "probe.json").is_file()
+    assert [s["final_loss"] for s in record["training"]] == [s["final_loss"] for s in whole["training"]]

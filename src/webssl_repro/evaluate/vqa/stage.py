@@ -227,6 +227,8 @@ def train_vqa_probe(encoder, meta: Mapping[str, Any], manifests: Mapping[str, st
     probe = _probe(inputs, inputs.tokenizer)
     _, training = fit_probe(inputs.config, probe, inputs.features, inputs.alignment, inputs.instruction, progress)
     record = {"run": run, "config_hash": probe_hash(cfg), "training": training, "data": inputs.counts}
+    if progress is not None:  # 32 GB to write at paper scale: not in the job's last minutes (both stages are saved)
+        progress.stop_point("saving the trained probe")
     save_probe(out, probe, record, tokenizer=inputs.tokenizer if inputs.config.language_model == "tiny" else None)
     return record
 
