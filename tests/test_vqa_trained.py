@@ -98,13 +98,19 @@ def test_answers_kept_for_one_trained_probe_are_set_aside_for_another(tmp_path, 
     encoder = tmp_path / "encoder.safetensors"
     encoder.write_bytes(b"weights")
     args = ["evaluate", "vqa", "--run", "r", "--encoder", str(encoder), "--eval-json", json.dumps(cfg),
-            "--probe", str(probe), "--out", str(tmp_path / "evals" / "r" / "vqa.json")]
+            "--probe", str(probe), "--out", str(tmp_path / "evals" / "r" / "vqa.json"), "--attempt", "1"]
     train(1.0)
     assert main(args) == 75 and main(args) == 75
     train(0.25)  # a retrained probe: another probe.json (its stage logs, its time)
     assert main(args) == 75
     assert kept == [None, ["B"], None]
     assert len(list((tmp_path / "eval_state" / "evals" / "r").glob("vqa.stale-*"))) == 1
+    # a probe of another run is refused before the kept answers are looked at: none set aside,
+    # no attempt recorded
+    ledger = (tmp_path / "eval_state" / "evals" / "r" / "vqa" / "attempts.jsonl").read_text()
+    assert main([*args[:3], "x", *args[4:]]) == 2 and kept == [None, ["B"], None]
+    assert len(list((tmp_path / "eval_state" / "evals" / "r").glob("vqa.stale-*"))) == 1
+    assert (tmp_path / "eval_state" / "evals" / "r" / "vqa" / "attempts.jsonl").read_text() == ledger
 
 
 #: config/mini.yaml's probe on 64 captions, 2 + 3 steps
@@ -168,6 +174,11 @@ def test_a_saved_probe_loads_into_another_init_exactly(tokenizer, tmp_path):  # 
         assert torch.equal(fresh.state_dict()[name], value), name
     assert load_tokenizer_of(tmp_path / "p").get_vocab() == tokenizer.get_vocab()
     assert json.loads((tmp_path / "p" / "probe.json").read_text()) == {"config_hash": "x", "tokenizer": True}
+    for shard in (tmp_path / "p" / "weights").glob("*.distcp"):  # a save cut short
+        shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(ValueError, match=r"p: the trained probe's weights cannot be read \(CheckpointException: .+\); "
+                                         r"remove the folder, and its vqa_probe job trains the probe again"):
+        load_probe(tmp_path / "p", fresh)
 
 
 def test_a_folder_that_is_no_trained_probe_is_named(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -49,22 +50,32 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in shard_samples(url, with_data=False))
 
 
-#: the key of a record that stands for a whole shard (a truncated or unreadable tar, or one none
-#: of whose samples decodes): counted as the in-memory corpus counts its broken shards
-WHOLE_SHARD = "*"
+#: the key of a record that stands for a broken shard (a truncated or unreadable tar, as the
+#: in-memory corpus counts them); no sample has an empty key
+WHOLE_SHARD = ""
+#: why a CLIP sample is passed over without being decoded (counted apart, as ``IndexedCorpus.uncaptioned``)
+NO_ALT_TEXT = "has no alt-text for CLIP"
 
 
-def passed_over(record_dir: str | Path) -> LoaderStats:
-    """What the readers recorded in ``record_dir``: distinct samples passed over, shards none of
-    whose samples decodes, and the first reasons (``LoaderStats``, as the in-memory corpus counts)."""
+def _field(text: Any) -> str:
+    return " ".join(str(text).split())  # one line, no tabs: a record is ``url<TAB>key<TAB>why``
+
+
+def passed_over(record_dir: str | Path) -> tuple[LoaderStats, int]:
+    """What the readers recorded in ``record_dir``: the distinct samples passed over (not
+    decodable), broken shards and their first reasons, by shard (``LoaderStats``, as the
+    in-memory corpus counts them); and the distinct CLIP samples without an alt-text."""
     seen: dict[tuple[str, str], str] = {}
     for path in sorted(Path(record_dir).glob("*.tsv")):
         for line in path.read_text().splitlines():
             url, key, why = (line.split("\t", 2) + ["", ""])[:3]
             seen.setdefault((url, key), why)
+    uncaptioned = sum(1 for why in seen.values() if why == NO_ALT_TEXT)
     shards = sum(1 for _, key in seen if key == WHOLE_SHARD)
-    errors = [f"{url}" + ("" if key == WHOLE_SHARD else f" {key}") + f": {why}" for (url, key), why in sorted(seen.items())]
-    return LoaderStats(skipped_samples=len(seen) - shards, broken_shards=shards, errors=errors[:50])
+    errors = [f"{url}" + (f" {key}" if key else "") + f": {why[:200]}"
+              for (url, key), why in sorted(seen.items()) if why != NO_ALT_TEXT][:50]
+    return LoaderStats(skipped_samples=len(seen) - shards - uncaptioned, broken_shards=shards,
+                       errors=errors), uncaptioned
 
 
 class ShardCorpus:
@@ -82,20 +93,36 @@ class ShardCorpus:
         #: where each reader process records what it passes over (``passed_over``); None: warnings only
         self.record_dir = None if record_dir is None else Path(record_dir)
         self._counts: dict[str, int] = {}
+        #: (url, key) this process recorded, and its record file: a bad sample is tried again from
+        #: every earlier place of its shard followed only by bad ones, but written once
+        self._recorded: set[tuple[str, str]] = set()
+        self._record_file: Optional[tuple[int, Path]] = None
 
     @property
     def stats(self) -> Optional[LoaderStats]:
         """What this run's readers passed over, on every rank and in every attempt (``record_dir``)."""
-        return None if self.record_dir is None else passed_over(self.record_dir)
+        return None if self.record_dir is None else passed_over(self.record_dir)[0]
 
-    def _passed_over(self, url: Any, key: Any, why: str) -> None:
-        """Warn, and record where ``record_dir`` says, that ``key`` of shard ``url`` is passed over."""
+    @property
+    def uncaptioned(self) -> int:
+        """CLIP samples without an alt-text the readers passed over (``record_dir``; 0 without one)."""
+        return 0 if self.record_dir is None else passed_over(self.record_dir)[1]
+
+    def _passed_over(self, url: Any, key: Any, why: str, stacklevel: int = 3) -> None:
+        """Warn (at the reader's line), and record where ``record_dir`` says, that ``key`` of
+        shard ``url`` is passed over."""
         what = f"{url}: {why}" if key == WHOLE_SHARD else f"sample {key} of {url}: {why}"
-        warnings.warn(f"webssl_repro.data.stream_corpus: {what}", RuntimeWarning, stacklevel=3)
-        if self.record_dir is not None:  # one file per reader process, on any node
+        warnings.warn(f"webssl_repro.data.stream_corpus: {what}", RuntimeWarning, stacklevel=stacklevel)
+        entry = (_field(url), _field(key))
+        if self.record_dir is None or entry in self._recorded:
+            return
+        if self._record_file is None or self._record_file[0] != os.getpid():  # a new reader process
             self.record_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.record_dir / f"{socket.gethostname()}-{os.getpid()}.tsv", "a") as fh:
-                fh.write(f"{url}\t{key}\t{' '.join(why.split())}\n")
+            name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tsv"  # on any node, in any container
+            self._record_file = (os.getpid(), self.record_dir / name)
+        with open(self._record_file[1], "a") as fh:
+            fh.write(f"{entry[0]}\t{entry[1]}\t{_field(why)}\n")
+        self._recorded.add(entry)
 
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
         """Reader ``reader``'s shards (indices) in ``epoch``: every ``readers``-th of a seeded permutation."""
@@ -140,7 +167,8 @@ class ShardCorpus:
 
     def _broken(self, url: str, exn: BaseException) -> None:
         """A tar read up to its last whole sample (truncated, unreadable): a shard-level record."""
-        self._passed_over(url, WHOLE_SHARD, f"read up to its last whole sample: {type(exn).__name__}: {exn}")
+        self._passed_over(url, WHOLE_SHARD, f"{type(exn).__name__}: {exn}; reading it up to its last whole sample",
+                          stacklevel=4)  # called back by shard_samples
 
     def _decoded(self, raw: list[dict[str, Any]], order: np.ndarray, k: int,
                  needs_caption: bool = False) -> tuple[Any, dict] | None:
@@ -158,7 +186,7 @@ class ShardCorpus:
                 continue
             captions = captions_of(text)
             if needs_caption and not captions:  # CLIP passes over it with its image undecoded
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), "has no alt-text for CLIP")
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), NO_ALT_TEXT)
                 continue
             try:
                 image = decode_image(candidate)
@@ -178,9 +206,10 @@ class ShardCorpus:
             raw = list(shard_samples(self.shards[other]))
             order = np.random.default_rng([self.seed, epoch, other]).permutation(len(raw))
             sample = self._decoded(raw, order, 0, self.needs_caption) if raw else None
-            if sample is not None:
-                self._passed_over(self.shards[index], WHOLE_SHARD, f"none of its {places} samples decodes; their "
-                                  f"places are filled with {sample[1]['id']} of {self.shards[other]}")
+            if sample is not None:  # its samples are recorded one by one, as the in-memory corpus counts them
+                warnings.warn(f"webssl_repro.data.stream_corpus: {self.shards[index]}: none of its {places} "
+                              f"samples decodes; their places are filled with {sample[1]['id']} of "
+                              f"{self.shards[other]}", RuntimeWarning)
                 return sample
         raise ValueError(f"ShardCorpus: none of the samples of reader {reader} of {readers}'s shards decodes in "
                          f"epoch {epoch}, starting with {self.shards[index]}")

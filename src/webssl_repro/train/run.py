@@ -253,6 +253,8 @@ def pretrain(run_name: str, cfg: Mapping[str, Any], out_dir: str | Path, checkpo
         if stats is not None:
             prov["corpus_skipped"] = {"samples": stats.skipped_samples, "shards": stats.broken_shards,
                                       "errors": stats.errors[:10]}
+            if run.method == "clip":  # samples without an alt-text, left out of CLIP's corpus
+                prov["corpus_skipped"]["uncaptioned"] = int(corpus.uncaptioned)
         prov["trained_by"] = result.trained_by  # the export's commit (git_commit) need not be the training's
         prov.update(encoder=meta, corpus_shards=len(manifest["shards"]), steps=result.step,
                     samples_seen=result.samples_seen, **({"corpus_size": len(corpus)} if hasattr(corpus, "__len__") else {}))

@@ -101,6 +101,7 @@ def load_probe(directory: str | Path, probe: nn.Module) -> None:
         dcp_load(state, Path(directory) / WEIGHTS)
     except ValueError as err:  # a shard cut short or gone: the training job's advice does not apply
         cause = err.__cause__ if err.__cause__ is not None else err
-        raise ValueError(f"{directory}: the trained probe's weights cannot be read ({type(cause).__name__}); "
+        last = (str(cause).strip().splitlines() or [""])[-1]  # DCP's message carries each rank's traceback
+        raise ValueError(f"{directory}: the trained probe's weights cannot be read ({type(cause).__name__}: {last}); "
                          "remove the folder, and its vqa_probe job trains the probe again") from err
     set_model_state_dict(probe, state["model"])
