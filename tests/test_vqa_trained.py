@@ -14,12 +14,7 @@ from helpers_stand_ins import save_tiny_encoder
 from test_vqa_probe import TOKENS, VIS_DIM, tokenizer  # noqa: F401  (fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: tiny models on one thread
 
 
 def test_answer_keys_leave_the_probe_job_alone():

@@ -154,7 +154,7 @@ class ShardCorpus:
                 order = np.random.default_rng([self.seed, epoch, index]).permutation(len(raw))
                 fill = None  # where none of the shard's samples decodes
                 for k in range(skip, len(raw)):
-                    sample = None if fill is not None else self._decoded(raw, order, k, self.needs_caption)
+                    sample = None if fill is not None else self._decoded(raw, order, k)
                     if sample is None:
                         fill = fill or self._fill(epoch, reader, readers, index, len(raw))
                         sample = fill
@@ -170,8 +170,7 @@ class ShardCorpus:
         self._passed_over(url, WHOLE_SHARD, f"{type(exn).__name__}: {exn}; reading it up to its last whole sample",
                           stacklevel=4)  # called back by shard_samples
 
-    def _decoded(self, raw: list[dict[str, Any]], order: np.ndarray, k: int,
-                 needs_caption: bool = False) -> tuple[Any, dict] | None:
+    def _decoded(self, raw: list[dict[str, Any]], order: np.ndarray, k: int) -> tuple[Any, dict] | None:
         """The ``k``-th sample of the shard's ``order``, or where it does not decode (or, with
         ``needs_caption``, has no alt-text) the next one that does (None where none does): the
         stream keeps its length, so positions still follow the tar headers."""
@@ -185,7 +184,7 @@ class ShardCorpus:
                 self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}")
                 continue
             captions = captions_of(text)
-            if needs_caption and not captions:  # CLIP passes over it with its image undecoded
+            if self.needs_caption and not captions:  # CLIP passes over it with its image undecoded
                 self._passed_over(candidate.get("__url__"), candidate.get("__key__"), NO_ALT_TEXT)
                 continue
             try:
@@ -205,7 +204,7 @@ class ShardCorpus:
         for other in mine[at + 1:] + mine[:at]:
             raw = list(shard_samples(self.shards[other]))
             order = np.random.default_rng([self.seed, epoch, other]).permutation(len(raw))
-            sample = self._decoded(raw, order, 0, self.needs_caption) if raw else None
+            sample = self._decoded(raw, order, 0) if raw else None
             if sample is not None:  # its samples are recorded one by one, as the in-memory corpus counts them
                 warnings.warn(f"webssl_repro.data.stream_corpus: {self.shards[index]}: none of its {places} "
                               f"samples decodes; their places are filled with {sample[1]['id']} of "
