@@ -22,6 +22,12 @@ def test_rmse_hand_case():
     expected = (math.sqrt(5 / 3) + math.sqrt(12.5)) / 2
     assert rmse(pred, target, valid) == pytest.approx(expected)
 
+    # a pixel without depth (NaN or inf, outside the mask) is left out, not turned into NaN
+    holes = target.clone()
+    holes[0, 1, 1], holes[1, 1, 0] = float("nan"), float("inf")
+    inside = (holes > 0) & (holes < 10)
+    assert rmse(pred, holes, inside) == pytest.approx(expected)
+
 
 def test_lin4_blocks():
     assert lin4_blocks(40) == [9, 19, 29, 39]   # DINOv2 ViT-g {10, 20, 30, 40}

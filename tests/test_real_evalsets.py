@@ -59,6 +59,12 @@ def test_a_depth_copy_in_millimetres_is_refused_by_dataset_and_row(depth_map, sh
             records[0]  # integer maps are refused whatever their values
     else:
         assert records[0]["depth"].max() == 1.0
+        holes = np.array([[1.5, np.nan], [np.inf, 2500.0]], dtype=np.float32)  # pixels without depth: not a unit
+        rows = [{"image": _img(1), "depth_map": holes[:1]}, {"image": _img(1), "depth_map": holes}]
+        records = load_hf_split(build_hf_manifest("depth", {"dataset": "org/nyu"}), "val", rows)
+        assert np.isnan(records[0]["depth"]).sum() == 1 and np.nanmax(records[0]["depth"]) == 1.5
+        with pytest.raises(ValueError, match=rf"row 1: depth_map is {shown}: "):
+            records[1]
 
 
 def test_paper_scale_evalset_rule_writes_a_dataset_manifest(tmp_path):

@@ -367,7 +367,8 @@ class RMSE:
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and valid_mask "
                              f"{tuple(valid_mask.shape)} must match")
         b = pred.shape[0]
-        err = ((pred.double() - target.double()) ** 2 * valid_mask).reshape(b, -1).sum(1)
+        # selected, not multiplied by the mask: a pixel without depth (NaN or inf, outside the mask) stays out
+        err = torch.where(valid_mask.bool(), (pred.double() - target.double()) ** 2, 0.0).reshape(b, -1).sum(1)
         n = valid_mask.reshape(b, -1).sum(1).double()
         keep = n > 0
         self.per_image.append(torch.sqrt(err[keep] / n[keep]).cpu())
