@@ -115,11 +115,13 @@ def _mini_probe_config() -> dict:
             "stage1": {**section["stage1"], "max_steps": 2}, "stage2": {**section["stage2"], "max_steps": 3}}
 
 
-def test_mini_vqa_as_two_jobs_equals_one(tiny_data, tmp_path):  # noqa: F811
+def test_mini_vqa_as_two_jobs_equals_one(tiny_data, tmp_path, capsys):  # noqa: F811
     """The mini path of the two jobs: the probe job saves the tiny LM's tokenizer with the
     weights, the answer job reads it and the feature cache the probe job wrote (not recomputed),
-    and scores what one process training and answering scores."""
+    and scores what one process training and answering scores; with another encoder it refuses."""
     from webssl_repro.cli import main
+    from webssl_repro.evaluate.features import encoder_fingerprint
+    from webssl_repro.models.io import load_encoder
 
     encoder = save_tiny_encoder(tmp_path / "encoder.safetensors")
     cfg = _mini_probe_config()
@@ -144,6 +146,13 @@ def test_mini_vqa_as_two_jobs_equals_one(tiny_data, tmp_path):  # noqa: F811
     steps = [[s[k] for k in ("stage", "steps", "final_loss")] for s in whole["details"]["training"]]
     assert [[s[k] for k in ("stage", "steps", "final_loss")] for s in split["details"]["training"]] == steps
     assert [s[:2] for s in steps] == [[1, 2], [2, 3]]
+    # the run pretrained again: its probe, trained on the old encoder's tokens, is refused by name
+    assert json.loads((probe / "probe.json").read_text())["encoder"] == encoder_fingerprint(load_encoder(encoder)[0])
+    encoder = save_tiny_encoder(tmp_path / "encoder.safetensors", depth=2)
+    capsys.readouterr()
+    assert evaluate("vqa", two, "--probe", str(probe)) == 2
+    assert "vqa_probe/probe.json: the probe was trained on the tokens of another encoder" in capsys.readouterr().err
+    assert json.loads(two.read_text())["metrics"] == whole["metrics"]  # the last result is kept
 
 
 def test_a_saved_probe_loads_into_another_init_exactly(tokenizer, tmp_path):  # noqa: F811

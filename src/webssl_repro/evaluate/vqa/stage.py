@@ -220,13 +220,16 @@ def train_vqa_probe(encoder, meta: Mapping[str, Any], manifests: Mapping[str, st
                     progress: Optional[EvalProgress] = None) -> dict[str, Any]:
     """Train one encoder's VQA probe (stage 1, stage 2) and save it in ``out``
     (``vqa.trained``); returns its record. ``progress`` keeps each stage as a part."""
+    from webssl_repro.evaluate.features import encoder_fingerprint
     from webssl_repro.evaluate.vqa.probe import fit_probe
     from webssl_repro.evaluate.vqa.trained import probe_hash, save_probe
 
+    fingerprint = encoder_fingerprint(encoder)
     inputs = vqa_inputs(encoder, meta, manifests, cfg, workdir, part="train")
     probe = _probe(inputs, inputs.tokenizer)
     _, training = fit_probe(inputs.config, probe, inputs.features, inputs.alignment, inputs.instruction, progress)
-    record = {"run": run, "config_hash": probe_hash(cfg), "training": training, "data": inputs.counts}
+    record = {"run": run, "config_hash": probe_hash(cfg), "encoder": fingerprint, "training": training,
+              "data": inputs.counts}
     if progress is not None:  # 32 GB to write at paper scale: not in the job's last minutes (both stages are saved)
         progress.stop_point("saving the trained probe")
     save_probe(out, probe, record, tokenizer=inputs.tokenizer if inputs.config.language_model == "tiny" else None)
@@ -239,11 +242,13 @@ def answer_vqa(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | P
     """The VQA metrics of one encoder, answered by its probe trained in ``probe_dir``
     (``train_vqa_probe``, with the same configuration but for ``config.ANSWER_KEYS``; of ``run``,
     where given). ``progress`` keeps each benchmark's answers as a part."""
+    from webssl_repro.evaluate.features import encoder_fingerprint
     from webssl_repro.evaluate.vqa.distributed import parallelize
     from webssl_repro.evaluate.vqa.probe import answer_benchmarks
-    from webssl_repro.evaluate.vqa.trained import load_probe, load_tokenizer_of, read_record
+    from webssl_repro.evaluate.vqa.trained import check_encoder, load_probe, load_tokenizer_of, read_record
 
     record = read_record(probe_dir, cfg, run=run)  # before the data and the LM load
+    check_encoder(probe_dir, record, encoder_fingerprint(encoder))
     inputs = vqa_inputs(encoder, meta, manifests, cfg, workdir, part="test")
     tiny = inputs.config.language_model == "tiny"
     probe = _probe(inputs, load_tokenizer_of(probe_dir) if tiny else None)

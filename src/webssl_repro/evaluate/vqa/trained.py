@@ -12,8 +12,9 @@ not the training. The folder holds:
 * ``tokenizer/``: the word-level tokenizer a ``tiny`` LM was built with (mini), which depends on
   the training texts; a hub LM's tokenizer is its own.
 * ``probe.json``, written last: the run, the hash of the configuration it was trained with
-  (``config.probe_section``), each stage's log and the training data's counts. The answer job
-  refuses a probe whose hash is not that of its own configuration.
+  (``config.probe_section``), the fingerprint of the encoder whose tokens it was trained on,
+  each stage's log and the training data's counts. The answer job refuses a probe whose hash is
+  not that of its own configuration, or which another encoder trained (a run pretrained again).
 """
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def read_record(directory: str | Path, section: Mapping[str, Any], run: Optional
                          f"settings and {', '.join(_answer_keys())}): train it again (the vqa_probe rule) or "
                          "answer with the configuration it was trained with")
     return record
+
+
+def check_encoder(directory: str | Path, record: Mapping[str, Any], fingerprint: str) -> None:
+    """Refuse a probe trained on another encoder's tokens (``features.encoder_fingerprint``): the
+    run pretrained again, or another run's probe copied under this run's name. A record written
+    before fingerprints were kept has none and is taken as it is."""
+    trained_on = record.get("encoder")
+    if trained_on is not None and trained_on != fingerprint:
+        raise ValueError(f"{Path(directory) / RECORD}: the probe was trained on the tokens of another encoder "
+                         f"(fingerprint {trained_on[:12]}, this job's {fingerprint[:12]}): the run was pretrained "
+                         "again since; train its probe again (the vqa_probe rule)")
 
 
 def _answer_keys() -> list[str]:
