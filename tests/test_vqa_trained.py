@@ -219,3 +219,39 @@ def test_a_probe_job_stopped_before_its_save_resumes_without_training(tiny_data,
                              progress=retry)
     assert seen == [] and (tmp_path / "probe" / "probe.json").is_file()
     assert [s["final_loss"] for s in record["training"]] == [s["final_loss"] for s in whole["training"]]
+
+
+def test_a_probe_job_failing_in_its_teardown_keeps_its_state(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """A job that fails after writing its output (e.g. a rank's process group teardown) loses
+    that output to Snakemake: its state is discarded only after the teardown, so the retry saves
+    the trained probe again without training a step."""
+    import shutil
+
+    from webssl_repro.cli import main
+    from webssl_repro.evaluate.vqa import probe as probe_module
+    from webssl_repro.train import distributed
+
+    cfg, probe = _mini_probe_config(), tmp_path / "evals" / "r" / "vqa_probe"
+    args = ["evaluate", "vqa_probe", "--run", "r", "--encoder", str(save_tiny_encoder(tmp_path / "encoder.safetensors")),
+            "--eval-json", json.dumps(cfg), "--data", tiny_data["vqa"], tiny_data["shards"], "--out", str(probe),
+            "--attempt", "1"]
+
+    def teardown_fails() -> None:
+        raise RuntimeError("a rank died in destroy_process_group")
+
+    with monkeypatch.context() as m:
+        m.setattr(distributed, "shutdown", teardown_fails)
+        with pytest.raises(RuntimeError, match="destroy_process_group"):
+            main(args)
+    first = json.loads((probe / "probe.json").read_text())
+    state = tmp_path / "eval_state" / "evals" / "r" / "vqa_probe"
+    assert (state / "stage2.json").is_file()  # both stages saved
+    shutil.rmtree(probe)  # what Snakemake does with a failed job's output
+    steps = []
+    monkeypatch.setattr(probe_module, "backward_global_batch", lambda *a, **k: steps.append(1))
+    assert main([*args[:-1], "2"]) == 0
+    again = json.loads((probe / "probe.json").read_text())
+    assert steps == [] and again["encoder"] == first["encoder"]
+    losses = [[s[k] for k in ("stage", "steps", "final_loss")] for s in first["training"]]
+    assert [[s[k] for k in ("stage", "steps", "final_loss")] for s in again["training"]] == losses
+    assert not state.exists()

@@ -105,13 +105,13 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         with progress:
             metrics = _evaluate_metrics(args, cfg, progress, *inputs)
-        if is_main():  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
+        main = is_main()  # a torchrun-launched vqa probe (evaluate.vqa.strategy) writes on rank 0 only
+        if main:
             if args.kind == "vqa_probe":  # the trained probe and its record are written (vqa.trained)
                 print(json.dumps(metrics["training"], sort_keys=True))
             else:
                 write_eval(Path(args.out), args.run, args.kind, metrics, computed)
                 print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
-            progress.discard()
     except Preempted as err:
         record("preempted")
         print(f"evaluate {args.kind} {args.run}: {err}; exiting for a retry", file=sys.stderr)
@@ -121,6 +121,10 @@ def evaluate(args: argparse.Namespace) -> int:
         record("failed", err)
         raise
     shutdown()
+    # after the group is down: a job that fails in its teardown loses its output to Snakemake, and
+    # its retry resumes from the state (a trained probe is saved again without training a step)
+    if main:
+        progress.discard()
     return 0
 
 
