@@ -96,6 +96,8 @@ workflow.get_rule("pretrain_multinode").docstring = (
 # beforehand where compute nodes have no internet.
 rule import_released:
     """A released checkpoint imported as a run's encoder, in place of training it."""
+    input:
+        lambda w: PLAN.import_inputs(w.run),
     output:
         encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",
         provenance=f"{RESULTS}/runs/{{run}}/provenance.json",

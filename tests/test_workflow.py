@@ -235,14 +235,20 @@ def test_seeds_repeat_every_run_and_feed_the_items(workflow_dir):
 
 def test_released_run_source_replaces_training(workflow_dir):
     config = yaml.safe_load((REPO / "config/paper.yaml").read_text())
+    local = workflow_dir / "ckpt" / "dino2b-heavy"
     config["pretrain"]["run_sources"] = {
-        "dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224", "path": "/ckpt/dino2b-heavy"}}
+        "dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224", "path": str(local)}}
     (workflow_dir / "released.yaml").write_text(yaml.safe_dump(config))
+    # the local copy is the import's input: a path that is not there stops the dry run, naming it
+    proc = snakemake(workflow_dir, "-n", "-p", "all", "--configfile", "released.yaml")
+    assert proc.returncode != 0 and re.search(rf"Missing input files for rule import_released:.*{local}",
+                                              proc.stdout + proc.stderr, re.S), proc.stdout[-2000:]
+    local.mkdir(parents=True)  # an HF directory
     proc = snakemake(workflow_dir, "-n", "-p", "all", "--configfile", "released.yaml")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert re.search(r"import_released\s+1\b", out) and re.search(r"pretrain_multinode\s+29\b", out)
-    assert "--checkpoint facebook/webssl-dino2b-heavy2b-224 --path /ckpt/dino2b-heavy" in out
+    assert f"--checkpoint facebook/webssl-dino2b-heavy2b-224 --path {local}" in out
     config["pretrain"]["run_sources"] = {"dino2b-heavy2b-224": {"path": "/x"}}
     (workflow_dir / "bad.yaml").write_text(yaml.safe_dump(config))
     proc = snakemake(workflow_dir, "-n", "all", "--configfile", "bad.yaml")

@@ -74,7 +74,10 @@ def test_a_release_outside_the_grid_is_imported_for_the_evaluations_asked_of_it(
     `all` neither builds nor counts it."""
     cfg = copy.deepcopy(paper)
     extra = ("dino300m-light2b-224", "mae700m-full2b-224")
-    cfg["pretrain"]["run_sources"] = {r: {"checkpoint": f"facebook/webssl-{r}", "path": f"/ckpt/{r}"} for r in extra}
+    cfg["pretrain"]["run_sources"] = {r: {"checkpoint": f"facebook/webssl-{r}", "path": str(workflow_dir / f"{r}.pth")}
+                                      for r in extra}
+    for r in extra:
+        (workflow_dir / f"{r}.pth").write_bytes(b"")  # the import's input (only the dry run reads it)
     plan, base = Plan(cfg), Plan(paper)
     assert set(plan.runs) - set(base.runs) == set(extra) and plan.item_runs == base.item_runs
     assert plan.cost_line() == base.cost_line()

@@ -257,7 +257,8 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
                                              "requeued on preemption")
     p.add_argument("--run", required=True, help="a run name, e.g. dino7b-full8b-224")
     p.add_argument("--configfile", nargs="+", default=[Path("config/paper.yaml")], type=Path,
-                   help="one or more config files, each merged over the ones before it (as snakemake's)")
+                   help="one or more config files, each merged over the ones before it (as snakemake's; "
+                        "default: config/paper.yaml, the scale SLURM launches)")
     p.add_argument("--executor", choices=EXECUTORS, default="slurm",
                    help="slurm (default): sbatch; local: a subprocess here; debug: in this process")
     p.add_argument("--folder", default="logs/submitit",

@@ -46,6 +46,12 @@ class PretrainJobs:
         return {"mem_mb": min(mem_mb, int(res["mem_mb_per_node"])), "cpus_per_task": int(res["cpus_per_gpu"]),
                 "runtime": 120}
 
+    def import_inputs(self, run_id: str) -> list[str]:
+        """A released checkpoint's local copy (``run_sources.<run>.path``) as the import's input: a
+        missing one stops the dry run, not a queued job, and a replaced one imports the run again."""
+        path = self.run_sources[split_seed(run_id, self.seeds[0])[0]].get("path")
+        return [str(path)] if path else []
+
     def import_command(self, run_id: str) -> str:
         run = split_seed(run_id, self.seeds[0])[0]
         source = self.run_sources[run]
