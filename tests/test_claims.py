@@ -94,6 +94,14 @@ def test_every_claim_has_a_case():
     assert set(CASES) == set(C.CLAIM_IDS)
 
 
+def test_the_report_lists_every_threshold_a_claim_is_judged_against():
+    from webssl_repro.paper.check import thresholds
+
+    listed = {value for _, value, _ in thresholds()}
+    used = {abs(c.threshold) for claim in C.CLAIMS for c in claim.conditions}
+    assert used <= listed, sorted(used - listed)
+
+
 @pytest.mark.parametrize("claim_id", sorted(CASES))
 def test_claim_holds_and_fails_on_hand_made_numbers(claim_id):
     claim = C.get_claim(claim_id)

@@ -219,6 +219,8 @@ def thresholds() -> list[tuple[str, float, str]]:
         ("MIN_OCR_GAIN", c.MIN_OCR_GAIN, "OCR & Chart points a text filter must add"),
         ("MAX_MEAN_LOSS", c.MAX_MEAN_LOSS, "mean points the other three categories may lose to a filter"),
         ("MIN_REL_SLOPE", c.MIN_REL_SLOPE, "alignment gain per doubling, as a fraction of the mean score"),
+        ("MIN_REL_LOSS", c.MIN_REL_LOSS, "fraction of its first value a classic dense probe must lose, in its "
+                                         "direction, for 'degrades'"),
         ("MIN_PROBE_GAIN", MIN_PROBE_GAIN, "VQA Average points raw-pixel tokens must score above zeros for the "
                                            "VQA claims to be measurable (where evaluate.vqa.controls runs them)"),
     ]
