@@ -14,7 +14,11 @@ def _ids(result_json):
                                                  rank=0, world_size=1)]
 
 
-def test_workers_keep_what_one_process_keeps_and_count_every_readers_skips(tmp_path):
+def test_workers_keep_what_one_process_keeps_and_count_every_readers_skips(tmp_path, monkeypatch):
+    """Also where Python starts workers by forkserver (Linux's default from 3.14): the collate
+    holds the OCR backend's ONNX session, which cannot be pickled, so the workers are forked."""
+    import multiprocessing
+
     man = str(tmp_path / "shards" / "manifest.json")
     build_corpus({"n_images": 12, "shard_size": 4, "seed": 3,
                   "kinds": {"objects": 0.4, "text_scene": 0.3, "chart": 0.3}}, man)
@@ -24,6 +28,7 @@ def test_workers_keep_what_one_process_keeps_and_count_every_readers_skips(tmp_p
     with pytest.warns(RuntimeWarning, match="skipping broken shard"):
         one = filter_corpus("heavy", {"backend": "ocr"}, shards, str(tmp_path / "one" / "heavy.json"))
     # the junk shard is read in a worker process: its count reaches the result all the same
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "forkserver")
     two = filter_corpus("heavy", {"backend": "ocr", "workers": 2}, shards, str(tmp_path / "two" / "heavy.json"))
     assert (two["n"], two["broken_shards"], two["skipped_samples"]) == (one["n"], one["broken_shards"], 0) == (12, 1, 0)
     for key in ("n_kept", "tp", "fp", "fn"):

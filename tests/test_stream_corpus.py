@@ -171,14 +171,14 @@ def test_remote_shards_stream_filter_and_list(tmp_path, shards):
     remote_ids = [m["id"] for _, m in take(ShardCorpus(remote, seed=2).reader_stream(0, 1), 10)]
     assert remote_ids == local_ids
     keys = [s["__key__"] for s in shard_samples(shards[1], with_data=False)]
-    kept = kept_shards(remote, [(remote[1], keys[1]), (remote[1], keys[3])], str(tmp_path / "kept"))
+    kept = kept_shards(remote, [(remote[1], keys[1], 1), (remote[1], keys[3], 3)], str(tmp_path / "kept"))
     assert kept == [str(tmp_path / "kept" / "00001.tar")]
     assert [s["__key__"] for s in shard_samples(kept[0])] == [keys[1], keys[3]]
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"shards": [remote[0], "rel.tar", "s3://b/x.tar"]}))
     assert read_manifest(manifest)["shards"] == [remote[0], str(tmp_path / "rel.tar"), "s3://b/x.tar"]
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="copied 0 of its 1 kept samples"):
-        kept_shards(["pipe:cat /nowhere.tar"], [("pipe:cat /nowhere.tar", "k")], str(tmp_path / "gone"))
+        kept_shards(["pipe:cat /nowhere.tar"], [("pipe:cat /nowhere.tar", "k", 0)], str(tmp_path / "gone"))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])

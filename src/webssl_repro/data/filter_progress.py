@@ -93,7 +93,7 @@ def join_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     n = sum(len(r["ids"]) for r in results)
     return {
         "ids": [i for r in results for i in r["ids"]],
-        "sources": [tuple(s) for r in results for s in r["sources"]],  # JSON made the pairs lists
+        "sources": [tuple(s) for r in results for s in r["sources"]],  # JSON made the triples lists
         "decisions": {v: [d for r in results for d in r["decisions"][v]] for v in variants},
         "truth": None if any(t is None for t in truths) else {v: [x for t in truths for x in t[v]] for v in variants},
         "seconds": seconds, "cpu_seconds": sum(float(r["cpu_seconds"]) for r in results),

@@ -72,11 +72,11 @@ class TextFilter(abc.ABC):
 @dataclasses.dataclass
 class FilterBatch:
     """A loader batch as ``run_filter`` takes it: each sample's id, where it is stored (shard,
-    key), its ground truth where the metadata has it, the backend's ``encode``d images, and
+    key, position in the shard), its ground truth where the metadata has it, the backend's ``encode``d images, and
     the final counts of any reader that ended in this batch (``shards.STATS_KEY`` items)."""
 
     ids: list[str]
-    sources: list[tuple[str, str]]
+    sources: list[tuple[str, str, int]]
     truth: dict[str, list[bool]] | None
     encoded: Any
     reader_stats: list[dict[str, Any]]
@@ -91,7 +91,7 @@ def filter_batch(flt: TextFilter, variants: Sequence[str], samples: Sequence[Map
     known = all(TRUTH_KEYS[v] in m for v in variants for m in metas)
     return FilterBatch(
         ids=[sample_id(s) for s in samples],
-        sources=[(str(s.get("__url__")), str(s.get("__key__"))) for s in samples],
+        sources=[(str(s.get("__url__")), str(s.get("__key__")), int(s.get("__index__", 0))) for s in samples],
         truth={v: [bool(m[TRUTH_KEYS[v]]) for m in metas] for v in variants} if known else None,
         encoded=flt.encode([flt.prepare(s) for s in samples], variants) if samples else None,
         reader_stats=stats)
@@ -250,7 +250,7 @@ def run_filter_batches(flt: TextFilter, batches: Iterable[FilterBatch],
     ``loader_stats`` the summed counts of the readers that reported theirs (``STATS_KEY``)."""
     _check_variants(variants)
     ids: list[str] = []
-    sources: list[tuple[str, str]] = []  # (shard, webdataset key): where a kept sample is copied from
+    sources: list[tuple[str, str, int]] = []  # (shard, key, position): where a kept sample is copied from
     truth: dict[str, list[bool]] | None = {v: [] for v in variants}
     decisions: dict[str, list[bool]] = {v: [] for v in variants}
     readers: list[dict[str, Any]] = []

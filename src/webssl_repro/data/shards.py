@@ -65,11 +65,34 @@ def _warn_broken(url: str, exn: BaseException) -> None:
                   "whole sample", RuntimeWarning, stacklevel=3)
 
 
+def _sample_members(tf) -> Iterator[tuple[int, str, str, Any]]:
+    """``(index, key, suffix, member)`` of each tar member that belongs to a sample, with the
+    sample's position in the tar: webdataset's grouping (OpenCLIP's ``group_by_keys_nothrow``).
+    A new key starts a sample; so does a suffix the sample already has (a tar that repeats a
+    key), which would otherwise overwrite the earlier sample's member. One rule for reading a
+    shard and for copying the samples a filter kept out of it (``write_selected_shard``)."""
+    from webdataset.tariterators import base_plus_ext
+
+    index, current, suffixes = -1, None, set()
+    for member in tf:
+        if not member.isreg():
+            continue
+        key, suffix = base_plus_ext(member.name)
+        if key is None or os.path.basename(member.name).startswith("__"):
+            continue
+        suffix = suffix.lower()
+        if key != current or suffix in suffixes:
+            index, current, suffixes = index + 1, key, set()
+        suffixes.add(suffix)
+        yield index, key, suffix, member
+
+
 def shard_samples(url: str, with_data: bool = True,
                   on_broken: Callable[[str, BaseException], None] = _warn_broken) -> Iterator[dict[str, Any]]:
-    """The samples of one tar, members grouped by key as webdataset groups them; members'
-    bytes only ``with_data`` (else each value is None: counting a local shard reads its headers
-    alone, and counts what reading it yields).
+    """The samples of one tar, members grouped by key as webdataset groups them, each with its
+    position in the tar (``__index__``: a repeated key is two samples); members' bytes only
+    ``with_data`` (else each value is None: counting a local shard reads its headers alone, and
+    counts what reading it yields).
 
     A truncated or unreadable shard ends at its last whole sample and is reported once to
     ``on_broken``. A local tar cut at a member boundary reads as a whole shorter tar but lacks
@@ -78,8 +101,6 @@ def shard_samples(url: str, with_data: bool = True,
     so: a remote shard cut at a member boundary reads as whole, as webdataset reads it."""
     import tarfile
 
-    from webdataset.tariterators import base_plus_ext
-
     sample: dict[str, Any] = {}
     try:
         if is_local(url) and not is_compressed(url):  # seekable: counting reads the headers alone
@@ -87,22 +108,15 @@ def shard_samples(url: str, with_data: bool = True,
         else:  # a stream, as webdataset reads it: a compressed local shard too
             tf, size = open_shard(url), None
         with tf:
-            for member in tf:
-                if not member.isreg():
-                    continue
-                key, suffix = base_plus_ext(member.name)
-                if key is None or os.path.basename(member.name).startswith("__"):
-                    continue
-                # a new key starts a sample; so does a suffix the sample already has (a tar
-                # that repeats a key), which would otherwise overwrite the earlier sample's member
-                if sample and (key != sample["__key__"] or suffix.lower() in sample):
+            for index, key, suffix, member in _sample_members(tf):
+                if sample and sample["__index__"] != index:
                     yield sample
                     sample = {}
                 if size is not None and member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
                 if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[suffix.lower()] = tf.extractfile(member).read() if with_data else None
+                    sample = {"__key__": key, "__url__": url, "__index__": index}
+                sample[suffix] = tf.extractfile(member).read() if with_data else None
             if size is not None and not _ends_archive(tf):
                 raise tarfile.ReadError(f"no end-of-archive block after {sample.get('__key__', 'its last member')}: "
                                         "cut off at a member boundary")
@@ -171,38 +185,35 @@ def write_shard(out_path: str, seed: int, start: int, count: int, cfg: MiniWebCo
     return {"path": out_path, "seed": seed, "start": start, "count": count, "kinds": kinds, **flags}
 
 
-def write_selected_shard(src: str | Sequence[str], keep_keys: Iterable[str], out_path: str) -> dict[str, Any]:
-    """Copy the members of the kept samples (webdataset ``__key__``s), byte for byte and in
-    order, into one tar: the light / heavy corpora as shards of their own, as DataComp
-    reshards a filtered pool. Unreadable or truncated source tars contribute what can be read
-    and are counted."""
+def write_selected_shard(src: str, keep: Iterable[tuple[str, int]], out_path: str) -> dict[str, Any]:
+    """Copy the members of the kept samples of one tar (``(__key__, __index__)`` as
+    ``shard_samples`` reads them: a key the tar repeats names two samples), byte for byte and
+    in order, into one tar: the light / heavy corpora as shards of their own, as DataComp
+    reshards a filtered pool. An unreadable or truncated source tar contributes what can be
+    read and is counted."""
     import tarfile
 
-    from webdataset.tariterators import base_plus_ext
-
-    keep = set(keep_keys)
-    kept_keys: set[str] = set()
+    keep = {(str(key), int(index)) for key, index in keep}
+    copied: set[tuple[str, int]] = set()
     broken: list[str] = []
 
     def save(tmp) -> None:
         with tarfile.open(tmp, "w") as out:
-            for url in expand_sources(src):
-                try:
-                    with open_shard(url) as tf:
-                        for ti in tf:
-                            key = base_plus_ext(ti.name)[0]
-                            if ti.isreg() and key in keep:
-                                data = tf.extractfile(ti).read()
-                                new = tarfile.TarInfo(ti.name)
-                                new.size, new.mtime, new.mode = len(data), 0, 0o444
-                                out.addfile(new, io.BytesIO(data))
-                                kept_keys.add(key)
-                except (tarfile.TarError, OSError, EOFError) as exn:
-                    broken.append(url)
-                    warnings.warn(f"write_selected_shard: {url}: {exn}", RuntimeWarning)
+            try:
+                with open_shard(src) as tf:
+                    for index, key, _, member in _sample_members(tf):
+                        if (key, index) in keep:
+                            data = tf.extractfile(member).read()
+                            new = tarfile.TarInfo(member.name)
+                            new.size, new.mtime, new.mode = len(data), 0, 0o444
+                            out.addfile(new, io.BytesIO(data))
+                            copied.add((key, index))
+            except (tarfile.TarError, OSError, EOFError) as exn:
+                broken.append(src)
+                warnings.warn(f"write_selected_shard: {src}: {exn}", RuntimeWarning)
 
     atomic_save(out_path, save)
-    return {"path": out_path, "count": len(kept_keys), "broken_shards": len(broken)}
+    return {"path": out_path, "count": len(copied), "broken_shards": len(broken)}
 
 
 #: The key of the item a stream made with ``report_stats`` yields last, after its samples: the
@@ -339,7 +350,7 @@ def sample_id(sample: dict[str, Any]) -> str:
 def decode_text(raw: dict[str, Any]) -> dict[str, Any]:
     """A sample's ``meta`` (the json) and ``txt``, without its image: enough to read its
     id and alt-texts (``corpus.captions_of``) before paying for a decode."""
-    out = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"),
+    out = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"), "__index__": raw.get("__index__", 0),
            "meta": json.loads(raw["json"]) if "json" in raw else {"id": raw.get("__key__")}}
     if raw.get("txt"):  # an alt-text stored beside the image (img2dataset's caption column)
         out["txt"] = raw["txt"].decode("utf-8", errors="replace").strip()

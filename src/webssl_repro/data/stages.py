@@ -121,7 +121,8 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
                          f"(the corpus has {corpus_shards}): set parts to at most {corpus_shards}")
     # what decides a decision: a saved chunk of another setup is filtered again (how it runs is not)
     # (batches within shards: chunks saved before 5922236 batched across them, which a batched MLLM can tell)
-    setup = {"variant": variant, "backend": backend, "batches": "within-shards",
+    # (sources by position: chunks saved before it name a kept sample by key, which a shard may repeat)
+    setup = {"variant": variant, "backend": backend, "batches": "within-shards", "sources": "key-and-position",
              **{k: v for k, v in opts.items() if k not in ("threads", "cache_path")}}
     if backend == "ocr":
         suffix = f".part{part}" if parts > 1 else ""
@@ -157,14 +158,14 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     return out
 
 
-def kept_shards(shards: Sequence[str], kept: Sequence[tuple[str, str]], out_dir: str) -> list[str]:
-    """The kept (shard, key) samples copied, in corpus order, into one tar per source shard
-    that keeps any (``out_dir``/00000.tar, ...); returns their paths."""
+def kept_shards(shards: Sequence[str], kept: Sequence[tuple[str, str, int]], out_dir: str) -> list[str]:
+    """The kept (shard, key, position in the shard) samples copied, in corpus order, into one tar
+    per source shard that keeps any (``out_dir``/00000.tar, ...); returns their paths."""
     from webssl_repro.data.shards import write_selected_shard
 
-    by_shard: dict[str, list[str]] = {}
-    for url, key in kept:
-        by_shard.setdefault(url, []).append(key)
+    by_shard: dict[str, list[tuple[str, int]]] = {}
+    for url, key, index in kept:
+        by_shard.setdefault(url, []).append((key, index))
     if os.path.isdir(out_dir):  # a rerun replaces the kept shards of the last one
         for old in os.listdir(out_dir):
             if old.endswith(".tar"):

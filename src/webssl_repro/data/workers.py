@@ -86,13 +86,20 @@ def _kill_workers_left() -> None:
 
 
 class JobDataLoader(DataLoader):
-    """A ``DataLoader`` whose workers leave the job's preemption signals to its process."""
+    """A ``DataLoader`` whose workers leave the job's preemption signals to its process.
+
+    They are forked wherever the platform can fork, whatever Python's default, unless
+    ``multiprocessing_context`` says otherwise: the batch pipelines are closures
+    (``train.run.build``) and the filters' collates hold their backend (an ONNX session, an
+    MLLM), which spawn and forkserver (the Linux default from Python 3.14) cannot pickle; and a
+    fork shares an in-memory corpus instead of pickling it into every worker."""
 
     def __init__(self, *args: Any, worker_init_fn: Optional[Callable[[int], None]] = None,
                  multiprocessing_context: Optional[str] = None, **kwargs: Any) -> None:
         workers = {}
         if kwargs.get("num_workers", 0):  # torch refuses a context without workers
-            method = multiprocessing_context or multiprocessing.get_start_method()
+            fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            method = multiprocessing_context or fork or multiprocessing.get_start_method()
             workers = {"worker_init_fn": functools.partial(ignore_preemption, worker_init_fn),
                        "multiprocessing_context": _CONTEXTS[method]()}
         super().__init__(*args, **workers, **kwargs)
@@ -103,14 +110,9 @@ def worker_batches(dataset: Any, workers: int, seed: int) -> Any:
     worker-aware ``dataset`` lets worker ``i`` of ``n`` make every ``n``-th batch from the
     ``i``-th, and the loader polls workers in turn, so the order is that of one process. The
     workers' base seed comes from a generator of ``seed``: drawing it from the global one
-    would shift the trainer's random stream (drop path) at every resume.
-
-    The workers are forked wherever the platform can fork, whatever Python's default: the
-    batch pipelines are closures (``train.run.build``) that spawn and forkserver (the Linux
-    default from Python 3.14) cannot pickle, and a fork shares an in-memory corpus instead of
-    pickling it into every worker."""
+    would shift the trainer's random stream (drop path) at every resume. The workers are
+    forked where the platform can (``JobDataLoader``)."""
     if workers == 0:
         return iter(dataset)
-    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=start,
+    return iter(JobDataLoader(dataset, batch_size=None, num_workers=workers,
                               generator=torch.Generator().manual_seed(seed)))
