@@ -69,13 +69,14 @@ def _depth(row: Mapping[str, Any]) -> dict[str, Any]:
     the BTS / DINOv2 files holds millimetres in 16-bit PNGs: read as metres, nearly every pixel
     would fall outside the depth bins and the probe would be scored on almost nothing."""
     depth = _array(row["depth_map"])
-    # NaN / inf mark pixels without depth in some copies: left to the probe's mask, not read as a unit
+    # NaN / inf mark pixels without depth in some copies: not read as a unit, and made 0 below,
+    # NYUd's own "no depth", which the probe's masks leave out (an inf would pass ``target > 0``)
     deepest = float(depth[np.isfinite(depth)].max(initial=0.0))
     if not np.issubdtype(depth.dtype, np.floating) or deepest > MAX_METRES:
         raise ValueError(f"depth_map is {depth.dtype} with values up to {deepest:g}: expected "
                          f"float metres (at most {MAX_METRES:g}); a copy storing millimetres (BTS / DINOv2 16-bit "
                          "PNGs) needs them divided by 1000 when it is made")
-    return {"image": _image(row["image"]), "depth": depth.astype(np.float32)}
+    return {"image": _image(row["image"]), "depth": np.where(np.isfinite(depth), depth, 0).astype(np.float32)}
 
 
 def _captions(row: Mapping[str, Any]) -> dict[str, Any]:
