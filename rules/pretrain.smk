@@ -97,6 +97,7 @@ workflow.get_rule("pretrain_multinode").docstring = (
 rule import_released:
     """A released checkpoint imported as a run's encoder, in place of training it."""
     input:
+        # none tracked: a local copy that is not there is refused by its config key
         lambda w: PLAN.import_inputs(w.run),
     output:
         encoder=f"{RESULTS}/runs/{{run}}/encoder.safetensors",

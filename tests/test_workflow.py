@@ -239,10 +239,10 @@ def test_released_run_source_replaces_training(workflow_dir):
     config["pretrain"]["run_sources"] = {
         "dino2b-heavy2b-224": {"checkpoint": "facebook/webssl-dino2b-heavy2b-224", "path": str(local)}}
     (workflow_dir / "released.yaml").write_text(yaml.safe_dump(config))
-    # the local copy is the import's input: a path that is not there stops the dry run, naming it
+    # a local copy that is not there stops the dry run, by its key
     proc = snakemake(workflow_dir, "-n", "-p", "all", "--configfile", "released.yaml")
-    assert proc.returncode != 0 and re.search(rf"Missing input files for rule import_released:.*{local}",
-                                              proc.stdout + proc.stderr, re.S), proc.stdout[-2000:]
+    assert proc.returncode != 0 and re.search(rf"pretrain.run_sources.dino2b-heavy2b-224.path: {local} does not "
+                                              "exist", proc.stdout + proc.stderr), proc.stdout[-2000:]
     local.mkdir(parents=True)  # an HF directory
     proc = snakemake(workflow_dir, "-n", "-p", "all", "--configfile", "released.yaml")
     assert proc.returncode == 0, proc.stderr

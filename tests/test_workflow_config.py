@@ -77,7 +77,7 @@ def test_a_release_outside_the_grid_is_imported_for_the_evaluations_asked_of_it(
     cfg["pretrain"]["run_sources"] = {r: {"checkpoint": f"facebook/webssl-{r}", "path": str(workflow_dir / f"{r}.pth")}
                                       for r in extra}
     for r in extra:
-        (workflow_dir / f"{r}.pth").write_bytes(b"")  # the import's input (only the dry run reads it)
+        (workflow_dir / f"{r}.pth").write_bytes(b"")  # a local copy must be there (only the dry run looks)
     plan, base = Plan(cfg), Plan(paper)
     assert set(plan.runs) - set(base.runs) == set(extra) and plan.item_runs == base.item_runs
     assert plan.cost_line() == base.cost_line()
@@ -473,3 +473,22 @@ def test_a_number_yaml_reads_as_text_says_so(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate_config(cfg, "my.yaml")
     assert "YAML reads" not in str(err.value)
+
+
+def test_a_local_copy_to_import_must_be_there_until_the_run_is_imported(paper, tmp_path, monkeypatch):
+    """Refused by its key before a job is queued; once the run is imported, deleting the copy
+    stops nothing. No input is tracked: one added to the rule would rerun every imported run."""
+    monkeypatch.chdir(tmp_path)
+    run, local = "dino2b-heavy2b-224", tmp_path / "ckpt.pth"
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": f"facebook/webssl-{run}", "path": str(local)}}
+    plan = Plan(cfg)
+    with pytest.raises(FileNotFoundError, match=rf"pretrain.run_sources.{run}.path: {local} does not exist"):
+        plan.import_inputs(run)
+    local.write_bytes(b"")
+    assert plan.import_inputs(run) == []
+    local.unlink()
+    encoder = tmp_path / plan.run_dir(run) / "encoder.safetensors"
+    encoder.parent.mkdir(parents=True)
+    encoder.write_bytes(b"")
+    assert plan.import_inputs(run) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Mapping
 
@@ -47,10 +48,17 @@ class PretrainJobs:
                 "runtime": 120}
 
     def import_inputs(self, run_id: str) -> list[str]:
-        """A released checkpoint's local copy (``run_sources.<run>.path``) as the import's input: a
-        missing one stops the dry run, not a queued job, and a replaced one imports the run again."""
-        path = self.run_sources[split_seed(run_id, self.seeds[0])[0]].get("path")
-        return [str(path)] if path else []
+        """The import's inputs: none Snakemake tracks. A released checkpoint's local copy
+        (``run_sources.<run>.path``) that is not there is refused here, by its key, so that the
+        dry run stops and not a queued job, unless the run is imported already (a copy deleted
+        since is no reason to stop). Declared as an input, it would rerun every run imported
+        before it was one (Snakemake's ``input`` trigger), and all their evaluations."""
+        run = split_seed(run_id, self.seeds[0])[0]
+        path = self.run_sources[run].get("path")
+        if path and not os.path.exists(path) and not os.path.exists(f"{self.run_dir(run_id)}/encoder.safetensors"):
+            raise FileNotFoundError(f"pretrain.run_sources.{run}.path: {path} does not exist (a local copy of "
+                                    f"{self.run_sources[run].get('checkpoint')}: its HF directory or native .pth)")
+        return []
 
     def import_command(self, run_id: str) -> str:
         run = split_seed(run_id, self.seeds[0])[0]

@@ -234,7 +234,7 @@ def add_parsers(sub: Any) -> None:
                     help="vqa / vqa_probe / classic: where a job too long for its time limit keeps its progress "
                     "for a retry (evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} "
                     "for --out results/{scale}/evals/{run}/{kind}.json or .../{run}/vqa_probe, none for an --out "
-                    "elsewhere); removed once the output is written")
+                    "elsewhere); removed once the output is written and the process group is down")
     ev.add_argument("--attempt", type=int, default=None,
                     help="Snakemake's attempt number: recorded in the state's attempts.jsonl, and the job is "
                     "refused (exit 1) after attempts that failed without saving progress (train/attempts.py)")

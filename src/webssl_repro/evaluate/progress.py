@@ -336,7 +336,8 @@ class EvalProgress:
     # ------------------------------------------------------------ the end
 
     def discard(self) -> None:
-        """Remove the directory once the job's output holds everything (rank 0)."""
+        """Remove the directory once the job's output holds everything (rank 0; after the process
+        group is down every process counts as rank 0, so the caller keeps to the one that was)."""
         if self.directory is not None and is_main():
             shutil.rmtree(self.directory, ignore_errors=True)
 
