@@ -91,21 +91,20 @@ def test_vqa_and_classic_tars_round_trip(tmp_path):
     recs = load_evalset(s["path"])
     assert recs[2]["seg"].shape == (64, 64) and recs[2]["seg"].dtype == np.uint8
     # one image that does not decode: the set is refused, not scored without it
-    import io
-    import tarfile
+    from helpers_tar import rewrite_tar
 
-    bad = tmp_path / "seg-bad.tar"
-    with tarfile.open(s["path"]) as src, tarfile.open(bad, "w") as dst:
-        members = src.getmembers()
-        first_image = next(m.name for m in members if m.name.endswith((".jpg", ".png")))
-        for m in members:
-            data = src.extractfile(m).read()
-            data = b"not an image" if m.name == first_image else data
-            m.size = len(data)
-            dst.addfile(m, io.BytesIO(data))
+    images = []  # the first image's name, met first
+
+    def spoil_first_image(name: str, payload: bytes) -> bytes:
+        if name.endswith((".jpg", ".png")) and not images:
+            images.append(name)
+            return b"not an image"
+        return payload
+
+    bad = rewrite_tar(s["path"], tmp_path / "seg-bad.tar", spoil_first_image)
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match=r"seg-bad.tar: 1 sample\(s\) do not decode "
                                                                        r"and 0 shard\(s\) cannot be read"):
-        load_evalset(str(bad))
+        load_evalset(bad)
 
 
 # --- scorers: one hand-computed case per benchmark -----------------------------------------

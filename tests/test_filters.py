@@ -319,25 +319,17 @@ def test_a_shard_that_repeats_a_key_keeps_only_the_sample_the_filter_kept(tmp_pa
     """A tar repeating a key holds two samples (webdataset's grouping): the filter decides each,
     and its kept shard copies the one it kept, not both, so the light run trains on what the
     report counts. Stand-in MLLM: "Yes" for the blue image only."""
-    import io
-    import tarfile
-
     import numpy as np
 
+    from helpers_tar import png_bytes, write_tar
     from webssl_repro.data import filters
     from webssl_repro.data.corpus import IndexedCorpus, read_manifest
     from webssl_repro.data.shards import shard_samples
     from webssl_repro.data.stages import filter_corpus
 
-    shard = tmp_path / "dup.tar"
-    with tarfile.open(shard, "w") as tar:
-        for key, rgb in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("a", (0, 0, 255))):
-            png = io.BytesIO()
-            Image.new("RGB", (8, 8), rgb).save(png, format="PNG")
-            member = tarfile.TarInfo(f"{key}.png")
-            member.size = len(png.getvalue())
-            tar.addfile(member, io.BytesIO(png.getvalue()))
-    assert [(s["__key__"], s["__index__"]) for s in shard_samples(str(shard))] == [("a", 0), ("b", 1), ("a", 2)]
+    shard = write_tar(tmp_path / "dup.tar", [(f"{key}.png", png_bytes(rgb))
+                                             for key, rgb in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("a", (0, 0, 255)))])
+    assert [(s["__key__"], s["__index__"]) for s in shard_samples(shard)] == [("a", 0), ("b", 1), ("a", 2)]
 
     def yes_if_blue(images, prompt):
         return ["Yes" if image.getpixel((0, 0))[2] > 200 else "No" for image in images]

@@ -1,15 +1,14 @@
 """Mini-web generator and webdataset shards: determinism, proportions, ground truth, loading."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers_tar import png_bytes, write_tar
 from webssl_repro.data.miniweb import (
     OBJECT_CLASSES, SEG_ID, MiniWebConfig, generate, render, sample_spec,
 )
@@ -188,16 +187,9 @@ def test_resampling_reaches_the_budget(shard_dir):
 
 
 def _garbage_shard(path):
-    with tarfile.open(path, "w") as tf:
-        for key, payload in (("good", None), ("bad", b"this is not a png")):
-            if payload is None:
-                buf = io.BytesIO()
-                Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
-                payload = buf.getvalue()
-            for name, data in ((f"{key}.png", payload), (f"{key}.json", json.dumps({"id": key}).encode())):
-                ti = tarfile.TarInfo(name)
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
+    members = (("good", png_bytes((200, 10, 10))), ("bad", b"this is not a png"))
+    write_tar(path, [(f"{key}{ext}", data) for key, payload in members
+                     for ext, data in ((".png", payload), (".json", json.dumps({"id": key}).encode()))])
 
 
 def test_corrupt_and_truncated_shards_are_skipped_and_counted(shard_dir, tmp_path):

@@ -2,7 +2,6 @@
 with and without dataloader workers, broken data, and the alt-text formats CLIP reads."""
 from __future__ import annotations
 
-import io
 import json
 import signal
 import tarfile
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from helpers_corpus import collate_fn, sample_fn, same, shards, take  # noqa: F401  (fixture)
+from helpers_tar import png_bytes, rewrite_tar, write_tar
 from webssl_repro.data.corpus import IndexedCorpus, captions_of, pick_caption
 from webssl_repro.data.shards import shard_samples
 from webssl_repro.data.stream_corpus import ShardCorpus, count_samples
@@ -62,15 +62,9 @@ def test_broken_shard_and_undecodable_sample_keep_positions(tmp_path, shards):
     with pytest.warns(RuntimeWarning):
         assert 0 < n < 5 and n == len(list(shard_samples(str(truncated))))
     # a sample whose image does not decode is replaced by the next one of the shard's order
-    bad = tmp_path / "bad.tar"
-    with tarfile.open(shards[1]) as src, tarfile.open(bad, "w") as out:
-        for member in src:
-            payload = src.extractfile(member).read()
-            if member.name.endswith(".jpg") and member.name.startswith(src.getnames()[0].split(".")[0]):
-                payload = b"not a jpeg"
-            member.size = len(payload)
-            out.addfile(member, io.BytesIO(payload))
-    corpus = ShardCorpus([str(bad)], seed=0)
+    first = next(shard_samples(shards[1], with_data=False))["__key__"]
+    bad = _spoilt(shards[1], tmp_path / "bad.tar", {first})
+    corpus = ShardCorpus([bad], seed=0)
     with pytest.warns(RuntimeWarning, match="not identify|cannot identify|UnidentifiedImageError"):
         got = [meta["id"] for _, meta in take(corpus.reader_stream(0, 1), 5)]
     assert len(got) == 5 and len(set(got)) == 4  # five positions, one image shown twice
@@ -85,18 +79,9 @@ def test_alt_text_formats(tmp_path):
     picks = {pick_caption(("a", "b", "c"), 0, i) for i in range(40)}
     assert picks == {"a", "b", "c"} and pick_caption(("a", "b"), 5, 7) == pick_caption(("a", "b"), 5, 7)
     # a .txt member reaches the stream's captions
-    path = tmp_path / "txt.tar"
-    with tarfile.open(path, "w") as tf:
-        image = io.BytesIO()
-        from PIL import Image
-
-        Image.new("RGB", (8, 8), (10, 20, 30)).save(image, format="PNG")
-        for name, payload in (("s0.png", image.getvalue()), ("s0.txt", b"a plain caption\n"),
-                              ("s0.json", json.dumps({"url": "x"}).encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-    _, meta = next(ShardCorpus([str(path)]).reader_stream(0, 1))
+    path = write_tar(tmp_path / "txt.tar", [("s0.png", png_bytes((10, 20, 30))), ("s0.txt", b"a plain caption\n"),
+                                            ("s0.json", json.dumps({"url": "x"}).encode())])
+    _, meta = next(ShardCorpus([path]).reader_stream(0, 1))
     assert meta["captions"] == ("a plain caption",) and meta["id"] == "s0"
 
 
@@ -216,14 +201,11 @@ def test_a_run_records_what_its_corpus_skipped(tmp_path, shards, stream):
 
 def _rewritten(src: str, out, suffix: str, keys: set[str] | None, rewrite) -> str:
     """A copy of shard ``src`` whose ``suffix`` members of ``keys`` (all: None) hold ``rewrite(payload)``."""
-    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
-        for member in tin:
-            payload = tin.extractfile(member).read()
-            if member.name.endswith(suffix) and (keys is None or member.name.split(".")[0] in keys):
-                payload = rewrite(payload)
-            member.size = len(payload)
-            tout.addfile(member, io.BytesIO(payload))
-    return str(out)
+    def change(name: str, payload: bytes) -> bytes:
+        hit = name.endswith(suffix) and (keys is None or name.split(".")[0] in keys)
+        return rewrite(payload) if hit else payload
+
+    return rewrite_tar(src, out, change)
 
 
 def _spoilt(src: str, out, keys: set[str] | None = None) -> str:
@@ -394,6 +376,27 @@ def test_job_loader_workers_leave_signals_to_the_trainer_and_end_with_it(tmp_pat
     assert proc.returncode == 75, proc.stderr[-2000:]
 
 
+def test_a_repeated_key_passed_over_twice_counts_as_two_samples(tmp_path):
+    """A tar that repeats a key holds two samples: two of them that do not decode count as two
+    in the run's provenance, streamed as in memory (records name a sample by its tar position)."""
+    from webssl_repro.train.run import open_corpus
+
+    meta = {"id": "x", "caption": "a caption"}
+    shard = write_tar(tmp_path / "twice.tar", [
+        (name, payload) for key, image in (("a", b"not an image"), ("a", b"still not one"), ("b", png_bytes((9, 9, 9))))
+        for name, payload in ((f"{key}.png", image), (f"{key}.json", json.dumps({**meta, "id": key}).encode()))])
+    with pytest.warns(RuntimeWarning):
+        held = open_corpus([shard], 0, {})
+    streamed = ShardCorpus([shard], record_dir=tmp_path / "rec")
+    with pytest.warns(RuntimeWarning, match="sample a of"):
+        assert {m["id"] for _, m in take(streamed.reader_stream(0, 1), 6)} == {"b"}
+    assert held.stats.skipped_samples == streamed.stats.skipped_samples == 2
+    assert len(streamed.stats.errors) == 2
+    # a record written before positions were kept (url, key, why) still reads
+    (tmp_path / "rec" / "old.tsv").write_text(f"{shard}\tc\tOSError: gone\n")
+    assert streamed.stats.skipped_samples == 3
+
+
 def test_compressed_local_shards_and_repeated_keys_keep_every_sample(tmp_path, shards):
     """A local .tar.gz / .tar.bz2 / .tar.xz is read as the stream it is (it read as a broken
     shard of no sample); a tar that repeats a key yields each occurrence as a sample of its own,
@@ -410,14 +413,9 @@ def test_compressed_local_shards_and_repeated_keys_keep_every_sample(tmp_path, s
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # not reported as broken
             assert [(s["__key__"], s["jpg"]) for s in shard_samples(str(path))] == plain, name
-    twice = tmp_path / "twice.tar"
-    with tarfile.open(twice, "w") as tar:
-        for text in (b"first", b"second"):
-            for suffix, payload in (("jpg", text), ("txt", text)):
-                info = tarfile.TarInfo(f"a.{suffix}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    assert [(s["jpg"], s["txt"]) for s in shard_samples(str(twice))] == [(b"first", b"first"),
+    twice = write_tar(tmp_path / "twice.tar", [(f"a.{suffix}", text) for text in (b"first", b"second")
+                                               for suffix in ("jpg", "txt")])
+    assert [(s["jpg"], s["txt"]) for s in shard_samples(twice)] == [(b"first", b"first"),
                                                                          (b"second", b"second")]
 
 

@@ -58,22 +58,25 @@ NO_ALT_TEXT = "has no alt-text for CLIP"
 
 
 def _field(text: Any) -> str:
-    return " ".join(str(text).split())  # one line, no tabs: a record is ``url<TAB>key<TAB>why``
+    return " ".join(str(text).split())  # one line, no tabs: a record is ``url<TAB>key<TAB>position<TAB>why``
 
 
 def passed_over(record_dir: str | Path) -> tuple[LoaderStats, int]:
     """What the readers recorded in ``record_dir``: the distinct samples passed over (not
     decodable), broken shards and their first reasons, by shard (``LoaderStats``, as the
     in-memory corpus counts them); and the distinct CLIP samples without an alt-text."""
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str, str], str] = {}
     for path in sorted(Path(record_dir).glob("*.tsv")):
         for line in path.read_text().splitlines():
-            url, key, why = (line.split("\t", 2) + ["", ""])[:3]
-            seen.setdefault((url, key), why)
+            fields = line.split("\t", 3)
+            if len(fields) < 4:  # recorded before positions were: ``url<TAB>key<TAB>why``
+                fields = [*fields[:2], "", *fields[2:]]
+            url, key, index, why = (fields + ["", "", "", ""])[:4]
+            seen.setdefault((url, key, index), why)
     uncaptioned = sum(1 for why in seen.values() if why == NO_ALT_TEXT)
-    shards = sum(1 for _, key in seen if key == WHOLE_SHARD)
+    shards = sum(1 for _, key, _ in seen if key == WHOLE_SHARD)
     errors = [f"{url}" + (f" {key}" if key else "") + f": {why[:200]}"
-              for (url, key), why in sorted(seen.items()) if why != NO_ALT_TEXT][:50]
+              for (url, key, _), why in sorted(seen.items()) if why != NO_ALT_TEXT][:50]
     return LoaderStats(skipped_samples=len(seen) - shards - uncaptioned, broken_shards=shards,
                        errors=errors), uncaptioned
 
@@ -93,9 +96,9 @@ class ShardCorpus:
         #: where each reader process records what it passes over (``passed_over``); None: warnings only
         self.record_dir = None if record_dir is None else Path(record_dir)
         self._counts: dict[str, int] = {}
-        #: (url, key) this process recorded, and its record file: a bad sample is tried again from
+        #: (url, key, position) this process recorded, and its record file: a bad sample is tried again from
         #: every earlier place of its shard followed only by bad ones, but written once
-        self._recorded: set[tuple[str, str]] = set()
+        self._recorded: set[tuple[str, str, str]] = set()
         self._record_file: Optional[tuple[int, Path]] = None
 
     @property
@@ -108,12 +111,13 @@ class ShardCorpus:
         """CLIP samples without an alt-text the readers passed over (``record_dir``; 0 without one)."""
         return 0 if self.record_dir is None else passed_over(self.record_dir)[1]
 
-    def _passed_over(self, url: Any, key: Any, why: str, stacklevel: int = 3) -> None:
+    def _passed_over(self, url: Any, key: Any, why: str, stacklevel: int = 3, index: Any = "") -> None:
         """Warn (at the reader's line), and record where ``record_dir`` says, that ``key`` of
-        shard ``url`` is passed over."""
+        shard ``url`` is passed over; ``index`` is its position in the tar (``__index__``), as a
+        tar that repeats a key holds two samples."""
         what = f"{url}: {why}" if key == WHOLE_SHARD else f"sample {key} of {url}: {why}"
         warnings.warn(f"webssl_repro.data.stream_corpus: {what}", RuntimeWarning, stacklevel=stacklevel)
-        entry = (_field(url), _field(key))
+        entry = (_field(url), _field(key), _field(index))
         if self.record_dir is None or entry in self._recorded:
             return
         if self._record_file is None or self._record_file[0] != os.getpid():  # a new reader process
@@ -121,7 +125,7 @@ class ShardCorpus:
             name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tsv"  # on any node, in any container
             self._record_file = (os.getpid(), self.record_dir / name)
         with open(self._record_file[1], "a") as fh:
-            fh.write(f"{entry[0]}\t{entry[1]}\t{_field(why)}\n")
+            fh.write("\t".join([*entry, _field(why)]) + "\n")
         self._recorded.add(entry)
 
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
@@ -181,16 +185,19 @@ class ShardCorpus:
             try:
                 text = decode_text(candidate)
             except Exception as exn:  # noqa: BLE001 - a corrupt web sample is replaced, not fatal
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}")
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}",
+                                  index=candidate.get("__index__", ""))
                 continue
             captions = captions_of(text)
             if self.needs_caption and not captions:  # CLIP passes over it with its image undecoded
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), NO_ALT_TEXT)
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), NO_ALT_TEXT,
+                                  index=candidate.get("__index__", ""))
                 continue
             try:
                 image = decode_image(candidate)
             except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}")
+                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}",
+                                  index=candidate.get("__index__", ""))
                 continue
             return image, {"id": sample_id(text), "captions": captions}
         return None
