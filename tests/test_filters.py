@@ -51,6 +51,34 @@ def test_mllm_end_to_end_with_tiny_local_model(tmp_path, first_token):
     assert flt.decide(imgs, ["heavy"]) == {"heavy": [first_token == "yes"] * 3}
 
 
+def test_mllm_revision_pins_the_hub_commit_it_loads(tmp_path):
+    """A hub id loads the configured commit, not the repository's newest: two snapshots of one
+    repo in an offline cache (its main moved from a "yes" model to a "no" one) answer apart."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--org--tiny-filter"
+    commits = {"yes": "a" * 40, "no": "b" * 40}
+    for token, commit in commits.items():
+        shutil.copytree(tiny_mllm(tmp_path / token, token), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits["no"])
+    script = ("import sys; from webssl_repro.data.filter_mllm import MLLMFilter; from PIL import Image\n"
+              "flt = MLLMFilter('org/tiny-filter', revision=sys.argv[1] or None, max_new_tokens=1)\n"
+              "print(flt.answers([Image.new('RGB', (8, 8))], 'Is there text?')[0])")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def answer(revision: str) -> str:
+        done = subprocess.run([sys.executable, "-c", script, revision], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    assert (answer(""), answer(commits["yes"]), answer(commits["no"])) == ("no", "yes", "no")
+    with pytest.raises(ValueError, match=r"data.filter.revision: 'main' pins a hub id's commit.*local directory"):
+        MLLMFilter(str(tmp_path / "yes"), revision="main")
+
+
 def test_filter_report_numbers():
     rep = filter_report(["a", "b", "c", "d", "e"], {"light": [True, True, False, True, False]},
                         {"light": [True, False, True, True, False]})["light"]

@@ -9,6 +9,7 @@ starts right after its own prompt.
 """
 from __future__ import annotations
 
+import os
 import re
 import string
 from typing import Any, Callable, Sequence
@@ -27,14 +28,19 @@ def parse_yes(answer: str) -> bool:
 
 
 class MLLMFilter(TextFilter):
-    """``model`` is a hub id or a local directory; ``generate_fn`` replaces the model entirely."""
+    """``model`` is a hub id or a local directory; ``revision`` pins a hub id's commit (or tag),
+    so that a corpus filtered in thousands of jobs over days is decided by one model even if the
+    repository changes meanwhile; ``generate_fn`` replaces the model entirely."""
 
     name = "mllm"
 
     def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32",
                  max_new_tokens: int = 3, batch_size: int = 8, generate_fn: GenerateFn | None = None,
-                 image_size: int | None = None) -> None:
-        self.model_name, self.device, self.dtype = model, device, dtype
+                 image_size: int | None = None, revision: str | None = None) -> None:
+        self.model_name, self.device, self.dtype, self.revision = model, device, dtype, revision
+        if revision and generate_fn is None and os.path.isdir(os.path.expanduser(model)):
+            raise ValueError(f"data.filter.revision: {revision!r} pins a hub id's commit, but data.filter.model is "
+                             f"a local directory ({model}), the copy it is; unset one of them")
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generate_fn = generate_fn
         self.image_size = image_size
@@ -49,7 +55,7 @@ class MLLMFilter(TextFilter):
 
             location = model_location(self.model_name, "data.filter.model")
             with hub_access("data.filter.model", location):
-                self._processor = transformers.AutoProcessor.from_pretrained(location)
+                self._processor = transformers.AutoProcessor.from_pretrained(location, **self._pinned(location))
             self._processor.tokenizer.padding_side = "left"
         return self._processor
 
@@ -63,8 +69,11 @@ class MLLMFilter(TextFilter):
         self._load_processor()
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         with hub_access("data.filter.model", location):
-            model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype))
+            model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype), **self._pinned(location))
         self._model = model.to(self.device).eval()
+
+    def _pinned(self, location: str) -> dict[str, str]:
+        return {"revision": self.revision} if self.revision else {}  # a local directory has none (__init__)
 
     def prepare(self, sample: Any) -> Image.Image:
         img = sample["image"]
