@@ -1,7 +1,8 @@
 """Figures 1, 3–7 and 9 with the paper's panels and axes (matplotlib, PDF + PNG).
 
-Where the source has no number for a point, the point is drawn as a hollow grey marker
-on the panel's floor labelled "n/a" — the gap stays visible and no value is invented.
+Where the source has no number for a point, the point is drawn as a hollow marker in its
+series' colour, in a grey strip under the panel's floor labelled "n/a" — the gap stays
+visible and no value is invented.
 """
 from __future__ import annotations
 
