@@ -3,7 +3,7 @@
 # the VQA probe is trained by its own job (-> .../vqa_probe/, evaluate/vqa/trained.py), so that changing
 # only how it answers (evaluate.vqa max_new_tokens, eval_batch_size, data.benchmarks) trains nothing again;
 # where the classic probes run, their tasks' best answers without the image -> results/{scale}/controls/no_image/classic.json
-# vqa(_probe) runs under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
+# vqa(_probe) and the controls' run under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
 # a resource, so that changing resources.eval_gpus reruns nothing).
 # vqa_probe, vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
@@ -89,11 +89,12 @@ rule vqa_control_probe:
         **_eval_res("vqa_probe", lambda w: PLAN.control_probe_path(w.control)),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
+        launcher=lambda w, attempt: PLAN.eval_job_launcher(PLAN.control_probe_path(w.control), attempt, "vqa_probe"),
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
         encoder=PLAN.control_args(),
     shell:
-        "webssl-repro evaluate vqa_probe --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
+        "{resources.launcher} evaluate vqa_probe --run-name control-{wildcards.control} --control {wildcards.control} {params.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
         "--attempt {resources.attempt} > {log} 2>&1"
 
@@ -119,11 +120,12 @@ rule vqa_control:
         **_eval_res("vqa", lambda w: PLAN.control_path(w.control)),
         settings=SETTINGS["vqa"],
         attempt=lambda w, attempt: attempt,
+        launcher=lambda w, attempt: PLAN.eval_job_launcher(PLAN.control_path(w.control), attempt),
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         encoder=PLAN.control_args(),
     shell:
-        "webssl-repro evaluate vqa --run control-{wildcards.control} --control {wildcards.control} {params.encoder} "
+        "{resources.launcher} evaluate vqa --run-name control-{wildcards.control} --control {wildcards.control} {params.encoder} "
         "--probe {input.probe} --eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} "
         "--out {output} --attempt {resources.attempt} > {log} 2>&1"
 

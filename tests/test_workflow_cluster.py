@@ -17,8 +17,9 @@ def paper_plan():
 
 def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
     launcher = paper_plan.launcher("dino7b-full2b-224")
+    # one node's torchrun that exits ends the step: the others would wait out NCCL's timeout on it
     assert launcher.startswith("srun --nodes 32 --ntasks 32 --ntasks-per-node 1 --cpus-per-task 64 "
-                               "torchrun --nnodes 32 --nproc-per-node 8")
+                               "--kill-on-bad-exit=1 torchrun --nnodes 32 --nproc-per-node 8")
     resources = paper_plan.pretrain_resources("dino7b-full2b-224").snakemake()
     assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
 
@@ -38,8 +39,8 @@ def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
     proc = snakemake(workflow_dir, "-n", "-p", "results/paper/runs/dino7b-full8b-224/encoder.safetensors",
                      "--configfile", "resized.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert ("&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 --cpus-per-task 64 torchrun --nnodes 16 "
-            "--nproc-per-node 8") in proc.stdout
+    assert ("&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 --cpus-per-task 64 --kill-on-bad-exit=1 "
+            "torchrun --nnodes 16 --nproc-per-node 8") in proc.stdout
 
 
 def test_torchrun_hands_the_vqa_jobs_their_arguments(workflow_dir):
@@ -67,6 +68,32 @@ def test_torchrun_hands_the_vqa_jobs_their_arguments(workflow_dir):
     assert {k: (c.run, c.out.as_posix()) for k, c in jobs.items()} == {
         "vqa_probe": ("dino1b-full2b-224", probe), "vqa": ("dino1b-full2b-224", target)}
     assert jobs["vqa"].probe.as_posix() == probe and jobs["vqa_probe"].probe is None
+
+
+def test_the_vqa_controls_run_on_the_ranks_they_are_given(workflow_dir):
+    """The controls' probe (evaluate.vqa.controls) trains the same 8B LM as a run's: it gets the
+    eval node's GPUs and must start its ranks on them, not one process beside 7 idle GPUs."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from webssl_repro.cli import build_parser
+
+    (workflow_dir / "controls.yaml").write_text("evaluate: {vqa: {controls: true}}\n")
+    gpus = load_config(REPO / "config/paper.yaml")["resources"]["eval_gpus"]
+    proc = snakemake(workflow_dir, "-n", "-p", "results/paper/controls/pixels/vqa.json", "--configfile",
+                     "config/paper.yaml", "controls.yaml")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "evaluate vqa" in ln]
+    assert len(lines) == 2 and all(ln.startswith("Shell command: torchrun ") for ln in lines), lines
+    kinds = []
+    for line in lines:
+        args = get_args_parser().parse_args(shlex.split(line[line.index("torchrun"):].split(" > ")[0])[1:])
+        assert args.nproc_per_node == str(gpus) and args.training_script == "webssl_repro.cli"
+        cli = build_parser().parse_args(args.training_script_args)
+        assert (cli.run, cli.control) == ("control-pixels", "pixels")
+        kinds.append(cli.kind)
+    assert sorted(kinds) == ["vqa", "vqa_probe"]
 
 
 def test_single_node_layout_uses_gpu_and_standalone_torchrun():

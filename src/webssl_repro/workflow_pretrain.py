@@ -109,6 +109,8 @@ class PretrainJobs:
         starts one torchrun each (design.md §7), never reading SLURM_JOB_NUM_NODES. The step asks
         for the node's CPUs itself: srun of Slurm 22.05-23.02 does not take ``--cpus-per-task``
         from the batch job, and the ranks and their loader workers would share one CPU.
+        ``--kill-on-bad-exit=1``: a node whose torchrun exits (a crashed worker, a bad GPU) ends
+        the step, where the others would hold the allocation until NCCL's collective timeout.
         """
         res = self.pretrain_resources(run)
         if res.gpus == 0:
@@ -118,7 +120,7 @@ class PretrainJobs:
             return f"torchrun --standalone --nnodes 1 --nproc-per-node {per_node} -m webssl_repro.cli"
         return (
             f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 --cpus-per-task {res.cpus_per_task} "
-            f"torchrun --nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
+            f"--kill-on-bad-exit=1 torchrun --nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
             f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
         )
 
