@@ -286,6 +286,28 @@ def test_cambrian_order_groups_by_modality_and_balances_devices():
     assert modality_length(VqaSample("x", "two words", "one", turns=(("a b", "c"),))) == 6
 
 
+def test_only_stage_2_groups_its_batches_by_modality_and_length(tokenizer):
+    """Cambrian's fine-tuning script sets group_by_modality_length, its adapter pre-training does
+    not (transformers' random sampler): at the paper's per_device_batch 8, stage 1 draws a plain
+    random order and still weighs each device batch's mean alike."""
+    from webssl_repro.evaluate.vqa.batching import CambrianBatches, modality_length, modality_length_order
+    from webssl_repro.evaluate.vqa.config import VqaConfig
+
+    cfg = VqaConfig.from_mapping({"stage1": {"per_device_batch": 2, "batch_size": 8},
+                                  "stage2": {"per_device_batch": 2, "batch_size": 8}})
+    assert (cfg.stage1.group_by_modality_length, cfg.stage2.group_by_modality_length) == (False, True)
+    probe = _probe(tokenizer, hidden=32, layers=1)
+    samples, _ = _world(24, seed=4, text_only=5)
+    lengths = [modality_length(s) for s in samples]
+    stage1, stage2 = (CambrianBatches(probe, samples, stage, None) for stage in (cfg.stage1, cfg.stage2))
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(7)
+
+    assert stage1.epoch(seeded()) == torch.randperm(24, generator=seeded()).tolist()
+    assert stage2.epoch(seeded()) == modality_length_order(lengths, 2, 4, seeded()) != stage1.epoch(seeded())
+    assert stage1.weights(range(8)) == stage2.weights(range(8))  # the loss is Cambrian's either way
+
+
 def test_a_stage_with_cambrian_batches_trains_and_resumes_alike(tokenizer, tmp_path):
     """train_stage with per_device_batch: the loss falls, and a stage stopped after its 5th step
     and resumed ends with the same weights as one run through (the grouped order is saved)."""

@@ -1,7 +1,7 @@
 """Cambrian's batches and loss weighting, for a stage with ``per_device_batch`` set.
 
-Cambrian's trainer (transformers 4.37 under data parallelism, ``group_by_modality_length``)
-orders each epoch by modality and length: megabatches of one global batch hold only samples with
+Cambrian's trainer (transformers 4.37 under data parallelism, ``group_by_modality_length``, which
+its fine-tuning script sets and its adapter pre-training does not: ``StageConfig``) orders each epoch by modality and length: megabatches of one global batch hold only samples with
 an image or only text ones (but for one mixed leftover), and each is split into its devices'
 batches of ``per_device_batch`` samples of about equal total length. Each device's loss is the
 mean cross-entropy over its own answer tokens, and the devices' losses are averaged, so a short
@@ -108,6 +108,8 @@ class CambrianBatches:
         self.tokens: dict[int, int] = {}  # answer tokens per sample, counted once
 
     def epoch(self, gen: torch.Generator) -> list[int]:
+        if not self.cfg.group_by_modality_length:  # transformers' RandomSampler
+            return torch.randperm(len(self.samples), generator=gen).tolist()
         return modality_length_order(self.lengths, self.cfg.per_device_batch,
                                      self.cfg.batch_size // self.cfg.per_device_batch, gen)
 

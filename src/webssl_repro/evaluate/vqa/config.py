@@ -49,9 +49,12 @@ class StageConfig:
     #: Train the LM too (None: stage 2 only, the paper's recipe; a from-scratch mini LM has no language
     #: to keep frozen, so mini stage 1 may train it on the captions).
     train_lm: Optional[bool] = None
-    #: Cambrian's device batch (its scripts: 8): batches grouped by modality and length, the loss
-    #: the mean of each device batch's mean (``batching``). None: the mean over the global batch.
+    #: Cambrian's device batch (its scripts: 8): the loss the mean of each device batch's mean
+    #: (``batching``). None: the mean over the global batch.
     per_device_batch: Optional[int] = None
+    #: with ``per_device_batch``, order each epoch by modality and length (LLaVA's sampler), as
+    #: Cambrian's fine-tuning script asks; its adapter pre-training draws a plain random order
+    group_by_modality_length: bool = True
 
 
 @dataclass
@@ -86,7 +89,8 @@ class VqaConfig:
     #: recompute each decoder layer in the backward (HF's gradient checkpointing), so that an
     #: 8B LM's activations fit beside its shards (paper scale)
     gradient_checkpointing: bool = False
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3, warmup_ratio=0.06))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(lr=1e-3, warmup_ratio=0.06,
+                                                                    group_by_modality_length=False))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(lr=4e-5, warmup_ratio=0.03))
 
     @classmethod
