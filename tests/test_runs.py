@@ -62,3 +62,10 @@ def test_hires_fine_tune_keeps_every_step_count_as_a_share_of_its_steps():
     dino = DinoConfig.from_mapping({**recipe, "total_steps": 20_000})
     assert dino.teacher_temp_at(0) == 0.04 and dino.teacher_temp_at(286) < 0.07
     assert dino.teacher_temp_at(287) == pytest.approx(0.07) and dino.teacher_temp_at(19_999) == 0.07
+    # a recipe that leaves the batch at DinoConfig's 3072: the parent's steps are still of 3072,
+    # not of the fine-tune's 2048 (which would shorten every warm-up by a third)
+    config = load_config(Path(__file__).parents[1] / "config" / "paper.yaml")
+    del config["pretrain"]["dino"]["batch_size"]
+    assert DinoConfig().batch_size == 3072
+    unset = Plan(config).run_config("dino7b-full8b-518")["recipe"]
+    assert (unset["warmup_steps"], unset["warmup_teacher_temp_steps"], unset["freeze_last_layer_steps"]) == (768, 288, 10)

@@ -33,12 +33,13 @@ def run_steps(samples_seen: int, batch_size: int) -> int:
 
 
 def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_samples: int,
-                 step_defaults: Mapping[str, int] | None = None) -> dict[str, Any]:
+                 step_defaults: Mapping[str, int] | None = None, base_batch: int | None = None) -> dict[str, Any]:
     """The 224 px recipe with the fine-tune's batch size and lr (paper App. C: 20k steps,
     batch 2048, lr 1.41e-5 = 1e-5·√2); "all other parameters remain exactly the same,
     including the learning rate warmup ratio", so every step-counted setting (lr and
     teacher-temperature warm-ups, the prototype freeze; ``step_defaults`` where the recipe
-    leaves one at the method's default) keeps its share of the steps. Kept as absolute
+    leaves one at the method's default) keeps its share of the parent's steps (its samples over
+    its batch: the recipe's, else ``base_batch``, the method's default). Kept as absolute
     counts, DINOv2's 37.5k-step temperature warm-up would outlast the 20k-step fine-tune.
     The fine-tune is a run of its own, so every schedule starts again from its first value over
     the 20k steps: where the 8B-seen parent ended at teacher momentum 1.0, weight decay 0.2 and
@@ -49,8 +50,9 @@ def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_sampl
         raise KeyError("pretrain.hires needs 'steps' for a high-resolution fine-tune")
     out = dict(recipe)
     steps = int(hires["steps"])
-    base_batch = int(recipe.get("batch_size", hires.get("batch_size", 1)))
-    base_steps = max(1, run_steps(base_samples, base_batch))
+    if "batch_size" not in recipe and base_batch is None:
+        raise KeyError("hires_recipe: the parent's batch size is neither in its recipe nor given (base_batch)")
+    base_steps = max(1, run_steps(base_samples, int(recipe.get("batch_size", base_batch))))
     counted = {**(step_defaults or {}), **recipe}
     for key in STEP_KEYS:
         if key in counted:

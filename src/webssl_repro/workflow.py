@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from webssl_repro.config import ConfigError, load_config
 from webssl_repro.files import repo_root
 from webssl_repro.paper import specs
-from webssl_repro.recipes import STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes, hires_recipe
+from webssl_repro.recipes import (SCHEDULE_DEFAULTS, STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes,
+                                  hires_recipe)
 from webssl_repro.resources import dino_local_size, label, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import split_pretrain
@@ -274,7 +275,8 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             origin.update({k: f"pretrain.in1k.{r.method}.{k}" for k in over})
         if r.parent is not None:
             hires = pretrain.get("hires", {})
-            recipe = hires_recipe(recipe, hires, samples_of(r.parent, self.config), STEP_DEFAULTS.get(r.method))
+            recipe = hires_recipe(recipe, hires, samples_of(r.parent, self.config), STEP_DEFAULTS.get(r.method),
+                                  SCHEDULE_DEFAULTS[r.method]["batch_size"])
             origin.update({k: f"{origin.get(k, f'pretrain.{r.method}.{k} (unset: the default)')}, scaled to "
                               "pretrain.hires.steps" for k in STEP_KEYS if k in recipe})
             origin.update({k: f"pretrain.hires.{k}" for k in hires if k != "steps"})
