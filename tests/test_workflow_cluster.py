@@ -96,6 +96,24 @@ def test_the_vqa_controls_run_on_the_ranks_they_are_given(workflow_dir):
     assert sorted(kinds) == ["vqa", "vqa_probe"]
 
 
+def test_the_slurm_profile_keeps_a_result_whose_command_was_only_reworded(workflow_dir, monkeypatch):
+    """Updating the checkout over finished runs must not retrain them because a rule's command
+    reads differently (Snakemake's ``code`` trigger): the profile leaves that trigger out."""
+    monkeypatch.setenv("SLURM_ACCOUNT", "myaccount")
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    args = ("paper/published/tables/table6.md", "--configfile", "config/published.yaml")
+    done = snakemake(workflow_dir, "-c1", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rules = workflow_dir / "rules" / "paper.smk"
+    old = 'shell:\n        "webssl-repro render {wildcards.item} --scale'
+    assert old in rules.read_text()  # render_table's and render_figure's
+    rules.write_text(rules.read_text().replace(old, 'shell:\n        "webssl-repro  render {wildcards.item} --scale'))
+    plain = snakemake(workflow_dir, "-n", *args)
+    assert plain.returncode == 0 and "render_table" in plain.stdout and "Code has changed" in plain.stdout, plain.stdout
+    profiled = snakemake(workflow_dir, "--profile", "slurm", "-n", *args)
+    assert profiled.returncode == 0 and "Nothing to be done" in profiled.stdout + profiled.stderr, profiled.stdout
+
+
 def test_single_node_layout_uses_gpu_and_standalone_torchrun():
     config = load_config(REPO / "config/paper.yaml")
     config["resources"]["nodes"]["1b"] = 1
