@@ -234,6 +234,34 @@ def test_gradient_accumulation_is_split_invariant(tokenizer):
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
 
 
+def test_answers_end_at_the_lms_own_end_tokens_too(tokenizer, tmp_path):
+    """HF's generate stops at every id of the LM's generation_config.eos_token_id (Llama-3-
+    Instruct: <|eot_id|> and <|end_of_text|>); so does the probe's greedy decoding, on every
+    rank: a rank that builds the LM on the meta device reads the same generation config."""
+    from webssl_repro.evaluate.vqa.lm import load_lm
+
+    samples, feats = _world(2, seed=1)
+
+    def answered(end_tokens) -> list[list[int]]:
+        lm = build_tiny_lm(len(tokenizer), hidden=32, layers=1, heads=4, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            lm.model.norm.weight.zero_()  # every logit 0: the argmax is token 0, every step
+        lm.generation_config.eos_token_id = end_tokens
+        probe = MultimodalProbe(lm, tokenizer, VIS_DIM, tokens=TOKENS, chat=MINI_CHAT)
+        visual, t = probe.batch(samples, feats, with_answer=False)
+        return probe.generate(visual, t["input_ids"], t["attention_mask"], t["image_mask"], 3)
+
+    assert answered(tokenizer.eos_token_id) == [[0, 0, 0]] * 2
+    assert answered([tokenizer.eos_token_id, 0]) == [[], []]
+    lm = build_tiny_lm(len(tokenizer), hidden=32, layers=1, heads=4, eos_token_id=tokenizer.eos_token_id)
+    lm.generation_config.eos_token_id = [0, tokenizer.eos_token_id]
+    lm.save_pretrained(tmp_path / "lm")
+    assert lm.config.eos_token_id == tokenizer.eos_token_id  # the config names one end token
+    for weights in (True, False):
+        assert load_lm(tmp_path / "lm", weights=weights).generation_config.eos_token_id == [0, tokenizer.eos_token_id]
+
+
 def test_cambrian_device_batches_weigh_each_device_mean_alike(tokenizer):
     """per_device_batch: the loss is the mean over device batches of each one's mean answer-token
     CE (Cambrian's trainer), whatever the micro-batches; the global-token mean differs from it."""

@@ -7,7 +7,7 @@ with the same ``transformers`` calls the paper-scale Llama-3-8B-Instruct goes th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -99,9 +99,23 @@ def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = T
     with hub_access("evaluate.vqa.language_model", path_or_id):
         if not weights:
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
-                                                        dtype=getattr(torch, dtype))
+                lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
+                                                      dtype=getattr(torch, dtype))
+            lm.generation_config = _generation_config(path_or_id, lm.generation_config)
+            return lm
         return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype))
+
+
+def _generation_config(path_or_id: str | Path, fallback: Any) -> Any:
+    """The LM's own generation_config.json, as ``from_pretrained`` reads it (its end tokens:
+    Llama-3-Instruct's config.json names one, its generation config two), so that every rank
+    stops answering where rank 0 does; the config's where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path_or_id))
+    except OSError:
+        return fallback
 
 
 def lm_hidden_size(lm) -> int:

@@ -72,6 +72,9 @@ class MultimodalProbe(nn.Module):
         self.chat = chat
         self.tokens = tokens
         self.stop_id = int(tokenizer.convert_tokens_to_ids(chat.stop))
+        #: where an answer ends: the chat's stop token and the LM's own end tokens, as HF's
+        #: ``generate`` stops (Llama-3-Instruct: <|eot_id|> and <|end_of_text|>)
+        self.stop_ids = sorted({self.stop_id, *_end_tokens(lm)})
         #: Run the projector (and keep it in the autograd graph) for image-free batches too, so that
         #: data-parallel ranks agree on its gradients and collectives (set by ``vqa.distributed``).
         self.project_without_images = False
@@ -134,7 +137,8 @@ class MultimodalProbe(nn.Module):
     def generate(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  image_mask: torch.Tensor, max_new_tokens: int = 32,
                  all_finished: Optional[Callable[[bool], bool]] = None) -> list[list[int]]:
-        """Greedy decoding with a KV cache for a LEFT-padded batch; stops at the chat's stop token.
+        """Greedy decoding with a KV cache for a LEFT-padded batch; stops at the chat's stop token
+        or one of the LM's end tokens (``stop_ids``).
 
         Position ids count real tokens only, so a padded prompt sees exactly the positions it
         would see alone and batched output equals one-by-one output. ``all_finished`` (FSDP2
@@ -162,12 +166,14 @@ class MultimodalProbe(nn.Module):
         B = input_ids.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         result: list[list[int]] = [[] for _ in range(B)]
+        stops = torch.tensor(self.stop_ids, device=input_ids.device)
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)
-            for i, (tok, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
-                if not finished and tok != self.stop_id:
+            ends = torch.isin(nxt, stops)
+            for i, (tok, finished, end) in enumerate(zip(nxt.tolist(), done.tolist(), ends.tolist())):
+                if not finished and not end:
                     result[i].append(tok)
-            done |= nxt == self.stop_id
+            done |= ends
             finished = bool(done.all())
             if all_finished(finished) if all_finished is not None else finished:
                 break
@@ -199,6 +205,14 @@ class MultimodalProbe(nn.Module):
         batches are shared among the ranks and every rank gets all answers, in order."""
         return [a for found in answer_rounds(self, samples, features, batch_size=batch_size,
                                              max_new_tokens=max_new_tokens, parallel=parallel) for a in found]
+
+
+def _end_tokens(lm: nn.Module) -> list[int]:
+    """The LM's generation end tokens (``generation_config.eos_token_id``: an id or a list)."""
+    ends = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    if ends is None:
+        return []
+    return [int(t) for t in (ends if isinstance(ends, (list, tuple)) else [ends])]
 
 
 def _forward_params(lm: nn.Module) -> set[str]:
