@@ -153,7 +153,8 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
 
     The method comes from ``config.webssl`` (our exports), else ``method``, else the model
     type (Dinov2 → dino, ViT → mae). Both transformers naming generations are accepted. The
-    returned encoder shares storage with the HF model's tensors (no copy at 7B).
+    fused q/k/v and SwiGLU gate/up weights are copies (``convert.from_hf`` concatenates them);
+    the import job's memory allows for them (``workflow_pretrain.import_resources``).
     """
     if isinstance(path_or_model, nn.Module):
         model, source = path_or_model, type(path_or_model).__name__
