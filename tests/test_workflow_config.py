@@ -408,6 +408,8 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
     (("labels", "sizes", "1b", "depth"), 3, r"labels.sizes: 1b.depth 3: NYUd's lin.4 head reads 4 blocks"),
     (("data", "filter", "device"), "cuda", r"data.filter: device is not an option of backend 'ocr' \(it takes "
                                            r"cache_path, .*\); an overlay that switches backends sets them to null"),
+    (("data", "filter"), {"backend": "mllm", "model": str(REPO / "config"), "revision": "v1"},
+     r"data.filter.revision: 'v1' pins a hub id's commit, but data.filter.model is a local directory"),
     (("data", "evalsets", "captions", "test"), 10, r"evaluate.alignment.k: 10 nearest neighbours among the 10 "
                                                    r"captions of data.evalsets.captions; it must be in \[1, 9\]"),
 ])

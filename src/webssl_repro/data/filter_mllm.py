@@ -27,6 +27,14 @@ def parse_yes(answer: str) -> bool:
     return re.match(r"yes\b", str(answer).lstrip(string.whitespace + string.punctuation).lower()) is not None
 
 
+def check_revision(model: str, revision: str | None) -> None:
+    """A pinned commit is a hub id's: refused beside a local directory, which is the copy it is
+    (by the job, and by the dry run before any of the filter's jobs is queued)."""
+    if revision and os.path.isdir(os.path.expanduser(str(model))):
+        raise ValueError(f"data.filter.revision: {revision!r} pins a hub id's commit, but data.filter.model is "
+                         f"a local directory ({model}), the copy it is; unset one of them")
+
+
 class MLLMFilter(TextFilter):
     """``model`` is a hub id or a local directory; ``revision`` pins a hub id's commit (or tag),
     so that a corpus filtered in thousands of jobs over days is decided by one model even if the
@@ -38,9 +46,8 @@ class MLLMFilter(TextFilter):
                  max_new_tokens: int = 3, batch_size: int = 8, generate_fn: GenerateFn | None = None,
                  image_size: int | None = None, revision: str | None = None) -> None:
         self.model_name, self.device, self.dtype, self.revision = model, device, dtype, revision
-        if revision and generate_fn is None and os.path.isdir(os.path.expanduser(model)):
-            raise ValueError(f"data.filter.revision: {revision!r} pins a hub id's commit, but data.filter.model is "
-                             f"a local directory ({model}), the copy it is; unset one of them")
+        if generate_fn is None:
+            check_revision(model, revision)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generate_fn = generate_fn
         self.image_size = image_size

@@ -66,13 +66,24 @@ def passed_over(record_dir: str | Path) -> tuple[LoaderStats, int]:
     decodable), broken shards and their first reasons, by shard (``LoaderStats``, as the
     in-memory corpus counts them); and the distinct CLIP samples without an alt-text."""
     seen: dict[tuple[str, str, str], str] = {}
+    legacy: dict[tuple[str, str], str] = {}  # recorded before positions were: ``url<TAB>key<TAB>why``
     for path in sorted(Path(record_dir).glob("*.tsv")):
         for line in path.read_text().splitlines():
             fields = line.split("\t", 3)
-            if len(fields) < 4:  # recorded before positions were: ``url<TAB>key<TAB>why``
-                fields = [*fields[:2], "", *fields[2:]]
-            url, key, index, why = (fields + ["", "", "", ""])[:4]
+            if len(fields) < 4:
+                url, key, why = (fields + ["", ""])[:3]
+                if key == WHOLE_SHARD:  # a shard's record has no position in either form
+                    seen.setdefault((url, key, ""), why)
+                else:
+                    legacy.setdefault((url, key), why)
+                continue
+            url, key, index, why = fields
             seen.setdefault((url, key, index), why)
+    # a run resumed across the change records its old bad samples again, with their positions
+    positioned = {(url, key) for url, key, _ in seen}
+    for (url, key), why in legacy.items():
+        if (url, key) not in positioned:
+            seen[(url, key, "")] = why
     uncaptioned = sum(1 for why in seen.values() if why == NO_ALT_TEXT)
     shards = sum(1 for _, key, _ in seen if key == WHOLE_SHARD)
     errors = [f"{url}" + (f" {key}" if key else "") + f": {why[:200]}"
