@@ -34,6 +34,10 @@ def test_sinkhorn_hand_case_one_iteration():
     logits = torch.log(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     q = sinkhorn_knopp(logits, teacher_temp=1.0, n_iterations=1)
     assert torch.allclose(q, torch.tensor([[3 / 7, 4 / 7], [9 / 17, 8 / 17]]), atol=1e-6)
+    # at teacher_temp 0.5 the exponentials square ([[1,4],[9,16]]): prototype rows [.05,.45] and
+    # [.1,.4], so sample 0 sharpens to [1/3, 2/3] (the teacher temperature's whole effect)
+    q = sinkhorn_knopp(logits, teacher_temp=0.5, n_iterations=1)
+    assert torch.allclose(q, torch.tensor([[1 / 3, 2 / 3], [9 / 17, 8 / 17]]), atol=1e-6)
 
 
 def test_sinkhorn_rows_sum_to_one_and_columns_balance():
@@ -105,12 +109,16 @@ def test_koleo_excludes_self():
 
 
 def test_ibot_loss_weights_per_image():
-    # uniform student -> CE = ln 2 per token; image 0 has 2 masked tokens (weight 1/2 each),
-    # image 1 none; divided by both images: (ln2/2 + ln2/2)/2 = 0.346574
-    s = torch.zeros(2, 2)
-    t = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    # image 0 has 2 masked tokens (weight 1/2 each), image 1 none; divided by both images.
+    # Token 0: logits [0, 0.1 ln 3] / 0.1 -> softmax [1/4, 3/4], CE with [.5, .5] = 0.836988;
+    # token 1: uniform student, CE with [1, 0] = ln 2: (0.836988/2 + 0.693147/2)/2 = 0.382534
+    s = torch.tensor([[0.0, 0.1 * math.log(3)], [0.0, 0.0]])
+    t = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     loss = ibot_patch_loss(s, t, torch.tensor([0.5, 0.5]), n_images=2, student_temp=0.1)
-    assert loss.item() == pytest.approx(0.346574, abs=1e-5)
+    assert loss.item() == pytest.approx(0.382534, abs=1e-5)
+    # at student_temp 1 token 0's softmax is only [0.4726, 0.5274]: CE 0.694655
+    loss = ibot_patch_loss(s, t, torch.tensor([0.5, 0.5]), n_images=2, student_temp=1.0)
+    assert loss.item() == pytest.approx((0.694655 + 0.693147) / 4, abs=1e-5)
 
 
 def test_softmax_centering_hand_case():

@@ -109,8 +109,9 @@ def test_masking_ratio_within_bounds():
     empty = sample_masks(0, (16, 16), generator=g)
     assert empty.shape == (0, 256) and empty.dtype == torch.bool
     gen = MaskingGenerator((16, 16))
-    for n in (4, 30, 100):
-        assert gen(n, torch.Generator().manual_seed(n)).sum() <= n
+    for n in (4, 30, 100):  # at most n, and short by at most a block's last few tokens (here: 1)
+        got = [int(gen(n, torch.Generator().manual_seed(seed)).sum()) for seed in range(20)]
+        assert max(got) == n and min(got) >= n - max(1, n // 10), got
 
 
 def test_block_cap_is_dinov2s():

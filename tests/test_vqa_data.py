@@ -36,6 +36,12 @@ def test_token_grid_resize_is_bilinear_and_drops_prefix(n_prefix):
     expected = torch.tensor([(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4, (8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4])
     assert out.shape == (3, 4, 2)
     assert torch.allclose(out[0, :, 0], expected) and torch.allclose(out[2, :, 1], 10 * expected)
+    # enlarged, as the paper's 16×16 → 24×24: 2×2 → 4×4 samples at -0.25, 0.25, 0.75, 1.25 (edges
+    # clamped), so a row [0, 1] becomes [0, .25, .75, 1] (area or nearest would give [0, 0, 1, 1])
+    small = torch.tensor([0.0, 1.0, 2.0, 3.0])[None, :, None]  # grid [[0, 1], [2, 3]]: 2·row + column
+    up = encoder_tokens(FakeEncoder(small, n_prefix), torch.zeros(1, 3, 32, 32), n_tokens=16)
+    u = torch.tensor([0.0, 0.25, 0.75, 1.0])
+    assert torch.allclose(up[0, :, 0], (2 * u[:, None] + u[None, :]).flatten())
     same = encoder_tokens(FakeEncoder(patches, n_prefix), torch.zeros(1, 3, 32, 32), n_tokens=16)
     assert torch.equal(same[0], patches[0])  # already on the target grid: untouched, prefix gone
     with pytest.raises(ValueError, match="square"):
