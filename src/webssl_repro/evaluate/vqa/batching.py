@@ -1,7 +1,8 @@
 """Cambrian's batches and loss weighting, for a stage with ``per_device_batch`` set.
 
 Cambrian's trainer (transformers 4.37 under data parallelism, ``group_by_modality_length``, which
-its fine-tuning script sets and its adapter pre-training does not: ``StageConfig``) orders each epoch by modality and length: megabatches of one global batch hold only samples with
+its fine-tuning script sets and its adapter pre-training does not: ``StageConfig``) orders each
+epoch by modality and length: megabatches of one global batch hold only samples with
 an image or only text ones (but for one mixed leftover), and each is split into its devices'
 batches of ``per_device_batch`` samples of about equal total length. Each device's loss is the
 mean cross-entropy over its own answer tokens, and the devices' losses are averaged, so a short
