@@ -140,15 +140,15 @@ def check_vqa(section: Mapping[str, Any]) -> None:
 def check_filter(section: Mapping[str, Any]) -> None:
     """``data.filter``'s options are its backend's (``filters.backend_options``): an option of the
     other backend, left by an overlay that switched backends, would fail every filter job; so
-    would a ``revision`` pinned beside a local ``model``."""
-    from webssl_repro.data.filter_mllm import DEFAULT_MODEL, check_revision
-    from webssl_repro.data.filters import backend_options
+    would a ``revision`` pinned beside a local ``model``, which the MLLM filter's constructor
+    refuses (it loads nothing: the OCR engine's would load its models, and takes no path)."""
+    from webssl_repro.data.filters import backend_class, backend_options
 
     backend = str(section.get("backend", "ocr"))
     with _as_config_error():
         options = backend_options(backend, section)
         if backend == "mllm":
-            check_revision(options.get("model", DEFAULT_MODEL), options.get("revision"))
+            backend_class(backend)(**options)
 
 
 def check_classic(section: Mapping[str, Any], sizes: Mapping[str, Mapping[str, Any]]) -> None:

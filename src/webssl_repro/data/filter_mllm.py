@@ -27,14 +27,6 @@ def parse_yes(answer: str) -> bool:
     return re.match(r"yes\b", str(answer).lstrip(string.whitespace + string.punctuation).lower()) is not None
 
 
-def check_revision(model: str, revision: str | None) -> None:
-    """A pinned commit is a hub id's: refused beside a local directory, which is the copy it is
-    (by the job, and by the dry run before any of the filter's jobs is queued)."""
-    if revision and os.path.isdir(os.path.expanduser(str(model))):
-        raise ValueError(f"data.filter.revision: {revision!r} pins a hub id's commit, but data.filter.model is "
-                         f"a local directory ({model}), the copy it is; unset one of them")
-
-
 class MLLMFilter(TextFilter):
     """``model`` is a hub id or a local directory; ``revision`` pins a hub id's commit (or tag),
     so that a corpus filtered in thousands of jobs over days is decided by one model even if the
@@ -46,8 +38,11 @@ class MLLMFilter(TextFilter):
                  max_new_tokens: int = 3, batch_size: int = 8, generate_fn: GenerateFn | None = None,
                  image_size: int | None = None, revision: str | None = None) -> None:
         self.model_name, self.device, self.dtype, self.revision = model, device, dtype, revision
-        if generate_fn is None:
-            check_revision(model, revision)
+        # a pinned commit is a hub id's: a local directory is the copy it is (checked by the dry run
+        # too, plan_checks.check_filter, which builds the filter: loading is lazy)
+        if revision and generate_fn is None and os.path.isdir(os.path.expanduser(str(model))):
+            raise ValueError(f"data.filter.revision: {revision!r} pins a hub id's commit, but data.filter.model is "
+                             f"a local directory ({model}), the copy it is; unset one of them")
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generate_fn = generate_fn
         self.image_size = image_size
@@ -62,7 +57,7 @@ class MLLMFilter(TextFilter):
 
             location = model_location(self.model_name, "data.filter.model")
             with hub_access("data.filter.model", location):
-                self._processor = transformers.AutoProcessor.from_pretrained(location, **self._pinned(location))
+                self._processor = transformers.AutoProcessor.from_pretrained(location, **self._pinned())
             self._processor.tokenizer.padding_side = "left"
         return self._processor
 
@@ -76,10 +71,10 @@ class MLLMFilter(TextFilter):
         self._load_processor()
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         with hub_access("data.filter.model", location):
-            model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype), **self._pinned(location))
+            model = auto.from_pretrained(location, dtype=getattr(torch, self.dtype), **self._pinned())
         self._model = model.to(self.device).eval()
 
-    def _pinned(self, location: str) -> dict[str, str]:
+    def _pinned(self) -> dict[str, str]:
         return {"revision": self.revision} if self.revision else {}  # a local directory has none (__init__)
 
     def prepare(self, sample: Any) -> Image.Image:

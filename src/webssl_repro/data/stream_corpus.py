@@ -139,6 +139,10 @@ class ShardCorpus:
             fh.write("\t".join([*entry, _field(why)]) + "\n")
         self._recorded.add(entry)
 
+    def _sample_passed_over(self, raw: dict[str, Any], why: str) -> None:
+        """``_passed_over`` for a raw sample: its shard, key and position in the tar."""
+        self._passed_over(raw.get("__url__"), raw.get("__key__"), why, stacklevel=4, index=raw.get("__index__", ""))
+
     def reader_shards(self, epoch: int, reader: int, readers: int) -> list[int]:
         """Reader ``reader``'s shards (indices) in ``epoch``: every ``readers``-th of a seeded permutation."""
         if len(self.shards) < readers:
@@ -196,19 +200,16 @@ class ShardCorpus:
             try:
                 text = decode_text(candidate)
             except Exception as exn:  # noqa: BLE001 - a corrupt web sample is replaced, not fatal
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}",
-                                  index=candidate.get("__index__", ""))
+                self._sample_passed_over(candidate, f"{type(exn).__name__}: {exn}")
                 continue
             captions = captions_of(text)
             if self.needs_caption and not captions:  # CLIP passes over it with its image undecoded
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), NO_ALT_TEXT,
-                                  index=candidate.get("__index__", ""))
+                self._sample_passed_over(candidate, NO_ALT_TEXT)
                 continue
             try:
                 image = decode_image(candidate)
             except Exception as exn:  # noqa: BLE001 - a corrupt web image is replaced, not fatal
-                self._passed_over(candidate.get("__url__"), candidate.get("__key__"), f"{type(exn).__name__}: {exn}",
-                                  index=candidate.get("__index__", ""))
+                self._sample_passed_over(candidate, f"{type(exn).__name__}: {exn}")
                 continue
             return image, {"id": sample_id(text), "captions": captions}
         return None

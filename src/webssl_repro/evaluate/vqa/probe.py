@@ -71,10 +71,9 @@ class MultimodalProbe(nn.Module):
         self.tokenizer = tokenizer
         self.chat = chat
         self.tokens = tokens
-        self.stop_id = int(tokenizer.convert_tokens_to_ids(chat.stop))
         #: where an answer ends: the chat's stop token and the LM's own end tokens, as HF's
         #: ``generate`` stops (Llama-3-Instruct: <|eot_id|> and <|end_of_text|>)
-        self.stop_ids = sorted({self.stop_id, *_end_tokens(lm)})
+        self.stop_ids = sorted({int(tokenizer.convert_tokens_to_ids(chat.stop)), *_end_tokens(lm)})
         #: Run the projector (and keep it in the autograd graph) for image-free batches too, so that
         #: data-parallel ranks agree on its gradients and collectives (set by ``vqa.distributed``).
         self.project_without_images = False
