@@ -3,7 +3,6 @@
 # paper's claims + reproduced vs published numbers) and `report` (paper/{scale}/report.md).
 # Every table, figure and check output is declared with report() for `snakemake --report`.
 # Renders take seconds on a CPU: local rules, never a cluster job.
-import hashlib
 import json
 import os
 
@@ -17,7 +16,6 @@ RENDERED_FIGURES = "|".join(i for i in ITEMS if i.startswith("fig"))
 
 # The whole validated config: the check and report derive their Plan from it, like this DAG.
 CONFIG_JSON = json.dumps(config, sort_keys=True, default=str)
-CONFIG_HASH = hashlib.sha256(CONFIG_JSON.encode()).hexdigest()[:12]
 
 
 rule render_table:
@@ -204,10 +202,8 @@ rule report:
         ENV
     params:
         config=lambda w: CONFIG_JSON,  # a function: the config holds braces (shard patterns)
-        config_hash=CONFIG_HASH,
     shell:
-        "webssl-repro report --config-json {params.config:q} --config-hash {params.config_hash} "
-        "--out {output} > {log} 2>&1"
+        "webssl-repro report --config-json {params.config:q} --out {output} > {log} 2>&1"
 
 
 # One target per paper item (`snakemake table6`, `snakemake fig3`), for the items

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, snakemake
 from test_claims import EXPECTED_PUBLISHED, synthetic_config, write_tree
 from webssl_repro.cli import main
-from webssl_repro.config import load_config
+from webssl_repro.config import config_hash, load_config
 from webssl_repro.paper import specs
 from webssl_repro.paper.check import run_check
 from webssl_repro.paper.figures import render_figure
@@ -35,7 +35,7 @@ def test_published_report_has_every_item_and_the_claims(tmp_path, monkeypatch):
         else:
             render_figure(item, results, plan.item_outputs(item_id), "published", plan.language_models())
     run_check(PUBLISHED, [], "paper/published/check", REPO / "results/published")
-    text = write_report(PUBLISHED, "paper/published/report.md", "cafe01")
+    text = write_report(PUBLISHED, "paper/published/report.md")
     for item in plan.items:
         assert f"### {item}: {specs.get_item(item).title}" in text, item
         if specs.get_item(item).kind != "table":
@@ -48,7 +48,7 @@ def test_published_report_has_every_item_and_the_claims(tmp_path, monkeypatch):
     comparison = pd.read_csv("paper/published/check/comparison.tsv", sep="\t")
     assert set(comparison["status"]) == {"paper itself"} and len(comparison) > 500
     assert f"Per-metric comparison with the paper: paper itself: {len(comparison)} metrics — at the published" in text
-    assert "config hash `cafe01`" in text and "git commit `" in text
+    assert f"config hash `{config_hash(PUBLISHED)}`" in text and "git commit `" in text
 
 
 def test_snakemake_builds_check_report_and_html_report(workflow_dir):
@@ -93,14 +93,13 @@ def test_run_scale_report_puts_each_item_beside_the_papers(tmp_path, monkeypatch
                  "--outdir", "paper/synth/check", "--inputs", *plan.item_inputs("table15"),
                  *plan.item_inputs("fig3"), *plan.item_inputs("fig9")]) == 0
     assert sorted(report_inputs(plan)) == sorted(p for p in report_inputs(plan) if (tmp_path / p).exists())
-    assert main(["report", "--config-json", json.dumps(config), "--config-hash", "abc123",
-                 "--out", "paper/synth/report.md"]) == 0
+    assert main(["report", "--config-json", json.dumps(config), "--out", "paper/synth/report.md"]) == 0
     text = (tmp_path / "paper/synth/report.md").read_text()
     assert "**paper**" in text and re.search(r"\| Web-DINO ViT-7B 518 +\| 1807\.08 .*\| 59\.91 +\|", text)
     assert "](published/figures/fig3.png)" in text and "](figures/fig3_vs_published.png)" in text
     assert "No overlay" in text  # fig9: the paper prints no alignment values
     assert "**higher_resolution_helps**" in text and "does not hold" in text
-    assert "config hash `abc123`" in text
+    assert f"config hash `{config_hash(config)}`" in text
 
 
 @pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/paper.yaml"])

@@ -324,7 +324,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         if item_id not in self.items:
             self.not_built(item_id)
         if self.published:
-            return [f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(item)]
+            return published_files(item)
         inputs: list[str] = []
         for run in item.runs:
             for kind in item.evals:
@@ -335,7 +335,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
                 else:
                     inputs.extend(self.eval_path(r, kind) for r in self.seeded(run))
         if any(s in specs.BASELINES for s in item.sources):
-            inputs.extend(f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(item))
+            inputs.extend(published_files(item))
         inputs.extend(self.no_image_inputs(item.metrics))
         return list(dict.fromkeys(inputs))
 
@@ -366,15 +366,9 @@ def _item_order(item_id: str) -> tuple[bool, int]:
 
 def published_files(item: specs.Item) -> list[str]:
     """The TSVs under results/published that hold an item's source tables."""
-    files = []
-    for table in item.published:
-        if table in ("table2", "table3"):
-            files.append(table)
-        elif table in ("table7", "table9"):
-            files.append("classic")
-        else:
-            files.append("vqa")
-    return list(dict.fromkeys(files))
+    from webssl_repro.paper.published import files_of_tables
+
+    return [f"{PUBLISHED_DIR}/{file}" for file in files_of_tables(item.published)]
 
 
 def mark_invocation(remote: bool, environ: Any = None) -> str | None:

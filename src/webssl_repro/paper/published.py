@@ -52,6 +52,22 @@ FILE_TABLES: dict[str, tuple[str, ...]] = {
     "table2.tsv": ("table2",), "table3.tsv": ("table3",), "classic.tsv": ("table7", "table9"),
     "table1.tsv": ("table1",), "table4.tsv": ("table4",), "table5.tsv": ("table5",),
 }
+# the files whose rows are numbers of runs or baselines (the rest describe recipes)
+RESULT_FILES: tuple[str, ...] = ("vqa.tsv", "classic.tsv", "table2.tsv", "table3.tsv")
+
+
+def files_of_tables(tables: Iterable[str]) -> list[str]:
+    """The TSVs that hold the rows of the given paper tables, each once, in order."""
+    files = []
+    for table in tables:
+        found = [file for file, of_file in FILE_TABLES.items() if table in of_file]
+        if not found:
+            raise ValueError(f"{table}: no published TSV holds this paper table "
+                             f"(the files hold {sorted({t for ts in FILE_TABLES.values() for t in ts})})")
+        files.append(found[0])
+    return list(dict.fromkeys(files))
+
+
 # The recipe tables' rows name what they describe; a result row's source is one of our runs or a
 # baseline, else its numbers would reach no item and render as a row of "no number".
 RECIPE_SOURCES: dict[str, tuple[str, ...]] = {

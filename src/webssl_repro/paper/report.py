@@ -17,7 +17,6 @@ from webssl_repro.paper import specs
 
 REPORT_NAME = "report.md"
 CHECK_FILES = ("claims.tsv", "claims.md", "comparison.tsv")
-PUBLISHED_TSVS = ("vqa", "classic", "table2", "table3")  # every published file that holds numbers of runs
 
 
 # ---- paths (used by rules/paper.smk) ----------------------------------------------------------------
@@ -37,9 +36,10 @@ def check_inputs(plan) -> list[str]:
 
 def published_tsvs() -> list[str]:
     """The published numbers the comparison reads at every scale."""
+    from webssl_repro.paper.published import RESULT_FILES
     from webssl_repro.workflow import PUBLISHED_DIR
 
-    return [f"{PUBLISHED_DIR}/{name}.tsv" for name in PUBLISHED_TSVS]
+    return [f"{PUBLISHED_DIR}/{file}" for file in RESULT_FILES]
 
 
 def reference_outputs(paper_dir: str, item_id: str) -> list[str]:
@@ -60,9 +60,9 @@ def overlay_output(paper_dir: str, item_id: str) -> str:
 
 
 def published_inputs(item_id: str) -> list[str]:
-    from webssl_repro.workflow import PUBLISHED_DIR, published_files
+    from webssl_repro.workflow import published_files
 
-    return [f"{PUBLISHED_DIR}/{name}.tsv" for name in published_files(specs.get_item(item_id))]
+    return published_files(specs.get_item(item_id))
 
 
 def report_output(plan) -> str:
@@ -195,7 +195,8 @@ def build_report(plan, config_hash: str, commit: str) -> str:
                   "against the generator's ground truth are in `results/{}/data/filter/`.".format(scale), ""]
     lines += ["## How this was made", "",
               f"- scale `{scale}`, numbers from `{plan.config['source']}`, config hash `{config_hash}` "
-              f"(sha256 of the validated config), seeds {list(plan.config.get('seeds', [0]))}",
+              "(`webssl_repro.config.config_hash` of the validated config, as in run provenance), "
+              f"seeds {list(plan.config.get('seeds', [0]))}",
               f"- git commit `{commit}`",
               f"- `snakemake --cores 2 all --configfile config/{scale}.yaml` (the config file of this scale); "
               "`snakemake --report report.html` builds the HTML report of the same outputs",
@@ -204,11 +205,12 @@ def build_report(plan, config_hash: str, commit: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(config: Mapping[str, Any], out: str | Path, config_hash: str) -> str:
+def write_report(config: Mapping[str, Any], out: str | Path) -> str:
+    from webssl_repro.config import config_hash
     from webssl_repro.workflow import Plan
 
     plan = Plan(config)
-    text = build_report(plan, config_hash, git_commit())
+    text = build_report(plan, config_hash(config), git_commit())
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
     return text
@@ -226,7 +228,7 @@ def _check_cmd(args: argparse.Namespace) -> int:
 
 
 def _report_cmd(args: argparse.Namespace) -> int:
-    write_report(json.loads(args.config_json), args.out, args.config_hash)
+    write_report(json.loads(args.config_json), args.out)
     print(f"report: wrote {args.out}")
     return 0
 
@@ -291,7 +293,6 @@ def add_parsers(sub) -> None:
 
     report = sub.add_parser("report", help="write paper/{scale}/report.md from the rendered items and the check")
     report.add_argument("--config-json", required=True)
-    report.add_argument("--config-hash", required=True)
     report.add_argument("--out", required=True, type=Path)
     report.set_defaults(func=_report_cmd)
 
