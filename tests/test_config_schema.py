@@ -127,26 +127,28 @@ def test_schema_types_the_config_dataclasses():
     root = yaml.safe_load((REPO / "config/schema.yaml").read_text())["properties"]
     schema = root["pretrain"]["properties"]
     assert all(schema[name]["additionalProperties"] is False for name in ("train", "dino", "mae", "clip", "hires"))
-    allowed = {name: set(schema[name]["properties"]) for name in ("train", "dino", "mae", "clip", "hires")}
+    allowed = {name: set(schema[name]["properties"]) for name in ("train", "dino", "mae", "clip")}
     fields = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (TrainConfig, DinoConfig, MaeConfig, ClipConfig)}
     assert allowed["train"] == fields[TrainConfig] - {"samples_seen", "global_batch_size"}  # set from the run
-    assert allowed["dino"] == fields[DinoConfig] and allowed["hires"] == fields[DinoConfig] | {"steps"}
+    assert allowed["dino"] == fields[DinoConfig]
     assert allowed["mae"] == fields[MaeConfig]
     assert allowed["clip"] == fields[ClipConfig] | {"layerscale", "tokenizer", "vocab_size"}
     _typed_like(TrainConfig, schema["train"]["properties"], skip=("samples_seen", "global_batch_size"))
-    for name, cls in (("dino", DinoConfig), ("hires", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
+    for name, cls in (("dino", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
         _typed_like(cls, schema[name]["properties"])
-    in1k = schema["in1k"]  # the ImageNet-1k runs' overrides: each method's own keys, nothing else
-    assert in1k["additionalProperties"] is False and set(in1k["properties"]) == {"dino", "mae", "clip"}
-    for name, section in in1k["properties"].items():
-        assert section["additionalProperties"] is False and section["properties"] == schema[name]["properties"]
+    # the ImageNet-1k runs' and the high-resolution fine-tunes' overrides: each method's own keys, nothing else
+    assert set(schema["hires"]["properties"]) == {"steps", "dino", "mae", "clip"}
+    for over in (schema["in1k"]["properties"], schema["hires"]["properties"]):
+        for name in ("dino", "mae", "clip"):
+            section = over[name]
+            assert section["additionalProperties"] is False and section["properties"] == schema[name]["properties"]
+    assert schema["in1k"]["additionalProperties"] is False and set(schema["in1k"]["properties"]) == {"dino", "mae", "clip"}
     from webssl_repro.methods.dino import CENTERINGS
     from webssl_repro.methods.schedules import LR_SCALINGS
     from webssl_repro.train.config import PRECISIONS, STRATEGIES
 
     closed = {("train", "precision"): PRECISIONS, ("train", "strategy"): STRATEGIES,
-              ("dino", "centering"): CENTERINGS, ("hires", "centering"): CENTERINGS,
-              ("dino", "lr_scaling"): LR_SCALINGS, ("hires", "lr_scaling"): LR_SCALINGS}
+              ("dino", "centering"): CENTERINGS, ("dino", "lr_scaling"): LR_SCALINGS}
     for (section, key), values in closed.items():  # a choice the code refuses is refused by the dry run
         assert schema[section]["properties"][key]["enum"] == list(values), (section, key)
     vqa = root["evaluate"]["properties"]["vqa"]["properties"]

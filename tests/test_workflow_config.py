@@ -120,12 +120,33 @@ def test_hires_samples_follow_the_batch_the_fine_tune_trains_with(paper):
     """pretrain.hires without batch_size takes the method's (hires_recipe's): samples seen are
     steps x that batch, not 0 (which failed on a warm-up "not shorter than 0 steps")."""
     cfg = copy.deepcopy(paper)
-    del cfg["pretrain"]["hires"]["batch_size"]
+    del cfg["pretrain"]["hires"]["dino"]["batch_size"]
     config = Plan(cfg).run_config("dino7b-full8b-518")
     assert config["samples_seen"] == 20000 * config["recipe"]["batch_size"] == 20000 * cfg["pretrain"]["dino"]["batch_size"]
     del cfg["pretrain"]["dino"]["batch_size"]
-    with pytest.raises(ConfigError, match=r"pretrain.hires.batch_size: dino7b-full8b-518 counts its samples"):
+    with pytest.raises(ConfigError, match=r"pretrain.hires.dino.batch_size: dino7b-full8b-518 counts its samples"):
         Plan(cfg).run_config("dino7b-full8b-518")
+
+
+@pytest.mark.parametrize("method", ["mae", "clip"])
+def test_a_mae_or_clip_fine_tune_takes_its_own_hires_keys(paper, method):
+    """pretrain.hires holds each method's keys: Web-DINO's base_lr (App. C) once reached MAE's and
+    CLIP's recipes, whose configs refuse it when the job starts; their fine-tune keeps its 224 px
+    batch and lr unless hires.{method} sets them."""
+    from webssl_repro.methods.clip import ClipConfig
+    from webssl_repro.methods.mae import MaeConfig
+
+    config_class = {"mae": MaeConfig, "clip": ClipConfig}[method]
+    run = f"{method}2b-full2b-378"
+    recipe = Plan(paper).run_config(run)["recipe"]
+    assert "base_lr" not in recipe and recipe["lr"] == paper["pretrain"][method]["lr"]
+    config_class.from_mapping({k: v for k, v in recipe.items() if k not in ("layerscale", "tokenizer", "vocab_size")})
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["hires"][method] = {"lr": 1.0e-5, "batch_size": 1024}
+    config = Plan(cfg).run_config(run)
+    assert (config["recipe"]["lr"], config["recipe"]["batch_size"]) == (1.0e-5, 1024)
+    assert config["samples_seen"] == 20000 * 1024
+    assert Plan(cfg).run_config("dino2b-full2b-378")["recipe"]["base_lr"] == 1.0e-5  # dino's own key, unchanged
 
 
 @pytest.mark.parametrize("key, change, message", [

@@ -32,12 +32,12 @@ def run_steps(samples_seen: int, batch_size: int) -> int:
     return math.ceil(int(samples_seen) / int(batch_size))
 
 
-def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_samples: int,
+def hires_recipe(recipe: Mapping[str, Any], steps: int, over: Mapping[str, Any], base_samples: int,
                  step_defaults: Mapping[str, int] | None = None, base_batch: int | None = None) -> dict[str, Any]:
-    """The 224 px recipe with the fine-tune's batch size and lr (paper App. C: 20k steps,
-    batch 2048, lr 1.41e-5 = 1e-5·√2); "all other parameters remain exactly the same,
-    including the learning rate warmup ratio", so every step-counted setting (lr and
-    teacher-temperature warm-ups, the prototype freeze; ``step_defaults`` where the recipe
+    """The 224 px recipe for ``steps`` with the fine-tune's own keys ``over`` laid on it (paper
+    App. C, Web-DINO: 20k steps, batch 2048, lr 1.41e-5 = 1e-5·√2); "all other parameters remain
+    exactly the same, including the learning rate warmup ratio", so every step-counted setting
+    (lr and teacher-temperature warm-ups, the prototype freeze; ``step_defaults`` where the recipe
     leaves one at the method's default) keeps its share of the parent's steps (its samples over
     its batch: the recipe's, else ``base_batch``, the method's default). Kept as absolute
     counts, DINOv2's 37.5k-step temperature warm-up would outlast the 20k-step fine-tune.
@@ -46,10 +46,7 @@ def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_sampl
     teacher temperature 0.07, it starts at 0.994, 0.04 and a 0.04 -> 0.07 warm-up, with its
     prototypes frozen for their share of steps. App. C names no schedule that continues, and no
     released code shows DINOv2's own high-resolution phase."""
-    if "steps" not in hires:
-        raise KeyError("pretrain.hires needs 'steps' for a high-resolution fine-tune")
     out = dict(recipe)
-    steps = int(hires["steps"])
     if "batch_size" not in recipe and base_batch is None:
         raise KeyError("hires_recipe: the parent's batch size is neither in its recipe nor given (base_batch)")
     base_steps = max(1, run_steps(base_samples, int(recipe.get("batch_size", base_batch))))
@@ -57,9 +54,7 @@ def hires_recipe(recipe: Mapping[str, Any], hires: Mapping[str, Any], base_sampl
     for key in STEP_KEYS:
         if key in counted:
             out[key] = int(round(steps * int(counted[key]) / base_steps))
-    for key, value in hires.items():
-        if key != "steps":
-            out[key] = value
+    out.update(over)
     return out
 
 

@@ -110,10 +110,10 @@ def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
     if run.parent is not None:  # hi-res fine-tune: steps × batch of its own recipe (hires_recipe's)
         pretrain = cfg.get("pretrain", {})
         hires = pretrain.get("hires", {})
-        batch = hires.get("batch_size", pretrain.get(run.method, {}).get("batch_size"))
+        batch = hires.get(run.method, {}).get("batch_size", pretrain.get(run.method, {}).get("batch_size"))
         if batch is None:
-            raise ConfigError(f"pretrain.hires.batch_size: {run} counts its samples as steps x batch; set it, or "
-                              f"pretrain.{run.method}.batch_size, which it otherwise takes")
+            raise ConfigError(f"pretrain.hires.{run.method}.batch_size: {run} counts its samples as steps x batch; "
+                              f"set it, or pretrain.{run.method}.batch_size, which it otherwise takes")
         return int(hires.get("steps", 0)) * int(batch)
     if run.data == "in1k":
         return int(labels["in1k_epochs"]) * in1k_images(cfg)

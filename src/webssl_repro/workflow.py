@@ -275,11 +275,14 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             origin.update({k: f"pretrain.in1k.{r.method}.{k}" for k in over})
         if r.parent is not None:
             hires = pretrain.get("hires", {})
-            recipe = hires_recipe(recipe, hires, samples_of(r.parent, self.config), STEP_DEFAULTS.get(r.method),
-                                  SCHEDULE_DEFAULTS[r.method]["batch_size"])
+            if "steps" not in hires:
+                raise ConfigError(f"pretrain.hires.steps: {r} is a high-resolution fine-tune; set its steps")
+            over = hires.get(r.method, {})
+            recipe = hires_recipe(recipe, int(hires["steps"]), over, samples_of(r.parent, self.config),
+                                  STEP_DEFAULTS.get(r.method), SCHEDULE_DEFAULTS[r.method]["batch_size"])
             origin.update({k: f"{origin.get(k, f'pretrain.{r.method}.{k} (unset: the default)')}, scaled to "
                               "pretrain.hires.steps" for k in STEP_KEYS if k in recipe})
-            origin.update({k: f"pretrain.hires.{k}" for k in hires if k != "steps"})
+            origin.update({k: f"pretrain.hires.{r.method}.{k}" for k in over})
         if r.method == "dino":  # DINOv2's blur pixels belong to the base ("224") crop at every resolution
             recipe.setdefault("blur_reference_size", int(labels["resolutions"].get("224", 224)))
             if r.parent is not None:  # a 224 px run sizes them by its own crop (train.run)
