@@ -174,12 +174,22 @@ def test_masked_forward_uses_mask_token():
 
 
 def test_registry_and_clip_has_no_mask_support():
-    assert {"webssl_dino7b", "webssl_mae300m", "webssl_clip1b"} <= set(ENCODERS)
+    """Every paper tower is a timm model: ``timm.create_model`` builds what ``build_encoder`` does."""
+    import timm
+
+    assert set(timm.list_models("webssl_*")) == set(ENCODERS) >= {"webssl_dino7b", "webssl_mae300m", "webssl_clip1b"}
     with torch.device("meta"):
-        model = create_encoder("webssl_dino300m", img_size=518)
+        model = timm.create_model("webssl_dino300m", img_size=518)
+        same = build_encoder(PAPER_ARCHS["300m"], "dino", img_size=518)
+        mae = create_encoder("webssl_mae1b")
     assert model.pos_embed.shape == (1, 1 + 37 * 37, 1024)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in same.state_dict().items()}
+    assert model.mask_token is not None and mae.mask_token is None  # MAE: its own tower, GELU MLP of 4 x width
+    assert mae.blocks[0].mlp.fc1.out_features == 4 * MAE_ARCHS["1b"].width
     with pytest.raises(KeyError):
         create_encoder("webssl_dino9b")
+    with pytest.raises(ValueError, match="webssl_dino1b: timm holds no weights"):
+        timm.create_model("webssl_dino1b", pretrained=True)
     clip = build_encoder(Arch(32, 1, 2, patch=8), method="clip", img_size=16)
     with pytest.raises(ValueError, match="mask token"):
         clip.prepare_tokens(torch.randn(1, 3, 16, 16), torch.ones(1, 4, dtype=torch.bool))

@@ -153,24 +153,46 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
     return model
 
 
-def _registry() -> dict[str, Callable[..., WebSSLViT]]:
+def _entrypoint(name: str, arch: Arch, method: str) -> Callable[..., WebSSLViT]:
+    """A timm model entrypoint for one tower; timm's ``create_model`` passes its factory options."""
+
+    def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None,
+                   cache_dir: Any = None, **kwargs: Any) -> WebSSLViT:
+        if pretrained:
+            raise ValueError(f"{name}: timm holds no weights for it; load a released checkpoint with "
+                             "webssl_repro.models.hf.load_hf_encoder or `webssl-repro import-released`")
+        return build_encoder(arch, method, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"The {method} tower of {arch.width} wide, {arch.depth} deep ({name})."
+    return entrypoint
+
+
+def _register() -> dict[str, Callable[..., WebSSLViT]]:
+    """Every paper tower in timm's registry (``timm.create_model("webssl_dino7b", img_size=518)``)."""
+    from timm.models import register_model
+
     names: dict[str, Callable[..., WebSSLViT]] = {}
     for method in METHODS:
         table = MAE_ARCHS if method == "mae" else PAPER_ARCHS
         for size, arch in table.items():
-            names[f"webssl_{method}{size}"] = partial(build_encoder, arch, method)
+            name = f"webssl_{method}{size}"
+            names[name] = globals()[name] = register_model(_entrypoint(name, arch, method))
     return names
 
 
-#: name → builder, in the style of timm's model registry (``webssl_dino7b``, ``webssl_mae300m``…).
-ENCODERS: dict[str, Callable[..., WebSSLViT]] = _registry()
+#: name → timm entrypoint (``webssl_dino7b``, ``webssl_mae300m``…), registered with timm on import.
+ENCODERS: dict[str, Callable[..., WebSSLViT]] = _register()
 
 
 def create_encoder(name: str, **kwargs: Any) -> WebSSLViT:
-    """Build a registered tower by name, e.g. ``create_encoder("webssl_dino1b", img_size=518)``."""
+    """Build a registered tower by name through timm, e.g. ``create_encoder("webssl_dino1b", img_size=518)``."""
+    import timm
+
     if name not in ENCODERS:
         raise KeyError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
-    return ENCODERS[name](**kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
