@@ -25,6 +25,10 @@ def test_mean_iou_hand_case():
     # class 0: I=1, U=2 -> 0.5; class 1: I=2, U=3 -> 2/3; class 2: I=1, U=1 -> 1 (the pixel
     # under 255 is ignored); class 3 absent from both -> skipped.
     assert mean_iou(pred, target, num_classes=4) == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    # mmseg counts a class with a union: class 3, predicted once and absent from the target, is IoU 0
+    # (a mean over the target's classes only would give (0.5 + 1/3 + 1) / 3 here).
+    pred = torch.tensor([[0, 0, 1], [3, 2, 2]])
+    assert mean_iou(pred, target, num_classes=5) == pytest.approx((0.5 + 1 / 3 + 1.0 + 0.0) / 4)
     with pytest.raises(ValueError, match="differ"):
         mean_iou(pred, target[:1], num_classes=4)
 

@@ -199,45 +199,6 @@ def test_dense_probes_at_a_non_square_size_off_the_patch_grid(tiny_data, monkeyp
         classic.dense_size({"img_size": [0, 36]}, meta)
 
 
-def test_precision_autocasts_the_encoder_only(tiny_data):  # noqa: F811
-    """bf16 changes the frozen features (so it is applied), but the heads train in fp32, so the
-    mIoUs move by far less than 0.05 points (measured 0.0007 / 0.0016); an unknown precision is named."""
-    from webssl_repro.evaluate import classic
-
-    encoder, meta = _encoder()
-    cfg = {**DENSE, "segmentation": {**DENSE["segmentation"], "iters": 4}}
-    fp32 = classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config(cfg))
-    bf16 = classic.segmentation(encoder, meta, tiny_data["segmentation"],
-                                classic.classic_config({**cfg, "precision": "bf16"}))
-    assert fp32 != bf16 and all(abs(bf16[k] - fp32[k]) < 0.05 for k in fp32), (fp32, bf16)
-    with pytest.raises(ValueError, match="evaluate.classic.precision: 'fp8'"):
-        classic.segmentation(encoder, meta, tiny_data["segmentation"], classic.classic_config({**cfg, "precision": "fp8"}))
-
-
-def test_depth_test_averages_each_image_with_its_mirror(tiny_data, monkeypatch):  # noqa: F811
-    """DINOv2's NYUd flip test-time augmentation: mirroring the val set (images and depth
-    maps) leaves the RMSEs unchanged, since each prediction is the mean of an image's and
-    its mirror's. A ViT alone is not mirror-symmetric, so without it they would move."""
-    from webssl_repro.evaluate import classic
-
-    encoder, meta = _encoder()
-    cfg = classic.classic_config(DENSE)
-    plain = classic.depth(encoder, meta, tiny_data["depth"], cfg)
-    split = classic._split
-
-    def mirrored_val(manifest, name, size, target, **kw):
-        images = split(manifest, name, size, target, **kw)
-        if name == "val":
-            images.records = [{**r, "image": r["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-                               "depth": np.ascontiguousarray(np.asarray(r["depth"])[:, ::-1])} for r in images.records]
-        return images
-
-    monkeypatch.setattr(classic, "_split", mirrored_val)
-    mirrored = classic.depth(encoder, meta, tiny_data["depth"], cfg)
-    for name in plain:
-        assert mirrored[name] == pytest.approx(plain[name], rel=1e-4), (plain, mirrored)
-
-
 def test_linear_probe_trains_at_the_configured_global_batch(tiny_data, monkeypatch):  # noqa: F811
     """DINOv2's linear eval runs 128 images on each of 8 GPUs: a global batch of 1024 by
     default (capped at the training set), smaller where the config says so (mini: 128)."""
