@@ -222,6 +222,20 @@ def test_image_folder_source(tmp_path):
     assert loader.stats.skipped_samples == 1
 
 
+def test_a_folder_of_compressed_shards_is_read_as_shards(shard_dir, tmp_path):
+    """A folder source holds tars, plain or compressed (.tar.gz, .tgz...), which the reader opens;
+    a folder of .tar.gz once read as an image folder with no image in it."""
+    import gzip
+    import shutil
+
+    tars = sorted(shard_dir.glob("*.tar"))[:2]
+    shutil.copy(tars[0], tmp_path / "a.tar")
+    (tmp_path / "b.tar.gz").write_bytes(gzip.compress(tars[1].read_bytes()))
+    keys = [s["__key__"] for s in make_loader(str(tmp_path), rank=0, world_size=1, shuffle_shards=False)]
+    want = [s["__key__"] for s in make_loader([str(t) for t in tars], rank=0, world_size=1, shuffle_shards=False)]
+    assert keys == want and len(want) > 2
+
+
 def test_corpus_stage_manifest_and_filtered_shard(tmp_path):
     from webssl_repro.data.evalsets import EVAL_SEED_BASE
     from webssl_repro.data.miniweb import sample_id

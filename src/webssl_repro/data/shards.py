@@ -40,6 +40,8 @@ def is_local(url: str) -> bool:
 
 #: leading bytes of the compressions tarfile reads (gzip, bzip2, xz)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+#: the shard files of a folder given as a source: tars, plain or compressed (read by ``open_shard``)
+SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tar.xz")
 
 
 def is_compressed(path: str) -> bool:
@@ -237,6 +239,11 @@ class LoaderStats:
         warnings.warn(f"webssl_repro.data.shards: skipping {msg}", RuntimeWarning, stacklevel=3)
 
 
+def folder_shards(folder: str) -> list[str]:
+    """The shards directly in ``folder``, sorted by name."""
+    return sorted({path for pattern in SHARD_PATTERNS for path in glob.glob(os.path.join(folder, pattern))})
+
+
 def expand_sources(source: str | Sequence[str]) -> list[str]:
     """Brace notation (``shard-{00000..00009}.tar``), '::'-separated lists, a directory of tars, or a list."""
     from webdataset.shardlists import expand_urls
@@ -245,7 +252,7 @@ def expand_sources(source: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for item in items:
         if os.path.isdir(item):
-            out.extend(sorted(glob.glob(os.path.join(item, "*.tar"))))
+            out.extend(folder_shards(item))
         else:
             out.extend(expand_urls(item))
     return out
@@ -492,7 +499,7 @@ def make_loader(source: str | Sequence[str], *, batch_size: int | None = None, n
     """
     kw = dict(rank=rank, world_size=world_size, samples=samples, shuffle_items=shuffle_shards,
               shuffle_buffer=shuffle_buffer, seed=seed, transform=transform, report_stats=report_stats)
-    is_folder = isinstance(source, str) and os.path.isdir(source) and not glob.glob(os.path.join(source, "*.tar"))
+    is_folder = isinstance(source, str) and os.path.isdir(source) and not folder_shards(source)
     stream: _SplitStream = ImageFolderStream(source, **kw) if is_folder else ShardStream(
         expand_sources(source), arrays=arrays, **kw)
     if num_workers == 0 and batch_size is None and not within_shards:
