@@ -61,10 +61,6 @@ class Arch:
                 f"use {'MAE_ARCHS' if ffn == 'gelu' else 'PAPER_ARCHS'} (or arch_for) instead")
         return swiglu_hidden(self.width) if ffn == "swiglu" else 4 * self.width
 
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
 
 def _dino(width: int, depth: int, heads: int) -> Arch:
     return Arch(width, depth, heads, swiglu_hidden(width), 14, "swiglu")

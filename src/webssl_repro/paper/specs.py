@@ -1,10 +1,10 @@
 """Every table and figure of the paper as data: which runs, which metrics, which axes.
 
 This is the one source of truth for the experiment grid: the set of runs the DAG
-trains is the union of the runs these items need (``runs_for``). A row or series
-point names either a run (``dino7b-full8b-518``) or an off-the-shelf baseline id
-(``siglip-so400m-384``); baselines are published-only unless a run source is
-configured for them.
+trains is the union of the runs the requested items need (``workflow.Plan.grid_runs``).
+A row or series point names either a run (``dino7b-full8b-518``) or an off-the-shelf
+baseline id (``siglip-so400m-384``); baselines are never trained or evaluated here, only
+drawn from the paper's numbers where it prints them.
 """
 from __future__ import annotations
 
@@ -233,11 +233,3 @@ def get_item(item_id: str) -> Item:
         return ITEMS[item_id]
     except KeyError:
         raise KeyError(f"unknown paper item {item_id!r}; known: {', '.join(ITEMS)}") from None
-
-
-def runs_for(item_ids=None) -> list[str]:
-    """The runs the given items need (all items by default), in a stable order."""
-    from webssl_repro.runs import sort_runs
-
-    ids = ITEMS if item_ids is None else item_ids
-    return sort_runs(r for i in ids for r in get_item(i).runs)
