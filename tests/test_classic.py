@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_heads import train_segmentation
 from helpers_probes import colour_features, index_batches, seg_task
 from webssl_repro.evaluate.features import (block_tokens, extract_features,
                                             feature_fn)
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_input, linear_probe
 from webssl_repro.evaluate.segmentation import (LinearSegHead, mean_iou, multiscale_probs,
-                                                predict, train_segmentation)
+                                                predict, train_seg_heads)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,8 +198,8 @@ def test_segmentation_head_shapes_and_training():
     for n_layers in (1, 4):
         head = LinearSegHead(3, num_classes=3, n_layers=n_layers)
         assert head(colour_features(images).maps()).shape == (8, 3, 4, 4)
-        losses = train_segmentation(head, colour_features, [(images, masks)], iters=40,
-                                    lr=5e-2, warmup=5)
+        maps = colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(len(images), -1, 4, 4)
+        (losses,) = train_seg_heads([head], iter([(maps, masks)] * 40), iters=40, lr=5e-2, warmup=5)
         assert losses[-1] < 0.6 * losses[0]
     # the head reads the last n_layers maps of the stack, in block order
     maps = torch.randn(4, 2, 3, 4, 4, generator=g)
@@ -288,8 +289,6 @@ def test_upsampled_ce_matches_interpolate_then_ce():
 
 
 def test_joint_seg_heads_equal_separate_training():
-    from webssl_repro.evaluate.segmentation import train_seg_heads
-
     g = torch.Generator().manual_seed(0)
     images, masks = seg_task(g, n=12)
     bt = colour_features(images)
@@ -313,10 +312,8 @@ def test_joint_seg_heads_equal_separate_training():
 
 def test_seg_training_lr_is_mmseg_poly_with_linear_warmup(monkeypatch):
     """DINOv2's ADE20k schedule (mmseg poly, power 1, min lr 0; linear warm-up from
-    warmup_ratio) pinned to hand values, for the one-head and the joint trainer: for it < 4,
+    warmup_ratio) pinned to hand values, for the joint trainer and the one-head reference: for it < 4,
     (1 - it / 10) * (1 - (1 - it / 4) * (1 - 1e-6)), e.g. it=1: 0.9 * 0.25000075; then 1 - it / 10."""
-    from webssl_repro.evaluate.segmentation import train_seg_heads
-
     expected = [1e-06, 0.2250007, 0.4000004, 0.5250002, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     seen = []
     step = torch.optim.AdamW.step
@@ -338,8 +335,6 @@ def test_seg_training_lr_is_mmseg_poly_with_linear_warmup(monkeypatch):
 def test_seg_loss_averages_over_every_pixel_as_mmseg():
     """DINOv2's mmseg 0.x CE (avg_non_ignore=False): ignored pixels count in the mean as 0,
     so a batch half unlabelled has half the loss of its labelled pixels' mean."""
-    from webssl_repro.evaluate.segmentation import train_seg_heads
-
     g = torch.Generator().manual_seed(0)
     images, masks = seg_task(g, n=4)
     masks[:, :8] = 255

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_heads import train_depth
 from helpers_probes import colour_features, index_batches
 from webssl_repro.evaluate.depth import (DepthLinearHead, bins_to_depth, gradient_loss,
-                                         lin4_blocks, rmse, sig_loss, train_depth)
+                                         lin4_blocks, rmse, sig_loss, train_depth_heads)
 from webssl_repro.evaluate.features import BlockTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,6 +70,12 @@ def test_depth_loss_is_sig_loss_per_gpu_pair_averaged():
         depth_loss(pred, target, samples_per_gpu=3)
 
 
+def _one_head_batches(head: DepthLinearHead, images: torch.Tensor, depth: torch.Tensor, iters: int):
+    """``train_depth_heads``' batches for one head: the whole set each iteration."""
+    tokens = colour_features(images)
+    return iter([([head.flat_inputs(tokens)], tokens.grid, depth.unsqueeze(1))] * iters)
+
+
 def test_depth_training_sets_lr_and_beta1_each_iteration(monkeypatch):
     """The lr of each iteration is pinned to hand values of DINOv2's NYUd schedule (mmcv
     CosineAnnealing, min_lr_ratio 1e-8, linear warm-up from ratio 1e-3), not recomputed
@@ -85,7 +92,8 @@ def test_depth_training_sets_lr_and_beta1_each_iteration(monkeypatch):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(2 * 3 * 4, 16, kernel_size=1)  # DINOv2 keeps the conv's default init
     assert torch.equal(head.conv.weight, conv.weight) and torch.equal(head.conv.bias, conv.bias)
-    train_depth(head, colour_features, [(images, 1.0 + 4.0 * images[:, 0])], iters=10, lr=1e-2, warmup_iters=3)
+    train_depth_heads([head], _one_head_batches(head, images, 1.0 + 4.0 * images[:, 0], 10), iters=10, lr=1e-2,
+                      warmup_iters=3)
     # mmcv: regular = min + (1 - min) * (1 + cos(pi * it / 10)) / 2, then for it < 3
     # regular * (1 - (1 - it / 3) * (1 - 1e-3)); e.g. it=1: 0.975528 * 0.334 = 0.325826.
     factors = [0.001, 0.325826, 0.603307, 0.793893, 0.654509, 0.5, 0.345492, 0.206107, 0.095492, 0.024472]
@@ -131,8 +139,8 @@ def test_depth_head_shapes_and_training():
     head = DepthLinearHead(in_dim=3, n_layers=4, n_bins=256, max_depth=10.0)
     out = head(colour_features(images))
     assert out.shape == (4, 1, 16, 16) and (out >= 1e-3).all() and (out <= 10.0).all()
-    losses = train_depth(head, colour_features, [(images, depth)], iters=30, lr=1e-2,
-                         warmup_iters=3, sig_warmup=2)
+    (losses,) = train_depth_heads([head], _one_head_batches(head, images, depth, 30), iters=30, lr=1e-2,
+                                  warmup_iters=3, sig_warmup=2)
     assert losses[-1] < 0.7 * losses[2]
     with pytest.raises(ValueError, match="expects 4 blocks"):
         head(BlockTokens(torch.zeros(1, 4, 3), torch.zeros(1, 4, 16, 3), (4, 4), [0]))
@@ -158,8 +166,6 @@ def test_depth_head_token_grid_conv_equals_dinov2_order():
 
 
 def test_joint_depth_heads_equal_separate_training():
-    from webssl_repro.evaluate.depth import train_depth_heads
-
     g = torch.Generator().manual_seed(1)
     images = torch.rand(8, 3, 4, 4, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
     depth = (1.0 + 4.0 * images[:, 0]).unsqueeze(1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ from .features import BlockTokens, chunk_size, interp_matrix
 from .progress import Checkpoint, head_state, resume_heads
 
 __all__ = ["lin4_blocks", "DepthLinearHead", "bins_to_depth", "sig_loss", "gradient_loss",
-           "depth_loss", "onecycle_beta1", "train_depth", "train_depth_heads", "rmse", "RMSE", "eigen_crop",
+           "depth_loss", "onecycle_beta1", "train_depth_heads", "rmse", "RMSE", "eigen_crop",
            "EIGEN_CROP", "SAMPLES_PER_GPU", "DepthRange"]
 
 EPS = 1e-3  # log offset of DINOv2's SigLoss / GradientLoss
@@ -283,42 +283,14 @@ def _lr_factor(it: int, total: int, warmup: int, warmup_ratio: float = 1e-3,
     return regular
 
 
-def train_depth(head: DepthLinearHead, feature_fn, batches: Iterable, iters: int, lr: float = 1e-4,
-                weight_decay: float = 0.01, warmup_iters: int = 12800, sig_warmup: int = 100,
-                grad_clip: float = 35.0, grad_weight: float = 0.0,
-                samples_per_gpu: int | None = SAMPLES_PER_GPU) -> list[float]:
-    """Train on (images, depth) batches: DINOv2's AdamW (one-cycle beta1), warm-up + cosine,
-    clip 35, the loss per ``samples_per_gpu`` images; returns the loss curve."""
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    losses: list[float] = []
-    head.train()
-    while len(losses) < iters:
-        n_before = len(losses)
-        for images, target in batches:
-            it = len(losses)
-            if it >= iters:
-                break
-            _schedule(opt, lr, it, iters, warmup_iters)
-            pred = head(feature_fn(images))
-            loss = depth_loss(pred, target.view(target.shape[0], 1, *target.shape[-2:]),
-                              warm_up=it < sig_warmup, grad_weight=grad_weight, samples_per_gpu=samples_per_gpu)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(head.parameters(), grad_clip)
-            opt.step()
-            losses.append(loss.item())
-        if len(losses) == n_before:
-            raise ValueError("batches is empty")
-    return losses
-
-
 def train_depth_heads(heads: Sequence[DepthLinearHead],
                       batches: Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], tuple[int, int], torch.Tensor]],
                       iters: int, lr: float = 1e-4, weight_decay: float = 0.01, warmup_iters: int = 12800,
                       sig_warmup: int = 100, grad_clip: float = 35.0, grad_weight: float = 0.0,
                       samples_per_gpu: int | None = SAMPLES_PER_GPU, state: Optional[Mapping[str, Any]] = None,
                       checkpoint: Optional[Checkpoint] = None) -> list[list[float]]:
-    """``train_depth`` for several heads at once on frozen tokens.
+    """Trains several NYUd heads at once on frozen tokens: DINOv2's recipe (AdamW with one-cycle
+    beta1, warm-up + cosine lr, gradient clipping 35, the loss per ``samples_per_gpu`` images).
 
     ``batches`` yields (inputs, grid, depth (B, 1, H, W)) with ``inputs[i]`` = (patches
     (B, P, n_i*D), cls (B, n_i*D)) for head i (``DepthLinearHead.flat_inputs``), from a token

@@ -11,7 +11,7 @@ logits are averaged where windows overlap, and the result is resized to the labe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ SLIDE_STRIDE = 2 / 3
 FeatureFn = Callable[[torch.Tensor], BlockTokens]
 
 __all__ = ["LinearSegHead", "seg_logits", "slide_logits", "window_starts", "eval_logits", "multiscale_probs",
-           "train_segmentation", "train_seg_heads", "predict", "mean_iou", "IoU", "MS_SCALES", "SLIDE_STRIDE",
+           "train_seg_heads", "predict", "mean_iou", "IoU", "MS_SCALES", "SLIDE_STRIDE",
            "IGNORE_INDEX"]
 
 
@@ -190,37 +190,6 @@ def _lr_factor(it: int, total: int, warmup: int, warmup_ratio: float) -> float:
     return poly
 
 
-def train_segmentation(head: LinearSegHead, feature_fn: FeatureFn,
-                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]], iters: int,
-                       lr: float = 1e-3, weight_decay: float = 1e-4, warmup: int = 1500,
-                       warmup_ratio: float = 1e-6) -> list[float]:
-    """Train ``head`` for ``iters`` steps on (images, masks) batches; returns the loss curve.
-
-    ``batches`` is cycled if shorter than ``iters``. Masks are (B, H, W) long with
-    ``IGNORE_INDEX`` for unlabeled pixels; logits are upsampled to the mask size before the loss.
-    """
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
-    losses: list[float] = []
-    head.train()
-    while len(losses) < iters:
-        n_before = len(losses)
-        for images, masks in batches:
-            if len(losses) >= iters:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(len(losses), iters, warmup, warmup_ratio)
-            logits = seg_logits(head, feature_fn, images, out_size=masks.shape[-2:])
-            # mmseg 0.x's CE (avg_non_ignore=False, DINOv2's): mean over every pixel, ignored ones as 0
-            loss = F.cross_entropy(logits, masks.long(), ignore_index=IGNORE_INDEX, reduction="none").mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        if len(losses) == n_before:
-            raise ValueError("batches is empty")
-    return losses
-
-
 class _UpsampledCE(torch.autograd.Function):
     """Per-image summed CE of bilinearly upsampled logits, built chunk by chunk.
 
@@ -267,7 +236,8 @@ def train_seg_heads(heads: Sequence[LinearSegHead], batches: Iterator[tuple[torc
                     iters: int, lr: float = 1e-3, weight_decay: float = 1e-4, warmup: int = 1500,
                     warmup_ratio: float = 1e-6, state: Optional[Mapping[str, Any]] = None,
                     checkpoint: Optional[Checkpoint] = None) -> list[list[float]]:
-    """``train_segmentation`` for several heads at once on frozen maps.
+    """Trains several ADE20K heads at once on frozen maps: DINOv2's recipe (AdamW, mmseg poly lr
+    with linear warm-up, CE averaged over every pixel, ignored ones as 0).
 
     ``batches`` yields (maps, masks): maps (B, L*D, h, w) are a batch's frozen patch maps
     concatenated along channels in block order (from a token cache or the encoder). Every head
