@@ -2,7 +2,7 @@
 
 Two readers, each with num_workers 0 and 1: ``IndexedCorpus.batches`` (what ``pretrain``
 uses by default: images held decoded in memory, augmentation seeded per sample) and
-``data.shards.make_loader`` (the streaming reader for real shards). Each with the mini augmentation of a method:
+``data.loader.make_loader`` (the streaming reader for real shards). Each with the mini augmentation of a method:
 DINO multi-crop (2 global + 4 local crops at the mini "224" = 32 px), MAE and CLIP crops,
 built exactly as ``train.run.build`` builds them from config/mini.yaml. Target: a worker
 feeds more images/s than one training process consumes (``bench_dino_step.py``: a mini
@@ -19,7 +19,7 @@ import time
 import torch
 
 from webssl_repro.data.corpus import IndexedCorpus, read_manifest
-from webssl_repro.data.shards import make_loader
+from webssl_repro.data.loader import make_loader
 from webssl_repro.data.stages import build_corpus
 from webssl_repro.runs import Run
 from webssl_repro.train.run import build

@@ -28,7 +28,7 @@ from webssl_repro.data.evalsets import eval_seed, vqa_draw
 from webssl_repro.data.miniweb import COLOUR_NAMES, OBJECT_CLASSES, TEXTURES, WORDS, MiniWebConfig
 from webssl_repro.data.miniweb.render_objects import SKY_DEPTH, shape_mask
 from webssl_repro.data.miniweb.world import FACINGS
-from webssl_repro.data.shards import make_loader
+from webssl_repro.data.loader import make_loader
 from webssl_repro.evaluate.imagesets import images_tensor
 from webssl_repro.evaluate.vqa.controls import ControlTokens
 from webssl_repro.evaluate.vqa.stage import VQA_FIT, vqa_split

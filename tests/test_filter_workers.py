@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from webssl_repro.data.corpus import read_manifest
-from webssl_repro.data.shards import make_loader
+from webssl_repro.data.loader import make_loader
 from webssl_repro.data.stages import build_corpus, filter_corpus, manifest_shards
 
 

@@ -132,7 +132,7 @@ def test_filter_stage_shares_one_ocr_pass_and_draws_fig8(tmp_path, monkeypatch):
     import json
 
     from webssl_repro.data.corpus import IndexedCorpus, read_manifest
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
     from webssl_repro.data.stages import build_corpus, fig8_grid, filter_corpus, manifest_shards
 
     ocr_calls = []
@@ -167,7 +167,7 @@ def test_filter_split_into_parts_merges_to_the_whole_corpus_result(tmp_path):
     same images with the same counts as one job over all shards (precision / recall from
     the summed confusion counts)."""
     from webssl_repro.data.corpus import read_manifest
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
     from webssl_repro.data.stages import build_corpus, filter_corpus, filter_merge, manifest_shards
     from webssl_repro.workflow import Plan
     from webssl_repro.config import load_config

@@ -12,7 +12,8 @@ from helpers_tar import png_bytes, write_tar
 from webssl_repro.data.miniweb import (
     OBJECT_CLASSES, SEG_ID, MiniWebConfig, generate, render, sample_spec,
 )
-from webssl_repro.data.shards import STATS_KEY, make_loader, shard_batches, shard_ranges, write_shard
+from webssl_repro.data.shards import shard_ranges, write_shard
+from webssl_repro.data.loader import STATS_KEY, make_loader, shard_batches
 
 
 def test_same_seed_same_bytes_and_different_seed_differs():

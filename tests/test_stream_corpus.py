@@ -239,7 +239,7 @@ def test_a_shard_cut_at_a_member_boundary_loses_its_half_sample(tmp_path, shards
     """A tar cut after an image's member reads as a whole shorter tar: the image without its
     json is dropped and the shard counted once as broken, in memory (as the filter reads) and
     streamed alike."""
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
 
     with tarfile.open(shards[0]) as tin:
         members = tin.getmembers()
@@ -266,7 +266,7 @@ def test_a_shard_cut_at_a_member_boundary_loses_its_half_sample(tmp_path, shards
 def test_fewer_shards_than_readers_count_each_failure_once(tmp_path, shards):
     """Every reader reads the one shard and keeps every n-th sample: a bad image and a broken
     shard are each counted by one reader, so the summed counts do not grow with the readers."""
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
 
     keys = [s["__key__"] for s in shard_samples(shards[0], with_data=False)]
     bad = _spoilt(shards[0], tmp_path / "bad.tar", {keys[2]})

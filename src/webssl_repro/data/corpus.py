@@ -111,7 +111,8 @@ class IndexedCorpus:
 
     def __init__(self, shards: Sequence[str], seed: int = 0, needs_caption: bool = False, workers: int = 0,
                  max_decoded_bytes: int = MAX_DECODED_BYTES) -> None:
-        from webssl_repro.data.shards import make_loader, sample_id
+        from webssl_repro.data.shards import sample_id
+        from webssl_repro.data.loader import make_loader
 
         if workers < 0:
             raise ValueError(f"IndexedCorpus: workers must be >= 0, got {workers}")

@@ -128,7 +128,7 @@ def write_evalset(out_path: str, task: str, split: str, n: int, size: int = 64, 
 
 def load_evalset(path: str) -> list[dict[str, Any]]:
     """All records of one eval tar in order: ``image`` (PIL) and the json fields (+ seg/depth)."""
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
 
     out = []
     loader = make_loader(path, shuffle_shards=False, arrays=True, rank=0, world_size=1)

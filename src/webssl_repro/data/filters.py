@@ -34,7 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from webssl_repro.data.shards import STATS_KEY, sample_id, shard_batches
+from webssl_repro.data.shards import sample_id
+from webssl_repro.data.loader import STATS_KEY, shard_batches
 from webssl_repro.files import package_version
 
 LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
@@ -73,7 +74,7 @@ class TextFilter(abc.ABC):
 class FilterBatch:
     """A loader batch as ``run_filter`` takes it: each sample's id, where it is stored (shard,
     key, position in the shard), its ground truth where the metadata has it, the backend's ``encode``d images, and
-    the final counts of any reader that ended in this batch (``shards.STATS_KEY`` items)."""
+    the final counts of any reader that ended in this batch (``loader.STATS_KEY`` items)."""
 
     ids: list[str]
     sources: list[tuple[str, str, int]]
@@ -235,7 +236,7 @@ def make_filter(backend: str, **kw: Any) -> TextFilter:
 def run_filter(flt: TextFilter, samples: Iterable[Mapping[str, Any]], variants: Sequence[str] = ("light", "heavy"),
                batch_size: int | None = None) -> dict[str, Any]:
     """Decisions for a stream of loaded samples, batched here (``batch_size``: the backend's)
-    within each shard, as a loader's workers batch them (``shards.shard_batches``; samples of an
+    within each shard, as a loader's workers batch them (``loader.shard_batches``; samples of an
     image folder, each its own ``__url__``, would be decided one by one); ``truth`` is None
     unless every sample's metadata has it."""
     size = int(batch_size or flt.batch_size)

@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 
 from webssl_repro.data.evalsets import ALIGNMENT_PAIRS
 from webssl_repro.data.filter_progress import CHECKPOINT_SHARDS, discard_progress, run_in_chunks
-from webssl_repro.data.shards import expand_sources, is_local, shard_ranges, write_shard
+from webssl_repro.data.shards import is_local, shard_ranges, write_shard
+from webssl_repro.data.loader import expand_sources
 from webssl_repro.files import read_json, write_json
 
 CORPUS_DEFAULTS = {"seed": 0, "n_images": 4096, "shard_size": 512, "size": 64, "image_format": "jpg"}
@@ -106,7 +107,7 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     fraction, P/R and speed; the light and heavy runs train on those shards. Decisions are saved
     every ``checkpoint_shards`` shards (``data.filter_progress``): a rerun resumes after them."""
     from webssl_repro.data.filters import filter_batch, filter_report, make_filter, run_filter, run_filter_batches
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
 
     opts = dict(section)
     backend = str(opts.pop("backend", "ocr"))
@@ -219,7 +220,7 @@ def fig8_grid(shards: Sequence[str], light_json: str, heavy_json: str, out_prefi
     ones, read from the filters' own shards."""
     from webssl_repro.data.corpus import read_manifest
     from webssl_repro.data.filters import sample_grid
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
 
     rows: dict[str, list[Any]] = {}
     for name, source in (("raw", list(shards)), ("light", light_json), ("heavy", heavy_json)):

@@ -42,7 +42,8 @@ from webssl_repro.data.corpus import (
     local_batch_size,
     pick_caption,
 )
-from webssl_repro.data.shards import LoaderStats, shard_samples
+from webssl_repro.data.shards import shard_samples
+from webssl_repro.data.loader import LoaderStats
 from webssl_repro.data.workers import worker_batches
 
 

@@ -57,7 +57,7 @@ def vqa_split(manifest_path: str | Path, split: str) -> dict[str, list[dict[str,
 
 def _corpus(manifest_path: str | Path, limit: int) -> tuple[list[VqaSample], dict[str, Any]]:
     from webssl_repro.data.corpus import read_manifest
-    from webssl_repro.data.shards import make_loader
+    from webssl_repro.data.loader import make_loader
 
     samples, images = [], {}
     for s in make_loader(read_manifest(manifest_path)["shards"], shuffle_shards=False, rank=0, world_size=1):
