@@ -367,3 +367,70 @@ def test_export_hf_command_writes_a_run_encoder_that_transformers_loads(tmp_path
         tokens = ours.forward_features_dict(x)
         want = torch.cat([tokens["x_norm_clstoken"][:, None], tokens["x_norm_patchtokens"]], dim=1)
         torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, want, atol=1e-4, rtol=0)
+
+
+def _dinov2_stand_in(path, img_size):
+    """A tiny ``Dinov2Model`` saved as DINOv2's own HF repos are (no ``webssl`` metadata,
+    LayerScale 1.0, trained at ``img_size``): a stand-in for facebook/dinov2-giant."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=TINY.width, num_hidden_layers=TINY.depth, num_attention_heads=TINY.heads,
+                          patch_size=TINY.patch, image_size=img_size, use_swiglu_ffn=True, mlp_ratio=4,
+                          layerscale_value=1.0, layer_norm_eps=1e-6, qkv_bias=True)
+    torch.manual_seed(0)
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():
+        model.embeddings.position_embeddings.normal_(0.0, 1.0)  # a grid whose resampling shows
+    model.save_pretrained(path)
+    return path
+
+
+def test_off_the_shelf_dinov2_imports_resampled_to_the_evaluated_resolution(tmp_path, monkeypatch):
+    """DINOv2 ViT-g (trained at 518 px) as the run dinov2-g-224: the position embeddings are
+    resampled once, as DINOv2 resamples them at each forward, so the imported 224-px encoder's
+    features are those of the checkpoint fed 224-px images; HF and native files import alike."""
+    from webssl_repro.models.hf import run_checkpoint
+
+    rel = run_checkpoint("dinov2-g-224")
+    assert (rel.hf_id, rel.method, rel.size, rel.img_size, rel.trained_size) == (
+        "facebook/dinov2-giant", "dino", "1b", 224, 518)
+    assert rel.arch == PAPER_ARCHS["1b"] and rel.pytorch_url.endswith("/dinov2_vitg14_pretrain.pth")
+    assert run_checkpoint("dino1b-full2b-224") == released_checkpoint("facebook/webssl-dino1b-full2b-224")
+    # the tiny stand-in: trained at 64 px (8x8 patches), evaluated at IMG = 32 px (4x4)
+    monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY))
+    tiny = dataclasses.replace(rel, size="tiny", img_size=IMG, trained_size=2 * IMG)
+    hf_dir = _dinov2_stand_in(tmp_path / "hf", 2 * IMG)
+    at_64, meta_64 = import_hf(hf_dir)
+    assert meta_64["img_size"] == 2 * IMG and at_64.pos_embed.shape == (1, 1 + 64, TINY.width)
+    encoder, meta = load_released(tiny, hf_dir)
+    assert meta["img_size"] == IMG and encoder.pos_embed.shape == (1, 1 + 16, TINY.width)
+    assert any("from 8x8 (64 px) to 4x4 (32 px)" in n for n in meta["notes"]), meta["notes"]
+    x = _images()
+    with torch.no_grad():
+        ours, reference = encoder.forward_features_dict(x), at_64.forward_features_dict(x)
+    for key in ("x_norm_clstoken", "x_norm_patchtokens"):
+        assert torch.allclose(ours[key], reference[key], atol=1e-5), key
+    assert not torch.allclose(encoder.pos_embed[:, 1:], at_64.pos_embed[:, 1:17])  # resampled, not cut
+    # the native .pth of the same weights gives the same encoder
+    torch.save(convert.to_native(at_64.state_dict(), "dino"), tmp_path / "dinov2.pth")
+    native, _ = load_released(tiny, tmp_path / "dinov2.pth")
+    _assert_same_state(native, encoder)
+    # a checkpoint trained at the evaluated resolution is not the release
+    with pytest.raises(ValueError, match=r"@ 32px encoder, but facebook/dinov2-giant is .* @ 64px"):
+        load_released(tiny, _dinov2_stand_in(tmp_path / "other", IMG))
+    # the run directory an evaluation reads
+    loaded, run_meta = load_encoder(import_released(tiny, hf_dir, tmp_path / "run"))
+    _assert_same_state(loaded, encoder)
+    assert run_meta["img_size"] == IMG
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["released"]["run"] == "dinov2-g-224" and any("resampled" in n for n in prov["notes"])
+
+
+def test_import_released_cli_names_the_checkpoint_a_run_imports(tmp_path, capsys):
+    from webssl_repro.cli import main
+
+    assert main(["import-released", "--run", "dinov2-g-224", "--checkpoint", "facebook/webssl-dino1b-full2b-224",
+                 "--path", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "run dinov2-g-224 imports facebook/dinov2-giant, not facebook/webssl-dino1b-full2b-224" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

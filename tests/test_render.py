@@ -130,6 +130,29 @@ def test_published_tsv_row_order_follows_the_paper(tmp_path):
     assert list(table["Average"]) == [51.02, 53.87, 54.37, 55.24]
 
 
+def test_an_evaluated_baseline_replaces_its_published_row(tmp_path):
+    """DINOv2 ViT-g imported and evaluated (``pretrain.run_sources``): Table 14's 224 px row is the
+    measured one (origin run, not marked), its other rows still the paper's (marked †), and
+    Fig. 9's first bar is drawn from its alignment score."""
+    item = specs.get_item("table14")
+    frame = item_results(item, "runs", [_write_vqa(tmp_path, "dinov2-g-224", 0), "results/published/vqa.tsv"])
+    table = render_table(item, frame, [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")], "paper")
+    table = table.set_index("source")
+    # General = (MME / 20 + 3 x 40) / 4 = 42.5, the other categories 40 (the paper: 49.25)
+    assert table.loc["dinov2-g-224", "origin"] == "run"
+    assert table.loc["dinov2-g-224", "Average"] == pytest.approx((42.5 + 3 * 40) / 4)
+    assert table.loc["dinov2-g-378", "origin"] == "published" and table.loc["dinov2-g-378", "Average"] == 47.94
+    rows = {r[0]: r for r in _md_rows(tmp_path / "t.md")}
+    assert "DINOv2 ViT-g 224" in rows and "DINOv2 ViT-g 378 †" in rows
+    fig9 = specs.get_item("fig9")
+    path = tmp_path / "evals" / "dinov2-g-224" / "alignment.json"
+    path.write_text(json.dumps({"metrics": {"alignment/minilm": 0.031}}))
+    (ax,) = render_figure(fig9, item_results(fig9, "runs", [path]), [tmp_path / "f.pdf", tmp_path / "f.png"],
+                          "paper", ["minilm"]).axes
+    (bars,) = ax.containers
+    assert len(bars) == 1 and bars[0].get_x() < 0.5 and round(bars[0].get_y() + bars[0].get_height(), 6) == 0.031
+
+
 def test_alignment_bars_mark_a_missing_score_without_a_bar(tmp_path):
     """Fig. 9: a missing score is a hollow marker under the bars' floor, not a bar (a hatched
     full-height bar read as a score at the top of the axis); the paper prints no values, so its

@@ -131,6 +131,15 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert "classic_v2.json: not an eval result" in capsys.readouterr().err
     assert main(["compare", str(path.with_name("vqa.json"))]) == 2
     assert "vqa.json does not exist" in capsys.readouterr().err
+    # an imported off-the-shelf encoder against the paper's own numbers for it (Table 14)
+    dinov2 = tmp_path / "evals" / "dinov2-g-224" / "vqa.json"
+    dinov2.parent.mkdir(parents=True)
+    dinov2.write_text(json.dumps({"metrics": {"gqa": 62.89 - 0.4, "textvqa": 47.06 + 3.0}}))
+    assert main(["compare", str(dinov2), "--out", str(tmp_path / "dinov2.tsv")]) == 0
+    table = pd.read_csv(tmp_path / "dinov2.tsv", sep="\t").set_index("metric")
+    assert set(table["source"]) == {"dinov2-g-224"} and set(table["items"]) == {"table14"}
+    assert table.loc["gqa", "published"] == 62.89 and table.loc["gqa", "difference"] == pytest.approx(-0.4)
+    assert table.loc["textvqa", "difference"] == pytest.approx(3.0)
 
 
 def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_path, monkeypatch):

@@ -110,7 +110,8 @@ def test_unbuildable_items_are_named_not_dropped():
     config.update(items=[*config["items"], "table14"], stages=["data", "pretrain", "vqa"])
     plan = Plan(config)
     assert "table14" not in plan.items and "table7" not in plan.items
-    assert plan.skipped_items["table14"] == "off-the-shelf models only: see the published scale"
+    assert plan.skipped_items["table14"] == ("off-the-shelf models only, none imported (pretrain.run_sources): "
+                                             "see the published scale")
     assert plan.skipped_items["table7"] == "needs stages classic"
     assert "not built at this scale: " in plan.target_message() and "table14 (off-the-shelf" in plan.target_message()
     assert Plan(load_config(REPO / "config/paper.yaml")).skipped_items == {}

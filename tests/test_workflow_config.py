@@ -90,6 +90,43 @@ def test_a_release_outside_the_grid_is_imported_for_the_evaluations_asked_of_it(
     assert (jobs["import_released"], jobs["classic"], jobs["alignment"]) == ("2", "2", "2"), proc.stdout[-2000:]
 
 
+def test_an_imported_off_the_shelf_dinov2_is_evaluated_where_the_paper_shows_it(paper, workflow_dir):
+    """DINOv2 ViT-g (facebook/dinov2-giant) imported as ``dinov2-g-224``: Fig. 9's first bar, Fig. 1's
+    DINOv2 point and Table 14 read its evaluations; the baselines not imported stay the paper's
+    printed numbers, and a checkpoint of another model is refused by its key."""
+    from webssl_repro.releases import OFF_THE_SHELF
+
+    assert set(OFF_THE_SHELF) <= set(specs.BASELINES)  # each importable one is a row of the paper's
+    run, eval_path = "dinov2-g-224", "results/paper/evals/dinov2-g-224/{}.json"
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": "facebook/dinov2-giant"}}
+    cfg["items"] = [*paper["items"], "table14"]
+    plan, base = Plan(cfg), Plan(_with(paper, items=cfg["items"]))
+    assert "table14" in plan.items and "table14" in base.skipped_items and "none imported" in base.skipped_items["table14"]
+    assert eval_path.format("alignment") in plan.item_inputs("fig9")
+    assert eval_path.format("alignment") not in base.item_inputs("fig9")
+    assert eval_path.format("vqa") in plan.item_inputs("fig1")
+    table14 = plan.item_inputs("table14")  # SigLIP, MetaCLIP, … and DINOv2 at 378/518 from the paper
+    assert table14 == [eval_path.format("vqa"), "results/published/vqa.tsv"]
+    assert not any("dinov2" in p for p in plan.item_inputs("table3"))  # Table 3's DINOv2 row is 518 px
+    assert plan.runs[-1] == run and not plan.trained(run)
+    assert plan.cost_line() == base.cost_line().replace("30 runs,", "31 runs (1 imported),")
+    assert plan.cost_line("fig9").startswith("fig9: 8 runs (1 imported), ")
+    assert plan.import_resources()["mem_mb"] == -(-12 * encoder_params("dino", paper["labels"]["sizes"]["1b"], 518)
+                                                   // 2**20)
+    with pytest.raises(ConfigError, match=r"run_sources.dinov2-g-224.checkpoint: 'facebook/dinov2-large' is not "
+                                          r"the checkpoint of dinov2-g-224 \(facebook/dinov2-giant\)"):
+        Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {run: {"checkpoint": "facebook/dinov2-large"}}}))
+    with pytest.raises(ConfigError, match=r"run_sources.dinov2-g-512: no released .*'dinov2-g-224', 'dinov2-g-378'"):
+        Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {"dinov2-g-512": {"checkpoint": "x"}}}))
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    proc = snakemake(workflow_dir, "-n", "-p", "fig9", "--configfile", "config/paper.yaml", "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--run {run} --checkpoint facebook/dinov2-giant --allow-download" in proc.stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
+    assert (jobs["import_released"], jobs["alignment"]) == ("1", "8"), proc.stdout[-2000:]
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)

@@ -103,13 +103,13 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
 
 def _import_released(args: argparse.Namespace) -> int:
-    from webssl_repro.models.hf import import_released, released_checkpoint
+    from webssl_repro.models.hf import import_released, run_checkpoint
     from webssl_repro.runs import split_seed
 
-    released = released_checkpoint(args.checkpoint)
-    if released.run != split_seed(args.run)[0]:
-        raise ValueError(f"checkpoint {args.checkpoint} is run {released.run!r}, not {args.run!r}")
-    path = import_released(args.checkpoint, args.path, args.out, allow_download=args.allow_download)
+    checkpoint = run_checkpoint(split_seed(args.run)[0])
+    if checkpoint.hf_id.rsplit("/", 1)[-1] != args.checkpoint.rsplit("/", 1)[-1]:
+        raise ValueError(f"run {args.run} imports {checkpoint.hf_id}, not {args.checkpoint}")
+    path = import_released(checkpoint, args.path, args.out, allow_download=args.allow_download)
     print(f"{args.run}: imported {args.checkpoint} -> {path}")
     return 0
 
@@ -175,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parsers(sub)
 
-    imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint instead of training")
+    imp = sub.add_parser("import-released", help="a run from a released Web-SSL checkpoint (or an off-the-shelf "
+                         "encoder the paper compares against, e.g. dinov2-g-224) instead of training")
     imp.add_argument("--run", required=True)
-    imp.add_argument("--checkpoint", required=True, help="released id, e.g. facebook/webssl-dino2b-heavy2b-224")
+    imp.add_argument("--checkpoint", required=True, help="released id, e.g. facebook/webssl-dino2b-heavy2b-224 "
+                     "(facebook/dinov2-giant for dinov2-g-224/378/518)")
     imp.add_argument("--path", default=None, help="local HF directory or native .pth")
     imp.add_argument("--allow-download", action="store_true", help="fetch from the hub (paper scale only)")
     imp.add_argument("--out", required=True, type=Path)

@@ -170,24 +170,24 @@ def check_classic(section: Mapping[str, Any], sizes: Mapping[str, Mapping[str, A
 
 
 def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, seeds: Sequence[int]) -> None:
-    """``pretrain.run_sources``: each key a released run (in the grid or not: a run outside it
-    is imported for the evaluations asked of it), imported from the checkpoint of that very
-    run, downloaded only at the paper scale (the mini scale never downloads), and with one
-    seed: a release is one encoder, not a spread over seeds."""
-    from webssl_repro.releases import RELEASED
+    """``pretrain.run_sources``: each key a released run or an off-the-shelf encoder the paper
+    compares against (in the grid or not: a run outside it is imported for the evaluations asked
+    of it), imported from that very checkpoint, downloaded only at the paper scale (the mini
+    scale never downloads), and with one seed: a release is one encoder, not a spread over seeds."""
+    from webssl_repro.releases import checkpoint_of, importable_runs
 
     if run_sources and len(seeds) > 1:
         raise ConfigError(f"pretrain.run_sources with seeds {list(seeds)}: each seed would import the same "
                           "released encoder, so the mean and spread would be over one model; use one seed")
     for run, source in run_sources.items():
         where = f"pretrain.run_sources.{run}"
-        if f"webssl-{run}" not in RELEASED:
-            raise ConfigError(f"{where}: no released checkpoint is this run; the released runs are "
-                              f"{[name[len('webssl-'):] for name in RELEASED]}")
+        expected = checkpoint_of(run)
+        if expected is None:
+            raise ConfigError(f"{where}: no released checkpoint is this run; the importable runs are "
+                              f"{importable_runs()}")
         checkpoint = str(source.get("checkpoint", ""))
-        if checkpoint.rsplit("/", 1)[-1] != f"webssl-{run}":
-            raise ConfigError(f"{where}.checkpoint: {checkpoint!r} is not the release of {run} "
-                              f"(facebook/webssl-{run})")
+        if checkpoint.rsplit("/", 1)[-1] != expected.rsplit("/", 1)[-1]:  # the owner may be left out
+            raise ConfigError(f"{where}.checkpoint: {checkpoint!r} is not the checkpoint of {run} ({expected})")
         if not source.get("path") and scale != "paper":
             raise ConfigError(f"{where}: no 'path', so the checkpoint would be downloaded, which only the "
                               f"paper scale does (this is {scale!r}); give a local HF directory or .pth")

@@ -25,3 +25,27 @@ RELEASED = {
 }
 NO_PTH = {"webssl-dino300m-light2b-224"}  # HF collection only, no native file in the README
 PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
+
+#: Off-the-shelf encoders of the paper's comparisons that import as eval-only runs, by the id its
+#: tables use (``paper.specs.BASELINES``), evaluated at the id's resolution: DINOv2 ViT-g, which is
+#: Web-DINO ViT-1B's architecture (paper §4.1: "We adapt ViT-g from Oquab et al. (2023) as
+#: ViT-1B"), trained at 518 px and evaluated at 224 / 378 / 518 (Table 14, Fig. 1, Fig. 7, Fig. 9).
+#: id -> HF id, HF revision ("" where none is recorded), method, size label, trained resolution, native .pth.
+OFF_THE_SHELF = {
+    f"dinov2-g-{res}": {"hf_id": "facebook/dinov2-giant", "revision": "", "method": "dino", "size": "1b",
+                        "trained_size": 518,
+                        "pytorch_url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth"}
+    for res in (224, 378, 518)
+}
+
+
+def checkpoint_of(run: str) -> str | None:
+    """The HF id a run imports from: its Web-SSL release or an off-the-shelf encoder; None if neither."""
+    if run in OFF_THE_SHELF:
+        return str(OFF_THE_SHELF[run]["hf_id"])
+    return f"facebook/webssl-{run}" if f"webssl-{run}" in RELEASED else None
+
+
+def importable_runs() -> list[str]:
+    """Every run a ``pretrain.run_sources`` entry may name."""
+    return [*(name[len("webssl-"):] for name in RELEASED), *OFF_THE_SHELF]

@@ -116,4 +116,7 @@ def is_run_name(name: str) -> bool:
 
 
 def sort_runs(names) -> list[str]:
-    return [str(r) for r in sorted((Run.parse(n) for n in set(names)), key=Run.sort_key)]
+    """Runs in the grid's order, then any off-the-shelf encoder imported as a run (``dinov2-g-224``) by name."""
+    names = set(names)
+    runs = sorted((Run.parse(n) for n in names if is_run_name(n)), key=Run.sort_key)
+    return [*map(str, runs), *sorted(n for n in names if not is_run_name(n))]

@@ -97,8 +97,8 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         item = specs.get_item(item_id)
         if self.published:
             return True
-        if not item.runs:
-            return False  # only off-the-shelf baselines (Table 14): published-only rows
+        if not self.item_sources(item):
+            return False  # only off-the-shelf baselines none of which is imported (Table 14): published rows
         needed = {"pretrain", *(STAGE_OF_EVAL[e] for e in item.evals)}
         return needed <= self.stages
 
@@ -129,8 +129,9 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             elif not self.item_buildable(item_id):
                 item = specs.get_item(item_id)
                 missing = sorted({"pretrain", *(STAGE_OF_EVAL[e] for e in item.evals)} - self.stages)
-                skipped[item_id] = (f"needs stages {', '.join(missing)}" if item.runs and missing
-                                    else "off-the-shelf models only: see the published scale")
+                skipped[item_id] = (f"needs stages {', '.join(missing)}" if self.item_sources(item) and missing
+                                    else "off-the-shelf models only, none imported (pretrain.run_sources): "
+                                         "see the published scale")
         return skipped
 
     @cached_property
@@ -138,7 +139,13 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         """The runs behind the requested items: what ``all`` trains (or imports) and evaluates."""
         if self.published:
             return ()
-        return tuple(sort_runs(r for i in self.items for r in specs.get_item(i).runs))
+        return tuple(sort_runs(r for i in self.items for r in self.item_sources(specs.get_item(i))))
+
+    def item_sources(self, item: specs.Item) -> tuple[str, ...]:
+        """The encoders whose evaluations an item reads at this scale: its runs, and the
+        off-the-shelf baselines this config imports (``pretrain.run_sources``, e.g. DINOv2 ViT-g
+        as ``dinov2-g-224``); its other baselines are the paper's printed numbers."""
+        return (*item.runs, *(s for s in item.sources if s in specs.BASELINES and s in self.run_sources))
 
     @cached_property
     def grid_runs(self) -> tuple[str, ...]:
@@ -329,7 +336,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         if self.published:
             return published_files(item)
         inputs: list[str] = []
-        for run in item.runs:
+        for run in self.item_sources(item):
             for kind in item.evals:
                 if kind == "filter":
                     data = Run.parse(run).data
@@ -337,7 +344,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
                         inputs.append(self.filter_stats(data))
                 else:
                     inputs.extend(self.eval_path(r, kind) for r in self.seeded(run))
-        if any(s in specs.BASELINES for s in item.sources):
+        if any(s in specs.BASELINES and s not in self.run_sources for s in item.sources):
             inputs.extend(published_files(item))
         inputs.extend(self.no_image_inputs(item.metrics))
         return list(dict.fromkeys(inputs))

@@ -38,11 +38,12 @@ class PretrainJobs:
         encoder three times in fp32 (as read, as converted, and written), at least 8 GB; the
         defaults where there are no GPU nodes (mini)."""
         res = self.config.get("resources", {})
-        imported = [Run.parse(split_seed(r, self.seeds[0])[0]) for r in self.run_ids if not self.trained(r)]
+        imported = [_imported_shape(split_seed(r, self.seeds[0])[0]) for r in self.run_ids if not self.trained(r)]
         if not imported or not int(res.get("gpus_per_node", 0)):
             return {}
         # a release's own architecture and resolution (it may be a size this config's grid lacks)
-        params = max(encoder_params(r.method, dataclasses.asdict(arch_for(r.method, r.size)), r.res) for r in imported)
+        params = max(encoder_params(method, dataclasses.asdict(arch_for(method, size)), px)
+                     for method, size, px in imported)
         mem_mb = max(8000, math.ceil(3 * 4 * params / 2**20))
         return {"mem_mb": min(mem_mb, int(res["mem_mb_per_node"])), "cpus_per_task": int(res["cpus_per_gpu"]),
                 "runtime": 120}
@@ -145,7 +146,7 @@ class PretrainJobs:
     def cost_line(self, item: str | None = None) -> str:
         """``{item}: N runs[ (k imported)], H estimated pretraining GPU-hours``: every seed counts
         as a run; an imported run (``pretrain.run_sources``) costs no pretraining."""
-        wanted = self.item_runs if item is None else specs.get_item(item).runs
+        wanted = self.item_runs if item is None else self.item_sources(specs.get_item(item))
         runs = [r for run in wanted for r in self.seeded(run)]
         imported = sum(not self.trained(r) for r in runs)
         return (f"{item or 'all'}: {len(runs)} runs{f' ({imported} imported)' if imported else ''}, "
@@ -159,6 +160,18 @@ class PretrainJobs:
         """Pretraining GPU-hours of ``runs`` (run ids; default all), imported ones excluded."""
         return sum(self.pretrain_resources(r).gpu_hours for r in (self.run_ids if runs is None else runs)
                    if self.trained(r))
+
+
+def _imported_shape(run: str) -> tuple[str, str, int]:
+    """(method, size label, largest resolution) of the checkpoint an imported run reads: a
+    release's run name, or an off-the-shelf encoder's entry (trained at its own resolution)."""
+    from webssl_repro.releases import OFF_THE_SHELF
+
+    if run in OFF_THE_SHELF:
+        o = OFF_THE_SHELF[run]
+        return str(o["method"]), str(o["size"]), max(int(o["trained_size"]), int(run.rsplit("-", 1)[1]))
+    r = Run.parse(run)
+    return r.method, r.size, r.res
 
 
 def _alternatives(names: list[str]) -> str:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from webssl_repro.models import convert
-from webssl_repro.releases import NO_PTH, PTH_URL, RELEASED
-from webssl_repro.models.vit import Arch, WebSSLViT, arch_for
+from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED
+from webssl_repro.models.vit import Arch, WebSSLViT, arch_for, resample_pos_embed
 
 KINDS = {"dinov2": "dino", "vit": "mae"}  # HF model_type -> default method
 
@@ -241,14 +241,19 @@ class Released:
     size: str
     data: str
     samples: str
-    img_size: int
-    run: str  # our run name, e.g. 'dino7b-full8b-518'
+    img_size: int  # the run's resolution, at which it is evaluated
+    run: str  # our run name, e.g. 'dino7b-full8b-518', or an off-the-shelf id, e.g. 'dinov2-g-224'
     revision: str | None  # HF commit to pin, when recorded
     pytorch_url: str | None
+    trained_size: int = 0  # the resolution of the checkpoint's position embeddings (0: img_size)
 
     @property
     def arch(self) -> Arch:
         return arch_for(self.method, self.size)
+
+    @property
+    def weights_size(self) -> int:
+        return self.trained_size or self.img_size
 
 
 def released_checkpoint(hf_id: str) -> Released:
@@ -271,14 +276,45 @@ def released_checkpoints() -> list[Released]:
     return [released_checkpoint(k) for k in RELEASED]
 
 
-def load_released(hf_id: str, source: str | Path | None = None, *, allow_download: bool = False
+def run_checkpoint(run: str) -> Released:
+    """The checkpoint a run imports (``pretrain.run_sources``): its Web-SSL release, or an
+    off-the-shelf encoder of the paper's comparisons (``releases.OFF_THE_SHELF``: DINOv2 ViT-g,
+    trained at 518 px, as the run ``dinov2-g-224`` evaluated at 224 px)."""
+    if run in OFF_THE_SHELF:
+        o = OFF_THE_SHELF[run]
+        return Released(hf_id=o["hf_id"], method=o["method"], size=o["size"], data="lvd142m", samples="",
+                        img_size=int(run.rsplit("-", 1)[1]), run=run, revision=o["revision"] or None,
+                        pytorch_url=o["pytorch_url"], trained_size=int(o["trained_size"]))
+    return released_checkpoint(f"webssl-{run}")
+
+
+def at_resolution(encoder: WebSSLViT, meta: Mapping[str, Any], img_size: int, arch: Arch, *,
+                  source: str) -> tuple[WebSSLViT, dict[str, Any]]:
+    """``encoder`` rebuilt for ``img_size`` px, its position embeddings resampled once as DINOv2's
+    ``interpolate_pos_encoding`` resamples them at every forward (``vit.resample_pos_embed``):
+    the features of that size are unchanged, and the evaluations, which feed an encoder images
+    of its own ``img_size``, see the resolution the paper evaluated the checkpoint at."""
+    state = encoder.state_dict()
+    del encoder
+    grid = img_size // arch.patch
+    before = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    state["pos_embed"] = resample_pos_embed(state["pos_embed"], (grid, grid))
+    out = convert.load_into_encoder(state, meta["method"], arch, img_size, source=source)
+    note = (f"pos_embed resampled from {before}x{before} ({meta['img_size']} px) to {grid}x{grid} "
+            f"({img_size} px), as DINOv2 interpolates at every forward")
+    return out, {**meta, "img_size": int(img_size), "notes": [*meta.get("notes", []), note]}
+
+
+def load_released(checkpoint: str | Released, source: str | Path | None = None, *, allow_download: bool = False
                   ) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Encoder of a released checkpoint from ``source``: a local HF directory, a native
-    ``.pth``/``.pt`` file, or (``source=None`` with ``allow_download=True``, paper scale only)
-    the hub id itself at its pinned revision. The result is checked against the released
-    architecture and resolution so a wrong file cannot stand in for the run.
+    """Encoder of a released checkpoint (an id, or ``run_checkpoint(run)``) from ``source``: a
+    local HF directory, a native ``.pth``/``.pt`` file, or (``source=None`` with
+    ``allow_download=True``, paper scale only) the hub id itself at its pinned revision. The
+    result is checked against the released architecture and resolution so a wrong file cannot
+    stand in for the run; a checkpoint trained at another resolution than its run's is then
+    resampled to it (``at_resolution``).
     """
-    rel = released_checkpoint(hf_id)
+    rel = released_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     if source is None:
         if not allow_download:
             raise FileNotFoundError(f"{rel.hf_id}: no local source given; set one in the config "
@@ -287,12 +323,14 @@ def load_released(hf_id: str, source: str | Path | None = None, *, allow_downloa
     elif Path(source).is_dir():
         encoder, meta = import_hf(source)
     else:
-        encoder, meta = import_native(source, rel.method, rel.arch, rel.img_size)
+        encoder, meta = import_native(source, rel.method, rel.arch, rel.weights_size)
     if (meta["method"], meta["arch"], meta["img_size"]) != (
-            rel.method, _arch_dict(rel.arch, rel.method), rel.img_size):
+            rel.method, _arch_dict(rel.arch, rel.method), rel.weights_size):
         raise ValueError(f"{source}: holds a {meta['method']} {meta['arch']} @ {meta['img_size']}px "
                          f"encoder, but {rel.hf_id} is {_arch_dict(rel.arch, rel.method)} "
-                         f"@ {rel.img_size}px")
+                         f"@ {rel.weights_size}px")
+    if rel.img_size != rel.weights_size:
+        encoder, meta = at_resolution(encoder, meta, rel.img_size, rel.arch, source=str(source or rel.hf_id))
     meta.update(released=asdict(rel))
     return encoder, meta
 
@@ -309,8 +347,8 @@ def write_run_encoder(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str 
     return save_encoder(encoder.state_dict(), header, prov, out_dir)
 
 
-def import_released(hf_id: str, source: str | Path | None, out_dir: str | Path, *,
+def import_released(checkpoint: str | Released, source: str | Path | None, out_dir: str | Path, *,
                     allow_download: bool = False) -> Path:
     """The ``released`` run source in one call: load, verify, write the run-dir encoder."""
-    encoder, meta = load_released(hf_id, source, allow_download=allow_download)
+    encoder, meta = load_released(checkpoint, source, allow_download=allow_download)
     return write_run_encoder(encoder, meta, out_dir)

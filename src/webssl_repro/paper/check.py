@@ -23,6 +23,7 @@ from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_filter_resu
                                         with_categories)
 from webssl_repro.metrics import (CLASSIC_METRICS, PROTOCOL_DIFFERENCES, VQA_CATEGORIES, VQA_CONTROLS, better,
                                   label)
+from webssl_repro.releases import OFF_THE_SHELF
 from webssl_repro.runs import is_run_name, split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
@@ -49,12 +50,17 @@ def requested_pairs(plan) -> set[tuple[str, str]]:
     return pairs
 
 
+def _evaluable(source: str) -> bool:
+    """A run, or an off-the-shelf baseline a config may import and evaluate (``pretrain.run_sources``)."""
+    return is_run_name(source) or source in OFF_THE_SHELF
+
+
 def published_runs_frame(directory: Optional[str | Path] = None) -> pd.DataFrame:
-    """Every printed number of a run (not an off-the-shelf baseline), with the four VQA categories."""
+    """Every printed number of a run or an importable off-the-shelf baseline (``releases.OFF_THE_SHELF``),
+    with the four VQA categories."""
     long = load_published(directory)
-    tables = sorted(set(long.loc[long["source"].map(is_run_name), "table"]))
-    frame = published_frame(tables, directory)
-    frame = frame[frame["source"].map(is_run_name)].copy()
+    tables = sorted(set(long.loc[long["source"].map(_evaluable), "table"]))
+    frame = published_frame(tables, directory, sources=_evaluable)
     frame["origin"] = "published"
     frame["seed"] = 0
     return with_categories(frame.reset_index(drop=True))
@@ -153,12 +159,14 @@ def no_image_note(frame: pd.DataFrame, bars: Mapping[str, float]) -> str:
             + ". One that does not, does not show that the probe read the encoder.")
 
 
-def compared_pairs(item_ids: Iterable[str]) -> dict[tuple[str, str], list[str]]:
-    """(run, metric) -> the items that print it, for the runs of the given items."""
+def compared_pairs(item_ids: Iterable[str], imported: Iterable[str] = ()) -> dict[tuple[str, str], list[str]]:
+    """(run, metric) -> the items that print it, for the runs of the given items and the
+    off-the-shelf baselines among ``imported`` (evaluated here, not only printed)."""
+    imported = set(imported)
     out: dict[tuple[str, str], list[str]] = {}
     for item_id in item_ids:
         item = specs.get_item(item_id)
-        for run in item.runs:
+        for run in (*item.runs, *(s for s in item.sources if s in specs.BASELINES and s in imported)):
             for metric in item.metrics:
                 out.setdefault((run, metric), []).append(item_id)
     return out
@@ -166,7 +174,8 @@ def compared_pairs(item_ids: Iterable[str]) -> dict[tuple[str, str], list[str]]:
 
 def comparison(reproduced: pd.DataFrame, published: pd.DataFrame, item_ids: Iterable[str],
                tolerances: Mapping[str, float], mode: str) -> pd.DataFrame:
-    """One row per (run, metric) the paper prints for the requested items.
+    """One row per (run, metric) the paper prints for the requested items, and per (baseline,
+    metric) for an off-the-shelf baseline evaluated here (in ``reproduced``).
 
     ``mode``: "published" (the source is the paper: identity, labelled as such), "comparable"
     (within / outside the metric's tolerance) or anything else ("not comparable", differences shown).
@@ -177,7 +186,8 @@ def comparison(reproduced: pd.DataFrame, published: pd.DataFrame, item_ids: Iter
     else:
         rep = reproduced.groupby(["source", "metric"])["value"].agg(["mean", "std", "count"])
     rows = []
-    for (run, metric), items in compared_pairs(item_ids).items():
+    imported = () if mode == "published" else set(reproduced["source"])
+    for (run, metric), items in compared_pairs(item_ids, imported).items():
         if (run, metric) not in pub.index:
             continue
         published_value = float(pub[(run, metric)])

@@ -11,7 +11,7 @@ import functools
 import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import pandas as pd
 
@@ -181,8 +181,10 @@ def load_table3_metadata(directory: Union[str, Path, None] = None) -> pd.DataFra
     return _load(_resolve(directory))[1]["table3.tsv"].copy()
 
 
-def published_frame(tables: Union[str, Iterable[str]], directory: Union[str, Path, None] = None) -> pd.DataFrame:
-    """The printed numbers of ``tables`` as ``source, metric, value``, one row per (source, metric).
+def published_frame(tables: Union[str, Iterable[str]], directory: Union[str, Path, None] = None,
+                    sources: Optional[Callable[[str], bool]] = None) -> pd.DataFrame:
+    """The printed numbers of ``tables`` as ``source, metric, value``, one row per (source, metric),
+    of the sources ``sources`` keeps (default all).
 
     A run printed in several tables (e.g. Web-DINO-7B 2B-seen in Tables 6 and 8, or rounded again
     in Table 2/3) must agree to the coarser printing precision; the more precise value is kept.
@@ -198,6 +200,8 @@ def published_frame(tables: Union[str, Iterable[str]], directory: Union[str, Pat
     absent = sorted(set(wanted) - set(frame["table"]))
     if absent:
         raise ValueError(f"published_frame: no published numbers for {absent}")
+    if sources is not None:
+        frame = frame[frame["source"].map(sources)]
 
     out = []
     for (source, metric), group in frame.groupby(["source", "metric"], sort=False):

@@ -1,8 +1,8 @@
 """The numbers behind one paper item, as a long frame ``source, metric, value, origin``.
 
 At the published scale they come from the paper's tables; at a run scale from the
-eval JSONs of this DAG, with off-the-shelf baselines (published-only rows) taken from
-the paper and marked ``origin="published"``. Renderers see one frame either way, so a
+eval JSONs of this DAG, with off-the-shelf baselines taken from the paper and marked
+``origin="published"``, unless the config imports and evaluates them (``pretrain.run_sources``). Renderers see one frame either way, so a
 table is the same code at every scale.
 """
 from __future__ import annotations
@@ -93,8 +93,9 @@ def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
         run, seed, origin = NO_IMAGE, first_seed, NO_IMAGE
     else:
         (run, seed), origin = split_seed(path.parent.name, first_seed), "run"
-        if not is_run_name(run):
-            raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/, got {path.parent.name!r}")
+        if not (is_run_name(run) or run in specs.BASELINES):
+            raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/ (a run or an imported "
+                             f"off-the-shelf encoder), got {path.parent.name!r}")
     data = read_json(path)
     metrics = data.get("metrics") if isinstance(data, dict) else None
     if not isinstance(metrics, dict):
@@ -124,7 +125,7 @@ def data_pct_rows(runs: Iterable[str], kept: Mapping[str, float], seed: int = 0)
     """The "% of data" each run trained on: all of it unfiltered, else its filter's kept share
     (``kept``: variant -> percent; a run whose filter result is not among them gets no row)."""
     rows = []
-    for run in runs:
+    for run in filter(is_run_name, runs):  # an off-the-shelf encoder has no share of our data
         data = Run.parse(run).data
         share = 100.0 if data == "full" else kept.get(data)
         if share is not None:
@@ -147,7 +148,8 @@ def run_results(item: specs.Item, inputs: Iterable[str | Path]) -> pd.DataFrame:
     if DATA_PCT in item.metrics:
         rows.extend(data_pct_rows(item.runs, kept))
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    baselines = [s for s in item.sources if s in specs.BASELINES]
+    # the paper's numbers for the baselines this config did not import and evaluate
+    baselines = [s for s in item.sources if s in specs.BASELINES and s not in set(frame["source"])]
     if baselines and item.published:
         published = published_results(item)
         frame = pd.concat([frame, published[published["source"].isin(baselines)]], ignore_index=True)
