@@ -1,4 +1,5 @@
 """The DAG: run grid, targets, resources, dry runs, lint and the published render."""
+import copy
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ import yaml
 from conftest import REPO, snakemake
 from webssl_repro.config import ConfigError, load_config
 from webssl_repro.paper import specs
+from webssl_repro.runs import Run
 from webssl_repro.workflow import Plan
 
 PAPER_GRID = sorted(
@@ -447,7 +449,36 @@ def test_schedule_defaults_are_the_method_configs():
     from webssl_repro.methods.mae import MaeConfig
     from webssl_repro.recipes import SCHEDULE_DEFAULTS
 
+    from webssl_repro.resources import COMPANION_DEFAULTS
+
     for method, cls in (("dino", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
         defaults = cls()
         assert {k: getattr(defaults, k) for k in SCHEDULE_DEFAULTS[method]} == SCHEDULE_DEFAULTS[method], method
+    for method, cls in (("mae", MaeConfig), ("clip", ClipConfig)):  # the runtime estimate's decoder / text tower
+        assert {k: getattr(cls(), k) for k in COMPANION_DEFAULTS[method]} == COMPANION_DEFAULTS[method], method
+
+
+def test_runtime_estimate_counts_the_mae_decoder_and_the_clip_text_tower(paper_plan):
+    """MAE's decoder (every patch) and CLIP's text tower (77 tokens) are trained beside the
+    encoder: at ViT-1B, 512-d x 8 blocks over 257 tokens add ~10 % to MAE's encoder on its 65
+    visible ones, and a 1280-d x 32-block text tower ~16 % to CLIP's; a recipe's own sizes count."""
+    from webssl_repro.resources import FWD_BWD, MAE_KEEP, block_params, forward_flops, samples_of
+
+    arch = paper_plan.config["labels"]["sizes"]["1b"]
+
+    def gelu_blocks(width, depth, tokens):  # 2 FLOPs per weight per token, plus QK^T and AV
+        return 2 * depth * block_params("mae", width, 4 * width) * tokens + 4 * depth * tokens ** 2 * width
+
+    for run, encoder, companion in (
+            ("mae1b-full2b-224", forward_flops("mae", arch, 224, MAE_KEEP), gelu_blocks(512, 8, 16 * 16 + 1)),
+            ("clip1b-full2b-224", forward_flops("clip", arch, 224), gelu_blocks(1280, 32, 77))):
+        samples = samples_of(Run.parse(run), paper_plan.config)
+        assert paper_plan.pretrain_resources(run).train_flops == pytest.approx(
+            FWD_BWD * (encoder + companion) * samples, rel=1e-12)
+        assert 0.09 < companion / encoder < 0.17, run
+    cfg = copy.deepcopy(paper_plan.config)
+    cfg["pretrain"]["mae"]["decoder_depth"] = 4
+    assert Plan(cfg).pretrain_resources("mae1b-full2b-224").train_flops == pytest.approx(
+        FWD_BWD * (forward_flops("mae", arch, 224, MAE_KEEP) + gelu_blocks(512, 4, 257))
+        * samples_of(Run.parse("mae1b-full2b-224"), cfg), rel=1e-12)
 

@@ -52,13 +52,40 @@ def encoder_params(method: str, arch: Mapping[str, int], img_size: int) -> int:
     return embed + mask_token + depth * block_params(method, width, arch.get("ffn_hidden")) + 2 * width
 
 
+def _blocks_flops(method: str, width: int, depth: int, ffn_hidden: int | None, tokens: int) -> float:
+    """Forward FLOPs of ``depth`` blocks over ``tokens`` tokens: 2·params per token plus the attention matmuls."""
+    return float(2 * depth * block_params(method, width, ffn_hidden) * tokens + 4 * depth * tokens * tokens * width)
+
+
 def forward_flops(method: str, arch: Mapping[str, int], img_size: int, token_fraction: float = 1.0) -> float:
-    """Forward FLOPs of one image: 2·params per token plus the attention matmuls."""
-    width, depth, patch = arch["width"], arch["depth"], arch["patch"]
-    tokens = max(1, int(((img_size // patch) ** 2) * token_fraction)) + 1
-    dense = 2 * depth * block_params(method, width, arch.get("ffn_hidden")) * tokens
-    attention = 4 * depth * tokens * tokens * width
-    return float(dense + attention)
+    """Forward FLOPs of one image through the encoder."""
+    tokens = max(1, int(((img_size // arch["patch"]) ** 2) * token_fraction)) + 1
+    return _blocks_flops(method, arch["width"], arch["depth"], arch.get("ffn_hidden"), tokens)
+
+
+#: The part of a method's model that the encoder's arch does not size, at the defaults of
+#: ``methods.mae.MaeConfig`` and ``methods.clip.ClipConfig`` (tests/test_workflow.py keeps them
+#: equal), for recipes that leave them unset: MAE's decoder, CLIP's text tower.
+COMPANION_DEFAULTS: dict[str, dict[str, float]] = {
+    "mae": {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_mlp_ratio": 4.0},
+    "clip": {"text_width": 1280, "text_layers": 32, "text_mlp_ratio": 4.0, "context_length": 77},
+}
+
+
+def companion_flops(method: str, recipe: Mapping[str, Any], img_size: int, patch: int) -> float:
+    """Forward FLOPs per sample of MAE's decoder (over every patch and the CLS) or CLIP's text
+    tower (over its context), GELU blocks: at ViT-1B ~10 % and ~16 % of the encoder's, at ViT-7B
+    ~2 % and ~3 %."""
+    if method not in COMPANION_DEFAULTS:
+        return 0.0
+    c = {**COMPANION_DEFAULTS[method], **{k: recipe[k] for k in COMPANION_DEFAULTS[method] if k in recipe}}
+    if method == "mae":
+        width, depth, ratio = int(c["decoder_embed_dim"]), int(c["decoder_depth"]), float(c["decoder_mlp_ratio"])
+        tokens = (img_size // patch) ** 2 + 1
+    else:
+        width, depth, ratio = int(c["text_width"]), int(c["text_layers"]), float(c["text_mlp_ratio"])
+        tokens = int(c["context_length"])
+    return _blocks_flops("mae", width, depth, int(width * ratio), tokens)  # "mae": a GELU MLP block
 
 
 def dino_local_size(run: Run, cfg: Mapping[str, Any]) -> int:
@@ -69,15 +96,16 @@ def dino_local_size(run: Run, cfg: Mapping[str, Any]) -> int:
     return dino_local_crop(img, int(label(cfg, "sizes", run.size, run)["patch"]))
 
 
-def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, local: int | None = None) -> float:
-    """``local``: the DINO local-crop side (default: 98/224 of ``img_size``)."""
+def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, local: int | None = None,
+                     recipe: Mapping[str, Any] | None = None) -> float:
+    """Training FLOPs of one sample. ``local``: the DINO local-crop side (default: 98/224 of
+    ``img_size``); ``recipe``: the run's, for the MAE decoder's and CLIP text tower's sizes."""
     if run.method == "dino":
         local = dino_local_crop(img_size, arch["patch"]) if local is None else local
         g = forward_flops("dino", arch, img_size)
         return DINO_GLOBAL * g * (1 + FWD_BWD) + DINO_LOCAL * FWD_BWD * forward_flops("dino", arch, local)
-    if run.method == "mae":
-        return FWD_BWD * forward_flops("mae", arch, img_size, MAE_KEEP)
-    return FWD_BWD * forward_flops("clip", arch, img_size)  # the text tower is small beside ViT-1B…7B
+    encoder = forward_flops(run.method, arch, img_size, MAE_KEEP if run.method == "mae" else 1.0)
+    return FWD_BWD * (encoder + companion_flops(run.method, recipe or {}, img_size, arch["patch"]))
 
 
 def label(cfg: Mapping[str, Any], kind: str, key: str, run: Any) -> Any:
@@ -173,14 +201,17 @@ REFUSED_ATTEMPT: dict[str, Any] = {"runtime": 10, "mem_mb": 2000, "cpus_per_task
                                    "tasks": 1, "tasks_per_gpu": 0, "mpi": "", "gres": "", "slurm_extra": ""}
 
 
-def pretrain_resources(run: Run, cfg: Mapping[str, Any], local: int | None = None) -> RunResources:
-    """``local``: the recipe's DINO local-crop side where it sets one (default: ``dino_local_size``)."""
+def pretrain_resources(run: Run, cfg: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> RunResources:
+    """``recipe``: the run's (``workflow.Plan.recipe``): its DINO local-crop side where it sets one
+    (default: ``dino_local_size``), its MAE decoder or CLIP text tower (default: the methods')."""
     res_cfg = cfg["resources"]
     arch = label(cfg, "sizes", run.size, run)
     img = int(label(cfg, "resolutions", str(run.res), run))
+    recipe = recipe or {}
+    local = recipe.get("local_crop_size") if run.method == "dino" else None
     if run.method == "dino" and local is None:
         local = dino_local_size(run, cfg)
-    flops = flops_per_sample(run, arch, img, local) * samples_of(run, cfg)
+    flops = flops_per_sample(run, arch, img, None if local is None else int(local), recipe) * samples_of(run, cfg)
     if run.size not in res_cfg["nodes"]:
         raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
                        f"sizes there are {sorted(res_cfg['nodes'])}")

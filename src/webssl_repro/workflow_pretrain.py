@@ -70,10 +70,10 @@ class PretrainJobs:
         return f"--checkpoint {source['checkpoint']}{path}"
 
     def pretrain_resources(self, run: str) -> RunResources:
-        """Sized by the run's own recipe: a configured DINO local-crop side changes its FLOPs."""
+        """Sized by the run's own recipe: a configured DINO local-crop side, MAE decoder or CLIP text
+        tower changes its FLOPs."""
         r = Run.parse(split_seed(run, self.seeds[0])[0])
-        local = self.recipe(r)[0].get("local_crop_size") if r.method == "dino" else None
-        return pretrain_resources(r, self.config, None if local is None else int(local))
+        return pretrain_resources(r, self.config, self.recipe(r)[0])
 
     def pretrain_job_resources(self, run: str, attempt: int) -> dict[str, Any]:
         """The rule resources of ``run``'s attempt ``attempt``: the run's own, or
