@@ -229,12 +229,19 @@ def test_a_folder_of_compressed_shards_is_read_as_shards(shard_dir, tmp_path):
     import gzip
     import shutil
 
+    import lzma
+
     tars = sorted(shard_dir.glob("*.tar"))[:2]
-    shutil.copy(tars[0], tmp_path / "a.tar")
-    (tmp_path / "b.tar.gz").write_bytes(gzip.compress(tars[1].read_bytes()))
-    keys = [s["__key__"] for s in make_loader(str(tmp_path), rank=0, world_size=1, shuffle_shards=False)]
     want = [s["__key__"] for s in make_loader([str(t) for t in tars], rank=0, world_size=1, shuffle_shards=False)]
-    assert keys == want and len(want) > 2
+    mixed, compressed = tmp_path / "mixed", tmp_path / "compressed"
+    mixed.mkdir(), compressed.mkdir()
+    shutil.copy(tars[0], mixed / "a.tar")
+    (mixed / "b.tar.gz").write_bytes(gzip.compress(tars[1].read_bytes()))
+    (compressed / "a.tgz").write_bytes(gzip.compress(tars[0].read_bytes()))  # no plain tar at all
+    (compressed / "b.tar.xz").write_bytes(lzma.compress(tars[1].read_bytes()))
+    for folder in (mixed, compressed):
+        keys = [s["__key__"] for s in make_loader(str(folder), rank=0, world_size=1, shuffle_shards=False)]
+        assert keys == want and len(want) > 2, folder
 
 
 def test_corpus_stage_manifest_and_filtered_shard(tmp_path):

@@ -190,6 +190,12 @@ def test_registry_and_clip_has_no_mask_support():
         create_encoder("webssl_dino9b")
     with pytest.raises(ValueError, match="webssl_dino1b: timm holds no weights"):
         timm.create_model("webssl_dino1b", pretrained=True)
+    with torch.device("meta"):  # timm drops options that are None: 0 is "no LayerScale" both ways
+        plain = create_encoder("webssl_clip1b", layerscale=0)
+        scaled = create_encoder("webssl_clip1b", layerscale=None)
+        direct = build_encoder(PAPER_ARCHS["1b"], "clip", layerscale=None)
+    assert not any("ls1" in k for k in plain.state_dict()) and any("ls1" in k for k in scaled.state_dict())
+    assert plain.state_dict().keys() == direct.state_dict().keys()
     clip = build_encoder(Arch(32, 1, 2, patch=8), method="clip", img_size=16)
     with pytest.raises(ValueError, match="mask token"):
         clip.prepare_tokens(torch.randn(1, 3, 16, 16), torch.ones(1, 4, dtype=torch.bool))

@@ -133,14 +133,15 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
     dino: SwiGLU, LayerScale, mask token (iBOT); clip: the same tower without mask token
     (an unused parameter would break DDP); mae: GELU MLP, no LayerScale, no mask token
     (MAE drops masked tokens instead of replacing them). ``img_size`` fixes the stored
-    pos-embed grid; other input sizes are resampled on the fly.
+    pos-embed grid; other input sizes are resampled on the fly. ``layerscale`` None or 0: no
+    LayerScale (through ``timm.create_model``, which drops options that are None, pass 0).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     ffn = METHOD_FFN[method]
     model = WebSSLViT(
         arch, ffn, img_size=img_size,
-        layerscale=None if method == "mae" else layerscale,
+        layerscale=None if method == "mae" or not layerscale else layerscale,
         drop_path_rate=drop_path_rate,
         mask_token=method == "dino",
         **timm_kwargs,

@@ -195,7 +195,8 @@ def build_report(plan, config_hash: str, commit: str) -> str:
                   "against the generator's ground truth are in `results/{}/data/filter/`.".format(scale), ""]
     lines += ["## How this was made", "",
               f"- scale `{scale}`, numbers from `{plan.config['source']}`, config hash `{config_hash}` "
-              "(`webssl_repro.config.config_hash` of the validated config, as in run provenance), "
+              "(`webssl_repro.config.config_hash` of the whole validated config; a run's provenance hashes "
+              "its own slice of it), "
               f"seeds {list(plan.config.get('seeds', [0]))}",
               f"- git commit `{commit}`",
               f"- `snakemake --cores 2 all --configfile config/{scale}.yaml` (the config file of this scale); "
