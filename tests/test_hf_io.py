@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from functools import partial
 
 import pytest
@@ -395,6 +396,7 @@ def test_off_the_shelf_dinov2_imports_resampled_to_the_evaluated_resolution(tmp_
     assert (rel.hf_id, rel.method, rel.size, rel.img_size, rel.trained_size) == (
         "facebook/dinov2-giant", "dino", "1b", 224, 518)
     assert rel.arch == PAPER_ARCHS["1b"] and rel.pytorch_url.endswith("/dinov2_vitg14_pretrain.pth")
+    assert rel.revision == "611a9d42f2335e0f921f1e313ad3c1b7178d206d"  # a re-upload cannot change the rows
     assert run_checkpoint("dino1b-full2b-224") == released_checkpoint("facebook/webssl-dino1b-full2b-224")
     # the tiny stand-in: trained at 64 px (8x8 patches), evaluated at IMG = 32 px (4x4)
     monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY))
@@ -434,3 +436,7 @@ def test_import_released_cli_names_the_checkpoint_a_run_imports(tmp_path, capsys
     assert "run dinov2-g-224 imports facebook/dinov2-giant, not facebook/webssl-dino1b-full2b-224" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main(["import-released", "--run", "dino1b-in1k-224", "--checkpoint", "facebook/webssl-dino1b-in1k-224",
+                 "--path", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert re.search(r"no checkpoint to import is run 'dino1b-in1k-224'; the importable runs are .*'dinov2-g-224'",
+                     capsys.readouterr().err)

@@ -144,6 +144,13 @@ def test_an_evaluated_baseline_replaces_its_published_row(tmp_path):
     assert table.loc["dinov2-g-378", "origin"] == "published" and table.loc["dinov2-g-378", "Average"] == 47.94
     rows = {r[0]: r for r in _md_rows(tmp_path / "t.md")}
     assert "DINOv2 ViT-g 224" in rows and "DINOv2 ViT-g 378 †" in rows
+    table3 = specs.get_item("table3")  # its descriptor columns would say "a run's place in the grid"
+    path = tmp_path / "evals" / "dinov2-g-518" / "vqa.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"metrics": {b: 40.0 for b in VQA_BENCHMARKS}}))
+    render_table(table3, item_results(table3, "runs", [path]), [tmp_path / f"t3.{ext}" for ext in ("tsv", "md", "tex")],
+                 "paper")
+    assert "DINOv2 ViT-g: the released off-the-shelf model, evaluated here." in (tmp_path / "t3.md").read_text()
     fig9 = specs.get_item("fig9")
     path = tmp_path / "evals" / "dinov2-g-224" / "alignment.json"
     path.write_text(json.dumps({"metrics": {"alignment/minilm": 0.031}}))

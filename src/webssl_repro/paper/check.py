@@ -19,12 +19,11 @@ import pandas as pd
 from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
-from webssl_repro.paper.results import (data_pct_rows, eval_rows, is_filter_result, is_no_image_result, kept_percent,
-                                        with_categories)
+from webssl_repro.paper.results import (data_pct_rows, eval_rows, evaluable, is_filter_result, is_no_image_result,
+                                        kept_percent, with_categories)
 from webssl_repro.metrics import (CLASSIC_METRICS, PROTOCOL_DIFFERENCES, VQA_CATEGORIES, VQA_CONTROLS, better,
                                   label)
-from webssl_repro.releases import OFF_THE_SHELF
-from webssl_repro.runs import is_run_name, split_seed
+from webssl_repro.runs import split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
 NOT_COMPARABLE, PAPER_ITSELF = "not comparable", "paper itself"
@@ -50,17 +49,12 @@ def requested_pairs(plan) -> set[tuple[str, str]]:
     return pairs
 
 
-def _evaluable(source: str) -> bool:
-    """A run, or an off-the-shelf baseline a config may import and evaluate (``pretrain.run_sources``)."""
-    return is_run_name(source) or source in OFF_THE_SHELF
-
-
 def published_runs_frame(directory: Optional[str | Path] = None) -> pd.DataFrame:
     """Every printed number of a run or an importable off-the-shelf baseline (``releases.OFF_THE_SHELF``),
     with the four VQA categories."""
     long = load_published(directory)
-    tables = sorted(set(long.loc[long["source"].map(_evaluable), "table"]))
-    frame = published_frame(tables, directory, sources=_evaluable)
+    tables = sorted(set(long.loc[long["source"].map(evaluable), "table"]))
+    frame = published_frame(tables, directory, sources=evaluable)
     frame["origin"] = "published"
     frame["seed"] = 0
     return with_categories(frame.reset_index(drop=True))

@@ -19,6 +19,7 @@ from webssl_repro.metrics import (ALIGNMENT_PREFIX, CATEGORY_COLUMNS, CLASSIC_ME
                                   NO_IMAGE, SE_PREFIX, VQA_BENCHMARKS)
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
+from webssl_repro.releases import OFF_THE_SHELF
 from webssl_repro.runs import Run, is_run_name, split_seed
 
 COLUMNS = ["source", "metric", "value", "origin", "seed"]
@@ -84,6 +85,11 @@ def _valid_metric(path: Path, name: str, value: object) -> float:
     return float(value)
 
 
+def evaluable(source: str) -> bool:
+    """A run of ours, or an off-the-shelf encoder a config may import and evaluate (``releases.OFF_THE_SHELF``)."""
+    return is_run_name(source) or source in OFF_THE_SHELF
+
+
 def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     """Rows of one ``results/{scale}/evals/{run}[.s{seed}]/{kind}.json`` (``{"metrics": {name: value}}``);
     the run's directory without a suffix is ``first_seed``'s. The classic answers without the
@@ -93,7 +99,7 @@ def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
         run, seed, origin = NO_IMAGE, first_seed, NO_IMAGE
     else:
         (run, seed), origin = split_seed(path.parent.name, first_seed), "run"
-        if not (is_run_name(run) or run in specs.BASELINES):
+        if not evaluable(run):
             raise ValueError(f"{path}: eval results must live under evals/<run>[.s<seed>]/ (a run or an imported "
                              f"off-the-shelf encoder), got {path.parent.name!r}")
     data = read_json(path)

@@ -124,6 +124,10 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str
     if item.descriptors and scale != "published":
         notes.append(f"Model, data, samples seen and resolution name each run's place in the paper's grid; "
                      f"its actual size at this scale is in config/{scale}.yaml (labels).")
+        ran = frame.loc[frame["origin"] == "run", "source"]
+        measured = sorted({specs.BASELINES[s] for s in ran if s in specs.BASELINES})
+        if measured:  # imported (pretrain.run_sources): the released model itself, at every scale
+            notes.append(f"{', '.join(measured)}: the released off-the-shelf model, evaluated here.")
     if item.delta_from:
         ref = next(r.label for r in item.rows if r.source == item.delta_from)
         notes.append(f"(±x): difference to {ref}.")
