@@ -297,7 +297,6 @@ def at_resolution(encoder: WebSSLViT, meta: Mapping[str, Any], img_size: int, ar
     the features of that size are unchanged, and the evaluations, which feed an encoder images
     of its own ``img_size``, see the resolution the paper evaluated the checkpoint at."""
     state = encoder.state_dict()
-    del encoder
     grid = img_size // arch.patch
     before = round((state["pos_embed"].shape[1] - 1) ** 0.5)
     state["pos_embed"] = resample_pos_embed(state["pos_embed"], (grid, grid))

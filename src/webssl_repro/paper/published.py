@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Union
 import pandas as pd
 
 from webssl_repro.metrics import CLASSIC_METRICS, DATA_PCT, VQA_BENCHMARKS
+from webssl_repro.paper.specs import BASELINES
 from webssl_repro.runs import is_run_name
 
 ENV_VAR = "WEBSSL_PUBLISHED_DIR"
@@ -24,13 +25,7 @@ PROVENANCE = "provenance"
 LONG_COLUMNS: tuple[str, ...] = ("table", "row", "source", "model", "metric", "value", "provenance")
 
 # Off-the-shelf encoders the paper compares against; every other result row is one of our runs.
-BASELINE_SOURCES: tuple[str, ...] = (
-    "metaclip-h-224", "metaclip-g-224",
-    "siglip-so400m-224", "siglip-so400m-384",
-    "siglip2-so400m-224", "siglip2-so400m-384",
-    "dinov2-g-224", "dinov2-g-378", "dinov2-g-518",
-    "ijepa-h-224", "mae-h-224",
-)
+BASELINE_SOURCES: tuple[str, ...] = tuple(BASELINES)
 
 # file -> (text columns kept as metadata, numeric columns melted into the long frame), in file order.
 # Table 3's ``res`` is a configuration of the row (also encoded in its source), not a result.
