@@ -30,12 +30,14 @@ PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 #: tables use (``paper.specs.BASELINES``), evaluated at the id's resolution: DINOv2 ViT-g, which is
 #: Web-DINO ViT-1B's architecture (paper §4.1: "We adapt ViT-g from Oquab et al. (2023) as
 #: ViT-1B"), trained at 518 px and evaluated at 224 / 378 / 518 (Table 14, Fig. 1, Fig. 7, Fig. 9).
-#: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``), method, size label, trained resolution, native .pth.
+#: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``), method, size label, evaluated and
+#: trained resolutions, native .pth.
 OFF_THE_SHELF = {
-    f"dinov2-g-{res}": {"hf_id": "facebook/dinov2-giant", "revision": "611a9d42f2335e0f921f1e313ad3c1b7178d206d",
-                        "method": "dino", "size": "1b",
-                        "trained_size": 518,
-                        "pytorch_url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth"}
+    f"dinov2-g-{res}": {
+        "hf_id": "facebook/dinov2-giant", "revision": "611a9d42f2335e0f921f1e313ad3c1b7178d206d",
+        "method": "dino", "size": "1b", "img_size": res, "trained_size": 518,
+        "pytorch_url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth",
+    }
     for res in (224, 378, 518)
 }
 

@@ -145,7 +145,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
         """The encoders whose evaluations an item reads at this scale: its runs, and the
         off-the-shelf baselines this config imports (``pretrain.run_sources``, e.g. DINOv2 ViT-g
         as ``dinov2-g-224``); its other baselines are the paper's printed numbers."""
-        return (*item.runs, *(s for s in item.sources if s in specs.BASELINES and s in self.run_sources))
+        return (*item.runs, *(s for s in item.baselines if s in self.run_sources))
 
     @cached_property
     def grid_runs(self) -> tuple[str, ...]:
@@ -344,7 +344,7 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
                         inputs.append(self.filter_stats(data))
                 else:
                     inputs.extend(self.eval_path(r, kind) for r in self.seeded(run))
-        if any(s in specs.BASELINES and s not in self.run_sources for s in item.sources):
+        if any(s not in self.run_sources for s in item.baselines):
             inputs.extend(published_files(item))
         inputs.extend(self.no_image_inputs(item.metrics))
         return list(dict.fromkeys(inputs))

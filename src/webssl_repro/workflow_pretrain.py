@@ -169,7 +169,7 @@ def _imported_shape(run: str) -> tuple[str, str, int]:
 
     if run in OFF_THE_SHELF:
         o = OFF_THE_SHELF[run]
-        return str(o["method"]), str(o["size"]), max(int(o["trained_size"]), int(run.rsplit("-", 1)[1]))
+        return str(o["method"]), str(o["size"]), max(int(o["trained_size"]), int(o["img_size"]))
     r = Run.parse(run)
     return r.method, r.size, r.res
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from webssl_repro.models import convert
-from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, importable_runs
+from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, checkpoint_of, importable_runs
 from webssl_repro.models.vit import Arch, WebSSLViT, arch_for, resample_pos_embed
 
 KINDS = {"dinov2": "dino", "vit": "mae"}  # HF model_type -> default method
@@ -283,9 +283,9 @@ def run_checkpoint(run: str) -> Released:
     if run in OFF_THE_SHELF:
         o = OFF_THE_SHELF[run]
         return Released(hf_id=o["hf_id"], method=o["method"], size=o["size"], data="lvd142m", samples="",
-                        img_size=int(run.rsplit("-", 1)[1]), run=run, revision=o["revision"] or None,
+                        img_size=int(o["img_size"]), run=run, revision=o["revision"] or None,
                         pytorch_url=o["pytorch_url"], trained_size=int(o["trained_size"]))
-    if f"webssl-{run}" not in RELEASED:
+    if checkpoint_of(run) is None:
         raise KeyError(f"no checkpoint to import is run {run!r}; the importable runs are {importable_runs()}")
     return released_checkpoint(f"webssl-{run}")
 

@@ -160,7 +160,7 @@ def compared_pairs(item_ids: Iterable[str], imported: Iterable[str] = ()) -> dic
     out: dict[tuple[str, str], list[str]] = {}
     for item_id in item_ids:
         item = specs.get_item(item_id)
-        for run in (*item.runs, *(s for s in item.sources if s in specs.BASELINES and s in imported)):
+        for run in (*item.runs, *(s for s in item.baselines if s in imported)):
             for metric in item.metrics:
                 out.setdefault((run, metric), []).append(item_id)
     return out

@@ -2,8 +2,8 @@
 
 At the published scale they come from the paper's tables; at a run scale from the
 eval JSONs of this DAG, with off-the-shelf baselines taken from the paper and marked
-``origin="published"``, unless the config imports and evaluates them (``pretrain.run_sources``). Renderers see one frame either way, so a
-table is the same code at every scale.
+``origin="published"``, unless the config imports and evaluates them (``pretrain.run_sources``).
+Renderers see one frame either way, so a table is the same code at every scale.
 """
 from __future__ import annotations
 
@@ -155,7 +155,8 @@ def run_results(item: specs.Item, inputs: Iterable[str | Path]) -> pd.DataFrame:
         rows.extend(data_pct_rows(item.runs, kept))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     # the paper's numbers for the baselines this config did not import and evaluate
-    baselines = [s for s in item.sources if s in specs.BASELINES and s not in set(frame["source"])]
+    measured = set(frame["source"])
+    baselines = [s for s in item.baselines if s not in measured]
     if baselines and item.published:
         published = published_results(item)
         frame = pd.concat([frame, published[published["source"].isin(baselines)]], ignore_index=True)

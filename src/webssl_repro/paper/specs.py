@@ -98,6 +98,11 @@ class Item:
         return tuple(s for s in self.sources if is_run_name(s))
 
     @property
+    def baselines(self) -> tuple[str, ...]:
+        """The off-the-shelf encoders among the sources (``BASELINES``)."""
+        return tuple(s for s in self.sources if s in BASELINES)
+
+    @property
     def evals(self) -> tuple[str, ...]:
         if self.kind == "bars":
             return ("alignment",)
