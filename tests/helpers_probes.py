@@ -24,6 +24,12 @@ def colour_features(images):
     return BlockTokens(layers.mean(2), layers, (h, w), [0, 1, 2, 3])
 
 
+def colour_maps(images):
+    """``colour_features`` as ``train_seg_heads`` takes frozen maps: (B, L*D, h, w), blocks along channels."""
+    tokens = colour_features(images)
+    return tokens.maps().permute(1, 0, 2, 3, 4).reshape(len(images), -1, *tokens.grid)
+
+
 def index_batches(n, batch, seed):
     """Endless epochs of shuffled, full batches of indices into n samples."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_heads import train_segmentation
-from helpers_probes import colour_features, index_batches, seg_task
+from helpers_probes import colour_features, colour_maps, index_batches, seg_task
 from webssl_repro.evaluate.features import (block_tokens, extract_features,
                                             feature_fn)
 from webssl_repro.evaluate.linear import DINOV2_LRS, linear_input, linear_probe
@@ -198,7 +198,7 @@ def test_segmentation_head_shapes_and_training():
     for n_layers in (1, 4):
         head = LinearSegHead(3, num_classes=3, n_layers=n_layers)
         assert head(colour_features(images).maps()).shape == (8, 3, 4, 4)
-        maps = colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(len(images), -1, 4, 4)
+        maps = colour_maps(images)
         (losses,) = train_seg_heads([head], iter([(maps, masks)] * 40), iters=40, lr=5e-2, warmup=5)
         assert losses[-1] < 0.6 * losses[0]
     # the head reads the last n_layers maps of the stack, in block order
@@ -291,8 +291,7 @@ def test_upsampled_ce_matches_interpolate_then_ce():
 def test_joint_seg_heads_equal_separate_training():
     g = torch.Generator().manual_seed(0)
     images, masks = seg_task(g, n=12)
-    bt = colour_features(images)
-    maps = bt.maps().permute(1, 0, 2, 3, 4).reshape(12, -1, 4, 4)
+    maps = colour_maps(images)
     heads = []
     for n_layers in (1, 4):
         torch.manual_seed(0)
@@ -323,7 +322,7 @@ def test_seg_training_lr_is_mmseg_poly_with_linear_warmup(monkeypatch):
     images, masks = seg_task(g, n=4)
     train_segmentation(LinearSegHead(3, num_classes=3), colour_features, [(images, masks)], iters=10,
                        lr=1.0, warmup=4, warmup_ratio=1e-6)
-    maps = colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(4, -1, 4, 4)
+    maps = colour_maps(images)
     train_seg_heads([LinearSegHead(3, num_classes=3, n_layers=1)], iter([(maps, masks)] * 10), iters=10,
                     lr=1.0, warmup=4, warmup_ratio=1e-6)
     assert len(seen) == 20 and all(len(set(lrs)) == 1 for lrs in seen)
@@ -338,7 +337,7 @@ def test_seg_loss_averages_over_every_pixel_as_mmseg():
     g = torch.Generator().manual_seed(0)
     images, masks = seg_task(g, n=4)
     masks[:, :8] = 255
-    maps = colour_features(images).maps().permute(1, 0, 2, 3, 4).reshape(4, -1, 4, 4)
+    maps = colour_maps(images)
     torch.manual_seed(0)
     head = LinearSegHead(3, num_classes=3, n_layers=1)
     with torch.no_grad():
