@@ -46,3 +46,11 @@ def _eval_res(kind, out):
         return lambda wildcards, attempt: PLAN.eval_job_resources(kind, out(wildcards), attempt)[key]
 
     return {key: one(key) for key in [*PLAN.eval_resources(kind), "sized_for_refusal"]}
+
+
+# The language_features rule's resources, per language model (Plan.language_features_resources).
+def _lm_res():
+    def one(key):
+        return lambda wildcards: PLAN.language_features_resources(wildcards.lm)[key]
+
+    return {key: one(key) for key in PLAN.language_features_resources("")}

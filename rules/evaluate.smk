@@ -2,7 +2,9 @@
 # and the VQA probe's controls (evaluate.vqa.controls) -> results/{scale}/controls/{pixels,blind}/vqa.json;
 # the VQA probe is trained by its own job (-> .../vqa_probe/, evaluate/vqa/trained.py), so that changing
 # only how it answers (evaluate.vqa max_new_tokens, eval_batch_size, data.benchmarks) trains nothing again;
-# where the classic probes run, their tasks' best answers without the image -> results/{scale}/controls/no_image/classic.json
+# where the classic probes run, their tasks' best answers without the image -> results/{scale}/controls/no_image/classic.json;
+# each alignment language model's features of the captions, once per scale -> results/{scale}/language_features/{lm}.pt
+# (on the GPUs that LM needs, resources.lm_gpus), which every run's alignment job (one GPU) reads.
 # vqa(_probe) and the controls' run under torchrun over the eval GPUs when evaluate.vqa.strategy is ddp/fsdp2 (PLAN.eval_launcher;
 # a resource, so that changing resources.eval_gpus reruns nothing).
 # vqa_probe, vqa and classic keep their progress in results/{scale}/eval_state/ (evaluate/progress.py; not an
@@ -177,11 +179,38 @@ rule classic_no_image:
         "webssl-repro classic-no-image --eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
 
 
+rule language_features:
+    """One language model's features of the alignment captions, computed once for every run's alignment job."""
+    input:
+        captions=PLAN.evalset("captions"),
+        weights=lambda w: PLAN.language_weights(w.lm),
+    output:
+        PLAN.language_features_path("{lm}"),
+    log:
+        f"logs/{SCALE}/evaluate/language_features_{{lm}}.log",
+    benchmark:
+        f"logs/{SCALE}/benchmark/evaluate/language_features_{{lm}}.tsv"
+    wildcard_constraints:
+        lm=PLAN.language_model_pattern(),
+    conda:
+        ENV
+    threads: lambda w: PLAN.language_features_resources(w.lm).get("cpus_per_task", 1)
+    resources:
+        **_lm_res(),
+        settings=SETTINGS["alignment"],
+    params:
+        evaluate=lambda w: PLAN.language_features_json(w.lm),
+    shell:
+        "webssl-repro language-features --language-model {wildcards.lm} --eval-json {params.evaluate:q} "
+        "--settings-json {resources.settings:q} --data {input.captions} --out {output} > {log} 2>&1"
+
+
 rule alignment:
     """Mutual-kNN alignment of one run's encoder with each language model (Fig. 9)."""
     input:
         encoder=lambda w: PLAN.evaluated_encoder(w.run),
         captions=PLAN.evalset("captions"),
+        language=PLAN.language_features_paths(),
     output:
         PLAN.eval_path("{run}", "alignment"),
     log:
@@ -199,4 +228,4 @@ rule alignment:
     shell:
         "webssl-repro evaluate alignment --run {wildcards.run} --encoder {input.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.captions} "
-        "--out {output} > {log} 2>&1"
+        "--language-features {input.language} --out {output} > {log} 2>&1"

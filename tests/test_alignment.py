@@ -163,8 +163,8 @@ def test_bad_shapes_name_the_argument():
 
 
 def test_feature_caches_are_written_whole(tmp_path, monkeypatch):
-    """A cache shared by concurrent jobs (the alignment LM features) appears only complete:
-    a save that dies midway leaves no file at the cache path."""
+    """A file that other jobs read (the alignment LM features) appears only complete: a save
+    that dies midway leaves no file at its path."""
     import torch
 
     from webssl_repro.evaluate.features import save_atomic
@@ -184,70 +184,71 @@ def test_feature_caches_are_written_whole(tmp_path, monkeypatch):
     assert torch.load(path)["x"].tolist() == [0, 1, 2]
 
 
-def test_the_lm_feature_cache_sits_in_the_scale_or_beside_an_out_elsewhere(tmp_path):
-    """`evaluate alignment --out` outside results/{scale}/evals/{run}/ used to cache at
-    ``parents[2]`` of the output: the filesystem root for /tmp/x.json, an IndexError for x.json."""
-    from pathlib import Path
+@pytest.fixture
+def captions_set(tmp_path):
+    """A generated captions eval set of 256 image-caption pairs."""
+    from helpers_mini import TINY_EVALSETS
 
-    from webssl_repro.evaluate.jobs import alignment_cache
+    from webssl_repro.data.stages import build_evalset
 
-    layout = tmp_path / "results" / "mini" / "evals" / "dino1b-full2b-224" / "alignment.json"
-    assert alignment_cache(layout) == tmp_path / "results" / "mini" / "cache"
-    assert alignment_cache(tmp_path / "al.json") == tmp_path / "cache"
-    assert alignment_cache(Path("al.json")) == Path.cwd() / "cache"
-    assert alignment_cache(layout, tmp_path / "mine") == tmp_path / "mine"
+    path = tmp_path / "evalsets" / "captions.json"
+    build_evalset("captions", TINY_EVALSETS, str(path))
+    return path
 
 
-def test_an_unreadable_lm_feature_cache_is_computed_again(tmp_path):
-    """Every alignment job of a scale shares the LM features; a cut-short cache file is
-    recomputed (with a warning) and rewritten, not a failure of every job until deleted."""
-    import torch
+def test_language_features_are_computed_once_and_read_by_each_alignment(captions_set, tmp_path, monkeypatch):
+    """The language-features job saves MiniLM's 7 layers (embeddings and 6 blocks) of the 256
+    captions; an alignment given that file scores exactly as one that computes them itself, and
+    does not compute them."""
+    from webssl_repro.cli import main
+    from webssl_repro.evaluate import alignment_eval
+    from webssl_repro.evaluate.imagesets import load_split
 
-    from webssl_repro.evaluate.alignment_eval import language_layers
+    out = tmp_path / "language_features" / "minilm.pt"
+    assert main(["language-features", "--language-model", "minilm", "--eval-json", '{"scale":"mini"}',
+                 "--data", str(captions_set), "--out", str(out)]) == 0
+    saved = torch.load(out, weights_only=True)
+    captions = [r["caption"] for r in load_split(captions_set, "test")]
+    assert saved["language_model"] == "minilm" and saved["captions"] == 256 == len(set(captions))
+    assert saved["features"].shape == (7, 256, 384) and (saved["layers"], saved["dim"]) == (7, 384)
+    vis = torch.randn(4, 256, 32, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(alignment_eval, "vision_layers", lambda *a: vis)
+    cfg = {"language_models": ["minilm"], "k": 10}
+    here = alignment_eval.run_alignment(None, {}, captions_set, cfg)
 
-    captions = ["a red cube on the left", "a blue sphere", "two green cones"]
-    cfg = {"lm_batch_size": 2, "lm_paths": {}}
-    first = language_layers("minilm", captions, cfg, tmp_path)
-    (cached,) = tmp_path.glob("lm-minilm-3-*.pt")
-    cached.write_bytes(cached.read_bytes()[:100])
-    with pytest.warns(RuntimeWarning, match="is unreadable"):
-        again = language_layers("minilm", captions, cfg, tmp_path)
-    torch.testing.assert_close(again, first)
-    torch.testing.assert_close(torch.load(cached, weights_only=True), first)
+    def computed(*args):
+        raise AssertionError("computed the LM features again")
+
+    monkeypatch.setattr(alignment_eval, "language_layers", computed)
+    assert alignment_eval.run_alignment(None, {}, captions_set, cfg, [out]) == here
+    assert 0.0 < here["alignment/minilm"] < 1.0
 
 
-def test_lm_features_are_cached_per_checkpoint(tmp_path, monkeypatch):
-    """The cache is shared by every run of a scale: pointing ``lm_paths`` at another checkpoint
-    (base vs instruct under one label), or replacing the copy's weights, computes the features
-    again; the same weights and captions read them back."""
-    import os
+def test_language_features_of_other_captions_or_missing_a_model_are_refused(captions_set, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Features of another caption set (regenerated since) would score the encoder against the
+    wrong sentences; a file list without one of the LMs would load it in a one-GPU job."""
+    from webssl_repro.cli import main
+    from webssl_repro.evaluate import alignment_eval
+    from webssl_repro.evaluate.features import save_atomic
 
-    import torch
-    import transformers
-
-    from webssl_repro.evaluate import language
-    from webssl_repro.evaluate.alignment_eval import language_layers
-
-    loaded = []
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kw: path)
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda path, **kw: loaded.append(path) or path)
-    monkeypatch.setattr(language, "lm_layer_features",
-                        lambda model, tok, caps, batch_size: torch.full((2, len(caps), 3), float(len(loaded))))
-    base, instruct = tmp_path / "base", tmp_path / "instruct"
-    for folder in (base, instruct):
-        folder.mkdir()
-        (folder / "config.json").write_text("{}")
-        (folder / "model.safetensors").write_bytes(b"weights")
-    captions, cache = ["a red cube", "a blue sphere"], tmp_path / "cache"
-
-    def features(folder):
-        return language_layers("llama3.1-8b", captions, {"lm_batch_size": 2, "lm_paths": {"llama3.1-8b": str(folder)}},
-                               cache)
-
-    assert features(base)[0, 0, 0] == 1 and features(base)[0, 0, 0] == 1 and loaded == [str(base)]
-    assert features(instruct)[0, 0, 0] == 2 and loaded == [str(base), str(instruct)]
-    os.utime(base / "model.safetensors", ns=(1, 1))  # the copy replaced in place
-    assert features(base)[0, 0, 0] == 3 and len(list(cache.glob("lm-llama3.1-8b-2-*.pt"))) == 3
+    monkeypatch.setattr(alignment_eval, "vision_layers", lambda *a: torch.zeros(2, 256, 4))
+    other = tmp_path / "other.pt"
+    save_atomic({"language_model": "minilm", "captions": 3, "captions_sha1": "0" * 40,
+                 "features": torch.zeros(7, 3, 384)}, other)
+    with pytest.raises(ValueError, match=r"other.pt: the features of 'minilm' were computed on 3 other captions "
+                                         r"than the 256 of this captions set"):
+        alignment_eval.run_alignment(None, {}, captions_set, {"language_models": ["minilm"]}, [other])
+    captions = [r["caption"] for r in alignment_eval.load_split(captions_set, "test")]
+    mine = tmp_path / "lm-a.pt"
+    save_atomic({"language_model": "lm-a", "captions": 256, "captions_sha1": alignment_eval.captions_digest(captions),
+                 "features": torch.randn(3, 256, 8)}, mine)
+    with pytest.raises(ValueError, match=r"--language-features has no features of \['lm-b'\] \(it has \['lm-a'\]\)"):
+        alignment_eval.run_alignment(None, {}, captions_set, {"language_models": ["lm-a", "lm-b"]}, [mine])
+    assert main(["evaluate", "classic", "--run", "x", "--encoder", "enc.safetensors", "--out", str(tmp_path / "c.json"),
+                 "--language-features", str(mine)]) == 2
+    assert "--language-features are the alignment job's language-model features, not an input of classic" in \
+        capsys.readouterr().err
 
 
 def test_pair_hits_give_the_score_and_its_standard_error():

@@ -208,13 +208,11 @@ def classic_scores(dino_encoders, tiny_data, in1k_probe_set, tmp_path_factory) -
 
     def compute():
         trained, random_init, meta = dino_encoders
-        cache = tmp_path_factory.mktemp("lm_cache")
         out = {}
         for name, enc in (("trained", trained), ("random", random_init)):
             torch.manual_seed(0)
             m = run_classic(enc, meta, {**tiny_data, "classification": in1k_probe_set}, CLASSIC_TINY)
-            m.update(run_alignment(enc, meta, tiny_data["captions"], {"language_models": ["minilm"]},
-                                   cache_dir=cache))
+            m.update(run_alignment(enc, meta, tiny_data["captions"], {"language_models": ["minilm"]}))
             out[name] = {k: v for k, v in m.items() if not k.startswith("_")}
         return out
 
@@ -391,6 +389,7 @@ def test_snakemake_builds_one_eval(workflow_dir):
     assert first.returncode == 0, first.stderr[-4000:]
     result = json.loads((workflow_dir / target).read_text())
     assert result["run"] == "dino1b-full2b-224" and result["kind"] == "alignment"
+    assert torch.load(workflow_dir / "results/mini/language_features/minilm.pt")["captions"] == 64  # its own job
     score = result["metrics"]["alignment/minilm"]
     # the DAG scored the run's own encoder on its captions with its config: computed here again
     from webssl_repro.evaluate.alignment_eval import run_alignment
@@ -398,7 +397,7 @@ def test_snakemake_builds_one_eval(workflow_dir):
 
     encoder, meta = load_encoder(workflow_dir / "results/mini/runs/dino1b-full2b-224/encoder.safetensors")
     here = run_alignment(encoder, meta, workflow_dir / "results/mini/data/evalsets/captions.json",
-                         _tiny_workflow_config()["evaluate"]["alignment"], cache_dir=workflow_dir / "here-cache")
+                         _tiny_workflow_config()["evaluate"]["alignment"])
     assert here["alignment/minilm"] == pytest.approx(score, abs=1e-6) and 0.0 < score < 1.0
     provenance = json.loads((workflow_dir / "results/mini/runs/dino1b-full2b-224/provenance.json").read_text())
     assert provenance["steps"] == 4 and provenance["corpus_size"] == 256
@@ -412,10 +411,15 @@ def test_snakemake_builds_one_eval(workflow_dir):
     # Settings (how jobs run) are not params: changing them reruns nothing.
     cfg = _tiny_workflow_config()
     cfg["pretrain"]["train"] = {**cfg["pretrain"].get("train", {}), "log_every": 1, "checkpoint_every": 2}
-    cfg["evaluate"]["alignment"]["batch_size"] = 16
+    cfg["evaluate"]["alignment"].update(batch_size=16, lm_batch_size=8)
     (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     settled = snakemake(workflow_dir, "-n", *args)
     assert settled.returncode == 0 and "Nothing to be done" in settled.stdout + settled.stderr, settled.stdout[-3000:]
+    # The score's k is the alignment job's: the language model's features are kept.
+    cfg["evaluate"]["alignment"]["k"] = 5
+    (workflow_dir / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    scored = snakemake(workflow_dir, "-n", *args)
+    assert re.findall(r"^(?:local)?rule (\w+):", scored.stdout, re.M) == ["alignment"], scored.stdout[-3000:]
 
     # A recipe change reruns the run: it trains afresh instead of resuming the finished
     # checkpoint of the old recipe, which is kept aside.

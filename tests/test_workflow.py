@@ -273,17 +273,55 @@ def test_put_cli_on_path_prepends_the_interpreters_bin_once(tmp_path):
 
 
 def test_eval_jobs_take_a_node_share_for_their_gpus():
-    """Paper scale: the VQA probe's 8 torchrun ranks each load the 8B LM before FSDP shards it
-    and the alignment job spreads the 70B LM over 8 GPUs, so both take a whole node; the
-    classic probes run the encoder on one GPU and take an eighth. Mini: no GPU, defaults."""
+    """Paper scale: the VQA probe's 8 torchrun ranks each load the 8B LM before FSDP shards it,
+    so it takes a whole node; the classic probes and the alignment job run the encoder on one GPU
+    and take an eighth; the language_features job of Llama-3.1-70B spreads it over 4 GPUs
+    (resources.lm_gpus), the 8B model's takes one. Mini: no GPU, defaults."""
     paper = Plan(load_config(REPO / "config/paper.yaml"))
     node = paper.config["resources"]["mem_mb_per_node"]
-    for kind in ("vqa", "alignment"):
-        assert paper.eval_resources(kind) == {"gpu": 8, "nodes": 1, "runtime": 1440, "mem_mb": node, "cpus_per_task": 64}
-    assert paper.eval_resources("classic") == {"gpu": 1, "nodes": 1, "runtime": 1440, "mem_mb": node // 8, "cpus_per_task": 8}
+    assert paper.eval_resources("vqa") == {"gpu": 8, "nodes": 1, "runtime": 1440, "mem_mb": node, "cpus_per_task": 64}
+    for kind in ("classic", "alignment"):
+        assert paper.eval_resources(kind) == {"gpu": 1, "nodes": 1, "runtime": 1440, "mem_mb": node // 8,
+                                              "cpus_per_task": 8}
     assert paper.eval_threads("classic") == 8
+    assert paper.language_features_resources("llama3.1-70b") == {"gpu": 4, "nodes": 1, "runtime": 60,
+                                                                 "mem_mb": node // 2, "cpus_per_task": 32}
+    assert paper.language_features_resources("llama3.1-8b") == {"gpu": 1, "nodes": 1, "runtime": 60,
+                                                                "mem_mb": node // 8, "cpus_per_task": 8}
     mini = Plan(load_config(REPO / "config/mini.yaml"))
     assert mini.eval_resources("vqa") == {"gpu": 0, "runtime": 60} and mini.eval_threads() == 1
+    assert mini.language_features_resources("minilm") == {"gpu": 0, "runtime": 10}
+
+
+def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path):
+    """Each LM's features are one job's output that every alignment job reads. Its params hold
+    which weights the name loads (not k or the other LMs); a local copy's config, tokenizer and
+    weight files are its inputs, so replacing them reruns it; a hub id, or a path this host does
+    not see, adds none."""
+    folder = tmp_path / "llama-8b"
+    folder.mkdir()
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "tokenizer.json", "README.md", "generation_config.json"):
+        (folder / name).write_text("{}")
+    cfg = load_config(REPO / "config/paper.yaml")
+    cfg["evaluate"]["alignment"]["lm_paths"]["llama3.1-8b"] = str(folder)
+    plan = Plan(cfg)
+    assert plan.language_features_paths() == ["results/paper/language_features/llama3.1-8b.pt",
+                                              "results/paper/language_features/llama3.1-70b.pt"]
+    assert [Path(p).name for p in plan.language_weights("llama3.1-8b")] == [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "tokenizer.json"]
+    assert plan.language_weights("llama3.1-70b") == []  # a hub id
+    assert json.loads(plan.language_features_json("llama3.1-8b")) == {"scale": "paper",
+                                                                       "lm_paths": {"llama3.1-8b": str(folder)}}
+    assert json.loads(plan.language_features_json("llama3.1-70b")) == {
+        "scale": "paper", "lm_paths": {"llama3.1-70b": "meta-llama/Llama-3.1-70B"}}
+    cfg["evaluate"]["alignment"]["k"] = 5  # the score's, not the features'
+    assert Plan(cfg).language_features_json("llama3.1-8b") == plan.language_features_json("llama3.1-8b")
+    cfg["evaluate"]["alignment"]["lm_paths"]["llama3.1-8b"] = str(tmp_path / "not-here")
+    assert Plan(cfg).language_weights("llama3.1-8b") == []
+    assert re.fullmatch(plan.language_model_pattern(), "llama3.1-8b")
+    assert not re.fullmatch(plan.language_model_pattern(), "llama3x1-8b")  # the dot is literal
 
 
 def test_settings_are_not_params_and_reach_the_job_unchanged():

@@ -222,6 +222,9 @@ def test_eval_gpus_beyond_one_node_is_refused(paper):
     cfg["resources"]["eval_gpus"] = 16
     with pytest.raises(ConfigError, match=r"resources.eval_gpus: 16 GPUs, .* resources.gpus_per_node is 8"):
         Plan(cfg)
+    cfg["resources"].update(eval_gpus=8, lm_gpus={"llama3.1-70b": 9})
+    with pytest.raises(ConfigError, match=r"resources.lm_gpus.llama3.1-70b: 9 GPUs, .* resources.gpus_per_node is 8"):
+        Plan(cfg)
 
 
 def test_unknown_language_model_name_is_refused_at_the_dry_run(paper):
@@ -233,6 +236,13 @@ def test_unknown_language_model_name_is_refused_at_the_dry_run(paper):
         Plan(cfg)
     alignment["language_models"] = ["llama3.1-8b", "meta-llama/Llama-3.1-70B"]  # a hub id names itself
     assert Plan(cfg).language_models() == ["llama3.1-8b", "meta-llama/Llama-3.1-70B"]
+    cfg["resources"]["lm_gpus"] = {"llama3.1-70B": 4}  # misspelt: the 70B model would get the default one GPU
+    with pytest.raises(ConfigError, match=r"resources.lm_gpus: 'llama3.1-70B' is not one of evaluate.alignment."
+                                          r"language_models \(llama3.1-8b, meta-llama/Llama-3.1-70B\) nor of its "
+                                          r"lm_paths \(llama3.1-8b, llama3.1-70b\)"):
+        Plan(cfg)
+    cfg["resources"]["lm_gpus"] = {"llama3.1-70b": 4}  # an lm_paths key the override left out: kept
+    Plan(cfg)
     cfg["stages"] = ["data", "pretrain", "vqa"]  # no alignment jobs: nothing to refuse
     alignment["language_models"] = ["llama3.1-70B"]
     Plan(cfg)

@@ -34,11 +34,16 @@ def check_sizes(sizes: Mapping[str, Mapping[str, Any]]) -> None:
 
 def check_eval_gpus(resources: Mapping[str, Any]) -> None:
     """An evaluation job runs on one node (``torchrun --standalone``, the 70B LM's device map):
-    ``resources.eval_gpus`` beyond ``gpus_per_node`` would be a job SLURM can never start."""
-    per_node, wanted = int(resources.get("gpus_per_node", 0)), int(resources.get("eval_gpus", 0))
-    if wanted > per_node:
-        raise ConfigError(f"resources.eval_gpus: {wanted} GPUs, but an evaluation job runs on one node and "
-                          f"resources.gpus_per_node is {per_node}")
+    ``resources.eval_gpus`` or ``lm_gpus`` beyond ``gpus_per_node`` would be a job SLURM can
+    never start."""
+    per_node = int(resources.get("gpus_per_node", 0))
+    wanted = {"eval_gpus": int(resources.get("eval_gpus", 0))}
+    if wanted["eval_gpus"]:  # without eval GPUs, language_features jobs run on CPU
+        wanted.update({f"lm_gpus.{lm}": int(n) for lm, n in resources.get("lm_gpus", {}).items()})
+    for key, gpus in wanted.items():
+        if gpus > per_node:
+            raise ConfigError(f"resources.{key}: {gpus} GPUs, but an evaluation job runs on one node and "
+                              f"resources.gpus_per_node is {per_node}")
 
 
 def check_in1k_images(config: Mapping[str, Any]) -> None:
@@ -83,16 +88,22 @@ def check_gpu_jobs(config: Mapping[str, Any], stages: Sequence[str]) -> None:
                               f"resources.{key} to the GPUs one such job uses, as config/paper.yaml does")
 
 
-def check_language_models(alignment: Mapping[str, Any]) -> None:
+def check_language_models(alignment: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
     """Each ``evaluate.alignment.language_models`` name is MiniLM, a key of ``lm_paths``, or a
-    hub id / path itself: a misspelt name would otherwise be sent to the hub as a repo id by
-    every alignment job, after its encoder's features were computed."""
+    hub id / path itself: a misspelt name would otherwise be sent to the hub as a repo id by its
+    language_features job. A ``resources.lm_gpus`` key names one of them or of ``lm_paths``:
+    misspelt, the 70B model would be given the default one GPU, and fail there."""
     paths = alignment.get("lm_paths", {})
-    for name in alignment.get("language_models", ["minilm"]):
+    names = alignment.get("language_models", ["minilm"])
+    for name in names:
         if name != "minilm" and name not in paths and "/" not in name:
             raise ConfigError(f"evaluate.alignment.language_models: {name!r} is not 'minilm', nor a key of "
                               f"evaluate.alignment.lm_paths ({', '.join(paths) or 'none'}), nor a hub id "
                               "('org/name') or path")
+    for name in resources.get("lm_gpus", {}):
+        if name not in names and name not in paths:
+            raise ConfigError(f"resources.lm_gpus: {name!r} is not one of evaluate.alignment.language_models "
+                              f"({', '.join(names)}) nor of its lm_paths ({', '.join(paths) or 'none'})")
 
 
 @contextlib.contextmanager

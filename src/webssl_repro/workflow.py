@@ -49,7 +49,8 @@ class Plan(DataJobs, EvalJobs, PretrainJobs):
             check_gpu_jobs(self.config, self.stages)
             check_in1k_images(self.config)
             if "alignment" in self.stages:
-                check_language_models(self.config.get("evaluate", {}).get("alignment", {}))
+                check_language_models(self.config.get("evaluate", {}).get("alignment", {}),
+                                      self.config.get("resources", {}))
                 check_alignment(self.config.get("evaluate", {}).get("alignment", {}),
                                 self.config.get("data", {}).get("evalsets", {}))
             if "data" in self.stages:

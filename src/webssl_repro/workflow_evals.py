@@ -5,6 +5,7 @@ reads the Plan's config, paths and scale.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
@@ -55,6 +56,51 @@ class EvalJobs:
     def no_image_inputs(self, metrics) -> list[str]:
         """The answers without the image an item with classic ``metrics`` is rendered beside."""
         return self.no_image_answers() if any(m in CLASSIC_METRICS for m in metrics) else []
+
+    def _alignment(self) -> Mapping[str, Any]:
+        return self.config.get("evaluate", {}).get("alignment", {})
+
+    def language_features_path(self, lm: str) -> str:
+        """One language model's features of the alignment captions, read by every run's alignment job."""
+        return f"{self.results}/language_features/{lm}.pt"
+
+    def language_features_paths(self) -> list[str]:
+        """The ``alignment`` rule's LM features: one file per ``evaluate.alignment.language_models``."""
+        return [self.language_features_path(lm) for lm in self.language_models()]
+
+    def language_model_pattern(self) -> str:
+        """The ``language_features`` rule's wildcard constraint: this scale's language models."""
+        return "|".join(re.escape(lm) for lm in self.language_models())
+
+    def language_weights(self, lm: str) -> list[str]:
+        """A local copy's weight files, as the ``language_features`` rule's inputs: Snakemake
+        computes its features again when they are replaced. None for a hub id, nor for a path
+        that this host does not see (a dry run off the cluster; the job says it is missing)."""
+        from webssl_repro.evaluate.alignment_eval import lm_source, weight_files
+
+        try:
+            source = lm_source(lm, {"lm_paths": self._alignment().get("lm_paths", {})})
+        except ValueError:
+            return []
+        return [str(p) for p in weight_files(source)]
+
+    def language_features_json(self, lm: str) -> str:
+        """What the ``language_features`` job for ``lm`` computes from (its params): which
+        weights the name loads. Not ``k``, ``q`` or the other LMs, which only the score reads."""
+        paths = self._alignment().get("lm_paths", {})
+        section = {"lm_paths": {lm: paths[lm]}} if lm in paths else {}
+        return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
+
+    def language_features_resources(self, lm: str) -> dict[str, int]:
+        """The GPUs the ``language_features`` job for ``lm`` spreads it over (``device_map``):
+        ``resources.lm_gpus.<lm>``, else one, with their node share, where the eval jobs have GPUs
+        (Llama-3.1-70B in bf16, ~141 GB, needs 4 of 80 GB); on CPU (mini), none."""
+        res = self.config.get("resources", {})
+        out = {"gpu": 0, "runtime": int(res.get("min_runtime_min", 60))}
+        if self.eval_gpus() > 0:
+            out["gpu"] = int(res.get("lm_gpus", {}).get(lm, 1))
+            out.update(node_share(res, out["gpu"]))
+        return out
 
     def eval_retries(self, remote: bool = False) -> int | None:
         """The ``vqa_probe`` / ``vqa`` / ``classic`` rules' ``retries``: ``resources.eval_retries``, else the
@@ -125,12 +171,13 @@ class EvalJobs:
     def eval_resources(self, kind: str = "vqa") -> dict[str, int]:
         """Resources of an evaluation job. On GPUs it takes a node's share for its GPUs: the
         VQA probe's torchrun ranks each load the LM (Llama-3-8B: ~32 GB, fp32 weights) and
-        the encoder before FSDP shards the LM, and the alignment job spreads Llama-3.1-70B over them; the classic probes
-        run the encoder on one. Without GPUs (mini), the defaults."""
+        the encoder before FSDP shards the LM; the classic probes and the alignment job (whose
+        LM features are the ``language_features`` jobs') run the encoder on one. Without GPUs
+        (mini), the defaults."""
         res = self.config.get("resources", {})
-        gpus = min(self.eval_gpus(), 1) if kind == "classic" else self.eval_gpus()
+        gpus = min(self.eval_gpus(), 1) if kind in ("classic", "alignment") else self.eval_gpus()
         out = {"gpu": gpus, "runtime": self.eval_runtime()}
-        if gpus > 0:  # one node's GPUs (torchrun --standalone; the 70B LM's device_map)
+        if gpus > 0:  # one node's GPUs (torchrun --standalone)
             out.update(node_share(res, gpus))
         return out
 

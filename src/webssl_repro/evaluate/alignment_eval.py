@@ -4,15 +4,15 @@ Vision: the CLS token after every block, before the final norm (the residual str
 language: the token-mean of every hidden state of each LM, embeddings included; score:
 mutual k-NN (k=10) after one 95th-percentile clamp per model, max over layer pairs.
 Mini: the 1024 mini-web image-caption pairs and the offline MiniLM; paper: WIT-1024 and
-Llama-3.1 8B / 70B loaded by path or id through ``transformers``.
+Llama-3.1 8B / 70B loaded by path or id through ``transformers``. Each LM's features are
+computed once per scale, by its ``language_features`` job on the GPUs that LM needs, and read
+by every run's alignment job, which needs one GPU for the encoder.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -50,35 +50,31 @@ def lm_source(name: str, cfg: Mapping[str, Any]) -> str:
     return model_location(cfg["lm_paths"].get(name, name), f"evaluate.alignment.lm_paths.{name}")
 
 
-def lm_identity(source: str) -> list:
-    """What ties cached LM features to their weights: the source, and for a local copy its
-    config and weight files' names, sizes and times (``lm_paths`` pointed at another checkpoint,
-    or the copy replaced, computes them again)."""
-    from webssl_repro.evaluate.progress import file_identity
+#: a local copy's files that its features depend on, besides its weights (.safetensors / .bin)
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "vocab.txt")
 
+
+def weight_files(source: str) -> list[Path]:
+    """The files of a local copy that its features depend on (config, tokenizer, weights and
+    their index), which the ``language_features`` rule takes as inputs: a copy replaced in place
+    computes its features again. None for a hub id, whose revision the cluster's cache holds."""
     folder = Path(source)
-    files = sorted(p for p in folder.glob("*") if p.name == "config.json" or p.suffix in (".safetensors", ".bin")
-                   or p.name.endswith(".index.json")) if folder.is_dir() else []
-    return [source, *(file_identity(p) for p in files)]
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*") if p.name in MODEL_FILES or p.suffix in (".safetensors", ".bin")
+                  or p.name.endswith(".index.json"))
 
 
-def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cache_dir: Path | None) -> torch.Tensor:
-    """LM features, cached per (LM weights, caption set): every run shares them."""
-    from webssl_repro.evaluate.features import save_atomic
+def captions_digest(captions: list[str]) -> str:
+    """What ties LM features to the captions they were computed on."""
+    return hashlib.sha1("\n".join(captions).encode()).hexdigest()
+
+
+def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any]) -> torch.Tensor:
+    """The (L+1, N, D) token-mean features of ``captions`` from every hidden state of LM ``name``."""
     from webssl_repro.evaluate.language import lm_layer_features, load_minilm
 
     source = lm_source(name, cfg)
-    cache = None
-    if cache_dir is not None:
-        identity = json.dumps(lm_identity(source), sort_keys=True)
-        key = hashlib.sha1("\n".join([identity, *captions]).encode()).hexdigest()[:12]
-        cache = cache_dir / f"lm-{name.replace('/', '_')}-{len(captions)}-{key}.pt"
-        if cache.exists():
-            try:
-                return torch.load(cache, weights_only=True)
-            except Exception as err:  # noqa: BLE001 - derived data: computed again, and rewritten whole
-                warnings.warn(f"LM feature cache {cache} is unreadable ({type(err).__name__}: {err}); "
-                              "computing the features again", RuntimeWarning)
     if name == "minilm":
         model, tokenizer = load_minilm()
     else:  # paper scale: Llama-3.1 by local path (or hub id where the cluster has a cache)
@@ -92,24 +88,56 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any], cach
         with hub_access(f"evaluate.alignment.lm_paths.{name}", source):
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModel.from_pretrained(source, torch_dtype=torch.bfloat16, **placement)
-    feats = lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
-    if cache is not None:  # concurrent alignment jobs share it
-        save_atomic(feats, cache)
-    return feats
+    return lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
+
+
+def write_language_features(name: str, captions_manifest: str | Path, cfg: Mapping[str, Any], out: str | Path) -> dict:
+    """The ``language_features`` job: LM ``name``'s features of the captions eval set, computed
+    once per scale for every run's alignment job, with what they were computed from."""
+    from webssl_repro.evaluate.features import save_atomic
+
+    check_keys(cfg, {*DEFAULTS, "scale"}, "evaluate.alignment")
+    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "scale"}}
+    captions = [str(r["caption"]) for r in load_split(captions_manifest, "test")]
+    feats = language_layers(name, captions, cfg)
+    source = lm_source(name, cfg)
+    record = {"language_model": name, "source": source, "captions": len(captions),
+              "captions_sha1": captions_digest(captions), "layers": int(feats.shape[0]), "dim": int(feats.shape[2])}
+    save_atomic({**record, "features": feats}, out)
+    return record
+
+
+def read_language_features(path: str | Path, captions: list[str]) -> tuple[str, torch.Tensor]:
+    """(LM name, features) from a ``language_features`` output, refused where its captions are
+    not ``captions`` (another eval set, or one generated again since)."""
+    saved = torch.load(path, weights_only=True)
+    if saved.get("captions_sha1") != captions_digest(captions):
+        raise ValueError(f"{path}: the features of {saved.get('language_model')!r} were computed on "
+                         f"{saved.get('captions')} other captions than the {len(captions)} of this captions "
+                         "set: compute them again (snakemake --forcerun language_features)")
+    return str(saved["language_model"]), saved["features"]
 
 
 def run_alignment(encoder, meta: Mapping[str, Any], captions_manifest: str | Path, cfg: Mapping[str, Any],
-                  cache_dir: Path | None = None) -> dict[str, Any]:
+                  language_features: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The alignment of ``encoder`` with each of ``cfg``'s language models: their features read
+    from ``language_features`` (the DAG's ``language_features`` jobs), or computed here where
+    none are given (one encoder scored by hand)."""
     check_keys(cfg, {*DEFAULTS, "scale"}, "evaluate.alignment")
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if k != "scale"}}
     records = load_split(captions_manifest, "test")
     captions = [str(r["caption"]) for r in records]
+    given = dict(read_language_features(p, captions) for p in language_features)
+    missing = [lm for lm in cfg["language_models"] if lm not in given]
+    if given and missing:  # a 70B model is not loaded, unasked, in a job sized for the encoder
+        raise ValueError(f"--language-features has no features of {missing} (it has {sorted(given)}); "
+                         "give each of evaluate.alignment.language_models' or none")
     k, q, exact = int(cfg["k"]), float(cfg["q"]), bool(cfg["exact"])
     # each model's clamp threshold once: the score and its standard error are then taken at q=1
     vis = clamp_layers(vision_layers(encoder, meta, records, int(cfg["batch_size"])), q, exact)
     metrics: dict[str, Any] = {}
     for lm in cfg["language_models"]:
-        lang = clamp_layers(language_layers(lm, captions, cfg, cache_dir), q, exact)
+        lang = clamp_layers(given[lm] if lm in given else language_layers(lm, captions, cfg), q, exact)
         score, (i, j) = alignment_score(vis, lang, k=k, q=1.0)
         metrics[f"alignment/{lm}"] = float(score)
         metrics[f"_alignment/{lm}/layers"] = {"vision": int(i), "language": int(j)}

@@ -240,8 +240,8 @@ def extract_features(model: Union[nn.Module, Callable], batches: Iterable, indic
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` through ``files.atomic_write``: a cache that other jobs share
-    (the alignment LM features) is never read half-written."""
+    """``torch.save`` through ``files.atomic_write``: a file that other jobs read (the LM
+    features of the alignment jobs, cached tokens) is never read half-written."""
     from webssl_repro.files import atomic_write
 
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -3,7 +3,8 @@
 An evaluation job reads its encoder (or a VQA control) and eval sets, opens its saved progress
 (``evaluate.progress``: stamped with the config it computes, the encoder and the data), runs
 (``classic``, ``alignment``, or the VQA stage's two jobs: ``vqa_probe`` trains the probe,
-``vqa`` answers with it) and writes its output on rank 0.
+``vqa`` answers with it) and writes its output on rank 0. ``language-features`` computes one
+language model's features of the alignment captions, which every run's alignment job reads.
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--control is a VQA probe control and needs --img-size and --patch")
     if args.probe is not None and args.kind != "vqa":
         raise ValueError(f"--probe is the trained probe a vqa job answers with, not an input of {args.kind}")
+    if args.language_features and args.kind != "alignment":
+        raise ValueError(f"--language-features are the alignment job's language-model features, not an input "
+                         f"of {args.kind}")
     computed = json.loads(args.eval_json)  # the result's config_hash: settings do not change results
     section = "vqa" if args.kind in VQA_KINDS else args.kind
     cfg, settings = eval_progress.split_settings(merge_nested(computed, json.loads(args.settings_json)), section)
@@ -141,16 +145,16 @@ def classic_no_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def alignment_cache(out: Path, given: Path | None = None) -> Path:
-    """Where the alignment job caches the language models' features, shared by every run of a
-    scale: ``results/{scale}/cache`` for ``--out results/{scale}/evals/{run}/alignment.json``,
-    else a ``cache`` folder beside ``--out`` (or ``--cache-dir``)."""
-    from webssl_repro.evaluate.progress import scale_results
+def language_features(args: argparse.Namespace) -> int:
+    import json
 
-    if given is not None:
-        return Path(given)
-    root = scale_results(out)
-    return root / "cache" if root is not None else Path(out).absolute().parent / "cache"
+    from webssl_repro.evaluate.alignment_eval import write_language_features
+    from webssl_repro.settings import merge_nested
+
+    cfg = merge_nested(json.loads(args.eval_json), json.loads(args.settings_json))
+    record = write_language_features(args.language_model, args.data, cfg, args.out)
+    print(json.dumps(record, sort_keys=True))
+    return 0
 
 
 def eval_manifests(paths: Sequence[str]) -> dict[str, str]:
@@ -195,7 +199,7 @@ def _evaluate_metrics(args: argparse.Namespace, cfg: dict, progress, encoder, me
     elif args.kind == "alignment":
         from webssl_repro.evaluate.alignment_eval import run_alignment
 
-        return run_alignment(encoder, meta, manifests["captions"], cfg, cache_dir=alignment_cache(args.out, args.cache_dir))
+        return run_alignment(encoder, meta, manifests["captions"], cfg, args.language_features)
     from webssl_repro.evaluate.vqa import stage
 
     workdir = Path(args.out).parent / "vqa_work"  # the feature cache the run's two vqa jobs share
@@ -227,9 +231,9 @@ def add_parsers(sub: Any) -> None:
     ev.add_argument("--out", required=True, type=Path)
     ev.add_argument("--probe", type=Path, default=None,
                     help="vqa: the trained probe to answer with (a vqa_probe job's --out)")
-    ev.add_argument("--cache-dir", type=Path, default=None,
-                    help="alignment: where the language models' features are cached (default: results/{scale}/cache "
-                    "for --out results/{scale}/evals/{run}/alignment.json, else cache/ beside --out)")
+    ev.add_argument("--language-features", nargs="*", type=Path, default=[],
+                    help="alignment: each language model's features of the captions (language-features' "
+                    "--out); without them, computed in this job")
     ev.add_argument("--state", type=Path, default=None,
                     help="vqa / vqa_probe / classic: where a job too long for its time limit keeps its progress "
                     "for a retry (evaluate/progress.py; default: results/{scale}/eval_state/evals/{run}/{kind} "
@@ -247,3 +251,12 @@ def add_parsers(sub: Any) -> None:
     const.add_argument("--data", nargs=3, required=True, help="the classification, segmentation and depth manifests")
     const.add_argument("--out", required=True, type=Path)
     const.set_defaults(func=classic_no_image)
+
+    lm = sub.add_parser("language-features", help="one language model's features of the alignment captions, "
+                        "read by every run's alignment job (evaluate alignment --language-features)")
+    lm.add_argument("--language-model", required=True, help="a name of evaluate.alignment.language_models")
+    lm.add_argument("--eval-json", default="{}", help="where its weights are (Plan.language_features_json)")
+    lm.add_argument("--settings-json", default="{}", help="how it runs: lm_batch_size")
+    lm.add_argument("--data", required=True, type=Path, help="the captions eval set's manifest")
+    lm.add_argument("--out", required=True, type=Path)
+    lm.set_defaults(func=language_features)
