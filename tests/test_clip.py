@@ -190,18 +190,27 @@ def test_paper_tokenizer_is_clip_bpe_from_the_hub(tmp_path, monkeypatch):
     stand_in = Tokenizer(models.WordLevel(vocab=vocab, unk_token="a"))
     stand_in.pre_tokenizer = pre_tokenizers.Whitespace()
     stand_in.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    revision = paper["pretrain"]["clip"]["tokenizer_revision"]
+    assert revision == "32bd64288804d66eefd0ccbe215aa642df71cc41"  # pinned: every job reads the same BPE
     asked = []
-    monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(lambda name: asked.append(name) or stand_in))
-    tok = load_tokenizer(repo)
-    assert asked == [repo] and tok.vocab_size == 5 and (tok.sot_id, tok.eot_id, tok.pad_id) == (3, 4, 0)
+    monkeypatch.setattr(Tokenizer, "from_pretrained",
+                        staticmethod(lambda name, revision: asked.append((name, revision)) or stand_in))
+    tok = load_tokenizer(repo, revision=revision)
+    assert asked == [(repo, revision)] and tok.vocab_size == 5 and (tok.sot_id, tok.eot_id, tok.pad_id) == (3, 4, 0)
     assert tok("a red cube", 7).tolist() == [[3, 0, 1, 2, 4, 0, 0]]
+    load_tokenizer(repo)
+    assert asked[-1] == (repo, "main")  # unpinned: the repo's newest
 
-    def offline(name):
+    def offline(name, revision):
         raise RuntimeError("no network")
 
     monkeypatch.setattr(Tokenizer, "from_pretrained", staticmethod(offline))
-    with pytest.raises(FileNotFoundError, match=r"pretrain.clip.tokenizer 'no/such-repo' is neither"):
-        load_tokenizer("no/such-repo")
+    with pytest.raises(FileNotFoundError, match=r"pretrain.clip.tokenizer 'no/such-repo' at revision abc is neither"):
+        load_tokenizer("no/such-repo", revision="abc")
+    built = tmp_path / "tokenizer.json"
+    stand_in.save(str(built))
+    with pytest.raises(ValueError, match=r"tokenizer_revision 'abc' is a commit of a hub repo, but .* is a file"):
+        load_tokenizer(built, revision="abc")
 
 
 def test_text_tower_pools_eot_and_ignores_padding_after_it():

@@ -119,7 +119,7 @@ def test_schema_types_the_config_dataclasses():
     import dataclasses
 
     from webssl_repro.evaluate.vqa.probe import StageConfig, VqaConfig
-    from webssl_repro.methods.clip import ClipConfig
+    from webssl_repro.methods.clip import RECIPE_EXTRAS, ClipConfig
     from webssl_repro.methods.dino import DinoConfig
     from webssl_repro.methods.mae import MaeConfig
     from webssl_repro.train import TrainConfig
@@ -132,7 +132,7 @@ def test_schema_types_the_config_dataclasses():
     assert allowed["train"] == fields[TrainConfig] - {"samples_seen", "global_batch_size"}  # set from the run
     assert allowed["dino"] == fields[DinoConfig]
     assert allowed["mae"] == fields[MaeConfig]
-    assert allowed["clip"] == fields[ClipConfig] | {"layerscale", "tokenizer", "vocab_size"}
+    assert allowed["clip"] == fields[ClipConfig] | set(RECIPE_EXTRAS)
     _typed_like(TrainConfig, schema["train"]["properties"], skip=("samples_seen", "global_batch_size"))
     for name, cls in (("dino", DinoConfig), ("mae", MaeConfig), ("clip", ClipConfig)):
         _typed_like(cls, schema[name]["properties"])

@@ -170,14 +170,14 @@ def test_a_mae_or_clip_fine_tune_takes_its_own_hires_keys(paper, method):
     """pretrain.hires holds each method's keys: Web-DINO's base_lr (App. C) once reached MAE's and
     CLIP's recipes, whose configs refuse it when the job starts; their fine-tune keeps its 224 px
     batch and lr unless hires.{method} sets them."""
-    from webssl_repro.methods.clip import ClipConfig
+    from webssl_repro.methods.clip import RECIPE_EXTRAS, ClipConfig
     from webssl_repro.methods.mae import MaeConfig
 
     config_class = {"mae": MaeConfig, "clip": ClipConfig}[method]
     run = f"{method}2b-full2b-378"
     recipe = Plan(paper).run_config(run)["recipe"]
     assert "base_lr" not in recipe and recipe["lr"] == paper["pretrain"][method]["lr"]
-    config_class.from_mapping({k: v for k, v in recipe.items() if k not in ("layerscale", "tokenizer", "vocab_size")})
+    config_class.from_mapping({k: v for k, v in recipe.items() if k not in RECIPE_EXTRAS})
     cfg = copy.deepcopy(paper)
     cfg["pretrain"]["hires"][method] = {"lr": 1.0e-5, "batch_size": 1024}
     config = Plan(cfg).run_config(run)

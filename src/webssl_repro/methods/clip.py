@@ -25,6 +25,9 @@ __all__ = ["ClipConfig", "ClipModel", "ClipMethod", "clip_loss", "gather_with_gr
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+#: A CLIP recipe's keys beside ``ClipConfig``'s, which ``train.run`` reads: the vision tower's
+#: LayerScale init and the tokenizer (a file or hub repo, its commit, a learned one's vocabulary).
+RECIPE_EXTRAS = ("layerscale", "tokenizer", "tokenizer_revision", "vocab_size")
 
 
 @dataclass(frozen=True)

@@ -244,23 +244,28 @@ def _train_bpe(words: Mapping[str, int], vocab_size: int, specials: Sequence[str
 
 
 def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,
-                   pad_token: str = PAD_TOKEN) -> CaptionTokenizer:
-    """A ``tokenizer.json`` file (one built here), or a hub repo that holds one: at paper scale
-    the OpenAI CLIP BPE that MetaCLIP and open_clip use (49,408 tokens, ``<|endoftext|>`` last),
-    as ``openai/clip-vit-large-patch14`` ships it."""
+                   pad_token: str = PAD_TOKEN, revision: str | None = None) -> CaptionTokenizer:
+    """A ``tokenizer.json`` file (one built here), or a hub repo that holds one, at ``revision``
+    (a commit: every job of a run, and every run, reads the same BPE): at paper scale the OpenAI
+    CLIP BPE that MetaCLIP and open_clip use (49,408 tokens, ``<|endoftext|>`` last), as
+    ``openai/clip-vit-large-patch14`` ships it."""
     from tokenizers import Tokenizer
 
     if Path(path).is_file():
+        if revision is not None:
+            raise ValueError(f"pretrain.clip.tokenizer_revision {revision!r} is a commit of a hub repo, but "
+                             f"pretrain.clip.tokenizer {path} is a file")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises its own exception type for a malformed file
             raise ValueError(f"pretrain.clip.tokenizer {path}: not a tokenizers JSON file ({err})") from err
     else:
         try:
-            tokenizer = Tokenizer.from_pretrained(str(path))
+            tokenizer = Tokenizer.from_pretrained(str(path), revision=revision or "main")
         except Exception as err:  # tokenizers raises its own exception types for a missing repo / no network
-            raise FileNotFoundError(f"pretrain.clip.tokenizer {str(path)!r} is neither a tokenizer.json file nor a "
-                                    f"hub repo with one that could be fetched ({err})") from err
+            at = f" at revision {revision}" if revision else ""
+            raise FileNotFoundError(f"pretrain.clip.tokenizer {str(path)!r}{at} is neither a tokenizer.json file "
+                                    f"nor a hub repo with one that could be fetched ({err})") from err
     try:
         return CaptionTokenizer(tokenizer, sot_token, eot_token, pad_token)
     except ValueError as err:

@@ -87,12 +87,12 @@ def build(run: Run, cfg: Mapping[str, Any], corpus, init_device: Optional[str] =
         from webssl_repro.methods.clip import ClipConfig, ClipMethod, clip_transform
         from webssl_repro.models.text import build_tokenizer, load_tokenizer
 
-        tokenizer_path = recipe.pop("tokenizer", None)
+        tokenizer_path, revision = recipe.pop("tokenizer", None), recipe.pop("tokenizer_revision", None)
         vocab = int(recipe.pop("vocab_size", 2048))
         layerscale = float(recipe.pop("layerscale", 1e-5))  # the vision tower's, as Web-DINO's
         config = ClipConfig.from_mapping(recipe)
         if tokenizer_path:
-            tokenizer = load_tokenizer(tokenizer_path)
+            tokenizer = load_tokenizer(tokenizer_path, revision=revision)
         elif hasattr(corpus, "caption_texts"):  # mini: a tokenizer learned offline from this corpus' captions
             tokenizer = build_tokenizer(corpus.caption_texts(), vocab, cfg["_workdir"] + "/tokenizer.json")
         else:
