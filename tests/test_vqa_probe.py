@@ -154,6 +154,35 @@ def test_batched_greedy_equals_one_by_one(tokenizer):
         assert torch.allclose(last[i], ref, atol=1e-9)
 
 
+def test_greedy_answers_are_transformers_generate(tokenizer):
+    """The probe's own decoding loop (a KV cache fed one token a step, positions counted past the
+    left padding) answers as ``generate(do_sample=False)`` does from the same embeddings, up to the
+    end token: on LMs whose random weights are large enough to vary the tokens and end some answers
+    early, with an image-less question in the batch."""
+    answers = []
+    for seed in range(4):
+        probe = _probe(tokenizer, hidden=32, layers=2, seed=seed).double().eval()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in probe.lm.parameters():
+                if p.dim() == 2:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        samples, feats = _world(5, seed=7 + seed)
+        samples[3] = VqaSample(None, "is it", "x")
+        feats = FeatureCache(feats.ids, feats.features.double())
+        visual, t = probe.batch(samples, feats, with_answer=False)
+        ours = probe.generate(visual, t["input_ids"], t["attention_mask"], t["image_mask"], 8)
+        with torch.no_grad():
+            emb = probe.embed(visual, t["input_ids"], t["image_mask"])
+            generated = probe.lm.generate(inputs_embeds=emb, attention_mask=t["attention_mask"], max_new_tokens=8,
+                                          do_sample=False, eos_token_id=probe.stop_ids,
+                                          pad_token_id=tokenizer.pad_token_id).tolist()
+        ends = [[i for i, x in enumerate(row) if x in probe.stop_ids][:1] or [len(row)] for row in generated]
+        assert ours == [row[:end] for row, (end,) in zip(generated, ends)], seed
+        answers += ours
+    assert sum(len(a) < 8 for a in answers) >= 3 and len({tuple(a) for a in answers}) == len(answers)
+
+
 def test_stage1_trains_projector_only(tokenizer):
     probe = _probe(tokenizer, hidden=32, layers=1)
     samples, feats = _world(16, seed=1)
