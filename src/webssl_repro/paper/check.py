@@ -214,7 +214,8 @@ def thresholds() -> list[tuple[str, float, str]]:
     c = claims_mod
     return [
         ("Z", c.Z, "standard errors over seeds a quantity must clear its threshold by (no margin with one seed); "
-                   "an alignment slope must also be Z of its standard errors from the scores' own (slope_z)"),
+                   "an alignment slope or gain must also be Z of its standard errors from the scores' own "
+                   "(slope_z, gain_z)"),
         ("MIN_SLOPE", c.MIN_SLOPE, "VQA points per doubling of model size / samples seen for 'improves, scales'"),
         ("MAX_FLAT_SLOPE", c.MAX_FLAT_SLOPE, "VQA points per doubling at most, for 'does not scale'"),
         ("MIN_SLOPE_GAP", c.MIN_SLOPE_GAP, "points per doubling one slope must beat another by"),
@@ -223,6 +224,7 @@ def thresholds() -> list[tuple[str, float, str]]:
         ("MIN_OCR_GAIN", c.MIN_OCR_GAIN, "OCR & Chart points a text filter must add"),
         ("MAX_MEAN_LOSS", c.MAX_MEAN_LOSS, "mean points the other three categories may lose to a filter"),
         ("MIN_REL_SLOPE", c.MIN_REL_SLOPE, "alignment gain per doubling, as a fraction of the mean score"),
+        ("MIN_REL_GAIN", c.MIN_REL_GAIN, "alignment one encoder must add to another's, as a fraction of it"),
         ("MIN_REL_LOSS", c.MIN_REL_LOSS, "fraction of its first value a classic dense probe must lose, in its "
                                          "direction, for 'degrades'"),
         ("MIN_PROBE_GAIN", MIN_PROBE_GAIN, "VQA Average points raw-pixel tokens must score above zeros for the "

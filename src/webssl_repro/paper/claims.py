@@ -28,6 +28,7 @@ MIN_GAP = 0.5  # VQA points for "leads", "beats", "helps", each resolution step
 MIN_OCR_GAIN = 1.0  # OCR & Chart points a text filter must add
 MAX_MEAN_LOSS = 1.0  # mean points the three other categories may lose ("without much loss elsewhere")
 MIN_REL_SLOPE = 0.002  # alignment: fraction of its mean score gained per doubling
+MIN_REL_GAIN = 0.002  # alignment: fraction of the first encoder's score the second must add
 MIN_REL_LOSS = 0.02  # a classic dense task "degrades": at least 2 % of its first value lost, in its direction
 
 
@@ -48,6 +49,8 @@ _CLIP_SAMPLES = tuple(s for ser in specs.get_item("fig4").series if ser.label.st
 _FILTER_2B = _runs("table13", size={"2b"})
 _ALIGN_SIZE = _runs("fig9", samples={"2b"})
 _ALIGN_SAMPLES = _runs("fig9", size={"7b"})
+# Fig. 9's first two bars: the off-the-shelf DINOv2 ViT-g (LVD-142M), then Web-DINO ViT-1B (MC-2B)
+_ALIGN_DATA = tuple(row.source for row in specs.get_item("fig9").rows[:2])
 _RES = _runs("table15")
 _DENSE_SAMPLES = _runs("table9")
 _HEAVY_2B = _runs("table2", data={"heavy"})
@@ -151,6 +154,21 @@ def _alignment(label: str) -> Callable[[Values], dict[str, float]]:
     return compute
 
 
+def _alignment_gain(label: str) -> Callable[[Values], dict[str, float]]:
+    """What the second source adds to the first's score, relative to it, and that gain over its
+    standard error from the two scores' own (over captions; taken as independent, conservative)."""
+    def compute(v: Values) -> dict[str, float]:
+        out = {}
+        for metric in v.metrics(label):
+            y, se = v.y(label, metric), v.y(label, SE_PREFIX + metric)
+            lm = metric[len(ALIGNMENT_PREFIX):]
+            out[f"rel_gain[{lm}]"] = float((y[1] - y[0]) / y[0])
+            if not np.isnan(se).any():
+                out[f"gain_z[{lm}]"] = float((y[1] - y[0]) / np.sqrt(se[0] ** 2 + se[1] ** 2))
+        return out
+    return compute
+
+
 def _resolution(v: Values) -> dict[str, float]:
     y = v.y("Web-DINO ViT-7B 8B seen", "Average")
     return {f"step[{a}->{b}]": float(y[i + 1] - y[i]) for i, (a, b) in enumerate(zip((224, 378), (378, 518)))}
@@ -222,6 +240,11 @@ CLAIMS: tuple[Claim, ...] = (
           "(Web-DINO ViT-7B, 2B → 8B)", ("fig9",),
           (_s("Web-DINO ViT-7B", _ALIGN_SAMPLES, [ALIGNMENT_ANY], "samples", "alignment"),),
           _alignment("Web-DINO ViT-7B"), (Condition("rel_slope", ">", MIN_REL_SLOPE), Condition("slope_z", ">", Z))),
+    Claim("web_data_raises_alignment", "Web-DINO ViT-1B, trained on MC-2B, aligns better with the language model "
+          "than the off-the-shelf DINOv2 ViT-g of the same architecture", ("fig9",),
+          (_s("DINOv2 → Web-DINO ViT-1B", _ALIGN_DATA, [ALIGNMENT_ANY], "source", "alignment"),),
+          _alignment_gain("DINOv2 → Web-DINO ViT-1B"),
+          (Condition("rel_gain", ">", MIN_REL_GAIN), Condition("gain_z", ">", Z))),
     Claim("higher_resolution_helps", "Higher resolution improves Web-DINO ViT-7B's VQA Average (224 → 378 → 518 px)",
           ("table15",), (_s("Web-DINO ViT-7B 8B seen", _RES, ["Average"], "res"),), _resolution,
           (Condition("step", ">", MIN_GAP),)),

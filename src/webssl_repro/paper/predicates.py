@@ -31,7 +31,8 @@ ALIGNMENT_ANY = ALIGNMENT_PREFIX + "*"  # every language model the results have 
 
 @dataclass(frozen=True)
 class Series:
-    """Runs along one axis (size, samples, res or data) and the metrics a claim reads from them."""
+    """Runs along one axis (size, samples, res, data, or source: named) and the metrics a claim
+    reads from them."""
 
     label: str
     runs: tuple[str, ...]
@@ -40,15 +41,17 @@ class Series:
     eval: str = "vqa"
 
     def x(self) -> np.ndarray:
-        """log2 of the axis value (params or samples, in billions) — the paper's log x-axes."""
-        runs = [Run.parse(r) for r in self.runs]
+        """log2 of the axis value (params or samples, in billions) — the paper's log x-axes; else
+        the runs' order (``source``: any sources, off-the-shelf baselines included, by name)."""
         if self.axis == "size":
-            return np.log2([specs.PARAMS_B[r.size] for r in runs])
+            return np.log2([specs.PARAMS_B[Run.parse(r).size] for r in self.runs])
         if self.axis == "samples":
-            return np.log2([specs.SAMPLES_B[r.samples] for r in runs])
-        return np.arange(len(runs), dtype=float)
+            return np.log2([specs.SAMPLES_B[Run.parse(r).samples] for r in self.runs])
+        return np.arange(len(self.runs), dtype=float)
 
     def tick(self, run: str) -> str:
+        if self.axis == "source":
+            return run
         r = Run.parse(run)
         return {"size": r.size.upper(), "samples": f"{(r.samples or '').upper()} seen", "res": f"{r.res}px",
                 "data": r.data}[self.axis]
