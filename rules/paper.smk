@@ -6,7 +6,6 @@
 import json
 import os
 
-from webssl_repro.paper import report as paper_report
 from webssl_repro.paper.specs import ITEMS
 
 # Items the renderers know; fig8 (corpus samples) is drawn by the data stage, so a pattern
@@ -81,7 +80,7 @@ if not PLAN.published:
     rule render_reference_table:
         """The paper's own version of a table, beside this scale's in the report."""
         input:
-            lambda w: paper_report.published_inputs(w.item),
+            lambda w: PLAN.published_inputs(w.item),
         output:
             tsv=report(
                 f"{PAPER}/published/tables/{{item}}.tsv",
@@ -105,7 +104,7 @@ if not PLAN.published:
     rule render_reference_figure:
         """The paper's own version of a figure, beside this scale's in the report."""
         input:
-            lambda w: paper_report.published_inputs(w.item),
+            lambda w: PLAN.published_inputs(w.item),
         output:
             pdf=f"{PAPER}/published/figures/{{item}}.pdf",
             png=report(
@@ -131,7 +130,7 @@ if not PLAN.published:
         """This scale's line figure over the paper's, on twin axes (the report)."""
         input:
             runs=lambda w: PLAN.item_inputs(w.item),
-            published=lambda w: paper_report.published_inputs(w.item),
+            published=lambda w: PLAN.published_inputs(w.item),
         output:
             report(
                 f"{PAPER}/figures/{{item}}_vs_published.png",
@@ -157,8 +156,8 @@ if not PLAN.published:
 rule check:
     """The paper's claims judged on this scale's numbers, and reproduced vs published per metric."""
     input:
-        results=paper_report.check_inputs(PLAN),
-        published=paper_report.published_tsvs(),
+        results=PLAN.check_inputs(),
+        published=PLAN.published_tsvs(),
     output:
         claims=report(
             f"{PAPER}/check/claims.tsv",
@@ -188,10 +187,10 @@ rule check:
 rule report:
     """paper/{scale}/report.md: every table and figure beside the paper's, and the claims' verdicts."""
     input:
-        paper_report.report_inputs(PLAN),
+        PLAN.report_inputs(),
     output:
         report(
-            paper_report.report_output(PLAN),
+            PLAN.report_output(),
             caption="../report/report.rst",
             category="Report",
         ),

@@ -14,7 +14,6 @@ from webssl_repro.metrics import VQA_CATEGORIES
 from webssl_repro.paper import claims as C
 from webssl_repro.paper.check import (comparison, published_runs_frame, requested_pairs, run_check,
                                       runs_frame)
-from webssl_repro.paper.report import check_inputs
 from webssl_repro.paper import specs
 from webssl_repro.config import load_config
 from webssl_repro.runs import Run
@@ -245,7 +244,7 @@ def write_tree(root, plan: Plan, blind_average: float = 20.0) -> list[str]:
     """Eval JSONs for every requested (run, seed, kind), with a small per-seed jitter, the VQA
     probe's controls (raw-pixel tokens at 40 Average, zeros at ``blind_average``) and the classic
     tasks' answers without the image (under every run's numbers but ADE20K lin.'s 20 mIoU)."""
-    paths = check_inputs(plan)
+    paths = plan.check_inputs()
     for path in paths:
         if "/controls/" in path:
             average = 40.0 if path.endswith("pixels/vqa.json") else blind_average

@@ -168,7 +168,6 @@ def test_cli_writes_the_answers_as_a_classic_result(tiny_sets, tmp_path):
 
 
 def test_dag_reads_the_answers_where_classic_runs(tmp_path):
-    from webssl_repro.paper.report import check_inputs
     from webssl_repro.workflow import Plan, shipped_plan
 
     plan = shipped_plan("mini")
@@ -176,11 +175,11 @@ def test_dag_reads_the_answers_where_classic_runs(tmp_path):
     assert plan.no_image_answers() == [path]
     for item in ("table3", "table7", "table9", "fig7"):
         assert path in plan.item_inputs(item), item
-    assert path not in plan.item_inputs("table6") and path in check_inputs(plan)
+    assert path not in plan.item_inputs("table6") and path in plan.check_inputs()
     no_classic = Plan({**plan.config, "stages": ["data", "pretrain", "vqa"], "items": ["table6"]})
-    assert no_classic.no_image_answers() == [] and path not in check_inputs(no_classic)
+    assert no_classic.no_image_answers() == [] and path not in no_classic.check_inputs()
     published = shipped_plan("published")
-    assert not any(NO_IMAGE in p for p in published.item_inputs("table7") + check_inputs(published))
+    assert not any(NO_IMAGE in p for p in published.item_inputs("table7") + published.check_inputs())
 
 
 def _results(values: dict[str, float], constant: dict[str, float]) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from webssl_repro.config import config_hash, load_config
 from webssl_repro.paper import specs
 from webssl_repro.paper.check import run_check
 from webssl_repro.paper.figures import render_figure
-from webssl_repro.paper.report import overlay_output, reference_outputs, report_inputs, write_report
+from webssl_repro.paper.report import write_report
 from webssl_repro.paper.results import item_results
 from webssl_repro.paper.tables import render_table
 from webssl_repro.workflow import Plan
@@ -84,15 +84,15 @@ def test_run_scale_report_puts_each_item_beside_the_papers(tmp_path, monkeypatch
         assert main(["render", item, "--scale", "synth", "--source", "runs", "--inputs", *inputs, *lms,
                      "--outputs", *plan.item_outputs(item)]) == 0
         assert main(["render", item, "--scale", "published", "--source", "published", "--inputs",
-                     "results/published/vqa.tsv", *lms, "--outputs", *reference_outputs(plan.paper_dir, item)]) == 0
-    out = overlay_output(plan.paper_dir, "fig3")
+                     "results/published/vqa.tsv", *lms, "--outputs", *plan.reference_outputs(item)]) == 0
+    out = plan.overlay_output("fig3")
     assert main(["overlay", "fig3", "--scale", "synth", "--published-dir", "results/published",
                  "--inputs", *plan.item_inputs("fig3"), "--out", out]) == 0
     assert (tmp_path / out).stat().st_size > 20_000
     assert main(["check", "--config-json", json.dumps(config), "--published-dir", "results/published",
                  "--outdir", "paper/synth/check", "--inputs", *plan.item_inputs("table15"),
                  *plan.item_inputs("fig3"), *plan.item_inputs("fig9")]) == 0
-    assert sorted(report_inputs(plan)) == sorted(p for p in report_inputs(plan) if (tmp_path / p).exists())
+    assert sorted(plan.report_inputs()) == sorted(p for p in plan.report_inputs() if (tmp_path / p).exists())
     assert main(["report", "--config-json", json.dumps(config), "--out", "paper/synth/report.md"]) == 0
     text = (tmp_path / "paper/synth/report.md").read_text()
     assert "**paper**" in text and re.search(r"\| Web-DINO ViT-7B 518 +\| 1807\.08 .*\| 59\.91 +\|", text)
@@ -145,7 +145,7 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
 def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_path, monkeypatch):
     """Without --configfile the tolerances are those of the scale the path names (mini's judge
     nothing comparable); eval files written after a --configfile are evals, not configs."""
-    from webssl_repro.paper.report import compare_inputs
+    from webssl_repro.paper.commands import compare_inputs
 
     monkeypatch.chdir(REPO)
     mini = Path("/x/results/mini/evals/dino7b-full8b-224/classic.json")

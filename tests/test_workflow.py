@@ -146,13 +146,12 @@ def test_runs_target_pretrains_the_grid_also_without_evaluation_stages():
 
 
 def test_vqa_controls_run_only_with_the_vqa_stage():
-    from webssl_repro.paper.report import check_inputs
 
     config = load_config(REPO / "config/mini.yaml")
     assert Plan(config).vqa_controls() == ["pixels", "blind"]
     without = Plan({**config, "stages": ["data", "pretrain", "classic", "alignment"]})
     assert without.vqa_controls() == [] and without.control_args() == ""
-    assert not [t for t in check_inputs(without) if "/vqa.json" in t and "/controls/" in t]
+    assert not [t for t in without.check_inputs() if "/vqa.json" in t and "/controls/" in t]
 
 
 @pytest.mark.parametrize("configfile", ["config/mini.yaml", "config/published.yaml"])

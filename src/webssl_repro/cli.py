@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from webssl_repro.launch import add_launch_parser
 
     add_launch_parser(sub)
-    from webssl_repro.paper.report import add_parsers as add_paper_parsers
+    from webssl_repro.paper.commands import add_parsers as add_paper_parsers
     add_paper_parsers(sub)
     return parser
 

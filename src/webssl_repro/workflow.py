@@ -23,6 +23,7 @@ from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import split_pretrain
 from webssl_repro.workflow_data import DataJobs
 from webssl_repro.workflow_evals import EvalJobs
+from webssl_repro.workflow_paper import PaperJobs
 from webssl_repro.workflow_pretrain import INVOCATION_VAR, PretrainJobs, _alternatives
 
 TABLE_FORMATS = ("tsv", "md", "tex")
@@ -33,7 +34,7 @@ STAGE_OF_EVAL = {"vqa": "vqa", "classic": "classic", "alignment": "alignment", "
 
 
 @dataclass(frozen=True)
-class Plan(DataJobs, EvalJobs, PretrainJobs):
+class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:

@@ -2,14 +2,15 @@
 
 Where the source has no number for a point, the point is drawn as a hollow marker in its
 series' colour, in a grey strip under the panel's floor labelled "n/a" — the gap stays
-visible and no value is invented.
+visible and no value is invented. At a run scale a line figure is also drawn over the paper's
+(``render_overlay``), on twin y-axes.
 """
 from __future__ import annotations
 
 import math
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import matplotlib
 
@@ -155,3 +156,49 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
                     metadata={"CreationDate": None} if ext == "pdf" else None)
     plt.close(fig)
     return fig
+
+
+# ---- overlay: a run scale's line figure over the paper's -----------------------------------------
+def render_overlay(item_id: str, scale: str, inputs: Iterable[str | Path], out: str | Path,
+                   published_dir: Optional[str | Path] = None) -> None:
+    """Each panel: our runs' series (solid, left axis) and the paper's (dashed, right axis)."""
+    from webssl_repro.paper.results import item_results
+
+    item = specs.get_item(item_id)
+    if not item.overlay:
+        raise ValueError(f"{item_id}: only line figures have an overlay (kind {item.kind!r})")
+    ours = value_table(item_results(item, "runs", [p for p in inputs if Path(p).suffix == ".json"]))
+    paper = value_table(item_results(item, "published", [Path(published_dir) / "vqa.tsv"] if published_dir else []))
+    run_series = [s for s in item.series if all(src not in specs.BASELINES for src in s.sources)]
+    n = len(item.metrics)
+    fig, axes = plt.subplots(1, n, figsize=(4.0 * n, 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], item.metrics):
+        twin = ax.twinx()
+        for series in run_series:
+            x = np.asarray(series.x, dtype=float)
+            for axis, wide, style, fill in ((ax, ours, "-", None), (twin, paper, "--", "none")):
+                y = np.array([lookup(wide, s, metric) for s in series.sources], dtype=float)
+                ok = ~np.isnan(y)
+                if ok.any():
+                    axis.plot(x[ok], y[ok], linestyle=style, marker=series.marker, color=series.color,
+                              markerfacecolor=fill or series.color, linewidth=1.6, alpha=1.0 if fill is None else 0.7)
+        ax.set_xscale("log")
+        if item.xticks:
+            ax.set_xticks([t for t, _ in item.xticks], [lab for _, lab in item.xticks])
+            ax.minorticks_off()
+        ax.set_title(label(metric) + (" ↓" if metric in LOWER_IS_BETTER else ""), fontsize=10)
+        ax.set_xlabel(item.xlabel, fontsize=8)
+        ax.set_ylabel(f"{scale} (solid)", fontsize=8)
+        twin.set_ylabel("paper (dashed)", fontsize=8, color="0.35")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=s.color, marker=s.marker, label=s.label) for s in run_series]
+    handles += [plt.Line2D([], [], color="0.3", linestyle="-", label=f"{scale} (left axis)"),
+                plt.Line2D([], [], color="0.3", linestyle="--", label="paper (right axis)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(f"{item_id}: {item.title} — {scale} vs paper (twin y-axes)", fontsize=10, y=1.04)
+    fig.subplots_adjust(bottom=0.3, wspace=0.75)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight", dpi=130)
+    plt.close(fig)

@@ -86,6 +86,12 @@ class Item:
     gains: bool = False
 
     @property
+    def overlay(self) -> bool:
+        """Whether a run scale draws it over the paper's: only line figures share axes with the
+        paper's; Fig. 9's alignment values are not printed."""
+        return self.kind == "lines"
+
+    @property
     def sources(self) -> tuple[str, ...]:
         out: list[str] = [r.source for r in self.rows]
         for s in self.series:
