@@ -201,7 +201,7 @@ rule language_features:
     params:
         evaluate=lambda w: PLAN.language_features_json(w.lm),
     shell:
-        "webssl-repro language-features --language-model {wildcards.lm} --eval-json {params.evaluate:q} "
+        "webssl-repro language-features --language-model {wildcards.lm:q} --eval-json {params.evaluate:q} "
         "--settings-json {resources.settings:q} --data {input.captions} --out {output} > {log} 2>&1"
 
 
@@ -228,4 +228,4 @@ rule alignment:
     shell:
         "webssl-repro evaluate alignment --run {wildcards.run} --encoder {input.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.captions} "
-        "--language-features {input.language} --out {output} > {log} 2>&1"
+        "--language-features {input.language:q} --out {output} > {log} 2>&1"

@@ -227,7 +227,8 @@ def test_language_features_are_computed_once_and_read_by_each_alignment(captions
 def test_language_features_of_other_captions_or_missing_a_model_are_refused(captions_set, tmp_path, monkeypatch,
                                                                              capsys):
     """Features of another caption set (regenerated since) would score the encoder against the
-    wrong sentences; a file list without one of the LMs would load it in a one-GPU job."""
+    wrong sentences; a file list without one of the LMs would load it in a one-GPU job; a file
+    that is not one (a bare tensor, text) is named, not a traceback from torch."""
     from webssl_repro.cli import main
     from webssl_repro.evaluate import alignment_eval
     from webssl_repro.evaluate.features import save_atomic
@@ -239,6 +240,12 @@ def test_language_features_of_other_captions_or_missing_a_model_are_refused(capt
     with pytest.raises(ValueError, match=r"other.pt: the features of 'minilm' were computed on 3 other captions "
                                          r"than the 256 of this captions set"):
         alignment_eval.run_alignment(None, {}, captions_set, {"language_models": ["minilm"]}, [other])
+    bare, text = tmp_path / "bare.pt", tmp_path / "text.pt"
+    torch.save(torch.zeros(7, 3, 384), bare)  # the features alone, without what they were computed on
+    text.write_text("features\n")
+    for path, held in ((bare, "it holds Tensor"), (text, "UnpicklingError|BadZipFile|RuntimeError")):
+        with pytest.raises(ValueError, match=rf"{path.name}: not a language_features file \(.*({held})"):
+            alignment_eval.run_alignment(None, {}, captions_set, {"language_models": ["minilm"]}, [path])
     captions = [r["caption"] for r in alignment_eval.load_split(captions_set, "test")]
     mine = tmp_path / "lm-a.pt"
     save_atomic({"language_model": "lm-a", "captions": 256, "captions_sha1": alignment_eval.captions_digest(captions),

@@ -283,13 +283,16 @@ def test_eval_jobs_take_a_node_share_for_their_gpus():
         assert paper.eval_resources(kind) == {"gpu": 1, "nodes": 1, "runtime": 1440, "mem_mb": node // 8,
                                               "cpus_per_task": 8}
     assert paper.eval_threads("classic") == 8
-    assert paper.language_features_resources("llama3.1-70b") == {"gpu": 4, "nodes": 1, "runtime": 60,
+    assert paper.language_features_resources("llama3.1-70b") == {"gpu": 4, "nodes": 1, "runtime": 1440,
                                                                  "mem_mb": node // 2, "cpus_per_task": 32}
-    assert paper.language_features_resources("llama3.1-8b") == {"gpu": 1, "nodes": 1, "runtime": 60,
+    assert paper.language_features_resources("llama3.1-8b") == {"gpu": 1, "nodes": 1, "runtime": 1440,
                                                                 "mem_mb": node // 8, "cpus_per_task": 8}
+    # named by its hub id, the 70B model gets the GPUs set for its lm_paths key
+    assert paper.language_features_resources("meta-llama/Llama-3.1-70B")["gpu"] == 4
+    assert paper.language_features_resources("meta-llama/Llama-3.1-8B")["gpu"] == 1
     mini = Plan(load_config(REPO / "config/mini.yaml"))
     assert mini.eval_resources("vqa") == {"gpu": 0, "runtime": 60} and mini.eval_threads() == 1
-    assert mini.language_features_resources("minilm") == {"gpu": 0, "runtime": 10}
+    assert mini.language_features_resources("minilm") == {"gpu": 0, "runtime": 60}
 
 
 def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path):
@@ -300,7 +303,8 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
     folder = tmp_path / "llama-8b"
     folder.mkdir()
     for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                 "model.safetensors.index.json", "tokenizer.json", "README.md", "generation_config.json"):
+                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "README.md", "generation_config.json"):
         (folder / name).write_text("{}")
     cfg = load_config(REPO / "config/paper.yaml")
     cfg["evaluate"]["alignment"]["lm_paths"]["llama3.1-8b"] = str(folder)
@@ -309,7 +313,8 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
                                               "results/paper/language_features/llama3.1-70b.pt"]
     assert [Path(p).name for p in plan.language_weights("llama3.1-8b")] == [
         "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-        "model.safetensors.index.json", "tokenizer.json"]
+        "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+        "tokenizer_config.json"]
     assert plan.language_weights("llama3.1-70b") == []  # a hub id
     assert json.loads(plan.language_features_json("llama3.1-8b")) == {"scale": "paper",
                                                                        "lm_paths": {"llama3.1-8b": str(folder)}}

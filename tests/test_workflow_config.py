@@ -478,6 +478,11 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
                                            r"cache_path, .*\); an overlay that switches backends sets them to null"),
     (("data", "filter"), {"backend": "mllm", "model": str(REPO / "config"), "revision": "v1"},
      r"data.filter.revision: 'v1' pins a hub id's commit, but data.filter.model is a local directory"),
+    (("pretrain", "clip", "tokenizer_revision"), "32bd642",
+     r"pretrain.clip.tokenizer_revision '32bd642' pins a hub repo's commit, but pretrain.clip.tokenizer is null"),
+    (("pretrain", "clip"), {"tokenizer": str(REPO / "config/mini.yaml"), "tokenizer_revision": "32bd642"},
+     r"pretrain.clip.tokenizer_revision '32bd642' is a commit of a hub repo, but pretrain.clip.tokenizer .*mini.yaml "
+     r"is a file"),
     (("data", "evalsets", "captions", "test"), 10, r"evaluate.alignment.k: 10 nearest neighbours among the 10 "
                                                    r"captions of data.evalsets.captions; it must be in \[1, 9\]"),
 ])
@@ -485,7 +490,7 @@ def test_what_a_job_would_refuse_after_hours_stops_the_dry_run(where, value, mes
     """Each of these passed the dry run and stopped its jobs late: the VQA job after its feature
     pass (a misspelt chat format showed as the bare word 'llama2'), a real LM at mini fetching the
     paper's data from the hub, the classic job after its IN-1k and ADE20K parts, every filter job,
-    each alignment job after its features."""
+    every CLIP run (a pinned tokenizer beside a file, or none), each alignment job after its features."""
     cfg = load_config(REPO / "config/mini.yaml")
     section = cfg
     for key in where[:-1]:

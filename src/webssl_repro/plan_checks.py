@@ -3,6 +3,7 @@ job hours later (or never, for a key that would silently do nothing)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from webssl_repro.config import ConfigError
@@ -160,6 +161,21 @@ def check_filter(section: Mapping[str, Any]) -> None:
         options = backend_options(backend, section)
         if backend == "mllm":
             backend_class(backend)(**options)
+
+
+def check_clip_tokenizer(section: Mapping[str, Any]) -> None:
+    """``pretrain.clip.tokenizer_revision`` pins a hub repo's commit: beside a tokenizer file,
+    which ``models.text.load_tokenizer`` refuses, or no tokenizer (one learned from the captions),
+    every CLIP run would fail, or silently ignore the pin, after its queue wait."""
+    revision, tokenizer = section.get("tokenizer_revision"), section.get("tokenizer")
+    if revision is None:
+        return
+    if not tokenizer:
+        raise ConfigError(f"pretrain.clip.tokenizer_revision {revision!r} pins a hub repo's commit, but "
+                          "pretrain.clip.tokenizer is null (learned from the captions): set both or neither")
+    if Path(str(tokenizer)).is_file():
+        raise ConfigError(f"pretrain.clip.tokenizer_revision {revision!r} is a commit of a hub repo, but "
+                          f"pretrain.clip.tokenizer {tokenizer} is a file: drop the revision")
 
 
 def check_classic(section: Mapping[str, Any], sizes: Mapping[str, Mapping[str, Any]]) -> None:

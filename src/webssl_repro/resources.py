@@ -193,6 +193,18 @@ def node_share(res_cfg: Mapping[str, Any], gpus: int) -> dict[str, int]:
             "cpus_per_task": int(res_cfg["cpus_per_gpu"]) * gpus}
 
 
+def lm_gpus(gpus_by_lm: Mapping[str, int], lm_paths: Mapping[str, str], lm: str) -> int:
+    """The GPUs of language model ``lm``'s features job (``resources.lm_gpus``): its own entry,
+    else that of the ``lm_paths`` key whose value ``lm`` is (a hub id named directly gets the
+    GPUs set for its short name), else one."""
+    if lm in gpus_by_lm:
+        return int(gpus_by_lm[lm])
+    for key, source in lm_paths.items():
+        if source == lm and key in gpus_by_lm:
+            return int(gpus_by_lm[key])
+    return 1
+
+
 #: The job of an attempt that its guard will refuse (``train.attempts.predicts_refusal``).
 #: Snakemake submits every retry, and a refused one exits in seconds: ten minutes of one core
 #: and no GPU keep it from queueing for, and holding, the run's nodes. Not an MPI job either:

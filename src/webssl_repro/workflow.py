@@ -38,8 +38,8 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        from webssl_repro.plan_checks import (check_alignment, check_classic, check_eval_gpus, check_filter,
-                                              check_gpu_jobs, check_in1k_images, check_language_models,
+        from webssl_repro.plan_checks import (check_alignment, check_classic, check_clip_tokenizer, check_eval_gpus,
+                                              check_filter, check_gpu_jobs, check_in1k_images, check_language_models,
                                               check_run_sources, check_sizes, check_tolerances, check_vqa)
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
@@ -54,6 +54,8 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
                                       self.config.get("resources", {}))
                 check_alignment(self.config.get("evaluate", {}).get("alignment", {}),
                                 self.config.get("data", {}).get("evalsets", {}))
+            if "pretrain" in self.stages:
+                check_clip_tokenizer(self.config.get("pretrain", {}).get("clip", {}))
             if "data" in self.stages:
                 check_filter(self.config.get("data", {}).get("filter", {}))
             if "vqa" in self.stages:

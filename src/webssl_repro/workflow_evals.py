@@ -9,7 +9,7 @@ import re
 from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
-from webssl_repro.resources import REFUSED_ATTEMPT, node_share
+from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, node_share
 from webssl_repro.settings import SETTINGS, split_pretrain, split_settings
 
 
@@ -93,12 +93,13 @@ class EvalJobs:
 
     def language_features_resources(self, lm: str) -> dict[str, int]:
         """The GPUs the ``language_features`` job for ``lm`` spreads it over (``device_map``):
-        ``resources.lm_gpus.<lm>``, else one, with their node share, where the eval jobs have GPUs
-        (Llama-3.1-70B in bf16, ~141 GB, needs 4 of 80 GB); on CPU (mini), none."""
+        ``resources.lm_gpus`` (``lm_gpus``), with their node share, where the eval jobs have GPUs
+        (Llama-3.1-70B in bf16, ~141 GB, needs 4 of 80 GB); on CPU (mini), none. The eval jobs'
+        runtime: loading 70B weights from a shared file system alone can take most of an hour."""
         res = self.config.get("resources", {})
-        out = {"gpu": 0, "runtime": int(res.get("min_runtime_min", 60))}
+        out = {"gpu": 0, "runtime": self.eval_runtime()}
         if self.eval_gpus() > 0:
-            out["gpu"] = int(res.get("lm_gpus", {}).get(lm, 1))
+            out["gpu"] = lm_gpus(res.get("lm_gpus", {}), self._alignment().get("lm_paths", {}), lm)
             out.update(node_share(res, out["gpu"]))
         return out
 

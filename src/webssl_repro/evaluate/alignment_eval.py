@@ -51,7 +51,8 @@ def lm_source(name: str, cfg: Mapping[str, Any]) -> str:
 
 
 #: a local copy's files that its features depend on, besides its weights (.safetensors / .bin)
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "vocab.txt")
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+               "vocab.json", "merges.txt")
 
 
 def weight_files(source: str) -> list[Path]:
@@ -61,8 +62,8 @@ def weight_files(source: str) -> list[Path]:
     folder = Path(source)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("*") if p.name in MODEL_FILES or p.suffix in (".safetensors", ".bin")
-                  or p.name.endswith(".index.json"))
+    return sorted(p for p in folder.glob("*") if p.name in MODEL_FILES or p.name.endswith(".index.json")
+                  or p.suffix in (".safetensors", ".bin", ".model"))  # .model: a SentencePiece tokenizer
 
 
 def captions_digest(captions: list[str]) -> str:
@@ -110,7 +111,17 @@ def write_language_features(name: str, captions_manifest: str | Path, cfg: Mappi
 def read_language_features(path: str | Path, captions: list[str]) -> tuple[str, torch.Tensor]:
     """(LM name, features) from a ``language_features`` output, refused where its captions are
     not ``captions`` (another eval set, or one generated again since)."""
-    saved = torch.load(path, weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types (pickle, zip, weights-only refusals) for a bad file
+        # its message (advice to load with weights_only=False) does not fit a file this job did not write
+        raise ValueError(f"{path}: not a language_features file (torch.load: {type(err).__name__}): compute it "
+                         "again (snakemake --forcerun language_features)") from None
+    wanted = {"language_model", "features", "captions_sha1"}
+    if not isinstance(saved, dict) or not wanted <= saved.keys():
+        held = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{path}: not a language_features file (it holds {held}; one has {sorted(wanted)}): "
+                         "compute it again (snakemake --forcerun language_features)")
     if saved.get("captions_sha1") != captions_digest(captions):
         raise ValueError(f"{path}: the features of {saved.get('language_model')!r} were computed on "
                          f"{saved.get('captions')} other captions than the {len(captions)} of this captions "

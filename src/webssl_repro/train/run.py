@@ -84,12 +84,13 @@ def build(run: Run, cfg: Mapping[str, Any], corpus, init_device: Optional[str] =
                          warmup_steps=config.warmup_iters, weight_decay=config.weight_decay,
                          weight_decay_end=config.weight_decay, betas=tuple(config.betas))
     elif run.method == "clip":
-        from webssl_repro.methods.clip import ClipConfig, ClipMethod, clip_transform
+        from webssl_repro.methods.clip import RECIPE_EXTRAS, ClipConfig, ClipMethod, clip_transform
         from webssl_repro.models.text import build_tokenizer, load_tokenizer
 
-        tokenizer_path, revision = recipe.pop("tokenizer", None), recipe.pop("tokenizer_revision", None)
-        vocab = int(recipe.pop("vocab_size", 2048))
-        layerscale = float(recipe.pop("layerscale", 1e-5))  # the vision tower's, as Web-DINO's
+        extras = {key: recipe.pop(key) for key in RECIPE_EXTRAS if key in recipe}
+        tokenizer_path, revision = extras.get("tokenizer"), extras.get("tokenizer_revision")
+        vocab = int(extras.get("vocab_size", 2048))
+        layerscale = float(extras.get("layerscale", 1e-5))  # the vision tower's, as Web-DINO's
         config = ClipConfig.from_mapping(recipe)
         if tokenizer_path:
             tokenizer = load_tokenizer(tokenizer_path, revision=revision)
