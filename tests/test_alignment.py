@@ -224,6 +224,45 @@ def test_language_features_are_computed_once_and_read_by_each_alignment(captions
     assert 0.0 < here["alignment/minilm"] < 1.0
 
 
+def test_a_pinned_language_model_is_read_at_its_revision(captions_set, tmp_path, monkeypatch):
+    """evaluate.alignment.lm_revisions pins a hub LM's commit for its tokenizer and weights,
+    named by its short name or (through lm_paths) by its hub id, and the features file records
+    it; a pin beside the bundled MiniLM or a local copy is refused, naming it."""
+    import transformers
+
+    from webssl_repro.evaluate import alignment_eval, language
+
+    model, tokenizer = object(), object()  # what the hub would give; the features below stand in
+    monkeypatch.setattr(language, "lm_layer_features",
+                        lambda model, tokenizer, captions, batch_size: torch.zeros(3, len(captions), 8))
+    asked = []
+
+    def hub(result):
+        def load(source, *args, **kwargs):
+            asked.append((source, kwargs.get("revision")))
+            return result
+        return staticmethod(load)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", hub(tokenizer))
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", hub(model))
+    commit = "d04e592bb4f6aa9cfee91e2e20afa771667e1d4b"
+    cfg = {"scale": "paper", "lm_paths": {"llama3.1-8b": "meta-llama/Llama-3.1-8B"},
+           "lm_revisions": {"llama3.1-8b": commit}}
+    for name in ("llama3.1-8b", "meta-llama/Llama-3.1-8B"):
+        record = alignment_eval.write_language_features(name, captions_set, cfg, tmp_path / "lm.pt")
+        assert asked == [("meta-llama/Llama-3.1-8B", commit)] * 2 and record["revision"] == commit
+        asked.clear()
+    record = alignment_eval.write_language_features("meta-llama/Llama-3.1-70B", captions_set, cfg, tmp_path / "lm.pt")
+    assert asked == [("meta-llama/Llama-3.1-70B", None)] * 2 and "revision" not in record  # unpinned: the newest
+    with pytest.raises(ValueError, match=r"lm_revisions: 'd04e592.*' pins a hub id's commit, but 'minilm' is the "
+                                         r"bundled copy"):
+        alignment_eval.lm_revision("minilm", {"lm_revisions": {"minilm": commit}})
+    with pytest.raises(ValueError, match=rf"but evaluate.alignment.lm_paths.llama3.1-8b is a local directory "
+                                         rf"\({tmp_path}\)"):
+        alignment_eval.lm_revision("llama3.1-8b", {"lm_paths": {"llama3.1-8b": str(tmp_path)},
+                                                   "lm_revisions": {"llama3.1-8b": commit}})
+
+
 def test_language_features_of_other_captions_or_missing_a_model_are_refused(captions_set, tmp_path, monkeypatch,
                                                                              capsys):
     """Features of another caption set (regenerated since) would score the encoder against the

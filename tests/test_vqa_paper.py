@@ -335,3 +335,58 @@ def test_an_unreachable_hub_model_is_named_by_its_key(monkeypatch):
                                              r"Instruct' \(OSError: We couldn't connect .* find them\); a hub id needs "
                                              r"the hub.*HF_TOKEN.*HF_HUB_OFFLINE=1"):
             load("meta-llama/Meta-Llama-3-8B-Instruct")
+
+
+def test_a_pinned_lm_is_read_at_its_revision_by_every_loader(monkeypatch, tmp_path):
+    """evaluate.vqa.language_model_revision reaches each from_pretrained the probe's LM goes
+    through (tokenizer, weights, or config and generation config on a rank that receives its
+    shards); unpinned, none is passed (the hub's newest). Beside 'tiny' or a local copy, whose
+    files from_pretrained would read whatever the pin, it stops the plan."""
+    import transformers
+
+    from webssl_repro.evaluate.vqa import lm as lm_module
+    from webssl_repro.evaluate.vqa.config import VqaConfig
+    from webssl_repro.evaluate.vqa.probe import build_probe
+
+    hub, commit = "meta-llama/Meta-Llama-3-8B-Instruct", "5f0b02c75b57c5855da9ae460ce51323ea669d8a"
+    asked: list[tuple[str, dict]] = []
+
+    def recorder(kind, result=None):
+        def load(path, *args, **kwargs):
+            asked.append((kind, {k: v for k, v in kwargs.items() if k == "revision"}))
+            return result() if result else None
+        return staticmethod(load)
+
+    tiny = transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=16)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recorder("tokenizer"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recorder("weights"))
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recorder("config", lambda: tiny))
+    monkeypatch.setattr(transformers.GenerationConfig, "from_pretrained",
+                        recorder("generation", transformers.GenerationConfig))
+    lm_module.load_tokenizer(hub, commit)
+    lm_module.load_lm(hub, revision=commit)
+    lm_module.load_lm(hub, weights=False, revision=commit)
+    assert asked == [(kind, {"revision": commit}) for kind in ("tokenizer", "weights", "config", "generation")]
+    asked.clear()
+    lm_module.load_tokenizer(hub)
+    lm_module.load_lm(hub)
+    assert asked == [("tokenizer", {}), ("weights", {})]
+
+    passed = []
+
+    def stop(*args, **kwargs):
+        passed.append(kwargs.get("revision", args[1] if len(args) > 1 else None))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(lm_module, "load_tokenizer", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        build_probe(VqaConfig.from_mapping({"language_model": hub, "language_model_revision": commit}), 8)
+    assert passed == [commit]
+
+    with pytest.raises(ValueError, match=r"evaluate.vqa.language_model_revision: '5f0b02c.*' pins a hub id's commit, "
+                                         r"but evaluate.vqa.language_model is 'tiny'"):
+        VqaConfig.from_mapping({"language_model": "tiny", "language_model_revision": commit})
+    with pytest.raises(ValueError, match=r"evaluate.vqa.language_model_revision: '5f0b02c.*' pins a hub id's commit, "
+                                         rf"but evaluate.vqa.language_model is a local directory \({tmp_path}\)"):
+        VqaConfig.from_mapping({"language_model": str(tmp_path), "language_model_revision": commit})

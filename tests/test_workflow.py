@@ -297,9 +297,9 @@ def test_eval_jobs_take_a_node_share_for_their_gpus():
 
 def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path):
     """Each LM's features are one job's output that every alignment job reads. Its params hold
-    which weights the name loads (not k or the other LMs); a local copy's config, tokenizer and
-    weight files are its inputs, so replacing them reruns it; a hub id, or a path this host does
-    not see, adds none."""
+    which weights the name loads, at which pinned revision (not k or the other LMs); a local copy's
+    config, tokenizer and weight files are its inputs, so replacing them reruns it; a hub id, or
+    a path this host does not see, adds none."""
     folder = tmp_path / "llama-8b"
     folder.mkdir()
     for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
@@ -322,6 +322,15 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
         "scale": "paper", "lm_paths": {"llama3.1-70b": "meta-llama/Llama-3.1-70B"}}
     cfg["evaluate"]["alignment"]["k"] = 5  # the score's, not the features'
     assert Plan(cfg).language_features_json("llama3.1-8b") == plan.language_features_json("llama3.1-8b")
+    cfg["evaluate"]["alignment"]["lm_revisions"] = {"llama3.1-70b": "abc123"}  # the features': the 70B's only
+    pinned = Plan(cfg)
+    assert pinned.language_features_json("llama3.1-8b") == plan.language_features_json("llama3.1-8b")
+    assert json.loads(pinned.language_features_json("llama3.1-70b"))["lm_revisions"] == {"llama3.1-70b": "abc123"}
+    cfg["evaluate"]["alignment"]["language_models"] = ["llama3.1-8b", "meta-llama/Llama-3.1-70B"]
+    assert json.loads(Plan(cfg).language_features_json("meta-llama/Llama-3.1-70B"))["lm_revisions"] == {
+        "meta-llama/Llama-3.1-70B": "abc123"}  # named by its hub id, pinned by its short name
+    del cfg["evaluate"]["alignment"]["lm_revisions"]
+    cfg["evaluate"]["alignment"]["language_models"] = ["llama3.1-8b", "llama3.1-70b"]
     cfg["evaluate"]["alignment"]["lm_paths"]["llama3.1-8b"] = str(tmp_path / "not-here")
     assert Plan(cfg).language_weights("llama3.1-8b") == []
     assert re.fullmatch(plan.language_model_pattern(), "llama3.1-8b")

@@ -483,6 +483,13 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
     (("pretrain", "clip"), {"tokenizer": str(REPO / "config/mini.yaml"), "tokenizer_revision": "32bd642"},
      r"pretrain.clip.tokenizer_revision '32bd642' is a commit of a hub repo, but pretrain.clip.tokenizer .*mini.yaml "
      r"is a file"),
+    (("evaluate", "vqa", "language_model_revision"), "32bd642",
+     r"evaluate.vqa.language_model_revision: '32bd642' pins a hub id's commit, but evaluate.vqa.language_model is "
+     r"'tiny'"),
+    (("evaluate", "alignment", "lm_revisions"), {"minilm": "32bd642"},
+     r"evaluate.alignment.lm_revisions: '32bd642' pins a hub id's commit, but 'minilm' is the bundled copy"),
+    (("evaluate", "alignment", "lm_revisions"), {"MiniLM": "32bd642"},
+     r"evaluate.alignment.lm_revisions: 'MiniLM' is not one of evaluate.alignment.language_models \(minilm\)"),
     (("data", "evalsets", "captions", "test"), 10, r"evaluate.alignment.k: 10 nearest neighbours among the 10 "
                                                    r"captions of data.evalsets.captions; it must be in \[1, 9\]"),
 ])

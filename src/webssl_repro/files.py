@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping
 
 
 def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any]) -> None:
@@ -128,6 +128,28 @@ def model_location(value: str | os.PathLike, key: str) -> str:
     if looks_local:
         raise ValueError(f"{key}: {text} does not exist (a local path; a hub id is 'org/name')")
     return text
+
+
+def lm_entry(entries: Mapping[str, Any], lm_paths: Mapping[str, str], lm: str) -> Any:
+    """A per-language-model setting (``resources.lm_gpus``, ``evaluate.alignment.lm_revisions``)
+    for ``lm``: its own entry, else that of the ``lm_paths`` key whose value ``lm`` is (a hub id
+    named directly takes what is set for its short name), else None."""
+    if lm in entries:
+        return entries[lm]
+    return next((entries[key] for key, source in lm_paths.items() if source == lm and key in entries), None)
+
+
+def pinned_revision(revision: str | None, location: str | os.PathLike, revision_key: str,
+                    model_key: str) -> dict[str, str]:
+    """``from_pretrained``'s keywords for a hub id pinned at ``revision`` (a commit or tag): jobs
+    that load it over days get one model even if the repository changes meanwhile. A local
+    directory is the copy it is, and ``from_pretrained`` would ignore the pin silently: refused."""
+    if not revision:
+        return {}
+    if os.path.isdir(os.path.expanduser(str(location))):
+        raise ValueError(f"{revision_key}: {revision!r} pins a hub id's commit, but {model_key} is a local "
+                         f"directory ({location}), the copy it is; unset one of them")
+    return {"revision": str(revision)}
 
 
 #: what a job without the hub (a compute node offline, a gated model) can do instead

@@ -92,8 +92,9 @@ def check_gpu_jobs(config: Mapping[str, Any], stages: Sequence[str]) -> None:
 def check_language_models(alignment: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
     """Each ``evaluate.alignment.language_models`` name is MiniLM, a key of ``lm_paths``, or a
     hub id / path itself: a misspelt name would otherwise be sent to the hub as a repo id by its
-    language_features job. A ``resources.lm_gpus`` key names one of them or of ``lm_paths``:
-    misspelt, the 70B model would be given the default one GPU, and fail there."""
+    language_features job. A ``resources.lm_gpus`` or ``lm_revisions`` key names one of them or
+    of ``lm_paths``: misspelt, the 70B model would be given the default one GPU, and fail there,
+    or its features read at the newest revision; a pin beside a local copy is refused."""
     paths = alignment.get("lm_paths", {})
     names = alignment.get("language_models", ["minilm"])
     for name in names:
@@ -101,10 +102,17 @@ def check_language_models(alignment: Mapping[str, Any], resources: Mapping[str, 
             raise ConfigError(f"evaluate.alignment.language_models: {name!r} is not 'minilm', nor a key of "
                               f"evaluate.alignment.lm_paths ({', '.join(paths) or 'none'}), nor a hub id "
                               "('org/name') or path")
-    for name in resources.get("lm_gpus", {}):
-        if name not in names and name not in paths:
-            raise ConfigError(f"resources.lm_gpus: {name!r} is not one of evaluate.alignment.language_models "
-                              f"({', '.join(names)}) nor of its lm_paths ({', '.join(paths) or 'none'})")
+    for key, entries in (("resources.lm_gpus", resources.get("lm_gpus", {})),
+                         ("evaluate.alignment.lm_revisions", alignment.get("lm_revisions", {}))):
+        for name in entries:
+            if name not in names and name not in paths:
+                raise ConfigError(f"{key}: {name!r} is not one of evaluate.alignment.language_models "
+                                  f"({', '.join(names)}) nor of its lm_paths ({', '.join(paths) or 'none'})")
+    from webssl_repro.evaluate.alignment_eval import lm_revision
+
+    with _as_config_error():  # a pin beside a local copy, which from_pretrained would ignore
+        for name in names:
+            lm_revision(name, alignment)
 
 
 @contextlib.contextmanager

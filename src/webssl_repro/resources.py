@@ -197,12 +197,10 @@ def lm_gpus(gpus_by_lm: Mapping[str, int], lm_paths: Mapping[str, str], lm: str)
     """The GPUs of language model ``lm``'s features job (``resources.lm_gpus``): its own entry,
     else that of the ``lm_paths`` key whose value ``lm`` is (a hub id named directly gets the
     GPUs set for its short name), else one."""
-    if lm in gpus_by_lm:
-        return int(gpus_by_lm[lm])
-    for key, source in lm_paths.items():
-        if source == lm and key in gpus_by_lm:
-            return int(gpus_by_lm[key])
-    return 1
+    from webssl_repro.files import lm_entry
+
+    gpus = lm_entry(gpus_by_lm, lm_paths, lm)
+    return 1 if gpus is None else int(gpus)
 
 
 #: The job of an attempt that its guard will refuse (``train.attempts.predicts_refusal``).

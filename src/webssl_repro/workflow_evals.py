@@ -86,9 +86,15 @@ class EvalJobs:
 
     def language_features_json(self, lm: str) -> str:
         """What the ``language_features`` job for ``lm`` computes from (its params): which
-        weights the name loads. Not ``k``, ``q`` or the other LMs, which only the score reads."""
+        weights the name loads, at which pinned revision. Not ``k``, ``q`` or the other LMs,
+        which only the score reads."""
+        from webssl_repro.files import lm_entry
+
         paths = self._alignment().get("lm_paths", {})
-        section = {"lm_paths": {lm: paths[lm]}} if lm in paths else {}
+        section: dict[str, Any] = {"lm_paths": {lm: paths[lm]}} if lm in paths else {}
+        revision = lm_entry(self._alignment().get("lm_revisions", {}), paths, lm)
+        if revision:
+            section["lm_revisions"] = {lm: revision}
         return json.dumps({"scale": self.scale, **section}, sort_keys=True, separators=(",", ":"))
 
     def language_features_resources(self, lm: str) -> dict[str, int]:

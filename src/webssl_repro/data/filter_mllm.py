@@ -9,7 +9,6 @@ starts right after its own prompt.
 """
 from __future__ import annotations
 
-import os
 import re
 import string
 from typing import Any, Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from webssl_repro.data.filters import PROMPTS, TextFilter, _check_variants
+from webssl_repro.files import pinned_revision
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 GenerateFn = Callable[[Sequence[Image.Image], str], list[str]]
@@ -40,9 +40,8 @@ class MLLMFilter(TextFilter):
         self.model_name, self.device, self.dtype, self.revision = model, device, dtype, revision
         # a pinned commit is a hub id's: a local directory is the copy it is (checked by the dry run
         # too, plan_checks.check_filter, which builds the filter: loading is lazy)
-        if revision and generate_fn is None and os.path.isdir(os.path.expanduser(str(model))):
-            raise ValueError(f"data.filter.revision: {revision!r} pins a hub id's commit, but data.filter.model is "
-                             f"a local directory ({model}), the copy it is; unset one of them")
+        if generate_fn is None:
+            pinned_revision(revision, model, "data.filter.revision", "data.filter.model")
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generate_fn = generate_fn
         self.image_size = image_size

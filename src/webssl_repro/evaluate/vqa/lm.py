@@ -56,15 +56,22 @@ def _strip(text: str, specials: tuple[str, ...]) -> str:
     return text
 
 
-def load_tokenizer(path_or_id: str | Path):
-    """A tokenizer saved by ``build_tokenizer`` or a hub id/path (Llama-3 at paper scale)."""
+def _pinned(location: str, revision: str | None) -> dict[str, str]:
+    from webssl_repro.files import pinned_revision
+
+    return pinned_revision(revision, location, "evaluate.vqa.language_model_revision", "evaluate.vqa.language_model")
+
+
+def load_tokenizer(path_or_id: str | Path, revision: str | None = None):
+    """A tokenizer saved by ``build_tokenizer`` or a hub id/path (Llama-3 at paper scale), at
+    ``revision`` for a hub id."""
     from transformers import AutoTokenizer
 
     from webssl_repro.files import hub_access, model_location
 
     location = model_location(path_or_id, "evaluate.vqa.language_model")
     with hub_access("evaluate.vqa.language_model", location):
-        return AutoTokenizer.from_pretrained(location)
+        return AutoTokenizer.from_pretrained(location, **_pinned(location, revision))
 
 
 def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4,
@@ -84,7 +91,7 @@ def build_tiny_lm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: in
         return LlamaForCausalLM(cfg)
 
 
-def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = True):
+def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = True, revision: str | None = None):
     """The paper's LM (``meta-llama/Meta-Llama-3-8B-Instruct``) by hub id or local path, in fp32:
     the weights AdamW updates (a bf16 weight of 0.02 does not move by a 4e-5 step); the forward
     autocasts to bf16 (``VqaConfig.precision``). Without ``weights``, the same modules from its
@@ -96,24 +103,25 @@ def load_lm(path_or_id: str | Path, dtype: str = "float32", *, weights: bool = T
     from webssl_repro.files import hub_access, model_location
 
     path_or_id = model_location(path_or_id, "evaluate.vqa.language_model")
+    pinned = _pinned(path_or_id, revision)
     with hub_access("evaluate.vqa.language_model", path_or_id):
         if not weights:
             with torch.device("meta"):
-                lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id)),
+                lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path_or_id), **pinned),
                                                       dtype=getattr(torch, dtype))
-            lm.generation_config = _generation_config(path_or_id, lm.generation_config)
+            lm.generation_config = _generation_config(path_or_id, lm.generation_config, **pinned)
             return lm
-        return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype))
+        return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=getattr(torch, dtype), **pinned)
 
 
-def _generation_config(path_or_id: str | Path, fallback: Any) -> Any:
+def _generation_config(path_or_id: str | Path, fallback: Any, **pinned: str) -> Any:
     """The LM's own generation_config.json, as ``from_pretrained`` reads it (its end tokens:
     Llama-3-Instruct's config.json names one, its generation config two), so that every rank
     stops answering where rank 0 does; the config's where it has none."""
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(str(path_or_id))
+        return GenerationConfig.from_pretrained(str(path_or_id), **pinned)
     except OSError:
         return fallback
 

@@ -357,8 +357,9 @@ def build_probe(cfg: VqaConfig, vis_dim: int, tokenizer: Any = None) -> Multimod
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
     else:
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.language_model)
-        lm = load_lm(cfg.language_model, weights=receiver is None)
+        revision = cfg.language_model_revision
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.language_model, revision)
+        lm = load_lm(cfg.language_model, weights=receiver is None, revision=revision)
     torch.manual_seed(cfg.seed)
     with torch.device("meta") if receiver is not None else nullcontext():
         probe = MultimodalProbe(lm, tokenizer, vis_dim, tokens=cfg.tokens, chat=CHAT_FORMATS[cfg.chat_format],
