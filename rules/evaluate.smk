@@ -202,7 +202,7 @@ rule language_features:
         evaluate=lambda w: PLAN.language_features_json(w.lm),
     shell:
         "webssl-repro language-features --language-model {wildcards.lm:q} --eval-json {params.evaluate:q} "
-        "--settings-json {resources.settings:q} --data {input.captions} --out {output} > {log} 2>&1"
+        "--settings-json {resources.settings:q} --data {input.captions:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule alignment:

@@ -283,8 +283,11 @@ def test_language_features_of_other_captions_or_missing_a_model_are_refused(capt
     torch.save(torch.zeros(7, 3, 384), bare)  # the features alone, without what they were computed on
     text.write_text("features\n")
     for path, held in ((bare, "it holds Tensor"), (text, "UnpicklingError|BadZipFile|RuntimeError")):
-        with pytest.raises(ValueError, match=rf"{path.name}: not a language_features file \(.*({held})"):
+        with pytest.raises(ValueError, match=rf"{path.name}: not a language_features file \(.*({held})") as err:
             alignment_eval.run_alignment(None, {}, captions_set, {"language_models": ["minilm"]}, [path])
+        assert "weights_only" not in str(err.value)  # torch's advice to unpickle a file nobody vouches for
+    with pytest.raises(FileNotFoundError, match="gone.pt"):  # a missing file is that, not "not a features file"
+        alignment_eval.run_alignment(None, {}, captions_set, {"language_models": ["minilm"]}, [tmp_path / "gone.pt"])
     captions = [r["caption"] for r in alignment_eval.load_split(captions_set, "test")]
     mine = tmp_path / "lm-a.pt"
     save_atomic({"language_model": "lm-a", "captions": 256, "captions_sha1": alignment_eval.captions_digest(captions),

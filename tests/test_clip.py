@@ -209,8 +209,11 @@ def test_paper_tokenizer_is_clip_bpe_from_the_hub(tmp_path, monkeypatch):
         load_tokenizer("no/such-repo", revision="abc")
     built = tmp_path / "tokenizer.json"
     stand_in.save(str(built))
-    with pytest.raises(ValueError, match=r"tokenizer_revision 'abc' is a commit of a hub repo, but .* is a file"):
+    with pytest.raises(ValueError, match=r"tokenizer_revision 'abc' is a commit of a hub repo, but .* is a local file"):
         load_tokenizer(built, revision="abc")
+    assert load_tokenizer(tmp_path)("a red cube", 7).tolist() == [[3, 0, 1, 2, 4, 0, 0]]  # a snapshot directory
+    with pytest.raises(FileNotFoundError, match=r"pretrain.clip.tokenizer .*: a directory without a tokenizer.json"):
+        load_tokenizer(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 
 
 def test_text_tower_pools_eot_and_ignores_padding_after_it():

@@ -304,7 +304,7 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
     folder.mkdir()
     for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                  "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "tokenizer.model", "README.md", "generation_config.json"):
+                 "tokenizer.model", "added_tokens.json", "README.md", "generation_config.json"):
         (folder / name).write_text("{}")
     cfg = load_config(REPO / "config/paper.yaml")
     cfg["evaluate"]["alignment"]["lm_paths"]["llama3.1-8b"] = str(folder)
@@ -312,7 +312,7 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
     assert plan.language_features_paths() == ["results/paper/language_features/llama3.1-8b.pt",
                                               "results/paper/language_features/llama3.1-70b.pt"]
     assert [Path(p).name for p in plan.language_weights("llama3.1-8b")] == [
-        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "added_tokens.json", "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
         "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
         "tokenizer_config.json"]
     assert plan.language_weights("llama3.1-70b") == []  # a hub id

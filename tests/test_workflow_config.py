@@ -243,6 +243,18 @@ def test_unknown_language_model_name_is_refused_at_the_dry_run(paper):
         Plan(cfg)
     cfg["resources"]["lm_gpus"] = {"llama3.1-70b": 4}  # an lm_paths key the override left out: kept
     Plan(cfg)
+    cfg["resources"]["lm_gpus"] = {"llama3.1-70b": 4, "meta-llama/Llama-3.1-70B": 8}  # one model, which count?
+    with pytest.raises(ConfigError, match=r"resources.lm_gpus: 'meta-llama/Llama-3.1-70B': 8, 'llama3.1-70b': 4 are "
+                                          r"one language model \(meta-llama/Llama-3.1-70B\) set differently"):
+        Plan(cfg)
+    cfg["resources"]["lm_gpus"] = {"llama3.1-70b": 4, "meta-llama/Llama-3.1-70B": 4}  # the same: no question
+    Plan(cfg)
+    alignment["lm_paths"]["llama70"] = "meta-llama/Llama-3.1-70B"  # two short names of it, pinned apart
+    alignment["lm_revisions"] = {"llama3.1-70b": "abc123", "llama70": "def456"}
+    with pytest.raises(ConfigError, match=r"evaluate.alignment.lm_revisions: 'llama3.1-70b': 'abc123', 'llama70': "
+                                          r"'def456' are one language model"):
+        Plan(cfg)
+    del alignment["lm_paths"]["llama70"], alignment["lm_revisions"]
     cfg["stages"] = ["data", "pretrain", "vqa"]  # no alignment jobs: nothing to refuse
     alignment["language_models"] = ["llama3.1-70B"]
     Plan(cfg)
@@ -481,8 +493,12 @@ def test_a_batch_that_does_not_split_over_the_gpus_or_a_size_off_the_patch_grid_
     (("pretrain", "clip", "tokenizer_revision"), "32bd642",
      r"pretrain.clip.tokenizer_revision '32bd642' pins a hub repo's commit, but pretrain.clip.tokenizer is null"),
     (("pretrain", "clip"), {"tokenizer": str(REPO / "config/mini.yaml"), "tokenizer_revision": "32bd642"},
-     r"pretrain.clip.tokenizer_revision '32bd642' is a commit of a hub repo, but pretrain.clip.tokenizer .*mini.yaml "
-     r"is a file"),
+     r"pretrain.clip.tokenizer_revision '32bd642' is a commit of a hub repo, but pretrain.clip.tokenizer .*mini.yaml' "
+     r"is a local file"),
+    (("pretrain", "clip"), {"tokenizer": str(REPO / "config"), "tokenizer_revision": "32bd642"},
+     r"pretrain.clip.tokenizer .*config' is a local directory: drop the revision"),
+    (("pretrain", "clip"), {"tokenizer": "", "tokenizer_revision": "32bd642"},
+     r"pretrain.clip.tokenizer is '' \(a tokenizer learned from the captions\)"),
     (("evaluate", "vqa", "language_model_revision"), "32bd642",
      r"evaluate.vqa.language_model_revision: '32bd642' pins a hub id's commit, but evaluate.vqa.language_model is "
      r"'tiny'"),
@@ -505,6 +521,25 @@ def test_what_a_job_would_refuse_after_hours_stops_the_dry_run(where, value, mes
     section[where[-1]] = value
     with pytest.raises(ConfigError, match=message):
         Plan(cfg)
+
+
+@pytest.mark.parametrize("layer,value,message", [
+    ("in1k", None, r"pretrain.clip.tokenizer_revision '32bd642' pins a hub repo's commit, but "
+                   r"pretrain.in1k.clip.tokenizer is null"),
+    ("hires", str(REPO / "config/mini.yaml"), r"pretrain.clip.tokenizer_revision '32bd642' is a commit of a hub repo, "
+                                              r"but pretrain.hires.clip.tokenizer .*mini.yaml' is a local file"),
+])
+def test_a_tokenizer_overlay_is_checked_as_its_clip_runs_read_it(layer, value, message):
+    """The ImageNet-1k and hi-res overlays lay their keys on pretrain.clip: one that swaps the
+    pinned hub tokenizer for none or a file fails those CLIP runs only, after their queue wait."""
+    cfg = load_config(REPO / "config/mini.yaml")
+    cfg["pretrain"]["clip"].update(tokenizer="openai/clip-vit-large-patch14", tokenizer_revision="32bd642")
+    Plan(cfg)  # the pinned hub tokenizer itself passes
+    cfg["pretrain"].setdefault(layer, {}).setdefault("clip", {})["tokenizer"] = value
+    with pytest.raises(ConfigError, match=message):
+        Plan(cfg)
+    cfg["pretrain"][layer]["clip"]["tokenizer_revision"] = None  # the overlay drops the pin with it
+    Plan(cfg)
 
 
 @pytest.mark.parametrize("kind", ["vqa", "classic"])

@@ -108,6 +108,12 @@ def check_language_models(alignment: Mapping[str, Any], resources: Mapping[str, 
             if name not in names and name not in paths:
                 raise ConfigError(f"{key}: {name!r} is not one of evaluate.alignment.language_models "
                                   f"({', '.join(names)}) nor of its lm_paths ({', '.join(paths) or 'none'})")
+        for name in names:  # a hub id and the lm_paths keys naming it are one model: one setting
+            given = {k: entries[k] for k in (name, *(k for k, source in paths.items() if source == name))
+                     if k in entries}
+            if len({repr(v) for v in given.values()}) > 1:
+                raise ConfigError(f"{key}: {', '.join(f'{k!r}: {v!r}' for k, v in given.items())} are one language "
+                                  f"model ({name}) set differently: keep one of them")
     from webssl_repro.evaluate.alignment_eval import lm_revision
 
     with _as_config_error():  # a pin beside a local copy, which from_pretrained would ignore
@@ -171,19 +177,32 @@ def check_filter(section: Mapping[str, Any]) -> None:
             backend_class(backend)(**options)
 
 
-def check_clip_tokenizer(section: Mapping[str, Any]) -> None:
-    """``pretrain.clip.tokenizer_revision`` pins a hub repo's commit: beside a tokenizer file,
-    which ``models.text.load_tokenizer`` refuses, or no tokenizer (one learned from the captions),
-    every CLIP run would fail, or silently ignore the pin, after its queue wait."""
-    revision, tokenizer = section.get("tokenizer_revision"), section.get("tokenizer")
-    if revision is None:
-        return
-    if not tokenizer:
-        raise ConfigError(f"pretrain.clip.tokenizer_revision {revision!r} pins a hub repo's commit, but "
-                          "pretrain.clip.tokenizer is null (learned from the captions): set both or neither")
-    if Path(str(tokenizer)).is_file():
-        raise ConfigError(f"pretrain.clip.tokenizer_revision {revision!r} is a commit of a hub repo, but "
-                          f"pretrain.clip.tokenizer {tokenizer} is a file: drop the revision")
+def check_clip_tokenizer(pretrain: Mapping[str, Any]) -> None:
+    """``tokenizer_revision`` pins a hub repo's commit: beside a tokenizer file or directory,
+    which ``models.text.load_tokenizer`` refuses or reads unpinned, or no tokenizer (one learned
+    from the captions), every CLIP run would fail, or silently ignore the pin, after its queue
+    wait. Checked as each CLIP run reads it: ``pretrain.clip`` with the ImageNet-1k and hi-res
+    overlays (``pretrain.in1k.clip``, ``pretrain.hires.clip``) laid on it."""
+    keys = ("tokenizer", "tokenizer_revision")
+    base = pretrain.get("clip") or {}
+    for layer in (None, "in1k", "hires"):
+        over = (pretrain.get(layer) or {}).get("clip") or {} if layer else {}
+        if layer and not set(keys) & over.keys():
+            continue
+        merged = {k: over.get(k, base.get(k)) for k in keys}
+        where = {k: f"pretrain.{layer}.clip.{k}" if k in over else f"pretrain.clip.{k}" for k in keys}
+        revision, tokenizer = merged["tokenizer_revision"], merged["tokenizer"]
+        if revision is None:
+            continue
+        if not tokenizer:
+            shown = "null" if tokenizer is None else repr(tokenizer)
+            raise ConfigError(f"{where['tokenizer_revision']} {revision!r} pins a hub repo's commit, but "
+                              f"{where['tokenizer']} is {shown} (a tokenizer learned from the captions): "
+                              "set both or neither")
+        if Path(str(tokenizer)).exists():
+            kind = "directory" if Path(str(tokenizer)).is_dir() else "file"
+            raise ConfigError(f"{where['tokenizer_revision']} {revision!r} is a commit of a hub repo, but "
+                              f"{where['tokenizer']} {str(tokenizer)!r} is a local {kind}: drop the revision")
 
 
 def check_classic(section: Mapping[str, Any], sizes: Mapping[str, Mapping[str, Any]]) -> None:

@@ -55,7 +55,7 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
                 check_alignment(self.config.get("evaluate", {}).get("alignment", {}),
                                 self.config.get("data", {}).get("evalsets", {}))
             if "pretrain" in self.stages:
-                check_clip_tokenizer(self.config.get("pretrain", {}).get("clip", {}))
+                check_clip_tokenizer(self.config.get("pretrain", {}))
             if "data" in self.stages:
                 check_filter(self.config.get("data", {}).get("filter", {}))
             if "vqa" in self.stages:

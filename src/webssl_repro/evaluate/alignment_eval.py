@@ -66,7 +66,7 @@ def lm_revision(name: str, cfg: Mapping[str, Any]) -> dict[str, str]:
 
 #: a local copy's files that its features depend on, besides its weights (.safetensors / .bin)
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-               "vocab.json", "merges.txt")
+               "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def weight_files(source: str) -> list[Path]:
@@ -128,13 +128,16 @@ def read_language_features(path: str | Path, captions: list[str]) -> tuple[str, 
     not ``captions`` (another eval set, or one generated again since)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing or unreadable: the OS's own message names the path
+        raise
     except Exception as err:  # torch raises several types (pickle, zip, weights-only refusals) for a bad file
-        # its message (advice to load with weights_only=False) does not fit a file this job did not write
-        raise ValueError(f"{path}: not a language_features file (torch.load: {type(err).__name__}): compute it "
-                         "again (snakemake --forcerun language_features)") from None
+        # without torch's advice to load with weights_only=False: unfit for a file this job did not write
+        why = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
+        raise ValueError(f"{path}: not a language_features file (torch.load: {type(err).__name__}: {why[:200]}): "
+                         "compute it again (snakemake --forcerun language_features)") from None
     wanted = {"language_model", "features", "captions_sha1"}
     if not isinstance(saved, dict) or not wanted <= saved.keys():
-        held = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        held = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"{path}: not a language_features file (it holds {held}; one has {sorted(wanted)}): "
                          "compute it again (snakemake --forcerun language_features)")
     if saved.get("captions_sha1") != captions_digest(captions):

@@ -245,16 +245,20 @@ def _train_bpe(words: Mapping[str, int], vocab_size: int, specials: Sequence[str
 
 def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str = EOT_TOKEN,
                    pad_token: str = PAD_TOKEN, revision: str | None = None) -> CaptionTokenizer:
-    """A ``tokenizer.json`` file (one built here), or a hub repo that holds one, at ``revision``
-    (a commit: every job of a run, and every run, reads the same BPE): at paper scale the OpenAI
-    CLIP BPE that MetaCLIP and open_clip use (49,408 tokens, ``<|endoftext|>`` last), as
-    ``openai/clip-vit-large-patch14`` ships it."""
+    """A ``tokenizer.json`` file (one built here, or a directory holding one), or a hub repo that
+    holds one, at ``revision`` (a commit: every job of a run, and every run, reads the same BPE):
+    at paper scale the OpenAI CLIP BPE that MetaCLIP and open_clip use (49,408 tokens,
+    ``<|endoftext|>`` last), as ``openai/clip-vit-large-patch14`` ships it."""
     from tokenizers import Tokenizer
 
+    if Path(path).is_dir():  # a downloaded hub snapshot
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"pretrain.clip.tokenizer {path}: a directory without a tokenizer.json")
+        path = Path(path) / "tokenizer.json"
     if Path(path).is_file():
         if revision is not None:
             raise ValueError(f"pretrain.clip.tokenizer_revision {revision!r} is a commit of a hub repo, but "
-                             f"pretrain.clip.tokenizer {path} is a file")
+                             f"pretrain.clip.tokenizer {path} is a local file")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises its own exception type for a malformed file
