@@ -1,5 +1,7 @@
 # Run grid, paths and resources all come from webssl_repro.workflow.Plan, so the
 # logic behind the DAG is plain Python under test (tests/test_workflow.py).
+import shlex
+
 from webssl_repro.workflow import Plan, mark_invocation, put_cli_on_path
 from webssl_repro.workflow_data import CLASSIC_SETS, EVAL_SETS
 from webssl_repro.plan_checks import check_profile_environment

@@ -18,7 +18,7 @@ rule shards:
     params:
         data=lambda w: PLAN.data_config_json("corpus"),
     shell:
-        "webssl-repro data shards --data-json {params.data:q} --out {output} --threads {threads} > {log} 2>&1"
+        "webssl-repro data shards --data-json {params.data:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule in1k_data:
@@ -35,7 +35,7 @@ rule in1k_data:
     params:
         data=lambda w: PLAN.data_config_json("in1k"),
     shell:
-        "webssl-repro data in1k --data-json {params.data:q} --out {output} > {log} 2>&1"
+        "webssl-repro data in1k --data-json {params.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 # One job over the corpus, or with data.filter.parts > 1 (MC-2B's 2B images), one job per
@@ -61,7 +61,7 @@ rule text_filter:
     params:
         command=lambda w: PLAN.filter_command(w.variant),
     shell:
-        "{params.command} {resources.settings} --out {output} > {log} 2>&1"
+        "{params.command} {resources.settings} --out {output:q} > {log:q} 2>&1"
 
 
 rule text_filter_part:
@@ -86,7 +86,7 @@ rule text_filter_part:
     params:
         command=lambda w: PLAN.filter_command(w.variant, int(w.part)),
     shell:
-        "{params.command} {resources.settings} --out {output} > {log} 2>&1"
+        "{params.command} {resources.settings} --out {output:q} > {log:q} 2>&1"
 
 
 rule evalset:
@@ -105,7 +105,7 @@ rule evalset:
     params:
         data=lambda w: PLAN.data_config_json("evalsets", w.task),
     shell:
-        "webssl-repro data evalset {wildcards.task} --data-json {params.data:q} --out {output} > {log} 2>&1"
+        "webssl-repro data evalset {wildcards.task:q} --data-json {params.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule data:
@@ -133,5 +133,5 @@ rule fig8_samples:
     params:
         prefix=lambda w, output: output.pdf[: -len(".pdf")],
     shell:
-        "webssl-repro data fig8 --shards {input.shards} --light {input.light} --heavy {input.heavy} "
-        "--out {params.prefix} > {log} 2>&1"
+        "webssl-repro data fig8 --shards {input.shards:q} --light {input.light:q} --heavy {input.heavy:q} "
+        "--out {params.prefix:q} > {log:q} 2>&1"

@@ -37,9 +37,9 @@ rule vqa_probe:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
     shell:
-        "{resources.launcher} evaluate vqa_probe --run-name {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
-        "--attempt {resources.attempt} > {log} 2>&1"
+        "{resources.launcher} evaluate vqa_probe --run-name {wildcards.run:q} --encoder {input.encoder:q} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} "
+        "--attempt {resources.attempt} > {log:q} 2>&1"
 
 
 rule vqa:
@@ -66,9 +66,9 @@ rule vqa:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
     shell:
-        "{resources.launcher} evaluate vqa --run-name {wildcards.run} --encoder {input.encoder} --probe {input.probe} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
-        "--attempt {resources.attempt} > {log} 2>&1"
+        "{resources.launcher} evaluate vqa --run-name {wildcards.run:q} --encoder {input.encoder:q} --probe {input.probe:q} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} "
+        "--attempt {resources.attempt} > {log:q} 2>&1"
 
 
 rule vqa_control_probe:
@@ -96,9 +96,9 @@ rule vqa_control_probe:
         evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
         encoder=PLAN.control_args(),
     shell:
-        "{resources.launcher} evaluate vqa_probe --run-name control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} "
-        "--attempt {resources.attempt} > {log} 2>&1"
+        "{resources.launcher} evaluate vqa_probe --run-name control-{wildcards.control:q} --control {wildcards.control:q} {params.encoder} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} "
+        "--attempt {resources.attempt} > {log:q} 2>&1"
 
 
 rule vqa_control:
@@ -127,9 +127,9 @@ rule vqa_control:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         encoder=PLAN.control_args(),
     shell:
-        "{resources.launcher} evaluate vqa --run-name control-{wildcards.control} --control {wildcards.control} {params.encoder} "
-        "--probe {input.probe} --eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} "
-        "--out {output} --attempt {resources.attempt} > {log} 2>&1"
+        "{resources.launcher} evaluate vqa --run-name control-{wildcards.control:q} --control {wildcards.control:q} {params.encoder} "
+        "--probe {input.probe:q} --eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} "
+        "--out {output:q} --attempt {resources.attempt} > {log:q} 2>&1"
 
 
 rule classic:
@@ -154,8 +154,8 @@ rule classic:
     params:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     shell:
-        "webssl-repro evaluate classic --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data} --out {output} --attempt {resources.attempt} > {log} 2>&1"
+        "webssl-repro evaluate classic --run {wildcards.run:q} --encoder {input.encoder:q} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} --attempt {resources.attempt} > {log:q} 2>&1"
 
 
 rule classic_no_image:
@@ -176,7 +176,7 @@ rule classic_no_image:
     params:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     shell:
-        "webssl-repro classic-no-image --eval-json {params.evaluate:q} --data {input.data} --out {output} > {log} 2>&1"
+        "webssl-repro classic-no-image --eval-json {params.evaluate:q} --data {input.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule language_features:
@@ -226,6 +226,6 @@ rule alignment:
     params:
         evaluate=lambda w: PLAN.eval_config_json("alignment"),
     shell:
-        "webssl-repro evaluate alignment --run {wildcards.run} --encoder {input.encoder} "
-        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.captions} "
-        "--language-features {input.language:q} --out {output} > {log} 2>&1"
+        "webssl-repro evaluate alignment --run {wildcards.run:q} --encoder {input.encoder:q} "
+        "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.captions:q} "
+        "--language-features {input.language:q} --out {output:q} > {log:q} 2>&1"

@@ -41,8 +41,8 @@ rule render_table:
         source=config["source"],
         scale=lambda w: SCALE,
     shell:
-        "webssl-repro render {wildcards.item} --scale {params.scale} --source {params.source} "
-        "--outputs {output} --inputs {input} > {log} 2>&1"
+        "webssl-repro render {wildcards.item:q} --scale {params.scale:q} --source {params.source:q} "
+        "--outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
 
 
 rule render_figure:
@@ -69,8 +69,8 @@ rule render_figure:
         scale=lambda w: SCALE,
         lms=lambda w: PLAN.render_language_models(w.item),
     shell:
-        "webssl-repro render {wildcards.item} --scale {params.scale} --source {params.source} "
-        "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
+        "webssl-repro render {wildcards.item:q} --scale {params.scale:q} --source {params.source:q} "
+        "--language-models {params.lms:q} --outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
 
 
 # At a run scale the report shows each item beside the paper's: the same renderers on the
@@ -98,8 +98,8 @@ if not PLAN.published:
         conda:
             ENV
         shell:
-            "webssl-repro render {wildcards.item} --scale published --source published "
-            "--outputs {output} --inputs {input} > {log} 2>&1"
+            "webssl-repro render {wildcards.item:q} --scale published --source published "
+            "--outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
 
     rule render_reference_figure:
         """The paper's own version of a figure, beside this scale's in the report."""
@@ -123,8 +123,8 @@ if not PLAN.published:
         params:
             lms=lambda w: PLAN.render_language_models(w.item),
         shell:
-            "webssl-repro render {wildcards.item} --scale published --source published "
-            "--language-models {params.lms} --outputs {output} --inputs {input} > {log} 2>&1"
+            "webssl-repro render {wildcards.item:q} --scale published --source published "
+            "--language-models {params.lms:q} --outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
 
     rule overlay_figure:
         """This scale's line figure over the paper's, on twin axes (the report)."""
@@ -149,8 +149,8 @@ if not PLAN.published:
             scale=lambda w: SCALE,
             published=lambda w, input: os.path.dirname(input.published[0]),
         shell:
-            "webssl-repro overlay {wildcards.item} --scale {params.scale} --published-dir {params.published} "
-            "--inputs {input.runs} --out {output} > {log} 2>&1"
+            "webssl-repro overlay {wildcards.item:q} --scale {params.scale:q} --published-dir {params.published:q} "
+            "--inputs {input.runs:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule check:
@@ -180,8 +180,8 @@ rule check:
         published=lambda w, input: os.path.dirname(input.published[0]),
         outdir=lambda w, output: os.path.dirname(output.claims),
     shell:
-        "webssl-repro check --config-json {params.config:q} --published-dir {params.published} "
-        "--outdir {params.outdir} --inputs {input.results} > {log} 2>&1"
+        "webssl-repro check --config-json {params.config:q} --published-dir {params.published:q} "
+        "--outdir {params.outdir:q} --inputs {input.results:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -202,7 +202,7 @@ rule report:
     params:
         config=lambda w: CONFIG_JSON,  # a function: the config holds braces (shard patterns)
     shell:
-        "webssl-repro report --config-json {params.config:q} --out {output} > {log} 2>&1"
+        "webssl-repro report --config-json {params.config:q} --out {output:q} > {log:q} 2>&1"
 
 
 # One target per paper item (`snakemake table6`, `snakemake fig3`), for the items

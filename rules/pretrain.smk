@@ -19,11 +19,11 @@ _PRETRAIN_OUTPUT = {
 # a job's log before each attempt; the attempts' history stays in the checkpoints'
 # attempts.jsonl.
 _PRETRAIN_SHELL = (
-    "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints} "
-    "--data {input.data} {params.parent} --attempt {resources.attempt} > {log} 2>&1 && "
-    "{resources.launcher} pretrain --run-name {wildcards.run} --config-json {params.config:q} "
-    "--settings-json {resources.settings:q} --out {params.out} --checkpoints {params.checkpoints} "
-    "--data {input.data} {params.parent} >> {log} 2>&1"
+    "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints:q} "
+    "--data {input.data:q} {params.parent} --attempt {resources.attempt} > {log:q} 2>&1 && "
+    "{resources.launcher} pretrain --run-name {wildcards.run:q} --config-json {params.config:q} "
+    "--settings-json {resources.settings:q} --out {params.out:q} --checkpoints {params.checkpoints:q} "
+    "--data {input.data:q} {params.parent} >> {log:q} 2>&1"
 )
 
 
@@ -58,7 +58,7 @@ rule pretrain_single:
         config=lambda w: PLAN.run_config_json(w.run),
         checkpoints=lambda w: PLAN.checkpoint_dir(w.run),
         out=lambda w: PLAN.run_dir(w.run),
-        parent=lambda w, input: f"--parent {input.parent}" if "parent" in input.keys() else "",
+        parent=lambda w, input: f"--parent {shlex.quote(input.parent)}" if "parent" in input.keys() else "",
     shell:
         _PRETRAIN_SHELL
 
@@ -116,7 +116,7 @@ rule import_released:
         source=lambda w: PLAN.import_command(w.run),
         out=lambda w: PLAN.run_dir(w.run),
     shell:
-        "webssl-repro import-released --run {wildcards.run} {params.source} --out {params.out} > {log} 2>&1"
+        "webssl-repro import-released --run {wildcards.run:q} {params.source} --out {params.out:q} > {log:q} 2>&1"
 
 
 # A misspelt run asked for by its path: the runs there are, not "No rule to produce".

@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import re
+import shlex
 from typing import Any, Mapping
 
 from webssl_repro.models.arch import arch_for
@@ -66,8 +67,8 @@ class PretrainJobs:
         source = self.run_sources[run]
         if "checkpoint" not in source:
             raise KeyError(f"pretrain.run_sources.{run} needs 'checkpoint' (a released id, e.g. facebook/webssl-{run})")
-        path = f" --path {source['path']}" if source.get("path") else " --allow-download"
-        return f"--checkpoint {source['checkpoint']}{path}"
+        path = f" --path {shlex.quote(str(source['path']))}" if source.get("path") else " --allow-download"
+        return f"--checkpoint {shlex.quote(str(source['checkpoint']))}{path}"
 
     def pretrain_resources(self, run: str) -> RunResources:
         """Sized by the run's own recipe: a configured DINO local-crop side, MAE decoder or CLIP text
