@@ -212,6 +212,8 @@ def test_paper_tokenizer_is_clip_bpe_from_the_hub(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"tokenizer_revision 'abc' is a commit of a hub repo, but .* is a local file"):
         load_tokenizer(built, revision="abc")
     assert load_tokenizer(tmp_path)("a red cube", 7).tolist() == [[3, 0, 1, 2, 4, 0, 0]]  # a snapshot directory
+    with pytest.raises(ValueError, match=rf"pretrain.clip.tokenizer {tmp_path} is a local directory$"):
+        load_tokenizer(tmp_path, revision="abc")
     with pytest.raises(FileNotFoundError, match=r"pretrain.clip.tokenizer .*: a directory without a tokenizer.json"):
         load_tokenizer(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 

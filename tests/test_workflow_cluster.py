@@ -105,9 +105,9 @@ def test_the_slurm_profile_keeps_a_result_whose_command_was_only_reworded(workfl
     done = snakemake(workflow_dir, "-c1", *args)
     assert done.returncode == 0, done.stderr[-2000:]
     rules = workflow_dir / "rules" / "paper.smk"
-    old = 'shell:\n        "webssl-repro render {wildcards.item} --scale'
+    old = 'shell:\n        "webssl-repro render {wildcards.item:q} --scale'
     assert old in rules.read_text()  # render_table's and render_figure's
-    rules.write_text(rules.read_text().replace(old, 'shell:\n        "webssl-repro  render {wildcards.item} --scale'))
+    rules.write_text(rules.read_text().replace(old, 'shell:\n        "webssl-repro  render {wildcards.item:q} --scale'))
     plain = snakemake(workflow_dir, "-n", *args)
     assert plain.returncode == 0 and "render_table" in plain.stdout and "Code has changed" in plain.stdout, plain.stdout
     profiled = snakemake(workflow_dir, "--profile", "slurm", "-n", *args)

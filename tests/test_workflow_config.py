@@ -530,8 +530,9 @@ def test_what_a_job_would_refuse_after_hours_stops_the_dry_run(where, value, mes
                                               r"but pretrain.hires.clip.tokenizer .*mini.yaml' is a local file"),
 ])
 def test_a_tokenizer_overlay_is_checked_as_its_clip_runs_read_it(layer, value, message):
-    """The ImageNet-1k and hi-res overlays lay their keys on pretrain.clip: one that swaps the
-    pinned hub tokenizer for none or a file fails those CLIP runs only, after their queue wait."""
+    """The ImageNet-1k and hi-res overlays lay their keys on pretrain.clip, one or both (a hi-res
+    run of in1k data): one that swaps the pinned hub tokenizer for none or a file would fail
+    such CLIP runs only, after their queue wait."""
     cfg = load_config(REPO / "config/mini.yaml")
     cfg["pretrain"]["clip"].update(tokenizer="openai/clip-vit-large-patch14", tokenizer_revision="32bd642")
     Plan(cfg)  # the pinned hub tokenizer itself passes
@@ -540,6 +541,14 @@ def test_a_tokenizer_overlay_is_checked_as_its_clip_runs_read_it(layer, value, m
         Plan(cfg)
     cfg["pretrain"][layer]["clip"]["tokenizer_revision"] = None  # the overlay drops the pin with it
     Plan(cfg)
+    other = "hires" if layer == "in1k" else "in1k"  # a hi-res run of in1k data lays in1k, then hires, on the base
+    cfg["pretrain"]["clip"]["tokenizer_revision"] = None  # each overlay alone passes: only both fail
+    cfg["pretrain"][layer]["clip"] = {"tokenizer": str(REPO / "config/mini.yaml")}
+    cfg["pretrain"].setdefault(other, {})["clip"] = {"tokenizer_revision": "abc"}
+    with pytest.raises(ConfigError, match=r"pretrain.(in1k|hires).clip.tokenizer_revision 'abc' is a commit of a "
+                                          r"hub repo, but pretrain.(in1k|hires).clip.tokenizer .*mini.yaml' is a "
+                                          r"local file"):
+        Plan(cfg)
 
 
 @pytest.mark.parametrize("kind", ["vqa", "classic"])

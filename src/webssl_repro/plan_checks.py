@@ -181,16 +181,19 @@ def check_clip_tokenizer(pretrain: Mapping[str, Any]) -> None:
     """``tokenizer_revision`` pins a hub repo's commit: beside a tokenizer file or directory,
     which ``models.text.load_tokenizer`` refuses or reads unpinned, or no tokenizer (one learned
     from the captions), every CLIP run would fail, or silently ignore the pin, after its queue
-    wait. Checked as each CLIP run reads it: ``pretrain.clip`` with the ImageNet-1k and hi-res
-    overlays (``pretrain.in1k.clip``, ``pretrain.hires.clip``) laid on it."""
+    wait. Checked as each CLIP run reads it (``Plan.recipe``): ``pretrain.clip`` with the
+    ImageNet-1k and hi-res overlays (``pretrain.in1k.clip``, ``pretrain.hires.clip``) laid on it,
+    one or both, whether or not the grid has such a CLIP run yet."""
     keys = ("tokenizer", "tokenizer_revision")
     base = pretrain.get("clip") or {}
-    for layer in (None, "in1k", "hires"):
-        over = (pretrain.get(layer) or {}).get("clip") or {} if layer else {}
-        if layer and not set(keys) & over.keys():
+    for layers in ((), ("in1k",), ("hires",), ("in1k", "hires")):  # a hi-res run of in1k data takes both
+        overs = [(layer, (pretrain.get(layer) or {}).get("clip") or {}) for layer in layers]
+        if layers and not any(set(keys) & over.keys() for _, over in overs):
             continue
-        merged = {k: over.get(k, base.get(k)) for k in keys}
-        where = {k: f"pretrain.{layer}.clip.{k}" if k in over else f"pretrain.clip.{k}" for k in keys}
+        merged, where = {k: base.get(k) for k in keys}, {k: f"pretrain.clip.{k}" for k in keys}
+        for layer, over in overs:
+            merged.update({k: over[k] for k in keys if k in over})
+            where.update({k: f"pretrain.{layer}.clip.{k}" for k in keys if k in over})
         revision, tokenizer = merged["tokenizer_revision"], merged["tokenizer"]
         if revision is None:
             continue

@@ -11,6 +11,7 @@ by every run's alignment job, which needs one GPU for the encoder.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -123,6 +124,17 @@ def write_language_features(name: str, captions_manifest: str | Path, cfg: Mappi
     return record
 
 
+def _load_error(err: Exception) -> str:
+    """torch.load's refusal without its advice to load with ``weights_only=False`` (or to
+    allowlist a global), which does not fit a file this job did not write: the cause alone."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    firsts = (re.split(r"(?<=\w)\. ", line.strip(), maxsplit=1)[0].rstrip(".") for line in text.splitlines())
+    cause = next((first for first in firsts if first and not re.search(r"weights_only|trust", first)), "")
+    return f"{type(err).__name__}: {cause}" if cause else type(err).__name__
+
+
 def read_language_features(path: str | Path, captions: list[str]) -> tuple[str, torch.Tensor]:
     """(LM name, features) from a ``language_features`` output, refused where its captions are
     not ``captions`` (another eval set, or one generated again since)."""
@@ -131,9 +143,7 @@ def read_language_features(path: str | Path, captions: list[str]) -> tuple[str, 
     except OSError:  # missing or unreadable: the OS's own message names the path
         raise
     except Exception as err:  # torch raises several types (pickle, zip, weights-only refusals) for a bad file
-        # without torch's advice to load with weights_only=False: unfit for a file this job did not write
-        why = next((line.strip() for line in str(err).splitlines() if line.strip() and "weights_only" not in line), "")
-        raise ValueError(f"{path}: not a language_features file (torch.load: {type(err).__name__}: {why[:200]}): "
+        raise ValueError(f"{path}: not a language_features file (torch.load: {_load_error(err)}): "
                          "compute it again (snakemake --forcerun language_features)") from None
     wanted = {"language_model", "features", "captions_sha1"}
     if not isinstance(saved, dict) or not wanted <= saved.keys():

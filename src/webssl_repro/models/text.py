@@ -251,14 +251,15 @@ def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str 
     ``<|endoftext|>`` last), as ``openai/clip-vit-large-patch14`` ships it."""
     from tokenizers import Tokenizer
 
-    if Path(path).is_dir():  # a downloaded hub snapshot
-        if not (Path(path) / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"pretrain.clip.tokenizer {path}: a directory without a tokenizer.json")
-        path = Path(path) / "tokenizer.json"
-    if Path(path).is_file():
+    local = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)  # a directory: a hub snapshot
+    if Path(path).is_dir() and not local.is_file():
+        raise FileNotFoundError(f"pretrain.clip.tokenizer {path}: a directory without a tokenizer.json")
+    if local.is_file():
         if revision is not None:
+            kind = "directory" if Path(path).is_dir() else "file"
             raise ValueError(f"pretrain.clip.tokenizer_revision {revision!r} is a commit of a hub repo, but "
-                             f"pretrain.clip.tokenizer {path} is a local file")
+                             f"pretrain.clip.tokenizer {path} is a local {kind}")
+        path = local
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises its own exception type for a malformed file
