@@ -130,13 +130,18 @@ def model_location(value: str | os.PathLike, key: str) -> str:
     return text
 
 
+def lm_entries(entries: Mapping[str, Any], lm_paths: Mapping[str, str], lm: str) -> dict[str, Any]:
+    """Every per-language-model setting (``resources.lm_gpus``, ``evaluate.alignment.lm_revisions``)
+    that names ``lm``: its own entry first, then those of the ``lm_paths`` keys whose value ``lm``
+    is (a hub id named directly takes what is set for its short name)."""
+    names = (lm, *(key for key, source in lm_paths.items() if source == lm))
+    return {name: entries[name] for name in names if name in entries}
+
+
 def lm_entry(entries: Mapping[str, Any], lm_paths: Mapping[str, str], lm: str) -> Any:
-    """A per-language-model setting (``resources.lm_gpus``, ``evaluate.alignment.lm_revisions``)
-    for ``lm``: its own entry, else that of the ``lm_paths`` key whose value ``lm`` is (a hub id
-    named directly takes what is set for its short name), else None."""
-    if lm in entries:
-        return entries[lm]
-    return next((entries[key] for key, source in lm_paths.items() if source == lm and key in entries), None)
+    """The setting ``lm`` takes (the first of ``lm_entries``), else None; the dry run refuses
+    entries that name one model with different values (``plan_checks.check_language_models``)."""
+    return next(iter(lm_entries(entries, lm_paths, lm).values()), None)
 
 
 def pinned_revision(revision: str | None, location: str | os.PathLike, revision_key: str,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from webssl_repro.config import ConfigError
+from webssl_repro.files import lm_entries
 from webssl_repro.metrics import ALIGNMENT_PREFIX
 from webssl_repro.paper import specs
 
@@ -109,8 +110,7 @@ def check_language_models(alignment: Mapping[str, Any], resources: Mapping[str, 
                 raise ConfigError(f"{key}: {name!r} is not one of evaluate.alignment.language_models "
                                   f"({', '.join(names)}) nor of its lm_paths ({', '.join(paths) or 'none'})")
         for name in names:  # a hub id and the lm_paths keys naming it are one model: one setting
-            given = {k: entries[k] for k in (name, *(k for k, source in paths.items() if source == name))
-                     if k in entries}
+            given = lm_entries(entries, paths, name)
             if len({repr(v) for v in given.values()}) > 1:
                 raise ConfigError(f"{key}: {', '.join(f'{k!r}: {v!r}' for k, v in given.items())} are one language "
                                   f"model ({name}) set differently: keep one of them")
@@ -202,8 +202,9 @@ def check_clip_tokenizer(pretrain: Mapping[str, Any]) -> None:
             raise ConfigError(f"{where['tokenizer_revision']} {revision!r} pins a hub repo's commit, but "
                               f"{where['tokenizer']} is {shown} (a tokenizer learned from the captions): "
                               "set both or neither")
-        if Path(str(tokenizer)).exists():
-            kind = "directory" if Path(str(tokenizer)).is_dir() else "file"
+        local = Path(str(tokenizer))
+        if local.exists():
+            kind = "directory" if local.is_dir() else "file"
             raise ConfigError(f"{where['tokenizer_revision']} {revision!r} is a commit of a hub repo, but "
                               f"{where['tokenizer']} {str(tokenizer)!r} is a local {kind}: drop the revision")
 

@@ -251,12 +251,13 @@ def load_tokenizer(path: str | Path, sot_token: str = SOT_TOKEN, eot_token: str 
     ``<|endoftext|>`` last), as ``openai/clip-vit-large-patch14`` ships it."""
     from tokenizers import Tokenizer
 
-    local = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)  # a directory: a hub snapshot
-    if Path(path).is_dir() and not local.is_file():
-        raise FileNotFoundError(f"pretrain.clip.tokenizer {path}: a directory without a tokenizer.json")
+    kind, local = "file", Path(path)
+    if local.is_dir():  # a hub snapshot
+        kind, local = "directory", local / "tokenizer.json"
+        if not local.is_file():
+            raise FileNotFoundError(f"pretrain.clip.tokenizer {path}: a directory without a tokenizer.json")
     if local.is_file():
         if revision is not None:
-            kind = "directory" if Path(path).is_dir() else "file"
             raise ValueError(f"pretrain.clip.tokenizer_revision {revision!r} is a commit of a hub repo, but "
                              f"pretrain.clip.tokenizer {path} is a local {kind}")
         path = local
