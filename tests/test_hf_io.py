@@ -428,6 +428,56 @@ def test_off_the_shelf_dinov2_imports_resampled_to_the_evaluated_resolution(tmp_
     assert prov["released"]["run"] == "dinov2-g-224" and any("resampled" in n for n in prov["notes"])
 
 
+def _vit_mae_stand_in(path):
+    """A tiny ``ViTMAEForPreTraining`` (encoder and pixel decoder) saved as MAE's HF repos are: a
+    stand-in for facebook/vit-mae-huge, every encoder weight away from its init."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(hidden_size=TINY.width, num_hidden_layers=TINY.depth, num_attention_heads=TINY.heads,
+                          intermediate_size=4 * TINY.width, patch_size=TINY.patch, image_size=IMG,
+                          layer_norm_eps=1e-6, qkv_bias=True, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=2, decoder_intermediate_size=64, mask_ratio=0.0)
+    torch.manual_seed(0)
+    model = ViTMAEForPreTraining(config).eval()
+    _randomize(model.vit)
+    model.save_pretrained(path)
+    return path
+
+
+def test_off_the_shelf_mae_h_imports_from_the_hf_repo_and_from_mae_s_file(tmp_path, monkeypatch):
+    """MAE ViT-H (Tables 3 and 14) as the run mae-h-224: Web-MAE 700M's architecture. The HF repo
+    (a ``ViTMAEForPreTraining``, whose pixel decoder is left out) gives transformers' own tokens,
+    and MAE's encoder-only .pth (timm keys under "model") the same encoder."""
+    from transformers import ViTMAEModel
+
+    from webssl_repro.models.hf import run_checkpoint
+
+    rel = run_checkpoint("mae-h-224")
+    assert (rel.hf_id, rel.method, rel.size, rel.data, rel.img_size, rel.weights_size) == (
+        "facebook/vit-mae-huge", "mae", "700m", "in1k", 224, 224)
+    assert rel.arch == Arch(1280, 32, 16, 5120, 14, "gelu") and rel.revision is None
+    assert rel.pytorch_url == "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth"
+    monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY))
+    tiny = dataclasses.replace(rel, size="tiny", img_size=IMG, trained_size=0)
+    hf_dir = _vit_mae_stand_in(tmp_path / "hf")
+    encoder, meta = load_released(tiny, hf_dir)
+    assert meta["method"] == "mae" and meta["arch"]["ffn_hidden"] == 4 * TINY.width
+    hf = ViTMAEModel.from_pretrained(hf_dir).eval()
+    x, n = _images(), (IMG // TINY.patch) ** 2
+    with torch.no_grad():  # no patch masked (mask_ratio 0) and none shuffled (noise in patch order)
+        want = hf(pixel_values=x, noise=torch.arange(n, dtype=torch.float32).expand(2, n)).last_hidden_state
+        got = encoder.forward_features(x)
+    assert want.shape == got.shape == (2, 1 + n, TINY.width) and want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.save({"model": convert.to_native(encoder.state_dict(), "mae")}, tmp_path / "mae_pretrain_tiny.pth")
+    native, native_meta = load_released(tiny, tmp_path / "mae_pretrain_tiny.pth")
+    _assert_same_state(native, encoder)
+    assert native_meta["released"]["run"] == "mae-h-224"
+    # a DINOv2 directory is not this checkpoint
+    with pytest.raises(ValueError, match=r"holds a dino .* but facebook/vit-mae-huge is a mae"):
+        load_released(tiny, _dinov2_stand_in(tmp_path / "dinov2", IMG))
+
+
 def test_import_released_cli_names_the_checkpoint_a_run_imports(tmp_path, capsys):
     from webssl_repro.cli import main
 

@@ -140,6 +140,15 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert set(table["source"]) == {"dinov2-g-224"} and set(table["items"]) == {"table14"}
     assert table.loc["gqa", "published"] == 62.89 and table.loc["gqa", "difference"] == pytest.approx(-0.4)
     assert table.loc["textvqa", "difference"] == pytest.approx(3.0)
+    # MAE ViT-H's classic numbers are printed in Table 3 only
+    mae = tmp_path / "evals" / "mae-h-224" / "classic.json"
+    mae.parent.mkdir(parents=True)
+    mae.write_text(json.dumps({"metrics": {"in1k_linear": 76.6 - 1.0}}))
+    assert main(["compare", str(mae), "--out", str(tmp_path / "mae.tsv")]) == 0
+    table = pd.read_csv(tmp_path / "mae.tsv", sep="\t").set_index("metric")
+    assert set(table["source"]) == {"mae-h-224"} and set(table["items"]) == {"table3"}
+    assert table.loc["in1k_linear", "published"] == 76.6
+    assert table.loc["in1k_linear", "difference"] == pytest.approx(-1.0)
 
 
 def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 alternatives, the plan's checks (sizes, warm-ups, run sources, profile resources) stop the dry
 run, and its cost summary counts what will really be trained."""
 import copy
+import dataclasses
 import json
 import re
 
@@ -10,6 +11,7 @@ import yaml
 
 from conftest import REPO, snakemake
 from webssl_repro import cli
+from webssl_repro.models.arch import arch_for
 from webssl_repro.config import ConfigError, config_origin, load_config, validate_config
 from webssl_repro.paper import specs
 from webssl_repro.resources import encoder_params
@@ -125,6 +127,32 @@ def test_an_imported_off_the_shelf_dinov2_is_evaluated_where_the_paper_shows_it(
     assert f"--run {run} --checkpoint facebook/dinov2-giant --allow-download" in proc.stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
     assert (jobs["import_released"], jobs["alignment"]) == ("1", "8"), proc.stdout[-2000:]
+
+
+def test_an_imported_off_the_shelf_mae_h_is_evaluated_in_tables_3_and_14(paper, workflow_dir):
+    """MAE ViT-H (facebook/vit-mae-huge, Web-MAE 700M's architecture) imported as ``mae-h-224``: the MAE
+    rows of Table 3 (VQA categories and classic vision) and Table 14 (VQA) read its evaluations."""
+    run, eval_path = "mae-h-224", "results/paper/evals/mae-h-224/{}.json"
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": "facebook/vit-mae-huge"}}
+    cfg["items"] = [*paper["items"], "table14"]
+    plan, base = Plan(cfg), Plan(paper)
+    assert plan.item_inputs("table14") == [eval_path.format("vqa"), "results/published/vqa.tsv"]
+    assert set(plan.item_inputs("table3")) - set(base.item_inputs("table3")) == {
+        eval_path.format("vqa"), eval_path.format("classic")}
+    assert plan.item_inputs("fig9") == base.item_inputs("fig9")  # the paper shows no MAE bar
+    assert plan.runs[-1] == run and not plan.trained(run)
+    # ViT-H's 631M fp32 parameters three times over are 7.2 GB, under the job's 8 GB floor
+    assert 3 * 4 * encoder_params("mae", dataclasses.asdict(arch_for("mae", "700m")), 224) < 8000 * 2**20
+    assert plan.import_resources()["mem_mb"] == 8000
+    with pytest.raises(ConfigError, match=r"run_sources.mae-h-224.checkpoint: 'facebook/vit-mae-large' is not "
+                                          r"the checkpoint of mae-h-224 \(facebook/vit-mae-huge\)"):
+        Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {run: {"checkpoint": "facebook/vit-mae-large"}}}))
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    proc = snakemake(workflow_dir, "-n", "-p", eval_path.format("classic"), "--configfile", "config/paper.yaml",
+                     "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--run {run} --checkpoint facebook/vit-mae-huge --allow-download" in proc.stdout
 
 
 def test_import_resources_fit_the_largest_imported_encoder(paper):

@@ -27,18 +27,27 @@ NO_PTH = {"webssl-dino300m-light2b-224"}  # HF collection only, no native file i
 PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 
 #: Off-the-shelf encoders of the paper's comparisons that import as eval-only runs, by the id its
-#: tables use (``paper.specs.BASELINES``), evaluated at the id's resolution: DINOv2 ViT-g, which is
-#: Web-DINO ViT-1B's architecture (paper §4.1: "We adapt ViT-g from Oquab et al. (2023) as
-#: ViT-1B"), trained at 518 px and evaluated at 224 / 378 / 518 (Table 14, Fig. 1, Fig. 7, Fig. 9).
-#: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``), method, size label, evaluated and
-#: trained resolutions, native .pth.
+#: tables use (``paper.specs.BASELINES``), evaluated at the id's resolution. Each is the architecture
+#: of one of our sizes:
+#: - DINOv2 ViT-g is Web-DINO ViT-1B (paper §4.1: "We adapt ViT-g from Oquab et al. (2023) as
+#:   ViT-1B"), trained at 518 px and evaluated at 224 / 378 / 518 (Table 14, Fig. 1, Fig. 7, Fig. 9);
+#: - MAE ViT-H/14 (IN-1k, Tables 3 and 14) is Web-MAE 700M (``models.arch.MAE_ARCHS``). Its
+#:   ``pytorch_url`` is MAE's encoder-only pretrained file. The HF repo holds the encoder with its
+#:   pixel decoder (``ViTMAEForPreTraining``), so it was converted from one of MAE's encoder+decoder
+#:   files, not from that one, and the two may differ; no revision of it is recorded.
+#: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``; "" where none is recorded), method,
+#: size label, pretraining data, evaluated and trained resolutions, native .pth.
 OFF_THE_SHELF = {
-    f"dinov2-g-{res}": {
+    **{f"dinov2-g-{res}": {
         "hf_id": "facebook/dinov2-giant", "revision": "611a9d42f2335e0f921f1e313ad3c1b7178d206d",
-        "method": "dino", "size": "1b", "img_size": res, "trained_size": 518,
+        "method": "dino", "size": "1b", "data": "lvd142m", "img_size": res, "trained_size": 518,
         "pytorch_url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth",
-    }
-    for res in (224, 378, 518)
+    } for res in (224, 378, 518)},
+    "mae-h-224": {
+        "hf_id": "facebook/vit-mae-huge", "revision": "",
+        "method": "mae", "size": "700m", "data": "in1k", "img_size": 224, "trained_size": 224,
+        "pytorch_url": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth",
+    },
 }
 
 

@@ -199,6 +199,8 @@ HF_LAYOUTS: dict[tuple[str, bool], tuple[str, dict[str, str | tuple[str, ...]]]]
         "norm1": "layernorm_before", "attn.qkv": _QKV_OLD, "attn.proj": "attention.output.dense",
         "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}),
 }
+# MAE's own HF release (``ViTMAEModel``) names its encoder's weights as ``ViTModel`` does, in both generations.
+HF_LAYOUTS.update({("vit_mae", legacy): HF_LAYOUTS[("vit", legacy)] for legacy in (False, True)})
 #: HF-only parameters that are not part of our encoder (ViT's tanh pooler head).
 HF_IGNORED = re.compile(r"^pooler\.")
 
@@ -249,7 +251,7 @@ def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> di
 
 
 def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """HF ``Dinov2Model`` / ``ViTModel`` keys (either naming generation) → ours.
+    """HF ``Dinov2Model`` / ``ViTModel`` / ``ViTMAEModel`` keys (either naming generation) → ours.
 
     Split parameters (q/k/v, gate/up) are concatenated back in our packed order; a key that
     maps to nothing, or a part missing from a split parameter, raises ``KeyError`` naming it.
@@ -289,7 +291,7 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
         if lost:
             raise KeyError(f"missing key(s) {lost} of a split parameter in a HF {kind} checkpoint")
         out[our_key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    if kind == "vit":
+    if kind in ("vit", "vit_mae"):
         out.pop("mask_token", None)  # ViTModel's optional mask token is (1, 1, D) and unused by MAE
     return out
 

@@ -22,7 +22,9 @@ from webssl_repro.models import convert
 from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, checkpoint_of, importable_runs
 from webssl_repro.models.vit import Arch, WebSSLViT, arch_for, resample_pos_embed
 
-KINDS = {"dinov2": "dino", "vit": "mae"}  # HF model_type -> default method
+#: HF model_type -> default method; ``vit_mae`` is MAE's own release (facebook/vit-mae-*), whose
+#: encoder is a ``ViTModel`` in all but name
+KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae"}
 
 
 def _hf_swiglu_hidden(width: int, ratio: float) -> int:
@@ -118,7 +120,7 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
 
 
 def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | None) -> nn.Module:
-    from transformers import AutoConfig, Dinov2Model, ViTModel
+    from transformers import AutoConfig, Dinov2Model, ViTMAEModel, ViTModel
 
     local = Path(path).is_dir()
     if not local and not allow_download:
@@ -130,9 +132,11 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
         model, info = ViTModel.from_pretrained(str(path), add_pooling_layer=False, output_loading_info=True, **kw)
     elif config.model_type == "dinov2":
         model, info = Dinov2Model.from_pretrained(str(path), output_loading_info=True, **kw)
+    elif config.model_type == "vit_mae":  # the encoder alone; the pixel decoder's weights are left out
+        model, info = ViTMAEModel.from_pretrained(str(path), output_loading_info=True, **kw)
     else:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower "
-                         "(expected 'dinov2' for Web-DINO or 'vit' for Web-MAE)")
+                         "(expected 'dinov2' for Web-DINO, 'vit' for Web-MAE or 'vit_mae' for MAE)")
     # from_pretrained fills a weight the files lack with random values and only logs it: the
     # encoder converted from the model would then be half random, with no error.
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
@@ -149,10 +153,11 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
 def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = False,
               revision: str | None = None, method: str | None = None
               ) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Our encoder from a HF ``Dinov2Model``/``ViTModel`` (a local directory or a model object).
+    """Our encoder from a HF ``Dinov2Model``/``ViTModel``/``ViTMAEModel`` (a local directory or a
+    model object).
 
     The method comes from ``config.webssl`` (our exports), else ``method``, else the model
-    type (Dinov2 → dino, ViT → mae). Both transformers naming generations are accepted. The
+    type (Dinov2 → dino, ViT and ViTMAE → mae). Both transformers naming generations are accepted. The
     fused q/k/v and SwiGLU gate/up weights are copies (``convert.from_hf`` concatenates them);
     the import job's memory allows for them (``workflow_pretrain.import_resources``).
     """
@@ -167,7 +172,7 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         raise ValueError(f"{source}: model_type {kind!r} is not a Web-SSL tower")
     ours = getattr(config, "webssl", None) or {}
     method = method or ours.get("method") or KINDS[kind]
-    if (method == "mae") != (kind == "vit"):
+    if (method == "mae") != (KINDS[kind] == "mae"):
         raise ValueError(f"{source}: method {method!r} does not match a HF {kind} model")
     width = config.hidden_size
     if kind == "dinov2":
@@ -278,11 +283,11 @@ def released_checkpoints() -> list[Released]:
 
 def run_checkpoint(run: str) -> Released:
     """The checkpoint a run imports (``pretrain.run_sources``): its Web-SSL release, or an
-    off-the-shelf encoder of the paper's comparisons (``releases.OFF_THE_SHELF``: DINOv2 ViT-g,
-    trained at 518 px, as the run ``dinov2-g-224`` evaluated at 224 px)."""
+    off-the-shelf encoder of the paper's comparisons (``releases.OFF_THE_SHELF``: e.g. DINOv2 ViT-g,
+    trained at 518 px, as the run ``dinov2-g-224`` evaluated at 224 px, or MAE ViT-H as ``mae-h-224``)."""
     if run in OFF_THE_SHELF:
         o = OFF_THE_SHELF[run]
-        return Released(hf_id=o["hf_id"], method=o["method"], size=o["size"], data="lvd142m", samples="",
+        return Released(hf_id=o["hf_id"], method=o["method"], size=o["size"], data=o["data"], samples="",
                         img_size=int(o["img_size"]), run=run, revision=o["revision"] or None,
                         pytorch_url=o["pytorch_url"], trained_size=int(o["trained_size"]))
     if checkpoint_of(run) is None:
@@ -328,7 +333,7 @@ def load_released(checkpoint: str | Released, source: str | Path | None = None, 
     if (meta["method"], meta["arch"], meta["img_size"]) != (
             rel.method, _arch_dict(rel.arch, rel.method), rel.weights_size):
         raise ValueError(f"{source}: holds a {meta['method']} {meta['arch']} @ {meta['img_size']}px "
-                         f"encoder, but {rel.hf_id} is {_arch_dict(rel.arch, rel.method)} "
+                         f"encoder, but {rel.hf_id} is a {rel.method} {_arch_dict(rel.arch, rel.method)} "
                          f"@ {rel.weights_size}px")
     if rel.img_size != rel.weights_size:
         encoder, meta = at_resolution(encoder, meta, rel.img_size, rel.arch, source=str(source or rel.hf_id))
