@@ -430,18 +430,20 @@ def test_off_the_shelf_dinov2_imports_resampled_to_the_evaluated_resolution(tmp_
 
 def _vit_mae_stand_in(path):
     """A tiny ``ViTMAEForPreTraining`` (encoder and pixel decoder) saved as MAE's HF repos are: a
-    stand-in for facebook/vit-mae-huge, every encoder weight away from its init."""
+    stand-in for facebook/vit-mae-huge, every encoder weight away from its init, with transformers'
+    config defaults as the converted repos keep them (LayerNorm eps 1e-12, 75 % of patches masked)."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     config = ViTMAEConfig(hidden_size=TINY.width, num_hidden_layers=TINY.depth, num_attention_heads=TINY.heads,
                           intermediate_size=4 * TINY.width, patch_size=TINY.patch, image_size=IMG,
-                          layer_norm_eps=1e-6, qkv_bias=True, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                          decoder_num_attention_heads=2, decoder_intermediate_size=64, mask_ratio=0.0)
+                          qkv_bias=True, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    assert (config.layer_norm_eps, config.mask_ratio) == (1e-12, 0.75)
     torch.manual_seed(0)
     model = ViTMAEForPreTraining(config).eval()
     _randomize(model.vit)
     model.save_pretrained(path)
-    return path
+    return model
 
 
 def test_off_the_shelf_mae_h_imports_from_the_hf_repo_and_from_mae_s_file(tmp_path, monkeypatch):
@@ -459,10 +461,15 @@ def test_off_the_shelf_mae_h_imports_from_the_hf_repo_and_from_mae_s_file(tmp_pa
     assert rel.pytorch_url == "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth"
     monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY))
     tiny = dataclasses.replace(rel, size="tiny", img_size=IMG, trained_size=0)
-    hf_dir = _vit_mae_stand_in(tmp_path / "hf")
-    encoder, meta = load_released(tiny, hf_dir)
+    hf_dir = tmp_path / "hf"
+    pretraining = _vit_mae_stand_in(hf_dir)
+    with pytest.warns(UserWarning, match=r"layer_norm_eps=1e-12, our encoder uses 1e-6"):  # MAE's own: 1e-6
+        encoder, meta = load_released(tiny, hf_dir)
     assert meta["method"] == "mae" and meta["arch"]["ffn_hidden"] == 4 * TINY.width
+    with pytest.warns(UserWarning, match=r"layer_norm_eps"):
+        _assert_same_state(import_hf(pretraining)[0], encoder)  # a model object: its encoder is taken
     hf = ViTMAEModel.from_pretrained(hf_dir).eval()
+    hf.config.mask_ratio = 0.0
     x, n = _images(), (IMG // TINY.patch) ** 2
     with torch.no_grad():  # no patch masked (mask_ratio 0) and none shuffled (noise in patch order)
         want = hf(pixel_values=x, noise=torch.arange(n, dtype=torch.float32).expand(2, n)).last_hidden_state

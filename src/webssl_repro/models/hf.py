@@ -163,6 +163,8 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
     """
     if isinstance(path_or_model, nn.Module):
         model, source = path_or_model, type(path_or_model).__name__
+        if model.config.model_type == "vit_mae" and hasattr(model, "vit"):
+            model = model.vit  # a ViTMAEForPreTraining: its encoder
     else:
         model = _load_hf_model(path_or_model, allow_download=allow_download, revision=revision)
         source = str(path_or_model)
