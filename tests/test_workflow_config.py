@@ -11,8 +11,8 @@ import yaml
 
 from conftest import REPO, snakemake
 from webssl_repro import cli
-from webssl_repro.models.arch import arch_for
 from webssl_repro.config import ConfigError, config_origin, load_config, validate_config
+from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.resources import encoder_params
 from webssl_repro.workflow import Plan
