@@ -155,6 +155,28 @@ def test_an_imported_off_the_shelf_mae_h_is_evaluated_in_tables_3_and_14(paper, 
     assert f"--run {run} --checkpoint facebook/vit-mae-huge --allow-download" in proc.stdout
 
 
+def test_an_imported_off_the_shelf_metaclip_h_is_evaluated_in_table_14_only(paper, workflow_dir, tmp_path):
+    """MetaCLIP ViT-H (an OpenAI-CLIP tower) imported as ``metaclip-h-224`` from MetaCLIP's open_clip file:
+    Table 14's row reads its VQA; Table 3 and Fig. 7 show MetaCLIP ViT-bigG, another model."""
+    run, eval_path = "metaclip-h-224", "results/paper/evals/metaclip-h-224/{}.json"
+    local = tmp_path / "h14_fullcc2.5b.pt"
+    local.write_bytes(b"")  # only its existence is checked at planning time
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": "facebook/metaclip-h14-fullcc2.5b", "path": str(local)}}
+    cfg["items"] = [*paper["items"], "table14"]
+    plan, base = Plan(cfg), Plan(paper)
+    assert plan.item_inputs("table14") == [eval_path.format("vqa"), "results/published/vqa.tsv"]
+    assert plan.item_inputs("table3") == base.item_inputs("table3")
+    assert plan.item_inputs("fig7") == base.item_inputs("fig7")
+    assert plan.runs[-1] == run and not plan.trained(run)
+    assert plan.import_resources()["mem_mb"] >= 3 * 4 * 630_766_080 // 2**20  # ViT-H/14's tower, 3 copies
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    proc = snakemake(workflow_dir, "-n", "-p", eval_path.format("vqa"), "--configfile", "config/paper.yaml",
+                     "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--run {run} --checkpoint facebook/metaclip-h14-fullcc2.5b --path {local}" in proc.stdout
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)

@@ -27,14 +27,18 @@ NO_PTH = {"webssl-dino300m-light2b-224"}  # HF collection only, no native file i
 PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 
 #: Off-the-shelf encoders of the paper's comparisons that import as eval-only runs, by the id its
-#: tables use (``paper.specs.BASELINES``), evaluated at the id's resolution. Each is the architecture
-#: of one of our sizes:
+#: tables use (``paper.specs.BASELINES``), evaluated at the id's resolution. Each is a tower built here:
 #: - DINOv2 ViT-g is Web-DINO ViT-1B (paper §4.1: "We adapt ViT-g from Oquab et al. (2023) as
 #:   ViT-1B"), trained at 518 px and evaluated at 224 / 378 / 518 (Table 14, Fig. 1, Fig. 7, Fig. 9);
 #: - MAE ViT-H/14 (IN-1k, Tables 3 and 14) is Web-MAE 700M (``models.arch.MAE_ARCHS``). Its
 #:   ``pytorch_url`` is MAE's encoder-only pretrained file. The HF repo holds the encoder with its
 #:   pixel decoder (``ViTMAEForPreTraining``), so it was converted from one of MAE's encoder+decoder
-#:   files, not from that one, and the two may differ; no revision of it is recorded.
+#:   files, not from that one, and the two may differ; no revision of it is recorded;
+#: - MetaCLIP ViT-H/14 (2.5B curated pairs, 12.8B seen; Table 14) is OpenAI CLIP's tower
+#:   (``models.arch.OPENAI_CLIP_ARCHS``). The HF repo is a transformers ``CLIPModel``, whose vision tower
+#:   is kept; its pin is the commit "Update README.md" (e2778cc, holding config.json and
+#:   pytorch_model.bin), read from the hub's file listing, not checked against the repo's head. The
+#:   ``pytorch_url`` is MetaCLIP's open_clip file (open_clip's ``ViT-H-14-quickgelu``, ``metaclip_fullcc``).
 #: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``; "" where none is recorded), method,
 #: size label, pretraining data, evaluated and trained resolutions, native .pth.
 OFF_THE_SHELF = {
@@ -47,6 +51,11 @@ OFF_THE_SHELF = {
         "hf_id": "facebook/vit-mae-huge", "revision": "",
         "method": "mae", "size": "700m", "data": "in1k", "img_size": 224, "trained_size": 224,
         "pytorch_url": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth",
+    },
+    "metaclip-h-224": {
+        "hf_id": "facebook/metaclip-h14-fullcc2.5b", "revision": "e2778cc22d9bfdd10213fed7a28cbb393b0c30ab",
+        "method": "clip", "size": "h14", "data": "metaclip-2.5b", "img_size": 224, "trained_size": 224,
+        "pytorch_url": "https://dl.fbaipublicfiles.com/MMPT/metaclip/h14_fullcc2.5b.pt",
     },
 }
 

@@ -12,13 +12,18 @@ from webssl_repro.resources import swiglu_hidden
 METHODS = ("dino", "mae", "clip")
 #: FFN kind of each pretraining method's tower (CLIP reuses the Web-DINO vision towers).
 METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu"}
+FFN_KINDS = ("swiglu", "gelu", "quick_gelu")
 
 
 @dataclass(frozen=True)
 class Arch:
     """Shape of one ViT. ``ffn_hidden=None`` derives the hidden size from the width for the
     FFN kind the method uses; ``ffn`` records which kind an explicit ``ffn_hidden`` is for, so
-    a SwiGLU size is never silently used as a GELU size."""
+    a SwiGLU size is never silently used as a GELU size.
+
+    ``ffn="quick_gelu"`` with ``pre_norm`` and ``norm_eps=1e-5`` is OpenAI CLIP's vision tower
+    (MetaCLIP's ``-quickgelu`` models): a LayerNorm after the embeddings, a bias-free patch
+    embedding, no LayerScale. Only off-the-shelf CLIP encoders have it; ours never train it."""
 
     width: int
     depth: int
@@ -26,6 +31,8 @@ class Arch:
     ffn_hidden: int | None = None
     patch: int = 14
     ffn: str | None = None
+    pre_norm: bool = False
+    norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "heads", "patch"):
@@ -36,8 +43,12 @@ class Arch:
             raise ValueError(f"Arch.width={self.width} is not divisible by heads={self.heads}")
         if self.ffn_hidden is not None and (not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0):
             raise ValueError(f"Arch.ffn_hidden must be a positive int or None, got {self.ffn_hidden!r}")
-        if self.ffn not in (None, "swiglu", "gelu"):
-            raise ValueError(f"Arch.ffn must be 'swiglu', 'gelu' or None, got {self.ffn!r}")
+        if self.ffn not in (None, *FFN_KINDS):
+            raise ValueError(f"Arch.ffn must be one of {FFN_KINDS} or None, got {self.ffn!r}")
+        if not isinstance(self.pre_norm, bool):
+            raise ValueError(f"Arch.pre_norm must be true or false, got {self.pre_norm!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ValueError(f"Arch.norm_eps must be a positive number, got {self.norm_eps!r}")
 
     @classmethod
     def from_config(cls, mapping: Mapping[str, Any]) -> "Arch":
@@ -50,8 +61,8 @@ class Arch:
         return cls(**dict(mapping))
 
     def hidden(self, ffn: str) -> int:
-        """FFN hidden size for ``ffn`` ('swiglu': DINOv2 rounding rule, 'gelu': 4·D)."""
-        if ffn not in ("swiglu", "gelu"):
+        """FFN hidden size for ``ffn`` ('swiglu': DINOv2 rounding rule, 'gelu', 'quick_gelu': 4·D)."""
+        if ffn not in FFN_KINDS:
             raise ValueError(f"unknown FFN kind {ffn!r}")
         if self.ffn_hidden is not None and self.ffn in (None, ffn):
             return self.ffn_hidden
@@ -60,6 +71,31 @@ class Arch:
                 f"this Arch's ffn_hidden={self.ffn_hidden} is a {self.ffn} size, not {ffn}; "
                 f"use {'MAE_ARCHS' if ffn == 'gelu' else 'PAPER_ARCHS'} (or arch_for) instead")
         return swiglu_hidden(self.width) if ffn == "swiglu" else 4 * self.width
+
+    def header(self, ffn: str) -> dict[str, Any]:
+        """The shape as a run directory's ``encoder.safetensors`` header records it (with the FFN
+        width of ``ffn``); what a Web-SSL tower leaves at its default is left out, so those
+        headers stay as they were before OpenAI-CLIP towers existed."""
+        out: dict[str, Any] = {"width": self.width, "depth": self.depth, "heads": self.heads,
+                               "ffn_hidden": self.hidden(ffn), "patch": self.patch}
+        if ffn == "quick_gelu":
+            out["ffn"] = ffn
+        if self.pre_norm:
+            out["pre_norm"] = True
+        if self.norm_eps != 1e-6:
+            out["norm_eps"] = self.norm_eps
+        return out
+
+    def tower_ffn(self, method: str) -> str:
+        """The FFN kind of ``method``'s tower of this shape: the method's own (``METHOD_FFN``),
+        except for an OpenAI-CLIP tower, which only CLIP has."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if self.ffn == "quick_gelu":
+            if method != "clip":
+                raise ValueError(f"a QuickGELU (OpenAI-CLIP) tower is a clip encoder, not {method}")
+            return "quick_gelu"
+        return METHOD_FFN[method]
 
 
 def _dino(width: int, depth: int, heads: int) -> Arch:
@@ -86,9 +122,17 @@ MAE_ARCHS: dict[str, Arch] = {
 }
 
 
+#: OpenAI-CLIP vision towers of the off-the-shelf MetaCLIP encoders (open_clip's
+#: ``ViT-H-14-quickgelu``), by size label; ``arch_for("clip", "h14")``.
+OPENAI_CLIP_ARCHS: dict[str, Arch] = {
+    "h14": Arch(1280, 32, 16, 5120, 14, "quick_gelu", pre_norm=True, norm_eps=1e-5),
+}
+
+
 def arch_for(method: str, size: str) -> Arch:
-    """The released architecture of ``{method}{size}`` (MAE has its own table)."""
-    table = MAE_ARCHS if method == "mae" else PAPER_ARCHS
+    """The released architecture of ``{method}{size}`` (MAE has its own table; CLIP's sizes
+    include the off-the-shelf OpenAI-CLIP towers)."""
+    table = MAE_ARCHS if method == "mae" else {**PAPER_ARCHS, **OPENAI_CLIP_ARCHS} if method == "clip" else PAPER_ARCHS
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if size not in table:

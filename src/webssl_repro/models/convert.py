@@ -5,8 +5,10 @@ Three layouts exist besides ours: DINOv2's native backbone (``mlp.w12``/``w3``, 
 the two generations of transformers' ``Dinov2Model`` / ``ViTModel`` naming (4.x, in which the
 Hugging Face repos were uploaded: ``attention.attention.query``, fused ``mlp.weights_in``; 5.x:
 ``q_proj``, split ``gate_proj``/``up_proj``). Everything is a rename plus a split or
-concatenation along dim 0, so a round trip is exact. Mismatches raise ``KeyError`` naming the
-keys, because a silently half-loaded encoder would only show up as bad eval numbers.
+concatenation along dim 0, so a round trip is exact. Off-the-shelf OpenAI-CLIP towers (MetaCLIP)
+come in transformers' ``CLIPVisionModel`` and open_clip's naming; they are read, never written.
+Mismatches raise ``KeyError`` naming the keys, because a silently half-loaded encoder would only
+show up as bad eval numbers.
 """
 from __future__ import annotations
 
@@ -201,6 +203,16 @@ HF_LAYOUTS: dict[tuple[str, bool], tuple[str, dict[str, str | tuple[str, ...]]]]
 }
 # MAE's own HF release (``ViTMAEModel``) names its encoder's weights as ``ViTModel`` does, in both generations.
 HF_LAYOUTS.update({("vit_mae", legacy): HF_LAYOUTS[("vit", legacy)] for legacy in (False, True)})
+# ``CLIPVisionModel`` (one naming in both generations; 4.x nests it under ``vision_model.``)
+HF_LAYOUTS.update({("clip_vision_model", legacy): ("encoder.layers.", {
+    "norm1": "layer_norm1", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
+    for legacy in (False, True)})
+#: non-block names of the kinds that differ from ``_TOP``: CLIP keeps its cls token and position
+#: embeddings without the batch dimension (``_unbatched``), and has a LayerNorm before the blocks
+_TOPS = {"clip_vision_model": {
+    "cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding.weight",
+    "patch_embed.proj": "embeddings.patch_embedding", "norm_pre": "pre_layrnorm", "norm": "post_layernorm"}}
 #: HF-only parameters that are not part of our encoder (ViT's tanh pooler head).
 HF_IGNORED = re.compile(r"^pooler\.")
 
@@ -233,6 +245,8 @@ def _rename_top(key: str, table: Mapping[str, str], error: str) -> str:
 
 def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> dict[str, Tensor]:
     """Our state dict renamed for ``Dinov2Model`` (kind 'dinov2') or ``ViTModel`` ('vit')."""
+    if kind in _TOPS:
+        raise ValueError(f"encoders are exported as 'dinov2' or 'vit' models, not {kind!r}")
     prefix, table = HF_LAYOUTS[(kind, legacy)]
     out: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -251,18 +265,21 @@ def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> di
 
 
 def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """HF ``Dinov2Model`` / ``ViTModel`` / ``ViTMAEModel`` keys (either naming generation) → ours.
+    """HF ``Dinov2Model`` / ``ViTModel`` / ``ViTMAEModel`` / ``CLIPVisionModel`` keys (either naming
+    generation) → ours.
 
     Split parameters (q/k/v, gate/up) are concatenated back in our packed order; a key that
     maps to nothing, or a part missing from a split parameter, raises ``KeyError`` naming it.
     """
+    if kind in _TOPS:
+        state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     prefix, table = HF_LAYOUTS[(kind, hf_is_legacy(state))]
     inverse: dict[str, tuple[str, int, int]] = {}
     for ours, target in table.items():
         parts = target if isinstance(target, tuple) else (target,)
         for j, name in enumerate(parts):
             inverse[name] = (ours, j, len(parts))
-    top = {v: k for k, v in _TOP.items()}
+    top = {v: k for k, v in _TOPS.get(kind, _TOP).items()}
     block = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
     out: dict[str, Tensor] = {}
     gathered: dict[str, tuple[list[Tensor | None], list[str]]] = {}
@@ -293,5 +310,55 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
         out[our_key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if kind in ("vit", "vit_mae"):
         out.pop("mask_token", None)  # ViTModel's optional mask token is (1, 1, D) and unused by MAE
-    return out
+    return _unbatched(out) if kind in _TOPS else out
+
+
+def _unbatched(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenAI CLIP's (D,) class embedding and (N+1, D) position embeddings as our (1, 1, D) and
+    (1, N+1, D); a key that is not there is left for ``load_into_encoder`` to name."""
+    for key in ("cls_token", "pos_embed"):
+        if key in state:
+            state[key] = state[key].reshape(1, -1, state[key].shape[-1])
+    return state
+
+
+# ---- open_clip (MetaCLIP's own .pt files) ----------------------------------------------------
+
+_OPEN_CLIP_TOP = {"class_embedding": "cls_token", "positional_embedding": "pos_embed",
+                  "conv1.weight": "patch_embed.proj.weight", "ln_pre": "norm_pre", "ln_post": "norm"}
+_OPEN_CLIP_BLOCK = {"ln_1": "norm1", "attn.in_proj": "attn.qkv", "attn.out_proj": "attn.proj", "ln_2": "norm2",
+                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_RESBLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)$")
+
+
+def from_open_clip(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
+    """The image tower of an open_clip checkpoint (``visual.*``, optionally under ``state_dict``
+    and DDP's ``module.``) in our layout, and the keys left out: the text tower, ``logit_scale``
+    and ``visual.proj``, the projection into the joint embedding space, which is not part of
+    the encoder's tokens. ``attn.in_proj_weight`` is q, k, v stacked as our ``attn.qkv``."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise TypeError("expected an open_clip state dict (name -> tensor), or one under 'state_dict'")
+    prefix = next((p for p in ("", "module.") if f"{p}visual.positional_embedding" in obj), None)
+    if prefix is None:
+        raise KeyError("no 'visual.positional_embedding' key (nor 'module.visual.…'): not an open_clip "
+                       "ViT checkpoint")
+    visual = f"{prefix}visual."
+    out: dict[str, Tensor] = {}
+    ignored = sorted(k for k in obj if not k.startswith(visual) or k == f"{visual}proj")
+    for key, value in obj.items():
+        if key in ignored:
+            continue
+        name = key[len(visual):]
+        m = _RESBLOCK.match(name)
+        if m is not None and m[2] in _OPEN_CLIP_BLOCK:
+            out[f"blocks.{m[1]}.{_OPEN_CLIP_BLOCK[m[2]]}.{m[3]}"] = value
+            continue
+        try:
+            out[_rename_top(name, _OPEN_CLIP_TOP, "")] = value
+        except KeyError:
+            raise KeyError(f"unexpected key {key!r} in an open_clip checkpoint (LayerScale, attention pooling "
+                           "or another tower than OpenAI CLIP's)") from None
+    return _unbatched(out), ignored
 

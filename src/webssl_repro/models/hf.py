@@ -23,8 +23,11 @@ from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, chec
 from webssl_repro.models.vit import Arch, WebSSLViT, arch_for, resample_pos_embed
 
 #: HF model_type -> default method; ``vit_mae`` is MAE's own release (facebook/vit-mae-*), whose
-#: encoder is a ``ViTModel`` in all but name
-KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae"}
+#: encoder is a ``ViTModel`` in all but name; ``clip_vision_model`` the vision tower of a ``CLIPModel``
+#: (MetaCLIP's releases), an OpenAI-CLIP tower
+KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae", "clip_vision_model": "clip"}
+#: HF model_type -> the methods whose towers it can hold (a Web-DINO and a CLIP tower are both Dinov2Models)
+KIND_METHODS = {"dinov2": ("dino", "clip"), "vit": ("mae",), "vit_mae": ("mae",), "clip_vision_model": ("clip",)}
 
 
 def _hf_swiglu_hidden(width: int, ratio: float) -> int:
@@ -67,10 +70,8 @@ def hf_config(arch: Arch, method: str, img_size: int):
                         use_mask_token=method == "dino", drop_path_rate=0.0, **common)
 
 
-def _arch_dict(arch: Arch, method: str) -> dict[str, int]:
-    ffn = "gelu" if method == "mae" else "swiglu"
-    return {"width": arch.width, "depth": arch.depth, "heads": arch.heads,
-            "ffn_hidden": arch.hidden(ffn), "patch": arch.patch}
+def _arch_dict(arch: Arch, method: str) -> dict[str, Any]:
+    return arch.header(arch.tower_ffn(method))
 
 
 def _meta(method: str, arch: Arch, img_size: int, **extra: Any) -> dict[str, Any]:
@@ -101,6 +102,9 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
     method = meta["method"]
     if method not in ("dino", "clip", "mae"):
         raise ValueError(f"unknown method {method!r}")
+    if encoder.ffn == "quick_gelu":
+        raise ValueError("an OpenAI-CLIP tower (an imported MetaCLIP encoder) is not exported: its own "
+                         "release is a transformers CLIPModel already")
     if (method == "mae") != (encoder.ffn == "gelu"):
         raise ValueError(f"meta says method {method!r} but the encoder has a {encoder.ffn} FFN")
     if (method == "dino") != (encoder.mask_token is not None):
@@ -120,7 +124,8 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
 
 
 def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | None) -> nn.Module:
-    from transformers import AutoConfig, Dinov2Model, ViTMAEModel, ViTModel
+    from transformers import AutoConfig, CLIPVisionModel, Dinov2Model, ViTMAEModel, ViTModel
+    from transformers.utils import logging as hf_logging
 
     local = Path(path).is_dir()
     if not local and not allow_download:
@@ -134,9 +139,18 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
         model, info = Dinov2Model.from_pretrained(str(path), output_loading_info=True, **kw)
     elif config.model_type == "vit_mae":  # the encoder alone; the pixel decoder's weights are left out
         model, info = ViTMAEModel.from_pretrained(str(path), output_loading_info=True, **kw)
+    elif config.model_type in ("clip", "clip_vision_model"):
+        # the vision tower; transformers would list each weight of the text tower it leaves out as a
+        # warning, and the missing and mismatched weights, the ones that matter, are checked below
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = CLIPVisionModel.from_pretrained(str(path), output_loading_info=True, **kw)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     else:
-        raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower "
-                         "(expected 'dinov2' for Web-DINO, 'vit' for Web-MAE or 'vit_mae' for MAE)")
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower (expected 'dinov2' "
+                         "for Web-DINO, 'vit' for Web-MAE, 'vit_mae' for MAE or 'clip' for MetaCLIP)")
     # from_pretrained fills a weight the files lack with random values and only logs it: the
     # encoder converted from the model would then be half random, with no error.
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
@@ -153,11 +167,12 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
 def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = False,
               revision: str | None = None, method: str | None = None
               ) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Our encoder from a HF ``Dinov2Model``/``ViTModel``/``ViTMAEModel`` (a local directory or a
-    model object).
+    """Our encoder from a HF ``Dinov2Model``/``ViTModel``/``ViTMAEModel``/``CLIPModel`` (a local
+    directory or a model object).
 
     The method comes from ``config.webssl`` (our exports), else ``method``, else the model
-    type (Dinov2 → dino, ViT and ViTMAE → mae). Both transformers naming generations are accepted. The
+    type (Dinov2 → dino, ViT and ViTMAE → mae, CLIP → clip, an OpenAI-CLIP tower: QuickGELU,
+    pre-norm). Both transformers naming generations are accepted. The
     fused q/k/v and SwiGLU gate/up weights are copies (``convert.from_hf`` concatenates them);
     the import job's memory allows for them (``workflow_pretrain.import_resources``).
     """
@@ -165,6 +180,8 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         model, source = path_or_model, type(path_or_model).__name__
         if model.config.model_type == "vit_mae" and hasattr(model, "vit"):
             model = model.vit  # a ViTMAEForPreTraining: its encoder
+        elif model.config.model_type == "clip":
+            model = model.vision_model  # a CLIPModel: its vision tower
     else:
         model = _load_hf_model(path_or_model, allow_download=allow_download, revision=revision)
         source = str(path_or_model)
@@ -174,10 +191,16 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         raise ValueError(f"{source}: model_type {kind!r} is not a Web-SSL tower")
     ours = getattr(config, "webssl", None) or {}
     method = method or ours.get("method") or KINDS[kind]
-    if (method == "mae") != (KINDS[kind] == "mae"):
+    if method not in KIND_METHODS[kind]:
         raise ValueError(f"{source}: method {method!r} does not match a HF {kind} model")
     width = config.hidden_size
-    if kind == "dinov2":
+    eps = 1e-6
+    if kind == "clip_vision_model":
+        if config.hidden_act != "quick_gelu":
+            raise ValueError(f"{source}: CLIP hidden_act {config.hidden_act!r}; the OpenAI-CLIP towers here "
+                             "are MetaCLIP's, with 'quick_gelu'")
+        hidden, eps = config.intermediate_size, float(config.layer_norm_eps)  # built as it is: no warning
+    elif kind == "dinov2":
         if not config.use_swiglu_ffn:
             raise ValueError(f"{source}: Dinov2 with a GELU MLP (e.g. the original DINOv2 ViT-L) is "
                              "not a Web-DINO tower; Web-DINO uses SwiGLU")
@@ -188,13 +211,14 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         hidden = config.intermediate_size
     if not getattr(config, "qkv_bias", True):
         raise ValueError(f"{source}: qkv_bias=False, but every Web-SSL tower has q/k/v biases")
-    if abs(config.layer_norm_eps - 1e-6) > 1e-12:
+    if abs(config.layer_norm_eps - eps) > 1e-12:
         warnings.warn(f"{source}: layer_norm_eps={config.layer_norm_eps}, our encoder uses 1e-6 "
                       "(a negligible difference for trained weights)", stacklevel=2)
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     img = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    arch = Arch(width, config.num_hidden_layers, config.num_attention_heads, hidden, patch,
-                "gelu" if method == "mae" else "swiglu")
+    ffn = "quick_gelu" if kind == "clip_vision_model" else "gelu" if method == "mae" else "swiglu"
+    arch = Arch(width, config.num_hidden_layers, config.num_attention_heads, hidden, patch, ffn,
+                pre_norm=ffn == "quick_gelu", norm_eps=eps)
     state = convert.from_hf(model.state_dict(), kind)
     if method == "clip":
         state.pop("mask_token", None)
@@ -206,11 +230,12 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
 
 def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: str,
                   arch: Arch | str, img_size: int) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Our encoder from a released native ``.pth`` (DINOv2 backbone keys, or timm keys for MAE).
+    """Our encoder from a released native ``.pth`` (DINOv2 backbone keys, timm keys for MAE, or
+    open_clip's for an OpenAI-CLIP ``arch``: MetaCLIP's own files).
 
-    ``arch`` is an ``Arch`` or a released size ('7b', '700m'…). Flat and ``block_chunks``
-    layouts both load; heads in ``*_ssl_teacher.pth`` files are skipped and listed in
-    ``meta['ignored_keys']``.
+    ``arch`` is an ``Arch`` or a released size ('7b', '700m', 'h14'…). Flat and ``block_chunks``
+    layouts both load; heads in ``*_ssl_teacher.pth`` files (and open_clip's text tower and
+    projection) are skipped and listed in ``meta['ignored_keys']``.
     """
     if isinstance(arch, str):
         arch = arch_for(method, arch)
@@ -225,8 +250,12 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
             raise FileNotFoundError(f"{source}: no such checkpoint file")
         obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     try:
-        state, ignored = convert.unwrap_native(obj)
-        state, notes = convert.from_native(state, method)
+        if arch.ffn == "quick_gelu":
+            state, ignored = convert.from_open_clip(obj)
+            notes: list[str] = []
+        else:
+            state, ignored = convert.unwrap_native(obj)
+            state, notes = convert.from_native(state, method)
     except (TypeError, KeyError) as err:
         raise type(err)(f"{source}: {err.args[0] if err.args else err}") from None
     encoder = convert.load_into_encoder(state, method, arch, int(img_size), source=source)

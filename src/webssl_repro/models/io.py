@@ -90,7 +90,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from webssl_repro.models.vit import Arch, build_encoder
 
     meta = encoder_metadata(path)
-    arch = Arch.from_config({**meta["arch"], "ffn": "gelu" if meta["method"] == "mae" else "swiglu"})
+    # the header names the FFN only where it is not the method's own (an OpenAI-CLIP tower)
+    arch = Arch.from_config({"ffn": "gelu" if meta["method"] == "mae" else "swiglu", **meta["arch"]})
     encoder = build_encoder(arch, meta["method"], img_size=int(meta["img_size"]))
     try:
         state = load_file(str(path), device="cpu")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from timm.layers import DropPath, GluMlp, LayerScale, Mlp
+from timm.layers import DropPath, GluMlp, LayerScale, Mlp, QuickGELU
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -22,14 +22,16 @@ def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
 
     ``kind="swiglu"`` is timm's packed GLU (``fc1: D→2h``, ``silu(x1)·x2``, ``fc2: h→D``), the
     same layout as DINOv2's ``w12``/``w3`` so released weights load by renaming only;
-    ``kind="gelu"`` is the plain MAE/ViT MLP with hidden ``h``.
+    ``kind="gelu"`` is the plain MAE/ViT MLP with hidden ``h``, ``"quick_gelu"`` OpenAI CLIP's.
     """
     if kind == "swiglu":
         layer, fixed = GluMlp, dict(hidden_features=2 * hidden, act_layer=nn.SiLU, gate_last=False)
     elif kind == "gelu":
         layer, fixed = Mlp, dict(hidden_features=hidden, act_layer=nn.GELU)
+    elif kind == "quick_gelu":  # OpenAI CLIP's x·σ(1.702x)
+        layer, fixed = Mlp, dict(hidden_features=hidden, act_layer=QuickGELU)
     else:
-        raise ValueError(f"unknown FFN kind {kind!r}; expected 'swiglu' or 'gelu'")
+        raise ValueError(f"unknown FFN kind {kind!r}; expected 'swiglu', 'gelu' or 'quick_gelu'")
 
     def make(in_features: int, hidden_features: int | None = None, **kwargs) -> nn.Module:
         kwargs.update(fixed)

@@ -79,7 +79,8 @@ class WebSSLViT(VisionTransformer):
             num_classes=0,
             global_pool="token",
             dynamic_img_size=True,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            pre_norm=arch.pre_norm,  # timm also drops the patch embedding's bias then, as CLIP has none
+            norm_layer=partial(nn.LayerNorm, eps=arch.norm_eps),
             drop_path_rate=0.0,
             block_fn=WebSSLBlock,
             weight_init="skip",
@@ -131,17 +132,16 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
     """The vision tower of ``method`` with shape ``arch``.
 
     dino: SwiGLU, LayerScale, mask token (iBOT); clip: the same tower without mask token
-    (an unused parameter would break DDP); mae: GELU MLP, no LayerScale, no mask token
+    (an unused parameter would break DDP), or OpenAI CLIP's for a QuickGELU ``arch`` (pre-norm,
+    no LayerScale); mae: GELU MLP, no LayerScale, no mask token
     (MAE drops masked tokens instead of replacing them). ``img_size`` fixes the stored
     pos-embed grid; other input sizes are resampled on the fly. ``layerscale`` None or 0: no
     LayerScale (through ``timm.create_model``, which drops options that are None, pass 0).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    ffn = METHOD_FFN[method]
+    ffn = arch.tower_ffn(method)
     model = WebSSLViT(
         arch, ffn, img_size=img_size,
-        layerscale=None if method == "mae" or not layerscale else layerscale,
+        layerscale=None if ffn != "swiglu" or not layerscale else layerscale,
         drop_path_rate=drop_path_rate,
         mask_token=method == "dino",
         **timm_kwargs,

@@ -1,0 +1,149 @@
+"""MetaCLIP ViT-H/14 (Table 14) as the off-the-shelf run ``metaclip-h-224``: an OpenAI-CLIP tower
+(pre-norm, bias-free patch embedding, QuickGELU) built from timm's ViT, read from transformers'
+``CLIPModel`` and from open_clip's checkpoint layout. Tiny random stand-ins only, no downloads."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from webssl_repro.models.arch import OPENAI_CLIP_ARCHS, Arch, arch_for
+from webssl_repro.models.hf import export_hf, import_hf, import_native, load_released, run_checkpoint, write_run_encoder
+from webssl_repro.models.io import load_encoder, pixel_stats
+from webssl_repro.models.vit import build_encoder
+
+torch.set_num_threads(1)
+IMG = 32
+TINY_CLIP = Arch(32, 2, 4, 64, 8, "quick_gelu", pre_norm=True, norm_eps=1e-5)
+
+
+def _clip_stand_in(path=None, hidden_act="quick_gelu"):
+    """A tiny ``CLIPModel`` with every weight moved off its init (norm gains 1 ± 0.1, the rest ± 0.1)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
+                  image_size=IMG, hidden_act=hidden_act)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.1 * torch.randn(p.shape, generator=g)
+            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def _images():
+    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _open_clip_file(hf, path):
+    """The stand-in in open_clip's naming (MetaCLIP's .pt files: ``state_dict`` of a DDP model),
+    written here from open_clip's ``VisionTransformer`` attribute names, not from our converter."""
+    v = {k.removeprefix("vision_model."): t for k, t in hf.state_dict().items() if k.startswith("vision_model.")}
+    out = {"visual.class_embedding": v["embeddings.class_embedding"],
+           "visual.positional_embedding": v["embeddings.position_embedding.weight"],
+           "visual.conv1.weight": v["embeddings.patch_embedding.weight"],
+           "visual.proj": hf.visual_projection.weight.T.clone(),
+           "logit_scale": hf.logit_scale.detach().clone(),
+           "token_embedding.weight": torch.zeros(8, 16), "positional_embedding": torch.zeros(4, 16)}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            out[f"visual.{ours}.{p}"] = v[f"{theirs}.{p}"]
+    for i in range(2):
+        hf_block, oc_block = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{oc_block}attn.in_proj_{p}"] = torch.cat(
+                [v[f"{hf_block}self_attn.{n}_proj.{p}"] for n in ("q", "k", "v")])
+            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{oc_block}{ours}.{p}"] = v[f"{hf_block}{theirs}.{p}"]
+    torch.save({"epoch": 32, "state_dict": {f"module.{k}": t for k, t in out.items()}}, path)
+    return path
+
+
+def test_metaclip_h_is_the_released_openai_clip_vit_h():
+    rel = run_checkpoint("metaclip-h-224")
+    assert (rel.hf_id, rel.method, rel.size, rel.img_size, rel.weights_size) == (
+        "facebook/metaclip-h14-fullcc2.5b", "clip", "h14", 224, 224)
+    assert rel.revision == "e2778cc22d9bfdd10213fed7a28cbb393b0c30ab"
+    assert rel.pytorch_url == "https://dl.fbaipublicfiles.com/MMPT/metaclip/h14_fullcc2.5b.pt"
+    assert rel.arch == arch_for("clip", "h14") == Arch(1280, 32, 16, 5120, 14, "quick_gelu", pre_norm=True,
+                                                        norm_eps=1e-5)
+    with torch.device("meta"):
+        tower = build_encoder(rel.arch, "clip", img_size=224)
+    # open_clip's ViT-H-14 image tower (632.08M parameters) less its 1280 x 1024 projection
+    assert sum(p.numel() for p in tower.parameters()) == 632_076_800 - 1280 * 1024
+    assert tower.patch_embed.proj.bias is None and tower.blocks[0].ls1.__class__.__name__ == "Identity"
+    with pytest.raises(ValueError, match=r"QuickGELU \(OpenAI-CLIP\) tower is a clip encoder, not dino"):
+        build_encoder(OPENAI_CLIP_ARCHS["h14"], "dino")
+
+
+def test_clip_model_imports_to_transformers_own_tokens(tmp_path):
+    """Tokens before the final LayerNorm equal transformers' ``last_hidden_state``, the normed CLS its
+    ``pooler_output``: the pre-norm, the bias-free patch embedding and QuickGELU are all in place."""
+    hf = _clip_stand_in(tmp_path / "hf")
+    encoder, meta = import_hf(tmp_path / "hf")
+    assert meta["method"] == "clip" and meta["arch"] == {
+        "width": 32, "depth": 2, "heads": 4, "ffn_hidden": 64, "patch": 8, "ffn": "quick_gelu", "pre_norm": True,
+        "norm_eps": 1e-5}
+    x = _images()
+    with torch.no_grad():
+        want = hf.vision_model(pixel_values=x)
+        got = encoder.forward_features_dict(x)
+    assert want.last_hidden_state.abs().mean() > 0.1
+    torch.testing.assert_close(got["x_prenorm"], want.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["x_norm_clstoken"], want.pooler_output, atol=1e-5, rtol=0)
+    assert _same_state(import_hf(hf)[0], encoder)  # a CLIPModel object: its vision tower is taken
+
+
+def test_open_clip_file_gives_the_same_encoder_and_the_run_dir_rebuilds_it(tmp_path, monkeypatch):
+    hf = _clip_stand_in(tmp_path / "hf")
+    rel = run_checkpoint("metaclip-h-224")
+    monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY_CLIP))
+    tiny = dataclasses.replace(rel, img_size=IMG, trained_size=0)
+    from_hf, _ = load_released(tiny, tmp_path / "hf")
+    native, meta = load_released(tiny, _open_clip_file(hf, tmp_path / "h14_tiny.pt"))
+    assert _same_state(native, from_hf)
+    assert "module.visual.proj" in meta["ignored_keys"] and "module.logit_scale" in meta["ignored_keys"]
+    assert meta["released"]["run"] == "metaclip-h-224"
+    # the run directory's header records the tower, so load_encoder rebuilds it and not a Web-SSL one
+    write_run_encoder(native, meta, tmp_path / "run")
+    loaded, loaded_meta = load_encoder(tmp_path / "run" / "encoder.safetensors")
+    assert loaded_meta["arch"]["ffn"] == "quick_gelu" and loaded.norm.eps == 1e-5
+    (m_in, s_in), (m, s) = pixel_stats("dino"), pixel_stats("clip")
+    x = _images()
+    openai = (x * torch.tensor(s_in).view(1, 3, 1, 1) + torch.tensor(m_in).view(1, 3, 1, 1)
+              - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
+    with torch.no_grad():  # load_encoder takes ImageNet-normalised pixels and maps them to CLIP's (OpenAI)
+        torch.testing.assert_close(loaded.forward_features(x), native.forward_features(openai), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"OpenAI-CLIP tower .* is not exported"):
+        export_hf(native, meta, tmp_path / "export")
+
+
+def test_bad_clip_checkpoints_are_named(tmp_path):
+    _clip_stand_in(tmp_path / "gelu", hidden_act="gelu")  # e.g. LAION's CLIP-H: not MetaCLIP's tower
+    with pytest.raises(ValueError, match=r"CLIP hidden_act 'gelu'; .* MetaCLIP's, with 'quick_gelu'"):
+        import_hf(tmp_path / "gelu")
+    with pytest.raises(ValueError, match=r"method 'dino' does not match a HF clip_vision_model model"):
+        import_hf(tmp_path / "gelu", method="dino")
+    hf = _clip_stand_in()
+    state = torch.load(_open_clip_file(hf, tmp_path / "oc.pt"), weights_only=True)["state_dict"]
+    layerscale = {**state, "module.visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32)}
+    with pytest.raises(KeyError, match=r"unexpected key 'module.visual.transformer.resblocks.0.ls_1.gamma'"):
+        import_native(layerscale, "clip", TINY_CLIP, IMG)
+    with pytest.raises(KeyError, match=r"no 'visual.positional_embedding' key"):
+        import_native({"pos_embed": torch.zeros(1, 17, 32)}, "clip", TINY_CLIP, IMG)
+    del state["module.visual.ln_pre.bias"]
+    with pytest.raises(KeyError, match=r"1 missing key\(s\) \[norm_pre.bias\]"):
+        import_native(state, "clip", TINY_CLIP, IMG)
