@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from webssl_repro.models.arch import OPENAI_CLIP_ARCHS, Arch, arch_for
+from webssl_repro.cli import main
 from webssl_repro.models.hf import export_hf, import_hf, import_native, load_released, run_checkpoint, write_run_encoder
 from webssl_repro.models.io import load_encoder, pixel_stats
 from webssl_repro.models.vit import build_encoder
@@ -18,12 +19,12 @@ IMG = 32
 TINY_CLIP = Arch(32, 2, 4, 64, 8, "quick_gelu", pre_norm=True, norm_eps=1e-5)
 
 
-def _clip_stand_in(path=None, hidden_act="quick_gelu"):
+def _clip_stand_in(path=None, hidden_act="quick_gelu", img_size=IMG):
     """A tiny ``CLIPModel`` with every weight moved off its init (norm gains 1 ± 0.1, the rest ± 0.1)."""
     from transformers import CLIPConfig, CLIPModel
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
-                  image_size=IMG, hidden_act=hidden_act)
+                  image_size=img_size, hidden_act=hidden_act)
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).eval()
@@ -147,3 +148,39 @@ def test_bad_clip_checkpoints_are_named(tmp_path):
     del state["module.visual.ln_pre.bias"]
     with pytest.raises(KeyError, match=r"1 missing key\(s\) \[norm_pre.bias\]"):
         import_native(state, "clip", TINY_CLIP, IMG)
+
+
+def _open_clip_params(width, layers, mlp, patch=14, img=224):
+    """Parameters of an open_clip ``VisionTransformer`` image tower, without ``proj``: conv1 (no bias),
+    class and position embeddings, ln_pre, the blocks (ln_1, in_proj, out_proj, ln_2, c_fc, c_proj), ln_post."""
+    norms = 2 * 2 * width
+    block = norms + 3 * width * (width + 1) + width * (width + 1) + mlp * (width + 1) + width * (mlp + 1)
+    embeddings = 3 * patch * patch * width + width + ((img // patch) ** 2 + 1) * width
+    return embeddings + 2 * width + layers * block + 2 * width
+
+
+def test_metaclip_bigg_imports_from_its_open_clip_file_only(tmp_path, monkeypatch, capsys):
+    """MetaCLIP ViT-bigG/14 (Table 3, Fig. 7) has no transformers release: its checkpoint is the open_clip
+    file's URL, a download is refused by name, and the file imports through the CLI."""
+    rel = run_checkpoint("metaclip-g-224")
+    assert (rel.hf_id, rel.size, rel.img_size, rel.revision) == ("", "bigG14", 224, None)
+    assert rel.checkpoint == rel.pytorch_url == "https://dl.fbaipublicfiles.com/MMPT/metaclip/G14_fullcc2.5b.pt"
+    assert rel.arch == Arch(1664, 48, 16, 8192, 14, "quick_gelu", pre_norm=True, norm_eps=1e-5)
+    with torch.device("meta"):
+        towers = {size: build_encoder(OPENAI_CLIP_ARCHS[size], "clip", img_size=224) for size in ("h14", "bigG14")}
+    n_params = {size: sum(p.numel() for p in tower.parameters()) for size, tower in towers.items()}
+    # open_clip's ViT-bigG-14 image tower (1844.91M parameters) less its 1664 x 1280 projection
+    assert n_params["bigG14"] == _open_clip_params(1664, 48, 8192) == 1_844_907_264 - 1664 * 1280
+    assert n_params["h14"] == _open_clip_params(1280, 32, 5120)
+    with pytest.raises(FileNotFoundError, match=r"metaclip-g-224: https://\S+/G14_fullcc2.5b.pt is on no hub"):
+        load_released(rel, None, allow_download=True)
+    monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY_CLIP))
+    oc_file = _open_clip_file(_clip_stand_in(img_size=224), tmp_path / "G14_tiny.pt")
+    assert main(["import-released", "--run", "metaclip-g-224", "--checkpoint", "G14_fullcc2.5b.pt", "--path",
+                 str(oc_file), "--out", str(tmp_path / "run")]) == 0
+    encoder, meta = load_encoder(tmp_path / "run" / "encoder.safetensors")
+    assert meta["arch"]["width"] == 32 and meta["img_size"] == 224 and meta["method"] == "clip"
+    assert main(["import-released", "--run", "metaclip-g-224", "--checkpoint", "facebook/metaclip-h14-fullcc2.5b",
+                 "--path", str(oc_file), "--out", str(tmp_path / "run2")]) == 2
+    assert "run metaclip-g-224 imports https://dl.fbaipublicfiles.com/MMPT/metaclip/G14_fullcc2.5b.pt, not " \
+        "facebook/metaclip-h14-fullcc2.5b" in capsys.readouterr().err

@@ -149,6 +149,14 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert set(table["source"]) == {"mae-h-224"} and set(table["items"]) == {"table3"}
     assert table.loc["in1k_linear", "published"] == 76.6
     assert table.loc["in1k_linear", "difference"] == pytest.approx(-1.0)
+    # MetaCLIP ViT-bigG's, in Table 3 (Fig. 7's reference line is read from that row)
+    metaclip = tmp_path / "evals" / "metaclip-g-224" / "classic.json"
+    metaclip.parent.mkdir(parents=True)
+    metaclip.write_text(json.dumps({"metrics": {"in1k_linear": 86.4 + 0.2}}))
+    assert main(["compare", str(metaclip), "--out", str(tmp_path / "metaclip.tsv")]) == 0
+    table = pd.read_csv(tmp_path / "metaclip.tsv", sep="\t").set_index("metric")
+    assert set(table["source"]) == {"metaclip-g-224"} and table.loc["in1k_linear", "published"] == 86.4
+    assert table.loc["in1k_linear", "difference"] == pytest.approx(0.2)
 
 
 def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_path, monkeypatch):

@@ -177,6 +177,27 @@ def test_an_imported_off_the_shelf_metaclip_h_is_evaluated_in_table_14_only(pape
     assert f"--run {run} --checkpoint facebook/metaclip-h14-fullcc2.5b --path {local}" in proc.stdout
 
 
+def test_metaclip_bigg_is_table_3_s_row_and_fig_7_s_line_and_needs_its_file(paper, tmp_path):
+    """MetaCLIP ViT-bigG (``metaclip-g-224``) has no hub repo: imported from a local copy of its open_clip
+    file, Table 3's row and Fig. 7's MetaCLIP reference line read its evaluations; without one, the
+    config is refused at any scale."""
+    run, eval_path = "metaclip-g-224", "results/paper/evals/metaclip-g-224/{}.json"
+    local = tmp_path / "G14_fullcc2.5b.pt"
+    local.write_bytes(b"")
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": "G14_fullcc2.5b.pt", "path": str(local)}}
+    plan, base = Plan(cfg), Plan(paper)
+    assert set(plan.item_inputs("table3")) - set(base.item_inputs("table3")) == {
+        eval_path.format("vqa"), eval_path.format("classic")}
+    assert set(plan.item_inputs("fig7")) - set(base.item_inputs("fig7")) == {eval_path.format("classic")}
+    assert plan.import_command(run) == f"--checkpoint G14_fullcc2.5b.pt --path {local}"
+    # the 1.84B-parameter tower three times in fp32 is 20.6 GiB
+    assert plan.import_resources()["mem_mb"] >= 3 * 4 * 1_842_777_344 // 2**20
+    with pytest.raises(ConfigError, match=r"run_sources.metaclip-g-224: no 'path', and https://\S+/G14_fullcc2.5b.pt "
+                                          r"is on no hub to download it from"):
+        Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {run: {"checkpoint": "G14_fullcc2.5b.pt"}}}))
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)

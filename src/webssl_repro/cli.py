@@ -106,10 +106,10 @@ def _import_released(args: argparse.Namespace) -> int:
     from webssl_repro.models.hf import import_released, run_checkpoint
     from webssl_repro.runs import split_seed
 
-    checkpoint = run_checkpoint(split_seed(args.run)[0])
-    if checkpoint.hf_id.rsplit("/", 1)[-1] != args.checkpoint.rsplit("/", 1)[-1]:
-        raise ValueError(f"run {args.run} imports {checkpoint.hf_id}, not {args.checkpoint}")
-    path = import_released(checkpoint, args.path, args.out, allow_download=args.allow_download)
+    rel = run_checkpoint(split_seed(args.run)[0])
+    if rel.checkpoint.rsplit("/", 1)[-1] != args.checkpoint.rsplit("/", 1)[-1]:
+        raise ValueError(f"run {args.run} imports {rel.checkpoint}, not {args.checkpoint}")
+    path = import_released(rel, args.path, args.out, allow_download=args.allow_download)
     print(f"{args.run}: imported {args.checkpoint} -> {path}")
     return 0
 
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--run", required=True)
     imp.add_argument("--checkpoint", required=True, help="released id, e.g. facebook/webssl-dino2b-heavy2b-224 "
                      "(facebook/dinov2-giant for dinov2-g-224/378/518, facebook/vit-mae-huge for mae-h-224, "
-                     "facebook/metaclip-h14-fullcc2.5b for metaclip-h-224)")
+                     "facebook/metaclip-h14-fullcc2.5b for metaclip-h-224; MetaCLIP's G14_fullcc2.5b.pt for "
+                     "metaclip-g-224, which is on no hub and needs --path)")
     imp.add_argument("--path", default=None, help="local HF directory or native .pth")
     imp.add_argument("--allow-download", action="store_true", help="fetch from the hub (paper scale only)")
     imp.add_argument("--out", required=True, type=Path)

@@ -38,7 +38,10 @@ PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 #:   (``models.arch.OPENAI_CLIP_ARCHS``). The HF repo is a transformers ``CLIPModel``, whose vision tower
 #:   is kept; its pin is the commit "Update README.md" (e2778cc, holding config.json and
 #:   pytorch_model.bin), read from the hub's file listing, not checked against the repo's head. The
-#:   ``pytorch_url`` is MetaCLIP's open_clip file (open_clip's ``ViT-H-14-quickgelu``, ``metaclip_fullcc``).
+#:   ``pytorch_url`` is MetaCLIP's open_clip file (open_clip's ``ViT-H-14-quickgelu``, ``metaclip_fullcc``);
+#: - MetaCLIP ViT-bigG/14 (v1.1, 2.5B pairs, 12.8B seen; Table 3, Fig. 7's reference line) is the same
+#:   kind of tower, 1664 wide and 48 deep. It has no transformers release, so it has no ``hf_id``: it
+#:   imports from a local copy of its open_clip file only (``on_the_hub``).
 #: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``; "" where none is recorded), method,
 #: size label, pretraining data, evaluated and trained resolutions, native .pth.
 OFF_THE_SHELF = {
@@ -57,14 +60,25 @@ OFF_THE_SHELF = {
         "method": "clip", "size": "h14", "data": "metaclip-2.5b", "img_size": 224, "trained_size": 224,
         "pytorch_url": "https://dl.fbaipublicfiles.com/MMPT/metaclip/h14_fullcc2.5b.pt",
     },
+    "metaclip-g-224": {
+        "hf_id": "", "revision": "",
+        "method": "clip", "size": "bigG14", "data": "metaclip-2.5b", "img_size": 224, "trained_size": 224,
+        "pytorch_url": "https://dl.fbaipublicfiles.com/MMPT/metaclip/G14_fullcc2.5b.pt",
+    },
 }
 
 
 def checkpoint_of(run: str) -> str | None:
-    """The HF id a run imports from: its Web-SSL release or an off-the-shelf encoder; None if neither."""
+    """The checkpoint a run imports: the HF id of its Web-SSL release or of an off-the-shelf encoder,
+    or the native file's URL of one without a hub repo; None if neither."""
     if run in OFF_THE_SHELF:
-        return str(OFF_THE_SHELF[run]["hf_id"])
+        return str(OFF_THE_SHELF[run]["hf_id"] or OFF_THE_SHELF[run]["pytorch_url"])
     return f"facebook/webssl-{run}" if f"webssl-{run}" in RELEASED else None
+
+
+def on_the_hub(run: str) -> bool:
+    """Whether the checkpoint of an importable run can be downloaded from the Hugging Face hub."""
+    return run not in OFF_THE_SHELF or bool(OFF_THE_SHELF[run]["hf_id"])
 
 
 def importable_runs() -> list[str]:

@@ -123,9 +123,11 @@ MAE_ARCHS: dict[str, Arch] = {
 
 
 #: OpenAI-CLIP vision towers of the off-the-shelf MetaCLIP encoders (open_clip's
-#: ``ViT-H-14-quickgelu``), by size label; ``arch_for("clip", "h14")``.
+#: ``ViT-H-14-quickgelu`` and ``ViT-bigG-14-quickgelu``: width 1664, head width 104, MLP ratio 4.9231,
+#: i.e. 8192), by size label; ``arch_for("clip", "h14")``.
 OPENAI_CLIP_ARCHS: dict[str, Arch] = {
     "h14": Arch(1280, 32, 16, 5120, 14, "quick_gelu", pre_norm=True, norm_eps=1e-5),
+    "bigG14": Arch(1664, 48, 16, 8192, 14, "quick_gelu", pre_norm=True, norm_eps=1e-5),
 }
 
 

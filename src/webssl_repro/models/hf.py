@@ -272,7 +272,7 @@ _ID = re.compile(r"^webssl-(?P<method>dino|mae)(?P<size>\d+[mb])-(?P<data>full|l
 class Released:
     """One released checkpoint and the run it stands in for."""
 
-    hf_id: str
+    hf_id: str  # "" for an off-the-shelf encoder without a hub repo (``releases.on_the_hub``)
     method: str
     size: str
     data: str
@@ -290,6 +290,11 @@ class Released:
     @property
     def weights_size(self) -> int:
         return self.trained_size or self.img_size
+
+    @property
+    def checkpoint(self) -> str:
+        """What the run imports, as ``releases.checkpoint_of`` names it: the HF id, else the native file."""
+        return self.hf_id or str(self.pytorch_url)
 
 
 def released_checkpoint(hf_id: str) -> Released:
@@ -353,6 +358,9 @@ def load_released(checkpoint: str | Released, source: str | Path | None = None, 
     """
     rel = released_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     if source is None:
+        if not rel.hf_id:
+            raise FileNotFoundError(f"{rel.run}: {rel.checkpoint} is on no hub to download it from; give a "
+                                    "local copy of that file")
         if not allow_download:
             raise FileNotFoundError(f"{rel.hf_id}: no local source given; set one in the config "
                                     "or allow the download (paper scale)")
@@ -364,10 +372,10 @@ def load_released(checkpoint: str | Released, source: str | Path | None = None, 
     if (meta["method"], meta["arch"], meta["img_size"]) != (
             rel.method, _arch_dict(rel.arch, rel.method), rel.weights_size):
         raise ValueError(f"{source}: holds a {meta['method']} {meta['arch']} @ {meta['img_size']}px "
-                         f"encoder, but {rel.hf_id} is a {rel.method} {_arch_dict(rel.arch, rel.method)} "
+                         f"encoder, but {rel.checkpoint} is a {rel.method} {_arch_dict(rel.arch, rel.method)} "
                          f"@ {rel.weights_size}px")
     if rel.img_size != rel.weights_size:
-        encoder, meta = at_resolution(encoder, meta, rel.img_size, rel.arch, source=str(source or rel.hf_id))
+        encoder, meta = at_resolution(encoder, meta, rel.img_size, rel.arch, source=str(source or rel.checkpoint))
     meta.update(released=asdict(rel))
     return encoder, meta
 
