@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import QuickGELU
 from torch import nn
 
 from webssl_repro.models.layers import run_blocks
@@ -26,13 +27,6 @@ SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
-
-
-class QuickGELU(nn.Module):
-    """x·σ(1.702x): the activation of OpenAI CLIP and MetaCLIP's ``-quickgelu`` configs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class CausalBlock(nn.Module):
@@ -49,7 +43,7 @@ class CausalBlock(nn.Module):
         self.out_proj = nn.Linear(width, width)
         self.ln_2 = nn.LayerNorm(width)
         self.c_fc = nn.Linear(width, hidden)
-        self.act = QuickGELU() if quick_gelu else nn.GELU()
+        self.act = QuickGELU() if quick_gelu else nn.GELU()  # x·σ(1.702x), OpenAI CLIP's
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
