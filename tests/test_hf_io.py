@@ -457,7 +457,8 @@ def test_off_the_shelf_mae_h_imports_from_the_hf_repo_and_from_mae_s_file(tmp_pa
     rel = run_checkpoint("mae-h-224")
     assert (rel.hf_id, rel.method, rel.size, rel.data, rel.img_size, rel.weights_size) == (
         "facebook/vit-mae-huge", "mae", "700m", "in1k", 224, 224)
-    assert rel.arch == Arch(1280, 32, 16, 5120, 14, "gelu") and rel.revision is None
+    assert rel.arch == Arch(1280, 32, 16, 5120, 14, "gelu")
+    assert rel.revision == "5e0e60b29318a30e9ed13e27cb56d28071704980"
     assert rel.pytorch_url == "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth"
     monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY))
     tiny = dataclasses.replace(rel, size="tiny", img_size=IMG, trained_size=0)

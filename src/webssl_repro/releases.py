@@ -33,7 +33,8 @@ PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 #: - MAE ViT-H/14 (IN-1k, Tables 3 and 14) is Web-MAE 700M (``models.arch.MAE_ARCHS``). Its
 #:   ``pytorch_url`` is MAE's encoder-only pretrained file. The HF repo holds the encoder with its
 #:   pixel decoder (``ViTMAEForPreTraining``), so it was converted from one of MAE's encoder+decoder
-#:   files, not from that one, and the two may differ; no revision of it is recorded;
+#:   files, not from that one, and the two may differ. Its pin is the commit "add TF model" (5e0e60b),
+#:   read from the hub's file listing: its pytorch_model.bin is the one of the repo's first upload;
 #: - MetaCLIP ViT-H/14 (2.5B curated pairs, 12.8B seen; Table 14) is OpenAI CLIP's tower
 #:   (``models.arch.OPENAI_CLIP_ARCHS``). The HF repo is a transformers ``CLIPModel``, whose vision tower
 #:   is kept; its pin is the commit "Update README.md" (e2778cc, holding config.json and
@@ -51,7 +52,7 @@ OFF_THE_SHELF = {
         "pytorch_url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_pretrain.pth",
     } for res in (224, 378, 518)},
     "mae-h-224": {
-        "hf_id": "facebook/vit-mae-huge", "revision": "",
+        "hf_id": "facebook/vit-mae-huge", "revision": "5e0e60b29318a30e9ed13e27cb56d28071704980",
         "method": "mae", "size": "700m", "data": "in1k", "img_size": 224, "trained_size": 224,
         "pytorch_url": "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth",
     },
