@@ -14,16 +14,8 @@ import pytest
 import torch
 
 from webssl_repro.models import convert
-from webssl_repro.models.hf import (
-    export_hf,
-    import_hf,
-    import_native,
-    import_released,
-    load_released,
-    released_checkpoint,
-    released_checkpoints,
-    swiglu_mlp_ratio,
-)
+from webssl_repro.models.hf import export_hf, import_hf, import_native, swiglu_mlp_ratio
+from webssl_repro.models.released import import_released, load_released, released_checkpoint, released_checkpoints
 from webssl_repro.models.io import load_encoder
 from webssl_repro.models.vit import PAPER_ARCHS, Arch, build_encoder
 
@@ -284,14 +276,14 @@ def test_released_table_and_import(tmp_path):
 
 def test_imported_run_dir_loads_with_load_encoder(tmp_path, monkeypatch):
     """import_released writes a run-dir encoder that load_encoder rebuilds exactly."""
-    import webssl_repro.models.hf as hf_mod
+    import webssl_repro.models.released as released_mod
 
     enc = _encoder("dino")
     export_hf(enc, _meta("dino"), tmp_path / "hf")
     # pretend the tiny export is a released id: its expected arch/resolution are the tiny ones
-    rel = hf_mod.released_checkpoint("facebook/webssl-dino1b-full2b-224")
+    rel = released_mod.released_checkpoint("facebook/webssl-dino1b-full2b-224")
     fake = dataclasses.replace(rel, size="tiny", img_size=IMG)
-    monkeypatch.setattr(hf_mod, "released_checkpoint", lambda _id: fake)
+    monkeypatch.setattr(released_mod, "released_checkpoint", lambda _id: fake)
     monkeypatch.setattr(type(fake), "arch", property(lambda self: TINY))
     path = import_released("facebook/webssl-dino1b-full2b-224", tmp_path / "hf", tmp_path / "run")
     loaded, meta = load_encoder(path)
@@ -327,7 +319,7 @@ def test_loaded_encoder_takes_imagenet_normalised_pixels(tmp_path, method):
     normalised pixels), a Web-DINO encoder sees them unchanged."""
     from webssl_repro.evaluate.imagesets import IMAGENET_MEAN, IMAGENET_STD
     from webssl_repro.methods.clip import OPENAI_MEAN, OPENAI_STD
-    from webssl_repro.models.hf import write_run_encoder
+    from webssl_repro.models.released import write_run_encoder
 
     enc = _encoder(method)
     loaded, meta = load_encoder(write_run_encoder(enc, _meta(method), tmp_path))
@@ -390,7 +382,7 @@ def test_off_the_shelf_dinov2_imports_resampled_to_the_evaluated_resolution(tmp_
     """DINOv2 ViT-g (trained at 518 px) as the run dinov2-g-224: the position embeddings are
     resampled once, as DINOv2 resamples them at each forward, so the imported 224-px encoder's
     features are those of the checkpoint fed 224-px images; HF and native files import alike."""
-    from webssl_repro.models.hf import run_checkpoint
+    from webssl_repro.models.released import run_checkpoint
 
     rel = run_checkpoint("dinov2-g-224")
     assert (rel.hf_id, rel.method, rel.size, rel.img_size, rel.trained_size) == (
@@ -452,7 +444,7 @@ def test_off_the_shelf_mae_h_imports_from_the_hf_repo_and_from_mae_s_file(tmp_pa
     and MAE's encoder-only .pth (timm keys under "model") the same encoder."""
     from transformers import ViTMAEModel
 
-    from webssl_repro.models.hf import run_checkpoint
+    from webssl_repro.models.released import run_checkpoint
 
     rel = run_checkpoint("mae-h-224")
     assert (rel.hf_id, rel.method, rel.size, rel.data, rel.img_size, rel.weights_size) == (

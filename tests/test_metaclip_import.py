@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
 from webssl_repro.models.arch import OPENAI_CLIP_ARCHS, Arch, arch_for
 from webssl_repro.cli import main
-from webssl_repro.models.hf import export_hf, import_hf, import_native, load_released, run_checkpoint, write_run_encoder
+from webssl_repro.models.hf import export_hf, import_hf, import_native, load_checkpoint_file
+from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
 from webssl_repro.models.io import load_encoder, pixel_stats
 from webssl_repro.models.vit import build_encoder
 
@@ -69,7 +72,24 @@ def _open_clip_file(hf, path):
             for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
                                  ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
                 out[f"{oc_block}{ours}.{p}"] = v[f"{hf_block}{theirs}.{p}"]
-    torch.save({"epoch": 32, "state_dict": {f"module.{k}": t for k, t in out.items()}}, path)
+    # MetaCLIP's training script saves its optimizer beside the weights: numpy scalars among plain values
+    optimizer = {"param_groups": [{"lr": np.float64(4e-4), "betas": (0.9, 0.98), "step": np.int64(7)}]}
+    torch.save({"epoch": 32, "state_dict": {f"module.{k}": t for k, t in out.items()}, "optimizer": optimizer},
+               path)
+    return path
+
+
+def _as_numpy_1_wrote_it(path):
+    """The checkpoint with numpy's scalar reconstructor named as numpy 1 named it (``numpy.core``), as in
+    files saved before 2024; the zip is rewritten whole, so every other record keeps its bytes."""
+    with zipfile.ZipFile(path) as z:
+        records = {name: z.read(name) for name in z.namelist()}
+    pickled = next(name for name in records if name.endswith("data.pkl"))
+    assert b"cnumpy._core.multiarray\nscalar\n" in records[pickled]
+    records[pickled] = records[pickled].replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in records.items():
+            z.writestr(name, data)
     return path
 
 
@@ -93,6 +113,8 @@ def test_metaclip_h_is_the_released_openai_clip_vit_h():
 def test_clip_model_imports_to_transformers_own_tokens(tmp_path):
     """Tokens before the final LayerNorm equal transformers' ``last_hidden_state``, the normed CLS its
     ``pooler_output``: the pre-norm, the bias-free patch embedding and QuickGELU are all in place."""
+    from transformers import CLIPVisionModelWithProjection
+
     hf = _clip_stand_in(tmp_path / "hf")
     encoder, meta = import_hf(tmp_path / "hf")
     assert meta["method"] == "clip" and meta["arch"] == {
@@ -106,6 +128,8 @@ def test_clip_model_imports_to_transformers_own_tokens(tmp_path):
     torch.testing.assert_close(got["x_prenorm"], want.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(got["x_norm_clstoken"], want.pooler_output, atol=1e-5, rtol=0)
     assert _same_state(import_hf(hf)[0], encoder)  # a CLIPModel object: its vision tower is taken
+    with_projection = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf")
+    assert _same_state(import_hf(with_projection)[0], encoder)  # and not its projection
 
 
 def test_open_clip_file_gives_the_same_encoder_and_the_run_dir_rebuilds_it(tmp_path, monkeypatch):
@@ -116,7 +140,9 @@ def test_open_clip_file_gives_the_same_encoder_and_the_run_dir_rebuilds_it(tmp_p
     from_hf, _ = load_released(tiny, tmp_path / "hf")
     native, meta = load_released(tiny, _open_clip_file(hf, tmp_path / "h14_tiny.pt"))
     assert _same_state(native, from_hf)
-    assert "module.visual.proj" in meta["ignored_keys"] and "module.logit_scale" in meta["ignored_keys"]
+    assert {"module.visual.proj", "module.logit_scale"} <= set(meta["ignored_keys"])
+    numpy_1 = _as_numpy_1_wrote_it(_open_clip_file(hf, tmp_path / "h14_numpy1.pt"))
+    assert _same_state(load_released(tiny, numpy_1)[0], from_hf)
     assert meta["released"]["run"] == "metaclip-h-224"
     # the run directory's header records the tower, so load_encoder rebuilds it and not a Web-SSL one
     write_run_encoder(native, meta, tmp_path / "run")
@@ -139,12 +165,15 @@ def test_bad_clip_checkpoints_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"method 'dino' does not match a HF clip_vision_model model"):
         import_hf(tmp_path / "gelu", method="dino")
     hf = _clip_stand_in()
-    state = torch.load(_open_clip_file(hf, tmp_path / "oc.pt"), weights_only=True)["state_dict"]
+    state = load_checkpoint_file(_open_clip_file(hf, tmp_path / "oc.pt"))["state_dict"]
     layerscale = {**state, "module.visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32)}
     with pytest.raises(KeyError, match=r"unexpected key 'module.visual.transformer.resblocks.0.ls_1.gamma'"):
         import_native(layerscale, "clip", TINY_CLIP, IMG)
     with pytest.raises(KeyError, match=r"no 'visual.positional_embedding' key"):
         import_native({"pos_embed": torch.zeros(1, 17, 32)}, "clip", TINY_CLIP, IMG)
+    torch.save({"state_dict": state, "args": zipfile.ZipInfo("a pickled object")}, tmp_path / "args.pt")
+    with pytest.raises(ValueError, match=r"args.pt: holds objects other than tensors, containers and numpy"):
+        import_native(tmp_path / "args.pt", "clip", TINY_CLIP, IMG)
     del state["module.visual.ln_pre.bias"]
     with pytest.raises(KeyError, match=r"1 missing key\(s\) \[norm_pre.bias\]"):
         import_native(state, "clip", TINY_CLIP, IMG)

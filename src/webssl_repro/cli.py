@@ -103,7 +103,7 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
 
 def _import_released(args: argparse.Namespace) -> int:
-    from webssl_repro.models.hf import import_released, run_checkpoint
+    from webssl_repro.models.released import import_released, run_checkpoint
     from webssl_repro.runs import split_seed
 
     rel = run_checkpoint(split_seed(args.run)[0])

@@ -43,7 +43,8 @@ PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 #: - MetaCLIP ViT-bigG/14 (v1.1, 2.5B pairs, 12.8B seen; Table 3, Fig. 7's reference line) is the same
 #:   kind of tower, 1664 wide and 48 deep. It has no transformers release, so it has no ``hf_id``: it
 #:   imports from a local copy of its open_clip file only (``on_the_hub``).
-#: id -> HF id, HF revision (mteb's pin, as for ``RELEASED``; "" where none is recorded), method,
+#: id -> HF id ("" where there is no hub repo), HF revision (mteb's pin as for ``RELEASED``, or read from
+#: the hub's file listing as said above; "" where none is recorded), method,
 #: size label, pretraining data, evaluated and trained resolutions, native .pth.
 OFF_THE_SHELF = {
     **{f"dinov2-g-{res}": {

@@ -30,10 +30,12 @@ def swiglu_hidden(width: int) -> int:
     return (int(4 * width * 2 / 3) + 7) // 8 * 8
 
 
-def block_params(method: str, width: int, ffn_hidden: int | None = None) -> int:
-    """Parameters of one transformer block (attention + FFN + 2 norms [+ LayerScale])."""
+def block_params(method: str, width: int, ffn_hidden: int | None = None, ffn: str | None = None) -> int:
+    """Parameters of one transformer block (attention + FFN + 2 norms [+ LayerScale]). ``ffn`` is
+    the FFN kind where it is not the method's own (``models.arch.Arch.ffn``: an OpenAI-CLIP tower's
+    'quick_gelu', a plain two-matrix MLP without LayerScale)."""
     attn = 4 * width * width + 4 * width
-    if method == "mae":
+    if method == "mae" or ffn in ("gelu", "quick_gelu"):
         hidden = ffn_hidden or 4 * width
         ffn = 2 * width * hidden + hidden + width
         extra = 0
@@ -44,12 +46,18 @@ def block_params(method: str, width: int, ffn_hidden: int | None = None) -> int:
     return attn + ffn + 4 * width + extra
 
 
-def encoder_params(method: str, arch: Mapping[str, int], img_size: int) -> int:
+def encoder_params(method: str, arch: Mapping[str, Any], img_size: int) -> int:
+    """Parameters of ``method``'s tower of shape ``arch`` (a config's ``labels.sizes`` entry, or an
+    ``Arch`` as a dict); a pre-norm tower (OpenAI CLIP's) has a LayerNorm where the others have a
+    patch-embedding bias."""
     width, depth, patch = arch["width"], arch["depth"], arch["patch"]
     tokens = (img_size // patch) ** 2 + 1
     embed = 3 * patch * patch * width + width + tokens * width + width  # patch-embed, pos-embed, cls
-    mask_token = width if method != "mae" else 0
-    return embed + mask_token + depth * block_params(method, width, arch.get("ffn_hidden")) + 2 * width
+    if arch.get("pre_norm"):
+        embed += width  # the LayerNorm before the blocks, less the patch-embedding bias
+    mask_token = width if method == "dino" else 0  # iBOT's; CLIP and MAE towers have none
+    blocks = depth * block_params(method, width, arch.get("ffn_hidden"), arch.get("ffn"))
+    return embed + mask_token + blocks + 2 * width
 
 
 def _blocks_flops(method: str, width: int, depth: int, ffn_hidden: int | None, tokens: int) -> float:

@@ -1,4 +1,4 @@
-"""Hugging Face and native checkpoints <-> our encoders, and the table of released Web-SSL models.
+"""Hugging Face and native checkpoints <-> our encoders (``models.released`` reads the released ones).
 
 The released Web-DINO towers are ``transformers`` ``Dinov2Model`` s with a SwiGLU FFN and
 Web-MAE encoders are ``ViTModel`` s (paper_facts §8.1). Exporting our runs in those formats makes
@@ -9,9 +9,7 @@ reads it with ``models.io.load_encoder`` like a run trained here.
 """
 from __future__ import annotations
 
-import re
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,8 +17,7 @@ import torch
 from torch import nn
 
 from webssl_repro.models import convert
-from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, checkpoint_of, importable_runs
-from webssl_repro.models.vit import Arch, WebSSLViT, arch_for, resample_pos_embed
+from webssl_repro.models.vit import Arch, WebSSLViT, arch_for
 
 #: HF model_type -> default method; ``vit_mae`` is MAE's own release (facebook/vit-mae-*), whose
 #: encoder is a ``ViTModel`` in all but name; ``clip_vision_model`` the vision tower of a ``CLIPModel``
@@ -58,7 +55,7 @@ def hf_config(arch: Arch, method: str, img_size: int):
     """
     from transformers import Dinov2Config, ViTConfig
 
-    webssl = {"method": method, "arch": _arch_dict(arch, method), "img_size": int(img_size)}
+    webssl = {"method": method, "arch": arch_header(arch, method), "img_size": int(img_size)}
     common = dict(hidden_size=arch.width, num_hidden_layers=arch.depth,
                   num_attention_heads=arch.heads, patch_size=arch.patch, image_size=int(img_size),
                   layer_norm_eps=1e-6, qkv_bias=True, hidden_dropout_prob=0.0,
@@ -70,13 +67,14 @@ def hf_config(arch: Arch, method: str, img_size: int):
                         use_mask_token=method == "dino", drop_path_rate=0.0, **common)
 
 
-def _arch_dict(arch: Arch, method: str) -> dict[str, Any]:
+def arch_header(arch: Arch, method: str) -> dict[str, Any]:
+    """``arch`` as the run-dir header and ``config.webssl`` record it for ``method``'s tower."""
     return arch.header(arch.tower_ffn(method))
 
 
 def _meta(method: str, arch: Arch, img_size: int, **extra: Any) -> dict[str, Any]:
     """The run-dir metadata (as ``train.run`` writes it) plus ``load_encoder``'s extras."""
-    return {"method": method, "arch": _arch_dict(arch, method), "img_size": int(img_size),
+    return {"method": method, "arch": arch_header(arch, method), "img_size": int(img_size),
             "patch": arch.patch, "depth": arch.depth, **extra}
 
 
@@ -180,8 +178,8 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         model, source = path_or_model, type(path_or_model).__name__
         if model.config.model_type == "vit_mae" and hasattr(model, "vit"):
             model = model.vit  # a ViTMAEForPreTraining: its encoder
-        elif model.config.model_type == "clip":
-            model = model.vision_model  # a CLIPModel: its vision tower
+        elif model.config.model_type in ("clip", "clip_vision_model") and hasattr(model, "vision_model"):
+            model = model.vision_model  # a CLIPModel or CLIPVisionModelWithProjection: its vision tower
     else:
         model = _load_hf_model(path_or_model, allow_download=allow_download, revision=revision)
         source = str(path_or_model)
@@ -228,6 +226,37 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
     return encoder, _meta(method, arch, img, source=source)
 
 
+def _numpy_globals() -> list[Any]:
+    """The numpy objects a training script's checkpoint pickles beside its tensors: scalars (e.g. a
+    learning rate in the optimizer state, as MetaCLIP's files hold) and their dtypes, under numpy 2's
+    and numpy 1's module names. Rebuilding a scalar from a dtype and its bytes runs no other code."""
+    import codecs
+
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *dtypes, codecs.encode]
+
+
+def load_checkpoint_file(path: str | Path) -> Any:
+    """A released ``.pth``/``.pt`` read with ``weights_only`` (tensors and plain containers, never
+    arbitrary objects), numpy scalars allowed (``_numpy_globals``), memory-mapped. Anything else
+    pickled in it is refused with the file's name."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: holds objects other than tensors, containers and numpy scalars, which are "
+                         f"not loaded (torch.load weights_only): {str(err).splitlines()[0]}") from None
+
+
 def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: str,
                   arch: Arch | str, img_size: int) -> tuple[WebSSLViT, dict[str, Any]]:
     """Our encoder from a released native ``.pth`` (DINOv2 backbone keys, timm keys for MAE, or
@@ -248,7 +277,7 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
                              f"give its directory ({Path(source).parent}), which holds config.json")
         if not Path(source).is_file():
             raise FileNotFoundError(f"{source}: no such checkpoint file")
-        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        obj = load_checkpoint_file(source)
     try:
         if arch.ffn == "quick_gelu":
             state, ignored = convert.from_open_clip(obj)
@@ -260,140 +289,3 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
         raise type(err)(f"{source}: {err.args[0] if err.args else err}") from None
     encoder = convert.load_into_encoder(state, method, arch, int(img_size), source=source)
     return encoder, _meta(method, arch, img_size, source=source, ignored_keys=ignored, notes=notes)
-
-
-# ---- released checkpoints (paper_facts §8.1) ------------------------------------------------
-
-_ID = re.compile(r"^webssl-(?P<method>dino|mae)(?P<size>\d+[mb])-(?P<data>full|light|heavy)"
-                 r"(?P<samples>\d+b)-(?P<res>\d+)$")
-
-
-@dataclass(frozen=True)
-class Released:
-    """One released checkpoint and the run it stands in for."""
-
-    hf_id: str  # "" for an off-the-shelf encoder without a hub repo (``releases.on_the_hub``)
-    method: str
-    size: str
-    data: str
-    samples: str
-    img_size: int  # the run's resolution, at which it is evaluated
-    run: str  # our run name, e.g. 'dino7b-full8b-518', or an off-the-shelf id, e.g. 'dinov2-g-224'
-    revision: str | None  # HF commit to pin, when recorded
-    pytorch_url: str | None
-    trained_size: int = 0  # the resolution of the checkpoint's position embeddings (0: img_size)
-
-    @property
-    def arch(self) -> Arch:
-        return arch_for(self.method, self.size)
-
-    @property
-    def weights_size(self) -> int:
-        return self.trained_size or self.img_size
-
-    @property
-    def checkpoint(self) -> str:
-        """What the run imports, as ``releases.checkpoint_of`` names it: the HF id, else the native file."""
-        return self.hf_id or str(self.pytorch_url)
-
-
-def released_checkpoint(hf_id: str) -> Released:
-    """Fields of a released id, with or without the ``facebook/`` owner."""
-    name = hf_id.split("/", 1)[1] if hf_id.startswith("facebook/") else hf_id
-    if name not in RELEASED:
-        raise KeyError(f"{hf_id!r} is not a released Web-SSL checkpoint; known: "
-                       f"{sorted('facebook/' + k for k in RELEASED)}")
-    m = _ID.match(name)
-    assert m is not None, name  # every table entry follows the id grammar
-    return Released(
-        hf_id=f"facebook/{name}", method=m["method"], size=m["size"], data=m["data"],
-        samples=m["samples"], img_size=int(m["res"]), run=name[len("webssl-"):],
-        revision=RELEASED[name] or None,
-        pytorch_url=None if name in NO_PTH else PTH_URL.format(name.replace("-", "_")))
-
-
-def released_checkpoints() -> list[Released]:
-    """All released checkpoints, in the order of paper_facts §8.1."""
-    return [released_checkpoint(k) for k in RELEASED]
-
-
-def run_checkpoint(run: str) -> Released:
-    """The checkpoint a run imports (``pretrain.run_sources``): its Web-SSL release, or an
-    off-the-shelf encoder of the paper's comparisons (``releases.OFF_THE_SHELF``: e.g. DINOv2 ViT-g,
-    trained at 518 px, as the run ``dinov2-g-224`` evaluated at 224 px, or MAE ViT-H as ``mae-h-224``)."""
-    if run in OFF_THE_SHELF:
-        o = OFF_THE_SHELF[run]
-        return Released(hf_id=o["hf_id"], method=o["method"], size=o["size"], data=o["data"], samples="",
-                        img_size=int(o["img_size"]), run=run, revision=o["revision"] or None,
-                        pytorch_url=o["pytorch_url"], trained_size=int(o["trained_size"]))
-    if checkpoint_of(run) is None:
-        raise KeyError(f"no checkpoint to import is run {run!r}; the importable runs are {importable_runs()}")
-    return released_checkpoint(f"webssl-{run}")
-
-
-def at_resolution(encoder: WebSSLViT, meta: Mapping[str, Any], img_size: int, arch: Arch, *,
-                  source: str) -> tuple[WebSSLViT, dict[str, Any]]:
-    """``encoder`` rebuilt for ``img_size`` px, its position embeddings resampled once as DINOv2's
-    ``interpolate_pos_encoding`` resamples them at every forward (``vit.resample_pos_embed``):
-    the features of that size are unchanged, and the evaluations, which feed an encoder images
-    of its own ``img_size``, see the resolution the paper evaluated the checkpoint at."""
-    state = encoder.state_dict()
-    grid = img_size // arch.patch
-    before = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    state["pos_embed"] = resample_pos_embed(state["pos_embed"], (grid, grid))
-    out = convert.load_into_encoder(state, meta["method"], arch, img_size, source=source)
-    note = (f"pos_embed resampled from {before}x{before} ({meta['img_size']} px) to {grid}x{grid} "
-            f"({img_size} px), as DINOv2 interpolates at every forward")
-    return out, {**meta, "img_size": int(img_size), "notes": [*meta.get("notes", []), note]}
-
-
-def load_released(checkpoint: str | Released, source: str | Path | None = None, *, allow_download: bool = False
-                  ) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Encoder of a released checkpoint (an id, or ``run_checkpoint(run)``) from ``source``: a
-    local HF directory, a native ``.pth``/``.pt`` file, or (``source=None`` with
-    ``allow_download=True``, paper scale only) the hub id itself at its pinned revision. The
-    result is checked against the released architecture and resolution so a wrong file cannot
-    stand in for the run; a checkpoint trained at another resolution than its run's is then
-    resampled to it (``at_resolution``).
-    """
-    rel = released_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-    if source is None:
-        if not rel.hf_id:
-            raise FileNotFoundError(f"{rel.run}: {rel.checkpoint} is on no hub to download it from; give a "
-                                    "local copy of that file")
-        if not allow_download:
-            raise FileNotFoundError(f"{rel.hf_id}: no local source given; set one in the config "
-                                    "or allow the download (paper scale)")
-        encoder, meta = import_hf(rel.hf_id, allow_download=True, revision=rel.revision)
-    elif Path(source).is_dir():
-        encoder, meta = import_hf(source)
-    else:
-        encoder, meta = import_native(source, rel.method, rel.arch, rel.weights_size)
-    if (meta["method"], meta["arch"], meta["img_size"]) != (
-            rel.method, _arch_dict(rel.arch, rel.method), rel.weights_size):
-        raise ValueError(f"{source}: holds a {meta['method']} {meta['arch']} @ {meta['img_size']}px "
-                         f"encoder, but {rel.checkpoint} is a {rel.method} {_arch_dict(rel.arch, rel.method)} "
-                         f"@ {rel.weights_size}px")
-    if rel.img_size != rel.weights_size:
-        encoder, meta = at_resolution(encoder, meta, rel.img_size, rel.arch, source=str(source or rel.checkpoint))
-    meta.update(released=asdict(rel))
-    return encoder, meta
-
-
-def write_run_encoder(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """Write ``encoder.safetensors`` (+ ``provenance.json``) in the run-dir format of
-    ``train.run``, so ``load_encoder`` and every eval rule treat an imported run like a
-    trained one."""
-    from webssl_repro.models.io import save_encoder
-
-    header = {k: meta[k] for k in ("method", "arch", "img_size")}
-    prov = {"run_source": "imported", "checkpoint": str(meta.get("source")), "encoder": header,
-            **{k: meta[k] for k in ("released", "ignored_keys", "notes") if k in meta}}
-    return save_encoder(encoder.state_dict(), header, prov, out_dir)
-
-
-def import_released(checkpoint: str | Released, source: str | Path | None, out_dir: str | Path, *,
-                    allow_download: bool = False) -> Path:
-    """The ``released`` run source in one call: load, verify, write the run-dir encoder."""
-    encoder, meta = load_released(checkpoint, source, allow_download=allow_download)
-    return write_run_encoder(encoder, meta, out_dir)

@@ -161,7 +161,8 @@ def _entrypoint(name: str, arch: Arch, method: str) -> Callable[..., WebSSLViT]:
                    cache_dir: Any = None, **kwargs: Any) -> WebSSLViT:
         if pretrained:
             raise ValueError(f"{name}: timm holds no weights for it; load a released checkpoint with "
-                             "webssl_repro.models.hf.load_released (or import_hf) or `webssl-repro import-released`")
+                             "webssl_repro.models.released.load_released (or models.hf.import_hf) or "
+                             "`webssl-repro import-released`")
         return build_encoder(arch, method, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
