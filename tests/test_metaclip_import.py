@@ -172,7 +172,9 @@ def test_bad_clip_checkpoints_are_named(tmp_path):
     with pytest.raises(KeyError, match=r"no 'visual.positional_embedding' key"):
         import_native({"pos_embed": torch.zeros(1, 17, 32)}, "clip", TINY_CLIP, IMG)
     torch.save({"state_dict": state, "args": zipfile.ZipInfo("a pickled object")}, tmp_path / "args.pt")
-    with pytest.raises(ValueError, match=r"args.pt: holds objects other than tensors, containers and numpy"):
+    with pytest.raises(ValueError, match=r"args.pt: holds objects other than tensors, containers and numpy scalars, "
+                                         r"which are not loaded \(torch.load weights_only\): Unsupported global: "
+                                         r"GLOBAL zipfile.ZipInfo was not an allowed global by default$"):
         import_native(tmp_path / "args.pt", "clip", TINY_CLIP, IMG)
     del state["module.visual.ln_pre.bias"]
     with pytest.raises(KeyError, match=r"1 missing key\(s\) \[norm_pre.bias\]"):
@@ -213,3 +215,39 @@ def test_metaclip_bigg_imports_from_its_open_clip_file_only(tmp_path, monkeypatc
                  "--path", str(oc_file), "--out", str(tmp_path / "run2")]) == 2
     assert "run metaclip-g-224 imports https://dl.fbaipublicfiles.com/MMPT/metaclip/G14_fullcc2.5b.pt, not " \
         "facebook/metaclip-h14-fullcc2.5b" in capsys.readouterr().err
+
+
+_VOID_POINTER = """
+import sys
+import numpy as np, torch
+from numpy._core.multiarray import scalar
+void = np.dtype("V8", False, True)  # given an object field through its state, as a pickle can give it
+void.__setstate__((3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+
+class Pointer:  # a void scalar whose object field is the address 0x4141414141414141
+    def __reduce__(self):
+        return scalar, (void, b"A" * 8)
+
+class Dereference:  # numpy reads the object at that address
+    def __reduce__(self):
+        return np.dtype, ("f8", Pointer())
+
+torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": [Dereference()]}, sys.argv[1])
+"""
+
+
+def test_a_crafted_structured_scalar_is_refused_not_dereferenced(tmp_path):
+    """Only numeric dtypes are allowed beside the tensors: a void dtype with a forged object field would
+    make numpy read memory at an address the file chooses. Loaded in a child process, so that a
+    regression shows as a crash of the child, not of the test run."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "forged.pt"
+    subprocess.run([sys.executable, "-c", _VOID_POINTER, str(path)], check=True)
+    load = ("import sys\nfrom webssl_repro.models.hf import load_checkpoint_file\n"
+            "try:\n    load_checkpoint_file(sys.argv[1])\nexcept ValueError as err:\n    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", load, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "forged.pt: holds objects other than tensors" in proc.stdout
+    assert "but got <class 'numpy.dtypes.ObjectDType'>" in proc.stdout  # what torch refused

@@ -9,6 +9,7 @@ reads it with ``models.io.load_encoder`` like a run trained here.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -226,27 +227,31 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
     return encoder, _meta(method, arch, img, source=source)
 
 
-def _numpy_globals() -> list[Any]:
-    """The numpy objects a training script's checkpoint pickles beside its tensors: scalars (e.g. a
-    learning rate in the optimizer state, as MetaCLIP's files hold) and their dtypes, under numpy 2's
-    and numpy 1's module names. Rebuilding a scalar from a dtype and its bytes runs no other code."""
-    import codecs
+#: numpy's one-letter codes of the numeric dtypes (bool, ints, floats, complex): the only ones a
+#: scalar in a checkpoint may have. Void (structured) dtypes are left out on purpose: a crafted
+#: state can give one an object field that points anywhere, which numpy then dereferences.
+NUMERIC_DTYPE_CODES = "?bhilqBHILQefdgFDG"
 
+
+def _numpy_globals() -> list[Any]:
+    """The numpy objects a training script's checkpoint pickles beside its tensors: scalars of a
+    numeric dtype (e.g. a learning rate in the optimizer state, as MetaCLIP's files hold), under
+    numpy 2's and numpy 1's module names (files from before 2024 name ``numpy.core``)."""
     import numpy as np
 
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    dtypes = list(dict.fromkeys(type(np.dtype(c)) for c in NUMERIC_DTYPE_CODES))
     return [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
-            np.dtype, *dtypes, codecs.encode]
+            np.dtype, *dtypes]
 
 
 def load_checkpoint_file(path: str | Path) -> Any:
     """A released ``.pth``/``.pt`` read with ``weights_only`` (tensors and plain containers, never
-    arbitrary objects), numpy scalars allowed (``_numpy_globals``), memory-mapped. Anything else
-    pickled in it is refused with the file's name."""
+    arbitrary objects), numpy's numeric scalars allowed (``_numpy_globals``), memory-mapped. Anything
+    else pickled in it is refused, naming the file and what torch refused."""
     import pickle
 
     try:
@@ -254,7 +259,16 @@ def load_checkpoint_file(path: str | Path) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: holds objects other than tensors, containers and numpy scalars, which are "
-                         f"not loaded (torch.load weights_only): {str(err).splitlines()[0]}") from None
+                         f"not loaded (torch.load weights_only): {_refusal(err)}") from None
+
+
+def _refusal(err: Exception) -> str:
+    """What torch's weights_only error says it refused (its first sentence after ``WeightsUnpickler
+    error:``), on one line and without terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    detail = text.partition("WeightsUnpickler error:")[2] or text
+    detail = " ".join(detail.split("Check the documentation")[0].split())
+    return detail.split(". ")[0] or "(no reason given)"
 
 
 def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: str,
