@@ -157,6 +157,13 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     table = pd.read_csv(tmp_path / "metaclip.tsv", sep="\t").set_index("metric")
     assert set(table["source"]) == {"metaclip-g-224"} and table.loc["in1k_linear", "published"] == 86.4
     assert table.loc["in1k_linear", "difference"] == pytest.approx(0.2)
+    # I-JEPA's Average, printed 44.78 (Table 14) and 44.7 (Table 3): set beside the finer one
+    ijepa = tmp_path / "evals" / "ijepa-h-224" / "vqa.json"
+    ijepa.parent.mkdir(parents=True)
+    ijepa.write_text(json.dumps({"metrics": {"Average": 44.0}}))
+    assert main(["compare", str(ijepa), "--out", str(tmp_path / "ijepa.tsv")]) == 0
+    table = pd.read_csv(tmp_path / "ijepa.tsv", sep="\t").set_index("metric")
+    assert table.loc["Average", "published"] == 44.78 and table.loc["Average", "items"] == "table3 table14"
 
 
 def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_path, monkeypatch):

@@ -199,6 +199,25 @@ def test_metaclip_bigg_is_table_3_s_row_and_fig_7_s_line_and_needs_its_file(pape
         Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {run: {"checkpoint": "G14_fullcc2.5b.pt"}}}))
 
 
+def test_an_imported_off_the_shelf_ijepa_h_is_evaluated_in_tables_3_and_14(paper, workflow_dir):
+    """I-JEPA ViT-H (``ijepa-h-224``, a tower without a class token): Table 3's row (VQA categories and
+    classic vision) and Table 14's read its evaluations; downloaded at the paper scale."""
+    run, eval_path = "ijepa-h-224", "results/paper/evals/ijepa-h-224/{}.json"
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": "facebook/ijepa_vith14_22k"}}
+    cfg["items"] = [*paper["items"], "table14"]
+    plan, base = Plan(cfg), Plan(paper)
+    assert plan.item_inputs("table14") == [eval_path.format("vqa"), "results/published/vqa.tsv"]
+    assert set(plan.item_inputs("table3")) - set(base.item_inputs("table3")) == {
+        eval_path.format("vqa"), eval_path.format("classic")}
+    assert plan.import_resources()["mem_mb"] == 8000
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    proc = snakemake(workflow_dir, "-n", "-p", eval_path.format("classic"), "--configfile", "config/paper.yaml",
+                     "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--run {run} --checkpoint facebook/ijepa_vith14_22k --allow-download" in proc.stdout
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)

@@ -42,7 +42,13 @@ PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 #:   ``pytorch_url`` is MetaCLIP's open_clip file (open_clip's ``ViT-H-14-quickgelu``, ``metaclip_fullcc``);
 #: - MetaCLIP ViT-bigG/14 (v1.1, 2.5B pairs, 12.8B seen; Table 3, Fig. 7's reference line) is the same
 #:   kind of tower, 1664 wide and 48 deep. It has no transformers release, so it has no ``hf_id``: it
-#:   imports from a local copy of its open_clip file only (``on_the_hub``).
+#:   imports from a local copy of its open_clip file only (``on_the_hub``);
+#: - I-JEPA ViT-H/14 (IN-22k; Tables 3 and 14) is a plain GELU ViT without a class token
+#:   (``models.arch.IJEPA_ARCHS``); its CLS is the mean of its patch tokens (``evaluate.features``). Its
+#:   native file holds the context encoder, its EMA target encoder and the predictor: the import takes
+#:   the target encoder, which I-JEPA evaluates. The HF repo was converted from the context encoder
+#:   (transformers' convert_ijepa_to_hf.py reads ``["encoder"]``), so the two sources differ. Its pin is
+#:   the commit "Update README.md" (ba3c451), read from the hub's file listing.
 #: id -> HF id ("" where there is no hub repo), HF revision (mteb's pin as for ``RELEASED``, or read from
 #: the hub's file listing as said above; "" where none is recorded), method,
 #: size label, pretraining data, evaluated and trained resolutions, native .pth.
@@ -66,6 +72,11 @@ OFF_THE_SHELF = {
         "hf_id": "", "revision": "",
         "method": "clip", "size": "bigG14", "data": "metaclip-2.5b", "img_size": 224, "trained_size": 224,
         "pytorch_url": "https://dl.fbaipublicfiles.com/MMPT/metaclip/G14_fullcc2.5b.pt",
+    },
+    "ijepa-h-224": {
+        "hf_id": "facebook/ijepa_vith14_22k", "revision": "ba3c4513ca2b0f0c010f80ae2265b3dbe1083039",
+        "method": "ijepa", "size": "h14", "data": "in22k", "img_size": 224, "trained_size": 224,
+        "pytorch_url": "https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar",
     },
 }
 

@@ -49,10 +49,12 @@ def block_params(method: str, width: int, ffn_hidden: int | None = None, ffn: st
 def encoder_params(method: str, arch: Mapping[str, Any], img_size: int) -> int:
     """Parameters of ``method``'s tower of shape ``arch`` (a config's ``labels.sizes`` entry, or an
     ``Arch`` as a dict); a pre-norm tower (OpenAI CLIP's) has a LayerNorm where the others have a
-    patch-embedding bias."""
+    patch-embedding bias, and a tower without a class token (I-JEPA's) has neither it nor its
+    position."""
     width, depth, patch = arch["width"], arch["depth"], arch["patch"]
-    tokens = (img_size // patch) ** 2 + 1
-    embed = 3 * patch * patch * width + width + tokens * width + width  # patch-embed, pos-embed, cls
+    cls = 0 if arch.get("class_token") is False else 1
+    tokens = (img_size // patch) ** 2 + cls
+    embed = 3 * patch * patch * width + width + tokens * width + cls * width  # patch-embed, pos-embed, cls
     if arch.get("pre_norm"):
         embed += width  # the LayerNorm before the blocks, less the patch-embedding bias
     mask_token = width if method == "dino" else 0  # iBOT's; CLIP and MAE towers have none

@@ -59,7 +59,8 @@ class PretrainJobs:
         path = self.run_sources[run].get("path")
         if path and not os.path.exists(path) and not os.path.exists(f"{self.run_dir(run_id)}/encoder.safetensors"):
             raise FileNotFoundError(f"pretrain.run_sources.{run}.path: {path} does not exist (a local copy of "
-                                    f"{self.run_sources[run].get('checkpoint')}: its HF directory or native .pth)")
+                                    f"{self.run_sources[run].get('checkpoint')}: a HF model directory or a "
+                                    "native .pth / .pt file)")
         return []
 
     def import_command(self, run_id: str) -> str:

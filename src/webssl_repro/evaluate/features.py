@@ -100,7 +100,9 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
     ``norm=True``; depth and PRH alignment use the raw residual stream, ``norm=False``).
     A model without ``forward_intermediates`` must return a list with the (B, T, D) tokens after
     every block; its prefix (CLS + registers) length comes from ``num_prefix_tokens`` or the
-    model's attribute (default 1), and ``norm=True`` then uses ``model.norm``.
+    model's attribute (default 1), and ``norm=True`` then uses ``model.norm``. A model without
+    prefix tokens (I-JEPA's) gets the mean of each block's patch tokens as its CLS: the global
+    representation I-JEPA is evaluated with (average pooling).
     """
     n_prefix = num_prefix_tokens if num_prefix_tokens is not None else \
         int(getattr(model, "num_prefix_tokens", 1))
@@ -109,8 +111,10 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
         idx = resolve_indices(indices, depth) if depth is not None else indices
         out = model.forward_intermediates(images, indices=idx, norm=norm, output_fmt="NLC",
                                           return_prefix_tokens=True, intermediates_only=True)
-        patches = [o[0] for o in out]
-        cls = [o[1][:, 0] for o in out]
+        if n_prefix:
+            patches, cls = [o[0] for o in out], [o[1][:, 0] for o in out]
+        else:  # timm returns the patch tokens alone when there are no prefix tokens
+            patches, cls = list(out), [o.mean(1) for o in out]
         idx = list(idx) if idx is not None else list(range(len(out)))
     else:
         every = list(model(images))
@@ -118,7 +122,7 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
         chosen = [every[i] for i in idx]
         if norm:
             chosen = [model.norm(t) for t in chosen]
-        cls = [t[:, 0] for t in chosen]
+        cls = [t[:, 0] if n_prefix else t.mean(1) for t in chosen]
         patches = [t[:, n_prefix:] for t in chosen]
     grid = _grid(patches[0].shape[1], images.shape[-2], images.shape[-1])
     return BlockTokens(torch.stack(cls), torch.stack(patches), grid, idx)
@@ -129,15 +133,17 @@ def block_cls(model: Union[nn.Module, Callable], images: torch.Tensor) -> torch.
 
     A hook on each block keeps only its CLS, where ``forward_intermediates`` keeps every
     block's tokens for the whole batch: at ViT-7B and 518 px, 40 blocks x 1,370 tokens per image
-    of which alignment reads one. Models without ``blocks`` and a features forward go through
+    of which alignment reads one (the mean of them for a model without a class token, as in
+    ``block_tokens``). Models without ``blocks`` and a features forward go through
     ``block_tokens``."""
     forward = getattr(model, "forward_features_dict", None) or getattr(model, "forward_features", None)
     if not isinstance(model, nn.Module) or not hasattr(model, "blocks") or forward is None:
         return block_tokens(model, images).cls
     kept: list[torch.Tensor] = []
+    has_cls = int(getattr(model, "num_prefix_tokens", 1)) > 0
 
     def keep(_module, _inputs, out):
-        kept.append(out[:, 0].clone())  # a copy: the view would hold the block's whole output
+        kept.append(out[:, 0].clone() if has_cls else out.mean(1))  # a copy: a view would hold the whole output
 
     hooks = [block.register_forward_hook(keep) for block in model.blocks]
     try:

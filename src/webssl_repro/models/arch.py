@@ -10,8 +10,10 @@ from webssl_repro.config import check_keys
 from webssl_repro.resources import swiglu_hidden
 
 METHODS = ("dino", "mae", "clip")
-#: FFN kind of each pretraining method's tower (CLIP reuses the Web-DINO vision towers).
-METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu"}
+#: Methods whose encoders are only imported (off-the-shelf baselines), never trained here.
+IMPORTED_METHODS = ("ijepa",)
+#: FFN kind of each method's tower (CLIP reuses the Web-DINO vision towers; I-JEPA's is a plain ViT's).
+METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu", "ijepa": "gelu"}
 FFN_KINDS = ("swiglu", "gelu", "quick_gelu")
 
 
@@ -23,7 +25,8 @@ class Arch:
 
     ``ffn="quick_gelu"`` with ``pre_norm`` and ``norm_eps=1e-5`` is OpenAI CLIP's vision tower
     (MetaCLIP's ``-quickgelu`` models): a LayerNorm after the embeddings, a bias-free patch
-    embedding, no LayerScale. Only off-the-shelf CLIP encoders have it; ours never train it."""
+    embedding, no LayerScale. ``class_token=False`` is a tower whose tokens are all patches
+    (I-JEPA's). Only off-the-shelf encoders have either; ours never train them."""
 
     width: int
     depth: int
@@ -33,6 +36,7 @@ class Arch:
     ffn: str | None = None
     pre_norm: bool = False
     norm_eps: float = 1e-6
+    class_token: bool = True
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "heads", "patch"):
@@ -45,8 +49,9 @@ class Arch:
             raise ValueError(f"Arch.ffn_hidden must be a positive int or None, got {self.ffn_hidden!r}")
         if self.ffn not in (None, *FFN_KINDS):
             raise ValueError(f"Arch.ffn must be one of {FFN_KINDS} or None, got {self.ffn!r}")
-        if not isinstance(self.pre_norm, bool):
-            raise ValueError(f"Arch.pre_norm must be true or false, got {self.pre_norm!r}")
+        for name in ("pre_norm", "class_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Arch.{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
             raise ValueError(f"Arch.norm_eps must be a positive number, got {self.norm_eps!r}")
 
@@ -84,13 +89,15 @@ class Arch:
             out["pre_norm"] = True
         if self.norm_eps != 1e-6:
             out["norm_eps"] = self.norm_eps
+        if not self.class_token:
+            out["class_token"] = False
         return out
 
     def tower_ffn(self, method: str) -> str:
         """The FFN kind of ``method``'s tower of this shape: the method's own (``METHOD_FFN``),
         except for an OpenAI-CLIP tower, which only CLIP has."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if method not in METHOD_FFN:
+            raise ValueError(f"unknown method {method!r}; expected one of {(*METHODS, *IMPORTED_METHODS)}")
         if self.ffn == "quick_gelu":
             if method != "clip":
                 raise ValueError(f"a QuickGELU (OpenAI-CLIP) tower is a clip encoder, not {method}")
@@ -131,12 +138,18 @@ OPENAI_CLIP_ARCHS: dict[str, Arch] = {
 }
 
 
+#: I-JEPA's ViT-H/14 (``vit_huge``, patch 14): a plain GELU ViT without a class token, whose fixed
+#: sine-cosine position embeddings are stored as weights.
+IJEPA_ARCHS: dict[str, Arch] = {"h14": Arch(1280, 32, 16, 5120, 14, "gelu", class_token=False)}
+
+
 def arch_for(method: str, size: str) -> Arch:
     """The released architecture of ``{method}{size}`` (MAE has its own table; CLIP's sizes
-    include the off-the-shelf OpenAI-CLIP towers)."""
-    table = MAE_ARCHS if method == "mae" else {**PAPER_ARCHS, **OPENAI_CLIP_ARCHS} if method == "clip" else PAPER_ARCHS
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    include the off-the-shelf OpenAI-CLIP towers; I-JEPA's are imported only)."""
+    tables = {"mae": MAE_ARCHS, "clip": {**PAPER_ARCHS, **OPENAI_CLIP_ARCHS}, "ijepa": IJEPA_ARCHS}
+    table = tables.get(method, PAPER_ARCHS)
+    if method not in METHOD_FFN:
+        raise ValueError(f"unknown method {method!r}; expected one of {(*METHODS, *IMPORTED_METHODS)}")
     if size not in table:
         raise KeyError(f"no {method} architecture of size {size!r}; known: {sorted(table)}")
     return table[size]

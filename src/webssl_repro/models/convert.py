@@ -94,7 +94,7 @@ def to_native(state: Mapping[str, Tensor], method: str, *, block_chunks: int = 0
     ``block_chunks>0`` reproduces DINOv2's ``BlockChunk`` naming ``blocks.{chunk}.{i}`` (``i``
     stays the global index, as DINOv2 pads each chunk with Identity modules).
     """
-    if method == "mae":
+    if method in ("mae", "ijepa"):
         return dict(state)
     chunk = 0
     if block_chunks:
@@ -119,11 +119,12 @@ _NATIVE_PREFIXES = ("", "module.", "backbone.", "teacher.backbone.", "model.", "
 def unwrap_native(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
     """The backbone state dict inside a .pth and the keys left out of it.
 
-    Handles a ``{"model"|"teacher"|"state_dict": ...}`` wrapper and a key prefix such as the
+    Handles a ``{"model"|"teacher"|"target_encoder"|"state_dict": ...}`` wrapper and a key prefix such as the
     ``backbone.`` of DINOv2's ``*_ssl_teacher.pth`` files, whose DINO/iBOT heads are not part of
     the encoder and are returned as ignored.
     """
-    for wrapper in ("model", "teacher", "state_dict", "module"):
+    # "target_encoder": I-JEPA's files, which hold its context encoder ("encoder") and predictor too
+    for wrapper in ("model", "teacher", "target_encoder", "state_dict", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
             break
@@ -148,7 +149,7 @@ def from_native(state: Mapping[str, Tensor], method: str) -> tuple[dict[str, Ten
     matters for iBOT masking during pretraining, never at inference.
     """
     notes: list[str] = []
-    if method == "mae":
+    if method in ("mae", "ijepa"):  # timm's layout, as ours
         return dict(state), notes
     out: dict[str, Tensor] = {}
     pending: dict[int, dict[str, Tensor]] = {}
@@ -201,8 +202,10 @@ HF_LAYOUTS: dict[tuple[str, bool], tuple[str, dict[str, str | tuple[str, ...]]]]
         "norm1": "layernorm_before", "attn.qkv": _QKV_OLD, "attn.proj": "attention.output.dense",
         "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}),
 }
-# MAE's own HF release (``ViTMAEModel``) names its encoder's weights as ``ViTModel`` does, in both generations.
-HF_LAYOUTS.update({("vit_mae", legacy): HF_LAYOUTS[("vit", legacy)] for legacy in (False, True)})
+# MAE's own HF release (``ViTMAEModel``) and I-JEPA's (``IJepaModel``, without a class token) name their
+# encoder's weights as ``ViTModel`` does, in both generations.
+HF_LAYOUTS.update({(kind, legacy): HF_LAYOUTS[("vit", legacy)] for kind in ("vit_mae", "ijepa")
+                   for legacy in (False, True)})
 # ``CLIPVisionModel`` (one naming in both generations; 4.x nests it under ``vision_model.``)
 HF_LAYOUTS.update({("clip_vision_model", legacy): ("encoder.layers.", {
     "norm1": "layer_norm1", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -308,7 +311,7 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
         if lost:
             raise KeyError(f"missing key(s) {lost} of a split parameter in a HF {kind} checkpoint")
         out[our_key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    if kind in ("vit", "vit_mae"):
+    if kind in ("vit", "vit_mae", "ijepa"):
         out.pop("mask_token", None)  # ViTModel's optional mask token is (1, 1, D) and unused by MAE
     return _unbatched(out) if kind in _TOPS else out
 

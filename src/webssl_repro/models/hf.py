@@ -18,14 +18,15 @@ import torch
 from torch import nn
 
 from webssl_repro.models import convert
-from webssl_repro.models.vit import Arch, WebSSLViT, arch_for
+from webssl_repro.models.vit import METHOD_FFN, Arch, WebSSLViT, arch_for
 
 #: HF model_type -> default method; ``vit_mae`` is MAE's own release (facebook/vit-mae-*), whose
 #: encoder is a ``ViTModel`` in all but name; ``clip_vision_model`` the vision tower of a ``CLIPModel``
-#: (MetaCLIP's releases), an OpenAI-CLIP tower
-KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae", "clip_vision_model": "clip"}
+#: (MetaCLIP's releases), an OpenAI-CLIP tower; ``ijepa`` I-JEPA's, a ``ViTModel`` without a class token
+KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae", "clip_vision_model": "clip", "ijepa": "ijepa"}
 #: HF model_type -> the methods whose towers it can hold (a Web-DINO and a CLIP tower are both Dinov2Models)
-KIND_METHODS = {"dinov2": ("dino", "clip"), "vit": ("mae",), "vit_mae": ("mae",), "clip_vision_model": ("clip",)}
+KIND_METHODS = {"dinov2": ("dino", "clip"), "vit": ("mae",), "vit_mae": ("mae",), "clip_vision_model": ("clip",),
+                "ijepa": ("ijepa",)}
 
 
 def _hf_swiglu_hidden(width: int, ratio: float) -> int:
@@ -99,11 +100,11 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
     in the 4.x names of the uploaded ``facebook/webssl-*`` repos, so either version loads it.
     """
     method = meta["method"]
+    if encoder.ffn == "quick_gelu" or not encoder.arch.class_token:
+        raise ValueError("an imported off-the-shelf tower (MetaCLIP's OpenAI-CLIP or I-JEPA's) is not exported: "
+                         "its own release is a transformers model already")
     if method not in ("dino", "clip", "mae"):
         raise ValueError(f"unknown method {method!r}")
-    if encoder.ffn == "quick_gelu":
-        raise ValueError("an OpenAI-CLIP tower (an imported MetaCLIP encoder) is not exported: its own "
-                         "release is a transformers CLIPModel already")
     if (method == "mae") != (encoder.ffn == "gelu"):
         raise ValueError(f"meta says method {method!r} but the encoder has a {encoder.ffn} FFN")
     if (method == "dino") != (encoder.mask_token is not None):
@@ -123,7 +124,7 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
 
 
 def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | None) -> nn.Module:
-    from transformers import AutoConfig, CLIPVisionModel, Dinov2Model, ViTMAEModel, ViTModel
+    from transformers import AutoConfig, CLIPVisionModel, Dinov2Model, IJepaModel, ViTMAEModel, ViTModel
     from transformers.utils import logging as hf_logging
 
     local = Path(path).is_dir()
@@ -138,6 +139,8 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
         model, info = Dinov2Model.from_pretrained(str(path), output_loading_info=True, **kw)
     elif config.model_type == "vit_mae":  # the encoder alone; the pixel decoder's weights are left out
         model, info = ViTMAEModel.from_pretrained(str(path), output_loading_info=True, **kw)
+    elif config.model_type == "ijepa":
+        model, info = IJepaModel.from_pretrained(str(path), add_pooling_layer=False, output_loading_info=True, **kw)
     elif config.model_type in ("clip", "clip_vision_model"):
         # the vision tower; transformers would list each weight of the text tower it leaves out as a
         # warning, and the missing and mismatched weights, the ones that matter, are checked below
@@ -149,7 +152,7 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
             hf_logging.set_verbosity(verbosity)
     else:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower (expected 'dinov2' "
-                         "for Web-DINO, 'vit' for Web-MAE, 'vit_mae' for MAE or 'clip' for MetaCLIP)")
+                         "for Web-DINO, 'vit' for Web-MAE, 'vit_mae' for MAE, 'clip' for MetaCLIP or 'ijepa')")
     # from_pretrained fills a weight the files lack with random values and only logs it: the
     # encoder converted from the model would then be half random, with no error.
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
@@ -206,8 +209,10 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         hidden = _hf_swiglu_hidden(width, config.mlp_ratio)
     else:
         if config.hidden_act != "gelu":
-            raise ValueError(f"{source}: ViT hidden_act {config.hidden_act!r}, Web-MAE uses 'gelu'")
+            raise ValueError(f"{source}: ViT hidden_act {config.hidden_act!r}, {method} uses 'gelu'")
         hidden = config.intermediate_size
+        if kind == "ijepa":
+            eps = float(config.layer_norm_eps)  # built as it is: I-JEPA's 1e-6, transformers' default 1e-12
     if not getattr(config, "qkv_bias", True):
         raise ValueError(f"{source}: qkv_bias=False, but every Web-SSL tower has q/k/v biases")
     if abs(config.layer_norm_eps - eps) > 1e-12:
@@ -215,9 +220,9 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
                       "(a negligible difference for trained weights)", stacklevel=2)
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     img = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    ffn = "quick_gelu" if kind == "clip_vision_model" else "gelu" if method == "mae" else "swiglu"
+    ffn = "quick_gelu" if kind == "clip_vision_model" else METHOD_FFN[method]
     arch = Arch(width, config.num_hidden_layers, config.num_attention_heads, hidden, patch, ffn,
-                pre_norm=ffn == "quick_gelu", norm_eps=eps)
+                pre_norm=ffn == "quick_gelu", norm_eps=eps, class_token=kind != "ijepa")
     state = convert.from_hf(model.state_dict(), kind)
     if method == "clip":
         state.pop("mask_token", None)

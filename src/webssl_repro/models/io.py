@@ -87,11 +87,13 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from webssl_repro.models.vit import Arch, build_encoder
+    from webssl_repro.models.vit import METHOD_FFN, Arch, build_encoder
 
     meta = encoder_metadata(path)
+    if meta.get("method") not in METHOD_FFN:
+        raise ValueError(f"{path}: encoder of unknown method {meta.get('method')!r}; known: {sorted(METHOD_FFN)}")
     # the header names the FFN only where it is not the method's own (an OpenAI-CLIP tower)
-    arch = Arch.from_config({"ffn": "gelu" if meta["method"] == "mae" else "swiglu", **meta["arch"]})
+    arch = Arch.from_config({"ffn": METHOD_FFN[meta["method"]], **meta["arch"]})
     encoder = build_encoder(arch, meta["method"], img_size=int(meta["img_size"]))
     try:
         state = load_file(str(path), device="cpu")

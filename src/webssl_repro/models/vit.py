@@ -73,11 +73,12 @@ class WebSSLViT(VisionTransformer):
             mlp_layer=fixed_hidden_mlp(ffn, hidden),
             init_values=layerscale,
             qkv_bias=True,
-            class_token=True,
+            class_token=arch.class_token,
             reg_tokens=0,
             pos_embed="learn",
             num_classes=0,
-            global_pool="token",
+            global_pool="token" if arch.class_token else "avg",
+            fc_norm=False,  # the final norm over every token, also when the pooling is the average
             dynamic_img_size=True,
             pre_norm=arch.pre_norm,  # timm also drops the patch embedding's bias then, as CLIP has none
             norm_layer=partial(nn.LayerNorm, eps=arch.norm_eps),
@@ -108,19 +109,24 @@ class WebSSLViT(VisionTransformer):
         return self.norm_pre(x)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """cls token + pos-embed for (B, h, w, D) patch tokens, resampled by DINOv2's rule."""
+        """cls token (if the tower has one) + pos-embed for (B, h, w, D) patch tokens, resampled
+        by DINOv2's rule."""
         B, h, w, D = x.shape
         pos = resample_pos_embed(self.pos_embed, (h, w), self.num_prefix_tokens)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.view(B, h * w, D)], dim=1) + pos
-        return self.pos_drop(x)
+        x = x.view(B, h * w, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return self.pos_drop(x + pos)
 
     def forward_features_dict(self, x: torch.Tensor, masks: torch.Tensor | None = None
                               ) -> dict[str, torch.Tensor]:
-        """DINOv2's output layout: normed CLS, normed patch tokens, and pre-norm tokens."""
+        """DINOv2's output layout: normed CLS, normed patch tokens, and pre-norm tokens. A tower
+        without a class token gives the mean of its normed patch tokens as CLS (I-JEPA's average
+        pooling), as ``evaluate.features`` does for every block."""
         x = run_blocks(self.blocks, self.prepare_tokens(x, masks), self.grad_checkpointing)
         normed = self.norm(x)
         return {
-            "x_norm_clstoken": normed[:, 0],
+            "x_norm_clstoken": normed[:, 0] if self.num_prefix_tokens else normed.mean(1),
             "x_norm_patchtokens": normed[:, self.num_prefix_tokens:],
             "x_prenorm": x,
         }
@@ -146,7 +152,7 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
         mask_token=method == "dino",
         **timm_kwargs,
     )
-    if method == "mae":
+    if ffn == "gelu":  # MAE (and I-JEPA, imported only)
         if not any(p.is_meta for p in model.parameters()):
             model.init_weights(needs_reset=False)  # timm default; MAE re-initialises its own way
     else:

@@ -1,0 +1,126 @@
+"""I-JEPA ViT-H/14 (Tables 3 and 14) as the off-the-shelf run ``ijepa-h-224``: a plain GELU ViT
+without a class token, read from transformers' ``IJepaModel`` and from I-JEPA's own checkpoint,
+whose CLS for the evaluations is the mean of its patch tokens. Tiny random stand-ins only."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from webssl_repro.evaluate.features import block_cls, block_tokens
+from webssl_repro.models.arch import Arch, arch_for
+from webssl_repro.models.hf import export_hf
+from webssl_repro.models.io import load_encoder
+from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
+from webssl_repro.models.vit import build_encoder
+from webssl_repro.resources import encoder_params
+
+torch.set_num_threads(1)
+IMG = 32
+TINY_IJEPA = Arch(32, 2, 4, 64, 8, "gelu", norm_eps=1e-6, class_token=False)
+
+
+def _ijepa_stand_in(path, seed=0):
+    """A tiny ``IJepaModel`` (I-JEPA's eps 1e-6, as the hub's config) with every weight off its init."""
+    from transformers import IJepaConfig, IJepaModel
+
+    config = IJepaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         patch_size=8, image_size=IMG, layer_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    model = IJepaModel(config, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.1 * torch.randn(p.shape, generator=g)
+            p.copy_(1 + noise if "layernorm" in name and name.endswith("weight") else noise)
+    model.save_pretrained(path)
+    return model
+
+
+def _images():
+    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _tiny(monkeypatch):
+    rel = run_checkpoint("ijepa-h-224")
+    monkeypatch.setattr(type(rel), "arch", property(lambda self: TINY_IJEPA))
+    return dataclasses.replace(rel, img_size=IMG, trained_size=0)
+
+
+def test_ijepa_h_is_a_vit_h_without_class_token():
+    rel = run_checkpoint("ijepa-h-224")
+    assert (rel.hf_id, rel.method, rel.size, rel.data, rel.img_size) == (
+        "facebook/ijepa_vith14_22k", "ijepa", "h14", "in22k", 224)
+    assert rel.revision == "ba3c4513ca2b0f0c010f80ae2265b3dbe1083039"
+    assert rel.pytorch_url == "https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar"
+    assert rel.arch == Arch(1280, 32, 16, 5120, 14, "gelu", class_token=False)
+    with torch.device("meta"):
+        tower, mae_h = build_encoder(rel.arch, "ijepa", img_size=224), build_encoder(arch_for("mae", "700m"), "mae")
+    n = sum(p.numel() for p in tower.parameters())
+    # MAE's ViT-H/14 less the class token and its position: 256 positions, not 257
+    assert n == sum(p.numel() for p in mae_h.parameters()) - 2 * 1280 == 630_762_240
+    assert encoder_params("ijepa", dataclasses.asdict(rel.arch), 224) == n
+    assert tower.cls_token is None and tower.pos_embed.shape == (1, 256, 1280) and tower.mask_token is None
+
+
+def test_hf_ijepa_imports_to_transformers_own_tokens_and_its_cls_is_their_mean(tmp_path, monkeypatch):
+    hf = _ijepa_stand_in(tmp_path / "hf")
+    encoder, meta = load_released(_tiny(monkeypatch), tmp_path / "hf")
+    assert meta["method"] == "ijepa" and meta["arch"]["class_token"] is False
+    x = _images()
+    with torch.no_grad():
+        want = hf(pixel_values=x).last_hidden_state  # after the final LayerNorm, 16 patch tokens, no CLS
+        got = encoder.forward_features_dict(x)
+    assert want.shape == (2, 16, 32) and want.abs().mean() > 0.1
+    torch.testing.assert_close(got["x_norm_patchtokens"], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["x_norm_clstoken"], want.mean(1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"imported off-the-shelf tower .* is not exported"):
+        export_hf(encoder, meta, tmp_path / "export")
+
+
+def test_native_file_gives_the_target_encoder_and_the_run_dir_rebuilds_it(tmp_path, monkeypatch):
+    """I-JEPA's .pth.tar holds the context encoder, its EMA target encoder and the predictor, with DDP's
+    ``module.`` prefix; the import takes the target encoder, the one I-JEPA evaluates."""
+    tiny = _tiny(monkeypatch)
+    for name, seed in (("target", 0), ("context", 1)):
+        _ijepa_stand_in(tmp_path / name, seed)
+    target, context = (load_released(tiny, tmp_path / name)[0] for name in ("target", "context"))
+
+    def ddp(encoder):
+        return {f"module.{k}": v.clone() for k, v in encoder.state_dict().items()}
+
+    torch.save({"encoder": ddp(context), "target_encoder": ddp(target), "predictor": {"module.w": torch.ones(2)},
+                "opt": {"param_groups": [{"lr": 1e-3, "weight_decay": 0.05}]}, "epoch": 300, "loss": 0.12},
+               tmp_path / "IN22K-vit.h.14-900e.pth.tar")
+    native, meta = load_released(tiny, tmp_path / "IN22K-vit.h.14-900e.pth.tar")
+    assert _same_state(native, target) and not _same_state(native, context)
+    write_run_encoder(native, meta, tmp_path / "run")
+    loaded, loaded_meta = load_encoder(tmp_path / "run" / "encoder.safetensors")
+    assert loaded_meta["arch"]["class_token"] is False and loaded.norm.eps == 1e-6
+    x = _images()
+    with torch.no_grad():  # I-JEPA trains on ImageNet-normalised pixels, as the evaluations feed them
+        torch.testing.assert_close(loaded.forward_features(x), native.forward_features(x), atol=1e-6, rtol=0)
+
+
+def test_block_tokens_of_a_tower_without_class_token_average_its_patches():
+    """Every protocol reads a CLS (linear: normed, last blocks; depth and alignment: un-normed): for a tower
+    without one it is the mean of the block's patch tokens, by either path of ``evaluate.features``."""
+    encoder = build_encoder(TINY_IJEPA, "ijepa", img_size=IMG).eval()
+    x = _images()
+    with torch.no_grad():
+        normed, raw = block_tokens(encoder, x, norm=True), block_tokens(encoder, x, norm=False)
+        hooked = block_cls(encoder, x)
+        final = encoder.forward_features_dict(x)
+    assert normed.patches.shape == (2, 2, 16, 32) and normed.grid == (4, 4)  # no token dropped as a prefix
+    torch.testing.assert_close(normed.cls, normed.patches.mean(2))
+    torch.testing.assert_close(raw.cls, raw.patches.mean(2))
+    assert not torch.allclose(normed.cls, raw.cls, atol=1e-3)
+    torch.testing.assert_close(hooked, raw.cls)
+    torch.testing.assert_close(normed.cls[-1], final["x_norm_clstoken"])
+    torch.testing.assert_close(normed.patches[-1], final["x_norm_patchtokens"])
