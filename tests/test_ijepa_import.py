@@ -10,7 +10,8 @@ import torch
 
 from webssl_repro.evaluate.features import block_cls, block_tokens
 from webssl_repro.models.arch import Arch, arch_for
-from webssl_repro.models.hf import export_hf
+from webssl_repro.evaluate.vqa.data import encoder_tokens
+from webssl_repro.models.hf import export_hf, import_hf
 from webssl_repro.models.io import load_encoder
 from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
 from webssl_repro.models.vit import build_encoder
@@ -21,12 +22,12 @@ IMG = 32
 TINY_IJEPA = Arch(32, 2, 4, 64, 8, "gelu", norm_eps=1e-6, class_token=False)
 
 
-def _ijepa_stand_in(path, seed=0):
+def _ijepa_stand_in(path, seed=0, eps=1e-6):
     """A tiny ``IJepaModel`` (I-JEPA's eps 1e-6, as the hub's config) with every weight off its init."""
     from transformers import IJepaConfig, IJepaModel
 
     config = IJepaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         patch_size=8, image_size=IMG, layer_norm_eps=1e-6)
+                         patch_size=8, image_size=IMG, layer_norm_eps=eps)
     torch.manual_seed(seed)
     model = IJepaModel(config, add_pooling_layer=False).eval()
     g = torch.Generator().manual_seed(seed)
@@ -73,6 +74,7 @@ def test_hf_ijepa_imports_to_transformers_own_tokens_and_its_cls_is_their_mean(t
     hf = _ijepa_stand_in(tmp_path / "hf")
     encoder, meta = load_released(_tiny(monkeypatch), tmp_path / "hf")
     assert meta["method"] == "ijepa" and meta["arch"]["class_token"] is False
+    assert any("context encoder, not the target encoder" in note for note in meta["notes"])
     x = _images()
     with torch.no_grad():
         want = hf(pixel_values=x).last_hidden_state  # after the final LayerNorm, 16 patch tokens, no CLS
@@ -82,6 +84,13 @@ def test_hf_ijepa_imports_to_transformers_own_tokens_and_its_cls_is_their_mean(t
     torch.testing.assert_close(got["x_norm_clstoken"], want.mean(1), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"imported off-the-shelf tower .* is not exported"):
         export_hf(encoder, meta, tmp_path / "export")
+    # the LayerNorm eps comes from the config, as it is (transformers' own default is 1e-12)
+    _ijepa_stand_in(tmp_path / "eps", eps=1e-5)
+    assert import_hf(tmp_path / "eps")[0].norm.eps == 1e-5
+    # evaluated at another resolution than it was trained at: 16 positions resampled to 36, none a CLS
+    wider, wider_meta = load_released(dataclasses.replace(_tiny(monkeypatch), img_size=48, trained_size=IMG),
+                                      tmp_path / "hf")
+    assert wider.pos_embed.shape == (1, 36, 32) and "from 4x4 (32 px) to 6x6 (48 px)" in wider_meta["notes"][-1]
 
 
 def test_native_file_gives_the_target_encoder_and_the_run_dir_rebuilds_it(tmp_path, monkeypatch):
@@ -95,11 +104,17 @@ def test_native_file_gives_the_target_encoder_and_the_run_dir_rebuilds_it(tmp_pa
     def ddp(encoder):
         return {f"module.{k}": v.clone() for k, v in encoder.state_dict().items()}
 
+    # the keys of I-JEPA's train.py checkpoints, the GradScaler's state among them
     torch.save({"encoder": ddp(context), "target_encoder": ddp(target), "predictor": {"module.w": torch.ones(2)},
-                "opt": {"param_groups": [{"lr": 1e-3, "weight_decay": 0.05}]}, "epoch": 300, "loss": 0.12},
+                "opt": {"state": {}, "param_groups": [{"lr": 1e-3, "weight_decay": 0.05, "params": [0]}]},
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0},
+                "epoch": 300, "loss": 0.12, "batch_size": 128, "world_size": 16, "lr": 1e-3},
                tmp_path / "IN22K-vit.h.14-900e.pth.tar")
     native, meta = load_released(tiny, tmp_path / "IN22K-vit.h.14-900e.pth.tar")
     assert _same_state(native, target) and not _same_state(native, context)
+    assert {"encoder", "predictor", "opt", "scaler", "epoch"} <= set(meta["ignored_keys"])
+    assert any(note.startswith("I-JEPA's target encoder") for note in meta["notes"])
     write_run_encoder(native, meta, tmp_path / "run")
     loaded, loaded_meta = load_encoder(tmp_path / "run" / "encoder.safetensors")
     assert loaded_meta["arch"]["class_token"] is False and loaded.norm.eps == 1e-6
@@ -124,3 +139,10 @@ def test_block_tokens_of_a_tower_without_class_token_average_its_patches():
     torch.testing.assert_close(hooked, raw.cls)
     torch.testing.assert_close(normed.cls[-1], final["x_norm_clstoken"])
     torch.testing.assert_close(normed.patches[-1], final["x_norm_patchtokens"])
+    # a plain callable with every block's tokens, told there is no prefix: the same CLS
+    listed = block_tokens(lambda images: list(raw.patches), x, num_prefix_tokens=0)
+    torch.testing.assert_close(listed.cls, raw.cls)
+    # the VQA probe's visual tokens: all 16 patches (Table 14 reads only these), none dropped as a CLS
+    with torch.no_grad():
+        tokens = encoder_tokens(encoder, x, n_tokens=16)
+    torch.testing.assert_close(tokens, final["x_norm_patchtokens"])

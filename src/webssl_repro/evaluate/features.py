@@ -109,11 +109,12 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
     if hasattr(model, "forward_intermediates"):
         depth = len(model.blocks) if hasattr(model, "blocks") else None
         idx = resolve_indices(indices, depth) if depth is not None else indices
+        # no prefix tokens to return for a tower without them (timm before 1.0.15 fails if asked)
         out = model.forward_intermediates(images, indices=idx, norm=norm, output_fmt="NLC",
-                                          return_prefix_tokens=True, intermediates_only=True)
+                                          return_prefix_tokens=n_prefix > 0, intermediates_only=True)
         if n_prefix:
             patches, cls = [o[0] for o in out], [o[1][:, 0] for o in out]
-        else:  # timm returns the patch tokens alone when there are no prefix tokens
+        else:
             patches, cls = list(out), [o.mean(1) for o in out]
         idx = list(idx) if idx is not None else list(range(len(out)))
     else:

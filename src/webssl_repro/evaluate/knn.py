@@ -49,7 +49,7 @@ def attribute_knn(encoders: Mapping[str, Any], records: Mapping[str, Sequence[di
 
     images = {split: images_tensor(records[split], size, "crop", CLASSIFY_CROP) for split in ("train", "val")}
     with torch.no_grad():
-        feats = {name: {split: enc.forward_features(x)[:, 0] for split, x in images.items()}
+        feats = {name: {split: enc.forward_features_dict(x)["x_norm_clstoken"] for split, x in images.items()}
                  for name, enc in encoders.items()}
     feats["pixels"] = {split: x.flatten(1) for split, x in images.items()}
     table: dict[str, dict[str, float]] = {}

@@ -121,11 +121,14 @@ def unwrap_native(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
 
     Handles a ``{"model"|"teacher"|"target_encoder"|"state_dict": ...}`` wrapper and a key prefix such as the
     ``backbone.`` of DINOv2's ``*_ssl_teacher.pth`` files, whose DINO/iBOT heads are not part of
-    the encoder and are returned as ignored.
+    the encoder and are returned as ignored, as are the wrapper's siblings (an optimizer, I-JEPA's
+    context encoder and predictor).
     """
+    beside: list[str] = []
     # "target_encoder": I-JEPA's files, which hold its context encoder ("encoder") and predictor too
     for wrapper in ("model", "teacher", "target_encoder", "state_dict", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            beside = sorted(str(k) for k in obj if k != wrapper)
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -138,7 +141,7 @@ def unwrap_native(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
                        f"{list(_NATIVE_PREFIXES)}: not a ViT backbone checkpoint")
     state = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
     ignored = sorted(k for k in obj if not k.startswith(prefix))
-    return state, ignored
+    return state, [*beside, *ignored]
 
 
 def from_native(state: Mapping[str, Tensor], method: str) -> tuple[dict[str, Tensor], list[str]]:
@@ -339,7 +342,9 @@ def from_open_clip(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
     and DDP's ``module.``) in our layout, and the keys left out: the text tower, ``logit_scale``
     and ``visual.proj``, the projection into the joint embedding space, which is not part of
     the encoder's tokens. ``attn.in_proj_weight`` is q, k, v stacked as our ``attn.qkv``."""
+    beside: list[str] = []
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        beside = sorted(str(k) for k in obj if k != "state_dict")  # e.g. the epoch and the optimizer
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise TypeError("expected an open_clip state dict (name -> tensor), or one under 'state_dict'")
@@ -363,5 +368,5 @@ def from_open_clip(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
         except KeyError:
             raise KeyError(f"unexpected key {key!r} in an open_clip checkpoint (LayerScale, attention pooling "
                            "or another tower than OpenAI CLIP's)") from None
-    return _unbatched(out), ignored
+    return _unbatched(out), [*beside, *ignored]
 

@@ -29,6 +29,12 @@ KIND_METHODS = {"dinov2": ("dino", "clip"), "vit": ("mae",), "vit_mae": ("mae",)
                 "ijepa": ("ijepa",)}
 
 
+#: What an I-JEPA import from transformers reads (provenance notes): transformers' conversion script
+#: (convert_ijepa_to_hf.py) took the checkpoint's ``["encoder"]``.
+IJEPA_HF_NOTE = ("transformers' IJepaModel conversions (facebook/ijepa_*) hold I-JEPA's context encoder, not "
+                 "the target encoder I-JEPA evaluates (its native file's 'target_encoder')")
+
+
 def _hf_swiglu_hidden(width: int, ratio: float) -> int:
     """transformers' ``Dinov2SwiGLUFFN`` width rule (same in 4.x and 5.x)."""
     return (int(int(width * ratio) * 2 / 3) + 7) // 8 * 8
@@ -229,7 +235,8 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
     elif method == "dino" and "mask_token" not in state:
         state["mask_token"] = torch.zeros(1, width)
     encoder = convert.load_into_encoder(state, method, arch, img, source=source)
-    return encoder, _meta(method, arch, img, source=source)
+    notes = [IJEPA_HF_NOTE] if kind == "ijepa" else []
+    return encoder, _meta(method, arch, img, source=source, notes=notes)
 
 
 #: numpy's one-letter codes of the numeric dtypes (bool, ints, floats, complex): the only ones a
@@ -304,6 +311,9 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
         else:
             state, ignored = convert.unwrap_native(obj)
             state, notes = convert.from_native(state, method)
+            if method == "ijepa" and "encoder" in ignored:
+                notes.append("I-JEPA's target encoder, the one I-JEPA evaluates; the file's context encoder "
+                             "('encoder') and predictor are left out")
     except (TypeError, KeyError) as err:
         raise type(err)(f"{source}: {err.args[0] if err.args else err}") from None
     encoder = convert.load_into_encoder(state, method, arch, int(img_size), source=source)

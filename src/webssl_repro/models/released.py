@@ -89,9 +89,9 @@ def at_resolution(encoder: WebSSLViT, meta: Mapping[str, Any], img_size: int, ar
     the features of that size are unchanged, and the evaluations, which feed an encoder images
     of its own ``img_size``, see the resolution the paper evaluated the checkpoint at."""
     state = encoder.state_dict()
-    grid = img_size // arch.patch
-    before = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    state["pos_embed"] = resample_pos_embed(state["pos_embed"], (grid, grid))
+    grid, n_prefix = img_size // arch.patch, encoder.num_prefix_tokens  # 0 for a tower without class token
+    before = round((state["pos_embed"].shape[1] - n_prefix) ** 0.5)
+    state["pos_embed"] = resample_pos_embed(state["pos_embed"], (grid, grid), n_prefix)
     out = convert.load_into_encoder(state, meta["method"], arch, img_size, source=source)
     note = (f"pos_embed resampled from {before}x{before} ({meta['img_size']} px) to {grid}x{grid} "
             f"({img_size} px), as DINOv2 interpolates at every forward")
