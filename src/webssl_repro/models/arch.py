@@ -80,7 +80,7 @@ class Arch:
     def header(self, ffn: str) -> dict[str, Any]:
         """The shape as a run directory's ``encoder.safetensors`` header records it (with the FFN
         width of ``ffn``); what a Web-SSL tower leaves at its default is left out, so those
-        headers stay as they were before OpenAI-CLIP towers existed."""
+        headers stay as they were before the off-the-shelf towers (OpenAI CLIP's, I-JEPA's) existed."""
         out: dict[str, Any] = {"width": self.width, "depth": self.depth, "heads": self.heads,
                                "ffn_hidden": self.hidden(ffn), "patch": self.patch}
         if ffn == "quick_gelu":

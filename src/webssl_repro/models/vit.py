@@ -140,7 +140,8 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
     dino: SwiGLU, LayerScale, mask token (iBOT); clip: the same tower without mask token
     (an unused parameter would break DDP), or OpenAI CLIP's for a QuickGELU ``arch`` (pre-norm,
     no LayerScale); mae: GELU MLP, no LayerScale, no mask token
-    (MAE drops masked tokens instead of replacing them). ``img_size`` fixes the stored
+    (MAE drops masked tokens instead of replacing them); ijepa (imported only): MAE's, without a
+    class token for I-JEPA's ``arch``. ``img_size`` fixes the stored
     pos-embed grid; other input sizes are resampled on the fly. ``layerscale`` None or 0: no
     LayerScale (through ``timm.create_model``, which drops options that are None, pass 0).
     """
