@@ -285,12 +285,12 @@ def _refusal(err: Exception) -> str:
 
 def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: str,
                   arch: Arch | str, img_size: int) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Our encoder from a released native ``.pth`` (DINOv2 backbone keys, timm keys for MAE, or
-    open_clip's for an OpenAI-CLIP ``arch``: MetaCLIP's own files).
+    """Our encoder from a released native ``.pth`` (DINOv2 backbone keys, timm keys for MAE and for
+    I-JEPA's target encoder, or open_clip's for an OpenAI-CLIP ``arch``: MetaCLIP's own files).
 
     ``arch`` is an ``Arch`` or a released size ('7b', '700m', 'h14'…). Flat and ``block_chunks``
-    layouts both load; heads in ``*_ssl_teacher.pth`` files (and open_clip's text tower and
-    projection) are skipped and listed in ``meta['ignored_keys']``.
+    layouts both load; heads in ``*_ssl_teacher.pth`` files (open_clip's text tower and projection,
+    I-JEPA's context encoder and predictor) are skipped and listed in ``meta['ignored_keys']``.
     """
     if isinstance(arch, str):
         arch = arch_for(method, arch)
