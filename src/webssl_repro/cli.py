@@ -104,10 +104,11 @@ def _guard_checkpoints(args: argparse.Namespace) -> int:
 
 def _import_released(args: argparse.Namespace) -> int:
     from webssl_repro.models.released import import_released, run_checkpoint
+    from webssl_repro.releases import names_checkpoint
     from webssl_repro.runs import split_seed
 
     rel = run_checkpoint(split_seed(args.run)[0])
-    if rel.checkpoint.rsplit("/", 1)[-1] != args.checkpoint.rsplit("/", 1)[-1]:
+    if not names_checkpoint(args.checkpoint, rel.checkpoint):
         raise ValueError(f"run {args.run} imports {rel.checkpoint}, not {args.checkpoint}")
     path = import_released(rel, args.path, args.out, allow_download=args.allow_download)
     print(f"{args.run}: imported {args.checkpoint} -> {path}")

@@ -232,7 +232,7 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
     compares against (in the grid or not: a run outside it is imported for the evaluations asked
     of it), imported from that very checkpoint, downloaded only at the paper scale (the mini
     scale never downloads), and with one seed: a release is one encoder, not a spread over seeds."""
-    from webssl_repro.releases import checkpoint_of, importable_runs, on_the_hub
+    from webssl_repro.releases import checkpoint_of, importable_runs, names_checkpoint, on_the_hub
 
     if run_sources and len(seeds) > 1:
         raise ConfigError(f"pretrain.run_sources with seeds {list(seeds)}: each seed would import the same "
@@ -244,7 +244,7 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
             raise ConfigError(f"{where}: no released checkpoint is this run; the importable runs are "
                               f"{importable_runs()}")
         checkpoint = str(source.get("checkpoint", ""))
-        if checkpoint.rsplit("/", 1)[-1] != expected.rsplit("/", 1)[-1]:  # the owner may be left out
+        if not names_checkpoint(checkpoint, expected):
             raise ConfigError(f"{where}.checkpoint: {checkpoint!r} is not the checkpoint of {run} ({expected})")
         if not source.get("path") and not on_the_hub(run):
             raise ConfigError(f"{where}: no 'path', and {expected} is on no hub to download it from; give a "

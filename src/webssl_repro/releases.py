@@ -89,6 +89,12 @@ def checkpoint_of(run: str) -> str | None:
     return f"facebook/webssl-{run}" if f"webssl-{run}" in RELEASED else None
 
 
+def names_checkpoint(given: str, expected: str) -> bool:
+    """Whether ``given`` (a config's or the command line's) names the checkpoint ``expected``
+    (``checkpoint_of``): the same last path part, so an HF owner or a URL's directory may be left out."""
+    return given.rsplit("/", 1)[-1] == expected.rsplit("/", 1)[-1]
+
+
 def on_the_hub(run: str) -> bool:
     """Whether the checkpoint of an importable run can be downloaded from the Hugging Face hub."""
     return run not in OFF_THE_SHELF or bool(OFF_THE_SHELF[run]["hf_id"])

@@ -116,6 +116,20 @@ def to_native(state: Mapping[str, Tensor], method: str, *, block_chunks: int = 0
 _NATIVE_PREFIXES = ("", "module.", "backbone.", "teacher.backbone.", "model.", "encoder.")
 
 
+def _unwrap(obj: Any, wrappers: tuple[str, ...], expected: str) -> tuple[Mapping[str, Tensor], list[str]]:
+    """The state dict under the first of ``wrappers`` a checkpoint has (or the checkpoint itself), and
+    the keys beside that wrapper (an epoch, an optimizer…), which are not loaded."""
+    beside: list[str] = []
+    for wrapper in wrappers:
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            beside = sorted(str(k) for k in obj if k != wrapper)
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise TypeError(f"expected {expected}")
+    return obj, beside
+
+
 def unwrap_native(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
     """The backbone state dict inside a .pth and the keys left out of it.
 
@@ -124,15 +138,9 @@ def unwrap_native(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
     the encoder and are returned as ignored, as are the wrapper's siblings (an optimizer, I-JEPA's
     context encoder and predictor).
     """
-    beside: list[str] = []
     # "target_encoder": I-JEPA's files, which hold its context encoder ("encoder") and predictor too
-    for wrapper in ("model", "teacher", "target_encoder", "state_dict", "module"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            beside = sorted(str(k) for k in obj if k != wrapper)
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise TypeError("expected a state dict (name -> tensor) or a known checkpoint wrapper")
+    obj, beside = _unwrap(obj, ("model", "teacher", "target_encoder", "state_dict", "module"),
+                          "a state dict (name -> tensor) or a known checkpoint wrapper")
     for prefix in _NATIVE_PREFIXES:
         if f"{prefix}pos_embed" in obj:
             break
@@ -342,12 +350,7 @@ def from_open_clip(obj: Any) -> tuple[dict[str, Tensor], list[str]]:
     and DDP's ``module.``) in our layout, and the keys left out: the text tower, ``logit_scale``
     and ``visual.proj``, the projection into the joint embedding space, which is not part of
     the encoder's tokens. ``attn.in_proj_weight`` is q, k, v stacked as our ``attn.qkv``."""
-    beside: list[str] = []
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        beside = sorted(str(k) for k in obj if k != "state_dict")  # e.g. the epoch and the optimizer
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise TypeError("expected an open_clip state dict (name -> tensor), or one under 'state_dict'")
+    obj, beside = _unwrap(obj, ("state_dict",), "an open_clip state dict (name -> tensor), or one under 'state_dict'")
     prefix = next((p for p in ("", "module.") if f"{p}visual.positional_embedding" in obj), None)
     if prefix is None:
         raise KeyError("no 'visual.positional_embedding' key (nor 'module.visual.…'): not an open_clip "
