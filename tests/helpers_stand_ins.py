@@ -1,5 +1,6 @@
 """Paper-scale models as tiny local stand-ins (nothing is downloaded): a random-init Llama
-with a tokenizer that knows Llama-3's chat special tokens, and a tiny ViT encoder file."""
+with a tokenizer that knows Llama-3's chat special tokens, a tiny ViT encoder file, and the
+helpers the checkpoint-import tests share (weights moved off their init, state equality, images)."""
 from __future__ import annotations
 
 import json
@@ -39,3 +40,26 @@ def save_tiny_encoder(path: Path, depth: int = 1) -> Path:
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path),
               metadata={"encoder": json.dumps(meta)})
     return path
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial values everywhere, in place: norm gains 1 ± 0.1, every other weight ± 0.1 (LayerScale
+    1e-5, zero biases and unit gains would hide a mis-mapped weight); returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.1 * torch.randn(p.shape, generator=g)
+            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
+    return model.eval()
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold the same weights bit for bit (their keys must be the same)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def fixed_images(size: int, n: int = 2) -> torch.Tensor:
+    """``n`` fixed random RGB images of ``size`` px (seed 1)."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -13,10 +13,11 @@ from functools import partial
 import pytest
 import torch
 
+from helpers_stand_ins import fixed_images, randomize_
 from webssl_repro.models import convert
 from webssl_repro.models.hf import export_hf, import_hf, import_native, swiglu_mlp_ratio
-from webssl_repro.models.released import import_released, load_released, released_checkpoint, released_checkpoints
 from webssl_repro.models.io import load_encoder
+from webssl_repro.models.released import import_released, load_released, released_checkpoint, released_checkpoints
 from webssl_repro.models.vit import PAPER_ARCHS, Arch, build_encoder
 
 torch.set_num_threads(1)
@@ -24,18 +25,8 @@ TINY = Arch(64, 2, 4, patch=8)
 IMG = 32
 
 
-def _randomize(encoder, seed=0):
-    """Non-trivial values everywhere (LayerScale 1e-5 and zero biases would hide mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in encoder.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.1 * noise)
-    return encoder.eval()
-
-
 def _encoder(method, arch=TINY, seed=0):
-    return _randomize(build_encoder(arch, method, img_size=IMG), seed)
+    return randomize_(build_encoder(arch, method, img_size=IMG), seed)
 
 
 def _meta(method, arch=TINY):
@@ -50,10 +41,6 @@ def _assert_same_state(a, b):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
-def _images(n=2):
-    return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-
-
 @pytest.mark.parametrize("method", ["dino", "clip"])
 def test_dinov2_export_matches_and_round_trips(tmp_path, method):
     from transformers import Dinov2Model
@@ -63,7 +50,7 @@ def test_dinov2_export_matches_and_round_trips(tmp_path, method):
     hf = Dinov2Model.from_pretrained(tmp_path).eval()
     assert hf.config.use_swiglu_ffn and hf.config.mlp_ratio == 4
     assert hf.config.layerscale_value == 1e-5 and hf.config.layer_norm_eps == 1e-6
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():
         out = hf(pixel_values=x)
         ours = enc.forward_features_dict(x)
@@ -90,7 +77,7 @@ def test_vit_export_matches_and_round_trips(tmp_path):
     assert cfg["model_type"] == "vit" and cfg["intermediate_size"] == 256
     assert cfg["hidden_act"] == "gelu" and cfg["layer_norm_eps"] == 1e-6
     hf = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():
         diff = (hf(pixel_values=x).last_hidden_state - enc.forward_features(x)).abs().max().item()
     assert diff < 1e-4, diff
@@ -245,8 +232,8 @@ def test_swiglu_ratio_matches_hf_rule(tmp_path):
     hf = Dinov2Model.from_pretrained(tmp_path).eval()
     assert hf.encoder.layer[0].mlp.down_proj.in_features == 88
     with torch.no_grad():
-        diff = (hf(pixel_values=_images()).pooler_output
-                - enc.forward_features_dict(_images())["x_norm_clstoken"]).abs().max().item()
+        diff = (hf(pixel_values=fixed_images(IMG)).pooler_output
+                - enc.forward_features_dict(fixed_images(IMG))["x_norm_clstoken"]).abs().max().item()
     assert diff < 1e-4
     for impossible in (96, 100):  # 96: no integer ratio; 100: not a multiple of 8
         with pytest.raises(ValueError, match="cannot be expressed"):
@@ -399,7 +386,7 @@ def test_off_the_shelf_dinov2_imports_resampled_to_the_evaluated_resolution(tmp_
     encoder, meta = load_released(tiny, hf_dir)
     assert meta["img_size"] == IMG and encoder.pos_embed.shape == (1, 1 + 16, TINY.width)
     assert any("from 8x8 (64 px) to 4x4 (32 px)" in n for n in meta["notes"]), meta["notes"]
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():
         ours, reference = encoder.forward_features_dict(x), at_64.forward_features_dict(x)
     for key in ("x_norm_clstoken", "x_norm_patchtokens"):
@@ -433,7 +420,7 @@ def _vit_mae_stand_in(path):
     assert (config.layer_norm_eps, config.mask_ratio) == (1e-12, 0.75)
     torch.manual_seed(0)
     model = ViTMAEForPreTraining(config).eval()
-    _randomize(model.vit)
+    randomize_(model.vit)
     model.save_pretrained(path)
     return model
 
@@ -463,7 +450,7 @@ def test_off_the_shelf_mae_h_imports_from_the_hf_repo_and_from_mae_s_file(tmp_pa
         _assert_same_state(import_hf(pretraining)[0], encoder)  # a model object: its encoder is taken
     hf = ViTMAEModel.from_pretrained(hf_dir).eval()
     hf.config.mask_ratio = 0.0
-    x, n = _images(), (IMG // TINY.patch) ** 2
+    x, n = fixed_images(IMG), (IMG // TINY.patch) ** 2
     with torch.no_grad():  # no patch masked (mask_ratio 0) and none shuffled (noise in patch order)
         want = hf(pixel_values=x, noise=torch.arange(n, dtype=torch.float32).expand(2, n)).last_hidden_state
         got = encoder.forward_features(x)

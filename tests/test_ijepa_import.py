@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
+from helpers_stand_ins import fixed_images, randomize_, same_state
 from webssl_repro.evaluate.features import block_cls, block_tokens
-from webssl_repro.models.arch import Arch, arch_for
 from webssl_repro.evaluate.vqa.data import encoder_tokens
+from webssl_repro.models.arch import Arch, arch_for
 from webssl_repro.models.hf import export_hf, import_hf
 from webssl_repro.models.io import load_encoder
 from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
@@ -29,23 +30,9 @@ def _ijepa_stand_in(path, seed=0, eps=1e-6):
     config = IJepaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          patch_size=8, image_size=IMG, layer_norm_eps=eps)
     torch.manual_seed(seed)
-    model = IJepaModel(config, add_pooling_layer=False).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "layernorm" in name and name.endswith("weight") else noise)
+    model = randomize_(IJepaModel(config, add_pooling_layer=False), seed)
     model.save_pretrained(path)
     return model
-
-
-def _images():
-    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-
-
-def _same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _tiny(monkeypatch):
@@ -75,7 +62,7 @@ def test_hf_ijepa_imports_to_transformers_own_tokens_and_its_cls_is_their_mean(t
     encoder, meta = load_released(_tiny(monkeypatch), tmp_path / "hf")
     assert meta["method"] == "ijepa" and meta["arch"]["class_token"] is False
     assert any("context encoder, not the target encoder" in note for note in meta["notes"])
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():
         want = hf(pixel_values=x).last_hidden_state  # after the final LayerNorm, 16 patch tokens, no CLS
         got = encoder.forward_features_dict(x)
@@ -112,13 +99,13 @@ def test_native_file_gives_the_target_encoder_and_the_run_dir_rebuilds_it(tmp_pa
                 "epoch": 300, "loss": 0.12, "batch_size": 128, "world_size": 16, "lr": 1e-3},
                tmp_path / "IN22K-vit.h.14-900e.pth.tar")
     native, meta = load_released(tiny, tmp_path / "IN22K-vit.h.14-900e.pth.tar")
-    assert _same_state(native, target) and not _same_state(native, context)
+    assert same_state(native, target) and not same_state(native, context)
     assert {"encoder", "predictor", "opt", "scaler", "epoch"} <= set(meta["ignored_keys"])
     assert any(note.startswith("I-JEPA's target encoder") for note in meta["notes"])
     write_run_encoder(native, meta, tmp_path / "run")
     loaded, loaded_meta = load_encoder(tmp_path / "run" / "encoder.safetensors")
     assert loaded_meta["arch"]["class_token"] is False and loaded.norm.eps == 1e-6
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():  # I-JEPA trains on ImageNet-normalised pixels, as the evaluations feed them
         torch.testing.assert_close(loaded.forward_features(x), native.forward_features(x), atol=1e-6, rtol=0)
 
@@ -127,7 +114,7 @@ def test_block_tokens_of_a_tower_without_class_token_average_its_patches():
     """Every protocol reads a CLS (linear: normed, last blocks; depth and alignment: un-normed): for a tower
     without one it is the mean of the block's patch tokens, by either path of ``evaluate.features``."""
     encoder = build_encoder(TINY_IJEPA, "ijepa", img_size=IMG).eval()
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():
         normed, raw = block_tokens(encoder, x, norm=True), block_tokens(encoder, x, norm=False)
         hooked = block_cls(encoder, x)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from webssl_repro.models.arch import OPENAI_CLIP_ARCHS, Arch, arch_for
+from helpers_stand_ins import fixed_images, randomize_, same_state
 from webssl_repro.cli import main
+from webssl_repro.models.arch import OPENAI_CLIP_ARCHS, Arch, arch_for
 from webssl_repro.models.hf import export_hf, import_hf, import_native, load_checkpoint_file
-from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
 from webssl_repro.models.io import load_encoder, pixel_stats
+from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
 from webssl_repro.models.vit import build_encoder
 
 torch.set_num_threads(1)
@@ -30,25 +31,10 @@ def _clip_stand_in(path=None, hidden_act="quick_gelu", img_size=IMG):
                   image_size=img_size, hidden_act=hidden_act)
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            p.copy_(1 + noise if "norm" in name and name.endswith("weight") else noise)
+    model = randomize_(CLIPModel(CLIPConfig(vision_config=vision, text_config=text)))
     if path is not None:
         model.save_pretrained(path)
     return model
-
-
-def _images():
-    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-
-
-def _same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sorted(sa) == sorted(sb)
-    return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _open_clip_file(hf, path):
@@ -120,16 +106,16 @@ def test_clip_model_imports_to_transformers_own_tokens(tmp_path):
     assert meta["method"] == "clip" and meta["arch"] == {
         "width": 32, "depth": 2, "heads": 4, "ffn_hidden": 64, "patch": 8, "ffn": "quick_gelu", "pre_norm": True,
         "norm_eps": 1e-5}
-    x = _images()
+    x = fixed_images(IMG)
     with torch.no_grad():
         want = hf.vision_model(pixel_values=x)
         got = encoder.forward_features_dict(x)
     assert want.last_hidden_state.abs().mean() > 0.1
     torch.testing.assert_close(got["x_prenorm"], want.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(got["x_norm_clstoken"], want.pooler_output, atol=1e-5, rtol=0)
-    assert _same_state(import_hf(hf)[0], encoder)  # a CLIPModel object: its vision tower is taken
+    assert same_state(import_hf(hf)[0], encoder)  # a CLIPModel object: its vision tower is taken
     with_projection = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf")
-    assert _same_state(import_hf(with_projection)[0], encoder)  # and not its projection
+    assert same_state(import_hf(with_projection)[0], encoder)  # and not its projection
 
 
 def test_open_clip_file_gives_the_same_encoder_and_the_run_dir_rebuilds_it(tmp_path, monkeypatch):
@@ -139,17 +125,17 @@ def test_open_clip_file_gives_the_same_encoder_and_the_run_dir_rebuilds_it(tmp_p
     tiny = dataclasses.replace(rel, img_size=IMG, trained_size=0)
     from_hf, _ = load_released(tiny, tmp_path / "hf")
     native, meta = load_released(tiny, _open_clip_file(hf, tmp_path / "h14_tiny.pt"))
-    assert _same_state(native, from_hf)
+    assert same_state(native, from_hf)
     assert {"module.visual.proj", "module.logit_scale"} <= set(meta["ignored_keys"])
     numpy_1 = _as_numpy_1_wrote_it(_open_clip_file(hf, tmp_path / "h14_numpy1.pt"))
-    assert _same_state(load_released(tiny, numpy_1)[0], from_hf)
+    assert same_state(load_released(tiny, numpy_1)[0], from_hf)
     assert meta["released"]["run"] == "metaclip-h-224"
     # the run directory's header records the tower, so load_encoder rebuilds it and not a Web-SSL one
     write_run_encoder(native, meta, tmp_path / "run")
     loaded, loaded_meta = load_encoder(tmp_path / "run" / "encoder.safetensors")
     assert loaded_meta["arch"]["ffn"] == "quick_gelu" and loaded.norm.eps == 1e-5
     (m_in, s_in), (m, s) = pixel_stats("dino"), pixel_stats("clip")
-    x = _images()
+    x = fixed_images(IMG)
     openai = (x * torch.tensor(s_in).view(1, 3, 1, 1) + torch.tensor(m_in).view(1, 3, 1, 1)
               - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
     with torch.no_grad():  # load_encoder takes ImageNet-normalised pixels and maps them to CLIP's (OpenAI)
