@@ -140,7 +140,8 @@ def test_open_clip_file_gives_the_same_encoder_and_the_run_dir_rebuilds_it(tmp_p
               - torch.tensor(m).view(1, 3, 1, 1)) / torch.tensor(s).view(1, 3, 1, 1)
     with torch.no_grad():  # load_encoder takes ImageNet-normalised pixels and maps them to CLIP's (OpenAI)
         torch.testing.assert_close(loaded.forward_features(x), native.forward_features(openai), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"off-the-shelf tower \(MetaCLIP.s OpenAI-CLIP or I-JEPA.s\) is not exported"):
+    with pytest.raises(ValueError, match=r"off-the-shelf tower \(MetaCLIP.s OpenAI-CLIP, I-JEPA.s or SigLIP.s\) is not "
+                                         r"exported"):
         export_hf(native, meta, tmp_path / "export")
 
 

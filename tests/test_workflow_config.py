@@ -218,6 +218,28 @@ def test_an_imported_off_the_shelf_ijepa_h_is_evaluated_in_tables_3_and_14(paper
     assert f"--run {run} --checkpoint facebook/ijepa_vith14_22k --allow-download" in proc.stdout
 
 
+def test_imported_off_the_shelf_siglip_towers_are_evaluated_in_tables_3_and_14(paper, workflow_dir):
+    """SigLIP and SigLIP 2 SO400M/14 (``siglip-so400m-384``, ``siglip2-so400m-224``): Table 3's rows and Table
+    14's read their evaluations; downloaded at the paper scale from their pinned transformers repos."""
+    runs = {"siglip-so400m-384": "google/siglip-so400m-patch14-384",
+            "siglip2-so400m-224": "google/siglip2-so400m-patch14-224"}
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["run_sources"] = {run: {"checkpoint": checkpoint} for run, checkpoint in runs.items()}
+    cfg["items"] = [*paper["items"], "table14"]
+    plan, base = Plan(cfg), Plan(paper)
+    evals = {run: f"results/paper/evals/{run}/{{}}.json" for run in runs}
+    assert plan.item_inputs("table14") == [*(evals[run].format("vqa") for run in runs), "results/published/vqa.tsv"]
+    assert set(plan.item_inputs("table3")) - set(base.item_inputs("table3")) == {
+        evals[run].format(kind) for run in runs for kind in ("vqa", "classic")}
+    assert plan.import_resources()["mem_mb"] == 8000  # SO400M/14's tower three times over is 4.6 GiB
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    proc = snakemake(workflow_dir, "-n", "-p", *(evals[run].format("classic") for run in runs),
+                     "--configfile", "config/paper.yaml", "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run, checkpoint in runs.items():
+        assert f"--run {run} --checkpoint {checkpoint} --allow-download" in proc.stdout
+
+
 def test_import_resources_fit_the_largest_imported_encoder(paper):
     assert Plan(paper).import_resources() == {}  # nothing imported
     cfg = copy.deepcopy(paper)

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(facebook/dinov2-giant for dinov2-g-224/378/518, facebook/vit-mae-huge for mae-h-224, "
                      "facebook/metaclip-h14-fullcc2.5b for metaclip-h-224; MetaCLIP's G14_fullcc2.5b.pt for "
                      "metaclip-g-224, which is on no hub and needs --path; facebook/ijepa_vith14_22k for "
-                     "ijepa-h-224)")
+                     "ijepa-h-224; google/siglip-so400m-patch14-384 for siglip-so400m-384, and so on for "
+                     "siglip[2]-so400m-224/384)")
     imp.add_argument("--path", default=None, help="local HF directory or native .pth")
     imp.add_argument("--allow-download", action="store_true", help="fetch from the hub (paper scale only)")
     imp.add_argument("--out", required=True, type=Path)

@@ -232,7 +232,7 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
     compares against (in the grid or not: a run outside it is imported for the evaluations asked
     of it), imported from that very checkpoint, downloaded only at the paper scale (the mini
     scale never downloads), and with one seed: a release is one encoder, not a spread over seeds."""
-    from webssl_repro.releases import checkpoint_of, importable_runs, names_checkpoint, on_the_hub
+    from webssl_repro.releases import checkpoint_of, directory_only, importable_runs, names_checkpoint, on_the_hub
 
     if run_sources and len(seeds) > 1:
         raise ConfigError(f"pretrain.run_sources with seeds {list(seeds)}: each seed would import the same "
@@ -246,6 +246,9 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
         checkpoint = str(source.get("checkpoint", ""))
         if not names_checkpoint(checkpoint, expected):
             raise ConfigError(f"{where}.checkpoint: {checkpoint!r} is not the checkpoint of {run} ({expected})")
+        if source.get("path") and directory_only(run) and Path(source["path"]).is_file():
+            raise ConfigError(f"{where}.path: {source['path']} is a file, but {run} imports from a transformers "
+                              f"model directory only (a local copy of {expected})")
         if not source.get("path") and not on_the_hub(run):
             raise ConfigError(f"{where}: no 'path', and {expected} is on no hub to download it from; give a "
                               "local copy of that file")

@@ -48,7 +48,14 @@ PTH_URL = "https://dl.fbaipublicfiles.com/webssl/{}.pth"
 #:   native file holds the context encoder, its EMA target encoder and the predictor: the import takes
 #:   the target encoder, which I-JEPA evaluates. The HF repo was converted from the context encoder
 #:   (transformers' convert_ijepa_to_hf.py reads ``["encoder"]``), so the two sources differ. Its pin is
-#:   the commit "Update README.md" (ba3c451), read from the hub's file listing.
+#:   the commit "Update README.md" (ba3c451), read from the hub's file listing;
+#: - SigLIP and SigLIP 2 ViT-SO400M/14 (WebLI; Tables 3 and 14) at 224 and 384 px are shape-optimised
+#:   ViTs without a class token and with a tanh-GELU MLP (``models.arch.SIGLIP_ARCHS``); their CLS is the
+#:   mean of the patch tokens, as I-JEPA's, and their attention-pooling head is left out. Their HF repos are
+#:   transformers ``SiglipModel`` s (SigLIP 2's fixed-resolution releases are too), of which the vision tower is
+#:   kept. Their own files are big_vision ``.npz`` ones, not read here, so they have no ``pytorch_url``. Their
+#:   pins are mteb's (``siglip_models.py``), not checked against the repos' heads. 384 px is not a multiple of
+#:   the patch: SigLIP's valid convolution sees 27 x 27 patches and drops the last 6 px, as the tower here does.
 #: id -> HF id ("" where there is no hub repo), HF revision (mteb's pin as for ``RELEASED``, or read from
 #: the hub's file listing as said above; "" where none is recorded), method,
 #: size label, pretraining data, evaluated and trained resolutions, native .pth.
@@ -78,6 +85,14 @@ OFF_THE_SHELF = {
         "method": "ijepa", "size": "h14", "data": "in22k", "img_size": 224, "trained_size": 224,
         "pytorch_url": "https://dl.fbaipublicfiles.com/ijepa/IN22K-vit.h.14-900e.pth.tar",
     },
+    **{f"{name}-so400m-{res}": {
+        "hf_id": f"google/{name}-so400m-patch14-{res}", "revision": revision,
+        "method": "siglip", "size": "so400m14", "data": "webli", "img_size": res, "trained_size": res,
+        "pytorch_url": None,
+    } for name, res, revision in (("siglip", 224, "d04cf29fca7b6374f74d8bea1969314492266b5e"),
+                                  ("siglip", 384, "9fdffc58afc957d1a03a25b10dba0329ab15c2a3"),
+                                  ("siglip2", 224, "78e403963a4f6a3640d07803284752326fdf4edf"),
+                                  ("siglip2", 384, "e8e487298228002f3d8a82e0cd5c8ea9c567f57f"))},
 }
 
 
@@ -98,6 +113,12 @@ def names_checkpoint(given: str, expected: str) -> bool:
 def on_the_hub(run: str) -> bool:
     """Whether the checkpoint of an importable run can be downloaded from the Hugging Face hub."""
     return run not in OFF_THE_SHELF or bool(OFF_THE_SHELF[run]["hf_id"])
+
+
+def directory_only(run: str) -> bool:
+    """Whether an importable run reads a transformers model directory (or the hub) only, never a single
+    file: the off-the-shelf encoders whose own files are in a format not read here (SigLIP's .npz)."""
+    return run in OFF_THE_SHELF and OFF_THE_SHELF[run]["pytorch_url"] is None
 
 
 def importable_runs() -> list[str]:

@@ -33,9 +33,10 @@ def swiglu_hidden(width: int) -> int:
 def block_params(method: str, width: int, ffn_hidden: int | None = None, ffn: str | None = None) -> int:
     """Parameters of one transformer block (attention + FFN + 2 norms [+ LayerScale]). ``ffn`` is
     the FFN kind where it is not the method's own (``models.arch.Arch.ffn``: an OpenAI-CLIP tower's
-    'quick_gelu', a plain two-matrix MLP without LayerScale)."""
+    'quick_gelu', a plain two-matrix MLP without LayerScale). Only Web-DINO's and our CLIP's towers
+    are SwiGLU; MAE's and the imported I-JEPA's and SigLIP's are plain MLPs."""
     attn = 4 * width * width + 4 * width
-    if method == "mae" or ffn in ("gelu", "quick_gelu"):
+    if method not in ("dino", "clip") or ffn not in (None, "swiglu"):
         hidden = ffn_hidden or 4 * width
         ffn = 2 * width * hidden + hidden + width
         extra = 0
@@ -49,8 +50,8 @@ def block_params(method: str, width: int, ffn_hidden: int | None = None, ffn: st
 def encoder_params(method: str, arch: Mapping[str, Any], img_size: int) -> int:
     """Parameters of ``method``'s tower of shape ``arch`` (a config's ``labels.sizes`` entry, or an
     ``Arch`` as a dict); a pre-norm tower (OpenAI CLIP's) has a LayerNorm where the others have a
-    patch-embedding bias, and a tower without a class token (I-JEPA's) has neither it nor its
-    position."""
+    patch-embedding bias, and a tower without a class token (I-JEPA's, SigLIP's) has neither it nor
+    its position."""
     width, depth, patch = arch["width"], arch["depth"], arch["patch"]
     cls = 0 if arch.get("class_token") is False else 1
     tokens = (img_size // patch) ** 2 + cls

@@ -11,10 +11,11 @@ from webssl_repro.resources import swiglu_hidden
 
 METHODS = ("dino", "mae", "clip")
 #: Methods whose encoders are only imported (off-the-shelf baselines), never trained here.
-IMPORTED_METHODS = ("ijepa",)
-#: FFN kind of each method's tower (CLIP reuses the Web-DINO vision towers; I-JEPA's is a plain ViT's).
-METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu", "ijepa": "gelu"}
-FFN_KINDS = ("swiglu", "gelu", "quick_gelu")
+IMPORTED_METHODS = ("ijepa", "siglip")
+#: FFN kind of each method's tower (CLIP reuses the Web-DINO vision towers; I-JEPA's is a plain ViT's,
+#: SigLIP's one with the tanh approximation of GELU).
+METHOD_FFN = {"dino": "swiglu", "mae": "gelu", "clip": "swiglu", "ijepa": "gelu", "siglip": "gelu_tanh"}
+FFN_KINDS = ("swiglu", "gelu", "quick_gelu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Arch:
     ``ffn="quick_gelu"`` with ``pre_norm`` and ``norm_eps=1e-5`` is OpenAI CLIP's vision tower
     (MetaCLIP's ``-quickgelu`` models): a LayerNorm after the embeddings, a bias-free patch
     embedding, no LayerScale. ``class_token=False`` is a tower whose tokens are all patches
-    (I-JEPA's). Only off-the-shelf encoders have either; ours never train them."""
+    (I-JEPA's, SigLIP's). Only off-the-shelf encoders have either; ours never train them."""
 
     width: int
     depth: int
@@ -66,7 +67,7 @@ class Arch:
         return cls(**dict(mapping))
 
     def hidden(self, ffn: str) -> int:
-        """FFN hidden size for ``ffn`` ('swiglu': DINOv2 rounding rule, 'gelu', 'quick_gelu': 4·D)."""
+        """FFN hidden size for ``ffn`` ('swiglu': DINOv2 rounding rule; 'gelu', 'quick_gelu', 'gelu_tanh': 4·D)."""
         if ffn not in FFN_KINDS:
             raise ValueError(f"unknown FFN kind {ffn!r}")
         if self.ffn_hidden is not None and self.ffn in (None, ffn):
@@ -142,11 +143,17 @@ OPENAI_CLIP_ARCHS: dict[str, Arch] = {
 #: sine-cosine position embeddings are stored as weights.
 IJEPA_ARCHS: dict[str, Arch] = {"h14": Arch(1280, 32, 16, 5120, 14, "gelu", class_token=False)}
 
+#: SigLIP's and SigLIP 2's shape-optimised ViT-SO400M/14 (``So400m/14``: width 1152, depth 27, MLP 4304):
+#: no class token, a tanh-GELU MLP, a patch embedding with bias and no LayerScale, as transformers'
+#: ``SiglipVisionModel``; its attention-pooling (MAP) head is not part of the tower.
+SIGLIP_ARCHS: dict[str, Arch] = {"so400m14": Arch(1152, 27, 16, 4304, 14, "gelu_tanh", class_token=False)}
+
 
 def arch_for(method: str, size: str) -> Arch:
     """The released architecture of ``{method}{size}`` (MAE has its own table; CLIP's sizes
-    include the off-the-shelf OpenAI-CLIP towers; I-JEPA's are imported only)."""
-    tables = {"mae": MAE_ARCHS, "clip": {**PAPER_ARCHS, **OPENAI_CLIP_ARCHS}, "ijepa": IJEPA_ARCHS}
+    include the off-the-shelf OpenAI-CLIP towers; I-JEPA's and SigLIP's are imported only)."""
+    tables = {"mae": MAE_ARCHS, "clip": {**PAPER_ARCHS, **OPENAI_CLIP_ARCHS}, "ijepa": IJEPA_ARCHS,
+              "siglip": SIGLIP_ARCHS}
     table = tables.get(method, PAPER_ARCHS)
     if method not in METHOD_FFN:
         raise ValueError(f"unknown method {method!r}; expected one of {(*METHODS, *IMPORTED_METHODS)}")

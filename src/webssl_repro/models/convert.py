@@ -6,7 +6,8 @@ the two generations of transformers' ``Dinov2Model`` / ``ViTModel`` naming (4.x,
 Hugging Face repos were uploaded: ``attention.attention.query``, fused ``mlp.weights_in``; 5.x:
 ``q_proj``, split ``gate_proj``/``up_proj``). Everything is a rename plus a split or
 concatenation along dim 0, so a round trip is exact. Off-the-shelf OpenAI-CLIP towers (MetaCLIP)
-come in transformers' ``CLIPVisionModel`` and open_clip's naming; they are read, never written.
+come in transformers' ``CLIPVisionModel`` and open_clip's naming, SigLIP's in ``SiglipVisionModel``'s;
+they are read, never written.
 Mismatches raise ``KeyError`` naming the keys, because a silently half-loaded encoder would only
 show up as bad eval numbers.
 """
@@ -44,8 +45,9 @@ def load_into_encoder(state: Mapping[str, Tensor], method: str, arch: Arch, img_
         if tuple(state[key].shape) != shape:
             hint = ""
             if key == "pos_embed":
-                grid = round((state[key].shape[1] - 1) ** 0.5) * arch.patch
-                hint = f" (the checkpoint was trained at img_size={grid}, not {img_size})"
+                side, grid = round((state[key].shape[1] - int(arch.class_token)) ** 0.5), img_size // arch.patch
+                hint = (f" (the checkpoint's positions are a {side}x{side} patch grid, as at img_size="
+                        f"{side * arch.patch}; img_size={img_size} gives {grid}x{grid})")
             raise KeyError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
                            f"expected {shape}{hint}")
     encoder.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()},
@@ -217,18 +219,24 @@ HF_LAYOUTS: dict[tuple[str, bool], tuple[str, dict[str, str | tuple[str, ...]]]]
 # encoder's weights as ``ViTModel`` does, in both generations.
 HF_LAYOUTS.update({(kind, legacy): HF_LAYOUTS[("vit", legacy)] for kind in ("vit_mae", "ijepa")
                    for legacy in (False, True)})
-# ``CLIPVisionModel`` (one naming in both generations; 4.x nests it under ``vision_model.``)
-HF_LAYOUTS.update({("clip_vision_model", legacy): ("encoder.layers.", {
+# ``CLIPVisionModel`` and ``SiglipVisionModel`` (one naming in both generations; 4.x nests them under
+# ``vision_model.``)
+HF_LAYOUTS.update({(kind, legacy): ("encoder.layers.", {
     "norm1": "layer_norm1", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attn.proj": "self_attn.out_proj", "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
-    for legacy in (False, True)})
+    for kind in ("clip_vision_model", "siglip_vision_model") for legacy in (False, True)})
 #: non-block names of the kinds that differ from ``_TOP``: CLIP keeps its cls token and position
-#: embeddings without the batch dimension (``_unbatched``), and has a LayerNorm before the blocks
+#: embeddings without the batch dimension (``_unbatched``), and has a LayerNorm before the blocks;
+#: SigLIP has no cls token and no LayerNorm before the blocks
 _TOPS = {"clip_vision_model": {
     "cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding.weight",
-    "patch_embed.proj": "embeddings.patch_embedding", "norm_pre": "pre_layrnorm", "norm": "post_layernorm"}}
-#: HF-only parameters that are not part of our encoder (ViT's tanh pooler head).
-HF_IGNORED = re.compile(r"^pooler\.")
+    "patch_embed.proj": "embeddings.patch_embedding", "norm_pre": "pre_layrnorm", "norm": "post_layernorm"},
+    "siglip_vision_model": {
+    "pos_embed": "embeddings.position_embedding.weight", "patch_embed.proj": "embeddings.patch_embedding",
+    "norm": "post_layernorm"}}
+#: HF-only parameters that are not part of our encoder: ViT's tanh pooler head and SigLIP's
+#: attention-pooling (MAP) head, both over the final tokens, which the evaluations read themselves.
+HF_IGNORED = re.compile(r"^(pooler|head)\.")
 
 
 def hf_is_legacy(keys: Any) -> bool:
@@ -279,8 +287,8 @@ def to_hf(state: Mapping[str, Tensor], kind: str, *, legacy: bool = False) -> di
 
 
 def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """HF ``Dinov2Model`` / ``ViTModel`` / ``ViTMAEModel`` / ``CLIPVisionModel`` keys (either naming
-    generation) → ours.
+    """HF ``Dinov2Model`` / ``ViTModel`` / ``ViTMAEModel`` / ``IJepaModel`` / ``CLIPVisionModel`` /
+    ``SiglipVisionModel`` keys (either naming generation) → ours.
 
     Split parameters (q/k/v, gate/up) are concatenated back in our packed order; a key that
     maps to nothing, or a part missing from a split parameter, raises ``KeyError`` naming it.
@@ -328,8 +336,8 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
 
 
 def _unbatched(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """OpenAI CLIP's (D,) class embedding and (N+1, D) position embeddings as our (1, 1, D) and
-    (1, N+1, D); a key that is not there is left for ``load_into_encoder`` to name."""
+    """OpenAI CLIP's (D,) class embedding and (N+1, D) position embeddings (SigLIP's (N, D)) as our
+    (1, 1, D) and (1, N+1, D); a key that is not there is left for ``load_into_encoder`` to name."""
     for key in ("cls_token", "pos_embed"):
         if key in state:
             state[key] = state[key].reshape(1, -1, state[key].shape[-1])

@@ -22,17 +22,24 @@ from webssl_repro.models.vit import METHOD_FFN, Arch, WebSSLViT, arch_for
 
 #: HF model_type -> default method; ``vit_mae`` is MAE's own release (facebook/vit-mae-*), whose
 #: encoder is a ``ViTModel`` in all but name; ``clip_vision_model`` the vision tower of a ``CLIPModel``
-#: (MetaCLIP's releases), an OpenAI-CLIP tower; ``ijepa`` I-JEPA's, a ``ViTModel`` without a class token
-KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae", "clip_vision_model": "clip", "ijepa": "ijepa"}
+#: (MetaCLIP's releases), an OpenAI-CLIP tower; ``ijepa`` I-JEPA's, a ``ViTModel`` without a class token;
+#: ``siglip_vision_model`` the vision tower of a ``SiglipModel`` (SigLIP's and SigLIP 2's fixed-resolution releases)
+KINDS = {"dinov2": "dino", "vit": "mae", "vit_mae": "mae", "clip_vision_model": "clip", "ijepa": "ijepa",
+         "siglip_vision_model": "siglip"}
 #: HF model_type -> the methods whose towers it can hold (a Web-DINO and a CLIP tower are both Dinov2Models)
 KIND_METHODS = {"dinov2": ("dino", "clip"), "vit": ("mae",), "vit_mae": ("mae",), "clip_vision_model": ("clip",),
-                "ijepa": ("ijepa",)}
+                "ijepa": ("ijepa",), "siglip_vision_model": ("siglip",)}
+#: model_type of a two-tower release -> that of its vision tower, the one imported
+VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
 
 #: What an I-JEPA import from transformers reads (provenance notes): transformers' conversion script
 #: (convert_ijepa_to_hf.py) took the checkpoint's ``["encoder"]``.
 IJEPA_HF_NOTE = ("transformers' IJepaModel conversions (facebook/ijepa_*) hold I-JEPA's context encoder, not "
                  "the target encoder I-JEPA evaluates (its native file's 'target_encoder')")
+#: What a SigLIP import leaves out (provenance notes).
+SIGLIP_HEAD_NOTE = ("SigLIP's attention-pooling (MAP) head is left out: the evaluations read the final LayerNorm's "
+                    "tokens, and the mean of the patch tokens where they read a CLS")
 
 
 def _hf_swiglu_hidden(width: int, ratio: float) -> int:
@@ -107,8 +114,8 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
     """
     method = meta["method"]
     if encoder.ffn == "quick_gelu" or not encoder.arch.class_token:
-        raise ValueError("an imported off-the-shelf tower (MetaCLIP's OpenAI-CLIP or I-JEPA's) is not exported: "
-                         "its own release is a transformers model already")
+        raise ValueError("an imported off-the-shelf tower (MetaCLIP's OpenAI-CLIP, I-JEPA's or SigLIP's) is not "
+                         "exported: its own release is a transformers model already")
     if method not in ("dino", "clip", "mae"):
         raise ValueError(f"unknown method {method!r}")
     if (method == "mae") != (encoder.ffn == "gelu"):
@@ -130,7 +137,8 @@ def export_hf(encoder: WebSSLViT, meta: Mapping[str, Any], out_dir: str | Path) 
 
 
 def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | None) -> nn.Module:
-    from transformers import AutoConfig, CLIPVisionModel, Dinov2Model, IJepaModel, ViTMAEModel, ViTModel
+    from transformers import (AutoConfig, CLIPVisionModel, Dinov2Model, IJepaModel, SiglipVisionModel, ViTMAEModel,
+                              ViTModel)
     from transformers.utils import logging as hf_logging
 
     local = Path(path).is_dir()
@@ -147,21 +155,24 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
         model, info = ViTMAEModel.from_pretrained(str(path), output_loading_info=True, **kw)
     elif config.model_type == "ijepa":
         model, info = IJepaModel.from_pretrained(str(path), add_pooling_layer=False, output_loading_info=True, **kw)
-    elif config.model_type in ("clip", "clip_vision_model"):
+    elif config.model_type in (*VISION_TOWERS, *VISION_TOWERS.values()):
         # the vision tower; transformers would list each weight of the text tower it leaves out as a
         # warning, and the missing and mismatched weights, the ones that matter, are checked below
+        tower = CLIPVisionModel if config.model_type.startswith("clip") else SiglipVisionModel
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model, info = CLIPVisionModel.from_pretrained(str(path), output_loading_info=True, **kw)
+            model, info = tower.from_pretrained(str(path), output_loading_info=True, **kw)
         finally:
             hf_logging.set_verbosity(verbosity)
     else:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not a Web-SSL tower (expected 'dinov2' "
-                         "for Web-DINO, 'vit' for Web-MAE, 'vit_mae' for MAE, 'clip' for MetaCLIP or 'ijepa')")
+                         "for Web-DINO, 'vit' for Web-MAE, 'vit_mae' for MAE, 'clip' for MetaCLIP, 'ijepa' or "
+                         "'siglip' for SigLIP and SigLIP 2's fixed-resolution releases)")
     # from_pretrained fills a weight the files lack with random values and only logs it: the
-    # encoder converted from the model would then be half random, with no error.
-    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    # encoder converted from the model would then be half random, with no error. The pooling heads
+    # over the final tokens (ViT's pooler, SigLIP's MAP head) are not imported.
+    missing = sorted(k for k in info.get("missing_keys", ()) if not convert.HF_IGNORED.match(k))
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {len(missing)} of the {config.model_type} model's weights, "
                        f"e.g. {', '.join(missing[:5])}")
@@ -175,12 +186,13 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
 def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = False,
               revision: str | None = None, method: str | None = None
               ) -> tuple[WebSSLViT, dict[str, Any]]:
-    """Our encoder from a HF ``Dinov2Model``/``ViTModel``/``ViTMAEModel``/``CLIPModel`` (a local
-    directory or a model object).
+    """Our encoder from a HF ``Dinov2Model``/``ViTModel``/``ViTMAEModel``/``IJepaModel``/``CLIPModel``/
+    ``SiglipModel`` (a local directory or a model object).
 
     The method comes from ``config.webssl`` (our exports), else ``method``, else the model
     type (Dinov2 → dino, ViT and ViTMAE → mae, CLIP → clip, an OpenAI-CLIP tower: QuickGELU,
-    pre-norm). Both transformers naming generations are accepted. The
+    pre-norm; IJepa → ijepa; Siglip → siglip, its vision tower without the attention-pooling head).
+    Both transformers naming generations are accepted. The
     fused q/k/v and SwiGLU gate/up weights are copies (``convert.from_hf`` concatenates them);
     the import job's memory allows for them (``workflow_pretrain.import_resources``).
     """
@@ -188,8 +200,8 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         model, source = path_or_model, type(path_or_model).__name__
         if model.config.model_type == "vit_mae" and hasattr(model, "vit"):
             model = model.vit  # a ViTMAEForPreTraining: its encoder
-        elif model.config.model_type in ("clip", "clip_vision_model") and hasattr(model, "vision_model"):
-            model = model.vision_model  # a CLIPModel or CLIPVisionModelWithProjection: its vision tower
+        elif model.config.model_type in (*VISION_TOWERS, *VISION_TOWERS.values()) and hasattr(model, "vision_model"):
+            model = model.vision_model  # a CLIPModel, CLIPVisionModelWithProjection or SiglipModel: its vision tower
     else:
         model = _load_hf_model(path_or_model, allow_download=allow_download, revision=revision)
         source = str(path_or_model)
@@ -208,6 +220,11 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
             raise ValueError(f"{source}: CLIP hidden_act {config.hidden_act!r}; the OpenAI-CLIP towers here "
                              "are MetaCLIP's, with 'quick_gelu'")
         hidden, eps = config.intermediate_size, float(config.layer_norm_eps)  # built as it is: no warning
+    elif kind == "siglip_vision_model":
+        if config.hidden_act != "gelu_pytorch_tanh":
+            raise ValueError(f"{source}: SigLIP hidden_act {config.hidden_act!r}; SigLIP's towers use "
+                             "'gelu_pytorch_tanh'")
+        hidden, eps = config.intermediate_size, float(config.layer_norm_eps)
     elif kind == "dinov2":
         if not config.use_swiglu_ffn:
             raise ValueError(f"{source}: Dinov2 with a GELU MLP (e.g. the original DINOv2 ViT-L) is "
@@ -228,14 +245,17 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
     img = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     ffn = "quick_gelu" if kind == "clip_vision_model" else METHOD_FFN[method]
     arch = Arch(width, config.num_hidden_layers, config.num_attention_heads, hidden, patch, ffn,
-                pre_norm=ffn == "quick_gelu", norm_eps=eps, class_token=kind != "ijepa")
-    state = convert.from_hf(model.state_dict(), kind)
+                pre_norm=ffn == "quick_gelu", norm_eps=eps, class_token=kind not in ("ijepa", "siglip_vision_model"))
+    hf_state = model.state_dict()
+    state = convert.from_hf(hf_state, kind)
     if method == "clip":
         state.pop("mask_token", None)
     elif method == "dino" and "mask_token" not in state:
         state["mask_token"] = torch.zeros(1, width)
     encoder = convert.load_into_encoder(state, method, arch, img, source=source)
     notes = [IJEPA_HF_NOTE] if kind == "ijepa" else []
+    if kind == "siglip_vision_model" and any(k.removeprefix("vision_model.").startswith("head.") for k in hf_state):
+        notes.append(SIGLIP_HEAD_NOTE)
     return encoder, _meta(method, arch, img, source=source, notes=notes)
 
 
@@ -294,6 +314,10 @@ def import_native(path_or_state_dict: str | Path | Mapping[str, Any], method: st
     """
     if isinstance(arch, str):
         arch = arch_for(method, arch)
+    if method == "siglip":
+        raise ValueError(f"{path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else 'state dict'}: "
+                         "SigLIP's own checkpoints are big_vision .npz files, which are not read here; give the "
+                         "directory of its transformers release (a SiglipModel, e.g. google/siglip-so400m-patch14-384)")
     if isinstance(path_or_state_dict, Mapping):
         obj, source = path_or_state_dict, "state dict"
     else:

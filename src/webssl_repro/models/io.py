@@ -54,11 +54,14 @@ Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def pixel_stats(method: str) -> Stats:
-    """(mean, std) of the pixels a method trains on: ImageNet's (DINOv2, MAE), OpenAI's (CLIP,
-    as MetaCLIP and open_clip normalise). Every evaluation feeds ImageNet-normalised pixels."""
+    """(mean, std) of the pixels a method trains on: ImageNet's (DINOv2, MAE, I-JEPA), OpenAI's (CLIP,
+    as MetaCLIP and open_clip normalise), 0.5 for every channel (SigLIP's [-1, 1] pixels). Every
+    evaluation feeds ImageNet-normalised pixels."""
     from webssl_repro.evaluate.imagesets import IMAGENET_MEAN, IMAGENET_STD
     from webssl_repro.methods.clip import OPENAI_MEAN, OPENAI_STD
 
+    if method == "siglip":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     return (OPENAI_MEAN, OPENAI_STD) if method == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
 
 

@@ -8,10 +8,11 @@ timm's layers themselves.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterable
 
 import torch
-from timm.layers import DropPath, GluMlp, LayerScale, Mlp, QuickGELU
+from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, QuickGELU
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -22,7 +23,8 @@ def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
 
     ``kind="swiglu"`` is timm's packed GLU (``fc1: D→2h``, ``silu(x1)·x2``, ``fc2: h→D``), the
     same layout as DINOv2's ``w12``/``w3`` so released weights load by renaming only;
-    ``kind="gelu"`` is the plain MAE/ViT MLP with hidden ``h``, ``"quick_gelu"`` OpenAI CLIP's.
+    ``kind="gelu"`` is the plain MAE/ViT MLP with hidden ``h``, ``"quick_gelu"`` OpenAI CLIP's and
+    ``"gelu_tanh"`` SigLIP's (GELU's tanh approximation, transformers' ``gelu_pytorch_tanh``).
     """
     if kind == "swiglu":
         layer, fixed = GluMlp, dict(hidden_features=2 * hidden, act_layer=nn.SiLU, gate_last=False)
@@ -30,14 +32,26 @@ def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
         layer, fixed = Mlp, dict(hidden_features=hidden, act_layer=nn.GELU)
     elif kind == "quick_gelu":  # OpenAI CLIP's x·σ(1.702x)
         layer, fixed = Mlp, dict(hidden_features=hidden, act_layer=QuickGELU)
+    elif kind == "gelu_tanh":
+        layer, fixed = Mlp, dict(hidden_features=hidden, act_layer=partial(nn.GELU, approximate="tanh"))
     else:
-        raise ValueError(f"unknown FFN kind {kind!r}; expected 'swiglu', 'gelu' or 'quick_gelu'")
+        raise ValueError(f"unknown FFN kind {kind!r}; expected 'swiglu', 'gelu', 'quick_gelu' or 'gelu_tanh'")
 
     def make(in_features: int, hidden_features: int | None = None, **kwargs) -> nn.Module:
         kwargs.update(fixed)
         return layer(in_features, **kwargs)
 
     return make
+
+
+class ValidPatchEmbed(PatchEmbed):
+    """timm's patch embedding that drops the last ``H mod p`` rows and ``W mod p`` columns of an
+    image off its patch grid, as SigLIP's ``Conv2d(padding="valid")`` does (384 px at patch 14:
+    27 x 27 patches, 6 px unseen), where timm refuses such a size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (ph, pw), (h, w) = self.patch_size, x.shape[-2:]
+        return super().forward(x[..., :h - h % ph, :w - w % pw])
 
 
 #: DINOv2 switches from per-sample DropPath to subset stochastic depth above this rate.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from webssl_repro.models.layers import (
+    ValidPatchEmbed,
     WebSSLBlock,
     fixed_hidden_mlp,
     init_dinov2_,
@@ -141,7 +142,8 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
     (an unused parameter would break DDP), or OpenAI CLIP's for a QuickGELU ``arch`` (pre-norm,
     no LayerScale); mae: GELU MLP, no LayerScale, no mask token
     (MAE drops masked tokens instead of replacing them); ijepa (imported only): MAE's, without a
-    class token for I-JEPA's ``arch``. ``img_size`` fixes the stored
+    class token for I-JEPA's ``arch``; siglip (imported only): the same with a tanh-GELU MLP, whose
+    patch embedding drops the pixels off its patch grid (``ValidPatchEmbed``). ``img_size`` fixes the stored
     pos-embed grid; other input sizes are resampled on the fly. ``layerscale`` None or 0: no
     LayerScale (through ``timm.create_model``, which drops options that are None, pass 0).
     """
@@ -151,9 +153,10 @@ def build_encoder(arch: Arch, method: str = "dino", img_size: int = 224, *,
         layerscale=None if ffn != "swiglu" or not layerscale else layerscale,
         drop_path_rate=drop_path_rate,
         mask_token=method == "dino",
+        **({"embed_layer": ValidPatchEmbed} if method == "siglip" else {}),
         **timm_kwargs,
     )
-    if ffn == "gelu":  # MAE (and I-JEPA, imported only)
+    if ffn in ("gelu", "gelu_tanh"):  # MAE (and I-JEPA, SigLIP, imported only)
         if not any(p.is_meta for p in model.parameters()):
             model.init_weights(needs_reset=False)  # timm default; MAE re-initialises its own way
     else:
