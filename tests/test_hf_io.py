@@ -190,7 +190,7 @@ def test_bad_checkpoints_name_the_key():
     lost = {k: v for k, v in native.items() if k != "blocks.1.ls2.gamma"}
     with pytest.raises(KeyError, match=r"blocks\.1\.ls2\.gamma"):
         import_native(lost, "dino", TINY, IMG)
-    with pytest.raises(KeyError, match=r"pos_embed.*a 4x4 patch grid, as at img_size=32; img_size=64 gives 8x8"):
+    with pytest.raises(KeyError, match=r"pos_embed.*a 4x4 patch grid, that of img_size 32-39; img_size=64 gives 8x8"):
         import_native(native, "dino", TINY, 64)
 
 

@@ -67,12 +67,31 @@ def test_so400m_runs_are_transformers_siglip_towers_without_their_head(run):
         tower = build_encoder(rel.arch, "siglip", img_size=res)
         reference = timm.create_model(f"vit_so400m_patch14_siglip_{res}", pretrained=False)
     n = sum(p.numel() for p in tower.parameters())
-    # timm's own SO400M/14 less its attention-pooling head: 27 x 27 = 729 positions at 384 px, 256 at 224
-    head = sum(p.numel() for p in reference.attn_pool.parameters())
-    assert n == sum(p.numel() for p in reference.parameters()) - head == {224: 412_442_352, 384: 412_987_248}[res]
+    # timm's own SO400M/14 less its attention-pooling head, weight for weight: 27 x 27 = 729 positions at 384 px
+    shapes = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("attn_pool.")}
+    assert {k: v.shape for k, v in tower.state_dict().items()} == shapes
+    assert n == {224: 412_442_352, 384: 412_987_248}[res]
     assert encoder_params("siglip", dataclasses.asdict(rel.arch), res) == n
     assert tower.cls_token is None and tower.mask_token is None and tower.pos_embed.shape == (1, (res // 14) ** 2, 1152)
     assert tower.blocks[0].mlp.act.approximate == "tanh"
+
+
+def test_the_hub_s_configs_import_as_the_released_arch():
+    """The SO400M/14 configs of the hub's repos (config.json: 1152 wide, MLP 4304, 27 layers, 16 heads, patch 14;
+    image_size 384, or none: 224) build, on the meta device, the tower each run is checked against."""
+    from transformers import SiglipConfig, SiglipModel
+
+    for run in ("siglip-so400m-224", "siglip2-so400m-384"):
+        rel = run_checkpoint(run)
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                      patch_size=14, **({"image_size": 384} if rel.img_size == 384 else {}))
+        with torch.device("meta"):
+            model = SiglipModel(SiglipConfig(vision_config=vision))
+        encoder, meta = import_hf(model)
+        assert (meta["method"], meta["arch"], meta["img_size"]) == ("siglip", {
+            "width": 1152, "depth": 27, "heads": 16, "ffn_hidden": 4304, "patch": 14, "class_token": False},
+            rel.img_size)
+        assert encoder.arch == rel.arch and encoder.pos_embed.shape == (1, (rel.img_size // 14) ** 2, 1152)
 
 
 def test_hf_siglip_imports_to_transformers_own_tokens_at_a_size_off_the_patch_grid(tmp_path, monkeypatch):
@@ -118,6 +137,13 @@ def test_vision_tower_alone_and_model_objects_import_the_same(tmp_path, monkeypa
         other, meta = import_hf(source)
         assert same_state(other, encoder), source
         assert (SIGLIP_HEAD_NOTE in meta["notes"]) == (source != tmp_path / "headless")
+    # a file without the head beside a config that declares one: the head transformers would fill at random
+    # is not imported, so nothing is missing
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "vision" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "head." not in k}, weights, metadata={"format": "pt"})
+    assert same_state(import_hf(tmp_path / "vision")[0], encoder)
     _siglip_stand_in(tmp_path / "eps", layer_norm_eps=1e-5)
     assert import_hf(tmp_path / "eps")[0].norm.eps == 1e-5
     _siglip_stand_in(tmp_path / "gelu", hidden_act="gelu")
@@ -146,6 +172,9 @@ def test_siglip_files_are_refused_by_name(tmp_path, monkeypatch):
     where it exists, by the dry run; a transformers directory is what the run reads."""
     npz = tmp_path / "webli_en_so400m_384_58765454.npz"
     npz.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"/ckpt/siglip-so400m-patch14-384: no such directory \(a local copy of "
+                                                 r"google/siglip-so400m-patch14-384, a transformers model\)"):
+        load_released(run_checkpoint("siglip-so400m-384"), "/ckpt/siglip-so400m-patch14-384")
     with pytest.raises(ValueError, match=r"webli_en_so400m_384_58765454.npz: SigLIP's own checkpoints are big_vision"):
         load_released(_tiny(monkeypatch), npz)
     with pytest.raises(ValueError, match=r"big_vision .npz files"):
@@ -162,5 +191,6 @@ def test_a_position_grid_of_another_resolution_is_named():
     """A checkpoint whose position embeddings are another grid than the run's resolution gives is named with
     both grids (a tower without a class token: every position is a patch)."""
     state = build_encoder(TINY_SIGLIP, "siglip", img_size=IMG).state_dict()
-    with pytest.raises(KeyError, match=r"positions are a 3x3 patch grid, as at img_size=21; img_size=35 gives 5x5"):
+    with pytest.raises(KeyError, match=r"positions are a 3x3 patch grid, that of img_size 21-27; img_size=35 "
+                                       r"gives 5x5"):
         load_into_encoder(state, "siglip", TINY_SIGLIP, 35, source="stand-in")

@@ -238,6 +238,10 @@ def test_imported_off_the_shelf_siglip_towers_are_evaluated_in_tables_3_and_14(p
     assert proc.returncode == 0, proc.stderr[-3000:]
     for run, checkpoint in runs.items():
         assert f"--run {run} --checkpoint {checkpoint} --allow-download" in proc.stdout
+    cfg["pretrain"]["run_sources"]["siglip-so400m-384"]["path"] = "/ckpt/siglip-so400m-patch14-384"
+    with pytest.raises(FileNotFoundError, match=r"/ckpt/siglip-so400m-patch14-384 does not exist \(a local copy of "
+                                                r"google/siglip-so400m-patch14-384: a transformers model directory\)$"):
+        Plan(cfg).import_inputs("siglip-so400m-384")
 
 
 def test_import_resources_fit_the_largest_imported_encoder(paper):

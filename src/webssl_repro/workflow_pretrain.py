@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
+from webssl_repro.releases import directory_only
 from webssl_repro.resources import (PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
                                     pretrain_resources)
 from webssl_repro.runs import Run, split_seed
@@ -58,9 +59,9 @@ class PretrainJobs:
         run = split_seed(run_id, self.seeds[0])[0]
         path = self.run_sources[run].get("path")
         if path and not os.path.exists(path) and not os.path.exists(f"{self.run_dir(run_id)}/encoder.safetensors"):
+            kinds = "a transformers model directory" + ("" if directory_only(run) else " or a native .pth / .pt file")
             raise FileNotFoundError(f"pretrain.run_sources.{run}.path: {path} does not exist (a local copy of "
-                                    f"{self.run_sources[run].get('checkpoint')}: a HF model directory or a "
-                                    "native .pth / .pt file)")
+                                    f"{self.run_sources[run].get('checkpoint')}: {kinds})")
         return []
 
     def import_command(self, run_id: str) -> str:

@@ -46,8 +46,9 @@ def load_into_encoder(state: Mapping[str, Tensor], method: str, arch: Arch, img_
             hint = ""
             if key == "pos_embed":
                 side, grid = round((state[key].shape[1] - int(arch.class_token)) ** 0.5), img_size // arch.patch
-                hint = (f" (the checkpoint's positions are a {side}x{side} patch grid, as at img_size="
-                        f"{side * arch.patch}; img_size={img_size} gives {grid}x{grid})")
+                sizes = f"{side * arch.patch}-{(side + 1) * arch.patch - 1}"  # SigLIP's 384 px gives 27 x 27 at 14
+                hint = (f" (the checkpoint's positions are a {side}x{side} patch grid, that of img_size {sizes}; "
+                        f"img_size={img_size} gives {grid}x{grid})")
             raise KeyError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
                            f"expected {shape}{hint}")
     encoder.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()},
@@ -337,7 +338,8 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
 
 def _unbatched(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """OpenAI CLIP's (D,) class embedding and (N+1, D) position embeddings (SigLIP's (N, D)) as our
-    (1, 1, D) and (1, N+1, D); a key that is not there is left for ``load_into_encoder`` to name."""
+    (1, 1, D) and (1, N+1, D) (SigLIP's (1, N, D)); a key that is not there is left for
+    ``load_into_encoder`` to name."""
     for key in ("cls_token", "pos_embed"):
         if key in state:
             state[key] = state[key].reshape(1, -1, state[key].shape[-1])

@@ -38,8 +38,8 @@ VISION_TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 IJEPA_HF_NOTE = ("transformers' IJepaModel conversions (facebook/ijepa_*) hold I-JEPA's context encoder, not "
                  "the target encoder I-JEPA evaluates (its native file's 'target_encoder')")
 #: What a SigLIP import leaves out (provenance notes).
-SIGLIP_HEAD_NOTE = ("SigLIP's attention-pooling (MAP) head is left out: the evaluations read the final LayerNorm's "
-                    "tokens, and the mean of the patch tokens where they read a CLS")
+SIGLIP_HEAD_NOTE = ("SigLIP's attention-pooling (MAP) head is left out: the evaluations read the blocks' tokens, "
+                    "and the mean of the patch tokens where they read a CLS")
 
 
 def _hf_swiglu_hidden(width: int, ratio: float) -> int:
@@ -172,7 +172,8 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
     # from_pretrained fills a weight the files lack with random values and only logs it: the
     # encoder converted from the model would then be half random, with no error. The pooling heads
     # over the final tokens (ViT's pooler, SigLIP's MAP head) are not imported.
-    missing = sorted(k for k in info.get("missing_keys", ()) if not convert.HF_IGNORED.match(k))
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if not convert.HF_IGNORED.match(k.removeprefix("vision_model.")))
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {len(missing)} of the {config.model_type} model's weights, "
                        f"e.g. {', '.join(missing[:5])}")

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 from webssl_repro.models import convert
 from webssl_repro.models.hf import arch_header, import_hf, import_native
 from webssl_repro.models.vit import Arch, WebSSLViT, arch_for, resample_pos_embed
-from webssl_repro.releases import NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, checkpoint_of, importable_runs
+from webssl_repro.releases import (NO_PTH, OFF_THE_SHELF, PTH_URL, RELEASED, checkpoint_of, directory_only,
+                                   importable_runs)
 
 
 _ID = re.compile(r"^webssl-(?P<method>dino|mae)(?P<size>\d+[mb])-(?P<data>full|light|heavy)"
@@ -118,6 +119,8 @@ def load_released(checkpoint: str | Released, source: str | Path | None = None, 
         encoder, meta = import_hf(rel.hf_id, allow_download=True, revision=rel.revision)
     elif Path(source).is_dir():
         encoder, meta = import_hf(source)
+    elif directory_only(rel.run) and not Path(source).exists():
+        raise FileNotFoundError(f"{source}: no such directory (a local copy of {rel.checkpoint}, a transformers model)")
     else:
         encoder, meta = import_native(source, rel.method, rel.arch, rel.weights_size)
     if (meta["method"], meta["arch"], meta["img_size"]) != (

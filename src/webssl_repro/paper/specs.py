@@ -3,8 +3,9 @@
 This is the one source of truth for the experiment grid: the set of runs the DAG
 trains is the union of the runs the requested items need (``workflow.Plan.grid_runs``).
 A row or series point names either a run (``dino7b-full8b-518``) or an off-the-shelf
-baseline id (``siglip-so400m-384``); baselines are never trained or evaluated here, only
-drawn from the paper's numbers where it prints them.
+baseline id (``siglip-so400m-384``); baselines are never trained here: they are drawn from the
+paper's numbers where it prints them, or evaluated where a config imports them
+(``pretrain.run_sources``, ``releases.OFF_THE_SHELF``).
 """
 from __future__ import annotations
 
