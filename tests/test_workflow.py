@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from webssl_repro.config import ConfigError, load_config
+from webssl_repro.config import ConfigError, load_config, validate_config
 from webssl_repro.paper import specs
 from webssl_repro.runs import Run
 from webssl_repro.workflow import Plan
@@ -308,6 +308,11 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
         (folder / name).write_text("{}")
     cfg = load_config(REPO / "config/paper.yaml")
     cfg["evaluate"]["alignment"]["lm_paths"]["llama3.1-8b"] = str(folder)
+    with pytest.raises(ConfigError, match=r"lm_revisions: 'd04e592\w+' pins a hub id's commit, but "
+                                          r"evaluate.alignment.lm_paths.llama3.1-8b is a local directory"):
+        Plan(cfg)  # config/paper.yaml pins the hub's copy, which a local one does not follow
+    cfg["evaluate"]["alignment"]["lm_revisions"]["llama3.1-8b"] = None  # an overlay's null unsets it
+    validate_config(cfg)
     plan = Plan(cfg)
     assert plan.language_features_paths() == ["results/paper/language_features/llama3.1-8b.pt",
                                               "results/paper/language_features/llama3.1-70b.pt"]
@@ -319,7 +324,8 @@ def test_language_features_are_one_job_per_model_rerun_by_their_weights(tmp_path
     assert json.loads(plan.language_features_json("llama3.1-8b")) == {"scale": "paper",
                                                                        "lm_paths": {"llama3.1-8b": str(folder)}}
     assert json.loads(plan.language_features_json("llama3.1-70b")) == {
-        "scale": "paper", "lm_paths": {"llama3.1-70b": "meta-llama/Llama-3.1-70B"}}
+        "scale": "paper", "lm_paths": {"llama3.1-70b": "meta-llama/Llama-3.1-70B"},
+        "lm_revisions": {"llama3.1-70b": "349b2ddb53ce8f2849a6c168a81980ab25258dac"}}
     cfg["evaluate"]["alignment"]["k"] = 5  # the score's, not the features'
     assert Plan(cfg).language_features_json("llama3.1-8b") == plan.language_features_json("llama3.1-8b")
     cfg["evaluate"]["alignment"]["lm_revisions"] = {"llama3.1-70b": "abc123"}  # the features': the 70B's only

@@ -688,9 +688,10 @@ def test_an_overlay_switching_the_filter_backend_unsets_the_others_options_with_
 
     cfg = copy.deepcopy(paper)
     cfg["data"]["filter"]["backend"] = "ocr"
-    with pytest.raises(ConfigError, match=r"data.filter: device, dtype, model are not options of backend 'ocr'"):
+    with pytest.raises(ConfigError, match=r"data.filter: device, dtype, model, revision are not options of backend "
+                                          r"'ocr'"):
         Plan(cfg)
-    cfg["data"]["filter"].update(device=None, dtype=None, model=None)
+    cfg["data"]["filter"].update(device=None, dtype=None, model=None, revision=None)
     validate_config(cfg)
     Plan(cfg)
     assert backend_options("ocr", cfg["data"]["filter"]) == {}
