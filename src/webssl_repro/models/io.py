@@ -86,24 +86,27 @@ def take_imagenet_normalised(encoder: nn.Module, stats: Stats) -> None:
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the encoder written by ``webssl-repro pretrain`` and load its weights (strict). It
-    takes ImageNet-normalised pixels whatever statistics its method trained with (``pixel_stats``)."""
+    takes ImageNet-normalised pixels whatever statistics its method trained with (``pixel_stats``).
+
+    The tower is built on the meta device and adopts the file's tensors (``convert.load_into_encoder``):
+    a random init first would double the host memory and, at ViT-bigG, take most of the load time."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from webssl_repro.models.vit import METHOD_FFN, Arch, build_encoder
+    from webssl_repro.models.convert import load_into_encoder
+    from webssl_repro.models.vit import METHOD_FFN, Arch
 
     meta = encoder_metadata(path)
     if meta.get("method") not in METHOD_FFN:
         raise ValueError(f"{path}: encoder of unknown method {meta.get('method')!r}; known: {sorted(METHOD_FFN)}")
     # the header names the FFN only where it is not the method's own (an OpenAI-CLIP tower)
     arch = Arch.from_config({"ffn": METHOD_FFN[meta["method"]], **meta["arch"]})
-    encoder = build_encoder(arch, meta["method"], img_size=int(meta["img_size"]))
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise _unreadable(path, err) from err
-    encoder.load_state_dict(state, strict=True)
-    encoder.to(device).eval().requires_grad_(False)
+    encoder = load_into_encoder(state, meta["method"], arch, int(meta["img_size"]), source=str(path))
+    encoder.to(device)
     take_imagenet_normalised(encoder, pixel_stats(meta["method"]))
     meta["patch"] = arch.patch
     meta["depth"] = arch.depth
