@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO, snakemake
 from webssl_repro import cli
-from webssl_repro.config import ConfigError, config_origin, load_config, validate_config
+from webssl_repro.config import ConfigError, config_origin, load_config, load_configs, validate_config
 from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.resources import encoder_params
@@ -242,6 +242,50 @@ def test_imported_off_the_shelf_siglip_towers_are_evaluated_in_tables_3_and_14(p
     with pytest.raises(FileNotFoundError, match=r"/ckpt/siglip-so400m-patch14-384 does not exist \(a local copy of "
                                                 r"google/siglip-so400m-patch14-384: a transformers model directory\)$"):
         Plan(cfg).import_inputs("siglip-so400m-384")
+
+
+#: config/paper.yaml's hub pins, by where they are
+PAPER_PINS = {("data", "filter", "revision"): "data.filter.model",
+              ("evaluate", "vqa", "language_model_revision"): "evaluate.vqa.language_model",
+              ("evaluate", "alignment", "lm_revisions", "llama3.1-8b"): "evaluate.alignment.lm_paths.llama3.1-8b",
+              ("evaluate", "alignment", "lm_revisions", "llama3.1-70b"): "evaluate.alignment.lm_paths.llama3.1-70b"}
+
+
+def test_paper_pins_are_commits(paper):
+    for where in PAPER_PINS:
+        value = paper
+        for key in where:
+            value = value[key]
+        assert re.fullmatch(r"[0-9a-f]{40}", value), (where, value)
+
+
+@pytest.mark.parametrize("kept", [None, *PAPER_PINS])
+def test_an_overlay_with_local_copies_sets_paper_yaml_s_pins_to_null(tmp_path, kept):
+    """Local copies of the four pinned models, laid over config/paper.yaml: with each pin set to null the plan
+    holds; a pin left beside its copy stops the dry run, naming both keys."""
+    copies = {name: tmp_path / name for name in ("smol", "llama3", "l8", "l70")}
+    for folder in copies.values():
+        folder.mkdir()
+    overlay = {"data": {"filter": {"model": str(copies["smol"]), "revision": None}},
+               "evaluate": {"vqa": {"language_model": str(copies["llama3"]), "language_model_revision": None},
+                            "alignment": {"lm_paths": {"llama3.1-8b": str(copies["l8"]),
+                                                       "llama3.1-70b": str(copies["l70"])},
+                                          "lm_revisions": {"llama3.1-8b": None, "llama3.1-70b": None}}}}
+    if kept is not None:
+        section = overlay
+        for key in kept[:-1]:
+            section = section[key]
+        del section[kept[-1]]
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(overlay))
+    cfg = load_configs([REPO / "config/paper.yaml", tmp_path / "local.yaml"])
+    if kept is None:
+        validate_config(cfg)
+        assert "lm_revisions" not in json.loads(Plan(cfg).language_features_json("llama3.1-70b"))
+        return
+    revision_key = ".".join(kept[:3]) if kept[1] == "alignment" else ".".join(kept)
+    with pytest.raises(ConfigError, match=rf"{re.escape(revision_key)}: '[0-9a-f]{{40}}' pins a hub id's commit, but "
+                                          rf"{re.escape(PAPER_PINS[kept])} is a local directory"):
+        Plan(cfg)
 
 
 def test_import_resources_fit_the_largest_imported_encoder(paper):

@@ -153,7 +153,8 @@ def pinned_revision(revision: str | None, location: str | os.PathLike, revision_
         return {}
     if os.path.isdir(os.path.expanduser(str(location))):
         raise ValueError(f"{revision_key}: {revision!r} pins a hub id's commit, but {model_key} is a local "
-                         f"directory ({location}), the copy it is; unset one of them")
+                         f"directory ({location}), the copy it is; set {revision_key} to null (an overlay of "
+                         "config/paper.yaml, which pins it) or give the hub id")
     return {"revision": str(revision)}
 
 

