@@ -92,6 +92,13 @@ def _grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
     return h, w
 
 
+def global_token(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The CLS of (B, T, D) block tokens: the class token, or for a tower without prefix tokens
+    (I-JEPA's, SigLIP's) the mean of its patch tokens, the global representation I-JEPA is
+    evaluated with (average pooling). ``WebSSLViT.forward_features_dict`` follows the same rule."""
+    return tokens[:, 0] if num_prefix_tokens else tokens.mean(1)
+
+
 def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indices: Indices = None,
                  norm: bool = False, num_prefix_tokens: Optional[int] = None) -> BlockTokens:
     """CLS and patch tokens after the selected blocks.
@@ -101,8 +108,7 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
     A model without ``forward_intermediates`` must return a list with the (B, T, D) tokens after
     every block; its prefix (CLS + registers) length comes from ``num_prefix_tokens`` or the
     model's attribute (default 1), and ``norm=True`` then uses ``model.norm``. A model without
-    prefix tokens (I-JEPA's) gets the mean of each block's patch tokens as its CLS: the global
-    representation I-JEPA is evaluated with (average pooling).
+    prefix tokens gets the mean of each block's patch tokens as its CLS (``global_token``).
     """
     n_prefix = num_prefix_tokens if num_prefix_tokens is not None else \
         int(getattr(model, "num_prefix_tokens", 1))
@@ -115,7 +121,7 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
         if n_prefix:
             patches, cls = [o[0] for o in out], [o[1][:, 0] for o in out]
         else:
-            patches, cls = list(out), [o.mean(1) for o in out]
+            patches, cls = list(out), [global_token(o, 0) for o in out]
         idx = list(idx) if idx is not None else list(range(len(out)))
     else:
         every = list(model(images))
@@ -123,7 +129,7 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
         chosen = [every[i] for i in idx]
         if norm:
             chosen = [model.norm(t) for t in chosen]
-        cls = [t[:, 0] if n_prefix else t.mean(1) for t in chosen]
+        cls = [global_token(t, n_prefix) for t in chosen]
         patches = [t[:, n_prefix:] for t in chosen]
     grid = _grid(patches[0].shape[1], images.shape[-2], images.shape[-1])
     return BlockTokens(torch.stack(cls), torch.stack(patches), grid, idx)
@@ -141,10 +147,10 @@ def block_cls(model: Union[nn.Module, Callable], images: torch.Tensor) -> torch.
     if not isinstance(model, nn.Module) or not hasattr(model, "blocks") or forward is None:
         return block_tokens(model, images).cls
     kept: list[torch.Tensor] = []
-    has_cls = int(getattr(model, "num_prefix_tokens", 1)) > 0
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
 
     def keep(_module, _inputs, out):
-        kept.append(out[:, 0].clone() if has_cls else out.mean(1))  # a copy: a view would hold the whole output
+        kept.append(global_token(out, n_prefix).clone())  # a copy: a view would hold the whole output
 
     hooks = [block.register_forward_hook(keep) for block in model.blocks]
     try:
