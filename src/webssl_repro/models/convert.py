@@ -240,6 +240,11 @@ _TOPS = {"clip_vision_model": {
 HF_IGNORED = re.compile(r"^(pooler|head)\.")
 
 
+def hf_ignored(key: str) -> bool:
+    """Whether a HF key is one of ``HF_IGNORED``'s heads, also under 4.x's ``vision_model.`` nesting."""
+    return HF_IGNORED.match(key.removeprefix("vision_model.")) is not None
+
+
 def hf_is_legacy(keys: Any) -> bool:
     """Whether HF keys use the transformers 4.x names (those of the uploaded repos)."""
     return any(".attention.attention." in k for k in keys)
@@ -307,7 +312,7 @@ def from_hf(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     gathered: dict[str, tuple[list[Tensor | None], list[str]]] = {}
     for key, value in state.items():
-        if HF_IGNORED.match(key):
+        if hf_ignored(key):
             continue
         m = block.match(key)
         if m is None:

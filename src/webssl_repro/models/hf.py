@@ -172,8 +172,7 @@ def _load_hf_model(path: str | Path, *, allow_download: bool, revision: str | No
     # from_pretrained fills a weight the files lack with random values and only logs it: the
     # encoder converted from the model would then be half random, with no error. The pooling heads
     # over the final tokens (ViT's pooler, SigLIP's MAP head) are not imported.
-    missing = sorted(k for k in info.get("missing_keys", ())
-                     if not convert.HF_IGNORED.match(k.removeprefix("vision_model.")))
+    missing = sorted(k for k in info.get("missing_keys", ()) if not convert.hf_ignored(k))
     if missing:
         raise KeyError(f"{path}: the checkpoint lacks {len(missing)} of the {config.model_type} model's weights, "
                        f"e.g. {', '.join(missing[:5])}")
@@ -255,7 +254,7 @@ def import_hf(path_or_model: str | Path | nn.Module, *, allow_download: bool = F
         state["mask_token"] = torch.zeros(1, width)
     encoder = convert.load_into_encoder(state, method, arch, img, source=source)
     notes = [IJEPA_HF_NOTE] if kind == "ijepa" else []
-    if kind == "siglip_vision_model" and any(k.removeprefix("vision_model.").startswith("head.") for k in hf_state):
+    if kind == "siglip_vision_model" and any(convert.hf_ignored(k) for k in hf_state):
         notes.append(SIGLIP_HEAD_NOTE)
     return encoder, _meta(method, arch, img, source=source, notes=notes)
 
