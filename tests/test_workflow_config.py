@@ -29,6 +29,15 @@ def _with(cfg, **changes):
     return out
 
 
+def _paper_dry_run(workflow_dir, cfg, *targets) -> str:
+    """``snakemake -n -p targets`` over config/paper.yaml with ``cfg``'s pretrain section (its run_sources)
+    laid over it as a user's overlay file; its stdout, once it has succeeded."""
+    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
+    proc = snakemake(workflow_dir, "-n", "-p", *targets, "--configfile", "config/paper.yaml", "mine.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_unknown_item_is_a_config_error_listing_every_item():
     cfg = _with(load_config(REPO / "config/mini.yaml"), items=["fig8", "fig2", "table99"])
     with pytest.raises(ConfigError, match=r"items: unknown paper item\(s\) fig2, table99; known: table2, .*"
@@ -84,12 +93,10 @@ def test_a_release_outside_the_grid_is_imported_for_the_evaluations_asked_of_it(
     assert set(plan.runs) - set(base.runs) == set(extra) and plan.item_runs == base.item_runs
     assert plan.cost_line() == base.cost_line()
     assert plan.import_resources()["mem_mb"] == 8000  # ViT-700M: 3 fp32 copies are under 8 GB
-    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
     targets = [f"results/paper/evals/{r}/{kind}.json" for r in extra for kind in ("classic", "alignment")]
-    proc = snakemake(workflow_dir, "-n", *targets, "--configfile", "config/paper.yaml", "mine.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
-    assert (jobs["import_released"], jobs["classic"], jobs["alignment"]) == ("2", "2", "2"), proc.stdout[-2000:]
+    stdout = _paper_dry_run(workflow_dir, cfg, *targets)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", stdout, re.M))
+    assert (jobs["import_released"], jobs["classic"], jobs["alignment"]) == ("2", "2", "2"), stdout[-2000:]
 
 
 def test_an_imported_off_the_shelf_dinov2_is_evaluated_where_the_paper_shows_it(paper, workflow_dir):
@@ -121,12 +128,10 @@ def test_an_imported_off_the_shelf_dinov2_is_evaluated_where_the_paper_shows_it(
         Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {run: {"checkpoint": "facebook/dinov2-large"}}}))
     with pytest.raises(ConfigError, match=r"run_sources.dinov2-g-512: no released .*'dinov2-g-224', 'dinov2-g-378'"):
         Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {"dinov2-g-512": {"checkpoint": "x"}}}))
-    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
-    proc = snakemake(workflow_dir, "-n", "-p", "fig9", "--configfile", "config/paper.yaml", "mine.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--run {run} --checkpoint facebook/dinov2-giant --allow-download" in proc.stdout
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
-    assert (jobs["import_released"], jobs["alignment"]) == ("1", "8"), proc.stdout[-2000:]
+    stdout = _paper_dry_run(workflow_dir, cfg, "fig9")
+    assert f"--run {run} --checkpoint facebook/dinov2-giant --allow-download" in stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", stdout, re.M))
+    assert (jobs["import_released"], jobs["alignment"]) == ("1", "8"), stdout[-2000:]
 
 
 def test_an_imported_off_the_shelf_mae_h_is_evaluated_in_tables_3_and_14(paper, workflow_dir):
@@ -148,11 +153,8 @@ def test_an_imported_off_the_shelf_mae_h_is_evaluated_in_tables_3_and_14(paper, 
     with pytest.raises(ConfigError, match=r"run_sources.mae-h-224.checkpoint: 'facebook/vit-mae-large' is not "
                                           r"the checkpoint of mae-h-224 \(facebook/vit-mae-huge\)"):
         Plan(_with(cfg, pretrain={**cfg["pretrain"], "run_sources": {run: {"checkpoint": "facebook/vit-mae-large"}}}))
-    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
-    proc = snakemake(workflow_dir, "-n", "-p", eval_path.format("classic"), "--configfile", "config/paper.yaml",
-                     "mine.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--run {run} --checkpoint facebook/vit-mae-huge --allow-download" in proc.stdout
+    stdout = _paper_dry_run(workflow_dir, cfg, eval_path.format("classic"))
+    assert f"--run {run} --checkpoint facebook/vit-mae-huge --allow-download" in stdout
 
 
 def test_an_imported_off_the_shelf_metaclip_h_is_evaluated_in_table_14_only(paper, workflow_dir, tmp_path):
@@ -171,11 +173,8 @@ def test_an_imported_off_the_shelf_metaclip_h_is_evaluated_in_table_14_only(pape
     assert plan.runs[-1] == run and not plan.trained(run)
     assert plan.import_resources()["mem_mb"] == 8000  # ViT-H/14's tower three times over is 7.0 GiB
     assert encoder_params("clip", dataclasses.asdict(arch_for("clip", "h14")), 224) == 630_766_080
-    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
-    proc = snakemake(workflow_dir, "-n", "-p", eval_path.format("vqa"), "--configfile", "config/paper.yaml",
-                     "mine.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--run {run} --checkpoint facebook/metaclip-h14-fullcc2.5b --path {local}" in proc.stdout
+    stdout = _paper_dry_run(workflow_dir, cfg, eval_path.format("vqa"))
+    assert f"--run {run} --checkpoint facebook/metaclip-h14-fullcc2.5b --path {local}" in stdout
 
 
 def test_metaclip_bigg_is_table_3_s_row_and_fig_7_s_line_and_needs_its_file(paper, tmp_path):
@@ -211,11 +210,8 @@ def test_an_imported_off_the_shelf_ijepa_h_is_evaluated_in_tables_3_and_14(paper
     assert set(plan.item_inputs("table3")) - set(base.item_inputs("table3")) == {
         eval_path.format("vqa"), eval_path.format("classic")}
     assert plan.import_resources()["mem_mb"] == 8000
-    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
-    proc = snakemake(workflow_dir, "-n", "-p", eval_path.format("classic"), "--configfile", "config/paper.yaml",
-                     "mine.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"--run {run} --checkpoint facebook/ijepa_vith14_22k --allow-download" in proc.stdout
+    stdout = _paper_dry_run(workflow_dir, cfg, eval_path.format("classic"))
+    assert f"--run {run} --checkpoint facebook/ijepa_vith14_22k --allow-download" in stdout
 
 
 def test_imported_off_the_shelf_siglip_towers_are_evaluated_in_tables_3_and_14(paper, workflow_dir):
@@ -232,12 +228,9 @@ def test_imported_off_the_shelf_siglip_towers_are_evaluated_in_tables_3_and_14(p
     assert set(plan.item_inputs("table3")) - set(base.item_inputs("table3")) == {
         evals[run].format(kind) for run in runs for kind in ("vqa", "classic")}
     assert plan.import_resources()["mem_mb"] == 8000  # SO400M/14's tower three times over is 4.6 GiB
-    (workflow_dir / "mine.yaml").write_text(yaml.safe_dump({"pretrain": cfg["pretrain"]}))
-    proc = snakemake(workflow_dir, "-n", "-p", *(evals[run].format("classic") for run in runs),
-                     "--configfile", "config/paper.yaml", "mine.yaml")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = _paper_dry_run(workflow_dir, cfg, *(evals[run].format("classic") for run in runs))
     for run, checkpoint in runs.items():
-        assert f"--run {run} --checkpoint {checkpoint} --allow-download" in proc.stdout
+        assert f"--run {run} --checkpoint {checkpoint} --allow-download" in stdout
     cfg["pretrain"]["run_sources"]["siglip-so400m-384"]["path"] = "/ckpt/siglip-so400m-patch14-384"
     with pytest.raises(FileNotFoundError, match=r"/ckpt/siglip-so400m-patch14-384 does not exist \(a local copy of "
                                                 r"google/siglip-so400m-patch14-384: a transformers model directory\)$"):
