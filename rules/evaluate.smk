@@ -11,7 +11,8 @@
 # output, so a failed or stopped attempt keeps it): a job stopped before its time limit exits and
 # its retry resumes. Its attempts.jsonl there refuses a retry after two attempts that failed
 # without saving anything (train/attempts.py, as for pretraining); such a retry is submitted with
-# a few minutes of one core (`_eval_res`), not the job's GPUs.
+# a few minutes of one core (`_eval_res`), not the job's GPUs. Their programs are `exec`ed, as the
+# trainer is (rules/pretrain.smk): a preempted job's shell would otherwise die before the save.
 
 
 rule vqa_probe:
@@ -37,7 +38,7 @@ rule vqa_probe:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
     shell:
-        "{resources.launcher} evaluate vqa_probe --run-name {wildcards.run:q} --encoder {input.encoder:q} "
+        "exec {resources.launcher} evaluate vqa_probe --run-name {wildcards.run:q} --encoder {input.encoder:q} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} "
         "--attempt {resources.attempt} > {log:q} 2>&1"
 
@@ -66,7 +67,8 @@ rule vqa:
     params:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
     shell:
-        "{resources.launcher} evaluate vqa --run-name {wildcards.run:q} --encoder {input.encoder:q} --probe {input.probe:q} "
+        "exec {resources.launcher} evaluate vqa --run-name {wildcards.run:q} --encoder {input.encoder:q} "
+        "--probe {input.probe:q} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} "
         "--attempt {resources.attempt} > {log:q} 2>&1"
 
@@ -96,7 +98,8 @@ rule vqa_control_probe:
         evaluate=lambda w: PLAN.eval_config_json("vqa_probe"),
         encoder=PLAN.control_args(),
     shell:
-        "{resources.launcher} evaluate vqa_probe --run-name control-{wildcards.control:q} --control {wildcards.control:q} {params.encoder} "
+        "exec {resources.launcher} evaluate vqa_probe --run-name control-{wildcards.control:q} "
+        "--control {wildcards.control:q} {params.encoder} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} "
         "--attempt {resources.attempt} > {log:q} 2>&1"
 
@@ -127,7 +130,8 @@ rule vqa_control:
         evaluate=lambda w: PLAN.eval_config_json("vqa"),
         encoder=PLAN.control_args(),
     shell:
-        "{resources.launcher} evaluate vqa --run-name control-{wildcards.control:q} --control {wildcards.control:q} {params.encoder} "
+        "exec {resources.launcher} evaluate vqa --run-name control-{wildcards.control:q} "
+        "--control {wildcards.control:q} {params.encoder} "
         "--probe {input.probe:q} --eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} "
         "--out {output:q} --attempt {resources.attempt} > {log:q} 2>&1"
 
@@ -154,7 +158,7 @@ rule classic:
     params:
         evaluate=lambda w: PLAN.eval_config_json("classic"),
     shell:
-        "webssl-repro evaluate classic --run {wildcards.run:q} --encoder {input.encoder:q} "
+        "exec webssl-repro evaluate classic --run {wildcards.run:q} --encoder {input.encoder:q} "
         "--eval-json {params.evaluate:q} --settings-json {resources.settings:q} --data {input.data:q} --out {output:q} --attempt {resources.attempt} > {log:q} 2>&1"
 
 

@@ -17,11 +17,13 @@ _PRETRAIN_OUTPUT = {
 # config is not out of date (it resumes on any number of GPUs; a streamed corpus, on its
 # own number, train/run.py). Snakemake deletes
 # a job's log before each attempt; the attempts' history stays in the checkpoints'
-# attempts.jsonl.
+# attempts.jsonl. The trainer is `exec`ed: SLURM's preemption SIGTERM reaches every process of
+# the job step, and a shell waiting on the trainer would die of it at once, ending the job (and
+# the trainer's checkpoint) with it; Snakemake in the job waits for its job on SIGTERM.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints:q} "
     "--data {input.data:q} {params.parent} --attempt {resources.attempt} > {log:q} 2>&1 && "
-    "{resources.launcher} pretrain --run-name {wildcards.run:q} --config-json {params.config:q} "
+    "exec {resources.launcher} pretrain --run-name {wildcards.run:q} --config-json {params.config:q} "
     "--settings-json {resources.settings:q} --out {params.out:q} --checkpoints {params.checkpoints:q} "
     "--data {input.data:q} {params.parent} >> {log:q} 2>&1"
 )

@@ -37,14 +37,19 @@ def workflow_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 300, environ: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess:
-    """Snakemake as a user runs it: the venv's, not activated (its bin dir is not on PATH);
-    ``environ``: variables the user exported."""
+def user_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a user who runs the venv's snakemake without activating the venv (its
+    bin dir is not on PATH); ``environ``: variables the user exported."""
     env = {**os.environ, **(environ or {})}
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+    return env
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300, environ: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    """Snakemake as a user runs it (``user_env``)."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=user_env(environ),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -101,7 +101,7 @@ def test_checkpoint_requeues_the_same_job(one_node_plan):
 
 PROGRAM = """
 import json, os, signal, sys
-json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(),
+json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "shutdown": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"),
            "usr2_ignored": signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN}, open(sys.argv[1], "w"))
 """
 
@@ -120,6 +120,7 @@ def test_runs_the_command_through_submitit(executor, tmp_path):
     assert job.result() == 0
     got = json.loads((tmp_path / "out.json").read_text())
     assert got["cwd"] == str(tmp_path) and got["argv"] == ["out.json"] and got["usr2_ignored"]
+    assert got["shutdown"] == "600"  # a torchrun there gives its ranks the rule's time to save
     assert (tmp_path / plan.run_dir(run)).is_dir() and (tmp_path / plan.checkpoint_dir(run)).is_dir()
 
 

@@ -17,7 +17,9 @@ swapped for a tiny all-reduce probe:
 * a single-node job (``gpu=1``, ``torchrun --standalone``) must see one fake GPU;
 * a 2-node × 1-process job (``mpi=srun``, ``nodes=2``, ``tasks=2``, ``tasks_per_gpu=0``,
   ``gres=gpu:1``, ``--ntasks-per-node=1``; ``srun … torchrun --rdzv-backend c10d``) must
-  form one gloo group of world size 2 spanning n1 and n2, ranks from torchrun's env.
+  form one gloo group of world size 2 spanning n1 and n2, ranks from torchrun's env;
+* either job, preempted (SIGTERM to its steps) while its ranks take 40 s to save, must last
+  until they have saved.
 
 The same probe runs through ``webssl-repro launch``'s submitit job (2 nodes, rendezvous on
 the first node of the job's node list).
@@ -36,12 +38,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, snakemake, user_env
 from webssl_repro.config import load_config, validate_config
 from webssl_repro.workflow import Plan
 
@@ -354,7 +357,8 @@ def _probe_launcher(plan: Plan, run: str, port: int) -> str:
     return launcher.replace("-m webssl_repro.cli", "-m allreduce_probe").replace(":29500", f":{port}")
 
 
-def _rule(name: str, resources: dict, launcher: str) -> str:
+def _rule(name: str, resources: dict, launcher: str,
+          shell: str = "{resources.launcher} {output} > {log} 2>&1") -> str:
     """As the pretrain rules: the launcher is a string resource (not a param) the shell reads."""
     res = "".join(f"        {k}={v!r},\n" for k, v in {**resources, "launcher": launcher}.items())
     return (f"rule {name}:\n"
@@ -362,7 +366,7 @@ def _rule(name: str, resources: dict, launcher: str) -> str:
             f"    log: 'logs/{name}.log'\n"
             f"    threads: 1\n"
             f"    resources:\n{res}"
-            f"    shell: '{{resources.launcher}} {{output}} > {{log}} 2>&1'\n\n")
+            f"    shell: {shell!r}\n\n")
 
 
 # As the pretrain rules hand Snakemake's attempt to their guard, and keep a rule's retries
@@ -425,6 +429,78 @@ def _check_multi(result: dict) -> None:
     assert sorted(r["node"] for r in result["ranks"]) == ["n1", "n2"], result["ranks"]
     # gres=gpu:1 is per node: each node's torchrun sees its own single GPU.
     assert all(r["cuda_visible_devices"] in ("0", "1") for r in result["ranks"]), result["ranks"]
+
+
+# A rank that needs SAVE_S seconds once signalled, as a multi-billion-parameter save does: more
+# than torchrun's own 30 s before it kills its workers (resources.TORCHRUN_SHUTDOWN_TIMEOUT_S).
+SAVE_S = 40
+SLOW_SAVE = f'''
+import json, signal, sys, time
+import torch.distributed as dist
+
+signalled = []
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda signum, frame: signalled.append(time.time()))
+dist.init_process_group("gloo")
+mark = f"{{sys.argv[1]}}.rank{{dist.get_rank()}}"
+open(mark + ".started", "w").close()
+while not signalled:
+    time.sleep(0.1)
+time.sleep({SAVE_S})
+with open(mark + ".saved", "w") as f:
+    json.dump({{"signalled": signalled[0], "saved": time.time()}}, f)
+sys.exit(75)  # as train.Preempted
+'''
+# rules/pretrain.smk's command: its guard, then the launcher in the shell's place (`exec`).
+PRETRAIN_SHAPE = "echo guard > {log} && exec {resources.launcher} {output} >> {log} 2>&1"
+
+
+def _job_in(workdir: Path) -> str | None:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
+    return next((line.split()[0] for line in out.splitlines()
+                 if len(line.split()) == 2 and line.split()[1] == str(workdir)), None)
+
+
+@pytest.mark.parametrize("run", [SINGLE_RUN, MULTI_RUN])
+def test_a_preempted_job_lasts_until_its_ranks_have_saved(tmp_path: Path, run: str, cancel_leftovers):
+    """SIGTERM to the job's steps, as SLURM's preemption sends it at the start of the partition's
+    GraceTime (``scancel --signal=TERM`` without ``--full``: on this Slurm, partition_prio
+    preemption signals the steps and not the batch script alike). Each rank, saving for SAVE_S
+    seconds, must finish inside the job: torchrun must not kill it after its own 30 s, and the
+    shell between the job's Snakemake and torchrun must not die of the signal and end the job
+    (on a cgroup cluster, the end of a job kills what it left running)."""
+    plan = _test_plan()
+    res = {**plan.pretrain_resources(run).snakemake(), **SMALL}
+    launcher = plan.launcher(run).replace("-m webssl_repro.cli", "-m slow_save").replace(":29500", f":{_free_port()}")
+    (tmp_path / "Snakefile").write_text("from webssl_repro.workflow import put_cli_on_path\nput_cli_on_path()\n\n"
+                                        + _rule("job", res, launcher, PRETRAIN_SHAPE))
+    (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
+    shutil.copytree(REPO / "slurm", tmp_path / "slurm")
+    ranks = plan.pretrain_resources(run).nodes
+    with open(tmp_path / "snakemake.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--profile", PROFILE, "job.json"], cwd=tmp_path,
+                                env=user_env({"SLURM_PARTITION": "debug"}), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        limit = time.monotonic() + 300
+        while len(list(tmp_path.glob("job.json.rank*.started"))) < ranks:
+            assert proc.poll() is None and time.monotonic() < limit, (tmp_path / "snakemake.err").read_text()[-4000:]
+            time.sleep(1)
+        job_id = _job_in(tmp_path)
+        assert job_id, "the job's ranks started, but squeue shows no job of this workflow"
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=20)
+        proc.wait(timeout=SAVE_S + 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "logs" / "job.log").read_text()
+    assert proc.returncode != 0, log  # the job ends with the ranks' exit 75, for a retry to resume
+    saved = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("job.json.rank*.saved"))]
+    assert len(saved) == ranks, f"{len(saved)} of {ranks} ranks saved:\n{log}"
+    job = _slurm_job(job_id)
+    ended = datetime.strptime(job["EndTime"], "%Y-%m-%dT%H:%M:%S").timestamp()
+    for rank in saved:
+        assert rank["saved"] - rank["signalled"] >= SAVE_S, rank
+        assert ended >= int(rank["saved"]), (job["EndTime"], rank, log)  # the job outlived the save
 
 
 def test_trainer_reads_its_job_end_time(tmp_path: Path, cancel_leftovers):

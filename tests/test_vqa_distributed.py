@@ -367,7 +367,8 @@ def test_vqa_rule_launches_torchrun_only_for_a_parallel_probe():
     paper = load_config(repo / "config/paper.yaml")
     assert paper["evaluate"]["vqa"]["strategy"] == "fsdp2" and VqaConfig().strategy == "none"
     gpus = paper["resources"]["eval_gpus"]
-    torchrun = f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
+    torchrun = (f"env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun --standalone --nnodes 1 --nproc-per-node {gpus} "
+                "-m webssl_repro.cli")
     assert Plan(paper).eval_launcher() == torchrun
     # an attempt sized to be refused checks its ledger in one process, on its one core
     assert Plan(paper).eval_launcher(sized_for_refusal=1) == "webssl-repro"

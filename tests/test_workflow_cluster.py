@@ -19,7 +19,8 @@ def test_multinode_runs_launch_srun_then_torchrun(paper_plan):
     launcher = paper_plan.launcher("dino7b-full2b-224")
     # one node's torchrun that exits ends the step: the others would wait out NCCL's timeout on it
     assert launcher.startswith("srun --nodes 32 --ntasks 32 --ntasks-per-node 1 --cpus-per-task 64 "
-                               "--kill-on-bad-exit=1 torchrun --nnodes 32 --nproc-per-node 8")
+                               "--kill-on-bad-exit=1 env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 "
+                               "torchrun --nnodes 32 --nproc-per-node 8")
     resources = paper_plan.pretrain_resources("dino7b-full2b-224").snakemake()
     assert resources["mpi"] == "srun" and resources["tasks_per_gpu"] == 0 and resources["gres"] == "gpu:8"
 
@@ -39,8 +40,38 @@ def test_the_launcher_is_a_resource_that_follows_the_config(workflow_dir):
     proc = snakemake(workflow_dir, "-n", "-p", "results/paper/runs/dino7b-full8b-224/encoder.safetensors",
                      "--configfile", "resized.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert ("&& srun --nodes 16 --ntasks 16 --ntasks-per-node 1 --cpus-per-task 64 --kill-on-bad-exit=1 "
-            "torchrun --nnodes 16 --nproc-per-node 8") in proc.stdout
+    assert ("&& exec srun --nodes 16 --ntasks 16 --ntasks-per-node 1 --cpus-per-task 64 --kill-on-bad-exit=1 "
+            "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun --nnodes 16 --nproc-per-node 8") in proc.stdout
+
+
+def test_the_jobs_that_save_when_preempted_run_in_their_shells_place(workflow_dir):
+    """SLURM's preemption SIGTERM reaches every process of a job step: a shell left waiting on the
+    trainer dies of it and the job ends before the save (tests/test_slurm.py shows it on a cluster).
+    Each job whose program saves on the signal runs it with ``exec``, and a torchrun among them
+    waits TORCHRUN_SHUTDOWN_TIMEOUT_S for its ranks, not its own 30 s."""
+    one_node = yaml.safe_load((workflow_dir / "config/paper.yaml").read_text())
+    one_node["resources"]["nodes"]["2b"] = 1
+    (workflow_dir / "one_node.yaml").write_text(yaml.safe_dump(one_node))
+    evals = "results/paper/evals/dino1b-full2b-224"
+    proc = snakemake(workflow_dir, "-n", "-p", f"{evals}/vqa.json", f"{evals}/classic.json",
+                     "results/paper/runs/dino2b-full2b-224/encoder.safetensors", "--configfile", "one_node.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [ln.split("Shell command: ", 1)[1] for ln in proc.stdout.splitlines()
+                if ln.startswith("Shell command: ") and re.search(r" (pretrain --run-name|evaluate [a-z])", ln)]
+    torchrun = "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun"
+    expected = {  # each kind of job, how its command starts its program
+        " pretrain --run-name dino1b-full2b-224 ": "&& exec srun --nodes 8 --ntasks 8 ",
+        " pretrain --run-name dino2b-full2b-224 ": f"&& exec {torchrun} --standalone --nnodes 1 --nproc-per-node 8 ",
+        " evaluate vqa_probe ": f"exec {torchrun} --standalone ",
+        " evaluate vqa ": f"exec {torchrun} --standalone ",
+        " evaluate classic ": "exec webssl-repro evaluate classic ",
+    }
+    for kind, start in expected.items():
+        found = [c for c in commands if kind in c]
+        assert len(found) == 1 and start in found[0], (kind, found)
+        assert not kind.startswith(" evaluate") or found[0].startswith(start), found[0]
+    multinode = next(c for c in commands if " pretrain --run-name dino1b-full2b-224 " in c)
+    assert f"--kill-on-bad-exit=1 {torchrun} --nnodes 8 " in multinode, multinode
 
 
 def test_torchrun_hands_the_vqa_jobs_their_arguments(workflow_dir):
@@ -85,7 +116,8 @@ def test_the_vqa_controls_run_on_the_ranks_they_are_given(workflow_dir):
                      "config/paper.yaml", "controls.yaml")
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if "evaluate vqa" in ln]
-    assert len(lines) == 2 and all(ln.startswith("Shell command: torchrun ") for ln in lines), lines
+    start = "Shell command: exec env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun "
+    assert len(lines) == 2 and all(ln.startswith(start) for ln in lines), lines
     kinds = []
     for line in lines:
         args = get_args_parser().parse_args(shlex.split(line[line.index("torchrun"):].split(" > ")[0])[1:])
@@ -118,7 +150,8 @@ def test_single_node_layout_uses_gpu_and_standalone_torchrun():
     config = load_config(REPO / "config/paper.yaml")
     config["resources"]["nodes"]["1b"] = 1
     plan = Plan(config)
-    assert plan.launcher("dino1b-full2b-224").startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8")
+    assert plan.launcher("dino1b-full2b-224").startswith(
+        "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun --standalone --nnodes 1 --nproc-per-node 8")
     resources = plan.pretrain_resources("dino1b-full2b-224").snakemake()
     assert (resources["gpu"], resources["nodes"]) == (8, 1)  # --gpus=8 alone may span smaller nodes
     assert "dino1b-full2b-224" in plan.runs_by_layout(multinode=False)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from webssl_repro.resources import TORCHRUN_SHUTDOWN_TIMEOUT_S, TORCHRUN_SHUTDOWN_VAR
 from webssl_repro.workflow import Plan
 
 RDZV_PORT = 29500  # the rule's port (Plan.launcher); one rendezvous per job, on its first node
@@ -176,16 +177,18 @@ class PretrainJob:
             (workdir / path).mkdir(parents=True, exist_ok=True)
         cmd = self.build_command()
         print("launch:", subprocess.list2cmdline(cmd), flush=True)
-        proc = subprocess.Popen(cmd, cwd=workdir, preexec_fn=_ignore_usr2)
+        env = {**os.environ, TORCHRUN_SHUTDOWN_VAR: str(TORCHRUN_SHUTDOWN_TIMEOUT_S)}  # as the rule's launcher
+        proc = subprocess.Popen(cmd, cwd=workdir, preexec_fn=_ignore_usr2, env=env)
         try:
             code = proc.wait()
         finally:
             # submitit's requeue handler exits via SystemExit during wait(): stop torchrun
-            # gracefully (it forwards SIGTERM to its workers) rather than orphaning it.
+            # gracefully (it forwards SIGTERM to its workers, and gives them the time to save that
+            # it gives them under the rule) rather than orphaning it.
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=60)
+                    proc.wait(timeout=TORCHRUN_SHUTDOWN_TIMEOUT_S + 30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
         if code != 0:

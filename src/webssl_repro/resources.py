@@ -163,6 +163,20 @@ def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
 #: capped runtime needs (the profile's ``retries``, which a rule's own directive replaces).
 PREEMPTION_RETRIES = 2
 
+#: Seconds torchrun gives its workers after a signal (SLURM's preemption SIGTERM) before it kills
+#: them. Its own default, 30 s, is less than a step and a save of a multi-billion-parameter run
+#: take; SLURM's kill at the partition's ``GraceTime`` is what should end a preempted save, and
+#: this only bounds the wait where nothing else will (a worker that hangs outside SLURM).
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 600
+#: torchrun's own variable for it (its ``--shutdown-timeout``): releases without the option
+#: ignore the variable and keep their 30 s, where an unknown option would stop the job.
+TORCHRUN_SHUTDOWN_VAR = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def torchrun(args: str) -> str:
+    """``torchrun ARGS`` as the jobs' launchers spell it, with ``TORCHRUN_SHUTDOWN_TIMEOUT_S``."""
+    return f"env {TORCHRUN_SHUTDOWN_VAR}={TORCHRUN_SHUTDOWN_TIMEOUT_S} torchrun {args}"
+
 
 @dataclass(frozen=True)
 class RunResources:

@@ -9,7 +9,7 @@ import re
 from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
-from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, node_share
+from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, node_share, torchrun
 from webssl_repro.settings import SETTINGS, split_pretrain, split_settings
 
 
@@ -165,7 +165,7 @@ class EvalJobs:
         gpus = self.eval_gpus()
         if strategy == "none" or gpus <= 1 or sized_for_refusal:
             return "webssl-repro"
-        return f"torchrun --standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli"
+        return torchrun(f"--standalone --nnodes 1 --nproc-per-node {gpus} -m webssl_repro.cli")
 
     def eval_job_launcher(self, out: str, attempt: int, kind: str = "vqa") -> str:
         """``eval_launcher`` for attempt ``attempt`` of the ``kind`` (vqa or vqa_probe) job

@@ -15,7 +15,7 @@ from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.releases import directory_only
 from webssl_repro.resources import (PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
-                                    pretrain_resources)
+                                    pretrain_resources, torchrun)
 from webssl_repro.runs import Run, split_seed
 
 #: The id a snakemake invocation hands its jobs (``workflow.mark_invocation``), so that a retry
@@ -121,12 +121,11 @@ class PretrainJobs:
             return "python -m webssl_repro.cli"
         per_node = res.gpus // res.nodes
         if res.nodes == 1:
-            return f"torchrun --standalone --nnodes 1 --nproc-per-node {per_node} -m webssl_repro.cli"
-        return (
-            f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 --cpus-per-task {res.cpus_per_task} "
-            f"--kill-on-bad-exit=1 torchrun --nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d "
-            f"--rdzv-endpoint $(hostname):29500 --rdzv-id $SLURM_JOB_ID -m webssl_repro.cli"
-        )
+            return torchrun(f"--standalone --nnodes 1 --nproc-per-node {per_node} -m webssl_repro.cli")
+        srun = f"srun --nodes {res.nodes} --ntasks {res.nodes} --ntasks-per-node 1 --cpus-per-task {res.cpus_per_task}"
+        return f"{srun} --kill-on-bad-exit=1 " + torchrun(
+            f"--nnodes {res.nodes} --nproc-per-node {per_node} --rdzv-backend c10d --rdzv-endpoint $(hostname):29500 "
+            "--rdzv-id $SLURM_JOB_ID -m webssl_repro.cli")
 
     def target_message(self, item: str | None = None) -> str:
         """What a target costs, shown by the dry run: its runs and their pretraining GPU-hours
