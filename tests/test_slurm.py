@@ -468,7 +468,8 @@ def test_a_preempted_job_lasts_until_its_ranks_have_saved(tmp_path: Path, run: s
     preemption signals the steps and not the batch script alike). Each rank, saving for SAVE_S
     seconds, must finish inside the job: torchrun must not kill it after its own 30 s, and the
     shell between the job's Snakemake and torchrun must not die of the signal and end the job
-    (on a cgroup cluster, the end of a job kills what it left running)."""
+    (on a cgroup cluster, the end of a job kills what it left running). Only the one-node job's
+    shell is in the signalled step (a multi-node job's runs in the batch step, with its snakemake)."""
     plan = _test_plan()
     res = {**plan.pretrain_resources(run).snakemake(), **SMALL}
     launcher = plan.launcher(run).replace("-m webssl_repro.cli", "-m slow_save").replace(":29500", f":{_free_port()}")
@@ -499,7 +500,6 @@ def test_a_preempted_job_lasts_until_its_ranks_have_saved(tmp_path: Path, run: s
     job = _slurm_job(job_id)
     ended = datetime.strptime(job["EndTime"], "%Y-%m-%dT%H:%M:%S").timestamp()
     for rank in saved:
-        assert rank["saved"] - rank["signalled"] >= SAVE_S, rank
         assert ended >= int(rank["saved"]), (job["EndTime"], rank, log)  # the job outlived the save
 
 

@@ -165,8 +165,9 @@ PREEMPTION_RETRIES = 2
 
 #: Seconds torchrun gives its workers after a signal (SLURM's preemption SIGTERM) before it kills
 #: them. Its own default, 30 s, is less than a step and a save of a multi-billion-parameter run
-#: take; SLURM's kill at the partition's ``GraceTime`` is what should end a preempted save, and
-#: this only bounds the wait where nothing else will (a worker that hangs outside SLURM).
+#: take; SLURM's kill at the partition's ``GraceTime`` is what should end a preempted save. The
+#: same wait follows an error of torchrun's own (its rendezvous or store); after a worker's crash
+#: torchrun stops the others within its fixed 30 s.
 TORCHRUN_SHUTDOWN_TIMEOUT_S = 600
 #: torchrun's own variable for it (its ``--shutdown-timeout``): releases without the option
 #: ignore the variable and keep their 30 s, where an unknown option would stop the job.
