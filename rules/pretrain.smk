@@ -18,8 +18,8 @@ _PRETRAIN_OUTPUT = {
 # own number, train/run.py). Snakemake deletes
 # a job's log before each attempt; the attempts' history stays in the checkpoints'
 # attempts.jsonl. The trainer is `exec`ed: SLURM's preemption SIGTERM reaches every process of
-# the job step, and a shell waiting on the trainer would die of it at once, ending the job (and
-# the trainer's checkpoint) with it; Snakemake in the job waits for its job on SIGTERM.
+# the job step, which in a one-node job holds this shell; waiting on the trainer, it would die of
+# it at once and end the job (and the trainer's checkpoint); Snakemake in the job waits for its job.
 _PRETRAIN_SHELL = (
     "webssl-repro guard-checkpoints --config-json {params.config:q} --checkpoints {params.checkpoints:q} "
     "--data {input.data:q} {params.parent} --attempt {resources.attempt} > {log:q} 2>&1 && "
