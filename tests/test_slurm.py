@@ -95,11 +95,16 @@ def cancel_leftovers(tmp_path: Path):
     """Cancel any job still queued from this test's scratch dir (e.g. after a timeout),
     so a hung rendezvous cannot block the cluster for later tests."""
     yield
-    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True)
-    ids = [line.split()[0] for line in out.stdout.splitlines()
-           if len(line.split()) == 2 and line.split()[1].startswith(str(tmp_path))]
+    ids = _jobs_from(tmp_path)
     if ids:
         subprocess.run(["scancel", *ids], check=False)
+
+
+def _jobs_from(directory: Path) -> list[str]:
+    """The ids of the queued jobs that run in ``directory`` or below it (squeue's working dir)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
+    rows = [line.split() for line in out.splitlines() if len(line.split()) == 2]
+    return [job for job, workdir in rows if workdir == str(directory) or workdir.startswith(f"{directory}/")]
 
 
 def _free_port() -> int:
@@ -455,12 +460,6 @@ sys.exit(75)  # as train.Preempted
 PRETRAIN_SHAPE = "echo guard > {log} && exec {resources.launcher} {output} >> {log} 2>&1"
 
 
-def _job_in(workdir: Path) -> str | None:
-    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=20).stdout
-    return next((line.split()[0] for line in out.splitlines()
-                 if len(line.split()) == 2 and line.split()[1] == str(workdir)), None)
-
-
 @pytest.mark.parametrize("run", [SINGLE_RUN, MULTI_RUN])
 def test_a_preempted_job_lasts_until_its_ranks_have_saved(tmp_path: Path, run: str, cancel_leftovers):
     """SIGTERM to the job's steps, as SLURM's preemption sends it at the start of the partition's
@@ -471,13 +470,13 @@ def test_a_preempted_job_lasts_until_its_ranks_have_saved(tmp_path: Path, run: s
     (on a cgroup cluster, the end of a job kills what it left running). Only the one-node job's
     shell is in the signalled step (a multi-node job's runs in the batch step, with its snakemake)."""
     plan = _test_plan()
-    res = {**plan.pretrain_resources(run).snakemake(), **SMALL}
+    layout = plan.pretrain_resources(run)
+    res, ranks = {**layout.snakemake(), **SMALL}, layout.nodes
     launcher = plan.launcher(run).replace("-m webssl_repro.cli", "-m slow_save").replace(":29500", f":{_free_port()}")
     (tmp_path / "Snakefile").write_text("from webssl_repro.workflow import put_cli_on_path\nput_cli_on_path()\n\n"
                                         + _rule("job", res, launcher, PRETRAIN_SHAPE))
     (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
     shutil.copytree(REPO / "slurm", tmp_path / "slurm")
-    ranks = plan.pretrain_resources(run).nodes
     with open(tmp_path / "snakemake.err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--profile", PROFILE, "job.json"], cwd=tmp_path,
                                 env=user_env({"SLURM_PARTITION": "debug"}), stdout=subprocess.DEVNULL, stderr=err)
@@ -486,8 +485,9 @@ def test_a_preempted_job_lasts_until_its_ranks_have_saved(tmp_path: Path, run: s
         while len(list(tmp_path.glob("job.json.rank*.started"))) < ranks:
             assert proc.poll() is None and time.monotonic() < limit, (tmp_path / "snakemake.err").read_text()[-4000:]
             time.sleep(1)
-        job_id = _job_in(tmp_path)
-        assert job_id, "the job's ranks started, but squeue shows no job of this workflow"
+        jobs = _jobs_from(tmp_path)
+        assert len(jobs) == 1, f"the job's ranks started, but squeue shows {jobs} for this workflow"
+        job_id, = jobs
         subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=20)
         proc.wait(timeout=SAVE_S + 240)
     finally:
