@@ -234,6 +234,24 @@ def test_text_tower_pools_eot_and_ignores_padding_after_it():
     assert torch.allclose(argmax_tower(b), yb, atol=1e-6)
 
 
+def test_text_tower_init_is_open_clips():
+    """open_clip's ``init_parameters``: normal weights whose std shrinks with width and depth,
+    attention biases at zero (``nn.MultiheadAttention``'s), MLP biases at ``nn.Linear``'s uniform
+    ±1/sqrt(fan_in)."""
+    torch.manual_seed(0)
+    width, layers = 256, 4
+    tower = TextTransformer(vocab_size=50, context_length=8, width=width, layers=layers, heads=4)
+    blk = tower.blocks[0]
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    assert blk.qkv.weight.std().item() == pytest.approx(width ** -0.5, rel=0.02)
+    assert blk.out_proj.weight.std().item() == pytest.approx(proj_std, rel=0.02)
+    assert blk.c_fc.weight.std().item() == pytest.approx((2 * width) ** -0.5, rel=0.02)
+    assert blk.c_proj.weight.std().item() == pytest.approx(proj_std, rel=0.02)
+    assert not blk.qkv.bias.any() and not blk.out_proj.bias.any()
+    for lin in (blk.c_fc, blk.c_proj):
+        bound = lin.in_features ** -0.5
+        assert 0.5 * bound < lin.bias.abs().max().item() <= bound
+
 # ----------------------------------------------------------------------------- method
 
 

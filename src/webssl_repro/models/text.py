@@ -79,7 +79,8 @@ class TextTransformer(nn.Module):
         self._init_weights(layers)
 
     def _init_weights(self, layers: int) -> None:
-        """open_clip ``TextTransformer.init_parameters``; residual projections shrink with depth."""
+        """open_clip ``TextTransformer.init_parameters``; residual projections shrink with depth.
+        The attention biases start at zero (``nn.MultiheadAttention``'s), the MLP's at ``nn.Linear``'s."""
         w = self.width
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -91,7 +92,7 @@ class TextTransformer(nn.Module):
             nn.init.normal_(blk.out_proj.weight, std=proj_std)
             nn.init.normal_(blk.c_fc.weight, std=fc_std)
             nn.init.normal_(blk.c_proj.weight, std=proj_std)
-            for lin in (blk.qkv, blk.out_proj, blk.c_fc, blk.c_proj):
+            for lin in (blk.qkv, blk.out_proj):
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.text_projection, std=w ** -0.5)
 
