@@ -431,6 +431,7 @@ def test_a_size_that_builds_no_vit_stops_the_dry_run(paper):
 @pytest.mark.parametrize("key,value,message", [
     (("pretrain", "dino", "batch_size"), 0, "0 is less than the minimum of 1"),
     (("pretrain", "mae", "batch_size"), -5, "-5 is less than the minimum of 1"),
+    (("pretrain", "mae", "mask_ratio"), 0, "0 is less than or equal to the minimum of 0"),
     (("pretrain", "dino", "teacher_temp"), 0.0, "0.0 is less than or equal to the minimum of 0"),
     (("pretrain", "dino", "momentum_teacher"), 1.5, "1.5 is greater than the maximum of 1"),
     (("evaluate", "vqa", "stage2", "micro_batch_size"), 0, "0 is less than the minimum of 1"),
@@ -438,7 +439,8 @@ def test_a_size_that_builds_no_vit_stops_the_dry_run(paper):
 ])
 def test_out_of_range_recipe_values_are_named_by_key(paper, key, value, message):
     """A batch size of 0 was a ZeroDivisionError in the run-length arithmetic, a negative one
-    blamed the warm-up; duplicate seeds doubled the cost line over one directory."""
+    blamed the warm-up; duplicate seeds doubled the cost line over one directory; a mask ratio of
+    0 left MAE's loss 0/0 (NaN at step 0)."""
     from webssl_repro.config import validate_config
 
     cfg = copy.deepcopy(paper)
