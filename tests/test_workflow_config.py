@@ -428,6 +428,38 @@ def test_a_size_that_builds_no_vit_stops_the_dry_run(paper):
         Plan(cfg)
 
 
+def test_a_size_label_shapes_each_methods_tower_as_released(paper):
+    """One ``labels.sizes`` entry serves Web-DINO, CLIP and Web-MAE. Its ``ffn_hidden`` is the
+    SwiGLU width; it once gave MAE-1B a GELU MLP of 4096 instead of the released 6144. Its
+    ``mae`` section is what MAE's tower changes: MAE-300M's patch 16 beside Web-DINO-300M's 14."""
+    from webssl_repro.models.arch import Arch
+
+    cfg = copy.deepcopy(paper)
+    cfg["labels"]["sizes"]["1b"]["ffn_hidden"] = 4096
+    cfg["labels"]["sizes"]["300m"] = {"width": 1024, "depth": 24, "heads": 16, "patch": 14, "mae": {"patch": 16}}
+    cfg["resources"]["nodes"]["300m"] = 4
+    validate_config(cfg, "my.yaml")
+    plan = Plan(cfg)
+    arch = {run: plan.run_config(run)["arch"] for run in
+            ("dino1b-full2b-224", "clip1b-full2b-224", "mae1b-full2b-224", "dino300m-full2b-224", "mae300m-full2b-224")}
+    assert Arch.from_config(arch["dino1b-full2b-224"]).hidden("swiglu") == 4096
+    assert Arch.from_config(arch["clip1b-full2b-224"]).hidden("swiglu") == 4096
+    assert Arch.from_config(arch["mae1b-full2b-224"]).hidden("gelu") == 6144  # paper_facts §4.2: gelu 6144
+    assert (arch["dino300m-full2b-224"]["patch"], arch["mae300m-full2b-224"]["patch"]) == (14, 16)
+    # paper_facts §4.2: webssl-mae300m 0.303B, webssl-dino300m 0.304B (SwiGLU 2736)
+    assert encoder_params("mae", arch["mae300m-full2b-224"], 224) / 1e9 == pytest.approx(0.303, abs=5e-4)
+    assert encoder_params("dino", arch["dino300m-full2b-224"], 224) / 1e9 == pytest.approx(0.304, abs=5e-4)
+    # the cluster estimate sizes MAE-300M by its own 196 patches, not Web-DINO-300M's 256
+    at_14 = copy.deepcopy(cfg)
+    del at_14["labels"]["sizes"]["300m"]["mae"]
+    flops = [p.pretrain_resources("mae300m-full2b-224").train_flops for p in (plan, Plan(at_14))]
+    assert 0.7 < flops[0] / flops[1] < 196 / 256
+
+    cfg["labels"]["sizes"]["300m"]["mae"] = {"patch": 16, "heads": 8}
+    with pytest.raises(ConfigError, match=r"my.yaml: at key 'labels.sizes.300m.mae'.*'heads' was unexpected"):
+        validate_config(cfg, "my.yaml")
+
+
 @pytest.mark.parametrize("key,value,message", [
     (("pretrain", "dino", "batch_size"), 0, "0 is less than the minimum of 1"),
     (("pretrain", "mae", "batch_size"), -5, "-5 is less than the minimum of 1"),

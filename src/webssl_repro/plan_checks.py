@@ -24,14 +24,18 @@ def check_tolerances(tolerances: Mapping[str, Any]) -> None:
 
 def check_sizes(sizes: Mapping[str, Mapping[str, Any]]) -> None:
     """Each ``labels.sizes`` entry builds a ViT (``models.arch.Arch``: width divisible by heads),
-    checked at the dry run rather than by a pretraining job after it queued for its nodes."""
+    and so does its Web-MAE variant (``resources.run_arch``), checked at the dry run rather than by
+    a pretraining job after it queued for its nodes."""
     from webssl_repro.models.arch import Arch
+    from webssl_repro.resources import method_arch
 
     for label, spec in sizes.items():
-        try:
-            Arch.from_config(spec)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"labels.sizes.{label}: {err.args[0] if err.args else err}") from None
+        for method in ("dino", "mae"):
+            try:
+                Arch.from_config(method_arch(spec, method))
+            except (KeyError, ValueError) as err:
+                where = f"{label}.mae" if method == "mae" and "mae" in spec else label
+                raise ConfigError(f"labels.sizes.{where}: {err.args[0] if err.args else err}") from None
 
 
 def check_eval_gpus(resources: Mapping[str, Any]) -> None:

@@ -104,7 +104,7 @@ def dino_local_size(run: Run, cfg: Mapping[str, Any]) -> int:
     its 224 px parent's (App. C: "all other parameters remain exactly the same")."""
     base = run.parent if run.parent is not None else run
     img = int(label(cfg, "resolutions", str(base.res), run))
-    return dino_local_crop(img, int(label(cfg, "sizes", run.size, run)["patch"]))
+    return dino_local_crop(img, int(run_arch(cfg, run)["patch"]))
 
 
 def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, local: int | None = None,
@@ -126,6 +126,23 @@ def label(cfg: Mapping[str, Any], kind: str, key: str, run: Any) -> Any:
     if key not in table:
         raise ConfigError(f"config labels.{kind} has no entry {key!r} (run {run}); it has {sorted(table)}")
     return table[key]
+
+
+def method_arch(size: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The shape of ``method``'s tower of a ``labels.sizes`` entry. The entry's ``ffn_hidden`` is the
+    SwiGLU width of the Web-DINO and CLIP towers; a Web-MAE tower has a GELU MLP of 4·width as
+    released, and takes the entry's ``mae`` overrides (e.g. the released MAE-300M's patch 16)."""
+    spec = dict(size)
+    mae = spec.pop("mae", {})
+    if method == "mae":
+        spec.pop("ffn_hidden", None)
+        spec.update(mae)
+    return spec
+
+
+def run_arch(cfg: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The shape of ``run``'s tower (``method_arch`` of its size's label)."""
+    return method_arch(label(cfg, "sizes", run.size, run), run.method)
 
 
 IMAGENET_TRAIN_IMAGES = 1281167
@@ -241,7 +258,7 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any], recipe: Mapping[str, An
     """``recipe``: the run's (``workflow.Plan.recipe``): its DINO local-crop side where it sets one
     (default: ``dino_local_size``), its MAE decoder or CLIP text tower (default: the methods')."""
     res_cfg = cfg["resources"]
-    arch = label(cfg, "sizes", run.size, run)
+    arch = run_arch(cfg, run)
     img = int(label(cfg, "resolutions", str(run.res), run))
     recipe = recipe or {}
     local = recipe.get("local_crop_size") if run.method == "dino" else None

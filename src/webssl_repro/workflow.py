@@ -18,7 +18,7 @@ from webssl_repro.files import repo_root
 from webssl_repro.paper import specs
 from webssl_repro.recipes import (SCHEDULE_DEFAULTS, STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes,
                                   hires_recipe)
-from webssl_repro.resources import dino_local_size, label, samples_of
+from webssl_repro.resources import dino_local_size, label, run_arch, samples_of
 from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
 from webssl_repro.settings import split_pretrain
 from webssl_repro.workflow_data import DataJobs
@@ -312,7 +312,7 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
         config = {
             "run": run,
             "scale": self.scale,
-            "arch": dict(label(self.config, "sizes", r.size, run)),
+            "arch": run_arch(self.config, r),
             "img_size": int(label(self.config, "resolutions", str(r.res), run)),
             "samples_seen": samples_of(r, self.config),
             "recipe": recipe,

@@ -9,7 +9,7 @@ import re
 from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
-from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, node_share, torchrun
+from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, method_arch, node_share, torchrun
 from webssl_repro.settings import SETTINGS, split_pretrain, split_settings
 
 
@@ -124,7 +124,8 @@ class EvalJobs:
         if not self.vqa_controls():
             return ""
         labels = self.config["labels"]
-        patch = min(int(arch["patch"]) for arch in labels["sizes"].values())
+        patch = min(int(method_arch(size, method)["patch"]) for size in labels["sizes"].values()
+                    for method in ("dino", "mae"))
         return f"--img-size {int(labels['resolutions']['224'])} --patch {patch}"
 
     def _eval_section(self, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
