@@ -125,7 +125,8 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert list(table.index) == ["in1k_linear", "ade20k_linear"] and set(table["source"]) == {"dino7b-full8b-224"}
     assert table.loc["in1k_linear", "difference"] == pytest.approx(0.3)
     assert table["status"].to_dict() == {"in1k_linear": "within", "ade20k_linear": "outside"}  # tolerances 0.5, 1.0
-    assert capsys.readouterr().out.rstrip().endswith("within: 1, outside: 1")
+    summary, note = capsys.readouterr().out.rstrip().splitlines()[-2:]
+    assert summary == "within: 1, outside: 1" and note.startswith("note: The IN-1k linear probe trains here")
     # a path that is no eval result, or none at all, is named, not skipped
     assert main(["compare", str(path), str(tmp_path / "classic_v2.json")]) == 2
     assert "classic_v2.json: not an eval result" in capsys.readouterr().err
@@ -188,16 +189,19 @@ def test_compare_takes_the_files_scale_config_and_evals_after_configfile(tmp_pat
 
 def test_compare_says_where_the_benchmarks_data_differ_from_the_papers(tmp_path, capsys):
     """DocVQA is scored on validation here, on the test server in the paper: a comparison that
-    includes it (the benchmark, OCR & Chart, the Average) says so, one that does not stays quiet."""
+    includes it (the benchmark, OCR & Chart, the Average) says so, one that does not stays quiet.
+    So does one of the IN-1k linear probe, which trains without DINOv2's per-batch crops."""
     from webssl_repro.paper.check import protocol_notes
 
-    assert protocol_notes(["in1k_linear", "mme"]) == []
+    assert protocol_notes(["ade20k_linear", "mme"]) == []
+    assert [n.split()[:3] for n in protocol_notes(["in1k_linear", "mme"])] == [["The", "IN-1k", "linear"]]
     assert [n.split()[0] for n in protocol_notes(["OCR & Chart"])] == ["DocVQA"]
     assert [n.split()[0] for n in protocol_notes(["Average"])] == ["DocVQA", "MMVP"]
     from webssl_repro.paper.check import comparison_summary
 
     missing = pd.DataFrame([{"metric": "in1k_linear", "status": "within"}, {"metric": "docvqa", "status": "missing"}])
     assert "DocVQA" not in comparison_summary(missing, "comparable")  # no DocVQA number was compared
+    assert "The IN-1k linear probe trains here on features" in comparison_summary(missing, "comparable")
     assert "DocVQA is scored here" in comparison_summary(missing.assign(status="outside"), "comparable")
     path = tmp_path / "evals" / "dino7b-full8b-224" / "vqa.json"
     path.parent.mkdir(parents=True)

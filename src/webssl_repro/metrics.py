@@ -13,12 +13,14 @@ VQA_CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 VQA_BENCHMARKS: tuple[str, ...] = tuple(b for group in VQA_CATEGORIES.values() for b in group)
 CATEGORY_COLUMNS: tuple[str, ...] = ("Average", *VQA_CATEGORIES)
-# Where this project's VQA data or scoring cannot be the paper's (evaluate/vqa/real.py): said
-# beside every comparison of a number that includes the benchmark.
+# Where this project's data, scoring or protocol is not the paper's (evaluate/vqa/real.py,
+# evaluate/linear.py): said beside every comparison of a number that includes the benchmark.
 PROTOCOL_DIFFERENCES: dict[str, str] = {
     "docvqa": "DocVQA is scored here by a local ANLS on its validation split; the paper's is the "
               "evaluation server's on the test split",
     "mmvp": "MMVP is lmms-lab-eval/MMVP, which corrects two question pairs that Cambrian's copy mislabels",
+    "in1k_linear": "The IN-1k linear probe trains here on features computed once from the eval view "
+                   "(resize + centre crop); DINOv2's protocol crops and flips each training batch anew",
 }
 # The VQA probe's control encoders (evaluate.vqa.controls): raw-pixel tokens, and the same zeroed.
 VQA_CONTROLS: tuple[str, ...] = ("pixels", "blind")

@@ -251,12 +251,12 @@ def claims_markdown(results: list[claims_mod.Result], scale: str, summary: str, 
 
 def protocol_notes(metrics: Iterable[str]) -> list[str]:
     """What differs from the paper's protocol in the benchmarks behind ``metrics`` (a benchmark,
-    its category or the Average), so that a difference there is not read as the encoder's."""
+    its VQA category or the VQA Average), so that a difference there is not read as the encoder's."""
     metrics = set(metrics)
     notes = []
     for bench, note in PROTOCOL_DIFFERENCES.items():
-        category = next(c for c, benches in VQA_CATEGORIES.items() if bench in benches)
-        if metrics & {bench, category, "Average"}:
+        category = next((c for c, benches in VQA_CATEGORIES.items() if bench in benches), None)
+        if metrics & ({bench} if category is None else {bench, category, "Average"}):
             notes.append(note)
     return notes
 
