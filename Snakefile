@@ -12,7 +12,7 @@ min_version("9.27")  # as pyproject.toml: profile.yaml profiles (slurm/), tested
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from webssl_repro.config import config_origin, validate_config
+from webssl_repro.config import config_origin, stop_on_config_error, validate_config
 
 # config/mini.yaml is the default; a --configfile replaces it rather than being merged
 # into it, so no mini-scale key can leak into another scale.
@@ -23,7 +23,8 @@ if not workflow.overwrite_configfiles:
 
 # One line per bad key, naming it and the known ones (snakemake's own message dumps the whole
 # config); then snakemake's validate, which also fills the schema's defaults.
-validate_config(config, config_origin(workflow.overwrite_configfiles, workflow.config_settings.config))
+with stop_on_config_error():
+    validate_config(config, config_origin(workflow.overwrite_configfiles, workflow.config_settings.config))
 validate(config, "config/schema.yaml")
 
 

@@ -2,6 +2,7 @@
 # logic behind the DAG is plain Python under test (tests/test_workflow.py).
 import shlex
 
+from webssl_repro.config import stop_on_config_error
 from webssl_repro.workflow import Plan, mark_invocation, put_cli_on_path
 from webssl_repro.workflow_data import CLASSIC_SETS, EVAL_SETS
 from webssl_repro.plan_checks import check_profile_environment
@@ -12,10 +13,12 @@ put_cli_on_path()  # rules call `webssl-repro`: this Snakemake's own, activated 
 # The submitting invocation checks slurm/'s $SLURM_ACCOUNT; a job's own parse (remote) does not:
 # the jobstep plugin strips SLURM_* from its environment, and its resources are already granted.
 if not workflow.remote_exec:
-    check_profile_environment(getattr(workflow.resource_settings.default_resources, "args", None))
+    with stop_on_config_error():
+        check_profile_environment(getattr(workflow.resource_settings.default_resources, "args", None))
 mark_invocation(workflow.remote_exec)  # so that a retry knows this invocation's attempts
 
-PLAN = Plan(config)
+with stop_on_config_error():
+    PLAN = Plan(config)
 SCALE = PLAN.scale
 RESULTS = PLAN.results
 PAPER = PLAN.paper_dir

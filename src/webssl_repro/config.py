@@ -2,9 +2,11 @@
 Snakefile validates with ``snakemake.utils.validate``."""
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -15,6 +17,16 @@ SCHEMA = repo_root() / "config" / "schema.yaml"
 
 class ConfigError(ValueError):
     pass
+
+
+@contextlib.contextmanager
+def stop_on_config_error() -> Iterator[None]:
+    """While snakemake reads the workflow: a ``ConfigError`` ends it with the message alone, not
+    with the Python frames it prints under other errors; the fix is in the config, not the code."""
+    try:
+        yield
+    except ConfigError as err:
+        sys.exit(str(err))
 
 
 class UnknownKeyError(KeyError, ValueError):
@@ -88,6 +100,37 @@ def _number_as_text(err) -> str:
             "exponent, e.g. 1.0e-3); --config passes values as text too, so set numbers in a config file")
 
 
+def _form_description(form: Any, schema: Mapping[str, Any]) -> str | None:
+    """A form's description, or that of the ``#/$defs/...`` it refers to."""
+    if not isinstance(form, Mapping):
+        return None
+    ref = form.get("$ref", "")
+    if not form.get("description") and ref.startswith("#/$defs/"):
+        form = schema.get("$defs", {}).get(ref.removeprefix("#/$defs/"), {})
+    return form.get("description")
+
+
+def _error_lines(err, origin: str, schema: Mapping[str, Any], form: str | None = None) -> list[str]:
+    """One line per schema error, naming its key. A value that matches none of a setting's forms
+    (``anyOf`` / ``oneOf``) is explained by the errors of the forms it came nearest to (at most one
+    error more than the fewest), e.g. the misspelt key of a mapping, not by "not valid under any of
+    the given schemas"."""
+    if err.validator in ("anyOf", "oneOf") and err.context:
+        by_form: dict[int, list] = {}
+        for sub in err.context:
+            by_form.setdefault(sub.relative_schema_path[0], []).append(sub)
+        fewest = min(map(len, by_form.values()))
+        forms = err.schema[err.validator]
+        return [line for i, subs in sorted(by_form.items()) if len(subs) <= fewest + 1 for sub in subs
+                for line in _error_lines(sub, origin, schema, _form_description(forms[i], schema))]
+    where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
+    known = sorted(err.schema.get("properties", {})) if err.validator == "additionalProperties" else []
+    about = err.schema.get("description") if isinstance(err.schema, Mapping) else None
+    about = None if about == form or not err.absolute_path else about
+    hint = f"; known keys are {known}" if known else (f" ({about})" if about else "")
+    return [f"{origin}: at key '{where}': {err.message}{hint}{_number_as_text(err)}" + (f" (as {form})" if form else "")]
+
+
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
     import jsonschema
 
@@ -95,13 +138,7 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = []
-        for err in errors:
-            where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
-            known = sorted(err.schema.get("properties", {})) if err.validator == "additionalProperties" else []
-            about = err.schema.get("description") if isinstance(err.schema, Mapping) else None
-            hint = f"; known keys are {known}" if known else (f" ({about})" if about and err.absolute_path else "")
-            lines.append(f"{origin}: at key '{where}': {err.message}{hint}{_number_as_text(err)}")
+        lines = [line for err in errors for line in _error_lines(err, origin, schema)]
         if any(err.validator == "required" and not err.absolute_path for err in errors):
             lines.append("(a --configfile replaces the default config/mini.yaml rather than being merged into it: "
                          "to change a few keys, give the scale's config first, e.g. --configfile config/mini.yaml "
