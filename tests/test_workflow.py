@@ -96,7 +96,10 @@ def test_paper_dry_run_lists_every_run_and_target(workflow_dir):
     assert "gres=gpu:8" in out and "nodes=32" in out and "gpu_hours=" in out
     total = re.search(r"all: 30 runs, ([\d,]+) estimated pretraining GPU-hours", out)
     assert total and int(total[1].replace(",", "")) == round(plan.gpu_hours())
-    assert f"(`{total[0]}`)" in (REPO / "README.md").read_text()  # the README quotes this dry run
+    readme = (REPO / "README.md").read_text()
+    assert f"(`{total[0]}`)" in readme  # the README quotes this dry run
+    jobs = int(re.search(r"^total\s+(\d+)$", out, re.M)[1])
+    assert f"--dag draws all {jobs:,} jobs" in readme
     # Every job fits the partition's limit; the longest run is a chain of such jobs.
     limit = plan.config["resources"]["max_runtime_min"]
     runtimes = [int(x) for x in re.findall(r"runtime=(\d+)", out)]
