@@ -428,6 +428,21 @@ def test_a_size_that_builds_no_vit_stops_the_dry_run(paper):
         Plan(cfg)
 
 
+def test_a_runs_missing_label_or_unmaskable_mae_stops_the_plan_itself(paper):
+    """Where snakemake builds the plan (wrapped by ``stop_on_config_error``), not mid-parse in a
+    rule file, which printed Python frames; an MAE ratio that masks no patch was a NaN at step 0."""
+    cfg = copy.deepcopy(paper)
+    del cfg["labels"]["sizes"]["1b"]
+    with pytest.raises(ConfigError, match=r"labels.sizes has no entry '1b' \(run dino1b-full2b-224\)"):
+        Plan(cfg)
+    cfg = copy.deepcopy(paper)
+    cfg["pretrain"]["mae"]["mask_ratio"] = 0.001  # round(256 x 0.999) keeps all 256 patches
+    with pytest.raises(ConfigError, match=r"pretrain.mae.mask_ratio: 0.001 masks none of the 256 patches of run mae1b"):
+        Plan(cfg)
+    cfg["pretrain"]["mae"]["mask_ratio"] = 0.002  # keeps 255
+    assert Plan(cfg).run_config("mae1b-full2b-224")["recipe"]["mask_ratio"] == 0.002
+
+
 def test_a_size_label_shapes_each_methods_tower_as_released(paper):
     """One ``labels.sizes`` entry serves Web-DINO, CLIP and Web-MAE. Its ``ffn_hidden`` is the
     SwiGLU width; it once gave MAE-1B a GELU MLP of 4096 instead of the released 6144. Its

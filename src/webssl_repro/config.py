@@ -117,12 +117,13 @@ def _error_lines(err, origin: str, schema: Mapping[str, Any], form: str | None =
     the given schemas"."""
     if err.validator in ("anyOf", "oneOf") and err.context:
         by_form: dict[int, list] = {}
-        for sub in err.context:
-            by_form.setdefault(sub.relative_schema_path[0], []).append(sub)
+        for sub in err.context:  # a boolean form's error has no schema path of its own
+            by_form.setdefault(sub.relative_schema_path[0] if sub.relative_schema_path else -1, []).append(sub)
         fewest = min(map(len, by_form.values()))
-        forms = err.schema[err.validator]
+        forms, setting = err.schema[err.validator], err.schema.get("description")
         return [line for i, subs in sorted(by_form.items()) if len(subs) <= fewest + 1 for sub in subs
-                for line in _error_lines(sub, origin, schema, _form_description(forms[i], schema))]
+                for line in _error_lines(sub, origin, schema,
+                                         (i >= 0 and _form_description(forms[i], schema)) or setting or form)]
     where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
     known = sorted(err.schema.get("properties", {})) if err.validator == "additionalProperties" else []
     about = err.schema.get("description") if isinstance(err.schema, Mapping) else None

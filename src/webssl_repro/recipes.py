@@ -91,11 +91,19 @@ def check_schedule(run_config: Mapping[str, Any], method: str, origin: Mapping[s
                               f"the run{hint}")
 
 
+def mae_kept(length: int, mask_ratio: float) -> int:
+    """Tokens MAE's encoder keeps of ``length``: round(L·(1−ratio)), at least one. That equals
+    MAE's ``int()`` whenever L·(1−ratio) is integral (every paper setting) but is immune to float
+    truncation such as 20·(1−0.55) = 8.999…."""
+    return max(1, int(round(length * (1.0 - mask_ratio))))
+
+
 def check_shapes(run_config: Mapping[str, Any], method: str, world_size: int,
                  origin: Mapping[str, str] | None = None) -> None:
     """Refuse, at the dry run, a run that its job would refuse once granted its nodes: a global
-    batch that does not split over its GPUs (``train.loop``), or an image size that is not a
-    whole number of patches (timm's patch embedding)."""
+    batch that does not split over its GPUs (``train.loop``), an image size that is not a whole
+    number of patches (timm's patch embedding), or an MAE mask ratio that masks no patch (its
+    loss, a mean over the masked ones, would be 0/0)."""
     run, recipe, origin = run_config["run"], run_config["recipe"], origin or {}
     batch = int(recipe.get("batch_size", SCHEDULE_DEFAULTS[method].get("batch_size", 1)))
     if world_size > 1 and batch % world_size:
@@ -112,4 +120,8 @@ def check_shapes(run_config: Mapping[str, Any], method: str, world_size: int,
     img, patch = int(run_config["img_size"]), int(run_config["arch"]["patch"])
     if img % patch:
         raise ConfigError(f"labels.resolutions: {img} px (run {run}) is not a whole number of its "
-                          f"{patch} px patches (labels.sizes.*.patch)")
+                          f"{patch} px patches (labels.sizes.*.{'mae.patch or ' * (method == 'mae')}patch)")
+    patches = (img // patch) ** 2
+    if method == "mae" and "mask_ratio" in recipe and mae_kept(patches, float(recipe["mask_ratio"])) >= patches:
+        where = origin.get("mask_ratio", "pretrain.mae.mask_ratio")
+        raise ConfigError(f"{where}: {recipe['mask_ratio']} masks none of the {patches} patches of run {run}")

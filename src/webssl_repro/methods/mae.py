@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from webssl_repro.config import dataclass_from_mapping
 from webssl_repro.methods.base import ModelOnlyState
+from webssl_repro.recipes import mae_kept
 from webssl_repro.models.layers import run_blocks
 from torch import nn
 from timm.models.vision_transformer import Block
@@ -113,12 +114,11 @@ def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generato
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random subset of tokens by argsort of uniform noise (MAE).
 
-    Returns ``(kept (B, K, D), mask (B, L) with 1 = removed, ids_restore (B, L))``.
-    K = round(L·(1−ratio)): equal to MAE's ``int()`` whenever L·(1−ratio) is integral (every
-    paper setting) but immune to float truncation such as 20·(1−0.55) = 8.999….
+    Returns ``(kept (B, K, D), mask (B, L) with 1 = removed, ids_restore (B, L))``, K =
+    ``recipes.mae_kept(L, ratio)``.
     """
     b, length, d = x.shape
-    keep = max(1, int(round(length * (1.0 - mask_ratio))))
+    keep = mae_kept(length, mask_ratio)
     gen_device = generator.device if generator is not None else x.device
     noise = torch.rand(b, length, generator=generator, device=gen_device).to(x.device)
     ids_shuffle = torch.argsort(noise, dim=1)

@@ -278,7 +278,7 @@ def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], 
     paper prints for those runs, in any table: one row per (run, metric) the two share."""
     paths = [Path(p) for p in paths]
     for path in paths:
-        if not path.exists() and set("*?[") & set(path.name):  # the shell passes on a glob that matched nothing
+        if not path.exists() and set("*?[") & set(path.as_posix()):  # the shell passes on a glob that matched nothing
             raise FileNotFoundError(f"{path}: the pattern matches no file")
         if not _EVAL.search(path.as_posix()):
             raise ValueError(f"{path}: not an eval result (results/{{scale}}/evals/<run>[.s<seed>]/"
