@@ -171,7 +171,7 @@ def dino_probe_run(tmp_path_factory, tiny_data) -> dict[str, Any]:
 #: CLIP's probe: 512 steps of 64 on an 8192-image corpus (the mini corpus's generator and seed,
 #: 8x the images). CLIP learns from caption variety: on the 1024-image corpus, 256 steps leave
 #: top-1 at 3-6 hits of 256 held-out captions (median rank 50-60) and at 1024 steps a seed overfits; with
-#: 8192 images 512 steps reach 5-7 hits, median rank 26-30 (measured, seeds 0-2).
+#: 8192 images 512 steps reach top-5 29-32 hits (top-1 1-8), median rank 28-29 (measured, seeds 0-2).
 CLIP_PROBE_SAMPLES = 32768
 CLIP_PROBE_CORPUS = {**TINY_CORPUS, "n_images": 8192, "shard_size": 1024}
 

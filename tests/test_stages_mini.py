@@ -119,8 +119,9 @@ def test_mae_loss_falls(mae_run):
 
 
 def _clip_retrieval(method, records, size: int) -> dict[str, float]:
-    """Image->text retrieval over N pairs: top-1 %, chance % and the median rank (1 = best) of
-    the first caption equal to the query's own (mini-web captions repeat; chance counts that)."""
+    """Image->text retrieval over N pairs: top-1 and top-5 %, their chance % and the median rank
+    (1 = best) of the first caption equal to the query's own (mini-web captions repeat; chance
+    counts that: a query with m matches among N is in a random top 5 with 1 - C(N-m, 5) / C(N, 5))."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2
 
@@ -136,8 +137,11 @@ def _clip_retrieval(method, records, size: int) -> dict[str, float]:
     same = torch.tensor([[a == b for b in captions] for a in captions])
     order = (img @ txt.T).argsort(dim=1, descending=True)
     first = same.gather(1, order).float().argmax(dim=1) + 1  # rank of the first matching caption
+    n, m = same.shape[0], same.sum(dim=1).double()
+    miss5 = torch.stack([(n - m - i) / (n - i) for i in range(5)]).clamp(min=0).prod(dim=0)
     return {"top1": 100.0 * float((first == 1).float().mean()), "median_rank": float(first.float().median()),
-            "chance": 100.0 * float(same.float().mean())}
+            "chance": 100.0 * float(same.float().mean()), "top5": 100.0 * float((first <= 5).float().mean()),
+            "chance5": 100.0 * float((1 - miss5).mean())}
 
 
 #: Seeds of the CLIP retrieval checks: one run decides top-1 on a handful of hits of 256.
@@ -156,11 +160,12 @@ def _clip_seed(tmp_path_factory, run: dict, captions: str) -> dict[str, float]:
         size = int(run["cfg"]["img_size"])
         init = _clip_retrieval(method, records, size)
         method.bare_model().load_state_dict(torch.load(run["dir"] / "state.pt", weights_only=True))
-        return {**_clip_retrieval(method, records, size), **{f"init_{k}": v for k, v in init.items() if k != "chance"}}
+        return {**_clip_retrieval(method, records, size),
+                **{f"init_{k}": v for k, v in init.items() if not k.startswith("chance")}}
 
     name = f"retrieval.{run['dir'].parent.name}"
     out = shared_result(tmp_path_factory, name, compute)
-    print(f"CLIP image->text retrieval, {name} (N=256):", json.dumps(out))
+    print(f"CLIP image->text retrieval, {name} (N=256):", json.dumps(out), flush=True)
     return out
 
 
@@ -174,7 +179,7 @@ def clip_retrieval(tiny_data, tmp_path_factory) -> dict[str, dict[str, float]]:
 def test_clip_learns_to_rank_held_out_captions(clip_retrieval):
     """The grid's own 32-step CLIP run moves held-out true captions up: the median rank,
     averaged over 3 seeds, is at most 0.85x the init's (a random ranking puts it near 128 of
-    256; measured 87-104 trained, 118-133 at init)."""
+    256; measured 84-108 trained, 117-130 at init, with open_clip's text-tower init)."""
     trained = sum(v["median_rank"] for v in clip_retrieval.values()) / len(clip_retrieval)
     init = sum(v["init_median_rank"] for v in clip_retrieval.values()) / len(clip_retrieval)
     assert trained <= 0.85 * init, (trained, init)
@@ -182,14 +187,16 @@ def test_clip_learns_to_rank_held_out_captions(clip_retrieval):
 
 @pytest.mark.parametrize("seed", CLIP_SEEDS)  # one test per seed: xdist spreads the probe runs
 def test_clip_retrieval_above_chance(seed, clip_probe_shards, tiny_data, tmp_path_factory):
-    """Held-out captions eval set (test split, N=256, never in the corpus): image->text top-1
+    """Held-out captions eval set (test split, N=256, never in the corpus): image->text top-5
     of the CLIP probe (CLIP_PROBE_SAMPLES on CLIP_PROBE_CORPUS) is >= 3x chance and above the
-    same model at init, and its median rank at most a third of the init's. The 32-step grid
-    run is too short for top-1 (1-3 hits of 256, like its init); the probe measured 5-7 hits
-    (chance: 1) and median rank 26-30 against 129-134 at init, seeds 0-2."""
+    same model at init, and its median rank at most a third of the init's. Top-1 is a handful of
+    hits of 256, too few to decide a seed: with open_clip's text-tower init (524382d) the probe
+    measured 1, 8 and 7 hits (chance: 1) at seeds 0-2, where a zero-biased MLP had given 5-7.
+    Measured: top-5 30, 32 and 29 hits (chance 5, init 3-10), median rank 28-29 against 125-138
+    at init. The 32-step grid run is too short for either (9-12 top-5 hits)."""
     run = clip_probe_run(tmp_path_factory, clip_probe_shards, seed)
     r = _clip_seed(tmp_path_factory, run, tiny_data["captions"])
-    assert r["top1"] >= 3 * r["chance"] and r["top1"] > r["init_top1"], r
+    assert r["top5"] >= 3 * r["chance5"] and r["top5"] > r["init_top5"], r
     assert r["median_rank"] <= r["init_median_rank"] / 3, r
 
 
@@ -276,7 +283,7 @@ def test_trained_clip_beats_random_init_on_in1k_linear(seed, clip_probe_shards, 
     CLIP probe's encoder beats the encoder it started from by >= 3 points of top-1 (about 2
     standard errors of the difference). Captions name each object's class, so CLIP's vision
     tower learns some shape in 512 steps, where Web-DINO needs its 8192-step probe run;
-    measured 13.6 / 15.0 / 14.4 vs 9.0 / 8.4 / 9.3 % for seeds 0-2 (chance 6.25)."""
+    measured 13.6 / 14.4 / 14.3 vs 9.6 / 8.8 / 8.3 % for seeds 0-2 (chance 6.25)."""
     from webssl_repro.evaluate.classic import classic_config, classification
     from webssl_repro.models.io import load_encoder
 
