@@ -129,7 +129,8 @@ def _error_lines(err, origin: str, schema: Mapping[str, Any], form: str | None =
     about = err.schema.get("description") if isinstance(err.schema, Mapping) else None
     about = None if about == form or not err.absolute_path else about
     hint = f"; known keys are {known}" if known else (f" ({about})" if about else "")
-    return [f"{origin}: at key '{where}': {err.message}{hint}{_number_as_text(err)}" + (f" (as {form})" if form else "")]
+    as_form = f" (as {form})" if form else ""
+    return [f"{origin}: at key '{where}': {err.message}{hint}{_number_as_text(err)}{as_form}"]
 
 
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> None:

@@ -24,7 +24,7 @@ def check_tolerances(tolerances: Mapping[str, Any]) -> None:
 
 def check_sizes(sizes: Mapping[str, Mapping[str, Any]]) -> None:
     """Each ``labels.sizes`` entry builds a ViT (``models.arch.Arch``: width divisible by heads),
-    and so does its Web-MAE variant (``resources.run_arch``), checked at the dry run rather than by
+    and so does its Web-MAE variant (``resources.method_arch``), checked at the dry run rather than by
     a pretraining job after it queued for its nodes."""
     from webssl_repro.models.arch import Arch
     from webssl_repro.resources import method_arch

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from webssl_repro.config import dataclass_from_mapping
 from webssl_repro.methods.base import ModelOnlyState
-from webssl_repro.recipes import mae_kept
 from webssl_repro.models.layers import run_blocks
+from webssl_repro.recipes import mae_kept
 from torch import nn
 from timm.models.vision_transformer import Block
 
