@@ -19,6 +19,7 @@ mark_invocation(workflow.remote_exec)  # so that a retry knows this invocation's
 
 with stop_on_config_error():
     PLAN = Plan(config)
+    PLAN.check_run_labels()
 SCALE = PLAN.scale
 RESULTS = PLAN.results
 PAPER = PLAN.paper_dir

@@ -428,17 +428,18 @@ def test_a_size_that_builds_no_vit_stops_the_dry_run(paper):
         Plan(cfg)
 
 
-def test_a_runs_missing_label_or_unmaskable_mae_stops_the_plan_itself(paper):
-    """Where snakemake builds the plan (wrapped by ``stop_on_config_error``), not mid-parse in a
-    rule file, which printed Python frames; an MAE ratio that masks no patch was a NaN at step 0."""
+def test_a_runs_missing_label_or_unmaskable_mae_is_named(paper):
+    """A missing label stops ``check_run_labels``, which common.smk calls under
+    ``stop_on_config_error`` (a rule file's parse printed Python frames); an MAE ratio that masks
+    no patch, which was a NaN at step 0, stops the run's config."""
     cfg = copy.deepcopy(paper)
     del cfg["labels"]["sizes"]["1b"]
     with pytest.raises(ConfigError, match=r"labels.sizes has no entry '1b' \(run dino1b-full2b-224\)"):
-        Plan(cfg)
+        Plan(cfg).check_run_labels()
     cfg = copy.deepcopy(paper)
     cfg["pretrain"]["mae"]["mask_ratio"] = 0.001  # round(256 x 0.999) keeps all 256 patches
     with pytest.raises(ConfigError, match=r"pretrain.mae.mask_ratio: 0.001 masks none of the 256 patches of run mae1b"):
-        Plan(cfg)
+        Plan(cfg).run_config("mae1b-full2b-224")
     cfg["pretrain"]["mae"]["mask_ratio"] = 0.002  # keeps 255
     assert Plan(cfg).run_config("mae1b-full2b-224")["recipe"]["mask_ratio"] == 0.002
 

@@ -56,9 +56,6 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
                                 self.config.get("data", {}).get("evalsets", {}))
             if "pretrain" in self.stages:
                 check_clip_tokenizer(self.config.get("pretrain", {}))
-                for run in self.run_ids:  # each run's labels and recipe shapes, here rather than mid-parse
-                    if self.trained(run):
-                        self.run_config(run)
             if "data" in self.stages:
                 check_filter(self.config.get("data", {}).get("filter", {}))
             if "vqa" in self.stages:

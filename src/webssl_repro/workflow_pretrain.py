@@ -103,6 +103,14 @@ class PretrainJobs:
             return None
         return max(self.pretrain_resources(r).jobs for r in trained) - 1 + PREEMPTION_RETRIES
 
+    def check_run_labels(self) -> None:
+        """Size each trained run, as the pretrain rules' patterns do while snakemake parses them
+        (``runs_by_layout``): called first, inside ``config.stop_on_config_error``, so that a label
+        the config lacks ends the parse with its message alone."""
+        for run in self.run_ids:
+            if self.trained(run):
+                self.pretrain_resources(run)
+
     def runs_by_layout(self, multinode: bool) -> list[str]:
         return [r for r in self.run_ids if self.trained(r) and (self.pretrain_resources(r).nodes > 1) == multinode]
 
