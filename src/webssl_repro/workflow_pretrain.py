@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+from functools import cached_property
 from typing import Any, Mapping
 
 from webssl_repro.models.arch import arch_for
@@ -103,16 +104,19 @@ class PretrainJobs:
             return None
         return max(self.pretrain_resources(r).jobs for r in trained) - 1 + PREEMPTION_RETRIES
 
+    @cached_property
+    def trained_nodes(self) -> dict[str, int]:
+        """Each trained run's node count, sized once per parse for both pretrain rules' patterns."""
+        return {r: self.pretrain_resources(r).nodes for r in self.run_ids if self.trained(r)}
+
     def check_run_labels(self) -> None:
         """Size each trained run, as the pretrain rules' patterns do while snakemake parses them
         (``runs_by_layout``): called first, inside ``config.stop_on_config_error``, so that a label
         the config lacks ends the parse with its message alone."""
-        for run in self.run_ids:
-            if self.trained(run):
-                self.pretrain_resources(run)
+        self.trained_nodes
 
     def runs_by_layout(self, multinode: bool) -> list[str]:
-        return [r for r in self.run_ids if self.trained(r) and (self.pretrain_resources(r).nodes > 1) == multinode]
+        return [r for r, nodes in self.trained_nodes.items() if (nodes > 1) == multinode]
 
     def launcher(self, run: str) -> str:
         """The command prefix that starts ``python -m webssl_repro.cli`` on the run's resources.
