@@ -784,6 +784,21 @@ def test_an_overlay_switching_the_filter_backend_unsets_the_others_options_with_
     assert backend_options("ocr", cfg["data"]["filter"]) == {}
 
 
+@pytest.mark.parametrize("backend", ["ocr", "mllm"])
+def test_the_filter_jobs_own_keys_are_no_backend_option(paper, backend):
+    """``checkpoint_shards`` (schema, README) sizes the filter job's saved chunks: the plan's check
+    of the backend's options refused it, and with it every config that set it."""
+    from webssl_repro.data.filters import backend_options
+
+    cfg = copy.deepcopy(paper)
+    cfg["data"]["filter"].update(checkpoint_shards=5, workers=2)
+    if backend == "ocr":
+        cfg["data"]["filter"].update(backend="ocr", device=None, dtype=None, model=None, revision=None)
+    Plan(cfg)
+    options = backend_options(backend, cfg["data"]["filter"])
+    assert not {"checkpoint_shards", "workers", "parts", "backend"} & set(options)
+
+
 def test_a_reversed_crop_scale_stops_the_dry_run():
     cfg = load_config(REPO / "config/mini.yaml")
     cfg["pretrain"]["dino"]["local_crops_scale"] = [0.32, 0.05]

@@ -209,7 +209,7 @@ def backend_class(backend: str) -> type[TextFilter]:
 
 
 #: data.filter keys of the filter job itself, not of a backend's constructor
-JOB_KEYS = ("backend", "parts", "workers")
+JOB_KEYS = ("backend", "parts", "workers", "checkpoint_shards")
 
 
 def backend_options(backend: str, section: Mapping[str, Any]) -> dict[str, Any]:
