@@ -343,6 +343,39 @@ def test_a_stopped_filter_job_resumes_at_its_first_unfinished_chunk(tmp_path, mo
     assert len(calls) == 3 and rebuilt["tp"] == 0  # objects only: no text to find
 
 
+def test_a_chunk_with_an_unreadable_shard_is_read_again_by_a_retry(tmp_path, monkeypatch):
+    """A shard that could not be read (a network mount's hiccup) keeps the name, size and time its
+    chunk's record is keyed by: saved, the record would drop that shard from every retry."""
+    from webssl_repro.data import filters
+    from webssl_repro.data.filter_progress import progress_dir
+    from webssl_repro.data.stages import build_corpus, filter_corpus, manifest_shards
+
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 8, "shard_size": 4, "seed": 3, "kinds": {"objects": 0.5, "text_scene": 0.5}}, man)
+    good = manifest_shards(man)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar" * 100)
+    shards, section = [good[0], str(junk), good[1]], {"backend": "ocr", "checkpoint_shards": 1}
+    real, calls = filters.run_filter, []
+
+    def run_filter(flt, samples, variants, *args, stop_at=None):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt("killed at its time limit")
+        return real(flt, samples, variants, *args)
+
+    out = str(tmp_path / "job" / "light.json")
+    monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a, stop_at=3))
+    with pytest.warns(RuntimeWarning, match="skipping broken shard"), pytest.raises(KeyboardInterrupt):
+        filter_corpus("light", section, shards, out)
+    assert sorted(os.listdir(progress_dir(out))) == ["00000.json"]  # not the unreadable shard's chunk
+    calls.clear()
+    monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a))
+    with pytest.warns(RuntimeWarning, match="skipping broken shard"):
+        result = filter_corpus("light", section, shards, out)
+    assert len(calls) == 2 and result["n"] == 8 and result["broken_shards"] == 1
+
+
 def test_a_shard_that_repeats_a_key_keeps_only_the_sample_the_filter_kept(tmp_path, monkeypatch):
     """A tar repeating a key holds two samples (webdataset's grouping): the filter decides each,
     and its kept shard copies the one it kept, not both, so the light run trains on what the

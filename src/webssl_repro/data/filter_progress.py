@@ -59,7 +59,8 @@ def run_in_chunks(shards: Sequence[str], setup: Mapping[str, Any], out_json: str
     """``run_chunk`` (``run_filter_batches``' result for some shards) over ``shards`` in chunks of
     ``chunk_shards``, each saved as it ends and read back instead of rerun; the chunks joined
     as one pass over all shards would return them. ``after_chunk`` runs after each new chunk
-    (the OCR backend saves its read cache). The records are removed once all are joined."""
+    (the OCR backend saves its read cache). A chunk with an unreadable shard is not saved
+    (``_read_in_part``). The records are removed once all are joined."""
     if chunk_shards < 1:
         raise ValueError(f"data.filter.checkpoint_shards must be >= 1, got {chunk_shards}")
     folder = progress_dir(out_json)
@@ -70,11 +71,19 @@ def run_in_chunks(shards: Sequence[str], setup: Mapping[str, Any], out_json: str
         result = _load(path, key)
         if result is None:
             result = run_chunk(chunk)
-            write_json(path, {"key": key, "shards": chunk, "result": result})
+            if not _read_in_part(result):
+                write_json(path, {"key": key, "shards": chunk, "result": result})
             if after_chunk is not None:
                 after_chunk()
         results.append(result)
     return join_results(results)
+
+
+def _read_in_part(result: Mapping[str, Any]) -> bool:
+    """Whether a shard of the chunk could not be read. Its record is not saved: the chunk's key
+    (URLs, sizes, times) would not change after a transient error (a network mount's hiccup, an
+    unreachable remote shard), and every retry would reuse the record without those shards."""
+    return int((result.get("loader_stats") or {}).get("broken_shards", 0)) > 0
 
 
 def discard_progress(out_json: str) -> None:
