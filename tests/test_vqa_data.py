@@ -212,6 +212,27 @@ def test_real_benchmark_adapters_with_local_stand_ins():
     assert score("mmbench", ["A", "A"], [x.reference() for x in shifted]) == 0.0  # one shift wrong: 0 of 1
 
 
+def test_a_benchmark_limit_keeps_whole_groups():
+    """MMBench scores a question's circular shifts together, MMVP a pair: capped at N samples,
+    a benchmark keeps every row of the groups it took, wherever the split holds them; a group cut
+    to one row would be scored as plain accuracy. Ungrouped benchmarks stop at N."""
+    datasets = pytest.importorskip("datasets")
+    from webssl_repro.evaluate.vqa.real import load_benchmark
+    from webssl_repro.evaluate.vqa.scorers import score
+
+    # the dev split lists each question's shifts apart: q1, q2, then q1 and q2 shifted
+    rows = [{"question": q, "hint": None, "A": a, "B": b, "C": None, "D": None, "answer": ans, "source": "s",
+             "image": q} for a, b, ans in (("red", "blue", "A"), ("blue", "red", "B")) for q in ("Colour?", "Shape?")]
+    capped, _ = load_benchmark("mmbench", dataset=datasets.Dataset.from_list(rows), limit=1)
+    assert [s.image_id for s in capped] == ["mmbench/0", "mmbench/2"]
+    assert score("mmbench", ["A", "A"], [s.reference() for s in capped]) == 0.0  # one shift wrong: 0 of 1
+    mmvp = datasets.Dataset.from_list([{"Index": k, "Question": "Open?", "Options": "(a) Yes (b) No",
+                                        "Correct Answer": "(a)", "image": "I"} for k in range(1, 7)])
+    assert [s.meta["pair_id"] for s in load_benchmark("mmvp", dataset=mmvp, limit=3)[0]] == [0, 0, 1, 1]
+    ai2d = datasets.Dataset.from_list([{"question": "Which?", "options": ["a", "b"], "answer": "1", "image": "I"}] * 3)
+    assert len(load_benchmark("ai2d", dataset=ai2d, limit=2)[0]) == 2
+
+
 def test_control_encoders_hand_the_probe_pixels_or_nothing():
     """The VQA probe's controls (evaluate.vqa.controls): each patch's raw pixels as its token, or
     zeros; both through the probe's own token path (CLS dropped, grid resized)."""

@@ -228,7 +228,7 @@ def test_paper_data_reads_config_sources_and_drops_laion(tmp_path):
     assert [s.meta["id"] for s in loaded.alignment] == ["a1", "a2"]
     assert [s.meta["id"] for s in loaded.instruction] == ["i1", "i2", "i4"]
     assert loaded.instruction[0].turns == (("Who wrote it?", "Herbert"),) and loaded.instruction[1].image_id is None
-    assert len(loaded.tests["mmvp"]) == 1 and len(loaded.tests["gqa"]) == 2
+    assert len(loaded.tests["mmvp"]) == 2 and len(loaded.tests["gqa"]) == 2  # limit 1: the first pair, whole
     gqa = loaded.tests["gqa"][1]
     assert gqa.image_id == "bench:gqa/1"
     assert loaded.load_image(gqa.image_id).getpixel((0, 0)) == _img(21).getpixel((0, 0))

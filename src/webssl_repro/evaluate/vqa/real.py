@@ -318,6 +318,8 @@ BENCHMARKS: dict[str, HfBenchmark] = {
     "cvbench2d": HfBenchmark("nyu-visionx/CV-Bench", "2D", "test", _cvbench),
     "cvbench3d": HfBenchmark("nyu-visionx/CV-Bench", "3D", "test", _cvbench),
 }
+#: the sample keys of rows a benchmark scores together (``scorers``: circular accuracy, pairs)
+GROUP_KEYS = ("circular_id", "pair_id")
 # GQA keeps its images in a sibling config, joined on ``imageId``.
 GQA_IMAGES = ("lmms-lab/GQA", "testdev_balanced_images", "testdev")
 
@@ -345,20 +347,30 @@ def load_benchmark(name: str, dataset: Any = None, images: Any = None,
     """Samples of one real benchmark and an image getter by ``image_id``.
 
     ``dataset`` (and, for GQA, ``images``) replace the hub download — tests pass small local
-    ``datasets.Dataset`` objects built with the real field names.
+    ``datasets.Dataset`` objects built with the real field names. ``limit`` keeps the first
+    ``limit`` samples and, where the benchmark scores groups of rows together (MMBench's
+    circular shifts, MME's and MMVP's pairs: ``GROUP_KEYS``), every row of their groups, found
+    anywhere in the split: a group cut short would be scored as if whole.
     """
     spec = BENCHMARKS[name]
     if dataset is None:
         dataset = open_dataset(spec.path, spec.name, spec.split)
     samples: list[VqaSample] = []
+    groups: set[tuple[str, str]] = set()
     for i, row in enumerate(dataset):
         adapted = spec.adapter(row)
         if adapted is None:
             continue
         question, answer, meta = adapted
-        samples.append(VqaSample(f"{name}/{i}", question, answer, name, meta))
+        group = next(((k, str(meta[k])) for k in GROUP_KEYS if k in meta), None)
         if limit is not None and len(samples) >= limit:
-            break
+            if group is None:
+                break
+            if group not in groups:
+                continue
+        if group is not None:
+            groups.add(group)
+        samples.append(VqaSample(f"{name}/{i}", question, answer, name, meta))
     if name == "gqa":
         if images is None:
             images = open_dataset(*GQA_IMAGES)
