@@ -27,6 +27,19 @@ def test_parse_yes(answer, keep):
     assert parse_yes(answer) is keep
 
 
+def test_an_answer_neither_yes_nor_no_is_warned_about_a_few_times():
+    """A prompt or chat template the model does not follow reads as a no for every image: the
+    job's log says so, for its first few answers only."""
+    answers = iter(["No.", "Yes", "The image shows", "", *["Sure"] * 6])
+    flt = MLLMFilter(generate_fn=lambda images, prompt: [next(answers) for _ in images], batch_size=10)
+    with pytest.warns(RuntimeWarning) as caught:
+        keep = flt.decide([Image.new("RGB", (4, 4))] * 10, ["light"])["light"]
+    assert keep == [False, True] + [False] * 8 and flt.off_topic == 8
+    assert [str(w.message).split("answer ")[1].split(" begins")[0] for w in caught] == \
+        ["'The image shows'", "''", "'Sure'", "'Sure'", "'Sure'"]
+    assert str(caught[-1].message).endswith("(the last such warning of this job)")
+
+
 def test_mllm_batches_and_prompts_with_injected_generate():
     calls = []
 

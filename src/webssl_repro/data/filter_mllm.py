@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from typing import Any, Callable, Sequence
 
 from PIL import Image
@@ -22,9 +23,18 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 GenerateFn = Callable[[Sequence[Image.Image], str], list[str]]
 
 
+#: answers that are neither yes nor no a filter warns about: enough to show a prompt or chat
+#: template the model does not follow in a job's first minutes, not a line per image after it
+WARN_OFF_TOPIC = 5
+
+
+def _first_word_is(word: str, answer: str) -> bool:
+    return re.match(rf"{word}\b", str(answer).lstrip(string.whitespace + string.punctuation).lower()) is not None
+
+
 def parse_yes(answer: str) -> bool:
     """True iff the answer's first word is "yes" ("Yes.", "**yes**, it does"; not "yesterday")."""
-    return re.match(r"yes\b", str(answer).lstrip(string.whitespace + string.punctuation).lower()) is not None
+    return _first_word_is("yes", answer)
 
 
 class MLLMFilter(TextFilter):
@@ -47,6 +57,7 @@ class MLLMFilter(TextFilter):
         self.image_size = image_size
         self._processor: Any = None
         self._model: Any = None
+        self.off_topic = 0  # answers that begin with neither yes nor no, dropped as a no
 
     def _load_processor(self) -> Any:
         if self._processor is None:
@@ -115,7 +126,7 @@ class MLLMFilter(TextFilter):
     def decide_encoded(self, encoded: Any, variants: Sequence[str]) -> dict[str, list[bool]]:
         if self.generate_fn is not None:
             return self.decide(encoded, variants)
-        return {v: [parse_yes(a) for a in self._generate(encoded[v])] for v in variants}
+        return {v: self._keep(self._generate(encoded[v])) for v in variants}
 
     def answers(self, images: Sequence[Image.Image], prompt: str) -> list[str]:
         gen = self.generate_fn or self._hf_generate
@@ -130,4 +141,17 @@ class MLLMFilter(TextFilter):
 
     def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
         _check_variants(variants)
-        return {v: [parse_yes(a) for a in self.answers(images, PROMPTS[v])] for v in variants}
+        return {v: self._keep(self.answers(images, PROMPTS[v])) for v in variants}
+
+    def _keep(self, answers: Sequence[str]) -> list[bool]:
+        """``parse_yes`` of each answer; one that is not a no either (a prompt or chat template the
+        model does not follow reads as a no for every image) is warned about, the first few."""
+        keep = [parse_yes(a) for a in answers]
+        for answer, kept in zip(answers, keep):
+            if not kept and not _first_word_is("no", answer):
+                self.off_topic += 1
+                if self.off_topic <= WARN_OFF_TOPIC:
+                    last = " (the last such warning of this job)" if self.off_topic == WARN_OFF_TOPIC else ""
+                    warnings.warn(f"data filter ({self.model_name}): answer {answer!r} begins with neither yes nor "
+                                  f"no; the image is dropped{last}", RuntimeWarning, stacklevel=2)
+        return keep
