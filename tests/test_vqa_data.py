@@ -229,6 +229,10 @@ def test_a_benchmark_limit_keeps_whole_groups():
     mmvp = datasets.Dataset.from_list([{"Index": k, "Question": "Open?", "Options": "(a) Yes (b) No",
                                         "Correct Answer": "(a)", "image": "I"} for k in range(1, 7)])
     assert [s.meta["pair_id"] for s in load_benchmark("mmvp", dataset=mmvp, limit=3)[0]] == [0, 0, 1, 1]
+    seed = datasets.Dataset.from_list([{"question": "What?", "answer": "A", "choice_a": "a", "choice_b": "b",
+                                        "choice_c": "c", "choice_d": "d", "image": frames} for frames in
+                                       (["I"], ["F1", "F2", "F3"], ["J"])])  # no data_type: a video has frames
+    assert [s.image_id for s in load_benchmark("seed", dataset=seed)[0]] == ["seed/0", "seed/2"]
     ai2d = datasets.Dataset.from_list([{"question": "Which?", "options": ["a", "b"], "answer": "1", "image": "I"}] * 3)
     assert len(load_benchmark("ai2d", dataset=ai2d, limit=2)[0]) == 2
 

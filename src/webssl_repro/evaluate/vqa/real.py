@@ -194,7 +194,10 @@ def _mmbench(r: Row) -> Adapted:
 
 
 def _seed(r: Row) -> Adapted:
-    if r.get("data_type", "image") != "image":
+    """SEED's image questions only (SEED^I), as Cambrian evaluates: by ``data_type``, and by the
+    frames where that column is absent (a video row lists several)."""
+    image = r.get("image")
+    if r.get("data_type", "image") != "image" or (isinstance(image, (list, tuple)) and len(image) > 1):
         return None
     choices = [str(r[f"choice_{k}"]) for k in "abcd"]
     return _options(r["question"], choices), str(r["answer"]), {"choices": choices}
