@@ -162,7 +162,7 @@ def test_a_save_cut_short_names_itself_and_says_what_to_do(tmp_path, part):
 def test_a_save_is_durable_before_the_pointer_names_it(tmp_path, monkeypatch):
     """In a node crash a pointer must not outlive what it names: the step directory's files
     (meta.pt written and fsync-ed as the shards are) and its rename are synced before the
-    pointer is written, and the previous save removed only after."""
+    pointer is written, and the previous save removed only once the pointer's entry is synced."""
     from webssl_repro.train import checkpoint
 
     events = []
@@ -173,6 +173,11 @@ def test_a_save_is_durable_before_the_pointer_names_it(tmp_path, monkeypatch):
     atomic_write = checkpoint.atomic_write
     monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: events.append(("atomic", path.name))
                         or atomic_write(path, write))
+    from webssl_repro.train.logging import TrainLogger
+
+    sync = TrainLogger.sync  # the log's lines up to the step: a resume does not write them again
+    monkeypatch.setattr(TrainLogger, "sync", lambda self: events.append(("log", self.path.name)) or sync(self))
     train(ToyMethod(), data_factory, make_cfg(checkpoint_every=100, samples_seen=2 * GLOBAL_BATCH, warmup_steps=1), tmp_path)
-    assert events == [("atomic", "meta.pt"), ("fsync", ".step-2.tmp"), ("fsync", "checkpoints"),
-                      ("pointer", "step-2")]
+    assert events == [("log", "train_log.jsonl"), ("atomic", "meta.pt"), ("fsync", ".step-2.tmp"),
+                      ("fsync", "checkpoints"),
+                      ("pointer", "step-2"), ("fsync", "checkpoints")]  # the pointer, then old saves go

@@ -68,6 +68,20 @@ def test_transformer_blocks_timm_and_module_lists():
     assert transformer_blocks(nn.Sequential(outer)) == list(outer)  # outermost items only
 
 
+def test_dino_heads_are_fsdp_units_and_a_weight_norm_is_not():
+    """A weight norm's ``parametrizations`` (a ModuleList) held parameter-less units, while the
+    heads, ~57M parameters each at paper scale, stayed in the root unit, unsharded."""
+    import timm
+
+    from webssl_repro.methods.dino_heads import DINOHead, DinoModel
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    model = DinoModel(vit, DINOHead(192, 16, 32, 8), DINOHead(192, 16, 32, 8))
+    units = transformer_blocks(model)
+    assert units == [*vit.blocks, model.dino_head, model.ibot_head]
+    assert all(sum(p.numel() for p in u.parameters()) > 0 for u in units)
+
+
 # ------------------------------------------------------------------ single-process loop
 
 

@@ -17,6 +17,8 @@ from webssl_repro.data.masking import masked_token_indices
 class DINOHead(nn.Module):
     """``nlayers``-layer GELU MLP → L2-normalise → weight-normed prototypes (no bias)."""
 
+    fsdp_unit = True  # sharded on its own (``train.distributed.transformer_blocks``)
+
     def __init__(self, in_dim: int, n_prototypes: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, nlayers: int = 3, init_std: float = 0.02) -> None:
         super().__init__()

@@ -169,6 +169,7 @@ def save_version(root: Path, name: str, write: Callable[[Path], None], pointer: 
         tmp.rename(root / name)
         fsync_dir(root)
         write_json(pointer, {**record, "dir": name})
+        fsync_dir(root)  # the new pointer, before the version the old one names is removed
         remove_versions(root, family, keep=name)
     barrier()
 

@@ -132,19 +132,25 @@ _TIMM_BLOCK = re.compile(r"(^|\.)blocks\.\d+$")
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
-    """FSDP2 units: items of every ``nn.ModuleList`` plus timm's ``blocks.N`` (an ``nn.Sequential``).
+    """FSDP2 units: items of every ``nn.ModuleList`` plus timm's ``blocks.N`` (an ``nn.Sequential``),
+    and modules whose class sets ``fsdp_unit`` (DINO's heads, each its own unit as DINOv2 wraps
+    them: ~57M parameters each at paper scale, which the root unit would hold unsharded).
 
     Only the outermost matches are kept; a unit nested in another one would just add
-    all-gathers without saving memory.
+    all-gathers without saving memory. A weight norm's ``parametrizations`` list (a ModuleList
+    of parameter-less modules) is no list of blocks.
     """
+    from torch.nn.utils.parametrize import ParametrizationList
+
     units: list[nn.Module] = []
     chosen: list[str] = []
-    lists = {name for name, m in module.named_modules() if isinstance(m, nn.ModuleList)}
+    lists = {name for name, m in module.named_modules()
+             if isinstance(m, nn.ModuleList) and not isinstance(m, ParametrizationList)}
     for name, sub in module.named_modules():
         if not name or any(name.startswith(c + ".") for c in chosen):
             continue
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        if parent in lists or _TIMM_BLOCK.search(name):
+        if parent in lists or _TIMM_BLOCK.search(name) or getattr(sub, "fsdp_unit", False):
             units.append(sub)
             chosen.append(name)
     return units

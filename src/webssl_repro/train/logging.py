@@ -67,6 +67,13 @@ class TrainLogger:
         if self._bar is not None and "loss" in record:
             self._bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record.get('lr', 0.0):.3g}", refresh=False)
 
+    def sync(self) -> None:
+        """The lines so far on disk, before a checkpoint of their step: a resume keeps the lines up
+        to its step and does not log those steps again, so a node crash must not take them."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)

@@ -53,7 +53,8 @@ from ..files import code_version
 
 DataIterFactory = Callable[[int, int, int], Iterator[Any]]
 
-#: config keys that may change between a run and its resumption (they do not alter the result)
+#: config keys that may change between a run and its resumption: how it runs, not the recipe
+#: (``precision`` changes the arithmetic on a GPU, so such a run is not bitwise one of either)
 RESUMABLE_CHANGES = {"checkpoint_every", "log_every", "stop_margin_s", "strategy", "precision",
                      "activation_checkpointing"}
 
@@ -236,6 +237,7 @@ def train(
 
     def save(step: int) -> Path:
         t0 = time.perf_counter()
+        logger.sync()
         path = ckpt.save_checkpoint(run_dir, method, optimizer, cfg.strategy, step=step,
                                     samples_seen=step * cfg.global_batch_size, complete=step >= cfg.steps,
                                     config=cfg.to_dict(), trained_by=trained_by)
@@ -277,7 +279,7 @@ def train(
                 steps_since_log += 1
                 logger.advance()
 
-                if done % cfg.log_every == 0 or done == total:
+                if done % cfg.log_every == 0 or done == cfg.steps:  # not where max_steps stops a job
                     values = scalars(out)
                     if norms:
                         values.update(grad_norm_scalars(norms))
