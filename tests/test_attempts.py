@@ -175,6 +175,74 @@ def test_guard_checkpoints_cli_refuses_with_exit_1(tmp_path, capsys):
     assert attempts.LEDGER == "attempts.jsonl" and (ckpt / attempts.LEDGER).exists()
 
 
+def test_a_running_attempt_of_another_job_stops_the_guard_first(tmp_path, monkeypatch, capsys):
+    """A snakemake killed on the login node leaves its jobs running; rerun, it submits the same
+    run again. The new job's guard refuses while squeue lists the old one as running, before a
+    changed config could set the running job's checkpoints aside; a job that has ended, is
+    forgotten, or is only pending (it would refuse itself on starting) is no obstacle."""
+    from webssl_repro.train import deadline
+
+    data = tmp_path / "manifest.json"
+    data.write_text('{"shards": ["a.tar"]}')
+    ckpt = tmp_path / "ckpt"
+
+    def args(lr):
+        return ["guard-checkpoints", "--config-json", json.dumps({"run": "dino1b-full2b-224", "lr": lr}),
+                "--checkpoints", str(ckpt), "--data", str(data)]
+
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    assert main(args(1.0)) == 0  # job 100's attempt 1: still training, no end record
+    before = sorted(p.name for p in ckpt.iterdir())
+    asked = []
+
+    def squeue(state):
+        def field(job, fmt):
+            asked.append((job, fmt))
+            if isinstance(state, BaseException):
+                raise state
+            return state + "\n"
+        return field
+
+    monkeypatch.setenv("SLURM_JOB_ID", "200")
+    monkeypatch.setattr(deadline, "squeue_field", squeue("RUNNING"))
+    assert main(args(2.0)) == 1
+    err = capsys.readouterr().err
+    assert "SLURM job 100 (attempt 1, started " in err and "is still RUNNING on this run" in err
+    assert "`scancel 100`" in err and asked == [("100", "%T")]
+    assert sorted(p.name for p in ckpt.iterdir()) == before and len(read(ckpt)) == 1  # nothing touched
+    import subprocess
+
+    for gone in ("COMPLETING", "PENDING", "", subprocess.CalledProcessError(1, "squeue")):
+        monkeypatch.setattr(deadline, "squeue_field", squeue(gone))
+        assert attempts.refuse_if_live(ckpt) is None
+    monkeypatch.setattr(deadline, "squeue_field", squeue(FileNotFoundError("squeue")))
+    with pytest.warns(UserWarning, match="cannot ask squeue whether SLURM job 100.*starting anyway"):
+        attempts.refuse_if_live(ckpt)
+    monkeypatch.setenv("SLURM_JOB_ID", "100")  # job 100 requeued: its own start is no other job's
+    monkeypatch.setattr(deadline, "squeue_field", squeue(AssertionError("not asked")))
+    attempts.refuse_if_live(ckpt)
+    monkeypatch.setenv("SLURM_JOB_ID", "200")
+    finish(ckpt, "preempted")  # job 100 said how it ended: nothing to ask squeue
+    assert main(args(2.0)) == 0
+    monkeypatch.delenv("SLURM_JOB_ID")  # outside SLURM: nothing to check
+    attempts.refuse_if_live(ckpt)
+
+
+def test_an_evaluation_job_is_refused_as_well(tmp_path, monkeypatch):
+    """A long evaluation (the VQA probe: days) resumes from its directory as pretraining does."""
+    from webssl_repro.evaluate.progress import EvalProgress
+    from webssl_repro.train import deadline
+
+    settings = {"checkpoint_every_min": 30.0, "stop_margin_s": 300.0}
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    EvalProgress.open(tmp_path / "state", {"config": "a"}, settings, env={}, attempt=1)
+    monkeypatch.setenv("SLURM_JOB_ID", "200")
+    monkeypatch.setattr(deadline, "squeue_field", lambda job, fmt: "RUNNING" if job == "100" else "")
+    with pytest.raises(attempts.LiveAttempt, match="SLURM job 100 .*is still RUNNING"):
+        EvalProgress.open(tmp_path / "state", {"config": "b"}, settings, env={}, attempt=2)
+    assert [r["job"] for r in read(tmp_path / "state")] == ["100"]
+
+
 def _history(ckpt, outcomes):
     """One attempt per outcome, from 1: 'progress' checkpoints 10 more steps and fails; None
     is an attempt killed without an end record."""

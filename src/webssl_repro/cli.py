@@ -88,15 +88,16 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _guard_checkpoints(args: argparse.Namespace) -> int:
     import json
 
-    from webssl_repro.train.attempts import MAX_FUTILE, FutileRetry, begin
+    from webssl_repro.train.attempts import MAX_FUTILE, AttemptRefused, begin, refuse_if_live
     from webssl_repro.train.fingerprint import guard_checkpoints, run_fingerprint
 
-    guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
-                      adopt=args.adopt)
     try:
+        refuse_if_live(args.checkpoints)  # before a changed config sets a running job's checkpoints aside
+        guard_checkpoints(args.checkpoints, run_fingerprint(json.loads(args.config_json), args.data, args.parent),
+                          adopt=args.adopt)
         max_futile = MAX_FUTILE if args.max_futile_attempts is None else args.max_futile_attempts
         begin(args.checkpoints, args.attempt, max_futile)
-    except FutileRetry as err:
+    except AttemptRefused as err:
         print(f"webssl-repro guard-checkpoints: {err}", file=sys.stderr)
         return 1
     return 0

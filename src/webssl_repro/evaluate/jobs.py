@@ -101,7 +101,7 @@ def evaluate(args: argparse.Namespace) -> int:
             fingerprint["probe"] = eval_progress.file_identity(args.probe / RECORD)
         try:
             progress = eval_progress.EvalProgress.open(state, fingerprint, settings, attempt=args.attempt)
-        except attempts.FutileRetry as err:
+        except attempts.AttemptRefused as err:
             print(f"evaluate {args.kind} {args.run}: {err}", file=sys.stderr)
             return 1
     from webssl_repro.train.distributed import is_main

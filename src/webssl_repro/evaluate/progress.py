@@ -168,12 +168,15 @@ class EvalProgress:
         ``fingerprint`` (rank 0; the other ranks read it only after a collective), and the
         SLURM job's deadline. With Snakemake's ``attempt``, rank 0 records it in the directory's
         attempts ledger, or raises ``FutileRetry`` after attempts that failed without saving
-        anything (``train.attempts``)."""
+        anything, or ``LiveAttempt`` first while another SLURM job's attempt runs here
+        (``train.attempts``)."""
         import os
 
         from webssl_repro.train.fingerprint import guard_checkpoints
 
         if int((os.environ if env is None else env).get("RANK", "0")) == 0:
+            if attempt is not None:  # a job of a snakemake that is gone may still run here
+                attempts.refuse_if_live(directory)
             _move_legacy_files(Path(directory))
             moved = guard_checkpoints(directory, fingerprint)
             if moved is not None:

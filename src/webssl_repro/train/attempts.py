@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -39,13 +41,68 @@ MAX_FUTILE = 2
 RESUMABLE = ("preempted", "complete")
 
 
-class FutileRetry(RuntimeError):
+#: squeue states of a job whose processes may still run, and write the directory (not PENDING:
+#: such a job, once it starts, finds this one's attempt open and running, and stops itself;
+#: not COMPLETING: its processes have ended)
+ACTIVE_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"})
+
+
+class AttemptRefused(RuntimeError):
+    """An attempt the guard does not start (the job exits 1, with this message)."""
+
+
+class FutileRetry(AttemptRefused):
     """The last attempts made no progress and did not end by preemption: retrying would not help."""
+
+
+class LiveAttempt(AttemptRefused):
+    """Another SLURM job's attempt on the same directory is still running."""
 
 
 def read(checkpoints: str | Path) -> list[dict[str, Any]]:
     """The ledger's records; a line cut short (a kill or a full disk mid-write) is skipped."""
     return read_jsonl(Path(checkpoints) / LEDGER)
+
+
+def refuse_if_live(checkpoints: str | Path, state_of: Optional[Callable[[str], str]] = None) -> None:
+    """Raise ``LiveAttempt`` where an attempt of another SLURM job, started and not ended in the
+    ledger, is still running. A submitting snakemake that died without cancelling its jobs (a
+    lost login session) leaves them running; rerun, it submits the same runs again (an
+    incomplete output is rerun), and two trainers would write one checkpoint directory. Called
+    before anything touches the directory; outside SLURM, and where squeue cannot be asked
+    (with a warning), there is nothing to check. ``state_of``: squeue's state of a job id."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    from .deadline import squeue_field
+
+    state_of = state_of or (lambda other: squeue_field(other, "%T"))
+    open_starts: dict[str, dict[str, Any]] = {}
+    last = None
+    for r in read(checkpoints):
+        if r.get("event") == "start":
+            last = str(r["job"]) if r.get("job") else None
+            if last is not None:
+                open_starts[last] = r
+        elif r.get("event") == "end" and last is not None:
+            open_starts.pop(last, None)
+    for other, start in reversed(list(open_starts.items())):
+        if other == job:  # this job's own earlier start: SLURM requeued it
+            continue
+        try:
+            state = state_of(other).strip().upper()
+        except subprocess.CalledProcessError:  # an id squeue has forgotten: long over
+            continue
+        except (OSError, subprocess.SubprocessError) as err:
+            warnings.warn(f"{checkpoints}: cannot ask squeue whether SLURM job {other}, whose attempt "
+                          f"{start.get('attempt')} has no end record, still runs ({err}); starting anyway")
+            continue
+        if state in ACTIVE_STATES:
+            raise LiveAttempt(
+                f"{checkpoints}: SLURM job {other} (attempt {start.get('attempt')}, started {start.get('time')} on "
+                f"{start.get('host')}) is still {state} on this run, with no end record: two trainers would write "
+                f"the same checkpoints. It was submitted by a snakemake that is gone (`squeue -u $USER`). Wait for "
+                f"it to end, or `scancel {other}`, then rerun snakemake, which resumes from its last checkpoint.")
 
 
 def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:

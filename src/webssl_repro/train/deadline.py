@@ -46,7 +46,7 @@ def slurm_end_time(env: Mapping[str, str] | None = None,
     if not job_id:
         return None
     try:
-        text = (squeue or _squeue_end)(job_id).strip()
+        text = (squeue or (lambda job: squeue_field(job, "%e")))(job_id).strip()
     except (OSError, subprocess.SubprocessError) as err:
         warnings.warn(f"cannot read the end time of SLURM job {job_id} ({err}); "
                       "training on without stopping before the time limit")
@@ -61,8 +61,11 @@ def slurm_end_time(env: Mapping[str, str] | None = None,
         return None
 
 
-def _squeue_end(job_id: str) -> str:
-    out = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%e"],
+def squeue_field(job_id: str, field: str) -> str:
+    """``squeue``'s ``field`` (a ``--format`` code: %e end time, %T state) of SLURM job
+    ``job_id``; "" where squeue lists it no more. Raises ``OSError`` / ``SubprocessError``
+    where squeue cannot be asked, or refuses the id (one it has forgotten)."""
+    out = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", field],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return out.splitlines()[0] if out.strip() else ""
 
