@@ -5,7 +5,7 @@ import shlex
 from webssl_repro.config import stop_on_config_error
 from webssl_repro.workflow import Plan, mark_invocation, put_cli_on_path
 from webssl_repro.workflow_data import CLASSIC_SETS, EVAL_SETS
-from webssl_repro.plan_checks import check_profile_environment
+from webssl_repro.plan_checks import check_deployment, check_profile_environment
 from webssl_repro.paper import specs
 from webssl_repro.runs import Run
 
@@ -15,6 +15,7 @@ put_cli_on_path()  # rules call `webssl-repro`: this Snakemake's own, activated 
 if not workflow.remote_exec:
     with stop_on_config_error():
         check_profile_environment(getattr(workflow.resource_settings.default_resources, "args", None))
+        check_deployment(workflow.deployment_settings.deployment_method)
 mark_invocation(workflow.remote_exec)  # so that a retry knows this invocation's attempts
 
 with stop_on_config_error():

@@ -634,6 +634,19 @@ def test_profile_resources_that_read_unset_variables_stop_the_dry_run():
     check_profile_environment(args, {"SLURM_ACCOUNT": "", "SLURM_PARTITION": "gpu"})
 
 
+def test_conda_deployment_stops_the_dry_run(workflow_dir):
+    """The rules name environment.yml for --lint, but it installs this checkout, which
+    Snakemake's copy under .snakemake/conda/ does not find: --sdm conda would fail every job."""
+    from webssl_repro.plan_checks import check_deployment
+
+    check_deployment(frozenset())
+    check_deployment(None)
+    proc = snakemake(workflow_dir, "-n", "all", "--configfile", "config/published.yaml", "--sdm", "conda")
+    assert proc.returncode != 0
+    assert "--sdm conda) cannot build this workflow's environment" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_plan_prints_the_grid_of_several_config_files(tmp_path, capsys):
     """`webssl-repro plan --configfile config/paper.yaml mine.yaml`: the files merged as
     snakemake merges them, every requested item listed (Figure 8 too), imported runs marked."""

@@ -261,6 +261,19 @@ def check_run_sources(run_sources: Mapping[str, Mapping[str, Any]], scale: str, 
                               f"paper scale does (this is {scale!r}); give a local HF directory or .pth")
 
 
+def check_deployment(methods: Iterable[Any]) -> None:
+    """``--sdm conda`` cannot build the rules' environment: ``environment.yml`` installs this
+    checkout (``pip install -e .``), and Snakemake builds it from its copy of the file under
+    ``.snakemake/conda/``, where ``.`` is not the checkout; the jobs would fail after the build.
+    ``methods``: Snakemake's ``deployment_settings.deployment_method``."""
+    if any(str(m).lower() == "conda" for m in methods or ()):
+        raise ConfigError("--software-deployment-method conda (--sdm conda) cannot build this workflow's "
+                          "environment: environment.yml installs this checkout (pip install -e .), which "
+                          "Snakemake's copy under .snakemake/conda/ does not find. Create and activate it "
+                          "yourself (conda env create -f environment.yml) and run without --sdm conda "
+                          "(README: On a SLURM cluster)")
+
+
 def check_profile_environment(default_resources: Iterable[str], environ: Mapping[str, str] | None = None) -> None:
     """A profile's ``default-resources`` that read the environment (``slurm_account:
     "$SLURM_ACCOUNT"``) need it set: unset, the literal ``$SLURM_ACCOUNT`` reaches sbatch, and
