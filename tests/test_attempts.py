@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -192,40 +193,70 @@ def test_a_running_attempt_of_another_job_stops_the_guard_first(tmp_path, monkey
 
     monkeypatch.setenv("SLURM_JOB_ID", "100")
     assert main(args(1.0)) == 0  # job 100's attempt 1: still training, no end record
+    started = read(ckpt)[0]["time"]
     before = sorted(p.name for p in ckpt.iterdir())
     asked = []
 
-    def squeue(state):
-        def field(job, fmt):
-            asked.append((job, fmt))
+    def squeue(state, start=started):
+        def fields(job, *codes):
+            asked.append((job, codes))
             if isinstance(state, BaseException):
                 raise state
-            return state + "\n"
-        return field
+            return None if state is None else [state, start]
+        return fields
 
     monkeypatch.setenv("SLURM_JOB_ID", "200")
-    monkeypatch.setattr(deadline, "squeue_field", squeue("RUNNING"))
+    monkeypatch.setattr(deadline, "squeue_fields", squeue("RUNNING"))
     assert main(args(2.0)) == 1
     err = capsys.readouterr().err
     assert "SLURM job 100 (attempt 1, started " in err and "is still RUNNING on this run" in err
-    assert "`scancel 100`" in err and asked == [("100", "%T")]
+    assert "`scancel 100`" in err and asked == [("100", ("%T", "%S"))]
     assert sorted(p.name for p in ckpt.iterdir()) == before and len(read(ckpt)) == 1  # nothing touched
     import subprocess
 
-    for gone in ("COMPLETING", "PENDING", "", subprocess.CalledProcessError(1, "squeue")):
-        monkeypatch.setattr(deadline, "squeue_field", squeue(gone))
+    forgotten = subprocess.CalledProcessError(1, "squeue", stderr="slurm_load_jobs error: Invalid job id specified")
+    for gone in ("COMPLETING", "PENDING", None, forgotten):
+        monkeypatch.setattr(deadline, "squeue_fields", squeue(gone))
         assert attempts.refuse_if_live(ckpt) is None
-    monkeypatch.setattr(deadline, "squeue_field", squeue(FileNotFoundError("squeue")))
-    with pytest.warns(UserWarning, match="cannot ask squeue whether SLURM job 100.*starting anyway"):
-        attempts.refuse_if_live(ckpt)
-    monkeypatch.setenv("SLURM_JOB_ID", "100")  # job 100 requeued: its own start is no other job's
-    monkeypatch.setattr(deadline, "squeue_field", squeue(AssertionError("not asked")))
+    # the id reused by a job that started after the record (MaxJobId wrapped around)
+    monkeypatch.setattr(deadline, "squeue_fields", squeue("RUNNING", "2999-01-01T00:00:00"))
     attempts.refuse_if_live(ckpt)
-    monkeypatch.setenv("SLURM_JOB_ID", "200")
+    for broken in (FileNotFoundError("squeue"), subprocess.CalledProcessError(1, "squeue", stderr="Unable to "
+                                                                              "contact slurm controller")):
+        monkeypatch.setattr(deadline, "squeue_fields", squeue(broken))
+        with pytest.warns(UserWarning, match="squeue .*SLURM job 100.*starting anyway"):
+            attempts.refuse_if_live(ckpt)
+    monkeypatch.setenv("SLURM_JOB_ID", "100")  # job 100 requeued: its own start is no other job's
+    monkeypatch.setattr(deadline, "squeue_fields", squeue(AssertionError("not asked")))
+    attempts.refuse_if_live(ckpt)
+    monkeypatch.setenv("SLURM_JOB_ID", "300")
+    finish(ckpt, "failed", "RuntimeError: an end without its start (e.g. another rank of a refused job)")
+    with pytest.raises(attempts.LiveAttempt):  # it does not close job 100's start
+        attempts.refuse_if_live(ckpt, squeue("RUNNING"))
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
     finish(ckpt, "preempted")  # job 100 said how it ended: nothing to ask squeue
+    monkeypatch.setenv("SLURM_JOB_ID", "200")
     assert main(args(2.0)) == 0
     monkeypatch.delenv("SLURM_JOB_ID")  # outside SLURM: nothing to check
     attempts.refuse_if_live(ckpt)
+
+
+def test_squeue_is_read_from_the_jobs_own_row(tmp_path, monkeypatch):
+    """``squeue --jobs <id>`` of an array's first task (whose id is the array's) lists every
+    task: a sibling's row must not answer for it."""
+    from webssl_repro.train.deadline import squeue_field, squeue_fields
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "squeue"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n"
+                      "printf '1001 RUNNING 2026-12-04T10:00:00\\n1000 PENDING N/A\\n'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert squeue_fields("1000", "%T", "%S") == ["PENDING", "N/A"]
+    assert (tmp_path / "args").read_text().split() == ["--noheader", "--jobs", "1000", "--format", "%A", "%T", "%S"]
+    assert squeue_fields("42", "%T") is None and squeue_field("42", "%e") == ""
+    assert squeue_field("1001", "%T") == "RUNNING"
 
 
 def test_an_evaluation_job_is_refused_as_well(tmp_path, monkeypatch):
@@ -237,7 +268,7 @@ def test_an_evaluation_job_is_refused_as_well(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "100")
     EvalProgress.open(tmp_path / "state", {"config": "a"}, settings, env={}, attempt=1)
     monkeypatch.setenv("SLURM_JOB_ID", "200")
-    monkeypatch.setattr(deadline, "squeue_field", lambda job, fmt: "RUNNING" if job == "100" else "")
+    monkeypatch.setattr(deadline, "squeue_fields", lambda job, *codes: ["RUNNING", "N/A"] if job == "100" else None)
     with pytest.raises(attempts.LiveAttempt, match="SLURM job 100 .*is still RUNNING"):
         EvalProgress.open(tmp_path / "state", {"config": "b"}, settings, env={}, attempt=2)
     assert [r["job"] for r in read(tmp_path / "state")] == ["100"]

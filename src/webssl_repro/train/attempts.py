@@ -41,9 +41,9 @@ MAX_FUTILE = 2
 RESUMABLE = ("preempted", "complete")
 
 
-#: squeue states of a job whose processes may still run, and write the directory (not PENDING:
-#: such a job, once it starts, finds this one's attempt open and running, and stops itself;
-#: not COMPLETING: its processes have ended)
+#: squeue states of a job whose trainer may still run (not PENDING: such a job, once it starts,
+#: finds the new attempt open and running, and stops itself; not COMPLETING, which a job shows
+#: as Snakemake submits its retry, though a trainer there may still be saving on its signal)
 ACTIVE_STATES = frozenset({"RUNNING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"})
 
 
@@ -64,19 +64,21 @@ def read(checkpoints: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(Path(checkpoints) / LEDGER)
 
 
-def refuse_if_live(checkpoints: str | Path, state_of: Optional[Callable[[str], str]] = None) -> None:
+def refuse_if_live(checkpoints: str | Path,
+                   listed: Optional[Callable[[str], Optional[list[str]]]] = None) -> None:
     """Raise ``LiveAttempt`` where an attempt of another SLURM job, started and not ended in the
     ledger, is still running. A submitting snakemake that died without cancelling its jobs (a
     lost login session) leaves them running; rerun, it submits the same runs again (an
     incomplete output is rerun), and two trainers would write one checkpoint directory. Called
     before anything touches the directory; outside SLURM, and where squeue cannot be asked
-    (with a warning), there is nothing to check. ``state_of``: squeue's state of a job id."""
+    (with a warning), there is nothing to check. ``listed``: squeue's state and start time of a
+    job id (None: no longer listed)."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return
-    from .deadline import squeue_field
+    from . import deadline
 
-    state_of = state_of or (lambda other: squeue_field(other, "%T"))
+    listed = listed or (lambda other: deadline.squeue_fields(other, "%T", "%S"))
     open_starts: dict[str, dict[str, Any]] = {}
     last = None
     for r in read(checkpoints):
@@ -84,25 +86,34 @@ def refuse_if_live(checkpoints: str | Path, state_of: Optional[Callable[[str], s
             last = str(r["job"]) if r.get("job") else None
             if last is not None:
                 open_starts[last] = r
-        elif r.get("event") == "end" and last is not None:
-            open_starts.pop(last, None)
+        elif r.get("event") == "end":  # its job's, where it says (an end of a job without a start)
+            open_starts.pop(str(r["job"]) if r.get("job") else last, None)
     for other, start in reversed(list(open_starts.items())):
         if other == job:  # this job's own earlier start: SLURM requeued it
             continue
         try:
-            state = state_of(other).strip().upper()
-        except subprocess.CalledProcessError:  # an id squeue has forgotten: long over
+            row = listed(other)
+        except subprocess.CalledProcessError as err:
+            if "invalid job id" in str(err.stderr or "").lower():  # forgotten by squeue: long over
+                continue
+            said = str(err.stderr or "").strip() or str(err)
+            warnings.warn(f"{checkpoints}: squeue cannot say whether SLURM job {other}, whose attempt "
+                          f"{start.get('attempt')} has no end record, still runs ({said}); starting anyway")
             continue
         except (OSError, subprocess.SubprocessError) as err:
             warnings.warn(f"{checkpoints}: cannot ask squeue whether SLURM job {other}, whose attempt "
                           f"{start.get('attempt')} has no end record, still runs ({err}); starting anyway")
             continue
-        if state in ACTIVE_STATES:
+        state, started = (row or ["", ""])[:2]
+        if started[:4].isdigit() and start.get("time") and started > str(start["time"]):
+            continue  # a job that started after the record: the id reused (ISO times, the nodes' zone)
+        if state.strip().upper() in ACTIVE_STATES:
             raise LiveAttempt(
                 f"{checkpoints}: SLURM job {other} (attempt {start.get('attempt')}, started {start.get('time')} on "
-                f"{start.get('host')}) is still {state} on this run, with no end record: two trainers would write "
-                f"the same checkpoints. It was submitted by a snakemake that is gone (`squeue -u $USER`). Wait for "
-                f"it to end, or `scancel {other}`, then rerun snakemake, which resumes from its last checkpoint.")
+                f"{start.get('host')}) is still {state.strip().upper()} on this run, with no end record: two "
+                f"trainers would write the same checkpoints. It was submitted by a snakemake that is gone "
+                f"(`squeue -u $USER`). Wait for it to end, or `scancel {other}`, then rerun snakemake, which "
+                f"resumes from its last checkpoint.")
 
 
 def _append(checkpoints: str | Path, record: dict[str, Any]) -> None:
@@ -272,7 +283,8 @@ def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException 
            measure: Measure = STEPS) -> None:
     """Record how the current attempt ended: rank 0 records how it stopped, and every rank that
     fails records its failure (``history`` reads the last end record of an attempt)."""
-    record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": measure.read(Path(checkpoints))}
+    record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": measure.read(Path(checkpoints)),
+                              "job": os.environ.get("SLURM_JOB_ID")}
     if error is not None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         record["error"] = text.strip().splitlines()[0][:300] if text.strip() else text

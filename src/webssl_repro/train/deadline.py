@@ -61,13 +61,25 @@ def slurm_end_time(env: Mapping[str, str] | None = None,
         return None
 
 
-def squeue_field(job_id: str, field: str) -> str:
-    """``squeue``'s ``field`` (a ``--format`` code: %e end time, %T state) of SLURM job
-    ``job_id``; "" where squeue lists it no more. Raises ``OSError`` / ``SubprocessError``
-    where squeue cannot be asked, or refuses the id (one it has forgotten)."""
-    out = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", field],
+def squeue_fields(job_id: str, *fields: str) -> Optional[list[str]]:
+    """``squeue``'s ``fields`` (``--format`` codes without spaces in their values: %e end time,
+    %S start time, %T state) of SLURM job ``job_id``, from its own row: an array's first task
+    has the array's id, under which squeue lists every task (%A is each task's own id). None
+    where squeue lists it no more; a ``CalledProcessError`` where squeue refuses the id (one it
+    has forgotten, "Invalid job id") or cannot reach the controller, an ``OSError`` without it."""
+    out = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", " ".join(["%A", *fields])],
                          capture_output=True, text=True, check=True, timeout=60).stdout
-    return out.splitlines()[0] if out.strip() else ""
+    for line in out.splitlines():
+        row = line.split()
+        if row and row[0] == job_id:
+            return (row[1:] + [""] * len(fields))[:len(fields)]
+    return None
+
+
+def squeue_field(job_id: str, field: str) -> str:
+    """One of ``squeue_fields``; "" where squeue lists the job no more."""
+    row = squeue_fields(job_id, field)
+    return row[0] if row else ""
 
 
 class Deadline:
