@@ -121,6 +121,26 @@ def test_published_figure_marks_gaps(tmp_path):
     assert (tmp_path / "fig4.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("item_id", ["fig1", "fig7"])
+def test_a_run_scale_figure_leaves_out_the_papers_baselines(tmp_path, item_id):
+    """Mini's own numbers (~20-30) beside the paper's DINOv2 / MetaCLIP (49-86) on one axis
+    would flatten the runs' curves: baselines not run at the scale are left out and named
+    (the tables mark them †); the published render keeps them."""
+    item = specs.get_item(item_id)
+    outputs = [tmp_path / f"{item_id}.pdf", tmp_path / f"{item_id}.png"]
+    runs = item_results(item, "runs", [])
+    baselines = set(runs.loc[runs["origin"] == "published", "source"])
+    assert baselines and baselines <= set(item.baselines)
+    labels = {*(s.label for s in item.series if set(s.sources) <= baselines),
+              *(r.label for r in item.references if r.source in baselines)}
+    assert labels  # the case under test: fig1's DINOv2 series, fig7's reference lines
+    fig = render_figure(item, runs, outputs, "mini")
+    drawn = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert not labels & drawn and all(label in fig._suptitle.get_text().replace("\n", " ") for label in labels)
+    published = render_figure(item, item_results(item, "published"), outputs, "published")
+    assert labels <= {t.get_text() for t in published.legends[0].get_texts()}
+
+
 def test_published_tsv_row_order_follows_the_paper(tmp_path):
     outputs = [tmp_path / f"t.{e}" for e in ("tsv", "md", "tex")]
     item = specs.get_item("table8")

@@ -40,10 +40,14 @@ def _series_points(series: specs.Series, wide: pd.DataFrame, metric: str) -> tup
     return np.asarray(series.x, dtype=float), y
 
 
-def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> bool:
-    """Returns whether any point of the panel is a gap."""
+def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str,
+                      left_out: frozenset[str] = frozenset()) -> bool:
+    """Returns whether any point of the panel is a gap. Series and reference lines whose
+    sources are all in ``left_out`` are not drawn."""
     gaps: list[tuple[float, str]] = []
     for series in item.series:
+        if set(series.sources) <= left_out:
+            continue
         x, y = _series_points(series, wide, metric)
         ok = ~np.isnan(y)
         if ok.any():
@@ -55,6 +59,8 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str) -> 
                             xytext=(6, 0), color=series.color, fontsize=8, va="center")
         gaps.extend((gx, series.color) for gx in x[~ok])
     for ref, style in zip(item.references, ("--", ":")):
+        if ref.source in left_out:
+            continue
         value = lookup(wide, ref.source, metric)
         if not math.isnan(value):
             ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=ref.label)
@@ -128,6 +134,10 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
     if missing:
         raise ValueError(f"render_figure({item.id}): outputs lack {sorted(missing)} (got {list(map(str, outputs))})")
     wide = value_table(results)
+    # At a run scale the paper's numbers for baselines not run here (tables mark them †) would
+    # share an axis with this scale's results, ~2x apart at mini: left out, and named
+    left_out = frozenset() if scale == "published" or "origin" not in results else \
+        frozenset(results.loc[results["origin"] == "published", "source"])
     if item.kind == "bars":
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(item.rows)), 4.2))
         any_gap = _draw_bars(ax, item, wide, list(language_models))
@@ -137,7 +147,7 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
         fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.4), squeeze=False)
         any_gap = False
         for ax, metric in zip(axes[0], item.metrics):
-            any_gap |= _draw_lines_panel(ax, item, wide, metric)
+            any_gap |= _draw_lines_panel(ax, item, wide, metric, left_out)
         axes[0][0].set_ylabel("accuracy" if item.metrics[0] not in LOWER_IS_BETTER else "metric")
         handles = {}
         for ax in axes[0]:
@@ -149,6 +159,11 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
     subtitle = f"{item.id} ({scale}): {item.title}"
     if item.note and (any_gap or item.gains):
         subtitle += "\n" + textwrap.fill(item.note, 110)
+    omitted = [*(x.label for x in item.series if set(x.sources) <= left_out),
+               *(r.label for r in item.references if r.source in left_out)]
+    if item.kind != "bars" and omitted:
+        subtitle += "\n" + textwrap.fill("Not run at this scale, so left out (the paper's numbers are in the "
+                                          f"tables, marked †): {', '.join(omitted)}.", 110)
     fig.suptitle(subtitle, fontsize=10, y=1.0 if item.kind == "bars" else 1.05 + 0.04 * subtitle.count("\n"))
     for ext, path in by_ext.items():
         path.parent.mkdir(parents=True, exist_ok=True)
