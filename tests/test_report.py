@@ -127,6 +127,12 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert table["status"].to_dict() == {"in1k_linear": "within", "ade20k_linear": "outside"}  # tolerances 0.5, 1.0
     summary, note = capsys.readouterr().out.rstrip().splitlines()[-2:]
     assert summary == "within: 1, outside: 1" and note.startswith("note: The IN-1k linear probe trains here")
+    # Table 2 prints the 2B runs' % of data: an unfiltered run's 100 is no number its eval files measured
+    vqa = tmp_path / "evals" / "dino2b-full2b-224" / "vqa.json"
+    vqa.parent.mkdir(parents=True)
+    vqa.write_text(json.dumps({"metrics": {"mme": 1700.0}}))
+    assert main(["compare", str(vqa), "--out", str(tmp_path / "cmp2.tsv")]) == 0
+    assert set(pd.read_csv(tmp_path / "cmp2.tsv", sep="\t")["metric"]) == {"mme"}
     # a path that is no eval result, or none at all, is named, not skipped
     assert main(["compare", str(path), str(tmp_path / "classic_v2.json")]) == 2
     assert "classic_v2.json: not an eval result" in capsys.readouterr().err

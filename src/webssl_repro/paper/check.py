@@ -21,7 +21,7 @@ from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
 from webssl_repro.paper.results import (data_pct_rows, eval_rows, evaluable, is_filter_result, is_no_image_result,
                                         kept_percent, with_categories)
-from webssl_repro.metrics import (CLASSIC_METRICS, PROTOCOL_DIFFERENCES, VQA_CATEGORIES, VQA_CONTROLS, better,
+from webssl_repro.metrics import (CLASSIC_METRICS, DATA_PCT, PROTOCOL_DIFFERENCES, VQA_CATEGORIES, VQA_CONTROLS, better,
                                   label)
 from webssl_repro.runs import split_seed
 
@@ -286,6 +286,7 @@ def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], 
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
     frame = runs_frame(paths)
+    frame = frame[frame["metric"] != DATA_PCT]  # eval files alone: 100 % for an unfiltered run, not measured
     runs = set(frame["source"])
     table = comparison(frame, published_runs_frame(published_dir), specs.ITEMS, tolerances,
                        "comparable" if comparable else "not comparable")
