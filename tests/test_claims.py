@@ -196,7 +196,8 @@ EXPECTED_PUBLISHED = {
     "dino_leads_clip_vision_centric": C.HOLDS, "dino_overtakes_clip_with_size": C.HOLDS,
     "ocr_gap_closes_with_size": C.HOLDS,
     "ocr_gap_closes_with_samples": C.NOT_MEASURABLE,  # CLIP-7B at 1B/4B/8B seen is not printed
-    "more_samples_help": C.HOLDS, "more_samples_raise_ocr": C.HOLDS, "mae_scales_with_size": C.HOLDS, "mae_beats_dino_on_ocr": C.HOLDS,
+    "more_samples_help": C.HOLDS, "more_samples_raise_ocr": C.HOLDS, "mae_scales_with_size": C.HOLDS,
+    "mae_beats_dino_on_ocr": C.HOLDS,
     "in1k_does_not_scale": C.HOLDS, "text_filter_raises_ocr": C.HOLDS, "heavy_filter_beats_clip": C.HOLDS,
     "dense_degrades_with_samples": C.HOLDS,
     "alignment_rises_with_size": C.NOT_MEASURABLE, "alignment_rises_with_samples": C.NOT_MEASURABLE,

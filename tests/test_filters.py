@@ -295,6 +295,17 @@ def test_the_ocr_cache_keeps_every_line_and_thresholds_on_reading(tmp_path):
         assert ocr(0.8, ocr_size=128).cache == {}
 
 
+def _killed_at(real, calls, stop_at=None):
+    """``filters.run_filter`` (``real``) counting its calls, one per chunk, in ``calls``, and
+    killed at call ``stop_at`` as a job is at its time limit."""
+    def run_filter(flt, samples, variants, *args):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt("killed at its time limit")
+        return real(flt, samples, variants, *args)
+    return run_filter
+
+
 def test_a_stopped_filter_job_resumes_at_its_first_unfinished_chunk(tmp_path, monkeypatch):
     """data.filter.checkpoint_shards: each chunk's decisions are saved as it ends; a job killed
     in its second chunk filters only the second and third again, and writes what one
@@ -311,19 +322,13 @@ def test_a_stopped_filter_job_resumes_at_its_first_unfinished_chunk(tmp_path, mo
     whole = filter_corpus("light", section, shards, str(tmp_path / "whole" / "light.json"))
     real, calls = filters.run_filter, []
 
-    def run_filter(flt, samples, variants, *args, stop_at=None):
-        calls.append(1)
-        if len(calls) == stop_at:
-            raise KeyboardInterrupt("killed at its time limit")
-        return real(flt, samples, variants, *args)
-
     out = str(tmp_path / "job" / "light.json")
-    monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a, stop_at=2))
+    monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls, 2))
     with pytest.raises(KeyboardInterrupt):
         filter_corpus("light", section, shards, out)
     assert sorted(os.listdir(progress_dir(out))) == ["00000.json"]
     calls.clear()
-    monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a))
+    monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls))
     resumed = filter_corpus("light", section, shards, out)
     assert len(calls) == 2  # the second and third shards only
     for key in ("n", "n_kept", "tp", "fp", "fn", "shards"):
@@ -332,10 +337,10 @@ def test_a_stopped_filter_job_resumes_at_its_first_unfinished_chunk(tmp_path, mo
 
     def stop_after_first(section):
         calls.clear()
-        monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a, stop_at=2))
+        monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls, 2))
         with pytest.raises(KeyboardInterrupt):
             filter_corpus("light", section, shards, out)
-        monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a))
+        monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls))
         calls.clear()
 
     stop_after_first(section)
@@ -371,19 +376,13 @@ def test_a_chunk_with_an_unreadable_shard_is_read_again_by_a_retry(tmp_path, mon
     shards, section = [good[0], str(junk), good[1]], {"backend": "ocr", "checkpoint_shards": 1}
     real, calls = filters.run_filter, []
 
-    def run_filter(flt, samples, variants, *args, stop_at=None):
-        calls.append(1)
-        if len(calls) == stop_at:
-            raise KeyboardInterrupt("killed at its time limit")
-        return real(flt, samples, variants, *args)
-
     out = str(tmp_path / "job" / "light.json")
-    monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a, stop_at=3))
+    monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls, 3))
     with pytest.warns(RuntimeWarning, match="skipping broken shard"), pytest.raises(KeyboardInterrupt):
         filter_corpus("light", section, shards, out)
     assert sorted(os.listdir(progress_dir(out))) == ["00000.json"]  # not the unreadable shard's chunk
     calls.clear()
-    monkeypatch.setattr(filters, "run_filter", lambda *a: run_filter(*a))
+    monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls))
     with pytest.warns(RuntimeWarning, match="skipping broken shard"):
         result = filter_corpus("light", section, shards, out)
     assert len(calls) == 2 and result["n"] == 8 and result["broken_shards"] == 1
