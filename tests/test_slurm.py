@@ -257,7 +257,7 @@ def test_mini_pretraining_through_slurm(workflow_dir: Path, cancel_leftovers):
     # The job's guard recorded attempt 1 with its SLURM job id, and rank 0 alone its end.
     ledger = attempts.read(workflow_dir / plan.checkpoint_dir(CI_MULTI))
     assert [(r["event"], r.get("attempt"), r.get("job"), r.get("outcome")) for r in ledger] == [
-        ("start", 1, multi_id, None), ("end", None, None, "complete")], ledger
+        ("start", 1, multi_id, None), ("end", None, multi_id, "complete")], ledger
     assert len(ledger[0]["invocation"]) == 32, ledger  # the submitter's id reached the job (sbatch's env)
     for run in (CI_MULTI, CI_SINGLE):
         prov = json.loads((workflow_dir / plan.run_dir(run) / "provenance.json").read_text())
