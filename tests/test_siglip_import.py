@@ -9,15 +9,16 @@ import dataclasses
 
 import pytest
 import torch
+from PIL import Image
 
 from helpers_stand_ins import fixed_images, randomize_, same_state
 from webssl_repro.config import ConfigError
 from webssl_repro.evaluate.features import block_tokens
-from webssl_repro.evaluate.imagesets import IMAGENET_MEAN, IMAGENET_STD
+from webssl_repro.evaluate.imagesets import IMAGENET_MEAN, IMAGENET_STD, image_tensor
 from webssl_repro.models.arch import Arch
 from webssl_repro.models.convert import load_into_encoder
 from webssl_repro.models.hf import SIGLIP_HEAD_NOTE, export_hf, import_hf, import_native
-from webssl_repro.models.io import load_encoder
+from webssl_repro.models.io import load_encoder, trained_pixel_mean
 from webssl_repro.models.released import load_released, run_checkpoint, write_run_encoder
 from webssl_repro.models.vit import build_encoder
 from webssl_repro.plan_checks import check_run_sources
@@ -165,6 +166,11 @@ def test_run_dir_rebuilds_it_on_imagenet_normalised_pixels(tmp_path, monkeypatch
         want = hf.vision_model(pixel_values=(pixels - 0.5) / 0.5).last_hidden_state
         got = loaded.forward_features_dict((pixels - mean) / std)["x_norm_patchtokens"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # the VQA square padding fills with SigLIP's own mean, 0 in the pixels it trained on
+    assert trained_pixel_mean(loaded) == (0.5, 0.5, 0.5)
+    padded = image_tensor(Image.new("RGB", (40, 20), (255, 0, 0)), 20, "pad", pad_mean=trained_pixel_mean(loaded))
+    siglip_pixels = (padded * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1))
+    assert ((siglip_pixels[:, :3] - 0.5) / 0.5).abs().max() < 0.01  # the band above the image
 
 
 def test_siglip_files_are_refused_by_name(tmp_path, monkeypatch):

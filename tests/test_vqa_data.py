@@ -86,18 +86,20 @@ def test_feature_cache_written_once(tmp_path):
     assert extract_features(enc, batches, 1, path).features.shape == (3, 1, 3)
 
 
-def test_images_digest_follows_pixels_ids_and_size():
+def test_images_digest_follows_pixels_ids_size_and_padding():
     import numpy as np
     from PIL import Image
 
     from webssl_repro.evaluate.vqa.stage import images_digest
 
     images = {"vqa/1": Image.new("RGB", (8, 8), (10, 20, 30)), "corpus/2": np.zeros((8, 8, 3), np.uint8)}
-    base = images_digest(images, 32)
-    assert images_digest(dict(reversed(images.items())), 32) == base  # order does not matter
-    assert images_digest(images, 48) != base
-    assert images_digest({**images, "vqa/1": Image.new("RGB", (8, 8), (10, 20, 31))}, 32) != base
-    assert images_digest({**images, "vqa/3": images["vqa/1"]}, 32) != base
+    mean = (0.485, 0.456, 0.406)
+    base = images_digest(images, 32, mean)
+    assert images_digest(dict(reversed(images.items())), 32, mean) == base  # order does not matter
+    assert images_digest(images, 48, mean) != base
+    assert images_digest(images, 32, (0.5, 0.5, 0.5)) != base  # another encoder's padding colour
+    assert images_digest({**images, "vqa/1": Image.new("RGB", (8, 8), (10, 20, 31))}, 32, mean) != base
+    assert images_digest({**images, "vqa/3": images["vqa/1"]}, 32, mean) != base
 
 
 def test_tokenizer_round_trips_through_disk(tmp_path):

@@ -171,12 +171,13 @@ def fit_pixels(x: torch.Tensor, size: int | Sequence[int], fit: str = "crop", cr
 
 
 def image_tensor(image: Any, size: int | Sequence[int], fit: str = "crop", crop_pct: float = 1.0,
-                 scale: float = 1.0) -> torch.Tensor:
+                 scale: float = 1.0, pad_mean: Sequence[float] = IMAGENET_MEAN) -> torch.Tensor:
     """One PIL image -> (3, h, w) by ``fit_pixels``; ``pad`` first pads it to a square with
-    the mean colour."""
+    ``pad_mean``, the encoder's own pixel mean, as Cambrian's ``expand2square`` pads with its
+    processor's ``image_mean``."""
     if fit == "pad" and image.width != image.height:
         side = max(image.width, image.height)
-        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in IMAGENET_MEAN))
+        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in pad_mean))
         square.paste(image.convert("RGB"), ((side - image.width) // 2, (side - image.height) // 2))
         image = square
     return fit_pixels(pixels(image), size, fit, crop_pct, scale)
@@ -202,9 +203,9 @@ class ScalePyramid(Sequence):
 
 
 def images_tensor(records: Sequence[dict[str, Any]], size: int, fit: str = "crop",
-                  crop_pct: float = 1.0) -> torch.Tensor:
+                  crop_pct: float = 1.0, pad_mean: Sequence[float] = IMAGENET_MEAN) -> torch.Tensor:
     """A small set's images stacked (N, 3, size, size): VQA, k-NN and alignment sets."""
-    return torch.stack([image_tensor(r["image"], size, fit, crop_pct) for r in records])
+    return torch.stack([image_tensor(r["image"], size, fit, crop_pct, pad_mean=pad_mean) for r in records])
 
 
 def target_tensor(record: dict[str, Any], key: str, size: int | Sequence[int] | None,

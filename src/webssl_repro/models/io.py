@@ -65,6 +65,12 @@ def pixel_stats(method: str) -> Stats:
     return (OPENAI_MEAN, OPENAI_STD) if method == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
 
 
+def trained_pixel_mean(encoder: nn.Module) -> tuple[float, ...]:
+    """The mean pixel of the statistics ``encoder`` trained with: the colour that is zero to it, which
+    Cambrian's square padding fills with (ImageNet's unless ``take_imagenet_normalised`` set others)."""
+    return tuple(getattr(encoder, "input_stats", pixel_stats("dino"))[0])
+
+
 def take_imagenet_normalised(encoder: nn.Module, stats: Stats) -> None:
     """Let an encoder trained on pixels normalised by ``stats`` (mean, std) take ImageNet-normalised
     ones: a pre-hook on its patch embedding (the first layer of every forward path) maps

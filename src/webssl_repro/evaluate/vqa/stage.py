@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from webssl_repro.evaluate.progress import EvalProgress
 from webssl_repro.evaluate.vqa.data import VqaSample, extract_features, samples_from_items
 from webssl_repro.evaluate.vqa.config import VqaConfig
 from webssl_repro.metrics import VQA_BENCHMARKS
+from webssl_repro.models.io import trained_pixel_mean
 
 if TYPE_CHECKING:
     from webssl_repro.train.distributed import DistEnv
@@ -70,20 +71,21 @@ def _corpus(manifest_path: str | Path, limit: int) -> tuple[list[VqaSample], dic
     return samples, images
 
 
-def _batches(images: Mapping[str, Any], size: int, batch: int = 256):
+def _batches(images: Mapping[str, Any], size: int, pad_mean: Sequence[float], batch: int = 256):
     ids = sorted(images)
     for k in range(0, len(ids), batch):
         chunk = ids[k:k + batch]
-        yield chunk, images_tensor([{"image": images[i]} for i in chunk], size, VQA_FIT)
+        yield chunk, images_tensor([{"image": images[i]} for i in chunk], size, VQA_FIT, pad_mean=pad_mean)
 
 
-def images_digest(images: Mapping[str, Any], size: int) -> str:
-    """What ``_batches`` encodes: every image's id and pixels, at ``size`` and ``VQA_FIT``."""
+def images_digest(images: Mapping[str, Any], size: int, pad_mean: Sequence[float]) -> str:
+    """What ``_batches`` encodes: every image's id and pixels, at ``size``, ``VQA_FIT`` and
+    ``pad_mean``."""
     import hashlib
 
     import numpy as np
 
-    digest = hashlib.sha1(f"{size} {VQA_FIT}".encode())
+    digest = hashlib.sha1(f"{size} {VQA_FIT} {tuple(pad_mean)}".encode())
     for image_id in sorted(images):
         pixels = np.ascontiguousarray(np.asarray(images[image_id]))
         digest.update(f"{image_id} {pixels.shape} {pixels.dtype}".encode())
@@ -126,9 +128,9 @@ def _paper_inputs(encoder, meta: Mapping[str, Any], cfg: Mapping[str, Any], conf
     data = load_paper_data(cfg.get("data"), part)
     device = env.device if env is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = encoder.to(device).eval().requires_grad_(False)
-    size = int(meta["img_size"])
+    size, pad_mean = int(meta["img_size"]), trained_pixel_mean(encoder)
     features = EncoderFeatures(encoder, data.load_image,
-                               lambda image: images_tensor([{"image": image}], size, VQA_FIT)[0],
+                               lambda image: images_tensor([{"image": image}], size, VQA_FIT, pad_mean=pad_mean)[0],
                                config.tokens, device, config.precision)
     return VqaInputs(config, features, data.alignment, data.instruction, data.tests, encoder.embed_dim,
                      None if config.strategy == "fsdp2" else device, counts=data.counts)
@@ -171,9 +173,9 @@ def vqa_inputs(encoder, meta: Mapping[str, Any], manifests: Mapping[str, str | P
             images.setdefault(f"vqa/{it['image_id']}", it["image"])
 
     with main_first(env):  # rank 0 writes the feature cache, the other ranks read it
-        size = int(meta["img_size"])
-        features = extract_features(encoder, _batches(images, size), config.tokens, workdir / "features.safetensors",
-                                    inputs=images_digest(images, size))
+        size, pad_mean = int(meta["img_size"]), trained_pixel_mean(encoder)
+        features = extract_features(encoder, _batches(images, size, pad_mean), config.tokens,
+                                    workdir / "features.safetensors", inputs=images_digest(images, size, pad_mean))
     tokenizer = None
     if part != "test":  # mini: a word-level vocabulary of the training texts only
         # never the test split; the chat template's own words too, or USER/ASSISTANT are <unk>
