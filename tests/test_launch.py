@@ -49,6 +49,7 @@ def test_32_node_parameters_and_command(paper):
         "name": BIG_RUN, "nodes": 32, "tasks_per_node": 1, "gpus_per_node": 8,
         "cpus_per_task": res.cpus_per_task, "mem_gb": res.mem_mb / 1024, "timeout_min": res.runtime_min,
         "slurm_signal_delay_s": launch.SIGNAL_DELAY_S, "slurm_partition": "gpu", "slurm_account": "proj",
+        "slurm_srun_args": ["--cpus-per-task", str(res.cpus_per_task)], "slurm_exclusive": True,
     }
     cmd = launch.torchrun_command(spec, first_node="gpu-017", job_id="4242")
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
@@ -69,6 +70,7 @@ def test_1_node_parameters_and_command(one_node_plan):
     spec = launch.launch_spec(one_node_plan, SMALL_RUN, workdir="/repo")
     params = launch.executor_parameters(spec)
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (1, 1, 8)
+    assert "slurm_exclusive" not in params  # one node's share: 8 GPUs, like the rule's gpu=8
     assert "slurm_partition" not in params and "slurm_account" not in params
     cmd = launch.torchrun_command(spec)
     assert cmd[3:] == [*_rule_torchrun(one_node_plan, SMALL_RUN, "-", "-"), *launch.pretrain_args(spec)]
@@ -88,6 +90,9 @@ def test_sbatch_script(paper, tmp_path, monkeypatch):
                  f"--mem={spec.mem_mb}MB", f"--time={spec.timeout_min}", "--signal=USR2@120",
                  "--partition=gpu", f"--job-name={BIG_RUN}"):
         assert f"#SBATCH {line}\n" in text, (line, text)
+    assert "#SBATCH --exclusive\n" in text
+    # the step gets the node's CPUs (the rule's launcher asks for them the same way)
+    assert f"--cpus-per-task {spec.cpus_per_task} python -u -m submitit" in text, text
     assert ex._executor.max_num_timeout == launch.MAX_TIMEOUT_REQUEUES
 
 
@@ -131,6 +136,48 @@ def test_failing_command_fails_the_job(tmp_path):
     job = launch.submit(plan, "dino1b-full2b-224", executor="local", folder=tmp_path / "s", workdir=tmp_path,
                         program=["boom.py"], check_inputs=False)
     with pytest.raises(Exception, match="exit status 3"):
+        job.result()
+
+
+STOPS_ONCE = """
+import sys
+from pathlib import Path
+from webssl_repro.train import attempts
+checkpoints, runs = sys.argv[1], Path(sys.argv[2])
+runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+if len(runs.read_text()) == 1:  # the first job: a checkpoint before the time limit, exit 75
+    attempts.finish(checkpoints, "preempted")
+    raise SystemExit(75)
+attempts.finish(checkpoints, "complete")
+"""
+
+
+def test_a_stop_before_the_time_limit_requeues_the_job(tmp_path):
+    """The trainer's own deadline stop (exit 75, recorded in the ledger) comes before submitit's
+    notice; the job requeues through submitit's handler and the requeued job finishes the run."""
+    plan = Plan(load_config(REPO / "config" / "mini.yaml"))
+    run = "dino1b-full2b-224"
+    (tmp_path / "stops_once.py").write_text(STOPS_ONCE)
+    job = launch.submit(plan, run, executor="local", folder=tmp_path / "s", workdir=tmp_path,
+                        program=["stops_once.py", plan.checkpoint_dir(run), "runs.txt"], check_inputs=False)
+    assert job.result() == 0
+    assert (tmp_path / "runs.txt").read_text() == "xx"
+    from webssl_repro.train import attempts
+
+    assert [r["outcome"] for r in attempts.read(tmp_path / plan.checkpoint_dir(run))] == ["preempted", "complete"]
+
+
+@pytest.mark.parametrize("outcome", ["failed", None])
+def test_a_failure_is_not_requeued(tmp_path, outcome):
+    """Exit 75 without the ledger's preemption record, or beside a rank's failure, fails the job."""
+    plan = Plan(load_config(REPO / "config" / "mini.yaml"))
+    run = "dino1b-full2b-224"
+    record = f"attempts.finish(sys.argv[1], 'preempted'); attempts.finish(sys.argv[1], {outcome!r})" if outcome else ""
+    (tmp_path / "fails.py").write_text(f"import sys\nfrom webssl_repro.train import attempts\n{record}\n"
+                                       "raise SystemExit(75)\n")
+    job = launch.submit(plan, run, executor="local", folder=tmp_path / "s", workdir=tmp_path,
+                        program=["fails.py", plan.checkpoint_dir(run)], check_inputs=False)
+    with pytest.raises(Exception, match="exit status 75"):
         job.result()
 
 

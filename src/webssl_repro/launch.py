@@ -8,6 +8,11 @@ with G processes, which then runs ``webssl_repro.cli pretrain``. Preemption or t
 requeues the job with the same command, and training resumes from the run's
 checkpoint dir (``Plan.checkpoint_dir``), which Snakemake later treats like any other
 finished run once its outputs exist.
+
+The trainer stops by itself before the time limit (``train.deadline``: a checkpoint, exit 75,
+which torchrun reports as 1), earlier than submitit's notice comes; the job then reads that
+stop in the run's attempts ledger and requeues through submitit's own handler, as the notice
+would have.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ MAX_TIMEOUT_REQUEUES = 30
 # USR2 this long before the kill: time for submitit to requeue while training writes
 # its periodic checkpoints.
 SIGNAL_DELAY_S = 120
+#: submitit's preemption / timeout notice (its default, SUBMITIT_PREEMPT_SIGNAL=USR2)
+NOTICE = signal.SIGUSR2
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,12 @@ def executor_parameters(spec: LaunchSpec, partition: str | None = None,
         "mem_gb": spec.mem_mb / 1024,
         "timeout_min": spec.timeout_min,
         "slurm_signal_delay_s": SIGNAL_DELAY_S,
+        # as the rule's launcher: srun of Slurm 22.05-23.02 does not pass the job's cpus-per-task
+        # on to its step, where the ranks and their loader workers would share one CPU
+        "slurm_srun_args": ["--cpus-per-task", str(spec.cpus_per_task)],
     }
+    if spec.nodes > 1:  # as the rule's slurm_extra: whole nodes, so the rendezvous port is free
+        params["slurm_exclusive"] = True
     if partition:
         params["slurm_partition"] = partition
     if account:
@@ -156,7 +168,16 @@ def _ignore_usr2() -> None:
     # Slurm signals every process of the step. USR2 (preemption/timeout notice) is for
     # submitit's handler in the parent, which requeues; torchrun and the trainers would
     # otherwise die on it at once instead of training until the actual kill.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(NOTICE, signal.SIG_IGN)
+
+
+def stopped_to_resume(checkpoints: str | Path, seen: int) -> bool:
+    """Whether the attempt that wrote the ledger's records after the first ``seen`` stopped to be
+    resumed (``Preempted``: the time limit or a signal, checkpoint saved) and no rank failed."""
+    from webssl_repro.train import attempts
+
+    outcomes = {r.get("outcome") for r in attempts.read(checkpoints)[seen:] if r.get("event") == "end"}
+    return outcomes == {"preempted"}
 
 
 class PretrainJob:
@@ -172,9 +193,12 @@ class PretrainJob:
         return torchrun_command(self.spec, first_node(), os.environ.get("SLURM_JOB_ID"), self.program)
 
     def __call__(self) -> int:
+        from webssl_repro.train import attempts
+
         workdir = Path(self.spec.workdir)
         for path in (self.spec.out, self.spec.checkpoints):
             (workdir / path).mkdir(parents=True, exist_ok=True)
+        seen = len(attempts.read(workdir / self.spec.checkpoints))
         cmd = self.build_command()
         print("launch:", subprocess.list2cmdline(cmd), flush=True)
         env = {**os.environ, TORCHRUN_SHUTDOWN_VAR: str(TORCHRUN_SHUTDOWN_TIMEOUT_S)}  # as the rule's launcher
@@ -191,9 +215,22 @@ class PretrainJob:
                     proc.wait(timeout=TORCHRUN_SHUTDOWN_TIMEOUT_S + 30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        if code != 0 and stopped_to_resume(workdir / self.spec.checkpoints, seen) and self._requeue():
+            return code  # another node's task: the first node's requeues the job
         if code != 0:
             raise subprocess.CalledProcessError(code, cmd)
         return code
+
+    @staticmethod
+    def _requeue() -> bool:
+        """Requeue as submitit does on its notice: its handler calls ``checkpoint`` and requeues
+        (``scontrol requeue``, counting a timeout against ``MAX_TIMEOUT_REQUEUES``), then exits;
+        on other tasks than the first it only logs. False without a handler (the debug executor)."""
+        if not callable(signal.getsignal(NOTICE)):
+            return False
+        print("launch: the trainer stopped with a checkpoint to be resumed; requeueing", flush=True)
+        signal.raise_signal(NOTICE)
+        return True
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Requeue with the same command: the trainer resumes from ``spec.checkpoints``."""
