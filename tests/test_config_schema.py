@@ -242,7 +242,8 @@ def test_a_value_of_no_allowed_form_is_explained_by_its_nearest_form():
                                                  ("pretrain.train", "precision", "bf61"),
                                                  ("pretrain.dino", "centering", "center"),
                                                  ("evaluate.alignment", "k", 2.5),
-                                                 ("evaluate.classic.linear", "batch_size", 0)])
+                                                 ("evaluate.classic.linear", "batch_size", 0),
+                                                 ("pretrain.clip", "layerscale", 0)])  # no loader fits it
 def test_a_wrong_type_or_choice_is_refused_naming_its_key_and_value(section, key, value):
     cfg = load_config(REPO / "config/mini.yaml")
     node = cfg

@@ -241,3 +241,18 @@ def _dino_state(tmp_path):
     torch.save(build(run, {**run_slice(run.name, 64), "img_size": 32}, corpus=None)[0].state_dict(),
                tmp_path / "dino.pt")
     return tmp_path / "dino.pt"
+
+
+@pytest.mark.parametrize("method_name", ["dino", "clip"])
+def test_a_tower_without_layerscale_is_refused_before_training(method_name):
+    """Encoder files, their loader and the HF export all hold LayerScale: a tower trained without
+    it would fit none of them, found only at its first evaluation."""
+    from helpers_mini import run_slice
+    from webssl_repro.runs import Run
+    from webssl_repro.train.run import build
+
+    run = Run.parse(f"{method_name}1b-full2b-224")
+    cfg = run_slice(run.name, 64)
+    cfg["recipe"] = {**cfg.get("recipe", {}), "layerscale": 0.0}
+    with pytest.raises(ValueError, match=rf"pretrain.{method_name}.layerscale: 0.0; LayerScale's initial gain"):
+        build(run, {**cfg, "img_size": 32}, corpus=None)

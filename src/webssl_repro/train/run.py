@@ -42,6 +42,10 @@ def build(run: Run, cfg: Mapping[str, Any], corpus, init_device: Optional[str] =
     samples = int(cfg["samples_seen"])
     loop = dict(cfg.get("train", {}))
     meta = {"method": run.method, "arch": cfg["arch"], "img_size": img}
+    layerscale = recipe.get("layerscale", 1e-5)
+    if run.method in ("dino", "clip") and not (isinstance(layerscale, (int, float)) and layerscale > 0):
+        # a tower without it would train to the end and then fit no loader (encoder file, HF export)
+        raise ValueError(f"pretrain.{run.method}.layerscale: {layerscale!r}; LayerScale's initial gain must be > 0")
 
     if run.method == "dino":
         from webssl_repro.data.augmentations import blur_kernel_size, blur_sigma_range, with_ibot_masks
