@@ -162,6 +162,10 @@ def test_bad_shapes_name_the_argument():
         alignment_score(good, good, k=50)
     with pytest.raises(ValueError, match="a must be a 2-D"):
         mutual_knn(torch.randn(3, 50, 8), torch.randn(50, 8), k=3)
+    spoilt = good.clone()
+    spoilt[1, 7, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"layers_b\[1\]: 1 of 50 samples have non-finite"):
+        alignment_score(good, spoilt)
 
 
 

@@ -267,8 +267,36 @@ def test_causal_lm_features_left_padding(monkeypatch):
     tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     texts = ["short", "a much longer caption about a harbour at night with boats"]
     feats = lm_layer_features(model, tok, texts, batch_size=2)
-    assert tok.padding_side == "left" and feats.shape == (4, 2, 32)
+    assert feats.shape == (4, 2, 32)
+    assert torch.equal(feats, lm_layer_features(model, tok, texts, batch_size=2, padding_side="left"))
+    assert tok.padding_side == "right"  # the caller's tokenizer is left as it was
     assert torch.allclose(feats, lm_layer_features(model, tok, texts, batch_size=1), atol=1e-4)
+
+
+def test_language_features_ignore_whatever_padded_positions_hold(monkeypatch):
+    """A padded position that holds NaN (a bf16 overflow on a fully masked row) stays out of the mean."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from webssl_repro.evaluate.language import lm_layer_features, minilm_path
+
+    class NanAtPads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, attention_mask, output_hidden_states, **_):
+            h = (input_ids.float() * self.w).unsqueeze(-1).repeat(1, 1, 2)
+            return SimpleNamespace(hidden_states=(h.masked_fill(attention_mask.unsqueeze(-1) == 0, float("nan")),))
+
+    tok = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    texts = ["short", "a much longer caption about a harbour"]
+    feats = lm_layer_features(NanAtPads(), tok, texts, batch_size=2, padding_side="right")
+    ids = tok(texts[0])["input_ids"]
+    assert torch.isfinite(feats).all()
+    assert feats[0, 0, 0].item() == pytest.approx(sum(ids) / len(ids))
 
 
 # ----------------------------------------------------------------------------- fast paths

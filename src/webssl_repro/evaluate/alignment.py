@@ -62,6 +62,10 @@ def _as_layer_list(layers: Layers, name: str) -> list[torch.Tensor]:
         raise ValueError(f"{name}: all layers must have the same number of samples N")
     if any(t.shape[1] == 0 for t in out):
         raise ValueError(f"{name}: feature dimension D must be > 0")
+    for li, t in enumerate(out):  # a NaN row gets arbitrary neighbours: a wrong score, silently
+        bad = int((~torch.isfinite(t)).any(dim=1).sum())
+        if bad:
+            raise ValueError(f"{name}[{li}]: {bad} of {n} samples have non-finite (NaN/inf) features")
     return out
 
 

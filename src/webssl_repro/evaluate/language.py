@@ -43,23 +43,28 @@ def lm_layer_features(model, tokenizer, texts: Sequence[str], batch_size: int = 
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     side = padding_side or ("left" if _is_causal(model) else tokenizer.padding_side)
+    kept = tokenizer.padding_side, tokenizer.pad_token  # the caller's tokenizer is left as it was
     tokenizer.padding_side = side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     out = []
-    for s in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[s:s + batch_size]), padding="longest",
-                        truncation=max_length is not None, max_length=max_length,
-                        return_tensors="pt").to(device)
-        hidden = model(**enc, output_hidden_states=True).hidden_states  # L+1 x (B, T, D)
-        mask = enc["attention_mask"].unsqueeze(-1).float()               # (B, T, 1)
-        count = mask.sum(dim=1).clamp_min(1.0)
-        # one layer at a time: stacking all L+1 first (81 of Llama-3.1-70B) holds the stack, its
-        # fp32 copy and their masked product at once, 5x the hidden states' bf16 bytes more, on
-        # the one GPU that accelerate's device_map gathers the outputs to
-        out.append(torch.stack([((h.float() * mask.to(h.device)).sum(dim=1) / count.to(h.device)).cpu()
-                                for h in hidden]))
+    try:
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[s:s + batch_size]), padding="longest",
+                            truncation=max_length is not None, max_length=max_length,
+                            return_tensors="pt").to(device)
+            hidden = model(**enc, output_hidden_states=True).hidden_states  # L+1 x (B, T, D)
+            real = enc["attention_mask"].unsqueeze(-1).bool()                 # (B, T, 1)
+            count = real.sum(dim=1).clamp_min(1).float()
+            # one layer at a time: stacking all L+1 first (81 of Llama-3.1-70B) holds the stack, its
+            # fp32 copy and their masked product at once, 5x the hidden states' bf16 bytes more, on
+            # the one GPU that accelerate's device_map gathers the outputs to. A padded position is
+            # selected away, not multiplied by 0, which a NaN or inf there would survive.
+            out.append(torch.stack([(torch.where(real.to(h.device), h.float(), 0.0).sum(dim=1)
+                                     / count.to(h.device)).cpu() for h in hidden]))
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = kept
     return torch.cat(out, dim=1)
 
 
