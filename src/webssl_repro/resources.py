@@ -179,6 +179,11 @@ def samples_of(run: Run, cfg: Mapping[str, Any]) -> int:
 #: Retries a pretraining job keeps for preemptions and node failures, beyond the jobs its
 #: capped runtime needs (the profile's ``retries``, which a rule's own directive replaces).
 PREEMPTION_RETRIES = 2
+#: The chain's jobs are counted at ``resources.mfu``; a run that trains slower needs more. A
+#: quarter more follow-up jobs covers an MFU of 0.28 against 0.35 on a long chain; retries beyond
+#: need are cheap, since the attempts guard refuses futile ones on a one-core allocation
+#: (``REFUSED_ATTEMPT``).
+CHAIN_SLACK = 1.25
 
 #: Seconds torchrun gives its workers after a signal (SLURM's preemption SIGTERM) before it kills
 #: them. Its own default, 30 s, is less than a step and a save of a multi-billion-parameter run

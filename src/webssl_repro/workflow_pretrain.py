@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.releases import directory_only
-from webssl_repro.resources import (PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
+from webssl_repro.resources import (CHAIN_SLACK, PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
                                     pretrain_resources, torchrun)
 from webssl_repro.runs import Run, split_seed
 
@@ -90,8 +90,8 @@ class PretrainJobs:
 
     def pretrain_retries(self, remote: bool = False) -> int | None:
         """The pretrain rules' ``retries``: with ``resources.max_runtime_min`` set, enough for the
-        longest run's chain of time-limited jobs plus ``PREEMPTION_RETRIES``; otherwise None
-        (the command line's or profile's value).
+        longest run's chain of time-limited jobs (``CHAIN_SLACK`` more) plus ``PREEMPTION_RETRIES``;
+        otherwise None (the command line's or profile's value).
 
         0 in Snakemake's remote mode (``workflow.remote_exec``: the snakemake inside a cluster
         job), which applies a rule's ``retries`` too: a job that stopped for its time limit or a
@@ -102,7 +102,8 @@ class PretrainJobs:
         trained = [r for r in self.run_ids if self.trained(r)]
         if not self.config.get("resources", {}).get("max_runtime_min") or not trained:
             return None
-        return max(self.pretrain_resources(r).jobs for r in trained) - 1 + PREEMPTION_RETRIES
+        longest = max(self.pretrain_resources(r).jobs for r in trained)
+        return math.ceil((longest - 1) * CHAIN_SLACK) + PREEMPTION_RETRIES  # a 1-job run keeps 2
 
     @cached_property
     def trained_nodes(self) -> dict[str, int]:
