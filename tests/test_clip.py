@@ -135,6 +135,8 @@ def test_tokenizer_build_save_load_roundtrip(tmp_path, kind):
     teal = loaded.tokenizer.token_to_id("teal</w>" if kind == "bpe" else "teal")
     assert ids[1].tolist() == [loaded.sot_id, teal, loaded.eot_id] + [0] * 7  # SOT word EOT pad…
     assert loaded.decode(ids[0].tolist()) == "a photo of a red square"
+    # web alt-text escapes, single and double, are undone before BPE, as open_clip's basic_clean
+    assert torch.equal(loaded(["A photo of a Red&#32;square", "&amp;#116;eal"], context_length=10), ids)
     # truncation keeps EOT in the last slot
     short = loaded(["a photo of a red square"], context_length=4)
     assert short[0].tolist()[-1] == loaded.eot_id and short[0, 0].item() == loaded.sot_id

@@ -9,6 +9,7 @@ corpus captions (no download); at paper scale any ``tokenizer.json`` (e.g. the C
 """
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -140,7 +141,7 @@ class CaptionTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         out = torch.full((len(texts), context_length), self.pad_id, dtype=torch.long)
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        encodings = self.tokenizer.encode_batch([unescape_caption(t) for t in texts], add_special_tokens=False)
         for row, enc in enumerate(encodings):
             ids = [self.sot_id, *enc.ids, self.eot_id]
             if len(ids) > context_length:
@@ -154,6 +155,14 @@ class CaptionTokenizer:
 
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))
+
+
+def unescape_caption(text: str) -> str:
+    """``html.unescape`` twice, as open_clip's and MetaCLIP's ``basic_clean`` before BPE: web
+    alt-texts carry ``&amp;``, ``&#39;`` and doubly escaped ``&amp;amp;``. Their ``ftfy.fix_text``
+    (mojibake) is not applied: it is not a dependency here. Whitespace and case are the
+    tokenizer's own normalizer's (CLIP's tokenizer.json collapses whitespace and lower-cases)."""
+    return html.unescape(html.unescape(text)) if "&" in text else text
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path,
@@ -182,8 +191,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path,
     normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.Whitespace()
     words: Counter[str] = Counter()
-    for text in texts:
-        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    for text in texts:  # as they will be encoded
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(unescape_caption(text))))
     budget = vocab_size - 1  # EOT is added last
     if kind == "bpe":
         vocab, merges = _train_bpe(words, budget, specials, "</w>")
