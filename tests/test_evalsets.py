@@ -224,3 +224,41 @@ def test_the_workflow_builds_every_eval_set_the_data_stage_knows():
 
     assert EVAL_SETS == tuple(EVAL_DEFAULTS)
     assert CLASSIC_SETS == ("classification", "segmentation", "depth")
+
+
+def test_mmvp_twins_differ_in_pixels():
+    """An MMVP pair asks one question of two images with opposite answers: the images must differ
+    (a car's drawing is mirror-symmetric, so its left and right twins would be one image)."""
+    items = vqa_items("mmvp", "test", 80)
+    pairs: dict[str, list[np.ndarray]] = {}
+    for it in items:
+        pairs.setdefault(it["pair_id"], []).append(np.asarray(it["image"], dtype=np.int16))
+    assert len(pairs) == 40 and all(len(p) == 2 for p in pairs.values())
+    for pair_id, (a, b) in pairs.items():
+        assert np.abs(a - b).max() > 0, pair_id
+    assert {it["question"].split()[4] for it in items} == {"arrow", "fish"}  # "Which direction does the X ..."
+
+
+def test_knowledge_and_attribute_questions_need_the_image():
+    """SQA's and MathVista's facts of a class name the object by its colour, not its class (the
+    class would give the answer away); GQA's "the object in front of X" has one answer."""
+    from webssl_repro.data.evalsets import BENCHMARK_KINDS, eval_seed, vqa_draw
+    from webssl_repro.data.miniweb import MiniWebConfig
+    from webssl_repro.data.vqa_questions import _named
+
+    cfg = MiniWebConfig(size=64)
+    asked = Counter()
+    for benchmark in ("sqa", "mathvista", "gqa"):
+        seed = eval_seed(benchmark, "test")
+        for index in range(300):
+            for q, spec in vqa_draw(benchmark, seed, index, cfg):
+                asked[benchmark, q["subtask"]] += 1
+                if q["subtask"] in ("alive", "floats", "geometry"):
+                    assert not set(q["question"].rstrip("?").split()) & set(OBJECT_CLASSES), q["question"]
+                if q["subtask"] == "attribute":
+                    other = q["question"].split(" in front of the ")[1].split("?")[0]
+                    behind = next(o for n, o in _named(spec) if n == other)
+                    nearer = [o for o in spec["objects"] if o["depth"] < behind["depth"]]
+                    assert [o["colour"] for o in nearer] == [q["answer"]], (q["question"], spec["id"])
+    assert min(asked[k] for k in [("sqa", "alive"), ("sqa", "floats"), ("mathvista", "geometry"),
+                                  ("gqa", "attribute")]) >= 20, asked

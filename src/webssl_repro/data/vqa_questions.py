@@ -147,26 +147,35 @@ def q_gqa(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
     na, nb, nearer = dp
     o = next(o for n, o in _named(spec) if n == nearer)
     other = nb if nearer == na else na
+    behind = next(b for n, b in _named(spec) if n == other)
+    if sum(p["depth"] < behind["depth"] for p in spec["objects"]) != 1:
+        return []  # any object nearer than the other is "in front of" it: only one may be
     return [dict(_short(f"What colour is the object in front of the {other}?", o["colour"]), subtask="attribute")]
 
 
 # --- Knowledge -----------------------------------------------------------------------------
+def _by_colour(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Objects the only one of their colour, named by it: a question that named the class would
+    give its answer (a fixed fact of the class) away without the image."""
+    objs = spec["objects"]
+    return [o for o in objs if sum(p["colour"] == o["colour"] for p in objs) == 1]
+
+
 def q_sqa(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
-    named = _named(spec)
-    if not named:
+    by_colour = _by_colour(spec)
+    if not by_colour:
         return []
-    name, o = named[int(rng.integers(len(named)))]
+    o = by_colour[int(rng.integers(len(by_colour)))]
     fact = KNOWLEDGE[o["class"]]
     if rng.random() < 0.5:
-        return [dict(_mc(rng, f"Is the {name} in the image a living thing?", "yes" if fact["alive"] else "no",
-                         ["yes", "no"], k=2), subtask="alive")]
-    return [dict(_mc(rng, f"Would the {name} in the image float on water?", "yes" if fact["floats"] else "no",
-                     ["yes", "no"], k=2), subtask="floats")]
+        return [dict(_mc(rng, f"Is the {o['colour']} object in the image a living thing?",
+                         "yes" if fact["alive"] else "no", ["yes", "no"], k=2), subtask="alive")]
+    return [dict(_mc(rng, f"Would the {o['colour']} object in the image float on water?",
+                     "yes" if fact["floats"] else "no", ["yes", "no"], k=2), subtask="floats")]
 
 
 def q_mmmu(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
-    objs = spec["objects"]
-    by_colour = [o for o in objs if sum(p["colour"] == o["colour"] for p in objs) == 1]
+    by_colour = _by_colour(spec)
     if not by_colour:
         return []
     o = by_colour[int(rng.integers(len(by_colour)))]
@@ -180,12 +189,12 @@ def q_mathvista(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
         k = int(rng.integers(1, 5))
         return [dict(_short(f"If {k} more objects were added, how many objects would there be?", len(objs) + k,
                             "number"), subtask="arithmetic")]
-    with_corners = [(n, o) for n, o in _named(spec) if KNOWLEDGE[o["class"]]["corners"] > 0]
+    with_corners = [o for o in _by_colour(spec) if KNOWLEDGE[o["class"]]["corners"] > 0]
     if not with_corners:
         return []
-    name, o = with_corners[int(rng.integers(len(with_corners)))]
-    return [dict(_short(f"How many corners does the {name} have?", KNOWLEDGE[o["class"]]["corners"], "number"),
-                 subtask="geometry")]
+    o = with_corners[int(rng.integers(len(with_corners)))]
+    return [dict(_short(f"How many corners does the {o['colour']} object have?", KNOWLEDGE[o["class"]]["corners"],
+                        "number"), subtask="geometry")]
 
 
 def q_ai2d(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
@@ -255,10 +264,16 @@ def q_docvqa(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
 _FLIP = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
+#: Oriented classes whose drawing shows the direction asked about: a car's is mirror-symmetric, so
+#: a car facing left and one facing right are the same pixels (its facing stays in the corpus'
+#: layout, which would otherwise change every scene after a car's)
+SHOWS_FACING = ORIENTED - {"car"}
+
+
 def q_mmvp(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
     """Two images that differ only in the object's direction, with the same question (an MMVP pair)."""
     o = spec["objects"][0]
-    if o["class"] not in ORIENTED:
+    if o["class"] not in SHOWS_FACING:
         return []
     twin = copy.deepcopy(spec)
     twin["objects"][0]["facing"] = _FLIP[o["facing"]]
