@@ -243,7 +243,9 @@ def test_a_value_of_no_allowed_form_is_explained_by_its_nearest_form():
                                                  ("pretrain.dino", "centering", "center"),
                                                  ("evaluate.alignment", "k", 2.5),
                                                  ("evaluate.classic.linear", "batch_size", 0),
-                                                 ("pretrain.clip", "layerscale", 0)])  # no loader fits it
+                                                 ("pretrain.clip", "layerscale", 0),  # no loader fits it
+                                                 ("data.corpus", "size", 12),  # MiniWebConfig's 16 px floor
+                                                 ("data.corpus", "seed", 2_000_000)])  # an eval set's seed
 def test_a_wrong_type_or_choice_is_refused_naming_its_key_and_value(section, key, value):
     cfg = load_config(REPO / "config/mini.yaml")
     node = cfg
