@@ -25,8 +25,10 @@ from webssl_repro.files import read_json
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: target key -> (resize mode, dtype): class ids must not be blended, depth is bilinear
-TARGETS = {"label": (None, torch.long), "seg": ("nearest", torch.long), "depth": ("bilinear", torch.float32)}
+#: target key -> (resize mode, dtype): neither class ids nor depths are blended (a depth map's 0
+#: marks a missing reading, which bilinear would mix into its neighbours as a shallow depth that
+#: SigLoss, masking only depth > 0, then trains on)
+TARGETS = {"label": (None, torch.long), "seg": ("nearest", torch.long), "depth": ("nearest", torch.float32)}
 
 
 def load_split(manifest_path: str | Path, split: str) -> Sequence[dict[str, Any]]:

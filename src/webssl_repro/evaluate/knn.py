@@ -19,8 +19,16 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
         raise ValueError(f"knn_top1: k={k} neighbours asked of {len(train_x)} train rows")
     train_x, test_x = F.normalize(train_x.float(), dim=-1), F.normalize(test_x.float(), dim=-1)
     sim, idx = (test_x @ train_x.T).topk(k, dim=1)
-    votes = torch.zeros(len(test_x), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    train_y, test_y = train_y.to(sim.device), test_y.to(sim.device)
+    votes = torch.zeros(len(test_x), n_classes, device=sim.device).scatter_add_(1, train_y[idx],
+                                                                               (sim / temperature).exp())
     return 100.0 * float((votes.argmax(1) == test_y).float().mean())
+
+
+def _cls(encoder: Any, x: torch.Tensor) -> torch.Tensor:
+    """The CLS tokens of ``x`` in eval mode (no drop-path), on the encoder's device."""
+    encoder.eval()
+    return encoder.forward_features_dict(x.to(next(encoder.parameters()).device))["x_norm_clstoken"].cpu()
 
 
 def object_attributes() -> dict[str, tuple[str, ...]]:
@@ -49,8 +57,7 @@ def attribute_knn(encoders: Mapping[str, Any], records: Mapping[str, Sequence[di
 
     images = {split: images_tensor(records[split], size, "crop", CLASSIFY_CROP) for split in ("train", "val")}
     with torch.no_grad():
-        feats = {name: {split: enc.forward_features_dict(x)["x_norm_clstoken"] for split, x in images.items()}
-                 for name, enc in encoders.items()}
+        feats = {name: {split: _cls(enc, x) for split, x in images.items()} for name, enc in encoders.items()}
     feats["pixels"] = {split: x.flatten(1) for split, x in images.items()}
     table: dict[str, dict[str, float]] = {}
     for attribute, values in object_attributes().items():
