@@ -244,6 +244,7 @@ def test_a_value_of_no_allowed_form_is_explained_by_its_nearest_form():
                                                  ("evaluate.alignment", "k", 2.5),
                                                  ("evaluate.classic.linear", "batch_size", 0),
                                                  ("pretrain.clip", "layerscale", 0),  # no loader fits it
+                                                 ("pretrain.dino", "layerscale", 0),
                                                  ("data.corpus", "size", 12),  # MiniWebConfig's 16 px floor
                                                  ("data.corpus", "seed", 2_000_000)])  # an eval set's seed
 def test_a_wrong_type_or_choice_is_refused_naming_its_key_and_value(section, key, value):

@@ -83,7 +83,7 @@ def test_sbatch_script(paper, tmp_path, monkeypatch):
 
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
     spec = launch.launch_spec(Plan(paper), BIG_RUN, workdir="/repo")
-    ex = launch.make_executor("slurm", tmp_path)
+    ex = launch.make_executor("slurm", tmp_path, spec.max_timeouts)
     ex.update_parameters(**launch.executor_parameters(spec, partition="gpu"))
     text = ex._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
     for line in ("--nodes=32", "--ntasks-per-node=1", "--gpus-per-node=8", f"--cpus-per-task={spec.cpus_per_task}",
@@ -93,7 +93,8 @@ def test_sbatch_script(paper, tmp_path, monkeypatch):
     assert "#SBATCH --exclusive\n" in text
     # the step gets the node's CPUs (the rule's launcher asks for them the same way)
     assert f"--cpus-per-task {spec.cpus_per_task} python -u -m submitit" in text, text
-    assert ex._executor.max_num_timeout == launch.MAX_TIMEOUT_REQUEUES
+    # the rule's retries for its 25-job chain (test_workflow_cluster)
+    assert ex._executor.max_num_timeout == spec.max_timeouts == Plan(paper).pretrain_retries() == 32
 
 
 def test_checkpoint_requeues_the_same_job(one_node_plan):
@@ -146,7 +147,7 @@ from webssl_repro.train import attempts
 checkpoints, runs = sys.argv[1], Path(sys.argv[2])
 runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
 if len(runs.read_text()) == 1:  # the first job: a checkpoint before the time limit, exit 75
-    attempts.finish(checkpoints, "preempted")
+    attempts.finish(checkpoints, "preempted", cause="time limit")
     raise SystemExit(75)
 attempts.finish(checkpoints, "complete")
 """
@@ -167,12 +168,13 @@ def test_a_stop_before_the_time_limit_requeues_the_job(tmp_path):
     assert [r["outcome"] for r in attempts.read(tmp_path / plan.checkpoint_dir(run))] == ["preempted", "complete"]
 
 
-@pytest.mark.parametrize("outcome", ["failed", None])
-def test_a_failure_is_not_requeued(tmp_path, outcome):
-    """Exit 75 without the ledger's preemption record, or beside a rank's failure, fails the job."""
+@pytest.mark.parametrize("records", [[("preempted", "time limit"), ("failed", None)], [("preempted", "signal")], []])
+def test_a_failure_or_a_signal_is_not_requeued(tmp_path, records):
+    """Exit 75 beside a rank's failure, after a signal (scancel's; SLURM requeues its own
+    preemptions), or without the ledger's record, fails the job."""
     plan = Plan(load_config(REPO / "config" / "mini.yaml"))
     run = "dino1b-full2b-224"
-    record = f"attempts.finish(sys.argv[1], 'preempted'); attempts.finish(sys.argv[1], {outcome!r})" if outcome else ""
+    record = "; ".join(f"attempts.finish(sys.argv[1], {o!r}, cause={c!r})" for o, c in records)
     (tmp_path / "fails.py").write_text(f"import sys\nfrom webssl_repro.train import attempts\n{record}\n"
                                        "raise SystemExit(75)\n")
     job = launch.submit(plan, run, executor="local", folder=tmp_path / "s", workdir=tmp_path,

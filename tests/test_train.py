@@ -155,6 +155,7 @@ def test_preemption_signal_finishes_step_checkpoints_and_resumes(tmp_path, signu
     with pytest.raises(Preempted) as info:
         train(ToyMethod(signal_at=4, signum=signum), data_factory, cfg, run)
     assert info.value.exit_code == 75 and info.value.step == 5 and info.value.signum == signum
+    assert info.value.cause == "signal"  # what the ledger records: `launch` requeues only time limits
     assert signal.getsignal(signum) == before  # handler restored
     assert read_pointer(run)["step"] == 5 and read_checkpoint(run)["method"]["ema_updates"] == 5
     train(ToyMethod(init_seed=5), data_factory, cfg, run)
@@ -188,7 +189,7 @@ def test_deadline_stops_with_a_checkpoint_and_the_retry_resumes(tmp_path):
     with pytest.raises(Preempted) as info:
         train(ToyMethod(), clock.data, cfg, run, deadline=deadline)
     assert info.value.exit_code == 75 and info.value.step == 6 and info.value.signum is None
-    assert "time limit (15 s left)" in str(info.value)
+    assert "time limit (15 s left)" in str(info.value) and info.value.cause == "time limit"
     assert read_pointer(run)["step"] == 6
     # a job that starts inside the margin still makes one step of progress, and says so
     with pytest.warns(UserWarning, match="ends in 15 s, within stop_margin_s=20 s"):

@@ -71,7 +71,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         result = pretrain(args.run, cfg, args.out, args.checkpoints, args.data, parent=args.parent,
                           max_steps=args.max_steps)
     except Preempted as err:
-        attempts.record_end(args.checkpoints, "preempted")
+        attempts.record_end(args.checkpoints, "preempted", cause=err.cause)
         print(f"pretrain {args.run}: preempted at step {err.step}; checkpoint written, exiting for a retry",
               file=sys.stderr)
         return err.exit_code

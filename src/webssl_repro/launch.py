@@ -11,8 +11,8 @@ finished run once its outputs exist.
 
 The trainer stops by itself before the time limit (``train.deadline``: a checkpoint, exit 75,
 which torchrun reports as 1), earlier than submitit's notice comes; the job then reads that
-stop in the run's attempts ledger and requeues through submitit's own handler, as the notice
-would have.
+stop's cause in the run's attempts ledger and requeues through submitit's own handler, as the
+notice would have.
 """
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from webssl_repro.resources import TORCHRUN_SHUTDOWN_TIMEOUT_S, TORCHRUN_SHUTDOWN_VAR
+from webssl_repro.resources import TORCHRUN_SHUTDOWN_TIMEOUT_S, TORCHRUN_SHUTDOWN_VAR, chain_retries
 from webssl_repro.workflow import Plan
 
 RDZV_PORT = 29500  # the rule's port (Plan.launcher); one rendezvous per job, on its first node
 EXECUTORS = ("slurm", "local", "debug")
-# Requeues allowed after a *timeout* (preemptions requeue without limit in submitit).
-MAX_TIMEOUT_REQUEUES = 30
 # USR2 this long before the kill: time for submitit to requeue while training writes
 # its periodic checkpoints.
 SIGNAL_DELAY_S = 120
+#: how long a multi-node job's task waits for rank 0's end record (well inside the notice's lead)
+RECORD_WAIT_S = 60.0
 #: submitit's preemption / timeout notice (its default, SUBMITIT_PREEMPT_SIGNAL=USR2)
 NOTICE = signal.SIGUSR2
 
@@ -57,6 +57,9 @@ class LaunchSpec:
     workdir: str  # absolute: where the job runs (the repo root, like Snakemake)
     data: tuple[str, ...]  # the rule's input: the data manifest (corpus, or a filter result's kept shards)
     parent: str | None  # a hi-res fine-tune's 224 px state.pt
+    #: requeues allowed after a *timeout* (submitit requeues preemptions without limit): the
+    #: rule's retries for this run's chain of jobs (``resources.chain_retries``)
+    max_timeouts: int
     rdzv_port: int = RDZV_PORT
 
     @property
@@ -87,6 +90,7 @@ def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_po
         workdir=str(Path(workdir or Path.cwd()).resolve()),
         data=tuple(inputs["data"]),
         parent=inputs.get("parent"),
+        max_timeouts=chain_retries(res.jobs),
         rdzv_port=rdzv_port,
     )
 
@@ -171,13 +175,23 @@ def _ignore_usr2() -> None:
     signal.signal(NOTICE, signal.SIG_IGN)
 
 
-def stopped_to_resume(checkpoints: str | Path, seen: int) -> bool:
-    """Whether the attempt that wrote the ledger's records after the first ``seen`` stopped to be
-    resumed (``Preempted``: the time limit or a signal, checkpoint saved) and no rank failed."""
+def stopped_at_time_limit(checkpoints: str | Path, seen: int, wait_s: float = RECORD_WAIT_S) -> bool:
+    """Whether the attempt that writes the ledger's records after the first ``seen`` stopped for
+    the job's time limit (``Preempted.cause``; checkpoint saved) and no rank failed. A stop on a
+    signal is not: scancel's, or a preemption SLURM requeues itself. Rank 0 writes the record,
+    maybe on another node whose torchrun ends later: up to ``wait_s`` for an end record."""
+    import time
+
     from webssl_repro.train import attempts
 
-    outcomes = {r.get("outcome") for r in attempts.read(checkpoints)[seen:] if r.get("event") == "end"}
-    return outcomes == {"preempted"}
+    until = time.monotonic() + wait_s
+    while True:
+        ends = [r for r in attempts.read(checkpoints)[seen:] if r.get("event") == "end"]
+        if ends or time.monotonic() >= until:
+            break
+        time.sleep(2.0)
+    return bool(ends) and all(r.get("outcome") == "preempted" for r in ends) and \
+        any(r.get("cause") == "time limit" for r in ends)
 
 
 class PretrainJob:
@@ -215,7 +229,10 @@ class PretrainJob:
                     proc.wait(timeout=TORCHRUN_SHUTDOWN_TIMEOUT_S + 30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        if code != 0 and stopped_to_resume(workdir / self.spec.checkpoints, seen) and self._requeue():
+        # on one node rank 0 wrote its end record before torchrun could exit; on several it may be
+        # on a node whose torchrun ends later
+        wait_s = RECORD_WAIT_S if self.spec.nodes > 1 else 0.0
+        if code != 0 and stopped_at_time_limit(workdir / self.spec.checkpoints, seen, wait_s) and self._requeue():
             return code  # another node's task: the first node's requeues the job
         if code != 0:
             raise subprocess.CalledProcessError(code, cmd)
@@ -224,12 +241,16 @@ class PretrainJob:
     @staticmethod
     def _requeue() -> bool:
         """Requeue as submitit does on its notice: its handler calls ``checkpoint`` and requeues
-        (``scontrol requeue``, counting a timeout against ``MAX_TIMEOUT_REQUEUES``), then exits;
-        on other tasks than the first it only logs. False without a handler (the debug executor)."""
-        if not callable(signal.getsignal(NOTICE)):
+        (``scontrol requeue``, counting a timeout against ``LaunchSpec.max_timeouts``), then
+        exits; on other tasks than the first it only logs. The notice itself, due about a step
+        later, is ignored from here on, so the handler runs once. False without a handler (the
+        debug executor)."""
+        handler = signal.getsignal(NOTICE)
+        if not callable(handler):
             return False
-        print("launch: the trainer stopped with a checkpoint to be resumed; requeueing", flush=True)
-        signal.raise_signal(NOTICE)
+        print("launch: the trainer stopped for the time limit with a checkpoint; requeueing", flush=True)
+        signal.signal(NOTICE, signal.SIG_IGN)
+        handler(NOTICE, None)
         return True
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -239,12 +260,12 @@ class PretrainJob:
         return DelayedSubmission(type(self)(self.spec, self.program))
 
 
-def make_executor(kind: str, folder: str | Path):
+def make_executor(kind: str, folder: str | Path, max_timeouts: int):
     import submitit
 
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {kind!r}")
-    return submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
+    return submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=max_timeouts)
 
 
 def missing_inputs(plan: Plan, spec: LaunchSpec) -> list[str]:
@@ -273,7 +294,7 @@ def submit(plan: Plan, run: str, executor: str = "slurm", folder: str | Path = "
         parent = str(root / spec.parent) if spec.parent else None
         guard_checkpoints(root / spec.checkpoints,
                           run_fingerprint(json.loads(spec.config_json), [root / d for d in spec.data], parent))
-    ex = make_executor(executor, folder)
+    ex = make_executor(executor, folder, spec.max_timeouts)
     ex.update_parameters(**executor_parameters(spec, partition, account))
     return ex.submit(PretrainJob(spec, program))
 

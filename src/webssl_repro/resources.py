@@ -185,6 +185,12 @@ PREEMPTION_RETRIES = 2
 #: (``REFUSED_ATTEMPT``).
 CHAIN_SLACK = 1.25
 
+
+def chain_retries(jobs: int) -> int:
+    """Retries (a rule's ``retries``, submitit's timeouts) for a run of ``jobs`` time-limited jobs:
+    its follow-up jobs and ``CHAIN_SLACK`` more, plus ``PREEMPTION_RETRIES``."""
+    return math.ceil((jobs - 1) * CHAIN_SLACK) + PREEMPTION_RETRIES
+
 #: Seconds torchrun gives its workers after a signal (SLURM's preemption SIGTERM) before it kills
 #: them. Its own default, 30 s, is less than a step and a save of a multi-billion-parameter run
 #: take; SLURM's kill at the partition's ``GraceTime`` is what should end a preempted save. The

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.releases import directory_only
-from webssl_repro.resources import (CHAIN_SLACK, PREEMPTION_RETRIES, REFUSED_ATTEMPT, RunResources, encoder_params,
+from webssl_repro.resources import (REFUSED_ATTEMPT, RunResources, chain_retries, encoder_params,
                                     pretrain_resources, torchrun)
 from webssl_repro.runs import Run, split_seed
 
@@ -102,8 +102,7 @@ class PretrainJobs:
         trained = [r for r in self.run_ids if self.trained(r)]
         if not self.config.get("resources", {}).get("max_runtime_min") or not trained:
             return None
-        longest = max(self.pretrain_resources(r).jobs for r in trained)
-        return math.ceil((longest - 1) * CHAIN_SLACK) + PREEMPTION_RETRIES  # a 1-job run keeps 2
+        return chain_retries(max(self.pretrain_resources(r).jobs for r in trained))  # a 1-job run keeps 2
 
     @cached_property
     def trained_nodes(self) -> dict[str, int]:

@@ -272,19 +272,22 @@ def begin(checkpoints: str | Path, attempt: int, max_futile: int = MAX_FUTILE, m
 
 
 def record_end(checkpoints: str | Path, outcome: str, error: Optional[BaseException] = None,
-               measure: Measure = STEPS) -> None:
+               measure: Measure = STEPS, cause: Optional[str] = None) -> None:
     """``finish`` from the process that should say it: rank 0 records how the attempt stopped;
     any rank that fails records its failure (torchrun then kills rank 0, which could not)."""
     if error is not None or int(os.environ.get("RANK", "0")) == 0:
-        finish(checkpoints, outcome, error, measure)
+        finish(checkpoints, outcome, error, measure, cause)
 
 
 def finish(checkpoints: str | Path, outcome: str, error: Optional[BaseException | str] = None,
-           measure: Measure = STEPS) -> None:
-    """Record how the current attempt ended: rank 0 records how it stopped, and every rank that
-    fails records its failure (``history`` reads the last end record of an attempt)."""
+           measure: Measure = STEPS, cause: Optional[str] = None) -> None:
+    """Record how the current attempt ended: rank 0 records how it stopped (a preemption's
+    ``cause``: ``Preempted.cause``), and every rank that fails records its failure (``history``
+    reads the last end record of an attempt)."""
     record: dict[str, Any] = {"event": "end", "outcome": outcome, "step": measure.read(Path(checkpoints)),
                               "job": os.environ.get("SLURM_JOB_ID")}
+    if cause is not None:
+        record["cause"] = cause
     if error is not None:
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         record["error"] = text.strip().splitlines()[0][:300] if text.strip() else text

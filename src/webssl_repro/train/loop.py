@@ -65,16 +65,23 @@ class Preempted(Exception):
 
     The CLI exits with ``exit_code`` (EX_TEMPFAIL) so that Snakemake's ``retries`` or a SLURM
     requeue starts the job again, which then resumes from the checkpoint. ``signum`` is None
-    when the time limit, not a signal, stopped the run; ``at`` says where, if not after ``step``.
+    when the time limit, not a signal, stopped the run (``deadline``: this rank reached it);
+    ``at`` says where, if not after ``step``.
     """
 
     exit_code = 75
 
-    def __init__(self, step: int, signum: Optional[int], reason: str = "", at: str = ""):
+    def __init__(self, step: int, signum: Optional[int], reason: str = "", at: str = "", deadline: bool = False):
         reason = reason or (f"signal {signal.Signals(signum).name}" if signum else "a stop on another rank")
         super().__init__(f"preempted by {reason} {at or f'after step {step}'}; {'progress' if at else 'checkpoint'} saved")
         self.step = step
         self.signum = signum
+        self.deadline = deadline
+
+    @property
+    def cause(self) -> str:
+        """What the attempts ledger records: the job's own time limit, a signal, or another rank's stop."""
+        return "time limit" if self.deadline else "signal" if self.signum else "another rank"
 
 
 @dataclass(frozen=True)
@@ -308,7 +315,7 @@ def train(
                         save(done)
                     reason = (f"the job's time limit ({deadline.seconds_left():.0f} s left)"
                               if out_of_time and preempt.signum is None else "")
-                    raise Preempted(done, preempt.signum, reason)
+                    raise Preempted(done, preempt.signum, reason, deadline=out_of_time and preempt.signum is None)
                 t_step = time.perf_counter()
             step = max(total, start)
     finally:
