@@ -41,11 +41,41 @@ def _worker(out: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     assert isinstance(method.model.inp.weight, DTensor) and isinstance(method.teacher.out.weight, DTensor)
+    _stop_at_one_ranks_time_limit(out / "limit", rank)
     torch.distributed.destroy_process_group()
 
 
+class _Clock:
+    """10 s per batch drawn: a job ending at 75 s with a 20 s margin stops after step 6."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def data(self, start_sample, rank, world_size):
+        for batch in data_factory(start_sample, rank, world_size):
+            self.now += 10.0
+            yield batch
+
+
+def _stop_at_one_ranks_time_limit(out: Path, rank: int) -> None:
+    """Only rank 1 reads the time limit (as one node's clock may reach it a step before rank 0's):
+    each rank's ``Preempted`` names the time limit, which rank 0 records for ``launch``."""
+    from webssl_repro.train import Preempted
+    from webssl_repro.train.deadline import Deadline
+
+    clock = _Clock()
+    limit = Deadline(end_time=75.0, margin_s=20.0, clock=clock) if rank == 1 else None
+    try:
+        train(ToyMethod(noise=0.0), clock.data, make_cfg(strategy="ddp", checkpoint_every=100), out, deadline=limit)
+    except Preempted as err:
+        (out / f"cause-{rank}.txt").write_text(f"{err.cause} after step {err.step}")
+
+
 def _two_ranks(out: Path) -> subprocess.CompletedProcess:
-    for strategy in ("ddp", "fsdp2"):  # a rerun starts from scratch, not from a crashed run's checkpoints
+    for strategy in ("ddp", "fsdp2", "limit"):  # a rerun starts from scratch, not from a crashed run's checkpoints
         shutil.rmtree(out / strategy, ignore_errors=True)
     return subprocess.run(torchrun(2, __file__, str(out)), env=worker_env(), capture_output=True, text=True,
                           timeout=240)
@@ -84,3 +114,7 @@ def test_two_rank_gloo_matches_single_process(two_rank_runs, strategy):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_a_time_limit_one_rank_reaches_is_every_ranks_stop_cause(two_rank_runs):
+    assert [(two_rank_runs / "limit" / f"cause-{r}.txt").read_text() for r in (0, 1)] == ["time limit after step 6"] * 2

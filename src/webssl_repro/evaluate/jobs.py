@@ -83,9 +83,9 @@ def evaluate(args: argparse.Namespace) -> int:
     state = args.state if args.state is not None else eval_progress.state_dir(args.out, args.kind)
     ledger = args.kind in eval_progress.RESUMABLE and state is not None and args.attempt is not None
 
-    def record(outcome: str, error: BaseException | None = None) -> None:
+    def record(outcome: str, error: BaseException | None = None, cause: str | None = None) -> None:
         if ledger and Path(state).is_dir():
-            attempts.record_end(state, outcome, error, measure=eval_progress.SAVED)
+            attempts.record_end(state, outcome, error, measure=eval_progress.SAVED, cause=cause)
 
     # The inputs are read before the saved state is looked at: a bad encoder or manifest would
     # otherwise set the state of the good ones aside (features and all) before failing.
@@ -117,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> int:
                 write_eval(Path(args.out), args.run, args.kind, metrics, computed)
                 print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("_")}, sort_keys=True))
     except Preempted as err:
-        record("preempted")
+        record("preempted", cause=err.cause)
         print(f"evaluate {args.kind} {args.run}: {err}; exiting for a retry", file=sys.stderr)
         shutdown()
         return err.exit_code

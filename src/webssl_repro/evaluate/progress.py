@@ -42,7 +42,7 @@ from webssl_repro.train.checkpoint import capture_rng, remove_versions, restore_
 from webssl_repro.train.fingerprint import STAMP
 from webssl_repro.train.deadline import Deadline, job_deadline
 from webssl_repro.train.distributed import all_gather_object, any_rank, barrier, get_rank, get_world_size, is_main
-from webssl_repro.train.loop import Preempted, PreemptionFlag
+from webssl_repro.train.loop import Preempted, PreemptionFlag, collective_stop
 
 #: The keys of ``evaluate.classic`` / ``evaluate.vqa`` that say when a job saves, not what it
 #: computes (``settings.SETTINGS``), and their defaults. ``checkpoint_every_min: 0`` saves after
@@ -222,7 +222,7 @@ class EvalProgress:
     def stop_point(self, label: str) -> None:
         """Between parts, with nothing unsaved: stop for a signal or the time limit (``Preempted``)."""
         if self.directory is not None and self._must_stop():
-            raise Preempted(0, self._flag.signum, self._reason(), at=f"before {label}")
+            raise self._stop(0, f"before {label}")
 
     # ------------------------------------------------------------ the part under way
 
@@ -252,13 +252,13 @@ class EvalProgress:
         if self.directory is not None and done >= total and final_save:
             self.save(part, done, write)
             if self._must_stop():  # before what follows the training (scoring), which saves nothing
-                raise Preempted(done, self._flag.signum, self._reason(), at=f"after training {part}")
+                raise self._stop(done, f"after training {part}")
         elif self.directory is not None and done < total:
             stop = self._must_stop()
             if stop or any_rank(now - self._last_save >= self.every_s):
                 self.save(part, done, write)
             if stop:
-                raise Preempted(done, self._flag.signum, self._reason(), at=f"after iteration {done} of {part}")
+                raise self._stop(done, f"after iteration {done} of {part}")
         self._last = (part, done, self.clock())
 
     def save(self, part: str, done: int, write: Callable[[Path], None]) -> None:
@@ -348,10 +348,10 @@ class EvalProgress:
         self._out_of_time = self.deadline is not None and self.deadline.reached()
         return any_rank(self._flag.signum is not None or self._out_of_time)
 
-    def _reason(self) -> str:
-        if self._flag.signum is None and self._out_of_time:
-            return f"the job's time limit ({self.deadline.seconds_left():.0f} s left)"
-        return ""
+    def _stop(self, done: int, at: str) -> Preempted:
+        """After ``_must_stop`` said so on every rank: the stop, its cause agreed over them."""
+        return collective_stop(done, self._flag.signum, self._out_of_time,
+                               self.deadline.seconds_left() if self._out_of_time else None, at=at)
 
 
 def head_state(done: int, heads: Sequence[nn.Module], optimizer: torch.optim.Optimizer,

@@ -84,6 +84,20 @@ class Preempted(Exception):
         return "time limit" if self.deadline else "signal" if self.signum else "another rank"
 
 
+def collective_stop(step: int, signum: Optional[int], out_of_time: bool, seconds_left: Optional[float],
+                    at: str = "") -> Preempted:
+    """The ``Preempted`` each rank raises once any rank must stop (called on every rank together),
+    its cause agreed over the ranks: a time limit that one rank's clock reaches first is every
+    rank's (rank 0's record is what ``launch`` reads), unless a signal reached any rank."""
+    signalled = any_rank(signum is not None)
+    limit = any_rank(out_of_time) and not signalled
+    reason = ""
+    if limit and signum is None:
+        reason = (f"the job's time limit ({seconds_left:.0f} s left)" if out_of_time and seconds_left is not None
+                  else "the job's time limit, reached on another rank")
+    return Preempted(step, signum, reason, at=at, deadline=limit)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     step: int  #: optimizer steps done in total
@@ -313,9 +327,8 @@ def train(
                 if done < total and any_rank(preempt.signum is not None or out_of_time):
                     if last_saved != done:
                         save(done)
-                    reason = (f"the job's time limit ({deadline.seconds_left():.0f} s left)"
-                              if out_of_time and preempt.signum is None else "")
-                    raise Preempted(done, preempt.signum, reason, deadline=out_of_time and preempt.signum is None)
+                    raise collective_stop(done, preempt.signum, out_of_time,
+                                          deadline.seconds_left() if out_of_time else None)
                 t_step = time.perf_counter()
             step = max(total, start)
     finally:
