@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     # img_size: None = the pretraining resolution (see ``dense_size``).
     # test_mode: "slide" (mmseg's ADE20K test: img_size windows every slide_stride px, None =
     # 2/3 of img_size, over the image with its shorter side at img_size; "+ms" alike at
-    # ms_img_size) or "whole".
+    # ms_img_size, with the same slide_stride where one is set) or "whole".
     # augment: mmseg's training augmentation (dense_augment; the encoder then runs on every
     # batch), or none (each image's tokens computed once, cached when they fit in memory).
     # ms_img_size: "+ms"'s own size, at which its head trains and tests (DINOv2: 640 px;

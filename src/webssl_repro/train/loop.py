@@ -65,8 +65,8 @@ class Preempted(Exception):
 
     The CLI exits with ``exit_code`` (EX_TEMPFAIL) so that Snakemake's ``retries`` or a SLURM
     requeue starts the job again, which then resumes from the checkpoint. ``signum`` is None
-    when the time limit, not a signal, stopped the run (``deadline``: this rank reached it);
-    ``at`` says where, if not after ``step``.
+    when the time limit, not a signal, stopped the run (``deadline``: the ranks agreed it did,
+    ``collective_stop``); ``at`` says where, if not after ``step``.
     """
 
     exit_code = 75
