@@ -191,6 +191,7 @@ def chain_retries(jobs: int) -> int:
     its follow-up jobs and ``CHAIN_SLACK`` more, plus ``PREEMPTION_RETRIES``."""
     return math.ceil((jobs - 1) * CHAIN_SLACK) + PREEMPTION_RETRIES
 
+
 #: Seconds torchrun gives its workers after a signal (SLURM's preemption SIGTERM) before it kills
 #: them. Its own default, 30 s, is less than a step and a save of a multi-billion-parameter run
 #: take; SLURM's kill at the partition's ``GraceTime`` is what should end a preempted save. The
