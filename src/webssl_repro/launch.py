@@ -184,15 +184,15 @@ def stopped_at_time_limit(checkpoints: str | Path, seen: int, wait_s: float = RE
 
     from webssl_repro.train import attempts
 
+    def end_records() -> list[dict]:
+        return [r for r in attempts.read(checkpoints)[seen:] if r.get("event") == "end"]
+
     until = time.monotonic() + wait_s
-    while True:
-        ends = [r for r in attempts.read(checkpoints)[seen:] if r.get("event") == "end"]
-        if ends or time.monotonic() >= until:
-            break
+    while not (ends := end_records()) and time.monotonic() < until:
         time.sleep(2.0)
     if ends and wait_s > 0:  # another node's rank that failed records it as its torchrun ends
         time.sleep(min(5.0, max(0.0, until - time.monotonic())))
-        ends = [r for r in attempts.read(checkpoints)[seen:] if r.get("event") == "end"]
+        ends = end_records()
     return bool(ends) and all(r.get("outcome") == "preempted" for r in ends) and \
         any(r.get("cause") == "time limit" for r in ends)
 

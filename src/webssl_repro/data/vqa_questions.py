@@ -145,9 +145,9 @@ def q_gqa(spec: dict[str, Any], rng: np.random.Generator) -> list[Item]:
     if dp is None:
         return []
     na, nb, nearer = dp
-    o = next(o for n, o in _named(spec) if n == nearer)
     other = nb if nearer == na else na
-    behind = next(b for n, b in _named(spec) if n == other)
+    named = dict(_named(spec))  # each name picks out one object
+    o, behind = named[nearer], named[other]
     if sum(p["depth"] < behind["depth"] for p in spec["objects"]) != 1:
         return []  # any object nearer than the other is "in front of" it: only one may be
     return [dict(_short(f"What colour is the object in front of the {other}?", o["colour"]), subtask="attribute")]

@@ -27,8 +27,10 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
 
 def _cls(encoder: Any, x: torch.Tensor) -> torch.Tensor:
     """The CLS tokens of ``x`` in eval mode (no drop-path), on the encoder's device."""
+    from webssl_repro.evaluate.features import model_device
+
     encoder.eval()
-    return encoder.forward_features_dict(x.to(next(encoder.parameters()).device))["x_norm_clstoken"].cpu()
+    return encoder.forward_features_dict(x.to(model_device(encoder)))["x_norm_clstoken"].cpu()
 
 
 def object_attributes() -> dict[str, tuple[str, ...]]:
