@@ -28,7 +28,7 @@ ENV = "../environment.yml"
 # How each kind of job runs (log cadence, workers, local data paths): a string resource the
 # shell passes as --settings-json, not a param, so that changing it reruns nothing
 # (webssl_repro.settings). Executors ignore resources they do not know.
-SETTINGS = {kind: PLAN.settings_json(kind) for kind in ("pretrain", "vqa", "classic", "alignment")}
+SETTINGS = {kind: PLAN.settings_json(kind) for kind in ("vqa", "classic", "alignment")}
 
 
 wildcard_constraints:

@@ -78,3 +78,79 @@ def test_a_model_without_towers_is_refused_and_the_setting_is_a_bool():
     assert TrainConfig.from_mapping({**base, "activation_checkpointing": True}).activation_checkpointing is True
     with pytest.raises(ValueError, match="activation_checkpointing must be true or false, got 'yes'"):
         TrainConfig.from_mapping({**base, "activation_checkpointing": "yes"})
+
+
+# ---- which runs recompute: pretrain.train.activation_checkpointing in the workflow ----------------
+
+def _paper(**train):
+    import copy as _copy
+
+    from conftest import REPO
+    from webssl_repro.config import load_config
+    from webssl_repro.workflow import Plan
+
+    cfg = _copy.deepcopy(load_config(REPO / "config/paper.yaml"))
+    cfg["pretrain"]["train"].update(train)
+    return Plan(cfg)
+
+
+def _recomputes(plan, run: str) -> bool:
+    import json
+
+    return json.loads(plan.pretrain_settings_json(run))["train"]["activation_checkpointing"]
+
+
+def test_run_name_patterns_choose_the_runs_that_recompute_retraining_none():
+    paper, off = _paper(), _paper(activation_checkpointing=False)
+    recomputed = ["clip1b-full2b-224", "clip7b-full8b-224", "dino1b-in1k-224", "dino7b-full8b-378", "dino7b-full8b-518"]
+    for run in recomputed:
+        assert _recomputes(paper, run) is True and _recomputes(off, run) is False
+        assert paper.run_config_json(run) == off.run_config_json(run)  # a setting: the params are the same
+        # the forward runs twice: (1 + 3) / 3 of forward + backward
+        flops = paper.pretrain_resources(run).train_flops
+        assert flops == pytest.approx(off.pretrain_resources(run).train_flops * 4 / 3)
+    for run in ("dino2b-full2b-224", "dino7b-full8b-224", "mae1b-full2b-224"):
+        assert _recomputes(paper, run) is False
+        assert paper.pretrain_resources(run).train_flops == off.pretrain_resources(run).train_flops
+    assert _recomputes(_paper(activation_checkpointing=True), "mae1b-full2b-224") is True
+
+
+def test_a_malformed_setting_is_refused_by_its_key():
+    from conftest import REPO
+    from webssl_repro.config import ConfigError, load_config, validate_config
+
+    for bad in (["clip*", 3], [], "yes"):
+        cfg = load_config(REPO / "config/paper.yaml")
+        cfg["pretrain"]["train"]["activation_checkpointing"] = bad
+        with pytest.raises(ConfigError, match="activation_checkpointing"):
+            validate_config(cfg)
+    with pytest.raises(ConfigError, match=r"activation_checkpointing must be true, false or a list of run-name "
+                                          r"patterns, got 'yes'"):
+        _paper(activation_checkpointing="yes").pretrain_resources("clip1b-full2b-224")
+
+
+def test_activation_estimate_by_hand_and_the_dry_run_names_runs_over_the_gpu():
+    """34 bytes per token and unit of width per block (Korthikanti et al.), the recipe's batch over
+    the run's GPUs; recomputed, 2 bytes per block plus one whole block."""
+    off = _paper(activation_checkpointing=False)
+    dino = off.pretrain_resources("dino1b-full2b-224")  # 3072 images on 64 GPUs; 2 x 224 px + 8 x 98 px
+    tokens = 2 * (16 * 16 + 1) + 8 * (7 * 7 + 1)
+    assert dino.activation_gb == pytest.approx(34 * 1536 * 40 * tokens * 48 / 1e9)  # 91.6
+    mae = off.pretrain_resources("mae1b-full2b-224")  # 4096 on 64: a quarter of 256 patches, the 8 x 512 decoder
+    assert mae.activation_gb == pytest.approx(34 * (1536 * 40 * 65 + 512 * 8 * 257) * 64 / 1e9)
+    clip = _paper().pretrain_resources("clip1b-full2b-224")  # recomputed; 32768 on 64, text 32 x 1280 x 77
+    towers = [(1536, 40, 257), (1280, 32, 77)]
+    assert clip.recomputed and clip.activation_gb == pytest.approx(
+        sum(d * 2 * w * t + 34 * w * t for w, d, t in towers) * 512 / 1e9)  # 28.0
+    assert _paper().memory_line() == ""  # config/paper.yaml: every run fits its 80 GB
+    line = off.memory_line()
+    assert "over resources.gpu_memory_gb (80 GB): " in line and "clip1b-full2b-224 (330 GB)" in line
+    assert "dino1b-full2b-224 (92 GB)" in line and "dino7b-full8b-518 (224 GB)" in line
+    assert "dino2b" not in line and "mae" not in line
+    assert line.endswith("add them to pretrain.train.activation_checkpointing")
+    assert line in off.target_message()
+    small = _paper()
+    small.config["resources"]["gpu_memory_gb"] = 25
+    assert small.memory_line().endswith("(25 GB) with blocks recomputed: clip1b-full2b-224 (28 GB): give them more "
+                                        "resources.nodes")
+    assert "(25 GB): dino2b-full2b-224 (48 GB), " in small.memory_line()

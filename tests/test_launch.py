@@ -59,7 +59,8 @@ def test_32_node_parameters_and_command(paper):
     # The rule's arguments, relative to the repo root where the job runs.
     assert launch.pretrain_args(spec) == [
         "pretrain", "--run-name", BIG_RUN, "--config-json", plan.run_config_json(BIG_RUN),
-        "--settings-json", plan.settings_json("pretrain"), "--out", "results/paper/runs/" + BIG_RUN, "--checkpoints", "results/paper/checkpoints/" + BIG_RUN,
+        "--settings-json", plan.pretrain_settings_json(BIG_RUN), "--out", "results/paper/runs/" + BIG_RUN,
+        "--checkpoints", "results/paper/checkpoints/" + BIG_RUN,
         "--data", "results/paper/data/shards/manifest.json"]
     assert json.loads(spec.config_json)["run"] == BIG_RUN
     with pytest.raises(ValueError, match="first node"):

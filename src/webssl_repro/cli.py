@@ -48,11 +48,12 @@ def _plan(args: argparse.Namespace) -> int:
         res = plan.pretrain_resources(run)
         rows.append({"run": run, "nodes": res.nodes, "gpus": res.gpus, "runtime_h": round(res.total_min / 60, 1),
                      "jobs": res.jobs, "gpu_hours": round(res.gpu_hours),
-                     "train_PFLOP": round(res.train_flops / 1e15)})
+                     "train_PFLOP": round(res.train_flops / 1e15),
+                     "activations_gb_per_gpu": round(res.activation_gb, 1), "recomputed": res.recomputed})
     print(yaml.safe_dump({"seeds": plan.seeds, "runs": rows}, sort_keys=False), end="")
     for item_id in plan.items:
         print(plan.cost_line(item_id))
-    print(plan.cost_line())
+    print(plan.cost_line() + plan.memory_line())
     return 0
 
 

@@ -51,7 +51,7 @@ class LaunchSpec:
     mem_mb: int
     timeout_min: int
     config_json: str
-    settings_json: str  # how it runs (log/checkpoint cadence): Plan.settings_json("pretrain")
+    settings_json: str  # how it runs (log/checkpoint cadence): Plan.pretrain_settings_json
     out: str  # relative to workdir, exactly as the rule passes it
     checkpoints: str
     workdir: str  # absolute: where the job runs (the repo root, like Snakemake)
@@ -84,7 +84,7 @@ def launch_spec(plan: Plan, run: str, workdir: str | Path | None = None, rdzv_po
         mem_mb=res.mem_mb,
         timeout_min=res.runtime_min,
         config_json=plan.run_config_json(run),
-        settings_json=plan.settings_json("pretrain"),
+        settings_json=plan.pretrain_settings_json(run),
         out=plan.run_dir(run),
         checkpoints=plan.checkpoint_dir(run),
         workdir=str(Path(workdir or Path.cwd()).resolve()),

@@ -7,11 +7,13 @@ in the dry run as GPU-hours per run and per target.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from webssl_repro.config import ConfigError
+from webssl_repro.recipes import SCHEDULE_DEFAULTS
 from webssl_repro.runs import Run
 
 # Crops seen per image by Web-DINO (DINOv2 ViT-g recipe): 2 global + 8 local at 98/224 of the global size.
@@ -68,9 +70,14 @@ def _blocks_flops(method: str, width: int, depth: int, ffn_hidden: int | None, t
     return float(2 * depth * block_params(method, width, ffn_hidden) * tokens + 4 * depth * tokens * tokens * width)
 
 
+def image_tokens(img_size: int, patch: int, token_fraction: float = 1.0) -> int:
+    """Tokens of one image through the encoder: the kept share of its patches and the CLS."""
+    return max(1, int(((img_size // patch) ** 2) * token_fraction)) + 1
+
+
 def forward_flops(method: str, arch: Mapping[str, int], img_size: int, token_fraction: float = 1.0) -> float:
     """Forward FLOPs of one image through the encoder."""
-    tokens = max(1, int(((img_size // arch["patch"]) ** 2) * token_fraction)) + 1
+    tokens = image_tokens(img_size, arch["patch"], token_fraction)
     return _blocks_flops(method, arch["width"], arch["depth"], arch.get("ffn_hidden"), tokens)
 
 
@@ -83,20 +90,66 @@ COMPANION_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
-def companion_flops(method: str, recipe: Mapping[str, Any], img_size: int, patch: int) -> float:
-    """Forward FLOPs per sample of MAE's decoder (over every patch and the CLS) or CLIP's text
-    tower (over its context), GELU blocks: at ViT-1B ~10 % and ~16 % of the encoder's, at ViT-7B
-    ~2 % and ~3 %."""
-    if method not in COMPANION_DEFAULTS:
-        return 0.0
+def companion_tower(method: str, recipe: Mapping[str, Any], img_size: int, patch: int) -> tuple[int, int, int, int]:
+    """(width, depth, MLP hidden, tokens per sample) of MAE's decoder (over every patch and the
+    CLS) or CLIP's text tower (over its context), from the recipe or the methods' defaults."""
     c = {**COMPANION_DEFAULTS[method], **{k: recipe[k] for k in COMPANION_DEFAULTS[method] if k in recipe}}
     if method == "mae":
         width, depth, ratio = int(c["decoder_embed_dim"]), int(c["decoder_depth"]), float(c["decoder_mlp_ratio"])
-        tokens = (img_size // patch) ** 2 + 1
+        return width, depth, int(width * ratio), image_tokens(img_size, patch)
+    width, depth, ratio = int(c["text_width"]), int(c["text_layers"]), float(c["text_mlp_ratio"])
+    return width, depth, int(width * ratio), int(c["context_length"])
+
+
+def companion_flops(method: str, recipe: Mapping[str, Any], img_size: int, patch: int) -> float:
+    """Forward FLOPs per sample of MAE's decoder or CLIP's text tower, GELU blocks: at ViT-1B ~10 %
+    and ~16 % of the encoder's, at ViT-7B ~2 % and ~3 %."""
+    if method not in COMPANION_DEFAULTS:
+        return 0.0
+    width, depth, hidden, tokens = companion_tower(method, recipe, img_size, patch)
+    return _blocks_flops("mae", width, depth, hidden, tokens)  # "mae": a GELU MLP block
+
+
+#: Bytes a transformer block keeps for its backward per token and unit of width, under bf16
+#: autocast with a fused attention kernel: the 34·s·b·h of Korthikanti et al. (2022, "Reducing
+#: activation recomputation in large transformer models") without the attention scores, which
+#: such a kernel does not keep. A block that is recomputed keeps only its bf16 input.
+BLOCK_ACTIVATION_BYTES, BLOCK_INPUT_BYTES = 34, 2
+
+
+def activation_checkpointed(cfg: Mapping[str, Any], run: Run) -> bool:
+    """Whether ``run`` recomputes its blocks in the backward: ``pretrain.train.activation_checkpointing``
+    is true, false, or run-name patterns (``fnmatch``, e.g. ``clip*`` or ``*-518``), each seed alike."""
+    setting = cfg.get("pretrain", {}).get("train", {}).get("activation_checkpointing", False)
+    if isinstance(setting, bool):
+        return setting
+    if not isinstance(setting, (list, tuple)) or not all(isinstance(p, str) for p in setting):
+        raise ConfigError("pretrain.train.activation_checkpointing must be true, false or a list of run-name "
+                          f"patterns, got {setting!r}")
+    return any(fnmatch.fnmatchcase(str(run), pattern) for pattern in setting)
+
+
+def activation_gb(run: Run, arch: Mapping[str, Any], img_size: int, local: int | None,
+                  recipe: Mapping[str, Any], gpus: int, recomputed: bool) -> float:
+    """Estimated activations (GB) one GPU keeps for a step's backward: the recipe's batch over
+    ``gpus``, through each tower a step backpropagates (Web-DINO's student over its crops, not
+    its teacher; MAE's encoder and decoder; CLIP's two towers). Recomputed, each block keeps its
+    input and one block at a time its whole activations. An estimate for scheduling, not measured."""
+    patch = int(arch["patch"])
+    if run.method == "dino":
+        local = local or dino_local_crop(img_size, patch)
+        tokens = DINO_GLOBAL * image_tokens(img_size, patch) + DINO_LOCAL * image_tokens(local, patch)
+        towers = [(int(arch["width"]), int(arch["depth"]), tokens)]
     else:
-        width, depth, ratio = int(c["text_width"]), int(c["text_layers"]), float(c["text_mlp_ratio"])
-        tokens = int(c["context_length"])
-    return _blocks_flops("mae", width, depth, int(width * ratio), tokens)  # "mae": a GELU MLP block
+        encoder = image_tokens(img_size, patch, MAE_KEEP if run.method == "mae" else 1.0)
+        width, depth, _, tokens = companion_tower(run.method, recipe, img_size, patch)
+        towers = [(int(arch["width"]), int(arch["depth"]), encoder), (width, depth, tokens)]
+    images = int(recipe.get("batch_size", SCHEDULE_DEFAULTS[run.method]["batch_size"])) / max(1, gpus)
+    total = 0.0
+    for width, depth, tokens in towers:
+        block = BLOCK_ACTIVATION_BYTES * width * tokens
+        total += (depth * BLOCK_INPUT_BYTES * width * tokens + block) if recomputed else depth * block
+    return total * images / 1e9
 
 
 def dino_local_size(run: Run, cfg: Mapping[str, Any]) -> int:
@@ -215,8 +268,10 @@ class RunResources:
     runtime_min: int  # one job's time limit: the estimate, capped at resources.max_runtime_min
     mem_mb: int
     cpus_per_task: int
-    train_flops: float
+    train_flops: float  # with the forward recomputed where its blocks are (activation_checkpointed)
     total_min: int  # the whole run's estimated runtime
+    activation_gb: float = 0.0  # per GPU, estimated (activation_gb)
+    recomputed: bool = False  # its blocks recomputed in the backward (activation_checkpointed)
 
     @property
     def jobs(self) -> int:
@@ -276,7 +331,11 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any], recipe: Mapping[str, An
     local = recipe.get("local_crop_size") if run.method == "dino" else None
     if run.method == "dino" and local is None:
         local = dino_local_size(run, cfg)
-    flops = flops_per_sample(run, arch, img, None if local is None else int(local), recipe) * samples_of(run, cfg)
+    local = None if local is None else int(local)
+    recomputed = activation_checkpointed(cfg, run)
+    # a recomputed block runs its forward twice: a third more than forward + backward
+    flops = flops_per_sample(run, arch, img, local, recipe) * samples_of(run, cfg) * (
+        (FWD_BWD + 1) / FWD_BWD if recomputed else 1.0)
     if run.size not in res_cfg["nodes"]:
         raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
                        f"sizes there are {sorted(res_cfg['nodes'])}")
@@ -288,4 +347,6 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any], recipe: Mapping[str, An
     estimate = max(int(res_cfg["min_runtime_min"]), math.ceil(1.1 * flops / throughput / 60.0))
     runtime = min(estimate, int(res_cfg.get("max_runtime_min") or estimate))
     cpus = max(1, int(res_cfg["cpus_per_gpu"]) * max(1, gpus // nodes))
-    return RunResources(gpus, nodes, runtime, int(res_cfg["mem_mb_per_node"]), cpus, flops, estimate)
+    memory = activation_gb(run, arch, img, local, recipe, gpus, recomputed)
+    return RunResources(gpus, nodes, runtime, int(res_cfg["mem_mb_per_node"]), cpus, flops, estimate, memory,
+                        recomputed)

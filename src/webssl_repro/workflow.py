@@ -316,7 +316,7 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
             "img_size": int(label(self.config, "resolutions", str(r.res), run)),
             "samples_seen": samples_of(r, self.config),
             "recipe": recipe,
-            "train": dict(pretrain.get("train", {})),
+            "train": self._train_section(r),
             "seed": seed,
         }
         if pretrain.get("loader"):  # only when set: an unset loader leaves every run's params as they were
@@ -327,7 +327,7 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
 
     def run_config_json(self, run: str) -> str:
         """What the run's weights depend on (its rules' params): ``run_config`` less the
-        settings of ``settings_json("pretrain")``."""
+        settings of ``pretrain_settings_json``."""
         what = split_pretrain(self.run_config(run))[0]
         return json.dumps(what, sort_keys=True, separators=(",", ":"))
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
 from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, method_arch, node_share, torchrun
-from webssl_repro.settings import SETTINGS, split_pretrain, split_settings
+from webssl_repro.settings import SETTINGS, split_settings
 
 
 class EvalJobs:
@@ -143,12 +143,9 @@ class EvalJobs:
         return json.dumps({"scale": self.scale, **self._eval_section(kind)[0]}, sort_keys=True, separators=(",", ":"))
 
     def settings_json(self, kind: str) -> str:
-        """How a ``kind`` job runs (``SETTINGS``): passed by the shell, not a param."""
-        if kind == "pretrain":
-            pretrain = self.config.get("pretrain", {})
-            how = split_pretrain({"train": pretrain.get("train", {}),
-                                  **({"loader": pretrain["loader"]} if pretrain.get("loader") else {})})[1]
-        elif kind == "filter":
+        """How a ``kind`` job runs (``SETTINGS``): passed by the shell, not a param. A pretraining
+        run's are its own (``pretrain_settings_json``)."""
+        if kind == "filter":
             how = split_settings({"filter": self.config.get("data", {}).get("filter", {})}, SETTINGS[kind])[1]
         else:
             how = self._eval_section(kind)[1]

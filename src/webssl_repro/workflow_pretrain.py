@@ -5,6 +5,7 @@ from released checkpoints instead, and what a target costs in GPU-hours. A part 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -15,9 +16,10 @@ from typing import Any, Mapping
 from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.releases import directory_only
-from webssl_repro.resources import (REFUSED_ATTEMPT, RunResources, chain_retries, encoder_params,
-                                    pretrain_resources, torchrun)
+from webssl_repro.resources import (REFUSED_ATTEMPT, RunResources, activation_checkpointed, chain_retries,
+                                    encoder_params, pretrain_resources, torchrun)
 from webssl_repro.runs import Run, split_seed
+from webssl_repro.settings import split_pretrain
 
 #: The id a snakemake invocation hands its jobs (``workflow.mark_invocation``), so that a retry
 #: knows which attempts are its invocation's (``train.attempts``).
@@ -78,6 +80,19 @@ class PretrainJobs:
         tower changes its FLOPs."""
         r = Run.parse(split_seed(run, self.seeds[0])[0])
         return pretrain_resources(r, self.config, self.recipe(r)[0])
+
+    def _train_section(self, r: Run) -> dict[str, Any]:
+        """``pretrain.train`` for run ``r``: its ``activation_checkpointing`` patterns read as
+        whether this run recomputes its blocks (``resources.activation_checkpointed``)."""
+        train = dict(self.config.get("pretrain", {}).get("train", {}))
+        if "activation_checkpointing" in train:
+            train["activation_checkpointing"] = activation_checkpointed(self.config, r)
+        return train
+
+    def pretrain_settings_json(self, run: str) -> str:
+        """How ``run`` trains (``SETTINGS["pretrain"]``: log and checkpoint cadence, recomputing
+        its blocks, ...): its rule's ``--settings-json``, not a param, so changing it retrains nothing."""
+        return json.dumps(split_pretrain(self.run_config(run))[1], sort_keys=True, separators=(",", ":"))
 
     def pretrain_job_resources(self, run: str, attempt: int) -> dict[str, Any]:
         """The rule resources of ``run``'s attempt ``attempt``: the run's own, or
@@ -150,7 +165,7 @@ class PretrainJobs:
             "resources.gpus_per_node is 0: every pretraining and evaluation job runs on CPUs"
         if per_node and "shards" not in self.config.get("data", {}):
             where += "; data.shards unset: the runs train on the generated mini-web corpus"
-        message = f"{self.cost_line(item)} ({where})"
+        message = f"{self.cost_line(item)} ({where}){self.memory_line(item)}"
         if item is None and self.skipped_items:
             message += "; not built at this scale: " + "; ".join(f"{i} ({why})" for i, why in self.skipped_items.items())
         if item is None and set(self.grid_runs) - set(self.item_runs):
@@ -165,6 +180,22 @@ class PretrainJobs:
         imported = sum(not self.trained(r) for r in runs)
         return (f"{item or 'all'}: {len(runs)} runs{f' ({imported} imported)' if imported else ''}, "
                 f"{self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours")
+
+    def memory_line(self, item: str | None = None) -> str:
+        """The target's trained runs whose estimated activations per GPU (``resources.activation_gb``)
+        pass ``resources.gpu_memory_gb``, and what would make them fit; empty where none does or
+        the key is unset."""
+        budget = self.config.get("resources", {}).get("gpu_memory_gb")
+        wanted = self.item_runs if item is None else self.item_sources(specs.get_item(item))
+        fixes = {False: "add them to pretrain.train.activation_checkpointing", True: "give them more resources.nodes"}
+        over: dict[bool, list[str]] = {False: [], True: []}
+        for run in [r for r in wanted if self.trained(r)] if budget else ():
+            res = self.pretrain_resources(run)
+            if res.activation_gb > float(budget):
+                over[res.recomputed].append(f"{run} ({res.activation_gb:,.0f} GB)")
+        return "".join(f"; estimated activations per GPU over resources.gpu_memory_gb ({budget} GB)"
+                       f"{' with blocks recomputed' if recomputed else ''}: {', '.join(runs)}: {fixes[recomputed]}"
+                       for recomputed, runs in over.items() if runs)
 
     def trained(self, run_id: str) -> bool:
         """False for a run imported from a released checkpoint."""

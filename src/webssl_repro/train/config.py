@@ -109,7 +109,8 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
         return str(value)
     if name in _BOOL_FIELDS:
         if not isinstance(value, bool):
-            raise ValueError(f"train config: {name} must be true or false, got {value!r}")
+            raise ValueError(f"train config: {name} must be true or false, got {value!r} (run-name patterns are "
+                             "read by the workflow, which passes each run its own true or false)")
         return value
     if name == "betas":
         betas = tuple(float(b) for b in value)
