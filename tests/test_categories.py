@@ -25,3 +25,11 @@ def test_missing_unknown_and_out_of_range_keys_are_named():
         category_scores({**scores, "vqav2": 1.0})
     with pytest.raises(ValueError, match="mme"):
         category_scores({**scores, "mme": 75.0 * 40})
+
+
+def test_a_partial_benchmark_set_reports_its_benchmarks_without_categories():
+    """Fewer than the 16 benchmarks (an eval limited to some) has no categories to report."""
+    from webssl_repro.evaluate.vqa.stage import _metrics
+
+    metrics = _metrics({"benchmarks": {"gqa": 41.0}, "categories": None}, [{"stage": 1}], {})
+    assert metrics == {"gqa": 41.0, "_training": [{"stage": 1}]}

@@ -167,6 +167,9 @@ def test_mathvista_and_chartqa_numbers_within_5_percent():
     # Cambrian's MathVista and MMMU scripts take the 5 % of the answer, not of the ground truth
     assert score("mathvista", ["105.2", "100"], ["100", "105.2"]) == 50.0
     assert score("mmmu", ["105.2", "100"], ["100", "105.2"]) == 50.0
+    # ... so an infinite answer would be within 5 % of itself: only finite numbers count
+    assert score("mathvista", ["inf", "-inf", "nan"], ["12", "0", "3"]) == 0.0
+    assert score("mmmu", ["Infinity"], ["3.5"]) == 0.0 and score("chartqa", ["inf"], ["inf"]) == 0.0
     # ChartQA: 19 vs 20 within 5 %, 17 not; labels exactly; '45%' is not a number, so not 45
     assert score("chartqa", ["19", "17", "Mar", "45%"], ["20", "20", "Mar", "45"]) == pytest.approx(50.0)
 

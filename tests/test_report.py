@@ -127,6 +127,17 @@ def test_compare_any_runs_eval_files_with_every_number_the_paper_prints(tmp_path
     assert table["status"].to_dict() == {"in1k_linear": "within", "ade20k_linear": "outside"}  # tolerances 0.5, 1.0
     summary, note = capsys.readouterr().out.rstrip().splitlines()[-2:]
     assert summary == "within: 1, outside: 1" and note.startswith("note: The IN-1k linear probe trains here")
+    # fractions where percentages belong are named; a misspelt tolerance key is refused, not "no tolerance"
+    path.write_text(json.dumps({"metrics": {"in1k_linear": linear / 100, "ade20k_linear": ade}}))
+    assert main(["compare", str(path)]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-2] == (
+        f"warning: dino7b-full8b-224's in1k_linear is {linear / 100:.4g} where the paper prints {linear:.4g}: "
+        "eval files hold percentages (0 to 100), not fractions")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((REPO / "config/paper.yaml").read_text().replace("in1k_linear: 0.5", "in1k_linaer: 0.5"))
+    assert main(["compare", "--configfile", str(typo), str(path)]) == 2
+    assert "check.tolerances: unknown metric(s) ['in1k_linaer']" in capsys.readouterr().err
+    path.write_text(json.dumps({"metrics": {"in1k_linear": linear + 0.3, "ade20k_linear": ade - 2.0}}))
     # Table 2 prints the 2B runs' % of data: an unfiltered run's 100 is no number its eval files measured
     vqa = tmp_path / "evals" / "dino2b-full2b-224" / "vqa.json"
     vqa.parent.mkdir(parents=True)

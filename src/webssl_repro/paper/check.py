@@ -19,10 +19,10 @@ import pandas as pd
 from webssl_repro.paper import claims as claims_mod
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_published, published_frame
-from webssl_repro.paper.results import (data_pct_rows, eval_rows, evaluable, is_filter_result, is_no_image_result,
-                                        kept_percent, with_categories)
-from webssl_repro.metrics import (CLASSIC_METRICS, DATA_PCT, PROTOCOL_DIFFERENCES, VQA_CATEGORIES, VQA_CONTROLS, better,
-                                  label)
+from webssl_repro.paper.results import (COLUMNS, data_pct_rows, eval_rows, evaluable, is_filter_result,
+                                        is_no_image_result, kept_percent, with_categories)
+from webssl_repro.metrics import (ALIGNMENT_PREFIX, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT, LOWER_IS_BETTER,
+                                  PROTOCOL_DIFFERENCES, VQA_BENCHMARKS, VQA_CATEGORIES, VQA_CONTROLS, better, label)
 from webssl_repro.runs import split_seed
 
 WITHIN, OUTSIDE, NO_TOLERANCE, MISSING = "within", "outside", "no tolerance", "missing"
@@ -34,6 +34,9 @@ _CONTROL = re.compile(rf"(^|/)controls/(?P<control>{'|'.join(VQA_CONTROLS)})/vqa
 #: 26.7, clean clone of 1fabd46) and 1.33 (22.3 to 26.9, bcd5e72), so the difference of two has
 #: sd ~1.6 to 1.9 and 5 points is ~2.7 sd or more.
 MIN_PROBE_GAIN = 5.0
+#: The same for one category, a mean over 4 of the 16 benchmarks where the Average is over all
+#: 16: were the categories independent, its spread is sqrt(4) = 2 times the Average's.
+MIN_CATEGORY_PROBE_GAIN = 2 * MIN_PROBE_GAIN
 COMPARISON_COLUMNS = ["source", "metric", "items", "reproduced", "reproduced_sd", "n_seeds", "published",
                       "difference", "tolerance", "status"]
 
@@ -51,13 +54,20 @@ def requested_pairs(plan) -> set[tuple[str, str]]:
 
 def published_runs_frame(directory: Optional[str | Path] = None) -> pd.DataFrame:
     """Every printed number of a run or an importable off-the-shelf baseline (``releases.OFF_THE_SHELF``),
-    with the four VQA categories."""
+    with the four VQA categories. A category printed only to one decimal (Tables 2 and 3) gives way
+    to the one computed from the same source's 16 two-decimal benchmarks where the two agree to
+    that decimal: a claim or comparison then reads 39.36, not 39.4."""
     long = load_published(directory)
     tables = sorted(set(long.loc[long["source"].map(evaluable), "table"]))
-    frame = published_frame(tables, directory, sources=evaluable)
+    frame = published_frame(tables, directory, sources=evaluable, decimals=True)
     frame["origin"] = "published"
     frame["seed"] = 0
-    return with_categories(frame.reset_index(drop=True))
+    computed = with_categories(frame[frame["metric"].isin(VQA_BENCHMARKS)][COLUMNS].reset_index(drop=True))
+    finer = computed.set_index(["source", "metric"])["value"]
+    coarse = [i for i, r in frame.iterrows() if r["metric"] in CATEGORY_COLUMNS and (r["source"], r["metric"]) in finer
+              and abs(finer[(r["source"], r["metric"])] - r["value"]) <= 0.5 * 10.0 ** -r["decimals"] + 1e-9
+              and r["decimals"] < 2]
+    return with_categories(frame.drop(index=coarse)[COLUMNS].reset_index(drop=True))
 
 
 def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame:
@@ -74,38 +84,60 @@ def runs_frame(paths: Iterable[str | Path], first_seed: int = 0) -> pd.DataFrame
     return with_categories(pd.DataFrame(rows, columns=["source", "metric", "value", "origin", "seed"]))
 
 
-def probe_controls(paths: Iterable[str | Path]) -> dict[str, float]:
-    """The VQA Average of each probe control among ``paths`` (``controls/{pixels,blind}/vqa.json``)."""
+def probe_controls(paths: Iterable[str | Path]) -> dict[str, dict[str, float]]:
+    """The VQA Average and category scores of each probe control among ``paths``
+    (``controls/{pixels,blind}/vqa.json``)."""
     out = {}
     for path in map(Path, paths):
         m = _CONTROL.search(path.as_posix())
         if m:
             try:
-                out[m["control"]] = float(json.loads(path.read_text())["metrics"]["Average"])
+                metrics = json.loads(path.read_text())["metrics"]
+                out[m["control"]] = {k: float(metrics[k]) for k in ("Average", *VQA_CATEGORIES)}
             except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}: cannot read its metrics.Average: {err}") from err
+                raise ValueError(f"{path}: cannot read its metrics' Average and categories: {err!r}") from err
     if out and set(out) != set(VQA_CONTROLS):
         raise ValueError(f"the VQA probe controls come in a pair ({', '.join(VQA_CONTROLS)}); got only {sorted(out)}")
     return out
 
 
-def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, float]
+def _probe_gains(controls: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[float, float]]:
+    """Each VQA metric's (pixels − blind gain, the gain it needs)."""
+    return {m: (controls["pixels"][m] - controls["blind"][m],
+                MIN_PROBE_GAIN if m == "Average" else MIN_CATEGORY_PROBE_GAIN) for m in controls["pixels"]}
+
+
+def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, Mapping[str, float]]
                   ) -> tuple[list[claims_mod.Result], str]:
     """Claims resting on VQA numbers are not measurable where the probe does not read images:
     raw-pixel tokens scoring no better than zeros means every encoder's VQA numbers are the
-    language model's answer priors. The verdict the numbers alone would give stays in the evidence."""
+    language model's answer priors. A claim is gated on the Average and on each category it
+    reads, since a probe can read the images for some categories' questions and not for others
+    (at 32 px, small chart text). The verdict the numbers alone would give stays in the evidence."""
     if not controls:
         return results, ""
-    gain = controls["pixels"] - controls["blind"]
-    note = (f"VQA probe controls: raw-pixel tokens {controls['pixels']:.2f}, zero tokens {controls['blind']:.2f} "
-            f"Average (gain {gain:+.2f}; needs >= +{MIN_PROBE_GAIN:g})")
-    if gain >= MIN_PROBE_GAIN:
+    gains = _probe_gains(controls)
+    unread = [m for m, (gain, needed) in gains.items() if gain < needed]
+    avg = gains["Average"][0]
+    note = (f"VQA probe controls: raw-pixel tokens {controls['pixels']['Average']:.2f}, zero tokens "
+            f"{controls['blind']['Average']:.2f} Average (gain {avg:+.2f}; needs >= +{MIN_PROBE_GAIN:g}); "
+            + ", ".join(f"{m} {gains[m][0]:+.2f}" for m in VQA_CATEGORIES)
+            + f" (each needs >= +{MIN_CATEGORY_PROBE_GAIN:g})")
+    if "Average" in unread:
+        note += (": the probe does not read images at this scale, so its numbers are the language model's "
+                 "answer priors.")
+    elif unread:
+        note += f": the probe reads images, but not for {', '.join(unread)}, whose claims are not measurable."
+    else:
         return results, note + ": the probe reads images."
-    note += ": the probe does not read images at this scale, so its numbers are the language model's answer priors."
-    gated = [claims_mod.Result(r.claim, claims_mod.NOT_MEASURABLE,
-                               f"{note} Without the control: {r.verdict}; {r.evidence}", r.missing, r.quantities)
-             if r.verdict != claims_mod.NOT_MEASURABLE and any(s.eval == "vqa" for s in r.claim.series) else r
-             for r in results]
+    gated = []
+    for r in results:
+        read = {"Average"} | {m for s in r.claim.series if s.eval == "vqa" for m in s.metrics}
+        if r.verdict != claims_mod.NOT_MEASURABLE and any(s.eval == "vqa" for s in r.claim.series) and (
+                read & set(unread)):
+            r = claims_mod.Result(r.claim, claims_mod.NOT_MEASURABLE, f"{note} Without the control: {r.verdict}; "
+                                  f"{r.evidence}", r.missing, r.quantities)
+        gated.append(r)
     return gated, note
 
 
@@ -276,6 +308,9 @@ def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], 
                   published_dir: Optional[str | Path] = None) -> pd.DataFrame:
     """Eval JSONs of any runs (``evals/<run>[.s<seed>]/<kind>.json``) against every number the
     paper prints for those runs, in any table: one row per (run, metric) the two share."""
+    from webssl_repro.plan_checks import check_tolerances
+
+    check_tolerances(tolerances)  # a misspelt metric would leave its numbers with "no tolerance"
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.exists() and set("*?[") & set(path.as_posix()):  # the shell passes on a glob that matched nothing
@@ -291,6 +326,15 @@ def compare_evals(paths: Iterable[str | Path], tolerances: Mapping[str, float], 
     table = comparison(frame, published_runs_frame(published_dir), specs.ITEMS, tolerances,
                        "comparable" if comparable else "not comparable")
     return table[table["source"].isin(runs) & table["n_seeds"].gt(0)].reset_index(drop=True)
+
+
+def fraction_suspects(table: pd.DataFrame) -> list[str]:
+    """Rows of a ``compare`` table whose reproduced percentage looks like a fraction (at most 1
+    where the paper prints 10 or more): eval files hold percentages, 0 to 100."""
+    percent = ~table["metric"].isin([*LOWER_IS_BETTER, "mme"]) & ~table["metric"].str.startswith(ALIGNMENT_PREFIX)
+    rows = table[percent & table["reproduced"].le(1.0) & table["published"].ge(10.0)]
+    return [f"{r.source}'s {r.metric} is {r.reproduced:.4g} where the paper prints {r.published:.4g}: eval files "
+            "hold percentages (0 to 100), not fractions" for r in rows.itertuples()]
 
 
 def run_check(config: Mapping[str, Any], inputs: Iterable[str | Path], outdir: str | Path,

@@ -81,6 +81,11 @@ def _overtakes(v: Values) -> dict[str, float]:
     return {"gap_smallest": float(gap[0]), "gap_largest": float(gap[-1])}
 
 
+#: CLIP leads on OCR & Chart at the first point and its lead shrinks: a negative slope alone
+#: would also hold for a lead of Web-DINO's that grows.
+_OCR_GAP_CLOSES = (Condition("gap_first", ">", MIN_GAP), Condition("gap_slope", "<", -MIN_SLOPE))
+
+
 def _ocr_gap(v: Values) -> dict[str, float]:
     gap = v.y("CLIP", "OCR & Chart") - v.y("Web-DINO", "OCR & Chart")
     return {"gap_first": float(gap[0]), "gap_last": float(gap[-1]), "gap_slope": fit(v.x("CLIP"), gap)[0]}
@@ -107,7 +112,7 @@ def _mae_ocr(v: Values) -> dict[str, float]:
 
 def _in1k_flat(v: Values) -> dict[str, float]:
     flat, mc = _slope(v, "Web-DINO (ImageNet-1k)"), _slope(v, "Web-DINO (MC-2B)")
-    return {"slope[ImageNet-1k]": flat, "slope[MC-2B]": mc, "slope_gap": mc - flat}
+    return {"slope[ImageNet-1k]": flat, "abs_slope[ImageNet-1k]": abs(flat), "slope[MC-2B]": mc, "slope_gap": mc - flat}
 
 
 def _filters(v: Values) -> dict[str, float]:
@@ -201,12 +206,12 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("ocr_gap_closes_with_size", "The OCR & Chart gap between CLIP and Web-DINO closes with model size",
           ("table6", "table12", "fig3"),
           (_s("Web-DINO", _DINO, ["OCR & Chart"], "size"), _s("CLIP", _CLIP, ["OCR & Chart"], "size")),
-          _ocr_gap, (Condition("gap_slope", "<", -MIN_SLOPE),)),
+          _ocr_gap, _OCR_GAP_CLOSES),
     Claim("ocr_gap_closes_with_samples", "The OCR & Chart gap between CLIP ViT-7B and Web-DINO ViT-7B closes "
           "with samples seen", ("table8", "fig4"),
           (_s("Web-DINO", _DINO_SAMPLES, ["OCR & Chart"], "samples"),
            _s("CLIP", _CLIP_SAMPLES, ["OCR & Chart"], "samples")),
-          _ocr_gap, (Condition("gap_slope", "<", -MIN_SLOPE),)),
+          _ocr_gap, _OCR_GAP_CLOSES),
     Claim("more_samples_help", "More samples seen improve Web-DINO ViT-7B's VQA Average (1B → 8B seen)",
           ("table8", "fig4"), (_s("Web-DINO ViT-7B", _DINO_SAMPLES, ["Average"], "samples"),), _samples_help,
           (Condition("slope", ">", MIN_SLOPE), Condition("gain_last_vs_first", ">", MIN_GAP))),
@@ -226,7 +231,7 @@ CLAIMS: tuple[Claim, ...] = (
           (_s("Web-DINO (ImageNet-1k)", _IN1K, ["Average"], "size"),
            _s("Web-DINO (MC-2B)", _DINO_4, ["Average"], "size")),
           _in1k_flat,
-          (Condition("slope[ImageNet-1k]", "<", MAX_FLAT_SLOPE), Condition("slope_gap", ">", MIN_SLOPE_GAP))),
+          (Condition("abs_slope[ImageNet-1k]", "<", MAX_FLAT_SLOPE), Condition("slope_gap", ">", MIN_SLOPE_GAP))),
     Claim("text_filter_raises_ocr", "Light and heavy text filtering raise Web-DINO ViT-2B's OCR & Chart without "
           "much loss on the other categories (Table 2)", ("table2", "table13"),
           (_s("Web-DINO ViT-2B", _FILTER_2B, ["OCR & Chart", "General", "Knowledge", "Vision-Centric"], "data"),),

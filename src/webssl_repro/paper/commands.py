@@ -49,7 +49,7 @@ def compare_inputs(evals: list[Path], configfile: list[Path] | None) -> tuple[li
 
 def _compare_cmd(args: argparse.Namespace) -> int:
     from webssl_repro.config import load_configs
-    from webssl_repro.paper.check import compare_evals, protocol_notes
+    from webssl_repro.paper.check import compare_evals, fraction_suspects, protocol_notes
 
     evals, configs = compare_inputs(args.evals, args.configfile)
     check = load_configs(configs).get("check", {})
@@ -60,6 +60,8 @@ def _compare_cmd(args: argparse.Namespace) -> int:
     shown = table.drop(columns=["reproduced_sd"] if table["n_seeds"].max() < 2 else [])
     print(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
     print(", ".join(f"{status}: {n}" for status, n in table["status"].value_counts().items()))
+    for suspect in fraction_suspects(table):
+        print(f"warning: {suspect}")
     if check.get("comparable", False):
         for note in protocol_notes(table["metric"]):
             print(f"note: {note}")

@@ -191,16 +191,23 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
         return Result(claim, NOT_MEASURABLE, "no number for: " + ", ".join(absent), absent)
 
     per_seed: dict[str, list[float]] = {}
+    undefined: list[str] = []  # a value that came out NaN (0/0, a fit over a constant x)
     for sub in seeds:
         for name, value in claim.compute(Values(value_table(sub), series)).items():
-            if not math.isnan(value):
+            if math.isnan(value):
+                undefined += [name] if any(c.applies(name) for c in claim.conditions) else []
+            else:
                 per_seed.setdefault(name, []).append(value)
     quantities = {}
     for name, values in per_seed.items():
         arr = np.asarray(values)
         sd = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
         quantities[name] = (float(arr.mean()), sd, len(arr))
-    untested = [c.quantity for c in claim.conditions if not any(c.applies(n) for n in quantities)]
+    # each condition for each variant any condition has ("[<lm>]", "[light]"): a value that came out
+    # NaN (0/0), or one language model without its standard errors, is not judged on the rest
+    variants = {n[len(c.quantity):] for c in claim.conditions for n in quantities if c.applies(n)} or {""}
+    untested = list(dict.fromkeys([*undefined, *(c.quantity + v for c in claim.conditions for v in sorted(variants)
+                                                 if c.quantity + v not in quantities)]))
     if untested:  # e.g. a fit over a constant x: never a vacuous "holds"
         return Result(claim, NOT_MEASURABLE, "no value for: " + ", ".join(untested), untested, quantities)
     checks, ok = [], True

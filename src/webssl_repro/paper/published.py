@@ -184,9 +184,9 @@ PRINTED_DISAGREEMENTS = {
 
 
 def published_frame(tables: Union[str, Iterable[str]], directory: Union[str, Path, None] = None,
-                    sources: Optional[Callable[[str], bool]] = None) -> pd.DataFrame:
+                    sources: Optional[Callable[[str], bool]] = None, decimals: bool = False) -> pd.DataFrame:
     """The printed numbers of ``tables`` as ``source, metric, value``, one row per (source, metric),
-    of the sources ``sources`` keeps (default all).
+    of the sources ``sources`` keeps (default all); ``decimals``: with the printed decimals of each.
 
     A run printed in several tables (e.g. Web-DINO-7B 2B-seen in Tables 6 and 8, or rounded again
     in Table 2/3) must agree to the coarser printing precision; the more precise value is kept.
@@ -216,5 +216,7 @@ def published_frame(tables: Union[str, Iterable[str]], directory: Union[str, Pat
                     f"published_frame: {source} {metric} disagrees between {best['table']} "
                     f"({best['value']:g}) and {other['table']} ({other['value']:g})"
                 )
-        out.append({"source": source, "metric": metric, "value": float(best["value"])})
-    return pd.DataFrame(out, columns=["source", "metric", "value"])
+        out.append({"source": source, "metric": metric, "value": float(best["value"]),
+                    "decimals": int(best["decimals"])})
+    return pd.DataFrame(out, columns=["source", "metric", "value", "decimals"]).drop(
+        columns=[] if decimals else ["decimals"])

@@ -140,7 +140,10 @@ class MultimodalProbe(nn.Module):
         or one of the LM's end tokens (``stop_ids``).
 
         Position ids count real tokens only, so a padded prompt sees exactly the positions it
-        would see alone and batched output equals one-by-one output. ``all_finished`` (FSDP2
+        would see alone: in fp32 on CPU batched output equals one-by-one output. In bf16 on a GPU
+        the padded shapes take other kernels, so a near-tie between two tokens may break the
+        other way (Cambrian answers one question at a time; ``eval_batch_size: 1`` does too).
+        ``all_finished`` (FSDP2
         ranks) turns "this batch is done" into "every rank's batch is done", so that all ranks
         run the same number of forwards; extra steps change no finished answer.
         """

@@ -23,6 +23,7 @@ the metric needs them) or a bare answer string.
 """
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import defaultdict
@@ -112,11 +113,12 @@ def _is_number(s: str) -> bool:
 def _within(pred: str, gt: str, rel_tol: float = 0.05, of_pred: bool = False) -> bool:
     """Cambrian's ``relaxed_accuracy``, for two strings that both parse as numbers: within
     ``rel_tol`` of the ground truth, or of the prediction where Cambrian's MathVista and MMMU
-    scripts pass the two the other way round (``of_pred``)."""
+    scripts pass the two the other way round (``of_pred``). Only finite numbers: with
+    ``of_pred``, Cambrian's scores an answer of "inf" right against any number."""
     if not (_is_number(pred) and _is_number(gt)):
         return False
     p, g = float(pred), float(gt)
-    return abs(p - g) <= abs(p if of_pred else g) * rel_tol
+    return math.isfinite(p) and math.isfinite(g) and abs(p - g) <= abs(p if of_pred else g) * rel_tol
 
 
 def anls(pred: str, answers: Sequence[str], tau: float = 0.5) -> float:

@@ -195,7 +195,7 @@ def _probe(inputs: VqaInputs, tokenizer: Any = None):
 
 def _metrics(result: Mapping[str, Any], training: list[dict[str, Any]], counts: Mapping[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(result["benchmarks"])
-    metrics.update(result["categories"])
+    metrics.update(result["categories"] or {})  # None unless all 16 benchmarks were answered
     metrics["_training"] = training
     if counts:
         metrics["_data"] = dict(counts)
