@@ -255,3 +255,27 @@ def test_a_probe_job_failing_in_its_teardown_keeps_its_state(tiny_data, tmp_path
     losses = [[s[k] for k in ("stage", "steps", "final_loss")] for s in first["training"]]
     assert [[s[k] for k in ("stage", "steps", "final_loss")] for s in again["training"]] == losses
     assert not state.exists()
+
+
+def test_mini_vqa_pads_each_image_with_its_encoders_own_mean(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """Every image the mini VQA path encodes is padded to a square with the mean pixel of the
+    statistics its encoder trained with (OpenAI's for a CLIP tower, ImageNet's otherwise), and the
+    feature cache is keyed by that colour: another encoder's cache is not read."""
+    from webssl_repro.evaluate.imagesets import IMAGENET_MEAN
+    from webssl_repro.evaluate.vqa import stage
+    from webssl_repro.methods.clip import OPENAI_MEAN, OPENAI_STD
+    from webssl_repro.models.io import load_encoder
+
+    pads, digests = [], []
+    real_tensor, real_digest = stage.images_tensor, stage.images_digest
+    monkeypatch.setattr(stage, "images_tensor", lambda *a, **kw: pads.append(kw["pad_mean"]) or real_tensor(*a, **kw))
+    monkeypatch.setattr(stage, "images_digest", lambda *a: digests.append(real_digest(*a)) or digests[-1])
+    manifests, cfg = {"vqa": tiny_data["vqa"], "shards": tiny_data["shards"]}, _mini_probe_config()
+    for stats, mean in ((None, IMAGENET_MEAN), ((OPENAI_MEAN, OPENAI_STD), OPENAI_MEAN)):
+        encoder, meta = load_encoder(save_tiny_encoder(tmp_path / "encoder.safetensors"))
+        if stats is not None:
+            encoder.input_stats = stats
+        pads.clear()
+        stage.vqa_inputs(encoder, meta, manifests, cfg, tmp_path / "work", part="test")
+        assert pads and set(pads) == {tuple(mean)}
+    assert digests[0] != digests[1]
