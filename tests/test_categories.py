@@ -33,3 +33,30 @@ def test_a_partial_benchmark_set_reports_its_benchmarks_without_categories():
 
     metrics = _metrics({"benchmarks": {"gqa": 41.0}, "categories": None}, [{"stage": 1}], {})
     assert metrics == {"gqa": 41.0, "_training": [{"stage": 1}]}
+
+
+def test_standard_errors_over_the_questions_by_hand():
+    """Each benchmark at 50 % over 100 units: 5 points; a category of four, sqrt(4 x 25) / 4 = 2.5;
+    the Average of four categories, 1.25. MME enters on its percent scale (1000 of 2000 = 50 %)."""
+    from webssl_repro.evaluate.vqa.categories import category_standard_errors
+
+    scores = {**dict.fromkeys(VQA_BENCHMARKS, 50.0), "mme": 1000.0}
+    se = category_standard_errors(scores, dict.fromkeys(VQA_BENCHMARKS, 100))
+    assert se["General"] == pytest.approx(2.5) and se["Average"] == pytest.approx(1.25)
+    se = category_standard_errors({**scores, "chartqa": 90.0}, {**dict.fromkeys(VQA_BENCHMARKS, 100), "docvqa": 25})
+    assert se["OCR & Chart"] == pytest.approx((3.0 ** 2 + 10.0 ** 2 + 2 * 5.0 ** 2) ** 0.5 / 4)
+    assert category_standard_errors({**scores, "gqa": 100.0}, dict.fromkeys(VQA_BENCHMARKS, 100))["General"] == \
+        pytest.approx((3 * 25) ** 0.5 / 4)  # a perfect score varies by nothing
+
+
+def test_scoring_units_are_the_groups_a_benchmark_scores_together():
+    from webssl_repro.evaluate.vqa.scorers import scoring_units
+
+    assert scoring_units("gqa", ["a", "b", "c"]) == 3
+    assert scoring_units("mmvp", [{"answer": "A", "pair_id": p} for p in (0, 0, 1, 1)]) == 2
+    assert scoring_units("mmbench", [{"answer": "A", "circular_id": c} for c in ("q", "q", "q", "r")]) == 2
+    mme = [{"answer": "yes", "subtask": t, "pair_id": p} for t in ("color", "count") for p in (0, 0, 1, 1)]
+    assert scoring_units("mme", mme) == 4  # two images in each of two subtasks
+    # CV-Bench's mean of 3 and 1 rows' accuracies has the error of 4 / (1/3 + 1) = 3 units
+    cv = [{"answer": "A", "subtask": s} for s in ("ade", "ade", "ade", "coco")]
+    assert scoring_units("cvbench2d", cv) == pytest.approx(3.0)

@@ -513,3 +513,35 @@ def test_verdicts_read_all_their_evidence():
     result = C.evaluate(align, _series_frame(align, {**rising, ("Web-DINO", "alignment/b"): [0.100, 0.1005, 0.101,
                                                                                              0.1015, 0.102]}))
     assert result.verdict == C.NOT_MEASURABLE and result.missing == ["slope_z[b]"]
+
+
+def test_one_seeds_vqa_gap_must_clear_its_threshold_by_two_standard_errors_over_questions(tmp_path):
+    """Web-DINO trails CLIP by 2 at ViT-1B and leads by 1 at ViT-7B (MIN_GAP 0.5). With each
+    Average known to 0.1 over the questions the gap of two is known to 0.14, and 1 clears 0.5 by
+    2 of those; known to 0.5 (0.71 for the gap), it does not. Without errors (the published
+    numbers) no margin; with one run's error missing, none either. The VQA job's details carry
+    the errors into the check's frame as ``se/<metric>``."""
+    from webssl_repro.evaluate.jobs import write_eval
+    from webssl_repro.evaluate.vqa.stage import _metrics
+    from webssl_repro.paper.results import eval_rows
+
+    claim = C.get_claim("dino_overtakes_clip_with_size")
+    values = {("Web-DINO", "Average"): [50, 51, 52, 53, 54], ("CLIP", "Average"): [52, 52.5, 53, 53, 53]}
+    plain = _series_frame(claim, values)
+    assert C.evaluate(claim, plain).verdict == C.HOLDS
+
+    def with_se(se: float, skip: int = 0) -> pd.DataFrame:
+        rows = [dict(r, metric="se/Average", value=se) for r in plain.to_dict("records")][skip:]
+        return pd.concat([plain, pd.DataFrame(rows)], ignore_index=True)
+
+    known = C.evaluate(claim, with_se(0.1))
+    assert known.verdict == C.HOLDS and "gap_largest = +1.00, se 0.14 over questions" in known.evidence
+    assert C.evaluate(claim, with_se(0.5)).verdict == C.FAILS
+    assert C.evaluate(claim, with_se(0.5, skip=1)).verdict == C.HOLDS
+    # the VQA job writes them as details, read back as se/ rows
+    result = {"benchmarks": {"gqa": 40.0}, "categories": {"Average": 41.0}, "standard_errors": {"Average": 0.7}}
+    path = tmp_path / "evals" / "dino1b-full2b-224" / "vqa.json"
+    path.parent.mkdir(parents=True)
+    write_eval(path, "dino1b-full2b-224", "vqa", _metrics(result, [], {}), {})
+    rows = {r["metric"]: r["value"] for r in eval_rows(path)}
+    assert rows == {"gqa": 40.0, "Average": 41.0, "se/Average": 0.7}

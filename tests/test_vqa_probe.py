@@ -424,13 +424,16 @@ def test_evaluate_vqa_keys_and_category_math(tokenizer):
         return values[benchmark]
 
     out = evaluate_vqa(probe, {b: samples for b in VQA_BENCHMARKS}, scorer, features=feats, max_new_tokens=2)
-    assert set(out) == {"benchmarks", "categories"} and out["benchmarks"] == values
+    assert set(out) == {"benchmarks", "categories", "standard_errors"} and out["benchmarks"] == values
     assert seen["gqa"] == (2, [s.answer for s in samples])
     cats = out["categories"]
     assert cats["General"] == pytest.approx((1500 / 20 + 11 + 12 + 13) / 4)  # 27.75
     assert cats["Knowledge"] == pytest.approx(15.5) and cats["OCR & Chart"] == pytest.approx(19.5)
     assert cats["Vision-Centric"] == pytest.approx(23.5)
     assert cats["Average"] == pytest.approx((27.75 + 15.5 + 19.5 + 23.5) / 4)
+    # over 2 questions each (MME's 2 rows without pair ids: 2 images), e.g. Knowledge's 14..17 %
+    knowledge = sum(p * (100 - p) / 2 for p in (14.0, 15.0, 16.0, 17.0)) ** 0.5 / 4
+    assert out["standard_errors"]["Knowledge"] == pytest.approx(knowledge)
 
 
 def mini_vqa_options() -> dict:

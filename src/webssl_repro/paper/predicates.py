@@ -2,9 +2,11 @@
 
 A claim names the series of runs and metrics it rests on, computes a few quantities from one
 seed's numbers (slopes fitted against log2 model size / samples seen, gaps, steps), and **holds**
-when every quantity clears its threshold by more than ``Z`` standard errors over seeds (no margin
-with a single seed). It is **not measurable** when a run is not requested at the scale or the
-source has no number for it (listed), and otherwise **does not hold**. The frame is long
+when every quantity clears its threshold by more than ``Z`` standard errors: over seeds, and for
+VQA numbers that carry their own (``se/<metric>``, over the benchmarks' questions) over those too,
+so that one seed is judged with a margin; the published numbers carry none. It is **not
+measurable** when a run is not requested at the scale or the source has no number for it
+(listed), and otherwise **does not hold**. The frame is long
 (``source, metric, value`` and an optional ``seed``); rows without a seed are shared by every seed.
 The paper's claims themselves are in ``paper.claims``.
 """
@@ -17,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from webssl_repro.metrics import ALIGNMENT_PREFIX
+from webssl_repro.metrics import ALIGNMENT_PREFIX, SE_PREFIX
 from webssl_repro.paper import specs
 from webssl_repro.paper.results import value_table
 from webssl_repro.runs import Run
@@ -149,6 +151,30 @@ def _seed_frames(frame: pd.DataFrame) -> list[pd.DataFrame]:
     return [pd.concat([frame[frame["seed"] == s], shared]) for s in sorted(frame["seed"].dropna().unique())]
 
 
+#: The step of the finite differences that carry the VQA scores' own errors to a claim's quantities.
+_STEP = 1e-3
+
+
+def _measurement_se(claim: Claim, wide: pd.DataFrame, series: tuple[Series, ...],
+                    base: dict[str, float]) -> dict[str, float]:
+    """Each quantity's standard error from the VQA numbers' own (``se/<metric>``, over the
+    benchmarks' questions), carried through the quantity to first order and taken as
+    independent across runs; empty unless every VQA number the claim reads has one (the
+    published numbers have none). A slope or gap of one seed must clear its threshold by Z of these."""
+    cells = {(run, m) for s in series if s.eval == "vqa" for m in s.metrics for run in s.runs}
+    errors = {cell: _cell(wide, cell[0], SE_PREFIX + cell[1]) for cell in cells}
+    if not cells or any(math.isnan(e) for e in errors.values()):
+        return {}
+    variance = dict.fromkeys(base, 0.0)
+    for (run, metric), se in errors.items():
+        bumped = wide.copy()
+        bumped.loc[run, metric] += _STEP
+        for name, value in claim.compute(Values(bumped, series)).items():
+            if name in variance:
+                variance[name] += ((value - base[name]) / _STEP * se) ** 2
+    return {name: math.sqrt(v) for name, v in variance.items() if not math.isnan(v)}
+
+
 def _fmt(mean: float, sd: float, n: int) -> str:
     text = f"{mean:+.3g}" if abs(mean) < 0.1 else f"{mean:+.2f}"
     return f"{text} ± {sd:.2g} (sd, {n} seeds)" if n > 1 else text
@@ -191,13 +217,18 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
         return Result(claim, NOT_MEASURABLE, "no number for: " + ", ".join(absent), absent)
 
     per_seed: dict[str, list[float]] = {}
+    measured: dict[str, list[float]] = {}  # each seed's standard error over the questions, squared
     undefined: list[str] = []  # a value that came out NaN (0/0, a fit over a constant x)
     for sub in seeds:
-        for name, value in claim.compute(Values(value_table(sub), series)).items():
+        wide = value_table(sub)
+        computed = claim.compute(Values(wide, series))
+        for name, value in computed.items():
             if math.isnan(value):
                 undefined += [name] if any(c.applies(name) for c in claim.conditions) else []
             else:
                 per_seed.setdefault(name, []).append(value)
+        for name, se in _measurement_se(claim, wide, series, computed).items():
+            measured.setdefault(name, []).append(se ** 2)
     quantities = {}
     for name, values in per_seed.items():
         arr = np.asarray(values)
@@ -213,12 +244,15 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
     checks, ok = [], True
     for name, (mean, sd, n) in quantities.items():
         conds = [c for c in claim.conditions if c.applies(name)]
-        se = sd / math.sqrt(n) if n > 1 else 0.0
+        # over seeds, and over the benchmarks' questions, which every seed answers alike
+        over_questions = math.sqrt(float(np.mean(measured[name]))) if name in measured else 0.0
+        se = math.sqrt((sd / math.sqrt(n) if n > 1 else 0.0) ** 2 + over_questions ** 2)
         passed = all(c.passes(mean, se) for c in conds)
         ok &= passed
-        need = "".join(f" (needs {c.op} {c.threshold:+g}{f' beyond {Z:g} se' if n > 1 else ''}: "
+        need = "".join(f" (needs {c.op} {c.threshold:+g}{f' beyond {Z:g} se' if se > 0 else ''}: "
                        f"{'ok' if c.passes(mean, se) else 'no'})" for c in conds)
-        checks.append(f"{name} = {_fmt(mean, sd, n)}{need}")
+        over = f", se {over_questions:.2g} over questions" if over_questions > 0 and conds else ""
+        checks.append(f"{name} = {_fmt(mean, sd, n)}{over}{need}")
     evidence = "; ".join(checks) + ". Points: " + " / ".join(_points(s, frame) for s in series)
     return Result(claim, HOLDS if ok else FAILS, evidence, [], quantities)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from webssl_repro.evaluate.progress import EvalProgress
-from webssl_repro.evaluate.vqa.categories import category_scores
+from webssl_repro.evaluate.vqa.categories import category_scores, category_standard_errors
 from webssl_repro.evaluate.vqa.data import FeatureCache, VqaSample
 from webssl_repro.metrics import VQA_BENCHMARKS
 
@@ -73,6 +73,8 @@ def evaluate_vqa(probe: "MultimodalProbe", benchmark_sets: Mapping[str, Sequence
     and its answering resumes at the next round (``answer_benchmark``). ``max_new_tokens`` is
     one limit for all, or each benchmark's (``VqaConfig.new_tokens``).
     """
+    from webssl_repro.evaluate.vqa.scorers import scoring_units
+
     if scorer is None:
         from webssl_repro.evaluate.vqa.scorers import score as scorer
     progress = EvalProgress() if progress is None else progress
@@ -90,5 +92,8 @@ def evaluate_vqa(probe: "MultimodalProbe", benchmark_sets: Mapping[str, Sequence
         per_benchmark = {name: float(scorer(name, answers[name], [s.reference() for s in samples]))
                          for name, samples in benchmark_sets.items()}
         complete = set(VQA_BENCHMARKS) <= set(per_benchmark)
-        result = {"benchmarks": per_benchmark, "categories": category_scores(per_benchmark) if complete else None}
+        units = {name: scoring_units(name, [s.reference() for s in samples])
+                 for name, samples in benchmark_sets.items()}
+        result = {"benchmarks": per_benchmark, "categories": category_scores(per_benchmark) if complete else None,
+                  "standard_errors": category_standard_errors(per_benchmark, units) if complete else None}
     return result if parallel is None else parallel.from_main(result)

@@ -7,6 +7,7 @@ I-JEPA ViT-H in Table 14, is internally inconsistent; see tests).
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 from webssl_repro.metrics import VQA_BENCHMARKS, VQA_CATEGORIES
@@ -31,4 +32,21 @@ def category_scores(per_benchmark: Mapping[str, float]) -> dict[str, float]:
 
     out = {cat: sum(as_percent(b) for b in group) / len(group) for cat, group in VQA_CATEGORIES.items()}
     out["Average"] = sum(out[c] for c in VQA_CATEGORIES) / len(VQA_CATEGORIES)
+    return out
+
+
+def category_standard_errors(per_benchmark: Mapping[str, float], units: Mapping[str, float]) -> dict[str, float]:
+    """Standard errors of the four categories and the Average over the benchmarks' questions:
+    a score p (%) that is a mean over n units scored in [0, 1] (``scorers.scoring_units``) varies
+    by at most the binomial sqrt(p (100 - p) / n); MME on its percent scale (``MME/20``) too. The
+    benchmarks are taken as independent. What a claim's gap or slope must clear at one seed.
+    Empty where a benchmark has no units (nothing is known of its error)."""
+    if any(float(units[b]) <= 0 for b in VQA_BENCHMARKS):
+        return {}
+    se = {}
+    for b in VQA_BENCHMARKS:
+        p = float(per_benchmark[b]) * (100.0 / MME_MAX if b == "mme" else 1.0)
+        se[b] = math.sqrt(max(p * (100.0 - p), 0.0) / float(units[b]))
+    out = {cat: math.sqrt(sum(se[b] ** 2 for b in group)) / len(group) for cat, group in VQA_CATEGORIES.items()}
+    out["Average"] = math.sqrt(sum(out[c] ** 2 for c in VQA_CATEGORIES)) / len(VQA_CATEGORIES)
     return out

@@ -195,7 +195,7 @@ def mc_circular(predictions: Sequence[str], references: Sequence[Any]) -> float:
     under its shifted options (same ``circular_id``: question, image and source) count once,
     and only if every one is right."""
     refs = _check(predictions, references)
-    return _all_right([r.get("circular_id", k) for k, r in enumerate(refs)],
+    return _all_right(_unit_keys("mmbench", refs),
                       [option_letter(p) == _gt_letter(r) for p, r in zip(predictions, refs)])
 
 
@@ -237,7 +237,7 @@ def mc_pairs(predictions: Sequence[str], references: Sequence[Any]) -> float:
     for p, r in zip(predictions, refs):
         answer, text = option_text(p), _choice_text(r)
         right.append(answer == _gt_letter(r) or (text is not None and answer == text))
-    return _all_right([r.get("pair_id", k) for k, r in enumerate(refs)], right)
+    return _all_right(_unit_keys("mmvp", refs), right)
 
 
 def mmmu(predictions: Sequence[str], references: Sequence[Any]) -> float:
@@ -329,6 +329,33 @@ SCORERS: dict[str, Callable[[Sequence[str], Sequence[Any]], float]] = {
     "mmvp": mc_pairs, "realworldqa": first_word, "cvbench2d": mc_by_subtask, "cvbench3d": mc_by_subtask,
 }
 assert set(SCORERS) == set(VQA_BENCHMARKS)
+
+
+def _unit_keys(benchmark: str, refs: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The unit each row is scored in: a question, or the group its scorer takes together
+    (MMBench's shifted options, MMVP's image pairs, MME's two questions per image)."""
+    if benchmark == "mmbench":
+        return [r.get("circular_id", k) for k, r in enumerate(refs)]
+    if benchmark == "mmvp":
+        return [r.get("pair_id", k) for k, r in enumerate(refs)]
+    if benchmark == "mme":
+        return [(str(r.get("subtask", "")), str(r.get("pair_id", k))) for k, r in enumerate(refs)]
+    return list(range(len(refs)))
+
+
+def scoring_units(benchmark: str, references: Sequence[Any]) -> float:
+    """The number of independent units a benchmark's score is a mean over (``standard_error``).
+    CV-Bench averages its sources' accuracies: S² / Σ 1/n_s units, as many as give that mean's
+    binomial error."""
+    refs = [_ref(r) for r in references]
+    if not refs:
+        return 0.0
+    if benchmark in ("cvbench2d", "cvbench3d"):
+        sizes: dict[str, int] = defaultdict(int)
+        for r in refs:
+            sizes[str(r.get("subtask", ""))] += 1
+        return len(sizes) ** 2 / sum(1.0 / n for n in sizes.values())
+    return float(len({str(k) for k in _unit_keys(benchmark, refs)}))
 
 
 def score(benchmark: str, predictions: Sequence[str], references: Sequence[Any]) -> float:

@@ -196,6 +196,8 @@ def _probe(inputs: VqaInputs, tokenizer: Any = None):
 def _metrics(result: Mapping[str, Any], training: list[dict[str, Any]], counts: Mapping[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(result["benchmarks"])
     metrics.update(result["categories"] or {})  # None unless all 16 benchmarks were answered
+    # each category's and the Average's standard error over the questions, a detail "<metric>/se"
+    metrics.update({f"_{name}/se": se for name, se in (result.get("standard_errors") or {}).items()})
     metrics["_training"] = training
     if counts:
         metrics["_data"] = dict(counts)
