@@ -245,7 +245,8 @@ def comparison(reproduced: pd.DataFrame, published: pd.DataFrame, item_ids: Iter
 def thresholds() -> list[tuple[str, float, str]]:
     c = claims_mod
     return [
-        ("Z", c.Z, "standard errors over seeds a quantity must clear its threshold by (no margin with one seed); "
+        ("Z", c.Z, "standard errors a quantity must clear its threshold by: over seeds, and over the benchmarks' "
+                   "questions where the VQA numbers carry theirs (se/<metric>; without, no margin with one seed); "
                    "an alignment slope or gain must also be Z of its standard errors from the scores' own "
                    "(slope_z, gain_z)"),
         ("MIN_SLOPE", c.MIN_SLOPE, "VQA points per doubling of model size / samples seen for 'improves, scales'"),
