@@ -106,6 +106,9 @@ def _typed_like(cls, properties: dict, skip=()) -> None:
         if "enum" in properties[name]:  # a closed set of strings
             assert hints[name] is str and all(isinstance(v, str) for v in properties[name]["enum"]), name
             continue
+        if "oneOf" in properties[name]:  # a wider form the workflow reads down to the field's (run-name patterns)
+            assert _json_type(hints[name]) in properties[name]["oneOf"], name
+            continue
         declared = {k: v for k, v in properties[name].items() if k in ("type", "items", "minItems", "maxItems")}
         if "additionalProperties" in properties[name]:
             declared["additionalProperties"] = {"type": properties[name]["additionalProperties"]["type"]}

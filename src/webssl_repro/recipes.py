@@ -11,6 +11,11 @@ from webssl_repro.config import ConfigError
 #: ``methods.dino.DinoConfig``, kept here so that the DAG can rescale them without torch.
 DINO_STEP_DEFAULTS = {"warmup_steps": 100_000, "warmup_teacher_temp_steps": 37_500, "freeze_last_layer_steps": 1250}
 STEP_DEFAULTS = {"dino": DINO_STEP_DEFAULTS}
+#: Web-DINO's uniform stochastic depth (DINOv2 ViT-g), ``methods.dino.DinoConfig``'s default.
+DINO_DROP_PATH_RATE = 0.4
+#: DINOv2 switches from per-sample DropPath to subset stochastic depth above this rate: a branch
+#: then runs on (1 - rate) of the batch (``models.layers.subset_residual``).
+SUBSET_DROP_ABOVE = 0.1
 #: Step counts that a fine-tune keeps as a share of its length.
 STEP_KEYS = ("warmup_steps", "warmup_iters", "warmup_teacher_temp_steps", "freeze_last_layer_steps")
 #: Per method, the batch size and the warm-ups (lr; DINO's teacher temperature, from

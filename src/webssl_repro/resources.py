@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from webssl_repro.config import ConfigError
-from webssl_repro.recipes import SCHEDULE_DEFAULTS
+from webssl_repro.recipes import DINO_DROP_PATH_RATE, SCHEDULE_DEFAULTS, SUBSET_DROP_ABOVE
 from webssl_repro.runs import Run
 
 # Crops seen per image by Web-DINO (DINOv2 ViT-g recipe): 2 global + 8 local at 98/224 of the global size.
@@ -110,23 +110,34 @@ def companion_flops(method: str, recipe: Mapping[str, Any], img_size: int, patch
     return _blocks_flops("mae", width, depth, hidden, tokens)  # "mae": a GELU MLP block
 
 
-#: Bytes a transformer block keeps for its backward per token and unit of width, under bf16
-#: autocast with a fused attention kernel: the 34·s·b·h of Korthikanti et al. (2022, "Reducing
-#: activation recomputation in large transformer models") without the attention scores, which
-#: such a kernel does not keep. A block that is recomputed keeps only its bf16 input.
-BLOCK_ACTIVATION_BYTES, BLOCK_INPUT_BYTES = 34, 2
+#: Bytes a transformer block keeps for its backward per token and unit of width, by its MLP, under
+#: bf16 autocast with fp32 weights (so the residual stream and the LayerNorms' inputs stay fp32) and
+#: a fused attention kernel, which keeps no attention scores: measured with ``saved_tensors_hooks``
+#: (tests/test_activation_checkpointing.py). A recomputed block keeps its fp32 input alone.
+BLOCK_ACTIVATION_BYTES = {"swiglu": 50, "gelu": 40}
+BLOCK_INPUT_BYTES = 4
+#: The share of a GPU's memory the activations may take: the rest holds the CUDA context, the
+#: rank's shards of weights, gradients and AdamW state, the all-gathered block being run, the
+#: heads, and what the allocator cannot reuse.
+ACTIVATION_SHARE = 0.85
 
 
-def activation_checkpointed(cfg: Mapping[str, Any], run: Run) -> bool:
-    """Whether ``run`` recomputes its blocks in the backward: ``pretrain.train.activation_checkpointing``
-    is true, false, or run-name patterns (``fnmatch``, e.g. ``clip*`` or ``*-518``), each seed alike."""
+def checkpointing_setting(cfg: Mapping[str, Any]) -> bool | list[str]:
+    """``pretrain.train.activation_checkpointing``: true, false, or run-name patterns (``fnmatch``,
+    e.g. ``clip*`` or ``*-518``), each seed alike."""
     setting = cfg.get("pretrain", {}).get("train", {}).get("activation_checkpointing", False)
     if isinstance(setting, bool):
         return setting
     if not isinstance(setting, (list, tuple)) or not all(isinstance(p, str) for p in setting):
         raise ConfigError("pretrain.train.activation_checkpointing must be true, false or a list of run-name "
                           f"patterns, got {setting!r}")
-    return any(fnmatch.fnmatchcase(str(run), pattern) for pattern in setting)
+    return list(setting)
+
+
+def activation_checkpointed(cfg: Mapping[str, Any], run: Run) -> bool:
+    """Whether ``run`` recomputes its blocks in the backward (``checkpointing_setting``)."""
+    setting = checkpointing_setting(cfg)
+    return setting if isinstance(setting, bool) else any(fnmatch.fnmatchcase(str(run), p) for p in setting)
 
 
 def activation_gb(run: Run, arch: Mapping[str, Any], img_size: int, local: int | None,
@@ -135,19 +146,23 @@ def activation_gb(run: Run, arch: Mapping[str, Any], img_size: int, local: int |
     ``gpus``, through each tower a step backpropagates (Web-DINO's student over its crops, not
     its teacher; MAE's encoder and decoder; CLIP's two towers). Recomputed, each block keeps its
     input and one block at a time its whole activations. An estimate for scheduling, not measured."""
-    patch = int(arch["patch"])
+    patch, mlp = int(arch["patch"]), "gelu" if run.method == "mae" else "swiglu"
+    # above SUBSET_DROP_ABOVE, stochastic depth runs each branch on (1 - rate) of the batch
+    rate = float(recipe.get("drop_path_rate", DINO_DROP_PATH_RATE if run.method == "dino" else 0.0))
+    kept = 1.0 - rate if rate > SUBSET_DROP_ABOVE else 1.0
     if run.method == "dino":
         local = local or dino_local_crop(img_size, patch)
         tokens = DINO_GLOBAL * image_tokens(img_size, patch) + DINO_LOCAL * image_tokens(local, patch)
-        towers = [(int(arch["width"]), int(arch["depth"]), tokens)]
-    else:
+        towers = [(int(arch["width"]), int(arch["depth"]), tokens, BLOCK_ACTIVATION_BYTES[mlp] * kept)]
+    else:  # MAE's decoder and CLIP's text tower: GELU blocks without stochastic depth
         encoder = image_tokens(img_size, patch, MAE_KEEP if run.method == "mae" else 1.0)
         width, depth, _, tokens = companion_tower(run.method, recipe, img_size, patch)
-        towers = [(int(arch["width"]), int(arch["depth"]), encoder), (width, depth, tokens)]
+        towers = [(int(arch["width"]), int(arch["depth"]), encoder, BLOCK_ACTIVATION_BYTES[mlp] * kept),
+                  (width, depth, tokens, BLOCK_ACTIVATION_BYTES["gelu"])]
     images = int(recipe.get("batch_size", SCHEDULE_DEFAULTS[run.method]["batch_size"])) / max(1, gpus)
     total = 0.0
-    for width, depth, tokens in towers:
-        block = BLOCK_ACTIVATION_BYTES * width * tokens
+    for width, depth, tokens, per_width in towers:
+        block = per_width * width * tokens
         total += (depth * BLOCK_INPUT_BYTES * width * tokens + block) if recomputed else depth * block
     return total * images / 1e9
 
@@ -161,15 +176,17 @@ def dino_local_size(run: Run, cfg: Mapping[str, Any]) -> int:
 
 
 def flops_per_sample(run: Run, arch: Mapping[str, int], img_size: int, local: int | None = None,
-                     recipe: Mapping[str, Any] | None = None) -> float:
+                     recipe: Mapping[str, Any] | None = None, recomputed: bool = False) -> float:
     """Training FLOPs of one sample. ``local``: the DINO local-crop side (default: 98/224 of
-    ``img_size``); ``recipe``: the run's, for the MAE decoder's and CLIP text tower's sizes."""
+    ``img_size``); ``recipe``: the run's, for the MAE decoder's and CLIP text tower's sizes;
+    ``recomputed``: the trained towers' forward runs again in the backward (not DINO's teacher)."""
+    trained = FWD_BWD + (1.0 if recomputed else 0.0)
     if run.method == "dino":
         local = dino_local_crop(img_size, arch["patch"]) if local is None else local
         g = forward_flops("dino", arch, img_size)
-        return DINO_GLOBAL * g * (1 + FWD_BWD) + DINO_LOCAL * FWD_BWD * forward_flops("dino", arch, local)
+        return DINO_GLOBAL * g * (1 + trained) + DINO_LOCAL * trained * forward_flops("dino", arch, local)
     encoder = forward_flops(run.method, arch, img_size, MAE_KEEP if run.method == "mae" else 1.0)
-    return FWD_BWD * (encoder + companion_flops(run.method, recipe or {}, img_size, arch["patch"]))
+    return trained * (encoder + companion_flops(run.method, recipe or {}, img_size, arch["patch"]))
 
 
 def label(cfg: Mapping[str, Any], kind: str, key: str, run: Any) -> Any:
@@ -268,7 +285,7 @@ class RunResources:
     runtime_min: int  # one job's time limit: the estimate, capped at resources.max_runtime_min
     mem_mb: int
     cpus_per_task: int
-    train_flops: float  # with the forward recomputed where its blocks are (activation_checkpointed)
+    train_flops: float  # with the trained towers' forward twice where recomputed (activation_checkpointed)
     total_min: int  # the whole run's estimated runtime
     activation_gb: float = 0.0  # per GPU, estimated (activation_gb)
     recomputed: bool = False  # its blocks recomputed in the backward (activation_checkpointed)
@@ -333,9 +350,7 @@ def pretrain_resources(run: Run, cfg: Mapping[str, Any], recipe: Mapping[str, An
         local = dino_local_size(run, cfg)
     local = None if local is None else int(local)
     recomputed = activation_checkpointed(cfg, run)
-    # a recomputed block runs its forward twice: a third more than forward + backward
-    flops = flops_per_sample(run, arch, img, local, recipe) * samples_of(run, cfg) * (
-        (FWD_BWD + 1) / FWD_BWD if recomputed else 1.0)
+    flops = flops_per_sample(run, arch, img, local, recipe, recomputed) * samples_of(run, cfg)
     if run.size not in res_cfg["nodes"]:
         raise ConfigError(f"config resources.nodes has no entry for size {run.size!r} (run {run}): "
                        f"sizes there are {sorted(res_cfg['nodes'])}")

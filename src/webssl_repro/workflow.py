@@ -38,9 +38,10 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
     config: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        from webssl_repro.plan_checks import (check_alignment, check_classic, check_clip_tokenizer, check_eval_gpus,
-                                              check_filter, check_gpu_jobs, check_in1k_images, check_language_models,
-                                              check_run_sources, check_sizes, check_tolerances, check_vqa)
+        from webssl_repro.plan_checks import (check_activation_checkpointing, check_alignment, check_classic,
+                                              check_clip_tokenizer, check_eval_gpus, check_filter, check_gpu_jobs,
+                                              check_in1k_images, check_language_models, check_run_sources,
+                                              check_sizes, check_tolerances, check_vqa)
 
         check_tolerances(self.config.get("check", {}).get("tolerances", {}))
         if not self.published:
@@ -56,6 +57,7 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
                                 self.config.get("data", {}).get("evalsets", {}))
             if "pretrain" in self.stages:
                 check_clip_tokenizer(self.config.get("pretrain", {}))
+                check_activation_checkpointing(self.config)
             if "data" in self.stages:
                 check_filter(self.config.get("data", {}).get("filter", {}))
             if "vqa" in self.stages:

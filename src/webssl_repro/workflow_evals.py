@@ -145,6 +145,8 @@ class EvalJobs:
     def settings_json(self, kind: str) -> str:
         """How a ``kind`` job runs (``SETTINGS``): passed by the shell, not a param. A pretraining
         run's are its own (``pretrain_settings_json``)."""
+        if kind == "pretrain":
+            raise ValueError("settings_json: a pretraining run's settings are its own: pretrain_settings_json(run)")
         if kind == "filter":
             how = split_settings({"filter": self.config.get("data", {}).get("filter", {})}, SETTINGS[kind])[1]
         else:

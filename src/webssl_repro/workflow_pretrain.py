@@ -16,8 +16,8 @@ from typing import Any, Mapping
 from webssl_repro.models.arch import arch_for
 from webssl_repro.paper import specs
 from webssl_repro.releases import directory_only
-from webssl_repro.resources import (REFUSED_ATTEMPT, RunResources, activation_checkpointed, chain_retries,
-                                    encoder_params, pretrain_resources, torchrun)
+from webssl_repro.resources import (ACTIVATION_SHARE, REFUSED_ATTEMPT, RunResources, activation_checkpointed,
+                                    chain_retries, encoder_params, pretrain_resources, torchrun)
 from webssl_repro.runs import Run, split_seed
 from webssl_repro.settings import split_pretrain
 
@@ -183,19 +183,20 @@ class PretrainJobs:
 
     def memory_line(self, item: str | None = None) -> str:
         """The target's trained runs whose estimated activations per GPU (``resources.activation_gb``)
-        pass ``resources.gpu_memory_gb``, and what would make them fit; empty where none does or
-        the key is unset."""
-        budget = self.config.get("resources", {}).get("gpu_memory_gb")
+        pass ``ACTIVATION_SHARE`` of ``resources.gpu_memory_gb``, and what would make them fit;
+        empty where none does or the key is unset."""
+        memory = self.config.get("resources", {}).get("gpu_memory_gb")
+        budget = ACTIVATION_SHARE * float(memory or 0)
         wanted = self.item_runs if item is None else self.item_sources(specs.get_item(item))
         fixes = {False: "add them to pretrain.train.activation_checkpointing", True: "give them more resources.nodes"}
         over: dict[bool, list[str]] = {False: [], True: []}
-        for run in [r for r in wanted if self.trained(r)] if budget else ():
+        for run in [r for r in wanted if self.trained(r)] if memory else ():
             res = self.pretrain_resources(run)
-            if res.activation_gb > float(budget):
+            if res.activation_gb > budget:
                 over[res.recomputed].append(f"{run} ({res.activation_gb:,.0f} GB)")
-        return "".join(f"; estimated activations per GPU over resources.gpu_memory_gb ({budget} GB)"
-                       f"{' with blocks recomputed' if recomputed else ''}: {', '.join(runs)}: {fixes[recomputed]}"
-                       for recomputed, runs in over.items() if runs)
+        return "".join(f"; estimated activations per GPU over {ACTIVATION_SHARE:.0%} of resources.gpu_memory_gb "
+                       f"({budget:,.0f} of {memory} GB){' with blocks recomputed' if recomputed else ''}: "
+                       f"{', '.join(runs)}: {fixes[recomputed]}" for recomputed, runs in over.items() if runs)
 
     def trained(self, run_id: str) -> bool:
         """False for a run imported from a released checkpoint."""

@@ -25,7 +25,7 @@ from webssl_repro.methods.dino_losses import (
     updated_center,
 )
 from webssl_repro.methods.schedules import scaled_lr, teacher_temp_schedule
-from webssl_repro.recipes import DINO_STEP_DEFAULTS
+from webssl_repro.recipes import DINO_DROP_PATH_RATE, DINO_STEP_DEFAULTS
 from webssl_repro.train.schedules import CosineSchedule
 from webssl_repro.models.vit import Arch, build_encoder
 from webssl_repro.config import dataclass_from_mapping
@@ -44,7 +44,7 @@ class DinoConfig:
     lr 2e-4·√3 ≈ 3.5e-4, 100k warm-up). ``total_steps`` = 2B samples / 3072 (one MC-2B pass)."""
 
     # backbone
-    drop_path_rate: float = 0.4
+    drop_path_rate: float = DINO_DROP_PATH_RATE
     layerscale: float = 1e-5
     # heads (iBOT keeps the default bottleneck 256: vitg14.yaml only overrides the DINO one)
     dino_n_prototypes: int = 131072

@@ -17,6 +17,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from webssl_repro.recipes import SUBSET_DROP_ABOVE
+
 
 def fixed_hidden_mlp(kind: str, hidden: int) -> Callable[..., nn.Module]:
     """An ``mlp_layer`` factory for timm's ``Block`` that ignores its float-derived width.
@@ -54,8 +56,6 @@ class ValidPatchEmbed(PatchEmbed):
         return super().forward(x[..., :h - h % ph, :w - w % pw])
 
 
-#: DINOv2 switches from per-sample DropPath to subset stochastic depth above this rate.
-SUBSET_DROP_ABOVE = 0.1
 
 
 def subset_residual(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],

@@ -151,6 +151,21 @@ def _seed_frames(frame: pd.DataFrame) -> list[pd.DataFrame]:
     return [pd.concat([frame[frame["seed"] == s], shared]) for s in sorted(frame["seed"].dropna().unique())]
 
 
+def _expected(condition: Condition, claim: Claim, quantities) -> list[str]:
+    """The quantities ``condition`` must have a value for: one per variant ("[<lm>]", "[light]")
+    the claim's bracketed conditions have, where it is one of them (or has no value at all
+    beside them), else its own name. So a value that came out NaN (0/0), or one language model
+    without its standard errors, leaves the claim untested instead of judged on the rest."""
+    def suffixes(c: Condition) -> set[str]:
+        return {n[len(c.quantity):] for n in quantities if c.applies(n)}
+
+    variants = sorted(set().union(*(suffixes(c) for c in claim.conditions)) - {""})
+    own = suffixes(condition)
+    if variants and (own - {""} or not own):
+        return [condition.quantity + v for v in variants]
+    return [condition.quantity]
+
+
 #: The step of the finite differences that carry the VQA scores' own errors to a claim's quantities.
 _STEP = 1e-3
 
@@ -234,11 +249,8 @@ def evaluate(claim: Claim, frame: pd.DataFrame, requested: Optional[set[tuple[st
         arr = np.asarray(values)
         sd = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
         quantities[name] = (float(arr.mean()), sd, len(arr))
-    # each condition for each variant any condition has ("[<lm>]", "[light]"): a value that came out
-    # NaN (0/0), or one language model without its standard errors, is not judged on the rest
-    variants = {n[len(c.quantity):] for c in claim.conditions for n in quantities if c.applies(n)} or {""}
-    untested = list(dict.fromkeys([*undefined, *(c.quantity + v for c in claim.conditions for v in sorted(variants)
-                                                 if c.quantity + v not in quantities)]))
+    untested = list(dict.fromkeys([*undefined, *(n for c in claim.conditions for n in _expected(c, claim, quantities)
+                                                 if n not in quantities)]))
     if untested:  # e.g. a fit over a constant x: never a vacuous "holds"
         return Result(claim, NOT_MEASURABLE, "no value for: " + ", ".join(untested), untested, quantities)
     checks, ok = [], True
