@@ -182,25 +182,22 @@ def check_filter(section: Mapping[str, Any]) -> None:
 
 
 def check_activation_checkpointing(config: Mapping[str, Any]) -> None:
-    """Each run-name pattern of ``pretrain.train.activation_checkpointing`` matches some run this
-    config's labels can name: a misspelt one ('clip-*') would leave its runs to run out of memory."""
+    """Each run-name pattern of ``pretrain.train.activation_checkpointing`` matches some run name
+    (``runs``' grammar): a misspelt one ('clip-*') would leave its runs to run out of memory."""
     import fnmatch
 
     from webssl_repro.resources import checkpointing_setting
-    from webssl_repro.runs import DATA, METHODS
+    from webssl_repro.runs import DATA, METHODS, RESOLUTIONS, SAMPLES, SIZES
 
     setting = checkpointing_setting(config)
     if isinstance(setting, bool):
         return
-    labels = config.get("labels", {})
-    data = [f"{d}{n}" for d in DATA if d != "in1k" for n in labels.get("samples", {})] + ["in1k"]
-    names = [f"{m}{size}-{d}-{res}" for m in METHODS for size in labels.get("sizes", {}) for d in data
-             for res in labels.get("resolutions", {})]
+    data = [f"{d}{n}" for d in DATA if d != "in1k" for n in SAMPLES] + ["in1k"]
+    names = [f"{m}{size}-{d}-{res}" for m in METHODS for size in SIZES for d in data for res in RESOLUTIONS]
     unmatched = [p for p in setting if not fnmatch.filter(names, p)]
     if unmatched:
-        raise ConfigError(f"pretrain.train.activation_checkpointing: pattern(s) {unmatched} match no run this "
-                          "config names ({method}{size}-{data}{samples}-{res}, e.g. "
-                          f"{names[0] if names else 'dino1b-full2b-224'}; seeds are not part of the name)")
+        raise ConfigError(f"pretrain.train.activation_checkpointing: pattern(s) {unmatched} match no run name "
+                          "({method}{size}-{data}{samples}-{res}, e.g. dino1b-full2b-224; seeds are not part of it)")
 
 
 def check_clip_tokenizer(pretrain: Mapping[str, Any]) -> None:
