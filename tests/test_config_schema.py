@@ -186,7 +186,8 @@ def test_schema_closes_the_data_and_evaluate_sections_on_their_consumers_keys():
         assert section["additionalProperties"] is False
         return set(section["properties"])
     ctor = {p for cls in (OCRFilter, MLLMFilter) for p in inspect.signature(cls.__init__).parameters} - {"self", "generate_fn"}
-    assert names(schema["data"]["properties"]["filter"]) == ctor | {"backend", "parts", "workers", "checkpoint_shards"}
+    assert names(schema["data"]["properties"]["filter"]) == ctor | {"backend", "parts", "workers", "checkpoint_shards",
+                                                                          "max_broken_shards"}
     evaluate = schema["evaluate"]["properties"]
     assert names(evaluate["vqa"]) == {f.name for f in dataclasses.fields(VqaConfig)} | set(STAGE_KEYS) | set(PROGRESS)
     assert names(evaluate["classic"]) == set(classic.DEFAULTS) | set(PROGRESS)

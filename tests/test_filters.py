@@ -128,6 +128,16 @@ def test_ocr_reads_a_sign_word():
     assert any(w in read for w in s.meta["strings"]), (read, s.meta["strings"])
 
 
+def test_heavy_keeps_only_images_the_light_filter_keeps(monkeypatch):
+    """Four lines of single glyphs (what OCR reads off shapes) are no readable text: neither
+    filter keeps them, though four lines would make a page text-dense."""
+    flt = OCRFilter()
+    for lines, light, heavy in ((["a", "b", "c", "d"], False, False), (["OPEN", "x", "y", "z"], True, True),
+                                (["OPEN 24h"], True, False)):
+        monkeypatch.setattr(flt, "read", lambda im, lines=lines: [(t, 0.99) for t in lines])
+        assert flt.decide([None]) == {"light": [light], "heavy": [heavy]}, lines
+
+
 def test_sample_grid_writes_pdf_and_png(ocr_run, tmp_path):
     samples, res = ocr_run
     imgs = [s["image"] for s in samples]
@@ -383,9 +393,14 @@ def test_a_chunk_with_an_unreadable_shard_is_read_again_by_a_retry(tmp_path, mon
     assert sorted(os.listdir(progress_dir(out))) == ["00000.json"]  # not the unreadable shard's chunk
     calls.clear()
     monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls))
+    with pytest.warns(RuntimeWarning, match="skipping broken shard"), pytest.raises(
+            ValueError, match=r"1 shard\(s\) of part 0 of 1 could not be read .* set data.filter.max_broken_shards to 1"):
+        filter_corpus("light", section, shards, out)  # the job fails, so that its retry reads it again
+    assert len(calls) == 2 and not os.path.exists(out)
+    calls.clear()
     with pytest.warns(RuntimeWarning, match="skipping broken shard"):
-        result = filter_corpus("light", section, shards, out)
-    assert len(calls) == 2 and result["n"] == 8 and result["broken_shards"] == 1
+        result = filter_corpus("light", {**section, "max_broken_shards": 1}, shards, out)
+    assert len(calls) == 1 and result["n"] == 8 and result["broken_shards"] == 1  # the good chunks kept
 
 
 def test_a_shard_that_repeats_a_key_keeps_only_the_sample_the_filter_kept(tmp_path, monkeypatch):

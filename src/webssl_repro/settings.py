@@ -24,7 +24,8 @@ _PROGRESS = {"checkpoint_every_min": None, "stop_margin_s": None}
 #: gradient do not depend on its split, ``probe.backward_global_batch``) and recomputing the
 #: decoder layers in the backward.
 SETTINGS = {
-    "filter": {"filter": {"workers": None, "threads": None, "cache_path": None, "checkpoint_shards": None}},
+    "filter": {"filter": {"workers": None, "threads": None, "cache_path": None, "checkpoint_shards": None,
+                          "max_broken_shards": None}},
     "pretrain": {"train": {"log_every": None, "checkpoint_every": None, "stop_margin_s": None,
                            "activation_checkpointing": None}},
     "classic": {"batch_size": None, "workers": None, "scratch": None, **_PROGRESS},

@@ -9,7 +9,7 @@ and ``HEAVY_PROMPT`` are verbatim. Backends:
   whitespace-separated tokens.
   light = at least one text line with >= ``min_chars`` (2) letters/digits ("contains
   readable text"; single glyphs are what OCR hallucinates on shapes and textures).
-  heavy = >= ``heavy_min_words`` (5) words or >= ``heavy_min_lines`` (4) lines: charts (title,
+  heavy = light, and >= ``heavy_min_words`` (5) words or >= ``heavy_min_lines`` (4) lines: charts (title,
   axis labels, values), tables and documents are text-dense, while a photo with signs has a
   word or three. Measured on the mini-web at 256 px: text scenes read 1-3 words, charts and
   documents 6 or more, so both thresholds sit in the gap; the rule's precision/recall is
@@ -191,8 +191,10 @@ class OCRFilter(TextFilter):
         for im in images:
             lines = [t for t, _ in self.read(im)]
             words = [w for t in lines for w in t.split() if re.search(r"[A-Za-z0-9]", w)]
-            keep = {"light": any(len(re.findall(r"[A-Za-z0-9]", t)) >= self.min_chars for t in lines),
-                    "heavy": len(words) >= self.heavy_min_words or len(lines) >= self.heavy_min_lines}
+            light = any(len(re.findall(r"[A-Za-z0-9]", t)) >= self.min_chars for t in lines)
+            # the heavy-filtered data is a part of the light: text-dense images are images with text
+            keep = {"light": light,
+                    "heavy": light and (len(words) >= self.heavy_min_words or len(lines) >= self.heavy_min_lines)}
             for v in variants:
                 out[v].append(keep[v])
         return out

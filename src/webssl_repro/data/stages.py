@@ -114,6 +114,7 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     parts = int(opts.pop("parts", 1))
     workers = int(opts.pop("workers", 0))  # loader processes that decode and encode beside the backend
     chunk_shards = int(opts.pop("checkpoint_shards", CHECKPOINT_SHARDS))
+    max_broken = int(opts.pop("max_broken_shards", 0))  # shards known to be corrupt for good
     if not 0 <= part < parts:
         raise ValueError(f"filter part {part} of data.filter.parts={parts}")
     corpus_shards, shards = len(shards), list(shards)[part::parts]
@@ -146,6 +147,11 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
         raise ValueError(f"data filter {variant}: no sample read from the {len(shards)} shard(s) of part {part} "
                          f"of {parts} ({stats['skipped_samples']} undecodable sample(s), "
                          f"{stats['broken_shards']} unreadable shard(s)): {', '.join(shards[:3]) or 'no shards'}")
+    if stats["broken_shards"] > max_broken:  # a mount's hiccup must not drop a shard from the filtered data
+        raise ValueError(f"data filter {variant}: {stats['broken_shards']} shard(s) of part {part} of {parts} could "
+                         "not be read (warned above); the other shards' decisions are saved, and a rerun reads "
+                         "again only the chunks holding these. Shards corrupt for good: set "
+                         f"data.filter.max_broken_shards to {stats['broken_shards']} (now {max_broken})")
     rep = filter_report(res["ids"], res["decisions"], res["truth"])[variant]
     kept = kept_shards(shards, [src for src, k in zip(res["sources"], res["decisions"][variant]) if k],
                        os.path.splitext(out_json)[0])
