@@ -139,6 +139,10 @@ def test_a_run_scale_figure_leaves_out_the_papers_baselines(tmp_path, item_id):
     assert not labels & drawn and all(label in fig._suptitle.get_text().replace("\n", " ") for label in labels)
     published = render_figure(item, item_results(item, "published"), outputs, "published")
     assert labels <= {t.get_text() for t in published.legends[0].get_texts()}
+    # fig1's ">1B / <1B data" legends: at a run scale the subtitle says what the labels name there
+    regimes = "differ in content, not in size"
+    assert (regimes in fig._suptitle.get_text().replace("\n", " ")) == (item_id == "fig1")
+    assert regimes not in published._suptitle.get_text().replace("\n", " ")
 
 
 def test_published_tsv_row_order_follows_the_paper(tmp_path):

@@ -159,6 +159,8 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
     subtitle = f"{item.id} ({scale}): {item.title}"
     if item.note and (any_gap or item.gains):
         subtitle += "\n" + textwrap.fill(item.note, 110)
+    if item.run_note and scale != "published":
+        subtitle += "\n" + textwrap.fill(item.run_note, 110)
     omitted = [*(x.label for x in item.series if set(x.sources) <= left_out),
                *(r.label for r in item.references if r.source in left_out)]
     if item.kind != "bars" and omitted:

@@ -176,8 +176,13 @@ _add(Item("table8", "VQA: Web-DINO ViT-7B, 1B…8B samples seen", "table", ("tab
           rows=tuple(Row(f"Web-DINO ViT-7B {n.upper()} seen", f"dino7b-full{n}-224") for n in SAMPLES_B)))
 _add(Item("table9", "Classic vision: Web-DINO ViT-7B, 2B/4B/8B samples seen", "table", ("table9",), CLASSIC_METRICS,
           rows=tuple(Row(f"Web-DINO ViT-7B {n.upper()} seen", f"dino7b-full{n}-224") for n in ("2b", "4b", "8b"))))
+#: The legends' ">1B / <1B data" are the paper's corpora; a run scale's two may be of one size.
+_DATA_REGIMES = ("At this scale the labels name the config's own corpora and budgets: its web corpus and its "
+                 "ImageNet-1k analogue may hold as many images, and their runs see as many samples "
+                 "(config labels, data), so the two differ in content, not in size.")
 _add(Item("table10", "VQA: Web-DINO trained on ImageNet-1k", "table", ("table10",), _VQA_TABLE,
-          rows=tuple(Row(f"Web-DINO ViT-{s.upper()} (IN-1k)", f"dino{s}-in1k-224") for s in ("1b", "2b", "3b", "5b"))))
+          rows=tuple(Row(f"Web-DINO ViT-{s.upper()} (IN-1k)", f"dino{s}-in1k-224") for s in ("1b", "2b", "3b", "5b")),
+          run_note=_DATA_REGIMES))
 _add(Item("table11", "VQA: Web-MAE ViT-1B…5B, MC-2B", "table", ("table11",), _VQA_TABLE,
           rows=_size_rows("Web-MAE", "mae", "full2b", ("1b", "2b", "3b", "5b"))))
 _add(Item("table12", "VQA: CLIP ViT-1B…7B trained on MC-2B (MetaCLIP recipe)", "table", ("table12",), _VQA_TABLE,
@@ -206,6 +211,7 @@ _add(Item(
     xlabel="Model size (params)", xticks=_SIZE_TICKS, gains=True,
     note="Annotations: each series' gain from its first to its last plotted size, from the plotted values. The "
          "paper prints +4.6 for Web-SSL: 53.87 - 49.25, from DINOv2 ViT-g, not Web-DINO 1B (+4.86).",
+    run_note=_DATA_REGIMES,
 ))
 _add(Item("fig3", "Scaling model size: Web-DINO vs CLIP on MC-2B (2B seen, 224 px)", "lines", ("table6", "table12"),
           VQA_PANELS, series=(_size_series("Web-DINO", "dino", "full2b", SIZES_2B, "C3"),
@@ -224,7 +230,7 @@ _add(Item("fig6", "ImageNet-1k vs MC-2B pretraining", "lines", ("table6", "table
           series=(_size_series("Web-DINO (MC-2B)", "dino", "full2b", ("1b", "2b", "3b", "5b"), "C3"),
                   _size_series("Web-DINO (ImageNet-1k)", "dino", "in1k", ("1b", "2b", "3b", "5b"), "C7", "^")),
           xlabel="Model size (params)", xticks=_SIZE_TICKS[:4],
-          note="The paper prints no IN-1k linear numbers for the ImageNet-1k-trained models."))
+          note="The paper prints no IN-1k linear numbers for the ImageNet-1k-trained models.", run_note=_DATA_REGIMES))
 _add(Item("fig7", "Classic vision vs model size (Web-DINO, 2B seen)", "lines", ("table7", "table3"), CLASSIC_METRICS,
           series=(_size_series("Web-DINO", "dino", "full2b", SIZES_2B, "C3"),),
           # The paper names the reference lines only "the largest official HF release"; these are
