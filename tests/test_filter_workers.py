@@ -26,10 +26,12 @@ def test_workers_keep_what_one_process_keeps_and_count_every_readers_skips(tmp_p
     junk.write_bytes(b"not a tar" * 100)
     shards = [*manifest_shards(man), str(junk)]  # 2 workers: shards 0, 2 and shard 1, junk
     with pytest.warns(RuntimeWarning, match="skipping broken shard"):
-        one = filter_corpus("heavy", {"backend": "ocr"}, shards, str(tmp_path / "one" / "heavy.json"))
+        one = filter_corpus("heavy", {"backend": "ocr", "max_broken_shards": 1}, shards,
+                            str(tmp_path / "one" / "heavy.json"))
     # the junk shard is read in a worker process: its count reaches the result all the same
     monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a, **k: "forkserver")
-    two = filter_corpus("heavy", {"backend": "ocr", "workers": 2}, shards, str(tmp_path / "two" / "heavy.json"))
+    two = filter_corpus("heavy", {"backend": "ocr", "workers": 2, "max_broken_shards": 1}, shards,
+                        str(tmp_path / "two" / "heavy.json"))
     assert (two["n"], two["broken_shards"], two["skipped_samples"]) == (one["n"], one["broken_shards"], 0) == (12, 1, 0)
     for key in ("n_kept", "tp", "fp", "fn"):
         assert two[key] == one[key], key
