@@ -175,11 +175,14 @@ class PretrainJobs:
     def cost_line(self, item: str | None = None) -> str:
         """``{item}: N runs[ (k imported)], H estimated pretraining GPU-hours``: every seed counts
         as a run; an imported run (``pretrain.run_sources``) costs no pretraining."""
-        wanted = self.item_runs if item is None else self.item_sources(specs.get_item(item))
-        runs = [r for run in wanted for r in self.seeded(run)]
+        runs = [r for run in self._target_runs(item) for r in self.seeded(run)]
         imported = sum(not self.trained(r) for r in runs)
         return (f"{item or 'all'}: {len(runs)} runs{f' ({imported} imported)' if imported else ''}, "
                 f"{self.gpu_hours(runs):,.0f} estimated pretraining GPU-hours")
+
+    def _target_runs(self, item: str | None) -> list[str]:
+        """The runs (without seeds) behind ``item``'s numbers, or behind every requested item's."""
+        return list(self.item_runs if item is None else self.item_sources(specs.get_item(item)))
 
     def memory_line(self, item: str | None = None) -> str:
         """The target's trained runs whose estimated activations per GPU (``resources.activation_gb``)
@@ -187,10 +190,9 @@ class PretrainJobs:
         empty where none does or the key is unset."""
         memory = self.config.get("resources", {}).get("gpu_memory_gb")
         budget = ACTIVATION_SHARE * float(memory or 0)
-        wanted = self.item_runs if item is None else self.item_sources(specs.get_item(item))
         fixes = {False: "add them to pretrain.train.activation_checkpointing", True: "give them more resources.nodes"}
         over: dict[bool, list[str]] = {False: [], True: []}
-        for run in [r for r in wanted if self.trained(r)] if memory else ():
+        for run in [r for r in self._target_runs(item) if self.trained(r)] if memory else ():
             res = self.pretrain_resources(run)
             if res.activation_gb > budget:
                 over[res.recomputed].append(f"{run} ({res.activation_gb:,.0f} GB)")

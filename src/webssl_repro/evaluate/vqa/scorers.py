@@ -311,8 +311,8 @@ def first_word(predictions: Sequence[str], references: Sequence[Any]) -> float:
 def mme_score(predictions: Sequence[str], references: Sequence[Any]) -> float:
     refs = _check(predictions, references)
     by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
-    for k, (p, r) in enumerate(zip(predictions, refs)):
-        by_task[str(r.get("subtask", ""))][str(r.get("pair_id", k))].append(_exact(p, r))
+    for (task, image), p, r in zip(_unit_keys("mme", refs), predictions, refs):
+        by_task[task][image].append(_exact(p, r))
     subtask_scores = []
     for images in by_task.values():
         answers = [ok for v in images.values() for ok in v]
