@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -62,6 +64,30 @@ def test_mllm_end_to_end_with_tiny_local_model(tmp_path, first_token):
     answers = flt.answers(imgs, LIGHT_PROMPT)
     assert answers == [f"{first_token} {first_token}"] * 3
     assert flt.decide(imgs, ["heavy"]) == {"heavy": [first_token == "yes"] * 3}
+
+
+def test_mllm_batches_of_mixed_aspects_answer_as_one_image_at_a_time(tmp_path):
+    """helper-153 M3: with SmolVLM's image splitting, images of other aspects take other numbers
+    of tokens, so a batch is padded; padded on the left, each answer is the one it gets alone
+    (padded on the right, as a tokenizer may default to, the shorter ones are not). The text
+    the model reads is the paper's prompt in the chat template, after the image."""
+    path = tiny_mllm(tmp_path / "split", split=True)
+    flt = MLLMFilter(path, batch_size=4, max_new_tokens=4)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            for h, w in ((32, 32), (16, 32), (32, 16), (8, 32))]
+    inputs = flt._inputs(imgs, LIGHT_PROMPT)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) > 1 and (inputs["attention_mask"][:, -1] == 1).all()  # padded, on the left
+    text = flt._processor.batch_decode(inputs["input_ids"], skip_special_tokens=False)[1]
+    body = " ".join(re.sub(r"[?,.]", " [UNK]", LIGHT_PROMPT).split())  # punctuation is not in its vocabulary
+    assert text.replace("[PAD]", "").strip().startswith("User : <fake_token_around_image>")
+    assert text.endswith(f"<image> <fake_token_around_image> {body} <end_of_utterance> Assistant :")
+    batched = flt.answers(imgs, LIGHT_PROMPT)
+    assert batched == [flt.answers([im], LIGHT_PROMPT)[0] for im in imgs]
+    assert len(set(batched)) > 1  # the answers depend on the image: the equality above can fail
+    flt._processor.tokenizer.padding_side = "right"
+    assert flt._generate(flt._inputs(imgs, LIGHT_PROMPT)) != batched
 
 
 def test_mllm_revision_pins_the_hub_commit_it_loads(tmp_path):
@@ -427,3 +453,40 @@ def test_a_shard_that_repeats_a_key_keeps_only_the_sample_the_filter_kept(tmp_pa
     assert (out["n"], out["n_kept"]) == (3, 1)
     corpus = IndexedCorpus(read_manifest(tmp_path / "filter" / "light.json")["shards"])
     assert len(corpus) == 1 and np.asarray(corpus.items[0].image)[0, 0].tolist() == [0, 0, 255]
+
+
+def test_answers_neither_yes_nor_no_are_counted_over_a_resumed_job_and_its_parts(tmp_path, monkeypatch):
+    """helper-153 M1: a model that does not follow the prompt drops images as a no; the result
+    says how many (``off_topic``), also when the job resumed from saved chunks, whose answers
+    this process never saw, and summed over a corpus's parts."""
+    from webssl_repro.data import filters
+    from webssl_repro.data.filter_progress import join_results
+    from webssl_repro.data.stages import build_corpus, filter_corpus, manifest_shards
+
+    man = str(tmp_path / "shards" / "manifest.json")
+    build_corpus({"n_images": 12, "shard_size": 4, "seed": 3, "kinds": {"objects": 1.0}}, man)
+    shards = manifest_shards(man)
+
+    def answer(images, prompt):  # the third image of every shard-sized batch is off topic
+        return [("Sure" if k == 2 else "No") for k in range(len(images))]
+
+    monkeypatch.setattr(filters, "make_filter", lambda backend, **kw: MLLMFilter(generate_fn=answer, batch_size=4))
+    section = {"backend": "mllm", "checkpoint_shards": 1}
+    with pytest.warns(RuntimeWarning, match="3 of 12 answers began with neither yes nor no"):
+        whole = filter_corpus("light", section, shards, str(tmp_path / "whole" / "light.json"))
+    assert whole["off_topic"] == 3 and whole["n_kept"] == 0
+    real, calls, out = filters.run_filter, [], str(tmp_path / "job" / "light.json")
+    monkeypatch.setattr(filters, "run_filter", _killed_at(real, calls, 3))
+    with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning):
+        filter_corpus("light", section, shards, out)
+    monkeypatch.setattr(filters, "run_filter", real)
+    with pytest.warns(RuntimeWarning, match="3 of 12 answers"):
+        assert filter_corpus("light", section, shards, out)["off_topic"] == 3  # two chunks read back
+    chunk = {"ids": [], "sources": [], "decisions": {"light": []}, "truth": None, "seconds": 1.0,
+             "cpu_seconds": 1.0, "backend": "mllm", "loader_stats": None}
+    assert join_results([{**chunk, "off_topic": 2}, {**chunk, "off_topic": 1}])["off_topic"] == 3
+    assert join_results([{**chunk, "off_topic": 2}, chunk])["off_topic"] is None  # saved by older code
+    part = {k: whole[k] for k in ("variant", "backend", "prompt", "n", "n_kept", "images_per_second", "cpu_seconds",
+                                  "skipped_samples", "broken_shards", "off_topic")}
+    assert filters.merge_reports([part, part])["off_topic"] == 6
+    assert filters.merge_reports([part, {**part, "off_topic": None}])["off_topic"] is None

@@ -108,4 +108,6 @@ def join_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "seconds": seconds, "cpu_seconds": sum(float(r["cpu_seconds"]) for r in results),
         "images_per_second": n / seconds if seconds > 0 else float("inf"), "backend": results[0]["backend"],
         "loader_stats": {k: sum(int(s[k]) for s in stats) for k in stats[0]} if stats else None,
+        # a chunk saved before the count was kept leaves the job's count unknown
+        "off_topic": None if any("off_topic" not in r for r in results) else sum(int(r["off_topic"]) for r in results),
     }

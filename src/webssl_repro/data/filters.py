@@ -51,6 +51,7 @@ class TextFilter(abc.ABC):
 
     name: str = "base"
     batch_size: int = 16  # images per decision call, and per loader batch (filter_corpus)
+    off_topic: int = 0  # decisions on an answer that was neither yes nor no (an MLLM's), dropped as a no
 
     @abc.abstractmethod
     def decide(self, images: Sequence[Image.Image], variants: Sequence[str] = ("light", "heavy")) -> dict[str, list[bool]]:
@@ -250,14 +251,15 @@ def run_filter_batches(flt: TextFilter, batches: Iterable[FilterBatch],
                        variants: Sequence[str] = ("light", "heavy")) -> dict[str, Any]:
     """Decisions for ``filter_batch``es (made here, or by a loader's workers). ``seconds`` is the
     wall time of the whole pass, reading included; ``cpu_seconds`` this process's CPU time;
-    ``loader_stats`` the summed counts of the readers that reported theirs (``STATS_KEY``)."""
+    ``loader_stats`` the summed counts of the readers that reported theirs (``STATS_KEY``);
+    ``off_topic`` the decisions of these batches made on an answer neither yes nor no."""
     _check_variants(variants)
     ids: list[str] = []
     sources: list[tuple[str, str, int]] = []  # (shard, key, position): where a kept sample is copied from
     truth: dict[str, list[bool]] | None = {v: [] for v in variants}
     decisions: dict[str, list[bool]] = {v: [] for v in variants}
     readers: list[dict[str, Any]] = []
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, off_topic = time.perf_counter(), time.process_time(), flt.off_topic
     for batch in batches:
         readers.extend(batch.reader_stats)
         if not batch.ids:
@@ -279,7 +281,7 @@ def run_filter_batches(flt: TextFilter, batches: Iterable[FilterBatch],
     return {"ids": ids, "sources": sources, "decisions": decisions, "truth": truth,
             "seconds": seconds, "cpu_seconds": time.process_time() - cpu0,
             "images_per_second": len(ids) / seconds if seconds > 0 else float("inf"), "backend": flt.name,
-            "loader_stats": loader_stats}
+            "loader_stats": loader_stats, "off_topic": flt.off_topic - off_topic}
 
 
 def filter_report(ids: Sequence[str], decisions: Mapping[str, Sequence[bool]],
@@ -296,6 +298,12 @@ def filter_report(ids: Sequence[str], decisions: Mapping[str, Sequence[bool]],
             rep.update(true_fraction=float(t.mean()), **confusion_scores(tp, fp, fn))
         out[v] = rep
     return out
+
+
+def _total(counts: Iterable[int | None]) -> int | None:
+    """A count summed over parts, None (not counted) where a part has none."""
+    counts = list(counts)
+    return None if any(c is None for c in counts) else sum(int(c) for c in counts)
 
 
 def confusion_scores(tp: int, fp: int, fn: int) -> dict[str, Any]:
@@ -317,7 +325,8 @@ def merge_reports(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out = {**{k: parts[0][k] for k in ("variant", "backend", "prompt")},
            "n": n, "n_kept": kept, "kept_fraction": kept / n if n else 0.0,
            "images_per_second": n / seconds if seconds else 0.0,
-           **{k: sum(p[k] for p in parts) for k in ("cpu_seconds", "skipped_samples", "broken_shards")}}
+           **{k: sum(p[k] for p in parts) for k in ("cpu_seconds", "skipped_samples", "broken_shards")},
+           "off_topic": _total(p.get("off_topic") for p in parts)}
     if all("tp" in p for p in parts):
         out["true_fraction"] = sum(p["true_fraction"] * int(p["n"]) for p in parts) / n if n else 0.0
         out.update(confusion_scores(*(sum(int(p[k]) for p in parts) for k in ("tp", "fp", "fn"))))

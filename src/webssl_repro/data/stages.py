@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from collections import Counter
 from functools import partial
 from multiprocessing import get_context
@@ -159,7 +160,11 @@ def filter_corpus(variant: str, section: Mapping[str, Any], shards: Sequence[str
     out = {"variant": variant, "backend": flt.name, **{k: v for k, v in rep.items() if k != "kept_ids"},
            "n_kept": len(rep["kept_ids"]), "shards": [os.path.relpath(p, here) for p in kept], "generated": True,
            "images_per_second": res["images_per_second"], "cpu_seconds": res["cpu_seconds"],
-           "skipped_samples": stats["skipped_samples"], "broken_shards": stats["broken_shards"]}
+           "skipped_samples": stats["skipped_samples"], "broken_shards": stats["broken_shards"],
+           "off_topic": res["off_topic"]}
+    if res["off_topic"]:  # resumed chunks' answers are not warned about again: the whole job's count
+        warnings.warn(f"data filter {variant}: {res['off_topic']} of {len(res['ids'])} answers began with neither yes "
+                      "nor no and were dropped as a no (off_topic in the result)", RuntimeWarning, stacklevel=2)
     _dump(out, out_json)
     discard_progress(out_json)
     return out
