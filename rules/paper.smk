@@ -40,9 +40,10 @@ rule render_table:
     params:
         source=config["source"],
         scale=lambda w: SCALE,
+        legend=PLAN.label_legend(),
     shell:
         "webssl-repro render {wildcards.item:q} --scale {params.scale:q} --source {params.source:q} "
-        "--outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
+        "--legend={params.legend:q} --outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
 
 
 rule render_figure:
@@ -68,9 +69,11 @@ rule render_figure:
         source=config["source"],
         scale=lambda w: SCALE,
         lms=lambda w: PLAN.render_language_models(w.item),
+        legend=PLAN.label_legend(),
     shell:
         "webssl-repro render {wildcards.item:q} --scale {params.scale:q} --source {params.source:q} "
-        "--language-models {params.lms:q} --outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
+        "--language-models {params.lms:q} --legend={params.legend:q} --outputs {output:q} --inputs {input:q} "
+        "> {log:q} 2>&1"
 
 
 # At a run scale the report shows each item beside the paper's: the same renderers on the

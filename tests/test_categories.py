@@ -43,6 +43,7 @@ def test_standard_errors_over_the_questions_by_hand():
     scores = {**dict.fromkeys(VQA_BENCHMARKS, 50.0), "mme": 1000.0}
     se = category_standard_errors(scores, dict.fromkeys(VQA_BENCHMARKS, 100))
     assert se["General"] == pytest.approx(2.5) and se["Average"] == pytest.approx(1.25)
+    assert se["gqa"] == pytest.approx(5.0) and se["mme"] == pytest.approx(100.0)  # MME's on its 2000 scale
     se = category_standard_errors({**scores, "chartqa": 90.0}, {**dict.fromkeys(VQA_BENCHMARKS, 100), "docvqa": 25})
     assert se["OCR & Chart"] == pytest.approx((3.0 ** 2 + 10.0 ** 2 + 2 * 5.0 ** 2) ** 0.5 / 4)
     assert category_standard_errors({**scores, "gqa": 100.0}, dict.fromkeys(VQA_BENCHMARKS, 100))["General"] == \

@@ -207,7 +207,7 @@ def test_table_marks_numbers_no_better_than_an_answer_without_the_image(tmp_path
     first = next(line for line in md.splitlines() if line.startswith(f"| {item.rows[0].label} "))
     cells = [c.strip() for c in first.strip("|").split("|")][1:]
     assert cells == ["12.00", "4.14‡", "4.00‡", "2.500", "3.300‡"]
-    assert "3 of this table's 5 classic numbers of runs are marked" in md and "NYUd lin.1 (RMSE) 3.1" in md
+    assert "3 of this table's 5 numbers of runs are marked" in md and "NYUd lin.1 (RMSE) 3.1" in md
     assert r"4.14$^\ddagger$" in outs[2].read_text()
     plain = [tmp_path / f"p.{e}" for e in ("tsv", "md", "tex")]
     render_table(item, _results(values, {}), plain, "mini")
@@ -230,3 +230,65 @@ def test_check_counts_the_runs_that_beat_the_answer_without_the_image(tmp_path):
     assert "IN-1k lin. (top-1) 1 of 2 (without the image 6.25)" in note
     assert "NYUd lin.1 (RMSE) 1 of 2 (without the image 3.1)" in note
     assert no_image_note(runs_frame(paths), no_image_answers(paths)) == ""
+
+
+def _vqa_json(path, average, se=None, scale=1.0):
+    """A VQA result with every benchmark at ``average`` (MME at the same percent) and, where given,
+    the standard errors as the VQA stage writes them (details ``<metric>/se``)."""
+    from webssl_repro.metrics import CATEGORY_COLUMNS, VQA_BENCHMARKS
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {b: average * (20.0 if b == "mme" else 1.0) * scale for b in VQA_BENCHMARKS}
+    details = {f"{m}/se": se for m in CATEGORY_COLUMNS} if se is not None else {}
+    path.write_text(json.dumps({"metrics": metrics, "details": details}))
+    return path
+
+
+def test_vqa_numbers_must_beat_zero_image_tokens_by_two_standard_errors(tmp_path):
+    """Zero image tokens answer 24.84 (se 0.5). A run at 26.0 with se 1.0 is within 2 x
+    hypot(1.0, 0.5) = 2.24 of it, so marked; 28.0 is not; with no errors a strict tie is."""
+    from webssl_repro.paper import specs
+    from webssl_repro.paper.results import item_results
+    from webssl_repro.paper.tables import render_table
+
+    item = specs.get_item("table15")
+    runs = [r.source for r in item.rows]
+    blind = _vqa_json(tmp_path / "controls" / "blind" / "vqa.json", 24.84, se=0.5)
+    inputs = [_vqa_json(tmp_path / "evals" / run / "vqa.json", value, se=1.0)
+              for run, value in zip(runs, (26.0, 28.0, 24.84))]
+    frame = item_results(item, "runs", [*inputs, blind])
+    assert set(frame.loc[frame["source"] == NO_IMAGE, "origin"]) == {NO_IMAGE}
+    outs = [tmp_path / f"t.{e}" for e in ("tsv", "md", "tex")]
+    table = render_table(item, frame, outs, "mini").set_index("source")
+    assert NO_IMAGE not in table.index  # the control is a bar, not a row
+    md = outs[1].read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("| Web-DINO")}
+    first, second, third = (rows[r.label] for r in item.rows)
+    assert first[-1] == "26.00‡" and second[-1] == "28.00" and third[-1] == "24.84‡"
+    assert "zero image tokens" in md and "Average 24.84" in md
+    # the benchmarks carry no errors here: 26 beats 24.84 strictly (MMB), a tie does not
+    assert first[2] == "26.00" and third[2] == "24.84‡"
+    assert "18 of this table's 51 numbers of runs are marked" in md  # the first's Average, all 17 of the third's
+
+
+def test_dag_reads_zero_image_tokens_beside_vqa_items_where_the_controls_run():
+    from webssl_repro.workflow import Plan, shipped_plan
+
+    plan = shipped_plan("mini")
+    blind = plan.control_path("blind")
+    assert blind in plan.item_inputs("table6") and blind in plan.item_inputs("fig3")
+    assert blind not in plan.item_inputs("table7")  # classic only
+    off = Plan({**plan.config, "evaluate": {**plan.config["evaluate"],
+                                            "vqa": {**plan.config["evaluate"]["vqa"], "controls": False}}})
+    assert blind not in off.item_inputs("table6")
+
+
+def test_check_reads_the_classic_answers_beside_the_vqa_control(tmp_path):
+    from webssl_repro.paper.check import no_image_answers
+
+    blind = _vqa_json(tmp_path / "controls" / "blind" / "vqa.json", 24.0)
+    constant = tmp_path / "controls" / NO_IMAGE / "classic.json"
+    constant.parent.mkdir(parents=True)
+    constant.write_text(json.dumps({"metrics": {"in1k_linear": 6.25}}))
+    assert no_image_answers([blind, constant]) == {"in1k_linear": 6.25}

@@ -11,6 +11,7 @@ from webssl_repro.metrics import VQA_BENCHMARKS
 from webssl_repro.paper import specs
 from webssl_repro.paper.results import item_results
 from webssl_repro.paper.figures import render_figure
+from webssl_repro.workflow import shipped_plan
 from webssl_repro.paper.tables import render_table
 
 
@@ -34,7 +35,11 @@ def test_run_scale_table_has_categories_and_published_baselines(tmp_path):
     inputs = [_write_vqa(tmp_path, run, k) for k, run in enumerate(item.runs)]
     frame = item_results(item, "runs", inputs)
     outputs = [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")]
-    table = render_table(item, frame, outputs, "mini").set_index("source")
+    legend = shipped_plan("mini").label_legend()
+    table = render_table(item, frame, outputs, "mini", legend=legend).set_index("source")
+    assert "ViT-1B, 2B, 3B, 5B, 7B are towers of width 48, 64, 80, 96, 128, depth 4 and patch 8" in legend
+    assert "224, 378, 518 px are 32, 48, 64 px" in legend and legend in outputs[1].read_text()
+    assert shipped_plan("published").label_legend() == ""
     # General = (MME/20 + 3 x score) / 4 ; the other categories are the plain score
     assert table.loc["dino7b-full8b-378", "Average"] == pytest.approx(((1010 / 20 + 3 * 41) / 4 + 3 * 41) / 4)
     assert (table["origin"] == "run").all()
@@ -55,7 +60,8 @@ def test_baseline_rows_at_a_run_scale_are_published_and_marked(tmp_path):
     assert rows[3][:6] == ["SigLIP2 ViT-SO400M †", "lang-sup", "WebLI", "45.0B", "384", "62.0"]
     # the paper's descriptive columns, for our runs too (their grid labels), with a note saying so
     assert rows[10][:6] == ["Web-DINO ViT-7B", "SSL", "MC-2B", "8.0B", "518", "—"]
-    assert "its actual size at this scale is in config/mini.yaml" in md
+    assert "name each run's place in the paper's grid" in md
+    assert "What the paper's labels stand for" not in md  # no number of a run here to explain
     tex = outputs[2].read_text()
     assert r"\multicolumn{5}{c}{VQA} & \multicolumn{5}{c}{Classic vision}" in tex
     assert tex.count(r"\midrule") == 2  # under the header, and between language-supervised and SSL rows
@@ -72,6 +78,32 @@ def test_table2_prints_shares_and_deltas_as_the_paper(tmp_path):
     assert rows["Web-DINO ViT-2B (Heavy)"][-4:] == ["47.5 (+24.2)", "29.4 (+13.8)", "52.8 (+3.6)", "32.0 (+13.0)"]
     tex = outputs[2].read_text()
     assert r"Web-DINO ViT-2B (Heavy) & 1.3\% & 53.7 (+2.9)" in tex
+
+
+def test_run_numbers_round_halves_up_and_deltas_are_of_the_printed_numbers(tmp_path):
+    """30.25 prints 30.3 at one decimal (Python's own format gives 30.2), and a delta is the
+    difference of the two printed numbers: 30.3 - 30.0 = +0.3, where the unrounded 0.21 prints +0.2."""
+    from webssl_repro.paper.tables import half_up
+
+    assert [half_up(v, 1) for v in (30.25, 30.35, 2.05, -0.25)] == ["30.3", "30.4", "2.1", "-0.3"]
+    assert half_up(2.675, 2) == "2.68" and half_up(0.1, 1, "+") == "+0.1"
+    item = specs.get_item("table2")
+    base, light = item.delta_from, item.rows[2].source
+    rows = [{"source": src, "metric": "Average", "value": v, "origin": "run", "seed": 0}
+            for src, v in ((base, 30.04), (light, 30.25))]
+    outputs = [tmp_path / f"t.{ext}" for ext in ("tsv", "md", "tex")]
+    render_table(item, pd.DataFrame(rows), outputs, "mini")
+    cells = {row[0]: row[2] for row in _md_rows(outputs[1])}
+    assert cells[item.rows[1].label] == "30.0" and cells[item.rows[2].label] == "30.3 (+0.3)"
+
+
+def test_fig1_says_the_papers_own_arithmetic_only_at_the_published_scale(tmp_path):
+    item = specs.get_item("fig1")
+    outputs = [tmp_path / "f.pdf", tmp_path / "f.png"]
+    published = render_figure(item, item_results(item, "published"), outputs, "published")
+    mini = render_figure(item, item_results(item, "runs", []), outputs, "mini")
+    assert "prints +4.6" in published._suptitle.get_text() and "prints +4.6" not in mini._suptitle.get_text()
+    assert "gain from its first to its last" in mini._suptitle.get_text()
 
 
 def test_latex_superscripts_and_category_headers(tmp_path):
@@ -209,3 +241,33 @@ def test_alignment_bars_mark_a_missing_score_without_a_bar(tmp_path):
     segments = errorbars.lines[2][0].get_segments()
     assert [round(float(s[1][1] - s[0][1]), 6) for s in segments] == [0.0008] * len(scores)
     assert "error bars: 1 se over captions" in ax.get_ylabel() and "axis from 0.0" in ax.get_ylabel()
+
+
+def test_alignment_bars_name_why_a_run_scale_has_no_number(tmp_path):
+    """At a run scale every run of Fig. 9 is an input: a gap is an off-the-shelf encoder the
+    config does not evaluate, not a number missing from the paper."""
+    item = specs.get_item("fig9")
+    scores = [{"source": r.source, "metric": "alignment/minilm", "value": 0.02, "origin": "run", "seed": 0}
+              for r in item.rows[1:]]
+    (ax,) = render_figure(item, pd.DataFrame(scores), [tmp_path / "f.pdf", tmp_path / "f.png"], "mini",
+                          ["minilm"]).axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert "minilm: n/a, not evaluated at this scale" in labels and not any("source" in lab for lab in labels)
+
+
+def test_overlay_draws_zero_image_tokens_and_names_missing_points(tmp_path):
+    """fig3 at a run scale over the paper's: the control line on this scale's axis, and the
+    points neither side has named in the title (twin axes have no gap strip)."""
+    from webssl_repro.paper.figures import render_overlay
+
+    item = specs.get_item("fig3")
+    inputs = [_write_vqa(tmp_path, run, k) for k, run in enumerate(item.runs) if run != "clip7b-full2b-224"]
+    blind = tmp_path / "controls" / "blind" / "vqa.json"
+    blind.parent.mkdir(parents=True)
+    blind.write_text(json.dumps({"metrics": {b: 20.0 * (20 if b == "mme" else 1) for b in VQA_BENCHMARKS}}))
+    fig = render_overlay("fig3", "mini", [*inputs, blind], tmp_path / "o.png", "results/published")
+    ax = fig.axes[0]
+    (control,) = [line for line in ax.lines if line.get_label() == "VQA probe on zero image tokens"]
+    assert list(control.get_ydata()) == [20.0, 20.0]
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "No number from mini: CLIP 7B." in title and "No number from paper" not in title

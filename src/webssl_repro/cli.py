@@ -19,11 +19,12 @@ def _render(args: argparse.Namespace) -> int:
     if item.kind == "table":
         from webssl_repro.paper.tables import render_table
 
-        render_table(item, results, args.outputs, args.scale, published_directory(args.source, args.inputs))
+        render_table(item, results, args.outputs, args.scale, published_directory(args.source, args.inputs),
+                     args.legend)
     else:
         from webssl_repro.paper.figures import render_figure
 
-        render_figure(item, results, args.outputs, args.scale, args.language_models or ["minilm"])
+        render_figure(item, results, args.outputs, args.scale, args.language_models or ["minilm"], args.legend)
     print(f"{item.id}: wrote {', '.join(map(str, args.outputs))}")
     return 0
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--inputs", nargs="*", default=[], type=Path)
     render.add_argument("--outputs", nargs="+", required=True, type=Path)
     render.add_argument("--language-models", nargs="*", default=None)
+    render.add_argument("--legend", default="", help="what the paper's labels stand for at this scale (a footnote)")
     render.set_defaults(func=_render)
 
     pre = sub.add_parser("pretrain", help="train one run (resumes from its checkpoint dir)")

@@ -24,6 +24,7 @@ PROTOCOL_DIFFERENCES: dict[str, str] = {
 }
 # The VQA probe's control encoders (evaluate.vqa.controls): raw-pixel tokens, and the same zeroed.
 VQA_CONTROLS: tuple[str, ...] = ("pixels", "blind")
+BLIND = "blind"  # the zeroed one: the language model's answers without the image
 
 # As the appendix tables print them.
 BENCHMARK_LABELS: dict[str, str] = {
@@ -43,8 +44,10 @@ CLASSIC_LABELS: dict[str, str] = {
 }
 LOWER_IS_BETTER: frozenset[str] = frozenset({"nyud_lin1", "nyud_lin4"})
 # The best answer to each classic task that ignores the image (evaluate.no_image): its source
-# name in results frames and its folder under results/{scale}/controls/.
+# name in results frames and its folder under results/{scale}/controls/. The VQA probe on zero
+# image tokens (``BLIND``) is the same source in results frames, with the VQA metrics.
 NO_IMAGE = "no_image"
+NO_IMAGE_RESULTS: frozenset[tuple[str, str]] = frozenset({(NO_IMAGE, "classic.json"), (BLIND, "vqa.json")})
 
 
 def better(metric: str, value: float, reference: float) -> bool:

@@ -120,3 +120,32 @@ def sort_runs(names) -> list[str]:
     names = set(names)
     runs = sorted((Run.parse(n) for n in names if is_run_name(n)), key=Run.sort_key)
     return [*map(str, runs), *sorted(n for n in names if not is_run_name(n))]
+
+
+def _listed(values, spec: str = "") -> str:
+    """One value where all are the same, else all of them."""
+    values = [format(v, spec) if isinstance(v, int) else str(v) for v in values]
+    return values[0] if len(set(values)) == 1 else ", ".join(values)
+
+
+def label_legend(labels: dict, scale: str) -> str:
+    """What the paper's labels stand for at ``scale`` (``config.labels``): a table or figure prints
+    the paper's ``ViT-7B`` or ``8B seen`` at every scale, and at a small one says what they are."""
+    parts = []
+    sizes = {k: v for k, v in labels.get("sizes", {}).items() if k in SIZES}
+    if sizes:
+        shape = {key: _listed(v.get(key, "?") for v in sizes.values()) for key in ("width", "depth", "patch")}
+        parts.append(f"ViT-{', '.join(k.upper() for k in sizes)} are towers of width {shape['width']}, depth "
+                     f"{shape['depth']} and patch {shape['patch']}")
+    samples = labels.get("samples", {})
+    if samples:
+        counts = _listed((int(v) for v in samples.values()), ",")
+        parts.append(f"{', '.join(k.upper() for k in samples)} seen are {counts} samples")
+    resolutions = labels.get("resolutions", {})
+    if resolutions:
+        parts.append(f"{', '.join(map(str, resolutions))} px are {_listed(resolutions.values())} px")
+    if "in1k_images" in labels and "in1k_epochs" in labels:
+        parts.append(f"ImageNet-1k is {int(labels['in1k_images']):,} images for {labels['in1k_epochs']} epochs")
+    if not parts:
+        return ""
+    return f"What the paper's labels stand for at {scale} (config labels): " + "; ".join(parts) + "."

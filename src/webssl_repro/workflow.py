@@ -19,7 +19,7 @@ from webssl_repro.paper import specs
 from webssl_repro.recipes import (SCHEDULE_DEFAULTS, STEP_DEFAULTS, STEP_KEYS, check_schedule, check_shapes,
                                   hires_recipe)
 from webssl_repro.resources import dino_local_size, label, run_arch, samples_of
-from webssl_repro.runs import Run, sort_runs, split_seed, with_seed
+from webssl_repro.runs import Run, label_legend, sort_runs, split_seed, with_seed
 from webssl_repro.settings import split_pretrain
 from webssl_repro.workflow_data import DataJobs
 from webssl_repro.workflow_evals import EvalJobs
@@ -192,6 +192,11 @@ class Plan(DataJobs, EvalJobs, PaperJobs, PretrainJobs):
 
     def language_models(self) -> list[str]:
         return list(self.config.get("evaluate", {}).get("alignment", {}).get("language_models", ["minilm"]))
+
+    def label_legend(self) -> str:
+        """What the paper's labels stand for at this scale, printed under every rendered item
+        (none at the published scale, where they are the paper's own)."""
+        return "" if self.published else label_legend(self.config.get("labels", {}), self.scale)
 
     def render_language_models(self, item_id: str) -> list[str]:
         """The language models a figure draws (Fig. 9's alignment bars), as its render rule's

@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any, Mapping
 
-from webssl_repro.metrics import CLASSIC_METRICS, NO_IMAGE, VQA_CONTROLS
+from webssl_repro.metrics import BLIND, CATEGORY_COLUMNS, CLASSIC_METRICS, NO_IMAGE, VQA_BENCHMARKS, VQA_CONTROLS
 from webssl_repro.resources import REFUSED_ATTEMPT, lm_gpus, method_arch, node_share, torchrun
 from webssl_repro.settings import SETTINGS, split_settings
 
@@ -54,8 +54,12 @@ class EvalJobs:
         return [f"{self.results}/controls/{NO_IMAGE}/classic.json"] if "classic" in self.stages else []
 
     def no_image_inputs(self, metrics) -> list[str]:
-        """The answers without the image an item with classic ``metrics`` is rendered beside."""
-        return self.no_image_answers() if any(m in CLASSIC_METRICS for m in metrics) else []
+        """The answers without the image an item with ``metrics`` is rendered beside: the classic
+        tasks' best, and the VQA probe's on zero image tokens where this scale runs the controls."""
+        inputs = self.no_image_answers() if any(m in CLASSIC_METRICS for m in metrics) else []
+        if BLIND in self.vqa_controls() and any(m in VQA_BENCHMARKS or m in CATEGORY_COLUMNS for m in metrics):
+            inputs.append(self.control_path(BLIND))
+        return inputs
 
     def _alignment(self) -> Mapping[str, Any]:
         return self.config.get("evaluate", {}).get("alignment", {})

@@ -144,7 +144,7 @@ def gate_on_probe(results: list[claims_mod.Result], controls: Mapping[str, Mappi
 def no_image_answers(paths: Iterable[str | Path]) -> dict[str, float]:
     """Each classic metric's best answer without the image (``controls/no_image/classic.json``
     among ``paths``); empty without it."""
-    answers = next((eval_rows(p) for p in map(Path, paths) if is_no_image_result(p)), [])
+    answers = [r for p in map(Path, paths) if is_no_image_result(p) for r in eval_rows(p)]
     return {r["metric"]: r["value"] for r in answers if r["metric"] in CLASSIC_METRICS}
 
 

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from webssl_repro.metrics import ALIGNMENT_PREFIX, LOWER_IS_BETTER, NO_IMAGE, SE_PREFIX, label  # noqa: E402
+from webssl_repro.metrics import (ALIGNMENT_PREFIX, CLASSIC_METRICS, LOWER_IS_BETTER, NO_IMAGE,  # noqa: E402
+                                  SE_PREFIX, label)
 from webssl_repro.paper import specs  # noqa: E402
 from webssl_repro.paper.results import lookup, value_table  # noqa: E402
 
@@ -35,9 +36,28 @@ def _size_label(x: float) -> str:
     return f"{x:g}B"
 
 
+def _x_labels(item: specs.Item, x: np.ndarray) -> list[str]:
+    """Each x of a series as its tick reads (``8B seen``), else as a number."""
+    ticks = dict(item.xticks)
+    return [ticks.get(float(v), f"{v:g}") for v in x]
+
+
 def _series_points(series: specs.Series, wide: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
     y = np.array([lookup(wide, s, metric) for s in series.sources], dtype=float)
     return np.asarray(series.x, dtype=float), y
+
+
+def no_image_label(metric: str) -> str:
+    """What the control line of a panel is: the classic task's best answer that ignores the image,
+    or the VQA probe trained and answering on zero image tokens."""
+    return "best answer without the image" if metric in CLASSIC_METRICS else "VQA probe on zero image tokens"
+
+
+def _draw_no_image(ax, wide: pd.DataFrame, metric: str) -> None:
+    """At run scales: the number a run's must clear to show that its probe read the encoder."""
+    bar = lookup(wide, NO_IMAGE, metric)
+    if not math.isnan(bar):
+        ax.axhline(bar, linestyle="-.", color="black", linewidth=1.0, label=no_image_label(metric))
 
 
 def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str,
@@ -64,9 +84,7 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str,
         value = lookup(wide, ref.source, metric)
         if not math.isnan(value):
             ax.axhline(value, linestyle=style, color="0.35", linewidth=1.2, label=ref.label)
-    bar = lookup(wide, NO_IMAGE, metric)  # at run scales: the bar a classic number must clear
-    if not math.isnan(bar):
-        ax.axhline(bar, linestyle="-.", color="black", linewidth=1.0, label="best answer without the image")
+    _draw_no_image(ax, wide, metric)
     if gaps:
         # A strip below the data holds one hollow marker per missing point, in its series' colour.
         lo, hi = ax.get_ylim() if ax.has_data() else (0.0, 1.0)
@@ -90,7 +108,14 @@ def _draw_lines_panel(ax, item: specs.Item, wide: pd.DataFrame, metric: str,
     return bool(gaps)
 
 
-def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequence[str]) -> bool:
+def _no_number(scale: str) -> str:
+    """Why a bar has no number: the paper prints none; at a run scale, every run of the item is
+    an input, so it is an off-the-shelf encoder the config does not import (``pretrain.run_sources``)."""
+    return "no number in the source" if scale == "published" else "not evaluated at this scale"
+
+
+def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequence[str],
+               scale: str = "published") -> bool:
     """Bars from a floor just under the lowest score (the differences are small; the axis label
     says where it starts), with each score's standard error over captions where the evaluation
     measured one; a missing score is a hollow marker in a grey strip under that floor, as in the
@@ -113,7 +138,7 @@ def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequen
                    yerr=errors[k][ok] if errors[k][ok].any() else None, capsize=3)
         if gaps[k].any():
             ax.plot(xs[gaps[k]], np.full(int(gaps[k].sum()), floor - 0.08 * span),
-                    **{**GAP_STYLE, "markeredgecolor": f"C{k}"}, label=f"{lm}: n/a, no number in the source")
+                    **{**GAP_STYLE, "markeredgecolor": f"C{k}"}, label=f"{lm}: n/a, {_no_number(scale)}")
     bottom = floor - 0.16 * span if gaps.any() else floor
     if gaps.any():
         ax.axhspan(bottom, floor - 0.01 * span, color="0.93", zorder=0)
@@ -128,7 +153,9 @@ def _draw_bars(ax, item: specs.Item, wide: pd.DataFrame, language_models: Sequen
 
 
 def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str | Path], scale: str,
-                  language_models: Sequence[str] = ("minilm",)) -> plt.Figure:
+                  language_models: Sequence[str] = ("minilm",), legend: str = "") -> plt.Figure:
+    """``legend``: what the paper's labels stand for at ``scale`` (``runs.label_legend``), said
+    under a figure with run numbers."""
     by_ext = {Path(p).suffix.lstrip("."): Path(p) for p in outputs}
     missing = {"pdf", "png"} - set(by_ext)
     if missing:
@@ -140,7 +167,7 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
         frozenset(results.loc[results["origin"] == "published", "source"])
     if item.kind == "bars":
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(item.rows)), 4.2))
-        any_gap = _draw_bars(ax, item, wide, list(language_models))
+        any_gap = _draw_bars(ax, item, wide, list(language_models), scale)
         ax.legend(fontsize=8)
     else:
         n = len(item.metrics)
@@ -161,6 +188,10 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
         subtitle += "\n" + textwrap.fill(item.note, 110)
     if item.run_note and scale != "published":
         subtitle += "\n" + textwrap.fill(item.run_note, 110)
+    if item.paper_note and scale == "published":
+        subtitle += "\n" + textwrap.fill(item.paper_note, 110)
+    if legend and scale != "published" and "origin" in results and (results["origin"] == "run").any():
+        subtitle += "\n" + textwrap.fill(legend, 110)
     omitted = [*(x.label for x in item.series if set(x.sources) <= left_out),
                *(r.label for r in item.references if r.source in left_out)]
     if item.kind != "bars" and omitted:
@@ -177,7 +208,7 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
 
 # ---- overlay: a run scale's line figure over the paper's -----------------------------------------
 def render_overlay(item_id: str, scale: str, inputs: Iterable[str | Path], out: str | Path,
-                   published_dir: Optional[str | Path] = None) -> None:
+                   published_dir: Optional[str | Path] = None) -> plt.Figure:
     """Each panel: our runs' series (solid, left axis) and the paper's (dashed, right axis)."""
     from webssl_repro.paper.results import item_results
 
@@ -189,16 +220,19 @@ def render_overlay(item_id: str, scale: str, inputs: Iterable[str | Path], out: 
     run_series = [s for s in item.series if all(src not in specs.BASELINES for src in s.sources)]
     n = len(item.metrics)
     fig, axes = plt.subplots(1, n, figsize=(4.0 * n, 3.5), squeeze=False)
+    missing: dict[str, list[str]] = {scale: [], "paper": []}
     for ax, metric in zip(axes[0], item.metrics):
         twin = ax.twinx()
         for series in run_series:
             x = np.asarray(series.x, dtype=float)
-            for axis, wide, style, fill in ((ax, ours, "-", None), (twin, paper, "--", "none")):
+            for axis, wide, style, fill, name in ((ax, ours, "-", None, scale), (twin, paper, "--", "none", "paper")):
                 y = np.array([lookup(wide, s, metric) for s in series.sources], dtype=float)
                 ok = ~np.isnan(y)
+                missing[name] += [f"{series.label} {lab}" for lab, gap in zip(_x_labels(item, x), ~ok) if gap]
                 if ok.any():
                     axis.plot(x[ok], y[ok], linestyle=style, marker=series.marker, color=series.color,
                               markerfacecolor=fill or series.color, linewidth=1.6, alpha=1.0 if fill is None else 0.7)
+        _draw_no_image(ax, ours, metric)
         ax.set_xscale("log")
         if item.xticks:
             ax.set_xticks([t for t, _ in item.xticks], [lab for _, lab in item.xticks])
@@ -211,11 +245,18 @@ def render_overlay(item_id: str, scale: str, inputs: Iterable[str | Path], out: 
     handles = [plt.Line2D([], [], color=s.color, marker=s.marker, label=s.label) for s in run_series]
     handles += [plt.Line2D([], [], color="0.3", linestyle="-", label=f"{scale} (left axis)"),
                 plt.Line2D([], [], color="0.3", linestyle="--", label="paper (right axis)")]
+    controls = dict.fromkeys(no_image_label(m) for m in item.metrics if not math.isnan(lookup(ours, NO_IMAGE, m)))
+    handles += [plt.Line2D([], [], color="black", linestyle="-.", label=f"{c} ({scale})") for c in controls]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.04))
-    fig.suptitle(f"{item_id}: {item.title} — {scale} vs paper (twin y-axes)", fontsize=10, y=1.04)
+    title = f"{item_id}: {item.title} — {scale} vs paper (twin y-axes)"
+    for name, points in missing.items():  # no gap strip on twin axes: the points are named instead
+        if points:
+            title += "\n" + textwrap.fill(f"No number from {name}: {', '.join(dict.fromkeys(points))}.", 120)
+    fig.suptitle(title, fontsize=10, y=1.04 + 0.04 * title.count("\n"))
     fig.subplots_adjust(bottom=0.3, wspace=0.75)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight", dpi=130)
     plt.close(fig)
+    return fig

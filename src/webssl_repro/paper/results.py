@@ -16,7 +16,7 @@ import pandas as pd
 from webssl_repro.evaluate.vqa.categories import MME_MAX, category_scores
 from webssl_repro.files import read_json
 from webssl_repro.metrics import (ALIGNMENT_PREFIX, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT, LOWER_IS_BETTER,
-                                  NO_IMAGE, SE_PREFIX, VQA_BENCHMARKS)
+                                  NO_IMAGE, NO_IMAGE_RESULTS, SE_PREFIX, VQA_BENCHMARKS)
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import published_frame
 from webssl_repro.releases import OFF_THE_SHELF
@@ -55,8 +55,9 @@ def published_results(item: specs.Item, directory: Optional[str | Path] = None) 
 
 
 def is_no_image_result(path: Path) -> bool:
-    """``results/{scale}/controls/no_image/classic.json``: the classic tasks' best answers without the image."""
-    return path.name == "classic.json" and path.parent.name == NO_IMAGE and path.parent.parent.name == "controls"
+    """The answers without the image: the classic tasks' best (``results/{scale}/controls/no_image/
+    classic.json``) and the VQA probe's on zero image tokens (``controls/blind/vqa.json``)."""
+    return path.parent.parent.name == "controls" and (path.parent.name, path.name) in NO_IMAGE_RESULTS
 
 
 def _valid_metric(path: Path, name: str, value: object) -> float:
@@ -92,8 +93,8 @@ def evaluable(source: str) -> bool:
 
 def eval_rows(path: str | Path, first_seed: int = 0) -> list[dict]:
     """Rows of one ``results/{scale}/evals/{run}[.s{seed}]/{kind}.json`` (``{"metrics": {name: value}}``);
-    the run's directory without a suffix is ``first_seed``'s. The classic answers without the
-    image (``is_no_image_result``) are source and origin ``no_image``."""
+    the run's directory without a suffix is ``first_seed``'s. The answers without the image
+    (``is_no_image_result``) are source and origin ``no_image``."""
     path = Path(path)
     if is_no_image_result(path):
         run, seed, origin = NO_IMAGE, first_seed, NO_IMAGE

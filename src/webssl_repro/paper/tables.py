@@ -8,19 +8,21 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from webssl_repro.metrics import (BENCHMARK_LABELS, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT, LOWER_IS_BETTER,
-                                  NO_IMAGE, VQA_CATEGORIES, better, label)
+from webssl_repro.metrics import (BENCHMARK_LABELS, BLIND, CATEGORY_COLUMNS, CLASSIC_METRICS, DATA_PCT,
+                                  LOWER_IS_BETTER, NO_IMAGE, SE_PREFIX, VQA_CATEGORIES, better, label)
 from webssl_repro.paper import specs
 from webssl_repro.paper.published import load_table3_metadata
 from webssl_repro.paper.results import lookup, value_table
 
 GAP = "—"
-NOT_BEYOND_NO_IMAGE = "‡"  # a run's classic number no better than an answer that ignores the image
+NOT_BEYOND_NO_IMAGE = "‡"  # a run's number no better than an answer that ignores the image
+NOISE_SE = 2.0  # a VQA number must beat zero image tokens by this many standard errors
 # The paper prints Tables 2 and 3 with one decimal and the appendix tables with two.
 ONE_DECIMAL_ITEMS = frozenset({"table2", "table3"})
 DESCRIPTOR_LABELS = {"group": "Supervision", "pretrain_data": "Data", "samples_seen": "Seen", "res": "Res."}
@@ -45,13 +47,20 @@ def table_frame(item: specs.Item, results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=["row", "source", "origin", *item.metrics])
 
 
+def half_up(value: float, places: int, sign: str = "") -> str:
+    """``value`` with ``places`` decimals, halves rounded away from zero as papers print them
+    (30.25 -> 30.3, where ``f"{30.25:.1f}"`` gives 30.2); the shortest repr decides what a half is."""
+    exact = Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return f"{exact:{sign}.{places}f}"
+
+
 def _fmt(value: float, places: int) -> str:
-    return GAP if value is None or math.isnan(value) else f"{value:.{places}f}"
+    return GAP if value is None or math.isnan(value) else half_up(value, places)
 
 
 def _percent(value: float) -> str:
     """Table 2's share of the data as the paper prints it: ``100%``, ``50.3%``."""
-    return GAP if value is None or math.isnan(value) else f"{value:.1f}".rstrip("0").rstrip(".") + "%"
+    return GAP if value is None or math.isnan(value) else half_up(value, 1).rstrip("0").rstrip(".") + "%"
 
 
 def descriptor_frame(item: specs.Item, directory: str | Path | None = None) -> pd.DataFrame:
@@ -62,35 +71,53 @@ def descriptor_frame(item: specs.Item, directory: str | Path | None = None) -> p
     return meta[meta["table"].isin(item.published)].set_index("source")[list(item.descriptors)]
 
 
-def no_image_bars(item: specs.Item, results: pd.DataFrame) -> dict[str, float]:
-    """The best answer without the image (``evaluate.no_image``) of each of ``item``'s classic
-    metrics, where ``results`` has it."""
-    wide = value_table(results)
-    values = {m: lookup(wide, NO_IMAGE, m) for m in item.metrics if m in CLASSIC_METRICS}
-    return {m: v for m, v in values.items() if not math.isnan(v)}
+def no_image_bars(item: specs.Item, wide: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """Each of ``item``'s metrics' answer without the image and its standard error (NaN where not
+    measured), where ``wide`` (``value_table``) has it: the classic tasks' best
+    (``evaluate.no_image``), and the VQA probe's on zero image tokens."""
+    bars = {m: (lookup(wide, NO_IMAGE, m), lookup(wide, NO_IMAGE, SE_PREFIX + m)) for m in item.metrics}
+    return {m: bar for m, bar in bars.items() if not math.isnan(bar[0])}
 
 
-def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, bar: float = math.nan) -> list[str]:
+def beyond_no_image(metric: str, value: float, bar: float, se: float = math.nan, bar_se: float = math.nan) -> bool:
+    """Whether a number is better than the answer without the image; by more than ``NOISE_SE``
+    standard errors where both carry one (the VQA scores, over their questions)."""
+    margin = NOISE_SE * math.hypot(se, bar_se) if not (math.isnan(se) or math.isnan(bar_se)) else 0.0
+    return better(metric, value, bar + (-margin if metric in LOWER_IS_BETTER else margin))
+
+
+def _not_beyond(frame: pd.DataFrame, metric: str, bar: tuple[float, float], wide: pd.DataFrame | None) -> list[bool]:
+    """Per row: whether it is a run's number that the answer without the image matches."""
+    flags = []
+    for source, value, origin in zip(frame["source"], frame[metric], frame["origin"]):
+        se = lookup(wide, source, SE_PREFIX + metric) if wide is not None else math.nan
+        matched = not beyond_no_image(metric, value, bar[0], se, bar[1])
+        flags.append(origin == "run" and not math.isnan(value) and matched)
+    return flags
+
+
+def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, bar: tuple[float, float] = (math.nan, math.nan),
+           wide: pd.DataFrame | None = None) -> list[str]:
     if metric == DATA_PCT:
         return [_percent(v) for v in frame[metric]]
     places = decimals(item.id, metric)
     cells = [_fmt(v, places) for v in frame[metric]]
-    if not math.isnan(bar):  # a run's number that an answer without the image matches shows no use of it
-        for i, (value, origin) in enumerate(zip(frame[metric], frame["origin"])):
-            if origin == "run" and not math.isnan(value) and not better(metric, value, bar):
-                cells[i] += NOT_BEYOND_NO_IMAGE
+    if not math.isnan(bar[0]):  # a run's number that an answer without the image matches shows no use of it
+        for i, flag in enumerate(_not_beyond(frame, metric, bar, wide)):
+            cells[i] += NOT_BEYOND_NO_IMAGE if flag else ""
     if item.delta_from:  # the rows after the reference row print their difference to it
         ref = frame.index[frame["source"] == item.delta_from][0]
         base = frame.at[ref, metric]
         for i in frame.index[frame.index > ref]:
             value = frame.at[i, metric]
             if not (math.isnan(value) or math.isnan(base)):
-                cells[i] += f" ({value - base:+.{places}f})"
+                delta = Decimal(half_up(value, places)) - Decimal(half_up(base, places))  # of the printed numbers
+                cells[i] += f" ({delta:+.{places}f})"
     return cells
 
 
 def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.DataFrame,
-             bars: dict[str, float]) -> pd.DataFrame:
+             bars: dict[str, tuple[float, float]], wide: pd.DataFrame | None = None) -> pd.DataFrame:
     out = pd.DataFrame({"Model": frame["row"]})
     published_rows = (frame["origin"] == "published") & (scale != "published")
     out.loc[published_rows, "Model"] = out.loc[published_rows, "Model"] + " †"
@@ -98,23 +125,36 @@ def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.
         out[DESCRIPTOR_LABELS[column]] = [str(descriptors.at[s, column]) if s in descriptors.index else GAP
                                           for s in frame["source"]]
     for metric in item.metrics:
-        out[BENCHMARK_LABELS.get(metric, label(metric))] = _cells(item, frame, metric, bars.get(metric, math.nan))
+        out[BENCHMARK_LABELS.get(metric, label(metric))] = _cells(item, frame, metric,
+                                                                  bars.get(metric, (math.nan, math.nan)), wide)
     return out
 
 
-def no_image_footnote(bars: dict[str, float], frame: pd.DataFrame) -> str:
+def no_image_footnote(bars: dict[str, tuple[float, float]], frame: pd.DataFrame,
+                      wide: pd.DataFrame | None = None) -> str:
     """What ``NOT_BEYOND_NO_IMAGE`` marks, with the answers' own scores."""
-    runs = frame[frame["origin"] == "run"]
-    numbers = [(m, v, c) for m, c in bars.items() for v in runs[m].dropna()]
-    marked = sum(not better(m, v, c) for m, v, c in numbers)
-    scores = ", ".join(f"{label(m)} {c:.3g}" for m, c in bars.items())
-    return (f"{NOT_BEYOND_NO_IMAGE} no better than an answer that ignores the image (the better of one class or "
-            f"depth for all, and each position's own over the training maps; results/*/controls/{NO_IMAGE}/"
-            f"classic.json): {scores}. Such a number does not show that the probe read the encoder; {marked} of "
-            f"this table's {len(numbers)} classic numbers of runs are marked.")
+    runs = frame["origin"] == "run"
+    numbers = sum(int(frame.loc[runs, m].notna().sum()) for m in bars)
+    marked = sum(sum(_not_beyond(frame, m, bar, wide)) for m, bar in bars.items())
+    parts = []
+    classic = {m: bar for m, bar in bars.items() if m in CLASSIC_METRICS}
+    if classic:
+        parts.append("for the classic tasks, the better of one class or depth for all, and each position's own over "
+                     f"the training maps (results/*/controls/{NO_IMAGE}/classic.json): "
+                     + ", ".join(f"{label(m)} {v:.3g}" for m, (v, _) in classic.items()))
+    vqa = {m: bar for m, bar in bars.items() if m not in CLASSIC_METRICS}
+    if vqa:
+        parts.append(f"for VQA, the probe trained and answering on zero image tokens (results/*/controls/{BLIND}/"
+                     f"vqa.json), beaten only by more than {NOISE_SE:g} standard errors over the questions (the run's "
+                     "and its own, where measured): "
+                     + ", ".join(f"{BENCHMARK_LABELS.get(m, label(m))} {v:.2f}" for m, (v, _) in vqa.items()))
+    return (f"{NOT_BEYOND_NO_IMAGE} no better than an answer that ignores the image; " + "; ".join(parts)
+            + f". Such a number does not show that the probe read the encoder; {marked} of this table's {numbers} "
+            "numbers of runs are marked.")
 
 
-def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str, float]) -> list[str]:
+def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str, tuple[float, float]],
+               wide: pd.DataFrame | None = None, legend: str = "") -> list[str]:
     notes = []
     if scale == "published":
         notes.append(f"Source: arXiv 2504.01017v1, {', '.join(t.replace('table', 'Table ') for t in item.published)} "
@@ -122,8 +162,7 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str
     elif (frame["origin"] == "published").any():
         notes.append("† published numbers (off-the-shelf encoder, not run at this scale).")
     if item.descriptors and scale != "published":
-        notes.append(f"Model, data, samples seen and resolution name each run's place in the paper's grid; "
-                     f"its actual size at this scale is in config/{scale}.yaml (labels).")
+        notes.append("Model, data, samples seen and resolution name each run's place in the paper's grid.")
         ran = frame.loc[frame["origin"] == "run", "source"]
         measured = sorted({specs.BASELINES[s] for s in ran if s in specs.BASELINES})
         if measured:  # imported (pretrain.run_sources): the released model itself, at every scale
@@ -139,8 +178,12 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str
         notes.append(item.note)
     if item.run_note and scale != "published":
         notes.append(item.run_note)
+    if item.paper_note and scale == "published":
+        notes.append(item.paper_note)
+    if legend and scale != "published" and (frame["origin"] == "run").any():
+        notes.append(legend)
     if bars:
-        notes.append(no_image_footnote(bars, frame))
+        notes.append(no_image_footnote(bars, frame, wide))
     return notes
 
 
@@ -207,17 +250,19 @@ def to_latex(item: specs.Item, display: pd.DataFrame, notes: Sequence[str]) -> s
 
 
 def render_table(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str | Path], scale: str,
-                 published_dir: str | Path | None = None) -> pd.DataFrame:
+                 published_dir: str | Path | None = None, legend: str = "") -> pd.DataFrame:
     """Write ``.tsv``, ``.md`` and ``.tex`` for ``item``; returns the numeric frame.
-    ``published_dir``: where the published TSVs are (Table 3's descriptive columns)."""
+    ``published_dir``: where the published TSVs are (Table 3's descriptive columns); ``legend``:
+    what the paper's labels stand for at ``scale`` (``runs.label_legend``), said under run numbers."""
     by_ext = {Path(p).suffix.lstrip("."): Path(p) for p in outputs}
     missing = {"tsv", "md", "tex"} - set(by_ext)
     if missing:
         raise ValueError(f"render_table({item.id}): outputs lack {sorted(missing)} (got {list(map(str, outputs))})")
     frame = table_frame(item, results)
-    bars = no_image_bars(item, results)
-    display = _display(item, frame, scale, descriptor_frame(item, published_dir), bars)
-    notes = _footnotes(item, frame, scale, bars)
+    wide = value_table(results)
+    bars = no_image_bars(item, wide)
+    display = _display(item, frame, scale, descriptor_frame(item, published_dir), bars, wide)
+    notes = _footnotes(item, frame, scale, bars, wide, legend)
     for path in by_ext.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(by_ext["tsv"], sep="\t", index=False, na_rep="NA", float_format="%.6g")

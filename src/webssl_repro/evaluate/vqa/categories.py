@@ -36,10 +36,11 @@ def category_scores(per_benchmark: Mapping[str, float]) -> dict[str, float]:
 
 
 def category_standard_errors(per_benchmark: Mapping[str, float], units: Mapping[str, float]) -> dict[str, float]:
-    """Standard errors of the four categories and the Average over the benchmarks' questions:
-    a score p (%) that is a mean over n units scored in [0, 1] (``scorers.scoring_units``) varies
-    by at most the binomial sqrt(p (100 - p) / n); MME on its percent scale (``MME/20``) too. The
-    benchmarks are taken as independent. What a claim's gap or slope must clear at one seed.
+    """Standard errors of each benchmark, the four categories and the Average over the benchmarks'
+    questions: a score p (%) that is a mean over n units scored in [0, 1] (``scorers.scoring_units``)
+    varies by at most the binomial sqrt(p (100 - p) / n); MME on its percent scale (``MME/20``) too,
+    and its own error back on its score's scale. The benchmarks are taken as independent. What a
+    claim's gap or slope must clear at one seed, and a table's number beat zero image tokens by.
     Empty where a benchmark has no units (nothing is known of its error)."""
     if any(float(units[b]) <= 0 for b in VQA_BENCHMARKS):
         return {}
@@ -49,4 +50,4 @@ def category_standard_errors(per_benchmark: Mapping[str, float], units: Mapping[
         se[b] = math.sqrt(max(p * (100.0 - p), 0.0) / float(units[b]))
     out = {cat: math.sqrt(sum(se[b] ** 2 for b in group)) / len(group) for cat, group in VQA_CATEGORIES.items()}
     out["Average"] = math.sqrt(sum(out[c] ** 2 for c in VQA_CATEGORIES)) / len(VQA_CATEGORIES)
-    return out
+    return {**{b: e * (MME_MAX / 100.0 if b == "mme" else 1.0) for b, e in se.items()}, **out}
