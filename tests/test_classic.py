@@ -389,3 +389,34 @@ def test_classic_config_merges_nested_overrides_and_names_a_misspelt_key():
         classic_config({"lineer": {}})
     with pytest.raises(ValueError, match=r"evaluate\.classic\.linear: a section, got 3"):
         classic_config({"linear": 3})
+
+
+def test_a_non_finite_token_fails_the_evaluation_instead_of_scoring_class_0():
+    """helper-155: one NaN image among 4 made the linear probe report the share of class 0 as its
+    accuracy. Tokens that are not finite now fail, naming the blocks and how many images; the
+    metrics refuse what they cannot score."""
+    from webssl_repro.evaluate.depth import RMSE
+    from webssl_repro.evaluate.features import feature_fn, linear_features
+    from webssl_repro.evaluate.segmentation import IoU
+    from webssl_repro.models.vit import Arch, build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder(Arch(width=16, depth=3, heads=2, patch=4), "dino", img_size=16).eval()
+    images = torch.randn(4, 3, 16, 16)
+    images[2, :, :4, :4] = float("nan")  # one patch of one image: it spreads through attention to its tokens
+    batches = [(torch.arange(4), images, torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match=r"after block\(s\) \[1, 2\] are not finite .* for 1 of 4 images"):
+        linear_features(enc, batches, 4, 2)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        feature_fn(enc, [2], norm=False, patch_size=4)(images)
+    good = linear_features(enc, [(torch.arange(4), torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))],
+                           4, 2)
+    assert good["cls"].shape == (2, 4, 16)
+    iou = IoU(3)
+    iou.add(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 255))
+    with pytest.raises(ValueError, match="no pixel is labelled"):
+        iou.mean()
+    depth = RMSE()
+    depth.add(torch.tensor([[[float("nan"), 1.0]]]), torch.ones(1, 1, 2), torch.ones(1, 1, 2))
+    with pytest.raises(ValueError, match="1 of 1 images' predictions are not finite"):
+        depth.value()

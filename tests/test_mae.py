@@ -160,6 +160,12 @@ def test_state_dict_roundtrip_gives_identical_loss():
     la = a.training_step({"images": imgs}, 0, torch.Generator().manual_seed(5))["loss"]
     lb = b.training_step({"images": imgs}, 0, torch.Generator().manual_seed(5))["loss"]
     assert la.item() == lb.item()
+    # helper-156 L3: a checkpoint of another recipe is refused, naming what changed
+    import dataclasses
+
+    other = MaeMethod(tiny_vit(), dataclasses.replace(tiny_config(), mask_ratio=0.5))
+    with pytest.raises(ValueError, match=r"another config \(mask_ratio: 0.75 -> 0.5\)"):
+        other.load_state_dict({"model": a.model.state_dict(), **a.state_dict()})
 
 
 def test_config_defaults_and_from_mapping():

@@ -355,6 +355,9 @@ class RMSE:
         values = torch.cat(self.per_image) if self.per_image else torch.empty(0)
         if not len(values):
             raise ValueError("valid_mask selects no pixel")
+        if not torch.isfinite(values).all():  # a NaN prediction: said, not averaged into a NaN score
+            raise ValueError(f"RMSE: {int((~torch.isfinite(values)).sum())} of {len(values)} images' predictions "
+                             "are not finite")
         return float(values.mean())
 
 

@@ -132,7 +132,21 @@ def block_tokens(model: Union[nn.Module, Callable], images: torch.Tensor, indice
         cls = [global_token(t, n_prefix) for t in chosen]
         patches = [t[:, n_prefix:] for t in chosen]
     grid = _grid(patches[0].shape[1], images.shape[-2], images.shape[-1])
-    return BlockTokens(torch.stack(cls), torch.stack(patches), grid, idx)
+    cls_tokens, patch_tokens = torch.stack(cls), torch.stack(patches)
+    require_finite(cls_tokens, patch_tokens, idx)
+    return BlockTokens(cls_tokens, patch_tokens, grid, idx)
+
+
+def require_finite(cls: torch.Tensor, patches: torch.Tensor, blocks: list[int]) -> None:
+    """A NaN or inf token fails the evaluation, named: the probes would turn it into a plausible
+    wrong number (a NaN row's logits all argmax to class 0: a linear probe then scores the share
+    of class 0, a segmentation head paints class 0), not an error."""
+    bad = (~torch.isfinite(cls)).any(-1) | (~torch.isfinite(patches)).flatten(2).any(-1)  # (blocks, images)
+    if bad.any():
+        where = [blocks[i] for i in bad.any(1).nonzero().flatten().tolist()]
+        raise FloatingPointError(f"the encoder's tokens after block(s) {where} are not finite (NaN/inf) for "
+                                 f"{int(bad.any(0).sum())} of {cls.shape[1]} images: an overflow under bf16 "
+                                 "autocast (evaluate.*.precision: fp32), or a checkpoint that diverged")
 
 
 def block_cls(model: Union[nn.Module, Callable], images: torch.Tensor) -> torch.Tensor:

@@ -302,6 +302,8 @@ class IoU:
         union = self.area_p + self.area_t - self.inter
         iou = self.inter / union
         iou[union == 0] = float("nan")
+        if torch.isnan(iou).all():
+            raise ValueError("mIoU: no pixel is labelled with a class (all are ignore_index) or predicted")
         return float(torch.nanmean(iou))
 
 

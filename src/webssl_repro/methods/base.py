@@ -78,5 +78,20 @@ class ModelOnlyState:
         return {"config": dataclasses.asdict(self.config)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuses a checkpoint of another recipe (a changed mask ratio or temperature would
+        resume silently otherwise; the workflow's fingerprint guards its runs, this the API's)."""
+        saved, current = state.get("config"), dataclasses.asdict(self.config)
+        if saved is not None:
+            changed = sorted(k for k in set(saved) | set(current)
+                             if _plain(saved.get(k)) != _plain(current.get(k)))
+            if changed:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+                raise ValueError(f"cannot resume: the checkpoint's {type(self).__name__} was built with another "
+                                 f"config ({detail})")
         if "model" in state:  # also accept a self-contained {"model": ...} dict
             self.bare_model().load_state_dict(state["model"])
+
+
+def _plain(value: Any) -> Any:
+    """A config value as saved and as built compare alike (a tuple may come back a list)."""
+    return list(value) if isinstance(value, tuple) else value

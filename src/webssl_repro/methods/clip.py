@@ -96,8 +96,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
             local = grad.new_empty((ctx.n, *grad.shape[1:]))
             _REDUCE_SCATTER(local, grad)
             return local
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].clone()
+        total = grad.clone()  # autograd's incoming gradient is not this function's to overwrite
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].clone()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

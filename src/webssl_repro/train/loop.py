@@ -16,6 +16,11 @@ same global samples, each with the same crops, as a run on one; the draws a coll
 for a rank's whole batch (DINO's photometrics and iBOT masks, as DINOv2 draws them per rank)
 are seeded by the rank's first sample, so they follow the split. The streamed corpus
 (``data.stream_corpus.ShardCorpus``) also depends on the numbers of ranks and dataloader workers.
+A method's own draws inside its step come from each rank's generator (seeded ``seed + rank``,
+reseeded from the step on a resume across another number of ranks): Web-MAE's masks, drawn
+in the model as the reference draws them. So a Web-MAE run on W ranks, or resumed on another
+number of them, masks the same samples from the same distribution but with other draws than
+one process; a resume on the same ranks restores every generator and is bitwise identical.
 """
 from __future__ import annotations
 
