@@ -40,7 +40,7 @@ rule render_table:
     params:
         source=config["source"],
         scale=lambda w: SCALE,
-        legend=PLAN.label_legend(),
+        legend=lambda w: PLAN.label_legend(),
     shell:
         "webssl-repro render {wildcards.item:q} --scale {params.scale:q} --source {params.source:q} "
         "--legend={params.legend:q} --outputs {output:q} --inputs {input:q} > {log:q} 2>&1"
@@ -69,7 +69,7 @@ rule render_figure:
         source=config["source"],
         scale=lambda w: SCALE,
         lms=lambda w: PLAN.render_language_models(w.item),
-        legend=PLAN.label_legend(),
+        legend=lambda w: PLAN.label_legend(),
     shell:
         "webssl-repro render {wildcards.item:q} --scale {params.scale:q} --source {params.source:q} "
         "--language-models {params.lms:q} --legend={params.legend:q} --outputs {output:q} --inputs {input:q} "

@@ -82,8 +82,8 @@ class ModelOnlyState:
         resume silently otherwise; the workflow's fingerprint guards its runs, this the API's)."""
         saved, current = state.get("config"), dataclasses.asdict(self.config)
         if saved is not None:
-            changed = sorted(k for k in set(saved) | set(current)
-                             if _plain(saved.get(k)) != _plain(current.get(k)))
+            changed = sorted(k for k in set(saved) & set(current)  # a field added since keeps its default
+                             if _plain(saved[k]) != _plain(current[k]))
             if changed:
                 detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
                 raise ValueError(f"cannot resume: the checkpoint's {type(self).__name__} was built with another "
