@@ -186,12 +186,9 @@ def render_figure(item: specs.Item, results: pd.DataFrame, outputs: Sequence[str
     subtitle = f"{item.id} ({scale}): {item.title}"
     if item.note and (any_gap or item.gains):
         subtitle += "\n" + textwrap.fill(item.note, 110)
-    if item.run_note and scale != "published":
-        subtitle += "\n" + textwrap.fill(item.run_note, 110)
-    if item.paper_note and scale == "published":
-        subtitle += "\n" + textwrap.fill(item.paper_note, 110)
-    if legend and scale != "published" and "origin" in results and (results["origin"] == "run").any():
-        subtitle += "\n" + textwrap.fill(legend, 110)
+    has_runs = "origin" in results and (results["origin"] == "run").any()
+    for note in item.scale_notes(scale, legend, has_runs):
+        subtitle += "\n" + textwrap.fill(note, 110)
     omitted = [*(x.label for x in item.series if set(x.sources) <= left_out),
                *(r.label for r in item.references if r.source in left_out)]
     if item.kind != "bars" and omitted:

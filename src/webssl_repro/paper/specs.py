@@ -93,6 +93,14 @@ class Item:
         paper's; Fig. 9's alignment values are not printed."""
         return self.kind == "lines"
 
+    def scale_notes(self, scale: str, legend: str = "", has_runs: bool = False) -> list[str]:
+        """The notes that depend on the scale, for tables and figures alike: ``run_note`` and, under
+        numbers of runs, ``legend`` (``runs.label_legend``) at a run scale; ``paper_note`` at the
+        published one."""
+        if scale == "published":
+            return [self.paper_note] if self.paper_note else []
+        return [n for n in (self.run_note, legend if has_runs else "") if n]
+
     @property
     def sources(self) -> tuple[str, ...]:
         out: list[str] = [r.source for r in self.rows]

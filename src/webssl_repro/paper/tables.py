@@ -86,18 +86,18 @@ def beyond_no_image(metric: str, value: float, bar: float, se: float = math.nan,
     return better(metric, value, bar + (-margin if metric in LOWER_IS_BETTER else margin))
 
 
-def _not_beyond(frame: pd.DataFrame, metric: str, bar: tuple[float, float], wide: pd.DataFrame | None) -> list[bool]:
+def _not_beyond(frame: pd.DataFrame, metric: str, bar: tuple[float, float], wide: pd.DataFrame) -> list[bool]:
     """Per row: whether it is a run's number that the answer without the image matches."""
     flags = []
     for source, value, origin in zip(frame["source"], frame[metric], frame["origin"]):
-        se = lookup(wide, source, SE_PREFIX + metric) if wide is not None else math.nan
+        se = lookup(wide, source, SE_PREFIX + metric)
         matched = not beyond_no_image(metric, value, bar[0], se, bar[1])
         flags.append(origin == "run" and not math.isnan(value) and matched)
     return flags
 
 
-def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, bar: tuple[float, float] = (math.nan, math.nan),
-           wide: pd.DataFrame | None = None) -> list[str]:
+def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, bar: tuple[float, float],
+           wide: pd.DataFrame) -> list[str]:
     if metric == DATA_PCT:
         return [_percent(v) for v in frame[metric]]
     places = decimals(item.id, metric)
@@ -117,7 +117,7 @@ def _cells(item: specs.Item, frame: pd.DataFrame, metric: str, bar: tuple[float,
 
 
 def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.DataFrame,
-             bars: dict[str, tuple[float, float]], wide: pd.DataFrame | None = None) -> pd.DataFrame:
+             bars: dict[str, tuple[float, float]], wide: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"Model": frame["row"]})
     published_rows = (frame["origin"] == "published") & (scale != "published")
     out.loc[published_rows, "Model"] = out.loc[published_rows, "Model"] + " †"
@@ -130,8 +130,7 @@ def _display(item: specs.Item, frame: pd.DataFrame, scale: str, descriptors: pd.
     return out
 
 
-def no_image_footnote(bars: dict[str, tuple[float, float]], frame: pd.DataFrame,
-                      wide: pd.DataFrame | None = None) -> str:
+def no_image_footnote(bars: dict[str, tuple[float, float]], frame: pd.DataFrame, wide: pd.DataFrame) -> str:
     """What ``NOT_BEYOND_NO_IMAGE`` marks, with the answers' own scores."""
     runs = frame["origin"] == "run"
     numbers = sum(int(frame.loc[runs, m].notna().sum()) for m in bars)
@@ -154,7 +153,7 @@ def no_image_footnote(bars: dict[str, tuple[float, float]], frame: pd.DataFrame,
 
 
 def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str, tuple[float, float]],
-               wide: pd.DataFrame | None = None, legend: str = "") -> list[str]:
+               wide: pd.DataFrame, legend: str = "") -> list[str]:
     notes = []
     if scale == "published":
         notes.append(f"Source: arXiv 2504.01017v1, {', '.join(t.replace('table', 'Table ') for t in item.published)} "
@@ -176,12 +175,7 @@ def _footnotes(item: specs.Item, frame: pd.DataFrame, scale: str, bars: dict[str
         notes.append("NYUd: RMSE, lower is better.")
     if item.note:
         notes.append(item.note)
-    if item.run_note and scale != "published":
-        notes.append(item.run_note)
-    if item.paper_note and scale == "published":
-        notes.append(item.paper_note)
-    if legend and scale != "published" and (frame["origin"] == "run").any():
-        notes.append(legend)
+    notes += item.scale_notes(scale, legend, has_runs=(frame["origin"] == "run").any())
     if bars:
         notes.append(no_image_footnote(bars, frame, wide))
     return notes
